@@ -1,0 +1,302 @@
+"""Shared config defaults, validation and derived fields.
+
+Every config file in `configs/` starts from `defaults()` and overrides what differs. `validate(config)`
+turns a bad config into a `ConfigError` naming the field and the fix, before anything is traced.
+"""
+from __future__ import annotations
+
+import math
+
+import ml_collections
+
+PHASES = ("warmup", "foundation", "sparsify", "specialize", "long_context", "anneal")
+ACTIVATIONS = ("gelu", "swiglu")
+ATTENTIONS = ("differential", "standard")
+FFNS = ("moe", "dense")
+DISPATCH_MODES = ("capacity", "dropless")
+DROPLESS_IMPLS = ("auto", "ragged", "padded")
+ATTENTION_IMPLS = ("auto", "xla", "fused")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_names")
+DTYPES = ("float32", "bfloat16", "float16")
+LR_SHAPES = ("warmup", "constant", "cosine", "linear")
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+# The logical axis names the model uses; `parallel.py` maps them to mesh axes through `mesh.axis_rules`.
+LOGICAL_AXES = ("batch", "length", "embed", "heads", "head_dim", "mlp", "expert", "vocab", "layers")
+
+
+class ConfigError(ValueError):
+  """A config field holds a value the code cannot run with; the message names the field and the fix."""
+
+
+def defaults() -> ml_collections.ConfigDict:
+  """The one place shared defaults live. Model shape fields are set by each config file."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.model = m = ml_collections.ConfigDict()
+  m.vocab_size = 65536  # the paper does not give a vocabulary; see README "Choices the paper leaves open"
+  m.d_model = 0
+  m.num_layers = 0
+  m.num_heads = 0  # H: differential heads (each has two query/key sub-heads of width head_dim / 2)
+  m.head_dim = 0  # Dv: each head's value width; num_heads * head_dim == d_model
+  m.attention = "differential"  # or "standard" (ablation)
+  m.rope_theta = 10000.0 * math.pi
+  m.max_seq_len = 0  # the context length
+  m.lambda_init = "schedule"  # "schedule": 0.8 - 0.6 exp(-0.3 l); or a constant float such as 0.5
+  m.expert_conditional_lambda = True
+  m.ffn = "moe"  # or "dense" (ablation)
+  m.dense_ffn_dim = 0  # dense ablation width; 0 means top_k * moe.expert_ffn_dim (same active FLOPs)
+  m.norm_eps = 1e-5
+  m.init_std = 0.02
+  m.tie_embeddings = False
+  m.dtype = "bfloat16"  # compute dtype
+  m.param_dtype = "float32"  # master weights
+  m.attention_impl = "auto"  # "xla" (explicit scores), "fused" (jax.nn.dot_product_attention), "auto"
+  m.scan_layers = True
+  m.remat_policy = "full"
+  m.remat_save_names = ()  # with remat_policy="save_names": checkpoint names kept, e.g. ("attn_out",)
+
+  m.moe = ml_collections.ConfigDict()
+  m.moe.num_experts = 0
+  m.moe.expert_ffn_dim = 0
+  m.moe.top_k = 2
+  m.moe.activation = "gelu"  # "gelu": two matrices per expert (the paper's count); "swiglu": three
+  m.moe.dispatch = "capacity"  # or "dropless"
+  m.moe.capacity_factor = 1.25
+  m.moe.dropless_impl = "auto"  # "ragged" (jax.lax.ragged_dot), "padded" (capacity T), "auto" per backend
+
+  m.mod = ml_collections.ConfigDict()
+  m.mod.enabled = True
+  m.mod.every = 2  # layers per scanned group: the last layer of each group is routed
+  m.mod.capacity = 0.125  # fraction of each sequence's tokens a routed layer processes
+  m.mod.predictor_hidden = 64  # width of the causal predictor MLP
+
+  c.data = d = ml_collections.ConfigDict()
+  # domain name -> source spec: "stdlib:code", "stdlib:docs", or "files:<glob>[,<glob>...]"
+  d.domains = ml_collections.ConfigDict({"code": "stdlib:code", "docs": "stdlib:docs"})
+  d.tokenizer = "bytes"  # "bytes", "sentencepiece:<model file>", "hf:<tokenizer.json>"
+  d.cache_dir = ""  # token cache; "" means $DIFFMOE_CACHE or ~/.cache/diffmoe_jax
+  d.val_fraction = 0.05  # of each domain's files, chosen by a hash of the path
+  d.eval_domain = ""  # the "cleanest" domain the anneal phase defaults to; "" = first domain
+
+  c.optimizer = o = ml_collections.ConfigDict()
+  o.peak_lr = 3e-3
+  o.b1 = 0.9
+  o.b2 = 0.95
+  o.eps = 1e-8
+  o.weight_decay = 0.1
+  o.grad_clip = 1.0
+  o.grad_accum_steps = 1
+
+  c.curriculum = cur = ml_collections.ConfigDict()
+  cur.total_steps = 1000
+  cur.tokens_per_batch = 0  # 0: each phase gives batch_size; else batch = tokens_per_batch // seq_len
+  cur.mod_anneal_levels = 4  # MoD capacity anneals in this many discrete levels (each compiles once)
+  cur.order = PHASES
+  # The six-phase default (README "The curriculum"): fractions sum to 1; seq_len comes from context_fraction.
+  cur.warmup = _phase(fraction=0.05, context_fraction=0.25, lr_shape="warmup", lr_start=0.0,
+                      router_noise_start=1.0, router_noise_end=1.0, mod_enabled=False)
+  cur.foundation = _phase(fraction=0.35, context_fraction=0.5, router_noise_start=1.0, router_noise_end=1.0,
+                          mod_capacity_start=1.0, mod_capacity_end=1.0)
+  cur.sparsify = _phase(fraction=0.20, context_fraction=0.5, router_noise_start=1.0,
+                        mod_capacity_start=1.0)
+  cur.specialize = _phase(fraction=0.15, context_fraction=0.5, load_balance_weight=1e-3)
+  cur.long_context = _phase(fraction=0.15, context_fraction=1.0)
+  cur.anneal = _phase(fraction=0.10, context_fraction=1.0, lr_shape="linear", lr_end=0.0)
+
+  c.train = t = ml_collections.ConfigDict()
+  t.log_every = 10
+  t.eval_every = 100
+  t.eval_batches = 8
+  t.checkpoint_every = 200
+  t.keep_checkpoints = 3
+  t.stable_rank_every = 100
+  t.max_nonfinite_in_a_row = 10
+  t.memory_headroom = 0.9  # refuse to start if the estimate exceeds this fraction of available memory
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.shape = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "expert": 1, "tensor": 1})
+  c.mesh.axis_rules = (
+      ("batch", ("data", "fsdp", "expert")),
+      ("length", None),
+      ("embed", "fsdp"),
+      ("heads", "tensor"),
+      ("head_dim", None),
+      ("mlp", "tensor"),
+      ("expert", "expert"),
+      ("vocab", "tensor"),
+      ("layers", None),
+  )
+  return c
+
+
+def _phase(**overrides) -> ml_collections.ConfigDict:
+  p = ml_collections.ConfigDict()
+  p.fraction = 0.0  # of curriculum.total_steps; used when steps == 0
+  p.steps = 0
+  p.context_fraction = 1.0  # seq_len = context_fraction * model.max_seq_len, unless seq_len is set
+  p.seq_len = 0
+  p.batch_size = 0  # 0: curriculum.tokens_per_batch // seq_len
+  p.domain_weights = ml_collections.ConfigDict()  # empty: all domains, equal weight
+  p.lr_shape = "constant"
+  p.lr_start = 1.0  # multiples of optimizer.peak_lr at the phase's first and last step
+  p.lr_end = 1.0
+  p.router_noise_start = 0.0  # std of Gaussian noise added to router logits
+  p.router_noise_end = 0.0
+  p.load_balance_weight = 1e-2
+  p.z_loss_weight = 1e-3
+  p.mod_predictor_weight = 1e-2
+  p.mod_enabled = True
+  p.mod_capacity_start = 0.0  # 0: model.mod.capacity
+  p.mod_capacity_end = 0.0
+  p.update(overrides)
+  return p
+
+
+def _require(cond: bool, field: str, message: str) -> None:
+  if not cond:
+    raise ConfigError(f"config.{field}: {message}")
+
+
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Checks every field the code depends on; raises ConfigError naming the field and the fix."""
+  m = config.model
+  for field in ("d_model", "num_layers", "num_heads", "head_dim", "max_seq_len", "vocab_size"):
+    _require(isinstance(m[field], int) and m[field] > 0, f"model.{field}",
+             f"must be a positive integer, got {m[field]!r}.")
+  _require(m.num_heads * m.head_dim == m.d_model, "model.d_model",
+           f"{m.d_model} must equal model.num_heads * model.head_dim = {m.num_heads} * {m.head_dim} = "
+           f"{m.num_heads * m.head_dim}; change d_model, num_heads or head_dim.")
+  _require(m.attention in ATTENTIONS, "model.attention", f"{m.attention!r} is not one of {ATTENTIONS}.")
+  if m.attention == "differential":
+    _require(m.head_dim % 2 == 0, "model.head_dim",
+             f"{m.head_dim} is odd; differential attention splits each head's width into two query/key "
+             "sub-heads of head_dim / 2, so head_dim must be even.")
+  # RoPE rotates pairs of dimensions within each query/key (sub-)head.
+  qk_dim = m.head_dim // 2 if m.attention == "differential" else m.head_dim
+  _require(qk_dim % 2 == 0, "model.head_dim",
+           f"the query/key width {qk_dim} must be even for RoPE; use a head_dim divisible by "
+           f"{4 if m.attention == 'differential' else 2}.")
+  _require(m.rope_theta > 1.0, "model.rope_theta", f"must be > 1, got {m.rope_theta}.")
+  if isinstance(m.lambda_init, str):
+    _require(m.lambda_init == "schedule", "model.lambda_init",
+             f"{m.lambda_init!r} is neither 'schedule' nor a number such as 0.5.")
+  else:
+    _require(0.0 <= float(m.lambda_init) < 1.0, "model.lambda_init",
+             f"a constant λ_init must lie in [0, 1), got {m.lambda_init}.")
+  _require(m.ffn in FFNS, "model.ffn", f"{m.ffn!r} is not one of {FFNS}.")
+  for field, allowed in (("dtype", DTYPES), ("param_dtype", DTYPES), ("attention_impl", ATTENTION_IMPLS),
+                         ("remat_policy", REMAT_POLICIES)):
+    _require(m[field] in allowed, f"model.{field}", f"{m[field]!r} is not one of {allowed}.")
+  _require(m.norm_eps > 0, "model.norm_eps", f"must be > 0, got {m.norm_eps}.")
+  _require(m.init_std > 0, "model.init_std", f"must be > 0, got {m.init_std}.")
+  if m.remat_policy == "save_names":
+    _require(len(m.remat_save_names) > 0, "model.remat_save_names",
+             "is empty but remat_policy is 'save_names'; list checkpoint names to keep, or pick another policy.")
+
+  moe = m.moe
+  _require(moe.activation in ACTIVATIONS, "model.moe.activation",
+           f"{moe.activation!r} is not one of {ACTIVATIONS}.")
+  if m.ffn == "moe" or m.expert_conditional_lambda:
+    _require(isinstance(moe.num_experts, int) and moe.num_experts > 0, "model.moe.num_experts",
+             f"must be a positive integer, got {moe.num_experts!r}.")
+    _require(isinstance(moe.top_k, int) and 0 < moe.top_k <= moe.num_experts, "model.moe.top_k",
+             f"{moe.top_k!r} must be between 1 and model.moe.num_experts ({moe.num_experts}).")
+  if m.ffn == "moe":
+    _require(isinstance(moe.expert_ffn_dim, int) and moe.expert_ffn_dim > 0, "model.moe.expert_ffn_dim",
+             f"must be a positive integer, got {moe.expert_ffn_dim!r}.")
+    _require(moe.dispatch in DISPATCH_MODES, "model.moe.dispatch",
+             f"{moe.dispatch!r} is not one of {DISPATCH_MODES}.")
+    _require(moe.dropless_impl in DROPLESS_IMPLS, "model.moe.dropless_impl",
+             f"{moe.dropless_impl!r} is not one of {DROPLESS_IMPLS}.")
+    _require(moe.capacity_factor > 0, "model.moe.capacity_factor",
+             f"must be > 0, got {moe.capacity_factor}.")
+  else:
+    _require(m.dense_ffn_dim >= 0, "model.dense_ffn_dim", f"must be >= 0, got {m.dense_ffn_dim}.")
+    _require(m.dense_ffn_dim > 0 or moe.expert_ffn_dim > 0, "model.dense_ffn_dim",
+             "is 0 and so is model.moe.expert_ffn_dim; set dense_ffn_dim to the dense FFN width.")
+  if m.expert_conditional_lambda:
+    _require(m.attention == "differential", "model.expert_conditional_lambda",
+             "needs model.attention='differential' (standard attention has no λ); set it to False.")
+    _require(m.ffn == "moe", "model.expert_conditional_lambda",
+             "needs model.ffn='moe' (λ is mixed by the layer's MoE router); set it to False for a dense FFN.")
+
+  mod = m.mod
+  if mod.enabled:
+    _require(isinstance(mod.every, int) and mod.every >= 2, "model.mod.every",
+             f"must be an integer >= 2 (one routed layer per group of `every` layers), got {mod.every!r}.")
+    _require(mod.every <= m.num_layers, "model.mod.every",
+             f"{mod.every} exceeds model.num_layers ({m.num_layers}); no layer would be routed.")
+    _check_capacity(mod.capacity, "model.mod.capacity")
+    _require(mod.predictor_hidden > 0, "model.mod.predictor_hidden",
+             f"must be > 0, got {mod.predictor_hidden}.")
+  for axis in config.mesh.shape.keys():
+    _require(axis in MESH_AXES, f"mesh.shape.{axis}", f"unknown mesh axis; the axes are {MESH_AXES}.")
+    size = config.mesh.shape[axis]
+    _require(isinstance(size, int) and (size >= 1 or size == -1), f"mesh.shape.{axis}",
+             f"must be a positive integer or -1 (all remaining devices), got {size!r}.")
+  tensor, expert = config.mesh.shape.get("tensor", 1), config.mesh.shape.get("expert", 1)
+  if tensor > 1:
+    # Heads are split over the tensor axis: an odd head count (PI-S has 27) needs an odd tensor size.
+    _require(m.num_heads % tensor == 0, "mesh.shape.tensor",
+             f"{tensor} does not divide model.num_heads ({m.num_heads}); pick a divisor of the head count.")
+  if expert > 1 and m.ffn == "moe":
+    _require(moe.num_experts % expert == 0, "mesh.shape.expert",
+             f"{expert} does not divide model.moe.num_experts ({moe.num_experts}); pick a divisor.")
+  rule_names = [rule[0] for rule in config.mesh.axis_rules]
+  for name in LOGICAL_AXES:
+    _require(name in rule_names, "mesh.axis_rules", f"has no rule for logical axis {name!r}.")
+  _validate_training(config)
+  return config
+
+
+def phase_seq_len(config: ml_collections.ConfigDict, name: str) -> int:
+  p = config.curriculum[name]
+  return p.seq_len or int(round(p.context_fraction * config.model.max_seq_len))
+
+
+def _check_capacity(value, field: str) -> None:
+  _require(isinstance(value, (int, float)) and 0.0 < value <= 1.0, field,
+           f"{value!r} must lie in (0, 1]: the fraction of a sequence's tokens a routed layer processes.")
+
+
+def _validate_training(config: ml_collections.ConfigDict) -> None:
+  o, cur, m = config.optimizer, config.curriculum, config.model
+  _require(o.peak_lr > 0, "optimizer.peak_lr", f"must be > 0, got {o.peak_lr}.")
+  _require(isinstance(o.grad_accum_steps, int) and o.grad_accum_steps >= 1, "optimizer.grad_accum_steps",
+           f"must be an integer >= 1, got {o.grad_accum_steps!r}.")
+  _require(o.grad_clip > 0, "optimizer.grad_clip", f"must be > 0, got {o.grad_clip}.")
+  _require(isinstance(cur.total_steps, int) and cur.total_steps > 0, "curriculum.total_steps",
+           f"must be a positive integer, got {cur.total_steps!r}.")
+  _require(len(cur.order) > 0, "curriculum.order", "is empty; list at least one phase.")
+  domains = set(config.data.domains.keys())
+  _require(len(domains) > 0, "data.domains", "is empty; add a source such as 'stdlib:code'.")
+  for name in cur.order:
+    _require(name in cur, f"curriculum.order", f"names phase {name!r}, but curriculum.{name} is not defined.")
+    p = cur[name]
+    f = f"curriculum.{name}"
+    _require(p.steps >= 0 and 0.0 <= p.fraction <= 1.0, f,
+             f"steps ({p.steps}) must be >= 0 and fraction ({p.fraction}) in [0, 1].")
+    seq_len = phase_seq_len(config, name)
+    _require(0 < seq_len <= m.max_seq_len, f"{f}.seq_len",
+             f"the phase's sequence length {seq_len} (seq_len={p.seq_len}, context_fraction="
+             f"{p.context_fraction}) must lie in (0, model.max_seq_len={m.max_seq_len}].")
+    if p.batch_size == 0:
+      _require(cur.tokens_per_batch >= seq_len, f"{f}.batch_size",
+               f"is 0 and curriculum.tokens_per_batch ({cur.tokens_per_batch}) is below the phase's seq_len "
+               f"({seq_len}); set one of them.")
+    _require(p.lr_shape in LR_SHAPES, f"{f}.lr_shape", f"{p.lr_shape!r} is not one of {LR_SHAPES}.")
+    _require(p.lr_start >= 0 and p.lr_end >= 0, f"{f}.lr_start", "LR multipliers must be >= 0.")
+    _require(p.router_noise_start >= 0 and p.router_noise_end >= 0, f"{f}.router_noise_start",
+             "router noise std must be >= 0.")
+    for w in ("load_balance_weight", "z_loss_weight", "mod_predictor_weight"):
+      _require(p[w] >= 0, f"{f}.{w}", f"must be >= 0, got {p[w]}.")
+    for cap in ("mod_capacity_start", "mod_capacity_end"):
+      if p[cap]:
+        _check_capacity(p[cap], f"{f}.{cap}")
+    for domain in p.domain_weights.keys():
+      _require(domain in domains, f"{f}.domain_weights.{domain}",
+               f"names no domain in data.domains ({sorted(domains)}).")
+      _require(p.domain_weights[domain] >= 0, f"{f}.domain_weights.{domain}", "must be >= 0.")
+    if len(p.domain_weights):
+      _require(sum(p.domain_weights.values()) > 0, f"{f}.domain_weights", "all weights are zero.")
