@@ -1,0 +1,137 @@
+"""Attention math: rotary embeddings, the positions-based mask, differential and standard attention.
+
+Layouts are `[batch, length, heads, ...]`. Masks are causal by *positions*, not by array index, so the
+same function serves full sequences, mixture-of-depths token subsets (gathered at their original
+positions) and KV-cache decoding.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+# A finite stand-in for -inf: a fully masked row then gives finite values (and exact zeros after the
+# post-softmax mask in the explicit path) instead of NaN.
+_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def rope_inverse_frequencies(dim: int, theta: float) -> jax.Array:
+  """`theta ** (-2i / dim)` for i < dim / 2, in float32."""
+  return theta ** (-jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding (rotate-half convention) on the last axis of `x`.
+
+  x: `[B, T, ...heads..., D]` with D even; positions: `[B, T]` integer. Angles are computed in fp32.
+  """
+  dim = x.shape[-1]
+  angles = positions.astype(jnp.float32)[..., None] * rope_inverse_frequencies(dim, theta)  # [B, T, D/2]
+  angles = angles.reshape(angles.shape[:2] + (1,) * (x.ndim - 3) + angles.shape[-1:])
+  sin, cos = jnp.sin(angles), jnp.cos(angles)
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def default_positions(batch: int, length: int, offset: int = 0) -> jax.Array:
+  return jnp.broadcast_to(jnp.arange(offset, offset + length, dtype=jnp.int32), (batch, length))
+
+
+def attention_mask(q_positions: jax.Array, kv_positions: jax.Array, *, causal: bool = True,
+                   kv_mask: jax.Array | None = None) -> jax.Array:
+  """Boolean `[B, T, S]`: query t may see key s (key position <= query position, and not hidden)."""
+  batch, t, s = q_positions.shape[0], q_positions.shape[1], kv_positions.shape[1]
+  mask = jnp.ones((batch, t, s), dtype=bool)
+  if causal:
+    mask = kv_positions[:, None, :] <= q_positions[:, :, None]
+  if kv_mask is not None:
+    mask = mask & kv_mask[:, None, :]
+  return mask
+
+
+def _positions(q: jax.Array, k: jax.Array, q_positions, kv_positions):
+  """Defaults: keys at 0..S-1, queries at the last T of those (the decoding convention)."""
+  batch, t, s = q.shape[0], q.shape[1], k.shape[1]
+  if kv_positions is None:
+    kv_positions = default_positions(batch, s)
+  if q_positions is None:
+    q_positions = default_positions(batch, t, offset=s - t)
+  return q_positions, kv_positions
+
+
+def _lambda_rows(lam, batch: int, length: int, heads: int) -> jax.Array:
+  """λ as `[B, T, H]` float32 from a scalar, `[H]` or `[B, T, H]`."""
+  lam = jnp.asarray(lam, jnp.float32)
+  if lam.ndim not in (0, 1, 3):
+    raise ValueError(f"lam must be a scalar, [H] or [B, T, H]; got shape {lam.shape}.")
+  return jnp.broadcast_to(lam, (batch, length, heads))
+
+
+def differential_attention(q: jax.Array, k: jax.Array, v: jax.Array, lam, *, causal: bool = True,
+                           q_positions: jax.Array | None = None, kv_positions: jax.Array | None = None,
+                           kv_mask: jax.Array | None = None, implementation: str = "xla") -> jax.Array:
+  """`softmax(q₀k₀ᵀ/√D + M) v − λ · softmax(q₁k₁ᵀ/√D + M) v` per head.
+
+  q: `[B, T, H, 2, D]`, k: `[B, S, H, 2, D]`, v: `[B, S, H, Dv]`; lam: scalar, `[H]` or `[B, T, H]`.
+  Returns `[B, T, H, Dv]` in v's dtype. A query with no visible key gives 0 ("xla") or an
+  unspecified finite value ("fused"); the model never asks for one.
+
+  implementation="xla": explicit fp32 scores; a per-query λ scales rows, so the two maps combine as
+  `(A₀ − λA₁) v`, one product with v instead of two. "fused": `jax.nn.dot_product_attention` (cuDNN
+  flash attention on GPU), which needs v as wide as k: v is split into two D-wide halves.
+  """
+  batch, t, heads, two, d = q.shape
+  if two != 2 or k.shape[2:] != (heads, 2, d) or v.shape[:3] != (batch, k.shape[1], heads):
+    raise ValueError(f"differential_attention expects q [B,T,H,2,D], k [B,S,H,2,D], v [B,S,H,Dv]; got "
+                     f"q {q.shape}, k {k.shape}, v {v.shape}.")
+  q_positions, kv_positions = _positions(q, k, q_positions, kv_positions)
+  mask = attention_mask(q_positions, kv_positions, causal=causal, kv_mask=kv_mask)
+  lam = _lambda_rows(lam, batch, t, heads)
+  if implementation == "xla":
+    scores = jnp.einsum("bthjd,bshjd->bhjts", q, k, preferred_element_type=jnp.float32) * d**-0.5
+    m = mask[:, None, None]
+    probs = jnp.where(m, jax.nn.softmax(jnp.where(m, scores, _MASK_VALUE), axis=-1), 0.0)
+    combined = probs[:, :, 0] - jnp.transpose(lam, (0, 2, 1))[..., None] * probs[:, :, 1]
+    return jnp.einsum("bhts,bshv->bthv", combined.astype(v.dtype), v)
+  if implementation == "fused":
+    dv = v.shape[-1]
+    if dv != 2 * d:
+      raise ValueError(f"the fused path needs Dv = 2·D (got Dv={dv}, D={d}); use implementation='xla'.")
+    s = k.shape[1]
+    # Heads become (head, map j, half of v): 4H attention heads of width D sharing one mask.
+    q4 = jnp.broadcast_to(q[:, :, :, :, None], (batch, t, heads, 2, 2, d)).reshape(batch, t, 4 * heads, d)
+    k4 = jnp.broadcast_to(k[:, :, :, :, None], (batch, s, heads, 2, 2, d)).reshape(batch, s, 4 * heads, d)
+    v_halves = v.reshape(batch, s, heads, 1, 2, d)
+    v4 = jnp.broadcast_to(v_halves, (batch, s, heads, 2, 2, d)).reshape(batch, s, 4 * heads, d)
+    out = jax.nn.dot_product_attention(q4, k4, v4, mask=mask[:, None], scale=d**-0.5)
+    out = out.reshape(batch, t, heads, 2, dv).astype(jnp.float32)
+    return (out[:, :, :, 0] - lam[..., None] * out[:, :, :, 1]).astype(v.dtype)
+  raise ValueError(f"implementation must be 'xla' or 'fused', got {implementation!r}.")
+
+
+def standard_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
+                       q_positions: jax.Array | None = None, kv_positions: jax.Array | None = None,
+                       kv_mask: jax.Array | None = None, implementation: str = "xla") -> jax.Array:
+  """Softmax attention, `[B, T, H, D] x [B, S, H, D] x [B, S, H, Dv] -> [B, T, H, Dv]` (the ablation)."""
+  batch, t, heads, d = q.shape
+  q_positions, kv_positions = _positions(q, k, q_positions, kv_positions)
+  mask = attention_mask(q_positions, kv_positions, causal=causal, kv_mask=kv_mask)
+  if implementation == "xla":
+    scores = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32) * d**-0.5
+    m = mask[:, None]
+    probs = jnp.where(m, jax.nn.softmax(jnp.where(m, scores, _MASK_VALUE), axis=-1), 0.0)
+    return jnp.einsum("bhts,bshv->bthv", probs.astype(v.dtype), v)
+  if implementation == "fused":
+    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=d**-0.5)
+  raise ValueError(f"implementation must be 'xla' or 'fused', got {implementation!r}.")
+
+
+def resolve_attention_impl(name: str) -> str:
+  """"auto" picks the fused kernel where one exists (GPU cuDNN) and explicit scores elsewhere."""
+  if name != "auto":
+    return name
+  return "fused" if jax.default_backend() == "gpu" else "xla"
+
+
+def lambda_init_schedule(layer_index) -> jax.Array:
+  """Diff-Transformer's λ_init for a 0-based layer index: `0.8 − 0.6·exp(−0.3·l)`."""
+  return 0.8 - 0.6 * jnp.exp(-0.3 * jnp.asarray(layer_index, jnp.float32))

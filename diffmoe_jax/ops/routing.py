@@ -1,0 +1,131 @@
+"""Routing math: noisy top-k expert gating, the router's auxiliary losses, mixture-of-depths selection.
+
+Router logits are `[..., E]` (any leading token axes) and are handled in fp32. Mixture-of-depths works on
+`[B, T]` scores: per sequence, a static number K of tokens is selected, kept in position order.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+# Capacities are products of decimal fractions and lengths (0.3 · 10 = 3.0000000000000004 in binary
+# floating point); this slack keeps ceil() from rounding such a product up to the next integer.
+_CEIL_SLACK = 1e-9
+
+
+def _is_zero(x) -> bool:
+  return isinstance(x, (int, float)) and x == 0
+
+
+def top_k_gating(logits: jax.Array, k: int, *, noise_std=0.0,
+                 rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """Noisy top-k: finite `[..., E]` logits -> (weights `[..., k]` fp32, experts `[..., k]` int32).
+
+  With `rng`, Gaussian noise of std `noise_std` (a Python float or a traced scalar, so a trainer can
+  anneal it inside one compiled step) is added to the fp32 logits before selection. `weights` is the
+  softmax over the k selected (noisy) logits, as in Mixtral; `experts` are ordered by descending
+  logit, ties going to the lower expert index. Without `rng`, `noise_std` must be the constant 0.
+  """
+  logits = logits.astype(jnp.float32)
+  if rng is not None:
+    noise_std = jnp.asarray(noise_std, jnp.float32)
+    logits = logits + noise_std * jax.random.normal(rng, logits.shape, jnp.float32)
+  elif not _is_zero(noise_std):
+    raise ValueError("top_k_gating: noise_std may be non-zero, so an rng is required.")
+  # k argmax passes rather than lax.top_k, whose operand XLA's SPMD partitioner all-gathers when the
+  # batch is sharded (seen on XLA:CPU, jax 0.10); a sort would do too but is ~10x slower on CPU.
+  remaining, chosen = logits, []
+  for _ in range(k):
+    best = jnp.argmax(remaining, axis=-1).astype(jnp.int32)
+    chosen.append(best)
+    remaining = jnp.where(jnp.arange(logits.shape[-1]) == best[..., None], -jnp.inf, remaining)
+  experts = jnp.stack(chosen, axis=-1)
+  values = jnp.take_along_axis(logits, experts, axis=-1)
+  return jax.nn.softmax(values, axis=-1), experts
+
+
+def router_probs(logits: jax.Array) -> jax.Array:
+  """Softmax over all E experts in fp32: `[..., E] -> [..., E]`."""
+  return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+
+
+def _token_mean(values: jax.Array, mask: jax.Array | None) -> jax.Array:
+  """Mean over all token axes of `values [..., C]` -> `[C]`, counting only tokens where `mask [...]`."""
+  values = values.reshape(-1, values.shape[-1])
+  if mask is None:
+    return jnp.mean(values, axis=0)
+  mask = mask.reshape(-1, 1).astype(values.dtype)
+  return jnp.sum(values * mask, axis=0) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def expert_load(experts: jax.Array, num_experts: int, mask: jax.Array | None = None) -> jax.Array:
+  """f_e: the fraction of all (token, choice) assignments that go to expert e, `[E]` fp32 summing to 1.
+
+  experts: `[..., k]` int; mask: optional bool `[...]` (False tokens, e.g. padding, are not counted).
+  """
+  k = experts.shape[-1]
+  per_token = jnp.sum(jax.nn.one_hot(experts, num_experts, dtype=jnp.float32), axis=-2) / k  # [..., E]
+  return _token_mean(per_token, mask)
+
+
+def load_balance_loss(logits: jax.Array, experts: jax.Array, num_experts: int,
+                      mask: jax.Array | None = None) -> jax.Array:
+  """Switch load-balance loss `E · Σ_e f_e · P_e`, a scalar; 1 under perfectly uniform routing.
+
+  logits: `[..., E]` noise-free router logits (P_e is their softmax averaged over tokens); experts:
+  `[..., k]` the chosen experts (f_e, see `expert_load`); mask: optional bool `[...]` of real tokens.
+  The gradient flows through P only (f is a count).
+  """
+  f = expert_load(experts, num_experts, mask)
+  p = _token_mean(router_probs(logits), mask)
+  return num_experts * jnp.sum(f * p)
+
+
+def router_z_loss(logits: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+  """`mean(logsumexp(logits, -1)²)` over tokens (ST-MoE), a scalar; logits `[..., E]`, mask `[...]`."""
+  z = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
+  return _token_mean((z * z)[..., None], mask)[0]
+
+
+def mod_capacity_tokens(capacity: float, seq_len: int) -> int:
+  """K = ceil(capacity · T), at least 1 and at most T: the static number of tokens a routed layer runs."""
+  return min(seq_len, max(1, math.ceil(capacity * seq_len - _CEIL_SLACK)))
+
+
+def mod_select(scores: jax.Array, num_selected: int) -> jax.Array:
+  """Per sequence, the positions of the `num_selected` highest scores: `[B, T] -> [B, K]` int32.
+
+  Positions are sorted ascending so the selected tokens keep their causal order. Ties go to the
+  earlier position. No gradient flows through the choice; weight the update by the gathered score.
+  """
+  # A stable sort rather than lax.top_k, which XLA's SPMD partitioner all-gathers over a sharded batch.
+  iota = jax.lax.broadcasted_iota(jnp.int32, scores.shape, 1)
+  by_score = jax.lax.sort((-scores, iota), dimension=1, is_stable=True, num_keys=1)[1]
+  return jnp.sort(by_score[:, :num_selected], axis=-1)
+
+
+def _expand(indices: jax.Array, ndim: int) -> jax.Array:
+  return indices.reshape(indices.shape + (1,) * (ndim - 2))
+
+
+def gather_tokens(x: jax.Array, indices: jax.Array) -> jax.Array:
+  """`x [B, T, ...]`, indices `[B, K]` -> `[B, K, ...]` (the selected tokens, in index order)."""
+  return jnp.take_along_axis(x, _expand(indices, x.ndim), axis=1)
+
+
+def scatter_tokens(x: jax.Array, updates: jax.Array, indices: jax.Array) -> jax.Array:
+  """`x [B, T, ...]` with rows `indices [B, K]` replaced by `updates [B, K, ...]`; other rows unchanged.
+
+  The indices of a row must be distinct (as `mod_select` gives). Written per sequence under vmap, so
+  XLA sees the batch as a scatter batch dimension and a batch-sharded x needs no communication.
+  """
+  return jax.vmap(lambda row, new, at: row.at[at].set(new.astype(row.dtype), unique_indices=True))(
+      x, updates, indices)
+
+
+def mod_selected_mask(indices: jax.Array, seq_len: int) -> jax.Array:
+  """Bool `[B, T]`, True at the selected positions `indices [B, K]` (e.g. the predictor's BCE target)."""
+  selected = jnp.ones(indices.shape, bool)
+  return scatter_tokens(jnp.zeros((indices.shape[0], seq_len), bool), selected, indices)

@@ -1,0 +1,240 @@
+"""MoE dispatch/combine (capacity and dropless) against a per-token float64 loop over experts."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffmoe_jax.ops import dispatch
+
+B, T, D, F, E, K = 2, 12, 8, 16, 4, 2
+IMPLS = [("capacity", "padded", 100.0), ("dropless", "padded", 1.25), ("dropless", "ragged", 1.25)]
+
+
+def np_gelu(x):
+  return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x**3)))
+
+
+def np_silu(x):
+  return x / (1.0 + np.exp(-x))
+
+
+def make_inputs(seed, activation, expert_probs=None):
+  """Random x, gate weights, distinct experts per token (drawn with `expert_probs`), and parameters."""
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(B, T, D)).astype(np.float32)
+  weights = rng.uniform(0.1, 1.0, size=(B, T, K)).astype(np.float32)
+  experts = np.stack([rng.choice(E, size=K, replace=False, p=expert_probs) for _ in range(B * T)])
+  params = {"w_in": rng.normal(size=(E, D, F)) / np.sqrt(D), "w_out": rng.normal(size=(E, F, D)) / np.sqrt(F)}
+  if activation == "swiglu":
+    params["w_gate"] = rng.normal(size=(E, D, F)) / np.sqrt(D)
+  params = {name: p.astype(np.float32) for name, p in params.items()}
+  return x, weights, experts.reshape(B, T, K).astype(np.int32), params
+
+
+def expected_kept(experts, capacity):
+  """Per sequence, a running count per expert in token order: an assignment is kept while below C."""
+  kept = np.zeros(experts.shape, bool)
+  for b in range(experts.shape[0]):
+    count = np.zeros(E, int)
+    for t in range(experts.shape[1]):
+      for j in range(experts.shape[2]):
+        e = experts[b, t, j]
+        kept[b, t, j] = count[e] < capacity
+        count[e] += 1
+  return kept
+
+
+def reference_moe(x, weights, experts, params, activation, kept=None):
+  """y_t = Σ_j kept · w[t, j] · FFN_{e[t, j]}(x_t), one token and one expert at a time, in float64."""
+  p = {name: np.asarray(v, np.float64) for name, v in params.items()}
+  kept = np.ones(experts.shape, bool) if kept is None else kept
+  y = np.zeros(x.shape)
+  for b in range(x.shape[0]):
+    for t in range(x.shape[1]):
+      xt = np.asarray(x[b, t], np.float64)
+      for j in range(experts.shape[2]):
+        if not kept[b, t, j]:
+          continue
+        e = experts[b, t, j]
+        h = xt @ p["w_in"][e]
+        h = np_gelu(h) if activation == "gelu" else np_silu(xt @ p["w_gate"][e]) * h
+        y[b, t] += weights[b, t, j] * (h @ p["w_out"][e])
+  return y
+
+
+def naive_jnp(x, weights, w_in, w_out, w_gate, *, experts, activation, kept):
+  """The same formula densely in jnp (every expert on every token), for reference gradients."""
+  h = jnp.einsum("btd,edf->btef", x, w_in)
+  if activation == "gelu":
+    h = dispatch.gelu(h)
+  else:
+    h = jax.nn.silu(jnp.einsum("btd,edf->btef", x, w_gate)) * h
+  out = jnp.einsum("btef,efd->bted", h, w_out)
+  chosen = jnp.take_along_axis(out, jnp.asarray(experts)[..., None], axis=2)  # [B, T, K, D]
+  return jnp.sum((weights * kept)[..., None] * chosen, axis=2)
+
+
+@functools.lru_cache(maxsize=None)
+def jitted_moe(activation, mode, impl, capacity_factor):
+  return jax.jit(functools.partial(dispatch.moe_ffn, activation=activation, mode=mode,
+                                   capacity_factor=capacity_factor, dropless_impl=impl))
+
+
+def run_moe(x, weights, experts, params, activation, mode, impl, capacity_factor):
+  fn = jitted_moe(activation, mode, impl, capacity_factor)
+  return fn(jnp.asarray(x), jnp.asarray(weights), jnp.asarray(experts), params["w_in"], params["w_out"],
+            params.get("w_gate"))
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+@pytest.mark.parametrize("mode,impl,capacity_factor", IMPLS)
+def test_matches_naive_loop(activation, mode, impl, capacity_factor):
+  x, weights, experts, params = make_inputs(0, activation)
+  y, stats = run_moe(x, weights, experts, params, activation, mode, impl, capacity_factor)
+  assert y.shape == (B, T, D) and y.dtype == jnp.float32
+  np.testing.assert_allclose(y, reference_moe(x, weights, experts, params, activation), rtol=1e-5, atol=1e-5)
+  assert float(stats["dropped_fraction"]) == 0.0
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_capacity_drops_later_tokens(activation):
+  # Skewed routing: experts 0 and 1 overflow their C = ceil(0.5 · 12 · 2 / 4) = 3 slots.
+  x, weights, experts, params = make_inputs(1, activation, expert_probs=[0.45, 0.35, 0.1, 0.1])
+  capacity = dispatch.moe_capacity(T, K, E, 0.5)
+  assert capacity == 3
+  kept = expected_kept(experts, capacity)
+  assert 0 < (~kept).sum() < kept.size
+  y, stats = run_moe(x, weights, experts, params, activation, "capacity", "padded", 0.5)
+  np.testing.assert_allclose(y, reference_moe(x, weights, experts, params, activation, kept), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(stats["dropped_fraction"], (~kept).sum() / kept.size, rtol=1e-6)
+  np.testing.assert_allclose(stats["slot_fill"], kept.sum() / (E * B * capacity), rtol=1e-6)
+
+
+def test_capacity_everyone_to_the_same_experts():
+  x, weights, _, params = make_inputs(2, "gelu")
+  experts = np.broadcast_to(np.asarray([2, 0], np.int32), (B, T, K))
+  y, stats = run_moe(x, weights, experts, params, "gelu", "capacity", "padded", 0.5)
+  kept = np.zeros((B, T, K), bool)
+  kept[:, :3] = True  # C = 3: the first three tokens of every sequence, in both of their experts
+  np.testing.assert_allclose(y, reference_moe(x, weights, experts, params, "gelu", kept), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(stats["dropped_fraction"], 9 / 12, rtol=1e-6)
+
+
+def test_huge_capacity_equals_dropless():
+  x, weights, experts, params = make_inputs(3, "gelu", expert_probs=[0.7, 0.1, 0.1, 0.1])
+  y_capacity, stats = run_moe(x, weights, experts, params, "gelu", "capacity", "padded", 1e3)
+  y_dropless, _ = run_moe(x, weights, experts, params, "gelu", "dropless", "padded", 1.25)
+  np.testing.assert_allclose(y_capacity, y_dropless, rtol=1e-6, atol=1e-6)
+  assert float(stats["dropped_fraction"]) == 0.0
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+@pytest.mark.parametrize("mode,impl,capacity_factor", [("capacity", "padded", 0.5)] + IMPLS[1:])
+def test_gradients_match_naive_jnp(activation, mode, impl, capacity_factor):
+  x, weights, experts, params = make_inputs(4, activation, expert_probs=[0.45, 0.35, 0.1, 0.1])
+  kept = expected_kept(experts, dispatch.moe_capacity(T, K, E, capacity_factor) if mode == "capacity" else T)
+  cot = jnp.asarray(np.random.default_rng(5).normal(size=(B, T, D)), jnp.float32)
+  w_gate = params.get("w_gate")
+  args = (jnp.asarray(x), jnp.asarray(weights), params["w_in"], params["w_out"], w_gate)
+  argnums = (0, 1, 2, 3, 4) if activation == "swiglu" else (0, 1, 2, 3)
+
+  def moe_loss(x_, w_, w_in, w_out, w_gate_):
+    y, _ = dispatch.moe_ffn(x_, w_, jnp.asarray(experts), w_in, w_out, w_gate_, activation=activation,
+                            mode=mode, capacity_factor=capacity_factor, dropless_impl=impl)
+    return jnp.sum(y * cot)
+
+  def naive_loss(*a):
+    return jnp.sum(naive_jnp(*a, experts=experts, activation=activation, kept=kept) * cot)
+
+  grads = jax.jit(jax.grad(moe_loss, argnums=argnums))(*args)
+  ref_grads = jax.grad(naive_loss, argnums=argnums)(*args)
+  for g, ref in zip(grads, ref_grads):
+    assert np.isfinite(g).all()
+    np.testing.assert_allclose(g, ref, rtol=1e-4, atol=1e-5)
+  if mode == "capacity":
+    np.testing.assert_array_equal(np.asarray(grads[1])[~kept], 0.0)  # dropped gates get no gradient
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_expert_ffn_per_expert_and_batched_agree(activation):
+  # The CPU path (per-expert 2-D matmuls) and the accelerator path (one batched einsum per weight).
+  _, _, _, params = make_inputs(8, activation)
+  rows = np.random.default_rng(9).normal(size=(2, E, 3, D)).astype(np.float32)
+  w_gate = params.get("w_gate")
+  looped, batched = (dispatch._expert_ffn(jnp.asarray(rows), params["w_in"], params["w_out"], w_gate, activation,
+                                          per_expert=per_expert) for per_expert in (True, False))
+  ref = np.zeros(rows.shape)
+  for e in range(E):
+    h = rows[:, e].astype(np.float64) @ params["w_in"][e]
+    h = np_gelu(h) if activation == "gelu" else np_silu(rows[:, e] @ w_gate[e]) * h
+    ref[:, e] = h @ params["w_out"][e]
+  np.testing.assert_allclose(looped, ref, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(batched, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_capacity_mode_keeps_batch_sharding():
+  # Dispatch and combine gather within a sequence: a batch-sharded layer needs no all-gather.
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  shard = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  rng = np.random.default_rng(10)
+  x = rng.normal(size=(8, T, D)).astype(np.float32)
+  weights = rng.uniform(size=(8, T, K)).astype(np.float32)
+  experts = np.stack([rng.choice(E, size=K, replace=False) for _ in range(8 * T)]).reshape(8, T, K)
+  _, _, _, params = make_inputs(11, "gelu")
+
+  def layer_and_grads(x_, w_, e_, w_in, w_out):
+    def loss(x_, w_, w_in, w_out):
+      y, stats = dispatch.moe_ffn(x_, w_, e_, w_in, w_out, activation="gelu", capacity_factor=0.75)
+      return jnp.sum(y * y), (y, stats["dropped_fraction"])
+    return jax.grad(loss, argnums=(0, 1, 2, 3), has_aux=True)(x_, w_, w_in, w_out)
+
+  args = [jax.device_put(a, shard) for a in (x, weights, experts.astype(np.int32))]
+  args += [params["w_in"], params["w_out"]]
+  compiled = jax.jit(layer_and_grads).lower(*args).compile()
+  assert "all-gather" not in compiled.as_text()
+  sharded = compiled(*args)
+  single = jax.jit(layer_and_grads)(x, weights, experts.astype(np.int32), params["w_in"], params["w_out"])
+  for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(single)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_bfloat16_follows_x():
+  x, weights, experts, params = make_inputs(6, "swiglu")
+  bf16 = {name: jnp.asarray(p, jnp.bfloat16) for name, p in params.items()}
+  y, _ = run_moe(jnp.asarray(x, jnp.bfloat16), weights, experts, bf16, "swiglu", "capacity", "padded", 1.25)
+  assert y.dtype == jnp.bfloat16
+  ref = reference_moe(x, weights, experts, params, "swiglu", expected_kept(experts, dispatch.moe_capacity(T, K, E, 1.25)))
+  np.testing.assert_allclose(np.asarray(y, np.float32), ref, rtol=5e-2, atol=5e-2)
+
+
+def test_moe_capacity():
+  assert dispatch.moe_capacity(512, 2, 9, 1.25) == 143
+  assert dispatch.moe_capacity(10, 1, 1, 1.1) == 10  # 1.1 · 10 is 11.000000000000002; capped at T anyway
+  assert dispatch.moe_capacity(12, 2, 4, 1.0) == 6
+  assert dispatch.moe_capacity(12, 2, 4, 100.0) == 12  # never more slots than tokens
+  assert dispatch.moe_capacity(4, 1, 64, 1.0) == 1
+  assert isinstance(dispatch.moe_capacity(512, 2, 9, 1.25), int)
+
+
+def test_resolve_dropless_impl():
+  assert jax.default_backend() == "cpu"
+  assert dispatch.resolve_dropless_impl("auto") == "padded"
+  assert dispatch.resolve_dropless_impl("ragged") == "ragged"
+  assert dispatch.resolve_dropless_impl("padded") == "padded"
+  with pytest.raises(ValueError):
+    dispatch.resolve_dropless_impl("fast")
+
+
+def test_argument_errors():
+  x, weights, experts, params = make_inputs(7, "gelu")
+  args = (jnp.asarray(x), jnp.asarray(weights), jnp.asarray(experts), params["w_in"], params["w_out"])
+  with pytest.raises(ValueError, match="w_gate"):
+    dispatch.moe_ffn(*args, activation="swiglu")
+  with pytest.raises(ValueError, match="activation"):
+    dispatch.moe_ffn(*args, activation="relu")
+  with pytest.raises(ValueError, match="mode"):
+    dispatch.moe_ffn(*args, activation="gelu", mode="sparse")
+  with pytest.raises(ValueError, match="dropless_impl"):
+    dispatch.moe_ffn(*args, activation="gelu", mode="dropless", dropless_impl="auto")

@@ -1,0 +1,216 @@
+"""Top-k gating, auxiliary router losses and mixture-of-depths selection against float64 NumPy references."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffmoe_jax.ops import routing
+
+
+def _softmax(x, axis=-1):
+  e = np.exp(x - x.max(axis=axis, keepdims=True))
+  return e / e.sum(axis=axis, keepdims=True)
+
+
+def reference_top_k(logits, k):
+  """Float64: experts by descending logit, weights = softmax over the selected logits."""
+  logits = np.asarray(logits, np.float64)
+  experts = np.argsort(-logits, axis=-1, kind="stable")[..., :k]
+  return _softmax(np.take_along_axis(logits, experts, axis=-1)), experts
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_top_k_gating_matches_reference(k):
+  logits = np.random.default_rng(k).normal(size=(3, 5, 6)).astype(np.float32)
+  weights, experts = routing.top_k_gating(jnp.asarray(logits), k)
+  ref_weights, ref_experts = reference_top_k(logits, k)
+  assert experts.dtype == jnp.int32 and weights.dtype == jnp.float32
+  np.testing.assert_array_equal(experts, ref_experts)
+  np.testing.assert_allclose(weights, ref_weights, rtol=1e-6, atol=1e-7)
+
+
+def test_top_k_gating_casts_to_fp32():
+  logits = np.random.default_rng(0).normal(size=(4, 8)).astype(np.float32)
+  w16, e16 = routing.top_k_gating(jnp.asarray(logits, jnp.bfloat16), 2)
+  ref_weights, ref_experts = reference_top_k(np.asarray(jnp.asarray(logits, jnp.bfloat16), np.float64), 2)
+  assert w16.dtype == jnp.float32
+  np.testing.assert_array_equal(e16, ref_experts)
+  np.testing.assert_allclose(w16, ref_weights, rtol=1e-6)
+
+
+def test_noise_changes_selection_only_when_positive_and_is_reproducible():
+  logits = jnp.asarray(np.random.default_rng(1).normal(size=(64, 8)), jnp.float32)
+  rng, other = jax.random.split(jax.random.PRNGKey(0))
+  clean = routing.top_k_gating(logits, 2)
+  zero = routing.top_k_gating(logits, 2, noise_std=0.0, rng=rng)
+  for a, b in zip(clean, zero):
+    np.testing.assert_array_equal(a, b)
+
+  noisy = routing.top_k_gating(logits, 2, noise_std=3.0, rng=rng)
+  assert (np.asarray(noisy[1]) != np.asarray(clean[1])).any()
+  for a, b in zip(noisy, routing.top_k_gating(logits, 2, noise_std=3.0, rng=rng)):
+    np.testing.assert_array_equal(a, b)
+  assert (np.asarray(routing.top_k_gating(logits, 2, noise_std=3.0, rng=other)[1]) != np.asarray(noisy[1])).any()
+
+  # Selection and weights both come from the noisy logits (the noise is jax.random.normal(rng) · std).
+  noisy_logits = np.asarray(logits) + 3.0 * np.asarray(jax.random.normal(rng, logits.shape, jnp.float32))
+  ref_weights, ref_experts = reference_top_k(noisy_logits, 2)
+  np.testing.assert_array_equal(noisy[1], ref_experts)
+  np.testing.assert_allclose(noisy[0], ref_weights, rtol=1e-5, atol=1e-6)
+
+
+def test_noise_without_rng_is_an_error():
+  with pytest.raises(ValueError, match="rng"):
+    routing.top_k_gating(jnp.zeros((2, 4)), 2, noise_std=0.5)
+
+
+def test_traced_noise_std_under_jit():
+  logits = jnp.asarray(np.random.default_rng(2).normal(size=(64, 8)), jnp.float32)
+  rng = jax.random.PRNGKey(3)
+  traces = []
+
+  @jax.jit
+  def gate(std):
+    traces.append(None)
+    return routing.top_k_gating(logits, 2, noise_std=std, rng=rng)
+
+  clean = routing.top_k_gating(logits, 2)
+  at_zero = gate(jnp.float32(0.0))
+  at_three = gate(jnp.float32(3.0))
+  assert len(traces) == 1
+  np.testing.assert_array_equal(at_zero[1], clean[1])
+  np.testing.assert_allclose(at_zero[0], clean[0], rtol=1e-6)
+  np.testing.assert_array_equal(at_three[1], routing.top_k_gating(logits, 2, noise_std=3.0, rng=rng)[1])
+  assert (np.asarray(at_three[1]) != np.asarray(clean[1])).any()
+
+
+def test_router_probs_is_fp32_softmax():
+  logits = np.random.default_rng(4).normal(size=(2, 3, 5))
+  probs = routing.router_probs(jnp.asarray(logits, jnp.bfloat16))
+  assert probs.dtype == jnp.float32
+  np.testing.assert_allclose(probs, _softmax(np.asarray(jnp.asarray(logits, jnp.bfloat16), np.float64)), rtol=1e-6)
+
+
+def reference_load_balance(logits, experts, num_experts, mask=None):
+  logits = np.asarray(logits, np.float64).reshape(-1, num_experts)
+  experts = np.asarray(experts).reshape(logits.shape[0], -1)
+  mask = np.ones(logits.shape[0], bool) if mask is None else np.asarray(mask).reshape(-1)
+  counts = np.zeros(num_experts)
+  for token in np.flatnonzero(mask):
+    for e in experts[token]:
+      counts[e] += 1
+  f = counts / counts.sum()
+  p = _softmax(logits)[mask].mean(axis=0)
+  return num_experts * np.sum(f * p), f
+
+
+def test_load_balance_loss_is_one_under_uniform_routing():
+  num_experts, k, tokens = 4, 2, 8
+  experts = np.stack([(np.arange(tokens) + j) % num_experts for j in range(k)], axis=-1)  # each expert 4 times
+  uniform = jnp.zeros((tokens, num_experts))
+  assert float(routing.load_balance_loss(uniform, jnp.asarray(experts), num_experts)) == pytest.approx(1.0)
+  np.testing.assert_allclose(routing.expert_load(jnp.asarray(experts), num_experts), np.full(4, 0.25))
+  # With f uniform, any router probabilities give Σ f·P = 1/E.
+  skewed = jnp.asarray(np.random.default_rng(5).normal(size=(tokens, num_experts)), jnp.float32)
+  assert float(routing.load_balance_loss(skewed, jnp.asarray(experts), num_experts)) == pytest.approx(1.0, rel=1e-6)
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_load_balance_loss_matches_reference(with_mask):
+  rng = np.random.default_rng(6)
+  num_experts, k = 6, 2
+  logits = rng.normal(size=(3, 7, num_experts)).astype(np.float32)
+  _, experts = routing.top_k_gating(jnp.asarray(logits), k)
+  mask = rng.random((3, 7)) < 0.7 if with_mask else None
+  ref_loss, ref_f = reference_load_balance(logits, experts, num_experts, mask)
+  jmask = None if mask is None else jnp.asarray(mask)
+  loss = routing.load_balance_loss(jnp.asarray(logits), experts, num_experts, jmask)
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+  np.testing.assert_allclose(routing.expert_load(experts, num_experts, jmask), ref_f, rtol=1e-6, atol=1e-7)
+  grad = jax.grad(routing.load_balance_loss)(jnp.asarray(logits), experts, num_experts, jmask)
+  assert np.isfinite(grad).all() and np.abs(grad).max() > 0
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_router_z_loss_matches_reference(with_mask):
+  rng = np.random.default_rng(7)
+  logits = 3.0 * rng.normal(size=(2, 9, 5))
+  mask = rng.random((2, 9)) < 0.6 if with_mask else np.ones((2, 9), bool)
+  m = logits.max(-1, keepdims=True)
+  lse = (m + np.log(np.exp(logits - m).sum(-1, keepdims=True)))[..., 0]
+  loss = routing.router_z_loss(jnp.asarray(logits, jnp.float32), jnp.asarray(mask) if with_mask else None)
+  np.testing.assert_allclose(loss, np.mean(lse[mask] ** 2), rtol=1e-5)
+
+
+def test_mod_capacity_tokens():
+  assert routing.mod_capacity_tokens(0.125, 512) == 64
+  assert routing.mod_capacity_tokens(0.3, 10) == 3  # 0.3 · 10 is 3.0000000000000004 in floating point
+  assert routing.mod_capacity_tokens(0.5, 7) == 4
+  assert routing.mod_capacity_tokens(1e-4, 10) == 1
+  assert routing.mod_capacity_tokens(1.0, 7) == 7
+  assert isinstance(routing.mod_capacity_tokens(0.25, 16), int)
+
+
+def test_mod_select_sorted_top_k():
+  rng = np.random.default_rng(8)
+  scores = rng.normal(size=(4, 16)).astype(np.float32)
+  k = routing.mod_capacity_tokens(0.25, 16)
+  indices = np.asarray(jax.jit(routing.mod_select, static_argnums=1)(jnp.asarray(scores), k))
+  assert indices.shape == (4, k) and indices.dtype == np.int32
+  assert (np.diff(indices, axis=1) > 0).all()
+  for row, chosen in zip(scores, indices):
+    assert set(chosen) == set(np.argsort(-row)[:k])
+  mask = np.asarray(routing.mod_selected_mask(jnp.asarray(indices), 16))
+  expected = np.zeros((4, 16), bool)
+  np.put_along_axis(expected, indices, True, axis=1)
+  np.testing.assert_array_equal(mask, expected)
+
+
+@pytest.mark.parametrize("trailing", [(5,), (2, 3)])
+def test_gather_scatter_round_trip(trailing):
+  rng = np.random.default_rng(9)
+  b, t, k = 3, 10, 4
+  x = rng.normal(size=(b, t) + trailing).astype(np.float32)
+  indices = np.sort(np.stack([rng.permutation(t)[:k] for _ in range(b)]), axis=1).astype(np.int32)
+  gathered = routing.gather_tokens(jnp.asarray(x), jnp.asarray(indices))
+  np.testing.assert_array_equal(gathered, np.stack([x[i, indices[i]] for i in range(b)]))
+  np.testing.assert_array_equal(routing.scatter_tokens(jnp.asarray(x), gathered, jnp.asarray(indices)), x)
+
+  updates = rng.normal(size=(b, k) + trailing).astype(np.float32)
+  out = np.asarray(routing.scatter_tokens(jnp.asarray(x), jnp.asarray(updates), jnp.asarray(indices)))
+  expected = x.copy()
+  for i in range(b):
+    expected[i, indices[i]] = updates[i]
+  np.testing.assert_array_equal(out, expected)
+
+
+def test_scatter_tokens_gradients():
+  rng = np.random.default_rng(10)
+  x = jnp.asarray(rng.normal(size=(2, 6, 3)), jnp.float32)
+  updates = jnp.asarray(rng.normal(size=(2, 2, 3)), jnp.float32)
+  cot = jnp.asarray(rng.normal(size=(2, 6, 3)), jnp.float32)
+  indices = jnp.asarray([[1, 4], [0, 5]], jnp.int32)
+  dx, du = jax.grad(lambda x_, u: jnp.sum(routing.scatter_tokens(x_, u, indices) * cot), argnums=(0, 1))(x, updates)
+  selected = np.asarray(routing.mod_selected_mask(indices, 6))[..., None]
+  np.testing.assert_allclose(dx, np.where(selected, 0.0, cot))
+  np.testing.assert_allclose(du, routing.gather_tokens(cot, indices))
+
+
+def test_batch_sharded_routing_needs_no_all_gather():
+  # lax.top_k and index-array scatters would make XLA all-gather a batch-sharded operand.
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  shard = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  rng = np.random.default_rng(11)
+  logits, scores, x = (rng.normal(size=s).astype(np.float32) for s in [(8, 6, 5), (8, 12), (8, 12, 3)])
+
+  def route(logits, scores, x):
+    weights, experts = routing.top_k_gating(logits, 2)
+    indices = routing.mod_select(scores, 4)
+    updated = routing.scatter_tokens(x, 2.0 * routing.gather_tokens(x, indices), indices)
+    return weights, experts, updated, routing.mod_selected_mask(indices, 12)
+
+  args = [jax.device_put(a, shard) for a in (logits, scores, x)]
+  compiled = jax.jit(route).lower(*args).compile()
+  assert "all-gather" not in compiled.as_text()
+  for sharded, single in zip(compiled(*args), route(logits, scores, x)):
+    np.testing.assert_array_equal(sharded, single)
