@@ -4,6 +4,7 @@ from diffmoe_jax import config as config_lib
 
 def get_config():
   c = config_lib.defaults()
+  c.name = "pi_p"
   c.model.update(d_model=2592, num_layers=27, num_heads=18, head_dim=144, max_seq_len=8192)
   c.model.moe.update(num_experts=4, expert_ffn_dim=6912, top_k=2)
   c.curriculum.tokens_per_batch = 1024 * 1024

@@ -4,6 +4,7 @@ from diffmoe_jax import config as config_lib
 
 def get_config():
   c = config_lib.defaults()
+  c.name = "pi_s"
   c.model.update(d_model=3456, num_layers=36, num_heads=27, head_dim=128, max_seq_len=16384)
   c.model.moe.update(num_experts=6, expert_ffn_dim=10240, top_k=2)
   c.curriculum.tokens_per_batch = 2 * 1024 * 1024

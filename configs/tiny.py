@@ -8,6 +8,7 @@ from diffmoe_jax import config as config_lib
 
 def get_config():
   c = config_lib.defaults()
+  c.name = "tiny"
   c.model.update(vocab_size=256, d_model=288, num_layers=4, num_heads=4, head_dim=72, max_seq_len=256,
                  dtype="float32")
   c.model.moe.update(num_experts=4, expert_ffn_dim=768, top_k=2)

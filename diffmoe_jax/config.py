@@ -18,8 +18,10 @@ DROPLESS_IMPLS = ("auto", "ragged", "padded")
 ATTENTION_IMPLS = ("auto", "xla", "fused")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_names")
 DTYPES = ("float32", "bfloat16", "float16")
-LR_SHAPES = ("warmup", "constant", "cosine", "linear")
+LR_SHAPES = ("constant", "linear", "cosine")
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
+# Names the model tags with `checkpoint_name`: what remat_policy="save_names" may keep.
+CHECKPOINT_NAMES = ("query_proj", "key_proj", "value_proj", "attn_out", "ffn_out")
 # The logical axis names the model uses; `parallel.py` maps them to mesh axes through `mesh.axis_rules`.
 LOGICAL_AXES = ("batch", "length", "embed", "heads", "head_dim", "mlp", "expert", "vocab", "layers")
 
@@ -31,6 +33,7 @@ class ConfigError(ValueError):
 def defaults() -> ml_collections.ConfigDict:
   """The one place shared defaults live. Model shape fields are set by each config file."""
   c = ml_collections.ConfigDict()
+  c.name = ""  # the model's name in the paper ("pi", "pi_s", "pi_p"), which selects its claims in `estimate`
   c.seed = 0
 
   c.model = m = ml_collections.ConfigDict()
@@ -42,7 +45,7 @@ def defaults() -> ml_collections.ConfigDict:
   m.attention = "differential"  # or "standard" (ablation)
   m.rope_theta = 10000.0 * math.pi
   m.max_seq_len = 0  # the context length
-  m.lambda_init = "schedule"  # "schedule": 0.8 - 0.6 exp(-0.3 l); or a constant float such as 0.5
+  m.lambda_init = "schedule"  # "schedule": 0.8 - 0.6 exp(-0.3 l); or a constant such as "0.5"
   m.expert_conditional_lambda = True
   m.ffn = "moe"  # or "dense" (ablation)
   m.dense_ffn_dim = 0  # dense ablation width; 0 means top_k * moe.expert_ffn_dim (same active FLOPs)
@@ -94,7 +97,7 @@ def defaults() -> ml_collections.ConfigDict:
   cur.mod_anneal_levels = 4  # MoD capacity anneals in this many discrete levels (each compiles once)
   cur.order = PHASES
   # The six-phase default (README "The curriculum"): fractions sum to 1; seq_len comes from context_fraction.
-  cur.warmup = _phase(fraction=0.05, context_fraction=0.25, lr_shape="warmup", lr_start=0.0,
+  cur.warmup = _phase(fraction=0.05, context_fraction=0.25, lr_shape="linear", lr_start=0.0,
                       router_noise_start=1.0, router_noise_end=1.0, mod_enabled=False)
   cur.foundation = _phase(fraction=0.35, context_fraction=0.5, router_noise_start=1.0, router_noise_end=1.0,
                           mod_capacity_start=1.0, mod_capacity_end=1.0)
@@ -107,12 +110,15 @@ def defaults() -> ml_collections.ConfigDict:
   c.train = t = ml_collections.ConfigDict()
   t.log_every = 10
   t.eval_every = 100
-  t.eval_batches = 8
+  t.eval_batches = 8  # per domain, from its validation split, at model.max_seq_len
+  t.eval_batch_size = 8
   t.checkpoint_every = 200
   t.keep_checkpoints = 3
   t.stable_rank_every = 100
   t.max_nonfinite_in_a_row = 10
   t.memory_headroom = 0.9  # refuse to start if the estimate exceeds this fraction of available memory
+  t.peak_flops_per_device = 0.0  # for MFU; 0: known accelerator peaks, or a measured matmul peak on CPU
+  t.compilation_cache_dir = "~/.cache/diffmoe_jax/xla"  # "" disables the persistent compilation cache
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "expert": 1, "tensor": 1})
@@ -138,7 +144,7 @@ def _phase(**overrides) -> ml_collections.ConfigDict:
   p.seq_len = 0
   p.batch_size = 0  # 0: curriculum.tokens_per_batch // seq_len
   p.domain_weights = ml_collections.ConfigDict()  # empty: all domains, equal weight
-  p.lr_shape = "constant"
+  p.lr_shape = "constant"  # "constant" (lr_start), "linear" or "cosine" from lr_start to lr_end
   p.lr_start = 1.0  # multiples of optimizer.peak_lr at the phase's first and last step
   p.lr_end = 1.0
   p.router_noise_start = 0.0  # std of Gaussian noise added to router logits
@@ -178,12 +184,13 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
            f"the query/key width {qk_dim} must be even for RoPE; use a head_dim divisible by "
            f"{4 if m.attention == 'differential' else 2}.")
   _require(m.rope_theta > 1.0, "model.rope_theta", f"must be > 1, got {m.rope_theta}.")
-  if isinstance(m.lambda_init, str):
-    _require(m.lambda_init == "schedule", "model.lambda_init",
-             f"{m.lambda_init!r} is neither 'schedule' nor a number such as 0.5.")
-  else:
-    _require(0.0 <= float(m.lambda_init) < 1.0, "model.lambda_init",
-             f"a constant λ_init must lie in [0, 1), got {m.lambda_init}.")
+  if m.lambda_init != "schedule":
+    try:
+      constant = float(m.lambda_init)
+    except ValueError:
+      raise ConfigError(f"config.model.lambda_init: {m.lambda_init!r} is neither 'schedule' nor a number "
+                        "such as '0.5'.") from None
+    _require(0.0 <= constant < 1.0, "model.lambda_init", f"a constant λ_init must lie in [0, 1), got {constant}.")
   _require(m.ffn in FFNS, "model.ffn", f"{m.ffn!r} is not one of {FFNS}.")
   for field, allowed in (("dtype", DTYPES), ("param_dtype", DTYPES), ("attention_impl", ATTENTION_IMPLS),
                          ("remat_policy", REMAT_POLICIES)):
@@ -193,6 +200,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if m.remat_policy == "save_names":
     _require(len(m.remat_save_names) > 0, "model.remat_save_names",
              "is empty but remat_policy is 'save_names'; list checkpoint names to keep, or pick another policy.")
+    unknown = [n for n in m.remat_save_names if n not in CHECKPOINT_NAMES]
+    _require(not unknown, "model.remat_save_names", f"{unknown} are not checkpoint names of the model; "
+             f"choose from {CHECKPOINT_NAMES}.")
 
   moe = m.moe
   _require(moe.activation in ACTIVATIONS, "model.moe.activation",
@@ -250,6 +260,38 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return config
 
 
+def phase_lengths(cur: ml_collections.ConfigDict) -> list[int]:
+  """Steps per phase: explicit `steps` first; the rest of `total_steps` split by `fraction` (in proportion)."""
+  explicit = sum(cur[name].steps for name in cur.order)
+  remaining = cur.total_steps - explicit
+  fractions = {name: cur[name].fraction for name in cur.order if cur[name].steps == 0}
+  fraction_sum = sum(fractions.values())
+  if remaining < 0:
+    raise ConfigError(
+        f"config.curriculum: the phases' explicit steps add up to {explicit}, more than "
+        f"curriculum.total_steps ({cur.total_steps}); raise total_steps or lower the phases' steps.")
+  if remaining > 0 and fraction_sum <= 0:
+    raise ConfigError(
+        f"config.curriculum: {remaining} of curriculum.total_steps ({cur.total_steps}) are left after the "
+        "phases' explicit steps, but no phase has a fraction to take them; set a phase's fraction or steps.")
+  lengths, cumulative, assigned = [], 0.0, 0
+  for name in cur.order:
+    if cur[name].steps:
+      lengths.append(cur[name].steps)
+      continue
+    # Cumulative rounding: the fractions' phases add up to exactly `remaining` steps.
+    cumulative += fractions[name] / fraction_sum if fraction_sum else 0.0
+    end = round(cumulative * remaining)
+    lengths.append(end - assigned)
+    assigned = end
+  for name, steps in zip(cur.order, lengths):
+    if steps <= 0:
+      raise ConfigError(
+          f"config.curriculum.{name}: the phase gets {steps} steps of total_steps {cur.total_steps}; raise "
+          f"total_steps or the phase's fraction, or remove it from curriculum.order.")
+  return lengths
+
+
 def phase_seq_len(config: ml_collections.ConfigDict, name: str) -> int:
   p = config.curriculum[name]
   return p.seq_len or int(round(p.context_fraction * config.model.max_seq_len))
@@ -269,6 +311,8 @@ def _validate_training(config: ml_collections.ConfigDict) -> None:
   _require(isinstance(cur.total_steps, int) and cur.total_steps > 0, "curriculum.total_steps",
            f"must be a positive integer, got {cur.total_steps!r}.")
   _require(len(cur.order) > 0, "curriculum.order", "is empty; list at least one phase.")
+  _require(isinstance(cur.mod_anneal_levels, int) and cur.mod_anneal_levels >= 1, "curriculum.mod_anneal_levels",
+           f"must be an integer >= 1, got {cur.mod_anneal_levels!r}.")
   domains = set(config.data.domains.keys())
   _require(len(domains) > 0, "data.domains", "is empty; add a source such as 'stdlib:code'.")
   for name in cur.order:
@@ -300,3 +344,4 @@ def _validate_training(config: ml_collections.ConfigDict) -> None:
       _require(p.domain_weights[domain] >= 0, f"{f}.domain_weights.{domain}", "must be >= 0.")
     if len(p.domain_weights):
       _require(sum(p.domain_weights.values()) > 0, f"{f}.domain_weights", "all weights are zero.")
+  phase_lengths(cur)

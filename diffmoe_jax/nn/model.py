@@ -1,0 +1,241 @@
+"""The decoder LM: blocks, mixture-of-depths layer groups, scan and remat, and the forward pass.
+
+Layers come in groups of `mod.every`: the first `every − 1` run every token, the last is routed by
+mixture-of-depths. Groups are scanned (`nn.scan`, leading parameter axis "layers") so compile time and
+memory do not grow with depth; `num_layers % every` trailing full-depth layers follow unscanned (PI-P's
+27 layers are 13 groups and one layer). `scan_layers=False` unrolls groups into `group_<g>` modules with
+the same per-layer parameters; `unstack_groups` / `stack_groups` convert between the two layouts.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from diffmoe_jax.nn.attention import Attention
+from diffmoe_jax.nn.layers import Embed, RMSNorm, constrain, dtype_of, param
+from diffmoe_jax.nn.mod import MoDRouter
+from diffmoe_jax.nn.moe import DenseFeedForward, MoEFeedForward
+from diffmoe_jax.ops import attention as attention_ops
+from diffmoe_jax.ops import routing
+
+MOD_MODES = ("topk", "predictor", "off")
+_REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Block(nn.Module):
+  """Pre-norm attention then feed-forward; returns the block's update `attn + ffn` (not x + update)."""
+  config: ml_collections.FrozenConfigDict
+  train: bool = False
+
+  @nn.compact
+  def __call__(self, x, positions, layer_index, noise_std, kv_mask=None):
+    cfg = self.config
+    norm = dict(eps=cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    h = RMSNorm(**norm, name="attn_norm")(x)
+    ffn = MoEFeedForward(cfg, name="moe") if cfg.ffn == "moe" else DenseFeedForward(cfg, name="ffn")
+    lambda_gate = ffn.gate(h) if cfg.expert_conditional_lambda else None
+    attn, attn_stats = Attention(cfg, name="attention")(h, positions, layer_index, lambda_gate=lambda_gate,
+                                                        kv_mask=kv_mask)
+    attn = attn.astype(jnp.float32)
+    out, ffn_stats = ffn(RMSNorm(**norm, name="ffn_norm")(x + attn), noise_std=noise_std, train=self.train)
+    return attn + out.astype(jnp.float32), {**attn_stats, **ffn_stats}
+
+
+def _mod_stats(selected_fraction, predictor_loss, predictor_accuracy) -> dict:
+  return {"mod_selected_fraction": jnp.asarray(selected_fraction, jnp.float32),
+          "mod_predictor_loss": jnp.asarray(predictor_loss, jnp.float32),
+          "mod_predictor_accuracy": jnp.asarray(predictor_accuracy, jnp.float32)}
+
+
+class FullLayer(nn.Module):
+  config: ml_collections.FrozenConfigDict
+  train: bool = False
+
+  @nn.compact
+  def __call__(self, x, positions, layer_index, noise_std):
+    delta, stats = Block(self.config, self.train, name="block")(x, positions, layer_index, noise_std)
+    return x + delta, {**stats, **_mod_stats(1.0, 0.0, 1.0)}
+
+
+class RoutedLayer(nn.Module):
+  """A mixture-of-depths layer.
+
+  "topk" (training): the top ceil(capacity·T) tokens of each sequence by router score run the block among
+  themselves at their original positions; their update is scaled by sigmoid(score) so the router learns;
+  the rest pass unchanged. "predictor" (causal inference): tokens whose predictor says yes run the block,
+  the others are hidden from attention and pass unchanged. "off": every token runs the block, unscaled.
+  """
+  config: ml_collections.FrozenConfigDict
+  train: bool = False
+  mod_mode: str = "topk"
+  mod_capacity: float = 0.125
+
+  @nn.compact
+  def __call__(self, x, positions, layer_index, noise_std):
+    block = Block(self.config, self.train, name="block")
+    score, predictor_logit = MoDRouter(self.config, name="mod_router")(x)
+    if self.mod_mode == "off":
+      delta, stats = block(x, positions, layer_index, noise_std)
+      return x + delta, {**stats, **_mod_stats(1.0, 0.0, 1.0)}
+    num_selected = routing.mod_capacity_tokens(self.mod_capacity, x.shape[1])
+    indices = routing.mod_select(score, num_selected)
+    target = routing.mod_selected_mask(indices, x.shape[1])
+    if self.mod_mode == "topk":
+      selected_x = routing.gather_tokens(x, indices)
+      selected_positions = routing.gather_tokens(positions, indices)
+      delta, stats = block(selected_x, selected_positions, layer_index, noise_std)
+      weight = jax.nn.sigmoid(routing.gather_tokens(score, indices))[..., None]
+      x = routing.scatter_tokens(x, selected_x + weight * delta, indices)
+      selected = target
+    else:
+      selected = predictor_logit > 0.0
+      delta, stats = block(x, positions, layer_index, noise_std, kv_mask=selected)
+      x = x + jnp.where(selected[..., None], jax.nn.sigmoid(score)[..., None] * delta, 0.0)
+    target_f = target.astype(jnp.float32)
+    predictor_loss = jnp.mean(optax.sigmoid_binary_cross_entropy(predictor_logit, target_f))
+    accuracy = jnp.mean(((predictor_logit > 0.0) == target).astype(jnp.float32))
+    return x, {**stats, **_mod_stats(jnp.mean(selected.astype(jnp.float32)), predictor_loss, accuracy)}
+
+
+class LayerGroup(nn.Module):
+  """`size` consecutive layers; the last is routed when `routed_last`. Returns stats stacked `[size, ...]`."""
+  config: ml_collections.FrozenConfigDict
+  size: int
+  routed_last: bool
+  train: bool = False
+  mod_mode: str = "topk"
+  mod_capacity: float = 0.125
+
+  @nn.compact
+  def __call__(self, x, group_index, positions, noise_std):
+    stats = []
+    for j in range(self.size):
+      layer_index = group_index * self.size + j
+      if self.routed_last and j == self.size - 1:
+        layer = RoutedLayer(self.config, self.train, self.mod_mode, self.mod_capacity, name=f"layer_{j}")
+      else:
+        layer = FullLayer(self.config, self.train, name=f"layer_{j}")
+      x, layer_stats = layer(x, positions, layer_index, noise_std)
+      x = constrain(x, ("batch", "length", "embed"))
+      stats.append(layer_stats)
+    return x, jax.tree.map(lambda *a: jnp.stack(a), *stats)
+
+
+def layer_layout(cfg) -> tuple[int, int, int]:
+  """(group size, number of scanned groups, number of trailing full layers)."""
+  size = cfg.mod.every if cfg.mod.enabled else 1
+  groups, tail = divmod(cfg.num_layers, size)
+  return size, groups, tail
+
+
+def routed_layer_indices(cfg) -> list[int]:
+  size, groups, _ = layer_layout(cfg)
+  return [g * size + size - 1 for g in range(groups)] if cfg.mod.enabled else []
+
+
+def _remat(cls, cfg):
+  if cfg.remat_policy == "none":
+    return cls
+  if cfg.remat_policy == "save_names":
+    policy = jax.checkpoint_policies.save_only_these_names(*cfg.remat_save_names)
+  else:
+    policy = _REMAT_POLICIES[cfg.remat_policy]
+  # Inside a scan the loop already stops XLA from merging the recomputation away.
+  return nn.remat(cls, policy=policy, prevent_cse=not cfg.scan_layers)
+
+
+class Transformer(nn.Module):
+  """Decoder-only LM. `__call__(tokens [B, T]) -> (logits [B, T, V] fp32, aux)`.
+
+  aux = {"losses": {"load_balance", "router_z", "mod_predictor"} (means over the layers they apply to),
+         "layers": {"expert_load" [L, E], "dropped_fraction" [L], "lambda" [L, n],
+                    "mod_selected_fraction" [L_routed], "mod_predictor_accuracy" [L_routed]}}
+  """
+  config: ml_collections.FrozenConfigDict  # the model section
+
+  @nn.compact
+  def __call__(self, tokens, positions=None, *, train: bool = False, mod_mode: str = "topk",
+               mod_capacity: float | None = None, router_noise_std=0.0):
+    cfg = self.config
+    if mod_mode not in MOD_MODES:
+      raise ValueError(f"mod_mode must be one of {MOD_MODES}, got {mod_mode!r}.")
+    batch, length = tokens.shape
+    if positions is None:
+      positions = attention_ops.default_positions(batch, length)
+    embed = Embed(cfg.vocab_size, cfg.d_model, cfg.init_std, cfg.dtype, cfg.param_dtype, name="embed")
+    x = constrain(embed(tokens).astype(jnp.float32), ("batch", "length", "embed"))
+    noise_std = jnp.asarray(router_noise_std, jnp.float32)
+    size, groups, tail = layer_layout(cfg)
+    group_args = dict(config=cfg, size=size, routed_last=cfg.mod.enabled, train=train, mod_mode=mod_mode,
+                      mod_capacity=cfg.mod.capacity if mod_capacity is None else mod_capacity)
+    group_cls = _remat(LayerGroup, cfg)
+    if cfg.scan_layers:
+      scanned = nn.scan(group_cls, variable_axes={"params": 0}, split_rngs={"params": True, "noise": True},
+                        in_axes=(0, nn.broadcast, nn.broadcast), length=groups,
+                        metadata_params={nn.PARTITION_NAME: "layers"})
+      x, stats = scanned(**group_args, name="groups")(x, jnp.arange(groups), positions, noise_std)
+      per_layer = [jax.tree.map(lambda a: a.reshape((groups * size,) + a.shape[2:]), stats)]
+    else:
+      per_layer = []
+      for g in range(groups):
+        x, stats = group_cls(**group_args, name=f"group_{g}")(x, jnp.asarray(g), positions, noise_std)
+        per_layer.append(stats)
+    for i in range(tail):
+      x, stats = FullLayer(cfg, train, name=f"tail_{i}")(x, positions, groups * size + i, noise_std)
+      per_layer.append(jax.tree.map(lambda a: a[None], stats))
+    stats = jax.tree.map(lambda *a: jnp.concatenate(a), *per_layer)
+
+    x = RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype, name="final_norm")(x)
+    if cfg.tie_embeddings:
+      logits = embed.attend(x)
+    else:
+      w = param(self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), std=cfg.init_std,
+                dtype=dtype_of(cfg.param_dtype))
+      logits = jnp.einsum("btd,dv->btv", x, w.astype(x.dtype))
+    logits = constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+    return logits, _summarize(stats, routed_layer_indices(cfg))
+
+
+def _summarize(stats: dict, routed: list[int]) -> dict:
+  routed = jnp.asarray(routed, jnp.int32)
+  has_routed = routed.shape[0] > 0
+  losses = {
+      "load_balance": jnp.mean(stats["load_balance_loss"]),
+      "router_z": jnp.mean(stats["z_loss"]),
+      "mod_predictor": jnp.mean(stats["mod_predictor_loss"][routed]) if has_routed else jnp.zeros(()),
+  }
+  layers = {
+      "expert_load": stats["expert_load"],
+      "dropped_fraction": stats["dropped_fraction"],
+      "lambda": stats["lambda"],
+      "mod_selected_fraction": stats["mod_selected_fraction"][routed],
+      "mod_predictor_accuracy": stats["mod_predictor_accuracy"][routed],
+  }
+  return {"losses": losses, "layers": layers}
+
+
+def build_model(model_config: ml_collections.ConfigDict) -> Transformer:
+  return Transformer(ml_collections.FrozenConfigDict(model_config))
+
+
+def unstack_groups(params: dict, num_groups: int) -> dict:
+  """Scanned parameters (`groups`, leading axis G) -> unrolled parameters (`group_0` … `group_{G-1}`)."""
+  out = {k: v for k, v in params.items() if k != "groups"}
+  for g in range(num_groups):
+    out[f"group_{g}"] = jax.tree.map(lambda a: a[g], params["groups"])
+  return out
+
+
+def stack_groups(params: dict) -> dict:
+  """The inverse of `unstack_groups`."""
+  names = sorted((k for k in params if k.startswith("group_")), key=lambda k: int(k.split("_")[1]))
+  out = {k: v for k, v in params.items() if not k.startswith("group_")}
+  out["groups"] = jax.tree.map(lambda *a: jnp.stack(a), *(params[k] for k in names))
+  return out

@@ -1,0 +1,87 @@
+"""Feed-forward modules: the sparse mixture-of-experts layer (with its router) and the dense ablation."""
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from diffmoe_jax.nn.layers import constrain, dtype_of, param
+from diffmoe_jax.ops import dispatch, routing
+
+
+class MoEFeedForward(nn.Module):
+  """E experts (gelu: w_in, w_out; swiglu: w_gate, w_in, w_out), top-k noisy routing, fp32 router.
+
+  `gate(x)` is the noise-free top-k choice for the same router, used by the attention's expert-conditional λ.
+  """
+  config: "ml_collections.FrozenConfigDict"  # the model section  # noqa: F821
+
+  def setup(self):
+    cfg, moe = self.config, self.config.moe
+    pdtype = dtype_of(cfg.param_dtype)
+    e, d, f = moe.num_experts, cfg.d_model, moe.expert_ffn_dim
+    out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
+    self.router = param(self, "router", (d, e), ("embed", None), std=cfg.init_std, dtype=pdtype)
+    self.w_in = param(self, "w_in", (e, d, f), ("expert", "embed", "mlp"), std=cfg.init_std, dtype=pdtype)
+    self.w_out = param(self, "w_out", (e, f, d), ("expert", "mlp", "embed"), std=out_std, dtype=pdtype)
+    if moe.activation == "swiglu":
+      self.w_gate = param(self, "w_gate", (e, d, f), ("expert", "embed", "mlp"), std=cfg.init_std, dtype=pdtype)
+
+  def router_logits(self, x: jax.Array) -> jax.Array:
+    return jnp.einsum("btd,de->bte", x.astype(jnp.float32), self.router.astype(jnp.float32))
+
+  def gate(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return routing.top_k_gating(self.router_logits(x), self.config.moe.top_k)
+
+  def __call__(self, x: jax.Array, *, noise_std=0.0, train: bool = False):
+    """x: `[B, T, d]` -> (`[B, T, d]`, stats: load_balance_loss, z_loss, expert_load [E], dropped_fraction)."""
+    cfg, moe = self.config, self.config.moe
+    dtype = dtype_of(cfg.dtype)
+    logits = self.router_logits(x)
+    rng = self.make_rng("noise") if train else None
+    weights, experts = routing.top_k_gating(logits, moe.top_k, noise_std=noise_std if train else 0.0, rng=rng)
+    w_gate = self.w_gate.astype(dtype) if moe.activation == "swiglu" else None
+    y, dispatch_stats = dispatch.moe_ffn(
+        x.astype(dtype), weights, experts, self.w_in.astype(dtype), self.w_out.astype(dtype), w_gate,
+        activation=moe.activation, mode=moe.dispatch, capacity_factor=moe.capacity_factor,
+        dropless_impl=dispatch.resolve_dropless_impl(moe.dropless_impl))
+    stats = {
+        "load_balance_loss": routing.load_balance_loss(logits, experts, moe.num_experts),
+        "z_loss": routing.router_z_loss(logits),
+        "expert_load": routing.expert_load(experts, moe.num_experts),
+        "dropped_fraction": jnp.asarray(dispatch_stats["dropped_fraction"], jnp.float32),
+    }
+    return checkpoint_name(constrain(y.astype(dtype), ("batch", "length", "embed")), "ffn_out"), stats
+
+
+class DenseFeedForward(nn.Module):
+  """The dense ablation: one FFN of width `dense_ffn_dim` (default top_k · expert_ffn_dim, equal active FLOPs)."""
+  config: "ml_collections.FrozenConfigDict"  # noqa: F821
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, noise_std=0.0, train: bool = False):
+    cfg = self.config
+    dtype, pdtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+    d, f = cfg.d_model, dense_ffn_dim(cfg)
+    out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
+    w_in = param(self, "w_in", (d, f), ("embed", "mlp"), std=cfg.init_std, dtype=pdtype)
+    w_out = param(self, "w_out", (f, d), ("mlp", "embed"), std=out_std, dtype=pdtype)
+    x = x.astype(dtype)
+    h = jnp.einsum("btd,df->btf", x, w_in.astype(dtype))
+    if cfg.moe.activation == "swiglu":
+      w_gate = param(self, "w_gate", (d, f), ("embed", "mlp"), std=cfg.init_std, dtype=pdtype)
+      h = jax.nn.silu(jnp.einsum("btd,df->btf", x, w_gate.astype(dtype))) * h
+    else:
+      h = dispatch.gelu(h)
+    y = jnp.einsum("btf,fd->btd", h, w_out.astype(dtype))
+    zero = jnp.zeros((), jnp.float32)
+    stats = {"load_balance_loss": zero, "z_loss": zero, "expert_load": jnp.zeros((1,), jnp.float32),
+             "dropped_fraction": zero}
+    return checkpoint_name(constrain(y, ("batch", "length", "embed")), "ffn_out"), stats
+
+
+def dense_ffn_dim(cfg) -> int:
+  return cfg.dense_ffn_dim or cfg.moe.top_k * cfg.moe.expert_ffn_dim

@@ -1,0 +1,76 @@
+"""The device mesh, the logical-axis rules, and the shardings of parameters, state and batches.
+
+One SPMD program: the train step is a single `jax.jit` over a `Mesh` with axes (data, fsdp, expert,
+tensor). Parameters carry logical axis names; `config.mesh.axis_rules` maps them to mesh axes and is the
+only place mesh axes are named. A single device is the degenerate mesh (every axis of size 1). The data
+axis plays the role `jax.pmap` used to: each data-parallel slice of the batch on its own devices.
+"""
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from diffmoe_jax.config import MESH_AXES, ConfigError
+
+
+def mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
+  """Resolves the one allowed -1 to the devices left over; errors name the field and the device count."""
+  shape = {axis: mesh_config.shape.get(axis, 1) for axis in MESH_AXES}
+  unknown = [a for a, s in shape.items() if s == -1]
+  if len(unknown) > 1:
+    raise ConfigError(f"config.mesh.shape: at most one axis may be -1, got {unknown}.")
+  fixed = math.prod(s for s in shape.values() if s != -1)
+  if unknown:
+    if num_devices % fixed:
+      raise ConfigError(f"config.mesh.shape: the fixed axes multiply to {fixed}, which does not divide the "
+                        f"{num_devices} devices; change mesh.shape so the product divides {num_devices}.")
+    shape[unknown[0]] = num_devices // fixed
+  if math.prod(shape.values()) != num_devices:
+    raise ConfigError(f"config.mesh.shape {shape} multiplies to {math.prod(shape.values())}, but there are "
+                      f"{num_devices} devices; make the product equal the device count or set one axis to -1.")
+  return shape
+
+
+def make_mesh(mesh_config: ml_collections.ConfigDict, devices=None) -> Mesh:
+  devices = jax.devices() if devices is None else devices
+  shape = mesh_shape(mesh_config, len(devices))
+  # Auto axes: shardings come from the logical rules and XLA's propagation (the pjit model), not from
+  # sharding-in-types, which newer JAX versions make the default.
+  return jax.make_mesh(tuple(shape[a] for a in MESH_AXES), MESH_AXES, devices=devices,
+                       axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
+def axis_rules(mesh_config: ml_collections.ConfigDict) -> tuple:
+  return tuple((name, tuple(m) if isinstance(m, (list, tuple)) else m) for name, m in mesh_config.axis_rules)
+
+
+def logical_shardings(boxed_tree, mesh: Mesh, rules) -> object:
+  """NamedShardings for a tree of `nn.LogicallyPartitioned` values (e.g. `jax.eval_shape` of init)."""
+  specs = nn.get_partition_spec(boxed_tree)
+  return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
+  """Tokens `[batch, length]`: the batch split over the data-parallel axes."""
+  return NamedSharding(mesh, nn.logical_to_mesh_axes(("batch", "length"), rules))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def data_parallel_size(mesh: Mesh, rules) -> int:
+  """How many ways the batch axis is split: the global batch must be a multiple of it."""
+  spec = nn.logical_to_mesh_axes(("batch",), rules)[0]
+  axes = spec if isinstance(spec, tuple) else (spec,) if spec else ()
+  return math.prod(mesh.shape[a] for a in axes)
+
+
+def global_batch(local_batch: dict, sharding: NamedSharding) -> dict:
+  """This process's rows of the batch -> global `jax.Array`s (works for one or many processes)."""
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}

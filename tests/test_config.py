@@ -1,0 +1,77 @@
+"""Config files load and validate; every bad field fails with a message naming it."""
+import importlib.util
+
+import pytest
+
+from diffmoe_jax import config as config_lib
+from diffmoe_jax.config import ConfigError
+
+
+def load(name):
+  spec = importlib.util.spec_from_file_location(name, f"configs/{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+@pytest.mark.parametrize("name", ["tiny", "pi", "pi_s", "pi_p"])
+def test_configs_validate(name):
+  config_lib.validate(load(name))
+
+
+def test_paper_table():
+  """The PI family as the paper's table gives it."""
+  table = {"pi": (4608, 54, 36, 128, 9, 15360, 32768), "pi_s": (3456, 36, 27, 128, 6, 10240, 16384),
+           "pi_p": (2592, 27, 18, 144, 4, 6912, 8192)}
+  for name, (d, layers, heads, head_dim, experts, ffn, context) in table.items():
+    m = load(name).model
+    assert (m.d_model, m.num_layers, m.num_heads, m.head_dim, m.moe.num_experts, m.moe.expert_ffn_dim,
+            m.max_seq_len) == (d, layers, heads, head_dim, experts, ffn, context)
+    assert m.moe.top_k == 2 and m.mod.enabled and m.mod.every == 2 and m.mod.capacity == 0.125
+    assert m.rope_theta == pytest.approx(31415.926, abs=1e-3)
+
+
+def _bad(**fields):
+  c = load("tiny")
+  for key, value in fields.items():
+    node = c
+    *path, leaf = key.split(".")
+    for part in path:
+      node = node[part]
+    node[leaf] = value
+  return c
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"model.d_model": 300}, r"model\.d_model: 300 must equal model\.num_heads \* model\.head_dim"),
+    ({"model.moe.top_k": 5}, r"model\.moe\.top_k: 5 must be between 1 and model\.moe\.num_experts \(4\)"),
+    ({"model.mod.capacity": 0.0}, r"model\.mod\.capacity: 0\.0 must lie in \(0, 1\]"),
+    ({"model.mod.capacity": 1.5}, r"model\.mod\.capacity: 1\.5 must lie in \(0, 1\]"),
+    ({"model.moe.activation": "relu"}, r"model\.moe\.activation: 'relu' is not one of"),
+    ({"model.attention": "linear"}, r"model\.attention: 'linear' is not one of"),
+    ({"model.head_dim": 70, "model.d_model": 280}, r"model\.head_dim: the query/key width 35 must be even"),
+    ({"mesh.shape.tensor": 2, "model.num_heads": 3, "model.head_dim": 96},
+     r"mesh\.shape\.tensor: 2 does not divide model\.num_heads \(3\)"),
+    ({"mesh.shape.expert": 3}, r"mesh\.shape\.expert: 3 does not divide model\.moe\.num_experts \(4\)"),
+    ({"model.lambda_init": "1.5"}, r"model\.lambda_init: a constant λ_init must lie in \[0, 1\)"),
+    ({"model.lambda_init": "half"}, r"model\.lambda_init: 'half' is neither 'schedule' nor a number"),
+    ({"model.remat_policy": "save_names", "model.remat_save_names": ("nope",)},
+     r"model\.remat_save_names: \['nope'\] are not checkpoint names"),
+    ({"model.ffn": "dense"}, r"model\.expert_conditional_lambda: needs model\.ffn='moe'"),
+    ({"curriculum.warmup.seq_len": 512}, r"curriculum\.warmup\.seq_len: the phase's sequence length 512"),
+    ({"curriculum.specialize.domain_weights": {"web": 1.0}},
+     r"curriculum\.specialize\.domain_weights\.web: names no domain"),
+    ({"curriculum.anneal.lr_shape": "step"}, r"curriculum\.anneal\.lr_shape: 'step' is not one of"),
+    ({"optimizer.grad_accum_steps": 0}, r"optimizer\.grad_accum_steps: must be an integer >= 1"),
+    ({"mesh.shape.model": 2}, r"mesh\.shape\.model: unknown mesh axis"),
+])
+def test_bad_fields_name_the_field(fields, message):
+  with pytest.raises(ConfigError, match=message):
+    config_lib.validate(_bad(**fields))
+
+
+def test_odd_head_count_is_fine_without_tensor_parallelism():
+  """PI-S's 27 heads: valid on a mesh whose tensor axis is 1 or divides 27."""
+  c = load("pi_s")
+  c.mesh.shape.tensor = 3
+  config_lib.validate(c)

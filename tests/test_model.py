@@ -1,0 +1,197 @@
+"""The decoder: causality, gradients, scan == unrolled, layer layout, stats, axis names, remat names."""
+from unittest import mock
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from diffmoe_jax import config as config_lib
+from diffmoe_jax.nn import model as model_lib
+
+B, T = 2, 16
+
+
+def _init(cfg):
+  model = model_lib.build_model(cfg.model)
+  tokens = jnp.zeros((B, T), jnp.int32)
+  variables = jax.jit(lambda: model.init({"params": jax.random.PRNGKey(0), "noise": jax.random.PRNGKey(1)},
+                                         tokens))()
+  return model, variables
+
+
+@pytest.fixture(scope="module")
+def base(make_config):
+  cfg = make_config()
+  model, variables = _init(cfg)
+  return cfg, model, nn.unbox(variables)["params"], variables
+
+
+@pytest.fixture(scope="module")
+def forward(base):
+  """Jitted inference forward, one compile per MoD mode, shared by the tests."""
+  _, model, _, _ = base
+  fns = {}
+  def run(params, tokens, mod_mode):
+    if mod_mode not in fns:
+      fns[mod_mode] = jax.jit(lambda p, t: model.apply({"params": p}, t, mod_mode=mod_mode))
+    return fns[mod_mode](params, tokens)
+  return run
+
+
+def _tokens(seed, vocab=64):
+  return jnp.asarray(np.random.default_rng(seed).integers(0, vocab, (B, T)), jnp.int32)
+
+
+@pytest.mark.parametrize("mod_mode", ["predictor", "off"])
+def test_future_tokens_never_change_earlier_logits(base, forward, mod_mode):
+  _, _, params, _ = base
+  tokens = _tokens(0)
+  logits, _ = forward(params, tokens, mod_mode)
+  for cut in (1, 7, 12):
+    changed = tokens.at[:, cut:].set((tokens[:, cut:] + 1 + jnp.arange(T - cut)) % 64)
+    other, _ = forward(params, changed, mod_mode)
+    np.testing.assert_allclose(np.asarray(other[:, :cut]), np.asarray(logits[:, :cut]), rtol=1e-5, atol=1e-5)
+    assert not np.allclose(np.asarray(other[:, cut:]), np.asarray(logits[:, cut:]))
+
+
+def test_causal_without_mod_and_with_dropless(make_config):
+  cfg = make_config(**{"mod.enabled": False, "moe.dispatch": "dropless"})
+  model, variables = _init(cfg)
+  apply = jax.jit(lambda t: model.apply(variables, t)[0])
+  tokens = _tokens(1)
+  changed = tokens.at[:, 9:].set(0)
+  np.testing.assert_allclose(np.asarray(apply(changed)[:, :9]), np.asarray(apply(tokens)[:, :9]),
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_gradients_reach_router_lambdas_and_mod_router(base):
+  _, model, params, _ = base
+  tokens = _tokens(2)
+
+  def loss(p):
+    logits, aux = model.apply({"params": p}, tokens, train=True, mod_mode="topk", router_noise_std=0.0,
+                              rngs={"noise": jax.random.PRNGKey(3)})
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:]).mean()
+    return ce + sum(aux["losses"].values())
+
+  grads = jax.jit(jax.grad(loss))(params)["groups"]
+  for layer in ("layer_0", "layer_1"):
+    g = grads[layer]["block"]
+    router = np.asarray(g["moe"]["router"])
+    assert np.isfinite(router).all() and np.abs(router).max() > 0, layer
+    for lam in ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2"):
+      per_expert = np.abs(np.asarray(g["attention"][lam])).max(axis=-1)  # [groups, experts]
+      assert np.isfinite(per_expert).all()
+      assert (per_expert > 0).all(), f"{layer} {lam}: an expert's λ got no gradient: {per_expert}"
+  mod = grads["layer_1"]["mod_router"]
+  for name in ("score", "predictor_hidden", "predictor_out"):
+    assert np.abs(np.asarray(mod[name])).max() > 0, name
+
+
+def test_scanned_and_unrolled_give_the_same_logits(base, make_config):
+  cfg, model, params, _ = base
+  unrolled = model_lib.build_model(make_config(scan_layers=False).model)
+  _, groups, _ = model_lib.layer_layout(cfg.model)
+  unrolled_params = model_lib.unstack_groups(params, groups)
+  tokens = _tokens(3)
+  for mod_mode in ("topk", "predictor"):
+    want, _ = model.apply({"params": params}, tokens, mod_mode=mod_mode)
+    got, _ = jax.jit(lambda p: unrolled.apply({"params": p}, tokens, mod_mode=mod_mode))(unrolled_params)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+  restacked = model_lib.stack_groups(unrolled_params)
+  jax.tree.map(np.testing.assert_array_equal, restacked, params)
+  # The unrolled model's own init has the same per-layer parameter shapes.
+  _, fresh = _init(make_config(scan_layers=False))
+  assert jax.tree.map(jnp.shape, nn.unbox(fresh)["params"]) == jax.tree.map(jnp.shape, unrolled_params)
+
+
+def test_odd_layer_count_has_a_full_depth_tail(make_config):
+  """PI-P's 27 layers: groups of [full, routed] and one trailing full layer (here 5 = 2 groups + 1)."""
+  cfg = make_config(num_layers=5)
+  model, variables = _init(cfg)
+  params = nn.unbox(variables)["params"]
+  assert "tail_0" in params and jax.tree.leaves(params["groups"])[0].shape[0] == 2
+  assert model_lib.routed_layer_indices(cfg.model) == [1, 3]
+  logits, aux = model.apply(variables, _tokens(4))
+  assert logits.shape == (B, T, 64)
+  assert aux["layers"]["lambda"].shape == (5, 4)
+  assert aux["layers"]["mod_selected_fraction"].shape == (2,)
+
+
+def test_stats_have_their_meaning(base):
+  _, model, params, _ = base
+  _, aux = model.apply({"params": params}, _tokens(5), train=True, mod_mode="topk",
+                       rngs={"noise": jax.random.PRNGKey(0)})
+  layers = aux["layers"]
+  np.testing.assert_allclose(np.asarray(layers["expert_load"]).sum(-1), 1.0, rtol=1e-6)
+  assert ((np.asarray(layers["dropped_fraction"]) >= 0) & (np.asarray(layers["dropped_fraction"]) <= 1)).all()
+  # Capacity 0.5 of 16 tokens: each routed layer runs exactly 8.
+  np.testing.assert_allclose(np.asarray(layers["mod_selected_fraction"]), 0.5)
+  # λ at initialisation is near λ_init(l) = 0.8 − 0.6·exp(−0.3 l) (the exp terms nearly cancel).
+  lam_init = 0.8 - 0.6 * np.exp(-0.3 * np.arange(4))
+  np.testing.assert_allclose(np.asarray(layers["lambda"]).mean(-1), lam_init, atol=0.1)
+  assert float(aux["losses"]["load_balance"]) >= 0.99  # E·Σ f·P is 1 at best balance
+
+
+def test_ablation_variants_build_and_run(make_config):
+  for overrides in ({"attention": "standard", "expert_conditional_lambda": False},
+                    {"ffn": "dense", "expert_conditional_lambda": False},
+                    {"moe.activation": "swiglu", "dtype": "bfloat16"}):
+    cfg = make_config(**overrides)
+    model, variables = _init(cfg)
+    logits, _ = model.apply(variables, _tokens(6))
+    assert logits.shape == (B, T, 64) and np.isfinite(np.asarray(logits)).all(), overrides
+
+
+def _logical_names(boxed_params) -> set:
+  names = set()
+  for leaf in jax.tree.leaves(boxed_params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned)):
+    names.update(n for n in leaf.names if n is not None)
+  return names
+
+
+def test_every_logical_axis_name_has_a_rule(base):
+  cfg, model, params, variables = base
+  rule_names = {rule[0] for rule in cfg.mesh.axis_rules}
+  param_names = _logical_names(variables["params"])
+  activation_names = set()
+  real_constraint = nn.with_logical_constraint
+
+  def record(x, axes, *args, **kwargs):
+    activation_names.update(a for a in axes if a is not None)
+    return real_constraint(x, axes, *args, **kwargs)
+
+  with mock.patch.object(nn, "with_logical_constraint", record):
+    jax.eval_shape(lambda p: model.apply({"params": p}, _tokens(7)), params)
+  assert param_names and activation_names
+  assert param_names | activation_names <= rule_names, (param_names | activation_names) - rule_names
+  assert "layers" in param_names  # the scanned axis is named
+
+
+def _checkpoint_names(jaxpr) -> set:
+  names = set()
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "name":
+      names.add(eqn.params["name"])
+    for value in eqn.params.values():
+      for sub in (value if isinstance(value, (list, tuple)) else [value]):
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          names |= _checkpoint_names(inner)
+  return names
+
+
+def test_every_remat_checkpoint_name_exists_in_the_model(base):
+  cfg, model, params, _ = base
+  jaxpr = jax.make_jaxpr(lambda p: model.apply({"params": p}, _tokens(8))[0].sum())(params)
+  assert set(config_lib.CHECKPOINT_NAMES) <= _checkpoint_names(jaxpr.jaxpr)
+
+
+def test_save_names_policy_trains(make_config):
+  cfg = make_config(remat_policy="save_names", remat_save_names=("attn_out", "ffn_out"))
+  model, variables = _init(cfg)
+  grads = jax.grad(lambda v: model.apply(v, _tokens(9))[0].sum())(variables)
+  assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
