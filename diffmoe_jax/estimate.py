@@ -1,0 +1,270 @@
+"""Exact parameter counts, FLOPs per token and memory of a config, beside the paper's claims.
+
+    python -m diffmoe_jax.estimate --config=configs/pi.py
+
+Parameter counts come from `jax.eval_shape` of the real model's `init` (nothing is allocated, so the 74B
+flagship runs on a laptop). FLOPs are counted from the same shapes: 2 per multiply-add of every weight
+matrix a token passes through, plus attention scores and the value product over the causal context.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from diffmoe_jax import config as config_lib
+from diffmoe_jax.nn import model as model_lib
+
+# The paper's own figures (its table and its per-layer FFN arithmetic), keyed by config.name.
+PAPER_CLAIMS = {
+    "pi": {"total_params": 54e9, "active_params_non_embedding": 9.2e9, "expert_params_per_layer": 1.28e9},
+    "pi_s": {"total_params": 18e9, "active_params_non_embedding": 3.8e9},
+    "pi_p": {"total_params": 5e9, "active_params_non_embedding": 1.4e9},
+}
+# The paper does not say whether "active" counts the embedding and output head; its PI-S figure matches
+# the count without them (3.84B computed vs ~3.8B), so claims are compared with that count.
+PAPER_TRAINING_FLOPS = 3.2e22
+CLAIM_TOLERANCE = 0.10  # a computed figure more than 10% off the paper's is flagged
+
+
+def abstract_params(model_config: ml_collections.ConfigDict) -> dict:
+  """Parameter shapes of the real model, without allocating them."""
+  model = model_lib.build_model(model_config)
+  tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+  rngs = {"params": jax.random.PRNGKey(0), "noise": jax.random.PRNGKey(1)}
+  variables = jax.eval_shape(lambda t: model.init(rngs, t), tokens)
+  return nn.meta.unbox(variables["params"])
+
+
+def _category(path: tuple[str, ...]) -> str:
+  name = path[-1]
+  if path[0] == "embed":
+    return "embedding"
+  if path[0] == "lm_head":
+    return "lm_head"
+  if "mod_router" in path:
+    return "mod_router"
+  if "moe" in path:
+    return "router" if name == "router" else "experts"
+  if "ffn" in path:
+    return "dense_ffn"
+  if "attention" in path and name.startswith("lambda_"):
+    return "lambda"  # λ re-parameterisation vectors: parameters, but no matmul
+  if "attention" in path and "head_norm" not in path:
+    return "attention"
+  return "norms"
+
+
+def _layer_kind(path: tuple[str, ...], cfg) -> str:
+  """"global" (embedding, head, final norm), "full" or "routed" (a mixture-of-depths layer)."""
+  if path[0] in ("groups",) or path[0].startswith("group_"):
+    size, _, _ = model_lib.layer_layout(cfg)
+    return "routed" if cfg.mod.enabled and path[1] == f"layer_{size - 1}" else "full"
+  return "full" if path[0].startswith("tail_") else "global"
+
+
+@dataclasses.dataclass
+class ParamCounts:
+  by_kind: dict  # (layer kind, category) -> number of parameters
+  total: int
+
+  def sum(self, kinds=None, categories=None) -> int:
+    return sum(n for (k, c), n in self.by_kind.items()
+               if (kinds is None or k in kinds) and (categories is None or c in categories))
+
+
+def count_params(model_config: ml_collections.ConfigDict) -> ParamCounts:
+  params = abstract_params(model_config)
+  by_kind: dict = {}
+  for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    path = tuple(str(getattr(k, "key", k)) for k in key_path)
+    key = (_layer_kind(path, model_config), _category(path))
+    by_kind[key] = by_kind.get(key, 0) + math.prod(leaf.shape)
+  return ParamCounts(by_kind, sum(by_kind.values()))
+
+
+def _expert_fraction(cfg) -> float:
+  return cfg.moe.top_k / cfg.moe.num_experts if cfg.ffn == "moe" else 1.0
+
+
+def active_params(cfg, counts: ParamCounts, *, with_mod: bool) -> float:
+  """Parameters one token passes through: k of E experts; with MoD, routed layers weighted by capacity."""
+  def layer_active(kind):
+    return counts.sum({kind}) - counts.sum({kind}, {"experts"}) * (1 - _expert_fraction(cfg))
+  routed_block = layer_active("routed") - counts.sum({"routed"}, {"mod_router"})
+  capacity = cfg.mod.capacity if with_mod else 1.0
+  return (counts.sum({"global"}) + layer_active("full") + capacity * routed_block
+          + counts.sum({"routed"}, {"mod_router"}))
+
+
+def forward_flops_per_token(cfg, counts: ParamCounts, seq_len: int, *, mod_capacity: float | None = None) -> float:
+  """Forward FLOPs per token at `seq_len`: weight matmuls plus attention over the causal context.
+
+  mod_capacity: the fraction of tokens routed layers process (default the config's; 1.0 = MoD saves nothing).
+  """
+  def matmul_params(kind):
+    n = counts.sum({kind}, {"attention", "dense_ffn", "mod_router"})
+    n += counts.sum({kind}, {"experts"}) * _expert_fraction(cfg)
+    router = counts.sum({kind}, {"router"})
+    return n + router * (2 if cfg.expert_conditional_lambda else 1)  # the λ gate reuses the router
+  def attention_core(tokens):
+    # Scores q·k over the query/key width (d) and one product with v (the two maps combine first).
+    return 2 * 2 * cfg.d_model * (tokens + 1) / 2
+  layers_routed = len(model_lib.routed_layer_indices(cfg))
+  layers_full = cfg.num_layers - layers_routed
+  head = counts.sum({"global"}, {"lm_head"}) or counts.sum({"global"}, {"embedding"})
+  full = 2 * matmul_params("full") + layers_full * attention_core(seq_len)
+  capacity = cfg.mod.capacity if mod_capacity is None else mod_capacity
+  selected = math.ceil(capacity * seq_len)
+  mod_params = counts.sum({"routed"}, {"mod_router"})
+  routed = (capacity * (2 * (matmul_params("routed") - mod_params) + layers_routed * attention_core(selected))
+            + 2 * mod_params)
+  return 2 * head + full + routed
+
+
+def estimate(config: ml_collections.ConfigDict) -> dict:
+  cfg = config.model
+  counts = count_params(cfg)
+  seq = cfg.max_seq_len
+  fwd = forward_flops_per_token(cfg, counts, seq)
+  kv_full = 2 * cfg.d_model * seq  # K (query/key width d) and V (d) per token per layer
+  routed = len(model_lib.routed_layer_indices(cfg))
+  kv_elements = kv_full * (cfg.num_layers - routed) + 2 * cfg.d_model * math.ceil(cfg.mod.capacity * seq) * routed
+  result = {
+      "total_params": counts.total,
+      "embedding_params": counts.sum({"global"}, {"embedding", "lm_head"}),
+      "attention_params": counts.sum(None, {"attention", "lambda"}),
+      "expert_params": counts.sum(None, {"experts"}),
+      "expert_params_per_layer": counts.sum(None, {"experts"}) / cfg.num_layers,
+      "active_params_no_mod": active_params(cfg, counts, with_mod=False),
+      "active_params": active_params(cfg, counts, with_mod=True),
+      "active_params_non_embedding": (active_params(cfg, counts, with_mod=True)
+                                      - counts.sum({"global"}, {"embedding", "lm_head"})),
+      "forward_flops_per_token": fwd,
+      "forward_flops_per_token_no_mod": forward_flops_per_token(cfg, counts, seq, mod_capacity=1.0),
+      "train_flops_per_token": 3 * fwd,
+      "train_flops_per_token_full_remat": 4 * fwd,
+      "weights_bytes_bf16": 2 * counts.total,
+      "weights_bytes_fp32": 4 * counts.total,
+      "adam_state_bytes_fp32": 8 * counts.total,
+      "train_state_bytes": 12 * counts.total,  # fp32 master weights + Adam m and v
+      "kv_cache_bytes_bf16": 2 * kv_elements,
+      "kv_cache_bytes_fp32": 4 * kv_elements,
+      "kv_cache_bytes_bf16_no_mod": 2 * kv_full * cfg.num_layers,
+      "counts": counts,
+  }
+  result["paper_training_tokens"] = PAPER_TRAINING_FLOPS / result["train_flops_per_token"]
+  return result
+
+
+def training_memory_per_device(config: ml_collections.ConfigDict, mesh_shape: dict[str, int],
+                               counts: ParamCounts | None = None) -> dict:
+  """Bytes one device needs to train: its shard of the state plus activations of the largest phase.
+
+  The state (fp32 weights, Adam m and v) shards over the fsdp, tensor and expert axes. Activations are a
+  lower bound for full remat: the residual stream saved at each scanned group, one layer's working set
+  (attention probabilities of both maps, the expert buffers) and the fp32 logits with their gradient.
+  """
+  from diffmoe_jax.train.curriculum import Curriculum  # the phases give the largest batch and length
+  cfg = config.model
+  counts = counts or count_params(cfg)
+  axis = lambda name: mesh_shape.get(name, 1)
+  state = 12 * counts.total / (axis("fsdp") * axis("tensor") * axis("expert"))
+  batch_split = axis("data") * axis("fsdp") * axis("expert")  # the default rule for "batch"
+  size, groups, tail = model_lib.layer_layout(cfg)
+  activations = 0.0
+  for phase in Curriculum(config).phases:
+    b = max(phase.batch_size // (batch_split * config.optimizer.grad_accum_steps), 1)
+    t = phase.seq_len
+    residual = (groups + tail + 1) * b * t * cfg.d_model * 4
+    attention = 2 * 2 * b * cfg.num_heads * t * t * 4  # both maps' probabilities and their gradient
+    capacity = math.ceil(cfg.moe.capacity_factor * t * cfg.moe.top_k / max(cfg.moe.num_experts, 1))
+    experts = 3 * b * cfg.moe.num_experts * capacity * cfg.moe.expert_ffn_dim * 4
+    logits = 3 * b * t * cfg.vocab_size * 4
+    activations = max(activations, residual + (size * (attention + experts) + logits) / axis("tensor"))
+  return {"state": state, "activations": activations, "total": state + activations}
+
+
+def _human(x: float, unit: str = "") -> str:
+  for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+    if abs(x) >= scale:
+      return f"{x / scale:.3f}{suffix}{unit}"
+  return f"{x:.0f}{unit}"
+
+
+def _bytes(x: float) -> str:
+  for scale, suffix in ((2**40, "TiB"), (2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+    if x >= scale:
+      return f"{x / scale:.2f} {suffix}"
+  return f"{x:.0f} B"
+
+
+def report(config: ml_collections.ConfigDict, result: dict | None = None) -> str:
+  """The table `main` prints: computed figures, the paper's beside them, disagreements flagged."""
+  result = result or estimate(config)
+  cfg = config.model
+  claims = PAPER_CLAIMS.get(config.name, {})
+  lines = [f"config {config.name or '(unnamed)'}: d_model {cfg.d_model}, {cfg.num_layers} layers, "
+           f"{cfg.num_heads} heads x {cfg.head_dim}, {cfg.moe.num_experts} experts x {cfg.moe.expert_ffn_dim} "
+           f"top-{cfg.moe.top_k} ({cfg.moe.activation}), vocab {cfg.vocab_size}, context {cfg.max_seq_len}, "
+           f"MoD {'every ' + str(cfg.mod.every) + ' at ' + str(cfg.mod.capacity) if cfg.mod.enabled else 'off'}",
+           f"{'quantity':<40}{'computed':>16}{'paper':>12}  flag"]
+  rows = [
+      ("total_params", "total parameters", _human),
+      ("embedding_params", "  embedding + output head", _human),
+      ("attention_params", "  attention", _human),
+      ("expert_params", "  experts", _human),
+      ("expert_params_per_layer", "  experts per layer", _human),
+      ("active_params_no_mod", "active parameters / token (no MoD)", _human),
+      ("active_params", "active parameters / token (with MoD)", _human),
+      ("active_params_non_embedding", "  the same, without embedding and head", _human),
+      ("forward_flops_per_token", "forward FLOPs / token (at context)", _human),
+      ("forward_flops_per_token_no_mod", "forward FLOPs / token (no MoD)", _human),
+      ("train_flops_per_token", "training FLOPs / token (3x fwd)", _human),
+      ("train_flops_per_token_full_remat", "training FLOPs / token, full remat", _human),
+      ("weights_bytes_bf16", "weights, bf16", _bytes),
+      ("weights_bytes_fp32", "weights, fp32", _bytes),
+      ("adam_state_bytes_fp32", "AdamW state (m, v), fp32", _bytes),
+      ("train_state_bytes", "training state (fp32 master + m + v)", _bytes),
+      ("kv_cache_bytes_bf16", "KV cache / sequence at context, bf16", _bytes),
+      ("kv_cache_bytes_fp32", "KV cache / sequence at context, fp32", _bytes),
+      ("kv_cache_bytes_bf16_no_mod", "KV cache / sequence, bf16, no MoD", _bytes),
+      ("paper_training_tokens", "tokens that 3.2e22 training FLOPs buy", _human),
+  ]
+  if not claims:
+    rows = [row for row in rows if row[0] != "paper_training_tokens"]
+  flagged = 0
+  for key, label, fmt in rows:
+    claim = claims.get(key)
+    paper, flag = "", ""
+    if claim is not None:
+      paper = _human(claim)
+      ratio = result[key] / claim
+      if abs(ratio - 1) > CLAIM_TOLERANCE:
+        flag = f"DISAGREES ({ratio:.2f}x the paper)"
+        flagged += 1
+      else:
+        flag = f"agrees ({ratio:.2f}x)"
+    lines.append(f"{label:<40}{fmt(result[key]):>16}{paper:>12}  {flag}")
+  if claims:
+    lines.append(f"{flagged} of {len(claims)} paper figures disagree by more than {CLAIM_TOLERANCE:.0%}.")
+  return "\n".join(lines)
+
+
+def _main(argv) -> None:
+  del argv
+  config = config_lib.validate(_CONFIG.value)
+  print(report(config))
+
+
+if __name__ == "__main__":
+  from absl import app, flags
+  from ml_collections import config_flags
+  # Defined here, not at import, so that importing this module never claims the --config flag.
+  _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file, e.g. configs/pi.py.")
+  flags.mark_flags_as_required(["config"])
+  app.run(_main)

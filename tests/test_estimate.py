@@ -1,0 +1,74 @@
+"""The estimator against an independent hand count, and on the paper's configs."""
+import math
+import subprocess
+import sys
+
+import pytest
+
+from diffmoe_jax import estimate
+from test_config import load
+
+
+def hand_count_tiny():
+  """configs/tiny.py by hand: d 288, 4 layers of 4 heads x 72 (sub-heads 36), 4 experts x 768, vocab 256,
+  MoD on layers 1 and 3 (predictor hidden 64), untied output head."""
+  d, layers, heads, dv, experts, f, vocab, hidden = 288, 4, 4, 72, 4, 768, 256, 64
+  attention = 4 * d * heads * dv + 4 * experts * (dv // 2) + dv  # q, k, v, o; λ vectors per expert; head norm
+  layer = attention + 2 * d + d * experts + experts * 2 * d * f  # two norms, router, gelu experts
+  mod = d + d * hidden + hidden + hidden
+  total = vocab * d + layers * layer + 2 * mod + d + d * vocab
+  expert_params = layers * experts * 2 * d * f
+  active_no_mod = total - expert_params * (1 - 2 / experts)
+  routed_layer_active = layer - experts * 2 * d * f * (1 - 2 / experts)
+  active = active_no_mod - 2 * routed_layer_active * (1 - 0.25)
+  return total, active_no_mod, active
+
+
+def test_tiny_matches_the_hand_count():
+  config = load("tiny")
+  result = estimate.estimate(config)
+  total, active_no_mod, active = hand_count_tiny()
+  assert result["total_params"] == total
+  assert result["active_params_no_mod"] == pytest.approx(active_no_mod)
+  assert result["active_params"] == pytest.approx(active)
+  assert result["weights_bytes_fp32"] == 4 * total and result["train_state_bytes"] == 12 * total
+  # KV cache: per token and layer, K and V of width d; routed layers keep ceil(0.25 * 256) tokens.
+  assert result["kv_cache_bytes_bf16"] == 2 * (2 * 288 * 256 * 2 + 2 * 288 * 64 * 2)
+
+
+def test_tiny_forward_flops_by_hand():
+  config = load("tiny")
+  counts = estimate.count_params(config.model)
+  d, f, t, experts, vocab = 288, 768, 128, 4, 256
+  matmuls = 4 * d * d + 2 * d * experts + 2 * 2 * d * f  # attention, router (twice: λ gate), two experts
+  attention = 2 * 2 * d * (t + 1) / 2
+  full = 2 * matmuls + attention
+  mod = d + d * 64 + 64 + 64
+  routed = 0.5 * (2 * matmuls + 2 * 2 * d * (64 + 1) / 2) + 2 * mod  # capacity 0.5: 64 of 128 tokens
+  want = 2 * d * vocab + 2 * full + 2 * routed
+  got = estimate.forward_flops_per_token(config.model, counts, t, mod_capacity=0.5)
+  assert got == pytest.approx(want)
+
+
+@pytest.mark.parametrize("name, flagged", [("pi", {"total_params", "active_params_non_embedding"}),
+                                           ("pi_s", set()),
+                                           ("pi_p", {"active_params_non_embedding"})])
+def test_paper_configs_and_their_flags(name, flagged):
+  config = load(name)
+  result = estimate.estimate(config)
+  claims = estimate.PAPER_CLAIMS[name]
+  disagree = {k for k, v in claims.items() if abs(result[k] / v - 1) > estimate.CLAIM_TOLERANCE}
+  assert disagree == flagged
+  table = estimate.report(config, result)
+  assert table.count("DISAGREES") == len(flagged)
+  # The paper's own per-layer FFN arithmetic (9 x 15360 x 4608 x 2) against its 54B total: 54 such layers
+  # alone hold 68.8B parameters.
+  if name == "pi":
+    assert result["expert_params_per_layer"] == 9 * 15360 * 4608 * 2
+    assert result["expert_params"] == 54 * 9 * 15360 * 4608 * 2 > 54e9
+
+
+def test_cli_runs():
+  out = subprocess.run([sys.executable, "-m", "diffmoe_jax.estimate", "--config=configs/pi_p.py"],
+                       capture_output=True, text=True, check=True).stdout
+  assert "total parameters" in out and "4.938B" in out
