@@ -1,0 +1,226 @@
+"""The token cache, and the Corpus that memory-maps it.
+
+Each domain is tokenized once into `<cache root>/<key>/`: `train.bin` and `val.bin` (raw token ids, uint16
+when the vocabulary fits, else uint32) and `meta.json` (files, token and byte counts per split). The key
+hashes everything the tokens depend on: format version, tokenizer spec and model file hash, source spec,
+every file's path, size and mtime, and val_fraction. A directory is written under a temporary name and
+renamed into place, so an interrupted build never leaves a half cache.
+
+Each document's tokens are followed by the tokenizer's eos id when it has one; token counts include these
+separators and byte counts (UTF-8 bytes of the text) do not, so bits per byte = bits per token / bytes per
+token counts the cost of predicting document ends.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import json
+import numbers
+import os
+import shutil
+import tempfile
+import time
+
+import numpy as np
+import tqdm
+from absl import logging
+
+from diffmoe_jax.data.errors import DataError
+from diffmoe_jax.data.sources import Skipped, Source, assign_val, parse_source
+from diffmoe_jax.data.tokenizer import make_tokenizer
+
+FORMAT_VERSION = 1
+SPLITS = ("train", "val")
+_COUNT_CHUNK = 1 << 24  # tokens per np.bincount call, to bound the int64 copy it makes
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitInfo:
+  """One split of one domain: its files (relative to the source root), tokens and UTF-8 bytes of text."""
+  files: tuple[str, ...]
+  num_tokens: int
+  num_bytes: int
+
+
+class Corpus:
+  """Tokenized domains, memory-mapped from the cache. `domains` is sorted by name (a ConfigDict's order)."""
+
+  def __init__(self, tokenizer, cache_dirs: dict[str, str]):
+    self.tokenizer = tokenizer
+    self.domains = tuple(sorted(cache_dirs))
+    self.cache_dirs = dict(cache_dirs)
+    self.skipped = {}  # domain -> {reason: number of files}
+    self._info, self._tokens, self._unigram = {}, {}, {}
+    for domain, path in self.cache_dirs.items():
+      with open(os.path.join(path, "meta.json"), encoding="utf-8") as f:
+        meta = json.load(f)
+      self.skipped[domain] = meta["skipped"]
+      for split in SPLITS:
+        s = meta["splits"][split]
+        self._info[domain, split] = SplitInfo(tuple(s["files"]), s["tokens"], s["bytes"])
+        self._tokens[domain, split] = np.memmap(os.path.join(path, f"{split}.bin"), dtype=meta["dtype"],
+                                                mode="r")
+
+  def info(self, domain: str, split: str) -> SplitInfo:
+    self._check(domain, split)
+    return self._info[domain, split]
+
+  def tokens(self, domain: str, split: str) -> np.memmap:
+    """The token stream of one split of one domain: its documents, each followed by the separator."""
+    self._check(domain, split)
+    return self._tokens[domain, split]
+
+  def bytes_per_token(self, domain: str, split: str) -> float:
+    info = self.info(domain, split)
+    return info.num_bytes / info.num_tokens
+
+  def unigram_bits_per_byte(self, domain: str) -> float:
+    """Bits per byte of the validation tokens under the add-one-smoothed unigram model of the train tokens."""
+    if domain not in self._unigram:  # computed once: the trainer asks at every evaluation
+      vocab = self.tokenizer.vocab_size
+      train = _counts(self.tokens(domain, "train"), vocab)
+      val = _counts(self.tokens(domain, "val"), vocab)
+      log2_p = np.log2(train + 1.0) - np.log2(train.sum() + vocab)
+      self._unigram[domain] = float(-(val * log2_p).sum() / self.info(domain, "val").num_bytes)
+    return self._unigram[domain]
+
+  def _check(self, domain: str, split: str) -> None:
+    if domain not in self.cache_dirs:
+      raise DataError(f"unknown domain {domain!r}; config.data.domains has {list(self.domains)}.")
+    if split not in SPLITS:
+      raise DataError(f"unknown split {split!r}; use one of {SPLITS}.")
+
+
+def build_corpus(data_config, cache_root: str | None = None) -> Corpus:
+  """Tokenizes each domain of `data_config` (a config's `data` section) once into the cache; memory-maps it.
+
+  The cache root is `cache_root`, else `data_config.cache_dir`, else $DIFFMOE_CACHE, else
+  ~/.cache/diffmoe_jax.
+  """
+  domains = dict(data_config.domains)
+  if not domains:
+    raise DataError("config.data.domains is empty; add a source such as 'stdlib:code'.")
+  val_fraction = data_config.val_fraction
+  if not (isinstance(val_fraction, numbers.Real) and 0.0 <= val_fraction < 1.0):
+    raise DataError(f"config.data.val_fraction = {val_fraction!r} must lie in [0, 1), such as 0.05.")
+  tokenizer = make_tokenizer(data_config.tokenizer)
+  root = os.path.expanduser(cache_root or data_config.cache_dir or os.environ.get("DIFFMOE_CACHE")
+                            or "~/.cache/diffmoe_jax")
+  os.makedirs(root, exist_ok=True)
+  dirs, notes = {}, {}
+  for name in sorted(domains):
+    start = time.perf_counter()
+    dirs[name], built = _cached_domain(parse_source(name, domains[name]), tokenizer, val_fraction, root)
+    notes[name] = f"built in {time.perf_counter() - start:.1f} s" if built else "reused"
+  corpus = Corpus(tokenizer, dirs)
+  for name in corpus.domains:
+    train, val = corpus.info(name, "train"), corpus.info(name, "val")
+    skipped = "; ".join(f"{n} files {why}" for why, n in corpus.skipped[name].items()) or "none"
+    logging.info("data: %s = %r (%s): %d files, %d tokens, %d bytes; train %d files / %d tokens, "
+                 "val %d files / %d tokens; skipped: %s; cache %s (%s)", name, domains[name], tokenizer.name,
+                 len(train.files) + len(val.files), train.num_tokens + val.num_tokens,
+                 train.num_bytes + val.num_bytes, len(train.files), train.num_tokens, len(val.files),
+                 val.num_tokens, skipped, dirs[name], notes[name])
+  return corpus
+
+
+def token_dtype(vocab_size: int) -> type:
+  return np.uint16 if vocab_size <= 1 << 16 else np.uint32
+
+
+def _cached_domain(source: Source, tokenizer, val_fraction: float, root: str) -> tuple[str, bool]:
+  """The cache directory of one domain, and whether it had to be built."""
+  files = []
+  for path in source.files:
+    stat = os.stat(path)
+    files.append((path, stat.st_size, stat.st_mtime_ns))
+  key_data = {"format": FORMAT_VERSION, "tokenizer": tokenizer.fingerprint, "source": source.spec,
+              "files": files, "val_fraction": val_fraction}
+  key = hashlib.sha256(json.dumps(key_data).encode("utf-8")).hexdigest()[:24]
+  final = os.path.join(root, key)
+  if os.path.isfile(os.path.join(final, "meta.json")):
+    return final, False
+  tmp = tempfile.mkdtemp(prefix=f".{key}.", dir=root)
+  try:
+    _write_domain(source, tokenizer, val_fraction, tmp)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  try:
+    os.rename(tmp, final)
+  except OSError:
+    # Another process built the same cache meanwhile; its copy is complete, so keep that one.
+    shutil.rmtree(tmp, ignore_errors=True)
+    if not os.path.isfile(os.path.join(final, "meta.json")):
+      raise
+  return final, True
+
+
+def _write_domain(source: Source, tokenizer, val_fraction: float, out_dir: str) -> None:
+  """Tokenizes a source into `out_dir`: every document into all.bin, then by split into {train,val}.bin."""
+  dtype = token_dtype(tokenizer.vocab_size)
+  skipped = collections.Counter()
+  docs = []  # (relative path, first token in all.bin, number of tokens, number of bytes)
+  start = 0
+  all_path = os.path.join(out_dir, "all.bin")
+  with open(all_path, "wb") as out:
+    for path in tqdm.tqdm(source.files, desc=f"tokenizing {source.spec}", unit="file", disable=None):
+      try:
+        text = source.read(path)
+      except Skipped as e:
+        skipped[str(e)] += 1
+        continue
+      if not text:
+        skipped["have no text"] += 1
+        continue
+      reserved = tokenizer.reserved_text
+      if reserved is not None and reserved in text:
+        if source.builtin:
+          skipped[f"contain the separator {reserved!r}"] += 1
+          continue
+        offset = len(text[:text.index(reserved)].encode("utf-8"))
+        raise DataError(f"{source.field}: {path} contains {reserved!r} at byte offset {offset}, which the "
+                        f"tokenizer {tokenizer.name!r} reserves to separate documents; remove it from the file.")
+      ids = np.asarray(tokenizer.encode(text)).astype(dtype)
+      if tokenizer.eos_id is not None:
+        ids = np.append(ids, np.array(tokenizer.eos_id, dtype))
+      out.write(ids.tobytes())
+      docs.append((source.relpath(path), start, len(ids), len(text.encode("utf-8"))))
+      start += len(ids)
+  for why, n in skipped.items():
+    logging.info("data: %s = %r: skipped %d files that %s.", source.field, source.spec, n, why)
+  if not docs:
+    raise DataError(f"{source.field} = {source.spec!r}: none of its {len(source.files)} files has any text; "
+                    "point it at files with text.")
+  if len(docs) == 1:
+    raise DataError(f"{source.field} = {source.spec!r}: only one file has text "
+                    f"({os.path.join(source.root, docs[0][0])}); the train/validation split is by file, so a "
+                    "domain needs at least two: add files, or split this one into several.")
+  is_val = assign_val([d[0] for d in docs], val_fraction)
+  splits = {split: [d for d, v in zip(docs, is_val) if v == (split == "val")] for split in SPLITS}
+  for split, chosen in splits.items():
+    if sum(d[2] for d in chosen) == 0:
+      raise DataError(f"{source.field} = {source.spec!r}: the {split} split's files "
+                      f"({', '.join(d[0] for d in chosen)}) encode to no tokens with {tokenizer.name!r}; "
+                      "add text.")
+  meta = {"format": FORMAT_VERSION, "source": source.spec, "tokenizer": tokenizer.name,
+          "dtype": np.dtype(dtype).name, "skipped": dict(skipped), "splits": {}}
+  all_tokens = np.memmap(all_path, dtype=dtype, mode="r")
+  for split, chosen in splits.items():
+    with open(os.path.join(out_dir, f"{split}.bin"), "wb") as out:
+      for _, first, n, _ in chosen:
+        out.write(all_tokens[first:first + n].tobytes())
+    meta["splits"][split] = {"files": [d[0] for d in chosen], "tokens": sum(d[2] for d in chosen),
+                             "bytes": sum(d[3] for d in chosen)}
+  del all_tokens  # close the map before removing its file
+  os.remove(all_path)
+  with open(os.path.join(out_dir, "meta.json"), "w", encoding="utf-8") as f:
+    json.dump(meta, f, indent=1)
+
+
+def _counts(tokens: np.ndarray, vocab_size: int) -> np.ndarray:
+  counts = np.zeros(vocab_size, np.int64)
+  for i in range(0, len(tokens), _COUNT_CHUNK):
+    counts += np.bincount(tokens[i:i + _COUNT_CHUNK], minlength=vocab_size)
+  return counts

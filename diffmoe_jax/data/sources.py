@@ -1,0 +1,141 @@
+"""Text sources of a domain, and the train/validation split by file.
+
+A source is a sorted tuple of files under a root, plus a reader that turns one file into a document's text:
+the running interpreter's standard library (`stdlib:code`: the .py files; `stdlib:docs`: their docstrings)
+or plain UTF-8 text files (`files:<glob>[,<glob>...]`).
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import functools
+import glob
+import hashlib
+import os
+import sysconfig
+import tokenize
+import warnings
+from typing import Callable, Iterator
+
+from diffmoe_jax.data.errors import DataError
+
+SOURCE_FORMS = "'stdlib:code', 'stdlib:docs' or 'files:<glob>[,<glob>...]'"
+_THIRD_PARTY_DIRS = ("site-packages", "dist-packages")
+_DEFINITIONS = (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+
+
+class Skipped(Exception):
+  """A built-in corpus file that cannot be used; its reason is counted and logged, never fatal."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """A domain's files (absolute paths, sorted) under `root`, and how one file becomes a document."""
+  spec: str
+  field: str  # the config field naming this source, for messages
+  root: str
+  files: tuple[str, ...]
+  read: Callable[[str], str]  # "" means no text; raises Skipped (built-in corpus) or DataError
+  builtin: bool  # the built-in corpus skips and counts unusable files; `files:` sources raise instead
+
+  def relpath(self, path: str) -> str:
+    return os.path.relpath(path, self.root).replace(os.sep, "/")
+
+
+def parse_source(name: str, spec: str) -> Source:
+  """The source `config.data.domains.<name>` names."""
+  field = f"config.data.domains.{name}"
+  kind, _, arg = spec.partition(":") if isinstance(spec, str) else ("", "", "")
+  if kind == "stdlib" and arg in ("code", "docs"):
+    root, files = _stdlib_files(field)
+    return Source(spec, field, root, files, read_python if arg == "code" else read_docstrings, builtin=True)
+  if kind == "files" and arg:
+    files = _glob_files(field, spec, arg)
+    root = os.path.commonpath([os.path.dirname(f) for f in files])
+    return Source(spec, field, root, files, functools.partial(read_utf8, field=field), builtin=False)
+  raise DataError(f"{field} = {spec!r} is not a source spec; use {SOURCE_FORMS}.")
+
+
+def read_python(path: str) -> str:
+  """A .py file's text, decoded with its PEP 263 encoding."""
+  try:
+    with tokenize.open(path) as f:
+      return f.read()
+  except (SyntaxError, UnicodeDecodeError) as e:  # tokenize reports a bad coding cookie as SyntaxError
+    raise Skipped("could not be decoded") from e
+
+
+def read_docstrings(path: str) -> str:
+  """The module, class and function docstrings of a .py file, in source order, joined by blank lines."""
+  text = read_python(path)
+  try:
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")  # old-style escapes in string literals warn at parse time
+      tree = ast.parse(text, filename=path)
+  except (SyntaxError, ValueError, RecursionError) as e:
+    raise Skipped("did not parse") from e
+  return "\n\n".join(filter(None, map(ast.get_docstring, [tree, *_definitions(tree.body)])))
+
+
+def read_utf8(path: str, *, field: str) -> str:
+  """A text file's contents; not valid UTF-8 is a DataError naming the path and the byte offset."""
+  with open(path, "rb") as f:
+    data = f.read()
+  try:
+    return data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise DataError(f"{field}: {path} is not valid UTF-8 (byte offset {e.start}: {e.reason}); convert it to "
+                    "UTF-8 or leave it out of the source.") from e
+
+
+def assign_val(relpaths: list[str], val_fraction: float) -> list[bool]:
+  """Validation membership per file, from a hash of its path: probability `val_fraction`, deterministic.
+
+  At least two files are required; both splits are made non-empty by moving the file with the lowest hash
+  into validation, or the one with the highest hash into train, when needed.
+  """
+  h = [int.from_bytes(hashlib.sha256(p.encode("utf-8")).digest()[:8], "big") / 2**64 for p in relpaths]
+  val = [x < val_fraction for x in h]
+  if not any(val):
+    val[h.index(min(h))] = True
+  if all(val):
+    val[h.index(max(h))] = False
+  return val
+
+
+def _definitions(body: list) -> Iterator[ast.AST]:
+  """The class and function definitions in a list of statements, at any depth, in source order."""
+  # Only statements can hold definitions, so expressions (most of a tree) are never visited.
+  for node in body:
+    if isinstance(node, _DEFINITIONS):
+      yield node
+    for field in ("body", "handlers", "orelse", "finalbody", "cases"):  # the order they appear in source
+      yield from _definitions(getattr(node, field, ()))
+
+
+def _stdlib_files(field: str) -> tuple[str, tuple[str, ...]]:
+  root = sysconfig.get_paths()["stdlib"]
+  files = []
+  for dirpath, dirnames, filenames in os.walk(root):
+    dirnames[:] = [d for d in dirnames if d not in _THIRD_PARTY_DIRS]
+    files += [os.path.join(dirpath, f) for f in filenames if f.endswith(".py")]
+  if not files:
+    raise DataError(f"{field}: the standard library at {root} has no .py files (a zipped or stripped "
+                    "install?); use 'files:<glob>' sources instead.")
+  return root, tuple(sorted(files))
+
+
+def _glob_files(field: str, spec: str, arg: str) -> tuple[str, ...]:
+  files = set()
+  for pattern in arg.split(","):
+    pattern = os.path.expanduser(pattern.strip())
+    if any(c in pattern for c in "*?["):
+      matched = [p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p)]
+      if not matched:
+        raise DataError(f"{field} = {spec!r}: the glob {pattern!r} matches no file; fix or remove it.")
+    elif os.path.isfile(pattern):
+      matched = [pattern]
+    else:
+      raise DataError(f"{field} = {spec!r}: {pattern!r} does not exist or is not a file; fix or remove it.")
+    files.update(os.path.abspath(p) for p in matched)
+  return tuple(sorted(files))

@@ -1,0 +1,403 @@
+"""The data pipeline: sources, split, token cache, tokenizers, grain batches, baselines, and every DataError.
+
+References are computed independently here (hashlib, tokenize, ast, the tokenizer libraries themselves,
+collections.Counter), never by the code under test.
+"""
+import ast
+import collections
+import hashlib
+import io
+import math
+import os
+import random
+import sys
+import sysconfig
+import tokenize
+
+import ml_collections
+import numpy as np
+import pytest
+
+from diffmoe_jax import config as config_lib
+from diffmoe_jax import data
+from diffmoe_jax.data import corpus as corpus_lib
+from diffmoe_jax.data import tokenizer as tokenizer_lib
+
+SEQ = 64
+
+
+def data_config(domains, tokenizer="bytes", val_fraction=0.05):
+  c = config_lib.defaults().data
+  c.domains = domains
+  c.tokenizer = tokenizer
+  c.val_fraction = val_fraction
+  return c
+
+
+def unit_hash(relpath):
+  return int.from_bytes(hashlib.sha256(relpath.encode()).digest()[:8], "big") / 2**64
+
+
+def windows_of(stream, seq_len):
+  """Every window a batch row may be: seq_len + 1 tokens starting at a multiple of seq_len."""
+  return np.lib.stride_tricks.sliding_window_view(np.asarray(stream), seq_len + 1)[::seq_len]
+
+
+def window_index(windows, row):
+  """The indices of the windows equal to `row` (inputs followed by the last target)."""
+  return np.flatnonzero((windows == row).all(axis=1))
+
+
+def rows(batch):
+  return np.concatenate([batch["inputs"], batch["targets"][:, -1:]], axis=1)
+
+
+def english(seed, paragraphs=20):
+  """A few KB of deterministic text with some non-ASCII words, so bytes and characters differ."""
+  rng = random.Random(seed)
+  words = ("the a of to in data model token expert router café naïve layer attention is was and with for on "
+           "sparse dense depth mixture batch").split()
+  return "\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(5, 15))).capitalize() + "."
+                   for _ in range(paragraphs)) + "\n"
+
+
+@pytest.fixture(scope="module")
+def stdlib(tmp_path_factory):
+  root = str(tmp_path_factory.mktemp("cache"))
+  return data.build_corpus(data_config({"code": "stdlib:code", "docs": "stdlib:docs"}), cache_root=root), root
+
+
+@pytest.fixture
+def text_dir(tmp_path):
+  d = tmp_path / "text"
+  d.mkdir()
+  for i in range(8):
+    (d / f"doc{i}.txt").write_text(english(i), encoding="utf-8")
+  return d
+
+
+# --- the built-in corpus and the cache -------------------------------------------------------------------
+
+def test_stdlib_corpus_builds_with_the_expected_content(stdlib):
+  corpus, _ = stdlib
+  assert corpus.domains == ("code", "docs")
+  assert corpus.tokenizer.vocab_size == 256 and corpus.tokenizer.eos_id == 0
+  root = sysconfig.get_paths()["stdlib"]
+  for domain in corpus.domains:
+    for split in ("train", "val"):
+      info = corpus.info(domain, split)
+      tokens = corpus.tokens(domain, split)
+      assert tokens.dtype == np.uint16 and len(tokens) == info.num_tokens > 0
+      assert len(info.files) > 0 and not any("site-packages" in f for f in info.files)
+      # One NUL separator per document, and the bytes are the text's bytes.
+      assert np.count_nonzero(np.asarray(tokens) == 0) == len(info.files)
+      assert info.num_bytes == info.num_tokens - len(info.files)
+      assert corpus.bytes_per_token(domain, split) == info.num_bytes / info.num_tokens
+  # The code stream starts with the first train file, decoded by its PEP 263 encoding, then a separator.
+  first = corpus.info("code", "train").files[0]
+  with tokenize.open(os.path.join(root, first)) as f:
+    expected = np.frombuffer(f.read().encode("utf-8"), np.uint8)
+  code = corpus.tokens("code", "train")
+  np.testing.assert_array_equal(code[:len(expected)], expected)
+  assert code[len(expected)] == 0
+  # The docs stream starts with the first docs file's docstrings, in source order, joined by blank lines.
+  first = corpus.info("docs", "train").files[0]
+  with tokenize.open(os.path.join(root, first)) as f:
+    tree = ast.parse(f.read())
+  nodes = sorted((n for n in ast.walk(tree)
+                  if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))),
+                 key=lambda n: getattr(n, "lineno", 0))
+  doc = "\n\n".join(d for d in map(ast.get_docstring, nodes) if d).encode("utf-8")
+  docs = corpus.tokens("docs", "train")
+  assert bytes(docs[:len(doc)].astype(np.uint8)) == doc and docs[len(doc)] == 0
+
+
+def test_reopen_reuses_the_cache_without_tokenizing(stdlib, monkeypatch):
+  corpus, root = stdlib
+  before = sorted(os.listdir(root))
+
+  def fail(self, text):
+    raise AssertionError("re-tokenized")
+
+  monkeypatch.setattr(tokenizer_lib.ByteTokenizer, "encode", fail)
+  again = data.build_corpus(data_config({"code": "stdlib:code", "docs": "stdlib:docs"}), cache_root=root)
+  assert sorted(os.listdir(root)) == before
+  for domain in corpus.domains:
+    assert isinstance(again.tokens(domain, "train"), np.memmap)
+    np.testing.assert_array_equal(again.tokens(domain, "val"), corpus.tokens(domain, "val"))
+
+
+def test_cache_is_keyed_by_content_and_an_interrupted_build_leaves_nothing(text_dir, tmp_path, monkeypatch):
+  root = str(tmp_path / "cache")
+  config = data_config({"text": f"files:{text_dir}/*.txt"})
+  real_encode = tokenizer_lib.ByteTokenizer.encode
+  calls = []
+
+  def interrupted(self, text):
+    calls.append(text)
+    if len(calls) == 3:
+      raise KeyboardInterrupt
+    return real_encode(self, text)
+
+  monkeypatch.setattr(tokenizer_lib.ByteTokenizer, "encode", interrupted)
+  with pytest.raises(KeyboardInterrupt):
+    data.build_corpus(config, cache_root=root)
+  assert os.listdir(root) == []  # no half cache, no temporary directory
+  monkeypatch.setattr(tokenizer_lib.ByteTokenizer, "encode", real_encode)
+  data.build_corpus(config, cache_root=root)
+  assert len(os.listdir(root)) == 1
+  (text_dir / "doc0.txt").write_text(english(100), encoding="utf-8")  # new content: a new cache entry
+  corpus = data.build_corpus(config, cache_root=root)
+  assert len(os.listdir(root)) == 2
+  assert bytes(np.concatenate([corpus.tokens("text", s) for s in ("train", "val")]).astype(np.uint8)).count(
+      english(100).encode("utf-8")) == 1
+
+
+def test_token_dtype_widens_past_uint16():
+  assert corpus_lib.token_dtype(65536) == np.uint16 and corpus_lib.token_dtype(65537) == np.uint32
+
+
+# --- the split --------------------------------------------------------------------------------------------
+
+def test_split_is_by_file_disjoint_and_a_hash_of_the_path(stdlib):
+  corpus, _ = stdlib
+  for domain in corpus.domains:
+    train, val = set(corpus.info(domain, "train").files), set(corpus.info(domain, "val").files)
+    assert train and val and not train & val
+    assert val == {f for f in train | val if unit_hash(f) < 0.05}
+    assert 0.03 < len(val) / len(train | val) < 0.07
+
+
+def test_split_is_deterministic_and_both_splits_are_never_empty(text_dir, tmp_path):
+  config = data_config({"text": f"files:{text_dir}/*.txt"}, val_fraction=0.0)
+  a = data.build_corpus(config, cache_root=str(tmp_path / "a"))
+  b = data.build_corpus(config, cache_root=str(tmp_path / "b"))
+  names = [f"doc{i}.txt" for i in range(8)]
+  # val_fraction 0 still gives a validation file: the one whose path hashes lowest.
+  assert a.info("text", "val").files == b.info("text", "val").files == (min(names, key=unit_hash),)
+  assert a.info("text", "train").files == tuple(sorted(set(names) - {min(names, key=unit_hash)}))
+  np.testing.assert_array_equal(a.tokens("text", "train"), b.tokens("text", "train"))
+  high = data.build_corpus(data_config({"text": f"files:{text_dir}/*.txt"}, val_fraction=0.999),
+                           cache_root=str(tmp_path / "a"))
+  assert high.info("text", "train").files == (max(names, key=unit_hash),)
+
+
+# --- training batches -------------------------------------------------------------------------------------
+
+def test_batch_is_a_pure_function_of_seed_and_step(stdlib):
+  corpus, _ = stdlib
+  kwargs = dict(seed=3, seq_len=SEQ, batch_size=8, domain_weights={"code": 0.8, "docs": 0.2})
+  ds = data.train_dataset(corpus, **kwargs)
+  late = ds[1_000_003]  # random access: no iterator state, any order
+  first = ds[5]
+  fresh = data.train_dataset(corpus, **kwargs)
+  for key in ("inputs", "targets", "domain"):
+    np.testing.assert_array_equal(fresh[5][key], first[key])
+    np.testing.assert_array_equal(fresh[1_000_003][key], late[key])
+  assert first["inputs"].shape == first["targets"].shape == (8, SEQ) and first["domain"].shape == (8,)
+  assert first["inputs"].dtype == first["targets"].dtype == first["domain"].dtype == np.int32
+  assert not np.array_equal(ds[6]["inputs"], first["inputs"])
+  other_seed = data.train_dataset(corpus, **{**kwargs, "seed": 4})
+  assert not np.array_equal(other_seed[5]["inputs"], first["inputs"])
+
+
+@pytest.mark.parametrize("step", [0, 7, 123_456])
+def test_process_shards_concatenate_to_the_global_batch(stdlib, step):
+  corpus, _ = stdlib
+  kwargs = dict(seed=0, seq_len=SEQ, batch_size=8, domain_weights={"code": 0.7, "docs": 0.3})
+  whole = data.train_dataset(corpus, **kwargs)[step]
+  for count in (2, 4):
+    parts = [data.train_dataset(corpus, process_index=p, process_count=count, **kwargs)[step]
+             for p in range(count)]
+    assert all(part["inputs"].shape == (8 // count, SEQ) for part in parts)
+    for key in whole:
+      np.testing.assert_array_equal(np.concatenate([part[key] for part in parts]), whole[key])
+
+
+@pytest.mark.parametrize("weights, code_share", [(ml_collections.ConfigDict({"code": 0.8, "docs": 0.2}), 0.8),
+                                                 (ml_collections.ConfigDict(), 0.5), (None, 0.5),
+                                                 ({"code": 1.0, "docs": 0.0}, 1.0)])
+def test_mixture_proportions_match_the_weights(stdlib, weights, code_share):
+  corpus, _ = stdlib
+  ds = data.train_dataset(corpus, seed=1, seq_len=SEQ, batch_size=10, domain_weights=weights)
+  domains = np.concatenate([ds[i]["domain"] for i in range(300)])  # 3000 rows
+  assert set(np.unique(domains)) <= {0, 1}
+  assert abs(np.mean(domains == corpus.domains.index("code")) - code_share) <= 0.01
+
+
+def test_windows_are_shifted_by_one_and_lie_in_their_domains_train_stream(stdlib):
+  corpus, _ = stdlib
+  windows = {d: windows_of(corpus.tokens(d, "train"), SEQ) for d in corpus.domains}
+  ds = data.train_dataset(corpus, seed=2, seq_len=SEQ, batch_size=8)
+  seen = collections.Counter()
+  for step in (0, 1, 50_000):
+    batch = ds[step]
+    np.testing.assert_array_equal(batch["targets"][:, :-1], batch["inputs"][:, 1:])
+    for row, d in zip(rows(batch), batch["domain"]):
+      assert len(window_index(windows[corpus.domains[d]], row)) >= 1
+      seen[d] += 1
+  assert seen[0] and seen[1]
+
+
+# --- evaluation batches -----------------------------------------------------------------------------------
+
+def test_eval_batches_are_fixed_evenly_spaced_validation_windows(stdlib):
+  corpus, _ = stdlib
+  batches = data.eval_batches(corpus, "docs", seq_len=SEQ, batch_size=4, num_batches=3)
+  again = data.eval_batches(corpus, "docs", seq_len=SEQ, batch_size=4, num_batches=3)
+  assert len(batches) == 3
+  val = np.asarray(corpus.tokens("docs", "val"))
+  n = (len(val) - 1) // SEQ
+  found = []
+  for b, c in zip(batches, again):
+    for key in b:
+      np.testing.assert_array_equal(b[key], c[key])
+    assert (b["domain"] == corpus.domains.index("docs")).all()
+    np.testing.assert_array_equal(b["targets"][:, :-1], b["inputs"][:, 1:])
+    found += [window_index(windows_of(val, SEQ), row)[0] for row in rows(b)]
+  assert found == [i * n // 12 for i in range(12)]
+  halves = [data.eval_batches(corpus, "docs", seq_len=SEQ, batch_size=4, num_batches=3, process_index=p,
+                              process_count=2) for p in (0, 1)]
+  for b, h0, h1 in zip(batches, *halves):
+    np.testing.assert_array_equal(np.concatenate([h0["inputs"], h1["inputs"]]), b["inputs"])
+
+
+# --- subword tokenizers -----------------------------------------------------------------------------------
+
+def check_subword_corpus(corpus, text_dir, encode, eos_id):
+  """Stream, byte accounting, baseline and batches of a `files:` corpus, against the library's own encode."""
+  tok = corpus.tokenizer
+  sample = english(99)
+  assert tok.decode(tok.encode(sample)) == sample
+  assert tok.eos_id == eos_id
+  for split in ("train", "val"):
+    info = corpus.info("text", split)
+    expected = []
+    for name in info.files:
+      expected += encode((text_dir / name).read_text(encoding="utf-8")) + [eos_id]
+    np.testing.assert_array_equal(corpus.tokens("text", split), expected)
+    assert info.num_bytes == sum(os.path.getsize(text_dir / name) for name in info.files)
+    assert corpus.bytes_per_token("text", split) == info.num_bytes / len(expected) > 1.0
+  train = corpus.tokens("text", "train").tolist()
+  counts, vocab = collections.Counter(train), tok.vocab_size
+  bits = -sum(math.log2((counts[t] + 1) / (len(train) + vocab)) for t in corpus.tokens("text", "val").tolist())
+  assert corpus.unigram_bits_per_byte("text") == pytest.approx(bits / corpus.info("text", "val").num_bytes,
+                                                               rel=1e-9)
+  batch = data.train_dataset(corpus, seed=0, seq_len=16, batch_size=4)[3]
+  assert batch["inputs"].shape == (4, 16) and batch["inputs"].max() < vocab
+  windows = windows_of(corpus.tokens("text", "train"), 16)
+  assert all(len(window_index(windows, row)) for row in rows(batch))
+
+
+def test_sentencepiece_corpus(text_dir, tmp_path):
+  spm = pytest.importorskip("sentencepiece")
+  model = io.BytesIO()
+  lines = [line for i in range(8) for line in english(i).splitlines()]
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(lines), model_writer=model, vocab_size=400, model_type="bpe", byte_fallback=True,
+      normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
+      hard_vocab_limit=False, minloglevel=2)
+  path = tmp_path / "tiny.model"
+  path.write_bytes(model.getvalue())
+  corpus = data.build_corpus(data_config({"text": f"files:{text_dir}/*.txt"}, f"sentencepiece:{path}",
+                                         val_fraction=0.3), cache_root=str(tmp_path / "cache"))
+  reference = spm.SentencePieceProcessor(model_file=str(path))
+  check_subword_corpus(corpus, text_dir, reference.encode, reference.eos_id())
+
+
+def test_hf_tokenizers_corpus(text_dir, tmp_path):
+  tokenizers = pytest.importorskip("tokenizers")
+  tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = tokenizers.decoders.ByteLevel()
+  trainer = tokenizers.trainers.BpeTrainer(
+      vocab_size=400, special_tokens=["<|endoftext|>"], show_progress=False,
+      initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+  tok.train_from_iterator([english(i) for i in range(8)], trainer)
+  path = tmp_path / "tokenizer.json"
+  tok.save(str(path))
+  config = data_config({"text": f"files:{text_dir}/*.txt"}, f"hf:{path}", val_fraction=0.3)
+  corpus = data.build_corpus(config, cache_root=str(tmp_path / "cache"))
+  check_subword_corpus(corpus, text_dir, lambda s: tok.encode(s, add_special_tokens=False).ids,
+                       tok.token_to_id("<|endoftext|>"))
+  # Text that would encode to the separator is refused, with the file and the byte offset.
+  (text_dir / "doc3.txt").write_text("café <|endoftext|>", encoding="utf-8")
+  with pytest.raises(data.DataError, match=r"doc3\.txt contains '<\|endoftext\|>' at byte offset 6"):
+    data.build_corpus(config, cache_root=str(tmp_path / "cache"))
+
+
+# --- every bad input is a DataError naming what is wrong ----------------------------------------------
+
+def build_text(tmp_path, files, spec="files:{d}/*.txt", **kwargs):
+  d = tmp_path / "src"
+  d.mkdir(exist_ok=True)
+  for name, content in files.items():
+    (d / name).write_bytes(content)
+  return data.build_corpus(data_config({"text": spec.format(d=d)}, **kwargs), cache_root=str(tmp_path / "c"))
+
+
+@pytest.mark.parametrize("files, spec, message", [
+    ({"a.txt": b"x"}, "files:{d}/*.md", r"config\.data\.domains\.text .*the glob '.*/\*\.md' matches no file"),
+    ({"a.txt": b"x"}, "files:{d}/a.txt,{d}/gone.txt", r"'.*/gone\.txt' does not exist"),
+    ({"a.txt": b"", "b.txt": b""}, "files:{d}/*.txt", r"none of its 2 files has any text"),
+    ({"a.txt": b"hello", "b.txt": b""}, "files:{d}/*.txt", r"only one file has text \(.*/src/a\.txt\)"),
+    ({"a.txt": b"hi", "b.txt": b"caf\xc3\xa9 \xff!"}, "files:{d}/*.txt",
+     r"/src/b\.txt is not valid UTF-8 \(byte offset 6"),
+    ({"a.txt": b"hi", "b.txt": b"ab\x00c"}, "files:{d}/*.txt", r"/src/b\.txt contains '\\x00' at byte offset 2"),
+    ({"a.txt": b"x"}, "web:https://example.com", r"config\.data\.domains\.text = 'web:.*' is not a source spec"),
+])
+def test_bad_sources(tmp_path, files, spec, message):
+  with pytest.raises(data.DataError, match=message):
+    build_text(tmp_path, files, spec)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"tokenizer": "sentencepiece:/nonexistent/tiny.model"},
+     r"config\.data\.tokenizer = 'sentencepiece:/nonexistent/tiny\.model': .*/nonexistent/tiny\.model does not"),
+    ({"tokenizer": "hf:/nonexistent/tokenizer.json"}, r"tokenizer\.json file /nonexistent/tokenizer\.json does"),
+    ({"tokenizer": "word"}, r"config\.data\.tokenizer = 'word' is not a tokenizer spec"),
+    ({"val_fraction": 1.0}, r"config\.data\.val_fraction = 1\.0 must lie in \[0, 1\)"),
+])
+def test_bad_config(tmp_path, kwargs, message):
+  with pytest.raises(data.DataError, match=message):
+    build_text(tmp_path, {"a.txt": b"one", "b.txt": b"two"}, **kwargs)
+
+
+def test_bad_tokenizer_file_and_missing_package(tmp_path, monkeypatch):
+  model = tmp_path / "broken.model"
+  model.write_bytes(b"not a model")
+  with pytest.raises(data.DataError, match=r"broken\.model is not a valid SentencePiece"):
+    data.make_tokenizer(f"sentencepiece:{model}")
+  monkeypatch.setitem(sys.modules, "sentencepiece", None)  # makes `import sentencepiece` fail
+  with pytest.raises(data.DataError,
+                     match=r"needs the `sentencepiece` package.*pip install diffmoe_jax\[tokenizers\]"):
+    data.make_tokenizer(f"sentencepiece:{model}")
+
+
+def test_bad_batch_requests(tmp_path):
+  corpus = build_text(tmp_path, {f"{i}.txt": english(i, paragraphs=2).encode() for i in range(4)},
+                      val_fraction=0.3)
+  train = corpus.info("text", "train").num_tokens
+  with pytest.raises(data.DataError, match=rf"domain 'text': its train split has {train} tokens, fewer than "
+                                           r"one window of seq_len \+ 1 = 100001; use a shorter seq_len"):
+    data.train_dataset(corpus, seed=0, seq_len=100_000, batch_size=1)
+  windows = (train - 1) // 32
+  with pytest.raises(data.DataError, match=rf"have {windows} windows of seq_len 32 in all, fewer than one"):
+    data.train_dataset(corpus, seed=0, seq_len=32, batch_size=windows + 1)
+  with pytest.raises(data.DataError, match=r"unknown domains \['prose'\]"):
+    data.train_dataset(corpus, seed=0, seq_len=32, batch_size=2, domain_weights={"prose": 1.0})
+  with pytest.raises(data.DataError, match=r"are all zero"):
+    data.train_dataset(corpus, seed=0, seq_len=32, batch_size=2, domain_weights={"text": 0.0})
+  with pytest.raises(data.DataError, match=r"must be finite numbers >= 0"):
+    data.train_dataset(corpus, seed=0, seq_len=32, batch_size=2, domain_weights={"text": -1.0})
+  with pytest.raises(data.DataError, match=r"batch_size 6 is not divisible by process_count 4"):
+    data.train_dataset(corpus, seed=0, seq_len=32, batch_size=6, process_count=4)
+  with pytest.raises(data.DataError, match=r"seq_len must be a positive integer, got 0"):
+    data.train_dataset(corpus, seed=0, seq_len=0, batch_size=2)
+  val = corpus.info("text", "val").num_tokens
+  with pytest.raises(data.DataError, match=rf"domain 'text': its validation split has {val} tokens"):
+    data.eval_batches(corpus, "text", seq_len=val, batch_size=1, num_batches=1)
+  with pytest.raises(data.DataError, match=r"unknown domain 'prose'"):
+    data.eval_batches(corpus, "prose", seq_len=8, batch_size=1, num_batches=1)
+  with pytest.raises(data.DataError, match=r"unknown split 'test'"):
+    corpus.tokens("text", "test")
