@@ -1,0 +1,127 @@
+"""Train a model through its curriculum.
+
+    python -m diffmoe_jax.main --config=configs/tiny.py --workdir=runs/tiny
+    python -m diffmoe_jax.main --config=configs/tiny.py --config.curriculum.total_steps=50 --workdir=runs/short
+
+Validates the config, prints a one-screen summary, refuses configs too large for the machine before
+allocating anything, then trains, evaluates and checkpoints. Re-running on the same workdir resumes.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Path to a config file.")
+_WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Directory for checkpoints and TensorBoard logs.")
+
+
+class InsufficientMemoryError(RuntimeError):
+  """The config needs more memory per device than the machine has."""
+
+
+def _available_bytes_per_device() -> float:
+  """What one device can hold: the accelerator's limit, or this host's available RAM shared by its CPU devices."""
+  import jax
+  device = jax.local_devices()[0]
+  stats = device.memory_stats() if device.platform != "cpu" else None
+  if stats and stats.get("bytes_limit"):
+    return float(stats["bytes_limit"])
+  with open("/proc/meminfo") as f:
+    available_kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+  return available_kib * 1024 / jax.local_device_count()
+
+
+def check_memory(config, mesh_shape: dict, counts) -> dict:
+  from diffmoe_jax import estimate
+  need = estimate.training_memory_per_device(config, mesh_shape, counts)
+  have = _available_bytes_per_device()
+  if need["total"] > config.train.memory_headroom * have:
+    gib = lambda x: f"{x / 2**30:,.1f} GiB"
+    raise InsufficientMemoryError(
+        f"This config needs about {gib(need['total'])} per device to train (state {gib(need['state'])}, "
+        f"activations {gib(need['activations'])}, by the estimator), but a device here has {gib(have)} "
+        f"available (train.memory_headroom = {config.train.memory_headroom}). Run it on a mesh that shards "
+        f"the weights over more devices (e.g. --config.mesh.shape.fsdp=N with N devices), lower "
+        f"curriculum.tokens_per_batch or raise optimizer.grad_accum_steps, or train a smaller config such as "
+        f"configs/tiny.py.")
+  return need
+
+
+def summary(config, workdir: str, result: dict, mesh_shape: dict, need: dict, curriculum) -> str:
+  import jax
+  from diffmoe_jax import estimate
+  cfg = config.model
+  lines = [
+      f"diffmoe_jax: {config.name or 'unnamed config'} -> {workdir}",
+      f"  model   {estimate._human(result['total_params'])} parameters, {estimate._human(result['active_params'])}"
+      f" active per token with MoD; d_model {cfg.d_model}, {cfg.num_layers} layers, {cfg.num_heads} "
+      f"{cfg.attention} heads x {cfg.head_dim}, {cfg.moe.num_experts} experts top-{cfg.moe.top_k} "
+      f"({cfg.ffn}), MoD {'every ' + str(cfg.mod.every) + ' at ' + str(cfg.mod.capacity) if cfg.mod.enabled else 'off'}",
+      f"  compute {cfg.dtype} (weights {cfg.param_dtype}), {estimate._human(result['train_flops_per_token'])} "
+      f"training FLOPs per token at context {cfg.max_seq_len}",
+      f"  mesh    {mesh_shape} over {jax.device_count()} {jax.default_backend()} device(s), "
+      f"{jax.process_count()} process(es); ~{need['total'] / 2**30:.2f} GiB per device",
+      f"  data    {dict(config.data.domains)}, tokenizer {config.data.tokenizer}",
+      f"  curriculum {curriculum.total_steps} steps:",
+      curriculum.describe(),
+  ]
+  return "\n".join(lines)
+
+
+def run(config, workdir: str):
+  import jax
+  from diffmoe_jax import config as config_lib
+  from diffmoe_jax import estimate, parallel
+  from diffmoe_jax.train import curriculum as curriculum_lib
+  from diffmoe_jax.train import loop
+  config_lib.validate(config)
+  if config.train.compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(config.train.compilation_cache_dir))
+  curriculum = curriculum_lib.Curriculum(config)
+  mesh_shape = parallel.mesh_shape(config.mesh, jax.device_count())
+  result = estimate.estimate(config)
+  need = check_memory(config, mesh_shape, result["counts"])
+  print(summary(config, workdir, result, mesh_shape, need, curriculum), flush=True)
+  counts = result["counts"]
+  def flops_per_token(seq_len: int, mod_capacity: float, mod_mode: str) -> float:
+    capacity = 1.0 if mod_mode == "off" else mod_capacity
+    return 3 * estimate.forward_flops_per_token(config.model, counts, seq_len, mod_capacity=capacity)
+
+  outcome = loop.train(config, workdir, flops_per_token=flops_per_token)
+  if outcome.eval:
+    print(f"finished at step {outcome.final_step}: validation loss {outcome.eval['loss']:.4f} nats/token")
+    for domain in config.data.domains.keys():
+      print(f"  {domain}: {outcome.eval[domain + '/bits_per_byte']:.3f} bits/byte "
+            f"(unigram baseline {outcome.eval[domain + '/unigram_bits_per_byte']:.3f})")
+  print(f"checkpoints: {os.path.join(workdir, 'checkpoints')}; TensorBoard: tensorboard --logdir "
+        f"{os.path.join(workdir, 'tb')}")
+  return outcome
+
+
+def _quiet_library_logs() -> None:
+  """Orbax logs every save and restore at INFO through absl; keep its warnings and errors only."""
+  import logging as std_logging
+  logging.get_absl_handler().addFilter(
+      lambda record: record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  _quiet_library_logs()
+  from diffmoe_jax.config import ConfigError
+  from diffmoe_jax.data import DataError
+  from diffmoe_jax.train.loop import TrainingStopped
+  try:
+    run(_CONFIG.value, _WORKDIR.value)
+  except (ConfigError, DataError, InsufficientMemoryError, TrainingStopped) as e:
+    logging.error("%s", e)
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,315 @@
+"""The training loop: curriculum, compiled steps, evaluation, checkpoints, metrics and signals.
+
+`train(config, workdir)` runs the whole curriculum, resuming from the newest readable checkpoint in
+`<workdir>/checkpoints`. Each distinct (sequence length, batch, MoD mode and capacity) compiles one step
+program, once. The batch of step s is a pure function of (seed, s), so a resumed run continues exactly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import signal
+import sys
+import time
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from diffmoe_jax import data, parallel
+from diffmoe_jax.config import ConfigError
+from diffmoe_jax.nn import model as model_lib
+from diffmoe_jax.train import checkpoint, curriculum as curriculum_lib, metrics as metrics_lib, state as state_lib
+from diffmoe_jax.train import step as step_lib
+
+
+class TrainingStopped(RuntimeError):
+  """Training stopped early (non-finite updates); the last good state was checkpointed."""
+
+
+@dataclasses.dataclass
+class RunResult:
+  final_step: int
+  eval: dict  # "<domain>/loss", "<domain>/bits_per_byte", "<domain>/unigram_bits_per_byte", "loss", ...
+  stopped_by_signal: bool = False
+
+
+class _SignalFlag:
+  """SIGTERM / SIGINT set a flag the loop checks between steps; a second SIGINT interrupts at once."""
+
+  def __init__(self):
+    self.received: int | None = None
+    self._previous = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._previous[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread: signals stay with whoever owns them
+        pass
+    return self
+
+  def _handle(self, signum, frame):
+    if self.received is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    self.received = signum
+    logging.warning("Received %s: saving a checkpoint after this step, then stopping.",
+                    signal.Signals(signum).name)
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def _check_batch_divisibility(curriculum, config, dp_size: int, process_count: int) -> None:
+  accum = config.optimizer.grad_accum_steps
+  for p in curriculum.phases:
+    for divisor, what in ((dp_size, "the mesh's data-parallel size"), (process_count, "the process count"),
+                          (accum * dp_size, "optimizer.grad_accum_steps x the data-parallel size")):
+      if p.batch_size % divisor:
+        raise ConfigError(
+            f"config.curriculum.{p.name}: its batch of {p.batch_size} sequences is not a multiple of {what} "
+            f"({divisor}); set curriculum.{p.name}.batch_size or curriculum.tokens_per_batch accordingly.")
+  if config.train.eval_batch_size % max(dp_size, process_count):
+    raise ConfigError(f"config.train.eval_batch_size ({config.train.eval_batch_size}) must be a multiple of the "
+                      f"data-parallel size ({dp_size}) and the process count ({process_count}).")
+
+
+def _phase_seed(seed: int, phase_index: int) -> int:
+  return int(np.random.SeedSequence([seed, phase_index]).generate_state(1)[0])
+
+
+def _layer_scalars(layers: dict) -> dict:
+  """Per-layer statistics as TensorBoard scalars."""
+  out = {}
+  for l, load in enumerate(np.asarray(layers["expert_load"])):
+    out[f"moe/layer{l}/max_load"] = float(load.max() * load.size)  # 1.0 is perfectly balanced
+    out[f"moe/layer{l}/dropped_fraction"] = float(layers["dropped_fraction"][l])
+    for e, lam in enumerate(np.asarray(layers["lambda"][l])):
+      out[f"lambda/layer{l}/expert{e}"] = float(lam)
+  for i, (fraction, accuracy) in enumerate(zip(np.asarray(layers["mod_selected_fraction"]),
+                                               np.asarray(layers["mod_predictor_accuracy"]))):
+    out[f"mod/routed{i}/selected_fraction"] = float(fraction)
+    out[f"mod/routed{i}/predictor_accuracy"] = float(accuracy)
+  return out
+
+
+class _Progress:
+  """A progress bar on a terminal, plain log lines otherwise."""
+
+  def __init__(self, total: int, initial: int, every: int):
+    self.every = every
+    self.bar = None
+    if sys.stderr.isatty():
+      from tqdm import tqdm
+      self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+    self.start_time, self.start_step, self.total = time.time(), initial, total
+
+  def update(self, step: int, info: dict) -> None:
+    if self.bar is not None:
+      self.bar.update(step + 1 - self.bar.n)
+      self.bar.set_postfix(info, refresh=False)
+    elif (step + 1) % self.every == 0 or step + 1 == self.total:
+      done = step + 1 - self.start_step
+      eta = (time.time() - self.start_time) / max(done, 1) * (self.total - step - 1)
+      logging.info("step %d/%d %s eta %dm%02ds", step + 1, self.total,
+                   " ".join(f"{k} {v}" for k, v in info.items()), eta // 60, eta % 60)
+
+  def write(self, line: str) -> None:
+    (self.bar.write if self.bar is not None else logging.info)(line)
+
+  def close(self) -> None:
+    if self.bar is not None:
+      self.bar.close()
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, *,
+          flops_per_token: Callable[[int, float, str], float] | None = None,
+          corpus: "data.Corpus | None" = None) -> RunResult:
+  """Trains through the curriculum in `workdir` (resuming if it holds a checkpoint).
+
+  flops_per_token(seq_len, mod_capacity, mod_mode) gives training FLOPs per token for tokens/s -> MFU.
+  """
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  os.makedirs(workdir, exist_ok=True)
+  process_index, process_count = jax.process_index(), jax.process_count()
+  corpus = corpus or data.build_corpus(config.data)
+  if corpus.tokenizer.vocab_size > config.model.vocab_size:
+    raise ConfigError(f"config.model.vocab_size ({config.model.vocab_size}) is smaller than the tokenizer's "
+                      f"vocabulary ({corpus.tokenizer.vocab_size}, {config.data.tokenizer}); raise it to at "
+                      f"least {corpus.tokenizer.vocab_size}.")
+  curriculum = curriculum_lib.Curriculum(config)
+  mesh = parallel.make_mesh(config.mesh)
+  rules = parallel.axis_rules(config.mesh)
+  dp_size = parallel.data_parallel_size(mesh, rules)
+  _check_batch_divisibility(curriculum, config, dp_size, process_count)
+
+  model = model_lib.build_model(config.model)
+  optimizer = state_lib.make_optimizer(config.optimizer)
+  abstract_state, state_shardings, make_state = state_lib.create_state(
+      model, optimizer, mesh, rules, seed=config.seed, seq_len=min(p.seq_len for p in curriculum.phases))
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints)
+  restored = ckpt.restore_latest(abstract_state)
+  if restored is None:
+    state, start_step = make_state(), 0
+    logging.info("No checkpoint in %s: starting from step 0.", ckpt.directory)
+  else:
+    state, start_step = restored
+    logging.info("Resumed from the checkpoint at step %d in %s.", start_step, ckpt.directory)
+
+  writer = metrics_lib.MetricWriter(os.path.join(workdir, "tb"), enabled=process_index == 0)
+  if start_step == 0:
+    writer.text(0, "config", "```\n" + config.to_json_best_effort(indent=2) + "\n```")
+  batch_sharding = parallel.batch_sharding(mesh, rules)
+  batch_shardings = {"inputs": batch_sharding, "targets": batch_sharding}
+  scalar = parallel.replicated(mesh)
+
+  compiled: dict[tuple, Callable] = {}
+  total_keys = len(curriculum.shape_keys())
+
+  def step_fn(settings):
+    key = settings.shape_key
+    if key not in compiled:
+      logging.info("Compiling the train step for seq_len %d, batch %d, MoD %s%s (program %d of %d).",
+                   key[0], key[1], key[2], f" at capacity {key[3]:.4f}" if key[2] == "topk" else "",
+                   len(compiled) + 1, total_keys)
+      fn = step_lib.make_train_step(model, optimizer, mod_mode=settings.mod_mode,
+                                    mod_capacity=settings.mod_capacity,
+                                    grad_accum_steps=config.optimizer.grad_accum_steps)
+      compiled[key] = jax.jit(fn, in_shardings=(state_shardings, batch_shardings, scalar),
+                              out_shardings=(state_shardings, scalar), donate_argnums=0)
+    return compiled[key]
+
+  datasets: dict[int, object] = {}
+
+  def batch_for(settings):
+    phase = settings.phase
+    if phase.index not in datasets:
+      datasets[phase.index] = data.train_dataset(
+          corpus, seed=_phase_seed(config.seed, phase.index), seq_len=phase.seq_len,
+          batch_size=phase.batch_size, domain_weights=dict(phase.domain_weights),
+          process_index=process_index, process_count=process_count)
+    local = datasets[phase.index][settings.step - phase.start]
+    return parallel.global_batch({"inputs": local["inputs"], "targets": local["targets"]}, batch_sharding)
+
+  eval_fn = jax.jit(step_lib.make_eval_step(model), in_shardings=(state_shardings.params, batch_shardings),
+                    out_shardings=(scalar, scalar))
+  eval_sets = {
+      domain: data.eval_batches(corpus, domain, seq_len=config.model.max_seq_len,
+                                batch_size=config.train.eval_batch_size, num_batches=config.train.eval_batches)
+      for domain in corpus.domains}
+
+  def evaluate(step: int) -> dict:
+    results, total_loss, total_tokens = {}, 0.0, 0.0
+    with mesh, nn.logical_axis_rules(rules):
+      for domain, batches in eval_sets.items():
+        loss_sum, tokens = 0.0, 0.0
+        for b in batches:
+          local = {k: _process_rows(v, process_index, process_count) for k, v in b.items()
+                   if k in ("inputs", "targets")}
+          s, n = eval_fn(state.params, parallel.global_batch(local, batch_sharding))
+          loss_sum, tokens = loss_sum + float(s), tokens + float(n)
+        loss = loss_sum / tokens
+        results[f"{domain}/loss"] = loss
+        results[f"{domain}/bits_per_byte"] = loss / math.log(2) / corpus.bytes_per_token(domain, "val")
+        results[f"{domain}/unigram_bits_per_byte"] = corpus.unigram_bits_per_byte(domain)
+        total_loss, total_tokens = total_loss + loss_sum, total_tokens + tokens
+    results["loss"] = total_loss / total_tokens
+    writer.scalars(step, {f"eval/{k}": v for k, v in results.items()})
+    return results
+
+  peak = metrics_lib.peak_flops(config.train.peak_flops_per_device)
+  progress = _Progress(curriculum.total_steps, start_step, config.train.log_every)
+  last_eval: dict = {}
+  pending = None  # the previous step's metrics, fetched after the next step is dispatched
+  stopped_by = None
+  last_finish = [time.time()]
+
+  def finish_step(item):
+    """Host side of a finished step: logging, metrics, the non-finite guard."""
+    step, settings, metrics = item
+    metrics = jax.device_get(metrics)
+    now = time.time()
+    seconds, last_finish[0] = now - last_finish[0], now  # includes any compile and evaluation since
+    tokens = settings.phase.batch_size * settings.phase.seq_len
+    info = {"phase": settings.phase.name, "loss": f"{float(metrics['loss']):.4f}",
+            "tok/s": f"{tokens / seconds:,.0f}"}
+    progress.update(step, info)
+    if (step + 1) % config.train.log_every == 0 or step + 1 == curriculum.total_steps:
+      scalars = {f"train/{k}": float(v) for k, v in metrics.items() if k != "layers"}
+      scalars.update({"train/tokens_per_second": tokens / seconds, "train/phase": settings.phase.index,
+                      "train/seq_len": settings.phase.seq_len, "train/batch_size": settings.phase.batch_size,
+                      "train/mod_capacity": settings.mod_capacity, "train/step_seconds": seconds})
+      if flops_per_token is not None and peak > 0:
+        scalars["train/mfu"] = (flops_per_token(settings.phase.seq_len, settings.mod_capacity, settings.mod_mode)
+                                * tokens / seconds / peak)
+      scalars.update(_layer_scalars(metrics["layers"]))
+      writer.scalars(step + 1, scalars)
+      for l, load in enumerate(np.asarray(metrics["layers"]["expert_load"])):
+        writer.histogram(step + 1, f"moe/layer{l}/expert_load", load)
+    if int(metrics["update_skipped"]):
+      progress.write(f"step {step + 1}: non-finite loss or gradient; update skipped "
+                     f"({int(metrics['nonfinite_total'])} so far).")
+    if int(metrics["nonfinite_streak"]) >= config.train.max_nonfinite_in_a_row:
+      return True
+    return False
+
+  diverged = False
+  with _SignalFlag() as signals, mesh, nn.logical_axis_rules(rules):
+    step = start_step
+    while step < curriculum.total_steps:
+      settings = curriculum.settings(step)
+      fn = step_fn(settings)
+      batch = batch_for(settings)
+      state, metrics = fn(state, batch, {k: jnp.float32(v) for k, v in step_lib.dynamic_settings(settings).items()})
+      if pending is not None and finish_step(pending):
+        diverged = True
+      pending = (step, settings, metrics)
+      step += 1
+      if diverged:
+        break
+      if step % config.train.stable_rank_every == 0:
+        writer.scalars(step, metrics_lib.stable_ranks(state.params))
+      if step % config.train.eval_every == 0 and step < curriculum.total_steps:
+        last_eval = evaluate(step)
+        progress.write(f"step {step} eval: loss {last_eval['loss']:.4f}, "
+                       + ", ".join(f"{d} {last_eval[d + '/bits_per_byte']:.3f} bpb" for d in corpus.domains))
+      if step % config.train.checkpoint_every == 0:
+        ckpt.save(step, state, config)
+      if signals.received is not None:
+        stopped_by = signal.Signals(signals.received).name
+        break
+    if pending is not None and not diverged:
+      diverged = finish_step(pending)
+  progress.close()
+
+  final_step = int(jax.device_get(state.step))
+  if diverged:
+    ckpt.save(final_step, state, config, force=True)
+    ckpt.wait()
+    writer.close()
+    raise TrainingStopped(
+        f"{config.train.max_nonfinite_in_a_row} non-finite updates in a row at step {final_step}: training "
+        f"stopped. Skipped updates never touch the weights, so the checkpoint at step {final_step} in "
+        f"{ckpt.directory} holds the last good state. Lower optimizer.peak_lr, raise optimizer.grad_clip "
+        "or use model.dtype='float32', then rerun to resume.")
+  if stopped_by is None:
+    last_eval = evaluate(final_step)
+  ckpt.save(final_step, state, config, force=True)
+  ckpt.wait()
+  ckpt.close()
+  writer.close()
+  if stopped_by is not None:
+    logging.warning("Stopped by %s at step %d; the checkpoint is in %s. Rerun the same command to resume.",
+                    stopped_by, final_step, ckpt.directory)
+  return RunResult(final_step=final_step, eval=last_eval, stopped_by_signal=stopped_by is not None)
+
+
+def _process_rows(x: np.ndarray, process_index: int, process_count: int) -> np.ndarray:
+  rows = x.shape[0] // process_count
+  return x[process_index * rows:(process_index + 1) * rows]

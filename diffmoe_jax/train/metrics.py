@@ -1,0 +1,184 @@
+"""TensorBoard event files written without TensorFlow, and the stable rank of weight matrices."""
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tensorboard.compat.proto import types_pb2
+from tensorboard.compat.proto.event_pb2 import Event
+from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary, SummaryMetadata
+from tensorboard.compat.proto.tensor_pb2 import TensorProto
+from tensorboard.compat.proto.tensor_shape_pb2 import TensorShapeProto
+from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+
+class MetricWriter:
+  """Writes TensorBoard scalars, text and histograms to an event file under `logdir`.
+
+  With `enabled=False` (non-primary processes) nothing is created and every call is a no-op.
+  """
+
+  def __init__(self, logdir: str | os.PathLike, enabled: bool = True):
+    self._writer = EventFileWriter(os.fspath(logdir)) if enabled else None
+
+  def _add(self, step: int, values: list[Summary.Value]):
+    self._writer.add_event(Event(wall_time=time.time(), step=int(step), summary=Summary(value=values)))
+
+  def scalars(self, step: int, values: Mapping[str, Any]):
+    """Writes each `tag: value` (a Python number or a 0-d array) at `step`."""
+    if self._writer is None:
+      return
+    self._add(step, [Summary.Value(tag=tag, simple_value=_scalar(tag, value)) for tag, value in values.items()])
+
+  def text(self, step: int, tag: str, text: str):
+    """Writes `text` for TensorBoard's Text tab, which renders it as Markdown."""
+    if self._writer is None:
+      return
+    tensor = TensorProto(dtype=types_pb2.DT_STRING, string_val=[text.encode("utf-8")],
+                         tensor_shape=TensorShapeProto())
+    metadata = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name="text"))
+    self._add(step, [Summary.Value(tag=tag, tensor=tensor, metadata=metadata)])
+
+  def histogram(self, step: int, tag: str, values: Any, bins: int = 30):
+    """Writes the distribution of `values` (any shape) in `bins` equal-width buckets.
+
+    NaN and infinite values are left out (a histogram cannot place them); if no finite value is left,
+    nothing is written.
+    """
+    if self._writer is None:
+      return
+    x = np.asarray(values, np.float64).ravel()
+    x = x[np.isfinite(x)]
+    if x.size == 0:
+      return
+    counts, edges = np.histogram(x, bins=bins)
+    # TensorBoard reads bucket i as (limit[i-1], limit[i]], the first from `min` and the last up to `max`.
+    histo = HistogramProto(min=x.min(), max=x.max(), num=x.size, sum=x.sum(), sum_squares=np.dot(x, x),
+                           bucket_limit=edges[1:].tolist(), bucket=counts.tolist())
+    self._add(step, [Summary.Value(tag=tag, histo=histo)])
+
+  def flush(self):
+    """Writes buffered events to disk."""
+    if self._writer is not None:
+      self._writer.flush()
+
+  def close(self):
+    """Flushes and closes the event file."""
+    if self._writer is not None:
+      self._writer.close()
+
+
+def _scalar(tag: str, value: Any) -> float:
+  x = np.asarray(value)
+  if x.ndim != 0:
+    raise ValueError(f"Scalar {tag!r} has shape {x.shape}; pass a number or a 0-d array (reduce it first, or "
+                     "log it with histogram()).")
+  return float(x)
+
+
+def _stable_rank(m: jax.Array) -> jax.Array:
+  """Stable rank of each matrix in `m` (`[..., rows, cols]`), in fp32; 0 for an all-zero matrix."""
+  m = m.astype(jnp.float32)
+  top = jnp.linalg.svd(m, compute_uv=False)[..., 0]
+  frobenius2 = jnp.sum(m * m, axis=(-2, -1))
+  return jnp.where(top > 0, frobenius2 / top**2, 0.0)
+
+
+_stable_rank_jit = jax.jit(_stable_rank)
+
+
+def stable_rank(w: Any) -> float:
+  """Stable rank ||W||_F^2 / ||W||_2^2 of a 2-D matrix, with the spectral norm from an SVD in fp32.
+
+  Between 1 (rank one) and min(rows, cols) (all singular values equal); 0 for an all-zero matrix. The paper
+  writes ||W||_F / ||W||_2 (no squares); this is the standard definition, the square of that.
+  """
+  w = jnp.asarray(w)
+  if w.ndim != 2:
+    raise ValueError(f"stable_rank takes a 2-D matrix, got shape {w.shape}; use stable_ranks for stacked "
+                     "kernels.")
+  return float(_stable_rank_jit(w))
+
+
+# Weight matrices by parameter name: (how many trailing axes form the matrix, how many of those are its rows).
+# Attention wq/wk/wv are [embed, heads, head_dim] (rows embed), wo is [heads, head_dim, embed] (rows
+# heads*head_dim); expert and dense feed-forward w_in/w_gate/w_out are [in, out].
+WEIGHT_MATRICES = {"wq": (3, 1), "wk": (3, 1), "wv": (3, 1), "wo": (3, 2),
+                   "w_in": (2, 1), "w_gate": (2, 1), "w_out": (2, 1)}
+
+
+def stable_ranks(params: Any, matrices: Mapping[str, tuple[int, int]] = WEIGHT_MATRICES) -> dict[str, float]:
+  """Mean stable rank of every weight matrix in `params`, as {"stable_rank/<param path>": value}.
+
+  A parameter is a weight matrix if its name (last path key) is in `matrices`; its trailing axes given there
+  form one matrix (rows × cols), and any leading axes (scanned layers, experts) index separate matrices,
+  whose stable ranks are averaged. Boxed (logically partitioned) params are unboxed first. Sharded params
+  work, but every process must call this (it runs a jitted computation) even if only one writes it.
+  """
+  kernels, layouts = {}, []
+  for path, w in jax.tree_util.tree_flatten_with_path(nn.meta.unbox(params))[0]:
+    name = jax.tree_util.keystr(path[-1:], simple=True)
+    if name not in matrices:
+      continue
+    tag = "stable_rank/" + jax.tree_util.keystr(path, simple=True, separator="/")
+    axes, rows = matrices[name]
+    if w.ndim < axes:
+      raise ValueError(f"{tag[len('stable_rank/'):]} has shape {w.shape}, but a {name!r} weight needs at least "
+                       f"{axes} axes; fix the layout in `matrices`.")
+    kernels[tag] = w
+    layouts.append((tag, axes, rows))
+  means = _mean_stable_ranks(kernels, tuple(layouts))
+  return {tag: float(value) for tag, value in jax.device_get(means).items()}
+
+
+@jax.jit(static_argnames="layouts")
+def _mean_stable_ranks(kernels: dict[str, jax.Array], layouts: tuple[tuple[str, int, int], ...]):
+  means = {}
+  for tag, axes, rows in layouts:
+    w = kernels[tag]
+    matrix = w.shape[w.ndim - axes:]
+    m = w.reshape(-1, math.prod(matrix[:rows]), math.prod(matrix[rows:]))
+    means[tag] = jnp.mean(_stable_rank(m))
+  return means
+
+
+# Dense bf16 peak FLOP/s per device, by the start of `jax.Device.device_kind`.
+_KNOWN_PEAKS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
+                "TPU v6 lite": 918e12, "TPU v6e": 918e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12,
+                "NVIDIA A100": 312e12}
+
+
+def measured_matmul_flops(n: int = 1024, repeats: int = 5) -> float:
+  """This host's fp32 matmul rate (best of `repeats`), the CPU's practical peak for MFU."""
+  a = jnp.ones((n, n), jnp.float32)
+  matmul = jax.jit(lambda x: x @ x)
+  matmul(a).block_until_ready()
+  best = math.inf
+  for _ in range(repeats):
+    start = time.perf_counter()
+    matmul(a).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2 * n**3 / best
+
+
+def peak_flops(configured_per_device: float = 0.0) -> float:
+  """Peak FLOP/s of all devices together (0.0 when unknown, which turns MFU off).
+
+  CPU devices share one host's cores (simulated devices included), so a CPU run's peak is the measured
+  host matmul rate per process, not per device.
+  """
+  if configured_per_device > 0:
+    return configured_per_device * jax.device_count()
+  if jax.default_backend() == "cpu":
+    return measured_matmul_flops() * jax.process_count()
+  kind = jax.devices()[0].device_kind
+  for name, peak in _KNOWN_PEAKS.items():
+    if kind.startswith(name):
+      return peak * jax.device_count()
+  return 0.0

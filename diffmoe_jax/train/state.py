@@ -1,0 +1,76 @@
+"""The train state, the optimizer, and sharded initialisation."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from diffmoe_jax import parallel
+
+# Weight matrices get weight decay; norms, λ vectors and biases do not. By name, not by rank, because
+# scanned parameters carry an extra leading layer axis (a stacked norm scale is 2-D).
+DECAYED = frozenset({"table", "lm_head", "wq", "wk", "wv", "wo", "router", "w_in", "w_out", "w_gate",
+                     "predictor_hidden"})
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32: steps completed (the index of the next step)
+  params: Any
+  opt_state: Any
+  rng: jax.Array  # uint32 base key; step s uses fold_in(rng, s), so the stream depends on the step alone
+  nonfinite_total: jax.Array  # int32: updates skipped for a non-finite loss or gradient
+  nonfinite_streak: jax.Array  # int32: consecutive skipped updates
+
+
+def decay_mask(params) -> Any:
+  return jax.tree_util.tree_map_with_path(lambda path, _: str(getattr(path[-1], "key", "")) in DECAYED, params)
+
+
+def make_optimizer(opt_config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """AdamW without its learning rate: the step scales updates by the curriculum's lr(step)."""
+  return optax.chain(
+      optax.clip_by_global_norm(opt_config.grad_clip),
+      optax.scale_by_adam(b1=opt_config.b1, b2=opt_config.b2, eps=opt_config.eps),
+      optax.add_decayed_weights(opt_config.weight_decay, mask=decay_mask),
+  )
+
+
+def init_fn(model: nn.Module, optimizer: optax.GradientTransformation, seq_len: int) -> Callable:
+  """rng -> TrainState with logically-partitioned (boxed) params, for eval_shape and jit."""
+  def init(rng):
+    params_rng, noise_rng, state_rng = jax.random.split(rng, 3)
+    tokens = jnp.zeros((1, seq_len), jnp.int32)
+    params = model.init({"params": params_rng, "noise": noise_rng}, tokens)["params"]
+    zero = jnp.zeros((), jnp.int32)
+    return TrainState(step=zero, params=params, opt_state=optimizer.init(params), rng=state_rng,
+                      nonfinite_total=zero, nonfinite_streak=zero)
+  return init
+
+
+def create_state(model, optimizer, mesh, rules, *, seed: int, seq_len: int):
+  """(abstract state with shardings, state shardings, a function making the real state on the mesh).
+
+  Parameters are created directly in their shards by a jit with out_shardings: nothing full-size is
+  ever materialised on one device.
+  """
+  init = init_fn(model, optimizer, seq_len)
+  rng = jax.random.PRNGKey(seed)
+  boxed = jax.eval_shape(init, rng)
+  shardings = parallel.logical_shardings(boxed, mesh, rules)
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.unbox(boxed),
+                          shardings)
+
+  def make():
+    with mesh, nn.logical_axis_rules(rules):
+      return jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shardings)(rng)
+  return abstract, shardings, make
+
+
+def count_params(params) -> int:
+  return sum(x.size for x in jax.tree.leaves(params))

@@ -1,0 +1,89 @@
+"""The train step and the evaluation step, as pure functions to be jitted over the mesh."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from diffmoe_jax.train.state import TrainState
+
+DYNAMIC_KEYS = ("lr", "router_noise", "load_balance_weight", "z_loss_weight", "mod_predictor_weight")
+
+
+def dynamic_settings(settings) -> dict:
+  """The per-step scalars that vary inside one compiled step (no recompilation)."""
+  p = settings.phase
+  return {"lr": settings.lr, "router_noise": settings.router_noise,
+          "load_balance_weight": p.load_balance_weight, "z_loss_weight": p.z_loss_weight,
+          "mod_predictor_weight": p.mod_predictor_weight if settings.mod_mode == "topk" else 0.0}
+
+
+def make_train_step(model, optimizer: optax.GradientTransformation, *, mod_mode: str, mod_capacity: float,
+                    grad_accum_steps: int = 1):
+  """(state, batch, dynamic) -> (state, metrics). Static: the MoD mode and capacity, the accumulation."""
+
+  def loss_fn(params, inputs, targets, rng, dyn):
+    logits, aux = model.apply({"params": params}, inputs, train=True, mod_mode=mod_mode,
+                              mod_capacity=mod_capacity, router_noise_std=dyn["router_noise"],
+                              rngs={"noise": rng})
+    ce = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, targets))
+    losses = aux["losses"]
+    total = (ce + dyn["load_balance_weight"] * losses["load_balance"] + dyn["z_loss_weight"] * losses["router_z"]
+             + dyn["mod_predictor_weight"] * losses["mod_predictor"])
+    return total, {"loss": total, "cross_entropy": ce, **{f"{k}_loss": v for k, v in losses.items()},
+                   "layers": aux["layers"]}
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def train_step(state: TrainState, batch: dict, dyn: dict):
+    rng = jax.random.fold_in(state.rng, state.step)
+    inputs, targets = batch["inputs"], batch["targets"]
+    if grad_accum_steps == 1:
+      (_, metrics), grads = grad_fn(state.params, inputs, targets, rng, dyn)
+    else:
+      micro = lambda x: x.reshape((grad_accum_steps, x.shape[0] // grad_accum_steps) + x.shape[1:])
+
+      def accumulate(carry, xs):
+        i, mb_inputs, mb_targets = xs
+        (_, m), g = grad_fn(state.params, mb_inputs, mb_targets, jax.random.fold_in(rng, i), dyn)
+        return jax.tree.map(jnp.add, carry, (g, m)), None
+
+      zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32),
+                           jax.eval_shape(lambda: grad_fn(state.params, micro(inputs)[0], micro(targets)[0],
+                                                          rng, dyn)))
+      zeros = (zeros[1], zeros[0][1])
+      (grads, metrics), _ = jax.lax.scan(
+          accumulate, zeros, (jnp.arange(grad_accum_steps), micro(inputs), micro(targets)))
+      grads, metrics = jax.tree.map(lambda x: x / grad_accum_steps, (grads, metrics))
+
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+    updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
+    new_params = jax.tree.map(lambda p, u: p - dyn["lr"] * u.astype(p.dtype), state.params, updates)
+    # A non-finite loss or gradient leaves params and optimizer state as they were, and is counted.
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    streak = jnp.where(finite, 0, state.nonfinite_streak + 1)
+    new_state = state.replace(step=state.step + 1, params=keep(new_params, state.params),
+                              opt_state=keep(new_opt_state, state.opt_state),
+                              nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32),
+                              nonfinite_streak=streak)
+    metrics = {**metrics, "grad_norm": grad_norm, "lr": jnp.asarray(dyn["lr"], jnp.float32),
+               "router_noise": jnp.asarray(dyn["router_noise"], jnp.float32),
+               "update_skipped": (~finite).astype(jnp.int32), "nonfinite_total": new_state.nonfinite_total,
+               "nonfinite_streak": streak}
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(model, *, mod_mode: str = "predictor"):
+  """(params, batch) -> (sum of token cross-entropies in nats, token count).
+
+  Evaluation routes mixture-of-depths by the causal predictor (the inference-time mode), so validation
+  loss never sees a later token.
+  """
+  def eval_step(params, batch):
+    logits, _ = model.apply({"params": params}, batch["inputs"], train=False, mod_mode=mod_mode)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    return jnp.sum(ce), jnp.asarray(ce.size, jnp.float32)
+  return eval_step

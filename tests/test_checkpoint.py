@@ -1,0 +1,186 @@
+"""Checkpointer: round trip of a train-state-shaped pytree, retention, damaged checkpoints, re-sharding."""
+import logging
+import os
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
+
+from diffmoe_jax.train.checkpoint import Checkpointer
+
+
+@flax.struct.dataclass
+class State:
+  step: jax.Array
+  params: dict
+  opt_state: optax.OptState
+  rng: jax.Array
+  tokens_seen: jax.Array
+
+
+TX = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3))
+
+
+def make_state(seed=0):
+  """A train state like the trainer's, one optimizer update in (so the moments and count are nonzero)."""
+  # NumPy draws and one jitted update: eager jax ops each compile, which would dominate the run time.
+  rng = np.random.default_rng(seed)
+  normal = lambda *shape: jnp.asarray(rng.standard_normal(shape, np.float32))
+  params = {
+      "embed": {"table": normal(16, 8)},
+      "layers": {"attn": {"wq": normal(2, 8, 2, 4)}, "moe": {"w_in": normal(2, 4, 8, 16), "router": normal(8, 4)}},
+  }
+  _, opt_state = jax.jit(TX.update)(params, TX.init(params), params)
+  return State(step=jnp.array(1, jnp.int32), params=params, opt_state=opt_state, rng=jax.random.PRNGKey(seed),
+               tokens_seen=jnp.array(4096, jnp.int32))
+
+
+def abstract(state, sharding_of=lambda x: x.sharding):
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding_of(x)), state)
+
+
+def assert_same(a, b):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    assert x.dtype == y.dtype and x.shape == y.shape
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def damage(directory, step):
+  """Deletes every file inside the step's directory, leaving the directories."""
+  for root, _, files in os.walk(os.path.join(directory, str(step))):
+    for name in files:
+      os.remove(os.path.join(root, name))
+
+
+@pytest.fixture(scope="module")
+def state():
+  return make_state()
+
+
+def test_round_trip_with_config(tmp_path, state):
+  config = ml_collections.ConfigDict({"model": {"d_model": 8, "attention": "differential"}, "seed": 3})
+  ckpt = Checkpointer(tmp_path, async_save=False)
+  assert ckpt.restore_latest(abstract(state)) is None and ckpt.latest_step is None
+  assert ckpt.save(7, state, config)
+  restored, step = ckpt.restore_latest(abstract(state))
+  assert step == 7 and ckpt.latest_step == 7 and ckpt.all_steps() == [7]
+  assert_same(restored, state)
+  assert restored.rng.dtype == jnp.uint32
+  assert ckpt.restore_config() == config.to_dict() == ckpt.restore_config(7)
+  ckpt.close()
+
+
+def test_config_errors(tmp_path, state):
+  ckpt = Checkpointer(tmp_path, async_save=False)
+  with pytest.raises(FileNotFoundError, match="No checkpoint"):
+    ckpt.restore_config()
+  with pytest.raises(TypeError, match="cannot be saved as JSON"):
+    ckpt.save(1, state, {"dtype": jnp.float32})
+  ckpt.save(1, state)
+  with pytest.raises(FileNotFoundError, match="config=None"):
+    ckpt.restore_config(1)
+  ckpt.close()
+
+
+def test_keeps_last_k(tmp_path, state):
+  ckpt = Checkpointer(tmp_path, keep=2, async_save=False)
+  for step in (1, 2, 3, 4):
+    ckpt.save(step, state)
+  assert ckpt.all_steps() == [3, 4]
+  assert sorted(os.listdir(tmp_path)) == ["3", "4"]
+  ckpt.close()
+
+
+def test_saving_an_existing_step_is_skipped(tmp_path, state):
+  ckpt = Checkpointer(tmp_path)
+  assert ckpt.save(5, state)
+  other = make_state(seed=1)
+  assert not ckpt.save(5, other)
+  assert not ckpt.save(5, other, force=True)
+  ckpt.wait()
+  assert_same(ckpt.restore_latest(abstract(state))[0], state)
+  ckpt.close()
+
+
+def test_force_saves_an_older_step(tmp_path, state):
+  ckpt = Checkpointer(tmp_path, async_save=False)
+  ckpt.save(5, state)
+  assert not ckpt.save(3, state)
+  assert ckpt.save(3, state, force=True)
+  assert ckpt.all_steps() == [3, 5]
+  ckpt.close()
+
+
+def test_damaged_latest_falls_back_and_is_replaced_when_saved_again(tmp_path, state, caplog):
+  ckpt = Checkpointer(tmp_path, async_save=False)
+  ckpt.save(1, state)
+  newer = make_state(seed=1)
+  ckpt.save(2, newer)
+  damage(tmp_path, 2)
+  with caplog.at_level(logging.WARNING, logger="diffmoe_jax.train.checkpoint"):
+    restored, step = ckpt.restore_latest(abstract(state))
+  assert step == 1
+  assert_same(restored, state)
+  assert "step 2" in caplog.text
+  # The run redoes step 2 from step 1; saving it replaces the unreadable copy.
+  assert ckpt.save(2, newer)
+  restored, step = ckpt.restore_latest(abstract(state))
+  assert step == 2
+  assert_same(restored, newer)
+  ckpt.close()
+
+
+def test_all_damaged_raises(tmp_path, state):
+  ckpt = Checkpointer(tmp_path, async_save=False)
+  for step in (1, 2):
+    ckpt.save(step, state)
+    damage(tmp_path, step)
+  with pytest.raises(RuntimeError, match=r"(?s)tried steps \[2, 1\].*step 2: .*step 1: ") as info:
+    ckpt.restore_latest(abstract(state))
+  assert str(tmp_path) in str(info.value)
+  ckpt.close()
+
+
+def test_restore_onto_another_mesh(tmp_path, state):
+  mesh = jax.make_mesh((8,), ("data",))
+  assert len(jax.devices()) == 8
+
+  def sharded(x):
+    # A leading axis divisible by 8 is split over the mesh, anything else is replicated on it.
+    return NamedSharding(mesh, P("data") if x.ndim and x.shape[0] % 8 == 0 else P())
+
+  single = SingleDeviceSharding(jax.devices()[0])
+  ckpt = Checkpointer(tmp_path, async_save=False)
+  ckpt.save(1, jax.device_put(state, single))
+  restored, _ = ckpt.restore_latest(abstract(state, sharded))
+  assert_same(restored, state)
+  table = restored.params["embed"]["table"]
+  assert table.sharding == sharded(table) and len(table.addressable_shards) == 8
+  assert table.addressable_shards[0].data.shape == (2, 8)
+
+  ckpt.save(2, restored)
+  restored, step = ckpt.restore_latest(abstract(state, lambda x: single))
+  assert step == 2
+  assert_same(restored, state)
+  assert all(x.sharding == single for x in jax.tree.leaves(restored))
+  ckpt.close()
+
+
+def test_async_save_is_durable_after_wait(tmp_path, state):
+  ckpt = Checkpointer(tmp_path, async_save=True)
+  assert ckpt.save(3, state, {"seed": 0})
+  assert ckpt.latest_step == 3  # visible while still being written
+  ckpt.wait()
+  fresh = Checkpointer(tmp_path)
+  restored, step = fresh.restore_latest(abstract(state))
+  assert step == 3
+  assert_same(restored, state)
+  assert fresh.restore_config() == {"seed": 0}
+  fresh.close()
+  ckpt.close()

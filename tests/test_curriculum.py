@@ -1,0 +1,94 @@
+"""The curriculum: phase boundaries, schedules and settings as pure functions of the step."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffmoe_jax import config as config_lib
+from diffmoe_jax.config import ConfigError
+from diffmoe_jax.train.curriculum import Curriculum
+from test_config import load
+
+
+@pytest.fixture
+def tiny():
+  return load("tiny")
+
+
+def test_phases_tile_the_run(tiny):
+  cur = Curriculum(tiny)
+  assert [p.name for p in cur.phases] == list(config_lib.PHASES)
+  assert cur.phases[0].start == 0 and cur.phases[-1].end == tiny.curriculum.total_steps
+  for a, b in zip(cur.phases, cur.phases[1:]):
+    assert a.end == b.start and a.steps > 0
+  # Fractions 0.05/0.35/0.2/0.15/0.15/0.1 of 600 steps.
+  assert [p.steps for p in cur.phases] == [30, 210, 120, 90, 90, 60]
+
+
+def test_explicit_steps_and_fractions_mix(tiny):
+  tiny.curriculum.total_steps = 100
+  tiny.curriculum.warmup.steps = 7
+  lengths = config_lib.phase_lengths(tiny.curriculum)
+  assert lengths[0] == 7 and sum(lengths) == 100
+
+
+def test_settings_are_a_pure_function_of_the_step(tiny):
+  a, b = Curriculum(tiny), Curriculum(tiny)
+  for step in (0, 29, 30, 250, 359, 599):
+    assert a.settings(step) == b.settings(step)
+
+
+def test_learning_rate_shapes(tiny):
+  cur = Curriculum(tiny)
+  peak = tiny.optimizer.peak_lr
+  warmup, anneal = cur.phases[0], cur.phases[-1]
+  # Warmup: linear from 0 to peak over its 30 steps; anneal: linear from peak to 0.
+  for step in range(warmup.start, warmup.end):
+    assert cur.settings(step).lr == pytest.approx(peak * step / (warmup.steps - 1), rel=1e-5, abs=1e-9)
+  assert cur.settings(anneal.end - 1).lr == pytest.approx(0.0, abs=1e-9)
+  assert cur.settings(300).lr == pytest.approx(peak, rel=1e-6)
+  # The traced schedule equals the Python one (it is what the optimizer sees).
+  steps = jnp.arange(600)
+  traced = np.asarray(jax.jit(jax.vmap(cur.lr))(steps))
+  np.testing.assert_allclose(traced, [cur.settings(s).lr for s in range(600)], rtol=1e-5, atol=1e-9)
+
+
+def test_cosine_shape(tiny):
+  tiny.curriculum.anneal.lr_shape = "cosine"
+  cur = Curriculum(tiny)
+  p = cur.phases[-1]
+  u = 17 / (p.steps - 1)
+  want = tiny.optimizer.peak_lr * 0.5 * (1 + math.cos(math.pi * u))
+  assert cur.settings(p.start + 17).lr == pytest.approx(want, rel=1e-5)
+
+
+def test_router_noise_and_mod_capacity_anneal(tiny):
+  cur = Curriculum(tiny)
+  sparsify = cur.phases[2]
+  assert cur.settings(sparsify.start).router_noise == pytest.approx(1.0)
+  assert cur.settings(sparsify.end - 1).router_noise == pytest.approx(0.0)
+  # Four geometric levels from 1.0 to 0.25, each held for a quarter of the phase, in whole tokens.
+  levels = [1.0, 0.25 ** (1 / 3), 0.25 ** (2 / 3), 0.25]
+  for i, level in enumerate(levels):
+    step = sparsify.start + i * sparsify.steps // 4
+    assert cur.settings(step).mod_capacity == math.ceil(level * 128) / 128
+  assert cur.settings(0).mod_mode == "off"  # warmup runs every token
+  assert cur.settings(sparsify.start).mod_mode == "topk"
+
+
+def test_shape_keys_list_every_program(tiny):
+  cur = Curriculum(tiny)
+  seen = {cur.settings(s).shape_key for s in range(tiny.curriculum.total_steps)}
+  assert set(cur.shape_keys()) == seen and len(cur.shape_keys()) == len(seen)
+
+
+def test_bad_step_counts(tiny):
+  tiny.curriculum.total_steps = 5
+  with pytest.raises(ConfigError, match=r"curriculum\.warmup: the phase gets 0 steps"):
+    config_lib.validate(tiny)
+  tiny.curriculum.total_steps = 600
+  tiny.curriculum.warmup.steps = 700
+  with pytest.raises(ConfigError, match="explicit steps add up to 700"):
+    config_lib.validate(tiny)

@@ -1,0 +1,113 @@
+"""MetricWriter read back with TensorBoard's own EventAccumulator; stable rank against NumPy float64."""
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from tensorboard.backend.event_processing import event_accumulator
+
+from diffmoe_jax.train.metrics import MetricWriter, stable_rank, stable_ranks
+
+
+def read_events(logdir):
+  keep_all = {kind: 0 for kind in (event_accumulator.SCALARS, event_accumulator.TENSORS,
+                                   event_accumulator.HISTOGRAMS, event_accumulator.COMPRESSED_HISTOGRAMS,
+                                   event_accumulator.IMAGES, event_accumulator.AUDIO)}
+  return event_accumulator.EventAccumulator(str(logdir), size_guidance=keep_all).Reload()
+
+
+def reference_stable_rank(m):
+  m = np.asarray(m, np.float64)
+  return np.linalg.norm(m, "fro") ** 2 / np.linalg.norm(m, 2) ** 2
+
+
+def test_scalars_text_and_histogram_round_trip(tmp_path):
+  w = MetricWriter(tmp_path)
+  w.scalars(1, {"train/loss": 2.5, "train/lr": jnp.float32(1e-3)})
+  w.scalars(2, {"train/loss": np.float32(1.25)})
+  w.text(0, "config", "model:\n  d_model: 288")
+  load = np.array([0.1, 0.2, 0.2, 0.5, np.nan])
+  w.histogram(2, "moe/expert_load_layer0", load, bins=4)
+  w.flush()
+  w.close()
+
+  events = read_events(tmp_path)
+  tags = events.Tags()
+  assert set(tags["scalars"]) == {"train/loss", "train/lr"}
+  assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 2.5), (2, 1.25)]
+  assert events.Scalars("train/lr")[0].value == pytest.approx(1e-3)
+
+  assert "config" in tags["tensors"]
+  assert "config" in events.PluginTagToContent("text")
+  assert events.Tensors("config")[0].tensor_proto.string_val[0].decode() == "model:\n  d_model: 288"
+
+  assert tags["histograms"] == ["moe/expert_load_layer0"]
+  histo = events.Histograms("moe/expert_load_layer0")[0]
+  assert histo.step == 2
+  value = histo.histogram_value
+  finite = load[np.isfinite(load)]
+  assert (value.num, value.min, value.max) == (4, 0.1, 0.5)
+  assert value.sum == pytest.approx(finite.sum()) and value.sum_squares == pytest.approx(np.sum(finite**2))
+  assert list(value.bucket) == list(np.histogram(finite, bins=4)[0])
+  assert value.bucket_limit[-1] == pytest.approx(0.5)
+
+
+def test_disabled_writer_writes_nothing(tmp_path):
+  logdir = tmp_path / "tb"
+  w = MetricWriter(logdir, enabled=False)
+  w.scalars(1, {"train/loss": 1.0})
+  w.text(1, "config", "x")
+  w.histogram(1, "h", [1.0, 2.0])
+  w.flush()
+  w.close()
+  assert not logdir.exists()
+
+
+def test_non_scalar_is_rejected(tmp_path):
+  w = MetricWriter(tmp_path)
+  with pytest.raises(ValueError, match=r"'train/loss' has shape \(2,\)"):
+    w.scalars(1, {"train/loss": np.ones(2)})
+  w.close()
+
+
+def test_stable_rank_against_numpy():
+  rng = np.random.default_rng(0)
+  assert stable_rank(np.outer(rng.normal(size=6), rng.normal(size=4))) == pytest.approx(1.0, rel=1e-5)
+  orthogonal, _ = np.linalg.qr(rng.normal(size=(5, 5)))
+  assert stable_rank(orthogonal) == pytest.approx(5.0, rel=1e-5)
+  m = rng.normal(size=(12, 7))
+  assert stable_rank(m) == pytest.approx(reference_stable_rank(m), rel=1e-5)
+  assert stable_rank(jnp.asarray(m, jnp.bfloat16)) == pytest.approx(reference_stable_rank(m), rel=1e-2)
+  assert stable_rank(np.zeros((3, 3))) == 0.0
+  with pytest.raises(ValueError, match="2-D matrix"):
+    stable_rank(np.ones((2, 3, 4)))
+
+
+def test_stable_ranks_of_stacked_kernels():
+  rng = np.random.default_rng(1)
+  layers, experts, d, heads, head_dim, f = 2, 3, 8, 2, 4, 6
+  wq = rng.normal(size=(layers, d, heads, head_dim))
+  wo = rng.normal(size=(layers, heads, head_dim, d))
+  w_in = rng.normal(size=(layers, experts, d, f))
+  dense_w_out = rng.normal(size=(f, d))
+  params = {"decoder": {
+      "layers": {"attn": {"wq": nn.LogicallyPartitioned(jnp.asarray(wq), ("layers", "embed", "heads", "head_dim")),
+                          "wo": jnp.asarray(wo), "lambda_q1": jnp.ones((layers, 1, 2))},
+                 "moe": {"w_in": jnp.asarray(w_in), "router": jnp.ones((layers, d, experts))}},
+      "dense": {"w_out": jnp.asarray(dense_w_out)},
+      "embed": {"table": jnp.ones((16, d))},
+  }}
+  expected = {
+      "stable_rank/decoder/layers/attn/wq": np.mean([reference_stable_rank(wq[i].reshape(d, -1))
+                                                     for i in range(layers)]),
+      "stable_rank/decoder/layers/attn/wo": np.mean([reference_stable_rank(wo[i].reshape(-1, d))
+                                                     for i in range(layers)]),
+      "stable_rank/decoder/layers/moe/w_in": np.mean([reference_stable_rank(w_in[i, e])
+                                                      for i in range(layers) for e in range(experts)]),
+      "stable_rank/decoder/dense/w_out": reference_stable_rank(dense_w_out),
+  }
+  ranks = stable_ranks(params)
+  assert ranks.keys() == expected.keys()
+  for tag, value in expected.items():
+    assert ranks[tag] == pytest.approx(value, rel=1e-5), tag
+  with pytest.raises(ValueError, match=r"attn/wq has shape \(8, 8\)"):
+    stable_ranks({"attn": {"wq": jnp.ones((8, 8))}})
