@@ -116,6 +116,7 @@ def defaults() -> ml_collections.ConfigDict:
   t.keep_checkpoints = 3
   t.stable_rank_every = 100
   t.max_nonfinite_in_a_row = 10
+  t.run_steps = 0  # stop (with a checkpoint) after this many steps of one invocation; 0: run to the end
   t.memory_headroom = 0.9  # refuse to start if the estimate exceeds this fraction of available memory
   t.peak_flops_per_device = 0.0  # for MFU; 0: known accelerator peaks, or a measured matmul peak on CPU
   t.compilation_cache_dir = "~/.cache/diffmoe_jax/xla"  # "" disables the persistent compilation cache
@@ -305,6 +306,10 @@ def _check_capacity(value, field: str) -> None:
 def _validate_training(config: ml_collections.ConfigDict) -> None:
   o, cur, m = config.optimizer, config.curriculum, config.model
   _require(o.peak_lr > 0, "optimizer.peak_lr", f"must be > 0, got {o.peak_lr}.")
+  _require(config.train.run_steps >= 0, "train.run_steps", f"must be >= 0, got {config.train.run_steps}.")
+  for field in ("log_every", "eval_every", "checkpoint_every", "stable_rank_every", "eval_batches",
+                "eval_batch_size", "keep_checkpoints", "max_nonfinite_in_a_row"):
+    _require(config.train[field] >= 1, f"train.{field}", f"must be >= 1, got {config.train[field]}.")
   _require(isinstance(o.grad_accum_steps, int) and o.grad_accum_steps >= 1, "optimizer.grad_accum_steps",
            f"must be an integer >= 1, got {o.grad_accum_steps!r}.")
   _require(o.grad_clip > 0, "optimizer.grad_clip", f"must be > 0, got {o.grad_clip}.")

@@ -1,11 +1,21 @@
 """Test-wide setup: eight simulated CPU devices (so sharding is tested in-process) before jax is imported."""
+import atexit
 import os
+import shutil
+import tempfile
 
 # Tests run tiny programs whose cost is compilation: XLA:CPU's backend optimisation level 0 compiles
 # several times faster (at half the run speed, which tests do not notice).
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
                            " --xla_backend_optimization_level=0").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache for the session, shared with the trainer subprocesses tests start, so
+# a program compiled once (same model, same shapes) is not compiled again.
+_SESSION_DIR = tempfile.mkdtemp(prefix="diffmoe_tests_")
+atexit.register(shutil.rmtree, _SESSION_DIR, ignore_errors=True)
+os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(_SESSION_DIR, "xla")
+# The token cache of the built-in corpus, built once per session.
+os.environ["DIFFMOE_CACHE"] = os.path.join(_SESSION_DIR, "tokens")
 
 import jax  # noqa: E402  (must follow the XLA_FLAGS above)
 

@@ -62,8 +62,8 @@ def english(seed, paragraphs=20):
 
 
 @pytest.fixture(scope="module")
-def stdlib(tmp_path_factory):
-  root = str(tmp_path_factory.mktemp("cache"))
+def stdlib():
+  root = os.environ["DIFFMOE_CACHE"]  # the session's cache (tests/conftest.py), shared with training tests
   return data.build_corpus(data_config({"code": "stdlib:code", "docs": "stdlib:docs"}), cache_root=root), root
 
 

@@ -107,7 +107,8 @@ def test_capacity_drops_later_tokens(activation):
   kept = expected_kept(experts, capacity)
   assert 0 < (~kept).sum() < kept.size
   y, stats = run_moe(x, weights, experts, params, activation, "capacity", "padded", 0.5)
-  np.testing.assert_allclose(y, reference_moe(x, weights, experts, params, activation, kept), rtol=1e-5, atol=1e-5)
+  ref = reference_moe(x, weights, experts, params, activation, kept)
+  np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(stats["dropped_fraction"], (~kept).sum() / kept.size, rtol=1e-6)
   np.testing.assert_allclose(stats["slot_fill"], kept.sum() / (E * B * capacity), rtol=1e-6)
 
@@ -118,7 +119,8 @@ def test_capacity_everyone_to_the_same_experts():
   y, stats = run_moe(x, weights, experts, params, "gelu", "capacity", "padded", 0.5)
   kept = np.zeros((B, T, K), bool)
   kept[:, :3] = True  # C = 3: the first three tokens of every sequence, in both of their experts
-  np.testing.assert_allclose(y, reference_moe(x, weights, experts, params, "gelu", kept), rtol=1e-5, atol=1e-5)
+  ref = reference_moe(x, weights, experts, params, "gelu", kept)
+  np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(stats["dropped_fraction"], 9 / 12, rtol=1e-6)
 
 
@@ -163,8 +165,8 @@ def test_expert_ffn_per_expert_and_batched_agree(activation):
   _, _, _, params = make_inputs(8, activation)
   rows = np.random.default_rng(9).normal(size=(2, E, 3, D)).astype(np.float32)
   w_gate = params.get("w_gate")
-  looped, batched = (dispatch._expert_ffn(jnp.asarray(rows), params["w_in"], params["w_out"], w_gate, activation,
-                                          per_expert=per_expert) for per_expert in (True, False))
+  looped, batched = (dispatch._expert_ffn(jnp.asarray(rows), params["w_in"], params["w_out"], w_gate,
+                                          activation, per_expert=per_expert) for per_expert in (True, False))
   ref = np.zeros(rows.shape)
   for e in range(E):
     h = rows[:, e].astype(np.float64) @ params["w_in"][e]
@@ -205,7 +207,8 @@ def test_bfloat16_follows_x():
   bf16 = {name: jnp.asarray(p, jnp.bfloat16) for name, p in params.items()}
   y, _ = run_moe(jnp.asarray(x, jnp.bfloat16), weights, experts, bf16, "swiglu", "capacity", "padded", 1.25)
   assert y.dtype == jnp.bfloat16
-  ref = reference_moe(x, weights, experts, params, "swiglu", expected_kept(experts, dispatch.moe_capacity(T, K, E, 1.25)))
+  kept = expected_kept(experts, dispatch.moe_capacity(T, K, E, 1.25))
+  ref = reference_moe(x, weights, experts, params, "swiglu", kept)
   np.testing.assert_allclose(np.asarray(y, np.float32), ref, rtol=5e-2, atol=5e-2)
 
 

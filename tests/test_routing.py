@@ -29,6 +29,14 @@ def test_top_k_gating_matches_reference(k):
   np.testing.assert_allclose(weights, ref_weights, rtol=1e-6, atol=1e-7)
 
 
+def test_top_k_gating_ties_go_to_the_lower_expert():
+  weights, experts = routing.top_k_gating(jnp.asarray([[1.0, 3.0, 3.0, 0.0], [2.0, 2.0, 2.0, 2.0]]), 2)
+  np.testing.assert_array_equal(experts, [[1, 2], [0, 1]])
+  np.testing.assert_allclose(weights, np.full((2, 2), 0.5))
+  with pytest.raises(ValueError, match="k=5"):
+    routing.top_k_gating(jnp.zeros((3, 4)), 5)
+
+
 def test_top_k_gating_casts_to_fp32():
   logits = np.random.default_rng(0).normal(size=(4, 8)).astype(np.float32)
   w16, e16 = routing.top_k_gating(jnp.asarray(logits, jnp.bfloat16), 2)
@@ -50,7 +58,8 @@ def test_noise_changes_selection_only_when_positive_and_is_reproducible():
   assert (np.asarray(noisy[1]) != np.asarray(clean[1])).any()
   for a, b in zip(noisy, routing.top_k_gating(logits, 2, noise_std=3.0, rng=rng)):
     np.testing.assert_array_equal(a, b)
-  assert (np.asarray(routing.top_k_gating(logits, 2, noise_std=3.0, rng=other)[1]) != np.asarray(noisy[1])).any()
+  other_noise = routing.top_k_gating(logits, 2, noise_std=3.0, rng=other)
+  assert (np.asarray(other_noise[1]) != np.asarray(noisy[1])).any()
 
   # Selection and weights both come from the noisy logits (the noise is jax.random.normal(rng) · std).
   noisy_logits = np.asarray(logits) + 3.0 * np.asarray(jax.random.normal(rng, logits.shape, jnp.float32))
@@ -88,7 +97,8 @@ def test_router_probs_is_fp32_softmax():
   logits = np.random.default_rng(4).normal(size=(2, 3, 5))
   probs = routing.router_probs(jnp.asarray(logits, jnp.bfloat16))
   assert probs.dtype == jnp.float32
-  np.testing.assert_allclose(probs, _softmax(np.asarray(jnp.asarray(logits, jnp.bfloat16), np.float64)), rtol=1e-6)
+  rounded = np.asarray(jnp.asarray(logits, jnp.bfloat16), np.float64)
+  np.testing.assert_allclose(probs, _softmax(rounded), rtol=1e-6)
 
 
 def reference_load_balance(logits, experts, num_experts, mask=None):
@@ -106,13 +116,15 @@ def reference_load_balance(logits, experts, num_experts, mask=None):
 
 def test_load_balance_loss_is_one_under_uniform_routing():
   num_experts, k, tokens = 4, 2, 8
-  experts = np.stack([(np.arange(tokens) + j) % num_experts for j in range(k)], axis=-1)  # each expert 4 times
+  # Token t picks experts t and t + 1 (mod 4): every expert gets 4 of the 16 assignments.
+  experts = np.stack([(np.arange(tokens) + j) % num_experts for j in range(k)], axis=-1)
   uniform = jnp.zeros((tokens, num_experts))
   assert float(routing.load_balance_loss(uniform, jnp.asarray(experts), num_experts)) == pytest.approx(1.0)
   np.testing.assert_allclose(routing.expert_load(jnp.asarray(experts), num_experts), np.full(4, 0.25))
   # With f uniform, any router probabilities give Σ f·P = 1/E.
   skewed = jnp.asarray(np.random.default_rng(5).normal(size=(tokens, num_experts)), jnp.float32)
-  assert float(routing.load_balance_loss(skewed, jnp.asarray(experts), num_experts)) == pytest.approx(1.0, rel=1e-6)
+  loss = routing.load_balance_loss(skewed, jnp.asarray(experts), num_experts)
+  assert float(loss) == pytest.approx(1.0, rel=1e-6)
 
 
 @pytest.mark.parametrize("with_mask", [False, True])
@@ -190,7 +202,10 @@ def test_scatter_tokens_gradients():
   updates = jnp.asarray(rng.normal(size=(2, 2, 3)), jnp.float32)
   cot = jnp.asarray(rng.normal(size=(2, 6, 3)), jnp.float32)
   indices = jnp.asarray([[1, 4], [0, 5]], jnp.int32)
-  dx, du = jax.grad(lambda x_, u: jnp.sum(routing.scatter_tokens(x_, u, indices) * cot), argnums=(0, 1))(x, updates)
+  def loss(x_, u):
+    return jnp.sum(routing.scatter_tokens(x_, u, indices) * cot)
+
+  dx, du = jax.grad(loss, argnums=(0, 1))(x, updates)
   selected = np.asarray(routing.mod_selected_mask(indices, 6))[..., None]
   np.testing.assert_allclose(dx, np.where(selected, 0.0, cot))
   np.testing.assert_allclose(du, routing.gather_tokens(cot, indices))

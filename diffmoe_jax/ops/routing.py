@@ -28,6 +28,8 @@ def top_k_gating(logits: jax.Array, k: int, *, noise_std=0.0,
   softmax over the k selected (noisy) logits, as in Mixtral; `experts` are ordered by descending
   logit, ties going to the lower expert index. Without `rng`, `noise_std` must be the constant 0.
   """
+  if not 1 <= k <= logits.shape[-1]:
+    raise ValueError(f"top_k_gating: k={k} must be between 1 and the number of experts {logits.shape[-1]}.")
   logits = logits.astype(jnp.float32)
   if rng is not None:
     noise_std = jnp.asarray(noise_std, jnp.float32)

@@ -35,8 +35,8 @@ class TrainingStopped(RuntimeError):
 @dataclasses.dataclass
 class RunResult:
   final_step: int
-  eval: dict  # "<domain>/loss", "<domain>/bits_per_byte", "<domain>/unigram_bits_per_byte", "loss", ...
-  stopped_by_signal: bool = False
+  eval: dict  # "<domain>/loss", "<domain>/bits_per_byte", "<domain>/unigram_bits_per_byte", "loss"; {} if stopped
+  stopped: str | None = None  # why the run stopped before the end: "SIGTERM", "SIGINT", "train.run_steps"
 
 
 class _SignalFlag:
@@ -206,7 +206,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
 
   def evaluate(step: int) -> dict:
     results, total_loss, total_tokens = {}, 0.0, 0.0
-    with mesh, nn.logical_axis_rules(rules):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       for domain, batches in eval_sets.items():
         loss_sum, tokens = 0.0, 0.0
         for b in batches:
@@ -260,9 +260,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     return False
 
   diverged = False
-  with _SignalFlag() as signals, mesh, nn.logical_axis_rules(rules):
+  end_step = curriculum.total_steps
+  if config.train.run_steps:
+    end_step = min(end_step, start_step + config.train.run_steps)
+  with _SignalFlag() as signals, jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     step = start_step
-    while step < curriculum.total_steps:
+    while step < end_step:
       settings = curriculum.settings(step)
       fn = step_fn(settings)
       batch = batch_for(settings)
@@ -286,6 +289,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
         break
     if pending is not None and not diverged:
       diverged = finish_step(pending)
+    if stopped_by is None and step < curriculum.total_steps:
+      stopped_by = "train.run_steps"
   progress.close()
 
   final_step = int(jax.device_get(state.step))
@@ -305,9 +310,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   ckpt.close()
   writer.close()
   if stopped_by is not None:
-    logging.warning("Stopped by %s at step %d; the checkpoint is in %s. Rerun the same command to resume.",
-                    stopped_by, final_step, ckpt.directory)
-  return RunResult(final_step=final_step, eval=last_eval, stopped_by_signal=stopped_by is not None)
+    logging.warning("Stopped by %s at step %d of %d; the checkpoint is in %s. Rerun the same command to resume.",
+                    stopped_by, final_step, curriculum.total_steps, ckpt.directory)
+    last_eval = {}
+  return RunResult(final_step=final_step, eval=last_eval, stopped=stopped_by)
 
 
 def _process_rows(x: np.ndarray, process_index: int, process_count: int) -> np.ndarray:

@@ -67,7 +67,7 @@ def create_state(model, optimizer, mesh, rules, *, seed: int, seq_len: int):
                           shardings)
 
   def make():
-    with mesh, nn.logical_axis_rules(rules):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       return jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shardings)(rng)
   return abstract, shardings, make
 

@@ -56,11 +56,12 @@ def make_train_step(model, optimizer: optax.GradientTransformation, *, mod_mode:
           accumulate, zeros, (jnp.arange(grad_accum_steps), micro(inputs), micro(targets)))
       grads, metrics = jax.tree.map(lambda x: x / grad_accum_steps, (grads, metrics))
 
-    grad_norm = optax.global_norm(grads)
-    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+    grad_norm = optax.tree.norm(grads)
     updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
     new_params = jax.tree.map(lambda p, u: p - dyn["lr"] * u.astype(p.dtype), state.params, updates)
-    # A non-finite loss or gradient leaves params and optimizer state as they were, and is counted.
+    # A non-finite loss, gradient or updated weight leaves params and optimizer state as they were, and
+    # is counted: the state stays the last good one.
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(new_params))
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     streak = jnp.where(finite, 0, state.nonfinite_streak + 1)
     new_state = state.replace(step=state.step + 1, params=keep(new_params, state.params),

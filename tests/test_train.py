@@ -1,0 +1,201 @@
+"""The training system end to end: six phases, TensorBoard, checkpoints, resume, fallback, signals, guards."""
+import importlib.util
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from diffmoe_jax import main as main_lib
+from diffmoe_jax import parallel
+from diffmoe_jax.config import ConfigError
+from diffmoe_jax.nn import model as model_lib
+from diffmoe_jax.train import checkpoint, loop
+from diffmoe_jax.train import state as state_lib
+from diffmoe_jax.train import step as step_lib
+from test_config import load as load_named
+
+CONFIG_PATH = os.path.join(os.path.dirname(__file__), "train_config.py")
+
+
+def load_config():
+  spec = importlib.util.spec_from_file_location("train_config", CONFIG_PATH)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def read_tb(workdir):
+  acc = EventAccumulator(os.path.join(workdir, "tb"), size_guidance={"scalars": 0, "tensors": 0, "histograms": 0})
+  acc.Reload()
+  return acc
+
+
+def scalar_series(acc, tag):
+  return {e.step: e.value for e in acc.Scalars(tag)}
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("full"))
+  return workdir, main_lib.run(load_config(), workdir)
+
+
+def test_trains_through_all_six_phases(full_run):
+  workdir, result = full_run
+  assert result.final_step == 24 and result.stopped is None
+  acc = read_tb(workdir)
+  phases = scalar_series(acc, "train/phase")
+  assert sorted(set(phases.values())) == [0, 1, 2, 3, 4, 5]
+  assert sorted(set(scalar_series(acc, "train/seq_len").values())) == [8, 16, 32]
+  losses = [v for _, v in sorted(scalar_series(acc, "train/loss").items())]
+  assert len(losses) == 24
+  assert np.mean(losses[-4:]) < np.mean(losses[:4]) - 0.5, losses
+  assert checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")).all_steps() == [12, 24]
+  for domain in ("code", "docs"):
+    assert result.eval[f"{domain}/bits_per_byte"] > 0 and result.eval[f"{domain}/unigram_bits_per_byte"] > 0
+
+
+def test_tensorboard_has_the_listed_tags(full_run):
+  acc = read_tb(full_run[0])
+  tags = acc.Tags()
+  scalars = set(tags["scalars"])
+  for tag in ("train/loss", "train/cross_entropy", "train/load_balance_loss", "train/router_z_loss",
+              "train/mod_predictor_loss", "train/lr", "train/grad_norm", "train/tokens_per_second", "train/mfu",
+              "train/phase", "train/router_noise", "train/mod_capacity", "train/nonfinite_total",
+              "moe/layer0/max_load", "moe/layer3/dropped_fraction", "lambda/layer2/expert3",
+              "mod/routed0/selected_fraction", "mod/routed1/predictor_accuracy",
+              "eval/loss", "eval/code/bits_per_byte", "eval/docs/unigram_bits_per_byte"):
+    assert tag in scalars, tag
+  assert any(t.startswith("stable_rank/") and "wq" in t for t in scalars)
+  assert any(t.startswith("stable_rank/") and "w_in" in t for t in scalars)
+  assert "moe/layer0/expert_load" in tags["histograms"]
+  assert any("config" in t for t in tags["tensors"])
+  # MoD: routed layers run every token in foundation (capacity 1) and half of them at the end.
+  fractions = scalar_series(acc, "mod/routed0/selected_fraction")
+  assert fractions[5] == 1.0 and fractions[24] == 0.5
+
+
+def test_resume_continues_exactly(full_run, tmp_path):
+  """Stopped after 10 steps (the end of foundation) and resumed: the same 24 losses, bit for bit."""
+  config = load_config()
+  config.train.run_steps = 10
+  first = main_lib.run(config, str(tmp_path))
+  assert first.final_step == 10 and first.stopped == "train.run_steps"
+  config.train.run_steps = 0
+  second = main_lib.run(config, str(tmp_path))
+  assert second.final_step == 24
+  want = scalar_series(read_tb(full_run[0]), "train/loss")
+  got = scalar_series(read_tb(str(tmp_path)), "train/loss")
+  assert sorted(got) == list(range(1, 25))
+  np.testing.assert_array_equal([got[s] for s in range(1, 25)], [want[s] for s in range(1, 25)])
+  assert second.eval["loss"] == pytest.approx(full_run[1].eval["loss"], abs=1e-6)
+
+
+def test_unreadable_newest_checkpoint_falls_back(full_run, tmp_path, caplog):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(full_run[0], workdir)
+  newest = os.path.join(workdir, "checkpoints", "24")
+  for root, _, files in os.walk(newest):
+    for f in files:
+      if "state" in root:
+        os.remove(os.path.join(root, f))
+  with caplog.at_level("WARNING"):
+    result = main_lib.run(load_config(), workdir)
+  assert "Cannot restore checkpoint at step 24" in caplog.text
+  assert result.final_step == 24
+  assert result.eval["loss"] == pytest.approx(full_run[1].eval["loss"], abs=1e-6)
+  assert checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")).latest_step == 24
+
+
+def _abstract_state(config):
+  model = model_lib.build_model(config.model)
+  mesh = parallel.make_mesh(config.mesh, jax.devices()[:1])
+  abstract, _, _ = state_lib.create_state(model, state_lib.make_optimizer(config.optimizer), mesh,
+                                          parallel.axis_rules(config.mesh), seed=0, seq_len=8)
+  return abstract
+
+
+def test_sigterm_mid_run_leaves_a_restorable_checkpoint(tmp_path):
+  workdir = str(tmp_path)
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}  # the same 8 devices and caches as this process
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "diffmoe_jax.main", f"--config={CONFIG_PATH}", "--config.curriculum.total_steps=2400",
+       "--config.train.log_every=1", f"--workdir={workdir}"],
+      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+  deadline, seen = time.time() + 300, 0
+  try:
+    while time.time() < deadline and seen < 3:
+      line = proc.stderr.readline()
+      if not line and proc.poll() is not None:
+        break
+      match = re.search(r"step (\d+)/2400", line)
+      seen = int(match.group(1)) if match else seen
+    assert seen >= 3, "the trainer never reported step 3"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+  finally:
+    proc.kill()
+  assert proc.returncode == 0, err[-3000:]
+  assert "Stopped by SIGTERM" in err
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
+  step = ckpt.latest_step
+  assert step is not None and seen <= step < 2400
+  state, restored_step = ckpt.restore_latest(_abstract_state(load_config()))
+  assert restored_step == step and int(state.step) == step
+  assert ckpt.restore_config()["curriculum"]["total_steps"] == 2400
+
+
+def test_nonfinite_update_is_skipped_and_counted():
+  config = load_config()
+  model = model_lib.build_model(config.model)
+  optimizer = state_lib.make_optimizer(config.optimizer)
+  state = jax.jit(lambda r: nn.unbox(state_lib.init_fn(model, optimizer, 8)(r)))(jax.random.PRNGKey(0))
+  fn = jax.jit(step_lib.make_train_step(model, optimizer, mod_mode="topk", mod_capacity=0.5))
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (4, 9)), jnp.int32)
+  batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+  dyn = {"lr": 1e-3, "router_noise": 0.0, "load_balance_weight": 0.01, "z_loss_weight": 0.001,
+         "mod_predictor_weight": 0.01}
+  poisoned = {**dyn, "router_noise": float("nan")}  # NaN router logits: a non-finite loss and gradient
+  after, metrics = fn(state, batch, {k: jnp.float32(v) for k, v in poisoned.items()})
+  assert int(metrics["update_skipped"]) == 1 and int(after.nonfinite_total) == 1 and int(after.step) == 1
+  jax.tree.map(np.testing.assert_array_equal, after.params, state.params)
+  jax.tree.map(np.testing.assert_array_equal, after.opt_state, state.opt_state)
+  good, metrics = fn(after, batch, {k: jnp.float32(v) for k, v in dyn.items()})
+  assert int(metrics["update_skipped"]) == 0 and int(good.nonfinite_streak) == 0
+  assert int(good.nonfinite_total) == 1
+  assert not np.array_equal(np.asarray(good.params["embed"]["table"]), np.asarray(state.params["embed"]["table"]))
+
+
+def test_a_run_of_nonfinite_updates_stops_with_the_last_good_state(tmp_path):
+  config = load_config()
+  config.optimizer.peak_lr = float("inf")  # every update non-finite
+  config.train.max_nonfinite_in_a_row = 3
+  with pytest.raises(loop.TrainingStopped, match="3 non-finite updates in a row"):
+    loop.train(config, str(tmp_path))
+  state, step = checkpoint.Checkpointer(os.path.join(tmp_path, "checkpoints")).restore_latest(
+      _abstract_state(config))
+  assert int(state.nonfinite_total) == step >= 3
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
+
+
+def test_too_large_config_stops_before_allocating():
+  config = load_named("pi_s")
+  with pytest.raises(main_lib.InsufficientMemoryError, match=r"needs about [\d,.]+ GiB per device.*fsdp"):
+    main_lib.check_memory(config, {"data": 1, "fsdp": 1, "expert": 1, "tensor": 1}, None)
+
+
+def test_vocabulary_smaller_than_the_tokenizer(tmp_path):
+  config = load_config()
+  config.model.vocab_size = 100
+  with pytest.raises(ConfigError, match=r"model\.vocab_size \(100\) is smaller than the tokenizer's vocabulary"):
+    loop.train(config, str(tmp_path))
