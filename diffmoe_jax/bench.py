@@ -1,18 +1,27 @@
 """Benchmarks (CLI): `python -m diffmoe_jax.bench <subcommand> [flags]`.
 
 Subcommands:
-  moe   the MoE layer (router, top-k gating, dispatch, experts, combine) against a dense FFN of the same
-        active FLOPs (d -> k·f -> d), forward and forward+backward, in one process, as ratios.
+  moe        the MoE layer (router, top-k gating, dispatch, experts, combine) against a dense FFN of the
+             same active FLOPs (d -> k·f -> d), forward and forward+backward, in one process, as ratios.
+  attention  the differential attention layer (expert-conditional λ) against standard attention of the
+             same width, forward and forward+backward, as ratios.
+  compile    compile time of the scanned model's training gradient at two depths (default 32 vs 4 layers).
+  train      a config's train step: tokens/s and MFU against this machine's measured matmul peak, and the
+             data pipeline's tokens/s against what the step consumes.
 """
 from __future__ import annotations
 
 import argparse
 import functools
+import importlib.util
 import statistics
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
+import numpy as np
 
 from diffmoe_jax.ops import dispatch, routing
 
@@ -121,6 +130,116 @@ def bench_moe(args: argparse.Namespace) -> None:
         "x: time relative to dense.")
 
 
+def load_config(path: str) -> ml_collections.ConfigDict:
+  spec = importlib.util.spec_from_file_location("bench_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def bench_attention(args: argparse.Namespace) -> None:
+  from diffmoe_jax.nn.attention import Attention
+  config = load_config(args.config)
+  b, t = args.batch, args.seq_len
+  x = jax.random.normal(jax.random.PRNGKey(0), (b, t, config.model.d_model), jnp.float32)
+  positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+  e, k = config.model.moe.num_experts, config.model.moe.top_k
+  gate_experts = jax.random.randint(jax.random.PRNGKey(1), (b, t, k), 0, e)
+  gate_weights = jax.nn.softmax(jax.random.normal(jax.random.PRNGKey(2), (b, t, k)), axis=-1)
+  fns = {}
+  for name, overrides in (("standard", dict(attention="standard", expert_conditional_lambda=False)),
+                          ("differential", dict(attention="differential", expert_conditional_lambda=True))):
+    cfg = ml_collections.ConfigDict(config.model.to_dict())
+    cfg.update(overrides)
+    module = Attention(ml_collections.FrozenConfigDict(cfg))
+    gate = (gate_weights, gate_experts) if cfg.expert_conditional_lambda else None
+    params = module.init(jax.random.PRNGKey(3), x, positions, 1, lambda_gate=gate)
+    layer = lambda p, x_, module=module, gate=gate: module.apply(p, x_, positions, 1, lambda_gate=gate)[0]
+    fwd, both = _forward_and_backward(layer)
+    fns[(name, "fwd")] = functools.partial(fwd, params, x)
+    fns[(name, "fwd+bwd")] = functools.partial(both, params, x, x)
+  medians = _interleaved_medians(fns, warmup=args.warmup, reps=args.reps)
+  m = config.model
+  print(f"backend={jax.default_backend()} B={b} T={t} d={m.d_model} H={m.num_heads} Dv={m.head_dim} "
+        f"impl={m.attention_impl}; median of {args.reps} interleaved rounds")
+  for part in ("fwd", "fwd+bwd"):
+    std, diff = medians[("standard", part)], medians[("differential", part)]
+    print(f"{part:<8} standard {1e3 * std:8.1f} ms   differential {1e3 * diff:8.1f} ms   ratio {diff / std:.2f}x")
+
+
+def bench_compile(args: argparse.Namespace) -> None:
+  from diffmoe_jax.nn import model as model_lib
+  config = load_config(args.config)
+  tokens = jnp.zeros((args.batch, args.seq_len), jnp.int32)
+  seconds = {}
+  for layers in args.layers:
+    cfg = ml_collections.ConfigDict(config.model.to_dict())
+    cfg.num_layers = layers
+    model = model_lib.build_model(cfg)
+    params = jax.eval_shape(lambda: nn.unbox(model.init({"params": jax.random.PRNGKey(0)}, tokens))["params"])
+
+    def loss(p, model=model):
+      logits, aux = model.apply({"params": p}, tokens, train=True, rngs={"noise": jax.random.PRNGKey(0)})
+      return jnp.mean(logits) + sum(aux["losses"].values())
+
+    start = time.perf_counter()
+    jax.jit(jax.grad(loss)).lower(params).compile()
+    seconds[layers] = time.perf_counter() - start
+    print(f"{layers:>4} layers: trace + lower + compile of the training gradient {seconds[layers]:6.1f} s",
+          flush=True)
+  first, last = args.layers[0], args.layers[-1]
+  print(f"ratio {last} / {first} layers: {seconds[last] / seconds[first]:.2f}x")
+
+
+def bench_train(args: argparse.Namespace) -> None:
+  from diffmoe_jax import data, estimate
+  from diffmoe_jax.nn import model as model_lib
+  from diffmoe_jax.train import metrics, state as state_lib, step as step_lib
+  from diffmoe_jax.train.curriculum import Curriculum
+  config = load_config(args.config)
+  curriculum = Curriculum(config)
+  phase = next(p for p in curriculum.phases if p.name == args.phase)
+  settings = curriculum.settings(phase.start)
+  model = model_lib.build_model(config.model)
+  optimizer = state_lib.make_optimizer(config.optimizer)
+  state = jax.jit(lambda r: nn.unbox(state_lib.init_fn(model, optimizer, phase.seq_len)(r)))(
+      jax.random.PRNGKey(0))
+  step = jax.jit(step_lib.make_train_step(model, optimizer, mod_mode=settings.mod_mode,
+                                          mod_capacity=settings.mod_capacity,
+                                          grad_accum_steps=config.optimizer.grad_accum_steps), donate_argnums=0)
+  corpus = data.build_corpus(config.data)
+  dataset = data.train_dataset(corpus, seed=0, seq_len=phase.seq_len, batch_size=phase.batch_size,
+                               domain_weights=dict(phase.domain_weights))
+  dyn = {k: jnp.float32(v) for k, v in step_lib.dynamic_settings(settings).items()}
+  batches = [{k: jnp.asarray(v) for k, v in dataset[i].items() if k != "domain"} for i in range(args.steps)]
+  state, _ = step(state, batches[0], dyn)  # compile
+  jax.block_until_ready(state)
+  start = time.perf_counter()
+  for batch in batches:
+    state, metrics_ = step(state, batch, dyn)
+  jax.block_until_ready(metrics_)
+  step_seconds = (time.perf_counter() - start) / args.steps
+  tokens = phase.batch_size * phase.seq_len
+  counts = estimate.count_params(config.model)
+  capacity = 1.0 if settings.mod_mode == "off" else settings.mod_capacity
+  flops = 3 * estimate.forward_flops_per_token(config.model, counts, phase.seq_len, mod_capacity=capacity)
+  peak = metrics.measured_matmul_flops()
+
+  start = time.perf_counter()
+  for i in range(args.data_batches):
+    dataset[args.steps + i]
+  data_tokens_per_second = args.data_batches * tokens / (time.perf_counter() - start)
+  tokens_per_second = tokens / step_seconds
+  print(f"config {args.config}, phase {phase.name}: seq_len {phase.seq_len}, batch {phase.batch_size}, MoD "
+        f"{settings.mod_mode} {settings.mod_capacity:.3f}, remat {config.model.remat_policy}, {args.steps} steps")
+  print(f"train step  {1e3 * step_seconds:8.1f} ms  {tokens_per_second:10,.0f} tokens/s  "
+        f"{flops / 1e6:.2f} MFLOP/token (3x forward)")
+  print(f"MFU         {flops * tokens_per_second / peak:8.1%}  of the measured matmul peak "
+        f"{peak / 1e9:.1f} GFLOP/s (fp32 1024x1024 matmul, best of 5)")
+  print(f"data        {data_tokens_per_second:10,.0f} tokens/s  = {data_tokens_per_second / tokens_per_second:,.0f}x "
+        f"what the step consumes")
+
+
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(prog="python -m diffmoe_jax.bench", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -142,6 +261,28 @@ def main(argv: list[str] | None = None) -> None:
   moe.add_argument("--reps", type=int, default=7)
   moe.add_argument("--seed", type=int, default=0)
   moe.set_defaults(run=bench_moe)
+
+  attention = commands.add_parser("attention", help="differential vs standard attention of the same width")
+  attention.add_argument("--config", default="configs/tiny.py")
+  attention.add_argument("--batch", type=int, default=8)
+  attention.add_argument("--seq-len", type=int, default=512)
+  attention.add_argument("--warmup", type=int, default=2)
+  attention.add_argument("--reps", type=int, default=9)
+  attention.set_defaults(run=bench_attention)
+
+  compile_ = commands.add_parser("compile", help="compile time of the scanned model at two depths")
+  compile_.add_argument("--config", default="configs/tiny.py")
+  compile_.add_argument("--layers", type=int, nargs="+", default=(4, 32))
+  compile_.add_argument("--batch", type=int, default=8)
+  compile_.add_argument("--seq-len", type=int, default=256)
+  compile_.set_defaults(run=bench_compile)
+
+  train = commands.add_parser("train", help="train-step tokens/s and MFU; data pipeline throughput")
+  train.add_argument("--config", default="configs/tiny.py")
+  train.add_argument("--phase", default="long_context", help="the curriculum phase whose step is timed")
+  train.add_argument("--steps", type=int, default=10)
+  train.add_argument("--data-batches", type=int, default=200)
+  train.set_defaults(run=bench_train)
 
   args = parser.parse_args(argv)
   args.run(args)

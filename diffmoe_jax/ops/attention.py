@@ -66,6 +66,50 @@ def _lambda_rows(lam, batch: int, length: int, heads: int) -> jax.Array:
   return jnp.broadcast_to(lam, (batch, length, heads))
 
 
+def _zero_rows_without_keys(out: jax.Array, mask: jax.Array) -> jax.Array:
+  """Queries that see no key get 0 (a per-row factor, cheaper than masking the probabilities)."""
+  return out * jnp.any(mask, axis=-1)[..., None, None].astype(out.dtype)
+
+
+def _attention_maps(q, k, mask):
+  """Both softmax maps `[B, H, T, S]` (fp32) of pre-scaled q `[B, T, H, 2, D]`, one einsum per map."""
+  def attention_map(j):
+    scores = jnp.einsum("bthd,bshd->bhts", q[:, :, :, j], k[:, :, :, j], preferred_element_type=jnp.float32)
+    return jax.nn.softmax(jnp.where(mask[:, None], scores, _MASK_VALUE), axis=-1)
+  return attention_map(0), attention_map(1)
+
+
+@jax.custom_vjp
+def _differential_xla(q, k, v, lam, mask):
+  """`(A₀ − λA₁)·v` for pre-scaled q; lam `[B, H, T]`. A hand-written VJP shares the row reductions."""
+  a0, a1 = _attention_maps(q, k, mask)
+  return jnp.einsum("bhts,bshv->bthv", (a0 - lam[..., None] * a1).astype(v.dtype), v)
+
+
+def _differential_xla_fwd(q, k, v, lam, mask):
+  a0, a1 = _attention_maps(q, k, mask)
+  out = jnp.einsum("bhts,bshv->bthv", (a0 - lam[..., None] * a1).astype(v.dtype), v)
+  return out, (q, k, v, lam, a0, a1)
+
+
+def _differential_xla_bwd(residuals, g):
+  # With C = A₀ − λA₁ and dC = g·vᵀ: the softmax gradient of map j is A_j ⊙ (dA_j − rowsum(A_j ⊙ dA_j)),
+  # with dA₀ = dC and dA₁ = −λ·dC, so r_j = rowsum(A_j ⊙ dC) serves both maps and dλ = −r₁.
+  q, k, v, lam, a0, a1 = residuals
+  d_combined = jnp.einsum("bthv,bshv->bhts", g, v, preferred_element_type=jnp.float32)
+  dv = jnp.einsum("bhts,bthv->bshv", (a0 - lam[..., None] * a1).astype(g.dtype), g)
+  r0 = jnp.sum(a0 * d_combined, axis=-1, keepdims=True)
+  r1 = jnp.sum(a1 * d_combined, axis=-1, keepdims=True)
+  ds0 = (a0 * (d_combined - r0)).astype(q.dtype)
+  ds1 = (-lam[..., None] * a1 * (d_combined - r1)).astype(q.dtype)
+  dq = jnp.stack([jnp.einsum("bhts,bshd->bthd", ds, k[:, :, :, j]) for j, ds in enumerate((ds0, ds1))], axis=3)
+  dk = jnp.stack([jnp.einsum("bhts,bthd->bshd", ds, q[:, :, :, j]) for j, ds in enumerate((ds0, ds1))], axis=3)
+  return dq, dk, dv, (-r1[..., 0]).astype(lam.dtype), None
+
+
+_differential_xla.defvjp(_differential_xla_fwd, _differential_xla_bwd)
+
+
 def differential_attention(q: jax.Array, k: jax.Array, v: jax.Array, lam, *, causal: bool = True,
                            q_positions: jax.Array | None = None, kv_positions: jax.Array | None = None,
                            kv_mask: jax.Array | None = None, implementation: str = "xla") -> jax.Array:
@@ -87,11 +131,8 @@ def differential_attention(q: jax.Array, k: jax.Array, v: jax.Array, lam, *, cau
   mask = attention_mask(q_positions, kv_positions, causal=causal, kv_mask=kv_mask)
   lam = _lambda_rows(lam, batch, t, heads)
   if implementation == "xla":
-    scores = jnp.einsum("bthjd,bshjd->bhjts", q, k, preferred_element_type=jnp.float32) * d**-0.5
-    m = mask[:, None, None]
-    probs = jnp.where(m, jax.nn.softmax(jnp.where(m, scores, _MASK_VALUE), axis=-1), 0.0)
-    combined = probs[:, :, 0] - jnp.transpose(lam, (0, 2, 1))[..., None] * probs[:, :, 1]
-    return jnp.einsum("bhts,bshv->bthv", combined.astype(v.dtype), v)
+    out = _differential_xla(q * jnp.asarray(d**-0.5, q.dtype), k, v, jnp.transpose(lam, (0, 2, 1)), mask)
+    return _zero_rows_without_keys(out, mask)
   if implementation == "fused":
     dv = v.shape[-1]
     if dv != 2 * d:
@@ -116,10 +157,9 @@ def standard_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool
   q_positions, kv_positions = _positions(q, k, q_positions, kv_positions)
   mask = attention_mask(q_positions, kv_positions, causal=causal, kv_mask=kv_mask)
   if implementation == "xla":
-    scores = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32) * d**-0.5
-    m = mask[:, None]
-    probs = jnp.where(m, jax.nn.softmax(jnp.where(m, scores, _MASK_VALUE), axis=-1), 0.0)
-    return jnp.einsum("bhts,bshv->bthv", probs.astype(v.dtype), v)
+    scores = jnp.einsum("bthd,bshd->bhts", q * jnp.asarray(d**-0.5, q.dtype), k, preferred_element_type=jnp.float32)
+    probs = jax.nn.softmax(jnp.where(mask[:, None], scores, _MASK_VALUE), axis=-1)
+    return _zero_rows_without_keys(jnp.einsum("bhts,bshv->bthv", probs.astype(v.dtype), v), mask)
   if implementation == "fused":
     return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=d**-0.5)
   raise ValueError(f"implementation must be 'xla' or 'fused', got {implementation!r}.")

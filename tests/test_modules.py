@@ -1,0 +1,73 @@
+"""Flax modules against float64 NumPy references built from their own parameters."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from diffmoe_jax.nn.attention import Attention
+from diffmoe_jax.nn.moe import MoEFeedForward
+from test_attention import reference_differential
+
+B, T = 2, 6
+
+
+def _rope(x, pos, theta):
+  d = x.shape[-1]
+  freqs = theta ** (-np.arange(0, d, 2) / d)
+  z = (x[..., : d // 2] + 1j * x[..., d // 2:]) * np.exp(1j * pos[:, :, None, None, None] * freqs)
+  return np.concatenate([z.real, z.imag], -1)
+
+
+@pytest.mark.parametrize("lambda_init", ["schedule", "0.5"])
+def test_expert_conditional_attention_layer(make_config, lambda_init):
+  cfg = make_config(lambda_init=lambda_init).model
+  m = ml_collections.FrozenConfigDict(cfg)
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(B, T, cfg.d_model)).astype(np.float32)
+  pos = np.broadcast_to(np.arange(T), (B, T))
+  experts = np.stack([rng.choice(cfg.moe.num_experts, 2, replace=False) for _ in range(B * T)]).reshape(B, T, 2)
+  weights = rng.dirichlet([1, 1], size=(B, T)).astype(np.float32)
+  layer_index = 3
+  module = Attention(m)
+  gate = (jnp.asarray(weights), jnp.asarray(experts, jnp.int32))
+  variables = module.init(jax.random.PRNGKey(0), x, pos, layer_index, lambda_gate=gate)
+  out, stats = module.apply(variables, x, pos, layer_index, lambda_gate=gate)
+
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), nn.unbox(variables)["params"])
+  h, dv = cfg.num_heads, cfg.head_dim
+  x64 = x.astype(np.float64)
+  q = _rope(np.einsum("btd,dhk->bthk", x64, p["wq"]).reshape(B, T, h, 2, dv // 2), pos, cfg.rope_theta)
+  k = _rope(np.einsum("btd,dhk->bthk", x64, p["wk"]).reshape(B, T, h, 2, dv // 2), pos, cfg.rope_theta)
+  v = np.einsum("btd,dhk->bthk", x64, p["wv"])
+  lambda_init = 0.8 - 0.6 * np.exp(-0.3 * layer_index) if lambda_init == "schedule" else 0.5
+  lam_e = (np.exp((p["lambda_q1"] * p["lambda_k1"]).sum(-1)) - np.exp((p["lambda_q2"] * p["lambda_k2"]).sum(-1))
+           + lambda_init)
+  token_lam = (weights * lam_e[experts]).sum(-1)
+  attn = reference_differential(q, k, v, np.repeat(token_lam[..., None], h, -1), pos, pos, None)
+  normed = attn / np.sqrt((attn**2).mean(-1, keepdims=True) + cfg.norm_eps) * p["head_norm"]["scale"]
+  want = np.einsum("bthk,hkd->btd", normed * (1 - lambda_init), p["wo"])
+  np.testing.assert_allclose(np.asarray(out), want, rtol=2e-4, atol=2e-5)
+  np.testing.assert_allclose(np.asarray(stats["lambda"]), lam_e, rtol=1e-5)
+
+
+def test_moe_layer_against_a_per_token_loop(make_config):
+  cfg = make_config(**{"moe.dispatch": "dropless"}).model
+  module = MoEFeedForward(ml_collections.FrozenConfigDict(cfg))
+  x = np.random.default_rng(1).normal(size=(B, T, cfg.d_model)).astype(np.float32)
+  variables = module.init(jax.random.PRNGKey(1), x)
+  y, stats = module.apply(variables, x)
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), nn.unbox(variables)["params"])
+  logits = x.astype(np.float64) @ p["router"]
+  gelu = lambda z: 0.5 * z * (1 + np.tanh(np.sqrt(2 / np.pi) * (z + 0.044715 * z**3)))
+  want = np.zeros_like(x, dtype=np.float64)
+  for b in range(B):
+    for t in range(T):
+      top = np.argsort(-logits[b, t])[:2]
+      w = np.exp(logits[b, t, top] - logits[b, t, top].max())
+      w /= w.sum()
+      for weight, e in zip(w, top):
+        want[b, t] += weight * gelu(x[b, t] @ p["w_in"][e]) @ p["w_out"][e]
+  np.testing.assert_allclose(np.asarray(y), want, rtol=1e-4, atol=1e-5)
+  assert float(stats["dropped_fraction"]) == 0.0
