@@ -14,7 +14,11 @@ from test_config import load
 
 @pytest.fixture
 def tiny():
-  return load("tiny")
+  """configs/tiny.py with the step count and anneal levels these tests are written for."""
+  config = load("tiny")
+  config.curriculum.total_steps = 600
+  config.curriculum.mod_anneal_levels = 4
+  return config
 
 
 def test_phases_tile_the_run(tiny):

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from diffmoe_jax.nn.layers import RMSNorm, constrain, dtype_of, param
+from diffmoe_jax.nn.layers import RESIDUAL, RMSNorm, constrain, dtype_of, param
 from diffmoe_jax.ops import attention as attention_ops
 
 
@@ -82,4 +82,4 @@ class Attention(nn.Module):
       out = out * (1.0 - lambda_init).astype(dtype)
       stats = {"lambda": lambdas}
     y = jnp.einsum("bthk,hkd->btd", out.astype(dtype), wo.astype(dtype))
-    return checkpoint_name(constrain(y, ("batch", "length", "embed")), "attn_out"), stats
+    return checkpoint_name(constrain(y, RESIDUAL), "attn_out"), stats

@@ -23,6 +23,11 @@ def param(module: nn.Module, name: str, shape: Sequence[int], axes: Sequence[str
   return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape), dtype)
 
 
+# The residual stream's layout: split over the batch, features whole. Weights shard their "embed" axis
+# over fsdp; activations must not (the batch already uses that mesh axis).
+RESIDUAL = ("batch", "length", None)
+
+
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
   """Sharding hint by logical axes; a no-op outside a mesh with axis rules."""
   return nn.with_logical_constraint(x, tuple(axes))
@@ -57,7 +62,10 @@ class Embed(nn.Module):
                        dtype=dtype_of(self.param_dtype))
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
-    return jnp.take(self.table, tokens, axis=0).astype(dtype_of(self.dtype))
+    # Gather the table's fsdp-sharded feature axis first (FSDP's weight gather), so the looked-up rows
+    # come out split by the batch like the tokens, not by features.
+    table = constrain(self.table, ("vocab", None))
+    return constrain(jnp.take(table, tokens, axis=0), RESIDUAL).astype(dtype_of(self.dtype))
 
   def attend(self, x: jax.Array) -> jax.Array:
     return jnp.einsum("btd,vd->btv", x, self.table.astype(x.dtype))

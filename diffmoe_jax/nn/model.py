@@ -15,7 +15,7 @@ import ml_collections
 import optax
 
 from diffmoe_jax.nn.attention import Attention
-from diffmoe_jax.nn.layers import Embed, RMSNorm, constrain, dtype_of, param
+from diffmoe_jax.nn.layers import RESIDUAL, Embed, RMSNorm, constrain, dtype_of, param
 from diffmoe_jax.nn.mod import MoDRouter
 from diffmoe_jax.nn.moe import DenseFeedForward, MoEFeedForward
 from diffmoe_jax.ops import attention as attention_ops
@@ -123,7 +123,7 @@ class LayerGroup(nn.Module):
       else:
         layer = FullLayer(self.config, self.train, name=f"layer_{j}")
       x, layer_stats = layer(x, positions, layer_index, noise_std)
-      x = constrain(x, ("batch", "length", "embed"))
+      x = constrain(x, RESIDUAL)
       stats.append(layer_stats)
     return x, jax.tree.map(lambda *a: jnp.stack(a), *stats)
 
@@ -170,7 +170,7 @@ class Transformer(nn.Module):
     if positions is None:
       positions = attention_ops.default_positions(batch, length)
     embed = Embed(cfg.vocab_size, cfg.d_model, cfg.init_std, cfg.dtype, cfg.param_dtype, name="embed")
-    x = constrain(embed(tokens).astype(jnp.float32), ("batch", "length", "embed"))
+    x = constrain(embed(tokens).astype(jnp.float32), RESIDUAL)
     noise_std = jnp.asarray(router_noise_std, jnp.float32)
     size, groups, tail = layer_layout(cfg)
     group_args = dict(config=cfg, size=size, routed_last=cfg.mod.enabled, train=train, mod_mode=mod_mode,

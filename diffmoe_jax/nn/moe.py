@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from diffmoe_jax.nn.layers import constrain, dtype_of, param
+from diffmoe_jax.nn.layers import RESIDUAL, constrain, dtype_of, param
 from diffmoe_jax.ops import dispatch, routing
 
 
@@ -54,7 +54,7 @@ class MoEFeedForward(nn.Module):
         "expert_load": routing.expert_load(experts, moe.num_experts),
         "dropped_fraction": jnp.asarray(dispatch_stats["dropped_fraction"], jnp.float32),
     }
-    return checkpoint_name(constrain(y.astype(dtype), ("batch", "length", "embed")), "ffn_out"), stats
+    return checkpoint_name(constrain(y.astype(dtype), RESIDUAL), "ffn_out"), stats
 
 
 class DenseFeedForward(nn.Module):
@@ -80,7 +80,7 @@ class DenseFeedForward(nn.Module):
     zero = jnp.zeros((), jnp.float32)
     stats = {"load_balance_loss": zero, "z_loss": zero, "expert_load": jnp.zeros((1,), jnp.float32),
              "dropped_fraction": zero}
-    return checkpoint_name(constrain(y, ("batch", "length", "embed")), "ffn_out"), stats
+    return checkpoint_name(constrain(y, RESIDUAL), "ffn_out"), stats
 
 
 def dense_ffn_dim(cfg) -> int:
