@@ -15,7 +15,7 @@ def get_config():
   c.model.mod.capacity = 0.25
   c.data.tokenizer = "bytes"
   c.curriculum.tokens_per_batch = 8 * 256
-  c.curriculum.total_steps = 500
+  c.curriculum.total_steps = 400
   c.curriculum.mod_anneal_levels = 2  # fewer distinct programs: each costs a compile on a small CPU
   c.curriculum.specialize.domain_weights = {"code": 0.7, "docs": 0.3}
   c.curriculum.anneal.domain_weights = {"code": 1.0}

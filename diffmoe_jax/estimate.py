@@ -189,7 +189,7 @@ def training_memory_per_device(config: ml_collections.ConfigDict, mesh_shape: di
   return {"state": state, "activations": activations, "total": state + activations}
 
 
-def _human(x: float, unit: str = "") -> str:
+def human(x: float, unit: str = "") -> str:
   for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
     if abs(x) >= scale:
       return f"{x / scale:.3f}{suffix}{unit}"
@@ -214,18 +214,18 @@ def report(config: ml_collections.ConfigDict, result: dict | None = None) -> str
            f"MoD {'every ' + str(cfg.mod.every) + ' at ' + str(cfg.mod.capacity) if cfg.mod.enabled else 'off'}",
            f"{'quantity':<40}{'computed':>16}{'paper':>12}  flag"]
   rows = [
-      ("total_params", "total parameters", _human),
-      ("embedding_params", "  embedding + output head", _human),
-      ("attention_params", "  attention", _human),
-      ("expert_params", "  experts", _human),
-      ("expert_params_per_layer", "  experts per layer", _human),
-      ("active_params_no_mod", "active parameters / token (no MoD)", _human),
-      ("active_params", "active parameters / token (with MoD)", _human),
-      ("active_params_non_embedding", "  the same, without embedding and head", _human),
-      ("forward_flops_per_token", "forward FLOPs / token (at context)", _human),
-      ("forward_flops_per_token_no_mod", "forward FLOPs / token (no MoD)", _human),
-      ("train_flops_per_token", "training FLOPs / token (3x fwd)", _human),
-      ("train_flops_per_token_full_remat", "training FLOPs / token, full remat", _human),
+      ("total_params", "total parameters", human),
+      ("embedding_params", "  embedding + output head", human),
+      ("attention_params", "  attention", human),
+      ("expert_params", "  experts", human),
+      ("expert_params_per_layer", "  experts per layer", human),
+      ("active_params_no_mod", "active parameters / token (no MoD)", human),
+      ("active_params", "active parameters / token (with MoD)", human),
+      ("active_params_non_embedding", "  the same, without embedding and head", human),
+      ("forward_flops_per_token", "forward FLOPs / token (at context)", human),
+      ("forward_flops_per_token_no_mod", "forward FLOPs / token (no MoD)", human),
+      ("train_flops_per_token", "training FLOPs / token (3x fwd)", human),
+      ("train_flops_per_token_full_remat", "training FLOPs / token, full remat", human),
       ("weights_bytes_bf16", "weights, bf16", _bytes),
       ("weights_bytes_fp32", "weights, fp32", _bytes),
       ("adam_state_bytes_fp32", "AdamW state (m, v), fp32", _bytes),
@@ -233,7 +233,7 @@ def report(config: ml_collections.ConfigDict, result: dict | None = None) -> str
       ("kv_cache_bytes_bf16", "KV cache / sequence at context, bf16", _bytes),
       ("kv_cache_bytes_fp32", "KV cache / sequence at context, fp32", _bytes),
       ("kv_cache_bytes_bf16_no_mod", "KV cache / sequence, bf16, no MoD", _bytes),
-      ("paper_training_tokens", "tokens that 3.2e22 training FLOPs buy", _human),
+      ("paper_training_tokens", "tokens that 3.2e22 training FLOPs buy", human),
   ]
   if not claims:
     rows = [row for row in rows if row[0] != "paper_training_tokens"]
@@ -242,7 +242,7 @@ def report(config: ml_collections.ConfigDict, result: dict | None = None) -> str
     claim = claims.get(key)
     paper, flag = "", ""
     if claim is not None:
-      paper = _human(claim)
+      paper = human(claim)
       ratio = result[key] / claim
       if abs(ratio - 1) > CLAIM_TOLERANCE:
         flag = f"DISAGREES ({ratio:.2f}x the paper)"

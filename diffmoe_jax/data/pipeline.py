@@ -31,11 +31,7 @@ def train_dataset(corpus, *, seed: int, seq_len: int, batch_size: int, domain_we
   _check_sizes(seq_len=seq_len, batch_size=batch_size, process_count=process_count)
   if not (isinstance(seed, numbers.Integral) and seed >= 0):
     raise DataError(f"seed must be a non-negative integer (config.seed), got {seed!r}.")
-  if not 0 <= process_index < process_count:
-    raise DataError(f"process_index {process_index} must lie in [0, process_count={process_count}).")
-  if batch_size % process_count:
-    raise DataError(f"batch_size {batch_size} is not divisible by process_count {process_count}; use a batch "
-                    "size that is a multiple of the process count.")
+  _check_process_share(batch_size, process_index, process_count)
   weights = _mixture_weights(corpus, domain_weights)
   parts, total = [], 0
   for domain in weights:
@@ -65,9 +61,7 @@ def eval_batches(corpus, domain: str, *, seq_len: int, batch_size: int, num_batc
   With several processes, process p gets rows [p*B/P, (p+1)*B/P) of each batch.
   """
   _check_sizes(seq_len=seq_len, batch_size=batch_size, num_batches=num_batches, process_count=process_count)
-  if batch_size % process_count or not 0 <= process_index < process_count:
-    raise DataError(f"process {process_index} of {process_count} cannot take an equal share of batch_size "
-                    f"{batch_size}; use a batch size that is a multiple of the process count.")
+  _check_process_share(batch_size, process_index, process_count)
   tokens = corpus.tokens(domain, "val")
   n = _num_windows(tokens, seq_len)
   if n == 0:
@@ -105,6 +99,14 @@ def _collate(windows: list[tuple[np.ndarray, int]]) -> dict[str, np.ndarray]:
 
 def _num_windows(tokens: np.ndarray, seq_len: int) -> int:
   return (len(tokens) - 1) // seq_len
+
+
+def _check_process_share(batch_size: int, process_index: int, process_count: int) -> None:
+  if not 0 <= process_index < process_count:
+    raise DataError(f"process_index {process_index} must lie in [0, process_count={process_count}).")
+  if batch_size % process_count:
+    raise DataError(f"batch_size {batch_size} is not divisible by process_count {process_count}; use a batch "
+                    "size that is a multiple of the process count.")
 
 
 def _check_sizes(**sizes: int) -> None:

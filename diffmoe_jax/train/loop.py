@@ -201,7 +201,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
                     out_shardings=(scalar, scalar))
   eval_sets = {
       domain: data.eval_batches(corpus, domain, seq_len=config.model.max_seq_len,
-                                batch_size=config.train.eval_batch_size, num_batches=config.train.eval_batches)
+                                batch_size=config.train.eval_batch_size, num_batches=config.train.eval_batches,
+                                process_index=process_index, process_count=process_count)
       for domain in corpus.domains}
 
   def evaluate(step: int) -> dict:
@@ -210,8 +211,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
       for domain, batches in eval_sets.items():
         loss_sum, tokens = 0.0, 0.0
         for b in batches:
-          local = {k: _process_rows(v, process_index, process_count) for k, v in b.items()
-                   if k in ("inputs", "targets")}
+          local = {k: b[k] for k in ("inputs", "targets")}
           s, n = eval_fn(state.params, parallel.global_batch(local, batch_sharding))
           loss_sum, tokens = loss_sum + float(s), tokens + float(n)
         loss = loss_sum / tokens
@@ -315,7 +315,3 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     last_eval = {}
   return RunResult(final_step=final_step, eval=last_eval, stopped=stopped_by)
 
-
-def _process_rows(x: np.ndarray, process_index: int, process_count: int) -> np.ndarray:
-  rows = x.shape[0] // process_count
-  return x[process_index * rows:(process_index + 1) * rows]

@@ -70,7 +70,3 @@ def create_state(model, optimizer, mesh, rules, *, seed: int, seq_len: int):
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       return jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shardings)(rng)
   return abstract, shardings, make
-
-
-def count_params(params) -> int:
-  return sum(x.size for x in jax.tree.leaves(params))
