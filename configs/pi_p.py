@@ -10,4 +10,6 @@ def get_config():
   c.curriculum.tokens_per_batch = 1024 * 1024
   c.curriculum.total_steps = 100_000
   c.optimizer.peak_lr = 6e-4
+  # Weights, gradients and optimizer state shard over every device (FSDP); the batch splits the same way.
+  c.mesh.shape.update(data=1, fsdp=-1)
   return c

@@ -118,7 +118,6 @@ def main(argv):
   try:
     run(_CONFIG.value, _WORKDIR.value)
   except (ConfigError, DataError, InsufficientMemoryError, TrainingStopped) as e:
-    logging.error("%s", e)
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
 

@@ -243,3 +243,23 @@ def test_gradient_accumulation_equals_the_full_batch():
   # Adam's first update is g / (|g| + ε): rounding in a near-zero gradient moves it by a fraction of lr.
   jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5),
                two.params, one.params)
+
+
+def test_bfloat16_compute_keeps_float32_master_weights():
+  config = load_config()
+  config.model.dtype = "bfloat16"
+  model = model_lib.build_model(config.model)
+  optimizer = state_lib.make_optimizer(config.optimizer)
+  state = jax.jit(lambda r: nn.unbox(state_lib.init_fn(model, optimizer, 8)(r)))(jax.random.PRNGKey(0))
+  fn = jax.jit(step_lib.make_train_step(model, optimizer, mod_mode="topk", mod_capacity=0.5))
+  tokens = jnp.asarray(np.random.default_rng(2).integers(0, 256, (4, 17)), jnp.int32)
+  batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+  dyn = {k: jnp.float32(v) for k, v in {"lr": 1e-2, "router_noise": 0.5, "load_balance_weight": 0.01,
+                                        "z_loss_weight": 0.001, "mod_predictor_weight": 0.01}.items()}
+  losses = []
+  for _ in range(3):
+    state, metrics = fn(state, batch, dyn)
+    losses.append(float(metrics["loss"]))
+  assert all(np.isfinite(losses)) and losses[-1] < losses[0], losses
+  assert int(state.nonfinite_total) == 0
+  assert {x.dtype for x in jax.tree.leaves(state.params)} == {jnp.dtype("float32")}
