@@ -155,14 +155,18 @@ def test_sigterm_mid_run_leaves_a_restorable_checkpoint(tmp_path):
   assert ckpt.restore_config()["curriculum"]["total_steps"] == 2400
 
 
-def test_nonfinite_update_is_skipped_and_counted():
-  config = load_config()
+def _fresh_state(config, *, seed: int, length: int):
+  """(model, optimizer, initial state, a random batch of 4 sequences of `length` tokens)."""
   model = model_lib.build_model(config.model)
   optimizer = state_lib.make_optimizer(config.optimizer)
   state = jax.jit(lambda r: nn.unbox(state_lib.init_fn(model, optimizer, 8)(r)))(jax.random.PRNGKey(0))
+  tokens = jnp.asarray(np.random.default_rng(seed).integers(0, 256, (4, length + 1)), jnp.int32)
+  return model, optimizer, state, {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+
+
+def test_nonfinite_update_is_skipped_and_counted():
+  model, optimizer, state, batch = _fresh_state(load_config(), seed=0, length=8)
   fn = jax.jit(step_lib.make_train_step(model, optimizer, mod_mode="topk", mod_capacity=0.5))
-  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (4, 9)), jnp.int32)
-  batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
   dyn = {"lr": 1e-3, "router_noise": 0.0, "load_balance_weight": 0.01, "z_loss_weight": 0.001,
          "mod_predictor_weight": 0.01}
   poisoned = {**dyn, "router_noise": float("nan")}  # NaN router logits: a non-finite loss and gradient
@@ -224,12 +228,7 @@ def test_gradient_accumulation_equals_the_full_batch():
   The load-balance loss E·Σ f·P is a product of batch means, so it is computed per micro-batch and not
   additive; its weight is 0 here. The other losses are means and accumulate exactly.
   """
-  config = load_config()
-  model = model_lib.build_model(config.model)
-  optimizer = state_lib.make_optimizer(config.optimizer)
-  state = jax.jit(lambda r: nn.unbox(state_lib.init_fn(model, optimizer, 8)(r)))(jax.random.PRNGKey(0))
-  tokens = jnp.asarray(np.random.default_rng(1).integers(0, 256, (4, 17)), jnp.int32)
-  batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+  model, optimizer, state, batch = _fresh_state(load_config(), seed=1, length=16)
   dyn = {k: jnp.float32(v) for k, v in {"lr": 1e-3, "router_noise": 0.0, "load_balance_weight": 0.0,
                                         "z_loss_weight": 0.001, "mod_predictor_weight": 0.01}.items()}
   results = {}
@@ -248,12 +247,8 @@ def test_gradient_accumulation_equals_the_full_batch():
 def test_bfloat16_compute_keeps_float32_master_weights():
   config = load_config()
   config.model.dtype = "bfloat16"
-  model = model_lib.build_model(config.model)
-  optimizer = state_lib.make_optimizer(config.optimizer)
-  state = jax.jit(lambda r: nn.unbox(state_lib.init_fn(model, optimizer, 8)(r)))(jax.random.PRNGKey(0))
+  model, optimizer, state, batch = _fresh_state(config, seed=2, length=16)
   fn = jax.jit(step_lib.make_train_step(model, optimizer, mod_mode="topk", mod_capacity=0.5))
-  tokens = jnp.asarray(np.random.default_rng(2).integers(0, 256, (4, 17)), jnp.int32)
-  batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
   dyn = {k: jnp.float32(v) for k, v in {"lr": 1e-2, "router_noise": 0.5, "load_balance_weight": 0.01,
                                         "z_loss_weight": 0.001, "mod_predictor_weight": 0.01}.items()}
   losses = []
