@@ -14,6 +14,7 @@ ACTIVATIONS = ("gelu", "swiglu")
 ATTENTIONS = ("differential", "standard")
 FFNS = ("moe", "dense")
 DISPATCH_MODES = ("capacity", "dropless")
+ROUTE_FROM = ("attention_input", "ffn_input")
 DROPLESS_IMPLS = ("auto", "ragged", "padded")
 ATTENTION_IMPLS = ("auto", "xla", "fused")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_names")
@@ -67,6 +68,10 @@ def defaults() -> ml_collections.ConfigDict:
   m.moe.dispatch = "capacity"  # or "dropless"
   m.moe.capacity_factor = 1.25
   m.moe.dropless_impl = "auto"  # "ragged" (jax.lax.ragged_dot), "padded" (capacity T), "auto" per backend
+  m.moe.eval_dispatch = "dropless"  # evaluation and decoding: every token reaches its k experts
+  # "attention_input": the MoE routes from the attention's input, the routing that gates λ;
+  # "ffn_input": from its own input (x + attention), λ gated by a noise-free top-k on the attention input.
+  m.moe.route_from = "attention_input"
 
   m.mod = ml_collections.ConfigDict()
   m.mod.enabled = True
@@ -216,8 +221,11 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if m.ffn == "moe":
     _require(isinstance(moe.expert_ffn_dim, int) and moe.expert_ffn_dim > 0, "model.moe.expert_ffn_dim",
              f"must be a positive integer, got {moe.expert_ffn_dim!r}.")
-    _require(moe.dispatch in DISPATCH_MODES, "model.moe.dispatch",
-             f"{moe.dispatch!r} is not one of {DISPATCH_MODES}.")
+    for field in ("dispatch", "eval_dispatch"):
+      _require(moe[field] in DISPATCH_MODES, f"model.moe.{field}",
+               f"{moe[field]!r} is not one of {DISPATCH_MODES}.")
+    _require(moe.route_from in ROUTE_FROM, "model.moe.route_from",
+             f"{moe.route_from!r} is not one of {ROUTE_FROM}.")
     _require(moe.dropless_impl in DROPLESS_IMPLS, "model.moe.dropless_impl",
              f"{moe.dropless_impl!r} is not one of {DROPLESS_IMPLS}.")
     _require(moe.capacity_factor > 0, "model.moe.capacity_factor",

@@ -33,12 +33,17 @@ def make_inputs(seed, activation, expert_probs=None):
   return x, weights, experts.reshape(B, T, K).astype(np.int32), params
 
 
-def expected_kept(experts, capacity):
-  """Per sequence, a running count per expert in token order: an assignment is kept while below C."""
+def expected_kept(experts, capacity, token_mask=None):
+  """Per sequence, a running count per expert in token order: an assignment is kept while below C.
+
+  Masked-out tokens (token_mask False) take no slot and are never kept.
+  """
   kept = np.zeros(experts.shape, bool)
   for b in range(experts.shape[0]):
     count = np.zeros(E, int)
     for t in range(experts.shape[1]):
+      if token_mask is not None and not token_mask[b, t]:
+        continue
       for j in range(experts.shape[2]):
         e = experts[b, t, j]
         kept[b, t, j] = count[e] < capacity
@@ -122,6 +127,26 @@ def test_capacity_everyone_to_the_same_experts():
   ref = reference_moe(x, weights, experts, params, "gelu", kept)
   np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(stats["dropped_fraction"], 9 / 12, rtol=1e-6)
+
+
+@pytest.mark.parametrize("mode,impl,capacity_factor", [("capacity", "padded", 0.5)] + IMPLS)
+def test_masked_tokens_take_no_slot_and_contribute_nothing(mode, impl, capacity_factor):
+  # Skewed routing so that, without the mask, the masked tokens would take capacity from later ones.
+  x, weights, experts, params = make_inputs(12, "gelu", expert_probs=[0.45, 0.35, 0.1, 0.1])
+  token_mask = np.random.default_rng(13).uniform(size=(B, T)) < 0.5
+  token_mask[:, 0] = False  # the earliest token, which would win any slot it asked for
+  capacity = dispatch.moe_capacity(T, K, E, capacity_factor) if mode == "capacity" else T
+  kept = expected_kept(experts, capacity, token_mask)
+  fn = jax.jit(functools.partial(dispatch.moe_ffn, activation="gelu", mode=mode,
+                                 capacity_factor=capacity_factor, dropless_impl=impl))
+  y, stats = fn(jnp.asarray(x), jnp.asarray(weights), jnp.asarray(experts), params["w_in"], params["w_out"],
+                token_mask=jnp.asarray(token_mask))
+  ref = reference_moe(x, weights, experts, params, "gelu", kept)
+  np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(y)[~token_mask], 0.0)
+  # Dropped assignments are counted among the real tokens' assignments only.
+  real = np.broadcast_to(token_mask[..., None], kept.shape)
+  np.testing.assert_allclose(stats["dropped_fraction"], (real & ~kept).sum() / real.sum(), rtol=1e-6)
 
 
 def test_huge_capacity_equals_dropless():

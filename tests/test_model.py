@@ -4,12 +4,16 @@ from unittest import mock
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
 
 from diffmoe_jax import config as config_lib
 from diffmoe_jax.nn import model as model_lib
+from diffmoe_jax.nn.attention import Attention
+from diffmoe_jax.nn.mod import MoDRouter
+from diffmoe_jax.ops import dispatch
 
 B, T = 2, 16
 
@@ -195,3 +199,74 @@ def test_save_names_policy_trains(make_config):
   model, variables = _init(cfg)
   grads = jax.grad(lambda v: model.apply(v, _tokens(9))[0].sum())(variables)
   assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
+
+
+def test_mod_off_equals_top_k_at_full_capacity(base):
+  """Warmup (MoD off) and foundation (top-k at capacity 1) run the same function: one scaling rule."""
+  _, model, params, _ = base
+  tokens = _tokens(10)
+  off, _ = jax.jit(lambda p: model.apply({"params": p}, tokens, mod_mode="off"))(params)
+  full, _ = jax.jit(lambda p: model.apply({"params": p}, tokens, mod_mode="topk", mod_capacity=1.0))(params)
+  np.testing.assert_allclose(np.asarray(off), np.asarray(full), rtol=1e-5, atol=1e-5)
+
+
+def _routed_layer_and_params(cfg, x, positions):
+  layer = model_lib.RoutedLayer(ml_collections.FrozenConfigDict(cfg.model), train=False, mod_mode="predictor")
+  variables = layer.init({"params": jax.random.PRNGKey(3), "noise": jax.random.PRNGKey(4)}, x, positions,
+                         jnp.asarray(1), 0.0)
+  return layer, nn.unbox(variables)["params"]
+
+
+def test_predictor_mode_runs_the_block_on_the_selected_tokens_alone(make_config):
+  """A routed layer at inference equals running its block on the predictor's tokens only.
+
+  Skipped tokens must take no MoE capacity and no attention slot, and evaluation must be dropless, so
+  a token's output never depends on which other tokens the batch holds. Training uses a capacity factor
+  small enough to drop assignments, which evaluation must not inherit.
+  """
+  cfg = make_config(**{"moe.capacity_factor": 0.5})
+  rng = np.random.default_rng(11)
+  x = jnp.asarray(rng.normal(size=(B, T, cfg.model.d_model)), jnp.float32)
+  positions = jnp.broadcast_to(jnp.arange(T), (B, T))
+  layer, params = _routed_layer_and_params(cfg, x, positions)
+  out, _ = jax.jit(lambda p: layer.apply({"params": p}, x, positions, jnp.asarray(1), 0.0))(params)
+  frozen = ml_collections.FrozenConfigDict(cfg.model)
+  score, predictor_logit = MoDRouter(frozen).apply({"params": params["mod_router"]}, x)
+  selected = np.asarray(predictor_logit > 0)
+  assert 0 < selected.sum() < selected.size and not selected[:, 0].all(), "the test needs a mixed selection"
+  block = model_lib.Block(frozen, train=False)
+  for b in range(B):
+    idx = np.flatnonzero(selected[b])
+    delta, _ = block.apply({"params": params["block"]}, x[b:b + 1, idx], positions[b:b + 1, idx],
+                           jnp.asarray(1), 0.0)
+    want = np.asarray(x[b]).copy()
+    want[idx] += np.asarray(jax.nn.sigmoid(score[b, idx])[:, None] * delta[0])
+    np.testing.assert_allclose(np.asarray(out[b]), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("route_from,same", [("attention_input", True), ("ffn_input", False)])
+def test_expert_conditional_lambda_follows_the_moe_routing(make_config, route_from, same):
+  """route_from='attention_input': λ is mixed over exactly the experts the token's FFN runs (noise too)."""
+  cfg = make_config(**{"moe.route_from": route_from, "moe.num_experts": 8})
+  frozen = ml_collections.FrozenConfigDict(cfg.model)
+  block = model_lib.Block(frozen, train=True)
+  x = jnp.asarray(np.random.default_rng(12).normal(size=(B, T, cfg.model.d_model)), jnp.float32)
+  positions = jnp.broadcast_to(jnp.arange(T), (B, T))
+  rngs = {"params": jax.random.PRNGKey(5), "noise": jax.random.PRNGKey(6)}
+  variables = block.init(rngs, x, positions, jnp.asarray(0), 1.0)
+  seen = {}
+
+  def record(next_fun, args, kwargs, context):
+    if isinstance(context.module, Attention) and context.method_name == "__call__":
+      seen["lambda_experts"] = np.asarray(kwargs["lambda_gate"][1])
+    return next_fun(*args, **kwargs)
+
+  real_moe_ffn = dispatch.moe_ffn
+  def moe_ffn(x_, weights, experts, *args, **kwargs):
+    seen["ffn_experts"] = np.asarray(experts)
+    return real_moe_ffn(x_, weights, experts, *args, **kwargs)
+
+  with nn.intercept_methods(record), mock.patch.object(dispatch, "moe_ffn", moe_ffn):
+    block.apply(variables, x, positions, jnp.asarray(0), 1.0, rngs={"noise": jax.random.PRNGKey(7)})
+  agree = np.mean(seen["lambda_experts"] == seen["ffn_experts"])
+  assert (agree == 1.0) == same, agree

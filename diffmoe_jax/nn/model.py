@@ -30,21 +30,33 @@ _REMAT_POLICIES = {
 
 
 class Block(nn.Module):
-  """Pre-norm attention then feed-forward; returns the block's update `attn + ffn` (not x + update)."""
+  """Pre-norm attention then feed-forward; returns the block's update `attn + ffn` (not x + update).
+
+  With `moe.route_from="attention_input"` the MoE routes each token from the attention's input, and the
+  expert-conditional λ mixes over exactly those (noisy, in training) experts; with "ffn_input" the MoE
+  routes from its own input and λ is gated by a noise-free top-k of the same router on the attention input.
+  `token_mask` (bool `[B, T]`) marks the tokens that run the block: the others take no expert slot.
+  """
   config: ml_collections.FrozenConfigDict
   train: bool = False
 
   @nn.compact
-  def __call__(self, x, positions, layer_index, noise_std, kv_mask=None):
+  def __call__(self, x, positions, layer_index, noise_std, kv_mask=None, token_mask=None):
     cfg = self.config
     norm = dict(eps=cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
     h = RMSNorm(**norm, name="attn_norm")(x)
     ffn = MoEFeedForward(cfg, name="moe") if cfg.ffn == "moe" else DenseFeedForward(cfg, name="ffn")
-    lambda_gate = ffn.gate(h) if cfg.expert_conditional_lambda else None
+    route = None
+    if cfg.ffn == "moe" and cfg.moe.route_from == "attention_input":
+      route = ffn.route(h, noise_std=noise_std, train=self.train)
+    lambda_gate = None
+    if cfg.expert_conditional_lambda:
+      lambda_gate = route[1:] if route is not None else ffn.gate(h)
     attn, attn_stats = Attention(cfg, name="attention")(h, positions, layer_index, lambda_gate=lambda_gate,
                                                         kv_mask=kv_mask)
     attn = attn.astype(jnp.float32)
-    out, ffn_stats = ffn(RMSNorm(**norm, name="ffn_norm")(x + attn), noise_std=noise_std, train=self.train)
+    out, ffn_stats = ffn(RMSNorm(**norm, name="ffn_norm")(x + attn), noise_std=noise_std, train=self.train,
+                         route=route, token_mask=token_mask)
     return attn + out.astype(jnp.float32), {**attn_stats, **ffn_stats}
 
 
@@ -65,12 +77,13 @@ class FullLayer(nn.Module):
 
 
 class RoutedLayer(nn.Module):
-  """A mixture-of-depths layer.
+  """A mixture-of-depths layer. The block's update is always scaled by sigmoid(score), so the router learns
+  and every mode computes the same function of the tokens it runs (MoD "off" equals top-k at capacity 1).
 
   "topk" (training): the top ceil(capacity·T) tokens of each sequence by router score run the block among
-  themselves at their original positions; their update is scaled by sigmoid(score) so the router learns;
-  the rest pass unchanged. "predictor" (causal inference): tokens whose predictor says yes run the block,
-  the others are hidden from attention and pass unchanged. "off": every token runs the block, unscaled.
+  themselves at their original positions; the rest pass unchanged. "predictor" (causal inference): tokens
+  whose predictor says yes run the block; the others are hidden from attention, take no expert slot and
+  pass unchanged. "off": every token runs the block.
   """
   config: ml_collections.FrozenConfigDict
   train: bool = False
@@ -81,9 +94,10 @@ class RoutedLayer(nn.Module):
   def __call__(self, x, positions, layer_index, noise_std):
     block = Block(self.config, self.train, name="block")
     score, predictor_logit = MoDRouter(self.config, name="mod_router")(x)
+    weight = jax.nn.sigmoid(score)[..., None]
     if self.mod_mode == "off":
       delta, stats = block(x, positions, layer_index, noise_std)
-      return x + delta, {**stats, **_mod_stats(1.0, 0.0, 1.0)}
+      return x + weight * delta, {**stats, **_mod_stats(1.0, 0.0, 1.0)}
     num_selected = routing.mod_capacity_tokens(self.mod_capacity, x.shape[1])
     indices = routing.mod_select(score, num_selected)
     target = routing.mod_selected_mask(indices, x.shape[1])
@@ -91,13 +105,12 @@ class RoutedLayer(nn.Module):
       selected_x = routing.gather_tokens(x, indices)
       selected_positions = routing.gather_tokens(positions, indices)
       delta, stats = block(selected_x, selected_positions, layer_index, noise_std)
-      weight = jax.nn.sigmoid(routing.gather_tokens(score, indices))[..., None]
-      x = routing.scatter_tokens(x, selected_x + weight * delta, indices)
+      x = routing.scatter_tokens(x, selected_x + routing.gather_tokens(weight, indices) * delta, indices)
       selected = target
     else:
       selected = predictor_logit > 0.0
-      delta, stats = block(x, positions, layer_index, noise_std, kv_mask=selected)
-      x = x + jnp.where(selected[..., None], jax.nn.sigmoid(score)[..., None] * delta, 0.0)
+      delta, stats = block(x, positions, layer_index, noise_std, kv_mask=selected, token_mask=selected)
+      x = x + jnp.where(selected[..., None], weight * delta, 0.0)
     target_f = target.astype(jnp.float32)
     predictor_loss = jnp.mean(optax.sigmoid_binary_cross_entropy(predictor_logit, target_f))
     accuracy = jnp.mean(((predictor_logit > 0.0) == target).astype(jnp.float32))

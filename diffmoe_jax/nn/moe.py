@@ -15,7 +15,8 @@ from diffmoe_jax.ops import dispatch, routing
 class MoEFeedForward(nn.Module):
   """E experts (gelu: w_in, w_out; swiglu: w_gate, w_in, w_out), top-k noisy routing, fp32 router.
 
-  `gate(x)` is the noise-free top-k choice for the same router, used by the attention's expert-conditional λ.
+  `gate(x)` is the noise-free top-k choice for the same router and `route(x)` the (noisy) routing, used by
+  the attention's expert-conditional λ (see `model.moe.route_from`).
   """
   config: "ml_collections.FrozenConfigDict"  # the model section  # noqa: F821
 
@@ -36,22 +37,35 @@ class MoEFeedForward(nn.Module):
   def gate(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     return routing.top_k_gating(self.router_logits(x), self.config.moe.top_k)
 
-  def __call__(self, x: jax.Array, *, noise_std=0.0, train: bool = False):
-    """x: `[B, T, d]` -> (`[B, T, d]`, stats: load_balance_loss, z_loss, expert_load [E], dropped_fraction)."""
-    cfg, moe = self.config, self.config.moe
-    dtype = dtype_of(cfg.dtype)
+  def route(self, x: jax.Array, *, noise_std=0.0, train: bool = False):
+    """(router logits `[B, T, E]`, top-k weights, top-k experts); noisy in training."""
     logits = self.router_logits(x)
     rng = self.make_rng("noise") if train else None
-    weights, experts = routing.top_k_gating(logits, moe.top_k, noise_std=noise_std if train else 0.0, rng=rng)
+    weights, experts = routing.top_k_gating(logits, self.config.moe.top_k, noise_std=noise_std if train else 0.0,
+                                            rng=rng)
+    return logits, weights, experts
+
+  def __call__(self, x: jax.Array, *, noise_std=0.0, train: bool = False, route=None, token_mask=None):
+    """x: `[B, T, d]` -> (`[B, T, d]`, stats: load_balance_loss, z_loss, expert_load [E], dropped_fraction).
+
+    route: a `route(...)` result computed elsewhere (the attention input), else x is routed here.
+    token_mask: bool `[B, T]`; False tokens take no expert slot, get 0 and are left out of the stats.
+    Training dispatches by `moe.dispatch`; inference by `moe.eval_dispatch` (dropless by default, so a
+    token's output does not depend on the other tokens of the batch).
+    """
+    cfg, moe = self.config, self.config.moe
+    dtype = dtype_of(cfg.dtype)
+    logits, weights, experts = route if route is not None else self.route(x, noise_std=noise_std, train=train)
     w_gate = self.w_gate.astype(dtype) if moe.activation == "swiglu" else None
     y, dispatch_stats = dispatch.moe_ffn(
         x.astype(dtype), weights, experts, self.w_in.astype(dtype), self.w_out.astype(dtype), w_gate,
-        activation=moe.activation, mode=moe.dispatch, capacity_factor=moe.capacity_factor,
-        dropless_impl=dispatch.resolve_dropless_impl(moe.dropless_impl))
+        activation=moe.activation, mode=moe.dispatch if train else moe.eval_dispatch,
+        capacity_factor=moe.capacity_factor, dropless_impl=dispatch.resolve_dropless_impl(moe.dropless_impl),
+        token_mask=token_mask)
     stats = {
-        "load_balance_loss": routing.load_balance_loss(logits, experts, moe.num_experts),
-        "z_loss": routing.router_z_loss(logits),
-        "expert_load": routing.expert_load(experts, moe.num_experts),
+        "load_balance_loss": routing.load_balance_loss(logits, experts, moe.num_experts, token_mask),
+        "z_loss": routing.router_z_loss(logits, token_mask),
+        "expert_load": routing.expert_load(experts, moe.num_experts, token_mask),
         "dropped_fraction": jnp.asarray(dispatch_stats["dropped_fraction"], jnp.float32),
     }
     return checkpoint_name(constrain(y.astype(dtype), RESIDUAL), "ffn_out"), stats
@@ -62,7 +76,8 @@ class DenseFeedForward(nn.Module):
   config: "ml_collections.FrozenConfigDict"  # noqa: F821
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, noise_std=0.0, train: bool = False):
+  def __call__(self, x: jax.Array, *, noise_std=0.0, train: bool = False, route=None, token_mask=None):
+    # route and token_mask change nothing here: a dense FFN has no router and no slots to share.
     cfg = self.config
     dtype, pdtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
     d, f = cfg.d_model, dense_ffn_dim(cfg)

@@ -98,7 +98,7 @@ def _invert(order: jax.Array, values: jax.Array) -> jax.Array:
 def _capacity_plan(experts: jax.Array, num_experts: int, capacity: int):
   """Where each assignment goes among its sequence's E·C expert slots, earlier tokens first.
 
-  experts: `[B, T, k]`. Returns (src `[B, E·C]`: the assignment `t·k + j` in slot `e·C + c`, or T·k
+  experts: `[B, T, k]`, with E for the assignments of masked tokens. Returns (src `[B, E·C]`: the assignment `t·k + j` in slot `e·C + c`, or T·k
   when empty; dst `[B, T·k]`: each assignment's slot, or E·C when dropped; kept count).
   """
   b, t, k = experts.shape
@@ -112,15 +112,18 @@ def _capacity_plan(experts: jax.Array, num_experts: int, capacity: int):
   pos = jnp.minimum(starts[:, :-1, None] + c, n - 1).reshape(b, num_experts * capacity)
   src = jnp.where((c < counts[:, :, None]).reshape(b, -1), jnp.take_along_axis(order, pos, axis=1), n)
 
-  # Sorted assignment p is the (p - starts[e])-th of its expert e; it is kept if that is below C.
+  # Sorted assignment p is the (p - starts[e])-th of its expert e; it is kept if that is below C. Masked
+  # tokens carry the id E: they sort last and are never kept.
   slot = jnp.arange(n, dtype=jnp.int32) - jnp.take_along_axis(starts, sorted_e, axis=1)
-  kept = slot < capacity
+  kept = (slot < capacity) & (sorted_e < num_experts)
   dst = _invert(order, jnp.where(kept, sorted_e * capacity + slot, num_experts * capacity))
   return src, dst, jnp.sum(kept)
 
 
 def _ragged_plan(experts: jax.Array, num_experts: int):
   """All B·T·k assignments of `experts [B, T, k]` sorted by expert, one group of rows per expert.
+
+  Assignments of masked tokens carry the id E: they sort after every group and belong to none.
 
   Returns (src `[1, B·T·k]`: the flat assignment `(b·T + t)·k + j` in each sorted row; dst
   `[1, B·T·k]`: each assignment's sorted row; group sizes `[E]` int32).
@@ -159,15 +162,17 @@ def _expert_ffn(rows: jax.Array, w_in: jax.Array, w_out: jax.Array, w_gate: jax.
 
 def moe_ffn(x: jax.Array, weights: jax.Array, experts: jax.Array, w_in: jax.Array, w_out: jax.Array,
             w_gate: jax.Array | None = None, *, activation: str, mode: str = "capacity",
-            capacity_factor: float = 1.25, dropless_impl: str = "padded") -> tuple[jax.Array, dict]:
+            capacity_factor: float = 1.25, dropless_impl: str = "padded",
+            token_mask: jax.Array | None = None) -> tuple[jax.Array, dict]:
   """The top-k mixture of expert FFNs.
 
   x: `[B, T, d]`; weights: `[B, T, k]` gate weights; experts: `[B, T, k]` int, distinct per token;
   w_in: `[E, d, f]`; w_out: `[E, f, d]`; w_gate: `[E, d, f]` for swiglu, else None.
   activation: "gelu" | "swiglu"; mode: "capacity" | "dropless"; dropless_impl: "padded" | "ragged"
-  (resolve "auto" with `resolve_dropless_impl` first).
-  Returns y `[B, T, d]` in x's dtype and stats: "dropped_fraction" (dropped / (B·T·k) assignments,
-  0 in dropless mode) and "slot_fill" (filled / allocated expert rows: the padding's cost), fp32 scalars.
+  (resolve "auto" with `resolve_dropless_impl` first). token_mask: optional bool `[B, T]`; a False token
+  takes no expert slot and gets y = 0 (mixture-of-depths tokens that skip the block).
+  Returns y `[B, T, d]` in x's dtype and stats: "dropped_fraction" (dropped / real assignments, 0 in
+  dropless mode) and "slot_fill" (filled / allocated expert rows: the padding's cost), fp32 scalars.
   """
   if activation not in ACTIVATIONS:
     raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}.")
@@ -178,7 +183,11 @@ def moe_ffn(x: jax.Array, weights: jax.Array, experts: jax.Array, w_in: jax.Arra
   b, t, d = x.shape
   k = experts.shape[-1]
   num_experts = w_in.shape[0]
-  num_assignments = b * t * k
+  if token_mask is None:
+    num_assignments = b * t * k
+  else:
+    experts = jnp.where(token_mask[..., None], experts, num_experts)
+    num_assignments = jnp.sum(token_mask, dtype=jnp.int32) * k
 
   # Row moves are gathers within a group of tokens: a sequence (padded), or the whole batch (ragged).
   padded = mode == "capacity" or dropless_impl == "padded"
@@ -188,7 +197,7 @@ def moe_ffn(x: jax.Array, weights: jax.Array, experts: jax.Array, w_in: jax.Arra
     tokens, gates = x, weights.reshape(b, t * k)
   elif dropless_impl == "ragged":
     src, dst, group_sizes = _ragged_plan(experts, num_experts)
-    kept = num_assignments
+    kept = jnp.sum(group_sizes)
     tokens, gates = x.reshape(1, b * t, d), weights.reshape(1, -1)
   else:
     raise ValueError(f"dropless_impl must be 'padded' or 'ragged', got {dropless_impl!r}.")
@@ -200,10 +209,13 @@ def moe_ffn(x: jax.Array, weights: jax.Array, experts: jax.Array, w_in: jax.Arra
   else:
     out = _ffn(rows[0], w_in, w_out, w_gate, activation,
                lambda lhs, rhs: jax.lax.ragged_dot(lhs, rhs, group_sizes))[None]
+    # Rows past the last group (masked tokens' assignments) are left undefined by ragged_dot.
+    out = jnp.where((jnp.arange(out.shape[1]) < kept)[None, :, None], out, 0)
   weighted = out.astype(jnp.float32) * _take_rows(gates.astype(jnp.float32), src)[..., None]
   y = jnp.sum(_take_rows(weighted, dst).reshape(b, t, k, d), axis=2).astype(x.dtype)
 
   kept = jnp.asarray(kept, jnp.int32)
-  stats = {"dropped_fraction": (num_assignments - kept).astype(jnp.float32) / num_assignments,
+  num_assignments = jnp.asarray(num_assignments, jnp.float32)
+  stats = {"dropped_fraction": (num_assignments - kept) / jnp.maximum(num_assignments, 1.0),
            "slot_fill": kept.astype(jnp.float32) / src.size}
   return y, stats
