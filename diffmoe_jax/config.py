@@ -102,15 +102,19 @@ def defaults() -> ml_collections.ConfigDict:
   cur.mod_anneal_levels = 4  # MoD capacity anneals in this many discrete levels (each compiles once)
   cur.order = PHASES
   # The six-phase default (README "The curriculum"): fractions sum to 1; seq_len comes from context_fraction.
+  # Router noise is relative to each token's logit spread (ops.routing.top_k_gating): at 0.5 about 3/4 of
+  # top-1 choices survive it. Load balancing relaxes from 1e-2 to 1e-3 when experts specialise and stays
+  # there: restoring it after would undo the specialisation the phase paid for.
   cur.warmup = _phase(fraction=0.05, context_fraction=0.25, lr_shape="linear", lr_start=0.0,
-                      router_noise_start=1.0, router_noise_end=1.0, mod_enabled=False)
-  cur.foundation = _phase(fraction=0.35, context_fraction=0.5, router_noise_start=1.0, router_noise_end=1.0,
+                      router_noise_start=0.5, router_noise_end=0.5, mod_enabled=False)
+  cur.foundation = _phase(fraction=0.35, context_fraction=0.5, router_noise_start=0.5, router_noise_end=0.5,
                           mod_capacity_start=1.0, mod_capacity_end=1.0)
-  cur.sparsify = _phase(fraction=0.20, context_fraction=0.5, router_noise_start=1.0,
+  cur.sparsify = _phase(fraction=0.20, context_fraction=0.5, router_noise_start=0.5,
                         mod_capacity_start=1.0)
   cur.specialize = _phase(fraction=0.15, context_fraction=0.5, load_balance_weight=1e-3)
-  cur.long_context = _phase(fraction=0.15, context_fraction=1.0)
-  cur.anneal = _phase(fraction=0.10, context_fraction=1.0, lr_shape="linear", lr_end=0.0)
+  cur.long_context = _phase(fraction=0.15, context_fraction=1.0, load_balance_weight=1e-3)
+  cur.anneal = _phase(fraction=0.10, context_fraction=1.0, lr_shape="linear", lr_end=0.0,
+                      load_balance_weight=1e-3)
 
   c.train = t = ml_collections.ConfigDict()
   t.log_every = 10
@@ -153,7 +157,7 @@ def _phase(**overrides) -> ml_collections.ConfigDict:
   p.lr_shape = "constant"  # "constant" (lr_start), "linear" or "cosine" from lr_start to lr_end
   p.lr_start = 1.0  # multiples of optimizer.peak_lr at the phase's first and last step
   p.lr_end = 1.0
-  p.router_noise_start = 0.0  # std of Gaussian noise added to router logits
+  p.router_noise_start = 0.0  # std of Gaussian noise on router logits, in units of each token's logit std
   p.router_noise_end = 0.0
   p.load_balance_weight = 1e-2
   p.z_loss_weight = 1e-3

@@ -61,11 +61,25 @@ def test_noise_changes_selection_only_when_positive_and_is_reproducible():
   other_noise = routing.top_k_gating(logits, 2, noise_std=3.0, rng=other)
   assert (np.asarray(other_noise[1]) != np.asarray(noisy[1])).any()
 
-  # Selection and weights both come from the noisy logits (the noise is jax.random.normal(rng) · std).
-  noisy_logits = np.asarray(logits) + 3.0 * np.asarray(jax.random.normal(rng, logits.shape, jnp.float32))
+  # Selection and weights both come from the noisy logits: normal(rng) · noise_std · the token's logit std.
+  spread = np.asarray(logits).std(axis=-1, keepdims=True)
+  noisy_logits = np.asarray(logits) + 3.0 * spread * np.asarray(jax.random.normal(rng, logits.shape, jnp.float32))
   ref_weights, ref_experts = reference_top_k(noisy_logits, 2)
   np.testing.assert_array_equal(noisy[1], ref_experts)
   np.testing.assert_allclose(noisy[0], ref_weights, rtol=1e-5, atol=1e-6)
+
+
+def test_noise_is_relative_to_the_logit_spread():
+  """Scaling a router's logits (a fresh router vs a trained one) keeps the noisy choice the same."""
+  logits = jnp.asarray(np.random.default_rng(4).normal(size=(256, 6)), jnp.float32)
+  rng = jax.random.PRNGKey(5)
+  for scale in (0.05, 20.0):
+    small = routing.top_k_gating(logits * scale, 2, noise_std=0.5, rng=rng)[1]
+    np.testing.assert_array_equal(small, routing.top_k_gating(logits, 2, noise_std=0.5, rng=rng)[1])
+  # ... and the noise at 0.5 explores without making routing random: most top-1 choices survive.
+  agree = np.mean(np.asarray(routing.top_k_gating(logits, 2, noise_std=0.5, rng=rng)[1][:, 0])
+                  == np.asarray(routing.top_k_gating(logits, 2)[1][:, 0]))
+  assert 0.5 < agree < 0.95, agree
 
 
 def test_noise_without_rng_is_an_error():

@@ -23,8 +23,11 @@ def top_k_gating(logits: jax.Array, k: int, *, noise_std=0.0,
                  rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """Noisy top-k: finite `[..., E]` logits -> (weights `[..., k]` fp32, experts `[..., k]` int32).
 
-  With `rng`, Gaussian noise of std `noise_std` (a Python float or a traced scalar, so a trainer can
-  anneal it inside one compiled step) is added to the fp32 logits before selection. `weights` is the
+  With `rng`, Gaussian noise is added to the fp32 logits before selection, its std being `noise_std` (a
+  Python float or a traced scalar, so a trainer can anneal it inside one compiled step) times the token's
+  own logit spread (the std over experts, without gradient). Relative noise means the same thing at every
+  width and through training: absolute noise of std 1 dwarfs a fresh router's logits (std ~0.3 at
+  d=288) and makes routing random, while a trained router's grow past it. `weights` is the
   softmax over the k selected (noisy) logits, as in Mixtral; `experts` are ordered by descending
   logit, ties going to the lower expert index. Without `rng`, `noise_std` must be the constant 0.
   """
@@ -32,8 +35,8 @@ def top_k_gating(logits: jax.Array, k: int, *, noise_std=0.0,
     raise ValueError(f"top_k_gating: k={k} must be between 1 and the number of experts {logits.shape[-1]}.")
   logits = logits.astype(jnp.float32)
   if rng is not None:
-    noise_std = jnp.asarray(noise_std, jnp.float32)
-    logits = logits + noise_std * jax.random.normal(rng, logits.shape, jnp.float32)
+    scale = jnp.asarray(noise_std, jnp.float32) * jax.lax.stop_gradient(jnp.std(logits, axis=-1, keepdims=True))
+    logits = logits + scale * jax.random.normal(rng, logits.shape, jnp.float32)
   elif not _is_zero(noise_std):
     raise ValueError("top_k_gating: noise_std may be non-zero, so an rng is required.")
   # k argmax passes rather than lax.top_k, whose operand XLA's SPMD partitioner all-gathers when the

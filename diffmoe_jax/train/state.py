@@ -12,10 +12,12 @@ import optax
 
 from diffmoe_jax import parallel
 
-# Weight matrices get weight decay; norms, λ vectors and biases do not. By name, not by rank, because
-# scanned parameters carry an extra leading layer axis (a stacked norm scale is 2-D).
-DECAYED = frozenset({"table", "lm_head", "wq", "wk", "wv", "wo", "router", "w_in", "w_out", "w_gate",
-                     "predictor_hidden"})
+# The weight matrices that carry the model's features (embedding, attention, FFN / experts, head) get
+# weight decay. Norms, λ vectors, biases and all routing parameters (the MoE router, the MoD score and
+# predictor) do not: a router's scale is how decisive its routing is, which the z-loss governs (MoE) or
+# the top-k needs no prior on (MoD), and the predictor is fit by its own BCE loss. By name, not by rank,
+# because scanned parameters carry an extra leading layer axis (a stacked norm scale is 2-D).
+DECAYED = frozenset({"table", "lm_head", "wq", "wk", "wv", "wo", "w_in", "w_out", "w_gate"})
 
 
 @flax.struct.dataclass

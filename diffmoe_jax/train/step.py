@@ -41,7 +41,11 @@ def make_train_step(model, optimizer: optax.GradientTransformation, *, mod_mode:
     if grad_accum_steps == 1:
       (_, metrics), grads = grad_fn(state.params, inputs, targets, rng, dyn)
     else:
-      micro = lambda x: x.reshape((grad_accum_steps, x.shape[0] // grad_accum_steps) + x.shape[1:])
+      # Micro-batch i is rows i, i + A, i + 2A, ... (A = grad_accum_steps): with the batch split over
+      # devices in contiguous blocks, every device then holds its share of every micro-batch, and nothing
+      # moves between devices. (Contiguous micro-batches would each sit on a fraction of the devices.)
+      micro = lambda x: jnp.swapaxes(
+          x.reshape((x.shape[0] // grad_accum_steps, grad_accum_steps) + x.shape[1:]), 0, 1)
 
       def accumulate(carry, xs):
         i, mb_inputs, mb_targets = xs
