@@ -161,19 +161,42 @@ def estimate(config: ml_collections.ConfigDict) -> dict:
   return result
 
 
-def training_memory_per_device(config: ml_collections.ConfigDict, mesh_shape: dict[str, int],
-                               counts: ParamCounts | None = None) -> dict:
+def state_bytes_per_device(config: ml_collections.ConfigDict, mesh_shape: dict[str, int]) -> int:
+  """One device's share of the train state (weights, Adam m and v, counters), in bytes.
+
+  Each array's shard is read off the sharding the trainer gives it: its logical axes mapped to mesh axes
+  by `mesh.axis_rules`, each dimension split by the sizes of its mesh axes (rounded up, as XLA pads). So
+  only what really shards over an axis is divided by it (on an expert axis, just the expert weights).
+  """
+  from diffmoe_jax import parallel
+  from diffmoe_jax.train import state as state_lib
+  model = model_lib.build_model(config.model)
+  init = state_lib.init_fn(model, state_lib.make_optimizer(config.optimizer), seq_len=config.model.max_seq_len)
+  boxed = jax.eval_shape(init, jax.random.PRNGKey(0))
+  mesh_specs = nn.logical_to_mesh(nn.get_partition_spec(boxed), parallel.axis_rules(config.mesh))
+  is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)
+  total = 0
+  for leaf, spec in zip(jax.tree.leaves(nn.unbox(boxed)), jax.tree.leaves(mesh_specs, is_leaf=is_spec)):
+    shard = 1
+    for i, dim in enumerate(leaf.shape):
+      entry = spec[i] if i < len(spec) else None
+      axes = entry if isinstance(entry, tuple) else (entry,) if entry else ()
+      shard *= -(-dim // math.prod(mesh_shape.get(a, 1) for a in axes))
+    total += shard * leaf.dtype.itemsize
+  return total
+
+
+def training_memory_per_device(config: ml_collections.ConfigDict, mesh_shape: dict[str, int]) -> dict:
   """Bytes one device needs to train: its shard of the state plus activations of the largest phase.
 
-  The state (fp32 weights, Adam m and v) shards over the fsdp, tensor and expert axes. Activations are a
-  lower bound for full remat: the residual stream saved at each scanned group, one layer's working set
+  The state is summed from the shardings the trainer builds (`state_bytes_per_device`). Activations are
+  a lower bound for full remat: the residual stream saved at each scanned group, one layer's working set
   (attention probabilities of both maps, the expert buffers) and the fp32 logits with their gradient.
   """
   from diffmoe_jax.train.curriculum import Curriculum  # the phases give the largest batch and length
   cfg = config.model
-  counts = counts or count_params(cfg)
   axis = lambda name: mesh_shape.get(name, 1)
-  state = 12 * counts.total / (axis("fsdp") * axis("tensor") * axis("expert"))
+  state = state_bytes_per_device(config, mesh_shape)
   batch_split = axis("data") * axis("fsdp") * axis("expert")  # the default rule for "batch"
   size, groups, tail = model_lib.layer_layout(cfg)
   activations = 0.0

@@ -34,9 +34,9 @@ def _available_bytes_per_device() -> float:
   return available_kib * 1024 / jax.local_device_count()
 
 
-def check_memory(config, mesh_shape: dict, counts) -> dict:
+def check_memory(config, mesh_shape: dict) -> dict:
   from diffmoe_jax import estimate
-  need = estimate.training_memory_per_device(config, mesh_shape, counts)
+  need = estimate.training_memory_per_device(config, mesh_shape)
   have = _available_bytes_per_device()
   if need["total"] > config.train.memory_headroom * have:
     gib = lambda x: f"{x / 2**30:,.1f} GiB"
@@ -83,7 +83,7 @@ def run(config, workdir: str):
   curriculum = curriculum_lib.Curriculum(config)
   mesh_shape = parallel.mesh_shape(config.mesh, jax.device_count())
   result = estimate.estimate(config)
-  need = check_memory(config, mesh_shape, result["counts"])
+  need = check_memory(config, mesh_shape)
   print(summary(config, workdir, result, mesh_shape, need, curriculum), flush=True)
   counts = result["counts"]
   def flops_per_token(seq_len: int, mod_capacity: float, mod_mode: str) -> float:

@@ -3,9 +3,12 @@ import math
 import subprocess
 import sys
 
+import jax
 import pytest
 
-from diffmoe_jax import estimate
+from diffmoe_jax import estimate, parallel
+from diffmoe_jax.nn import model as model_lib
+from diffmoe_jax.train import state as state_lib
 from test_config import load
 
 
@@ -72,3 +75,20 @@ def test_cli_runs():
   out = subprocess.run([sys.executable, "-m", "diffmoe_jax.estimate", "--config=configs/pi_p.py"],
                        capture_output=True, text=True, check=True).stdout
   assert "total parameters" in out and "4.938B" in out
+
+
+@pytest.mark.parametrize("mesh", [{"data": 1, "fsdp": 2, "expert": 4, "tensor": 1},
+                                  {"data": 2, "fsdp": 1, "expert": 2, "tensor": 2},
+                                  {"data": 8, "fsdp": 1, "expert": 1, "tensor": 1}])
+def test_state_memory_is_the_sum_of_the_trainers_shards(make_config, mesh):
+  """The preflight's state figure is what the trainer's shardings put on one device (8 simulated ones)."""
+  config = make_config()
+  config.mesh.shape.update(mesh)
+  model = model_lib.build_model(config.model)
+  devices = parallel.make_mesh(config.mesh)
+  abstract, _, _ = state_lib.create_state(model, state_lib.make_optimizer(config.optimizer), devices,
+                                          parallel.axis_rules(config.mesh), seed=0, seq_len=8)
+  on_device = sum(math.prod(leaf.sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
+                  for leaf in jax.tree.leaves(abstract))
+  need = estimate.training_memory_per_device(config, parallel.mesh_shape(config.mesh, 8))
+  assert need["state"] == on_device

@@ -195,7 +195,7 @@ def test_a_run_of_nonfinite_updates_stops_with_the_last_good_state(tmp_path):
 def test_too_large_config_stops_before_allocating():
   config = load_named("pi_s")
   with pytest.raises(main_lib.InsufficientMemoryError, match=r"needs about [\d,.]+ GiB per device.*fsdp"):
-    main_lib.check_memory(config, {"data": 1, "fsdp": 1, "expert": 1, "tensor": 1}, None)
+    main_lib.check_memory(config, {"data": 1, "fsdp": 1, "expert": 1, "tensor": 1})
 
 
 def test_vocabulary_smaller_than_the_tokenizer(tmp_path):
