@@ -15,6 +15,7 @@ ATTENTIONS = ("differential", "standard")
 FFNS = ("moe", "dense")
 DISPATCH_MODES = ("capacity", "dropless")
 ROUTE_FROM = ("attention_input", "ffn_input")
+EXPERT_PARALLEL = ("auto", "off", "all_to_all", "gather")
 DROPLESS_IMPLS = ("auto", "ragged", "padded")
 ATTENTION_IMPLS = ("auto", "xla", "fused")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_names")
@@ -72,6 +73,9 @@ def defaults() -> ml_collections.ConfigDict:
   # "attention_input": the MoE routes from the attention's input, the routing that gates λ;
   # "ffn_input": from its own input (x + attention), λ gated by a noise-free top-k on the attention input.
   m.moe.route_from = "attention_input"
+  # With a mesh axis of size > 1 for "expert": "all_to_all" (capacity mode), "gather" (any mode, any
+  # backend), "auto" (all_to_all for capacity, gather for dropless), "off" (XLA places the layer).
+  m.moe.expert_parallel = "auto"
 
   m.mod = ml_collections.ConfigDict()
   m.mod.enabled = True
@@ -230,6 +234,11 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                f"{moe[field]!r} is not one of {DISPATCH_MODES}.")
     _require(moe.route_from in ROUTE_FROM, "model.moe.route_from",
              f"{moe.route_from!r} is not one of {ROUTE_FROM}.")
+    _require(moe.expert_parallel in EXPERT_PARALLEL, "model.moe.expert_parallel",
+             f"{moe.expert_parallel!r} is not one of {EXPERT_PARALLEL}.")
+    _require(not (moe.expert_parallel == "all_to_all" and "dropless" in (moe.dispatch, moe.eval_dispatch)),
+             "model.moe.expert_parallel", "'all_to_all' needs capacity dispatch (static slot counts), but "
+             "model.moe.dispatch or eval_dispatch is 'dropless'; use 'gather' or 'auto'.")
     _require(moe.dropless_impl in DROPLESS_IMPLS, "model.moe.dropless_impl",
              f"{moe.dropless_impl!r} is not one of {DROPLESS_IMPLS}.")
     _require(moe.capacity_factor > 0, "model.moe.capacity_factor",

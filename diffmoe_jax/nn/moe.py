@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from diffmoe_jax.nn.layers import RESIDUAL, constrain, dtype_of, param
-from diffmoe_jax.ops import dispatch, routing
+from diffmoe_jax.ops import dispatch, expert_parallel, routing
 
 
 class MoEFeedForward(nn.Module):
@@ -57,11 +57,15 @@ class MoEFeedForward(nn.Module):
     dtype = dtype_of(cfg.dtype)
     logits, weights, experts = route if route is not None else self.route(x, noise_std=noise_std, train=train)
     w_gate = self.w_gate.astype(dtype) if moe.activation == "swiglu" else None
-    y, dispatch_stats = dispatch.moe_ffn(
-        x.astype(dtype), weights, experts, self.w_in.astype(dtype), self.w_out.astype(dtype), w_gate,
-        activation=moe.activation, mode=moe.dispatch if train else moe.eval_dispatch,
-        capacity_factor=moe.capacity_factor, dropless_impl=dispatch.resolve_dropless_impl(moe.dropless_impl),
-        token_mask=token_mask)
+    args = (x.astype(dtype), weights, experts, self.w_in.astype(dtype), self.w_out.astype(dtype), w_gate)
+    kwargs = dict(activation=moe.activation, mode=moe.dispatch if train else moe.eval_dispatch,
+                  capacity_factor=moe.capacity_factor,
+                  dropless_impl=dispatch.resolve_dropless_impl(moe.dropless_impl), token_mask=token_mask)
+    layout = expert_parallel_layout(moe.expert_parallel, x.shape[0])
+    if layout is None:
+      y, dispatch_stats = dispatch.moe_ffn(*args, **kwargs)
+    else:
+      y, dispatch_stats = expert_parallel.moe_ffn(*args, **layout, **kwargs, strategy=moe.expert_parallel)
     stats = {
         "load_balance_loss": routing.load_balance_loss(logits, experts, moe.num_experts, token_mask),
         "z_loss": routing.router_z_loss(logits, token_mask),
@@ -69,6 +73,28 @@ class MoEFeedForward(nn.Module):
         "dropped_fraction": jnp.asarray(dispatch_stats["dropped_fraction"], jnp.float32),
     }
     return checkpoint_name(constrain(y.astype(dtype), RESIDUAL), "ffn_out"), stats
+
+
+def expert_parallel_layout(setting: str, batch_size: int) -> dict | None:
+  """The mesh axes for expert parallelism under the current mesh and logical-axis rules, or None.
+
+  Expert parallelism runs when the "expert" logical axis maps to a mesh axis of more than one device,
+  `setting` (model.moe.expert_parallel) is not "off", and the batch splits evenly over its mesh axes (the
+  trainer checks that its batches do; parameter init and single-sequence decoding do not). Otherwise XLA
+  places the layer from its shardings: the same function, computed without explicit collectives.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if setting == "off" or mesh.empty:
+    return None
+  # One name at a time: within one spec flax drops a mesh axis already taken (batch takes "expert").
+  batch, length, expert, mlp = (nn.logical_to_mesh_axes((name,))[0] for name in ("batch", "length", "expert", "mlp"))
+  batch_axes = batch if isinstance(batch, tuple) else (batch,) if batch else ()
+  if expert is None or mesh.shape[expert] == 1 or batch_size % math.prod(mesh.shape[a] for a in batch_axes):
+    return None
+  if length is not None:
+    raise ValueError(f"expert parallelism routes whole sequences per device; the 'length' axis must not be "
+                     f"sharded (it maps to {length!r} in mesh.axis_rules).")
+  return dict(mesh=mesh, batch_axes=batch, expert_axis=expert, tensor_axes=mlp)
 
 
 class DenseFeedForward(nn.Module):

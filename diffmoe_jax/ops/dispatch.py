@@ -65,7 +65,7 @@ def resolve_dropless_impl(name: str) -> str:
   return name
 
 
-def _take_rows(x: jax.Array, index: jax.Array) -> jax.Array:
+def take_rows(x: jax.Array, index: jax.Array) -> jax.Array:
   """`x[b, index[b, i]]`: x `[B, R, ...]`, index `[B, N]` -> `[B, N, ...]`, zeros where `index >= R`.
 
   Gathers stay within a sequence, so a batch sharded over devices needs no communication here.
@@ -95,7 +95,7 @@ def _invert(order: jax.Array, values: jax.Array) -> jax.Array:
   return jax.vmap(lambda o, v: jnp.zeros_like(v).at[o].set(v, unique_indices=True))(order, values)
 
 
-def _capacity_plan(experts: jax.Array, num_experts: int, capacity: int):
+def capacity_plan(experts: jax.Array, num_experts: int, capacity: int):
   """Where each assignment goes among its sequence's E·C expert slots, earlier tokens first.
 
   experts: `[B, T, k]`, with E for the assignments of masked tokens. Returns (src `[B, E·C]`: the assignment `t·k + j` in slot `e·C + c`, or T·k
@@ -133,7 +133,7 @@ def _ragged_plan(experts: jax.Array, num_experts: int):
   return src, dst, jnp.diff(_group_starts(sorted_e[0], num_experts))
 
 
-def _ffn(rows: jax.Array, w_in: jax.Array, w_out: jax.Array, w_gate: jax.Array | None, activation: str,
+def ffn(rows: jax.Array, w_in: jax.Array, w_out: jax.Array, w_gate: jax.Array | None, activation: str,
          matmul) -> jax.Array:
   """`FFN(rows)` with `matmul(rows, w)` standing for a dense, batched or grouped product."""
   h = matmul(rows, w_in)
@@ -154,25 +154,29 @@ def _expert_ffn(rows: jax.Array, w_in: jax.Array, w_out: jax.Array, w_gate: jax.
     # unstack, not indexing: its transpose is one stack, where E slices would transpose to E pads.
     gates = [None] * len(w_in) if w_gate is None else jnp.unstack(w_gate)
     return jnp.stack([
-        _ffn(r.reshape(b * c, d), wi, wo, wg, activation, jnp.matmul).reshape(b, c, d)
+        ffn(r.reshape(b * c, d), wi, wo, wg, activation, jnp.matmul).reshape(b, c, d)
         for r, wi, wo, wg in zip(jnp.unstack(rows, axis=1), jnp.unstack(w_in), jnp.unstack(w_out), gates)],
         axis=1)
-  return _ffn(rows, w_in, w_out, w_gate, activation, functools.partial(jnp.einsum, "becd,edf->becf"))
+  return ffn(rows, w_in, w_out, w_gate, activation, functools.partial(jnp.einsum, "becd,edf->becf"))
 
 
 def moe_ffn(x: jax.Array, weights: jax.Array, experts: jax.Array, w_in: jax.Array, w_out: jax.Array,
             w_gate: jax.Array | None = None, *, activation: str, mode: str = "capacity",
-            capacity_factor: float = 1.25, dropless_impl: str = "padded",
-            token_mask: jax.Array | None = None) -> tuple[jax.Array, dict]:
+            capacity_factor: float = 1.25, dropless_impl: str = "padded", token_mask: jax.Array | None = None,
+            capacity: int | None = None) -> tuple[jax.Array, dict]:
   """The top-k mixture of expert FFNs.
 
   x: `[B, T, d]`; weights: `[B, T, k]` gate weights; experts: `[B, T, k]` int, distinct per token;
   w_in: `[E, d, f]`; w_out: `[E, f, d]`; w_gate: `[E, d, f]` for swiglu, else None.
   activation: "gelu" | "swiglu"; mode: "capacity" | "dropless"; dropless_impl: "padded" | "ragged"
   (resolve "auto" with `resolve_dropless_impl` first). token_mask: optional bool `[B, T]`; a False token
-  takes no expert slot and gets y = 0 (mixture-of-depths tokens that skip the block).
+  takes no expert slot and gets y = 0 (mixture-of-depths tokens that skip the block). An expert id equal
+  to E means "no expert here": that assignment is skipped (expert parallelism passes the assignments of
+  other devices' experts so). capacity: slots per expert per sequence in capacity mode, by default
+  `moe_capacity(T, k, E, capacity_factor)` (expert parallelism passes the figure for all experts).
   Returns y `[B, T, d]` in x's dtype and stats: "dropped_fraction" (dropped / real assignments, 0 in
-  dropless mode) and "slot_fill" (filled / allocated expert rows: the padding's cost), fp32 scalars.
+  dropless mode) and "slot_fill" (filled / allocated expert rows: the padding's cost), fp32 scalars, and
+  the counts they come from, "assignments" and "kept" (int32).
   """
   if activation not in ACTIVATIONS:
     raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}.")
@@ -183,17 +187,18 @@ def moe_ffn(x: jax.Array, weights: jax.Array, experts: jax.Array, w_in: jax.Arra
   b, t, d = x.shape
   k = experts.shape[-1]
   num_experts = w_in.shape[0]
-  if token_mask is None:
-    num_assignments = b * t * k
-  else:
+  if token_mask is not None:
     experts = jnp.where(token_mask[..., None], experts, num_experts)
-    num_assignments = jnp.sum(token_mask, dtype=jnp.int32) * k
+  num_assignments = jnp.sum(experts < num_experts, dtype=jnp.int32)
 
   # Row moves are gathers within a group of tokens: a sequence (padded), or the whole batch (ragged).
   padded = mode == "capacity" or dropless_impl == "padded"
   if padded:
-    capacity = moe_capacity(t, k, num_experts, capacity_factor) if mode == "capacity" else t
-    src, dst, kept = _capacity_plan(experts, num_experts, capacity)
+    if mode == "dropless":
+      capacity = t
+    elif capacity is None:
+      capacity = moe_capacity(t, k, num_experts, capacity_factor)
+    src, dst, kept = capacity_plan(experts, num_experts, capacity)
     tokens, gates = x, weights.reshape(b, t * k)
   elif dropless_impl == "ragged":
     src, dst, group_sizes = _ragged_plan(experts, num_experts)
@@ -202,20 +207,20 @@ def moe_ffn(x: jax.Array, weights: jax.Array, experts: jax.Array, w_in: jax.Arra
   else:
     raise ValueError(f"dropless_impl must be 'padded' or 'ragged', got {dropless_impl!r}.")
 
-  rows = _take_rows(tokens, src // k)  # the empty sentinel (assignment count) maps to the token count
+  rows = take_rows(tokens, src // k)  # the empty sentinel (assignment count) maps to the token count
   if padded:
     out = _expert_ffn(rows.reshape(b, num_experts, capacity, d), w_in, w_out, w_gate, activation,
                       per_expert=jax.default_backend() == "cpu").reshape(rows.shape)
   else:
-    out = _ffn(rows[0], w_in, w_out, w_gate, activation,
+    out = ffn(rows[0], w_in, w_out, w_gate, activation,
                lambda lhs, rhs: jax.lax.ragged_dot(lhs, rhs, group_sizes))[None]
     # Rows past the last group (masked tokens' assignments) are left undefined by ragged_dot.
     out = jnp.where((jnp.arange(out.shape[1]) < kept)[None, :, None], out, 0)
-  weighted = out.astype(jnp.float32) * _take_rows(gates.astype(jnp.float32), src)[..., None]
-  y = jnp.sum(_take_rows(weighted, dst).reshape(b, t, k, d), axis=2).astype(x.dtype)
+  weighted = out.astype(jnp.float32) * take_rows(gates.astype(jnp.float32), src)[..., None]
+  y = jnp.sum(take_rows(weighted, dst).reshape(b, t, k, d), axis=2).astype(x.dtype)
 
   kept = jnp.asarray(kept, jnp.int32)
-  num_assignments = jnp.asarray(num_assignments, jnp.float32)
-  stats = {"dropped_fraction": (num_assignments - kept) / jnp.maximum(num_assignments, 1.0),
-           "slot_fill": kept.astype(jnp.float32) / src.size}
+  real = num_assignments.astype(jnp.float32)
+  stats = {"dropped_fraction": (real - kept) / jnp.maximum(real, 1.0),
+           "slot_fill": kept.astype(jnp.float32) / src.size, "assignments": num_assignments, "kept": kept}
   return y, stats

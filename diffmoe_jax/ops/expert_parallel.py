@@ -1,0 +1,140 @@
+"""Expert parallelism: the MoE layer with its experts sharded over a mesh axis, tokens moved by collectives.
+
+Same contract and same numbers as `dispatch.moe_ffn` (capacity per sequence, earlier tokens win, masked
+tokens take no slot), computed with the E experts split over the `expert_axis` devices of a mesh, inside
+`jax.shard_map`. Each device holds its batch rows (the batch is split over `batch_axes`, which must include
+the expert axis) and E / n experts. Two strategies:
+
+- "all_to_all" (capacity mode): each device plans its own sequences' `[E, C]` slots exactly as one device
+  would, and one `all_to_all` over the expert axis sends expert e's slots to the device holding e; the
+  local experts run on the rows of all n peers; a second `all_to_all` brings them back; combine locally.
+  Bytes moved per layer and direction: B·E·C·d elements per expert group (the slots, padding included).
+- "gather" (any mode, every backend): all-gather the peers' tokens over the expert axis, run the local
+  experts on the assignments routed to them (capacity: the same per-expert slots; dropless: every one),
+  and reduce-scatter the partial outputs back to the devices that own the tokens. It moves n·B·T·d
+  elements each way, independent of routing, and is the dropless path XLA:CPU can run
+  (`ragged_all_to_all` is not implemented there).
+
+The FFN width may also be split over `tensor_axes` (Megatron style: each device computes its slice of
+the hidden units and the partial outputs are summed). Weights are passed whole along `embed`: an FSDP
+shard is gathered when the layer is entered, as XLA does for any other use of the weight.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from diffmoe_jax.ops import dispatch
+
+STRATEGIES = ("all_to_all", "gather")
+
+
+def resolve_strategy(name: str, mode: str) -> str:
+  """"auto" -> "all_to_all" for capacity mode, "gather" for dropless (whose row counts are not static)."""
+  if name == "auto":
+    return "all_to_all" if mode == "capacity" else "gather"
+  if name not in STRATEGIES:
+    raise ValueError(f"expert-parallel strategy must be 'auto' or one of {STRATEGIES}, got {name!r}.")
+  if name == "all_to_all" and mode != "capacity":
+    raise ValueError("the all_to_all strategy needs capacity mode (static slot counts); use 'gather' for "
+                     "dropless.")
+  return name
+
+
+def _axes(spec) -> tuple:
+  return tuple(spec) if isinstance(spec, (tuple, list)) else (spec,) if spec else ()
+
+
+def _sum_over(x, axes):
+  return jax.lax.psum(x, axes) if axes else x
+
+
+def moe_ffn(x: jax.Array, weights: jax.Array, experts: jax.Array, w_in: jax.Array, w_out: jax.Array,
+            w_gate: jax.Array | None = None, *, mesh, batch_axes, expert_axis: str, tensor_axes=None,
+            activation: str, mode: str = "capacity", capacity_factor: float = 1.25,
+            dropless_impl: str = "padded", strategy: str = "auto",
+            token_mask: jax.Array | None = None) -> tuple[jax.Array, dict]:
+  """`dispatch.moe_ffn` with experts sharded over `expert_axis` of `mesh` (a Mesh or AbstractMesh).
+
+  batch_axes: the mesh axes the batch is split over (must include expert_axis); tensor_axes: mesh axes
+  the FFN width is split over, or None. Returns y `[B, T, d]` and stats "dropped_fraction" and
+  "slot_fill" over the whole batch.
+  """
+  batch_axes, tensor_axes = _axes(batch_axes), _axes(tensor_axes)
+  if expert_axis not in batch_axes:
+    raise ValueError(f"expert parallelism needs the batch split over the expert axis {expert_axis!r}; the "
+                     f"batch is split over {batch_axes}.")
+  n = mesh.shape[expert_axis]
+  num_experts = w_in.shape[0]
+  if num_experts % n:
+    raise ValueError(f"{num_experts} experts do not divide over the {n} devices of mesh axis {expert_axis!r}.")
+  strategy = resolve_strategy(strategy, mode)
+  b, t, _ = x.shape
+  k = experts.shape[-1]
+  capacity = dispatch.moe_capacity(t, k, num_experts, capacity_factor) if mode == "capacity" else t
+  if token_mask is None:
+    token_mask = jnp.ones((b, t), bool)
+
+  rows = P(batch_axes)
+  hidden = tensor_axes or None
+  w_spec, w_out_spec = P(expert_axis, None, hidden), P(expert_axis, hidden, None)
+  body = functools.partial(_all_to_all_body if strategy == "all_to_all" else _gather_body,
+                           activation=activation, mode=mode, capacity=capacity, dropless_impl=dropless_impl,
+                           expert_axis=expert_axis, batch_axes=batch_axes, tensor_axes=tensor_axes)
+  in_specs = (rows, rows, rows, rows, w_spec, w_out_spec, None if w_gate is None else w_spec)
+  return jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=(rows, P()))(
+      x, weights, experts, token_mask, w_in, w_out, w_gate)
+
+
+def _stats(assignments, kept, slots, batch_axes) -> dict:
+  assignments, kept, slots = (_sum_over(jnp.asarray(v, jnp.float32), batch_axes) for v in (assignments, kept, slots))
+  return {"dropped_fraction": (assignments - kept) / jnp.maximum(assignments, 1.0), "slot_fill": kept / slots}
+
+
+def _all_to_all_body(x, weights, experts, token_mask, w_in, w_out, w_gate, *, activation, mode, capacity,
+                     dropless_impl, expert_axis, batch_axes, tensor_axes):
+  del mode, dropless_impl  # capacity mode only (resolve_strategy)
+  n = jax.lax.axis_size(expert_axis)
+  b, t, d = x.shape
+  k = experts.shape[-1]
+  local_experts = w_in.shape[0]
+  num_experts = local_experts * n
+  experts = jnp.where(token_mask[..., None], experts, num_experts)
+  src, dst, kept = dispatch.capacity_plan(experts, num_experts, capacity)
+  slots = dispatch.take_rows(x, src // k)  # [b, E·C, d]; empty slots are zero rows
+  # [b, n, E_l, C, d] -> [n, E_l, b, C, d]: chunk j (expert group j) goes to device j of the expert axis,
+  # and what arrives is stacked by source device.
+  slots = slots.reshape(b, n, local_experts, capacity, d).transpose(1, 2, 0, 3, 4)
+  slots = jax.lax.all_to_all(slots, expert_axis, 0, 0, tiled=True)
+  rows = slots.transpose(1, 0, 2, 3, 4).reshape(local_experts, n * b * capacity, d)
+  out = dispatch.ffn(rows, w_in, w_out, w_gate, activation, functools.partial(jnp.einsum, "erd,edf->erf"))
+  out = _sum_over(out, tensor_axes)
+  out = out.reshape(local_experts, n, b, capacity, d).transpose(1, 0, 2, 3, 4)
+  out = jax.lax.all_to_all(out, expert_axis, 0, 0, tiled=True)  # back to the devices that own the tokens
+  out = out.transpose(2, 0, 1, 3, 4).reshape(b, num_experts * capacity, d)
+  weighted = out.astype(jnp.float32) * dispatch.take_rows(weights.reshape(b, t * k).astype(jnp.float32), src)[..., None]
+  y = jnp.sum(dispatch.take_rows(weighted, dst).reshape(b, t, k, d), axis=2).astype(x.dtype)
+  assignments = jnp.sum(experts < num_experts)
+  return y, _stats(assignments, kept, src.size, batch_axes)
+
+
+def _gather_body(x, weights, experts, token_mask, w_in, w_out, w_gate, *, activation, mode, capacity,
+                 dropless_impl, expert_axis, batch_axes, tensor_axes):
+  local_experts = w_in.shape[0]
+  gather = lambda a: jax.lax.all_gather(a, expert_axis, axis=0, tiled=True)
+  x_all, weights_all, experts_all, mask_all = (gather(a) for a in (x, weights, experts, token_mask))
+  # This device's experts keep their local ids; every other assignment becomes "no expert here".
+  first = jax.lax.axis_index(expert_axis) * local_experts
+  local = experts_all - first
+  here = (local >= 0) & (local < local_experts) & mask_all[..., None]
+  y, stats = dispatch.moe_ffn(x_all, weights_all, jnp.where(here, local, local_experts), w_in, w_out, w_gate,
+                              activation=activation, mode=mode, dropless_impl=dropless_impl, capacity=capacity)
+  y = _sum_over(y.astype(jnp.float32), tensor_axes)
+  y = jax.lax.psum_scatter(y, expert_axis, scatter_dimension=0, tiled=True).astype(x.dtype)
+  # Each device counted the peers' assignments to its own experts: summed over the expert axis (part of
+  # batch_axes) that is every assignment once. Allocated slots likewise.
+  slots = x_all.shape[0] * local_experts * capacity
+  return y, _stats(stats["assignments"], stats["kept"], slots, batch_axes)

@@ -1,0 +1,140 @@
+"""Expert parallelism on 8 simulated devices: the sharded layer and train step equal one device's."""
+import functools
+from unittest import mock
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from diffmoe_jax import parallel
+from diffmoe_jax.nn import model as model_lib
+from diffmoe_jax.ops import dispatch, expert_parallel
+from diffmoe_jax.train import state as state_lib
+from diffmoe_jax.train import step as step_lib
+
+B, T, D, F, E, K = 8, 12, 16, 32, 8, 2
+LR = 1.0  # a plain gradient step: updated weights differ from the initial ones by the gradient
+
+
+def _inputs(seed, activation):
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(B, T, D)).astype(np.float32)
+  weights = rng.uniform(0.1, 1.0, size=(B, T, K)).astype(np.float32)
+  # Skewed routing, so that capacity mode drops assignments.
+  probs = np.array([0.3, 0.2, 0.1, 0.1, 0.1, 0.1, 0.05, 0.05])
+  experts = np.stack([rng.choice(E, size=K, replace=False, p=probs) for _ in range(B * T)]).reshape(B, T, K)
+  mask = rng.uniform(size=(B, T)) < 0.8
+  params = [rng.normal(size=(E, D, F)) / np.sqrt(D), rng.normal(size=(E, F, D)) / np.sqrt(F)]
+  if activation == "swiglu":
+    params.append(rng.normal(size=(E, D, F)) / np.sqrt(D))
+  return (x, weights, experts.astype(np.int32), mask), [p.astype(np.float32) for p in params]
+
+
+def _layer_and_grads(layer):
+  def loss(x, w, params, experts, mask, cot):
+    y, stats = layer(x, w, experts, *params, token_mask=mask)
+    return jnp.sum(y * cot), (y, stats["dropped_fraction"])
+  return jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))
+
+
+CASES = [("capacity", "all_to_all", "gelu", (2, 4, 1)), ("capacity", "gather", "swiglu", (2, 4, 1)),
+         ("dropless", "gather", "gelu", (2, 4, 1)), ("capacity", "all_to_all", "swiglu", (2, 2, 2)),
+         ("dropless", "gather", "gelu", (2, 2, 2))]
+
+
+@pytest.mark.parametrize("mode,strategy,activation,mesh_shape", CASES)
+def test_expert_parallel_layer_equals_one_device(mode, strategy, activation, mesh_shape):
+  """Outputs, dropped fraction and gradients, with a token mask; mesh (data, expert, tensor)."""
+  mesh = jax.make_mesh(mesh_shape, ("data", "expert", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  (x, w, experts, mask), params = _inputs(0, activation)
+  cot = np.random.default_rng(1).normal(size=(B, T, D)).astype(np.float32)
+  common = dict(activation=activation, mode=mode, capacity_factor=0.75, dropless_impl="padded")
+  single = _layer_and_grads(functools.partial(dispatch.moe_ffn, **common))
+  sharded = _layer_and_grads(functools.partial(
+      expert_parallel.moe_ffn, mesh=mesh, batch_axes=("data", "expert"), expert_axis="expert",
+      tensor_axes="tensor", strategy=strategy, **common))
+  rows = NamedSharding(mesh, P(("data", "expert")))
+  put = lambda a: jax.device_put(a, rows)
+  weight_specs = [P("expert", None, "tensor"), P("expert", "tensor", None), P("expert", None, "tensor")]
+  sharded_params = [jax.device_put(p, NamedSharding(mesh, s)) for p, s in zip(params, weight_specs)]
+  want_grads, (want_y, want_dropped) = single(x, w, params, experts, mask, cot)
+  got_grads, (got_y, got_dropped) = sharded(put(x), put(w), sharded_params, put(experts), put(mask), put(cot))
+  np.testing.assert_allclose(got_y, want_y, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got_dropped, want_dropped, rtol=1e-6)
+  if mode == "capacity":
+    assert float(want_dropped) > 0  # the case exercises dropping
+  for got, want in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_all_to_all_moves_only_slots():
+  """The all_to_all strategy compiles to all-to-alls (no all-gather of tokens); gather to the reverse."""
+  mesh = jax.make_mesh((2, 4), ("data", "expert"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  (x, w, experts, mask), params = _inputs(2, "gelu")
+  rows = NamedSharding(mesh, P(("data", "expert")))
+  texts = {}
+  for strategy in ("all_to_all", "gather"):
+    fn = jax.jit(functools.partial(expert_parallel.moe_ffn, mesh=mesh, batch_axes=("data", "expert"),
+                                   expert_axis="expert", activation="gelu", strategy=strategy))
+    args = [jax.device_put(a, rows) for a in (x, w, experts)]
+    args += [jax.device_put(p, NamedSharding(mesh, P("expert"))) for p in params]
+    texts[strategy] = fn.lower(*args).compile().as_text()
+  assert "all-to-all" in texts["all_to_all"] and "all-gather" not in texts["all_to_all"]
+  assert "all-gather" in texts["gather"] and "reduce-scatter" in texts["gather"]
+
+
+def test_bad_layouts_are_refused():
+  mesh = jax.make_mesh((2, 4), ("data", "expert"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  (x, w, experts, _), params = _inputs(3, "gelu")
+  call = functools.partial(expert_parallel.moe_ffn, x, w, experts, *params, mesh=mesh, expert_axis="expert",
+                           activation="gelu")
+  with pytest.raises(ValueError, match="batch split over the expert axis"):
+    call(batch_axes=("data",))
+  with pytest.raises(ValueError, match="needs capacity mode"):
+    call(batch_axes=("data", "expert"), mode="dropless", strategy="all_to_all")
+  with pytest.raises(ValueError, match="do not divide"):
+    expert_parallel.moe_ffn(x, w, experts, params[0][:6], params[1][:6], mesh=mesh, batch_axes=("data", "expert"),
+                            expert_axis="expert", activation="gelu")
+
+
+def _train_step_result(cfg, devices):
+  mesh = parallel.make_mesh(cfg.mesh, devices=devices)
+  rules = parallel.axis_rules(cfg.mesh)
+  model = model_lib.build_model(cfg.model)
+  # A plain gradient step (update = lr · g): the comparison is of the gradients themselves, where Adam's
+  # first update g / (|g| + ε) would turn the rounding of a near-zero gradient into a step of up to lr.
+  optimizer = optax.identity()
+  _, shardings, make = state_lib.create_state(model, optimizer, mesh, rules, seed=0, seq_len=16)
+  tokens = np.random.default_rng(4).integers(0, cfg.model.vocab_size, (8, 17)).astype(np.int32)
+  batch = parallel.global_batch({"inputs": tokens[:, :-1], "targets": tokens[:, 1:]},
+                                parallel.batch_sharding(mesh, rules))
+  dyn = {"lr": LR, "router_noise": 0.5, "load_balance_weight": 0.01, "z_loss_weight": 0.001,
+         "mod_predictor_weight": 0.01}
+  spy = mock.patch.object(expert_parallel, "moe_ffn", wraps=expert_parallel.moe_ffn)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules), spy as expert_parallel_calls:
+    fn = jax.jit(step_lib.make_train_step(model, optimizer, mod_mode="topk", mod_capacity=0.5))
+    state, metrics = fn(make(), batch, {k: jnp.float32(v) for k, v in dyn.items()})
+  assert expert_parallel_calls.called == (mesh.shape["expert"] > 1)
+  return float(metrics["loss"]), float(metrics["grad_norm"]), jax.device_get(state.params)
+
+
+@pytest.fixture(scope="module")
+def one_device(make_config):
+  cfg = make_config(**{"moe.capacity_factor": 0.75})
+  return _train_step_result(cfg, jax.devices()[:1])
+
+
+@pytest.mark.parametrize("mesh", [{"data": 2, "expert": 4}, {"fsdp": 4, "tensor": 2},
+                                  {"data": 1, "fsdp": 2, "expert": 2, "tensor": 2}])
+def test_train_step_on_a_mesh_equals_one_device(make_config, one_device, mesh):
+  cfg = make_config(**{"moe.capacity_factor": 0.75})
+  cfg.mesh.shape.update({"data": 1, **mesh})
+  loss, grad_norm, params = _train_step_result(cfg, jax.devices())
+  want_loss, want_grad_norm, want_params = one_device
+  assert loss == pytest.approx(want_loss, rel=1e-5)
+  assert grad_norm == pytest.approx(want_grad_norm, rel=1e-4)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-6), params, want_params)
