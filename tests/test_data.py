@@ -201,6 +201,20 @@ def test_batch_is_a_pure_function_of_seed_and_step(stdlib):
   assert not np.array_equal(other_seed[5]["inputs"], first["inputs"])
 
 
+def test_a_batch_of_one_is_the_mixed_stream_one_row_at_a_time(stdlib):
+  """Batch 1 (a phase whose tokens_per_batch equals its seq_len) reads the same stream batch 2 cuts in pairs."""
+  corpus, _ = stdlib
+  kwargs = dict(seed=5, seq_len=SEQ, domain_weights={"code": 0.6, "docs": 0.4})
+  ones, twos = data.train_dataset(corpus, batch_size=1, **kwargs), data.train_dataset(corpus, batch_size=2, **kwargs)
+  for step in (0, 3, 500_001):
+    pair = twos[step]
+    for i in range(2):
+      row = ones[2 * step + i]
+      assert row["inputs"].shape == row["targets"].shape == (1, SEQ) and row["domain"].shape == (1,)
+      for key in ("inputs", "targets", "domain"):
+        np.testing.assert_array_equal(row[key][0], pair[key][i])
+
+
 @pytest.mark.parametrize("step", [0, 7, 123_456])
 def test_process_shards_concatenate_to_the_global_batch(stdlib, step):
   corpus, _ = stdlib

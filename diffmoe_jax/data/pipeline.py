@@ -50,7 +50,10 @@ def train_dataset(corpus, *, seed: int, seq_len: int, batch_size: int, domain_we
     raise DataError(f"the domains {list(weights)} have {total} windows of seq_len {seq_len} in all, fewer than "
                     f"one batch of {batch_size}; use a smaller batch_size or seq_len, or add text.")
   mixed = grain.MapDataset.mix(parts, list(weights.values()))
-  return mixed.batch(batch_size // process_count, batch_fn=_collate).slice(
+  # The mixture is endless (its length is sys.maxsize). drop_remainder makes the batched length the integer
+  # maxsize // B; without it grain computes ceil(maxsize / B) in floating point, which for B = 1 is 2**63,
+  # too large for len(). Batch k is rows [k*B, (k+1)*B) of the mixture either way.
+  return mixed.batch(batch_size // process_count, drop_remainder=True, batch_fn=_collate).slice(
       slice(process_index, None, process_count))
 
 
