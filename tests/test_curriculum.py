@@ -8,6 +8,7 @@ import pytest
 
 from diffmoe_jax import config as config_lib
 from diffmoe_jax.config import ConfigError
+from diffmoe_jax.ops import routing
 from diffmoe_jax.train.curriculum import Curriculum
 from test_config import load
 
@@ -96,3 +97,17 @@ def test_bad_step_counts(tiny):
   tiny.curriculum.warmup.steps = 700
   with pytest.raises(ConfigError, match="explicit steps add up to 700"):
     config_lib.validate(tiny)
+
+
+@pytest.mark.parametrize("capacity, seq_len, tokens", [(0.07, 100, 7), (0.55, 100, 55), (0.125, 256, 32),
+                                                       (0.1, 30, 3), (0.14, 100, 14), (0.01, 16, 1)])
+def test_mod_capacity_is_quantised_to_the_tokens_the_model_selects(tiny, capacity, seq_len, tokens):
+  """The curriculum's capacity is K / T with the K the model's routed layer runs (capacity 0.07 at T=100: 7)."""
+  tiny.model.max_seq_len = 256
+  tiny.curriculum.specialize.update(seq_len=seq_len, mod_capacity_start=capacity, mod_capacity_end=capacity)
+  cur = Curriculum(tiny)
+  specialize = next(p for p in cur.phases if p.name == "specialize")
+  settings = cur.settings(specialize.start)
+  assert settings.mod_capacity == tokens / seq_len
+  # The model, given the quantised capacity, runs the same count again.
+  assert routing.mod_capacity_tokens(settings.mod_capacity, seq_len) == tokens
