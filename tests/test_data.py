@@ -384,7 +384,8 @@ def test_bad_tokenizer_file_and_missing_package(tmp_path, monkeypatch):
     data.make_tokenizer(f"sentencepiece:{model}")
   monkeypatch.setitem(sys.modules, "sentencepiece", None)  # makes `import sentencepiece` fail
   with pytest.raises(data.DataError,
-                     match=r"needs the `sentencepiece` package.*pip install diffmoe_jax\[tokenizers\]"):
+                     match=r"needs the `sentencepiece` package.*from a clone of the repository: "
+                           r"`pip install -e '\.\[tokenizers\]'`"):
     data.make_tokenizer(f"sentencepiece:{model}")
 
 
