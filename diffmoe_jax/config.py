@@ -81,6 +81,8 @@ def defaults() -> ml_collections.ConfigDict:
   d.cache_dir = ""  # token cache; "" means $DIFFMOE_CACHE or ~/.cache/diffmoe_jax
   d.val_fraction = 0.05  # of each domain's files, chosen by a hash of the path
   d.eval_domain = ""  # the "cleanest" domain the anneal phase defaults to; "" = first domain
+  # Batches carry `segment_ids` int32 [B, T]: each position's document within its window (README "Data").
+  d.segment_masking = True
 
   c.optimizer = o = ml_collections.ConfigDict()
   o.peak_lr = 3e-3
@@ -344,6 +346,8 @@ def _validate_training(config: ml_collections.ConfigDict) -> None:
            f"must be an integer >= 1, got {cur.mod_anneal_levels!r}.")
   domains = set(config.data.domains.keys())
   _require(len(domains) > 0, "data.domains", "is empty; add a source such as 'stdlib:code'.")
+  _require(isinstance(config.data.segment_masking, bool), "data.segment_masking",
+           f"must be True or False, got {config.data.segment_masking!r}.")
   phases = [key for key, value in cur.items() if isinstance(value, ml_collections.ConfigDict)]
   for i, name in enumerate(cur.order):
     if name not in phases:

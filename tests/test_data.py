@@ -253,6 +253,40 @@ def test_windows_are_shifted_by_one_and_lie_in_their_domains_train_stream(stdlib
   assert seen[0] and seen[1]
 
 
+def naive_segment_ids(inputs, eos_id):
+  """Per row: 0 for the first document; a separator is the last token of its document."""
+  out = np.zeros(inputs.shape, np.int64)
+  for b in range(inputs.shape[0]):
+    document = 0
+    for t in range(inputs.shape[1]):
+      out[b, t] = document
+      if inputs[b, t] == eos_id:
+        document += 1
+  return out
+
+
+def test_segment_ids_number_the_documents_of_each_window(tmp_path):
+  # Documents of a few hundred bytes, so 128-byte windows cross several separators.
+  corpus = build_text(tmp_path, {f"{i}.txt": english(i, paragraphs=2).encode() for i in range(12)},
+                      val_fraction=0.3)
+  eos = corpus.tokenizer.eos_id
+  train = data.train_dataset(corpus, seed=0, seq_len=128, batch_size=4)
+  batches = [train[step] for step in range(6)]
+  batches += data.eval_batches(corpus, "text", seq_len=128, batch_size=2, num_batches=2)
+  for batch in batches:
+    assert batch["segment_ids"].dtype == np.int32 and batch["segment_ids"].shape == batch["inputs"].shape
+    np.testing.assert_array_equal(batch["segment_ids"], naive_segment_ids(batch["inputs"], eos))
+  assert max(b["segment_ids"].max() for b in batches) >= 2  # windows do span several documents
+  # Off: the batches are as before, with no segment_ids.
+  config = data_config({"text": f"files:{tmp_path}/src/*.txt"}, val_fraction=0.3)
+  config.segment_masking = False
+  plain = data.build_corpus(config, cache_root=str(tmp_path / "c"))
+  batch = data.train_dataset(plain, seed=0, seq_len=128, batch_size=4)[0]
+  assert set(batch) == {"inputs", "targets", "domain"}
+  np.testing.assert_array_equal(batch["inputs"], batches[0]["inputs"])
+  assert "segment_ids" not in data.eval_batches(plain, "text", seq_len=128, batch_size=2, num_batches=1)[0]
+
+
 # --- evaluation batches -----------------------------------------------------------------------------------
 
 def test_eval_batches_are_fixed_evenly_spaced_validation_windows(stdlib):

@@ -44,10 +44,14 @@ class SplitInfo:
 
 
 class Corpus:
-  """Tokenized domains, memory-mapped from the cache. `domains` is sorted by name (a ConfigDict's order)."""
+  """Tokenized domains, memory-mapped from the cache. `domains` is sorted by name (a ConfigDict's order).
 
-  def __init__(self, tokenizer, cache_dirs: dict[str, str]):
+  `segment_masking` (config.data.segment_masking): whether its batches carry `segment_ids`.
+  """
+
+  def __init__(self, tokenizer, cache_dirs: dict[str, str], segment_masking: bool = True):
     self.tokenizer = tokenizer
+    self.segment_masking = segment_masking
     self.domains = tuple(sorted(cache_dirs))
     self.cache_dirs = dict(cache_dirs)
     self.skipped = {}  # domain -> {reason: number of files}
@@ -113,7 +117,7 @@ def build_corpus(data_config, cache_root: str | None = None) -> Corpus:
     start = time.perf_counter()
     dirs[name], built = _cached_domain(parse_source(name, domains[name]), tokenizer, val_fraction, root)
     notes[name] = f"built in {time.perf_counter() - start:.1f} s" if built else "reused"
-  corpus = Corpus(tokenizer, dirs)
+  corpus = Corpus(tokenizer, dirs, segment_masking=data_config.segment_masking)
   for name in corpus.domains:
     train, val = corpus.info(name, "train"), corpus.info(name, "val")
     skipped = "; ".join(f"{n} files {why}" for why, n in corpus.skipped[name].items()) or "none"
