@@ -159,13 +159,25 @@ def test_token_dtype_widens_past_uint16():
 
 # --- the split --------------------------------------------------------------------------------------------
 
-def test_split_is_by_file_disjoint_and_a_hash_of_the_path(stdlib):
+def test_split_keeps_near_copies_together_and_agrees_across_domains(stdlib):
   corpus, _ = stdlib
+  val = {}
   for domain in corpus.domains:
-    train, val = set(corpus.info(domain, "train").files), set(corpus.info(domain, "val").files)
-    assert train and val and not train & val
-    assert val == {f for f in train | val if unit_hash(f) < 0.05}
-    assert 0.03 < len(val) / len(train | val) < 0.07
+    train, val[domain] = set(corpus.info(domain, "train").files), set(corpus.info(domain, "val").files)
+    assert train and val[domain] and not train & val[domain]
+    assert 0.03 < len(val[domain]) / len(train | val[domain]) < 0.08
+    # A file with no near-copy goes by the hash of its own path: most files.
+    by_path = [(unit_hash(f) < 0.05) == (f in val[domain]) for f in train | val[domain]]
+    assert np.mean(by_path) > 0.95
+    # Near-copies (the same code page tables with a few characters changed) share a side.
+    for a, b in (("cp858", "cp850"), ("cp865", "cp437"), ("mac_iceland", "mac_roman")):
+      a, b = f"encodings/{a}.py", f"encodings/{b}.py"
+      if a in train | val[domain]:
+        assert (a in val[domain]) == (b in val[domain]), (domain, a, b)
+  # A file's docstrings are part of its code, and training mixes both domains: each file has one side.
+  code_files = set(corpus.info("code", "train").files) | val["code"]
+  docs_files = set(corpus.info("docs", "train").files) | val["docs"]
+  assert all((f in val["code"]) == (f in val["docs"]) for f in code_files & docs_files)
 
 
 def test_split_is_deterministic_and_both_splits_are_never_empty(text_dir, tmp_path):
@@ -180,6 +192,47 @@ def test_split_is_deterministic_and_both_splits_are_never_empty(text_dir, tmp_pa
   high = data.build_corpus(data_config({"text": f"files:{text_dir}/*.txt"}, val_fraction=0.999),
                            cache_root=str(tmp_path / "a"))
   assert high.info("text", "train").files == (max(names, key=unit_hash),)
+
+
+SHINGLE_WORDS = 8
+
+
+def shingles(text):
+  """A text's distinct runs of 8 whitespace-separated words (a shorter text: its whole word sequence)."""
+  words = text.split()
+  if len(words) < SHINGLE_WORDS:
+    return {tuple(words)} if words else set()
+  return {tuple(words[i:i + SHINGLE_WORDS]) for i in range(len(words) - SHINGLE_WORDS + 1)}
+
+
+def documents(corpus, domain, split):
+  """Each file's text as the token stream holds it (bytes tokenizer: documents end with NUL)."""
+  texts = bytes(np.asarray(corpus.tokens(domain, split), np.uint8)).decode("utf-8").split("\0")[:-1]
+  assert len(texts) == len(corpus.info(domain, split).files)
+  return dict(zip(corpus.info(domain, split).files, texts))
+
+
+def test_no_validation_file_is_mostly_one_training_file(stdlib):
+  """Coverage of a validation file by a training file: the fraction of the validation file's shingles that
+  occur in the training file. Near-duplicates (encodings/cp858.py and cp850.py) must share a split, in each
+  domain and across them: a file's docstrings are in its code, and training mixes both domains."""
+  corpus, _ = stdlib
+  worst = {}
+  for val_domain, train_domains in (("code", ("code", "docs")), ("docs", ("docs", "code"))):
+    val = {f: shingles(text) for f, text in documents(corpus, val_domain, "val").items()}
+    holders = collections.defaultdict(list)  # shingle -> the validation files that have it
+    for f, found in val.items():
+      for shingle in found:
+        holders[shingle].append(f)
+    for train_domain in train_domains:
+      for t, text in documents(corpus, train_domain, "train").items():
+        shared = collections.Counter(f for s in shingles(text) if s in holders for f in holders[s])
+        for f, n in shared.items():
+          key = (val_domain, f)
+          worst[key] = max(worst.get(key, (0.0,)), (n / len(val[f]), train_domain, t))
+  leaks = {key: value for key, value in worst.items() if value[0] >= 0.8}
+  assert not leaks, sorted(leaks.items(), key=lambda kv: -kv[1][0])[:10]
+  assert len(worst) > 50  # validation files do share some text with training files; it is measured
 
 
 # --- training batches -------------------------------------------------------------------------------------
@@ -393,6 +446,8 @@ def build_text(tmp_path, files, spec="files:{d}/*.txt", **kwargs):
      r"/src/b\.txt is not valid UTF-8 \(byte offset 6"),
     ({"a.txt": b"hi", "b.txt": b"ab\x00c"}, "files:{d}/*.txt", r"/src/b\.txt contains '\\x00' at byte offset 2"),
     ({"a.txt": b"x"}, "web:https://example.com", r"config\.data\.domains\.text = 'web:.*' is not a source spec"),
+    ({"a.txt": english(1).encode(), "b.txt": english(1).encode() + b"One more line.\n"}, "files:{d}/*.txt",
+     r"its 2 files with text are near-copies of one another .*add files with different text"),
 ])
 def test_bad_sources(tmp_path, files, spec, message):
   with pytest.raises(data.DataError, match=message):
