@@ -67,7 +67,8 @@ def _bad(**fields):
     ({"curriculum.order": ("warmup", "total_steps")},
      r"curriculum\.order: names 'total_steps', but curriculum\.total_steps is a setting, not a phase; the phases "
      r"defined are \['anneal', 'foundation', 'long_context', 'sparsify', 'specialize', 'warmup'\]"),
-    ({"curriculum.order": ("warmup", "order")}, r"curriculum\.order: names 'order', but curriculum\.order is a setting"),
+    ({"curriculum.order": ("warmup", "order")},
+     r"curriculum\.order: names 'order', but curriculum\.order is a setting"),
     ({"curriculum.order": ("warmup", "cooldown")},
      r"curriculum\.order: names 'cooldown', but curriculum\.cooldown is not defined; the phases defined are "
      r"\['anneal', 'foundation', 'long_context', 'sparsify', 'specialize', 'warmup'\]"),

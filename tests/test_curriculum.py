@@ -45,8 +45,9 @@ def test_explicit_steps_and_fractions_mix(tiny):
 
 def test_fractions_that_do_not_sum_to_one_are_rejected_not_rescaled(tiny):
   tiny.curriculum.warmup.fraction = 0.5  # the rest as in the default: 1.45 in all
-  with pytest.raises(ConfigError, match=r"fractions of the phases sum to 1\.45, not 1 \(warmup 0\.5, foundation "
-                                        r"0\.35, sparsify 0\.2, specialize 0\.15, long_context 0\.15, anneal 0\.1\)"):
+  with pytest.raises(ConfigError, match=r"fractions of the phases sum to 1\.45, not 1 \(warmup 0\.5, "
+                                        r"foundation 0\.35, sparsify 0\.2, specialize 0\.15, long_context 0\.15, "
+                                        r"anneal 0\.1\)"):
     config_lib.validate(tiny)
   # With explicit steps, the other phases' fractions must sum to 1: warmup's own fraction no longer counts.
   tiny.curriculum.warmup.update(fraction=0.05, steps=7)

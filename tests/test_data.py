@@ -258,7 +258,8 @@ def test_a_batch_of_one_is_the_mixed_stream_one_row_at_a_time(stdlib):
   """Batch 1 (a phase whose tokens_per_batch equals its seq_len) reads the same stream batch 2 cuts in pairs."""
   corpus, _ = stdlib
   kwargs = dict(seed=5, seq_len=SEQ, domain_weights={"code": 0.6, "docs": 0.4})
-  ones, twos = data.train_dataset(corpus, batch_size=1, **kwargs), data.train_dataset(corpus, batch_size=2, **kwargs)
+  ones = data.train_dataset(corpus, batch_size=1, **kwargs)
+  twos = data.train_dataset(corpus, batch_size=2, **kwargs)
   for step in (0, 3, 500_001):
     pair = twos[step]
     for i in range(2):

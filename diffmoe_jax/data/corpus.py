@@ -3,8 +3,8 @@
 Each domain is tokenized once into `<cache root>/<key>/`: `train.bin` and `val.bin` (raw token ids, uint16
 when the vocabulary fits, else uint32) and `meta.json` (files, token and byte counts per split). The key
 hashes everything the tokens depend on: format version (which also names the split rule), tokenizer spec and
-model file hash, source spec, every file's path, size and mtime, and val_fraction. A directory is written under a temporary name and
-renamed into place, so an interrupted build never leaves a half cache.
+model file hash, source spec, every file's path, size and mtime, and val_fraction. A directory is written
+under a temporary name and renamed into place, so an interrupted build never leaves a half cache.
 
 Each document's tokens are followed by the tokenizer's eos id when it has one; token counts include these
 separators and byte counts (UTF-8 bytes of the text) do not, so bits per byte = bits per token / bytes per
