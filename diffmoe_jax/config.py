@@ -90,6 +90,8 @@ def defaults() -> ml_collections.ConfigDict:
   d.cache_dir = ""  # token cache; "" means $DIFFMOE_CACHE or ~/.cache/diffmoe_jax
   d.val_fraction = 0.05  # of each domain's files, chosen by a hash of the path
   d.eval_domain = ""  # the "cleanest" domain the anneal phase defaults to; "" = first domain
+  # Batches carry `segment_ids` int32 [B, T]: each position's document within its window (README "Data").
+  d.segment_masking = True
 
   c.optimizer = o = ml_collections.ConfigDict()
   o.peak_lr = 3e-3
@@ -283,35 +285,59 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def phase_lengths(cur: ml_collections.ConfigDict) -> list[int]:
-  """Steps per phase: explicit `steps` first; the rest of `total_steps` split by `fraction` (in proportion)."""
-  explicit = sum(cur[name].steps for name in cur.order)
-  remaining = cur.total_steps - explicit
-  fractions = {name: cur[name].fraction for name in cur.order if cur[name].steps == 0}
-  fraction_sum = sum(fractions.values())
+  """Steps per phase of `curriculum.order`.
+
+  A phase with `steps` > 0 gets exactly that many. The other phases split the rest of `total_steps` by
+  `fraction`, and their fractions must sum to 1 (nothing is rescaled); with no explicit steps that is every
+  phase. Every phase needs at least one step.
+  """
+  explicit = {name: cur[name].steps for name in cur.order if cur[name].steps}
+  fractions = {name: cur[name].fraction for name in cur.order if not cur[name].steps}
+  remaining = cur.total_steps - sum(explicit.values())
+  explicit_text = ", ".join(f"{name} {steps}" for name, steps in explicit.items())
   if remaining < 0:
     raise ConfigError(
-        f"config.curriculum: the phases' explicit steps add up to {explicit}, more than "
-        f"curriculum.total_steps ({cur.total_steps}); raise total_steps or lower the phases' steps.")
-  if remaining > 0 and fraction_sum <= 0:
-    raise ConfigError(
-        f"config.curriculum: {remaining} of curriculum.total_steps ({cur.total_steps}) are left after the "
-        "phases' explicit steps, but no phase has a fraction to take them; set a phase's fraction or steps.")
-  lengths, cumulative, assigned = [], 0.0, 0
-  for name in cur.order:
-    if cur[name].steps:
-      lengths.append(cur[name].steps)
-      continue
-    # Cumulative rounding: the fractions' phases add up to exactly `remaining` steps.
-    cumulative += fractions[name] / fraction_sum if fraction_sum else 0.0
-    end = round(cumulative * remaining)
-    lengths.append(end - assigned)
-    assigned = end
-  for name, steps in zip(cur.order, lengths):
-    if steps <= 0:
+        f"config.curriculum: the phases' explicit steps ({explicit_text}) add up to {sum(explicit.values())}, "
+        f"more than curriculum.total_steps ({cur.total_steps}); raise total_steps or lower the phases' steps.")
+  if not fractions:
+    if remaining:
       raise ConfigError(
-          f"config.curriculum.{name}: the phase gets {steps} steps of total_steps {cur.total_steps}; raise "
-          f"total_steps or the phase's fraction, or remove it from curriculum.order.")
-  return lengths
+          f"config.curriculum: every phase has explicit steps ({explicit_text}), and they add up to "
+          f"{sum(explicit.values())}, not curriculum.total_steps ({cur.total_steps}); make them add up to it.")
+    return [cur[name].steps for name in cur.order]
+  fraction_sum = sum(fractions.values())
+  shares = ", ".join(f"{name} {f:g}" for name, f in fractions.items())
+  if abs(fraction_sum - 1.0) > 1e-6:
+    which = (f"the phases without explicit steps, which split the {remaining} steps the explicit ones "
+             f"({explicit_text}) leave," if explicit else "the phases")
+    raise ConfigError(f"config.curriculum: the fractions of {which} sum to {fraction_sum:.6g}, not 1 ({shares}); "
+                      "they are not rescaled, so change them to sum to 1.")
+  for name, f in fractions.items():
+    _require(f > 0, f"curriculum.{name}", "has neither steps nor a fraction, so it gets no steps; give it a "
+             "fraction or steps, or remove it from curriculum.order.")
+  shared = _split_by_fraction(list(fractions.values()), remaining)
+  for (name, f), steps in zip(fractions.items(), shared):
+    if steps == 0:
+      of = (f"the {remaining} step(s) left after the explicit ones ({explicit_text})" if explicit
+            else f"curriculum.total_steps ({cur.total_steps})")
+      # From here on every phase's share is at least one step, so none rounds to 0.
+      enough = cur.total_steps - remaining + math.ceil(1 / min(fractions.values()) - 1e-9)
+      raise ConfigError(
+          f"config.curriculum.{name}: its fraction {f:g} of {of} is {f * remaining:.2g} steps, which rounds "
+          f"to 0, and every phase needs at least one step; raise curriculum.total_steps to {enough} or more, "
+          f"or give curriculum.{name} explicit steps.")
+  shared = iter(shared)
+  return [cur[name].steps or next(shared) for name in cur.order]
+
+
+def _split_by_fraction(fractions: list[float], total: int) -> list[int]:
+  """`total` split by fractions summing to 1; cumulative rounding (half up) makes the parts add up exactly."""
+  ends, cumulative = [], 0.0
+  for f in fractions[:-1]:
+    cumulative += f
+    ends.append(min(total, math.floor(cumulative * total + 0.5)))
+  ends.append(total)
+  return [end - start for start, end in zip([0] + ends[:-1], ends)]
 
 
 def phase_seq_len(config: ml_collections.ConfigDict, name: str) -> int:
@@ -341,8 +367,15 @@ def _validate_training(config: ml_collections.ConfigDict) -> None:
            f"must be an integer >= 1, got {cur.mod_anneal_levels!r}.")
   domains = set(config.data.domains.keys())
   _require(len(domains) > 0, "data.domains", "is empty; add a source such as 'stdlib:code'.")
-  for name in cur.order:
-    _require(name in cur, f"curriculum.order", f"names phase {name!r}, but curriculum.{name} is not defined.")
+  _require(isinstance(config.data.segment_masking, bool), "data.segment_masking",
+           f"must be True or False, got {config.data.segment_masking!r}.")
+  phases = [key for key, value in cur.items() if isinstance(value, ml_collections.ConfigDict)]
+  for i, name in enumerate(cur.order):
+    if name not in phases:
+      what = "a setting, not a phase" if name in cur else "not defined"
+      raise ConfigError(f"config.curriculum.order: names {name!r}, but curriculum.{name} is {what}; the "
+                        f"phases defined are {phases}.")
+    _require(name not in cur.order[:i], "curriculum.order", f"names {name!r} twice; list each phase once.")
     p = cur[name]
     f = f"curriculum.{name}"
     _require(p.steps >= 0 and 0.0 <= p.fraction <= 1.0, f,

@@ -64,6 +64,15 @@ def _bad(**fields):
     ({"curriculum.anneal.lr_shape": "step"}, r"curriculum\.anneal\.lr_shape: 'step' is not one of"),
     ({"optimizer.grad_accum_steps": 0}, r"optimizer\.grad_accum_steps: must be an integer >= 1"),
     ({"mesh.shape.model": 2}, r"mesh\.shape\.model: unknown mesh axis"),
+    ({"curriculum.order": ("warmup", "total_steps")},
+     r"curriculum\.order: names 'total_steps', but curriculum\.total_steps is a setting, not a phase; the phases "
+     r"defined are \['anneal', 'foundation', 'long_context', 'sparsify', 'specialize', 'warmup'\]"),
+    ({"curriculum.order": ("warmup", "order")},
+     r"curriculum\.order: names 'order', but curriculum\.order is a setting"),
+    ({"curriculum.order": ("warmup", "cooldown")},
+     r"curriculum\.order: names 'cooldown', but curriculum\.cooldown is not defined; the phases defined are "
+     r"\['anneal', 'foundation', 'long_context', 'sparsify', 'specialize', 'warmup'\]"),
+    ({"curriculum.order": ("warmup", "warmup")}, r"curriculum\.order: names 'warmup' twice"),
 ])
 def test_bad_fields_name_the_field(fields, message):
   with pytest.raises(ConfigError, match=message):

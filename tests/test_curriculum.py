@@ -8,6 +8,7 @@ import pytest
 
 from diffmoe_jax import config as config_lib
 from diffmoe_jax.config import ConfigError
+from diffmoe_jax.ops import routing
 from diffmoe_jax.train.curriculum import Curriculum
 from test_config import load
 
@@ -32,10 +33,27 @@ def test_phases_tile_the_run(tiny):
 
 
 def test_explicit_steps_and_fractions_mix(tiny):
-  tiny.curriculum.total_steps = 100
-  tiny.curriculum.warmup.steps = 7
-  lengths = config_lib.phase_lengths(tiny.curriculum)
-  assert lengths[0] == 7 and sum(lengths) == 100
+  """Explicit steps first; the phases without steps split the rest by fractions that sum to 1."""
+  cur = tiny.curriculum
+  cur.total_steps = 100
+  cur.warmup.steps = 7
+  cur.foundation.fraction = 0.4  # with the other four: 0.4 + 0.2 + 0.15 + 0.15 + 0.1 = 1
+  lengths = config_lib.phase_lengths(cur)
+  # 93 steps left: cumulative 0.4, 0.6, 0.75, 0.9, 1 of them, rounded half up: 37, 56, 70, 84, 93.
+  assert lengths == [7, 37, 19, 14, 14, 9]
+
+
+def test_fractions_that_do_not_sum_to_one_are_rejected_not_rescaled(tiny):
+  tiny.curriculum.warmup.fraction = 0.5  # the rest as in the default: 1.45 in all
+  with pytest.raises(ConfigError, match=r"fractions of the phases sum to 1\.45, not 1 \(warmup 0\.5, "
+                                        r"foundation 0\.35, sparsify 0\.2, specialize 0\.15, long_context 0\.15, "
+                                        r"anneal 0\.1\)"):
+    config_lib.validate(tiny)
+  # With explicit steps, the other phases' fractions must sum to 1: warmup's own fraction no longer counts.
+  tiny.curriculum.warmup.update(fraction=0.05, steps=7)
+  with pytest.raises(ConfigError, match=r"phases without explicit steps, which split the 593 steps the explicit "
+                                        r"ones \(warmup 7\) leave, sum to 0\.95, not 1 \(foundation 0\.35, "):
+    config_lib.validate(tiny)
 
 
 def test_settings_are_a_pure_function_of_the_step(tiny):
@@ -88,11 +106,40 @@ def test_shape_keys_list_every_program(tiny):
   assert set(cur.shape_keys()) == seen and len(cur.shape_keys()) == len(seen)
 
 
-def test_bad_step_counts(tiny):
+def test_bad_step_counts_name_the_phase_and_the_cause(tiny):
   tiny.curriculum.total_steps = 5
-  with pytest.raises(ConfigError, match=r"curriculum\.warmup: the phase gets 0 steps"):
+  with pytest.raises(ConfigError, match=r"curriculum\.warmup: its fraction 0\.05 of curriculum\.total_steps \(5\) "
+                                        r"is 0\.25 steps, which rounds to 0.*total_steps to 20 or more"):
     config_lib.validate(tiny)
+  # Explicit steps leave one step for five phases: the first phase it cannot reach is named, with the cause.
+  tiny.curriculum.total_steps = 8
+  tiny.curriculum.warmup.steps = 7
+  tiny.curriculum.foundation.fraction = 0.4
+  with pytest.raises(ConfigError, match=r"curriculum\.foundation: its fraction 0\.4 of the 1 step\(s\) left after "
+                                        r"the explicit ones \(warmup 7\) is 0\.4 steps.*total_steps to 17 or more"):
+    config_lib.validate(tiny)
+  tiny.curriculum.total_steps = 17
+  assert min(config_lib.phase_lengths(tiny.curriculum)) == 1
   tiny.curriculum.total_steps = 600
   tiny.curriculum.warmup.steps = 700
-  with pytest.raises(ConfigError, match="explicit steps add up to 700"):
+  with pytest.raises(ConfigError, match=r"explicit steps \(warmup 700\) add up to 700, more than"):
     config_lib.validate(tiny)
+  tiny.curriculum.warmup.steps = 0
+  tiny.curriculum.order = ("warmup", "foundation")
+  tiny.curriculum.warmup.fraction, tiny.curriculum.foundation.fraction = 0.0, 1.0
+  with pytest.raises(ConfigError, match=r"curriculum\.warmup: has neither steps nor a fraction"):
+    config_lib.validate(tiny)
+
+
+@pytest.mark.parametrize("capacity, seq_len, tokens", [(0.07, 100, 7), (0.55, 100, 55), (0.125, 256, 32),
+                                                       (0.1, 30, 3), (0.14, 100, 14), (0.01, 16, 1)])
+def test_mod_capacity_is_quantised_to_the_tokens_the_model_selects(tiny, capacity, seq_len, tokens):
+  """The curriculum's capacity is K / T with the K the model's routed layer runs (capacity 0.07 at T=100: 7)."""
+  tiny.model.max_seq_len = 256
+  tiny.curriculum.specialize.update(seq_len=seq_len, mod_capacity_start=capacity, mod_capacity_end=capacity)
+  cur = Curriculum(tiny)
+  specialize = next(p for p in cur.phases if p.name == "specialize")
+  settings = cur.settings(specialize.start)
+  assert settings.mod_capacity == tokens / seq_len
+  # The model, given the quantised capacity, runs the same count again.
+  assert routing.mod_capacity_tokens(settings.mod_capacity, seq_len) == tokens

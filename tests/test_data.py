@@ -159,13 +159,25 @@ def test_token_dtype_widens_past_uint16():
 
 # --- the split --------------------------------------------------------------------------------------------
 
-def test_split_is_by_file_disjoint_and_a_hash_of_the_path(stdlib):
+def test_split_keeps_near_copies_together_and_agrees_across_domains(stdlib):
   corpus, _ = stdlib
+  val = {}
   for domain in corpus.domains:
-    train, val = set(corpus.info(domain, "train").files), set(corpus.info(domain, "val").files)
-    assert train and val and not train & val
-    assert val == {f for f in train | val if unit_hash(f) < 0.05}
-    assert 0.03 < len(val) / len(train | val) < 0.07
+    train, val[domain] = set(corpus.info(domain, "train").files), set(corpus.info(domain, "val").files)
+    assert train and val[domain] and not train & val[domain]
+    assert 0.03 < len(val[domain]) / len(train | val[domain]) < 0.08
+    # A file with no near-copy goes by the hash of its own path: most files.
+    by_path = [(unit_hash(f) < 0.05) == (f in val[domain]) for f in train | val[domain]]
+    assert np.mean(by_path) > 0.95
+    # Near-copies (the same code page tables with a few characters changed) share a side.
+    for a, b in (("cp858", "cp850"), ("cp865", "cp437"), ("mac_iceland", "mac_roman")):
+      a, b = f"encodings/{a}.py", f"encodings/{b}.py"
+      if a in train | val[domain]:
+        assert (a in val[domain]) == (b in val[domain]), (domain, a, b)
+  # A file's docstrings are part of its code, and training mixes both domains: each file has one side.
+  code_files = set(corpus.info("code", "train").files) | val["code"]
+  docs_files = set(corpus.info("docs", "train").files) | val["docs"]
+  assert all((f in val["code"]) == (f in val["docs"]) for f in code_files & docs_files)
 
 
 def test_split_is_deterministic_and_both_splits_are_never_empty(text_dir, tmp_path):
@@ -180,6 +192,47 @@ def test_split_is_deterministic_and_both_splits_are_never_empty(text_dir, tmp_pa
   high = data.build_corpus(data_config({"text": f"files:{text_dir}/*.txt"}, val_fraction=0.999),
                            cache_root=str(tmp_path / "a"))
   assert high.info("text", "train").files == (max(names, key=unit_hash),)
+
+
+SHINGLE_WORDS = 8
+
+
+def shingles(text):
+  """A text's distinct runs of 8 whitespace-separated words (a shorter text: its whole word sequence)."""
+  words = text.split()
+  if len(words) < SHINGLE_WORDS:
+    return {tuple(words)} if words else set()
+  return {tuple(words[i:i + SHINGLE_WORDS]) for i in range(len(words) - SHINGLE_WORDS + 1)}
+
+
+def documents(corpus, domain, split):
+  """Each file's text as the token stream holds it (bytes tokenizer: documents end with NUL)."""
+  texts = bytes(np.asarray(corpus.tokens(domain, split), np.uint8)).decode("utf-8").split("\0")[:-1]
+  assert len(texts) == len(corpus.info(domain, split).files)
+  return dict(zip(corpus.info(domain, split).files, texts))
+
+
+def test_no_validation_file_is_mostly_one_training_file(stdlib):
+  """Coverage of a validation file by a training file: the fraction of the validation file's shingles that
+  occur in the training file. Near-duplicates (encodings/cp858.py and cp850.py) must share a split, in each
+  domain and across them: a file's docstrings are in its code, and training mixes both domains."""
+  corpus, _ = stdlib
+  worst = {}
+  for val_domain, train_domains in (("code", ("code", "docs")), ("docs", ("docs", "code"))):
+    val = {f: shingles(text) for f, text in documents(corpus, val_domain, "val").items()}
+    holders = collections.defaultdict(list)  # shingle -> the validation files that have it
+    for f, found in val.items():
+      for shingle in found:
+        holders[shingle].append(f)
+    for train_domain in train_domains:
+      for t, text in documents(corpus, train_domain, "train").items():
+        shared = collections.Counter(f for s in shingles(text) if s in holders for f in holders[s])
+        for f, n in shared.items():
+          key = (val_domain, f)
+          worst[key] = max(worst.get(key, (0.0,)), (n / len(val[f]), train_domain, t))
+  leaks = {key: value for key, value in worst.items() if value[0] >= 0.8}
+  assert not leaks, sorted(leaks.items(), key=lambda kv: -kv[1][0])[:10]
+  assert len(worst) > 50  # validation files do share some text with training files; it is measured
 
 
 # --- training batches -------------------------------------------------------------------------------------
@@ -199,6 +252,21 @@ def test_batch_is_a_pure_function_of_seed_and_step(stdlib):
   assert not np.array_equal(ds[6]["inputs"], first["inputs"])
   other_seed = data.train_dataset(corpus, **{**kwargs, "seed": 4})
   assert not np.array_equal(other_seed[5]["inputs"], first["inputs"])
+
+
+def test_a_batch_of_one_is_the_mixed_stream_one_row_at_a_time(stdlib):
+  """Batch 1 (a phase whose tokens_per_batch equals its seq_len) reads the same stream batch 2 cuts in pairs."""
+  corpus, _ = stdlib
+  kwargs = dict(seed=5, seq_len=SEQ, domain_weights={"code": 0.6, "docs": 0.4})
+  ones = data.train_dataset(corpus, batch_size=1, **kwargs)
+  twos = data.train_dataset(corpus, batch_size=2, **kwargs)
+  for step in (0, 3, 500_001):
+    pair = twos[step]
+    for i in range(2):
+      row = ones[2 * step + i]
+      assert row["inputs"].shape == row["targets"].shape == (1, SEQ) and row["domain"].shape == (1,)
+      for key in ("inputs", "targets", "domain"):
+        np.testing.assert_array_equal(row[key][0], pair[key][i])
 
 
 @pytest.mark.parametrize("step", [0, 7, 123_456])
@@ -237,6 +305,40 @@ def test_windows_are_shifted_by_one_and_lie_in_their_domains_train_stream(stdlib
       assert len(window_index(windows[corpus.domains[d]], row)) >= 1
       seen[d] += 1
   assert seen[0] and seen[1]
+
+
+def naive_segment_ids(inputs, eos_id):
+  """Per row: 0 for the first document; a separator is the last token of its document."""
+  out = np.zeros(inputs.shape, np.int64)
+  for b in range(inputs.shape[0]):
+    document = 0
+    for t in range(inputs.shape[1]):
+      out[b, t] = document
+      if inputs[b, t] == eos_id:
+        document += 1
+  return out
+
+
+def test_segment_ids_number_the_documents_of_each_window(tmp_path):
+  # Documents of a few hundred bytes, so 128-byte windows cross several separators.
+  corpus = build_text(tmp_path, {f"{i}.txt": english(i, paragraphs=2).encode() for i in range(12)},
+                      val_fraction=0.3)
+  eos = corpus.tokenizer.eos_id
+  train = data.train_dataset(corpus, seed=0, seq_len=128, batch_size=4)
+  batches = [train[step] for step in range(6)]
+  batches += data.eval_batches(corpus, "text", seq_len=128, batch_size=2, num_batches=2)
+  for batch in batches:
+    assert batch["segment_ids"].dtype == np.int32 and batch["segment_ids"].shape == batch["inputs"].shape
+    np.testing.assert_array_equal(batch["segment_ids"], naive_segment_ids(batch["inputs"], eos))
+  assert max(b["segment_ids"].max() for b in batches) >= 2  # windows do span several documents
+  # Off: the batches are as before, with no segment_ids.
+  config = data_config({"text": f"files:{tmp_path}/src/*.txt"}, val_fraction=0.3)
+  config.segment_masking = False
+  plain = data.build_corpus(config, cache_root=str(tmp_path / "c"))
+  batch = data.train_dataset(plain, seed=0, seq_len=128, batch_size=4)[0]
+  assert set(batch) == {"inputs", "targets", "domain"}
+  np.testing.assert_array_equal(batch["inputs"], batches[0]["inputs"])
+  assert "segment_ids" not in data.eval_batches(plain, "text", seq_len=128, batch_size=2, num_batches=1)[0]
 
 
 # --- evaluation batches -----------------------------------------------------------------------------------
@@ -345,6 +447,8 @@ def build_text(tmp_path, files, spec="files:{d}/*.txt", **kwargs):
      r"/src/b\.txt is not valid UTF-8 \(byte offset 6"),
     ({"a.txt": b"hi", "b.txt": b"ab\x00c"}, "files:{d}/*.txt", r"/src/b\.txt contains '\\x00' at byte offset 2"),
     ({"a.txt": b"x"}, "web:https://example.com", r"config\.data\.domains\.text = 'web:.*' is not a source spec"),
+    ({"a.txt": english(1).encode(), "b.txt": english(1).encode() + b"One more line.\n"}, "files:{d}/*.txt",
+     r"its 2 files with text are near-copies of one another .*add files with different text"),
 ])
 def test_bad_sources(tmp_path, files, spec, message):
   with pytest.raises(data.DataError, match=message):
@@ -370,7 +474,8 @@ def test_bad_tokenizer_file_and_missing_package(tmp_path, monkeypatch):
     data.make_tokenizer(f"sentencepiece:{model}")
   monkeypatch.setitem(sys.modules, "sentencepiece", None)  # makes `import sentencepiece` fail
   with pytest.raises(data.DataError,
-                     match=r"needs the `sentencepiece` package.*pip install diffmoe_jax\[tokenizers\]"):
+                     match=r"needs the `sentencepiece` package.*from a clone of the repository: "
+                           r"`pip install -e '\.\[tokenizers\]'`"):
     data.make_tokenizer(f"sentencepiece:{model}")
 
 

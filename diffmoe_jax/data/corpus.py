@@ -2,9 +2,9 @@
 
 Each domain is tokenized once into `<cache root>/<key>/`: `train.bin` and `val.bin` (raw token ids, uint16
 when the vocabulary fits, else uint32) and `meta.json` (files, token and byte counts per split). The key
-hashes everything the tokens depend on: format version, tokenizer spec and model file hash, source spec,
-every file's path, size and mtime, and val_fraction. A directory is written under a temporary name and
-renamed into place, so an interrupted build never leaves a half cache.
+hashes everything the tokens depend on: format version (which also names the split rule), tokenizer spec and
+model file hash, source spec, every file's path, size and mtime, and val_fraction. A directory is written
+under a temporary name and renamed into place, so an interrupted build never leaves a half cache.
 
 Each document's tokens are followed by the tokenizer's eos id when it has one; token counts include these
 separators and byte counts (UTF-8 bytes of the text) do not, so bits per byte = bits per token / bytes per
@@ -27,10 +27,11 @@ import tqdm
 from absl import logging
 
 from diffmoe_jax.data.errors import DataError
-from diffmoe_jax.data.sources import Skipped, Source, assign_val, parse_source
+from diffmoe_jax.data import split as split_lib
+from diffmoe_jax.data.sources import Skipped, Source, parse_source
 from diffmoe_jax.data.tokenizer import make_tokenizer
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: near-duplicate files share a split (split.py); 1 split by path hash alone
 SPLITS = ("train", "val")
 _COUNT_CHUNK = 1 << 24  # tokens per np.bincount call, to bound the int64 copy it makes
 
@@ -44,10 +45,14 @@ class SplitInfo:
 
 
 class Corpus:
-  """Tokenized domains, memory-mapped from the cache. `domains` is sorted by name (a ConfigDict's order)."""
+  """Tokenized domains, memory-mapped from the cache. `domains` is sorted by name (a ConfigDict's order).
 
-  def __init__(self, tokenizer, cache_dirs: dict[str, str]):
+  `segment_masking` (config.data.segment_masking): whether its batches carry `segment_ids`.
+  """
+
+  def __init__(self, tokenizer, cache_dirs: dict[str, str], segment_masking: bool = True):
     self.tokenizer = tokenizer
+    self.segment_masking = segment_masking
     self.domains = tuple(sorted(cache_dirs))
     self.cache_dirs = dict(cache_dirs)
     self.skipped = {}  # domain -> {reason: number of files}
@@ -113,7 +118,7 @@ def build_corpus(data_config, cache_root: str | None = None) -> Corpus:
     start = time.perf_counter()
     dirs[name], built = _cached_domain(parse_source(name, domains[name]), tokenizer, val_fraction, root)
     notes[name] = f"built in {time.perf_counter() - start:.1f} s" if built else "reused"
-  corpus = Corpus(tokenizer, dirs)
+  corpus = Corpus(tokenizer, dirs, segment_masking=data_config.segment_masking)
   for name in corpus.domains:
     train, val = corpus.info(name, "train"), corpus.info(name, "val")
     skipped = "; ".join(f"{n} files {why}" for why, n in corpus.skipped[name].items()) or "none"
@@ -162,14 +167,24 @@ def _write_domain(source: Source, tokenizer, val_fraction: float, out_dir: str) 
   dtype = token_dtype(tokenizer.vocab_size)
   skipped = collections.Counter()
   docs = []  # (relative path, first token in all.bin, number of tokens, number of bytes)
+  # Every readable file's shingles per view, documents or not: both stdlib domains group the files alike.
+  shingler, relpaths, shingle_sets = split_lib.Shingler(), [], [[] for _ in source.views]
   start = 0
   all_path = os.path.join(out_dir, "all.bin")
   with open(all_path, "wb") as out:
     for path in tqdm.tqdm(source.files, desc=f"tokenizing {source.spec}", unit="file", disable=None):
       try:
-        text = source.read(path)
+        file_text = source.read(path)
       except Skipped as e:
         skipped[str(e)] += 1
+        continue
+      relpaths.append(source.relpath(path))
+      views = [_view(view, file_text, path) for view in source.views]
+      for view_sets, view_text in zip(shingle_sets, views):
+        view_sets.append(shingler(view_text if isinstance(view_text, str) else ""))
+      text = views[source.document_view]
+      if isinstance(text, Skipped):
+        skipped[str(text)] += 1
         continue
       if not text:
         skipped["have no text"] += 1
@@ -197,7 +212,14 @@ def _write_domain(source: Source, tokenizer, val_fraction: float, out_dir: str) 
     raise DataError(f"{source.field} = {source.spec!r}: only one file has text "
                     f"({os.path.join(source.root, docs[0][0])}); the train/validation split is by file, so a "
                     "domain needs at least two: add files, or split this one into several.")
-  is_val = assign_val([d[0] for d in docs], val_fraction)
+  group_of = dict(zip(relpaths, split_lib.near_duplicate_groups(shingle_sets)))
+  keys = [relpaths[group_of[d[0]]] for d in docs]  # each document's group, named by its first path
+  if len(set(keys)) == 1:
+    raise DataError(f"{source.field} = {source.spec!r}: its {len(docs)} files with text are near-copies of one "
+                    f"another (each shares at least {split_lib.NEAR_DUPLICATE:.0%} of its "
+                    f"{split_lib.SHINGLE_WORDS}-word runs with another), so no validation file can be held out "
+                    "whose text is not also in training; add files with different text.")
+  is_val = split_lib.assign_val(keys, val_fraction)
   splits = {split: [d for d, v in zip(docs, is_val) if v == (split == "val")] for split in SPLITS}
   for split, chosen in splits.items():
     if sum(d[2] for d in chosen) == 0:
@@ -217,6 +239,13 @@ def _write_domain(source: Source, tokenizer, val_fraction: float, out_dir: str) 
   os.remove(all_path)
   with open(os.path.join(out_dir, "meta.json"), "w", encoding="utf-8") as f:
     json.dump(meta, f, indent=1)
+
+
+def _view(view, text: str, path: str) -> str | Skipped:
+  try:
+    return view(text, path)
+  except Skipped as e:
+    return e
 
 
 def _counts(tokens: np.ndarray, vocab_size: int) -> np.ndarray:

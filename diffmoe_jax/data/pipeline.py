@@ -3,7 +3,10 @@
 A window is `seq_len + 1` consecutive tokens of one domain's stream starting at a multiple of `seq_len`, so
 window k holds the inputs of positions [k*seq_len, (k+1)*seq_len) and their next-token targets. A batch is a
 dict of numpy arrays: `inputs` and `targets` int32 [B, T] (targets are inputs shifted by one) and `domain`
-int32 [B], the index of each row's domain in `corpus.domains`.
+int32 [B], the index of each row's domain in `corpus.domains`. With `corpus.segment_masking`, also
+`segment_ids` int32 [B, T]: the index of each input position's document within its window, counting from 0
+and going up by one after each separator (the tokenizer's eos id), so a separator is the last token of the
+document it ends. A tokenizer without a separator gives all zeros.
 """
 from __future__ import annotations
 
@@ -50,7 +53,11 @@ def train_dataset(corpus, *, seed: int, seq_len: int, batch_size: int, domain_we
     raise DataError(f"the domains {list(weights)} have {total} windows of seq_len {seq_len} in all, fewer than "
                     f"one batch of {batch_size}; use a smaller batch_size or seq_len, or add text.")
   mixed = grain.MapDataset.mix(parts, list(weights.values()))
-  return mixed.batch(batch_size // process_count, batch_fn=_collate).slice(
+  # The mixture is endless (its length is sys.maxsize). drop_remainder makes the batched length the integer
+  # maxsize // B; without it grain computes ceil(maxsize / B) in floating point, which for B = 1 is 2**63,
+  # too large for len(). Batch k is rows [k*B, (k+1)*B) of the mixture either way.
+  collate = _Collate(corpus.tokenizer.eos_id, corpus.segment_masking)
+  return mixed.batch(batch_size // process_count, drop_remainder=True, batch_fn=collate).slice(
       slice(process_index, None, process_count))
 
 
@@ -78,7 +85,19 @@ def eval_batches(corpus, domain: str, *, seq_len: int, batch_size: int, num_batc
   rows = windows.reshape(num_batches, batch_size, seq_len + 1)
   rows = rows[:, process_index * local:(process_index + 1) * local]
   domain_index = np.full(local, corpus.domains.index(domain), np.int32)
-  return [{"inputs": w[:, :-1], "targets": w[:, 1:], "domain": domain_index.copy()} for w in rows]
+  batches = [{"inputs": w[:, :-1], "targets": w[:, 1:], "domain": domain_index.copy()} for w in rows]
+  if corpus.segment_masking:
+    for b in batches:
+      b["segment_ids"] = segment_ids(b["inputs"], corpus.tokenizer.eos_id)
+  return batches
+
+
+def segment_ids(inputs: np.ndarray, eos_id: int | None) -> np.ndarray:
+  """int32 like `inputs`: per row, the number of separators strictly before each position."""
+  if eos_id is None:
+    return np.zeros(inputs.shape, np.int32)
+  is_separator = (inputs == eos_id).astype(np.int32)
+  return np.cumsum(is_separator, axis=-1, dtype=np.int32) - is_separator
 
 
 class _Window:
@@ -91,10 +110,19 @@ class _Window:
     return self.tokens[k * self.seq_len:(k + 1) * self.seq_len + 1], self.domain_index
 
 
-def _collate(windows: list[tuple[np.ndarray, int]]) -> dict[str, np.ndarray]:
-  tokens = np.stack([w for w, _ in windows]).astype(np.int32)
-  return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-          "domain": np.array([d for _, d in windows], np.int32)}
+class _Collate:
+  """Windows -> a batch dict; with `with_segments`, `segment_ids` too."""
+
+  def __init__(self, eos_id: int | None, with_segments: bool):
+    self.eos_id, self.with_segments = eos_id, with_segments
+
+  def __call__(self, windows: list[tuple[np.ndarray, int]]) -> dict[str, np.ndarray]:
+    tokens = np.stack([w for w, _ in windows]).astype(np.int32)
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+             "domain": np.array([d for _, d in windows], np.int32)}
+    if self.with_segments:
+      batch["segment_ids"] = segment_ids(batch["inputs"], self.eos_id)
+    return batch
 
 
 def _num_windows(tokens: np.ndarray, seq_len: int) -> int:

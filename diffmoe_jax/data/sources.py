@@ -1,8 +1,10 @@
-"""Text sources of a domain, and the train/validation split by file.
+"""Text sources of a domain.
 
-A source is a sorted tuple of files under a root, plus a reader that turns one file into a document's text:
-the running interpreter's standard library (`stdlib:code`: the .py files; `stdlib:docs`: their docstrings)
-or plain UTF-8 text files (`files:<glob>[,<glob>...]`).
+A source is a sorted tuple of files under a root, a reader of one file's text, and what of that text is the
+domain's document: the running interpreter's standard library (`stdlib:code`: the .py files;
+`stdlib:docs`: their docstrings) or plain UTF-8 text files (`files:<glob>[,<glob>...]`). A source's
+`views` are the texts of a file that the train/validation split (split.py) compares; both stdlib domains
+have the same two (the code and its docstrings), so they split alike.
 """
 from __future__ import annotations
 
@@ -10,7 +12,6 @@ import ast
 import dataclasses
 import functools
 import glob
-import hashlib
 import os
 import sysconfig
 import tokenize
@@ -35,7 +36,9 @@ class Source:
   field: str  # the config field naming this source, for messages
   root: str
   files: tuple[str, ...]
-  read: Callable[[str], str]  # "" means no text; raises Skipped (built-in corpus) or DataError
+  read: Callable[[str], str]  # path -> the file's text; raises Skipped (built-in corpus) or DataError
+  views: tuple[Callable[[str, str], str], ...]  # (text, path) -> a text of the file; may raise Skipped
+  document_view: int  # the view that is the domain's document ("" means none)
   builtin: bool  # the built-in corpus skips and counts unusable files; `files:` sources raise instead
 
   def relpath(self, path: str) -> str:
@@ -48,11 +51,13 @@ def parse_source(name: str, spec: str) -> Source:
   kind, _, arg = spec.partition(":") if isinstance(spec, str) else ("", "", "")
   if kind == "stdlib" and arg in ("code", "docs"):
     root, files = _stdlib_files(field)
-    return Source(spec, field, root, files, read_python if arg == "code" else read_docstrings, builtin=True)
+    return Source(spec, field, root, files, read_python, (whole_text, docstrings), ("code", "docs").index(arg),
+                  builtin=True)
   if kind == "files" and arg:
     files = _glob_files(field, spec, arg)
     root = os.path.commonpath([os.path.dirname(f) for f in files])
-    return Source(spec, field, root, files, functools.partial(read_utf8, field=field), builtin=False)
+    return Source(spec, field, root, files, functools.partial(read_utf8, field=field), (whole_text,), 0,
+                  builtin=False)
   raise DataError(f"{field} = {spec!r} is not a source spec; use {SOURCE_FORMS}.")
 
 
@@ -65,9 +70,8 @@ def read_python(path: str) -> str:
     raise Skipped("could not be decoded") from e
 
 
-def read_docstrings(path: str) -> str:
-  """The module, class and function docstrings of a .py file, in source order, joined by blank lines."""
-  text = read_python(path)
+def docstrings(text: str, path: str) -> str:
+  """The module, class and function docstrings of a .py file's text, in source order, joined by blank lines."""
   try:
     with warnings.catch_warnings():
       warnings.simplefilter("ignore")  # old-style escapes in string literals warn at parse time
@@ -88,19 +92,8 @@ def read_utf8(path: str, *, field: str) -> str:
                     "UTF-8 or leave it out of the source.") from e
 
 
-def assign_val(relpaths: list[str], val_fraction: float) -> list[bool]:
-  """Validation membership per file, from a hash of its path: probability `val_fraction`, deterministic.
-
-  At least two files are required; both splits are made non-empty by moving the file with the lowest hash
-  into validation, or the one with the highest hash into train, when needed.
-  """
-  h = [int.from_bytes(hashlib.sha256(p.encode("utf-8")).digest()[:8], "big") / 2**64 for p in relpaths]
-  val = [x < val_fraction for x in h]
-  if not any(val):
-    val[h.index(min(h))] = True
-  if all(val):
-    val[h.index(max(h))] = False
-  return val
+def whole_text(text: str, path: str) -> str:
+  return text
 
 
 def _definitions(body: list) -> Iterator[ast.AST]:

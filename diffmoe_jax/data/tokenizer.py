@@ -16,7 +16,8 @@ import numpy as np
 from diffmoe_jax.data.errors import DataError
 
 FIELD = "config.data.tokenizer"
-INSTALL_HINT = "install the optional tokenizer packages with `pip install diffmoe_jax[tokenizers]`"
+INSTALL_HINT = ("install the optional tokenizer packages from a clone of the repository: "
+                "`pip install -e '.[tokenizers]'` (or `pip install sentencepiece tokenizers`)")
 # Looked up in this order in a Hugging Face vocabulary; the first present separates documents.
 HF_EOS_TOKENS = ("<|endoftext|>", "</s>", "<eos>")
 

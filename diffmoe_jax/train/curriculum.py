@@ -7,12 +7,12 @@ right phase with the right settings. The README ("The curriculum") describes the
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax.numpy as jnp
 import ml_collections
 
 from diffmoe_jax import config as config_lib
+from diffmoe_jax.ops import routing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +49,7 @@ class StepSettings:
   lr: float
   router_noise: float
   mod_mode: str  # "topk" or "off"
-  mod_capacity: float  # quantised to whole tokens: ceil(capacity·T) / T
+  mod_capacity: float  # quantised to whole tokens: K / T with K = routing.mod_capacity_tokens(capacity, T)
 
   @property
   def shape_key(self) -> tuple:
@@ -103,7 +103,9 @@ class Curriculum:
     mod_mode = "topk" if self.model_has_mod and phase.mod_enabled else "off"
     capacity = 1.0
     if mod_mode == "topk":
-      capacity = _quantise(self._mod_capacity(phase, step), phase.seq_len)
+      # Whole tokens, counted as the routed layer counts them, so capacities that select the same number
+      # of tokens share one compiled step.
+      capacity = routing.mod_capacity_tokens(self._mod_capacity(phase, step), phase.seq_len) / phase.seq_len
     return StepSettings(step=step, phase=phase, lr=float(self.lr(step)), router_noise=float(noise),
                         mod_mode=mod_mode, mod_capacity=capacity)
 
@@ -156,7 +158,3 @@ class Curriculum:
 def _progress(step: int, phase: Phase) -> float:
   return (step - phase.start) / max(phase.steps - 1, 1)
 
-
-def _quantise(capacity: float, seq_len: int) -> float:
-  """Capacity as whole tokens, so two capacities that select the same count share one compiled step."""
-  return math.ceil(capacity * seq_len) / seq_len

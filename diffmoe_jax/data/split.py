@@ -1,0 +1,122 @@
+"""The train/validation split: by file, with near-duplicate files kept on one side.
+
+Hashing paths alone puts near-copies on both sides (`encodings/cp858.py` is 99 % `cp850.py`), so
+validation would measure memorisation. Instead each text of a file (each view of its source: the code and
+its docstrings for the built-in corpus) becomes its set of shingles: every run of SHINGLE_WORDS
+whitespace-separated words, or for a shorter text one shingle of all its words. Two files are
+near-duplicates when, in some view, one shares at least NEAR_DUPLICATE of its shingles with the other;
+near-duplicates are joined transitively into groups, and a group goes to validation when the hash of its
+first path is below `val_fraction`. So no validation file shares NEAR_DUPLICATE of a view's shingles with
+any training file's same view.
+"""
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+SHINGLE_WORDS = 8
+NEAR_DUPLICATE = 0.5
+# A shingle in more files than this is boilerplate (a license header), not a sign of a copy: it is left out
+# of the comparison, which also bounds its cost (quadratic in the number of files sharing a shingle).
+COMMON_FILES = 1000
+
+_MIX = np.uint64(0x9E3779B97F4A7C15)
+_PRIME = np.uint64(0x100000001B3)
+
+
+class Shingler:
+  """Text -> sorted distinct uint64 shingle hashes. One instance per split: word ids are shared by its texts."""
+
+  def __init__(self):
+    self._word_ids = _WordIds()
+
+  def __call__(self, text: str) -> np.ndarray:
+    words = text.split()
+    if not words:
+      return np.zeros(0, np.uint64)
+    ids = np.fromiter(map(self._word_ids.__getitem__, words), np.uint64, len(words))
+    if len(ids) < SHINGLE_WORDS:
+      ids = np.concatenate([ids, np.zeros(SHINGLE_WORDS - len(ids), np.uint64)])  # id 0 is no word
+    x = ids * _MIX
+    x ^= x >> np.uint64(29)
+    n = len(ids) - SHINGLE_WORDS + 1
+    h = np.zeros(n, np.uint64)
+    for i in range(SHINGLE_WORDS):
+      h = (h ^ x[i:i + n]) * _PRIME
+      h ^= h >> np.uint64(31)
+    return np.unique(h)
+
+
+class _WordIds(dict):
+  """word -> 1, 2, ... in order of first use (deterministic: files are read in sorted order)."""
+
+  def __missing__(self, word: str) -> int:
+    self[word] = value = len(self) + 1
+    return value
+
+
+def near_duplicate_groups(views: list[list[np.ndarray]]) -> list[int]:
+  """For each file, the index of the first file of its group of near-duplicates.
+
+  views[v][i]: the shingles of file i's view v; files are compared view by view.
+  """
+  n = len(views[0])
+  parent = list(range(n))
+
+  def root(i: int) -> int:
+    while parent[i] != i:
+      parent[i] = parent[parent[i]]
+      i = parent[i]
+    return i
+
+  for shingle_sets in views:
+    for i, j in _near_duplicate_pairs(shingle_sets):
+      parent[root(i)] = root(j)
+  roots = [root(i) for i in range(n)]
+  first_member = {}
+  for i, r in enumerate(roots):
+    first_member.setdefault(r, i)
+  return [first_member[r] for r in roots]
+
+
+def _near_duplicate_pairs(shingle_sets: list[np.ndarray]):
+  """(i, j): file i shares at least NEAR_DUPLICATE of its (not too common) shingles with file j."""
+  n = len(shingle_sets)
+  sizes = np.array([len(s) for s in shingle_sets], np.int64)
+  if not sizes.sum():
+    return
+  values = np.concatenate(shingle_sets)
+  order = np.argsort(values, kind="stable")
+  holders = np.repeat(np.arange(n), sizes)[order]  # the files holding each shingle, grouped by shingle
+  distinct, first, count = np.unique(values[order], return_index=True, return_counts=True)
+  for i, shingles in enumerate(shingle_sets):
+    g = np.searchsorted(distinct, shingles)
+    g = g[count[g] <= COMMON_FILES]
+    if not len(g):
+      continue
+    c = count[g]
+    # Concatenate the ranges holders[first[g]:first[g] + c] without a Python loop.
+    offsets = np.repeat(first[g] - (np.cumsum(c) - c), c) + np.arange(c.sum())
+    others, shared = np.unique(holders[offsets], return_counts=True)
+    for j in others[(shared >= NEAR_DUPLICATE * len(g)) & (others != i)]:
+      yield i, int(j)
+
+
+def assign_val(keys: list[str], val_fraction: float) -> list[bool]:
+  """Validation membership per file from its group's key (its first path): a hash below `val_fraction`.
+
+  Files with equal keys go together. Both splits are made non-empty by moving the group with the lowest hash
+  into validation, or the one with the highest into train, when needed; that takes at least two groups.
+  """
+  h = {key: _unit_hash(key) for key in keys}
+  val_keys = {key for key, x in h.items() if x < val_fraction}
+  if not val_keys:
+    val_keys = {min(h, key=h.get)}
+  if val_keys == set(h):
+    val_keys.remove(max(h, key=h.get))
+  return [key in val_keys for key in keys]
+
+
+def _unit_hash(key: str) -> float:
+  return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") / 2**64
