@@ -89,7 +89,7 @@ def test_cosine_shape(tiny):
 def test_router_noise_and_mod_capacity_anneal(tiny):
   cur = Curriculum(tiny)
   sparsify = cur.phases[2]
-  assert cur.settings(sparsify.start).router_noise == pytest.approx(1.0)
+  assert cur.settings(sparsify.start).router_noise == pytest.approx(0.5)
   assert cur.settings(sparsify.end - 1).router_noise == pytest.approx(0.0)
   # Four geometric levels from 1.0 to 0.25, each held for a quarter of the phase, in whole tokens.
   levels = [1.0, 0.25 ** (1 / 3), 0.25 ** (2 / 3), 0.25]
