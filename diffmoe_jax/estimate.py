@@ -165,25 +165,17 @@ def state_bytes_per_device(config: ml_collections.ConfigDict, mesh_shape: dict[s
   """One device's share of the train state (weights, Adam m and v, counters), in bytes.
 
   Each array's shard is read off the sharding the trainer gives it: its logical axes mapped to mesh axes
-  by `mesh.axis_rules`, each dimension split by the sizes of its mesh axes (rounded up, as XLA pads). So
-  only what really shards over an axis is divided by it (on an expert axis, just the expert weights).
+  by `mesh.axis_rules`, each dimension split by the sizes of its mesh axes. So only what really shards
+  over an axis is divided by it (on an expert axis, just the expert weights). A mesh that does not divide
+  a dimension is a ConfigError naming it.
   """
   from diffmoe_jax import parallel
   from diffmoe_jax.train import state as state_lib
   model = model_lib.build_model(config.model)
   init = state_lib.init_fn(model, state_lib.make_optimizer(config.optimizer), seq_len=config.model.max_seq_len)
   boxed = jax.eval_shape(init, jax.random.PRNGKey(0))
-  mesh_specs = nn.logical_to_mesh(nn.get_partition_spec(boxed), parallel.axis_rules(config.mesh))
-  is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)
-  total = 0
-  for leaf, spec in zip(jax.tree.leaves(nn.unbox(boxed)), jax.tree.leaves(mesh_specs, is_leaf=is_spec)):
-    shard = 1
-    for i, dim in enumerate(leaf.shape):
-      entry = spec[i] if i < len(spec) else None
-      axes = entry if isinstance(entry, tuple) else (entry,) if entry else ()
-      shard *= -(-dim // math.prod(mesh_shape.get(a, 1) for a in axes))
-    total += shard * leaf.dtype.itemsize
-  return total
+  shards = parallel.shard_shapes(boxed, mesh_shape, parallel.axis_rules(config.mesh))
+  return sum(math.prod(shape) * dtype.itemsize for _, shape, dtype in shards)
 
 
 def training_memory_per_device(config: ml_collections.ConfigDict, mesh_shape: dict[str, int]) -> dict:

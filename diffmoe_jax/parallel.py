@@ -55,6 +55,34 @@ def logical_shardings(boxed_tree, mesh: Mesh, rules) -> object:
   return nn.logical_to_mesh_sharding(specs, mesh, rules)
 
 
+def shard_shapes(boxed_tree, mesh_shape: dict[str, int], rules) -> list[tuple[str, tuple[int, ...], object]]:
+  """(path, one device's shard shape, dtype) of every array of a boxed tree on a mesh of `mesh_shape`.
+
+  Needs no devices (so the estimator can size a pod from a laptop). Raises ConfigError, naming the array,
+  its logical axis, the dimension and the mesh axes, when the rules split a dimension unevenly.
+  """
+  is_boxed = lambda x: isinstance(x, nn.LogicallyPartitioned)
+  out = []
+  for path, leaf in jax.tree_util.tree_leaves_with_path(boxed_tree, is_leaf=is_boxed):
+    value = leaf.unbox() if is_boxed(leaf) else leaf
+    names = leaf.names if is_boxed(leaf) else (None,) * len(value.shape)
+    name = "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+    shard = []
+    for dim, logical in zip(value.shape, names):
+      spec = nn.logical_to_mesh_axes((logical,), rules)[0] if logical else None
+      axes = spec if isinstance(spec, tuple) else (spec,) if spec else ()
+      ways = math.prod(mesh_shape.get(a, 1) for a in axes)
+      if dim % ways:
+        split = " x ".join(f"{a}={mesh_shape.get(a, 1)}" for a in axes)
+        raise ConfigError(
+            f"config.mesh: {name} has its {logical!r} axis of size {dim} split over mesh {split}, {ways} ways, "
+            f"which does not divide {dim}; change config.mesh.shape, map {logical!r} to other mesh axes in "
+            f"config.mesh.axis_rules, or use a model dimension divisible by {ways}.")
+      shard.append(dim // ways)
+    out.append((name, tuple(shard), value.dtype))
+  return out
+
+
 def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
   """Tokens `[batch, length]`: the batch split over the data-parallel axes."""
   return NamedSharding(mesh, nn.logical_to_mesh_axes(("batch", "length"), rules))

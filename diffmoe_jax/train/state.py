@@ -64,6 +64,7 @@ def create_state(model, optimizer, mesh, rules, *, seed: int, seq_len: int):
   init = init_fn(model, optimizer, seq_len)
   rng = jax.random.PRNGKey(seed)
   boxed = jax.eval_shape(init, rng)
+  parallel.shard_shapes(boxed, dict(mesh.shape), rules)  # a dimension the mesh cannot split: a ConfigError
   shardings = parallel.logical_shardings(boxed, mesh, rules)
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.unbox(boxed),
                           shardings)
