@@ -99,6 +99,8 @@ def initialize(mode: str = "auto", coordinator_address: str | None = None, num_p
                            "no launcher (SLURM, Open MPI) provides them.")
 
   import jax
+  if jax.distributed.is_initialized():  # joined already (by a wrapper around main, say)
+    return True
   # CPU processes exchange collectives over TCP (gloo); GPU and TPU use their own interconnect.
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   try:
