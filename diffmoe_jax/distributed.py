@@ -1,0 +1,148 @@
+"""Joining a multi-process run: `jax.distributed.initialize` when the environment asks for it.
+
+Called once, before any other JAX use. A run is multi-process when
+
+  - the command line names it: --coordinator_address=HOST:PORT --num_processes=N --process_id=I;
+  - JAX_COORDINATOR_ADDRESS is set (with the process count and id from the flags or a launcher);
+  - a launcher started more than one task: SLURM (srun), Open MPI (mpirun), GKE TPU (TPU_WORKER_HOSTNAMES);
+  - --distributed=on: JAX detects the rest itself (the TPU VM slice's metadata; see launch/tpu_pod.sh).
+
+Every process then runs the same program on its own rows of each batch. A process that dies, or a peer
+that stops answering for --distributed_timeout_s, makes the others exit non-zero within that bound
+instead of waiting forever in a collective.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+
+from absl import flags, logging
+
+from diffmoe_jax.config import ConfigError
+
+_MODES = ("auto", "on", "off")
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "auto", _MODES,
+    "Join a multi-process run: 'auto' when a launcher or the flags below say there are several processes, "
+    "'on' always (a TPU VM slice, where JAX reads the workers from the VM metadata), 'off' never.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "HOST:PORT of process 0's coordinator, the same on every process.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "How many processes the run has.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0 .. num_processes-1.")
+_TIMEOUT = flags.DEFINE_integer(
+    "distributed_timeout_s", 100,
+    "Seconds without a heartbeat after which a process counts as dead and the others exit (and how long a "
+    "finishing process waits for the rest).")
+_INIT_TIMEOUT = flags.DEFINE_integer(
+    "distributed_init_timeout_s", 300, "Seconds to wait at start for every process to join.")
+
+# Words in a runtime error that mean a collective or the coordination service lost a peer.
+_PEER_FAILURE_MARKERS = ("gloo", "nccl", "connection reset", "connection closed", "connection refused",
+                         "socket closed", "heartbeat", "unavailable:", "deadline_exceeded", "barrier")
+
+
+class DistributedError(ConfigError):
+  """The distributed setup (flags or launcher environment) cannot start a run; the message says why."""
+
+
+def launcher_process_count(environ=os.environ) -> int:
+  """How many processes a launcher that JAX auto-detects started (1 when none did)."""
+  def count(name):
+    try:
+      return int(environ.get(name, "1"))
+    except ValueError:
+      return 1
+  if all(v in environ for v in ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
+                                "SLURM_LOCALID")):
+    return count("SLURM_NTASKS")
+  if "OMPI_MCA_orte_hnp_uri" in environ:
+    return count("OMPI_COMM_WORLD_SIZE")
+  if environ.get("TPU_WORKER_HOSTNAMES"):
+    return len(environ["TPU_WORKER_HOSTNAMES"].split(","))
+  return 1
+
+
+def initialize(mode: str = "auto", coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None, timeout_s: int = 100, init_timeout_s: int = 300,
+               environ=os.environ) -> bool:
+  """Joins the run when `mode` and the environment ask for it; returns whether it did.
+
+  Raises DistributedError for flags that cannot work together. Must run before any other JAX use.
+  """
+  if mode not in _MODES:
+    raise DistributedError(f"--distributed={mode!r}: choose one of {_MODES}.")
+  explicit = {"--coordinator_address": coordinator_address, "--num_processes": num_processes,
+              "--process_id": process_id}
+  given = [name for name, value in explicit.items() if value is not None]
+  if mode == "off":
+    if given:
+      raise DistributedError(f"--distributed=off contradicts {', '.join(given)}; drop them or the 'off'.")
+    return False
+  if (num_processes is None) != (process_id is None):
+    raise DistributedError("--num_processes and --process_id go together: give both (the same "
+                           "--num_processes on every process, --process_id 0 .. N-1), or neither.")
+  if num_processes is not None and not 0 <= process_id < num_processes:
+    raise DistributedError(f"--process_id={process_id} must lie in 0 .. --num_processes-1 = {num_processes - 1}.")
+  if timeout_s < 1 or init_timeout_s < 1:
+    raise DistributedError(f"--distributed_timeout_s ({timeout_s}) and --distributed_init_timeout_s "
+                           f"({init_timeout_s}) must be at least 1 second.")
+  env_coordinator = environ.get("JAX_COORDINATOR_ADDRESS")
+  launched = launcher_process_count(environ)
+  if mode == "auto" and not (given or env_coordinator or launched > 1):
+    return False
+  if given and coordinator_address is None and not env_coordinator and launched == 1:
+    raise DistributedError("--num_processes/--process_id need --coordinator_address=HOST:PORT (process 0's host "
+                           "and a free port, the same on every process) or JAX_COORDINATOR_ADDRESS.")
+  if coordinator_address is not None and num_processes is None and launched == 1:
+    raise DistributedError("--coordinator_address needs --num_processes=N and --process_id=I (0 .. N-1) when "
+                           "no launcher (SLURM, Open MPI) provides them.")
+
+  import jax
+  if jax.distributed.is_initialized():  # joined already (by a wrapper around main, say)
+    return True
+  # CPU processes exchange collectives over TCP (gloo); GPU and TPU use their own interconnect.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  try:
+    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                               process_id=process_id, initialization_timeout=init_timeout_s,
+                               heartbeat_timeout_seconds=timeout_s, shutdown_timeout_seconds=timeout_s)
+  except (ValueError, TypeError) as e:  # JAX's own check of missing or inconsistent arguments
+    raise DistributedError(f"cannot start a multi-process run: {e} Give --coordinator_address, "
+                           "--num_processes and --process_id, or start the processes under SLURM or Open "
+                           "MPI.") from e
+  _exit_promptly_on_failure(jax.process_index(), jax.process_count())
+  logging.info("Process %d of %d joined the run (%d local, %d global devices).", jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count())
+  return True
+
+
+def initialize_from_flags() -> bool:
+  """`initialize` with this module's command-line flags (call at the top of `main`)."""
+  return initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                    timeout_s=_TIMEOUT.value, init_timeout_s=_INIT_TIMEOUT.value)
+
+
+def _exit_promptly_on_failure(process_index: int, process_count: int) -> None:
+  """An uncaught error in a multi-process run exits this process at once.
+
+  Without this, Python's exit waits in JAX's shutdown barrier for peers that will never arrive. A lost
+  peer gets one line; any other error keeps its traceback.
+  """
+  if process_count == 1:
+    return
+
+  def hook(exc_type, exc, tb):
+    text = str(exc)
+    if any(marker in text.lower() for marker in _PEER_FAILURE_MARKERS):
+      first_line = text.strip().splitlines()[0] if text.strip() else exc_type.__name__
+      print(f"error: process {process_index} of {process_count} lost another process of this run ({first_line}). "
+            "The newest complete checkpoint in the workdir is intact: restart every process with the same "
+            "command to resume.", file=sys.stderr)
+    else:
+      traceback.print_exception(exc_type, exc, tb)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
+
+  sys.excepthook = hook

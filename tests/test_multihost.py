@@ -1,0 +1,162 @@
+"""Multi-process training on localhost: two processes (one CPU device each, gloo collectives) against one.
+
+Each trainer is a subprocess of `tests/multiprocess_worker.py` (`diffmoe_jax.main` with the distributed hook
+first). The one-process reference runs on two simulated devices, so both meshes are data=2 and reduce in
+the same order. The first four steps are all warmup (one compiled program per run).
+"""
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from diffmoe_jax import distributed
+from diffmoe_jax.train import checkpoint
+from test_train import _abstract_state, load_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKER = os.path.join(ROOT, "tests", "multiprocess_worker.py")
+CONFIG_ARGS = [f"--config={os.path.join(ROOT, 'tests', 'train_config.py')}",
+               "--config.curriculum.warmup.steps=4", "--config.train.checkpoint_every=2"]
+TIMEOUT_S = 600  # per trainer subprocess: compiling on a busy 2-core machine is slow
+
+
+def _env(devices: int) -> dict:
+  """This session's caches, without the 8 simulated devices conftest sets for in-process tests."""
+  flags = "--xla_backend_optimization_level=0"
+  if devices > 1:
+    flags += f" --xla_force_host_platform_device_count={devices}"
+  return {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT,
+          "PYTHONUNBUFFERED": "1"}
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _start(workdir: str, extra: list[str], *, process_id: int | None = None, port: int = 0, devices: int = 1):
+  args = [sys.executable, WORKER, *CONFIG_ARGS, f"--workdir={workdir}", *extra]
+  if process_id is not None:
+    args += [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={process_id}",
+             "--distributed_timeout_s=10"]
+  return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(devices))
+
+
+def _finish(procs) -> list[tuple[str, str]]:
+  outputs = []
+  try:
+    for p in procs:
+      outputs.append(p.communicate(timeout=TIMEOUT_S))
+  finally:
+    for p in procs:
+      p.kill()
+  for p, (_, err) in zip(procs, outputs):
+    assert p.returncode == 0, err[-3000:]
+  return outputs
+
+
+def _losses(workdir: str) -> dict[int, float]:
+  acc = EventAccumulator(os.path.join(workdir, "tb"), size_guidance={"scalars": 0})
+  acc.Reload()
+  return {e.step: e.value for e in acc.Scalars("train/loss")}
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+  """Steps 0-4 in one process on two devices, with checkpoints at steps 2 and 4."""
+  workdir = str(tmp_path_factory.mktemp("one"))
+  _finish([_start(workdir, ["--config.train.run_steps=4"], devices=2)])
+  return workdir
+
+
+def test_saved_by_one_process_restored_and_trained_by_two(one_process, tmp_path):
+  """Two processes resume the one-process checkpoint of step 2 and train steps 3 and 4 to the same losses."""
+  workdir = str(tmp_path / "two")
+  shutil.copytree(os.path.join(one_process, "checkpoints", "2"), os.path.join(workdir, "checkpoints", "2"))
+  port = _free_port()
+  outputs = _finish([_start(workdir, ["--config.train.run_steps=2"], process_id=i, port=port) for i in (0, 1)])
+  for _, err in outputs:
+    assert "Resumed from the checkpoint at step 2" in err
+    assert "2 global devices" in err
+  want, got = _losses(one_process), _losses(workdir)
+  assert sorted(got) == [3, 4]
+  np.testing.assert_allclose([got[3], got[4]], [want[3], want[4]], rtol=1e-5)
+  # Only process 0 writes TensorBoard; both share this host's workdir, so one event file means one writer.
+  assert len([f for f in os.listdir(os.path.join(workdir, "tb")) if f.startswith("events.")]) == 1
+  # Every process wrote its own part of the step-4 checkpoint, and together they equal the one-process state.
+  state_dir = os.path.join(workdir, "checkpoints", "4", "state")
+  assert {"ocdbt.process_0", "ocdbt.process_1"} <= set(os.listdir(state_dir))
+  abstract = _abstract_state(load_config())
+  two_state, step = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")).restore_latest(abstract)
+  one_state, _ = checkpoint.Checkpointer(os.path.join(one_process, "checkpoints")).restore_latest(abstract)
+  assert step == 4 and int(two_state.step) == 4
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6),
+               two_state.params, one_state.params)
+
+
+def test_killing_one_process_stops_the_other_with_an_error(one_process, tmp_path):
+  """From scratch: the first loss equals the one-process run's; then process 1 dies and process 0 exits."""
+  workdir = str(tmp_path)
+  port = _free_port()
+  procs = [_start(workdir, ["--config.curriculum.total_steps=2400"], process_id=i, port=port) for i in (0, 1)]
+  deadline, lines, seen = time.time() + TIMEOUT_S, [], 0
+  try:
+    while time.time() < deadline and seen < 2:
+      line = procs[0].stderr.readline()
+      if not line and procs[0].poll() is not None:
+        break
+      lines.append(line)
+      match = re.search(r"step (\d+)/2400", line)
+      seen = int(match.group(1)) if match else seen
+    assert seen >= 2, "process 0 never reported step 2:\n" + "".join(lines)[-3000:]
+    first_loss = float(re.search(r"step 1/2400 .*loss ([\d.]+)", "".join(lines)).group(1))
+    assert first_loss == pytest.approx(_losses(one_process)[1], abs=1e-4)
+    procs[1].send_signal(signal.SIGKILL)
+    killed_at = time.time()
+    _, err = procs[0].communicate(timeout=TIMEOUT_S)
+    exit_after = time.time() - killed_at
+  finally:
+    for p in procs:
+      p.kill()
+  assert procs[0].returncode != 0
+  assert exit_after < 120, f"process 0 took {exit_after:.0f} s to exit after its peer died"
+  assert "error: process 0 of 2 lost another process of this run" in err, err[-3000:]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(mode="off", num_processes=2, process_id=0), "--distributed=off contradicts --num_processes"),
+    (dict(num_processes=2), "--num_processes and --process_id go together"),
+    (dict(num_processes=2, process_id=2, coordinator_address="h:1"), r"--process_id=2 must lie in 0 \.\. "),
+    (dict(num_processes=2, process_id=0), "need --coordinator_address=HOST:PORT"),
+    (dict(coordinator_address="h:1"), "--coordinator_address needs --num_processes"),
+    (dict(coordinator_address="h:1", num_processes=2, process_id=0, timeout_s=0), "at least 1 second"),
+])
+def test_flags_that_cannot_work_together(kwargs, message):
+  with pytest.raises(distributed.DistributedError, match=message):
+    distributed.initialize(environ={}, **kwargs)
+
+
+def test_a_single_process_stays_out_of_the_distributed_runtime():
+  assert not distributed.initialize(environ={})
+  slurm_one_task = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n1", "SLURM_NTASKS": "1", "SLURM_PROCID": "0",
+                    "SLURM_LOCALID": "0"}
+  assert not distributed.initialize(environ=slurm_one_task)
+
+
+def test_launchers_are_recognised():
+  slurm = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n[1-2]", "SLURM_NTASKS": "16", "SLURM_PROCID": "3",
+           "SLURM_LOCALID": "3"}
+  assert distributed.launcher_process_count(slurm) == 16
+  assert distributed.launcher_process_count({"OMPI_MCA_orte_hnp_uri": "1;tcp://h:1", "OMPI_COMM_WORLD_SIZE": "4"}) == 4
+  assert distributed.launcher_process_count({"TPU_WORKER_HOSTNAMES": "w0,w1,w2,w3"}) == 4
+  assert distributed.launcher_process_count({"SLURM_JOB_ID": "7"}) == 1  # salloc shell, no srun step
