@@ -8,6 +8,8 @@ Subcommands:
   compile    compile time of the scanned model's training gradient at two depths (default 32 vs 4 layers).
   train      a config's train step: tokens/s and MFU against this machine's measured matmul peak, and the
              data pipeline's tokens/s against what the step consumes.
+  expert_parallel  the expert-parallel MoE layer against replicated experts on several devices, and its
+             all-to-all bytes (bench_expert_parallel.py).
 """
 from __future__ import annotations
 
@@ -283,6 +285,9 @@ def main(argv: list[str] | None = None) -> None:
   train.add_argument("--steps", type=int, default=10)
   train.add_argument("--data-batches", type=int, default=200)
   train.set_defaults(run=bench_train)
+
+  from diffmoe_jax import bench_expert_parallel  # its own module: it needs several devices
+  bench_expert_parallel.add_parser(commands)
 
   args = parser.parse_args(argv)
   args.run(args)
