@@ -202,11 +202,11 @@ def test_unreadable_checkpoints_are_one_line_each(stopped_run, tmp_path):
     with open(path, "r+b") as f:
       f.truncate(os.path.getsize(path) // 2)
   proc = run_cli(*train_command(workdir))
-  assert_one_error(proc, "No checkpoint in", "newest first: step 1: its files cannot be read")
+  assert_one_error(proc, "No checkpoint in", "newest first: step 1: its files cannot be read: a file is shorter")
   assert "Event loop is closed" not in proc.stderr
   warnings = [line for line in proc.stderr.splitlines() if line.startswith("W")]
   assert len(warnings) == 1 and "Cannot restore the checkpoint at step 1" in warnings[0], proc.stderr[-3000:]
-  assert "its files cannot be read (ValueError: " in warnings[0]
+  assert "its files cannot be read: a file is shorter than recorded (truncated) (ValueError: " in warnings[0]
 
 
 _FULL_DISK_MAIN = """

@@ -94,6 +94,18 @@ def _one_line(e: BaseException, limit: int = 300) -> str:
   return f"{type(e).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
 
 
+def _likely_cause(e: BaseException) -> str:
+  """The damage a read error points to, in words (tensorstore's messages bury it deep in the text)."""
+  text = str(e)
+  if "OUT_OF_RANGE" in text or "Byte range" in text:
+    return ": a file is shorter than recorded (truncated)"
+  if isinstance(e, FileNotFoundError) or "NOT_FOUND" in text or "not found" in text:
+    return ": a file is missing"
+  if "DATA_LOSS" in text or "decompress" in text.lower() or "corrupt" in text.lower():
+    return ": a file's content is corrupted"
+  return ""
+
+
 class Checkpointer:
   """Saves and restores a state pytree under `directory`, keeping the last `keep` steps.
 
@@ -253,7 +265,7 @@ class Checkpointer:
       restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     # Damage shows up as many exception types (missing files, tensorstore errors, missing items).
     except Exception as e:  # pylint: disable=broad-except
-      return f"its files cannot be read ({_one_line(e)})", None
+      return f"its files cannot be read{_likely_cause(e)} ({_one_line(e)})", None
     checksums, nonfinite = fingerprint(restored["state"])
     if has_checksums:
       saved = restored["checksums"].get("arrays", {})
