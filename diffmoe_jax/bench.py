@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib.util
+import os
 import statistics
 import time
 
@@ -242,54 +243,87 @@ def bench_train(args: argparse.Namespace) -> None:
         f"what the step consumes")
 
 
+def _int_at_least(minimum: int):
+  def parse(text: str) -> int:
+    try:
+      value = int(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < minimum:
+      raise argparse.ArgumentTypeError(f"{value} must be at least {minimum}")
+    return value
+  return parse
+
+
+def _positive_float(text: str) -> float:
+  try:
+    value = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+  if not value > 0:
+    raise argparse.ArgumentTypeError(f"{value} must be > 0")
+  return value
+
+
+def _config_file(path: str) -> str:
+  if not os.path.isfile(path):
+    raise argparse.ArgumentTypeError(f"there is no config file {path} (relative to {os.getcwd()})")
+  return path
+
+
+POSITIVE, NON_NEGATIVE = _int_at_least(1), _int_at_least(0)
+
+
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(prog="python -m diffmoe_jax.bench", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   commands = parser.add_subparsers(dest="command", required=True)
 
   moe = commands.add_parser("moe", help="MoE layer vs a dense FFN of equal active FLOPs")
-  moe.add_argument("--batch", type=int, default=8)
-  moe.add_argument("--seq-len", type=int, default=512)
-  moe.add_argument("--d-model", type=int, default=288)
-  moe.add_argument("--ffn-dim", type=int, default=768, help="each expert's hidden width f")
-  moe.add_argument("--experts", type=int, default=9)
-  moe.add_argument("--top-k", type=int, default=2)
-  moe.add_argument("--capacity-factor", type=float, default=1.25)
+  moe.add_argument("--batch", type=POSITIVE, default=8)
+  moe.add_argument("--seq-len", type=POSITIVE, default=512)
+  moe.add_argument("--d-model", type=POSITIVE, default=288)
+  moe.add_argument("--ffn-dim", type=POSITIVE, default=768, help="each expert's hidden width f")
+  moe.add_argument("--experts", type=POSITIVE, default=9)
+  moe.add_argument("--top-k", type=POSITIVE, default=2)
+  moe.add_argument("--capacity-factor", type=_positive_float, default=1.25)
   moe.add_argument("--activation", choices=dispatch.ACTIVATIONS, default="gelu")
   moe.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
   moe.add_argument("--variants", nargs="+", choices=tuple(MOE_VARIANTS), default=tuple(MOE_VARIANTS),
                    help="MoE dispatch variants to time against the dense FFN")
-  moe.add_argument("--warmup", type=int, default=2)
-  moe.add_argument("--reps", type=int, default=7)
-  moe.add_argument("--seed", type=int, default=0)
+  moe.add_argument("--warmup", type=NON_NEGATIVE, default=2)
+  moe.add_argument("--reps", type=POSITIVE, default=7)
+  moe.add_argument("--seed", type=NON_NEGATIVE, default=0)
   moe.set_defaults(run=bench_moe)
 
   attention = commands.add_parser("attention", help="differential vs standard attention of the same width")
-  attention.add_argument("--config", default="configs/tiny.py")
-  attention.add_argument("--batch", type=int, default=8)
-  attention.add_argument("--seq-len", type=int, default=512)
-  attention.add_argument("--warmup", type=int, default=2)
-  attention.add_argument("--reps", type=int, default=9)
+  attention.add_argument("--config", type=_config_file, default="configs/tiny.py")
+  attention.add_argument("--batch", type=POSITIVE, default=8)
+  attention.add_argument("--seq-len", type=POSITIVE, default=512)
+  attention.add_argument("--warmup", type=NON_NEGATIVE, default=2)
+  attention.add_argument("--reps", type=POSITIVE, default=9)
   attention.set_defaults(run=bench_attention)
 
   compile_ = commands.add_parser("compile", help="compile time of the scanned model at two depths")
-  compile_.add_argument("--config", default="configs/tiny.py")
-  compile_.add_argument("--layers", type=int, nargs="+", default=(4, 32))
-  compile_.add_argument("--batch", type=int, default=8)
-  compile_.add_argument("--seq-len", type=int, default=256)
+  compile_.add_argument("--config", type=_config_file, default="configs/tiny.py")
+  compile_.add_argument("--layers", type=POSITIVE, nargs="+", default=(4, 32))
+  compile_.add_argument("--batch", type=POSITIVE, default=8)
+  compile_.add_argument("--seq-len", type=POSITIVE, default=256)
   compile_.set_defaults(run=bench_compile)
 
   train = commands.add_parser("train", help="train-step tokens/s and MFU; data pipeline throughput")
-  train.add_argument("--config", default="configs/tiny.py")
+  train.add_argument("--config", type=_config_file, default="configs/tiny.py")
   train.add_argument("--phase", default="long_context", help="the curriculum phase whose step is timed")
-  train.add_argument("--steps", type=int, default=10)
-  train.add_argument("--data-batches", type=int, default=200)
+  train.add_argument("--steps", type=POSITIVE, default=10)
+  train.add_argument("--data-batches", type=POSITIVE, default=200)
   train.set_defaults(run=bench_train)
 
   from diffmoe_jax import bench_expert_parallel  # its own module: it needs several devices
   bench_expert_parallel.add_parser(commands)
 
   args = parser.parse_args(argv)
+  if args.command == "moe" and args.top_k > args.experts:
+    parser.error(f"argument --top-k: {args.top_k} exceeds --experts ({args.experts})")
   args.run(args)
 
 

@@ -135,6 +135,10 @@ def defaults() -> ml_collections.ConfigDict:
   t.memory_headroom = 0.9  # refuse to start if the estimate exceeds this fraction of available memory
   t.peak_flops_per_device = 0.0  # for MFU; 0: known accelerator peaks, or a measured matmul peak on CPU
   t.compilation_cache_dir = "~/.cache/diffmoe_jax/xla"  # "" disables the persistent compilation cache
+  # Resuming with a config that differs from the checkpoint's is refused, except in name, train.* and
+  # mesh.*, and in the fields listed here: comma-separated paths or patterns ("optimizer.peak_lr,data.*").
+  # A change of the model's shapes is always refused.
+  t.allow_config_change = ""
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "expert": 1, "tensor": 1})
@@ -354,6 +358,8 @@ def _validate_training(config: ml_collections.ConfigDict) -> None:
   o, cur, m = config.optimizer, config.curriculum, config.model
   _require(o.peak_lr > 0, "optimizer.peak_lr", f"must be > 0, got {o.peak_lr}.")
   _require(config.train.run_steps >= 0, "train.run_steps", f"must be >= 0, got {config.train.run_steps}.")
+  _require(isinstance(config.train.allow_config_change, str), "train.allow_config_change",
+           f"must be a string of comma-separated field paths, got {config.train.allow_config_change!r}.")
   for field in ("log_every", "eval_every", "checkpoint_every", "stable_rank_every", "eval_batches",
                 "eval_batch_size", "keep_checkpoints", "max_nonfinite_in_a_row"):
     _require(config.train[field] >= 1, f"train.{field}", f"must be >= 1, got {config.train[field]}.")

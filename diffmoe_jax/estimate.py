@@ -271,15 +271,25 @@ def report(config: ml_collections.ConfigDict, result: dict | None = None) -> str
 
 
 def _main(argv) -> None:
-  del argv
-  config = config_lib.validate(_CONFIG.value)
+  import sys
+  if len(argv) > 1:
+    print(f"error: unexpected arguments {argv[1:]}; pass --config=<file> and --config.<field>=<value> only.",
+          file=sys.stderr)
+    sys.exit(1)
+  from diffmoe_jax import cli
+  cli.quiet_library_output()
+  try:
+    config = config_lib.validate(_CONFIG.value)
+  except config_lib.ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
   print(report(config))
 
 
 if __name__ == "__main__":
   from absl import app, flags
-  from ml_collections import config_flags
+  from diffmoe_jax import cli
   # Defined here, not at import, so that importing this module never claims the --config flag.
-  _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file, e.g. configs/pi.py.")
+  _CONFIG = cli.define_config_flag(None, "Path to a config file, e.g. configs/pi.py.")
   flags.mark_flags_as_required(["config"])
-  app.run(_main)
+  app.run(_main, flags_parser=cli.parse_flags(None))

@@ -4,17 +4,29 @@
     python -m diffmoe_jax.main --config=configs/tiny.py --config.curriculum.total_steps=50 --workdir=runs/short
 
 Validates the config, prints a one-screen summary, refuses configs too large for the machine before
-allocating anything, then trains, evaluates and checkpoints. Re-running on the same workdir resumes.
+allocating anything, then trains, evaluates and checkpoints. Re-running on the same workdir resumes; one
+run at a time may use a workdir (it is locked while a run holds it).
+
+Exit codes:
+  0    finished the curriculum
+  1    error (config, flags, data, workdir, checkpoint, memory, or training stopped by non-finite updates),
+       with one line on stderr saying what to change
+  3    stopped early and resumable (SIGTERM, SIGINT or train.run_steps): rerun the same command to go on
+  130  interrupted by a second Ctrl-C without a final checkpoint; the earlier checkpoints are intact
 """
 from __future__ import annotations
 
 import os
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import app, flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Path to a config file.")
+from diffmoe_jax import cli
+
+DEFAULT_CONFIG = "configs/tiny.py"
+EXIT_ERROR, EXIT_STOPPED_EARLY, EXIT_INTERRUPTED = 1, 3, 130
+
+_CONFIG = cli.define_config_flag(DEFAULT_CONFIG, "Path to a config file.")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Directory for checkpoints and TensorBoard logs.")
 
 
@@ -76,8 +88,9 @@ def run(config, workdir: str):
   from diffmoe_jax import config as config_lib
   from diffmoe_jax import estimate, parallel
   from diffmoe_jax.train import curriculum as curriculum_lib
-  from diffmoe_jax.train import loop
+  from diffmoe_jax.train import loop, workdir as workdir_lib
   config_lib.validate(config)
+  workdir = workdir_lib.prepare(workdir)  # before anything slow: a bad workdir fails at once
   if config.train.compilation_cache_dir:
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(config.train.compilation_cache_dir))
   curriculum = curriculum_lib.Curriculum(config)
@@ -101,26 +114,39 @@ def run(config, workdir: str):
   return outcome
 
 
-def _quiet_library_logs() -> None:
-  """Orbax logs every save and restore at INFO through absl; keep its warnings and errors only."""
-  import logging as std_logging
-  logging.get_absl_handler().addFilter(
-      lambda record: record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname)
+def _exit_now(code: int) -> None:
+  """Exits without waiting for Orbax's writer threads, which a failed or interrupted save can leave
+  waiting forever."""
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(code)  # pylint: disable=protected-access
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  _quiet_library_logs()
+  cli.quiet_library_output()
   from diffmoe_jax.config import ConfigError
   from diffmoe_jax.data import DataError
+  from diffmoe_jax.train.checkpoint import CheckpointError
   from diffmoe_jax.train.loop import TrainingStopped
+  from diffmoe_jax.train.workdir import WorkdirError
   try:
-    run(_CONFIG.value, _WORKDIR.value)
-  except (ConfigError, DataError, InsufficientMemoryError, TrainingStopped) as e:
+    outcome = run(_CONFIG.value, _WORKDIR.value)
+  except (ConfigError, DataError, InsufficientMemoryError, TrainingStopped, WorkdirError) as e:
     print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+    sys.exit(EXIT_ERROR)
+  except CheckpointError as e:
+    print(f"error: {e}", file=sys.stderr)
+    _exit_now(EXIT_ERROR)
+  except KeyboardInterrupt:
+    print(f"error: interrupted by a second Ctrl-C, so no checkpoint of the current step was saved; the earlier "
+          f"ones in {os.path.join(os.path.abspath(_WORKDIR.value), 'checkpoints')} are intact. Rerun the same "
+          "command to resume from the newest.", file=sys.stderr)
+    _exit_now(EXIT_INTERRUPTED)
+  if outcome.stopped is not None:
+    sys.exit(EXIT_STOPPED_EARLY)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags(DEFAULT_CONFIG))

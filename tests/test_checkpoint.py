@@ -1,6 +1,9 @@
 """Checkpointer: round trip of a train-state-shaped pytree, retention, damaged checkpoints, re-sharding."""
 import logging
 import os
+import shutil
+import subprocess
+import sys
 
 import flax
 import jax
@@ -8,10 +11,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
-from diffmoe_jax.train.checkpoint import Checkpointer
+from diffmoe_jax.train.checkpoint import Checkpointer, CheckpointError, fingerprint
 
 
 @flax.struct.dataclass
@@ -141,7 +145,7 @@ def test_all_damaged_raises(tmp_path, state):
   for step in (1, 2):
     ckpt.save(step, state)
     damage(tmp_path, step)
-  with pytest.raises(RuntimeError, match=r"(?s)tried steps \[2, 1\].*step 2: .*step 1: ") as info:
+  with pytest.raises(CheckpointError, match=r"newest first: step 2: .*; step 1: ") as info:
     ckpt.restore_latest(abstract(state))
   assert str(tmp_path) in str(info.value)
   ckpt.close()
@@ -184,3 +188,101 @@ def test_async_save_is_durable_after_wait(tmp_path, state):
   assert fresh.restore_config() == {"seed": 0}
   fresh.close()
   ckpt.close()
+
+
+def test_changed_array_files_fail_the_checksum_and_fall_back(tmp_path, state, caplog):
+  """The newest checkpoint's array files replaced by valid ones holding other values (the silent kind of
+  damage: the files read back without error)."""
+  ckpt = Checkpointer(tmp_path / "run", async_save=False)
+  ckpt.save(1, state)
+  ckpt.save(2, state)
+  other = Checkpointer(tmp_path / "other", async_save=False)
+  other.save(2, make_state(seed=1))
+  other.close()
+  shutil.rmtree(tmp_path / "run" / "2" / "state")
+  shutil.copytree(tmp_path / "other" / "2" / "state", tmp_path / "run" / "2" / "state")
+  with caplog.at_level(logging.WARNING, logger="diffmoe_jax.train.checkpoint"):
+    restored, step = ckpt.restore_latest(abstract(state))
+  assert step == 1
+  assert_same(restored, state)
+  assert "step 2" in caplog.text and "do not match the checksum saved with them (params/embed/table, " in caplog.text
+  ckpt.close()
+
+
+def test_a_nonfinite_checkpoint_falls_back(tmp_path, state, caplog):
+  """A checkpoint saved without a checksum (as older versions did) is still checked for finiteness."""
+  ckpt = Checkpointer(tmp_path, async_save=False)
+  ckpt.save(1, state)
+  ckpt.close()
+  poisoned = state.replace(params={**state.params, "embed": {"table": state.params["embed"]["table"] * jnp.nan}})
+  raw = ocp.CheckpointManager(tmp_path, options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False))
+  raw.save(2, args=ocp.args.Composite(state=ocp.args.StandardSave(poisoned)))
+  raw.close()
+  ckpt = Checkpointer(tmp_path, async_save=False)
+  with caplog.at_level(logging.WARNING, logger="diffmoe_jax.train.checkpoint"):
+    restored, step = ckpt.restore_latest(abstract(state))
+  assert step == 1
+  assert_same(restored, state)
+  assert "non-finite values (params/embed/table)" in caplog.text
+  ckpt.close()
+
+
+def test_a_nonfinite_state_is_not_saved_so_rotation_keeps_the_good_one(tmp_path, state):
+  ckpt = Checkpointer(tmp_path, keep=1, async_save=False)
+  assert ckpt.save(1, state)
+  poisoned = state.replace(opt_state=jax.tree.map(lambda x: x * jnp.inf if x.dtype == jnp.float32 else x,
+                                                  state.opt_state))
+  assert not ckpt.save(2, poisoned, force=True)
+  assert ckpt.all_steps() == [1]
+  assert_same(ckpt.restore_latest(abstract(state))[0], state)
+  ckpt.close()
+
+
+def test_fingerprint_ignores_the_sharding_and_sees_a_permutation(state):
+  mesh = jax.make_mesh((8,), ("data",))
+  table = state.params["embed"]["table"]
+  sharded = jax.device_put(table, NamedSharding(mesh, P("data")))
+  sums, nonfinite = fingerprint({"t": table})
+  assert fingerprint({"t": sharded})[0] == sums and nonfinite == []
+  assert fingerprint({"t": table[::-1]})[0] != sums  # same values, other positions
+  assert fingerprint({"t": table.at[3, 2].add(1e-6)})[0] != sums
+
+
+_SAVE_SCRIPT = """
+import errno, os, shutil, sys
+import jax.numpy as jnp
+from diffmoe_jax.train.checkpoint import Checkpointer, CheckpointSaveError
+directory, fault = sys.argv[1], sys.argv[2]
+ckpt = Checkpointer(directory, async_save=True)
+state = {"w": jnp.ones((64, 64)), "b": jnp.zeros((3,))}
+ckpt.save(1, state, {"seed": 0})
+ckpt.wait()
+if fault == "file":  # the checkpoints directory replaced by a regular file
+  shutil.rmtree(directory)
+  open(directory, "w").close()
+else:  # a full disk while writing the step's JSON items
+  from orbax.checkpoint._src.handlers import json_checkpoint_handler
+  async def no_space(self, x, directory):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+  json_checkpoint_handler.JsonCheckpointHandler._save_fn = no_space
+try:
+  ckpt.save(2, state, {"seed": 0})
+  ckpt.wait()
+except CheckpointSaveError as e:
+  print(f"error: {e}", file=sys.stderr)
+  sys.exit(1)
+print("saved")
+"""
+
+
+@pytest.mark.parametrize("fault, cause", [("file", "it is a file, not a directory"),
+                                          ("full", "No space left on device")])
+def test_a_failed_save_raises_one_error_and_never_hangs(tmp_path, fault, cause):
+  directory = str(tmp_path / "checkpoints")
+  proc = subprocess.run([sys.executable, "-c", _SAVE_SCRIPT, directory, fault], capture_output=True, text=True,
+                        timeout=120, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+  assert proc.returncode == 1 and len(errors) == 1, proc.stderr[-3000:]
+  assert f"step 2 in {directory}" in errors[0] and cause in errors[0]
+  if fault == "full":
+    assert sorted(os.listdir(directory)) == ["1"]  # the partial step directory is gone

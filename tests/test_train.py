@@ -19,7 +19,7 @@ from diffmoe_jax import main as main_lib
 from diffmoe_jax import parallel
 from diffmoe_jax.config import ConfigError
 from diffmoe_jax.nn import model as model_lib
-from diffmoe_jax.train import checkpoint, loop
+from diffmoe_jax.train import checkpoint, loop, metrics as metrics_lib
 from diffmoe_jax.train import state as state_lib
 from diffmoe_jax.train import step as step_lib
 from test_config import load as load_named
@@ -44,10 +44,22 @@ def scalar_series(acc, tag):
   return {e.step: e.value for e in acc.Scalars(tag)}
 
 
+PAUSE_SECONDS = 3.0
+
+
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
+  """The whole curriculum; each stable-rank pass is slowed by PAUSE_SECONDS (steps must not count it)."""
   workdir = str(tmp_path_factory.mktemp("full"))
-  return workdir, main_lib.run(load_config(), workdir)
+  stable_ranks = metrics_lib.stable_ranks
+
+  def slow_stable_ranks(params):
+    time.sleep(PAUSE_SECONDS)
+    return stable_ranks(params)
+
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(metrics_lib, "stable_ranks", slow_stable_ranks)
+    return workdir, main_lib.run(load_config(), workdir)
 
 
 def test_trains_through_all_six_phases(full_run):
@@ -77,12 +89,25 @@ def test_tensorboard_has_the_listed_tags(full_run):
               "eval/loss", "eval/code/bits_per_byte", "eval/docs/unigram_bits_per_byte"):
     assert tag in scalars, tag
   assert any(t.startswith("stable_rank/") and "wq" in t for t in scalars)
+  rank_tag = next(t for t in scalars if t.startswith("stable_rank/") and "wq" in t)
+  assert sorted(scalar_series(acc, rank_tag)) == [12, 24]  # the slowed passes ran
   assert any(t.startswith("stable_rank/") and "w_in" in t for t in scalars)
   assert "moe/layer0/expert_load" in tags["histograms"]
   assert any("config" in t for t in tags["tensors"])
   # MoD: routed layers run every token in foundation (capacity 1) and half of them at the end.
   fractions = scalar_series(acc, "mod/routed0/selected_fraction")
   assert fractions[5] == 1.0 and fractions[24] == 0.5
+
+
+def test_step_time_leaves_out_compiles_evaluations_and_pauses(full_run):
+  """Every step's time excludes the compile before it (four programs, seconds each), the evaluation and
+  the slowed stable-rank pass at step 12: none comes near PAUSE_SECONDS."""
+  acc = read_tb(full_run[0])
+  seconds = scalar_series(acc, "train/step_seconds")
+  assert sorted(seconds) == list(range(1, 25))
+  assert max(seconds.values()) < PAUSE_SECONDS / 2, seconds
+  tokens_per_second = scalar_series(acc, "train/tokens_per_second")
+  assert tokens_per_second[13] == pytest.approx(256 / seconds[13], rel=1e-4)  # the step after the pause
 
 
 def test_resume_continues_exactly(full_run, tmp_path):
@@ -111,7 +136,7 @@ def test_unreadable_newest_checkpoint_falls_back(full_run, tmp_path, caplog):
         os.remove(os.path.join(root, f))
   with caplog.at_level("WARNING"):
     result = main_lib.run(load_config(), workdir)
-  assert "Cannot restore checkpoint at step 24" in caplog.text
+  assert "Cannot restore the checkpoint at step 24" in caplog.text
   assert result.final_step == 24
   assert result.eval["loss"] == pytest.approx(full_run[1].eval["loss"], abs=1e-6)
   assert checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")).latest_step == 24
@@ -145,7 +170,7 @@ def test_sigterm_mid_run_leaves_a_restorable_checkpoint(tmp_path):
     _, err = proc.communicate(timeout=300)
   finally:
     proc.kill()
-  assert proc.returncode == 0, err[-3000:]
+  assert proc.returncode == main_lib.EXIT_STOPPED_EARLY, err[-3000:]
   assert "Stopped by SIGTERM" in err
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
   step = ckpt.latest_step
@@ -184,12 +209,18 @@ def test_a_run_of_nonfinite_updates_stops_with_the_last_good_state(tmp_path):
   config = load_config()
   config.optimizer.peak_lr = float("inf")  # every update non-finite
   config.train.max_nonfinite_in_a_row = 3
+  config.train.checkpoint_every = 2
   with pytest.raises(loop.TrainingStopped, match="3 non-finite updates in a row"):
     loop.train(config, str(tmp_path))
-  state, step = checkpoint.Checkpointer(os.path.join(tmp_path, "checkpoints")).restore_latest(
-      _abstract_state(config))
-  assert int(state.nonfinite_total) == step >= 3
+  ckpt = checkpoint.Checkpointer(os.path.join(tmp_path, "checkpoints"))
+  # No periodic save while updates are skipped (rotation would drop older, good checkpoints for them).
+  assert ckpt.all_steps() == [4]
+  state, step = ckpt.restore_latest(_abstract_state(config))
+  assert int(state.nonfinite_total) == step == 4
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
+  # TensorBoard's count ends at the saved state's.
+  totals = scalar_series(read_tb(str(tmp_path)), "train/nonfinite_total")
+  assert totals[max(totals)] == 4 and max(totals) == step
 
 
 def test_too_large_config_stops_before_allocating():

@@ -1,15 +1,109 @@
-"""Orbax checkpoints of the train state, each with the run's config stored beside it as JSON."""
+"""Orbax checkpoints of the train state, each with the run's config (JSON) and a checksum of its arrays.
+
+A checkpoint is trusted only if it restores, its arrays match the checksum computed when it was saved and
+its floating-point arrays are finite; otherwise the next older one is tried. A state with non-finite values
+is never saved. A save that fails raises `CheckpointSaveError` (naming the directory and the cause) and
+removes its partial step directory.
+"""
 from __future__ import annotations
 
 import json
 import logging
 import os
+import shutil
+import threading
+import time
 from typing import Any, Mapping
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
+from etils import epath
 
 log = logging.getLogger(__name__)
+
+CHECKSUM_VERSION = 1
+_TMP_SUFFIX = ".orbax-checkpoint-tmp"
+_WRITER_GRACE_SECONDS = 30.0  # how long a failed save's remaining writer threads get to end
+
+
+class CheckpointError(RuntimeError):
+  """No checkpoint could be restored, or the checkpoints directory cannot be used."""
+
+
+class CheckpointSaveError(CheckpointError):
+  """A checkpoint could not be written (full disk, directory gone or read-only)."""
+
+
+def _leaf_path(path) -> str:
+  return jax.tree_util.keystr(path, simple=True, separator="/")
+
+
+def _as_uint32(x: jax.Array) -> jax.Array:
+  """The bits of `x` as uint32 values (narrower types widened, wider ones split)."""
+  if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  if x.dtype == jnp.bool_:
+    return x.astype(jnp.uint32)
+  width = jnp.dtype(x.dtype).itemsize
+  if width >= 4:
+    return jax.lax.bitcast_convert_type(x, jnp.uint32)
+  return jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16}[width]).astype(jnp.uint32)
+
+
+def _leaf_fingerprint(x: jax.Array):
+  """Two wrapping 32-bit sums of the array's bits: plain and weighted by (2·position + 1), and finiteness.
+
+  Integer sums are exact in any order, so the result does not depend on the sharding. A change of values
+  changes the plain sum unless changes cancel, and a permutation changes the weighted one.
+  """
+  bits = _as_uint32(x)
+  position = jnp.zeros(bits.shape, jnp.uint32)
+  stride = 1
+  for axis in reversed(range(bits.ndim)):  # the flat index from iotas: no reshape, so no resharding
+    position = position + jax.lax.broadcasted_iota(jnp.uint32, bits.shape, axis) * jnp.uint32(stride % 2**32)
+    stride *= bits.shape[axis]
+  plain = jnp.sum(bits, dtype=jnp.uint32)
+  weighted = jnp.sum(bits * (position * jnp.uint32(2) + jnp.uint32(1)), dtype=jnp.uint32)
+  finite = jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.bool_(True)
+  return plain, weighted, finite
+
+
+@jax.jit
+def _fingerprints(leaves: list):
+  plain, weighted, finite = zip(*map(_leaf_fingerprint, leaves))
+  return jnp.stack(plain), jnp.stack(weighted), jnp.stack(finite)
+
+
+def fingerprint(state: Any) -> tuple[dict[str, str], list[str]]:
+  """({leaf path: checksum}, [paths of floating-point leaves holding NaN or infinity]) of a pytree."""
+  paths, leaves = zip(*jax.tree_util.tree_flatten_with_path(state)[0])
+  plain, weighted, finite = jax.device_get(_fingerprints(list(leaves)))
+  names = [_leaf_path(p) for p in paths]
+  checksums = {name: f"{int(a):08x}{int(b):08x}" for name, a, b in zip(names, plain, weighted)}
+  return checksums, [name for name, ok in zip(names, finite) if not ok]
+
+
+def _first(names: list[str], n: int = 3) -> str:
+  return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def _one_line(e: BaseException, limit: int = 300) -> str:
+  text = " ".join(str(e).split())
+  return f"{type(e).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
+
+
+def _likely_cause(e: BaseException) -> str:
+  """The damage a read error points to, in words (tensorstore's messages bury it deep in the text)."""
+  text = str(e)
+  if "OUT_OF_RANGE" in text or "Byte range" in text:
+    return ": a file is shorter than recorded (truncated)"
+  if isinstance(e, FileNotFoundError) or "NOT_FOUND" in text or "not found" in text:
+    return ": a file is missing"
+  if "DATA_LOSS" in text or "decompress" in text.lower() or "corrupt" in text.lower():
+    return ": a file's content is corrupted"
+  return ""
 
 
 class Checkpointer:
@@ -17,17 +111,24 @@ class Checkpointer:
 
   The trainer decides when to save; the manager has no interval policy beyond Orbax's rule that, without
   `force`, only a step newer than the latest saved one is written. Orbax handles multi-process arrays and
-  writes the config JSON from the primary process only.
+  writes the JSON items from the primary process only.
   """
 
   def __init__(self, directory: str | os.PathLike, keep: int = 3, async_save: bool = True):
     if keep < 1:
       raise ValueError(f"Checkpointer keep={keep}: keep at least 1 checkpoint.")
     self.directory = os.path.abspath(os.fspath(directory))
+    if os.path.exists(self.directory) and not os.path.isdir(self.directory):
+      raise CheckpointError(f"The checkpoints directory {self.directory} is a file, not a directory; move it "
+                            "away or use another workdir.")
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save)
-    self._manager = ocp.CheckpointManager(self.directory, options=options)
+    handlers = {"state": ocp.StandardCheckpointHandler(), "config": ocp.JsonCheckpointHandler(),
+                "checksums": ocp.JsonCheckpointHandler()}
+    self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
     # Steps that failed to restore in this process: a save of the same step replaces them.
     self._unreadable: set[int] = set()
+    self._saving: int | None = None  # the step of the last started save, until it is known to be durable
+    self._threads_before_save: set[threading.Thread] = set()
 
   @property
   def latest_step(self) -> int | None:
@@ -38,15 +139,25 @@ class Checkpointer:
     """Saved steps, oldest first (including one still being written)."""
     return sorted(self._manager.all_steps())
 
+  # --- Saving -------------------------------------------------------------------------------------------
+
   def save(self, step: int, state: Any, config: ml_collections.ConfigDict | Mapping | None = None,
            force: bool = False) -> bool:
     """Starts saving `state` (and `config` as JSON) at `step`; returns whether a save was started.
 
     A step that is already saved is skipped (unless it failed to restore in this process: then it is
     replaced). Without `force`, a step older than the latest saved one is skipped too; `force` saves it.
-    Saves are asynchronous if the Checkpointer was made with `async_save`: call `wait()` for durability.
+    A state with a non-finite floating-point value is not saved (so rotation never drops a good
+    checkpoint for it). Saves are asynchronous if the Checkpointer was made with `async_save`: call
+    `wait()` for durability. Raises CheckpointSaveError if this or an earlier save failed.
     """
     step = int(step)
+    self.check()
+    checksums, nonfinite = fingerprint(state)
+    if nonfinite:
+      log.error("Not saving step %d in %s: the state holds non-finite values (%s); the older checkpoints stay.",
+                step, self.directory, _first(nonfinite))
+      return False
     if step in self._unreadable:
       # The run redid this step from an older checkpoint, so its state replaces the unreadable copy.
       log.warning("Replacing the unreadable checkpoint at step %d in %s.", step, self.directory)
@@ -56,20 +167,76 @@ class Checkpointer:
     if step in self._manager.all_steps():
       log.info("Checkpoint at step %d already exists in %s; not saving it again.", step, self.directory)
       return False
-    items = {"state": ocp.args.StandardSave(state)}
+    self._check_writable(step)
+    items = {"state": ocp.args.StandardSave(state),
+             "checksums": ocp.args.JsonSave({"version": CHECKSUM_VERSION, "arrays": checksums})}
     if config is not None:
       items["config"] = ocp.args.JsonSave(_json_config(config))
-    return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+    self._threads_before_save = set(threading.enumerate())
+    try:
+      started = self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._save_failed(step, e) from None
+    if started:
+      self._saving = step
+    return started
+
+  def _check_writable(self, step: int) -> None:
+    """Fails before Orbax starts its writer threads, which wait forever if the directory cannot be made."""
+    d = self.directory
+    problem = None
+    if not os.path.exists(d):
+      if os.path.isdir(os.path.dirname(d)) and os.access(os.path.dirname(d), os.W_OK):
+        return  # Orbax creates it
+      problem = "it does not exist and cannot be created"
+    elif not os.path.isdir(d):
+      problem = "it is a file, not a directory"
+    elif not os.access(d, os.W_OK | os.X_OK):
+      problem = "it is not writable (read-only or immutable)"
+    if problem:
+      raise CheckpointSaveError(f"Cannot save the checkpoint at step {step} in {d}: {problem}. Make it a writable "
+                                "directory, then rerun to resume from the last checkpoint.")
+
+  def _save_failed(self, step: int | None, e: BaseException) -> CheckpointSaveError:
+    """The error for a failed save, after removing the save's partial step directory."""
+    step = self._saving if step is None else step
+    self._saving = None
+    # The save's other writer threads may still be writing into its directory: let them end first.
+    deadline = time.monotonic() + _WRITER_GRACE_SECONDS
+    for thread in set(threading.enumerate()) - self._threads_before_save - {threading.current_thread()}:
+      thread.join(timeout=max(0.0, deadline - time.monotonic()))
+    removed = ""
+    if step is not None and jax.process_index() == 0 and os.path.isdir(self.directory):
+      for name in os.listdir(self.directory):
+        if name == str(step) + _TMP_SUFFIX or name.startswith(str(step) + _TMP_SUFFIX):
+          shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+          removed = f" (its partial directory {name} was removed)"
+    cause = os.strerror(e.errno) if isinstance(e, OSError) and e.errno else _one_line(e)
+    return CheckpointSaveError(f"Cannot save the checkpoint at step {step} in {self.directory}{removed}: {cause}. "
+                               "Free space or fix the directory, then rerun to resume from the last checkpoint.")
+
+  def check(self) -> None:
+    """Raises CheckpointSaveError if a started save has failed; never blocks on one still running."""
+    if self._saving is None or self._manager.is_saving_in_progress():
+      return
+    self.wait()
 
   def wait(self):
-    """Blocks until every started save is durable on disk."""
-    self._manager.wait_until_finished()
+    """Blocks until every started save is durable on disk; raises CheckpointSaveError if one failed."""
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._save_failed(None, e) from None
+    self._saving = None
+
+  # --- Restoring ----------------------------------------------------------------------------------------
 
   def restore_latest(self, abstract_state: Any) -> tuple[Any, int] | None:
-    """Restores the newest readable checkpoint onto the shapes, dtypes and shardings of `abstract_state`.
+    """Restores the newest sound checkpoint onto the shapes, dtypes and shardings of `abstract_state`.
 
-    Returns (state, step), or None if there is no checkpoint. An unreadable checkpoint is logged and the
-    next older one is tried; if none can be read this raises, since starting over would lose saved work.
+    Returns (state, step), or None if there is no checkpoint. A checkpoint that cannot be read, does not
+    match its checksum or holds non-finite values is logged (one line with the cause) and the next older
+    one is tried; if none is sound this raises CheckpointError, since starting over would lose saved work.
     """
     self.wait()
     steps = self.all_steps()[::-1]
@@ -77,22 +244,51 @@ class Checkpointer:
       return None
     errors = []
     for step in steps:
-      try:
-        restored = self._manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
-      # Damage shows up as many exception types (missing files, tensorstore errors, missing items).
-      except Exception as e:  # pylint: disable=broad-except
-        log.warning("Cannot restore checkpoint at step %d in %s (%s: %s); trying an older one.",
-                    step, self.directory, type(e).__name__, e)
-        self._unreadable.add(step)
-        errors.append(f"step {step}: {type(e).__name__}: {e}")
-        continue
-      return restored["state"], step
-    raise RuntimeError(
-        f"No checkpoint in {self.directory} could be restored; tried steps {steps} (newest first):\n  "
-        + "\n  ".join(errors)
-        + "\nIf the state's structure changed, restore with the config the run was saved with; if the files "
-          "are damaged, repair or remove those step directories (or use a new workdir to start over).")
+      problem, restored = self._restore_verified(step, abstract_state)
+      if problem is None:
+        return restored, step
+      log.warning("Cannot restore the checkpoint at step %d in %s: %s; trying an older one.", step, self.directory,
+                  problem)
+      self._unreadable.add(step)
+      errors.append(f"step {step}: {problem}")
+    raise CheckpointError(
+        f"No checkpoint in {self.directory} could be restored (newest first: {'; '.join(errors)}). If the files "
+        "are damaged, remove those step directories to start over from an older one, or use a new workdir.")
+
+  def _restore_verified(self, step: int, abstract_state: Any) -> tuple[str | None, Any]:
+    """(None, state) for a sound checkpoint, else (what is wrong with it, None)."""
+    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    has_checksums = os.path.isdir(os.path.join(self.directory, str(step), "checksums"))
+    if has_checksums:
+      items["checksums"] = ocp.args.JsonRestore()
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    # Damage shows up as many exception types (missing files, tensorstore errors, missing items).
+    except Exception as e:  # pylint: disable=broad-except
+      return f"its files cannot be read{_likely_cause(e)} ({_one_line(e)})", None
+    checksums, nonfinite = fingerprint(restored["state"])
+    if has_checksums:
+      saved = restored["checksums"].get("arrays", {})
+      changed = [name for name, value in checksums.items() if saved.get(name) != value]
+      if changed:
+        return (f"its arrays do not match the checksum saved with them ({_first(changed)}): the files were "
+                "changed or damaged after the save"), None
+    else:
+      log.info("The checkpoint at step %d in %s has no checksum (saved by an older version); only its "
+               "finiteness is checked.", step, self.directory)
+    if nonfinite:
+      return f"it holds non-finite values ({_first(nonfinite)})", None
+    return None, restored["state"]
+
+  def saved_shapes(self, step: int) -> dict[str, tuple[tuple[int, ...], str]] | None:
+    """{leaf path: (shape, dtype)} of the state saved at `step`, from its metadata; None if unreadable."""
+    try:
+      metadata = self._manager.item_metadata(step)["state"]
+      shapes = {_leaf_path(p): (tuple(x.shape), str(x.dtype))
+                for p, x in jax.tree_util.tree_flatten_with_path(metadata)[0]}
+    except Exception:  # pylint: disable=broad-except
+      return None
+    return shapes or None
 
   def restore_config(self, step: int | None = None) -> dict:
     """The config saved with `step` (the latest step by default), as a dict."""
@@ -104,15 +300,16 @@ class Checkpointer:
       step = steps[-1]
     if step not in steps:
       raise FileNotFoundError(f"No checkpoint at step {step} in {self.directory}; saved steps: {steps}.")
-    try:
-      restored = self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-    except KeyError as e:
+    item = os.path.join(self.directory, str(step), "config")
+    if not os.path.isdir(item):
       raise FileNotFoundError(f"Checkpoint at step {step} in {self.directory} has no config: it was saved with "
-                     "config=None.") from e
-    return restored["config"]
+                              "config=None.")
+    # The item's own handler: a partial restore through the manager warns about the items it skips.
+    return ocp.JsonCheckpointHandler().restore(epath.Path(item), args=ocp.args.JsonRestore())
 
   def close(self):
     """Waits for pending saves and releases the manager."""
+    self.wait()
     self._manager.close()
 
 

@@ -6,6 +6,7 @@ program, once. The batch of step s is a pure function of (seed, s), so a resumed
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -25,7 +26,7 @@ from diffmoe_jax import data, parallel
 from diffmoe_jax.config import ConfigError
 from diffmoe_jax.nn import model as model_lib
 from diffmoe_jax.train import checkpoint, curriculum as curriculum_lib, metrics as metrics_lib, state as state_lib
-from diffmoe_jax.train import step as step_lib
+from diffmoe_jax.train import resume, step as step_lib, workdir as workdir_lib
 
 
 class TrainingStopped(RuntimeError):
@@ -37,6 +38,35 @@ class RunResult:
   final_step: int
   eval: dict  # "<domain>/loss", "<domain>/bits_per_byte", "<domain>/unigram_bits_per_byte", "loss"; {} if stopped
   stopped: str | None = None  # why the run stopped before the end: "SIGTERM", "SIGINT", "train.run_steps"
+
+
+class _StepClock:
+  """Wall seconds per training step, leaving out compiles, evaluations, checkpoints and other pauses.
+
+  Steps run asynchronously: a step's time is the interval between the host receiving one step's metrics
+  and the next one's. A pause first waits for the step in flight, so that step keeps its own time, then
+  its duration is taken out of the interval it falls in.
+  """
+
+  def __init__(self):
+    self._last = time.perf_counter()
+    self._paused = 0.0
+
+  @contextlib.contextmanager
+  def pause(self, in_flight):
+    jax.block_until_ready(in_flight)
+    start = time.perf_counter()
+    try:
+      yield
+    finally:
+      self._paused += time.perf_counter() - start
+
+  def lap(self) -> float:
+    """Seconds of step work since the previous lap."""
+    now = time.perf_counter()
+    seconds = max(now - self._last - self._paused, 1e-9)
+    self._last, self._paused = now, 0.0
+    return seconds
 
 
 class _SignalFlag:
@@ -128,15 +158,54 @@ class _Progress:
       self.bar.close()
 
 
+def _restore_or_init(ckpt: checkpoint.Checkpointer, config, abstract_state, make_state):
+  """(state, start step): the newest sound checkpoint if its config allows resuming with `config`, else new."""
+  # Checked against the newest checkpoint whose layout is readable; a damaged one is left to the restore.
+  for step in ckpt.all_steps()[::-1]:
+    saved_shapes = ckpt.saved_shapes(step)
+    if saved_shapes is None:
+      continue
+    try:
+      saved_config = ckpt.restore_config(step)
+    except Exception:  # pylint: disable=broad-except  (saved without a config, or a damaged one)
+      saved_config = None
+    resume.check(config, saved_config=saved_config, saved_shapes=saved_shapes, abstract_state=abstract_state,
+                 step=step, directory=ckpt.directory)
+    break
+  restored = ckpt.restore_latest(abstract_state)
+  if restored is None:
+    logging.info("No checkpoint in %s: starting from step 0.", ckpt.directory)
+    return make_state(), 0
+  logging.info("Resumed from the checkpoint at step %d in %s.", restored[1], ckpt.directory)
+  return restored
+
+
+def _save_unless_skipping(ckpt: checkpoint.Checkpointer, step: int, state, config) -> None:
+  """A periodic save, except while updates are being skipped: rotation then keeps the older checkpoints."""
+  streak = int(jax.device_get(state.nonfinite_streak))
+  if streak:
+    logging.warning("Not saving step %d: the last %d updates were skipped as non-finite.", step, streak)
+    return
+  ckpt.save(step, state, config)
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, *,
           flops_per_token: Callable[[int, float, str], float] | None = None,
           corpus: "data.Corpus | None" = None) -> RunResult:
   """Trains through the curriculum in `workdir` (resuming if it holds a checkpoint).
 
+  The workdir is locked for the run: a second run on it is refused with WorkdirError.
   flops_per_token(seq_len, mod_capacity, mod_mode) gives training FLOPs per token for tokens/s -> MFU.
   """
-  workdir = os.path.abspath(os.path.expanduser(workdir))
-  os.makedirs(workdir, exist_ok=True)
+  workdir = workdir_lib.prepare(workdir)
+  lock = workdir_lib.WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
+  with lock:
+    return _train_locked(config, workdir, flops_per_token=flops_per_token, corpus=corpus)
+
+
+def _train_locked(config: ml_collections.ConfigDict, workdir: str, *,
+                  flops_per_token: Callable[[int, float, str], float] | None,
+                  corpus: "data.Corpus | None") -> RunResult:
   process_index, process_count = jax.process_index(), jax.process_count()
   corpus = corpus or data.build_corpus(config.data)
   if corpus.tokenizer.vocab_size > config.model.vocab_size:
@@ -154,13 +223,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   abstract_state, state_shardings, make_state = state_lib.create_state(
       model, optimizer, mesh, rules, seed=config.seed, seq_len=min(p.seq_len for p in curriculum.phases))
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints)
-  restored = ckpt.restore_latest(abstract_state)
-  if restored is None:
-    state, start_step = make_state(), 0
-    logging.info("No checkpoint in %s: starting from step 0.", ckpt.directory)
-  else:
-    state, start_step = restored
-    logging.info("Resumed from the checkpoint at step %d in %s.", start_step, ckpt.directory)
+  state, start_step = _restore_or_init(ckpt, config, abstract_state, make_state)
 
   writer = metrics_lib.MetricWriter(os.path.join(workdir, "tb"), enabled=process_index == 0)
   if start_step == 0:
@@ -172,7 +235,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   compiled: dict[tuple, Callable] = {}
   total_keys = len(curriculum.shape_keys())
 
-  def step_fn(settings):
+  def step_fn(settings, *args):
+    """The compiled step for `settings`, compiled ahead of time on `args` when first needed."""
     key = settings.shape_key
     if key not in compiled:
       logging.info("Compiling the train step for seq_len %d, batch %d, MoD %s%s (program %d of %d).",
@@ -182,7 +246,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
                                     mod_capacity=settings.mod_capacity,
                                     grad_accum_steps=config.optimizer.grad_accum_steps)
       compiled[key] = jax.jit(fn, in_shardings=(state_shardings, batch_shardings, scalar),
-                              out_shardings=(state_shardings, scalar), donate_argnums=0)
+                              out_shardings=(state_shardings, scalar), donate_argnums=0).lower(*args).compile()
     return compiled[key]
 
   datasets: dict[int, object] = {}
@@ -228,14 +292,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   last_eval: dict = {}
   pending = None  # the previous step's metrics, fetched after the next step is dispatched
   stopped_by = None
-  last_finish = [time.time()]
+  clock = _StepClock()
 
   def finish_step(item):
     """Host side of a finished step: logging, metrics, the non-finite guard."""
     step, settings, metrics = item
     metrics = jax.device_get(metrics)
-    now = time.time()
-    seconds, last_finish[0] = now - last_finish[0], now  # includes any compile and evaluation since
+    seconds = clock.lap()
     tokens = settings.phase.batch_size * settings.phase.seq_len
     info = {"phase": settings.phase.name, "loss": f"{float(metrics['loss']):.4f}",
             "tok/s": f"{tokens / seconds:,.0f}"}
@@ -263,55 +326,65 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   end_step = curriculum.total_steps
   if config.train.run_steps:
     end_step = min(end_step, start_step + config.train.run_steps)
-  with _SignalFlag() as signals, jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    step = start_step
-    while step < end_step:
-      settings = curriculum.settings(step)
-      fn = step_fn(settings)
-      batch = batch_for(settings)
-      state, metrics = fn(state, batch, {k: jnp.float32(v) for k, v in step_lib.dynamic_settings(settings).items()})
-      if pending is not None and finish_step(pending):
-        diverged = True
-      pending = (step, settings, metrics)
-      step += 1
-      if diverged:
-        break
-      if step % config.train.stable_rank_every == 0:
-        writer.scalars(step, metrics_lib.stable_ranks(state.params))
-      if step % config.train.eval_every == 0 and step < curriculum.total_steps:
-        last_eval = evaluate(step)
-        progress.write(f"step {step} eval: loss {last_eval['loss']:.4f}, "
-                       + ", ".join(f"{d} {last_eval[d + '/bits_per_byte']:.3f} bpb" for d in corpus.domains))
-      if step % config.train.checkpoint_every == 0:
-        ckpt.save(step, state, config)
-      if signals.received is not None:
-        stopped_by = signal.Signals(signals.received).name
-        break
-    if pending is not None and not diverged:
-      diverged = finish_step(pending)
-    if stopped_by is None and step < curriculum.total_steps:
-      stopped_by = "train.run_steps"
-  progress.close()
+  try:
+    with _SignalFlag() as signals, jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      step = start_step
+      while step < end_step:
+        settings = curriculum.settings(step)
+        batch = batch_for(settings)
+        dyn = {k: jnp.float32(v) for k, v in step_lib.dynamic_settings(settings).items()}
+        if settings.shape_key in compiled:
+          fn = compiled[settings.shape_key]
+        else:
+          with clock.pause(state):
+            fn = step_fn(settings, state, batch, dyn)
+        state, metrics = fn(state, batch, dyn)
+        if pending is not None and finish_step(pending):
+          diverged = True
+        pending = (step, settings, metrics)
+        step += 1
+        ckpt.check()  # a failed background save stops the run now, not a save later
+        if diverged:
+          break
+        if step % config.train.stable_rank_every == 0:
+          with clock.pause(state):
+            writer.scalars(step, metrics_lib.stable_ranks(state.params))
+        if step % config.train.eval_every == 0 and step < curriculum.total_steps:
+          with clock.pause(state):
+            last_eval = evaluate(step)
+          progress.write(f"step {step} eval: loss {last_eval['loss']:.4f}, "
+                         + ", ".join(f"{d} {last_eval[d + '/bits_per_byte']:.3f} bpb" for d in corpus.domains))
+        if step % config.train.checkpoint_every == 0:
+          with clock.pause(state):
+            _save_unless_skipping(ckpt, step, state, config)
+        if signals.received is not None:
+          stopped_by = signal.Signals(signals.received).name
+          break
+      # The last dispatched step is always reported, so TensorBoard ends at the saved state's counts.
+      if pending is not None:
+        diverged = finish_step(pending) or diverged
+      if stopped_by is None and step < curriculum.total_steps:
+        stopped_by = "train.run_steps"
+    progress.close()
 
-  final_step = int(jax.device_get(state.step))
-  if diverged:
+    final_step = int(jax.device_get(state.step))
+    if diverged:
+      ckpt.save(final_step, state, config, force=True)
+      ckpt.wait()
+      raise TrainingStopped(
+          f"{config.train.max_nonfinite_in_a_row} non-finite updates in a row at step {final_step}: training "
+          f"stopped. Skipped updates never touch the weights, so the checkpoint at step {final_step} in "
+          f"{ckpt.directory} holds the last good state. Lower optimizer.peak_lr, raise optimizer.grad_clip "
+          "or use model.dtype='float32', then rerun to resume.")
+    if stopped_by is None:
+      last_eval = evaluate(final_step)
     ckpt.save(final_step, state, config, force=True)
-    ckpt.wait()
+    ckpt.close()
+  finally:
+    progress.close()
     writer.close()
-    raise TrainingStopped(
-        f"{config.train.max_nonfinite_in_a_row} non-finite updates in a row at step {final_step}: training "
-        f"stopped. Skipped updates never touch the weights, so the checkpoint at step {final_step} in "
-        f"{ckpt.directory} holds the last good state. Lower optimizer.peak_lr, raise optimizer.grad_clip "
-        "or use model.dtype='float32', then rerun to resume.")
-  if stopped_by is None:
-    last_eval = evaluate(final_step)
-  ckpt.save(final_step, state, config, force=True)
-  ckpt.wait()
-  ckpt.close()
-  writer.close()
   if stopped_by is not None:
     logging.warning("Stopped by %s at step %d of %d; the checkpoint is in %s. Rerun the same command to resume.",
                     stopped_by, final_step, curriculum.total_steps, ckpt.directory)
     last_eval = {}
   return RunResult(final_step=final_step, eval=last_eval, stopped=stopped_by)
-

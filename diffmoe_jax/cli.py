@@ -1,0 +1,164 @@
+"""Command-line parsing shared by `main` and `estimate`: config file and flag mistakes as one-line errors.
+
+ml_collections reports a missing config file, a syntax error in one, or an override of a field that does
+not exist with a long traceback from inside flag parsing. `parse_flags` checks those first and prints one
+line naming the file, or the full field path with the closest existing names.
+"""
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import importlib.util
+import logging
+import os
+import re
+import sys
+import traceback
+from typing import Callable
+
+from absl import flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+# Dicts whose keys are the user's to choose: a new key on the command line adds an entry.
+OPEN_DICTS = ("data.domains", "curriculum.*.domain_weights")
+
+
+def define_config_flag(default: str | None, help_string: str) -> flags.FlagHolder:
+  """The --config flag (new keys accepted; `parse_flags` admits them only in OPEN_DICTS)."""
+  return config_flags.DEFINE_config_file("config", default, help_string, lock_config=False,
+                                         accept_new_attributes=True)
+
+
+def _config_arg(argv: list[str]) -> str | None:
+  for i, arg in enumerate(argv):
+    match = re.match(r"^--?config(=|$)", arg)
+    if match:
+      return arg.split("=", 1)[1] if match.group(1) else (argv[i + 1] if i + 1 < len(argv) else None)
+  return None
+
+
+def _override_paths(argv: list[str]) -> list[str]:
+  return [arg.split("=", 1)[0].split(".", 1)[1] for arg in argv if re.match(r"^--?(no)?config\.", arg)]
+
+
+def _load(path: str, arg: str | None):
+  """The config `path`'s get_config() returns, or a one-line description of why it cannot be loaded."""
+  if not os.path.isfile(path):
+    where = "" if os.path.isabs(path) else f" (relative to {os.getcwd()})"
+    return None, f"--config: there is no config file {path}{where}; pass a path such as configs/tiny.py."
+  try:
+    with open(path, encoding="utf-8") as f:
+      compile(f.read(), path, "exec")
+  except SyntaxError as e:
+    return None, f"--config: {path} line {e.lineno}: {e.msg}: {(e.text or '').strip()}"
+  try:
+    spec = importlib.util.spec_from_file_location("config_under_check", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(*([arg] if arg else [])), None
+  except Exception as e:  # pylint: disable=broad-except  (whatever the user's file raises)
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if os.path.abspath(f.filename) == os.path.abspath(path)]
+    line = f" line {frames[-1].lineno}" if frames else ""
+    return None, f"--config: {path}{line}: {type(e).__name__}: {e}"
+
+
+def _fields(node, prefix: str = "") -> list[str]:
+  out = []
+  for key in node.keys():
+    out.append(prefix + key)
+    if hasattr(node[key], "keys"):
+      out.extend(_fields(node[key], prefix + key + "."))
+  return out
+
+
+def _closest(config, parent: str, name: str) -> list[str]:
+  """Up to three field paths whose last name is close to `name`, those under `parent` first."""
+  scored = []
+  for field in _fields(config):
+    head, _, last = field.rpartition(".")
+    ratio = difflib.SequenceMatcher(None, name, last).ratio()
+    if ratio >= 0.6:
+      scored.append((ratio + (0.1 if head == parent else 0.0), field))
+  return [field for _, field in sorted(scored, reverse=True)[:3]]
+
+
+def _unknown_field(config, path: str) -> str | None:
+  """Why `--config.<path>` names no field (with the closest names), or None if it does."""
+  node, parts = config, path.split(".")
+  for i, part in enumerate(parts):
+    parent = ".".join(parts[:i])
+    if "[" in part or not hasattr(node, "keys"):
+      return None  # indexing and non-dict values are left to the flag parser
+    if part not in node:
+      if any(fnmatch.fnmatchcase(parent, d) for d in OPEN_DICTS) and i == len(parts) - 1:
+        return None
+      siblings = list(node.keys())
+      close = _closest(config, parent, part)
+      owner = f"config.{parent}" if parent else "the config"
+      hint = (f"closest: {', '.join(close)}" if close else
+              f"its fields: {', '.join(sorted(siblings)[:12])}"
+              + (f" and {len(siblings) - 12} more" if len(siblings) > 12 else ""))
+      return f"--config.{path}: {owner} has no field {part!r}; {hint}."
+    node = node[part]
+  return None
+
+
+def check_command_line(argv: list[str], default_config: str | None) -> str | None:
+  """A one-line description of the first config file or override mistake in `argv`, or None."""
+  value = _config_arg(argv) or default_config
+  if value is None:
+    return None  # a required --config is reported by the flag parser
+  path, _, arg = value.partition(":")
+  config, problem = _load(path, arg or None)
+  if problem:
+    return problem
+  for override in _override_paths(argv):
+    problem = _unknown_field(config, override)
+    if problem:
+      return problem
+  return None
+
+
+def _library_log_filter(record) -> bool:
+  """Whether the absl handler shows a library's log record.
+
+  Orbax logs every save and restore at INFO, and a damaged checkpoint or a failed save as warnings and
+  ERROR tracebacks from its threads, all of which the checkpointer reports itself, in one line each; JAX
+  logs each backend it probes and does not find (libtpu on a machine without a TPU) at INFO.
+  """
+  if "/orbax/" in record.pathname:
+    return False
+  if record.name == "jax._src.xla_bridge" and record.levelno < logging.WARNING:
+    return not record.getMessage().startswith("Unable to initialize backend")
+  return True
+
+
+def _drop_closed_loop_noise(unraisable) -> None:
+  """Tensorstore reads that complete after Orbax closed a failed restore's event loop each print a
+  "RuntimeError: Event loop is closed" traceback; the restore's own error is reported once instead."""
+  if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
+    return
+  sys.__unraisablehook__(unraisable)
+
+
+def quiet_library_output() -> None:
+  """Keeps the libraries' routine chatter and duplicate error reports off the terminal (see above)."""
+  absl_logging.get_absl_handler().addFilter(_library_log_filter)
+  sys.unraisablehook = _drop_closed_loop_noise
+
+
+def parse_flags(default_config: str | None) -> Callable[[list[str]], list[str]]:
+  """An `app.run` flags_parser: the usual absl parsing, with each mistake printed as one line (exit 1)."""
+  def parse(argv: list[str]) -> list[str]:
+    problem = check_command_line(argv[1:], default_config)
+    if problem is None:
+      try:
+        return flags.FLAGS(argv)
+      except Exception as e:  # pylint: disable=broad-except
+        problem = " ".join(str(e).split())
+        if isinstance(e, flags.Error):
+          problem += " (--helpfull lists the flags)"
+    print(f"error: {problem}", file=sys.stderr)
+    sys.exit(1)
+  return parse

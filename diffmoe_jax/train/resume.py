@@ -1,0 +1,110 @@
+"""Resuming: the config and state layout a checkpoint was saved with, against the ones a run resumes with.
+
+Checked before any array is restored. A different state layout (a changed model shape) is an error that
+names the fields and arrays that differ. Other config changes are errors too unless
+`train.allow_config_change` lists them; `name`, `train.*` and `mesh.*` change bookkeeping or the device
+layout, not what is trained, and may always change.
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+from typing import Any, Mapping
+
+import jax
+from absl import logging
+
+from diffmoe_jax.config import ConfigError
+
+FREE_FIELDS = ("name", "train", "mesh")
+
+
+def _flatten(d: Mapping, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for key, value in d.items():
+    path = f"{prefix}{key}"
+    if isinstance(value, Mapping) and value:
+      out.update(_flatten(value, path + "."))
+    else:
+      out[path] = value
+  return out
+
+
+def _normalised(config) -> dict:
+  """Plain JSON values (tuples as lists, as the saved JSON has them)."""
+  config = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+  return json.loads(json.dumps(config))
+
+
+_MISSING = object()
+
+
+def differences(saved: Mapping, current: Any) -> list[tuple[str, Any, Any]]:
+  """[(dotted field path, saved value, current value)] for every field that differs (missing: `<absent>`)."""
+  old, new = _flatten(_normalised(saved)), _flatten(_normalised(current))
+  out = []
+  for path in sorted(set(old) | set(new)):
+    a, b = old.get(path, _MISSING), new.get(path, _MISSING)
+    if json.dumps(a, sort_keys=True, default=str) != json.dumps(b, sort_keys=True, default=str):
+      out.append((path, a, b))
+  return out
+
+
+def _show(value: Any) -> str:
+  text = "<absent>" if value is _MISSING else json.dumps(value)
+  return text if len(text) <= 60 else text[:57] + "..."
+
+
+def describe(diffs: list[tuple[str, Any, Any]]) -> str:
+  return ", ".join(f"{path} {_show(a)} -> {_show(b)}" for path, a, b in diffs)
+
+
+def _matches(path: str, patterns: list[str]) -> bool:
+  return any(fnmatch.fnmatchcase(path, p) or path.startswith(p + ".") for p in patterns)
+
+
+def allowed_patterns(config) -> list[str]:
+  return [p.strip() for p in str(config.train.allow_config_change).split(",") if p.strip()]
+
+
+def shape_differences(saved: Mapping[str, tuple], abstract_state: Any) -> list[str]:
+  """Arrays whose shape or dtype differs between a saved state layout and `abstract_state`, described."""
+  current = {jax.tree_util.keystr(p, simple=True, separator="/"): (tuple(x.shape), str(x.dtype))
+             for p, x in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
+  out = []
+  for path in sorted(set(saved) | set(current), key=lambda p: (not p.startswith("params/"), p)):  # weights first
+    a, b = saved.get(path), current.get(path)
+    if a != b:
+      show = lambda s: "absent" if s is None else f"{s[1]}{list(s[0])}"
+      out.append(f"{path} saved {show(a)}, now {show(b)}")
+  return out
+
+
+def check(config, *, saved_config: Mapping | None, saved_shapes: Mapping | None, abstract_state: Any,
+          step: int, directory: str) -> None:
+  """Raises ConfigError if the checkpoint at `step` cannot, or may not, be resumed with `config`."""
+  diffs = differences(saved_config, config) if saved_config is not None else []
+  where = f"The checkpoint at step {step} in {directory}"
+  keep = "The checkpoints are left as they are."
+  shapes = shape_differences(saved_shapes, abstract_state) if saved_shapes is not None else []
+  if shapes:
+    model = [d for d in diffs if d[0].startswith("model.")]
+    cause = (f"it was saved with {describe(model)}" if model else
+             "the model fields match, so the state's layout changed with the code since the save")
+    arrays = "; ".join(shapes[:3]) + (f"; and {len(shapes) - 3} more arrays" if len(shapes) > 3 else "")
+    raise ConfigError(f"{where} holds a train state of another shape ({arrays}): {cause}. Resume with the saved "
+                      f"values, or pass a new --workdir to train this config from scratch. {keep}")
+  free = [d for d in diffs if _matches(d[0], list(FREE_FIELDS))]
+  patterns = allowed_patterns(config)
+  allowed = [d for d in diffs if d not in free and _matches(d[0], patterns)]
+  refused = [d for d in diffs if d not in free and d not in allowed]
+  if refused:
+    fields = ",".join(d[0] for d in refused)
+    raise ConfigError(f"{where} was saved with another config: {describe(refused)}. Resume with the saved values, "
+                      f"allow the change with --config.train.allow_config_change={fields}, or pass a new "
+                      f"--workdir. {keep}")
+  if allowed:
+    logging.warning("Resuming from step %d with config changes (allowed by train.allow_config_change): %s.",
+                    step, describe(allowed))
+  if free:
+    logging.info("Resuming from step %d with changed bookkeeping fields: %s.", step, describe(free))

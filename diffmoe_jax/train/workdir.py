@@ -1,0 +1,102 @@
+"""The workdir: created with a clear error when it cannot be, and locked so that one run at a time writes it."""
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import socket
+import time
+
+LOCK_NAME = "lock"
+
+
+class WorkdirError(RuntimeError):
+  """The workdir cannot be used: not a directory, not writable, or in use by another run."""
+
+
+def prepare(workdir: str | os.PathLike) -> str:
+  """`workdir` as an absolute path, created if missing; WorkdirError naming the path if it cannot be used."""
+  path = os.path.abspath(os.path.expanduser(os.fspath(workdir)))
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise WorkdirError(f"The workdir {path} is a file, not a directory; pass another --workdir.")
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as e:
+    raise WorkdirError(f"Cannot create the workdir {path}: {e.strerror or e}; pass a --workdir in a directory "
+                       "you can write.") from None
+  if not os.access(path, os.W_OK | os.X_OK):
+    raise WorkdirError(f"The workdir {path} is not writable by this user; pass another --workdir or fix its "
+                       "permissions.")
+  return path
+
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # alive, owned by another user
+    return True
+  return True
+
+
+class WorkdirLock:
+  """An exclusive lock on a workdir for one run, held from `acquire()` to `release()` (or a `with` block).
+
+  The lock is `fcntl.flock` on `<workdir>/lock`. The kernel drops a flock when its holder exits, however it
+  ends, so a lock file left by a killed run is free at once (stale locks need no clean-up). The file records
+  the holder's host, PID and start time for the message a second run gets.
+  """
+
+  def __init__(self, workdir: str | os.PathLike):
+    self.path = os.path.join(os.fspath(workdir), LOCK_NAME)
+    self._file = None
+
+  def acquire(self) -> "WorkdirLock":
+    try:
+      f = open(self.path, "a+", encoding="utf-8")
+    except OSError as e:
+      raise WorkdirError(f"Cannot create the lock file {self.path}: {e.strerror or e}; pass a --workdir you can "
+                         "write.") from None
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+      if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+        # The filesystem has no flock (some network mounts): run unlocked rather than not at all.
+        from absl import logging
+        logging.warning("Cannot lock %s (%s); make sure no other run uses this workdir.", self.path, e.strerror)
+        f.close()
+        return self
+      f.seek(0)
+      holder = f.read().strip()
+      f.close()
+      raise WorkdirError(self._held_message(holder)) from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{socket.gethostname()} {os.getpid()} {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    f.flush()
+    self._file = f
+    return self
+
+  def _held_message(self, holder: str) -> str:
+    workdir = os.path.dirname(self.path)
+    host, pid, started = (holder.split(" ", 2) + ["?", "?", "?"])[:3]
+    who = f"PID {pid} on host {host}, started {started}"
+    if host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid)):
+      # A flock outlives its taker only in processes that inherited the open file (forked children).
+      return (f"The workdir {workdir} is locked by a leftover process of an earlier run ({who}, which has exited); "
+              f"end that run's remaining processes (fuser {self.path} lists them), then rerun.")
+    return (f"The workdir {workdir} is in use by another run ({who}); wait for it to finish or stop it, or pass "
+            "another --workdir.")
+
+  def release(self) -> None:
+    if self._file is not None:
+      fcntl.flock(self._file, fcntl.LOCK_UN)
+      self._file.close()
+      self._file = None
+
+  def __enter__(self) -> "WorkdirLock":
+    return self.acquire()
+
+  def __exit__(self, *exc) -> None:
+    self.release()

@@ -1,0 +1,249 @@
+"""The command lines as a user meets them: one-line errors, exit codes, the workdir lock, resume checks."""
+import fcntl
+import glob
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from diffmoe_jax import bench, cli
+from diffmoe_jax import main as main_lib
+from diffmoe_jax.config import ConfigError
+from diffmoe_jax.train import checkpoint, loop, resume, workdir as workdir_lib
+from test_train import CONFIG_PATH, _abstract_state, load_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_cli(*args, env=None, timeout=300):
+  return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=ROOT,
+                        env=env or os.environ, timeout=timeout)
+
+
+def error_lines(stderr: str) -> list[str]:
+  return [line for line in stderr.splitlines() if line.startswith("error: ")]
+
+
+def assert_one_error(proc, *fragments):
+  errors = error_lines(proc.stderr)
+  assert proc.returncode == main_lib.EXIT_ERROR and len(errors) == 1, proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  for fragment in fragments:
+    assert fragment in errors[0], errors[0]
+  return errors[0]
+
+
+def train_command(workdir, *overrides):
+  return ("diffmoe_jax.main", f"--config={CONFIG_PATH}", f"--workdir={workdir}", *overrides)
+
+
+# --- Config files and flags ---------------------------------------------------------------------------------
+
+def test_config_file_and_override_mistakes_are_one_line(tmp_path):
+  config = load_config()
+  bad = tmp_path / "bad.py"
+  bad.write_text("def get_config(:\n  pass\n")
+  failing = tmp_path / "failing.py"
+  failing.write_text("def get_config():\n  return undefined_name\n")
+  check = lambda *argv: cli.check_command_line(list(argv), "configs/tiny.py")
+  assert "there is no config file missing.py (relative to" in check("--config=missing.py")
+  assert check(f"--config={bad}") == f"--config: {bad} line 1: invalid syntax: def get_config(:"
+  assert check(f"--config={failing}") == (f"--config: {failing} line 2: NameError: name 'undefined_name' is not "
+                                          "defined")
+  assert check(f"--config={CONFIG_PATH}", "--config.model.moe.num_expert=2") == (
+      "--config.model.moe.num_expert: config.model.moe has no field 'num_expert'; closest: "
+      "model.moe.num_experts, mesh.shape.expert, model.num_layers.")
+  assert "config.model has no field 'nonexistent'; its fields: attention, " in check(
+      f"--config={CONFIG_PATH}", "--config.model.nonexistent=1")
+  assert check("--config", CONFIG_PATH, "--config.optimizer.peak_rl", "1") == (
+      "--config.optimizer.peak_rl: config.optimizer has no field 'peak_rl'; closest: optimizer.peak_lr.")
+  # Keys of open dicts are the user's to add.
+  assert check(f"--config={CONFIG_PATH}", "--config.data.domains.web=files:/data/*.txt",
+               "--config.curriculum.anneal.domain_weights.web=0.5", "--config.model.d_model=96") is None
+  assert config.model.d_model == 48
+
+
+def test_main_reports_a_flag_mistake_in_one_line():
+  proc = run_cli("diffmoe_jax.main", "--config=configs/tiny.py", "--config.model.nonexistent=1")
+  assert_one_error(proc, "--config.model.nonexistent: config.model has no field 'nonexistent'")
+
+
+def test_estimate_reports_a_bad_config_in_one_line_and_takes_new_domains():
+  proc = run_cli("diffmoe_jax.estimate", "--config=configs/tiny.py", "--config.model.d_model=7")
+  assert_one_error(proc, "config.model.d_model: 7 must equal model.num_heads * model.head_dim")
+  proc = run_cli("diffmoe_jax.estimate", "--config=configs/tiny.py", "--config.data.domains.web=files:/data/*.txt")
+  assert proc.returncode == 0 and "total parameters" in proc.stdout, proc.stderr[-3000:]
+  assert "libtpu" not in proc.stderr
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["moe", "--seq-len", "0"], "argument --seq-len: 0 must be at least 1"),
+    (["moe", "--top-k", "3", "--experts", "2"], "argument --top-k: 3 exceeds --experts (2)"),
+    (["moe", "--capacity-factor", "-1"], "argument --capacity-factor: -1.0 must be > 0"),
+    (["attention", "--batch", "x"], "argument --batch: 'x' is not an integer"),
+    (["train", "--config", "configs/none.py"], "argument --config: there is no config file configs/none.py"),
+])
+def test_bench_rejects_bad_arguments(argv, message, capsys):
+  with pytest.raises(SystemExit) as info:
+    bench.main(argv)
+  assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+# --- The workdir --------------------------------------------------------------------------------------------
+
+def test_workdir_that_is_a_file_is_one_line(tmp_path):
+  path = tmp_path / "a_file"
+  path.write_text("")
+  assert_one_error(run_cli(*train_command(path)), f"The workdir {path} is a file, not a directory")
+  with pytest.raises(workdir_lib.WorkdirError, match=f"Cannot create the workdir {path}/run: Not a directory"):
+    workdir_lib.prepare(path / "run")
+
+
+_HOLD_LOCK = """
+import fcntl, os, socket, sys, time
+f = open(os.path.join(sys.argv[1], "lock"), "a+")
+fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+f.truncate(0); f.write(f"{socket.gethostname()} {os.getpid()} 2026-01-01 00:00:00\\n"); f.flush()
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_second_run_on_a_locked_workdir_is_refused(tmp_path):
+  holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == "locked"
+    with pytest.raises(workdir_lib.WorkdirError, match=rf"is in use by another run \(PID {holder.pid} on host "):
+      loop.train(load_config(), str(tmp_path))
+  finally:
+    holder.kill()
+    holder.wait()
+  # The holder is gone: its lock went with it, though the file still names it.
+  with workdir_lib.WorkdirLock(tmp_path) as lock:
+    with pytest.raises(workdir_lib.WorkdirError, match=rf"in use by another run \(PID {os.getpid()} "):
+      workdir_lib.WorkdirLock(tmp_path).acquire()
+  assert lock._file is None
+  with open(tmp_path / "lock") as f:
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released
+
+
+def test_checkpoints_path_that_is_a_file(tmp_path):
+  (tmp_path / "checkpoints").write_text("")
+  with pytest.raises(checkpoint.CheckpointError, match=f"{tmp_path}/checkpoints is a file, not a directory"):
+    loop.train(load_config(), str(tmp_path))
+
+
+# --- A stopped run, and resuming it -------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory):
+  """One step of the test config by the command line, without JAX_PLATFORMS (so JAX probes for a TPU)."""
+  workdir = str(tmp_path_factory.mktemp("stopped"))
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+  return workdir, run_cli(*train_command(workdir, "--config.train.run_steps=1"), env=env)
+
+
+def test_stopped_early_exits_3_and_says_so_quietly(stopped_run):
+  workdir, proc = stopped_run
+  assert proc.returncode == main_lib.EXIT_STOPPED_EARLY, proc.stderr[-3000:]
+  assert "Stopped by train.run_steps at step 1 of 24" in proc.stderr
+  assert "libtpu" not in proc.stderr and "Traceback" not in proc.stderr
+  assert checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")).all_steps() == [1]
+
+
+def test_resuming_with_another_model_names_the_fields_before_restoring(stopped_run, tmp_path):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(stopped_run[0], workdir)
+  before = sorted(glob.glob(f"{workdir}/checkpoints/**", recursive=True))
+  proc = run_cli(*train_command(workdir, "--config.model.num_heads=1", "--config.model.head_dim=48"))
+  assert_one_error(proc, "The checkpoint at step 1 in", "holds a train state of another shape",
+                   "params/groups/layer_0/block/attention/head_norm/scale saved float32[2, 24], now float32[2, 48]",
+                   "model.head_dim 24 -> 48, model.num_heads 2 -> 1",
+                   "pass a new --workdir")
+  assert "Event loop is closed" not in proc.stderr and "Cannot restore" not in proc.stderr
+  assert sorted(glob.glob(f"{workdir}/checkpoints/**", recursive=True)) == before
+
+
+def test_resuming_with_a_changed_setting_needs_it_allowed(stopped_run):
+  workdir = stopped_run[0]
+  saved = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")).restore_config(1)
+  abstract = _abstract_state(load_config())
+  shapes = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")).saved_shapes(1)
+  check = lambda config: resume.check(config, saved_config=saved, saved_shapes=shapes, abstract_state=abstract,
+                                      step=1, directory="ckpts")
+  config = load_config()
+  config.optimizer.peak_lr = 0.02
+  config.seed = 5
+  with pytest.raises(ConfigError, match=r"saved with another config: optimizer\.peak_lr 0\.01 -> 0\.02, seed 0 -> 5\. "
+                                        r".*--config\.train\.allow_config_change=optimizer\.peak_lr,seed"):
+    check(config)
+  config.train.allow_config_change = "optimizer.*"
+  with pytest.raises(ConfigError, match=r"another config: seed 0 -> 5\."):
+    check(config)
+  config.train.allow_config_change = "optimizer.peak_lr, seed"
+  config.mesh.shape.data = 4
+  config.train.run_steps = 0
+  check(config)  # allowed, and layout / bookkeeping changes are free
+  config.mesh.shape.data = -1
+  config.model.moe.num_experts = 2
+  with pytest.raises(ConfigError, match=r"another shape .*model\.moe\.num_experts 4 -> 2"):
+    resume.check(config, saved_config=saved, saved_shapes=shapes, abstract_state=_abstract_state(config),
+                 step=1, directory="ckpts")
+
+
+def test_unreadable_checkpoints_are_one_line_each(stopped_run, tmp_path):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(stopped_run[0], workdir)
+  for path in glob.glob(f"{workdir}/checkpoints/1/state/**/d/*", recursive=True):
+    with open(path, "r+b") as f:
+      f.truncate(os.path.getsize(path) // 2)
+  proc = run_cli(*train_command(workdir))
+  assert_one_error(proc, "No checkpoint in", "newest first: step 1: its files cannot be read: a file is shorter")
+  assert "Event loop is closed" not in proc.stderr
+  warnings = [line for line in proc.stderr.splitlines() if line.startswith("W")]
+  assert len(warnings) == 1 and "Cannot restore the checkpoint at step 1" in warnings[0], proc.stderr[-3000:]
+  assert "its files cannot be read: a file is shorter than recorded (truncated) (ValueError: " in warnings[0]
+
+
+_FULL_DISK_MAIN = """
+import errno, os, runpy, sys
+from orbax.checkpoint._src.handlers import json_checkpoint_handler
+async def no_space(self, x, directory):
+  raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+json_checkpoint_handler.JsonCheckpointHandler._save_fn = no_space
+sys.argv = ["diffmoe_jax.main", *sys.argv[1:]]
+runpy.run_module("diffmoe_jax.main", run_name="__main__")
+"""
+
+
+def test_a_full_disk_stops_the_run_with_one_line(tmp_path):
+  proc = subprocess.run([sys.executable, "-c", _FULL_DISK_MAIN, *train_command(tmp_path, "--config.train.run_steps=1")[1:]],
+                        capture_output=True, text=True, cwd=ROOT, timeout=300)
+  assert_one_error(proc, f"Cannot save the checkpoint at step 1 in {tmp_path}/checkpoints",
+                   "No space left on device")
+  assert os.listdir(tmp_path / "checkpoints") == []
+
+
+def test_a_second_ctrl_c_stops_at_once_with_one_line(tmp_path):
+  proc = subprocess.Popen([sys.executable, "-m", *train_command(tmp_path, "--config.curriculum.total_steps=2400")],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+  lines = []
+  try:
+    deadline = time.time() + 240
+    for wanted in ("Compiling the train step", "Received SIGINT"):
+      while time.time() < deadline:
+        lines.append(proc.stderr.readline())
+        if wanted in lines[-1]:
+          break
+        assert lines[-1] or proc.poll() is None, "".join(lines)[-3000:]
+      proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=120)[1]
+  finally:
+    proc.kill()
+  assert proc.returncode == main_lib.EXIT_INTERRUPTED, err[-3000:]
+  assert err.count("\n") <= 2 and "Traceback" not in err, err[-3000:]
+  assert error_lines(err)[0].startswith("error: interrupted by a second Ctrl-C")
