@@ -224,3 +224,21 @@ def test_bad_attention_config_raises(make_config, field, value, match):
   cfg = make_config(**{field: value})
   with pytest.raises(config_lib.ConfigError, match=match):
     config_lib.validate(cfg)
+
+
+@pytest.mark.parametrize("path", ["explicit", "blockwise"])
+def test_packed_documents_do_not_see_each_other(make_config, path):
+  """Two documents packed in one row: with segment ids, editing the first leaves the second's logits as they
+  were (dropless experts, so no capacity is shared either); without them, it does not."""
+  cfg = make_config(attention_impl=path, attention_block_q=8, attention_block_k=8,
+                    **{"moe.dispatch": "dropless", "mod.enabled": False})
+  model = model_lib.build_model(cfg.model)
+  tokens = jnp.asarray(np.random.default_rng(5).integers(0, 64, (2, 16)), jnp.int32)
+  variables = model.init({"params": jax.random.PRNGKey(0)}, tokens)
+  segments = jnp.broadcast_to(jnp.arange(16) >= 9, (2, 16)).astype(jnp.int32)
+  apply = jax.jit(lambda t, seg: model.apply(variables, t, mod_mode="off", segment_ids=seg)[0])
+  edited = tokens.at[:, :9].set((tokens[:, :9] + 5) % 64)
+  np.testing.assert_allclose(np.asarray(apply(edited, segments)[:, 9:]), np.asarray(apply(tokens, segments)[:, 9:]),
+                             rtol=1e-5, atol=1e-5)
+  one_document = jnp.zeros_like(segments)
+  assert not np.allclose(np.asarray(apply(edited, one_document)[:, 9:]), np.asarray(apply(tokens, one_document)[:, 9:]))

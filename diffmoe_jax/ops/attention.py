@@ -238,7 +238,7 @@ def _blockwise(implementation: str, q, k, v, weights, block_q: int, block_k: int
 
 # Sequence length from which "auto" uses the blockwise path on CPU: measured with `python -m
 # diffmoe_jax.bench attention` (README "Differential attention").
-CPU_BLOCKWISE_FROM = 1024
+CPU_BLOCKWISE_FROM = 512
 
 
 def resolve_attention_impl(name: str, *, length: int) -> str:

@@ -39,6 +39,11 @@ def block_visibility(q_pos, q_seg, kv_pos, kv_seg, kv_valid, causal: bool):
   return visible
 
 
+def any_visible(visible) -> jax.Array:
+  """Whether a block has a visible pair (a float max: a reduction every kernel backend lowers)."""
+  return jnp.max(jnp.where(visible, 1.0, 0.0)) > 0.0
+
+
 def _scores(q, k, visible):
   s = jnp.einsum("...qd,...kd->...qk", q, k, preferred_element_type=jnp.float32)
   return jnp.where(visible, s, MASK_VALUE)
@@ -50,11 +55,14 @@ def init_carry(rows: tuple, num_maps: int, dv: int):
                 jnp.zeros(rows + (dv,), jnp.float32)) for _ in range(num_maps))
 
 
-def forward_block(q, k, v, visible, carry):
-  """One key block for every map: q `[..., M, bq, D]`, k `[..., M, bk, D]`, v `[..., bk, Dv]`."""
+def forward_block(qs, ks, v, visible, carry):
+  """One key block for every map. Per map j: qs[j] `[..., bq, D]`, ks[j] `[..., bk, D]`; v `[..., bk, Dv]`.
+
+  Maps come as sequences (not a stacked axis) so kernels load each map's tile straight from its ref.
+  """
   new = []
-  for j, (m, l, acc) in enumerate(carry):
-    s = _scores(q[..., j, :, :], k[..., j, :, :], visible)
+  for qj, kj, (m, l, acc) in zip(qs, ks, carry):
+    s = _scores(qj, kj, visible)
     m_new = jnp.maximum(m, jnp.max(s, axis=-1))
     p = jnp.where(visible, jnp.exp(s - m_new[..., None]), 0.0)
     alpha = jnp.exp(m - m_new)
@@ -73,19 +81,19 @@ def finalize(carry):
   return outs, lses
 
 
-def backward_block(q, k, v, g, w, lse, delta, visible, *, want_dq: bool = True, want_dkv: bool = True):
+def backward_block(qs, ks, v, g, ws, lses, deltas, visible, *, want_dq: bool = True, want_dkv: bool = True):
   """Gradients of one (query block, key block) pair.
 
-  g `[..., bq, Dv]`; w, lse, delta `[..., M, bq]` (fp32). Returns per-map lists dq `[..., bq, D]`,
-  dk `[..., bk, D]` and dv `[..., bk, Dv]` (fp32); what is not wanted is None.
+  Per map j: qs[j], ks[j] as in `forward_block`; ws[j], lses[j], deltas[j] `[..., bq]` (fp32); g
+  `[..., bq, Dv]`. Returns per-map lists dq `[..., bq, D]`, dk `[..., bk, D]` and dv `[..., bk, Dv]`
+  (fp32); what is not wanted is None.
   """
   d_combined = jnp.einsum("...qv,...kv->...qk", g, v, preferred_element_type=jnp.float32)
   dq, dk, dv = [], [], None
-  for j in range(q.shape[-3]):
-    qj, kj = q[..., j, :, :], k[..., j, :, :]
+  for qj, kj, w, lse, delta in zip(qs, ks, ws, lses, deltas):
     s = _scores(qj, kj, visible)
-    weighted_p = jnp.where(visible, jnp.exp(s - lse[..., j, :, None]), 0.0) * w[..., j, :, None]
-    ds = weighted_p * (d_combined - delta[..., j, :, None])
+    weighted_p = jnp.where(visible, jnp.exp(s - lse[..., None]), 0.0) * w[..., None]
+    ds = weighted_p * (d_combined - delta[..., None])
     if want_dq:
       dq.append(jnp.einsum("...qk,...kd->...qd", ds.astype(kj.dtype), kj, preferred_element_type=jnp.float32))
     if want_dkv:
@@ -93,6 +101,10 @@ def backward_block(q, k, v, g, w, lse, delta, visible, *, want_dq: bool = True, 
       dv_j = jnp.einsum("...qk,...qv->...kv", weighted_p.astype(g.dtype), g, preferred_element_type=jnp.float32)
       dv = dv_j if dv is None else dv + dv_j
   return (dq or None), (dk or None), dv
+
+
+def _maps(x, axis: int = 2):
+  return [jnp.take(x, j, axis=axis) for j in range(x.shape[axis])]
 
 
 def _slice(x, start, size, axis):
@@ -118,7 +130,8 @@ def xla_forward(q, k, v, masks, causal, block_q, block_k):
     def key_step(j, carry):
       visible = block_visibility(*_mask_blocks(masks, i, block_q, j, block_k), causal)
       kj, vj = _slice(k, j * block_k, block_k, 3), _slice(v, j * block_k, block_k, 2)
-      return lax.cond(jnp.any(visible), lambda c: forward_block(qi, kj, vj, visible, c), lambda c: c, carry)
+      return lax.cond(any_visible(visible), lambda c: forward_block(_maps(qi), _maps(kj), vj, visible, c),
+                      lambda c: c, carry)
 
     carry = lax.fori_loop(0, k.shape[3] // block_k, key_step, init_carry((b, h, block_q), num_maps, dv))
     outs, lses = finalize(carry)
@@ -143,13 +156,13 @@ def xla_backward(q, k, v, w, g, lse, delta, masks, causal, block_q, block_k):
       def accumulate(c):
         dq, dk, dv = c
         start = i * block_q
-        grads = backward_block(_slice(q, start, block_q, 3), kj, vj, _slice(g, start, block_q, 2),
-                               _slice(w, start, block_q, 3), _slice(lse, start, block_q, 3),
-                               _slice(delta, start, block_q, 3), visible)
+        rows = lambda x: _maps(_slice(x, start, block_q, 3))
+        grads = backward_block(rows(q), _maps(kj), vj, _slice(g, start, block_q, 2), rows(w), rows(lse),
+                               rows(delta), visible)
         dq_i = _slice(dq, start, block_q, 3) + jnp.stack(grads[0], axis=2)
         return lax.dynamic_update_slice_in_dim(dq, dq_i, start, axis=3), dk + jnp.stack(grads[1], axis=2), dv + grads[2]
 
-      return lax.cond(jnp.any(visible), accumulate, lambda c: c, carry)
+      return lax.cond(any_visible(visible), accumulate, lambda c: c, carry)
 
     zeros_dk = jnp.zeros((b, h, num_maps, block_k, d), jnp.float32)
     zeros_dv = jnp.zeros((b, h, block_k, dv_width), jnp.float32)

@@ -24,7 +24,8 @@ def _pad_last(x, width: int):
 
 
 def _pow2(n: int) -> int:
-  return 1 << (n - 1).bit_length()
+  """Head widths for the kernels: a power of two, at least 16 (Triton's smallest dot)."""
+  return max(16, 1 << (n - 1).bit_length())
 
 
 def _specs(block_q: int, block_k: int, t: int, s: int, num_maps: int, d: int, dv: int, query_blocked: bool):
@@ -51,14 +52,14 @@ def _specs(block_q: int, block_k: int, t: int, s: int, num_maps: int, d: int, dv
 def _forward_kernel(q_ref, k_ref, v_ref, q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, kv_valid_ref,
                     out_ref, lse_ref, *, causal: bool, block_k: int):
   num_maps, block_q, _ = q_ref.shape
-  q = q_ref[...]
+  qs = [q_ref[j] for j in range(num_maps)]
   q_pos, q_seg = q_pos_ref[...], q_seg_ref[...]
 
   def key_step(j, carry):
     keys = pl.ds(j * block_k, block_k)
     visible = fa.block_visibility(q_pos, q_seg, kv_pos_ref[keys], kv_seg_ref[keys], kv_valid_ref[keys], causal)
-    return lax.cond(jnp.any(visible),
-                    lambda c: fa.forward_block(q, k_ref[:, keys, :], v_ref[keys, :], visible, c),
+    ks = lambda: [k_ref[m, keys, :] for m in range(num_maps)]
+    return lax.cond(fa.any_visible(visible), lambda c: fa.forward_block(qs, ks(), v_ref[keys, :], visible, c),
                     lambda c: c, carry)
 
   carry = lax.fori_loop(0, k_ref.shape[1] // block_k, key_step,
@@ -72,7 +73,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_pos_ref, q_seg_ref, kv_pos_ref, kv_se
 def _dq_kernel(q_ref, k_ref, v_ref, g_ref, w_ref, lse_ref, delta_ref, q_pos_ref, q_seg_ref, kv_pos_ref,
                kv_seg_ref, kv_valid_ref, dq_ref, *, causal: bool, block_k: int):
   num_maps, block_q, d = q_ref.shape
-  q, g, w, lse, delta = q_ref[...], g_ref[...], w_ref[...], lse_ref[...], delta_ref[...]
+  per_map = lambda ref: [ref[m] for m in range(num_maps)]
+  qs, ws, lses, deltas, g = per_map(q_ref), per_map(w_ref), per_map(lse_ref), per_map(delta_ref), g_ref[...]
   q_pos, q_seg = q_pos_ref[...], q_seg_ref[...]
 
   def key_step(j, dq):
@@ -80,11 +82,11 @@ def _dq_kernel(q_ref, k_ref, v_ref, g_ref, w_ref, lse_ref, delta_ref, q_pos_ref,
     visible = fa.block_visibility(q_pos, q_seg, kv_pos_ref[keys], kv_seg_ref[keys], kv_valid_ref[keys], causal)
 
     def accumulate(dq):
-      grads, _, _ = fa.backward_block(q, k_ref[:, keys, :], v_ref[keys, :], g, w, lse, delta, visible,
-                                      want_dkv=False)
+      ks = [k_ref[m, keys, :] for m in range(num_maps)]
+      grads, _, _ = fa.backward_block(qs, ks, v_ref[keys, :], g, ws, lses, deltas, visible, want_dkv=False)
       return tuple(a + b for a, b in zip(dq, grads))
 
-    return lax.cond(jnp.any(visible), accumulate, lambda c: c, dq)
+    return lax.cond(fa.any_visible(visible), accumulate, lambda c: c, dq)
 
   zeros = tuple(jnp.zeros((block_q, d), jnp.float32) for _ in range(num_maps))
   dq = lax.fori_loop(0, k_ref.shape[1] // block_k, key_step, zeros)
@@ -95,7 +97,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, g_ref, w_ref, lse_ref, delta_ref, q_pos_ref,
 def _dkv_kernel(q_ref, k_ref, v_ref, g_ref, w_ref, lse_ref, delta_ref, q_pos_ref, q_seg_ref, kv_pos_ref,
                 kv_seg_ref, kv_valid_ref, dk_ref, dv_ref, *, causal: bool, block_q: int):
   num_maps, block_k, d = k_ref.shape
-  k, v = k_ref[...], v_ref[...]
+  ks, v = [k_ref[m] for m in range(num_maps)], v_ref[...]
   kv_pos, kv_seg, kv_valid = kv_pos_ref[...], kv_seg_ref[...], kv_valid_ref[...]
 
   def query_step(i, carry):
@@ -104,11 +106,13 @@ def _dkv_kernel(q_ref, k_ref, v_ref, g_ref, w_ref, lse_ref, delta_ref, q_pos_ref
 
     def accumulate(carry):
       dk, dv = carry
-      _, dk_blk, dv_blk = fa.backward_block(q_ref[:, rows, :], k, v, g_ref[rows, :], w_ref[:, rows],
-                                            lse_ref[:, rows], delta_ref[:, rows], visible, want_dq=False)
+      per_map = lambda ref: [ref[m, rows] for m in range(num_maps)]
+      _, dk_blk, dv_blk = fa.backward_block(
+          [q_ref[m, rows, :] for m in range(num_maps)], ks, v, g_ref[rows, :], per_map(w_ref), per_map(lse_ref),
+          per_map(delta_ref), visible, want_dq=False)
       return tuple(a + b for a, b in zip(dk, dk_blk)), dv + dv_blk
 
-    return lax.cond(jnp.any(visible), accumulate, lambda c: c, carry)
+    return lax.cond(fa.any_visible(visible), accumulate, lambda c: c, carry)
 
   zeros = (tuple(jnp.zeros((block_k, d), jnp.float32) for _ in range(num_maps)),
            jnp.zeros((block_k, v_ref.shape[-1]), jnp.float32))
