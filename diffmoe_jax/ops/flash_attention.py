@@ -13,7 +13,7 @@ Masks are elementwise: key s is visible to query t when `kv_valid[s]`, `seg[t] =
 sorted positions skips exactly the blocks above the diagonal; arbitrary positions stay correct because the
 mask is applied per element in every block that runs. A query with no visible key returns 0.
 
-Two drivers share the block math: "xla" (`lax.map` over query blocks, `fori_loop` over key blocks; runs on
+Two drivers share the block math: "xla" (while loops over query blocks and, inside, key blocks; runs on
 every backend) and "pallas" (kernels in `pallas_attention.py`). Internal layout: q `[B, H, M, T, D]`,
 k `[B, H, M, S, D]`, v `[B, H, S, Dv]`, per-row statistics `[B, H, M, T]`.
 """
@@ -119,35 +119,42 @@ def _mask_blocks(masks, i, block_q, j, block_k):
   return q_side + kv_side
 
 
+def _loop(n: int, body, init):
+  """`body(i, carry)` for i < n as a while loop. Not `fori_loop`/`scan`: differentiating a caller that
+  contains this op (e.g. a scan over layers) partially evaluates the loops in the custom VJP, and a scan
+  would then keep every block's intermediates, `[T/block, S/block, block, block]`; a while loop stays
+  whole."""
+  return lax.while_loop(lambda c: c[0] < n, lambda c: (c[0] + 1, body(c[0], c[1])), (jnp.int32(0), init))[1]
+
+
 def xla_forward(q, k, v, masks, causal, block_q, block_k):
   """Per-map outputs `[B, H, M, T, Dv]` (fp32) and log-sum-exp `[B, H, M, T]`."""
   b, h, num_maps, t, _ = q.shape
   dv = v.shape[-1]
 
-  def query_block(i):
-    qi = _slice(q, i * block_q, block_q, 3)
+  def query_block(i, outputs):
+    qi = _maps(_slice(q, i * block_q, block_q, 3))
 
     def key_step(j, carry):
       visible = block_visibility(*_mask_blocks(masks, i, block_q, j, block_k), causal)
-      kj, vj = _slice(k, j * block_k, block_k, 3), _slice(v, j * block_k, block_k, 2)
-      return lax.cond(any_visible(visible), lambda c: forward_block(_maps(qi), _maps(kj), vj, visible, c),
-                      lambda c: c, carry)
+      kj, vj = _maps(_slice(k, j * block_k, block_k, 3)), _slice(v, j * block_k, block_k, 2)
+      return lax.cond(any_visible(visible), lambda c: forward_block(qi, kj, vj, visible, c), lambda c: c, carry)
 
-    carry = lax.fori_loop(0, k.shape[3] // block_k, key_step, init_carry((b, h, block_q), num_maps, dv))
+    carry = _loop(k.shape[3] // block_k, key_step, init_carry((b, h, block_q), num_maps, dv))
     outs, lses = finalize(carry)
-    return jnp.stack(outs, axis=2), jnp.stack(lses, axis=2)
+    out, lse = outputs
+    return (lax.dynamic_update_slice_in_dim(out, jnp.stack(outs, axis=2), i * block_q, axis=3),
+            lax.dynamic_update_slice_in_dim(lse, jnp.stack(lses, axis=2), i * block_q, axis=3))
 
-  out, lse = lax.map(query_block, jnp.arange(t // block_q))  # [nq, B, H, M, bq, ...]
-  out = jnp.moveaxis(out, 0, 3).reshape(b, h, num_maps, t, dv)
-  return out, jnp.moveaxis(lse, 0, 3).reshape(b, h, num_maps, t)
+  init = (jnp.zeros((b, h, num_maps, t, dv), jnp.float32), jnp.zeros((b, h, num_maps, t), jnp.float32))
+  return _loop(t // block_q, query_block, init)
 
 
 def xla_backward(q, k, v, w, g, lse, delta, masks, causal, block_q, block_k):
-  """dq, dk, dv (fp32): a scan over key blocks, each looping over query blocks; dq accumulates in place."""
-  b, h, num_maps, t, d = q.shape
-  s, dv_width = k.shape[3], v.shape[-1]
+  """dq, dk, dv (fp32): a loop over key blocks, each looping over query blocks; dq accumulates in place."""
+  s = k.shape[3]
 
-  def key_block(dq, j):
+  def key_block(j, grads):
     kj, vj = _slice(k, j * block_k, block_k, 3), _slice(v, j * block_k, block_k, 2)
 
     def query_step(i, carry):
@@ -157,21 +164,22 @@ def xla_backward(q, k, v, w, g, lse, delta, masks, causal, block_q, block_k):
         dq, dk, dv = c
         start = i * block_q
         rows = lambda x: _maps(_slice(x, start, block_q, 3))
-        grads = backward_block(rows(q), _maps(kj), vj, _slice(g, start, block_q, 2), rows(w), rows(lse),
-                               rows(delta), visible)
-        dq_i = _slice(dq, start, block_q, 3) + jnp.stack(grads[0], axis=2)
-        return lax.dynamic_update_slice_in_dim(dq, dq_i, start, axis=3), dk + jnp.stack(grads[1], axis=2), dv + grads[2]
+        dq_i, dk_j, dv_j = backward_block(rows(q), _maps(kj), vj, _slice(g, start, block_q, 2), rows(w),
+                                          rows(lse), rows(delta), visible)
+        dq = lax.dynamic_update_slice_in_dim(dq, _slice(dq, start, block_q, 3) + jnp.stack(dq_i, axis=2),
+                                             start, axis=3)
+        return dq, dk + jnp.stack(dk_j, axis=2), dv + dv_j
 
       return lax.cond(any_visible(visible), accumulate, lambda c: c, carry)
 
-    zeros_dk = jnp.zeros((b, h, num_maps, block_k, d), jnp.float32)
-    zeros_dv = jnp.zeros((b, h, block_k, dv_width), jnp.float32)
-    dq, dk, dv = lax.fori_loop(0, t // block_q, query_step, (dq, zeros_dk, zeros_dv))
-    return dq, (dk, dv)
+    dq, dk, dv = grads
+    dq, dk_j, dv_j = _loop(q.shape[3] // block_q, query_step,
+                           (dq, jnp.zeros_like(_slice(dk, 0, block_k, 3)), jnp.zeros_like(_slice(dv, 0, block_k, 2))))
+    return (dq, lax.dynamic_update_slice_in_dim(dk, dk_j, j * block_k, axis=3),
+            lax.dynamic_update_slice_in_dim(dv, dv_j, j * block_k, axis=2))
 
-  dq, (dk, dv) = lax.scan(key_block, jnp.zeros(q.shape, jnp.float32), jnp.arange(s // block_k))
-  dk = jnp.moveaxis(dk, 0, 3).reshape(b, h, num_maps, s, d)
-  return dq, dk, jnp.moveaxis(dv, 0, 2).reshape(b, h, s, dv_width)
+  zeros = lambda x: jnp.zeros(x.shape, jnp.float32)
+  return _loop(s // block_k, key_block, (zeros(q), zeros(k), zeros(v)))
 
 
 def _drivers(kernel: str, interpret: bool):
