@@ -17,7 +17,7 @@ DISPATCH_MODES = ("capacity", "dropless")
 ROUTE_FROM = ("attention_input", "ffn_input")
 EXPERT_PARALLEL = ("auto", "off", "all_to_all", "gather")
 DROPLESS_IMPLS = ("auto", "ragged", "padded")
-ATTENTION_IMPLS = ("auto", "xla", "fused")
+ATTENTION_IMPLS = ("auto", "explicit", "xla", "blockwise", "pallas", "fused")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_names")
 DTYPES = ("float32", "bfloat16", "float16")
 LR_SHAPES = ("constant", "linear", "cosine")
@@ -56,7 +56,11 @@ def defaults() -> ml_collections.ConfigDict:
   m.tie_embeddings = False
   m.dtype = "bfloat16"  # compute dtype
   m.param_dtype = "float32"  # master weights
-  m.attention_impl = "auto"  # "xla" (explicit scores), "fused" (jax.nn.dot_product_attention), "auto"
+  # "auto" (per backend and length, README "Differential attention"), "explicit" (fp32 scores; "xla" is
+  # its old name), "blockwise" (flash loops in XLA), "pallas" (flash kernels), "fused" (cuDNN on GPU)
+  m.attention_impl = "auto"
+  m.attention_block_q = 0  # query / key block of "blockwise" and "pallas"; 0: 128 on GPU/TPU, 512 on CPU
+  m.attention_block_k = 0
   m.scan_layers = True
   m.remat_policy = "full"
   m.remat_save_names = ()  # with remat_policy="save_names": checkpoint names kept, e.g. ("attn_out",)
@@ -215,6 +219,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   for field, allowed in (("dtype", DTYPES), ("param_dtype", DTYPES), ("attention_impl", ATTENTION_IMPLS),
                          ("remat_policy", REMAT_POLICIES)):
     _require(m[field] in allowed, f"model.{field}", f"{m[field]!r} is not one of {allowed}.")
+  for field in ("attention_block_q", "attention_block_k"):
+    _require(isinstance(m[field], int) and m[field] >= 0 and m[field] & (m[field] - 1) == 0, f"model.{field}",
+             f"must be 0 (per backend) or a power of two, got {m[field]!r}.")
   _require(m.norm_eps > 0, "model.norm_eps", f"must be > 0, got {m.norm_eps}.")
   _require(m.init_std > 0, "model.init_std", f"must be > 0, got {m.init_std}.")
   if m.remat_policy == "save_names":

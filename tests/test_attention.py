@@ -39,7 +39,7 @@ def _inputs(rng, b=2, t=5, s=5, h=3, d=4):
   return q, k, v
 
 
-@pytest.mark.parametrize("implementation", ["xla", "fused"])
+@pytest.mark.parametrize("implementation", ["explicit", "fused"])
 @pytest.mark.parametrize("lam_kind", ["scalar", "per_head", "per_token"])
 def test_differential_matches_reference(implementation, lam_kind):
   rng = np.random.default_rng(0)
@@ -53,7 +53,7 @@ def test_differential_matches_reference(implementation, lam_kind):
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("implementation", ["xla", "fused"])
+@pytest.mark.parametrize("implementation", ["explicit", "fused"])
 def test_decode_positions_and_kv_mask(implementation):
   """S != T: two new queries at positions 6, 7 over a cache of 8 slots, two of them empty."""
   rng = np.random.default_rng(1)
@@ -86,7 +86,7 @@ def test_gathered_positions_subset():
                              rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("implementation", ["xla", "fused"])
+@pytest.mark.parametrize("implementation", ["explicit", "fused"])
 def test_lambda_zero_is_softmax_attention(implementation):
   """λ = 0 leaves the first map: plain softmax attention with q₀, k₀ (NumPy reference)."""
   rng = np.random.default_rng(3)
@@ -100,7 +100,7 @@ def test_lambda_zero_is_softmax_attention(implementation):
   p /= p.sum(-1, keepdims=True)
   want = np.einsum("bhts,bshv->bthv", p, v.astype(np.float64))
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
-  std = attn.standard_attention(q[:, :, :, 0], k[:, :, :, 0], v, implementation="xla")
+  std = attn.standard_attention(q[:, :, :, 0], k[:, :, :, 0], v, implementation="explicit")
   np.testing.assert_allclose(np.asarray(std), want, rtol=1e-5, atol=1e-5)
 
 
@@ -174,3 +174,12 @@ def test_gradients_match_autodiff_of_the_plain_formula():
                    argnums=(0, 1, 2, 3))(q, k, v, lam)
   for name, got, want in zip(("dq", "dk", "dv", "dlam"), ours, plain):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def test_resolve_attention_impl_on_cpu():
+  assert attn.resolve_attention_impl("xla", length=8) == "explicit"  # the old name keeps working
+  assert attn.resolve_attention_impl("pallas", length=8) == "pallas"
+  assert attn.resolve_attention_impl("auto", length=attn.CPU_BLOCKWISE_FROM - 1) == "explicit"
+  assert attn.resolve_attention_impl("auto", length=attn.CPU_BLOCKWISE_FROM) == "blockwise"
+  with pytest.raises(ValueError, match="implementation must be one of"):
+    attn.resolve_attention_impl("flash", length=8)

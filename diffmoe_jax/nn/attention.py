@@ -32,8 +32,12 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, positions: jax.Array, layer_index: jax.Array, *,
-               lambda_gate: tuple[jax.Array, jax.Array] | None = None, kv_mask: jax.Array | None = None):
-    """Returns the `[B, T, d]` output and stats {"lambda": λ per expert `[n]` (n = 1 if not conditional)}."""
+               lambda_gate: tuple[jax.Array, jax.Array] | None = None, kv_mask: jax.Array | None = None,
+               segment_ids: jax.Array | None = None):
+    """Returns the `[B, T, d]` output and stats {"lambda": λ per expert `[n]` (n = 1 if not conditional)}.
+
+    segment_ids `[B, T]` (packed documents): a token attends only to tokens of its own segment.
+    """
     cfg = self.config
     dtype, pdtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
     d, heads, dv = cfg.d_model, cfg.num_heads, cfg.head_dim
@@ -49,14 +53,15 @@ class Attention(nn.Module):
     q = constrain(q, ("batch", "length", "heads", "head_dim"))
     k = constrain(k, ("batch", "length", "heads", "head_dim"))
     v = constrain(v, ("batch", "length", "heads", "head_dim"))
-    impl = attention_ops.resolve_attention_impl(cfg.attention_impl)
     batch, length = x.shape[:2]
+    masking = dict(q_positions=positions, kv_positions=positions, kv_mask=kv_mask, q_segment_ids=segment_ids,
+                   kv_segment_ids=segment_ids, block_q=cfg.attention_block_q, block_k=cfg.attention_block_k,
+                   implementation=attention_ops.resolve_attention_impl(cfg.attention_impl, length=length))
 
     if cfg.attention == "standard":
       q = attention_ops.apply_rope(q, positions, cfg.rope_theta)
       k = attention_ops.apply_rope(k, positions, cfg.rope_theta)
-      out = attention_ops.standard_attention(q, k, v, q_positions=positions, kv_positions=positions,
-                                             kv_mask=kv_mask, implementation=impl)
+      out = attention_ops.standard_attention(q, k, v, **masking)
       stats = {"lambda": jnp.zeros((1,), jnp.float32)}
     else:
       half = dv // 2
@@ -75,8 +80,7 @@ class Attention(nn.Module):
         lam = jnp.broadcast_to(token_lambda[:, :, None], (batch, length, heads))
       else:
         lam = lambdas[0]
-      out = attention_ops.differential_attention(q, k, v, lam, q_positions=positions, kv_positions=positions,
-                                                 kv_mask=kv_mask, implementation=impl)
+      out = attention_ops.differential_attention(q, k, v, lam, **masking)
       out = RMSNorm(eps=cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, axis_name="head_dim",
                     name="head_norm")(out)
       out = out * (1.0 - lambda_init).astype(dtype)

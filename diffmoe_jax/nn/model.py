@@ -41,7 +41,7 @@ class Block(nn.Module):
   train: bool = False
 
   @nn.compact
-  def __call__(self, x, positions, layer_index, noise_std, kv_mask=None, token_mask=None):
+  def __call__(self, x, positions, layer_index, noise_std, kv_mask=None, token_mask=None, segment_ids=None):
     cfg = self.config
     norm = dict(eps=cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
     h = RMSNorm(**norm, name="attn_norm")(x)
@@ -53,7 +53,7 @@ class Block(nn.Module):
     if cfg.expert_conditional_lambda:
       lambda_gate = route[1:] if route is not None else ffn.gate(h)
     attn, attn_stats = Attention(cfg, name="attention")(h, positions, layer_index, lambda_gate=lambda_gate,
-                                                        kv_mask=kv_mask)
+                                                        kv_mask=kv_mask, segment_ids=segment_ids)
     attn = attn.astype(jnp.float32)
     out, ffn_stats = ffn(RMSNorm(**norm, name="ffn_norm")(x + attn), noise_std=noise_std, train=self.train,
                          route=route, token_mask=token_mask)
@@ -71,8 +71,9 @@ class FullLayer(nn.Module):
   train: bool = False
 
   @nn.compact
-  def __call__(self, x, positions, layer_index, noise_std):
-    delta, stats = Block(self.config, self.train, name="block")(x, positions, layer_index, noise_std)
+  def __call__(self, x, positions, layer_index, noise_std, segment_ids=None):
+    delta, stats = Block(self.config, self.train, name="block")(x, positions, layer_index, noise_std,
+                                                                segment_ids=segment_ids)
     return x + delta, {**stats, **_mod_stats(1.0, 0.0, 1.0)}
 
 
@@ -91,12 +92,12 @@ class RoutedLayer(nn.Module):
   mod_capacity: float = 0.125
 
   @nn.compact
-  def __call__(self, x, positions, layer_index, noise_std):
+  def __call__(self, x, positions, layer_index, noise_std, segment_ids=None):
     block = Block(self.config, self.train, name="block")
     score, predictor_logit = MoDRouter(self.config, name="mod_router")(x)
     weight = jax.nn.sigmoid(score)[..., None]
     if self.mod_mode == "off":
-      delta, stats = block(x, positions, layer_index, noise_std)
+      delta, stats = block(x, positions, layer_index, noise_std, segment_ids=segment_ids)
       return x + weight * delta, {**stats, **_mod_stats(1.0, 0.0, 1.0)}
     num_selected = routing.mod_capacity_tokens(self.mod_capacity, x.shape[1])
     indices = routing.mod_select(score, num_selected)
@@ -104,12 +105,15 @@ class RoutedLayer(nn.Module):
     if self.mod_mode == "topk":
       selected_x = routing.gather_tokens(x, indices)
       selected_positions = routing.gather_tokens(positions, indices)
-      delta, stats = block(selected_x, selected_positions, layer_index, noise_std)
+      selected_segments = None if segment_ids is None else routing.gather_tokens(segment_ids, indices)
+      delta, stats = block(selected_x, selected_positions, layer_index, noise_std,
+                           segment_ids=selected_segments)
       x = routing.scatter_tokens(x, selected_x + routing.gather_tokens(weight, indices) * delta, indices)
       selected = target
     else:
       selected = predictor_logit > 0.0
-      delta, stats = block(x, positions, layer_index, noise_std, kv_mask=selected, token_mask=selected)
+      delta, stats = block(x, positions, layer_index, noise_std, kv_mask=selected, token_mask=selected,
+                           segment_ids=segment_ids)
       x = x + jnp.where(selected[..., None], weight * delta, 0.0)
     target_f = target.astype(jnp.float32)
     predictor_loss = jnp.mean(optax.sigmoid_binary_cross_entropy(predictor_logit, target_f))
@@ -127,7 +131,7 @@ class LayerGroup(nn.Module):
   mod_capacity: float = 0.125
 
   @nn.compact
-  def __call__(self, x, group_index, positions, noise_std):
+  def __call__(self, x, group_index, positions, noise_std, segment_ids=None):
     stats = []
     for j in range(self.size):
       layer_index = group_index * self.size + j
@@ -135,7 +139,7 @@ class LayerGroup(nn.Module):
         layer = RoutedLayer(self.config, self.train, self.mod_mode, self.mod_capacity, name=f"layer_{j}")
       else:
         layer = FullLayer(self.config, self.train, name=f"layer_{j}")
-      x, layer_stats = layer(x, positions, layer_index, noise_std)
+      x, layer_stats = layer(x, positions, layer_index, noise_std, segment_ids)
       x = constrain(x, RESIDUAL)
       stats.append(layer_stats)
     return x, jax.tree.map(lambda *a: jnp.stack(a), *stats)
@@ -165,7 +169,8 @@ def _remat(cls, cfg):
 
 
 class Transformer(nn.Module):
-  """Decoder-only LM. `__call__(tokens [B, T]) -> (logits [B, T, V] fp32, aux)`.
+  """Decoder-only LM. `__call__(tokens [B, T]) -> (logits [B, T, V] fp32, aux)`; optional `segment_ids`
+  `[B, T]` keep attention inside each packed document.
 
   aux = {"losses": {"load_balance", "router_z", "mod_predictor"} (means over the layers they apply to),
          "layers": {"expert_load" [L, E], "dropped_fraction" [L], "lambda" [L, n],
@@ -175,7 +180,7 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, tokens, positions=None, *, train: bool = False, mod_mode: str = "topk",
-               mod_capacity: float | None = None, router_noise_std=0.0):
+               mod_capacity: float | None = None, router_noise_std=0.0, segment_ids=None):
     cfg = self.config
     if mod_mode not in MOD_MODES:
       raise ValueError(f"mod_mode must be one of {MOD_MODES}, got {mod_mode!r}.")
@@ -191,17 +196,19 @@ class Transformer(nn.Module):
     group_cls = _remat(LayerGroup, cfg)
     if cfg.scan_layers:
       scanned = nn.scan(group_cls, variable_axes={"params": 0}, split_rngs={"params": True, "noise": True},
-                        in_axes=(0, nn.broadcast, nn.broadcast), length=groups,
+                        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=groups,
                         metadata_params={nn.PARTITION_NAME: "layers"})
-      x, stats = scanned(**group_args, name="groups")(x, jnp.arange(groups), positions, noise_std)
+      x, stats = scanned(**group_args, name="groups")(x, jnp.arange(groups), positions, noise_std, segment_ids)
       per_layer = [jax.tree.map(lambda a: a.reshape((groups * size,) + a.shape[2:]), stats)]
     else:
       per_layer = []
       for g in range(groups):
-        x, stats = group_cls(**group_args, name=f"group_{g}")(x, jnp.asarray(g), positions, noise_std)
+        x, stats = group_cls(**group_args, name=f"group_{g}")(x, jnp.asarray(g), positions, noise_std,
+                                                              segment_ids)
         per_layer.append(stats)
     for i in range(tail):
-      x, stats = FullLayer(cfg, train, name=f"tail_{i}")(x, positions, groups * size + i, noise_std)
+      x, stats = FullLayer(cfg, train, name=f"tail_{i}")(x, positions, groups * size + i, noise_std,
+                                                         segment_ids)
       per_layer.append(jax.tree.map(lambda a: a[None], stats))
     stats = jax.tree.map(lambda *a: jnp.concatenate(a), *per_layer)
 

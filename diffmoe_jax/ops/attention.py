@@ -9,9 +9,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-# A finite stand-in for -inf: a fully masked row then gives finite values (and exact zeros after the
-# post-softmax mask in the explicit path) instead of NaN.
-_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+from diffmoe_jax.ops import flash_attention
+from diffmoe_jax.ops.flash_attention import MASK_VALUE as _MASK_VALUE
+
+# "explicit": fp32 score arrays [B, H, T, S] (fastest at short context); "blockwise": flash_attention's
+# XLA loops (O(T·block) memory, any backend); "pallas": its kernels (GPU/TPU; interpreted on CPU);
+# "fused": jax.nn.dot_product_attention (cuDNN on GPU for 16-bit inputs, its XLA version elsewhere).
+# "xla" is the old name of "explicit".
+IMPLEMENTATIONS = ("explicit", "blockwise", "pallas", "fused")
 
 
 def rope_inverse_frequencies(dim: int, theta: float) -> jax.Array:
@@ -37,14 +42,18 @@ def default_positions(batch: int, length: int, offset: int = 0) -> jax.Array:
 
 
 def attention_mask(q_positions: jax.Array, kv_positions: jax.Array, *, causal: bool = True,
-                   kv_mask: jax.Array | None = None) -> jax.Array:
-  """Boolean `[B, T, S]`: query t may see key s (key position <= query position, and not hidden)."""
+                   kv_mask: jax.Array | None = None, q_segment_ids: jax.Array | None = None,
+                   kv_segment_ids: jax.Array | None = None) -> jax.Array:
+  """Boolean `[B, T, S]`: query t may see key s (key position <= query position, not hidden, and in the
+  query's segment when segment ids are given)."""
   batch, t, s = q_positions.shape[0], q_positions.shape[1], kv_positions.shape[1]
   mask = jnp.ones((batch, t, s), dtype=bool)
   if causal:
     mask = kv_positions[:, None, :] <= q_positions[:, :, None]
   if kv_mask is not None:
     mask = mask & kv_mask[:, None, :]
+  if q_segment_ids is not None:
+    mask = mask & (kv_segment_ids[:, None, :] == q_segment_ids[:, :, None])
   return mask
 
 
@@ -58,6 +67,33 @@ def _positions(q: jax.Array, k: jax.Array, q_positions, kv_positions):
   return q_positions, kv_positions
 
 
+def _segments(q_segment_ids, kv_segment_ids, t: int, s: int):
+  """Both or neither; with T == S one array serves queries and keys."""
+  if kv_segment_ids is None and q_segment_ids is not None and t == s:
+    kv_segment_ids = q_segment_ids
+  if (q_segment_ids is None) != (kv_segment_ids is None):
+    raise ValueError("segment ids: pass q_segment_ids and kv_segment_ids together (kv_segment_ids may be "
+                     "left out only when queries and keys are the same tokens).")
+  return q_segment_ids, kv_segment_ids
+
+
+def _check_implementation(implementation: str) -> str:
+  implementation = "explicit" if implementation == "xla" else implementation
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} (or 'xla', the old name of "
+                     f"'explicit'), got {implementation!r}.")
+  return implementation
+
+
+def _dot_product_attention(q, k, v, mask, scale):
+  """jax.nn.dot_product_attention with its implementation named: cuDNN on GPU for 16-bit inputs (cuDNN's
+  flash attention supports only those), its XLA version elsewhere; rows with no visible key give 0."""
+  on_cudnn = jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+  out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale,
+                                     implementation="cudnn" if on_cudnn else "xla")
+  return _zero_rows_without_keys(out, mask)
+
+
 def _lambda_rows(lam, batch: int, length: int, heads: int) -> jax.Array:
   """λ as `[B, T, H]` float32 from a scalar, `[H]` or `[B, T, H]`."""
   lam = jnp.asarray(lam, jnp.float32)
@@ -67,8 +103,10 @@ def _lambda_rows(lam, batch: int, length: int, heads: int) -> jax.Array:
 
 
 def _zero_rows_without_keys(out: jax.Array, mask: jax.Array) -> jax.Array:
-  """Queries that see no key get 0 (a per-row factor, cheaper than masking the probabilities)."""
-  return out * jnp.any(mask, axis=-1)[..., None, None].astype(out.dtype)
+  """Queries that see no key get 0 (a per-row factor, cheaper than masking the probabilities).
+  out `[B, T, heads..., Dv]`, mask `[B, T, S]`."""
+  seen = jnp.any(mask, axis=-1).reshape(mask.shape[:2] + (1,) * (out.ndim - 2))
+  return out * seen.astype(out.dtype)
 
 
 def _attention_maps(q, k, mask):
@@ -112,64 +150,105 @@ _differential_xla.defvjp(_differential_xla_fwd, _differential_xla_bwd)
 
 def differential_attention(q: jax.Array, k: jax.Array, v: jax.Array, lam, *, causal: bool = True,
                            q_positions: jax.Array | None = None, kv_positions: jax.Array | None = None,
-                           kv_mask: jax.Array | None = None, implementation: str = "xla") -> jax.Array:
+                           kv_mask: jax.Array | None = None, q_segment_ids: jax.Array | None = None,
+                           kv_segment_ids: jax.Array | None = None, implementation: str = "explicit",
+                           block_q: int = 0, block_k: int = 0) -> jax.Array:
   """`softmax(q₀k₀ᵀ/√D + M) v − λ · softmax(q₁k₁ᵀ/√D + M) v` per head.
 
-  q: `[B, T, H, 2, D]`, k: `[B, S, H, 2, D]`, v: `[B, S, H, Dv]`; lam: scalar, `[H]` or `[B, T, H]`.
-  Returns `[B, T, H, Dv]` in v's dtype. A query with no visible key gives 0 ("xla") or an
-  unspecified finite value ("fused"); the model never asks for one.
+  q: `[B, T, H, 2, D]`, k: `[B, S, H, 2, D]`, v: `[B, S, H, Dv]`; lam: scalar, `[H]` or `[B, T, H]`;
+  segment ids `[B, T]` / `[B, S]` keep attention inside a document. Returns `[B, T, H, Dv]` in v's
+  dtype; a query with no visible key gives 0 on every path.
 
-  implementation="xla": explicit fp32 scores; a per-query λ scales rows, so the two maps combine as
-  `(A₀ − λA₁) v`, one product with v instead of two. "fused": `jax.nn.dot_product_attention` (cuDNN
-  flash attention on GPU), which needs v as wide as k: v is split into two D-wide halves.
+  "explicit": fp32 scores; a per-query λ scales rows, so the two maps combine as `(A₀ − λA₁) v`, one
+  product with v. "blockwise" / "pallas": `flash_attention` with M = 2 maps and weights (1, −λ), blocks
+  of `block_q` queries and `block_k` keys (0: `default_block_size()`). "fused":
+  `jax.nn.dot_product_attention`, which needs v as wide as k: heads become (head, map, half of v), 4H
+  heads of width D sharing one mask.
   """
+  implementation = _check_implementation(implementation)
   batch, t, heads, two, d = q.shape
   if two != 2 or k.shape[2:] != (heads, 2, d) or v.shape[:3] != (batch, k.shape[1], heads):
     raise ValueError(f"differential_attention expects q [B,T,H,2,D], k [B,S,H,2,D], v [B,S,H,Dv]; got "
                      f"q {q.shape}, k {k.shape}, v {v.shape}.")
+  s = k.shape[1]
   q_positions, kv_positions = _positions(q, k, q_positions, kv_positions)
-  mask = attention_mask(q_positions, kv_positions, causal=causal, kv_mask=kv_mask)
+  q_segment_ids, kv_segment_ids = _segments(q_segment_ids, kv_segment_ids, t, s)
   lam = _lambda_rows(lam, batch, t, heads)
-  if implementation == "xla":
-    out = _differential_xla(q * jnp.asarray(d**-0.5, q.dtype), k, v, jnp.transpose(lam, (0, 2, 1)), mask)
-    return _zero_rows_without_keys(out, mask)
-  if implementation == "fused":
-    dv = v.shape[-1]
-    if dv != 2 * d:
-      raise ValueError(f"the fused path needs Dv = 2·D (got Dv={dv}, D={d}); use implementation='xla'.")
-    s = k.shape[1]
-    # Heads become (head, map j, half of v): 4H attention heads of width D sharing one mask.
-    q4 = jnp.broadcast_to(q[:, :, :, :, None], (batch, t, heads, 2, 2, d)).reshape(batch, t, 4 * heads, d)
-    k4 = jnp.broadcast_to(k[:, :, :, :, None], (batch, s, heads, 2, 2, d)).reshape(batch, s, 4 * heads, d)
-    v_halves = v.reshape(batch, s, heads, 1, 2, d)
-    v4 = jnp.broadcast_to(v_halves, (batch, s, heads, 2, 2, d)).reshape(batch, s, 4 * heads, d)
-    out = jax.nn.dot_product_attention(q4, k4, v4, mask=mask[:, None], scale=d**-0.5)
-    out = out.reshape(batch, t, heads, 2, dv).astype(jnp.float32)
-    return (out[:, :, :, 0] - lam[..., None] * out[:, :, :, 1]).astype(v.dtype)
-  raise ValueError(f"implementation must be 'xla' or 'fused', got {implementation!r}.")
+  q = q * jnp.asarray(d**-0.5, q.dtype)
+  if implementation in ("blockwise", "pallas"):
+    return _blockwise(implementation, q, k, v, jnp.stack([jnp.ones_like(lam), -lam], axis=-1), block_q, block_k,
+                      q_positions=q_positions, kv_positions=kv_positions, causal=causal, kv_mask=kv_mask,
+                      q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
+  mask = attention_mask(q_positions, kv_positions, causal=causal, kv_mask=kv_mask, q_segment_ids=q_segment_ids,
+                        kv_segment_ids=kv_segment_ids)
+  if implementation == "explicit":
+    return _zero_rows_without_keys(_differential_xla(q, k, v, jnp.transpose(lam, (0, 2, 1)), mask), mask)
+  dv = v.shape[-1]
+  if dv != 2 * d:
+    raise ValueError(f"the fused path needs Dv = 2·D (got Dv={dv}, D={d}); use implementation='blockwise'.")
+  q4 = jnp.broadcast_to(q[:, :, :, :, None], (batch, t, heads, 2, 2, d)).reshape(batch, t, 4 * heads, d)
+  k4 = jnp.broadcast_to(k[:, :, :, :, None], (batch, s, heads, 2, 2, d)).reshape(batch, s, 4 * heads, d)
+  v_halves = v.reshape(batch, s, heads, 1, 2, d)
+  v4 = jnp.broadcast_to(v_halves, (batch, s, heads, 2, 2, d)).reshape(batch, s, 4 * heads, d)
+  out = _dot_product_attention(q4, k4, v4, mask, scale=1.0)
+  out = out.reshape(batch, t, heads, 2, dv).astype(jnp.float32)
+  return (out[:, :, :, 0] - lam[..., None] * out[:, :, :, 1]).astype(v.dtype)
 
 
 def standard_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
                        q_positions: jax.Array | None = None, kv_positions: jax.Array | None = None,
-                       kv_mask: jax.Array | None = None, implementation: str = "xla") -> jax.Array:
-  """Softmax attention, `[B, T, H, D] x [B, S, H, D] x [B, S, H, Dv] -> [B, T, H, Dv]` (the ablation)."""
+                       kv_mask: jax.Array | None = None, q_segment_ids: jax.Array | None = None,
+                       kv_segment_ids: jax.Array | None = None, implementation: str = "explicit",
+                       block_q: int = 0, block_k: int = 0) -> jax.Array:
+  """Softmax attention, `[B, T, H, D] x [B, S, H, D] x [B, S, H, Dv] -> [B, T, H, Dv]` (the ablation);
+  masks, segment ids and implementations as in `differential_attention` ("blockwise" / "pallas": M = 1)."""
+  implementation = _check_implementation(implementation)
   batch, t, heads, d = q.shape
   q_positions, kv_positions = _positions(q, k, q_positions, kv_positions)
-  mask = attention_mask(q_positions, kv_positions, causal=causal, kv_mask=kv_mask)
-  if implementation == "xla":
-    scores = jnp.einsum("bthd,bshd->bhts", q * jnp.asarray(d**-0.5, q.dtype), k, preferred_element_type=jnp.float32)
+  q_segment_ids, kv_segment_ids = _segments(q_segment_ids, kv_segment_ids, t, k.shape[1])
+  q = q * jnp.asarray(d**-0.5, q.dtype)
+  if implementation in ("blockwise", "pallas"):
+    return _blockwise(implementation, q[:, :, :, None], k[:, :, :, None], v,
+                      jnp.ones((batch, t, heads, 1), jnp.float32), block_q, block_k, q_positions=q_positions,
+                      kv_positions=kv_positions, causal=causal, kv_mask=kv_mask, q_segment_ids=q_segment_ids,
+                      kv_segment_ids=kv_segment_ids)
+  mask = attention_mask(q_positions, kv_positions, causal=causal, kv_mask=kv_mask, q_segment_ids=q_segment_ids,
+                        kv_segment_ids=kv_segment_ids)
+  if implementation == "explicit":
+    scores = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32)
     probs = jax.nn.softmax(jnp.where(mask[:, None], scores, _MASK_VALUE), axis=-1)
     return _zero_rows_without_keys(jnp.einsum("bhts,bshv->bthv", probs.astype(v.dtype), v), mask)
-  if implementation == "fused":
-    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=d**-0.5)
-  raise ValueError(f"implementation must be 'xla' or 'fused', got {implementation!r}.")
+  return _dot_product_attention(q, k, v, mask, scale=1.0)
 
 
-def resolve_attention_impl(name: str) -> str:
-  """"auto" picks the fused kernel where one exists (GPU cuDNN) and explicit scores elsewhere."""
+def default_block_size() -> int:
+  """Query/key block of the blockwise paths: 128 for the GPU/TPU kernels (on-chip memory), 512 on CPU
+  (fewer loop steps; measured with `python -m diffmoe_jax.bench attention`)."""
+  return 128 if jax.default_backend() in ("gpu", "tpu") else 512
+
+
+def _blockwise(implementation: str, q, k, v, weights, block_q: int, block_k: int, **masking):
+  """`flash_attention` for "blockwise" (XLA loops) or "pallas" (kernels on GPU (Triton) and TPU (Mosaic);
+  interpreted elsewhere)."""
+  return flash_attention.flash_attention(
+      q, k, v, weights, block_q=block_q or default_block_size(), block_k=block_k or default_block_size(),
+      kernel="xla" if implementation == "blockwise" else "pallas",
+      interpret=jax.default_backend() not in ("gpu", "tpu"), **masking)
+
+
+# Sequence length from which "auto" uses the blockwise path on CPU: measured with `python -m
+# diffmoe_jax.bench attention` (README "Differential attention").
+CPU_BLOCKWISE_FROM = 512
+
+
+def resolve_attention_impl(name: str, *, length: int) -> str:
+  """"auto": the Pallas kernel on GPU and TPU; on CPU explicit scores below CPU_BLOCKWISE_FROM tokens and
+  the blockwise loops from there. Other names pass through ("xla" becomes "explicit")."""
   if name != "auto":
-    return name
-  return "fused" if jax.default_backend() == "gpu" else "xla"
+    return _check_implementation(name)
+  if jax.default_backend() in ("gpu", "tpu"):
+    return "pallas"
+  return "blockwise" if length >= CPU_BLOCKWISE_FROM else "explicit"
 
 
 def lambda_init_schedule(layer_index) -> jax.Array:

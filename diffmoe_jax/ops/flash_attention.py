@@ -1,0 +1,261 @@
+"""Blockwise (flash) multi-map attention: O(T·block) memory, any number of softmax maps in one pass.
+
+`flash_attention` computes `Σ_m w_m · softmax(q_m k_mᵀ + M) v` for M maps sharing one value tensor:
+M = 2 with w = (1, −λ) is differential attention, M = 1 with w = 1 is standard attention. Each K/V block is
+loaded once and serves every map; each map keeps its own online softmax (running max and sum) and output
+accumulator, so no `[T, S]` array is ever formed. The custom VJP recomputes each block's probabilities
+from the saved per-map log-sum-exp (FlashAttention-2). With `O = Σ_m w_m P_m v` and `dC = g vᵀ` shared by
+the maps: `dS_m = w_m P_m ⊙ (dC − δ_m)` with `δ_m = g·o_m` (o_m the map's normalised output),
+`dv = (Σ_m w_m P_m)ᵀ g` and `dw_m = δ_m`.
+
+Masks are elementwise: key s is visible to query t when `kv_valid[s]`, `seg[t] == seg[s]` and (causal)
+`kv_pos[s] <= q_pos[t]`. A (query block, key block) pair with no visible pair is skipped, which with
+sorted positions skips exactly the blocks above the diagonal; arbitrary positions stay correct because the
+mask is applied per element in every block that runs. A query with no visible key returns 0.
+
+Two drivers share the block math: "xla" (while loops over query blocks and, inside, key blocks; runs on
+every backend) and "pallas" (kernels in `pallas_attention.py`). Internal layout: q `[B, H, M, T, D]`,
+k `[B, H, M, S, D]`, v `[B, H, S, Dv]`, per-row statistics `[B, H, M, T]`.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+# A finite stand-in for -inf: a fully masked row then gives finite values (and exact zeros after the
+# post-softmax mask) instead of NaN.
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+KERNELS = ("xla", "pallas")
+
+
+def block_visibility(q_pos, q_seg, kv_pos, kv_seg, kv_valid, causal: bool):
+  """Boolean `[..., bq, bk]` from per-query `[..., bq]` and per-key `[..., bk]` integer arrays."""
+  visible = (kv_valid[..., None, :] != 0) & (kv_seg[..., None, :] == q_seg[..., :, None])
+  if causal:
+    visible = visible & (kv_pos[..., None, :] <= q_pos[..., :, None])
+  return visible
+
+
+def any_visible(visible) -> jax.Array:
+  """Whether a block has a visible pair (a float max: a reduction every kernel backend lowers)."""
+  return jnp.max(jnp.where(visible, 1.0, 0.0)) > 0.0
+
+
+def _scores(q, k, visible):
+  s = jnp.einsum("...qd,...kd->...qk", q, k, preferred_element_type=jnp.float32)
+  return jnp.where(visible, s, MASK_VALUE)
+
+
+def init_carry(rows: tuple, num_maps: int, dv: int):
+  """Per map: running max, running sum `[..., bq]` and unnormalised output `[..., bq, Dv]` (fp32)."""
+  return tuple((jnp.full(rows, MASK_VALUE, jnp.float32), jnp.zeros(rows, jnp.float32),
+                jnp.zeros(rows + (dv,), jnp.float32)) for _ in range(num_maps))
+
+
+def forward_block(qs, ks, v, visible, carry):
+  """One key block for every map. Per map j: qs[j] `[..., bq, D]`, ks[j] `[..., bk, D]`; v `[..., bk, Dv]`.
+
+  Maps come as sequences (not a stacked axis) so kernels load each map's tile straight from its ref.
+  """
+  new = []
+  for qj, kj, (m, l, acc) in zip(qs, ks, carry):
+    s = _scores(qj, kj, visible)
+    m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+    p = jnp.where(visible, jnp.exp(s - m_new[..., None]), 0.0)
+    alpha = jnp.exp(m - m_new)
+    pv = jnp.einsum("...qk,...kv->...qv", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    new.append((m_new, alpha * l + jnp.sum(p, axis=-1), alpha[..., None] * acc + pv))
+  return tuple(new)
+
+
+def finalize(carry):
+  """Per map: the normalised output (0 for a row with no visible key) and its log-sum-exp."""
+  outs, lses = [], []
+  for m, l, acc in carry:
+    seen = l > 0.0
+    outs.append(acc / jnp.where(seen, l, 1.0)[..., None])
+    lses.append(jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), 0.0))
+  return outs, lses
+
+
+def backward_block(qs, ks, v, g, ws, lses, deltas, visible, *, want_dq: bool = True, want_dkv: bool = True):
+  """Gradients of one (query block, key block) pair.
+
+  Per map j: qs[j], ks[j] as in `forward_block`; ws[j], lses[j], deltas[j] `[..., bq]` (fp32); g
+  `[..., bq, Dv]`. Returns per-map lists dq `[..., bq, D]`, dk `[..., bk, D]` and dv `[..., bk, Dv]`
+  (fp32); what is not wanted is None.
+  """
+  d_combined = jnp.einsum("...qv,...kv->...qk", g, v, preferred_element_type=jnp.float32)
+  dq, dk, dv = [], [], None
+  for qj, kj, w, lse, delta in zip(qs, ks, ws, lses, deltas):
+    s = _scores(qj, kj, visible)
+    weighted_p = jnp.where(visible, jnp.exp(s - lse[..., None]), 0.0) * w[..., None]
+    ds = weighted_p * (d_combined - delta[..., None])
+    if want_dq:
+      dq.append(jnp.einsum("...qk,...kd->...qd", ds.astype(kj.dtype), kj, preferred_element_type=jnp.float32))
+    if want_dkv:
+      dk.append(jnp.einsum("...qk,...qd->...kd", ds.astype(qj.dtype), qj, preferred_element_type=jnp.float32))
+      dv_j = jnp.einsum("...qk,...qv->...kv", weighted_p.astype(g.dtype), g, preferred_element_type=jnp.float32)
+      dv = dv_j if dv is None else dv + dv_j
+  return (dq or None), (dk or None), dv
+
+
+def _maps(x, axis: int = 2):
+  return [jnp.take(x, j, axis=axis) for j in range(x.shape[axis])]
+
+
+def _slice(x, start, size, axis):
+  return lax.dynamic_slice_in_dim(x, start, size, axis=axis)
+
+
+def _mask_blocks(masks, i, block_q, j, block_k):
+  """Query-side `[B, 1, bq]` and key-side `[B, 1, bk]` mask arrays of blocks (i, j)."""
+  q_pos, q_seg, kv_pos, kv_seg, kv_valid = masks
+  q_side = [_slice(a, i * block_q, block_q, 1)[:, None] for a in (q_pos, q_seg)]
+  kv_side = [_slice(a, j * block_k, block_k, 1)[:, None] for a in (kv_pos, kv_seg, kv_valid)]
+  return q_side + kv_side
+
+
+def _loop(n: int, body, init):
+  """`body(i, carry)` for i < n as a while loop. Not `fori_loop`/`scan`: differentiating a caller that
+  contains this op (e.g. a scan over layers) partially evaluates the loops in the custom VJP, and a scan
+  would then keep every block's intermediates, `[T/block, S/block, block, block]`; a while loop stays
+  whole."""
+  return lax.while_loop(lambda c: c[0] < n, lambda c: (c[0] + 1, body(c[0], c[1])), (jnp.int32(0), init))[1]
+
+
+def xla_forward(q, k, v, masks, causal, block_q, block_k):
+  """Per-map outputs `[B, H, M, T, Dv]` (fp32) and log-sum-exp `[B, H, M, T]`."""
+  b, h, num_maps, t, _ = q.shape
+  dv = v.shape[-1]
+
+  def query_block(i, outputs):
+    qi = _maps(_slice(q, i * block_q, block_q, 3))
+
+    def key_step(j, carry):
+      visible = block_visibility(*_mask_blocks(masks, i, block_q, j, block_k), causal)
+      kj, vj = _maps(_slice(k, j * block_k, block_k, 3)), _slice(v, j * block_k, block_k, 2)
+      return lax.cond(any_visible(visible), lambda c: forward_block(qi, kj, vj, visible, c), lambda c: c, carry)
+
+    carry = _loop(k.shape[3] // block_k, key_step, init_carry((b, h, block_q), num_maps, dv))
+    outs, lses = finalize(carry)
+    out, lse = outputs
+    return (lax.dynamic_update_slice_in_dim(out, jnp.stack(outs, axis=2), i * block_q, axis=3),
+            lax.dynamic_update_slice_in_dim(lse, jnp.stack(lses, axis=2), i * block_q, axis=3))
+
+  init = (jnp.zeros((b, h, num_maps, t, dv), jnp.float32), jnp.zeros((b, h, num_maps, t), jnp.float32))
+  return _loop(t // block_q, query_block, init)
+
+
+def xla_backward(q, k, v, w, g, lse, delta, masks, causal, block_q, block_k):
+  """dq, dk, dv (fp32): a loop over key blocks, each looping over query blocks; dq accumulates in place."""
+  s = k.shape[3]
+
+  def key_block(j, grads):
+    kj, vj = _slice(k, j * block_k, block_k, 3), _slice(v, j * block_k, block_k, 2)
+
+    def query_step(i, carry):
+      visible = block_visibility(*_mask_blocks(masks, i, block_q, j, block_k), causal)
+
+      def accumulate(c):
+        dq, dk, dv = c
+        start = i * block_q
+        rows = lambda x: _maps(_slice(x, start, block_q, 3))
+        dq_i, dk_j, dv_j = backward_block(rows(q), _maps(kj), vj, _slice(g, start, block_q, 2), rows(w),
+                                          rows(lse), rows(delta), visible)
+        dq = lax.dynamic_update_slice_in_dim(dq, _slice(dq, start, block_q, 3) + jnp.stack(dq_i, axis=2),
+                                             start, axis=3)
+        return dq, dk + jnp.stack(dk_j, axis=2), dv + dv_j
+
+      return lax.cond(any_visible(visible), accumulate, lambda c: c, carry)
+
+    dq, dk, dv = grads
+    dq, dk_j, dv_j = _loop(q.shape[3] // block_q, query_step,
+                           (dq, jnp.zeros_like(_slice(dk, 0, block_k, 3)), jnp.zeros_like(_slice(dv, 0, block_k, 2))))
+    return (dq, lax.dynamic_update_slice_in_dim(dk, dk_j, j * block_k, axis=3),
+            lax.dynamic_update_slice_in_dim(dv, dv_j, j * block_k, axis=2))
+
+  zeros = lambda x: jnp.zeros(x.shape, jnp.float32)
+  return _loop(s // block_k, key_block, (zeros(q), zeros(k), zeros(v)))
+
+
+def _drivers(kernel: str, interpret: bool):
+  if kernel == "xla":
+    return xla_forward, xla_backward
+  from diffmoe_jax.ops import pallas_attention
+  return (functools.partial(pallas_attention.forward, interpret=interpret),
+          functools.partial(pallas_attention.backward, interpret=interpret))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
+def _multi_map_attention(q, k, v, w, masks, causal, block_q, block_k, kernel, interpret):
+  return _multi_map_attention_fwd(q, k, v, w, masks, causal, block_q, block_k, kernel, interpret)[0]
+
+
+def _multi_map_attention_fwd(q, k, v, w, masks, causal, block_q, block_k, kernel, interpret):
+  forward, _ = _drivers(kernel, interpret)
+  out, lse = forward(q, k, v, masks, causal, block_q, block_k)
+  combined = jnp.einsum("bhmtv,bhmt->bhtv", out, w).astype(v.dtype)
+  return combined, (q, k, v, w, masks, out, lse)
+
+
+def _multi_map_attention_bwd(causal, block_q, block_k, kernel, interpret, residuals, g):
+  q, k, v, w, masks, out, lse = residuals
+  _, backward = _drivers(kernel, interpret)
+  delta = jnp.einsum("bhmtv,bhtv->bhmt", out, g.astype(jnp.float32))  # δ_m = g·o_m, also dw_m
+  dq, dk, dv = backward(q, k, v, w, g, lse, delta, masks, causal, block_q, block_k)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), delta, tuple(None for _ in masks)
+
+
+_multi_map_attention.defvjp(_multi_map_attention_fwd, _multi_map_attention_bwd)
+
+
+def _pad_to(x, multiple: int, axis: int, value=0):
+  pad = -x.shape[axis] % multiple
+  if pad == 0:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, pad)
+  return jnp.pad(x, widths, constant_values=value)
+
+
+def block_sizes(t: int, s: int, block_q: int, block_k: int, kernel: str) -> tuple[int, int]:
+  """Blocks no longer than the sequence; kernels need power-of-two blocks of at least 16 rows."""
+  if kernel == "pallas":
+    fit = lambda n, block: min(block, max(16, 1 << (n - 1).bit_length()))
+    return fit(t, block_q), fit(s, block_k)
+  return min(block_q, t), min(block_k, s)
+
+
+def flash_attention(q, k, v, weights, *, q_positions, kv_positions, causal: bool = True, kv_mask=None,
+                    q_segment_ids=None, kv_segment_ids=None, block_q: int = 512, block_k: int = 512,
+                    kernel: str = "xla", interpret: bool = False):
+  """`Σ_m weights_m · softmax(q_m k_mᵀ + mask) v` with O(T·block) memory.
+
+  q: `[B, T, H, M, D]` already scaled, k: `[B, S, H, M, D]`, v: `[B, S, H, Dv]`, weights: `[B, T, H, M]`;
+  positions `[B, T]` / `[B, S]` integers; kv_mask `[B, S]` bool; segment ids `[B, T]` / `[B, S]`
+  (a query sees only keys of its own segment). Returns `[B, T, H, Dv]` in v's dtype. kernel: "xla"
+  (blockwise loops, any backend) or "pallas" (`interpret=True` runs it on CPU).
+  """
+  if kernel not in KERNELS:
+    raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}.")
+  batch, t, heads, num_maps, _ = q.shape
+  s = k.shape[1]
+  bq, bk = block_sizes(t, s, block_q, block_k, kernel)
+  zeros_t, zeros_s = jnp.zeros((batch, t), jnp.int32), jnp.zeros((batch, s), jnp.int32)
+  q_seg = zeros_t if q_segment_ids is None else jnp.asarray(q_segment_ids, jnp.int32)
+  kv_seg = zeros_s if kv_segment_ids is None else jnp.asarray(kv_segment_ids, jnp.int32)
+  kv_valid = jnp.ones((batch, s), jnp.int32) if kv_mask is None else jnp.asarray(kv_mask).astype(jnp.int32)
+  # Padded keys are invalid; padded queries compute rows that are sliced off.
+  masks = (_pad_to(jnp.asarray(q_positions, jnp.int32), bq, 1), _pad_to(q_seg, bq, 1),
+           _pad_to(jnp.asarray(kv_positions, jnp.int32), bk, 1), _pad_to(kv_seg, bk, 1), _pad_to(kv_valid, bk, 1))
+  q_internal = _pad_to(jnp.transpose(q, (0, 2, 3, 1, 4)), bq, 3)
+  k_internal = _pad_to(jnp.transpose(k, (0, 2, 3, 1, 4)), bk, 3)
+  v_internal = _pad_to(jnp.transpose(v, (0, 2, 1, 3)), bk, 2)
+  w_internal = _pad_to(jnp.transpose(jnp.asarray(weights, jnp.float32), (0, 2, 3, 1)), bq, 3)
+  out = _multi_map_attention(q_internal, k_internal, v_internal, w_internal, masks, causal, bq, bk, kernel,
+                             interpret)
+  return jnp.transpose(out[:, :, :t], (0, 2, 1, 3))

@@ -1,0 +1,251 @@
+"""Every attention path against a float64 NumPy reference (forward and gradients), masks and segments,
+linear memory of the blockwise path, and whole-model causality in predictor-routed MoD mode."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffmoe_jax import config as config_lib
+from diffmoe_jax.nn import model as model_lib
+from diffmoe_jax.ops import attention as attn
+
+PATHS = ("explicit", "blockwise", "pallas", "fused")
+BLOCK = 16  # small blocks, so every case spans several query and key blocks
+
+
+def reference(q, k, v, w, visible, g):
+  """Float64 `Σ_m w_m softmax(q_m k_mᵀ/√D) v` over the visible keys and its VJP for cotangent g.
+
+  q `[B, T, H, M, D]`, k `[B, S, H, M, D]`, v `[B, S, H, Dv]`, w `[B, T, H, M]`, visible `[B, T, S]`.
+  Returns out, (dq, dk, dv, dw), written as the textbook full-matrix chain rule.
+  """
+  q, k, v, w, g = (np.asarray(a, np.float64) for a in (q, k, v, w, g))
+  scale = q.shape[-1] ** -0.5
+  scores = np.einsum("bthmd,bshmd->bhmts", q, k) * scale
+  vis = visible[:, None, None]
+  scores = np.where(vis, scores, -np.inf)
+  row_max = np.max(np.where(vis, scores, -1e300), axis=-1, keepdims=True)
+  e = np.where(vis, np.exp(scores - row_max), 0.0)
+  total = e.sum(-1, keepdims=True)
+  p = e / np.where(total > 0, total, 1.0)  # a row with no visible key is all zeros
+  wm = np.transpose(w, (0, 2, 3, 1))[..., None]  # [B, H, M, T, 1]
+  per_map = np.einsum("bhmts,bshv->bhmtv", p, v)
+  out = np.einsum("bhmtv,bhmt->bthv", per_map, wm[..., 0])
+  gh = np.transpose(g, (0, 2, 1, 3))  # [B, H, T, Dv]
+  dw = np.transpose(np.einsum("bhmtv,bhtv->bhmt", per_map, gh), (0, 3, 1, 2))
+  dv = np.einsum("bhmts,bhtv->bshv", wm * p, gh)
+  dp = wm * np.einsum("bhtv,bshv->bhts", gh, v)[:, :, None]
+  ds = p * (dp - np.sum(p * dp, axis=-1, keepdims=True))
+  dq = np.einsum("bhmts,bshmd->bthmd", ds, k) * scale
+  dk = np.einsum("bhmts,bthmd->bshmd", ds, q) * scale
+  return out, (dq, dk, dv, dw)
+
+
+def visibility(q_pos, kv_pos, kv_mask=None, q_seg=None, kv_seg=None):
+  visible = np.asarray(kv_pos)[:, None, :] <= np.asarray(q_pos)[:, :, None]
+  if kv_mask is not None:
+    visible &= np.asarray(kv_mask)[:, None, :]
+  if q_seg is not None:
+    visible &= np.asarray(kv_seg)[:, None, :] == np.asarray(q_seg)[:, :, None]
+  return visible
+
+
+def _case(name):
+  """Inputs of one scenario: differential (M = 2) unless named "standard"."""
+  rng = np.random.default_rng(abs(hash(name)) % 2**32)
+  b, h, d = 2, 2, 4
+  t = s = 37  # not a multiple of the block
+  kw, q_pos, kv_pos = {}, np.broadcast_to(np.arange(t), (b, t)), np.broadcast_to(np.arange(s), (b, s))
+  kv_mask = q_seg = kv_seg = None
+  lam = rng.uniform(0.1, 0.9, (b, t, h))
+  if name == "scalar_lam_kv_mask":
+    # Row 0 hides its first 5 keys: queries 0..4 there see no key.
+    kv_mask = rng.uniform(size=(b, s)) > 0.3
+    kv_mask[0, :5] = False
+    lam = np.float32(0.37)
+  elif name == "per_head_lam_segments_positions":
+    # Packed documents at gathered, non-contiguous positions (a mixture-of-depths subset).
+    q_pos = kv_pos = np.sort(rng.choice(200, size=(b, t), replace=False), axis=1)
+    q_seg = kv_seg = np.cumsum(rng.uniform(size=(b, t)) < 0.15, axis=1)
+    lam = rng.uniform(0.1, 0.9, h).astype(np.float32)
+  elif name == "decode":
+    # One new query at position 29 over a 37-slot cache whose slots past 29 are empty.
+    t = 1
+    q_pos = np.full((b, 1), 29)
+    kv_mask = np.broadcast_to(np.arange(s) <= 29, (b, s))
+    lam = rng.uniform(0.1, 0.9, (b, t, h))
+  m = 1 if name == "standard" else 2
+  width = 2 * d if m == 1 else d  # standard heads: q, k as wide as v
+  q = rng.normal(size=(b, t, h, m, width)).astype(np.float32)
+  k = rng.normal(size=(b, s, h, m, width)).astype(np.float32)
+  v = rng.normal(size=(b, s, h, 2 * d)).astype(np.float32)
+  g = rng.normal(size=(b, t, h, 2 * d)).astype(np.float32)
+  masks = dict(q_positions=np.asarray(q_pos, np.int32), kv_positions=np.asarray(kv_pos, np.int32),
+               kv_mask=None if kv_mask is None else np.asarray(kv_mask),
+               q_segment_ids=None if q_seg is None else np.asarray(q_seg, np.int32),
+               kv_segment_ids=None if kv_seg is None else np.asarray(kv_seg, np.int32))
+  visible = visibility(q_pos, kv_pos, kv_mask, q_seg, kv_seg)
+  if name == "standard":
+    q_seg = kv_seg = np.broadcast_to(np.arange(t) // 10, (b, t)).astype(np.int32)
+    masks.update(q_segment_ids=q_seg, kv_segment_ids=kv_seg)
+    visible = visibility(q_pos, kv_pos, None, q_seg, kv_seg)
+    lam = None
+  return q, k, v, lam, g, masks, visible
+
+
+CASES = ("scalar_lam_kv_mask", "per_head_lam_segments_positions", "per_token_lam", "decode", "standard")
+
+
+def _run(path, q, k, v, lam, g, masks, dtype=jnp.float32):
+  """Our output and gradients w.r.t. (q, k, v, lam) for cotangent g."""
+  def f(q, k, v, lam):
+    common = dict(implementation=path, block_q=BLOCK, block_k=BLOCK, **masks)
+    if lam is None:
+      return attn.standard_attention(q[:, :, :, 0], k[:, :, :, 0], v, **common)
+    return attn.differential_attention(q, k, v, lam, **common)
+  args = [jnp.asarray(a, dtype) for a in (q, k, v)] + [None if lam is None else jnp.asarray(lam, jnp.float32)]
+  out, vjp = jax.vjp(jax.jit(f), *args)
+  return out, vjp(jnp.asarray(g, out.dtype))
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("path", PATHS)
+def test_path_matches_float64_reference(path, case):
+  q, k, v, lam, g, masks, visible = _case(case)
+  b, t, h = q.shape[:3]
+  w = np.ones((b, t, h, 1)) if lam is None else np.stack([np.ones((b, t, h)), -np.broadcast_to(lam, (b, t, h))], -1)
+  want, (dq, dk, dv, dw) = reference(q, k, v, w, visible, g)
+  got, grads = _run(path, q, k, v, lam, g, masks)
+  tol = dict(rtol=2e-4, atol=2e-5)
+  np.testing.assert_allclose(np.asarray(got), want, **tol, err_msg="out")
+  if lam is None:
+    dq, dk = dq[:, :, :, 0], dk[:, :, :, 0]
+    grads = (grads[0], grads[1], grads[2])
+  for name, ours, ref in zip(("dq", "dk", "dv"), grads, (dq, dk, dv)):
+    np.testing.assert_allclose(np.asarray(ours).reshape(ref.shape), ref, **tol, err_msg=name)
+  if lam is not None:
+    # λ enters with weight −λ on the second map; a shared λ sums its rows' gradients.
+    dlam = -dw[..., 1]
+    dlam = {0: dlam.sum(), 1: dlam.sum((0, 1)), 3: dlam}[np.ndim(lam)]
+    np.testing.assert_allclose(np.asarray(grads[3]), dlam, **tol, err_msg="dlam")
+  if case == "scalar_lam_kv_mask":
+    np.testing.assert_array_equal(np.asarray(got)[0, :5], 0.0)  # no visible key: exactly 0
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_bf16_inputs(path):
+  q, k, v, lam, g, masks, visible = _case("per_token_lam")
+  b, t, h = q.shape[:3]
+  round_bf16 = lambda a: np.asarray(jnp.asarray(a, jnp.bfloat16), np.float32)
+  q, k, v = round_bf16(q), round_bf16(k), round_bf16(v)
+  w = np.stack([np.ones((b, t, h)), -lam], -1)
+  want, (dq, dk, dv, dw) = reference(q, k, v, w, visible, g)
+  got, grads = _run(path, q, k, v, lam, g, masks, dtype=jnp.bfloat16)
+  assert got.dtype == jnp.bfloat16
+  scale = lambda ref: 0.03 * np.abs(ref).max()  # bf16 keeps 8 bits: 2⁻⁸ relative per rounding
+  np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=0, atol=scale(want))
+  for name, ours, ref in zip(("dq", "dk", "dv", "dlam"), grads, (dq, dk, dv, -dw[..., 1])):
+    np.testing.assert_allclose(np.asarray(ours, np.float32), ref, rtol=0, atol=scale(ref), err_msg=name)
+
+
+def test_fused_path_zeroes_rows_without_keys():
+  """jax.nn.dot_product_attention gives a query with no visible key the mean of all values; the fused
+  path must return 0 like every other path."""
+  q, k, v, lam, _, masks, _ = _case("scalar_lam_kv_mask")
+  for fn in (lambda: attn.differential_attention(q, k, v, lam, implementation="fused", **masks),
+             lambda: attn.standard_attention(q[:, :, :, 0], k[:, :, :, 0], v[..., :4], implementation="fused",
+                                                **masks)):
+    np.testing.assert_array_equal(np.asarray(fn())[0, :5], 0.0)
+
+
+def test_bad_implementation_and_segment_ids_raise():
+  q, k, v, lam, _, masks, _ = _case("per_token_lam")
+  with pytest.raises(ValueError, match="implementation must be one of"):
+    attn.differential_attention(q, k, v, lam, implementation="flash")
+  with pytest.raises(ValueError, match="segment ids"):
+    attn.differential_attention(q[:, :1], k, v, lam[:, :1], q_segment_ids=np.zeros((2, 1), np.int32))
+
+
+def _blockwise_grad_temp_bytes(t: int) -> int:
+  """Compiled temp memory of the gradient through two layers of blockwise attention in a scan, as in the
+  model (differentiating a scan partially evaluates what it contains)."""
+  b, h, d = 1, 1, 32  # D = 32: the per-token arrays, not the fixed [block, block] scratch, are what grows
+  q = jax.ShapeDtypeStruct((b, t, h, 2, d), jnp.float32)
+  v = jax.ShapeDtypeStruct((b, t, h, 2 * d), jnp.float32)
+
+  def loss(q, k, v):
+    def layer(x, scale):
+      out = attn.differential_attention(q * scale, k, v + x, 0.5, implementation="blockwise", block_q=128,
+                                        block_k=128)
+      return out, None
+    return jnp.sum(jax.lax.scan(layer, jnp.zeros(v.shape), jnp.array([1.0, 0.5]))[0])
+
+  compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, q, v).compile()
+  return compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_blockwise_memory_is_linear_in_length():
+  small, large = _blockwise_grad_temp_bytes(2048), _blockwise_grad_temp_bytes(8192)
+  assert 3.0 < large / small < 5.0, (small, large)
+  assert large < 8192 * 8192 * 4 / 4  # below a quarter of one fp32 [T, T] score map (256 MiB)
+
+
+@pytest.fixture(scope="module")
+def predictor_model(make_config):
+  """A small model whose MoD predictor selects the tokens with x·u > 0.3 (mixed, token-dependent) and
+  whose experts have few slots, so a token's routing can displace a later token's assignment."""
+  cfg = make_config(**{"moe.capacity_factor": 0.5, "attention_block_q": 8, "attention_block_k": 8})
+  model = model_lib.build_model(cfg.model)
+  tokens = jnp.zeros((2, 16), jnp.int32)
+  params = nn.unbox(model.init({"params": jax.random.PRNGKey(0)}, tokens))["params"]
+  router = params["groups"]["layer_1"]["mod_router"]
+  u = jax.random.normal(jax.random.PRNGKey(7), router["predictor_hidden"].shape[1:2] + (1,))
+  hidden = jnp.zeros_like(router["predictor_hidden"]).at[:, :, 0].set(4.0 * u[:, 0] / jnp.linalg.norm(u))
+  router.update(predictor_hidden=hidden, predictor_hidden_bias=jnp.zeros_like(router["predictor_hidden_bias"])
+                .at[:, 0].set(-0.3 * 4.0), predictor_out=jnp.zeros_like(router["predictor_out"]).at[:, 0].set(1.0))
+  return cfg, params
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_predictor_mode_is_causal_on_every_path(predictor_model, path):
+  cfg, params = predictor_model
+  model_cfg = cfg.model.copy_and_resolve_references()
+  model_cfg.attention_impl = path
+  model = model_lib.build_model(model_cfg)
+  apply = jax.jit(lambda t: model.apply({"params": params}, t, mod_mode="predictor"))
+  tokens = jnp.asarray(np.random.default_rng(3).integers(0, 64, (2, 16)), jnp.int32)
+  logits, aux = apply(tokens)
+  fraction = np.asarray(aux["layers"]["mod_selected_fraction"])
+  assert np.all((fraction > 0) & (fraction < 1)), fraction  # a mixed selection in every routed layer
+  for cut in range(1, 16):
+    changed = tokens.at[:, cut:].set((tokens[:, cut:] * 7 + 3) % 64)
+    other, _ = apply(changed)
+    np.testing.assert_allclose(np.asarray(other[:, :cut]), np.asarray(logits[:, :cut]), rtol=1e-5, atol=1e-5,
+                               err_msg=f"{path}: tokens from {cut} on changed earlier logits")
+
+
+@pytest.mark.parametrize("field, value, match", [("attention_impl", "flash", "attention_impl"),
+                                                 ("attention_block_q", 100, "power of two")])
+def test_bad_attention_config_raises(make_config, field, value, match):
+  cfg = make_config(**{field: value})
+  with pytest.raises(config_lib.ConfigError, match=match):
+    config_lib.validate(cfg)
+
+
+@pytest.mark.parametrize("path", ["explicit", "blockwise"])
+def test_packed_documents_do_not_see_each_other(make_config, path):
+  """Two documents packed in one row: with segment ids, editing the first leaves the second's logits as they
+  were (dropless experts, so no capacity is shared either); without them, it does not."""
+  cfg = make_config(attention_impl=path, attention_block_q=8, attention_block_k=8,
+                    **{"moe.dispatch": "dropless", "mod.enabled": False})
+  model = model_lib.build_model(cfg.model)
+  tokens = jnp.asarray(np.random.default_rng(5).integers(0, 64, (2, 16)), jnp.int32)
+  variables = model.init({"params": jax.random.PRNGKey(0)}, tokens)
+  segments = jnp.broadcast_to(jnp.arange(16) >= 9, (2, 16)).astype(jnp.int32)
+  apply = jax.jit(lambda t, seg: model.apply(variables, t, mod_mode="off", segment_ids=seg)[0])
+  edited = tokens.at[:, :9].set((tokens[:, :9] + 5) % 64)
+  np.testing.assert_allclose(np.asarray(apply(edited, segments)[:, 9:]), np.asarray(apply(tokens, segments)[:, 9:]),
+                             rtol=1e-5, atol=1e-5)
+  one_document = jnp.zeros_like(segments)
+  assert not np.allclose(np.asarray(apply(edited, one_document)[:, 9:]), np.asarray(apply(tokens, one_document)[:, 9:]))
