@@ -22,6 +22,7 @@ setup(
         "absl-py>=2.1",
         "numpy>=1.26",
         "tqdm>=4.66",
+        "matplotlib>=3.8",
     ],
     extras_require={
         "tokenizers": ["sentencepiece>=0.2", "tokenizers>=0.20"],

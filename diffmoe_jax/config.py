@@ -298,9 +298,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 def phase_lengths(cur: ml_collections.ConfigDict) -> list[int]:
   """Steps per phase of `curriculum.order`.
 
-  A phase with `steps` > 0 gets exactly that many. The other phases split the rest of `total_steps` by
-  `fraction`, and their fractions must sum to 1 (nothing is rescaled); with no explicit steps that is every
-  phase. Every phase needs at least one step.
+  The phases' fractions are their shares of `total_steps` and must sum to 1 (nothing is rescaled to make
+  them). A phase with `steps` > 0 gets exactly that many instead of its share; the phases without split
+  what is left in proportion to their fractions. Every phase needs at least one step.
   """
   explicit = {name: cur[name].steps for name in cur.order if cur[name].steps}
   fractions = {name: cur[name].fraction for name in cur.order if not cur[name].steps}
@@ -316,27 +316,27 @@ def phase_lengths(cur: ml_collections.ConfigDict) -> list[int]:
           f"config.curriculum: every phase has explicit steps ({explicit_text}), and they add up to "
           f"{sum(explicit.values())}, not curriculum.total_steps ({cur.total_steps}); make them add up to it.")
     return [cur[name].steps for name in cur.order]
-  fraction_sum = sum(fractions.values())
-  shares = ", ".join(f"{name} {f:g}" for name, f in fractions.items())
+  fraction_sum = sum(cur[name].fraction for name in cur.order)
   if abs(fraction_sum - 1.0) > 1e-6:
-    which = (f"the phases without explicit steps, which split the {remaining} steps the explicit ones "
-             f"({explicit_text}) leave," if explicit else "the phases")
-    raise ConfigError(f"config.curriculum: the fractions of {which} sum to {fraction_sum:.6g}, not 1 ({shares}); "
-                      "they are not rescaled, so change them to sum to 1.")
+    shares = ", ".join(f"{name} {cur[name].fraction:g}" for name in cur.order)
+    kept = " (a phase with explicit steps keeps its fraction in the sum)" if explicit else ""
+    raise ConfigError(f"config.curriculum: the phases' fractions sum to {fraction_sum:.6g}, not 1 ({shares})"
+                      f"{kept}; they are not rescaled, so change them to sum to 1.")
   for name, f in fractions.items():
     _require(f > 0, f"curriculum.{name}", "has neither steps nor a fraction, so it gets no steps; give it a "
              "fraction or steps, or remove it from curriculum.order.")
-  shared = _split_by_fraction(list(fractions.values()), remaining)
+  free_sum = sum(fractions.values())
+  shared = _split_by_fraction([f / free_sum for f in fractions.values()], remaining)
   for (name, f), steps in zip(fractions.items(), shared):
     if steps == 0:
       of = (f"the {remaining} step(s) left after the explicit ones ({explicit_text})" if explicit
             else f"curriculum.total_steps ({cur.total_steps})")
       # From here on every phase's share is at least one step, so none rounds to 0.
-      enough = cur.total_steps - remaining + math.ceil(1 / min(fractions.values()) - 1e-9)
+      enough = cur.total_steps - remaining + math.ceil(free_sum / min(fractions.values()) - 1e-9)
       raise ConfigError(
-          f"config.curriculum.{name}: its fraction {f:g} of {of} is {f * remaining:.2g} steps, which rounds "
-          f"to 0, and every phase needs at least one step; raise curriculum.total_steps to {enough} or more, "
-          f"or give curriculum.{name} explicit steps.")
+          f"config.curriculum.{name}: its share {f / free_sum:.2g} of {of} is {f / free_sum * remaining:.2g} "
+          f"steps, which rounds to 0, and every phase needs at least one step; raise curriculum.total_steps "
+          f"to {enough} or more, or give curriculum.{name} explicit steps.")
   shared = iter(shared)
   return [cur[name].steps or next(shared) for name in cur.order]
 

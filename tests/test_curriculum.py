@@ -33,26 +33,31 @@ def test_phases_tile_the_run(tiny):
 
 
 def test_explicit_steps_and_fractions_mix(tiny):
-  """Explicit steps first; the phases without steps split the rest by fractions that sum to 1."""
+  """Explicit steps first; the phases without steps split the rest in proportion to their fractions."""
   cur = tiny.curriculum
   cur.total_steps = 100
   cur.warmup.steps = 7
-  cur.foundation.fraction = 0.4  # with the other four: 0.4 + 0.2 + 0.15 + 0.15 + 0.1 = 1
   lengths = config_lib.phase_lengths(cur)
-  # 93 steps left: cumulative 0.4, 0.6, 0.75, 0.9, 1 of them, rounded half up: 37, 56, 70, 84, 93.
-  assert lengths == [7, 37, 19, 14, 14, 9]
+  # 93 steps left, shared as 0.35 : 0.2 : 0.15 : 0.15 : 0.1 (of 0.95): cumulative 7/19, 11/19, 14/19,
+  # 17/19, 1 of them = 34.26, 53.84, 68.53, 83.21, 93, rounded half up: 34, 54, 69, 83, 93.
+  assert lengths == [7, 34, 20, 15, 14, 10]
 
 
 def test_fractions_that_do_not_sum_to_one_are_rejected_not_rescaled(tiny):
   tiny.curriculum.warmup.fraction = 0.5  # the rest as in the default: 1.45 in all
-  with pytest.raises(ConfigError, match=r"fractions of the phases sum to 1\.45, not 1 \(warmup 0\.5, "
+  with pytest.raises(ConfigError, match=r"fractions sum to 1\.45, not 1 \(warmup 0\.5, "
                                         r"foundation 0\.35, sparsify 0\.2, specialize 0\.15, long_context 0\.15, "
                                         r"anneal 0\.1\)"):
     config_lib.validate(tiny)
-  # With explicit steps, the other phases' fractions must sum to 1: warmup's own fraction no longer counts.
+  # A phase with explicit steps keeps its fraction in the sum; the others split the rest in proportion.
   tiny.curriculum.warmup.update(fraction=0.05, steps=7)
-  with pytest.raises(ConfigError, match=r"phases without explicit steps, which split the 593 steps the explicit "
-                                        r"ones \(warmup 7\) leave, sum to 0\.95, not 1 \(foundation 0\.35, "):
+  lengths = config_lib.phase_lengths(tiny.curriculum)
+  assert lengths[0] == 7 and sum(lengths) == tiny.curriculum.total_steps
+  expected = [593 * f / 0.95 for f in (0.35, 0.2, 0.15, 0.15, 0.1)]
+  assert all(abs(got - want) <= 1 for got, want in zip(lengths[1:], expected))
+  tiny.curriculum.warmup.fraction = 0.0
+  with pytest.raises(ConfigError, match=r"fractions sum to 0\.95, not 1 \(warmup 0, foundation 0\.35, .*\) "
+                                        r"\(a phase with explicit steps keeps its fraction in the sum\)"):
     config_lib.validate(tiny)
 
 
@@ -108,15 +113,14 @@ def test_shape_keys_list_every_program(tiny):
 
 def test_bad_step_counts_name_the_phase_and_the_cause(tiny):
   tiny.curriculum.total_steps = 5
-  with pytest.raises(ConfigError, match=r"curriculum\.warmup: its fraction 0\.05 of curriculum\.total_steps \(5\) "
+  with pytest.raises(ConfigError, match=r"curriculum\.warmup: its share 0\.05 of curriculum\.total_steps \(5\) "
                                         r"is 0\.25 steps, which rounds to 0.*total_steps to 20 or more"):
     config_lib.validate(tiny)
   # Explicit steps leave one step for five phases: the first phase it cannot reach is named, with the cause.
   tiny.curriculum.total_steps = 8
   tiny.curriculum.warmup.steps = 7
-  tiny.curriculum.foundation.fraction = 0.4
-  with pytest.raises(ConfigError, match=r"curriculum\.foundation: its fraction 0\.4 of the 1 step\(s\) left after "
-                                        r"the explicit ones \(warmup 7\) is 0\.4 steps.*total_steps to 17 or more"):
+  with pytest.raises(ConfigError, match=r"curriculum\.foundation: its share 0\.37 of the 1 step\(s\) left after "
+                                        r"the explicit ones \(warmup 7\) is 0\.37 steps.*total_steps to 17 or more"):
     config_lib.validate(tiny)
   tiny.curriculum.total_steps = 17
   assert min(config_lib.phase_lengths(tiny.curriculum)) == 1
