@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import functools
 import math
-import re
 
 import jax
 import jax.numpy as jnp
@@ -21,23 +20,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from diffmoe_jax.ops import dispatch, expert_parallel, routing
-
-_SHAPE = re.compile(r"\b(pred|s8|u8|s16|u16|s32|u32|s64|u64|bf16|f16|f32|f64)\[([\d,]*)\]")
-_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4,
-          "s64": 8, "u64": 8, "f64": 8}
-
-
-def collective_bytes(hlo: str, op: str) -> int:
-  """Bytes of the results of every `op` instruction in an HLO module's text (one device's program)."""
-  total = 0
-  for line in hlo.splitlines():
-    if f" {op}(" not in line or "=" not in line:
-      continue
-    result = line.split("=", 1)[1].split(f" {op}(", 1)[0]
-    for dtype, dims in _SHAPE.findall(result):
-      total += _BYTES[dtype] * math.prod(int(x) for x in dims.split(",") if x)
-  return total
-
+from diffmoe_jax.parallel import collective_bytes
 
 def add_parser(commands) -> None:
   p = commands.add_parser("expert_parallel", help="expert-parallel MoE vs replicated experts (multi-device)")

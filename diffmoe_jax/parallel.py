@@ -8,6 +8,7 @@ axis plays the role `jax.pmap` used to: each data-parallel slice of the batch on
 from __future__ import annotations
 
 import math
+import re
 
 import flax.linen as nn
 import jax
@@ -92,13 +93,44 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
-def data_parallel_size(mesh: Mesh, rules) -> int:
-  """How many ways the batch axis is split: the global batch must be a multiple of it."""
-  spec = nn.logical_to_mesh_axes(("batch",), rules)[0]
+def logical_axis_size(mesh: Mesh, rules, logical: str) -> int:
+  """How many ways the mesh splits a logical axis (1 when its rule maps it to no mesh axis)."""
+  spec = nn.logical_to_mesh_axes((logical,), rules)[0]
   axes = spec if isinstance(spec, tuple) else (spec,) if spec else ()
   return math.prod(mesh.shape[a] for a in axes)
+
+
+def data_parallel_size(mesh: Mesh, rules) -> int:
+  """How many ways the batch axis is split: the global batch must be a multiple of it."""
+  return logical_axis_size(mesh, rules, "batch")
 
 
 def global_batch(local_batch: dict, sharding: NamedSharding) -> dict:
   """This process's rows of the batch -> global `jax.Array`s (works for one or many processes)."""
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}
+
+
+_SHAPE = re.compile(r"\b(pred|s8|u8|s16|u16|s32|u32|s64|u64|bf16|f16|f32|f64)\[([\d,]*)\]")
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4,
+          "s64": 8, "u64": 8, "f64": 8}
+
+
+COLLECTIVES = ("all-to-all", "all-gather", "reduce-scatter", "all-reduce", "collective-permute")
+
+
+def collective_bytes(hlo: str, op: str) -> int:
+  """Bytes of the results of every `op` instruction in an HLO module's text (one device's program)."""
+  total = 0
+  for line in hlo.splitlines():
+    if f" {op}(" not in line or "=" not in line:
+      continue
+    result = line.split("=", 1)[1].split(f" {op}(", 1)[0]
+    for dtype, dims in _SHAPE.findall(result):
+      total += _BYTES[dtype] * math.prod(int(x) for x in dims.split(",") if x)
+  return total
+
+
+def collective_summary(hlo: str) -> str:
+  """"all-to-all 1.2 MiB, all-gather 3.4 MiB" per device per call of a compiled program; "" when none."""
+  sizes = {op: collective_bytes(hlo, op) for op in COLLECTIVES}
+  return ", ".join(f"{op} {n / 2**20:,.2f} MiB" for op, n in sizes.items() if n)

@@ -142,7 +142,7 @@ def test_train_step_on_a_mesh_equals_one_device(make_config, one_device, mesh):
 
 def test_all_to_all_bytes_match_the_analytic_count():
   """Forward+backward exchanges the [E, C, b_local, d] slot buffer four times per device."""
-  from diffmoe_jax.bench_expert_parallel import collective_bytes
+  from diffmoe_jax.parallel import collective_bytes
   mesh = jax.make_mesh((2, 4), ("data", "expert"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
   (x, w, experts, _), params = _inputs(5, "gelu")
   rows = NamedSharding(mesh, P(("data", "expert")))
@@ -153,5 +153,20 @@ def test_all_to_all_bytes_match_the_analytic_count():
     return y, vjp(x_)
   fwd_bwd = jax.jit(fwd_bwd)
   args = (jax.device_put(x, rows), [jax.device_put(p, NamedSharding(mesh, P("expert"))) for p in params])
-  measured = collective_bytes(fwd_bwd.lower(*args).compile().as_text(), "all-to-all")
-  assert measured == 4 * (B // 8) * E * dispatch.moe_capacity(T, K, E, 1.25) * D * 4
+  hlo = fwd_bwd.lower(*args).compile().as_text()
+  analytic = 4 * (B // 8) * E * dispatch.moe_capacity(T, K, E, 1.25) * D * 4
+  assert collective_bytes(hlo, "all-to-all") == analytic
+  # The trainer logs this summary for each compiled step program.
+  assert f"all-to-all {analytic / 2**20:,.2f} MiB" in parallel.collective_summary(hlo)
+
+
+def test_per_device_expert_load_sums_each_devices_experts():
+  from diffmoe_jax.train.loop import _layer_scalars
+  load = np.array([[0.1, 0.2, 0.3, 0.4], [0.25, 0.25, 0.25, 0.25]], np.float32)
+  layers = {"expert_load": load, "dropped_fraction": np.zeros(2), "lambda": np.zeros((2, 1)),
+            "mod_selected_fraction": np.zeros(0), "mod_predictor_accuracy": np.zeros(0)}
+  scalars = _layer_scalars(layers, expert_devices=2)
+  assert scalars["moe/layer0/device0_load"] == pytest.approx(0.3)
+  assert scalars["moe/layer0/device1_load"] == pytest.approx(0.7)
+  assert scalars["moe/layer1/device1_load"] == pytest.approx(0.5)
+  assert not any("device" in k for k in _layer_scalars(layers, expert_devices=1))

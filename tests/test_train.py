@@ -238,12 +238,12 @@ def test_vocabulary_smaller_than_the_tokenizer(tmp_path):
 
 
 def test_resume_onto_a_different_mesh(full_run, tmp_path):
-  """Stopped on 8-way data parallelism, resumed with the weights sharded 4 ways (fsdp): same losses."""
+  """Stopped on 8-way data parallelism, resumed on fsdp 2 x expert 2 x tensor 2: same losses."""
   config = load_config()
   config.train.run_steps = 10
   main_lib.run(config, str(tmp_path))
   config.train.run_steps = 0
-  config.mesh.shape.update(data=2, fsdp=4)
+  config.mesh.shape.update(data=1, fsdp=2, expert=2, tensor=2)
   result = main_lib.run(config, str(tmp_path))
   assert result.final_step == 24
   want = scalar_series(read_tb(full_run[0]), "train/loss")

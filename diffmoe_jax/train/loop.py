@@ -114,11 +114,18 @@ def _phase_seed(seed: int, phase_index: int) -> int:
   return int(np.random.SeedSequence([seed, phase_index]).generate_state(1)[0])
 
 
-def _layer_scalars(layers: dict) -> dict:
-  """Per-layer statistics as TensorBoard scalars."""
+def _layer_scalars(layers: dict, expert_devices: int = 1) -> dict:
+  """Per-layer statistics as TensorBoard scalars.
+
+  With experts split over `expert_devices` devices (device j holds the j-th contiguous run of experts),
+  each device's share of the layer's assignments is logged too: the load expert parallelism balances.
+  """
   out = {}
   for l, load in enumerate(np.asarray(layers["expert_load"])):
     out[f"moe/layer{l}/max_load"] = float(load.max() * load.size)  # 1.0 is perfectly balanced
+    if expert_devices > 1 and load.size % expert_devices == 0:
+      for j, share in enumerate(load.reshape(expert_devices, -1).sum(axis=1)):
+        out[f"moe/layer{l}/device{j}_load"] = float(share)
     out[f"moe/layer{l}/dropped_fraction"] = float(layers["dropped_fraction"][l])
     for e, lam in enumerate(np.asarray(layers["lambda"][l])):
       out[f"lambda/layer{l}/expert{e}"] = float(lam)
@@ -216,6 +223,7 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, *,
   mesh = parallel.make_mesh(config.mesh)
   rules = parallel.axis_rules(config.mesh)
   dp_size = parallel.data_parallel_size(mesh, rules)
+  expert_devices = parallel.logical_axis_size(mesh, rules, "expert") if config.model.ffn == "moe" else 1
   _check_batch_divisibility(curriculum, config, dp_size, process_count)
 
   model = model_lib.build_model(config.model)
@@ -247,6 +255,9 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, *,
                                     grad_accum_steps=config.optimizer.grad_accum_steps)
       compiled[key] = jax.jit(fn, in_shardings=(state_shardings, batch_shardings, scalar),
                               out_shardings=(state_shardings, scalar), donate_argnums=0).lower(*args).compile()
+      if mesh.size > 1:  # what each step moves between devices, read off the compiled program
+        moved = parallel.collective_summary(compiled[key].as_text())
+        logging.info("Collectives per device per step of this program: %s.", moved or "none")
     return compiled[key]
 
   datasets: dict[int, object] = {}
@@ -311,7 +322,7 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, *,
       if flops_per_token is not None and peak > 0:
         scalars["train/mfu"] = (flops_per_token(settings.phase.seq_len, settings.mod_capacity, settings.mod_mode)
                                 * tokens / seconds / peak)
-      scalars.update(_layer_scalars(metrics["layers"]))
+      scalars.update(_layer_scalars(metrics["layers"], expert_devices))
       writer.scalars(step + 1, scalars)
       for l, load in enumerate(np.asarray(metrics["layers"]["expert_load"])):
         writer.histogram(step + 1, f"moe/layer{l}/expert_load", load)
