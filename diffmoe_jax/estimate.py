@@ -18,6 +18,7 @@ import ml_collections
 
 from diffmoe_jax import config as config_lib
 from diffmoe_jax.nn import model as model_lib
+from diffmoe_jax.ops import attention as attention_ops
 
 # The paper's own figures (its table and its per-layer FFN arithmetic), keyed by config.name.
 PAPER_CLAIMS = {
@@ -161,7 +162,15 @@ def estimate(config: ml_collections.ConfigDict) -> dict:
   return result
 
 
-def state_bytes_per_device(config: ml_collections.ConfigDict, mesh_shape: dict[str, int]) -> int:
+def abstract_state(config: ml_collections.ConfigDict):
+  """The train state's arrays as boxed shapes with their logical axes (`jax.eval_shape`: nothing allocated)."""
+  from diffmoe_jax.train import state as state_lib
+  model = model_lib.build_model(config.model)
+  init = state_lib.init_fn(model, state_lib.make_optimizer(config.optimizer), seq_len=config.model.max_seq_len)
+  return jax.eval_shape(init, jax.random.PRNGKey(0))
+
+
+def state_bytes_per_device(config: ml_collections.ConfigDict, mesh_shape: dict[str, int], boxed=None) -> int:
   """One device's share of the train state (weights, Adam m and v, counters), in bytes.
 
   Each array's shard is read off the sharding the trainer gives it: its logical axes mapped to mesh axes
@@ -170,25 +179,25 @@ def state_bytes_per_device(config: ml_collections.ConfigDict, mesh_shape: dict[s
   a dimension is a ConfigError naming it.
   """
   from diffmoe_jax import parallel
-  from diffmoe_jax.train import state as state_lib
-  model = model_lib.build_model(config.model)
-  init = state_lib.init_fn(model, state_lib.make_optimizer(config.optimizer), seq_len=config.model.max_seq_len)
-  boxed = jax.eval_shape(init, jax.random.PRNGKey(0))
+  boxed = abstract_state(config) if boxed is None else boxed
   shards = parallel.shard_shapes(boxed, mesh_shape, parallel.axis_rules(config.mesh))
   return sum(math.prod(shape) * dtype.itemsize for _, shape, dtype in shards)
 
 
-def training_memory_per_device(config: ml_collections.ConfigDict, mesh_shape: dict[str, int]) -> dict:
+def training_memory_per_device(config: ml_collections.ConfigDict, mesh_shape: dict[str, int],
+                               boxed=None) -> dict:
   """Bytes one device needs to train: its shard of the state plus activations of the largest phase.
 
   The state is summed from the shardings the trainer builds (`state_bytes_per_device`). Activations are
   a lower bound for full remat: the residual stream saved at each scanned group, one layer's working set
-  (attention probabilities of both maps, the expert buffers) and the fp32 logits with their gradient.
+  (attention: both maps' probabilities on the explicit path, one block pair per map and the row statistics
+  on the blockwise and kernel paths; the expert buffers) and the fp32 logits with their gradient.
+  `boxed`: `abstract_state(config)`, when the caller sizes several meshes.
   """
   from diffmoe_jax.train.curriculum import Curriculum  # the phases give the largest batch and length
   cfg = config.model
   axis = lambda name: mesh_shape.get(name, 1)
-  state = state_bytes_per_device(config, mesh_shape)
+  state = state_bytes_per_device(config, mesh_shape, boxed)
   batch_split = axis("data") * axis("fsdp") * axis("expert")  # the default rule for "batch"
   size, groups, tail = model_lib.layer_layout(cfg)
   activations = 0.0
@@ -196,7 +205,12 @@ def training_memory_per_device(config: ml_collections.ConfigDict, mesh_shape: di
     b = max(phase.batch_size // (batch_split * config.optimizer.grad_accum_steps), 1)
     t = phase.seq_len
     residual = (groups + tail + 1) * b * t * cfg.d_model * 4
-    attention = 2 * 2 * b * cfg.num_heads * t * t * 4  # both maps' probabilities and their gradient
+    impl = attention_ops.resolve_attention_impl(cfg.attention_impl, length=t)
+    if impl in ("blockwise", "pallas"):  # q, k, v, output and its gradient, plus one block pair per map
+      block = (cfg.attention_block_q or 512) * (cfg.attention_block_k or 512)
+      attention = 5 * b * t * cfg.d_model * 4 + 2 * 2 * b * cfg.num_heads * block * 4
+    else:
+      attention = 2 * 2 * b * cfg.num_heads * t * t * 4  # both maps' probabilities and their gradient
     capacity = math.ceil(cfg.moe.capacity_factor * t * cfg.moe.top_k / max(cfg.moe.num_experts, 1))
     experts = 3 * b * cfg.moe.num_experts * capacity * cfg.moe.expert_ffn_dim * 4
     logits = 3 * b * t * cfg.vocab_size * 4

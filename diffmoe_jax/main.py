@@ -16,6 +16,7 @@ Exit codes:
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
 
@@ -52,14 +53,58 @@ def check_memory(config, mesh_shape: dict) -> dict:
   have = _available_bytes_per_device()
   if need["total"] > config.train.memory_headroom * have:
     gib = lambda x: f"{x / 2**30:,.1f} GiB"
+    devices = math.prod(mesh_shape.values())
+    fit = fitting_mesh(config, devices, config.train.memory_headroom * have)
+    if fit is None:
+      advice = (f"no mesh of up to {MAX_SUGGESTED_DEVICES:,} devices of this size fits it: lower "
+                "curriculum.tokens_per_batch or raise optimizer.grad_accum_steps, or train a smaller config")
+    else:
+      shape, fit_need = fit
+      flags = " ".join(f"--config.mesh.shape.{axis}={size}" for axis, size in shape.items())
+      where = "these" if math.prod(shape.values()) == devices else f"{math.prod(shape.values()):,}"
+      advice = f"a mesh that fits on {where} devices: {flags} (~{gib(fit_need)} per device)"
     raise InsufficientMemoryError(
-        f"This config needs about {gib(need['total'])} per device to train (state {gib(need['state'])}, "
-        f"activations {gib(need['activations'])}, by the estimator), but a device here has {gib(have)} "
-        f"available (train.memory_headroom = {config.train.memory_headroom}). Run it on a mesh that shards "
-        f"the weights over more devices (e.g. --config.mesh.shape.fsdp=N with N devices), lower "
-        f"curriculum.tokens_per_batch or raise optimizer.grad_accum_steps, or train a smaller config such as "
-        f"configs/tiny.py.")
+        f"This config needs about {gib(need['total'])} per device to train on mesh {mesh_shape} (state "
+        f"{gib(need['state'])}, activations {gib(need['activations'])}, by the estimator), but a device here "
+        f"has {gib(have)} available (train.memory_headroom = {config.train.memory_headroom}); {advice}.")
   return need
+
+
+MAX_SUGGESTED_DEVICES = 16384
+_TENSOR_WAYS = (1, 2, 3, 4, 6, 8, 9, 12, 16)
+
+
+def fitting_mesh(config, devices: int, budget: float) -> tuple[dict, float] | None:
+  """A mesh whose estimate fits in `budget` bytes per device, and that estimate: on `devices` devices if
+  one fits, else on the fewest devices that do. Weights shard over fsdp, experts over an expert axis that
+  divides model.moe.num_experts, heads and FFN width over tensor; fsdp x expert must divide every phase's
+  batch (with optimizer.grad_accum_steps), since the batch splits over them.
+  """
+  from diffmoe_jax import estimate
+  from diffmoe_jax.config import ConfigError
+  from diffmoe_jax.train.curriculum import Curriculum
+  accum = config.optimizer.grad_accum_steps
+  batch_gcd = math.gcd(*(p.batch_size // accum for p in Curriculum(config).phases if p.batch_size % accum == 0))
+  experts = config.model.moe.num_experts if config.model.ffn == "moe" else 1
+  boxed = estimate.abstract_state(config)
+  options = []
+  for split in (s for s in range(1, batch_gcd + 1) if batch_gcd % s == 0):
+    for expert in (e for e in range(1, experts + 1) if experts % e == 0 and split % e == 0):
+      for tensor in _TENSOR_WAYS:
+        n = split * tensor
+        if n > MAX_SUGGESTED_DEVICES or (n < devices):
+          continue
+        shape = {"data": 1, "fsdp": split // expert, "expert": expert, "tensor": tensor}
+        try:
+          total = estimate.training_memory_per_device(config, shape, boxed)["total"]
+        except ConfigError:  # the mesh does not divide some dimension
+          continue
+        if total <= budget:
+          options.append((n != devices, n, total, shape))
+  if not options:
+    return None
+  *_, total, shape = min(options, key=lambda o: o[:3])
+  return shape, total
 
 
 def summary(config, workdir: str, result: dict, mesh_shape: dict, need: dict, curriculum) -> str:

@@ -1,5 +1,6 @@
 """The training system end to end: six phases, TensorBoard, checkpoints, resume, fallback, signals, guards."""
 import importlib.util
+import math
 import os
 import re
 import shutil
@@ -224,10 +225,26 @@ def test_a_run_of_nonfinite_updates_stops_with_the_last_good_state(tmp_path):
   assert totals[max(totals)] == 4 and max(totals) == step
 
 
-def test_too_large_config_stops_before_allocating():
+def test_too_large_config_stops_before_allocating(monkeypatch):
+  """PI-S on 8 devices of 80 GiB: refused before anything is allocated, naming a mesh that fits."""
+  from diffmoe_jax import estimate
   config = load_named("pi_s")
-  with pytest.raises(main_lib.InsufficientMemoryError, match=r"needs about [\d,.]+ GiB per device.*fsdp"):
-    main_lib.check_memory(config, {"data": 1, "fsdp": 1, "expert": 1, "tensor": 1})
+  monkeypatch.setattr(main_lib, "_available_bytes_per_device", lambda: 80 * 2**30)
+  with pytest.raises(main_lib.InsufficientMemoryError, match=r"needs about [\d,.]+ GiB per device.*a mesh that "
+                                                             r"fits on (\d+) devices: --config\.mesh\.shape") as e:
+    main_lib.check_memory(config, {"data": 1, "fsdp": 8, "expert": 1, "tensor": 1})
+  budget = 0.9 * 80 * 2**30
+  shape, need = main_lib.fitting_mesh(config, 8, budget)
+  devices = math.prod(shape.values())
+  assert str(devices) in str(e.value)
+  assert need == estimate.training_memory_per_device(config, shape)["total"] <= budget
+  # Half the devices do not fit with the weights sharded over all of them.
+  half = {"data": 1, "fsdp": devices // 2, "expert": 1, "tensor": 1}
+  assert estimate.training_memory_per_device(config, half)["total"] > budget
+  # Memory no mesh can provide: the advice is to shrink the batch or the model.
+  with pytest.raises(main_lib.InsufficientMemoryError, match=r"no mesh of up to [\d,]+ devices"):
+    monkeypatch.setattr(main_lib, "_available_bytes_per_device", lambda: 2**30)
+    main_lib.check_memory(config, {"data": 1, "fsdp": 8, "expert": 1, "tensor": 1})
 
 
 def test_vocabulary_smaller_than_the_tokenizer(tmp_path):
