@@ -210,8 +210,11 @@ def _attention_length_sweep(args, config) -> None:
 
 
 def _longest_train_context(args, config) -> None:
-  """Tiny's train step (batch 1, MoD top-k at the config's capacity) at growing lengths: compiled memory
-  (arguments + outputs + temporaries) and one timed step while it fits in --memory-gib."""
+  """The config's train step (batch 1, MoD top-k at the config's capacity) at growing lengths: compiled
+  memory (arguments + outputs + temporaries; the temporaries beside the estimator's gradients +
+  activations) and one timed step while it fits in --memory-gib. Compiling allocates nothing, so any
+  config compiles here (PI-P at its 8,192-token context included)."""
+  from diffmoe_jax import estimate
   from diffmoe_jax.nn import model as model_lib
   from diffmoe_jax.ops import attention as attention_ops
   from diffmoe_jax.train import state as state_lib, step as step_lib
@@ -227,20 +230,24 @@ def _longest_train_context(args, config) -> None:
     optimizer = state_lib.make_optimizer(cfg.optimizer)
     step = jax.jit(step_lib.make_train_step(model, optimizer, mod_mode="topk", mod_capacity=cfg.model.mod.capacity),
                    donate_argnums=0)
-    state = jax.jit(lambda r: nn.unbox(state_lib.init_fn(model, optimizer, t)(r)))(jax.random.PRNGKey(0))
+    init = lambda r: nn.unbox(state_lib.init_fn(model, optimizer, 16)(r))
+    abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
     batch = {"inputs": jnp.zeros((1, t), jnp.int32), "targets": jnp.zeros((1, t), jnp.int32)}
     dyn = {key: jnp.float32(value) for key, value in step_lib.dynamic_settings(settings).items()}
     start = time.perf_counter()
-    compiled = step.lower(state, batch, dyn).compile()
+    compiled = step.lower(abstract, batch, dyn).compile()
     compile_s = time.perf_counter() - start
     mem = compiled.memory_analysis()
     total = mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
+    estimated = (2 * estimate.state_bytes_per_device(cfg, {}, estimate.abstract_state(cfg).params)
+                 + estimate.activation_bytes(cfg.model, 1, t))
     attention = attention_ops.resolve_attention_impl(cfg.model.attention_impl, length=t)
-    line = (f"T={t:>6}  {attention:<9}  compiled memory {_gib(total)} GiB (temp {_gib(mem.temp_size_in_bytes)})"
-            f"  compile {compile_s:6.1f} s")
+    line = (f"T={t:>6}  {attention:<9}  compiled memory {_gib(total)} GiB (temp {_gib(mem.temp_size_in_bytes)}; "
+            f"estimated {_gib(estimated)}, {estimated / mem.temp_size_in_bytes:.2f}x)  compile {compile_s:6.1f} s")
     if total > args.memory_gib * 2**30:
       print(line + "  over the limit: not run", flush=True)
       break
+    state = jax.jit(init)(jax.random.PRNGKey(0))
     start = time.perf_counter()
     state, metrics_ = compiled(state, batch, dyn)
     loss = float(metrics_["loss"])

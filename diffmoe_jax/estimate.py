@@ -19,6 +19,7 @@ import ml_collections
 from diffmoe_jax import config as config_lib
 from diffmoe_jax.nn import model as model_lib
 from diffmoe_jax.ops import attention as attention_ops
+from diffmoe_jax.ops import routing
 
 # The paper's own figures (its table and its per-layer FFN arithmetic), keyed by config.name.
 PAPER_CLAIMS = {
@@ -186,36 +187,61 @@ def state_bytes_per_device(config: ml_collections.ConfigDict, mesh_shape: dict[s
 
 def training_memory_per_device(config: ml_collections.ConfigDict, mesh_shape: dict[str, int],
                                boxed=None) -> dict:
-  """Bytes one device needs to train: its shard of the state plus activations of the largest phase.
+  """Bytes one device needs to train: its shard of the state, the gradients (sharded like the weights)
+  and the activations of the largest phase (`activation_bytes`).
 
-  The state is summed from the shardings the trainer builds (`state_bytes_per_device`). Activations are
-  a lower bound for full remat: the residual stream saved at each scanned group, one layer's working set
-  (attention: both maps' probabilities on the explicit path, one block pair per map and the row statistics
-  on the blockwise and kernel paths; the expert buffers) and the fp32 logits with their gradient.
+  The state is summed from the shardings the trainer builds (`state_bytes_per_device`).
   `boxed`: `abstract_state(config)`, when the caller sizes several meshes.
   """
   from diffmoe_jax.train.curriculum import Curriculum  # the phases give the largest batch and length
-  cfg = config.model
   axis = lambda name: mesh_shape.get(name, 1)
+  boxed = abstract_state(config) if boxed is None else boxed
   state = state_bytes_per_device(config, mesh_shape, boxed)
+  # The gradient and the update's temporaries: twice the weights' shard in the compiled step.
+  gradients = 2 * state_bytes_per_device(config, mesh_shape, boxed.params)
   batch_split = axis("data") * axis("fsdp") * axis("expert")  # the default rule for "batch"
-  size, groups, tail = model_lib.layer_layout(cfg)
   activations = 0.0
   for phase in Curriculum(config).phases:
     b = max(phase.batch_size // (batch_split * config.optimizer.grad_accum_steps), 1)
-    t = phase.seq_len
-    residual = (groups + tail + 1) * b * t * cfg.d_model * 4
-    impl = attention_ops.resolve_attention_impl(cfg.attention_impl, length=t)
-    if impl in ("blockwise", "pallas"):  # q, k, v, output and its gradient, plus one block pair per map
+    capacity = max(phase.mod_capacity_start, phase.mod_capacity_end) if phase.mod_enabled else 1.0
+    activations = max(activations, activation_bytes(config.model, b, phase.seq_len, mod_capacity=capacity,
+                                                    tensor=axis("tensor")))
+  return {"state": state, "gradients": gradients, "activations": activations,
+          "total": state + gradients + activations}
+
+
+def activation_bytes(cfg: ml_collections.ConfigDict, batch: int, seq_len: int, *, mod_capacity: float | None = None,
+                     tensor: int = 1) -> float:
+  """Activation memory of one device's train step on `batch` sequences of `seq_len` tokens, in bytes.
+
+  With full remat: the residual stream saved at each scanned group, one group's working set while it is
+  recomputed for its backward pass (per layer, attention: both maps' probabilities on the explicit path;
+  q, k, v, the output and one block pair per map on the blockwise and kernel paths; the expert slot
+  buffers; a routed layer at `mod_capacity` (None: the model's) counts only the tokens it selects) and the
+  fp32 logits with their gradient. `tests/test_estimate.py` holds it against the compiled program.
+  """
+  b, t = batch, seq_len
+  size, groups, tail = model_lib.layer_layout(cfg)
+
+  def layer(tokens: int) -> float:
+    impl = attention_ops.resolve_attention_impl(cfg.attention_impl, length=tokens)
+    if impl in ("blockwise", "pallas"):
       block = (cfg.attention_block_q or 512) * (cfg.attention_block_k or 512)
-      attention = 5 * b * t * cfg.d_model * 4 + 2 * 2 * b * cfg.num_heads * block * 4
+      attention = 5 * b * tokens * cfg.d_model * 4 + 2 * 2 * b * cfg.num_heads * block * 4
     else:
-      attention = 2 * 2 * b * cfg.num_heads * t * t * 4  # both maps' probabilities and their gradient
-    capacity = math.ceil(cfg.moe.capacity_factor * t * cfg.moe.top_k / max(cfg.moe.num_experts, 1))
+      attention = 2 * 2 * b * cfg.num_heads * tokens * tokens * 4  # both maps' probabilities, their gradient
+    capacity = math.ceil(cfg.moe.capacity_factor * tokens * cfg.moe.top_k / max(cfg.moe.num_experts, 1))
     experts = 3 * b * cfg.moe.num_experts * capacity * cfg.moe.expert_ffn_dim * 4
-    logits = 3 * b * t * cfg.vocab_size * 4
-    activations = max(activations, residual + (size * (attention + experts) + logits) / axis("tensor"))
-  return {"state": state, "activations": activations, "total": state + activations}
+    return attention + experts
+
+  residual = (groups + tail + 1) * b * t * cfg.d_model * 4
+  routed_tokens = t
+  if cfg.mod.enabled:
+    capacity = cfg.mod.capacity if mod_capacity is None else mod_capacity
+    routed_tokens = routing.mod_capacity_tokens(capacity, t)
+  group = (size - 1) * layer(t) + layer(routed_tokens) if cfg.mod.enabled else size * layer(t)
+  logits = 3 * b * t * cfg.vocab_size * 4
+  return residual + (group + logits) / tensor
 
 
 def human(x: float, unit: str = "") -> str:

@@ -20,6 +20,9 @@ os.environ["DIFFMOE_CACHE"] = os.path.join(_SESSION_DIR, "tokens")
 import jax  # noqa: E402  (must follow the XLA_FLAGS above)
 
 jax.config.update("jax_default_matmul_precision", "highest")
+# Start the backend now: it reads XLA_FLAGS when first used, and a test that sets them for a subprocess
+# (the notebook's kernel) must not leave an in-process backend started after it with one device.
+assert jax.device_count() == 8
 
 import pytest  # noqa: E402
 
