@@ -1,0 +1,342 @@
+"""The search: candidates, π-constraints, completion, scores, proxies, the Pareto front and its report.
+
+`run(config, workdir)` writes into workdir: `proxies/<family>_<width>/` (each proxy's training run and its
+`result.json`; a candidate that has one is not retrained, so an interrupted search resumes),
+`table.csv` / `table.md` (every candidate, with the rule that rejected it or its scores), `front.json`,
+`front.png`, `configs/<name>.py` (a config `main` accepts for each Pareto point) and `report.md`.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import json
+import math
+import os
+import time
+
+import ml_collections
+
+from diffmoe_jax import config as config_lib
+from diffmoe_jax import data, estimate
+from diffmoe_jax.config import ConfigError
+from diffmoe_jax.ncas import complete as complete_lib
+from diffmoe_jax.ncas import rules as rules_lib
+from diffmoe_jax.ncas import scores
+
+PI, BASELINE = "pi", "power_of_two"
+OBJECTIVES_TEXT = "capacity (max), hardware efficiency on ncas.hardware.backend (max), proxy loss (min)"
+
+
+def defaults() -> ml_collections.ConfigDict:
+  """The search's settings; `data` is the training data section (the proxies train on it)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.data = config_lib.defaults().data
+  c.ncas = n = ml_collections.ConfigDict()
+  n.space = ml_collections.ConfigDict({"min_width": 2048, "max_width": 8192, "step": 3})
+  n.rules = ml_collections.ConfigDict({"enabled": rules_lib.DEFAULT_RULES, "tile": 32, "head_dims": (128, 144)})
+  n.complete = ml_collections.ConfigDict(dataclasses.asdict(complete_lib.CompletionRules()))
+  # backend: which tile the Pareto front uses; measure: "auto" (on an accelerator), "on", "off".
+  n.hardware = ml_collections.ConfigDict({"backend": "tpu", "measure": "auto", "measure_seq_len": 2048,
+                                           "measure_batch_size": 8})
+  n.baseline = True  # also run the power-of-two widths of the space, at the same proxy budget
+  # The proxy: width / scale (a power of two: the only integers dividing both families), `steps` steps of
+  # `tokens_per_batch` tokens (the fixed token budget), all six phases, validation loss at the end.
+  n.proxy = ml_collections.ConfigDict({
+      "scale": 8, "num_layers": 2, "seq_len": 32, "tokens_per_batch": 256, "steps": 20, "peak_lr": 3e-3,
+      "mod_capacity": 0.25, "eval_batches": 4, "eval_batch_size": 8})
+  return c
+
+
+def _rule_settings(n) -> rules_lib.RuleSettings:
+  return rules_lib.RuleSettings(min_width=n.space.min_width, max_width=n.space.max_width, tile=n.rules.tile,
+                                head_dims=tuple(n.rules.head_dims))
+
+
+def completion_rules(n) -> complete_lib.CompletionRules:
+  fields = {f.name for f in dataclasses.fields(complete_lib.CompletionRules)}
+  unknown = sorted(set(n.complete.keys()) - fields)
+  if unknown:
+    raise ConfigError(f"config.ncas.complete: {unknown} are no completion settings; they are {sorted(fields)}.")
+  values = dict(n.complete)
+  values["head_dims"] = tuple(values["head_dims"])
+  return complete_lib.CompletionRules(**values)
+
+
+def validate(config) -> None:
+  """Raises ConfigError naming the field for a search config that cannot run."""
+  n = config.ncas
+  rules_lib.check_settings(n.rules.enabled, _rule_settings(n))
+  rules_lib.candidate_widths(n.space.min_width, n.space.max_width, n.space.step)
+  p = n.proxy
+  for field in ("steps", "tokens_per_batch", "scale", "num_layers", "seq_len", "eval_batches"):
+    if not (isinstance(p[field], int) and p[field] > 0):
+      raise ConfigError(f"config.ncas.proxy.{field}: must be a positive integer, got {p[field]!r}"
+                        + (" (the proxy token budget is steps * tokens_per_batch)." if field in
+                           ("steps", "tokens_per_batch") else "."))
+  if n.hardware.backend not in scores.BACKEND_TILES:
+    raise ConfigError(f"config.ncas.hardware.backend: {n.hardware.backend!r} is not one of "
+                      f"{list(scores.BACKEND_TILES)}.")
+  if n.hardware.measure not in ("auto", "on", "off"):
+    raise ConfigError(f"config.ncas.hardware.measure: {n.hardware.measure!r} is not 'auto', 'on' or 'off'.")
+  completion_rules(n)
+
+
+def proxy_config(config, arch: complete_lib.Architecture, name: str) -> ml_collections.ConfigDict:
+  """The training config of a proxy: the proxy shape, the six phases in `proxy.steps` steps at one length."""
+  p = config.ncas.proxy
+  shape = complete_lib.proxy(arch, p.scale, p.num_layers, p.seq_len)
+  c = config_lib.defaults()
+  c.name, c.seed = name, config.seed
+  c.data = copy.deepcopy(config.data)
+  complete_lib.set_model(c.model, shape)
+  c.model.update(vocab_size=256, dtype="float32")
+  c.model.mod.update(capacity=p.mod_capacity, predictor_hidden=16)
+  c.curriculum.update(total_steps=p.steps, tokens_per_batch=p.tokens_per_batch, mod_anneal_levels=1)
+  for phase, steps in zip(config_lib.PHASES, phase_steps(p.steps, [c.curriculum[q].fraction for q in config_lib.PHASES])):
+    c.curriculum[phase].update(seq_len=p.seq_len, steps=steps)  # one length: fewer compiled programs
+  # MoD at capacity 1 computes what MoD off computes (README "Mixture of depths"); so the warmup shares
+  # the foundation's compiled step, one compile fewer per proxy.
+  c.curriculum.warmup.update(mod_enabled=True, mod_capacity_start=1.0, mod_capacity_end=1.0)
+  c.optimizer.peak_lr = p.peak_lr
+  c.train.update(log_every=max(1, p.steps // 4), eval_every=p.steps, checkpoint_every=p.steps,
+                 stable_rank_every=p.steps, eval_batches=p.eval_batches, eval_batch_size=p.eval_batch_size)
+  try:
+    return config_lib.validate(c)
+  except ConfigError as e:
+    raise ConfigError(f"config.ncas.proxy: the proxy of width {arch.d_model} is not a valid model ({e}).") from None
+
+
+def phase_steps(total: int, fractions: list[float]) -> list[int]:
+  """`total` steps split by the phases' fractions, largest remainders first, at least one step each."""
+  if total < len(fractions):
+    raise ConfigError(f"config.ncas.proxy.steps: {total} steps cannot give each of the {len(fractions)} "
+                      f"phases one; use at least {len(fractions)}.")
+  steps = [max(1, math.floor(f * total)) for f in fractions]
+  by_remainder = sorted(range(len(fractions)), key=lambda i: fractions[i] * total - steps[i], reverse=True)
+  for i in by_remainder[:max(0, total - sum(steps))]:
+    steps[i] += 1
+  while sum(steps) > total:  # minimum steps taken from the longest phase
+    steps[steps.index(max(steps))] -= 1
+  return steps
+
+
+def _write_json(path: str, value) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(value, f, indent=2)
+  os.replace(tmp, path)  # a result file is whole or absent, so resume never reads half of one
+
+
+def train_proxy(config, arch, family: str, workdir: str, corpus, log) -> dict:
+  """The proxy's validation result, from its result.json if it finished before, else by training it."""
+  from diffmoe_jax.train import loop
+  name = f"{family}_{arch.d_model}"
+  run_dir = os.path.join(workdir, "proxies", name)
+  result_path = os.path.join(run_dir, "result.json")
+  if os.path.exists(result_path):
+    with open(result_path, encoding="utf-8") as f:
+      result = json.load(f)
+    log(f"  {name}: finished before, validation loss {result['loss']:.4f}")
+    return result
+  cfg = proxy_config(config, arch, name)
+  start = time.perf_counter()
+  outcome = loop.train(cfg, run_dir, corpus=corpus)
+  result = {"loss": outcome.eval["loss"], "seconds": time.perf_counter() - start,
+            "tokens": cfg.curriculum.total_steps * cfg.curriculum.tokens_per_batch,
+            "bits_per_byte": {k.split("/")[0]: v for k, v in outcome.eval.items() if k.endswith("/bits_per_byte")},
+            "proxy": dataclasses.asdict(complete_lib.proxy(arch, config.ncas.proxy.scale,
+                                                           config.ncas.proxy.num_layers, config.ncas.proxy.seq_len))}
+  if outcome.stopped is None:
+    _write_json(result_path, result)
+  log(f"  {name}: validation loss {result['loss']:.4f} in {result['seconds']:.0f} s")
+  return result
+
+
+def screen(config) -> list[dict]:
+  """One row per candidate (and per baseline width): its family, and the first rule that rejects it."""
+  n = config.ncas
+  settings = _rule_settings(n)
+  rows = [{"family": PI, "width": w, "rejected_by": rules_lib.rejecting_rule(w, n.rules.enabled, settings)}
+          for w in rules_lib.candidate_widths(n.space.min_width, n.space.max_width, n.space.step)]
+  if n.baseline:
+    rows += [{"family": BASELINE, "width": w, "rejected_by": rules_lib.rejecting_rule(w, n.rules.enabled, settings)}
+             for w in rules_lib.powers_of_two(n.space.min_width, n.space.max_width)]
+  return rows
+
+
+def row_key(row: dict) -> str:
+  """A candidate's name: its family and width (a width may appear in both families with rules switched off)."""
+  return f"{row['family']}_{row['width']}"
+
+
+def evaluated(row: dict) -> bool:
+  """Survivors of the π family and every baseline width (which the rules reject by design) are scored."""
+  return row["family"] == BASELINE or row["rejected_by"] is None
+
+
+def static_scores(config, arch) -> dict:
+  """Capacity and hardware scores of a full-scale architecture (no training)."""
+  import jax
+  n = config.ncas
+  model = complete_lib.training_config(arch, "candidate").model
+  total = estimate.count_params(model).total
+  out = {"total_params": total, "capacity_gbit": scores.capacity_bits(total) / 1e9}
+  for backend, tile in scores.BACKEND_TILES.items():
+    out[f"efficiency_{backend}"] = scores.tile_efficiency(arch, tile)
+  out["efficiency"] = out[f"efficiency_{n.hardware.backend}"]
+  measure = n.hardware.measure == "on" or (n.hardware.measure == "auto" and jax.default_backend() != "cpu")
+  if measure:
+    out["measured_tokens_per_second"] = scores.measured_tokens_per_second(
+        arch, seq_len=n.hardware.measure_seq_len, batch_size=n.hardware.measure_batch_size)
+  return out
+
+
+def run(config, workdir: str, log=print, report_dir: str = "") -> dict:
+  """The whole search; returns the report's data, also written to report_dir (default: the workdir)."""
+  validate(config)
+  os.makedirs(workdir, exist_ok=True)
+  start = time.perf_counter()
+  rows = screen(config)
+  pi_rows = [r for r in rows if r["family"] == PI]
+  survivors = [r for r in rows if evaluated(r)]
+  log(f"{len(pi_rows)} candidate widths, {sum(r['rejected_by'] is None for r in pi_rows)} pass the rules "
+      f"{list(config.ncas.rules.enabled)}; {len(survivors)} to score (with the power-of-two baseline).")
+  rules = completion_rules(config.ncas)
+  for row in survivors:  # completion and proxy layout first, so a bad setting fails before any training
+    row["arch"] = complete_lib.complete(row["width"], rules)
+    complete_lib.proxy(row["arch"], config.ncas.proxy.scale, config.ncas.proxy.num_layers, config.ncas.proxy.seq_len)
+  corpus = data.build_corpus(config.data)
+  for i, row in enumerate(survivors):
+    log(f"[{i + 1}/{len(survivors)}] {row['family']} {row['width']}: {row['arch']}")
+    row.update(static_scores(config, row["arch"]))
+    row["proxy"] = train_proxy(config, row["arch"], row["family"], workdir, corpus, log)
+    row["proxy_loss"] = row["proxy"]["loss"]
+  objectives = {"capacity_gbit": "max", "efficiency": "max", "proxy_loss": "min"}
+  fronts = {}
+  for name, members in ((PI, [r for r in survivors if r["family"] == PI]),
+                        (BASELINE, [r for r in survivors if r["family"] == BASELINE]),
+                        ("joint", survivors)):
+    fronts[name] = [row_key(members[i]) for i in scores.pareto_front(members, objectives)]
+  result = {"rows": rows, "fronts": fronts, "objectives": objectives,
+            "paper_mismatches": complete_lib.paper_mismatches(rules),
+            "seconds": time.perf_counter() - start}
+  report_dir = report_dir or workdir
+  os.makedirs(report_dir, exist_ok=True)
+  write_report(config, report_dir, result)
+  log(f"Pareto front (π family): {fronts[PI]}; joint with the baseline: {fronts['joint']}. "
+      f"Report in {report_dir} ({result['seconds']:.0f} s).")
+  return result
+
+
+ARCH_COLUMNS = [f.name for f in dataclasses.fields(complete_lib.Architecture)]
+SCORE_COLUMNS = ["total_params", "capacity_gbit"] + [f"efficiency_{b}" for b in scores.BACKEND_TILES] + [
+    "measured_tokens_per_second", "proxy_loss"]
+
+
+def _flat(row: dict, fronts: dict) -> dict:
+  out = {"family": row["family"], "width": row["width"], "rejected_by": row["rejected_by"] or ""}
+  arch = row.get("arch")
+  for column in ARCH_COLUMNS[1:]:
+    out[column] = getattr(arch, column) if arch else ""
+  for column in SCORE_COLUMNS:
+    out[column] = row.get(column, "")
+  for domain, bpb in (row.get("proxy") or {}).get("bits_per_byte", {}).items():
+    out[f"proxy_bits_per_byte_{domain}"] = bpb
+  out["proxy_seconds"] = (row.get("proxy") or {}).get("seconds", "")
+  out["fronts"] = " ".join(name for name, keys in fronts.items() if row_key(row) in keys)
+  return out
+
+
+def _fmt(value) -> str:
+  if isinstance(value, float):
+    return f"{value:.4g}"
+  return str(value)
+
+
+def _plot(path: str, scored: list[dict], fronts: dict, backend: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+  for ax, key, label in ((axes[0], "capacity_gbit", "capacity (Gbit, 2 bits/parameter)"),
+                         (axes[1], "efficiency", f"tile efficiency ({backend})")):
+    for family, color, marker in ((PI, "tab:blue", "o"), (BASELINE, "tab:orange", "s")):
+      rows = [r for r in scored if r["family"] == family]
+      ax.scatter([r[key] for r in rows], [r["proxy_loss"] for r in rows], c=color, marker=marker,
+                 label="π-constrained" if family == PI else "power of two")
+      for r in rows:
+        on_front = row_key(r) in fronts[family]
+        ax.annotate(str(r["width"]) + ("*" if on_front else ""), (r[key], r["proxy_loss"]), fontsize=8,
+                    xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel(label)
+    ax.set_ylabel("proxy validation loss (nats/token)")
+    ax.grid(alpha=0.3)
+  axes[0].legend()
+  fig.suptitle("NCAS candidates (* = on its family's Pareto front)")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def write_report(config, workdir: str, result: dict) -> None:
+  """table.csv, table.md, front.json, front.png, configs/*.py and report.md under workdir."""
+  rows, fronts = result["rows"], result["fronts"]
+  flat = [_flat(r, fronts) for r in rows]
+  columns = list(dict.fromkeys(k for row in flat for k in row))
+  with open(os.path.join(workdir, "table.csv"), "w", newline="", encoding="utf-8") as f:
+    writer = csv.DictWriter(f, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(flat)
+  scored = [r for r in rows if "proxy_loss" in r]
+  shown = [c for c in columns if c not in ("rejected_by", "measured_tokens_per_second") or
+           any(r.get(c) not in ("", None) for r in flat if c == "measured_tokens_per_second")]
+  lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
+  lines += ["| " + " | ".join(_fmt(row[c]) if c in row else "" for c in shown) + " |"
+            for row in flat if row["proxy_seconds"] != ""]
+  counts: dict = {}
+  for r in rows:
+    if r["family"] == PI:
+      counts[r["rejected_by"] or "(passes)"] = counts.get(r["rejected_by"] or "(passes)", 0) + 1
+  rejection = ["| first rule failed | candidates |", "|---|---|"] + [f"| {k} | {v} |" for k, v in counts.items()]
+  baseline = [f"| {r['width']} | {r['rejected_by'] or '(passes)'} |" for r in rows if r["family"] == BASELINE]
+  table_md = "\n".join(["## Scored candidates", ""] + lines + ["", "## π candidates by the first rule that rejects "
+                        "them (every candidate is in table.csv)", ""] + rejection
+                       + (["", "## Power-of-two baseline under the rules", "", "| width | first rule failed |",
+                           "|---|---|"] + baseline if baseline else [])) + "\n"
+  with open(os.path.join(workdir, "table.md"), "w", encoding="utf-8") as f:
+    f.write(table_md)
+  by_key = {row_key(r): r for r in scored}
+  front_json = {
+      "objectives": result["objectives"],
+      "fronts": {name: [_flat(by_key[key], fronts) for key in keys] for name, keys in fronts.items()},
+      "proxy": dict(config.ncas.proxy), "paper_mismatches": result["paper_mismatches"],
+      "seconds": result["seconds"]}
+  _write_json(os.path.join(workdir, "front.json"), front_json)
+  _plot(os.path.join(workdir, "front.png"), scored, fronts, config.ncas.hardware.backend)
+  config_dir = os.path.join(workdir, "configs")
+  os.makedirs(config_dir, exist_ok=True)
+  for key in dict.fromkeys(fronts[PI] + fronts["joint"]):
+    row = by_key[key]
+    name = f"ncas_{row['width']}"
+    summary = (f"NCAS Pareto point d_model {row['width']} ({row['family']} family): {row['total_params'] / 1e9:.1f}B "
+               f"parameters; written by python -m diffmoe_jax.ncas.")
+    with open(os.path.join(config_dir, name + ".py"), "w", encoding="utf-8") as f:
+      f.write(complete_lib.config_file_text(row["arch"], name, summary))
+  p = config.ncas.proxy
+  mismatches = "\n".join(f"- {m['row']}: {m['field']} is {m['paper']} in the paper, {m['rules']} by the rules"
+                         for m in result["paper_mismatches"]) or "- none"
+  report = [
+      "# NCAS search report", "",
+      f"Space: multiples of {config.ncas.space.step} in [{config.ncas.space.min_width}, "
+      f"{config.ncas.space.max_width}] ({sum(r['family'] == PI for r in rows)} widths); rules "
+      f"{list(config.ncas.rules.enabled)}; {sum(r['family'] == PI and r['rejected_by'] is None for r in rows)} "
+      f"survive.",
+      f"Proxy: width / {p.scale}, {p.num_layers} layers, context {p.seq_len}, {p.steps} steps of "
+      f"{p.tokens_per_batch} tokens ({p.steps * p.tokens_per_batch} tokens) on {dict(config.data.domains)}.",
+      f"Objectives: {OBJECTIVES_TEXT}. Wall time {result['seconds']:.0f} s.", "",
+      f"Pareto front, π family: {fronts['pi']}; power-of-two family: {fronts['power_of_two']}; both pooled: "
+      f"{fronts['joint']}.", "", "Completion rules against the paper's rows:", mismatches, "", table_md]
+  with open(os.path.join(workdir, "report.md"), "w", encoding="utf-8") as f:
+    f.write("\n".join(report))

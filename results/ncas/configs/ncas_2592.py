@@ -1,0 +1,14 @@
+"""NCAS Pareto point d_model 2592 (pi family): 4.9B parameters; written by python -m diffmoe_jax.ncas."""
+from diffmoe_jax import config as config_lib
+
+
+def get_config():
+  c = config_lib.defaults()
+  c.name = "ncas_2592"
+  c.model.update(d_model=2592, num_layers=27, num_heads=18, head_dim=144, max_seq_len=8192)
+  c.model.moe.update(num_experts=4, expert_ffn_dim=6912, top_k=2)
+  c.curriculum.tokens_per_batch = 1048576
+  c.curriculum.total_steps = 100_000
+  # Weights, gradients and optimizer state shard over every device (FSDP), as in configs/pi.py.
+  c.mesh.shape.update(data=1, fsdp=-1)
+  return c

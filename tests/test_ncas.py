@@ -1,0 +1,213 @@
+"""The π-constrained architecture search: rules, completion, scores, Pareto front, the search end to end."""
+import csv
+import dataclasses
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from diffmoe_jax import config as config_lib
+from diffmoe_jax import estimate
+from diffmoe_jax.config import ConfigError
+from diffmoe_jax.ncas import complete, rules, scores, search
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SETTINGS = rules.RuleSettings(min_width=2048, max_width=8192, tile=32, head_dims=(128, 144))
+
+
+def load(path):
+  spec = importlib.util.spec_from_file_location("loaded_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def test_paper_widths_pass_and_4096_fails_by_name():
+  for width in (4608, 3456, 2592):
+    assert rules.rejecting_rule(width, rules.DEFAULT_RULES, SETTINGS) is None
+  assert rules.rejecting_rule(4096, rules.DEFAULT_RULES, SETTINGS) == "not_power_of_two"
+
+
+def test_default_space_has_about_2000_candidates_and_fewer_than_50_survivors():
+  c = search.defaults()
+  rows = search.screen(c)
+  pi_rows = [r for r in rows if r["family"] == search.PI]
+  survivors = [r["width"] for r in pi_rows if r["rejected_by"] is None]
+  assert len(pi_rows) == 2048
+  assert len(survivors) < 50
+  # Independently: 3-smooth numbers 2^a 3^b with b >= 1 and a >= 5 in range, divisible by 128 or 144.
+  expected = sorted(2 ** a * 3 ** b for a in range(5, 14) for b in range(1, 9)
+                    if 2048 <= 2 ** a * 3 ** b <= 8192
+                    and ((2 ** a * 3 ** b) % 128 == 0 or (2 ** a * 3 ** b) % 144 == 0))
+  assert survivors == expected
+  assert [r["width"] for r in rows if r["family"] == search.BASELINE] == [2048, 4096, 8192]
+
+
+@pytest.mark.parametrize("rule, passing, failing", [
+    ("in_range", [2048, 5000, 8192], [2047, 8193]),
+    ("three_smooth", [2304, 2592, 4096, 7776], [2560, 3000, 4100, 5120]),
+    ("not_power_of_two", [3072, 2592, 6], [2048, 4096, 8192]),
+    ("tile_aligned", [2592, 3456, 4096], [2916, 3888, 2187]),
+    ("differential_heads", [4608, 2592, 1296], [2916, 3000, 1000]),
+])
+def test_each_rule_on_hand_picked_widths(rule, passing, failing):
+  for width in passing:
+    assert rules.RULES[rule](width, SETTINGS), (rule, width)
+  for width in failing:
+    assert not rules.RULES[rule](width, SETTINGS), (rule, width)
+
+
+def test_rules_can_be_switched_off():
+  assert rules.rejecting_rule(4096, ("in_range", "three_smooth", "tile_aligned"), SETTINGS) is None
+
+
+@pytest.mark.parametrize("path, value, field", [
+    ("ncas.rules.enabled", ("three_smooth", "prime_width"), "config.ncas.rules.enabled"),
+    ("ncas.space.max_width", 1000, "config.ncas.space"),
+    ("ncas.proxy.steps", 0, "config.ncas.proxy.steps"),
+    ("ncas.proxy.tokens_per_batch", 0, "config.ncas.proxy.tokens_per_batch"),
+])
+def test_bad_settings_name_their_field(path, value, field):
+  c = search.defaults()
+  node = c
+  *parents, leaf = path.split(".")
+  for part in parents:
+    node = node[part]
+  node[leaf] = value
+  with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+    search.validate(c)
+
+
+def test_a_scale_with_no_proxy_head_layout_names_the_field(tmp_path):
+  c = search.defaults()
+  c.ncas.proxy.scale = 16  # 2592 / 16 = 162 is not a multiple of 4
+  with pytest.raises(ConfigError, match=r"config\.ncas\.proxy\.scale.*2592"):
+    search.run(c, str(tmp_path), log=lambda line: None)
+
+
+def test_completion_reproduces_the_paper_rows_except_the_reported_ffn():
+  completion = complete.CompletionRules()
+  for row, paper in complete.PAPER_ROWS.items():
+    derived = complete.complete(paper.d_model, completion)
+    differing = {f.name for f in dataclasses.fields(paper) if getattr(paper, f.name) != getattr(derived, f.name)}
+    assert differing <= {"expert_ffn_dim"}, (row, derived)
+  assert {(m["row"], m["field"]) for m in complete.paper_mismatches(completion)} == {
+      ("pi", "expert_ffn_dim"), ("pi_s", "expert_ffn_dim")}
+
+
+@pytest.mark.parametrize("name", ["pi", "pi_s", "pi_p"])
+def test_paper_rows_match_the_configs(name):
+  m = load(os.path.join(ROOT, "configs", f"{name}.py")).model
+  row = complete.PAPER_ROWS[name]
+  assert (m.d_model, m.num_layers, m.num_heads, m.head_dim, m.moe.num_experts, m.moe.top_k, m.moe.expert_ffn_dim,
+          m.max_seq_len) == dataclasses.astuple(row)
+
+
+def test_proxy_keeps_the_shape_and_relays_heads_when_needed():
+  pi_p = complete.complete(2592, complete.CompletionRules())
+  p = complete.proxy(pi_p, 8, 2, 32)
+  assert (p.d_model, p.num_heads, p.head_dim, p.num_experts) == (324, 27, 12, 4)
+  pi = complete.proxy(complete.complete(4608, complete.CompletionRules()), 8, 2, 32)
+  assert (pi.d_model, pi.num_heads, pi.head_dim, pi.expert_ffn_dim) == (576, 36, 16, 1536)
+
+
+def test_tile_efficiency_against_a_direct_count():
+  arch = complete.Architecture(d_model=160, num_layers=2, num_heads=2, head_dim=80, num_experts=4, top_k=2,
+                               expert_ffn_dim=256, max_seq_len=256)
+  keys = 128
+  useful = 4 * 160 * 160 + 160 * 4 + 2 * 2 * 160 * 256 + 2 * 2 * 40 * keys + 2 * keys * 80
+  padded = 4 * 256 * 256 + 256 * 128 + 2 * 2 * 256 * 256 + 2 * 2 * 128 * keys + 2 * keys * 128
+  assert scores.tile_efficiency(arch, 128) == pytest.approx(useful / padded)
+  aligned = dataclasses.replace(arch, d_model=256, head_dim=256, num_heads=1, num_experts=128)
+  assert scores.tile_efficiency(aligned, 128) == pytest.approx(1.0)
+
+
+def test_pareto_front_matches_brute_force():
+  rng = np.random.default_rng(0)
+  table = [{"a": float(a), "b": float(b), "c": float(c)} for a, b, c in rng.integers(0, 5, size=(60, 3))]
+  table.append({"a": float("nan"), "b": 9.0, "c": 0.0})
+  front = scores.pareto_front(table, {"a": "max", "b": "max", "c": "min"})
+  expected = []
+  for i, r in enumerate(table[:-1]):
+    beaten = False
+    for s in table[:-1]:
+      better_or_equal = s["a"] >= r["a"] and s["b"] >= r["b"] and s["c"] <= r["c"]
+      strictly = s["a"] > r["a"] or s["b"] > r["b"] or s["c"] < r["c"]
+      beaten = beaten or (better_or_equal and strictly)
+    if not beaten:
+      expected.append(i)
+  assert front == expected and expected
+
+
+def test_measured_throughput_runs_the_real_layer():
+  arch = complete.Architecture(d_model=48, num_layers=2, num_heads=2, head_dim=24, num_experts=4, top_k=2,
+                               expert_ffn_dim=64, max_seq_len=16)
+  assert scores.measured_tokens_per_second(arch, seq_len=16, batch_size=8, repeats=1) > 0
+
+
+def smoke_config():
+  c = search.defaults()
+  c.ncas.space.update(min_width=2304, max_width=2592, step=288)  # 2304 and 2592
+  c.ncas.baseline = False
+  c.ncas.proxy.update(scale=24, seq_len=16, tokens_per_batch=128, steps=6, eval_batches=1)
+  return c
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("ncas"))
+  lines = []
+  return workdir, search.run(smoke_config(), workdir, log=lines.append), lines
+
+
+def test_smoke_search_writes_the_report(smoke):
+  workdir, result, lines = smoke
+  with open(os.path.join(workdir, "table.csv")) as f:
+    table = list(csv.DictReader(f))
+  assert [int(r["width"]) for r in table] == [2304, 2592]
+  assert all(float(r["proxy_loss"]) > 0 for r in table)
+  with open(os.path.join(workdir, "front.json")) as f:
+    front = json.load(f)
+  assert {r["width"] for r in front["fronts"]["pi"]} == {int(k.split("_")[1]) for k in result["fronts"]["pi"]}
+  assert os.path.getsize(os.path.join(workdir, "front.png")) > 1000
+  assert any(line.startswith("[2/2]") for line in lines)
+
+
+def test_resume_skips_finished_proxies(smoke, monkeypatch):
+  workdir, result, _ = smoke
+  from diffmoe_jax.train import loop
+
+  def no_training(*args, **kwargs):
+    raise AssertionError("a finished proxy was trained again")
+
+  monkeypatch.setattr(loop, "train", no_training)
+  again = search.run(smoke_config(), workdir, log=lambda line: None)
+  assert again["fronts"] == result["fronts"]
+  assert [r.get("proxy_loss") for r in again["rows"]] == [r.get("proxy_loss") for r in result["rows"]]
+
+
+def test_emitted_configs_validate_and_build(smoke):
+  workdir, result, _ = smoke
+  paths = sorted(os.listdir(os.path.join(workdir, "configs")))
+  assert paths == sorted(f"ncas_{k.split('_')[1]}.py" for k in dict.fromkeys(result["fronts"]["pi"] + result["fronts"]["joint"]))
+  rows = {r["width"]: r for r in result["rows"]}
+  for path in paths:
+    c = config_lib.validate(load(os.path.join(workdir, "configs", path)))
+    width = c.model.d_model
+    assert dataclasses.astuple(rows[width]["arch"]) == (width, c.model.num_layers, c.model.num_heads, c.model.head_dim,
+                                                         c.model.moe.num_experts, c.model.moe.top_k,
+                                                         c.model.moe.expert_ffn_dim, c.model.max_seq_len)
+    assert estimate.count_params(c.model).total == rows[width]["total_params"]  # builds the model (eval_shape)
+
+
+def test_cli_reports_an_unknown_rule_in_one_line():
+  proc = subprocess.run([sys.executable, "-m", "diffmoe_jax.ncas", "--config=configs/ncas.py",
+                         "--config.ncas.rules.enabled=('three_smooth','prime_width')", "--workdir=/nonexistent/x"],
+                        cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 1
+  assert proc.stderr.strip().splitlines()[-1].startswith("error: config.ncas.rules.enabled:")
+  assert "Traceback" not in proc.stderr
