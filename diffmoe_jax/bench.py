@@ -12,6 +12,8 @@ Subcommands:
              data pipeline's tokens/s against what the step consumes.
   expert_parallel  the expert-parallel MoE layer against replicated experts on several devices, and its
              all-to-all bytes (bench_expert_parallel.py).
+  generate   prefill and decode tokens/s with the KV cache, and decode with mixture-of-depths skipping
+             against masking rejected tokens (bench_generate.py).
 """
 from __future__ import annotations
 
@@ -429,6 +431,8 @@ def main(argv: list[str] | None = None) -> None:
 
   from diffmoe_jax import bench_expert_parallel  # its own module: it needs several devices
   bench_expert_parallel.add_parser(commands)
+  from diffmoe_jax import bench_generate
+  bench_generate.add_parser(commands)
 
   args = parser.parse_args(argv)
   if args.command == "moe" and args.top_k > args.experts:

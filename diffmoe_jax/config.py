@@ -11,7 +11,7 @@ import ml_collections
 
 PHASES = ("warmup", "foundation", "sparsify", "specialize", "long_context", "anneal")
 ACTIVATIONS = ("gelu", "swiglu")
-ATTENTIONS = ("differential", "standard")
+ATTENTIONS = ("differential", "differential_v2", "standard")
 FFNS = ("moe", "dense")
 DISPATCH_MODES = ("capacity", "dropless")
 ROUTE_FROM = ("attention_input", "ffn_input")
@@ -44,7 +44,8 @@ def defaults() -> ml_collections.ConfigDict:
   m.num_layers = 0
   m.num_heads = 0  # H: differential heads (each has two query/key sub-heads of width head_dim / 2)
   m.head_dim = 0  # Dv: each head's value width; num_heads * head_dim == d_model
-  m.attention = "differential"  # or "standard" (ablation)
+  # or "differential_v2" (per-token λ = sigmoid(W_λ x), no head norm) or "standard" (ablations)
+  m.attention = "differential"
   m.rope_theta = 10000.0 * math.pi
   m.max_seq_len = 0  # the context length
   m.lambda_init = "schedule"  # "schedule": 0.8 - 0.6 exp(-0.3 l); or a constant such as "0.5"
@@ -198,15 +199,16 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
            f"{m.d_model} must equal model.num_heads * model.head_dim = {m.num_heads} * {m.head_dim} = "
            f"{m.num_heads * m.head_dim}; change d_model, num_heads or head_dim.")
   _require(m.attention in ATTENTIONS, "model.attention", f"{m.attention!r} is not one of {ATTENTIONS}.")
-  if m.attention == "differential":
+  differential = m.attention in ("differential", "differential_v2")
+  if differential:
     _require(m.head_dim % 2 == 0, "model.head_dim",
              f"{m.head_dim} is odd; differential attention splits each head's width into two query/key "
              "sub-heads of head_dim / 2, so head_dim must be even.")
   # RoPE rotates pairs of dimensions within each query/key (sub-)head.
-  qk_dim = m.head_dim // 2 if m.attention == "differential" else m.head_dim
+  qk_dim = m.head_dim // 2 if differential else m.head_dim
   _require(qk_dim % 2 == 0, "model.head_dim",
            f"the query/key width {qk_dim} must be even for RoPE; use a head_dim divisible by "
-           f"{4 if m.attention == 'differential' else 2}.")
+           f"{4 if differential else 2}.")
   _require(m.rope_theta > 1.0, "model.rope_theta", f"must be > 1, got {m.rope_theta}.")
   if m.lambda_init != "schedule":
     try:
@@ -262,7 +264,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
              "is 0 and so is model.moe.expert_ffn_dim; set dense_ffn_dim to the dense FFN width.")
   if m.expert_conditional_lambda:
     _require(m.attention == "differential", "model.expert_conditional_lambda",
-             "needs model.attention='differential' (standard attention has no λ); set it to False.")
+             f"needs model.attention='differential' ({m.attention!r} has no expert λ vectors); set it to False.")
     _require(m.ffn == "moe", "model.expert_conditional_lambda",
              "needs model.ffn='moe' (λ is mixed by the layer's MoE router); set it to False for a dense FFN.")
 

@@ -69,3 +69,36 @@ class Embed(nn.Module):
 
   def attend(self, x: jax.Array) -> jax.Array:
     return jnp.einsum("btd,vd->btv", x, self.table.astype(x.dtype))
+
+
+def per_shard(fn, arrays: dict[str, jax.Array | None], axes: dict[str, Sequence[str | None]],
+              out_axes: Sequence[str | None]):
+  """`fn(**arrays)` run on each device's shard inside `jax.shard_map` over the current mesh.
+
+  For computations XLA cannot partition (a Pallas kernel is one custom call): each array is split by its
+  logical axes (`axes[name]`, through the current axis rules), fn sees one shard and the result
+  `out_axes` comes back split the same way. Exact for work that is independent per batch row and head,
+  such as attention. Outside a mesh, with nothing split, or when a split does not divide a dimension (a
+  single decoded sequence), fn runs as is and XLA places it.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  present = {name: a for name, a in arrays.items() if a is not None}
+  if mesh.empty:
+    return fn(**arrays)
+  specs = {name: nn.logical_to_mesh_axes(tuple(axes[name])) for name in present}
+  out_spec = nn.logical_to_mesh_axes(tuple(out_axes))
+  splits = lambda spec: [a for entry in spec for a in (entry if isinstance(entry, tuple) else (entry,)) if a]
+  if not any(mesh.shape[a] > 1 for spec in specs.values() for a in splits(spec)):
+    return fn(**arrays)
+  for name, a in present.items():
+    for dim, entry in zip(a.shape, specs[name]):
+      ways = 1
+      for axis in (entry if isinstance(entry, tuple) else (entry,)):
+        ways *= mesh.shape[axis] if axis else 1
+      if dim % ways:
+        return fn(**arrays)
+  names = tuple(present)
+  body = lambda *shards: fn(**{**arrays, **dict(zip(names, shards))})
+  # check_vma=False: a pallas_call's results do not say which mesh axes they vary over.
+  return jax.shard_map(body, mesh=mesh, in_specs=tuple(specs[n] for n in names), out_specs=out_spec,
+                       check_vma=False)(*(present[n] for n in names))

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from diffmoe_jax.nn.attention import Attention
+from diffmoe_jax.nn.attention import Attention, is_decoding
 from diffmoe_jax.nn.layers import RESIDUAL, Embed, RMSNorm, constrain, dtype_of, param
 from diffmoe_jax.nn.mod import MoDRouter
 from diffmoe_jax.nn.moe import DenseFeedForward, MoEFeedForward
@@ -85,11 +85,16 @@ class RoutedLayer(nn.Module):
   themselves at their original positions; the rest pass unchanged. "predictor" (causal inference): tokens
   whose predictor says yes run the block; the others are hidden from attention, take no expert slot and
   pass unchanged. "off": every token runs the block.
+
+  Decoding (a mutable "cache" collection) in "predictor" mode with `mod_skip`: when the predictor rejects
+  every token of the call (a one-token step at batch 1: the token), the block does not run at all, which
+  is where mixture-of-depths saves compute at inference; its cache slot stays unfilled either way.
   """
   config: ml_collections.FrozenConfigDict
   train: bool = False
   mod_mode: str = "topk"
   mod_capacity: float = 0.125
+  mod_skip: bool = True
 
   @nn.compact
   def __call__(self, x, positions, layer_index, noise_std, segment_ids=None):
@@ -112,13 +117,23 @@ class RoutedLayer(nn.Module):
       selected = target
     else:
       selected = predictor_logit > 0.0
-      delta, stats = block(x, positions, layer_index, noise_std, kv_mask=selected, token_mask=selected,
-                           segment_ids=segment_ids)
+      args = (x, positions, layer_index, noise_std, selected, selected, segment_ids)
+      if self.mod_skip and is_decoding(self):
+        delta, stats = nn.cond(jnp.any(selected), lambda blk, *a: blk(*a), _block_not_run, block, *args)
+      else:
+        delta, stats = block(*args)
       x = x + jnp.where(selected[..., None], weight * delta, 0.0)
     target_f = target.astype(jnp.float32)
     predictor_loss = jnp.mean(optax.sigmoid_binary_cross_entropy(predictor_logit, target_f))
     accuracy = jnp.mean(((predictor_logit > 0.0) == target).astype(jnp.float32))
     return x, {**stats, **_mod_stats(jnp.mean(selected.astype(jnp.float32)), predictor_loss, accuracy)}
+
+
+def _block_not_run(block, *args):
+  """A skipped block's result: no update, zero stats. The block is traced only for the shapes: with its
+  outputs unused, XLA drops its computation except the writes of keys and values into cache slots that
+  stay unfilled (they are written with the predictor's "no")."""
+  return jax.tree.map(jnp.zeros_like, block(*args))
 
 
 class LayerGroup(nn.Module):
@@ -129,6 +144,7 @@ class LayerGroup(nn.Module):
   train: bool = False
   mod_mode: str = "topk"
   mod_capacity: float = 0.125
+  mod_skip: bool = True
 
   @nn.compact
   def __call__(self, x, group_index, positions, noise_std, segment_ids=None):
@@ -136,7 +152,8 @@ class LayerGroup(nn.Module):
     for j in range(self.size):
       layer_index = group_index * self.size + j
       if self.routed_last and j == self.size - 1:
-        layer = RoutedLayer(self.config, self.train, self.mod_mode, self.mod_capacity, name=f"layer_{j}")
+        layer = RoutedLayer(self.config, self.train, self.mod_mode, self.mod_capacity, self.mod_skip,
+                            name=f"layer_{j}")
       else:
         layer = FullLayer(self.config, self.train, name=f"layer_{j}")
       x, layer_stats = layer(x, positions, layer_index, noise_std, segment_ids)
@@ -175,12 +192,17 @@ class Transformer(nn.Module):
   aux = {"losses": {"load_balance", "router_z", "mod_predictor"} (means over the layers they apply to),
          "layers": {"expert_load" [L, E], "dropped_fraction" [L], "lambda" [L, n],
                     "mod_selected_fraction" [L_routed], "mod_predictor_accuracy" [L_routed]}}
+
+  Decoding: apply with `mutable=["cache"]` and a "cache" collection (from `init_cache`), in "predictor"
+  mode, with each token's `positions`; every attention layer then reads and extends its KV cache (see
+  `Attention`), and routed layers skip their block for a step the predictor rejects unless `mod_skip` is
+  False (then they mask, as the full forward pass does).
   """
   config: ml_collections.FrozenConfigDict  # the model section
 
   @nn.compact
   def __call__(self, tokens, positions=None, *, train: bool = False, mod_mode: str = "topk",
-               mod_capacity: float | None = None, router_noise_std=0.0, segment_ids=None):
+               mod_capacity: float | None = None, router_noise_std=0.0, segment_ids=None, mod_skip: bool = True):
     cfg = self.config
     if mod_mode not in MOD_MODES:
       raise ValueError(f"mod_mode must be one of {MOD_MODES}, got {mod_mode!r}.")
@@ -192,10 +214,10 @@ class Transformer(nn.Module):
     noise_std = jnp.asarray(router_noise_std, jnp.float32)
     size, groups, tail = layer_layout(cfg)
     group_args = dict(config=cfg, size=size, routed_last=cfg.mod.enabled, train=train, mod_mode=mod_mode,
-                      mod_capacity=cfg.mod.capacity if mod_capacity is None else mod_capacity)
+                      mod_capacity=cfg.mod.capacity if mod_capacity is None else mod_capacity, mod_skip=mod_skip)
     group_cls = _remat(LayerGroup, cfg)
     if cfg.scan_layers:
-      scanned = nn.scan(group_cls, variable_axes={"params": 0}, split_rngs={"params": True, "noise": True},
+      scanned = nn.scan(group_cls, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True, "noise": True},
                         in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=groups,
                         metadata_params={nn.PARTITION_NAME: "layers"})
       x, stats = scanned(**group_args, name="groups")(x, jnp.arange(groups), positions, noise_std, segment_ids)
@@ -239,6 +261,14 @@ def _summarize(stats: dict, routed: list[int]) -> dict:
       "mod_predictor_accuracy": stats["mod_predictor_accuracy"][routed],
   }
   return {"losses": losses, "layers": layers}
+
+
+def init_cache(model: Transformer, params, batch: int, length: int):
+  """An empty KV cache (the "cache" collection) for `batch` sequences of up to `length` tokens."""
+  tokens = jnp.zeros((batch, length), jnp.int32)
+  shapes = jax.eval_shape(lambda: model.apply({"params": params}, tokens, mod_mode="predictor",
+                                              mutable=["cache"])[1]["cache"])
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
 def build_model(model_config: ml_collections.ConfigDict) -> Transformer:

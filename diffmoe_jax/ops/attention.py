@@ -195,6 +195,22 @@ def differential_attention(q: jax.Array, k: jax.Array, v: jax.Array, lam, *, cau
   return (out[:, :, :, 0] - lam[..., None] * out[:, :, :, 1]).astype(v.dtype)
 
 
+def differential_v2_attention(q: jax.Array, k: jax.Array, v: jax.Array, lambda_logits: jax.Array, *,
+                              causal: bool = True, q_positions: jax.Array | None = None,
+                              kv_positions: jax.Array | None = None, kv_mask: jax.Array | None = None,
+                              q_segment_ids: jax.Array | None = None, kv_segment_ids: jax.Array | None = None,
+                              implementation: str = "explicit", block_q: int = 0, block_k: int = 0) -> jax.Array:
+  """Differential Transformer V2: `softmax(q₀k₀ᵀ/√D + M) v − sigmoid(ℓ) · softmax(q₁k₁ᵀ/√D + M) v`.
+
+  lambda_logits ℓ: `[B, T, H]` (V2's `W_λ x`, one λ per query token and head, in (0, 1)); the rest as in
+  `differential_attention`, which this is with λ = sigmoid(ℓ) (a per-query λ keeps the fused paths exact).
+  """
+  return differential_attention(q, k, v, jax.nn.sigmoid(lambda_logits.astype(jnp.float32)), causal=causal,
+                                q_positions=q_positions, kv_positions=kv_positions, kv_mask=kv_mask,
+                                q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+                                implementation=implementation, block_q=block_q, block_k=block_k)
+
+
 def standard_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
                        q_positions: jax.Array | None = None, kv_positions: jax.Array | None = None,
                        kv_mask: jax.Array | None = None, q_segment_ids: jax.Array | None = None,

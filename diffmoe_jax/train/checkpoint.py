@@ -244,7 +244,7 @@ class Checkpointer:
       return None
     errors = []
     for step in steps:
-      problem, restored = self._restore_verified(step, abstract_state)
+      problem, restored = self.restore_verified(step, abstract_state)
       if problem is None:
         return restored, step
       log.warning("Cannot restore the checkpoint at step %d in %s: %s; trying an older one.", step, self.directory,
@@ -255,8 +255,9 @@ class Checkpointer:
         f"No checkpoint in {self.directory} could be restored (newest first: {'; '.join(errors)}). If the files "
         "are damaged, remove those step directories to start over from an older one, or use a new workdir.")
 
-  def _restore_verified(self, step: int, abstract_state: Any) -> tuple[str | None, Any]:
-    """(None, state) for a sound checkpoint, else (what is wrong with it, None)."""
+  def restore_verified(self, step: int, abstract_state: Any) -> tuple[str | None, Any]:
+    """Restores one step: (None, state) when sound (readable, matching its checksums, finite), else (what
+    is wrong with it, None)."""
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     has_checksums = os.path.isdir(os.path.join(self.directory, str(step), "checksums"))
     if has_checksums:

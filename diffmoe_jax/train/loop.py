@@ -165,6 +165,32 @@ class _Progress:
       self.bar.close()
 
 
+def eval_loss_sums(eval_fn, params, eval_sets: dict[str, list], batch_sharding) -> dict[str, tuple[float, float]]:
+  """{name: (sum of token cross-entropies in nats, tokens counted)} of each set's batches, under the mesh.
+
+  eval_fn is `step.make_eval_step`'s, jitted; a batch's "weights" (if any) weigh its tokens (0: padding).
+  """
+  sums = {}
+  for name, batches in eval_sets.items():
+    loss_sum, tokens = 0.0, 0.0
+    for b in batches:
+      local = {k: b[k] for k in ("inputs", "targets", "weights") if k in b}
+      s, n = eval_fn(params, parallel.global_batch(local, batch_sharding))
+      loss_sum, tokens = loss_sum + float(s), tokens + float(n)
+    sums[name] = (loss_sum, tokens)
+  return sums
+
+
+def eval_results(sums: dict[str, tuple[float, float]], bytes_per_token: dict[str, float]) -> dict:
+  """"<name>/loss" (nats per token) and "<name>/bits_per_byte" of each set, and "loss" over all their tokens."""
+  results = {}
+  for name, (loss_sum, tokens) in sums.items():
+    results[f"{name}/loss"] = loss_sum / tokens
+    results[f"{name}/bits_per_byte"] = loss_sum / tokens / math.log(2) / bytes_per_token[name]
+  results["loss"] = sum(s for s, _ in sums.values()) / sum(n for _, n in sums.values())
+  return results
+
+
 def _restore_or_init(ckpt: checkpoint.Checkpointer, config, abstract_state, make_state):
   """(state, start step): the newest sound checkpoint if its config allows resuming with `config`, else new."""
   # Checked against the newest checkpoint whose layout is readable; a damaged one is left to the restore.
@@ -281,20 +307,10 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, *,
       for domain in corpus.domains}
 
   def evaluate(step: int) -> dict:
-    results, total_loss, total_tokens = {}, 0.0, 0.0
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-      for domain, batches in eval_sets.items():
-        loss_sum, tokens = 0.0, 0.0
-        for b in batches:
-          local = {k: b[k] for k in ("inputs", "targets")}
-          s, n = eval_fn(state.params, parallel.global_batch(local, batch_sharding))
-          loss_sum, tokens = loss_sum + float(s), tokens + float(n)
-        loss = loss_sum / tokens
-        results[f"{domain}/loss"] = loss
-        results[f"{domain}/bits_per_byte"] = loss / math.log(2) / corpus.bytes_per_token(domain, "val")
-        results[f"{domain}/unigram_bits_per_byte"] = corpus.unigram_bits_per_byte(domain)
-        total_loss, total_tokens = total_loss + loss_sum, total_tokens + tokens
-    results["loss"] = total_loss / total_tokens
+      sums = eval_loss_sums(eval_fn, state.params, eval_sets, batch_sharding)
+    results = eval_results(sums, {domain: corpus.bytes_per_token(domain, "val") for domain in sums})
+    results.update({f"{domain}/unigram_bits_per_byte": corpus.unigram_bits_per_byte(domain) for domain in sums})
     writer.scalars(step, {f"eval/{k}": v for k, v in results.items()})
     return results
 

@@ -85,10 +85,13 @@ def make_eval_step(model, *, mod_mode: str = "predictor"):
   """(params, batch) -> (sum of token cross-entropies in nats, token count).
 
   Evaluation routes mixture-of-depths by the causal predictor (the inference-time mode), so validation
-  loss never sees a later token.
+  loss never sees a later token. Optional batch["weights"] (float `[B, T]`) weigh the tokens: 0 leaves
+  one out (padding), and the count is their sum.
   """
   def eval_step(params, batch):
     logits, _ = model.apply({"params": params}, batch["inputs"], train=False, mod_mode=mod_mode)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-    return jnp.sum(ce), jnp.asarray(ce.size, jnp.float32)
+    if "weights" not in batch:
+      return jnp.sum(ce), jnp.asarray(ce.size, jnp.float32)
+    return jnp.sum(ce * batch["weights"]), jnp.sum(batch["weights"])
   return eval_step

@@ -1,0 +1,252 @@
+"""The paper's ablation table at proxy scale: the full model and each arm, one budget, several seeds.
+
+    python -m diffmoe_jax.ablate --config=configs/ablation.py --workdir=runs/ablation --report_dir=results/ablation
+    python -m diffmoe_jax.ablate --config=configs/ablation.py --config.ablation.arms=full,no_mod --workdir=runs/a
+
+Every arm is the config's model with exactly one change (no per-arm tuning), trained through the same
+curriculum on the same data. Each (arm, seed) trains in `<workdir>/<arm>/seed<k>` and writes `result.json`
+there when it finishes; a rerun skips those and resumes an interrupted one from its checkpoint. Then the
+report (a markdown table in the paper's layout, loss-curve / stable-rank / λ plots and a JSON of every
+number) is written to --report_dir (default `<workdir>/report`).
+
+Exit codes: 0 done; 1 error, one line on stderr; 3 a run stopped early (signal or train.run_steps) and
+the command can be rerun to go on.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from typing import Callable
+
+import ml_collections
+from absl import app, flags
+
+from diffmoe_jax import cli
+
+DEFAULT_CONFIG = "configs/ablation.py"
+EXIT_ERROR, EXIT_STOPPED_EARLY = 1, 3
+RESULT_FILE = "result.json"
+
+_CONFIG = cli.define_config_flag(DEFAULT_CONFIG, "Path to an ablation config (a training config with an "
+                                 "`ablation` section).")
+_WORKDIR = flags.DEFINE_string("workdir", "runs/ablation", "Directory of the arms' runs.")
+_REPORT_DIR = flags.DEFINE_string("report_dir", "", "Where the report goes; default <workdir>/report.")
+
+
+class AblationError(RuntimeError):
+  """A mistake in the ablation section or the workdir, with what to change."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+  label: str  # the table's row, in the paper's words where it has a row
+  change: Callable[[ml_collections.ConfigDict], str]  # edits the model section; returns what it changed
+
+
+def _set(**fields) -> Callable[[ml_collections.ConfigDict], str]:
+  """An arm's change: model fields to set, `__` standing for `.` (`mod__enabled` is model.mod.enabled)."""
+  def change(model):
+    for key, value in fields.items():
+      *parents, leaf = key.split("__")
+      node = model
+      for part in parents:
+        node = node[part]
+      node[leaf] = value
+    return ", ".join(f"model.{k.replace('__', '.')}={v!r}" for k, v in fields.items())
+  return change
+
+
+def power_of_two_shape(model: ml_collections.ConfigDict) -> dict:
+  """The paper's "standard dimensions" at this scale: the power-of-two width below d_model (the paper's
+  4096 under 4608), the same heads, and the expert (or dense) FFN width, a multiple of 32, whose total
+  parameter count is closest to the full model's (by `estimate.count_params`)."""
+  from diffmoe_jax import estimate
+  width = 2 ** int(math.floor(math.log2(model.d_model)))
+  if width == model.d_model or width % model.num_heads:
+    raise AblationError(f"config.model.d_model={model.d_model}: the power-of-two arm needs a width that is not "
+                        f"already a power of two and a power-of-two width ({width}) that "
+                        f"model.num_heads={model.num_heads} divides.")
+  ffn_field = "expert_ffn_dim" if model.ffn == "moe" else "dense_ffn_dim"
+  target = estimate.count_params(model).total
+
+  def total(ffn: int) -> int:
+    trial = ml_collections.ConfigDict(model.to_dict())
+    trial.update(d_model=width, head_dim=width // model.num_heads)
+    (trial.moe if ffn_field == "expert_ffn_dim" else trial)[ffn_field] = ffn
+    return estimate.count_params(trial).total
+  # The count is affine in the FFN width: two points give the slope, then the nearest multiples of 32.
+  low, high = total(32), total(64)
+  exact = 32 + (target - low) * 32 / (high - low)
+  candidates = {max(32, 32 * math.floor(exact / 32)), max(32, 32 * math.ceil(exact / 32))}
+  ffn = min(candidates, key=lambda f: abs(total(f) - target))
+  overrides = {"d_model": width, "head_dim": width // model.num_heads}
+  overrides["moe__expert_ffn_dim" if ffn_field == "expert_ffn_dim" else "dense_ffn_dim"] = ffn
+  return overrides
+
+
+def _power_of_two(model) -> str:
+  return _set(**power_of_two_shape(model))(model)
+
+
+ARMS = {
+    "full": Arm("Full NCAS-DiffMoE", lambda model: "none"),
+    "power_of_two": Arm("Standard dimensions (power-of-two width)", _power_of_two),
+    "standard_attention": Arm("Standard attention (no Diff)",
+                              _set(attention="standard", expert_conditional_lambda=False)),
+    "no_mod": Arm("No Mixture-of-Depths", _set(mod__enabled=False)),
+    "rope_10000": Arm("Standard RoPE θ=10000", _set(rope_theta=10000.0)),
+    "dense_ffn": Arm("Dense (no MoE), equal active FLOPs", _set(ffn="dense", dense_ffn_dim=0,
+                                                                expert_conditional_lambda=False)),
+    "lambda_per_layer": Arm("One λ per layer (no expert-conditional λ)", _set(expert_conditional_lambda=False)),
+    "differential_v2": Arm("Diff-Transformer V2 λ = sigmoid(W_λ x) per token",
+                           _set(attention="differential_v2", expert_conditional_lambda=False)),
+}
+
+
+def arm_names(config: ml_collections.ConfigDict) -> list[str]:
+  names = [n.strip() for n in str(config.ablation.arms).split(",") if n.strip()]
+  unknown = [n for n in names if n not in ARMS]
+  if unknown or "full" not in names or len(set(names)) != len(names):
+    raise AblationError(f"config.ablation.arms={config.ablation.arms!r}: list distinct arms from "
+                        f"{','.join(ARMS)}, comma-separated, including full (the Δ column's reference)"
+                        + (f"; unknown: {','.join(unknown)}" if unknown else "") + ".")
+  return names
+
+
+def seeds(config: ml_collections.ConfigDict) -> list[int]:
+  count = config.ablation.seeds
+  if not isinstance(count, int) or count < 1:
+    raise AblationError(f"config.ablation.seeds={count!r}: must be a positive number of seeds.")
+  return [config.seed + i for i in range(count)]
+
+
+def arm_config(config: ml_collections.ConfigDict, arm: str, seed: int) -> tuple[ml_collections.ConfigDict, str]:
+  """The training config of (arm, seed) and a description of the arm's change."""
+  from diffmoe_jax import config as config_lib
+  c = ml_collections.ConfigDict(config.to_dict())
+  del c["ablation"]
+  change = ARMS[arm].change(c.model)
+  c.seed = seed
+  c.name = f"{config.name}/{arm}/seed{seed}"
+  return config_lib.validate(c), change
+
+
+def _run_dir(workdir: str, arm: str, seed: int) -> str:
+  return os.path.join(workdir, arm, f"seed{seed}")
+
+
+def _finished(run_dir: str, config: ml_collections.ConfigDict) -> dict | None:
+  """The run's saved result, if it finished with this same config; AblationError if with another."""
+  path = os.path.join(run_dir, RESULT_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    record = json.load(f)
+  saved, now = _flat(record["config"]), _flat(json.loads(config.to_json_best_effort()))
+  # Fields only one side has (added to the defaults since) do not count: they did not exist for that run.
+  changed = sorted(k for k in saved.keys() & now.keys() if saved[k] != now[k])
+  if changed:
+    raise AblationError(f"{run_dir} finished with a different config than this command's (config.{changed[0]}: "
+                        f"{saved[changed[0]]!r} there, {now[changed[0]]!r} now); pass a new --workdir (or delete "
+                        "that run) to train it again.")
+  return record
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flat(value, f"{prefix}{key}."))
+    else:
+      out[prefix + key] = value
+  return out
+
+
+def _duration(seconds: float) -> str:
+  return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+
+
+def _eta(left: list, workdir: str, trained_seconds: dict[bool, list[float]], first_seed: int) -> float:
+  """Seconds the unfinished runs of `left` should take, from the mean time of runs of the same kind."""
+  every = trained_seconds[True] + trained_seconds[False]
+  mean = {kind: sum(t) / len(t) if t else sum(every) / len(every) for kind, t in trained_seconds.items()}
+  return sum(mean[seed == first_seed] for arm, seed, c, _ in left if _finished(_run_dir(workdir, arm, seed), c) is None)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, report_dir: str = "") -> dict:
+  """Trains every unfinished (arm, seed), then writes the report; returns its summary (the report's JSON)."""
+  from diffmoe_jax import ablate_analysis, data, estimate
+  from diffmoe_jax.train import loop, workdir as workdir_lib
+  names, seed_list = arm_names(config), seeds(config)
+  plan = [(arm, seed, *arm_config(config, arm, seed)) for arm in names for seed in seed_list]
+  workdir = workdir_lib.prepare(workdir)
+  report_dir = workdir_lib.prepare(report_dir or os.path.join(workdir, "report"))
+  if config.train.compilation_cache_dir:  # a second seed of an arm reuses the first one's programs
+    import jax
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(config.train.compilation_cache_dir))
+  corpus = data.build_corpus(config.data)
+  records, start = [], time.time()
+  # Seconds of the runs trained here, by whether they were their arm's first seed: a later seed reuses the
+  # first one's compiled programs from the compilation cache, so it takes much less.
+  trained_seconds: dict[bool, list[float]] = {True: [], False: []}
+  for i, (arm, seed, run_config, change) in enumerate(plan):
+    run_dir = _run_dir(workdir, arm, seed)
+    prefix = f"[{i + 1}/{len(plan)}] {arm} seed {seed}"
+    record = _finished(run_dir, run_config)
+    if record is not None:
+      print(f"{prefix}: finished earlier (validation loss {record['eval']['loss']:.4f}), skipped", flush=True)
+      records.append(record)
+      continue
+    print(f"{prefix}: training ({change})", flush=True)
+    began = time.time()
+    outcome = loop.train(run_config, run_dir, corpus=corpus)
+    if outcome.stopped is not None:
+      print(f"{prefix}: stopped early ({outcome.stopped}); rerun the same command to go on", flush=True)
+      return {"stopped": outcome.stopped}
+    counts = estimate.count_params(run_config.model)
+    record = {
+        "arm": arm, "seed": seed, "change": change, "final_step": outcome.final_step, "eval": outcome.eval,
+        "wall_seconds": time.time() - began,
+        "params": {"total": counts.total, "active": estimate.active_params(run_config.model, counts, with_mod=True)},
+        "lambda": ablate_analysis.lambda_analysis(run_config, run_dir, corpus),
+        "config": json.loads(run_config.to_json_best_effort()),
+    }
+    with open(os.path.join(run_dir, RESULT_FILE), "w", encoding="utf-8") as f:
+      json.dump(record, f, indent=1)
+    records.append(record)
+    trained_seconds[seed == seed_list[0]].append(record["wall_seconds"])
+    eta = _eta(plan[i + 1:], workdir, trained_seconds, seed_list[0])
+    print(f"{prefix}: done in {_duration(record['wall_seconds'])}, validation loss {outcome.eval['loss']:.4f}; "
+          f"{_duration(time.time() - start)} so far, about {_duration(eta)} to go", flush=True)
+  summary = ablate_analysis.write_report(
+      config, names, {arm: ARMS[arm].label for arm in names},
+      {arm: c.model for arm, seed, c, _ in plan if seed == seed_list[0]}, seed_list, records, workdir, report_dir)
+  print(f"report: {os.path.join(report_dir, 'README.md')}", flush=True)
+  return summary
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  cli.quiet_library_output()
+  from diffmoe_jax.config import ConfigError
+  from diffmoe_jax.data import DataError
+  from diffmoe_jax.train.checkpoint import CheckpointError
+  from diffmoe_jax.train.loop import TrainingStopped
+  from diffmoe_jax.train.workdir import WorkdirError
+  try:
+    summary = run(_CONFIG.value, _WORKDIR.value, _REPORT_DIR.value)
+  except (AblationError, CheckpointError, ConfigError, DataError, TrainingStopped, WorkdirError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.stdout.flush()
+    os._exit(EXIT_ERROR)  # pylint: disable=protected-access  (Orbax writer threads must not hold the exit)
+  if "stopped" in summary:
+    sys.exit(EXIT_STOPPED_EARLY)
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=cli.parse_flags(DEFAULT_CONFIG))

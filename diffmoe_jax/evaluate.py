@@ -1,0 +1,212 @@
+"""Evaluate a checkpoint: loss, perplexity and bits per byte per validation domain and on text files.
+
+    python -m diffmoe_jax.evaluate --workdir=runs/tiny
+    python -m diffmoe_jax.evaluate --workdir=runs/tiny --step=200 --json notes.txt other.txt
+
+The config is the one saved with the checkpoint unless `--config` is given (then it must match the
+checkpoint's, as for resuming). Each domain is evaluated on `train.eval_batches` batches of its validation
+split at `model.max_seq_len`, as the trainer does; each file on all of its tokens, in windows of
+`model.max_seq_len`. Mixture-of-depths is routed by its causal predictor and the MoE dispatches by
+`model.moe.eval_dispatch` (the inference mode). Exit code 1 with one line on stderr for a mistake.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+from diffmoe_jax import cli
+
+
+def define_checkpoint_flags() -> dict:
+  """--config, --workdir and --step (shared with `generate`). Defined when run as a program, not at
+  import, so that importing a module never claims the flags."""
+  from absl import flags
+  return {"config": cli.define_config_flag(None, "A config file; default: the config saved with the checkpoint."),
+          "workdir": flags.DEFINE_string("workdir", None, "The training run's directory (holding checkpoints/)."),
+          "step": flags.DEFINE_integer("step", None, "The checkpoint's step; default: the newest.")}
+
+
+def _define_flags() -> dict:
+  from absl import flags
+  return {**define_checkpoint_flags(),
+          "json": flags.DEFINE_bool("json", False, "Print the results as one JSON object."),
+          "domains": flags.DEFINE_bool("domains", True, "Evaluate the config's validation domains "
+                                       "(--nodomains: only the files given)."),
+          "eval_batches": flags.DEFINE_integer("eval_batches", None, "Batches per domain; default: "
+                                               "train.eval_batches.", lower_bound=1)}
+
+
+def restore_params(workdir: str, config=None, step: int | None = None):
+  """(config, params on the config's mesh, step) of the checkpoint at `step` (the newest by default).
+
+  Raises CheckpointError when there is none or it cannot be restored, ConfigError when `config` does not
+  match the saved one. Reads only: nothing in the workdir changes.
+  """
+  import jax
+  import ml_collections
+  from diffmoe_jax import config as config_lib, parallel
+  from diffmoe_jax.nn import model as model_lib
+  from diffmoe_jax.train import checkpoint, resume, state as state_lib
+  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  train_hint = f"train one with python -m diffmoe_jax.main --workdir={workdir}"
+  if not os.path.isdir(directory):
+    raise checkpoint.CheckpointError(f"{workdir} holds no checkpoints (there is no {directory}); {train_hint}.")
+  ckpt = checkpoint.Checkpointer(directory, async_save=False)
+  steps = ckpt.all_steps()
+  if not steps:
+    raise checkpoint.CheckpointError(f"There is no checkpoint in {directory}; {train_hint}.")
+  if step is None:
+    step = steps[-1]
+  elif step not in steps:
+    raise checkpoint.CheckpointError(f"There is no checkpoint at step {step} in {directory}; its steps are "
+                                     f"{', '.join(map(str, steps))}.")
+  try:
+    saved_config = ckpt.restore_config(step)
+  except FileNotFoundError as e:
+    if config is None:
+      raise checkpoint.CheckpointError(f"{e} Pass the run's config with --config.") from None
+    saved_config = None
+  config = ml_collections.ConfigDict(saved_config) if config is None else config
+  config_lib.validate(config)
+  model = model_lib.build_model(config.model)
+  mesh, rules = parallel.make_mesh(config.mesh), parallel.axis_rules(config.mesh)
+  abstract_state, _, _ = state_lib.create_state(model, state_lib.make_optimizer(config.optimizer), mesh, rules,
+                                                seed=config.seed, seq_len=config.model.max_seq_len)
+  resume.check(config, saved_config=saved_config, saved_shapes=ckpt.saved_shapes(step),
+               abstract_state=abstract_state, step=step, directory=directory)
+  problem, state = ckpt.restore_verified(step, abstract_state)
+  if problem is not None:
+    older = [s for s in steps if s < step]
+    raise checkpoint.CheckpointError(f"The checkpoint at step {step} in {directory} cannot be used: {problem}."
+                                     + (f" Pass --step={older[-1]} for the previous one." if older else ""))
+  return config, state.params, step
+
+
+def file_batches(tokens, *, seq_len: int, batch_size: int) -> list[dict]:
+  """Every token of a stream as targets once: windows of seq_len + 1 with stride seq_len, the last one
+  and the last batch padded with weight 0."""
+  import numpy as np
+  starts = range(0, len(tokens) - 1, seq_len)
+  rows = -(-len(starts) // batch_size) * batch_size
+  window = np.zeros((rows, seq_len + 1), np.int32)
+  weights = np.zeros((rows, seq_len), np.float32)
+  for row, start in enumerate(starts):
+    chunk = tokens[start:start + seq_len + 1]
+    window[row, :len(chunk)] = chunk
+    weights[row, :len(chunk) - 1] = 1.0
+  return [{"inputs": window[i:i + batch_size, :-1], "targets": window[i:i + batch_size, 1:],
+           "weights": weights[i:i + batch_size]} for i in range(0, rows, batch_size)]
+
+
+def read_text_files(paths: list[str], tokenizer) -> dict[str, tuple]:
+  """{path: (tokens, bytes per token)}; a missing, unreadable or too short file is a DataError."""
+  import numpy as np
+  from diffmoe_jax.data import DataError
+  from diffmoe_jax.data.sources import read_utf8
+  out = {}
+  for path in paths:
+    if not os.path.isfile(path):
+      raise DataError(f"there is no text file {path}" + ("" if os.path.isabs(path) else f" (relative to {os.getcwd()})")
+                      + ".")
+    text = read_utf8(path, field="a file to evaluate")
+    tokens = np.asarray(tokenizer.encode(text), np.int32)
+    if len(tokens) < 2:
+      raise DataError(f"{path} has {len(tokens)} token(s): at least 2 are needed to predict one.")
+    out[path] = (tokens, len(text.encode("utf-8")) / len(tokens))
+  return out
+
+
+def evaluate(config, params, *, files: list[str] = (), domains: bool = True, eval_batches: int | None = None) -> dict:
+  """{"domains": {name: {loss, perplexity, bits_per_byte, unigram_bits_per_byte}}, "files": {path: {loss,
+  perplexity, bits_per_byte}}, "loss": over the domains' tokens} (nats per token)."""
+  import flax.linen as nn
+  import jax
+  from diffmoe_jax import data, parallel
+  from diffmoe_jax.nn import model as model_lib
+  from diffmoe_jax.train import loop, step as step_lib
+  texts = read_text_files(list(files), data.make_tokenizer(config.data.tokenizer))  # a bad file fails at once
+  corpus = data.build_corpus(config.data) if domains else None
+  mesh, rules = parallel.make_mesh(config.mesh), parallel.axis_rules(config.mesh)
+  batch_sharding = parallel.batch_sharding(mesh, rules)
+  seq_len, batch_size = config.model.max_seq_len, config.train.eval_batch_size
+  eval_step = step_lib.make_eval_step(model_lib.build_model(config.model))
+  param_shardings = jax.tree.map(lambda x: x.sharding, params)
+  jitted = {}
+
+  def eval_fn(p, batch):  # one program per batch layout (with or without weights)
+    key = tuple(sorted(batch))
+    if key not in jitted:
+      jitted[key] = jax.jit(eval_step, in_shardings=(param_shardings, {k: batch_sharding for k in key}))
+    return jitted[key](p, batch)
+
+  results = {"domains": {}, "files": {}}
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    if domains:
+      sets = {domain: data.eval_batches(corpus, domain, seq_len=seq_len, batch_size=batch_size,
+                                        num_batches=eval_batches or config.train.eval_batches)
+              for domain in corpus.domains}
+      sums = loop.eval_loss_sums(eval_fn, params, sets, batch_sharding)
+      summary = loop.eval_results(sums, {d: corpus.bytes_per_token(d, "val") for d in sums})
+      results["loss"] = summary["loss"]
+      for domain in sums:
+        results["domains"][domain] = _entry(summary, domain)
+        results["domains"][domain]["unigram_bits_per_byte"] = corpus.unigram_bits_per_byte(domain)
+    if texts:
+      sets = {path: file_batches(tokens, seq_len=seq_len, batch_size=batch_size) for path, (tokens, _) in texts.items()}
+      sums = loop.eval_loss_sums(eval_fn, params, sets, batch_sharding)
+      summary = loop.eval_results(sums, {path: bpt for path, (_, bpt) in texts.items()})
+      results["files"] = {path: _entry(summary, path) for path in sums}
+  return results
+
+
+def _entry(summary: dict, name: str) -> dict:
+  loss = summary[f"{name}/loss"]
+  return {"loss": loss, "perplexity": math.exp(loss), "bits_per_byte": summary[f"{name}/bits_per_byte"]}
+
+
+def report(results: dict, step: int, workdir: str) -> str:
+  lines = [f"checkpoint at step {step} in {workdir}:"]
+  rows = list(results["domains"].items()) + list(results["files"].items())
+  width = max([len(name) for name, _ in rows] + [6])
+  lines.append(f"  {'':<{width}}  {'loss':>8}  {'ppl':>9}  {'bits/byte':>9}  {'unigram':>8}")
+  for name, r in rows:
+    unigram = f"{r['unigram_bits_per_byte']:8.3f}" if "unigram_bits_per_byte" in r else f"{'':8}"
+    lines.append(f"  {name:<{width}}  {r['loss']:8.4f}  {r['perplexity']:9.3f}  {r['bits_per_byte']:9.3f}  {unigram}")
+  if "loss" in results:
+    lines.append(f"  validation loss over the domains: {results['loss']:.4f} nats/token")
+  return "\n".join(lines)
+
+
+def require_workdir(workdir: str | None) -> str:
+  from diffmoe_jax.config import ConfigError
+  if not workdir:
+    raise ConfigError("--workdir is required: the training run's directory, e.g. --workdir=runs/tiny.")
+  return workdir
+
+
+def _main(argv, flag: dict):
+  cli.quiet_library_output()
+  from diffmoe_jax.config import ConfigError
+  from diffmoe_jax.data import DataError
+  from diffmoe_jax.train.checkpoint import CheckpointError
+  files = argv[1:]
+  try:
+    workdir = require_workdir(flag["workdir"].value)
+    if not files and not flag["domains"].value:
+      raise ConfigError("--nodomains leaves nothing to evaluate: name text files to evaluate.")
+    config, params, step = restore_params(workdir, flag["config"].value, flag["step"].value)
+    results = evaluate(config, params, files=files, domains=flag["domains"].value,
+                       eval_batches=flag["eval_batches"].value)
+  except (ConfigError, DataError, CheckpointError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+  results["step"] = step
+  print(json.dumps(results, indent=2) if flag["json"].value else report(results, step, workdir))
+
+
+if __name__ == "__main__":
+  from absl import app
+  _FLAGS = _define_flags()
+  app.run(lambda argv: _main(argv, _FLAGS), flags_parser=cli.parse_flags(None))

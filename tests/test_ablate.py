@@ -1,0 +1,130 @@
+"""The ablation runner on a two-arm, few-step budget: report files, skipping finished arms, arm configs."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import ml_collections
+import numpy as np
+import pytest
+
+from diffmoe_jax import ablate, ablate_analysis, estimate
+from diffmoe_jax.train import loop
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load(path):
+  spec = importlib.util.spec_from_file_location("config_under_test", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def smoke_config():
+  """tests/train_config.py's model (d_model 48) at 2 layers (one full, one routed) for 6 steps of one phase
+  (one train program to compile), two arms, one seed."""
+  c = _load(os.path.join(REPO, "tests", "train_config.py"))
+  c.name = "ablation_smoke"
+  c.model.num_layers = 2
+  c.curriculum.update(total_steps=6, order=("foundation",))
+  c.curriculum.foundation.fraction = 1.0
+  c.train.update(eval_every=3, checkpoint_every=6, stable_rank_every=3)
+  c.ablation = ml_collections.ConfigDict({"arms": "full,differential_v2", "seeds": 1})
+  return c
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+  root = tmp_path_factory.mktemp("ablate")
+  workdir, report_dir = str(root / "runs"), str(root / "report")
+  return workdir, report_dir, ablate.run(smoke_config(), workdir, report_dir)
+
+
+def test_smoke_run_writes_table_plots_and_json(smoke):
+  workdir, report_dir, summary = smoke
+  for name in ("README.md", "results.json", *ablate_analysis.FIGURES.values()):
+    if name != "stable_rank.png":  # only with the power-of-two arm
+      assert os.path.getsize(os.path.join(report_dir, name)) > 0, name
+  with open(os.path.join(report_dir, "results.json")) as f:
+    saved = json.load(f)
+  assert set(saved["arms"]) == {"full", "differential_v2"}
+  full, v2 = saved["arms"]["full"], saved["arms"]["differential_v2"]
+  assert full["final_step"] == 6 and full["seeds"] == [0]
+  assert full["delta_vs_full"]["loss"] == 0.0
+  assert v2["delta_vs_full"]["loss"] == pytest.approx(v2["mean"]["loss"] - full["mean"]["loss"])
+  for domain in ("code", "docs"):
+    assert np.isfinite(v2["mean"][f"{domain}/bits_per_byte"])
+  readme = open(os.path.join(report_dir, "README.md")).read()
+  assert "| Full NCAS-DiffMoE |" in readme and "Diff-Transformer V2" in readme and "loss_curves.png" in readme
+  # λ through the router: per domain and layer, a mean within the experts' range and shares summing to 1.
+  lam = saved["lambda"]["full/seed0"]
+  for domain in ("code", "docs"):
+    per_expert = np.asarray(lam["per_layer"][domain])
+    assert per_expert.shape == (2, 4)
+    for layer, tokens in enumerate(lam["tokens"][domain]):
+      assert per_expert[layer].min() - 1e-6 <= tokens["mean"] <= per_expert[layer].max() + 1e-6
+      assert sum(tokens["expert_share"]) == pytest.approx(1.0)
+  v2_lambda = np.asarray(saved["lambda"]["differential_v2/seed0"]["per_layer"]["code"])
+  assert v2_lambda.shape == (2, 1) and ((v2_lambda > 0) & (v2_lambda < 1)).all()
+
+
+def test_rerun_skips_finished_arms(smoke, monkeypatch, capsys):
+  workdir, report_dir, summary = smoke
+
+  def no_training(*args, **kwargs):
+    raise AssertionError("a finished arm was trained again")
+
+  monkeypatch.setattr(loop, "train", no_training)
+  again = ablate.run(smoke_config(), workdir, report_dir)
+  assert capsys.readouterr().out.count("finished earlier") == 2
+  assert again["arms"]["full"]["mean"] == summary["arms"]["full"]["mean"]
+
+
+def test_changed_config_is_refused_not_mixed(smoke):
+  workdir, report_dir, _ = smoke
+  changed = smoke_config()
+  changed.optimizer.peak_lr = 5e-3
+  with pytest.raises(ablate.AblationError, match="different config.*config.optimizer.peak_lr"):
+    ablate.run(changed, workdir, report_dir)
+
+
+def test_arm_configs_change_one_thing_and_validate():
+  config = _load(os.path.join(REPO, "configs", "ablation.py"))
+  base = ablate.arm_config(config, "full", 0)[0]
+  for arm in ablate.ARMS:
+    c, change = ablate.arm_config(config, arm, 1)
+    assert c.seed == 1 and "ablation" not in c
+    assert (c.model.to_dict() == base.model.to_dict()) == (arm == "full"), arm
+  v2 = ablate.arm_config(config, "differential_v2", 0)[0].model
+  assert v2.attention == "differential_v2" and not v2.expert_conditional_lambda
+
+
+def test_power_of_two_arm_is_parameter_matched():
+  config = _load(os.path.join(REPO, "configs", "ablation.py"))
+  full = ablate.arm_config(config, "full", 0)[0].model
+  p2 = ablate.arm_config(config, "power_of_two", 0)[0].model
+  assert (p2.d_model, p2.head_dim, p2.num_heads) == (128, 32, full.num_heads)
+  assert p2.moe.expert_ffn_dim % 32 == 0
+  wider = ml_collections.ConfigDict(p2.to_dict())
+  wider.moe.expert_ffn_dim += 32
+  step = estimate.count_params(wider).total - estimate.count_params(p2).total
+  # Within half of one 32-wide FFN step of the full model's count.
+  assert abs(estimate.count_params(p2).total - estimate.count_params(full).total) <= step / 2
+
+
+def test_bad_arm_is_one_line_error(tmp_path):
+  proc = subprocess.run([sys.executable, "-m", "diffmoe_jax.ablate", "--config=configs/ablation.py",
+                         "--config.ablation.arms=full,no_such_arm", f"--workdir={tmp_path}"],
+                        cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 1
+  assert proc.stderr.strip().startswith("error: config.ablation.arms=") and "no_such_arm" in proc.stderr
+  assert "Traceback" not in proc.stderr
+
+
+def test_token_lambdas_mix_experts_by_gate_weight():
+  lam = np.array([0.2, 0.5, 0.9])
+  weights = np.array([[0.75, 0.25], [0.5, 0.5]])
+  experts = np.array([[2, 0], [1, 2]])
+  np.testing.assert_allclose(ablate_analysis.token_lambdas(lam, weights, experts), [0.725, 0.7])

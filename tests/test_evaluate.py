@@ -1,0 +1,107 @@
+"""Evaluating a checkpoint: per-domain and per-file loss / bits per byte, the CLI and its errors."""
+import functools
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffmoe_jax import evaluate as evaluate_lib
+from diffmoe_jax.nn import model as model_lib
+from diffmoe_jax.train import loop, resume
+from test_cli import assert_one_error, run_cli
+from test_train import CONFIG_PATH, load_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Small text domains from this repository: the corpus builds in a second (the built-in one takes longer).
+DOMAINS = {"code": f"files:{ROOT}/diffmoe_jax/**/*.py", "docs": f"files:{ROOT}/tests/*.py"}
+SHORT_RUN = ("--config.train.run_steps=4", "--config.data.val_fraction=0.3",
+             *(f"--config.data.domains.{name}={spec}" for name, spec in DOMAINS.items()))
+
+
+def short_run_config():
+  """The test-sized whole-system config, stopped after 4 steps, on the small domains."""
+  config = load_config()
+  config.train.run_steps = 4
+  config.data.val_fraction = 0.3
+  config.data.domains.update(DOMAINS)
+  return config
+
+
+@functools.cache
+def _train_short_run(base: str) -> str:
+  workdir = os.path.join(base, "short_run")
+  loop.train(short_run_config(), workdir)
+  return workdir
+
+
+def short_run_workdir(tmp_path_factory) -> str:
+  """The workdir of a 4-step run of `short_run_config`, trained once per session (tests only read it)."""
+  return _train_short_run(str(tmp_path_factory.getbasetemp()))
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  return short_run_workdir(tmp_path_factory)
+
+
+def test_file_loss_equals_a_direct_forward_pass(workdir, tmp_path):
+  config, params, step = evaluate_lib.restore_params(workdir)
+  assert step == 4 and not resume.differences(config, short_run_config())
+  text = "def add(a, b):\n    return a + b\n\n" * 3  # 99 bytes: 4 windows of 32, the last one padded
+  path = tmp_path / "snippet.py"
+  path.write_text(text)
+  results = evaluate_lib.evaluate(config, params, files=[str(path)], domains=False)
+  got = results["files"][str(path)]
+
+  # Reference: each window on its own (no padding), cross-entropy by hand.
+  model = model_lib.build_model(config.model)
+  host_params = jax.device_get(params)
+  tokens = np.frombuffer(text.encode(), np.uint8).astype(np.int32)
+  seq_len, total, count = config.model.max_seq_len, 0.0, 0
+  for start in range(0, len(tokens) - 1, seq_len):
+    window = tokens[start:start + seq_len + 1]
+    logits, _ = model.apply({"params": host_params}, jnp.asarray(window[None, :-1]), mod_mode="predictor")
+    log_probs = np.asarray(jax.nn.log_softmax(logits[0]), np.float64)
+    total -= log_probs[np.arange(len(window) - 1), window[1:]].sum()
+    count += len(window) - 1
+  assert count == len(tokens) - 1
+  np.testing.assert_allclose(got["loss"], total / count, rtol=1e-5)
+  np.testing.assert_allclose(got["bits_per_byte"], total / count / math.log(2), rtol=1e-5)  # 1 byte per token
+  np.testing.assert_allclose(got["perplexity"], math.exp(got["loss"]), rtol=1e-6)
+
+
+def test_domains_match_the_trainers_evaluation(workdir):
+  config, params, _ = evaluate_lib.restore_params(workdir)
+  results = evaluate_lib.evaluate(config, params)
+  assert sorted(results["domains"]) == ["code", "docs"]
+  for r in results["domains"].values():
+    assert 0 < r["bits_per_byte"] < 20 and r["unigram_bits_per_byte"] > 0
+    np.testing.assert_allclose(r["perplexity"], math.exp(r["loss"]), rtol=1e-6)
+  losses = [r["loss"] for r in results["domains"].values()]
+  assert min(losses) <= results["loss"] <= max(losses)
+
+
+def test_cli_json_and_step(workdir, tmp_path):
+  path = tmp_path / "notes.txt"
+  path.write_text("Mixture of depths routes tokens around a block.\n")
+  proc = run_cli("diffmoe_jax.evaluate", f"--workdir={workdir}", "--step=4", "--json", "--nodomains", str(path))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = json.loads(proc.stdout)
+  assert out["step"] == 4 and out["domains"] == {} and out["files"][str(path)]["bits_per_byte"] > 0
+
+
+def test_cli_bad_input_is_one_line(workdir, tmp_path):
+  checkpoints = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+  assert_one_error(run_cli("diffmoe_jax.evaluate", f"--workdir={tmp_path}"), "holds no checkpoints", "diffmoe_jax.main")
+  assert_one_error(run_cli("diffmoe_jax.evaluate", f"--workdir={workdir}", "--step=3"),
+                   "no checkpoint at step 3", "its steps are 4")
+  assert_one_error(run_cli("diffmoe_jax.evaluate", f"--workdir={workdir}", str(tmp_path / "missing.txt")),
+                   "there is no text file", "missing.txt")
+  assert_one_error(run_cli("diffmoe_jax.evaluate", f"--workdir={workdir}", f"--config={CONFIG_PATH}",
+                           *SHORT_RUN, "--config.model.d_model=24", "--config.model.head_dim=12"),
+                   "another shape", "model.d_model 48 -> 24")
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == checkpoints  # nothing lost

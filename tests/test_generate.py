@@ -1,0 +1,114 @@
+"""Generation: KV-cache decoding against the full forward pass, sampling, the CLI and its errors."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffmoe_jax import generate as generate_lib
+from diffmoe_jax.nn import model as model_lib
+from diffmoe_jax.ops import sampling
+from test_cli import assert_one_error, run_cli
+from test_evaluate import short_run_workdir
+
+
+@pytest.fixture(scope="module")
+def model_and_params(make_config):
+  """MoD (predictor-routed, every other layer) and a dropless MoE with expert-conditional λ, context 32."""
+  config = make_config(max_seq_len=32)
+  assert config.model.mod.enabled and config.model.ffn == "moe" and config.model.moe.eval_dispatch == "dropless"
+  model = model_lib.build_model(config.model)
+  params = model.init({"params": jax.random.PRNGKey(0), "noise": jax.random.PRNGKey(1)},
+                      jnp.zeros((1, 8), jnp.int32))["params"]
+  return model, params
+
+
+def full_forward_logits(model, params, prompt, generated):
+  """The logits each generated token was drawn from, by one causal forward pass over the whole sequence."""
+  sequence = np.concatenate([prompt, generated])
+  logits, aux = model.apply({"params": params}, jnp.asarray(sequence[None]), mod_mode="predictor")
+  fractions = np.asarray(aux["layers"]["mod_selected_fraction"])
+  return np.asarray(logits[0, len(prompt) - 1:len(sequence) - 1]), fractions
+
+
+PROMPTS = [np.array([5, 9, 1, 33, 7], np.int32), np.array([60, 2, 17, 4, 4, 8, 21, 3, 11], np.int32),
+           np.array([42, 13], np.int32)]
+
+
+@pytest.mark.parametrize("prompts, mod_skip", [(PROMPTS, True), (PROMPTS, False), (PROMPTS[1:2], True)],
+                         ids=["batch3-skip", "batch3-mask", "batch1-skip"])
+def test_incremental_decoding_equals_the_full_forward_pass(model_and_params, prompts, mod_skip):
+  model, params = model_and_params
+  result = generate_lib.generate(model, params, prompts, max_new_tokens=12, temperature=0.0, mod_skip=mod_skip,
+                                 keep_logits=True)
+  for row, prompt in enumerate(prompts):
+    generated = result.tokens[row]
+    assert len(generated) == 12
+    expected, fractions = full_forward_logits(model, params, prompt, generated)
+    # Both kinds of routed-layer decision occur, so skipped and computed steps are both checked.
+    assert np.all((fractions > 0) & (fractions < 1)), fractions
+    np.testing.assert_allclose(result.logits[row], expected, atol=2e-5, rtol=2e-5)
+    np.testing.assert_array_equal(generated, np.argmax(expected, axis=-1))  # temperature 0 is greedy
+
+
+def test_generation_stops_at_the_context(model_and_params):
+  model, params = model_and_params
+  result = generate_lib.generate(model, params, [np.arange(1, 29, dtype=np.int32), np.array([3], np.int32)],
+                                 max_new_tokens=10, temperature=0.0)
+  assert [len(t) for t in result.tokens] == [4, 10]  # 28 + 4 fills the context of 32
+
+
+def test_temperature_zero_is_greedy():
+  logits = jnp.asarray([[0.1, 2.0, -1.0, 1.9], [3.0, 0.0, 0.0, 0.0]])
+  for seed in range(3):
+    tokens = sampling.sample(logits, jax.random.PRNGKey(seed), temperature=0.0, top_k=1, top_p=0.1)
+    np.testing.assert_array_equal(tokens, [1, 0])
+
+
+def draws(logits, n=2000, **kwargs):
+  rows = jnp.broadcast_to(jnp.asarray(logits, jnp.float32), (n, len(logits)))
+  return np.asarray(sampling.sample(rows, jax.random.PRNGKey(0), **kwargs))
+
+
+def test_top_k_and_top_p_restrict_the_support():
+  probs = np.array([0.05, 0.5, 0.15, 0.3])
+  logits = np.log(probs)
+  # top-k: the k largest logits.
+  assert set(draws(logits, top_k=2)) == {1, 3}
+  assert set(draws(logits, top_k=3)) == {1, 2, 3}
+  # top-p: the fewest most likely tokens reaching p (0.5 + 0.3 = 0.8 reaches 0.8; 0.81 needs 0.15 more).
+  assert set(draws(logits, top_p=0.5)) == {1}
+  assert set(draws(logits, top_p=0.8)) == {1, 3}
+  assert set(draws(logits, top_p=0.81)) == {1, 2, 3}
+  assert set(draws(logits, top_p=1.0)) == {0, 1, 2, 3}
+  assert set(draws(logits, top_k=2, top_p=0.5)) == {1}
+  # Within the support, the renormalised probabilities: 0.5 / 0.8 and 0.3 / 0.8.
+  counts = np.bincount(draws(logits, n=20000, top_p=0.8), minlength=4) / 20000
+  np.testing.assert_allclose(counts, [0, 0.625, 0, 0.375], atol=0.02)
+  np.testing.assert_array_equal(np.isfinite(sampling.restrict_logits(jnp.asarray([logits]), top_k=2))[0],
+                                [False, True, False, True])
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  return short_run_workdir(tmp_path_factory)
+
+
+def test_cli_generates_a_batch_and_streams_one_prompt(workdir):
+  proc = run_cli("diffmoe_jax.generate", f"--workdir={workdir}", "--prompt=def f(", "--prompt=import",
+                 "--max_new_tokens=6", "--temperature=0")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "--- 1\ndef f(" in proc.stdout and "--- 2\nimport" in proc.stdout
+  assert "prefill 12 tokens" in proc.stderr and "tokens/s" in proc.stderr
+  proc = run_cli("diffmoe_jax.generate", f"--workdir={workdir}", "--prompt=class A", "--max_new_tokens=5",
+                 "--temperature=0.9", "--top_k=20", "--top_p=0.9", "--seed=2")
+  assert proc.returncode == 0 and proc.stdout.startswith("class A"), proc.stderr[-3000:]
+
+
+def test_cli_bad_input_is_one_line(workdir, tmp_path):
+  generate = lambda *args: run_cli("diffmoe_jax.generate", *args)
+  assert_one_error(generate(f"--workdir={tmp_path}", "--prompt=x"), "holds no checkpoints")
+  assert_one_error(generate(f"--workdir={workdir}", "--prompt=x", "--top_p=0"), "--top_p=0.0 must lie in (0, 1]")
+  assert_one_error(generate(f"--workdir={workdir}", "--prompt=x", "--top_p=1.5"), "--top_p=1.5 must lie in (0, 1]")
+  assert_one_error(generate(f"--workdir={workdir}", "--prompt="), "prompt 1 is empty")
+  assert_one_error(generate(f"--workdir={workdir}", "--prompt=" + "x" * 32),
+                   "prompt 1 has 32 tokens, but the context (model.max_seq_len) is 32")
