@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib.util
 import os
 import statistics
 import time
@@ -28,8 +27,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
+from diffmoe_jax import config as config_lib
 from diffmoe_jax.ops import dispatch, routing
 
 
@@ -135,13 +134,6 @@ def bench_moe(args: argparse.Namespace) -> None:
           f"{t_all / medians[('dense', 'fwd+bwd')]:>11.2f}")
   print("rows/assign: expert rows computed per routed assignment (matmul FLOPs relative to dense); "
         "x: time relative to dense.")
-
-
-def load_config(path: str) -> ml_collections.ConfigDict:
-  spec = importlib.util.spec_from_file_location("bench_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 def _gib(n: float) -> str:
@@ -259,7 +251,7 @@ def _longest_train_context(args, config) -> None:
 
 
 def bench_attention(args: argparse.Namespace) -> None:
-  config = load_config(args.config)
+  config = config_lib.load_file(args.config)
   if args.layer_ratio:
     _attention_layer_ratio(args, config)
   if args.lengths:
@@ -270,7 +262,7 @@ def bench_attention(args: argparse.Namespace) -> None:
 
 def bench_compile(args: argparse.Namespace) -> None:
   from diffmoe_jax.nn import model as model_lib
-  config = load_config(args.config)
+  config = config_lib.load_file(args.config)
   tokens = jnp.zeros((args.batch, args.seq_len), jnp.int32)
   seconds = {}
   for layers in args.layers:
@@ -297,7 +289,7 @@ def bench_train(args: argparse.Namespace) -> None:
   from diffmoe_jax.nn import model as model_lib
   from diffmoe_jax.train import metrics, state as state_lib, step as step_lib
   from diffmoe_jax.train.curriculum import Curriculum
-  config = load_config(args.config)
+  config = config_lib.load_file(args.config)
   curriculum = Curriculum(config)
   phase = next(p for p in curriculum.phases if p.name == args.phase)
   settings = curriculum.settings(phase.start)

@@ -10,7 +10,6 @@ forward pass does), in turns; each figure is a median over --reps runs' steps, c
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
 import time
 
@@ -32,13 +31,6 @@ def add_parser(commands) -> None:
   p.add_argument("--reps", type=POSITIVE, default=3)
   p.add_argument("--seed", type=NON_NEGATIVE, default=0)
   p.set_defaults(run=run)
-
-
-def _load_config(path: str):
-  spec = importlib.util.spec_from_file_location("bench_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 def with_predictor_offsets(params: dict, offsets: jax.Array) -> dict:
@@ -99,7 +91,7 @@ def run(args: argparse.Namespace) -> None:
   from diffmoe_jax import config as config_lib
   from diffmoe_jax.data import make_tokenizer
   from diffmoe_jax.nn import model as model_lib
-  config = config_lib.validate(_load_config(args.config))
+  config = config_lib.validate(config_lib.load_file(args.config))
   cfg = config.model
   if not (cfg.mod.enabled and cfg.scan_layers and cfg.mod.every == 2):
     raise SystemExit(f"error: {args.config}: the benchmark needs MoD on every other layer with scanned layers.")

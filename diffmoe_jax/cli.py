@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
-import importlib.util
 import logging
 import os
 import re
@@ -19,6 +18,8 @@ from typing import Callable
 from absl import flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
+
+from diffmoe_jax import config as config_lib
 
 # Dicts whose keys are the user's to choose: a new key on the command line adds an entry.
 OPEN_DICTS = ("data.domains", "curriculum.*.domain_weights")
@@ -53,10 +54,7 @@ def _load(path: str, arg: str | None):
   except SyntaxError as e:
     return None, f"--config: {path} line {e.lineno}: {e.msg}: {(e.text or '').strip()}"
   try:
-    spec = importlib.util.spec_from_file_location("config_under_check", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(*([arg] if arg else [])), None
+    return config_lib.load_file(path, arg), None
   except Exception as e:  # pylint: disable=broad-except  (whatever the user's file raises)
     frames = [f for f in traceback.extract_tb(e.__traceback__) if os.path.abspath(f.filename) == os.path.abspath(path)]
     line = f" line {frames[-1].lineno}" if frames else ""

@@ -5,6 +5,7 @@ turns a bad config into a `ConfigError` naming the field and the fix, before any
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import ml_collections
@@ -30,6 +31,14 @@ LOGICAL_AXES = ("batch", "length", "embed", "heads", "head_dim", "mlp", "expert"
 
 class ConfigError(ValueError):
   """A config field holds a value the code cannot run with; the message names the field and the fix."""
+
+
+def load_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """`get_config()` (or `get_config(arg)`) of the config file at `path`."""
+  spec = importlib.util.spec_from_file_location("diffmoe_config_file", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(*([arg] if arg else []))
 
 
 def defaults() -> ml_collections.ConfigDict:

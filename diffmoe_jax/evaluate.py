@@ -44,7 +44,6 @@ def restore_params(workdir: str, config=None, step: int | None = None):
   Raises CheckpointError when there is none or it cannot be restored, ConfigError when `config` does not
   match the saved one. Reads only: nothing in the workdir changes.
   """
-  import jax
   import ml_collections
   from diffmoe_jax import config as config_lib, parallel
   from diffmoe_jax.nn import model as model_lib

@@ -1,5 +1,4 @@
 """The ablation runner on a two-arm, few-step budget: report files, skipping finished arms, arm configs."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -10,22 +9,16 @@ import numpy as np
 import pytest
 
 from diffmoe_jax import ablate, ablate_analysis, estimate
+from diffmoe_jax import config as config_lib
 from diffmoe_jax.train import loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _load(path):
-  spec = importlib.util.spec_from_file_location("config_under_test", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
 def smoke_config():
   """tests/train_config.py's model (d_model 48) at 2 layers (one full, one routed) for 6 steps of one phase
   (one train program to compile), two arms, one seed."""
-  c = _load(os.path.join(REPO, "tests", "train_config.py"))
+  c = config_lib.load_file(os.path.join(REPO, "tests", "train_config.py"))
   c.name = "ablation_smoke"
   c.model.num_layers = 2
   c.curriculum.update(total_steps=6, order=("foundation",))
@@ -91,7 +84,7 @@ def test_changed_config_is_refused_not_mixed(smoke):
 
 
 def test_arm_configs_change_one_thing_and_validate():
-  config = _load(os.path.join(REPO, "configs", "ablation.py"))
+  config = config_lib.load_file(os.path.join(REPO, "configs", "ablation.py"))
   base = ablate.arm_config(config, "full", 0)[0]
   for arm in ablate.ARMS:
     c, change = ablate.arm_config(config, arm, 1)
@@ -102,7 +95,7 @@ def test_arm_configs_change_one_thing_and_validate():
 
 
 def test_power_of_two_arm_is_parameter_matched():
-  config = _load(os.path.join(REPO, "configs", "ablation.py"))
+  config = config_lib.load_file(os.path.join(REPO, "configs", "ablation.py"))
   full = ablate.arm_config(config, "full", 0)[0].model
   p2 = ablate.arm_config(config, "power_of_two", 0)[0].model
   assert (p2.d_model, p2.head_dim, p2.num_heads) == (128, 32, full.num_heads)

@@ -1,5 +1,4 @@
 """Config files load and validate; every bad field fails with a message naming it."""
-import importlib.util
 
 import pytest
 
@@ -8,10 +7,7 @@ from diffmoe_jax.config import ConfigError
 
 
 def load(name):
-  spec = importlib.util.spec_from_file_location(name, f"configs/{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return config_lib.load_file(f"configs/{name}.py")
 
 
 @pytest.mark.parametrize("name", ["tiny", "pi", "pi_s", "pi_p"])

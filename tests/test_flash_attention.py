@@ -56,7 +56,7 @@ def _case(name):
   rng = np.random.default_rng(abs(hash(name)) % 2**32)
   b, h, d = 2, 2, 4
   t = s = 37  # not a multiple of the block
-  kw, q_pos, kv_pos = {}, np.broadcast_to(np.arange(t), (b, t)), np.broadcast_to(np.arange(s), (b, s))
+  q_pos, kv_pos = np.broadcast_to(np.arange(t), (b, t)), np.broadcast_to(np.arange(s), (b, s))
   kv_mask = q_seg = kv_seg = None
   lam = rng.uniform(0.1, 0.9, (b, t, h))
   if name == "scalar_lam_kv_mask":

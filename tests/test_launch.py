@@ -1,5 +1,4 @@
 """launch/: the Colab notebook runs top to bottom (smoke mode, CPU) and the shell scripts parse."""
-import glob
 import os
 import shutil
 import subprocess

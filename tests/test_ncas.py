@@ -1,7 +1,6 @@
 """The π-constrained architecture search: rules, completion, scores, Pareto front, the search end to end."""
 import csv
 import dataclasses
-import importlib.util
 import json
 import os
 import subprocess
@@ -17,13 +16,6 @@ from diffmoe_jax.ncas import complete, rules, scores, search
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETTINGS = rules.RuleSettings(min_width=2048, max_width=8192, tile=32, head_dims=(128, 144))
-
-
-def load(path):
-  spec = importlib.util.spec_from_file_location("loaded_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 def test_paper_widths_pass_and_4096_fails_by_name():
@@ -101,7 +93,7 @@ def test_completion_reproduces_the_paper_rows_except_the_reported_ffn():
 
 @pytest.mark.parametrize("name", ["pi", "pi_s", "pi_p"])
 def test_paper_rows_match_the_configs(name):
-  m = load(os.path.join(ROOT, "configs", f"{name}.py")).model
+  m = config_lib.load_file(os.path.join(ROOT, "configs", f"{name}.py")).model
   row = complete.PAPER_ROWS[name]
   assert (m.d_model, m.num_layers, m.num_heads, m.head_dim, m.moe.num_experts, m.moe.top_k, m.moe.expert_ffn_dim,
           m.max_seq_len) == dataclasses.astuple(row)
@@ -196,7 +188,7 @@ def test_emitted_configs_validate_and_build(smoke):
   assert paths == sorted(f"ncas_{k.split('_')[1]}.py" for k in dict.fromkeys(result["fronts"]["pi"] + result["fronts"]["joint"]))
   rows = {r["width"]: r for r in result["rows"]}
   for path in paths:
-    c = config_lib.validate(load(os.path.join(workdir, "configs", path)))
+    c = config_lib.validate(config_lib.load_file(os.path.join(workdir, "configs", path)))
     width = c.model.d_model
     assert dataclasses.astuple(rows[width]["arch"]) == (width, c.model.num_layers, c.model.num_heads, c.model.head_dim,
                                                          c.model.moe.num_experts, c.model.moe.top_k,

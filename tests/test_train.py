@@ -1,5 +1,4 @@
 """The training system end to end: six phases, TensorBoard, checkpoints, resume, fallback, signals, guards."""
-import importlib.util
 import math
 import os
 import re
@@ -16,6 +15,7 @@ import numpy as np
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from diffmoe_jax import config as config_lib
 from diffmoe_jax import main as main_lib
 from diffmoe_jax import parallel
 from diffmoe_jax.config import ConfigError
@@ -29,10 +29,7 @@ CONFIG_PATH = os.path.join(os.path.dirname(__file__), "train_config.py")
 
 
 def load_config():
-  spec = importlib.util.spec_from_file_location("train_config", CONFIG_PATH)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return config_lib.load_file(CONFIG_PATH)
 
 
 def read_tb(workdir):
