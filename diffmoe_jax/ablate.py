@@ -31,10 +31,14 @@ DEFAULT_CONFIG = "configs/ablation.py"
 EXIT_ERROR, EXIT_STOPPED_EARLY = 1, 3
 RESULT_FILE = "result.json"
 
-_CONFIG = cli.define_config_flag(DEFAULT_CONFIG, "Path to an ablation config (a training config with an "
-                                 "`ablation` section).")
-_WORKDIR = flags.DEFINE_string("workdir", "runs/ablation", "Directory of the arms' runs.")
-_REPORT_DIR = flags.DEFINE_string("report_dir", "", "Where the report goes; default <workdir>/report.")
+
+def _define_flags() -> dict:
+  """Defined when run as a program, not at import, so that importing this module never claims the flags
+  `main` and the other command lines define too."""
+  return {"config": cli.define_config_flag(DEFAULT_CONFIG, "Path to an ablation config (a training config "
+                                           "with an `ablation` section)."),
+          "workdir": flags.DEFINE_string("workdir", "runs/ablation", "Directory of the arms' runs."),
+          "report_dir": flags.DEFINE_string("report_dir", "", "Where the report goes; default <workdir>/report.")}
 
 
 class AblationError(RuntimeError):
@@ -229,7 +233,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, report_dir: str = "") -
   return summary
 
 
-def main(argv):
+def main(argv, flag_values: dict):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   cli.quiet_library_output()
@@ -239,7 +243,7 @@ def main(argv):
   from diffmoe_jax.train.loop import TrainingStopped
   from diffmoe_jax.train.workdir import WorkdirError
   try:
-    summary = run(_CONFIG.value, _WORKDIR.value, _REPORT_DIR.value)
+    summary = run(*(flag_values[name].value for name in ("config", "workdir", "report_dir")))
   except (AblationError, CheckpointError, ConfigError, DataError, TrainingStopped, WorkdirError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.stdout.flush()
@@ -249,4 +253,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=cli.parse_flags(DEFAULT_CONFIG))
+  _FLAGS = _define_flags()
+  app.run(lambda argv: main(argv, _FLAGS), flags_parser=cli.parse_flags(DEFAULT_CONFIG))
