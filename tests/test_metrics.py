@@ -1,4 +1,6 @@
 """MetricWriter read back with TensorBoard's own EventAccumulator; stable rank against NumPy float64."""
+import re
+
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
@@ -111,3 +113,12 @@ def test_stable_ranks_of_stacked_kernels():
     assert ranks[tag] == pytest.approx(value, rel=1e-5), tag
   with pytest.raises(ValueError, match=r"attn/wq has shape \(8, 8\)"):
     stable_ranks({"attn": {"wq": jnp.ones((8, 8))}})
+
+
+def test_stable_ranks_compile_without_lapack():
+  """Batched SVD on XLA:CPU waits on its own intra-op pool; with eight devices running it at once the pool
+  starved and a training run hung at its stable-rank pass. The computation is matrix products only."""
+  from diffmoe_jax.train.metrics import _mean_stable_ranks
+  kernels = {"stable_rank/w": jnp.ones((3, 8, 6))}
+  hlo = _mean_stable_ranks.lower(kernels, (("stable_rank/w", 2, 1),)).compile().as_text()
+  assert re.findall(r'custom_call_target="([^"]+)"', hlo) == []
