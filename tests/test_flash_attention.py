@@ -313,3 +313,25 @@ def test_model_with_the_pallas_kernel_on_a_mesh_equals_one_device(predictor_mode
       logits[path] = apply(tokens)
       assert parallel.collective_bytes(apply.lower(tokens).compile().as_text(), "all-gather") == 0
   np.testing.assert_allclose(np.asarray(logits["pallas"]), np.asarray(logits["explicit"]), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("platform, kernel_call", [("cuda", "__gpu$xla.gpu.triton"), ("tpu", "@tpu_custom_call")])
+def test_pallas_kernels_lower_for_gpu_through_triton_and_for_tpu_through_mosaic(platform, kernel_call):
+  """Lowered for each accelerator from this host: forward, dq and dk/dv are that platform's kernels at
+  a long context in bf16, for both maps and one. Left to its default, Pallas lowers for GPU through
+  Mosaic GPU, which copies the whole-sequence K/V blocks into shared memory and refuses at any useful
+  length ("exceeds available shared memory")."""
+  b, t, h, d = 1, 4096, 2, 64
+
+  def loss(q, k, v, lam):
+    differential = attn.differential_attention(q, k, v, lam, implementation="pallas", block_q=128, block_k=128)
+    standard = attn.standard_attention(q[:, :, :, 0], k[:, :, :, 0], v, implementation="pallas", block_q=128,
+                                       block_k=128)
+    return jnp.sum(differential.astype(jnp.float32)) + jnp.sum(standard.astype(jnp.float32))
+
+  args = (jax.ShapeDtypeStruct((b, t, h, 2, d), jnp.bfloat16), jax.ShapeDtypeStruct((b, t, h, 2, d), jnp.bfloat16),
+          jax.ShapeDtypeStruct((b, t, h, 2 * d), jnp.bfloat16), jax.ShapeDtypeStruct((b, t, h), jnp.float32))
+  text = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+  calls = [line for line in text.splitlines() if "stablehlo.custom_call" in line]
+  assert sum(kernel_call in line for line in calls) == 6, calls  # 3 kernels x 2 attentions
+  assert not any("mosaic_gpu" in line for line in calls)

@@ -248,8 +248,7 @@ def _blockwise(implementation: str, q, k, v, weights, block_q: int, block_k: int
   interpreted elsewhere)."""
   return flash_attention.flash_attention(
       q, k, v, weights, block_q=block_q or default_block_size(), block_k=block_k or default_block_size(),
-      kernel="xla" if implementation == "blockwise" else "pallas",
-      interpret=jax.default_backend() not in ("gpu", "tpu"), **masking)
+      kernel="xla" if implementation == "blockwise" else "pallas", **masking)
 
 
 # Sequence length from which "auto" uses the blockwise path on CPU: measured with `python -m

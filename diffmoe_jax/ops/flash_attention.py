@@ -182,29 +182,28 @@ def xla_backward(q, k, v, w, g, lse, delta, masks, causal, block_q, block_k):
   return _loop(s // block_k, key_block, (zeros(q), zeros(k), zeros(v)))
 
 
-def _drivers(kernel: str, interpret: bool):
+def _drivers(kernel: str):
   if kernel == "xla":
     return xla_forward, xla_backward
   from diffmoe_jax.ops import pallas_attention
-  return (functools.partial(pallas_attention.forward, interpret=interpret),
-          functools.partial(pallas_attention.backward, interpret=interpret))
+  return pallas_attention.forward, pallas_attention.backward
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
-def _multi_map_attention(q, k, v, w, masks, causal, block_q, block_k, kernel, interpret):
-  return _multi_map_attention_fwd(q, k, v, w, masks, causal, block_q, block_k, kernel, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _multi_map_attention(q, k, v, w, masks, causal, block_q, block_k, kernel):
+  return _multi_map_attention_fwd(q, k, v, w, masks, causal, block_q, block_k, kernel)[0]
 
 
-def _multi_map_attention_fwd(q, k, v, w, masks, causal, block_q, block_k, kernel, interpret):
-  forward, _ = _drivers(kernel, interpret)
+def _multi_map_attention_fwd(q, k, v, w, masks, causal, block_q, block_k, kernel):
+  forward, _ = _drivers(kernel)
   out, lse = forward(q, k, v, masks, causal, block_q, block_k)
   combined = jnp.einsum("bhmtv,bhmt->bhtv", out, w).astype(v.dtype)
   return combined, (q, k, v, w, masks, out, lse)
 
 
-def _multi_map_attention_bwd(causal, block_q, block_k, kernel, interpret, residuals, g):
+def _multi_map_attention_bwd(causal, block_q, block_k, kernel, residuals, g):
   q, k, v, w, masks, out, lse = residuals
-  _, backward = _drivers(kernel, interpret)
+  _, backward = _drivers(kernel)
   delta = jnp.einsum("bhmtv,bhtv->bhmt", out, g.astype(jnp.float32))  # δ_m = g·o_m, also dw_m
   dq, dk, dv = backward(q, k, v, w, g, lse, delta, masks, causal, block_q, block_k)
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), delta, tuple(None for _ in masks)
@@ -232,13 +231,13 @@ def block_sizes(t: int, s: int, block_q: int, block_k: int, kernel: str) -> tupl
 
 def flash_attention(q, k, v, weights, *, q_positions, kv_positions, causal: bool = True, kv_mask=None,
                     q_segment_ids=None, kv_segment_ids=None, block_q: int = 512, block_k: int = 512,
-                    kernel: str = "xla", interpret: bool = False):
+                    kernel: str = "xla"):
   """`Σ_m weights_m · softmax(q_m k_mᵀ + mask) v` with O(T·block) memory.
 
   q: `[B, T, H, M, D]` already scaled, k: `[B, S, H, M, D]`, v: `[B, S, H, Dv]`, weights: `[B, T, H, M]`;
   positions `[B, T]` / `[B, S]` integers; kv_mask `[B, S]` bool; segment ids `[B, T]` / `[B, S]`
   (a query sees only keys of its own segment). Returns `[B, T, H, Dv]` in v's dtype. kernel: "xla"
-  (blockwise loops, any backend) or "pallas" (`interpret=True` runs it on CPU).
+  (blockwise loops, any backend) or "pallas" (kernels on GPU and TPU, interpreted elsewhere).
   """
   if kernel not in KERNELS:
     raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}.")
@@ -256,6 +255,5 @@ def flash_attention(q, k, v, weights, *, q_positions, kv_positions, causal: bool
   k_internal = _pad_to(jnp.transpose(k, (0, 2, 3, 1, 4)), bk, 3)
   v_internal = _pad_to(jnp.transpose(v, (0, 2, 1, 3)), bk, 2)
   w_internal = _pad_to(jnp.transpose(jnp.asarray(weights, jnp.float32), (0, 2, 3, 1)), bq, 3)
-  out = _multi_map_attention(q_internal, k_internal, v_internal, w_internal, masks, causal, bq, bk, kernel,
-                             interpret)
+  out = _multi_map_attention(q_internal, k_internal, v_internal, w_internal, masks, causal, bq, bk, kernel)
   return jnp.transpose(out[:, :, :t], (0, 2, 1, 3))

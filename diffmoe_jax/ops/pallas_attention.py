@@ -5,7 +5,15 @@ Same layouts, block math and masks as the XLA driver in `flash_attention.py`. On
 kernel holds a key block and loops over query blocks. Every K/V block loaded serves all M maps. Blocks
 with no visible (query, key) pair are skipped under `lax.cond`. Head widths are zero-padded to a power of
 two (Triton's block shapes must be), which changes no score and adds zero output columns that are
-sliced off. `interpret=True` runs the same kernels on CPU.
+sliced off.
+
+The lowering is chosen once the target platform is known (`lax.platform_dependent`, so lowering for
+another platform than the host's picks that platform's): Triton on GPU, Mosaic on TPU, the Pallas
+interpreter anywhere else (how the tests run the kernels on CPU). On GPU the kernels are lowered by
+Triton, never by Mosaic GPU (jax's default for a `pallas_call` without compiler parameters): Mosaic GPU
+copies every block into shared memory, and the whole-sequence K/V blocks the query-blocked kernels read
+from overflow it at any useful length (437 KB at T = 512, D = 64). Triton loads only the `pl.ds` slices
+a loop step touches.
 """
 from __future__ import annotations
 
@@ -15,8 +23,20 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pl_triton
 
 from diffmoe_jax.ops import flash_attention as fa
+
+
+_TRITON = pl_triton.CompilerParams(num_warps=4, num_stages=2)
+
+
+def _pallas_call(kernel, **spec):
+  """`pl.pallas_call` through Triton on GPU, Mosaic on TPU, interpreted elsewhere."""
+  triton = pl.pallas_call(kernel, compiler_params=_TRITON, **spec)
+  interpreted = pl.pallas_call(kernel, interpret=True, **spec)
+  return lambda *args: lax.platform_dependent(*args, cuda=triton, rocm=triton, tpu=pl.pallas_call(kernel, **spec),
+                                              default=interpreted)
 
 
 def _pad_last(x, width: int):
@@ -122,13 +142,13 @@ def _dkv_kernel(q_ref, k_ref, v_ref, g_ref, w_ref, lse_ref, delta_ref, q_pos_ref
   dv_ref[...] = dv
 
 
-def forward(q, k, v, masks, causal, block_q, block_k, *, interpret: bool):
+def forward(q, k, v, masks, causal, block_q, block_k):
   """Per-map outputs `[B, H, M, T, Dv]` (fp32) and log-sum-exp `[B, H, M, T]`, as `fa.xla_forward`."""
   b, h, num_maps, t, d = q.shape
   s, dv = k.shape[3], v.shape[-1]
   dp, dvp = _pow2(d), _pow2(dv)
   specs = _specs(block_q, block_k, t, s, num_maps, dp, dvp, query_blocked=True)
-  out, lse = pl.pallas_call(
+  out, lse = _pallas_call(
       functools.partial(_forward_kernel, causal=causal, block_k=block_k),
       grid=(b, h, t // block_q),
       in_specs=[specs["q"], specs["k"], specs["v"], specs["q_mask"], specs["q_mask"], specs["k_mask"],
@@ -137,12 +157,12 @@ def forward(q, k, v, masks, causal, block_q, block_k, *, interpret: bool):
                  specs["stats"]],
       out_shape=[jax.ShapeDtypeStruct((b, h, num_maps, t, dvp), jnp.float32),
                  jax.ShapeDtypeStruct((b, h, num_maps, t), jnp.float32)],
-      interpret=interpret, name="flash_multi_map_forward",
+      name="flash_multi_map_forward",
   )(_pad_last(q, dp), _pad_last(k, dp), _pad_last(v, dvp), *masks)
   return out[..., :dv], lse
 
 
-def backward(q, k, v, w, g, lse, delta, masks, causal, block_q, block_k, *, interpret: bool):
+def backward(q, k, v, w, g, lse, delta, masks, causal, block_q, block_k):
   """dq, dk, dv (fp32), as `fa.xla_backward`."""
   b, h, num_maps, t, d = q.shape
   s, dv = k.shape[3], v.shape[-1]
@@ -150,18 +170,18 @@ def backward(q, k, v, w, g, lse, delta, masks, causal, block_q, block_k, *, inte
   args = (_pad_last(q, dp), _pad_last(k, dp), _pad_last(v, dvp), _pad_last(g, dvp), w, lse, delta, *masks)
 
   by_query = _specs(block_q, block_k, t, s, num_maps, dp, dvp, query_blocked=True)
-  dq = pl.pallas_call(
+  dq = _pallas_call(
       functools.partial(_dq_kernel, causal=causal, block_k=block_k),
       grid=(b, h, t // block_q),
       in_specs=[by_query[n] for n in ("q", "k", "v", "g", "stats", "stats", "stats", "q_mask", "q_mask",
                                       "k_mask", "k_mask", "k_mask")],
       out_specs=by_query["q"],
       out_shape=jax.ShapeDtypeStruct((b, h, num_maps, t, dp), jnp.float32),
-      interpret=interpret, name="flash_multi_map_dq",
+      name="flash_multi_map_dq",
   )(*args)
 
   by_key = _specs(block_q, block_k, t, s, num_maps, dp, dvp, query_blocked=False)
-  dk, dv_out = pl.pallas_call(
+  dk, dv_out = _pallas_call(
       functools.partial(_dkv_kernel, causal=causal, block_q=block_q),
       grid=(b, h, s // block_k),
       in_specs=[by_key[n] for n in ("q", "k", "v", "g", "stats", "stats", "stats", "q_mask", "q_mask",
@@ -169,6 +189,6 @@ def backward(q, k, v, w, g, lse, delta, masks, causal, block_q, block_k, *, inte
       out_specs=[by_key["k"], by_key["v"]],
       out_shape=[jax.ShapeDtypeStruct((b, h, num_maps, s, dp), jnp.float32),
                  jax.ShapeDtypeStruct((b, h, s, dvp), jnp.float32)],
-      interpret=interpret, name="flash_multi_map_dkv",
+      name="flash_multi_map_dkv",
   )(*args)
   return dq[..., :d], dk[..., :d], dv_out[..., :dv]
