@@ -66,6 +66,7 @@ def _timed_decoding(model, params, sequence: jax.Array, prompt_len: int, reps: i
   so a change in machine load affects both alike."""
   from diffmoe_jax import generate as generate_lib
   from diffmoe_jax.nn import model as model_lib
+  model, params = model_lib.unrolled(model, params)
   batch, length = sequence.shape
   positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
   last, rng = jnp.zeros((batch,), jnp.int32), jax.random.PRNGKey(0)

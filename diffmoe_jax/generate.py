@@ -78,8 +78,10 @@ def generate(model, params, prompts: list[np.ndarray], *, max_new_tokens: int, t
   """Continues each prompt (int token arrays) by up to `max_new_tokens` tokens within the model's context.
 
   `on_tokens(i, tokens [B])` is called with the i-th new token of every row as soon as it is known (rows
-  already finished included). Times exclude compilation.
+  already finished included). Times exclude compilation. Scanned layers are unrolled for decoding
+  (`model_lib.unrolled`).
   """
+  model, params = model_lib.unrolled(model, params)
   max_seq_len = model.config.max_seq_len
   check_request(prompts, max_seq_len=max_seq_len, max_new_tokens=max_new_tokens, temperature=temperature,
                 top_k=top_k, top_p=top_p)

@@ -50,6 +50,36 @@ def test_incremental_decoding_equals_the_full_forward_pass(model_and_params, pro
     np.testing.assert_array_equal(generated, np.argmax(expected, axis=-1))  # temperature 0 is greedy
 
 
+def test_a_rejected_token_leaves_the_routed_layers_cache_untouched(model_and_params):
+  """Skipping runs no part of a routed block: with every predictor saying no, a decode step leaves each
+  routed layer's cache (keys, values, filled slots) bit for bit as it was, while the full layers store the
+  token; the step still equals the masked step."""
+  import flax.linen as nn
+  from diffmoe_jax.bench_generate import with_predictor_offsets
+  model, params = model_and_params
+  params = nn.unbox(params)
+  groups = params["groups"]["layer_1"]["mod_router"]["predictor_out"].shape[0]
+  params = with_predictor_offsets(params, jnp.full((groups,), -50.0))
+  model, params = model_lib.unrolled(model, params)
+  prompt, position = jnp.asarray([PROMPTS[0]]), len(PROMPTS[0])
+  logits = {}
+  for mod_skip in (True, False):
+    step = generate_lib.make_step(model, mod_skip=mod_skip)
+    rng, last = jax.random.PRNGKey(0), jnp.zeros((1,), jnp.int32)
+    positions = jnp.arange(position, dtype=jnp.int32)[None]
+    _, _, cache = step(params, model_lib.init_cache(model, params, 1, 16), prompt, positions, last + position - 1, rng)
+    before = jax.tree.map(np.asarray, cache)
+    _, logits[mod_skip], after = step(params, cache, jnp.asarray([[7]]), jnp.asarray([[position]]), last, rng)
+    if mod_skip:
+      for g in range(groups):
+        routed, full = (jax.tree.map(np.asarray, after[f"group_{g}"][name]["block"]["attention"]) for name in
+                        ("layer_1", "layer_0"))
+        jax.tree.map(np.testing.assert_array_equal, routed, before[f"group_{g}"]["layer_1"]["block"]["attention"])
+        assert full["filled"][0, position] and not routed["filled"][0, position]
+        assert np.any(full["key"][0, position] != before[f"group_{g}"]["layer_0"]["block"]["attention"]["key"][0, position])
+  np.testing.assert_allclose(logits[True], logits[False], atol=2e-5, rtol=2e-5)
+
+
 def test_generation_stops_at_the_context(model_and_params):
   model, params = model_and_params
   result = generate_lib.generate(model, params, [np.arange(1, 29, dtype=np.int32), np.array([3], np.int32)],

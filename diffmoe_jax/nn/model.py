@@ -87,8 +87,8 @@ class RoutedLayer(nn.Module):
   pass unchanged. "off": every token runs the block.
 
   Decoding (a mutable "cache" collection) in "predictor" mode with `mod_skip`: when the predictor rejects
-  every token of the call (a one-token step at batch 1: the token), the block does not run at all, which
-  is where mixture-of-depths saves compute at inference; its cache slot stays unfilled either way.
+  every token of the call (a one-token step at batch 1: the token), the block does not run at all and
+  leaves its cache as it was, which is where mixture-of-depths saves compute at inference.
   """
   config: ml_collections.FrozenConfigDict
   train: bool = False
@@ -118,7 +118,7 @@ class RoutedLayer(nn.Module):
     else:
       selected = predictor_logit > 0.0
       args = (x, positions, layer_index, noise_std, selected, selected, segment_ids)
-      if self.mod_skip and is_decoding(self):
+      if self.mod_skip and is_decoding(self) and self.has_variable("cache", "block"):  # not while creating it
         delta, stats = nn.cond(jnp.any(selected), lambda blk, *a: blk(*a), _block_not_run, block, *args)
       else:
         delta, stats = block(*args)
@@ -129,11 +129,12 @@ class RoutedLayer(nn.Module):
     return x, {**stats, **_mod_stats(jnp.mean(selected.astype(jnp.float32)), predictor_loss, accuracy)}
 
 
-def _block_not_run(block, *args):
-  """A skipped block's result: no update, zero stats. The block is traced only for the shapes: with its
-  outputs unused, XLA drops its computation except the writes of keys and values into cache slots that
-  stay unfilled (they are written with the predictor's "no")."""
-  return jax.tree.map(jnp.zeros_like, block(*args))
+def _block_not_run(block, x, positions, layer_index, noise_std, *token_arrays):
+  """A skipped block's result: no update, zero stats. The block runs on none of the tokens (a length-0
+  slice) only for its stats' shapes, so it computes nothing and writes nothing into the cache."""
+  none = lambda a: None if a is None else a[:, :0]
+  _, stats = block(none(x), none(positions), layer_index, noise_std, *map(none, token_arrays))
+  return jnp.zeros_like(x), jax.tree.map(jnp.zeros_like, stats)
 
 
 class LayerGroup(nn.Module):
@@ -273,6 +274,20 @@ def init_cache(model: Transformer, params, batch: int, length: int):
 
 def build_model(model_config: ml_collections.ConfigDict) -> Transformer:
   return Transformer(ml_collections.FrozenConfigDict(model_config))
+
+
+def unrolled(model: Transformer, params: dict) -> tuple[Transformer, dict]:
+  """The same model with its layer groups unrolled, and `params` to match (unchanged if not scanned).
+
+  For token-by-token decoding: a scan over stacked layers slices (copies) every layer's weights and cache
+  out of the stacks at each step and writes a whole new cache; unrolled, a step reads each weight where
+  it lies and updates the donated cache in place.
+  """
+  if not model.config.scan_layers:
+    return model, params
+  config = model.config.as_configdict()
+  config.scan_layers = False
+  return build_model(config), unstack_groups(params, layer_layout(model.config)[1])
 
 
 def unstack_groups(params: dict, num_groups: int) -> dict:

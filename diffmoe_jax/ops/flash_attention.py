@@ -243,6 +243,8 @@ def flash_attention(q, k, v, weights, *, q_positions, kv_positions, causal: bool
     raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}.")
   batch, t, heads, num_maps, _ = q.shape
   s = k.shape[1]
+  if t == 0:  # no queries (a skipped MoD block's shape-only call): nothing to compute
+    return jnp.zeros((batch, 0, heads, v.shape[-1]), v.dtype)
   bq, bk = block_sizes(t, s, block_q, block_k, kernel)
   zeros_t, zeros_s = jnp.zeros((batch, t), jnp.int32), jnp.zeros((batch, s), jnp.int32)
   q_seg = zeros_t if q_segment_ids is None else jnp.asarray(q_segment_ids, jnp.int32)
