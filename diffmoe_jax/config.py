@@ -16,7 +16,7 @@ ATTENTIONS = ("differential", "differential_v2", "standard")
 FFNS = ("moe", "dense")
 DISPATCH_MODES = ("capacity", "dropless")
 ROUTE_FROM = ("attention_input", "ffn_input")
-EXPERT_PARALLEL = ("auto", "off", "all_to_all", "gather")
+EXPERT_PARALLEL = ("auto", "off", "all_to_all", "gather", "ragged")
 DROPLESS_IMPLS = ("auto", "ragged", "padded")
 ATTENTION_IMPLS = ("auto", "explicit", "xla", "blockwise", "pallas", "fused")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_names")
@@ -88,7 +88,8 @@ def defaults() -> ml_collections.ConfigDict:
   # "ffn_input": from its own input (x + attention), λ gated by a noise-free top-k on the attention input.
   m.moe.route_from = "attention_input"
   # With a mesh axis of size > 1 for "expert": "all_to_all" (capacity mode), "gather" (any mode, any
-  # backend), "auto" (all_to_all for capacity, gather for dropless), "off" (XLA places the layer).
+  # backend), "ragged" (dropless, GPU/TPU: ragged_all_to_all), "auto" (all_to_all for capacity; for
+  # dropless ragged on GPU/TPU, gather on CPU), "off" (XLA places the layer).
   m.moe.expert_parallel = "auto"
 
   m.mod = ml_collections.ConfigDict()
@@ -263,6 +264,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _require(not (moe.expert_parallel == "all_to_all" and "dropless" in (moe.dispatch, moe.eval_dispatch)),
              "model.moe.expert_parallel", "'all_to_all' needs capacity dispatch (static slot counts), but "
              "model.moe.dispatch or eval_dispatch is 'dropless'; use 'gather' or 'auto'.")
+    _require(not (moe.expert_parallel == "ragged" and "capacity" in (moe.dispatch, moe.eval_dispatch)),
+             "model.moe.expert_parallel", "'ragged' is dropless, but model.moe.dispatch or eval_dispatch is "
+             "'capacity'; use 'all_to_all', 'gather' or 'auto'.")
     _require(moe.dropless_impl in DROPLESS_IMPLS, "model.moe.dropless_impl",
              f"{moe.dropless_impl!r} is not one of {DROPLESS_IMPLS}.")
     _require(moe.capacity_factor > 0, "model.moe.capacity_factor",

@@ -54,6 +54,8 @@ def _bad(**fields):
     ({"model.remat_policy": "save_names", "model.remat_save_names": ("nope",)},
      r"model\.remat_save_names: \['nope'\] are not checkpoint names"),
     ({"model.ffn": "dense"}, r"model\.expert_conditional_lambda: needs model\.ffn='moe'"),
+    ({"model.moe.expert_parallel": "ragged"}, r"model\.moe\.expert_parallel: 'ragged' is dropless, but "
+     r"model\.moe\.dispatch or eval_dispatch is 'capacity'"),
     ({"curriculum.warmup.seq_len": 512}, r"curriculum\.warmup\.seq_len: the phase's sequence length 512"),
     ({"curriculum.specialize.domain_weights": {"web": 1.0}},
      r"curriculum\.specialize\.domain_weights\.web: names no domain"),

@@ -71,6 +71,74 @@ def test_expert_parallel_layer_equals_one_device(mode, strategy, activation, mes
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
+def emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *,
+                               axis_name):
+  """`jax.lax.ragged_all_to_all` as its documentation specifies it, from all-gathers and selects (XLA:CPU
+  cannot compile the real collective): slice i of every sender goes to device i // (K / n), which writes
+  it at the sender's output_offsets[i]; the receiver's recv_sizes[i] says how many rows slice i has."""
+  n, me = jax.lax.axis_size(axis_name), jax.lax.axis_index(axis_name)
+  per_device = input_offsets.shape[0] // n
+  gather = lambda a: jax.lax.all_gather(a, axis_name)
+  operands, starts, write_at = gather(operand), gather(input_offsets), gather(output_offsets)
+  rows = jnp.arange(output.shape[0])
+  result = output
+  for i in range(input_offsets.shape[0]):  # received slice i: from device i // per_device
+    source, slot = i // per_device, me * per_device + i % per_device
+    begin = write_at[source, slot]
+    inside = (rows >= begin) & (rows < begin + recv_sizes[i])
+    taken = jnp.take(operands[source], starts[source, slot] + rows - begin, axis=0, mode="clip")
+    result = jnp.where(inside.reshape((-1,) + (1,) * (output.ndim - 1)), taken, result)
+  return result
+
+
+@pytest.mark.parametrize("activation, mesh_shape", [("gelu", (2, 4, 1)), ("swiglu", (2, 2, 2))])
+def test_ragged_strategy_equals_one_device(activation, mesh_shape):
+  """The dropless ragged strategy's sizes and offsets, checked through the collective's documented
+  semantics (emulated here; the real one is lowered for GPU and TPU below): outputs and gradients equal
+  the single-device dropless layer."""
+  mesh = jax.make_mesh(mesh_shape, ("data", "expert", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  (x, w, experts, mask), params = _inputs(5, activation)
+  cot = np.random.default_rng(6).normal(size=(B, T, D)).astype(np.float32)
+  common = dict(activation=activation, mode="dropless", dropless_impl="padded")
+  want_grads, (want_y, _) = _layer_and_grads(functools.partial(dispatch.moe_ffn, **common))(
+      x, w, params, experts, mask, cot)
+  sharded = _layer_and_grads(functools.partial(
+      expert_parallel.moe_ffn, mesh=mesh, batch_axes=("data", "expert"), expert_axis="expert",
+      tensor_axes="tensor", strategy="ragged", **common))
+  rows = NamedSharding(mesh, P(("data", "expert")))
+  put = lambda a: jax.device_put(a, rows)
+  weight_specs = [P("expert", None, "tensor"), P("expert", "tensor", None), P("expert", None, "tensor")]
+  sharded_params = [jax.device_put(p, NamedSharding(mesh, s)) for p, s in zip(params, weight_specs)]
+  with mock.patch.object(jax.lax, "ragged_all_to_all", emulated_ragged_all_to_all):
+    got_grads, (got_y, got_dropped) = sharded(put(x), put(w), sharded_params, put(experts), put(mask), put(cot))
+  np.testing.assert_allclose(got_y, want_y, rtol=1e-5, atol=1e-5)
+  assert float(got_dropped) == 0.0
+  for got, want in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_ragged_strategy_lowers_to_ragged_all_to_all(platform):
+  """Lowered for GPU and TPU from this host, the layer and its gradient exchange rows by ragged_all_to_all only:
+  two exchanges forward and their two transposes, no all-gather of tokens."""
+  mesh = jax.make_mesh((2, 4), ("data", "expert"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  (x, w, experts, mask), params = _inputs(7, "gelu")
+  layer = functools.partial(expert_parallel.moe_ffn, mesh=mesh, batch_axes=("data", "expert"),
+                            expert_axis="expert", activation="gelu", mode="dropless", strategy="ragged")
+  loss = lambda x, params: jnp.sum(layer(x, w, experts, *params, token_mask=mask)[0])
+  text = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).trace(x, params).lower(lowering_platforms=(platform,)).as_text()
+  assert text.count("@ragged_all_to_all") == 4, text.count("@ragged_all_to_all")
+  gathered = [line for line in text.splitlines() if "all_gather" in line]
+  assert all("xi32>" in line for line in gathered), gathered  # only the group sizes are all-gathered
+
+
+def test_auto_strategy_per_backend():
+  assert expert_parallel.resolve_strategy("auto", "dropless", backend="gpu") == "ragged"
+  assert expert_parallel.resolve_strategy("auto", "dropless", backend="tpu") == "ragged"
+  assert expert_parallel.resolve_strategy("auto", "dropless", backend="cpu") == "gather"
+  assert expert_parallel.resolve_strategy("auto", "capacity", backend="gpu") == "all_to_all"
+
+
 def test_all_to_all_moves_only_slots():
   """The all_to_all strategy compiles to all-to-alls (no all-gather of tokens); gather to the reverse."""
   mesh = jax.make_mesh((2, 4), ("data", "expert"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
@@ -96,6 +164,8 @@ def test_bad_layouts_are_refused():
     call(batch_axes=("data",))
   with pytest.raises(ValueError, match="needs capacity mode"):
     call(batch_axes=("data", "expert"), mode="dropless", strategy="all_to_all")
+  with pytest.raises(ValueError, match="ragged strategy is dropless"):
+    call(batch_axes=("data", "expert"), mode="capacity", strategy="ragged")
   with pytest.raises(ValueError, match="do not divide"):
     expert_parallel.moe_ffn(x, w, experts, params[0][:6], params[1][:6], mesh=mesh, batch_axes=("data", "expert"),
                             expert_axis="expert", activation="gelu")

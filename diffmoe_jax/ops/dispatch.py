@@ -120,7 +120,7 @@ def capacity_plan(experts: jax.Array, num_experts: int, capacity: int):
   return src, dst, jnp.sum(kept)
 
 
-def _ragged_plan(experts: jax.Array, num_experts: int):
+def ragged_plan(experts: jax.Array, num_experts: int):
   """All B·T·k assignments of `experts [B, T, k]` sorted by expert, one group of rows per expert.
 
   Assignments of masked tokens carry the id E: they sort after every group and belong to none.
@@ -204,7 +204,7 @@ def moe_ffn(x: jax.Array, weights: jax.Array, experts: jax.Array, w_in: jax.Arra
     src, dst, kept = capacity_plan(experts, num_experts, capacity)
     tokens, gates = x, weights.reshape(b, t * k)
   elif dropless_impl == "ragged":
-    src, dst, group_sizes = _ragged_plan(experts, num_experts)
+    src, dst, group_sizes = ragged_plan(experts, num_experts)
     kept = jnp.sum(group_sizes)
     tokens, gates = x.reshape(1, b * t, d), weights.reshape(1, -1)
   else:

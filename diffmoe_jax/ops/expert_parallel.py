@@ -14,6 +14,12 @@ the expert axis) and E / n experts. Two strategies:
   and reduce-scatter the partial outputs back to the devices that own the tokens. It moves n·B·T·d
   elements each way, independent of routing, and is the dropless path XLA:CPU can run
   (`ragged_all_to_all` is not implemented there).
+- "ragged" (dropless, GPU/TPU): each device sorts its assignments by expert, and one
+  `jax.lax.ragged_all_to_all` sends each expert's run of rows to the device that holds it, with sizes and
+  offsets computed from the all-gathered per-device group sizes; the receiver lays the rows out by
+  (local expert, source device), runs its experts as grouped products (`ragged_dot`), and a second
+  `ragged_all_to_all` returns every row to its sender's sorted position. Only the routed rows move
+  (B·T·k·d elements each way per device), and each expert computes only the rows routed to it.
 
 The FFN width may also be split over `tensor_axes` (Megatron style: each device computes its slice of
 the hidden units and the partial outputs are summed). Weights are passed whole along `embed`: an FSDP
@@ -29,18 +35,24 @@ from jax.sharding import PartitionSpec as P
 
 from diffmoe_jax.ops import dispatch
 
-STRATEGIES = ("all_to_all", "gather")
+STRATEGIES = ("all_to_all", "gather", "ragged")
 
 
-def resolve_strategy(name: str, mode: str) -> str:
-  """"auto" -> "all_to_all" for capacity mode, "gather" for dropless (whose row counts are not static)."""
+def resolve_strategy(name: str, mode: str, backend: str | None = None) -> str:
+  """"auto" -> "all_to_all" for capacity mode; for dropless "ragged" on GPU and TPU, "gather" elsewhere
+  (XLA:CPU has no `ragged_all_to_all`)."""
   if name == "auto":
-    return "all_to_all" if mode == "capacity" else "gather"
+    if mode == "capacity":
+      return "all_to_all"
+    return "ragged" if (backend or jax.default_backend()) in ("gpu", "tpu") else "gather"
   if name not in STRATEGIES:
     raise ValueError(f"expert-parallel strategy must be 'auto' or one of {STRATEGIES}, got {name!r}.")
   if name == "all_to_all" and mode != "capacity":
-    raise ValueError("the all_to_all strategy needs capacity mode (static slot counts); use 'gather' for "
-                     "dropless.")
+    raise ValueError("the all_to_all strategy needs capacity mode (static slot counts); use 'gather' or "
+                     "'ragged' for dropless.")
+  if name == "ragged" and mode != "dropless":
+    raise ValueError("the ragged strategy is dropless (no slots to drop from); use 'all_to_all' or 'gather' "
+                     "for capacity mode.")
   return name
 
 
@@ -81,7 +93,8 @@ def moe_ffn(x: jax.Array, weights: jax.Array, experts: jax.Array, w_in: jax.Arra
   rows = P(batch_axes)
   hidden = tensor_axes or None
   w_spec, w_out_spec = P(expert_axis, None, hidden), P(expert_axis, hidden, None)
-  body = functools.partial(_all_to_all_body if strategy == "all_to_all" else _gather_body,
+  bodies = {"all_to_all": _all_to_all_body, "gather": _gather_body, "ragged": _ragged_body}
+  body = functools.partial(bodies[strategy],
                            activation=activation, mode=mode, capacity=capacity, dropless_impl=dropless_impl,
                            expert_axis=expert_axis, batch_axes=batch_axes, tensor_axes=tensor_axes)
   in_specs = (rows, rows, rows, rows, w_spec, w_out_spec, None if w_gate is None else w_spec)
@@ -91,7 +104,7 @@ def moe_ffn(x: jax.Array, weights: jax.Array, experts: jax.Array, w_in: jax.Arra
 
 def _stats(assignments, kept, slots, batch_axes) -> dict:
   assignments, kept, slots = (_sum_over(jnp.asarray(v, jnp.float32), batch_axes) for v in (assignments, kept, slots))
-  return {"dropped_fraction": (assignments - kept) / jnp.maximum(assignments, 1.0), "slot_fill": kept / slots}
+  return {"dropped_fraction": (assignments - kept) / jnp.maximum(assignments, 1.0), "slot_fill": kept / jnp.maximum(slots, 1.0)}
 
 
 def _all_to_all_body(x, weights, experts, token_mask, w_in, w_out, w_gate, *, activation, mode, capacity,
@@ -138,3 +151,62 @@ def _gather_body(x, weights, experts, token_mask, w_in, w_out, w_gate, *, activa
   # batch_axes) that is every assignment once. Allocated slots likewise.
   slots = x_all.shape[0] * local_experts * capacity
   return y, _stats(stats["assignments"], stats["kept"], slots, batch_axes)
+
+
+def _exclusive_cumsum(x, axis: int):
+  return jnp.cumsum(x, axis=axis) - x
+
+
+def ragged_exchange_plan(group_sizes: jax.Array, device: jax.Array, local_experts: int) -> dict:
+  """Sizes and offsets of the two `ragged_all_to_all` exchanges, for the device at index `device`.
+
+  group_sizes `[n, E]`: how many of device s's assignments go to expert e (all-gathered). Device s sends
+  expert e's run of its sorted rows (offset starts[s, e]) to device e // E_l; the receiver r lays out
+  what it gets by (local expert, source): offset base[r, l] + within[s, r, l]. Slice i of each exchange is
+  expert i on the way there and (source i // E_l, local expert i % E_l) on the way back, so that slice i
+  always travels to device i // E_l, as `ragged_all_to_all` requires. Returns int32 `[E]` arrays
+  "send" / "back" (dicts of input_offsets, send_sizes, output_offsets, recv_sizes) and "local_sizes"
+  `[E_l]`: this device's rows per local expert, grouped as received.
+  """
+  n, num_experts = group_sizes.shape
+  starts = _exclusive_cumsum(group_sizes, 1)  # [s, e]: where expert e's run begins in s's sorted rows
+  per_receiver = group_sizes.reshape(n, n, local_experts)  # [s, r, l]
+  totals = per_receiver.sum(0)  # [r, l]
+  offsets = _exclusive_cumsum(totals, 1)[None] + _exclusive_cumsum(per_receiver, 0)  # [s, r, l]
+  received = per_receiver[:, device].reshape(-1)  # [(s, l)]: rows from s for my local expert l
+  here = offsets[:, device].reshape(-1)
+  send = dict(input_offsets=starts[device], send_sizes=group_sizes[device],
+              output_offsets=offsets[device].reshape(-1), recv_sizes=received)
+  back = dict(input_offsets=here, send_sizes=received,
+              output_offsets=starts.reshape(n, n, local_experts)[:, device].reshape(-1),
+              recv_sizes=group_sizes[device])
+  return {"send": send, "back": back, "local_sizes": totals[device]}
+
+
+def _ragged_body(x, weights, experts, token_mask, w_in, w_out, w_gate, *, activation, mode, capacity,
+                 dropless_impl, expert_axis, batch_axes, tensor_axes):
+  del mode, capacity, dropless_impl  # dropless, grouped products (resolve_strategy)
+  n = jax.lax.axis_size(expert_axis)
+  b, t, d = x.shape
+  k = experts.shape[-1]
+  local_experts = w_in.shape[0]
+  num_experts = local_experts * n
+  experts = jnp.where(token_mask[..., None], experts, num_experts)
+  src, dst, sizes = dispatch.ragged_plan(experts, num_experts)  # masked assignments sort last, in no group
+  rows = dispatch.take_rows(x.reshape(1, b * t, d), src // k)[0]  # [N, d] by expert
+  plan = ragged_exchange_plan(jax.lax.all_gather(sizes, expert_axis), jax.lax.axis_index(expert_axis),
+                              local_experts)
+  exchange = functools.partial(jax.lax.ragged_all_to_all, axis_name=expert_axis)
+  # Every peer may route all its rows here: room for n·N rows; those past the received ones stay zero.
+  arrived = exchange(rows, jnp.zeros((n * rows.shape[0], d), rows.dtype), **plan["send"])
+  local_sizes = plan["local_sizes"]
+  out = dispatch.ffn(arrived, w_in, w_out, w_gate, activation,
+                     lambda lhs, rhs: jax.lax.ragged_dot(lhs, rhs, local_sizes))
+  out = jnp.where((jnp.arange(out.shape[0]) < jnp.sum(local_sizes))[:, None], out, 0)  # undefined past the groups
+  out = _sum_over(out, tensor_axes)
+  returned = exchange(out.astype(x.dtype), jnp.zeros_like(rows), **plan["back"])
+  gates = dispatch.take_rows(weights.reshape(1, -1).astype(jnp.float32), src)[0]
+  weighted = returned.astype(jnp.float32) * gates[:, None]
+  y = jnp.sum(dispatch.take_rows(weighted[None], dst).reshape(b, t, k, d), axis=2).astype(x.dtype)
+  assignments = jnp.sum(sizes)
+  return y, _stats(assignments, assignments, assignments, batch_axes)  # only routed rows are computed
