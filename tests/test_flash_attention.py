@@ -10,7 +10,7 @@ from diffmoe_jax import config as config_lib
 from diffmoe_jax.nn import model as model_lib
 from diffmoe_jax.ops import attention as attn
 
-PATHS = ("explicit", "blockwise", "pallas", "fused")
+PATHS = ("explicit", "blockwise", "pallas", "pallas_tpu", "fused")  # "pallas": the GPU layout, interpreted
 BLOCK = 16  # small blocks, so every case spans several query and key blocks
 
 
@@ -329,9 +329,9 @@ def test_model_with_the_pallas_kernel_on_a_mesh_equals_one_device(predictor_mode
 @pytest.mark.parametrize("platform, kernel_call", [("cuda", "__gpu$xla.gpu.triton"), ("tpu", "@tpu_custom_call")])
 def test_pallas_kernels_lower_for_gpu_through_triton_and_for_tpu_through_mosaic(platform, kernel_call):
   """Lowered for each accelerator from this host: forward, dq and dk/dv are that platform's kernels at
-  a long context in bf16, for both maps and one. Left to its default, Pallas lowers for GPU through
-  Mosaic GPU, which copies the whole-sequence K/V blocks into shared memory and refuses at any useful
-  length ("exceeds available shared memory")."""
+  a long context in bf16, for both maps and one; on TPU the key-block-grid layout. Left to its default,
+  Pallas lowers for GPU through Mosaic GPU, which copies the whole-sequence K/V blocks into shared
+  memory and refuses at any useful length ("exceeds available shared memory")."""
   b, t, h, d = 1, 4096, 2, 64
 
   def loss(q, k, v, lam):
@@ -346,3 +346,5 @@ def test_pallas_kernels_lower_for_gpu_through_triton_and_for_tpu_through_mosaic(
   calls = [line for line in text.splitlines() if "stablehlo.custom_call" in line]
   assert sum(kernel_call in line for line in calls) == 6, calls  # 3 kernels x 2 attentions
   assert not any("mosaic_gpu" in line for line in calls)
+  if platform == "tpu":
+    assert all(f"flash_multi_map_{name}_tpu" in text for name in ("forward", "dq", "dkv"))

@@ -31,7 +31,7 @@ def _attend(op, q, k, v, lam, masking: dict) -> jax.Array:
   def call(q, k, v, lam, **mask):
     return op(q, k, v, **mask, **static) if lam is None else op(q, k, v, lam, **mask, **static)
 
-  if static["implementation"] != "pallas":
+  if not static["implementation"].startswith("pallas"):
     return call(**arrays)
   axes = {"q": head_axes(q), "k": head_axes(k), "v": head_axes(v),
           "lam": None if lam is None else ((), ("heads",), None, ("batch", None, "heads"))[jnp.ndim(lam)],

@@ -14,9 +14,11 @@ from diffmoe_jax.ops.flash_attention import MASK_VALUE as _MASK_VALUE
 
 # "explicit": fp32 score arrays [B, H, T, S] (fastest at short context); "blockwise": flash_attention's
 # XLA loops (O(T·block) memory, any backend); "pallas": its kernels (GPU/TPU; interpreted on CPU);
-# "fused": jax.nn.dot_product_attention (cuDNN on GPU for 16-bit inputs, its XLA version elsewhere).
-# "xla" is the old name of "explicit".
-IMPLEMENTATIONS = ("explicit", "blockwise", "pallas", "fused")
+# "pallas_gpu" / "pallas_tpu": one kernel layout on every backend, interpreted off its accelerator (tests,
+# debugging); "fused": jax.nn.dot_product_attention (cuDNN on GPU for 16-bit inputs, its XLA version
+# elsewhere). "xla" is the old name of "explicit".
+IMPLEMENTATIONS = ("explicit", "blockwise", "pallas", "pallas_gpu", "pallas_tpu", "fused")
+BLOCKWISE = ("blockwise", "pallas", "pallas_gpu", "pallas_tpu")
 
 
 def rope_inverse_frequencies(dim: int, theta: float) -> jax.Array:
@@ -175,7 +177,7 @@ def differential_attention(q: jax.Array, k: jax.Array, v: jax.Array, lam, *, cau
   q_segment_ids, kv_segment_ids = _segments(q_segment_ids, kv_segment_ids, t, s)
   lam = _lambda_rows(lam, batch, t, heads)
   q = q * jnp.asarray(d**-0.5, q.dtype)
-  if implementation in ("blockwise", "pallas"):
+  if implementation in BLOCKWISE:
     return _blockwise(implementation, q, k, v, jnp.stack([jnp.ones_like(lam), -lam], axis=-1), block_q, block_k,
                       q_positions=q_positions, kv_positions=kv_positions, causal=causal, kv_mask=kv_mask,
                       q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
@@ -223,7 +225,7 @@ def standard_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool
   q_positions, kv_positions = _positions(q, k, q_positions, kv_positions)
   q_segment_ids, kv_segment_ids = _segments(q_segment_ids, kv_segment_ids, t, k.shape[1])
   q = q * jnp.asarray(d**-0.5, q.dtype)
-  if implementation in ("blockwise", "pallas"):
+  if implementation in BLOCKWISE:
     return _blockwise(implementation, q[:, :, :, None], k[:, :, :, None], v,
                       jnp.ones((batch, t, heads, 1), jnp.float32), block_q, block_k, q_positions=q_positions,
                       kv_positions=kv_positions, causal=causal, kv_mask=kv_mask, q_segment_ids=q_segment_ids,
@@ -248,7 +250,7 @@ def _blockwise(implementation: str, q, k, v, weights, block_q: int, block_k: int
   interpreted elsewhere)."""
   return flash_attention.flash_attention(
       q, k, v, weights, block_q=block_q or default_block_size(), block_k=block_k or default_block_size(),
-      kernel="xla" if implementation == "blockwise" else "pallas", **masking)
+      kernel="xla" if implementation == "blockwise" else implementation, **masking)
 
 
 # Sequence length from which "auto" uses the blockwise path on CPU: measured with `python -m

@@ -28,15 +28,21 @@ from jax import lax
 # A finite stand-in for -inf: a fully masked row then gives finite values (and exact zeros after the
 # post-softmax mask) instead of NaN.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
-KERNELS = ("xla", "pallas")
+KERNELS = ("xla", "pallas", "pallas_gpu", "pallas_tpu")
+
+
+def visibility(q_pos, q_seg, kv_pos, kv_seg, kv_valid, causal: bool):
+  """Boolean `[..., bq, bk]` from query-side `[..., bq, 1]` and key-side `[..., 1, bk]` integer arrays."""
+  visible = (kv_valid != 0) & (kv_seg == q_seg)
+  if causal:
+    visible = visible & (kv_pos <= q_pos)
+  return visible
 
 
 def block_visibility(q_pos, q_seg, kv_pos, kv_seg, kv_valid, causal: bool):
-  """Boolean `[..., bq, bk]` from per-query `[..., bq]` and per-key `[..., bk]` integer arrays."""
-  visible = (kv_valid[..., None, :] != 0) & (kv_seg[..., None, :] == q_seg[..., :, None])
-  if causal:
-    visible = visible & (kv_pos[..., None, :] <= q_pos[..., :, None])
-  return visible
+  """`visibility` from per-query `[..., bq]` and per-key `[..., bk]` integer arrays."""
+  column, row = (lambda a: a[..., :, None]), (lambda a: a[..., None, :])
+  return visibility(column(q_pos), column(q_seg), row(kv_pos), row(kv_seg), row(kv_valid), causal)
 
 
 def any_visible(visible) -> jax.Array:
@@ -50,8 +56,11 @@ def _scores(q, k, visible):
 
 
 def init_carry(rows: tuple, num_maps: int, dv: int):
-  """Per map: running max, running sum `[..., bq]` and unnormalised output `[..., bq, Dv]` (fp32)."""
-  return tuple((jnp.full(rows, MASK_VALUE, jnp.float32), jnp.zeros(rows, jnp.float32),
+  """Per map: running max, running sum `[..., bq, 1]` and unnormalised output `[..., bq, Dv]` (fp32).
+
+  Row statistics are columns (`[..., bq, 1]`) in all the block math, the layout TPU kernels keep them in.
+  """
+  return tuple((jnp.full(rows + (1,), MASK_VALUE, jnp.float32), jnp.zeros(rows + (1,), jnp.float32),
                 jnp.zeros(rows + (dv,), jnp.float32)) for _ in range(num_maps))
 
 
@@ -63,20 +72,20 @@ def forward_block(qs, ks, v, visible, carry):
   new = []
   for qj, kj, (m, l, acc) in zip(qs, ks, carry):
     s = _scores(qj, kj, visible)
-    m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-    p = jnp.where(visible, jnp.exp(s - m_new[..., None]), 0.0)
+    m_new = jnp.maximum(m, jnp.max(s, axis=-1, keepdims=True))
+    p = jnp.where(visible, jnp.exp(s - m_new), 0.0)
     alpha = jnp.exp(m - m_new)
     pv = jnp.einsum("...qk,...kv->...qv", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    new.append((m_new, alpha * l + jnp.sum(p, axis=-1), alpha[..., None] * acc + pv))
+    new.append((m_new, alpha * l + jnp.sum(p, axis=-1, keepdims=True), alpha * acc + pv))
   return tuple(new)
 
 
 def finalize(carry):
-  """Per map: the normalised output (0 for a row with no visible key) and its log-sum-exp."""
+  """Per map: the normalised output (0 for a row with no visible key) and its log-sum-exp `[..., bq, 1]`."""
   outs, lses = [], []
   for m, l, acc in carry:
     seen = l > 0.0
-    outs.append(acc / jnp.where(seen, l, 1.0)[..., None])
+    outs.append(acc / jnp.where(seen, l, 1.0))
     lses.append(jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), 0.0))
   return outs, lses
 
@@ -84,7 +93,7 @@ def finalize(carry):
 def backward_block(qs, ks, v, g, ws, lses, deltas, visible, *, want_dq: bool = True, want_dkv: bool = True):
   """Gradients of one (query block, key block) pair.
 
-  Per map j: qs[j], ks[j] as in `forward_block`; ws[j], lses[j], deltas[j] `[..., bq]` (fp32); g
+  Per map j: qs[j], ks[j] as in `forward_block`; ws[j], lses[j], deltas[j] `[..., bq, 1]` (fp32); g
   `[..., bq, Dv]`. Returns per-map lists dq `[..., bq, D]`, dk `[..., bk, D]` and dv `[..., bk, Dv]`
   (fp32); what is not wanted is None.
   """
@@ -92,8 +101,8 @@ def backward_block(qs, ks, v, g, ws, lses, deltas, visible, *, want_dq: bool = T
   dq, dk, dv = [], [], None
   for qj, kj, w, lse, delta in zip(qs, ks, ws, lses, deltas):
     s = _scores(qj, kj, visible)
-    weighted_p = jnp.where(visible, jnp.exp(s - lse[..., None]), 0.0) * w[..., None]
-    ds = weighted_p * (d_combined - delta[..., None])
+    weighted_p = jnp.where(visible, jnp.exp(s - lse), 0.0) * w
+    ds = weighted_p * (d_combined - delta)
     if want_dq:
       dq.append(jnp.einsum("...qk,...kd->...qd", ds.astype(kj.dtype), kj, preferred_element_type=jnp.float32))
     if want_dkv:
@@ -144,7 +153,7 @@ def xla_forward(q, k, v, masks, causal, block_q, block_k):
     outs, lses = finalize(carry)
     out, lse = outputs
     return (lax.dynamic_update_slice_in_dim(out, jnp.stack(outs, axis=2), i * block_q, axis=3),
-            lax.dynamic_update_slice_in_dim(lse, jnp.stack(lses, axis=2), i * block_q, axis=3))
+            lax.dynamic_update_slice_in_dim(lse, jnp.stack(lses, axis=2)[..., 0], i * block_q, axis=3))
 
   init = (jnp.zeros((b, h, num_maps, t, dv), jnp.float32), jnp.zeros((b, h, num_maps, t), jnp.float32))
   return _loop(t // block_q, query_block, init)
@@ -164,8 +173,9 @@ def xla_backward(q, k, v, w, g, lse, delta, masks, causal, block_q, block_k):
         dq, dk, dv = c
         start = i * block_q
         rows = lambda x: _maps(_slice(x, start, block_q, 3))
-        dq_i, dk_j, dv_j = backward_block(rows(q), _maps(kj), vj, _slice(g, start, block_q, 2), rows(w),
-                                          rows(lse), rows(delta), visible)
+        stats = lambda x: rows(x[..., None])
+        dq_i, dk_j, dv_j = backward_block(rows(q), _maps(kj), vj, _slice(g, start, block_q, 2), stats(w),
+                                          stats(lse), stats(delta), visible)
         dq = lax.dynamic_update_slice_in_dim(dq, _slice(dq, start, block_q, 3) + jnp.stack(dq_i, axis=2),
                                              start, axis=3)
         return dq, dk + jnp.stack(dk_j, axis=2), dv + dv_j
@@ -182,11 +192,40 @@ def xla_backward(q, k, v, w, g, lse, delta, masks, causal, block_q, block_k):
   return _loop(s // block_k, key_block, (zeros(q), zeros(k), zeros(v)))
 
 
+def kernel_width(n: int) -> int:
+  """A head width or block inside the kernels: the next power of two, at least 16 (Triton's smallest dot)."""
+  return max(16, 1 << (n - 1).bit_length())
+
+
+def pad_last(x, width: int):
+  """Zero columns up to `width`: they change no score and add output columns that are sliced off."""
+  return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, width - x.shape[-1])])
+
+
+def _pallas_stage(kernel: str, stage: str):
+  """The Pallas `stage` ("forward" / "backward"), lowered for the platform being compiled for
+  (`lax.platform_dependent`, so lowering for another platform than the host's picks that platform's):
+  "pallas" runs the GPU kernels through Triton on GPU, the TPU kernels through Mosaic on TPU and the GPU
+  kernels interpreted elsewhere; "pallas_gpu" / "pallas_tpu" run one layout, interpreted off its
+  accelerator (how the tests check both on CPU)."""
+  from diffmoe_jax.ops import pallas_attention, pallas_tpu_attention
+  gpu, tpu = getattr(pallas_attention, stage), getattr(pallas_tpu_attention, stage)
+
+  def run(*args):
+    arrays, static = args[:-3], args[-3:]  # (..., causal, block_q, block_k)
+    bind = lambda fn, interpret: lambda *a: fn(*a, *static, interpret=interpret)
+    on_gpu = dict(cuda=bind(gpu, False), rocm=bind(gpu, False))
+    choices = {"pallas": dict(on_gpu, tpu=bind(tpu, False), default=bind(gpu, True)),
+               "pallas_gpu": dict(on_gpu, default=bind(gpu, True)),
+               "pallas_tpu": dict(tpu=bind(tpu, False), default=bind(tpu, True))}[kernel]
+    return lax.platform_dependent(*arrays, **choices)
+  return run
+
+
 def _drivers(kernel: str):
   if kernel == "xla":
     return xla_forward, xla_backward
-  from diffmoe_jax.ops import pallas_attention
-  return pallas_attention.forward, pallas_attention.backward
+  return _pallas_stage(kernel, "forward"), _pallas_stage(kernel, "backward")
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
@@ -223,9 +262,8 @@ def _pad_to(x, multiple: int, axis: int, value=0):
 
 def block_sizes(t: int, s: int, block_q: int, block_k: int, kernel: str) -> tuple[int, int]:
   """Blocks no longer than the sequence; kernels need power-of-two blocks of at least 16 rows."""
-  if kernel == "pallas":
-    fit = lambda n, block: min(block, max(16, 1 << (n - 1).bit_length()))
-    return fit(t, block_q), fit(s, block_k)
+  if kernel != "xla":
+    return min(block_q, kernel_width(t)), min(block_k, kernel_width(s))
   return min(block_q, t), min(block_k, s)
 
 
@@ -237,7 +275,8 @@ def flash_attention(q, k, v, weights, *, q_positions, kv_positions, causal: bool
   q: `[B, T, H, M, D]` already scaled, k: `[B, S, H, M, D]`, v: `[B, S, H, Dv]`, weights: `[B, T, H, M]`;
   positions `[B, T]` / `[B, S]` integers; kv_mask `[B, S]` bool; segment ids `[B, T]` / `[B, S]`
   (a query sees only keys of its own segment). Returns `[B, T, H, Dv]` in v's dtype. kernel: "xla"
-  (blockwise loops, any backend) or "pallas" (kernels on GPU and TPU, interpreted elsewhere).
+  (blockwise loops, any backend) or "pallas" (kernels on GPU and TPU, interpreted elsewhere; see
+  `_pallas_stage` for "pallas_gpu" / "pallas_tpu").
   """
   if kernel not in KERNELS:
     raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}.")

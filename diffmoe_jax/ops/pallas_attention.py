@@ -7,10 +7,8 @@ with no visible (query, key) pair are skipped under `lax.cond`. Head widths are 
 two (Triton's block shapes must be), which changes no score and adds zero output columns that are
 sliced off.
 
-The lowering is chosen once the target platform is known (`lax.platform_dependent`, so lowering for
-another platform than the host's picks that platform's): Triton on GPU, Mosaic on TPU, the Pallas
-interpreter anywhere else (how the tests run the kernels on CPU). On GPU the kernels are lowered by
-Triton, never by Mosaic GPU (jax's default for a `pallas_call` without compiler parameters): Mosaic GPU
+These are the GPU kernels (TPU's are in `pallas_tpu_attention.py`). They are lowered by Triton, never by
+Mosaic GPU (jax's default for a `pallas_call` without compiler parameters): Mosaic GPU
 copies every block into shared memory, and the whole-sequence K/V blocks the query-blocked kernels read
 from overflow it at any useful length (437 KB at T = 512, D = 64). Triton loads only the `pl.ds` slices
 a loop step touches.
@@ -26,26 +24,13 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
 from diffmoe_jax.ops import flash_attention as fa
-
+from diffmoe_jax.ops.flash_attention import kernel_width, pad_last
 
 _TRITON = pl_triton.CompilerParams(num_warps=4, num_stages=2)
 
 
-def _pallas_call(kernel, **spec):
-  """`pl.pallas_call` through Triton on GPU, Mosaic on TPU, interpreted elsewhere."""
-  triton = pl.pallas_call(kernel, compiler_params=_TRITON, **spec)
-  interpreted = pl.pallas_call(kernel, interpret=True, **spec)
-  return lambda *args: lax.platform_dependent(*args, cuda=triton, rocm=triton, tpu=pl.pallas_call(kernel, **spec),
-                                              default=interpreted)
-
-
-def _pad_last(x, width: int):
-  return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, width - x.shape[-1])])
-
-
-def _pow2(n: int) -> int:
-  """Head widths for the kernels: a power of two, at least 16 (Triton's smallest dot)."""
-  return max(16, 1 << (n - 1).bit_length())
+def _pallas_call(kernel, interpret: bool, **spec):
+  return pl.pallas_call(kernel, compiler_params=None if interpret else _TRITON, interpret=interpret, **spec)
 
 
 def _specs(block_q: int, block_k: int, t: int, s: int, num_maps: int, d: int, dv: int, query_blocked: bool):
@@ -87,14 +72,15 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_pos_ref, q_seg_ref, kv_pos_ref, kv_se
   outs, lses = fa.finalize(carry)
   for j in range(num_maps):
     out_ref[j] = outs[j]
-    lse_ref[j] = lses[j]
+    lse_ref[j] = lses[j][:, 0]
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, g_ref, w_ref, lse_ref, delta_ref, q_pos_ref, q_seg_ref, kv_pos_ref,
                kv_seg_ref, kv_valid_ref, dq_ref, *, causal: bool, block_k: int):
   num_maps, block_q, d = q_ref.shape
   per_map = lambda ref: [ref[m] for m in range(num_maps)]
-  qs, ws, lses, deltas, g = per_map(q_ref), per_map(w_ref), per_map(lse_ref), per_map(delta_ref), g_ref[...]
+  stats = lambda ref: [ref[m][:, None] for m in range(num_maps)]
+  qs, ws, lses, deltas, g = per_map(q_ref), stats(w_ref), stats(lse_ref), stats(delta_ref), g_ref[...]
   q_pos, q_seg = q_pos_ref[...], q_seg_ref[...]
 
   def key_step(j, dq):
@@ -126,7 +112,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, g_ref, w_ref, lse_ref, delta_ref, q_pos_ref
 
     def accumulate(carry):
       dk, dv = carry
-      per_map = lambda ref: [ref[m, rows] for m in range(num_maps)]
+      per_map = lambda ref: [ref[m, rows][:, None] for m in range(num_maps)]
       _, dk_blk, dv_blk = fa.backward_block(
           [q_ref[m, rows, :] for m in range(num_maps)], ks, v, g_ref[rows, :], per_map(w_ref), per_map(lse_ref),
           per_map(delta_ref), visible, want_dq=False)
@@ -142,14 +128,14 @@ def _dkv_kernel(q_ref, k_ref, v_ref, g_ref, w_ref, lse_ref, delta_ref, q_pos_ref
   dv_ref[...] = dv
 
 
-def forward(q, k, v, masks, causal, block_q, block_k):
+def forward(q, k, v, masks, causal, block_q, block_k, *, interpret: bool):
   """Per-map outputs `[B, H, M, T, Dv]` (fp32) and log-sum-exp `[B, H, M, T]`, as `fa.xla_forward`."""
   b, h, num_maps, t, d = q.shape
   s, dv = k.shape[3], v.shape[-1]
-  dp, dvp = _pow2(d), _pow2(dv)
+  dp, dvp = kernel_width(d), kernel_width(dv)
   specs = _specs(block_q, block_k, t, s, num_maps, dp, dvp, query_blocked=True)
   out, lse = _pallas_call(
-      functools.partial(_forward_kernel, causal=causal, block_k=block_k),
+      functools.partial(_forward_kernel, causal=causal, block_k=block_k), interpret,
       grid=(b, h, t // block_q),
       in_specs=[specs["q"], specs["k"], specs["v"], specs["q_mask"], specs["q_mask"], specs["k_mask"],
                 specs["k_mask"], specs["k_mask"]],
@@ -158,20 +144,20 @@ def forward(q, k, v, masks, causal, block_q, block_k):
       out_shape=[jax.ShapeDtypeStruct((b, h, num_maps, t, dvp), jnp.float32),
                  jax.ShapeDtypeStruct((b, h, num_maps, t), jnp.float32)],
       name="flash_multi_map_forward",
-  )(_pad_last(q, dp), _pad_last(k, dp), _pad_last(v, dvp), *masks)
+  )(pad_last(q, dp), pad_last(k, dp), pad_last(v, dvp), *masks)
   return out[..., :dv], lse
 
 
-def backward(q, k, v, w, g, lse, delta, masks, causal, block_q, block_k):
+def backward(q, k, v, w, g, lse, delta, masks, causal, block_q, block_k, *, interpret: bool):
   """dq, dk, dv (fp32), as `fa.xla_backward`."""
   b, h, num_maps, t, d = q.shape
   s, dv = k.shape[3], v.shape[-1]
-  dp, dvp = _pow2(d), _pow2(dv)
-  args = (_pad_last(q, dp), _pad_last(k, dp), _pad_last(v, dvp), _pad_last(g, dvp), w, lse, delta, *masks)
+  dp, dvp = kernel_width(d), kernel_width(dv)
+  args = (pad_last(q, dp), pad_last(k, dp), pad_last(v, dvp), pad_last(g, dvp), w, lse, delta, *masks)
 
   by_query = _specs(block_q, block_k, t, s, num_maps, dp, dvp, query_blocked=True)
   dq = _pallas_call(
-      functools.partial(_dq_kernel, causal=causal, block_k=block_k),
+      functools.partial(_dq_kernel, causal=causal, block_k=block_k), interpret,
       grid=(b, h, t // block_q),
       in_specs=[by_query[n] for n in ("q", "k", "v", "g", "stats", "stats", "stats", "q_mask", "q_mask",
                                       "k_mask", "k_mask", "k_mask")],
@@ -182,7 +168,7 @@ def backward(q, k, v, w, g, lse, delta, masks, causal, block_q, block_k):
 
   by_key = _specs(block_q, block_k, t, s, num_maps, dp, dvp, query_blocked=False)
   dk, dv_out = _pallas_call(
-      functools.partial(_dkv_kernel, causal=causal, block_q=block_q),
+      functools.partial(_dkv_kernel, causal=causal, block_q=block_q), interpret,
       grid=(b, h, s // block_k),
       in_specs=[by_key[n] for n in ("q", "k", "v", "g", "stats", "stats", "stats", "q_mask", "q_mask",
                                     "k_mask", "k_mask", "k_mask")],

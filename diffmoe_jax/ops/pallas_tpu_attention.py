@@ -1,0 +1,185 @@
+"""Pallas kernels for `flash_attention` laid out for TPU (Mosaic): the key loop is a grid axis.
+
+The GPU kernels (`pallas_attention.py`) hold whole-sequence K/V blocks and loop over them inside one
+program, which Triton serves from global memory but Mosaic would copy whole into VMEM (double-buffered:
+about 16 MiB for PI-P's 8K context, 64 MiB at 32K). Here every block is one tile: the grid is
+(batch, head, query block, key block) for the forward and dq kernels and (batch, head, key block, query
+block) for dk/dv, the last axis sequential ("arbitrary"), and the running statistics and accumulators
+live in VMEM scratch across it, initialised at its first step and written out at its last. VMEM use is
+O(block), whatever the length. The block math is `flash_attention`'s; row statistics are columns
+(`[bq, 1]`), query-side masks `[B, T, 1]` and key-side masks `[B, 1, S]`, so no kernel reshapes a
+vector. Blocks with no visible pair skip their arithmetic (`pl.when`); their tiles are still fetched.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from diffmoe_jax.ops import flash_attention as fa
+from diffmoe_jax.ops.flash_attention import kernel_width, pad_last
+
+_SEQUENTIAL_LAST = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
+
+
+def _specs(block_q: int, block_k: int, num_maps: int, d: int, dv: int, query_major: bool) -> dict:
+  """BlockSpecs over the grid (b, h, i, j): query block i and key block j, in that grid order when
+  query_major, else (b, h, j, i)."""
+  qi = (lambda f: lambda b, h, i, j: f(b, h, i, j)) if query_major else (lambda f: lambda b, h, j, i: f(b, h, i, j))
+  return dict(
+      q=pl.BlockSpec((None, None, num_maps, block_q, d), qi(lambda b, h, i, j: (b, h, 0, i, 0))),
+      k=pl.BlockSpec((None, None, num_maps, block_k, d), qi(lambda b, h, i, j: (b, h, 0, j, 0))),
+      v=pl.BlockSpec((None, None, block_k, dv), qi(lambda b, h, i, j: (b, h, j, 0))),
+      g=pl.BlockSpec((None, None, block_q, dv), qi(lambda b, h, i, j: (b, h, i, 0))),
+      stats=pl.BlockSpec((None, None, num_maps, block_q, 1), qi(lambda b, h, i, j: (b, h, 0, i, 0))),
+      q_mask=pl.BlockSpec((None, block_q, 1), qi(lambda b, h, i, j: (b, i, 0))),
+      k_mask=pl.BlockSpec((None, 1, block_k), qi(lambda b, h, i, j: (b, 0, j))),
+  )
+
+
+def _mask_layout(masks):
+  """(q_pos, q_seg, kv_pos, kv_seg, kv_valid) `[B, T]`/`[B, S]` -> query side `[B, T, 1]`, key side `[B, 1, S]`."""
+  q_pos, q_seg, kv_pos, kv_seg, kv_valid = masks
+  return (q_pos[..., None], q_seg[..., None], kv_pos[:, None], kv_seg[:, None], kv_valid[:, None])
+
+
+def _visible(q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, kv_valid_ref, causal):
+  return fa.visibility(q_pos_ref[...], q_seg_ref[...], kv_pos_ref[...], kv_seg_ref[...], kv_valid_ref[...], causal)
+
+
+def _forward_kernel(q_ref, k_ref, v_ref, q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, kv_valid_ref,
+                    out_ref, lse_ref, m_scratch, l_scratch, acc_scratch, *, causal: bool):
+  num_maps = q_ref.shape[0]
+  key_block = pl.program_id(3)
+  carry = lambda: tuple((m_scratch[j], l_scratch[j], acc_scratch[j]) for j in range(num_maps))
+
+  @pl.when(key_block == 0)
+  def _():
+    m_scratch[...] = jnp.full(m_scratch.shape, fa.MASK_VALUE, jnp.float32)
+    l_scratch[...] = jnp.zeros(l_scratch.shape, jnp.float32)
+    acc_scratch[...] = jnp.zeros(acc_scratch.shape, jnp.float32)
+
+  visible = _visible(q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, kv_valid_ref, causal)
+
+  @pl.when(fa.any_visible(visible))
+  def _():
+    new = fa.forward_block([q_ref[j] for j in range(num_maps)], [k_ref[j] for j in range(num_maps)], v_ref[...],
+                           visible, carry())
+    for j, (m, l, acc) in enumerate(new):
+      m_scratch[j], l_scratch[j], acc_scratch[j] = m, l, acc
+
+  @pl.when(key_block == pl.num_programs(3) - 1)
+  def _():
+    outs, lses = fa.finalize(carry())
+    for j in range(num_maps):
+      out_ref[j], lse_ref[j] = outs[j], lses[j]
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, g_ref, w_ref, lse_ref, delta_ref, q_pos_ref, q_seg_ref, kv_pos_ref,
+               kv_seg_ref, kv_valid_ref, dq_ref, dq_scratch, *, causal: bool):
+  num_maps = q_ref.shape[0]
+  key_block = pl.program_id(3)
+  per_map = lambda ref: [ref[j] for j in range(num_maps)]
+
+  @pl.when(key_block == 0)
+  def _():
+    dq_scratch[...] = jnp.zeros(dq_scratch.shape, jnp.float32)
+
+  visible = _visible(q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, kv_valid_ref, causal)
+
+  @pl.when(fa.any_visible(visible))
+  def _():
+    dq, _, _ = fa.backward_block(per_map(q_ref), per_map(k_ref), v_ref[...], g_ref[...], per_map(w_ref),
+                                 per_map(lse_ref), per_map(delta_ref), visible, want_dkv=False)
+    for j in range(num_maps):
+      dq_scratch[j] += dq[j]
+
+  @pl.when(key_block == pl.num_programs(3) - 1)
+  def _():
+    dq_ref[...] = dq_scratch[...]
+
+
+def _dkv_kernel(q_ref, k_ref, v_ref, g_ref, w_ref, lse_ref, delta_ref, q_pos_ref, q_seg_ref, kv_pos_ref,
+                kv_seg_ref, kv_valid_ref, dk_ref, dv_ref, dk_scratch, dv_scratch, *, causal: bool):
+  num_maps = q_ref.shape[0]
+  query_block = pl.program_id(3)
+  per_map = lambda ref: [ref[j] for j in range(num_maps)]
+
+  @pl.when(query_block == 0)
+  def _():
+    dk_scratch[...] = jnp.zeros(dk_scratch.shape, jnp.float32)
+    dv_scratch[...] = jnp.zeros(dv_scratch.shape, jnp.float32)
+
+  visible = _visible(q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, kv_valid_ref, causal)
+
+  @pl.when(fa.any_visible(visible))
+  def _():
+    _, dk, dv = fa.backward_block(per_map(q_ref), per_map(k_ref), v_ref[...], g_ref[...], per_map(w_ref),
+                                  per_map(lse_ref), per_map(delta_ref), visible, want_dq=False)
+    for j in range(num_maps):
+      dk_scratch[j] += dk[j]
+    dv_scratch[...] += dv
+
+  @pl.when(query_block == pl.num_programs(3) - 1)
+  def _():
+    dk_ref[...] = dk_scratch[...]
+    dv_ref[...] = dv_scratch[...]
+
+
+def _call(kernel, interpret: bool, **spec):
+  return pl.pallas_call(kernel, compiler_params=_SEQUENTIAL_LAST, interpret=interpret, **spec)
+
+
+def forward(q, k, v, masks, causal, block_q, block_k, *, interpret: bool):
+  """Per-map outputs `[B, H, M, T, Dv]` (fp32) and log-sum-exp `[B, H, M, T]`, as `fa.xla_forward`."""
+  b, h, num_maps, t, d = q.shape
+  s, dv = k.shape[3], v.shape[-1]
+  dp, dvp = kernel_width(d), kernel_width(dv)
+  specs = _specs(block_q, block_k, num_maps, dp, dvp, query_major=True)
+  out, lse = _call(
+      functools.partial(_forward_kernel, causal=causal), interpret,
+      grid=(b, h, t // block_q, s // block_k),
+      in_specs=[specs[n] for n in ("q", "k", "v", "q_mask", "q_mask", "k_mask", "k_mask", "k_mask")],
+      out_specs=[pl.BlockSpec((None, None, num_maps, block_q, dvp), lambda b_, h_, i, j: (b_, h_, 0, i, 0)),
+                 specs["stats"]],
+      out_shape=[jax.ShapeDtypeStruct((b, h, num_maps, t, dvp), jnp.float32),
+                 jax.ShapeDtypeStruct((b, h, num_maps, t, 1), jnp.float32)],
+      scratch_shapes=[pltpu.VMEM((num_maps, block_q, 1), jnp.float32), pltpu.VMEM((num_maps, block_q, 1), jnp.float32),
+                      pltpu.VMEM((num_maps, block_q, dvp), jnp.float32)],
+      name="flash_multi_map_forward_tpu",
+  )(pad_last(q, dp), pad_last(k, dp), pad_last(v, dvp), *_mask_layout(masks))
+  return out[..., :dv], lse[..., 0]
+
+
+def backward(q, k, v, w, g, lse, delta, masks, causal, block_q, block_k, *, interpret: bool):
+  """dq, dk, dv (fp32), as `fa.xla_backward`."""
+  b, h, num_maps, t, d = q.shape
+  s, dv = k.shape[3], v.shape[-1]
+  dp, dvp = kernel_width(d), kernel_width(dv)
+  args = (pad_last(q, dp), pad_last(k, dp), pad_last(v, dvp), pad_last(g, dvp), w[..., None], lse[..., None],
+          delta[..., None], *_mask_layout(masks))
+  names = ("q", "k", "v", "g", "stats", "stats", "stats", "q_mask", "q_mask", "k_mask", "k_mask", "k_mask")
+
+  by_query = _specs(block_q, block_k, num_maps, dp, dvp, query_major=True)
+  dq = _call(
+      functools.partial(_dq_kernel, causal=causal), interpret,
+      grid=(b, h, t // block_q, s // block_k),
+      in_specs=[by_query[n] for n in names], out_specs=by_query["q"],
+      out_shape=jax.ShapeDtypeStruct((b, h, num_maps, t, dp), jnp.float32),
+      scratch_shapes=[pltpu.VMEM((num_maps, block_q, dp), jnp.float32)], name="flash_multi_map_dq_tpu",
+  )(*args)
+
+  by_key = _specs(block_q, block_k, num_maps, dp, dvp, query_major=False)
+  dk, dv_out = _call(
+      functools.partial(_dkv_kernel, causal=causal), interpret,
+      grid=(b, h, s // block_k, t // block_q),
+      in_specs=[by_key[n] for n in names], out_specs=[by_key["k"], by_key["v"]],
+      out_shape=[jax.ShapeDtypeStruct((b, h, num_maps, s, dp), jnp.float32),
+                 jax.ShapeDtypeStruct((b, h, s, dvp), jnp.float32)],
+      scratch_shapes=[pltpu.VMEM((num_maps, block_k, dp), jnp.float32), pltpu.VMEM((block_k, dvp), jnp.float32)],
+      name="flash_multi_map_dkv_tpu",
+  )(*args)
+  return dq[..., :d], dk[..., :d], dv_out[..., :dv]
