@@ -348,3 +348,18 @@ def test_pallas_kernels_lower_for_gpu_through_triton_and_for_tpu_through_mosaic(
   assert not any("mosaic_gpu" in line for line in calls)
   if platform == "tpu":
     assert all(f"flash_multi_map_{name}_tpu" in text for name in ("forward", "dq", "dkv"))
+
+
+def test_benchmark_baselines_compute_what_they_stand_for():
+  """`bench attention`'s baselines: the official layout's four flash calls are differential attention
+  (float64 reference); standard_flash is softmax attention over the maps' queries and keys concatenated."""
+  from diffmoe_jax.bench_attention import _flash_baseline
+  q, k, v, lam, g, masks, visible = _case("per_token_lam")
+  b, t, h = q.shape[:3]
+  want, _ = reference(q, k, v, np.stack([np.ones((b, t, h)), -lam], -1), visible, g)
+  got = _flash_baseline("four_flash_calls", *(jnp.asarray(a) for a in (q, k, v, lam)))
+  np.testing.assert_allclose(np.asarray(got), want, rtol=2e-4, atol=2e-5)
+  wide = lambda x: x.reshape(x.shape[:3] + (1, -1))
+  want, _ = reference(wide(q), wide(k), v, np.ones((b, t, h, 1)), visible, g)
+  got = _flash_baseline("standard_flash", *(jnp.asarray(a) for a in (q, k, v, lam)))
+  np.testing.assert_allclose(np.asarray(got), want, rtol=2e-4, atol=2e-5)

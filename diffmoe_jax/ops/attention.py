@@ -87,12 +87,16 @@ def _check_implementation(implementation: str) -> str:
   return implementation
 
 
+def fused_implementation(dtype) -> str:
+  """jax.nn.dot_product_attention's implementation: cuDNN on GPU for 16-bit inputs (cuDNN's flash
+  attention supports only those), its XLA version elsewhere."""
+  return "cudnn" if jax.default_backend() == "gpu" and dtype in (jnp.bfloat16, jnp.float16) else "xla"
+
+
 def _dot_product_attention(q, k, v, mask, scale):
-  """jax.nn.dot_product_attention with its implementation named: cuDNN on GPU for 16-bit inputs (cuDNN's
-  flash attention supports only those), its XLA version elsewhere; rows with no visible key give 0."""
-  on_cudnn = jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+  """jax.nn.dot_product_attention (`fused_implementation`); rows with no visible key give 0."""
   out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale,
-                                     implementation="cudnn" if on_cudnn else "xla")
+                                     implementation=fused_implementation(q.dtype))
   return _zero_rows_without_keys(out, mask)
 
 
