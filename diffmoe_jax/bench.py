@@ -19,6 +19,7 @@ Subcommands:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import os
 import statistics
@@ -167,8 +168,12 @@ def bench_train(args: argparse.Namespace) -> None:
   from diffmoe_jax.train import metrics, state as state_lib, step as step_lib
   from diffmoe_jax.train.curriculum import Curriculum
   config = config_lib.load_file(args.config)
+  if args.layers:
+    config.model.num_layers = args.layers
   curriculum = Curriculum(config)
   phase = next(p for p in curriculum.phases if p.name == args.phase)
+  if args.batch:
+    phase = dataclasses.replace(phase, batch_size=args.batch)
   settings = curriculum.settings(phase.start)
   model = model_lib.build_model(config.model)
   optimizer = state_lib.make_optimizer(config.optimizer)
@@ -193,19 +198,22 @@ def bench_train(args: argparse.Namespace) -> None:
   counts = estimate.count_params(config.model)
   capacity = 1.0 if settings.mod_mode == "off" else settings.mod_capacity
   flops = 3 * estimate.forward_flops_per_token(config.model, counts, phase.seq_len, mod_capacity=capacity)
-  peak = metrics.measured_matmul_flops()
+  peak = metrics.device_peak_flops()  # the step runs on one device
 
   start = time.perf_counter()
   for i in range(args.data_batches):
     dataset[args.steps + i]
   data_tokens_per_second = args.data_batches * tokens / (time.perf_counter() - start)
   tokens_per_second = tokens / step_seconds
-  print(f"config {args.config}, phase {phase.name}: seq_len {phase.seq_len}, batch {phase.batch_size}, MoD "
+  print(f"config {args.config} ({config.model.num_layers} layers, {config.model.dtype}), phase {phase.name}: "
+        f"seq_len {phase.seq_len}, batch {phase.batch_size}, MoD "
         f"{settings.mod_mode} {settings.mod_capacity:.3f}, remat {config.model.remat_policy}, {args.steps} steps")
   print(f"train step  {1e3 * step_seconds:8.1f} ms  {tokens_per_second:10,.0f} tokens/s  "
         f"{flops / 1e6:.2f} MFLOP/token (3x forward)")
-  print(f"MFU         {flops * tokens_per_second / peak:8.1%}  of the measured matmul peak "
-        f"{peak / 1e9:.1f} GFLOP/s (fp32 1024x1024 matmul, best of 5)")
+  where = ("this host's measured fp32 matmul rate" if jax.default_backend() == "cpu" else
+           f"{jax.devices()[0].device_kind}'s 16-bit peak")
+  mfu = f"{flops * tokens_per_second / peak:8.1%}" if peak else "     n/a"
+  print(f"MFU         {mfu}  of {where}, {peak / 1e9:,.1f} GFLOP/s")
   print(f"data        {data_tokens_per_second:10,.0f} tokens/s  = {data_tokens_per_second / tokens_per_second:,.0f}x "
         f"what the step consumes")
 
@@ -275,6 +283,9 @@ def main(argv: list[str] | None = None) -> None:
   train.add_argument("--phase", default="long_context", help="the curriculum phase whose step is timed")
   train.add_argument("--steps", type=POSITIVE, default=10)
   train.add_argument("--data-batches", type=POSITIVE, default=200)
+  train.add_argument("--layers", type=NON_NEGATIVE, default=0,
+                     help="model.num_layers for the run (0: the config's), e.g. a PI-P-shaped 4-layer stack")
+  train.add_argument("--batch", type=NON_NEGATIVE, default=0, help="sequences per step (0: the phase's)")
   train.set_defaults(run=bench_train)
 
   from diffmoe_jax import bench_attention, bench_expert_parallel  # bench_expert_parallel needs several devices

@@ -193,8 +193,13 @@ def peak_flops(configured_per_device: float = 0.0) -> float:
     return configured_per_device * jax.device_count()
   if jax.default_backend() == "cpu":
     return measured_matmul_flops() * jax.process_count()
+  return device_peak_flops() * jax.device_count()
+
+
+def device_peak_flops() -> float:
+  """One device's peak FLOP/s: the host's measured matmul rate on CPU, the 16-bit peak of a known
+  accelerator, else 0.0."""
+  if jax.default_backend() == "cpu":
+    return measured_matmul_flops()
   kind = jax.devices()[0].device_kind
-  for name, peak in _KNOWN_PEAKS.items():
-    if kind.startswith(name):
-      return peak * jax.device_count()
-  return 0.0
+  return next((peak for name, peak in _KNOWN_PEAKS.items() if kind.startswith(name)), 0.0)
