@@ -240,3 +240,25 @@ def test_per_device_expert_load_sums_each_devices_experts():
   assert scalars["moe/layer0/device1_load"] == pytest.approx(0.7)
   assert scalars["moe/layer1/device1_load"] == pytest.approx(0.5)
   assert not any("device" in k for k in _layer_scalars(layers, expert_devices=1))
+
+
+@pytest.mark.parametrize("platform, kernel_call", [("cuda", "__gpu$xla.gpu.triton"), ("tpu", "@tpu_custom_call")])
+def test_sharded_train_step_lowers_for_accelerators(make_config, platform, kernel_call):
+  """The whole train step on fsdp 2 x expert 2 x tensor 2 with the accelerator paths (Pallas attention
+  kernels per shard, dropless ragged expert parallelism), lowered for GPU and TPU from this host."""
+  cfg = make_config(attention_impl="pallas", dtype="bfloat16", **{"moe.dispatch": "dropless",
+                                                                 "moe.expert_parallel": "ragged"})
+  cfg.mesh.shape.update(data=1, fsdp=2, expert=2, tensor=2)
+  mesh, rules = parallel.make_mesh(cfg.mesh), parallel.axis_rules(cfg.mesh)
+  model = model_lib.build_model(cfg.model)
+  optimizer = optax.adamw(1e-3)
+  _, _, make = state_lib.create_state(model, optimizer, mesh, rules, seed=0, seq_len=16)
+  tokens = np.zeros((8, 16), np.int32)
+  batch = parallel.global_batch({"inputs": tokens, "targets": tokens}, parallel.batch_sharding(mesh, rules))
+  dyn = {k: jnp.float32(0.01) for k in ("lr", "router_noise", "load_balance_weight", "z_loss_weight",
+                                         "mod_predictor_weight")}
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    step = jax.jit(step_lib.make_train_step(model, optimizer, mod_mode="topk", mod_capacity=0.5))
+    text = step.trace(make(), batch, dyn).lower(lowering_platforms=(platform,)).as_text()
+  assert text.count(kernel_call) >= 3 and "@ragged_all_to_all" in text
+  assert "mosaic_gpu" not in text
