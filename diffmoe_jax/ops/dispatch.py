@@ -133,6 +133,16 @@ def ragged_plan(experts: jax.Array, num_experts: int):
   return src, dst, jnp.diff(_group_starts(sorted_e[0], num_experts))
 
 
+def combine(out: jax.Array, gates: jax.Array, src: jax.Array, dst: jax.Array, shape: tuple) -> jax.Array:
+  """Each token's output (fp32 `shape[:2] + shape[3:]`, shape = (B, T, k, d)): its k assignments' expert
+  rows, gate-weighted and summed. out `[G, R, d]`: expert rows (slot or sorted order) in groups G (a
+  sequence, or the whole batch); gates `[G, n]` by assignment; src `[G, R]`: each row's assignment; dst
+  `[G, n]`: each assignment's row (R or more when dropped: a zero row)."""
+  b, t, k, d = shape
+  weighted = out.astype(jnp.float32) * take_rows(gates.astype(jnp.float32), src)[..., None]
+  return jnp.sum(take_rows(weighted, dst).reshape(b, t, k, d), axis=2)
+
+
 def ffn(rows: jax.Array, w_in: jax.Array, w_out: jax.Array, w_gate: jax.Array | None, activation: str,
          matmul) -> jax.Array:
   """`FFN(rows)` with `matmul(rows, w)` standing for a dense, batched or grouped product."""
@@ -219,8 +229,7 @@ def moe_ffn(x: jax.Array, weights: jax.Array, experts: jax.Array, w_in: jax.Arra
                lambda lhs, rhs: jax.lax.ragged_dot(lhs, rhs, group_sizes))[None]
     # Rows past the last group (masked tokens' assignments) are left undefined by ragged_dot.
     out = jnp.where((jnp.arange(out.shape[1]) < kept)[None, :, None], out, 0)
-  weighted = out.astype(jnp.float32) * take_rows(gates.astype(jnp.float32), src)[..., None]
-  y = jnp.sum(take_rows(weighted, dst).reshape(b, t, k, d), axis=2).astype(x.dtype)
+  y = combine(out, gates, src, dst, (b, t, k, d)).astype(x.dtype)
 
   kept = jnp.asarray(kept, jnp.int32)
   real = num_assignments.astype(jnp.float32)

@@ -107,15 +107,18 @@ def _stats(assignments, kept, slots, batch_axes) -> dict:
   return {"dropped_fraction": (assignments - kept) / jnp.maximum(assignments, 1.0), "slot_fill": kept / jnp.maximum(slots, 1.0)}
 
 
+def _assignments(experts, token_mask, w_in, expert_axis):
+  """(devices n, local experts, all experts E, experts with a masked token's assignments set to E)."""
+  n, local_experts = jax.lax.axis_size(expert_axis), w_in.shape[0]
+  return n, local_experts, n * local_experts, jnp.where(token_mask[..., None], experts, n * local_experts)
+
+
 def _all_to_all_body(x, weights, experts, token_mask, w_in, w_out, w_gate, *, activation, mode, capacity,
                      dropless_impl, expert_axis, batch_axes, tensor_axes):
   del mode, dropless_impl  # capacity mode only (resolve_strategy)
-  n = jax.lax.axis_size(expert_axis)
+  n, local_experts, num_experts, experts = _assignments(experts, token_mask, w_in, expert_axis)
   b, t, d = x.shape
   k = experts.shape[-1]
-  local_experts = w_in.shape[0]
-  num_experts = local_experts * n
-  experts = jnp.where(token_mask[..., None], experts, num_experts)
   src, dst, kept = dispatch.capacity_plan(experts, num_experts, capacity)
   slots = dispatch.take_rows(x, src // k)  # [b, E·C, d]; empty slots are zero rows
   # [b, n, E_l, C, d] -> [n, E_l, b, C, d]: chunk j (expert group j) goes to device j of the expert axis,
@@ -128,8 +131,7 @@ def _all_to_all_body(x, weights, experts, token_mask, w_in, w_out, w_gate, *, ac
   out = out.reshape(local_experts, n, b, capacity, d).transpose(1, 0, 2, 3, 4)
   out = jax.lax.all_to_all(out, expert_axis, 0, 0, tiled=True)  # back to the devices that own the tokens
   out = out.transpose(2, 0, 1, 3, 4).reshape(b, num_experts * capacity, d)
-  weighted = out.astype(jnp.float32) * dispatch.take_rows(weights.reshape(b, t * k).astype(jnp.float32), src)[..., None]
-  y = jnp.sum(dispatch.take_rows(weighted, dst).reshape(b, t, k, d), axis=2).astype(x.dtype)
+  y = dispatch.combine(out, weights.reshape(b, t * k), src, dst, (b, t, k, d)).astype(x.dtype)
   assignments = jnp.sum(experts < num_experts)
   return y, _stats(assignments, kept, src.size, batch_axes)
 
@@ -186,12 +188,9 @@ def ragged_exchange_plan(group_sizes: jax.Array, device: jax.Array, local_expert
 def _ragged_body(x, weights, experts, token_mask, w_in, w_out, w_gate, *, activation, mode, capacity,
                  dropless_impl, expert_axis, batch_axes, tensor_axes):
   del mode, capacity, dropless_impl  # dropless, grouped products (resolve_strategy)
-  n = jax.lax.axis_size(expert_axis)
+  n, local_experts, num_experts, experts = _assignments(experts, token_mask, w_in, expert_axis)
   b, t, d = x.shape
   k = experts.shape[-1]
-  local_experts = w_in.shape[0]
-  num_experts = local_experts * n
-  experts = jnp.where(token_mask[..., None], experts, num_experts)
   src, dst, sizes = dispatch.ragged_plan(experts, num_experts)  # masked assignments sort last, in no group
   rows = dispatch.take_rows(x.reshape(1, b * t, d), src // k)[0]  # [N, d] by expert
   plan = ragged_exchange_plan(jax.lax.all_gather(sizes, expert_axis), jax.lax.axis_index(expert_axis),
@@ -205,8 +204,6 @@ def _ragged_body(x, weights, experts, token_mask, w_in, w_out, w_gate, *, activa
   out = jnp.where((jnp.arange(out.shape[0]) < jnp.sum(local_sizes))[:, None], out, 0)  # undefined past the groups
   out = _sum_over(out, tensor_axes)
   returned = exchange(out.astype(x.dtype), jnp.zeros_like(rows), **plan["back"])
-  gates = dispatch.take_rows(weights.reshape(1, -1).astype(jnp.float32), src)[0]
-  weighted = returned.astype(jnp.float32) * gates[:, None]
-  y = jnp.sum(dispatch.take_rows(weighted[None], dst).reshape(b, t, k, d), axis=2).astype(x.dtype)
+  y = dispatch.combine(returned[None], weights.reshape(1, -1), src, dst, (b, t, k, d)).astype(x.dtype)
   assignments = jnp.sum(sizes)
   return y, _stats(assignments, assignments, assignments, batch_axes)  # only routed rows are computed
