@@ -172,8 +172,10 @@ def bench_train(args: argparse.Namespace) -> None:
     config.model.num_layers = args.layers
   curriculum = Curriculum(config)
   phase = next(p for p in curriculum.phases if p.name == args.phase)
-  if args.batch:
-    phase = dataclasses.replace(phase, batch_size=args.batch)
+  if args.seq_len > config.model.max_seq_len:
+    raise SystemExit(f"error: --seq-len {args.seq_len} exceeds the context of {config.model.max_seq_len} "
+                     f"(model.max_seq_len of {args.config}).")
+  phase = dataclasses.replace(phase, batch_size=args.batch or phase.batch_size, seq_len=args.seq_len or phase.seq_len)
   settings = curriculum.settings(phase.start)
   model = model_lib.build_model(config.model)
   optimizer = state_lib.make_optimizer(config.optimizer)
@@ -286,6 +288,7 @@ def main(argv: list[str] | None = None) -> None:
   train.add_argument("--layers", type=NON_NEGATIVE, default=0,
                      help="model.num_layers for the run (0: the config's), e.g. a PI-P-shaped 4-layer stack")
   train.add_argument("--batch", type=NON_NEGATIVE, default=0, help="sequences per step (0: the phase's)")
+  train.add_argument("--seq-len", type=NON_NEGATIVE, default=0, help="tokens per sequence (0: the phase's)")
   train.set_defaults(run=bench_train)
 
   from diffmoe_jax import bench_attention, bench_expert_parallel  # bench_expert_parallel needs several devices

@@ -139,6 +139,11 @@ def _attention_length_sweep(args, config) -> None:
     for impl in args.impls:
       ms = lambda part: f"{1e3 * medians[(impl, part)]:.2f}" if (impl, part) in medians else "(not run)"
       row += f"{ms('fwd'):>{len(impl) + 10}}{ms('both'):>12}{_gib(temps[impl]):>5}"
+    outputs = {impl: fns[(impl, "fwd")]().astype(jnp.float32) for impl in args.impls if (impl, "fwd") in fns}
+    if len(outputs) > 1:  # parity: each output against the first that ran
+      first, *others = outputs
+      row += "   max |Δ| vs " + first + ": " + ", ".join(
+          f"{impl} {float(jnp.max(jnp.abs(outputs[impl] - outputs[first]))):.1e}" for impl in others)
     print(row, flush=True)
 
 
