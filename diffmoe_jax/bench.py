@@ -172,9 +172,6 @@ def bench_train(args: argparse.Namespace) -> None:
     config.model.num_layers = args.layers
   curriculum = Curriculum(config)
   phase = next(p for p in curriculum.phases if p.name == args.phase)
-  if args.seq_len > config.model.max_seq_len:
-    raise SystemExit(f"error: --seq-len {args.seq_len} exceeds the context of {config.model.max_seq_len} "
-                     f"(model.max_seq_len of {args.config}).")
   phase = dataclasses.replace(phase, batch_size=args.batch or phase.batch_size, seq_len=args.seq_len or phase.seq_len)
   settings = curriculum.settings(phase.start)
   model = model_lib.build_model(config.model)
@@ -300,6 +297,11 @@ def main(argv: list[str] | None = None) -> None:
   args = parser.parse_args(argv)
   if args.command == "moe" and args.top_k > args.experts:
     parser.error(f"argument --top-k: {args.top_k} exceeds --experts ({args.experts})")
+  if args.command == "train" and args.seq_len:
+    context = config_lib.load_file(args.config).model.max_seq_len
+    if args.seq_len > context:
+      parser.error(f"argument --seq-len: {args.seq_len} exceeds the context of {context} (model.max_seq_len "
+                   f"of {args.config})")
   args.run(args)
 
 

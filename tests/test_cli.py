@@ -86,6 +86,8 @@ def test_estimate_reports_a_bad_config_in_one_line_and_takes_new_domains():
     (["moe", "--capacity-factor", "-1"], "argument --capacity-factor: -1.0 must be > 0"),
     (["attention", "--batch", "x"], "argument --batch: 'x' is not an integer"),
     (["train", "--config", "configs/none.py"], "argument --config: there is no config file configs/none.py"),
+    (["train", "--seq-len", "300"], "argument --seq-len: 300 exceeds the context of 256 (model.max_seq_len of "
+     "configs/tiny.py)"),
 ])
 def test_bench_rejects_bad_arguments(argv, message, capsys):
   with pytest.raises(SystemExit) as info:
