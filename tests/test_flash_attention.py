@@ -363,3 +363,23 @@ def test_benchmark_baselines_compute_what_they_stand_for():
   want, _ = reference(wide(q), wide(k), v, np.ones((b, t, h, 1)), visible, g)
   got = _flash_baseline("standard_flash", *(jnp.asarray(a) for a in (q, k, v, lam)))
   np.testing.assert_allclose(np.asarray(got), want, rtol=2e-4, atol=2e-5)
+
+
+def test_tpu_live_block_table_is_conservative_and_exact_on_the_diagonal():
+  """The TPU kernels skip the (query block, key block) pairs `live_blocks` marks 0: never one with a
+  visible pair (a brute-force check over every pair), and with sorted positions all the others."""
+  from diffmoe_jax.ops import flash_attention as fa
+  from diffmoe_jax.ops.pallas_tpu_attention import live_blocks
+  rng = np.random.default_rng(3)
+  b, t, block = 2, 64, 16
+  sorted_pos = np.broadcast_to(np.arange(t), (b, t))
+  scattered = np.sort(rng.choice(300, size=(b, t), replace=False), axis=1)[:, rng.permutation(t)]
+  for positions, exact in ((sorted_pos, True), (scattered, False)):
+    masks = [jnp.asarray(a, jnp.int32) for a in (positions, np.zeros((b, t)), positions, np.zeros((b, t)),
+                                                 rng.uniform(size=(b, t)) < 0.8)]
+    visible = np.asarray(fa.block_visibility(*masks, causal=True))  # [B, T, S]
+    truth = visible.reshape(b, t // block, block, t // block, block).any(axis=(2, 4))
+    live = np.asarray(live_blocks(masks, block, block, causal=True)) != 0
+    assert np.all(live[truth])
+    if exact:
+      np.testing.assert_array_equal(live, truth)

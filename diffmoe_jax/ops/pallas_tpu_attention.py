@@ -8,7 +8,9 @@ block) for dk/dv, the last axis sequential ("arbitrary"), and the running statis
 live in VMEM scratch across it, initialised at its first step and written out at its last. VMEM use is
 O(block), whatever the length. The block math is `flash_attention`'s; row statistics are columns
 (`[bq, 1]`), query-side masks `[B, T, 1]` and key-side masks `[B, 1, S]`, so no kernel reshapes a
-vector. Blocks with no visible pair skip their arithmetic (`pl.when`); their tiles are still fetched.
+vector. Which (query block, key block) pairs can have a visible pair is computed beforehand in XLA
+(`live_blocks`) and read from SMEM (scalar prefetch), the TPU idiom for block sparsity; the others skip
+their arithmetic (their tiles are still fetched), and inside a live pair the mask is applied per element.
 """
 from __future__ import annotations
 
@@ -25,10 +27,27 @@ from diffmoe_jax.ops.flash_attention import kernel_width, pad_last
 _SEQUENTIAL_LAST = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
 
 
+def live_blocks(masks, block_q: int, block_k: int, causal: bool) -> jax.Array:
+  """int32 `[B, T/bq, S/bk]`: 0 where no (query, key) pair of the two blocks can be visible, because the
+  key block has no valid key or (causal) all its valid keys lie after every query of the block. It only
+  has to be conservative (segments are left to the per-element mask); with sorted positions it skips
+  exactly the blocks above the diagonal."""
+  q_pos, _, kv_pos, _, kv_valid = masks
+  b, t, s = q_pos.shape[0], q_pos.shape[1], kv_pos.shape[1]
+  valid = (kv_valid != 0).reshape(b, s // block_k, block_k)
+  live = jnp.broadcast_to(jnp.any(valid, axis=-1)[:, None, :], (b, t // block_q, s // block_k))
+  if causal:
+    latest_query = jnp.max(q_pos.reshape(b, t // block_q, block_q), axis=-1)
+    earliest_key = jnp.min(jnp.where(valid, kv_pos.reshape(valid.shape), jnp.iinfo(jnp.int32).max), axis=-1)
+    live = live & (earliest_key[:, None, :] <= latest_query[:, :, None])
+  return live.astype(jnp.int32)
+
+
 def _specs(block_q: int, block_k: int, num_maps: int, d: int, dv: int, query_major: bool) -> dict:
   """BlockSpecs over the grid (b, h, i, j): query block i and key block j, in that grid order when
-  query_major, else (b, h, j, i)."""
-  qi = (lambda f: lambda b, h, i, j: f(b, h, i, j)) if query_major else (lambda f: lambda b, h, j, i: f(b, h, i, j))
+  query_major, else (b, h, j, i). Index maps also receive the live-block table (unused)."""
+  qi = ((lambda f: lambda b, h, i, j, _: f(b, h, i, j)) if query_major else
+        (lambda f: lambda b, h, j, i, _: f(b, h, i, j)))
   return dict(
       q=pl.BlockSpec((None, None, num_maps, block_q, d), qi(lambda b, h, i, j: (b, h, 0, i, 0))),
       k=pl.BlockSpec((None, None, num_maps, block_k, d), qi(lambda b, h, i, j: (b, h, 0, j, 0))),
@@ -50,7 +69,12 @@ def _visible(q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, kv_valid_ref, causal)
   return fa.visibility(q_pos_ref[...], q_seg_ref[...], kv_pos_ref[...], kv_seg_ref[...], kv_valid_ref[...], causal)
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, kv_valid_ref,
+def _live(live_ref, query_major: bool):
+  b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+  return (live_ref[b, i, j] if query_major else live_ref[b, j, i]) != 0
+
+
+def _forward_kernel(live_ref, q_ref, k_ref, v_ref, q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, kv_valid_ref,
                     out_ref, lse_ref, m_scratch, l_scratch, acc_scratch, *, causal: bool):
   num_maps = q_ref.shape[0]
   key_block = pl.program_id(3)
@@ -62,10 +86,9 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_pos_ref, q_seg_ref, kv_pos_ref, kv_se
     l_scratch[...] = jnp.zeros(l_scratch.shape, jnp.float32)
     acc_scratch[...] = jnp.zeros(acc_scratch.shape, jnp.float32)
 
-  visible = _visible(q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, kv_valid_ref, causal)
-
-  @pl.when(fa.any_visible(visible))
+  @pl.when(_live(live_ref, query_major=True))
   def _():
+    visible = _visible(q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, kv_valid_ref, causal)
     new = fa.forward_block([q_ref[j] for j in range(num_maps)], [k_ref[j] for j in range(num_maps)], v_ref[...],
                            visible, carry())
     for j, (m, l, acc) in enumerate(new):
@@ -78,7 +101,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_pos_ref, q_seg_ref, kv_pos_ref, kv_se
       out_ref[j], lse_ref[j] = outs[j], lses[j]
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, g_ref, w_ref, lse_ref, delta_ref, q_pos_ref, q_seg_ref, kv_pos_ref,
+def _dq_kernel(live_ref, q_ref, k_ref, v_ref, g_ref, w_ref, lse_ref, delta_ref, q_pos_ref, q_seg_ref, kv_pos_ref,
                kv_seg_ref, kv_valid_ref, dq_ref, dq_scratch, *, causal: bool):
   num_maps = q_ref.shape[0]
   key_block = pl.program_id(3)
@@ -88,10 +111,9 @@ def _dq_kernel(q_ref, k_ref, v_ref, g_ref, w_ref, lse_ref, delta_ref, q_pos_ref,
   def _():
     dq_scratch[...] = jnp.zeros(dq_scratch.shape, jnp.float32)
 
-  visible = _visible(q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, kv_valid_ref, causal)
-
-  @pl.when(fa.any_visible(visible))
+  @pl.when(_live(live_ref, query_major=True))
   def _():
+    visible = _visible(q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, kv_valid_ref, causal)
     dq, _, _ = fa.backward_block(per_map(q_ref), per_map(k_ref), v_ref[...], g_ref[...], per_map(w_ref),
                                  per_map(lse_ref), per_map(delta_ref), visible, want_dkv=False)
     for j in range(num_maps):
@@ -102,7 +124,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, g_ref, w_ref, lse_ref, delta_ref, q_pos_ref,
     dq_ref[...] = dq_scratch[...]
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, g_ref, w_ref, lse_ref, delta_ref, q_pos_ref, q_seg_ref, kv_pos_ref,
+def _dkv_kernel(live_ref, q_ref, k_ref, v_ref, g_ref, w_ref, lse_ref, delta_ref, q_pos_ref, q_seg_ref, kv_pos_ref,
                 kv_seg_ref, kv_valid_ref, dk_ref, dv_ref, dk_scratch, dv_scratch, *, causal: bool):
   num_maps = q_ref.shape[0]
   query_block = pl.program_id(3)
@@ -113,10 +135,9 @@ def _dkv_kernel(q_ref, k_ref, v_ref, g_ref, w_ref, lse_ref, delta_ref, q_pos_ref
     dk_scratch[...] = jnp.zeros(dk_scratch.shape, jnp.float32)
     dv_scratch[...] = jnp.zeros(dv_scratch.shape, jnp.float32)
 
-  visible = _visible(q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, kv_valid_ref, causal)
-
-  @pl.when(fa.any_visible(visible))
+  @pl.when(_live(live_ref, query_major=False))
   def _():
+    visible = _visible(q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, kv_valid_ref, causal)
     _, dk, dv = fa.backward_block(per_map(q_ref), per_map(k_ref), v_ref[...], g_ref[...], per_map(w_ref),
                                   per_map(lse_ref), per_map(delta_ref), visible, want_dq=False)
     for j in range(num_maps):
@@ -129,8 +150,12 @@ def _dkv_kernel(q_ref, k_ref, v_ref, g_ref, w_ref, lse_ref, delta_ref, q_pos_ref
     dv_ref[...] = dv_scratch[...]
 
 
-def _call(kernel, interpret: bool, **spec):
-  return pl.pallas_call(kernel, compiler_params=_SEQUENTIAL_LAST, interpret=interpret, **spec)
+def _call(kernel, interpret: bool, *, grid, in_specs, out_specs, scratch_shapes, out_shape, name):
+  """The kernel over `grid` with the live-block table as its first operand, in SMEM."""
+  grid_spec = pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=1, grid=grid, in_specs=in_specs,
+                                           out_specs=out_specs, scratch_shapes=scratch_shapes)
+  return pl.pallas_call(kernel, grid_spec=grid_spec, out_shape=out_shape, compiler_params=_SEQUENTIAL_LAST,
+                        interpret=interpret, name=name)
 
 
 def forward(q, k, v, masks, causal, block_q, block_k, *, interpret: bool):
@@ -143,14 +168,15 @@ def forward(q, k, v, masks, causal, block_q, block_k, *, interpret: bool):
       functools.partial(_forward_kernel, causal=causal), interpret,
       grid=(b, h, t // block_q, s // block_k),
       in_specs=[specs[n] for n in ("q", "k", "v", "q_mask", "q_mask", "k_mask", "k_mask", "k_mask")],
-      out_specs=[pl.BlockSpec((None, None, num_maps, block_q, dvp), lambda b_, h_, i, j: (b_, h_, 0, i, 0)),
+      out_specs=[pl.BlockSpec((None, None, num_maps, block_q, dvp), lambda b_, h_, i, j, _: (b_, h_, 0, i, 0)),
                  specs["stats"]],
       out_shape=[jax.ShapeDtypeStruct((b, h, num_maps, t, dvp), jnp.float32),
                  jax.ShapeDtypeStruct((b, h, num_maps, t, 1), jnp.float32)],
       scratch_shapes=[pltpu.VMEM((num_maps, block_q, 1), jnp.float32), pltpu.VMEM((num_maps, block_q, 1), jnp.float32),
                       pltpu.VMEM((num_maps, block_q, dvp), jnp.float32)],
       name="flash_multi_map_forward_tpu",
-  )(pad_last(q, dp), pad_last(k, dp), pad_last(v, dvp), *_mask_layout(masks))
+  )(live_blocks(masks, block_q, block_k, causal), pad_last(q, dp), pad_last(k, dp), pad_last(v, dvp),
+    *_mask_layout(masks))
   return out[..., :dv], lse[..., 0]
 
 
@@ -159,8 +185,8 @@ def backward(q, k, v, w, g, lse, delta, masks, causal, block_q, block_k, *, inte
   b, h, num_maps, t, d = q.shape
   s, dv = k.shape[3], v.shape[-1]
   dp, dvp = kernel_width(d), kernel_width(dv)
-  args = (pad_last(q, dp), pad_last(k, dp), pad_last(v, dvp), pad_last(g, dvp), w[..., None], lse[..., None],
-          delta[..., None], *_mask_layout(masks))
+  args = (live_blocks(masks, block_q, block_k, causal), pad_last(q, dp), pad_last(k, dp), pad_last(v, dvp),
+          pad_last(g, dvp), w[..., None], lse[..., None], delta[..., None], *_mask_layout(masks))
   names = ("q", "k", "v", "g", "stats", "stats", "stats", "q_mask", "q_mask", "k_mask", "k_mask", "k_mask")
 
   by_query = _specs(block_q, block_k, num_maps, dp, dvp, query_major=True)
