@@ -67,7 +67,8 @@ def defaults() -> ml_collections.ConfigDict:
   m.dtype = "bfloat16"  # compute dtype
   m.param_dtype = "float32"  # master weights
   # "auto" (per backend and length, README "Differential attention"), "explicit" (fp32 scores; "xla" is
-  # its old name), "blockwise" (flash loops in XLA), "pallas" (flash kernels), "fused" (cuDNN on GPU)
+  # its old name), "blockwise" (flash loops in XLA), "pallas" (flash kernels: Triton on GPU, Mosaic on
+  # TPU; "pallas_gpu" / "pallas_tpu" force one layout anywhere), "fused" (cuDNN on GPU)
   m.attention_impl = "auto"
   m.attention_block_q = 0  # query / key block of "blockwise" and "pallas"; 0: 128 on GPU/TPU, 512 on CPU
   m.attention_block_k = 0
