@@ -383,3 +383,17 @@ def test_tpu_live_block_table_is_conservative_and_exact_on_the_diagonal():
     assert np.all(live[truth])
     if exact:
       np.testing.assert_array_equal(live, truth)
+
+
+@pytest.mark.parametrize("num_maps, d, dv", [(2, 64, 128), (2, 128, 256), (1, 128, 128), (2, 256, 512)])
+def test_gpu_blocks_keep_accumulators_within_the_register_budget(num_maps, d, dv):
+  """The GPU kernels' blocks: powers of two no larger than asked, at least 16, and the accumulators a
+  program holds (forward, dq, dk/dv) within 32K fp32 values unless the minimum block forces more."""
+  from diffmoe_jax.ops.pallas_attention import register_blocks
+  bq, bk = register_blocks(128, 128, num_maps, d, dv)
+  for block in (bq, bk):
+    assert 16 <= block <= 128 and block & (block - 1) == 0
+  assert register_blocks(8, 8, num_maps, d, dv) == (8, 8)  # never larger than asked
+  assert num_maps * bq * max(d, dv) <= 32768 or bq == 16
+  assert (num_maps * d + dv) * bk <= 32768 or bk == 16
+  assert bq == 128 or num_maps * 2 * bq * max(d, dv) > 32768  # not halved further than needed

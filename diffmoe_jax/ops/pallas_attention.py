@@ -26,7 +26,19 @@ from jax.experimental.pallas import triton as pl_triton
 from diffmoe_jax.ops import flash_attention as fa
 from diffmoe_jax.ops.flash_attention import kernel_width, pad_last
 
-_TRITON = pl_triton.CompilerParams(num_warps=4, num_stages=2)
+_TRITON = pl_triton.CompilerParams(num_warps=8, num_stages=2)
+# The fp32 accumulators a program keeps in registers: M·bq·Dv (forward), M·bq·D (dq), (M·D + Dv)·bk
+# (dk/dv). Eight warps hold at most 255 KiB of registers; blocks are halved until the accumulators fit
+# in half of that (32K values), so wide heads (PI-P's Dv = 144, padded to 256, with two maps) do not
+# spill. Chosen from the register file's size, not yet from measurement on a GPU.
+_ACCUMULATOR_VALUES = 32768
+
+
+def register_blocks(block_q: int, block_k: int, num_maps: int, d: int, dv: int) -> tuple[int, int]:
+  """(bq, bk): the blocks asked for (powers of two), halved while their accumulators exceed the budget
+  and they are above 16."""
+  fit = lambda block, per_row: min(block, max(16, 1 << (_ACCUMULATOR_VALUES // per_row).bit_length() - 1))
+  return fit(block_q, num_maps * max(d, dv)), fit(block_k, num_maps * d + dv)
 
 
 def _pallas_call(kernel, interpret: bool, **spec):
@@ -133,6 +145,7 @@ def forward(q, k, v, masks, causal, block_q, block_k, *, interpret: bool):
   b, h, num_maps, t, d = q.shape
   s, dv = k.shape[3], v.shape[-1]
   dp, dvp = kernel_width(d), kernel_width(dv)
+  block_q, block_k = register_blocks(block_q, block_k, num_maps, dp, dvp)
   specs = _specs(block_q, block_k, t, s, num_maps, dp, dvp, query_blocked=True)
   out, lse = _pallas_call(
       functools.partial(_forward_kernel, causal=causal, block_k=block_k), interpret,
@@ -153,6 +166,7 @@ def backward(q, k, v, w, g, lse, delta, masks, causal, block_q, block_k, *, inte
   b, h, num_maps, t, d = q.shape
   s, dv = k.shape[3], v.shape[-1]
   dp, dvp = kernel_width(d), kernel_width(dv)
+  block_q, block_k = register_blocks(block_q, block_k, num_maps, dp, dvp)
   args = (pad_last(q, dp), pad_last(k, dp), pad_last(v, dvp), pad_last(g, dvp), w, lse, delta, *masks)
 
   by_query = _specs(block_q, block_k, t, s, num_maps, dp, dvp, query_blocked=True)
