@@ -365,11 +365,12 @@ def test_benchmark_baselines_compute_what_they_stand_for():
   np.testing.assert_allclose(np.asarray(got), want, rtol=2e-4, atol=2e-5)
 
 
-def test_tpu_live_block_table_is_conservative_and_exact_on_the_diagonal():
-  """The TPU kernels skip the (query block, key block) pairs `live_blocks` marks 0: never one with a
-  visible pair (a brute-force check over every pair), and with sorted positions all the others."""
+def test_tpu_block_bounds_are_conservative_and_exact_on_the_diagonal():
+  """The TPU kernels skip the (query block, key block) pairs `block_bounds` rules out: never one with a
+  visible pair (a brute-force check over every pair), and with sorted positions all the others; the
+  fetch schedule's last live key block / first live query block agree with the pairs."""
   from diffmoe_jax.ops import flash_attention as fa
-  from diffmoe_jax.ops.pallas_tpu_attention import live_blocks
+  from diffmoe_jax.ops.pallas_tpu_attention import block_bounds, live_pairs
   rng = np.random.default_rng(3)
   b, t, block = 2, 64, 16
   sorted_pos = np.broadcast_to(np.arange(t), (b, t))
@@ -379,10 +380,41 @@ def test_tpu_live_block_table_is_conservative_and_exact_on_the_diagonal():
                                                  rng.uniform(size=(b, t)) < 0.8)]
     visible = np.asarray(fa.block_visibility(*masks, causal=True))  # [B, T, S]
     truth = visible.reshape(b, t // block, block, t // block, block).any(axis=(2, 4))
-    live = np.asarray(live_blocks(masks, block, block, causal=True)) != 0
+    latest, earliest, last_key, first_query = block_bounds(masks, block, block, causal=True)
+    live = np.asarray(live_pairs(latest, earliest))
     assert np.all(live[truth])
     if exact:
       np.testing.assert_array_equal(live, truth)
+    for row in range(b):
+      for i in range(t // block):
+        if live[row, i].any():
+          assert last_key[row, i] == np.flatnonzero(live[row, i]).max()
+      for j in range(t // block):
+        if live[row, :, j].any():
+          assert first_query[row, j] == np.flatnonzero(live[row, :, j]).min()
+
+
+def test_tpu_kernels_pad_blocks_mosaic_cannot_tile():
+  """Asked for 8-query and 32-key blocks on 260 tokens, the TPU kernels use 16 and 128 (padding the
+  sequences): 17 query blocks by 3 key blocks, accumulated across the key grid axis, against the float64
+  reference (forward and gradients) with a kv mask and per-token λ."""
+  rng = np.random.default_rng(11)
+  b, t, h, d = 1, 260, 2, 4
+  q, k = (rng.normal(size=(b, t, h, 2, d)).astype(np.float32) for _ in range(2))
+  v, g = (rng.normal(size=(b, t, h, 2 * d)).astype(np.float32) for _ in range(2))
+  lam = rng.uniform(0.1, 0.9, (b, t, h)).astype(np.float32)
+  positions = np.broadcast_to(np.arange(t), (b, t)).astype(np.int32)
+  kv_mask = rng.uniform(size=(b, t)) < 0.9
+  want, (dq, dk, dv, dw) = reference(q, k, v, np.stack([np.ones_like(lam), -lam], -1),
+                                     visibility(positions, positions, kv_mask), g)
+  def f(q, k, v, lam):
+    return attn.differential_attention(q, k, v, lam, q_positions=positions, kv_positions=positions, kv_mask=kv_mask,
+                                       implementation="pallas_tpu", block_q=8, block_k=32)
+  out, vjp = jax.vjp(f, *(jnp.asarray(a) for a in (q, k, v, lam)))
+  tol = dict(rtol=2e-4, atol=2e-5)
+  np.testing.assert_allclose(np.asarray(out), want, **tol)
+  for name, ours, ref in zip(("dq", "dk", "dv", "dlam"), vjp(jnp.asarray(g)), (dq, dk, dv, -dw[..., 1])):
+    np.testing.assert_allclose(np.asarray(ours), ref, **tol, err_msg=name)
 
 
 @pytest.mark.parametrize("num_maps, d, dv", [(2, 64, 128), (2, 128, 256), (1, 128, 128), (2, 256, 512)])

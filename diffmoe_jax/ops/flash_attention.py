@@ -251,7 +251,8 @@ def _multi_map_attention_bwd(causal, block_q, block_k, kernel, residuals, g):
 _multi_map_attention.defvjp(_multi_map_attention_fwd, _multi_map_attention_bwd)
 
 
-def _pad_to(x, multiple: int, axis: int, value=0):
+def pad_to(x, multiple: int, axis: int, value=0):
+  """`x` padded along `axis` (with `value`) to a multiple of `multiple`."""
   pad = -x.shape[axis] % multiple
   if pad == 0:
     return x
@@ -290,11 +291,11 @@ def flash_attention(q, k, v, weights, *, q_positions, kv_positions, causal: bool
   kv_seg = zeros_s if kv_segment_ids is None else jnp.asarray(kv_segment_ids, jnp.int32)
   kv_valid = jnp.ones((batch, s), jnp.int32) if kv_mask is None else jnp.asarray(kv_mask).astype(jnp.int32)
   # Padded keys are invalid; padded queries compute rows that are sliced off.
-  masks = (_pad_to(jnp.asarray(q_positions, jnp.int32), bq, 1), _pad_to(q_seg, bq, 1),
-           _pad_to(jnp.asarray(kv_positions, jnp.int32), bk, 1), _pad_to(kv_seg, bk, 1), _pad_to(kv_valid, bk, 1))
-  q_internal = _pad_to(jnp.transpose(q, (0, 2, 3, 1, 4)), bq, 3)
-  k_internal = _pad_to(jnp.transpose(k, (0, 2, 3, 1, 4)), bk, 3)
-  v_internal = _pad_to(jnp.transpose(v, (0, 2, 1, 3)), bk, 2)
-  w_internal = _pad_to(jnp.transpose(jnp.asarray(weights, jnp.float32), (0, 2, 3, 1)), bq, 3)
+  masks = (pad_to(jnp.asarray(q_positions, jnp.int32), bq, 1), pad_to(q_seg, bq, 1),
+           pad_to(jnp.asarray(kv_positions, jnp.int32), bk, 1), pad_to(kv_seg, bk, 1), pad_to(kv_valid, bk, 1))
+  q_internal = pad_to(jnp.transpose(q, (0, 2, 3, 1, 4)), bq, 3)
+  k_internal = pad_to(jnp.transpose(k, (0, 2, 3, 1, 4)), bk, 3)
+  v_internal = pad_to(jnp.transpose(v, (0, 2, 1, 3)), bk, 2)
+  w_internal = pad_to(jnp.transpose(jnp.asarray(weights, jnp.float32), (0, 2, 3, 1)), bq, 3)
   out = _multi_map_attention(q_internal, k_internal, v_internal, w_internal, masks, causal, bq, bk, kernel)
   return jnp.transpose(out[:, :, :t], (0, 2, 1, 3))

@@ -8,9 +8,13 @@ block) for dk/dv, the last axis sequential ("arbitrary"), and the running statis
 live in VMEM scratch across it, initialised at its first step and written out at its last. VMEM use is
 O(block), whatever the length. The block math is `flash_attention`'s; row statistics are columns
 (`[bq, 1]`), query-side masks `[B, T, 1]` and key-side masks `[B, 1, S]`, so no kernel reshapes a
-vector. Which (query block, key block) pairs can have a visible pair is computed beforehand in XLA
-(`live_blocks`) and read from SMEM (scalar prefetch), the TPU idiom for block sparsity; the others skip
-their arithmetic (their tiles are still fetched), and inside a live pair the mask is applied per element.
+vector. Which (query block, key block) pairs can have a visible pair follows from per-block bounds
+computed beforehand in XLA (`block_bounds`, O(T/block) int32 values in SMEM by scalar prefetch, the TPU
+idiom for block sparsity): the others skip their arithmetic, and their tiles past the last live one (in
+the inner loop's direction) repeat the previous block's index so Pallas fetches nothing new. Inside a
+live pair the mask is applied per element. Blocks are at least 16 queries (bf16 tiles are 16 rows) and
+128 keys or the whole key sequence (a key-side mask row is a lane vector); smaller requested blocks are
+raised and the sequences padded to match, which changes no result.
 """
 from __future__ import annotations
 
@@ -25,37 +29,56 @@ from diffmoe_jax.ops import flash_attention as fa
 from diffmoe_jax.ops.flash_attention import kernel_width, pad_last
 
 _SEQUENTIAL_LAST = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
+_MIN_BLOCK_Q, _LANES = 16, 128
 
 
-def live_blocks(masks, block_q: int, block_k: int, causal: bool) -> jax.Array:
-  """int32 `[B, T/bq, S/bk]`: 0 where no (query, key) pair of the two blocks can be visible, because the
-  key block has no valid key or (causal) all its valid keys lie after every query of the block. It only
-  has to be conservative (segments are left to the per-element mask); with sorted positions it skips
-  exactly the blocks above the diagonal."""
+def block_bounds(masks, block_q: int, block_k: int, causal: bool) -> tuple:
+  """The tables the kernels prefetch into SMEM: latest query position per query block `[B, nq]`, earliest
+  valid key position per key block `[B, nk]` (int32 max if none), and for the fetch schedule the last live
+  key block of each query block `[B, nq]` and the first live query block of each key block `[B, nk]`.
+
+  Pair (i, j) is live when earliest_key[j] <= latest_query[i]: some valid key of block j is no later than
+  some query of block i (without causality latest_query is int32 max − 1: live when block j has a valid
+  key). Conservative (segments are left to the per-element mask); with sorted positions it skips exactly
+  the blocks above the diagonal.
+  """
   q_pos, _, kv_pos, _, kv_valid = masks
   b, t, s = q_pos.shape[0], q_pos.shape[1], kv_pos.shape[1]
-  valid = (kv_valid != 0).reshape(b, s // block_k, block_k)
-  live = jnp.broadcast_to(jnp.any(valid, axis=-1)[:, None, :], (b, t // block_q, s // block_k))
-  if causal:
-    latest_query = jnp.max(q_pos.reshape(b, t // block_q, block_q), axis=-1)
-    earliest_key = jnp.min(jnp.where(valid, kv_pos.reshape(valid.shape), jnp.iinfo(jnp.int32).max), axis=-1)
-    live = live & (earliest_key[:, None, :] <= latest_query[:, :, None])
-  return live.astype(jnp.int32)
+  nq, nk, never = t // block_q, s // block_k, jnp.iinfo(jnp.int32).max
+  valid = (kv_valid != 0).reshape(b, nk, block_k)
+  earliest_key = jnp.min(jnp.where(valid, kv_pos.reshape(valid.shape), never), axis=-1)
+  latest_query = (jnp.max(q_pos.reshape(b, nq, block_q), axis=-1) if causal else
+                  jnp.full((b, nq), never - 1, jnp.int32))
+  live = live_pairs(latest_query, earliest_key)
+  last_key = jnp.max(jnp.where(live, jnp.arange(nk), 0), axis=2)
+  first_query = jnp.min(jnp.where(live, jnp.arange(nq)[:, None], nq), axis=1)
+  first_query = jnp.where(first_query == nq, 0, first_query)
+  return tuple(a.astype(jnp.int32) for a in (latest_query, earliest_key, last_key, first_query))
+
+
+def live_pairs(latest_query, earliest_key):
+  """`[B, nq, nk]` bool from `block_bounds`' first two tables (the kernels test one pair at a time)."""
+  return earliest_key[:, None, :] <= latest_query[:, :, None]
 
 
 def _specs(block_q: int, block_k: int, num_maps: int, d: int, dv: int, query_major: bool) -> dict:
-  """BlockSpecs over the grid (b, h, i, j): query block i and key block j, in that grid order when
-  query_major, else (b, h, j, i). Index maps also receive the live-block table (unused)."""
-  qi = ((lambda f: lambda b, h, i, j, _: f(b, h, i, j)) if query_major else
-        (lambda f: lambda b, h, j, i, _: f(b, h, i, j)))
+  """BlockSpecs over the grid (b, h, i, j) when query_major (key block j inner), else (b, h, j, i) (query
+  block i inner). An inner block past the last live one (query_major: key blocks after the query block's
+  last live one; else query blocks before the key block's first live one) maps to that live block's
+  tiles, which are already loaded."""
+  if query_major:
+    blocks = lambda b, h, i, j, latest, earliest, last_key, first_query: (i, jnp.minimum(j, last_key[b, i]))
+  else:
+    blocks = lambda b, h, j, i, latest, earliest, last_key, first_query: (jnp.maximum(i, first_query[b, j]), j)
+  at = lambda f: lambda b, h, x, y, *tables: f(b, h, *blocks(b, h, x, y, *tables))
   return dict(
-      q=pl.BlockSpec((None, None, num_maps, block_q, d), qi(lambda b, h, i, j: (b, h, 0, i, 0))),
-      k=pl.BlockSpec((None, None, num_maps, block_k, d), qi(lambda b, h, i, j: (b, h, 0, j, 0))),
-      v=pl.BlockSpec((None, None, block_k, dv), qi(lambda b, h, i, j: (b, h, j, 0))),
-      g=pl.BlockSpec((None, None, block_q, dv), qi(lambda b, h, i, j: (b, h, i, 0))),
-      stats=pl.BlockSpec((None, None, num_maps, block_q, 1), qi(lambda b, h, i, j: (b, h, 0, i, 0))),
-      q_mask=pl.BlockSpec((None, block_q, 1), qi(lambda b, h, i, j: (b, i, 0))),
-      k_mask=pl.BlockSpec((None, 1, block_k), qi(lambda b, h, i, j: (b, 0, j))),
+      q=pl.BlockSpec((None, None, num_maps, block_q, d), at(lambda b, h, i, j: (b, h, 0, i, 0))),
+      k=pl.BlockSpec((None, None, num_maps, block_k, d), at(lambda b, h, i, j: (b, h, 0, j, 0))),
+      v=pl.BlockSpec((None, None, block_k, dv), at(lambda b, h, i, j: (b, h, j, 0))),
+      g=pl.BlockSpec((None, None, block_q, dv), at(lambda b, h, i, j: (b, h, i, 0))),
+      stats=pl.BlockSpec((None, None, num_maps, block_q, 1), at(lambda b, h, i, j: (b, h, 0, i, 0))),
+      q_mask=pl.BlockSpec((None, block_q, 1), at(lambda b, h, i, j: (b, i, 0))),
+      k_mask=pl.BlockSpec((None, 1, block_k), at(lambda b, h, i, j: (b, 0, j))),
   )
 
 
@@ -69,12 +92,13 @@ def _visible(q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, kv_valid_ref, causal)
   return fa.visibility(q_pos_ref[...], q_seg_ref[...], kv_pos_ref[...], kv_seg_ref[...], kv_valid_ref[...], causal)
 
 
-def _live(live_ref, query_major: bool):
-  b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
-  return (live_ref[b, i, j] if query_major else live_ref[b, j, i]) != 0
+def _live(latest_ref, earliest_ref, query_major: bool):
+  b, x, y = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+  i, j = (x, y) if query_major else (y, x)
+  return earliest_ref[b, j] <= latest_ref[b, i]
 
 
-def _forward_kernel(live_ref, q_ref, k_ref, v_ref, q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, kv_valid_ref,
+def _forward_kernel(latest_ref, earliest_ref, _last_key, _first_query, q_ref, k_ref, v_ref, q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, kv_valid_ref,
                     out_ref, lse_ref, m_scratch, l_scratch, acc_scratch, *, causal: bool):
   num_maps = q_ref.shape[0]
   key_block = pl.program_id(3)
@@ -86,7 +110,7 @@ def _forward_kernel(live_ref, q_ref, k_ref, v_ref, q_pos_ref, q_seg_ref, kv_pos_
     l_scratch[...] = jnp.zeros(l_scratch.shape, jnp.float32)
     acc_scratch[...] = jnp.zeros(acc_scratch.shape, jnp.float32)
 
-  @pl.when(_live(live_ref, query_major=True))
+  @pl.when(_live(latest_ref, earliest_ref, query_major=True))
   def _():
     visible = _visible(q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, kv_valid_ref, causal)
     new = fa.forward_block([q_ref[j] for j in range(num_maps)], [k_ref[j] for j in range(num_maps)], v_ref[...],
@@ -101,7 +125,7 @@ def _forward_kernel(live_ref, q_ref, k_ref, v_ref, q_pos_ref, q_seg_ref, kv_pos_
       out_ref[j], lse_ref[j] = outs[j], lses[j]
 
 
-def _dq_kernel(live_ref, q_ref, k_ref, v_ref, g_ref, w_ref, lse_ref, delta_ref, q_pos_ref, q_seg_ref, kv_pos_ref,
+def _dq_kernel(latest_ref, earliest_ref, _last_key, _first_query, q_ref, k_ref, v_ref, g_ref, w_ref, lse_ref, delta_ref, q_pos_ref, q_seg_ref, kv_pos_ref,
                kv_seg_ref, kv_valid_ref, dq_ref, dq_scratch, *, causal: bool):
   num_maps = q_ref.shape[0]
   key_block = pl.program_id(3)
@@ -111,7 +135,7 @@ def _dq_kernel(live_ref, q_ref, k_ref, v_ref, g_ref, w_ref, lse_ref, delta_ref, 
   def _():
     dq_scratch[...] = jnp.zeros(dq_scratch.shape, jnp.float32)
 
-  @pl.when(_live(live_ref, query_major=True))
+  @pl.when(_live(latest_ref, earliest_ref, query_major=True))
   def _():
     visible = _visible(q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, kv_valid_ref, causal)
     dq, _, _ = fa.backward_block(per_map(q_ref), per_map(k_ref), v_ref[...], g_ref[...], per_map(w_ref),
@@ -124,7 +148,7 @@ def _dq_kernel(live_ref, q_ref, k_ref, v_ref, g_ref, w_ref, lse_ref, delta_ref, 
     dq_ref[...] = dq_scratch[...]
 
 
-def _dkv_kernel(live_ref, q_ref, k_ref, v_ref, g_ref, w_ref, lse_ref, delta_ref, q_pos_ref, q_seg_ref, kv_pos_ref,
+def _dkv_kernel(latest_ref, earliest_ref, _last_key, _first_query, q_ref, k_ref, v_ref, g_ref, w_ref, lse_ref, delta_ref, q_pos_ref, q_seg_ref, kv_pos_ref,
                 kv_seg_ref, kv_valid_ref, dk_ref, dv_ref, dk_scratch, dv_scratch, *, causal: bool):
   num_maps = q_ref.shape[0]
   query_block = pl.program_id(3)
@@ -135,7 +159,7 @@ def _dkv_kernel(live_ref, q_ref, k_ref, v_ref, g_ref, w_ref, lse_ref, delta_ref,
     dk_scratch[...] = jnp.zeros(dk_scratch.shape, jnp.float32)
     dv_scratch[...] = jnp.zeros(dv_scratch.shape, jnp.float32)
 
-  @pl.when(_live(live_ref, query_major=False))
+  @pl.when(_live(latest_ref, earliest_ref, query_major=False))
   def _():
     visible = _visible(q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, kv_valid_ref, causal)
     _, dk, dv = fa.backward_block(per_map(q_ref), per_map(k_ref), v_ref[...], g_ref[...], per_map(w_ref),
@@ -151,15 +175,31 @@ def _dkv_kernel(live_ref, q_ref, k_ref, v_ref, g_ref, w_ref, lse_ref, delta_ref,
 
 
 def _call(kernel, interpret: bool, *, grid, in_specs, out_specs, scratch_shapes, out_shape, name):
-  """The kernel over `grid` with the live-block table as its first operand, in SMEM."""
-  grid_spec = pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=1, grid=grid, in_specs=in_specs,
+  """The kernel over `grid` with the four `block_bounds` tables as its first operands, in SMEM."""
+  grid_spec = pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=4, grid=grid, in_specs=in_specs,
                                            out_specs=out_specs, scratch_shapes=scratch_shapes)
   return pl.pallas_call(kernel, grid_spec=grid_spec, out_shape=out_shape, compiler_params=_SEQUENTIAL_LAST,
                         interpret=interpret, name=name)
 
 
+def _tiling(q, k, v, masks, block_q: int, block_k: int, query_rows=()):
+  """Blocks Mosaic can tile (module docstring) and the arrays padded to them: (q, k, v, masks, block_q,
+  block_k, query_rows); `query_rows`: further (array, its query axis) pairs, padded like q."""
+  s = k.shape[3]
+  block_q = max(block_q, _MIN_BLOCK_Q)
+  block_k = block_k if block_k % _LANES == 0 or block_k >= s else _LANES
+  q_pos, q_seg, kv_pos, kv_seg, kv_valid = masks
+  masks = (fa.pad_to(q_pos, block_q, 1), fa.pad_to(q_seg, block_q, 1), fa.pad_to(kv_pos, block_k, 1),
+           fa.pad_to(kv_seg, block_k, 1), fa.pad_to(kv_valid, block_k, 1))
+  query_rows = tuple(fa.pad_to(a, block_q, axis) for a, axis in query_rows)
+  return (fa.pad_to(q, block_q, 3), fa.pad_to(k, block_k, 3), fa.pad_to(v, block_k, 2), masks, block_q, block_k,
+          query_rows)
+
+
 def forward(q, k, v, masks, causal, block_q, block_k, *, interpret: bool):
   """Per-map outputs `[B, H, M, T, Dv]` (fp32) and log-sum-exp `[B, H, M, T]`, as `fa.xla_forward`."""
+  t_in = q.shape[3]
+  q, k, v, masks, block_q, block_k, _ = _tiling(q, k, v, masks, block_q, block_k)
   b, h, num_maps, t, d = q.shape
   s, dv = k.shape[3], v.shape[-1]
   dp, dvp = kernel_width(d), kernel_width(dv)
@@ -168,24 +208,27 @@ def forward(q, k, v, masks, causal, block_q, block_k, *, interpret: bool):
       functools.partial(_forward_kernel, causal=causal), interpret,
       grid=(b, h, t // block_q, s // block_k),
       in_specs=[specs[n] for n in ("q", "k", "v", "q_mask", "q_mask", "k_mask", "k_mask", "k_mask")],
-      out_specs=[pl.BlockSpec((None, None, num_maps, block_q, dvp), lambda b_, h_, i, j, _: (b_, h_, 0, i, 0)),
+      out_specs=[pl.BlockSpec((None, None, num_maps, block_q, dvp), lambda b_, h_, i, j, *_: (b_, h_, 0, i, 0)),
                  specs["stats"]],
       out_shape=[jax.ShapeDtypeStruct((b, h, num_maps, t, dvp), jnp.float32),
                  jax.ShapeDtypeStruct((b, h, num_maps, t, 1), jnp.float32)],
       scratch_shapes=[pltpu.VMEM((num_maps, block_q, 1), jnp.float32), pltpu.VMEM((num_maps, block_q, 1), jnp.float32),
                       pltpu.VMEM((num_maps, block_q, dvp), jnp.float32)],
       name="flash_multi_map_forward_tpu",
-  )(live_blocks(masks, block_q, block_k, causal), pad_last(q, dp), pad_last(k, dp), pad_last(v, dvp),
+  )(*block_bounds(masks, block_q, block_k, causal), pad_last(q, dp), pad_last(k, dp), pad_last(v, dvp),
     *_mask_layout(masks))
-  return out[..., :dv], lse[..., 0]
+  return out[:, :, :, :t_in, :dv], lse[:, :, :, :t_in, 0]
 
 
 def backward(q, k, v, w, g, lse, delta, masks, causal, block_q, block_k, *, interpret: bool):
   """dq, dk, dv (fp32), as `fa.xla_backward`."""
+  t_in, s_in = q.shape[3], k.shape[3]
+  q, k, v, masks, block_q, block_k, (w, g, lse, delta) = _tiling(
+      q, k, v, masks, block_q, block_k, ((w, 3), (g, 2), (lse, 3), (delta, 3)))
   b, h, num_maps, t, d = q.shape
   s, dv = k.shape[3], v.shape[-1]
   dp, dvp = kernel_width(d), kernel_width(dv)
-  args = (live_blocks(masks, block_q, block_k, causal), pad_last(q, dp), pad_last(k, dp), pad_last(v, dvp),
+  args = (*block_bounds(masks, block_q, block_k, causal), pad_last(q, dp), pad_last(k, dp), pad_last(v, dvp),
           pad_last(g, dvp), w[..., None], lse[..., None], delta[..., None], *_mask_layout(masks))
   names = ("q", "k", "v", "g", "stats", "stats", "stats", "q_mask", "q_mask", "k_mask", "k_mask", "k_mask")
 
@@ -208,4 +251,4 @@ def backward(q, k, v, w, g, lse, delta, masks, causal, block_q, block_k, *, inte
       scratch_shapes=[pltpu.VMEM((num_maps, block_k, dp), jnp.float32), pltpu.VMEM((block_k, dvp), jnp.float32)],
       name="flash_multi_map_dkv_tpu",
   )(*args)
-  return dq[..., :d], dk[..., :d], dv_out[..., :dv]
+  return dq[:, :, :, :t_in, :d], dk[:, :, :, :s_in, :d], dv_out[:, :, :s_in, :dv]
