@@ -104,7 +104,8 @@ def moe_ffn(x: jax.Array, weights: jax.Array, experts: jax.Array, w_in: jax.Arra
 
 def _stats(assignments, kept, slots, batch_axes) -> dict:
   assignments, kept, slots = (_sum_over(jnp.asarray(v, jnp.float32), batch_axes) for v in (assignments, kept, slots))
-  return {"dropped_fraction": (assignments - kept) / jnp.maximum(assignments, 1.0), "slot_fill": kept / jnp.maximum(slots, 1.0)}
+  return {"dropped_fraction": (assignments - kept) / jnp.maximum(assignments, 1.0),
+          "slot_fill": kept / jnp.maximum(slots, 1.0)}
 
 
 def _assignments(experts, token_mask, w_in, expert_axis):
@@ -201,7 +202,8 @@ def _ragged_body(x, weights, experts, token_mask, w_in, w_out, w_gate, *, activa
   local_sizes = plan["local_sizes"]
   out = dispatch.ffn(arrived, w_in, w_out, w_gate, activation,
                      lambda lhs, rhs: jax.lax.ragged_dot(lhs, rhs, local_sizes))
-  out = jnp.where((jnp.arange(out.shape[0]) < jnp.sum(local_sizes))[:, None], out, 0)  # undefined past the groups
+  # ragged_dot leaves the rows past the last group undefined.
+  out = jnp.where((jnp.arange(out.shape[0]) < jnp.sum(local_sizes))[:, None], out, 0)
   out = _sum_over(out, tensor_axes)
   returned = exchange(out.astype(x.dtype), jnp.zeros_like(rows), **plan["back"])
   y = dispatch.combine(returned[None], weights.reshape(1, -1), src, dst, (b, t, k, d)).astype(x.dtype)
