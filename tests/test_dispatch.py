@@ -255,6 +255,13 @@ def test_resolve_dropless_impl():
     dispatch.resolve_dropless_impl("fast")
 
 
+@pytest.mark.parametrize("backend, expected", [("gpu", "padded"), ("tpu", "ragged")])
+def test_auto_dropless_impl_per_accelerator(monkeypatch, backend, expected):
+  """ragged_dot measured slower than the padded form on a GPU (README, `bench moe`): auto keeps it off there."""
+  monkeypatch.setattr(dispatch.jax, "default_backend", lambda: backend)
+  assert dispatch.resolve_dropless_impl("auto") == expected
+
+
 def test_argument_errors():
   x, weights, experts, params = make_inputs(7, "gelu")
   args = (jnp.asarray(x), jnp.asarray(weights), jnp.asarray(experts), params["w_in"], params["w_out"])
