@@ -93,8 +93,8 @@ def _flash_baseline(name: str, q, k, v, lam):
   Diff-Transformer layout (flash kernels need v as wide as q and k: each map against each half of v), and
   "standard_flash", one standard attention of the same width (q, k and v of width Dv = 2D)."""
   from diffmoe_jax.ops import attention as attention_ops
-  flash = functools.partial(jax.nn.dot_product_attention, is_causal=True,
-                            implementation=attention_ops.fused_implementation(q.dtype))
+  flash = lambda q, k, v: jax.nn.dot_product_attention(
+      q, k, v, is_causal=True, implementation=attention_ops.fused_implementation(q.dtype, q.shape[-1]))
   if name == "standard_flash":
     wide = lambda x: x.reshape(x.shape[:3] + (-1,))  # [B, T, H, 2, D] -> [B, T, H, 2D]
     return flash(wide(q), wide(k), v)

@@ -1,5 +1,7 @@
 """Every attention path against a float64 NumPy reference (forward and gradients), masks and segments,
 linear memory of the blockwise path, and whole-model causality in predictor-routed MoD mode."""
+import types
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -170,6 +172,20 @@ def test_fused_path_zeroes_rows_without_keys():
     np.testing.assert_array_equal(np.asarray(fn())[0, :5], 0.0)
 
 
+def test_fused_path_uses_cudnn_only_for_head_widths_it_supports():
+  """cuDNN's flash attention takes 16-bit heads of a multiple of 8, at most 256 wide from Hopper on (128
+  before); other widths go to XLA instead of raising (bf16 heads of 4 raised NotImplementedError on a GPU)."""
+  gpu = lambda cc: types.SimpleNamespace(platform="gpu", compute_capability=cc)
+  fused = lambda dtype, width, device: attn.fused_implementation(dtype, width, device)
+  assert fused(jnp.bfloat16, 4, gpu("9.0")) == "xla"
+  assert fused(jnp.bfloat16, 72, gpu("9.0")) == "cudnn"
+  assert fused(jnp.float16, 144, gpu("9.0")) == "cudnn"
+  assert fused(jnp.bfloat16, 144, gpu("8.0")) == "xla"
+  assert fused(jnp.bfloat16, 264, gpu("9.0")) == "xla"
+  assert fused(jnp.float32, 72, gpu("9.0")) == "xla"
+  assert fused(jnp.bfloat16, 72, types.SimpleNamespace(platform="cpu")) == "xla"
+
+
 def test_bad_implementation_and_segment_ids_raise():
   q, k, v, lam, _, masks, _ = _case("per_token_lam")
   with pytest.raises(ValueError, match="implementation must be one of"):
@@ -331,8 +347,9 @@ def test_pallas_kernels_lower_for_gpu_through_triton_and_for_tpu_through_mosaic(
   """Lowered for each accelerator from this host: forward, dq and dk/dv are that platform's kernels at
   a long context in bf16, for both maps and one; on TPU the key-block-grid layout. Left to its default,
   Pallas lowers for GPU through Mosaic GPU, which copies the whole-sequence K/V blocks into shared
-  memory and refuses at any useful length ("exceeds available shared memory")."""
-  b, t, h, d = 1, 4096, 2, 64
+  memory and refuses at any useful length ("exceeds available shared memory"). PI-P's head widths, so the
+  GPU kernels run on column chunks (72 as 64 + 16)."""
+  b, t, h, d = 1, 4096, 2, 72
 
   def loss(q, k, v, lam):
     differential = attn.differential_attention(q, k, v, lam, implementation="pallas", block_q=128, block_k=128)
@@ -370,7 +387,7 @@ def test_tpu_block_bounds_are_conservative_and_exact_on_the_diagonal():
   visible pair (a brute-force check over every pair), and with sorted positions all the others; the
   fetch schedule's last live key block / first live query block agree with the pairs."""
   from diffmoe_jax.ops import flash_attention as fa
-  from diffmoe_jax.ops.pallas_tpu_attention import block_bounds, live_pairs
+  from diffmoe_jax.ops.flash_attention import block_bounds, live_pairs
   rng = np.random.default_rng(3)
   b, t, block = 2, 64, 16
   sorted_pos = np.broadcast_to(np.arange(t), (b, t))
@@ -414,6 +431,30 @@ def test_tpu_kernels_pad_blocks_mosaic_cannot_tile():
   tol = dict(rtol=2e-4, atol=2e-5)
   np.testing.assert_allclose(np.asarray(out), want, **tol)
   for name, ours, ref in zip(("dq", "dk", "dv", "dlam"), vjp(jnp.asarray(g)), (dq, dk, dv, -dw[..., 1])):
+    np.testing.assert_allclose(np.asarray(ours), ref, **tol, err_msg=name)
+
+
+def test_gpu_kernels_split_head_widths_into_power_of_two_chunks():
+  """Widths that are not powers of two (PI-P's 72 and 144) run as column chunks of at least 16: against
+  the float64 reference, forward and gradients, with two chunks for q/k (40 -> 32 + 16) and v (80 -> 64 + 16)."""
+  from diffmoe_jax.ops.pallas_attention import column_chunks
+  assert column_chunks(72) == ((0, 64), (64, 16)) and column_chunks(144) == ((0, 128), (128, 16))
+  assert column_chunks(4) == ((0, 16),) and column_chunks(112) == ((0, 64), (64, 32), (96, 16))
+  rng = np.random.default_rng(11)
+  b, t, h, d, dv = 1, 40, 2, 40, 80
+  q, k = (rng.normal(size=(b, t, h, 2, d)).astype(np.float32) * 0.3 for _ in range(2))
+  v, g = (rng.normal(size=(b, t, h, dv)).astype(np.float32) for _ in range(2))
+  lam = rng.uniform(0.1, 0.9, (b, t, h)).astype(np.float32)
+  positions = np.broadcast_to(np.arange(t), (b, t)).astype(np.int32)
+  want, (dq, dk, dv_ref, dw) = reference(q, k, v, np.stack([np.ones_like(lam), -lam], -1),
+                                         visibility(positions, positions), g)
+  def f(q, k, v, lam):
+    return attn.differential_attention(q, k, v, lam, q_positions=positions, kv_positions=positions,
+                                       implementation="pallas", block_q=16, block_k=16)
+  out, vjp = jax.vjp(jax.jit(f), *(jnp.asarray(a) for a in (q, k, v, lam)))
+  tol = dict(rtol=2e-4, atol=2e-5)
+  np.testing.assert_allclose(np.asarray(out), want, **tol)
+  for name, ours, ref in zip(("dq", "dk", "dv", "dlam"), vjp(jnp.asarray(g)), (dq, dk, dv_ref, -dw[..., 1])):
     np.testing.assert_allclose(np.asarray(ours), ref, **tol, err_msg=name)
 
 

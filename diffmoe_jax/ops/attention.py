@@ -87,16 +87,21 @@ def _check_implementation(implementation: str) -> str:
   return implementation
 
 
-def fused_implementation(dtype) -> str:
-  """jax.nn.dot_product_attention's implementation: cuDNN on GPU for 16-bit inputs (cuDNN's flash
-  attention supports only those), its XLA version elsewhere."""
-  return "cudnn" if jax.default_backend() == "gpu" and dtype in (jnp.bfloat16, jnp.float16) else "xla"
+def fused_implementation(dtype, head_dim: int, device=None) -> str:
+  """jax.nn.dot_product_attention's implementation: cuDNN on a GPU (default: the first device) for
+  16-bit inputs with a head width it supports (a multiple of 8, at most 256 from Hopper on and 128
+  before), its XLA version otherwise."""
+  device = device or jax.devices()[0]
+  if device.platform != "gpu" or jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16) or head_dim % 8:
+    return "xla"
+  hopper_or_later = float(getattr(device, "compute_capability", "0")) >= 9.0
+  return "cudnn" if head_dim <= (256 if hopper_or_later else 128) else "xla"
 
 
 def _dot_product_attention(q, k, v, mask, scale):
   """jax.nn.dot_product_attention (`fused_implementation`); rows with no visible key give 0."""
   out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale,
-                                     implementation=fused_implementation(q.dtype))
+                                     implementation=fused_implementation(q.dtype, max(q.shape[-1], v.shape[-1])))
   return _zero_rows_without_keys(out, mask)
 
 

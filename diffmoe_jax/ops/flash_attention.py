@@ -50,22 +50,74 @@ def any_visible(visible) -> jax.Array:
   return jnp.max(jnp.where(visible, 1.0, 0.0)) > 0.0
 
 
+def block_bounds(masks, block_q: int, block_k: int, causal: bool) -> tuple:
+  """Which block pairs the kernels must run, from O(T/block) values computed in XLA: latest query position
+  per query block `[B, nq]`, earliest valid key position per key block `[B, nk]` (int32 max if none), the
+  last live key block of each query block `[B, nq]` and the first live query block of each key block
+  `[B, nk]` (0 where none is live). The GPU kernels loop over those ranges; the TPU kernels prefetch the
+  tables into SMEM and test each pair.
+
+  Pair (i, j) is live when earliest_key[j] <= latest_query[i]: some valid key of block j is no later than
+  some query of block i (without causality latest_query is int32 max − 1: live when block j has a valid
+  key). Conservative (segments are left to the per-element mask); with sorted positions it skips exactly
+  the blocks above the diagonal.
+  """
+  q_pos, _, kv_pos, _, kv_valid = masks
+  b, t, s = q_pos.shape[0], q_pos.shape[1], kv_pos.shape[1]
+  nq, nk, never = t // block_q, s // block_k, jnp.iinfo(jnp.int32).max
+  valid = (kv_valid != 0).reshape(b, nk, block_k)
+  earliest_key = jnp.min(jnp.where(valid, kv_pos.reshape(valid.shape), never), axis=-1)
+  latest_query = (jnp.max(q_pos.reshape(b, nq, block_q), axis=-1) if causal else
+                  jnp.full((b, nq), never - 1, jnp.int32))
+  live = live_pairs(latest_query, earliest_key)
+  last_key = jnp.max(jnp.where(live, jnp.arange(nk), 0), axis=2)
+  first_query = jnp.min(jnp.where(live, jnp.arange(nq)[:, None], nq), axis=1)
+  first_query = jnp.where(first_query == nq, 0, first_query)
+  return tuple(a.astype(jnp.int32) for a in (latest_query, earliest_key, last_key, first_query))
+
+
+def live_pairs(latest_query, earliest_key):
+  """`[B, nq, nk]` bool from `block_bounds`' first two tables (the kernels test one pair at a time)."""
+  return earliest_key[:, None, :] <= latest_query[:, :, None]
+
+
+# A tile is one array or a tuple of column chunks of one: the GPU kernels split a head width that is not
+# a power of two (PI-P's 72 and 144) into power-of-two chunks (64 + 16, 128 + 16) instead of padding it
+# to the next power of two, which measured 2.6-3x slower at PI-P's widths on an H200.
+
+
+def _contract(a, b):
+  """`a bᵀ` in fp32 over tiles a `[..., x, c]`, b `[..., y, c]` chunked alike: `[..., x, y]`."""
+  pairs = zip(a, b) if isinstance(a, tuple) else [(a, b)]
+  return functools.reduce(jnp.add, [jnp.einsum("...xc,...yc->...xy", ai, bi, preferred_element_type=jnp.float32)
+                                    for ai, bi in pairs])
+
+
+def _apply(p, b, transpose: bool = False):
+  """`p b` (or `pᵀ b`) in fp32 for p `[..., x, y]` (fp32) and a tile b: a tile chunked like b."""
+  spec = "...xy,...xc->...yc" if transpose else "...xy,...yc->...xc"
+  return jax.tree.map(lambda bi: jnp.einsum(spec, p.astype(bi.dtype), bi, preferred_element_type=jnp.float32), b)
+
+
 def _scores(q, k, visible):
-  s = jnp.einsum("...qd,...kd->...qk", q, k, preferred_element_type=jnp.float32)
-  return jnp.where(visible, s, MASK_VALUE)
+  return jnp.where(visible, _contract(q, k), MASK_VALUE)
 
 
-def init_carry(rows: tuple, num_maps: int, dv: int):
-  """Per map: running max, running sum `[..., bq, 1]` and unnormalised output `[..., bq, Dv]` (fp32).
+def init_carry(rows: tuple, num_maps: int, dv):
+  """Per map: running max, running sum `[..., bq, 1]` and unnormalised output `[..., bq, Dv]` (fp32; a
+  tuple of chunks when dv is a tuple of chunk widths).
 
   Row statistics are columns (`[..., bq, 1]`) in all the block math, the layout TPU kernels keep them in.
   """
-  return tuple((jnp.full(rows + (1,), MASK_VALUE, jnp.float32), jnp.zeros(rows + (1,), jnp.float32),
-                jnp.zeros(rows + (dv,), jnp.float32)) for _ in range(num_maps))
+  acc = lambda: (tuple(jnp.zeros(rows + (w,), jnp.float32) for w in dv) if isinstance(dv, tuple)
+                 else jnp.zeros(rows + (dv,), jnp.float32))
+  return tuple((jnp.full(rows + (1,), MASK_VALUE, jnp.float32), jnp.zeros(rows + (1,), jnp.float32), acc())
+               for _ in range(num_maps))
 
 
 def forward_block(qs, ks, v, visible, carry):
-  """One key block for every map. Per map j: qs[j] `[..., bq, D]`, ks[j] `[..., bk, D]`; v `[..., bk, Dv]`.
+  """One key block for every map. Per map j: tiles qs[j] `[..., bq, D]`, ks[j] `[..., bk, D]`; tile v
+  `[..., bk, Dv]`.
 
   Maps come as sequences (not a stacked axis) so kernels load each map's tile straight from its ref.
   """
@@ -75,17 +127,18 @@ def forward_block(qs, ks, v, visible, carry):
     m_new = jnp.maximum(m, jnp.max(s, axis=-1, keepdims=True))
     p = jnp.where(visible, jnp.exp(s - m_new), 0.0)
     alpha = jnp.exp(m - m_new)
-    pv = jnp.einsum("...qk,...kv->...qv", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    new.append((m_new, alpha * l + jnp.sum(p, axis=-1, keepdims=True), alpha * acc + pv))
+    acc = jax.tree.map(lambda a, pv: alpha * a + pv, acc, _apply(p, v))
+    new.append((m_new, alpha * l + jnp.sum(p, axis=-1, keepdims=True), acc))
   return tuple(new)
 
 
 def finalize(carry):
-  """Per map: the normalised output (0 for a row with no visible key) and its log-sum-exp `[..., bq, 1]`."""
+  """Per map: the normalised output tile (0 for a row with no visible key) and its log-sum-exp
+  `[..., bq, 1]`."""
   outs, lses = [], []
   for m, l, acc in carry:
     seen = l > 0.0
-    outs.append(acc / jnp.where(seen, l, 1.0))
+    outs.append(jax.tree.map(lambda a: a / jnp.where(seen, l, 1.0), acc))
     lses.append(jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), 0.0))
   return outs, lses
 
@@ -93,22 +146,22 @@ def finalize(carry):
 def backward_block(qs, ks, v, g, ws, lses, deltas, visible, *, want_dq: bool = True, want_dkv: bool = True):
   """Gradients of one (query block, key block) pair.
 
-  Per map j: qs[j], ks[j] as in `forward_block`; ws[j], lses[j], deltas[j] `[..., bq, 1]` (fp32); g
-  `[..., bq, Dv]`. Returns per-map lists dq `[..., bq, D]`, dk `[..., bk, D]` and dv `[..., bk, Dv]`
-  (fp32); what is not wanted is None.
+  Per map j: qs[j], ks[j] as in `forward_block`; ws[j], lses[j], deltas[j] `[..., bq, 1]` (fp32); tile g
+  `[..., bq, Dv]` chunked like v. Returns per-map lists dq `[..., bq, D]`, dk `[..., bk, D]` and dv
+  `[..., bk, Dv]` (fp32 tiles chunked like q, k and v); what is not wanted is None.
   """
-  d_combined = jnp.einsum("...qv,...kv->...qk", g, v, preferred_element_type=jnp.float32)
+  d_combined = _contract(g, v)
   dq, dk, dv = [], [], None
   for qj, kj, w, lse, delta in zip(qs, ks, ws, lses, deltas):
     s = _scores(qj, kj, visible)
     weighted_p = jnp.where(visible, jnp.exp(s - lse), 0.0) * w
     ds = weighted_p * (d_combined - delta)
     if want_dq:
-      dq.append(jnp.einsum("...qk,...kd->...qd", ds.astype(kj.dtype), kj, preferred_element_type=jnp.float32))
+      dq.append(_apply(ds, kj))
     if want_dkv:
-      dk.append(jnp.einsum("...qk,...qd->...kd", ds.astype(qj.dtype), qj, preferred_element_type=jnp.float32))
-      dv_j = jnp.einsum("...qk,...qv->...kv", weighted_p.astype(g.dtype), g, preferred_element_type=jnp.float32)
-      dv = dv_j if dv is None else dv + dv_j
+      dk.append(_apply(ds, qj, transpose=True))
+      dv_j = _apply(weighted_p, g, transpose=True)
+      dv = dv_j if dv is None else jax.tree.map(jnp.add, dv, dv_j)
   return (dq or None), (dk or None), dv
 
 

@@ -2,10 +2,18 @@
 
 Same layouts, block math and masks as the XLA driver in `flash_attention.py`. One program per
 (batch, head, block): the forward and dq kernels hold a query block and loop over key blocks, the dk/dv
-kernel holds a key block and loops over query blocks. Every K/V block loaded serves all M maps. Blocks
-with no visible (query, key) pair are skipped under `lax.cond`. Head widths are zero-padded to a power of
-two (Triton's block shapes must be), which changes no score and adds zero output columns that are
-sliced off.
+kernel holds a key block and loops over query blocks. Every K/V block loaded serves all M maps. The
+loops run over the live range of blocks from `flash_attention.block_bounds` (computed in XLA, one int32
+per block): key blocks up to the query block's last live one, query blocks from the key block's first
+live one, which with sorted positions stops exactly at the diagonal. The loop body has no branch, so
+Triton can pipeline its loads; a dead pair inside the range (unsorted positions, other segments) runs
+fully masked and adds nothing. On an H200 (PI-P's heads, bf16, T = 8192) the branch-free loops ran the
+forward 1.9x faster than skipping blocks under `lax.cond` inside the loop.
+
+Triton's tensors are powers of two. A head width is zero-padded to a multiple of 16 and handled as
+power-of-two column chunks (`column_chunks`: 72 as 64 + 16, 144 as 128 + 16): scores sum the chunks'
+products and each output chunk accumulates alone. Padding to the next power of two instead (128 and
+256 for PI-P) costs 1.8x the FLOPs and measured 2.6-3x the time of power-of-two heads of 64 and 128.
 
 These are the GPU kernels (TPU's are in `pallas_tpu_attention.py`). They are lowered by Triton, never by
 Mosaic GPU (jax's default for a `pallas_call` without compiler parameters): Mosaic GPU
@@ -24,13 +32,13 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
 from diffmoe_jax.ops import flash_attention as fa
-from diffmoe_jax.ops.flash_attention import kernel_width, pad_last
+from diffmoe_jax.ops.flash_attention import pad_last
 
-_TRITON = pl_triton.CompilerParams(num_warps=8, num_stages=2)
 # The fp32 accumulators a program keeps in registers: M·bq·Dv (forward), M·bq·D (dq), (M·D + Dv)·bk
-# (dk/dv). Eight warps hold at most 255 KiB of registers; blocks are halved until the accumulators fit
-# in half of that (32K values), so wide heads (PI-P's Dv = 144, padded to 256, with two maps) do not
-# spill. Chosen from the register file's size, not yet from measurement on a GPU.
+# (dk/dv). Blocks are halved until they hold at most 32K values, 128 per thread of a program whose warps
+# each own 16 of its rows (Triton's MMA tiles are 16 rows per warp): PI-P's heads (two maps, D = 72 and
+# Dv = 144 as 80 and 144 columns) get 64 x 64 blocks and 4 warps. On an H200 (bf16, T = 8192, 64 and 128
+# columns) 64-row blocks ran 1.9x faster on 4 warps than on 8 (`launch/gpu_checks.sh`, README).
 _ACCUMULATOR_VALUES = 32768
 
 
@@ -41,8 +49,10 @@ def register_blocks(block_q: int, block_k: int, num_maps: int, d: int, dv: int) 
   return fit(block_q, num_maps * max(d, dv)), fit(block_k, num_maps * d + dv)
 
 
-def _pallas_call(kernel, interpret: bool, **spec):
-  return pl.pallas_call(kernel, compiler_params=None if interpret else _TRITON, interpret=interpret, **spec)
+def _pallas_call(kernel, interpret: bool, rows: int, **spec):
+  """A Triton kernel whose programs accumulate over `rows` rows: 16 rows per warp, 4 to 8 warps."""
+  params = pl_triton.CompilerParams(num_warps=min(8, max(4, rows // 16)), num_stages=2)
+  return pl.pallas_call(kernel, compiler_params=None if interpret else params, interpret=interpret, **spec)
 
 
 def _specs(block_q: int, block_k: int, t: int, s: int, num_maps: int, d: int, dv: int, query_blocked: bool):
@@ -63,101 +73,125 @@ def _specs(block_q: int, block_k: int, t: int, s: int, num_maps: int, d: int, dv
       stats=pl.BlockSpec((None, None, num_maps, bq), q_stats),
       q_mask=pl.BlockSpec((None, bq), q_mask),
       k_mask=pl.BlockSpec((None, bk), k_mask),
+      bound=pl.BlockSpec((None, 1), lambda b, h, i: (b, i)),  # the grid block's loop bound
   )
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, kv_valid_ref,
-                    out_ref, lse_ref, *, causal: bool, block_k: int):
+def column_chunks(n: int) -> tuple[tuple[int, int], ...]:
+  """(offset, width) column chunks of a head width n rounded up to a multiple of 16 (Triton's smallest
+  dot): its binary decomposition into powers of two, widest first (72 -> 64 + 16, 144 -> 128 + 16)."""
+  rest, chunks = -(-n // 16) * 16, []
+  while rest:
+    width = 1 << rest.bit_length() - 1
+    chunks.append((sum(w for _, w in chunks), width))
+    rest -= width
+  return tuple(chunks)
+
+
+def _width(chunks) -> int:
+  return sum(w for _, w in chunks)
+
+
+def _load(ref, chunks, *index):
+  """The tile `ref[*index, chunk]`: one array per column chunk."""
+  return tuple(ref[(*index, pl.ds(offset, width))] for offset, width in chunks)
+
+
+def _store(ref, chunks, tile, *index):
+  for (offset, width), part in zip(chunks, tile):
+    ref[(*index, pl.ds(offset, width))] = part
+
+
+def _zeros(rows: int, chunks):
+  return tuple(jnp.zeros((rows, w), jnp.float32) for _, w in chunks)
+
+
+def _forward_kernel(key_blocks_ref, q_ref, k_ref, v_ref, q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref,
+                    kv_valid_ref, out_ref, lse_ref, *, causal: bool, block_k: int, d_chunks, v_chunks):
   num_maps, block_q, _ = q_ref.shape
-  qs = [q_ref[j] for j in range(num_maps)]
+  qs = [_load(q_ref, d_chunks, j, slice(None)) for j in range(num_maps)]
   q_pos, q_seg = q_pos_ref[...], q_seg_ref[...]
 
   def key_step(j, carry):
     keys = pl.ds(j * block_k, block_k)
     visible = fa.block_visibility(q_pos, q_seg, kv_pos_ref[keys], kv_seg_ref[keys], kv_valid_ref[keys], causal)
-    ks = lambda: [k_ref[m, keys, :] for m in range(num_maps)]
-    return lax.cond(fa.any_visible(visible), lambda c: fa.forward_block(qs, ks(), v_ref[keys, :], visible, c),
-                    lambda c: c, carry)
+    ks = [_load(k_ref, d_chunks, m, keys) for m in range(num_maps)]
+    return fa.forward_block(qs, ks, _load(v_ref, v_chunks, keys), visible, carry)
 
-  carry = lax.fori_loop(0, k_ref.shape[1] // block_k, key_step,
-                        fa.init_carry((block_q,), num_maps, v_ref.shape[-1]))
+  carry = lax.fori_loop(0, jnp.max(key_blocks_ref[...]), key_step,
+                        fa.init_carry((block_q,), num_maps, tuple(w for _, w in v_chunks)))
   outs, lses = fa.finalize(carry)
   for j in range(num_maps):
-    out_ref[j] = outs[j]
+    _store(out_ref, v_chunks, outs[j], j, slice(None))
     lse_ref[j] = lses[j][:, 0]
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, g_ref, w_ref, lse_ref, delta_ref, q_pos_ref, q_seg_ref, kv_pos_ref,
-               kv_seg_ref, kv_valid_ref, dq_ref, *, causal: bool, block_k: int):
-  num_maps, block_q, d = q_ref.shape
-  per_map = lambda ref: [ref[m] for m in range(num_maps)]
+def _dq_kernel(key_blocks_ref, q_ref, k_ref, v_ref, g_ref, w_ref, lse_ref, delta_ref, q_pos_ref, q_seg_ref,
+               kv_pos_ref, kv_seg_ref, kv_valid_ref, dq_ref, *, causal: bool, block_k: int, d_chunks, v_chunks):
+  num_maps, block_q, _ = q_ref.shape
   stats = lambda ref: [ref[m][:, None] for m in range(num_maps)]
-  qs, ws, lses, deltas, g = per_map(q_ref), stats(w_ref), stats(lse_ref), stats(delta_ref), g_ref[...]
+  qs = [_load(q_ref, d_chunks, m, slice(None)) for m in range(num_maps)]
+  ws, lses, deltas, g = stats(w_ref), stats(lse_ref), stats(delta_ref), _load(g_ref, v_chunks, slice(None))
   q_pos, q_seg = q_pos_ref[...], q_seg_ref[...]
 
   def key_step(j, dq):
     keys = pl.ds(j * block_k, block_k)
     visible = fa.block_visibility(q_pos, q_seg, kv_pos_ref[keys], kv_seg_ref[keys], kv_valid_ref[keys], causal)
+    ks = [_load(k_ref, d_chunks, m, keys) for m in range(num_maps)]
+    grads, _, _ = fa.backward_block(qs, ks, _load(v_ref, v_chunks, keys), g, ws, lses, deltas, visible,
+                                    want_dkv=False)
+    return jax.tree.map(jnp.add, dq, tuple(grads))
 
-    def accumulate(dq):
-      ks = [k_ref[m, keys, :] for m in range(num_maps)]
-      grads, _, _ = fa.backward_block(qs, ks, v_ref[keys, :], g, ws, lses, deltas, visible, want_dkv=False)
-      return tuple(a + b for a, b in zip(dq, grads))
-
-    return lax.cond(fa.any_visible(visible), accumulate, lambda c: c, dq)
-
-  zeros = tuple(jnp.zeros((block_q, d), jnp.float32) for _ in range(num_maps))
-  dq = lax.fori_loop(0, k_ref.shape[1] // block_k, key_step, zeros)
+  zeros = tuple(_zeros(block_q, d_chunks) for _ in range(num_maps))
+  dq = lax.fori_loop(0, jnp.max(key_blocks_ref[...]), key_step, zeros)
   for j in range(num_maps):
-    dq_ref[j] = dq[j]
+    _store(dq_ref, d_chunks, dq[j], j, slice(None))
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, g_ref, w_ref, lse_ref, delta_ref, q_pos_ref, q_seg_ref, kv_pos_ref,
-                kv_seg_ref, kv_valid_ref, dk_ref, dv_ref, *, causal: bool, block_q: int):
-  num_maps, block_k, d = k_ref.shape
-  ks, v = [k_ref[m] for m in range(num_maps)], v_ref[...]
+def _dkv_kernel(first_query_ref, q_ref, k_ref, v_ref, g_ref, w_ref, lse_ref, delta_ref, q_pos_ref, q_seg_ref,
+                kv_pos_ref, kv_seg_ref, kv_valid_ref, dk_ref, dv_ref, *, causal: bool, block_q: int, d_chunks,
+                v_chunks):
+  num_maps, block_k, _ = k_ref.shape
+  ks = [_load(k_ref, d_chunks, m, slice(None)) for m in range(num_maps)]
+  v = _load(v_ref, v_chunks, slice(None))
   kv_pos, kv_seg, kv_valid = kv_pos_ref[...], kv_seg_ref[...], kv_valid_ref[...]
 
   def query_step(i, carry):
     rows = pl.ds(i * block_q, block_q)
     visible = fa.block_visibility(q_pos_ref[rows], q_seg_ref[rows], kv_pos, kv_seg, kv_valid, causal)
+    per_map = lambda ref: [ref[m, rows][:, None] for m in range(num_maps)]
+    _, dk_blk, dv_blk = fa.backward_block(
+        [_load(q_ref, d_chunks, m, rows) for m in range(num_maps)], ks, v, _load(g_ref, v_chunks, rows),
+        per_map(w_ref), per_map(lse_ref), per_map(delta_ref), visible, want_dq=False)
+    return jax.tree.map(jnp.add, carry, (tuple(dk_blk), dv_blk))
 
-    def accumulate(carry):
-      dk, dv = carry
-      per_map = lambda ref: [ref[m, rows][:, None] for m in range(num_maps)]
-      _, dk_blk, dv_blk = fa.backward_block(
-          [q_ref[m, rows, :] for m in range(num_maps)], ks, v, g_ref[rows, :], per_map(w_ref), per_map(lse_ref),
-          per_map(delta_ref), visible, want_dq=False)
-      return tuple(a + b for a, b in zip(dk, dk_blk)), dv + dv_blk
-
-    return lax.cond(fa.any_visible(visible), accumulate, lambda c: c, carry)
-
-  zeros = (tuple(jnp.zeros((block_k, d), jnp.float32) for _ in range(num_maps)),
-           jnp.zeros((block_k, v_ref.shape[-1]), jnp.float32))
-  dk, dv = lax.fori_loop(0, q_ref.shape[1] // block_q, query_step, zeros)
+  zeros = (tuple(_zeros(block_k, d_chunks) for _ in range(num_maps)), _zeros(block_k, v_chunks))
+  dk, dv = lax.fori_loop(jnp.max(first_query_ref[...]), q_ref.shape[1] // block_q, query_step, zeros)
   for j in range(num_maps):
-    dk_ref[j] = dk[j]
-  dv_ref[...] = dv
+    _store(dk_ref, d_chunks, dk[j], j, slice(None))
+  _store(dv_ref, v_chunks, dv, slice(None))
 
 
 def forward(q, k, v, masks, causal, block_q, block_k, *, interpret: bool):
   """Per-map outputs `[B, H, M, T, Dv]` (fp32) and log-sum-exp `[B, H, M, T]`, as `fa.xla_forward`."""
   b, h, num_maps, t, d = q.shape
   s, dv = k.shape[3], v.shape[-1]
-  dp, dvp = kernel_width(d), kernel_width(dv)
+  chunks = dict(d_chunks=column_chunks(d), v_chunks=column_chunks(dv))
+  dp, dvp = _width(chunks["d_chunks"]), _width(chunks["v_chunks"])
   block_q, block_k = register_blocks(block_q, block_k, num_maps, dp, dvp)
   specs = _specs(block_q, block_k, t, s, num_maps, dp, dvp, query_blocked=True)
+  _, _, last_key, _ = fa.block_bounds(masks, block_q, block_k, causal)
   out, lse = _pallas_call(
-      functools.partial(_forward_kernel, causal=causal, block_k=block_k), interpret,
+      functools.partial(_forward_kernel, causal=causal, block_k=block_k, **chunks), interpret, block_q,
       grid=(b, h, t // block_q),
-      in_specs=[specs["q"], specs["k"], specs["v"], specs["q_mask"], specs["q_mask"], specs["k_mask"],
+      in_specs=[specs["bound"], specs["q"], specs["k"], specs["v"], specs["q_mask"], specs["q_mask"], specs["k_mask"],
                 specs["k_mask"], specs["k_mask"]],
       out_specs=[pl.BlockSpec((None, None, num_maps, block_q, dvp), lambda b_, h_, i: (b_, h_, 0, i, 0)),
                  specs["stats"]],
       out_shape=[jax.ShapeDtypeStruct((b, h, num_maps, t, dvp), jnp.float32),
                  jax.ShapeDtypeStruct((b, h, num_maps, t), jnp.float32)],
       name="flash_multi_map_forward",
-  )(pad_last(q, dp), pad_last(k, dp), pad_last(v, dvp), *masks)
+  )(last_key + 1, pad_last(q, dp), pad_last(k, dp), pad_last(v, dvp), *masks)
   return out[..., :dv], lse
 
 
@@ -165,30 +199,31 @@ def backward(q, k, v, w, g, lse, delta, masks, causal, block_q, block_k, *, inte
   """dq, dk, dv (fp32), as `fa.xla_backward`."""
   b, h, num_maps, t, d = q.shape
   s, dv = k.shape[3], v.shape[-1]
-  dp, dvp = kernel_width(d), kernel_width(dv)
+  chunks = dict(d_chunks=column_chunks(d), v_chunks=column_chunks(dv))
+  dp, dvp = _width(chunks["d_chunks"]), _width(chunks["v_chunks"])
   block_q, block_k = register_blocks(block_q, block_k, num_maps, dp, dvp)
+  _, _, last_key, first_query = fa.block_bounds(masks, block_q, block_k, causal)
   args = (pad_last(q, dp), pad_last(k, dp), pad_last(v, dvp), pad_last(g, dvp), w, lse, delta, *masks)
+  names = ("q", "k", "v", "g", "stats", "stats", "stats", "q_mask", "q_mask", "k_mask", "k_mask", "k_mask")
 
   by_query = _specs(block_q, block_k, t, s, num_maps, dp, dvp, query_blocked=True)
   dq = _pallas_call(
-      functools.partial(_dq_kernel, causal=causal, block_k=block_k), interpret,
+      functools.partial(_dq_kernel, causal=causal, block_k=block_k, **chunks), interpret, block_q,
       grid=(b, h, t // block_q),
-      in_specs=[by_query[n] for n in ("q", "k", "v", "g", "stats", "stats", "stats", "q_mask", "q_mask",
-                                      "k_mask", "k_mask", "k_mask")],
+      in_specs=[by_query[n] for n in ("bound",) + names],
       out_specs=by_query["q"],
       out_shape=jax.ShapeDtypeStruct((b, h, num_maps, t, dp), jnp.float32),
       name="flash_multi_map_dq",
-  )(*args)
+  )(last_key + 1, *args)
 
   by_key = _specs(block_q, block_k, t, s, num_maps, dp, dvp, query_blocked=False)
   dk, dv_out = _pallas_call(
-      functools.partial(_dkv_kernel, causal=causal, block_q=block_q), interpret,
+      functools.partial(_dkv_kernel, causal=causal, block_q=block_q, **chunks), interpret, block_k,
       grid=(b, h, s // block_k),
-      in_specs=[by_key[n] for n in ("q", "k", "v", "g", "stats", "stats", "stats", "q_mask", "q_mask",
-                                    "k_mask", "k_mask", "k_mask")],
+      in_specs=[by_key[n] for n in ("bound",) + names],
       out_specs=[by_key["k"], by_key["v"]],
       out_shape=[jax.ShapeDtypeStruct((b, h, num_maps, s, dp), jnp.float32),
                  jax.ShapeDtypeStruct((b, h, s, dvp), jnp.float32)],
       name="flash_multi_map_dkv",
-  )(*args)
+  )(first_query, *args)
   return dq[..., :d], dk[..., :d], dv_out[..., :dv]

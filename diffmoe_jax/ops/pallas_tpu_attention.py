@@ -9,9 +9,9 @@ live in VMEM scratch across it, initialised at its first step and written out at
 O(block), whatever the length. The block math is `flash_attention`'s; row statistics are columns
 (`[bq, 1]`), query-side masks `[B, T, 1]` and key-side masks `[B, 1, S]`, so no kernel reshapes a
 vector. Which (query block, key block) pairs can have a visible pair follows from per-block bounds
-computed beforehand in XLA (`block_bounds`, O(T/block) int32 values in SMEM by scalar prefetch, the TPU
-idiom for block sparsity): the others skip their arithmetic, and their tiles past the last live one (in
-the inner loop's direction) repeat the previous block's index so Pallas fetches nothing new. Inside a
+computed beforehand in XLA (`flash_attention.block_bounds`, O(T/block) int32 values in SMEM by scalar
+prefetch, the TPU idiom for block sparsity): the others skip their arithmetic, and their tiles past the
+last live one (in the inner loop's direction) repeat the previous block's index so Pallas fetches nothing new. Inside a
 live pair the mask is applied per element. Blocks are at least 16 queries (bf16 tiles are 16 rows) and
 128 keys or the whole key sequence (a key-side mask row is a lane vector); smaller requested blocks are
 raised and the sequences padded to match, which changes no result.
@@ -30,35 +30,6 @@ from diffmoe_jax.ops.flash_attention import kernel_width, pad_last
 
 _SEQUENTIAL_LAST = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
 _MIN_BLOCK_Q, _LANES = 16, 128
-
-
-def block_bounds(masks, block_q: int, block_k: int, causal: bool) -> tuple:
-  """The tables the kernels prefetch into SMEM: latest query position per query block `[B, nq]`, earliest
-  valid key position per key block `[B, nk]` (int32 max if none), and for the fetch schedule the last live
-  key block of each query block `[B, nq]` and the first live query block of each key block `[B, nk]`.
-
-  Pair (i, j) is live when earliest_key[j] <= latest_query[i]: some valid key of block j is no later than
-  some query of block i (without causality latest_query is int32 max − 1: live when block j has a valid
-  key). Conservative (segments are left to the per-element mask); with sorted positions it skips exactly
-  the blocks above the diagonal.
-  """
-  q_pos, _, kv_pos, _, kv_valid = masks
-  b, t, s = q_pos.shape[0], q_pos.shape[1], kv_pos.shape[1]
-  nq, nk, never = t // block_q, s // block_k, jnp.iinfo(jnp.int32).max
-  valid = (kv_valid != 0).reshape(b, nk, block_k)
-  earliest_key = jnp.min(jnp.where(valid, kv_pos.reshape(valid.shape), never), axis=-1)
-  latest_query = (jnp.max(q_pos.reshape(b, nq, block_q), axis=-1) if causal else
-                  jnp.full((b, nq), never - 1, jnp.int32))
-  live = live_pairs(latest_query, earliest_key)
-  last_key = jnp.max(jnp.where(live, jnp.arange(nk), 0), axis=2)
-  first_query = jnp.min(jnp.where(live, jnp.arange(nq)[:, None], nq), axis=1)
-  first_query = jnp.where(first_query == nq, 0, first_query)
-  return tuple(a.astype(jnp.int32) for a in (latest_query, earliest_key, last_key, first_query))
-
-
-def live_pairs(latest_query, earliest_key):
-  """`[B, nq, nk]` bool from `block_bounds`' first two tables (the kernels test one pair at a time)."""
-  return earliest_key[:, None, :] <= latest_query[:, :, None]
 
 
 def _specs(block_q: int, block_k: int, num_maps: int, d: int, dv: int, query_major: bool) -> dict:
@@ -215,8 +186,8 @@ def forward(q, k, v, masks, causal, block_q, block_k, *, interpret: bool):
       scratch_shapes=[pltpu.VMEM((num_maps, block_q, 1), jnp.float32), pltpu.VMEM((num_maps, block_q, 1), jnp.float32),
                       pltpu.VMEM((num_maps, block_q, dvp), jnp.float32)],
       name="flash_multi_map_forward_tpu",
-  )(*block_bounds(masks, block_q, block_k, causal), pad_last(q, dp), pad_last(k, dp), pad_last(v, dvp),
-    *_mask_layout(masks))
+  )(*fa.block_bounds(masks, block_q, block_k, causal), pad_last(q, dp), pad_last(k, dp),
+    pad_last(v, dvp), *_mask_layout(masks))
   return out[:, :, :, :t_in, :dv], lse[:, :, :, :t_in, 0]
 
 
@@ -228,8 +199,8 @@ def backward(q, k, v, w, g, lse, delta, masks, causal, block_q, block_k, *, inte
   b, h, num_maps, t, d = q.shape
   s, dv = k.shape[3], v.shape[-1]
   dp, dvp = kernel_width(d), kernel_width(dv)
-  args = (*block_bounds(masks, block_q, block_k, causal), pad_last(q, dp), pad_last(k, dp), pad_last(v, dvp),
-          pad_last(g, dvp), w[..., None], lse[..., None], delta[..., None], *_mask_layout(masks))
+  args = (*fa.block_bounds(masks, block_q, block_k, causal), pad_last(q, dp), pad_last(k, dp),
+          pad_last(v, dvp), pad_last(g, dvp), w[..., None], lse[..., None], delta[..., None], *_mask_layout(masks))
   names = ("q", "k", "v", "g", "stats", "stats", "stats", "q_mask", "q_mask", "k_mask", "k_mask", "k_mask")
 
   by_query = _specs(block_q, block_k, num_maps, dp, dvp, query_major=True)
