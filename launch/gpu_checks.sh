@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# On one GPU: the attention kernels against the float64 reference and whole-model causality, run on the
+# accelerator, then the GPU benchmarks of the README's table. Each step runs under its own time limit, so
+# one that hangs or fails does not stop the rest; the script exits non-zero if any step failed.
+#
+#   bash launch/gpu_checks.sh [LOG_DIR]      # each step's output also goes to LOG_DIR/<step>.log
+set -u
+logs=${1:-gpu_checks}
+mkdir -p "$logs"
+failed=()
+
+step() {  # step NAME SECONDS COMMAND...
+  local name=$1 limit=$2 start=$SECONDS
+  shift 2
+  echo "=== $name: $*"
+  timeout "$limit" "$@" > >(tee "$logs/$name.log") 2>&1
+  local rc=$?
+  echo "=== $name: exit $rc after $((SECONDS - start)) s"
+  [ "$rc" = 0 ] || failed+=("$name")
+}
+
+step versions 30 python3 -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__,
+'optax', optax.__version__, jax.devices())"
+# The Pallas (Triton) kernel and the cuDNN path on the accelerator: every reference case, bf16, no queries,
+# and causality in predictor-routed MoD mode.
+kernel_tests="(reference or bf16 or no_queries or causal_on_every_path or cudnn) and (pallas or fused)"
+step kernel_tests 120 env JAX_PLATFORMS=cuda python3 -m pytest -q -p no:cacheprovider tests/test_flash_attention.py \
+  -k "($kernel_tests and not pallas_tpu) or power_of_two_chunks"
+step attention 120 python3 -m diffmoe_jax.bench attention --config=configs/pi_p.py --no-layer-ratio \
+  --dtype=bfloat16 --impls pallas fused four_flash_calls standard_flash --lengths 2048 4096 8192 16384
+step train_pi_p 90 python3 -m diffmoe_jax.bench train --config=configs/pi_p.py --layers 4 --seq-len 4096 \
+  --batch 1 --steps 5 --data-batches 20
+step moe 45 python3 -m diffmoe_jax.bench moe --dtype bfloat16 --variants dropless-padded dropless-ragged \
+  --batch 2 --seq-len 4096 --d-model 2592 --ffn-dim 6912 --experts 4 --top-k 2
+step moe_9_experts 45 python3 -m diffmoe_jax.bench moe --dtype bfloat16 --variants dropless-padded dropless-ragged \
+  --batch 2 --seq-len 4096 --d-model 2592 --ffn-dim 6912 --experts 9 --top-k 2
+step train_pi_p_8k 75 python3 -m diffmoe_jax.bench train --config=configs/pi_p.py --layers 2 --seq-len 8192 \
+  --batch 1 --steps 3 --data-batches 10
+
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "failed: ${failed[*]}"
+  exit 1
+fi
+echo "all steps passed"
