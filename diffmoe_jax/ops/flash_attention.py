@@ -151,7 +151,7 @@ def backward_block(qs, ks, v, g, ws, lses, deltas, visible, *, want_dq: bool = T
   `[..., bk, Dv]` (fp32 tiles chunked like q, k and v); what is not wanted is None.
   """
   d_combined = _contract(g, v)
-  dq, dk, dv = [], [], None
+  dq, dk, combined_p = [], [], None
   for qj, kj, w, lse, delta in zip(qs, ks, ws, lses, deltas):
     s = _scores(qj, kj, visible)
     weighted_p = jnp.where(visible, jnp.exp(s - lse), 0.0) * w
@@ -160,8 +160,9 @@ def backward_block(qs, ks, v, g, ws, lses, deltas, visible, *, want_dq: bool = T
       dq.append(_apply(ds, kj))
     if want_dkv:
       dk.append(_apply(ds, qj, transpose=True))
-      dv_j = _apply(weighted_p, g, transpose=True)
-      dv = dv_j if dv is None else jax.tree.map(jnp.add, dv, dv_j)
+      combined_p = weighted_p if combined_p is None else combined_p + weighted_p
+  # dv = Σ_m (w_m P_m)ᵀ g: the maps' probabilities are combined first, so one product serves them all.
+  dv = _apply(combined_p, g, transpose=True) if want_dkv else None
   return (dq or None), (dk or None), dv
 
 
