@@ -262,9 +262,10 @@ def _blockwise(implementation: str, q, k, v, weights, block_q: int, block_k: int
       kernel="xla" if implementation == "blockwise" else implementation, **masking)
 
 
-# Sequence length from which "auto" uses the blockwise path on CPU: measured with `python -m
-# diffmoe_jax.bench attention` (README "Differential attention").
-CPU_BLOCKWISE_FROM = 512
+# Sequence length from which "auto" uses the blockwise path on CPU: at batch 8 explicit scores were
+# 1.45x faster at 512 tokens and blockwise 1.13x faster at 1,024 (`python -m diffmoe_jax.bench attention
+# --no-layer-ratio --sweep-batch 8`, README "Differential attention").
+CPU_BLOCKWISE_FROM = 1024
 
 
 def resolve_attention_impl(name: str, *, length: int) -> str:
