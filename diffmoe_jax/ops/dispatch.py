@@ -99,8 +99,9 @@ def _invert(order: jax.Array, values: jax.Array) -> jax.Array:
 def capacity_plan(experts: jax.Array, num_experts: int, capacity: int):
   """Where each assignment goes among its sequence's E·C expert slots, earlier tokens first.
 
-  experts: `[B, T, k]`, with E for the assignments of masked tokens. Returns (src `[B, E·C]`: the assignment `t·k + j` in slot `e·C + c`, or T·k
-  when empty; dst `[B, T·k]`: each assignment's slot, or E·C when dropped; kept count).
+  experts: `[B, T, k]`, with E for the assignments of masked tokens. Returns (src `[B, E·C]`: the
+  assignment `t·k + j` in slot `e·C + c`, or T·k when empty; dst `[B, T·k]`: each assignment's slot, or
+  E·C when dropped; kept count).
   """
   b, t, k = experts.shape
   n = t * k

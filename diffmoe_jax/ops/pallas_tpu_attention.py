@@ -69,8 +69,9 @@ def _live(latest_ref, earliest_ref, query_major: bool):
   return earliest_ref[b, j] <= latest_ref[b, i]
 
 
-def _forward_kernel(latest_ref, earliest_ref, _last_key, _first_query, q_ref, k_ref, v_ref, q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, kv_valid_ref,
-                    out_ref, lse_ref, m_scratch, l_scratch, acc_scratch, *, causal: bool):
+def _forward_kernel(latest_ref, earliest_ref, _last_key, _first_query, q_ref, k_ref, v_ref, q_pos_ref, q_seg_ref,
+                    kv_pos_ref, kv_seg_ref, kv_valid_ref, out_ref, lse_ref, m_scratch, l_scratch, acc_scratch, *,
+                    causal: bool):
   num_maps = q_ref.shape[0]
   key_block = pl.program_id(3)
   carry = lambda: tuple((m_scratch[j], l_scratch[j], acc_scratch[j]) for j in range(num_maps))
@@ -96,8 +97,9 @@ def _forward_kernel(latest_ref, earliest_ref, _last_key, _first_query, q_ref, k_
       out_ref[j], lse_ref[j] = outs[j], lses[j]
 
 
-def _dq_kernel(latest_ref, earliest_ref, _last_key, _first_query, q_ref, k_ref, v_ref, g_ref, w_ref, lse_ref, delta_ref, q_pos_ref, q_seg_ref, kv_pos_ref,
-               kv_seg_ref, kv_valid_ref, dq_ref, dq_scratch, *, causal: bool):
+def _dq_kernel(latest_ref, earliest_ref, _last_key, _first_query, q_ref, k_ref, v_ref, g_ref, w_ref, lse_ref,
+               delta_ref, q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, kv_valid_ref, dq_ref, dq_scratch, *,
+               causal: bool):
   num_maps = q_ref.shape[0]
   key_block = pl.program_id(3)
   per_map = lambda ref: [ref[j] for j in range(num_maps)]
@@ -119,8 +121,9 @@ def _dq_kernel(latest_ref, earliest_ref, _last_key, _first_query, q_ref, k_ref, 
     dq_ref[...] = dq_scratch[...]
 
 
-def _dkv_kernel(latest_ref, earliest_ref, _last_key, _first_query, q_ref, k_ref, v_ref, g_ref, w_ref, lse_ref, delta_ref, q_pos_ref, q_seg_ref, kv_pos_ref,
-                kv_seg_ref, kv_valid_ref, dk_ref, dv_ref, dk_scratch, dv_scratch, *, causal: bool):
+def _dkv_kernel(latest_ref, earliest_ref, _last_key, _first_query, q_ref, k_ref, v_ref, g_ref, w_ref, lse_ref,
+                delta_ref, q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, kv_valid_ref, dk_ref, dv_ref, dk_scratch,
+                dv_scratch, *, causal: bool):
   num_maps = q_ref.shape[0]
   query_block = pl.program_id(3)
   per_map = lambda ref: [ref[j] for j in range(num_maps)]
