@@ -2,6 +2,7 @@
 import os
 import shutil
 import subprocess
+import sys
 
 import nbformat
 import pytest
@@ -10,7 +11,7 @@ from nbclient import NotebookClient
 from diffmoe_jax.train import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = [os.path.join(ROOT, "launch", name) for name in ("tpu_pod.sh", "slurm.sbatch")]
+SCRIPTS = [os.path.join(ROOT, "launch", name) for name in ("tpu_pod.sh", "slurm.sbatch", "gpu_checks.sh")]
 
 
 def test_notebook_runs_top_to_bottom_in_smoke_mode(tmp_path, monkeypatch):
@@ -39,3 +40,22 @@ def test_shell_scripts_parse(script):
 def test_tpu_pod_script_explains_its_arguments():
   result = subprocess.run(["bash", SCRIPTS[0]], capture_output=True, text=True)
   assert result.returncode == 2 and "usage: launch/tpu_pod.sh TPU_NAME ZONE CONFIG WORKDIR" in result.stderr
+
+
+def test_gpu_checks_select_every_kernel_test_they_name():
+  """The GPU script's pytest selection still collects each kind of kernel test (a renamed test would
+  otherwise drop out of the GPU run unnoticed)."""
+  script = open(SCRIPTS[2]).read()
+  kernel_tests = script.split('kernel_tests="', 1)[1].split('"', 1)[0]
+  selection = script.split('-k "', 1)[1].split('"', 1)[0].replace("$kernel_tests", kernel_tests)
+  result = subprocess.run([sys.executable, "-m", "pytest", "-q", "--collect-only", "-p", "no:cacheprovider",
+                           os.path.join(ROOT, "tests", "test_flash_attention.py"), "-k", selection],
+                          capture_output=True, text=True, cwd=ROOT)
+  assert result.returncode == 0, result.stdout + result.stderr
+  collected = [line for line in result.stdout.splitlines() if "::" in line]
+  for name in ("test_path_matches_float64_reference[pallas-", "test_path_matches_float64_reference[fused-",
+               "test_bf16_inputs[pallas]", "test_no_queries_gives_an_empty_output[pallas]",
+               "test_predictor_mode_is_causal_on_every_path[pallas]", "test_fused_path_uses_cudnn_only",
+               "test_gpu_kernels_split_head_widths_into_power_of_two_chunks"):
+    assert any(name in line for line in collected), (name, collected)
+  assert not any("pallas_tpu" in line for line in collected)
