@@ -174,7 +174,7 @@ def test_fused_path_zeroes_rows_without_keys():
 
 def test_fused_path_uses_cudnn_only_for_head_widths_it_supports():
   """cuDNN's flash attention takes 16-bit heads of a multiple of 8, at most 256 wide from Hopper on (128
-  before); other widths go to XLA instead of raising (bf16 heads of 4 raised NotImplementedError on a GPU)."""
+  before); other widths go to XLA (cuDNN refused bf16 heads of 4 on a GPU before this rule)."""
   gpu = lambda cc: types.SimpleNamespace(platform="gpu", compute_capability=cc)
   fused = lambda dtype, width, device: attn.fused_implementation(dtype, width, device)
   assert fused(jnp.bfloat16, 4, gpu("9.0")) == "xla"

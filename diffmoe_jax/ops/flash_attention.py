@@ -103,16 +103,21 @@ def _scores(q, k, visible):
   return jnp.where(visible, _contract(q, k), MASK_VALUE)
 
 
+def zeros_tile(rows: tuple, width):
+  """An fp32 zero tile `rows + (width,)`, or a tuple of chunks when width is a tuple of chunk widths."""
+  if isinstance(width, tuple):
+    return tuple(jnp.zeros(rows + (w,), jnp.float32) for w in width)
+  return jnp.zeros(rows + (width,), jnp.float32)
+
+
 def init_carry(rows: tuple, num_maps: int, dv):
   """Per map: running max, running sum `[..., bq, 1]` and unnormalised output `[..., bq, Dv]` (fp32; a
   tuple of chunks when dv is a tuple of chunk widths).
 
   Row statistics are columns (`[..., bq, 1]`) in all the block math, the layout TPU kernels keep them in.
   """
-  acc = lambda: (tuple(jnp.zeros(rows + (w,), jnp.float32) for w in dv) if isinstance(dv, tuple)
-                 else jnp.zeros(rows + (dv,), jnp.float32))
-  return tuple((jnp.full(rows + (1,), MASK_VALUE, jnp.float32), jnp.zeros(rows + (1,), jnp.float32), acc())
-               for _ in range(num_maps))
+  return tuple((jnp.full(rows + (1,), MASK_VALUE, jnp.float32), jnp.zeros(rows + (1,), jnp.float32),
+                zeros_tile(rows, dv)) for _ in range(num_maps))
 
 
 def forward_block(qs, ks, v, visible, carry):

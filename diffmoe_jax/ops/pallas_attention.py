@@ -83,13 +83,13 @@ def column_chunks(n: int) -> tuple[tuple[int, int], ...]:
   rest, chunks = -(-n // 16) * 16, []
   while rest:
     width = 1 << rest.bit_length() - 1
-    chunks.append((sum(w for _, w in chunks), width))
+    chunks.append((sum(_widths(chunks)), width))
     rest -= width
   return tuple(chunks)
 
 
-def _width(chunks) -> int:
-  return sum(w for _, w in chunks)
+def _widths(chunks) -> tuple[int, ...]:
+  return tuple(w for _, w in chunks)
 
 
 def _load(ref, chunks, *index):
@@ -100,10 +100,6 @@ def _load(ref, chunks, *index):
 def _store(ref, chunks, tile, *index):
   for (offset, width), part in zip(chunks, tile):
     ref[(*index, pl.ds(offset, width))] = part
-
-
-def _zeros(rows: int, chunks):
-  return tuple(jnp.zeros((rows, w), jnp.float32) for _, w in chunks)
 
 
 def _forward_kernel(key_blocks_ref, q_ref, k_ref, v_ref, q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref,
@@ -119,7 +115,7 @@ def _forward_kernel(key_blocks_ref, q_ref, k_ref, v_ref, q_pos_ref, q_seg_ref, k
     return fa.forward_block(qs, ks, _load(v_ref, v_chunks, keys), visible, carry)
 
   carry = lax.fori_loop(0, jnp.max(key_blocks_ref[...]), key_step,
-                        fa.init_carry((block_q,), num_maps, tuple(w for _, w in v_chunks)))
+                        fa.init_carry((block_q,), num_maps, _widths(v_chunks)))
   outs, lses = fa.finalize(carry)
   for j in range(num_maps):
     _store(out_ref, v_chunks, outs[j], j, slice(None))
@@ -142,7 +138,7 @@ def _dq_kernel(key_blocks_ref, q_ref, k_ref, v_ref, g_ref, w_ref, lse_ref, delta
                                     want_dkv=False)
     return jax.tree.map(jnp.add, dq, tuple(grads))
 
-  zeros = tuple(_zeros(block_q, d_chunks) for _ in range(num_maps))
+  zeros = tuple(fa.zeros_tile((block_q,), _widths(d_chunks)) for _ in range(num_maps))
   dq = lax.fori_loop(0, jnp.max(key_blocks_ref[...]), key_step, zeros)
   for j in range(num_maps):
     _store(dq_ref, d_chunks, dq[j], j, slice(None))
@@ -165,7 +161,8 @@ def _dkv_kernel(first_query_ref, q_ref, k_ref, v_ref, g_ref, w_ref, lse_ref, del
         per_map(w_ref), per_map(lse_ref), per_map(delta_ref), visible, want_dq=False)
     return jax.tree.map(jnp.add, carry, (tuple(dk_blk), dv_blk))
 
-  zeros = (tuple(_zeros(block_k, d_chunks) for _ in range(num_maps)), _zeros(block_k, v_chunks))
+  zeros = (tuple(fa.zeros_tile((block_k,), _widths(d_chunks)) for _ in range(num_maps)),
+           fa.zeros_tile((block_k,), _widths(v_chunks)))
   dk, dv = lax.fori_loop(jnp.max(first_query_ref[...]), q_ref.shape[1] // block_q, query_step, zeros)
   for j in range(num_maps):
     _store(dk_ref, d_chunks, dk[j], j, slice(None))
@@ -177,7 +174,7 @@ def forward(q, k, v, masks, causal, block_q, block_k, *, interpret: bool):
   b, h, num_maps, t, d = q.shape
   s, dv = k.shape[3], v.shape[-1]
   chunks = dict(d_chunks=column_chunks(d), v_chunks=column_chunks(dv))
-  dp, dvp = _width(chunks["d_chunks"]), _width(chunks["v_chunks"])
+  dp, dvp = sum(_widths(chunks["d_chunks"])), sum(_widths(chunks["v_chunks"]))
   block_q, block_k = register_blocks(block_q, block_k, num_maps, dp, dvp)
   specs = _specs(block_q, block_k, t, s, num_maps, dp, dvp, query_blocked=True)
   _, _, last_key, _ = fa.block_bounds(masks, block_q, block_k, causal)
@@ -200,7 +197,7 @@ def backward(q, k, v, w, g, lse, delta, masks, causal, block_q, block_k, *, inte
   b, h, num_maps, t, d = q.shape
   s, dv = k.shape[3], v.shape[-1]
   chunks = dict(d_chunks=column_chunks(d), v_chunks=column_chunks(dv))
-  dp, dvp = _width(chunks["d_chunks"]), _width(chunks["v_chunks"])
+  dp, dvp = sum(_widths(chunks["d_chunks"])), sum(_widths(chunks["v_chunks"]))
   block_q, block_k = register_blocks(block_q, block_k, num_maps, dp, dvp)
   _, _, last_key, first_query = fa.block_bounds(masks, block_q, block_k, causal)
   args = (pad_last(q, dp), pad_last(k, dp), pad_last(v, dvp), pad_last(g, dvp), w, lse, delta, *masks)
