@@ -170,6 +170,12 @@ def bench_train(args: argparse.Namespace) -> None:
   config = config_lib.load_file(args.config)
   if args.layers:
     config.model.num_layers = args.layers
+  if args.remat_policy:
+    config.model.update(remat_policy=args.remat_policy, remat_save_names=tuple(args.remat_save_names))
+  if args.attention_impl:
+    config.model.attention_impl = args.attention_impl
+  if args.max_seq_len:
+    config.model.max_seq_len = args.max_seq_len
   curriculum = Curriculum(config)
   phase = next(p for p in curriculum.phases if p.name == args.phase)
   phase = dataclasses.replace(phase, batch_size=args.batch or phase.batch_size, seq_len=args.seq_len or phase.seq_len)
@@ -206,7 +212,8 @@ def bench_train(args: argparse.Namespace) -> None:
   tokens_per_second = tokens / step_seconds
   print(f"config {args.config} ({config.model.num_layers} layers, {config.model.dtype}), phase {phase.name}: "
         f"seq_len {phase.seq_len}, batch {phase.batch_size}, MoD "
-        f"{settings.mod_mode} {settings.mod_capacity:.3f}, remat {config.model.remat_policy}, {args.steps} steps")
+        f"{settings.mod_mode} {settings.mod_capacity:.3f}, attention {config.model.attention_impl}, remat "
+        f"{' '.join((config.model.remat_policy,) + tuple(config.model.remat_save_names))}, {args.steps} steps")
   print(f"train step  {1e3 * step_seconds:8.1f} ms  {tokens_per_second:10,.0f} tokens/s  "
         f"{flops / 1e6:.2f} MFLOP/token (3x forward)")
   where = ("this host's measured fp32 matmul rate" if jax.default_backend() == "cpu" else
@@ -286,6 +293,14 @@ def main(argv: list[str] | None = None) -> None:
                      help="model.num_layers for the run (0: the config's), e.g. a PI-P-shaped 4-layer stack")
   train.add_argument("--batch", type=NON_NEGATIVE, default=0, help="sequences per step (0: the phase's)")
   train.add_argument("--seq-len", type=NON_NEGATIVE, default=0, help="tokens per sequence (0: the phase's)")
+  train.add_argument("--max-seq-len", type=NON_NEGATIVE, default=0,
+                     help="model.max_seq_len for the run (0: the config's), to time a longer context")
+  train.add_argument("--attention-impl", choices=config_lib.ATTENTION_IMPLS,
+                     help="model.attention_impl (default: the config's)")
+  train.add_argument("--remat-policy", choices=config_lib.REMAT_POLICIES, help="model.remat_policy (default: "
+                     "the config's)")
+  train.add_argument("--remat-save-names", nargs="+", default=(), choices=config_lib.CHECKPOINT_NAMES,
+                     help="model.remat_save_names, with --remat-policy save_names")
   train.set_defaults(run=bench_train)
 
   from diffmoe_jax import bench_attention, bench_expert_parallel  # bench_expert_parallel needs several devices
@@ -298,10 +313,13 @@ def main(argv: list[str] | None = None) -> None:
   if args.command == "moe" and args.top_k > args.experts:
     parser.error(f"argument --top-k: {args.top_k} exceeds --experts ({args.experts})")
   if args.command == "train" and args.seq_len:
-    context = config_lib.load_file(args.config).model.max_seq_len
+    context = args.max_seq_len or config_lib.load_file(args.config).model.max_seq_len
     if args.seq_len > context:
-      parser.error(f"argument --seq-len: {args.seq_len} exceeds the context of {context} (model.max_seq_len "
-                   f"of {args.config})")
+      source = ("--max-seq-len" if args.max_seq_len else
+                f"model.max_seq_len of {args.config}; raise it with --max-seq-len")
+      parser.error(f"argument --seq-len: {args.seq_len} exceeds the context of {context} ({source})")
+  if args.command == "train" and (args.remat_policy == "save_names") != bool(args.remat_save_names):
+    parser.error("argument --remat-save-names: give it exactly when --remat-policy is save_names")
   args.run(args)
 
 

@@ -24,7 +24,9 @@ DTYPES = ("float32", "bfloat16", "float16")
 LR_SHAPES = ("constant", "linear", "cosine")
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 # Names the model tags with `checkpoint_name`: what remat_policy="save_names" may keep.
-CHECKPOINT_NAMES = ("query_proj", "key_proj", "value_proj", "attn_out", "ffn_out")
+# "flash_residuals" (blockwise and kernel attention paths only): the per-map outputs and log-sum-exp that
+# the attention backward reads; kept, remat does not rerun the attention forward.
+CHECKPOINT_NAMES = ("query_proj", "key_proj", "value_proj", "attn_out", "ffn_out", "flash_residuals")
 # The logical axis names the model uses; `parallel.py` maps them to mesh axes through `mesh.axis_rules`.
 LOGICAL_AXES = ("batch", "length", "embed", "heads", "head_dim", "mlp", "expert", "vocab", "layers")
 

@@ -214,7 +214,8 @@ def activation_bytes(cfg: ml_collections.ConfigDict, batch: int, seq_len: int, *
                      tensor: int = 1) -> float:
   """Activation memory of one device's train step on `batch` sequences of `seq_len` tokens, in bytes.
 
-  With full remat: the residual stream saved at each scanned group, one group's working set while it is
+  With full remat (and with remat_policy="save_names", plus the named values each layer keeps): the
+  residual stream saved at each scanned group, one group's working set while it is
   recomputed for its backward pass (per layer, attention: both maps' probabilities on the explicit path;
   q, k, v, the output and one block pair per map on the blockwise and kernel paths; the expert slot
   buffers; a routed layer at `mod_capacity` (None: the model's) counts only the tokens it selects) and the
@@ -239,9 +240,26 @@ def activation_bytes(cfg: ml_collections.ConfigDict, batch: int, seq_len: int, *
   if cfg.mod.enabled:
     capacity = cfg.mod.capacity if mod_capacity is None else mod_capacity
     routed_tokens = routing.mod_capacity_tokens(capacity, t)
-  group = (size - 1) * layer(t) + layer(routed_tokens) if cfg.mod.enabled else size * layer(t)
+  per_group = lambda f: (size - 1) * f(t) + f(routed_tokens) if cfg.mod.enabled else size * f(t)
   logits = 3 * b * t * cfg.vocab_size * 4
-  return residual + (group + logits) / tensor
+  kept = groups * per_group(lambda tokens: _kept_by_remat(cfg, b, tokens, tensor))
+  return residual + kept + (per_group(layer) + logits) / tensor
+
+
+def _kept_by_remat(cfg: ml_collections.ConfigDict, b: int, tokens: int, tensor: int) -> float:
+  """Bytes a scanned layer keeps for its backward beyond the residual stream: the values named in
+  `remat_save_names` with remat_policy="save_names" (q, k, v split over heads by `tensor`; the flash
+  residuals, fp32 per-map outputs and log-sum-exp, only on the blockwise and kernel paths). Other
+  policies are counted as full remat."""
+  if cfg.remat_policy != "save_names":
+    return 0.0
+  width = b * tokens * cfg.d_model * jnp.dtype(cfg.dtype).itemsize
+  maps = 1 if cfg.attention == "standard" else 2
+  flash = attention_ops.resolve_attention_impl(cfg.attention_impl, length=tokens) in ("blockwise", "pallas")
+  sizes = {"query_proj": width / tensor, "key_proj": width / tensor, "value_proj": width / tensor,
+           "attn_out": width, "ffn_out": width,
+           "flash_residuals": maps * b * tokens * (cfg.d_model + cfg.num_heads) * 4 / tensor if flash else 0.0}
+  return sum(sizes[name] for name in cfg.remat_save_names)
 
 
 def human(x: float, unit: str = "") -> str:

@@ -87,7 +87,13 @@ def test_estimate_reports_a_bad_config_in_one_line_and_takes_new_domains():
     (["attention", "--batch", "x"], "argument --batch: 'x' is not an integer"),
     (["train", "--config", "configs/none.py"], "argument --config: there is no config file configs/none.py"),
     (["train", "--seq-len", "300"], "argument --seq-len: 300 exceeds the context of 256 (model.max_seq_len of "
-     "configs/tiny.py)"),
+     "configs/tiny.py; raise it with --max-seq-len)"),
+    (["train", "--seq-len", "300", "--max-seq-len", "288"], "argument --seq-len: 300 exceeds the context of 288 "
+     "(--max-seq-len)"),
+    (["train", "--remat-policy", "save_names"], "argument --remat-save-names: give it exactly when --remat-policy "
+     "is save_names"),
+    (["train", "--remat-save-names", "attn_out"], "argument --remat-save-names: give it exactly when "
+     "--remat-policy is save_names"),
 ])
 def test_bench_rejects_bad_arguments(argv, message, capsys):
   with pytest.raises(SystemExit) as info:

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import jax
+import ml_collections
 import pytest
 
 from diffmoe_jax import estimate, parallel
@@ -94,15 +95,15 @@ def test_state_memory_is_the_sum_of_the_trainers_shards(make_config, mesh):
   assert need["state"] == on_device
 
 
-def test_memory_estimate_agrees_with_the_compiled_train_step():
-  """PI-P's shape at test width, one sequence at 4,096 tokens (blockwise attention): the estimator's
-  gradients + activations are the compiled step's temporary memory within 25%, and it grows linearly."""
+def _compiled_temp_bytes(t: int, **model_overrides) -> tuple[int, ml_collections.ConfigDict]:
+  """PI-P's shape at test width: the compiled train step's temporary memory on one sequence of t tokens."""
   import flax.linen as nn
   import jax.numpy as jnp
   from diffmoe_jax.train import step as step_lib
   from diffmoe_jax.train.curriculum import Curriculum
   config = load("pi_p")
-  config.model.update(d_model=96, num_heads=2, head_dim=48, num_layers=4, vocab_size=512, max_seq_len=4096)
+  config.model.update(d_model=96, num_heads=2, head_dim=48, num_layers=4, vocab_size=512, max_seq_len=4096,
+                      **model_overrides)
   config.model.moe.expert_ffn_dim = 128
   model = model_lib.build_model(config.model)
   optimizer = state_lib.make_optimizer(config.optimizer)
@@ -110,11 +111,22 @@ def test_memory_estimate_agrees_with_the_compiled_train_step():
                  donate_argnums=0)
   state = jax.eval_shape(lambda r: nn.unbox(state_lib.init_fn(model, optimizer, 16)(r)), jax.random.PRNGKey(0))
   dyn = {k: jnp.float32(v) for k, v in step_lib.dynamic_settings(Curriculum(config).settings(0)).items()}
-  temps = {}
-  for t in (1024, 4096):
-    batch = {"inputs": jax.ShapeDtypeStruct((1, t), jnp.int32), "targets": jax.ShapeDtypeStruct((1, t), jnp.int32)}
-    temps[t] = step.lower(state, batch, dyn).compile().memory_analysis().temp_size_in_bytes
+  batch = {"inputs": jax.ShapeDtypeStruct((1, t), jnp.int32), "targets": jax.ShapeDtypeStruct((1, t), jnp.int32)}
+  return step.lower(state, batch, dyn).compile().memory_analysis().temp_size_in_bytes, config
+
+
+def test_memory_estimate_agrees_with_the_compiled_train_step():
+  """One sequence at 4,096 tokens (blockwise attention): the estimator's gradients + activations are the
+  compiled step's temporary memory within 25%, and it grows linearly. With remat_policy="save_names",
+  what keeping the flash residuals adds is what the estimator adds, within 25%."""
+  temp_1k, _ = _compiled_temp_bytes(1024)
+  temp, config = _compiled_temp_bytes(4096)
   gradients = 2 * estimate.state_bytes_per_device(config, {}, estimate.abstract_state(config).params)
-  estimated = gradients + estimate.activation_bytes(config.model, 1, 4096)
-  assert estimated == pytest.approx(temps[4096], rel=0.25)
-  assert temps[4096] / temps[1024] < 4.5  # four times the tokens: linear, not the explicit maps' 16x
+  activations = estimate.activation_bytes(config.model, 1, 4096)
+  assert gradients + activations == pytest.approx(temp, rel=0.25)
+  assert temp / temp_1k < 4.5  # four times the tokens: linear, not the explicit maps' 16x
+
+  temp_kept, kept_config = _compiled_temp_bytes(4096, remat_policy="save_names", remat_save_names=("flash_residuals",))
+  kept = estimate.activation_bytes(kept_config.model, 1, 4096) - activations
+  assert kept > 0
+  assert temp_kept - temp == pytest.approx(kept, rel=0.25)

@@ -188,9 +188,12 @@ def _checkpoint_names(jaxpr) -> set:
   return names
 
 
-def test_every_remat_checkpoint_name_exists_in_the_model(base):
-  cfg, model, params, _ = base
-  jaxpr = jax.make_jaxpr(lambda p: model.apply({"params": p}, _tokens(8))[0].sum())(params)
+def test_every_remat_checkpoint_name_exists_in_the_model(make_config):
+  """In the training gradient (the flash residuals are named in the attention's VJP forward), on the
+  blockwise path."""
+  cfg = make_config(attention_impl="blockwise")
+  model, variables = _init(cfg)
+  jaxpr = jax.make_jaxpr(jax.grad(lambda v: model.apply(v, _tokens(8))[0].sum()))(variables)
   assert set(config_lib.CHECKPOINT_NAMES) <= _checkpoint_names(jaxpr.jaxpr)
 
 
@@ -199,6 +202,32 @@ def test_save_names_policy_trains(make_config):
   model, variables = _init(cfg)
   grads = jax.grad(lambda v: model.apply(v, _tokens(9))[0].sum())(variables)
   assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
+
+
+def _count_pallas_calls(jaxpr, name: str) -> int:
+  count = 0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "pallas_call" and eqn.params["jaxpr"].debug_info.func_name == name:
+      count += 1
+    for value in eqn.params.values():
+      for sub in (value if isinstance(value, (list, tuple)) else [value]):
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          count += _count_pallas_calls(inner, name)
+  return count
+
+
+def test_saving_the_flash_residuals_skips_the_attention_forward_in_the_backward(make_config):
+  """Full remat reruns each attention forward kernel for the backward; keeping "flash_residuals" does not:
+  the kernel appears half as often in the gradient."""
+  counts, variables = {}, None
+  for policy, names in (("full", ()), ("save_names", ("flash_residuals",))):
+    cfg = make_config(attention_impl="pallas", remat_policy=policy, remat_save_names=names, num_layers=2)
+    model = model_lib.build_model(cfg.model)
+    variables = variables or _init(cfg)[1]
+    grad = jax.grad(lambda v, model=model: model.apply(v, _tokens(8))[0].sum())
+    counts[policy] = _count_pallas_calls(jax.make_jaxpr(grad)(variables).jaxpr, "flash_multi_map_forward")
+  assert counts["save_names"] > 0 and counts["full"] == 2 * counts["save_names"], counts
 
 
 def test_mod_off_equals_top_k_at_full_capacity(base):

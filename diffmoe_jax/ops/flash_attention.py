@@ -24,11 +24,14 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 
 # A finite stand-in for -inf: a fully masked row then gives finite values (and exact zeros after the
 # post-softmax mask) instead of NaN.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 KERNELS = ("xla", "pallas", "pallas_gpu", "pallas_tpu")
+# The checkpoint name of the custom VJP's residuals: per-map outputs and log-sum-exp.
+RESIDUALS_NAME = "flash_residuals"
 
 
 def visibility(q_pos, q_seg, kv_pos, kv_seg, kv_valid, causal: bool):
@@ -295,6 +298,9 @@ def _multi_map_attention(q, k, v, w, masks, causal, block_q, block_k, kernel):
 def _multi_map_attention_fwd(q, k, v, w, masks, causal, block_q, block_k, kernel):
   forward, _ = _drivers(kernel)
   out, lse = forward(q, k, v, masks, causal, block_q, block_k)
+  # Named so that a remat policy can keep them (`model.remat_save_names`): the backward then needs only
+  # q, k, v recomputed, not this forward pass.
+  out, lse = checkpoint_name(out, RESIDUALS_NAME), checkpoint_name(lse, RESIDUALS_NAME)
   combined = jnp.einsum("bhmtv,bhmt->bhtv", out, w).astype(v.dtype)
   return combined, (q, k, v, w, masks, out, lse)
 
