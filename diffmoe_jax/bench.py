@@ -174,6 +174,8 @@ def bench_train(args: argparse.Namespace) -> None:
     config.model.update(remat_policy=args.remat_policy, remat_save_names=tuple(args.remat_save_names))
   if args.attention_impl:
     config.model.attention_impl = args.attention_impl
+  if args.attention_gpu_backward:
+    config.model.attention_gpu_backward = args.attention_gpu_backward
   if args.max_seq_len:
     config.model.max_seq_len = args.max_seq_len
   curriculum = Curriculum(config)
@@ -212,7 +214,8 @@ def bench_train(args: argparse.Namespace) -> None:
   tokens_per_second = tokens / step_seconds
   print(f"config {args.config} ({config.model.num_layers} layers, {config.model.dtype}), phase {phase.name}: "
         f"seq_len {phase.seq_len}, batch {phase.batch_size}, MoD "
-        f"{settings.mod_mode} {settings.mod_capacity:.3f}, attention {config.model.attention_impl}, remat "
+        f"{settings.mod_mode} {settings.mod_capacity:.3f}, attention {config.model.attention_impl} (GPU backward "
+        f"{config.model.attention_gpu_backward}), remat "
         f"{' '.join((config.model.remat_policy,) + tuple(config.model.remat_save_names))}, {args.steps} steps")
   print(f"train step  {1e3 * step_seconds:8.1f} ms  {tokens_per_second:10,.0f} tokens/s  "
         f"{flops / 1e6:.2f} MFLOP/token (3x forward)")
@@ -297,6 +300,8 @@ def main(argv: list[str] | None = None) -> None:
                      help="model.max_seq_len for the run (0: the config's), to time a longer context")
   train.add_argument("--attention-impl", choices=config_lib.ATTENTION_IMPLS,
                      help="model.attention_impl (default: the config's)")
+  train.add_argument("--attention-gpu-backward", choices=config_lib.GPU_BACKWARDS,
+                     help="model.attention_gpu_backward (default: the config's)")
   train.add_argument("--remat-policy", choices=config_lib.REMAT_POLICIES, help="model.remat_policy (default: "
                      "the config's)")
   train.add_argument("--remat-save-names", nargs="+", default=(), choices=config_lib.CHECKPOINT_NAMES,

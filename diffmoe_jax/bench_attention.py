@@ -36,8 +36,9 @@ def add_parser(commands) -> None:
   attention.add_argument("--lengths", type=POSITIVE, nargs="*", default=(512, 1024, 2048, 4096, 8192),
                          help="lengths of the per-implementation sweep (none: skip it)")
   attention.add_argument("--impls", nargs="+", default=("explicit", "blockwise"),
-                         choices=attention_ops.IMPLEMENTATIONS + BASELINES,
-                         help="implementations of differential attention and flash baselines to sweep")
+                         choices=attention_ops.IMPLEMENTATIONS + tuple(VARIANTS) + BASELINES,
+                         help="implementations of differential attention (pallas_one_pass: the GPU kernels with "
+                         "the one-pass backward) and flash baselines to sweep")
   attention.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                          help="q, k, v dtype of the sweep")
   attention.add_argument("--sweep-batch", type=POSITIVE, default=1)
@@ -85,6 +86,7 @@ def _attention_layer_ratio(args, config) -> None:
 
 
 BASELINES = ("four_flash_calls", "standard_flash")
+VARIANTS = {"pallas_one_pass": dict(implementation="pallas", gpu_backward="one_pass")}
 
 
 def _flash_baseline(name: str, q, k, v, lam):
@@ -125,8 +127,8 @@ def _attention_length_sweep(args, config) -> None:
       def attend(q, k, v, lam, impl=impl):
         if impl in BASELINES:
           return _flash_baseline(impl, q, k, v, lam)
-        return attention_ops.differential_attention(q, k, v, lam, implementation=impl, block_q=args.block,
-                                                    block_k=args.block)
+        options = VARIANTS.get(impl, dict(implementation=impl))
+        return attention_ops.differential_attention(q, k, v, lam, block_q=args.block, block_k=args.block, **options)
       loss = lambda q, k, v, lam, attend=attend: jnp.sum(attend(q, k, v, lam).astype(jnp.float32) * v)
       forward = jax.jit(attend).lower(q, k, v, lam).compile()
       both = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3))).lower(q, k, v, lam).compile()

@@ -19,6 +19,7 @@ ROUTE_FROM = ("attention_input", "ffn_input")
 EXPERT_PARALLEL = ("auto", "off", "all_to_all", "gather", "ragged")
 DROPLESS_IMPLS = ("auto", "ragged", "padded")
 ATTENTION_IMPLS = ("auto", "explicit", "xla", "blockwise", "pallas", "pallas_gpu", "pallas_tpu", "fused")
+GPU_BACKWARDS = ("two_pass", "one_pass")  # flash_attention.GPU_BACKWARDS (this module imports no jax)
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_names")
 DTYPES = ("float32", "bfloat16", "float16")
 LR_SHAPES = ("constant", "linear", "cosine")
@@ -74,6 +75,9 @@ def defaults() -> ml_collections.ConfigDict:
   m.attention_impl = "auto"
   m.attention_block_q = 0  # query / key block of "blockwise" and "pallas"; 0: 128 on GPU/TPU, 512 on CPU
   m.attention_block_k = 0
+  # How the GPU kernels' backward computes dq: "two_pass" (its own kernel, deterministic) or "one_pass"
+  # (atomic adds in the dk/dv kernel: fewer FLOPs, nondeterministic); see README "Differential attention".
+  m.attention_gpu_backward = "two_pass"
   m.scan_layers = True
   m.remat_policy = "full"
   m.remat_save_names = ()  # with remat_policy="save_names": checkpoint names kept, e.g. ("attn_out",)
@@ -232,7 +236,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _require(0.0 <= constant < 1.0, "model.lambda_init", f"a constant λ_init must lie in [0, 1), got {constant}.")
   _require(m.ffn in FFNS, "model.ffn", f"{m.ffn!r} is not one of {FFNS}.")
   for field, allowed in (("dtype", DTYPES), ("param_dtype", DTYPES), ("attention_impl", ATTENTION_IMPLS),
-                         ("remat_policy", REMAT_POLICIES)):
+                         ("attention_gpu_backward", GPU_BACKWARDS), ("remat_policy", REMAT_POLICIES)):
     _require(m[field] in allowed, f"model.{field}", f"{m[field]!r} is not one of {allowed}.")
   for field in ("attention_block_q", "attention_block_k"):
     _require(isinstance(m[field], int) and m[field] >= 0 and m[field] & (m[field] - 1) == 0, f"model.{field}",

@@ -27,9 +27,13 @@ kernel_tests="(reference or bf16 or no_queries or causal_on_every_path or cudnn)
 step kernel_tests 120 env JAX_PLATFORMS=cuda python3 -m pytest -q -p no:cacheprovider tests/test_flash_attention.py \
   -k "($kernel_tests and not pallas_tpu) or power_of_two_chunks"
 step attention 120 python3 -m diffmoe_jax.bench attention --config=configs/pi_p.py --no-layer-ratio \
-  --dtype=bfloat16 --impls pallas fused four_flash_calls standard_flash --lengths 2048 4096 8192 16384
+  --dtype=bfloat16 --impls pallas pallas_one_pass fused four_flash_calls standard_flash --lengths 2048 4096 8192 16384
 step train_pi_p 90 python3 -m diffmoe_jax.bench train --config=configs/pi_p.py --layers 4 --seq-len 4096 \
   --batch 1 --steps 5 --data-batches 20
+# The same stack keeping the flash residuals through remat, with the one-pass attention backward.
+step train_pi_p_fast 90 python3 -m diffmoe_jax.bench train --config=configs/pi_p.py --layers 4 --seq-len 4096 \
+  --batch 1 --steps 5 --data-batches 20 --remat-policy save_names --remat-save-names flash_residuals \
+  --attention-gpu-backward one_pass
 step moe 45 python3 -m diffmoe_jax.bench moe --dtype bfloat16 --variants dropless-padded dropless-ragged \
   --batch 2 --seq-len 4096 --d-model 2592 --ffn-dim 6912 --experts 4 --top-k 2
 step moe_9_experts 45 python3 -m diffmoe_jax.bench moe --dtype bfloat16 --variants dropless-padded dropless-ragged \

@@ -13,6 +13,7 @@ from diffmoe_jax.nn import model as model_lib
 from diffmoe_jax.ops import attention as attn
 
 PATHS = ("explicit", "blockwise", "pallas", "pallas_tpu", "fused")  # "pallas": the GPU layout, interpreted
+ONE_PASS = "pallas_one_pass"  # the GPU layout with model.attention_gpu_backward = "one_pass"
 BLOCK = 16  # small blocks, so every case spans several query and key blocks
 
 
@@ -103,6 +104,8 @@ def _run(path, q, k, v, lam, g, masks, dtype=jnp.float32):
   """Our output and gradients w.r.t. (q, k, v, lam) for cotangent g."""
   def f(q, k, v, lam):
     common = dict(implementation=path, block_q=BLOCK, block_k=BLOCK, **masks)
+    if path == ONE_PASS:
+      common.update(implementation="pallas", gpu_backward="one_pass")
     if lam is None:
       return attn.standard_attention(q[:, :, :, 0], k[:, :, :, 0], v, **common)
     return attn.differential_attention(q, k, v, lam, **common)
@@ -112,7 +115,7 @@ def _run(path, q, k, v, lam, g, masks, dtype=jnp.float32):
 
 
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", PATHS + (ONE_PASS,))
 def test_path_matches_float64_reference(path, case):
   q, k, v, lam, g, masks, visible = _case(case)
   b, t, h = q.shape[:3]
@@ -190,6 +193,8 @@ def test_bad_implementation_and_segment_ids_raise():
   q, k, v, lam, _, masks, _ = _case("per_token_lam")
   with pytest.raises(ValueError, match="implementation must be one of"):
     attn.differential_attention(q, k, v, lam, implementation="flash")
+  with pytest.raises(ValueError, match="gpu_backward must be one of"):
+    attn.differential_attention(q, k, v, lam, implementation="pallas", gpu_backward="atomic")
   with pytest.raises(ValueError, match="segment ids"):
     attn.differential_attention(q[:, :1], k, v, lam[:, :1], q_segment_ids=np.zeros((2, 1), np.int32))
 
@@ -253,7 +258,8 @@ def test_predictor_mode_is_causal_on_every_path(predictor_model, path):
 
 
 @pytest.mark.parametrize("field, value, match", [("attention_impl", "flash", "attention_impl"),
-                                                 ("attention_block_q", 100, "power of two")])
+                                                 ("attention_block_q", 100, "power of two"),
+                                                 ("attention_gpu_backward", "atomic", "attention_gpu_backward")])
 def test_bad_attention_config_raises(make_config, field, value, match):
   cfg = make_config(**{field: value})
   with pytest.raises(config_lib.ConfigError, match=match):
@@ -342,27 +348,33 @@ def test_model_with_the_pallas_kernel_on_a_mesh_equals_one_device(predictor_mode
   np.testing.assert_allclose(np.asarray(logits["pallas"]), np.asarray(logits["explicit"]), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("platform, kernel_call", [("cuda", "__gpu$xla.gpu.triton"), ("tpu", "@tpu_custom_call")])
-def test_pallas_kernels_lower_for_gpu_through_triton_and_for_tpu_through_mosaic(platform, kernel_call):
+@pytest.mark.parametrize("platform, kernel_call, gpu_backward", [("cuda", "__gpu$xla.gpu.triton", "two_pass"),
+                                                                 ("cuda", "__gpu$xla.gpu.triton", "one_pass"),
+                                                                 ("tpu", "@tpu_custom_call", "one_pass")])
+def test_pallas_kernels_lower_for_gpu_through_triton_and_for_tpu_through_mosaic(platform, kernel_call, gpu_backward):
   """Lowered for each accelerator from this host: forward, dq and dk/dv are that platform's kernels at
   a long context in bf16, for both maps and one; on TPU the key-block-grid layout. Left to its default,
   Pallas lowers for GPU through Mosaic GPU, which copies the whole-sequence K/V blocks into shared
   memory and refuses at any useful length ("exceeds available shared memory"). PI-P's head widths, so the
-  GPU kernels run on column chunks (72 as 64 + 16)."""
+  GPU kernels run on column chunks (72 as 64 + 16). The one-pass GPU backward is one kernel (dq by atomic
+  adds); the TPU backward is two passes whatever is asked."""
   b, t, h, d = 1, 4096, 2, 72
 
   def loss(q, k, v, lam):
-    differential = attn.differential_attention(q, k, v, lam, implementation="pallas", block_q=128, block_k=128)
-    standard = attn.standard_attention(q[:, :, :, 0], k[:, :, :, 0], v, implementation="pallas", block_q=128,
-                                       block_k=128)
+    common = dict(implementation="pallas", block_q=128, block_k=128, gpu_backward=gpu_backward)
+    differential = attn.differential_attention(q, k, v, lam, **common)
+    standard = attn.standard_attention(q[:, :, :, 0], k[:, :, :, 0], v, **common)
     return jnp.sum(differential.astype(jnp.float32)) + jnp.sum(standard.astype(jnp.float32))
 
   args = (jax.ShapeDtypeStruct((b, t, h, 2, d), jnp.bfloat16), jax.ShapeDtypeStruct((b, t, h, 2, d), jnp.bfloat16),
           jax.ShapeDtypeStruct((b, t, h, 2 * d), jnp.bfloat16), jax.ShapeDtypeStruct((b, t, h), jnp.float32))
   text = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).trace(*args).lower(lowering_platforms=(platform,)).as_text()
   calls = [line for line in text.splitlines() if "stablehlo.custom_call" in line]
-  assert sum(kernel_call in line for line in calls) == 6, calls  # 3 kernels x 2 attentions
+  kernels = 2 if platform == "cuda" and gpu_backward == "one_pass" else 3
+  assert sum(kernel_call in line for line in calls) == 2 * kernels, calls  # per attention: fwd, (dq,) dk/dv
   assert not any("mosaic_gpu" in line for line in calls)
+  if platform == "cuda":
+    assert ("flash_multi_map_dkv_dq" in text) == (gpu_backward == "one_pass")
   if platform == "tpu":
     assert all(f"flash_multi_map_{name}_tpu" in text for name in ("forward", "dq", "dkv"))
 

@@ -30,6 +30,10 @@ from jax.ad_checkpoint import checkpoint_name
 # post-softmax mask) instead of NaN.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 KERNELS = ("xla", "pallas", "pallas_gpu", "pallas_tpu")
+# How the GPU kernels' backward computes dq: "two_pass", a second kernel over key blocks that recomputes
+# the scores (FlashAttention-2's Triton layout); "one_pass", in the dk/dv kernel, added into an fp32 dq
+# with atomic adds (its CUDA layout: 29% fewer backward FLOPs at PI-P's heads, nondeterministic summation order).
+GPU_BACKWARDS = ("two_pass", "one_pass")
 # The checkpoint name of the custom VJP's residuals: per-map outputs and log-sum-exp.
 RESIDUALS_NAME = "flash_residuals"
 
@@ -264,14 +268,16 @@ def pad_last(x, width: int):
   return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, width - x.shape[-1])])
 
 
-def _pallas_stage(kernel: str, stage: str):
+def _pallas_stage(kernel: str, stage: str, gpu_backward: str):
   """The Pallas `stage` ("forward" / "backward"), lowered for the platform being compiled for
   (`lax.platform_dependent`, so lowering for another platform than the host's picks that platform's):
   "pallas" runs the GPU kernels through Triton on GPU, the TPU kernels through Mosaic on TPU and the GPU
   kernels interpreted elsewhere; "pallas_gpu" / "pallas_tpu" run one layout, interpreted off its
-  accelerator (how the tests check both on CPU)."""
+  accelerator (how the tests check both on CPU). The TPU backward is always two passes (no atomics)."""
   from diffmoe_jax.ops import pallas_attention, pallas_tpu_attention
   gpu, tpu = getattr(pallas_attention, stage), getattr(pallas_tpu_attention, stage)
+  if stage == "backward":
+    gpu = functools.partial(gpu, one_pass=gpu_backward == "one_pass")
 
   def run(*args):
     arrays, static = args[:-3], args[-3:]  # (..., causal, block_q, block_k)
@@ -284,19 +290,19 @@ def _pallas_stage(kernel: str, stage: str):
   return run
 
 
-def _drivers(kernel: str):
+def _drivers(kernel: str, gpu_backward: str):
   if kernel == "xla":
-    return xla_forward, xla_backward
-  return _pallas_stage(kernel, "forward"), _pallas_stage(kernel, "backward")
+    return xla_forward, xla_backward  # one pass: dq accumulates in place
+  return _pallas_stage(kernel, "forward", gpu_backward), _pallas_stage(kernel, "backward", gpu_backward)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
-def _multi_map_attention(q, k, v, w, masks, causal, block_q, block_k, kernel):
-  return _multi_map_attention_fwd(q, k, v, w, masks, causal, block_q, block_k, kernel)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
+def _multi_map_attention(q, k, v, w, masks, causal, block_q, block_k, kernel, gpu_backward):
+  return _multi_map_attention_fwd(q, k, v, w, masks, causal, block_q, block_k, kernel, gpu_backward)[0]
 
 
-def _multi_map_attention_fwd(q, k, v, w, masks, causal, block_q, block_k, kernel):
-  forward, _ = _drivers(kernel)
+def _multi_map_attention_fwd(q, k, v, w, masks, causal, block_q, block_k, kernel, gpu_backward):
+  forward, _ = _drivers(kernel, gpu_backward)
   out, lse = forward(q, k, v, masks, causal, block_q, block_k)
   # Named so that a remat policy can keep them (`model.remat_save_names`): the backward then needs only
   # q, k, v recomputed, not this forward pass.
@@ -305,9 +311,9 @@ def _multi_map_attention_fwd(q, k, v, w, masks, causal, block_q, block_k, kernel
   return combined, (q, k, v, w, masks, out, lse)
 
 
-def _multi_map_attention_bwd(causal, block_q, block_k, kernel, residuals, g):
+def _multi_map_attention_bwd(causal, block_q, block_k, kernel, gpu_backward, residuals, g):
   q, k, v, w, masks, out, lse = residuals
-  _, backward = _drivers(kernel)
+  _, backward = _drivers(kernel, gpu_backward)
   delta = jnp.einsum("bhmtv,bhtv->bhmt", out, g.astype(jnp.float32))  # δ_m = g·o_m, also dw_m
   dq, dk, dv = backward(q, k, v, w, g, lse, delta, masks, causal, block_q, block_k)
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), delta, tuple(None for _ in masks)
@@ -335,17 +341,19 @@ def block_sizes(t: int, s: int, block_q: int, block_k: int, kernel: str) -> tupl
 
 def flash_attention(q, k, v, weights, *, q_positions, kv_positions, causal: bool = True, kv_mask=None,
                     q_segment_ids=None, kv_segment_ids=None, block_q: int = 512, block_k: int = 512,
-                    kernel: str = "xla"):
+                    kernel: str = "xla", gpu_backward: str = "two_pass"):
   """`Σ_m weights_m · softmax(q_m k_mᵀ + mask) v` with O(T·block) memory.
 
   q: `[B, T, H, M, D]` already scaled, k: `[B, S, H, M, D]`, v: `[B, S, H, Dv]`, weights: `[B, T, H, M]`;
   positions `[B, T]` / `[B, S]` integers; kv_mask `[B, S]` bool; segment ids `[B, T]` / `[B, S]`
   (a query sees only keys of its own segment). Returns `[B, T, H, Dv]` in v's dtype. kernel: "xla"
   (blockwise loops, any backend) or "pallas" (kernels on GPU and TPU, interpreted elsewhere; see
-  `_pallas_stage` for "pallas_gpu" / "pallas_tpu").
+  `_pallas_stage` for "pallas_gpu" / "pallas_tpu"). gpu_backward: one of GPU_BACKWARDS, for the GPU kernels.
   """
   if kernel not in KERNELS:
     raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}.")
+  if gpu_backward not in GPU_BACKWARDS:
+    raise ValueError(f"gpu_backward must be one of {GPU_BACKWARDS}, got {gpu_backward!r}.")
   batch, t, heads, num_maps, _ = q.shape
   s = k.shape[1]
   if t == 0:  # no queries (a skipped MoD block's shape-only call): nothing to compute
@@ -362,5 +370,6 @@ def flash_attention(q, k, v, weights, *, q_positions, kv_positions, causal: bool
   k_internal = pad_to(jnp.transpose(k, (0, 2, 3, 1, 4)), bk, 3)
   v_internal = pad_to(jnp.transpose(v, (0, 2, 1, 3)), bk, 2)
   w_internal = pad_to(jnp.transpose(jnp.asarray(weights, jnp.float32), (0, 2, 3, 1)), bq, 3)
-  out = _multi_map_attention(q_internal, k_internal, v_internal, w_internal, masks, causal, bq, bk, kernel)
+  out = _multi_map_attention(q_internal, k_internal, v_internal, w_internal, masks, causal, bq, bk, kernel,
+                             gpu_backward)
   return jnp.transpose(out[:, :, :t], (0, 2, 1, 3))

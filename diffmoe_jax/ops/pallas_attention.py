@@ -145,8 +145,11 @@ def _dq_kernel(key_blocks_ref, q_ref, k_ref, v_ref, g_ref, w_ref, lse_ref, delta
 
 
 def _dkv_kernel(first_query_ref, q_ref, k_ref, v_ref, g_ref, w_ref, lse_ref, delta_ref, q_pos_ref, q_seg_ref,
-                kv_pos_ref, kv_seg_ref, kv_valid_ref, dk_ref, dv_ref, *, causal: bool, block_q: int, d_chunks,
-                v_chunks):
+                kv_pos_ref, kv_seg_ref, kv_valid_ref, *out_refs, causal: bool, block_q: int, d_chunks, v_chunks,
+                one_pass: bool):
+  """dk, dv of one key block; with one_pass also each query block's dq share, added atomically into dq
+  (out_refs: the zeros aliased as dq, then dk, dv, dq)."""
+  dk_ref, dv_ref, dq_ref = out_refs[1:] if one_pass else (*out_refs, None)
   num_maps, block_k, _ = k_ref.shape
   ks = [_load(k_ref, d_chunks, m, slice(None)) for m in range(num_maps)]
   v = _load(v_ref, v_chunks, slice(None))
@@ -156,9 +159,12 @@ def _dkv_kernel(first_query_ref, q_ref, k_ref, v_ref, g_ref, w_ref, lse_ref, del
     rows = pl.ds(i * block_q, block_q)
     visible = fa.block_visibility(q_pos_ref[rows], q_seg_ref[rows], kv_pos, kv_seg, kv_valid, causal)
     per_map = lambda ref: [ref[m, rows][:, None] for m in range(num_maps)]
-    _, dk_blk, dv_blk = fa.backward_block(
+    dq_blk, dk_blk, dv_blk = fa.backward_block(
         [_load(q_ref, d_chunks, m, rows) for m in range(num_maps)], ks, v, _load(g_ref, v_chunks, rows),
-        per_map(w_ref), per_map(lse_ref), per_map(delta_ref), visible, want_dq=False)
+        per_map(w_ref), per_map(lse_ref), per_map(delta_ref), visible, want_dq=one_pass)
+    for m in range(num_maps if one_pass else 0):
+      for (offset, width), part in zip(d_chunks, dq_blk[m]):
+        pl_triton.atomic_add(dq_ref, (jnp.int32(m), rows, pl.ds(offset, width)), part)
     return jax.tree.map(jnp.add, carry, (tuple(dk_blk), dv_blk))
 
   zeros = (tuple(fa.zeros_tile((block_k,), _widths(d_chunks)) for _ in range(num_maps)),
@@ -192,8 +198,9 @@ def forward(q, k, v, masks, causal, block_q, block_k, *, interpret: bool):
   return out[..., :dv], lse
 
 
-def backward(q, k, v, w, g, lse, delta, masks, causal, block_q, block_k, *, interpret: bool):
-  """dq, dk, dv (fp32), as `fa.xla_backward`."""
+def backward(q, k, v, w, g, lse, delta, masks, causal, block_q, block_k, *, interpret: bool, one_pass: bool):
+  """dq, dk, dv (fp32), as `fa.xla_backward`: dq from its own kernel, or (one_pass) from the dk/dv kernel's
+  atomic adds (`fa.GPU_BACKWARDS`)."""
   b, h, num_maps, t, d = q.shape
   s, dv = k.shape[3], v.shape[-1]
   chunks = dict(d_chunks=column_chunks(d), v_chunks=column_chunks(dv))
@@ -203,24 +210,32 @@ def backward(q, k, v, w, g, lse, delta, masks, causal, block_q, block_k, *, inte
   args = (pad_last(q, dp), pad_last(k, dp), pad_last(v, dvp), pad_last(g, dvp), w, lse, delta, *masks)
   names = ("q", "k", "v", "g", "stats", "stats", "stats", "q_mask", "q_mask", "k_mask", "k_mask", "k_mask")
 
-  by_query = _specs(block_q, block_k, t, s, num_maps, dp, dvp, query_blocked=True)
-  dq = _pallas_call(
-      functools.partial(_dq_kernel, causal=causal, block_k=block_k, **chunks), interpret, block_q,
-      grid=(b, h, t // block_q),
-      in_specs=[by_query[n] for n in ("bound",) + names],
-      out_specs=by_query["q"],
-      out_shape=jax.ShapeDtypeStruct((b, h, num_maps, t, dp), jnp.float32),
-      name="flash_multi_map_dq",
-  )(last_key + 1, *args)
+  dq_shape = jax.ShapeDtypeStruct((b, h, num_maps, t, dp), jnp.float32)
 
   by_key = _specs(block_q, block_k, t, s, num_maps, dp, dvp, query_blocked=False)
-  dk, dv_out = _pallas_call(
-      functools.partial(_dkv_kernel, causal=causal, block_q=block_q, **chunks), interpret, block_k,
+  dq_spec = [by_key["q"]] if one_pass else []  # every program adds into its (b, h)'s whole dq
+  outputs = _pallas_call(
+      functools.partial(_dkv_kernel, causal=causal, block_q=block_q, one_pass=one_pass, **chunks), interpret,
+      block_k,
       grid=(b, h, s // block_k),
-      in_specs=[by_key[n] for n in ("bound",) + names],
-      out_specs=[by_key["k"], by_key["v"]],
+      in_specs=[by_key[n] for n in ("bound",) + names] + dq_spec,
+      out_specs=[by_key["k"], by_key["v"]] + dq_spec,
       out_shape=[jax.ShapeDtypeStruct((b, h, num_maps, s, dp), jnp.float32),
-                 jax.ShapeDtypeStruct((b, h, s, dvp), jnp.float32)],
-      name="flash_multi_map_dkv",
-  )(first_query, *args)
+                 jax.ShapeDtypeStruct((b, h, s, dvp), jnp.float32)] + ([dq_shape] if one_pass else []),
+      input_output_aliases={len(names) + 1: 2} if one_pass else {},
+      name="flash_multi_map_dkv_dq" if one_pass else "flash_multi_map_dkv",
+  )(first_query, *args, *([jnp.zeros(dq_shape.shape, jnp.float32)] if one_pass else []))
+  dk, dv_out = outputs[:2]
+  if one_pass:
+    dq = outputs[2]
+  else:
+    by_query = _specs(block_q, block_k, t, s, num_maps, dp, dvp, query_blocked=True)
+    dq = _pallas_call(
+        functools.partial(_dq_kernel, causal=causal, block_k=block_k, **chunks), interpret, block_q,
+        grid=(b, h, t // block_q),
+        in_specs=[by_query[n] for n in ("bound",) + names],
+        out_specs=by_query["q"],
+        out_shape=dq_shape,
+        name="flash_multi_map_dq",
+    )(last_key + 1, *args)
   return dq[..., :d], dk[..., :d], dv_out[..., :dv]
