@@ -15,6 +15,8 @@ Subcommands:
              all-to-all bytes (bench_expert_parallel.py).
   generate   prefill and decode tokens/s with the KV cache, and decode with mixture-of-depths skipping
              against masking rejected tokens (bench_generate.py).
+  kernels    each GPU attention kernel alone over launch settings: rows, loop step, warps, pipeline
+             stages (bench_kernels.py).
 """
 from __future__ import annotations
 
@@ -311,8 +313,9 @@ def main(argv: list[str] | None = None) -> None:
   from diffmoe_jax import bench_attention, bench_expert_parallel  # bench_expert_parallel needs several devices
   bench_attention.add_parser(commands)
   bench_expert_parallel.add_parser(commands)
-  from diffmoe_jax import bench_generate
+  from diffmoe_jax import bench_generate, bench_kernels
   bench_generate.add_parser(commands)
+  bench_kernels.add_parser(commands)
 
   args = parser.parse_args(argv)
   if args.command == "moe" and args.top_k > args.experts:
@@ -323,6 +326,8 @@ def main(argv: list[str] | None = None) -> None:
       source = ("--max-seq-len" if args.max_seq_len else
                 f"model.max_seq_len of {args.config}; raise it with --max-seq-len")
       parser.error(f"argument --seq-len: {args.seq_len} exceeds the context of {context} ({source})")
+  if args.command == "kernels":
+    bench_kernels.check_args(args, parser)
   if args.command == "train" and (args.remat_policy == "save_names") != bool(args.remat_save_names):
     parser.error("argument --remat-save-names: give it exactly when --remat-policy is save_names")
   args.run(args)

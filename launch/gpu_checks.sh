@@ -28,6 +28,9 @@ step kernel_tests 120 env JAX_PLATFORMS=cuda python3 -m pytest -q -p no:cachepro
   -k "($kernel_tests and not pallas_tpu) or power_of_two_chunks"
 step attention 120 python3 -m diffmoe_jax.bench attention --config=configs/pi_p.py --no-layer-ratio \
   --dtype=bfloat16 --impls pallas pallas_one_pass fused four_flash_calls standard_flash --lengths 2048 4096 8192 16384
+# Each backward kernel alone over launch settings (rows per program, loop step, warps; two stages).
+step kernels 150 python3 -m diffmoe_jax.bench kernels --config=configs/pi_p.py --seq-len 8192 \
+  --kernels dq dkv dkv_dq --rows 32 64 128 --steps 32 64 --warps 4 8 --stages 2 --budget-s 120
 step train_pi_p 90 python3 -m diffmoe_jax.bench train --config=configs/pi_p.py --layers 4 --seq-len 4096 \
   --batch 1 --steps 5 --data-batches 20
 # The same stack keeping the flash residuals through remat, with the one-pass attention backward.

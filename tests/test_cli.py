@@ -90,6 +90,8 @@ def test_estimate_reports_a_bad_config_in_one_line_and_takes_new_domains():
      "configs/tiny.py; raise it with --max-seq-len)"),
     (["train", "--seq-len", "300", "--max-seq-len", "288"], "argument --seq-len: 300 exceeds the context of 288 "
      "(--max-seq-len)"),
+    (["kernels", "--rows", "24"], "argument --rows: 24 must be a power of two of at least 16 that divides "
+     "--seq-len (8192)"),
     (["train", "--remat-policy", "save_names"], "argument --remat-save-names: give it exactly when --remat-policy "
      "is save_names"),
     (["train", "--remat-save-names", "attn_out"], "argument --remat-save-names: give it exactly when "

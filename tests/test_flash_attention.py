@@ -482,3 +482,42 @@ def test_gpu_blocks_keep_accumulators_within_the_register_budget(num_maps, d, dv
   assert num_maps * bq * max(d, dv) <= 32768 or bq == 16
   assert (num_maps * d + dv) * bk <= 32768 or bk == 16
   assert bq == 128 or num_maps * 2 * bq * max(d, dv) > 32768  # not halved further than needed
+
+
+def test_gpu_kernels_take_a_launch_per_kernel():
+  """Each kernel with its own blocks (forward 16 x 32, dq 32 x 16, dk/dv 16 x 32, and the one-pass
+  kernel) equals the XLA driver, and a launch that does not tile the sequence is refused by name."""
+  from diffmoe_jax.ops import flash_attention as fa, pallas_attention as pa
+  rng = np.random.default_rng(5)
+  b, h, m, t, d, dv = 1, 2, 2, 64, 8, 16
+  q, k = (jnp.asarray(rng.normal(size=(b, h, m, t, d)), jnp.float32) for _ in range(2))
+  v, g = (jnp.asarray(rng.normal(size=(b, h, t, dv)), jnp.float32) for _ in range(2))
+  w = jnp.asarray(rng.uniform(-1, 1, (b, h, m, t)), jnp.float32)
+  positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  masks = (positions, jnp.zeros((b, t), jnp.int32), positions, jnp.zeros((b, t), jnp.int32),
+           jnp.ones((b, t), jnp.int32))
+  want_out, lse = fa.xla_forward(q, k, v, masks, True, 16, 16)
+  delta = jnp.einsum("bhmtv,bhtv->bhmt", want_out, g)
+  want = fa.xla_backward(q, k, v, w, g, lse, delta, masks, True, 16, 16)
+  out, _ = pa.forward(q, k, v, masks, True, 0, 0, interpret=True, launches={"forward": pa.Launch(16, 32, 4)})
+  np.testing.assert_allclose(out, want_out, rtol=1e-5, atol=1e-6)
+  launches = {"dq": pa.Launch(32, 16, 4), "dkv": pa.Launch(16, 32, 4)}
+  for one_pass in (False, True):
+    got = pa.backward(q, k, v, w, g, lse, delta, masks, True, 0, 0, interpret=True, one_pass=one_pass,
+                      launches=launches)
+    for name, ours, ref in zip(("dq", "dk", "dv"), got, want):
+      np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5, err_msg=f"{name}, one_pass={one_pass}")
+  with pytest.raises(ValueError, match="the dq kernel's launch rows=48 must be a power of two"):
+    pa.dq(q, k, v, w, g, lse, delta, masks, True, pa.Launch(48, 16, 4), interpret=True)
+
+
+def test_kernel_benchmark_runs_and_checks_its_settings(capsys):
+  """`bench kernels` (interpreted here) times each setting and compares it with the default launch."""
+  from diffmoe_jax import bench
+  bench.main(["kernels", "--config", "configs/tiny.py", "--seq-len", "32", "--kernels", "dq", "--rows", "16",
+              "--steps", "16", "--warps", "4", "--stages", "2", "--reps", "1"])
+  lines = capsys.readouterr().out.splitlines()
+  rows = [line for line in lines if line.startswith("dq ") and "ms" in line and "best" not in line]
+  assert len(rows) == 2 and "(default)" in rows[0], lines  # the default (32, 32) and (16, 16)
+  assert float(rows[1].split("vs default")[1].split()[0]) < 1e-2, rows
+  assert any(line.startswith("dq      best") for line in lines), lines

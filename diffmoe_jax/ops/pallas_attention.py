@@ -24,6 +24,7 @@ a loop step touches.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -49,9 +50,26 @@ def register_blocks(block_q: int, block_k: int, num_maps: int, d: int, dv: int) 
   return fit(block_q, num_maps * max(d, dv)), fit(block_k, num_maps * d + dv)
 
 
-def _pallas_call(kernel, interpret: bool, rows: int, **spec):
-  """A Triton kernel whose programs accumulate over `rows` rows: 16 rows per warp, 4 to 8 warps."""
-  params = pl_triton.CompilerParams(num_warps=min(8, max(4, rows // 16)), num_stages=2)
+class Launch(NamedTuple):
+  """How one kernel runs: rows per program (queries for the forward and dq, keys for dk/dv), rows of the
+  other side per loop step, warps, and Triton's software-pipeline stages."""
+  rows: int
+  step: int
+  num_warps: int
+  num_stages: int = 2
+
+
+def default_launches(block_q: int, block_k: int, num_maps: int, d: int, dv: int) -> dict[str, Launch]:
+  """Each kernel's launch ("forward", "dq", "dkv"; the one-pass backward uses "dkv") for the blocks asked
+  for, at padded widths d and dv: `register_blocks`, one warp per 16 rows of a program (4 to 8), two
+  stages. `python -m diffmoe_jax.bench kernels` times the alternatives on a GPU."""
+  bq, bk = register_blocks(block_q, block_k, num_maps, d, dv)
+  warps = lambda rows: min(8, max(4, rows // 16))
+  return {"forward": Launch(bq, bk, warps(bq)), "dq": Launch(bq, bk, warps(bq)), "dkv": Launch(bk, bq, warps(bk))}
+
+
+def _pallas_call(kernel, interpret: bool, launch: Launch, **spec):
+  params = pl_triton.CompilerParams(num_warps=launch.num_warps, num_stages=launch.num_stages)
   return pl.pallas_call(kernel, compiler_params=None if interpret else params, interpret=interpret, **spec)
 
 
@@ -175,17 +193,32 @@ def _dkv_kernel(first_query_ref, q_ref, k_ref, v_ref, g_ref, w_ref, lse_ref, del
   _store(dv_ref, v_chunks, dv, slice(None))
 
 
-def forward(q, k, v, masks, causal, block_q, block_k, *, interpret: bool):
-  """Per-map outputs `[B, H, M, T, Dv]` (fp32) and log-sum-exp `[B, H, M, T]`, as `fa.xla_forward`."""
+def _padded_chunks(d: int, dv: int):
+  chunks = dict(d_chunks=column_chunks(d), v_chunks=column_chunks(dv))
+  return chunks, sum(_widths(chunks["d_chunks"])), sum(_widths(chunks["v_chunks"]))
+
+
+def _blocks(launch: Launch, kernel: str, rows: int, steps: int) -> tuple[int, int]:
+  """(rows, step) of `launch`, checked to tile `rows` program rows and `steps` loop rows."""
+  for name, block, length in (("rows", launch.rows, rows), ("step", launch.step, steps)):
+    if block < 16 or block & (block - 1) or length % block:
+      raise ValueError(f"the {kernel} kernel's launch {name}={block} must be a power of two of at least 16 "
+                       f"that divides {length}.")
+  return launch.rows, launch.step
+
+
+def forward(q, k, v, masks, causal, block_q, block_k, *, interpret: bool, launches=None):
+  """Per-map outputs `[B, H, M, T, Dv]` (fp32) and log-sum-exp `[B, H, M, T]`, as `fa.xla_forward`.
+  launches: `{"forward": Launch}` instead of `default_launches(block_q, block_k, ...)`."""
   b, h, num_maps, t, d = q.shape
   s, dv = k.shape[3], v.shape[-1]
-  chunks = dict(d_chunks=column_chunks(d), v_chunks=column_chunks(dv))
-  dp, dvp = sum(_widths(chunks["d_chunks"])), sum(_widths(chunks["v_chunks"]))
-  block_q, block_k = register_blocks(block_q, block_k, num_maps, dp, dvp)
+  chunks, dp, dvp = _padded_chunks(d, dv)
+  launch = (launches or default_launches(block_q, block_k, num_maps, dp, dvp))["forward"]
+  block_q, block_k = _blocks(launch, "forward", t, s)
   specs = _specs(block_q, block_k, t, s, num_maps, dp, dvp, query_blocked=True)
   _, _, last_key, _ = fa.block_bounds(masks, block_q, block_k, causal)
   out, lse = _pallas_call(
-      functools.partial(_forward_kernel, causal=causal, block_k=block_k, **chunks), interpret, block_q,
+      functools.partial(_forward_kernel, causal=causal, block_k=block_k, **chunks), interpret, launch,
       grid=(b, h, t // block_q),
       in_specs=[specs["bound"], specs["q"], specs["k"], specs["v"], specs["q_mask"], specs["q_mask"], specs["k_mask"],
                 specs["k_mask"], specs["k_mask"]],
@@ -198,44 +231,67 @@ def forward(q, k, v, masks, causal, block_q, block_k, *, interpret: bool):
   return out[..., :dv], lse
 
 
-def backward(q, k, v, w, g, lse, delta, masks, causal, block_q, block_k, *, interpret: bool, one_pass: bool):
-  """dq, dk, dv (fp32), as `fa.xla_backward`: dq from its own kernel, or (one_pass) from the dk/dv kernel's
-  atomic adds (`fa.GPU_BACKWARDS`)."""
+_BACKWARD_OPERANDS = ("q", "k", "v", "g", "stats", "stats", "stats", "q_mask", "q_mask", "k_mask", "k_mask",
+                      "k_mask")
+
+
+def _backward_operands(q, k, v, w, g, lse, delta, masks, dp: int, dvp: int) -> tuple:
+  return (pad_last(q, dp), pad_last(k, dp), pad_last(v, dvp), pad_last(g, dvp), w, lse, delta, *masks)
+
+
+def dkv(q, k, v, w, g, lse, delta, masks, causal, launch: Launch, *, interpret: bool, one_pass: bool):
+  """dk, dv (fp32) from the key-blocked kernel; with one_pass also dq, added in atomically (else None)."""
   b, h, num_maps, t, d = q.shape
   s, dv = k.shape[3], v.shape[-1]
-  chunks = dict(d_chunks=column_chunks(d), v_chunks=column_chunks(dv))
-  dp, dvp = sum(_widths(chunks["d_chunks"])), sum(_widths(chunks["v_chunks"]))
-  block_q, block_k = register_blocks(block_q, block_k, num_maps, dp, dvp)
-  _, _, last_key, first_query = fa.block_bounds(masks, block_q, block_k, causal)
-  args = (pad_last(q, dp), pad_last(k, dp), pad_last(v, dvp), pad_last(g, dvp), w, lse, delta, *masks)
-  names = ("q", "k", "v", "g", "stats", "stats", "stats", "q_mask", "q_mask", "k_mask", "k_mask", "k_mask")
-
-  dq_shape = jax.ShapeDtypeStruct((b, h, num_maps, t, dp), jnp.float32)
-
-  by_key = _specs(block_q, block_k, t, s, num_maps, dp, dvp, query_blocked=False)
-  dq_spec = [by_key["q"]] if one_pass else []  # every program adds into its (b, h)'s whole dq
+  chunks, dp, dvp = _padded_chunks(d, dv)
+  block_k, block_q = _blocks(launch, "dk/dv", s, t)
+  first_query = fa.block_bounds(masks, block_q, block_k, causal)[3]
+  specs = _specs(block_q, block_k, t, s, num_maps, dp, dvp, query_blocked=False)
+  dq_spec = [specs["q"]] if one_pass else []  # every program adds into its (b, h)'s whole dq
+  dq_shape = (b, h, num_maps, t, dp)
   outputs = _pallas_call(
       functools.partial(_dkv_kernel, causal=causal, block_q=block_q, one_pass=one_pass, **chunks), interpret,
-      block_k,
+      launch,
       grid=(b, h, s // block_k),
-      in_specs=[by_key[n] for n in ("bound",) + names] + dq_spec,
-      out_specs=[by_key["k"], by_key["v"]] + dq_spec,
+      in_specs=[specs[n] for n in ("bound",) + _BACKWARD_OPERANDS] + dq_spec,
+      out_specs=[specs["k"], specs["v"]] + dq_spec,
       out_shape=[jax.ShapeDtypeStruct((b, h, num_maps, s, dp), jnp.float32),
-                 jax.ShapeDtypeStruct((b, h, s, dvp), jnp.float32)] + ([dq_shape] if one_pass else []),
-      input_output_aliases={len(names) + 1: 2} if one_pass else {},
+                 jax.ShapeDtypeStruct((b, h, s, dvp), jnp.float32)]
+                + ([jax.ShapeDtypeStruct(dq_shape, jnp.float32)] if one_pass else []),
+      input_output_aliases={len(_BACKWARD_OPERANDS) + 1: 2} if one_pass else {},
       name="flash_multi_map_dkv_dq" if one_pass else "flash_multi_map_dkv",
-  )(first_query, *args, *([jnp.zeros(dq_shape.shape, jnp.float32)] if one_pass else []))
-  dk, dv_out = outputs[:2]
-  if one_pass:
-    dq = outputs[2]
-  else:
-    by_query = _specs(block_q, block_k, t, s, num_maps, dp, dvp, query_blocked=True)
-    dq = _pallas_call(
-        functools.partial(_dq_kernel, causal=causal, block_k=block_k, **chunks), interpret, block_q,
-        grid=(b, h, t // block_q),
-        in_specs=[by_query[n] for n in ("bound",) + names],
-        out_specs=by_query["q"],
-        out_shape=dq_shape,
-        name="flash_multi_map_dq",
-    )(last_key + 1, *args)
-  return dq[..., :d], dk[..., :d], dv_out[..., :dv]
+  )(first_query, *_backward_operands(q, k, v, w, g, lse, delta, masks, dp, dvp),
+    *([jnp.zeros(dq_shape, jnp.float32)] if one_pass else []))
+  return outputs[2][..., :d] if one_pass else None, outputs[0][..., :d], outputs[1][..., :dv]
+
+
+def dq(q, k, v, w, g, lse, delta, masks, causal, launch: Launch, *, interpret: bool):
+  """dq (fp32) from the query-blocked kernel."""
+  b, h, num_maps, t, d = q.shape
+  s, dv = k.shape[3], v.shape[-1]
+  chunks, dp, dvp = _padded_chunks(d, dv)
+  block_q, block_k = _blocks(launch, "dq", t, s)
+  last_key = fa.block_bounds(masks, block_q, block_k, causal)[2]
+  specs = _specs(block_q, block_k, t, s, num_maps, dp, dvp, query_blocked=True)
+  out = _pallas_call(
+      functools.partial(_dq_kernel, causal=causal, block_k=block_k, **chunks), interpret, launch,
+      grid=(b, h, t // block_q),
+      in_specs=[specs[n] for n in ("bound",) + _BACKWARD_OPERANDS],
+      out_specs=specs["q"],
+      out_shape=jax.ShapeDtypeStruct((b, h, num_maps, t, dp), jnp.float32),
+      name="flash_multi_map_dq",
+  )(last_key + 1, *_backward_operands(q, k, v, w, g, lse, delta, masks, dp, dvp))
+  return out[..., :d]
+
+
+def backward(q, k, v, w, g, lse, delta, masks, causal, block_q, block_k, *, interpret: bool, one_pass: bool,
+             launches=None):
+  """dq, dk, dv (fp32), as `fa.xla_backward`: dq from its own kernel, or (one_pass) from the dk/dv kernel's
+  atomic adds (`fa.GPU_BACKWARDS`). launches: `{"dq": Launch, "dkv": Launch}` instead of the defaults."""
+  operands = (q, k, v, w, g, lse, delta, masks, causal)
+  _, dp, dvp = _padded_chunks(q.shape[-1], v.shape[-1])
+  launches = launches or default_launches(block_q, block_k, q.shape[2], dp, dvp)
+  dq_out, dk, dv_out = dkv(*operands, launches["dkv"], interpret=interpret, one_pass=one_pass)
+  if not one_pass:
+    dq_out = dq(*operands, launches["dq"], interpret=interpret)
+  return dq_out, dk, dv_out
