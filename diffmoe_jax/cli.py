@@ -21,12 +21,10 @@ from ml_collections import config_flags
 
 from diffmoe_jax import config as config_lib
 
-# Dicts whose keys are the user's to choose: a new key on the command line adds an entry.
-OPEN_DICTS = ("data.domains", "curriculum.*.domain_weights")
 
 
 def define_config_flag(default: str | None, help_string: str) -> flags.FlagHolder:
-  """The --config flag (new keys accepted; `parse_flags` admits them only in OPEN_DICTS)."""
+  """The --config flag (new keys accepted; `parse_flags` admits them only in config.OPEN_DICTS)."""
   return config_flags.DEFINE_config_file("config", default, help_string, lock_config=False,
                                          accept_new_attributes=True)
 
@@ -89,7 +87,7 @@ def _unknown_field(config, path: str) -> str | None:
     if "[" in part or not hasattr(node, "keys"):
       return None  # indexing and non-dict values are left to the flag parser
     if part not in node:
-      if any(fnmatch.fnmatchcase(parent, d) for d in OPEN_DICTS) and i == len(parts) - 1:
+      if any(fnmatch.fnmatchcase(parent, d) for d in config_lib.OPEN_DICTS) and i == len(parts) - 1:
         return None
       siblings = list(node.keys())
       close = _closest(config, parent, part)

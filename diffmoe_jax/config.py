@@ -5,6 +5,7 @@ turns a bad config into a `ConfigError` naming the field and the fix, before any
 """
 from __future__ import annotations
 
+import fnmatch
 import importlib.util
 import math
 
@@ -28,6 +29,8 @@ MESH_AXES = ("data", "fsdp", "expert", "tensor")
 # "flash_residuals" (blockwise and kernel attention paths only): the per-map outputs and log-sum-exp that
 # the attention backward reads; kept, remat does not rerun the attention forward.
 CHECKPOINT_NAMES = ("query_proj", "key_proj", "value_proj", "attn_out", "ffn_out", "flash_residuals")
+# Dicts whose keys are the user's to choose: a new key on the command line adds an entry.
+OPEN_DICTS = ("data.domains", "curriculum.*.domain_weights")
 # The logical axis names the model uses; `parallel.py` maps them to mesh axes through `mesh.axis_rules`.
 LOGICAL_AXES = ("batch", "length", "embed", "heads", "head_dim", "mlp", "expert", "vocab", "layers")
 
@@ -176,6 +179,27 @@ def defaults() -> ml_collections.ConfigDict:
       ("layers", None),
   )
   return c
+
+
+def with_defaults(saved: dict) -> tuple[ml_collections.ConfigDict, list[str]]:
+  """A config saved by an earlier version as a ConfigDict, with the fields added to `defaults()` since then
+  at their defaults, and the dotted paths of those fields (to be reported: the saved run did not set them).
+  """
+  added = []
+
+  def merge(default: dict, values: dict, prefix: str) -> dict:
+    out = dict(values)
+    for key, value in default.items():
+      path = prefix + key
+      if key not in values:
+        added.append(path)
+        out[key] = value
+      elif (isinstance(value, dict) and isinstance(values[key], dict)
+            and not any(fnmatch.fnmatchcase(path, d) for d in OPEN_DICTS)):  # the user's keys stay as saved
+        out[key] = merge(value, values[key], path + ".")
+    return out
+
+  return ml_collections.ConfigDict(merge(defaults().to_dict(), saved, "")), added
 
 
 def _phase(**overrides) -> ml_collections.ConfigDict:

@@ -44,7 +44,7 @@ def restore_params(workdir: str, config=None, step: int | None = None):
   Raises CheckpointError when there is none or it cannot be restored, ConfigError when `config` does not
   match the saved one. Reads only: nothing in the workdir changes.
   """
-  import ml_collections
+  from absl import logging
   from diffmoe_jax import config as config_lib, parallel
   from diffmoe_jax.nn import model as model_lib
   from diffmoe_jax.train import checkpoint, resume, state as state_lib
@@ -67,7 +67,11 @@ def restore_params(workdir: str, config=None, step: int | None = None):
     if config is None:
       raise checkpoint.CheckpointError(f"{e} Pass the run's config with --config.") from None
     saved_config = None
-  config = ml_collections.ConfigDict(saved_config) if config is None else config
+  if saved_config is not None:  # fields added to the code since the save take their defaults
+    saved_config, added = config_lib.with_defaults(saved_config)
+    if added:
+      logging.warning("The config saved at step %d predates %s; using their defaults.", step, ", ".join(added))
+  config = saved_config if config is None else config
   config_lib.validate(config)
   model = model_lib.build_model(config.model)
   mesh, rules = parallel.make_mesh(config.mesh), parallel.axis_rules(config.mesh)

@@ -82,3 +82,14 @@ def test_odd_head_count_is_fine_without_tensor_parallelism():
   c = load("pi_s")
   c.mesh.shape.tensor = 3
   config_lib.validate(c)
+
+
+def test_with_defaults_fills_fields_a_saved_config_lacks_and_keeps_the_users_dicts():
+  saved = load("tiny").to_dict()
+  del saved["model"]["attention_gpu_backward"], saved["train"]["log_every"]
+  saved["data"]["domains"] = {"web": "files:/data/*.txt"}  # the user's keys: nothing is added to them
+  config, added = config_lib.with_defaults(saved)
+  assert sorted(added) == ["model.attention_gpu_backward", "train.log_every"]
+  assert config.model.attention_gpu_backward == "two_pass"
+  assert config.train.log_every == config_lib.defaults().train.log_every
+  assert dict(config.data.domains) == {"web": "files:/data/*.txt"} and config.model.d_model == 288

@@ -105,3 +105,19 @@ def test_cli_bad_input_is_one_line(workdir, tmp_path):
                            *SHORT_RUN, "--config.model.d_model=24", "--config.model.head_dim=12"),
                    "another shape", "model.d_model 48 -> 24")
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == checkpoints  # nothing lost
+
+
+def test_a_config_saved_before_fields_were_added_still_restores(workdir, tmp_path):
+  """A run saved by an earlier version of the code lacks the config fields added since: they take their
+  defaults (and are named in a warning) instead of failing the restore; the saved files stay as they are."""
+  import shutil
+  old = tmp_path / "old_run"
+  shutil.copytree(workdir, old)
+  saved = old / "checkpoints" / "4" / "config" / "metadata"  # the JSON Orbax wrote
+  config = json.loads(saved.read_text())
+  del config["model"]["attention_gpu_backward"]
+  saved.write_text(json.dumps(config))
+  restored, _, step = evaluate_lib.restore_params(str(old))
+  assert step == 4 and restored.model.attention_gpu_backward == "two_pass"
+  assert not resume.differences(restored, short_run_config())
+  assert "attention_gpu_backward" not in json.loads(saved.read_text())["model"]
