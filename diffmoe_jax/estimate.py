@@ -246,6 +246,11 @@ def activation_bytes(cfg: ml_collections.ConfigDict, batch: int, seq_len: int, *
   return residual + kept + (per_group(layer) + logits) / tensor
 
 
+# The remat policies whose activations `activation_bytes` models; the others keep more and are counted
+# as full remat.
+MODELED_REMAT_POLICIES = ("full", "save_names")
+
+
 def _kept_by_remat(cfg: ml_collections.ConfigDict, b: int, tokens: int, tensor: int) -> float:
   """Bytes a scanned layer keeps for its backward beyond the residual stream: the values named in
   `remat_save_names` with remat_policy="save_names" (q, k, v split over heads by `tensor`; the flash

@@ -48,7 +48,12 @@ def _available_bytes_per_device() -> float:
 
 
 def check_memory(config, mesh_shape: dict) -> dict:
+  from absl import logging
   from diffmoe_jax import estimate
+  if config.model.remat_policy not in estimate.MODELED_REMAT_POLICIES:
+    logging.warning("The memory check counts activations as under model.remat_policy='full'; with %r they are "
+                    "larger and not modeled, so this run may still run out of device memory.",
+                    config.model.remat_policy)
   need = estimate.training_memory_per_device(config, mesh_shape)
   have = _available_bytes_per_device()
   if need["total"] > config.train.memory_headroom * have:

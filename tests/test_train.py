@@ -244,6 +244,15 @@ def test_too_large_config_stops_before_allocating(monkeypatch):
     main_lib.check_memory(config, {"data": 1, "fsdp": 8, "expert": 1, "tensor": 1})
 
 
+def test_memory_check_warns_for_a_remat_policy_it_does_not_model(caplog):
+  config = load_config()
+  for policy, warned in (("full", False), ("none", True)):
+    config.model.remat_policy = policy
+    caplog.clear()
+    main_lib.check_memory(config, {"data": 1, "fsdp": 1, "expert": 1, "tensor": 1})
+    assert ("may still run out of device memory" in caplog.text) == warned, (policy, caplog.text)
+
+
 def test_vocabulary_smaller_than_the_tokenizer(tmp_path):
   config = load_config()
   config.model.vocab_size = 100
