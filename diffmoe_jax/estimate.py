@@ -242,7 +242,8 @@ def activation_bytes(cfg: ml_collections.ConfigDict, batch: int, seq_len: int, *
     routed_tokens = routing.mod_capacity_tokens(capacity, t)
   per_group = lambda f: (size - 1) * f(t) + f(routed_tokens) if cfg.mod.enabled else size * f(t)
   logits = 3 * b * t * cfg.vocab_size * 4
-  kept = groups * per_group(lambda tokens: _kept_by_remat(cfg, b, tokens, tensor))
+  kept = groups * per_group(lambda tokens: _kept_by_remat(cfg, b, tokens, tensor)) + tail * _kept_by_remat(
+      cfg, b, t, tensor)
   return residual + kept + (per_group(layer) + logits) / tensor
 
 
@@ -252,7 +253,7 @@ MODELED_REMAT_POLICIES = ("full", "save_names")
 
 
 def _kept_by_remat(cfg: ml_collections.ConfigDict, b: int, tokens: int, tensor: int) -> float:
-  """Bytes a scanned layer keeps for its backward beyond the residual stream: the values named in
+  """Bytes a layer keeps for its backward beyond the residual stream: the values named in
   `remat_save_names` with remat_policy="save_names" (q, k, v split over heads by `tensor`; the flash
   residuals, fp32 per-map outputs and log-sum-exp, only on the blockwise and kernel paths). Other
   policies are counted as full remat."""

@@ -226,7 +226,7 @@ def test_saving_the_flash_residuals_skips_the_attention_forward_in_the_backward(
   for mesh_shape in (None, dict(data=4, tensor=2)):
     counts, variables = {}, None
     for policy, names in (("full", ()), ("save_names", ("flash_residuals",))):
-      cfg = make_config(attention_impl="pallas", remat_policy=policy, remat_save_names=names, num_layers=2)
+      cfg = make_config(attention_impl="pallas", remat_policy=policy, remat_save_names=names, num_layers=3)
       model = model_lib.build_model(cfg.model)
       variables = variables or nn.unbox(_init(cfg)[1])
       grad = jax.jit(jax.grad(lambda v, model=model: model.apply(v, tokens)[0].sum()))

@@ -175,7 +175,7 @@ def routed_layer_indices(cfg) -> list[int]:
   return [g * size + size - 1 for g in range(groups)] if cfg.mod.enabled else []
 
 
-def _remat(cls, cfg):
+def _remat(cls, cfg, *, scanned: bool):
   if cfg.remat_policy == "none":
     return cls
   if cfg.remat_policy == "save_names":
@@ -183,7 +183,7 @@ def _remat(cls, cfg):
   else:
     policy = _REMAT_POLICIES[cfg.remat_policy]
   # Inside a scan the loop already stops XLA from merging the recomputation away.
-  return nn.remat(cls, policy=policy, prevent_cse=not cfg.scan_layers)
+  return nn.remat(cls, policy=policy, prevent_cse=not scanned)
 
 
 class Transformer(nn.Module):
@@ -216,7 +216,7 @@ class Transformer(nn.Module):
     size, groups, tail = layer_layout(cfg)
     group_args = dict(config=cfg, size=size, routed_last=cfg.mod.enabled, train=train, mod_mode=mod_mode,
                       mod_capacity=cfg.mod.capacity if mod_capacity is None else mod_capacity, mod_skip=mod_skip)
-    group_cls = _remat(LayerGroup, cfg)
+    group_cls = _remat(LayerGroup, cfg, scanned=cfg.scan_layers)
     if cfg.scan_layers:
       scanned = nn.scan(group_cls, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True, "noise": True},
                         in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=groups,
@@ -229,9 +229,9 @@ class Transformer(nn.Module):
         x, stats = group_cls(**group_args, name=f"group_{g}")(x, jnp.asarray(g), positions, noise_std,
                                                               segment_ids)
         per_layer.append(stats)
+    tail_cls = _remat(FullLayer, cfg, scanned=False)  # the layers after the last whole group
     for i in range(tail):
-      x, stats = FullLayer(cfg, train, name=f"tail_{i}")(x, positions, groups * size + i, noise_std,
-                                                         segment_ids)
+      x, stats = tail_cls(cfg, train, name=f"tail_{i}")(x, positions, groups * size + i, noise_std, segment_ids)
       per_layer.append(jax.tree.map(lambda a: a[None], stats))
     stats = jax.tree.map(lambda *a: jnp.concatenate(a), *per_layer)
 

@@ -199,11 +199,12 @@ def _padded_chunks(d: int, dv: int):
 
 
 def _blocks(launch: Launch, kernel: str, rows: int, steps: int) -> tuple[int, int]:
-  """(rows, step) of `launch`, checked to tile `rows` program rows and `steps` loop rows."""
+  """(rows, step) of `launch`, checked to tile `rows` program rows and `steps` loop rows (Triton's dots
+  further need at least 16; interpreted, smaller blocks run)."""
   for name, block, length in (("rows", launch.rows, rows), ("step", launch.step, steps)):
-    if block < 16 or block & (block - 1) or length % block:
-      raise ValueError(f"the {kernel} kernel's launch {name}={block} must be a power of two of at least 16 "
-                       f"that divides {length}.")
+    if block < 1 or block & (block - 1) or length % block:
+      raise ValueError(f"the {kernel} kernel's launch {name}={block} must be a power of two that divides "
+                       f"{length}.")
   return launch.rows, launch.step
 
 
