@@ -13,8 +13,9 @@ from test_evaluate import short_run_workdir
 
 @pytest.fixture(scope="module")
 def model_and_params(make_config):
-  """MoD (predictor-routed, every other layer) and a dropless MoE with expert-conditional λ, context 32."""
-  config = make_config(max_seq_len=32)
+  """MoD (predictor-routed, every other layer) and a dropless MoE with expert-conditional λ, context 32;
+  five layers, so a trailing full layer follows the two groups (as PI-P's 27th does)."""
+  config = make_config(max_seq_len=32, num_layers=5)
   assert config.model.mod.enabled and config.model.ffn == "moe" and config.model.moe.eval_dispatch == "dropless"
   model = model_lib.build_model(config.model)
   params = model.init({"params": jax.random.PRNGKey(0), "noise": jax.random.PRNGKey(1)},
