@@ -1,8 +1,10 @@
-"""Pallas kernels for `flash_attention` (forward, and the FlashAttention-2 backward as two kernels).
+"""Pallas kernels for `flash_attention`: forward, and the FlashAttention-2 backward as two kernels (dq,
+dk/dv) or as one (dk/dv adding each block's dq share atomically; `fa.GPU_BACKWARDS`).
 
 Same layouts, block math and masks as the XLA driver in `flash_attention.py`. One program per
 (batch, head, block): the forward and dq kernels hold a query block and loop over key blocks, the dk/dv
-kernel holds a key block and loops over query blocks. Every K/V block loaded serves all M maps. The
+kernel holds a key block and loops over query blocks. Each kernel's blocks, warps and pipeline stages
+are its `Launch`. Every K/V block loaded serves all M maps. The
 loops run over the live range of blocks from `flash_attention.block_bounds` (computed in XLA, one int32
 per block): key blocks up to the query block's last live one, query blocks from the key block's first
 live one, which with sorted positions stops exactly at the diagonal. The loop body has no branch, so
