@@ -153,6 +153,29 @@ def test_cache_is_keyed_by_content_and_an_interrupted_build_leaves_nothing(text_
       english(100).encode("utf-8")) == 1
 
 
+def test_both_stdlib_domains_parse_each_file_once(tmp_path, monkeypatch):
+  """Both domains need both views of every file (they split alike); the docstrings are parsed once per build."""
+  from diffmoe_jax.data import sources
+  lib = tmp_path / "lib"
+  lib.mkdir()
+  for i in range(6):
+    (lib / f"mod{i}.py").write_text(f'"""Module {i}: {english(i, 2)}"""\n\ndef f():\n  """{english(i + 9, 1)}"""\n')
+  monkeypatch.setattr(sources, "_stdlib_files", lambda field: (str(lib), tuple(sorted(map(str, lib.iterdir())))))
+  parsed = collections.Counter()
+  real_docstrings = sources.docstrings
+
+  def counting_docstrings(text, path):
+    parsed[path] += 1
+    return real_docstrings(text, path)
+
+  monkeypatch.setattr(sources, "docstrings", counting_docstrings)
+  corpus = data.build_corpus(data_config({"code": "stdlib:code", "docs": "stdlib:docs"}, val_fraction=0.3),
+                             cache_root=str(tmp_path / "cache"))
+  assert sorted(parsed.values()) == [1] * 6
+  docs = np.concatenate([corpus.tokens("docs", split) for split in ("train", "val")])
+  assert bytes(docs.astype(np.uint8)).count(b"Module ") == 6
+
+
 def test_token_dtype_widens_past_uint16():
   assert corpus_lib.token_dtype(65536) == np.uint16 and corpus_lib.token_dtype(65537) == np.uint32
 

@@ -28,7 +28,7 @@ from absl import logging
 
 from diffmoe_jax.data.errors import DataError
 from diffmoe_jax.data import split as split_lib
-from diffmoe_jax.data.sources import Skipped, Source, parse_source
+from diffmoe_jax.data.sources import Skipped, Source, parse_source, whole_text
 from diffmoe_jax.data.tokenizer import make_tokenizer
 
 FORMAT_VERSION = 2  # 2: near-duplicate files share a split (split.py); 1 split by path hash alone
@@ -114,9 +114,13 @@ def build_corpus(data_config, cache_root: str | None = None) -> Corpus:
                             or "~/.cache/diffmoe_jax")
   os.makedirs(root, exist_ok=True)
   dirs, notes = {}, {}
+  # Derived views of a file, shared by the domains of this build: both stdlib domains compute both views of
+  # every file (so they split alike), and parsing out the docstrings is most of a build's time.
+  derived_views = {}
   for name in sorted(domains):
     start = time.perf_counter()
-    dirs[name], built = _cached_domain(parse_source(name, domains[name]), tokenizer, val_fraction, root)
+    dirs[name], built = _cached_domain(parse_source(name, domains[name]), tokenizer, val_fraction, root,
+                                       derived_views)
     notes[name] = f"built in {time.perf_counter() - start:.1f} s" if built else "reused"
   corpus = Corpus(tokenizer, dirs, segment_masking=data_config.segment_masking)
   for name in corpus.domains:
@@ -134,8 +138,9 @@ def token_dtype(vocab_size: int) -> type:
   return np.uint16 if vocab_size <= 1 << 16 else np.uint32
 
 
-def _cached_domain(source: Source, tokenizer, val_fraction: float, root: str) -> tuple[str, bool]:
-  """The cache directory of one domain, and whether it had to be built."""
+def _cached_domain(source: Source, tokenizer, val_fraction: float, root: str,
+                   derived_views: dict) -> tuple[str, bool]:
+  """The cache directory of one domain, and whether it had to be built (`_write_domain`)."""
   files = []
   for path in source.files:
     stat = os.stat(path)
@@ -148,7 +153,7 @@ def _cached_domain(source: Source, tokenizer, val_fraction: float, root: str) ->
     return final, False
   tmp = tempfile.mkdtemp(prefix=f".{key}.", dir=root)
   try:
-    _write_domain(source, tokenizer, val_fraction, tmp)
+    _write_domain(source, tokenizer, val_fraction, tmp, derived_views)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
@@ -162,8 +167,11 @@ def _cached_domain(source: Source, tokenizer, val_fraction: float, root: str) ->
   return final, True
 
 
-def _write_domain(source: Source, tokenizer, val_fraction: float, out_dir: str) -> None:
-  """Tokenizes a source into `out_dir`: every document into all.bin, then by split into {train,val}.bin."""
+def _write_domain(source: Source, tokenizer, val_fraction: float, out_dir: str, derived_views: dict) -> None:
+  """Tokenizes a source into `out_dir`: every document into all.bin, then by split into {train,val}.bin.
+
+  derived_views: {(view, path): text or Skipped} of views other than the whole text, read and added to.
+  """
   dtype = token_dtype(tokenizer.vocab_size)
   skipped = collections.Counter()
   docs = []  # (relative path, first token in all.bin, number of tokens, number of bytes)
@@ -179,7 +187,7 @@ def _write_domain(source: Source, tokenizer, val_fraction: float, out_dir: str) 
         skipped[str(e)] += 1
         continue
       relpaths.append(source.relpath(path))
-      views = [_view(view, file_text, path) for view in source.views]
+      views = [_view(view, file_text, path, derived_views) for view in source.views]
       for view_sets, view_text in zip(shingle_sets, views):
         view_sets.append(shingler(view_text if isinstance(view_text, str) else ""))
       text = views[source.document_view]
@@ -241,11 +249,17 @@ def _write_domain(source: Source, tokenizer, val_fraction: float, out_dir: str) 
     json.dump(meta, f, indent=1)
 
 
-def _view(view, text: str, path: str) -> str | Skipped:
-  try:
-    return view(text, path)
-  except Skipped as e:
-    return e
+def _view(view, text: str, path: str, derived_views: dict) -> str | Skipped:
+  """A view of a file's text; a derived one is computed once per build (a whole text is not kept: a user's
+  corpus can be large)."""
+  if view is whole_text:
+    return text
+  if (view, path) not in derived_views:
+    try:
+      derived_views[view, path] = view(text, path)
+    except Skipped as e:
+      derived_views[view, path] = e
+  return derived_views[view, path]
 
 
 def _counts(tokens: np.ndarray, vocab_size: int) -> np.ndarray:
