@@ -26,7 +26,7 @@ setup(
     ],
     extras_require={
         "tokenizers": ["sentencepiece>=0.2", "tokenizers>=0.20"],
-        "test": ["pytest>=8", "sentencepiece>=0.2", "tokenizers>=0.20", "nbclient>=0.10", "nbformat>=5.10",
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "sentencepiece>=0.2", "tokenizers>=0.20", "nbclient>=0.10", "nbformat>=5.10",
                  "ipykernel>=6.29"],
     },
 )

@@ -11,10 +11,13 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_
 # JAX_PLATFORMS=cuda (or tpu) runs the single-device tests on an accelerator, e.g. the kernels' reference tests:
 # `JAX_PLATFORMS=cuda pytest tests/test_flash_attention.py -k "pallas and not pallas_tpu"`.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# One persistent compilation cache for the session, shared with the trainer subprocesses tests start, so
-# a program compiled once (same model, same shapes) is not compiled again.
-_SESSION_DIR = tempfile.mkdtemp(prefix="diffmoe_tests_")
-atexit.register(shutil.rmtree, _SESSION_DIR, ignore_errors=True)
+# One persistent compilation cache for the session, shared with the trainer subprocesses tests start and
+# with pytest-xdist's workers (they inherit the environment), so a program compiled once (same model, same
+# shapes) is not compiled again. The process that makes the directory removes it.
+_SESSION_DIR = os.environ.get("DIFFMOE_TEST_SESSION_DIR")
+if not _SESSION_DIR:
+  _SESSION_DIR = os.environ["DIFFMOE_TEST_SESSION_DIR"] = tempfile.mkdtemp(prefix="diffmoe_tests_")
+  atexit.register(shutil.rmtree, _SESSION_DIR, ignore_errors=True)
 os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(_SESSION_DIR, "xla")
 # The token cache of the built-in corpus, built once per session.
 os.environ["DIFFMOE_CACHE"] = os.path.join(_SESSION_DIR, "tokens")
