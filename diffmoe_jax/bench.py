@@ -164,6 +164,16 @@ def bench_compile(args: argparse.Namespace) -> None:
   print(f"ratio {last} / {first} layers: {seconds[last] / seconds[first]:.2f}x")
 
 
+def _gpu_launch(text: str) -> tuple[str, str]:
+  """`KERNEL=ROWS,STEP,WARPS,STAGES`, checked as `model.attention_gpu_launch.KERNEL` would be."""
+  kernel, _, launch = text.partition("=")
+  try:
+    config_lib.gpu_launches(ml_collections.ConfigDict({"attention_gpu_launch": {kernel: launch}}))
+  except config_lib.ConfigError as e:
+    raise argparse.ArgumentTypeError(str(e)) from None
+  return kernel, launch
+
+
 def bench_train(args: argparse.Namespace) -> None:
   from diffmoe_jax import data, estimate
   from diffmoe_jax.nn import model as model_lib
@@ -178,6 +188,8 @@ def bench_train(args: argparse.Namespace) -> None:
     config.model.attention_impl = args.attention_impl
   if args.attention_gpu_backward:
     config.model.attention_gpu_backward = args.attention_gpu_backward
+  for kernel, launch in args.attention_gpu_launch:
+    config.model.attention_gpu_launch[kernel] = launch
   if args.max_seq_len:
     config.model.max_seq_len = args.max_seq_len
   curriculum = Curriculum(config)
@@ -217,7 +229,8 @@ def bench_train(args: argparse.Namespace) -> None:
   print(f"config {args.config} ({config.model.num_layers} layers, {config.model.dtype}), phase {phase.name}: "
         f"seq_len {phase.seq_len}, batch {phase.batch_size}, MoD "
         f"{settings.mod_mode} {settings.mod_capacity:.3f}, attention {config.model.attention_impl} (GPU backward "
-        f"{config.model.attention_gpu_backward}), remat "
+        f"{config.model.attention_gpu_backward}, launches {dict(config_lib.gpu_launches(config.model)) or 'default'}), "
+        "remat "
         f"{' '.join((config.model.remat_policy,) + tuple(config.model.remat_save_names))}, {args.steps} steps")
   print(f"train step  {1e3 * step_seconds:8.1f} ms  {tokens_per_second:10,.0f} tokens/s  "
         f"{flops / 1e6:.2f} MFLOP/token (3x forward)")
@@ -304,6 +317,9 @@ def main(argv: list[str] | None = None) -> None:
                      help="model.attention_impl (default: the config's)")
   train.add_argument("--attention-gpu-backward", choices=config_lib.GPU_BACKWARDS,
                      help="model.attention_gpu_backward (default: the config's)")
+  train.add_argument("--attention-gpu-launch", type=_gpu_launch, nargs="+", default=(),
+                     metavar="KERNEL=ROWS,STEP,WARPS,STAGES",
+                     help="model.attention_gpu_launch.KERNEL (forward, dq, dkv), e.g. dkv=64,32,4,2")
   train.add_argument("--remat-policy", choices=config_lib.REMAT_POLICIES, help="model.remat_policy (default: "
                      "the config's)")
   train.add_argument("--remat-save-names", nargs="+", default=(), choices=config_lib.CHECKPOINT_NAMES,

@@ -3,9 +3,10 @@
 The kernels of `ops/pallas_attention.py` (forward, dq, dk/dv, and dk/dv with dq for the one-pass backward)
 at a config's heads, for every combination of rows per program, rows per loop step, warps and Triton
 pipeline stages asked for. A setting the GPU cannot run (shared memory, registers) is reported with the
-first line of its error. Each output is compared with the default launch's (`default_launches`), so a
-setting that computes something else shows. Off a GPU the kernels run interpreted: that checks the tool,
-and its times mean nothing.
+first line of its error. Each output is compared with the default launch's (the config's
+`model.attention_gpu_launch`, else `default_launches`), so a setting that computes something else shows.
+The best setting of each kernel is printed as the `bench train` flag and the config override that run it.
+Off a GPU the kernels run interpreted: that checks the tool, and its times mean nothing.
 
     python -m diffmoe_jax.bench kernels --config=configs/pi_p.py --seq-len 8192 --kernels dq dkv
 """
@@ -62,7 +63,8 @@ def _operands(config, args):
   block_q, block_k = (min(block or attention_ops.default_block_size(), t)
                       for block in (m.attention_block_q, m.attention_block_k))
   widths = [sum(w for _, w in pa.column_chunks(n)) for n in (d, dv)]
-  defaults = pa.default_launches(block_q, block_k, num_maps, *widths)
+  defaults = {**pa.default_launches(block_q, block_k, num_maps, *widths),
+              **{kernel: pa.Launch(*launch) for kernel, launch in config_lib.gpu_launches(m)}}
   dtype = jnp.dtype(args.dtype)
   keys = jax.random.split(jax.random.PRNGKey(0), 5)
   q = jax.random.normal(keys[0], (b, h, num_maps, t, d), dtype) * d**-0.5
@@ -92,8 +94,7 @@ def _kernel_fn(kernel: str, launch, operands: dict, interpret: bool):
       "dkv": lambda: pa.dkv(*backward, interpret=interpret, one_pass=False)[1:],
       "dkv_dq": lambda: pa.dkv(*backward, interpret=interpret, one_pass=True),
   }
-  compiled = jax.jit(calls[kernel]).lower().compile()
-  return lambda: compiled()
+  return jax.jit(calls[kernel]).lower().compile()
 
 
 def _max_difference(a, b) -> float:
@@ -135,5 +136,8 @@ def run(args: argparse.Namespace) -> None:
       print(f"{label}: {1e3 * timings[launch]:8.3f} ms  max |Δ| vs default {difference:.1e}{mark}", flush=True)
     if timings:
       best = min(timings, key=timings.get)
+      setting = f"{'dkv' if kernel == 'dkv_dq' else kernel}={','.join(map(str, best))}"
       print(f"{kernel:<7} best {tuple(best)}: {1e3 * timings[best]:.3f} ms; default {tuple(default)}: "
-            f"{1e3 * timings[default]:.3f} ms" if default in timings else "", flush=True)
+            + (f"{1e3 * timings[default]:.3f} ms" if default in timings else "not run")
+            + f"; --attention-gpu-launch {setting} (config: --config.model.attention_gpu_launch.{setting})",
+            flush=True)

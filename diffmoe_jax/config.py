@@ -21,6 +21,7 @@ EXPERT_PARALLEL = ("auto", "off", "all_to_all", "gather", "ragged")
 DROPLESS_IMPLS = ("auto", "ragged", "padded")
 ATTENTION_IMPLS = ("auto", "explicit", "xla", "blockwise", "pallas", "pallas_gpu", "pallas_tpu", "fused")
 GPU_BACKWARDS = ("two_pass", "one_pass")  # flash_attention.GPU_BACKWARDS (this module imports no jax)
+GPU_KERNELS = ("forward", "dq", "dkv")  # pallas_attention.default_launches' keys
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_names")
 DTYPES = ("float32", "bfloat16", "float16")
 LR_SHAPES = ("constant", "linear", "cosine")
@@ -81,6 +82,9 @@ def defaults() -> ml_collections.ConfigDict:
   # How the GPU kernels' backward computes dq: "two_pass" (its own kernel, deterministic) or "one_pass"
   # (atomic adds in the dk/dv kernel: fewer FLOPs, nondeterministic); see README "Differential attention".
   m.attention_gpu_backward = "two_pass"
+  # Per GPU kernel (the one-pass backward runs "dkv"): "rows,step,warps,stages" instead of the default
+  # launch (`pallas_attention.default_launches`), e.g. the best of `python -m diffmoe_jax.bench kernels`.
+  m.attention_gpu_launch = ml_collections.ConfigDict({kernel: "" for kernel in GPU_KERNELS})
   m.scan_layers = True
   m.remat_policy = "full"
   m.remat_save_names = ()  # with remat_policy="save_names": checkpoint names kept, e.g. ("attn_out",)
@@ -225,6 +229,27 @@ def _phase(**overrides) -> ml_collections.ConfigDict:
   return p
 
 
+def gpu_launches(model: ml_collections.ConfigDict) -> tuple[tuple[str, tuple[int, int, int, int]], ...]:
+  """The GPU kernels' launches set in `model.attention_gpu_launch`: ((kernel, (rows, step, warps, stages)),
+  ...), sorted by kernel; ConfigError for one that is not four such numbers."""
+  launches = []
+  for kernel, spec in sorted(model.attention_gpu_launch.items()):
+    field = f"model.attention_gpu_launch.{kernel}"
+    _require(kernel in GPU_KERNELS, field, f"is not a GPU kernel; set one of {GPU_KERNELS}.")
+    if spec == "":
+      continue
+    parts = str(spec).replace(" ", "").split(",")
+    _require(len(parts) == 4 and all(p.isdigit() for p in parts), field,
+             f"{spec!r} is not 'rows,step,warps,stages' (four integers, such as '64,64,4,2'), or '' for the default.")
+    rows, step, warps, stages = map(int, parts)
+    for name, value, least in (("rows", rows, 16), ("step", step, 16), ("warps", warps, 1)):  # 16: Triton's dots
+      _require(value >= least and value & (value - 1) == 0, field,
+               f"{name} = {value} in {spec!r} must be a power of two of at least {least}.")
+    _require(stages > 0, field, f"stages = {stages} in {spec!r} must be at least 1.")
+    launches.append((kernel, (rows, step, warps, stages)))
+  return tuple(launches)
+
+
 def _require(cond: bool, field: str, message: str) -> None:
   if not cond:
     raise ConfigError(f"config.{field}: {message}")
@@ -262,6 +287,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   for field, allowed in (("dtype", DTYPES), ("param_dtype", DTYPES), ("attention_impl", ATTENTION_IMPLS),
                          ("attention_gpu_backward", GPU_BACKWARDS), ("remat_policy", REMAT_POLICIES)):
     _require(m[field] in allowed, f"model.{field}", f"{m[field]!r} is not one of {allowed}.")
+  gpu_launches(m)
   for field in ("attention_block_q", "attention_block_k"):
     _require(isinstance(m[field], int) and m[field] >= 0 and m[field] & (m[field] - 1) == 0, f"model.{field}",
              f"must be 0 (per backend) or a power of two, got {m[field]!r}.")

@@ -37,6 +37,13 @@ step train_pi_p 90 python3 -m diffmoe_jax.bench train --config=configs/pi_p.py -
 step train_pi_p_fast 90 python3 -m diffmoe_jax.bench train --config=configs/pi_p.py --layers 4 --seq-len 4096 \
   --batch 1 --steps 5 --data-batches 20 --remat-policy save_names --remat-save-names flash_residuals \
   --attention-gpu-backward one_pass
+# And with the one-pass kernel's fastest launch from the sweep above, if it found one.
+tuned=$(sed -n 's/^dkv_dq .* --attention-gpu-launch \(dkv=[0-9,]*\) .*/\1/p' "$logs/kernels.log" 2>/dev/null)
+if [ -n "$tuned" ]; then
+  step train_pi_p_tuned 90 python3 -m diffmoe_jax.bench train --config=configs/pi_p.py --layers 4 --seq-len 4096 \
+    --batch 1 --steps 5 --data-batches 20 --remat-policy save_names --remat-save-names flash_residuals \
+    --attention-gpu-backward one_pass --attention-gpu-launch "$tuned"
+fi
 step moe 45 python3 -m diffmoe_jax.bench moe --dtype bfloat16 --variants dropless-padded dropless-ragged \
   --batch 2 --seq-len 4096 --d-model 2592 --ffn-dim 6912 --experts 4 --top-k 2
 step moe_9_experts 45 python3 -m diffmoe_jax.bench moe --dtype bfloat16 --variants dropless-padded dropless-ragged \

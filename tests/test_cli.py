@@ -96,6 +96,10 @@ def test_estimate_reports_a_bad_config_in_one_line_and_takes_new_domains():
      "is save_names"),
     (["train", "--remat-save-names", "attn_out"], "argument --remat-save-names: give it exactly when "
      "--remat-policy is save_names"),
+    (["train", "--attention-gpu-launch", "dkv=64,32"], "argument --attention-gpu-launch: "
+     "config.model.attention_gpu_launch.dkv: '64,32' is not 'rows,step,warps,stages'"),
+    (["train", "--attention-gpu-launch", "bwd=64,32,4,2"], "argument --attention-gpu-launch: "
+     "config.model.attention_gpu_launch.bwd: is not a GPU kernel; set one of ('forward', 'dq', 'dkv')."),
 ])
 def test_bench_rejects_bad_arguments(argv, message, capsys):
   with pytest.raises(SystemExit) as info:

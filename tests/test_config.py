@@ -1,9 +1,15 @@
 """Config files load and validate; every bad field fails with a message naming it."""
+import os
+import subprocess
+import sys
 
 import pytest
 
 from diffmoe_jax import config as config_lib
 from diffmoe_jax.config import ConfigError
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load(name):
@@ -71,10 +77,31 @@ def _bad(**fields):
      r"curriculum\.order: names 'cooldown', but curriculum\.cooldown is not defined; the phases defined are "
      r"\['anneal', 'foundation', 'long_context', 'sparsify', 'specialize', 'warmup'\]"),
     ({"curriculum.order": ("warmup", "warmup")}, r"curriculum\.order: names 'warmup' twice"),
+    ({"model.attention_gpu_launch.dkv": "64,64,4"}, r"model\.attention_gpu_launch\.dkv: '64,64,4' is not "
+     r"'rows,step,warps,stages' \(four integers, such as '64,64,4,2'\), or '' for the default"),
+    ({"model.attention_gpu_launch.dq": "64,8,4,2"},
+     r"model\.attention_gpu_launch\.dq: step = 8 in '64,8,4,2' must be a power of two of at least 16"),
+    ({"model.attention_gpu_launch.forward": "64,64,3,2"},
+     r"model\.attention_gpu_launch\.forward: warps = 3 in '64,64,3,2' must be a power of two of at least 1"),
+    ({"model.attention_gpu_launch.dkv": "64,64,4,0"}, r"stages = 0 in '64,64,4,0' must be at least 1"),
 ])
 def test_bad_fields_name_the_field(fields, message):
   with pytest.raises(ConfigError, match=message):
     config_lib.validate(_bad(**fields))
+
+
+def test_gpu_launches_parse_from_the_command_line():
+  config = _bad(**{"model.attention_gpu_launch.dkv": "32, 64,8,3", "model.attention_gpu_launch.forward": "64,64,4,2"})
+  assert config_lib.gpu_launches(config.model) == (("dkv", (32, 64, 8, 3)), ("forward", (64, 64, 4, 2)))
+  command = [sys.executable, "-m", "diffmoe_jax.estimate", "--config=configs/tiny.py"]
+  ok = subprocess.run(command + ["--config.model.attention_gpu_launch.dkv=32,64,8,3"], capture_output=True,
+                      text=True, cwd=ROOT, timeout=300)
+  assert ok.returncode == 0, ok.stderr[-2000:]
+  bad = subprocess.run(command + ["--config.model.attention_gpu_launch.dkv=32,64"], capture_output=True, text=True,
+                       cwd=ROOT, timeout=300)
+  assert bad.returncode == 1 and bad.stderr.strip() == (
+      "error: config.model.attention_gpu_launch.dkv: '32,64' is not 'rows,step,warps,stages' (four integers, "
+      "such as '64,64,4,2'), or '' for the default."), bad.stderr[-2000:]
 
 
 def test_odd_head_count_is_fine_without_tensor_parallelism():

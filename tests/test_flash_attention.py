@@ -13,7 +13,12 @@ from diffmoe_jax.nn import model as model_lib
 from diffmoe_jax.ops import attention as attn
 
 PATHS = ("explicit", "blockwise", "pallas", "pallas_tpu", "fused")  # "pallas": the GPU layout, interpreted
-ONE_PASS = "pallas_one_pass"  # the GPU layout with model.attention_gpu_backward = "one_pass"
+# The GPU layout with model.attention_gpu_backward = "one_pass", and with a launch of its own per kernel
+# (model.attention_gpu_launch) whose blocks differ from BLOCK and from each other: the 37 tokens are padded
+# to 64, a multiple of the largest.
+GPU_VARIANTS = {"pallas_one_pass": dict(implementation="pallas", gpu_backward="one_pass"),
+                "pallas_launches": dict(implementation="pallas", gpu_launches=(
+                    ("dkv", (32, 16, 4, 2)), ("dq", (16, 32, 4, 2)), ("forward", (32, 16, 4, 2))))}
 BLOCK = 16  # small blocks, so every case spans several query and key blocks
 
 
@@ -104,8 +109,7 @@ def _run(path, q, k, v, lam, g, masks, dtype=jnp.float32):
   """Our output and gradients w.r.t. (q, k, v, lam) for cotangent g."""
   def f(q, k, v, lam):
     common = dict(implementation=path, block_q=BLOCK, block_k=BLOCK, **masks)
-    if path == ONE_PASS:
-      common.update(implementation="pallas", gpu_backward="one_pass")
+    common.update(GPU_VARIANTS.get(path, {}))
     if lam is None:
       return attn.standard_attention(q[:, :, :, 0], k[:, :, :, 0], v, **common)
     return attn.differential_attention(q, k, v, lam, **common)
@@ -115,7 +119,7 @@ def _run(path, q, k, v, lam, g, masks, dtype=jnp.float32):
 
 
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("path", PATHS + (ONE_PASS,))
+@pytest.mark.parametrize("path", PATHS + tuple(GPU_VARIANTS))
 def test_path_matches_float64_reference(path, case):
   q, k, v, lam, g, masks, visible = _case(case)
   b, t, h = q.shape[:3]
@@ -513,11 +517,36 @@ def test_gpu_kernels_take_a_launch_per_kernel():
 
 def test_kernel_benchmark_runs_and_checks_its_settings(capsys):
   """`bench kernels` (interpreted here) times each setting and compares it with the default launch."""
-  from diffmoe_jax import bench
-  bench.main(["kernels", "--config", "configs/tiny.py", "--seq-len", "32", "--kernels", "dq", "--rows", "16",
+  from diffmoe_jax import bench as bench_lib
+  bench_lib.main(["kernels", "--config", "configs/tiny.py", "--seq-len", "32", "--kernels", "dq", "--rows", "16",
               "--steps", "16", "--warps", "4", "--stages", "2", "--reps", "1"])
   lines = capsys.readouterr().out.splitlines()
   rows = [line for line in lines if line.startswith("dq ") and "ms" in line and "best" not in line]
   assert len(rows) == 2 and "(default)" in rows[0], lines  # the default (32, 32) and (16, 16)
   assert float(rows[1].split("vs default")[1].split()[0]) < 1e-2, rows
-  assert any(line.startswith("dq      best") for line in lines), lines
+  best = [line for line in lines if line.startswith("dq      best")]
+  assert len(best) == 1 and "; --attention-gpu-launch dq=" in best[0], lines
+  # The flag it prints is one `bench train` takes.
+  flag = best[0].split("--attention-gpu-launch ")[1].split()[0]
+  assert bench_lib._gpu_launch(flag) == ("dq", flag.split("=")[1])
+
+
+def test_model_config_sets_each_gpu_kernels_launch(make_config):
+  """`model.attention_gpu_launch` reaches the Triton calls of the model's gradient, lowered for `cuda`: the
+  forward and dk/dv kernels run with the rows, warps and stages set, dq with its default launch."""
+  import re
+  cfg = make_config(attention_impl="pallas", max_seq_len=64, dtype="bfloat16", **{"mod.capacity": 1.0})
+  cfg.model.attention_gpu_launch.update(forward="32,16,8,3", dkv="16,64,2,1")  # routed layers see all 64 tokens
+  model = model_lib.build_model(cfg.model)
+  tokens = jax.ShapeDtypeStruct((1, 64), jnp.int32)
+  params = jax.eval_shape(lambda t: model.init(jax.random.PRNGKey(0), t), tokens)["params"]
+  loss = lambda p, t: jnp.sum(model.apply({"params": p}, t)[0].astype(jnp.float32))
+  text = jax.jit(jax.grad(loss)).trace(params, tokens).lower(lowering_platforms=("cuda",)).as_text()
+  launches = set()
+  for line in text.splitlines():
+    if "__gpu$xla.gpu.triton" in line:
+      name = re.search(r'name = "flash_multi_map_(\w+)"', line).group(1)
+      grid, stages, warps = (int(re.search(rf"{key} = (\d+)", line).group(1)) for key in ("grid_z", "num_stages",
+                                                                                          "num_warps"))
+      launches.add((name, 64 // grid, warps, stages))  # grid_z: the program blocks along the 64 tokens
+  assert launches == {("forward", 32, 8, 3), ("dkv", 16, 2, 1), ("dq", 64, 4, 2)}, launches

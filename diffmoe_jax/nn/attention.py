@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from diffmoe_jax import config as config_lib
 from diffmoe_jax.nn.layers import RESIDUAL, RMSNorm, constrain, dtype_of, param, per_shard
 from diffmoe_jax.ops import attention as attention_ops
 
@@ -91,7 +92,7 @@ class Attention(nn.Module):
     batch, length = x.shape[:2]
     masking = dict(q_positions=positions, kv_positions=positions, kv_mask=kv_mask, q_segment_ids=segment_ids,
                    kv_segment_ids=segment_ids, block_q=cfg.attention_block_q, block_k=cfg.attention_block_k,
-                   gpu_backward=cfg.attention_gpu_backward,
+                   gpu_backward=cfg.attention_gpu_backward, gpu_launches=config_lib.gpu_launches(cfg),
                    implementation=attention_ops.resolve_attention_impl(cfg.attention_impl, length=length))
 
     if cfg.attention == "standard":

@@ -268,7 +268,7 @@ def pad_last(x, width: int):
   return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, width - x.shape[-1])])
 
 
-def _pallas_stage(kernel: str, stage: str, gpu_backward: str):
+def _pallas_stage(kernel: str, stage: str, gpu_backward: str, gpu_launches: tuple):
   """The Pallas `stage` ("forward" / "backward"), lowered for the platform being compiled for
   (`lax.platform_dependent`, so lowering for another platform than the host's picks that platform's):
   "pallas" runs the GPU kernels through Triton on GPU, the TPU kernels through Mosaic on TPU and the GPU
@@ -276,6 +276,7 @@ def _pallas_stage(kernel: str, stage: str, gpu_backward: str):
   accelerator (how the tests check both on CPU). The TPU backward is always two passes (no atomics)."""
   from diffmoe_jax.ops import pallas_attention, pallas_tpu_attention
   gpu, tpu = getattr(pallas_attention, stage), getattr(pallas_tpu_attention, stage)
+  gpu = functools.partial(gpu, launches={name: pallas_attention.Launch(*launch) for name, launch in gpu_launches})
   if stage == "backward":
     gpu = functools.partial(gpu, one_pass=gpu_backward == "one_pass")
 
@@ -290,19 +291,20 @@ def _pallas_stage(kernel: str, stage: str, gpu_backward: str):
   return run
 
 
-def _drivers(kernel: str, gpu_backward: str):
+def _drivers(kernel: str, gpu: tuple):
   if kernel == "xla":
     return xla_forward, xla_backward  # one pass: dq accumulates in place
-  return _pallas_stage(kernel, "forward", gpu_backward), _pallas_stage(kernel, "backward", gpu_backward)
+  return _pallas_stage(kernel, "forward", *gpu), _pallas_stage(kernel, "backward", *gpu)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
-def _multi_map_attention(q, k, v, w, masks, causal, block_q, block_k, kernel, gpu_backward):
-  return _multi_map_attention_fwd(q, k, v, w, masks, causal, block_q, block_k, kernel, gpu_backward)[0]
+def _multi_map_attention(q, k, v, w, masks, causal, block_q, block_k, kernel, gpu):
+  """gpu: (gpu_backward, gpu_launches) of `flash_attention`."""
+  return _multi_map_attention_fwd(q, k, v, w, masks, causal, block_q, block_k, kernel, gpu)[0]
 
 
-def _multi_map_attention_fwd(q, k, v, w, masks, causal, block_q, block_k, kernel, gpu_backward):
-  forward, _ = _drivers(kernel, gpu_backward)
+def _multi_map_attention_fwd(q, k, v, w, masks, causal, block_q, block_k, kernel, gpu):
+  forward, _ = _drivers(kernel, gpu)
   out, lse = forward(q, k, v, masks, causal, block_q, block_k)
   # Named so that a remat policy can keep them (`model.remat_save_names`): the backward then needs only
   # q, k, v recomputed, not this forward pass.
@@ -311,9 +313,9 @@ def _multi_map_attention_fwd(q, k, v, w, masks, causal, block_q, block_k, kernel
   return combined, (q, k, v, w, masks, out, lse)
 
 
-def _multi_map_attention_bwd(causal, block_q, block_k, kernel, gpu_backward, residuals, g):
+def _multi_map_attention_bwd(causal, block_q, block_k, kernel, gpu, residuals, g):
   q, k, v, w, masks, out, lse = residuals
-  _, backward = _drivers(kernel, gpu_backward)
+  _, backward = _drivers(kernel, gpu)
   delta = jnp.einsum("bhmtv,bhtv->bhmt", out, g.astype(jnp.float32))  # δ_m = g·o_m, also dw_m
   dq, dk, dv = backward(q, k, v, w, g, lse, delta, masks, causal, block_q, block_k)
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), delta, tuple(None for _ in masks)
@@ -339,9 +341,25 @@ def block_sizes(t: int, s: int, block_q: int, block_k: int, kernel: str) -> tupl
   return min(block_q, t), min(block_k, s)
 
 
+def fit_launches(gpu_launches: tuple, t: int, s: int) -> tuple:
+  """GPU kernel launches `((kernel, (rows, step, warps, stages)), ...)` with blocks no longer than the
+  sequences they tile, as `block_sizes` does (a decoding step keeps 16 query rows, not 64)."""
+  fitted = []
+  for kernel, (rows, step, *rest) in gpu_launches:
+    lengths = (s, t) if kernel == "dkv" else (t, s)  # dk/dv programs hold keys and step over queries
+    fitted.append((kernel, (min(rows, kernel_width(lengths[0])), min(step, kernel_width(lengths[1])), *rest)))
+  return tuple(fitted)
+
+
+def _launch_blocks(gpu_launches: tuple) -> tuple[list[int], list[int]]:
+  """The query-side and key-side blocks of the launches."""
+  sides = [(step, rows) if kernel == "dkv" else (rows, step) for kernel, (rows, step, *_) in gpu_launches]
+  return [q for q, _ in sides], [k for _, k in sides]
+
+
 def flash_attention(q, k, v, weights, *, q_positions, kv_positions, causal: bool = True, kv_mask=None,
                     q_segment_ids=None, kv_segment_ids=None, block_q: int = 512, block_k: int = 512,
-                    kernel: str = "xla", gpu_backward: str = "two_pass"):
+                    kernel: str = "xla", gpu_backward: str = "two_pass", gpu_launches: tuple = ()):
   """`Σ_m weights_m · softmax(q_m k_mᵀ + mask) v` with O(T·block) memory.
 
   q: `[B, T, H, M, D]` already scaled, k: `[B, S, H, M, D]`, v: `[B, S, H, Dv]`, weights: `[B, T, H, M]`;
@@ -349,6 +367,8 @@ def flash_attention(q, k, v, weights, *, q_positions, kv_positions, causal: bool
   (a query sees only keys of its own segment). Returns `[B, T, H, Dv]` in v's dtype. kernel: "xla"
   (blockwise loops, any backend) or "pallas" (kernels on GPU and TPU, interpreted elsewhere; see
   `_pallas_stage` for "pallas_gpu" / "pallas_tpu"). gpu_backward: one of GPU_BACKWARDS, for the GPU kernels.
+  gpu_launches: `((kernel, (rows, step, warps, stages)), ...)` replacing the GPU kernels' default launches
+  (`pallas_attention.default_launches`; `config.gpu_launches`); sequences are padded to their blocks too.
   """
   if kernel not in KERNELS:
     raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}.")
@@ -359,17 +379,21 @@ def flash_attention(q, k, v, weights, *, q_positions, kv_positions, causal: bool
   if t == 0:  # no queries (a skipped MoD block's shape-only call): nothing to compute
     return jnp.zeros((batch, 0, heads, v.shape[-1]), v.dtype)
   bq, bk = block_sizes(t, s, block_q, block_k, kernel)
+  gpu_launches = fit_launches(gpu_launches, t, s) if kernel != "xla" else ()
+  q_blocks, k_blocks = _launch_blocks(gpu_launches)
+  q_multiple, k_multiple = max([bq, *q_blocks]), max([bk, *k_blocks])  # powers of two: the largest tiles all
   zeros_t, zeros_s = jnp.zeros((batch, t), jnp.int32), jnp.zeros((batch, s), jnp.int32)
   q_seg = zeros_t if q_segment_ids is None else jnp.asarray(q_segment_ids, jnp.int32)
   kv_seg = zeros_s if kv_segment_ids is None else jnp.asarray(kv_segment_ids, jnp.int32)
   kv_valid = jnp.ones((batch, s), jnp.int32) if kv_mask is None else jnp.asarray(kv_mask).astype(jnp.int32)
   # Padded keys are invalid; padded queries compute rows that are sliced off.
-  masks = (pad_to(jnp.asarray(q_positions, jnp.int32), bq, 1), pad_to(q_seg, bq, 1),
-           pad_to(jnp.asarray(kv_positions, jnp.int32), bk, 1), pad_to(kv_seg, bk, 1), pad_to(kv_valid, bk, 1))
-  q_internal = pad_to(jnp.transpose(q, (0, 2, 3, 1, 4)), bq, 3)
-  k_internal = pad_to(jnp.transpose(k, (0, 2, 3, 1, 4)), bk, 3)
-  v_internal = pad_to(jnp.transpose(v, (0, 2, 1, 3)), bk, 2)
-  w_internal = pad_to(jnp.transpose(jnp.asarray(weights, jnp.float32), (0, 2, 3, 1)), bq, 3)
+  masks = (pad_to(jnp.asarray(q_positions, jnp.int32), q_multiple, 1), pad_to(q_seg, q_multiple, 1),
+           pad_to(jnp.asarray(kv_positions, jnp.int32), k_multiple, 1), pad_to(kv_seg, k_multiple, 1),
+           pad_to(kv_valid, k_multiple, 1))
+  q_internal = pad_to(jnp.transpose(q, (0, 2, 3, 1, 4)), q_multiple, 3)
+  k_internal = pad_to(jnp.transpose(k, (0, 2, 3, 1, 4)), k_multiple, 3)
+  v_internal = pad_to(jnp.transpose(v, (0, 2, 1, 3)), k_multiple, 2)
+  w_internal = pad_to(jnp.transpose(jnp.asarray(weights, jnp.float32), (0, 2, 3, 1)), q_multiple, 3)
   out = _multi_map_attention(q_internal, k_internal, v_internal, w_internal, masks, causal, bq, bk, kernel,
-                             gpu_backward)
+                             (gpu_backward, gpu_launches))
   return jnp.transpose(out[:, :, :t], (0, 2, 1, 3))

@@ -212,11 +212,11 @@ def _blocks(launch: Launch, kernel: str, rows: int, steps: int) -> tuple[int, in
 
 def forward(q, k, v, masks, causal, block_q, block_k, *, interpret: bool, launches=None):
   """Per-map outputs `[B, H, M, T, Dv]` (fp32) and log-sum-exp `[B, H, M, T]`, as `fa.xla_forward`.
-  launches: `{"forward": Launch}` instead of `default_launches(block_q, block_k, ...)`."""
+  launches: `{"forward": Launch}` instead of `default_launches(block_q, block_k, ...)`'s."""
   b, h, num_maps, t, d = q.shape
   s, dv = k.shape[3], v.shape[-1]
   chunks, dp, dvp = _padded_chunks(d, dv)
-  launch = (launches or default_launches(block_q, block_k, num_maps, dp, dvp))["forward"]
+  launch = {**default_launches(block_q, block_k, num_maps, dp, dvp), **(launches or {})}["forward"]
   block_q, block_k = _blocks(launch, "forward", t, s)
   specs = _specs(block_q, block_k, t, s, num_maps, dp, dvp, query_blocked=True)
   _, _, last_key, _ = fa.block_bounds(masks, block_q, block_k, causal)
@@ -290,10 +290,11 @@ def dq(q, k, v, w, g, lse, delta, masks, causal, launch: Launch, *, interpret: b
 def backward(q, k, v, w, g, lse, delta, masks, causal, block_q, block_k, *, interpret: bool, one_pass: bool,
              launches=None):
   """dq, dk, dv (fp32), as `fa.xla_backward`: dq from its own kernel, or (one_pass) from the dk/dv kernel's
-  atomic adds (`fa.GPU_BACKWARDS`). launches: `{"dq": Launch, "dkv": Launch}` instead of the defaults."""
+  atomic adds (`fa.GPU_BACKWARDS`). launches: `{"dq": Launch, "dkv": Launch}` (either) instead of the
+  defaults."""
   operands = (q, k, v, w, g, lse, delta, masks, causal)
   _, dp, dvp = _padded_chunks(q.shape[-1], v.shape[-1])
-  launches = launches or default_launches(block_q, block_k, q.shape[2], dp, dvp)
+  launches = {**default_launches(block_q, block_k, q.shape[2], dp, dvp), **(launches or {})}
   dq_out, dk, dv_out = dkv(*operands, launches["dkv"], interpret=interpret, one_pass=one_pass)
   if not one_pass:
     dq_out = dq(*operands, launches["dq"], interpret=interpret)
