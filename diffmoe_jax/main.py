@@ -2,6 +2,10 @@
 
     python -m diffmoe_jax.main --config=configs/tiny.py --workdir=runs/tiny
     python -m diffmoe_jax.main --config=configs/tiny.py --config.curriculum.total_steps=50 --workdir=runs/short
+    python -m diffmoe_jax.main ... --coordinator_address=HOST:PORT --num_processes=N --process_id=I
+
+A run of several processes (those flags on each, or a launcher: SLURM, Open MPI, a TPU slice with
+--distributed=on) joins JAX's distributed runtime first (`distributed.py`).
 
 Validates the config, prints a one-screen summary, refuses configs too large for the machine before
 allocating anything, then trains, evaluates and checkpoints. Re-running on the same workdir resumes; one
@@ -22,7 +26,7 @@ import sys
 
 from absl import app, flags
 
-from diffmoe_jax import cli
+from diffmoe_jax import cli, distributed  # distributed: its flags (--coordinator_address, ...) are main's
 
 DEFAULT_CONFIG = "configs/tiny.py"
 EXIT_ERROR, EXIT_STOPPED_EARLY, EXIT_INTERRUPTED = 1, 3, 130
@@ -182,6 +186,7 @@ def main(argv):
   from diffmoe_jax.train.loop import TrainingStopped
   from diffmoe_jax.train.workdir import WorkdirError
   try:
+    distributed.initialize_from_flags()  # before any other JAX use; a no-op for a single process
     outcome = run(_CONFIG.value, _WORKDIR.value)
   except (ConfigError, DataError, InsufficientMemoryError, TrainingStopped, WorkdirError) as e:
     print(f"error: {e}", file=sys.stderr)

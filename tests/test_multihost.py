@@ -1,7 +1,7 @@
 """Multi-process training on localhost: two processes (one CPU device each, gloo collectives) against one.
 
-Each trainer is a subprocess of `tests/multiprocess_worker.py` (`diffmoe_jax.main` with the distributed hook
-first). The one-process reference runs on two simulated devices, so both meshes are data=2 and reduce in
+Each trainer is a `python -m diffmoe_jax.main` subprocess, joined by its --coordinator_address,
+--num_processes and --process_id flags. The one-process reference runs on two simulated devices, so both meshes are data=2 and reduce in
 the same order. The first four steps are all warmup (one compiled program per run).
 """
 import os
@@ -24,7 +24,6 @@ from diffmoe_jax.train import checkpoint
 from test_train import _abstract_state, load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORKER = os.path.join(ROOT, "tests", "multiprocess_worker.py")
 CONFIG_ARGS = [f"--config={os.path.join(ROOT, 'tests', 'train_config.py')}",
                "--config.curriculum.warmup.steps=4", "--config.train.checkpoint_every=2"]
 TIMEOUT_S = 600  # per trainer subprocess: compiling on a busy 2-core machine is slow
@@ -46,7 +45,7 @@ def _free_port() -> int:
 
 
 def _start(workdir: str, extra: list[str], *, process_id: int | None = None, port: int = 0, devices: int = 1):
-  args = [sys.executable, WORKER, *CONFIG_ARGS, f"--workdir={workdir}", *extra]
+  args = [sys.executable, "-m", "diffmoe_jax.main", *CONFIG_ARGS, f"--workdir={workdir}", *extra]
   if process_id is not None:
     args += [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={process_id}",
              "--distributed_timeout_s=10"]
@@ -145,6 +144,15 @@ def test_killing_one_process_stops_the_other_with_an_error(one_process, tmp_path
 def test_flags_that_cannot_work_together(kwargs, message):
   with pytest.raises(distributed.DistributedError, match=message):
     distributed.initialize(environ={}, **kwargs)
+
+
+def test_main_reports_distributed_flags_that_cannot_work_together(tmp_path):
+  proc = subprocess.run([sys.executable, "-m", "diffmoe_jax.main", *CONFIG_ARGS, f"--workdir={tmp_path}",
+                         "--num_processes=2"], capture_output=True, text=True, env=_env(1), timeout=TIMEOUT_S)
+  assert proc.returncode == main_lib.EXIT_ERROR and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  assert proc.stderr.strip().splitlines()[-1] == (
+      "error: --num_processes and --process_id go together: give both (the same --num_processes on every "
+      "process, --process_id 0 .. N-1), or neither."), proc.stderr[-3000:]
 
 
 def test_a_single_process_stays_out_of_the_distributed_runtime():
