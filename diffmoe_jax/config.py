@@ -118,7 +118,6 @@ def defaults() -> ml_collections.ConfigDict:
   d.tokenizer = "bytes"  # "bytes", "sentencepiece:<model file>", "hf:<tokenizer.json>"
   d.cache_dir = ""  # token cache; "" means $DIFFMOE_CACHE or ~/.cache/diffmoe_jax
   d.val_fraction = 0.05  # of each domain's files, chosen by a hash of the path
-  d.eval_domain = ""  # the "cleanest" domain the anneal phase defaults to; "" = first domain
   # Batches carry `segment_ids` int32 [B, T]: each position's document within its window (README "Data").
   d.segment_masking = True
 
