@@ -70,9 +70,10 @@ def lambda_analysis(config, run_dir: str, corpus) -> dict | None:
   gate_method = "route" if cfg.moe.route_from == "attention_input" else "gate"
 
   @jax.jit
-  def forward(params, inputs):
+  def forward(params, batch):
     (_, aux), captured = model.apply(
-        {"params": params}, inputs, train=False, mod_mode="predictor", mutable=["intermediates"],
+        {"params": params}, batch["inputs"], train=False, mod_mode="predictor",
+        segment_ids=batch.get("segment_ids"), mutable=["intermediates"],
         capture_intermediates=lambda module, method: isinstance(module, MoEFeedForward) and method == gate_method)
     return aux["layers"]["lambda"], captured.get("intermediates", {})  # nothing captured without experts
 
@@ -84,7 +85,8 @@ def lambda_analysis(config, run_dir: str, corpus) -> dict | None:
     per_layer, per_token = [], [[] for _ in range(cfg.num_layers)]
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       for b in batches:
-        lambdas, captured = forward(params, parallel.global_batch({"inputs": b["inputs"]}, batch_sharding)["inputs"])
+        inputs = {k: b[k] for k in ("inputs", "segment_ids") if k in b}  # as evaluation sees them
+        lambdas, captured = forward(params, parallel.global_batch(inputs, batch_sharding))
         lambdas = np.asarray(lambdas, np.float64)
         per_layer.append(lambdas)
         if not cfg.expert_conditional_lambda:

@@ -2,6 +2,7 @@
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import optax
 import pytest
 
 from diffmoe_jax import parallel
@@ -53,3 +54,31 @@ def test_gradient_accumulation_keeps_every_row_on_its_device(make_config):
       compiled = jax.jit(fn).lower(abstract, {"inputs": tokens, "targets": tokens}, dyn).compile()
       counts[accum] = _collectives(compiled.as_text())
   assert counts[2] == counts[1], counts
+
+
+def test_train_and_eval_steps_keep_attention_inside_each_document(make_config):
+  """A batch's segment ids reach the model in both steps: their cross-entropy is the model's with the ids
+  (two documents per row), which differs from the model's without them."""
+  cfg = make_config()
+  model = model_lib.build_model(cfg.model)
+  optimizer = state_lib.make_optimizer(cfg.optimizer)
+  state = jax.jit(lambda r: nn.unbox(state_lib.init_fn(model, optimizer, 16)(r)))(jax.random.PRNGKey(0))
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 17), 0, cfg.model.vocab_size)
+  segments = jnp.broadcast_to((jnp.arange(16) >= 6).astype(jnp.int32), (2, 16))
+  batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": segments}
+
+  def cross_entropy(segment_ids, **mode):
+    logits, _ = model.apply({"params": state.params}, batch["inputs"], segment_ids=segment_ids,
+                            rngs={"noise": jax.random.PRNGKey(2)}, **mode)
+    return float(optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"]).mean())
+
+  evaluation = dict(train=False, mod_mode="predictor")
+  loss_sum, count = jax.jit(step_lib.make_eval_step(model))(state.params, batch)
+  assert float(loss_sum / count) == pytest.approx(cross_entropy(segments, **evaluation), rel=1e-5)
+  assert abs(cross_entropy(None, **evaluation) - cross_entropy(segments, **evaluation)) > 1e-3
+  training = dict(train=True, mod_mode="topk", mod_capacity=0.5)
+  dyn = {k: jnp.float32(0.0) for k in step_lib.DYNAMIC_KEYS}  # no router noise: the rng does not matter
+  _, metrics = jax.jit(step_lib.make_train_step(model, optimizer, mod_mode="topk", mod_capacity=0.5))(
+      state, batch, dyn)
+  assert float(metrics["cross_entropy"]) == pytest.approx(cross_entropy(segments, **training), rel=1e-5)
+  assert abs(cross_entropy(None, **training) - cross_entropy(segments, **training)) > 1e-3

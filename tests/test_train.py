@@ -44,6 +44,19 @@ def scalar_series(acc, tag):
 
 # Long enough that a busy machine's slowest real step (the first run of a program) stays far below it.
 PAUSE_SECONDS = 8.0
+# The keys of the batches the full run's train and eval steps were traced with.
+STEP_BATCH_KEYS = {"train": set(), "eval": set()}
+
+
+def _recording_batch_keys(make_step, kind):
+  def make(*args, **kwargs):
+    step = make_step(*args, **kwargs)
+
+    def recorded(state_or_params, batch, *rest):
+      STEP_BATCH_KEYS[kind].add(tuple(sorted(batch)))
+      return step(state_or_params, batch, *rest)
+    return recorded
+  return make
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +71,8 @@ def full_run(tmp_path_factory):
 
   with pytest.MonkeyPatch.context() as patch:
     patch.setattr(metrics_lib, "stable_ranks", slow_stable_ranks)
+    patch.setattr(step_lib, "make_train_step", _recording_batch_keys(step_lib.make_train_step, "train"))
+    patch.setattr(step_lib, "make_eval_step", _recording_batch_keys(step_lib.make_eval_step, "eval"))
     return workdir, main_lib.run(load_config(), workdir)
 
 
@@ -74,6 +89,9 @@ def test_trains_through_all_six_phases(full_run):
   assert checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")).all_steps() == [12, 24]
   for domain in ("code", "docs"):
     assert result.eval[f"{domain}/bits_per_byte"] > 0 and result.eval[f"{domain}/unigram_bits_per_byte"] > 0
+  # data.segment_masking (on by default) reaches the model: both steps are given each batch's segment ids.
+  assert STEP_BATCH_KEYS == {"train": {("inputs", "segment_ids", "targets")},
+                             "eval": {("inputs", "segment_ids", "targets")}}, STEP_BATCH_KEYS
 
 
 def test_tensorboard_has_the_listed_tags(full_run):

@@ -174,7 +174,7 @@ def eval_loss_sums(eval_fn, params, eval_sets: dict[str, list], batch_sharding) 
   for name, batches in eval_sets.items():
     loss_sum, tokens = 0.0, 0.0
     for b in batches:
-      local = {k: b[k] for k in ("inputs", "targets", "weights") if k in b}
+      local = {k: b[k] for k in ("inputs", "targets", "weights", "segment_ids") if k in b}
       s, n = eval_fn(params, parallel.global_batch(local, batch_sharding))
       loss_sum, tokens = loss_sum + float(s), tokens + float(n)
     sums[name] = (loss_sum, tokens)
@@ -263,7 +263,9 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, *,
   if start_step == 0:
     writer.text(0, "config", "```\n" + config.to_json_best_effort(indent=2) + "\n```")
   batch_sharding = parallel.batch_sharding(mesh, rules)
-  batch_shardings = {"inputs": batch_sharding, "targets": batch_sharding}
+  # What a step reads of a batch: the segment ids too when the data has them (data.segment_masking).
+  batch_keys = ("inputs", "targets") + (("segment_ids",) if corpus.segment_masking else ())
+  batch_shardings = {k: batch_sharding for k in batch_keys}
   scalar = parallel.replicated(mesh)
 
   compiled: dict[tuple, Callable] = {}
@@ -296,7 +298,7 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, *,
           batch_size=phase.batch_size, domain_weights=dict(phase.domain_weights),
           process_index=process_index, process_count=process_count)
     local = datasets[phase.index][settings.step - phase.start]
-    return parallel.global_batch({"inputs": local["inputs"], "targets": local["targets"]}, batch_sharding)
+    return parallel.global_batch({k: local[k] for k in batch_keys}, batch_sharding)
 
   eval_fn = jax.jit(step_lib.make_eval_step(model), in_shardings=(state_shardings.params, batch_shardings),
                     out_shardings=(scalar, scalar))

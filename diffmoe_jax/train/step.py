@@ -20,13 +20,17 @@ def dynamic_settings(settings) -> dict:
 
 def make_train_step(model, optimizer: optax.GradientTransformation, *, mod_mode: str, mod_capacity: float,
                     grad_accum_steps: int = 1):
-  """(state, batch, dynamic) -> (state, metrics). Static: the MoD mode and capacity, the accumulation."""
+  """(state, batch, dynamic) -> (state, metrics). Static: the MoD mode and capacity, the accumulation.
 
-  def loss_fn(params, inputs, targets, rng, dyn):
-    logits, aux = model.apply({"params": params}, inputs, train=True, mod_mode=mod_mode,
+  batch: "inputs", "targets" int32 `[B, T]`, and optional "segment_ids" `[B, T]` (packed documents: attention
+  stays inside each).
+  """
+
+  def loss_fn(params, batch, rng, dyn):
+    logits, aux = model.apply({"params": params}, batch["inputs"], train=True, mod_mode=mod_mode,
                               mod_capacity=mod_capacity, router_noise_std=dyn["router_noise"],
-                              rngs={"noise": rng})
-    ce = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, targets))
+                              segment_ids=batch.get("segment_ids"), rngs={"noise": rng})
+    ce = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"]))
     losses = aux["losses"]
     total = (ce + dyn["load_balance_weight"] * losses["load_balance"] + dyn["z_loss_weight"] * losses["router_z"]
              + dyn["mod_predictor_weight"] * losses["mod_predictor"])
@@ -37,9 +41,9 @@ def make_train_step(model, optimizer: optax.GradientTransformation, *, mod_mode:
 
   def train_step(state: TrainState, batch: dict, dyn: dict):
     rng = jax.random.fold_in(state.rng, state.step)
-    inputs, targets = batch["inputs"], batch["targets"]
+    batch = {k: batch[k] for k in ("inputs", "targets", "segment_ids") if k in batch}
     if grad_accum_steps == 1:
-      (_, metrics), grads = grad_fn(state.params, inputs, targets, rng, dyn)
+      (_, metrics), grads = grad_fn(state.params, batch, rng, dyn)
     else:
       # Micro-batch i is rows i, i + A, i + 2A, ... (A = grad_accum_steps): with the batch split over
       # devices in contiguous blocks, every device then holds its share of every micro-batch, and nothing
@@ -47,17 +51,18 @@ def make_train_step(model, optimizer: optax.GradientTransformation, *, mod_mode:
       micro = lambda x: jnp.swapaxes(
           x.reshape((x.shape[0] // grad_accum_steps, grad_accum_steps) + x.shape[1:]), 0, 1)
 
+      micro_batches = jax.tree.map(micro, batch)
+
       def accumulate(carry, xs):
-        i, mb_inputs, mb_targets = xs
-        (_, m), g = grad_fn(state.params, mb_inputs, mb_targets, jax.random.fold_in(rng, i), dyn)
+        i, micro_batch = xs
+        (_, m), g = grad_fn(state.params, micro_batch, jax.random.fold_in(rng, i), dyn)
         return jax.tree.map(jnp.add, carry, (g, m)), None
 
       zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32),
-                           jax.eval_shape(lambda: grad_fn(state.params, micro(inputs)[0], micro(targets)[0],
+                           jax.eval_shape(lambda: grad_fn(state.params, jax.tree.map(lambda x: x[0], micro_batches),
                                                           rng, dyn)))
       zeros = (zeros[1], zeros[0][1])
-      (grads, metrics), _ = jax.lax.scan(
-          accumulate, zeros, (jnp.arange(grad_accum_steps), micro(inputs), micro(targets)))
+      (grads, metrics), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(grad_accum_steps), micro_batches))
       grads, metrics = jax.tree.map(lambda x: x / grad_accum_steps, (grads, metrics))
 
     grad_norm = optax.tree.norm(grads)
@@ -86,10 +91,11 @@ def make_eval_step(model, *, mod_mode: str = "predictor"):
 
   Evaluation routes mixture-of-depths by the causal predictor (the inference-time mode), so validation
   loss never sees a later token. Optional batch["weights"] (float `[B, T]`) weigh the tokens: 0 leaves
-  one out (padding), and the count is their sum.
+  one out (padding), and the count is their sum; optional batch["segment_ids"] as in `make_train_step`.
   """
   def eval_step(params, batch):
-    logits, _ = model.apply({"params": params}, batch["inputs"], train=False, mod_mode=mod_mode)
+    logits, _ = model.apply({"params": params}, batch["inputs"], train=False, mod_mode=mod_mode,
+                            segment_ids=batch.get("segment_ids"))
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
     if "weights" not in batch:
       return jnp.sum(ce), jnp.asarray(ce.size, jnp.float32)
