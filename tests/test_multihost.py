@@ -88,6 +88,9 @@ def test_saved_by_one_process_restored_and_trained_by_two(one_process, tmp_path)
   for _, err in outputs:
     assert "Resumed from the checkpoint at step 2" in err
     assert "2 global devices" in err
+  # Process 0 alone prints the summary and where the checkpoints and TensorBoard logs are.
+  assert [out.count("diffmoe_jax: train_test ->") for out, _ in outputs] == [1, 0], outputs[1][0][-2000:]
+  assert [out.count("checkpoints: ") for out, _ in outputs] == [1, 0], outputs[1][0][-2000:]
   want, got = _losses(one_process), _losses(workdir)
   assert sorted(got) == [3, 4]
   np.testing.assert_allclose([got[3], got[4]], [want[3], want[4]], rtol=1e-5)
