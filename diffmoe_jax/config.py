@@ -184,10 +184,39 @@ def defaults() -> ml_collections.ConfigDict:
   return c
 
 
+def without_obsolete(saved: dict) -> tuple[dict, list[str]]:
+  """A saved config without the fields an earlier version had and the code no longer reads, and their
+  dotted paths: a field absent from `defaults()` inside a section `defaults()` has (not a top-level section
+  such as `ablation`, not a curriculum phase the user added, not inside OPEN_DICTS)."""
+  dropped = []
+
+  def prune(default: dict, values: dict, prefix: str) -> dict:
+    out = {}
+    for key, value in values.items():
+      path = prefix + key
+      if key not in default:
+        if prefix:
+          dropped.append(path)
+          continue
+      elif (isinstance(value, dict) and isinstance(default[key], dict)
+            and not any(fnmatch.fnmatchcase(path, d) for d in OPEN_DICTS)):
+        value = prune(default[key], value, path + ".")
+      out[key] = value
+    return out
+
+  sections = defaults().to_dict()
+  # A phase the user added (named in curriculum.order) is the user's section, not an obsolete field.
+  for phase, fields in saved.get("curriculum", {}).items():
+    sections["curriculum"].setdefault(phase, fields)
+  return prune(sections, saved, ""), dropped
+
+
 def with_defaults(saved: dict) -> tuple[ml_collections.ConfigDict, list[str]]:
   """A config saved by an earlier version as a ConfigDict, with the fields added to `defaults()` since then
   at their defaults, and the dotted paths of those fields (to be reported: the saved run did not set them).
+  Fields the code no longer has are left out (`without_obsolete`).
   """
+  saved, _ = without_obsolete(saved)
   added = []
 
   def merge(default: dict, values: dict, prefix: str) -> dict:

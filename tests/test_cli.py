@@ -202,6 +202,18 @@ def test_resuming_with_a_changed_setting_needs_it_allowed(stopped_run):
   config.mesh.shape.data = 4
   config.train.run_steps = 0
   check(config)  # allowed, and layout / bookkeeping changes are free
+  config.model.update(attention_impl="blockwise", remat_policy="save_names", remat_save_names=("attn_out",))
+  config.model.attention_gpu_launch.dkv = "64,32,4,2"
+  check(config)  # how attention and remat run is free too
+  # A field the code no longer has is ignored; one it added since the save is a change from <absent>.
+  older = {**saved, "data": {**saved["data"], "eval_domain": ""},
+           "model": {k: v for k, v in saved["model"].items() if k != "attention_gpu_launch"}}
+  check_older = lambda: resume.check(config, saved_config=older, saved_shapes=shapes, abstract_state=abstract,
+                                     step=1, directory="ckpts")
+  check_older()
+  del older["model"]["tie_embeddings"]
+  with pytest.raises(ConfigError, match=r"another config: model\.tie_embeddings <absent> -> false\."):
+    check_older()
   config.mesh.shape.data = -1
   config.model.moe.num_experts = 2
   with pytest.raises(ConfigError, match=r"another shape .*model\.moe\.num_experts 4 -> 2"):

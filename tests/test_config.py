@@ -120,3 +120,15 @@ def test_with_defaults_fills_fields_a_saved_config_lacks_and_keeps_the_users_dic
   assert config.model.attention_gpu_backward == "two_pass"
   assert config.train.log_every == config_lib.defaults().train.log_every
   assert dict(config.data.domains) == {"web": "files:/data/*.txt"} and config.model.d_model == 288
+
+
+def test_fields_the_code_dropped_are_left_out_of_a_saved_config():
+  saved = load("tiny").to_dict()
+  saved["data"]["eval_domain"] = ""  # read by no code any more
+  saved["ablation"] = {"arms": "full", "seeds": 1}  # a section of the user's (configs/ablation.py)
+  saved["curriculum"]["cooldown"] = dict(saved["curriculum"]["anneal"], fraction=0.0)  # a phase of the user's
+  kept, dropped = config_lib.without_obsolete(saved)
+  assert dropped == ["data.eval_domain"]
+  assert kept["ablation"] == saved["ablation"] and kept["curriculum"]["cooldown"] == saved["curriculum"]["cooldown"]
+  config, added = config_lib.with_defaults(saved)
+  assert "eval_domain" not in config.data and added == []

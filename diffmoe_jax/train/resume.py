@@ -2,8 +2,9 @@
 
 Checked before any array is restored. A different state layout (a changed model shape) is an error that
 names the fields and arrays that differ. Other config changes are errors too unless
-`train.allow_config_change` lists them; `name`, `train.*` and `mesh.*` change bookkeeping or the device
-layout, not what is trained, and may always change.
+`train.allow_config_change` lists them; `name`, `train.*`, `mesh.*` and the fields of how attention and
+remat run (FREE_FIELDS) change bookkeeping, the device layout or the speed, not what is trained, and may
+always change.
 """
 from __future__ import annotations
 
@@ -14,9 +15,13 @@ from typing import Any, Mapping
 import jax
 from absl import logging
 
+from diffmoe_jax import config as config_lib
 from diffmoe_jax.config import ConfigError
 
-FREE_FIELDS = ("name", "train", "mesh")
+# May change on resume: bookkeeping, the mesh, and how attention and remat compute the same function.
+FREE_FIELDS = ("name", "train", "mesh", "model.attention_impl", "model.attention_block_q", "model.attention_block_k",
+               "model.attention_gpu_backward", "model.attention_gpu_launch", "model.remat_policy",
+               "model.remat_save_names")
 
 
 def _flatten(d: Mapping, prefix: str = "") -> dict[str, Any]:
@@ -82,8 +87,18 @@ def shape_differences(saved: Mapping[str, tuple], abstract_state: Any) -> list[s
 
 def check(config, *, saved_config: Mapping | None, saved_shapes: Mapping | None, abstract_state: Any,
           step: int, directory: str) -> None:
-  """Raises ConfigError if the checkpoint at `step` cannot, or may not, be resumed with `config`."""
-  diffs = differences(saved_config, config) if saved_config is not None else []
+  """Raises ConfigError if the checkpoint at `step` cannot, or may not, be resumed with `config`.
+
+  Fields the code no longer has (`config.without_obsolete`) are not compared; fields added since the save
+  are, as changes from `<absent>`: the code cannot know how the saved run behaved without them.
+  """
+  diffs = []
+  if saved_config is not None:
+    saved_config, obsolete = config_lib.without_obsolete(dict(saved_config))
+    if obsolete:
+      logging.info("The config saved at step %d has fields this code no longer has, ignored: %s.", step,
+                   ", ".join(obsolete))
+    diffs = differences(saved_config, config)
   where = f"The checkpoint at step {step} in {directory}"
   keep = "The checkpoints are left as they are."
   shapes = shape_differences(saved_shapes, abstract_state) if saved_shapes is not None else []
