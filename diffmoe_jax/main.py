@@ -149,6 +149,7 @@ def run(config, workdir: str):
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(config.train.compilation_cache_dir))
   curriculum = curriculum_lib.Curriculum(config)
   mesh_shape = parallel.mesh_shape(config.mesh, jax.device_count())
+  parallel.check_expert_parallel(config, mesh_shape, jax.default_backend())
   result = estimate.estimate(config)
   need = check_memory(config, mesh_shape)
   lead = jax.process_index() == 0  # in a multi-process run, process 0 alone prints

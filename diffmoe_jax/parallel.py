@@ -46,6 +46,11 @@ def make_mesh(mesh_config: ml_collections.ConfigDict, devices=None) -> Mesh:
                        axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 
 
+def _axes_of(spec) -> tuple:
+  """The mesh axes of one dimension's PartitionSpec entry (None, a name or a tuple of names)."""
+  return spec if isinstance(spec, tuple) else (spec,) if spec else ()
+
+
 def axis_rules(mesh_config: ml_collections.ConfigDict) -> tuple:
   return tuple((name, tuple(m) if isinstance(m, (list, tuple)) else m) for name, m in mesh_config.axis_rules)
 
@@ -71,7 +76,7 @@ def shard_shapes(boxed_tree, mesh_shape: dict[str, int], rules) -> list[tuple[st
     shard = []
     for dim, logical in zip(value.shape, names):
       spec = nn.logical_to_mesh_axes((logical,), rules)[0] if logical else None
-      axes = spec if isinstance(spec, tuple) else (spec,) if spec else ()
+      axes = _axes_of(spec)
       ways = math.prod(mesh_shape.get(a, 1) for a in axes)
       if dim % ways:
         split = " x ".join(f"{a}={mesh_shape.get(a, 1)}" for a in axes)
@@ -82,6 +87,30 @@ def shard_shapes(boxed_tree, mesh_shape: dict[str, int], rules) -> list[tuple[st
       shard.append(dim // ways)
     out.append((name, tuple(shard), value.dtype))
   return out
+
+
+def check_expert_parallel(config: ml_collections.ConfigDict, mesh_shape: dict[str, int], backend: str) -> None:
+  """ConfigError, before anything compiles, for expert parallelism (`model.moe.expert_parallel` on a mesh
+  that splits the experts) that this mesh's rules or this backend cannot run."""
+  from diffmoe_jax.ops import expert_parallel
+  moe, rules = config.model.moe, axis_rules(config.mesh)
+  mesh_axes = lambda name: _axes_of(nn.logical_to_mesh_axes((name,), rules)[0])  # one name at a time, as nn/moe
+  ways = math.prod(mesh_shape.get(a, 1) for a in mesh_axes("expert"))
+  if config.model.ffn != "moe" or moe.expert_parallel == "off" or ways == 1:
+    return
+  where = f"the experts are split {ways} ways (config.mesh.axis_rules and mesh.shape)"
+  if mesh_axes("length"):
+    raise ConfigError(f"config.mesh.axis_rules: 'length' maps to {mesh_axes('length')}, but {where} and expert "
+                      "parallelism routes whole sequences per device; map 'length' to no mesh axis, or set "
+                      "model.moe.expert_parallel='off'.")
+  if not set(mesh_axes("expert")) <= set(mesh_axes("batch")):
+    raise ConfigError(f"config.mesh.axis_rules: 'batch' maps to {mesh_axes('batch')}, but {where} and expert "
+                      f"parallelism needs the batch split over {mesh_axes('expert')} too; add them to the batch "
+                      "rule, or set model.moe.expert_parallel='off'.")
+  for field in ("dispatch", "eval_dispatch"):
+    if backend == "cpu" and expert_parallel.resolve_strategy(moe.expert_parallel, moe[field], backend) == "ragged":
+      raise ConfigError("config.model.moe.expert_parallel: 'ragged' needs jax.lax.ragged_all_to_all, which XLA:CPU "
+                        "does not implement; use 'gather' (or 'auto', which picks it on CPU).")
 
 
 def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
@@ -96,7 +125,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def logical_axis_size(mesh: Mesh, rules, logical: str) -> int:
   """How many ways the mesh splits a logical axis (1 when its rule maps it to no mesh axis)."""
   spec = nn.logical_to_mesh_axes((logical,), rules)[0]
-  axes = spec if isinstance(spec, tuple) else (spec,) if spec else ()
+  axes = _axes_of(spec)
   return math.prod(mesh.shape[a] for a in axes)
 
 

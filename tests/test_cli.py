@@ -72,6 +72,13 @@ def test_main_reports_a_flag_mistake_in_one_line():
   assert_one_error(proc, "--config.model.nonexistent: config.model has no field 'nonexistent'")
 
 
+def test_main_refuses_expert_parallelism_the_backend_cannot_run_before_compiling(tmp_path):
+  proc = run_cli(*train_command(tmp_path, "--config.mesh.shape.expert=2", "--config.model.moe.dispatch=dropless",
+                                "--config.model.moe.expert_parallel=ragged"))
+  assert_one_error(proc, "config.model.moe.expert_parallel: 'ragged' needs jax.lax.ragged_all_to_all")
+  assert "Compiling" not in proc.stderr
+
+
 def test_estimate_reports_a_bad_config_in_one_line_and_takes_new_domains():
   proc = run_cli("diffmoe_jax.estimate", "--config=configs/tiny.py", "--config.model.d_model=7")
   assert_one_error(proc, "config.model.d_model: 7 must equal model.num_heads * model.head_dim")

@@ -29,3 +29,30 @@ def test_a_mesh_that_cannot_split_a_dimension_is_named(make_config, model, mesh,
     state_lib.create_state(net, state_lib.make_optimizer(config.optimizer), parallel.make_mesh(config.mesh),
                            parallel.axis_rules(config.mesh), seed=0, seq_len=8)
   assert len(jax.devices()) == 8
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(rules={"length": "data"}), r"config\.mesh\.axis_rules: 'length' maps to \('data',\), but the experts are "
+     r"split 2 ways .* routes whole sequences per device"),
+    (dict(rules={"batch": ("data", "fsdp")}), r"config\.mesh\.axis_rules: 'batch' maps to \('data', 'fsdp'\), but "
+     r"the experts are split 2 ways .* needs the batch split over \('expert',\) too"),
+    (dict(moe={"expert_parallel": "ragged", "dispatch": "dropless"}),
+     r"config\.model\.moe\.expert_parallel: 'ragged' needs jax\.lax\.ragged_all_to_all, which XLA:CPU does not "
+     r"implement; use 'gather'"),
+])
+def test_expert_parallelism_the_mesh_or_backend_cannot_run_is_named(make_config, change, message):
+  config = make_config()
+  config.mesh.shape.update(data=4, expert=2)
+  config.model.moe.update(change.get("moe", {}))
+  config.mesh.axis_rules = tuple((name, change.get("rules", {}).get(name, axes)) for name, axes in config.mesh.axis_rules)
+  shape = parallel.mesh_shape(config.mesh, 8)
+  with pytest.raises(ConfigError, match=message):
+    parallel.check_expert_parallel(config, shape, "cpu")
+  config.model.moe.expert_parallel = "off"  # the same mesh without expert parallelism is fine
+  parallel.check_expert_parallel(config, shape, "cpu")
+
+
+def test_ragged_expert_parallelism_is_left_to_accelerators(make_config):
+  config = make_config(**{"moe.expert_parallel": "ragged", "moe.dispatch": "dropless"})
+  config.mesh.shape.update(data=4, expert=2)
+  parallel.check_expert_parallel(config, parallel.mesh_shape(config.mesh, 8), "gpu")
