@@ -148,15 +148,74 @@ COLLECTIVES = ("all-to-all", "all-gather", "reduce-scatter", "all-reduce", "coll
 
 
 def collective_bytes(hlo: str, op: str) -> int:
-  """Bytes of the results of every `op` instruction in an HLO module's text (one device's program)."""
-  total = 0
+  """Bytes of the results of the `op` instructions one call of an HLO module runs (one device's program).
+
+  Counted from the ENTRY computation down: a while loop's body counts its known trip count times (the
+  scans over layers and micro-batches), a conditional its largest branch, any other called computation
+  once; an asynchronous collective counts by its `op-done` (its result; `op-start` also holds the operand).
+  """
+  computations, entry = _computations(hlo)
+  if entry is None:  # not a whole module: every instruction once
+    return sum(_result_bytes(line, op) for line in hlo.splitlines())
+  memo: dict[str, int] = {}
+
+  def total(name: str) -> int:
+    if name not in memo:
+      memo[name] = 0  # (no recursion in HLO; this only guards a malformed text)
+      count = 0
+      for line in computations.get(name, ()):
+        count += _result_bytes(line, op)
+        if " while(" in line:
+          trips = _TRIP_COUNT.search(line)
+          count += (int(trips.group(1)) if trips else 1) * total(_BODY.search(line).group(1))
+        elif " conditional(" in line:
+          count += max((total(b) for b in _branches(line)), default=0)
+        elif "-done(" not in line:  # an async pair's computation is counted at its start
+          count += sum(total(c) for c in _CALLED.findall(line))
+      memo[name] = count
+    return memo[name]
+
+  return total(entry)
+
+
+_COMPUTATION = re.compile(r"^(ENTRY )?%?([\w.\-]+) .*\{$")
+_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+_BODY = re.compile(r"body=%?([\w.\-]+)")
+_CALLED = re.compile(r"(?:calls|to_apply)=%?([\w.\-]+)")
+_NAME = re.compile(r"%?([\w.\-]+)")
+
+
+def _branches(line: str) -> list[str]:
+  """The computations a conditional instruction may run."""
+  named = re.findall(r"(?:true|false)_computation=%?([\w.\-]+)", line)
+  listed = re.search(r"branch_computations=\{([^}]*)\}", line)
+  return named + ([_NAME.match(b.strip()).group(1) for b in listed.group(1).split(",")] if listed else [])
+
+
+def _computations(hlo: str) -> tuple[dict[str, list[str]], str | None]:
+  """{computation name: its instruction lines} of an HLO module's text, and the ENTRY computation's name."""
+  computations, entry, current = {}, None, None
   for line in hlo.splitlines():
-    if f" {op}(" not in line or "=" not in line:
-      continue
-    result = line.split("=", 1)[1].split(f" {op}(", 1)[0]
-    for dtype, dims in _SHAPE.findall(result):
-      total += _BYTES[dtype] * math.prod(int(x) for x in dims.split(",") if x)
-  return total
+    header = _COMPUTATION.match(line)
+    if header and not line.startswith(" "):
+      current = header.group(2)
+      computations[current] = []
+      entry = current if header.group(1) else entry
+    elif line.startswith("}"):
+      current = None
+    elif current is not None:
+      computations[current].append(line)
+  return computations, entry
+
+
+def _result_bytes(line: str, op: str) -> int:
+  """Bytes of the result of `line` if it is an `op` (or `op-done`) instruction, else 0."""
+  for form in (f" {op}(", f" {op}-done("):
+    if form in line and "=" in line:
+      result = line.split("=", 1)[1].split(form, 1)[0]
+      return sum(_BYTES[dtype] * math.prod(int(x) for x in dims.split(",") if x)
+                 for dtype, dims in _SHAPE.findall(result))
+  return 0
 
 
 def collective_summary(hlo: str) -> str:

@@ -56,3 +56,24 @@ def test_ragged_expert_parallelism_is_left_to_accelerators(make_config):
   config = make_config(**{"moe.expert_parallel": "ragged", "moe.dispatch": "dropless"})
   config.mesh.shape.update(data=4, expert=2)
   parallel.check_expert_parallel(config, parallel.mesh_shape(config.mesh, 8), "gpu")
+
+
+def test_collective_bytes_count_a_loop_body_once_per_iteration():
+  """The trainer's per-step summary: collectives inside scans (layer groups, micro-batches) count once per
+  iteration, nested loops multiply, and a collective outside every loop counts once."""
+  import numpy as np
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  mesh = jax.make_mesh((8,), ("x",))
+
+  def exchange(c, _):
+    return jax.lax.all_to_all(c, "x", 0, 0, tiled=True) * 2.0, None
+
+  def per_device(x):  # x: this device's [8, 8] rows
+    twice_three = jax.lax.scan(lambda c, _: (jax.lax.scan(exchange, c, None, length=3)[0], None), x, None, length=2)
+    return jax.lax.psum(twice_three[0], "x")
+
+  fn = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=P("x"), out_specs=P(), check_vma=False))
+  hlo = fn.lower(jax.device_put(np.ones((64, 8), np.float32), NamedSharding(mesh, P("x")))).compile().as_text()
+  local = 8 * 8 * 4  # bytes of one device's [8, 8] float32 block
+  assert parallel.collective_bytes(hlo, "all-to-all") == 2 * 3 * local
+  assert parallel.collective_bytes(hlo, "all-reduce") == local
