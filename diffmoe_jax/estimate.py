@@ -193,13 +193,14 @@ def training_memory_per_device(config: ml_collections.ConfigDict, mesh_shape: di
   The state is summed from the shardings the trainer builds (`state_bytes_per_device`).
   `boxed`: `abstract_state(config)`, when the caller sizes several meshes.
   """
+  from diffmoe_jax import parallel
   from diffmoe_jax.train.curriculum import Curriculum  # the phases give the largest batch and length
   axis = lambda name: mesh_shape.get(name, 1)
   boxed = abstract_state(config) if boxed is None else boxed
   state = state_bytes_per_device(config, mesh_shape, boxed)
   # The gradient and the update's temporaries: twice the weights' shard in the compiled step.
   gradients = 2 * state_bytes_per_device(config, mesh_shape, boxed.params)
-  batch_split = axis("data") * axis("fsdp") * axis("expert")  # the default rule for "batch"
+  batch_split = parallel.logical_axis_size(mesh_shape, parallel.axis_rules(config.mesh), "batch")
   activations = 0.0
   for phase in Curriculum(config).phases:
     b = max(phase.batch_size // (batch_split * config.optimizer.grad_accum_steps), 1)
@@ -227,7 +228,8 @@ def activation_bytes(cfg: ml_collections.ConfigDict, batch: int, seq_len: int, *
   def layer(tokens: int) -> float:
     impl = attention_ops.resolve_attention_impl(cfg.attention_impl, length=tokens)
     if impl in ("blockwise", "pallas"):
-      block = (cfg.attention_block_q or 512) * (cfg.attention_block_k or 512)
+      block = math.prod(min(size or attention_ops.default_block_size(), tokens)  # as flash_attention.block_sizes
+                        for size in (cfg.attention_block_q, cfg.attention_block_k))
       attention = 5 * b * tokens * cfg.d_model * 4 + 2 * 2 * b * cfg.num_heads * block * 4
     else:
       attention = 2 * 2 * b * cfg.num_heads * tokens * tokens * 4  # both maps' probabilities, their gradient

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+from typing import Mapping
 
 import flax.linen as nn
 import jax
@@ -122,16 +123,15 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
-def logical_axis_size(mesh: Mesh, rules, logical: str) -> int:
-  """How many ways the mesh splits a logical axis (1 when its rule maps it to no mesh axis)."""
-  spec = nn.logical_to_mesh_axes((logical,), rules)[0]
-  axes = _axes_of(spec)
-  return math.prod(mesh.shape[a] for a in axes)
+def logical_axis_size(mesh_shape: Mapping[str, int], rules, logical: str) -> int:
+  """How many ways a mesh of `mesh_shape` (`Mesh.shape`, or `mesh_shape(...)`'s) splits a logical axis (1 when
+  its rule maps it to no mesh axis)."""
+  return math.prod(mesh_shape.get(a, 1) for a in _axes_of(nn.logical_to_mesh_axes((logical,), rules)[0]))
 
 
 def data_parallel_size(mesh: Mesh, rules) -> int:
   """How many ways the batch axis is split: the global batch must be a multiple of it."""
-  return logical_axis_size(mesh, rules, "batch")
+  return logical_axis_size(mesh.shape, rules, "batch")
 
 
 def global_batch(local_batch: dict, sharding: NamedSharding) -> dict:

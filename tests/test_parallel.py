@@ -77,3 +77,16 @@ def test_collective_bytes_count_a_loop_body_once_per_iteration():
   local = 8 * 8 * 4  # bytes of one device's [8, 8] float32 block
   assert parallel.collective_bytes(hlo, "all-to-all") == 2 * 3 * local
   assert parallel.collective_bytes(hlo, "all-reduce") == local
+
+
+def test_the_memory_preflight_splits_the_batch_by_its_rule(make_config):
+  """Activations per device follow `mesh.axis_rules`' batch rule: split over data alone (2 ways), not data x
+  fsdp (8 ways), a device holds four times the sequences."""
+  config = make_config()
+  config.curriculum.tokens_per_batch = 512  # batches of 64 / 32 sequences: every split is whole
+  config.mesh.shape.update(data=2, fsdp=4)
+  shape = parallel.mesh_shape(config.mesh, 8)
+  default = estimate.training_memory_per_device(config, shape)["activations"]
+  config.mesh.axis_rules = tuple((name, ("data",) if name == "batch" else axes)
+                                 for name, axes in config.mesh.axis_rules)
+  assert estimate.training_memory_per_device(config, shape)["activations"] == pytest.approx(4 * default)

@@ -249,7 +249,7 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, *,
   mesh = parallel.make_mesh(config.mesh)
   rules = parallel.axis_rules(config.mesh)
   dp_size = parallel.data_parallel_size(mesh, rules)
-  expert_devices = parallel.logical_axis_size(mesh, rules, "expert") if config.model.ffn == "moe" else 1
+  expert_devices = parallel.logical_axis_size(mesh.shape, rules, "expert") if config.model.ffn == "moe" else 1
   _check_batch_divisibility(curriculum, config, dp_size, process_count)
 
   model = model_lib.build_model(config.model)
