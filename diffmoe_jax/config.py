@@ -456,6 +456,10 @@ def phase_seq_len(config: ml_collections.ConfigDict, name: str) -> int:
   return p.seq_len or int(round(p.context_fraction * config.model.max_seq_len))
 
 
+def _is_number(value) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _check_capacity(value, field: str) -> None:
   _require(isinstance(value, (int, float)) and 0.0 < value <= 1.0, field,
            f"{value!r} must lie in (0, 1]: the fraction of a sequence's tokens a routed layer processes.")
@@ -463,7 +467,21 @@ def _check_capacity(value, field: str) -> None:
 
 def _validate_training(config: ml_collections.ConfigDict) -> None:
   o, cur, m = config.optimizer, config.curriculum, config.model
-  _require(o.peak_lr > 0, "optimizer.peak_lr", f"must be > 0, got {o.peak_lr}.")
+  _require(_is_number(o.peak_lr) and o.peak_lr > 0, "optimizer.peak_lr", f"must be > 0, got {o.peak_lr!r}.")
+  for field in ("b1", "b2"):
+    _require(_is_number(o[field]) and 0.0 <= o[field] < 1.0, f"optimizer.{field}",
+             f"Adam's decay rate must lie in [0, 1), got {o[field]!r}.")
+  _require(_is_number(o.eps) and o.eps > 0, "optimizer.eps", f"must be > 0, got {o.eps!r}.")
+  _require(_is_number(o.weight_decay) and o.weight_decay >= 0, "optimizer.weight_decay",
+           f"must be >= 0, got {o.weight_decay!r}.")
+  _require(isinstance(config.seed, int) and not isinstance(config.seed, bool) and config.seed >= 0, "seed",
+           f"must be an integer >= 0, got {config.seed!r}.")
+  _require(_is_number(config.train.memory_headroom) and 0.0 < config.train.memory_headroom <= 1.0,
+           "train.memory_headroom", f"the fraction of memory a run may plan to use must lie in (0, 1], got "
+           f"{config.train.memory_headroom!r}.")
+  _require(_is_number(config.train.peak_flops_per_device) and config.train.peak_flops_per_device >= 0,
+           "train.peak_flops_per_device", f"must be >= 0 (0: the device's known peak), got "
+           f"{config.train.peak_flops_per_device!r}.")
   _require(config.train.run_steps >= 0, "train.run_steps", f"must be >= 0, got {config.train.run_steps}.")
   _require(isinstance(config.train.allow_config_change, str), "train.allow_config_change",
            f"must be a string of comma-separated field paths, got {config.train.allow_config_change!r}.")
@@ -491,8 +509,10 @@ def _validate_training(config: ml_collections.ConfigDict) -> None:
     _require(name not in cur.order[:i], "curriculum.order", f"names {name!r} twice; list each phase once.")
     p = cur[name]
     f = f"curriculum.{name}"
-    _require(p.steps >= 0 and 0.0 <= p.fraction <= 1.0, f,
-             f"steps ({p.steps}) must be >= 0 and fraction ({p.fraction}) in [0, 1].")
+    _require(isinstance(p.steps, int) and p.steps >= 0 and _is_number(p.fraction) and 0 <= p.fraction <= 1, f,
+             f"steps ({p.steps!r}) must be an integer >= 0 and fraction ({p.fraction!r}) in [0, 1].")
+    _require(isinstance(p.batch_size, int) and p.batch_size >= 0, f"{f}.batch_size",
+             f"must be an integer >= 0 (0: curriculum.tokens_per_batch // seq_len), got {p.batch_size!r}.")
     seq_len = phase_seq_len(config, name)
     _require(0 < seq_len <= m.max_seq_len, f"{f}.seq_len",
              f"the phase's sequence length {seq_len} (seq_len={p.seq_len}, context_fraction="
@@ -513,7 +533,9 @@ def _validate_training(config: ml_collections.ConfigDict) -> None:
     for domain in p.domain_weights.keys():
       _require(domain in domains, f"{f}.domain_weights.{domain}",
                f"names no domain in data.domains ({sorted(domains)}).")
-      _require(p.domain_weights[domain] >= 0, f"{f}.domain_weights.{domain}", "must be >= 0.")
+      _require(_is_number(p.domain_weights[domain]) and p.domain_weights[domain] >= 0,
+               f"{f}.domain_weights.{domain}", f"must be a number >= 0 (such as 0.3), got "
+               f"{p.domain_weights[domain]!r}.")
     if len(p.domain_weights):
       _require(sum(p.domain_weights.values()) > 0, f"{f}.domain_weights", "all weights are zero.")
   phase_lengths(cur)

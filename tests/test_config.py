@@ -77,6 +77,16 @@ def _bad(**fields):
      r"curriculum\.order: names 'cooldown', but curriculum\.cooldown is not defined; the phases defined are "
      r"\['anneal', 'foundation', 'long_context', 'sparsify', 'specialize', 'warmup'\]"),
     ({"curriculum.order": ("warmup", "warmup")}, r"curriculum\.order: names 'warmup' twice"),
+    ({"seed": -1}, r"config\.seed: must be an integer >= 0, got -1\."),
+    ({"optimizer.b2": 1.0}, r"optimizer\.b2: Adam's decay rate must lie in \[0, 1\), got 1\.0"),
+    ({"optimizer.eps": 0.0}, r"optimizer\.eps: must be > 0"),
+    ({"optimizer.weight_decay": -0.1}, r"optimizer\.weight_decay: must be >= 0, got -0\.1"),
+    ({"train.memory_headroom": 0.0}, r"train\.memory_headroom: the fraction of memory .* must lie in \(0, 1\]"),
+    ({"train.peak_flops_per_device": -1.0}, r"train\.peak_flops_per_device: must be >= 0"),
+    ({"curriculum.long_context.batch_size": -8},
+     r"curriculum\.long_context\.batch_size: must be an integer >= 0 .*got -8"),
+    ({"curriculum.anneal.domain_weights": {"code": "1/3"}},
+     r"curriculum\.anneal\.domain_weights\.code: must be a number >= 0 \(such as 0\.3\), got '1/3'"),
     ({"model.attention_gpu_launch.dkv": "64,64,4"}, r"model\.attention_gpu_launch\.dkv: '64,64,4' is not "
      r"'rows,step,warps,stages' \(four integers, such as '64,64,4,2'\), or '' for the default"),
     ({"model.attention_gpu_launch.dq": "64,8,4,2"},
