@@ -112,6 +112,9 @@ ARMS = {
 
 
 def arm_names(config: ml_collections.ConfigDict) -> list[str]:
+  if "ablation" not in config:
+    raise AblationError("the config has no ablation section (config.ablation.arms, config.ablation.seeds); use "
+                        "--config=configs/ablation.py, or add one to your config as that file does.")
   names = [n.strip() for n in str(config.ablation.arms).split(",") if n.strip()]
   unknown = [n for n in names if n not in ARMS]
   if unknown or "full" not in names or len(set(names)) != len(names):
@@ -148,26 +151,16 @@ def _finished(run_dir: str, config: ml_collections.ConfigDict) -> dict | None:
   path = os.path.join(run_dir, RESULT_FILE)
   if not os.path.exists(path):
     return None
+  from diffmoe_jax.train import resume
   with open(path, encoding="utf-8") as f:
     record = json.load(f)
-  saved, now = _flat(record["config"]), _flat(json.loads(config.to_json_best_effort()))
-  # Fields only one side has (added to the defaults since) do not count: they did not exist for that run.
-  changed = sorted(k for k in saved.keys() & now.keys() if saved[k] != now[k])
+  changed = resume.changed_fields(record["config"], config)  # fields the code added or dropped since do not count
   if changed:
-    raise AblationError(f"{run_dir} finished with a different config than this command's (config.{changed[0]}: "
-                        f"{saved[changed[0]]!r} there, {now[changed[0]]!r} now); pass a new --workdir (or delete "
-                        "that run) to train it again.")
+    field, saved, now = changed[0]
+    raise AblationError(f"{run_dir} finished with a different config than this command's (config.{field}: "
+                        f"{saved!r} there, {now!r} now); pass a new --workdir (or delete that run) to train it "
+                        "again.")
   return record
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(_flat(value, f"{prefix}{key}."))
-    else:
-      out[prefix + key] = value
-  return out
 
 
 def _duration(seconds: float) -> str:
@@ -246,8 +239,7 @@ def main(argv, flag_values: dict):
     summary = run(*(flag_values[name].value for name in ("config", "workdir", "report_dir")))
   except (AblationError, CheckpointError, ConfigError, DataError, TrainingStopped, WorkdirError) as e:
     print(f"error: {e}", file=sys.stderr)
-    sys.stdout.flush()
-    os._exit(EXIT_ERROR)  # pylint: disable=protected-access  (Orbax writer threads must not hold the exit)
+    cli.exit_now(EXIT_ERROR)
   if "stopped" in summary:
     sys.exit(EXIT_STOPPED_EARLY)
 

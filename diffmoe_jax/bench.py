@@ -336,6 +336,11 @@ def main(argv: list[str] | None = None) -> None:
   args = parser.parse_args(argv)
   if args.command == "moe" and args.top_k > args.experts:
     parser.error(f"argument --top-k: {args.top_k} exceeds --experts ({args.experts})")
+  if args.command == "train":
+    from diffmoe_jax.train.curriculum import Curriculum
+    phases = [p.name for p in Curriculum(config_lib.load_file(args.config)).phases]
+    if args.phase not in phases:
+      parser.error(f"argument --phase: {args.phase!r} is not a phase of {args.config}; choose from {phases}")
   if args.command == "train" and args.seq_len:
     context = args.max_seq_len or config_lib.load_file(args.config).model.max_seq_len
     if args.seq_len > context:

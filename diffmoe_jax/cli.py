@@ -158,3 +158,11 @@ def parse_flags(default_config: str | None) -> Callable[[list[str]], list[str]]:
     print(f"error: {problem}", file=sys.stderr)
     sys.exit(1)
   return parse
+
+
+def exit_now(code: int) -> None:
+  """Exits without waiting for Orbax's writer threads, which a failed or interrupted save can leave
+  waiting forever."""
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(code)  # pylint: disable=protected-access

@@ -67,6 +67,12 @@ def restore_params(workdir: str, config=None, step: int | None = None):
     if config is None:
       raise checkpoint.CheckpointError(f"{e} Pass the run's config with --config.") from None
     saved_config = None
+  except Exception as e:  # pylint: disable=broad-except  (a damaged config file: Orbax's or the JSON parser's error)
+    if config is None:
+      raise checkpoint.CheckpointError(f"The config saved with the checkpoint at step {step} in {directory} cannot "
+                                       f"be read ({type(e).__name__}); pass the run's config with --config.") from None
+    logging.warning("The config saved at step %d cannot be read (%s); using --config.", step, type(e).__name__)
+    saved_config = None
   if saved_config is not None:  # fields added to the code since the save take their defaults
     saved_config, added = config_lib.with_defaults(saved_config)
     if added:

@@ -173,6 +173,12 @@ def _main(argv, flag: dict) -> None:
   try:
     workdir = evaluate.require_workdir(flag["workdir"].value)
     check([[0]], 2)  # the settings first: a mistake there is reported before the checkpoint is read
+    for i, text in enumerate(flag["prompt"].value):
+      try:
+        text.encode("utf-8")
+      except UnicodeEncodeError as e:  # bytes the shell could not decode arrive as lone surrogates
+        raise ConfigError(f"--prompt number {i + 1} is not valid UTF-8 (at character {e.start}); pass it as UTF-8 "
+                          "text (check the terminal's or file's encoding).") from None
     config, params, step = evaluate.restore_params(workdir, flag["config"].value, flag["step"].value)
     tokenizer = make_tokenizer(config.data.tokenizer)
     prompts = [np.asarray(tokenizer.encode(p), np.int32) for p in flag["prompt"].value]

@@ -173,14 +173,6 @@ def run(config, workdir: str):
   return outcome
 
 
-def _exit_now(code: int) -> None:
-  """Exits without waiting for Orbax's writer threads, which a failed or interrupted save can leave
-  waiting forever."""
-  sys.stdout.flush()
-  sys.stderr.flush()
-  os._exit(code)  # pylint: disable=protected-access
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -198,12 +190,12 @@ def main(argv):
     sys.exit(EXIT_ERROR)
   except CheckpointError as e:
     print(f"error: {e}", file=sys.stderr)
-    _exit_now(EXIT_ERROR)
+    cli.exit_now(EXIT_ERROR)
   except KeyboardInterrupt:
     print(f"error: interrupted by a second Ctrl-C, so no checkpoint of the current step was saved; the earlier "
           f"ones in {os.path.join(os.path.abspath(_WORKDIR.value), 'checkpoints')} are intact. Rerun the same "
           "command to resume from the newest.", file=sys.stderr)
-    _exit_now(EXIT_INTERRUPTED)
+    cli.exit_now(EXIT_INTERRUPTED)
   if outcome.stopped is not None:
     sys.exit(EXIT_STOPPED_EARLY)
 

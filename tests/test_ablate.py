@@ -116,6 +116,15 @@ def test_bad_arm_is_one_line_error(tmp_path):
   assert "Traceback" not in proc.stderr
 
 
+def test_a_config_without_an_ablation_section_is_one_line_error(tmp_path):
+  proc = subprocess.run([sys.executable, "-m", "diffmoe_jax.ablate", "--config=configs/tiny.py", f"--workdir={tmp_path}"],
+                        cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  assert proc.stderr.strip() == ("error: the config has no ablation section (config.ablation.arms, config.ablation."
+                                 "seeds); use --config=configs/ablation.py, or add one to your config as that file "
+                                 "does.")
+
+
 def test_token_lambdas_mix_experts_by_gate_weight():
   lam = np.array([0.2, 0.5, 0.9])
   weights = np.array([[0.75, 0.25], [0.5, 0.5]])

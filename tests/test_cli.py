@@ -103,6 +103,8 @@ def test_estimate_reports_a_bad_config_in_one_line_and_takes_new_domains():
      "is save_names"),
     (["train", "--remat-save-names", "attn_out"], "argument --remat-save-names: give it exactly when "
      "--remat-policy is save_names"),
+    (["train", "--phase", "long-context"], "argument --phase: 'long-context' is not a phase of configs/tiny.py; "
+     "choose from ['warmup', 'foundation', 'sparsify', 'specialize', 'long_context', 'anneal']"),
     (["train", "--attention-gpu-launch", "dkv=64,32"], "argument --attention-gpu-launch: "
      "config.model.attention_gpu_launch.dkv: '64,32' is not 'rows,step,warps,stages'"),
     (["train", "--attention-gpu-launch", "bwd=64,32,4,2"], "argument --attention-gpu-launch: "
@@ -115,6 +117,12 @@ def test_bench_rejects_bad_arguments(argv, message, capsys):
 
 
 # --- The workdir --------------------------------------------------------------------------------------------
+
+def test_an_empty_workdir_is_refused_not_the_current_directory(tmp_path):
+  assert_one_error(run_cli(*train_command("")), "The workdir is empty; pass the run's directory")
+  with pytest.raises(workdir_lib.WorkdirError, match="The workdir is empty"):
+    workdir_lib.prepare(" ")
+
 
 def test_workdir_that_is_a_file_is_one_line(tmp_path):
   path = tmp_path / "a_file"

@@ -176,6 +176,13 @@ def test_both_stdlib_domains_parse_each_file_once(tmp_path, monkeypatch):
   assert bytes(docs.astype(np.uint8)).count(b"Module ") == 6
 
 
+def test_a_token_cache_path_that_is_a_file_is_a_data_error(tmp_path):
+  a_file = tmp_path / "cache"
+  a_file.write_text("")
+  with pytest.raises(data.DataError, match=f"the token cache {a_file} cannot be written .*set config.data.cache_dir"):
+    data.build_corpus(data_config({"code": "stdlib:code"}), cache_root=str(a_file))
+
+
 def test_token_dtype_widens_past_uint16():
   assert corpus_lib.token_dtype(65536) == np.uint16 and corpus_lib.token_dtype(65537) == np.uint32
 

@@ -107,6 +107,15 @@ def test_cli_bad_input_is_one_line(workdir, tmp_path):
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == checkpoints  # nothing lost
 
 
+def test_a_damaged_saved_config_is_one_line(workdir, tmp_path):
+  import shutil
+  old = tmp_path / "old_run"
+  shutil.copytree(workdir, old)
+  (old / "checkpoints" / "4" / "config" / "metadata").write_text("{\"model\": ")
+  assert_one_error(run_cli("diffmoe_jax.evaluate", f"--workdir={old}"),
+                   "The config saved with the checkpoint at step 4", "cannot be read", "pass the run's config with --config")
+
+
 def test_a_config_saved_before_fields_were_added_still_restores(workdir, tmp_path):
   """A run saved by an earlier version of the code lacks the config fields added since: they take their
   defaults (and are named in a warning) instead of failing the restore; the saved files stay as they are."""

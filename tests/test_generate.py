@@ -141,5 +141,8 @@ def test_cli_bad_input_is_one_line(workdir, tmp_path):
   assert_one_error(generate(f"--workdir={workdir}", "--prompt=x", "--top_p=0"), "--top_p=0.0 must lie in (0, 1]")
   assert_one_error(generate(f"--workdir={workdir}", "--prompt=x", "--top_p=1.5"), "--top_p=1.5 must lie in (0, 1]")
   assert_one_error(generate(f"--workdir={workdir}", "--prompt="), "prompt 1 is empty")
+  # A byte the shell could not decode as UTF-8 (Latin-1 é) arrives as a lone surrogate.
+  assert_one_error(generate(f"--workdir={workdir}", "--prompt=x", "--prompt=caf\udce9"),
+                   "--prompt number 2 is not valid UTF-8 (at character 3)")
   assert_one_error(generate(f"--workdir={workdir}", "--prompt=" + "x" * 32),
                    "prompt 1 has 32 tokens, but the context (model.max_seq_len) is 32")

@@ -203,3 +203,53 @@ def test_cli_reports_an_unknown_rule_in_one_line():
   assert proc.returncode == 1
   assert proc.stderr.strip().splitlines()[-1].startswith("error: config.ncas.rules.enabled:")
   assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("layer_multiple", 5, r"layer_multiple: 5 has a prime factor above 3, so none of its multiples is a 3-smooth"),
+    ("layer_multiple", 0, r"layer_multiple: must be a positive integer, got 0"),
+    ("width_per_expert", 0, r"width_per_expert: must be a positive integer, got 0"),
+    ("ffn_ratio", -1.0, r"ffn_ratio: must be a positive number, got -1\.0"),
+    ("head_dims", (), r"head_dims: must be positive integers, got \(\)"),
+])
+def test_completion_settings_that_cannot_complete_a_width_name_their_field(field, value, message):
+  """layer_multiple=5 looped forever looking for a 3-smooth depth; zeros divided by zero."""
+  c = search.defaults()
+  c.ncas.complete[field] = value
+  with pytest.raises(ConfigError, match=r"config\.ncas\.complete\." + message):
+    search.completion_rules(c.ncas)
+
+
+def test_a_stopped_proxy_stops_the_search_resumably(tmp_path, monkeypatch):
+  """A first Ctrl-C or SIGTERM stops the proxy's training with a checkpoint and no evaluation: the search
+  stops too (it read the missing validation loss before) and writes no result for that proxy."""
+  from diffmoe_jax.train import loop
+  monkeypatch.setattr(loop, "train", lambda *args, **kwargs: loop.RunResult(final_step=3, stopped="SIGTERM",
+                                                                            eval={}))
+  config = smoke_config()
+  arch = complete.complete(2304, search.completion_rules(config.ncas))
+  with pytest.raises(search.SearchStopped, match="the proxy pi_2304 stopped early \\(SIGTERM\\); finished proxies "
+                     "are kept, rerun the same command to resume"):
+    search.train_proxy(config, arch, "pi", str(tmp_path), corpus=None, log=lambda line: None)
+  assert not os.path.exists(tmp_path / "proxies" / "pi_2304" / "result.json")
+
+
+def test_a_proxy_finished_with_another_config_is_not_reused(smoke):
+  workdir, _, _ = smoke
+  config = smoke_config()
+  config.ncas.proxy.steps = 7
+  arch = complete.complete(2304, search.completion_rules(config.ncas))
+  with pytest.raises(ConfigError, match=r"proxies/pi_2304 finished with another proxy config \(config\.curriculum\."
+                     r"\w+\.steps: \d+ there, \d+ now\); pass a new --workdir"):
+    search.train_proxy(config, arch, "pi", workdir, corpus=None, log=lambda line: None)
+
+
+def test_cli_workdir_that_is_a_file_or_empty_is_one_line(tmp_path):
+  a_file = tmp_path / "a_file"
+  a_file.write_text("")
+  for workdir, message in ((a_file, f"error: The workdir {a_file} is a file, not a directory"),
+                           ("", "error: The workdir is empty; pass the run's directory")):
+    proc = subprocess.run([sys.executable, "-m", "diffmoe_jax.ncas", "--config=configs/ncas.py",
+                           f"--workdir={workdir}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(message), proc.stderr[-2000:]

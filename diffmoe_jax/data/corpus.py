@@ -112,7 +112,10 @@ def build_corpus(data_config, cache_root: str | None = None) -> Corpus:
   tokenizer = make_tokenizer(data_config.tokenizer)
   root = os.path.expanduser(cache_root or data_config.cache_dir or os.environ.get("DIFFMOE_CACHE")
                             or "~/.cache/diffmoe_jax")
-  os.makedirs(root, exist_ok=True)
+  try:
+    os.makedirs(root, exist_ok=True)
+  except OSError as e:
+    raise _cache_error(root, e) from None
   dirs, notes = {}, {}
   # Derived views of a file, shared by the domains of this build: both stdlib domains compute both views of
   # every file (so they split alike), and parsing out the docstrings is most of a build's time.
@@ -151,7 +154,10 @@ def _cached_domain(source: Source, tokenizer, val_fraction: float, root: str,
   final = os.path.join(root, key)
   if os.path.isfile(os.path.join(final, "meta.json")):
     return final, False
-  tmp = tempfile.mkdtemp(prefix=f".{key}.", dir=root)
+  try:
+    tmp = tempfile.mkdtemp(prefix=f".{key}.", dir=root)
+  except OSError as e:  # a read-only cache serves the domains built into it, and cannot take new ones
+    raise _cache_error(root, e) from None
   try:
     _write_domain(source, tokenizer, val_fraction, tmp, derived_views)
   except BaseException:
@@ -165,6 +171,11 @@ def _cached_domain(source: Source, tokenizer, val_fraction: float, root: str,
     if not os.path.isfile(os.path.join(final, "meta.json")):
       raise
   return final, True
+
+
+def _cache_error(root: str, e: OSError) -> DataError:
+  return DataError(f"the token cache {root} cannot be written ({e.strerror or e}); set config.data.cache_dir (or "
+                   "$DIFFMOE_CACHE) to a directory you can write.")
 
 
 def _write_domain(source: Source, tokenizer, val_fraction: float, out_dir: str, derived_views: dict) -> None:

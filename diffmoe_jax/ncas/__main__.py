@@ -5,7 +5,9 @@
 Filters the candidate widths by the π-constraints, completes each survivor (and each power-of-two
 baseline width) into an architecture, scores it, trains its width-scaled proxy, and writes the table, the
 Pareto front (JSON and PNG), a config for each Pareto point and report.md into the workdir. Rerunning on
-the same workdir resumes: finished proxies are not retrained. Exit 1 with one line on stderr on an error.
+the same workdir resumes: finished proxies are not retrained (a proxy that finished with another config is
+an error). Exit 1 with one line on stderr on an error, 3 when a proxy's training stopped early (SIGTERM, a
+first Ctrl-C): rerun to resume.
 """
 from __future__ import annotations
 
@@ -29,17 +31,21 @@ def main(argv):
   from diffmoe_jax.config import ConfigError
   from diffmoe_jax.data import DataError
   from diffmoe_jax.ncas import search
+  from diffmoe_jax.train.checkpoint import CheckpointError
   from diffmoe_jax.train.loop import TrainingStopped
   from diffmoe_jax.train.workdir import WorkdirError
   try:
     search.run(_CONFIG.value, _WORKDIR.value, log=lambda line: print(line, flush=True),
                report_dir=_REPORT_DIR.value)
-  except (ConfigError, DataError, TrainingStopped, WorkdirError) as e:
+  except search.SearchStopped as e:
+    print(f"stopped: {e}", file=sys.stderr)
+    cli.exit_now(3)
+  except (CheckpointError, ConfigError, DataError, TrainingStopped, WorkdirError) as e:
     print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+    cli.exit_now(1)
   except KeyboardInterrupt:
     print("error: interrupted; finished proxies are kept, rerun the same command to resume.", file=sys.stderr)
-    sys.exit(130)
+    cli.exit_now(130)
 
 
 if __name__ == "__main__":

@@ -61,6 +61,15 @@ def completion_rules(n) -> complete_lib.CompletionRules:
     raise ConfigError(f"config.ncas.complete: {unknown} are no completion settings; they are {sorted(fields)}.")
   values = dict(n.complete)
   values["head_dims"] = tuple(values["head_dims"])
+  for field, value in values.items():
+    numbers = value if field == "head_dims" else (value,)
+    kind = (int, float) if field == "ffn_ratio" else int
+    if not numbers or not all(isinstance(v, kind) and not isinstance(v, bool) and v > 0 for v in numbers):
+      what = {"head_dims": "positive integers", "ffn_ratio": "a positive number"}.get(field, "a positive integer")
+      raise ConfigError(f"config.ncas.complete.{field}: must be {what}, got {value!r}.")
+  if not complete_lib.is_three_smooth(values["layer_multiple"]):
+    raise ConfigError(f"config.ncas.complete.layer_multiple: {values['layer_multiple']} has a prime factor above 3, "
+                      "so none of its multiples is a 3-smooth depth; use a product of 2s and 3s such as 9.")
   return complete_lib.CompletionRules(**values)
 
 
@@ -129,27 +138,40 @@ def _write_json(path: str, value) -> None:
   os.replace(tmp, path)  # a result file is whole or absent, so resume never reads half of one
 
 
+class SearchStopped(Exception):
+  """A proxy's training stopped early (SIGTERM, a first Ctrl-C, train.run_steps): rerunning resumes it."""
+
+
 def train_proxy(config, arch, family: str, workdir: str, corpus, log) -> dict:
-  """The proxy's validation result, from its result.json if it finished before, else by training it."""
-  from diffmoe_jax.train import loop
+  """The proxy's validation result, from its result.json if it finished before with the same config, else by
+  training it."""
+  from diffmoe_jax.train import loop, resume
   name = f"{family}_{arch.d_model}"
   run_dir = os.path.join(workdir, "proxies", name)
   result_path = os.path.join(run_dir, "result.json")
+  cfg = proxy_config(config, arch, name)
   if os.path.exists(result_path):
     with open(result_path, encoding="utf-8") as f:
       result = json.load(f)
+    changed = resume.changed_fields(result.get("config", {}), cfg)
+    if changed:
+      path, saved, now = changed[0]
+      raise ConfigError(f"{run_dir} finished with another proxy config (config.{path}: {saved!r} there, {now!r} "
+                        "now); pass a new --workdir, or delete that proxy to train it again.")
     log(f"  {name}: finished before, validation loss {result['loss']:.4f}")
     return result
-  cfg = proxy_config(config, arch, name)
   start = time.perf_counter()
   outcome = loop.train(cfg, run_dir, corpus=corpus)
+  if outcome.stopped is not None:
+    raise SearchStopped(f"the proxy {name} stopped early ({outcome.stopped}); finished proxies are kept, rerun "
+                        "the same command to resume.")
   result = {"loss": outcome.eval["loss"], "seconds": time.perf_counter() - start,
             "tokens": cfg.curriculum.total_steps * cfg.curriculum.tokens_per_batch,
             "bits_per_byte": {k.split("/")[0]: v for k, v in outcome.eval.items() if k.endswith("/bits_per_byte")},
             "proxy": dataclasses.asdict(complete_lib.proxy(arch, config.ncas.proxy.scale,
-                                                           config.ncas.proxy.num_layers, config.ncas.proxy.seq_len))}
-  if outcome.stopped is None:
-    _write_json(result_path, result)
+                                                           config.ncas.proxy.num_layers, config.ncas.proxy.seq_len)),
+            "config": json.loads(cfg.to_json_best_effort())}
+  _write_json(result_path, result)
   log(f"  {name}: validation loss {result['loss']:.4f} in {result['seconds']:.0f} s")
   return result
 
@@ -195,8 +217,10 @@ def static_scores(config, arch) -> dict:
 
 def run(config, workdir: str, log=print, report_dir: str = "") -> dict:
   """The whole search; returns the report's data, also written to report_dir (default: the workdir)."""
+  from diffmoe_jax.train import workdir as workdir_lib
   validate(config)
-  os.makedirs(workdir, exist_ok=True)
+  workdir = workdir_lib.prepare(workdir)
+  report_dir = workdir_lib.prepare(report_dir) if report_dir else workdir
   start = time.perf_counter()
   rows = screen(config)
   pi_rows = [r for r in rows if r["family"] == PI]
@@ -222,8 +246,6 @@ def run(config, workdir: str, log=print, report_dir: str = "") -> dict:
   result = {"rows": rows, "fronts": fronts, "objectives": objectives,
             "paper_mismatches": complete_lib.paper_mismatches(rules),
             "seconds": time.perf_counter() - start}
-  report_dir = report_dir or workdir
-  os.makedirs(report_dir, exist_ok=True)
   write_report(config, report_dir, result)
   log(f"Pareto front (π family): {fronts[PI]}; joint with the baseline: {fronts['joint']}. "
       f"Report in {report_dir} ({result['seconds']:.0f} s).")

@@ -191,8 +191,8 @@ def differential_attention(q: jax.Array, k: jax.Array, v: jax.Array, lam, *, cau
   q = q * jnp.asarray(d**-0.5, q.dtype)
   if implementation in BLOCKWISE:
     return _blockwise(implementation, q, k, v, jnp.stack([jnp.ones_like(lam), -lam], axis=-1), block_q, block_k,
-                      (gpu_backward, gpu_launches), q_positions=q_positions, kv_positions=kv_positions, causal=causal, kv_mask=kv_mask,
-                      q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
+                      (gpu_backward, gpu_launches), q_positions=q_positions, kv_positions=kv_positions, causal=causal,
+                      kv_mask=kv_mask, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
   mask = attention_mask(q_positions, kv_positions, causal=causal, kv_mask=kv_mask, q_segment_ids=q_segment_ids,
                         kv_segment_ids=kv_segment_ids)
   if implementation == "explicit":

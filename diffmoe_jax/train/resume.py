@@ -55,6 +55,12 @@ def differences(saved: Mapping, current: Any) -> list[tuple[str, Any, Any]]:
   return out
 
 
+def changed_fields(saved: Mapping, current: Any) -> list[tuple[str, Any, Any]]:
+  """`differences` in the fields both configs have: one only one side has was added or dropped by the code
+  since (for a finished run's result, which a rerun reuses rather than resumes)."""
+  return [d for d in differences(saved, current) if d[1] is not _MISSING and d[2] is not _MISSING]
+
+
 def _show(value: Any) -> str:
   text = "<absent>" if value is _MISSING else json.dumps(value)
   return text if len(text) <= 60 else text[:57] + "..."
@@ -94,7 +100,7 @@ def check(config, *, saved_config: Mapping | None, saved_shapes: Mapping | None,
   """
   diffs = []
   if saved_config is not None:
-    saved_config, obsolete = config_lib.without_obsolete(dict(saved_config))
+    saved_config, obsolete = config_lib.without_obsolete(_normalised(saved_config))
     if obsolete:
       logging.info("The config saved at step %d has fields this code no longer has, ignored: %s.", step,
                    ", ".join(obsolete))

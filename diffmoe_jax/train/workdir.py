@@ -16,6 +16,8 @@ class WorkdirError(RuntimeError):
 
 def prepare(workdir: str | os.PathLike) -> str:
   """`workdir` as an absolute path, created if missing; WorkdirError naming the path if it cannot be used."""
+  if not os.fspath(workdir).strip():  # e.g. --workdir=$RUN_DIR with the variable unset: not the current directory
+    raise WorkdirError("The workdir is empty; pass the run's directory, such as --workdir=runs/tiny.")
   path = os.path.abspath(os.path.expanduser(os.fspath(workdir)))
   if os.path.exists(path) and not os.path.isdir(path):
     raise WorkdirError(f"The workdir {path} is a file, not a directory; pass another --workdir.")
