@@ -264,6 +264,13 @@ def _positive_float(text: str) -> float:
   return value
 
 
+def _fraction(text: str) -> float:
+  value = _positive_float(text)
+  if value > 1:
+    raise argparse.ArgumentTypeError(f"{value} must lie in (0, 1]")
+  return value
+
+
 def _config_file(path: str) -> str:
   if not os.path.isfile(path):
     raise argparse.ArgumentTypeError(f"there is no config file {path} (relative to {os.getcwd()})")

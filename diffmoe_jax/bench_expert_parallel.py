@@ -23,17 +23,18 @@ from diffmoe_jax.ops import dispatch, expert_parallel, routing
 from diffmoe_jax.parallel import collective_bytes
 
 def add_parser(commands) -> None:
+  from diffmoe_jax.bench import NON_NEGATIVE, POSITIVE, _positive_float
   p = commands.add_parser("expert_parallel", help="expert-parallel MoE vs replicated experts (multi-device)")
-  p.add_argument("--expert-axis", type=int, default=4, help="devices the experts are split over")
-  p.add_argument("--batch-per-device", type=int, default=2)
-  p.add_argument("--seq-len", type=int, default=512)
-  p.add_argument("--d-model", type=int, default=288)
-  p.add_argument("--ffn-dim", type=int, default=768)
-  p.add_argument("--experts", type=int, default=8)
-  p.add_argument("--top-k", type=int, default=2)
-  p.add_argument("--capacity-factor", type=float, default=1.25)
-  p.add_argument("--warmup", type=int, default=2)
-  p.add_argument("--reps", type=int, default=7)
+  p.add_argument("--expert-axis", type=POSITIVE, default=4, help="devices the experts are split over")
+  p.add_argument("--batch-per-device", type=POSITIVE, default=2)
+  p.add_argument("--seq-len", type=POSITIVE, default=512)
+  p.add_argument("--d-model", type=POSITIVE, default=288)
+  p.add_argument("--ffn-dim", type=POSITIVE, default=768)
+  p.add_argument("--experts", type=POSITIVE, default=8)
+  p.add_argument("--top-k", type=POSITIVE, default=2)
+  p.add_argument("--capacity-factor", type=_positive_float, default=1.25)
+  p.add_argument("--warmup", type=NON_NEGATIVE, default=2)
+  p.add_argument("--reps", type=POSITIVE, default=7)
   p.set_defaults(run=run)
 
 

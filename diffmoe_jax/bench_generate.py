@@ -20,13 +20,13 @@ import numpy as np
 
 
 def add_parser(commands) -> None:
-  from diffmoe_jax.bench import NON_NEGATIVE, POSITIVE, _config_file, _positive_float
+  from diffmoe_jax.bench import NON_NEGATIVE, POSITIVE, _config_file, _fraction
   p = commands.add_parser("generate", help="prefill / decode tokens/s; MoD skipping vs masking at decode")
   p.add_argument("--config", type=_config_file, default="configs/tiny.py")
   p.add_argument("--batch", type=POSITIVE, default=1)
   p.add_argument("--prompt-len", type=POSITIVE, default=64)
   p.add_argument("--new-tokens", type=POSITIVE, default=128)
-  p.add_argument("--capacity", type=_positive_float, default=0.25,
+  p.add_argument("--capacity", type=_fraction, default=0.25,
                  help="the fraction of tokens each routed layer's predictor selects")
   p.add_argument("--reps", type=POSITIVE, default=3)
   p.add_argument("--seed", type=NON_NEGATIVE, default=0)

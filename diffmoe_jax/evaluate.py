@@ -132,7 +132,7 @@ def evaluate(config, params, *, files: list[str] = (), domains: bool = True, eva
   perplexity, bits_per_byte}}, "loss": over the domains' tokens} (nats per token)."""
   import flax.linen as nn
   import jax
-  from diffmoe_jax import data, parallel
+  from diffmoe_jax import config as config_lib, data, parallel
   from diffmoe_jax.nn import model as model_lib
   from diffmoe_jax.train import loop, step as step_lib
   texts = read_text_files(list(files), data.make_tokenizer(config.data.tokenizer))  # a bad file fails at once
@@ -140,6 +140,11 @@ def evaluate(config, params, *, files: list[str] = (), domains: bool = True, eva
   mesh, rules = parallel.make_mesh(config.mesh), parallel.axis_rules(config.mesh)
   batch_sharding = parallel.batch_sharding(mesh, rules)
   seq_len, batch_size = config.model.max_seq_len, config.train.eval_batch_size
+  split = max(parallel.data_parallel_size(mesh, rules), jax.process_count())
+  if batch_size % split:
+    raise config_lib.ConfigError(
+        f"config.train.eval_batch_size ({batch_size}) is not a multiple of the {split} ways this machine's mesh "
+        "splits a batch; pass --config=<the run's config> with --config.train.eval_batch_size=<a multiple>.")
   eval_step = step_lib.make_eval_step(model_lib.build_model(config.model))
   param_shardings = jax.tree.map(lambda x: x.sharding, params)
   jitted = {}

@@ -103,6 +103,8 @@ def test_estimate_reports_a_bad_config_in_one_line_and_takes_new_domains():
      "is save_names"),
     (["train", "--remat-save-names", "attn_out"], "argument --remat-save-names: give it exactly when "
      "--remat-policy is save_names"),
+    (["generate", "--capacity", "1.5"], "argument --capacity: 1.5 must lie in (0, 1]"),
+    (["expert_parallel", "--expert-axis", "0"], "argument --expert-axis: 0 must be at least 1"),
     (["train", "--phase", "long-context"], "argument --phase: 'long-context' is not a phase of configs/tiny.py; "
      "choose from ['warmup', 'foundation', 'sparsify', 'specialize', 'long_context', 'anneal']"),
     (["train", "--attention-gpu-launch", "dkv=64,32"], "argument --attention-gpu-launch: "

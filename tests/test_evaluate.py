@@ -104,6 +104,9 @@ def test_cli_bad_input_is_one_line(workdir, tmp_path):
   assert_one_error(run_cli("diffmoe_jax.evaluate", f"--workdir={workdir}", f"--config={CONFIG_PATH}",
                            *SHORT_RUN, "--config.model.d_model=24", "--config.model.head_dim=12"),
                    "another shape", "model.d_model 48 -> 24")
+  assert_one_error(run_cli("diffmoe_jax.evaluate", f"--workdir={workdir}", f"--config={CONFIG_PATH}", *SHORT_RUN,
+                           "--config.train.eval_batch_size=12"),
+                   "config.train.eval_batch_size (12) is not a multiple of the 8 ways this machine's mesh splits")
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == checkpoints  # nothing lost
 
 
