@@ -25,6 +25,7 @@ import dataclasses
 import functools
 import os
 import statistics
+import sys
 import time
 
 import flax.linen as nn
@@ -192,6 +193,7 @@ def bench_train(args: argparse.Namespace) -> None:
     config.model.attention_gpu_launch[kernel] = launch
   if args.max_seq_len:
     config.model.max_seq_len = args.max_seq_len
+  config_lib.validate(config)
   curriculum = Curriculum(config)
   phase = next(p for p in curriculum.phases if p.name == args.phase)
   phase = dataclasses.replace(phase, batch_size=args.batch or phase.batch_size, seq_len=args.seq_len or phase.seq_len)
@@ -341,6 +343,16 @@ def main(argv: list[str] | None = None) -> None:
   bench_kernels.add_parser(commands)
 
   args = parser.parse_args(argv)
+  from diffmoe_jax.data import DataError
+  try:
+    _check_and_run(args, parser)
+  except (config_lib.ConfigError, DataError) as e:  # a config file or data mistake: one line, as the other commands
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+
+
+def _check_and_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+  from diffmoe_jax import bench_kernels
   if args.command == "moe" and args.top_k > args.experts:
     parser.error(f"argument --top-k: {args.top_k} exceeds --experts ({args.experts})")
   if args.command == "train":

@@ -118,6 +118,16 @@ def test_bench_rejects_bad_arguments(argv, message, capsys):
   assert info.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_bench_reports_a_bad_config_in_one_line(tmp_path, capsys):
+  bad = tmp_path / "bad.py"
+  bad.write_text("from diffmoe_jax import config as config_lib\n\ndef get_config():\n"
+                 "  c = config_lib.load_file('configs/tiny.py')\n  c.model.d_model = 7\n  return c\n")
+  with pytest.raises(SystemExit) as info:
+    bench.main(["train", "--config", str(bad)])
+  err = capsys.readouterr().err
+  assert info.value.code == 1 and err.startswith("error: config.model.d_model: 7 must equal") and err.count("\n") == 1
+
+
 # --- The workdir --------------------------------------------------------------------------------------------
 
 def test_an_empty_workdir_is_refused_not_the_current_directory(tmp_path):
