@@ -218,9 +218,8 @@ def bench_train(args: argparse.Namespace) -> None:
   jax.block_until_ready(metrics_)
   step_seconds = (time.perf_counter() - start) / args.steps
   tokens = phase.batch_size * phase.seq_len
-  counts = estimate.count_params(config.model)
-  capacity = 1.0 if settings.mod_mode == "off" else settings.mod_capacity
-  flops = 3 * estimate.forward_flops_per_token(config.model, counts, phase.seq_len, mod_capacity=capacity)
+  flops = estimate.train_flops_per_token(config.model, estimate.count_params(config.model), phase.seq_len,
+                                        mod_mode=settings.mod_mode, mod_capacity=settings.mod_capacity)
   peak = metrics.device_peak_flops()  # the step runs on one device
 
   start = time.perf_counter()

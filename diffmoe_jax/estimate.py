@@ -103,6 +103,12 @@ def active_params(cfg, counts: ParamCounts, *, with_mod: bool) -> float:
           + counts.sum({"routed"}, {"mod_router"}))
 
 
+def train_flops_per_token(cfg, counts: ParamCounts, seq_len: int, *, mod_mode: str, mod_capacity: float) -> float:
+  """Training FLOPs per token of a curriculum step (MoD `mod_mode` at `mod_capacity`): three forwards, the
+  backward costing two."""
+  return 3 * forward_flops_per_token(cfg, counts, seq_len, mod_capacity=1.0 if mod_mode == "off" else mod_capacity)
+
+
 def forward_flops_per_token(cfg, counts: ParamCounts, seq_len: int, *, mod_capacity: float | None = None) -> float:
   """Forward FLOPs per token at `seq_len`: weight matmuls plus attention over the causal context.
 
@@ -195,18 +201,18 @@ def training_memory_per_device(config: ml_collections.ConfigDict, mesh_shape: di
   """
   from diffmoe_jax import parallel
   from diffmoe_jax.train.curriculum import Curriculum  # the phases give the largest batch and length
-  axis = lambda name: mesh_shape.get(name, 1)
   boxed = abstract_state(config) if boxed is None else boxed
   state = state_bytes_per_device(config, mesh_shape, boxed)
   # The gradient and the update's temporaries: twice the weights' shard in the compiled step.
   gradients = 2 * state_bytes_per_device(config, mesh_shape, boxed.params)
-  batch_split = parallel.logical_axis_size(mesh_shape, parallel.axis_rules(config.mesh), "batch")
+  rules = parallel.axis_rules(config.mesh)
+  batch_split = parallel.logical_axis_size(mesh_shape, rules, "batch")
   activations = 0.0
   for phase in Curriculum(config).phases:
     b = max(phase.batch_size // (batch_split * config.optimizer.grad_accum_steps), 1)
     capacity = max(phase.mod_capacity_start, phase.mod_capacity_end) if phase.mod_enabled else 1.0
     activations = max(activations, activation_bytes(config.model, b, phase.seq_len, mod_capacity=capacity,
-                                                    tensor=axis("tensor")))
+                                                    tensor=parallel.logical_axis_size(mesh_shape, rules, "heads")))
   return {"state": state, "gradients": gradients, "activations": activations,
           "total": state + gradients + activations}
 
@@ -220,7 +226,8 @@ def activation_bytes(cfg: ml_collections.ConfigDict, batch: int, seq_len: int, *
   recomputed for its backward pass (per layer, attention: both maps' probabilities on the explicit path;
   q, k, v, the output and one block pair per map on the blockwise and kernel paths; the expert slot
   buffers; a routed layer at `mod_capacity` (None: the model's) counts only the tokens it selects) and the
-  fp32 logits with their gradient. `tests/test_estimate.py` holds it against the compiled program.
+  fp32 logits with their gradient. `tensor`: how many ways the heads (and the FFN width) are split.
+  `tests/test_estimate.py` holds it against the compiled program.
   """
   b, t = batch, seq_len
   size, groups, tail = model_lib.layer_layout(cfg)

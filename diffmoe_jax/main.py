@@ -155,12 +155,7 @@ def run(config, workdir: str):
   lead = jax.process_index() == 0  # in a multi-process run, process 0 alone prints
   if lead:
     print(summary(config, workdir, result, mesh_shape, need, curriculum), flush=True)
-  counts = result["counts"]
-  def flops_per_token(seq_len: int, mod_capacity: float, mod_mode: str) -> float:
-    capacity = 1.0 if mod_mode == "off" else mod_capacity
-    return 3 * estimate.forward_flops_per_token(config.model, counts, seq_len, mod_capacity=capacity)
-
-  outcome = loop.train(config, workdir, flops_per_token=flops_per_token)
+  outcome = loop.train(config, workdir)
   if not lead:
     return outcome
   if outcome.eval:

@@ -45,6 +45,11 @@ def test_smoke_run_writes_table_plots_and_json(smoke):
   assert set(saved["arms"]) == {"full", "differential_v2"}
   full, v2 = saved["arms"]["full"], saved["arms"]["differential_v2"]
   assert full["final_step"] == 6 and full["seeds"] == [0]
+  # Arm runs log what a main run logs, MFU included (the loop computes it from the estimator's FLOPs).
+  from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+  events = EventAccumulator(os.path.join(workdir, "full", "seed0", "tb"))
+  events.Reload()
+  assert {"train/mfu", "train/tokens_per_second"} <= set(events.Tags()["scalars"])
   assert full["delta_vs_full"]["loss"] == 0.0
   assert v2["delta_vs_full"]["loss"] == pytest.approx(v2["mean"]["loss"] - full["mean"]["loss"])
   for domain in ("code", "docs"):

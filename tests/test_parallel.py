@@ -90,3 +90,16 @@ def test_the_memory_preflight_splits_the_batch_by_its_rule(make_config):
   config.mesh.axis_rules = tuple((name, ("data",) if name == "batch" else axes)
                                  for name, axes in config.mesh.axis_rules)
   assert estimate.training_memory_per_device(config, shape)["activations"] == pytest.approx(4 * default)
+
+
+
+def test_the_memory_preflight_splits_the_heads_by_their_rule(make_config):
+  """Heads mapped to no mesh axis are whole on every device, whatever mesh.shape.tensor is."""
+  config = make_config()
+  config.curriculum.tokens_per_batch = 512
+  config.mesh.shape.update(data=4, tensor=2)
+  shape = parallel.mesh_shape(config.mesh, 8)
+  split = estimate.training_memory_per_device(config, shape)["activations"]
+  config.mesh.axis_rules = tuple((name, None if name in ("heads", "mlp", "vocab") else axes)
+                                 for name, axes in config.mesh.axis_rules)
+  assert estimate.training_memory_per_device(config, shape)["activations"] > split

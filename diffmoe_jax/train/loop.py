@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from diffmoe_jax import data, parallel
+from diffmoe_jax import data, estimate, parallel
 from diffmoe_jax.config import ConfigError
 from diffmoe_jax.nn import model as model_lib
 from diffmoe_jax.train import checkpoint, curriculum as curriculum_lib, metrics as metrics_lib, state as state_lib
@@ -222,23 +222,18 @@ def _save_unless_skipping(ckpt: checkpoint.Checkpointer, step: int, state, confi
   ckpt.save(step, state, config)
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, *,
-          flops_per_token: Callable[[int, float, str], float] | None = None,
-          corpus: "data.Corpus | None" = None) -> RunResult:
+def train(config: ml_collections.ConfigDict, workdir: str, *, corpus: "data.Corpus | None" = None) -> RunResult:
   """Trains through the curriculum in `workdir` (resuming if it holds a checkpoint).
 
   The workdir is locked for the run: a second run on it is refused with WorkdirError.
-  flops_per_token(seq_len, mod_capacity, mod_mode) gives training FLOPs per token for tokens/s -> MFU.
   """
   workdir = workdir_lib.prepare(workdir)
   lock = workdir_lib.WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
   with lock:
-    return _train_locked(config, workdir, flops_per_token=flops_per_token, corpus=corpus)
+    return _train_locked(config, workdir, corpus=corpus)
 
 
-def _train_locked(config: ml_collections.ConfigDict, workdir: str, *,
-                  flops_per_token: Callable[[int, float, str], float] | None,
-                  corpus: "data.Corpus | None") -> RunResult:
+def _train_locked(config: ml_collections.ConfigDict, workdir: str, *, corpus: "data.Corpus | None") -> RunResult:
   process_index, process_count = jax.process_index(), jax.process_count()
   corpus = corpus or data.build_corpus(config.data)
   if corpus.tokenizer.vocab_size > config.model.vocab_size:
@@ -317,6 +312,7 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, *,
     return results
 
   peak = metrics_lib.peak_flops(config.train.peak_flops_per_device)
+  param_counts = estimate.count_params(config.model)  # for each logged step's FLOPs, hence MFU
   progress = _Progress(curriculum.total_steps, start_step, config.train.log_every)
   last_eval: dict = {}
   pending = None  # the previous step's metrics, fetched after the next step is dispatched
@@ -337,9 +333,10 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, *,
       scalars.update({"train/tokens_per_second": tokens / seconds, "train/phase": settings.phase.index,
                       "train/seq_len": settings.phase.seq_len, "train/batch_size": settings.phase.batch_size,
                       "train/mod_capacity": settings.mod_capacity, "train/step_seconds": seconds})
-      if flops_per_token is not None and peak > 0:
-        scalars["train/mfu"] = (flops_per_token(settings.phase.seq_len, settings.mod_capacity, settings.mod_mode)
-                                * tokens / seconds / peak)
+      if peak > 0:
+        flops = estimate.train_flops_per_token(config.model, param_counts, settings.phase.seq_len,
+                                               mod_mode=settings.mod_mode, mod_capacity=settings.mod_capacity)
+        scalars["train/mfu"] = flops * tokens / seconds / peak
       scalars.update(_layer_scalars(metrics["layers"], expert_devices))
       writer.scalars(step + 1, scalars)
       for l, load in enumerate(np.asarray(metrics["layers"]["expert_load"])):
