@@ -96,7 +96,7 @@ def check_expert_parallel(config: ml_collections.ConfigDict, mesh_shape: dict[st
   from diffmoe_jax.ops import expert_parallel
   moe, rules = config.model.moe, axis_rules(config.mesh)
   mesh_axes = lambda name: _axes_of(nn.logical_to_mesh_axes((name,), rules)[0])  # one name at a time, as nn/moe
-  ways = math.prod(mesh_shape.get(a, 1) for a in mesh_axes("expert"))
+  ways = logical_axis_size(mesh_shape, rules, "expert")
   if config.model.ffn != "moe" or moe.expert_parallel == "off" or ways == 1:
     return
   where = f"the experts are split {ways} ways (config.mesh.axis_rules and mesh.shape)"
