@@ -197,6 +197,28 @@ def test_sigterm_mid_run_leaves_a_restorable_checkpoint(tmp_path):
   assert ckpt.restore_config()["curriculum"]["total_steps"] == 2400
 
 
+def test_a_second_ctrl_c_that_python_swallows_still_interrupts(capsys):
+  """A signal handler runs inside whatever Python code is current: a second Ctrl-C landing in a garbage-collection
+  callback or a __del__ raised a KeyboardInterrupt there that Python printed as "Exception ignored" and dropped,
+  so the run went on to a graceful stop."""
+
+  class Finalized:
+    def __init__(self, flag):
+      self.flag = flag
+
+    def __del__(self):
+      self.flag._handle(signal.SIGINT, None)  # pylint: disable=protected-access
+
+  with loop._SignalFlag() as flag:  # pylint: disable=protected-access
+    flag._handle(signal.SIGINT, None)  # pylint: disable=protected-access
+    assert flag.check() == "SIGINT"
+    obj = Finalized(flag)
+    del obj  # the second SIGINT's KeyboardInterrupt is raised inside __del__, where Python cannot propagate it
+    with pytest.raises(KeyboardInterrupt):
+      flag.check()
+  assert "Exception ignored" not in capsys.readouterr().err
+
+
 def _fresh_state(config, *, seed: int, length: int):
   """(model, optimizer, initial state, a random batch of 4 sequences of `length` tokens)."""
   model = model_lib.build_model(config.model)

@@ -70,11 +70,18 @@ class _StepClock:
 
 
 class _SignalFlag:
-  """SIGTERM / SIGINT set a flag the loop checks between steps; a second SIGINT interrupts at once."""
+  """SIGTERM / SIGINT set a flag the loop checks between steps; a second SIGINT interrupts at once.
+
+  A handler runs inside whatever Python code is current, so the second SIGINT's KeyboardInterrupt can land where
+  Python cannot propagate it (a garbage-collection callback, a __del__). It is then dropped quietly and `check`
+  raises it again at the loop's next check.
+  """
 
   def __init__(self):
     self.received: int | None = None
+    self.interrupted = False
     self._previous = {}
+    self._previous_unraisablehook = None
 
   def __enter__(self):
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -82,16 +89,29 @@ class _SignalFlag:
         self._previous[sig] = signal.signal(sig, self._handle)
       except ValueError:  # not the main thread: signals stay with whoever owns them
         pass
+    self._previous_unraisablehook, sys.unraisablehook = sys.unraisablehook, self._unraisable
     return self
 
   def _handle(self, signum, frame):
     if self.received is not None and signum == signal.SIGINT:
+      self.interrupted = True
       raise KeyboardInterrupt
     self.received = signum
     logging.warning("Received %s: saving a checkpoint after this step, then stopping.",
                     signal.Signals(signum).name)
 
+  def _unraisable(self, unraisable):
+    if not (self.interrupted and isinstance(unraisable.exc_value, KeyboardInterrupt)):
+      self._previous_unraisablehook(unraisable)
+
+  def check(self) -> str | None:
+    """The name of the signal that asked the run to stop, if any; raises KeyboardInterrupt after a second SIGINT."""
+    if self.interrupted:
+      raise KeyboardInterrupt
+    return None if self.received is None else signal.Signals(self.received).name
+
   def __exit__(self, *exc):
+    sys.unraisablehook = self._previous_unraisablehook
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
 
@@ -383,12 +403,13 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, *, corpus: "d
         if step % config.train.checkpoint_every == 0:
           with clock.pause(state):
             _save_unless_skipping(ckpt, step, state, config)
-        if signals.received is not None:
-          stopped_by = signal.Signals(signals.received).name
+        stopped_by = signals.check()
+        if stopped_by is not None:
           break
       # The last dispatched step is always reported, so TensorBoard ends at the saved state's counts.
       if pending is not None:
         diverged = finish_step(pending) or diverged
+      signals.check()
       if stopped_by is None and step < curriculum.total_steps:
         stopped_by = "train.run_steps"
     progress.close()
