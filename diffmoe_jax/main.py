@@ -51,7 +51,7 @@ def _available_bytes_per_device() -> float:
   return available_kib * 1024 / jax.local_device_count()
 
 
-def check_memory(config, mesh_shape: dict) -> dict:
+def check_memory(config, mesh_shape: dict, backend: str) -> dict:
   from absl import logging
   from diffmoe_jax import estimate
   if config.model.remat_policy not in estimate.MODELED_REMAT_POLICIES:
@@ -63,7 +63,7 @@ def check_memory(config, mesh_shape: dict) -> dict:
   if need["total"] > config.train.memory_headroom * have:
     gib = lambda x: f"{x / 2**30:,.1f} GiB"
     devices = math.prod(mesh_shape.values())
-    fit = fitting_mesh(config, devices, config.train.memory_headroom * have)
+    fit = fitting_mesh(config, devices, config.train.memory_headroom * have, backend)
     if fit is None:
       advice = (f"no mesh of up to {MAX_SUGGESTED_DEVICES:,} devices of this size fits it: lower "
                 "curriculum.tokens_per_batch or raise optimizer.grad_accum_steps, or train a smaller config")
@@ -83,18 +83,23 @@ MAX_SUGGESTED_DEVICES = 16384
 _TENSOR_WAYS = (1, 2, 3, 4, 6, 8, 9, 12, 16)
 
 
-def fitting_mesh(config, devices: int, budget: float) -> tuple[dict, float] | None:
+def fitting_mesh(config, devices: int, budget: float, backend: str) -> tuple[dict, float] | None:
   """A mesh whose estimate fits in `budget` bytes per device, and that estimate: on `devices` devices if
-  one fits, else on the fewest devices that do. Weights shard over fsdp, experts over an expert axis that
-  divides model.moe.num_experts, heads and FFN width over tensor; fsdp x expert must divide every phase's
-  batch (with optimizer.grad_accum_steps), since the batch splits over them.
+  one fits, else on the fewest devices that do.
+
+  Experts split over an expert axis that divides model.moe.num_experts, heads and FFN width over tensor,
+  and the rest of the batch's split over fsdp (weights sharded too) or data. Only meshes this run would
+  accept are named: `config.mesh.axis_rules` must split every phase's batch (with
+  optimizer.grad_accum_steps) evenly, and expert parallelism on `backend` must be possible.
   """
-  from diffmoe_jax import estimate
+  from diffmoe_jax import estimate, parallel
   from diffmoe_jax.config import ConfigError
   from diffmoe_jax.train.curriculum import Curriculum
   accum = config.optimizer.grad_accum_steps
-  batch_gcd = math.gcd(*(p.batch_size // accum for p in Curriculum(config).phases if p.batch_size % accum == 0))
+  batches = [p.batch_size for p in Curriculum(config).phases]
+  batch_gcd = math.gcd(*(b // accum for b in batches if b % accum == 0))
   experts = config.model.moe.num_experts if config.model.ffn == "moe" else 1
+  rules = parallel.axis_rules(config.mesh)
   boxed = estimate.abstract_state(config)
   options = []
   for split in (s for s in range(1, batch_gcd + 1) if batch_gcd % s == 0):
@@ -103,13 +108,17 @@ def fitting_mesh(config, devices: int, budget: float) -> tuple[dict, float] | No
         n = split * tensor
         if n > MAX_SUGGESTED_DEVICES or (n < devices):
           continue
-        shape = {"data": 1, "fsdp": split // expert, "expert": expert, "tensor": tensor}
-        try:
-          total = estimate.training_memory_per_device(config, shape, boxed)["total"]
-        except ConfigError:  # the mesh does not divide some dimension
-          continue
-        if total <= budget:
-          options.append((n != devices, n, total, shape))
+        for rest_axis in ("fsdp", "data"):
+          shape = {"data": 1, "fsdp": 1, "expert": expert, "tensor": tensor, rest_axis: split // expert}
+          if any(b % (accum * parallel.logical_axis_size(shape, rules, "batch")) for b in batches):
+            continue
+          try:
+            parallel.check_expert_parallel(config, shape, backend)
+            total = estimate.training_memory_per_device(config, shape, boxed)["total"]
+          except ConfigError:  # the mesh does not divide some dimension, or the run would refuse it
+            continue
+          if total <= budget:
+            options.append((n != devices, n, total, shape))
   if not options:
     return None
   *_, total, shape = min(options, key=lambda o: o[:3])
@@ -151,7 +160,7 @@ def run(config, workdir: str):
   mesh_shape = parallel.mesh_shape(config.mesh, jax.device_count())
   parallel.check_expert_parallel(config, mesh_shape, jax.default_backend())
   result = estimate.estimate(config)
-  need = check_memory(config, mesh_shape)
+  need = check_memory(config, mesh_shape, jax.default_backend())
   lead = jax.process_index() == 0  # in a multi-process run, process 0 alone prints
   if lead:
     print(summary(config, workdir, result, mesh_shape, need, curriculum), flush=True)

@@ -269,9 +269,9 @@ def test_too_large_config_stops_before_allocating(monkeypatch):
   monkeypatch.setattr(main_lib, "_available_bytes_per_device", lambda: 80 * 2**30)
   with pytest.raises(main_lib.InsufficientMemoryError, match=r"needs about [\d,.]+ GiB per device.*a mesh that "
                                                              r"fits on (\d+) devices: --config\.mesh\.shape") as e:
-    main_lib.check_memory(config, {"data": 1, "fsdp": 8, "expert": 1, "tensor": 1})
+    main_lib.check_memory(config, {"data": 1, "fsdp": 8, "expert": 1, "tensor": 1}, "gpu")
   budget = 0.9 * 80 * 2**30
-  shape, need = main_lib.fitting_mesh(config, 8, budget)
+  shape, need = main_lib.fitting_mesh(config, 8, budget, "gpu")
   devices = math.prod(shape.values())
   assert str(devices) in str(e.value)
   assert need == estimate.training_memory_per_device(config, shape)["total"] <= budget
@@ -281,7 +281,26 @@ def test_too_large_config_stops_before_allocating(monkeypatch):
   # Memory no mesh can provide: the advice is to shrink the batch or the model.
   with pytest.raises(main_lib.InsufficientMemoryError, match=r"no mesh of up to [\d,]+ devices"):
     monkeypatch.setattr(main_lib, "_available_bytes_per_device", lambda: 2**30)
-    main_lib.check_memory(config, {"data": 1, "fsdp": 8, "expert": 1, "tensor": 1})
+    main_lib.check_memory(config, {"data": 1, "fsdp": 8, "expert": 1, "tensor": 1}, "gpu")
+
+
+def test_the_suggested_mesh_is_one_the_run_accepts():
+  """The mesh named for a config too large was built for the default axis rules and any backend: it could
+  split the experts where expert parallelism cannot run, and missed every mesh when the batch rule left out fsdp."""
+  from diffmoe_jax import estimate
+  budget = 0.9 * 16 * 2**30
+  config = load_named("pi_p")
+  config.model.moe.expert_parallel, config.model.moe.dispatch = "ragged", "dropless"  # ragged: not on XLA:CPU
+  on_gpu, _ = main_lib.fitting_mesh(config, 8, budget, "gpu")
+  assert on_gpu["expert"] > 1
+  on_cpu = main_lib.fitting_mesh(config, 8, budget, "cpu")
+  assert on_cpu is None or on_cpu[0]["expert"] == 1
+  config = load_named("pi_p")
+  config.mesh.axis_rules = (("batch", ("data", "expert")),) + tuple(config.mesh.axis_rules[1:])
+  shape, need = main_lib.fitting_mesh(config, 8, 0.9 * 80 * 2**30, "gpu")
+  parallel.check_expert_parallel(config, shape, "gpu")
+  assert need == estimate.training_memory_per_device(config, shape)["total"] <= 0.9 * 80 * 2**30
+  assert shape["data"] * shape["expert"] > 1  # the batch split over the axes its rule names
 
 
 def test_memory_check_warns_for_a_remat_policy_it_does_not_model(caplog):
@@ -289,7 +308,7 @@ def test_memory_check_warns_for_a_remat_policy_it_does_not_model(caplog):
   for policy, warned in (("full", False), ("none", True)):
     config.model.remat_policy = policy
     caplog.clear()
-    main_lib.check_memory(config, {"data": 1, "fsdp": 1, "expert": 1, "tensor": 1})
+    main_lib.check_memory(config, {"data": 1, "fsdp": 1, "expert": 1, "tensor": 1}, "cpu")
     assert ("may still run out of device memory" in caplog.text) == warned, (policy, caplog.text)
 
 
