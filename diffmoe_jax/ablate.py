@@ -182,9 +182,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, report_dir: str = "") -
   plan = [(arm, seed, *arm_config(config, arm, seed)) for arm in names for seed in seed_list]
   workdir = workdir_lib.prepare(workdir)
   report_dir = workdir_lib.prepare(report_dir or os.path.join(workdir, "report"))
-  if config.train.compilation_cache_dir:  # a second seed of an arm reuses the first one's programs
-    import jax
-    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(config.train.compilation_cache_dir))
+  cli.use_compilation_cache(config)  # a second seed of an arm reuses the first one's programs
   corpus = data.build_corpus(config.data)
   records, start = [], time.time()
   # Seconds of the runs trained here, by whether they were their arm's first seed: a later seed reuses the

@@ -160,6 +160,15 @@ def parse_flags(default_config: str | None) -> Callable[[list[str]], list[str]]:
   return parse
 
 
+def use_compilation_cache(config) -> None:
+  """JAX's persistent compilation cache in config.train.compilation_cache_dir ("" leaves it alone): a rerun, a
+  resumed run, another seed of the same model, an evaluation or a generation loads its programs instead of
+  compiling them again."""
+  if config.train.compilation_cache_dir:
+    import jax
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(config.train.compilation_cache_dir))
+
+
 def exit_now(code: int) -> None:
   """Exits without waiting for Orbax's writer threads, which a failed or interrupted save can leave
   waiting forever."""

@@ -79,6 +79,7 @@ def restore_params(workdir: str, config=None, step: int | None = None):
       logging.warning("The config saved at step %d predates %s; using their defaults.", step, ", ".join(added))
   config = saved_config if config is None else config
   config_lib.validate(config)
+  cli.use_compilation_cache(config)
   model = model_lib.build_model(config.model)
   mesh, rules = parallel.make_mesh(config.mesh), parallel.axis_rules(config.mesh)
   abstract_state, _, _ = state_lib.create_state(model, state_lib.make_optimizer(config.optimizer), mesh, rules,

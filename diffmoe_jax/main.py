@@ -154,8 +154,7 @@ def run(config, workdir: str):
   from diffmoe_jax.train import loop, workdir as workdir_lib
   config_lib.validate(config)
   workdir = workdir_lib.prepare(workdir)  # before anything slow: a bad workdir fails at once
-  if config.train.compilation_cache_dir:
-    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(config.train.compilation_cache_dir))
+  cli.use_compilation_cache(config)
   curriculum = curriculum_lib.Curriculum(config)
   mesh_shape = parallel.mesh_shape(config.mesh, jax.device_count())
   parallel.check_expert_parallel(config, mesh_shape, jax.default_backend())

@@ -74,6 +74,19 @@ def test_file_loss_equals_a_direct_forward_pass(workdir, tmp_path):
   np.testing.assert_allclose(got["perplexity"], math.exp(got["loss"]), rtol=1e-6)
 
 
+def test_evaluation_and_generation_use_the_compilation_cache(workdir, tmp_path):
+  """restore_params (evaluate's and generate's) turns on the config's persistent compilation cache, as main does:
+  each invocation compiled its programs from scratch."""
+  config = short_run_config()
+  config.train.compilation_cache_dir = str(tmp_path / "xla")
+  before = jax.config.jax_compilation_cache_dir
+  try:
+    evaluate_lib.restore_params(workdir, config)
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / "xla")
+  finally:
+    jax.config.update("jax_compilation_cache_dir", before)
+
+
 def test_domains_match_the_trainers_evaluation(workdir):
   config, params, _ = evaluate_lib.restore_params(workdir)
   results = evaluate_lib.evaluate(config, params)
