@@ -17,7 +17,6 @@ import time
 
 import ml_collections
 
-from diffmoe_jax import cli
 from diffmoe_jax import config as config_lib
 from diffmoe_jax import data, estimate
 from diffmoe_jax.config import ConfigError
@@ -221,7 +220,6 @@ def run(config, workdir: str, log=print, report_dir: str = "") -> dict:
   from diffmoe_jax.train import workdir as workdir_lib
   validate(config)
   workdir = workdir_lib.prepare(workdir)
-  cli.use_compilation_cache(config)  # a resumed search reloads the interrupted proxy's programs
   report_dir = workdir_lib.prepare(report_dir) if report_dir else workdir
   start = time.perf_counter()
   rows = screen(config)
