@@ -14,13 +14,15 @@ import argparse
 import functools
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from diffmoe_jax import config as config_lib
+from diffmoe_jax import parallel
 from diffmoe_jax.ops import dispatch, expert_parallel, routing
-from diffmoe_jax.parallel import collective_bytes
 
 def add_parser(commands) -> None:
   from diffmoe_jax.bench import NON_NEGATIVE, POSITIVE, _positive_float
@@ -46,10 +48,14 @@ def run(args: argparse.Namespace) -> None:
     raise SystemExit(f"error: --expert-axis {n} must divide the {devices} devices and --experts "
                      f"{args.experts}; on a CPU simulate devices with "
                      "XLA_FLAGS=--xla_force_host_platform_device_count=8.")
-  mesh = jax.make_mesh((devices // n, n), ("data", "expert"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  # The trainer's mesh and rules (the default config's), with the experts split n ways.
+  mesh_config = config_lib.defaults().mesh
+  mesh_config.shape.update(data=-1, fsdp=1, expert=n, tensor=1)
+  mesh, rules = parallel.make_mesh(mesh_config), parallel.axis_rules(mesh_config)
+  batch_axes, expert_axis = (nn.logical_to_mesh_axes((name,), rules)[0] for name in ("batch", "expert"))
   b, t, d, f, e, k = devices * args.batch_per_device, args.seq_len, args.d_model, args.ffn_dim, args.experts, args.top_k
   rng = np.random.default_rng(0)
-  rows = NamedSharding(mesh, P(("data", "expert")))
+  rows = NamedSharding(mesh, P(batch_axes))
   x = jax.device_put(rng.normal(size=(b, t, d)).astype(np.float32), rows)
   cot = jax.device_put(rng.normal(size=(b, t, d)).astype(np.float32), rows)
   logits = jnp.asarray(rng.normal(size=(b, t, e)), jnp.float32)
@@ -59,9 +65,9 @@ def run(args: argparse.Namespace) -> None:
   common = dict(activation="gelu", mode="capacity", capacity_factor=args.capacity_factor)
   layers = {
       "replicated": (functools.partial(dispatch.moe_ffn, **common), NamedSharding(mesh, P())),
-      "expert-parallel": (functools.partial(expert_parallel.moe_ffn, mesh=mesh, batch_axes=("data", "expert"),
-                                            expert_axis="expert", strategy="all_to_all", **common),
-                          NamedSharding(mesh, P("expert"))),
+      "expert-parallel": (functools.partial(expert_parallel.moe_ffn, mesh=mesh, batch_axes=batch_axes,
+                                            expert_axis=expert_axis, strategy="all_to_all", **common),
+                          NamedSharding(mesh, P(expert_axis))),
   }
   fns, texts = {}, {}
   for name, (layer, weight_sharding) in layers.items():
@@ -78,8 +84,8 @@ def run(args: argparse.Namespace) -> None:
   capacity = dispatch.moe_capacity(t, k, e, args.capacity_factor)
   # Per device: the [n, E/n, b_local, C, d] slot buffer, twice forward (out and back) and twice backward.
   analytic = 4 * args.batch_per_device * e * capacity * d * 4
-  measured = collective_bytes(texts["expert-parallel"], "all-to-all")
-  print(f"MoE layer fwd+bwd on {devices} {jax.default_backend()} devices (data {devices // n} x expert {n}), "
+  measured = parallel.collective_bytes(texts["expert-parallel"], "all-to-all")
+  print(f"MoE layer fwd+bwd on {devices} {jax.default_backend()} devices ({dict(mesh.shape)}), "
         f"{b} x {t} tokens, d {d}, {e} experts x {f} top-{k}, capacity {capacity} per sequence")
   for name, seconds in times.items():
     print(f"  {name:<16} {seconds * 1e3:9.2f} ms")

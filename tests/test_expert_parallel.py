@@ -1,5 +1,6 @@
 """Expert parallelism on 8 simulated devices: the sharded layer and train step equal one device's."""
 import functools
+import re
 from unittest import mock
 
 import flax.linen as nn
@@ -228,6 +229,20 @@ def test_all_to_all_bytes_match_the_analytic_count():
   assert collective_bytes(hlo, "all-to-all") == analytic
   # The trainer logs this summary for each compiled step program.
   assert f"all-to-all {analytic / 2**20:,.2f} MiB" in parallel.collective_summary(hlo)
+
+
+def test_expert_parallel_benchmark_runs_on_the_trainers_mesh(capsys):
+  """`bench expert_parallel` times both layouts on the default config's mesh and rules, and its compiled
+  all-to-all bytes equal the analytic count."""
+  from diffmoe_jax import bench as bench_lib
+  bench_lib.main(["expert_parallel", "--seq-len", "16", "--d-model", "16", "--ffn-dim", "32", "--batch-per-device", "1",
+                  "--warmup", "0", "--reps", "1"])
+  out = capsys.readouterr().out
+  assert "8 cpu devices ({'data': 2, 'fsdp': 1, 'expert': 4, 'tensor': 1})" in out, out
+  assert all(f"  {name} " in out for name in ("replicated", "expert-parallel")), out
+  measured, analytic = (int(v.replace(",", "")) for v in
+                        re.search(r"measured ([\d,]+) \(compiled program\), analytic ([\d,]+)", out).groups())
+  assert measured == analytic == 4 * 1 * 8 * dispatch.moe_capacity(16, 2, 8, 1.25) * 16 * 4
 
 
 def test_per_device_expert_load_sums_each_devices_experts():
