@@ -1,0 +1,37 @@
+"""Every `python -m diffmoe_jax.bench` subcommand runs at a small size and prints its figures (the README's
+benchmark table comes from these commands; `bench kernels` and `bench expert_parallel` have their own tests)."""
+import re
+
+import pytest
+
+from diffmoe_jax import bench
+
+NUMBER = r"[\d,.]+"
+CASES = {
+    "moe": (["--batch", "2", "--seq-len", "32", "--d-model", "16", "--ffn-dim", "32", "--experts", "4", "--reps", "1",
+             "--warmup", "0"],
+            [rf"^{variant} .* {NUMBER} +{NUMBER} +{NUMBER} +{NUMBER}$"
+             for variant in ("dense", "capacity", "dropless-padded", "dropless-ragged")]),
+    "attention": (["--seq-len", "32", "--lengths", "64", "--block", "16", "--reps", "1", "--warmup", "0",
+                   "--sweep-batch", "1", "--sweep-reps", "1"],
+                  [rf"^fwd +standard +{NUMBER} ms +differential +{NUMBER} ms +ratio {NUMBER}x$",
+                   rf"^fwd\+bwd +standard +{NUMBER} ms +differential +{NUMBER} ms +ratio {NUMBER}x$",
+                   r"^ +64 .* max \|Δ\| vs explicit: blockwise \d\.\de-0[6-9]$"]),  # the two paths agree
+    "compile": (["--layers", "2", "4", "--batch", "1", "--seq-len", "16"],
+                [rf"^ +2 layers: .* {NUMBER} s$", rf"^ +4 layers: .* {NUMBER} s$", rf"^ratio 4 / 2 layers: {NUMBER}x$"]),
+    "generate": (["--batch", "1", "--prompt-len", "8", "--new-tokens", "4", "--reps", "1"],
+                 [rf"^ +prefill +{NUMBER} tokens/s$", rf"^ +decode, MoD skipping +{NUMBER} tokens/s",
+                  rf"^ +decode speed, skipping / masking: {NUMBER}x$"]),
+    "train": (["--steps", "2", "--data-batches", "2", "--layers", "2", "--batch", "8", "--seq-len", "32"],
+              [rf"^train step +{NUMBER} ms +{NUMBER} tokens/s", rf"^MFU +{NUMBER}%",
+               rf"^data +{NUMBER} tokens/s += {NUMBER}x what the step consumes$"]),
+}
+
+
+@pytest.mark.parametrize("command", sorted(CASES))
+def test_bench_command_prints_its_figures(command, capsys):
+  args, patterns = CASES[command]
+  bench.main([command, *args])
+  out = capsys.readouterr().out
+  for pattern in patterns:
+    assert re.search(pattern, out, re.MULTILINE), (pattern, out)
