@@ -194,7 +194,8 @@ def state_bytes_per_device(config: ml_collections.ConfigDict, mesh_shape: dict[s
 def training_memory_per_device(config: ml_collections.ConfigDict, mesh_shape: dict[str, int],
                                boxed=None) -> dict:
   """Bytes one device needs to train: its shard of the state, the gradients (sharded like the weights)
-  and the activations of the largest phase (`activation_bytes`).
+  and the activations of the largest phase (`activation_bytes`); `largest_phase` is that phase's (name,
+  sequences per device in one micro-batch, sequence length).
 
   The state is summed from the shardings the trainer builds (`state_bytes_per_device`).
   `boxed`: `abstract_state(config)`, when the caller sizes several meshes.
@@ -207,14 +208,16 @@ def training_memory_per_device(config: ml_collections.ConfigDict, mesh_shape: di
   gradients = 2 * state_bytes_per_device(config, mesh_shape, boxed.params)
   rules = parallel.axis_rules(config.mesh)
   batch_split = parallel.logical_axis_size(mesh_shape, rules, "batch")
-  activations = 0.0
+  activations, largest = 0.0, None
   for phase in Curriculum(config).phases:
     b = max(phase.batch_size // (batch_split * config.optimizer.grad_accum_steps), 1)
     capacity = max(phase.mod_capacity_start, phase.mod_capacity_end) if phase.mod_enabled else 1.0
-    activations = max(activations, activation_bytes(config.model, b, phase.seq_len, mod_capacity=capacity,
-                                                    tensor=parallel.logical_axis_size(mesh_shape, rules, "heads")))
+    phase_bytes = activation_bytes(config.model, b, phase.seq_len, mod_capacity=capacity,
+                                   tensor=parallel.logical_axis_size(mesh_shape, rules, "heads"))
+    if phase_bytes > activations:
+      activations, largest = phase_bytes, (phase.name, b, phase.seq_len)
   return {"state": state, "gradients": gradients, "activations": activations,
-          "total": state + gradients + activations}
+          "total": state + gradients + activations, "largest_phase": largest}
 
 
 def activation_bytes(cfg: ml_collections.ConfigDict, batch: int, seq_len: int, *, mod_capacity: float | None = None,

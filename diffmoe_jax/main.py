@@ -60,37 +60,43 @@ def check_memory(config, mesh_shape: dict, backend: str) -> dict:
                     config.model.remat_policy)
   need = estimate.training_memory_per_device(config, mesh_shape)
   have = _available_bytes_per_device()
-  if need["total"] > config.train.memory_headroom * have:
-    gib = lambda x: f"{x / 2**30:,.1f} GiB"
-    devices = math.prod(mesh_shape.values())
-    fit = fitting_mesh(config, devices, config.train.memory_headroom * have, backend)
-    if fit is None:
-      advice = (f"no mesh of up to {MAX_SUGGESTED_DEVICES:,} devices of this size fits it: lower "
-                "curriculum.tokens_per_batch or raise optimizer.grad_accum_steps, or train a smaller config")
-    else:
-      shape, fit_need = fit
-      flags = " ".join(f"--config.mesh.shape.{axis}={size}" for axis, size in shape.items())
-      where = "these" if math.prod(shape.values()) == devices else f"{math.prod(shape.values()):,}"
-      advice = f"a mesh that fits on {where} devices: {flags} (~{gib(fit_need)} per device)"
-    raise InsufficientMemoryError(
-        f"This config needs about {gib(need['total'])} per device to train on mesh {mesh_shape} (state "
-        f"{gib(need['state'])}, activations {gib(need['activations'])}, by the estimator), but a device here "
-        f"has {gib(have)} available (train.memory_headroom = {config.train.memory_headroom}); {advice}.")
-  return need
+  budget = config.train.memory_headroom * have
+  if need["total"] <= budget:
+    return need
+  gib = lambda x: f"{x / 2**30:,.1f} GiB"
+  flags = lambda shape: " ".join(f"--config.mesh.shape.{axis}={size}" for axis, size in shape.items())
+  devices = math.prod(mesh_shape.values())
+  options = mesh_options(config, backend)
+  fit = fitting_mesh(options, devices, budget)
+  if fit is not None:
+    shape, fit_need = fit
+    where = "these" if math.prod(shape.values()) == devices else f"{math.prod(shape.values()):,}"
+    advice = f"a mesh that fits on {where} devices: {flags(shape)} (~{gib(fit_need)} per device)"
+  else:  # the one-device mesh is always an option
+    shape, least = min(options, key=lambda o: o[1])
+    phase, sequences, length = estimate.training_memory_per_device(config, shape)["largest_phase"]
+    advice = (f"no mesh of up to {MAX_SUGGESTED_DEVICES:,} devices fits it; the least any needs is ~{gib(least)} "
+              f"per device ({flags(shape)}, on {math.prod(shape.values()):,} devices; its largest activations are "
+              f"the {phase} phase's, {sequences} sequence(s) of {length:,} tokens per device): "
+              + (f"lower curriculum.{phase}.batch_size" if sequences > 1 else f"shorten curriculum.{phase}.seq_len")
+              + ", or use devices with more memory or a smaller config")
+  raise InsufficientMemoryError(
+      f"This config needs about {gib(need['total'])} per device to train on mesh {mesh_shape} (state "
+      f"{gib(need['state'])}, activations {gib(need['activations'])}, by the estimator), but a device here "
+      f"has {gib(have)} available (train.memory_headroom = {config.train.memory_headroom}); {advice}.")
 
 
 MAX_SUGGESTED_DEVICES = 16384
 _TENSOR_WAYS = (1, 2, 3, 4, 6, 8, 9, 12, 16)
 
 
-def fitting_mesh(config, devices: int, budget: float, backend: str) -> tuple[dict, float] | None:
-  """A mesh whose estimate fits in `budget` bytes per device, and that estimate: on `devices` devices if
-  one fits, else on the fewest devices that do.
+def mesh_options(config, backend: str) -> list[tuple[dict, float]]:
+  """Every mesh of up to MAX_SUGGESTED_DEVICES devices this run would accept, with its estimate per device.
 
   Experts split over an expert axis that divides model.moe.num_experts, heads and FFN width over tensor,
-  and the rest of the batch's split over fsdp (weights sharded too) or data. Only meshes this run would
-  accept are named: `config.mesh.axis_rules` must split every phase's batch (with
-  optimizer.grad_accum_steps) evenly, and expert parallelism on `backend` must be possible.
+  and the rest of the batch's split over fsdp (weights sharded too) or data. `config.mesh.axis_rules` must
+  split every phase's batch (with optimizer.grad_accum_steps) evenly and every dimension it shards, and
+  expert parallelism on `backend` must be possible.
   """
   from diffmoe_jax import estimate, parallel
   from diffmoe_jax.config import ConfigError
@@ -104,24 +110,27 @@ def fitting_mesh(config, devices: int, budget: float, backend: str) -> tuple[dic
   options = []
   for split in (s for s in range(1, batch_gcd + 1) if batch_gcd % s == 0):
     for expert in (e for e in range(1, experts + 1) if experts % e == 0 and split % e == 0):
-      for tensor in _TENSOR_WAYS:
-        n = split * tensor
-        if n > MAX_SUGGESTED_DEVICES or (n < devices):
-          continue
+      for tensor in (t for t in _TENSOR_WAYS if split * t <= MAX_SUGGESTED_DEVICES):
         for rest_axis in ("fsdp", "data"):
           shape = {"data": 1, "fsdp": 1, "expert": expert, "tensor": tensor, rest_axis: split // expert}
           if any(b % (accum * parallel.logical_axis_size(shape, rules, "batch")) for b in batches):
             continue
           try:
             parallel.check_expert_parallel(config, shape, backend)
-            total = estimate.training_memory_per_device(config, shape, boxed)["total"]
+            options.append((shape, estimate.training_memory_per_device(config, shape, boxed)["total"]))
           except ConfigError:  # the mesh does not divide some dimension, or the run would refuse it
             continue
-          if total <= budget:
-            options.append((n != devices, n, total, shape))
-  if not options:
+  return options
+
+
+def fitting_mesh(options: list[tuple[dict, float]], devices: int, budget: float) -> tuple[dict, float] | None:
+  """Of `mesh_options`, one whose estimate fits in `budget` bytes per device, and that estimate: on `devices`
+  devices if one fits, else on the fewest devices above that do."""
+  fits = [(math.prod(shape.values()) != devices, math.prod(shape.values()), total, shape)
+          for shape, total in options if total <= budget and math.prod(shape.values()) >= devices]
+  if not fits:
     return None
-  *_, total, shape = min(options, key=lambda o: o[:3])
+  *_, total, shape = min(fits, key=lambda o: o[:3])
   return shape, total
 
 
