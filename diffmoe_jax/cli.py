@@ -121,9 +121,13 @@ def _library_log_filter(record) -> bool:
 
   Orbax logs every save and restore at INFO, and a damaged checkpoint or a failed save as warnings and
   ERROR tracebacks from its threads, all of which the checkpointer reports itself, in one line each; JAX
-  logs each backend it probes and does not find (libtpu on a machine without a TPU) at INFO.
+  logs each backend it probes and does not find (libtpu on a machine without a TPU) at INFO. A failed
+  restore's other tensorstore reads end as asyncio tasks whose errors nobody retrieves, and asyncio logs
+  each one with its traceback when the task is collected.
   """
   if "/orbax/" in record.pathname:
+    return False
+  if record.name == "asyncio" and "tensorstore_spec" in record.getMessage():
     return False
   if record.name == "jax._src.xla_bridge" and record.levelno < logging.WARNING:
     return not record.getMessage().startswith("Unable to initialize backend")

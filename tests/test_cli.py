@@ -262,6 +262,21 @@ def test_unreadable_checkpoints_are_one_line_each(stopped_run, tmp_path):
   assert "its files cannot be read: a file is shorter than recorded (truncated) (ValueError: " in warnings[0]
 
 
+def test_a_failed_restores_unretrieved_read_errors_stay_off_the_terminal():
+  """The other tensorstore reads of a failed restore end as asyncio tasks whose errors nobody retrieves; asyncio
+  logged each with a traceback when the garbage collector took its task, so the test above failed when that
+  happened before exit."""
+  import logging
+  read_error = ("Task exception was never retrieved\nfuture: <Task finished name='Task-223' coro=<_wrap_awaitable() "
+                "done> exception=ValueError('OUT_OF_RANGE: Error reading \"rng/.zarray\" in OCDBT database "
+                "[tensorstore_spec=\\'{}\\']')>")
+  record = logging.LogRecord("asyncio", logging.ERROR, "asyncio/base_events.py", 1771, read_error, None, None)
+  assert not cli._library_log_filter(record)  # pylint: disable=protected-access
+  other = logging.LogRecord("asyncio", logging.ERROR, "asyncio/base_events.py", 1771,
+                            "Task exception was never retrieved\nfuture: <Task exception=KeyError('x')>", None, None)
+  assert cli._library_log_filter(other)  # pylint: disable=protected-access
+
+
 _FULL_DISK_MAIN = """
 import errno, os, runpy, sys
 from orbax.checkpoint._src.handlers import json_checkpoint_handler
