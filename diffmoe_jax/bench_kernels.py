@@ -102,6 +102,15 @@ def _max_difference(a, b) -> float:
              for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
+def best_line(kernel: str, timings: dict, default) -> str:
+  """The fastest launch as a `bench train` flag and a config override (launch/gpu_checks.sh reads the flag)."""
+  best = min(timings, key=timings.get)
+  setting = f"{'dkv' if kernel == 'dkv_dq' else kernel}={','.join(map(str, best))}"
+  return (f"{kernel:<7} best {tuple(best)}: {1e3 * timings[best]:.3f} ms; default {tuple(default)}: "
+          + (f"{1e3 * timings[default]:.3f} ms" if default in timings else "not run")
+          + f"; --attention-gpu-launch {setting} (config: --config.model.attention_gpu_launch.{setting})")
+
+
 def run(args: argparse.Namespace) -> None:
   from diffmoe_jax.bench import _interleaved_medians
   from diffmoe_jax.ops import pallas_attention as pa
@@ -135,9 +144,4 @@ def run(args: argparse.Namespace) -> None:
       mark = "  (default)" if launch == default else ""
       print(f"{label}: {1e3 * timings[launch]:8.3f} ms  max |Δ| vs default {difference:.1e}{mark}", flush=True)
     if timings:
-      best = min(timings, key=timings.get)
-      setting = f"{'dkv' if kernel == 'dkv_dq' else kernel}={','.join(map(str, best))}"
-      print(f"{kernel:<7} best {tuple(best)}: {1e3 * timings[best]:.3f} ms; default {tuple(default)}: "
-            + (f"{1e3 * timings[default]:.3f} ms" if default in timings else "not run")
-            + f"; --attention-gpu-launch {setting} (config: --config.model.attention_gpu_launch.{setting})",
-            flush=True)
+      print(best_line(kernel, timings, default), flush=True)

@@ -1,5 +1,6 @@
 """launch/: the Colab notebook runs top to bottom (smoke mode, CPU) and the shell scripts parse."""
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -59,3 +60,17 @@ def test_gpu_checks_select_every_kernel_test_they_name():
                "test_gpu_kernels_split_head_widths_into_power_of_two_chunks"):
     assert any(name in line for line in collected), (name, collected)
   assert not any("pallas_tpu" in line for line in collected)
+
+
+def test_gpu_checks_read_the_fastest_one_pass_launch_from_the_kernel_sweep():
+  """The script's sed picks `bench kernels`' fastest dk/dv launch for the tuned training step; a change of that
+  line's format would skip the step without an error."""
+  from diffmoe_jax import bench, bench_kernels
+  from diffmoe_jax.ops import pallas_attention as pa
+  default, faster = pa.Launch(32, 32, 4, 2), pa.Launch(64, 16, 8, 3)
+  line = bench_kernels.best_line("dkv_dq", {default: 2e-3, faster: 1e-3}, default)
+  expression = re.search(r"sed -n '([^']+)'", open(SCRIPTS[2]).read()).group(1)
+  flag = subprocess.run(["sed", "-n", expression], input=line + "\n", capture_output=True, text=True,
+                        check=True).stdout.strip()
+  assert flag == "dkv=64,16,8,3"
+  assert bench._gpu_launch(flag) == ("dkv", "64,16,8,3")  # pylint: disable=protected-access
