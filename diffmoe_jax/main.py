@@ -73,9 +73,9 @@ def check_memory(config, mesh_shape: dict, backend: str) -> dict:
     where = "these" if math.prod(shape.values()) == devices else f"{math.prod(shape.values()):,}"
     advice = f"a mesh that fits on {where} devices: {flags(shape)} (~{gib(fit_need)} per device)"
   else:  # the one-device mesh is always an option
-    shape, least = min(options, key=lambda o: o[1])
-    phase, sequences, length = estimate.training_memory_per_device(config, shape)["largest_phase"]
-    advice = (f"no mesh of up to {MAX_SUGGESTED_DEVICES:,} devices fits it; the least any needs is ~{gib(least)} "
+    shape, least = min(options, key=lambda o: o[1]["total"])
+    phase, sequences, length = least["largest_phase"]
+    advice = (f"no mesh of up to {MAX_SUGGESTED_DEVICES:,} devices fits it; the least any needs is ~{gib(least['total'])} "
               f"per device ({flags(shape)}, on {math.prod(shape.values()):,} devices; its largest activations are "
               f"the {phase} phase's, {sequences} sequence(s) of {length:,} tokens per device): "
               + (f"lower curriculum.{phase}.batch_size" if sequences > 1 else f"shorten curriculum.{phase}.seq_len")
@@ -90,8 +90,9 @@ MAX_SUGGESTED_DEVICES = 16384
 _TENSOR_WAYS = (1, 2, 3, 4, 6, 8, 9, 12, 16)
 
 
-def mesh_options(config, backend: str) -> list[tuple[dict, float]]:
-  """Every mesh of up to MAX_SUGGESTED_DEVICES devices this run would accept, with its estimate per device.
+def mesh_options(config, backend: str) -> list[tuple[dict, dict]]:
+  """Every mesh of up to MAX_SUGGESTED_DEVICES devices this run would accept, with its estimate per device
+  (`estimate.training_memory_per_device`).
 
   Experts split over an expert axis that divides model.moe.num_experts, heads and FFN width over tensor,
   and the rest of the batch's split over fsdp (weights sharded too) or data. `config.mesh.axis_rules` must
@@ -117,17 +118,17 @@ def mesh_options(config, backend: str) -> list[tuple[dict, float]]:
             continue
           try:
             parallel.check_expert_parallel(config, shape, backend)
-            options.append((shape, estimate.training_memory_per_device(config, shape, boxed)["total"]))
+            options.append((shape, estimate.training_memory_per_device(config, shape, boxed)))
           except ConfigError:  # the mesh does not divide some dimension, or the run would refuse it
             continue
   return options
 
 
-def fitting_mesh(options: list[tuple[dict, float]], devices: int, budget: float) -> tuple[dict, float] | None:
-  """Of `mesh_options`, one whose estimate fits in `budget` bytes per device, and that estimate: on `devices`
+def fitting_mesh(options: list[tuple[dict, dict]], devices: int, budget: float) -> tuple[dict, float] | None:
+  """Of `mesh_options`, one whose estimate fits in `budget` bytes per device, and its total: on `devices`
   devices if one fits, else on the fewest devices above that do."""
-  fits = [(math.prod(shape.values()) != devices, math.prod(shape.values()), total, shape)
-          for shape, total in options if total <= budget and math.prod(shape.values()) >= devices]
+  fits = [(math.prod(shape.values()) != devices, math.prod(shape.values()), need["total"], shape)
+          for shape, need in options if need["total"] <= budget and math.prod(shape.values()) >= devices]
   if not fits:
     return None
   *_, total, shape = min(fits, key=lambda o: o[:3])
