@@ -210,7 +210,8 @@ def bench_train(args: argparse.Namespace) -> None:
                                domain_weights=dict(phase.domain_weights))
   dyn = {k: jnp.float32(v) for k, v in step_lib.dynamic_settings(settings).items()}
   batches = [{k: jnp.asarray(v) for k, v in dataset[i].items() if k != "domain"} for i in range(args.steps)]
-  state, _ = step(state, batches[0], dyn)  # compile
+  step = step.lower(state, batches[0], dyn).compile()
+  state, _ = step(state, batches[0], dyn)  # warm up
   jax.block_until_ready(state)
   start = time.perf_counter()
   for batch in batches:
@@ -241,6 +242,17 @@ def bench_train(args: argparse.Namespace) -> None:
   print(f"MFU         {mfu}  of {where}, {peak / 1e9:,.1f} GFLOP/s")
   print(f"data        {data_tokens_per_second:10,.0f} tokens/s  = {data_tokens_per_second / tokens_per_second:,.0f}x "
         f"what the step consumes")
+  if args.profile_top:
+    from diffmoe_jax import op_profile
+    hlo = step.as_text()
+
+    def run():
+      nonlocal state
+      state, out = step(state, batches[0], dyn)
+      jax.block_until_ready(out)
+
+    rows = op_profile.breakdown(op_profile.trace_times(run, hlo, calls=args.steps), hlo)
+    print("\n".join(op_profile.report(rows, calls=args.steps, top=args.profile_top)))
 
 
 def _int_at_least(minimum: int):
@@ -330,6 +342,9 @@ def main(argv: list[str] | None = None) -> None:
                      help="model.attention_gpu_launch.KERNEL (forward, dq, dkv), e.g. dkv=64,32,4,2")
   train.add_argument("--remat-policy", choices=config_lib.REMAT_POLICIES, help="model.remat_policy (default: "
                      "the config's)")
+  train.add_argument("--profile-top", type=NON_NEGATIVE, default=0, metavar="N",
+                     help="also trace --steps steps with the JAX profiler and print where the time goes: per "
+                          "part of the model, per kind of instruction, and the N slowest instructions")
   train.add_argument("--remat-save-names", nargs="+", default=(), choices=config_lib.CHECKPOINT_NAMES,
                      help="model.remat_save_names, with --remat-policy save_names")
   train.set_defaults(run=bench_train)

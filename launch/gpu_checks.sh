@@ -1,17 +1,26 @@
 #!/usr/bin/env bash
 # On one GPU: the attention kernels against the float64 reference and whole-model causality, run on the
 # accelerator, then the GPU benchmarks of the README's table. Each step runs under its own time limit, so
-# one that hangs or fails does not stop the rest; the script exits non-zero if any step failed.
+# one that hangs or fails does not stop the rest; the script exits non-zero if any step failed. All steps
+# together take about ten minutes; naming steps runs only those (e.g. in two shorter runs).
 #
-#   bash launch/gpu_checks.sh [LOG_DIR]      # each step's output also goes to LOG_DIR/<step>.log
+#   bash launch/gpu_checks.sh [LOG_DIR [STEP ...]]      # each step's output also goes to LOG_DIR/<step>.log
 set -u
 logs=${1:-gpu_checks}
+selected=("${@:2}")
 mkdir -p "$logs"
 failed=()
+steps=()
+
+wanted() {  # wanted NAME: a step of the script, and one the command line asks for (all when it names none)
+  steps+=("$1")
+  [ ${#selected[@]} -eq 0 ] || [[ " ${selected[*]} " == *" $1 "* ]]
+}
 
 step() {  # step NAME SECONDS COMMAND...
   local name=$1 limit=$2 start=$SECONDS
   shift 2
+  wanted "$name" || return 0
   echo "=== $name: $*"
   timeout "$limit" "$@" > >(tee "$logs/$name.log") 2>&1
   local rc=$?
@@ -33,16 +42,19 @@ step kernels 150 python3 -m diffmoe_jax.bench kernels --config=configs/pi_p.py -
   --kernels dq dkv dkv_dq --rows 32 64 128 --steps 32 64 --warps 4 8 --stages 2 --budget-s 120
 step train_pi_p 90 python3 -m diffmoe_jax.bench train --config=configs/pi_p.py --layers 4 --seq-len 4096 \
   --batch 1 --steps 5 --data-batches 20
-# The same stack keeping the flash residuals through remat, with the one-pass attention backward.
-step train_pi_p_fast 90 python3 -m diffmoe_jax.bench train --config=configs/pi_p.py --layers 4 --seq-len 4096 \
+# The same stack keeping the flash residuals through remat, with the one-pass attention backward, and where
+# its time goes (a profiler trace: per part of the model and pass, per kind of instruction, the slowest).
+step train_pi_p_fast 100 python3 -m diffmoe_jax.bench train --config=configs/pi_p.py --layers 4 --seq-len 4096 \
   --batch 1 --steps 5 --data-batches 20 --remat-policy save_names --remat-save-names flash_residuals \
-  --attention-gpu-backward one_pass
+  --attention-gpu-backward one_pass --profile-top 30
 # And with the one-pass kernel's fastest launch from the sweep above, if it found one.
 tuned=$(sed -n 's/^dkv_dq .* --attention-gpu-launch \(dkv=[0-9,]*\) .*/\1/p' "$logs/kernels.log" 2>/dev/null)
 if [ -n "$tuned" ]; then
   step train_pi_p_tuned 90 python3 -m diffmoe_jax.bench train --config=configs/pi_p.py --layers 4 --seq-len 4096 \
     --batch 1 --steps 5 --data-batches 20 --remat-policy save_names --remat-save-names flash_residuals \
     --attention-gpu-backward one_pass --attention-gpu-launch "$tuned"
+elif wanted train_pi_p_tuned; then
+  echo "=== train_pi_p_tuned: skipped: $logs/kernels.log names no fastest dkv_dq launch (run the kernels step)"
 fi
 step moe 45 python3 -m diffmoe_jax.bench moe --dtype bfloat16 --variants dropless-padded dropless-ragged \
   --batch 2 --seq-len 4096 --d-model 2592 --ffn-dim 6912 --experts 4 --top-k 2
@@ -51,6 +63,12 @@ step moe_9_experts 45 python3 -m diffmoe_jax.bench moe --dtype bfloat16 --varian
 step train_pi_p_8k 75 python3 -m diffmoe_jax.bench train --config=configs/pi_p.py --layers 2 --seq-len 8192 \
   --batch 1 --steps 3 --data-batches 10
 
+for name in "${selected[@]}"; do
+  if [[ " ${steps[*]} " != *" $name "* ]]; then
+    echo "error: there is no step $name; the steps: ${steps[*]}" >&2
+    exit 2
+  fi
+done
 if [ ${#failed[@]} -gt 0 ]; then
   echo "failed: ${failed[*]}"
   exit 1

@@ -22,9 +22,12 @@ CASES = {
     "generate": (["--batch", "1", "--prompt-len", "8", "--new-tokens", "4", "--reps", "1"],
                  [rf"^ +prefill +{NUMBER} tokens/s$", rf"^ +decode, MoD skipping +{NUMBER} tokens/s",
                   rf"^ +decode speed, skipping / masking: {NUMBER}x$"]),
-    "train": (["--steps", "2", "--data-batches", "2", "--layers", "2", "--batch", "8", "--seq-len", "32"],
+    "train": (["--steps", "2", "--data-batches", "2", "--layers", "2", "--batch", "8", "--seq-len", "32",
+               "--profile-top", "3"],
               [rf"^train step +{NUMBER} ms +{NUMBER} tokens/s", rf"^MFU +{NUMBER}%",
-               rf"^data +{NUMBER} tokens/s += {NUMBER}x what the step consumes$"]),
+               rf"^data +{NUMBER} tokens/s += {NUMBER}x what the step consumes$",
+               rf"^  attention +backward +{NUMBER} ms +{NUMBER}%$", rf"^  moe +recompute +{NUMBER} ms",
+               rf"^  matmul +{NUMBER} ms", r"^the 3 slowest instructions:$"]),
 }
 
 

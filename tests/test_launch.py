@@ -74,3 +74,24 @@ def test_gpu_checks_read_the_fastest_one_pass_launch_from_the_kernel_sweep():
                         check=True).stdout.strip()
   assert flag == "dkv=64,16,8,3"
   assert bench._gpu_launch(flag) == ("dkv", "64,16,8,3")  # pylint: disable=protected-access
+
+
+def test_gpu_checks_run_only_the_steps_named(tmp_path):
+  """`gpu_checks.sh LOG_DIR STEP...` runs those steps alone (a stand-in python3 records what ran); a name that is
+  no step is an error that lists the steps."""
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  (bin_dir / "python3").write_text('#!/bin/sh\necho "ran: $*"\n')
+  (bin_dir / "python3").chmod(0o755)
+  env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+  run = lambda *steps: subprocess.run(["bash", SCRIPTS[2], str(tmp_path / "logs"), *steps], capture_output=True,
+                                      text=True, cwd=ROOT, env=env)
+  result = run("versions", "train_pi_p_fast")
+  assert result.returncode == 0, result.stdout + result.stderr
+  assert re.findall(r"^=== (\w+): exit", result.stdout, re.M) == ["versions", "train_pi_p_fast"]
+  assert "--profile-top" in open(tmp_path / "logs" / "train_pi_p_fast.log").read()
+  result = run("train_pi_p_tuned")  # no kernel sweep in the logs: said, not run
+  assert result.returncode == 0 and "train_pi_p_tuned: skipped" in result.stdout, result.stdout
+  result = run("atention")
+  assert result.returncode == 2 and not re.search("^=== ", result.stdout, re.M)
+  assert "error: there is no step atention; the steps: versions kernel_tests attention" in result.stderr
