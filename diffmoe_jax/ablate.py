@@ -5,9 +5,10 @@
 
 Every arm is the config's model with exactly one change (no per-arm tuning), trained through the same
 curriculum on the same data. Each (arm, seed) trains in `<workdir>/<arm>/seed<k>` and writes `result.json`
-there when it finishes; a rerun skips those and resumes an interrupted one from its checkpoint. Then the
-report (a markdown table in the paper's layout, loss-curve / stable-rank / λ plots and a JSON of every
-number) is written to --report_dir (default `<workdir>/report`).
+there when it finishes; a rerun skips those (refusing one that finished with another config or on other
+training data) and resumes an interrupted one from its checkpoint. Then the report (a markdown table in the
+paper's layout, loss-curve / stable-rank / λ plots and a JSON of every number) is written to --report_dir
+(default `<workdir>/report`), replacing a plot of an earlier report that this one does not draw.
 
 Exit codes: 0 done; 1 error, one line on stderr; 3 a run stopped early (signal or train.run_steps) and
 the command can be rerun to go on.
@@ -146,20 +147,22 @@ def _run_dir(workdir: str, arm: str, seed: int) -> str:
   return os.path.join(workdir, arm, f"seed{seed}")
 
 
-def _finished(run_dir: str, config: ml_collections.ConfigDict) -> dict | None:
-  """The run's saved result, if it finished with this same config; AblationError if with another."""
+def _finished(run_dir: str, config: ml_collections.ConfigDict, fingerprint: dict) -> dict | None:
+  """The run's saved result, if it finished with this same config and on the same data (`Corpus.fingerprint`);
+  AblationError if with another config, WorkdirError if on other data."""
   path = os.path.join(run_dir, RESULT_FILE)
   if not os.path.exists(path):
     return None
-  from diffmoe_jax.train import resume
-  with open(path, encoding="utf-8") as f:
-    record = json.load(f)
-  changed = resume.changed_fields(record["config"], config)  # fields the code added or dropped since do not count
+  from diffmoe_jax.train import resume, workdir as workdir_lib
+  record = workdir_lib.read_result(path)
+  # Fields the code added or dropped since do not count.
+  changed = resume.changed_fields(record.get("config", {}), config)
   if changed:
     field, saved, now = changed[0]
     raise AblationError(f"{run_dir} finished with a different config than this command's (config.{field}: "
                         f"{saved!r} there, {now!r} now); pass a new --workdir (or delete that run) to train it "
                         "again.")
+  workdir_lib.check_data(run_dir, record.get("data"), fingerprint, lambda line: print(line, flush=True))
   return record
 
 
@@ -171,7 +174,8 @@ def _eta(left: list, workdir: str, trained_seconds: dict[bool, list[float]], fir
   """Seconds the unfinished runs of `left` should take, from the mean time of runs of the same kind."""
   every = trained_seconds[True] + trained_seconds[False]
   mean = {kind: sum(t) / len(t) if t else sum(every) / len(every) for kind, t in trained_seconds.items()}
-  return sum(mean[seed == first_seed] for arm, seed, c, _ in left if _finished(_run_dir(workdir, arm, seed), c) is None)
+  return sum(mean[seed == first_seed] for arm, seed, _, _ in left
+             if not os.path.exists(os.path.join(_run_dir(workdir, arm, seed), RESULT_FILE)))
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, report_dir: str = "") -> dict:
@@ -181,7 +185,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, report_dir: str = "") -
   names, seed_list = arm_names(config), seeds(config)
   plan = [(arm, seed, *arm_config(config, arm, seed)) for arm in names for seed in seed_list]
   workdir = workdir_lib.prepare(workdir)
-  report_dir = workdir_lib.prepare(report_dir or os.path.join(workdir, "report"))
+  report_dir = workdir_lib.prepare(report_dir or os.path.join(workdir, "report"), "report_dir")
   cli.use_compilation_cache(config)  # a second seed of an arm reuses the first one's programs
   corpus = data.build_corpus(config.data)
   records, start = [], time.time()
@@ -191,7 +195,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, report_dir: str = "") -
   for i, (arm, seed, run_config, change) in enumerate(plan):
     run_dir = _run_dir(workdir, arm, seed)
     prefix = f"[{i + 1}/{len(plan)}] {arm} seed {seed}"
-    record = _finished(run_dir, run_config)
+    record = _finished(run_dir, run_config, corpus.fingerprint)
     if record is not None:
       print(f"{prefix}: finished earlier (validation loss {record['eval']['loss']:.4f}), skipped", flush=True)
       records.append(record)
@@ -208,10 +212,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, report_dir: str = "") -
         "wall_seconds": time.time() - began,
         "params": {"total": counts.total, "active": estimate.active_params(run_config.model, counts, with_mod=True)},
         "lambda": ablate_analysis.lambda_analysis(run_config, run_dir, corpus),
-        "config": json.loads(run_config.to_json_best_effort()),
+        "config": json.loads(run_config.to_json_best_effort()), "data": corpus.fingerprint,
     }
-    with open(os.path.join(run_dir, RESULT_FILE), "w", encoding="utf-8") as f:
-      json.dump(record, f, indent=1)
+    workdir_lib.write_json(os.path.join(run_dir, RESULT_FILE), record)
     records.append(record)
     trained_seconds[seed == seed_list[0]].append(record["wall_seconds"])
     eta = _eta(plan[i + 1:], workdir, trained_seconds, seed_list[0])
@@ -225,8 +228,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, report_dir: str = "") -
 
 
 def main(argv, flag_values: dict):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  cli.refuse_arguments(argv)
   cli.quiet_library_output()
   from diffmoe_jax.config import ConfigError
   from diffmoe_jax.data import DataError

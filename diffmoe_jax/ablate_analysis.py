@@ -284,9 +284,18 @@ def _lambda_text(lam: dict, domains) -> str:
   return "\n".join(lines)
 
 
+def corpus_text(domains) -> str:
+  """What the report says the runs trained on: config.data.domains, and whether that is the built-in corpus."""
+  specs = ", ".join(f"{name} = {spec!r}" for name, spec in sorted(domains.items()))
+  if all(str(spec).startswith("stdlib:") for spec in domains.values()):
+    return f"the built-in corpus ({specs})"
+  return f"the corpus {specs}"
+
+
 def write_report(config, names: list[str], labels: dict[str, str], models: dict, seed_list: list[int],
                  records: list[dict], workdir: str, report_dir: str) -> dict:
-  """README.md, results.json and the plots in report_dir; returns the JSON's content.
+  """README.md, results.json and the plots in report_dir (removing a plot of FIGURES an earlier report drew and
+  this one does not); returns the JSON's content.
 
   labels: arm -> table row; models: arm -> its model config; records: every run's result.json.
   """
@@ -294,6 +303,7 @@ def write_report(config, names: list[str], labels: dict[str, str], models: dict,
   arms = summarize(names, records, domains)
   scalars = {arm: [read_scalars(os.path.join(workdir, arm, f"seed{s}")) for s in seed_list] for arm in names}
   plot_losses(os.path.join(report_dir, FIGURES["loss"]), names, labels, scalars)
+  drawn = {FIGURES["loss"]}
   wall = sum(r["wall_seconds"] for r in records)
   summary = {"config": config.name, "budget": {"steps": config.curriculum.total_steps,
                                                "tokens_per_batch": config.curriculum.tokens_per_batch,
@@ -304,10 +314,10 @@ def write_report(config, names: list[str], labels: dict[str, str], models: dict,
       "# Ablations at proxy scale",
       f"Produced by `python -m diffmoe_jax.ablate` with config `{config.name}`: every arm is the full model with "
       f"one change, trained through the same {cur.total_steps}-step curriculum ({cur.tokens_per_batch} tokens per "
-      f"batch, context {config.model.max_seq_len}) on the built-in corpus, seeds {seed_list}, no per-arm tuning. "
-      "Validation loss (nats/token, all domains) and bits per byte per domain replace the paper's LiveBench "
-      "score; mean ± sample standard deviation over seeds, Δ = arm − full (positive is worse). Training wall "
-      f"time of the {len(records)} runs: {wall / 60:.1f} minutes on {os.cpu_count()} CPU cores (compiling each "
+      f"batch, context {config.model.max_seq_len}) on {corpus_text(config.data.domains)}, seeds {seed_list}, no "
+      "per-arm tuning. Validation loss (nats/token, all domains) and bits per byte per domain replace the paper's "
+      "LiveBench score; mean ± sample standard deviation over seeds, Δ = arm − full (positive is worse). Training "
+      f"wall time of the {len(records)} runs: {wall / 60:.1f} minutes on {os.cpu_count()} CPU cores (compiling each "
       "arm's programs included). These are proxy-scale numbers, not the paper's.",
       table(names, arms, domains, labels),
       "Changes: " + "; ".join(f"{arm}: {arms[arm]['change']}" for arm in names) + ".",
@@ -323,12 +333,14 @@ def write_report(config, names: list[str], labels: dict[str, str], models: dict,
     text, numbers = _stable_rank_text(curves, labels)
     summary["stable_rank"] = {"curves": curves, **numbers}
     plot_stable_rank(os.path.join(report_dir, FIGURES["stable_rank"]), curves, labels)
+    drawn.add(FIGURES["stable_rank"])
     sections += ["## Stable rank: 3-smooth width vs power-of-two width", text,
                  f"![stable rank]({FIGURES['stable_rank']})"]
   full_lambda = next(r["lambda"] for r in sorted(records, key=lambda r: r["seed"]) if r["arm"] == "full")
   if full_lambda and full_lambda["tokens"]:
     summary["lambda"] = {r["arm"] + f"/seed{r['seed']}": r["lambda"] for r in records if r["lambda"]}
     plot_lambda(os.path.join(report_dir, FIGURES["lambda"]), full_lambda, domains)
+    drawn.add(FIGURES["lambda"])
     sections += ["## λ per expert and by domain (full model, first seed)",
                  "λ_e of each expert after training, and the λ tokens of each domain get through the router "
                  "(gate-weighted mix of their top-k experts' λ; validation batches, every token at every layer):",
@@ -338,6 +350,9 @@ def write_report(config, names: list[str], labels: dict[str, str], models: dict,
       per_domain = [f"{d}: " + ", ".join(f"{row[0]:.3f}" for row in v2["per_layer"][d]) for d in domains]
       sections.append("Differential Transformer V2 arm (first seed), mean per-token λ = sigmoid(W_λ x) per layer: "
                       + "; ".join(per_domain) + ".")
+  for name in set(FIGURES.values()) - drawn:
+    if os.path.exists(os.path.join(report_dir, name)):
+      os.remove(os.path.join(report_dir, name))
   with open(os.path.join(report_dir, "results.json"), "w", encoding="utf-8") as f:
     json.dump(summary, f, indent=1)
   with open(os.path.join(report_dir, "README.md"), "w", encoding="utf-8") as f:

@@ -173,6 +173,24 @@ def use_compilation_cache(config) -> None:
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(config.train.compilation_cache_dir))
 
 
+def refuse_arguments(argv: list[str], hint: str = "settings are flags, such as --config.train.run_steps=10") -> None:
+  """Exits with one line if the command line holds words that are not flags (absl would print all its help)."""
+  if len(argv) > 1:
+    print(f"error: unexpected arguments {argv[1:]}; {hint}.", file=sys.stderr)
+    sys.exit(1)
+
+
+def interruptible(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
+  """`main`, with Ctrl-C ending the command in one line and exit 130 instead of a traceback."""
+  def run(argv):
+    try:
+      main(argv)
+    except KeyboardInterrupt:
+      print("\nerror: interrupted.", file=sys.stderr)
+      exit_now(130)
+  return run
+
+
 def exit_now(code: int) -> None:
   """Exits without waiting for Orbax's writer threads, which a failed or interrupted save can leave
   waiting forever."""

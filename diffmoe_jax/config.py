@@ -117,7 +117,7 @@ def defaults() -> ml_collections.ConfigDict:
   d.domains = ml_collections.ConfigDict({"code": "stdlib:code", "docs": "stdlib:docs"})
   d.tokenizer = "bytes"  # "bytes", "sentencepiece:<model file>", "hf:<tokenizer.json>"
   d.cache_dir = ""  # token cache; "" means $DIFFMOE_CACHE or ~/.cache/diffmoe_jax
-  d.val_fraction = 0.05  # of each domain's files, chosen by a hash of the path
+  d.val_fraction = 0.05  # of each domain's groups of near-duplicate files (data/split.py); at least one a side
   # Batches carry `segment_ids` int32 [B, T]: each position's document within its window (README "Data").
   d.segment_masking = True
 
@@ -285,6 +285,7 @@ def _require(cond: bool, field: str, message: str) -> None:
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Checks every field the code depends on; raises ConfigError naming the field and the fix."""
+  _check_finite(config.to_dict())
   m = config.model
   for field in ("d_model", "num_layers", "num_heads", "head_dim", "max_seq_len", "vocab_size"):
     _require(isinstance(m[field], int) and m[field] > 0, f"model.{field}",
@@ -456,6 +457,15 @@ def phase_seq_len(config: ml_collections.ConfigDict, name: str) -> int:
   return p.seq_len or int(round(p.context_fraction * config.model.max_seq_len))
 
 
+def _check_finite(values: dict, prefix: str = "") -> None:
+  """No field may be infinite or NaN (a learning rate of inf would pass `> 0` and then skip every update)."""
+  for key, value in values.items():
+    if isinstance(value, dict):
+      _check_finite(value, f"{prefix}{key}.")
+    elif isinstance(value, float) and not math.isfinite(value):
+      raise ConfigError(f"config.{prefix}{key}: must be a finite number, got {value}.")
+
+
 def _is_number(value) -> bool:
   return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -521,6 +531,9 @@ def _validate_training(config: ml_collections.ConfigDict) -> None:
       _require(cur.tokens_per_batch >= seq_len, f"{f}.batch_size",
                f"is 0 and curriculum.tokens_per_batch ({cur.tokens_per_batch}) is below the phase's seq_len "
                f"({seq_len}); set one of them.")
+      _require(cur.tokens_per_batch % seq_len == 0, "curriculum.tokens_per_batch",
+               f"{cur.tokens_per_batch} is not a multiple of phase {name}'s seq_len {seq_len}, so its batches would "
+               f"hold {cur.tokens_per_batch // seq_len * seq_len} tokens; use a multiple, or set {f}.batch_size.")
     _require(p.lr_shape in LR_SHAPES, f"{f}.lr_shape", f"{p.lr_shape!r} is not one of {LR_SHAPES}.")
     _require(p.lr_start >= 0 and p.lr_end >= 0, f"{f}.lr_start", "LR multipliers must be >= 0.")
     _require(p.router_noise_start >= 0 and p.router_noise_end >= 0, f"{f}.router_noise_start",
@@ -536,6 +549,8 @@ def _validate_training(config: ml_collections.ConfigDict) -> None:
       _require(_is_number(p.domain_weights[domain]) and p.domain_weights[domain] >= 0,
                f"{f}.domain_weights.{domain}", f"must be a number >= 0 (such as 0.3), got "
                f"{p.domain_weights[domain]!r}.")
-    if len(p.domain_weights):
-      _require(sum(p.domain_weights.values()) > 0, f"{f}.domain_weights", "all weights are zero.")
+    total = sum(p.domain_weights.values())
+    _require(not len(p.domain_weights) or abs(total - 1.0) < 1e-6, f"{f}.domain_weights",
+             f"the weights sum to {total:g}; they are the fractions of each batch per domain (a domain left out "
+             "gets 0) and must sum to 1.")
   phase_lengths(cur)

@@ -348,11 +348,8 @@ def report(config: ml_collections.ConfigDict, result: dict | None = None) -> str
 
 def _main(argv) -> None:
   import sys
-  if len(argv) > 1:
-    print(f"error: unexpected arguments {argv[1:]}; pass --config=<file> and --config.<field>=<value> only.",
-          file=sys.stderr)
-    sys.exit(1)
   from diffmoe_jax import cli
+  cli.refuse_arguments(argv, "pass --config=<file> and --config.<field>=<value> only")
   cli.quiet_library_output()
   try:
     config = config_lib.validate(_CONFIG.value)

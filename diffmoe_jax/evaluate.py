@@ -48,7 +48,7 @@ def restore_params(workdir: str, config=None, step: int | None = None):
   from diffmoe_jax import config as config_lib, parallel
   from diffmoe_jax.nn import model as model_lib
   from diffmoe_jax.train import checkpoint, resume, state as state_lib
-  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  directory = os.path.join(os.path.abspath(os.path.expanduser(workdir)), "checkpoints")
   train_hint = f"train one with python -m diffmoe_jax.main --workdir={workdir}"
   if not os.path.isdir(directory):
     raise checkpoint.CheckpointError(f"{workdir} holds no checkpoints (there is no {directory}); {train_hint}.")
@@ -115,12 +115,16 @@ def read_text_files(paths: list[str], tokenizer) -> dict[str, tuple]:
   import numpy as np
   from diffmoe_jax.data import DataError
   from diffmoe_jax.data.sources import read_utf8
+  from diffmoe_jax.data.tokenizer import check_no_separator
   out = {}
   for path in paths:
+    if os.path.isdir(path):
+      raise DataError(f"{path} is a directory; name the text files in it, such as {os.path.join(path, '*.txt')}.")
     if not os.path.isfile(path):
       raise DataError(f"there is no text file {path}" + ("" if os.path.isabs(path) else f" (relative to {os.getcwd()})")
                       + ".")
     text = read_utf8(path, field="a file to evaluate")
+    check_no_separator(tokenizer, text, path, field="a file to evaluate")
     tokens = np.asarray(tokenizer.encode(text), np.int32)
     if len(tokens) < 2:
       raise DataError(f"{path} has {len(tokens)} token(s): at least 2 are needed to predict one.")
@@ -224,4 +228,4 @@ def _main(argv, flag: dict):
 if __name__ == "__main__":
   from absl import app
   _FLAGS = _define_flags()
-  app.run(lambda argv: _main(argv, _FLAGS), flags_parser=cli.parse_flags(None))
+  app.run(cli.interruptible(lambda argv: _main(argv, _FLAGS)), flags_parser=cli.parse_flags(None))

@@ -15,6 +15,7 @@ the context (`model.max_seq_len`) is full. Exit code 1 with one line on stderr f
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import time
 from typing import Callable
@@ -52,8 +53,8 @@ def make_step(model, *, temperature: float = 0.0, top_k: int = 0, top_p: float =
 
 
 def check_request(prompts: list, *, max_seq_len: int, max_new_tokens: int, temperature: float, top_k: int,
-                  top_p: float) -> None:
-  """Raises ValueError naming the first bad prompt or setting."""
+                  top_p: float, vocab_size: int = 0) -> None:
+  """Raises ValueError naming the first bad prompt or setting (`top_k` against `vocab_size` when given)."""
   if not prompts:
     raise ValueError("no prompt: pass --prompt=<text> (repeat it for a batch).")
   for i, prompt in enumerate(prompts):
@@ -64,10 +65,13 @@ def check_request(prompts: list, *, max_seq_len: int, max_new_tokens: int, tempe
                        f"{max_seq_len}, which leaves no room to generate; shorten it to at most {max_seq_len - 1}.")
   if max_new_tokens < 1:
     raise ValueError(f"--max_new_tokens={max_new_tokens}: generate at least 1 token.")
-  if not temperature >= 0:
-    raise ValueError(f"--temperature={temperature} must be >= 0 (0 is greedy).")
+  if not (temperature >= 0 and math.isfinite(temperature)):
+    raise ValueError(f"--temperature={temperature} must be a finite number >= 0 (0 is greedy).")
   if top_k < 0:
     raise ValueError(f"--top_k={top_k} must be >= 0 (0 keeps every token).")
+  if vocab_size and top_k > vocab_size:
+    raise ValueError(f"--top_k={top_k} exceeds the vocabulary ({vocab_size} tokens); use at most {vocab_size}, or 0 "
+                     "to keep every token.")
   if not 0 < top_p <= 1:
     raise ValueError(f"--top_p={top_p} must lie in (0, 1] (1 keeps every token).")
 
@@ -159,14 +163,12 @@ def _main(argv, flag: dict) -> None:
   from diffmoe_jax.data import DataError, make_tokenizer
   from diffmoe_jax.train.checkpoint import CheckpointError
   cli.quiet_library_output()
-  if len(argv) > 1:
-    print(f"error: unexpected arguments {argv[1:]}; pass prompts as --prompt=<text>.", file=sys.stderr)
-    sys.exit(1)
+  cli.refuse_arguments(argv, "pass prompts as --prompt=<text>")
   settings = {k: flag[k].value for k in ("max_new_tokens", "temperature", "top_k", "top_p")}
 
-  def check(prompts, max_seq_len):
+  def check(prompts, max_seq_len, vocab_size=0):
     try:
-      check_request(prompts, max_seq_len=max_seq_len, **settings)
+      check_request(prompts, max_seq_len=max_seq_len, vocab_size=vocab_size, **settings)
     except ValueError as e:
       raise ConfigError(str(e)) from None
 
@@ -182,7 +184,7 @@ def _main(argv, flag: dict) -> None:
     config, params, step = evaluate.restore_params(workdir, flag["config"].value, flag["step"].value)
     tokenizer = make_tokenizer(config.data.tokenizer)
     prompts = [np.asarray(tokenizer.encode(p), np.int32) for p in flag["prompt"].value]
-    check(prompts, config.model.max_seq_len)
+    check(prompts, config.model.max_seq_len, config.model.vocab_size)
   except (ConfigError, DataError, CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
@@ -223,4 +225,4 @@ if __name__ == "__main__":
   from absl import app
   from diffmoe_jax import cli
   _FLAGS = _define_flags()
-  app.run(lambda argv: _main(argv, _FLAGS), flags_parser=cli.parse_flags(None))
+  app.run(cli.interruptible(lambda argv: _main(argv, _FLAGS)), flags_parser=cli.parse_flags(None))

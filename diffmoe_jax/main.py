@@ -16,7 +16,8 @@ Exit codes:
   1    error (config, flags, data, workdir, checkpoint, memory, or training stopped by non-finite updates),
        with one line on stderr saying what to change
   3    stopped early and resumable (SIGTERM, SIGINT or train.run_steps): rerun the same command to go on
-  130  interrupted by a second Ctrl-C without a final checkpoint; the earlier checkpoints are intact
+  130  interrupted at once (a second Ctrl-C, or one before training began) without a final checkpoint; the
+       earlier checkpoints are intact
 """
 from __future__ import annotations
 
@@ -187,8 +188,7 @@ def run(config, workdir: str):
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  cli.refuse_arguments(argv)
   cli.quiet_library_output()
   from diffmoe_jax.config import ConfigError
   from diffmoe_jax.data import DataError
@@ -205,9 +205,10 @@ def main(argv):
     print(f"error: {e}", file=sys.stderr)
     cli.exit_now(EXIT_ERROR)
   except KeyboardInterrupt:
-    print(f"error: interrupted by a second Ctrl-C, so no checkpoint of the current step was saved; the earlier "
-          f"ones in {os.path.join(os.path.abspath(_WORKDIR.value), 'checkpoints')} are intact. Rerun the same "
-          "command to resume from the newest.", file=sys.stderr)
+    print(f"error: interrupted at once (a second Ctrl-C, or one before training began), so no checkpoint of the "
+          f"current step was saved; those saved earlier in "
+          f"{os.path.join(os.path.abspath(os.path.expanduser(_WORKDIR.value)), 'checkpoints')}, if any, are intact. "
+          "Rerun the same command to resume from the newest.", file=sys.stderr)
     cli.exit_now(EXIT_INTERRUPTED)
   if outcome.stopped is not None:
     sys.exit(EXIT_STOPPED_EARLY)

@@ -1,6 +1,7 @@
 """The ablation runner on a two-arm, few-step budget: report files, skipping finished arms, arm configs."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -8,9 +9,10 @@ import ml_collections
 import numpy as np
 import pytest
 
-from diffmoe_jax import ablate, ablate_analysis, estimate
+from diffmoe_jax import ablate, ablate_analysis, data, estimate
 from diffmoe_jax import config as config_lib
 from diffmoe_jax.train import loop
+from diffmoe_jax.train.workdir import WorkdirError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -56,6 +58,9 @@ def test_smoke_run_writes_table_plots_and_json(smoke):
     assert np.isfinite(v2["mean"][f"{domain}/bits_per_byte"])
   readme = open(os.path.join(report_dir, "README.md")).read()
   assert "| Full NCAS-DiffMoE |" in readme and "Diff-Transformer V2" in readme and "loss_curves.png" in readme
+  assert "on the built-in corpus (code = 'stdlib:code', docs = 'stdlib:docs')" in readme
+  with open(os.path.join(workdir, "full", "seed0", "result.json")) as f:
+    assert json.load(f)["data"] == data.build_corpus(smoke_config().data).fingerprint
   # λ through the router: per domain and layer, a mean within the experts' range and shares summing to 1.
   lam = saved["lambda"]["full/seed0"]
   for domain in ("code", "docs"):
@@ -135,3 +140,95 @@ def test_token_lambdas_mix_experts_by_gate_weight():
   weights = np.array([[0.75, 0.25], [0.5, 0.5]])
   experts = np.array([[2, 0], [1, 2]])
   np.testing.assert_allclose(ablate_analysis.token_lambdas(lam, weights, experts), [0.725, 0.7])
+
+
+def finished_run(run_dir, config, record: dict) -> None:
+  """Writes a result.json for the run of `config` in run_dir, as a finished one has, plus `record`."""
+  os.makedirs(run_dir)
+  with open(os.path.join(run_dir, "result.json"), "w") as f:
+    json.dump({"eval": {"loss": 3.0}, "config": json.loads(config.to_json_best_effort()), **record}, f)
+
+
+def test_a_run_finished_on_other_data_is_refused(tmp_path):
+  config = ablate.arm_config(smoke_config(), "full", 0)[0]
+  run_dir = str(tmp_path / "full" / "seed0")
+  finished_run(run_dir, config, {"data": {"code": "k1", "docs": "k2"}})
+  with pytest.raises(WorkdirError, match=re.escape(
+      f"{run_dir} finished on other training data (config.data.domains.code: its files changed since); pass a "
+      "new --workdir, or delete that run to train it again.")):
+    ablate._finished(run_dir, config, {"code": "k3", "docs": "k2"})
+  assert ablate._finished(run_dir, config, {"code": "k1", "docs": "k2"})["eval"]["loss"] == 3.0
+
+
+def test_a_result_from_before_data_fingerprints_is_reused_with_a_note(tmp_path, capsys):
+  config = ablate.arm_config(smoke_config(), "full", 0)[0]
+  run_dir = str(tmp_path / "full" / "seed0")
+  finished_run(run_dir, config, {})
+  assert ablate._finished(run_dir, config, {"code": "k1", "docs": "k2"})["eval"]["loss"] == 3.0
+  assert (f"note: {run_dir} has no record of its training data, so a change in it could not be checked.\n"
+          in capsys.readouterr().out)
+
+
+def test_a_result_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+  """A run killed while writing its result.json (here: the disk fills) must not leave half a file, which
+  the next run would read."""
+  dump = json.dump
+
+  def dump_and_fail(value, f, **kwargs):
+    if not os.path.basename(f.name).startswith(ablate.RESULT_FILE):  # the token cache's files
+      return dump(value, f, **kwargs)
+    f.write(json.dumps(value)[:20])
+    raise OSError("No space left on device")
+
+  def train(config, run_dir, corpus):
+    os.makedirs(run_dir)
+    return loop.RunResult(final_step=6, stopped=None, eval={"loss": 3.0})
+
+  monkeypatch.setattr(loop, "train", train)
+  monkeypatch.setattr(ablate_analysis, "lambda_analysis", lambda *args: None)
+  monkeypatch.setattr(json, "dump", dump_and_fail)
+  with pytest.raises(OSError, match="No space left"):
+    ablate.run(smoke_config(), str(tmp_path), str(tmp_path / "report"))
+  assert not os.path.exists(tmp_path / "full" / "seed0" / "result.json")
+
+
+def test_a_damaged_result_is_one_line_error(tmp_path):
+  run_dir = tmp_path / "full" / "seed0"
+  run_dir.mkdir(parents=True)
+  (run_dir / "result.json").write_text('{"loss": 3.9')  # cut short
+  proc = subprocess.run([sys.executable, "-m", "diffmoe_jax.ablate", "--config=configs/ablation.py",
+                         "--config.ablation.arms=full", "--config.ablation.seeds=1", f"--workdir={tmp_path}"],
+                        cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith(f"error: {run_dir}/result.json is damaged (") and last.endswith(
+      "); delete it to train that run again."), last
+
+
+def test_a_report_dir_that_is_a_file_names_the_flag(tmp_path):
+  a_file = tmp_path / "a_file"
+  a_file.write_text("")
+  with pytest.raises(WorkdirError, match=re.escape(f"The report_dir {a_file} is a file, not a directory; pass "
+                                                   "another --report_dir.")):
+    ablate.run(smoke_config(), str(tmp_path / "runs"), str(a_file))
+
+
+def test_rewritten_report_names_the_corpus_and_drops_figures_it_no_longer_draws(smoke, tmp_path):
+  """A report dir of an earlier run with the power-of-two arm keeps no stable_rank.png this report lacks; the
+  user's own files stay."""
+  workdir, _, _ = smoke
+  config = smoke_config()
+  config.data.domains.update({"code": "files:src/*.py", "docs": "files:doc/*.md"})
+  (tmp_path / "stable_rank.png").write_bytes(b"from an earlier run")
+  (tmp_path / "notes.txt").write_text("the user's")
+  names = ablate.arm_names(config)
+  records = []
+  for arm in names:
+    with open(os.path.join(workdir, arm, "seed0", "result.json")) as f:
+      records.append(json.load(f))
+  ablate_analysis.write_report(config, names, {arm: ablate.ARMS[arm].label for arm in names},
+                               {arm: ablate.arm_config(config, arm, 0)[0].model for arm in names}, [0], records,
+                               workdir, str(tmp_path))
+  assert sorted(os.listdir(tmp_path)) == ["README.md", "lambda.png", "loss_curves.png", "notes.txt", "results.json"]
+  readme = (tmp_path / "README.md").read_text()
+  assert "built-in" not in readme and "on the corpus code = 'files:src/*.py', docs = 'files:doc/*.md'," in readme

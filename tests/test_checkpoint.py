@@ -151,6 +151,22 @@ def test_all_damaged_raises(tmp_path, state):
   ckpt.close()
 
 
+@pytest.mark.parametrize("harm", [lambda path: os.truncate(path, 100), os.remove], ids=["truncated", "missing"])
+def test_a_read_error_names_the_damage(tmp_path, state, harm):
+  """Tensorstore's outer error names only the array index; the damage is in the errors it was raised from."""
+  ckpt = Checkpointer(tmp_path, async_save=False)
+  ckpt.save(1, state)
+  data_files = [os.path.join(root, f) for root, _, files in os.walk(tmp_path / "1" / "state") for f in files
+                if os.path.basename(root) == "d"]
+  harm(max(data_files, key=os.path.getsize))
+  with pytest.raises(CheckpointError, match=r"step 1: its files cannot be read: (.*)\((.*)\)") as info:
+    ckpt.restore_latest(abstract(state))
+  message = str(info.value)
+  assert "read: a file is missing or shorter than recorded (truncated) (" in message, message
+  assert "TensorStore details" not in message, message
+  ckpt.close()
+
+
 def test_restore_onto_another_mesh(tmp_path, state):
   mesh = jax.make_mesh((8,), ("data",))
   assert len(jax.devices()) == 8

@@ -70,6 +70,8 @@ def test_config_file_and_override_mistakes_are_one_line(tmp_path):
 def test_main_reports_a_flag_mistake_in_one_line():
   proc = run_cli("diffmoe_jax.main", "--config=configs/tiny.py", "--config.model.nonexistent=1")
   assert_one_error(proc, "--config.model.nonexistent: config.model has no field 'nonexistent'")
+  proc = run_cli("diffmoe_jax.main", "--config=configs/tiny.py", "extra")  # not the whole help
+  assert_one_error(proc, "unexpected arguments ['extra']; settings are flags, such as --config.train.run_steps=10.")
 
 
 def test_main_refuses_expert_parallelism_the_backend_cannot_run_before_compiling(tmp_path):
@@ -255,11 +257,12 @@ def test_unreadable_checkpoints_are_one_line_each(stopped_run, tmp_path):
     with open(path, "r+b") as f:
       f.truncate(os.path.getsize(path) // 2)
   proc = run_cli(*train_command(workdir))
-  assert_one_error(proc, "No checkpoint in", "newest first: step 1: its files cannot be read: a file is shorter")
+  assert_one_error(proc, "No checkpoint in",
+                   "newest first: step 1: its files cannot be read: a file is missing or shorter")
   assert "Event loop is closed" not in proc.stderr
   warnings = [line for line in proc.stderr.splitlines() if line.startswith("W")]
   assert len(warnings) == 1 and "Cannot restore the checkpoint at step 1" in warnings[0], proc.stderr[-3000:]
-  assert "its files cannot be read: a file is shorter than recorded (truncated) (ValueError: " in warnings[0]
+  assert "its files cannot be read: a file is missing or shorter than recorded (truncated) (ValueError: " in warnings[0]
 
 
 def test_a_failed_restores_unretrieved_read_errors_stay_off_the_terminal():
@@ -314,4 +317,13 @@ def test_a_second_ctrl_c_stops_at_once_with_one_line(tmp_path):
     proc.kill()
   assert proc.returncode == main_lib.EXIT_INTERRUPTED, err[-3000:]
   assert err.count("\n") <= 2 and "Traceback" not in err, err[-3000:]
-  assert error_lines(err)[0].startswith("error: interrupted by a second Ctrl-C")
+  assert error_lines(err)[0].startswith("error: interrupted at once (a second Ctrl-C")
+
+
+def test_ctrl_c_in_a_reading_command_is_one_line():
+  """evaluate and generate run their main through cli.interruptible: Ctrl-C ends them in one line, exit 130."""
+  code = ("from diffmoe_jax import cli\n"
+          "def main(argv):\n  raise KeyboardInterrupt\n"
+          "cli.interruptible(main)([])\n")
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+  assert proc.returncode == 130 and proc.stderr.strip() == "error: interrupted.", proc.stderr

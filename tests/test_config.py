@@ -87,6 +87,15 @@ def _bad(**fields):
      r"curriculum\.long_context\.batch_size: must be an integer >= 0 .*got -8"),
     ({"curriculum.anneal.domain_weights": {"code": "1/3"}},
      r"curriculum\.anneal\.domain_weights\.code: must be a number >= 0 \(such as 0\.3\), got '1/3'"),
+    ({"curriculum.specialize.domain_weights": {"code": 0.2, "docs": 0.1}},  # not rescaled to 1
+     r"curriculum\.specialize\.domain_weights: the weights sum to 0\.3; they are the fractions of each batch "
+     r"per domain \(a domain left out gets 0\) and must sum to 1\."),
+    ({"curriculum.anneal.domain_weights": {"code": 0.0}}, r"curriculum\.anneal\.domain_weights: the weights sum to 0;"),
+    ({"curriculum.tokens_per_batch": 1000}, r"config\.curriculum\.tokens_per_batch: 1000 is not a multiple of "
+     r"phase warmup's seq_len 64, so its batches would hold 960 tokens; use a multiple, or set "
+     r"curriculum\.warmup\.batch_size\."),
+    ({"optimizer.peak_lr": float("inf")}, r"config\.optimizer\.peak_lr: must be a finite number, got inf\."),
+    ({"curriculum.warmup.lr_start": float("nan")}, r"config\.curriculum\.warmup\.lr_start: must be a finite number"),
     ({"model.attention_gpu_launch.dkv": "64,64,4"}, r"model\.attention_gpu_launch\.dkv: '64,64,4' is not "
      r"'rows,step,warps,stages' \(four integers, such as '64,64,4,2'\), or '' for the default"),
     ({"model.attention_gpu_launch.dq": "64,8,4,2"},

@@ -30,6 +30,9 @@ def test_phases_tile_the_run(tiny):
     assert a.end == b.start and a.steps > 0
   # Fractions 0.05/0.35/0.2/0.15/0.15/0.1 of 600 steps.
   assert [p.steps for p in cur.phases] == [30, 210, 120, 90, 90, 60]
+  # The run's summary counts steps from 1, as the training log does ("step 31/600 phase foundation").
+  assert [line.split()[3] for line in cur.describe().splitlines()] == [
+      "1-30", "31-240", "241-360", "361-450", "451-540", "541-600"]
 
 
 def test_explicit_steps_and_fractions_mix(tiny):

@@ -211,11 +211,11 @@ def test_split_keeps_near_copies_together_and_agrees_across_domains(stdlib):
 
 
 def test_split_is_deterministic_and_both_splits_are_never_empty(text_dir, tmp_path):
-  config = data_config({"text": f"files:{text_dir}/*.txt"}, val_fraction=0.0)
+  config = data_config({"text": f"files:{text_dir}/*.txt"}, val_fraction=1e-9)
   a = data.build_corpus(config, cache_root=str(tmp_path / "a"))
   b = data.build_corpus(config, cache_root=str(tmp_path / "b"))
   names = [f"doc{i}.txt" for i in range(8)]
-  # val_fraction 0 still gives a validation file: the one whose path hashes lowest.
+  # A val_fraction too small for any file still gives a validation file: the one whose path hashes lowest.
   assert a.info("text", "val").files == b.info("text", "val").files == (min(names, key=unit_hash),)
   assert a.info("text", "train").files == tuple(sorted(set(names) - {min(names, key=unit_hash)}))
   np.testing.assert_array_equal(a.tokens("text", "train"), b.tokens("text", "train"))
@@ -471,6 +471,8 @@ def build_text(tmp_path, files, spec="files:{d}/*.txt", **kwargs):
 @pytest.mark.parametrize("files, spec, message", [
     ({"a.txt": b"x"}, "files:{d}/*.md", r"config\.data\.domains\.text .*the glob '.*/\*\.md' matches no file"),
     ({"a.txt": b"x"}, "files:{d}/a.txt,{d}/gone.txt", r"'.*/gone\.txt' does not exist"),
+    ({"a.txt": b"x"}, "files:{d}", r"'.*/src' is a directory; name its files with a glob, such as "
+     r"'files:.*/src/\*\*/\*\.txt'\.$"),
     ({"a.txt": b"", "b.txt": b""}, "files:{d}/*.txt", r"none of its 2 files has any text"),
     ({"a.txt": b"hello", "b.txt": b""}, "files:{d}/*.txt", r"only one file has text \(.*/src/a\.txt\)"),
     ({"a.txt": b"hi", "b.txt": b"caf\xc3\xa9 \xff!"}, "files:{d}/*.txt",
@@ -490,7 +492,9 @@ def test_bad_sources(tmp_path, files, spec, message):
      r"config\.data\.tokenizer = 'sentencepiece:/nonexistent/tiny\.model': .*/nonexistent/tiny\.model does not"),
     ({"tokenizer": "hf:/nonexistent/tokenizer.json"}, r"tokenizer\.json file /nonexistent/tokenizer\.json does"),
     ({"tokenizer": "word"}, r"config\.data\.tokenizer = 'word' is not a tokenizer spec"),
-    ({"val_fraction": 1.0}, r"config\.data\.val_fraction = 1\.0 must lie in \[0, 1\)"),
+    ({"val_fraction": 1.0}, r"config\.data\.val_fraction = 1\.0 must lie in \(0, 1\)"),
+    ({"val_fraction": 0.0}, r"config\.data\.val_fraction = 0\.0 must lie in \(0, 1\), such as 0\.05: every domain "
+     r"is evaluated on its validation split\."),  # not silently given a validation file anyway
 ])
 def test_bad_config(tmp_path, kwargs, message):
   with pytest.raises(data.DataError, match=message):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from diffmoe_jax import evaluate as evaluate_lib
+from diffmoe_jax.data import DataError, make_tokenizer
 from diffmoe_jax.nn import model as model_lib
 from diffmoe_jax.train import loop, resume
 from test_cli import assert_one_error, run_cli
@@ -121,6 +122,24 @@ def test_cli_bad_input_is_one_line(workdir, tmp_path):
                            "--config.train.eval_batch_size=12"),
                    "config.train.eval_batch_size (12) is not a multiple of the 8 ways this machine's mesh splits")
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == checkpoints  # nothing lost
+
+
+def test_a_workdir_under_home_is_found_as_main_finds_it(workdir, tmp_path, monkeypatch):
+  """`--workdir=~/run` names the same directory for evaluate and generate as for main (which expands it)."""
+  os.symlink(workdir, tmp_path / "run")
+  monkeypatch.setenv("HOME", str(tmp_path))
+  config, _, step = evaluate_lib.restore_params("~/run")
+  assert step == 4 and config.model.d_model == 48
+
+
+def test_a_separator_or_a_directory_is_refused(tmp_path):
+  path = tmp_path / "zeros.bin"
+  path.write_bytes(b"ab\0\0")
+  with pytest.raises(DataError, match=r"a file to evaluate: .*zeros\.bin contains '\\x00' at byte offset 2, which "
+                     r"the tokenizer 'bytes' reserves to separate documents; remove it from the file\."):
+    evaluate_lib.read_text_files([str(path)], make_tokenizer("bytes"))
+  with pytest.raises(DataError, match=r"^.* is a directory; name the text files in it, such as .*/\*\.txt\.$"):
+    evaluate_lib.read_text_files([str(tmp_path)], make_tokenizer("bytes"))
 
 
 def test_a_damaged_saved_config_is_one_line(workdir, tmp_path):

@@ -146,3 +146,13 @@ def test_cli_bad_input_is_one_line(workdir, tmp_path):
                    "--prompt number 2 is not valid UTF-8 (at character 3)")
   assert_one_error(generate(f"--workdir={workdir}", "--prompt=" + "x" * 32),
                    "prompt 1 has 32 tokens, but the context (model.max_seq_len) is 32")
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"temperature": float("inf")}, r"--temperature=inf must be a finite number >= 0 \(0 is greedy\)\."),
+    ({"top_k": 300}, r"--top_k=300 exceeds the vocabulary \(256 tokens\); use at most 256, or 0 to keep every token\."),
+])
+def test_settings_that_would_be_silently_ignored_are_refused(settings, message):
+  request = {"max_new_tokens": 4, "temperature": 0.0, "top_k": 0, "top_p": 1.0, **settings}
+  with pytest.raises(ValueError, match=message):
+    generate_lib.check_request([[1, 2]], max_seq_len=32, vocab_size=256, **request)

@@ -8,6 +8,7 @@ import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
 from diffmoe_jax.train.metrics import MetricWriter, stable_rank, stable_ranks
+from diffmoe_jax.train.workdir import WorkdirError
 
 
 def read_events(logdir):
@@ -122,3 +123,9 @@ def test_stable_ranks_compile_without_lapack():
   kernels = {"stable_rank/w": jnp.ones((3, 8, 6))}
   hlo = _mean_stable_ranks.lower(kernels, (("stable_rank/w", 2, 1),)).compile().as_text()
   assert re.findall(r'custom_call_target="([^"]+)"', hlo) == []
+
+
+def test_a_file_where_the_event_directory_goes_is_a_workdir_error(tmp_path):
+  (tmp_path / "tb").write_text("not a directory")
+  with pytest.raises(WorkdirError, match=r"The TensorBoard directory .*/tb is a file, not a directory; move it away"):
+    MetricWriter(tmp_path / "tb")

@@ -3,16 +3,19 @@ import csv
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
 
 from diffmoe_jax import config as config_lib
-from diffmoe_jax import estimate
+from diffmoe_jax import data, estimate
 from diffmoe_jax.config import ConfigError
 from diffmoe_jax.ncas import complete, rules, scores, search
+from diffmoe_jax.train.workdir import WorkdirError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETTINGS = rules.RuleSettings(min_width=2048, max_width=8192, tile=32, head_dims=(128, 144))
@@ -62,6 +65,10 @@ def test_rules_can_be_switched_off():
     ("ncas.space.max_width", 1000, "config.ncas.space"),
     ("ncas.proxy.steps", 0, "config.ncas.proxy.steps"),
     ("ncas.proxy.tokens_per_batch", 0, "config.ncas.proxy.tokens_per_batch"),
+    # The proxy's fields, not those of the training config generated from them (curriculum.*).
+    ("ncas.proxy.seq_len", 100000, "config.ncas.proxy.tokens_per_batch: 256 is below config.ncas.proxy.seq_len"),
+    ("ncas.proxy.eval_batch_size", 0, "config.ncas.proxy.eval_batch_size"),
+    ("ncas.space.min_width", 0, "config.ncas.space.min_width: must be a positive integer, got 0"),
 ])
 def test_bad_settings_name_their_field(path, value, field):
   c = search.defaults()
@@ -71,6 +78,14 @@ def test_bad_settings_name_their_field(path, value, field):
     node = node[part]
   node[leaf] = value
   with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+    search.validate(c)
+
+
+def test_a_space_where_no_width_survives_is_an_error():
+  c = search.defaults()
+  c.ncas.rules.tile = 7  # no 3-smooth width is a multiple of 7
+  with pytest.raises(ConfigError, match=r"none of the 2048 candidate widths .* passes the rules; widen "
+                     r"config\.ncas\.space\.\* or enable fewer rules in config\.ncas\.rules\.enabled"):
     search.validate(c)
 
 
@@ -167,6 +182,9 @@ def test_smoke_search_writes_the_report(smoke):
   assert {r["width"] for r in front["fronts"]["pi"]} == {int(k.split("_")[1]) for k in result["fronts"]["pi"]}
   assert os.path.getsize(os.path.join(workdir, "front.png")) > 1000
   assert any(line.startswith("[2/2]") for line in lines)
+  assert lines[0].endswith("; 2 to score.")  # ncas.baseline is off
+  with open(os.path.join(workdir, "proxies", "pi_2304", "result.json")) as f:
+    assert json.load(f)["data"] == data.build_corpus(smoke_config().data).fingerprint
 
 
 def test_resume_skips_finished_proxies(smoke, monkeypatch):
@@ -253,3 +271,65 @@ def test_cli_workdir_that_is_a_file_or_empty_is_one_line(tmp_path):
                            f"--workdir={workdir}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1].startswith(message), proc.stderr[-2000:]
+
+
+def finished_proxy(workdir, config, record: dict):
+  """Writes a result.json for the proxy pi_2304 of `config`, as a finished one has, plus `record`."""
+  arch = complete.complete(2304, search.completion_rules(config.ncas))
+  run_dir = os.path.join(workdir, "proxies", "pi_2304")
+  os.makedirs(run_dir)
+  with open(os.path.join(run_dir, "result.json"), "w") as f:
+    json.dump({"loss": 3.0, "config": json.loads(search.proxy_config(config, arch, "pi_2304").to_json_best_effort()),
+               **record}, f)
+  return arch, run_dir
+
+
+def test_a_proxy_finished_on_other_data_is_not_reused(tmp_path):
+  config = smoke_config()
+  arch, run_dir = finished_proxy(str(tmp_path), config, {"data": {"code": "k1", "docs": "k2"}})
+  changed = types.SimpleNamespace(fingerprint={"code": "k1", "docs": "k3"})  # a file added to docs
+  with pytest.raises(WorkdirError, match=re.escape(
+      f"{run_dir} finished on other training data (config.data.domains.docs: its files changed since); pass a "
+      "new --workdir, or delete that run to train it again.")):
+    search.train_proxy(config, arch, "pi", str(tmp_path), changed, log=lambda line: None)
+  same = types.SimpleNamespace(fingerprint={"code": "k1", "docs": "k2"})
+  assert search.train_proxy(config, arch, "pi", str(tmp_path), same, log=lambda line: None)["loss"] == 3.0
+
+
+def test_a_proxy_result_from_before_data_fingerprints_is_reused_with_a_note(tmp_path):
+  config = smoke_config()
+  arch, run_dir = finished_proxy(str(tmp_path), config, {})
+  lines = []
+  corpus = types.SimpleNamespace(fingerprint={"code": "k1", "docs": "k2"})
+  assert search.train_proxy(config, arch, "pi", str(tmp_path), corpus, log=lines.append)["loss"] == 3.0
+  assert f"note: {run_dir} has no record of its training data, so a change in it could not be checked." in lines
+
+
+def test_a_damaged_proxy_result_is_one_error_naming_it(tmp_path):
+  config = smoke_config()
+  arch, run_dir = finished_proxy(str(tmp_path), config, {})
+  path = os.path.join(run_dir, "result.json")
+  with open(path, "w") as f:
+    f.write('{"loss": 3.9')  # cut short
+  with pytest.raises(WorkdirError, match=re.escape(f"{path} is damaged (") + r".*\); delete it to train that run "
+                     r"again\.$"):
+    search.train_proxy(config, arch, "pi", str(tmp_path), corpus=None, log=lambda line: None)
+
+
+def test_a_report_dir_that_is_a_file_names_the_flag(tmp_path):
+  a_file = tmp_path / "a_file"
+  a_file.write_text("")
+  with pytest.raises(WorkdirError, match=re.escape(f"The report_dir {a_file} is a file, not a directory; pass "
+                                                   "another --report_dir.")):
+    search.run(smoke_config(), str(tmp_path / "runs"), log=lambda line: None, report_dir=str(a_file))
+
+
+def test_rewriting_the_report_removes_configs_of_points_no_longer_on_the_front(smoke, tmp_path):
+  _, result, _ = smoke
+  configs = tmp_path / "configs"
+  configs.mkdir()
+  (configs / "ncas_9216.py").write_text("# a Pareto point of an earlier search")
+  (configs / "mine.py").write_text("# the user's")
+  search.write_report(smoke_config(), str(tmp_path), result)
+  front = [f"ncas_{k.split('_')[1]}.py" for k in dict.fromkeys(result["fronts"]["pi"] + result["fronts"]["joint"])]
+  assert sorted(os.listdir(configs)) == sorted(front + ["mine.py"])

@@ -16,6 +16,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from diffmoe_jax import config as config_lib
+from diffmoe_jax import data
 from diffmoe_jax import main as main_lib
 from diffmoe_jax import parallel
 from diffmoe_jax.config import ConfigError
@@ -159,6 +160,27 @@ def test_unreadable_newest_checkpoint_falls_back(full_run, tmp_path, caplog):
   assert checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")).latest_step == 24
 
 
+def test_a_damaged_saved_config_still_guards_the_resume(full_run, tmp_path, caplog):
+  """The config saved with the newest checkpoint cannot be read: a changed config is checked against the one
+  before it, and with none readable refused unless the check is waived; never resumed unchecked."""
+  workdir = str(tmp_path / "run")
+  shutil.copytree(full_run[0], workdir)
+  damage = lambda step: open(os.path.join(workdir, "checkpoints", str(step), "config", "metadata"), "w").write("{x")
+  config = load_config()
+  config.optimizer.peak_lr = 5e-3
+  damage(24)
+  with caplog.at_level("WARNING"), pytest.raises(ConfigError, match=(
+      r"The checkpoint at step 24 in .* was saved with another config: optimizer\.peak_lr 0\.01 -> 0\.005")):
+    loop.train(config, workdir)
+  assert "The config saved with the checkpoint at step 24 cannot be read" in caplog.text
+  damage(12)
+  with pytest.raises(ConfigError, match=r"No config saved in .* up to step 24 can be read \(step 24: \w+, step 12: "
+                     r"\w+\), so whether this run's config matches .*allow_config_change='\*'"):
+    loop.train(config, workdir)
+  config.train.allow_config_change = "*"
+  assert loop.train(config, workdir).final_step == 24
+
+
 def _abstract_state(config):
   model = model_lib.build_model(config.model)
   mesh = parallel.make_mesh(config.mesh, jax.devices()[:1])
@@ -249,8 +271,11 @@ def test_a_run_of_nonfinite_updates_stops_with_the_last_good_state(tmp_path):
   config.optimizer.peak_lr = float("inf")  # every update non-finite
   config.train.max_nonfinite_in_a_row = 3
   config.train.checkpoint_every = 2
-  with pytest.raises(loop.TrainingStopped, match="3 non-finite updates in a row"):
-    loop.train(config, str(tmp_path))
+  # The streak is read one step late (each step's metrics are fetched after the next is dispatched).
+  with pytest.raises(loop.TrainingStopped, match=r"^4 non-finite updates in a row up to step 4 \(train\."
+                     r"max_nonfinite_in_a_row is 3\).* Change optimizer\.peak_lr \(lower\), optimizer\.grad_clip "
+                     r"and rerun to resume, allowing the change with --config\.train\.allow_config_change=<field>\.$"):
+    loop.train(config, str(tmp_path))  # (not validated here: a config file's peak_lr of inf is refused)
   ckpt = checkpoint.Checkpointer(os.path.join(tmp_path, "checkpoints"))
   # No periodic save while updates are skipped (rotation would drop older, good checkpoints for them).
   assert ckpt.all_steps() == [4]
@@ -327,6 +352,33 @@ def test_vocabulary_smaller_than_the_tokenizer(tmp_path):
   config.model.vocab_size = 100
   with pytest.raises(ConfigError, match=r"model\.vocab_size \(100\) is smaller than the tokenizer's vocabulary"):
     loop.train(config, str(tmp_path))
+
+
+LONG_TEXT = "a text long enough for one window of thirty-three tokens\n"
+SHORT_TEXT = "sixteen bytes..\n"  # and the separator: 17 tokens
+
+
+@pytest.mark.parametrize("val_text, train_text, message", [
+    (LONG_TEXT, SHORT_TEXT,
+     r"^phase long_context \(seq_len 32 from curriculum\.long_context\.context_fraction x model\.max_seq_len, "
+     r"batch 8 from curriculum\.tokens_per_batch / seq_len\): domain 'small': its train split has 17 tokens, "
+     r"fewer than one window of seq_len \+ 1 = 33"),
+    (SHORT_TEXT, LONG_TEXT,
+     r"^evaluation \(seq_len 32 from model\.max_seq_len\): domain 'small': its validation split has 17 tokens"),
+], ids=["train", "validation"])
+def test_a_domain_too_small_for_a_later_phase_fails_before_training(tmp_path, val_text, train_text, message):
+  """A domain of 17 train tokens serves the phases of 8 and 16 tokens but no window of long_context's 32: the
+  run must stop at start, naming the phase and where its length comes from, not after training the phases
+  before it. The same for evaluation's length."""
+  small = tmp_path / "small"
+  small.mkdir()
+  (small / "a.txt").write_text(val_text)  # a.txt's path hashes lower: the validation file (data/split.py)
+  (small / "b.txt").write_text(train_text)
+  config = load_config()
+  config.data.domains.small = f"files:{small}/*.txt"
+  with pytest.raises(data.DataError, match=message):
+    loop.train(config, str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run" / "checkpoints") or not os.listdir(tmp_path / "run" / "checkpoints")
 
 
 def test_resume_onto_a_different_mesh(full_run, tmp_path):

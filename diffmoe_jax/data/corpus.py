@@ -29,7 +29,7 @@ from absl import logging
 from diffmoe_jax.data.errors import DataError
 from diffmoe_jax.data import split as split_lib
 from diffmoe_jax.data.sources import Skipped, Source, parse_source, whole_text
-from diffmoe_jax.data.tokenizer import make_tokenizer
+from diffmoe_jax.data.tokenizer import check_no_separator, make_tokenizer
 
 FORMAT_VERSION = 2  # 2: near-duplicate files share a split (split.py); 1 split by path hash alone
 SPLITS = ("train", "val")
@@ -66,6 +66,12 @@ class Corpus:
         self._info[domain, split] = SplitInfo(tuple(s["files"]), s["tokens"], s["bytes"])
         self._tokens[domain, split] = np.memmap(os.path.join(path, f"{split}.bin"), dtype=meta["dtype"],
                                                 mode="r")
+
+  @property
+  def fingerprint(self) -> dict[str, str]:
+    """{domain: cache key}: the key covers the tokenizer, the source, its files' paths, sizes and modification
+    times and the validation fraction, so equal fingerprints mean the same tokens."""
+    return {domain: os.path.basename(path) for domain, path in sorted(self.cache_dirs.items())}
 
   def info(self, domain: str, split: str) -> SplitInfo:
     self._check(domain, split)
@@ -107,8 +113,9 @@ def build_corpus(data_config, cache_root: str | None = None) -> Corpus:
   if not domains:
     raise DataError("config.data.domains is empty; add a source such as 'stdlib:code'.")
   val_fraction = data_config.val_fraction
-  if not (isinstance(val_fraction, numbers.Real) and 0.0 <= val_fraction < 1.0):
-    raise DataError(f"config.data.val_fraction = {val_fraction!r} must lie in [0, 1), such as 0.05.")
+  if not (isinstance(val_fraction, numbers.Real) and 0.0 < val_fraction < 1.0):
+    raise DataError(f"config.data.val_fraction = {val_fraction!r} must lie in (0, 1), such as 0.05: every domain "
+                    "is evaluated on its validation split.")
   tokenizer = make_tokenizer(data_config.tokenizer)
   root = os.path.expanduser(cache_root or data_config.cache_dir or os.environ.get("DIFFMOE_CACHE")
                             or "~/.cache/diffmoe_jax")
@@ -208,14 +215,10 @@ def _write_domain(source: Source, tokenizer, val_fraction: float, out_dir: str, 
       if not text:
         skipped["have no text"] += 1
         continue
-      reserved = tokenizer.reserved_text
-      if reserved is not None and reserved in text:
-        if source.builtin:
-          skipped[f"contain the separator {reserved!r}"] += 1
-          continue
-        offset = len(text[:text.index(reserved)].encode("utf-8"))
-        raise DataError(f"{source.field}: {path} contains {reserved!r} at byte offset {offset}, which the "
-                        f"tokenizer {tokenizer.name!r} reserves to separate documents; remove it from the file.")
+      if source.builtin and tokenizer.reserved_text is not None and tokenizer.reserved_text in text:
+        skipped[f"contain the separator {tokenizer.reserved_text!r}"] += 1
+        continue
+      check_no_separator(tokenizer, text, path, source.field)
       ids = np.asarray(tokenizer.encode(text)).astype(dtype)
       if tokenizer.eos_id is not None:
         ids = np.append(ids, np.array(tokenizer.eos_id, dtype))

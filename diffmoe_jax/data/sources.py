@@ -128,6 +128,9 @@ def _glob_files(field: str, spec: str, arg: str) -> tuple[str, ...]:
         raise DataError(f"{field} = {spec!r}: the glob {pattern!r} matches no file; fix or remove it.")
     elif os.path.isfile(pattern):
       matched = [pattern]
+    elif os.path.isdir(pattern):
+      raise DataError(f"{field} = {spec!r}: {pattern!r} is a directory; name its files with a glob, such as "
+                      f"'files:{os.path.join(pattern, '**', '*.txt')}'.")
     else:
       raise DataError(f"{field} = {spec!r}: {pattern!r} does not exist or is not a file; fix or remove it.")
     files.update(os.path.abspath(p) for p in matched)

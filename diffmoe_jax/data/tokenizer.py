@@ -80,6 +80,15 @@ _KINDS = {"sentencepiece": ("sentencepiece", SentencePieceTokenizer, "SentencePi
           "hf": ("tokenizers", HFTokenizer, "Hugging Face tokenizer.json")}
 
 
+def check_no_separator(tokenizer, text: str, path: str, field: str) -> None:
+  """DataError if `text` holds the tokenizer's document separator (it would read as a document end)."""
+  reserved = tokenizer.reserved_text
+  if reserved is not None and reserved in text:
+    offset = len(text[:text.index(reserved)].encode("utf-8"))
+    raise DataError(f"{field}: {path} contains {reserved!r} at byte offset {offset}, which the tokenizer "
+                    f"{tokenizer.name!r} reserves to separate documents; remove it from the file.")
+
+
 def make_tokenizer(spec: str):
   """The tokenizer a `config.data.tokenizer` spec names: "bytes", "sentencepiece:<file>" or "hf:<file>"."""
   if spec == "bytes":

@@ -5,9 +5,9 @@
 Filters the candidate widths by the π-constraints, completes each survivor (and each power-of-two
 baseline width) into an architecture, scores it, trains its width-scaled proxy, and writes the table, the
 Pareto front (JSON and PNG), a config for each Pareto point and report.md into the workdir. Rerunning on
-the same workdir resumes: finished proxies are not retrained (a proxy that finished with another config is
-an error). Exit 1 with one line on stderr on an error, 3 when a proxy's training stopped early (SIGTERM, a
-first Ctrl-C): rerun to resume.
+the same workdir resumes: finished proxies are not retrained (a proxy that finished with another config or
+on other training data is an error). Exit 1 with one line on stderr on an error, 3 when a proxy's training
+stopped early (SIGTERM, a first Ctrl-C): rerun to resume.
 """
 from __future__ import annotations
 
@@ -25,8 +25,7 @@ _REPORT_DIR = flags.DEFINE_string("report_dir", "", "Directory for the report; e
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  cli.refuse_arguments(argv)
   cli.quiet_library_output()
   from diffmoe_jax.config import ConfigError
   from diffmoe_jax.data import DataError

@@ -88,8 +88,9 @@ def rejecting_rule(width: int, rule_names, s: RuleSettings) -> str | None:
 
 def candidate_widths(min_width: int, max_width: int, step: int) -> list[int]:
   """The multiples of `step` in [min_width, max_width] (step 3: 2,048 widths in [2048, 8192])."""
-  if step <= 0:
-    raise ConfigError(f"config.ncas.space.step: must be a positive integer, got {step}.")
+  for field, value in (("min_width", min_width), ("max_width", max_width), ("step", step)):
+    if not (isinstance(value, int) and value > 0):
+      raise ConfigError(f"config.ncas.space.{field}: must be a positive integer, got {value!r}.")
   first = -(-min_width // step) * step
   widths = list(range(first, max_width + 1, step))
   if not widths:

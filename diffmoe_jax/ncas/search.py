@@ -1,9 +1,10 @@
 """The search: candidates, π-constraints, completion, scores, proxies, the Pareto front and its report.
 
 `run(config, workdir)` writes into workdir: `proxies/<family>_<width>/` (each proxy's training run and its
-`result.json`; a candidate that has one is not retrained, so an interrupted search resumes),
-`table.csv` / `table.md` (every candidate, with the rule that rejected it or its scores), `front.json`,
-`front.png`, `configs/<name>.py` (a config `main` accepts for each Pareto point) and `report.md`.
+`result.json`; a candidate that has one is not retrained, so an interrupted search resumes; one that finished
+with another config or on other data is an error), `table.csv` / `table.md` (every candidate, with the rule
+that rejected it or its scores), `front.json`, `front.png`, `configs/ncas_<width>.py` (a config `main`
+accepts for each Pareto point; those of earlier points no longer on the front are removed) and `report.md`.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import time
 
 import ml_collections
@@ -23,6 +25,7 @@ from diffmoe_jax.config import ConfigError
 from diffmoe_jax.ncas import complete as complete_lib
 from diffmoe_jax.ncas import rules as rules_lib
 from diffmoe_jax.ncas import scores
+from diffmoe_jax.train import workdir as workdir_lib
 
 PI, BASELINE = "pi", "power_of_two"
 OBJECTIVES_TEXT = "capacity (max), hardware efficiency on ncas.hardware.backend (max), proxy loss (min)"
@@ -77,13 +80,20 @@ def validate(config) -> None:
   """Raises ConfigError naming the field for a search config that cannot run."""
   n = config.ncas
   rules_lib.check_settings(n.rules.enabled, _rule_settings(n))
-  rules_lib.candidate_widths(n.space.min_width, n.space.max_width, n.space.step)
+  widths = rules_lib.candidate_widths(n.space.min_width, n.space.max_width, n.space.step)
+  if not any(r["rejected_by"] is None for r in screen(config) if r["family"] == PI):
+    raise ConfigError(f"config.ncas: none of the {len(widths)} candidate widths in [{n.space.min_width}, "
+                      f"{n.space.max_width}] passes the rules; widen config.ncas.space.* or enable fewer rules in "
+                      f"config.ncas.rules.enabled (now {list(n.rules.enabled)}).")
   p = n.proxy
-  for field in ("steps", "tokens_per_batch", "scale", "num_layers", "seq_len", "eval_batches"):
+  for field in ("steps", "tokens_per_batch", "scale", "num_layers", "seq_len", "eval_batches", "eval_batch_size"):
     if not (isinstance(p[field], int) and p[field] > 0):
       raise ConfigError(f"config.ncas.proxy.{field}: must be a positive integer, got {p[field]!r}"
                         + (" (the proxy token budget is steps * tokens_per_batch)." if field in
                            ("steps", "tokens_per_batch") else "."))
+  if p.tokens_per_batch < p.seq_len:
+    raise ConfigError(f"config.ncas.proxy.tokens_per_batch: {p.tokens_per_batch} is below config.ncas.proxy.seq_len "
+                      f"({p.seq_len}), so a batch holds no whole sequence; raise tokens_per_batch or lower seq_len.")
   if n.hardware.backend not in scores.BACKEND_TILES:
     raise ConfigError(f"config.ncas.hardware.backend: {n.hardware.backend!r} is not one of "
                       f"{list(scores.BACKEND_TILES)}.")
@@ -131,33 +141,26 @@ def phase_steps(total: int, fractions: list[float]) -> list[int]:
   return steps
 
 
-def _write_json(path: str, value) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(value, f, indent=2)
-  os.replace(tmp, path)  # a result file is whole or absent, so resume never reads half of one
-
-
 class SearchStopped(Exception):
   """A proxy's training stopped early (SIGTERM, a first Ctrl-C, train.run_steps): rerunning resumes it."""
 
 
 def train_proxy(config, arch, family: str, workdir: str, corpus, log) -> dict:
-  """The proxy's validation result, from its result.json if it finished before with the same config, else by
-  training it."""
+  """The proxy's validation result, from its result.json if it finished before with the same config and data,
+  else by training it."""
   from diffmoe_jax.train import loop, resume
   name = f"{family}_{arch.d_model}"
   run_dir = os.path.join(workdir, "proxies", name)
   result_path = os.path.join(run_dir, "result.json")
   cfg = proxy_config(config, arch, name)
   if os.path.exists(result_path):
-    with open(result_path, encoding="utf-8") as f:
-      result = json.load(f)
+    result = workdir_lib.read_result(result_path)
     changed = resume.changed_fields(result.get("config", {}), cfg)
     if changed:
       path, saved, now = changed[0]
       raise ConfigError(f"{run_dir} finished with another proxy config (config.{path}: {saved!r} there, {now!r} "
                         "now); pass a new --workdir, or delete that proxy to train it again.")
+    workdir_lib.check_data(run_dir, result.get("data"), corpus.fingerprint, log)
     log(f"  {name}: finished before, validation loss {result['loss']:.4f}")
     return result
   start = time.perf_counter()
@@ -170,8 +173,8 @@ def train_proxy(config, arch, family: str, workdir: str, corpus, log) -> dict:
             "bits_per_byte": {k.split("/")[0]: v for k, v in outcome.eval.items() if k.endswith("/bits_per_byte")},
             "proxy": dataclasses.asdict(complete_lib.proxy(arch, config.ncas.proxy.scale,
                                                            config.ncas.proxy.num_layers, config.ncas.proxy.seq_len)),
-            "config": json.loads(cfg.to_json_best_effort())}
-  _write_json(result_path, result)
+            "config": json.loads(cfg.to_json_best_effort()), "data": corpus.fingerprint}
+  workdir_lib.write_json(result_path, result)
   log(f"  {name}: validation loss {result['loss']:.4f} in {result['seconds']:.0f} s")
   return result
 
@@ -217,16 +220,16 @@ def static_scores(config, arch) -> dict:
 
 def run(config, workdir: str, log=print, report_dir: str = "") -> dict:
   """The whole search; returns the report's data, also written to report_dir (default: the workdir)."""
-  from diffmoe_jax.train import workdir as workdir_lib
   validate(config)
   workdir = workdir_lib.prepare(workdir)
-  report_dir = workdir_lib.prepare(report_dir) if report_dir else workdir
+  report_dir = workdir_lib.prepare(report_dir, "report_dir") if report_dir else workdir
   start = time.perf_counter()
   rows = screen(config)
   pi_rows = [r for r in rows if r["family"] == PI]
   survivors = [r for r in rows if evaluated(r)]
   log(f"{len(pi_rows)} candidate widths, {sum(r['rejected_by'] is None for r in pi_rows)} pass the rules "
-      f"{list(config.ncas.rules.enabled)}; {len(survivors)} to score (with the power-of-two baseline).")
+      f"{list(config.ncas.rules.enabled)}; {len(survivors)} to score"
+      + (" (with the power-of-two baseline)." if config.ncas.baseline else "."))
   rules = completion_rules(config.ncas)
   for row in survivors:  # completion and proxy layout first, so a bad setting fails before any training
     row["arch"] = complete_lib.complete(row["width"], rules)
@@ -335,12 +338,16 @@ def write_report(config, workdir: str, result: dict) -> None:
       "fronts": {name: [_flat(by_key[key], fronts) for key in keys] for name, keys in fronts.items()},
       "proxy": dict(config.ncas.proxy), "paper_mismatches": result["paper_mismatches"],
       "seconds": result["seconds"]}
-  _write_json(os.path.join(workdir, "front.json"), front_json)
+  workdir_lib.write_json(os.path.join(workdir, "front.json"), front_json)
   _plot(os.path.join(workdir, "front.png"), scored, fronts, config.ncas.hardware.backend)
   config_dir = os.path.join(workdir, "configs")
   os.makedirs(config_dir, exist_ok=True)
-  for key in dict.fromkeys(fronts[PI] + fronts["joint"]):
-    row = by_key[key]
+  points = [by_key[key] for key in dict.fromkeys(fronts[PI] + fronts["joint"])]
+  files = {f"ncas_{row['width']}.py" for row in points}
+  for stale in os.listdir(config_dir):  # configs of an earlier search's Pareto points no longer on the front
+    if re.fullmatch(r"ncas_\d+\.py", stale) and stale not in files:
+      os.remove(os.path.join(config_dir, stale))
+  for row in points:
     name = f"ncas_{row['width']}"
     summary = (f"NCAS Pareto point d_model {row['width']} ({row['family']} family): {row['total_params'] / 1e9:.1f}B "
                f"parameters; written by python -m diffmoe_jax.ncas.")

@@ -89,18 +89,28 @@ def _first(names: list[str], n: int = 3) -> str:
   return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
+def _chain(e: BaseException) -> list[BaseException]:
+  """`e` and the exceptions it was raised from, outermost first (tensorstore's outer errors say little)."""
+  chain = [e]
+  while (cause := chain[-1].__cause__ or chain[-1].__context__) is not None and cause not in chain:
+    chain.append(cause)
+  return chain
+
+
 def _one_line(e: BaseException, limit: int = 300) -> str:
-  text = " ".join(str(e).split())
-  return f"{type(e).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
+  """The innermost error of `e`'s chain, on one line."""
+  root = _chain(e)[-1]
+  text = " ".join(str(root).split())
+  return f"{type(root).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
 
 
 def _likely_cause(e: BaseException) -> str:
   """The damage a read error points to, in words (tensorstore's messages bury it deep in the text)."""
-  text = str(e)
-  if "OUT_OF_RANGE" in text or "Byte range" in text:
-    return ": a file is shorter than recorded (truncated)"
-  if isinstance(e, FileNotFoundError) or "NOT_FOUND" in text or "not found" in text:
+  text = " ".join(str(x) for x in _chain(e))
+  if any(isinstance(x, FileNotFoundError) for x in _chain(e)) or "NOT_FOUND" in text or "not found" in text:
     return ": a file is missing"
+  if "OUT_OF_RANGE" in text or "Byte range" in text or "truncated" in text.lower():
+    return ": a file is missing or shorter than recorded (truncated)"  # tensorstore reads a missing one as empty
   if "DATA_LOSS" in text or "decompress" in text.lower() or "corrupt" in text.lower():
     return ": a file's content is corrupted"
   return ""

@@ -72,11 +72,10 @@ class Curriculum:
       p = cur[name]
       seq_len = config_lib.phase_seq_len(config, name)
       batch_size = p.batch_size or cur.tokens_per_batch // seq_len
-      weights = dict(p.domain_weights) if len(p.domain_weights) else {d: 1.0 for d in domains}
-      total = sum(weights.values())
+      weights = dict(p.domain_weights) if len(p.domain_weights) else {d: 1.0 / len(domains) for d in domains}
       phases.append(Phase(
           name=name, index=index, start=start, end=start + steps, seq_len=seq_len, batch_size=batch_size,
-          domain_weights=tuple((d, weights.get(d, 0.0) / total) for d in domains),
+          domain_weights=tuple((d, weights.get(d, 0.0)) for d in domains),
           lr_shape=p.lr_shape, lr_start=peak * p.lr_start,
           lr_end=peak * (p.lr_start if p.lr_shape == "constant" else p.lr_end),
           router_noise_start=p.router_noise_start, router_noise_end=p.router_noise_end,
@@ -149,7 +148,7 @@ class Curriculum:
       mix = ", ".join(f"{d} {w:.2f}" for d, w in p.domain_weights if w > 0)
       mod = (f"MoD {p.mod_capacity_start:g}->{p.mod_capacity_end:g}" if self.model_has_mod and p.mod_enabled
              else "MoD off")
-      lines.append(f"  {p.index}. {p.name:<13} steps {p.start:>6}-{p.end - 1:<6} seq {p.seq_len:<6} batch "
+      lines.append(f"  {p.index}. {p.name:<13} steps {p.start + 1:>6}-{p.end:<6} seq {p.seq_len:<6} batch "
                    f"{p.batch_size:<5} lr {p.lr_shape} {p.lr_start:.2e}->{p.lr_end:.2e}  noise "
                    f"{p.router_noise_start:g}->{p.router_noise_end:g}  {mod}  [{mix}]")
     return "\n".join(lines)

@@ -134,6 +134,36 @@ def _phase_seed(seed: int, phase_index: int) -> int:
   return int(np.random.SeedSequence([seed, phase_index]).generate_state(1)[0])
 
 
+def _phase_datasets(config, curriculum, corpus, process_index: int, process_count: int) -> dict[int, object]:
+  """Every phase's batches (grain builds them lazily, so this is cheap), before anything compiles: a phase
+  whose data is too small fails at start, not after the phases before it have trained."""
+  datasets = {}
+  for phase in curriculum.phases:
+    p = config.curriculum[phase.name]
+    seq_len_from = (f"curriculum.{phase.name}.seq_len" if p.seq_len else
+                    f"curriculum.{phase.name}.context_fraction x model.max_seq_len")
+    batch_from = (f"curriculum.{phase.name}.batch_size" if p.batch_size else "curriculum.tokens_per_batch / seq_len")
+    try:
+      datasets[phase.index] = data.train_dataset(
+          corpus, seed=_phase_seed(config.seed, phase.index), seq_len=phase.seq_len,
+          batch_size=phase.batch_size, domain_weights=dict(phase.domain_weights),
+          process_index=process_index, process_count=process_count)
+    except data.DataError as e:
+      raise data.DataError(f"phase {phase.name} (seq_len {phase.seq_len} from {seq_len_from}, batch "
+                           f"{phase.batch_size} from {batch_from}): {e}") from None
+  return datasets
+
+
+def _eval_sets(config, corpus, process_index: int, process_count: int) -> dict[str, list]:
+  try:
+    return {domain: data.eval_batches(corpus, domain, seq_len=config.model.max_seq_len,
+                                      batch_size=config.train.eval_batch_size, num_batches=config.train.eval_batches,
+                                      process_index=process_index, process_count=process_count)
+            for domain in corpus.domains}
+  except data.DataError as e:
+    raise data.DataError(f"evaluation (seq_len {config.model.max_seq_len} from model.max_seq_len): {e}") from None
+
+
 def _layer_scalars(layers: dict, expert_devices: int = 1) -> dict:
   """Per-layer statistics as TensorBoard scalars.
 
@@ -213,15 +243,28 @@ def eval_results(sums: dict[str, tuple[float, float]], bytes_per_token: dict[str
 
 def _restore_or_init(ckpt: checkpoint.Checkpointer, config, abstract_state, make_state):
   """(state, start step): the newest sound checkpoint if its config allows resuming with `config`, else new."""
-  # Checked against the newest checkpoint whose layout is readable; a damaged one is left to the restore.
-  for step in ckpt.all_steps()[::-1]:
+  # Checked against the newest checkpoint whose layout is readable (a damaged one is left to the restore),
+  # and the newest config saved up to it that can be read.
+  steps = ckpt.all_steps()
+  for step in steps[::-1]:
     saved_shapes = ckpt.saved_shapes(step)
     if saved_shapes is None:
       continue
-    try:
-      saved_config = ckpt.restore_config(step)
-    except Exception:  # pylint: disable=broad-except  (saved without a config, or a damaged one)
-      saved_config = None
+    saved_config, unreadable = None, []
+    for config_step in [s for s in steps if s <= step][::-1]:
+      try:
+        saved_config = ckpt.restore_config(config_step)
+        break
+      except Exception as e:  # pylint: disable=broad-except  (saved without a config, or a damaged one)
+        unreadable.append(f"step {config_step}: {type(e).__name__}")
+    if unreadable and saved_config is not None:
+      logging.warning("The config saved with the checkpoint at step %d cannot be read (%s); this config is "
+                      "checked against the one saved at step %d.", step, unreadable[0], config_step)
+    if saved_config is None and "*" not in resume.allowed_patterns(config):
+      raise ConfigError(f"No config saved in {ckpt.directory} up to step {step} can be read ({', '.join(unreadable)}), "
+                        "so whether this run's config matches the saved run's cannot be checked; resume without "
+                        "that check with --config.train.allow_config_change='*' (a change of the model's shapes is "
+                        "still refused), or pass a new --workdir. The checkpoints are left as they are.")
     resume.check(config, saved_config=saved_config, saved_shapes=saved_shapes, abstract_state=abstract_state,
                  step=step, directory=ckpt.directory)
     break
@@ -266,6 +309,8 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, *, corpus: "d
   dp_size = parallel.data_parallel_size(mesh, rules)
   expert_devices = parallel.logical_axis_size(mesh.shape, rules, "expert") if config.model.ffn == "moe" else 1
   _check_batch_divisibility(curriculum, config, dp_size, process_count)
+  datasets = _phase_datasets(config, curriculum, corpus, process_index, process_count)
+  eval_sets = _eval_sets(config, corpus, process_index, process_count)
 
   model = model_lib.build_model(config.model)
   optimizer = state_lib.make_optimizer(config.optimizer)
@@ -303,25 +348,13 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, *, corpus: "d
         logging.info("Collectives per device per step of this program: %s.", moved or "none")
     return compiled[key]
 
-  datasets: dict[int, object] = {}
-
   def batch_for(settings):
     phase = settings.phase
-    if phase.index not in datasets:
-      datasets[phase.index] = data.train_dataset(
-          corpus, seed=_phase_seed(config.seed, phase.index), seq_len=phase.seq_len,
-          batch_size=phase.batch_size, domain_weights=dict(phase.domain_weights),
-          process_index=process_index, process_count=process_count)
     local = datasets[phase.index][settings.step - phase.start]
     return parallel.global_batch({k: local[k] for k in batch_keys}, batch_sharding)
 
   eval_fn = jax.jit(step_lib.make_eval_step(model), in_shardings=(state_shardings.params, batch_shardings),
                     out_shardings=(scalar, scalar))
-  eval_sets = {
-      domain: data.eval_batches(corpus, domain, seq_len=config.model.max_seq_len,
-                                batch_size=config.train.eval_batch_size, num_batches=config.train.eval_batches,
-                                process_index=process_index, process_count=process_count)
-      for domain in corpus.domains}
 
   def evaluate(step: int) -> dict:
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -418,11 +451,15 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, *, corpus: "d
     if diverged:
       ckpt.save(final_step, state, config, force=True)
       ckpt.wait()
+      streak = int(jax.device_get(state.nonfinite_streak))
+      fixes = ["optimizer.peak_lr (lower)", "optimizer.grad_clip"] + (
+          ["model.dtype ('float32')"] if config.model.dtype != "float32" else [])
       raise TrainingStopped(
-          f"{config.train.max_nonfinite_in_a_row} non-finite updates in a row at step {final_step}: training "
-          f"stopped. Skipped updates never touch the weights, so the checkpoint at step {final_step} in "
-          f"{ckpt.directory} holds the last good state. Lower optimizer.peak_lr, raise optimizer.grad_clip "
-          "or use model.dtype='float32', then rerun to resume.")
+          f"{streak} non-finite updates in a row up to step {final_step} (train.max_nonfinite_in_a_row is "
+          f"{config.train.max_nonfinite_in_a_row}): training stopped. Skipped updates never touch the weights, so "
+          f"the checkpoint at step {final_step} in {ckpt.directory} holds the last good state. Change "
+          f"{', '.join(fixes)} and rerun to resume, allowing the change with "
+          "--config.train.allow_config_change=<field>.")
     if stopped_by is None:
       last_eval = evaluate(final_step)
     ckpt.save(final_step, state, config, force=True)

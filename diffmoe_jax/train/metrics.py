@@ -17,6 +17,8 @@ from tensorboard.compat.proto.tensor_pb2 import TensorProto
 from tensorboard.compat.proto.tensor_shape_pb2 import TensorShapeProto
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
+from diffmoe_jax.train.workdir import WorkdirError
+
 
 class MetricWriter:
   """Writes TensorBoard scalars, text and histograms to an event file under `logdir`.
@@ -25,7 +27,17 @@ class MetricWriter:
   """
 
   def __init__(self, logdir: str | os.PathLike, enabled: bool = True):
-    self._writer = EventFileWriter(os.fspath(logdir)) if enabled else None
+    self._writer = None
+    if enabled:
+      path = os.fspath(logdir)
+      if os.path.exists(path) and not os.path.isdir(path):
+        raise WorkdirError(f"The TensorBoard directory {path} is a file, not a directory; move it away, or pass "
+                           "another --workdir.")
+      try:
+        self._writer = EventFileWriter(path)
+      except OSError as e:
+        raise WorkdirError(f"Cannot write TensorBoard events in {path}: {e.strerror or e}; fix its permissions, or "
+                           "pass another --workdir.") from None
 
   def _add(self, step: int, values: list[Summary.Value]):
     self._writer.add_event(Event(wall_time=time.time(), step=int(step), summary=Summary(value=values)))

@@ -1,8 +1,10 @@
-"""The workdir: created with a clear error when it cannot be, and locked so that one run at a time writes it."""
+"""The workdir: created with a clear error when it cannot be, and locked so that one run at a time writes it;
+finished runs' result files in it, written whole and checked when reused."""
 from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
 import socket
 import time
@@ -11,25 +13,59 @@ LOCK_NAME = "lock"
 
 
 class WorkdirError(RuntimeError):
-  """The workdir cannot be used: not a directory, not writable, or in use by another run."""
+  """The workdir cannot be used: not a directory, not writable, in use by another run, or holding a finished
+  run whose result file is damaged or whose training data changed since."""
 
 
-def prepare(workdir: str | os.PathLike) -> str:
-  """`workdir` as an absolute path, created if missing; WorkdirError naming the path if it cannot be used."""
+def prepare(workdir: str | os.PathLike, flag: str = "workdir") -> str:
+  """`workdir` as an absolute path, created if missing; WorkdirError naming the path (and `flag`, the
+  command-line flag that gave it) if it cannot be used."""
   if not os.fspath(workdir).strip():  # e.g. --workdir=$RUN_DIR with the variable unset: not the current directory
     raise WorkdirError("The workdir is empty; pass the run's directory, such as --workdir=runs/tiny.")
   path = os.path.abspath(os.path.expanduser(os.fspath(workdir)))
   if os.path.exists(path) and not os.path.isdir(path):
-    raise WorkdirError(f"The workdir {path} is a file, not a directory; pass another --workdir.")
+    raise WorkdirError(f"The {flag} {path} is a file, not a directory; pass another --{flag}.")
   try:
     os.makedirs(path, exist_ok=True)
   except OSError as e:
-    raise WorkdirError(f"Cannot create the workdir {path}: {e.strerror or e}; pass a --workdir in a directory "
+    raise WorkdirError(f"Cannot create the {flag} {path}: {e.strerror or e}; pass a --{flag} in a directory "
                        "you can write.") from None
   if not os.access(path, os.W_OK | os.X_OK):
-    raise WorkdirError(f"The workdir {path} is not writable by this user; pass another --workdir or fix its "
+    raise WorkdirError(f"The {flag} {path} is not writable by this user; pass another --{flag} or fix its "
                        "permissions.")
   return path
+
+
+def write_json(path: str, value) -> None:
+  """Writes `value` as JSON to `path` whole or not at all (a temporary file renamed into place)."""
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(value, f, indent=2)
+  os.replace(tmp, path)
+
+
+def read_result(path: str) -> dict:
+  """A finished run's result file; WorkdirError naming it if it is damaged."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      result = json.load(f)
+  except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+    raise WorkdirError(f"{path} is damaged ({e}); delete it to train that run again.") from None
+  if not isinstance(result, dict):
+    raise WorkdirError(f"{path} is damaged (not a JSON object); delete it to train that run again.")
+  return result
+
+
+def check_data(run_dir: str, saved: dict | None, fingerprint: dict, log) -> None:
+  """WorkdirError if the run in run_dir finished on other data than `fingerprint` (`Corpus.fingerprint`), its
+  result's `saved` one; a note through `log` if its result predates the record."""
+  if saved is None:
+    log(f"note: {run_dir} has no record of its training data, so a change in it could not be checked.")
+    return
+  changed = sorted(d for d in set(saved) | set(fingerprint) if saved.get(d) != fingerprint.get(d))
+  if changed:
+    raise WorkdirError(f"{run_dir} finished on other training data (config.data.domains.{changed[0]}: its files "
+                       "changed since); pass a new --workdir, or delete that run to train it again.")
 
 
 def _pid_alive(pid: int) -> bool:
