@@ -164,13 +164,19 @@ def run(config, workdir: str):
   from diffmoe_jax.train import curriculum as curriculum_lib
   from diffmoe_jax.train import loop, workdir as workdir_lib
   config_lib.validate(config)
+  created = not os.path.isdir(os.path.expanduser(workdir))
   workdir = workdir_lib.prepare(workdir)  # before anything slow: a bad workdir fails at once
-  cli.use_compilation_cache(config)
-  curriculum = curriculum_lib.Curriculum(config)
-  mesh_shape = parallel.mesh_shape(config.mesh, jax.device_count())
-  parallel.check_expert_parallel(config, mesh_shape, jax.default_backend())
-  result = estimate.estimate(config)
-  need = check_memory(config, mesh_shape, jax.default_backend())
+  try:
+    cli.use_compilation_cache(config)
+    curriculum = curriculum_lib.Curriculum(config)
+    mesh_shape = parallel.mesh_shape(config.mesh, jax.device_count())
+    parallel.check_expert_parallel(config, mesh_shape, jax.default_backend())
+    result = estimate.estimate(config)
+    need = check_memory(config, mesh_shape, jax.default_backend())
+  except Exception:
+    if created and not os.listdir(workdir):  # a refused run leaves no empty workdir behind
+      os.rmdir(workdir)
+    raise
   lead = jax.process_index() == 0  # in a multi-process run, process 0 alone prints
   if lead:
     print(summary(config, workdir, result, mesh_shape, need, curriculum), flush=True)

@@ -112,6 +112,9 @@ def test_shape_keys_list_every_program(tiny):
   cur = Curriculum(tiny)
   seen = {cur.settings(s).shape_key for s in range(tiny.curriculum.total_steps)}
   assert set(cur.shape_keys()) == seen and len(cur.shape_keys()) == len(seen)
+  # A resumed or shortened invocation compiles only the programs of its own steps.
+  later = {cur.settings(s).shape_key for s in range(400, 500)}
+  assert set(cur.shape_keys(400, 500)) == later and len(cur.shape_keys(400, 500)) == len(later) < len(seen)
 
 
 def test_bad_step_counts_name_the_phase_and_the_cause(tiny):

@@ -287,7 +287,7 @@ def test_a_run_of_nonfinite_updates_stops_with_the_last_good_state(tmp_path):
   assert totals[max(totals)] == 4 and max(totals) == step
 
 
-def test_too_large_config_stops_before_allocating(monkeypatch):
+def test_too_large_config_stops_before_allocating(monkeypatch, tmp_path):
   """PI-S on 8 devices of 80 GiB: refused before anything is allocated, naming a mesh that fits."""
   from diffmoe_jax import estimate
   config = load_named("pi_s")
@@ -317,6 +317,10 @@ def test_too_large_config_stops_before_allocating(monkeypatch):
   assert shape == {"data": 1, "fsdp": 128, "expert": 1, "tensor": 1}
   assert float(least) == round(estimate.training_memory_per_device(config, shape)["total"] / 2**30, 1)
   assert float(least) * 2**30 > 0.9 * 24 * 10**9
+  # The refused run leaves no empty workdir behind (one that existed stays).
+  with pytest.raises(main_lib.InsufficientMemoryError):
+    main_lib.run(config, str(tmp_path / "new"))
+  assert not os.path.exists(tmp_path / "new")
 
 
 def test_the_suggested_mesh_is_one_the_run_accepts():

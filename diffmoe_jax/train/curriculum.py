@@ -130,11 +130,12 @@ class Curriculum:
       values.append(value)
     return jnp.stack(values)[index]
 
-  def shape_keys(self) -> list[tuple]:
-    """Every distinct compiled-program key of the run, in order of first use."""
+  def shape_keys(self, start: int = 0, end: int | None = None) -> list[tuple]:
+    """Every distinct compiled-program key of steps [start, end) (default: the whole run), in order of first use."""
+    end = self.total_steps if end is None else end
     keys = []
     for phase in self.phases:
-      for step in range(phase.start, phase.end):
+      for step in range(max(phase.start, start), min(phase.end, end)):
         key = self.settings(step).shape_key
         if key not in keys:
           keys.append(key)

@@ -329,7 +329,10 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, *, corpus: "d
   scalar = parallel.replicated(mesh)
 
   compiled: dict[tuple, Callable] = {}
-  total_keys = len(curriculum.shape_keys())
+  end_step = curriculum.total_steps
+  if config.train.run_steps:
+    end_step = min(end_step, start_step + config.train.run_steps)
+  total_keys = len(curriculum.shape_keys(start_step, end_step))  # the programs this invocation compiles
 
   def step_fn(settings, *args):
     """The compiled step for `settings`, compiled ahead of time on `args` when first needed."""
@@ -402,9 +405,6 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, *, corpus: "d
     return False
 
   diverged = False
-  end_step = curriculum.total_steps
-  if config.train.run_steps:
-    end_step = min(end_step, start_step + config.train.run_steps)
   try:
     with _SignalFlag() as signals, jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       step = start_step
