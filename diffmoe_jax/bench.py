@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import os
+import math
 import statistics
 import sys
 import time
@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from diffmoe_jax import config as config_lib
+from diffmoe_jax import cli, config as config_lib
 from diffmoe_jax.ops import dispatch, routing
 
 
@@ -144,6 +144,9 @@ def bench_moe(args: argparse.Namespace) -> None:
 def bench_compile(args: argparse.Namespace) -> None:
   from diffmoe_jax.nn import model as model_lib
   config = config_lib.load_file(args.config)
+  for layers in args.layers:  # every depth is one the model takes, before anything compiles
+    config.model.num_layers = layers
+    config_lib.validate(config)
   tokens = jnp.zeros((args.batch, args.seq_len), jnp.int32)
   seconds = {}
   for layers in args.layers:
@@ -272,8 +275,8 @@ def _positive_float(text: str) -> float:
     value = float(text)
   except ValueError:
     raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-  if not value > 0:
-    raise argparse.ArgumentTypeError(f"{value} must be > 0")
+  if not (value > 0 and math.isfinite(value)):
+    raise argparse.ArgumentTypeError(f"{value} must be a finite number > 0")
   return value
 
 
@@ -285,8 +288,10 @@ def _fraction(text: str) -> float:
 
 
 def _config_file(path: str) -> str:
-  if not os.path.isfile(path):
-    raise argparse.ArgumentTypeError(f"there is no config file {path} (relative to {os.getcwd()})")
+  """A config file that loads (as `main --config` checks it); its path."""
+  _, problem = cli.load_config(path)
+  if problem:
+    raise argparse.ArgumentTypeError(problem.removeprefix("--config: "))
   return path
 
 
@@ -367,17 +372,18 @@ def main(argv: list[str] | None = None) -> None:
 
 def _check_and_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
   from diffmoe_jax import bench_kernels
-  if args.command == "moe" and args.top_k > args.experts:
+  if args.command in ("moe", "expert_parallel") and args.top_k > args.experts:
     parser.error(f"argument --top-k: {args.top_k} exceeds --experts ({args.experts})")
   if args.command == "train":
     from diffmoe_jax.train.curriculum import Curriculum
     phases = [p.name for p in Curriculum(config_lib.load_file(args.config)).phases]
     if args.phase not in phases:
       parser.error(f"argument --phase: {args.phase!r} is not a phase of {args.config}; choose from {phases}")
-  if args.command == "train" and args.seq_len:
-    context = args.max_seq_len or config_lib.load_file(args.config).model.max_seq_len
+  if args.command in ("train", "compile") and args.seq_len:
+    given = getattr(args, "max_seq_len", 0)  # (train has --max-seq-len, compile does not)
+    context = given or config_lib.load_file(args.config).model.max_seq_len
     if args.seq_len > context:
-      source = ("--max-seq-len" if args.max_seq_len else
+      source = ("--max-seq-len" if given else
                 f"model.max_seq_len of {args.config}; raise it with --max-seq-len")
       parser.error(f"argument --seq-len: {args.seq_len} exceeds the context of {context} ({source})")
   if args.command == "kernels":

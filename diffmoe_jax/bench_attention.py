@@ -22,7 +22,7 @@ from diffmoe_jax.bench import _forward_and_backward, _interleaved_medians
 
 
 def add_parser(commands) -> None:
-  from diffmoe_jax.bench import NON_NEGATIVE, POSITIVE, _config_file
+  from diffmoe_jax.bench import NON_NEGATIVE, POSITIVE, _config_file, _positive_float
   from diffmoe_jax.ops import attention as attention_ops
   attention = commands.add_parser("attention", help="differential vs standard attention; implementations and "
                                    "flash baselines per length; the longest trainable context")
@@ -44,10 +44,10 @@ def add_parser(commands) -> None:
   attention.add_argument("--sweep-batch", type=POSITIVE, default=1)
   attention.add_argument("--sweep-reps", type=POSITIVE, default=3)
   attention.add_argument("--block", type=POSITIVE, default=512, help="query/key block of the blockwise paths")
-  attention.add_argument("--max-run-gib", type=float, default=8.0)
+  attention.add_argument("--max-run-gib", type=_positive_float, default=8.0)
   attention.add_argument("--train-lengths", type=POSITIVE, nargs="*", default=(),
                          help="train-step lengths to try in order, e.g. 8192 16384 32768")
-  attention.add_argument("--memory-gib", type=float, default=16.0)
+  attention.add_argument("--memory-gib", type=_positive_float, default=16.0)
   attention.set_defaults(run=run)
 
 

@@ -25,7 +25,7 @@ KERNELS = ("forward", "dq", "dkv", "dkv_dq")
 
 
 def add_parser(commands) -> None:
-  from diffmoe_jax.bench import POSITIVE, _config_file
+  from diffmoe_jax.bench import POSITIVE, _config_file, _positive_float
   kernels = commands.add_parser("kernels", help="the GPU attention kernels alone, over launch settings")
   kernels.add_argument("--config", type=_config_file, default="configs/pi_p.py", help="whose heads")
   kernels.add_argument("--seq-len", type=POSITIVE, default=8192)
@@ -40,7 +40,7 @@ def add_parser(commands) -> None:
   kernels.add_argument("--warps", type=POSITIVE, nargs="+", default=(4, 8))
   kernels.add_argument("--stages", type=POSITIVE, nargs="+", default=(2, 3))
   kernels.add_argument("--reps", type=POSITIVE, default=5)
-  kernels.add_argument("--budget-s", type=float, default=300.0, help="start no new setting after this long")
+  kernels.add_argument("--budget-s", type=_positive_float, default=300.0, help="start no new setting after this long")
   kernels.set_defaults(run=run)
 
 

@@ -41,7 +41,7 @@ def _override_paths(argv: list[str]) -> list[str]:
   return [arg.split("=", 1)[0].split(".", 1)[1] for arg in argv if re.match(r"^--?(no)?config\.", arg)]
 
 
-def _load(path: str, arg: str | None):
+def load_config(path: str, arg: str | None = None):
   """The config `path`'s get_config() returns, or a one-line description of why it cannot be loaded."""
   if not os.path.isfile(path):
     where = "" if os.path.isabs(path) else f" (relative to {os.getcwd()})"
@@ -106,7 +106,7 @@ def check_command_line(argv: list[str], default_config: str | None) -> str | Non
   if value is None:
     return None  # a required --config is reported by the flag parser
   path, _, arg = value.partition(":")
-  config, problem = _load(path, arg or None)
+  config, problem = load_config(path, arg or None)
   if problem:
     return problem
   for override in _override_paths(argv):
@@ -157,7 +157,9 @@ def parse_flags(default_config: str | None) -> Callable[[list[str]], list[str]]:
         return flags.FLAGS(argv)
       except Exception as e:  # pylint: disable=broad-except
         problem = " ".join(str(e).split())
-        if isinstance(e, flags.Error):
+        if "Flag --config must have a value other than None" in problem:  # a required --config left out
+          problem = "--config is required: pass a config file, such as --config=configs/tiny.py"
+        elif isinstance(e, flags.Error):
           problem += " (--helpfull lists the flags)"
     print(f"error: {problem}", file=sys.stderr)
     sys.exit(1)

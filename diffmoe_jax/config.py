@@ -392,6 +392,10 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   rule_names = [rule[0] for rule in config.mesh.axis_rules]
   for name in LOGICAL_AXES:
     _require(name in rule_names, "mesh.axis_rules", f"has no rule for logical axis {name!r}.")
+  for name, target in config.mesh.axis_rules:
+    for axis in (target,) if isinstance(target, str) or target is None else target:
+      _require(axis is None or axis in MESH_AXES, "mesh.axis_rules",
+               f"maps {name!r} to {axis!r}, which is not a mesh axis; the axes are {MESH_AXES}.")
   _validate_training(config)
   return config
 

@@ -13,8 +13,12 @@ instead of waiting forever in a collective.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import socket
 import sys
+import time
 import traceback
 
 from absl import flags, logging
@@ -82,11 +86,15 @@ def initialize(mode: str = "auto", coordinator_address: str | None = None, num_p
   if (num_processes is None) != (process_id is None):
     raise DistributedError("--num_processes and --process_id go together: give both (the same "
                            "--num_processes on every process, --process_id 0 .. N-1), or neither.")
+  if num_processes is not None and num_processes < 1:
+    raise DistributedError(f"--num_processes={num_processes} must be at least 1.")
   if num_processes is not None and not 0 <= process_id < num_processes:
     raise DistributedError(f"--process_id={process_id} must lie in 0 .. --num_processes-1 = {num_processes - 1}.")
   if timeout_s < 1 or init_timeout_s < 1:
     raise DistributedError(f"--distributed_timeout_s ({timeout_s}) and --distributed_init_timeout_s "
                            f"({init_timeout_s}) must be at least 1 second.")
+  if coordinator_address is not None:
+    _check_address(coordinator_address, bind=process_id == 0)
   env_coordinator = environ.get("JAX_COORDINATOR_ADDRESS")
   launched = launcher_process_count(environ)
   if mode == "auto" and not (given or env_coordinator or launched > 1):
@@ -115,6 +123,70 @@ def initialize(mode: str = "auto", coordinator_address: str | None = None, num_p
   logging.info("Process %d of %d joined the run (%d local, %d global devices).", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
   return True
+
+
+def _check_address(address: str, bind: bool) -> None:
+  """HOST:PORT with a port in 1..65535, and for process 0 (which hosts the coordinator) a port free on this host:
+  JAX's runtime ends the process with a C++ abort, not an error, for either."""
+  host, _, port = address.rpartition(":")
+  if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+    raise DistributedError(f"--coordinator_address={address!r} is not HOST:PORT with a port in 1..65535 (such as "
+                           "10.0.0.2:12345: process 0's host and a free port).")
+  if bind:
+    with socket.socket() as s:
+      s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a previous run's closing connections don't count
+      try:
+        s.bind(("", int(port)))
+      except OSError as e:
+        raise DistributedError(f"--coordinator_address={address!r}: port {port} cannot be opened on this host, "
+                               f"process 0's ({e.strerror or e}); choose a free port.") from None
+
+
+def check_same_run(config, workdir: str, wait_s: float = 10.0) -> None:
+  """Every process of a multi-process run has process 0's config and sees its workdir; DistributedError on every
+  process otherwise. Without this, processes on different configs fail in a collective (a C++ abort) or train
+  apart unnoticed, and a workdir that is not shared hangs the first checkpoint."""
+  import jax
+  import numpy as np
+  from jax.experimental import multihost_utils
+  if jax.process_count() == 1:
+    return
+  marker = os.path.join(workdir, f".process0_{os.getpid()}")
+  token = np.frombuffer(os.urandom(8), np.uint32) if jax.process_index() == 0 else np.zeros(2, np.uint32)
+  if jax.process_index() == 0:
+    with open(marker, "w", encoding="utf-8") as f:
+      f.write(token.tobytes().hex())
+  token = np.asarray(multihost_utils.broadcast_one_to_all(token)).tobytes().hex()
+  seen, deadline = False, time.time() + wait_s  # a shared filesystem may show another host's file late
+  while not seen and time.time() < deadline:
+    seen = any(_reads(os.path.join(workdir, name)) == token for name in os.listdir(workdir)
+               if name.startswith(".process0_"))
+    if not seen:
+      time.sleep(0.5)
+  values = dict(config.to_dict())
+  values["train"] = {k: v for k, v in values["train"].items() if k != "compilation_cache_dir"}  # per host
+  digest = np.frombuffer(hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).digest()[:16],
+                         np.uint32)
+  everyone = np.asarray(multihost_utils.process_allgather(np.append(digest, np.uint32(seen))))
+  if jax.process_index() == 0:
+    os.remove(marker)
+  other_config = [p for p in range(len(everyone)) if not np.array_equal(everyone[p, :4], everyone[0, :4])]
+  blind = [p for p in range(len(everyone)) if not everyone[p, 4]]
+  if other_config:
+    raise DistributedError(f"process(es) {other_config} were started with another config than process 0's; start "
+                           "every process with the same --config file and --config overrides.")
+  if blind:
+    raise DistributedError(f"process(es) {blind} do not see process 0's workdir: every process must write the same "
+                           f"directory (this one's is {workdir}); pass the same --workdir, on a filesystem every "
+                           "host mounts.")
+
+
+def _reads(path: str) -> str:
+  try:
+    with open(path, encoding="utf-8") as f:
+      return f.read()
+  except OSError:
+    return ""
 
 
 def initialize_from_flags() -> bool:

@@ -21,6 +21,7 @@ Exit codes:
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -167,15 +168,19 @@ def run(config, workdir: str):
   created = not os.path.isdir(os.path.expanduser(workdir))
   workdir = workdir_lib.prepare(workdir)  # before anything slow: a bad workdir fails at once
   try:
+    distributed.check_same_run(config, workdir)
     cli.use_compilation_cache(config)
     curriculum = curriculum_lib.Curriculum(config)
     mesh_shape = parallel.mesh_shape(config.mesh, jax.device_count())
     parallel.check_expert_parallel(config, mesh_shape, jax.default_backend())
+    loop.check_batch_divisibility(curriculum, config, parallel.logical_axis_size(
+        mesh_shape, parallel.axis_rules(config.mesh), "batch"), jax.process_count())
     result = estimate.estimate(config)
     need = check_memory(config, mesh_shape, jax.default_backend())
   except Exception:
-    if created and not os.listdir(workdir):  # a refused run leaves no empty workdir behind
-      os.rmdir(workdir)
+    if created:  # a refused run leaves no empty workdir behind
+      with contextlib.suppress(OSError):  # not empty, or removed by another process of the run
+        os.rmdir(workdir)
     raise
   lead = jax.process_index() == 0  # in a multi-process run, process 0 alone prints
   if lead:

@@ -25,16 +25,30 @@ shift 4
 
 repo_dir="$(cd "$(dirname "$0")/.." && pwd)"
 remote_dir="diffmoe_jax"  # in each worker's home directory
+# A relative WORKDIR would land inside remote_dir, which the next launch deletes with its checkpoints.
+case "$workdir" in
+  /*) ;;
+  *) echo "error: WORKDIR $workdir must be an absolute path every worker mounts, such as /mnt/runs/pi_s" >&2; exit 2 ;;
+esac
+case "$config" in
+  /*) ;;  # a path on the workers
+  *) if [ ! -f "$repo_dir/$config" ]; then
+       echo "error: CONFIG $config is not a file of this checkout ($repo_dir); pass a path such as configs/pi_s.py" >&2
+       exit 2
+     fi ;;
+esac
 python="${PYTHON:-python3}"
 gcloud_args=(--zone="$zone" --worker=all)
 if [ -n "${PROJECT:-}" ]; then
   gcloud_args+=(--project="$PROJECT")
 fi
 
-# The checkout as git sees it (tracked and untracked files, nothing ignored such as runs/).
+# The checkout as git sees it (tracked and untracked files, nothing ignored such as runs/), less tracked
+# files deleted locally.
 archive="$(mktemp -d)/diffmoe_jax.tar.gz"
 trap 'rm -rf "$(dirname "$archive")"' EXIT
 git -C "$repo_dir" ls-files --cached --others --exclude-standard -z \
+  | while IFS= read -r -d '' f; do if [ -e "$repo_dir/$f" ]; then printf '%s\0' "$f"; fi; done \
   | tar -C "$repo_dir" --null -T - -czf "$archive"
 gcloud compute tpus tpu-vm scp "$archive" "$tpu_name:diffmoe_jax.tar.gz" "${gcloud_args[@]}"
 

@@ -84,6 +84,8 @@ def test_main_refuses_expert_parallelism_the_backend_cannot_run_before_compiling
 def test_estimate_reports_a_bad_config_in_one_line_and_takes_new_domains():
   proc = run_cli("diffmoe_jax.estimate", "--config=configs/tiny.py", "--config.model.d_model=7")
   assert_one_error(proc, "config.model.d_model: 7 must equal model.num_heads * model.head_dim")
+  assert_one_error(run_cli("diffmoe_jax.estimate"),
+                   "--config is required: pass a config file, such as --config=configs/tiny.py")
   proc = run_cli("diffmoe_jax.estimate", "--config=configs/tiny.py", "--config.data.domains.web=files:/data/*.txt")
   assert proc.returncode == 0 and "total parameters" in proc.stdout, proc.stderr[-3000:]
   assert "libtpu" not in proc.stderr
@@ -92,7 +94,14 @@ def test_estimate_reports_a_bad_config_in_one_line_and_takes_new_domains():
 @pytest.mark.parametrize("argv, message", [
     (["moe", "--seq-len", "0"], "argument --seq-len: 0 must be at least 1"),
     (["moe", "--top-k", "3", "--experts", "2"], "argument --top-k: 3 exceeds --experts (2)"),
-    (["moe", "--capacity-factor", "-1"], "argument --capacity-factor: -1.0 must be > 0"),
+    (["moe", "--capacity-factor", "-1"], "argument --capacity-factor: -1.0 must be a finite number > 0"),
+    (["moe", "--capacity-factor", "inf"], "argument --capacity-factor: inf must be a finite number > 0"),
+    (["attention", "--memory-gib", "-1"], "argument --memory-gib: -1.0 must be a finite number > 0"),
+    (["kernels", "--budget-s", "-5"], "argument --budget-s: -5.0 must be a finite number > 0"),
+    (["compile", "--seq-len", "1000"], "argument --seq-len: 1000 exceeds the context of 256"),
+    (["train", "--config", "diffmoe_jax/__init__.py"], "argument --config: diffmoe_jax/__init__.py: AttributeError: "
+     "module 'diffmoe_config_file' has no attribute 'get_config'"),
+    (["expert_parallel", "--experts", "4", "--top-k", "8"], "argument --top-k: 8 exceeds --experts (4)"),
     (["attention", "--batch", "x"], "argument --batch: 'x' is not an integer"),
     (["train", "--config", "configs/none.py"], "argument --config: there is no config file configs/none.py"),
     (["train", "--seq-len", "300"], "argument --seq-len: 300 exceeds the context of 256 (model.max_seq_len of "
@@ -106,7 +115,7 @@ def test_estimate_reports_a_bad_config_in_one_line_and_takes_new_domains():
     (["train", "--remat-save-names", "attn_out"], "argument --remat-save-names: give it exactly when "
      "--remat-policy is save_names"),
     (["generate", "--capacity", "1.5"], "argument --capacity: 1.5 must lie in (0, 1]"),
-    (["expert_parallel", "--expert-axis", "0"], "argument --expert-axis: 0 must be at least 1"),
+    (["expert_parallel", "--expert-axis", "1"], "argument --expert-axis: 1 must be at least 2"),
     (["train", "--phase", "long-context"], "argument --phase: 'long-context' is not a phase of configs/tiny.py; "
      "choose from ['warmup', 'foundation', 'sparsify', 'specialize', 'long_context', 'anneal']"),
     (["train", "--attention-gpu-launch", "dkv=64,32"], "argument --attention-gpu-launch: "

@@ -94,6 +94,10 @@ def _bad(**fields):
     ({"curriculum.tokens_per_batch": 1000}, r"config\.curriculum\.tokens_per_batch: 1000 is not a multiple of "
      r"phase warmup's seq_len 64, so its batches would hold 960 tokens; use a multiple, or set "
      r"curriculum\.warmup\.batch_size\."),
+    ({"mesh.axis_rules": (("batch", ("data", "fsdp")), ("length", None), ("embed", "bogus"), ("heads", "tensor"),
+                          ("head_dim", None), ("mlp", "tensor"), ("expert", "expert"), ("vocab", "tensor"),
+                          ("layers", None))},
+     r"config\.mesh\.axis_rules: maps 'embed' to 'bogus', which is not a mesh axis; the axes are"),
     ({"optimizer.peak_lr": float("inf")}, r"config\.optimizer\.peak_lr: must be a finite number, got inf\."),
     ({"curriculum.warmup.lr_start": float("nan")}, r"config\.curriculum\.warmup\.lr_start: must be a finite number"),
     ({"model.attention_gpu_launch.dkv": "64,64,4"}, r"model\.attention_gpu_launch\.dkv: '64,64,4' is not "

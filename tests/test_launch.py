@@ -43,6 +43,32 @@ def test_tpu_pod_script_explains_its_arguments():
   assert result.returncode == 2 and "usage: launch/tpu_pod.sh TPU_NAME ZONE CONFIG WORKDIR" in result.stderr
 
 
+def test_tpu_pod_script_refuses_a_relative_workdir_or_a_missing_config():
+  run = lambda *args: subprocess.run(["bash", SCRIPTS[0], "tpu", "zone", *args], capture_output=True, text=True)
+  result = run("configs/tiny.py", "runs/x")  # would land in the copy of the checkout that relaunching deletes
+  assert result.returncode == 2 and "error: WORKDIR runs/x must be an absolute path" in result.stderr
+  result = run("configs/tnyi.py", "/mnt/runs/x")
+  assert result.returncode == 2 and "error: CONFIG configs/tnyi.py is not a file of this checkout" in result.stderr
+
+
+def test_tpu_pod_script_copies_the_checkout_less_files_deleted_locally(tmp_path):
+  """A tracked file deleted in the checkout made tar fail; gcloud is a stand-in that keeps the copied archive."""
+  clone = tmp_path / "clone"
+  subprocess.run(["git", "clone", "-q", ROOT, str(clone)], check=True)
+  shutil.copy(SCRIPTS[0], clone / "launch" / "tpu_pod.sh")  # this checkout's script, committed or not
+  os.remove(clone / "configs" / "ablation.py")
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  (bin_dir / "gcloud").write_text(f'#!/bin/sh\n[ "$4" = scp ] && cp "$5" {tmp_path}/copied.tar.gz\nexit 0\n')
+  (bin_dir / "gcloud").chmod(0o755)
+  result = subprocess.run(["bash", str(clone / "launch" / "tpu_pod.sh"), "tpu", "zone", "configs/tiny.py", "/mnt/x"],
+                          capture_output=True, text=True, env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"})
+  assert result.returncode == 0, result.stderr
+  names = subprocess.run(["tar", "-tzf", str(tmp_path / "copied.tar.gz")], capture_output=True, text=True,
+                         check=True).stdout.split()
+  assert "configs/tiny.py" in names and "diffmoe_jax/main.py" in names and "configs/ablation.py" not in names
+
+
 def test_gpu_checks_select_every_kernel_test_they_name():
   """The GPU script's pytest selection still collects each kind of kernel test (a renamed test would
   otherwise drop out of the GPU run unnoticed)."""

@@ -143,10 +143,51 @@ def test_killing_one_process_stops_the_other_with_an_error(one_process, tmp_path
     (dict(num_processes=2, process_id=0), "need --coordinator_address=HOST:PORT"),
     (dict(coordinator_address="h:1"), "--coordinator_address needs --num_processes"),
     (dict(coordinator_address="h:1", num_processes=2, process_id=0, timeout_s=0), "at least 1 second"),
+    (dict(coordinator_address="h:1", num_processes=0, process_id=0), r"--num_processes=0 must be at least 1\."),
+    # JAX's runtime answers these with an IndexError traceback or a C++ abort after its timeout.
+    (dict(coordinator_address="notanaddress", num_processes=2, process_id=1),
+     r"--coordinator_address='notanaddress' is not HOST:PORT with a port in 1\.\.65535"),
+    (dict(coordinator_address="h:99999", num_processes=2, process_id=1), "is not HOST:PORT"),
 ])
 def test_flags_that_cannot_work_together(kwargs, message):
   with pytest.raises(distributed.DistributedError, match=message):
     distributed.initialize(environ={}, **kwargs)
+
+
+def test_a_coordinator_port_in_use_is_refused_before_jax_starts():
+  """Process 0 hosts the coordinator: a port another program listens on made JAX's runtime segfault."""
+  with socket.socket() as busy:
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    with pytest.raises(distributed.DistributedError, match=rf"port {port} cannot be opened on this host, process "
+                       r"0's \(.*\); choose a free port\."):
+      distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=0, environ={})
+
+
+def test_processes_on_other_configs_or_workdirs_stop_with_one_line(tmp_path):
+  """Different configs (which failed in a collective or trained apart unnoticed) and workdirs that are not one
+  directory (which hung at the first checkpoint): every process stops before training, with the same line."""
+  for name, extras in (("config", (["--config.optimizer.peak_lr=0.1"], [])),
+                       ("workdir", ([f"--workdir={tmp_path / 'other'}"], []))):
+    port = _free_port()
+    procs = [_start(str(tmp_path / name), extras[i], process_id=i, port=port) for i in (0, 1)]
+    try:
+      errors = [p.communicate(timeout=TIMEOUT_S)[1] for p in procs]
+    finally:
+      for p in procs:
+        p.kill()
+    for p, err in zip(procs, errors):
+      assert p.returncode == main_lib.EXIT_ERROR and "Traceback" not in err, err[-3000:]
+      line = err.strip().splitlines()[-1]
+      if name == "config":
+        assert line == ("error: process(es) [1] were started with another config than process 0's; start every "
+                        "process with the same --config file and --config overrides."), err[-3000:]
+      else:
+        assert line.startswith("error: process(es) [1] do not see process 0's workdir: every process must write "
+                               "the same directory (this one's is "), err[-3000:]
+  leftovers = [f for d in tmp_path.iterdir() if d.is_dir() for f in os.listdir(d) if f.startswith(".process0_")]
+  assert not leftovers  # process 0's marker is removed
 
 
 def test_main_reports_distributed_flags_that_cannot_work_together(tmp_path):

@@ -323,6 +323,15 @@ def test_too_large_config_stops_before_allocating(monkeypatch, tmp_path):
   assert not os.path.exists(tmp_path / "new")
 
 
+def test_a_batch_the_mesh_cannot_split_is_refused_before_the_data_and_the_workdir(tmp_path):
+  config = load_config()
+  config.curriculum.tokens_per_batch = 128  # long_context: 4 sequences over 8 devices
+  with pytest.raises(ConfigError, match=r"config\.curriculum\.long_context: its batch of 4 sequences is not a "
+                     r"multiple of the mesh's data-parallel size \(8\)"):
+    main_lib.run(config, str(tmp_path / "new"))
+  assert not os.path.exists(tmp_path / "new")
+
+
 def test_the_suggested_mesh_is_one_the_run_accepts():
   """The mesh named for a config too large was built for the default axis rules and any backend: it could
   split the experts where expert parallelism cannot run, and missed every mesh when the batch rule left out fsdp."""

@@ -116,7 +116,8 @@ class _SignalFlag:
       signal.signal(sig, handler)
 
 
-def _check_batch_divisibility(curriculum, config, dp_size: int, process_count: int) -> None:
+def check_batch_divisibility(curriculum, config, dp_size: int, process_count: int) -> None:
+  """ConfigError naming the phase if a batch does not split over the data-parallel devices and processes."""
   accum = config.optimizer.grad_accum_steps
   for p in curriculum.phases:
     for divisor, what in ((dp_size, "the mesh's data-parallel size"), (process_count, "the process count"),
@@ -308,7 +309,7 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, *, corpus: "d
   rules = parallel.axis_rules(config.mesh)
   dp_size = parallel.data_parallel_size(mesh, rules)
   expert_devices = parallel.logical_axis_size(mesh.shape, rules, "expert") if config.model.ffn == "moe" else 1
-  _check_batch_divisibility(curriculum, config, dp_size, process_count)
+  check_batch_divisibility(curriculum, config, dp_size, process_count)
   datasets = _phase_datasets(config, curriculum, corpus, process_index, process_count)
   eval_sets = _eval_sets(config, corpus, process_index, process_count)
 
