@@ -85,7 +85,7 @@ def restore_params(workdir: str, config=None, step: int | None = None):
   abstract_state, _, _ = state_lib.create_state(model, state_lib.make_optimizer(config.optimizer), mesh, rules,
                                                 seed=config.seed, seq_len=config.model.max_seq_len)
   resume.check(config, saved_config=saved_config, saved_shapes=ckpt.saved_shapes(step),
-               abstract_state=abstract_state, step=step, directory=directory)
+               abstract_state=abstract_state, step=step, directory=directory, training=False)
   problem, state = ckpt.restore_verified(step, abstract_state)
   if problem is not None:
     older = [s for s in steps if s < step]

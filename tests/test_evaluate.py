@@ -117,7 +117,7 @@ def test_cli_bad_input_is_one_line(workdir, tmp_path):
                    "there is no text file", "missing.txt")
   assert_one_error(run_cli("diffmoe_jax.evaluate", f"--workdir={workdir}", f"--config={CONFIG_PATH}",
                            *SHORT_RUN, "--config.model.d_model=24", "--config.model.head_dim=12"),
-                   "another shape", "model.d_model 48 -> 24")
+                   "another shape", "model.d_model 48 -> 24", "Drop --config to use the saved config.")
   assert_one_error(run_cli("diffmoe_jax.evaluate", f"--workdir={workdir}", f"--config={CONFIG_PATH}", *SHORT_RUN,
                            "--config.train.eval_batch_size=12"),
                    "config.train.eval_batch_size (12) is not a multiple of the 8 ways this machine's mesh splits")

@@ -92,8 +92,9 @@ def shape_differences(saved: Mapping[str, tuple], abstract_state: Any) -> list[s
 
 
 def check(config, *, saved_config: Mapping | None, saved_shapes: Mapping | None, abstract_state: Any,
-          step: int, directory: str) -> None:
-  """Raises ConfigError if the checkpoint at `step` cannot, or may not, be resumed with `config`.
+          step: int, directory: str, training: bool = True) -> None:
+  """Raises ConfigError if the checkpoint at `step` cannot, or may not, be resumed (or, with training=False,
+  read by evaluate / generate) with `config`.
 
   Fields the code no longer has (`config.without_obsolete`) are not compared; fields added since the save
   are, as changes from `<absent>`: the code cannot know how the saved run behaved without them.
@@ -113,19 +114,23 @@ def check(config, *, saved_config: Mapping | None, saved_shapes: Mapping | None,
     cause = (f"it was saved with {describe(model)}" if model else
              "the model fields match, so the state's layout changed with the code since the save")
     arrays = "; ".join(shapes[:3]) + (f"; and {len(shapes) - 3} more arrays" if len(shapes) > 3 else "")
-    raise ConfigError(f"{where} holds a train state of another shape ({arrays}): {cause}. Resume with the saved "
-                      f"values, or pass a new --workdir to train this config from scratch. {keep}")
+    fix = ("Resume with the saved values, or pass a new --workdir to train this config from scratch" if training
+           else "Drop --config to use the saved config")
+    raise ConfigError(f"{where} holds a train state of another shape ({arrays}): {cause}. {fix}. {keep}")
   free = [d for d in diffs if _matches(d[0], list(FREE_FIELDS))]
   patterns = allowed_patterns(config)
   allowed = [d for d in diffs if d not in free and _matches(d[0], patterns)]
   refused = [d for d in diffs if d not in free and d not in allowed]
   if refused:
     fields = ",".join(d[0] for d in refused)
-    raise ConfigError(f"{where} was saved with another config: {describe(refused)}. Resume with the saved values, "
-                      f"allow the change with --config.train.allow_config_change={fields}, or pass a new "
-                      f"--workdir. {keep}")
+    fix = (f"Resume with the saved values, allow the change with --config.train.allow_config_change={fields}, or "
+           "pass a new --workdir" if training else
+           f"Drop --config to use the saved config, or allow the change with "
+           f"--config.train.allow_config_change={fields}")
+    raise ConfigError(f"{where} was saved with another config: {describe(refused)}. {fix}. {keep}")
+  using = "Resuming from" if training else "Reading"
   if allowed:
-    logging.warning("Resuming from step %d with config changes (allowed by train.allow_config_change): %s.",
-                    step, describe(allowed))
+    logging.warning("%s step %d with config changes (allowed by train.allow_config_change): %s.", using, step,
+                    describe(allowed))
   if free:
-    logging.info("Resuming from step %d with changed bookkeeping fields: %s.", step, describe(free))
+    logging.info("%s step %d with changed bookkeeping fields: %s.", using, step, describe(free))
