@@ -151,18 +151,14 @@ def check_same_run(config, workdir: str, wait_s: float = 10.0) -> None:
   from jax.experimental import multihost_utils
   if jax.process_count() == 1:
     return
-  marker = os.path.join(workdir, f".process0_{os.getpid()}")
   token = np.frombuffer(os.urandom(8), np.uint32) if jax.process_index() == 0 else np.zeros(2, np.uint32)
+  marker_of = lambda t: os.path.join(workdir, f".process0_{np.asarray(t).tobytes().hex()}")
   if jax.process_index() == 0:
-    with open(marker, "w", encoding="utf-8") as f:
-      f.write(token.tobytes().hex())
-  token = np.asarray(multihost_utils.broadcast_one_to_all(token)).tobytes().hex()
-  seen, deadline = False, time.time() + wait_s  # a shared filesystem may show another host's file late
-  while not seen and time.time() < deadline:
-    seen = any(_reads(os.path.join(workdir, name)) == token for name in os.listdir(workdir)
-               if name.startswith(".process0_"))
-    if not seen:
-      time.sleep(0.5)
+    open(marker_of(token), "w", encoding="utf-8").close()
+  marker = marker_of(multihost_utils.broadcast_one_to_all(token))  # process 0's file, named by its token
+  deadline = time.time() + wait_s  # a shared filesystem may show another host's file late
+  while not (seen := os.path.exists(marker)) and time.time() < deadline:
+    time.sleep(0.5)
   values = dict(config.to_dict())
   values["train"] = {k: v for k, v in values["train"].items() if k != "compilation_cache_dir"}  # per host
   digest = np.frombuffer(hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).digest()[:16],
@@ -179,14 +175,6 @@ def check_same_run(config, workdir: str, wait_s: float = 10.0) -> None:
     raise DistributedError(f"process(es) {blind} do not see process 0's workdir: every process must write the same "
                            f"directory (this one's is {workdir}); pass the same --workdir, on a filesystem every "
                            "host mounts.")
-
-
-def _reads(path: str) -> str:
-  try:
-    with open(path, encoding="utf-8") as f:
-      return f.read()
-  except OSError:
-    return ""
 
 
 def initialize_from_flags() -> bool:
