@@ -109,6 +109,9 @@ def initialize(mode: str = "auto", coordinator_address: str | None = None, num_p
   import jax
   if jax.distributed.is_initialized():  # joined already (by a wrapper around main, say)
     return True
+  address = coordinator_address or env_coordinator
+  if address and process_id not in (None, 0):
+    _wait_for_coordinator(address, init_timeout_s, process_id)
   # CPU processes exchange collectives over TCP (gloo); GPU and TPU use their own interconnect.
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   try:
@@ -140,6 +143,32 @@ def _check_address(address: str, bind: bool) -> None:
       except OSError as e:
         raise DistributedError(f"--coordinator_address={address!r}: port {port} cannot be opened on this host, "
                                f"process 0's ({e.strerror or e}); choose a free port.") from None
+
+
+def _wait_for_coordinator(address: str, timeout_s: float, process_id: int) -> None:
+  """Returns once process 0's coordinator accepts a connection at `address`; DistributedError after `timeout_s`.
+  JAX's runtime ends the process with a C++ abort and a stack dump for a coordinator it cannot reach."""
+  host, _, port = address.rpartition(":")
+  deadline = time.monotonic() + timeout_s
+  while True:
+    try:
+      wait = max(0.1, min(5.0, deadline - time.monotonic()))
+      with socket.create_connection((host.strip("[]"), int(port)), timeout=wait):
+        return
+    except socket.gaierror as e:
+      if e.errno == socket.EAI_AGAIN and time.monotonic() < deadline:  # the resolver may recover
+        time.sleep(0.5)
+        continue
+      raise DistributedError(f"coordinator address {address!r}: cannot resolve host {host!r} ({e.strerror or e}); "
+                             "give process 0's host name or IP address.") from None
+    except OSError as e:
+      if time.monotonic() >= deadline:
+        raise DistributedError(
+            f"process {process_id} could not reach the coordinator at {address} within "
+            f"--distributed_init_timeout_s={timeout_s:g} s ({e.strerror or e}): start process 0 with the same "
+            "--coordinator_address (its host and a free port), check that this host can reach it, or raise "
+            "the timeout.") from None
+      time.sleep(0.5)
 
 
 def check_same_run(config, workdir: str, wait_s: float = 10.0) -> None:

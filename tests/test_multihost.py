@@ -165,6 +165,19 @@ def test_a_coordinator_port_in_use_is_refused_before_jax_starts():
       distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=0, environ={})
 
 
+def test_a_coordinator_that_cannot_be_reached_is_one_line_after_the_init_timeout():
+  """JAX's runtime aborted (exit 134, a stack dump) after its timeout for either."""
+  start = time.monotonic()
+  with pytest.raises(distributed.DistributedError, match=rf"process 1 could not reach the coordinator at "
+                     rf"127\.0\.0\.1:{(port := _free_port())} within --distributed_init_timeout_s=1 s \("):
+    distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=1, init_timeout_s=1,
+                           environ={})
+  assert time.monotonic() - start < 30
+  with pytest.raises(distributed.DistributedError, match=r"cannot resolve host 'nosuchhost\.invalid'"):
+    distributed.initialize(coordinator_address="nosuchhost.invalid:1234", num_processes=2, process_id=1,
+                           init_timeout_s=1, environ={})
+
+
 def test_processes_on_other_configs_or_workdirs_stop_with_one_line(tmp_path):
   """Different configs (which failed in a collective or trained apart unnoticed) and workdirs that are not one
   directory (which hung at the first checkpoint): every process stops before training, with the same line."""
