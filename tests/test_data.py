@@ -224,6 +224,39 @@ def test_split_is_deterministic_and_both_splits_are_never_empty(text_dir, tmp_pa
   assert high.info("text", "train").files == (max(names, key=unit_hash),)
 
 
+def sides(corpus, domain):
+  return {f: split for split in ("train", "val") for f in corpus.info(domain, split).files}
+
+
+def test_adding_a_file_moves_no_other_file_between_splits(tmp_path):
+  """Files are named (and hashed into a split) relative to the glob's fixed directory, not to the directory
+  the matched files happen to share, which a file added higher up would change."""
+  top = tmp_path / "web"
+  (top / "2024").mkdir(parents=True)
+  for i in range(16):
+    (top / "2024" / f"page{i}.txt").write_text(english(i), encoding="utf-8")
+  config = data_config({"web": f"files:{top}/**/*.txt"}, val_fraction=0.3)
+  before = sides(data.build_corpus(config, cache_root=str(tmp_path / "cache")), "web")
+  assert set(before) == {f"2024/page{i}.txt" for i in range(16)}
+  assert [unit_hash(f) < 0.3 for f in before] == [before[f] == "val" for f in before]
+  (top / "index.txt").write_text(english(100), encoding="utf-8")
+  after = sides(data.build_corpus(config, cache_root=str(tmp_path / "cache")), "web")
+  assert set(after) == set(before) | {"index.txt"}
+  assert {f: after[f] for f in before} == before
+
+
+def test_a_file_reached_through_symlinks_is_one_document(text_dir, tmp_path):
+  """A link to a file is that file; under `**`, a link back up the tree is followed once, not until the
+  path is too long (each file 41 times; two such links made the glob run without end)."""
+  os.symlink("doc0.txt", text_dir / "latest.txt")
+  os.symlink(".", text_dir / "again")
+  corpus = data.build_corpus(data_config({"text": f"files:{text_dir}/**/*.txt"}, val_fraction=0.3),
+                             cache_root=str(tmp_path / "cache"))
+  assert sorted(sides(corpus, "text")) == [f"doc{i}.txt" for i in range(8)]
+  stream = bytes(np.concatenate([corpus.tokens("text", s) for s in ("train", "val")]).astype(np.uint8))
+  assert all(stream.count(english(i).encode()) == 1 for i in range(8))
+
+
 SHINGLE_WORDS = 8
 
 

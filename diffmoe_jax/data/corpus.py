@@ -3,8 +3,9 @@
 Each domain is tokenized once into `<cache root>/<key>/`: `train.bin` and `val.bin` (raw token ids, uint16
 when the vocabulary fits, else uint32) and `meta.json` (files, token and byte counts per split). The key
 hashes everything the tokens depend on: format version (which also names the split rule), tokenizer spec and
-model file hash, source spec, every file's path, size and mtime, and val_fraction. A directory is written
-under a temporary name and renamed into place, so an interrupted build never leaves a half cache.
+model file hash, source spec, every file's path, size and mtime, val_fraction, and for `files:` sources the
+root their paths are hashed relative to. A directory is written under a temporary name and renamed into
+place, so an interrupted build never leaves a half cache.
 
 Each document's tokens are followed by the tokenizer's eos id when it has one; token counts include these
 separators and byte counts (UTF-8 bytes of the text) do not, so bits per byte = bits per token / bytes per
@@ -157,6 +158,10 @@ def _cached_domain(source: Source, tokenizer, val_fraction: float, root: str,
     files.append((path, stat.st_size, stat.st_mtime_ns))
   key_data = {"format": FORMAT_VERSION, "tokenizer": tokenizer.fingerprint, "source": source.spec,
               "files": files, "val_fraction": val_fraction}
+  if not source.builtin:
+    # The split hashes paths relative to the root, which for `files:` used to be the matched files' common
+    # directory: a cache of that rule must not be reused.
+    key_data["root"] = source.root
   key = hashlib.sha256(json.dumps(key_data).encode("utf-8")).hexdigest()[:24]
   final = os.path.join(root, key)
   if os.path.isfile(os.path.join(final, "meta.json")):
