@@ -5,6 +5,7 @@ collections.Counter), never by the code under test.
 """
 import ast
 import collections
+import fcntl
 import hashlib
 import io
 import math
@@ -151,6 +152,22 @@ def test_cache_is_keyed_by_content_and_an_interrupted_build_leaves_nothing(text_
   assert len(os.listdir(root)) == 2
   assert bytes(np.concatenate([corpus.tokens("text", s) for s in ("train", "val")]).astype(np.uint8)).count(
       english(100).encode("utf-8")) == 1
+
+
+def test_a_killed_builds_temporary_directory_is_removed_by_the_next_build(text_dir, tmp_path):
+  root = tmp_path / "cache"
+  killed, running = root / ".0123456789abcdef01234567.k1ll3d_x", root / ".fedcba9876543210fedcba98.runn1ng_"
+  for d in (killed, running):
+    d.mkdir(parents=True)
+    (d / "all.bin").write_bytes(b"\1" * 1000)
+  (root / ".notes").write_text("not the cache's")
+  lock = os.open(running, os.O_RDONLY)  # a build in progress holds its directory's lock
+  fcntl.flock(lock, fcntl.LOCK_EX)
+  try:
+    data.build_corpus(data_config({"text": f"files:{text_dir}/*.txt"}), cache_root=str(root))
+  finally:
+    os.close(lock)
+  assert not killed.exists() and (running / "all.bin").exists() and (root / ".notes").exists()
 
 
 def test_both_stdlib_domains_parse_each_file_once(tmp_path, monkeypatch):
