@@ -5,6 +5,7 @@ collections.Counter), never by the code under test.
 """
 import ast
 import collections
+import errno
 import fcntl
 import hashlib
 import io
@@ -198,6 +199,32 @@ def test_a_token_cache_path_that_is_a_file_is_a_data_error(tmp_path):
   a_file.write_text("")
   with pytest.raises(data.DataError, match=f"the token cache {a_file} cannot be written .*set config.data.cache_dir"):
     data.build_corpus(data_config({"code": "stdlib:code"}), cache_root=str(a_file))
+
+
+def test_a_full_disk_or_an_unreadable_file_is_a_data_error(text_dir, tmp_path, monkeypatch):
+  root = tmp_path / "cache"
+  config = data_config({"text": f"files:{text_dir}/*.txt"})
+  real_write = corpus_lib._write_domain
+
+  def disk_fills(source, tokenizer, val_fraction, out_dir, derived_views):
+    real_write(source, tokenizer, val_fraction, out_dir, derived_views)
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+  monkeypatch.setattr(corpus_lib, "_write_domain", disk_fills)
+  with pytest.raises(data.DataError, match=rf"^the token cache {root} cannot be written \(No space left on device\); "
+                                           r"free space there, or set config\.data\.cache_dir"):
+    data.build_corpus(config, cache_root=str(root))
+  assert os.listdir(root) == []
+  monkeypatch.undo()
+  from diffmoe_jax.data import sources
+
+  def no_permission(path, mode="r"):
+    raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+
+  monkeypatch.setattr(sources, "open", no_permission, raising=False)
+  with pytest.raises(data.DataError, match=r"^config\.data\.domains\.text: .*/doc0\.txt cannot be read \(Permission "
+                                           r"denied\); fix its permissions or leave it out of the source\.$"):
+    data.build_corpus(config, cache_root=str(root))
 
 
 def test_token_dtype_widens_past_uint16():

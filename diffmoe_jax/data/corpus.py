@@ -184,8 +184,10 @@ def _cached_domain(source: Source, tokenizer, val_fraction: float, root: str,
         raise
       # Another process built the same cache meanwhile; its copy is complete, so keep that one.
       shutil.rmtree(tmp, ignore_errors=True)
-  except BaseException:
+  except BaseException as e:
     shutil.rmtree(tmp, ignore_errors=True)
+    if isinstance(e, OSError):  # writing the cache (a source file that cannot be read is a DataError)
+      raise _cache_error(root, e) from None
     raise
   finally:
     os.close(lock)  # after the rename: an unlocked temporary directory is a killed build's
@@ -226,8 +228,8 @@ def _remove_killed_builds(root: str) -> None:
 
 
 def _cache_error(root: str, e: OSError) -> DataError:
-  return DataError(f"the token cache {root} cannot be written ({e.strerror or e}); set config.data.cache_dir (or "
-                   "$DIFFMOE_CACHE) to a directory you can write.")
+  return DataError(f"the token cache {root} cannot be written ({e.strerror or e}); free space there, or set "
+                   "config.data.cache_dir (or $DIFFMOE_CACHE) to a directory you can write.")
 
 
 def _write_domain(source: Source, tokenizer, val_fraction: float, out_dir: str, derived_views: dict) -> None:

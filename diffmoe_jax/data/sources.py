@@ -67,6 +67,8 @@ def read_python(path: str) -> str:
       return f.read()
   except (SyntaxError, UnicodeDecodeError) as e:  # tokenize reports a bad coding cookie as SyntaxError
     raise Skipped("could not be decoded") from e
+  except OSError as e:
+    raise Skipped("could not be read") from e
 
 
 def docstrings(text: str, path: str) -> str:
@@ -82,8 +84,12 @@ def docstrings(text: str, path: str) -> str:
 
 def read_utf8(path: str, *, field: str) -> str:
   """A text file's contents; not valid UTF-8 is a DataError naming the path and the byte offset."""
-  with open(path, "rb") as f:
-    data = f.read()
+  try:
+    with open(path, "rb") as f:
+      data = f.read()
+  except OSError as e:  # no permission, removed since it was listed, an I/O error
+    raise DataError(f"{field}: {path} cannot be read ({e.strerror or e}); fix its permissions or leave it out of "
+                    "the source.") from e
   try:
     return data.decode("utf-8")
   except UnicodeDecodeError as e:
