@@ -132,6 +132,8 @@ def _glob_files(field: str, spec: str, arg: str) -> tuple[str, tuple[str, ...]]:
   """
   files, fixed_parts = [], []
   for pattern in arg.split(","):
+    if not pattern.strip():
+      raise DataError(f"{field} = {spec!r} has an empty pattern; remove the stray comma or space.")
     pattern = os.path.abspath(os.path.expanduser(pattern.strip()))
     if _has_wildcard(pattern):
       parts = pattern.split(os.sep)
