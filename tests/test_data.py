@@ -171,6 +171,23 @@ def test_a_killed_builds_temporary_directory_is_removed_by_the_next_build(text_d
   assert not killed.exists() and (running / "all.bin").exists() and (root / ".notes").exists()
 
 
+def test_a_cache_entry_cut_short_or_missing_a_file_is_rebuilt(text_dir, tmp_path):
+  """An interrupted copy of a cache directory (meta.json is copied before the token files) trained on a cut
+  stream, or stopped with a traceback."""
+  config = data_config({"text": f"files:{text_dir}/*.txt"}, val_fraction=0.3)
+  corpus = data.build_corpus(config, cache_root=str(tmp_path / "cache"))
+  path, expected = corpus.cache_dirs["text"], {s: np.array(corpus.tokens("text", s)) for s in ("train", "val")}
+  del corpus
+  for damage in (lambda: os.truncate(os.path.join(path, "train.bin"), 10),
+                 lambda: os.remove(os.path.join(path, "val.bin"))):
+    damage()
+    corpus = data.build_corpus(config, cache_root=str(tmp_path / "cache"))
+    assert corpus.cache_dirs["text"] == path
+    for split, tokens in expected.items():
+      np.testing.assert_array_equal(corpus.tokens("text", split), tokens)
+    del corpus
+
+
 def test_both_stdlib_domains_parse_each_file_once(tmp_path, monkeypatch):
   """Both domains need both views of every file (they split alike); the docstrings are parsed once per build."""
   from diffmoe_jax.data import sources

@@ -5,7 +5,8 @@ when the vocabulary fits, else uint32) and `meta.json` (files, token and byte co
 hashes everything the tokens depend on: format version (which also names the split rule), tokenizer spec and
 model file hash, source spec, every file's path, size and mtime, val_fraction, and for `files:` sources the
 root their paths are hashed relative to. A directory is written under a temporary name and renamed into
-place, so an interrupted build never leaves a half cache. A build holds a lock on its temporary directory;
+place, so an interrupted build never leaves a half cache (an entry whose files do not match its meta.json,
+such as an interrupted copy, is rebuilt). A build holds a lock on its temporary directory;
 one whose lock is free was left by a killed build, and the next build removes it.
 
 Each document's tokens are followed by the tokenizer's eos id when it has one; token counts include these
@@ -168,8 +169,12 @@ def _cached_domain(source: Source, tokenizer, val_fraction: float, root: str,
     key_data["root"] = source.root
   key = hashlib.sha256(json.dumps(key_data).encode("utf-8")).hexdigest()[:24]
   final = os.path.join(root, key)
-  if os.path.isfile(os.path.join(final, "meta.json")):
+  if _complete(final):
     return final, False
+  if os.path.exists(final):  # a build renames only a complete directory into place: this one was damaged since
+    logging.warning("data: the token cache %s of %s is incomplete (files missing or cut short); rebuilding it.",
+                    final, source.field)
+    shutil.rmtree(final, ignore_errors=True)
   _remove_killed_builds(root)
   try:
     tmp, lock = _locked_temporary_dir(root, key)
@@ -180,7 +185,7 @@ def _cached_domain(source: Source, tokenizer, val_fraction: float, root: str,
     try:
       os.rename(tmp, final)
     except OSError:
-      if not os.path.isfile(os.path.join(final, "meta.json")):
+      if not _complete(final):
         raise
       # Another process built the same cache meanwhile; its copy is complete, so keep that one.
       shutil.rmtree(tmp, ignore_errors=True)
@@ -192,6 +197,18 @@ def _cached_domain(source: Source, tokenizer, val_fraction: float, root: str,
   finally:
     os.close(lock)  # after the rename: an unlocked temporary directory is a killed build's
   return final, True
+
+
+def _complete(cache_dir: str) -> bool:
+  """Whether a cache directory holds its meta.json and split files of the sizes that records."""
+  try:
+    with open(os.path.join(cache_dir, "meta.json"), encoding="utf-8") as f:
+      meta = json.load(f)
+    itemsize = np.dtype(meta["dtype"]).itemsize
+    return all(os.path.getsize(os.path.join(cache_dir, f"{split}.bin")) == meta["splits"][split]["tokens"] * itemsize
+               for split in SPLITS)
+  except (OSError, ValueError, KeyError, TypeError):
+    return False
 
 
 def _locked_temporary_dir(root: str, key: str) -> tuple[str, int]:
