@@ -2,6 +2,8 @@
 files added to a domain, and symlinks."""
 import errno
 import fcntl
+import hashlib
+import json
 import os
 
 import numpy as np
@@ -35,6 +37,27 @@ def test_adding_a_file_moves_no_other_file_between_splits(tmp_path):
   after = sides(data.build_corpus(config, cache_root=str(tmp_path / "cache")), "web")
   assert set(after) == set(before) | {"index.txt"}
   assert {f: after[f] for f in before} == before
+
+
+def test_a_cache_key_holds_where_the_files_common_directory_is_the_root(text_dir, tmp_path):
+  """Where files were already named relative to the glob's directory, the key (which finished ablation and
+  search runs record) is what it was: the format, tokenizer, spec, files and val_fraction; elsewhere it also
+  holds the root."""
+  def key_of(spec, files, **extra):
+    key_data = {"format": 2, "tokenizer": "bytes", "source": spec,
+                "files": [[str(f), os.stat(f).st_size, os.stat(f).st_mtime_ns] for f in sorted(files)],
+                "val_fraction": 0.3, **extra}
+    return hashlib.sha256(json.dumps(key_data).encode("utf-8")).hexdigest()[:24]
+
+  spec = f"files:{text_dir}/*.txt"
+  corpus = data.build_corpus(data_config({"text": spec}, val_fraction=0.3), cache_root=str(tmp_path / "cache"))
+  assert corpus.fingerprint == {"text": key_of(spec, text_dir.glob("*.txt"))}
+  (text_dir / "sub").mkdir()
+  for f in text_dir.glob("*.txt"):
+    f.rename(text_dir / "sub" / f.name)
+  spec = f"files:{text_dir}/**/*.txt"
+  corpus = data.build_corpus(data_config({"text": spec}, val_fraction=0.3), cache_root=str(tmp_path / "cache"))
+  assert corpus.fingerprint == {"text": key_of(spec, text_dir.glob("sub/*.txt"), root=str(text_dir))}
 
 
 def test_a_file_reached_through_symlinks_is_one_document(text_dir, tmp_path):

@@ -3,8 +3,8 @@
 Each domain is tokenized once into `<cache root>/<key>/`: `train.bin` and `val.bin` (raw token ids, uint16
 when the vocabulary fits, else uint32) and `meta.json` (files, token and byte counts per split). The key
 hashes everything the tokens depend on: format version (which also names the split rule), tokenizer spec and
-model file hash, source spec, every file's path, size and mtime, val_fraction, and for `files:` sources the
-root their paths are hashed relative to. A directory is written under a temporary name and renamed into
+model file hash, source spec, every file's path, size and mtime, val_fraction, and for a `files:` source the
+root its paths are hashed relative to, where that is not the files' common directory. A directory is written under a temporary name and renamed into
 place, so an interrupted build never leaves a half cache (an entry whose files do not match its meta.json,
 such as an interrupted copy, is rebuilt). A build holds a lock on its temporary directory;
 one whose lock is free was left by a killed build, and the next build removes it.
@@ -163,9 +163,10 @@ def _cached_domain(source: Source, tokenizer, val_fraction: float, root: str,
     files.append((path, stat.st_size, stat.st_mtime_ns))
   key_data = {"format": FORMAT_VERSION, "tokenizer": tokenizer.fingerprint, "source": source.spec,
               "files": files, "val_fraction": val_fraction}
-  if not source.builtin:
+  if not source.builtin and source.root != os.path.commonpath([os.path.dirname(f) for f in source.files]):
     # The split hashes paths relative to the root, which for `files:` used to be the matched files' common
-    # directory: a cache of that rule must not be reused.
+    # directory: a cache of that rule is reused (and a finished run's record of its key holds) exactly where
+    # the two agree.
     key_data["root"] = source.root
   key = hashlib.sha256(json.dumps(key_data).encode("utf-8")).hexdigest()[:24]
   final = os.path.join(root, key)
