@@ -4,10 +4,10 @@ Each domain is tokenized once into `<cache root>/<key>/`: `train.bin` and `val.b
 when the vocabulary fits, else uint32) and `meta.json` (files, token and byte counts per split). The key
 hashes everything the tokens depend on: format version (which also names the split rule), tokenizer spec and
 model file hash, source spec, every file's path, size and mtime, val_fraction, and for a `files:` source the
-root its paths are hashed relative to, where that is not the files' common directory. A directory is written under a temporary name and renamed into
-place, so an interrupted build never leaves a half cache (an entry whose files do not match its meta.json,
-such as an interrupted copy, is rebuilt). A build holds a lock on its temporary directory;
-one whose lock is free was left by a killed build, and the next build removes it.
+root its paths are hashed relative to, where that is not the files' common directory. A directory is written
+under a temporary name and renamed into place, so an interrupted build never leaves a half cache (an entry
+whose files do not match its meta.json, such as an interrupted copy, is rebuilt). A build holds a lock on
+its temporary directory; one whose lock is free was left by a killed build, and the next build removes it.
 
 Each document's tokens are followed by the tokenizer's eos id when it has one; token counts include these
 separators and byte counts (UTF-8 bytes of the text) do not, so bits per byte = bits per token / bytes per
