@@ -155,6 +155,8 @@ def parse_flags(default_config: str | None) -> Callable[[list[str]], list[str]]:
     if problem is None:
       try:
         return flags.FLAGS(argv)
+      except SystemExit:  # absl's --help, --helpfull and --helpxml print and exit 1; asking for help is no error
+        sys.exit(0)
       except Exception as e:  # pylint: disable=broad-except
         problem = " ".join(str(e).split())
         if "Flag --config must have a value other than None" in problem:  # a required --config left out

@@ -8,12 +8,23 @@
 set -u
 logs=${1:-gpu_checks}
 selected=("${@:2}")
+steps=(versions kernel_tests attention kernels train_pi_p train_pi_p_fast train_pi_p_tuned moe moe_9_experts
+       train_pi_p_8k)
+# A misspelt step is refused before any step runs, not after the others have taken their minutes.
+for name in "${selected[@]}"; do
+  if [[ " ${steps[*]} " != *" $name "* ]]; then
+    echo "error: there is no step $name; the steps: ${steps[*]}" >&2
+    exit 2
+  fi
+done
 mkdir -p "$logs"
 failed=()
-steps=()
 
-wanted() {  # wanted NAME: a step of the script, and one the command line asks for (all when it names none)
-  steps+=("$1")
+wanted() {  # wanted NAME: whether the command line asks for step NAME (all steps when it names none)
+  if [[ " ${steps[*]} " != *" $1 "* ]]; then
+    echo "error: step $1 is missing from the list of steps at the top of $0" >&2
+    exit 2
+  fi
   [ ${#selected[@]} -eq 0 ] || [[ " ${selected[*]} " == *" $1 "* ]]
 }
 
@@ -63,12 +74,6 @@ step moe_9_experts 45 python3 -m diffmoe_jax.bench moe --dtype bfloat16 --varian
 step train_pi_p_8k 75 python3 -m diffmoe_jax.bench train --config=configs/pi_p.py --layers 2 --seq-len 8192 \
   --batch 1 --steps 3 --data-batches 10
 
-for name in "${selected[@]}"; do
-  if [[ " ${steps[*]} " != *" $name "* ]]; then
-    echo "error: there is no step $name; the steps: ${steps[*]}" >&2
-    exit 2
-  fi
-done
 if [ ${#failed[@]} -gt 0 ]; then
   echo "failed: ${failed[*]}"
   exit 1

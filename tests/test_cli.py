@@ -74,6 +74,11 @@ def test_main_reports_a_flag_mistake_in_one_line():
   assert_one_error(proc, "unexpected arguments ['extra']; settings are flags, such as --config.train.run_steps=10.")
 
 
+def test_help_exits_with_0():
+  proc = run_cli("diffmoe_jax.main", "--help")
+  assert proc.returncode == 0 and "Exit codes:" in proc.stdout and "--workdir" in proc.stdout, proc.stderr[-3000:]
+
+
 def test_main_refuses_expert_parallelism_the_backend_cannot_run_before_compiling(tmp_path):
   proc = run_cli(*train_command(tmp_path, "--config.mesh.shape.expert=2", "--config.model.moe.dispatch=dropless",
                                 "--config.model.moe.expert_parallel=ragged"))

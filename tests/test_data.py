@@ -478,6 +478,7 @@ def build_text(tmp_path, files, spec="files:{d}/*.txt", **kwargs):
     ({"a.txt": b"hi", "b.txt": b"caf\xc3\xa9 \xff!"}, "files:{d}/*.txt",
      r"/src/b\.txt is not valid UTF-8 \(byte offset 6"),
     ({"a.txt": b"hi", "b.txt": b"ab\x00c"}, "files:{d}/*.txt", r"/src/b\.txt contains '\\x00' at byte offset 2"),
+    ({"a.txt": b"x"}, "files:{d}/*.txt,", r"'files:.*/src/\*\.txt,' has an empty pattern; remove the stray comma"),
     ({"a.txt": b"x"}, "web:https://example.com", r"config\.data\.domains\.text = 'web:.*' is not a source spec"),
     ({"a.txt": english(1).encode(), "b.txt": english(1).encode() + b"One more line.\n"}, "files:{d}/*.txt",
      r"its 2 files with text are near-copies of one another .*add files with different text"),

@@ -104,7 +104,7 @@ def test_gpu_checks_read_the_fastest_one_pass_launch_from_the_kernel_sweep():
 
 def test_gpu_checks_run_only_the_steps_named(tmp_path):
   """`gpu_checks.sh LOG_DIR STEP...` runs those steps alone (a stand-in python3 records what ran); a name that is
-  no step is an error that lists the steps."""
+  no step is an error that lists the steps, before any step runs."""
   bin_dir = tmp_path / "bin"
   bin_dir.mkdir()
   (bin_dir / "python3").write_text('#!/bin/sh\necho "ran: $*"\n')
@@ -118,6 +118,6 @@ def test_gpu_checks_run_only_the_steps_named(tmp_path):
   assert "--profile-top" in open(tmp_path / "logs" / "train_pi_p_fast.log").read()
   result = run("train_pi_p_tuned")  # no kernel sweep in the logs: said, not run
   assert result.returncode == 0 and "train_pi_p_tuned: skipped" in result.stdout, result.stdout
-  result = run("atention")
+  result = run("versions", "atention")  # refused before any step runs
   assert result.returncode == 2 and not re.search("^=== ", result.stdout, re.M)
   assert "error: there is no step atention; the steps: versions kernel_tests attention" in result.stderr

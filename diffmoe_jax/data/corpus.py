@@ -3,8 +3,11 @@
 Each domain is tokenized once into `<cache root>/<key>/`: `train.bin` and `val.bin` (raw token ids, uint16
 when the vocabulary fits, else uint32) and `meta.json` (files, token and byte counts per split). The key
 hashes everything the tokens depend on: format version (which also names the split rule), tokenizer spec and
-model file hash, source spec, every file's path, size and mtime, and val_fraction. A directory is written
-under a temporary name and renamed into place, so an interrupted build never leaves a half cache.
+model file hash, source spec, every file's path, size and mtime, val_fraction, and for a `files:` source the
+root its paths are hashed relative to, where that is not the files' common directory. A directory is written
+under a temporary name and renamed into place, so an interrupted build never leaves a half cache (an entry
+whose files do not match its meta.json, such as an interrupted copy, is rebuilt). A build holds a lock on
+its temporary directory; one whose lock is free was left by a killed build, and the next build removes it.
 
 Each document's tokens are followed by the tokenizer's eos id when it has one; token counts include these
 separators and byte counts (UTF-8 bytes of the text) do not, so bits per byte = bits per token / bytes per
@@ -14,10 +17,12 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import fcntl
 import hashlib
 import json
 import numbers
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -34,6 +39,7 @@ from diffmoe_jax.data.tokenizer import check_no_separator, make_tokenizer
 FORMAT_VERSION = 2  # 2: near-duplicate files share a split (split.py); 1 split by path hash alone
 SPLITS = ("train", "val")
 _COUNT_CHUNK = 1 << 24  # tokens per np.bincount call, to bound the int64 copy it makes
+_BUILD_DIR = re.compile(r"\.[0-9a-f]{24}\.[a-z0-9_]{8}")  # tempfile.mkdtemp(prefix=".<key>.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,32 +163,91 @@ def _cached_domain(source: Source, tokenizer, val_fraction: float, root: str,
     files.append((path, stat.st_size, stat.st_mtime_ns))
   key_data = {"format": FORMAT_VERSION, "tokenizer": tokenizer.fingerprint, "source": source.spec,
               "files": files, "val_fraction": val_fraction}
+  if not source.builtin and source.root != os.path.commonpath([os.path.dirname(f) for f in source.files]):
+    # The split hashes paths relative to the root, which for `files:` used to be the matched files' common
+    # directory: a cache of that rule is reused (and a finished run's record of its key holds) exactly where
+    # the two agree.
+    key_data["root"] = source.root
   key = hashlib.sha256(json.dumps(key_data).encode("utf-8")).hexdigest()[:24]
   final = os.path.join(root, key)
-  if os.path.isfile(os.path.join(final, "meta.json")):
+  if _complete(final):
     return final, False
+  if os.path.exists(final):  # a build renames only a complete directory into place: this one was damaged since
+    logging.warning("data: the token cache %s of %s is incomplete (files missing or cut short); rebuilding it.",
+                    final, source.field)
+    shutil.rmtree(final, ignore_errors=True)
+  _remove_killed_builds(root)
   try:
-    tmp = tempfile.mkdtemp(prefix=f".{key}.", dir=root)
+    tmp, lock = _locked_temporary_dir(root, key)
   except OSError as e:  # a read-only cache serves the domains built into it, and cannot take new ones
     raise _cache_error(root, e) from None
   try:
     _write_domain(source, tokenizer, val_fraction, tmp, derived_views)
-  except BaseException:
+    try:
+      os.rename(tmp, final)
+    except OSError:
+      if not _complete(final):
+        raise
+      # Another process built the same cache meanwhile; its copy is complete, so keep that one.
+      shutil.rmtree(tmp, ignore_errors=True)
+  except BaseException as e:
     shutil.rmtree(tmp, ignore_errors=True)
+    if isinstance(e, OSError):  # writing the cache (a source file that cannot be read is a DataError)
+      raise _cache_error(root, e) from None
     raise
-  try:
-    os.rename(tmp, final)
-  except OSError:
-    # Another process built the same cache meanwhile; its copy is complete, so keep that one.
-    shutil.rmtree(tmp, ignore_errors=True)
-    if not os.path.isfile(os.path.join(final, "meta.json")):
-      raise
+  finally:
+    os.close(lock)  # after the rename: an unlocked temporary directory is a killed build's
   return final, True
 
 
+def _complete(cache_dir: str) -> bool:
+  """Whether a cache directory holds its meta.json and split files of the sizes that records."""
+  try:
+    with open(os.path.join(cache_dir, "meta.json"), encoding="utf-8") as f:
+      meta = json.load(f)
+    itemsize = np.dtype(meta["dtype"]).itemsize
+    return all(os.path.getsize(os.path.join(cache_dir, f"{split}.bin")) == meta["splits"][split]["tokens"] * itemsize
+               for split in SPLITS)
+  except (OSError, ValueError, KeyError, TypeError):
+    return False
+
+
+def _locked_temporary_dir(root: str, key: str) -> tuple[str, int]:
+  """A new temporary directory for building `key`, and a descriptor holding its lock until closed."""
+  while True:
+    tmp = tempfile.mkdtemp(prefix=f".{key}.", dir=root)
+    lock = os.open(tmp, os.O_RDONLY)
+    try:
+      fcntl.flock(lock, fcntl.LOCK_EX)
+    except OSError:  # a filesystem without locks: no build's directory is removed there either
+      return tmp, lock
+    if os.path.isdir(tmp):  # else another build found it unlocked, before this lock, and removed it
+      return tmp, lock
+    os.close(lock)
+
+
+def _remove_killed_builds(root: str) -> None:
+  """Removes the temporary directories whose lock no build holds: a killed build's, as large as its corpus."""
+  for name in os.listdir(root):
+    if not _BUILD_DIR.fullmatch(name):
+      continue
+    path = os.path.join(root, name)
+    try:
+      lock = os.open(path, os.O_RDONLY)
+    except OSError:
+      continue
+    try:
+      fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      shutil.rmtree(path, ignore_errors=True)
+    except OSError:  # a build in progress holds it (or this filesystem has no locks)
+      pass
+    finally:
+      os.close(lock)
+
+
 def _cache_error(root: str, e: OSError) -> DataError:
-  return DataError(f"the token cache {root} cannot be written ({e.strerror or e}); set config.data.cache_dir (or "
-                   "$DIFFMOE_CACHE) to a directory you can write.")
+  return DataError(f"the token cache {root} cannot be written ({e.strerror or e}); free space there, or set "
+                   "config.data.cache_dir (or $DIFFMOE_CACHE) to a directory you can write.")
 
 
 def _write_domain(source: Source, tokenizer, val_fraction: float, out_dir: str, derived_views: dict) -> None:

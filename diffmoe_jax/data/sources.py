@@ -54,8 +54,7 @@ def parse_source(name: str, spec: str) -> Source:
     return Source(spec, field, root, files, read_python, (whole_text, docstrings), ("code", "docs").index(arg),
                   builtin=True)
   if kind == "files" and arg:
-    files = _glob_files(field, spec, arg)
-    root = os.path.commonpath([os.path.dirname(f) for f in files])
+    root, files = _glob_files(field, spec, arg)
     return Source(spec, field, root, files, functools.partial(read_utf8, field=field), (whole_text,), 0,
                   builtin=False)
   raise DataError(f"{field} = {spec!r} is not a source spec; use {SOURCE_FORMS}.")
@@ -68,6 +67,8 @@ def read_python(path: str) -> str:
       return f.read()
   except (SyntaxError, UnicodeDecodeError) as e:  # tokenize reports a bad coding cookie as SyntaxError
     raise Skipped("could not be decoded") from e
+  except OSError as e:
+    raise Skipped("could not be read") from e
 
 
 def docstrings(text: str, path: str) -> str:
@@ -83,8 +84,12 @@ def docstrings(text: str, path: str) -> str:
 
 def read_utf8(path: str, *, field: str) -> str:
   """A text file's contents; not valid UTF-8 is a DataError naming the path and the byte offset."""
-  with open(path, "rb") as f:
-    data = f.read()
+  try:
+    with open(path, "rb") as f:
+      data = f.read()
+  except OSError as e:  # no permission, removed since it was listed, an I/O error
+    raise DataError(f"{field}: {path} cannot be read ({e.strerror or e}); fix its permissions or leave it out of "
+                    "the source.") from e
   try:
     return data.decode("utf-8")
   except UnicodeDecodeError as e:
@@ -118,20 +123,62 @@ def _stdlib_files(field: str) -> tuple[str, tuple[str, ...]]:
   return root, tuple(sorted(files))
 
 
-def _glob_files(field: str, spec: str, arg: str) -> tuple[str, ...]:
-  files = set()
+def _glob_files(field: str, spec: str, arg: str) -> tuple[str, tuple[str, ...]]:
+  """The root and the files a `files:` spec names.
+
+  The root is the common directory of the patterns' fixed parts (before their first wildcard), not of the
+  files matched: files are named relative to it and a file's name decides its split, so adding a file must
+  not move the root and rename (and so re-split) the others. Paths to one file (through symlinks) count once.
+  """
+  files, fixed_parts = [], []
   for pattern in arg.split(","):
-    pattern = os.path.expanduser(pattern.strip())
-    if any(c in pattern for c in "*?["):
-      matched = [p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p)]
+    if not pattern.strip():
+      raise DataError(f"{field} = {spec!r} has an empty pattern; remove the stray comma or space.")
+    pattern = os.path.abspath(os.path.expanduser(pattern.strip()))
+    if _has_wildcard(pattern):
+      parts = pattern.split(os.sep)
+      first_wildcard = next(i for i, part in enumerate(parts) if _has_wildcard(part))
+      fixed_parts.append(os.sep.join(parts[:first_wildcard]) or os.sep)
+      matched = [p for p in _expand(pattern) if os.path.isfile(p)]
       if not matched:
         raise DataError(f"{field} = {spec!r}: the glob {pattern!r} matches no file; fix or remove it.")
     elif os.path.isfile(pattern):
+      fixed_parts.append(os.path.dirname(pattern))
       matched = [pattern]
     elif os.path.isdir(pattern):
       raise DataError(f"{field} = {spec!r}: {pattern!r} is a directory; name its files with a glob, such as "
                       f"'files:{os.path.join(pattern, '**', '*.txt')}'.")
     else:
       raise DataError(f"{field} = {spec!r}: {pattern!r} does not exist or is not a file; fix or remove it.")
-    files.update(os.path.abspath(p) for p in matched)
-  return tuple(sorted(files))
+    files += matched
+  by_target = {}
+  for path in sorted(set(files), key=lambda p: (os.path.islink(p), p)):  # a file's own path before a link's
+    by_target.setdefault(os.path.realpath(path), path)
+  return os.path.commonpath(fixed_parts), tuple(sorted(by_target.values()))
+
+
+def _has_wildcard(pattern: str) -> bool:
+  return any(c in pattern for c in "*?[")
+
+
+def _expand(pattern: str) -> list[str]:
+  """glob.glob(pattern, recursive=True), except that `**` enters each directory once (by its real path):
+  glob follows symlinks without end, so a link to a parent directory listed each file 41 times and two such
+  links hung it."""
+  parts = pattern.split(os.sep)
+  if "**" not in parts:
+    return glob.glob(pattern)
+  i = parts.index("**")
+  head, tail = os.sep.join(parts[:i]) or os.sep, os.sep.join(parts[i + 1:]) or "*"
+  tops = [d for d in glob.glob(head) if os.path.isdir(d)] if _has_wildcard(head) else [head]
+  seen, matched = set(), []
+  for top in sorted(tops):
+    for dirpath, dirnames, _ in os.walk(top, followlinks=True):
+      real = os.path.realpath(dirpath)
+      if real in seen:
+        dirnames.clear()
+        continue
+      seen.add(real)
+      dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # glob's `**` skips hidden directories
+      matched += _expand(os.path.join(glob.escape(dirpath), tail))
+  return matched

@@ -1,0 +1,130 @@
+"""The token cache and `files:` sources: what survives a killed build, a full disk, a damaged cache entry,
+files added to a domain, and symlinks."""
+import errno
+import fcntl
+import hashlib
+import json
+import os
+
+import numpy as np
+import pytest
+
+from diffmoe_jax import data
+from diffmoe_jax.data import corpus as corpus_lib
+from diffmoe_jax.data import sources
+import test_data
+from test_data import data_config, english, unit_hash
+
+text_dir = test_data.text_dir  # the fixture: 8 files of English-like text
+
+
+def sides(corpus, domain):
+  return {f: split for split in ("train", "val") for f in corpus.info(domain, split).files}
+
+
+def test_adding_a_file_moves_no_other_file_between_splits(tmp_path):
+  """Files are named (and hashed into a split) relative to the glob's fixed directory, not to the directory
+  the matched files happen to share, which a file added higher up would change."""
+  top = tmp_path / "web"
+  (top / "2024").mkdir(parents=True)
+  for i in range(16):
+    (top / "2024" / f"page{i}.txt").write_text(english(i), encoding="utf-8")
+  config = data_config({"web": f"files:{top}/**/*.txt"}, val_fraction=0.3)
+  before = sides(data.build_corpus(config, cache_root=str(tmp_path / "cache")), "web")
+  assert set(before) == {f"2024/page{i}.txt" for i in range(16)}
+  assert [unit_hash(f) < 0.3 for f in before] == [before[f] == "val" for f in before]
+  (top / "index.txt").write_text(english(100), encoding="utf-8")
+  after = sides(data.build_corpus(config, cache_root=str(tmp_path / "cache")), "web")
+  assert set(after) == set(before) | {"index.txt"}
+  assert {f: after[f] for f in before} == before
+
+
+def test_a_cache_key_holds_where_the_files_common_directory_is_the_root(text_dir, tmp_path):
+  """Where files were already named relative to the glob's directory, the key (which finished ablation and
+  search runs record) is what it was: the format, tokenizer, spec, files and val_fraction; elsewhere it also
+  holds the root."""
+  def key_of(spec, files, **extra):
+    key_data = {"format": 2, "tokenizer": "bytes", "source": spec,
+                "files": [[str(f), os.stat(f).st_size, os.stat(f).st_mtime_ns] for f in sorted(files)],
+                "val_fraction": 0.3, **extra}
+    return hashlib.sha256(json.dumps(key_data).encode("utf-8")).hexdigest()[:24]
+
+  spec = f"files:{text_dir}/*.txt"
+  corpus = data.build_corpus(data_config({"text": spec}, val_fraction=0.3), cache_root=str(tmp_path / "cache"))
+  assert corpus.fingerprint == {"text": key_of(spec, text_dir.glob("*.txt"))}
+  (text_dir / "sub").mkdir()
+  for f in text_dir.glob("*.txt"):
+    f.rename(text_dir / "sub" / f.name)
+  spec = f"files:{text_dir}/**/*.txt"
+  corpus = data.build_corpus(data_config({"text": spec}, val_fraction=0.3), cache_root=str(tmp_path / "cache"))
+  assert corpus.fingerprint == {"text": key_of(spec, text_dir.glob("sub/*.txt"), root=str(text_dir))}
+
+
+def test_a_file_reached_through_symlinks_is_one_document(text_dir, tmp_path):
+  """A link to a file is that file; under `**`, a link back up the tree is followed once, not until the
+  path is too long (each file 41 times; two such links made the glob run without end)."""
+  os.symlink("doc0.txt", text_dir / "latest.txt")
+  os.symlink(".", text_dir / "again")
+  corpus = data.build_corpus(data_config({"text": f"files:{text_dir}/**/*.txt"}, val_fraction=0.3),
+                             cache_root=str(tmp_path / "cache"))
+  assert sorted(sides(corpus, "text")) == [f"doc{i}.txt" for i in range(8)]
+  stream = bytes(np.concatenate([corpus.tokens("text", s) for s in ("train", "val")]).astype(np.uint8))
+  assert all(stream.count(english(i).encode()) == 1 for i in range(8))
+
+
+def test_a_killed_builds_temporary_directory_is_removed_by_the_next_build(text_dir, tmp_path):
+  root = tmp_path / "cache"
+  killed, running = root / ".0123456789abcdef01234567.k1ll3d_x", root / ".fedcba9876543210fedcba98.runn1ng_"
+  for d in (killed, running):
+    d.mkdir(parents=True)
+    (d / "all.bin").write_bytes(b"\1" * 1000)
+  (root / ".notes").write_text("not the cache's")
+  lock = os.open(running, os.O_RDONLY)  # a build in progress holds its directory's lock
+  fcntl.flock(lock, fcntl.LOCK_EX)
+  try:
+    data.build_corpus(data_config({"text": f"files:{text_dir}/*.txt"}), cache_root=str(root))
+  finally:
+    os.close(lock)
+  assert not killed.exists() and (running / "all.bin").exists() and (root / ".notes").exists()
+
+
+def test_a_cache_entry_cut_short_or_missing_a_file_is_rebuilt(text_dir, tmp_path):
+  """An interrupted copy of a cache directory (meta.json is copied before the token files) trained on a cut
+  stream, or stopped with a traceback."""
+  config = data_config({"text": f"files:{text_dir}/*.txt"}, val_fraction=0.3)
+  corpus = data.build_corpus(config, cache_root=str(tmp_path / "cache"))
+  path, expected = corpus.cache_dirs["text"], {s: np.array(corpus.tokens("text", s)) for s in ("train", "val")}
+  del corpus
+  for damage in (lambda: os.truncate(os.path.join(path, "train.bin"), 10),
+                 lambda: os.remove(os.path.join(path, "val.bin"))):
+    damage()
+    corpus = data.build_corpus(config, cache_root=str(tmp_path / "cache"))
+    assert corpus.cache_dirs["text"] == path
+    for split, tokens in expected.items():
+      np.testing.assert_array_equal(corpus.tokens("text", split), tokens)
+    del corpus
+
+
+def test_a_full_disk_or_an_unreadable_file_is_a_data_error(text_dir, tmp_path, monkeypatch):
+  root = tmp_path / "cache"
+  config = data_config({"text": f"files:{text_dir}/*.txt"})
+  real_write = corpus_lib._write_domain
+
+  def disk_fills(source, tokenizer, val_fraction, out_dir, derived_views):
+    real_write(source, tokenizer, val_fraction, out_dir, derived_views)
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+  monkeypatch.setattr(corpus_lib, "_write_domain", disk_fills)
+  with pytest.raises(data.DataError, match=rf"^the token cache {root} cannot be written \(No space left on device\); "
+                                           r"free space there, or set config\.data\.cache_dir"):
+    data.build_corpus(config, cache_root=str(root))
+  assert os.listdir(root) == []
+  monkeypatch.undo()
+
+  def no_permission(path, mode="r"):
+    raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+
+  monkeypatch.setattr(sources, "open", no_permission, raising=False)
+  with pytest.raises(data.DataError, match=r"^config\.data\.domains\.text: .*/doc0\.txt cannot be read \(Permission "
+                                           r"denied\); fix its permissions or leave it out of the source\.$"):
+    data.build_corpus(config, cache_root=str(root))
