@@ -207,6 +207,7 @@ class Transformer(nn.Module):
     cfg = self.config
     if mod_mode not in MOD_MODES:
       raise ValueError(f"mod_mode must be one of {MOD_MODES}, got {mod_mode!r}.")
+    _check_token_arrays(tokens, positions, segment_ids)
     batch, length = tokens.shape
     if positions is None:
       positions = attention_ops.default_positions(batch, length)
@@ -244,6 +245,17 @@ class Transformer(nn.Module):
       logits = jnp.einsum("btd,dv->btv", x, w.astype(x.dtype))
     logits = constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
     return logits, _summarize(stats, routed_layer_indices(cfg))
+
+
+def _check_token_arrays(tokens, positions, segment_ids) -> None:
+  """tokens, positions and segment ids are integer `[B, T]` arrays of one shape (a mismatch would otherwise
+  surface as a broadcasting error deep inside attention)."""
+  if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+    raise ValueError(f"tokens must be an integer array [batch, length]; got {tokens.dtype} {tokens.shape}.")
+  for name, array in (("positions", positions), ("segment_ids", segment_ids)):
+    if array is not None and (array.shape != tokens.shape or not jnp.issubdtype(array.dtype, jnp.integer)):
+      raise ValueError(f"{name} must be an integer array shaped like tokens {tokens.shape}; got {array.dtype} "
+                       f"{array.shape}.")
 
 
 def _summarize(stats: dict, routed: list[int]) -> dict:
