@@ -286,6 +286,7 @@ def _require(cond: bool, field: str, message: str) -> None:
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Checks every field the code depends on; raises ConfigError naming the field and the fix."""
   _check_finite(config.to_dict())
+  _check_types(config)
   m = config.model
   for field in ("d_model", "num_layers", "num_heads", "head_dim", "max_seq_len", "vocab_size"):
     _require(isinstance(m[field], int) and m[field] > 0, f"model.{field}",
@@ -468,6 +469,42 @@ def _check_finite(values: dict, prefix: str = "") -> None:
       _check_finite(value, f"{prefix}{key}.")
     elif isinstance(value, float) and not math.isfinite(value):
       raise ConfigError(f"config.{prefix}{key}: must be a finite number, got {value}.")
+
+
+_TYPE_NAMES = {bool: "True or False", int: "an integer", float: "a number", str: "a string"}
+
+
+def _has_type(value, expected: type) -> bool:
+  """`value` fits a field whose default is of type `expected`: a float field also takes an int, and a bool
+  is no integer."""
+  if expected is float:
+    return _is_number(value)
+  if expected is int:
+    return isinstance(value, int) and not isinstance(value, bool)
+  return isinstance(value, expected)
+
+
+def _check_types(config: ml_collections.ConfigDict) -> None:
+  """Each field `defaults()` has (and each phase field) holds its default's type: a config built from a dict
+  or set under `ignore_type()` could hold the string "false" in a boolean field, which would read as True."""
+  def check(values: dict, reference: dict, prefix: str) -> None:
+    for key, default in reference.items():
+      path = prefix + key
+      if key not in values or any(fnmatch.fnmatchcase(path, d) for d in OPEN_DICTS):
+        continue
+      value = values[key]
+      if isinstance(default, dict) and isinstance(value, dict):
+        check(value, default, path + ".")
+      elif type(default) in _TYPE_NAMES and not _has_type(value, type(default)):
+        raise ConfigError(f"config.{path}: must be {_TYPE_NAMES[type(default)]}, got {value!r} "
+                          f"({type(value).__name__}).")
+
+  values = config.to_dict()
+  reference = defaults().to_dict()
+  for name, phase in values.get("curriculum", {}).items():  # a phase the user added has the phase fields
+    if isinstance(phase, dict):
+      reference["curriculum"].setdefault(name, _phase().to_dict())
+  check(values, reference, "")
 
 
 def _is_number(value) -> bool:
