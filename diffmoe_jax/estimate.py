@@ -118,7 +118,10 @@ def forward_flops_per_token(cfg, counts: ParamCounts, seq_len: int, *, mod_capac
     n = counts.sum({kind}, {"attention", "dense_ffn", "mod_router"})
     n += counts.sum({kind}, {"experts"}) * _expert_fraction(cfg)
     router = counts.sum({kind}, {"router"})
-    return n + router * (2 if cfg.expert_conditional_lambda else 1)  # the λ gate reuses the router
+    # With route_from="ffn_input" the λ gate runs the router a second time, on the attention input;
+    # with "attention_input" one routing serves both.
+    twice = cfg.expert_conditional_lambda and cfg.moe.route_from == "ffn_input"
+    return n + router * (2 if twice else 1)
   def attention_core(tokens):
     # Scores q·k over the query/key width (d) and one product with v (the two maps combine first).
     return 2 * 2 * cfg.d_model * (tokens + 1) / 2
@@ -127,7 +130,7 @@ def forward_flops_per_token(cfg, counts: ParamCounts, seq_len: int, *, mod_capac
   head = counts.sum({"global"}, {"lm_head"}) or counts.sum({"global"}, {"embedding"})
   full = 2 * matmul_params("full") + layers_full * attention_core(seq_len)
   capacity = cfg.mod.capacity if mod_capacity is None else mod_capacity
-  selected = math.ceil(capacity * seq_len)
+  selected = routing.mod_capacity_tokens(capacity, seq_len) if layers_routed else 0  # as the routed layer counts
   mod_params = counts.sum({"routed"}, {"mod_router"})
   routed = (capacity * (2 * (matmul_params("routed") - mod_params) + layers_routed * attention_core(selected))
             + 2 * mod_params)
@@ -139,9 +142,9 @@ def estimate(config: ml_collections.ConfigDict) -> dict:
   counts = count_params(cfg)
   seq = cfg.max_seq_len
   fwd = forward_flops_per_token(cfg, counts, seq)
-  kv_full = 2 * cfg.d_model * seq  # K (query/key width d) and V (d) per token per layer
-  routed = len(model_lib.routed_layer_indices(cfg))
-  kv_elements = kv_full * (cfg.num_layers - routed) + 2 * cfg.d_model * math.ceil(cfg.mod.capacity * seq) * routed
+  # The decoding cache (nn.attention) holds K (query/key width d), V (d) and a filled flag per position in
+  # every layer: a routed layer keeps a slot per position too, it only skips writing the tokens it rejects.
+  kv_bytes = lambda itemsize: cfg.num_layers * seq * (2 * cfg.d_model * itemsize + 1)
   result = {
       "total_params": counts.total,
       "embedding_params": counts.sum({"global"}, {"embedding", "lm_head"}),
@@ -160,9 +163,8 @@ def estimate(config: ml_collections.ConfigDict) -> dict:
       "weights_bytes_fp32": 4 * counts.total,
       "adam_state_bytes_fp32": 8 * counts.total,
       "train_state_bytes": 12 * counts.total,  # fp32 master weights + Adam m and v
-      "kv_cache_bytes_bf16": 2 * kv_elements,
-      "kv_cache_bytes_fp32": 4 * kv_elements,
-      "kv_cache_bytes_bf16_no_mod": 2 * kv_full * cfg.num_layers,
+      "kv_cache_bytes_bf16": kv_bytes(2),
+      "kv_cache_bytes_fp32": kv_bytes(4),
       "counts": counts,
   }
   result["paper_training_tokens"] = PAPER_TRAINING_FLOPS / result["train_flops_per_token"]
@@ -323,7 +325,6 @@ def report(config: ml_collections.ConfigDict, result: dict | None = None) -> str
       ("train_state_bytes", "training state (fp32 master + m + v)", _bytes),
       ("kv_cache_bytes_bf16", "KV cache / sequence at context, bf16", _bytes),
       ("kv_cache_bytes_fp32", "KV cache / sequence at context, fp32", _bytes),
-      ("kv_cache_bytes_bf16_no_mod", "KV cache / sequence, bf16, no MoD", _bytes),
       ("paper_training_tokens", "tokens that 3.2e22 training FLOPs buy", human),
   ]
   if not claims:
