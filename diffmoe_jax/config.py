@@ -327,8 +327,11 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _require(len(m.remat_save_names) > 0, "model.remat_save_names",
              "is empty but remat_policy is 'save_names'; list checkpoint names to keep, or pick another policy.")
     unknown = [n for n in m.remat_save_names if n not in CHECKPOINT_NAMES]
+    # On the command line "a,b" is one name; a tuple is written as a Python literal.
+    as_tuple = (" (on the command line, several names as a tuple: --config.model.remat_save_names="
+                "\"('attn_out','ffn_out')\")" if any("," in n for n in unknown) else "")
     _require(not unknown, "model.remat_save_names", f"{unknown} are not checkpoint names of the model; "
-             f"choose from {CHECKPOINT_NAMES}.")
+             f"choose from {CHECKPOINT_NAMES}{as_tuple}.")
 
   moe = m.moe
   _require(moe.activation in ACTIVATIONS, "model.moe.activation",

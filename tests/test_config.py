@@ -59,6 +59,9 @@ def _bad(**fields):
     ({"model.lambda_init": "half"}, r"model\.lambda_init: 'half' is neither 'schedule' nor a number"),
     ({"model.remat_policy": "save_names", "model.remat_save_names": ("nope",)},
      r"model\.remat_save_names: \['nope'\] are not checkpoint names"),
+    ({"model.remat_policy": "save_names", "model.remat_save_names": ("attn_out,ffn_out",)},
+     r"model\.remat_save_names: \['attn_out,ffn_out'\] are not checkpoint names .*on the command line, several "
+     r"names as a tuple: --config\.model\.remat_save_names=\"\('attn_out','ffn_out'\)\""),
     ({"model.ffn": "dense"}, r"model\.expert_conditional_lambda: needs model\.ffn='moe'"),
     ({"model.moe.expert_parallel": "ragged"}, r"model\.moe\.expert_parallel: 'ragged' is dropless, but "
      r"model\.moe\.dispatch or eval_dispatch is 'capacity'"),
