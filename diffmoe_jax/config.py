@@ -285,6 +285,11 @@ def _require(cond: bool, field: str, message: str) -> None:
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Checks every field the code depends on; raises ConfigError naming the field and the fix."""
+  missing = [name for name in defaults() if name not in config]
+  if missing:
+    raise ConfigError(f"config: has no {', '.join(missing)}, which every training config has; a config file "
+                      "starts from diffmoe_jax.config.defaults(), as configs/tiny.py does (configs/ncas.py "
+                      "configures the search: python -m diffmoe_jax.ncas).")
   _check_finite(config.to_dict())
   _check_types(config)
   m = config.model

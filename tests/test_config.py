@@ -191,3 +191,10 @@ def test_a_phase_the_user_adds_is_type_checked_too():
     c.curriculum.cooldown.steps = "1"
   with pytest.raises(ConfigError, match=r"config\.curriculum\.cooldown\.steps: must be an integer, got '1'"):
     config_lib.validate(c)
+
+
+def test_a_search_config_is_not_taken_for_a_training_config():
+  """configs/ncas.py has no model section; validate names what is missing instead of an AttributeError."""
+  with pytest.raises(ConfigError, match=r"config: has no curriculum, mesh, model, name, optimizer, train, which "
+                                        r"every training config has"):
+    config_lib.validate(load("ncas"))
