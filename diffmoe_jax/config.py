@@ -292,7 +292,36 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                       "configures the search: python -m diffmoe_jax.ncas).")
   _check_finite(config.to_dict())
   _check_types(config)
-  m = config.model
+  validate_model(config.model)
+  m, moe = config.model, config.model.moe
+  for axis in config.mesh.shape.keys():
+    _require(axis in MESH_AXES, f"mesh.shape.{axis}", f"unknown mesh axis; the axes are {MESH_AXES}.")
+    size = config.mesh.shape[axis]
+    _require(isinstance(size, int) and (size >= 1 or size == -1), f"mesh.shape.{axis}",
+             f"must be a positive integer or -1 (all remaining devices), got {size!r}.")
+  tensor, expert = config.mesh.shape.get("tensor", 1), config.mesh.shape.get("expert", 1)
+  if tensor > 1:
+    # Heads are split over the tensor axis: an odd head count (PI-S has 27) needs an odd tensor size.
+    _require(m.num_heads % tensor == 0, "mesh.shape.tensor",
+             f"{tensor} does not divide model.num_heads ({m.num_heads}); pick a divisor of the head count.")
+  if expert > 1 and m.ffn == "moe":
+    _require(moe.num_experts % expert == 0, "mesh.shape.expert",
+             f"{expert} does not divide model.moe.num_experts ({moe.num_experts}); pick a divisor.")
+  rule_names = [rule[0] for rule in config.mesh.axis_rules]
+  for name in LOGICAL_AXES:
+    _require(name in rule_names, "mesh.axis_rules", f"has no rule for logical axis {name!r}.")
+  for name, target in config.mesh.axis_rules:
+    for axis in (target,) if isinstance(target, str) or target is None else target:
+      _require(axis is None or axis in MESH_AXES, "mesh.axis_rules",
+               f"maps {name!r} to {axis!r}, which is not a mesh axis; the axes are {MESH_AXES}.")
+  _validate_training(config)
+  return config
+
+
+def validate_model(m: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The checks of `validate` that need only the model section (what `nn.model.build_model` takes)."""
+  _check_finite(m.to_dict(), "model.")
+  _check_types_of(m.to_dict(), defaults().model.to_dict(), "model.")
   for field in ("d_model", "num_layers", "num_heads", "head_dim", "max_seq_len", "vocab_size"):
     _require(isinstance(m[field], int) and m[field] > 0, f"model.{field}",
              f"must be a positive integer, got {m[field]!r}.")
@@ -385,28 +414,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check_capacity(mod.capacity, "model.mod.capacity")
     _require(mod.predictor_hidden > 0, "model.mod.predictor_hidden",
              f"must be > 0, got {mod.predictor_hidden}.")
-  for axis in config.mesh.shape.keys():
-    _require(axis in MESH_AXES, f"mesh.shape.{axis}", f"unknown mesh axis; the axes are {MESH_AXES}.")
-    size = config.mesh.shape[axis]
-    _require(isinstance(size, int) and (size >= 1 or size == -1), f"mesh.shape.{axis}",
-             f"must be a positive integer or -1 (all remaining devices), got {size!r}.")
-  tensor, expert = config.mesh.shape.get("tensor", 1), config.mesh.shape.get("expert", 1)
-  if tensor > 1:
-    # Heads are split over the tensor axis: an odd head count (PI-S has 27) needs an odd tensor size.
-    _require(m.num_heads % tensor == 0, "mesh.shape.tensor",
-             f"{tensor} does not divide model.num_heads ({m.num_heads}); pick a divisor of the head count.")
-  if expert > 1 and m.ffn == "moe":
-    _require(moe.num_experts % expert == 0, "mesh.shape.expert",
-             f"{expert} does not divide model.moe.num_experts ({moe.num_experts}); pick a divisor.")
-  rule_names = [rule[0] for rule in config.mesh.axis_rules]
-  for name in LOGICAL_AXES:
-    _require(name in rule_names, "mesh.axis_rules", f"has no rule for logical axis {name!r}.")
-  for name, target in config.mesh.axis_rules:
-    for axis in (target,) if isinstance(target, str) or target is None else target:
-      _require(axis is None or axis in MESH_AXES, "mesh.axis_rules",
-               f"maps {name!r} to {axis!r}, which is not a mesh axis; the axes are {MESH_AXES}.")
-  _validate_training(config)
-  return config
+  return m
 
 
 def phase_lengths(cur: ml_collections.ConfigDict) -> list[int]:
@@ -492,27 +500,30 @@ def _has_type(value, expected: type) -> bool:
   return isinstance(value, expected)
 
 
+def _check_types_of(values: dict, reference: dict, prefix: str) -> None:
+  """Each field of `reference` (defaults) that `values` has holds its default's type; OPEN_DICTS are the
+  user's."""
+  for key, default in reference.items():
+    path = prefix + key
+    if key not in values or any(fnmatch.fnmatchcase(path, d) for d in OPEN_DICTS):
+      continue
+    value = values[key]
+    if isinstance(default, dict) and isinstance(value, dict):
+      _check_types_of(value, default, path + ".")
+    elif type(default) in _TYPE_NAMES and not _has_type(value, type(default)):
+      raise ConfigError(f"config.{path}: must be {_TYPE_NAMES[type(default)]}, got {value!r} "
+                        f"({type(value).__name__}).")
+
+
 def _check_types(config: ml_collections.ConfigDict) -> None:
   """Each field `defaults()` has (and each phase field) holds its default's type: a config built from a dict
   or set under `ignore_type()` could hold the string "false" in a boolean field, which would read as True."""
-  def check(values: dict, reference: dict, prefix: str) -> None:
-    for key, default in reference.items():
-      path = prefix + key
-      if key not in values or any(fnmatch.fnmatchcase(path, d) for d in OPEN_DICTS):
-        continue
-      value = values[key]
-      if isinstance(default, dict) and isinstance(value, dict):
-        check(value, default, path + ".")
-      elif type(default) in _TYPE_NAMES and not _has_type(value, type(default)):
-        raise ConfigError(f"config.{path}: must be {_TYPE_NAMES[type(default)]}, got {value!r} "
-                          f"({type(value).__name__}).")
-
   values = config.to_dict()
   reference = defaults().to_dict()
   for name, phase in values.get("curriculum", {}).items():  # a phase the user added has the phase fields
     if isinstance(phase, dict):
       reference["curriculum"].setdefault(name, _phase().to_dict())
-  check(values, reference, "")
+  _check_types_of(values, reference, "")
 
 
 def _is_number(value) -> bool:

@@ -323,3 +323,12 @@ def test_misshaped_inputs_name_the_array(base, tokens, extra, message):
   _, model, params, _ = base
   with pytest.raises(ValueError, match=message):
     model.apply({"params": params}, tokens, **extra)
+
+
+def test_build_model_checks_the_model_section(make_config):
+  """A library user's model section is checked as `validate` checks it: 2 heads x 24 is not a width of 40."""
+  with pytest.raises(config_lib.ConfigError, match=r"config\.model\.d_model: 40 must equal model\.num_heads \* "
+                                                   r"model\.head_dim = 2 \* 24 = 48"):
+    model_lib.build_model(make_config(d_model=40).model)
+  with pytest.raises(config_lib.ConfigError, match=r"config\.model\.remat_policy: 'some' is not one of"):
+    model_lib.build_model(make_config(remat_policy="some").model)
