@@ -75,13 +75,18 @@ def _positions(q: jax.Array, k: jax.Array, q_positions, kv_positions):
   return q_positions, kv_positions
 
 
-def _segments(q_segment_ids, kv_segment_ids, t: int, s: int):
+def _segments(q_segment_ids, kv_segment_ids, batch: int, t: int, s: int):
   """Both or neither; with T == S one array serves queries and keys."""
   if kv_segment_ids is None and q_segment_ids is not None and t == s:
     kv_segment_ids = q_segment_ids
   if (q_segment_ids is None) != (kv_segment_ids is None):
     raise ValueError("segment ids: pass q_segment_ids and kv_segment_ids together (kv_segment_ids may be "
                      "left out only when queries and keys are the same tokens).")
+  if q_segment_ids is not None:
+    for name, array, shape in (("q_segment_ids [B, T]", q_segment_ids, (batch, t)),
+                               ("kv_segment_ids [B, S]", kv_segment_ids, (batch, s))):
+      if array.shape != shape:
+        raise ValueError(f"{name} must be {shape}; got {array.shape}.")
   return q_segment_ids, kv_segment_ids
 
 
@@ -193,7 +198,7 @@ def differential_attention(q: jax.Array, k: jax.Array, v: jax.Array, lam, *, cau
                      f"q {q.shape}, k {k.shape}, v {v.shape}.")
   s = k.shape[1]
   q_positions, kv_positions = _positions(q, k, q_positions, kv_positions)
-  q_segment_ids, kv_segment_ids = _segments(q_segment_ids, kv_segment_ids, t, s)
+  q_segment_ids, kv_segment_ids = _segments(q_segment_ids, kv_segment_ids, batch, t, s)
   lam = _lambda_rows(lam, batch, t, heads)
   q = q * jnp.asarray(d**-0.5, q.dtype)
   if implementation in BLOCKWISE:
@@ -248,7 +253,7 @@ def standard_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool
                      f"k {k.shape}, v {v.shape}.")
   batch, t, heads, d = q.shape
   q_positions, kv_positions = _positions(q, k, q_positions, kv_positions)
-  q_segment_ids, kv_segment_ids = _segments(q_segment_ids, kv_segment_ids, t, k.shape[1])
+  q_segment_ids, kv_segment_ids = _segments(q_segment_ids, kv_segment_ids, batch, t, k.shape[1])
   q = q * jnp.asarray(d**-0.5, q.dtype)
   if implementation in BLOCKWISE:
     return _blockwise(implementation, q[:, :, :, None], k[:, :, :, None], v,
