@@ -18,7 +18,9 @@ import ml_collections
 
 from diffmoe_jax import config as config_lib
 from diffmoe_jax.nn import model as model_lib
+from diffmoe_jax.nn.moe import dense_ffn_dim
 from diffmoe_jax.ops import attention as attention_ops
+from diffmoe_jax.ops import dispatch
 from diffmoe_jax.ops import routing
 
 # The paper's own figures (its table and its per-layer FFN arithmetic), keyed by config.name.
@@ -245,9 +247,20 @@ def activation_bytes(cfg: ml_collections.ConfigDict, batch: int, seq_len: int, *
       attention = 5 * b * tokens * cfg.d_model * 4 + 2 * 2 * b * cfg.num_heads * block * 4
     else:
       attention = 2 * 2 * b * cfg.num_heads * tokens * tokens * 4  # both maps' probabilities, their gradient
-    capacity = math.ceil(cfg.moe.capacity_factor * tokens * cfg.moe.top_k / max(cfg.moe.num_experts, 1))
-    experts = 3 * b * cfg.moe.num_experts * capacity * cfg.moe.expert_ffn_dim * 4
-    return attention + experts
+    return attention + 3 * b * ffn_rows(tokens) * 4
+
+  def ffn_rows(tokens: int) -> int:
+    """Hidden activations of the train step's FFN per sequence, as rows x width (`dispatch.moe_ffn`)."""
+    moe = cfg.moe
+    if cfg.ffn == "dense":
+      return tokens * dense_ffn_dim(cfg)
+    if moe.dispatch == "capacity":
+      rows = moe.num_experts * dispatch.moe_capacity(tokens, moe.top_k, moe.num_experts, moe.capacity_factor)
+    elif dispatch.resolve_dropless_impl(moe.dropless_impl) == "padded":
+      rows = moe.num_experts * tokens  # room for every token in every expert
+    else:
+      rows = tokens * moe.top_k  # ragged: the assignments alone
+    return rows * moe.expert_ffn_dim
 
   residual = (groups + tail + 1) * b * t * cfg.d_model * 4
   routed_tokens = t

@@ -147,3 +147,17 @@ def test_memory_estimate_agrees_with_the_compiled_train_step():
   kept = estimate.activation_bytes(kept_config.model, 1, 4096) - activations
   assert kept > 0
   assert temp_kept - temp == pytest.approx(kept, rel=0.25)
+
+
+def test_activation_memory_counts_the_ffn_rows_the_step_computes():
+  """Dropless padded gives every expert room for every token (the capacity path at factor E/k = 2 for tiny);
+  ragged keeps the assignments alone (factor 1, E dividing T·k), as does a dense FFN of width k·f."""
+  def with_moe(**moe):
+    config = load("tiny")
+    config.model.moe.update(moe)
+    return estimate.activation_bytes(config.model, 2, 256)
+  assert with_moe(dispatch="dropless", dropless_impl="padded") == with_moe(capacity_factor=2.0)
+  assert with_moe(dispatch="dropless", dropless_impl="ragged") == with_moe(capacity_factor=1.0)
+  dense = load("tiny")
+  dense.model.update(ffn="dense", expert_conditional_lambda=False)
+  assert estimate.activation_bytes(dense.model, 2, 256) == with_moe(capacity_factor=1.0)
