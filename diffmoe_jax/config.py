@@ -397,8 +397,10 @@ def validate_model(m: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
              f"must be > 0, got {moe.capacity_factor}.")
   else:
     _require(m.dense_ffn_dim >= 0, "model.dense_ffn_dim", f"must be >= 0, got {m.dense_ffn_dim}.")
-    _require(m.dense_ffn_dim > 0 or moe.expert_ffn_dim > 0, "model.dense_ffn_dim",
-             "is 0 and so is model.moe.expert_ffn_dim; set dense_ffn_dim to the dense FFN width.")
+    # 0 means top_k x expert_ffn_dim (nn.moe.dense_ffn_dim), which must then be a width too.
+    _require(m.dense_ffn_dim > 0 or (moe.top_k > 0 and moe.expert_ffn_dim > 0), "model.dense_ffn_dim",
+             f"is 0, so the dense FFN width is model.moe.top_k * model.moe.expert_ffn_dim = {moe.top_k} * "
+             f"{moe.expert_ffn_dim} = {moe.top_k * moe.expert_ffn_dim}; set dense_ffn_dim to the dense FFN width.")
   if m.expert_conditional_lambda:
     _require(m.attention == "differential", "model.expert_conditional_lambda",
              f"needs model.attention='differential' ({m.attention!r} has no expert λ vectors); set it to False.")

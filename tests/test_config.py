@@ -63,6 +63,9 @@ def _bad(**fields):
      r"model\.remat_save_names: \['attn_out,ffn_out'\] are not checkpoint names .*on the command line, several "
      r"names as a tuple: --config\.model\.remat_save_names=\"\('attn_out','ffn_out'\)\""),
     ({"model.ffn": "dense"}, r"model\.expert_conditional_lambda: needs model\.ffn='moe'"),
+    ({"model.ffn": "dense", "model.expert_conditional_lambda": False, "model.moe.top_k": 0},
+     r"model\.dense_ffn_dim: is 0, so the dense FFN width is model\.moe\.top_k \* model\.moe\.expert_ffn_dim = "
+     r"0 \* 768 = 0; set dense_ffn_dim"),
     ({"model.moe.expert_parallel": "ragged"}, r"model\.moe\.expert_parallel: 'ragged' is dropless, but "
      r"model\.moe\.dispatch or eval_dispatch is 'capacity'"),
     ({"curriculum.warmup.seq_len": 512}, r"curriculum\.warmup\.seq_len: the phase's sequence length 512"),
