@@ -241,7 +241,7 @@ def activation_bytes(cfg: ml_collections.ConfigDict, batch: int, seq_len: int, *
 
   def layer(tokens: int) -> float:
     impl = attention_ops.resolve_attention_impl(cfg.attention_impl, length=tokens)
-    if impl in ("blockwise", "pallas"):
+    if impl in attention_ops.BLOCKWISE:
       block = math.prod(min(size or attention_ops.default_block_size(), tokens)  # as flash_attention.block_sizes
                         for size in (cfg.attention_block_q, cfg.attention_block_k))
       attention = 5 * b * tokens * cfg.d_model * 4 + 2 * 2 * b * cfg.num_heads * block * 4
@@ -288,7 +288,7 @@ def _kept_by_remat(cfg: ml_collections.ConfigDict, b: int, tokens: int, tensor: 
     return 0.0
   width = b * tokens * cfg.d_model * jnp.dtype(cfg.dtype).itemsize
   maps = 1 if cfg.attention == "standard" else 2
-  flash = attention_ops.resolve_attention_impl(cfg.attention_impl, length=tokens) in ("blockwise", "pallas")
+  flash = attention_ops.resolve_attention_impl(cfg.attention_impl, length=tokens) in attention_ops.BLOCKWISE
   sizes = {"query_proj": width / tensor, "key_proj": width / tensor, "value_proj": width / tensor,
            "attn_out": width, "ffn_out": width,
            "flash_residuals": maps * b * tokens * (cfg.d_model + cfg.num_heads) * 4 / tensor if flash else 0.0}

@@ -161,3 +161,14 @@ def test_activation_memory_counts_the_ffn_rows_the_step_computes():
   dense = load("tiny")
   dense.model.update(ffn="dense", expert_conditional_lambda=False)
   assert estimate.activation_bytes(dense.model, 2, 256) == with_moe(capacity_factor=1.0)
+
+
+@pytest.mark.parametrize("layout", ["pallas_gpu", "pallas_tpu"])
+def test_a_forced_kernel_layout_is_counted_as_the_kernel(layout):
+  """The kernels keep O(T·block) memory whichever layout is forced, not the explicit path's T² maps."""
+  def activations(impl):
+    config = load("tiny")
+    config.model.update(attention_impl=impl, attention_block_q=32, attention_block_k=32, remat_policy="save_names",
+                        remat_save_names=("flash_residuals",))
+    return estimate.activation_bytes(config.model, 2, 256)
+  assert activations(layout) == activations("pallas") < activations("explicit")
