@@ -285,8 +285,43 @@ def _require(cond: bool, field: str, message: str) -> None:
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Checks every field the code depends on; raises ConfigError naming the field and the fix."""
+  missing = [name for name in defaults() if name not in config]
+  if missing:
+    raise ConfigError(f"config: has no {', '.join(missing)}, which every training config has; a config file "
+                      "starts from diffmoe_jax.config.defaults(), as configs/tiny.py does (configs/ncas.py "
+                      "configures the search: python -m diffmoe_jax.ncas).")
   _check_finite(config.to_dict())
-  m = config.model
+  _check_types(config)
+  validate_model(config.model)
+  m, moe = config.model, config.model.moe
+  for axis in config.mesh.shape.keys():
+    _require(axis in MESH_AXES, f"mesh.shape.{axis}", f"unknown mesh axis; the axes are {MESH_AXES}.")
+    size = config.mesh.shape[axis]
+    _require(isinstance(size, int) and (size >= 1 or size == -1), f"mesh.shape.{axis}",
+             f"must be a positive integer or -1 (all remaining devices), got {size!r}.")
+  tensor, expert = config.mesh.shape.get("tensor", 1), config.mesh.shape.get("expert", 1)
+  if tensor > 1:
+    # Heads are split over the tensor axis: an odd head count (PI-S has 27) needs an odd tensor size.
+    _require(m.num_heads % tensor == 0, "mesh.shape.tensor",
+             f"{tensor} does not divide model.num_heads ({m.num_heads}); pick a divisor of the head count.")
+  if expert > 1 and m.ffn == "moe":
+    _require(moe.num_experts % expert == 0, "mesh.shape.expert",
+             f"{expert} does not divide model.moe.num_experts ({moe.num_experts}); pick a divisor.")
+  rule_names = [rule[0] for rule in config.mesh.axis_rules]
+  for name in LOGICAL_AXES:
+    _require(name in rule_names, "mesh.axis_rules", f"has no rule for logical axis {name!r}.")
+  for name, target in config.mesh.axis_rules:
+    for axis in (target,) if isinstance(target, str) or target is None else target:
+      _require(axis is None or axis in MESH_AXES, "mesh.axis_rules",
+               f"maps {name!r} to {axis!r}, which is not a mesh axis; the axes are {MESH_AXES}.")
+  _validate_training(config)
+  return config
+
+
+def validate_model(m: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The checks of `validate` that need only the model section (what `nn.model.build_model` takes)."""
+  _check_finite(m.to_dict(), "model.")
+  _check_types_of(m.to_dict(), defaults().model.to_dict(), "model.")
   for field in ("d_model", "num_layers", "num_heads", "head_dim", "max_seq_len", "vocab_size"):
     _require(isinstance(m[field], int) and m[field] > 0, f"model.{field}",
              f"must be a positive integer, got {m[field]!r}.")
@@ -326,8 +361,11 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _require(len(m.remat_save_names) > 0, "model.remat_save_names",
              "is empty but remat_policy is 'save_names'; list checkpoint names to keep, or pick another policy.")
     unknown = [n for n in m.remat_save_names if n not in CHECKPOINT_NAMES]
+    # On the command line "a,b" is one name; a tuple is written as a Python literal.
+    as_tuple = (" (on the command line, several names as a tuple: --config.model.remat_save_names="
+                "\"('attn_out','ffn_out')\")" if any("," in n for n in unknown) else "")
     _require(not unknown, "model.remat_save_names", f"{unknown} are not checkpoint names of the model; "
-             f"choose from {CHECKPOINT_NAMES}.")
+             f"choose from {CHECKPOINT_NAMES}{as_tuple}.")
 
   moe = m.moe
   _require(moe.activation in ACTIVATIONS, "model.moe.activation",
@@ -359,8 +397,10 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
              f"must be > 0, got {moe.capacity_factor}.")
   else:
     _require(m.dense_ffn_dim >= 0, "model.dense_ffn_dim", f"must be >= 0, got {m.dense_ffn_dim}.")
-    _require(m.dense_ffn_dim > 0 or moe.expert_ffn_dim > 0, "model.dense_ffn_dim",
-             "is 0 and so is model.moe.expert_ffn_dim; set dense_ffn_dim to the dense FFN width.")
+    # 0 means top_k x expert_ffn_dim (nn.moe.dense_ffn_dim), which must then be a width too.
+    _require(m.dense_ffn_dim > 0 or (moe.top_k > 0 and moe.expert_ffn_dim > 0), "model.dense_ffn_dim",
+             f"is 0, so the dense FFN width is model.moe.top_k * model.moe.expert_ffn_dim = {moe.top_k} * "
+             f"{moe.expert_ffn_dim} = {moe.top_k * moe.expert_ffn_dim}; set dense_ffn_dim to the dense FFN width.")
   if m.expert_conditional_lambda:
     _require(m.attention == "differential", "model.expert_conditional_lambda",
              f"needs model.attention='differential' ({m.attention!r} has no expert λ vectors); set it to False.")
@@ -376,28 +416,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check_capacity(mod.capacity, "model.mod.capacity")
     _require(mod.predictor_hidden > 0, "model.mod.predictor_hidden",
              f"must be > 0, got {mod.predictor_hidden}.")
-  for axis in config.mesh.shape.keys():
-    _require(axis in MESH_AXES, f"mesh.shape.{axis}", f"unknown mesh axis; the axes are {MESH_AXES}.")
-    size = config.mesh.shape[axis]
-    _require(isinstance(size, int) and (size >= 1 or size == -1), f"mesh.shape.{axis}",
-             f"must be a positive integer or -1 (all remaining devices), got {size!r}.")
-  tensor, expert = config.mesh.shape.get("tensor", 1), config.mesh.shape.get("expert", 1)
-  if tensor > 1:
-    # Heads are split over the tensor axis: an odd head count (PI-S has 27) needs an odd tensor size.
-    _require(m.num_heads % tensor == 0, "mesh.shape.tensor",
-             f"{tensor} does not divide model.num_heads ({m.num_heads}); pick a divisor of the head count.")
-  if expert > 1 and m.ffn == "moe":
-    _require(moe.num_experts % expert == 0, "mesh.shape.expert",
-             f"{expert} does not divide model.moe.num_experts ({moe.num_experts}); pick a divisor.")
-  rule_names = [rule[0] for rule in config.mesh.axis_rules]
-  for name in LOGICAL_AXES:
-    _require(name in rule_names, "mesh.axis_rules", f"has no rule for logical axis {name!r}.")
-  for name, target in config.mesh.axis_rules:
-    for axis in (target,) if isinstance(target, str) or target is None else target:
-      _require(axis is None or axis in MESH_AXES, "mesh.axis_rules",
-               f"maps {name!r} to {axis!r}, which is not a mesh axis; the axes are {MESH_AXES}.")
-  _validate_training(config)
-  return config
+  return m
 
 
 def phase_lengths(cur: ml_collections.ConfigDict) -> list[int]:
@@ -468,6 +487,45 @@ def _check_finite(values: dict, prefix: str = "") -> None:
       _check_finite(value, f"{prefix}{key}.")
     elif isinstance(value, float) and not math.isfinite(value):
       raise ConfigError(f"config.{prefix}{key}: must be a finite number, got {value}.")
+
+
+_TYPE_NAMES = {bool: "True or False", int: "an integer", float: "a number", str: "a string"}
+
+
+def _has_type(value, expected: type) -> bool:
+  """`value` fits a field whose default is of type `expected`: a float field also takes an int, and a bool
+  is no integer."""
+  if expected is float:
+    return _is_number(value)
+  if expected is int:
+    return isinstance(value, int) and not isinstance(value, bool)
+  return isinstance(value, expected)
+
+
+def _check_types_of(values: dict, reference: dict, prefix: str) -> None:
+  """Each field of `reference` (defaults) that `values` has holds its default's type; OPEN_DICTS are the
+  user's."""
+  for key, default in reference.items():
+    path = prefix + key
+    if key not in values or any(fnmatch.fnmatchcase(path, d) for d in OPEN_DICTS):
+      continue
+    value = values[key]
+    if isinstance(default, dict) and isinstance(value, dict):
+      _check_types_of(value, default, path + ".")
+    elif type(default) in _TYPE_NAMES and not _has_type(value, type(default)):
+      raise ConfigError(f"config.{path}: must be {_TYPE_NAMES[type(default)]}, got {value!r} "
+                        f"({type(value).__name__}).")
+
+
+def _check_types(config: ml_collections.ConfigDict) -> None:
+  """Each field `defaults()` has (and each phase field) holds its default's type: a config built from a dict
+  or set under `ignore_type()` could hold the string "false" in a boolean field, which would read as True."""
+  values = config.to_dict()
+  reference = defaults().to_dict()
+  for name, phase in values.get("curriculum", {}).items():  # a phase the user added has the phase fields
+    if isinstance(phase, dict):
+      reference["curriculum"].setdefault(name, _phase().to_dict())
+  _check_types_of(values, reference, "")
 
 
 def _is_number(value) -> bool:

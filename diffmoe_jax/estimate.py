@@ -18,7 +18,9 @@ import ml_collections
 
 from diffmoe_jax import config as config_lib
 from diffmoe_jax.nn import model as model_lib
+from diffmoe_jax.nn.moe import dense_ffn_dim
 from diffmoe_jax.ops import attention as attention_ops
+from diffmoe_jax.ops import dispatch
 from diffmoe_jax.ops import routing
 
 # The paper's own figures (its table and its per-layer FFN arithmetic), keyed by config.name.
@@ -118,7 +120,10 @@ def forward_flops_per_token(cfg, counts: ParamCounts, seq_len: int, *, mod_capac
     n = counts.sum({kind}, {"attention", "dense_ffn", "mod_router"})
     n += counts.sum({kind}, {"experts"}) * _expert_fraction(cfg)
     router = counts.sum({kind}, {"router"})
-    return n + router * (2 if cfg.expert_conditional_lambda else 1)  # the λ gate reuses the router
+    # With route_from="ffn_input" the λ gate runs the router a second time, on the attention input;
+    # with "attention_input" one routing serves both.
+    twice = cfg.expert_conditional_lambda and cfg.moe.route_from == "ffn_input"
+    return n + router * (2 if twice else 1)
   def attention_core(tokens):
     # Scores q·k over the query/key width (d) and one product with v (the two maps combine first).
     return 2 * 2 * cfg.d_model * (tokens + 1) / 2
@@ -127,7 +132,7 @@ def forward_flops_per_token(cfg, counts: ParamCounts, seq_len: int, *, mod_capac
   head = counts.sum({"global"}, {"lm_head"}) or counts.sum({"global"}, {"embedding"})
   full = 2 * matmul_params("full") + layers_full * attention_core(seq_len)
   capacity = cfg.mod.capacity if mod_capacity is None else mod_capacity
-  selected = math.ceil(capacity * seq_len)
+  selected = routing.mod_capacity_tokens(capacity, seq_len) if layers_routed else 0  # as the routed layer counts
   mod_params = counts.sum({"routed"}, {"mod_router"})
   routed = (capacity * (2 * (matmul_params("routed") - mod_params) + layers_routed * attention_core(selected))
             + 2 * mod_params)
@@ -139,9 +144,9 @@ def estimate(config: ml_collections.ConfigDict) -> dict:
   counts = count_params(cfg)
   seq = cfg.max_seq_len
   fwd = forward_flops_per_token(cfg, counts, seq)
-  kv_full = 2 * cfg.d_model * seq  # K (query/key width d) and V (d) per token per layer
-  routed = len(model_lib.routed_layer_indices(cfg))
-  kv_elements = kv_full * (cfg.num_layers - routed) + 2 * cfg.d_model * math.ceil(cfg.mod.capacity * seq) * routed
+  # The decoding cache (nn.attention) holds K (query/key width d), V (d) and a filled flag per position in
+  # every layer: a routed layer keeps a slot per position too, it only skips writing the tokens it rejects.
+  kv_bytes = lambda itemsize: cfg.num_layers * seq * (2 * cfg.d_model * itemsize + 1)
   result = {
       "total_params": counts.total,
       "embedding_params": counts.sum({"global"}, {"embedding", "lm_head"}),
@@ -160,9 +165,8 @@ def estimate(config: ml_collections.ConfigDict) -> dict:
       "weights_bytes_fp32": 4 * counts.total,
       "adam_state_bytes_fp32": 8 * counts.total,
       "train_state_bytes": 12 * counts.total,  # fp32 master weights + Adam m and v
-      "kv_cache_bytes_bf16": 2 * kv_elements,
-      "kv_cache_bytes_fp32": 4 * kv_elements,
-      "kv_cache_bytes_bf16_no_mod": 2 * kv_full * cfg.num_layers,
+      "kv_cache_bytes_bf16": kv_bytes(2),
+      "kv_cache_bytes_fp32": kv_bytes(4),
       "counts": counts,
   }
   result["paper_training_tokens"] = PAPER_TRAINING_FLOPS / result["train_flops_per_token"]
@@ -237,15 +241,26 @@ def activation_bytes(cfg: ml_collections.ConfigDict, batch: int, seq_len: int, *
 
   def layer(tokens: int) -> float:
     impl = attention_ops.resolve_attention_impl(cfg.attention_impl, length=tokens)
-    if impl in ("blockwise", "pallas"):
+    if impl in attention_ops.BLOCKWISE:
       block = math.prod(min(size or attention_ops.default_block_size(), tokens)  # as flash_attention.block_sizes
                         for size in (cfg.attention_block_q, cfg.attention_block_k))
       attention = 5 * b * tokens * cfg.d_model * 4 + 2 * 2 * b * cfg.num_heads * block * 4
     else:
       attention = 2 * 2 * b * cfg.num_heads * tokens * tokens * 4  # both maps' probabilities, their gradient
-    capacity = math.ceil(cfg.moe.capacity_factor * tokens * cfg.moe.top_k / max(cfg.moe.num_experts, 1))
-    experts = 3 * b * cfg.moe.num_experts * capacity * cfg.moe.expert_ffn_dim * 4
-    return attention + experts
+    return attention + 3 * b * ffn_rows(tokens) * 4
+
+  def ffn_rows(tokens: int) -> int:
+    """Hidden activations of the train step's FFN per sequence, as rows x width (`dispatch.moe_ffn`)."""
+    moe = cfg.moe
+    if cfg.ffn == "dense":
+      return tokens * dense_ffn_dim(cfg)
+    if moe.dispatch == "capacity":
+      rows = moe.num_experts * dispatch.moe_capacity(tokens, moe.top_k, moe.num_experts, moe.capacity_factor)
+    elif dispatch.resolve_dropless_impl(moe.dropless_impl) == "padded":
+      rows = moe.num_experts * tokens  # room for every token in every expert
+    else:
+      rows = tokens * moe.top_k  # ragged: the assignments alone
+    return rows * moe.expert_ffn_dim
 
   residual = (groups + tail + 1) * b * t * cfg.d_model * 4
   routed_tokens = t
@@ -273,7 +288,7 @@ def _kept_by_remat(cfg: ml_collections.ConfigDict, b: int, tokens: int, tensor: 
     return 0.0
   width = b * tokens * cfg.d_model * jnp.dtype(cfg.dtype).itemsize
   maps = 1 if cfg.attention == "standard" else 2
-  flash = attention_ops.resolve_attention_impl(cfg.attention_impl, length=tokens) in ("blockwise", "pallas")
+  flash = attention_ops.resolve_attention_impl(cfg.attention_impl, length=tokens) in attention_ops.BLOCKWISE
   sizes = {"query_proj": width / tensor, "key_proj": width / tensor, "value_proj": width / tensor,
            "attn_out": width, "ffn_out": width,
            "flash_residuals": maps * b * tokens * (cfg.d_model + cfg.num_heads) * 4 / tensor if flash else 0.0}
@@ -323,7 +338,6 @@ def report(config: ml_collections.ConfigDict, result: dict | None = None) -> str
       ("train_state_bytes", "training state (fp32 master + m + v)", _bytes),
       ("kv_cache_bytes_bf16", "KV cache / sequence at context, bf16", _bytes),
       ("kv_cache_bytes_fp32", "KV cache / sequence at context, fp32", _bytes),
-      ("kv_cache_bytes_bf16_no_mod", "KV cache / sequence, bf16, no MoD", _bytes),
       ("paper_training_tokens", "tokens that 3.2e22 training FLOPs buy", human),
   ]
   if not claims:

@@ -183,3 +183,26 @@ def test_resolve_attention_impl_on_cpu():
   assert attn.resolve_attention_impl("auto", length=attn.CPU_BLOCKWISE_FROM) == "blockwise"
   with pytest.raises(ValueError, match="implementation must be one of"):
     attn.resolve_attention_impl("flash", length=8)
+
+
+_Q, _K, _V = jnp.ones((1, 4, 2, 2, 8)), jnp.ones((1, 4, 2, 2, 8)), jnp.ones((1, 4, 2, 16))
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: attn.differential_attention(_Q, _K, _V, jnp.ones((3,))),
+     r"lam must be a scalar, \[H\] = \(2,\) or \[B, T, H\] = \(1, 4, 2\); got shape \(3,\)"),
+    (lambda: attn.differential_attention(_Q, _K, _V, 0.5, q_positions=jnp.zeros((1, 3), jnp.int32)),
+     r"q_positions \[B, T\] must be \(1, 4\); got \(1, 3\)"),
+    (lambda: attn.differential_attention(_Q, _K, _V, 0.5, kv_positions=jnp.zeros((4,), jnp.int32)),
+     r"kv_positions \[B, S\] must be \(1, 4\); got \(4,\)"),
+    (lambda: attn.differential_attention(_Q, _K, _V, 0.5, q_segment_ids=jnp.zeros((2, 4), jnp.int32)),
+     r"q_segment_ids \[B, T\] must be \(1, 4\); got \(2, 4\)"),
+    (lambda: attn.standard_attention(_Q, _K, _V), r"standard_attention expects q \[B,T,H,D\], k \[B,S,H,D\]"),
+    (lambda: attn.standard_attention(_Q[:, :, :, 0], _K[:, :, :, 0, :6], _V),
+     r"standard_attention expects .* got q \(1, 4, 2, 8\), k \(1, 4, 2, 6\)"),
+    (lambda: attn.apply_rope(jnp.ones((1, 4, 2, 7)), jnp.zeros((1, 4), jnp.int32), 1e4),
+     r"apply_rope rotates pairs of dimensions; the last axis of x \(1, 4, 2, 7\) must be even"),
+])
+def test_misshaped_arguments_name_the_argument(call, message):
+  with pytest.raises(ValueError, match=message):
+    call()

@@ -59,7 +59,13 @@ def _bad(**fields):
     ({"model.lambda_init": "half"}, r"model\.lambda_init: 'half' is neither 'schedule' nor a number"),
     ({"model.remat_policy": "save_names", "model.remat_save_names": ("nope",)},
      r"model\.remat_save_names: \['nope'\] are not checkpoint names"),
+    ({"model.remat_policy": "save_names", "model.remat_save_names": ("attn_out,ffn_out",)},
+     r"model\.remat_save_names: \['attn_out,ffn_out'\] are not checkpoint names .*on the command line, several "
+     r"names as a tuple: --config\.model\.remat_save_names=\"\('attn_out','ffn_out'\)\""),
     ({"model.ffn": "dense"}, r"model\.expert_conditional_lambda: needs model\.ffn='moe'"),
+    ({"model.ffn": "dense", "model.expert_conditional_lambda": False, "model.moe.top_k": 0},
+     r"model\.dense_ffn_dim: is 0, so the dense FFN width is model\.moe\.top_k \* model\.moe\.expert_ffn_dim = "
+     r"0 \* 768 = 0; set dense_ffn_dim"),
     ({"model.moe.expert_parallel": "ragged"}, r"model\.moe\.expert_parallel: 'ragged' is dropless, but "
      r"model\.moe\.dispatch or eval_dispatch is 'capacity'"),
     ({"curriculum.warmup.seq_len": 512}, r"curriculum\.warmup\.seq_len: the phase's sequence length 512"),
@@ -155,3 +161,43 @@ def test_fields_the_code_dropped_are_left_out_of_a_saved_config():
   assert kept["ablation"] == saved["ablation"] and kept["curriculum"]["cooldown"] == saved["curriculum"]["cooldown"]
   config, added = config_lib.with_defaults(saved)
   assert "eval_domain" not in config.data and added == []
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("model.scan_layers", "false", r"config\.model\.scan_layers: must be True or False, got 'false' \(str\)\."),
+    ("model.mod.enabled", "no", r"config\.model\.mod\.enabled: must be True or False, got 'no'"),
+    ("model.moe.top_k", True, r"config\.model\.moe\.top_k: must be an integer, got True \(bool\)\."),
+    ("model.mod.predictor_hidden", 3.5, r"config\.model\.mod\.predictor_hidden: must be an integer, got 3\.5"),
+    ("model.rope_theta", "1e4", r"config\.model\.rope_theta: must be a number, got '1e4' \(str\)\."),
+    ("model.moe.capacity_factor", "1.25", r"config\.model\.moe\.capacity_factor: must be a number, got '1\.25'"),
+    ("curriculum.warmup.mod_enabled", "False", r"config\.curriculum\.warmup\.mod_enabled: must be True or False"),
+])
+def test_a_value_of_the_wrong_type_names_the_field(field, value, message):
+  """A config built from a dict, or set under ignore_type(), is not type-checked by ConfigDict: "false" in a
+  boolean field would read as True, True in an integer field as 1."""
+  c = load("tiny")
+  *path, leaf = field.split(".")
+  node = c
+  for part in path:
+    node = node[part]
+  with node.ignore_type():
+    node[leaf] = value
+  with pytest.raises(ConfigError, match=message):
+    config_lib.validate(c)
+
+
+def test_a_phase_the_user_adds_is_type_checked_too():
+  c = load("tiny")
+  c.curriculum.cooldown = config_lib._phase(fraction=0.0, steps=1)
+  c.curriculum.order = c.curriculum.order + ("cooldown",)
+  with c.curriculum.cooldown.ignore_type():
+    c.curriculum.cooldown.steps = "1"
+  with pytest.raises(ConfigError, match=r"config\.curriculum\.cooldown\.steps: must be an integer, got '1'"):
+    config_lib.validate(c)
+
+
+def test_a_search_config_is_not_taken_for_a_training_config():
+  """configs/ncas.py has no model section; validate names what is missing instead of an AttributeError."""
+  with pytest.raises(ConfigError, match=r"config: has no curriculum, mesh, model, name, optimizer, train, which "
+                                        r"every training config has"):
+    config_lib.validate(load("ncas"))

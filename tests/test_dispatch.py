@@ -273,3 +273,19 @@ def test_argument_errors():
     dispatch.moe_ffn(*args, activation="gelu", mode="sparse")
   with pytest.raises(ValueError, match="dropless_impl"):
     dispatch.moe_ffn(*args, activation="gelu", mode="dropless", dropless_impl="auto")
+
+
+@pytest.mark.parametrize("capacity_factor", [0.0, -1.0, float("nan")])
+def test_moe_capacity_factor_must_be_positive(capacity_factor):
+  with pytest.raises(ValueError, match=r"capacity_factor=.* must be > 0"):
+    dispatch.moe_capacity(12, 2, 4, capacity_factor)
+
+
+@pytest.mark.parametrize("change", ["experts", "weights", "w_out"])
+def test_misshaped_moe_arguments_are_named(change):
+  x, weights, experts, params = make_inputs(0, "gelu")
+  args = dict(weights=weights, experts=experts, w_out=params["w_out"])
+  args[change] = args[change][:, :-1]
+  with pytest.raises(ValueError, match=r"moe_ffn expects x \[B, T, d\], weights and experts \[B, T, k\]"):
+    dispatch.moe_ffn(jnp.asarray(x), args["weights"], args["experts"], params["w_in"], args["w_out"],
+                     activation="gelu")

@@ -36,22 +36,39 @@ def test_tiny_matches_the_hand_count():
   assert result["active_params_no_mod"] == pytest.approx(active_no_mod)
   assert result["active_params"] == pytest.approx(active)
   assert result["weights_bytes_fp32"] == 4 * total and result["train_state_bytes"] == 12 * total
-  # KV cache: per token and layer, K and V of width d; routed layers keep ceil(0.25 * 256) tokens.
-  assert result["kv_cache_bytes_bf16"] == 2 * (2 * 288 * 256 * 2 + 2 * 288 * 64 * 2)
+  # KV cache: per position and layer (routed ones too), K and V of width d in bf16 and a filled flag.
+  assert result["kv_cache_bytes_bf16"] == 4 * 256 * (2 * 288 * 2 + 1)
 
 
-def test_tiny_forward_flops_by_hand():
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_kv_cache_is_what_decoding_allocates(dtype):
   config = load("tiny")
+  config.model.dtype = dtype
+  model = model_lib.build_model(config.model)
+  params = estimate.abstract_params(config.model)
+  cache = jax.eval_shape(lambda p: model_lib.init_cache(model, p, 1, config.model.max_seq_len), params)
+  allocated = sum(math.prod(a.shape) * a.dtype.itemsize for a in jax.tree.leaves(cache))
+  result = estimate.estimate(config)
+  assert result["kv_cache_bytes_fp32" if dtype == "float32" else "kv_cache_bytes_bf16"] == allocated
+
+
+@pytest.mark.parametrize("route_from, routers, t, capacity, selected", [
+    ("attention_input", 1, 128, 0.5, 64),  # one routing serves the MoE and the λ gate
+    ("ffn_input", 2, 25, 0.28, 7),  # the λ gate routes again; 0.28 · 25 (7.000000000000001) selects 7 tokens
+])
+def test_tiny_forward_flops_by_hand(route_from, routers, t, capacity, selected):
+  config = load("tiny")
+  config.model.moe.route_from = route_from
   counts = estimate.count_params(config.model)
-  d, f, t, experts, vocab = 288, 768, 128, 4, 256
-  matmuls = 4 * d * d + 2 * d * experts + 2 * 2 * d * f  # attention, router (twice: λ gate), two experts
+  d, f, experts, vocab = 288, 768, 4, 256
+  matmuls = 4 * d * d + routers * d * experts + 2 * 2 * d * f  # attention, router, two experts
   attention = 2 * 2 * d * (t + 1) / 2
   full = 2 * matmuls + attention
   mod = d + d * 64 + 64 + 64
-  routed = 0.5 * (2 * matmuls + 2 * 2 * d * (64 + 1) / 2) + 2 * mod  # capacity 0.5: 64 of 128 tokens
+  routed = capacity * (2 * matmuls + 2 * 2 * d * (selected + 1) / 2) + 2 * mod
   want = 2 * d * vocab + 2 * full + 2 * routed
-  got = estimate.forward_flops_per_token(config.model, counts, t, mod_capacity=0.5)
-  assert got == pytest.approx(want)
+  got = estimate.forward_flops_per_token(config.model, counts, t, mod_capacity=capacity)
+  assert got == pytest.approx(want, rel=1e-12)
 
 
 @pytest.mark.parametrize("name, flagged", [("pi", {"total_params", "active_params_non_embedding"}),
@@ -130,3 +147,28 @@ def test_memory_estimate_agrees_with_the_compiled_train_step():
   kept = estimate.activation_bytes(kept_config.model, 1, 4096) - activations
   assert kept > 0
   assert temp_kept - temp == pytest.approx(kept, rel=0.25)
+
+
+def test_activation_memory_counts_the_ffn_rows_the_step_computes():
+  """Dropless padded gives every expert room for every token (the capacity path at factor E/k = 2 for tiny);
+  ragged keeps the assignments alone (factor 1, E dividing T·k), as does a dense FFN of width k·f."""
+  def with_moe(**moe):
+    config = load("tiny")
+    config.model.moe.update(moe)
+    return estimate.activation_bytes(config.model, 2, 256)
+  assert with_moe(dispatch="dropless", dropless_impl="padded") == with_moe(capacity_factor=2.0)
+  assert with_moe(dispatch="dropless", dropless_impl="ragged") == with_moe(capacity_factor=1.0)
+  dense = load("tiny")
+  dense.model.update(ffn="dense", expert_conditional_lambda=False)
+  assert estimate.activation_bytes(dense.model, 2, 256) == with_moe(capacity_factor=1.0)
+
+
+@pytest.mark.parametrize("layout", ["pallas_gpu", "pallas_tpu"])
+def test_a_forced_kernel_layout_is_counted_as_the_kernel(layout):
+  """The kernels keep O(T·block) memory whichever layout is forced, not the explicit path's T² maps."""
+  def activations(impl):
+    config = load("tiny")
+    config.model.update(attention_impl=impl, attention_block_q=32, attention_block_k=32, remat_policy="save_names",
+                        remat_save_names=("flash_residuals",))
+    return estimate.activation_bytes(config.model, 2, 256)
+  assert activations(layout) == activations("pallas") < activations("explicit")

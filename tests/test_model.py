@@ -309,3 +309,26 @@ def test_expert_conditional_lambda_follows_the_moe_routing(make_config, route_fr
     block.apply(variables, x, positions, jnp.asarray(0), 1.0, rngs={"noise": jax.random.PRNGKey(7)})
   agree = np.mean(seen["lambda_experts"] == seen["ffn_experts"])
   assert (agree == 1.0) == same, agree
+
+
+@pytest.mark.parametrize("tokens, extra, message", [
+    (jnp.zeros((T,), jnp.int32), {}, r"tokens must be an integer array \[batch, length\]; got int32 \(16,\)"),
+    (jnp.zeros((B, T), jnp.float32), {}, r"tokens must be an integer array \[batch, length\]; got float32"),
+    (jnp.zeros((B, T), jnp.int32), {"positions": jnp.zeros((B, T - 3), jnp.int32)},
+     r"positions must be an integer array shaped like tokens \(2, 16\); got int32 \(2, 13\)"),
+    (jnp.zeros((B, T), jnp.int32), {"segment_ids": jnp.zeros((1, T), jnp.int32)},
+     r"segment_ids must be an integer array shaped like tokens \(2, 16\); got int32 \(1, 16\)"),
+])
+def test_misshaped_inputs_name_the_array(base, tokens, extra, message):
+  _, model, params, _ = base
+  with pytest.raises(ValueError, match=message):
+    model.apply({"params": params}, tokens, **extra)
+
+
+def test_build_model_checks_the_model_section(make_config):
+  """A library user's model section is checked as `validate` checks it: 2 heads x 24 is not a width of 40."""
+  with pytest.raises(config_lib.ConfigError, match=r"config\.model\.d_model: 40 must equal model\.num_heads \* "
+                                                   r"model\.head_dim = 2 \* 24 = 48"):
+    model_lib.build_model(make_config(d_model=40).model)
+  with pytest.raises(config_lib.ConfigError, match=r"config\.model\.remat_policy: 'some' is not one of"):
+    model_lib.build_model(make_config(remat_policy="some").model)

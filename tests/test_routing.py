@@ -243,3 +243,14 @@ def test_batch_sharded_routing_needs_no_all_gather():
   assert "all-gather" not in compiled.as_text()
   for sharded, single in zip(compiled(*args), route(logits, scores, x)):
     np.testing.assert_array_equal(sharded, single)
+
+
+@pytest.mark.parametrize("capacity", [0.0, -0.5, 1.5])
+def test_mod_capacity_outside_its_range_is_an_error_not_clamped(capacity):
+  with pytest.raises(ValueError, match=rf"mod capacity {capacity} must lie in \(0, 1\]"):
+    routing.mod_capacity_tokens(capacity, 16)
+
+
+def test_mod_select_more_tokens_than_the_sequence_is_an_error():
+  with pytest.raises(ValueError, match=r"mod_select: num_selected=6 must be between 0 and the sequence length 4"):
+    routing.mod_select(jnp.zeros((1, 4)), 6)

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from diffmoe_jax import config as config_lib
 from diffmoe_jax.nn.attention import Attention, is_decoding
 from diffmoe_jax.nn.layers import RESIDUAL, Embed, RMSNorm, constrain, dtype_of, param
 from diffmoe_jax.nn.mod import MoDRouter
@@ -188,7 +189,8 @@ def _remat(cls, cfg, *, scanned: bool):
 
 class Transformer(nn.Module):
   """Decoder-only LM. `__call__(tokens [B, T]) -> (logits [B, T, V] fp32, aux)`; optional `segment_ids`
-  `[B, T]` keep attention inside each packed document.
+  `[B, T]` keep attention inside each packed document. Token ids must lie in [0, vocab_size): traced ids
+  cannot be checked, and the embedding lookup gives NaN for an id past the table (a negative one wraps).
 
   aux = {"losses": {"load_balance", "router_z", "mod_predictor"} (means over the layers they apply to),
          "layers": {"expert_load" [L, E], "dropped_fraction" [L], "lambda" [L, n],
@@ -207,6 +209,7 @@ class Transformer(nn.Module):
     cfg = self.config
     if mod_mode not in MOD_MODES:
       raise ValueError(f"mod_mode must be one of {MOD_MODES}, got {mod_mode!r}.")
+    _check_token_arrays(tokens, positions, segment_ids)
     batch, length = tokens.shape
     if positions is None:
       positions = attention_ops.default_positions(batch, length)
@@ -246,6 +249,17 @@ class Transformer(nn.Module):
     return logits, _summarize(stats, routed_layer_indices(cfg))
 
 
+def _check_token_arrays(tokens, positions, segment_ids) -> None:
+  """tokens, positions and segment ids are integer `[B, T]` arrays of one shape (a mismatch would otherwise
+  surface as a broadcasting error deep inside attention)."""
+  if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+    raise ValueError(f"tokens must be an integer array [batch, length]; got {tokens.dtype} {tokens.shape}.")
+  for name, array in (("positions", positions), ("segment_ids", segment_ids)):
+    if array is not None and (array.shape != tokens.shape or not jnp.issubdtype(array.dtype, jnp.integer)):
+      raise ValueError(f"{name} must be an integer array shaped like tokens {tokens.shape}; got {array.dtype} "
+                       f"{array.shape}.")
+
+
 def _summarize(stats: dict, routed: list[int]) -> dict:
   routed = jnp.asarray(routed, jnp.int32)
   has_routed = routed.shape[0] > 0
@@ -273,6 +287,9 @@ def init_cache(model: Transformer, params, batch: int, length: int):
 
 
 def build_model(model_config: ml_collections.ConfigDict) -> Transformer:
+  """The Transformer of a config's model section, which `config.validate_model` checks first (a model built
+  from an unchecked section could run with a width that is not heads x head width)."""
+  config_lib.validate_model(model_config)
   return Transformer(ml_collections.FrozenConfigDict(model_config))
 
 

@@ -32,6 +32,8 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
   x: `[B, T, ...heads..., D]` with D even; positions: `[B, T]` integer. Angles are computed in fp32.
   """
   dim = x.shape[-1]
+  if dim % 2:
+    raise ValueError(f"apply_rope rotates pairs of dimensions; the last axis of x {x.shape} must be even.")
   angles = positions.astype(jnp.float32)[..., None] * rope_inverse_frequencies(dim, theta)  # [B, T, D/2]
   angles = angles.reshape(angles.shape[:2] + (1,) * (x.ndim - 3) + angles.shape[-1:])
   sin, cos = jnp.sin(angles), jnp.cos(angles)
@@ -66,16 +68,25 @@ def _positions(q: jax.Array, k: jax.Array, q_positions, kv_positions):
     kv_positions = default_positions(batch, s)
   if q_positions is None:
     q_positions = default_positions(batch, t, offset=s - t)
+  for name, array, shape in (("q_positions [B, T]", q_positions, (batch, t)),
+                             ("kv_positions [B, S]", kv_positions, (batch, s))):
+    if array.shape != shape:
+      raise ValueError(f"{name} must be {shape}; got {array.shape}.")
   return q_positions, kv_positions
 
 
-def _segments(q_segment_ids, kv_segment_ids, t: int, s: int):
+def _segments(q_segment_ids, kv_segment_ids, batch: int, t: int, s: int):
   """Both or neither; with T == S one array serves queries and keys."""
   if kv_segment_ids is None and q_segment_ids is not None and t == s:
     kv_segment_ids = q_segment_ids
   if (q_segment_ids is None) != (kv_segment_ids is None):
     raise ValueError("segment ids: pass q_segment_ids and kv_segment_ids together (kv_segment_ids may be "
                      "left out only when queries and keys are the same tokens).")
+  if q_segment_ids is not None:
+    for name, array, shape in (("q_segment_ids [B, T]", q_segment_ids, (batch, t)),
+                               ("kv_segment_ids [B, S]", kv_segment_ids, (batch, s))):
+      if array.shape != shape:
+        raise ValueError(f"{name} must be {shape}; got {array.shape}.")
   return q_segment_ids, kv_segment_ids
 
 
@@ -108,8 +119,9 @@ def _dot_product_attention(q, k, v, mask, scale):
 def _lambda_rows(lam, batch: int, length: int, heads: int) -> jax.Array:
   """λ as `[B, T, H]` float32 from a scalar, `[H]` or `[B, T, H]`."""
   lam = jnp.asarray(lam, jnp.float32)
-  if lam.ndim not in (0, 1, 3):
-    raise ValueError(f"lam must be a scalar, [H] or [B, T, H]; got shape {lam.shape}.")
+  if lam.shape not in ((), (heads,), (batch, length, heads)):
+    raise ValueError(f"lam must be a scalar, [H] = ({heads},) or [B, T, H] = {(batch, length, heads)}; got shape "
+                     f"{lam.shape}.")
   return jnp.broadcast_to(lam, (batch, length, heads))
 
 
@@ -181,12 +193,12 @@ def differential_attention(q: jax.Array, k: jax.Array, v: jax.Array, lam, *, cau
   """
   implementation = _check_implementation(implementation)
   batch, t, heads, two, d = q.shape
-  if two != 2 or k.shape[2:] != (heads, 2, d) or v.shape[:3] != (batch, k.shape[1], heads):
+  if two != 2 or k.shape[0] != batch or k.shape[2:] != (heads, 2, d) or v.shape[:3] != (batch, k.shape[1], heads):
     raise ValueError(f"differential_attention expects q [B,T,H,2,D], k [B,S,H,2,D], v [B,S,H,Dv]; got "
                      f"q {q.shape}, k {k.shape}, v {v.shape}.")
   s = k.shape[1]
   q_positions, kv_positions = _positions(q, k, q_positions, kv_positions)
-  q_segment_ids, kv_segment_ids = _segments(q_segment_ids, kv_segment_ids, t, s)
+  q_segment_ids, kv_segment_ids = _segments(q_segment_ids, kv_segment_ids, batch, t, s)
   lam = _lambda_rows(lam, batch, t, heads)
   q = q * jnp.asarray(d**-0.5, q.dtype)
   if implementation in BLOCKWISE:
@@ -236,9 +248,12 @@ def standard_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool
   """Softmax attention, `[B, T, H, D] x [B, S, H, D] x [B, S, H, Dv] -> [B, T, H, Dv]` (the ablation);
   masks, segment ids and implementations as in `differential_attention` ("blockwise" / "pallas": M = 1)."""
   implementation = _check_implementation(implementation)
+  if q.ndim != 4 or k.shape[0] != q.shape[0] or k.shape[2:] != q.shape[2:] or v.shape[:3] != k.shape[:3]:
+    raise ValueError(f"standard_attention expects q [B,T,H,D], k [B,S,H,D], v [B,S,H,Dv]; got q {q.shape}, "
+                     f"k {k.shape}, v {v.shape}.")
   batch, t, heads, d = q.shape
   q_positions, kv_positions = _positions(q, k, q_positions, kv_positions)
-  q_segment_ids, kv_segment_ids = _segments(q_segment_ids, kv_segment_ids, t, k.shape[1])
+  q_segment_ids, kv_segment_ids = _segments(q_segment_ids, kv_segment_ids, batch, t, k.shape[1])
   q = q * jnp.asarray(d**-0.5, q.dtype)
   if implementation in BLOCKWISE:
     return _blockwise(implementation, q[:, :, :, None], k[:, :, :, None], v,

@@ -45,8 +45,11 @@ def gelu(x: jax.Array) -> jax.Array:
 def moe_capacity(seq_len: int, k: int, num_experts: int, capacity_factor: float) -> int:
   """Slots per expert per sequence: `ceil(capacity_factor · T · k / E)`, at least 1, at most T.
 
-  More than T slots could never fill, since a token's k experts are distinct.
+  More than T slots could never fill, since a token's k experts are distinct. A capacity_factor <= 0 is
+  an error, not one slot.
   """
+  if not capacity_factor > 0:
+    raise ValueError(f"capacity_factor={capacity_factor!r} must be > 0.")
   c = math.ceil(capacity_factor * seq_len * k / num_experts - _CEIL_SLACK)
   return min(seq_len, max(1, c))
 
@@ -201,7 +204,12 @@ def moe_ffn(x: jax.Array, weights: jax.Array, experts: jax.Array, w_in: jax.Arra
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
   b, t, d = x.shape
   k = experts.shape[-1]
-  num_experts = w_in.shape[0]
+  num_experts, _, f = w_in.shape
+  if experts.shape != (b, t, k) or weights.shape != experts.shape or w_in.shape[1] != d or w_out.shape != (
+      num_experts, f, d) or (w_gate is not None and w_gate.shape != w_in.shape):
+    raise ValueError(f"moe_ffn expects x [B, T, d], weights and experts [B, T, k], w_in (and w_gate) [E, d, f], "
+                     f"w_out [E, f, d]; got x {x.shape}, weights {weights.shape}, experts {experts.shape}, w_in "
+                     f"{w_in.shape}, w_out {w_out.shape}" + ("" if w_gate is None else f", w_gate {w_gate.shape}") + ".")
   if token_mask is not None:
     experts = jnp.where(token_mask[..., None], experts, num_experts)
   num_assignments = jnp.sum(experts < num_experts, dtype=jnp.int32)

@@ -95,7 +95,13 @@ def router_z_loss(logits: jax.Array, mask: jax.Array | None = None) -> jax.Array
 
 
 def mod_capacity_tokens(capacity: float, seq_len: int) -> int:
-  """K = ceil(capacity · T), at least 1 and at most T: the static number of tokens a routed layer runs."""
+  """K = ceil(capacity · T), at least 1 and at most T: the static number of tokens a routed layer runs.
+
+  `capacity` is a fraction in (0, 1]; any other value is an error, not clamped into range.
+  """
+  if not 0.0 < capacity <= 1.0:
+    raise ValueError(f"mod capacity {capacity!r} must lie in (0, 1]: the fraction of a sequence's tokens a "
+                     "routed layer runs.")
   return min(seq_len, max(1, math.ceil(capacity * seq_len - _CEIL_SLACK)))
 
 
@@ -105,6 +111,9 @@ def mod_select(scores: jax.Array, num_selected: int) -> jax.Array:
   Positions are sorted ascending so the selected tokens keep their causal order. Ties go to the
   earlier position. No gradient flows through the choice; weight the update by the gathered score.
   """
+  if not 0 <= num_selected <= scores.shape[1]:
+    raise ValueError(f"mod_select: num_selected={num_selected} must be between 0 and the sequence length "
+                     f"{scores.shape[1]}.")
   # A stable sort rather than lax.top_k, which XLA's SPMD partitioner all-gathers over a sharded batch.
   iota = jax.lax.broadcasted_iota(jnp.int32, scores.shape, 1)
   by_score = jax.lax.sort((-scores, iota), dimension=1, is_stable=True, num_keys=1)[1]

@@ -1,8 +1,20 @@
 """Sampling the next token from logits: temperature, top-k and top-p (nucleus) restriction."""
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+
+
+def _check_restriction(logits: jax.Array, top_k: int, top_p: float) -> None:
+  """A negative top_k or a top_p outside (0, 1] would otherwise be read as "no restriction"."""
+  if logits.ndim != 2:
+    raise ValueError(f"logits must be [batch, vocab]; got shape {logits.shape}.")
+  if top_k < 0:
+    raise ValueError(f"top_k={top_k} must be >= 0 (0 keeps every token).")
+  if not 0 < top_p <= 1:
+    raise ValueError(f"top_p={top_p} must lie in (0, 1] (1 keeps every token).")
 
 
 def restrict_logits(logits: jax.Array, *, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
@@ -12,6 +24,7 @@ def restrict_logits(logits: jax.Array, *, top_k: int = 0, top_p: float = 1.0) ->
   the smallest set of most likely tokens whose probabilities sum to at least top_p (the most likely
   token always stays). Both given: the intersection.
   """
+  _check_restriction(logits, top_k, top_p)
   logits = logits.astype(jnp.float32)
   keep = jnp.ones(logits.shape, jnp.bool_)
   if top_k > 0:
@@ -31,6 +44,9 @@ def sample(logits: jax.Array, rng: jax.Array, *, temperature: float = 1.0, top_k
            top_p: float = 1.0) -> jax.Array:
   """The next token of each row of `logits` `[B, V]`, int32 `[B]`: greedy (argmax) at temperature 0,
   else drawn from softmax(logits / temperature) restricted by top_k / top_p."""
+  if not (temperature >= 0 and math.isfinite(temperature)):
+    raise ValueError(f"temperature={temperature} must be a finite number >= 0 (0 is greedy).")
+  _check_restriction(logits, top_k, top_p)
   if temperature == 0.0:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   restricted = restrict_logits(logits.astype(jnp.float32) / temperature, top_k=top_k, top_p=top_p)
