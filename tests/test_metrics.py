@@ -54,6 +54,27 @@ def test_scalars_text_and_histogram_round_trip(tmp_path):
   assert value.bucket_limit[-1] == pytest.approx(0.5)
 
 
+def test_a_resumed_run_supersedes_the_points_logged_after_its_checkpoint(tmp_path):
+  """The first invocation logged steps 1-9 and eval at 8, then died; its checkpoint was at step 6. The resumed
+  run logs 7-10 again: TensorBoard shows each step once, with the resumed run's values, and keeps 1-6."""
+  first = MetricWriter(tmp_path)
+  first.text(0, "config", "x")
+  for step in range(1, 10):
+    first.scalars(step, {"train/loss": float(step)})
+  first.scalars(8, {"eval/loss": 8.0})
+  first.close()
+  second = MetricWriter(tmp_path)
+  second.resumed(6)
+  for step in range(7, 11):
+    second.scalars(step, {"train/loss": step + 0.5})
+  second.close()
+  events = read_events(tmp_path)
+  assert [(e.step, e.value) for e in events.Scalars("train/loss")] == (
+      [(s, float(s)) for s in range(1, 7)] + [(s, s + 0.5) for s in range(7, 11)])
+  assert events.Scalars("eval/loss") == []
+  assert len(events.Tensors("config")) == 1
+
+
 def test_disabled_writer_writes_nothing(tmp_path):
   logdir = tmp_path / "tb"
   w = MetricWriter(logdir, enabled=False)

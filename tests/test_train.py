@@ -129,19 +129,40 @@ def test_step_time_leaves_out_compiles_evaluations_and_pauses(full_run):
 
 
 def test_resume_continues_exactly(full_run, tmp_path):
-  """Stopped after 10 steps (the end of foundation) and resumed: the same 24 losses, bit for bit."""
+  """Resumed from the checkpoint at step 10 (the end of foundation) of a run that went on to step 12 and lost
+  its later checkpoint, as a killed run does: the same 24 losses, bit for bit, each step logged once."""
   config = load_config()
-  config.train.run_steps = 10
+  config.train.update(run_steps=12, checkpoint_every=10)
   first = main_lib.run(config, str(tmp_path))
-  assert first.final_step == 10 and first.stopped == "train.run_steps"
-  config.train.run_steps = 0
-  second = main_lib.run(config, str(tmp_path))
+  assert first.final_step == 12 and first.stopped == "train.run_steps"
+  shutil.rmtree(os.path.join(tmp_path, "checkpoints", "12"))
+  config.train.update(run_steps=0, checkpoint_every=12)
+  # A SIGTERM during the last step: nothing is left to resume, so the run finishes (evaluated, exit 0).
+  dynamic_settings = step_lib.dynamic_settings
+
+  def sigterm_at_the_last_step(settings):
+    if settings.step == 23:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return dynamic_settings(settings)
+
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(step_lib, "dynamic_settings", sigterm_at_the_last_step)
+    second = main_lib.run(config, str(tmp_path))
   assert second.final_step == 24
   want = scalar_series(read_tb(full_run[0]), "train/loss")
   got = scalar_series(read_tb(str(tmp_path)), "train/loss")
-  assert sorted(got) == list(range(1, 25))
+  assert sorted(e.step for e in read_tb(str(tmp_path)).Scalars("train/loss")) == list(range(1, 25))
+  assert second.stopped is None
   np.testing.assert_array_equal([got[s] for s in range(1, 25)], [want[s] for s in range(1, 25)])
   assert second.eval["loss"] == pytest.approx(full_run[1].eval["loss"], abs=1e-6)
+
+
+def test_rerunning_a_finished_run_logs_nothing_twice(full_run, tmp_path):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(full_run[0], workdir)
+  result = main_lib.run(load_config(), workdir)
+  assert result.final_step == 24 and result.eval["loss"] == pytest.approx(full_run[1].eval["loss"], abs=1e-6)
+  assert [e.step for e in read_tb(workdir).Scalars("eval/loss")] == [12, 24]
 
 
 def test_unreadable_newest_checkpoint_falls_back(full_run, tmp_path, caplog):

@@ -323,6 +323,8 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, *, corpus: "d
   writer = metrics_lib.MetricWriter(os.path.join(workdir, "tb"), enabled=process_index == 0)
   if start_step == 0:
     writer.text(0, "config", "```\n" + config.to_json_best_effort(indent=2) + "\n```")
+  else:
+    writer.resumed(start_step)
   batch_sharding = parallel.batch_sharding(mesh, rules)
   # What a step reads of a batch: the segment ids too when the data has them (data.segment_masking).
   batch_keys = ("inputs", "targets") + (("segment_ids",) if corpus.segment_masking else ())
@@ -360,12 +362,13 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, *, corpus: "d
   eval_fn = jax.jit(step_lib.make_eval_step(model), in_shardings=(state_shardings.params, batch_shardings),
                     out_shardings=(scalar, scalar))
 
-  def evaluate(step: int) -> dict:
+  def evaluate(step: int, log: bool = True) -> dict:
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       sums = eval_loss_sums(eval_fn, state.params, eval_sets, batch_sharding)
     results = eval_results(sums, {domain: corpus.bytes_per_token(domain, "val") for domain in sums})
     results.update({f"{domain}/unigram_bits_per_byte": corpus.unigram_bits_per_byte(domain) for domain in sums})
-    writer.scalars(step, {f"eval/{k}": v for k, v in results.items()})
+    if log:
+      writer.scalars(step, {f"eval/{k}": v for k, v in results.items()})
     return results
 
   peak = metrics_lib.peak_flops(config.train.peak_flops_per_device)
@@ -444,27 +447,31 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, *, corpus: "d
       if pending is not None:
         diverged = finish_step(pending) or diverged
       signals.check()
-      if stopped_by is None and step < curriculum.total_steps:
+      if step >= curriculum.total_steps:
+        stopped_by = None  # a signal during the last step: nothing is left to resume, so the run finishes
+      elif stopped_by is None:
         stopped_by = "train.run_steps"
-    progress.close()
+      progress.close()
 
-    final_step = int(jax.device_get(state.step))
-    if diverged:
+      # Still under the signal handlers: a signal now waits for the final evaluation and checkpoint.
+      final_step = int(jax.device_get(state.step))
+      if diverged:
+        ckpt.save(final_step, state, config, force=True)
+        ckpt.wait()
+        streak = int(jax.device_get(state.nonfinite_streak))
+        fixes = ["optimizer.peak_lr (lower)", "optimizer.grad_clip"] + (
+            ["model.dtype ('float32')"] if config.model.dtype != "float32" else [])
+        raise TrainingStopped(
+            f"{streak} non-finite updates in a row up to step {final_step} (train.max_nonfinite_in_a_row is "
+            f"{config.train.max_nonfinite_in_a_row}): training stopped. Skipped updates never touch the weights, "
+            f"so the checkpoint at step {final_step} in {ckpt.directory} holds the last good state. Change "
+            f"{', '.join(fixes)} and rerun to resume, allowing the change with "
+            "--config.train.allow_config_change=<field>.")
+      if stopped_by is None:
+        # A rerun of a finished run evaluates again, but its evaluation is logged already.
+        last_eval = evaluate(final_step, log=final_step > start_step)
       ckpt.save(final_step, state, config, force=True)
-      ckpt.wait()
-      streak = int(jax.device_get(state.nonfinite_streak))
-      fixes = ["optimizer.peak_lr (lower)", "optimizer.grad_clip"] + (
-          ["model.dtype ('float32')"] if config.model.dtype != "float32" else [])
-      raise TrainingStopped(
-          f"{streak} non-finite updates in a row up to step {final_step} (train.max_nonfinite_in_a_row is "
-          f"{config.train.max_nonfinite_in_a_row}): training stopped. Skipped updates never touch the weights, so "
-          f"the checkpoint at step {final_step} in {ckpt.directory} holds the last good state. Change "
-          f"{', '.join(fixes)} and rerun to resume, allowing the change with "
-          "--config.train.allow_config_change=<field>.")
-    if stopped_by is None:
-      last_eval = evaluate(final_step)
-    ckpt.save(final_step, state, config, force=True)
-    ckpt.close()
+      ckpt.close()
   finally:
     progress.close()
     writer.close()

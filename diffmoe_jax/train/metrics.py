@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from tensorboard.compat.proto import types_pb2
-from tensorboard.compat.proto.event_pb2 import Event
+from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary, SummaryMetadata
 from tensorboard.compat.proto.tensor_pb2 import TensorProto
 from tensorboard.compat.proto.tensor_shape_pb2 import TensorShapeProto
@@ -47,6 +47,15 @@ class MetricWriter:
     if self._writer is None:
       return
     self._add(step, [Summary.Value(tag=tag, simple_value=_scalar(tag, value)) for tag, value in values.items()])
+
+  def resumed(self, step: int):
+    """Marks a run resumed from its checkpoint at `step`: TensorBoard drops the points earlier event files hold
+    after `step` (logged by an invocation that ended before its next checkpoint), which this run logs again.
+    """
+    if self._writer is None:
+      return
+    self._writer.add_event(Event(wall_time=time.time(), step=int(step) + 1,
+                                 session_log=SessionLog(status=SessionLog.START)))
 
   def text(self, step: int, tag: str, text: str):
     """Writes `text` for TensorBoard's Text tab, which renders it as Markdown."""
