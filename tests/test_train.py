@@ -165,6 +165,15 @@ def test_rerunning_a_finished_run_logs_nothing_twice(full_run, tmp_path):
   assert [e.step for e in read_tb(workdir).Scalars("eval/loss")] == [12, 24]
 
 
+def test_a_curriculum_shortened_below_the_checkpoint_is_refused(full_run, tmp_path):
+  config = load_config()
+  config.curriculum.total_steps = 12
+  config.train.allow_config_change = "curriculum.total_steps"
+  with pytest.raises(ConfigError, match=r"The checkpoint at step 24 in .* lies past the end of the curriculum "
+                     r"\(curriculum.total_steps=12\); set curriculum.total_steps to at least 24"):
+    loop.train(config, full_run[0])
+
+
 def test_unreadable_newest_checkpoint_falls_back(full_run, tmp_path, caplog):
   workdir = str(tmp_path / "run")
   shutil.copytree(full_run[0], workdir)

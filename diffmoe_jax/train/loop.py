@@ -268,6 +268,10 @@ def _restore_or_init(ckpt: checkpoint.Checkpointer, config, abstract_state, make
                         "still refused), or pass a new --workdir. The checkpoints are left as they are.")
     resume.check(config, saved_config=saved_config, saved_shapes=saved_shapes, abstract_state=abstract_state,
                  step=step, directory=ckpt.directory)
+    if step > config.curriculum.total_steps:  # with a shortened curriculum allowed: nothing it runs is left
+      raise ConfigError(f"The checkpoint at step {step} in {ckpt.directory} lies past the end of the curriculum "
+                        f"(curriculum.total_steps={config.curriculum.total_steps}); set curriculum.total_steps to at "
+                        f"least {step}, or pass a new --workdir. The checkpoints are left as they are.")
     break
   restored = ckpt.restore_latest(abstract_state)
   if restored is None:
