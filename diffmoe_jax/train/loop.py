@@ -321,7 +321,8 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, *, corpus: "d
   optimizer = state_lib.make_optimizer(config.optimizer)
   abstract_state, state_shardings, make_state = state_lib.create_state(
       model, optimizer, mesh, rules, seed=config.seed, seq_len=min(p.seq_len for p in curriculum.phases))
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints,
+                                 remove_partial_saves=True)  # the workdir's lock makes this run its only writer
   state, start_step = _restore_or_init(ckpt, config, abstract_state, make_state)
 
   writer = metrics_lib.MetricWriter(os.path.join(workdir, "tb"), enabled=process_index == 0)
