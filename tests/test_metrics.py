@@ -1,4 +1,6 @@
 """MetricWriter read back with TensorBoard's own EventAccumulator; stable rank against NumPy float64."""
+import errno
+import os
 import re
 
 import flax.linen as nn
@@ -30,7 +32,6 @@ def test_scalars_text_and_histogram_round_trip(tmp_path):
   w.text(0, "config", "model:\n  d_model: 288")
   load = np.array([0.1, 0.2, 0.2, 0.5, np.nan])
   w.histogram(2, "moe/expert_load_layer0", load, bins=4)
-  w.flush()
   w.close()
 
   events = read_events(tmp_path)
@@ -75,13 +76,29 @@ def test_a_resumed_run_supersedes_the_points_logged_after_its_checkpoint(tmp_pat
   assert len(events.Tensors("config")) == 1
 
 
+def test_a_full_disk_is_one_error_naming_the_directory(tmp_path):
+  """Events reach the file when written (a killed run keeps them); a write that fails raises WorkdirError at
+  once, in the caller (no writer thread's traceback), and closing afterwards is quiet."""
+  w = MetricWriter(tmp_path)
+  w.scalars(1, {"train/loss": 1.0})
+  assert [e.step for e in read_events(tmp_path).Scalars("train/loss")] == [1]
+
+  def disk_full(data):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+  w._records._writer.write = disk_full
+  with pytest.raises(WorkdirError, match=r"Cannot write TensorBoard events at step 2 in .*: No space left on device; "
+                     "free space or fix the directory, then rerun to resume from the newest checkpoint"):
+    w.scalars(2, {"train/loss": 2.0})
+  w.close()
+
+
 def test_disabled_writer_writes_nothing(tmp_path):
   logdir = tmp_path / "tb"
   w = MetricWriter(logdir, enabled=False)
   w.scalars(1, {"train/loss": 1.0})
   w.text(1, "config", "x")
   w.histogram(1, "h", [1.0, 2.0])
-  w.flush()
   w.close()
   assert not logdir.exists()
 
