@@ -110,6 +110,7 @@ def test_tensorboard_has_the_listed_tags(full_run):
   rank_tag = next(t for t in scalars if t.startswith("stable_rank/") and "wq" in t)
   assert sorted(scalar_series(acc, rank_tag)) == [12, 24]  # the slowed passes ran
   assert any(t.startswith("stable_rank/") and "w_in" in t for t in scalars)
+  assert scalar_series(acc, "train/tokens_seen") == {s: 256 * s for s in range(1, 25)}  # 256 tokens a step
   assert "moe/layer0/expert_load" in tags["histograms"]
   assert any("config" in t for t in tags["tensors"])
   # MoD: routed layers run every token in foundation (capacity 1) and half of them at the end.

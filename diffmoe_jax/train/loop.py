@@ -396,6 +396,7 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, *, corpus: "d
     if (step + 1) % config.train.log_every == 0 or step + 1 == curriculum.total_steps:
       scalars = {f"train/{k}": float(v) for k, v in metrics.items() if k != "layers"}
       scalars.update({"train/tokens_per_second": tokens / seconds, "train/phase": settings.phase.index,
+                      "train/tokens_seen": curriculum.tokens_before(step + 1),
                       "train/seq_len": settings.phase.seq_len, "train/batch_size": settings.phase.batch_size,
                       "train/mod_capacity": settings.mod_capacity, "train/step_seconds": seconds})
       if peak > 0:
