@@ -7,7 +7,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tensorboard.backend.event_processing import event_accumulator
+from tensorboard.backend.event_processing import event_accumulator, plugin_event_accumulator
 
 from diffmoe_jax.train.metrics import MetricWriter, stable_rank, stable_ranks
 from diffmoe_jax.train.workdir import WorkdirError
@@ -55,25 +55,37 @@ def test_scalars_text_and_histogram_round_trip(tmp_path):
   assert value.bucket_limit[-1] == pytest.approx(0.5)
 
 
-def test_a_resumed_run_supersedes_the_points_logged_after_its_checkpoint(tmp_path):
+def test_a_restarted_run_supersedes_the_points_logged_after_its_checkpoint(tmp_path):
   """The first invocation logged steps 1-9 and eval at 8, then died; its checkpoint was at step 6. The resumed
-  run logs 7-10 again: TensorBoard shows each step once, with the resumed run's values, and keeps 1-6."""
-  first = MetricWriter(tmp_path)
-  first.text(0, "config", "x")
-  for step in range(1, 10):
-    first.scalars(step, {"train/loss": float(step)})
-  first.scalars(8, {"eval/loss": 8.0})
-  first.close()
-  second = MetricWriter(tmp_path)
-  second.resumed(6)
-  for step in range(7, 11):
-    second.scalars(step, {"train/loss": step + 0.5})
-  second.close()
-  events = read_events(tmp_path)
-  assert [(e.step, e.value) for e in events.Scalars("train/loss")] == (
-      [(s, float(s)) for s in range(1, 7)] + [(s, s + 0.5) for s in range(7, 11)])
-  assert events.Scalars("eval/loss") == []
-  assert len(events.Tensors("config")) == 1
+  run logs 7-10 again: TensorBoard shows each step once, with the resumed run's values, and keeps 1-6. A run
+  that starts over at 0 (killed before its first checkpoint) keeps nothing of the earlier files."""
+  def first_invocation(logdir):
+    first = MetricWriter(logdir)
+    first.mark_start(0)
+    first.text(0, "config", "x")
+    for step in range(1, 10):
+      first.scalars(step, {"train/loss": float(step)})
+    first.scalars(8, {"eval/loss": 8.0})
+    first.close()
+
+  for start in (6, 0):
+    logdir = tmp_path / str(start)
+    first_invocation(logdir)
+    second = MetricWriter(logdir)
+    second.mark_start(start)
+    if start == 0:
+      second.text(0, "config", "y")
+    for step in range(start + 1, 11):
+      second.scalars(step, {"train/loss": step + 0.5})
+    second.close()
+    events = read_events(logdir)
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == (
+        [(s, float(s)) for s in range(1, start + 1)] + [(s, s + 0.5) for s in range(start + 1, 11)])
+    assert events.Scalars("eval/loss") == []
+    # The config's text is a tensor, which the reader TensorBoard's server uses drops too (the older one keeps it).
+    served = plugin_event_accumulator.EventAccumulator(str(logdir), size_guidance={"tensors": 0})
+    served.Reload()
+    assert [e.tensor_proto.string_val for e in served.Tensors("config")] == [[b"x" if start else b"y"]]
 
 
 def test_a_full_disk_is_one_error_naming_the_directory(tmp_path):

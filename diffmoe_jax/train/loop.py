@@ -328,10 +328,9 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, *, corpus: "d
   state, start_step = _restore_or_init(ckpt, config, abstract_state, make_state)
 
   writer = metrics_lib.MetricWriter(os.path.join(workdir, "tb"), enabled=process_index == 0)
+  writer.mark_start(start_step)
   if start_step == 0:
     writer.text(0, "config", "```\n" + config.to_json_best_effort(indent=2) + "\n```")
-  else:
-    writer.resumed(start_step)
   batch_sharding = parallel.batch_sharding(mesh, rules)
   # What a step reads of a batch: the segment ids too when the data has them (data.segment_masking).
   batch_keys = ("inputs", "targets") + (("segment_ids",) if corpus.segment_masking else ())

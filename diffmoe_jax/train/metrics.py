@@ -68,14 +68,14 @@ class MetricWriter:
       return
     self._add(step, [Summary.Value(tag=tag, simple_value=_scalar(tag, value)) for tag, value in values.items()])
 
-  def resumed(self, step: int):
-    """Marks a run resumed from its checkpoint at `step`: TensorBoard drops the points earlier event files hold
-    after `step` (logged by an invocation that ended before its next checkpoint), which this run logs again.
-    """
+  def mark_start(self, step: int):
+    """Marks the step this invocation of a run starts from (its checkpoint's, or 0): TensorBoard then drops the
+    points earlier event files hold past it (logged by an invocation that ended before its next checkpoint),
+    which this run logs again. A run starting at 0 keeps none of them, not even the config's text."""
     if self._records is None:
       return
-    self._write(step, Event(wall_time=time.time(), step=int(step) + 1,
-                            session_log=SessionLog(status=SessionLog.START)))
+    first_dropped = step + 1 if step else 0
+    self._write(step, Event(wall_time=time.time(), step=first_dropped, session_log=SessionLog(status=SessionLog.START)))
 
   def text(self, step: int, tag: str, text: str):
     """Writes `text` for TensorBoard's Text tab, which renders it as Markdown."""
