@@ -101,6 +101,22 @@ def test_keeps_last_k(tmp_path, state):
   ckpt.close()
 
 
+def test_the_trainer_removes_a_save_its_killed_predecessor_left_partial(tmp_path, state):
+  """A process killed while saving step 2 left its partial directory, as large as a checkpoint. A reader
+  (evaluate) leaves it, since it may be a save in progress; the run that owns the directory removes it."""
+  Checkpointer(tmp_path, async_save=False).save(1, state)
+  partial = tmp_path / "2.orbax-checkpoint-tmp-1234"
+  shutil.copytree(tmp_path / "1", partial)
+  reader = Checkpointer(tmp_path, async_save=False)
+  assert reader.all_steps() == [1]
+  reader.close()
+  assert partial.exists()
+  trainer = Checkpointer(tmp_path, async_save=False, remove_partial_saves=True)
+  assert trainer.save(3, state)
+  trainer.close()
+  assert sorted(os.listdir(tmp_path)) == ["1", "3"]
+
+
 def test_saving_an_existing_step_is_skipped(tmp_path, state):
   ckpt = Checkpointer(tmp_path)
   assert ckpt.save(5, state)

@@ -70,6 +70,17 @@ def test_settings_are_a_pure_function_of_the_step(tiny):
     assert a.settings(step) == b.settings(step)
 
 
+def test_tokens_seen_sum_every_earlier_step(tiny):
+  cur = Curriculum(tiny)
+  seen = 0
+  for step in range(tiny.curriculum.total_steps + 1):
+    assert cur.tokens_before(step) == seen, step
+    if step < tiny.curriculum.total_steps:
+      settings = cur.settings(step)
+      seen += settings.phase.batch_size * settings.phase.seq_len
+  assert seen == 600 * 8 * 256  # tiny: 2,048 tokens a step in every phase
+
+
 def test_learning_rate_shapes(tiny):
   cur = Curriculum(tiny)
   peak = tiny.optimizer.peak_lr

@@ -1,11 +1,13 @@
 """MetricWriter read back with TensorBoard's own EventAccumulator; stable rank against NumPy float64."""
+import errno
+import os
 import re
 
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tensorboard.backend.event_processing import event_accumulator
+from tensorboard.backend.event_processing import event_accumulator, plugin_event_accumulator
 
 from diffmoe_jax.train.metrics import MetricWriter, stable_rank, stable_ranks
 from diffmoe_jax.train.workdir import WorkdirError
@@ -30,7 +32,6 @@ def test_scalars_text_and_histogram_round_trip(tmp_path):
   w.text(0, "config", "model:\n  d_model: 288")
   load = np.array([0.1, 0.2, 0.2, 0.5, np.nan])
   w.histogram(2, "moe/expert_load_layer0", load, bins=4)
-  w.flush()
   w.close()
 
   events = read_events(tmp_path)
@@ -54,13 +55,62 @@ def test_scalars_text_and_histogram_round_trip(tmp_path):
   assert value.bucket_limit[-1] == pytest.approx(0.5)
 
 
+def test_a_restarted_run_supersedes_the_points_logged_after_its_checkpoint(tmp_path):
+  """The first invocation logged steps 1-9 and eval at 8, then died; its checkpoint was at step 6. The resumed
+  run logs 7-10 again: TensorBoard shows each step once, with the resumed run's values, and keeps 1-6. A run
+  that starts over at 0 (killed before its first checkpoint) keeps nothing of the earlier files."""
+  def first_invocation(logdir):
+    first = MetricWriter(logdir)
+    first.mark_start(0)
+    first.text(0, "config", "x")
+    for step in range(1, 10):
+      first.scalars(step, {"train/loss": float(step)})
+    first.scalars(8, {"eval/loss": 8.0})
+    first.close()
+
+  for start in (6, 0):
+    logdir = tmp_path / str(start)
+    first_invocation(logdir)
+    second = MetricWriter(logdir)
+    second.mark_start(start)
+    if start == 0:
+      second.text(0, "config", "y")
+    for step in range(start + 1, 11):
+      second.scalars(step, {"train/loss": step + 0.5})
+    second.close()
+    events = read_events(logdir)
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == (
+        [(s, float(s)) for s in range(1, start + 1)] + [(s, s + 0.5) for s in range(start + 1, 11)])
+    assert events.Scalars("eval/loss") == []
+    # The config's text is a tensor, which the reader TensorBoard's server uses drops too (the older one keeps it).
+    served = plugin_event_accumulator.EventAccumulator(str(logdir), size_guidance={"tensors": 0})
+    served.Reload()
+    assert [e.tensor_proto.string_val for e in served.Tensors("config")] == [[b"x" if start else b"y"]]
+
+
+def test_a_full_disk_is_one_error_naming_the_directory(tmp_path):
+  """Events reach the file when written (a killed run keeps them); a write that fails raises WorkdirError at
+  once, in the caller (no writer thread's traceback), and closing afterwards is quiet."""
+  w = MetricWriter(tmp_path)
+  w.scalars(1, {"train/loss": 1.0})
+  assert [e.step for e in read_events(tmp_path).Scalars("train/loss")] == [1]
+
+  def disk_full(data):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+  w._records._writer.write = disk_full
+  with pytest.raises(WorkdirError, match=r"Cannot write TensorBoard events at step 2 in .*: No space left on device; "
+                     "free space or fix the directory, then rerun to resume from the newest checkpoint"):
+    w.scalars(2, {"train/loss": 2.0})
+  w.close()
+
+
 def test_disabled_writer_writes_nothing(tmp_path):
   logdir = tmp_path / "tb"
   w = MetricWriter(logdir, enabled=False)
   w.scalars(1, {"train/loss": 1.0})
   w.text(1, "config", "x")
   w.histogram(1, "h", [1.0, 2.0])
-  w.flush()
   w.close()
   assert not logdir.exists()
 

@@ -110,11 +110,15 @@ def test_tensorboard_has_the_listed_tags(full_run):
   rank_tag = next(t for t in scalars if t.startswith("stable_rank/") and "wq" in t)
   assert sorted(scalar_series(acc, rank_tag)) == [12, 24]  # the slowed passes ran
   assert any(t.startswith("stable_rank/") and "w_in" in t for t in scalars)
+  assert scalar_series(acc, "train/tokens_seen") == {s: 256 * s for s in range(1, 25)}  # 256 tokens a step
   assert "moe/layer0/expert_load" in tags["histograms"]
   assert any("config" in t for t in tags["tensors"])
   # MoD: routed layers run every token in foundation (capacity 1) and half of them at the end.
   fractions = scalar_series(acc, "mod/routed0/selected_fraction")
   assert fractions[5] == 1.0 and fractions[24] == 0.5
+  # The warmup (step 1) runs MoD off: the predictor has no decision to match, so nothing of it is logged.
+  for tag in ("mod/routed0/predictor_accuracy", "train/mod_predictor_loss"):
+    assert sorted(scalar_series(acc, tag)) == list(range(2, 25)), tag
 
 
 def test_step_time_leaves_out_compiles_evaluations_and_pauses(full_run):
@@ -129,19 +133,49 @@ def test_step_time_leaves_out_compiles_evaluations_and_pauses(full_run):
 
 
 def test_resume_continues_exactly(full_run, tmp_path):
-  """Stopped after 10 steps (the end of foundation) and resumed: the same 24 losses, bit for bit."""
+  """Resumed from the checkpoint at step 10 (the end of foundation) of a run that went on to step 12 and lost
+  its later checkpoint, as a killed run does: the same 24 losses, bit for bit, each step logged once."""
   config = load_config()
-  config.train.run_steps = 10
+  config.train.update(run_steps=12, checkpoint_every=10)
   first = main_lib.run(config, str(tmp_path))
-  assert first.final_step == 10 and first.stopped == "train.run_steps"
-  config.train.run_steps = 0
-  second = main_lib.run(config, str(tmp_path))
+  assert first.final_step == 12 and first.stopped == "train.run_steps"
+  shutil.rmtree(os.path.join(tmp_path, "checkpoints", "12"))
+  config.train.update(run_steps=0, checkpoint_every=12)
+  # A SIGTERM during the last step: nothing is left to resume, so the run finishes (evaluated, exit 0).
+  dynamic_settings = step_lib.dynamic_settings
+
+  def sigterm_at_the_last_step(settings):
+    if settings.step == 23:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return dynamic_settings(settings)
+
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(step_lib, "dynamic_settings", sigterm_at_the_last_step)
+    second = main_lib.run(config, str(tmp_path))
   assert second.final_step == 24
   want = scalar_series(read_tb(full_run[0]), "train/loss")
   got = scalar_series(read_tb(str(tmp_path)), "train/loss")
-  assert sorted(got) == list(range(1, 25))
+  assert sorted(e.step for e in read_tb(str(tmp_path)).Scalars("train/loss")) == list(range(1, 25))
+  assert second.stopped is None
   np.testing.assert_array_equal([got[s] for s in range(1, 25)], [want[s] for s in range(1, 25)])
   assert second.eval["loss"] == pytest.approx(full_run[1].eval["loss"], abs=1e-6)
+
+
+def test_rerunning_a_finished_run_logs_nothing_twice(full_run, tmp_path):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(full_run[0], workdir)
+  result = main_lib.run(load_config(), workdir)
+  assert result.final_step == 24 and result.eval["loss"] == pytest.approx(full_run[1].eval["loss"], abs=1e-6)
+  assert [e.step for e in read_tb(workdir).Scalars("eval/loss")] == [12, 24]
+
+
+def test_a_curriculum_shortened_below_the_checkpoint_is_refused(full_run, tmp_path):
+  config = load_config()
+  config.curriculum.total_steps = 12
+  config.train.allow_config_change = "curriculum.total_steps"
+  with pytest.raises(ConfigError, match=r"The checkpoint at step 24 in .* lies past the end of the curriculum "
+                     r"\(curriculum.total_steps=12\); set curriculum.total_steps to at least 24"):
+    loop.train(config, full_run[0])
 
 
 def test_unreadable_newest_checkpoint_falls_back(full_run, tmp_path, caplog):

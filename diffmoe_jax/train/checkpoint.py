@@ -124,14 +124,19 @@ class Checkpointer:
   writes the JSON items from the primary process only.
   """
 
-  def __init__(self, directory: str | os.PathLike, keep: int = 3, async_save: bool = True):
+  def __init__(self, directory: str | os.PathLike, keep: int = 3, async_save: bool = True,
+               remove_partial_saves: bool = False):
+    """`remove_partial_saves`: delete the partial step directories of saves that never finished (a process
+    killed while saving), which are as large as a checkpoint. Only for the run that owns the directory: a
+    reader would delete a save in progress."""
     if keep < 1:
       raise ValueError(f"Checkpointer keep={keep}: keep at least 1 checkpoint.")
     self.directory = os.path.abspath(os.fspath(directory))
     if os.path.exists(self.directory) and not os.path.isdir(self.directory):
       raise CheckpointError(f"The checkpoints directory {self.directory} is a file, not a directory; move it "
                             "away or use another workdir.")
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save)
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
+                                           cleanup_tmp_directories=remove_partial_saves)
     handlers = {"state": ocp.StandardCheckpointHandler(), "config": ocp.JsonCheckpointHandler(),
                 "checksums": ocp.JsonCheckpointHandler()}
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)

@@ -130,6 +130,10 @@ class Curriculum:
       values.append(value)
     return jnp.stack(values)[index]
 
+  def tokens_before(self, step: int) -> int:
+    """Tokens trained on (batch x sequence length, summed) in the steps before `step`."""
+    return sum(p.batch_size * p.seq_len * max(0, min(step, p.end) - p.start) for p in self.phases)
+
   def shape_keys(self, start: int = 0, end: int | None = None) -> list[tuple]:
     """Every distinct compiled-program key of steps [start, end) (default: the whole run), in order of first use."""
     end = self.total_steps if end is None else end

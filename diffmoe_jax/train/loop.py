@@ -165,11 +165,12 @@ def _eval_sets(config, corpus, process_index: int, process_count: int) -> dict[s
     raise data.DataError(f"evaluation (seq_len {config.model.max_seq_len} from model.max_seq_len): {e}") from None
 
 
-def _layer_scalars(layers: dict, expert_devices: int = 1) -> dict:
+def _layer_scalars(layers: dict, expert_devices: int = 1, mod_predicted: bool = True) -> dict:
   """Per-layer statistics as TensorBoard scalars.
 
   With experts split over `expert_devices` devices (device j holds the j-th contiguous run of experts),
   each device's share of the layer's assignments is logged too: the load expert parallelism balances.
+  Without `mod_predicted` (MoD off: no top-k decision for the predictor to match) its accuracy is left out.
   """
   out = {}
   for l, load in enumerate(np.asarray(layers["expert_load"])):
@@ -183,7 +184,8 @@ def _layer_scalars(layers: dict, expert_devices: int = 1) -> dict:
   for i, (fraction, accuracy) in enumerate(zip(np.asarray(layers["mod_selected_fraction"]),
                                                np.asarray(layers["mod_predictor_accuracy"]))):
     out[f"mod/routed{i}/selected_fraction"] = float(fraction)
-    out[f"mod/routed{i}/predictor_accuracy"] = float(accuracy)
+    if mod_predicted:
+      out[f"mod/routed{i}/predictor_accuracy"] = float(accuracy)
   return out
 
 
@@ -268,6 +270,10 @@ def _restore_or_init(ckpt: checkpoint.Checkpointer, config, abstract_state, make
                         "still refused), or pass a new --workdir. The checkpoints are left as they are.")
     resume.check(config, saved_config=saved_config, saved_shapes=saved_shapes, abstract_state=abstract_state,
                  step=step, directory=ckpt.directory)
+    if step > config.curriculum.total_steps:  # with a shortened curriculum allowed: nothing it runs is left
+      raise ConfigError(f"The checkpoint at step {step} in {ckpt.directory} lies past the end of the curriculum "
+                        f"(curriculum.total_steps={config.curriculum.total_steps}); set curriculum.total_steps to at "
+                        f"least {step}, or pass a new --workdir. The checkpoints are left as they are.")
     break
   restored = ckpt.restore_latest(abstract_state)
   if restored is None:
@@ -317,10 +323,12 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, *, corpus: "d
   optimizer = state_lib.make_optimizer(config.optimizer)
   abstract_state, state_shardings, make_state = state_lib.create_state(
       model, optimizer, mesh, rules, seed=config.seed, seq_len=min(p.seq_len for p in curriculum.phases))
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints,
+                                 remove_partial_saves=True)  # the workdir's lock makes this run its only writer
   state, start_step = _restore_or_init(ckpt, config, abstract_state, make_state)
 
   writer = metrics_lib.MetricWriter(os.path.join(workdir, "tb"), enabled=process_index == 0)
+  writer.mark_start(start_step)
   if start_step == 0:
     writer.text(0, "config", "```\n" + config.to_json_best_effort(indent=2) + "\n```")
   batch_sharding = parallel.batch_sharding(mesh, rules)
@@ -360,12 +368,13 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, *, corpus: "d
   eval_fn = jax.jit(step_lib.make_eval_step(model), in_shardings=(state_shardings.params, batch_shardings),
                     out_shardings=(scalar, scalar))
 
-  def evaluate(step: int) -> dict:
+  def evaluate(step: int, log: bool = True) -> dict:
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       sums = eval_loss_sums(eval_fn, state.params, eval_sets, batch_sharding)
     results = eval_results(sums, {domain: corpus.bytes_per_token(domain, "val") for domain in sums})
     results.update({f"{domain}/unigram_bits_per_byte": corpus.unigram_bits_per_byte(domain) for domain in sums})
-    writer.scalars(step, {f"eval/{k}": v for k, v in results.items()})
+    if log:
+      writer.scalars(step, {f"eval/{k}": v for k, v in results.items()})
     return results
 
   peak = metrics_lib.peak_flops(config.train.peak_flops_per_device)
@@ -386,15 +395,19 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, *, corpus: "d
             "tok/s": f"{tokens / seconds:,.0f}"}
     progress.update(step, info)
     if (step + 1) % config.train.log_every == 0 or step + 1 == curriculum.total_steps:
-      scalars = {f"train/{k}": float(v) for k, v in metrics.items() if k != "layers"}
+      # With MoD off the predictor has no decision to learn: its loss and accuracy are placeholders, not logged.
+      mod_predicted = settings.mod_mode != "off"
+      scalars = {f"train/{k}": float(v) for k, v in metrics.items()
+                 if k != "layers" and (mod_predicted or k != "mod_predictor_loss")}
       scalars.update({"train/tokens_per_second": tokens / seconds, "train/phase": settings.phase.index,
+                      "train/tokens_seen": curriculum.tokens_before(step + 1),
                       "train/seq_len": settings.phase.seq_len, "train/batch_size": settings.phase.batch_size,
                       "train/mod_capacity": settings.mod_capacity, "train/step_seconds": seconds})
       if peak > 0:
         flops = estimate.train_flops_per_token(config.model, param_counts, settings.phase.seq_len,
                                                mod_mode=settings.mod_mode, mod_capacity=settings.mod_capacity)
         scalars["train/mfu"] = flops * tokens / seconds / peak
-      scalars.update(_layer_scalars(metrics["layers"], expert_devices))
+      scalars.update(_layer_scalars(metrics["layers"], expert_devices, mod_predicted))
       writer.scalars(step + 1, scalars)
       for l, load in enumerate(np.asarray(metrics["layers"]["expert_load"])):
         writer.histogram(step + 1, f"moe/layer{l}/expert_load", load)
@@ -444,27 +457,31 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, *, corpus: "d
       if pending is not None:
         diverged = finish_step(pending) or diverged
       signals.check()
-      if stopped_by is None and step < curriculum.total_steps:
+      if step >= curriculum.total_steps:
+        stopped_by = None  # a signal during the last step: nothing is left to resume, so the run finishes
+      elif stopped_by is None:
         stopped_by = "train.run_steps"
-    progress.close()
+      progress.close()
 
-    final_step = int(jax.device_get(state.step))
-    if diverged:
+      # Still under the signal handlers: a signal now waits for the final evaluation and checkpoint.
+      final_step = int(jax.device_get(state.step))
+      if diverged:
+        ckpt.save(final_step, state, config, force=True)
+        ckpt.wait()
+        streak = int(jax.device_get(state.nonfinite_streak))
+        fixes = ["optimizer.peak_lr (lower)", "optimizer.grad_clip"] + (
+            ["model.dtype ('float32')"] if config.model.dtype != "float32" else [])
+        raise TrainingStopped(
+            f"{streak} non-finite updates in a row up to step {final_step} (train.max_nonfinite_in_a_row is "
+            f"{config.train.max_nonfinite_in_a_row}): training stopped. Skipped updates never touch the weights, "
+            f"so the checkpoint at step {final_step} in {ckpt.directory} holds the last good state. Change "
+            f"{', '.join(fixes)} and rerun to resume, allowing the change with "
+            "--config.train.allow_config_change=<field>.")
+      if stopped_by is None:
+        # A rerun of a finished run evaluates again, but its evaluation is logged already.
+        last_eval = evaluate(final_step, log=final_step > start_step)
       ckpt.save(final_step, state, config, force=True)
-      ckpt.wait()
-      streak = int(jax.device_get(state.nonfinite_streak))
-      fixes = ["optimizer.peak_lr (lower)", "optimizer.grad_clip"] + (
-          ["model.dtype ('float32')"] if config.model.dtype != "float32" else [])
-      raise TrainingStopped(
-          f"{streak} non-finite updates in a row up to step {final_step} (train.max_nonfinite_in_a_row is "
-          f"{config.train.max_nonfinite_in_a_row}): training stopped. Skipped updates never touch the weights, so "
-          f"the checkpoint at step {final_step} in {ckpt.directory} holds the last good state. Change "
-          f"{', '.join(fixes)} and rerun to resume, allowing the change with "
-          "--config.train.allow_config_change=<field>.")
-    if stopped_by is None:
-      last_eval = evaluate(final_step)
-    ckpt.save(final_step, state, config, force=True)
-    ckpt.close()
+      ckpt.close()
   finally:
     progress.close()
     writer.close()

@@ -1,8 +1,10 @@
 """TensorBoard event files written without TensorFlow, and the stable rank of weight matrices."""
 from __future__ import annotations
 
+import itertools
 import math
 import os
+import socket
 import time
 from typing import Any, Mapping
 
@@ -11,46 +13,73 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from tensorboard.compat.proto import types_pb2
-from tensorboard.compat.proto.event_pb2 import Event
+from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary, SummaryMetadata
 from tensorboard.compat.proto.tensor_pb2 import TensorProto
 from tensorboard.compat.proto.tensor_shape_pb2 import TensorShapeProto
-from tensorboard.summary.writer.event_file_writer import EventFileWriter
+from tensorboard.summary.writer.record_writer import RecordWriter
 
 from diffmoe_jax.train.workdir import WorkdirError
+
+_FILE_NUMBERS = itertools.count()  # tells apart the event files one process opens within a second
 
 
 class MetricWriter:
   """Writes TensorBoard scalars, text and histograms to an event file under `logdir`.
 
-  With `enabled=False` (non-primary processes) nothing is created and every call is a no-op.
+  Each call's events are written and flushed to the OS before it returns (a killed run keeps them), in the
+  calling thread, so a failed write (a full disk) raises WorkdirError there, naming the directory and the
+  cause. With `enabled=False` (non-primary processes) nothing is created and every call is a no-op.
   """
 
   def __init__(self, logdir: str | os.PathLike, enabled: bool = True):
-    self._writer = None
+    self._records = None
+    self._path = os.fspath(logdir)
     if enabled:
-      path = os.fspath(logdir)
-      if os.path.exists(path) and not os.path.isdir(path):
-        raise WorkdirError(f"The TensorBoard directory {path} is a file, not a directory; move it away, or pass "
-                           "another --workdir.")
+      if os.path.exists(self._path) and not os.path.isdir(self._path):
+        raise WorkdirError(f"The TensorBoard directory {self._path} is a file, not a directory; move it away, or "
+                           "pass another --workdir.")
+      # The name TensorBoard's own writer gives: readers take a directory's files in name order.
+      name = (f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}."
+              f"{next(_FILE_NUMBERS)}")
       try:
-        self._writer = EventFileWriter(path)
+        os.makedirs(self._path, exist_ok=True)
+        self._records = RecordWriter(open(os.path.join(self._path, name), "wb"))
       except OSError as e:
-        raise WorkdirError(f"Cannot write TensorBoard events in {path}: {e.strerror or e}; fix its permissions, or "
-                           "pass another --workdir.") from None
+        raise WorkdirError(f"Cannot write TensorBoard events in {self._path}: {e.strerror or e}; fix its "
+                           "permissions, or pass another --workdir.") from None
+      self._write(0, Event(wall_time=time.time(), file_version="brain.Event:2"))
+
+  def _write(self, step: int, event: Event):
+    try:
+      self._records.write(event.SerializeToString())
+      self._records.flush()
+    except OSError as e:
+      self._close_quietly()
+      raise WorkdirError(f"Cannot write TensorBoard events at step {step} in {self._path}: {e.strerror or e}; "
+                         "free space or fix the directory, then rerun to resume from the newest checkpoint.") from None
 
   def _add(self, step: int, values: list[Summary.Value]):
-    self._writer.add_event(Event(wall_time=time.time(), step=int(step), summary=Summary(value=values)))
+    self._write(step, Event(wall_time=time.time(), step=int(step), summary=Summary(value=values)))
 
   def scalars(self, step: int, values: Mapping[str, Any]):
     """Writes each `tag: value` (a Python number or a 0-d array) at `step`."""
-    if self._writer is None:
+    if self._records is None:
       return
     self._add(step, [Summary.Value(tag=tag, simple_value=_scalar(tag, value)) for tag, value in values.items()])
 
+  def mark_start(self, step: int):
+    """Marks the step this invocation of a run starts from (its checkpoint's, or 0): TensorBoard then drops the
+    points earlier event files hold past it (logged by an invocation that ended before its next checkpoint),
+    which this run logs again. A run starting at 0 keeps none of them, not even the config's text."""
+    if self._records is None:
+      return
+    first_dropped = step + 1 if step else 0
+    self._write(step, Event(wall_time=time.time(), step=first_dropped, session_log=SessionLog(status=SessionLog.START)))
+
   def text(self, step: int, tag: str, text: str):
     """Writes `text` for TensorBoard's Text tab, which renders it as Markdown."""
-    if self._writer is None:
+    if self._records is None:
       return
     tensor = TensorProto(dtype=types_pb2.DT_STRING, string_val=[text.encode("utf-8")],
                          tensor_shape=TensorShapeProto())
@@ -63,7 +92,7 @@ class MetricWriter:
     NaN and infinite values are left out (a histogram cannot place them); if no finite value is left,
     nothing is written.
     """
-    if self._writer is None:
+    if self._records is None:
       return
     x = np.asarray(values, np.float64).ravel()
     x = x[np.isfinite(x)]
@@ -75,15 +104,24 @@ class MetricWriter:
                            bucket_limit=edges[1:].tolist(), bucket=counts.tolist())
     self._add(step, [Summary.Value(tag=tag, histo=histo)])
 
-  def flush(self):
-    """Writes buffered events to disk."""
-    if self._writer is not None:
-      self._writer.flush()
-
   def close(self):
-    """Flushes and closes the event file."""
-    if self._writer is not None:
-      self._writer.close()
+    """Closes the event file."""
+    if self._records is not None:
+      try:
+        self._records.close()
+      except OSError as e:
+        raise WorkdirError(f"Cannot write TensorBoard events in {self._path}: {e.strerror or e}; free space or fix "
+                           "the directory.") from None
+      finally:
+        self._records = None
+
+  def _close_quietly(self):
+    """After a failed write: the file is given up, and its own error already says why."""
+    try:
+      self._records.close()
+    except OSError:
+      pass
+    self._records = None
 
 
 def _scalar(tag: str, value: Any) -> float:
