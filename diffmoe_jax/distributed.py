@@ -13,6 +13,7 @@ instead of waiting forever in a collective.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -190,9 +191,7 @@ def check_same_run(config, workdir: str, wait_s: float = 10.0) -> None:
     time.sleep(0.5)
   values = dict(config.to_dict())
   values["train"] = {k: v for k, v in values["train"].items() if k != "compilation_cache_dir"}  # per host
-  digest = np.frombuffer(hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).digest()[:16],
-                         np.uint32)
-  everyone = np.asarray(multihost_utils.process_allgather(np.append(digest, np.uint32(seen))))
+  everyone = np.asarray(multihost_utils.process_allgather(np.append(_digest(values), np.uint32(seen))))
   if jax.process_index() == 0:
     os.remove(marker)
   other_config = [p for p in range(len(everyone)) if not np.array_equal(everyone[p, :4], everyone[0, :4])]
@@ -204,6 +203,33 @@ def check_same_run(config, workdir: str, wait_s: float = 10.0) -> None:
     raise DistributedError(f"process(es) {blind} do not see process 0's workdir: every process must write the same "
                            f"directory (this one's is {workdir}); pass the same --workdir, on a filesystem every "
                            "host mounts.")
+
+
+def check_same_data(corpus) -> None:
+  """Every process of a multi-process run read the same data as process 0 (each split's file names, relative to
+  its source's root, and its token and byte counts); DistributedError on every process otherwise. Each host
+  reads its own files for the same `data.domains`, and hosts that see other files would train on other data
+  unnoticed. Modification times are left out: identical copies made at different times are the same data."""
+  import jax
+  import numpy as np
+  from jax.experimental import multihost_utils
+  if jax.process_count() == 1:
+    return
+  summary = {domain: {split: dataclasses.astuple(corpus.info(domain, split)) for split in ("train", "val")}
+             for domain in corpus.domains}
+  everyone = np.asarray(multihost_utils.process_allgather(_digest(summary)))
+  other_data = [p for p in range(len(everyone)) if not np.array_equal(everyone[p], everyone[0])]
+  if other_data:
+    raise DistributedError(f"process(es) {other_data} read other data than process 0 for the same data.domains "
+                           "(other files, or files of other contents); every process must see the same files: a "
+                           "filesystem every host mounts, or identical copies.")
+
+
+def _digest(values):
+  """16 bytes of the SHA-256 of `values` as JSON, as uint32 (a process_allgather operand)."""
+  import numpy as np
+  return np.frombuffer(hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).digest()[:16],
+                       np.uint32)
 
 
 def initialize_from_flags() -> bool:

@@ -44,12 +44,14 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _start(workdir: str, extra: list[str], *, process_id: int | None = None, port: int = 0, devices: int = 1):
+def _start(workdir: str, extra: list[str], *, process_id: int | None = None, port: int = 0, devices: int = 1,
+           environ: dict | None = None):
   args = [sys.executable, "-m", "diffmoe_jax.main", *CONFIG_ARGS, f"--workdir={workdir}", *extra]
   if process_id is not None:
     args += [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={process_id}",
              "--distributed_timeout_s=10"]
-  return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(devices))
+  return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env={**_env(devices), **(environ or {})})
 
 
 def _finish(procs) -> list[tuple[str, str]]:
@@ -201,6 +203,32 @@ def test_processes_on_other_configs_or_workdirs_stop_with_one_line(tmp_path):
                                "the same directory (this one's is "), err[-3000:]
   leftovers = [f for d in tmp_path.iterdir() if d.is_dir() for f in os.listdir(d) if f.startswith(".process0_")]
   assert not leftovers  # process 0's marker is removed
+
+
+def test_processes_that_read_other_data_stop_with_one_line(tmp_path):
+  """The same config on every process, but its `~` is another directory on each host, holding other files: the
+  processes trained on different corpora unnoticed."""
+  homes = [tmp_path / "host0", tmp_path / "host1"]
+  for host, home in enumerate(homes):
+    (home / "text").mkdir(parents=True)
+    for i in range(12):
+      (home / "text" / f"doc{i}.txt").write_text(f"document {i} on host {host}. " * (40 + 30 * host))
+  domains = [f"--config.data.domains.{name}=files:~/text/*.txt" for name in ("code", "docs")]
+  domains.append("--config.train.run_steps=1")  # without the check, both would train a step and stop
+  port = _free_port()
+  procs = [_start(str(tmp_path / "run"), domains, process_id=i, port=port, environ={"HOME": str(home)})
+           for i, home in enumerate(homes)]
+  try:
+    errors = [p.communicate(timeout=TIMEOUT_S)[1] for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  for p, err in zip(procs, errors):
+    assert p.returncode == main_lib.EXIT_ERROR and "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1] == (
+        "error: process(es) [1] read other data than process 0 for the same data.domains (other files, or files "
+        "of other contents); every process must see the same files: a filesystem every host mounts, or identical "
+        "copies."), err[-3000:]
 
 
 def test_main_reports_distributed_flags_that_cannot_work_together(tmp_path):

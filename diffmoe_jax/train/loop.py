@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from diffmoe_jax import data, estimate, parallel
+from diffmoe_jax import data, distributed, estimate, parallel
 from diffmoe_jax.config import ConfigError
 from diffmoe_jax.nn import model as model_lib
 from diffmoe_jax.train import checkpoint, curriculum as curriculum_lib, metrics as metrics_lib, state as state_lib
@@ -306,6 +306,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, corpus: "data.Corp
 def _train_locked(config: ml_collections.ConfigDict, workdir: str, *, corpus: "data.Corpus | None") -> RunResult:
   process_index, process_count = jax.process_index(), jax.process_count()
   corpus = corpus or data.build_corpus(config.data)
+  distributed.check_same_data(corpus)
   if corpus.tokenizer.vocab_size > config.model.vocab_size:
     raise ConfigError(f"config.model.vocab_size ({config.model.vocab_size}) is smaller than the tokenizer's "
                       f"vocabulary ({corpus.tokenizer.vocab_size}, {config.data.tokenizer}); raise it to at "
