@@ -15,7 +15,6 @@ the context (`model.max_seq_len`) is full. Exit code 1 with one line on stderr f
 from __future__ import annotations
 
 import dataclasses
-import math
 import sys
 import time
 from typing import Callable
@@ -65,15 +64,10 @@ def check_request(prompts: list, *, max_seq_len: int, max_new_tokens: int, tempe
                        f"{max_seq_len}, which leaves no room to generate; shorten it to at most {max_seq_len - 1}.")
   if max_new_tokens < 1:
     raise ValueError(f"--max_new_tokens={max_new_tokens}: generate at least 1 token.")
-  if not (temperature >= 0 and math.isfinite(temperature)):
-    raise ValueError(f"--temperature={temperature} must be a finite number >= 0 (0 is greedy).")
-  if top_k < 0:
-    raise ValueError(f"--top_k={top_k} must be >= 0 (0 keeps every token).")
+  sampling.check_settings(temperature=temperature, top_k=top_k, top_p=top_p, prefix="--")
   if vocab_size and top_k > vocab_size:
     raise ValueError(f"--top_k={top_k} exceeds the vocabulary ({vocab_size} tokens); use at most {vocab_size}, or 0 "
                      "to keep every token.")
-  if not 0 < top_p <= 1:
-    raise ValueError(f"--top_p={top_p} must lie in (0, 1] (1 keeps every token).")
 
 
 def generate(model, params, prompts: list[np.ndarray], *, max_new_tokens: int, temperature: float = 0.0,

@@ -7,14 +7,21 @@ import jax
 import jax.numpy as jnp
 
 
-def _check_restriction(logits: jax.Array, top_k: int, top_p: float) -> None:
-  """A negative top_k or a top_p outside (0, 1] would otherwise be read as "no restriction"."""
+def check_settings(*, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, prefix: str = "") -> None:
+  """ValueError naming the first setting that means nothing: a negative or non-finite temperature, a negative top_k
+  or a top_p outside (0, 1] (the last two would otherwise be read as "no restriction"). `prefix` goes before each
+  name in the message ("--" for command-line flags)."""
+  if not (temperature >= 0 and math.isfinite(temperature)):
+    raise ValueError(f"{prefix}temperature={temperature} must be a finite number >= 0 (0 is greedy).")
+  if top_k < 0:
+    raise ValueError(f"{prefix}top_k={top_k} must be >= 0 (0 keeps every token).")
+  if not 0 < top_p <= 1:
+    raise ValueError(f"{prefix}top_p={top_p} must lie in (0, 1] (1 keeps every token).")
+
+
+def _check_logits(logits: jax.Array) -> None:
   if logits.ndim != 2:
     raise ValueError(f"logits must be [batch, vocab]; got shape {logits.shape}.")
-  if top_k < 0:
-    raise ValueError(f"top_k={top_k} must be >= 0 (0 keeps every token).")
-  if not 0 < top_p <= 1:
-    raise ValueError(f"top_p={top_p} must lie in (0, 1] (1 keeps every token).")
 
 
 def restrict_logits(logits: jax.Array, *, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
@@ -24,7 +31,8 @@ def restrict_logits(logits: jax.Array, *, top_k: int = 0, top_p: float = 1.0) ->
   the smallest set of most likely tokens whose probabilities sum to at least top_p (the most likely
   token always stays). Both given: the intersection.
   """
-  _check_restriction(logits, top_k, top_p)
+  _check_logits(logits)
+  check_settings(top_k=top_k, top_p=top_p)
   logits = logits.astype(jnp.float32)
   keep = jnp.ones(logits.shape, jnp.bool_)
   if top_k > 0:
@@ -44,9 +52,8 @@ def sample(logits: jax.Array, rng: jax.Array, *, temperature: float = 1.0, top_k
            top_p: float = 1.0) -> jax.Array:
   """The next token of each row of `logits` `[B, V]`, int32 `[B]`: greedy (argmax) at temperature 0,
   else drawn from softmax(logits / temperature) restricted by top_k / top_p."""
-  if not (temperature >= 0 and math.isfinite(temperature)):
-    raise ValueError(f"temperature={temperature} must be a finite number >= 0 (0 is greedy).")
-  _check_restriction(logits, top_k, top_p)
+  _check_logits(logits)
+  check_settings(temperature=temperature, top_k=top_k, top_p=top_p)
   if temperature == 0.0:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   restricted = restrict_logits(logits.astype(jnp.float32) / temperature, top_k=top_k, top_p=top_p)
