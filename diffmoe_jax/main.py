@@ -158,6 +158,16 @@ def summary(config, workdir: str, result: dict, mesh_shape: dict, need: dict, cu
   return "\n".join(lines)
 
 
+def _remove_if_unused(workdir: str) -> None:
+  """Removes `workdir` if it holds nothing but the lock file of the run that created it."""
+  from diffmoe_jax.train.workdir import LOCK_NAME
+  with contextlib.suppress(OSError):  # holds more, or removed by another process of the run
+    if set(os.listdir(workdir)) <= {LOCK_NAME}:
+      with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(workdir, LOCK_NAME))
+      os.rmdir(workdir)
+
+
 def run(config, workdir: str):
   import jax
   from diffmoe_jax import config as config_lib
@@ -177,15 +187,14 @@ def run(config, workdir: str):
         mesh_shape, parallel.axis_rules(config.mesh), "batch"), jax.process_count())
     result = estimate.estimate(config)
     need = check_memory(config, mesh_shape, jax.default_backend())
+    lead = jax.process_index() == 0  # in a multi-process run, process 0 alone prints
+    if lead:
+      print(summary(config, workdir, result, mesh_shape, need, curriculum), flush=True)
+    outcome = loop.train(config, workdir)
   except Exception:
-    if created:  # a refused run leaves no empty workdir behind
-      with contextlib.suppress(OSError):  # not empty, or removed by another process of the run
-        os.rmdir(workdir)
+    if created:  # a run refused before it saved anything leaves no workdir behind
+      _remove_if_unused(workdir)
     raise
-  lead = jax.process_index() == 0  # in a multi-process run, process 0 alone prints
-  if lead:
-    print(summary(config, workdir, result, mesh_shape, need, curriculum), flush=True)
-  outcome = loop.train(config, workdir)
   if not lead:
     return outcome
   if outcome.eval:

@@ -424,8 +424,8 @@ def test_a_domain_too_small_for_a_later_phase_fails_before_training(tmp_path, va
   config = load_config()
   config.data.domains.small = f"files:{small}/*.txt"
   with pytest.raises(data.DataError, match=message):
-    loop.train(config, str(tmp_path / "run"))
-  assert not os.path.exists(tmp_path / "run" / "checkpoints") or not os.listdir(tmp_path / "run" / "checkpoints")
+    main_lib.run(config, str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run")  # the workdir it created, and then locked, is removed
 
 
 def test_resume_onto_a_different_mesh(full_run, tmp_path):
