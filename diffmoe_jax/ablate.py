@@ -134,13 +134,13 @@ def seeds(config: ml_collections.ConfigDict) -> list[int]:
 
 def arm_config(config: ml_collections.ConfigDict, arm: str, seed: int) -> tuple[ml_collections.ConfigDict, str]:
   """The training config of (arm, seed) and a description of the arm's change."""
-  from diffmoe_jax import config as config_lib
+  from diffmoe_jax import validation
   c = ml_collections.ConfigDict(config.to_dict())
   del c["ablation"]
   change = ARMS[arm].change(c.model)
   c.seed = seed
   c.name = f"{config.name}/{arm}/seed{seed}"
-  return config_lib.validate(c), change
+  return validation.validate(c), change
 
 
 def _run_dir(workdir: str, arm: str, seed: int) -> str:

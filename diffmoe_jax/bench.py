@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from diffmoe_jax import cli, config as config_lib
+from diffmoe_jax import cli, config as config_lib, validation
 from diffmoe_jax.ops import dispatch, routing
 
 
@@ -146,7 +146,7 @@ def bench_compile(args: argparse.Namespace) -> None:
   config = config_lib.load_file(args.config)
   for layers in args.layers:  # every depth is one the model takes, before anything compiles
     config.model.num_layers = layers
-    config_lib.validate(config)
+    validation.validate(config)
   tokens = jnp.zeros((args.batch, args.seq_len), jnp.int32)
   seconds = {}
   for layers in args.layers:
@@ -196,7 +196,7 @@ def bench_train(args: argparse.Namespace) -> None:
     config.model.attention_gpu_launch[kernel] = launch
   if args.max_seq_len:
     config.model.max_seq_len = args.max_seq_len
-  config_lib.validate(config)
+  validation.validate(config)
   curriculum = Curriculum(config)
   phase = next(p for p in curriculum.phases if p.name == args.phase)
   phase = dataclasses.replace(phase, batch_size=args.batch or phase.batch_size, seq_len=args.seq_len or phase.seq_len)

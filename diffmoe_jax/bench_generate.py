@@ -89,10 +89,10 @@ def _timed_decoding(model, params, sequence: jax.Array, prompt_len: int, reps: i
 
 
 def run(args: argparse.Namespace) -> None:
-  from diffmoe_jax import config as config_lib
+  from diffmoe_jax import config as config_lib, validation
   from diffmoe_jax.data import make_tokenizer
   from diffmoe_jax.nn import model as model_lib
-  config = config_lib.validate(config_lib.load_file(args.config))
+  config = validation.validate(config_lib.load_file(args.config))
   cfg = config.model
   if not (cfg.mod.enabled and cfg.scan_layers and cfg.mod.every == 2):
     raise SystemExit(f"error: {args.config}: the benchmark needs MoD on every other layer with scanned layers.")

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from diffmoe_jax import config as config_lib
+from diffmoe_jax import config as config_lib, validation
 from diffmoe_jax.nn import model as model_lib
 from diffmoe_jax.nn.moe import dense_ffn_dim
 from diffmoe_jax.ops import attention as attention_ops
@@ -366,7 +366,7 @@ def _main(argv) -> None:
   cli.refuse_arguments(argv, "pass --config=<file> and --config.<field>=<value> only")
   cli.quiet_library_output()
   try:
-    config = config_lib.validate(_CONFIG.value)
+    config = validation.validate(_CONFIG.value)
   except config_lib.ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)

@@ -45,7 +45,7 @@ def restore_params(workdir: str, config=None, step: int | None = None):
   match the saved one. Reads only: nothing in the workdir changes.
   """
   from absl import logging
-  from diffmoe_jax import config as config_lib, parallel
+  from diffmoe_jax import config as config_lib, parallel, validation
   from diffmoe_jax.nn import model as model_lib
   from diffmoe_jax.train import checkpoint, resume, state as state_lib
   directory = os.path.join(os.path.abspath(os.path.expanduser(workdir)), "checkpoints")
@@ -78,7 +78,7 @@ def restore_params(workdir: str, config=None, step: int | None = None):
     if added:
       logging.warning("The config saved at step %d predates %s; using their defaults.", step, ", ".join(added))
   config = saved_config if config is None else config
-  config_lib.validate(config)
+  validation.validate(config)
   cli.use_compilation_cache(config)
   model = model_lib.build_model(config.model)
   mesh, rules = parallel.make_mesh(config.mesh), parallel.axis_rules(config.mesh)

@@ -170,11 +170,10 @@ def _remove_if_unused(workdir: str) -> None:
 
 def run(config, workdir: str):
   import jax
-  from diffmoe_jax import config as config_lib
-  from diffmoe_jax import estimate, parallel
+  from diffmoe_jax import estimate, parallel, validation
   from diffmoe_jax.train import curriculum as curriculum_lib
   from diffmoe_jax.train import loop, workdir as workdir_lib
-  config_lib.validate(config)
+  validation.validate(config)
   created = not os.path.isdir(os.path.expanduser(workdir))
   workdir = workdir_lib.prepare(workdir)  # before anything slow: a bad workdir fails at once
   try:

@@ -6,7 +6,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from diffmoe_jax import config as config_lib
+from diffmoe_jax import config as config_lib, validation
 from diffmoe_jax.nn import model as model_lib
 from diffmoe_jax.nn.attention import Attention
 from diffmoe_jax.ops import attention as attn
@@ -153,7 +153,7 @@ def test_v2_model_builds_and_trains_a_step(make_config):
 def test_v2_config_validation(make_config):
   def validate(config):
     config.curriculum.tokens_per_batch = 256
-    return config_lib.validate(config)
+    return validation.validate(config)
   validate(_v2_model_config(make_config))
   with pytest.raises(config_lib.ConfigError, match="model.expert_conditional_lambda"):
     validate(make_config(attention="differential_v2"))

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from diffmoe_jax import config as config_lib
+from diffmoe_jax import config as config_lib, validation
 from diffmoe_jax.config import ConfigError
 
 
@@ -18,7 +18,7 @@ def load(name):
 
 @pytest.mark.parametrize("name", ["tiny", "pi", "pi_s", "pi_p"])
 def test_configs_validate(name):
-  config_lib.validate(load(name))
+  validation.validate(load(name))
 
 
 def test_paper_table():
@@ -116,7 +116,7 @@ def _bad(**fields):
 ])
 def test_bad_fields_name_the_field(fields, message):
   with pytest.raises(ConfigError, match=message):
-    config_lib.validate(_bad(**fields))
+    validation.validate(_bad(**fields))
 
 
 def test_gpu_launches_parse_from_the_command_line():
@@ -137,7 +137,7 @@ def test_odd_head_count_is_fine_without_tensor_parallelism():
   """PI-S's 27 heads: valid on a mesh whose tensor axis is 1 or divides 27."""
   c = load("pi_s")
   c.mesh.shape.tensor = 3
-  config_lib.validate(c)
+  validation.validate(c)
 
 
 def test_with_defaults_fills_fields_a_saved_config_lacks_and_keeps_the_users_dicts():
@@ -183,21 +183,21 @@ def test_a_value_of_the_wrong_type_names_the_field(field, value, message):
   with node.ignore_type():
     node[leaf] = value
   with pytest.raises(ConfigError, match=message):
-    config_lib.validate(c)
+    validation.validate(c)
 
 
 def test_a_phase_the_user_adds_is_type_checked_too():
   c = load("tiny")
-  c.curriculum.cooldown = config_lib._phase(fraction=0.0, steps=1)
+  c.curriculum.cooldown = config_lib.phase_defaults(fraction=0.0, steps=1)
   c.curriculum.order = c.curriculum.order + ("cooldown",)
   with c.curriculum.cooldown.ignore_type():
     c.curriculum.cooldown.steps = "1"
   with pytest.raises(ConfigError, match=r"config\.curriculum\.cooldown\.steps: must be an integer, got '1'"):
-    config_lib.validate(c)
+    validation.validate(c)
 
 
 def test_a_search_config_is_not_taken_for_a_training_config():
   """configs/ncas.py has no model section; validate names what is missing instead of an AttributeError."""
   with pytest.raises(ConfigError, match=r"config: has no curriculum, mesh, model, name, optimizer, train, which "
                                         r"every training config has"):
-    config_lib.validate(load("ncas"))
+    validation.validate(load("ncas"))

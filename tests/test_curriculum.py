@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffmoe_jax import config as config_lib
+from diffmoe_jax import config as config_lib, validation
 from diffmoe_jax.config import ConfigError
 from diffmoe_jax.ops import routing
 from diffmoe_jax.train.curriculum import Curriculum
@@ -40,7 +40,7 @@ def test_explicit_steps_and_fractions_mix(tiny):
   cur = tiny.curriculum
   cur.total_steps = 100
   cur.warmup.steps = 7
-  lengths = config_lib.phase_lengths(cur)
+  lengths = validation.phase_lengths(cur)
   # 93 steps left, shared as 0.35 : 0.2 : 0.15 : 0.15 : 0.1 (of 0.95): cumulative 7/19, 11/19, 14/19,
   # 17/19, 1 of them = 34.26, 53.84, 68.53, 83.21, 93, rounded half up: 34, 54, 69, 83, 93.
   assert lengths == [7, 34, 20, 15, 14, 10]
@@ -51,17 +51,17 @@ def test_fractions_that_do_not_sum_to_one_are_rejected_not_rescaled(tiny):
   with pytest.raises(ConfigError, match=r"fractions sum to 1\.45, not 1 \(warmup 0\.5, "
                                         r"foundation 0\.35, sparsify 0\.2, specialize 0\.15, long_context 0\.15, "
                                         r"anneal 0\.1\)"):
-    config_lib.validate(tiny)
+    validation.validate(tiny)
   # A phase with explicit steps keeps its fraction in the sum; the others split the rest in proportion.
   tiny.curriculum.warmup.update(fraction=0.05, steps=7)
-  lengths = config_lib.phase_lengths(tiny.curriculum)
+  lengths = validation.phase_lengths(tiny.curriculum)
   assert lengths[0] == 7 and sum(lengths) == tiny.curriculum.total_steps
   expected = [593 * f / 0.95 for f in (0.35, 0.2, 0.15, 0.15, 0.1)]
   assert all(abs(got - want) <= 1 for got, want in zip(lengths[1:], expected))
   tiny.curriculum.warmup.fraction = 0.0
   with pytest.raises(ConfigError, match=r"fractions sum to 0\.95, not 1 \(warmup 0, foundation 0\.35, .*\) "
                                         r"\(a phase with explicit steps keeps its fraction in the sum\)"):
-    config_lib.validate(tiny)
+    validation.validate(tiny)
 
 
 def test_settings_are_a_pure_function_of_the_step(tiny):
@@ -132,24 +132,24 @@ def test_bad_step_counts_name_the_phase_and_the_cause(tiny):
   tiny.curriculum.total_steps = 5
   with pytest.raises(ConfigError, match=r"curriculum\.warmup: its share 0\.05 of curriculum\.total_steps \(5\) "
                                         r"is 0\.25 steps, which rounds to 0.*total_steps to 20 or more"):
-    config_lib.validate(tiny)
+    validation.validate(tiny)
   # Explicit steps leave one step for five phases: the first phase it cannot reach is named, with the cause.
   tiny.curriculum.total_steps = 8
   tiny.curriculum.warmup.steps = 7
   with pytest.raises(ConfigError, match=r"curriculum\.foundation: its share 0\.37 of the 1 step\(s\) left after "
                                         r"the explicit ones \(warmup 7\) is 0\.37 steps.*total_steps to 17 or more"):
-    config_lib.validate(tiny)
+    validation.validate(tiny)
   tiny.curriculum.total_steps = 17
-  assert min(config_lib.phase_lengths(tiny.curriculum)) == 1
+  assert min(validation.phase_lengths(tiny.curriculum)) == 1
   tiny.curriculum.total_steps = 600
   tiny.curriculum.warmup.steps = 700
   with pytest.raises(ConfigError, match=r"explicit steps \(warmup 700\) add up to 700, more than"):
-    config_lib.validate(tiny)
+    validation.validate(tiny)
   tiny.curriculum.warmup.steps = 0
   tiny.curriculum.order = ("warmup", "foundation")
   tiny.curriculum.warmup.fraction, tiny.curriculum.foundation.fraction = 0.0, 1.0
   with pytest.raises(ConfigError, match=r"curriculum\.warmup: has neither steps nor a fraction"):
-    config_lib.validate(tiny)
+    validation.validate(tiny)
 
 
 @pytest.mark.parametrize("capacity, seq_len, tokens", [(0.07, 100, 7), (0.55, 100, 55), (0.125, 256, 32),

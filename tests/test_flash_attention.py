@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffmoe_jax import config as config_lib
+from diffmoe_jax import config as config_lib, validation
 from diffmoe_jax.nn import model as model_lib
 from diffmoe_jax.ops import attention as attn
 
@@ -267,7 +267,7 @@ def test_predictor_mode_is_causal_on_every_path(predictor_model, path):
 def test_bad_attention_config_raises(make_config, field, value, match):
   cfg = make_config(**{field: value})
   with pytest.raises(config_lib.ConfigError, match=match):
-    config_lib.validate(cfg)
+    validation.validate(cfg)
 
 
 @pytest.mark.parametrize("path", ["explicit", "blockwise"])

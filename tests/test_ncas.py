@@ -11,7 +11,7 @@ import types
 import numpy as np
 import pytest
 
-from diffmoe_jax import config as config_lib
+from diffmoe_jax import config as config_lib, validation
 from diffmoe_jax import data, estimate
 from diffmoe_jax.config import ConfigError
 from diffmoe_jax.ncas import complete, rules, scores, search
@@ -206,7 +206,7 @@ def test_emitted_configs_validate_and_build(smoke):
   assert paths == sorted(f"ncas_{k.split('_')[1]}.py" for k in dict.fromkeys(result["fronts"]["pi"] + result["fronts"]["joint"]))
   rows = {r["width"]: r for r in result["rows"]}
   for path in paths:
-    c = config_lib.validate(config_lib.load_file(os.path.join(workdir, "configs", path)))
+    c = validation.validate(config_lib.load_file(os.path.join(workdir, "configs", path)))
     width = c.model.d_model
     assert dataclasses.astuple(rows[width]["arch"]) == (width, c.model.num_layers, c.model.num_heads, c.model.head_dim,
                                                          c.model.moe.num_experts, c.model.moe.top_k,

@@ -3,7 +3,8 @@ import jax
 import pytest
 
 from diffmoe_jax import estimate, parallel
-from diffmoe_jax.config import ConfigError, validate
+from diffmoe_jax.config import ConfigError
+from diffmoe_jax.validation import validate
 from diffmoe_jax.nn import model as model_lib
 from diffmoe_jax.train import state as state_lib
 

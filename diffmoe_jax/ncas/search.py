@@ -19,7 +19,7 @@ import time
 
 import ml_collections
 
-from diffmoe_jax import config as config_lib
+from diffmoe_jax import config as config_lib, validation
 from diffmoe_jax import data, estimate
 from diffmoe_jax.config import ConfigError
 from diffmoe_jax.ncas import complete as complete_lib
@@ -122,7 +122,7 @@ def proxy_config(config, arch: complete_lib.Architecture, name: str) -> ml_colle
   c.train.update(log_every=max(1, p.steps // 4), eval_every=p.steps, checkpoint_every=p.steps,
                  stable_rank_every=p.steps, eval_batches=p.eval_batches, eval_batch_size=p.eval_batch_size)
   try:
-    return config_lib.validate(c)
+    return validation.validate(c)
   except ConfigError as e:
     raise ConfigError(f"config.ncas.proxy: the proxy of width {arch.d_model} is not a valid model ({e}).") from None
 

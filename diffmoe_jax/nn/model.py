@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from diffmoe_jax import config as config_lib
+from diffmoe_jax import validation
 from diffmoe_jax.nn.attention import Attention, is_decoding
 from diffmoe_jax.nn.layers import RESIDUAL, Embed, RMSNorm, constrain, dtype_of, param
 from diffmoe_jax.nn.mod import MoDRouter
@@ -287,9 +287,9 @@ def init_cache(model: Transformer, params, batch: int, length: int):
 
 
 def build_model(model_config: ml_collections.ConfigDict) -> Transformer:
-  """The Transformer of a config's model section, which `config.validate_model` checks first (a model built
+  """The Transformer of a config's model section, which `validation.validate_model` checks first (a model built
   from an unchecked section could run with a width that is not heads x head width)."""
-  config_lib.validate_model(model_config)
+  validation.validate_model(model_config)
   return Transformer(ml_collections.FrozenConfigDict(model_config))
 
 

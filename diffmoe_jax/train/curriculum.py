@@ -11,7 +11,7 @@ import dataclasses
 import jax.numpy as jnp
 import ml_collections
 
-from diffmoe_jax import config as config_lib
+from diffmoe_jax import validation
 from diffmoe_jax.ops import routing
 
 
@@ -64,13 +64,13 @@ class Curriculum:
     self.total_steps = cur.total_steps
     self.mod_levels = cur.mod_anneal_levels
     self.model_has_mod = bool(model.mod.enabled)
-    lengths = config_lib.phase_lengths(cur)
+    lengths = validation.phase_lengths(cur)
     domains = list(config.data.domains.keys())
     peak = config.optimizer.peak_lr
     phases, start = [], 0
     for index, (name, steps) in enumerate(zip(cur.order, lengths)):
       p = cur[name]
-      seq_len = config_lib.phase_seq_len(config, name)
+      seq_len = validation.phase_seq_len(config, name)
       batch_size = p.batch_size or cur.tokens_per_batch // seq_len
       weights = dict(p.domain_weights) if len(p.domain_weights) else {d: 1.0 / len(domains) for d in domains}
       phases.append(Phase(
