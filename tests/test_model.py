@@ -123,6 +123,13 @@ def test_odd_layer_count_has_a_full_depth_tail(make_config):
   assert logits.shape == (B, T, 64)
   assert aux["layers"]["lambda"].shape == (5, 4)
   assert aux["layers"]["mod_selected_fraction"].shape == (2,)
+  # Every layer, the tail included, gets λ_init of its own depth: λ_e in float64 from that layer's parameters.
+  for l in range(5):
+    where = params["tail_0"] if l == 4 else jax.tree.map(lambda a: a[l // 2], params["groups"][f"layer_{l % 2}"])
+    p = {name: np.asarray(a, np.float64) for name, a in where["block"]["attention"].items() if name[:6] == "lambda"}
+    want = (np.exp((p["lambda_q1"] * p["lambda_k1"]).sum(-1)) - np.exp((p["lambda_q2"] * p["lambda_k2"]).sum(-1))
+            + 0.8 - 0.6 * np.exp(-0.3 * l))
+    np.testing.assert_allclose(np.asarray(aux["layers"]["lambda"][l]), want, rtol=1e-5, err_msg=f"layer {l}")
 
 
 def test_stats_have_their_meaning(base):
