@@ -290,6 +290,29 @@ def test_predictor_mode_runs_the_block_on_the_selected_tokens_alone(make_config)
     np.testing.assert_allclose(np.asarray(out[b]), want, rtol=1e-5, atol=1e-5)
 
 
+def test_topk_mode_runs_the_block_on_the_highest_scored_tokens_at_their_positions(make_config):
+  """Training's routing: the ceil(capacity·T) best-scored tokens of a sequence (chosen here by NumPy) run
+  the block among themselves at their own positions, scaled by sigmoid(score); the rest pass unchanged."""
+  cfg = make_config()
+  rng = np.random.default_rng(13)
+  x = jnp.asarray(rng.normal(size=(B, T, cfg.model.d_model)), jnp.float32)
+  positions = jnp.broadcast_to(jnp.arange(T), (B, T))
+  _, params = _routed_layer_and_params(cfg, x, positions)
+  frozen = ml_collections.FrozenConfigDict(cfg.model)
+  layer = model_lib.RoutedLayer(frozen, train=False, mod_mode="topk", mod_capacity=0.25)
+  out, _ = jax.jit(lambda p: layer.apply({"params": p}, x, positions, jnp.asarray(1), 0.0))(params)
+  score, _ = MoDRouter(frozen).apply({"params": params["mod_router"]}, x)
+  block = model_lib.Block(frozen, train=False)
+  for b in range(B):
+    idx = np.sort(np.argsort(-np.asarray(score[b]), kind="stable")[:4])  # 0.25 · 16 tokens
+    assert idx[-1] >= 4, "the test needs a selection other than the first tokens"
+    delta, _ = block.apply({"params": params["block"]}, x[b:b + 1, idx], positions[b:b + 1, idx],
+                           jnp.asarray(1), 0.0)
+    want = np.asarray(x[b]).copy()
+    want[idx] += np.asarray(jax.nn.sigmoid(score[b, idx])[:, None] * delta[0])
+    np.testing.assert_allclose(np.asarray(out[b]), want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("route_from,same", [("attention_input", True), ("ffn_input", False)])
 def test_expert_conditional_lambda_follows_the_moe_routing(make_config, route_from, same):
   """route_from='attention_input': λ is mixed over exactly the experts the token's FFN runs (noise too)."""
