@@ -300,17 +300,25 @@ def test_topk_mode_runs_the_block_on_the_highest_scored_tokens_at_their_position
   _, params = _routed_layer_and_params(cfg, x, positions)
   frozen = ml_collections.FrozenConfigDict(cfg.model)
   layer = model_lib.RoutedLayer(frozen, train=False, mod_mode="topk", mod_capacity=0.25)
-  out, _ = jax.jit(lambda p: layer.apply({"params": p}, x, positions, jnp.asarray(1), 0.0))(params)
-  score, _ = MoDRouter(frozen).apply({"params": params["mod_router"]}, x)
+  out, stats = jax.jit(lambda p: layer.apply({"params": p}, x, positions, jnp.asarray(1), 0.0))(params)
+  score, predictor_logit = MoDRouter(frozen).apply({"params": params["mod_router"]}, x)
   block = model_lib.Block(frozen, train=False)
+  target = np.zeros((B, T), bool)
   for b in range(B):
     idx = np.sort(np.argsort(-np.asarray(score[b]), kind="stable")[:4])  # 0.25 · 16 tokens
     assert idx[-1] >= 4, "the test needs a selection other than the first tokens"
+    target[b, idx] = True
     delta, _ = block.apply({"params": params["block"]}, x[b:b + 1, idx], positions[b:b + 1, idx],
                            jnp.asarray(1), 0.0)
     want = np.asarray(x[b]).copy()
     want[idx] += np.asarray(jax.nn.sigmoid(score[b, idx])[:, None] * delta[0])
     np.testing.assert_allclose(np.asarray(out[b]), want, rtol=1e-5, atol=1e-5)
+  # The predictor learns the top-k choice: binary cross-entropy of its logits against it, and its accuracy.
+  z = np.asarray(predictor_logit, np.float64)
+  bce = np.logaddexp(0.0, z) - target * z
+  np.testing.assert_allclose(float(stats["mod_predictor_loss"]), bce.mean(), rtol=1e-5)
+  np.testing.assert_allclose(float(stats["mod_predictor_accuracy"]), np.mean((z > 0) == target), rtol=1e-6)
+  assert float(stats["mod_selected_fraction"]) == 0.25
 
 
 @pytest.mark.parametrize("route_from,same", [("attention_input", True), ("ffn_input", False)])
