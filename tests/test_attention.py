@@ -74,6 +74,24 @@ def test_decode_positions_and_kv_mask(implementation):
                              rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("implementation", ["explicit", "fused", "blockwise"])
+def test_non_causal_sees_every_valid_key(implementation):
+  """causal=False: every query sees every key kv_mask keeps, later positions included."""
+  rng = np.random.default_rng(7)
+  q, k, v = _inputs(rng, t=5, s=7)
+  b, t, h = q.shape[:3]
+  q_pos = np.broadcast_to(np.arange(t), (b, t)).astype(np.int32)
+  kv_pos = np.broadcast_to(np.arange(7), (b, 7)).astype(np.int32)
+  kv_mask = np.ones((b, 7), bool)
+  kv_mask[0, 6] = kv_mask[1, 0] = False
+  lam = rng.uniform(0, 1, (b, t, h)).astype(np.float32)
+  got = attn.differential_attention(q, k, v, lam, causal=False, q_positions=q_pos, kv_positions=kv_pos,
+                                    kv_mask=kv_mask, implementation=implementation, block_q=2, block_k=2)
+  want = reference_differential(q, k, v, lam, q_pos, kv_pos, kv_mask, causal=False)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+  assert np.abs(want - reference_differential(q, k, v, lam, q_pos, kv_pos, kv_mask)).max() > 0.1
+
+
 def test_gathered_positions_subset():
   """Mixture-of-depths: a token subset at its original (non-contiguous) positions."""
   rng = np.random.default_rng(2)

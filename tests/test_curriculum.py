@@ -88,6 +88,9 @@ def test_learning_rate_shapes(tiny):
   # Warmup: linear from 0 to peak over its 30 steps; anneal: linear from peak to 0.
   for step in range(warmup.start, warmup.end):
     assert cur.settings(step).lr == pytest.approx(peak * step / (warmup.steps - 1), rel=1e-5, abs=1e-9)
+  for step in range(anneal.start, anneal.end):
+    want = peak * (1 - (step - anneal.start) / (anneal.steps - 1))
+    assert cur.settings(step).lr == pytest.approx(want, rel=1e-5, abs=1e-9), step
   assert cur.settings(anneal.end - 1).lr == pytest.approx(0.0, abs=1e-9)
   assert cur.settings(300).lr == pytest.approx(peak, rel=1e-6)
   # The traced schedule equals the Python one (it is what the optimizer sees).

@@ -251,7 +251,7 @@ def test_resolve_dropless_impl():
   assert dispatch.resolve_dropless_impl("auto") == "padded"
   assert dispatch.resolve_dropless_impl("ragged") == "ragged"
   assert dispatch.resolve_dropless_impl("padded") == "padded"
-  with pytest.raises(ValueError):
+  with pytest.raises(ValueError, match=r"dropless_impl must be 'auto', 'padded' or 'ragged', got 'fast'"):
     dispatch.resolve_dropless_impl("fast")
 
 
@@ -265,13 +265,13 @@ def test_auto_dropless_impl_per_accelerator(monkeypatch, backend, expected):
 def test_argument_errors():
   x, weights, experts, params = make_inputs(7, "gelu")
   args = (jnp.asarray(x), jnp.asarray(weights), jnp.asarray(experts), params["w_in"], params["w_out"])
-  with pytest.raises(ValueError, match="w_gate"):
+  with pytest.raises(ValueError, match=r"w_gate is required for activation='swiglu'"):
     dispatch.moe_ffn(*args, activation="swiglu")
-  with pytest.raises(ValueError, match="activation"):
+  with pytest.raises(ValueError, match=r"activation must be one of .*, got 'relu'"):
     dispatch.moe_ffn(*args, activation="relu")
-  with pytest.raises(ValueError, match="mode"):
+  with pytest.raises(ValueError, match=r"mode must be one of .*, got 'sparse'"):
     dispatch.moe_ffn(*args, activation="gelu", mode="sparse")
-  with pytest.raises(ValueError, match="dropless_impl"):
+  with pytest.raises(ValueError, match=r"dropless_impl must be 'padded' or 'ragged', got 'auto'"):
     dispatch.moe_ffn(*args, activation="gelu", mode="dropless", dropless_impl="auto")
 
 

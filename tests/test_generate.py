@@ -119,6 +119,16 @@ def test_top_k_and_top_p_restrict_the_support():
                                 [False, True, False, True])
 
 
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_temperature_divides_the_logits(temperature):
+  """Drawn from softmax(logits / T) ∝ p^(1/T) (NumPy), not from the untempered p."""
+  probs = np.array([0.05, 0.5, 0.15, 0.3])
+  want = probs ** (1 / temperature) / np.sum(probs ** (1 / temperature))
+  counts = np.bincount(draws(np.log(probs), n=20000, temperature=temperature), minlength=4) / 20000
+  np.testing.assert_allclose(counts, want, atol=0.015)  # binomial std <= sqrt(0.25 / 20000) = 0.0035
+  assert np.abs(want - probs).max() > 0.1  # the tolerance tells the two apart
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
   return short_run_workdir(tmp_path_factory)

@@ -123,6 +123,13 @@ def test_odd_layer_count_has_a_full_depth_tail(make_config):
   assert logits.shape == (B, T, 64)
   assert aux["layers"]["lambda"].shape == (5, 4)
   assert aux["layers"]["mod_selected_fraction"].shape == (2,)
+  # Every layer, the tail included, gets λ_init of its own depth: λ_e in float64 from that layer's parameters.
+  for l in range(5):
+    where = params["tail_0"] if l == 4 else jax.tree.map(lambda a: a[l // 2], params["groups"][f"layer_{l % 2}"])
+    p = {name: np.asarray(a, np.float64) for name, a in where["block"]["attention"].items() if name[:6] == "lambda"}
+    want = (np.exp((p["lambda_q1"] * p["lambda_k1"]).sum(-1)) - np.exp((p["lambda_q2"] * p["lambda_k2"]).sum(-1))
+            + 0.8 - 0.6 * np.exp(-0.3 * l))
+    np.testing.assert_allclose(np.asarray(aux["layers"]["lambda"][l]), want, rtol=1e-5, err_msg=f"layer {l}")
 
 
 def test_stats_have_their_meaning(base):
@@ -281,6 +288,37 @@ def test_predictor_mode_runs_the_block_on_the_selected_tokens_alone(make_config)
     want = np.asarray(x[b]).copy()
     want[idx] += np.asarray(jax.nn.sigmoid(score[b, idx])[:, None] * delta[0])
     np.testing.assert_allclose(np.asarray(out[b]), want, rtol=1e-5, atol=1e-5)
+
+
+def test_topk_mode_runs_the_block_on_the_highest_scored_tokens_at_their_positions(make_config):
+  """Training's routing: the ceil(capacity·T) best-scored tokens of a sequence (chosen here by NumPy) run
+  the block among themselves at their own positions, scaled by sigmoid(score); the rest pass unchanged."""
+  cfg = make_config()
+  rng = np.random.default_rng(13)
+  x = jnp.asarray(rng.normal(size=(B, T, cfg.model.d_model)), jnp.float32)
+  positions = jnp.broadcast_to(jnp.arange(T), (B, T))
+  _, params = _routed_layer_and_params(cfg, x, positions)
+  frozen = ml_collections.FrozenConfigDict(cfg.model)
+  layer = model_lib.RoutedLayer(frozen, train=False, mod_mode="topk", mod_capacity=0.25)
+  out, stats = jax.jit(lambda p: layer.apply({"params": p}, x, positions, jnp.asarray(1), 0.0))(params)
+  score, predictor_logit = MoDRouter(frozen).apply({"params": params["mod_router"]}, x)
+  block = model_lib.Block(frozen, train=False)
+  target = np.zeros((B, T), bool)
+  for b in range(B):
+    idx = np.sort(np.argsort(-np.asarray(score[b]), kind="stable")[:4])  # 0.25 · 16 tokens
+    assert idx[-1] >= 4, "the test needs a selection other than the first tokens"
+    target[b, idx] = True
+    delta, _ = block.apply({"params": params["block"]}, x[b:b + 1, idx], positions[b:b + 1, idx],
+                           jnp.asarray(1), 0.0)
+    want = np.asarray(x[b]).copy()
+    want[idx] += np.asarray(jax.nn.sigmoid(score[b, idx])[:, None] * delta[0])
+    np.testing.assert_allclose(np.asarray(out[b]), want, rtol=1e-5, atol=1e-5)
+  # The predictor learns the top-k choice: binary cross-entropy of its logits against it, and its accuracy.
+  z = np.asarray(predictor_logit, np.float64)
+  bce = np.logaddexp(0.0, z) - target * z
+  np.testing.assert_allclose(float(stats["mod_predictor_loss"]), bce.mean(), rtol=1e-5)
+  np.testing.assert_allclose(float(stats["mod_predictor_accuracy"]), np.mean((z > 0) == target), rtol=1e-6)
+  assert float(stats["mod_selected_fraction"]) == 0.25
 
 
 @pytest.mark.parametrize("route_from,same", [("attention_input", True), ("ffn_input", False)])

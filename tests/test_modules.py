@@ -71,3 +71,17 @@ def test_moe_layer_against_a_per_token_loop(make_config):
         want[b, t] += weight * gelu(x[b, t] @ p["w_in"][e]) @ p["w_out"][e]
   np.testing.assert_allclose(np.asarray(y), want, rtol=1e-4, atol=1e-5)
   assert float(stats["dropped_fraction"]) == 0.0
+
+  # With a token mask: skipped tokens get 0 and are left out of the router's statistics (NumPy).
+  mask = np.random.default_rng(2).uniform(size=(B, T)) < 0.6
+  y, stats = module.apply(variables, x, token_mask=jnp.asarray(mask))
+  np.testing.assert_allclose(np.asarray(y), np.where(mask[..., None], want, 0.0), rtol=1e-4, atol=1e-5)
+  real = logits[mask]
+  counts = np.bincount(np.argsort(-real, axis=-1)[:, :2].ravel(), minlength=cfg.moe.num_experts)
+  probs = np.exp(real - real.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  lse = real.max(-1) + np.log(np.exp(real - real.max(-1, keepdims=True)).sum(-1))
+  np.testing.assert_allclose(np.asarray(stats["expert_load"]), counts / counts.sum(), rtol=1e-6)
+  np.testing.assert_allclose(float(stats["load_balance_loss"]),
+                             cfg.moe.num_experts * np.sum(counts / counts.sum() * probs.mean(0)), rtol=1e-5)
+  np.testing.assert_allclose(float(stats["z_loss"]), np.mean(lse**2), rtol=1e-5)

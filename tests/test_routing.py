@@ -192,6 +192,12 @@ def test_mod_select_sorted_top_k():
   np.testing.assert_array_equal(mask, expected)
 
 
+def test_mod_select_ties_go_to_the_earlier_position():
+  # Row 0: four tokens tie for the top score, two are chosen; row 1: all equal (a fresh router's scores).
+  scores = np.array([[0.0, 2.0, 1.0, 2.0, 2.0, 3.0, 2.0, 0.0], np.full(8, 0.5)], np.float32)
+  np.testing.assert_array_equal(routing.mod_select(jnp.asarray(scores), 3), [[1, 3, 5], [0, 1, 2]])
+
+
 @pytest.mark.parametrize("trailing", [(5,), (2, 3)])
 def test_gather_scatter_round_trip(trailing):
   rng = np.random.default_rng(9)
