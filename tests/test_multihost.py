@@ -67,6 +67,18 @@ def _finish(procs) -> list[tuple[str, str]]:
   return outputs
 
 
+def _refusals(procs) -> list[str]:
+  """The last stderr line of each process, which must have stopped with exit 1 and no traceback."""
+  try:
+    errors = [p.communicate(timeout=TIMEOUT_S)[1] for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  for p, err in zip(procs, errors):
+    assert p.returncode == main_lib.EXIT_ERROR and "Traceback" not in err, err[-3000:]
+  return [err.strip().splitlines()[-1] for err in errors]
+
+
 def _losses(workdir: str) -> dict[int, float]:
   acc = EventAccumulator(os.path.join(workdir, "tb"), size_guidance={"scalars": 0})
   acc.Reload()
@@ -186,21 +198,13 @@ def test_processes_on_other_configs_or_workdirs_stop_with_one_line(tmp_path):
   for name, extras in (("config", (["--config.optimizer.peak_lr=0.1"], [])),
                        ("workdir", ([f"--workdir={tmp_path / 'other'}"], []))):
     port = _free_port()
-    procs = [_start(str(tmp_path / name), extras[i], process_id=i, port=port) for i in (0, 1)]
-    try:
-      errors = [p.communicate(timeout=TIMEOUT_S)[1] for p in procs]
-    finally:
-      for p in procs:
-        p.kill()
-    for p, err in zip(procs, errors):
-      assert p.returncode == main_lib.EXIT_ERROR and "Traceback" not in err, err[-3000:]
-      line = err.strip().splitlines()[-1]
+    for line in _refusals([_start(str(tmp_path / name), extras[i], process_id=i, port=port) for i in (0, 1)]):
       if name == "config":
         assert line == ("error: process(es) [1] were started with another config than process 0's; start every "
-                        "process with the same --config file and --config overrides."), err[-3000:]
+                        "process with the same --config file and --config overrides.")
       else:
         assert line.startswith("error: process(es) [1] do not see process 0's workdir: every process must write "
-                               "the same directory (this one's is "), err[-3000:]
+                               "the same directory (this one's is "), line
   leftovers = [f for d in tmp_path.iterdir() if d.is_dir() for f in os.listdir(d) if f.startswith(".process0_")]
   assert not leftovers  # process 0's marker is removed
 
@@ -218,17 +222,9 @@ def test_processes_that_read_other_data_stop_with_one_line(tmp_path):
   port = _free_port()
   procs = [_start(str(tmp_path / "run"), domains, process_id=i, port=port, environ={"HOME": str(home)})
            for i, home in enumerate(homes)]
-  try:
-    errors = [p.communicate(timeout=TIMEOUT_S)[1] for p in procs]
-  finally:
-    for p in procs:
-      p.kill()
-  for p, err in zip(procs, errors):
-    assert p.returncode == main_lib.EXIT_ERROR and "Traceback" not in err, err[-3000:]
-    assert err.strip().splitlines()[-1] == (
-        "error: process(es) [1] read other data than process 0 for the same data.domains (other files, or files "
-        "of other contents); every process must see the same files: a filesystem every host mounts, or identical "
-        "copies."), err[-3000:]
+  assert _refusals(procs) == 2 * [
+      "error: process(es) [1] read other data than process 0 for the same data.domains (other files, or files of "
+      "other contents); every process must see the same files: a filesystem every host mounts, or identical copies."]
 
 
 def test_main_reports_distributed_flags_that_cannot_work_together(tmp_path):
