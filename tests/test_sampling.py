@@ -24,3 +24,10 @@ def test_bad_settings_are_errors(settings, message):
 def test_logits_must_be_batch_by_vocab():
   with pytest.raises(ValueError, match=r"logits must be \[batch, vocab\]; got shape \(3,\)"):
     sampling.restrict_logits(LOGITS[0], top_p=0.5)
+
+
+def test_top_k_keeps_every_token_tied_with_the_kth():
+  """The docstring's rule: top_k keeps the k largest logits, and every logit equal to the k-th."""
+  logits = jnp.array([[3.0, 1.0, 2.0, 2.0, 0.0], [5.0, 5.0, 5.0, 1.0, 4.0]])
+  kept = jnp.isfinite(sampling.restrict_logits(logits, top_k=2))
+  assert kept.tolist() == [[True, False, True, True, False], [True, True, True, False, False]]
