@@ -68,11 +68,15 @@ def _positions(q: jax.Array, k: jax.Array, q_positions, kv_positions):
     kv_positions = default_positions(batch, s)
   if q_positions is None:
     q_positions = default_positions(batch, t, offset=s - t)
-  for name, array, shape in (("q_positions [B, T]", q_positions, (batch, t)),
-                             ("kv_positions [B, S]", kv_positions, (batch, s))):
+  _check_shapes(("q_positions [B, T]", q_positions, (batch, t)), ("kv_positions [B, S]", kv_positions, (batch, s)))
+  return q_positions, kv_positions
+
+
+def _check_shapes(*named_arrays) -> None:
+  """ValueError naming the first `(name, array, shape)` whose array is not of that shape."""
+  for name, array, shape in named_arrays:
     if array.shape != shape:
       raise ValueError(f"{name} must be {shape}; got {array.shape}.")
-  return q_positions, kv_positions
 
 
 def _segments(q_segment_ids, kv_segment_ids, batch: int, t: int, s: int):
@@ -83,10 +87,8 @@ def _segments(q_segment_ids, kv_segment_ids, batch: int, t: int, s: int):
     raise ValueError("segment ids: pass q_segment_ids and kv_segment_ids together (kv_segment_ids may be "
                      "left out only when queries and keys are the same tokens).")
   if q_segment_ids is not None:
-    for name, array, shape in (("q_segment_ids [B, T]", q_segment_ids, (batch, t)),
-                               ("kv_segment_ids [B, S]", kv_segment_ids, (batch, s))):
-      if array.shape != shape:
-        raise ValueError(f"{name} must be {shape}; got {array.shape}.")
+    _check_shapes(("q_segment_ids [B, T]", q_segment_ids, (batch, t)),
+                  ("kv_segment_ids [B, S]", kv_segment_ids, (batch, s)))
   return q_segment_ids, kv_segment_ids
 
 
