@@ -7,7 +7,9 @@ Called once, before any other JAX use. A run is multi-process when
   - a launcher started more than one task: SLURM (srun), Open MPI (mpirun), GKE TPU (TPU_WORKER_HOSTNAMES);
   - --distributed=on: JAX detects the rest itself (the TPU VM slice's metadata; see launch/tpu_pod.sh).
 
-Every process then runs the same program on its own rows of each batch. A process that dies, or a peer
+With the ids on the command line, process 0 first gathers the others on the coordinator port, so that a
+missing process or an id given twice stops every process with one line. Every process then runs the same
+program on its own rows of each batch. A process that dies, or a peer
 that stops answering for --distributed_timeout_s, makes the others exit non-zero within that bound
 instead of waiting forever in a collective.
 """
@@ -111,8 +113,11 @@ def initialize(mode: str = "auto", coordinator_address: str | None = None, num_p
   if jax.distributed.is_initialized():  # joined already (by a wrapper around main, say)
     return True
   address = coordinator_address or env_coordinator
-  if address and process_id not in (None, 0):
-    _wait_for_coordinator(address, init_timeout_s, process_id)
+  if address and process_id is not None:
+    if process_id == 0:
+      _gather_processes(address, num_processes, init_timeout_s)
+    else:
+      _join_process_0(address, num_processes, process_id, init_timeout_s)
   # CPU processes exchange collectives over TCP (gloo); GPU and TPU use their own interconnect.
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   try:
@@ -146,16 +151,70 @@ def _check_address(address: str, bind: bool) -> None:
                                f"process 0's ({e.strerror or e}); choose a free port.") from None
 
 
-def _wait_for_coordinator(address: str, timeout_s: float, process_id: int) -> None:
-  """Returns once process 0's coordinator accepts a connection at `address`; DistributedError after `timeout_s`.
-  JAX's runtime ends the process with a C++ abort and a stack dump for a coordinator it cannot reach."""
+# Before JAX's runtime starts, process 0 gathers the others on the coordinator port with a line each way: the
+# runtime ends a process with a C++ abort and a stack dump for a peer that never arrives, a process id given
+# twice, or a coordinator it cannot reach; this way each gets one line on every process.
+_JOIN_REPLY_MARGIN_S = 10  # a peer waits this much longer than process 0 for its answer
+
+
+def _gather_processes(address: str, num_processes: int, timeout_s: float) -> None:
+  """Process 0: returns once processes 1 .. N-1 have each joined once at `address`; DistributedError (on every
+  process that joined, too) when one is missing after `timeout_s`, or two processes share an id or disagree on
+  --num_processes."""
+  port = int(address.rpartition(":")[2])
+  deadline = time.monotonic() + timeout_s
+  joined: dict[int, socket.socket] = {}
+  error = None
+  dualstack = socket.has_dualstack_ipv6()
+  try:
+    server = socket.create_server(("", port), family=socket.AF_INET6 if dualstack else socket.AF_INET,
+                                  dualstack_ipv6=dualstack)
+  except OSError as e:
+    raise DistributedError(f"coordinator address {address!r}: port {port} cannot be opened on this host, process "
+                           f"0's ({e.strerror or e}); choose a free port.") from None
+  with server:
+    while error is None and len(joined) < num_processes - 1:
+      server.settimeout(max(0.01, deadline - time.monotonic()))
+      try:
+        conn, _ = server.accept()
+      except TimeoutError:
+        missing = sorted(set(range(1, num_processes)) - set(joined))
+        error = (f"process(es) {missing} of {num_processes} did not join process 0 at {address} within "
+                 f"--distributed_init_timeout_s={timeout_s:g} s: start every process 0 .. {num_processes - 1} with "
+                 "the same --coordinator_address and --num_processes, or raise the timeout.")
+        break
+      hello = _read_line(conn, 5.0)  # anything but a peer's hello (a port scanner, say) is dropped
+      try:
+        peer = json.loads(hello)
+        peer_id, peer_count = int(peer["process_id"]), int(peer["num_processes"])
+      except (ValueError, TypeError, KeyError):
+        conn.close()
+        continue
+      if peer_count != num_processes:
+        error = (f"process {peer_id} was started with --num_processes={peer_count}, process 0 with "
+                 f"{num_processes}; give every process the same --num_processes.")
+      elif peer_id in joined:
+        error = (f"two processes were started with --process_id={peer_id}; give each process its own "
+                 f"--process_id, 0 .. {num_processes - 1}.")
+      joined.setdefault(peer_id, conn)
+      if joined[peer_id] is not conn:
+        _reply(conn, f"error: {error}")
+  for conn in joined.values():
+    _reply(conn, f"error: {error}" if error else "ok")
+  if error:
+    raise DistributedError(error)
+
+
+def _join_process_0(address: str, num_processes: int, process_id: int, timeout_s: float) -> None:
+  """A process other than 0: joins process 0 at `address` and returns once every process has; DistributedError
+  with process 0's reason otherwise, or when process 0 is unreachable for `timeout_s`."""
   host, _, port = address.rpartition(":")
   deadline = time.monotonic() + timeout_s
   while True:
     try:
       wait = max(0.1, min(5.0, deadline - time.monotonic()))
-      with socket.create_connection((host.strip("[]"), int(port)), timeout=wait):
-        return
+      conn = socket.create_connection((host.strip("[]"), int(port)), timeout=wait)
+      break
     except socket.gaierror as e:
       if e.errno == socket.EAI_AGAIN and time.monotonic() < deadline:  # the resolver may recover
         time.sleep(0.5)
@@ -170,6 +229,45 @@ def _wait_for_coordinator(address: str, timeout_s: float, process_id: int) -> No
             "--coordinator_address (its host and a free port), check that this host can reach it, or raise "
             "the timeout.") from None
       time.sleep(0.5)
+  with conn:
+    try:
+      conn.sendall(json.dumps({"process_id": process_id, "num_processes": num_processes}).encode() + b"\n")
+    except OSError:
+      pass  # process 0 hung up at once: reported below as no answer
+    answer = _read_line(conn, timeout_s + _JOIN_REPLY_MARGIN_S)
+  if answer == "ok":
+    return
+  if answer.startswith("error: "):
+    raise DistributedError(answer[len("error: "):])
+  raise DistributedError(f"process {process_id}: the coordinator at {address} gave no answer as process 0 of this "
+                         "run (it stopped, or another program uses that port); see process 0's log.")
+
+
+def _read_line(conn: socket.socket, timeout_s: float) -> str:
+  """One line from `conn` within `timeout_s` ("" on timeout, a closed connection or an undecodable line)."""
+  deadline = time.monotonic() + timeout_s
+  data = b""
+  try:
+    while b"\n" not in data and len(data) < 4096:
+      conn.settimeout(max(0.01, deadline - time.monotonic()))
+      chunk = conn.recv(4096)
+      if not chunk:
+        break
+      data += chunk
+  except OSError:
+    pass
+  line, newline, _ = data.partition(b"\n")
+  return line.decode("utf-8", "replace").strip() if newline else ""
+
+
+def _reply(conn: socket.socket, line: str) -> None:
+  """Sends `line` and waits briefly for the peer to close first, so the port is free for JAX's service at once."""
+  with conn:
+    try:
+      conn.sendall(line.encode() + b"\n")
+      _read_line(conn, 2.0)
+    except OSError:
+      pass
 
 
 def check_same_run(config, workdir: str, wait_s: float = 10.0) -> None:

@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -190,6 +191,46 @@ def test_a_coordinator_that_cannot_be_reached_is_one_line_after_the_init_timeout
   with pytest.raises(distributed.DistributedError, match=r"cannot resolve host 'nosuchhost\.invalid'"):
     distributed.initialize(coordinator_address="nosuchhost.invalid:1234", num_processes=2, process_id=1,
                            init_timeout_s=1, environ={})
+
+
+def test_process_0_alone_stops_with_one_line_after_the_init_timeout(tmp_path):
+  """JAX's runtime ended process 0 with a C++ abort (exit 134, a stack dump) when a peer never arrived."""
+  proc = _start(str(tmp_path / "run"), ["--distributed_init_timeout_s=2"], process_id=0, port=_free_port())
+  line, = _refusals([proc])
+  assert re.fullmatch(r"error: process\(es\) \[1\] of 2 did not join process 0 at 127\.0\.0\.1:\d+ within "
+                      r"--distributed_init_timeout_s=2 s: start every process 0 \.\. 1 with the same "
+                      r"--coordinator_address and --num_processes, or raise the timeout\.", line), line
+  assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("peers, message", [
+    ([(1, 3)], r"process\(es\) \[2\] of 3 did not join process 0 at .* within --distributed_init_timeout_s=1 s: "),
+    ([(1, 3), (1, 3)], r"two processes were started with --process_id=1; give each process its own --process_id, "
+                       r"0 \.\. 2\."),
+    ([(1, 2)], r"process 1 was started with --num_processes=2, process 0 with 3; give every process the same "
+               r"--num_processes\."),
+])
+def test_processes_that_cannot_make_one_run_get_process_0s_reason(peers, message):
+  """Process 0 gathers the others before JAX's runtime starts, which aborted (exit 134) on a peer that never
+  arrived or an id given twice; every process that joined gets process 0's line."""
+  address = f"127.0.0.1:{_free_port()}"
+  errors = {}
+
+  def join(k, process_id, num_processes):
+    try:
+      distributed._join_process_0(address, num_processes, process_id, timeout_s=5)
+      errors[k] = None
+    except distributed.DistributedError as e:
+      errors[k] = str(e)
+
+  threads = [threading.Thread(target=join, args=(k, *peer)) for k, peer in enumerate(peers)]
+  for t in threads:
+    t.start()
+  with pytest.raises(distributed.DistributedError, match=message) as process_0:
+    distributed._gather_processes(address, 3, timeout_s=1)
+  for t in threads:
+    t.join(timeout=30)
+  assert errors == {k: str(process_0.value) for k in range(len(peers))}
 
 
 def test_processes_on_other_configs_or_workdirs_stop_with_one_line(tmp_path):
