@@ -110,7 +110,7 @@ def defaults() -> ml_collections.ConfigDict:
 
   m.mod = ml_collections.ConfigDict()
   m.mod.enabled = True
-  m.mod.every = 2  # layers per scanned group: the last layer of each group is routed
+  m.mod.every = 2  # layers per scanned group: the last layer of each group is routed (1: every layer)
   m.mod.capacity = 0.125  # fraction of each sequence's tokens a routed layer processes
   m.mod.predictor_hidden = 64  # width of the causal predictor MLP
 

@@ -141,8 +141,9 @@ def validate_model(m: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
   mod = m.mod
   if mod.enabled:
-    require(isinstance(mod.every, int) and mod.every >= 2, "model.mod.every",
-             f"must be an integer >= 2 (one routed layer per group of `every` layers), got {mod.every!r}.")
+    # 1 routes every layer (the paper's "a learned binary router at each layer"); 2, the default, every other.
+    require(isinstance(mod.every, int) and mod.every >= 1, "model.mod.every",
+             f"must be an integer >= 1 (one routed layer per group of `every` layers), got {mod.every!r}.")
     require(mod.every <= m.num_layers, "model.mod.every",
              f"{mod.every} exceeds model.num_layers ({m.num_layers}); no layer would be routed.")
     _check_capacity(mod.capacity, "model.mod.capacity")

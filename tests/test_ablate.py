@@ -232,3 +232,22 @@ def test_rewritten_report_names_the_corpus_and_drops_figures_it_no_longer_draws(
   assert sorted(os.listdir(tmp_path)) == ["README.md", "lambda.png", "loss_curves.png", "notes.txt", "results.json"]
   readme = (tmp_path / "README.md").read_text()
   assert "built-in" not in readme and "on the corpus code = 'files:src/*.py', docs = 'files:doc/*.md'," in readme
+
+
+def test_stable_rank_text_gives_the_papers_claim_in_our_squared_measure():
+  # Two matrices whose unsquared ||W||_F / ||W||_2 differ by the paper's 23%: their squared stable ranks
+  # (what metrics.stable_rank computes) differ by the percentage the report quotes for the paper.
+  def squared_stable_rank(singular_values):
+    w = np.diag(np.asarray(singular_values, np.float64))
+    return np.linalg.norm(w, "fro") ** 2 / np.linalg.norm(w, 2) ** 2
+  base = [1.0, 0.5, 0.25]
+  unsquared = np.sqrt(squared_stable_rank(base))
+  second = np.sqrt(((1.23 * unsquared) ** 2 - 1.0 - 0.25) / 2)  # chosen so the unsquared ratio is 1.23
+  pi, p2 = squared_stable_rank([1.0, second, second, 0.5]), squared_stable_rank(base)
+  assert np.sqrt(pi / p2) == pytest.approx(1.23)
+  curves = {"full": {"steps": [10], "mean": [pi], "relative": [1.0]},
+            "power_of_two": {"steps": [10], "mean": [p2], "relative": [1.0]}}
+  text, _ = ablate_analysis._stable_rank_text(curves, {"full": "Full", "power_of_two": "Pow2"})
+  ours = re.search(r"full model's is ([+-][\d.]+)%", text).group(1)
+  paper = re.search(r"which is ([+-]\d+)% on this squared measure", text).group(1)
+  assert round(float(ours)) == int(paper) == 51

@@ -8,23 +8,24 @@ import ml_collections
 import pytest
 
 from diffmoe_jax import estimate, parallel
+from diffmoe_jax.config import ConfigError
 from diffmoe_jax.nn import model as model_lib
 from diffmoe_jax.train import state as state_lib
 from test_config import load
 
 
-def hand_count_tiny():
+def hand_count_tiny(routed_layers=2):
   """configs/tiny.py by hand: d 288, 4 layers of 4 heads x 72 (sub-heads 36), 4 experts x 768, vocab 256,
-  MoD on layers 1 and 3 (predictor hidden 64), untied output head."""
+  MoD on `routed_layers` layers (predictor hidden 64; tiny routes layers 1 and 3), untied output head."""
   d, layers, heads, dv, experts, f, vocab, hidden = 288, 4, 4, 72, 4, 768, 256, 64
   attention = 4 * d * heads * dv + 4 * experts * (dv // 2) + dv  # q, k, v, o; λ vectors per expert; head norm
   layer = attention + 2 * d + d * experts + experts * 2 * d * f  # two norms, router, gelu experts
   mod = d + d * hidden + hidden + hidden
-  total = vocab * d + layers * layer + 2 * mod + d + d * vocab
+  total = vocab * d + layers * layer + routed_layers * mod + d + d * vocab
   expert_params = layers * experts * 2 * d * f
   active_no_mod = total - expert_params * (1 - 2 / experts)
   routed_layer_active = layer - experts * 2 * d * f * (1 - 2 / experts)
-  active = active_no_mod - 2 * routed_layer_active * (1 - 0.25)
+  active = active_no_mod - routed_layers * routed_layer_active * (1 - 0.25)
   return total, active_no_mod, active
 
 
@@ -38,6 +39,21 @@ def test_tiny_matches_the_hand_count():
   assert result["weights_bytes_fp32"] == 4 * total and result["train_state_bytes"] == 12 * total
   # KV cache: per position and layer (routed ones too), K and V of width d in bf16 and a filled flag.
   assert result["kv_cache_bytes_bf16"] == 4 * 256 * (2 * 288 * 2 + 1)
+
+
+def test_a_router_at_each_layer_as_the_paper_describes():
+  # The paper: "a learned binary router at each layer"; mod.every=1 makes every layer a routed one.
+  config = load("tiny")
+  config.model.mod.every = 1
+  assert model_lib.routed_layer_indices(config.model) == [0, 1, 2, 3]
+  result = estimate.estimate(config)
+  total, active_no_mod, active = hand_count_tiny(routed_layers=4)
+  assert result["total_params"] == total
+  assert result["active_params_no_mod"] == pytest.approx(active_no_mod)
+  assert result["active_params"] == pytest.approx(active)
+  config.model.mod.every = 0
+  with pytest.raises(ConfigError, match=r"model\.mod\.every: must be an integer >= 1"):
+    estimate.estimate(config)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

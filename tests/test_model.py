@@ -71,6 +71,19 @@ def test_causal_without_mod_and_with_dropless(make_config):
                              rtol=1e-5, atol=1e-5)
 
 
+def test_a_router_at_each_layer_is_causal_and_routes_every_layer(make_config):
+  """mod.every=1, the paper's "a learned binary router at each layer": groups of one routed layer."""
+  cfg = make_config(**{"mod.every": 1})
+  assert model_lib.routed_layer_indices(cfg.model) == list(range(cfg.model.num_layers))
+  model, variables = _init(cfg)
+  apply = jax.jit(lambda t: model.apply(variables, t, mod_mode="predictor"))
+  tokens = _tokens(2)
+  logits, aux = apply(tokens)
+  assert aux["layers"]["mod_selected_fraction"].shape == (cfg.model.num_layers,)
+  changed = tokens.at[:, 9:].set((tokens[:, 9:] + 1) % 64)
+  np.testing.assert_allclose(np.asarray(apply(changed)[0][:, :9]), np.asarray(logits[:, :9]), rtol=1e-5, atol=1e-5)
+
+
 def test_gradients_reach_router_lambdas_and_mod_router(base):
   _, model, params, _ = base
   tokens = _tokens(2)
