@@ -173,15 +173,19 @@ def test_bf16_inputs(path):
     np.testing.assert_allclose(np.asarray(ours, np.float32), ref, rtol=0, atol=scale(ref), err_msg=name)
 
 
+@pytest.mark.parametrize("t, s", [(0, 40), (3, 0)])
 @pytest.mark.parametrize("path", PATHS)
-def test_no_queries_gives_an_empty_output(path):
-  """A call with no query tokens (how a skipped MoD block is traced at decode) against a long cache."""
-  b, s, h, d = 1, 40, 2, 8
-  positions = jnp.zeros((b, 0), jnp.int32), jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-  out = attn.differential_attention(jnp.zeros((b, 0, h, 2, d)), jnp.ones((b, s, h, 2, d)), jnp.ones((b, s, h, 2 * d)),
+def test_no_queries_or_no_keys_give_an_empty_or_zero_output(path, t, s):
+  """A call with no query tokens (how a skipped MoD block is traced at decode) against a long cache, and
+  queries with no key at all, which see no key and so give 0 (the blockwise and Pallas paths divided by
+  the zero key count)."""
+  b, h, d = 1, 2, 8
+  positions = jnp.zeros((b, t), jnp.int32), jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+  out = attn.differential_attention(jnp.ones((b, t, h, 2, d)), jnp.ones((b, s, h, 2, d)), jnp.ones((b, s, h, 2 * d)),
                                     0.5, q_positions=positions[0], kv_positions=positions[1], implementation=path,
                                     block_q=BLOCK, block_k=BLOCK)
-  assert out.shape == (b, 0, h, 2 * d)
+  assert out.shape == (b, t, h, 2 * d)
+  np.testing.assert_array_equal(np.asarray(out), 0.0)
 
 
 def test_fused_path_zeroes_rows_without_keys():
