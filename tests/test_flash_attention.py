@@ -157,9 +157,11 @@ def test_path_matches_float64_reference(path, case):
   np.testing.assert_array_equal(np.asarray(got)[unseeing], 0.0)
 
 
-@pytest.mark.parametrize("path", PATHS)
-def test_bf16_inputs(path):
-  q, k, v, lam, g, masks, visible = _case("per_token_lam")
+# bf16 on every path; non-causal on the kernels, whose non-causal block ranges the other paths do not have.
+@pytest.mark.parametrize("path, case", [(path, "per_token_lam") for path in PATHS]
+                         + [(path, "non_causal") for path in ("pallas", "pallas_tpu")])
+def test_bf16_inputs(path, case):
+  q, k, v, lam, g, masks, visible = _case(case)
   b, t, h = q.shape[:3]
   round_bf16 = lambda a: np.asarray(jnp.asarray(a, jnp.bfloat16), np.float32)
   q, k, v = round_bf16(q), round_bf16(k), round_bf16(v)
@@ -169,6 +171,7 @@ def test_bf16_inputs(path):
   assert got.dtype == jnp.bfloat16
   scale = lambda ref: 0.03 * np.abs(ref).max()  # bf16 keeps 8 bits: 2⁻⁸ relative per rounding
   np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=0, atol=scale(want))
+  np.testing.assert_array_equal(np.asarray(got, np.float32)[~visible.any(-1)], 0.0)  # no visible key
   for name, ours, ref in zip(("dq", "dk", "dv", "dlam"), grads, (dq, dk, dv, -dw[..., 1])):
     np.testing.assert_allclose(np.asarray(ours, np.float32), ref, rtol=0, atol=scale(ref), err_msg=name)
 
