@@ -235,6 +235,10 @@ _Q, _K, _V = jnp.ones((1, 4, 2, 2, 8)), jnp.ones((1, 4, 2, 2, 8)), jnp.ones((1, 
      r"kv_segment_ids must be integers; got float32"),
     (lambda: attn.differential_attention(_Q.astype(jnp.int32), _K, _V, 0.5, implementation="explicit"),
      r"q must be floating point; got int32"),
+    (lambda: attn.standard_attention(_Q[:, :, :, 0], _K[:, :, :, 0], _V, implementation="fused"),
+     r"the fused path needs Dv = D \(got Dv=16, D=8\); use implementation='blockwise'"),
+    (lambda: attn.differential_attention(_Q, _K, _V[..., :8], 0.5, implementation="fused"),
+     r"the fused path needs Dv = 2·D \(got Dv=8, D=8\); use implementation='blockwise'"),
 ])
 def test_misshaped_arguments_name_the_argument(call, message):
   with pytest.raises(ValueError, match=message):

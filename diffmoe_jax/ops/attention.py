@@ -267,7 +267,8 @@ def standard_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool
                        block_q: int = 0, block_k: int = 0, gpu_backward: str = "two_pass",
                        gpu_launches: tuple = ()) -> jax.Array:
   """Softmax attention, `[B, T, H, D] x [B, S, H, D] x [B, S, H, Dv] -> [B, T, H, Dv]` (the ablation);
-  masks, segment ids and implementations as in `differential_attention` ("blockwise" / "pallas": M = 1)."""
+  masks, segment ids and implementations as in `differential_attention` ("blockwise" / "pallas": M = 1;
+  "fused" needs Dv = D)."""
   implementation = _check_implementation(implementation)
   if q.ndim != 4 or k.shape[0] != q.shape[0] or k.shape[2:] != q.shape[2:] or v.shape[:3] != k.shape[:3]:
     raise ValueError(f"standard_attention expects q [B,T,H,D], k [B,S,H,D], v [B,S,H,Dv]; got q {q.shape}, "
@@ -289,6 +290,8 @@ def standard_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool
     scores = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32)
     probs = jax.nn.softmax(jnp.where(mask[:, None], scores, _MASK_VALUE), axis=-1)
     return _zero_rows_without_keys(jnp.einsum("bhts,bshv->bthv", probs.astype(v.dtype), v), mask)
+  if v.shape[-1] != d:
+    raise ValueError(f"the fused path needs Dv = D (got Dv={v.shape[-1]}, D={d}); use implementation='blockwise'.")
   return _dot_product_attention(q, k, v, mask, scale=1.0)
 
 
