@@ -220,6 +220,25 @@ _Q, _K, _V = jnp.ones((1, 4, 2, 2, 8)), jnp.ones((1, 4, 2, 2, 8)), jnp.ones((1, 
      r"standard_attention expects .* got q \(1, 4, 2, 8\), k \(1, 4, 2, 6\)"),
     (lambda: attn.apply_rope(jnp.ones((1, 4, 2, 7)), jnp.zeros((1, 4), jnp.int32), 1e4),
      r"apply_rope rotates pairs of dimensions; the last axis of x \(1, 4, 2, 7\) must be even"),
+    # The blockwise and Pallas paths took a kv_mask of the wrong length, float masks and positions (rounding
+    # them where the explicit path did not) and integer q (scaled to 0 by the explicit path) without a word.
+    (lambda: attn.differential_attention(_Q, _K, _V, 0.5, kv_mask=jnp.ones((1, 5), bool), implementation="blockwise"),
+     r"kv_mask \[B, S\] must be \(1, 4\); got \(1, 5\)"),
+    (lambda: attn.standard_attention(_Q[:, :, :, 0], _K[:, :, :, 0], _V, kv_mask=jnp.ones((4,), bool),
+                                     implementation="pallas_tpu"), r"kv_mask \[B, S\] must be \(1, 4\); got \(4,\)"),
+    (lambda: attn.differential_attention(_Q, _K, _V, 0.5, kv_mask=jnp.ones((1, 4)), implementation="pallas"),
+     r"kv_mask must be boolean; got float32"),
+    (lambda: attn.differential_attention(_Q, _K, _V, 0.5, q_positions=jnp.zeros((1, 4)), implementation="blockwise"),
+     r"q_positions must be integers; got float32"),
+    (lambda: attn.standard_attention(_Q[:, :, :, 0], _K[:, :, :, 0], _V, kv_segment_ids=jnp.zeros((1, 4)),
+                                     q_segment_ids=jnp.zeros((1, 4), jnp.int32), implementation="pallas"),
+     r"kv_segment_ids must be integers; got float32"),
+    (lambda: attn.differential_attention(_Q.astype(jnp.int32), _K, _V, 0.5, implementation="explicit"),
+     r"q must be floating point; got int32"),
+    (lambda: attn.standard_attention(_Q[:, :, :, 0], _K[:, :, :, 0], _V, implementation="fused"),
+     r"the fused path needs Dv = D \(got Dv=16, D=8\); use implementation='blockwise'"),
+    (lambda: attn.differential_attention(_Q, _K, _V[..., :8], 0.5, implementation="fused"),
+     r"the fused path needs Dv = 2·D \(got Dv=8, D=8\); use implementation='blockwise'"),
 ])
 def test_misshaped_arguments_name_the_argument(call, message):
   with pytest.raises(ValueError, match=message):

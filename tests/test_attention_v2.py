@@ -59,6 +59,10 @@ def test_v2_op_matches_float64_reference(implementation):
   got = attn.differential_v2_attention(q, k, v, logits, q_positions=pos, kv_positions=pos,
                                        implementation=implementation, block_q=4, block_k=4)
   np.testing.assert_allclose(np.asarray(got), reference_v2(q, k, v, logits, pos, pos), rtol=1e-5, atol=1e-5)
+  # One logit for every token and head, as differential_attention takes a scalar λ.
+  got = attn.differential_v2_attention(q, k, v, 0.3, implementation=implementation, block_q=4, block_k=4)
+  want = reference_v2(q, k, v, np.full(logits.shape, 0.3), pos, pos)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
 
 
 def test_v2_op_masking_decode_gathered_and_segments():

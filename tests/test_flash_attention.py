@@ -51,8 +51,10 @@ def reference(q, k, v, w, visible, g):
   return out, (dq, dk, dv, dw)
 
 
-def visibility(q_pos, kv_pos, kv_mask=None, q_seg=None, kv_seg=None):
+def visibility(q_pos, kv_pos, kv_mask=None, q_seg=None, kv_seg=None, causal=True):
   visible = np.asarray(kv_pos)[:, None, :] <= np.asarray(q_pos)[:, :, None]
+  if not causal:
+    visible = np.ones_like(visible)
   if kv_mask is not None:
     visible &= np.asarray(kv_mask)[:, None, :]
   if q_seg is not None:
@@ -84,6 +86,14 @@ def _case(name):
     q_pos = np.full((b, 1), 29)
     kv_mask = np.broadcast_to(np.arange(s) <= 29, (b, s))
     lam = rng.uniform(0.1, 0.9, (b, t, h))
+  elif name == "non_causal":
+    # Queries see later keys too: 37 queries over 45 keys (neither a multiple of the block), packed
+    # documents, and row 0 hides every key of document 2, whose queries there see no key.
+    s = 45
+    q_pos, kv_pos = np.broadcast_to(np.arange(t), (b, t)), np.broadcast_to(np.arange(s), (b, s))
+    q_seg, kv_seg = (np.broadcast_to(np.arange(n) * 4 // n, (b, n)) for n in (t, s))
+    kv_mask = rng.uniform(size=(b, s)) > 0.2
+    kv_mask[0, kv_seg[0] == 2] = False
   m = 1 if name == "standard" else 2
   width = 2 * d if m == 1 else d  # standard heads: q, k as wide as v
   q = rng.normal(size=(b, t, h, m, width)).astype(np.float32)
@@ -94,7 +104,10 @@ def _case(name):
                kv_mask=None if kv_mask is None else np.asarray(kv_mask),
                q_segment_ids=None if q_seg is None else np.asarray(q_seg, np.int32),
                kv_segment_ids=None if kv_seg is None else np.asarray(kv_seg, np.int32))
-  visible = visibility(q_pos, kv_pos, kv_mask, q_seg, kv_seg)
+  causal = name != "non_causal"
+  if not causal:
+    masks["causal"] = False
+  visible = visibility(q_pos, kv_pos, kv_mask, q_seg, kv_seg, causal)
   if name == "standard":
     q_seg = kv_seg = np.broadcast_to(np.arange(t) // 10, (b, t)).astype(np.int32)
     masks.update(q_segment_ids=q_seg, kv_segment_ids=kv_seg)
@@ -103,7 +116,7 @@ def _case(name):
   return q, k, v, lam, g, masks, visible
 
 
-CASES = ("scalar_lam_kv_mask", "per_head_lam_segments_positions", "per_token_lam", "decode", "standard")
+CASES = ("scalar_lam_kv_mask", "per_head_lam_segments_positions", "per_token_lam", "decode", "standard", "non_causal")
 
 
 def _run(path, q, k, v, lam, g, masks, dtype=jnp.float32):
@@ -139,13 +152,16 @@ def test_path_matches_float64_reference(path, case):
     dlam = -dw[..., 1]
     dlam = {0: dlam.sum(), 1: dlam.sum((0, 1)), 3: dlam}[np.ndim(lam)]
     np.testing.assert_allclose(np.asarray(grads[3]), dlam, **tol, err_msg="dlam")
-  if case == "scalar_lam_kv_mask":
-    np.testing.assert_array_equal(np.asarray(got)[0, :5], 0.0)  # no visible key: exactly 0
+  unseeing = ~visible.any(-1)  # queries with no visible key: exactly 0
+  assert unseeing.any() == (case in ("scalar_lam_kv_mask", "non_causal"))
+  np.testing.assert_array_equal(np.asarray(got)[unseeing], 0.0)
 
 
-@pytest.mark.parametrize("path", PATHS)
-def test_bf16_inputs(path):
-  q, k, v, lam, g, masks, visible = _case("per_token_lam")
+# bf16 on every path; non-causal on the kernels, whose non-causal block ranges the other paths do not have.
+@pytest.mark.parametrize("path, case", [(path, "per_token_lam") for path in PATHS]
+                         + [(path, "non_causal") for path in ("pallas", "pallas_tpu")])
+def test_bf16_inputs(path, case):
+  q, k, v, lam, g, masks, visible = _case(case)
   b, t, h = q.shape[:3]
   round_bf16 = lambda a: np.asarray(jnp.asarray(a, jnp.bfloat16), np.float32)
   q, k, v = round_bf16(q), round_bf16(k), round_bf16(v)
@@ -155,19 +171,24 @@ def test_bf16_inputs(path):
   assert got.dtype == jnp.bfloat16
   scale = lambda ref: 0.03 * np.abs(ref).max()  # bf16 keeps 8 bits: 2⁻⁸ relative per rounding
   np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=0, atol=scale(want))
+  np.testing.assert_array_equal(np.asarray(got, np.float32)[~visible.any(-1)], 0.0)  # no visible key
   for name, ours, ref in zip(("dq", "dk", "dv", "dlam"), grads, (dq, dk, dv, -dw[..., 1])):
     np.testing.assert_allclose(np.asarray(ours, np.float32), ref, rtol=0, atol=scale(ref), err_msg=name)
 
 
+@pytest.mark.parametrize("t, s", [(0, 40), (3, 0)])
 @pytest.mark.parametrize("path", PATHS)
-def test_no_queries_gives_an_empty_output(path):
-  """A call with no query tokens (how a skipped MoD block is traced at decode) against a long cache."""
-  b, s, h, d = 1, 40, 2, 8
-  positions = jnp.zeros((b, 0), jnp.int32), jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-  out = attn.differential_attention(jnp.zeros((b, 0, h, 2, d)), jnp.ones((b, s, h, 2, d)), jnp.ones((b, s, h, 2 * d)),
+def test_no_queries_or_no_keys_give_an_empty_or_zero_output(path, t, s):
+  """A call with no query tokens (how a skipped MoD block is traced at decode) against a long cache, and
+  queries with no key at all, which see no key and so give 0 (the blockwise and Pallas paths divided by
+  the zero key count)."""
+  b, h, d = 1, 2, 8
+  positions = jnp.zeros((b, t), jnp.int32), jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+  out = attn.differential_attention(jnp.ones((b, t, h, 2, d)), jnp.ones((b, s, h, 2, d)), jnp.ones((b, s, h, 2 * d)),
                                     0.5, q_positions=positions[0], kv_positions=positions[1], implementation=path,
                                     block_q=BLOCK, block_k=BLOCK)
-  assert out.shape == (b, 0, h, 2 * d)
+  assert out.shape == (b, t, h, 2 * d)
+  np.testing.assert_array_equal(np.asarray(out), 0.0)
 
 
 def test_fused_path_zeroes_rows_without_keys():
@@ -402,19 +423,20 @@ def test_benchmark_baselines_compute_what_they_stand_for():
 def test_tpu_block_bounds_are_conservative_and_exact_on_the_diagonal():
   """The TPU kernels skip the (query block, key block) pairs `block_bounds` rules out: never one with a
   visible pair (a brute-force check over every pair), and with sorted positions all the others; the
-  fetch schedule's last live key block / first live query block agree with the pairs."""
-  from diffmoe_jax.ops import flash_attention as fa
+  fetch schedule's last live key block / first live query block agree with the pairs. Without causality
+  the live pairs are exactly those whose key block has a valid key (row 0 hides key block 1 whole)."""
   from diffmoe_jax.ops.flash_attention import block_bounds, live_pairs
   rng = np.random.default_rng(3)
   b, t, block = 2, 64, 16
   sorted_pos = np.broadcast_to(np.arange(t), (b, t))
   scattered = np.sort(rng.choice(300, size=(b, t), replace=False), axis=1)[:, rng.permutation(t)]
-  for positions, exact in ((sorted_pos, True), (scattered, False)):
-    masks = [jnp.asarray(a, jnp.int32) for a in (positions, np.zeros((b, t)), positions, np.zeros((b, t)),
-                                                 rng.uniform(size=(b, t)) < 0.8)]
-    visible = np.asarray(fa.block_visibility(*masks, causal=True))  # [B, T, S]
+  for positions, causal, exact in ((sorted_pos, True, True), (scattered, True, False), (sorted_pos, False, True)):
+    kv_valid = rng.uniform(size=(b, t)) < 0.8
+    kv_valid[0, block:2 * block] = False
+    masks = [jnp.asarray(a, jnp.int32) for a in (positions, np.zeros((b, t)), positions, np.zeros((b, t)), kv_valid)]
+    visible = visibility(positions, positions, kv_valid, causal=causal)  # [B, T, S]
     truth = visible.reshape(b, t // block, block, t // block, block).any(axis=(2, 4))
-    latest, earliest, last_key, first_query = block_bounds(masks, block, block, causal=True)
+    latest, earliest, last_key, first_query = block_bounds(masks, block, block, causal=causal)
     live = np.asarray(live_pairs(latest, earliest))
     assert np.all(live[truth])
     if exact:
@@ -428,23 +450,28 @@ def test_tpu_block_bounds_are_conservative_and_exact_on_the_diagonal():
           assert first_query[row, j] == np.flatnonzero(live[row, :, j]).min()
 
 
-def test_tpu_kernels_pad_blocks_mosaic_cannot_tile():
-  """Asked for 8-query and 32-key blocks on 260 tokens, the TPU kernels use 16 and 128 (padding the
-  sequences): 17 query blocks by 3 key blocks, accumulated across the key grid axis, against the float64
-  reference (forward and gradients) with a kv mask and per-token λ."""
+@pytest.mark.parametrize("causal, t, s", [(True, 260, 260), (False, 20, 300)])
+def test_tpu_kernels_pad_blocks_mosaic_cannot_tile(causal, t, s):
+  """Asked for 8-query and 32-key blocks, the TPU kernels use 16 and 128 (padding the sequences): 260
+  tokens are 17 query blocks by 3 key blocks, accumulated across the key grid axis, against the float64
+  reference (forward and gradients) with a kv mask and per-token λ. Non-causal, 20 queries see all 300
+  keys but those of the middle key block, which the kv mask hides whole (a block pair that is skipped
+  between live ones)."""
   rng = np.random.default_rng(11)
-  b, t, h, d = 1, 260, 2, 4
-  q, k = (rng.normal(size=(b, t, h, 2, d)).astype(np.float32) for _ in range(2))
-  v, g = (rng.normal(size=(b, t, h, 2 * d)).astype(np.float32) for _ in range(2))
+  b, h, d = 1, 2, 4
+  q, g = (rng.normal(size=(b, t, h) + shape).astype(np.float32) for shape in ((2, d), (2 * d,)))
+  k, v = (rng.normal(size=(b, s, h) + shape).astype(np.float32) for shape in ((2, d), (2 * d,)))
   lam = rng.uniform(0.1, 0.9, (b, t, h)).astype(np.float32)
-  positions = np.broadcast_to(np.arange(t), (b, t)).astype(np.int32)
-  kv_mask = rng.uniform(size=(b, t)) < 0.9
+  q_pos, kv_pos = (np.broadcast_to(np.arange(n), (b, n)).astype(np.int32) for n in (t, s))
+  kv_mask = rng.uniform(size=(b, s)) < 0.9
+  if not causal:
+    kv_mask[:, 128:256] = False
   want, (dq, dk, dv, dw) = reference(q, k, v, np.stack([np.ones_like(lam), -lam], -1),
-                                     visibility(positions, positions, kv_mask), g)
+                                     visibility(q_pos, kv_pos, kv_mask, causal=causal), g)
   def f(q, k, v, lam):
-    return attn.differential_attention(q, k, v, lam, q_positions=positions, kv_positions=positions, kv_mask=kv_mask,
-                                       implementation="pallas_tpu", block_q=8, block_k=32)
-  out, vjp = jax.vjp(f, *(jnp.asarray(a) for a in (q, k, v, lam)))
+    return attn.differential_attention(q, k, v, lam, causal=causal, q_positions=q_pos, kv_positions=kv_pos,
+                                       kv_mask=kv_mask, implementation="pallas_tpu", block_q=8, block_k=32)
+  out, vjp = jax.vjp(jax.jit(f), *(jnp.asarray(a) for a in (q, k, v, lam)))
   tol = dict(rtol=2e-4, atol=2e-5)
   np.testing.assert_allclose(np.asarray(out), want, **tol)
   for name, ours, ref in zip(("dq", "dk", "dv", "dlam"), vjp(jnp.asarray(g)), (dq, dk, dv, -dw[..., 1])):

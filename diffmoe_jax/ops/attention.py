@@ -69,6 +69,7 @@ def _positions(q: jax.Array, k: jax.Array, q_positions, kv_positions):
   if q_positions is None:
     q_positions = default_positions(batch, t, offset=s - t)
   _check_shapes(("q_positions [B, T]", q_positions, (batch, t)), ("kv_positions [B, S]", kv_positions, (batch, s)))
+  _check_dtypes(jnp.integer, "integers", ("q_positions", q_positions), ("kv_positions", kv_positions))
   return q_positions, kv_positions
 
 
@@ -77,6 +78,20 @@ def _check_shapes(*named_arrays) -> None:
   for name, array, shape in named_arrays:
     if array.shape != shape:
       raise ValueError(f"{name} must be {shape}; got {array.shape}.")
+
+
+def _check_dtypes(kind, description: str, *named_arrays) -> None:
+  """ValueError naming the first `(name, array)` whose dtype is not a `kind` (e.g. jnp.integer): every
+  path must read it alike (a float position or an integer mask would be rounded or bit-tested by some)."""
+  for name, array in named_arrays:
+    if not jnp.issubdtype(array.dtype, kind):
+      raise ValueError(f"{name} must be {description}; got {array.dtype}.")
+
+
+def _check_kv_mask(kv_mask, batch: int, s: int) -> None:
+  if kv_mask is not None:
+    _check_shapes(("kv_mask [B, S]", kv_mask, (batch, s)))
+    _check_dtypes(jnp.bool_, "boolean", ("kv_mask", kv_mask))
 
 
 def _segments(q_segment_ids, kv_segment_ids, batch: int, t: int, s: int):
@@ -89,6 +104,7 @@ def _segments(q_segment_ids, kv_segment_ids, batch: int, t: int, s: int):
   if q_segment_ids is not None:
     _check_shapes(("q_segment_ids [B, T]", q_segment_ids, (batch, t)),
                   ("kv_segment_ids [B, S]", kv_segment_ids, (batch, s)))
+    _check_dtypes(jnp.integer, "integers", ("q_segment_ids", q_segment_ids), ("kv_segment_ids", kv_segment_ids))
   return q_segment_ids, kv_segment_ids
 
 
@@ -181,9 +197,10 @@ def differential_attention(q: jax.Array, k: jax.Array, v: jax.Array, lam, *, cau
                        gpu_launches: tuple = ()) -> jax.Array:
   """`softmax(q₀k₀ᵀ/√D + M) v − λ · softmax(q₁k₁ᵀ/√D + M) v` per head.
 
-  q: `[B, T, H, 2, D]`, k: `[B, S, H, 2, D]`, v: `[B, S, H, Dv]`; lam: scalar, `[H]` or `[B, T, H]`;
-  segment ids `[B, T]` / `[B, S]` keep attention inside a document. Returns `[B, T, H, Dv]` in v's
-  dtype; a query with no visible key gives 0 on every path.
+  q: `[B, T, H, 2, D]`, k: `[B, S, H, 2, D]`, v: `[B, S, H, Dv]` (floating point); lam: scalar, `[H]` or
+  `[B, T, H]`; positions `[B, T]` / `[B, S]` (integers); kv_mask `[B, S]` (bool, False hides a key);
+  segment ids `[B, T]` / `[B, S]` (integers) keep attention inside a document. Returns `[B, T, H, Dv]` in
+  v's dtype; a query with no visible key gives 0 on every path.
 
   "explicit": fp32 scores; a per-query λ scales rows, so the two maps combine as `(A₀ − λA₁) v`, one
   product with v. "blockwise" / "pallas": `flash_attention` with M = 2 maps and weights (1, −λ), blocks
@@ -199,8 +216,10 @@ def differential_attention(q: jax.Array, k: jax.Array, v: jax.Array, lam, *, cau
     raise ValueError(f"differential_attention expects q [B,T,H,2,D], k [B,S,H,2,D], v [B,S,H,Dv]; got "
                      f"q {q.shape}, k {k.shape}, v {v.shape}.")
   s = k.shape[1]
+  _check_dtypes(jnp.floating, "floating point", ("q", q), ("k", k), ("v", v))
   q_positions, kv_positions = _positions(q, k, q_positions, kv_positions)
   q_segment_ids, kv_segment_ids = _segments(q_segment_ids, kv_segment_ids, batch, t, s)
+  _check_kv_mask(kv_mask, batch, s)
   lam = _lambda_rows(lam, batch, t, heads)
   q = q * jnp.asarray(d**-0.5, q.dtype)
   if implementation in BLOCKWISE:
@@ -234,7 +253,7 @@ def differential_v2_attention(q: jax.Array, k: jax.Array, v: jax.Array, lambda_l
   lambda_logits ℓ: `[B, T, H]` (V2's `W_λ x`, one λ per query token and head, in (0, 1)); the rest as in
   `differential_attention`, which this is with λ = sigmoid(ℓ) (a per-query λ keeps the fused paths exact).
   """
-  return differential_attention(q, k, v, jax.nn.sigmoid(lambda_logits.astype(jnp.float32)), causal=causal,
+  return differential_attention(q, k, v, jax.nn.sigmoid(jnp.asarray(lambda_logits, jnp.float32)), causal=causal,
                                 q_positions=q_positions, kv_positions=kv_positions, kv_mask=kv_mask,
                                 q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
                                 implementation=implementation, block_q=block_q, block_k=block_k,
@@ -248,14 +267,17 @@ def standard_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool
                        block_q: int = 0, block_k: int = 0, gpu_backward: str = "two_pass",
                        gpu_launches: tuple = ()) -> jax.Array:
   """Softmax attention, `[B, T, H, D] x [B, S, H, D] x [B, S, H, Dv] -> [B, T, H, Dv]` (the ablation);
-  masks, segment ids and implementations as in `differential_attention` ("blockwise" / "pallas": M = 1)."""
+  masks, segment ids and implementations as in `differential_attention` ("blockwise" / "pallas": M = 1;
+  "fused" needs Dv = D)."""
   implementation = _check_implementation(implementation)
   if q.ndim != 4 or k.shape[0] != q.shape[0] or k.shape[2:] != q.shape[2:] or v.shape[:3] != k.shape[:3]:
     raise ValueError(f"standard_attention expects q [B,T,H,D], k [B,S,H,D], v [B,S,H,Dv]; got q {q.shape}, "
                      f"k {k.shape}, v {v.shape}.")
   batch, t, heads, d = q.shape
+  _check_dtypes(jnp.floating, "floating point", ("q", q), ("k", k), ("v", v))
   q_positions, kv_positions = _positions(q, k, q_positions, kv_positions)
   q_segment_ids, kv_segment_ids = _segments(q_segment_ids, kv_segment_ids, batch, t, k.shape[1])
+  _check_kv_mask(kv_mask, batch, k.shape[1])
   q = q * jnp.asarray(d**-0.5, q.dtype)
   if implementation in BLOCKWISE:
     return _blockwise(implementation, q[:, :, :, None], k[:, :, :, None], v,
@@ -268,6 +290,8 @@ def standard_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool
     scores = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32)
     probs = jax.nn.softmax(jnp.where(mask[:, None], scores, _MASK_VALUE), axis=-1)
     return _zero_rows_without_keys(jnp.einsum("bhts,bshv->bthv", probs.astype(v.dtype), v), mask)
+  if v.shape[-1] != d:
+    raise ValueError(f"the fused path needs Dv = D (got Dv={v.shape[-1]}, D={d}); use implementation='blockwise'.")
   return _dot_product_attention(q, k, v, mask, scale=1.0)
 
 

@@ -376,8 +376,8 @@ def flash_attention(q, k, v, weights, *, q_positions, kv_positions, causal: bool
     raise ValueError(f"gpu_backward must be one of {GPU_BACKWARDS}, got {gpu_backward!r}.")
   batch, t, heads, num_maps, _ = q.shape
   s = k.shape[1]
-  if t == 0:  # no queries (a skipped MoD block's shape-only call): nothing to compute
-    return jnp.zeros((batch, 0, heads, v.shape[-1]), v.dtype)
+  if t == 0 or s == 0:  # no queries (a skipped MoD block's shape-only call) or no keys: every row is 0
+    return jnp.zeros((batch, t, heads, v.shape[-1]), v.dtype)
   bq, bk = block_sizes(t, s, block_q, block_k, kernel)
   gpu_launches = fit_launches(gpu_launches, t, s) if kernel != "xla" else ()
   q_blocks, k_blocks = _launch_blocks(gpu_launches)
