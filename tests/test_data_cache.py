@@ -13,7 +13,7 @@ from diffmoe_jax import data
 from diffmoe_jax.data import corpus as corpus_lib
 from diffmoe_jax.data import sources
 import test_data
-from test_data import data_config, english, unit_hash
+from test_data import data_config, documents, english, shingles, unit_hash
 
 text_dir = test_data.text_dir  # the fixture: 8 files of English-like text
 
@@ -110,8 +110,8 @@ def test_a_full_disk_or_an_unreadable_file_is_a_data_error(text_dir, tmp_path, m
   config = data_config({"text": f"files:{text_dir}/*.txt"})
   real_write = corpus_lib._write_domain
 
-  def disk_fills(source, tokenizer, val_fraction, out_dir, derived_views):
-    real_write(source, tokenizer, val_fraction, out_dir, derived_views)
+  def disk_fills(*args):
+    real_write(*args)
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
   monkeypatch.setattr(corpus_lib, "_write_domain", disk_fills)
@@ -128,3 +128,38 @@ def test_a_full_disk_or_an_unreadable_file_is_a_data_error(text_dir, tmp_path, m
   with pytest.raises(data.DataError, match=r"^config\.data\.domains\.text: .*/doc0\.txt cannot be read \(Permission "
                                            r"denied\); fix its permissions or leave it out of the source\.$"):
     data.build_corpus(config, cache_root=str(root))
+
+
+def test_no_validation_file_of_any_domain_is_a_copy_of_a_training_file_of_another(tmp_path):
+  """Training mixes the domains, so a file (or a near-copy of it) in validation in one domain and in training
+  in another would be measured on text the model trained on: domains are split together."""
+  a, b = tmp_path / "a", tmp_path / "b"
+  a.mkdir()
+  b.mkdir()
+  for i in range(12):
+    (a / f"doc{i}.txt").write_text(english(i), encoding="utf-8")
+    (b / f"copy{i}.txt").write_text(english(i) + ("One more line.\n" if i % 2 else ""), encoding="utf-8")
+  domains = {"a": f"files:{a}/*.txt", "b": f"files:{b}/*.txt", "both": f"files:{tmp_path}/**/doc1*.txt"}
+  corpus = data.build_corpus(data_config(domains, val_fraction=0.3), cache_root=str(tmp_path / "cache"))
+  val = [shingles(text) for domain in corpus.domains for text in documents(corpus, domain, "val").values()]
+  train = [shingles(text) for domain in corpus.domains for text in documents(corpus, domain, "train").values()]
+  assert val and train
+  assert max(len(v & t) / len(v) for v in val for t in train) < 0.5
+  # Each domain's key covers the other domains' files, which its split depended on.
+  (b / "copy5.txt").write_text(english(50), encoding="utf-8")
+  again = data.build_corpus(data_config(domains, val_fraction=0.3), cache_root=str(tmp_path / "cache"))
+  assert all(again.fingerprint[d] != corpus.fingerprint[d] for d in domains)
+
+
+def test_domains_whose_shared_copies_leave_one_a_single_side_are_refused(tmp_path):
+  """a = {x, y}, b = {y, z}, c = {z, x}: no sides for x, y, z give every domain both."""
+  for domain, names in {"a": "xy", "b": "yz", "c": "zx"}.items():
+    (tmp_path / domain).mkdir()
+    for name in names:
+      (tmp_path / domain / f"{name}.txt").write_text(english(ord(name)), encoding="utf-8")
+  domains = {d: f"files:{tmp_path / d}/*.txt" for d in "abc"}
+  with pytest.raises(data.DataError, match=r"^config\.data\.domains\.[abc] = .*: all its 2 files with text lie "
+                                           r"in (training|validation): near-copies of other domains' files take "
+                                           r"their side .*; add files with different text to this domain\.$"):
+    data.build_corpus(data_config(domains, val_fraction=0.3), cache_root=str(tmp_path / "cache"))
+  assert not os.listdir(tmp_path / "cache")

@@ -7,7 +7,8 @@ whitespace-separated words, or for a shorter text one shingle of all its words. 
 near-duplicates when, in some view, one shares at least NEAR_DUPLICATE of its shingles with the other;
 near-duplicates are joined transitively into groups, and a group goes to validation when the hash of its
 first path is below `val_fraction`. So no validation file shares NEAR_DUPLICATE of a view's shingles with
-any training file's same view.
+any training file's same view. The files of all domains are grouped together, and a group has one side in
+every domain that holds its files (corpus.py), since training mixes the domains.
 """
 from __future__ import annotations
 
@@ -103,19 +104,23 @@ def _near_duplicate_pairs(shingle_sets: list[np.ndarray]):
       yield i, int(j)
 
 
-def assign_val(keys: list[str], val_fraction: float) -> list[bool]:
-  """Validation membership per file from its group's key (its first path): a hash below `val_fraction`.
+def assign_val(keys: dict[str, list[str]], val_fraction: float) -> set[str]:
+  """The validation groups: those whose key (the group's first path) hashes below `val_fraction`.
 
-  Files with equal keys go together. Both splits are made non-empty by moving the group with the lowest hash
-  into validation, or the one with the highest into train, when needed; that takes at least two groups.
+  keys: {domain: each of its files' group key}. A group has one side in every domain. Each domain (in
+  order) gets both splits non-empty by moving its group with the lowest hash into validation, or its one
+  with the highest into train, when needed; that takes at least two groups, and a move for one domain can
+  empty a side of an earlier one that shares the group (the caller checks).
   """
-  h = {key: _unit_hash(key) for key in keys}
+  h = {key: _unit_hash(key) for domain_keys in keys.values() for key in domain_keys}
   val_keys = {key for key, x in h.items() if x < val_fraction}
-  if not val_keys:
-    val_keys = {min(h, key=h.get)}
-  if val_keys == set(h):
-    val_keys.remove(max(h, key=h.get))
-  return [key in val_keys for key in keys]
+  for domain_keys in keys.values():
+    own = set(domain_keys)
+    if not own & val_keys:
+      val_keys.add(min(own, key=h.get))
+    if own <= val_keys:
+      val_keys.remove(max(own, key=h.get))
+  return val_keys
 
 
 def _unit_hash(key: str) -> float:
