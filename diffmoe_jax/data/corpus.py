@@ -291,9 +291,8 @@ def _split_domains(sources: dict[str, Source], tokenizer, val_fraction: float,
   in every domain: training mixes the domains, so no validation file of any domain may be a near-copy of a
   training file of another. With one domain this is that domain's own split.
   """
-  shingler = split_lib.Shingler()
   node_of, names = {}, []  # real path -> node; node -> its name
-  shingles = {}  # view -> {node: its shingles}; every readable file's, documents or not
+  shingle_sets = {}  # view -> {node: its shingles}; every readable file's, documents or not
   docs, skipped = {}, {}  # domain -> [(path, node)], domain -> Counter of reasons
   for name, source in sources.items():
     docs[name], skipped[name] = [], collections.Counter()
@@ -308,9 +307,9 @@ def _split_domains(sources: dict[str, Source], tokenizer, val_fraction: float,
         names.append(source.relpath(path))
       views = [_view(view, file_text, path, derived_views) for view in source.views]
       for view, text in zip(source.views, views):
-        of_view = shingles.setdefault(view, {})
+        of_view = shingle_sets.setdefault(view, {})
         if node not in of_view:
-          of_view[node] = shingler(text if isinstance(text, str) else "")
+          of_view[node] = split_lib.shingles(text if isinstance(text, str) else "")
       why = _not_a_document(source, tokenizer, path, views[source.document_view])
       if why:
         skipped[name][why] += 1
@@ -318,8 +317,8 @@ def _split_domains(sources: dict[str, Source], tokenizer, val_fraction: float,
         docs[name].append((path, node))
   none = np.zeros(0, np.uint64)
   group_of = split_lib.near_duplicate_groups([[of_view.get(node, none) for node in range(len(names))]
-                                              for of_view in shingles.values()])
-  del shingles
+                                              for of_view in shingle_sets.values()])
+  del shingle_sets
   keys = {}  # domain -> each document's group, named by its first file
   for name, source in sources.items():
     _check_documents(source, [source.relpath(path) for path, _ in docs[name]])

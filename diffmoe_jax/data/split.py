@@ -26,35 +26,31 @@ _MIX = np.uint64(0x9E3779B97F4A7C15)
 _PRIME = np.uint64(0x100000001B3)
 
 
-class Shingler:
-  """Text -> sorted distinct uint64 shingle hashes. One instance per split: word ids are shared by its texts."""
-
-  def __init__(self):
-    self._word_ids = _WordIds()
-
-  def __call__(self, text: str) -> np.ndarray:
-    words = text.split()
-    if not words:
-      return np.zeros(0, np.uint64)
-    ids = np.fromiter(map(self._word_ids.__getitem__, words), np.uint64, len(words))
-    if len(ids) < SHINGLE_WORDS:
-      ids = np.concatenate([ids, np.zeros(SHINGLE_WORDS - len(ids), np.uint64)])  # id 0 is no word
-    x = ids * _MIX
-    x ^= x >> np.uint64(29)
-    n = len(ids) - SHINGLE_WORDS + 1
-    h = np.zeros(n, np.uint64)
-    for i in range(SHINGLE_WORDS):
-      h = (h ^ x[i:i + n]) * _PRIME
-      h ^= h >> np.uint64(31)
-    return np.unique(h)
+def shingles(text: str) -> np.ndarray:
+  """A text's sorted distinct uint64 shingle hashes."""
+  words = text.split()
+  if not words:
+    return np.zeros(0, np.uint64)
+  # Each word is hashed, not numbered in a dictionary of all texts' words (which took 3x the memory of the
+  # shingles it served): among a million distinct words, two share a hash with probability about 5e-8.
+  word_hashes = {word: _word_hash(word) for word in set(words)}
+  ids = np.fromiter(map(word_hashes.__getitem__, words), np.uint64, len(words))
+  if len(ids) < SHINGLE_WORDS:
+    ids = np.concatenate([ids, np.zeros(SHINGLE_WORDS - len(ids), np.uint64)])  # 0 is no word
+  x = ids * _MIX
+  x ^= x >> np.uint64(29)
+  n = len(ids) - SHINGLE_WORDS + 1
+  h = np.zeros(n, np.uint64)
+  for i in range(SHINGLE_WORDS):
+    h = (h ^ x[i:i + n]) * _PRIME
+    h ^= h >> np.uint64(31)
+  return np.unique(h)
 
 
-class _WordIds(dict):
-  """word -> 1, 2, ... in order of first use (deterministic: files are read in sorted order)."""
-
-  def __missing__(self, word: str) -> int:
-    self[word] = value = len(self) + 1
-    return value
+def _word_hash(word: str) -> int:
+  """A word's odd (so nonzero) 64-bit hash, the same in every process (unlike `hash`)."""
+  digest = hashlib.blake2b(word.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+  return int.from_bytes(digest, "little") | 1
 
 
 def near_duplicate_groups(views: list[list[np.ndarray]]) -> list[int]:
@@ -82,26 +78,44 @@ def near_duplicate_groups(views: list[list[np.ndarray]]) -> list[int]:
 
 
 def _near_duplicate_pairs(shingle_sets: list[np.ndarray]):
-  """(i, j): file i shares at least NEAR_DUPLICATE of its (not too common) shingles with file j."""
-  n = len(shingle_sets)
-  sizes = np.array([len(s) for s in shingle_sets], np.int64)
-  if not sizes.sum():
+  """(i, j): file i shares at least NEAR_DUPLICATE of its (not too common) shingles with file j.
+
+  Only the shingles of two to COMMON_FILES files are indexed (most are in one file): memory beyond the
+  shingle sets is one sorted copy of them, briefly, and arrays the size of the shared ones.
+  """
+  if not sum(len(s) for s in shingle_sets):
     return
   values = np.concatenate(shingle_sets)
-  order = np.argsort(values, kind="stable")
-  holders = np.repeat(np.arange(n), sizes)[order]  # the files holding each shingle, grouped by shingle
-  distinct, first, count = np.unique(values[order], return_index=True, return_counts=True)
-  for i, shingles in enumerate(shingle_sets):
-    g = np.searchsorted(distinct, shingles)
-    g = g[count[g] <= COMMON_FILES]
+  values.sort()
+  repeated = values[1:][values[1:] == values[:-1]]  # a shingle of k files appears k - 1 times
+  del values
+  distinct, repeats = np.unique(repeated, return_counts=True)
+  shared, common = distinct[repeats < COMMON_FILES], distinct[repeats >= COMMON_FILES]
+  # Each file's shared shingles (indices into `shared`), then the files holding each shared shingle.
+  held = [_members(shared, s) for s in shingle_sets]
+  runs = np.concatenate(held)
+  holders = np.repeat(np.arange(len(shingle_sets), dtype=np.int32), [len(h) for h in held])[
+      np.argsort(runs, kind="stable")]
+  count = np.bincount(runs, minlength=len(shared))
+  first = np.cumsum(count) - count
+  for i, (shingles_i, g) in enumerate(zip(shingle_sets, held)):
+    compared = len(shingles_i) - len(_members(common, shingles_i))  # its shingles that are not too common
     if not len(g):
       continue
     c = count[g]
     # Concatenate the ranges holders[first[g]:first[g] + c] without a Python loop.
     offsets = np.repeat(first[g] - (np.cumsum(c) - c), c) + np.arange(c.sum())
-    others, shared = np.unique(holders[offsets], return_counts=True)
-    for j in others[(shared >= NEAR_DUPLICATE * len(g)) & (others != i)]:
+    others, n_shared = np.unique(holders[offsets], return_counts=True)
+    for j in others[(n_shared >= NEAR_DUPLICATE * compared) & (others != i)]:
       yield i, int(j)
+
+
+def _members(sorted_values: np.ndarray, x: np.ndarray) -> np.ndarray:
+  """The indices in `sorted_values` of the elements of `x` it holds."""
+  at = np.searchsorted(sorted_values, x)
+  found = at < len(sorted_values)
+  found[found] = sorted_values[at[found]] == x[found]
+  return at[found]
 
 
 def assign_val(keys: dict[str, list[str]], val_fraction: float) -> set[str]:
