@@ -470,6 +470,8 @@ def build_text(tmp_path, files, spec="files:{d}/*.txt", **kwargs):
 
 @pytest.mark.parametrize("files, spec, message", [
     ({"a.txt": b"x"}, "files:{d}/*.md", r"config\.data\.domains\.text .*the glob '.*/\*\.md' matches no file"),
+    ({"a[1].txt": b"x"}, "files:{d}/a[1].txt", r"the glob '.*/a\[1\]\.txt' matches no file \(a '\[' starts a "
+     r"character class; write a literal one as '\[\[\]'\); fix or remove it\.$"),
     ({"a.txt": b"x"}, "files:{d}/a.txt,{d}/gone.txt", r"'.*/gone\.txt' does not exist"),
     ({"a.txt": b"x"}, "files:{d}", r"'.*/src' is a directory; name its files with a glob, such as "
      r"'files:.*/src/\*\*/\*\.txt'\.$"),

@@ -141,7 +141,9 @@ def _glob_files(field: str, spec: str, arg: str) -> tuple[str, tuple[str, ...]]:
       fixed_parts.append(os.sep.join(parts[:first_wildcard]) or os.sep)
       matched = [p for p in _expand(pattern) if os.path.isfile(p)]
       if not matched:
-        raise DataError(f"{field} = {spec!r}: the glob {pattern!r} matches no file; fix or remove it.")
+        # A name with brackets, such as 'run [1]', is a character class to glob, even where it exists.
+        hint = " (a '[' starts a character class; write a literal one as '[[]')" if "[" in pattern else ""
+        raise DataError(f"{field} = {spec!r}: the glob {pattern!r} matches no file{hint}; fix or remove it.")
     elif os.path.isfile(pattern):
       fixed_parts.append(os.path.dirname(pattern))
       matched = [pattern]
