@@ -144,9 +144,12 @@ def build_corpus(data_config, cache_root: str | None = None) -> Corpus:
     if _complete(dirs[name]):
       notes[name] = "reused"
       continue
-    start = time.perf_counter()
     if plans is None:  # one split of all domains' files together, made once for the domains to build
+      start = time.perf_counter()
       plans = _split_domains(sources, tokenizer, val_fraction, derived_views)
+      logging.info("data: split the files of domains %s together in %.1f s.", ", ".join(sources),
+                   time.perf_counter() - start)
+    start = time.perf_counter()
     _cached_domain(source, dirs[name], root,
                    functools.partial(_write_domain, source, plans[name], tokenizer, derived_views))
     notes[name] = f"built in {time.perf_counter() - start:.1f} s"
