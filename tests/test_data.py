@@ -494,6 +494,8 @@ def test_bad_sources(tmp_path, files, spec, message):
     ({"tokenizer": "sentencepiece:/nonexistent/tiny.model"},
      r"config\.data\.tokenizer = 'sentencepiece:/nonexistent/tiny\.model': .*/nonexistent/tiny\.model does not"),
     ({"tokenizer": "hf:/nonexistent/tokenizer.json"}, r"tokenizer\.json file /nonexistent/tokenizer\.json does"),
+    ({"tokenizer": "hf:/"}, r"^config\.data\.tokenizer = 'hf:/': the Hugging Face tokenizer\.json file / is a "
+     r"directory; fix the path, or use 'bytes'\.$"),
     ({"tokenizer": "word"}, r"config\.data\.tokenizer = 'word' is not a tokenizer spec"),
     ({"val_fraction": 1.0}, r"config\.data\.val_fraction = 1\.0 must lie in \(0, 1\)"),
     ({"val_fraction": 0.0}, r"config\.data\.val_fraction = 0\.0 must lie in \(0, 1\), such as 0\.05: every domain "
