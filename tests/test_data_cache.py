@@ -163,3 +163,15 @@ def test_domains_whose_shared_copies_leave_one_a_single_side_are_refused(tmp_pat
                                            r"their side .*; add files with different text to this domain\.$"):
     data.build_corpus(data_config(domains, val_fraction=0.3), cache_root=str(tmp_path / "cache"))
   assert not os.listdir(tmp_path / "cache")
+
+
+def test_a_source_of_only_undecodable_files_is_a_data_error(tmp_path, monkeypatch):
+  """Built-in corpus files that cannot be decoded are skipped: with none left, no file has text."""
+  lib = tmp_path / "lib"
+  lib.mkdir()
+  for i in range(2):
+    (lib / f"mod{i}.py").write_text("# -*- coding: no-such-codec -*-\nx = 1\n")
+  monkeypatch.setattr(sources, "_stdlib_files", lambda field: (str(lib), tuple(sorted(map(str, lib.iterdir())))))
+  with pytest.raises(data.DataError, match=r"^config\.data\.domains\.code = 'stdlib:code': none of its 2 files has "
+                                           r"any text; point it at files with text\.$"):
+    data.build_corpus(data_config({"code": "stdlib:code"}), cache_root=str(tmp_path / "cache"))

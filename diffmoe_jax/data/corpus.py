@@ -318,13 +318,14 @@ def _split_domains(sources: dict[str, Source], tokenizer, val_fraction: float,
         skipped[name][why] += 1
       else:
         docs[name].append((path, node))
+  for name, source in sources.items():
+    _check_documents(source, [source.relpath(path) for path, _ in docs[name]])
   none = np.zeros(0, np.uint64)
   group_of = split_lib.near_duplicate_groups([[of_view.get(node, none) for node in range(len(names))]
                                               for of_view in shingle_sets.values()])
   del shingle_sets
   keys = {}  # domain -> each document's group, named by its first file
   for name, source in sources.items():
-    _check_documents(source, [source.relpath(path) for path, _ in docs[name]])
     keys[name] = [names[group_of[node]] for _, node in docs[name]]
     if len(set(keys[name])) == 1:
       raise DataError(f"{source.field} = {source.spec!r}: its {len(docs[name])} files with text are near-copies "
