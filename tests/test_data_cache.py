@@ -12,6 +12,7 @@ import pytest
 from diffmoe_jax import data
 from diffmoe_jax.data import corpus as corpus_lib
 from diffmoe_jax.data import sources
+from diffmoe_jax.train import workdir
 import test_data
 from test_data import data_config, documents, english, shingles, unit_hash
 
@@ -172,6 +173,22 @@ def test_a_source_of_only_undecodable_files_is_a_data_error(tmp_path, monkeypatc
   for i in range(2):
     (lib / f"mod{i}.py").write_text("# -*- coding: no-such-codec -*-\nx = 1\n")
   monkeypatch.setattr(sources, "_stdlib_files", lambda field: (str(lib), tuple(sorted(map(str, lib.iterdir())))))
-  with pytest.raises(data.DataError, match=r"^config\.data\.domains\.code = 'stdlib:code': none of its 2 files has "
-                                           r"any text; point it at files with text\.$"):
+  with pytest.raises(data.DataError, match=r"^config\.data\.domains\.code = 'stdlib:code': none of its 2 files "
+                                           r"has any text; point it at files with text\.$"):
     data.build_corpus(data_config({"code": "stdlib:code"}), cache_root=str(tmp_path / "cache"))
+
+
+def test_a_finished_run_on_domains_split_together_names_them_all_when_one_changes(tmp_path):
+  """A file changed in one of two domains split together changes both keys: the refusal must not say that
+  the other domain's files changed."""
+  for d in ("a", "b"):
+    (tmp_path / d).mkdir()
+    for i in range(3):
+      (tmp_path / d / f"{i}.txt").write_text(english(i if d == "a" else 10 + i), encoding="utf-8")
+  config = data_config({"a": f"files:{tmp_path}/a/*.txt", "b": f"files:{tmp_path}/b/*.txt"}, val_fraction=0.3)
+  saved = data.build_corpus(config, cache_root=str(tmp_path / "cache")).fingerprint
+  (tmp_path / "b" / "0.txt").write_text(english(50), encoding="utf-8")
+  now = data.build_corpus(config, cache_root=str(tmp_path / "cache")).fingerprint
+  with pytest.raises(workdir.WorkdirError, match=r"finished on other training data \(config\.data\.domains a, b: "
+                                                 r"their files, or files they are split with, changed since\)"):
+    workdir.check_data("run", saved, now, print)
