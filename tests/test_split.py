@@ -8,12 +8,24 @@ from diffmoe_jax.data import split
 from test_data import english, shingles
 
 
+TEXTS = [english(i) for i in range(5)] + ["café naïve   a\nb", "", "  one\u3000two\x1cthree\t",
+                                         " ".join("abcdefgh")]
+
+
 def test_a_texts_shingles_are_its_distinct_word_runs_whatever_was_hashed_before():
-  texts = [english(i) for i in range(5)] + ["café naïve   a\nb", ""]
-  first = [split.shingles(t) for t in texts]
-  for text, got, again in zip(texts, first, [split.shingles(t) for t in reversed(texts)][::-1]):
+  first = [split.shingles(t) for t in TEXTS]
+  for text, got, again in zip(TEXTS, first, [split.shingles(t) for t in reversed(TEXTS)][::-1]):
     assert got.dtype == np.uint64 and len(got) == len(shingles(text))
     np.testing.assert_array_equal(got, again)
+
+
+def test_a_text_read_in_pieces_has_the_shingles_of_the_whole(monkeypatch):
+  """A large text is split into words a piece at a time; runs across the cuts must not be lost or added."""
+  whole = [split.shingles(t) for t in TEXTS]
+  for piece in (1, 5, 64):
+    monkeypatch.setattr(split, "_PIECE", piece)
+    for text, expected in zip(TEXTS, whole):
+      np.testing.assert_array_equal(split.shingles(text), expected)
 
 
 def direct_pairs(sets, common_files):

@@ -381,11 +381,14 @@ def _write_domain(source: Source, split: _DomainSplit, tokenizer, derived_views:
                                            disable=None):
       view = source.views[source.document_view]
       text = _view(view, source.read(path), path, derived_views)
-      ids = np.asarray(tokenizer.encode(text)).astype(dtype)
+      out = val if in_val else train
+      ids = np.asarray(tokenizer.encode(text)).astype(dtype, copy=False)
+      out.write(ids)  # its buffer: a large file's tokens are not copied again
+      num_tokens = len(ids)
       if tokenizer.eos_id is not None:
-        ids = np.append(ids, np.array(tokenizer.eos_id, dtype))
-      (val if in_val else train).write(ids.tobytes())
-      chosen["val" if in_val else "train"].append((relpath, len(ids), len(text.encode("utf-8"))))
+        out.write(np.array([tokenizer.eos_id], dtype))
+        num_tokens += 1
+      chosen["val" if in_val else "train"].append((relpath, num_tokens, len(text.encode("utf-8"))))
   meta = {"format": FORMAT_VERSION, "source": source.spec, "tokenizer": tokenizer.name,
           "dtype": np.dtype(dtype).name, "skipped": split.skipped, "splits": {}}
   for name, docs in chosen.items():

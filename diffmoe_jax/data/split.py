@@ -13,6 +13,7 @@ every domain that holds its files (corpus.py), since training mixes the domains.
 from __future__ import annotations
 
 import hashlib
+import re
 
 import numpy as np
 
@@ -24,19 +25,45 @@ COMMON_FILES = 1000
 
 _MIX = np.uint64(0x9E3779B97F4A7C15)
 _PRIME = np.uint64(0x100000001B3)
+_PIECE = 1 << 20  # characters of a text split into words at a time
+_SPACE = re.compile(r"\s")  # the whitespace str.split() splits at
 
 
 def shingles(text: str) -> np.ndarray:
   """A text's sorted distinct uint64 shingle hashes."""
-  words = text.split()
-  if not words:
+  found, ids = [], np.zeros(0, np.uint64)  # ids: hashes of the words no shingle starts at yet
+  for piece in _pieces(text):
+    words = piece.split()
+    # Each word is hashed, not numbered in a dictionary of all texts' words (which took 3x the memory of the
+    # shingles it served): among a million distinct words, two share a hash with probability about 5e-8.
+    word_hashes = {word: _word_hash(word) for word in set(words)}
+    ids = np.concatenate([ids, np.fromiter(map(word_hashes.__getitem__, words), np.uint64, len(words))])
+    if len(ids) >= SHINGLE_WORDS:
+      found.append(_shingle_hashes(ids))
+      ids = ids[len(ids) - SHINGLE_WORDS + 1:]
+  if not found and len(ids):  # fewer words than a shingle: one shingle of them all
+    found.append(_shingle_hashes(np.concatenate([ids, np.zeros(SHINGLE_WORDS - len(ids), np.uint64)])))
+  if not found:
     return np.zeros(0, np.uint64)
-  # Each word is hashed, not numbered in a dictionary of all texts' words (which took 3x the memory of the
-  # shingles it served): among a million distinct words, two share a hash with probability about 5e-8.
-  word_hashes = {word: _word_hash(word) for word in set(words)}
-  ids = np.fromiter(map(word_hashes.__getitem__, words), np.uint64, len(words))
-  if len(ids) < SHINGLE_WORDS:
-    ids = np.concatenate([ids, np.zeros(SHINGLE_WORDS - len(ids), np.uint64)])  # 0 is no word
+  h = np.concatenate(found)
+  found.clear()
+  h.sort()  # in place, where np.unique sorts a copy
+  return h[np.concatenate([[True], h[1:] != h[:-1]])]
+
+
+def _pieces(text: str):
+  """The text in pieces of about _PIECE characters, cut at whitespace: the words of a whole large file as
+  Python strings took about 60 bytes each."""
+  start = 0
+  while start < len(text):
+    space = _SPACE.search(text, start + _PIECE)
+    end = space.start() if space else len(text)
+    yield text[start:end]
+    start = end
+
+
+def _shingle_hashes(ids: np.ndarray) -> np.ndarray:
+  """The hash of each run of SHINGLE_WORDS word hashes (0 is no word)."""
   x = ids * _MIX
   x ^= x >> np.uint64(29)
   n = len(ids) - SHINGLE_WORDS + 1
@@ -44,7 +71,7 @@ def shingles(text: str) -> np.ndarray:
   for i in range(SHINGLE_WORDS):
     h = (h ^ x[i:i + n]) * _PRIME
     h ^= h >> np.uint64(31)
-  return np.unique(h)
+  return h
 
 
 def _word_hash(word: str) -> int:
