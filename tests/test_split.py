@@ -78,3 +78,17 @@ def test_near_duplicate_search_holds_little_beyond_the_shingles():
     tracemalloc.stop()
   assert pairs == {(0, 1), (1, 0)}
   assert peak < 1.5 * total, peak / total
+
+
+def test_a_large_texts_words_are_not_all_held_at_once(monkeypatch):
+  """Its words as Python strings took about 60 bytes each (18x the text, whole); a piece at a time, what is
+  held is its shingle hashes (8 bytes a word) while they are sorted."""
+  monkeypatch.setattr(split, "_PIECE", 1 << 16)
+  text = "".join(english(i, paragraphs=200) for i in range(60))  # 0.6 MB, 10 pieces
+  tracemalloc.start()
+  try:
+    split.shingles(text)
+    peak = tracemalloc.get_traced_memory()[1]
+  finally:
+    tracemalloc.stop()
+  assert peak < 6 * len(text), peak / len(text)
