@@ -192,3 +192,23 @@ def test_a_finished_run_on_domains_split_together_names_them_all_when_one_change
   with pytest.raises(workdir.WorkdirError, match=r"finished on other training data \(config\.data\.domains a, b: "
                                                  r"their files, or files they are split with, changed since\)"):
     workdir.check_data("run", saved, now, print)
+
+
+def test_a_directory_that_cannot_be_listed_under_double_star_is_a_data_error(text_dir, monkeypatch):
+  """os.walk skips a directory it cannot list, which left its files out of the domain unseen."""
+  (text_dir / "private").mkdir()
+  (text_dir / "private" / "notes.txt").write_text(english(9), encoding="utf-8")
+  real_scandir = os.scandir
+
+  def no_permission(path="."):
+    if os.fspath(path).endswith("private"):
+      raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(path))
+    return real_scandir(path)
+
+  monkeypatch.setattr(os, "scandir", no_permission)  # a user's chmod 000 does not stop root, who runs tests
+  with pytest.raises(data.DataError, match=r"^config\.data\.domains\.text = .*: the directory .*/text/private "
+                                           r"cannot be listed \(Permission denied\); fix its permissions or narrow "
+                                           r"the glob\.$"):
+    sources.parse_source("text", f"files:{text_dir}/**/*.txt")
+  with pytest.raises(data.DataError, match=r"the glob '.*/nowhere/\*\*/\*\.txt' matches no file"):  # no directory
+    sources.parse_source("text", f"files:{text_dir}/nowhere/**/*.txt")
