@@ -207,8 +207,8 @@ def test_a_directory_that_cannot_be_listed_under_double_star_is_a_data_error(tex
 
   monkeypatch.setattr(os, "scandir", no_permission)  # a user's chmod 000 does not stop root, who runs tests
   with pytest.raises(data.DataError, match=r"^config\.data\.domains\.text = .*: the directory .*/text/private "
-                                           r"cannot be listed \(Permission denied\); fix its permissions or narrow "
-                                           r"the glob\.$"):
+                                           r"cannot be listed \(Permission denied\); fix its permissions or "
+                                           r"narrow the glob\.$"):
     sources.parse_source("text", f"files:{text_dir}/**/*.txt")
   with pytest.raises(data.DataError, match=r"the glob '.*/nowhere/\*\*/\*\.txt' matches no file"):  # no directory
     sources.parse_source("text", f"files:{text_dir}/nowhere/**/*.txt")
@@ -221,8 +221,8 @@ def test_a_glob_that_matches_the_token_caches_own_files_is_refused(text_dir):
   config = data_config({"text": f"files:{text_dir}/**/*.json"})
   cache = text_dir / "cache"
   data.build_corpus(config, cache_root=str(cache))  # nothing in the cache yet
-  with pytest.raises(data.DataError, match=rf"^config\.data\.domains\.text = .* matches {cache}/\w+/meta\.json, in "
-                                           rf"the token cache {cache}; narrow the glob, or set config\.data\."
+  with pytest.raises(data.DataError, match=rf"^config\.data\.domains\.text = .* matches {cache}/\w+/meta\.json, "
+                                           rf"in the token cache {cache}; narrow the glob, or set config\.data\."
                                            r"cache_dir \(or \$DIFFMOE_CACHE\) to a directory outside it\.$"):
     data.build_corpus(config, cache_root=str(cache))
   assert len(os.listdir(cache)) == 1
