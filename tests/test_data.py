@@ -470,6 +470,8 @@ def build_text(tmp_path, files, spec="files:{d}/*.txt", **kwargs):
 
 @pytest.mark.parametrize("files, spec, message", [
     ({"a.txt": b"x"}, "files:{d}/*.md", r"config\.data\.domains\.text .*the glob '.*/\*\.md' matches no file"),
+    ({"a[1].txt": b"x"}, "files:{d}/a[1].txt", r"the glob '.*/a\[1\]\.txt' matches no file \(a '\[' starts a "
+     r"character class; write a literal one as '\[\[\]'\); fix or remove it\.$"),
     ({"a.txt": b"x"}, "files:{d}/a.txt,{d}/gone.txt", r"'.*/gone\.txt' does not exist"),
     ({"a.txt": b"x"}, "files:{d}", r"'.*/src' is a directory; name its files with a glob, such as "
      r"'files:.*/src/\*\*/\*\.txt'\.$"),
@@ -492,6 +494,8 @@ def test_bad_sources(tmp_path, files, spec, message):
     ({"tokenizer": "sentencepiece:/nonexistent/tiny.model"},
      r"config\.data\.tokenizer = 'sentencepiece:/nonexistent/tiny\.model': .*/nonexistent/tiny\.model does not"),
     ({"tokenizer": "hf:/nonexistent/tokenizer.json"}, r"tokenizer\.json file /nonexistent/tokenizer\.json does"),
+    ({"tokenizer": "hf:/"}, r"^config\.data\.tokenizer = 'hf:/': the Hugging Face tokenizer\.json file / is a "
+     r"directory; fix the path, or use 'bytes'\.$"),
     ({"tokenizer": "word"}, r"config\.data\.tokenizer = 'word' is not a tokenizer spec"),
     ({"val_fraction": 1.0}, r"config\.data\.val_fraction = 1\.0 must lie in \(0, 1\)"),
     ({"val_fraction": 0.0}, r"config\.data\.val_fraction = 0\.0 must lie in \(0, 1\), such as 0\.05: every domain "

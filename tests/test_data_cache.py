@@ -12,8 +12,9 @@ import pytest
 from diffmoe_jax import data
 from diffmoe_jax.data import corpus as corpus_lib
 from diffmoe_jax.data import sources
+from diffmoe_jax.train import workdir
 import test_data
-from test_data import data_config, english, unit_hash
+from test_data import data_config, documents, english, shingles, unit_hash
 
 text_dir = test_data.text_dir  # the fixture: 8 files of English-like text
 
@@ -110,8 +111,8 @@ def test_a_full_disk_or_an_unreadable_file_is_a_data_error(text_dir, tmp_path, m
   config = data_config({"text": f"files:{text_dir}/*.txt"})
   real_write = corpus_lib._write_domain
 
-  def disk_fills(source, tokenizer, val_fraction, out_dir, derived_views):
-    real_write(source, tokenizer, val_fraction, out_dir, derived_views)
+  def disk_fills(*args):
+    real_write(*args)
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
   monkeypatch.setattr(corpus_lib, "_write_domain", disk_fills)
@@ -128,3 +129,100 @@ def test_a_full_disk_or_an_unreadable_file_is_a_data_error(text_dir, tmp_path, m
   with pytest.raises(data.DataError, match=r"^config\.data\.domains\.text: .*/doc0\.txt cannot be read \(Permission "
                                            r"denied\); fix its permissions or leave it out of the source\.$"):
     data.build_corpus(config, cache_root=str(root))
+
+
+def test_no_validation_file_of_any_domain_is_a_copy_of_a_training_file_of_another(tmp_path):
+  """Training mixes the domains, so a file (or a near-copy of it) in validation in one domain and in training
+  in another would be measured on text the model trained on: domains are split together."""
+  a, b = tmp_path / "a", tmp_path / "b"
+  a.mkdir()
+  b.mkdir()
+  for i in range(12):
+    (a / f"doc{i}.txt").write_text(english(i), encoding="utf-8")
+    (b / f"copy{i}.txt").write_text(english(i) + ("One more line.\n" if i % 2 else ""), encoding="utf-8")
+  domains = {"a": f"files:{a}/*.txt", "b": f"files:{b}/*.txt", "both": f"files:{tmp_path}/**/doc1*.txt"}
+  corpus = data.build_corpus(data_config(domains, val_fraction=0.3), cache_root=str(tmp_path / "cache"))
+  val = [shingles(text) for domain in corpus.domains for text in documents(corpus, domain, "val").values()]
+  train = [shingles(text) for domain in corpus.domains for text in documents(corpus, domain, "train").values()]
+  assert val and train
+  assert max(len(v & t) / len(v) for v in val for t in train) < 0.5
+  # Each domain's key covers the other domains' files, which its split depended on.
+  (b / "copy5.txt").write_text(english(50), encoding="utf-8")
+  again = data.build_corpus(data_config(domains, val_fraction=0.3), cache_root=str(tmp_path / "cache"))
+  assert all(again.fingerprint[d] != corpus.fingerprint[d] for d in domains)
+
+
+def test_domains_whose_shared_copies_leave_one_a_single_side_are_refused(tmp_path):
+  """a = {x, y}, b = {y, z}, c = {z, x}: no sides for x, y, z give every domain both."""
+  for domain, names in {"a": "xy", "b": "yz", "c": "zx"}.items():
+    (tmp_path / domain).mkdir()
+    for name in names:
+      (tmp_path / domain / f"{name}.txt").write_text(english(ord(name)), encoding="utf-8")
+  domains = {d: f"files:{tmp_path / d}/*.txt" for d in "abc"}
+  with pytest.raises(data.DataError, match=r"^config\.data\.domains\.[abc] = .*: all its 2 files with text lie "
+                                           r"in (training|validation): near-copies of other domains' files take "
+                                           r"their side .*; add files with different text to this domain\.$"):
+    data.build_corpus(data_config(domains, val_fraction=0.3), cache_root=str(tmp_path / "cache"))
+  assert not os.listdir(tmp_path / "cache")
+
+
+def test_a_source_of_only_undecodable_files_is_a_data_error(tmp_path, monkeypatch):
+  """Built-in corpus files that cannot be decoded are skipped: with none left, no file has text."""
+  lib = tmp_path / "lib"
+  lib.mkdir()
+  for i in range(2):
+    (lib / f"mod{i}.py").write_text("# -*- coding: no-such-codec -*-\nx = 1\n")
+  monkeypatch.setattr(sources, "_stdlib_files", lambda field: (str(lib), tuple(sorted(map(str, lib.iterdir())))))
+  with pytest.raises(data.DataError, match=r"^config\.data\.domains\.code = 'stdlib:code': none of its 2 files "
+                                           r"has any text; point it at files with text\.$"):
+    data.build_corpus(data_config({"code": "stdlib:code"}), cache_root=str(tmp_path / "cache"))
+
+
+def test_a_finished_run_on_domains_split_together_names_them_all_when_one_changes(tmp_path):
+  """A file changed in one of two domains split together changes both keys: the refusal must not say that
+  the other domain's files changed."""
+  for d in ("a", "b"):
+    (tmp_path / d).mkdir()
+    for i in range(3):
+      (tmp_path / d / f"{i}.txt").write_text(english(i if d == "a" else 10 + i), encoding="utf-8")
+  config = data_config({"a": f"files:{tmp_path}/a/*.txt", "b": f"files:{tmp_path}/b/*.txt"}, val_fraction=0.3)
+  saved = data.build_corpus(config, cache_root=str(tmp_path / "cache")).fingerprint
+  (tmp_path / "b" / "0.txt").write_text(english(50), encoding="utf-8")
+  now = data.build_corpus(config, cache_root=str(tmp_path / "cache")).fingerprint
+  with pytest.raises(workdir.WorkdirError, match=r"finished on other training data \(config\.data\.domains a, b: "
+                                                 r"their files, or files they are split with, changed since\)"):
+    workdir.check_data("run", saved, now, print)
+
+
+def test_a_directory_that_cannot_be_listed_under_double_star_is_a_data_error(text_dir, monkeypatch):
+  """os.walk skips a directory it cannot list, which left its files out of the domain unseen."""
+  (text_dir / "private").mkdir()
+  (text_dir / "private" / "notes.txt").write_text(english(9), encoding="utf-8")
+  real_scandir = os.scandir
+
+  def no_permission(path="."):
+    if os.fspath(path).endswith("private"):
+      raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(path))
+    return real_scandir(path)
+
+  monkeypatch.setattr(os, "scandir", no_permission)  # a user's chmod 000 does not stop root, who runs tests
+  with pytest.raises(data.DataError, match=r"^config\.data\.domains\.text = .*: the directory .*/text/private "
+                                           r"cannot be listed \(Permission denied\); fix its permissions or "
+                                           r"narrow the glob\.$"):
+    sources.parse_source("text", f"files:{text_dir}/**/*.txt")
+  with pytest.raises(data.DataError, match=r"the glob '.*/nowhere/\*\*/\*\.txt' matches no file"):  # no directory
+    sources.parse_source("text", f"files:{text_dir}/nowhere/**/*.txt")
+
+
+def test_a_glob_that_matches_the_token_caches_own_files_is_refused(text_dir):
+  """Its meta.json was read as text, and each build added a cache entry for the one before."""
+  (text_dir / "a.json").write_text('{"a": "one two three"}')
+  (text_dir / "b.json").write_text('{"b": "four five six seven"}')
+  config = data_config({"text": f"files:{text_dir}/**/*.json"})
+  cache = text_dir / "cache"
+  data.build_corpus(config, cache_root=str(cache))  # nothing in the cache yet
+  with pytest.raises(data.DataError, match=rf"^config\.data\.domains\.text = .* matches {cache}/\w+/meta\.json, "
+                                           rf"in the token cache {cache}; narrow the glob, or set config\.data\."
+                                           r"cache_dir \(or \$DIFFMOE_CACHE\) to a directory outside it\.$"):
+    data.build_corpus(config, cache_root=str(cache))
+  assert len(os.listdir(cache)) == 1

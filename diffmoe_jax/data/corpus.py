@@ -4,10 +4,13 @@ Each domain is tokenized once into `<cache root>/<key>/`: `train.bin` and `val.b
 when the vocabulary fits, else uint32) and `meta.json` (files, token and byte counts per split). The key
 hashes everything the tokens depend on: format version (which also names the split rule), tokenizer spec and
 model file hash, source spec, every file's path, size and mtime, val_fraction, and for a `files:` source the
-root its paths are hashed relative to, where that is not the files' common directory. A directory is written
-under a temporary name and renamed into place, so an interrupted build never leaves a half cache (an entry
-whose files do not match its meta.json, such as an interrupted copy, is rebuilt). A build holds a lock on
-its temporary directory; one whose lock is free was left by a killed build, and the next build removes it.
+root its paths are hashed relative to, where that is not the files' common directory. The split is decided
+over all domains' files together (split.py), so unless the domains all have the same files, root and views
+(one domain, or the built-in corpus's two), the key also holds each other domain's own key. A directory is
+written under a temporary name and renamed into place, so an interrupted build never leaves a half cache
+(an entry whose files do not match its meta.json, such as an interrupted copy, is rebuilt). A build holds a
+lock on its temporary directory; one whose lock is free was left by a killed build, and the next build
+removes it.
 
 Each document's tokens are followed by the tokenizer's eos id when it has one; token counts include these
 separators and byte counts (UTF-8 bytes of the text) do not, so bits per byte = bits per token / bytes per
@@ -18,6 +21,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import fcntl
+import functools
 import hashlib
 import json
 import numbers
@@ -76,7 +80,8 @@ class Corpus:
   @property
   def fingerprint(self) -> dict[str, str]:
     """{domain: cache key}: the key covers the tokenizer, the source, its files' paths, sizes and modification
-    times and the validation fraction, so equal fingerprints mean the same tokens."""
+    times, the validation fraction and the other domains' files the split depended on, so equal fingerprints
+    mean the same tokens."""
     return {domain: os.path.basename(path) for domain, path in sorted(self.cache_dirs.items())}
 
   def info(self, domain: str, split: str) -> SplitInfo:
@@ -129,15 +134,31 @@ def build_corpus(data_config, cache_root: str | None = None) -> Corpus:
     os.makedirs(root, exist_ok=True)
   except OSError as e:
     raise _cache_error(root, e) from None
-  dirs, notes = {}, {}
+  sources = {name: parse_source(name, domains[name]) for name in sorted(domains)}
+  for source in sources.values():
+    # The cache's own files would be read as text, and change the key (and so add an entry) on every build.
+    inside = next((f for f in source.files if f.startswith(os.path.join(os.path.abspath(root), ""))), None)
+    if inside:
+      raise DataError(f"{source.field} = {source.spec!r} matches {inside}, in the token cache {root}; narrow the "
+                      "glob, or set config.data.cache_dir (or $DIFFMOE_CACHE) to a directory outside it.")
+  dirs = {name: os.path.join(root, key) for name, key in _cache_keys(sources, tokenizer, val_fraction).items()}
+  notes, plans = {}, None
   # Derived views of a file, shared by the domains of this build: both stdlib domains compute both views of
-  # every file (so they split alike), and parsing out the docstrings is most of a build's time.
+  # every file, and parsing out the docstrings is most of a build's time.
   derived_views = {}
-  for name in sorted(domains):
+  for name, source in sources.items():
+    if _complete(dirs[name]):
+      notes[name] = "reused"
+      continue
+    if plans is None:  # one split of all domains' files together, made once for the domains to build
+      start = time.perf_counter()
+      plans = _split_domains(sources, tokenizer, val_fraction, derived_views)
+      logging.info("data: split the files of domains %s together in %.1f s.", ", ".join(sources),
+                   time.perf_counter() - start)
     start = time.perf_counter()
-    dirs[name], built = _cached_domain(parse_source(name, domains[name]), tokenizer, val_fraction, root,
-                                       derived_views)
-    notes[name] = f"built in {time.perf_counter() - start:.1f} s" if built else "reused"
+    _cached_domain(source, dirs[name], root,
+                   functools.partial(_write_domain, source, plans[name], tokenizer, derived_views))
+    notes[name] = f"built in {time.perf_counter() - start:.1f} s"
   corpus = Corpus(tokenizer, dirs, segment_masking=data_config.segment_masking)
   for name in corpus.domains:
     train, val = corpus.info(name, "train"), corpus.info(name, "val")
@@ -154,35 +175,48 @@ def token_dtype(vocab_size: int) -> type:
   return np.uint16 if vocab_size <= 1 << 16 else np.uint32
 
 
-def _cached_domain(source: Source, tokenizer, val_fraction: float, root: str,
-                   derived_views: dict) -> tuple[str, bool]:
-  """The cache directory of one domain, and whether it had to be built (`_write_domain`)."""
-  files = []
-  for path in source.files:
-    stat = os.stat(path)
-    files.append((path, stat.st_size, stat.st_mtime_ns))
-  key_data = {"format": FORMAT_VERSION, "tokenizer": tokenizer.fingerprint, "source": source.spec,
-              "files": files, "val_fraction": val_fraction}
-  if not source.builtin and source.root != os.path.commonpath([os.path.dirname(f) for f in source.files]):
-    # The split hashes paths relative to the root, which for `files:` used to be the matched files' common
-    # directory: a cache of that rule is reused (and a finished run's record of its key holds) exactly where
-    # the two agree.
-    key_data["root"] = source.root
-  key = hashlib.sha256(json.dumps(key_data).encode("utf-8")).hexdigest()[:24]
-  final = os.path.join(root, key)
-  if _complete(final):
-    return final, False
+def _cache_keys(sources: dict[str, Source], tokenizer, val_fraction: float) -> dict[str, str]:
+  """Each domain's cache key: a hash of what its tokens and its split depend on (the module docstring)."""
+  key_data, split_inputs = {}, {}
+  for name, source in sources.items():
+    files = []
+    for path in source.files:
+      stat = os.stat(path)
+      files.append((path, stat.st_size, stat.st_mtime_ns))
+    key_data[name] = {"format": FORMAT_VERSION, "tokenizer": tokenizer.fingerprint, "source": source.spec,
+                      "files": files, "val_fraction": val_fraction}
+    if not source.builtin and source.root != os.path.commonpath([os.path.dirname(f) for f in source.files]):
+      # The split hashes paths relative to the root, which for `files:` used to be the matched files' common
+      # directory: a cache of that rule is reused (and a finished run's record of its key holds) exactly where
+      # the two agree.
+      key_data[name]["root"] = source.root
+    split_inputs[name] = (source.root, files, source.views)
+  own = {name: _hash(data) for name, data in key_data.items()}
+  if all(inputs == split_inputs[name] for inputs in split_inputs.values()):
+    return own  # one domain, or domains of the same files (the built-in corpus): each splits as if alone
+  # The split of each domain depends on every other domain's files (_split_domains).
+  return {name: _hash({**data, "split_with": {other: own[other] for other in own if other != name}})
+          for name, data in key_data.items()}
+
+
+def _hash(key_data: dict) -> str:
+  return hashlib.sha256(json.dumps(key_data).encode("utf-8")).hexdigest()[:24]
+
+
+def _cached_domain(source: Source, final: str, root: str, write) -> None:
+  """Builds the cache directory `final` of one domain: `write(directory)` fills a temporary one, which is
+  then renamed into place."""
   if os.path.exists(final):  # a build renames only a complete directory into place: this one was damaged since
     logging.warning("data: the token cache %s of %s is incomplete (files missing or cut short); rebuilding it.",
                     final, source.field)
     shutil.rmtree(final, ignore_errors=True)
   _remove_killed_builds(root)
   try:
-    tmp, lock = _locked_temporary_dir(root, key)
+    tmp, lock = _locked_temporary_dir(root, os.path.basename(final))
   except OSError as e:  # a read-only cache serves the domains built into it, and cannot take new ones
     raise _cache_error(root, e) from None
   try:
-    _write_domain(source, tokenizer, val_fraction, tmp, derived_views)
+    write(tmp)
     try:
       os.rename(tmp, final)
     except OSError:
@@ -197,7 +231,6 @@ def _cached_domain(source: Source, tokenizer, val_fraction: float, root: str,
     raise
   finally:
     os.close(lock)  # after the rename: an unlocked temporary directory is a killed build's
-  return final, True
 
 
 def _complete(cache_dir: str) -> bool:
@@ -250,80 +283,126 @@ def _cache_error(root: str, e: OSError) -> DataError:
                    "config.data.cache_dir (or $DIFFMOE_CACHE) to a directory you can write.")
 
 
-def _write_domain(source: Source, tokenizer, val_fraction: float, out_dir: str, derived_views: dict) -> None:
-  """Tokenizes a source into `out_dir`: every document into all.bin, then by split into {train,val}.bin.
+@dataclasses.dataclass(frozen=True)
+class _DomainSplit:
+  """One domain's documents, each (path, path relative to the source root, whether in validation), and the
+  number of files skipped for each reason."""
+  docs: list[tuple[str, str, bool]]
+  skipped: dict[str, int]
 
-  derived_views: {(view, path): text or Skipped} of views other than the whole text, read and added to.
+
+def _split_domains(sources: dict[str, Source], tokenizer, val_fraction: float,
+                   derived_views: dict) -> dict[str, _DomainSplit]:
+  """Each domain's documents and their sides, decided over the files of all domains together.
+
+  A file is one node however many domains list it (by its real path), named by its path in the first domain
+  (by name) that lists it; near-copies are grouped across domains (split.py), and a group lies on one side
+  in every domain: training mixes the domains, so no validation file of any domain may be a near-copy of a
+  training file of another. With one domain this is that domain's own split.
   """
-  dtype = token_dtype(tokenizer.vocab_size)
-  skipped = collections.Counter()
-  docs = []  # (relative path, first token in all.bin, number of tokens, number of bytes)
-  # Every readable file's shingles per view, documents or not: both stdlib domains group the files alike.
-  shingler, relpaths, shingle_sets = split_lib.Shingler(), [], [[] for _ in source.views]
-  start = 0
-  all_path = os.path.join(out_dir, "all.bin")
-  with open(all_path, "wb") as out:
-    for path in tqdm.tqdm(source.files, desc=f"tokenizing {source.spec}", unit="file", disable=None):
+  node_of, names = {}, []  # real path -> node; node -> its name
+  shingle_sets = {}  # view -> {node: its shingles}; every readable file's, documents or not
+  docs, skipped = {}, {}  # domain -> [(path, node)], domain -> Counter of reasons
+  for name, source in sources.items():
+    docs[name], skipped[name] = [], collections.Counter()
+    for path in tqdm.tqdm(source.files, desc=f"splitting {source.spec}", unit="file", disable=None):
       try:
         file_text = source.read(path)
       except Skipped as e:
-        skipped[str(e)] += 1
+        skipped[name][str(e)] += 1
         continue
-      relpaths.append(source.relpath(path))
+      node = node_of.setdefault(os.path.realpath(path), len(names))
+      if node == len(names):
+        names.append(source.relpath(path))
       views = [_view(view, file_text, path, derived_views) for view in source.views]
-      for view_sets, view_text in zip(shingle_sets, views):
-        view_sets.append(shingler(view_text if isinstance(view_text, str) else ""))
-      text = views[source.document_view]
-      if isinstance(text, Skipped):
-        skipped[str(text)] += 1
-        continue
-      if not text:
-        skipped["have no text"] += 1
-        continue
-      if source.builtin and tokenizer.reserved_text is not None and tokenizer.reserved_text in text:
-        skipped[f"contain the separator {tokenizer.reserved_text!r}"] += 1
-        continue
-      check_no_separator(tokenizer, text, path, source.field)
-      ids = np.asarray(tokenizer.encode(text)).astype(dtype)
-      if tokenizer.eos_id is not None:
-        ids = np.append(ids, np.array(tokenizer.eos_id, dtype))
-      out.write(ids.tobytes())
-      docs.append((source.relpath(path), start, len(ids), len(text.encode("utf-8"))))
-      start += len(ids)
-  for why, n in skipped.items():
-    logging.info("data: %s = %r: skipped %d files that %s.", source.field, source.spec, n, why)
-  if not docs:
+      for view, text in zip(source.views, views):
+        of_view = shingle_sets.setdefault(view, {})
+        if node not in of_view:
+          of_view[node] = split_lib.shingles(text if isinstance(text, str) else "")
+      why = _not_a_document(source, tokenizer, path, views[source.document_view])
+      if why:
+        skipped[name][why] += 1
+      else:
+        docs[name].append((path, node))
+  for name, source in sources.items():
+    _check_documents(source, [source.relpath(path) for path, _ in docs[name]])
+  none = np.zeros(0, np.uint64)
+  group_of = split_lib.near_duplicate_groups([[of_view.get(node, none) for node in range(len(names))]
+                                              for of_view in shingle_sets.values()])
+  del shingle_sets
+  keys = {}  # domain -> each document's group, named by its first file
+  for name, source in sources.items():
+    keys[name] = [names[group_of[node]] for _, node in docs[name]]
+    if len(set(keys[name])) == 1:
+      raise DataError(f"{source.field} = {source.spec!r}: its {len(docs[name])} files with text are near-copies "
+                      f"of one another (each shares at least {split_lib.NEAR_DUPLICATE:.0%} of its "
+                      f"{split_lib.SHINGLE_WORDS}-word runs with another), so no validation file can be held out "
+                      "whose text is not also in training; add files with different text.")
+  val_keys = split_lib.assign_val(keys, val_fraction)
+  splits = {}
+  for name, source in sources.items():
+    in_val = [key in val_keys for key in keys[name]]
+    if all(in_val) or not any(in_val):
+      raise DataError(f"{source.field} = {source.spec!r}: all its {len(in_val)} files with text lie in "
+                      f"{'validation' if all(in_val) else 'training'}: near-copies of other domains' files take "
+                      "their side (no validation file may be a copy of a training file) and left none for the "
+                      "other; add files with different text to this domain.")
+    splits[name] = _DomainSplit([(path, source.relpath(path), v) for (path, _), v in zip(docs[name], in_val)],
+                                dict(skipped[name]))
+  return splits
+
+
+def _not_a_document(source: Source, tokenizer, path: str, text: str | Skipped) -> str | None:
+  """Why a file's document view is no document (a skip reason, counted), or None."""
+  if isinstance(text, Skipped):
+    return str(text)
+  if not text:
+    return "have no text"
+  if source.builtin and tokenizer.reserved_text is not None and tokenizer.reserved_text in text:
+    return f"contain the separator {tokenizer.reserved_text!r}"
+  check_no_separator(tokenizer, text, path, source.field)
+  return None
+
+
+def _check_documents(source: Source, relpaths: list[str]) -> None:
+  """A domain needs two files with text: the split is by file."""
+  if not relpaths:
     raise DataError(f"{source.field} = {source.spec!r}: none of its {len(source.files)} files has any text; "
                     "point it at files with text.")
-  if len(docs) == 1:
+  if len(relpaths) == 1:
     raise DataError(f"{source.field} = {source.spec!r}: only one file has text "
-                    f"({os.path.join(source.root, docs[0][0])}); the train/validation split is by file, so a "
+                    f"({os.path.join(source.root, relpaths[0])}); the train/validation split is by file, so a "
                     "domain needs at least two: add files, or split this one into several.")
-  group_of = dict(zip(relpaths, split_lib.near_duplicate_groups(shingle_sets)))
-  keys = [relpaths[group_of[d[0]]] for d in docs]  # each document's group, named by its first path
-  if len(set(keys)) == 1:
-    raise DataError(f"{source.field} = {source.spec!r}: its {len(docs)} files with text are near-copies of one "
-                    f"another (each shares at least {split_lib.NEAR_DUPLICATE:.0%} of its "
-                    f"{split_lib.SHINGLE_WORDS}-word runs with another), so no validation file can be held out "
-                    "whose text is not also in training; add files with different text.")
-  is_val = split_lib.assign_val(keys, val_fraction)
-  splits = {split: [d for d, v in zip(docs, is_val) if v == (split == "val")] for split in SPLITS}
-  for split, chosen in splits.items():
-    if sum(d[2] for d in chosen) == 0:
-      raise DataError(f"{source.field} = {source.spec!r}: the {split} split's files "
-                      f"({', '.join(d[0] for d in chosen)}) encode to no tokens with {tokenizer.name!r}; "
-                      "add text.")
+
+
+def _write_domain(source: Source, split: _DomainSplit, tokenizer, derived_views: dict, out_dir: str) -> None:
+  """Tokenizes a domain's documents into `out_dir`: {train,val}.bin and meta.json."""
+  dtype = token_dtype(tokenizer.vocab_size)
+  for why, n in split.skipped.items():
+    logging.info("data: %s = %r: skipped %d files that %s.", source.field, source.spec, n, why)
+  chosen = {s: [] for s in SPLITS}  # split -> [(relative path, number of tokens, number of bytes)]
+  paths = {s: os.path.join(out_dir, f"{s}.bin") for s in SPLITS}
+  with open(paths["train"], "wb") as train, open(paths["val"], "wb") as val:
+    for path, relpath, in_val in tqdm.tqdm(split.docs, desc=f"tokenizing {source.spec}", unit="file",
+                                           disable=None):
+      view = source.views[source.document_view]
+      text = _view(view, source.read(path), path, derived_views)
+      out = val if in_val else train
+      ids = np.asarray(tokenizer.encode(text)).astype(dtype, copy=False)
+      out.write(ids)  # its buffer: a large file's tokens are not copied again
+      num_tokens = len(ids)
+      if tokenizer.eos_id is not None:
+        out.write(np.array([tokenizer.eos_id], dtype))
+        num_tokens += 1
+      chosen["val" if in_val else "train"].append((relpath, num_tokens, len(text.encode("utf-8"))))
   meta = {"format": FORMAT_VERSION, "source": source.spec, "tokenizer": tokenizer.name,
-          "dtype": np.dtype(dtype).name, "skipped": dict(skipped), "splits": {}}
-  all_tokens = np.memmap(all_path, dtype=dtype, mode="r")
-  for split, chosen in splits.items():
-    with open(os.path.join(out_dir, f"{split}.bin"), "wb") as out:
-      for _, first, n, _ in chosen:
-        out.write(all_tokens[first:first + n].tobytes())
-    meta["splits"][split] = {"files": [d[0] for d in chosen], "tokens": sum(d[2] for d in chosen),
-                             "bytes": sum(d[3] for d in chosen)}
-  del all_tokens  # close the map before removing its file
-  os.remove(all_path)
+          "dtype": np.dtype(dtype).name, "skipped": split.skipped, "splits": {}}
+  for name, docs in chosen.items():
+    if sum(d[1] for d in docs) == 0:
+      raise DataError(f"{source.field} = {source.spec!r}: the {name} split's files "
+                      f"({', '.join(d[0] for d in docs)}) encode to no tokens with {tokenizer.name!r}; add text.")
+    meta["splits"][name] = {"files": [d[0] for d in docs], "tokens": sum(d[1] for d in docs),
+                            "bytes": sum(d[2] for d in docs)}
   with open(os.path.join(out_dir, "meta.json"), "w", encoding="utf-8") as f:
     json.dump(meta, f, indent=1)
 

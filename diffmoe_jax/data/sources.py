@@ -139,9 +139,15 @@ def _glob_files(field: str, spec: str, arg: str) -> tuple[str, tuple[str, ...]]:
       parts = pattern.split(os.sep)
       first_wildcard = next(i for i, part in enumerate(parts) if _has_wildcard(part))
       fixed_parts.append(os.sep.join(parts[:first_wildcard]) or os.sep)
-      matched = [p for p in _expand(pattern) if os.path.isfile(p)]
+      try:
+        matched = [p for p in _expand(pattern) if os.path.isfile(p)]
+      except OSError as e:  # a directory under `**` that cannot be listed: its files would be left out unseen
+        raise DataError(f"{field} = {spec!r}: the directory {e.filename} cannot be listed "
+                        f"({e.strerror or e}); fix its permissions or narrow the glob.") from None
       if not matched:
-        raise DataError(f"{field} = {spec!r}: the glob {pattern!r} matches no file; fix or remove it.")
+        # A name with brackets, such as 'run [1]', is a character class to glob, even where it exists.
+        hint = " (a '[' starts a character class; write a literal one as '[[]')" if "[" in pattern else ""
+        raise DataError(f"{field} = {spec!r}: the glob {pattern!r} matches no file{hint}; fix or remove it.")
     elif os.path.isfile(pattern):
       fixed_parts.append(os.path.dirname(pattern))
       matched = [pattern]
@@ -173,7 +179,7 @@ def _expand(pattern: str) -> list[str]:
   tops = [d for d in glob.glob(head) if os.path.isdir(d)] if _has_wildcard(head) else [head]
   seen, matched = set(), []
   for top in sorted(tops):
-    for dirpath, dirnames, _ in os.walk(top, followlinks=True):
+    for dirpath, dirnames, _ in os.walk(top, onerror=_raise_if_exists, followlinks=True):
       real = os.path.realpath(dirpath)
       if real in seen:
         dirnames.clear()
@@ -182,3 +188,9 @@ def _expand(pattern: str) -> list[str]:
       dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # glob's `**` skips hidden directories
       matched += _expand(os.path.join(glob.escape(dirpath), tail))
   return matched
+
+
+def _raise_if_exists(e: OSError) -> None:
+  """os.walk's onerror: a directory that exists but cannot be listed is an error (os.walk skips it)."""
+  if os.path.isdir(e.filename):
+    raise e

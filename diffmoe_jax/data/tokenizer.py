@@ -100,8 +100,8 @@ def make_tokenizer(spec: str):
   module, cls, what = _KINDS[kind]
   path = os.path.expanduser(path)
   if not os.path.isfile(path):
-    raise DataError(f"{FIELD} = {spec!r}: the {what} file {path} does not exist; fix the path, or use "
-                    "'bytes'.")
+    problem = "is a directory" if os.path.isdir(path) else "does not exist"
+    raise DataError(f"{FIELD} = {spec!r}: the {what} file {path} {problem}; fix the path, or use 'bytes'.")
   try:
     lib = importlib.import_module(module)
   except ImportError as e:

@@ -64,8 +64,11 @@ def check_data(run_dir: str, saved: dict | None, fingerprint: dict, log) -> None
     return
   changed = sorted(d for d in set(saved) | set(fingerprint) if saved.get(d) != fingerprint.get(d))
   if changed:
-    raise WorkdirError(f"{run_dir} finished on other training data (config.data.domains.{changed[0]}: its files "
-                       "changed since); pass a new --workdir, or delete that run to train it again.")
+    # Domains split together (data/corpus.py) change keys together, whichever one's files changed.
+    what = (f"config.data.domains.{changed[0]}: its files changed since" if len(changed) == 1 else
+            f"config.data.domains {', '.join(changed)}: their files, or files they are split with, changed since")
+    raise WorkdirError(f"{run_dir} finished on other training data ({what}); pass a new --workdir, or delete that "
+                       "run to train it again.")
 
 
 def _pid_alive(pid: int) -> bool:
