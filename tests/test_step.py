@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import optax
 import pytest
 
-from diffmoe_jax import parallel
+from diffmoe_jax import parallel, validation
+from diffmoe_jax.config import ConfigError
 from diffmoe_jax.nn import model as model_lib
 from diffmoe_jax.train import state as state_lib
 from diffmoe_jax.train import step as step_lib
@@ -82,3 +83,16 @@ def test_train_and_eval_steps_keep_attention_inside_each_document(make_config):
       state, batch, dyn)
   assert float(metrics["cross_entropy"]) == pytest.approx(cross_entropy(segments, **training), rel=1e-5)
   assert abs(cross_entropy(None, **training) - cross_entropy(segments, **training)) > 1e-3
+
+
+@pytest.mark.parametrize("param_dtype", ["bfloat16", "float16"])
+def test_training_refuses_16_bit_master_weights(make_config, param_dtype):
+  """AdamW updates the weights in their own dtype, where a small update (lr x weight decay, or any step at a
+  warmup's small lr) rounds away; the compute dtype is model.dtype."""
+  cfg = make_config(dtype="bfloat16", param_dtype=param_dtype)
+  cfg.curriculum.tokens_per_batch = 64
+  with pytest.raises(ConfigError, match=rf"^config\.model\.param_dtype: '{param_dtype}': training keeps float32 "
+                                        r"master weights.*set it to 'float32' \(model\.dtype"):
+    validation.validate(cfg)
+  cfg.model.param_dtype = "float32"
+  validation.validate(cfg)
