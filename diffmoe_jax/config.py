@@ -74,7 +74,7 @@ def defaults() -> ml_collections.ConfigDict:
   m.init_std = 0.02
   m.tie_embeddings = False
   m.dtype = "bfloat16"  # compute dtype
-  m.param_dtype = "float32"  # master weights
+  m.param_dtype = "float32"  # master weights: training needs float32
   # "auto" (per backend and length, README "Differential attention"), "explicit" (fp32 scores; "xla" is
   # its old name), "blockwise" (flash loops in XLA), "pallas" (flash kernels: Triton on GPU, Mosaic on
   # TPU; "pallas_gpu" / "pallas_tpu" force one layout anywhere), "fused" (cuDNN on GPU)

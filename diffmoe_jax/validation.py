@@ -279,6 +279,11 @@ def _validate_training(config: ml_collections.ConfigDict) -> None:
   require(_is_number(o.eps) and o.eps > 0, "optimizer.eps", f"must be > 0, got {o.eps!r}.")
   require(_is_number(o.weight_decay) and o.weight_decay >= 0, "optimizer.weight_decay",
            f"must be >= 0, got {o.weight_decay!r}.")
+  # The optimizer updates the parameters in their own dtype: in 16 bits, an update below half a step of
+  # the weight (lr x weight decay always, most updates at small lr) would round away.
+  require(m.param_dtype == "float32", "model.param_dtype",
+           f"{m.param_dtype!r}: training keeps float32 master weights, as 16-bit ones would round away small "
+           "AdamW updates; set it to 'float32' (model.dtype sets the compute dtype, e.g. 'bfloat16').")
   require(isinstance(config.seed, int) and not isinstance(config.seed, bool) and config.seed >= 0, "seed",
            f"must be an integer >= 0, got {config.seed!r}.")
   require(_is_number(config.train.memory_headroom) and 0.0 < config.train.memory_headroom <= 1.0,

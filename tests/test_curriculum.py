@@ -167,3 +167,17 @@ def test_mod_capacity_is_quantised_to_the_tokens_the_model_selects(tiny, capacit
   assert settings.mod_capacity == tokens / seq_len
   # The model, given the quantised capacity, runs the same count again.
   assert routing.mod_capacity_tokens(settings.mod_capacity, seq_len) == tokens
+
+
+@pytest.mark.parametrize("steps", [2, 3, 4, 5])
+def test_mod_capacity_reaches_the_target_in_a_phase_shorter_than_the_levels(tiny, steps):
+  """A sparsify phase of fewer steps than curriculum.mod_anneal_levels (4) still ends at the target capacity,
+  through equal segments of geometric levels from 1.0."""
+  tiny.curriculum.sparsify.steps = steps
+  cur = Curriculum(tiny)
+  sparsify = cur.phases[2]
+  capacities = [cur.settings(s).mod_capacity for s in range(sparsify.start, sparsify.end)]
+  levels = min(steps, 4)
+  want = [0.25 ** (min(i * levels // steps, levels - 1) / (levels - 1)) for i in range(steps)]
+  assert capacities == [math.ceil(c * 128) / 128 for c in want], capacities
+  assert capacities[0] == 1.0 and capacities[-1] == 0.25

@@ -1,11 +1,14 @@
-"""The train step's pieces: which parameters decay, and how gradient accumulation splits the batch."""
+"""The train step's pieces: which parameters decay, how gradient accumulation splits the batch, the update
+against AdamW written out, and the master weights' dtype."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 
-from diffmoe_jax import parallel
+from diffmoe_jax import parallel, validation
+from diffmoe_jax.config import ConfigError
 from diffmoe_jax.nn import model as model_lib
 from diffmoe_jax.train import state as state_lib
 from diffmoe_jax.train import step as step_lib
@@ -82,3 +85,67 @@ def test_train_and_eval_steps_keep_attention_inside_each_document(make_config):
       state, batch, dyn)
   assert float(metrics["cross_entropy"]) == pytest.approx(cross_entropy(segments, **training), rel=1e-5)
   assert abs(cross_entropy(None, **training) - cross_entropy(segments, **training)) > 1e-3
+
+
+@pytest.mark.parametrize("param_dtype", ["bfloat16", "float16"])
+def test_training_refuses_16_bit_master_weights(make_config, param_dtype):
+  """AdamW updates the weights in their own dtype, where a small update (lr x weight decay, or any step at a
+  warmup's small lr) rounds away; the compute dtype is model.dtype."""
+  cfg = make_config(dtype="bfloat16", param_dtype=param_dtype)
+  cfg.curriculum.tokens_per_batch = 64
+  with pytest.raises(ConfigError, match=rf"^config\.model\.param_dtype: '{param_dtype}': training keeps float32 "
+                                        r"master weights.*set it to 'float32' \(model\.dtype"):
+    validation.validate(cfg)
+  cfg.model.param_dtype = "float32"
+  validation.validate(cfg)
+
+
+def test_step_is_adamw_on_the_gradient_of_the_documented_loss(make_config):
+  """Two steps against float64 AdamW written out here, on jax.grad of a loss written from model.apply:
+  next-token cross entropy over every position plus each auxiliary loss times its weight, gradient clipped
+  to optimizer.grad_clip by global norm, Adam with bias correction, decay on the feature matrices only."""
+  cfg = make_config(num_layers=2)
+  cfg.optimizer.grad_clip = 0.5  # below the gradient norms here, so the clipping is exercised
+  o = cfg.optimizer
+  model = model_lib.build_model(cfg.model)
+  optimizer = state_lib.make_optimizer(o)
+  state = jax.jit(lambda r: nn.unbox(state_lib.init_fn(model, optimizer, 16)(r)))(jax.random.PRNGKey(0))
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (4, 17), 0, cfg.model.vocab_size)
+  batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+  weights = {"load_balance": 0.3, "router_z": 0.2, "mod_predictor": 0.1}
+  dyn = {k: jnp.float32(v) for k, v in {"lr": 0.01, "router_noise": 0.5, "load_balance_weight": 0.3,
+                                        "z_loss_weight": 0.2, "mod_predictor_weight": 0.1}.items()}
+
+  @jax.jit
+  def loss_and_grad(params, rng):
+    def loss(params):
+      logits, aux = model.apply({"params": params}, batch["inputs"], train=True, mod_mode="topk",
+                                mod_capacity=0.5, router_noise_std=0.5, rngs={"noise": rng})
+      log_probs = jax.nn.log_softmax(logits, axis=-1)
+      ce = -jnp.mean(jnp.take_along_axis(log_probs, batch["targets"][..., None], axis=-1))
+      return ce + sum(w * aux["losses"][k] for k, w in weights.items()), ce
+    return jax.value_and_grad(loss, has_aux=True)(params)
+
+  step = jax.jit(step_lib.make_train_step(model, optimizer, mod_mode="topk", mod_capacity=0.5))
+  as64 = lambda tree: jax.tree.map(lambda x: np.asarray(x, np.float64), tree)
+  params = as64(state.params)
+  mu, nu = jax.tree.map(np.zeros_like, params), jax.tree.map(np.zeros_like, params)
+  for t in (1, 2):
+    (loss, ce), grads = loss_and_grad(state.params, jax.random.fold_in(state.rng, state.step))
+    state, metrics = step(state, batch, dyn)
+    assert float(metrics["loss"]) == pytest.approx(float(loss), rel=1e-6)
+    assert float(metrics["cross_entropy"]) == pytest.approx(float(ce), rel=1e-6)
+    grads = as64(grads)
+    norm = np.sqrt(sum(np.sum(g * g) for g in jax.tree.leaves(grads)))
+    assert float(metrics["grad_norm"]) == pytest.approx(norm, rel=1e-5) and norm > o.grad_clip
+    grads = jax.tree.map(lambda g: g * o.grad_clip / norm, grads)
+    mu = jax.tree.map(lambda m, g: o.b1 * m + (1 - o.b1) * g, mu, grads)
+    nu = jax.tree.map(lambda v, g: o.b2 * v + (1 - o.b2) * g * g, nu, grads)
+
+    def adamw(path, p, m, v):
+      update = (m / (1 - o.b1 ** t)) / (np.sqrt(v / (1 - o.b2 ** t)) + o.eps)
+      return p - 0.01 * (update + (o.weight_decay * p if path[-1].key in MATRICES else 0.0))
+    params = jax.tree_util.tree_map_with_path(adamw, params, mu, nu)
+    # Float32 against float64: Adam's m / sqrt(v) amplifies rounding where a gradient is near 0.
+    jax.tree.map(lambda got, want: np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=2e-5),
+                 state.params, params)

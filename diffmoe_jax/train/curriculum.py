@@ -109,12 +109,16 @@ class Curriculum:
                         mod_mode=mod_mode, mod_capacity=capacity)
 
   def _mod_capacity(self, phase: Phase, step: int) -> float:
-    """Geometric steps from start to end in `mod_anneal_levels` equal segments (1 → 1/8 in 4: 1, ½, ¼, ⅛)."""
+    """Geometric steps from start to end in `mod_anneal_levels` equal segments (1 → 1/8 in 4: 1, ½, ¼, ⅛).
+
+    A phase of fewer steps than levels takes one level a step, so its last step still reaches `end`.
+    """
     start, end = phase.mod_capacity_start, phase.mod_capacity_end
-    if start == end or self.mod_levels <= 1:
+    levels = min(self.mod_levels, phase.steps)
+    if start == end or levels <= 1:
       return end
-    level = min(int((step - phase.start) * self.mod_levels / phase.steps), self.mod_levels - 1)
-    return start * (end / start) ** (level / (self.mod_levels - 1))
+    level = min(int((step - phase.start) * levels / phase.steps), levels - 1)
+    return start * (end / start) ** (level / (levels - 1))
 
   def lr(self, step):
     """The learning rate at `step`; works on Python ints and traced int arrays (it is optax's schedule)."""
