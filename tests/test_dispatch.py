@@ -33,14 +33,14 @@ def make_inputs(seed, activation, expert_probs=None):
   return x, weights, experts.reshape(B, T, K).astype(np.int32), params
 
 
-def expected_kept(experts, capacity, token_mask=None):
+def expected_kept(experts, capacity, token_mask=None, num_experts=E):
   """Per sequence, a running count per expert in token order: an assignment is kept while below C.
 
   Masked-out tokens (token_mask False) take no slot and are never kept.
   """
   kept = np.zeros(experts.shape, bool)
   for b in range(experts.shape[0]):
-    count = np.zeros(E, int)
+    count = np.zeros(num_experts, int)
     for t in range(experts.shape[1]):
       if token_mask is not None and not token_mask[b, t]:
         continue
@@ -277,7 +277,7 @@ def test_argument_errors():
 
 @pytest.mark.parametrize("capacity_factor", [0.0, -1.0, float("nan")])
 def test_moe_capacity_factor_must_be_positive(capacity_factor):
-  with pytest.raises(ValueError, match=r"capacity_factor=.* must be > 0"):
+  with pytest.raises(ValueError, match=r"capacity_factor=.* must be > 0 and finite"):
     dispatch.moe_capacity(12, 2, 4, capacity_factor)
 
 
@@ -289,3 +289,90 @@ def test_misshaped_moe_arguments_are_named(change):
   with pytest.raises(ValueError, match=r"moe_ffn expects x \[B, T, d\], weights and experts \[B, T, k\]"):
     dispatch.moe_ffn(jnp.asarray(x), args["weights"], args["experts"], params["w_in"], args["w_out"],
                      activation="gelu")
+
+
+# (B, T, E, k, capacity_factor or None for dropless, dropless_impl, how experts are chosen).
+EDGES = {
+    "one expert": (2, 6, 1, 1, 1.0, "padded", "random"),
+    "one expert, half the slots": (2, 6, 1, 1, 0.5, "padded", "random"),
+    "k = E": (2, 5, 3, 3, 1.0, "padded", "random"),
+    "k = E ragged": (2, 5, 3, 3, None, "ragged", "random"),
+    "C = T·k/E exactly": (2, 8, 4, 2, 1.0, "padded", "skewed"),
+    "C = T·k/E - 1": (2, 8, 4, 2, 0.75, "padded", "skewed"),
+    "k = 1, all to expert 2": (2, 8, 4, 1, 1.0, "padded", "all to 2"),
+    "T = B = 1": (1, 1, 4, 2, 1.25, "padded", "random"),
+    "T = B = 1 ragged": (1, 1, 4, 2, None, "ragged", "random"),
+    "experts 0 and 3 idle, ragged": (2, 8, 4, 2, None, "ragged", "experts 1, 2"),
+    "experts 0 and 3 idle, padded": (2, 8, 4, 2, None, "padded", "experts 1, 2"),
+}
+
+
+@pytest.mark.parametrize("edge", EDGES)
+def test_edge_cases_match_the_loop(edge):
+  b, t, e, k, capacity_factor, impl, choice = EDGES[edge]
+  rng = np.random.default_rng(16)
+  x = rng.normal(size=(b, t, D)).astype(np.float32)
+  weights = rng.uniform(0.1, 1.0, size=(b, t, k)).astype(np.float32)
+  if choice == "all to 2":
+    experts = np.full((b, t, k), 2)
+  elif choice == "experts 1, 2":
+    experts = np.where(rng.uniform(size=(b, t, 1)) < 0.5, [1, 2], [2, 1])
+  else:
+    probs = [0.6] + [0.4 / (e - 1)] * (e - 1) if choice == "skewed" else None
+    experts = np.stack([rng.choice(e, size=k, replace=False, p=probs) for _ in range(b * t)]).reshape(b, t, k)
+  experts = experts.astype(np.int32)
+  params = {"w_in": (rng.normal(size=(e, D, F)) / np.sqrt(D)).astype(np.float32),
+            "w_out": (rng.normal(size=(e, F, D)) / np.sqrt(F)).astype(np.float32)}
+  mode = "dropless" if capacity_factor is None else "capacity"
+  capacity = t if mode == "dropless" else dispatch.moe_capacity(t, k, e, capacity_factor)
+  if edge.startswith("C = T·k/E"):
+    assert capacity == t * k // e - (edge.endswith("- 1"))
+  kept = expected_kept(experts, capacity, num_experts=e)
+  y, stats = run_moe(x, weights, experts, params, "gelu", mode, impl, capacity_factor or 1.0)
+  np.testing.assert_allclose(y, reference_moe(x, weights, experts, params, "gelu", kept), rtol=1e-5, atol=1e-5)
+  assert float(stats["dropped_fraction"]) == pytest.approx((~kept).sum() / kept.size)
+  if choice == "all to 2":  # the earliest C tokens of each sequence win expert 2's slots
+    np.testing.assert_array_equal(kept[..., 0], np.broadcast_to(np.arange(t) < capacity, (b, t)))
+
+
+@pytest.mark.parametrize("impl", ["padded", "ragged"])
+def test_bfloat16_dropless(impl):
+  x, weights, experts, params = make_inputs(17, "gelu")
+  bf16 = {name: jnp.asarray(p, jnp.bfloat16) for name, p in params.items()}
+  y, _ = run_moe(jnp.asarray(x, jnp.bfloat16), weights, experts, bf16, "gelu", "dropless", impl, 1.25)
+  assert y.dtype == jnp.bfloat16
+  rounded = {name: np.asarray(p, np.float32) for name, p in bf16.items()}
+  ref = reference_moe(np.asarray(jnp.asarray(x, jnp.bfloat16), np.float32), weights, experts, rounded, "gelu")
+  np.testing.assert_allclose(np.asarray(y, np.float32), ref, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("change, message", [
+    ("x 2-D", r"moe_ffn expects x \[B, T, d\].*got x \(12, 8\)"),
+    ("float experts", r"moe_ffn: experts must hold integer expert ids, got float32"),
+    ("token_mask", r"moe_ffn: token_mask must be \[B, T\] = \(2, 12\), got \(2, 11\)"),
+    ("capacity 0", r"moe_ffn: capacity=0 slots per expert must be at least 1"),
+])
+def test_bad_moe_inputs_are_named(change, message):
+  x, weights, experts, params = make_inputs(0, "gelu")
+  args = dict(x=jnp.asarray(x), experts=jnp.asarray(experts), token_mask=None, capacity=None)
+  if change == "x 2-D":
+    args["x"] = args["x"][0]
+  elif change == "float experts":
+    args["experts"] = args["experts"].astype(jnp.float32)
+  elif change == "token_mask":
+    args["token_mask"] = jnp.ones((B, T - 1), bool)
+  else:
+    args["capacity"] = 0
+  with pytest.raises(ValueError, match=message):
+    dispatch.moe_ffn(args["x"], jnp.asarray(weights), args["experts"], params["w_in"], params["w_out"],
+                     activation="gelu", token_mask=args["token_mask"], capacity=args["capacity"])
+
+
+@pytest.mark.parametrize("k, capacity_factor, message", [
+    (5, 1.0, r"top-k k=5 must be between 1 and the number of experts 4"),
+    (0, 1.0, r"top-k k=0 must be between 1"),
+    (2, float("inf"), r"capacity_factor=inf must be > 0 and finite"),
+])
+def test_moe_capacity_refuses_k_outside_the_experts_and_infinite_factors(k, capacity_factor, message):
+  with pytest.raises(ValueError, match=message):
+    dispatch.moe_capacity(12, k, 4, capacity_factor)

@@ -170,6 +170,30 @@ def test_bad_layouts_are_refused():
   with pytest.raises(ValueError, match="do not divide"):
     expert_parallel.moe_ffn(x, w, experts, params[0][:6], params[1][:6], mesh=mesh, batch_axes=("data", "expert"),
                             expert_axis="expert", activation="gelu")
+  with pytest.raises(ValueError, match=r"the batch of 4 sequences does not split evenly over the 8 devices of "
+                                       r"mesh axes \('data', 'expert'\); use a batch size that is a multiple of 8"):
+    expert_parallel.moe_ffn(x[:4], w[:4], experts[:4], *params, mesh=mesh, batch_axes=("data", "expert"),
+                            expert_axis="expert", activation="gelu")
+  with pytest.raises(ValueError, match=r"mesh axes \['tensor'\] are not axes of the mesh"):
+    call(batch_axes=("data", "expert"), tensor_axes="tensor")
+  with pytest.raises(ValueError, match=r"top-k k=5 must be between 1 and the number of experts 4"):
+    expert_parallel.moe_ffn(x, np.ones((B, T, 5), np.float32), np.zeros((B, T, 5), np.int32), params[0][:4],
+                            params[1][:4], mesh=mesh, batch_axes=("data", "expert"), expert_axis="expert",
+                            activation="gelu", mode="dropless", strategy="gather")
+
+
+@pytest.mark.parametrize("mode,strategy", [("capacity", "all_to_all"), ("dropless", "gather")])
+def test_one_expert_per_device_with_k_above_it(mode, strategy):
+  """E = 8 over an expert axis of 8: one local expert per device while each token picks k = 2."""
+  mesh = jax.make_mesh((8,), ("expert",), axis_types=(jax.sharding.AxisType.Auto,))
+  (x, w, experts, mask), params = _inputs(4, "gelu")
+  common = dict(activation="gelu", mode=mode, capacity_factor=0.75, token_mask=mask)
+  y, stats = jax.jit(functools.partial(expert_parallel.moe_ffn, mesh=mesh, batch_axes="expert",
+                                       expert_axis="expert", strategy=strategy, **common))(x, w, experts, *params)
+  y_one, stats_one = dispatch.moe_ffn(x, w, experts, *params, **common)
+  np.testing.assert_allclose(y, y_one, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(stats["dropped_fraction"], stats_one["dropped_fraction"], rtol=1e-6)
+  assert (float(stats["dropped_fraction"]) > 0) == (mode == "capacity")
 
 
 def _train_step_result(cfg, devices):

@@ -6,7 +6,9 @@ import ml_collections
 import numpy as np
 import pytest
 
+from diffmoe_jax.nn import model as model_lib
 from diffmoe_jax.nn.attention import Attention
+from diffmoe_jax.nn.mod import MoDRouter
 from diffmoe_jax.nn.moe import MoEFeedForward
 from test_attention import reference_differential
 
@@ -85,3 +87,29 @@ def test_moe_layer_against_a_per_token_loop(make_config):
   np.testing.assert_allclose(float(stats["load_balance_loss"]),
                              cfg.moe.num_experts * np.sum(counts / counts.sum() * probs.mean(0)), rtol=1e-5)
   np.testing.assert_allclose(float(stats["z_loss"]), np.mean(lse**2), rtol=1e-5)
+
+
+def test_mixture_of_depths_over_packed_documents(make_config):
+  """Top-k routing over a row of packed documents: the selected tokens of each document run the block
+  among themselves (per-document runs here), scaled by sigmoid(score); no token sees another document."""
+  cfg = make_config()
+  frozen = ml_collections.FrozenConfigDict(cfg.model)
+  segments = np.array([[0, 0, 0, 1, 1, 1, 1, 1, 2, 2]], np.int32)
+  positions = np.concatenate([np.arange(n) for n in np.bincount(segments[0])])[None].astype(np.int32)
+  x = jnp.asarray(np.random.default_rng(3).normal(size=(1, 10, cfg.model.d_model)), jnp.float32)
+  layer = model_lib.RoutedLayer(frozen, train=False, mod_mode="topk", mod_capacity=0.5)
+  args = (x, jnp.asarray(positions), jnp.asarray(1), 0.0, jnp.asarray(segments))
+  init = jax.jit(lambda: layer.init({"params": jax.random.PRNGKey(5), "noise": jax.random.PRNGKey(6)}, *args))
+  params = nn.unbox(init())["params"]
+  out, _ = jax.jit(lambda p: layer.apply({"params": p}, *args))(params)
+  score, _ = jax.jit(MoDRouter(frozen).apply)({"params": params["mod_router"]}, x)
+  selected = np.sort(np.argsort(-np.asarray(score[0]), kind="stable")[:5])
+  assert len(set(segments[0, selected])) > 1, "the test needs tokens of several documents selected"
+  run_block = jax.jit(lambda x_, pos: model_lib.Block(frozen, train=False).apply(
+      {"params": params["block"]}, x_, pos, jnp.asarray(1), 0.0)[0])
+  want = np.asarray(x[0]).copy()
+  for doc in np.unique(segments[0, selected]):
+    idx = selected[segments[0, selected] == doc]
+    delta = run_block(x[:, idx], jnp.asarray(positions[:, idx]))
+    want[idx] += np.asarray(jax.nn.sigmoid(score[0, idx])[:, None] * delta[0])
+  np.testing.assert_allclose(np.asarray(out[0]), want, rtol=1e-5, atol=1e-5)

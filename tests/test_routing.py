@@ -260,3 +260,75 @@ def test_mod_capacity_outside_its_range_is_an_error_not_clamped(capacity):
 def test_mod_select_more_tokens_than_the_sequence_is_an_error():
   with pytest.raises(ValueError, match=r"mod_select: num_selected=6 must be between 0 and the sequence length 4"):
     routing.mod_select(jnp.zeros((1, 4)), 6)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: routing.top_k_gating(jnp.arange(8).reshape(2, 4), 2),
+     r"top_k_gating: logits must be a floating-point array \[..., E\]; got int32 \(2, 4\)"),
+    (lambda: routing.top_k_gating(jnp.zeros(()), 1), r"top_k_gating: logits must be .* got float32 \(\)"),
+    (lambda: routing.top_k_gating(jnp.zeros((2, 4)), 2.0), r"top_k_gating: k=2\.0 must be an integer"),
+    (lambda: routing.router_probs(jnp.ones((2, 4), bool)), r"router_probs: logits must be a floating-point"),
+    # Two tokens of logits with three tokens of experts: f and P would be averaged over different tokens.
+    (lambda: routing.load_balance_loss(jnp.zeros((2, 4)), jnp.zeros((3, 1), jnp.int32), 4),
+     r"load_balance_loss: experts must be an integer array \(2, 'k'\); got int32 \(3, 1\)"),
+    (lambda: routing.load_balance_loss(jnp.zeros((2, 4)), jnp.zeros((2, 1), jnp.int32), 5),
+     r"load_balance_loss: logits \(2, 4\) must have num_experts=5 entries"),
+    (lambda: routing.load_balance_loss(jnp.zeros((2, 4)), jnp.zeros((2, 1), jnp.int32), 4, jnp.ones(3, bool)),
+     r"load_balance_loss: mask must be shaped like the tokens \(2,\); got \(3,\)"),
+    (lambda: routing.expert_load(jnp.zeros((2, 1)), 4), r"expert_load: experts must be an integer array"),
+    (lambda: routing.expert_load(jnp.zeros((2, 1), jnp.int32), 0), r"expert_load: num_experts=0 must be at least 1"),
+    (lambda: routing.router_z_loss(jnp.zeros((2, 3, 4)), jnp.ones((3, 2), bool)),
+     r"router_z_loss: mask must be shaped like the tokens \(2, 3\); got \(3, 2\)"),
+    (lambda: routing.router_z_loss(jnp.arange(4)), r"router_z_loss: logits must be a floating-point"),
+    (lambda: routing.mod_select(jnp.zeros((4,)), 1), r"mod_select: scores must be \[B, T\]"),
+])
+def test_bad_router_arguments_are_named(call, message):
+  with pytest.raises(ValueError, match=message):
+    call()
+
+
+def test_top_k_gating_at_one_expert_and_at_k_equal_to_e():
+  logits = np.random.default_rng(12).normal(size=(2, 3, 5)).astype(np.float32)
+  weights, experts = routing.top_k_gating(jnp.asarray(logits[..., :1]), 1)
+  np.testing.assert_array_equal(experts, np.zeros((2, 3, 1)))
+  np.testing.assert_array_equal(weights, np.ones((2, 3, 1)))
+  weights, experts = routing.top_k_gating(jnp.asarray(logits), 5)  # every expert, by descending logit
+  ref_weights, ref_experts = reference_top_k(logits, 5)
+  np.testing.assert_array_equal(experts, ref_experts)
+  np.testing.assert_allclose(weights, ref_weights, rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(np.take_along_axis(np.asarray(weights), np.argsort(ref_experts, -1), -1),
+                             _softmax(logits.astype(np.float64)), rtol=1e-6, atol=1e-7)
+
+
+def test_router_losses_at_their_edges():
+  rng = np.random.default_rng(14)
+  logits = rng.normal(size=(3, 4, 5)).astype(np.float32)
+  # k = E: every token picks every expert, f is uniform and E · Σ_e f_e · P_e = Σ_e P_e = 1 for any P.
+  all_experts = np.broadcast_to(np.arange(5), (3, 4, 5)).astype(np.int32)
+  assert float(routing.load_balance_loss(jnp.asarray(logits), jnp.asarray(all_experts), 5)) == pytest.approx(1.0)
+  # One expert: f = P = 1, so the loss is 1, and logsumexp over one logit is the logit itself.
+  one = jnp.asarray(logits[..., :1])
+  assert float(routing.load_balance_loss(one, jnp.zeros((3, 4, 1), jnp.int32), 1)) == pytest.approx(1.0)
+  np.testing.assert_allclose(routing.router_z_loss(one), np.mean(logits[..., 0].astype(np.float64) ** 2), rtol=1e-6)
+  # Every token routed to one expert (k = 1): f is one-hot and the loss is E · P_0.
+  to_first = jnp.zeros((3, 4, 1), jnp.int32)
+  np.testing.assert_allclose(routing.load_balance_loss(jnp.asarray(logits), to_first, 5),
+                             5 * _softmax(logits.astype(np.float64))[..., 0].mean(), rtol=1e-6)
+  # No real token at all: zeros, not NaN (0/0), so a fully padded batch adds nothing to the loss.
+  nothing = jnp.zeros((3, 4), bool)
+  assert float(routing.load_balance_loss(jnp.asarray(logits), to_first, 5, nothing)) == 0.0
+  assert float(routing.router_z_loss(jnp.asarray(logits), nothing)) == 0.0
+
+
+def test_mod_select_zero_one_and_all_tokens():
+  scores = np.array([[0.5, 2.0, -1.0, 2.0, 0.1], [3.0, 1.0, 1.0, 0.0, 4.0]], np.float32)
+  x = np.random.default_rng(15).normal(size=(2, 5, 3)).astype(np.float32)
+  none = routing.mod_select(jnp.asarray(scores), 0)
+  assert none.shape == (2, 0)
+  np.testing.assert_array_equal(routing.scatter_tokens(jnp.asarray(x), jnp.zeros((2, 0, 3)), none), x)
+  assert not np.asarray(routing.mod_selected_mask(none, 5)).any()
+  # One token: the best score, the earlier of a tie.
+  np.testing.assert_array_equal(routing.mod_select(jnp.asarray(scores), 1), [[1], [4]])
+  # All T: every position in order, whatever the scores.
+  np.testing.assert_array_equal(routing.mod_select(jnp.asarray(scores), 5), np.broadcast_to(np.arange(5), (2, 5)))
+  assert routing.mod_capacity_tokens(1e-9, 5) == 1 and routing.mod_capacity_tokens(1.0, 1) == 1

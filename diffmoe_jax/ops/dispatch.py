@@ -45,11 +45,13 @@ def gelu(x: jax.Array) -> jax.Array:
 def moe_capacity(seq_len: int, k: int, num_experts: int, capacity_factor: float) -> int:
   """Slots per expert per sequence: `ceil(capacity_factor · T · k / E)`, at least 1, at most T.
 
-  More than T slots could never fill, since a token's k experts are distinct. A capacity_factor <= 0 is
-  an error, not one slot.
+  More than T slots could never fill, since a token's k experts are distinct. A capacity_factor <= 0 (or
+  not finite) and a k outside [1, E] are errors, not one slot or T.
   """
-  if not capacity_factor > 0:
-    raise ValueError(f"capacity_factor={capacity_factor!r} must be > 0.")
+  if not 0 < capacity_factor < math.inf:
+    raise ValueError(f"capacity_factor={capacity_factor!r} must be > 0 and finite.")
+  if not 1 <= k <= num_experts:
+    raise ValueError(f"top-k k={k} must be between 1 and the number of experts {num_experts}.")
   c = math.ceil(capacity_factor * seq_len * k / num_experts - _CEIL_SLACK)
   return min(seq_len, max(1, c))
 
@@ -202,14 +204,21 @@ def moe_ffn(x: jax.Array, weights: jax.Array, experts: jax.Array, w_in: jax.Arra
     raise ValueError("w_gate is required for activation='swiglu' and must be None for 'gelu'.")
   if mode not in MODES:
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
-  b, t, d = x.shape
-  k = experts.shape[-1]
-  num_experts, _, f = w_in.shape
-  if experts.shape != (b, t, k) or weights.shape != experts.shape or w_in.shape[1] != d or w_out.shape != (
-      num_experts, f, d) or (w_gate is not None and w_gate.shape != w_in.shape):
+  ranks_ok = x.ndim == experts.ndim == w_in.ndim == 3
+  b, t, d = x.shape if ranks_ok else (None,) * 3
+  k = experts.shape[-1] if ranks_ok else None
+  num_experts, _, f = w_in.shape if ranks_ok else (None,) * 3
+  if not ranks_ok or experts.shape != (b, t, k) or weights.shape != experts.shape or w_in.shape[1] != d or (
+      w_out.shape != (num_experts, f, d)) or (w_gate is not None and w_gate.shape != w_in.shape):
     raise ValueError(f"moe_ffn expects x [B, T, d], weights and experts [B, T, k], w_in (and w_gate) [E, d, f], "
                      f"w_out [E, f, d]; got x {x.shape}, weights {weights.shape}, experts {experts.shape}, w_in "
                      f"{w_in.shape}, w_out {w_out.shape}" + ("" if w_gate is None else f", w_gate {w_gate.shape}") + ".")
+  if not jnp.issubdtype(experts.dtype, jnp.integer):
+    raise ValueError(f"moe_ffn: experts must hold integer expert ids, got {experts.dtype}.")
+  if token_mask is not None and token_mask.shape != (b, t):
+    raise ValueError(f"moe_ffn: token_mask must be [B, T] = {(b, t)}, got {token_mask.shape}.")
+  if capacity is not None and capacity < 1:
+    raise ValueError(f"moe_ffn: capacity={capacity} slots per expert must be at least 1.")
   if token_mask is not None:
     experts = jnp.where(token_mask[..., None], experts, num_experts)
   num_assignments = jnp.sum(experts < num_experts, dtype=jnp.int32)

@@ -28,6 +28,7 @@ shard is gathered when the layer is entered, as XLA does for any other use of th
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -76,6 +77,9 @@ def moe_ffn(x: jax.Array, weights: jax.Array, experts: jax.Array, w_in: jax.Arra
   "slot_fill" over the whole batch.
   """
   batch_axes, tensor_axes = _axes(batch_axes), _axes(tensor_axes)
+  unknown = [a for a in (expert_axis,) + batch_axes + tensor_axes if a not in mesh.shape]
+  if unknown:
+    raise ValueError(f"mesh axes {unknown} are not axes of the mesh {dict(mesh.shape)}.")
   if expert_axis not in batch_axes:
     raise ValueError(f"expert parallelism needs the batch split over the expert axis {expert_axis!r}; the "
                      f"batch is split over {batch_axes}.")
@@ -86,6 +90,12 @@ def moe_ffn(x: jax.Array, weights: jax.Array, experts: jax.Array, w_in: jax.Arra
   strategy = resolve_strategy(strategy, mode)
   b, t, _ = x.shape
   k = experts.shape[-1]
+  batch_devices = math.prod(mesh.shape[a] for a in batch_axes)
+  if b % batch_devices:
+    raise ValueError(f"the batch of {b} sequences does not split evenly over the {batch_devices} devices of "
+                     f"mesh axes {batch_axes}; use a batch size that is a multiple of {batch_devices}.")
+  if not 1 <= k <= num_experts:
+    raise ValueError(f"top-k k={k} must be between 1 and the number of experts {num_experts}.")
   capacity = dispatch.moe_capacity(t, k, num_experts, capacity_factor) if mode == "capacity" else t
   if token_mask is None:
     token_mask = jnp.ones((b, t), bool)

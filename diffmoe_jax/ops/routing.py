@@ -19,6 +19,26 @@ def _is_zero(x) -> bool:
   return isinstance(x, (int, float)) and x == 0
 
 
+def _router_logits_fp32(where: str, logits: jax.Array) -> jax.Array:
+  """`logits [..., E]` in fp32, refusing integer or boolean ones (an expert id array passed by mistake)."""
+  if logits.ndim < 1 or not jnp.issubdtype(logits.dtype, jnp.floating):
+    raise ValueError(f"{where}: logits must be a floating-point array [..., E]; got {logits.dtype} "
+                     f"{tuple(logits.shape)}.")
+  return logits.astype(jnp.float32)
+
+
+def _check_token_shapes(where: str, token_shape: tuple, *, experts=None, num_experts=None, mask=None):
+  """The per-token arrays of one batch of routing must agree on its token axes `token_shape`."""
+  if experts is not None and (not jnp.issubdtype(experts.dtype, jnp.integer) or experts.ndim < 1 or
+                              tuple(experts.shape[:-1]) != token_shape):
+    raise ValueError(f"{where}: experts must be an integer array {token_shape + ('k',)}; got {experts.dtype} "
+                     f"{tuple(experts.shape)}.")
+  if num_experts is not None and num_experts < 1:
+    raise ValueError(f"{where}: num_experts={num_experts} must be at least 1.")
+  if mask is not None and tuple(mask.shape) != token_shape:
+    raise ValueError(f"{where}: mask must be shaped like the tokens {token_shape}; got {tuple(mask.shape)}.")
+
+
 def top_k_gating(logits: jax.Array, k: int, *, noise_std=0.0,
                  rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """Noisy top-k: finite `[..., E]` logits -> (weights `[..., k]` fp32, experts `[..., k]` int32).
@@ -31,9 +51,10 @@ def top_k_gating(logits: jax.Array, k: int, *, noise_std=0.0,
   softmax over the k selected (noisy) logits, as in Mixtral; `experts` are ordered by descending
   logit, ties going to the lower expert index. Without `rng`, `noise_std` must be the constant 0.
   """
-  if not 1 <= k <= logits.shape[-1]:
-    raise ValueError(f"top_k_gating: k={k} must be between 1 and the number of experts {logits.shape[-1]}.")
-  logits = logits.astype(jnp.float32)
+  logits = _router_logits_fp32("top_k_gating", logits)
+  if not isinstance(k, int) or not 1 <= k <= logits.shape[-1]:
+    raise ValueError(f"top_k_gating: k={k!r} must be an integer between 1 and the number of experts "
+                     f"{logits.shape[-1]}.")
   if rng is not None:
     scale = jnp.asarray(noise_std, jnp.float32) * jax.lax.stop_gradient(jnp.std(logits, axis=-1, keepdims=True))
     logits = logits + scale * jax.random.normal(rng, logits.shape, jnp.float32)
@@ -53,7 +74,7 @@ def top_k_gating(logits: jax.Array, k: int, *, noise_std=0.0,
 
 def router_probs(logits: jax.Array) -> jax.Array:
   """Softmax over all E experts in fp32: `[..., E] -> [..., E]`."""
-  return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+  return jax.nn.softmax(_router_logits_fp32("router_probs", logits), axis=-1)
 
 
 def _token_mean(values: jax.Array, mask: jax.Array | None) -> jax.Array:
@@ -70,6 +91,8 @@ def expert_load(experts: jax.Array, num_experts: int, mask: jax.Array | None = N
 
   experts: `[..., k]` int; mask: optional bool `[...]` (False tokens, e.g. padding, are not counted).
   """
+  _check_token_shapes("expert_load", tuple(experts.shape[:-1]), experts=experts, num_experts=num_experts,
+                      mask=mask)
   k = experts.shape[-1]
   per_token = jnp.sum(jax.nn.one_hot(experts, num_experts, dtype=jnp.float32), axis=-2) / k  # [..., E]
   return _token_mean(per_token, mask)
@@ -83,6 +106,11 @@ def load_balance_loss(logits: jax.Array, experts: jax.Array, num_experts: int,
   `[..., k]` the chosen experts (f_e, see `expert_load`); mask: optional bool `[...]` of real tokens.
   The gradient flows through P only (f is a count).
   """
+  logits = _router_logits_fp32("load_balance_loss", logits)
+  if logits.shape[-1] != num_experts:
+    raise ValueError(f"load_balance_loss: logits {tuple(logits.shape)} must have num_experts={num_experts} "
+                     "entries on their last axis.")
+  _check_token_shapes("load_balance_loss", tuple(logits.shape[:-1]), experts=experts, mask=mask)
   f = expert_load(experts, num_experts, mask)
   p = _token_mean(router_probs(logits), mask)
   return num_experts * jnp.sum(f * p)
@@ -90,7 +118,9 @@ def load_balance_loss(logits: jax.Array, experts: jax.Array, num_experts: int,
 
 def router_z_loss(logits: jax.Array, mask: jax.Array | None = None) -> jax.Array:
   """`mean(logsumexp(logits, -1)²)` over tokens (ST-MoE), a scalar; logits `[..., E]`, mask `[...]`."""
-  z = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
+  logits = _router_logits_fp32("router_z_loss", logits)
+  _check_token_shapes("router_z_loss", tuple(logits.shape[:-1]), mask=mask)
+  z = jax.nn.logsumexp(logits, axis=-1)
   return _token_mean((z * z)[..., None], mask)[0]
 
 
@@ -111,6 +141,8 @@ def mod_select(scores: jax.Array, num_selected: int) -> jax.Array:
   Positions are sorted ascending so the selected tokens keep their causal order. Ties go to the
   earlier position. No gradient flows through the choice; weight the update by the gathered score.
   """
+  if scores.ndim != 2:
+    raise ValueError(f"mod_select: scores must be [B, T] (one score per token); got {tuple(scores.shape)}.")
   if not 0 <= num_selected <= scores.shape[1]:
     raise ValueError(f"mod_select: num_selected={num_selected} must be between 0 and the sequence length "
                      f"{scores.shape[1]}.")
