@@ -38,29 +38,51 @@ def _define_flags() -> dict:
                                                "train.eval_batches.", lower_bound=1)}
 
 
+_READ_ATTEMPTS = 5  # newest checkpoints that may be deleted mid-read (by a run still training) before giving up
+
+
 def restore_params(workdir: str, config=None, step: int | None = None):
   """(config, params on the config's mesh, step) of the checkpoint at `step` (the newest by default).
 
   Raises CheckpointError when there is none or it cannot be restored, ConfigError when `config` does not
-  match the saved one. Reads only: nothing in the workdir changes.
+  match the saved one. Reads only: nothing in the workdir changes. A run still training in the workdir
+  may delete a checkpoint while it is read (it keeps the newest `train.keep_checkpoints`): then the newest
+  one is read again, or, for a `step` asked for, the error says so.
   """
-  from absl import logging
-  from diffmoe_jax import config as config_lib, parallel, validation
-  from diffmoe_jax.nn import model as model_lib
-  from diffmoe_jax.train import checkpoint, resume, state as state_lib
+  from diffmoe_jax.train import checkpoint
   directory = os.path.join(os.path.abspath(os.path.expanduser(workdir)), "checkpoints")
   train_hint = f"train one with python -m diffmoe_jax.main --workdir={workdir}"
   if not os.path.isdir(directory):
     raise checkpoint.CheckpointError(f"{workdir} holds no checkpoints (there is no {directory}); {train_hint}.")
   ckpt = checkpoint.Checkpointer(directory, async_save=False)
-  steps = ckpt.all_steps()
-  if not steps:
-    raise checkpoint.CheckpointError(f"There is no checkpoint in {directory}; {train_hint}.")
-  if step is None:
-    step = steps[-1]
-  elif step not in steps:
-    raise checkpoint.CheckpointError(f"There is no checkpoint at step {step} in {directory}; its steps are "
-                                     f"{', '.join(map(str, steps))}.")
+  for _ in range(_READ_ATTEMPTS):
+    steps = ckpt.reload()
+    if not steps:
+      raise checkpoint.CheckpointError(f"There is no checkpoint in {directory}; {train_hint}.")
+    if step is not None and step not in steps:
+      raise checkpoint.CheckpointError(f"There is no checkpoint at step {step} in {directory}; its steps are "
+                                       f"{', '.join(map(str, steps))}.")
+    chosen = steps[-1] if step is None else step
+    try:
+      return _restore_step(ckpt, chosen, steps, config)
+    except checkpoint.CheckpointError:
+      if os.path.isdir(os.path.join(directory, str(chosen))):
+        raise
+    removed = (f"The checkpoint at step {chosen} in {directory} was deleted while it was being read, by the run "
+               f"training in {workdir} (it keeps its newest train.keep_checkpoints)")
+    if step is not None:
+      raise checkpoint.CheckpointError(f"{removed}; pass a newer --step, or none for the newest.")
+  raise checkpoint.CheckpointError(f"{removed}, {_READ_ATTEMPTS} times in a row; rerun once that run has "
+                                   "finished, or train it with a larger train.keep_checkpoints.")
+
+
+def _restore_step(ckpt, step: int, steps: list[int], config):
+  """restore_params for one saved step of `ckpt` (`steps`: all its saved steps)."""
+  from absl import logging
+  from diffmoe_jax import config as config_lib, parallel, validation
+  from diffmoe_jax.nn import model as model_lib
+  from diffmoe_jax.train import checkpoint, resume, state as state_lib
+  directory = ckpt.directory
   try:
     saved_config = ckpt.restore_config(step)
   except FileNotFoundError as e:

@@ -165,3 +165,38 @@ def test_a_config_saved_before_fields_were_added_still_restores(workdir, tmp_pat
   assert step == 4 and restored.model.attention_gpu_backward == "two_pass"
   assert not resume.differences(restored, short_run_config())
   assert "attention_gpu_backward" not in json.loads(saved.read_text())["model"]
+
+
+def rotating_workdir(workdir, tmp_path, monkeypatch) -> str:
+  """A copy of the short run holding steps 4 and 5, where the first restore of step 5 finds it deleted and
+  step 6 saved instead, as a run still training there rotates its checkpoints."""
+  import shutil
+  from diffmoe_jax.train import checkpoint
+  run = tmp_path / "training_run"
+  shutil.copytree(workdir, run)
+  shutil.copytree(run / "checkpoints" / "4", run / "checkpoints" / "5")
+  restore = checkpoint.Checkpointer.restore_verified
+  rotated = []
+
+  def restore_during_a_save(self, step, abstract_state):
+    if step == 5 and not rotated:
+      os.rename(os.path.join(self.directory, "5"), os.path.join(self.directory, "6"))
+      rotated.append(step)
+    return restore(self, step, abstract_state)
+
+  monkeypatch.setattr(checkpoint.Checkpointer, "restore_verified", restore_during_a_save)
+  return str(run)
+
+
+def test_a_checkpoint_rotated_away_while_read_gives_the_newest(workdir, tmp_path, monkeypatch):
+  _, _, step = evaluate_lib.restore_params(rotating_workdir(workdir, tmp_path, monkeypatch))
+  assert step == 6
+
+
+def test_a_step_rotated_away_while_read_is_one_error(workdir, tmp_path, monkeypatch):
+  from diffmoe_jax.train import checkpoint
+  run = rotating_workdir(workdir, tmp_path, monkeypatch)
+  with pytest.raises(checkpoint.CheckpointError, match=r"^The checkpoint at step 5 in .* was deleted while it was "
+                     r"being read, by the run training in .*; pass a newer --step, or none for the newest\.$"):
+    evaluate_lib.restore_params(run, step=5)
+
