@@ -95,6 +95,16 @@ def test_temperature_zero_is_greedy():
     np.testing.assert_array_equal(tokens, [1, 0])
 
 
+@pytest.mark.parametrize("temperature", [1e-37, 1e-40])
+def test_a_tiny_temperature_is_nearly_greedy(temperature):
+  """Logits divided by 1e-37 overflow float32, and 1e-40 is flushed to zero: neither may turn into NaN and
+  draw an arbitrary token."""
+  logits = jnp.asarray([[-5.0, 50.0, 40.0, 1.9]] * 3)
+  for settings in ({}, {"top_p": 0.9}, {"top_k": 2}):
+    tokens = sampling.sample(logits, jax.random.PRNGKey(0), temperature=temperature, **settings)
+    np.testing.assert_array_equal(tokens, [1, 1, 1], err_msg=str(settings))
+
+
 def draws(logits, n=2000, **kwargs):
   rows = jnp.broadcast_to(jnp.asarray(logits, jnp.float32), (n, len(logits)))
   return np.asarray(sampling.sample(rows, jax.random.PRNGKey(0), **kwargs))
