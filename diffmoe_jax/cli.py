@@ -104,6 +104,10 @@ def check_command_line(argv: list[str], default_config: str | None) -> str | Non
   """A one-line description of the first config file or override mistake in `argv`, or None."""
   value = _config_arg(argv) or default_config
   if value is None:
+    overrides = _override_paths(argv)
+    if overrides:  # the flag parser knows --config.<field> flags only once a config file defines them
+      return (f"--config.{overrides[0]} overrides a field of a config file, but no --config is given; pass the "
+              "file too, such as --config=configs/tiny.py.")
     return None  # a required --config is reported by the flag parser
   path, _, arg = value.partition(":")
   config, problem = load_config(path, arg or None)

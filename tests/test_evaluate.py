@@ -200,3 +200,11 @@ def test_a_step_rotated_away_while_read_is_one_error(workdir, tmp_path, monkeypa
                      r"being read, by the run training in .*; pass a newer --step, or none for the newest\.$"):
     evaluate_lib.restore_params(run, step=5)
 
+
+def test_an_override_without_a_config_file_names_the_missing_flag():
+  """Without --config, evaluate and generate read the saved config; an override then has no file to apply to
+  (absl knew no such flag and said only that)."""
+  from diffmoe_jax import cli
+  assert cli.check_command_line(["--workdir=runs/tiny", "--noconfig.data.segment_masking"], None) == (
+      "--config.data.segment_masking overrides a field of a config file, but no --config is given; pass the file "
+      "too, such as --config=configs/tiny.py.")
