@@ -99,7 +99,7 @@ def _restore_step(ckpt, step: int, steps: list[int], config):
     saved_config, added = config_lib.with_defaults(saved_config)
     if added:
       logging.warning("The config saved at step %d predates %s; using their defaults.", step, ", ".join(added))
-  config = saved_config if config is None else config
+  config = _fit_mesh(saved_config, step) if config is None else config
   validation.validate(config)
   cli.use_compilation_cache(config)
   model = model_lib.build_model(config.model)
@@ -114,6 +114,26 @@ def _restore_step(ckpt, step: int, steps: list[int], config):
     raise checkpoint.CheckpointError(f"The checkpoint at step {step} in {directory} cannot be used: {problem}."
                                      + (f" Pass --step={older[-1]} for the previous one." if older else ""))
   return config, state.params, step
+
+
+def _fit_mesh(saved_config, step: int):
+  """The saved config, its mesh.shape made fsdp=-1 if it does not fit this machine's devices (a run trained
+  on a larger slice): the mesh sets only where arrays live, so the results stay the same."""
+  import jax
+  from absl import logging
+  from diffmoe_jax import parallel
+  from diffmoe_jax.config import ConfigError
+  try:
+    parallel.mesh_shape(saved_config.mesh, jax.device_count())
+    return saved_config
+  except ConfigError:
+    pass
+  config = saved_config.copy_and_resolve_references()
+  config.mesh.shape = {**dict.fromkeys(config.mesh.shape, 1), "fsdp": -1}
+  logging.warning("The mesh.shape saved at step %d, %s, does not fit the %d devices here; reading the checkpoint "
+                  "with mesh.shape fsdp=-1 (the results do not depend on the mesh).", step,
+                  saved_config.mesh.shape.to_dict(), jax.device_count())
+  return config
 
 
 def file_batches(tokens, *, seq_len: int, batch_size: int) -> list[dict]:

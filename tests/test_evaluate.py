@@ -208,3 +208,20 @@ def test_an_override_without_a_config_file_names_the_missing_flag():
   assert cli.check_command_line(["--workdir=runs/tiny", "--noconfig.data.segment_masking"], None) == (
       "--config.data.segment_masking overrides a field of a config file, but no --config is given; pass the file "
       "too, such as --config=configs/tiny.py.")
+
+
+def test_a_run_trained_on_more_devices_is_read_on_the_devices_here(workdir, tmp_path, caplog):
+  """Its saved mesh.shape (data=16) cannot be built on the 8 devices here, and without --config there was no
+  way to change it; the mesh only places the arrays, so the same parameters come back."""
+  import shutil
+  run = tmp_path / "pod_run"
+  shutil.copytree(workdir, run)
+  saved = run / "checkpoints" / "4" / "config" / "metadata"
+  config = json.loads(saved.read_text())
+  config["mesh"]["shape"] = {"data": 16, "fsdp": 1, "expert": 1, "tensor": 1}
+  saved.write_text(json.dumps(config))
+  restored, params, step = evaluate_lib.restore_params(str(run))
+  assert step == 4 and restored.mesh.shape.to_dict() == {"data": 1, "fsdp": -1, "expert": 1, "tensor": 1}
+  assert "does not fit the 8 devices here; reading the checkpoint with mesh.shape fsdp=-1" in caplog.text
+  _, reference, _ = evaluate_lib.restore_params(workdir)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), jax.device_get(reference))
