@@ -189,13 +189,17 @@ def refuse_arguments(argv: list[str], hint: str = "settings are flags, such as -
 
 
 def interruptible(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
-  """`main`, with Ctrl-C ending the command in one line and exit 130 instead of a traceback."""
+  """`main`, with Ctrl-C ending the command in one line and exit 130 instead of a traceback, and a reader
+  that closes the output early (`| head`) ending it quietly with 141, as SIGPIPE ends other programs."""
   def run(argv):
     try:
       main(argv)
     except KeyboardInterrupt:
       print("\nerror: interrupted.", file=sys.stderr)
       exit_now(130)
+    except BrokenPipeError:
+      os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the final flush has nowhere else to go
+      exit_now(141)
   return run
 
 

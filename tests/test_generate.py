@@ -168,6 +168,19 @@ def test_cli_bad_input_is_one_line(workdir, tmp_path):
                    "prompt 1 has 32 tokens, but the context (model.max_seq_len) is 32")
 
 
+def test_a_reader_closing_the_output_ends_the_command_quietly():
+  """`generate ... | head -c 100` closes the pipe while the text still streams: exit 141 as for SIGPIPE, not a
+  BrokenPipeError traceback (evaluate and generate share `cli.interruptible`)."""
+  import subprocess
+  import sys
+  from test_cli import ROOT
+  streaming = "from diffmoe_jax import cli\ncli.interruptible(lambda argv: [print('x' * 1000) for _ in range(10000)])([])"
+  proc = subprocess.Popen([sys.executable, "-c", streaming], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  assert proc.stdout.read(100) == b"x" * 100
+  proc.stdout.close()
+  assert proc.wait(timeout=60) == 141 and proc.stderr.read() == b""
+
+
 @pytest.mark.parametrize("settings, message", [
     ({"temperature": float("inf")}, r"--temperature=inf must be a finite number >= 0 \(0 is greedy\)\."),
     ({"top_k": 300}, r"--top_k=300 exceeds the vocabulary \(256 tokens\); use at most 256, or 0 to keep every token\."),
