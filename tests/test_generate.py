@@ -181,6 +181,24 @@ def test_a_reader_closing_the_output_ends_the_command_quietly():
   assert proc.wait(timeout=60) == 141 and proc.stderr.read() == b""
 
 
+def test_a_prompt_the_tokenizer_cannot_encode_is_named(tmp_path):
+  """A BPE without byte fallback drops characters it has no piece for: "日本" became no tokens, reported as
+  "prompt 2 is empty"."""
+  from diffmoe_jax.config import ConfigError
+  from diffmoe_jax.data import make_tokenizer
+  tokenizers = pytest.importorskip("tokenizers")
+  bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
+  bpe.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+  bpe.train_from_iterator(["hello world"] * 4, tokenizers.trainers.BpeTrainer(
+      vocab_size=60, special_tokens=["<|endoftext|>"], show_progress=False))
+  bpe.save(str(tmp_path / "tokenizer.json"))
+  tokenizer = make_tokenizer(f"hf:{tmp_path / 'tokenizer.json'}")
+  assert [len(p) for p in generate_lib.encode_prompts(tokenizer, ["hello", "world"])] == [1, 1]
+  with pytest.raises(ConfigError, match=r"^--prompt number 2 \('日本'\) encodes to no tokens: the tokenizer "
+                     r"'hf:.*tokenizer\.json' \(config\.data\.tokenizer\) has no piece for its characters"):
+    generate_lib.encode_prompts(tokenizer, ["hello", "日本"])
+
+
 @pytest.mark.parametrize("settings, message", [
     ({"temperature": float("inf")}, r"--temperature=inf must be a finite number >= 0 \(0 is greedy\)\."),
     ({"top_k": 300}, r"--top_k=300 exceeds the vocabulary \(256 tokens\); use at most 256, or 0 to keep every token\."),
