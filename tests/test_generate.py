@@ -168,6 +168,13 @@ def test_cli_bad_input_is_one_line(workdir, tmp_path):
                    "prompt 1 has 32 tokens, but the context (model.max_seq_len) is 32")
 
 
+def test_a_seed_beyond_32_bits_is_refused(tmp_path):
+  """PRNGKey keeps 32 bits of the seed: 2**32 drew what 0 draws, and 2**64 failed with a traceback."""
+  for seed in (2**32, 2**64):
+    assert_one_error(run_cli("diffmoe_jax.generate", f"--workdir={tmp_path}", "--prompt=x", f"--seed={seed}"),
+                     f"flag --seed={seed}: {seed} is not an integer in the range [0, 4294967295]")
+
+
 def test_a_reader_closing_the_output_ends_the_command_quietly():
   """`generate ... | head -c 100` closes the pipe while the text still streams: exit 141 as for SIGPIPE, not a
   BrokenPipeError traceback (evaluate and generate share `cli.interruptible`)."""
