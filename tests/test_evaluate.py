@@ -225,3 +225,12 @@ def test_a_run_trained_on_more_devices_is_read_on_the_devices_here(workdir, tmp_
   assert "does not fit the 8 devices here; reading the checkpoint with mesh.shape fsdp=-1" in caplog.text
   _, reference, _ = evaluate_lib.restore_params(workdir)
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), jax.device_get(reference))
+
+
+@pytest.mark.parametrize("inside", ["checkpoints", "checkpoints/4"])
+def test_the_checkpoints_directory_as_workdir_names_the_run(workdir, inside):
+  """Pointing at the checkpoints (or one step) was answered with 'train one with ... --workdir=<there>'."""
+  from diffmoe_jax.train import checkpoint
+  with pytest.raises(checkpoint.CheckpointError, match=rf"^{os.path.join(workdir, inside)} is a run's checkpoints "
+                     rf"directory or one of its steps; pass the run's own directory, --workdir={workdir}\.$"):
+    evaluate_lib.restore_params(os.path.join(workdir, inside))
