@@ -261,6 +261,9 @@ def _main(argv, flag: dict):
     workdir = require_workdir(flag["workdir"].value)
     if not files and not flag["domains"].value:
       raise ConfigError("--nodomains leaves nothing to evaluate: name text files to evaluate.")
+    if flag["eval_batches"].value is not None and not flag["domains"].value:
+      raise ConfigError("--eval_batches sets the batches per validation domain, and --nodomains evaluates none "
+                        "(files are evaluated whole); drop one of the two.")
     config, params, step = restore_params(workdir, flag["config"].value, flag["step"].value)
     results = evaluate(config, params, files=files, domains=flag["domains"].value,
                        eval_batches=flag["eval_batches"].value)

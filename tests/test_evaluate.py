@@ -121,6 +121,10 @@ def test_cli_bad_input_is_one_line(workdir, tmp_path):
   assert_one_error(run_cli("diffmoe_jax.evaluate", f"--workdir={workdir}", f"--config={CONFIG_PATH}", *SHORT_RUN,
                            "--config.train.eval_batch_size=12"),
                    "config.train.eval_batch_size (12) is not a multiple of the 8 ways this machine's mesh splits")
+  (tmp_path / "notes.txt").write_text("Files are evaluated whole.\n")
+  assert_one_error(run_cli("diffmoe_jax.evaluate", f"--workdir={workdir}", "--nodomains", "--eval_batches=2",
+                           str(tmp_path / "notes.txt")),  # was ignored
+                   "--eval_batches sets the batches per validation domain, and --nodomains evaluates none")
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == checkpoints  # nothing lost
 
 
