@@ -147,8 +147,11 @@ def _drop_closed_loop_noise(unraisable) -> None:
 
 
 def quiet_library_output() -> None:
-  """Keeps the libraries' routine chatter and duplicate error reports off the terminal (see above)."""
+  """Keeps the libraries' routine chatter and duplicate error reports off the terminal (see above). The absl
+  logger is filtered as well as its handler, which only an absl app installs (a notebook logs through the
+  root logger's)."""
   absl_logging.get_absl_handler().addFilter(_library_log_filter)
+  absl_logging.get_absl_logger().addFilter(_library_log_filter)
   sys.unraisablehook = _drop_closed_loop_noise
 
 
