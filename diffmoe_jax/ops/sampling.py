@@ -58,7 +58,8 @@ def sample(logits: jax.Array, rng: jax.Array, *, temperature: float = 1.0, top_k
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   # Tempered from each row's maximum, which stays 0: a tiny temperature would overflow the raw logits to inf
   # (inf - inf is NaN in the softmax), and 0 / a temperature that float32 flushes to zero would be NaN too.
-  shifted = logits.astype(jnp.float32) - jnp.max(logits.astype(jnp.float32), axis=-1, keepdims=True)
+  logits = logits.astype(jnp.float32)
+  shifted = logits - jnp.max(logits, axis=-1, keepdims=True)
   tempered = jnp.where(shifted == 0, 0.0, shifted / temperature)
   restricted = restrict_logits(tempered, top_k=top_k, top_p=top_p)
   return jax.random.categorical(rng, restricted, axis=-1).astype(jnp.int32)
