@@ -104,6 +104,10 @@ def check_command_line(argv: list[str], default_config: str | None) -> str | Non
   """A one-line description of the first config file or override mistake in `argv`, or None."""
   value = _config_arg(argv) or default_config
   if value is None:
+    overrides = _override_paths(argv)
+    if overrides:  # the flag parser knows --config.<field> flags only once a config file defines them
+      return (f"--config.{overrides[0]} overrides a field of a config file, but no --config is given; pass the "
+              "file too, such as --config=configs/tiny.py.")
     return None  # a required --config is reported by the flag parser
   path, _, arg = value.partition(":")
   config, problem = load_config(path, arg or None)
@@ -143,8 +147,11 @@ def _drop_closed_loop_noise(unraisable) -> None:
 
 
 def quiet_library_output() -> None:
-  """Keeps the libraries' routine chatter and duplicate error reports off the terminal (see above)."""
+  """Keeps the libraries' routine chatter and duplicate error reports off the terminal (see above). The absl
+  logger is filtered as well as its handler, which only an absl app installs (a notebook logs through the
+  root logger's)."""
   absl_logging.get_absl_handler().addFilter(_library_log_filter)
+  absl_logging.get_absl_logger().addFilter(_library_log_filter)
   sys.unraisablehook = _drop_closed_loop_noise
 
 
@@ -185,13 +192,17 @@ def refuse_arguments(argv: list[str], hint: str = "settings are flags, such as -
 
 
 def interruptible(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
-  """`main`, with Ctrl-C ending the command in one line and exit 130 instead of a traceback."""
+  """`main`, with Ctrl-C ending the command in one line and exit 130 instead of a traceback, and a reader
+  that closes the output early (`| head`) ending it quietly with 141, as SIGPIPE ends other programs."""
   def run(argv):
     try:
       main(argv)
     except KeyboardInterrupt:
       print("\nerror: interrupted.", file=sys.stderr)
       exit_now(130)
+    except BrokenPipeError:
+      os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the final flush has nowhere else to go
+      exit_now(141)
   return run
 
 

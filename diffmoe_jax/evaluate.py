@@ -38,29 +38,55 @@ def _define_flags() -> dict:
                                                "train.eval_batches.", lower_bound=1)}
 
 
+_READ_ATTEMPTS = 5  # newest checkpoints that may be deleted mid-read (by a run still training) before giving up
+
+
 def restore_params(workdir: str, config=None, step: int | None = None):
   """(config, params on the config's mesh, step) of the checkpoint at `step` (the newest by default).
 
   Raises CheckpointError when there is none or it cannot be restored, ConfigError when `config` does not
-  match the saved one. Reads only: nothing in the workdir changes.
+  match the saved one. Reads only: nothing in the workdir changes. A run still training in the workdir
+  may delete a checkpoint while it is read (it keeps the newest `train.keep_checkpoints`): then the newest
+  one is read again, or, for a `step` asked for, the error says so.
   """
+  from diffmoe_jax.train import checkpoint
+  directory = os.path.join(os.path.abspath(os.path.expanduser(workdir)), "checkpoints")
+  train_hint = f"train one with python -m diffmoe_jax.main --workdir={workdir}"
+  if not os.path.isdir(directory):
+    for inside in (os.path.dirname(directory), os.path.dirname(os.path.dirname(directory))):
+      if os.path.basename(inside) == "checkpoints":  # the checkpoints directory or a step in it
+        raise checkpoint.CheckpointError(f"{workdir} is a run's checkpoints directory or one of its steps; pass "
+                                         f"the run's own directory, --workdir={os.path.dirname(inside)}.")
+    raise checkpoint.CheckpointError(f"{workdir} holds no checkpoints (there is no {directory}); {train_hint}.")
+  ckpt = checkpoint.Checkpointer(directory, async_save=False)
+  for _ in range(_READ_ATTEMPTS):
+    steps = ckpt.reload()
+    if not steps:
+      raise checkpoint.CheckpointError(f"There is no checkpoint in {directory}; {train_hint}.")
+    if step is not None and step not in steps:
+      raise checkpoint.CheckpointError(f"There is no checkpoint at step {step} in {directory}; its steps are "
+                                       f"{', '.join(map(str, steps))}.")
+    chosen = steps[-1] if step is None else step
+    try:
+      return _restore_step(ckpt, chosen, steps, config)
+    except checkpoint.CheckpointError:
+      if os.path.isdir(os.path.join(directory, str(chosen))):
+        raise
+    removed = (f"The checkpoint at step {chosen} in {directory} was deleted while it was being read, by the run "
+               f"training in {workdir} (it keeps its newest train.keep_checkpoints)")
+    if step is not None:
+      raise checkpoint.CheckpointError(f"{removed}; pass a newer --step, or none for the newest.")
+  raise checkpoint.CheckpointError(f"{removed}, {_READ_ATTEMPTS} times in a row; rerun once that run has "
+                                   "finished, or train it with a larger train.keep_checkpoints.")
+
+
+def _restore_step(ckpt, step: int, steps: list[int], config):
+  """restore_params for one saved step of `ckpt` (`steps`: all its saved steps)."""
   from absl import logging
   from diffmoe_jax import config as config_lib, parallel, validation
   from diffmoe_jax.nn import model as model_lib
   from diffmoe_jax.train import checkpoint, resume, state as state_lib
-  directory = os.path.join(os.path.abspath(os.path.expanduser(workdir)), "checkpoints")
-  train_hint = f"train one with python -m diffmoe_jax.main --workdir={workdir}"
-  if not os.path.isdir(directory):
-    raise checkpoint.CheckpointError(f"{workdir} holds no checkpoints (there is no {directory}); {train_hint}.")
-  ckpt = checkpoint.Checkpointer(directory, async_save=False)
-  steps = ckpt.all_steps()
-  if not steps:
-    raise checkpoint.CheckpointError(f"There is no checkpoint in {directory}; {train_hint}.")
-  if step is None:
-    step = steps[-1]
-  elif step not in steps:
-    raise checkpoint.CheckpointError(f"There is no checkpoint at step {step} in {directory}; its steps are "
-                                     f"{', '.join(map(str, steps))}.")
+  directory = ckpt.directory
   try:
     saved_config = ckpt.restore_config(step)
   except FileNotFoundError as e:
@@ -77,7 +103,7 @@ def restore_params(workdir: str, config=None, step: int | None = None):
     saved_config, added = config_lib.with_defaults(saved_config)
     if added:
       logging.warning("The config saved at step %d predates %s; using their defaults.", step, ", ".join(added))
-  config = saved_config if config is None else config
+  config = _fit_mesh(saved_config, step) if config is None else config
   validation.validate(config)
   cli.use_compilation_cache(config)
   model = model_lib.build_model(config.model)
@@ -92,6 +118,26 @@ def restore_params(workdir: str, config=None, step: int | None = None):
     raise checkpoint.CheckpointError(f"The checkpoint at step {step} in {directory} cannot be used: {problem}."
                                      + (f" Pass --step={older[-1]} for the previous one." if older else ""))
   return config, state.params, step
+
+
+def _fit_mesh(saved_config, step: int):
+  """The saved config, its mesh.shape made fsdp=-1 if it does not fit this machine's devices (a run trained
+  on a larger slice): the mesh sets only where arrays live, so the results stay the same."""
+  import jax
+  from absl import logging
+  from diffmoe_jax import parallel
+  from diffmoe_jax.config import ConfigError
+  try:
+    parallel.mesh_shape(saved_config.mesh, jax.device_count())
+    return saved_config
+  except ConfigError:
+    pass
+  config = saved_config.copy_and_resolve_references()
+  config.mesh.shape = {**dict.fromkeys(config.mesh.shape, 1), "fsdp": -1}
+  logging.warning("The mesh.shape saved at step %d, %s, does not fit the %d devices here; reading the checkpoint "
+                  "with mesh.shape fsdp=-1 (the results do not depend on the mesh).", step,
+                  saved_config.mesh.shape.to_dict(), jax.device_count())
+  return config
 
 
 def file_batches(tokens, *, seq_len: int, batch_size: int) -> list[dict]:
@@ -215,6 +261,9 @@ def _main(argv, flag: dict):
     workdir = require_workdir(flag["workdir"].value)
     if not files and not flag["domains"].value:
       raise ConfigError("--nodomains leaves nothing to evaluate: name text files to evaluate.")
+    if flag["eval_batches"].value is not None and not flag["domains"].value:
+      raise ConfigError("--eval_batches sets the batches per validation domain, and --nodomains evaluates none "
+                        "(files are evaluated whole); drop one of the two.")
     config, params, step = restore_params(workdir, flag["config"].value, flag["step"].value)
     results = evaluate(config, params, files=files, domains=flag["domains"].value,
                        eval_batches=flag["eval_batches"].value)

@@ -70,6 +70,19 @@ def check_request(prompts: list, *, max_seq_len: int, max_new_tokens: int, tempe
                      "to keep every token.")
 
 
+def encode_prompts(tokenizer, texts: list[str]) -> list[np.ndarray]:
+  """The prompts' tokens; ConfigError for text that encodes to none (a subword tokenizer without byte fallback
+  drops characters it has no piece for), which check_request would call an empty prompt."""
+  from diffmoe_jax.config import ConfigError
+  prompts = [np.asarray(tokenizer.encode(text), np.int32) for text in texts]
+  for i, (text, tokens) in enumerate(zip(texts, prompts)):
+    if text and not len(tokens):
+      raise ConfigError(f"--prompt number {i + 1} ({text!r}) encodes to no tokens: the tokenizer {tokenizer.name!r} "
+                        "(config.data.tokenizer) has no piece for its characters; write it in characters the "
+                        "tokenizer was trained on.")
+  return prompts
+
+
 def generate(model, params, prompts: list[np.ndarray], *, max_new_tokens: int, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos_id: int | None = None, mod_skip: bool = True,
              on_tokens: Callable[[int, np.ndarray], None] | None = None, keep_logits: bool = False) -> Generation:
@@ -146,7 +159,9 @@ def _define_flags() -> dict:
           "top_k": flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens (0: all)."),
           "top_p": flags.DEFINE_float("top_p", 1.0, "Sample among the most likely tokens whose probabilities "
                                       "sum to top_p, in (0, 1] (1: all)."),
-          "seed": flags.DEFINE_integer("seed", 0, "The sampling seed."),
+          # PRNGKey keeps a seed's low 32 bits (JAX's default 32-bit integers): wider seeds would repeat others.
+          "seed": flags.DEFINE_integer("seed", 0, "The sampling seed, 0 to 2**32 - 1.", lower_bound=0,
+                                       upper_bound=2**32 - 1),
           "mod_skip": flags.DEFINE_bool("mod_skip", True, "Skip a routed layer's block for a token its "
                                         "predictor rejects (--nomod_skip: mask it, as the full forward pass does).")}
 
@@ -177,7 +192,7 @@ def _main(argv, flag: dict) -> None:
                           "text (check the terminal's or file's encoding).") from None
     config, params, step = evaluate.restore_params(workdir, flag["config"].value, flag["step"].value)
     tokenizer = make_tokenizer(config.data.tokenizer)
-    prompts = [np.asarray(tokenizer.encode(p), np.int32) for p in flag["prompt"].value]
+    prompts = encode_prompts(tokenizer, flag["prompt"].value)
     check(prompts, config.model.max_seq_len, config.model.vocab_size)
   except (ConfigError, DataError, CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)

@@ -121,6 +121,10 @@ def test_cli_bad_input_is_one_line(workdir, tmp_path):
   assert_one_error(run_cli("diffmoe_jax.evaluate", f"--workdir={workdir}", f"--config={CONFIG_PATH}", *SHORT_RUN,
                            "--config.train.eval_batch_size=12"),
                    "config.train.eval_batch_size (12) is not a multiple of the 8 ways this machine's mesh splits")
+  (tmp_path / "notes.txt").write_text("Files are evaluated whole.\n")
+  assert_one_error(run_cli("diffmoe_jax.evaluate", f"--workdir={workdir}", "--nodomains", "--eval_batches=2",
+                           str(tmp_path / "notes.txt")),  # was ignored
+                   "--eval_batches sets the batches per validation domain, and --nodomains evaluates none")
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == checkpoints  # nothing lost
 
 
@@ -165,3 +169,72 @@ def test_a_config_saved_before_fields_were_added_still_restores(workdir, tmp_pat
   assert step == 4 and restored.model.attention_gpu_backward == "two_pass"
   assert not resume.differences(restored, short_run_config())
   assert "attention_gpu_backward" not in json.loads(saved.read_text())["model"]
+
+
+def rotating_workdir(workdir, tmp_path, monkeypatch) -> str:
+  """A copy of the short run holding steps 4 and 5, where the first restore of step 5 finds it deleted and
+  step 6 saved instead, as a run still training there rotates its checkpoints."""
+  import shutil
+  from diffmoe_jax.train import checkpoint
+  run = tmp_path / "training_run"
+  shutil.copytree(workdir, run)
+  shutil.copytree(run / "checkpoints" / "4", run / "checkpoints" / "5")
+  restore = checkpoint.Checkpointer.restore_verified
+  rotated = []
+
+  def restore_during_a_save(self, step, abstract_state):
+    if step == 5 and not rotated:
+      os.rename(os.path.join(self.directory, "5"), os.path.join(self.directory, "6"))
+      rotated.append(step)
+    return restore(self, step, abstract_state)
+
+  monkeypatch.setattr(checkpoint.Checkpointer, "restore_verified", restore_during_a_save)
+  return str(run)
+
+
+def test_a_checkpoint_rotated_away_while_read_gives_the_newest(workdir, tmp_path, monkeypatch):
+  _, _, step = evaluate_lib.restore_params(rotating_workdir(workdir, tmp_path, monkeypatch))
+  assert step == 6
+
+
+def test_a_step_rotated_away_while_read_is_one_error(workdir, tmp_path, monkeypatch):
+  from diffmoe_jax.train import checkpoint
+  run = rotating_workdir(workdir, tmp_path, monkeypatch)
+  with pytest.raises(checkpoint.CheckpointError, match=r"^The checkpoint at step 5 in .* was deleted while it was "
+                     r"being read, by the run training in .*; pass a newer --step, or none for the newest\.$"):
+    evaluate_lib.restore_params(run, step=5)
+
+
+def test_an_override_without_a_config_file_names_the_missing_flag():
+  """Without --config, evaluate and generate read the saved config; an override then has no file to apply to
+  (absl knew no such flag and said only that)."""
+  from diffmoe_jax import cli
+  assert cli.check_command_line(["--workdir=runs/tiny", "--noconfig.data.segment_masking"], None) == (
+      "--config.data.segment_masking overrides a field of a config file, but no --config is given; pass the file "
+      "too, such as --config=configs/tiny.py.")
+
+
+def test_a_run_trained_on_more_devices_is_read_on_the_devices_here(workdir, tmp_path, caplog):
+  """Its saved mesh.shape (data=16) cannot be built on the 8 devices here, and without --config there was no
+  way to change it; the mesh only places the arrays, so the same parameters come back."""
+  import shutil
+  run = tmp_path / "pod_run"
+  shutil.copytree(workdir, run)
+  saved = run / "checkpoints" / "4" / "config" / "metadata"
+  config = json.loads(saved.read_text())
+  config["mesh"]["shape"] = {"data": 16, "fsdp": 1, "expert": 1, "tensor": 1}
+  saved.write_text(json.dumps(config))
+  restored, params, step = evaluate_lib.restore_params(str(run))
+  assert step == 4 and restored.mesh.shape.to_dict() == {"data": 1, "fsdp": -1, "expert": 1, "tensor": 1}
+  assert "does not fit the 8 devices here; reading the checkpoint with mesh.shape fsdp=-1" in caplog.text
+  _, reference, _ = evaluate_lib.restore_params(workdir)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), jax.device_get(reference))
+
+
+@pytest.mark.parametrize("inside", ["checkpoints", "checkpoints/4"])
+def test_the_checkpoints_directory_as_workdir_names_the_run(workdir, inside):
+  """Pointing at the checkpoints (or one step) was answered with 'train one with ... --workdir=<there>'."""
+  from diffmoe_jax.train import checkpoint
+  with pytest.raises(checkpoint.CheckpointError, match=rf"^{os.path.join(workdir, inside)} is a run's checkpoints "
+                     rf"directory or one of its steps; pass the run's own directory, --workdir={workdir}\.$"):
+    evaluate_lib.restore_params(os.path.join(workdir, inside))

@@ -95,6 +95,16 @@ def test_temperature_zero_is_greedy():
     np.testing.assert_array_equal(tokens, [1, 0])
 
 
+@pytest.mark.parametrize("temperature", [1e-37, 1e-40])
+def test_a_tiny_temperature_is_nearly_greedy(temperature):
+  """Logits divided by 1e-37 overflow float32, and 1e-40 is flushed to zero: neither may turn into NaN and
+  draw an arbitrary token."""
+  logits = jnp.asarray([[-5.0, 50.0, 40.0, 1.9]] * 3)
+  for settings in ({}, {"top_p": 0.9}, {"top_k": 2}):
+    tokens = sampling.sample(logits, jax.random.PRNGKey(0), temperature=temperature, **settings)
+    np.testing.assert_array_equal(tokens, [1, 1, 1], err_msg=str(settings))
+
+
 def draws(logits, n=2000, **kwargs):
   rows = jnp.broadcast_to(jnp.asarray(logits, jnp.float32), (n, len(logits)))
   return np.asarray(sampling.sample(rows, jax.random.PRNGKey(0), **kwargs))
@@ -156,6 +166,44 @@ def test_cli_bad_input_is_one_line(workdir, tmp_path):
                    "--prompt number 2 is not valid UTF-8 (at character 3)")
   assert_one_error(generate(f"--workdir={workdir}", "--prompt=" + "x" * 32),
                    "prompt 1 has 32 tokens, but the context (model.max_seq_len) is 32")
+
+
+def test_a_seed_beyond_32_bits_is_refused(tmp_path):
+  """PRNGKey keeps 32 bits of the seed: 2**32 drew what 0 draws, and 2**64 failed with a traceback."""
+  for seed in (2**32, 2**64):
+    assert_one_error(run_cli("diffmoe_jax.generate", f"--workdir={tmp_path}", "--prompt=x", f"--seed={seed}"),
+                     f"flag --seed={seed}: {seed} is not an integer in the range [0, 4294967295]")
+
+
+def test_a_reader_closing_the_output_ends_the_command_quietly():
+  """`generate ... | head -c 100` closes the pipe while the text still streams: exit 141 as for SIGPIPE, not a
+  BrokenPipeError traceback (evaluate and generate share `cli.interruptible`)."""
+  import subprocess
+  import sys
+  from test_cli import ROOT
+  streaming = "from diffmoe_jax import cli\ncli.interruptible(lambda argv: [print('x' * 1000) for _ in range(10000)])([])"
+  proc = subprocess.Popen([sys.executable, "-c", streaming], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  assert proc.stdout.read(100) == b"x" * 100
+  proc.stdout.close()
+  assert proc.wait(timeout=60) == 141 and proc.stderr.read() == b""
+
+
+def test_a_prompt_the_tokenizer_cannot_encode_is_named(tmp_path):
+  """A BPE without byte fallback drops characters it has no piece for: "日本" became no tokens, reported as
+  "prompt 2 is empty"."""
+  from diffmoe_jax.config import ConfigError
+  from diffmoe_jax.data import make_tokenizer
+  tokenizers = pytest.importorskip("tokenizers")
+  bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
+  bpe.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+  bpe.train_from_iterator(["hello world"] * 4, tokenizers.trainers.BpeTrainer(
+      vocab_size=60, special_tokens=["<|endoftext|>"], show_progress=False))
+  bpe.save(str(tmp_path / "tokenizer.json"))
+  tokenizer = make_tokenizer(f"hf:{tmp_path / 'tokenizer.json'}")
+  assert [len(p) for p in generate_lib.encode_prompts(tokenizer, ["hello", "world"])] == [1, 1]
+  with pytest.raises(ConfigError, match=r"^--prompt number 2 \('日本'\) encodes to no tokens: the tokenizer "
+                     r"'hf:.*tokenizer\.json' \(config\.data\.tokenizer\) has no piece for its characters"):
+    generate_lib.encode_prompts(tokenizer, ["hello", "日本"])
 
 
 @pytest.mark.parametrize("settings, message", [

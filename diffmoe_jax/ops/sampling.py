@@ -56,5 +56,10 @@ def sample(logits: jax.Array, rng: jax.Array, *, temperature: float = 1.0, top_k
   check_settings(temperature=temperature, top_k=top_k, top_p=top_p)
   if temperature == 0.0:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  restricted = restrict_logits(logits.astype(jnp.float32) / temperature, top_k=top_k, top_p=top_p)
+  # Tempered from each row's maximum, which stays 0: a tiny temperature would overflow the raw logits to inf
+  # (inf - inf is NaN in the softmax), and 0 / a temperature that float32 flushes to zero would be NaN too.
+  logits = logits.astype(jnp.float32)
+  shifted = logits - jnp.max(logits, axis=-1, keepdims=True)
+  tempered = jnp.where(shifted == 0, 0.0, shifted / temperature)
+  restricted = restrict_logits(tempered, top_k=top_k, top_p=top_p)
   return jax.random.categorical(rng, restricted, axis=-1).astype(jnp.int32)

@@ -154,6 +154,12 @@ class Checkpointer:
     """Saved steps, oldest first (including one still being written)."""
     return sorted(self._manager.all_steps())
 
+  def reload(self) -> list[int]:
+    """all_steps() as the directory holds them now: a reader's Checkpointer caches them when it is made, and
+    the run that writes the directory saves and deletes steps meanwhile."""
+    self._manager.reload()
+    return self.all_steps()
+
   # --- Saving -------------------------------------------------------------------------------------------
 
   def save(self, step: int, state: Any, config: ml_collections.ConfigDict | Mapping | None = None,
