@@ -11,7 +11,10 @@ import fnmatch
 import logging
 import os
 import re
+import gc
+import signal
 import sys
+import threading
 import traceback
 from typing import Callable
 
@@ -156,8 +159,10 @@ def quiet_library_output() -> None:
 
 
 def parse_flags(default_config: str | None) -> Callable[[list[str]], list[str]]:
-  """An `app.run` flags_parser: the usual absl parsing, with each mistake printed as one line (exit 1)."""
+  """An `app.run` flags_parser: the usual absl parsing, with each mistake printed as one line (exit 1). It
+  also keeps a Ctrl-C from being dropped in a garbage-collection callback (`keep_dropped_interrupts`)."""
   def parse(argv: list[str]) -> list[str]:
+    keep_dropped_interrupts()
     problem = check_command_line(argv[1:], default_config)
     if problem is None:
       try:
@@ -173,6 +178,28 @@ def parse_flags(default_config: str | None) -> Callable[[list[str]], list[str]]:
     print(f"error: {problem}", file=sys.stderr)
     sys.exit(1)
   return parse
+
+
+def keep_dropped_interrupts() -> None:
+  """Replaces Python's default Ctrl-C handler with one that never raises where the KeyboardInterrupt would be
+  dropped: in a garbage-collection callback. JAX registers one, and during a long C call that allocates (such
+  as `ast.parse`, building the built-in corpus) callbacks are the only Python code that runs, so Ctrl-C was
+  raised there, dropped as unraisable, and the command ran on. There it is sent again a moment later."""
+  main_thread = threading.current_thread() is threading.main_thread()
+  if main_thread and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, _interrupt_outside_gc_callbacks)
+
+
+def _interrupt_outside_gc_callbacks(signum, frame):
+  callbacks = {getattr(callback, "__code__", None) for callback in gc.callbacks}
+  while frame is not None:
+    if frame.f_code in callbacks:  # sent again a moment later, until it lands outside a callback
+      resend = threading.Timer(0.02, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
+      resend.daemon = True
+      resend.start()
+      return
+    frame = frame.f_back
+  raise KeyboardInterrupt
 
 
 def use_compilation_cache(config) -> None:

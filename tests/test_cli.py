@@ -1,5 +1,6 @@
 """The command lines as a user meets them: one-line errors, exit codes, the workdir lock, resume checks."""
 import fcntl
+import gc
 import glob
 import os
 import shutil
@@ -341,3 +342,22 @@ def test_ctrl_c_in_a_reading_command_is_one_line():
           "cli.interruptible(main)([])\n")
   proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
   assert proc.returncode == 130 and proc.stderr.strip() == "error: interrupted.", proc.stderr
+
+
+def test_ctrl_c_inside_a_garbage_collection_callback_still_interrupts():
+  """Python drops an exception raised in a gc callback (JAX registers one): a Ctrl-C that arrived there was
+  lost, and the command ran on."""
+  def callback(phase, info):
+    if phase == "start":
+      signal.raise_signal(signal.SIGINT)  # its KeyboardInterrupt is raised here, inside the callback
+
+  previous_handler = signal.getsignal(signal.SIGINT)
+  gc.callbacks.append(callback)
+  try:
+    cli.keep_dropped_interrupts()
+    with pytest.raises(KeyboardInterrupt):
+      gc.collect()
+      time.sleep(10)  # the Ctrl-C sent again ends this wait
+  finally:
+    gc.callbacks.remove(callback)
+    signal.signal(signal.SIGINT, previous_handler)
