@@ -1,9 +1,11 @@
 """Checkpointer: round trip of a train-state-shaped pytree, retention, damaged checkpoints, re-sharding."""
+import errno
 import logging
 import os
 import shutil
 import subprocess
 import sys
+import threading
 
 import flax
 import jax
@@ -318,3 +320,18 @@ def test_a_failed_save_raises_one_error_and_never_hangs(tmp_path, fault, cause):
   assert f"step 2 in {directory}" in errors[0] and cause in errors[0]
   if fault == "full":
     assert sorted(os.listdir(directory)) == ["1"]  # the partial step directory is gone
+
+
+def test_a_failed_save_waits_for_a_writer_thread_that_has_not_started_yet(tmp_path, monkeypatch):
+  """threading.enumerate() lists a thread between its start() and its first instruction, and join() refuses
+  it: a full disk then ended the run with "cannot join thread before it is started" and a traceback."""
+  ckpt = Checkpointer(tmp_path, async_save=False)
+  ran = []
+  writer = threading.Thread(target=lambda: ran.append(True))
+  starter = threading.Timer(0.2, writer.start)
+  monkeypatch.setattr(threading, "enumerate", lambda: [writer])  # listed before it is started
+  starter.start()
+  error = ckpt._save_failed(3, OSError(errno.ENOSPC, "No space left on device"))
+  starter.join()
+  assert ran == [True] and not writer.is_alive()
+  assert str(error).startswith(f"Cannot save the checkpoint at step 3 in {tmp_path}: No space left on device.")

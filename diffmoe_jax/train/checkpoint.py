@@ -116,6 +116,19 @@ def _likely_cause(e: BaseException) -> str:
   return ""
 
 
+def _join_by(thread: threading.Thread, deadline: float) -> None:
+  """Joins `thread` until the `time.monotonic()` deadline, waiting out a thread whose start() has not yet run
+  it (which `threading.enumerate` lists, and `join` refuses)."""
+  while True:
+    try:
+      thread.join(timeout=max(0.0, deadline - time.monotonic()))
+      return
+    except RuntimeError:  # "cannot join thread before it is started"
+      if time.monotonic() >= deadline:
+        return
+      time.sleep(0.01)
+
+
 class Checkpointer:
   """Saves and restores a state pytree under `directory`, keeping the last `keep` steps.
 
@@ -225,7 +238,7 @@ class Checkpointer:
     # The save's other writer threads may still be writing into its directory: let them end first.
     deadline = time.monotonic() + _WRITER_GRACE_SECONDS
     for thread in set(threading.enumerate()) - self._threads_before_save - {threading.current_thread()}:
-      thread.join(timeout=max(0.0, deadline - time.monotonic()))
+      _join_by(thread, deadline)
     removed = ""
     if step is not None and jax.process_index() == 0 and os.path.isdir(self.directory):
       for name in os.listdir(self.directory):
