@@ -6,6 +6,7 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 from jax.ad_checkpoint import checkpoint_name
 
 from diffmoe_jax.nn.layers import RESIDUAL, constrain, dtype_of, param
@@ -18,7 +19,7 @@ class MoEFeedForward(nn.Module):
   `gate(x)` is the noise-free top-k choice for the same router and `route(x)` the (noisy) routing, used by
   the attention's expert-conditional λ (see `model.moe.route_from`).
   """
-  config: "ml_collections.FrozenConfigDict"  # the model section  # noqa: F821
+  config: ml_collections.FrozenConfigDict  # the model section
 
   def setup(self):
     cfg, moe = self.config, self.config.moe
@@ -99,11 +100,12 @@ def expert_parallel_layout(setting: str, batch_size: int) -> dict | None:
 
 class DenseFeedForward(nn.Module):
   """The dense ablation: one FFN of width `dense_ffn_dim` (default top_k · expert_ffn_dim, equal active FLOPs)."""
-  config: "ml_collections.FrozenConfigDict"  # noqa: F821
+  config: ml_collections.FrozenConfigDict  # the model section
 
   @nn.compact
   def __call__(self, x: jax.Array, *, noise_std=0.0, train: bool = False, route=None, token_mask=None):
-    # route and token_mask change nothing here: a dense FFN has no router and no slots to share.
+    # The MoE layer's keyword arguments change nothing here: a dense FFN has no router to route or perturb
+    # (route, noise_std, train) and no expert slots to share (token_mask).
     cfg = self.config
     dtype, pdtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
     d, f = cfg.d_model, dense_ffn_dim(cfg)
