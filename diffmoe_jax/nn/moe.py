@@ -11,6 +11,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from diffmoe_jax.nn.layers import RESIDUAL, constrain, dtype_of, param
 from diffmoe_jax.ops import dispatch, expert_parallel, routing
+from diffmoe_jax.parallel import mesh_axes_of
 
 
 class MoEFeedForward(nn.Module):
@@ -89,8 +90,8 @@ def expert_parallel_layout(setting: str, batch_size: int) -> dict | None:
     return None
   # One name at a time: within one spec flax drops a mesh axis already taken (batch takes "expert").
   batch, length, expert, mlp = (nn.logical_to_mesh_axes((name,))[0] for name in ("batch", "length", "expert", "mlp"))
-  batch_axes = batch if isinstance(batch, tuple) else (batch,) if batch else ()
-  if expert is None or mesh.shape[expert] == 1 or batch_size % math.prod(mesh.shape[a] for a in batch_axes):
+  batch_ways = math.prod(mesh.shape[a] for a in mesh_axes_of(batch))
+  if expert is None or mesh.shape[expert] == 1 or batch_size % batch_ways:
     return None
   if length is not None:
     raise ValueError(f"expert parallelism routes whole sequences per device; the 'length' axis must not be "
