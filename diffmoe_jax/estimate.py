@@ -295,11 +295,11 @@ def _kept_by_remat(cfg: ml_collections.ConfigDict, b: int, tokens: int, tensor: 
   return sum(sizes[name] for name in cfg.remat_save_names)
 
 
-def human(x: float, unit: str = "") -> str:
+def human(x: float) -> str:
   for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
     if abs(x) >= scale:
-      return f"{x / scale:.3f}{suffix}{unit}"
-  return f"{x:.0f}{unit}"
+      return f"{x / scale:.3f}{suffix}"
+  return f"{x:.0f}"
 
 
 def _bytes(x: float) -> str:
