@@ -151,7 +151,7 @@ def combine(out: jax.Array, gates: jax.Array, src: jax.Array, dst: jax.Array, sh
 
 
 def ffn(rows: jax.Array, w_in: jax.Array, w_out: jax.Array, w_gate: jax.Array | None, activation: str,
-         matmul) -> jax.Array:
+        matmul) -> jax.Array:
   """`FFN(rows)` with `matmul(rows, w)` standing for a dense, batched or grouped product."""
   h = matmul(rows, w_in)
   h = gelu(h) if activation == "gelu" else jax.nn.silu(matmul(rows, w_gate)) * h
@@ -245,7 +245,7 @@ def moe_ffn(x: jax.Array, weights: jax.Array, experts: jax.Array, w_in: jax.Arra
                       per_expert=jax.default_backend() == "cpu" and b * capacity > 1).reshape(rows.shape)
   else:
     out = ffn(rows[0], w_in, w_out, w_gate, activation,
-               lambda lhs, rhs: jax.lax.ragged_dot(lhs, rhs, group_sizes))[None]
+              lambda lhs, rhs: jax.lax.ragged_dot(lhs, rhs, group_sizes))[None]
     # Rows past the last group (masked tokens' assignments) are left undefined by ragged_dot.
     out = jnp.where((jnp.arange(out.shape[1]) < kept)[None, :, None], out, 0)
   y = combine(out, gates, src, dst, (b, t, k, d)).astype(x.dtype)
