@@ -29,12 +29,11 @@ import math
 import jax
 import jax.numpy as jnp
 
+from diffmoe_jax.ops import routing
+
 ACTIVATIONS = ("gelu", "swiglu")
 MODES = ("capacity", "dropless")
 DROPLESS_IMPLS = ("padded", "ragged")
-
-# Keeps ceil() from rounding a product that is an integer up to the next one (cf. routing._CEIL_SLACK).
-_CEIL_SLACK = 1e-9
 
 
 def gelu(x: jax.Array) -> jax.Array:
@@ -52,8 +51,7 @@ def moe_capacity(seq_len: int, k: int, num_experts: int, capacity_factor: float)
     raise ValueError(f"capacity_factor={capacity_factor!r} must be > 0 and finite.")
   if not 1 <= k <= num_experts:
     raise ValueError(f"top-k k={k} must be between 1 and the number of experts {num_experts}.")
-  c = math.ceil(capacity_factor * seq_len * k / num_experts - _CEIL_SLACK)
-  return min(seq_len, max(1, c))
+  return routing.token_count(capacity_factor * seq_len * k / num_experts, seq_len)
 
 
 def resolve_dropless_impl(name: str) -> str:
