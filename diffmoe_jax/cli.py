@@ -1,4 +1,4 @@
-"""Command-line parsing shared by `main` and `estimate`: config file and flag mistakes as one-line errors.
+"""Command-line handling shared by the package's commands: config file and flag mistakes as one-line errors.
 
 ml_collections reports a missing config file, a syntax error in one, or an override of a field that does
 not exist with a long traceback from inside flag parsing. `parse_flags` checks those first and prints one
@@ -23,7 +23,6 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from diffmoe_jax import config as config_lib
-
 
 
 def define_config_flag(default: str | None, help_string: str) -> flags.FlagHolder:

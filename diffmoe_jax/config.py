@@ -271,11 +271,11 @@ def gpu_launches(model: ml_collections.ConfigDict) -> tuple[tuple[str, tuple[int
       continue
     parts = str(spec).replace(" ", "").split(",")
     require(len(parts) == 4 and all(p.isdigit() for p in parts), field,
-             f"{spec!r} is not 'rows,step,warps,stages' (four integers, such as '64,64,4,2'), or '' for the default.")
+            f"{spec!r} is not 'rows,step,warps,stages' (four integers, such as '64,64,4,2'), or '' for the default.")
     rows, step, warps, stages = map(int, parts)
     for name, value, least in (("rows", rows, 16), ("step", step, 16), ("warps", warps, 1)):  # 16: Triton's dots
       require(value >= least and value & (value - 1) == 0, field,
-               f"{name} = {value} in {spec!r} must be a power of two of at least {least}.")
+              f"{name} = {value} in {spec!r} must be a power of two of at least {least}.")
     require(stages > 0, field, f"stages = {stages} in {spec!r} must be at least 1.")
     launches.append((kernel, (rows, step, warps, stages)))
   return tuple(launches)

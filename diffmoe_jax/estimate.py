@@ -23,15 +23,15 @@ from diffmoe_jax.ops import attention as attention_ops
 from diffmoe_jax.ops import dispatch
 from diffmoe_jax.ops import routing
 
-# The paper's own figures (its table and its per-layer FFN arithmetic), keyed by config.name.
+# The paper's own figures (its table and its per-layer FFN arithmetic), keyed by config.name. The paper
+# does not say whether "active" counts the embedding and output head; its PI-S figure matches the count
+# without them (3.84B computed vs ~3.8B), so claims are compared with that count.
 PAPER_CLAIMS = {
     "pi": {"total_params": 54e9, "active_params_non_embedding": 9.2e9, "expert_params_per_layer": 1.28e9},
     "pi_s": {"total_params": 18e9, "active_params_non_embedding": 3.8e9},
     "pi_p": {"total_params": 5e9, "active_params_non_embedding": 1.4e9},
 }
-# The paper does not say whether "active" counts the embedding and output head; its PI-S figure matches
-# the count without them (3.84B computed vs ~3.8B), so claims are compared with that count.
-PAPER_TRAINING_FLOPS = 3.2e22
+PAPER_TRAINING_FLOPS = 3.2e22  # the paper's training compute (over FLOPs per token: its training tokens)
 CLAIM_TOLERANCE = 0.10  # a computed figure more than 10% off the paper's is flagged
 
 
@@ -295,11 +295,11 @@ def _kept_by_remat(cfg: ml_collections.ConfigDict, b: int, tokens: int, tensor: 
   return sum(sizes[name] for name in cfg.remat_save_names)
 
 
-def human(x: float, unit: str = "") -> str:
+def human(x: float) -> str:
   for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
     if abs(x) >= scale:
-      return f"{x / scale:.3f}{suffix}{unit}"
-  return f"{x:.0f}{unit}"
+      return f"{x / scale:.3f}{suffix}"
+  return f"{x:.0f}"
 
 
 def _bytes(x: float) -> str:

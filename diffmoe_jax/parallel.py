@@ -47,7 +47,7 @@ def make_mesh(mesh_config: ml_collections.ConfigDict, devices=None) -> Mesh:
                        axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 
 
-def _axes_of(spec) -> tuple:
+def mesh_axes_of(spec) -> tuple:
   """The mesh axes of one dimension's PartitionSpec entry (None, a name or a tuple of names)."""
   return spec if isinstance(spec, tuple) else (spec,) if spec else ()
 
@@ -77,7 +77,7 @@ def shard_shapes(boxed_tree, mesh_shape: dict[str, int], rules) -> list[tuple[st
     shard = []
     for dim, logical in zip(value.shape, names):
       spec = nn.logical_to_mesh_axes((logical,), rules)[0] if logical else None
-      axes = _axes_of(spec)
+      axes = mesh_axes_of(spec)
       ways = math.prod(mesh_shape.get(a, 1) for a in axes)
       if dim % ways:
         split = " x ".join(f"{a}={mesh_shape.get(a, 1)}" for a in axes)
@@ -95,7 +95,7 @@ def check_expert_parallel(config: ml_collections.ConfigDict, mesh_shape: dict[st
   that splits the experts) that this mesh's rules or this backend cannot run."""
   from diffmoe_jax.ops import expert_parallel
   moe, rules = config.model.moe, axis_rules(config.mesh)
-  mesh_axes = lambda name: _axes_of(nn.logical_to_mesh_axes((name,), rules)[0])  # one name at a time, as nn/moe
+  mesh_axes = lambda name: mesh_axes_of(nn.logical_to_mesh_axes((name,), rules)[0])  # one name at a time, as nn/moe
   ways = logical_axis_size(mesh_shape, rules, "expert")
   if config.model.ffn != "moe" or moe.expert_parallel == "off" or ways == 1:
     return
@@ -126,7 +126,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def logical_axis_size(mesh_shape: Mapping[str, int], rules, logical: str) -> int:
   """How many ways a mesh of `mesh_shape` (`Mesh.shape`, or `mesh_shape(...)`'s) splits a logical axis (1 when
   its rule maps it to no mesh axis)."""
-  return math.prod(mesh_shape.get(a, 1) for a in _axes_of(nn.logical_to_mesh_axes((logical,), rules)[0]))
+  return math.prod(mesh_shape.get(a, 1) for a in mesh_axes_of(nn.logical_to_mesh_axes((logical,), rules)[0]))
 
 
 def data_parallel_size(mesh: Mesh, rules) -> int:

@@ -30,22 +30,22 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     require(axis in MESH_AXES, f"mesh.shape.{axis}", f"unknown mesh axis; the axes are {MESH_AXES}.")
     size = config.mesh.shape[axis]
     require(isinstance(size, int) and (size >= 1 or size == -1), f"mesh.shape.{axis}",
-             f"must be a positive integer or -1 (all remaining devices), got {size!r}.")
+            f"must be a positive integer or -1 (all remaining devices), got {size!r}.")
   tensor, expert = config.mesh.shape.get("tensor", 1), config.mesh.shape.get("expert", 1)
   if tensor > 1:
     # Heads are split over the tensor axis: an odd head count (PI-S has 27) needs an odd tensor size.
     require(m.num_heads % tensor == 0, "mesh.shape.tensor",
-             f"{tensor} does not divide model.num_heads ({m.num_heads}); pick a divisor of the head count.")
+            f"{tensor} does not divide model.num_heads ({m.num_heads}); pick a divisor of the head count.")
   if expert > 1 and m.ffn == "moe":
     require(moe.num_experts % expert == 0, "mesh.shape.expert",
-             f"{expert} does not divide model.moe.num_experts ({moe.num_experts}); pick a divisor.")
+            f"{expert} does not divide model.moe.num_experts ({moe.num_experts}); pick a divisor.")
   rule_names = [rule[0] for rule in config.mesh.axis_rules]
   for name in LOGICAL_AXES:
     require(name in rule_names, "mesh.axis_rules", f"has no rule for logical axis {name!r}.")
   for name, target in config.mesh.axis_rules:
     for axis in (target,) if isinstance(target, str) or target is None else target:
       require(axis is None or axis in MESH_AXES, "mesh.axis_rules",
-               f"maps {name!r} to {axis!r}, which is not a mesh axis; the axes are {MESH_AXES}.")
+              f"maps {name!r} to {axis!r}, which is not a mesh axis; the axes are {MESH_AXES}.")
   _validate_training(config)
   return config
 
@@ -56,21 +56,21 @@ def validate_model(m: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _check_types_of(m.to_dict(), defaults().model.to_dict(), "model.")
   for field in ("d_model", "num_layers", "num_heads", "head_dim", "max_seq_len", "vocab_size"):
     require(isinstance(m[field], int) and m[field] > 0, f"model.{field}",
-             f"must be a positive integer, got {m[field]!r}.")
+            f"must be a positive integer, got {m[field]!r}.")
   require(m.num_heads * m.head_dim == m.d_model, "model.d_model",
-           f"{m.d_model} must equal model.num_heads * model.head_dim = {m.num_heads} * {m.head_dim} = "
-           f"{m.num_heads * m.head_dim}; change d_model, num_heads or head_dim.")
+          f"{m.d_model} must equal model.num_heads * model.head_dim = {m.num_heads} * {m.head_dim} = "
+          f"{m.num_heads * m.head_dim}; change d_model, num_heads or head_dim.")
   require(m.attention in ATTENTIONS, "model.attention", f"{m.attention!r} is not one of {ATTENTIONS}.")
   differential = m.attention in ("differential", "differential_v2")
   if differential:
     require(m.head_dim % 2 == 0, "model.head_dim",
-             f"{m.head_dim} is odd; differential attention splits each head's width into two query/key "
-             "sub-heads of head_dim / 2, so head_dim must be even.")
+            f"{m.head_dim} is odd; differential attention splits each head's width into two query/key "
+            "sub-heads of head_dim / 2, so head_dim must be even.")
   # RoPE rotates pairs of dimensions within each query/key (sub-)head.
   qk_dim = m.head_dim // 2 if differential else m.head_dim
   require(qk_dim % 2 == 0, "model.head_dim",
-           f"the query/key width {qk_dim} must be even for RoPE; use a head_dim divisible by "
-           f"{4 if differential else 2}.")
+          f"the query/key width {qk_dim} must be even for RoPE; use a head_dim divisible by "
+          f"{4 if differential else 2}.")
   require(m.rope_theta > 1.0, "model.rope_theta", f"must be > 1, got {m.rope_theta}.")
   if m.lambda_init != "schedule":
     try:
@@ -86,69 +86,69 @@ def validate_model(m: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   gpu_launches(m)
   for field in ("attention_block_q", "attention_block_k"):
     require(isinstance(m[field], int) and m[field] >= 0 and m[field] & (m[field] - 1) == 0, f"model.{field}",
-             f"must be 0 (per backend) or a power of two, got {m[field]!r}.")
+            f"must be 0 (per backend) or a power of two, got {m[field]!r}.")
   require(m.norm_eps > 0, "model.norm_eps", f"must be > 0, got {m.norm_eps}.")
   require(m.init_std > 0, "model.init_std", f"must be > 0, got {m.init_std}.")
   if m.remat_policy == "save_names":
     require(len(m.remat_save_names) > 0, "model.remat_save_names",
-             "is empty but remat_policy is 'save_names'; list checkpoint names to keep, or pick another policy.")
+            "is empty but remat_policy is 'save_names'; list checkpoint names to keep, or pick another policy.")
     unknown = [n for n in m.remat_save_names if n not in CHECKPOINT_NAMES]
     # On the command line "a,b" is one name; a tuple is written as a Python literal.
     as_tuple = (" (on the command line, several names as a tuple: --config.model.remat_save_names="
                 "\"('attn_out','ffn_out')\")" if any("," in n for n in unknown) else "")
     require(not unknown, "model.remat_save_names", f"{unknown} are not checkpoint names of the model; "
-             f"choose from {CHECKPOINT_NAMES}{as_tuple}.")
+            f"choose from {CHECKPOINT_NAMES}{as_tuple}.")
 
   moe = m.moe
   require(moe.activation in ACTIVATIONS, "model.moe.activation",
-           f"{moe.activation!r} is not one of {ACTIVATIONS}.")
+          f"{moe.activation!r} is not one of {ACTIVATIONS}.")
   if m.ffn == "moe" or m.expert_conditional_lambda:
     require(isinstance(moe.num_experts, int) and moe.num_experts > 0, "model.moe.num_experts",
-             f"must be a positive integer, got {moe.num_experts!r}.")
+            f"must be a positive integer, got {moe.num_experts!r}.")
     require(isinstance(moe.top_k, int) and 0 < moe.top_k <= moe.num_experts, "model.moe.top_k",
-             f"{moe.top_k!r} must be between 1 and model.moe.num_experts ({moe.num_experts}).")
+            f"{moe.top_k!r} must be between 1 and model.moe.num_experts ({moe.num_experts}).")
   if m.ffn == "moe":
     require(isinstance(moe.expert_ffn_dim, int) and moe.expert_ffn_dim > 0, "model.moe.expert_ffn_dim",
-             f"must be a positive integer, got {moe.expert_ffn_dim!r}.")
+            f"must be a positive integer, got {moe.expert_ffn_dim!r}.")
     for field in ("dispatch", "eval_dispatch"):
       require(moe[field] in DISPATCH_MODES, f"model.moe.{field}",
-               f"{moe[field]!r} is not one of {DISPATCH_MODES}.")
+              f"{moe[field]!r} is not one of {DISPATCH_MODES}.")
     require(moe.route_from in ROUTE_FROM, "model.moe.route_from",
-             f"{moe.route_from!r} is not one of {ROUTE_FROM}.")
+            f"{moe.route_from!r} is not one of {ROUTE_FROM}.")
     require(moe.expert_parallel in EXPERT_PARALLEL, "model.moe.expert_parallel",
-             f"{moe.expert_parallel!r} is not one of {EXPERT_PARALLEL}.")
+            f"{moe.expert_parallel!r} is not one of {EXPERT_PARALLEL}.")
     require(not (moe.expert_parallel == "all_to_all" and "dropless" in (moe.dispatch, moe.eval_dispatch)),
-             "model.moe.expert_parallel", "'all_to_all' needs capacity dispatch (static slot counts), but "
-             "model.moe.dispatch or eval_dispatch is 'dropless'; use 'gather' or 'auto'.")
+            "model.moe.expert_parallel", "'all_to_all' needs capacity dispatch (static slot counts), but "
+            "model.moe.dispatch or eval_dispatch is 'dropless'; use 'gather' or 'auto'.")
     require(not (moe.expert_parallel == "ragged" and "capacity" in (moe.dispatch, moe.eval_dispatch)),
-             "model.moe.expert_parallel", "'ragged' is dropless, but model.moe.dispatch or eval_dispatch is "
-             "'capacity'; use 'all_to_all', 'gather' or 'auto'.")
+            "model.moe.expert_parallel", "'ragged' is dropless, but model.moe.dispatch or eval_dispatch is "
+            "'capacity'; use 'all_to_all', 'gather' or 'auto'.")
     require(moe.dropless_impl in DROPLESS_IMPLS, "model.moe.dropless_impl",
-             f"{moe.dropless_impl!r} is not one of {DROPLESS_IMPLS}.")
+            f"{moe.dropless_impl!r} is not one of {DROPLESS_IMPLS}.")
     require(moe.capacity_factor > 0, "model.moe.capacity_factor",
-             f"must be > 0, got {moe.capacity_factor}.")
+            f"must be > 0, got {moe.capacity_factor}.")
   else:
     require(m.dense_ffn_dim >= 0, "model.dense_ffn_dim", f"must be >= 0, got {m.dense_ffn_dim}.")
     # 0 means top_k x expert_ffn_dim (nn.moe.dense_ffn_dim), which must then be a width too.
     require(m.dense_ffn_dim > 0 or (moe.top_k > 0 and moe.expert_ffn_dim > 0), "model.dense_ffn_dim",
-             f"is 0, so the dense FFN width is model.moe.top_k * model.moe.expert_ffn_dim = {moe.top_k} * "
-             f"{moe.expert_ffn_dim} = {moe.top_k * moe.expert_ffn_dim}; set dense_ffn_dim to the dense FFN width.")
+            f"is 0, so the dense FFN width is model.moe.top_k * model.moe.expert_ffn_dim = {moe.top_k} * "
+            f"{moe.expert_ffn_dim} = {moe.top_k * moe.expert_ffn_dim}; set dense_ffn_dim to the dense FFN width.")
   if m.expert_conditional_lambda:
     require(m.attention == "differential", "model.expert_conditional_lambda",
-             f"needs model.attention='differential' ({m.attention!r} has no expert λ vectors); set it to False.")
+            f"needs model.attention='differential' ({m.attention!r} has no expert λ vectors); set it to False.")
     require(m.ffn == "moe", "model.expert_conditional_lambda",
-             "needs model.ffn='moe' (λ is mixed by the layer's MoE router); set it to False for a dense FFN.")
+            "needs model.ffn='moe' (λ is mixed by the layer's MoE router); set it to False for a dense FFN.")
 
   mod = m.mod
   if mod.enabled:
     # 1 routes every layer (the paper's "a learned binary router at each layer"); 2, the default, every other.
     require(isinstance(mod.every, int) and mod.every >= 1, "model.mod.every",
-             f"must be an integer >= 1 (one routed layer per group of `every` layers), got {mod.every!r}.")
+            f"must be an integer >= 1 (one routed layer per group of `every` layers), got {mod.every!r}.")
     require(mod.every <= m.num_layers, "model.mod.every",
-             f"{mod.every} exceeds model.num_layers ({m.num_layers}); no layer would be routed.")
+            f"{mod.every} exceeds model.num_layers ({m.num_layers}); no layer would be routed.")
     _check_capacity(mod.capacity, "model.mod.capacity")
     require(mod.predictor_hidden > 0, "model.mod.predictor_hidden",
-             f"must be > 0, got {mod.predictor_hidden}.")
+            f"must be > 0, got {mod.predictor_hidden}.")
   return m
 
 
@@ -181,7 +181,7 @@ def phase_lengths(cur: ml_collections.ConfigDict) -> list[int]:
                       f"{kept}; they are not rescaled, so change them to sum to 1.")
   for name, f in fractions.items():
     require(f > 0, f"curriculum.{name}", "has neither steps nor a fraction, so it gets no steps; give it a "
-             "fraction or steps, or remove it from curriculum.order.")
+            "fraction or steps, or remove it from curriculum.order.")
   free_sum = sum(fractions.values())
   shared = _split_by_fraction([f / free_sum for f in fractions.values()], remaining)
   for (name, f), steps in zip(fractions.items(), shared):
@@ -267,7 +267,7 @@ def _is_number(value) -> bool:
 
 def _check_capacity(value, field: str) -> None:
   require(isinstance(value, (int, float)) and 0.0 < value <= 1.0, field,
-           f"{value!r} must lie in (0, 1]: the fraction of a sequence's tokens a routed layer processes.")
+          f"{value!r} must lie in (0, 1]: the fraction of a sequence's tokens a routed layer processes.")
 
 
 def _validate_training(config: ml_collections.ConfigDict) -> None:
@@ -275,41 +275,41 @@ def _validate_training(config: ml_collections.ConfigDict) -> None:
   require(_is_number(o.peak_lr) and o.peak_lr > 0, "optimizer.peak_lr", f"must be > 0, got {o.peak_lr!r}.")
   for field in ("b1", "b2"):
     require(_is_number(o[field]) and 0.0 <= o[field] < 1.0, f"optimizer.{field}",
-             f"Adam's decay rate must lie in [0, 1), got {o[field]!r}.")
+            f"Adam's decay rate must lie in [0, 1), got {o[field]!r}.")
   require(_is_number(o.eps) and o.eps > 0, "optimizer.eps", f"must be > 0, got {o.eps!r}.")
   require(_is_number(o.weight_decay) and o.weight_decay >= 0, "optimizer.weight_decay",
-           f"must be >= 0, got {o.weight_decay!r}.")
+          f"must be >= 0, got {o.weight_decay!r}.")
   # The optimizer updates the parameters in their own dtype: in 16 bits, an update below half a step of
   # the weight (lr x weight decay always, most updates at small lr) would round away.
   require(m.param_dtype == "float32", "model.param_dtype",
-           f"{m.param_dtype!r}: training keeps float32 master weights, as 16-bit ones would round away small "
-           "AdamW updates; set it to 'float32' (model.dtype sets the compute dtype, e.g. 'bfloat16').")
+          f"{m.param_dtype!r}: training keeps float32 master weights, as 16-bit ones would round away small "
+          "AdamW updates; set it to 'float32' (model.dtype sets the compute dtype, e.g. 'bfloat16').")
   require(isinstance(config.seed, int) and not isinstance(config.seed, bool) and config.seed >= 0, "seed",
-           f"must be an integer >= 0, got {config.seed!r}.")
+          f"must be an integer >= 0, got {config.seed!r}.")
   require(_is_number(config.train.memory_headroom) and 0.0 < config.train.memory_headroom <= 1.0,
-           "train.memory_headroom", f"the fraction of memory a run may plan to use must lie in (0, 1], got "
-           f"{config.train.memory_headroom!r}.")
+          "train.memory_headroom", f"the fraction of memory a run may plan to use must lie in (0, 1], got "
+          f"{config.train.memory_headroom!r}.")
   require(_is_number(config.train.peak_flops_per_device) and config.train.peak_flops_per_device >= 0,
-           "train.peak_flops_per_device", f"must be >= 0 (0: the device's known peak), got "
-           f"{config.train.peak_flops_per_device!r}.")
+          "train.peak_flops_per_device", f"must be >= 0 (0: the device's known peak), got "
+          f"{config.train.peak_flops_per_device!r}.")
   require(config.train.run_steps >= 0, "train.run_steps", f"must be >= 0, got {config.train.run_steps}.")
   require(isinstance(config.train.allow_config_change, str), "train.allow_config_change",
-           f"must be a string of comma-separated field paths, got {config.train.allow_config_change!r}.")
+          f"must be a string of comma-separated field paths, got {config.train.allow_config_change!r}.")
   for field in ("log_every", "eval_every", "checkpoint_every", "stable_rank_every", "eval_batches",
                 "eval_batch_size", "keep_checkpoints", "max_nonfinite_in_a_row"):
     require(config.train[field] >= 1, f"train.{field}", f"must be >= 1, got {config.train[field]}.")
   require(isinstance(o.grad_accum_steps, int) and o.grad_accum_steps >= 1, "optimizer.grad_accum_steps",
-           f"must be an integer >= 1, got {o.grad_accum_steps!r}.")
+          f"must be an integer >= 1, got {o.grad_accum_steps!r}.")
   require(o.grad_clip > 0, "optimizer.grad_clip", f"must be > 0, got {o.grad_clip}.")
   require(isinstance(cur.total_steps, int) and cur.total_steps > 0, "curriculum.total_steps",
-           f"must be a positive integer, got {cur.total_steps!r}.")
+          f"must be a positive integer, got {cur.total_steps!r}.")
   require(len(cur.order) > 0, "curriculum.order", "is empty; list at least one phase.")
   require(isinstance(cur.mod_anneal_levels, int) and cur.mod_anneal_levels >= 1, "curriculum.mod_anneal_levels",
-           f"must be an integer >= 1, got {cur.mod_anneal_levels!r}.")
+          f"must be an integer >= 1, got {cur.mod_anneal_levels!r}.")
   domains = set(config.data.domains.keys())
   require(len(domains) > 0, "data.domains", "is empty; add a source such as 'stdlib:code'.")
   require(isinstance(config.data.segment_masking, bool), "data.segment_masking",
-           f"must be True or False, got {config.data.segment_masking!r}.")
+          f"must be True or False, got {config.data.segment_masking!r}.")
   phases = [key for key, value in cur.items() if isinstance(value, ml_collections.ConfigDict)]
   for i, name in enumerate(cur.order):
     if name not in phases:
@@ -320,24 +320,24 @@ def _validate_training(config: ml_collections.ConfigDict) -> None:
     p = cur[name]
     f = f"curriculum.{name}"
     require(isinstance(p.steps, int) and p.steps >= 0 and _is_number(p.fraction) and 0 <= p.fraction <= 1, f,
-             f"steps ({p.steps!r}) must be an integer >= 0 and fraction ({p.fraction!r}) in [0, 1].")
+            f"steps ({p.steps!r}) must be an integer >= 0 and fraction ({p.fraction!r}) in [0, 1].")
     require(isinstance(p.batch_size, int) and p.batch_size >= 0, f"{f}.batch_size",
-             f"must be an integer >= 0 (0: curriculum.tokens_per_batch // seq_len), got {p.batch_size!r}.")
+            f"must be an integer >= 0 (0: curriculum.tokens_per_batch // seq_len), got {p.batch_size!r}.")
     seq_len = phase_seq_len(config, name)
     require(0 < seq_len <= m.max_seq_len, f"{f}.seq_len",
-             f"the phase's sequence length {seq_len} (seq_len={p.seq_len}, context_fraction="
-             f"{p.context_fraction}) must lie in (0, model.max_seq_len={m.max_seq_len}].")
+            f"the phase's sequence length {seq_len} (seq_len={p.seq_len}, context_fraction="
+            f"{p.context_fraction}) must lie in (0, model.max_seq_len={m.max_seq_len}].")
     if p.batch_size == 0:
       require(cur.tokens_per_batch >= seq_len, f"{f}.batch_size",
-               f"is 0 and curriculum.tokens_per_batch ({cur.tokens_per_batch}) is below the phase's seq_len "
-               f"({seq_len}); set one of them.")
+              f"is 0 and curriculum.tokens_per_batch ({cur.tokens_per_batch}) is below the phase's seq_len "
+              f"({seq_len}); set one of them.")
       require(cur.tokens_per_batch % seq_len == 0, "curriculum.tokens_per_batch",
-               f"{cur.tokens_per_batch} is not a multiple of phase {name}'s seq_len {seq_len}, so its batches would "
-               f"hold {cur.tokens_per_batch // seq_len * seq_len} tokens; use a multiple, or set {f}.batch_size.")
+              f"{cur.tokens_per_batch} is not a multiple of phase {name}'s seq_len {seq_len}, so its batches would "
+              f"hold {cur.tokens_per_batch // seq_len * seq_len} tokens; use a multiple, or set {f}.batch_size.")
     require(p.lr_shape in LR_SHAPES, f"{f}.lr_shape", f"{p.lr_shape!r} is not one of {LR_SHAPES}.")
     require(p.lr_start >= 0 and p.lr_end >= 0, f"{f}.lr_start", "LR multipliers must be >= 0.")
     require(p.router_noise_start >= 0 and p.router_noise_end >= 0, f"{f}.router_noise_start",
-             "router noise std must be >= 0.")
+            "router noise std must be >= 0.")
     for w in ("load_balance_weight", "z_loss_weight", "mod_predictor_weight"):
       require(p[w] >= 0, f"{f}.{w}", f"must be >= 0, got {p[w]}.")
     for cap in ("mod_capacity_start", "mod_capacity_end"):
@@ -345,12 +345,12 @@ def _validate_training(config: ml_collections.ConfigDict) -> None:
         _check_capacity(p[cap], f"{f}.{cap}")
     for domain in p.domain_weights.keys():
       require(domain in domains, f"{f}.domain_weights.{domain}",
-               f"names no domain in data.domains ({sorted(domains)}).")
+              f"names no domain in data.domains ({sorted(domains)}).")
       require(_is_number(p.domain_weights[domain]) and p.domain_weights[domain] >= 0,
-               f"{f}.domain_weights.{domain}", f"must be a number >= 0 (such as 0.3), got "
-               f"{p.domain_weights[domain]!r}.")
+              f"{f}.domain_weights.{domain}", f"must be a number >= 0 (such as 0.3), got "
+              f"{p.domain_weights[domain]!r}.")
     total = sum(p.domain_weights.values())
     require(not len(p.domain_weights) or abs(total - 1.0) < 1e-6, f"{f}.domain_weights",
-             f"the weights sum to {total:g}; they are the fractions of each batch per domain (a domain left out "
-             "gets 0) and must sum to 1.")
+            f"the weights sum to {total:g}; they are the fractions of each batch per domain (a domain left out "
+            "gets 0) and must sum to 1.")
   phase_lengths(cur)

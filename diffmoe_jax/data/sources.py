@@ -38,7 +38,7 @@ class Source:
   files: tuple[str, ...]
   read: Callable[[str], str]  # path -> the file's text; raises Skipped (built-in corpus) or DataError
   views: tuple[Callable[[str, str], str], ...]  # (text, path) -> a text of the file; may raise Skipped
-  document_view: int  # the view that is the domain's document ("" means none)
+  document_view: int  # index in views of the domain's document; a file whose document is "" is skipped
   builtin: bool  # the built-in corpus skips and counts unusable files; `files:` sources raise instead
 
   def relpath(self, path: str) -> str:

@@ -6,6 +6,7 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 from jax.ad_checkpoint import checkpoint_name
 
 from diffmoe_jax import config as config_lib
@@ -58,7 +59,7 @@ class Attention(nn.Module):
   token and head from a `[d, H]` projection, no per-head RMSNorm and no (1 − λ_init) scale.
   Standard (ablation): H softmax heads of width Dv.
   """
-  config: "ml_collections.FrozenConfigDict"  # the model section  # noqa: F821
+  config: ml_collections.FrozenConfigDict  # the model section
 
   @nn.compact
   def __call__(self, x: jax.Array, positions: jax.Array, layer_index: jax.Array, *,

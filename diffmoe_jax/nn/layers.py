@@ -1,11 +1,14 @@
 """Small building blocks: parameters with logical axes, RMSNorm, the token embedding."""
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from diffmoe_jax.parallel import mesh_axes_of
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -87,15 +90,11 @@ def per_shard(fn, arrays: dict[str, jax.Array | None], axes: dict[str, Sequence[
     return fn(**arrays)
   specs = {name: nn.logical_to_mesh_axes(tuple(axes[name])) for name in present}
   out_spec = nn.logical_to_mesh_axes(tuple(out_axes))
-  splits = lambda spec: [a for entry in spec for a in (entry if isinstance(entry, tuple) else (entry,)) if a]
-  if not any(mesh.shape[a] > 1 for spec in specs.values() for a in splits(spec)):
+  if not any(mesh.shape[a] > 1 for spec in specs.values() for entry in spec for a in mesh_axes_of(entry)):
     return fn(**arrays)
   for name, a in present.items():
     for dim, entry in zip(a.shape, specs[name]):
-      ways = 1
-      for axis in (entry if isinstance(entry, tuple) else (entry,)):
-        ways *= mesh.shape[axis] if axis else 1
-      if dim % ways:
+      if dim % math.prod(mesh.shape[axis] for axis in mesh_axes_of(entry)):
         return fn(**arrays)
   names = tuple(present)
   body = lambda *shards: fn(**{**arrays, **dict(zip(names, shards))})

@@ -4,6 +4,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from diffmoe_jax.nn.layers import dtype_of, param
 
@@ -15,7 +16,7 @@ class MoDRouter(nn.Module):
   predictor — a small MLP on the stop-gradient input, trained with BCE against the top-k decision —
   makes the decision causally at inference time (threshold 0.5).
   """
-  config: "ml_collections.FrozenConfigDict"  # the model section  # noqa: F821
+  config: ml_collections.FrozenConfigDict  # the model section
 
   @nn.compact
   def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -6,10 +6,12 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 from jax.ad_checkpoint import checkpoint_name
 
 from diffmoe_jax.nn.layers import RESIDUAL, constrain, dtype_of, param
 from diffmoe_jax.ops import dispatch, expert_parallel, routing
+from diffmoe_jax.parallel import mesh_axes_of
 
 
 class MoEFeedForward(nn.Module):
@@ -18,7 +20,7 @@ class MoEFeedForward(nn.Module):
   `gate(x)` is the noise-free top-k choice for the same router and `route(x)` the (noisy) routing, used by
   the attention's expert-conditional λ (see `model.moe.route_from`).
   """
-  config: "ml_collections.FrozenConfigDict"  # the model section  # noqa: F821
+  config: ml_collections.FrozenConfigDict  # the model section
 
   def setup(self):
     cfg, moe = self.config, self.config.moe
@@ -88,8 +90,8 @@ def expert_parallel_layout(setting: str, batch_size: int) -> dict | None:
     return None
   # One name at a time: within one spec flax drops a mesh axis already taken (batch takes "expert").
   batch, length, expert, mlp = (nn.logical_to_mesh_axes((name,))[0] for name in ("batch", "length", "expert", "mlp"))
-  batch_axes = batch if isinstance(batch, tuple) else (batch,) if batch else ()
-  if expert is None or mesh.shape[expert] == 1 or batch_size % math.prod(mesh.shape[a] for a in batch_axes):
+  batch_ways = math.prod(mesh.shape[a] for a in mesh_axes_of(batch))
+  if expert is None or mesh.shape[expert] == 1 or batch_size % batch_ways:
     return None
   if length is not None:
     raise ValueError(f"expert parallelism routes whole sequences per device; the 'length' axis must not be "
@@ -99,11 +101,12 @@ def expert_parallel_layout(setting: str, batch_size: int) -> dict | None:
 
 class DenseFeedForward(nn.Module):
   """The dense ablation: one FFN of width `dense_ffn_dim` (default top_k · expert_ffn_dim, equal active FLOPs)."""
-  config: "ml_collections.FrozenConfigDict"  # noqa: F821
+  config: ml_collections.FrozenConfigDict  # the model section
 
   @nn.compact
   def __call__(self, x: jax.Array, *, noise_std=0.0, train: bool = False, route=None, token_mask=None):
-    # route and token_mask change nothing here: a dense FFN has no router and no slots to share.
+    # The MoE layer's keyword arguments change nothing here: a dense FFN has no router to route or perturb
+    # (route, noise_std, train) and no expert slots to share (token_mask).
     cfg = self.config
     dtype, pdtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
     d, f = cfg.d_model, dense_ffn_dim(cfg)

@@ -29,12 +29,11 @@ import math
 import jax
 import jax.numpy as jnp
 
+from diffmoe_jax.ops import routing
+
 ACTIVATIONS = ("gelu", "swiglu")
 MODES = ("capacity", "dropless")
 DROPLESS_IMPLS = ("padded", "ragged")
-
-# Keeps ceil() from rounding a product that is an integer up to the next one (cf. routing._CEIL_SLACK).
-_CEIL_SLACK = 1e-9
 
 
 def gelu(x: jax.Array) -> jax.Array:
@@ -52,8 +51,7 @@ def moe_capacity(seq_len: int, k: int, num_experts: int, capacity_factor: float)
     raise ValueError(f"capacity_factor={capacity_factor!r} must be > 0 and finite.")
   if not 1 <= k <= num_experts:
     raise ValueError(f"top-k k={k} must be between 1 and the number of experts {num_experts}.")
-  c = math.ceil(capacity_factor * seq_len * k / num_experts - _CEIL_SLACK)
-  return min(seq_len, max(1, c))
+  return routing.token_count(capacity_factor * seq_len * k / num_experts, seq_len)
 
 
 def resolve_dropless_impl(name: str) -> str:
@@ -151,7 +149,7 @@ def combine(out: jax.Array, gates: jax.Array, src: jax.Array, dst: jax.Array, sh
 
 
 def ffn(rows: jax.Array, w_in: jax.Array, w_out: jax.Array, w_gate: jax.Array | None, activation: str,
-         matmul) -> jax.Array:
+        matmul) -> jax.Array:
   """`FFN(rows)` with `matmul(rows, w)` standing for a dense, batched or grouped product."""
   h = matmul(rows, w_in)
   h = gelu(h) if activation == "gelu" else jax.nn.silu(matmul(rows, w_gate)) * h
@@ -245,7 +243,7 @@ def moe_ffn(x: jax.Array, weights: jax.Array, experts: jax.Array, w_in: jax.Arra
                       per_expert=jax.default_backend() == "cpu" and b * capacity > 1).reshape(rows.shape)
   else:
     out = ffn(rows[0], w_in, w_out, w_gate, activation,
-               lambda lhs, rhs: jax.lax.ragged_dot(lhs, rhs, group_sizes))[None]
+              lambda lhs, rhs: jax.lax.ragged_dot(lhs, rhs, group_sizes))[None]
     # Rows past the last group (masked tokens' assignments) are left undefined by ragged_dot.
     out = jnp.where((jnp.arange(out.shape[1]) < kept)[None, :, None], out, 0)
   y = combine(out, gates, src, dst, (b, t, k, d)).astype(x.dtype)

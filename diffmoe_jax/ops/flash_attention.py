@@ -178,8 +178,9 @@ def backward_block(qs, ks, v, g, ws, lses, deltas, visible, *, want_dq: bool = T
   return (dq or None), (dk or None), dv
 
 
-def _maps(x, axis: int = 2):
-  return [jnp.take(x, j, axis=axis) for j in range(x.shape[axis])]
+def _maps(x):
+  """The per-map slices of an internal `[B, H, M, ...]` array (M on axis 2)."""
+  return [jnp.take(x, j, axis=2) for j in range(x.shape[2])]
 
 
 def _slice(x, start, size, axis):
@@ -324,14 +325,14 @@ def _multi_map_attention_bwd(causal, block_q, block_k, kernel, gpu, residuals, g
 _multi_map_attention.defvjp(_multi_map_attention_fwd, _multi_map_attention_bwd)
 
 
-def pad_to(x, multiple: int, axis: int, value=0):
-  """`x` padded along `axis` (with `value`) to a multiple of `multiple`."""
+def pad_to(x, multiple: int, axis: int):
+  """`x` zero-padded along `axis` to a multiple of `multiple`."""
   pad = -x.shape[axis] % multiple
   if pad == 0:
     return x
   widths = [(0, 0)] * x.ndim
   widths[axis] = (0, pad)
-  return jnp.pad(x, widths, constant_values=value)
+  return jnp.pad(x, widths)
 
 
 def block_sizes(t: int, s: int, block_q: int, block_k: int, kernel: str) -> tuple[int, int]:

@@ -15,6 +15,11 @@ import jax.numpy as jnp
 _CEIL_SLACK = 1e-9
 
 
+def token_count(product: float, limit: int) -> int:
+  """ceil(product), at least 1 and at most `limit`: a whole number of tokens or slots from a capacity."""
+  return min(limit, max(1, math.ceil(product - _CEIL_SLACK)))
+
+
 def _is_zero(x) -> bool:
   return isinstance(x, (int, float)) and x == 0
 
@@ -132,7 +137,7 @@ def mod_capacity_tokens(capacity: float, seq_len: int) -> int:
   if not 0.0 < capacity <= 1.0:
     raise ValueError(f"mod capacity {capacity!r} must lie in (0, 1]: the fraction of a sequence's tokens a "
                      "routed layer runs.")
-  return min(seq_len, max(1, math.ceil(capacity * seq_len - _CEIL_SLACK)))
+  return token_count(capacity * seq_len, seq_len)
 
 
 def mod_select(scores: jax.Array, num_selected: int) -> jax.Array:

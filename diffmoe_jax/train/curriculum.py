@@ -93,7 +93,7 @@ class Curriculum:
     for phase in self.phases:
       if phase.start <= step < phase.end:
         return phase
-    raise AssertionError("phases cover [0, total_steps)")  # guaranteed by config.phase_lengths
+    raise AssertionError("phases cover [0, total_steps)")  # guaranteed by validation.phase_lengths
 
   def settings(self, step: int) -> StepSettings:
     phase = self.phase_at(step)

@@ -387,7 +387,7 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, *, corpus: "d
   clock = _StepClock()
 
   def finish_step(item):
-    """Host side of a finished step: logging, metrics, the non-finite guard."""
+    """Host side of a finished step: logging and metrics; True when the non-finite guard stops the run."""
     step, settings, metrics = item
     metrics = jax.device_get(metrics)
     seconds = clock.lap()
@@ -415,9 +415,7 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, *, corpus: "d
     if int(metrics["update_skipped"]):
       progress.write(f"step {step + 1}: non-finite loss or gradient; update skipped "
                      f"({int(metrics['nonfinite_total'])} so far).")
-    if int(metrics["nonfinite_streak"]) >= config.train.max_nonfinite_in_a_row:
-      return True
-    return False
+    return int(metrics["nonfinite_streak"]) >= config.train.max_nonfinite_in_a_row
 
   diverged = False
   try:

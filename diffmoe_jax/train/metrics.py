@@ -179,10 +179,10 @@ WEIGHT_MATRICES = {"wq": (3, 1), "wk": (3, 1), "wv": (3, 1), "wo": (3, 2),
                    "w_in": (2, 1), "w_gate": (2, 1), "w_out": (2, 1)}
 
 
-def stable_ranks(params: Any, matrices: Mapping[str, tuple[int, int]] = WEIGHT_MATRICES) -> dict[str, float]:
+def stable_ranks(params: Any) -> dict[str, float]:
   """Mean stable rank of every weight matrix in `params`, as {"stable_rank/<param path>": value}.
 
-  A parameter is a weight matrix if its name (last path key) is in `matrices`; its trailing axes given there
+  A parameter is a weight matrix if its name (last path key) is in `WEIGHT_MATRICES`; its trailing axes given there
   form one matrix (rows × cols), and any leading axes (scanned layers, experts) index separate matrices,
   whose stable ranks are averaged. Boxed (logically partitioned) params are unboxed first. Sharded params
   work, but every process must call this (it runs a jitted computation) even if only one writes it.
@@ -190,13 +190,13 @@ def stable_ranks(params: Any, matrices: Mapping[str, tuple[int, int]] = WEIGHT_M
   kernels, layouts = {}, []
   for path, w in jax.tree_util.tree_flatten_with_path(nn.meta.unbox(params))[0]:
     name = jax.tree_util.keystr(path[-1:], simple=True)
-    if name not in matrices:
+    if name not in WEIGHT_MATRICES:
       continue
     tag = "stable_rank/" + jax.tree_util.keystr(path, simple=True, separator="/")
-    axes, rows = matrices[name]
+    axes, rows = WEIGHT_MATRICES[name]
     if w.ndim < axes:
       raise ValueError(f"{tag[len('stable_rank/'):]} has shape {w.shape}, but a {name!r} weight needs at least "
-                       f"{axes} axes; fix the layout in `matrices`.")
+                       f"{axes} axes; fix its layout in WEIGHT_MATRICES.")
     kernels[tag] = w
     layouts.append((tag, axes, rows))
   means = _mean_stable_ranks(kernels, tuple(layouts))

@@ -86,7 +86,7 @@ def make_train_step(model, optimizer: optax.GradientTransformation, *, mod_mode:
   return train_step
 
 
-def make_eval_step(model, *, mod_mode: str = "predictor"):
+def make_eval_step(model):
   """(params, batch) -> (sum of token cross-entropies in nats, token count).
 
   Evaluation routes mixture-of-depths by the causal predictor (the inference-time mode), so validation
@@ -94,7 +94,7 @@ def make_eval_step(model, *, mod_mode: str = "predictor"):
   one out (padding), and the count is their sum; optional batch["segment_ids"] as in `make_train_step`.
   """
   def eval_step(params, batch):
-    logits, _ = model.apply({"params": params}, batch["inputs"], train=False, mod_mode=mod_mode,
+    logits, _ = model.apply({"params": params}, batch["inputs"], train=False, mod_mode="predictor",
                             segment_ids=batch.get("segment_ids"))
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
     if "weights" not in batch:
