@@ -144,7 +144,8 @@ _BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, 
           "s64": 8, "u64": 8, "f64": 8}
 
 
-COLLECTIVES = ("all-to-all", "all-gather", "reduce-scatter", "all-reduce", "collective-permute")
+# ragged-all-to-all counts its output buffer, sized for the most rows a device can receive: an upper bound.
+COLLECTIVES = ("all-to-all", "ragged-all-to-all", "all-gather", "reduce-scatter", "all-reduce", "collective-permute")
 
 
 def collective_bytes(hlo: str, op: str) -> int:

@@ -80,6 +80,19 @@ def test_collective_bytes_count_a_loop_body_once_per_iteration():
   assert parallel.collective_bytes(hlo, "all-reduce") == local
 
 
+def test_collective_summary_names_the_ragged_exchange_apart_from_all_to_all():
+  """XLA:CPU cannot compile ragged_all_to_all, so the GPU/TPU program's instructions are written out: the ragged
+  strategy's exchanges were left out of the per-step summary, and must not count as plain all-to-alls."""
+  hlo = """ENTRY %main (p: f32[32768,4]) -> f32[32768,4] {
+  %p = f32[32768,4]{1,0} parameter(0)
+  %ragged-all-to-all.1 = f32[65536,4]{1,0} ragged-all-to-all(%p, %b, %o, %s, %o, %s), replica_groups={{0,1}}
+  ROOT %all-to-all.2 = f32[32768,4]{1,0} all-to-all(%p), replica_groups={{0,1}}, dimensions={0}
+}"""
+  assert parallel.collective_bytes(hlo, "ragged-all-to-all") == 65536 * 4 * 4
+  assert parallel.collective_bytes(hlo, "all-to-all") == 32768 * 4 * 4
+  assert parallel.collective_summary(hlo) == "all-to-all 0.50 MiB, ragged-all-to-all 1.00 MiB"
+
+
 def test_the_memory_preflight_splits_the_batch_by_its_rule(make_config):
   """Activations per device follow `mesh.axis_rules`' batch rule: split over data alone (2 ways), not data x
   fsdp (8 ways), a device holds four times the sequences."""
