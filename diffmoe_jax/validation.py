@@ -4,6 +4,7 @@ field and the fix, before anything is traced (`validate_model` checks a model se
 """
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import math
 
@@ -12,7 +13,7 @@ import ml_collections
 from diffmoe_jax.config import (ACTIVATIONS, ATTENTION_IMPLS, ATTENTIONS, CHECKPOINT_NAMES, DISPATCH_MODES,
                                 DROPLESS_IMPLS, DTYPES, EXPERT_PARALLEL, FFNS, GPU_BACKWARDS, LOGICAL_AXES,
                                 LR_SHAPES, MESH_AXES, OPEN_DICTS, REMAT_POLICIES, ROUTE_FROM, ConfigError, defaults,
-                                gpu_launches, phase_defaults, require)
+                                gpu_launches, phase_defaults, require, without_obsolete)
 
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -23,6 +24,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                       "starts from diffmoe_jax.config.defaults(), as configs/tiny.py does (configs/ncas.py "
                       "configures the search: python -m diffmoe_jax.ncas).")
   _check_finite(config.to_dict())
+  _check_known_fields(config)
   _check_types(config)
   validate_model(config.model)
   m, moe = config.model, config.model.moe
@@ -248,6 +250,25 @@ def _check_types_of(values: dict, reference: dict, prefix: str) -> None:
     elif type(default) in _TYPE_NAMES and not _has_type(value, type(default)):
       raise ConfigError(f"config.{path}: must be {_TYPE_NAMES[type(default)]}, got {value!r} "
                         f"({type(value).__name__}).")
+
+
+def _check_known_fields(config: ml_collections.ConfigDict) -> None:
+  """A field inside a section `defaults()` has must be one of its fields: set in Python (a notebook's
+  `config.model.update(d_modle=48)`), a misspelt one was ignored; the command line refuses it already."""
+  values = config.to_dict()
+  _, unknown = without_obsolete(values)  # takes a phase the user added as all known: checked here
+  unknown = [path for path in unknown if not path.startswith("mesh.shape.")]  # named below as mesh axes
+  phase_fields, standard_phases = phase_defaults().to_dict(), defaults().curriculum.to_dict()
+  unknown += [f"curriculum.{name}.{key}" for name, phase in values.get("curriculum", {}).items()
+              if isinstance(phase, dict) and name not in standard_phases for key in phase if key not in phase_fields]
+  if unknown:
+    section, _, name = unknown[0].rpartition(".")
+    known = defaults().to_dict()
+    for key in section.split("."):
+      known = known.get(key, phase_fields)  # only a phase the user added is a section defaults() lacks
+    close = difflib.get_close_matches(name, list(known), n=1)
+    hint = f"; did you mean {section}.{close[0]}?" if close else "; config.defaults() lists the fields."
+    raise ConfigError(f"config.{unknown[0]}: no such field{hint}")
 
 
 def _check_types(config: ml_collections.ConfigDict) -> None:

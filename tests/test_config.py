@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 
+import ml_collections
 import pytest
 
 from diffmoe_jax import config as config_lib, validation
@@ -194,6 +195,32 @@ def test_a_phase_the_user_adds_is_type_checked_too():
     c.curriculum.cooldown.steps = "1"
   with pytest.raises(ConfigError, match=r"config\.curriculum\.cooldown\.steps: must be an integer, got '1'"):
     validation.validate(c)
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"model.d_modle": 48}, r"^config\.model\.d_modle: no such field; did you mean model\.d_model\?$"),
+    ({"curriculum.warmup.lr_ends": 1.0},
+     r"^config\.curriculum\.warmup\.lr_ends: no such field; did you mean curriculum\.warmup\.lr_end\?$"),
+    ({"train.zzz": 1}, r"^config\.train\.zzz: no such field; config\.defaults\(\) lists the fields\.$"),
+])
+def test_a_misspelt_field_set_in_python_is_named(fields, message):
+  """ConfigDict takes new fields in Python (a notebook's `config.model.update(d_modle=48)`), and validate
+  ignored them, so the run went on with the default; the command line already refused them."""
+  with pytest.raises(ConfigError, match=message):
+    validation.validate(_bad(**fields))
+
+
+def test_sections_and_phases_of_the_users_own_are_not_unknown_fields():
+  c = load("tiny")
+  c.ablation = ml_collections.ConfigDict({"arms": "full"})  # a top-level section, as configs/ablation.py has
+  c.data.domains = ml_collections.ConfigDict({"web": "files:/data/*.txt"})  # OPEN_DICTS are the user's
+  c.curriculum.cooldown = ml_collections.ConfigDict(config_lib.phase_defaults().to_dict())
+  c.curriculum.order = (*c.curriculum.order, "cooldown")
+  validation._check_known_fields(c)
+  c.curriculum.cooldown.lr_strat = 0.1
+  with pytest.raises(ConfigError, match=r"^config\.curriculum\.cooldown\.lr_strat: no such field; did you mean "
+                     r"curriculum\.cooldown\.lr_start\?$"):
+    validation._check_known_fields(c)
 
 
 def test_a_search_config_is_not_taken_for_a_training_config():
