@@ -37,6 +37,21 @@ def test_top_k_gating_ties_go_to_the_lower_expert():
     routing.top_k_gating(jnp.zeros((3, 4)), 5)
 
 
+def test_a_masked_expert_is_chosen_last_with_weight_zero():
+  """A −inf logit masks its expert: the k argmax passes chose expert 0 again once only −inf was left, and
+  the noise's spread (a std over experts) was NaN, so every weight was."""
+  logits = np.array([[0.5, -np.inf, -np.inf, 1.0], [-np.inf, -np.inf, 2.0, -np.inf]], np.float32)
+  weights, experts = routing.top_k_gating(jnp.asarray(logits), 4)
+  ref_weights, ref_experts = reference_top_k(logits, 4)
+  np.testing.assert_array_equal(experts, ref_experts)
+  np.testing.assert_allclose(weights, ref_weights, rtol=1e-6, atol=1e-7)
+  noisy_weights, noisy_experts = routing.top_k_gating(jnp.asarray(logits), 3, noise_std=0.5,
+                                                      rng=jax.random.PRNGKey(0))
+  assert np.isfinite(noisy_weights).all()
+  np.testing.assert_array_equal(np.sort(noisy_experts[1, 1:]), [0, 1])  # the masked ones, after expert 2
+  np.testing.assert_array_equal(noisy_weights[1], [1.0, 0.0, 0.0])
+
+
 def test_top_k_gating_casts_to_fp32():
   logits = np.random.default_rng(0).normal(size=(4, 8)).astype(np.float32)
   w16, e16 = routing.top_k_gating(jnp.asarray(logits, jnp.bfloat16), 2)

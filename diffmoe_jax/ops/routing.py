@@ -46,7 +46,7 @@ def _check_token_shapes(where: str, token_shape: tuple, *, experts=None, num_exp
 
 def top_k_gating(logits: jax.Array, k: int, *, noise_std=0.0,
                  rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-  """Noisy top-k: finite `[..., E]` logits -> (weights `[..., k]` fp32, experts `[..., k]` int32).
+  """Noisy top-k: `[..., E]` logits -> (weights `[..., k]` fp32, experts `[..., k]` int32).
 
   With `rng`, Gaussian noise is added to the fp32 logits before selection, its std being `noise_std` (a
   Python float or a traced scalar, so a trainer can anneal it inside one compiled step) times the token's
@@ -54,20 +54,24 @@ def top_k_gating(logits: jax.Array, k: int, *, noise_std=0.0,
   width and through training: absolute noise of std 1 dwarfs a fresh router's logits (std ~0.3 at
   d=288) and makes routing random, while a trained router's grow past it. `weights` is the
   softmax over the k selected (noisy) logits, as in Mixtral; `experts` are ordered by descending
-  logit, ties going to the lower expert index. Without `rng`, `noise_std` must be the constant 0.
+  logit, ties going to the lower expert index. Without `rng`, `noise_std` must be the constant 0. A −inf
+  logit masks its expert: it is chosen last, with weight 0, and is left out of the spread.
   """
   logits = _router_logits_fp32("top_k_gating", logits)
   if not isinstance(k, int) or not 1 <= k <= logits.shape[-1]:
     raise ValueError(f"top_k_gating: k={k!r} must be an integer between 1 and the number of experts "
                      f"{logits.shape[-1]}.")
   if rng is not None:
-    scale = jnp.asarray(noise_std, jnp.float32) * jax.lax.stop_gradient(jnp.std(logits, axis=-1, keepdims=True))
+    finite = jnp.where(jnp.isfinite(logits), logits, jnp.nan)
+    spread = jnp.nan_to_num(jnp.nanstd(finite, axis=-1, keepdims=True))  # 0 when no logit is finite
+    scale = jnp.asarray(noise_std, jnp.float32) * jax.lax.stop_gradient(spread)
     logits = logits + scale * jax.random.normal(rng, logits.shape, jnp.float32)
   elif not _is_zero(noise_std):
     raise ValueError("top_k_gating: noise_std may be non-zero, so an rng is required.")
   # k argmax passes rather than lax.top_k, whose operand XLA's SPMD partitioner all-gathers when the
   # batch is sharded (seen on XLA:CPU, jax 0.10); a sort would do too but is ~10x slower on CPU.
-  remaining, chosen = logits, []
+  # A masked (−inf) expert ranks at the float minimum, above the −inf that marks one already chosen.
+  remaining, chosen = jnp.maximum(logits, jnp.finfo(jnp.float32).min), []
   for _ in range(k):
     best = jnp.argmax(remaining, axis=-1).astype(jnp.int32)
     chosen.append(best)
