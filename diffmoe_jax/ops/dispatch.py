@@ -49,9 +49,14 @@ def moe_capacity(seq_len: int, k: int, num_experts: int, capacity_factor: float)
   """
   if not 0 < capacity_factor < math.inf:
     raise ValueError(f"capacity_factor={capacity_factor!r} must be > 0 and finite.")
+  check_top_k(k, num_experts)
+  return routing.token_count(capacity_factor * seq_len * k / num_experts, seq_len)
+
+
+def check_top_k(k: int, num_experts: int) -> None:
+  """ValueError unless each token's k experts can be distinct ones of `num_experts`."""
   if not 1 <= k <= num_experts:
     raise ValueError(f"top-k k={k} must be between 1 and the number of experts {num_experts}.")
-  return routing.token_count(capacity_factor * seq_len * k / num_experts, seq_len)
 
 
 def resolve_dropless_impl(name: str) -> str:

@@ -94,8 +94,7 @@ def moe_ffn(x: jax.Array, weights: jax.Array, experts: jax.Array, w_in: jax.Arra
   if b % batch_devices:
     raise ValueError(f"the batch of {b} sequences does not split evenly over the {batch_devices} devices of "
                      f"mesh axes {batch_axes}; use a batch size that is a multiple of {batch_devices}.")
-  if not 1 <= k <= num_experts:
-    raise ValueError(f"top-k k={k} must be between 1 and the number of experts {num_experts}.")
+  dispatch.check_top_k(k, num_experts)
   capacity = dispatch.moe_capacity(t, k, num_experts, capacity_factor) if mode == "capacity" else t
   if token_mask is None:
     token_mask = jnp.ones((b, t), bool)
