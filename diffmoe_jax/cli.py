@@ -11,7 +11,6 @@ import fnmatch
 import logging
 import os
 import re
-import gc
 import signal
 import sys
 import threading
@@ -159,7 +158,7 @@ def quiet_library_output() -> None:
 
 def parse_flags(default_config: str | None) -> Callable[[list[str]], list[str]]:
   """An `app.run` flags_parser: the usual absl parsing, with each mistake printed as one line (exit 1). It
-  also keeps a Ctrl-C from being dropped in a garbage-collection callback (`keep_dropped_interrupts`)."""
+  also keeps a Ctrl-C from being dropped in a garbage-collection or weakref callback (`keep_dropped_interrupts`)."""
   def parse(argv: list[str]) -> list[str]:
     keep_dropped_interrupts()
     problem = check_command_line(argv[1:], default_config)
@@ -180,25 +179,24 @@ def parse_flags(default_config: str | None) -> Callable[[list[str]], list[str]]:
 
 
 def keep_dropped_interrupts() -> None:
-  """Replaces Python's default Ctrl-C handler with one that never raises where the KeyboardInterrupt would be
-  dropped: in a garbage-collection callback. JAX registers one, and during a long C call that allocates (such
-  as `ast.parse`, building the built-in corpus) callbacks are the only Python code that runs, so Ctrl-C was
-  raised there, dropped as unraisable, and the command ran on. There it is sent again a moment later."""
-  main_thread = threading.current_thread() is threading.main_thread()
-  if main_thread and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-    signal.signal(signal.SIGINT, _interrupt_outside_gc_callbacks)
+  """Makes a Ctrl-C that Python drops as unraisable interrupt the command after all. Python drops an exception
+  raised in a garbage-collection callback (JAX registers one), a weakref callback or a `__del__`; during a long
+  C call that allocates (such as `ast.parse`, building the built-in corpus) these are the only Python code that
+  runs, so Ctrl-C was raised there, dropped, and the command ran on. A dropped one is now sent again a moment
+  later, until it lands in ordinary code; other unraisable exceptions go to the hook as before."""
+  if getattr(sys.unraisablehook, "resends_interrupts", False):
+    return
+  previous_hook = sys.unraisablehook
 
-
-def _interrupt_outside_gc_callbacks(signum, frame):
-  callbacks = {getattr(callback, "__code__", None) for callback in gc.callbacks}
-  while frame is not None:
-    if frame.f_code in callbacks:  # sent again a moment later, until it lands outside a callback
+  def hook(unraisable):
+    if issubclass(unraisable.exc_type, KeyboardInterrupt):
       resend = threading.Timer(0.02, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
       resend.daemon = True
       resend.start()
-      return
-    frame = frame.f_back
-  raise KeyboardInterrupt
+    else:
+      previous_hook(unraisable)
+  hook.resends_interrupts = True
+  sys.unraisablehook = hook
 
 
 def use_compilation_cache(config) -> None:

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import weakref
 
 import pytest
 
@@ -344,21 +345,54 @@ def test_ctrl_c_in_a_reading_command_is_one_line():
   assert proc.returncode == 130 and proc.stderr.strip() == "error: interrupted.", proc.stderr
 
 
-def test_ctrl_c_inside_a_garbage_collection_callback_still_interrupts():
+@pytest.fixture
+def interrupts_kept():
+  """Python's default Ctrl-C handler (a command's; pytest-xdist's workers replace it) and the hook that
+  `keep_dropped_interrupts` installs, both restored afterwards."""
+  previous_handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+  previous_hook = sys.unraisablehook
+  cli.keep_dropped_interrupts()
+  yield
+  sys.unraisablehook = previous_hook
+  signal.signal(signal.SIGINT, previous_handler)
+
+
+def test_ctrl_c_inside_a_garbage_collection_callback_still_interrupts(interrupts_kept):
   """Python drops an exception raised in a gc callback (JAX registers one): a Ctrl-C that arrived there was
   lost, and the command ran on."""
   def callback(phase, info):
     if phase == "start":
       signal.raise_signal(signal.SIGINT)  # its KeyboardInterrupt is raised here, inside the callback
 
-  previous_handler = signal.signal(signal.SIGINT, signal.default_int_handler)  # a command's (pytest-xdist's differs)
   gc.callbacks.append(callback)
   try:
-    cli.keep_dropped_interrupts()
-    assert signal.getsignal(signal.SIGINT) is not signal.default_int_handler
     with pytest.raises(KeyboardInterrupt):
       gc.collect()
       time.sleep(10)  # the Ctrl-C sent again ends this wait
   finally:
     gc.callbacks.remove(callback)
-    signal.signal(signal.SIGINT, previous_handler)
+
+
+def test_ctrl_c_inside_a_weakref_callback_still_interrupts(interrupts_kept):
+  """A collection also runs weakref callbacks, which drop exceptions too: a Ctrl-C sent again after landing
+  in a gc callback could land in one of those and be lost for good."""
+  class Referent:
+    pass
+  referent = Referent()
+  ref = weakref.ref(referent, lambda _: signal.raise_signal(signal.SIGINT))
+  with pytest.raises(KeyboardInterrupt):
+    del referent  # the callback runs here
+    time.sleep(10)
+  assert ref() is None
+
+
+def test_other_dropped_exceptions_still_reach_the_previous_hook(interrupts_kept, monkeypatch):
+  reported = []
+  monkeypatch.setattr(sys, "unraisablehook", reported.append)
+  cli.keep_dropped_interrupts()
+
+  class Broken:
+    def __del__(self):
+      raise ValueError("in __del__")
+  Broken()  # dropped at once, when its last reference goes
+  assert [type(unraisable.exc_value) for unraisable in reported] == [ValueError]
