@@ -69,6 +69,9 @@ def test_rules_can_be_switched_off():
     ("ncas.proxy.seq_len", 100000, "config.ncas.proxy.tokens_per_batch: 256 is below config.ncas.proxy.seq_len"),
     ("ncas.proxy.eval_batch_size", 0, "config.ncas.proxy.eval_batch_size"),
     ("ncas.space.min_width", 0, "config.ncas.space.min_width: must be a positive integer, got 0"),
+    # Named as the search's field, not as the model field of the measured layer built from it.
+    ("ncas.hardware.measure_seq_len", 0, "config.ncas.hardware.measure_seq_len: must be a positive integer, got 0"),
+    ("ncas.hardware.measure_batch_size", -8, "config.ncas.hardware.measure_batch_size: must be a positive integer"),
 ])
 def test_bad_settings_name_their_field(path, value, field):
   c = search.defaults()
@@ -78,6 +81,18 @@ def test_bad_settings_name_their_field(path, value, field):
     node = node[part]
   node[leaf] = value
   with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+    search.validate(c)
+
+
+def test_a_config_that_is_no_search_config_names_the_missing_field():
+  """A training config (configs/tiny.py) passed as --config raised AttributeError: 'ncas' with a traceback."""
+  with pytest.raises(ConfigError, match=r"config\.ncas: the config has no such field, so it is no search config; "
+                     r"pass --config=configs/ncas\.py"):
+    search.validate(config_lib.defaults())
+  c = search.defaults()
+  del c.ncas.hardware["measure"]
+  c.data.domains = {"web": "files:/data/*.txt"}  # other domains than the defaults' are the user's
+  with pytest.raises(ConfigError, match=r"config\.ncas\.hardware\.measure: the config has no such field"):
     search.validate(c)
 
 

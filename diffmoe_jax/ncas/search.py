@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import csv
 import dataclasses
+import fnmatch
 import json
 import math
 import os
@@ -76,8 +77,28 @@ def completion_rules(n) -> complete_lib.CompletionRules:
   return complete_lib.CompletionRules(**values)
 
 
+def missing_field(config, reference: dict, prefix: str = "") -> str | None:
+  """The first field of `reference` (the search defaults) that `config` lacks, or None; OPEN_DICTS are the
+  user's (a config may list other data domains)."""
+  for key, default in reference.items():
+    path = prefix + key
+    if any(fnmatch.fnmatchcase(path, d) for d in config_lib.OPEN_DICTS):
+      continue
+    if not hasattr(config, "keys") or key not in config:
+      return path
+    if isinstance(default, dict):
+      missing = missing_field(config[key], default, path + ".")
+      if missing:
+        return missing
+  return None
+
+
 def validate(config) -> None:
   """Raises ConfigError naming the field for a search config that cannot run."""
+  missing = missing_field(config, defaults().to_dict())
+  if missing:
+    raise ConfigError(f"config.{missing}: the config has no such field, so it is no search config; pass "
+                      "--config=configs/ncas.py, or build yours from search.defaults() as that file does.")
   n = config.ncas
   rules_lib.check_settings(n.rules.enabled, _rule_settings(n))
   widths = rules_lib.candidate_widths(n.space.min_width, n.space.max_width, n.space.step)
@@ -99,6 +120,10 @@ def validate(config) -> None:
                       f"{list(scores.BACKEND_TILES)}.")
   if n.hardware.measure not in ("auto", "on", "off"):
     raise ConfigError(f"config.ncas.hardware.measure: {n.hardware.measure!r} is not 'auto', 'on' or 'off'.")
+  for field in ("measure_seq_len", "measure_batch_size"):
+    value = n.hardware[field]
+    if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+      raise ConfigError(f"config.ncas.hardware.{field}: must be a positive integer, got {value!r}.")
   completion_rules(n)
 
 
