@@ -96,6 +96,16 @@ def test_a_config_that_is_no_search_config_names_the_missing_field():
     search.validate(c)
 
 
+def test_cli_output_closed_early_ends_quietly(tmp_path):
+  """`python -m diffmoe_jax.ncas ... | head -1` ended with a BrokenPipeError traceback."""
+  proc = subprocess.Popen([sys.executable, "-m", "diffmoe_jax.ncas", "--config=configs/ncas_smoke.py",
+                           f"--workdir={tmp_path}"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+  proc.stdout.close()  # the reader is gone before the first line
+  stderr = proc.communicate(timeout=120)[1]
+  assert proc.returncode == 141 and "Traceback" not in stderr, stderr[-2000:]
+
+
 def test_a_space_where_no_width_survives_is_an_error():
   c = search.defaults()
   c.ncas.rules.tile = 7  # no 3-smooth width is a multiple of 7

@@ -7,7 +7,8 @@ baseline width) into an architecture, scores it, trains its width-scaled proxy, 
 Pareto front (JSON and PNG), a config for each Pareto point and report.md into the workdir. Rerunning on
 the same workdir resumes: finished proxies are not retrained (a proxy that finished with another config or
 on other training data is an error). Exit 1 with one line on stderr on an error, 3 when a proxy's training
-stopped early (SIGTERM, a first Ctrl-C): rerun to resume.
+stopped early (SIGTERM, a first Ctrl-C): rerun to resume; 130 on a Ctrl-C outside a proxy's training steps,
+141 when the output's reader closes it early (`| head`).
 """
 from __future__ import annotations
 
@@ -48,4 +49,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=cli.parse_flags(DEFAULT_CONFIG))
+  app.run(cli.interruptible(main), flags_parser=cli.parse_flags(DEFAULT_CONFIG))
