@@ -263,6 +263,17 @@ def test_completion_settings_that_cannot_complete_a_width_name_their_field(field
     search.completion_rules(c.ncas)
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("top_k", 5, r"top_k: no 3-smooth expert count lies between top_k 5 and 5 \(width 2304 / width_per_expert 512"),
+    ("context_divisor", 10 ** 9, r"context_divisor: 1000000000 exceeds width² = 5308416 \(width 2304\)"),
+])
+def test_completion_settings_that_fail_on_a_width_name_their_field(field, value, message):
+  """top_k=5 took the max() of no expert counts (ValueError); a divisor above width² gave a fractional context."""
+  rules_ = dataclasses.replace(complete.CompletionRules(), **{field: value})
+  with pytest.raises(ConfigError, match=r"config\.ncas\.complete\." + message):
+    complete.complete(2304, rules_)
+
+
 def test_a_stopped_proxy_stops_the_search_resumably(tmp_path, monkeypatch):
   """A first Ctrl-C or SIGTERM stops the proxy's training with a checkpoint and no evaluation: the search
   stops too (it read the missing validation loss before) and writes no result for that proxy."""

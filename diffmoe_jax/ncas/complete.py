@@ -69,7 +69,12 @@ def layers_for(width: int, rules: CompletionRules) -> int:
 def experts_for(width: int, rules: CompletionRules) -> int:
   """Experts: the largest 3-smooth count <= width / 512, at least top_k (9, 6, 4 for the rows)."""
   limit = max(rules.top_k, width // rules.width_per_expert)
-  return max(n for n in range(rules.top_k, limit + 1) if is_three_smooth(n)) if limit >= 2 else rules.top_k
+  counts = [n for n in range(rules.top_k, limit + 1) if is_three_smooth(n)]
+  if not counts:
+    raise ConfigError(f"config.ncas.complete.top_k: no 3-smooth expert count lies between top_k {rules.top_k} and "
+                      f"{limit} (width {width} / width_per_expert {rules.width_per_expert}, at least top_k); "
+                      "use a 3-smooth top_k such as 2, or a smaller width_per_expert.")
+  return max(counts)
 
 
 def expert_ffn_for(width: int, rules: CompletionRules) -> int:
@@ -79,6 +84,10 @@ def expert_ffn_for(width: int, rules: CompletionRules) -> int:
 
 def context_for(width: int, rules: CompletionRules) -> int:
   """Context: the largest power of two <= width² / 512 (32768, 16384, 8192 for the rows)."""
+  if width * width < rules.context_divisor:  # below one token: the power of two would be a fraction
+    raise ConfigError(f"config.ncas.complete.context_divisor: {rules.context_divisor} exceeds width² = "
+                      f"{width * width} (width {width}), leaving a context below one token; use at most "
+                      f"{width * width}, such as 512.")
   return 2 ** int(math.floor(math.log2(width * width / rules.context_divisor)))
 
 
