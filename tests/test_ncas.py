@@ -131,6 +131,22 @@ def test_completion_reproduces_the_paper_rows_except_the_reported_ffn():
       ("pi", "expert_ffn_dim"), ("pi_s", "expert_ffn_dim")}
 
 
+def test_capacity_counts_the_parameters_of_the_completed_model():
+  """Against a count from the dimensions: per layer the q, k, v, o projections, the per-head norm, λ's four
+  vectors per expert, two norms, the router and the experts' two matrices; on each routed layer (every second
+  one) the MoD predictor; the embedding, output head and final norm once."""
+  arch = complete.complete(2592, complete.CompletionRules())
+  d, h, dv, e, f, depth = (arch.d_model, arch.num_heads, arch.head_dim, arch.num_experts, arch.expert_ffn_dim,
+                           arch.num_layers)
+  vocab, hidden = 65536, 64
+  layer = 4 * d * h * dv + dv + 4 * e * dv // 2 + 2 * d + d * e + 2 * e * d * f
+  predictor = d * hidden + hidden + hidden + d
+  expected = depth * layer + depth // 2 * predictor + 2 * vocab * d + d
+  got = search.static_scores(search.defaults(), arch)
+  assert got["total_params"] == expected
+  assert got["capacity_gbit"] == pytest.approx(2 * expected / 1e9)
+
+
 @pytest.mark.parametrize("name", ["pi", "pi_s", "pi_p"])
 def test_paper_rows_match_the_configs(name):
   m = config_lib.load_file(os.path.join(ROOT, "configs", f"{name}.py")).model
