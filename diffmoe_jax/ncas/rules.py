@@ -46,7 +46,7 @@ def three_smooth(width: int, s: RuleSettings) -> bool:
 
 
 def not_power_of_two(width: int, s: RuleSettings) -> bool:
-  """At least one factor 3: the paper's departure from the power-of-two convention (4096 fails here)."""
+  """No power of two (with three_smooth: a factor 3): the paper's departure from powers of two (4096 fails)."""
   return width & (width - 1) != 0
 
 
