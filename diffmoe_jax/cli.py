@@ -139,21 +139,21 @@ def _library_log_filter(record) -> bool:
   return True
 
 
-def _drop_closed_loop_noise(unraisable) -> None:
-  """Tensorstore reads that complete after Orbax closed a failed restore's event loop each print a
-  "RuntimeError: Event loop is closed" traceback; the restore's own error is reported once instead."""
-  if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
-    return
-  sys.__unraisablehook__(unraisable)
-
-
 def quiet_library_output() -> None:
   """Keeps the libraries' routine chatter and duplicate error reports off the terminal (see above). The absl
   logger is filtered as well as its handler, which only an absl app installs (a notebook logs through the
   root logger's)."""
   absl_logging.get_absl_handler().addFilter(_library_log_filter)
   absl_logging.get_absl_logger().addFilter(_library_log_filter)
-  sys.unraisablehook = _drop_closed_loop_noise
+  previous_hook = sys.unraisablehook  # `keep_dropped_interrupts`'s, which must keep resending a dropped Ctrl-C
+
+  def drop_closed_loop_noise(unraisable):
+    """Tensorstore reads that complete after Orbax closed a failed restore's event loop each print a
+    "RuntimeError: Event loop is closed" traceback; the restore's own error is reported once instead."""
+    if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
+      return
+    previous_hook(unraisable)
+  sys.unraisablehook = drop_closed_loop_noise
 
 
 def parse_flags(default_config: str | None) -> Callable[[list[str]], list[str]]:
@@ -161,18 +161,22 @@ def parse_flags(default_config: str | None) -> Callable[[list[str]], list[str]]:
   also keeps a Ctrl-C from being dropped in a garbage-collection or weakref callback (`keep_dropped_interrupts`)."""
   def parse(argv: list[str]) -> list[str]:
     keep_dropped_interrupts()
-    problem = check_command_line(argv[1:], default_config)
-    if problem is None:
-      try:
-        return flags.FLAGS(argv)
-      except SystemExit:  # absl's --help, --helpfull and --helpxml print and exit 1; asking for help is no error
-        sys.exit(0)
-      except Exception as e:  # pylint: disable=broad-except
-        problem = " ".join(str(e).split())
-        if "Flag --config must have a value other than None" in problem:  # a required --config left out
-          problem = "--config is required: pass a config file, such as --config=configs/tiny.py"
-        elif isinstance(e, flags.Error):
-          problem += " (--helpfull lists the flags)"
+    try:  # loading the config file (here and in the flag parser) can take seconds, as a search config's does
+      problem = check_command_line(argv[1:], default_config)
+      if problem is None:
+        try:
+          return flags.FLAGS(argv)
+        except SystemExit:  # absl's --help, --helpfull and --helpxml print and exit 1; asking for help is no error
+          sys.exit(0)
+        except Exception as e:  # pylint: disable=broad-except
+          problem = " ".join(str(e).split())
+          if "Flag --config must have a value other than None" in problem:  # a required --config left out
+            problem = "--config is required: pass a config file, such as --config=configs/tiny.py"
+          elif isinstance(e, flags.Error):
+            problem += " (--helpfull lists the flags)"
+    except KeyboardInterrupt:
+      print("\nerror: interrupted.", file=sys.stderr)
+      sys.exit(130)
     print(f"error: {problem}", file=sys.stderr)
     sys.exit(1)
   return parse

@@ -396,3 +396,31 @@ def test_other_dropped_exceptions_still_reach_the_previous_hook(interrupts_kept,
       raise ValueError("in __del__")
   Broken()  # dropped at once, when its last reference goes
   assert [type(unraisable.exc_value) for unraisable in reported] == [ValueError]
+
+
+def test_a_dropped_ctrl_c_is_still_sent_again_after_the_library_output_is_quieted(interrupts_kept):
+  """Each command installs the resending hook while parsing its flags, then quiets the libraries' output in
+  its main; that replaced the hook, so a Ctrl-C landing in JAX's gc callback was lost and the search ran on."""
+  cli.quiet_library_output()
+
+  def callback(phase, info):
+    if phase == "start":
+      signal.raise_signal(signal.SIGINT)
+
+  gc.callbacks.append(callback)
+  try:
+    with pytest.raises(KeyboardInterrupt):
+      gc.collect()
+      time.sleep(10)
+  finally:
+    gc.callbacks.remove(callback)
+
+
+def test_ctrl_c_while_the_config_file_loads_is_one_line(tmp_path, capsys):
+  """A search config imports the data pipeline (seconds): a Ctrl-C then ended in a traceback."""
+  path = tmp_path / "slow_config.py"
+  path.write_text("raise KeyboardInterrupt  # as a Ctrl-C during its imports\n")
+  with pytest.raises(SystemExit) as stopped:
+    cli.parse_flags(None)(["prog", f"--config={path}"])
+  assert stopped.value.code == 130
+  assert capsys.readouterr().err.strip() == "error: interrupted."
