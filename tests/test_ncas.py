@@ -357,6 +357,22 @@ def test_a_proxy_result_from_before_data_fingerprints_is_reused_with_a_note(tmp_
   assert f"note: {run_dir} has no record of its training data, so a change in it could not be checked." in lines
 
 
+def test_a_proxy_result_from_before_config_records_is_reused_with_a_note(tmp_path):
+  """An earlier version's result.json has no config: it was reused without a word, whatever the proxy settings."""
+  config = smoke_config()
+  arch, run_dir = finished_proxy(str(tmp_path), config, {"data": {"code": "k1"}})
+  result_path = os.path.join(run_dir, "result.json")
+  with open(result_path) as f:
+    result = json.load(f)
+  del result["config"]
+  with open(result_path, "w") as f:
+    json.dump(result, f)
+  lines = []
+  corpus = types.SimpleNamespace(fingerprint={"code": "k1"})
+  assert search.train_proxy(config, arch, "pi", str(tmp_path), corpus, log=lines.append)["loss"] == 3.0
+  assert lines[0] == f"note: {run_dir} has no record of its proxy config, so a change in it could not be checked."
+
+
 def test_a_damaged_proxy_result_is_one_error_naming_it(tmp_path):
   config = smoke_config()
   arch, run_dir = finished_proxy(str(tmp_path), config, {})

@@ -180,6 +180,8 @@ def train_proxy(config, arch, family: str, workdir: str, corpus, log) -> dict:
   cfg = proxy_config(config, arch, name)
   if os.path.exists(result_path):
     result = workdir_lib.read_result(result_path)
+    if "config" not in result:  # written before results recorded their config
+      log(f"note: {run_dir} has no record of its proxy config, so a change in it could not be checked.")
     changed = resume.changed_fields(result.get("config", {}), cfg)
     if changed:
       path, saved, now = changed[0]
