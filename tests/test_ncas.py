@@ -106,6 +106,14 @@ def test_cli_output_closed_early_ends_quietly(tmp_path):
   assert proc.returncode == 141 and "Traceback" not in stderr, stderr[-2000:]
 
 
+def test_a_space_too_large_to_screen_is_refused_before_it_is_listed():
+  """max_width=10**8 listed 33 million widths (minutes, gigabytes) before anything was printed."""
+  with pytest.raises(ConfigError, match=r"config\.ncas\.space: \[min_width, max_width\] = \[2048, 100000000\] in "
+                     r"steps of 3 holds 33,332,651 candidate widths, more than the 100,000 a search screens"):
+    rules.candidate_widths(2048, 10 ** 8, 3)
+  assert len(rules.candidate_widths(1, 3 * rules.MAX_CANDIDATES, 3)) == rules.MAX_CANDIDATES
+
+
 def test_a_space_where_no_width_survives_is_an_error():
   c = search.defaults()
   c.ncas.rules.tile = 7  # no 3-smooth width is a multiple of 7

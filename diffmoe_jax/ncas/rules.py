@@ -86,12 +86,20 @@ def rejecting_rule(width: int, rule_names, s: RuleSettings) -> str | None:
   return None
 
 
+MAX_CANDIDATES = 100_000  # 50 times the paper's space; screening them takes about 2 s
+
+
 def candidate_widths(min_width: int, max_width: int, step: int) -> list[int]:
   """The multiples of `step` in [min_width, max_width] (step 3: 2,048 widths in [2048, 8192])."""
   for field, value in (("min_width", min_width), ("max_width", max_width), ("step", step)):
     if not (isinstance(value, int) and value > 0):
       raise ConfigError(f"config.ncas.space.{field}: must be a positive integer, got {value!r}.")
   first = -(-min_width // step) * step
+  count = max(0, (max_width - first) // step + 1)
+  if count > MAX_CANDIDATES:  # counted before listing: 10^8 widths took many minutes and gigabytes of rows
+    raise ConfigError(f"config.ncas.space: [min_width, max_width] = [{min_width}, {max_width}] in steps of {step} "
+                      f"holds {count:,} candidate widths, more than the {MAX_CANDIDATES:,} a search screens (each "
+                      "is a row of table.csv; the paper's space has ~2,000); narrow the range or raise the step.")
   widths = list(range(first, max_width + 1, step))
   if not widths:
     raise ConfigError(f"config.ncas.space: no multiple of step {step} lies in [min_width, max_width] = "
