@@ -165,9 +165,10 @@ def defaults() -> ml_collections.ConfigDict:
   t.memory_headroom = 0.9  # refuse to start if the estimate exceeds this fraction of available memory
   t.peak_flops_per_device = 0.0  # for MFU; 0: known accelerator peaks, or a measured matmul peak on CPU
   t.compilation_cache_dir = "~/.cache/diffmoe_jax/xla"  # "" disables the persistent compilation cache
-  # Resuming with a config that differs from the checkpoint's is refused, except in name, train.* and
-  # mesh.*, and in the fields listed here: comma-separated paths or patterns ("optimizer.peak_lr,data.*").
-  # A change of the model's shapes is always refused.
+  # Resuming with a config that differs from the checkpoint's is refused, except in train/resume.py's
+  # FREE_FIELDS (name, train.*, mesh.*, data.cache_dir, how attention and remat run) and in the fields listed
+  # here: comma-separated paths or patterns ("optimizer.peak_lr,data.*"). A change of the model's shapes is
+  # always refused.
   t.allow_config_change = ""
 
   c.mesh = ml_collections.ConfigDict()

@@ -334,6 +334,10 @@ def _validate_training(config: ml_collections.ConfigDict) -> None:
   phases = [key for key, value in cur.items() if isinstance(value, ml_collections.ConfigDict)]
   for i, name in enumerate(cur.order):
     if name not in phases:
+      if "," in name:  # --config.curriculum.order=warmup,anneal sets the one name 'warmup,anneal'
+        names = ",".join(repr(n.strip(" '\"")) for n in name.strip("()[] ").split(",") if n.strip(" '\""))
+        raise ConfigError(f"config.curriculum.order: {name!r} is one phase name, not a list; on the command line "
+                          f"give the phases as a tuple: --config.curriculum.order=\"({names})\".")
       what = "a setting, not a phase" if name in cur else "not defined"
       raise ConfigError(f"config.curriculum.order: names {name!r}, but curriculum.{name} is {what}; the "
                         f"phases defined are {phases}.")
@@ -364,6 +368,8 @@ def _validate_training(config: ml_collections.ConfigDict) -> None:
     for cap in ("mod_capacity_start", "mod_capacity_end"):
       if p[cap]:
         _check_capacity(p[cap], f"{f}.{cap}")
+        require(p.mod_enabled, f"{f}.{cap}", f"is {p[cap]:g}, but {f}.mod_enabled is False, so every token runs "
+                f"the routed layers in this phase; set {f}.mod_enabled=True, or {cap} to 0.")
     for domain in p.domain_weights.keys():
       require(domain in domains, f"{f}.domain_weights.{domain}",
               f"names no domain in data.domains ({sorted(domains)}).")

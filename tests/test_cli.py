@@ -162,6 +162,23 @@ def test_workdir_that_is_a_file_is_one_line(tmp_path):
     workdir_lib.prepare(path / "run")
 
 
+def test_a_runs_checkpoints_or_tensorboard_directory_is_not_taken_for_a_workdir(tmp_path):
+  """`--workdir=runs/tiny/checkpoints` (the path the log names) started a second run from scratch inside the
+  first one's checkpoints; it is refused, naming the run's workdir."""
+  run = tmp_path / "run"
+  (run / "checkpoints" / "12").mkdir(parents=True)
+  (run / "tb").mkdir()
+  (run / "lock").write_text("")
+  for inner, part in (("checkpoints", "checkpoints"), ("checkpoints/12", "checkpoints"), ("tb", "TensorBoard")):
+    with pytest.raises(workdir_lib.WorkdirError, match=rf"^The workdir {run}/{inner} lies in the {part} directory "
+                       rf"of the run in {run}; pass --workdir={run} to resume that run, or another directory\.$"):
+      workdir_lib.prepare(run / inner)
+  assert sorted(os.listdir(run / "checkpoints")) == ["12"]  # nothing written there
+  assert workdir_lib.prepare(run) == str(run)
+  # A directory named checkpoints that is no run's (no lock beside it) is an ordinary workdir.
+  assert workdir_lib.prepare(tmp_path / "other" / "checkpoints") == str(tmp_path / "other" / "checkpoints")
+
+
 _HOLD_LOCK = """
 import fcntl, os, socket, sys, time
 f = open(os.path.join(sys.argv[1], "lock"), "a+")

@@ -84,6 +84,14 @@ def _bad(**fields):
      r"curriculum\.order: names 'cooldown', but curriculum\.cooldown is not defined; the phases defined are "
      r"\['anneal', 'foundation', 'long_context', 'sparsify', 'specialize', 'warmup'\]"),
     ({"curriculum.order": ("warmup", "warmup")}, r"curriculum\.order: names 'warmup' twice"),
+    # --config.curriculum.order=warmup,anneal: one name with a comma; the message shows the tuple to write.
+    ({"curriculum.order": ("warmup,foundation",)},
+     r"^config\.curriculum\.order: 'warmup,foundation' is one phase name, not a list; on the command line give "
+     r"the phases as a tuple: --config\.curriculum\.order=\"\('warmup','foundation'\)\"\.$"),
+    ({"curriculum.warmup.mod_capacity_start": 0.5},  # warmup runs MoD off: the capacity would be ignored
+     r"^config\.curriculum\.warmup\.mod_capacity_start: is 0\.5, but curriculum\.warmup\.mod_enabled is False, so "
+     r"every token runs the routed layers in this phase; set curriculum\.warmup\.mod_enabled=True, or "
+     r"mod_capacity_start to 0\.$"),
     ({"seed": -1}, r"config\.seed: must be an integer >= 0, got -1\."),
     ({"optimizer.b2": 1.0}, r"optimizer\.b2: Adam's decay rate must lie in \[0, 1\), got 1\.0"),
     ({"optimizer.eps": 0.0}, r"optimizer\.eps: must be > 0"),

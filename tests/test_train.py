@@ -169,6 +169,27 @@ def test_rerunning_a_finished_run_logs_nothing_twice(full_run, tmp_path):
   assert [e.step for e in read_tb(workdir).Scalars("eval/loss")] == [12, 24]
 
 
+def test_the_last_step_is_saved_after_the_final_evaluation(full_run, tmp_path, monkeypatch):
+  """A run killed during its final evaluation had saved its last step already, so the rerun found the run done and
+  never logged that evaluation; the last step is saved after the evaluation, as every periodic one is."""
+  workdir = str(tmp_path / "run")
+  shutil.copytree(full_run[0], workdir)
+  shutil.rmtree(os.path.join(workdir, "checkpoints", "24"))  # resume from 12
+  started, saved_before_eval = [], []
+  save = checkpoint.Checkpointer.save
+  monkeypatch.setattr(checkpoint.Checkpointer, "save",
+                      lambda self, step, *args, **kwargs: started.append(step) or save(self, step, *args, **kwargs))
+
+  def killed(*args, **kwargs):
+    saved_before_eval.extend(started)
+    raise RuntimeError("killed during the final evaluation")
+
+  monkeypatch.setattr(loop, "eval_loss_sums", killed)
+  with pytest.raises(RuntimeError, match="killed during the final evaluation"):
+    loop.train(load_config(), workdir)
+  assert saved_before_eval == []
+
+
 def test_a_curriculum_shortened_below_the_checkpoint_is_refused(full_run, tmp_path):
   config = load_config()
   config.curriculum.total_steps = 12

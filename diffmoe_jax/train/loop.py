@@ -446,7 +446,10 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, *, corpus: "d
             last_eval = evaluate(step)
           progress.write(f"step {step} eval: loss {last_eval['loss']:.4f}, "
                          + ", ".join(f"{d} {last_eval[d + '/bits_per_byte']:.3f} bpb" for d in corpus.domains))
-        if step % config.train.checkpoint_every == 0:
+        # The last step is saved after the final evaluation (below), as a periodic step is after its own: a run
+        # killed during that evaluation resumes from its previous checkpoint and logs it, rather than finding the
+        # run done with the evaluation never logged.
+        if step % config.train.checkpoint_every == 0 and step < curriculum.total_steps:
           with clock.pause(state):
             _save_unless_skipping(ckpt, step, state, config)
         stopped_by = signals.check()

@@ -23,6 +23,10 @@ def prepare(workdir: str | os.PathLike, flag: str = "workdir") -> str:
   if not os.fspath(workdir).strip():  # e.g. --workdir=$RUN_DIR with the variable unset: not the current directory
     raise WorkdirError("The workdir is empty; pass the run's directory, such as --workdir=runs/tiny.")
   path = os.path.abspath(os.path.expanduser(os.fspath(workdir)))
+  run, part = _run_holding(path)
+  if run is not None:
+    raise WorkdirError(f"The {flag} {path} lies in the {part} of the run in {run}; pass --{flag}={run} to resume "
+                       "that run, or another directory.")
   if os.path.exists(path) and not os.path.isdir(path):
     raise WorkdirError(f"The {flag} {path} is a file, not a directory; pass another --{flag}.")
   try:
@@ -34,6 +38,19 @@ def prepare(workdir: str | os.PathLike, flag: str = "workdir") -> str:
     raise WorkdirError(f"The {flag} {path} is not writable by this user; pass another --{flag} or fix its "
                        "permissions.")
   return path
+
+
+def _run_holding(path: str) -> tuple[str | None, str]:
+  """(the workdir of the run whose checkpoints or TensorBoard directory is or holds `path`, which of them), or
+  (None, ""): passing a run's `checkpoints` (as the log names it) for its workdir would start another run there."""
+  parts = {"checkpoints": "checkpoints directory", "tb": "TensorBoard directory"}
+  inner = path
+  while os.path.dirname(inner) != inner:
+    run = os.path.dirname(inner)
+    if os.path.basename(inner) in parts and os.path.isfile(os.path.join(run, LOCK_NAME)):
+      return run, parts[os.path.basename(inner)]
+    inner = run
+  return None, ""
 
 
 def write_json(path: str, value) -> None:
