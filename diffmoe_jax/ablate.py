@@ -217,6 +217,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, report_dir: str = "") -
     workdir_lib.write_json(os.path.join(run_dir, RESULT_FILE), record)
     records.append(record)
     trained_seconds[seed == seed_list[0]].append(record["wall_seconds"])
+    if outcome.received_signal is not None:  # it arrived during the last step: this run finished, the rest wait
+      print(f"{prefix}: done, validation loss {outcome.eval['loss']:.4f}; {outcome.received_signal} received, so "
+            "stopping here; rerun the same command to go on", flush=True)
+      return {"stopped": outcome.received_signal}
     eta = _eta(plan[i + 1:], workdir, trained_seconds, seed_list[0])
     print(f"{prefix}: done in {_duration(record['wall_seconds'])}, validation loss {outcome.eval['loss']:.4f}; "
           f"{_duration(time.time() - start)} so far, about {_duration(eta)} to go", flush=True)

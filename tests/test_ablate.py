@@ -192,6 +192,24 @@ def test_a_result_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
   assert not os.path.exists(tmp_path / "full" / "seed0" / "result.json")
 
 
+def test_a_signal_during_a_runs_last_step_stops_the_ablation_after_that_run(tmp_path, monkeypatch, capsys):
+  """The loop finishes a run whose last step received a SIGTERM (nothing is left to resume there): the ablation
+  went on to the next run as if no signal had come."""
+  trained = []
+
+  def train(config, run_dir, corpus):
+    os.makedirs(run_dir)
+    trained.append(run_dir)
+    return loop.RunResult(final_step=6, stopped=None, eval={"loss": 3.0}, received_signal="SIGTERM")
+
+  monkeypatch.setattr(loop, "train", train)
+  monkeypatch.setattr(ablate_analysis, "lambda_analysis", lambda *args: None)
+  assert ablate.run(smoke_config(), str(tmp_path), str(tmp_path / "report")) == {"stopped": "SIGTERM"}
+  assert trained == [str(tmp_path / "full" / "seed0")]
+  assert os.path.exists(tmp_path / "full" / "seed0" / "result.json")  # the finished run is kept
+  assert "SIGTERM received, so stopping here; rerun the same command to go on" in capsys.readouterr().out
+
+
 def test_a_damaged_result_is_one_line_error(tmp_path):
   run_dir = tmp_path / "full" / "seed0"
   run_dir.mkdir(parents=True)

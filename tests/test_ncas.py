@@ -312,6 +312,24 @@ def test_a_stopped_proxy_stops_the_search_resumably(tmp_path, monkeypatch):
   assert not os.path.exists(tmp_path / "proxies" / "pi_2304" / "result.json")
 
 
+def test_a_signal_during_a_proxys_last_step_stops_the_search_after_that_proxy(tmp_path, monkeypatch):
+  """The loop finishes a proxy whose last step received a SIGTERM: the search went on to the next proxy."""
+  from diffmoe_jax.train import loop
+
+  def train(config, run_dir, corpus):
+    os.makedirs(run_dir)
+    return loop.RunResult(final_step=6, stopped=None, eval={"loss": 3.0}, received_signal="SIGTERM")
+
+  monkeypatch.setattr(loop, "train", train)
+  config = smoke_config()
+  arch = complete.complete(2304, search.completion_rules(config.ncas))
+  with pytest.raises(search.SearchStopped, match="SIGTERM received as the proxy pi_2304 finished; finished proxies "
+                     "are kept, rerun the same command to resume"):
+    search.train_proxy(config, arch, "pi", str(tmp_path), corpus=types.SimpleNamespace(fingerprint={}),
+                       log=lambda line: None)
+  assert os.path.exists(tmp_path / "proxies" / "pi_2304" / "result.json")
+
+
 def test_a_proxy_finished_with_another_config_is_not_reused(smoke):
   workdir, _, _ = smoke
   config = smoke_config()

@@ -138,7 +138,7 @@ def test_resume_continues_exactly(full_run, tmp_path):
   config = load_config()
   config.train.update(run_steps=12, checkpoint_every=10)
   first = main_lib.run(config, str(tmp_path))
-  assert first.final_step == 12 and first.stopped == "train.run_steps"
+  assert first.final_step == 12 and first.stopped == "train.run_steps" and first.received_signal is None
   shutil.rmtree(os.path.join(tmp_path, "checkpoints", "12"))
   config.train.update(run_steps=0, checkpoint_every=12)
   # A SIGTERM during the last step: nothing is left to resume, so the run finishes (evaluated, exit 0).
@@ -156,7 +156,7 @@ def test_resume_continues_exactly(full_run, tmp_path):
   want = scalar_series(read_tb(full_run[0]), "train/loss")
   got = scalar_series(read_tb(str(tmp_path)), "train/loss")
   assert sorted(e.step for e in read_tb(str(tmp_path)).Scalars("train/loss")) == list(range(1, 25))
-  assert second.stopped is None
+  assert second.stopped is None and second.received_signal == "SIGTERM"  # a caller of several runs stops
   np.testing.assert_array_equal([got[s] for s in range(1, 25)], [want[s] for s in range(1, 25)])
   assert second.eval["loss"] == pytest.approx(full_run[1].eval["loss"], abs=1e-6)
 

@@ -203,6 +203,9 @@ def train_proxy(config, arch, family: str, workdir: str, corpus, log) -> dict:
             "config": json.loads(cfg.to_json_best_effort()), "data": corpus.fingerprint}
   workdir_lib.write_json(result_path, result)
   log(f"  {name}: validation loss {result['loss']:.4f} in {result['seconds']:.0f} s")
+  if outcome.received_signal is not None:  # it arrived during the last step: the proxy finished, the search stops
+    raise SearchStopped(f"{outcome.received_signal} received as the proxy {name} finished; finished proxies are "
+                        "kept, rerun the same command to resume.")
   return result
 
 

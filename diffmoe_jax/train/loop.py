@@ -38,6 +38,9 @@ class RunResult:
   final_step: int
   eval: dict  # "<domain>/loss", "<domain>/bits_per_byte", "<domain>/unigram_bits_per_byte", "loss"; {} if stopped
   stopped: str | None = None  # why the run stopped before the end: "SIGTERM", "SIGINT", "train.run_steps"
+  # A SIGTERM or first SIGINT received, also one during the last step, after which the run still finished: a
+  # caller that trains several runs stops after this one.
+  received_signal: str | None = None
 
 
 class _StepClock:
@@ -108,6 +111,10 @@ class _SignalFlag:
     """The name of the signal that asked the run to stop, if any; raises KeyboardInterrupt after a second SIGINT."""
     if self.interrupted:
       raise KeyboardInterrupt
+    return self.received_name
+
+  @property
+  def received_name(self) -> str | None:
     return None if self.received is None else signal.Signals(self.received).name
 
   def __exit__(self, *exc):
@@ -491,4 +498,4 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, *, corpus: "d
     logging.warning("Stopped by %s at step %d of %d; the checkpoint is in %s. Rerun the same command to resume.",
                     stopped_by, final_step, curriculum.total_steps, ckpt.directory)
     last_eval = {}
-  return RunResult(final_step=final_step, eval=last_eval, stopped=stopped_by)
+  return RunResult(final_step=final_step, eval=last_eval, stopped=stopped_by, received_signal=signals.received_name)
