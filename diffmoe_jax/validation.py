@@ -324,7 +324,8 @@ def _validate_training(config: ml_collections.ConfigDict) -> None:
   require(o.grad_clip > 0, "optimizer.grad_clip", f"must be > 0, got {o.grad_clip}.")
   require(isinstance(cur.total_steps, int) and cur.total_steps > 0, "curriculum.total_steps",
           f"must be a positive integer, got {cur.total_steps!r}.")
-  require(len(cur.order) > 0, "curriculum.order", "is empty; list at least one phase.")
+  # An empty --config.curriculum.order= on the command line sets the one name ''.
+  require(len(cur.order) > 0 and cur.order != ("",), "curriculum.order", "is empty; list at least one phase.")
   require(isinstance(cur.mod_anneal_levels, int) and cur.mod_anneal_levels >= 1, "curriculum.mod_anneal_levels",
           f"must be an integer >= 1, got {cur.mod_anneal_levels!r}.")
   domains = set(config.data.domains.keys())

@@ -88,6 +88,7 @@ def _bad(**fields):
     ({"curriculum.order": ("warmup,foundation",)},
      r"^config\.curriculum\.order: 'warmup,foundation' is one phase name, not a list; on the command line give "
      r"the phases as a tuple: --config\.curriculum\.order=\"\('warmup','foundation'\)\"\.$"),
+    ({"curriculum.order": ("",)}, r"^config\.curriculum\.order: is empty; list at least one phase\.$"),  # order=
     ({"curriculum.warmup.mod_capacity_start": 0.5},  # warmup runs MoD off: the capacity would be ignored
      r"^config\.curriculum\.warmup\.mod_capacity_start: is 0\.5, but curriculum\.warmup\.mod_enabled is False, so "
      r"every token runs the routed layers in this phase; set curriculum\.warmup\.mod_enabled=True, or "
