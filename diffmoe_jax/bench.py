@@ -394,4 +394,5 @@ def _check_and_run(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
 
 
 if __name__ == "__main__":
-  main()
+  cli.keep_dropped_interrupts()
+  cli.interruptible(main)(None)  # Ctrl-C: one line and exit 130, not a traceback (or a crash in XLA's threads)
