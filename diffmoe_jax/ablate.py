@@ -8,7 +8,8 @@ curriculum on the same data. Each (arm, seed) trains in `<workdir>/<arm>/seed<k>
 there when it finishes; a rerun skips those (refusing one that finished with another config or on other
 training data) and resumes an interrupted one from its checkpoint. Then the report (a markdown table in the
 paper's layout, loss-curve / stable-rank / λ plots and a JSON of every number) is written to --report_dir
-(default `<workdir>/report`), replacing a plot of an earlier report that this one does not draw.
+(default `<workdir>/report`), replacing a plot of an earlier report that this one does not draw; a
+report_dir whose README.md or results.json no ablation report wrote is refused before anything trains.
 
 Exit codes: 0 done; 1 error, one line on stderr; 3 a run stopped early (signal or train.run_steps) and
 the command can be rerun to go on.
@@ -186,6 +187,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, report_dir: str = "") -
   plan = [(arm, seed, *arm_config(config, arm, seed)) for arm in names for seed in seed_list]
   workdir = workdir_lib.prepare(workdir)
   report_dir = workdir_lib.prepare(report_dir or os.path.join(workdir, "report"), "report_dir")
+  foreign = ablate_analysis.foreign_report_file(report_dir)
+  if foreign:  # refused before anything trains, not after
+    raise AblationError(f"{foreign} is not from an ablation report, and the report would replace it; pass "
+                        "another --report_dir (a new directory, or one an earlier report was written to).")
   cli.use_compilation_cache(config)  # a second seed of an arm reuses the first one's programs
   corpus = data.build_corpus(config.data)
   records, start = [], time.time()

@@ -12,6 +12,7 @@ import re
 import numpy as np
 
 FIGURES = {"loss": "loss_curves.png", "stable_rank": "stable_rank.png", "lambda": "lambda.png"}
+TITLE = "# Ablations at proxy scale"  # README.md's first line, by which a rerun knows the file for its own
 # The paper's "23% higher stable rank", measured as ||W||_F / ||W||_2; ours is its square (metrics.stable_rank).
 PAPER_STABLE_RANK_GAIN = 0.23
 
@@ -315,7 +316,7 @@ def write_report(config, names: list[str], labels: dict[str, str], models: dict,
              "arms": arms, "train_wall_seconds": wall, "cpu_count": os.cpu_count()}
   cur = config.curriculum
   sections = [
-      "# Ablations at proxy scale",
+      TITLE,
       f"Produced by `python -m diffmoe_jax.ablate` with config `{config.name}`: every arm is the full model with "
       f"one change, trained through the same {cur.total_steps}-step curriculum ({cur.tokens_per_batch} tokens per "
       f"batch, context {config.model.max_seq_len}) on {corpus_text(config.data.domains)}, seeds {seed_list}, no "
@@ -362,3 +363,22 @@ def write_report(config, names: list[str], labels: dict[str, str], models: dict,
   with open(os.path.join(report_dir, "README.md"), "w", encoding="utf-8") as f:
     f.write("\n\n".join(sections) + "\n")
   return summary
+
+
+def foreign_report_file(report_dir: str) -> str | None:
+  """The path of a README.md or results.json in report_dir that no ablation report wrote (write_report would
+  replace it), or None."""
+  readme, results = os.path.join(report_dir, "README.md"), os.path.join(report_dir, "results.json")
+  if os.path.exists(readme):
+    with open(readme, encoding="utf-8", errors="replace") as f:
+      if f.readline().rstrip("\n") != TITLE:
+        return readme
+  if os.path.exists(results):
+    try:
+      with open(results, encoding="utf-8") as f:
+        saved = json.load(f)
+    except (OSError, ValueError):
+      return results
+    if not (isinstance(saved, dict) and {"arms", "budget"} <= saved.keys()):
+      return results
+  return None

@@ -213,6 +213,19 @@ def test_a_report_dir_that_is_a_file_names_the_flag(tmp_path):
     ablate.run(smoke_config(), str(tmp_path / "runs"), str(a_file))
 
 
+@pytest.mark.parametrize("name, text", [("README.md", "# My project\n"), ("results.json", '{"loss": 2.5}')])
+def test_a_report_dir_holding_files_of_something_else_is_refused_before_training(tmp_path, monkeypatch, name, text):
+  """--report_dir=. in a repository would have replaced its README.md (and another tool's results.json) after
+  all the training; the command refuses at once and leaves the file as it was."""
+  (tmp_path / name).write_text(text)
+  monkeypatch.setattr(loop, "train", lambda *args, **kwargs: pytest.fail("trained before refusing"))
+  with pytest.raises(ablate.AblationError, match=re.escape(f"{tmp_path / name} is not from an ablation report")):
+    ablate.run(smoke_config(), str(tmp_path / "runs"), str(tmp_path))
+  assert (tmp_path / name).read_text() == text
+  # The committed report is one the command may rewrite.
+  assert ablate_analysis.foreign_report_file(os.path.join(REPO, "results", "ablation")) is None
+
+
 def test_rewritten_report_names_the_corpus_and_drops_figures_it_no_longer_draws(smoke, tmp_path):
   """A report dir of an earlier run with the power-of-two arm keeps no stable_rank.png this report lacks; the
   user's own files stay."""
