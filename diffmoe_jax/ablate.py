@@ -12,7 +12,8 @@ paper's layout, loss-curve / stable-rank / λ plots and a JSON of every number) 
 report_dir whose README.md or results.json no ablation report wrote is refused before anything trains.
 
 Exit codes: 0 done; 1 error, one line on stderr; 3 a run stopped early (signal or train.run_steps) and
-the command can be rerun to go on.
+the command can be rerun to go on; 130 stopped at once by Ctrl-C outside a run's steps or by a second one
+(rerun to go on).
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from absl import app, flags
 from diffmoe_jax import cli
 
 DEFAULT_CONFIG = "configs/ablation.py"
-EXIT_ERROR, EXIT_STOPPED_EARLY = 1, 3
+EXIT_ERROR, EXIT_STOPPED_EARLY, EXIT_INTERRUPTED = 1, 3, 130
 RESULT_FILE = "result.json"
 
 
@@ -245,6 +246,10 @@ def main(argv, flag_values: dict):
   except (AblationError, CheckpointError, ConfigError, DataError, TrainingStopped, WorkdirError) as e:
     print(f"error: {e}", file=sys.stderr)
     cli.exit_now(EXIT_ERROR)
+  except KeyboardInterrupt:  # before or between the runs' training, or a second Ctrl-C during one
+    print("error: interrupted at once; finished runs and the checkpoints saved earlier are intact. Rerun the same "
+          "command to go on.", file=sys.stderr)
+    cli.exit_now(EXIT_INTERRUPTED)
   if "stopped" in summary:
     sys.exit(EXIT_STOPPED_EARLY)
 

@@ -192,6 +192,18 @@ def test_a_result_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
   assert not os.path.exists(tmp_path / "full" / "seed0" / "result.json")
 
 
+def test_ctrl_c_outside_training_ends_the_command_in_one_line(tmp_path):
+  """Ctrl-C (here raised while the corpus is built, before any run trains) ends the command with one line and
+  exit 130, not a traceback."""
+  code = ("import runpy, sys\nfrom diffmoe_jax import data\n"
+          "def interrupted(*args, **kwargs):\n  raise KeyboardInterrupt\n"
+          f"data.build_corpus = interrupted\nsys.argv = ['ablate', '--workdir={tmp_path}']\n"
+          "runpy.run_module('diffmoe_jax.ablate', run_name='__main__')\n")
+  proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 130 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  assert proc.stderr.strip().startswith("error: interrupted at once; finished runs"), proc.stderr[-2000:]
+
+
 def test_a_damaged_result_is_one_line_error(tmp_path):
   run_dir = tmp_path / "full" / "seed0"
   run_dir.mkdir(parents=True)
