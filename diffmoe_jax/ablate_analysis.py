@@ -143,10 +143,10 @@ def matrix_smaller_sides(model) -> dict[str, int]:
           "w_in": side, "w_gate": side, "w_out": side}
 
 
-def mean_spread(values) -> tuple[float, float]:
-  """Mean and sample standard deviation (0 for one value)."""
+def mean_spread(values) -> tuple[float, float | None]:
+  """Mean and sample standard deviation (None for one value: one seed shows no spread, not a spread of 0)."""
   values = np.asarray(values, np.float64)
-  return float(values.mean()), float(values.std(ddof=1)) if values.size > 1 else 0.0
+  return float(values.mean()), float(values.std(ddof=1)) if values.size > 1 else None
 
 
 def _metrics(domains) -> list[str]:
@@ -180,7 +180,8 @@ def table(names: list[str], arms: dict, domains, labels: dict[str, str]) -> str:
     row = [labels[arm], f"{human(a['params']['total'])} ({human(a['params']['active'])})"]
     for m in _metrics(domains):
       delta = "—" if arm == "full" else f"{a['delta_vs_full'][m]:+.4f}"
-      row += [f"{a['mean'][m]:.4f} ± {a['std'][m]:.4f}", delta]
+      spread = "" if a["std"][m] is None else f" ± {a['std'][m]:.4f}"
+      row += [f"{a['mean'][m]:.4f}{spread}", delta]
     lines.append("| " + " | ".join(row) + " |")
   return "\n".join(lines)
 
@@ -321,7 +322,8 @@ def write_report(config, names: list[str], labels: dict[str, str], models: dict,
       f"one change, trained through the same {cur.total_steps}-step curriculum ({cur.tokens_per_batch} tokens per "
       f"batch, context {config.model.max_seq_len}) on {corpus_text(config.data.domains)}, seeds {seed_list}, no "
       "per-arm tuning. Validation loss (nats/token, all domains) and bits per byte per domain replace the paper's "
-      "LiveBench score; mean ± sample standard deviation over seeds, Δ = arm − full (positive is worse). Training "
+      "LiveBench score; " + ("mean ± sample standard deviation over seeds" if len(seed_list) > 1 else
+                             "one seed, so no spread") + ", Δ = arm − full (positive is worse). Training "
       f"wall time of the {len(records)} runs: {wall / 60:.1f} minutes on {os.cpu_count()} CPU cores (compiling each "
       "arm's programs included). These are proxy-scale numbers, not the paper's.",
       table(names, arms, domains, labels),

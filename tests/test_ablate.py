@@ -142,6 +142,25 @@ def test_token_lambdas_mix_experts_by_gate_weight():
   np.testing.assert_allclose(ablate_analysis.token_lambdas(lam, weights, experts), [0.725, 0.7])
 
 
+def test_table_gives_the_seeds_sample_spread_and_none_for_one_seed():
+  def record(arm, seed, loss):
+    return {"arm": arm, "seed": seed, "change": "none", "params": {"total": 10, "active": 5}, "final_step": 6,
+            "wall_seconds": 1.0, "eval": {"loss": loss, "code/bits_per_byte": 2 * loss}}
+  labels = {"full": "Full", "no_mod": "No MoD"}
+  losses = {"full": [2.0, 2.5, 3.5], "no_mod": [3.0, 3.0, 3.3]}
+  records = [record(arm, seed, loss) for arm, values in losses.items() for seed, loss in enumerate(values)]
+  arms = ablate_analysis.summarize(["full", "no_mod"], records, ["code"])
+  assert arms["full"]["std"]["loss"] == pytest.approx(np.sqrt(((2 - 8 / 3) ** 2 + (2.5 - 8 / 3) ** 2
+                                                                + (3.5 - 8 / 3) ** 2) / 2))
+  assert "| No MoD | 10 (5) | 3.1000 ± 0.1732 | +0.4333 |" in ablate_analysis.table(["full", "no_mod"], arms, ["code"],
+                                                                                  labels)
+  # One seed has no spread: the table gives the mean alone, not "± 0.0000".
+  one = ablate_analysis.summarize(["full", "no_mod"], [r for r in records if r["seed"] == 0], ["code"])
+  assert one["full"]["std"]["loss"] is None
+  assert "| No MoD | 10 (5) | 3.0000 | +1.0000 | 6.0000 | +2.0000 |" in ablate_analysis.table(
+      ["full", "no_mod"], one, ["code"], labels)
+
+
 def finished_run(run_dir, config, record: dict) -> None:
   """Writes a result.json for the run of `config` in run_dir, as a finished one has, plus `record`."""
   os.makedirs(run_dir)
