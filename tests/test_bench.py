@@ -53,3 +53,22 @@ def test_ctrl_c_ends_the_command_in_one_line():
           "runpy.run_module('diffmoe_jax.bench', run_name='__main__')\n")
   proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
   assert proc.returncode == 130 and proc.stderr.strip() == "error: interrupted.", proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("argv, accepted", [
+    (["--attention-gpu-backward", "one_pass"], False),  # auto is explicit / blockwise on a CPU
+    (["--attention-gpu-launch", "dkv=64,32,4,2", "--attention-impl", "blockwise"], False),
+    (["--attention-gpu-backward", "one_pass", "--attention-impl", "pallas_gpu"], True),  # interpreted on a CPU
+])
+def test_gpu_kernel_flags_are_refused_where_the_step_does_not_run_the_kernels(argv, accepted, capsys, monkeypatch):
+  ran = []
+  monkeypatch.setattr(bench, "bench_train", lambda args: ran.append(args))
+  if accepted:
+    bench.main(["train", *argv])
+    assert len(ran) == 1
+    return
+  with pytest.raises(SystemExit) as info:
+    bench.main(["train", *argv])
+  err = capsys.readouterr().err
+  assert info.value.code == 2 and not ran
+  assert f"argument {argv[0]}: sets the GPU attention kernels, which this step does not run (attention " in err, err
