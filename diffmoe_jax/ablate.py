@@ -194,6 +194,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, report_dir: str = "") -
                         "another --report_dir (a new directory, or one an earlier report was written to).")
   cli.use_compilation_cache(config)  # a second seed of an arm reuses the first one's programs
   corpus = data.build_corpus(config.data)
+  # Every finished run is read (and one of another config or data refused) before anything trains.
+  finished = {(arm, seed): _finished(_run_dir(workdir, arm, seed), run_config, corpus.fingerprint)
+              for arm, seed, run_config, _ in plan}
   records, start = [], time.time()
   # Seconds of the runs trained here, by whether they were their arm's first seed: a later seed reuses the
   # first one's compiled programs from the compilation cache, so it takes much less.
@@ -201,7 +204,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, report_dir: str = "") -
   for i, (arm, seed, run_config, change) in enumerate(plan):
     run_dir = _run_dir(workdir, arm, seed)
     prefix = f"[{i + 1}/{len(plan)}] {arm} seed {seed}"
-    record = _finished(run_dir, run_config, corpus.fingerprint)
+    record = finished[(arm, seed)]
     if record is not None:
       print(f"{prefix}: finished earlier (validation loss {record['eval']['loss']:.4f}), skipped", flush=True)
       records.append(record)

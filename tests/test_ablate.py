@@ -4,6 +4,7 @@ import os
 import re
 import subprocess
 import sys
+import types
 
 import ml_collections
 import numpy as np
@@ -177,6 +178,18 @@ def test_a_run_finished_on_other_data_is_refused(tmp_path):
       "new --workdir, or delete that run to train it again.")):
     ablate._finished(run_dir, config, {"code": "k3", "docs": "k2"})
   assert ablate._finished(run_dir, config, {"code": "k1", "docs": "k2"})["eval"]["loss"] == 3.0
+
+
+def test_a_later_arm_finished_with_another_config_is_refused_before_training(tmp_path, monkeypatch):
+  """The refusal comes before the first arm trains, not after it."""
+  config = smoke_config()
+  other = ablate.arm_config(config, "differential_v2", 0)[0]
+  other.optimizer.peak_lr = 5e-3
+  finished_run(str(tmp_path / "differential_v2" / "seed0"), other, {})
+  monkeypatch.setattr(data, "build_corpus", lambda *args: types.SimpleNamespace(fingerprint={}))
+  monkeypatch.setattr(loop, "train", lambda *args, **kwargs: pytest.fail("trained before refusing"))
+  with pytest.raises(ablate.AblationError, match="differential_v2/seed0 finished with a different config"):
+    ablate.run(config, str(tmp_path), str(tmp_path / "report"))
 
 
 def test_a_result_from_before_data_fingerprints_is_reused_with_a_note(tmp_path, capsys):
