@@ -139,7 +139,11 @@ def arm_config(config: ml_collections.ConfigDict, arm: str, seed: int) -> tuple[
   from diffmoe_jax import validation
   c = ml_collections.ConfigDict(config.to_dict())
   del c["ablation"]
+  base = c.model.to_dict()
   change = ARMS[arm].change(c.model)
+  if arm != "full" and c.model.to_dict() == base:  # it would train the full model again as if it were an arm
+    raise AblationError(f"config.ablation.arms: the {arm} arm changes nothing in this config ({change} already); "
+                        "drop it from config.ablation.arms.")
   c.seed = seed
   c.name = f"{config.name}/{arm}/seed{seed}"
   return validation.validate(c), change

@@ -105,6 +105,15 @@ def test_arm_configs_change_one_thing_and_validate():
   assert v2.attention == "differential_v2" and not v2.expert_conditional_lambda
 
 
+def test_an_arm_that_changes_nothing_is_refused():
+  config = config_lib.load_file(os.path.join(REPO, "configs", "ablation.py"))
+  config.model.mod.enabled = False
+  with pytest.raises(ablate.AblationError, match=re.escape(
+      "config.ablation.arms: the no_mod arm changes nothing in this config (model.mod.enabled=False already); "
+      "drop it from config.ablation.arms.")):
+    ablate.arm_config(config, "no_mod", 0)
+
+
 def test_power_of_two_arm_is_parameter_matched():
   config = config_lib.load_file(os.path.join(REPO, "configs", "ablation.py"))
   full = ablate.arm_config(config, "full", 0)[0].model
