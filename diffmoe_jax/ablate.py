@@ -8,10 +8,12 @@ curriculum on the same data. Each (arm, seed) trains in `<workdir>/<arm>/seed<k>
 there when it finishes; a rerun skips those (refusing one that finished with another config or on other
 training data) and resumes an interrupted one from its checkpoint. Then the report (a markdown table in the
 paper's layout, loss-curve / stable-rank / λ plots and a JSON of every number) is written to --report_dir
-(default `<workdir>/report`), replacing a plot of an earlier report that this one does not draw.
+(default `<workdir>/report`), replacing a plot of an earlier report that this one does not draw; a
+report_dir whose README.md or results.json no ablation report wrote is refused before anything trains.
 
 Exit codes: 0 done; 1 error, one line on stderr; 3 a run stopped early (signal or train.run_steps) and
-the command can be rerun to go on.
+the command can be rerun to go on; 130 stopped at once by Ctrl-C outside a run's steps or by a second one
+(rerun to go on).
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from absl import app, flags
 from diffmoe_jax import cli
 
 DEFAULT_CONFIG = "configs/ablation.py"
-EXIT_ERROR, EXIT_STOPPED_EARLY = 1, 3
+EXIT_ERROR, EXIT_STOPPED_EARLY, EXIT_INTERRUPTED = 1, 3, 130
 RESULT_FILE = "result.json"
 
 
@@ -137,7 +139,11 @@ def arm_config(config: ml_collections.ConfigDict, arm: str, seed: int) -> tuple[
   from diffmoe_jax import validation
   c = ml_collections.ConfigDict(config.to_dict())
   del c["ablation"]
+  base = c.model.to_dict()
   change = ARMS[arm].change(c.model)
+  if arm != "full" and c.model.to_dict() == base:  # it would train the full model again as if it were an arm
+    raise AblationError(f"config.ablation.arms: the {arm} arm changes nothing in this config ({change} already); "
+                        "drop it from config.ablation.arms.")
   c.seed = seed
   c.name = f"{config.name}/{arm}/seed{seed}"
   return validation.validate(c), change
@@ -186,8 +192,15 @@ def run(config: ml_collections.ConfigDict, workdir: str, report_dir: str = "") -
   plan = [(arm, seed, *arm_config(config, arm, seed)) for arm in names for seed in seed_list]
   workdir = workdir_lib.prepare(workdir)
   report_dir = workdir_lib.prepare(report_dir or os.path.join(workdir, "report"), "report_dir")
+  foreign = ablate_analysis.foreign_report_file(report_dir)
+  if foreign:  # refused before anything trains, not after
+    raise AblationError(f"{foreign} is not from an ablation report, and the report would replace it; pass "
+                        "another --report_dir (a new directory, or one an earlier report was written to).")
   cli.use_compilation_cache(config)  # a second seed of an arm reuses the first one's programs
   corpus = data.build_corpus(config.data)
+  # Every finished run is read (and one of another config or data refused) before anything trains.
+  finished = {(arm, seed): _finished(_run_dir(workdir, arm, seed), run_config, corpus.fingerprint)
+              for arm, seed, run_config, _ in plan}
   records, start = [], time.time()
   # Seconds of the runs trained here, by whether they were their arm's first seed: a later seed reuses the
   # first one's compiled programs from the compilation cache, so it takes much less.
@@ -195,7 +208,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, report_dir: str = "") -
   for i, (arm, seed, run_config, change) in enumerate(plan):
     run_dir = _run_dir(workdir, arm, seed)
     prefix = f"[{i + 1}/{len(plan)}] {arm} seed {seed}"
-    record = _finished(run_dir, run_config, corpus.fingerprint)
+    record = finished[(arm, seed)]
     if record is not None:
       print(f"{prefix}: finished earlier (validation loss {record['eval']['loss']:.4f}), skipped", flush=True)
       records.append(record)
@@ -244,6 +257,10 @@ def main(argv, flag_values: dict):
   except (AblationError, CheckpointError, ConfigError, DataError, TrainingStopped, WorkdirError) as e:
     print(f"error: {e}", file=sys.stderr)
     cli.exit_now(EXIT_ERROR)
+  except KeyboardInterrupt:  # before or between the runs' training, or a second Ctrl-C during one
+    print("error: interrupted at once; finished runs and the checkpoints saved earlier are intact. Rerun the same "
+          "command to go on.", file=sys.stderr)
+    cli.exit_now(EXIT_INTERRUPTED)
   if "stopped" in summary:
     sys.exit(EXIT_STOPPED_EARLY)
 

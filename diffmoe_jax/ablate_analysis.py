@@ -12,6 +12,7 @@ import re
 import numpy as np
 
 FIGURES = {"loss": "loss_curves.png", "stable_rank": "stable_rank.png", "lambda": "lambda.png"}
+TITLE = "# Ablations at proxy scale"  # README.md's first line, by which a rerun knows the file for its own
 # The paper's "23% higher stable rank", measured as ||W||_F / ||W||_2; ours is its square (metrics.stable_rank).
 PAPER_STABLE_RANK_GAIN = 0.23
 
@@ -142,10 +143,10 @@ def matrix_smaller_sides(model) -> dict[str, int]:
           "w_in": side, "w_gate": side, "w_out": side}
 
 
-def mean_spread(values) -> tuple[float, float]:
-  """Mean and sample standard deviation (0 for one value)."""
+def mean_spread(values) -> tuple[float, float | None]:
+  """Mean and sample standard deviation (None for one value: one seed shows no spread, not a spread of 0)."""
   values = np.asarray(values, np.float64)
-  return float(values.mean()), float(values.std(ddof=1)) if values.size > 1 else 0.0
+  return float(values.mean()), float(values.std(ddof=1)) if values.size > 1 else None
 
 
 def _metrics(domains) -> list[str]:
@@ -179,7 +180,8 @@ def table(names: list[str], arms: dict, domains, labels: dict[str, str]) -> str:
     row = [labels[arm], f"{human(a['params']['total'])} ({human(a['params']['active'])})"]
     for m in _metrics(domains):
       delta = "—" if arm == "full" else f"{a['delta_vs_full'][m]:+.4f}"
-      row += [f"{a['mean'][m]:.4f} ± {a['std'][m]:.4f}", delta]
+      spread = "" if a["std"][m] is None else f" ± {a['std'][m]:.4f}"
+      row += [f"{a['mean'][m]:.4f}{spread}", delta]
     lines.append("| " + " | ".join(row) + " |")
   return "\n".join(lines)
 
@@ -315,12 +317,13 @@ def write_report(config, names: list[str], labels: dict[str, str], models: dict,
              "arms": arms, "train_wall_seconds": wall, "cpu_count": os.cpu_count()}
   cur = config.curriculum
   sections = [
-      "# Ablations at proxy scale",
+      TITLE,
       f"Produced by `python -m diffmoe_jax.ablate` with config `{config.name}`: every arm is the full model with "
       f"one change, trained through the same {cur.total_steps}-step curriculum ({cur.tokens_per_batch} tokens per "
       f"batch, context {config.model.max_seq_len}) on {corpus_text(config.data.domains)}, seeds {seed_list}, no "
       "per-arm tuning. Validation loss (nats/token, all domains) and bits per byte per domain replace the paper's "
-      "LiveBench score; mean ± sample standard deviation over seeds, Δ = arm − full (positive is worse). Training "
+      "LiveBench score; " + ("mean ± sample standard deviation over seeds" if len(seed_list) > 1 else
+                             "one seed, so no spread") + ", Δ = arm − full (positive is worse). Training "
       f"wall time of the {len(records)} runs: {wall / 60:.1f} minutes on {os.cpu_count()} CPU cores (compiling each "
       "arm's programs included). These are proxy-scale numbers, not the paper's.",
       table(names, arms, domains, labels),
@@ -362,3 +365,22 @@ def write_report(config, names: list[str], labels: dict[str, str], models: dict,
   with open(os.path.join(report_dir, "README.md"), "w", encoding="utf-8") as f:
     f.write("\n\n".join(sections) + "\n")
   return summary
+
+
+def foreign_report_file(report_dir: str) -> str | None:
+  """The path of a README.md or results.json in report_dir that no ablation report wrote (write_report would
+  replace it), or None."""
+  readme, results = os.path.join(report_dir, "README.md"), os.path.join(report_dir, "results.json")
+  if os.path.exists(readme):
+    with open(readme, encoding="utf-8", errors="replace") as f:
+      if f.readline().rstrip("\n") != TITLE:
+        return readme
+  if os.path.exists(results):
+    try:
+      with open(results, encoding="utf-8") as f:
+        saved = json.load(f)
+    except (OSError, ValueError):
+      return results
+    if not (isinstance(saved, dict) and {"arms", "budget"} <= saved.keys()):
+      return results
+  return None

@@ -370,6 +370,21 @@ def main(argv: list[str] | None = None) -> None:
     sys.exit(1)
 
 
+def _check_gpu_kernels_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+  """--attention-gpu-backward / --attention-gpu-launch set the GPU Pallas kernels: refused where the step would
+  not run them (auto is explicit or blockwise on CPU; TPUs run the TPU layout), instead of being ignored."""
+  from diffmoe_jax.ops import attention as attention_ops
+  model = config_lib.load_file(args.config).model
+  impl = args.attention_impl or model.attention_impl
+  resolved = attention_ops.resolve_attention_impl(impl, length=args.seq_len or args.max_seq_len or model.max_seq_len)
+  backend = jax.default_backend()
+  if not (resolved == "pallas_gpu" or (resolved == "pallas" and backend != "tpu")):
+    flag = "--attention-gpu-backward" if args.attention_gpu_backward else "--attention-gpu-launch"
+    parser.error(f"argument {flag}: sets the GPU attention kernels, which this step does not run (attention {impl} "
+                 f"on {backend} is {resolved}); run it on a GPU, or add --attention-impl pallas_gpu to run them "
+                 "interpreted")
+
+
 def _check_and_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
   from diffmoe_jax import bench_kernels
   if args.command in ("moe", "expert_parallel") and args.top_k > args.experts:
@@ -388,10 +403,13 @@ def _check_and_run(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
       parser.error(f"argument --seq-len: {args.seq_len} exceeds the context of {context} ({source})")
   if args.command == "kernels":
     bench_kernels.check_args(args, parser)
+  if args.command == "train" and (args.attention_gpu_backward or args.attention_gpu_launch):
+    _check_gpu_kernels_run(args, parser)
   if args.command == "train" and (args.remat_policy == "save_names") != bool(args.remat_save_names):
     parser.error("argument --remat-save-names: give it exactly when --remat-policy is save_names")
   args.run(args)
 
 
 if __name__ == "__main__":
-  main()
+  cli.keep_dropped_interrupts()
+  cli.interruptible(main)(None)  # Ctrl-C: one line and exit 130, not a traceback (or a crash in XLA's threads)

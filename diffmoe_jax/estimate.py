@@ -379,4 +379,4 @@ if __name__ == "__main__":
   # Defined here, not at import, so that importing this module never claims the --config flag.
   _CONFIG = cli.define_config_flag(None, "Path to a config file, e.g. configs/pi.py.")
   flags.mark_flags_as_required(["config"])
-  app.run(_main, flags_parser=cli.parse_flags(None))
+  app.run(cli.interruptible(_main), flags_parser=cli.parse_flags(None))

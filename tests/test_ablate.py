@@ -4,6 +4,7 @@ import os
 import re
 import subprocess
 import sys
+import types
 
 import ml_collections
 import numpy as np
@@ -104,6 +105,15 @@ def test_arm_configs_change_one_thing_and_validate():
   assert v2.attention == "differential_v2" and not v2.expert_conditional_lambda
 
 
+def test_an_arm_that_changes_nothing_is_refused():
+  config = config_lib.load_file(os.path.join(REPO, "configs", "ablation.py"))
+  config.model.mod.enabled = False
+  with pytest.raises(ablate.AblationError, match=re.escape(
+      "config.ablation.arms: the no_mod arm changes nothing in this config (model.mod.enabled=False already); "
+      "drop it from config.ablation.arms.")):
+    ablate.arm_config(config, "no_mod", 0)
+
+
 def test_power_of_two_arm_is_parameter_matched():
   config = config_lib.load_file(os.path.join(REPO, "configs", "ablation.py"))
   full = ablate.arm_config(config, "full", 0)[0].model
@@ -142,6 +152,25 @@ def test_token_lambdas_mix_experts_by_gate_weight():
   np.testing.assert_allclose(ablate_analysis.token_lambdas(lam, weights, experts), [0.725, 0.7])
 
 
+def test_table_gives_the_seeds_sample_spread_and_none_for_one_seed():
+  def record(arm, seed, loss):
+    return {"arm": arm, "seed": seed, "change": "none", "params": {"total": 10, "active": 5}, "final_step": 6,
+            "wall_seconds": 1.0, "eval": {"loss": loss, "code/bits_per_byte": 2 * loss}}
+  labels = {"full": "Full", "no_mod": "No MoD"}
+  losses = {"full": [2.0, 2.5, 3.5], "no_mod": [3.0, 3.0, 3.3]}
+  records = [record(arm, seed, loss) for arm, values in losses.items() for seed, loss in enumerate(values)]
+  arms = ablate_analysis.summarize(["full", "no_mod"], records, ["code"])
+  assert arms["full"]["std"]["loss"] == pytest.approx(np.sqrt(((2 - 8 / 3) ** 2 + (2.5 - 8 / 3) ** 2
+                                                                + (3.5 - 8 / 3) ** 2) / 2))
+  assert "| No MoD | 10 (5) | 3.1000 ± 0.1732 | +0.4333 |" in ablate_analysis.table(["full", "no_mod"], arms, ["code"],
+                                                                                  labels)
+  # One seed has no spread: the table gives the mean alone, not "± 0.0000".
+  one = ablate_analysis.summarize(["full", "no_mod"], [r for r in records if r["seed"] == 0], ["code"])
+  assert one["full"]["std"]["loss"] is None
+  assert "| No MoD | 10 (5) | 3.0000 | +1.0000 | 6.0000 | +2.0000 |" in ablate_analysis.table(
+      ["full", "no_mod"], one, ["code"], labels)
+
+
 def finished_run(run_dir, config, record: dict) -> None:
   """Writes a result.json for the run of `config` in run_dir, as a finished one has, plus `record`."""
   os.makedirs(run_dir)
@@ -158,6 +187,18 @@ def test_a_run_finished_on_other_data_is_refused(tmp_path):
       "new --workdir, or delete that run to train it again.")):
     ablate._finished(run_dir, config, {"code": "k3", "docs": "k2"})
   assert ablate._finished(run_dir, config, {"code": "k1", "docs": "k2"})["eval"]["loss"] == 3.0
+
+
+def test_a_later_arm_finished_with_another_config_is_refused_before_training(tmp_path, monkeypatch):
+  """The refusal comes before the first arm trains, not after it."""
+  config = smoke_config()
+  other = ablate.arm_config(config, "differential_v2", 0)[0]
+  other.optimizer.peak_lr = 5e-3
+  finished_run(str(tmp_path / "differential_v2" / "seed0"), other, {})
+  monkeypatch.setattr(data, "build_corpus", lambda *args: types.SimpleNamespace(fingerprint={}))
+  monkeypatch.setattr(loop, "train", lambda *args, **kwargs: pytest.fail("trained before refusing"))
+  with pytest.raises(ablate.AblationError, match="differential_v2/seed0 finished with a different config"):
+    ablate.run(config, str(tmp_path), str(tmp_path / "report"))
 
 
 def test_a_result_from_before_data_fingerprints_is_reused_with_a_note(tmp_path, capsys):
@@ -210,6 +251,18 @@ def test_a_signal_during_a_runs_last_step_stops_the_ablation_after_that_run(tmp_
   assert "SIGTERM received, so stopping here; rerun the same command to go on" in capsys.readouterr().out
 
 
+def test_ctrl_c_outside_training_ends_the_command_in_one_line(tmp_path):
+  """Ctrl-C (here raised while the corpus is built, before any run trains) ends the command with one line and
+  exit 130, not a traceback."""
+  code = ("import runpy, sys\nfrom diffmoe_jax import data\n"
+          "def interrupted(*args, **kwargs):\n  raise KeyboardInterrupt\n"
+          f"data.build_corpus = interrupted\nsys.argv = ['ablate', '--workdir={tmp_path}']\n"
+          "runpy.run_module('diffmoe_jax.ablate', run_name='__main__')\n")
+  proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 130 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  assert proc.stderr.strip().startswith("error: interrupted at once; finished runs"), proc.stderr[-2000:]
+
+
 def test_a_damaged_result_is_one_line_error(tmp_path):
   run_dir = tmp_path / "full" / "seed0"
   run_dir.mkdir(parents=True)
@@ -229,6 +282,19 @@ def test_a_report_dir_that_is_a_file_names_the_flag(tmp_path):
   with pytest.raises(WorkdirError, match=re.escape(f"The report_dir {a_file} is a file, not a directory; pass "
                                                    "another --report_dir.")):
     ablate.run(smoke_config(), str(tmp_path / "runs"), str(a_file))
+
+
+@pytest.mark.parametrize("name, text", [("README.md", "# My project\n"), ("results.json", '{"loss": 2.5}')])
+def test_a_report_dir_holding_files_of_something_else_is_refused_before_training(tmp_path, monkeypatch, name, text):
+  """--report_dir=. in a repository would have replaced its README.md (and another tool's results.json) after
+  all the training; the command refuses at once and leaves the file as it was."""
+  (tmp_path / name).write_text(text)
+  monkeypatch.setattr(loop, "train", lambda *args, **kwargs: pytest.fail("trained before refusing"))
+  with pytest.raises(ablate.AblationError, match=re.escape(f"{tmp_path / name} is not from an ablation report")):
+    ablate.run(smoke_config(), str(tmp_path / "runs"), str(tmp_path))
+  assert (tmp_path / name).read_text() == text
+  # The committed report is one the command may rewrite.
+  assert ablate_analysis.foreign_report_file(os.path.join(REPO, "results", "ablation")) is None
 
 
 def test_rewritten_report_names_the_corpus_and_drops_figures_it_no_longer_draws(smoke, tmp_path):

@@ -1,11 +1,15 @@
 """Every `python -m diffmoe_jax.bench` subcommand runs at a small size and prints its figures (the README's
 benchmark table comes from these commands; `bench kernels` and `bench expert_parallel` have their own tests)."""
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 
 from diffmoe_jax import bench
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUMBER = r"[\d,.]+"
 CASES = {
     "moe": (["--batch", "2", "--seq-len", "32", "--d-model", "16", "--ffn-dim", "32", "--experts", "4", "--reps", "1",
@@ -38,3 +42,33 @@ def test_bench_command_prints_its_figures(command, capsys):
   out = capsys.readouterr().out
   for pattern in patterns:
     assert re.search(pattern, out, re.MULTILINE), (pattern, out)
+
+
+def test_ctrl_c_ends_the_command_in_one_line():
+  """Ctrl-C (here raised where `bench moe` starts its work) ends the command with one line and exit 130, not a
+  traceback, nor a crash of XLA's compile threads at interpreter exit."""
+  code = ("import runpy, sys\nfrom diffmoe_jax.ops import dispatch\n"
+          "def interrupted(*args, **kwargs):\n  raise KeyboardInterrupt\n"
+          "dispatch.moe_capacity = interrupted\nsys.argv = ['bench', 'moe']\n"
+          "runpy.run_module('diffmoe_jax.bench', run_name='__main__')\n")
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+  assert proc.returncode == 130 and proc.stderr.strip() == "error: interrupted.", proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("argv, accepted", [
+    (["--attention-gpu-backward", "one_pass"], False),  # auto is explicit / blockwise on a CPU
+    (["--attention-gpu-launch", "dkv=64,32,4,2", "--attention-impl", "blockwise"], False),
+    (["--attention-gpu-backward", "one_pass", "--attention-impl", "pallas_gpu"], True),  # interpreted on a CPU
+])
+def test_gpu_kernel_flags_are_refused_where_the_step_does_not_run_the_kernels(argv, accepted, capsys, monkeypatch):
+  ran = []
+  monkeypatch.setattr(bench, "bench_train", lambda args: ran.append(args))
+  if accepted:
+    bench.main(["train", *argv])
+    assert len(ran) == 1
+    return
+  with pytest.raises(SystemExit) as info:
+    bench.main(["train", *argv])
+  err = capsys.readouterr().err
+  assert info.value.code == 2 and not ran
+  assert f"argument {argv[0]}: sets the GPU attention kernels, which this step does not run (attention " in err, err

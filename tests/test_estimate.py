@@ -111,6 +111,16 @@ def test_cli_runs():
   assert "total parameters" in out and "4.938B" in out
 
 
+def test_ctrl_c_ends_the_command_in_one_line():
+  """Ctrl-C (here raised where the model is built) ends the command with one line and exit 130, not a traceback."""
+  code = ("import runpy, sys\nfrom diffmoe_jax.nn import model\n"
+          "def interrupted(*args, **kwargs):\n  raise KeyboardInterrupt\n"
+          "model.build_model = interrupted\nsys.argv = ['estimate', '--config=configs/tiny.py']\n"
+          "runpy.run_module('diffmoe_jax.estimate', run_name='__main__')\n")
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 130 and proc.stderr.strip() == "error: interrupted.", proc.stderr[-2000:]
+
+
 @pytest.mark.parametrize("mesh", [{"data": 1, "fsdp": 2, "expert": 4, "tensor": 1},
                                   {"data": 2, "fsdp": 1, "expert": 2, "tensor": 2},
                                   {"data": 8, "fsdp": 1, "expert": 1, "tensor": 1}])

@@ -118,3 +118,14 @@ def test_model_config_sets_each_gpu_kernels_launch(make_config):
                                                                                           "num_warps"))
       launches.add((name, 64 // grid, warps, stages))  # grid_z: the program blocks along the 64 tokens
   assert launches == {("forward", 32, 8, 3), ("dkv", 16, 2, 1), ("dq", 64, 4, 2)}, launches
+
+
+def test_kernel_benchmark_starts_no_kernel_after_its_time_budget(capsys, monkeypatch):
+  """--budget-s bounds the whole command: once spent, the next kernel's reference run (minutes when interpreted
+  at PI-P's size) is not started either."""
+  from diffmoe_jax import bench as bench_lib, bench_kernels
+  monkeypatch.setattr(bench_kernels, "_kernel_fn", lambda *args: pytest.fail("a kernel ran after the budget"))
+  bench_lib.main(["kernels", "--config", "configs/tiny.py", "--seq-len", "32", "--kernels", "forward", "dq",
+                  "--rows", "16", "--steps", "16", "--budget-s", "1e-9"])
+  lines = capsys.readouterr().out.splitlines()
+  assert [line.split()[0] for line in lines if line.endswith("spent: not run")] == ["forward", "dq"], lines
