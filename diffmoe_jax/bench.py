@@ -411,5 +411,5 @@ def _check_and_run(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
 
 
 if __name__ == "__main__":
-  cli.keep_dropped_interrupts()
+  cli.start_command()
   cli.interruptible(main)(None)  # Ctrl-C: one line and exit 130, not a traceback (or a crash in XLA's threads)

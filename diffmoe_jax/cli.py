@@ -158,9 +158,9 @@ def quiet_library_output() -> None:
 
 def parse_flags(default_config: str | None) -> Callable[[list[str]], list[str]]:
   """An `app.run` flags_parser: the usual absl parsing, with each mistake printed as one line (exit 1). It
-  also keeps a Ctrl-C from being dropped in a garbage-collection or weakref callback (`keep_dropped_interrupts`)."""
+  also starts the command (`start_command`): a Ctrl-C that came while it imported ends it, and one dropped in a garbage-collection or weakref callback is sent again."""
   def parse(argv: list[str]) -> list[str]:
-    keep_dropped_interrupts()
+    start_command()
     try:  # loading the config file (here and in the flag parser) can take seconds, as a search config's does
       problem = check_command_line(argv[1:], default_config)
       if problem is None:
@@ -180,6 +180,33 @@ def parse_flags(default_config: str | None) -> Callable[[list[str]], list[str]]:
     print(f"error: {problem}", file=sys.stderr)
     sys.exit(1)
   return parse
+
+
+_interrupted_while_importing = False
+
+
+def defer_interrupts_while_importing() -> None:
+  """Until the command starts (`start_command`), a Ctrl-C is only noted. Raised while JAX imports, it left a
+  library half-initialised (an unrelated error later), was dropped in a gc callback (the command ran on), or
+  ended in a traceback from inside the import system."""
+  if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, _note_interrupt)
+
+
+def _note_interrupt(signum, frame):
+  global _interrupted_while_importing
+  _interrupted_while_importing = True
+
+
+def start_command() -> None:
+  """Ends the command with one line and exit 130 if Ctrl-C came while it imported, and from now on lets Ctrl-C
+  interrupt, never dropped (`keep_dropped_interrupts`)."""
+  if signal.getsignal(signal.SIGINT) is _note_interrupt:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+  if _interrupted_while_importing:
+    print("error: interrupted.", file=sys.stderr)
+    exit_now(130)
+  keep_dropped_interrupts()
 
 
 def keep_dropped_interrupts() -> None:

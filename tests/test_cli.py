@@ -433,7 +433,7 @@ def test_a_dropped_ctrl_c_is_still_sent_again_after_the_library_output_is_quiete
     gc.callbacks.remove(callback)
 
 
-def test_ctrl_c_while_the_config_file_loads_is_one_line(tmp_path, capsys):
+def test_ctrl_c_while_the_config_file_loads_is_one_line(interrupts_kept, tmp_path, capsys):
   """A search config imports the data pipeline (seconds): a Ctrl-C then ended in a traceback."""
   path = tmp_path / "slow_config.py"
   path.write_text("raise KeyboardInterrupt  # as a Ctrl-C during its imports\n")
@@ -441,3 +441,18 @@ def test_ctrl_c_while_the_config_file_loads_is_one_line(tmp_path, capsys):
     cli.parse_flags(None)(["prog", f"--config={path}"])
   assert stopped.value.code == 130
   assert capsys.readouterr().err.strip() == "error: interrupted."
+
+
+def test_ctrl_c_while_a_command_imports_jax_is_one_line():
+  """`python -m diffmoe_jax.<command>` imports JAX for seconds before it parses its flags: a Ctrl-C then ended in a
+  traceback from the import system, broke JAX's initialisation (an unrelated error), or was dropped in a gc
+  callback and the command ran to the end. It is noted and ends the command as it starts."""
+  code = ("import runpy, signal, sys\n"
+          "sys.argv = ['-m']  # as while `python -m` finds the command\n"
+          "import diffmoe_jax\n"
+          "signal.raise_signal(signal.SIGINT)  # during the imports\n"
+          "import jax\n"
+          "sys.argv = ['estimate', '--config=configs/tiny.py']\n"
+          "runpy.run_module('diffmoe_jax.estimate', run_name='__main__')\n")
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+  assert (proc.returncode, proc.stdout, proc.stderr.strip()) == (130, "", "error: interrupted."), proc.stderr[-2000:]
