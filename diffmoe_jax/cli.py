@@ -139,21 +139,25 @@ def _library_log_filter(record) -> bool:
   return True
 
 
-def _drop_closed_loop_noise(unraisable) -> None:
+def _is_closed_loop_noise(unraisable) -> bool:
   """Tensorstore reads that complete after Orbax closed a failed restore's event loop each print a
   "RuntimeError: Event loop is closed" traceback; the restore's own error is reported once instead."""
-  if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
-    return
-  sys.__unraisablehook__(unraisable)
+  return isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"
 
 
 def quiet_library_output() -> None:
   """Keeps the libraries' routine chatter and duplicate error reports off the terminal (see above). The absl
   logger is filtered as well as its handler, which only an absl app installs (a notebook logs through the
-  root logger's)."""
+  root logger's). Other unraisable exceptions go on to the hook installed before (`keep_dropped_interrupts`,
+  which `parse_flags` installs before a command's main runs)."""
   absl_logging.get_absl_handler().addFilter(_library_log_filter)
   absl_logging.get_absl_logger().addFilter(_library_log_filter)
-  sys.unraisablehook = _drop_closed_loop_noise
+  previous_hook = sys.unraisablehook
+
+  def hook(unraisable):
+    if not _is_closed_loop_noise(unraisable):
+      previous_hook(unraisable)
+  sys.unraisablehook = hook
 
 
 def parse_flags(default_config: str | None) -> Callable[[list[str]], list[str]]:

@@ -11,6 +11,7 @@ import time
 import weakref
 
 import pytest
+from absl import logging as absl_logging
 
 from diffmoe_jax import bench, cli
 from diffmoe_jax import main as main_lib
@@ -384,6 +385,49 @@ def test_ctrl_c_inside_a_weakref_callback_still_interrupts(interrupts_kept):
     del referent  # the callback runs here
     time.sleep(10)
   assert ref() is None
+
+
+@pytest.fixture
+def quiet_output(interrupts_kept):
+  """`quiet_library_output`, which a command calls after `parse_flags` installed `keep_dropped_interrupts`; its log
+  filters are removed afterwards (its unraisable hook goes with `interrupts_kept`'s)."""
+  yield cli.quiet_library_output
+  absl_logging.get_absl_handler().removeFilter(cli._library_log_filter)  # pylint: disable=protected-access
+  absl_logging.get_absl_logger().removeFilter(cli._library_log_filter)  # pylint: disable=protected-access
+
+
+def test_ctrl_c_dropped_after_the_output_is_quieted_still_interrupts(quiet_output):
+  """Every command quiets the libraries' output after parsing its flags, and that replaced the hook that sends a
+  dropped Ctrl-C again: one landing in a gc callback while main built the corpus was lost."""
+  quiet_output()
+
+  def callback(phase, info):
+    if phase == "start":
+      signal.raise_signal(signal.SIGINT)
+
+  gc.callbacks.append(callback)
+  try:
+    with pytest.raises(KeyboardInterrupt):
+      gc.collect()
+      time.sleep(10)
+  finally:
+    gc.callbacks.remove(callback)
+
+
+def test_a_closed_event_loop_is_dropped_and_other_exceptions_still_reported(quiet_output, monkeypatch):
+  reported = []
+  monkeypatch.setattr(sys, "unraisablehook", reported.append)
+  quiet_output()
+
+  class Closing:
+    def __init__(self, error):
+      self.error = error
+
+    def __del__(self):
+      raise self.error
+  Closing(RuntimeError("Event loop is closed"))
+  Closing(ValueError("in __del__"))
+  assert [type(unraisable.exc_value) for unraisable in reported] == [ValueError]
 
 
 def test_other_dropped_exceptions_still_reach_the_previous_hook(interrupts_kept, monkeypatch):
