@@ -193,12 +193,17 @@ def keep_dropped_interrupts() -> None:
   previous_hook = sys.unraisablehook
 
   def hook(unraisable):
-    if issubclass(unraisable.exc_type, KeyboardInterrupt):
-      resend = threading.Timer(0.02, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
-      resend.daemon = True
-      resend.start()
-    else:
+    if not issubclass(unraisable.exc_type, KeyboardInterrupt):
       previous_hook(unraisable)
+      return
+    while True:
+      try:
+        resend = threading.Timer(0.02, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
+        resend.daemon = True
+        resend.start()
+        return
+      except KeyboardInterrupt:  # a busy machine kept this thread in start() past the delay: the resent one landed
+        pass                     # here, where it would be dropped too, so it is sent once more
   hook.resends_interrupts = True
   sys.unraisablehook = hook
 

@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import weakref
 
@@ -385,6 +386,27 @@ def test_ctrl_c_inside_a_weakref_callback_still_interrupts(interrupts_kept):
     del referent  # the callback runs here
     time.sleep(10)
   assert ref() is None
+
+
+def test_ctrl_c_sent_again_while_the_hook_still_runs_still_interrupts(interrupts_kept, monkeypatch):
+  """On a busy machine the main thread can still be inside the hook, starting the thread that sends the Ctrl-C
+  again, when that thread sends it: the KeyboardInterrupt was raised in the hook, dropped, and not sent again."""
+  class SlowFirstStart(threading.Timer):
+    started = 0
+
+    def start(self):
+      super().start()
+      SlowFirstStart.started += 1
+      if SlowFirstStart.started == 1:
+        time.sleep(1)  # the Ctrl-C sent 0.02 s after the start lands here, inside the hook
+
+  monkeypatch.setattr(threading, "Timer", SlowFirstStart)
+  referent = type("Referent", (), {})()
+  ref = weakref.ref(referent, lambda _: signal.raise_signal(signal.SIGINT))
+  with pytest.raises(KeyboardInterrupt):
+    del referent
+    time.sleep(10)
+  assert ref() is None and SlowFirstStart.started == 2
 
 
 @pytest.fixture
