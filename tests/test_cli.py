@@ -18,12 +18,12 @@ from diffmoe_jax import bench, cli
 from diffmoe_jax import main as main_lib
 from diffmoe_jax.config import ConfigError
 from diffmoe_jax.train import checkpoint, loop, resume, workdir as workdir_lib
-from test_train import CONFIG_PATH, _abstract_state, load_config
+from test_train import CONFIG_PATH, SUBPROCESS_TIMEOUT_S, _abstract_state, load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_cli(*args, env=None, timeout=300):
+def run_cli(*args, env=None, timeout=SUBPROCESS_TIMEOUT_S):
   return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=ROOT,
                         env=env or os.environ, timeout=timeout)
 
@@ -311,7 +311,7 @@ runpy.run_module("diffmoe_jax.main", run_name="__main__")
 
 def test_a_full_disk_stops_the_run_with_one_line(tmp_path):
   proc = subprocess.run([sys.executable, "-c", _FULL_DISK_MAIN, *train_command(tmp_path, "--config.train.run_steps=1")[1:]],
-                        capture_output=True, text=True, cwd=ROOT, timeout=300)
+                        capture_output=True, text=True, cwd=ROOT, timeout=SUBPROCESS_TIMEOUT_S)
   assert_one_error(proc, f"Cannot save the checkpoint at step 1 in {tmp_path}/checkpoints",
                    "No space left on device")
   assert os.listdir(tmp_path / "checkpoints") == []
@@ -322,7 +322,7 @@ def test_a_second_ctrl_c_stops_at_once_with_one_line(tmp_path):
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT)
   lines = []
   try:
-    deadline = time.time() + 240
+    deadline = time.time() + SUBPROCESS_TIMEOUT_S
     for wanted in ("Compiling the train step", "Received SIGINT"):
       while time.time() < deadline:
         lines.append(proc.stderr.readline())

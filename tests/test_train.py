@@ -43,6 +43,9 @@ def scalar_series(acc, tag):
   return {e.step: e.value for e in acc.Scalars(tag)}
 
 
+# How long a trainer subprocess may take to get where a test waits for it: its first run builds the token cache
+# and compiles, which took over 300 s on a 2-core machine busy with other tests (CI's can be slower still).
+SUBPROCESS_TIMEOUT_S = 900
 # Long enough that a busy machine's slowest real step (the first run of a program) stays far below it.
 PAUSE_SECONDS = 8.0
 # The keys of the batches the full run's train and eval steps were traced with.
@@ -230,7 +233,7 @@ def test_sigterm_mid_run_leaves_a_restorable_checkpoint(tmp_path):
       [sys.executable, "-m", "diffmoe_jax.main", f"--config={CONFIG_PATH}", "--config.curriculum.total_steps=2400",
        "--config.train.log_every=1", f"--workdir={workdir}"],
       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-  deadline, seen = time.time() + 300, 0
+  deadline, seen = time.time() + SUBPROCESS_TIMEOUT_S, 0
   try:
     while time.time() < deadline and seen < 3:
       line = proc.stderr.readline()
@@ -240,7 +243,7 @@ def test_sigterm_mid_run_leaves_a_restorable_checkpoint(tmp_path):
       seen = int(match.group(1)) if match else seen
     assert seen >= 3, "the trainer never reported step 3"
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=300)
+    _, err = proc.communicate(timeout=SUBPROCESS_TIMEOUT_S)
   finally:
     proc.kill()
   assert proc.returncode == main_lib.EXIT_STOPPED_EARLY, err[-3000:]
