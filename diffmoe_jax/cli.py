@@ -142,7 +142,8 @@ def _library_log_filter(record) -> bool:
 def quiet_library_output() -> None:
   """Keeps the libraries' routine chatter and duplicate error reports off the terminal (see above). The absl
   logger is filtered as well as its handler, which only an absl app installs (a notebook logs through the
-  root logger's)."""
+  root logger's). Other unraisable exceptions go on to the hook installed before (`keep_dropped_interrupts`,
+  which `start_command` installs before a command's main runs)."""
   absl_logging.get_absl_handler().addFilter(_library_log_filter)
   absl_logging.get_absl_logger().addFilter(_library_log_filter)
   previous_hook = sys.unraisablehook  # `keep_dropped_interrupts`'s, which must keep resending a dropped Ctrl-C
@@ -220,12 +221,17 @@ def keep_dropped_interrupts() -> None:
   previous_hook = sys.unraisablehook
 
   def hook(unraisable):
-    if issubclass(unraisable.exc_type, KeyboardInterrupt):
-      resend = threading.Timer(0.02, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
-      resend.daemon = True
-      resend.start()
-    else:
+    if not issubclass(unraisable.exc_type, KeyboardInterrupt):
       previous_hook(unraisable)
+      return
+    while True:
+      try:
+        resend = threading.Timer(0.02, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
+        resend.daemon = True
+        resend.start()
+        return
+      except KeyboardInterrupt:  # a busy machine kept this thread in start() past the delay: the resent one landed
+        pass                     # here, where it would be dropped too, so it is sent once more
   hook.resends_interrupts = True
   sys.unraisablehook = hook
 

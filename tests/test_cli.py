@@ -7,21 +7,23 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import weakref
 
 import pytest
+from absl import logging as absl_logging
 
 from diffmoe_jax import bench, cli
 from diffmoe_jax import main as main_lib
 from diffmoe_jax.config import ConfigError
 from diffmoe_jax.train import checkpoint, loop, resume, workdir as workdir_lib
-from test_train import CONFIG_PATH, _abstract_state, load_config
+from test_train import CONFIG_PATH, SUBPROCESS_TIMEOUT_S, _abstract_state, load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_cli(*args, env=None, timeout=300):
+def run_cli(*args, env=None, timeout=SUBPROCESS_TIMEOUT_S):
   return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=ROOT,
                         env=env or os.environ, timeout=timeout)
 
@@ -326,7 +328,7 @@ runpy.run_module("diffmoe_jax.main", run_name="__main__")
 
 def test_a_full_disk_stops_the_run_with_one_line(tmp_path):
   proc = subprocess.run([sys.executable, "-c", _FULL_DISK_MAIN, *train_command(tmp_path, "--config.train.run_steps=1")[1:]],
-                        capture_output=True, text=True, cwd=ROOT, timeout=300)
+                        capture_output=True, text=True, cwd=ROOT, timeout=SUBPROCESS_TIMEOUT_S)
   assert_one_error(proc, f"Cannot save the checkpoint at step 1 in {tmp_path}/checkpoints",
                    "No space left on device")
   assert os.listdir(tmp_path / "checkpoints") == []
@@ -337,7 +339,7 @@ def test_a_second_ctrl_c_stops_at_once_with_one_line(tmp_path):
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT)
   lines = []
   try:
-    deadline = time.time() + 240
+    deadline = time.time() + SUBPROCESS_TIMEOUT_S
     for wanted in ("Compiling the train step", "Received SIGINT"):
       while time.time() < deadline:
         lines.append(proc.stderr.readline())
@@ -403,22 +405,40 @@ def test_ctrl_c_inside_a_weakref_callback_still_interrupts(interrupts_kept):
   assert ref() is None
 
 
-def test_other_dropped_exceptions_still_reach_the_previous_hook(interrupts_kept, monkeypatch):
-  reported = []
-  monkeypatch.setattr(sys, "unraisablehook", reported.append)
-  cli.keep_dropped_interrupts()
+def test_ctrl_c_sent_again_while_the_hook_still_runs_still_interrupts(interrupts_kept, monkeypatch):
+  """On a busy machine the main thread can still be inside the hook, starting the thread that sends the Ctrl-C
+  again, when that thread sends it: the KeyboardInterrupt was raised in the hook, dropped, and not sent again."""
+  class SlowFirstStart(threading.Timer):
+    started = 0
 
-  class Broken:
-    def __del__(self):
-      raise ValueError("in __del__")
-  Broken()  # dropped at once, when its last reference goes
-  assert [type(unraisable.exc_value) for unraisable in reported] == [ValueError]
+    def start(self):
+      super().start()
+      SlowFirstStart.started += 1
+      if SlowFirstStart.started == 1:
+        time.sleep(1)  # the Ctrl-C sent 0.02 s after the start lands here, inside the hook
+
+  monkeypatch.setattr(threading, "Timer", SlowFirstStart)
+  referent = type("Referent", (), {})()
+  ref = weakref.ref(referent, lambda _: signal.raise_signal(signal.SIGINT))
+  with pytest.raises(KeyboardInterrupt):
+    del referent
+    time.sleep(10)
+  assert ref() is None and SlowFirstStart.started == 2
 
 
-def test_a_dropped_ctrl_c_is_still_sent_again_after_the_library_output_is_quieted(interrupts_kept):
-  """Each command installs the resending hook while parsing its flags, then quiets the libraries' output in
-  its main; that replaced the hook, so a Ctrl-C landing in JAX's gc callback was lost and the search ran on."""
-  cli.quiet_library_output()
+@pytest.fixture
+def quiet_output(interrupts_kept):
+  """`quiet_library_output`, which a command calls after `parse_flags` installed `keep_dropped_interrupts`; its log
+  filters are removed afterwards (its unraisable hook goes with `interrupts_kept`'s)."""
+  yield cli.quiet_library_output
+  absl_logging.get_absl_handler().removeFilter(cli._library_log_filter)  # pylint: disable=protected-access
+  absl_logging.get_absl_logger().removeFilter(cli._library_log_filter)  # pylint: disable=protected-access
+
+
+def test_ctrl_c_dropped_after_the_output_is_quieted_still_interrupts(quiet_output):
+  """Every command quiets the libraries' output after parsing its flags, and that replaced the hook that sends a
+  dropped Ctrl-C again: one landing in a gc callback while main built the corpus was lost."""
+  quiet_output()
 
   def callback(phase, info):
     if phase == "start":
@@ -431,6 +451,34 @@ def test_a_dropped_ctrl_c_is_still_sent_again_after_the_library_output_is_quiete
       time.sleep(10)
   finally:
     gc.callbacks.remove(callback)
+
+
+def test_a_closed_event_loop_is_dropped_and_other_exceptions_still_reported(quiet_output, monkeypatch):
+  reported = []
+  monkeypatch.setattr(sys, "unraisablehook", reported.append)
+  quiet_output()
+
+  class Closing:
+    def __init__(self, error):
+      self.error = error
+
+    def __del__(self):
+      raise self.error
+  Closing(RuntimeError("Event loop is closed"))
+  Closing(ValueError("in __del__"))
+  assert [type(unraisable.exc_value) for unraisable in reported] == [ValueError]
+
+
+def test_other_dropped_exceptions_still_reach_the_previous_hook(interrupts_kept, monkeypatch):
+  reported = []
+  monkeypatch.setattr(sys, "unraisablehook", reported.append)
+  cli.keep_dropped_interrupts()
+
+  class Broken:
+    def __del__(self):
+      raise ValueError("in __del__")
+  Broken()  # dropped at once, when its last reference goes
+  assert [type(unraisable.exc_value) for unraisable in reported] == [ValueError]
 
 
 def test_ctrl_c_while_the_config_file_loads_is_one_line(interrupts_kept, tmp_path, capsys):
