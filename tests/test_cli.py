@@ -209,8 +209,10 @@ def test_a_second_run_on_a_locked_workdir_is_refused(tmp_path):
     fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released
 
 
-def test_checkpoints_path_that_is_a_file(tmp_path):
+def test_checkpoints_path_that_is_a_file(tmp_path, monkeypatch):
+  """Refused before the data is built (minutes for a large corpus), not after."""
   (tmp_path / "checkpoints").write_text("")
+  monkeypatch.setattr(loop.data, "build_corpus", lambda *args: pytest.fail("the data was built first"))
   with pytest.raises(checkpoint.CheckpointError, match=f"{tmp_path}/checkpoints is a file, not a directory"):
     loop.train(load_config(), str(tmp_path))
 

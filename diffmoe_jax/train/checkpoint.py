@@ -129,6 +129,14 @@ def _join_by(thread: threading.Thread, deadline: float) -> None:
       time.sleep(0.01)
 
 
+def check_directory(directory: str | os.PathLike) -> None:
+  """CheckpointError if the checkpoints directory is a file."""
+  directory = os.path.abspath(os.fspath(directory))
+  if os.path.exists(directory) and not os.path.isdir(directory):
+    raise CheckpointError(f"The checkpoints directory {directory} is a file, not a directory; move it away or use "
+                          "another workdir.")
+
+
 class Checkpointer:
   """Saves and restores a state pytree under `directory`, keeping the last `keep` steps.
 
@@ -145,9 +153,7 @@ class Checkpointer:
     if keep < 1:
       raise ValueError(f"Checkpointer keep={keep}: keep at least 1 checkpoint.")
     self.directory = os.path.abspath(os.fspath(directory))
-    if os.path.exists(self.directory) and not os.path.isdir(self.directory):
-      raise CheckpointError(f"The checkpoints directory {self.directory} is a file, not a directory; move it "
-                            "away or use another workdir.")
+    check_directory(self.directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                            cleanup_tmp_directories=remove_partial_saves)
     handlers = {"state": ocp.StandardCheckpointHandler(), "config": ocp.JsonCheckpointHandler(),
