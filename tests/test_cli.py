@@ -78,9 +78,12 @@ def test_main_reports_a_flag_mistake_in_one_line():
   assert_one_error(proc, "unexpected arguments ['extra']; settings are flags, such as --config.train.run_steps=10.")
 
 
-def test_help_exits_with_0():
+def test_help_exits_with_0_and_lists_the_config_flag():
   proc = run_cli("diffmoe_jax.main", "--help")
   assert proc.returncode == 0 and "Exit codes:" in proc.stdout and "--workdir" in proc.stdout, proc.stderr[-3000:]
+  assert "--config: Path to a config file." in proc.stdout  # ml_collections filed it under another module
+  proc = run_cli("diffmoe_jax.estimate", "--help")
+  assert proc.returncode == 0 and "--config: Path to a config file" in proc.stdout, proc.stdout
 
 
 def test_main_refuses_expert_parallelism_the_backend_cannot_run_before_compiling(tmp_path):
