@@ -69,9 +69,10 @@ class MetricWriter:
     self._add(step, [Summary.Value(tag=tag, simple_value=_scalar(tag, value)) for tag, value in values.items()])
 
   def mark_start(self, step: int):
-    """Marks the step this invocation of a run starts from (its checkpoint's, or 0): TensorBoard then drops the
-    points earlier event files hold past it (logged by an invocation that ended before its next checkpoint),
-    which this run logs again. A run starting at 0 keeps none of them, not even the config's text."""
+    """Marks the step this invocation of a run starts from (its checkpoint's, or 0): TensorBoard's Python reader
+    then drops the points earlier event files hold past it (logged by an invocation that ended before its next
+    checkpoint), which this run logs again; its fast reader ignores the mark and keeps the newest point of a
+    step. A run starting at 0 keeps none of them, not even the config's text."""
     if self._records is None:
       return
     first_dropped = step + 1 if step else 0
