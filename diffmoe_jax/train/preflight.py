@@ -1,0 +1,108 @@
+"""The memory preflight: a config too large for the devices is refused before anything is allocated,
+with the numbers and a mesh that would fit."""
+from __future__ import annotations
+
+import math
+
+import jax
+from absl import logging
+
+from diffmoe_jax import estimate, parallel
+from diffmoe_jax.config import ConfigError
+from diffmoe_jax.train.curriculum import Curriculum
+
+
+class InsufficientMemoryError(RuntimeError):
+  """The config needs more memory per device than the machine has."""
+
+
+def available_bytes_per_device() -> float:
+  """What one device can hold: the accelerator's limit, or this host's available RAM shared by its CPU devices."""
+  device = jax.local_devices()[0]
+  stats = device.memory_stats() if device.platform != "cpu" else None
+  if stats and stats.get("bytes_limit"):
+    return float(stats["bytes_limit"])
+  with open("/proc/meminfo") as f:
+    available_kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+  return available_kib * 1024 / jax.local_device_count()
+
+
+def check_memory(config, mesh_shape: dict, backend: str) -> dict:
+  """The estimate of what `config` needs per device on `mesh_shape` (`estimate.training_memory_per_device`);
+  InsufficientMemoryError, with a mesh that would fit, if that exceeds train.memory_headroom of a device."""
+  if config.model.remat_policy not in estimate.MODELED_REMAT_POLICIES:
+    logging.warning("The memory check counts activations as under model.remat_policy='full'; with %r they are "
+                    "larger and not modeled, so this run may still run out of device memory.",
+                    config.model.remat_policy)
+  need = estimate.training_memory_per_device(config, mesh_shape)
+  have = available_bytes_per_device()
+  budget = config.train.memory_headroom * have
+  if need["total"] <= budget:
+    return need
+  gib = lambda x: f"{x / 2**30:,.1f} GiB"
+  flags = lambda shape: " ".join(f"--config.mesh.shape.{axis}={size}" for axis, size in shape.items())
+  devices = math.prod(mesh_shape.values())
+  options = mesh_options(config, backend)
+  fit = fitting_mesh(options, devices, budget)
+  if fit is not None:
+    shape, fit_need = fit
+    where = "these" if math.prod(shape.values()) == devices else f"{math.prod(shape.values()):,}"
+    advice = f"a mesh that fits on {where} devices: {flags(shape)} (~{gib(fit_need)} per device)"
+  else:  # the one-device mesh is always an option
+    shape, least = min(options, key=lambda o: o[1]["total"])
+    phase, sequences, length = least["largest_phase"]
+    advice = (f"no mesh of up to {MAX_SUGGESTED_DEVICES:,} devices fits it; the least any needs is ~{gib(least['total'])} "
+              f"per device ({flags(shape)}, on {math.prod(shape.values()):,} devices; its largest activations are "
+              f"the {phase} phase's, {sequences} sequence(s) of {length:,} tokens per device): "
+              + (f"lower curriculum.{phase}.batch_size" if sequences > 1 else f"shorten curriculum.{phase}.seq_len")
+              + ", or use devices with more memory or a smaller config")
+  raise InsufficientMemoryError(
+      f"This config needs about {gib(need['total'])} per device to train on mesh {mesh_shape} (state "
+      f"{gib(need['state'])}, activations {gib(need['activations'])}, by the estimator), but a device here "
+      f"has {gib(have)} available (train.memory_headroom = {config.train.memory_headroom}); {advice}.")
+
+
+MAX_SUGGESTED_DEVICES = 16384
+_TENSOR_WAYS = (1, 2, 3, 4, 6, 8, 9, 12, 16)
+
+
+def mesh_options(config, backend: str) -> list[tuple[dict, dict]]:
+  """Every mesh of up to MAX_SUGGESTED_DEVICES devices this run would accept, with its estimate per device
+  (`estimate.training_memory_per_device`).
+
+  Experts split over an expert axis that divides model.moe.num_experts, heads and FFN width over tensor,
+  and the rest of the batch's split over fsdp (weights sharded too) or data. `config.mesh.axis_rules` must
+  split every phase's batch (with optimizer.grad_accum_steps) evenly and every dimension it shards, and
+  expert parallelism on `backend` must be possible.
+  """
+  accum = config.optimizer.grad_accum_steps
+  batches = [p.batch_size for p in Curriculum(config).phases]
+  batch_gcd = math.gcd(*(b // accum for b in batches if b % accum == 0))
+  experts = config.model.moe.num_experts if config.model.ffn == "moe" else 1
+  rules = parallel.axis_rules(config.mesh)
+  boxed = estimate.abstract_state(config)
+  options = []
+  for split in (s for s in range(1, batch_gcd + 1) if batch_gcd % s == 0):
+    for expert in (e for e in range(1, experts + 1) if experts % e == 0 and split % e == 0):
+      for tensor in (t for t in _TENSOR_WAYS if split * t <= MAX_SUGGESTED_DEVICES):
+        for rest_axis in ("fsdp", "data"):
+          shape = {"data": 1, "fsdp": 1, "expert": expert, "tensor": tensor, rest_axis: split // expert}
+          if any(b % (accum * parallel.logical_axis_size(shape, rules, "batch")) for b in batches):
+            continue
+          try:
+            parallel.check_expert_parallel(config, shape, backend)
+            options.append((shape, estimate.training_memory_per_device(config, shape, boxed)))
+          except ConfigError:  # the mesh does not divide some dimension, or the run would refuse it
+            continue
+  return options
+
+
+def fitting_mesh(options: list[tuple[dict, dict]], devices: int, budget: float) -> tuple[dict, float] | None:
+  """Of `mesh_options`, one whose estimate fits in `budget` bytes per device, and its total: on `devices`
+  devices if one fits, else on the fewest devices above that do."""
+  fits = [(math.prod(shape.values()) != devices, math.prod(shape.values()), need["total"], shape)
+          for shape, need in options if need["total"] <= budget and math.prod(shape.values()) >= devices]
+  if not fits:
+    return None
+  *_, total, shape = min(fits, key=lambda o: o[:3])
+  return shape, total
