@@ -187,7 +187,7 @@ def _eta(left: list, workdir: str, trained_seconds: dict[bool, list[float]], fir
 def run(config: ml_collections.ConfigDict, workdir: str, report_dir: str = "") -> dict:
   """Trains every unfinished (arm, seed), then writes the report; returns its summary (the report's JSON)."""
   from diffmoe_jax import ablate_analysis, data, estimate
-  from diffmoe_jax.train import loop, workdir as workdir_lib
+  from diffmoe_jax.train import loop, preflight, workdir as workdir_lib
   names, seed_list = arm_names(config), seeds(config)
   plan = [(arm, seed, *arm_config(config, arm, seed)) for arm in names for seed in seed_list]
   workdir = workdir_lib.prepare(workdir)
@@ -201,6 +201,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, report_dir: str = "") -
   # Every finished run is read (and one of another config or data refused) before anything trains.
   finished = {(arm, seed): _finished(_run_dir(workdir, arm, seed), run_config, corpus.fingerprint)
               for arm, seed, run_config, _ in plan}
+  preflight.check_runs_fit({f"the {arm} arm": run_config for arm, seed, run_config, _ in plan
+                            if finished[(arm, seed)] is None})
   records, start = [], time.time()
   # Seconds of the runs trained here, by whether they were their arm's first seed: a later seed reuses the
   # first one's compiled programs from the compilation cache, so it takes much less.
@@ -251,10 +253,12 @@ def main(argv, flag_values: dict):
   from diffmoe_jax.data import DataError
   from diffmoe_jax.train.checkpoint import CheckpointError
   from diffmoe_jax.train.loop import TrainingStopped
+  from diffmoe_jax.train.preflight import InsufficientMemoryError
   from diffmoe_jax.train.workdir import WorkdirError
   try:
     summary = run(*(flag_values[name].value for name in ("config", "workdir", "report_dir")))
-  except (AblationError, CheckpointError, ConfigError, DataError, TrainingStopped, WorkdirError) as e:
+  except (AblationError, CheckpointError, ConfigError, DataError, InsufficientMemoryError, TrainingStopped,
+          WorkdirError) as e:
     print(f"error: {e}", file=sys.stderr)
     cli.exit_now(EXIT_ERROR)
   except KeyboardInterrupt:  # before or between the runs' training, or a second Ctrl-C during one

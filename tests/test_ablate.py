@@ -201,6 +201,18 @@ def test_a_later_arm_finished_with_another_config_is_refused_before_training(tmp
     ablate.run(config, str(tmp_path), str(tmp_path / "report"))
 
 
+def test_an_arm_too_large_for_the_machine_is_refused_before_any_trains(tmp_path, monkeypatch):
+  """ablate trains through loop.train, which has no memory preflight: an arm too large ran out of memory when
+  the ablation reached it."""
+  from diffmoe_jax.train import preflight
+  monkeypatch.setattr(data, "build_corpus", lambda *args: types.SimpleNamespace(fingerprint={}))
+  monkeypatch.setattr(loop, "train", lambda *args, **kwargs: pytest.fail("trained before refusing"))
+  monkeypatch.setattr(preflight, "available_bytes_per_device", lambda: 2**20)
+  with pytest.raises(preflight.InsufficientMemoryError, match=r"^the full arm: This config needs about [\d.]+ GiB "
+                     r"per device .* but a device here has 0\.0 GiB available"):
+    ablate.run(smoke_config(), str(tmp_path), str(tmp_path / "report"))
+
+
 def test_a_result_from_before_data_fingerprints_is_reused_with_a_note(tmp_path, capsys):
   config = ablate.arm_config(smoke_config(), "full", 0)[0]
   run_dir = str(tmp_path / "full" / "seed0")

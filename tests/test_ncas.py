@@ -220,6 +220,18 @@ def smoke(tmp_path_factory):
   return workdir, search.run(smoke_config(), workdir, log=lines.append), lines
 
 
+def test_a_proxy_too_large_for_the_machine_is_refused_before_any_trains(tmp_path, monkeypatch):
+  """The search trains through loop.train, which has no memory preflight: a proxy too large (a wide search
+  space) ran out of memory when the search reached it, after the smaller ones had trained."""
+  from diffmoe_jax.train import loop, preflight
+  monkeypatch.setattr(data, "build_corpus", lambda *args: pytest.fail("the data was built before refusing"))
+  monkeypatch.setattr(loop, "train", lambda *args, **kwargs: pytest.fail("trained before refusing"))
+  monkeypatch.setattr(preflight, "available_bytes_per_device", lambda: 2**20)
+  with pytest.raises(preflight.InsufficientMemoryError, match=r"^the proxy pi_2304: This config needs about .*; lower "
+                     r"config\.ncas\.space\.max_width, or raise config\.ncas\.proxy\.scale \(a smaller proxy\)\.$"):
+    search.run(smoke_config(), str(tmp_path), log=lambda line: None)
+
+
 def test_smoke_search_writes_the_report(smoke):
   workdir, result, lines = smoke
   with open(os.path.join(workdir, "table.csv")) as f:

@@ -33,6 +33,7 @@ def main(argv):
   from diffmoe_jax.ncas import search
   from diffmoe_jax.train.checkpoint import CheckpointError
   from diffmoe_jax.train.loop import TrainingStopped
+  from diffmoe_jax.train.preflight import InsufficientMemoryError
   from diffmoe_jax.train.workdir import WorkdirError
   try:
     search.run(_CONFIG.value, _WORKDIR.value, log=lambda line: print(line, flush=True),
@@ -40,7 +41,7 @@ def main(argv):
   except search.SearchStopped as e:
     print(f"stopped: {e}", file=sys.stderr)
     cli.exit_now(3)
-  except (CheckpointError, ConfigError, DataError, TrainingStopped, WorkdirError) as e:
+  except (CheckpointError, ConfigError, DataError, InsufficientMemoryError, TrainingStopped, WorkdirError) as e:
     print(f"error: {e}", file=sys.stderr)
     cli.exit_now(1)
   except KeyboardInterrupt:

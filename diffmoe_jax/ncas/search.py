@@ -26,7 +26,7 @@ from diffmoe_jax.config import ConfigError
 from diffmoe_jax.ncas import complete as complete_lib
 from diffmoe_jax.ncas import rules as rules_lib
 from diffmoe_jax.ncas import scores
-from diffmoe_jax.train import workdir as workdir_lib
+from diffmoe_jax.train import preflight, workdir as workdir_lib
 
 PI, BASELINE = "pi", "power_of_two"
 OBJECTIVES_TEXT = "capacity (max), hardware efficiency on ncas.hardware.backend (max), proxy loss (min)"
@@ -170,11 +170,15 @@ class SearchStopped(Exception):
   """A proxy's training stopped early (SIGTERM, a first Ctrl-C, train.run_steps): rerunning resumes it."""
 
 
+def proxy_name(family: str, arch: complete_lib.Architecture) -> str:
+  return f"{family}_{arch.d_model}"
+
+
 def train_proxy(config, arch, family: str, workdir: str, corpus, log) -> dict:
   """The proxy's validation result, from its result.json if it finished before with the same config and data,
   else by training it."""
   from diffmoe_jax.train import loop, resume
-  name = f"{family}_{arch.d_model}"
+  name = proxy_name(family, arch)
   run_dir = os.path.join(workdir, "proxies", name)
   result_path = os.path.join(run_dir, "result.json")
   cfg = proxy_config(config, arch, name)
@@ -263,7 +267,10 @@ def run(config, workdir: str, log=print, report_dir: str = "") -> dict:
   rules = completion_rules(config.ncas)
   for row in survivors:  # completion and proxy layout first, so a bad setting fails before any training
     row["arch"] = complete_lib.complete(row["width"], rules)
-    complete_lib.proxy(row["arch"], config.ncas.proxy.scale, config.ncas.proxy.num_layers, config.ncas.proxy.seq_len)
+  names = [proxy_name(row["family"], row["arch"]) for row in survivors]
+  preflight.check_runs_fit({f"the proxy {name}": proxy_config(config, row["arch"], name)
+                            for name, row in zip(names, survivors)},
+                           advice="lower config.ncas.space.max_width, or raise config.ncas.proxy.scale (a smaller proxy)")
   corpus = data.build_corpus(config.data)
   for i, row in enumerate(survivors):
     log(f"[{i + 1}/{len(survivors)}] {row['family']} {row['width']}: {row['arch']}")

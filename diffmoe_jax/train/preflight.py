@@ -27,9 +27,10 @@ def available_bytes_per_device() -> float:
   return available_kib * 1024 / jax.local_device_count()
 
 
-def check_memory(config, mesh_shape: dict, backend: str) -> dict:
+def check_memory(config, mesh_shape: dict, backend: str, advice: str = "") -> dict:
   """The estimate of what `config` needs per device on `mesh_shape` (`estimate.training_memory_per_device`);
-  InsufficientMemoryError, with a mesh that would fit, if that exceeds train.memory_headroom of a device."""
+  InsufficientMemoryError if that exceeds train.memory_headroom of a device, with `advice`, or by default a
+  mesh that would fit."""
   if config.model.remat_policy not in estimate.MODELED_REMAT_POLICIES:
     logging.warning("The memory check counts activations as under model.remat_policy='full'; with %r they are "
                     "larger and not modeled, so this run may still run out of device memory.",
@@ -39,7 +40,19 @@ def check_memory(config, mesh_shape: dict, backend: str) -> dict:
   budget = config.train.memory_headroom * have
   if need["total"] <= budget:
     return need
-  gib = lambda x: f"{x / 2**30:,.1f} GiB"
+  advice = advice or _mesh_advice(config, mesh_shape, backend, budget)
+  raise InsufficientMemoryError(
+      f"This config needs about {_gib(need['total'])} per device to train on mesh {mesh_shape} (state "
+      f"{_gib(need['state'])}, activations {_gib(need['activations'])}, by the estimator), but a device here "
+      f"has {_gib(have)} available (train.memory_headroom = {config.train.memory_headroom}); {advice}.")
+
+
+def _gib(x: float) -> str:
+  return f"{x / 2**30:,.1f} GiB"
+
+
+def _mesh_advice(config, mesh_shape: dict, backend: str, budget: float) -> str:
+  """A mesh on which `config` fits in `budget` bytes per device, or what takes the memory where none does."""
   flags = lambda shape: " ".join(f"--config.mesh.shape.{axis}={size}" for axis, size in shape.items())
   devices = math.prod(mesh_shape.values())
   options = mesh_options(config, backend)
@@ -47,19 +60,14 @@ def check_memory(config, mesh_shape: dict, backend: str) -> dict:
   if fit is not None:
     shape, fit_need = fit
     where = "these" if math.prod(shape.values()) == devices else f"{math.prod(shape.values()):,}"
-    advice = f"a mesh that fits on {where} devices: {flags(shape)} (~{gib(fit_need)} per device)"
-  else:  # the one-device mesh is always an option
-    shape, least = min(options, key=lambda o: o[1]["total"])
-    phase, sequences, length = least["largest_phase"]
-    advice = (f"no mesh of up to {MAX_SUGGESTED_DEVICES:,} devices fits it; the least any needs is ~{gib(least['total'])} "
-              f"per device ({flags(shape)}, on {math.prod(shape.values()):,} devices; its largest activations are "
-              f"the {phase} phase's, {sequences} sequence(s) of {length:,} tokens per device): "
-              + (f"lower curriculum.{phase}.batch_size" if sequences > 1 else f"shorten curriculum.{phase}.seq_len")
-              + ", or use devices with more memory or a smaller config")
-  raise InsufficientMemoryError(
-      f"This config needs about {gib(need['total'])} per device to train on mesh {mesh_shape} (state "
-      f"{gib(need['state'])}, activations {gib(need['activations'])}, by the estimator), but a device here "
-      f"has {gib(have)} available (train.memory_headroom = {config.train.memory_headroom}); {advice}.")
+    return f"a mesh that fits on {where} devices: {flags(shape)} (~{_gib(fit_need)} per device)"
+  shape, least = min(options, key=lambda o: o[1]["total"])  # the one-device mesh is always an option
+  phase, sequences, length = least["largest_phase"]
+  return (f"no mesh of up to {MAX_SUGGESTED_DEVICES:,} devices fits it; the least any needs is ~{_gib(least['total'])} "
+          f"per device ({flags(shape)}, on {math.prod(shape.values()):,} devices; its largest activations are "
+          f"the {phase} phase's, {sequences} sequence(s) of {length:,} tokens per device): "
+          + (f"lower curriculum.{phase}.batch_size" if sequences > 1 else f"shorten curriculum.{phase}.seq_len")
+          + ", or use devices with more memory or a smaller config")
 
 
 MAX_SUGGESTED_DEVICES = 16384
@@ -106,3 +114,13 @@ def fitting_mesh(options: list[tuple[dict, dict]], devices: int, budget: float) 
     return None
   *_, total, shape = min(fits, key=lambda o: o[:3])
   return shape, total
+
+
+def check_runs_fit(configs: dict, advice: str = "") -> None:
+  """`check_memory` on this machine's devices for each of several runs (name: config), before the first one
+  trains: a command that trains them in turn stops at once, not when it reaches one too large."""
+  for name, config in configs.items():
+    try:
+      check_memory(config, parallel.mesh_shape(config.mesh, jax.device_count()), jax.default_backend(), advice)
+    except InsufficientMemoryError as e:
+      raise InsufficientMemoryError(f"{name}: {e}") from None
