@@ -88,6 +88,14 @@ def _timed_decoding(model, params, sequence: jax.Array, prompt_len: int, reps: i
   return {name: (statistics.median(p), statistics.median(d)) for name, (p, d) in times.items()}
 
 
+def source_tokens(tokenizer, length: int) -> np.ndarray:
+  """`length` tokens of real text, this file's own source, repeated where it is shorter (it was cut short: a
+  prompt longer than the file decoded past the end of the sequence)."""
+  with open(__file__, encoding="utf-8") as f:
+    tokens = np.asarray(tokenizer.encode(f.read()), np.int32)
+  return np.resize(tokens, length)
+
+
 def run(args: argparse.Namespace) -> None:
   from diffmoe_jax import config as config_lib, validation
   from diffmoe_jax.data import make_tokenizer
@@ -103,9 +111,7 @@ def run(args: argparse.Namespace) -> None:
   model = model_lib.build_model(cfg)
   params = nn.unbox(model.init({"params": jax.random.PRNGKey(args.seed), "noise": jax.random.PRNGKey(args.seed + 1)},
                                jnp.zeros((1, 8), jnp.int32))["params"])
-  # Real text, the same in every row: this file's own source.
-  with open(__file__, encoding="utf-8") as f:
-    tokens = np.asarray(make_tokenizer(config.data.tokenizer).encode(f.read())[:length], np.int32)
+  tokens = source_tokens(make_tokenizer(config.data.tokenizer), length)
   sequence = jnp.asarray(np.tile(tokens, (args.batch, 1)))
   params, fractions = calibrate(model, params, sequence, args.capacity)
 

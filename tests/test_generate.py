@@ -214,3 +214,16 @@ def test_settings_that_would_be_silently_ignored_are_refused(settings, message):
   request = {"max_new_tokens": 4, "temperature": 0.0, "top_k": 0, "top_p": 1.0, **settings}
   with pytest.raises(ValueError, match=message):
     generate_lib.check_request([[1, 2]], max_seq_len=32, vocab_size=256, **request)
+
+
+def test_the_decoding_benchmark_text_covers_any_length():
+  """A prompt longer than the benchmark's text (its own source) was cut short, and decoding ran past the end."""
+  from diffmoe_jax import bench_generate
+  from diffmoe_jax.data import make_tokenizer
+  tokenizer = make_tokenizer("bytes")
+  with open(bench_generate.__file__, encoding="utf-8") as f:
+    text = np.asarray(tokenizer.encode(f.read()), np.int32)
+  length = 2 * len(text) + 5
+  tokens = bench_generate.source_tokens(tokenizer, length)
+  assert tokens.shape == (length,)
+  np.testing.assert_array_equal(tokens, np.concatenate([text, text, text[:5]]))
