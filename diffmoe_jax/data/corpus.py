@@ -158,7 +158,7 @@ def build_corpus(data_config, cache_root: str | None = None) -> Corpus:
     start = time.perf_counter()
     _cached_domain(source, dirs[name], root,
                    functools.partial(_write_domain, source, plans[name], tokenizer, derived_views))
-    notes[name] = f"built in {time.perf_counter() - start:.1f} s"
+    notes[name] = f"tokenized and written in {time.perf_counter() - start:.1f} s, after the joint split"
   corpus = Corpus(tokenizer, dirs, segment_masking=data_config.segment_masking)
   for name in corpus.domains:
     train, val = corpus.info(name, "train"), corpus.info(name, "val")
