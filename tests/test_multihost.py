@@ -185,10 +185,15 @@ def test_a_signal_to_one_process_stops_both_and_killing_one_stops_the_other(one_
     (dict(coordinator_address="notanaddress", num_processes=2, process_id=1),
      r"--coordinator_address='notanaddress' is not HOST:PORT with a port in 1\.\.65535"),
     (dict(coordinator_address="h:99999", num_processes=2, process_id=1), "is not HOST:PORT"),
+    # The same checks for the address JAX reads from the environment (a ValueError or OverflowError traceback).
+    (dict(num_processes=2, process_id=0, environ={"JAX_COORDINATOR_ADDRESS": "notanaddress"}),
+     r"JAX_COORDINATOR_ADDRESS='notanaddress' is not HOST:PORT"),
+    (dict(num_processes=2, process_id=1, environ={"JAX_COORDINATOR_ADDRESS": "h:99999"}),
+     r"JAX_COORDINATOR_ADDRESS='h:99999' is not HOST:PORT"),
 ])
 def test_flags_that_cannot_work_together(kwargs, message):
   with pytest.raises(distributed.DistributedError, match=message):
-    distributed.initialize(environ={}, **kwargs)
+    distributed.initialize(**{"environ": {}, **kwargs})
 
 
 def test_a_coordinator_port_in_use_is_refused_before_jax_starts():
