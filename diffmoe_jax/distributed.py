@@ -96,9 +96,11 @@ def initialize(mode: str = "auto", coordinator_address: str | None = None, num_p
   if timeout_s < 1 or init_timeout_s < 1:
     raise DistributedError(f"--distributed_timeout_s ({timeout_s}) and --distributed_init_timeout_s "
                            f"({init_timeout_s}) must be at least 1 second.")
+  env_coordinator = environ.get("JAX_COORDINATOR_ADDRESS")
   if coordinator_address is not None:
     _check_address(coordinator_address, bind=process_id == 0)
-  env_coordinator = environ.get("JAX_COORDINATOR_ADDRESS")
+  elif env_coordinator:  # JAX reads it when the flag is absent
+    _check_address(env_coordinator, bind=process_id == 0, source="JAX_COORDINATOR_ADDRESS")
   launched = launcher_process_count(environ)
   if mode == "auto" and not (given or env_coordinator or launched > 1):
     return False
@@ -134,12 +136,12 @@ def initialize(mode: str = "auto", coordinator_address: str | None = None, num_p
   return True
 
 
-def _check_address(address: str, bind: bool) -> None:
+def _check_address(address: str, bind: bool, source: str = "--coordinator_address") -> None:
   """HOST:PORT with a port in 1..65535, and for process 0 (which hosts the coordinator) a port free on this host:
-  JAX's runtime ends the process with a C++ abort, not an error, for either."""
+  JAX's runtime ends the process with a C++ abort, not an error, for either. `source` names where it came from."""
   host, _, port = address.rpartition(":")
   if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-    raise DistributedError(f"--coordinator_address={address!r} is not HOST:PORT with a port in 1..65535 (such as "
+    raise DistributedError(f"{source}={address!r} is not HOST:PORT with a port in 1..65535 (such as "
                            "10.0.0.2:12345: process 0's host and a free port).")
   if bind:
     with socket.socket() as s:
@@ -147,7 +149,7 @@ def _check_address(address: str, bind: bool) -> None:
       try:
         s.bind(("", int(port)))
       except OSError as e:
-        raise DistributedError(f"--coordinator_address={address!r}: port {port} cannot be opened on this host, "
+        raise DistributedError(f"{source}={address!r}: port {port} cannot be opened on this host, "
                                f"process 0's ({e.strerror or e}); choose a free port.") from None
 
 

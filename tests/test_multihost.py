@@ -122,23 +122,45 @@ def test_saved_by_one_process_restored_and_trained_by_two(one_process, tmp_path)
                two_state.params, one_state.params)
 
 
-def test_killing_one_process_stops_the_other_with_an_error(one_process, tmp_path):
-  """From scratch: the first loss equals the one-process run's; then process 1 dies and process 0 exits."""
-  workdir = str(tmp_path)
-  port = _free_port()
-  procs = [_start(workdir, ["--config.curriculum.total_steps=2400"], process_id=i, port=port) for i in (0, 1)]
-  deadline, lines, seen = time.time() + TIMEOUT_S, [], 0
+def _read_until(proc, pattern: str) -> tuple[re.Match, str]:
+  """Reads `proc`'s stderr up to the first line matching `pattern`: the match and the text read."""
+  deadline, lines = time.time() + TIMEOUT_S, []
+  while time.time() < deadline:
+    line = proc.stderr.readline()
+    if not line and proc.poll() is not None:
+      break
+    lines.append(line)
+    if match := re.search(pattern, line):
+      return match, "".join(lines)
+  raise AssertionError(f"no line matching {pattern!r}:\n" + "".join(lines)[-3000:])
+
+
+def test_a_signal_to_one_process_stops_both_and_killing_one_stops_the_other(one_process, tmp_path):
+  """From scratch: the first loss equals the one-process run's. SIGTERM to process 1 alone stops both processes
+  at the same step with its checkpoint (process 0 waited in the next step's collectives forever); both resume
+  from it; then process 1 dies and process 0 exits with one line."""
+  workdir, port = str(tmp_path), _free_port()
+  start = lambda: [_start(workdir, ["--config.curriculum.total_steps=2400"], process_id=i, port=port) for i in (0, 1)]
+  procs = start()
   try:
-    while time.time() < deadline and seen < 2:
-      line = procs[0].stderr.readline()
-      if not line and procs[0].poll() is not None:
-        break
-      lines.append(line)
-      match = re.search(r"step (\d+)/2400", line)
-      seen = int(match.group(1)) if match else seen
-    assert seen >= 2, "process 0 never reported step 2:\n" + "".join(lines)[-3000:]
-    first_loss = float(re.search(r"step 1/2400 .*loss ([\d.]+)", "".join(lines)).group(1))
+    _, text = _read_until(procs[0], r"step 2/2400")
+    first_loss = float(re.search(r"step 1/2400 .*loss ([\d.]+)", text).group(1))
     assert first_loss == pytest.approx(_losses(one_process)[1], abs=1e-4)
+    procs[1].send_signal(signal.SIGTERM)
+    errors = [p.communicate(timeout=TIMEOUT_S)[1] for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  assert [p.returncode for p in procs] == [main_lib.EXIT_STOPPED_EARLY] * 2, errors[0][-3000:]
+  stopped = [re.search(r"Stopped by SIGTERM at step (\d+) of 2400", err) for err in errors]
+  assert stopped[0] and stopped[1] and stopped[0].group(1) == stopped[1].group(1), errors[1][-3000:]
+  step = int(stopped[0].group(1))
+  assert checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")).latest_step == step
+
+  procs = start()
+  try:
+    _read_until(procs[0], rf"Resumed from the checkpoint at step {step}\b")
+    _read_until(procs[0], rf"step {step + 1}/2400")
     procs[1].send_signal(signal.SIGKILL)
     killed_at = time.time()
     _, err = procs[0].communicate(timeout=TIMEOUT_S)
@@ -163,10 +185,15 @@ def test_killing_one_process_stops_the_other_with_an_error(one_process, tmp_path
     (dict(coordinator_address="notanaddress", num_processes=2, process_id=1),
      r"--coordinator_address='notanaddress' is not HOST:PORT with a port in 1\.\.65535"),
     (dict(coordinator_address="h:99999", num_processes=2, process_id=1), "is not HOST:PORT"),
+    # The same checks for the address JAX reads from the environment (a ValueError or OverflowError traceback).
+    (dict(num_processes=2, process_id=0, environ={"JAX_COORDINATOR_ADDRESS": "notanaddress"}),
+     r"JAX_COORDINATOR_ADDRESS='notanaddress' is not HOST:PORT"),
+    (dict(num_processes=2, process_id=1, environ={"JAX_COORDINATOR_ADDRESS": "h:99999"}),
+     r"JAX_COORDINATOR_ADDRESS='h:99999' is not HOST:PORT"),
 ])
 def test_flags_that_cannot_work_together(kwargs, message):
   with pytest.raises(distributed.DistributedError, match=message):
-    distributed.initialize(environ={}, **kwargs)
+    distributed.initialize(**{"environ": {}, **kwargs})
 
 
 def test_a_coordinator_port_in_use_is_refused_before_jax_starts():

@@ -108,9 +108,21 @@ class _SignalFlag:
       self._previous_unraisablehook(unraisable)
 
   def check(self) -> str | None:
-    """The name of the signal that asked the run to stop, if any; raises KeyboardInterrupt after a second SIGINT."""
+    """The name of the signal that asked the run to stop, if any; raises KeyboardInterrupt after a second SIGINT.
+
+    In a multi-process run every process gets the same answer at the same step: a signal that reached any of them
+    stops them all there (one process leaving the loop alone left the others waiting in the next step's
+    collectives forever, and nothing was saved).
+    """
     if self.interrupted:
       raise KeyboardInterrupt
+    if jax.process_count() == 1:
+      return self.received_name
+    from jax.experimental import multihost_utils
+    received = int(np.max(multihost_utils.process_allgather(np.int32(self.received or 0))))
+    if not received:  # (a signal arriving during the gather waits for the next check, as on every other process)
+      return None
+    self.received = received
     return self.received_name
 
   @property
