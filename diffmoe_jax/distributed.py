@@ -325,6 +325,24 @@ def check_same_data(corpus) -> None:
                            "filesystem every host mounts, or identical copies.")
 
 
+def max_over_processes(value: int):
+  """Starts the maximum of each process's `value` over all processes and returns it unread: a replicated int32
+  jax.Array, read with `int(np.asarray(result.addressable_data(0)))`. Unlike `process_allgather`, which waits for
+  the result and so for every step queued before it, a caller can read it a step later while the next one runs."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  # One row per process, as JAX's own multihost_utils lays them out (devices are ordered by process).
+  mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(jax.process_count(), jax.local_device_count()),
+                           ("processes", "local_devices"))
+  rows = [jax.device_put(np.array([value], np.int32), device) for device in jax.local_devices()]
+  values = jax.make_array_from_single_device_arrays((jax.process_count(),), NamedSharding(mesh, P("processes")),
+                                                    rows)
+  with jax.set_mesh(mesh):
+    return jax.jit(jnp.max, out_shardings=NamedSharding(mesh, P()))(values)
+
+
 def _digest(values):
   """16 bytes of the SHA-256 of `values` as JSON, as uint32 (a process_allgather operand)."""
   import numpy as np

@@ -83,6 +83,7 @@ class _SignalFlag:
   def __init__(self):
     self.received: int | None = None
     self.interrupted = False
+    self._gathered = None  # a multi-process run's comparison of signals started at the previous check
     self._previous = {}
     self._previous_unraisablehook = None
 
@@ -112,17 +113,18 @@ class _SignalFlag:
 
     In a multi-process run every process gets the same answer at the same step: a signal that reached any of them
     stops them all there (one process leaving the loop alone left the others waiting in the next step's
-    collectives forever, and nothing was saved).
+    collectives forever, and nothing was saved). The processes' signals are compared after each step and the
+    comparison read at the next check, one step later, so that reading it never waits for the step queued since.
     """
     if self.interrupted:
       raise KeyboardInterrupt
     if jax.process_count() == 1:
       return self.received_name
-    from jax.experimental import multihost_utils
-    received = int(np.max(multihost_utils.process_allgather(np.int32(self.received or 0))))
-    if not received:  # (a signal arriving during the gather waits for the next check, as on every other process)
+    agreed = 0 if self._gathered is None else int(np.asarray(self._gathered.addressable_data(0)))
+    self._gathered = distributed.max_over_processes(self.received or 0)
+    if not agreed:
       return None
-    self.received = received
+    self.received = agreed
     return self.received_name
 
   @property
