@@ -162,7 +162,8 @@ def quiet_library_output() -> None:
 
 def parse_flags(default_config: str | None) -> Callable[[list[str]], list[str]]:
   """An `app.run` flags_parser: the usual absl parsing, with each mistake printed as one line (exit 1). It
-  also starts the command (`start_command`): a Ctrl-C that came while it imported ends it, and one dropped in a garbage-collection or weakref callback is sent again."""
+  also starts the command (`start_command`): a Ctrl-C that came while it imported ends it, and one dropped in a
+  garbage-collection or weakref callback is sent again."""
   def parse(argv: list[str]) -> list[str]:
     start_command()
     try:  # loading the config file (here and in the flag parser) can take seconds, as a search config's does

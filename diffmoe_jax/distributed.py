@@ -16,6 +16,7 @@ instead of waiting forever in a collective.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -330,17 +331,23 @@ def max_over_processes(value: int):
   jax.Array, read with `int(np.asarray(result.addressable_data(0)))`. Unlike `process_allgather`, which waits for
   the result and so for every step queued before it, a caller can read it a step later while the next one runs."""
   import jax
+  import numpy as np
+  rows_sharding, maximum = _max_over_processes_program()
+  rows = [jax.device_put(np.array([value], np.int32), device) for device in jax.local_devices()]
+  return maximum(jax.make_array_from_single_device_arrays((jax.process_count(),), rows_sharding, rows))
+
+
+@functools.cache
+def _max_over_processes_program():
+  """The sharding of one row per process and the compiled maximum over them, built once: called every step."""
+  import jax
   import jax.numpy as jnp
   import numpy as np
   from jax.sharding import NamedSharding, PartitionSpec as P
   # One row per process, as JAX's own multihost_utils lays them out (devices are ordered by process).
   mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(jax.process_count(), jax.local_device_count()),
                            ("processes", "local_devices"))
-  rows = [jax.device_put(np.array([value], np.int32), device) for device in jax.local_devices()]
-  values = jax.make_array_from_single_device_arrays((jax.process_count(),), NamedSharding(mesh, P("processes")),
-                                                    rows)
-  with jax.set_mesh(mesh):
-    return jax.jit(jnp.max, out_shardings=NamedSharding(mesh, P()))(values)
+  return NamedSharding(mesh, P("processes")), jax.jit(jnp.max, out_shardings=NamedSharding(mesh, P()))
 
 
 def _digest(values):
