@@ -72,13 +72,16 @@ def _fields(node, prefix: str = "") -> list[str]:
   return out
 
 
-def _closest(config, parent: str, name: str) -> list[str]:
-  """Up to three field paths whose last name is close to `name`, those under `parent` first."""
+def _closest(config, parent: str, name: str, *, section: bool, cutoff: float = 0.6) -> list[str]:
+  """Up to three field paths whose last name is close to `name`, those under `parent` first: sections
+  (dicts) if `section`, else leaves, since a value set on a section or a field under a leaf is no fix."""
   scored = []
   for field in _fields(config):
     head, _, last = field.rpartition(".")
+    if hasattr(config[field], "keys") != section:
+      continue
     ratio = difflib.SequenceMatcher(None, name, last).ratio()
-    if ratio >= 0.6:
+    if ratio >= cutoff:
       scored.append((ratio + (0.1 if head == parent else 0.0), field))
   return [field for _, field in sorted(scored, reverse=True)[:3]]
 
@@ -93,12 +96,17 @@ def _unknown_field(config, path: str) -> str | None:
     if part not in node:
       if any(fnmatch.fnmatchcase(parent, d) for d in config_lib.OPEN_DICTS) and i == len(parts) - 1:
         return None
-      siblings = list(node.keys())
-      close = _closest(config, parent, part)
+      siblings = sorted(node.keys())
+      section = i < len(parts) - 1
+      close = _closest(config, parent, part, section=section)
       owner = f"config.{parent}" if parent else "the config"
-      hint = (f"closest: {', '.join(close)}" if close else
-              f"its fields: {', '.join(sorted(siblings)[:12])}"
-              + (f" and {len(siblings) - 12} more" if len(siblings) > 12 else ""))
+      if any(c.rpartition(".")[0] == parent for c in close):
+        return f"--config.{path}: {owner} has no field {part!r}; closest: {', '.join(close)}."
+      # Nothing close in its own section: list that section, and what is much closer elsewhere.
+      close = _closest(config, parent, part, section=section, cutoff=0.75)
+      hint = (f"its fields: {', '.join(siblings[:12])}"
+              + (f" and {len(siblings) - 12} more" if len(siblings) > 12 else "")
+              + (f"; close elsewhere: {', '.join(close)}" if close else ""))
       return f"--config.{path}: {owner} has no field {part!r}; {hint}."
     node = node[part]
   return None

@@ -65,6 +65,13 @@ def test_config_file_and_override_mistakes_are_one_line(tmp_path):
       f"--config={CONFIG_PATH}", "--config.model.nonexistent=1")
   assert check("--config", CONFIG_PATH, "--config.optimizer.peak_rl", "1") == (
       "--config.optimizer.peak_rl: config.optimizer has no field 'peak_rl'; closest: optimizer.peak_lr.")
+  # A value cannot go on a section, so `model` is no suggestion; with nothing close in its own section the
+  # section's fields come first.
+  assert check(f"--config={CONFIG_PATH}", "--config.mesh.shape.model=2") == (
+      "--config.mesh.shape.model: config.mesh.shape has no field 'model'; its fields: data, expert, fsdp, tensor; "
+      "close elsewhere: model.d_model.")
+  assert check(f"--config={CONFIG_PATH}", "--config.train.peak_lr=1").endswith(
+      "run_steps and 1 more; close elsewhere: optimizer.peak_lr.")
   # Keys of open dicts are the user's to add.
   assert check(f"--config={CONFIG_PATH}", "--config.data.domains.web=files:/data/*.txt",
                "--config.curriculum.anneal.domain_weights.web=0.5", "--config.model.d_model=96") is None
