@@ -182,6 +182,28 @@ def test_rerunning_a_finished_run_logs_nothing_twice(full_run, tmp_path):
   assert [e.step for e in read_tb(workdir).Scalars("eval/loss")] == [12, 24]
 
 
+def test_a_curriculum_shortened_to_its_checkpoint_logs_the_final_evaluation(full_run, tmp_path):
+  """Step 12 saved by a run evaluating every 5 steps had no evaluation logged; with the curriculum shortened to end
+  there, the rerun printed its final evaluation but never logged it (as if the run had been finished)."""
+  workdir = str(tmp_path / "run")
+  shutil.copytree(full_run[0], workdir)
+  shutil.rmtree(os.path.join(workdir, "tb"))
+  config = load_config()
+  config.train.eval_every = 5
+  shutil.rmtree(os.path.join(workdir, "checkpoints", "24"))
+  state, step = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")).restore_latest(_abstract_state(config))
+  assert step == 12
+  shutil.rmtree(os.path.join(workdir, "checkpoints", "12"))
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
+  ckpt.save(12, state, config, force=True)  # as that run saved it
+  ckpt.close()
+  config.curriculum.total_steps = 12
+  config.train.allow_config_change = "curriculum.total_steps"
+  result = loop.train(config, workdir)
+  assert result.final_step == 12 and result.stopped is None
+  assert [e.step for e in read_tb(workdir).Scalars("eval/loss")] == [12]
+
+
 def test_the_last_step_is_saved_after_the_final_evaluation(full_run, tmp_path, monkeypatch):
   """A run killed during its final evaluation had saved its last step already, so the rerun found the run done and
   never logged that evaluation; the last step is saved after the evaluation, as every periodic one is."""

@@ -266,10 +266,12 @@ def eval_results(sums: dict[str, tuple[float, float]], bytes_per_token: dict[str
 
 
 def _restore_or_init(ckpt: checkpoint.Checkpointer, config, abstract_state, make_state):
-  """(state, start step): the newest sound checkpoint if its config allows resuming with `config`, else new."""
+  """(state, start step, the config saved with that step or None): the newest sound checkpoint if its config
+  allows resuming with `config`, else a new state."""
   # Checked against the newest checkpoint whose layout is readable (a damaged one is left to the restore),
   # and the newest config saved up to it that can be read.
   steps = ckpt.all_steps()
+  saved_config = config_step = None
   for step in steps[::-1]:
     saved_shapes = ckpt.saved_shapes(step)
     if saved_shapes is None:
@@ -299,9 +301,18 @@ def _restore_or_init(ckpt: checkpoint.Checkpointer, config, abstract_state, make
   restored = ckpt.restore_latest(abstract_state)
   if restored is None:
     logging.info("No checkpoint in %s: starting from step 0.", ckpt.directory)
-    return make_state(), 0
+    return make_state(), 0, None
   logging.info("Resumed from the checkpoint at step %d in %s.", restored[1], ckpt.directory)
-  return restored
+  return restored + (saved_config if config_step == restored[1] else None,)
+
+
+def _evaluated_before(step: int, saved_config) -> bool:
+  """Whether the run that saved `step` logged an evaluation there: its last step (the final evaluation), or
+  a periodic one. Unknown (no config saved with the step): False, so the evaluation is logged again."""
+  if saved_config is None:
+    return False
+  return (step == saved_config["curriculum"]["total_steps"]
+          or step % saved_config["train"]["eval_every"] == 0)
 
 
 def _save_unless_skipping(ckpt: checkpoint.Checkpointer, step: int, state, config) -> None:
@@ -348,7 +359,7 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, *, corpus: "d
       model, optimizer, mesh, rules, seed=config.seed, seq_len=min(p.seq_len for p in curriculum.phases))
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints,
                                  remove_partial_saves=True)  # the workdir's lock makes this run its only writer
-  state, start_step = _restore_or_init(ckpt, config, abstract_state, make_state)
+  state, start_step, saved_config = _restore_or_init(ckpt, config, abstract_state, make_state)
 
   writer = metrics_lib.MetricWriter(os.path.join(workdir, "tb"), enabled=process_index == 0)
   writer.mark_start(start_step)
@@ -502,8 +513,9 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, *, corpus: "d
             f"{', '.join(fixes)} and rerun to resume, allowing the change with "
             "--config.train.allow_config_change=<field>.")
       if stopped_by is None:
-        # A rerun of a finished run evaluates again, but its evaluation is logged already.
-        last_eval = evaluate(final_step, log=final_step > start_step)
+        # A rerun of a finished run evaluates again, but its evaluation is logged already; a run whose curriculum
+        # was shortened to its checkpoint's step may not have evaluated there.
+        last_eval = evaluate(final_step, log=final_step > start_step or not _evaluated_before(final_step, saved_config))
       ckpt.save(final_step, state, config, force=True)
       ckpt.close()
   finally:
