@@ -216,7 +216,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, report_dir: str = "") -
       records.append(record)
       continue
     print(f"{prefix}: training ({change})", flush=True)
-    began = time.time()
     outcome = loop.train(run_config, run_dir, corpus=corpus)
     if outcome.stopped is not None:
       print(f"{prefix}: stopped early ({outcome.stopped}); rerun the same command to go on", flush=True)
@@ -224,7 +223,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, report_dir: str = "") -
     counts = estimate.count_params(run_config.model)
     record = {
         "arm": arm, "seed": seed, "change": change, "final_step": outcome.final_step, "eval": outcome.eval,
-        "wall_seconds": time.time() - began,
+        "wall_seconds": outcome.seconds,  # every invocation's, for a run resumed after a stop
         "params": {"total": counts.total, "active": estimate.active_params(run_config.model, counts, with_mod=True)},
         "lambda": ablate_analysis.lambda_analysis(run_config, run_dir, corpus),
         "config": json.loads(run_config.to_json_best_effort()), "data": corpus.fingerprint,

@@ -164,8 +164,12 @@ def test_resume_continues_exactly(full_run, tmp_path):
 
   with pytest.MonkeyPatch.context() as patch:
     patch.setattr(step_lib, "dynamic_settings", sigterm_at_the_last_step)
+    began = time.perf_counter()
     second = main_lib.run(config, str(tmp_path))
+    elapsed = time.perf_counter() - began
   assert second.final_step == 24
+  # The run's seconds are both invocations' (an ablation or search reported the last one's alone).
+  assert 0 < first.seconds < second.seconds <= first.seconds + elapsed
   want = scalar_series(read_tb(full_run[0]), "train/loss")
   got = scalar_series(read_tb(str(tmp_path)), "train/loss")
   assert sorted(e.step for e in read_tb(str(tmp_path)).Scalars("train/loss")) == list(range(1, 25))

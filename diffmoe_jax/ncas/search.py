@@ -194,12 +194,11 @@ def train_proxy(config, arch, family: str, workdir: str, corpus, log) -> dict:
     workdir_lib.check_data(run_dir, result.get("data"), corpus.fingerprint, log)
     log(f"  {name}: finished before, validation loss {result['loss']:.4f}")
     return result
-  start = time.perf_counter()
   outcome = loop.train(cfg, run_dir, corpus=corpus)
   if outcome.stopped is not None:
     raise SearchStopped(f"the proxy {name} stopped early ({outcome.stopped}); finished proxies are kept, rerun "
                         "the same command to resume.")
-  result = {"loss": outcome.eval["loss"], "seconds": time.perf_counter() - start,
+  result = {"loss": outcome.eval["loss"], "seconds": outcome.seconds,  # a resumed proxy's invocations, all
             "tokens": cfg.curriculum.total_steps * cfg.curriculum.tokens_per_batch,
             "bits_per_byte": {k.split("/")[0]: v for k, v in outcome.eval.items() if k.endswith("/bits_per_byte")},
             "proxy": dataclasses.asdict(complete_lib.proxy(arch, config.ncas.proxy.scale,

@@ -41,6 +41,8 @@ class RunResult:
   # A SIGTERM or first SIGINT received, also one during the last step, after which the run still finished: a
   # caller that trains several runs stops after this one.
   received_signal: str | None = None
+  # Wall seconds of every invocation of this run up to now (each one's training, compiles and evaluations).
+  seconds: float = 0.0
 
 
 class _StepClock:
@@ -332,7 +334,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, corpus: "data.Corp
   workdir = workdir_lib.prepare(workdir)
   lock = workdir_lib.WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
   with lock:
-    return _train_locked(config, workdir, corpus=corpus)
+    began = time.perf_counter()
+    try:
+      result = _train_locked(config, workdir, corpus=corpus)
+    finally:  # a stopped or failed invocation's time counts too
+      seconds = workdir_lib.add_seconds(workdir, time.perf_counter() - began, write=jax.process_index() == 0)
+    return dataclasses.replace(result, seconds=seconds)
 
 
 def _train_locked(config: ml_collections.ConfigDict, workdir: str, *, corpus: "data.Corpus | None") -> RunResult:

@@ -9,6 +9,8 @@ import os
 import socket
 import time
 
+from absl import logging
+
 LOCK_NAME = "lock"
 
 
@@ -59,6 +61,26 @@ def write_json(path: str, value) -> None:
   with open(tmp, "w", encoding="utf-8") as f:
     json.dump(value, f, indent=2)
   os.replace(tmp, path)
+
+
+SECONDS_FILE = "train_seconds.json"
+
+
+def add_seconds(workdir: str, seconds: float, *, write: bool = True) -> float:
+  """The wall seconds spent training the run in `workdir`, `seconds` more than recorded there (and recorded
+  if `write`): a run resumed over several invocations costs them all."""
+  path = os.path.join(workdir, SECONDS_FILE)
+  try:
+    with open(path, encoding="utf-8") as f:
+      seconds += float(json.load(f)["seconds"])
+  except (OSError, ValueError, KeyError, TypeError):
+    pass  # none recorded yet (or a damaged record, which this one replaces)
+  if write:
+    try:
+      write_json(path, {"seconds": seconds})
+    except OSError as e:  # e.g. a full disk, whose own error the run reports
+      logging.warning("Cannot record the run's training time in %s: %s.", path, e.strerror or e)
+  return seconds
 
 
 def read_result(path: str) -> dict:
