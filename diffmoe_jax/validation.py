@@ -361,7 +361,11 @@ def _validate_training(config: ml_collections.ConfigDict) -> None:
               f"{cur.tokens_per_batch} is not a multiple of phase {name}'s seq_len {seq_len}, so its batches would "
               f"hold {cur.tokens_per_batch // seq_len * seq_len} tokens; use a multiple, or set {f}.batch_size.")
     require(p.lr_shape in LR_SHAPES, f"{f}.lr_shape", f"{p.lr_shape!r} is not one of {LR_SHAPES}.")
-    require(p.lr_start >= 0 and p.lr_end >= 0, f"{f}.lr_start", "LR multipliers must be >= 0.")
+    for lr in ("lr_start", "lr_end"):
+      require(p[lr] >= 0, f"{f}.{lr}", f"LR multipliers must be >= 0, got {p[lr]}.")
+    require(p.lr_shape != "constant" or p.lr_end == p.lr_start, f"{f}.lr_end",
+            f"{p.lr_end} differs from lr_start ({p.lr_start}), but lr_shape 'constant' holds lr_start throughout; set "
+            f"{f}.lr_shape to 'linear' or 'cosine', or lr_end equal to lr_start.")
     require(p.router_noise_start >= 0 and p.router_noise_end >= 0, f"{f}.router_noise_start",
             "router noise std must be >= 0.")
     for w in ("load_balance_weight", "z_loss_weight", "mod_predictor_weight"):

@@ -73,6 +73,10 @@ def _bad(**fields):
     ({"curriculum.specialize.domain_weights": {"web": 1.0}},
      r"curriculum\.specialize\.domain_weights\.web: names no domain"),
     ({"curriculum.anneal.lr_shape": "step"}, r"curriculum\.anneal\.lr_shape: 'step' is not one of"),
+    ({"curriculum.foundation.lr_end": 0.5}, r"curriculum\.foundation\.lr_end: 0\.5 differs from lr_start \(1\.0\), "
+     r"but lr_shape 'constant' holds lr_start throughout; set curriculum\.foundation\.lr_shape to 'linear' or "
+     r"'cosine', or lr_end equal to lr_start\."),
+    ({"curriculum.anneal.lr_end": -0.1}, r"curriculum\.anneal\.lr_end: LR multipliers must be >= 0, got -0\.1\."),
     ({"optimizer.grad_accum_steps": 0}, r"optimizer\.grad_accum_steps: must be an integer >= 1"),
     ({"mesh.shape.model": 2}, r"mesh\.shape\.model: unknown mesh axis"),
     ({"curriculum.order": ("warmup", "total_steps")},
