@@ -1,0 +1,76 @@
+"""The memory preflight: a config too large for the devices is refused before anything is allocated, naming a
+mesh that fits, or what to lower when none does."""
+import math
+import os
+import re
+
+import pytest
+
+from diffmoe_jax import estimate
+from diffmoe_jax import main as main_lib
+from diffmoe_jax import parallel
+from diffmoe_jax.train import preflight
+from test_config import load as load_named
+from test_train import load_config
+
+
+def test_too_large_config_stops_before_allocating(monkeypatch, tmp_path):
+  """PI-S on 8 devices of 80 GiB: refused before anything is allocated, naming a mesh that fits."""
+  config = load_named("pi_s")
+  monkeypatch.setattr(preflight, "available_bytes_per_device", lambda: 80 * 2**30)
+  with pytest.raises(preflight.InsufficientMemoryError, match=r"needs about [\d,.]+ GiB per device.*a mesh that "
+                                                             r"fits on (\d+) devices: --config\.mesh\.shape") as e:
+    preflight.check_memory(config, {"data": 1, "fsdp": 8, "expert": 1, "tensor": 1}, "gpu")
+  budget = 0.9 * 80 * 2**30
+  shape, need = preflight.fitting_mesh(preflight.mesh_options(config, "gpu"), 8, budget)
+  devices = math.prod(shape.values())
+  assert str(devices) in str(e.value)
+  assert need == estimate.training_memory_per_device(config, shape)["total"] <= budget
+  # Half the devices do not fit with the weights sharded over all of them.
+  half = {"data": 1, "fsdp": devices // 2, "expert": 1, "tensor": 1}
+  assert estimate.training_memory_per_device(config, half)["total"] > budget
+  # Memory no mesh can provide (24 GB cards): the message names the least any mesh needs and what takes it,
+  # the warmup's 4 sequences of 4,096 tokens per device (512 / 128 devices). It advised a smaller
+  # curriculum.tokens_per_batch or more accumulation, which leave the warmup's sequences per device as they are.
+  monkeypatch.setattr(preflight, "available_bytes_per_device", lambda: 24 * 10**9)
+  with pytest.raises(preflight.InsufficientMemoryError, match=r"no mesh of up to [\d,]+ devices fits it; the least any "
+                     r"needs is ~([\d.]+) GiB per device \(([^;]+), on 128 devices; its largest activations are the "
+                     r"warmup phase's, 4 sequence\(s\) of 4,096 tokens per device\): lower "
+                     r"curriculum\.warmup\.batch_size, or") as e:
+    preflight.check_memory(config, {"data": 1, "fsdp": 8, "expert": 1, "tensor": 1}, "gpu")
+  least, flags = re.search(r"the least any needs is ~([\d.]+) GiB per device \(([^;]+), on", str(e.value)).groups()
+  shape = {f.split("=")[0].rsplit(".", 1)[1]: int(f.split("=")[1]) for f in flags.split()}
+  assert shape == {"data": 1, "fsdp": 128, "expert": 1, "tensor": 1}
+  assert float(least) == round(estimate.training_memory_per_device(config, shape)["total"] / 2**30, 1)
+  assert float(least) * 2**30 > 0.9 * 24 * 10**9
+  # The refused run leaves no empty workdir behind (one that existed stays).
+  with pytest.raises(preflight.InsufficientMemoryError):
+    main_lib.run(config, str(tmp_path / "new"))
+  assert not os.path.exists(tmp_path / "new")
+
+
+def test_the_suggested_mesh_is_one_the_run_accepts():
+  """The mesh named for a config too large was built for the default axis rules and any backend: it could
+  split the experts where expert parallelism cannot run, and missed every mesh when the batch rule left out fsdp."""
+  budget = 0.9 * 16 * 2**30
+  config = load_named("pi_p")
+  config.model.moe.expert_parallel, config.model.moe.dispatch = "ragged", "dropless"  # ragged: not on XLA:CPU
+  on_gpu, _ = preflight.fitting_mesh(preflight.mesh_options(config, "gpu"), 8, budget)
+  assert on_gpu["expert"] > 1
+  on_cpu = preflight.fitting_mesh(preflight.mesh_options(config, "cpu"), 8, budget)
+  assert on_cpu is None or on_cpu[0]["expert"] == 1
+  config = load_named("pi_p")
+  config.mesh.axis_rules = (("batch", ("data", "expert")),) + tuple(config.mesh.axis_rules[1:])
+  shape, need = preflight.fitting_mesh(preflight.mesh_options(config, "gpu"), 8, 0.9 * 80 * 2**30)
+  parallel.check_expert_parallel(config, shape, "gpu")
+  assert need == estimate.training_memory_per_device(config, shape)["total"] <= 0.9 * 80 * 2**30
+  assert shape["data"] * shape["expert"] > 1  # the batch split over the axes its rule names
+
+
+def test_memory_check_warns_for_a_remat_policy_it_does_not_model(caplog):
+  config = load_config()
+  for policy, warned in (("full", False), ("none", True)):
+    config.model.remat_policy = policy
+    caplog.clear()
+    preflight.check_memory(config, {"data": 1, "fsdp": 1, "expert": 1, "tensor": 1}, "cpu")
+    assert ("may still run out of device memory" in caplog.text) == warned, (policy, caplog.text)
