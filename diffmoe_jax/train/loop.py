@@ -267,56 +267,6 @@ def eval_results(sums: dict[str, tuple[float, float]], bytes_per_token: dict[str
   return results
 
 
-def _restore_or_init(ckpt: checkpoint.Checkpointer, config, abstract_state, make_state):
-  """(state, start step, the config saved with that step or None): the newest sound checkpoint if its config
-  allows resuming with `config`, else a new state."""
-  # Checked against the newest checkpoint whose layout is readable (a damaged one is left to the restore),
-  # and the newest config saved up to it that can be read.
-  steps = ckpt.all_steps()
-  saved_config = config_step = None
-  for step in steps[::-1]:
-    saved_shapes = ckpt.saved_shapes(step)
-    if saved_shapes is None:
-      continue
-    saved_config, unreadable = None, []
-    for config_step in [s for s in steps if s <= step][::-1]:
-      try:
-        saved_config = ckpt.restore_config(config_step)
-        break
-      except Exception as e:  # pylint: disable=broad-except  (saved without a config, or a damaged one)
-        unreadable.append(f"step {config_step}: {type(e).__name__}")
-    if unreadable and saved_config is not None:
-      logging.warning("The config saved with the checkpoint at step %d cannot be read (%s); this config is "
-                      "checked against the one saved at step %d.", step, unreadable[0], config_step)
-    if saved_config is None and "*" not in resume.allowed_patterns(config):
-      raise ConfigError(f"No config saved in {ckpt.directory} up to step {step} can be read ({', '.join(unreadable)}), "
-                        "so whether this run's config matches the saved run's cannot be checked; resume without "
-                        "that check with --config.train.allow_config_change='*' (a change of the model's shapes is "
-                        "still refused), or pass a new --workdir. The checkpoints are left as they are.")
-    resume.check(config, saved_config=saved_config, saved_shapes=saved_shapes, abstract_state=abstract_state,
-                 step=step, directory=ckpt.directory)
-    if step > config.curriculum.total_steps:  # with a shortened curriculum allowed: nothing it runs is left
-      raise ConfigError(f"The checkpoint at step {step} in {ckpt.directory} lies past the end of the curriculum "
-                        f"(curriculum.total_steps={config.curriculum.total_steps}); set curriculum.total_steps to at "
-                        f"least {step}, or pass a new --workdir. The checkpoints are left as they are.")
-    break
-  restored = ckpt.restore_latest(abstract_state)
-  if restored is None:
-    logging.info("No checkpoint in %s: starting from step 0.", ckpt.directory)
-    return make_state(), 0, None
-  logging.info("Resumed from the checkpoint at step %d in %s.", restored[1], ckpt.directory)
-  return restored + (saved_config if config_step == restored[1] else None,)
-
-
-def _evaluated_before(step: int, saved_config) -> bool:
-  """Whether the run that saved `step` logged an evaluation there: its last step (the final evaluation), or
-  a periodic one. Unknown (no config saved with the step): False, so the evaluation is logged again."""
-  if saved_config is None:
-    return False
-  return (step == saved_config["curriculum"]["total_steps"]
-          or step % saved_config["train"]["eval_every"] == 0)
-
-
 def _save_unless_skipping(ckpt: checkpoint.Checkpointer, step: int, state, config) -> None:
   """A periodic save, except while updates are being skipped: rotation then keeps the older checkpoints."""
   streak = int(jax.device_get(state.nonfinite_streak))
@@ -366,7 +316,7 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, *, corpus: "d
       model, optimizer, mesh, rules, seed=config.seed, seq_len=min(p.seq_len for p in curriculum.phases))
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints,
                                  remove_partial_saves=True)  # the workdir's lock makes this run its only writer
-  state, start_step, saved_config = _restore_or_init(ckpt, config, abstract_state, make_state)
+  state, start_step, saved_config = resume.restore_or_init(ckpt, config, abstract_state, make_state)
 
   writer = metrics_lib.MetricWriter(os.path.join(workdir, "tb"), enabled=process_index == 0)
   writer.mark_start(start_step)
@@ -522,7 +472,7 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, *, corpus: "d
       if stopped_by is None:
         # A rerun of a finished run evaluates again, but its evaluation is logged already; a run whose curriculum
         # was shortened to its checkpoint's step may not have evaluated there.
-        last_eval = evaluate(final_step, log=final_step > start_step or not _evaluated_before(final_step, saved_config))
+        last_eval = evaluate(final_step, log=final_step > start_step or not resume.evaluated_before(final_step, saved_config))
       ckpt.save(final_step, state, config, force=True)
       ckpt.close()
   finally:

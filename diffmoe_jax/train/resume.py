@@ -1,4 +1,5 @@
-"""Resuming: the config and state layout a checkpoint was saved with, against the ones a run resumes with.
+"""Resuming: the config and state layout a checkpoint was saved with, against the ones a run resumes with, and
+the restore of the newest checkpoint that passes that check.
 
 Checked before any array is restored. A different state layout (a changed model shape) is an error that
 names the fields and arrays that differ. Other config changes are errors too unless
@@ -17,6 +18,7 @@ from absl import logging
 
 from diffmoe_jax import config as config_lib
 from diffmoe_jax.config import ConfigError
+from diffmoe_jax.train import checkpoint
 
 # May change on resume: bookkeeping, the mesh, and how attention and remat compute the same function. The
 # token cache's directory is bookkeeping too: the cache is keyed by the data it holds, not by where it lives.
@@ -135,3 +137,53 @@ def check(config, *, saved_config: Mapping | None, saved_shapes: Mapping | None,
                     describe(allowed))
   if free:
     logging.info("%s step %d with changed bookkeeping fields: %s.", using, step, describe(free))
+
+
+def restore_or_init(ckpt: checkpoint.Checkpointer, config, abstract_state, make_state):
+  """(state, start step, the config saved with that step or None): the newest sound checkpoint if its config
+  allows resuming with `config`, else a new state."""
+  # Checked against the newest checkpoint whose layout is readable (a damaged one is left to the restore),
+  # and the newest config saved up to it that can be read.
+  steps = ckpt.all_steps()
+  saved_config = config_step = None
+  for step in steps[::-1]:
+    saved_shapes = ckpt.saved_shapes(step)
+    if saved_shapes is None:
+      continue
+    saved_config, unreadable = None, []
+    for config_step in [s for s in steps if s <= step][::-1]:
+      try:
+        saved_config = ckpt.restore_config(config_step)
+        break
+      except Exception as e:  # pylint: disable=broad-except  (saved without a config, or a damaged one)
+        unreadable.append(f"step {config_step}: {type(e).__name__}")
+    if unreadable and saved_config is not None:
+      logging.warning("The config saved with the checkpoint at step %d cannot be read (%s); this config is "
+                      "checked against the one saved at step %d.", step, unreadable[0], config_step)
+    if saved_config is None and "*" not in allowed_patterns(config):
+      raise ConfigError(f"No config saved in {ckpt.directory} up to step {step} can be read ({', '.join(unreadable)}), "
+                        "so whether this run's config matches the saved run's cannot be checked; resume without "
+                        "that check with --config.train.allow_config_change='*' (a change of the model's shapes is "
+                        "still refused), or pass a new --workdir. The checkpoints are left as they are.")
+    check(config, saved_config=saved_config, saved_shapes=saved_shapes, abstract_state=abstract_state,
+                 step=step, directory=ckpt.directory)
+    if step > config.curriculum.total_steps:  # with a shortened curriculum allowed: nothing it runs is left
+      raise ConfigError(f"The checkpoint at step {step} in {ckpt.directory} lies past the end of the curriculum "
+                        f"(curriculum.total_steps={config.curriculum.total_steps}); set curriculum.total_steps to at "
+                        f"least {step}, or pass a new --workdir. The checkpoints are left as they are.")
+    break
+  restored = ckpt.restore_latest(abstract_state)
+  if restored is None:
+    logging.info("No checkpoint in %s: starting from step 0.", ckpt.directory)
+    return make_state(), 0, None
+  logging.info("Resumed from the checkpoint at step %d in %s.", restored[1], ckpt.directory)
+  return restored + (saved_config if config_step == restored[1] else None,)
+
+
+def evaluated_before(step: int, saved_config) -> bool:
+  """Whether the run that saved `step` logged an evaluation there: its last step (the final evaluation), or
+  a periodic one. Unknown (no config saved with the step): False, so the evaluation is logged again."""
+  if saved_config is None:
+    return False
+  return (step == saved_config["curriculum"]["total_steps"]
+          or step % saved_config["train"]["eval_every"] == 0)
