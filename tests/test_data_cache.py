@@ -106,6 +106,29 @@ def test_a_cache_entry_cut_short_or_missing_a_file_is_rebuilt(text_dir, tmp_path
     del corpus
 
 
+def test_a_cache_entry_another_run_finishes_during_the_split_is_reused(text_dir, tmp_path, monkeypatch):
+  """Two runs building the same cache at once: the one whose split ended second called the other's complete
+  entry incomplete, deleted it (under the run reading it) and tokenized the domain again."""
+  config = data_config({"text": f"files:{text_dir}/*.txt"}, val_fraction=0.3)
+  root = str(tmp_path / "cache")
+  real_split, real_write, writes = corpus_lib._split_domains, corpus_lib._write_domain, []
+
+  def split_while_another_run_builds(*args):
+    plans = real_split(*args)
+    monkeypatch.setattr(corpus_lib, "_split_domains", real_split)
+    split_while_another_run_builds.other = data.build_corpus(config, cache_root=root)
+    return plans
+
+  monkeypatch.setattr(corpus_lib, "_split_domains", split_while_another_run_builds)
+  monkeypatch.setattr(corpus_lib, "_write_domain", lambda *args: writes.append(real_write(*args)))
+  corpus = data.build_corpus(config, cache_root=root)
+  other = split_while_another_run_builds.other
+  assert len(writes) == 1 and os.listdir(root) == [os.path.basename(other.cache_dirs["text"])]
+  assert corpus.cache_dirs == other.cache_dirs
+  for split in ("train", "val"):
+    np.testing.assert_array_equal(corpus.tokens("text", split), other.tokens("text", split))
+
+
 def test_a_full_disk_or_an_unreadable_file_is_a_data_error(text_dir, tmp_path, monkeypatch):
   root = tmp_path / "cache"
   config = data_config({"text": f"files:{text_dir}/*.txt"})

@@ -156,9 +156,11 @@ def build_corpus(data_config, cache_root: str | None = None) -> Corpus:
       logging.info("data: split the files of domains %s together in %.1f s.", ", ".join(sources),
                    time.perf_counter() - start)
     start = time.perf_counter()
-    _cached_domain(source, dirs[name], root,
-                   functools.partial(_write_domain, source, plans[name], tokenizer, derived_views))
-    notes[name] = f"tokenized and written in {time.perf_counter() - start:.1f} s, after the joint split"
+    if _cached_domain(source, dirs[name], root,
+                      functools.partial(_write_domain, source, plans[name], tokenizer, derived_views)):
+      notes[name] = f"tokenized and written in {time.perf_counter() - start:.1f} s, after the joint split"
+    else:
+      notes[name] = "reused: another process built it during the split"
   corpus = Corpus(tokenizer, dirs, segment_masking=data_config.segment_masking)
   for name in corpus.domains:
     train, val = corpus.info(name, "train"), corpus.info(name, "val")
@@ -203,9 +205,11 @@ def _hash(key_data: dict) -> str:
   return hashlib.sha256(json.dumps(key_data).encode("utf-8")).hexdigest()[:24]
 
 
-def _cached_domain(source: Source, final: str, root: str, write) -> None:
+def _cached_domain(source: Source, final: str, root: str, write) -> bool:
   """Builds the cache directory `final` of one domain: `write(directory)` fills a temporary one, which is
-  then renamed into place."""
+  then renamed into place. False if it needs no build: another process finished it since it was looked up."""
+  if _complete(final):  # a run started at the same time, whose split ended first (that run may be reading it)
+    return False
   if os.path.exists(final):  # a build renames only a complete directory into place: this one was damaged since
     logging.warning("data: the token cache %s of %s is incomplete (files missing or cut short); rebuilding it.",
                     final, source.field)
@@ -231,6 +235,7 @@ def _cached_domain(source: Source, final: str, root: str, write) -> None:
     raise
   finally:
     os.close(lock)  # after the rename: an unlocked temporary directory is a killed build's
+  return True
 
 
 def _complete(cache_dir: str) -> bool:
