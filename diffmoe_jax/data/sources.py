@@ -170,9 +170,18 @@ def _has_wildcard(pattern: str) -> bool:
 def _expand(pattern: str) -> list[str]:
   """glob.glob(pattern, recursive=True), except that `**` enters each directory once (by its real path):
   glob follows symlinks without end, so a link to a parent directory listed each file 41 times and two such
-  links hung it."""
+  links hung it. A directory the pattern lists that cannot be listed raises OSError (glob skips it, and with
+  it its files)."""
   parts = pattern.split(os.sep)
   if "**" not in parts:
+    for i, part in enumerate(parts):
+      if _has_wildcard(part):  # glob lists the directories that the parts before this one match
+        head = os.sep.join(parts[:i]) or os.sep
+        for directory in glob.glob(head) if _has_wildcard(head) else [head]:
+          try:
+            os.scandir(directory).close()
+          except OSError as e:
+            _raise_if_exists(e)
     return glob.glob(pattern)
   i = parts.index("**")
   head, tail = os.sep.join(parts[:i]) or os.sep, os.sep.join(parts[i + 1:]) or "*"
