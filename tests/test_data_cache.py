@@ -73,6 +73,16 @@ def test_a_file_reached_through_symlinks_is_one_document(text_dir, tmp_path):
   assert all(stream.count(english(i).encode()) == 1 for i in range(8))
 
 
+@pytest.mark.parametrize("target", ["/nonexistent/volume/doc8.txt", "doc8.txt"])  # a moved file; a link loop
+def test_a_glob_matching_a_link_to_nothing_is_a_data_error(text_dir, target):
+  """glob lists a link whose target is gone, and the domain was built without its text, unseen."""
+  os.symlink(target, text_dir / "doc8.txt")
+  with pytest.raises(data.DataError, match=rf"^config\.data\.domains\.text = .*: .*/text/doc8\.txt is a symbolic "
+                                           rf"link to '{target}', which does not exist \(or is a loop of links\); "
+                                           r"fix the link or narrow the glob\.$"):
+    sources.parse_source("text", f"files:{text_dir}/*.txt")
+
+
 def test_a_killed_builds_temporary_directory_is_removed_by_the_next_build(text_dir, tmp_path):
   root = tmp_path / "cache"
   killed, running = root / ".0123456789abcdef01234567.k1ll3d_x", root / ".fedcba9876543210fedcba98.runn1ng_"

@@ -140,10 +140,15 @@ def _glob_files(field: str, spec: str, arg: str) -> tuple[str, tuple[str, ...]]:
       first_wildcard = next(i for i, part in enumerate(parts) if _has_wildcard(part))
       fixed_parts.append(os.sep.join(parts[:first_wildcard]) or os.sep)
       try:
-        matched = [p for p in _expand(pattern) if os.path.isfile(p)]
-      except OSError as e:  # a directory under `**` that cannot be listed: its files would be left out unseen
+        expanded = _expand(pattern)
+      except OSError as e:  # a directory that cannot be listed: its files would be left out unseen
         raise DataError(f"{field} = {spec!r}: the directory {e.filename} cannot be listed "
                         f"({e.strerror or e}); fix its permissions or narrow the glob.") from None
+      broken = next((p for p in expanded if os.path.islink(p) and not os.path.exists(p)), None)
+      if broken:  # a link to an unmounted volume or a moved file, or a link loop: its text would be left out unseen
+        raise DataError(f"{field} = {spec!r}: {broken} is a symbolic link to {os.readlink(broken)!r}, which does "
+                        "not exist (or is a loop of links); fix the link or narrow the glob.")
+      matched = [p for p in expanded if os.path.isfile(p)]  # not directories, FIFOs or devices
       if not matched:
         # A name with brackets, such as 'run [1]', is a character class to glob, even where it exists.
         hint = " (a '[' starts a character class; write a literal one as '[[]')" if "[" in pattern else ""
