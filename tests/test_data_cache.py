@@ -1,5 +1,5 @@
 """The token cache and `files:` sources: what survives a killed build, a full disk, a damaged cache entry,
-files added to a domain, and symlinks."""
+files added to a domain, and symlinks; a tokenizer that cannot separate documents."""
 import errno
 import fcntl
 import hashlib
@@ -261,3 +261,27 @@ def test_a_glob_that_matches_the_token_caches_own_files_is_refused(text_dir):
                                            r"cache_dir \(or \$DIFFMOE_CACHE\) to a directory outside it\.$"):
     data.build_corpus(config, cache_root=str(cache))
   assert len(os.listdir(cache)) == 1
+
+
+def test_a_tokenizer_without_a_separator_is_refused_while_segment_masking_is_on(text_dir, tmp_path):
+  """A Hugging Face vocabulary with none of the separators (Llama 3 ends a text with '<|end_of_text|>'): its
+  documents ran together and every segment id was 0, with data.segment_masking on."""
+  tokenizers = pytest.importorskip("tokenizers")
+  tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = tokenizers.decoders.ByteLevel()
+  tok.train_from_iterator([english(i) for i in range(8)], tokenizers.trainers.BpeTrainer(
+      vocab_size=300, special_tokens=["<|end_of_text|>"], show_progress=False,
+      initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
+  path = tmp_path / "tokenizer.json"
+  tok.save(str(path))
+  config = data_config({"text": f"files:{text_dir}/*.txt"}, f"hf:{path}", val_fraction=0.3)
+  with pytest.raises(data.DataError, match=r"^config\.data\.tokenizer = 'hf:.*' has no document separator \(a "
+                                           r"Hugging Face vocabulary with none of <\|endoftext\|>, </s>, <eos>, .*, so documents "
+                                           r"would run together .*; use a tokenizer with one, or set config\.data\.segment_masking=False"):
+    data.build_corpus(config, cache_root=str(tmp_path / "cache"))
+  config.segment_masking = False  # the documents joined, as asked
+  corpus = data.build_corpus(config, cache_root=str(tmp_path / "cache"))
+  files = corpus.info("text", "train").files
+  np.testing.assert_array_equal(corpus.tokens("text", "train"), [
+      t for name in files for t in tok.encode((text_dir / name).read_text(encoding="utf-8")).ids])

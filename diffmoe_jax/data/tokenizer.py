@@ -89,6 +89,16 @@ def check_no_separator(tokenizer, text: str, path: str, field: str) -> None:
                     f"{tokenizer.name!r} reserves to separate documents; remove it from the file.")
 
 
+def check_separator(tokenizer, segment_masking: bool) -> None:
+  """DataError if `segment_masking` asks to keep documents apart and the tokenizer has no separator: its
+  documents run together with no token between them, and every segment id would be 0."""
+  if segment_masking and tokenizer.eos_id is None:
+    raise DataError(f"{FIELD} = {tokenizer.name!r} has no document separator (a Hugging Face vocabulary with none "
+                    f"of {', '.join(HF_EOS_TOKENS)}, or a SentencePiece model without eos), so documents would run "
+                    "together and config.data.segment_masking could not keep them apart; use a tokenizer with one, "
+                    "or set config.data.segment_masking=False to train on the documents joined.")
+
+
 def make_tokenizer(spec: str):
   """The tokenizer a `config.data.tokenizer` spec names: "bytes", "sentencepiece:<file>" or "hf:<file>"."""
   if spec == "bytes":
