@@ -227,7 +227,7 @@ def test_a_finished_run_on_domains_split_together_names_them_all_when_one_change
     workdir.check_data("run", saved, now, print)
 
 
-@pytest.mark.parametrize("pattern", ["**/*.txt", "*/*.txt", "private/*.txt"])
+@pytest.mark.parametrize("pattern", ["**/*.txt", "*/*.txt", "private/*.txt", "private/*/**/*.txt"])
 def test_a_directory_a_glob_cannot_list_is_a_data_error(text_dir, monkeypatch, pattern):
   """os.walk and glob skip a directory they cannot list, which left its files out of the domain unseen (or
   called the glob one that matches no file)."""

@@ -178,17 +178,18 @@ def _expand(pattern: str) -> list[str]:
   links hung it. A directory the pattern lists that cannot be listed raises OSError (glob skips it, and with
   it its files)."""
   parts = pattern.split(os.sep)
-  if "**" not in parts:
-    for i, part in enumerate(parts):
-      if _has_wildcard(part):  # glob lists the directories that the parts before this one match
-        head = os.sep.join(parts[:i]) or os.sep
-        for directory in glob.glob(head) if _has_wildcard(head) else [head]:
-          try:
-            os.scandir(directory).close()
-          except OSError as e:
-            _raise_if_exists(e)
+  walked = parts.index("**") if "**" in parts else len(parts)  # os.walk raises for the directories under `**`
+  for i, part in enumerate(parts[:walked]):
+    if _has_wildcard(part):  # glob lists the directories that the parts before this one match
+      head = os.sep.join(parts[:i]) or os.sep
+      for directory in glob.glob(head) if _has_wildcard(head) else [head]:
+        try:
+          os.scandir(directory).close()
+        except OSError as e:
+          _raise_if_exists(e)
+  if walked == len(parts):
     return glob.glob(pattern)
-  i = parts.index("**")
+  i = walked
   head, tail = os.sep.join(parts[:i]) or os.sep, os.sep.join(parts[i + 1:]) or "*"
   tops = [d for d in glob.glob(head) if os.path.isdir(d)] if _has_wildcard(head) else [head]
   seen, matched = set(), []
