@@ -155,6 +155,14 @@ def test_a_full_disk_or_an_unreadable_file_is_a_data_error(text_dir, tmp_path, m
   assert os.listdir(root) == []
   monkeypatch.undo()
 
+  def cannot_list(path):  # another user's cache directory, which this one may not read
+    raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+
+  monkeypatch.setattr(corpus_lib.os, "listdir", cannot_list)
+  with pytest.raises(data.DataError, match=rf"^the token cache {root} cannot be written \(Permission denied\)"):
+    data.build_corpus(config, cache_root=str(root))
+  monkeypatch.undo()
+
   def no_permission(path, mode="r"):
     raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
 
@@ -277,8 +285,9 @@ def test_a_tokenizer_without_a_separator_is_refused_while_segment_masking_is_on(
   tok.save(str(path))
   config = data_config({"text": f"files:{text_dir}/*.txt"}, f"hf:{path}", val_fraction=0.3)
   with pytest.raises(data.DataError, match=r"^config\.data\.tokenizer = 'hf:.*' has no document separator \(a "
-                                           r"Hugging Face vocabulary with none of <\|endoftext\|>, </s>, <eos>, .*, so documents "
-                                           r"would run together .*; use a tokenizer with one, or set config\.data\.segment_masking=False"):
+                                           r"Hugging Face vocabulary with none of <\|endoftext\|>, </s>, <eos>, .*, "
+                                           r"so documents would run together .*; use a tokenizer with one, or set "
+                                           r"config\.data\.segment_masking=False"):
     data.build_corpus(config, cache_root=str(tmp_path / "cache"))
   config.segment_masking = False  # the documents joined, as asked
   corpus = data.build_corpus(config, cache_root=str(tmp_path / "cache"))

@@ -215,10 +215,10 @@ def _cached_domain(source: Source, final: str, root: str, write) -> bool:
     logging.warning("data: the token cache %s of %s is incomplete (files missing or cut short); rebuilding it.",
                     final, source.field)
     shutil.rmtree(final, ignore_errors=True)
-  _remove_killed_builds(root)
   try:
+    _remove_killed_builds(root)
     tmp, lock = _locked_temporary_dir(root, os.path.basename(final))
-  except OSError as e:  # a read-only cache serves the domains built into it, and cannot take new ones
+  except OSError as e:  # a read-only or unlistable cache serves the domains built into it, and takes no new ones
     raise _cache_error(root, e) from None
   try:
     write(tmp)
