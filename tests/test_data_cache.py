@@ -269,6 +269,11 @@ def test_a_glob_that_matches_the_token_caches_own_files_is_refused(text_dir):
                                            r"cache_dir \(or \$DIFFMOE_CACHE\) to a directory outside it\.$"):
     data.build_corpus(config, cache_root=str(cache))
   assert len(os.listdir(cache)) == 1
+  os.symlink(cache, text_dir.parent / "cache_link")  # the cache named through a link, and globbed by its real path
+  with pytest.raises(data.DataError, match=rf"^config\.data\.domains\.text = .* matches {cache}/\w+/meta\.json, "
+                                           rf"in the token cache {text_dir.parent}/cache_link; narrow the glob"):
+    data.build_corpus(config, cache_root=str(text_dir.parent / "cache_link"))
+  assert len(os.listdir(cache)) == 1
 
 
 def test_a_tokenizer_without_a_separator_is_refused_while_segment_masking_is_on(text_dir, tmp_path):

@@ -136,9 +136,10 @@ def build_corpus(data_config, cache_root: str | None = None) -> Corpus:
   except OSError as e:
     raise _cache_error(root, e) from None
   sources = {name: parse_source(name, domains[name]) for name in sorted(domains)}
+  real_root = os.path.join(os.path.realpath(root), "")  # either may be reached through a symlink
   for source in sources.values():
     # The cache's own files would be read as text, and change the key (and so add an entry) on every build.
-    inside = next((f for f in source.files if f.startswith(os.path.join(os.path.abspath(root), ""))), None)
+    inside = next((f for f in source.files if os.path.realpath(f).startswith(real_root)), None)
     if inside:
       raise DataError(f"{source.field} = {source.spec!r} matches {inside}, in the token cache {root}; narrow the "
                       "glob, or set config.data.cache_dir (or $DIFFMOE_CACHE) to a directory outside it.")
