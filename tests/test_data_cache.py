@@ -1,5 +1,5 @@
 """The token cache and `files:` sources: what survives a killed build, a full disk, a damaged cache entry,
-files added to a domain, and symlinks; a tokenizer that cannot separate documents."""
+files added to a domain, and symlinks; tokenizers that cannot separate documents or leave gaps in their ids."""
 import errno
 import fcntl
 import hashlib
@@ -299,3 +299,24 @@ def test_a_tokenizer_without_a_separator_is_refused_while_segment_masking_is_on(
   files = corpus.info("text", "train").files
   np.testing.assert_array_equal(corpus.tokens("text", "train"), [
       t for name in files for t in tok.encode((text_dir / name).read_text(encoding="utf-8")).ids])
+
+
+def test_a_vocabulary_whose_ids_leave_gaps_is_sized_by_its_largest_id(text_dir, tmp_path):
+  """vocab_size was the number of tokens (10 here), so id 70000 was stored as a uint16 (4464) and passed the
+  check of model.vocab_size against it."""
+  tokenizers = pytest.importorskip("tokenizers")
+  words = sorted(set(" ".join(english(i) for i in range(8)).split()))
+  vocab = {"[UNK]": 0, "<|endoftext|>": 1, **{w: i + 2 for i, w in enumerate(words[:7])}, words[7]: 70000}
+  tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+  tok.add_special_tokens(["<|endoftext|>"])
+  path = tmp_path / "tokenizer.json"
+  tok.save(str(path))
+  corpus = data.build_corpus(data_config({"text": f"files:{text_dir}/*.txt"}, f"hf:{path}", val_fraction=0.3),
+                             cache_root=str(tmp_path / "cache"))
+  assert corpus.tokenizer.vocab_size == 70001
+  for split in ("train", "val"):
+    expected = [t for name in corpus.info("text", split).files
+                for t in tok.encode((text_dir / name).read_text(encoding="utf-8")).ids + [1]]
+    assert 70000 in expected
+    np.testing.assert_array_equal(corpus.tokens("text", split), expected)

@@ -63,7 +63,9 @@ class HFTokenizer:
     self._tok = tokenizers.Tokenizer.from_file(path)
     self.name = spec
     self.fingerprint = f"{spec}:{_file_sha256(path)}"
-    self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+    # One more than the largest id, not get_vocab_size (the number of tokens): ids may leave gaps, and an id at
+    # or past vocab_size was stored cut to the cache's dtype (70000 as 4464) and passed the model's size check.
+    self.vocab_size = max(self._tok.get_vocab(with_added_tokens=True).values()) + 1
     found = [t for t in HF_EOS_TOKENS if self._tok.token_to_id(t) is not None]
     # Special tokens are matched in raw text too, so a document must not contain the separator's text.
     self.reserved_text = found[0] if found else None
