@@ -303,7 +303,7 @@ def test_a_tokenizer_without_a_separator_is_refused_while_segment_masking_is_on(
 
 def test_a_vocabulary_whose_ids_leave_gaps_is_sized_by_its_largest_id(text_dir, tmp_path):
   """vocab_size was the number of tokens (10 here), so id 70000 was stored as a uint16 (4464) and passed the
-  check of model.vocab_size against it."""
+  check of model.vocab_size against it; the cache entry so made is not reused."""
   tokenizers = pytest.importorskip("tokenizers")
   words = sorted(set(" ".join(english(i) for i in range(8)).split()))
   vocab = {"[UNK]": 0, "<|endoftext|>": 1, **{w: i + 2 for i, w in enumerate(words[:7])}, words[7]: 70000}
@@ -312,11 +312,25 @@ def test_a_vocabulary_whose_ids_leave_gaps_is_sized_by_its_largest_id(text_dir, 
   tok.add_special_tokens(["<|endoftext|>"])
   path = tmp_path / "tokenizer.json"
   tok.save(str(path))
-  corpus = data.build_corpus(data_config({"text": f"files:{text_dir}/*.txt"}, f"hf:{path}", val_fraction=0.3),
-                             cache_root=str(tmp_path / "cache"))
+  config = data_config({"text": f"files:{text_dir}/*.txt"}, f"hf:{path}", val_fraction=0.3)
+  corpus = data.build_corpus(config, cache_root=str(tmp_path / "cache"))
   assert corpus.tokenizer.vocab_size == 70001
+  expected = {}
   for split in ("train", "val"):
-    expected = [t for name in corpus.info("text", split).files
-                for t in tok.encode((text_dir / name).read_text(encoding="utf-8")).ids + [1]]
-    assert 70000 in expected
-    np.testing.assert_array_equal(corpus.tokens("text", split), expected)
+    expected[split] = [t for name in corpus.info("text", split).files
+                       for t in tok.encode((text_dir / name).read_text(encoding="utf-8")).ids + [1]]
+    assert 70000 in expected[split]
+    np.testing.assert_array_equal(corpus.tokens("text", split), expected[split])
+  # The entry such a vocabulary was given before, under the same key: uint16, its ids cut. It is rebuilt.
+  entry = corpus.cache_dirs["text"]
+  del corpus
+  with open(os.path.join(entry, "meta.json")) as f:
+    meta = json.load(f)
+  for split in ("train", "val"):
+    np.array(expected[split]).astype(np.uint16).tofile(os.path.join(entry, f"{split}.bin"))
+  with open(os.path.join(entry, "meta.json"), "w") as f:
+    json.dump({**meta, "dtype": "uint16"}, f)
+  corpus = data.build_corpus(config, cache_root=str(tmp_path / "cache"))
+  assert corpus.cache_dirs["text"] == entry
+  for split in ("train", "val"):
+    np.testing.assert_array_equal(corpus.tokens("text", split), expected[split])

@@ -8,9 +8,9 @@ root its paths are hashed relative to, where that is not the files' common direc
 over all domains' files together (split.py), so unless the domains all have the same files, root and views
 (one domain, or the built-in corpus's two), the key also holds each other domain's own key. A directory is
 written under a temporary name and renamed into place, so an interrupted build never leaves a half cache
-(an entry whose files do not match its meta.json, such as an interrupted copy, is rebuilt). A build holds a
-lock on its temporary directory; one whose lock is free was left by a killed build, and the next build
-removes it.
+(an entry whose files do not match its meta.json, such as an interrupted copy, or whose token width is not
+the tokenizer's, is rebuilt). A build holds a lock on its temporary directory; one whose lock is free was left
+by a killed build, and the next build removes it.
 
 Each document's tokens are followed by the tokenizer's eos id when it has one; token counts include these
 separators and byte counts (UTF-8 bytes of the text) do not, so bits per byte = bits per token / bytes per
@@ -148,8 +148,9 @@ def build_corpus(data_config, cache_root: str | None = None) -> Corpus:
   # Derived views of a file, shared by the domains of this build: both stdlib domains compute both views of
   # every file, and parsing out the docstrings is most of a build's time.
   derived_views = {}
+  dtype = token_dtype(tokenizer.vocab_size)
   for name, source in sources.items():
-    if _complete(dirs[name]):
+    if _complete(dirs[name], dtype):
       notes[name] = "reused"
       continue
     if plans is None:  # one split of all domains' files together, made once for the domains to build
@@ -158,7 +159,7 @@ def build_corpus(data_config, cache_root: str | None = None) -> Corpus:
       logging.info("data: split the files of domains %s together in %.1f s.", ", ".join(sources),
                    time.perf_counter() - start)
     start = time.perf_counter()
-    if _cached_domain(source, dirs[name], root,
+    if _cached_domain(source, dirs[name], root, dtype,
                       functools.partial(_write_domain, source, plans[name], tokenizer, derived_views)):
       notes[name] = f"tokenized and written in {time.perf_counter() - start:.1f} s, after the joint split"
     else:
@@ -207,14 +208,14 @@ def _hash(key_data: dict) -> str:
   return hashlib.sha256(json.dumps(key_data).encode("utf-8")).hexdigest()[:24]
 
 
-def _cached_domain(source: Source, final: str, root: str, write) -> bool:
+def _cached_domain(source: Source, final: str, root: str, dtype: type, write) -> bool:
   """Builds the cache directory `final` of one domain: `write(directory)` fills a temporary one, which is
   then renamed into place. False if it needs no build: another process finished it since it was looked up."""
-  if _complete(final):  # a run started at the same time, whose split ended first (that run may be reading it)
+  if _complete(final, dtype):  # a run started at the same time, whose split ended first (that run may be reading it)
     return False
-  if os.path.exists(final):  # a build renames only a complete directory into place: this one was damaged since
-    logging.warning("data: the token cache %s of %s is incomplete (files missing or cut short); rebuilding it.",
-                    final, source.field)
+  if os.path.exists(final):  # a build renames only a complete directory into place: damaged since, or stale
+    logging.warning("data: the token cache %s of %s is incomplete (files missing or cut short) or of another "
+                    "token width than the tokenizer's; rebuilding it.", final, source.field)
     shutil.rmtree(final, ignore_errors=True)
   try:
     _remove_killed_builds(root)
@@ -226,7 +227,7 @@ def _cached_domain(source: Source, final: str, root: str, write) -> bool:
     try:
       os.rename(tmp, final)
     except OSError:
-      if not _complete(final):
+      if not _complete(final, dtype):
         raise
       # Another process built the same cache meanwhile; its copy is complete, so keep that one.
       shutil.rmtree(tmp, ignore_errors=True)
@@ -240,11 +241,14 @@ def _cached_domain(source: Source, final: str, root: str, write) -> bool:
   return True
 
 
-def _complete(cache_dir: str) -> bool:
-  """Whether a cache directory holds its meta.json and split files of the sizes that records."""
+def _complete(cache_dir: str, dtype: type) -> bool:
+  """Whether a cache directory holds its meta.json and split files of the sizes that records, of tokens of
+  `dtype` (a Hugging Face vocabulary with gaps in its ids was once given too narrow a one, under the same key)."""
   try:
     with open(os.path.join(cache_dir, "meta.json"), encoding="utf-8") as f:
       meta = json.load(f)
+    if meta["dtype"] != np.dtype(dtype).name:
+      return False
     itemsize = np.dtype(meta["dtype"]).itemsize
     return all(os.path.getsize(os.path.join(cache_dir, f"{split}.bin")) == meta["splits"][split]["tokens"] * itemsize
                for split in SPLITS)
