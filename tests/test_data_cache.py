@@ -83,6 +83,18 @@ def test_a_glob_matching_a_link_to_nothing_is_a_data_error(text_dir, target):
     sources.parse_source("text", f"files:{text_dir}/*.txt")
 
 
+def test_a_comma_in_a_path_is_written_as_a_character_class(tmp_path):
+  """A comma separates a spec's globs, so a path holding one could not be named at all: '[,]' was cut too."""
+  (tmp_path / "Smith, John").mkdir()
+  for i in range(3):
+    (tmp_path / "Smith, John" / f"{i}.txt").write_text(english(i), encoding="utf-8")
+  with pytest.raises(data.DataError, match=r"^config\.data\.domains\.text = .*: '.*/Smith' does not exist or is not "
+                                           r"a file \(a ',' separates globs: write one in a name as '\[,\]'\)"):
+    sources.parse_source("text", f"files:{tmp_path}/Smith, John/*.txt")
+  source = sources.parse_source("text", f"files:{tmp_path}/Smith[,] John/*.txt,{tmp_path}/Smith[,] John/0.txt")
+  assert [source.relpath(f) for f in source.files] == [f"Smith, John/{i}.txt" for i in range(3)]
+
+
 def test_a_killed_builds_temporary_directory_is_removed_by_the_next_build(text_dir, tmp_path):
   root = tmp_path / "cache"
   killed, running = root / ".0123456789abcdef01234567.k1ll3d_x", root / ".fedcba9876543210fedcba98.runn1ng_"

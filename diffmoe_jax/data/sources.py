@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import glob
 import os
+import re
 import sysconfig
 import tokenize
 import warnings
@@ -22,6 +23,7 @@ from diffmoe_jax.data.errors import DataError
 
 SOURCE_FORMS = "'stdlib:code', 'stdlib:docs' or 'files:<glob>[,<glob>...]'"
 _THIRD_PARTY_DIRS = ("site-packages", "dist-packages")
+_COMMA = re.compile(r",(?![^\[\]]*\])")  # a comma that separates globs: not one inside a [...] character class
 _DEFINITIONS = (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
 
 
@@ -131,7 +133,10 @@ def _glob_files(field: str, spec: str, arg: str) -> tuple[str, tuple[str, ...]]:
   not move the root and rename (and so re-split) the others. Paths to one file (through symlinks) count once.
   """
   files, fixed_parts = [], []
-  for pattern in arg.split(","):
+  patterns = _COMMA.split(arg)
+  # A path holding a comma is cut at it; a glob's character class can hold one.
+  comma_hint = " (a ',' separates globs: write one in a name as '[,]')" if len(patterns) > 1 else ""
+  for pattern in patterns:
     if not pattern.strip():
       raise DataError(f"{field} = {spec!r} has an empty pattern; remove the stray comma or space.")
     pattern = os.path.abspath(os.path.expanduser(pattern.strip()))
@@ -152,7 +157,8 @@ def _glob_files(field: str, spec: str, arg: str) -> tuple[str, tuple[str, ...]]:
       if not matched:
         # A name with brackets, such as 'run [1]', is a character class to glob, even where it exists.
         hint = " (a '[' starts a character class; write a literal one as '[[]')" if "[" in pattern else ""
-        raise DataError(f"{field} = {spec!r}: the glob {pattern!r} matches no file{hint}; fix or remove it.")
+        raise DataError(f"{field} = {spec!r}: the glob {pattern!r} matches no file{hint}{comma_hint}; fix or remove "
+                        "it.")
     elif os.path.isfile(pattern):
       fixed_parts.append(os.path.dirname(pattern))
       matched = [pattern]
@@ -160,7 +166,8 @@ def _glob_files(field: str, spec: str, arg: str) -> tuple[str, tuple[str, ...]]:
       raise DataError(f"{field} = {spec!r}: {pattern!r} is a directory; name its files with a glob, such as "
                       f"'files:{os.path.join(pattern, '**', '*.txt')}'.")
     else:
-      raise DataError(f"{field} = {spec!r}: {pattern!r} does not exist or is not a file; fix or remove it.")
+      raise DataError(f"{field} = {spec!r}: {pattern!r} does not exist or is not a file{comma_hint}; fix or remove "
+                      "it.")
     files += matched
   by_target = {}
   for path in sorted(set(files), key=lambda p: (os.path.islink(p), p)):  # a file's own path before a link's
