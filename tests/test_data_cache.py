@@ -12,7 +12,7 @@ import pytest
 from diffmoe_jax import data
 from diffmoe_jax.data import corpus as corpus_lib
 from diffmoe_jax.data import sources
-from diffmoe_jax.train import workdir
+from diffmoe_jax.train import loop, workdir
 import test_data
 from test_data import data_config, documents, english, shingles, unit_hash
 
@@ -288,9 +288,12 @@ def test_a_glob_that_matches_the_token_caches_own_files_is_refused(text_dir):
   assert len(os.listdir(cache)) == 1
 
 
-def test_a_tokenizer_without_a_separator_is_refused_while_segment_masking_is_on(text_dir, tmp_path):
+def test_training_refuses_a_tokenizer_without_a_separator_while_segment_masking_is_on(text_dir, tmp_path,
+                                                                                      make_config):
   """A Hugging Face vocabulary with none of the separators (Llama 3 ends a text with '<|end_of_text|>'): its
-  documents ran together and every segment id was 0, with data.segment_masking on."""
+  documents ran together and every segment id was 0, with data.segment_masking on. The refusal comes before
+  anything is compiled; the corpus (the same either way) still builds, for the run that turns masking off and
+  for evaluating a run trained so."""
   tokenizers = pytest.importorskip("tokenizers")
   tok = tokenizers.Tokenizer(tokenizers.models.BPE())
   tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -300,14 +303,17 @@ def test_a_tokenizer_without_a_separator_is_refused_while_segment_masking_is_on(
       initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
   path = tmp_path / "tokenizer.json"
   tok.save(str(path))
-  config = data_config({"text": f"files:{text_dir}/*.txt"}, f"hf:{path}", val_fraction=0.3)
+  config = make_config(vocab_size=320)  # room for the tokenizer's 300: the separator is the only thing at fault
+  config.data = data_config({"text": f"files:{text_dir}/*.txt"}, f"hf:{path}", val_fraction=0.3)
+  corpus = data.build_corpus(config.data, cache_root=str(tmp_path / "cache"))
+  assert corpus.segment_masking and corpus.tokenizer.eos_id is None
   with pytest.raises(data.DataError, match=r"^config\.data\.tokenizer = 'hf:.*' has no document separator \(a "
                                            r"Hugging Face vocabulary with none of <\|endoftext\|>, </s>, <eos>, .*, "
                                            r"so documents would run together .*; use a tokenizer with one, or set "
                                            r"config\.data\.segment_masking=False"):
-    data.build_corpus(config, cache_root=str(tmp_path / "cache"))
-  config.segment_masking = False  # the documents joined, as asked
-  corpus = data.build_corpus(config, cache_root=str(tmp_path / "cache"))
+    loop.train(config, str(tmp_path / "run"), corpus=corpus)
+  config.data.segment_masking = False  # the documents joined, as asked
+  corpus = data.build_corpus(config.data, cache_root=str(tmp_path / "cache"))
   files = corpus.info("text", "train").files
   np.testing.assert_array_equal(corpus.tokens("text", "train"), [
       t for name in files for t in tok.encode((text_dir / name).read_text(encoding="utf-8")).ids])

@@ -38,7 +38,7 @@ from absl import logging
 from diffmoe_jax.data.errors import DataError
 from diffmoe_jax.data import split as split_lib
 from diffmoe_jax.data.sources import Skipped, Source, parse_source, whole_text
-from diffmoe_jax.data.tokenizer import check_no_separator, check_separator, make_tokenizer
+from diffmoe_jax.data.tokenizer import check_no_separator, make_tokenizer
 
 FORMAT_VERSION = 2  # 2: near-duplicate files share a split (split.py); 1 split by path hash alone
 SPLITS = ("train", "val")
@@ -128,7 +128,6 @@ def build_corpus(data_config, cache_root: str | None = None) -> Corpus:
     raise DataError(f"config.data.val_fraction = {val_fraction!r} must lie in (0, 1), such as 0.05: every domain "
                     "is evaluated on its validation split.")
   tokenizer = make_tokenizer(data_config.tokenizer)
-  check_separator(tokenizer, data_config.segment_masking)
   root = os.path.expanduser(cache_root or data_config.cache_dir or os.environ.get("DIFFMOE_CACHE")
                             or "~/.cache/diffmoe_jax")
   try:

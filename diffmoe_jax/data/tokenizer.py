@@ -93,7 +93,8 @@ def check_no_separator(tokenizer, text: str, path: str, field: str) -> None:
 
 def check_separator(tokenizer, segment_masking: bool) -> None:
   """DataError if `segment_masking` asks to keep documents apart and the tokenizer has no separator: its
-  documents run together with no token between them, and every segment id would be 0."""
+  documents run together with no token between them, and every segment id would be 0. Training checks this
+  (its cache, the same either way, is kept); evaluating a run trained so does not."""
   if segment_masking and tokenizer.eos_id is None:
     raise DataError(f"{FIELD} = {tokenizer.name!r} has no document separator (a Hugging Face vocabulary with none "
                     f"of {', '.join(HF_EOS_TOKENS)}, or a SentencePiece model without eos), so documents would run "
