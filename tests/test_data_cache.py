@@ -288,21 +288,38 @@ def test_a_glob_that_matches_the_token_caches_own_files_is_refused(text_dir):
   assert len(os.listdir(cache)) == 1
 
 
-def test_training_refuses_a_tokenizer_without_a_separator_while_segment_masking_is_on(text_dir, tmp_path,
-                                                                                      make_config):
-  """A Hugging Face vocabulary with none of the separators (Llama 3 ends a text with '<|end_of_text|>'): its
-  documents ran together and every segment id was 0, with data.segment_masking on. The refusal comes before
-  anything is compiled; the corpus (the same either way) still builds, for the run that turns masking off and
-  for evaluating a run trained so."""
+def byte_level_bpe(tmp_path, special_token):
+  """A small byte-level BPE of the `english` texts with one special token, and its tokenizer.json."""
   tokenizers = pytest.importorskip("tokenizers")
   tok = tokenizers.Tokenizer(tokenizers.models.BPE())
   tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = tokenizers.decoders.ByteLevel()
   tok.train_from_iterator([english(i) for i in range(8)], tokenizers.trainers.BpeTrainer(
-      vocab_size=300, special_tokens=["<|end_of_text|>"], show_progress=False,
+      vocab_size=300, special_tokens=[special_token], show_progress=False,
       initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
   path = tmp_path / "tokenizer.json"
   tok.save(str(path))
+  return tok, path
+
+
+def test_llama3s_end_of_text_separates_documents(text_dir, tmp_path):
+  """'<|end_of_text|>' ends a text in Llama 3's vocabulary, which had no separator: its documents ran together.
+  Its fingerprint names it, so a cache built before, with no separators, is not reused."""
+  tok, path = byte_level_bpe(tmp_path, "<|end_of_text|>")
+  corpus = data.build_corpus(data_config({"text": f"files:{text_dir}/*.txt"}, f"hf:{path}", val_fraction=0.3),
+                             cache_root=str(tmp_path / "cache"))
+  test_data.check_subword_corpus(corpus, text_dir, lambda s: tok.encode(s, add_special_tokens=False).ids,
+                                 tok.token_to_id("<|end_of_text|>"))
+  assert corpus.tokenizer.fingerprint == f"hf:{path}:{hashlib.sha256(path.read_bytes()).hexdigest()}:<|end_of_text|>"
+
+
+def test_training_refuses_a_tokenizer_without_a_separator_while_segment_masking_is_on(text_dir, tmp_path,
+                                                                                      make_config):
+  """A Hugging Face vocabulary with none of the separators (a BERT-like one, with '[SEP]'): its documents ran
+  together and every segment id was 0, with data.segment_masking on. The refusal comes before anything is
+  compiled; the corpus (the same either way) still builds, for the run that turns masking off and for
+  evaluating a run trained so."""
+  tok, path = byte_level_bpe(tmp_path, "[SEP]")
   config = make_config(vocab_size=320)  # room for the tokenizer's 300: the separator is the only thing at fault
   config.data = data_config({"text": f"files:{text_dir}/*.txt"}, f"hf:{path}", val_fraction=0.3)
   corpus = data.build_corpus(config.data, cache_root=str(tmp_path / "cache"))
