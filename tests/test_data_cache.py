@@ -111,6 +111,20 @@ def test_a_killed_builds_temporary_directory_is_removed_by_the_next_build(text_d
   assert not killed.exists() and (running / "all.bin").exists() and (root / ".notes").exists()
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_a_cache_entry_has_the_permissions_the_umask_gives(text_dir, tmp_path, umask):
+  """Entries were made 0700 (tempfile.mkdtemp), so the other users of a shared cache could not read them: they
+  were told the entry was incomplete, and then that the cache could not be written."""
+  before = os.umask(umask)
+  try:
+    corpus = data.build_corpus(data_config({"text": f"files:{text_dir}/*.txt"}), cache_root=str(tmp_path / "cache"))
+  finally:
+    os.umask(before)
+  entry = corpus.cache_dirs["text"]
+  assert [oct(os.stat(p).st_mode & 0o777) for p in [entry] + [os.path.join(entry, f) for f in os.listdir(entry)]] == [
+      oct(0o777 & ~umask)] + [oct(0o666 & ~umask)] * 3
+
+
 def test_a_cache_entry_cut_short_or_missing_a_file_is_rebuilt(text_dir, tmp_path):
   """An interrupted copy of a cache directory (meta.json is copied before the token files) trained on a cut
   stream, or stopped with a traceback."""

@@ -27,8 +27,8 @@ import json
 import numbers
 import os
 import re
+import secrets
 import shutil
-import tempfile
 import time
 
 import numpy as np
@@ -43,7 +43,7 @@ from diffmoe_jax.data.tokenizer import check_no_separator, make_tokenizer
 FORMAT_VERSION = 2  # 2: near-duplicate files share a split (split.py); 1 split by path hash alone
 SPLITS = ("train", "val")
 _COUNT_CHUNK = 1 << 24  # tokens per np.bincount call, to bound the int64 copy it makes
-_BUILD_DIR = re.compile(r"\.[0-9a-f]{24}\.[a-z0-9_]{8}")  # tempfile.mkdtemp(prefix=".<key>.")
+_BUILD_DIR = re.compile(r"\.[0-9a-f]{24}\.[a-z0-9_]{8}")  # _locked_temporary_dir's (tempfile.mkdtemp's, before)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,9 +256,17 @@ def _complete(cache_dir: str, dtype: type) -> bool:
 
 
 def _locked_temporary_dir(root: str, key: str) -> tuple[str, int]:
-  """A new temporary directory for building `key`, and a descriptor holding its lock until closed."""
+  """A new temporary directory for building `key`, and a descriptor holding its lock until closed.
+
+  It is made with the permissions the umask gives, as the entry it becomes: tempfile.mkdtemp's 0700 kept
+  every entry of a cache shared by several users from all but the one who built it.
+  """
   while True:
-    tmp = tempfile.mkdtemp(prefix=f".{key}.", dir=root)
+    tmp = os.path.join(root, f".{key}.{secrets.token_hex(4)}")
+    try:
+      os.mkdir(tmp)
+    except FileExistsError:
+      continue
     lock = os.open(tmp, os.O_RDONLY)
     try:
       fcntl.flock(lock, fcntl.LOCK_EX)
