@@ -1,5 +1,5 @@
 """The token cache and `files:` sources: what survives a killed build, a full disk, a damaged cache entry,
-files added to a domain, and symlinks."""
+files added to a domain, and symlinks; tokenizers that cannot separate documents or leave gaps in their ids."""
 import errno
 import fcntl
 import hashlib
@@ -12,7 +12,7 @@ import pytest
 from diffmoe_jax import data
 from diffmoe_jax.data import corpus as corpus_lib
 from diffmoe_jax.data import sources
-from diffmoe_jax.train import workdir
+from diffmoe_jax.train import loop, workdir
 import test_data
 from test_data import data_config, documents, english, shingles, unit_hash
 
@@ -73,6 +73,28 @@ def test_a_file_reached_through_symlinks_is_one_document(text_dir, tmp_path):
   assert all(stream.count(english(i).encode()) == 1 for i in range(8))
 
 
+@pytest.mark.parametrize("target", ["/nonexistent/volume/doc8.txt", "doc8.txt"])  # a moved file; a link loop
+def test_a_glob_matching_a_link_to_nothing_is_a_data_error(text_dir, target):
+  """glob lists a link whose target is gone, and the domain was built without its text, unseen."""
+  os.symlink(target, text_dir / "doc8.txt")
+  with pytest.raises(data.DataError, match=rf"^config\.data\.domains\.text = .*: .*/text/doc8\.txt is a symbolic "
+                                           rf"link to '{target}', which does not exist \(or is a loop of links\); "
+                                           r"fix the link or narrow the glob\.$"):
+    sources.parse_source("text", f"files:{text_dir}/*.txt")
+
+
+def test_a_comma_in_a_path_is_written_as_a_character_class(tmp_path):
+  """A comma separates a spec's globs, so a path holding one could not be named at all: '[,]' was cut too."""
+  (tmp_path / "Smith, John").mkdir()
+  for i in range(3):
+    (tmp_path / "Smith, John" / f"{i}.txt").write_text(english(i), encoding="utf-8")
+  with pytest.raises(data.DataError, match=r"^config\.data\.domains\.text = .*: '.*/Smith' does not exist or is not "
+                                           r"a file \(a ',' separates globs: write one in a name as '\[,\]'\)"):
+    sources.parse_source("text", f"files:{tmp_path}/Smith, John/*.txt")
+  source = sources.parse_source("text", f"files:{tmp_path}/Smith[,] John/*.txt,{tmp_path}/Smith[,] John/0.txt")
+  assert [source.relpath(f) for f in source.files] == [f"Smith, John/{i}.txt" for i in range(3)]
+
+
 def test_a_killed_builds_temporary_directory_is_removed_by_the_next_build(text_dir, tmp_path):
   root = tmp_path / "cache"
   killed, running = root / ".0123456789abcdef01234567.k1ll3d_x", root / ".fedcba9876543210fedcba98.runn1ng_"
@@ -87,6 +109,20 @@ def test_a_killed_builds_temporary_directory_is_removed_by_the_next_build(text_d
   finally:
     os.close(lock)
   assert not killed.exists() and (running / "all.bin").exists() and (root / ".notes").exists()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_a_cache_entry_has_the_permissions_the_umask_gives(text_dir, tmp_path, umask):
+  """Entries were made 0700 (tempfile.mkdtemp), so the other users of a shared cache could not read them: they
+  were told the entry was incomplete, and then that the cache could not be written."""
+  before = os.umask(umask)
+  try:
+    corpus = data.build_corpus(data_config({"text": f"files:{text_dir}/*.txt"}), cache_root=str(tmp_path / "cache"))
+  finally:
+    os.umask(before)
+  entry = corpus.cache_dirs["text"]
+  assert [oct(os.stat(p).st_mode & 0o777) for p in [entry] + [os.path.join(entry, f) for f in os.listdir(entry)]] == [
+      oct(0o777 & ~umask)] + [oct(0o666 & ~umask)] * 3
 
 
 def test_a_cache_entry_cut_short_or_missing_a_file_is_rebuilt(text_dir, tmp_path):
@@ -106,6 +142,29 @@ def test_a_cache_entry_cut_short_or_missing_a_file_is_rebuilt(text_dir, tmp_path
     del corpus
 
 
+def test_a_cache_entry_another_run_finishes_during_the_split_is_reused(text_dir, tmp_path, monkeypatch):
+  """Two runs building the same cache at once: the one whose split ended second called the other's complete
+  entry incomplete, deleted it (under the run reading it) and tokenized the domain again."""
+  config = data_config({"text": f"files:{text_dir}/*.txt"}, val_fraction=0.3)
+  root = str(tmp_path / "cache")
+  real_split, real_write, writes = corpus_lib._split_domains, corpus_lib._write_domain, []
+
+  def split_while_another_run_builds(*args):
+    plans = real_split(*args)
+    monkeypatch.setattr(corpus_lib, "_split_domains", real_split)
+    split_while_another_run_builds.other = data.build_corpus(config, cache_root=root)
+    return plans
+
+  monkeypatch.setattr(corpus_lib, "_split_domains", split_while_another_run_builds)
+  monkeypatch.setattr(corpus_lib, "_write_domain", lambda *args: writes.append(real_write(*args)))
+  corpus = data.build_corpus(config, cache_root=root)
+  other = split_while_another_run_builds.other
+  assert len(writes) == 1 and os.listdir(root) == [os.path.basename(other.cache_dirs["text"])]
+  assert corpus.cache_dirs == other.cache_dirs
+  for split in ("train", "val"):
+    np.testing.assert_array_equal(corpus.tokens("text", split), other.tokens("text", split))
+
+
 def test_a_full_disk_or_an_unreadable_file_is_a_data_error(text_dir, tmp_path, monkeypatch):
   root = tmp_path / "cache"
   config = data_config({"text": f"files:{text_dir}/*.txt"})
@@ -120,6 +179,14 @@ def test_a_full_disk_or_an_unreadable_file_is_a_data_error(text_dir, tmp_path, m
                                            r"free space there, or set config\.data\.cache_dir"):
     data.build_corpus(config, cache_root=str(root))
   assert os.listdir(root) == []
+  monkeypatch.undo()
+
+  def cannot_list(path):  # another user's cache directory, which this one may not read
+    raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+
+  monkeypatch.setattr(corpus_lib.os, "listdir", cannot_list)
+  with pytest.raises(data.DataError, match=rf"^the token cache {root} cannot be written \(Permission denied\)"):
+    data.build_corpus(config, cache_root=str(root))
   monkeypatch.undo()
 
   def no_permission(path, mode="r"):
@@ -194,8 +261,10 @@ def test_a_finished_run_on_domains_split_together_names_them_all_when_one_change
     workdir.check_data("run", saved, now, print)
 
 
-def test_a_directory_that_cannot_be_listed_under_double_star_is_a_data_error(text_dir, monkeypatch):
-  """os.walk skips a directory it cannot list, which left its files out of the domain unseen."""
+@pytest.mark.parametrize("pattern", ["**/*.txt", "*/*.txt", "private/*.txt", "private/*/**/*.txt"])
+def test_a_directory_a_glob_cannot_list_is_a_data_error(text_dir, monkeypatch, pattern):
+  """os.walk and glob skip a directory they cannot list, which left its files out of the domain unseen (or
+  called the glob one that matches no file)."""
   (text_dir / "private").mkdir()
   (text_dir / "private" / "notes.txt").write_text(english(9), encoding="utf-8")
   real_scandir = os.scandir
@@ -209,7 +278,7 @@ def test_a_directory_that_cannot_be_listed_under_double_star_is_a_data_error(tex
   with pytest.raises(data.DataError, match=r"^config\.data\.domains\.text = .*: the directory .*/text/private "
                                            r"cannot be listed \(Permission denied\); fix its permissions or "
                                            r"narrow the glob\.$"):
-    sources.parse_source("text", f"files:{text_dir}/**/*.txt")
+    sources.parse_source("text", f"files:{text_dir}/{pattern}")
   with pytest.raises(data.DataError, match=r"the glob '.*/nowhere/\*\*/\*\.txt' matches no file"):  # no directory
     sources.parse_source("text", f"files:{text_dir}/nowhere/**/*.txt")
 
@@ -226,3 +295,91 @@ def test_a_glob_that_matches_the_token_caches_own_files_is_refused(text_dir):
                                            r"cache_dir \(or \$DIFFMOE_CACHE\) to a directory outside it\.$"):
     data.build_corpus(config, cache_root=str(cache))
   assert len(os.listdir(cache)) == 1
+  os.symlink(cache, text_dir.parent / "cache_link")  # the cache named through a link, and globbed by its real path
+  with pytest.raises(data.DataError, match=rf"^config\.data\.domains\.text = .* matches {cache}/\w+/meta\.json, "
+                                           rf"in the token cache {text_dir.parent}/cache_link; narrow the glob"):
+    data.build_corpus(config, cache_root=str(text_dir.parent / "cache_link"))
+  assert len(os.listdir(cache)) == 1
+
+
+def byte_level_bpe(tmp_path, special_token):
+  """A small byte-level BPE of the `english` texts with one special token, and its tokenizer.json."""
+  tokenizers = pytest.importorskip("tokenizers")
+  tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = tokenizers.decoders.ByteLevel()
+  tok.train_from_iterator([english(i) for i in range(8)], tokenizers.trainers.BpeTrainer(
+      vocab_size=300, special_tokens=[special_token], show_progress=False,
+      initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
+  path = tmp_path / "tokenizer.json"
+  tok.save(str(path))
+  return tok, path
+
+
+def test_llama3s_end_of_text_separates_documents(text_dir, tmp_path):
+  """'<|end_of_text|>' ends a text in Llama 3's vocabulary, which had no separator: its documents ran together.
+  Its fingerprint names it, so a cache built before, with no separators, is not reused."""
+  tok, path = byte_level_bpe(tmp_path, "<|end_of_text|>")
+  corpus = data.build_corpus(data_config({"text": f"files:{text_dir}/*.txt"}, f"hf:{path}", val_fraction=0.3),
+                             cache_root=str(tmp_path / "cache"))
+  test_data.check_subword_corpus(corpus, text_dir, lambda s: tok.encode(s, add_special_tokens=False).ids,
+                                 tok.token_to_id("<|end_of_text|>"))
+  assert corpus.tokenizer.fingerprint == f"hf:{path}:{hashlib.sha256(path.read_bytes()).hexdigest()}:<|end_of_text|>"
+
+
+def test_training_refuses_a_tokenizer_without_a_separator_while_segment_masking_is_on(text_dir, tmp_path,
+                                                                                      make_config):
+  """A Hugging Face vocabulary with none of the separators (a BERT-like one, with '[SEP]'): its documents ran
+  together and every segment id was 0, with data.segment_masking on. The refusal comes before anything is
+  compiled; the corpus (the same either way) still builds, for the run that turns masking off and for
+  evaluating a run trained so."""
+  tok, path = byte_level_bpe(tmp_path, "[SEP]")
+  config = make_config(vocab_size=320)  # room for the tokenizer's 300: the separator is the only thing at fault
+  config.data = data_config({"text": f"files:{text_dir}/*.txt"}, f"hf:{path}", val_fraction=0.3)
+  corpus = data.build_corpus(config.data, cache_root=str(tmp_path / "cache"))
+  assert corpus.segment_masking and corpus.tokenizer.eos_id is None
+  with pytest.raises(data.DataError, match=r"^config\.data\.tokenizer = 'hf:.*' has no document separator \(a "
+                                           r"Hugging Face vocabulary with none of <\|endoftext\|>, </s>, <eos>, .*, "
+                                           r"so documents would run together .*; use a tokenizer with one, or set "
+                                           r"config\.data\.segment_masking=False"):
+    loop.train(config, str(tmp_path / "run"), corpus=corpus)
+  config.data.segment_masking = False  # the documents joined, as asked
+  corpus = data.build_corpus(config.data, cache_root=str(tmp_path / "cache"))
+  files = corpus.info("text", "train").files
+  np.testing.assert_array_equal(corpus.tokens("text", "train"), [
+      t for name in files for t in tok.encode((text_dir / name).read_text(encoding="utf-8")).ids])
+
+
+def test_a_vocabulary_whose_ids_leave_gaps_is_sized_by_its_largest_id(text_dir, tmp_path):
+  """vocab_size was the number of tokens (10 here), so id 70000 was stored as a uint16 (4464) and passed the
+  check of model.vocab_size against it; the cache entry so made is not reused."""
+  tokenizers = pytest.importorskip("tokenizers")
+  words = sorted(set(" ".join(english(i) for i in range(8)).split()))
+  vocab = {"[UNK]": 0, "<|endoftext|>": 1, **{w: i + 2 for i, w in enumerate(words[:7])}, words[7]: 70000}
+  tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+  tok.add_special_tokens(["<|endoftext|>"])
+  path = tmp_path / "tokenizer.json"
+  tok.save(str(path))
+  config = data_config({"text": f"files:{text_dir}/*.txt"}, f"hf:{path}", val_fraction=0.3)
+  corpus = data.build_corpus(config, cache_root=str(tmp_path / "cache"))
+  assert corpus.tokenizer.vocab_size == 70001
+  expected = {}
+  for split in ("train", "val"):
+    expected[split] = [t for name in corpus.info("text", split).files
+                       for t in tok.encode((text_dir / name).read_text(encoding="utf-8")).ids + [1]]
+    assert 70000 in expected[split]
+    np.testing.assert_array_equal(corpus.tokens("text", split), expected[split])
+  # The entry such a vocabulary was given before, under the same key: uint16, its ids cut. It is rebuilt.
+  entry = corpus.cache_dirs["text"]
+  del corpus
+  with open(os.path.join(entry, "meta.json")) as f:
+    meta = json.load(f)
+  for split in ("train", "val"):
+    np.array(expected[split]).astype(np.uint16).tofile(os.path.join(entry, f"{split}.bin"))
+  with open(os.path.join(entry, "meta.json"), "w") as f:
+    json.dump({**meta, "dtype": "uint16"}, f)
+  corpus = data.build_corpus(config, cache_root=str(tmp_path / "cache"))
+  assert corpus.cache_dirs["text"] == entry
+  for split in ("train", "val"):
+    np.testing.assert_array_equal(corpus.tokens("text", split), expected[split])

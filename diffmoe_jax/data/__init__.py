@@ -8,6 +8,7 @@
 from diffmoe_jax.data.corpus import Corpus, SplitInfo, build_corpus
 from diffmoe_jax.data.errors import DataError
 from diffmoe_jax.data.pipeline import eval_batches, train_dataset
-from diffmoe_jax.data.tokenizer import make_tokenizer
+from diffmoe_jax.data.tokenizer import check_separator, make_tokenizer
 
-__all__ = ["Corpus", "DataError", "SplitInfo", "build_corpus", "eval_batches", "make_tokenizer", "train_dataset"]
+__all__ = ["Corpus", "DataError", "SplitInfo", "build_corpus", "check_separator", "eval_batches", "make_tokenizer",
+           "train_dataset"]

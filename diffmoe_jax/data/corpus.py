@@ -8,9 +8,9 @@ root its paths are hashed relative to, where that is not the files' common direc
 over all domains' files together (split.py), so unless the domains all have the same files, root and views
 (one domain, or the built-in corpus's two), the key also holds each other domain's own key. A directory is
 written under a temporary name and renamed into place, so an interrupted build never leaves a half cache
-(an entry whose files do not match its meta.json, such as an interrupted copy, is rebuilt). A build holds a
-lock on its temporary directory; one whose lock is free was left by a killed build, and the next build
-removes it.
+(an entry whose files do not match its meta.json, such as an interrupted copy, or whose token width is not
+the tokenizer's, is rebuilt). A build holds a lock on its temporary directory; one whose lock is free was left
+by a killed build, and the next build removes it.
 
 Each document's tokens are followed by the tokenizer's eos id when it has one; token counts include these
 separators and byte counts (UTF-8 bytes of the text) do not, so bits per byte = bits per token / bytes per
@@ -27,8 +27,8 @@ import json
 import numbers
 import os
 import re
+import secrets
 import shutil
-import tempfile
 import time
 
 import numpy as np
@@ -43,7 +43,7 @@ from diffmoe_jax.data.tokenizer import check_no_separator, make_tokenizer
 FORMAT_VERSION = 2  # 2: near-duplicate files share a split (split.py); 1 split by path hash alone
 SPLITS = ("train", "val")
 _COUNT_CHUNK = 1 << 24  # tokens per np.bincount call, to bound the int64 copy it makes
-_BUILD_DIR = re.compile(r"\.[0-9a-f]{24}\.[a-z0-9_]{8}")  # tempfile.mkdtemp(prefix=".<key>.")
+_BUILD_DIR = re.compile(r"\.[0-9a-f]{24}\.[a-z0-9_]{8}")  # _locked_temporary_dir's (tempfile.mkdtemp's, before)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,9 +135,10 @@ def build_corpus(data_config, cache_root: str | None = None) -> Corpus:
   except OSError as e:
     raise _cache_error(root, e) from None
   sources = {name: parse_source(name, domains[name]) for name in sorted(domains)}
+  real_root = os.path.join(os.path.realpath(root), "")  # either may be reached through a symlink
   for source in sources.values():
     # The cache's own files would be read as text, and change the key (and so add an entry) on every build.
-    inside = next((f for f in source.files if f.startswith(os.path.join(os.path.abspath(root), ""))), None)
+    inside = next((f for f in source.files if os.path.realpath(f).startswith(real_root)), None)
     if inside:
       raise DataError(f"{source.field} = {source.spec!r} matches {inside}, in the token cache {root}; narrow the "
                       "glob, or set config.data.cache_dir (or $DIFFMOE_CACHE) to a directory outside it.")
@@ -146,8 +147,9 @@ def build_corpus(data_config, cache_root: str | None = None) -> Corpus:
   # Derived views of a file, shared by the domains of this build: both stdlib domains compute both views of
   # every file, and parsing out the docstrings is most of a build's time.
   derived_views = {}
+  dtype = token_dtype(tokenizer.vocab_size)
   for name, source in sources.items():
-    if _complete(dirs[name]):
+    if _complete(dirs[name], dtype):
       notes[name] = "reused"
       continue
     if plans is None:  # one split of all domains' files together, made once for the domains to build
@@ -156,9 +158,11 @@ def build_corpus(data_config, cache_root: str | None = None) -> Corpus:
       logging.info("data: split the files of domains %s together in %.1f s.", ", ".join(sources),
                    time.perf_counter() - start)
     start = time.perf_counter()
-    _cached_domain(source, dirs[name], root,
-                   functools.partial(_write_domain, source, plans[name], tokenizer, derived_views))
-    notes[name] = f"tokenized and written in {time.perf_counter() - start:.1f} s, after the joint split"
+    if _cached_domain(source, dirs[name], root, dtype,
+                      functools.partial(_write_domain, source, plans[name], tokenizer, derived_views)):
+      notes[name] = f"tokenized and written in {time.perf_counter() - start:.1f} s, after the joint split"
+    else:
+      notes[name] = "reused: another process built it during the split"
   corpus = Corpus(tokenizer, dirs, segment_masking=data_config.segment_masking)
   for name in corpus.domains:
     train, val = corpus.info(name, "train"), corpus.info(name, "val")
@@ -203,24 +207,26 @@ def _hash(key_data: dict) -> str:
   return hashlib.sha256(json.dumps(key_data).encode("utf-8")).hexdigest()[:24]
 
 
-def _cached_domain(source: Source, final: str, root: str, write) -> None:
+def _cached_domain(source: Source, final: str, root: str, dtype: type, write) -> bool:
   """Builds the cache directory `final` of one domain: `write(directory)` fills a temporary one, which is
-  then renamed into place."""
-  if os.path.exists(final):  # a build renames only a complete directory into place: this one was damaged since
-    logging.warning("data: the token cache %s of %s is incomplete (files missing or cut short); rebuilding it.",
-                    final, source.field)
+  then renamed into place. False if it needs no build: another process finished it since it was looked up."""
+  if _complete(final, dtype):  # a run started at the same time, whose split ended first (that run may be reading it)
+    return False
+  if os.path.exists(final):  # a build renames only a complete directory into place: damaged since, or stale
+    logging.warning("data: the token cache %s of %s is incomplete (files missing or cut short) or of another "
+                    "token width than the tokenizer's; rebuilding it.", final, source.field)
     shutil.rmtree(final, ignore_errors=True)
-  _remove_killed_builds(root)
   try:
+    _remove_killed_builds(root)
     tmp, lock = _locked_temporary_dir(root, os.path.basename(final))
-  except OSError as e:  # a read-only cache serves the domains built into it, and cannot take new ones
+  except OSError as e:  # a read-only or unlistable cache serves the domains built into it, and takes no new ones
     raise _cache_error(root, e) from None
   try:
     write(tmp)
     try:
       os.rename(tmp, final)
     except OSError:
-      if not _complete(final):
+      if not _complete(final, dtype):
         raise
       # Another process built the same cache meanwhile; its copy is complete, so keep that one.
       shutil.rmtree(tmp, ignore_errors=True)
@@ -231,13 +237,17 @@ def _cached_domain(source: Source, final: str, root: str, write) -> None:
     raise
   finally:
     os.close(lock)  # after the rename: an unlocked temporary directory is a killed build's
+  return True
 
 
-def _complete(cache_dir: str) -> bool:
-  """Whether a cache directory holds its meta.json and split files of the sizes that records."""
+def _complete(cache_dir: str, dtype: type) -> bool:
+  """Whether a cache directory holds its meta.json and split files of the sizes that records, of tokens of
+  `dtype` (a Hugging Face vocabulary with gaps in its ids was once given too narrow a one, under the same key)."""
   try:
     with open(os.path.join(cache_dir, "meta.json"), encoding="utf-8") as f:
       meta = json.load(f)
+    if meta["dtype"] != np.dtype(dtype).name:
+      return False
     itemsize = np.dtype(meta["dtype"]).itemsize
     return all(os.path.getsize(os.path.join(cache_dir, f"{split}.bin")) == meta["splits"][split]["tokens"] * itemsize
                for split in SPLITS)
@@ -246,9 +256,17 @@ def _complete(cache_dir: str) -> bool:
 
 
 def _locked_temporary_dir(root: str, key: str) -> tuple[str, int]:
-  """A new temporary directory for building `key`, and a descriptor holding its lock until closed."""
+  """A new temporary directory for building `key`, and a descriptor holding its lock until closed.
+
+  It is made with the permissions the umask gives, as the entry it becomes: tempfile.mkdtemp's 0700 kept
+  every entry of a cache shared by several users from all but the one who built it.
+  """
   while True:
-    tmp = tempfile.mkdtemp(prefix=f".{key}.", dir=root)
+    tmp = os.path.join(root, f".{key}.{secrets.token_hex(4)}")
+    try:
+      os.mkdir(tmp)
+    except FileExistsError:
+      continue
     lock = os.open(tmp, os.O_RDONLY)
     try:
       fcntl.flock(lock, fcntl.LOCK_EX)

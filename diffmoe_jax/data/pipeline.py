@@ -6,7 +6,8 @@ dict of numpy arrays: `inputs` and `targets` int32 [B, T] (targets are inputs sh
 int32 [B], the index of each row's domain in `corpus.domains`. With `corpus.segment_masking`, also
 `segment_ids` int32 [B, T]: the index of each input position's document within its window, counting from 0
 and going up by one after each separator (the tokenizer's eos id), so a separator is the last token of the
-document it ends. A tokenizer without a separator gives all zeros.
+document it ends. A tokenizer without a separator gives all zeros (training refuses one when segment masking
+is on).
 """
 from __future__ import annotations
 

@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import glob
 import os
+import re
 import sysconfig
 import tokenize
 import warnings
@@ -22,6 +23,7 @@ from diffmoe_jax.data.errors import DataError
 
 SOURCE_FORMS = "'stdlib:code', 'stdlib:docs' or 'files:<glob>[,<glob>...]'"
 _THIRD_PARTY_DIRS = ("site-packages", "dist-packages")
+_COMMA = re.compile(r",(?![^\[\]]*\])")  # a comma that separates globs: not one inside a [...] character class
 _DEFINITIONS = (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
 
 
@@ -131,7 +133,10 @@ def _glob_files(field: str, spec: str, arg: str) -> tuple[str, tuple[str, ...]]:
   not move the root and rename (and so re-split) the others. Paths to one file (through symlinks) count once.
   """
   files, fixed_parts = [], []
-  for pattern in arg.split(","):
+  patterns = _COMMA.split(arg)
+  # A path holding a comma is cut at it; a glob's character class can hold one.
+  comma_hint = " (a ',' separates globs: write one in a name as '[,]')" if len(patterns) > 1 else ""
+  for pattern in patterns:
     if not pattern.strip():
       raise DataError(f"{field} = {spec!r} has an empty pattern; remove the stray comma or space.")
     pattern = os.path.abspath(os.path.expanduser(pattern.strip()))
@@ -140,14 +145,20 @@ def _glob_files(field: str, spec: str, arg: str) -> tuple[str, tuple[str, ...]]:
       first_wildcard = next(i for i, part in enumerate(parts) if _has_wildcard(part))
       fixed_parts.append(os.sep.join(parts[:first_wildcard]) or os.sep)
       try:
-        matched = [p for p in _expand(pattern) if os.path.isfile(p)]
-      except OSError as e:  # a directory under `**` that cannot be listed: its files would be left out unseen
+        expanded = _expand(pattern)
+      except OSError as e:  # a directory that cannot be listed: its files would be left out unseen
         raise DataError(f"{field} = {spec!r}: the directory {e.filename} cannot be listed "
                         f"({e.strerror or e}); fix its permissions or narrow the glob.") from None
+      broken = next((p for p in expanded if os.path.islink(p) and not os.path.exists(p)), None)
+      if broken:  # a link to an unmounted volume or a moved file, or a link loop: its text would be left out unseen
+        raise DataError(f"{field} = {spec!r}: {broken} is a symbolic link to {os.readlink(broken)!r}, which does "
+                        "not exist (or is a loop of links); fix the link or narrow the glob.")
+      matched = [p for p in expanded if os.path.isfile(p)]  # not directories, FIFOs or devices
       if not matched:
         # A name with brackets, such as 'run [1]', is a character class to glob, even where it exists.
         hint = " (a '[' starts a character class; write a literal one as '[[]')" if "[" in pattern else ""
-        raise DataError(f"{field} = {spec!r}: the glob {pattern!r} matches no file{hint}; fix or remove it.")
+        raise DataError(f"{field} = {spec!r}: the glob {pattern!r} matches no file{hint}{comma_hint}; fix or remove "
+                        "it.")
     elif os.path.isfile(pattern):
       fixed_parts.append(os.path.dirname(pattern))
       matched = [pattern]
@@ -155,7 +166,8 @@ def _glob_files(field: str, spec: str, arg: str) -> tuple[str, tuple[str, ...]]:
       raise DataError(f"{field} = {spec!r}: {pattern!r} is a directory; name its files with a glob, such as "
                       f"'files:{os.path.join(pattern, '**', '*.txt')}'.")
     else:
-      raise DataError(f"{field} = {spec!r}: {pattern!r} does not exist or is not a file; fix or remove it.")
+      raise DataError(f"{field} = {spec!r}: {pattern!r} does not exist or is not a file{comma_hint}; fix or remove "
+                      "it.")
     files += matched
   by_target = {}
   for path in sorted(set(files), key=lambda p: (os.path.islink(p), p)):  # a file's own path before a link's
@@ -170,11 +182,21 @@ def _has_wildcard(pattern: str) -> bool:
 def _expand(pattern: str) -> list[str]:
   """glob.glob(pattern, recursive=True), except that `**` enters each directory once (by its real path):
   glob follows symlinks without end, so a link to a parent directory listed each file 41 times and two such
-  links hung it."""
+  links hung it. A directory the pattern lists that cannot be listed raises OSError (glob skips it, and with
+  it its files)."""
   parts = pattern.split(os.sep)
-  if "**" not in parts:
+  walked = parts.index("**") if "**" in parts else len(parts)  # os.walk raises for the directories under `**`
+  for i, part in enumerate(parts[:walked]):
+    if _has_wildcard(part):  # glob lists the directories that the parts before this one match
+      head = os.sep.join(parts[:i]) or os.sep
+      for directory in glob.glob(head) if _has_wildcard(head) else [head]:
+        try:
+          os.scandir(directory).close()
+        except OSError as e:
+          _raise_if_exists(e)
+  if walked == len(parts):
     return glob.glob(pattern)
-  i = parts.index("**")
+  i = walked
   head, tail = os.sep.join(parts[:i]) or os.sep, os.sep.join(parts[i + 1:]) or "*"
   tops = [d for d in glob.glob(head) if os.path.isdir(d)] if _has_wildcard(head) else [head]
   seen, matched = set(), []

@@ -3,7 +3,7 @@
 A tokenizer has `name` (its spec), `vocab_size`, `encode(text) -> ids`, `decode(ids) -> text`, `eos_id` (the
 token that separates documents in the token stream, or None), `reserved_text` (text that encodes to that
 separator, which documents must therefore not contain; None if there is none) and `fingerprint` (the spec
-plus a hash of the model file: part of the token cache's key).
+plus a hash of the model file, and a separator looked up only since: part of the token cache's key).
 """
 from __future__ import annotations
 
@@ -19,7 +19,10 @@ FIELD = "config.data.tokenizer"
 INSTALL_HINT = ("install the optional tokenizer packages from a clone of the repository: "
                 "`pip install -e '.[tokenizers]'` (or `pip install sentencepiece tokenizers`)")
 # Looked up in this order in a Hugging Face vocabulary; the first present separates documents.
-HF_EOS_TOKENS = ("<|endoftext|>", "</s>", "<eos>")
+HF_EOS_TOKENS = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>")
+# Separators looked up since caches were built without them: a vocabulary separated by one of these names it in
+# its fingerprint, so the cache it had before (its documents joined) is not reused.
+_LATER_EOS_TOKENS = ("<|end_of_text|>",)  # Llama 3
 
 
 class ByteTokenizer:
@@ -62,12 +65,15 @@ class HFTokenizer:
   def __init__(self, tokenizers, spec: str, path: str):
     self._tok = tokenizers.Tokenizer.from_file(path)
     self.name = spec
-    self.fingerprint = f"{spec}:{_file_sha256(path)}"
-    self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+    # One more than the largest id, not get_vocab_size (the number of tokens): ids may leave gaps, and an id at
+    # or past vocab_size was stored cut to the cache's dtype (70000 as 4464) and passed the model's size check.
+    self.vocab_size = max(self._tok.get_vocab(with_added_tokens=True).values()) + 1
     found = [t for t in HF_EOS_TOKENS if self._tok.token_to_id(t) is not None]
     # Special tokens are matched in raw text too, so a document must not contain the separator's text.
     self.reserved_text = found[0] if found else None
     self.eos_id = self._tok.token_to_id(found[0]) if found else None
+    later = f":{found[0]}" if found and found[0] in _LATER_EOS_TOKENS else ""
+    self.fingerprint = f"{spec}:{_file_sha256(path)}{later}"
 
   def encode(self, text: str) -> list[int]:
     return self._tok.encode(text, add_special_tokens=False).ids
@@ -87,6 +93,17 @@ def check_no_separator(tokenizer, text: str, path: str, field: str) -> None:
     offset = len(text[:text.index(reserved)].encode("utf-8"))
     raise DataError(f"{field}: {path} contains {reserved!r} at byte offset {offset}, which the tokenizer "
                     f"{tokenizer.name!r} reserves to separate documents; remove it from the file.")
+
+
+def check_separator(tokenizer, segment_masking: bool) -> None:
+  """DataError if `segment_masking` asks to keep documents apart and the tokenizer has no separator: its
+  documents run together with no token between them, and every segment id would be 0. Training checks this
+  (its cache, the same either way, is kept); evaluating a run trained so does not."""
+  if segment_masking and tokenizer.eos_id is None:
+    raise DataError(f"{FIELD} = {tokenizer.name!r} has no document separator (a Hugging Face vocabulary with none "
+                    f"of {', '.join(HF_EOS_TOKENS)}, or a SentencePiece model without eos), so documents would run "
+                    "together and config.data.segment_masking could not keep them apart; use a tokenizer with one, "
+                    "or set config.data.segment_masking=False to train on the documents joined.")
 
 
 def make_tokenizer(spec: str):

@@ -296,6 +296,7 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, *, corpus: "d
   process_index, process_count = jax.process_index(), jax.process_count()
   checkpoint.check_directory(os.path.join(workdir, "checkpoints"))  # before the data is built (minutes)
   corpus = corpus or data.build_corpus(config.data)
+  data.check_separator(corpus.tokenizer, corpus.segment_masking)
   distributed.check_same_data(corpus)
   if corpus.tokenizer.vocab_size > config.model.vocab_size:
     raise ConfigError(f"config.model.vocab_size ({config.model.vocab_size}) is smaller than the tokenizer's "
