@@ -12,7 +12,7 @@ from diffmoe_jax import config as config_lib
 from diffmoe_jax import parallel, validation
 from diffmoe_jax.config import ConfigError
 from diffmoe_jax.nn import model as model_lib
-from diffmoe_jax.train import checkpoint, state as state_lib, step as step_lib
+from diffmoe_jax.train import checkpoint, loop, state as state_lib, step as step_lib
 
 CONFIG_PATH = os.path.join(os.path.dirname(__file__), "train_config.py")
 # An optimizer whose state is the last gradient it was given: a step's gradients, read off the new state.
@@ -165,6 +165,27 @@ def test_the_scale_starts_at_its_init_and_is_checkpointed_and_restored(setup, tm
   assert step == 5
   assert (float(restored.loss_scale.scale), int(restored.loss_scale.good_steps),
           int(restored.loss_scale.overflow_total)) == (2.0**21, 7, 3)
+
+
+@pytest.mark.parametrize("saved, resumed", [("float16", "float32"), ("float32", "float16")])
+def test_a_checkpoint_resumes_with_model_dtype_changed_to_or_from_float16(setup, tmp_path, saved, resumed):
+  """The way out that a run stopped for non-finite updates names (model.dtype, allowed as a change): the loss
+  scale is dropped, or starts at train.loss_scale_init; the rest of the state is the saved one."""
+  _, _, models = setup
+  model, state = models[saved]
+  ckpt = checkpoint.Checkpointer(str(tmp_path), async_save=False)
+  ckpt.save(3, state.replace(step=jnp.int32(3)), tiny_config(saved))
+  config = tiny_config(resumed)
+  config.train.update(allow_config_change="model.dtype", loss_scale_init=2.0**9)
+  mesh, rules = parallel.make_mesh(config.mesh), parallel.axis_rules(config.mesh)
+  abstract, _, _ = state_lib.create_state(models[resumed][0], KEEP_GRADS, mesh, rules, seed=0, seq_len=8)
+  restored, step = loop._restore_or_init(ckpt, config, abstract, make_state=None)  # pylint: disable=protected-access
+  ckpt.close()
+  assert step == int(restored.step) == 3
+  assert jax.tree.structure(restored) == jax.tree.structure(abstract)
+  jax.tree.map(np.testing.assert_array_equal, restored.params, state.params)
+  if resumed == "float16":
+    assert (float(restored.loss_scale.scale), int(restored.loss_scale.good_steps)) == (2.0**9, 0)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])

@@ -75,6 +75,23 @@ def init_fn(model: nn.Module, optimizer: optax.GradientTransformation, seq_len: 
   return init
 
 
+def with_loss_scale(state: TrainState, scaled: bool, init: float = LOSS_SCALE_INIT) -> TrainState:
+  """`state`, concrete or abstract (ShapeDtypeStructs), with its loss scale if `scaled` (a new one at `init`,
+  placed as `state.step` is, where it has none), else without one: how a checkpoint saved with model.dtype
+  "float16" resumes with another dtype, and the other way round."""
+  if not scaled:
+    return state.replace(loss_scale=None)
+  if state.loss_scale is not None:
+    return state
+  step = state.step
+  if isinstance(step, jax.ShapeDtypeStruct):
+    new = lambda value, dtype: jax.ShapeDtypeStruct((), dtype, sharding=step.sharding)
+  else:
+    new = lambda value, dtype: jax.device_put(jnp.asarray(value, dtype), step.sharding)
+  return state.replace(loss_scale=LossScale(scale=new(init, jnp.float32), good_steps=new(0, jnp.int32),
+                                            overflow_total=new(0, jnp.int32)))
+
+
 def create_state(model, optimizer, mesh, rules, *, seed: int, seq_len: int,
                  loss_scale_init: float = LOSS_SCALE_INIT):
   """(abstract state with shardings, state shardings, a function making the real state on the mesh).
