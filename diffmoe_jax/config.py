@@ -161,6 +161,12 @@ def defaults() -> ml_collections.ConfigDict:
   t.keep_checkpoints = 3
   t.stable_rank_every = 100
   t.max_nonfinite_in_a_row = 10
+  # Dynamic loss scaling, with model.dtype "float16" only (README "Training"): the loss scale starts at
+  # loss_scale_init (a resumed run continues with the saved one), doubles after loss_scale_growth_interval
+  # finite steps in a row, and halves on a gradient overflow (the update skipped), down to loss_scale_min.
+  t.loss_scale_init = 2.0**15
+  t.loss_scale_growth_interval = 2000
+  t.loss_scale_min = 1.0
   t.run_steps = 0  # stop (with a checkpoint) after this many steps of one invocation; 0: run to the end
   t.memory_headroom = 0.9  # refuse to start if the estimate exceeds this fraction of available memory
   t.peak_flops_per_device = 0.0  # for MFU; 0: known accelerator peaks, or a measured matmul peak on CPU

@@ -319,6 +319,16 @@ def _validate_training(config: ml_collections.ConfigDict) -> None:
   for field in ("log_every", "eval_every", "checkpoint_every", "stable_rank_every", "eval_batches",
                 "eval_batch_size", "keep_checkpoints", "max_nonfinite_in_a_row"):
     require(config.train[field] >= 1, f"train.{field}", f"must be >= 1, got {config.train[field]}.")
+  t = config.train
+  for field in ("loss_scale_min", "loss_scale_init"):  # the scale is a float32
+    require(_is_number(t[field]) and 2.0**-126 <= t[field] <= 2.0**127, f"train.{field}",
+            f"the float16 loss scale must lie in float32's normal range [2**-126, 2**127], got {t[field]!r}.")
+  require(t.loss_scale_init >= t.loss_scale_min, "train.loss_scale_init",
+          f"{t.loss_scale_init!r} is below train.loss_scale_min ({t.loss_scale_min!r}), the loss scale's floor; "
+          "raise it or lower loss_scale_min.")
+  require(isinstance(t.loss_scale_growth_interval, int) and t.loss_scale_growth_interval >= 1,
+          "train.loss_scale_growth_interval", f"must be an integer >= 1 (finite steps in a row before the float16 "
+          f"loss scale doubles), got {t.loss_scale_growth_interval!r}.")
   require(isinstance(o.grad_accum_steps, int) and o.grad_accum_steps >= 1, "optimizer.grad_accum_steps",
           f"must be an integer >= 1, got {o.grad_accum_steps!r}.")
   require(o.grad_clip > 0, "optimizer.grad_clip", f"must be > 0, got {o.grad_clip}.")

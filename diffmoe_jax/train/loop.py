@@ -314,7 +314,8 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, *, corpus: "d
   model = model_lib.build_model(config.model)
   optimizer = state_lib.make_optimizer(config.optimizer)
   abstract_state, state_shardings, make_state = state_lib.create_state(
-      model, optimizer, mesh, rules, seed=config.seed, seq_len=min(p.seq_len for p in curriculum.phases))
+      model, optimizer, mesh, rules, seed=config.seed, seq_len=min(p.seq_len for p in curriculum.phases),
+      loss_scale_init=config.train.loss_scale_init)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints,
                                  remove_partial_saves=True)  # the workdir's lock makes this run its only writer
   state, start_step, saved_config = resume.restore_or_init(ckpt, config, abstract_state, make_state)
@@ -344,7 +345,9 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, *, corpus: "d
                    len(compiled) + 1, total_keys)
       fn = step_lib.make_train_step(model, optimizer, mod_mode=settings.mod_mode,
                                     mod_capacity=settings.mod_capacity,
-                                    grad_accum_steps=config.optimizer.grad_accum_steps)
+                                    grad_accum_steps=config.optimizer.grad_accum_steps,
+                                    loss_scale_growth_interval=config.train.loss_scale_growth_interval,
+                                    loss_scale_min=config.train.loss_scale_min)
       compiled[key] = jax.jit(fn, in_shardings=(state_shardings, batch_shardings, scalar),
                               out_shardings=(state_shardings, scalar), donate_argnums=0).lower(*args).compile()
       if mesh.size > 1:  # what each step moves between devices, read off the compiled program
@@ -403,7 +406,7 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, *, corpus: "d
       writer.scalars(step + 1, scalars)
       for l, load in enumerate(np.asarray(metrics["layers"]["expert_load"])):
         writer.histogram(step + 1, f"moe/layer{l}/expert_load", load)
-    if int(metrics["update_skipped"]):
+    if int(metrics["update_skipped"]) and not int(metrics.get("overflow_skipped", 0)):  # an overflow: in metrics
       progress.write(f"step {step + 1}: non-finite loss or gradient; update skipped "
                      f"({int(metrics['nonfinite_total'])} so far).")
     return int(metrics["nonfinite_streak"]) >= config.train.max_nonfinite_in_a_row

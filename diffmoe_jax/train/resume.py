@@ -18,7 +18,7 @@ from absl import logging
 
 from diffmoe_jax import config as config_lib
 from diffmoe_jax.config import ConfigError
-from diffmoe_jax.train import checkpoint
+from diffmoe_jax.train import checkpoint, state as state_lib
 
 # May change on resume: bookkeeping, the mesh, and how attention and remat compute the same function. The
 # token cache's directory is bookkeeping too: the cache is keyed by the data it holds, not by where it lives.
@@ -146,10 +146,13 @@ def restore_or_init(ckpt: checkpoint.Checkpointer, config, abstract_state, make_
   # and the newest config saved up to it that can be read.
   steps = ckpt.all_steps()
   saved_config = config_step = None
+  saved_layout = abstract_state
   for step in steps[::-1]:
     saved_shapes = ckpt.saved_shapes(step)
     if saved_shapes is None:
       continue
+    # A float16 run's state has a loss scale, others' have none: model.dtype changed (if allowed) adds or drops it.
+    saved_layout = state_lib.with_loss_scale(abstract_state, "loss_scale/scale" in saved_shapes)
     saved_config, unreadable = None, []
     for config_step in [s for s in steps if s <= step][::-1]:
       try:
@@ -165,19 +168,21 @@ def restore_or_init(ckpt: checkpoint.Checkpointer, config, abstract_state, make_
                         "so whether this run's config matches the saved run's cannot be checked; resume without "
                         "that check with --config.train.allow_config_change='*' (a change of the model's shapes is "
                         "still refused), or pass a new --workdir. The checkpoints are left as they are.")
-    check(config, saved_config=saved_config, saved_shapes=saved_shapes, abstract_state=abstract_state,
+    check(config, saved_config=saved_config, saved_shapes=saved_shapes, abstract_state=saved_layout,
                  step=step, directory=ckpt.directory)
     if step > config.curriculum.total_steps:  # with a shortened curriculum allowed: nothing it runs is left
       raise ConfigError(f"The checkpoint at step {step} in {ckpt.directory} lies past the end of the curriculum "
                         f"(curriculum.total_steps={config.curriculum.total_steps}); set curriculum.total_steps to at "
                         f"least {step}, or pass a new --workdir. The checkpoints are left as they are.")
     break
-  restored = ckpt.restore_latest(abstract_state)
+  restored = ckpt.restore_latest(saved_layout)
   if restored is None:
     logging.info("No checkpoint in %s: starting from step 0.", ckpt.directory)
     return make_state(), 0, None
   logging.info("Resumed from the checkpoint at step %d in %s.", restored[1], ckpt.directory)
-  return restored + (saved_config if config_step == restored[1] else None,)
+  state, step = restored
+  state = state_lib.with_loss_scale(state, abstract_state.loss_scale is not None, config.train.loss_scale_init)
+  return state, step, saved_config if config_step == step else None
 
 
 def evaluated_before(step: int, saved_config) -> bool:
