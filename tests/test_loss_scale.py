@@ -12,7 +12,7 @@ from diffmoe_jax import config as config_lib
 from diffmoe_jax import parallel, validation
 from diffmoe_jax.config import ConfigError
 from diffmoe_jax.nn import model as model_lib
-from diffmoe_jax.train import checkpoint, loop, state as state_lib, step as step_lib
+from diffmoe_jax.train import checkpoint, resume, state as state_lib, step as step_lib
 
 CONFIG_PATH = os.path.join(os.path.dirname(__file__), "train_config.py")
 # An optimizer whose state is the last gradient it was given: a step's gradients, read off the new state.
@@ -179,7 +179,7 @@ def test_a_checkpoint_resumes_with_model_dtype_changed_to_or_from_float16(setup,
   config.train.update(allow_config_change="model.dtype", loss_scale_init=2.0**9)
   mesh, rules = parallel.make_mesh(config.mesh), parallel.axis_rules(config.mesh)
   abstract, _, _ = state_lib.create_state(models[resumed][0], KEEP_GRADS, mesh, rules, seed=0, seq_len=8)
-  restored, step = loop._restore_or_init(ckpt, config, abstract, make_state=None)  # pylint: disable=protected-access
+  restored, step, _ = resume.restore_or_init(ckpt, config, abstract, make_state=None)
   ckpt.close()
   assert step == int(restored.step) == 3
   assert jax.tree.structure(restored) == jax.tree.structure(abstract)
