@@ -49,14 +49,14 @@ def restore_params(workdir: str, config=None, step: int | None = None):
   may delete a checkpoint while it is read (it keeps the newest `train.keep_checkpoints`): then the newest
   one is read again, or, for a `step` asked for, the error says so.
   """
-  from diffmoe_jax.train import checkpoint
+  from diffmoe_jax.train import checkpoint, workdir as workdir_lib
   directory = os.path.join(os.path.abspath(os.path.expanduser(workdir)), "checkpoints")
   train_hint = f"train one with python -m diffmoe_jax.main --workdir={workdir}"
   if not os.path.isdir(directory):
-    for inside in (os.path.dirname(directory), os.path.dirname(os.path.dirname(directory))):
-      if os.path.basename(inside) == "checkpoints":  # the checkpoints directory or a step in it
-        raise checkpoint.CheckpointError(f"{workdir} is a run's checkpoints directory or one of its steps; pass "
-                                         f"the run's own directory, --workdir={os.path.dirname(inside)}.")
+    run, part = workdir_lib.run_holding(os.path.dirname(directory))
+    if run is not None:
+      raise checkpoint.CheckpointError(f"{workdir} lies in the {part} of the run in {run}; pass the run's own "
+                                       f"directory, --workdir={run}.")
     raise checkpoint.CheckpointError(f"{workdir} holds no checkpoints (there is no {directory}); {train_hint}.")
   ckpt = checkpoint.Checkpointer(directory, async_save=False)
   for _ in range(_READ_ATTEMPTS):

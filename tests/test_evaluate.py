@@ -231,10 +231,13 @@ def test_a_run_trained_on_more_devices_is_read_on_the_devices_here(workdir, tmp_
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), jax.device_get(reference))
 
 
-@pytest.mark.parametrize("inside", ["checkpoints", "checkpoints/4"])
-def test_the_checkpoints_directory_as_workdir_names_the_run(workdir, inside):
-  """Pointing at the checkpoints (or one step) was answered with 'train one with ... --workdir=<there>'."""
+@pytest.mark.parametrize("inside, part", [("checkpoints", "checkpoints"), ("checkpoints/4", "checkpoints"),
+                                          ("checkpoints/4/state", "checkpoints"), ("tb", "TensorBoard")])
+def test_the_checkpoints_directory_as_workdir_names_the_run(workdir, inside, part):
+  """Pointing at the checkpoints (or one step) was answered with 'train one with ... --workdir=<there>', and so
+  still were a directory inside a step and the TensorBoard directory (main's check, `workdir.run_holding`, names
+  them all)."""
   from diffmoe_jax.train import checkpoint
-  with pytest.raises(checkpoint.CheckpointError, match=rf"^{os.path.join(workdir, inside)} is a run's checkpoints "
-                     rf"directory or one of its steps; pass the run's own directory, --workdir={workdir}\.$"):
+  with pytest.raises(checkpoint.CheckpointError, match=rf"^{os.path.join(workdir, inside)} lies in the {part} "
+                     rf"directory of the run in {workdir}; pass the run's own directory, --workdir={workdir}\.$"):
     evaluate_lib.restore_params(os.path.join(workdir, inside))
