@@ -90,9 +90,10 @@ def generate(model, params, prompts: list[np.ndarray], *, max_new_tokens: int, t
 
   `on_tokens(i, tokens [B])` is called with the i-th new token of every row as soon as it is known (rows
   already finished included). Times exclude compilation. Scanned layers are unrolled for decoding
-  (`model_lib.unrolled`).
+  (`model_lib.unrolled`), and the MoE is dropless whatever `model.moe.eval_dispatch` says (`_dropless`).
   """
   model, params = model_lib.unrolled(model, params)
+  model = _dropless(model)
   max_seq_len = model.config.max_seq_len
   check_request(prompts, max_seq_len=max_seq_len, max_new_tokens=max_new_tokens, temperature=temperature,
                 top_k=top_k, top_p=top_p)
@@ -147,6 +148,21 @@ def generate(model, params, prompts: list[np.ndarray], *, max_new_tokens: int, t
     rows.append(row_tokens)
   return Generation(rows, int(lengths.sum()), prefill_seconds, steps * batch, decode_seconds,
                     np.stack(kept, axis=1) if keep_logits else None)
+
+
+def _dropless(model):
+  """`model` with its MoE dispatched dropless at inference. Capacity dispatch (`model.moe.eval_dispatch="capacity"`)
+  caps each expert per sequence of T tokens at ceil(capacity_factor·T·k/E): the prefill (T: the longest prompt)
+  dropped tokens while the one-token decode steps never do, a mix that matches no forward pass."""
+  cfg = model.config
+  if cfg.ffn != "moe" or cfg.moe.eval_dispatch == "dropless":
+    return model
+  from absl import logging
+  logging.warning("model.moe.eval_dispatch is %r; decoding dispatches the MoE dropless (a capacity per sequence "
+                  "has no token-by-token meaning).", cfg.moe.eval_dispatch)
+  config = cfg.as_configdict()
+  config.moe.update(eval_dispatch="dropless", expert_parallel="off")  # decoding runs on one device
+  return model_lib.build_model(config)
 
 
 def _define_flags() -> dict:

@@ -51,6 +51,21 @@ def test_incremental_decoding_equals_the_full_forward_pass(model_and_params, pro
     np.testing.assert_array_equal(generated, np.argmax(expected, axis=-1))  # temperature 0 is greedy
 
 
+def test_capacity_inference_dispatch_decodes_dropless(make_config):
+  """With model.moe.eval_dispatch="capacity" the prefill capped each expert per prompt (dropping tokens) and the
+  one-token decode steps did not: the logits matched no forward pass. Decoding is dropless."""
+  config = make_config(max_seq_len=32, **{"moe.eval_dispatch": "capacity", "moe.capacity_factor": 0.5})
+  model = model_lib.build_model(config.model)
+  params = model.init({"params": jax.random.PRNGKey(0), "noise": jax.random.PRNGKey(1)},
+                      jnp.zeros((1, 8), jnp.int32))["params"]
+  result = generate_lib.generate(model, params, PROMPTS[:2], max_new_tokens=4, temperature=0.0, keep_logits=True)
+  config.model.moe.eval_dispatch = "dropless"
+  reference = model_lib.build_model(config.model)
+  for row, prompt in enumerate(PROMPTS[:2]):
+    expected, _ = full_forward_logits(reference, params, prompt, result.tokens[row])
+    np.testing.assert_allclose(result.logits[row], expected, atol=2e-5, rtol=2e-5)
+
+
 def test_a_rejected_token_leaves_the_routed_layers_cache_untouched(model_and_params):
   """Skipping runs no part of a routed block: with every predictor saying no, a decode step leaves each
   routed layer's cache (keys, values, filled slots) bit for bit as it was, while the full layers store the
