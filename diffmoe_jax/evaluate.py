@@ -246,7 +246,7 @@ def report(results: dict, step: int, workdir: str) -> str:
 
 def require_workdir(workdir: str | None) -> str:
   from diffmoe_jax.config import ConfigError
-  if not workdir:
+  if not (workdir or "").strip():  # blank, as main's workdir.prepare reads it: not a directory named " "
     raise ConfigError("--workdir is required: the training run's directory, e.g. --workdir=runs/tiny.")
   return workdir
 

@@ -128,6 +128,14 @@ def test_cli_bad_input_is_one_line(workdir, tmp_path):
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == checkpoints  # nothing lost
 
 
+@pytest.mark.parametrize("blank", [None, "", " ", "\t"])
+def test_a_blank_workdir_is_refused(blank):
+  """`--workdir="$RUN"` with RUN holding a space was read as a directory named " " in the current one."""
+  from diffmoe_jax.config import ConfigError
+  with pytest.raises(ConfigError, match=r"^--workdir is required: the training run's directory"):
+    evaluate_lib.require_workdir(blank)
+
+
 def test_a_workdir_under_home_is_found_as_main_finds_it(workdir, tmp_path, monkeypatch):
   """`--workdir=~/run` names the same directory for evaluate and generate as for main (which expands it)."""
   os.symlink(workdir, tmp_path / "run")
