@@ -183,6 +183,12 @@ def test_cli_bad_input_is_one_line(workdir, tmp_path):
                    "prompt 1 has 32 tokens, but the context (model.max_seq_len) is 32")
 
 
+def test_a_flagfile_that_cannot_be_opened_is_one_line(tmp_path):
+  """Prompts kept in a file of flags (`--flagfile`): a missing one was a traceback from defining --config."""
+  assert_one_error(run_cli("diffmoe_jax.generate", f"--workdir={tmp_path}", f"--flagfile={tmp_path / 'prompts.txt'}"),
+                   "--flagfile: Unable to open flagfile", "No such file or directory", "prompts.txt")
+
+
 def test_a_seed_beyond_32_bits_is_refused(tmp_path):
   """PRNGKey keeps 32 bits of the seed: 2**32 drew what 0 draws, and 2**64 failed with a traceback."""
   for seed in (2**32, 2**64):
