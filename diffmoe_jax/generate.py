@@ -83,6 +83,14 @@ def encode_prompts(tokenizer, texts: list[str]) -> list[np.ndarray]:
   return prompts
 
 
+def completion_text(tokenizer, prompt: np.ndarray, tokens) -> str:
+  """The text `tokens` add after the tokens of `prompt`: decoded with them, less the prompt's own text. Decoded
+  alone, a SentencePiece continuation lost the space its first piece starts with ("the quick" + "brown")."""
+  before = tokenizer.decode(prompt)
+  text = tokenizer.decode(np.concatenate([prompt, np.asarray(tokens, prompt.dtype)]))
+  return text[len(before):] if text.startswith(before) else tokenizer.decode(tokens)
+
+
 def generate(model, params, prompts: list[np.ndarray], *, max_new_tokens: int, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos_id: int | None = None, mod_skip: bool = True,
              on_tokens: Callable[[int, np.ndarray], None] | None = None, keep_logits: bool = False) -> Generation:
@@ -222,7 +230,7 @@ def _main(argv, flag: dict) -> None:
     if tokens[0] == tokenizer.eos_id:
       return
     streamed.append(int(tokens[0]))
-    text = tokenizer.decode(streamed)
+    text = completion_text(tokenizer, prompts[0], streamed)
     if not text.endswith("\ufffd"):  # a byte that starts a character waits for the rest of it
       sys.stdout.write(text[len(shown[0]):])
       sys.stdout.flush()
@@ -233,10 +241,10 @@ def _main(argv, flag: dict) -> None:
   result = generate(model, params, prompts, seed=flag["seed"].value, eos_id=tokenizer.eos_id,
                     mod_skip=flag["mod_skip"].value, on_tokens=show if stream else None, **settings)
   if stream:
-    sys.stdout.write(tokenizer.decode(result.tokens[0])[len(shown[0]):] + "\n")
+    sys.stdout.write(completion_text(tokenizer, prompts[0], result.tokens[0])[len(shown[0]):] + "\n")
   else:
-    for i, (prompt, tokens) in enumerate(zip(flag["prompt"].value, result.tokens)):
-      print(f"--- {i + 1}\n{prompt}{tokenizer.decode(tokens)}")
+    for i, (text, prompt, tokens) in enumerate(zip(flag["prompt"].value, prompts, result.tokens)):
+      print(f"--- {i + 1}\n{text}{completion_text(tokenizer, prompt, tokens)}")
   print(f"checkpoint at step {step}; prefill {result.prompt_tokens} tokens, "
         f"{_rate(result.prompt_tokens, result.prefill_seconds)}; decode {result.decode_tokens} tokens, "
         f"{_rate(result.decode_tokens, result.decode_seconds)}", file=sys.stderr)

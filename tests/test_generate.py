@@ -227,6 +227,26 @@ def test_a_prompt_the_tokenizer_cannot_encode_is_named(tmp_path):
     generate_lib.encode_prompts(tokenizer, ["hello", "日本"])
 
 
+def test_a_completion_keeps_the_space_its_first_piece_starts_with(tmp_path):
+  """generate printed the prompt, then the new tokens decoded alone: SentencePiece drops the space a text's first
+  piece starts with, so "the quick" went on as "the quickbrown fox"."""
+  import io
+  from diffmoe_jax.data import make_tokenizer
+  spm = pytest.importorskip("sentencepiece")
+  model = io.BytesIO()
+  spm.SentencePieceTrainer.train(sentence_iterator=iter(["the quick brown fox jumps over the lazy dog"] * 20),
+                                 model_writer=model, vocab_size=40, model_type="bpe", minloglevel=2)
+  (tmp_path / "sp.model").write_bytes(model.getvalue())
+  tokenizer = make_tokenizer(f"sentencepiece:{tmp_path / 'sp.model'}")
+  prompt, whole = (np.asarray(tokenizer.encode(t), np.int32) for t in ("the quick", "the quick brown fox"))
+  np.testing.assert_array_equal(whole[:len(prompt)], prompt)
+  assert tokenizer.decode(whole[len(prompt):]) == "brown fox"  # the piece "▁brown" decoded alone
+  assert generate_lib.completion_text(tokenizer, prompt, whole[len(prompt):]) == " brown fox"
+  bytes_tokenizer = make_tokenizer("bytes")  # an unfinished character stays a replacement until it is complete
+  assert generate_lib.completion_text(bytes_tokenizer, np.frombuffer(b"caf", np.uint8).astype(np.int32),
+                                      [0xC3]) == "\ufffd"
+
+
 @pytest.mark.parametrize("settings, message", [
     ({"temperature": float("inf")}, r"--temperature=inf must be a finite number >= 0 \(0 is greedy\)\."),
     ({"top_k": 300}, r"--top_k=300 exceeds the vocabulary \(256 tokens\); use at most 256, or 0 to keep every token\."),
