@@ -103,6 +103,17 @@ def test_generation_stops_at_the_context(model_and_params):
   assert [len(t) for t in result.tokens] == [4, 10]  # 28 + 4 fills the context of 32
 
 
+def test_sampling_with_a_seed_is_reproducible(model_and_params):
+  """The same seed draws the same tokens in a fresh generation (new programs, new cache); another seed others."""
+  model, params = model_and_params
+  draw = lambda seed: generate_lib.generate(model, params, PROMPTS, max_new_tokens=6, temperature=1.5, top_p=0.95,
+                                            seed=seed).tokens
+  first, again, other = draw(7), draw(7), draw(8)
+  for row in range(len(PROMPTS)):
+    np.testing.assert_array_equal(first[row], again[row])
+  assert any(not np.array_equal(a, b) for a, b in zip(first, other))
+
+
 def test_temperature_zero_is_greedy():
   logits = jnp.asarray([[0.1, 2.0, -1.0, 1.9], [3.0, 0.0, 0.0, 0.0]])
   for seed in range(3):
