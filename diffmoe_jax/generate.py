@@ -10,7 +10,8 @@ mask of its filled slots; mixture-of-depths routes by its causal predictor and a
 block for a token the predictor rejects (writing no KV for it); the MoE is dropless. One prompt streams
 its text as it is generated; a batch prints each completion at the end. Prefill and decode tokens/s go
 to stderr. A sequence stops at the tokenizer's end-of-document token, after --max_new_tokens, or when
-the context (`model.max_seq_len`) is full. Exit code 1 with one line on stderr for a mistake.
+the context (`model.max_seq_len`) is full, which a note on stderr says. Exit code 1 with one line on stderr
+for a mistake.
 """
 from __future__ import annotations
 
@@ -245,6 +246,12 @@ def _main(argv, flag: dict) -> None:
   else:
     for i, (text, prompt, tokens) in enumerate(zip(flag["prompt"].value, prompts, result.tokens)):
       print(f"--- {i + 1}\n{text}{completion_text(tokenizer, prompt, tokens)}")
+  max_seq_len, asked = config.model.max_seq_len, settings["max_new_tokens"]
+  stopped = [f"prompt {i + 1} after {len(tokens)}" for i, (prompt, tokens) in enumerate(zip(prompts, result.tokens))
+             if len(tokens) < asked and len(prompt) + len(tokens) == max_seq_len]
+  if stopped:
+    print(f"note: the context (model.max_seq_len = {max_seq_len}) filled up: {', '.join(stopped)} of the "
+          f"--max_new_tokens={asked} tokens.", file=sys.stderr)
   print(f"checkpoint at step {step}; prefill {result.prompt_tokens} tokens, "
         f"{_rate(result.prompt_tokens, result.prefill_seconds)}; decode {result.decode_tokens} tokens, "
         f"{_rate(result.decode_tokens, result.decode_seconds)}", file=sys.stderr)

@@ -171,11 +171,15 @@ def workdir(tmp_path_factory):
 
 
 def test_cli_generates_a_batch_and_streams_one_prompt(workdir):
-  proc = run_cli("diffmoe_jax.generate", f"--workdir={workdir}", "--prompt=def f(", "--prompt=import",
+  # The first prompt's 27 tokens leave room for 5 of the 6 new tokens in the context of 32, which a note says
+  # (they stopped there silently).
+  proc = run_cli("diffmoe_jax.generate", f"--workdir={workdir}", f"--prompt=def f({'x' * 21}", "--prompt=import",
                  "--max_new_tokens=6", "--temperature=0")
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "--- 1\ndef f(" in proc.stdout and "--- 2\nimport" in proc.stdout
-  assert "prefill 12 tokens" in proc.stderr and "tokens/s" in proc.stderr
+  assert "prefill 33 tokens" in proc.stderr and "tokens/s" in proc.stderr
+  assert ("note: the context (model.max_seq_len = 32) filled up: prompt 1 after 5 of the --max_new_tokens=6 "
+          "tokens.") in proc.stderr
   proc = run_cli("diffmoe_jax.generate", f"--workdir={workdir}", "--prompt=class A", "--max_new_tokens=5",
                  "--temperature=0.9", "--top_k=20", "--top_p=0.9", "--seed=2")
   assert proc.returncode == 0 and proc.stdout.startswith("class A"), proc.stderr[-3000:]
