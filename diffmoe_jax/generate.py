@@ -38,17 +38,20 @@ class Generation:
   logits: np.ndarray | None = None  # [B, steps, V] with keep_logits: the logits each new token was drawn from
 
 
-def make_step(model, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, mod_skip: bool = True):
+def make_step(model, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, mod_skip: bool = True,
+              vocab_size: int | None = None):
   """(params, cache, tokens [B, T], positions [B, T], last [B], rng) -> (next token [B], logits [B, V], cache).
 
   Runs `tokens` at `positions` through the model in the causal inference mode, extending the cache, and
-  samples the token after position index `last` of each row. A position past the cache's end is padding.
+  samples the token after position index `last` of each row, among the first `vocab_size` ids (all if None).
+  A position past the cache's end is padding.
   """
   def step(params, cache, tokens, positions, last, rng):
     (logits, _), variables = model.apply({"params": params, "cache": cache}, tokens, positions,
                                          mod_mode="predictor", mod_skip=mod_skip, mutable=["cache"])
     logits = logits[jnp.arange(tokens.shape[0]), last]
-    return sampling.sample(logits, rng, temperature=temperature, top_k=top_k, top_p=top_p), logits, variables["cache"]
+    token = sampling.sample(logits[:, :vocab_size], rng, temperature=temperature, top_k=top_k, top_p=top_p)
+    return token, logits, variables["cache"]
   return jax.jit(step, donate_argnums=1)
 
 
@@ -94,8 +97,12 @@ def completion_text(tokenizer, prompt: np.ndarray, tokens) -> str:
 
 def generate(model, params, prompts: list[np.ndarray], *, max_new_tokens: int, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos_id: int | None = None, mod_skip: bool = True,
-             on_tokens: Callable[[int, np.ndarray], None] | None = None, keep_logits: bool = False) -> Generation:
+             on_tokens: Callable[[int, np.ndarray], None] | None = None, keep_logits: bool = False,
+             vocab_size: int | None = None) -> Generation:
   """Continues each prompt (int token arrays) by up to `max_new_tokens` tokens within the model's context.
+
+  `vocab_size`: the tokenizer's. A model's vocabulary may be larger (the PI configs' 65,536 with the bytes
+  tokenizer); the ids past the tokenizer's have no text and are never drawn.
 
   `on_tokens(i, tokens [B])` is called with the i-th new token of every row as soon as it is known (rows
   already finished included). Times exclude compilation. Scanned layers are unrolled for decoding
@@ -113,7 +120,7 @@ def generate(model, params, prompts: list[np.ndarray], *, max_new_tokens: int, t
   for row, prompt in enumerate(prompts):
     tokens[row, :len(prompt)] = prompt
     positions[row, :len(prompt)] = np.arange(len(prompt))
-  step = make_step(model, temperature=temperature, top_k=top_k, top_p=top_p, mod_skip=mod_skip)
+  step = make_step(model, temperature=temperature, top_k=top_k, top_p=top_p, mod_skip=mod_skip, vocab_size=vocab_size)
   rng = jax.random.PRNGKey(seed)
   cache = model_lib.init_cache(model, params, batch, cache_len)
   compiled = {}  # by token shape: the prefill's and the decode step's programs
@@ -218,7 +225,7 @@ def _main(argv, flag: dict) -> None:
     config, params, step = evaluate.restore_params(workdir, flag["config"].value, flag["step"].value)
     tokenizer = make_tokenizer(config.data.tokenizer)
     prompts = encode_prompts(tokenizer, flag["prompt"].value)
-    check(prompts, config.model.max_seq_len, config.model.vocab_size)
+    check(prompts, config.model.max_seq_len, min(config.model.vocab_size, tokenizer.vocab_size))
   except (ConfigError, DataError, CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
@@ -240,7 +247,8 @@ def _main(argv, flag: dict) -> None:
   if stream:
     sys.stdout.write(flag["prompt"].value[0])
   result = generate(model, params, prompts, seed=flag["seed"].value, eos_id=tokenizer.eos_id,
-                    mod_skip=flag["mod_skip"].value, on_tokens=show if stream else None, **settings)
+                    mod_skip=flag["mod_skip"].value, on_tokens=show if stream else None,
+                    vocab_size=tokenizer.vocab_size, **settings)
   if stream:
     sys.stdout.write(completion_text(tokenizer, prompts[0], result.tokens[0])[len(shown[0]):] + "\n")
   else:

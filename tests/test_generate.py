@@ -96,6 +96,17 @@ def test_a_rejected_token_leaves_the_routed_layers_cache_untouched(model_and_par
   np.testing.assert_allclose(logits[True], logits[False], atol=2e-5, rtol=2e-5)
 
 
+def test_ids_past_the_tokenizers_vocabulary_are_never_drawn(model_and_params):
+  """A model vocabulary larger than the tokenizer's (the PI configs: 65,536 with bytes) drew ids that have no
+  text, and decoding them ended the command with a traceback."""
+  model, params = model_and_params
+  result = generate_lib.generate(model, params, PROMPTS, max_new_tokens=6, temperature=0.0, keep_logits=True,
+                                 vocab_size=10)
+  assert any(np.any(np.argmax(logits, axis=-1) >= 10) for logits in result.logits)  # the restriction matters
+  for tokens, logits in zip(result.tokens, result.logits):
+    np.testing.assert_array_equal(tokens, np.argmax(logits[:, :10], axis=-1))
+
+
 def test_generation_stops_at_the_context(model_and_params):
   model, params = model_and_params
   result = generate_lib.generate(model, params, [np.arange(1, 29, dtype=np.int32), np.array([3], np.int32)],
