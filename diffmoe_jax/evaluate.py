@@ -183,10 +183,12 @@ def evaluate(config, params, *, files: list[str] = (), domains: bool = True, eva
   perplexity, bits_per_byte}}, "loss": over the domains' tokens} (nats per token)."""
   import flax.linen as nn
   import jax
-  from diffmoe_jax import config as config_lib, data, parallel
+  from diffmoe_jax import config as config_lib, data, parallel, validation
   from diffmoe_jax.nn import model as model_lib
   from diffmoe_jax.train import loop, step as step_lib
-  texts = read_text_files(list(files), data.make_tokenizer(config.data.tokenizer))  # a bad file fails at once
+  tokenizer = data.make_tokenizer(config.data.tokenizer)
+  validation.check_tokenizer_vocab(config, tokenizer)
+  texts = read_text_files(list(files), tokenizer)  # a bad file fails at once
   corpus = data.build_corpus(config.data) if domains else None
   mesh, rules = parallel.make_mesh(config.mesh), parallel.axis_rules(config.mesh)
   batch_sharding = parallel.batch_sharding(mesh, rules)

@@ -199,7 +199,7 @@ def _define_flags() -> dict:
 
 
 def _main(argv, flag: dict) -> None:
-  from diffmoe_jax import cli, evaluate
+  from diffmoe_jax import cli, evaluate, validation
   from diffmoe_jax.config import ConfigError
   from diffmoe_jax.data import DataError, make_tokenizer
   from diffmoe_jax.train.checkpoint import CheckpointError
@@ -224,6 +224,7 @@ def _main(argv, flag: dict) -> None:
                           "text (check the terminal's or file's encoding).") from None
     config, params, step = evaluate.restore_params(workdir, flag["config"].value, flag["step"].value)
     tokenizer = make_tokenizer(config.data.tokenizer)
+    validation.check_tokenizer_vocab(config, tokenizer)
     prompts = encode_prompts(tokenizer, flag["prompt"].value)
     check(prompts, config.model.max_seq_len, min(config.model.vocab_size, tokenizer.vocab_size))
   except (ConfigError, DataError, CheckpointError) as e:

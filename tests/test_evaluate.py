@@ -144,6 +144,33 @@ def test_a_workdir_under_home_is_found_as_main_finds_it(workdir, tmp_path, monke
   assert step == 4 and config.model.d_model == 48
 
 
+def byte_level_bpe(path) -> str:
+  """A `config.data.tokenizer` spec: a byte-level BPE of 256 bytes and some merges, larger than the short run's
+  vocabulary of 256."""
+  tokenizers = pytest.importorskip("tokenizers")
+  bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
+  bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel()
+  bpe.train_from_iterator(["def add(a, b):\n    return a + b\n"] * 8, tokenizers.trainers.BpeTrainer(
+      vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+      show_progress=False))
+  bpe.save(str(path))
+  assert bpe.get_vocab_size() > 256
+  return f"hf:{path}"
+
+
+def test_a_tokenizer_past_the_models_vocabulary_is_refused(workdir, tmp_path):
+  """A tokenizer with ids past the embedding table (a config change that train.allow_config_change let through)
+  gave a loss of NaN; main refuses it before training, and evaluate and generate now do the same."""
+  from diffmoe_jax.config import ConfigError
+  config, params, _ = evaluate_lib.restore_params(workdir)
+  config.data.tokenizer = byte_level_bpe(tmp_path / "tokenizer.json")
+  (tmp_path / "add.py").write_text("def add(a, b):\n    return a + b\n")
+  with pytest.raises(ConfigError, match=r"^config\.model\.vocab_size \(256\) is smaller than the tokenizer's "
+                     r"vocabulary \(\d+, hf:.*tokenizer\.json\); raise it to at least \d+ \(for a new run\), or use "
+                     r"a tokenizer of at most 256 tokens, such as the run's\.$"):
+    evaluate_lib.evaluate(config, params, files=[str(tmp_path / "add.py")], domains=False)
+
+
 def test_a_separator_or_a_directory_is_refused(tmp_path):
   path = tmp_path / "zeros.bin"
   path.write_bytes(b"ab\0\0")

@@ -8,7 +8,8 @@ from diffmoe_jax import generate as generate_lib
 from diffmoe_jax.nn import model as model_lib
 from diffmoe_jax.ops import sampling
 from test_cli import assert_one_error, run_cli
-from test_evaluate import short_run_workdir
+from test_evaluate import SHORT_RUN, byte_level_bpe, short_run_workdir
+from test_train import CONFIG_PATH
 
 
 @pytest.fixture(scope="module")
@@ -213,6 +214,15 @@ def test_a_flagfile_that_cannot_be_opened_is_one_line(tmp_path):
   """Prompts kept in a file of flags (`--flagfile`): a missing one was a traceback from defining --config."""
   assert_one_error(run_cli("diffmoe_jax.generate", f"--workdir={tmp_path}", f"--flagfile={tmp_path / 'prompts.txt'}"),
                    "--flagfile: Unable to open flagfile", "No such file or directory", "prompts.txt")
+
+
+def test_a_tokenizer_past_the_models_vocabulary_is_one_line(workdir, tmp_path):
+  """Its prompt ids lay past the embedding table: the logits were NaN and the command printed nothing."""
+  tokenizer = byte_level_bpe(tmp_path / "tokenizer.json")
+  assert_one_error(run_cli("diffmoe_jax.generate", f"--workdir={workdir}", f"--config={CONFIG_PATH}", *SHORT_RUN,
+                           f"--config.data.tokenizer={tokenizer}", "--config.train.allow_config_change=data.tokenizer",
+                           "--prompt=def add(a, b):", "--max_new_tokens=4", "--temperature=0"),
+                   "config.model.vocab_size (256) is smaller than the tokenizer's vocabulary")
 
 
 def test_a_seed_beyond_32_bits_is_refused(tmp_path):
