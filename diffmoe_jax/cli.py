@@ -26,8 +26,12 @@ from diffmoe_jax import config as config_lib
 
 def define_config_flag(default: str | None, help_string: str) -> flags.FlagHolder:
   """The --config flag (new keys accepted; `parse_flags` admits them only in config.OPEN_DICTS)."""
-  holder = config_flags.DEFINE_config_file("config", default, help_string, lock_config=False,
-                                           accept_new_attributes=True)
+  try:  # ml_collections reads the command line's --flagfile files here, as it defines the flag
+    holder = config_flags.DEFINE_config_file("config", default, help_string, lock_config=False,
+                                             accept_new_attributes=True)
+  except flags.CantOpenFlagFileError as e:
+    print(f"error: --flagfile: {str(e).removeprefix('ERROR:: ')}; pass a file of flags, one per line.", file=sys.stderr)
+    sys.exit(1)
   # ml_collections files the flag under this module; --help lists only the running command's own flags.
   flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[holder.name])
   return holder

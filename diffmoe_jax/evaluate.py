@@ -49,14 +49,14 @@ def restore_params(workdir: str, config=None, step: int | None = None):
   may delete a checkpoint while it is read (it keeps the newest `train.keep_checkpoints`): then the newest
   one is read again, or, for a `step` asked for, the error says so.
   """
-  from diffmoe_jax.train import checkpoint
+  from diffmoe_jax.train import checkpoint, workdir as workdir_lib
   directory = os.path.join(os.path.abspath(os.path.expanduser(workdir)), "checkpoints")
   train_hint = f"train one with python -m diffmoe_jax.main --workdir={workdir}"
   if not os.path.isdir(directory):
-    for inside in (os.path.dirname(directory), os.path.dirname(os.path.dirname(directory))):
-      if os.path.basename(inside) == "checkpoints":  # the checkpoints directory or a step in it
-        raise checkpoint.CheckpointError(f"{workdir} is a run's checkpoints directory or one of its steps; pass "
-                                         f"the run's own directory, --workdir={os.path.dirname(inside)}.")
+    run, part = workdir_lib.run_holding(os.path.dirname(directory))
+    if run is not None:
+      raise checkpoint.CheckpointError(f"{workdir} lies in the {part} of the run in {run}; pass the run's own "
+                                       f"directory, --workdir={run}.")
     raise checkpoint.CheckpointError(f"{workdir} holds no checkpoints (there is no {directory}); {train_hint}.")
   ckpt = checkpoint.Checkpointer(directory, async_save=False)
   for _ in range(_READ_ATTEMPTS):
@@ -183,10 +183,12 @@ def evaluate(config, params, *, files: list[str] = (), domains: bool = True, eva
   perplexity, bits_per_byte}}, "loss": over the domains' tokens} (nats per token)."""
   import flax.linen as nn
   import jax
-  from diffmoe_jax import config as config_lib, data, parallel
+  from diffmoe_jax import config as config_lib, data, parallel, validation
   from diffmoe_jax.nn import model as model_lib
   from diffmoe_jax.train import loop, step as step_lib
-  texts = read_text_files(list(files), data.make_tokenizer(config.data.tokenizer))  # a bad file fails at once
+  tokenizer = data.make_tokenizer(config.data.tokenizer)
+  validation.check_tokenizer_vocab(config, tokenizer)
+  texts = read_text_files(list(files), tokenizer)  # a bad file fails at once
   corpus = data.build_corpus(config.data) if domains else None
   mesh, rules = parallel.make_mesh(config.mesh), parallel.axis_rules(config.mesh)
   batch_sharding = parallel.batch_sharding(mesh, rules)
@@ -246,7 +248,7 @@ def report(results: dict, step: int, workdir: str) -> str:
 
 def require_workdir(workdir: str | None) -> str:
   from diffmoe_jax.config import ConfigError
-  if not workdir:
+  if not (workdir or "").strip():  # blank, as main's workdir.prepare reads it: not a directory named " "
     raise ConfigError("--workdir is required: the training run's directory, e.g. --workdir=runs/tiny.")
   return workdir
 

@@ -10,7 +10,8 @@ mask of its filled slots; mixture-of-depths routes by its causal predictor and a
 block for a token the predictor rejects (writing no KV for it); the MoE is dropless. One prompt streams
 its text as it is generated; a batch prints each completion at the end. Prefill and decode tokens/s go
 to stderr. A sequence stops at the tokenizer's end-of-document token, after --max_new_tokens, or when
-the context (`model.max_seq_len`) is full. Exit code 1 with one line on stderr for a mistake.
+the context (`model.max_seq_len`) is full, which a note on stderr says. Exit code 1 with one line on stderr
+for a mistake.
 """
 from __future__ import annotations
 
@@ -37,17 +38,20 @@ class Generation:
   logits: np.ndarray | None = None  # [B, steps, V] with keep_logits: the logits each new token was drawn from
 
 
-def make_step(model, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, mod_skip: bool = True):
+def make_step(model, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, mod_skip: bool = True,
+              vocab_size: int | None = None):
   """(params, cache, tokens [B, T], positions [B, T], last [B], rng) -> (next token [B], logits [B, V], cache).
 
   Runs `tokens` at `positions` through the model in the causal inference mode, extending the cache, and
-  samples the token after position index `last` of each row. A position past the cache's end is padding.
+  samples the token after position index `last` of each row, among the first `vocab_size` ids (all if None).
+  A position past the cache's end is padding.
   """
   def step(params, cache, tokens, positions, last, rng):
     (logits, _), variables = model.apply({"params": params, "cache": cache}, tokens, positions,
                                          mod_mode="predictor", mod_skip=mod_skip, mutable=["cache"])
     logits = logits[jnp.arange(tokens.shape[0]), last]
-    return sampling.sample(logits, rng, temperature=temperature, top_k=top_k, top_p=top_p), logits, variables["cache"]
+    token = sampling.sample(logits[:, :vocab_size], rng, temperature=temperature, top_k=top_k, top_p=top_p)
+    return token, logits, variables["cache"]
   return jax.jit(step, donate_argnums=1)
 
 
@@ -83,16 +87,29 @@ def encode_prompts(tokenizer, texts: list[str]) -> list[np.ndarray]:
   return prompts
 
 
+def completion_text(tokenizer, prompt: np.ndarray, tokens) -> str:
+  """The text `tokens` add after the tokens of `prompt`: decoded with them, less the prompt's own text. Decoded
+  alone, a SentencePiece continuation lost the space its first piece starts with ("the quick" + "brown")."""
+  before = tokenizer.decode(prompt)
+  text = tokenizer.decode(np.concatenate([prompt, np.asarray(tokens, prompt.dtype)]))
+  return text[len(before):] if text.startswith(before) else tokenizer.decode(tokens)
+
+
 def generate(model, params, prompts: list[np.ndarray], *, max_new_tokens: int, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos_id: int | None = None, mod_skip: bool = True,
-             on_tokens: Callable[[int, np.ndarray], None] | None = None, keep_logits: bool = False) -> Generation:
+             on_tokens: Callable[[int, np.ndarray], None] | None = None, keep_logits: bool = False,
+             vocab_size: int | None = None) -> Generation:
   """Continues each prompt (int token arrays) by up to `max_new_tokens` tokens within the model's context.
+
+  `vocab_size`: the tokenizer's. A model's vocabulary may be larger (the PI configs' 65,536 with the bytes
+  tokenizer); the ids past the tokenizer's have no text and are never drawn.
 
   `on_tokens(i, tokens [B])` is called with the i-th new token of every row as soon as it is known (rows
   already finished included). Times exclude compilation. Scanned layers are unrolled for decoding
-  (`model_lib.unrolled`).
+  (`model_lib.unrolled`), and the MoE is dropless whatever `model.moe.eval_dispatch` says (`_dropless`).
   """
   model, params = model_lib.unrolled(model, params)
+  model = _dropless(model)
   max_seq_len = model.config.max_seq_len
   check_request(prompts, max_seq_len=max_seq_len, max_new_tokens=max_new_tokens, temperature=temperature,
                 top_k=top_k, top_p=top_p)
@@ -103,7 +120,7 @@ def generate(model, params, prompts: list[np.ndarray], *, max_new_tokens: int, t
   for row, prompt in enumerate(prompts):
     tokens[row, :len(prompt)] = prompt
     positions[row, :len(prompt)] = np.arange(len(prompt))
-  step = make_step(model, temperature=temperature, top_k=top_k, top_p=top_p, mod_skip=mod_skip)
+  step = make_step(model, temperature=temperature, top_k=top_k, top_p=top_p, mod_skip=mod_skip, vocab_size=vocab_size)
   rng = jax.random.PRNGKey(seed)
   cache = model_lib.init_cache(model, params, batch, cache_len)
   compiled = {}  # by token shape: the prefill's and the decode step's programs
@@ -149,6 +166,21 @@ def generate(model, params, prompts: list[np.ndarray], *, max_new_tokens: int, t
                     np.stack(kept, axis=1) if keep_logits else None)
 
 
+def _dropless(model):
+  """`model` with its MoE dispatched dropless at inference. Capacity dispatch (`model.moe.eval_dispatch="capacity"`)
+  caps each expert per sequence of T tokens at ceil(capacity_factor·T·k/E): the prefill (T: the longest prompt)
+  dropped tokens while the one-token decode steps never do, a mix that matches no forward pass."""
+  cfg = model.config
+  if cfg.ffn != "moe" or cfg.moe.eval_dispatch == "dropless":
+    return model
+  from absl import logging
+  logging.warning("model.moe.eval_dispatch is %r; decoding dispatches the MoE dropless (a capacity per sequence "
+                  "has no token-by-token meaning).", cfg.moe.eval_dispatch)
+  config = cfg.as_configdict()
+  config.moe.update(eval_dispatch="dropless", expert_parallel="off")  # decoding runs on one device
+  return model_lib.build_model(config)
+
+
 def _define_flags() -> dict:
   from absl import flags
   from diffmoe_jax import evaluate
@@ -167,7 +199,7 @@ def _define_flags() -> dict:
 
 
 def _main(argv, flag: dict) -> None:
-  from diffmoe_jax import cli, evaluate
+  from diffmoe_jax import cli, evaluate, validation
   from diffmoe_jax.config import ConfigError
   from diffmoe_jax.data import DataError, make_tokenizer
   from diffmoe_jax.train.checkpoint import CheckpointError
@@ -192,8 +224,9 @@ def _main(argv, flag: dict) -> None:
                           "text (check the terminal's or file's encoding).") from None
     config, params, step = evaluate.restore_params(workdir, flag["config"].value, flag["step"].value)
     tokenizer = make_tokenizer(config.data.tokenizer)
+    validation.check_tokenizer_vocab(config, tokenizer)
     prompts = encode_prompts(tokenizer, flag["prompt"].value)
-    check(prompts, config.model.max_seq_len, config.model.vocab_size)
+    check(prompts, config.model.max_seq_len, min(config.model.vocab_size, tokenizer.vocab_size))
   except (ConfigError, DataError, CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
@@ -206,7 +239,7 @@ def _main(argv, flag: dict) -> None:
     if tokens[0] == tokenizer.eos_id:
       return
     streamed.append(int(tokens[0]))
-    text = tokenizer.decode(streamed)
+    text = completion_text(tokenizer, prompts[0], streamed)
     if not text.endswith("\ufffd"):  # a byte that starts a character waits for the rest of it
       sys.stdout.write(text[len(shown[0]):])
       sys.stdout.flush()
@@ -215,12 +248,19 @@ def _main(argv, flag: dict) -> None:
   if stream:
     sys.stdout.write(flag["prompt"].value[0])
   result = generate(model, params, prompts, seed=flag["seed"].value, eos_id=tokenizer.eos_id,
-                    mod_skip=flag["mod_skip"].value, on_tokens=show if stream else None, **settings)
+                    mod_skip=flag["mod_skip"].value, on_tokens=show if stream else None,
+                    vocab_size=tokenizer.vocab_size, **settings)
   if stream:
-    sys.stdout.write(tokenizer.decode(result.tokens[0])[len(shown[0]):] + "\n")
+    sys.stdout.write(completion_text(tokenizer, prompts[0], result.tokens[0])[len(shown[0]):] + "\n")
   else:
-    for i, (prompt, tokens) in enumerate(zip(flag["prompt"].value, result.tokens)):
-      print(f"--- {i + 1}\n{prompt}{tokenizer.decode(tokens)}")
+    for i, (text, prompt, tokens) in enumerate(zip(flag["prompt"].value, prompts, result.tokens)):
+      print(f"--- {i + 1}\n{text}{completion_text(tokenizer, prompt, tokens)}")
+  max_seq_len, asked = config.model.max_seq_len, settings["max_new_tokens"]
+  stopped = [f"prompt {i + 1} after {len(tokens)}" for i, (prompt, tokens) in enumerate(zip(prompts, result.tokens))
+             if len(tokens) < asked and len(prompt) + len(tokens) == max_seq_len]
+  if stopped:
+    print(f"note: the context (model.max_seq_len = {max_seq_len}) filled up: {', '.join(stopped)} of the "
+          f"--max_new_tokens={asked} tokens.", file=sys.stderr)
   print(f"checkpoint at step {step}; prefill {result.prompt_tokens} tokens, "
         f"{_rate(result.prompt_tokens, result.prefill_seconds)}; decode {result.decode_tokens} tokens, "
         f"{_rate(result.decode_tokens, result.decode_seconds)}", file=sys.stderr)

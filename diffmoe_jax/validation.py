@@ -154,6 +154,16 @@ def validate_model(m: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return m
 
 
+def check_tokenizer_vocab(config: ml_collections.ConfigDict, tokenizer) -> None:
+  """ConfigError if `tokenizer` (the one config.data.tokenizer names) has ids past the model's embedding table,
+  whose lookup gives NaN: a loss of NaN, logits of NaN."""
+  vocab = tokenizer.vocab_size
+  if vocab > config.model.vocab_size:
+    raise ConfigError(f"config.model.vocab_size ({config.model.vocab_size}) is smaller than the tokenizer's "
+                      f"vocabulary ({vocab}, {config.data.tokenizer}); raise it to at least {vocab} (for a new "
+                      f"run), or use a tokenizer of at most {config.model.vocab_size} tokens, such as the run's.")
+
+
 def phase_lengths(cur: ml_collections.ConfigDict) -> list[int]:
   """Steps per phase of `curriculum.order`.
 

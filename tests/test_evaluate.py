@@ -128,12 +128,47 @@ def test_cli_bad_input_is_one_line(workdir, tmp_path):
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == checkpoints  # nothing lost
 
 
+@pytest.mark.parametrize("blank", [None, "", " ", "\t"])
+def test_a_blank_workdir_is_refused(blank):
+  """`--workdir="$RUN"` with RUN holding a space was read as a directory named " " in the current one."""
+  from diffmoe_jax.config import ConfigError
+  with pytest.raises(ConfigError, match=r"^--workdir is required: the training run's directory"):
+    evaluate_lib.require_workdir(blank)
+
+
 def test_a_workdir_under_home_is_found_as_main_finds_it(workdir, tmp_path, monkeypatch):
   """`--workdir=~/run` names the same directory for evaluate and generate as for main (which expands it)."""
   os.symlink(workdir, tmp_path / "run")
   monkeypatch.setenv("HOME", str(tmp_path))
   config, _, step = evaluate_lib.restore_params("~/run")
   assert step == 4 and config.model.d_model == 48
+
+
+def byte_level_bpe(path) -> str:
+  """A `config.data.tokenizer` spec: a byte-level BPE of 256 bytes and some merges, larger than the short run's
+  vocabulary of 256."""
+  tokenizers = pytest.importorskip("tokenizers")
+  bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
+  bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel()
+  bpe.train_from_iterator(["def add(a, b):\n    return a + b\n"] * 8, tokenizers.trainers.BpeTrainer(
+      vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+      show_progress=False))
+  bpe.save(str(path))
+  assert bpe.get_vocab_size() > 256
+  return f"hf:{path}"
+
+
+def test_a_tokenizer_past_the_models_vocabulary_is_refused(workdir, tmp_path):
+  """A tokenizer with ids past the embedding table (a config change that train.allow_config_change let through)
+  gave a loss of NaN; main refuses it before training, and evaluate and generate now do the same."""
+  from diffmoe_jax.config import ConfigError
+  config, params, _ = evaluate_lib.restore_params(workdir)
+  config.data.tokenizer = byte_level_bpe(tmp_path / "tokenizer.json")
+  (tmp_path / "add.py").write_text("def add(a, b):\n    return a + b\n")
+  with pytest.raises(ConfigError, match=r"^config\.model\.vocab_size \(256\) is smaller than the tokenizer's "
+                     r"vocabulary \(\d+, hf:.*tokenizer\.json\); raise it to at least \d+ \(for a new run\), or use "
+                     r"a tokenizer of at most 256 tokens, such as the run's\.$"):
+    evaluate_lib.evaluate(config, params, files=[str(tmp_path / "add.py")], domains=False)
 
 
 def test_a_separator_or_a_directory_is_refused(tmp_path):
@@ -231,10 +266,13 @@ def test_a_run_trained_on_more_devices_is_read_on_the_devices_here(workdir, tmp_
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), jax.device_get(reference))
 
 
-@pytest.mark.parametrize("inside", ["checkpoints", "checkpoints/4"])
-def test_the_checkpoints_directory_as_workdir_names_the_run(workdir, inside):
-  """Pointing at the checkpoints (or one step) was answered with 'train one with ... --workdir=<there>'."""
+@pytest.mark.parametrize("inside, part", [("checkpoints", "checkpoints"), ("checkpoints/4", "checkpoints"),
+                                          ("checkpoints/4/state", "checkpoints"), ("tb", "TensorBoard")])
+def test_the_checkpoints_directory_as_workdir_names_the_run(workdir, inside, part):
+  """Pointing at the checkpoints (or one step) was answered with 'train one with ... --workdir=<there>', and so
+  still were a directory inside a step and the TensorBoard directory (main's check, `workdir.run_holding`, names
+  them all)."""
   from diffmoe_jax.train import checkpoint
-  with pytest.raises(checkpoint.CheckpointError, match=rf"^{os.path.join(workdir, inside)} is a run's checkpoints "
-                     rf"directory or one of its steps; pass the run's own directory, --workdir={workdir}\.$"):
+  with pytest.raises(checkpoint.CheckpointError, match=rf"^{os.path.join(workdir, inside)} lies in the {part} "
+                     rf"directory of the run in {workdir}; pass the run's own directory, --workdir={workdir}\.$"):
     evaluate_lib.restore_params(os.path.join(workdir, inside))

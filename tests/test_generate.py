@@ -8,7 +8,8 @@ from diffmoe_jax import generate as generate_lib
 from diffmoe_jax.nn import model as model_lib
 from diffmoe_jax.ops import sampling
 from test_cli import assert_one_error, run_cli
-from test_evaluate import short_run_workdir
+from test_evaluate import SHORT_RUN, byte_level_bpe, short_run_workdir
+from test_train import CONFIG_PATH
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +52,21 @@ def test_incremental_decoding_equals_the_full_forward_pass(model_and_params, pro
     np.testing.assert_array_equal(generated, np.argmax(expected, axis=-1))  # temperature 0 is greedy
 
 
+def test_capacity_inference_dispatch_decodes_dropless(make_config):
+  """With model.moe.eval_dispatch="capacity" the prefill capped each expert per prompt (dropping tokens) and the
+  one-token decode steps did not: the logits matched no forward pass. Decoding is dropless."""
+  config = make_config(max_seq_len=32, **{"moe.eval_dispatch": "capacity", "moe.capacity_factor": 0.5})
+  model = model_lib.build_model(config.model)
+  params = model.init({"params": jax.random.PRNGKey(0), "noise": jax.random.PRNGKey(1)},
+                      jnp.zeros((1, 8), jnp.int32))["params"]
+  result = generate_lib.generate(model, params, PROMPTS[:2], max_new_tokens=4, temperature=0.0, keep_logits=True)
+  config.model.moe.eval_dispatch = "dropless"
+  reference = model_lib.build_model(config.model)
+  for row, prompt in enumerate(PROMPTS[:2]):
+    expected, _ = full_forward_logits(reference, params, prompt, result.tokens[row])
+    np.testing.assert_allclose(result.logits[row], expected, atol=2e-5, rtol=2e-5)
+
+
 def test_a_rejected_token_leaves_the_routed_layers_cache_untouched(model_and_params):
   """Skipping runs no part of a routed block: with every predictor saying no, a decode step leaves each
   routed layer's cache (keys, values, filled slots) bit for bit as it was, while the full layers store the
@@ -81,11 +97,33 @@ def test_a_rejected_token_leaves_the_routed_layers_cache_untouched(model_and_par
   np.testing.assert_allclose(logits[True], logits[False], atol=2e-5, rtol=2e-5)
 
 
+def test_ids_past_the_tokenizers_vocabulary_are_never_drawn(model_and_params):
+  """A model vocabulary larger than the tokenizer's (the PI configs: 65,536 with bytes) drew ids that have no
+  text, and decoding them ended the command with a traceback."""
+  model, params = model_and_params
+  result = generate_lib.generate(model, params, PROMPTS, max_new_tokens=6, temperature=0.0, keep_logits=True,
+                                 vocab_size=10)
+  assert any(np.any(np.argmax(logits, axis=-1) >= 10) for logits in result.logits)  # the restriction matters
+  for tokens, logits in zip(result.tokens, result.logits):
+    np.testing.assert_array_equal(tokens, np.argmax(logits[:, :10], axis=-1))
+
+
 def test_generation_stops_at_the_context(model_and_params):
   model, params = model_and_params
   result = generate_lib.generate(model, params, [np.arange(1, 29, dtype=np.int32), np.array([3], np.int32)],
                                  max_new_tokens=10, temperature=0.0)
   assert [len(t) for t in result.tokens] == [4, 10]  # 28 + 4 fills the context of 32
+
+
+def test_sampling_with_a_seed_is_reproducible(model_and_params):
+  """The same seed draws the same tokens in a fresh generation (new programs, new cache); another seed others."""
+  model, params = model_and_params
+  draw = lambda seed: generate_lib.generate(model, params, PROMPTS, max_new_tokens=6, temperature=1.5, top_p=0.95,
+                                            seed=seed).tokens
+  first, again, other = draw(7), draw(7), draw(8)
+  for row in range(len(PROMPTS)):
+    np.testing.assert_array_equal(first[row], again[row])
+  assert any(not np.array_equal(a, b) for a, b in zip(first, other))
 
 
 def test_temperature_zero_is_greedy():
@@ -145,11 +183,15 @@ def workdir(tmp_path_factory):
 
 
 def test_cli_generates_a_batch_and_streams_one_prompt(workdir):
-  proc = run_cli("diffmoe_jax.generate", f"--workdir={workdir}", "--prompt=def f(", "--prompt=import",
+  # The first prompt's 27 tokens leave room for 5 of the 6 new tokens in the context of 32, which a note says
+  # (they stopped there silently).
+  proc = run_cli("diffmoe_jax.generate", f"--workdir={workdir}", f"--prompt=def f({'x' * 21}", "--prompt=import",
                  "--max_new_tokens=6", "--temperature=0")
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "--- 1\ndef f(" in proc.stdout and "--- 2\nimport" in proc.stdout
-  assert "prefill 12 tokens" in proc.stderr and "tokens/s" in proc.stderr
+  assert "prefill 33 tokens" in proc.stderr and "tokens/s" in proc.stderr
+  assert ("note: the context (model.max_seq_len = 32) filled up: prompt 1 after 5 of the --max_new_tokens=6 "
+          "tokens.") in proc.stderr
   proc = run_cli("diffmoe_jax.generate", f"--workdir={workdir}", "--prompt=class A", "--max_new_tokens=5",
                  "--temperature=0.9", "--top_k=20", "--top_p=0.9", "--seed=2")
   assert proc.returncode == 0 and proc.stdout.startswith("class A"), proc.stderr[-3000:]
@@ -166,6 +208,21 @@ def test_cli_bad_input_is_one_line(workdir, tmp_path):
                    "--prompt number 2 is not valid UTF-8 (at character 3)")
   assert_one_error(generate(f"--workdir={workdir}", "--prompt=" + "x" * 32),
                    "prompt 1 has 32 tokens, but the context (model.max_seq_len) is 32")
+
+
+def test_a_flagfile_that_cannot_be_opened_is_one_line(tmp_path):
+  """Prompts kept in a file of flags (`--flagfile`): a missing one was a traceback from defining --config."""
+  assert_one_error(run_cli("diffmoe_jax.generate", f"--workdir={tmp_path}", f"--flagfile={tmp_path / 'prompts.txt'}"),
+                   "--flagfile: Unable to open flagfile", "No such file or directory", "prompts.txt")
+
+
+def test_a_tokenizer_past_the_models_vocabulary_is_one_line(workdir, tmp_path):
+  """Its prompt ids lay past the embedding table: the logits were NaN and the command printed nothing."""
+  tokenizer = byte_level_bpe(tmp_path / "tokenizer.json")
+  assert_one_error(run_cli("diffmoe_jax.generate", f"--workdir={workdir}", f"--config={CONFIG_PATH}", *SHORT_RUN,
+                           f"--config.data.tokenizer={tokenizer}", "--config.train.allow_config_change=data.tokenizer",
+                           "--prompt=def add(a, b):", "--max_new_tokens=4", "--temperature=0"),
+                   "config.model.vocab_size (256) is smaller than the tokenizer's vocabulary")
 
 
 def test_a_seed_beyond_32_bits_is_refused(tmp_path):
@@ -204,6 +261,26 @@ def test_a_prompt_the_tokenizer_cannot_encode_is_named(tmp_path):
   with pytest.raises(ConfigError, match=r"^--prompt number 2 \('日本'\) encodes to no tokens: the tokenizer "
                      r"'hf:.*tokenizer\.json' \(config\.data\.tokenizer\) has no piece for its characters"):
     generate_lib.encode_prompts(tokenizer, ["hello", "日本"])
+
+
+def test_a_completion_keeps_the_space_its_first_piece_starts_with(tmp_path):
+  """generate printed the prompt, then the new tokens decoded alone: SentencePiece drops the space a text's first
+  piece starts with, so "the quick" went on as "the quickbrown fox"."""
+  import io
+  from diffmoe_jax.data import make_tokenizer
+  spm = pytest.importorskip("sentencepiece")
+  model = io.BytesIO()
+  spm.SentencePieceTrainer.train(sentence_iterator=iter(["the quick brown fox jumps over the lazy dog"] * 20),
+                                 model_writer=model, vocab_size=40, model_type="bpe", minloglevel=2)
+  (tmp_path / "sp.model").write_bytes(model.getvalue())
+  tokenizer = make_tokenizer(f"sentencepiece:{tmp_path / 'sp.model'}")
+  prompt, whole = (np.asarray(tokenizer.encode(t), np.int32) for t in ("the quick", "the quick brown fox"))
+  np.testing.assert_array_equal(whole[:len(prompt)], prompt)
+  assert tokenizer.decode(whole[len(prompt):]) == "brown fox"  # the piece "▁brown" decoded alone
+  assert generate_lib.completion_text(tokenizer, prompt, whole[len(prompt):]) == " brown fox"
+  bytes_tokenizer = make_tokenizer("bytes")  # an unfinished character stays a replacement until it is complete
+  assert generate_lib.completion_text(bytes_tokenizer, np.frombuffer(b"caf", np.uint8).astype(np.int32),
+                                      [0xC3]) == "\ufffd"
 
 
 @pytest.mark.parametrize("settings, message", [

@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from diffmoe_jax import data, distributed, estimate, parallel
+from diffmoe_jax import data, distributed, estimate, parallel, validation
 from diffmoe_jax.config import ConfigError
 from diffmoe_jax.nn import model as model_lib
 from diffmoe_jax.train import checkpoint, curriculum as curriculum_lib, metrics as metrics_lib, state as state_lib
@@ -298,10 +298,7 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, *, corpus: "d
   corpus = corpus or data.build_corpus(config.data)
   data.check_separator(corpus.tokenizer, corpus.segment_masking)
   distributed.check_same_data(corpus)
-  if corpus.tokenizer.vocab_size > config.model.vocab_size:
-    raise ConfigError(f"config.model.vocab_size ({config.model.vocab_size}) is smaller than the tokenizer's "
-                      f"vocabulary ({corpus.tokenizer.vocab_size}, {config.data.tokenizer}); raise it to at "
-                      f"least {corpus.tokenizer.vocab_size}.")
+  validation.check_tokenizer_vocab(config, corpus.tokenizer)
   curriculum = curriculum_lib.Curriculum(config)
   mesh = parallel.make_mesh(config.mesh)
   rules = parallel.axis_rules(config.mesh)

@@ -25,7 +25,7 @@ def prepare(workdir: str | os.PathLike, flag: str = "workdir") -> str:
   if not os.fspath(workdir).strip():  # e.g. --workdir=$RUN_DIR with the variable unset: not the current directory
     raise WorkdirError("The workdir is empty; pass the run's directory, such as --workdir=runs/tiny.")
   path = os.path.abspath(os.path.expanduser(os.fspath(workdir)))
-  run, part = _run_holding(path)
+  run, part = run_holding(path)
   if run is not None:
     raise WorkdirError(f"The {flag} {path} lies in the {part} of the run in {run}; pass --{flag}={run} to resume "
                        "that run, or another directory.")
@@ -42,9 +42,10 @@ def prepare(workdir: str | os.PathLike, flag: str = "workdir") -> str:
   return path
 
 
-def _run_holding(path: str) -> tuple[str | None, str]:
-  """(the workdir of the run whose checkpoints or TensorBoard directory is or holds `path`, which of them), or
-  (None, ""): passing a run's `checkpoints` (as the log names it) for its workdir would start another run there."""
+def run_holding(path: str) -> tuple[str | None, str]:
+  """(the workdir of the run whose checkpoints or TensorBoard directory is or holds the absolute `path`, which of
+  them), or (None, ""): a run's `checkpoints` (as the log names it) passed for its workdir would start another run
+  there, or find no checkpoints to evaluate."""
   parts = {"checkpoints": "checkpoints directory", "tb": "TensorBoard directory"}
   inner = path
   while os.path.dirname(inner) != inner:
