@@ -58,12 +58,13 @@ def summary(config, workdir: str, result: dict, mesh_shape: dict, need: dict, cu
 
 
 def _remove_if_unused(workdir: str) -> None:
-  """Removes `workdir` if it holds nothing but the lock file of the run that created it."""
-  from diffmoe_jax.train.workdir import LOCK_NAME
+  """Removes `workdir` if it holds nothing but the lock file and time record of the run that created it."""
+  from diffmoe_jax.train.workdir import LOCK_NAME, SECONDS_FILE
   with contextlib.suppress(OSError):  # holds more, or removed by another process of the run
-    if set(os.listdir(workdir)) <= {LOCK_NAME}:
-      with contextlib.suppress(FileNotFoundError):
-        os.remove(os.path.join(workdir, LOCK_NAME))
+    if set(os.listdir(workdir)) <= {LOCK_NAME, SECONDS_FILE}:
+      for name in (SECONDS_FILE, LOCK_NAME):
+        with contextlib.suppress(FileNotFoundError):
+          os.remove(os.path.join(workdir, name))
       os.rmdir(workdir)
 
 
