@@ -11,10 +11,12 @@ With the ids on the command line, process 0 first gathers the others on the coor
 missing process or an id given twice stops every process with one line. Every process then runs the same
 program on its own rows of each batch. A process that dies, or a peer
 that stops answering for --distributed_timeout_s, makes the others exit non-zero within that bound
-instead of waiting forever in a collective.
+instead of waiting forever in a collective. A process that stops on an error of its own (a workdir it cannot
+write, a locked workdir, data it cannot read: `stop_run`) tells the others, which stop at once with its line.
 """
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import functools
 import hashlib
@@ -22,11 +24,13 @@ import json
 import os
 import socket
 import sys
+import threading
 import time
 import traceback
 
 from absl import flags, logging
 
+from diffmoe_jax import cli
 from diffmoe_jax.config import ConfigError
 
 _MODES = ("auto", "on", "off")
@@ -363,26 +367,106 @@ def initialize_from_flags() -> bool:
                     timeout_s=_TIMEOUT.value, init_timeout_s=_INIT_TIMEOUT.value)
 
 
+# A process that stops on an error of its own writes its line under _LEAVING + its index in JAX's key-value store
+# (hosted by process 0); one that stops for another's writes "". Each process looks there every _POLL_S while it
+# runs. Without this, the others waited for it in their next collective until JAX's runtime ended them with a
+# fatal error and a stack dump after --distributed_timeout_s, never saying why, and the failing process itself
+# ended the same way in JAX's shutdown barrier after printing its line.
+_LEAVING = "diffmoe_jax/leaving/"
+_POLL_S = 1.0
+_LEAVE_WAIT_S = 10.0  # how long process 0, whose exit ends the store, waits for the others to read a line
+_leaving = threading.Lock()  # held by the one thread of this process that prints why it stops, then exits it
+
+
+def stop_run(line: str, status: int, at_once: bool = False) -> None:
+  """Prints `line` to stderr and exits with `status` (`at_once`: without Python's clean-up, `cli.exit_now`). In a
+  multi-process run it exits at once, after telling the other processes, which stop with status 1 and `line` as
+  this process's: for an error raised by this process alone, which the others would wait for forever."""
+  if _run() is None:
+    print(line, file=sys.stderr)
+    if at_once:
+      cli.exit_now(status)
+    sys.exit(status)
+  _leaving.acquire()  # never released: this thread exits the process below, or another already does
+  print(line, file=sys.stderr)
+  _leave(line, status)
+
+
+def _run():
+  """(JAX's distributed client, this process's index, the process count) in a multi-process run, else None. Starts
+  no backend (an error before any JAX use must not wait for an accelerator)."""
+  if "jax" not in sys.modules:
+    return None
+  from jax._src import distributed as jax_distributed
+  state = jax_distributed.global_state
+  return (state.client, state.process_id, state.num_processes) if state.client and state.num_processes > 1 else None
+
+
+def _leave(line: str, status: int) -> None:
+  """Writes this process's `line` ("" when it stops for another's) to the store and exits at once; process 0 first
+  waits, up to _LEAVE_WAIT_S, until every other process has written its own."""
+  client, index, count = _run()
+  try:
+    client.key_value_set(f"{_LEAVING}{index}", line)
+    deadline = time.monotonic() + _LEAVE_WAIT_S
+    while index == 0 and len(client.key_value_dir_get(_LEAVING)) < count and time.monotonic() < deadline:
+      time.sleep(0.1)
+  except Exception:  # pylint: disable=broad-except  (the store is gone with process 0: the others end anyway)
+    pass
+  cli.exit_now(status)
+
+
+def _stop_for_a_peer(blocking: bool) -> None:
+  """Stops this process (status 1) with the line another process stopped the run with, if one did; returns if none
+  did, the store cannot be read, or (not `blocking`) this process is stopping already."""
+  if (run := _run()) is None:  # JAX's client has shut down: the run ended
+    return
+  client, index, count = run
+  try:
+    entries = client.key_value_dir_get(_LEAVING)
+  except Exception:  # pylint: disable=broad-except  (the run is ending: JAX reports a lost coordinator itself)
+    return
+  stopped = sorted((int(key.rpartition("/")[2]), line) for key, line in entries if line)
+  stopped = [(peer, line) for peer, line in stopped if peer != index]
+  if not stopped or not _leaving.acquire(blocking=blocking):
+    return
+  peer, line = stopped[0]
+  print(f"error: process {peer} of {count} stopped the run: {line.removeprefix('error: ')}", file=sys.stderr)
+  _leave("", 1)
+
+
 def _exit_promptly_on_failure(process_index: int, process_count: int) -> None:
-  """An uncaught error in a multi-process run exits this process at once.
+  """An uncaught error in a multi-process run exits this process at once, and another process's `stop_run` stops
+  this one (a thread watches for it until Python exits).
 
   Without this, Python's exit waits in JAX's shutdown barrier for peers that will never arrive. A lost
-  peer gets one line; any other error keeps its traceback.
+  peer gets one line (the one it stopped with, if it stopped by `stop_run`); any other error keeps its traceback,
+  and the other processes stop with its last line.
   """
   if process_count == 1:
     return
 
   def hook(exc_type, exc, tb):
     text = str(exc)
+    first_line = text.strip().splitlines()[0] if text.strip() else exc_type.__name__
     if any(marker in text.lower() for marker in _PEER_FAILURE_MARKERS):
-      first_line = text.strip().splitlines()[0] if text.strip() else exc_type.__name__
+      _stop_for_a_peer(blocking=True)
       print(f"error: process {process_index} of {process_count} lost another process of this run ({first_line}). "
             "The newest complete checkpoint in the workdir is intact: restart every process with the same "
             "command to resume.", file=sys.stderr)
-    else:
-      traceback.print_exception(exc_type, exc, tb)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(1)
+      cli.exit_now(1)
+    _leaving.acquire()
+    traceback.print_exception(exc_type, exc, tb)
+    _leave(f"{exc_type.__name__}: {first_line} (its log holds the traceback)", 1)
 
   sys.excepthook = hook
+  finished = threading.Event()
+
+  def watch():
+    while not finished.wait(_POLL_S):
+      _stop_for_a_peer(blocking=False)
+
+  watcher = threading.Thread(target=watch, name="diffmoe_jax-peers", daemon=True)
+  watcher.start()
+  # Registered after JAX's own exit handler, so it runs first: the thread stops before JAX's client shuts down.
+  atexit.register(lambda: (finished.set(), watcher.join()))

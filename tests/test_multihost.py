@@ -22,6 +22,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from diffmoe_jax import distributed
 from diffmoe_jax import main as main_lib
 from diffmoe_jax.train import checkpoint
+from diffmoe_jax.train import workdir as workdir_lib
 from test_train import _abstract_state, load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -275,6 +276,25 @@ def test_processes_on_other_configs_or_workdirs_stop_with_one_line(tmp_path):
                                "the same directory (this one's is "), line
   leftovers = [f for d in tmp_path.iterdir() if d.is_dir() for f in os.listdir(d) if f.startswith(".process0_")]
   assert not leftovers  # process 0's marker is removed
+
+
+def test_an_error_of_one_process_stops_the_others_with_its_line(tmp_path):
+  """A workdir that one process cannot create, or one that another run holds (which process 0 alone locks): that
+  process printed its line, then every process waited for the others until JAX's runtime ended them all with a
+  fatal error and a stack dump (exit 134), the others never saying why."""
+  (tmp_path / "file").write_text("")
+  uncreatable = tmp_path / "file" / "run"
+  port = _free_port()
+  lines = _refusals([_start(str(tmp_path / "run"), [], process_id=0, port=port),
+                     _start(str(uncreatable), [], process_id=1, port=port)])
+  cause = f"Cannot create the workdir {uncreatable}: Not a directory; pass a --workdir in a directory you can write."
+  assert lines == [f"error: process 1 of 2 stopped the run: {cause}", f"error: {cause}"]
+
+  with workdir_lib.WorkdirLock(tmp_path / "run"):  # another run on this workdir
+    port = _free_port()
+    lines = _refusals([_start(str(tmp_path / "run"), [], process_id=i, port=port) for i in (0, 1)])
+  assert lines[0].startswith(f"error: The workdir {tmp_path / 'run'} is in use by another run (PID {os.getpid()} "), lines
+  assert lines[1] == lines[0].replace("error: ", "error: process 0 of 2 stopped the run: ", 1)
 
 
 def test_processes_that_read_other_data_stop_with_one_line(tmp_path):
