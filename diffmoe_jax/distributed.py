@@ -112,9 +112,10 @@ def initialize(mode: str = "auto", coordinator_address: str | None = None, num_p
   if given and coordinator_address is None and not env_coordinator and launched == 1:
     raise DistributedError("--num_processes/--process_id need --coordinator_address=HOST:PORT (process 0's host "
                            "and a free port, the same on every process) or JAX_COORDINATOR_ADDRESS.")
-  if coordinator_address is not None and num_processes is None and launched == 1:
-    raise DistributedError("--coordinator_address needs --num_processes=N and --process_id=I (0 .. N-1) when "
-                           "no launcher (SLURM, Open MPI) provides them.")
+  if (coordinator_address is not None or env_coordinator) and num_processes is None and launched == 1:
+    source = "--coordinator_address" if coordinator_address is not None else "JAX_COORDINATOR_ADDRESS"
+    raise DistributedError(f"{source} needs --num_processes=N and --process_id=I (0 .. N-1) when no launcher "
+                           "(SLURM, Open MPI) provides them.")
 
   import jax
   if jax.distributed.is_initialized():  # joined already (by a wrapper around main, say)

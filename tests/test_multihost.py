@@ -180,6 +180,9 @@ def test_a_signal_to_one_process_stops_both_and_killing_one_stops_the_other(one_
     (dict(num_processes=2, process_id=2, coordinator_address="h:1"), r"--process_id=2 must lie in 0 \.\. "),
     (dict(num_processes=2, process_id=0), "need --coordinator_address=HOST:PORT"),
     (dict(coordinator_address="h:1"), "--coordinator_address needs --num_processes"),
+    # JAX's own check said to give --coordinator_address, which the variable gives.
+    (dict(environ={"JAX_COORDINATOR_ADDRESS": "h:1"}), r"^JAX_COORDINATOR_ADDRESS needs --num_processes=N and "
+     r"--process_id=I \(0 \.\. N-1\) when no launcher"),
     (dict(coordinator_address="h:1", num_processes=2, process_id=0, timeout_s=0), "at least 1 second"),
     (dict(coordinator_address="h:1", num_processes=0, process_id=0), r"--num_processes=0 must be at least 1\."),
     # JAX's runtime answers these with an IndexError traceback or a C++ abort after its timeout.
