@@ -289,9 +289,9 @@ def check_same_run(config, workdir: str, wait_s: float = 10.0) -> None:
     return
   token = np.frombuffer(os.urandom(8), np.uint32) if jax.process_index() == 0 else np.zeros(2, np.uint32)
   marker_of = lambda t: os.path.join(workdir, f".process0_{np.asarray(t).tobytes().hex()}")
-  if jax.process_index() == 0:
-    open(marker_of(token), "w", encoding="utf-8").close()
   marker = marker_of(multihost_utils.broadcast_one_to_all(token))  # process 0's file, named by its token
+  if jax.process_index() == 0:  # once every process has come this far: one that stopped before leaves no marker
+    open(marker, "w", encoding="utf-8").close()
   deadline = time.time() + wait_s  # a shared filesystem may show another host's file late
   while not (seen := os.path.exists(marker)) and time.time() < deadline:
     time.sleep(0.5)

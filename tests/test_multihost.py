@@ -292,6 +292,7 @@ def test_an_error_of_one_process_stops_the_others_with_its_line(tmp_path):
                      _start(str(uncreatable), [], process_id=1, port=port)])
   cause = f"Cannot create the workdir {uncreatable}: Not a directory; pass a --workdir in a directory you can write."
   assert lines == [f"error: process 1 of 2 stopped the run: {cause}", f"error: {cause}"]
+  assert os.listdir(tmp_path / "run") == []  # process 0 wrote its workdir marker, which nobody removed
 
   with workdir_lib.WorkdirLock(tmp_path / "run"):  # another run on this workdir
     port = _free_port()
