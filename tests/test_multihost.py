@@ -300,6 +300,22 @@ def test_an_error_of_one_process_stops_the_others_with_its_line(tmp_path):
   assert lines[0].startswith(f"error: The workdir {tmp_path / 'run'} is in use by another run (PID {os.getpid()} "), lines
   assert lines[1] == lines[0].replace("error: ", "error: process 0 of 2 stopped the run: ", 1)
 
+  # A bug in one process (a stand-in check that raises, through sitecustomize): its traceback, and the other stops.
+  (tmp_path / "bug").mkdir()
+  (tmp_path / "bug" / "sitecustomize.py").write_text(
+      "from diffmoe_jax import distributed\n"
+      "def check_same_run(config, workdir):\n  raise ValueError('a bug\\nits details')\n"
+      "distributed.check_same_run = check_same_run\n")
+  port = _free_port()
+  procs = [_start(str(tmp_path / "run"), [], process_id=0, port=port),
+           _start(str(tmp_path / "run"), [], process_id=1, port=port,
+                  environ={"PYTHONPATH": f"{tmp_path / 'bug'}{os.pathsep}{ROOT}"})]
+  errors = [p.communicate(timeout=TIMEOUT_S)[1] for p in procs]
+  assert [p.returncode for p in procs] == [main_lib.EXIT_ERROR] * 2, errors[0][-3000:]
+  assert errors[0].strip().splitlines()[-1] == ("error: process 1 of 2 stopped the run: ValueError: a bug (its log "
+                                                "holds the traceback)"), errors[0][-3000:]
+  assert "Traceback" in errors[1] and errors[1].strip().endswith("ValueError: a bug\nits details"), errors[1][-3000:]
+
 
 def test_processes_that_read_other_data_stop_with_one_line(tmp_path):
   """The same config on every process, but its `~` is another directory on each host, holding other files: the
