@@ -17,6 +17,7 @@ write, a locked workdir, data it cannot read: `stop_run`) tells the others, whic
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -289,9 +290,10 @@ def check_same_run(config, workdir: str, wait_s: float = 10.0) -> None:
     return
   token = np.frombuffer(os.urandom(8), np.uint32) if jax.process_index() == 0 else np.zeros(2, np.uint32)
   marker_of = lambda t: os.path.join(workdir, f".process0_{np.asarray(t).tobytes().hex()}")
+  if jax.process_index() == 0:  # before the others look: a lookup that finds no file may be cached (NFS)
+    open(marker_of(token), "w", encoding="utf-8").close()
+    _remove_on_leaving.append(marker_of(token))  # if another process stops the run before the check ends
   marker = marker_of(multihost_utils.broadcast_one_to_all(token))  # process 0's file, named by its token
-  if jax.process_index() == 0:  # once every process has come this far: one that stopped before leaves no marker
-    open(marker, "w", encoding="utf-8").close()
   deadline = time.time() + wait_s  # a shared filesystem may show another host's file late
   while not (seen := os.path.exists(marker)) and time.time() < deadline:
     time.sleep(0.5)
@@ -300,6 +302,7 @@ def check_same_run(config, workdir: str, wait_s: float = 10.0) -> None:
   everyone = np.asarray(multihost_utils.process_allgather(np.append(_digest(values), np.uint32(seen))))
   if jax.process_index() == 0:
     os.remove(marker)
+    _remove_on_leaving.remove(marker)
   other_config = [p for p in range(len(everyone)) if not np.array_equal(everyone[p, :4], everyone[0, :4])]
   blind = [p for p in range(len(everyone)) if not everyone[p, 4]]
   if other_config:
@@ -377,6 +380,7 @@ _LEAVING = "diffmoe_jax/leaving/"
 _POLL_S = 1.0
 _LEAVE_WAIT_S = 10.0  # how long process 0, whose exit ends the store, waits for the others to read a line
 _leaving = threading.Lock()  # held by the one thread of this process that prints why it stops, then exits it
+_remove_on_leaving: list[str] = []  # files this process removes when it stops so (check_same_run's marker)
 
 
 def stop_run(line: str, status: int, at_once: bool = False) -> None:
@@ -414,6 +418,9 @@ def _leave(line: str, status: int) -> None:
       time.sleep(0.1)
   except Exception:  # pylint: disable=broad-except  (the store is gone with process 0: the others end anyway)
     pass
+  for path in _remove_on_leaving:
+    with contextlib.suppress(OSError):
+      os.remove(path)
   cli.exit_now(status)
 
 
