@@ -37,7 +37,8 @@ from diffmoe_jax.config import ConfigError
 _MODES = ("auto", "on", "off")
 _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "auto", _MODES,
-    "Join a multi-process run: 'auto' when a launcher or the flags below say there are several processes, "
+    "Join a multi-process run: 'auto' when a launcher, --coordinator_address (or JAX_COORDINATOR_ADDRESS) or "
+    "--num_processes say there are several processes, "
     "'on' always (a TPU VM slice, where JAX reads the workers from the VM metadata), 'off' never.")
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "HOST:PORT of process 0's coordinator, the same on every process.")

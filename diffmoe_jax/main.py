@@ -34,6 +34,7 @@ EXIT_ERROR, EXIT_STOPPED_EARLY, EXIT_INTERRUPTED = 1, 3, 130
 
 _CONFIG = cli.define_config_flag(DEFAULT_CONFIG, "Path to a config file.")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Directory for checkpoints and TensorBoard logs.")
+flags.adopt_module_key_flags(distributed)  # --help lists them with main's own
 
 
 def summary(config, workdir: str, result: dict, mesh_shape: dict, need: dict, curriculum) -> str:

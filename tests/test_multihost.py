@@ -344,6 +344,16 @@ def test_main_reports_distributed_flags_that_cannot_work_together(tmp_path):
       "process, --process_id 0 .. N-1), or neither."), proc.stderr[-3000:]
 
 
+def test_main_help_lists_the_distributed_flags():
+  """They are main's flags, but --help listed only --config and --workdir."""
+  proc = subprocess.run([sys.executable, "-m", "diffmoe_jax.main", "--help"], capture_output=True, text=True,
+                        env=_env(1), timeout=TIMEOUT_S)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  for name in ("distributed", "coordinator_address", "num_processes", "process_id", "distributed_timeout_s",
+               "distributed_init_timeout_s"):
+    assert f"\n  --{name}: " in proc.stdout, (name, proc.stdout)
+
+
 def test_a_single_process_stays_out_of_the_distributed_runtime():
   assert not distributed.initialize(environ={})
   slurm_one_task = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n1", "SLURM_NTASKS": "1", "SLURM_PROCID": "0",
