@@ -282,39 +282,42 @@ def test_processes_on_other_configs_or_workdirs_stop_with_one_line(tmp_path):
 
 
 def test_an_error_of_one_process_stops_the_others_with_its_line(tmp_path):
-  """A workdir that one process cannot create, or one that another run holds (which process 0 alone locks): that
-  process printed its line, then every process waited for the others until JAX's runtime ended them all with a
-  fatal error and a stack dump (exit 134), the others never saying why."""
+  """A workdir that one process cannot create, one that another run holds (which process 0 alone locks), a bug in
+  one process: that process printed its line (or traceback), then every process waited for the others until JAX's
+  runtime ended them all with a fatal error and a stack dump (exit 134), the others never saying why. The three
+  runs go at once."""
   (tmp_path / "file").write_text("")
-  uncreatable = tmp_path / "file" / "run"
-  port = _free_port()
-  lines = _refusals([_start(str(tmp_path / "run"), [], process_id=0, port=port),
-                     _start(str(uncreatable), [], process_id=1, port=port)])
-  cause = f"Cannot create the workdir {uncreatable}: Not a directory; pass a --workdir in a directory you can write."
-  assert lines == [f"error: process 1 of 2 stopped the run: {cause}", f"error: {cause}"]
-  assert os.listdir(tmp_path / "run") == []  # process 0 wrote its workdir marker, which nobody removed
-
-  with workdir_lib.WorkdirLock(tmp_path / "run"):  # another run on this workdir
-    port = _free_port()
-    lines = _refusals([_start(str(tmp_path / "run"), [], process_id=i, port=port) for i in (0, 1)])
-  assert lines[0].startswith(f"error: The workdir {tmp_path / 'run'} is in use by another run (PID {os.getpid()} "), lines
-  assert lines[1] == lines[0].replace("error: ", "error: process 0 of 2 stopped the run: ", 1)
-
-  # A bug in one process (a stand-in check that raises, through sitecustomize): its traceback, and the other stops.
+  uncreatable, locked = tmp_path / "file" / "run", tmp_path / "locked"
+  locked.mkdir()
+  # The bug: a stand-in check that raises, put in place by sitecustomize in process 1 alone.
   (tmp_path / "bug").mkdir()
   (tmp_path / "bug" / "sitecustomize.py").write_text(
       "from diffmoe_jax import distributed\n"
       "def check_same_run(config, workdir):\n  raise ValueError('a bug\\nits details')\n"
       "distributed.check_same_run = check_same_run\n")
-  port = _free_port()
-  procs = [_start(str(tmp_path / "run"), [], process_id=0, port=port),
-           _start(str(tmp_path / "run"), [], process_id=1, port=port,
-                  environ={"PYTHONPATH": f"{tmp_path / 'bug'}{os.pathsep}{ROOT}"})]
-  errors = [p.communicate(timeout=TIMEOUT_S)[1] for p in procs]
-  assert [p.returncode for p in procs] == [main_lib.EXIT_ERROR] * 2, errors[0][-3000:]
-  assert errors[0].strip().splitlines()[-1] == ("error: process 1 of 2 stopped the run: ValueError: a bug (its log "
-                                                "holds the traceback)"), errors[0][-3000:]
-  assert "Traceback" in errors[1] and errors[1].strip().endswith("ValueError: a bug\nits details"), errors[1][-3000:]
+  buggy = {"PYTHONPATH": f"{tmp_path / 'bug'}{os.pathsep}{ROOT}"}
+  ports = [_free_port() for _ in range(3)]
+  with workdir_lib.WorkdirLock(locked):  # another run on this workdir
+    procs = [_start(str(tmp_path / "run"), [], process_id=0, port=ports[0]),
+             _start(str(uncreatable), [], process_id=1, port=ports[0]),
+             *[_start(str(locked), [], process_id=i, port=ports[1]) for i in (0, 1)],
+             _start(str(tmp_path / "run_bug"), [], process_id=0, port=ports[2]),
+             _start(str(tmp_path / "run_bug"), [], process_id=1, port=ports[2], environ=buggy)]
+    try:
+      errors = [p.communicate(timeout=TIMEOUT_S)[1] for p in procs]
+    finally:
+      for p in procs:
+        p.kill()
+  assert [p.returncode for p in procs] == [main_lib.EXIT_ERROR] * 6, [e[-2000:] for e in errors]
+  assert "Traceback" not in "".join(errors[:5]), errors[:5]
+  lines = [e.strip().splitlines()[-1] for e in errors]
+  cause = f"Cannot create the workdir {uncreatable}: Not a directory; pass a --workdir in a directory you can write."
+  assert lines[:2] == [f"error: process 1 of 2 stopped the run: {cause}", f"error: {cause}"]
+  assert os.listdir(tmp_path / "run") == []  # process 0 wrote its workdir marker, which nobody removed
+  assert lines[2].startswith(f"error: The workdir {locked} is in use by another run (PID {os.getpid()} "), lines
+  assert lines[3] == lines[2].replace("error: ", "error: process 0 of 2 stopped the run: ", 1)
+  assert lines[4] == "error: process 1 of 2 stopped the run: ValueError: a bug (its log holds the traceback)"
+  assert "Traceback" in errors[5] and errors[5].strip().endswith("ValueError: a bug\nits details"), errors[5][-3000:]
 
 
 def test_processes_that_read_other_data_stop_with_one_line(tmp_path):
