@@ -71,6 +71,27 @@ def test_tpu_pod_script_copies_the_checkout_less_files_deleted_locally(tmp_path)
   assert "configs/tiny.py" in names and "diffmoe_jax/main.py" in names and "configs/ablation.py" not in names
 
 
+def test_slurm_script_gives_each_task_the_jobs_cpus(tmp_path):
+  """srun stopped inheriting the job's --cpus-per-task (SLURM 22.05): each task ran on one core. A stand-in srun
+  records its arguments, one a line."""
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  (bin_dir / "srun").write_text(f'#!/bin/sh\npwd > {tmp_path}/args\nprintf "%s\\n" "$@" >> {tmp_path}/args\n')
+  (bin_dir / "srun").chmod(0o755)
+
+  def srun_args(**environ):
+    env = {k: v for k, v in os.environ.items() if k != "SLURM_CPUS_PER_TASK"}
+    env.update(PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_SUBMIT_DIR=ROOT, **environ)
+    subprocess.run(["bash", SCRIPTS[1], "configs/tiny.py", "/shared/runs/x", "--config.name=a b"], check=True,
+                   env=env, cwd=tmp_path)
+    return (tmp_path / "args").read_text().splitlines()
+
+  command = ["python", "-m", "diffmoe_jax.main", "--config=configs/tiny.py", "--workdir=/shared/runs/x",
+             "--config.name=a b"]
+  assert srun_args(SLURM_CPUS_PER_TASK="8") == [ROOT, "--kill-on-bad-exit=1", "--cpus-per-task=8", *command]
+  assert srun_args() == [ROOT, "--kill-on-bad-exit=1", *command]  # the job asked for no --cpus-per-task
+
+
 def test_gpu_checks_select_every_kernel_test_they_name():
   """The GPU script's pytest selection still collects each kind of kernel test (a renamed test would
   otherwise drop out of the GPU run unnoticed)."""
