@@ -109,6 +109,12 @@ def initialize(mode: str = "auto", coordinator_address: str | None = None, num_p
   elif env_coordinator:  # JAX reads it when the flag is absent
     _check_address(env_coordinator, bind=process_id == 0, source="JAX_COORDINATOR_ADDRESS")
   launched = launcher_process_count(environ)
+  mpi_size = environ.get("OMPI_COMM_WORLD_SIZE", "1")
+  if not (given or env_coordinator or launched > 1) and mpi_size.isdigit() and int(mpi_size) > 1:
+    # Open MPI 5 no longer sets OMPI_MCA_orte_hnp_uri, which JAX reads: each process trained apart.
+    raise DistributedError(f"mpirun started {mpi_size} processes, but JAX recognises Open MPI 4 only "
+                           "(OMPI_MCA_orte_hnp_uri is unset): give each process --coordinator_address=HOST:PORT "
+                           "--num_processes=$OMPI_COMM_WORLD_SIZE --process_id=$OMPI_COMM_WORLD_RANK.")
   if mode == "auto" and not (given or env_coordinator or launched > 1):
     return False
   if given and coordinator_address is None and not env_coordinator and launched == 1:

@@ -184,6 +184,9 @@ def test_a_signal_to_one_process_stops_both_and_killing_one_stops_the_other(one_
     (dict(environ={"JAX_COORDINATOR_ADDRESS": "h:1"}), r"^JAX_COORDINATOR_ADDRESS needs --num_processes=N and "
      r"--process_id=I \(0 \.\. N-1\) when no launcher"),
     (dict(coordinator_address="h:1", num_processes=2, process_id=0, timeout_s=0), "at least 1 second"),
+    # Open MPI 5, which JAX does not recognise: each process trained apart on the same workdir.
+    (dict(environ={"OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_RANK": "1"}), r"^mpirun started 4 processes, but "
+     r"JAX recognises Open MPI 4 only \(OMPI_MCA_orte_hnp_uri is unset\): give each process --coordinator_address="),
     (dict(coordinator_address="h:1", num_processes=0, process_id=0), r"--num_processes=0 must be at least 1\."),
     # JAX's runtime answers these with an IndexError traceback or a C++ abort after its timeout.
     (dict(coordinator_address="notanaddress", num_processes=2, process_id=1),
