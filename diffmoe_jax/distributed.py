@@ -423,8 +423,8 @@ def _leave(line: str, status: int) -> None:
     deadline = time.monotonic() + _LEAVE_WAIT_S
     while index == 0 and len(client.key_value_dir_get(_LEAVING)) < count and time.monotonic() < deadline:
       time.sleep(0.1)
-  except Exception:  # pylint: disable=broad-except  (the store is gone with process 0: the others end anyway)
-    pass
+  except (Exception, KeyboardInterrupt):  # pylint: disable=broad-except
+    pass  # the store went with process 0 (JAX ends the others then), or a Ctrl-C cut the wait short
   for path in _remove_on_leaving:
     with contextlib.suppress(OSError):
       os.remove(path)
