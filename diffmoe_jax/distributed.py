@@ -393,7 +393,7 @@ _remove_on_leaving: list[str] = []  # files this process removes when it stops s
 def stop_run(line: str, status: int, at_once: bool = False) -> None:
   """Prints `line` to stderr and exits with `status` (`at_once`: without Python's clean-up, `cli.exit_now`). In a
   multi-process run it exits at once, after telling the other processes, which stop with status 1 and `line` as
-  this process's: for an error raised by this process alone, which the others would wait for forever."""
+  this process's: an error this process raised alone left the others waiting for it until JAX's runtime ended them."""
   if _run() is None:
     print(line, file=sys.stderr)
     if at_once:
@@ -456,7 +456,7 @@ def _exit_promptly_on_failure(process_index: int, process_count: int) -> None:
 
   Without this, Python's exit waits in JAX's shutdown barrier for peers that will never arrive. A lost
   peer gets one line (the one it stopped with, if it stopped by `stop_run`); any other error keeps its traceback,
-  and the other processes stop with its last line.
+  and the other processes stop naming its type and first line.
   """
   if process_count == 1:
     return
