@@ -31,6 +31,7 @@ case "$workdir" in
   *) echo "error: WORKDIR $workdir must be an absolute path every worker mounts, such as /mnt/runs/pi_s" >&2; exit 2 ;;
 esac
 case "$config" in
+  "$repo_dir"/*) config=${config#"$repo_dir"/} ;;  # a file of this checkout (tab-completed, say): the copy's
   /*) ;;  # a path on the workers
   *) if [ ! -f "$repo_dir/$config" ]; then
        echo "error: CONFIG $config is not a file of this checkout ($repo_dir); pass a path such as configs/pi_s.py" >&2

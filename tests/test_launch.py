@@ -71,6 +71,21 @@ def test_tpu_pod_script_copies_the_checkout_less_files_deleted_locally(tmp_path)
   assert "configs/tiny.py" in names and "diffmoe_jax/main.py" in names and "configs/ablation.py" not in names
 
 
+def test_tpu_pod_script_runs_a_config_of_the_checkout_from_the_workers_copy(tmp_path):
+  """A config given by its absolute path in this checkout (tab-completed, say) was passed on as that path, which
+  the workers do not have. A stand-in gcloud records the training command."""
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  (bin_dir / "gcloud").write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {tmp_path}/args\n')
+  (bin_dir / "gcloud").chmod(0o755)
+  subprocess.run(["bash", SCRIPTS[0], "tpu", "zone", os.path.join(ROOT, "configs", "tiny.py"), "/mnt/runs/x",
+                  "--config.train.log_every=5"], check=True, capture_output=True, cwd=tmp_path,
+                 env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"})
+  command = (tmp_path / "args").read_text().splitlines()[-1]
+  assert command == ("--command=cd diffmoe_jax && python3 -m diffmoe_jax.main --distributed=on "
+                     "--config=configs/tiny.py --workdir=/mnt/runs/x --config.train.log_every=5 ")
+
+
 def test_slurm_script_gives_each_task_the_jobs_cpus(tmp_path):
   """srun stopped inheriting the job's --cpus-per-task (SLURM 22.05): each task ran on one core. A stand-in srun
   records its arguments, one a line."""
