@@ -49,6 +49,8 @@ def test_tpu_pod_script_refuses_a_relative_workdir_or_a_missing_config():
   run = lambda *args: subprocess.run(["bash", SCRIPTS[0], "tpu", "zone", *args], capture_output=True, text=True)
   result = run("configs/tiny.py", "runs/x")  # would land in the copy of the checkout that relaunching deletes
   assert result.returncode == 2 and "error: WORKDIR runs/x must be an absolute path" in result.stderr
+  result = run("configs/tiny.py", os.path.join(ROOT, "runs", "x"))  # the same, where the workers' copy lies here too
+  assert result.returncode == 2 and f"error: WORKDIR {ROOT}/runs/x lies in this checkout" in result.stderr
   result = run("configs/tnyi.py", "/mnt/runs/x")
   assert result.returncode == 2 and "error: CONFIG configs/tnyi.py is not a file of this checkout" in result.stderr
 
