@@ -11,10 +11,13 @@ With the ids on the command line, process 0 first gathers the others on the coor
 missing process or an id given twice stops every process with one line. Every process then runs the same
 program on its own rows of each batch. A process that dies, or a peer
 that stops answering for --distributed_timeout_s, makes the others exit non-zero within that bound
-instead of waiting forever in a collective.
+instead of waiting forever in a collective. A process that stops on an error of its own (a workdir it cannot
+write, a locked workdir, data it cannot read: `stop_run`) tells the others, which stop at once with its line.
 """
 from __future__ import annotations
 
+import atexit
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -22,17 +25,20 @@ import json
 import os
 import socket
 import sys
+import threading
 import time
 import traceback
 
 from absl import flags, logging
 
+from diffmoe_jax import cli
 from diffmoe_jax.config import ConfigError
 
 _MODES = ("auto", "on", "off")
 _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "auto", _MODES,
-    "Join a multi-process run: 'auto' when a launcher or the flags below say there are several processes, "
+    "Join a multi-process run: 'auto' when a launcher, --coordinator_address (or JAX_COORDINATOR_ADDRESS) or "
+    "--num_processes say there are several processes, "
     "'on' always (a TPU VM slice, where JAX reads the workers from the VM metadata), 'off' never.")
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "HOST:PORT of process 0's coordinator, the same on every process.")
@@ -103,14 +109,21 @@ def initialize(mode: str = "auto", coordinator_address: str | None = None, num_p
   elif env_coordinator:  # JAX reads it when the flag is absent
     _check_address(env_coordinator, bind=process_id == 0, source="JAX_COORDINATOR_ADDRESS")
   launched = launcher_process_count(environ)
+  mpi_size = environ.get("OMPI_COMM_WORLD_SIZE", "1")
+  if not (given or env_coordinator or launched > 1) and mpi_size.isdigit() and int(mpi_size) > 1:
+    # Open MPI 5 no longer sets OMPI_MCA_orte_hnp_uri, which JAX reads: each process trained apart.
+    raise DistributedError(f"mpirun started {mpi_size} processes, but JAX recognises Open MPI 4 only "
+                           "(OMPI_MCA_orte_hnp_uri is unset): give each process --coordinator_address=HOST:PORT "
+                           "--num_processes=$OMPI_COMM_WORLD_SIZE --process_id=$OMPI_COMM_WORLD_RANK.")
   if mode == "auto" and not (given or env_coordinator or launched > 1):
     return False
   if given and coordinator_address is None and not env_coordinator and launched == 1:
     raise DistributedError("--num_processes/--process_id need --coordinator_address=HOST:PORT (process 0's host "
                            "and a free port, the same on every process) or JAX_COORDINATOR_ADDRESS.")
-  if coordinator_address is not None and num_processes is None and launched == 1:
-    raise DistributedError("--coordinator_address needs --num_processes=N and --process_id=I (0 .. N-1) when "
-                           "no launcher (SLURM, Open MPI) provides them.")
+  if (coordinator_address is not None or env_coordinator) and num_processes is None and launched == 1:
+    source = "--coordinator_address" if coordinator_address is not None else "JAX_COORDINATOR_ADDRESS"
+    raise DistributedError(f"{source} needs --num_processes=N and --process_id=I (0 .. N-1) when no launcher "
+                           "(SLURM, Open MPI) provides them.")
 
   import jax
   if jax.distributed.is_initialized():  # joined already (by a wrapper around main, say)
@@ -284,8 +297,9 @@ def check_same_run(config, workdir: str, wait_s: float = 10.0) -> None:
     return
   token = np.frombuffer(os.urandom(8), np.uint32) if jax.process_index() == 0 else np.zeros(2, np.uint32)
   marker_of = lambda t: os.path.join(workdir, f".process0_{np.asarray(t).tobytes().hex()}")
-  if jax.process_index() == 0:
+  if jax.process_index() == 0:  # before the others look: a lookup that finds no file may be cached (NFS)
     open(marker_of(token), "w", encoding="utf-8").close()
+    _remove_on_leaving.append(marker_of(token))  # if another process stops the run before the check ends
   marker = marker_of(multihost_utils.broadcast_one_to_all(token))  # process 0's file, named by its token
   deadline = time.time() + wait_s  # a shared filesystem may show another host's file late
   while not (seen := os.path.exists(marker)) and time.time() < deadline:
@@ -295,6 +309,7 @@ def check_same_run(config, workdir: str, wait_s: float = 10.0) -> None:
   everyone = np.asarray(multihost_utils.process_allgather(np.append(_digest(values), np.uint32(seen))))
   if jax.process_index() == 0:
     os.remove(marker)
+    _remove_on_leaving.remove(marker)
   other_config = [p for p in range(len(everyone)) if not np.array_equal(everyone[p, :4], everyone[0, :4])]
   blind = [p for p in range(len(everyone)) if not everyone[p, 4]]
   if other_config:
@@ -363,26 +378,110 @@ def initialize_from_flags() -> bool:
                     timeout_s=_TIMEOUT.value, init_timeout_s=_INIT_TIMEOUT.value)
 
 
+# A process that stops on an error of its own writes its line under _LEAVING + its index in JAX's key-value store
+# (hosted by process 0); one that stops for another's writes "". Each process looks there every _POLL_S while it
+# runs. Without this, the others waited for it in their next collective until JAX's runtime ended them with a
+# fatal error and a stack dump after --distributed_timeout_s, never saying why, and the failing process itself
+# ended the same way in JAX's shutdown barrier after printing its line.
+_LEAVING = "diffmoe_jax/leaving/"
+_POLL_S = 1.0
+_LEAVE_WAIT_S = 10.0  # how long process 0, whose exit ends the store, waits for the others to read a line
+_leaving = threading.Lock()  # held by the one thread of this process that prints why it stops, then exits it
+_remove_on_leaving: list[str] = []  # files this process removes when it stops so (check_same_run's marker)
+
+
+def stop_run(line: str, status: int, at_once: bool = False) -> None:
+  """Prints `line` to stderr and exits with `status` (`at_once`: without Python's clean-up, `cli.exit_now`). In a
+  multi-process run it exits at once, after telling the other processes, which stop with status 1 and `line` as
+  this process's: an error this process raised alone left the others waiting for it until JAX's runtime ended them."""
+  if _run() is None:
+    print(line, file=sys.stderr)
+    if at_once:
+      cli.exit_now(status)
+    sys.exit(status)
+  _leaving.acquire()  # never released: this thread exits the process below, or another already does
+  print(line, file=sys.stderr)
+  _leave(line, status)
+
+
+def _run():
+  """(JAX's distributed client, this process's index, the process count) in a multi-process run, else None. Starts
+  no backend (an error before any JAX use must not wait for an accelerator)."""
+  if "jax" not in sys.modules:
+    return None
+  from jax._src import distributed as jax_distributed
+  state = jax_distributed.global_state
+  return (state.client, state.process_id, state.num_processes) if state.client and state.num_processes > 1 else None
+
+
+def _leave(line: str, status: int) -> None:
+  """Writes this process's `line` ("" when it stops for another's) to the store and exits at once; process 0 first
+  waits, up to _LEAVE_WAIT_S, until every other process has written its own."""
+  client, index, count = _run()
+  try:
+    client.key_value_set(f"{_LEAVING}{index}", line)
+    deadline = time.monotonic() + _LEAVE_WAIT_S
+    while index == 0 and len(client.key_value_dir_get(_LEAVING)) < count and time.monotonic() < deadline:
+      time.sleep(0.1)
+  except (Exception, KeyboardInterrupt):  # pylint: disable=broad-except
+    pass  # the store went with process 0 (JAX ends the others then), or a Ctrl-C cut the wait short
+  for path in _remove_on_leaving:
+    with contextlib.suppress(OSError):
+      os.remove(path)
+  cli.exit_now(status)
+
+
+def _stop_for_a_peer(blocking: bool) -> None:
+  """Stops this process (status 1) with the line another process stopped the run with, if one did; returns if none
+  did, the store cannot be read, or (not `blocking`) this process is stopping already."""
+  if (run := _run()) is None:  # JAX's client has shut down: the run ended
+    return
+  client, index, count = run
+  try:
+    entries = client.key_value_dir_get(_LEAVING)
+  except Exception:  # pylint: disable=broad-except  (the run is ending: JAX reports a lost coordinator itself)
+    return
+  stopped = sorted((int(key.rpartition("/")[2]), line) for key, line in entries if line)
+  stopped = [(peer, line) for peer, line in stopped if peer != index]
+  if not stopped or not _leaving.acquire(blocking=blocking):
+    return
+  peer, line = stopped[0]
+  print(f"error: process {peer} of {count} stopped the run: {line.removeprefix('error: ')}", file=sys.stderr)
+  _leave("", 1)
+
+
 def _exit_promptly_on_failure(process_index: int, process_count: int) -> None:
-  """An uncaught error in a multi-process run exits this process at once.
+  """An uncaught error in a multi-process run exits this process at once, and another process's `stop_run` stops
+  this one (a thread watches for it until Python exits).
 
   Without this, Python's exit waits in JAX's shutdown barrier for peers that will never arrive. A lost
-  peer gets one line; any other error keeps its traceback.
+  peer gets one line (the one it stopped with, if it stopped by `stop_run`); any other error keeps its traceback,
+  and the other processes stop naming its type and first line.
   """
   if process_count == 1:
     return
 
   def hook(exc_type, exc, tb):
     text = str(exc)
+    first_line = text.strip().splitlines()[0] if text.strip() else exc_type.__name__
     if any(marker in text.lower() for marker in _PEER_FAILURE_MARKERS):
-      first_line = text.strip().splitlines()[0] if text.strip() else exc_type.__name__
+      _stop_for_a_peer(blocking=True)
       print(f"error: process {process_index} of {process_count} lost another process of this run ({first_line}). "
             "The newest complete checkpoint in the workdir is intact: restart every process with the same "
             "command to resume.", file=sys.stderr)
-    else:
-      traceback.print_exception(exc_type, exc, tb)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(1)
+      cli.exit_now(1)
+    _leaving.acquire()
+    traceback.print_exception(exc_type, exc, tb)
+    _leave(f"{exc_type.__name__}: {first_line} (its log holds the traceback)", 1)
 
   sys.excepthook = hook
+  finished = threading.Event()
+
+  def watch():
+    while not finished.wait(_POLL_S):
+      _stop_for_a_peer(blocking=False)
+
+  watcher = threading.Thread(target=watch, name="diffmoe_jax-peers", daemon=True)
+  watcher.start()
+  # Registered after JAX's own exit handler, so it runs first: the thread stops before JAX's client shuts down.
+  atexit.register(lambda: (finished.set(), watcher.join()))

@@ -34,6 +34,7 @@ EXIT_ERROR, EXIT_STOPPED_EARLY, EXIT_INTERRUPTED = 1, 3, 130
 
 _CONFIG = cli.define_config_flag(DEFAULT_CONFIG, "Path to a config file.")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Directory for checkpoints and TensorBoard logs.")
+flags.adopt_module_key_flags(distributed)  # --help lists them with main's own
 
 
 def summary(config, workdir: str, result: dict, mesh_shape: dict, need: dict, curriculum) -> str:
@@ -118,12 +119,14 @@ def main(argv):
   try:
     distributed.initialize_from_flags()  # before any other JAX use; a no-op for a single process
     outcome = run(_CONFIG.value, _WORKDIR.value)
-  except (ConfigError, DataError, InsufficientMemoryError, TrainingStopped, WorkdirError) as e:
+  except distributed.DistributedError as e:  # every process of the run raises it alike
     print(f"error: {e}", file=sys.stderr)
     sys.exit(EXIT_ERROR)
+  # In a multi-process run an error may stop this process alone: stop_run stops the others too, with its line.
+  except (ConfigError, DataError, InsufficientMemoryError, TrainingStopped, WorkdirError) as e:
+    distributed.stop_run(f"error: {e}", EXIT_ERROR)
   except CheckpointError as e:
-    print(f"error: {e}", file=sys.stderr)
-    cli.exit_now(EXIT_ERROR)
+    distributed.stop_run(f"error: {e}", EXIT_ERROR, at_once=True)
   except KeyboardInterrupt:
     print(f"error: interrupted at once (a second Ctrl-C, or one before training began), so no checkpoint of the "
           f"current step was saved; those saved earlier in "

@@ -25,12 +25,18 @@ shift 4
 
 repo_dir="$(cd "$(dirname "$0")/.." && pwd)"
 remote_dir="diffmoe_jax"  # in each worker's home directory
-# A relative WORKDIR would land inside remote_dir, which the next launch deletes with its checkpoints.
+# A relative WORKDIR would land inside remote_dir, which the next launch deletes with its checkpoints, and so
+# would one in this checkout where it lies at the same path on the workers (~/diffmoe_jax, gcloud's user).
 case "$workdir" in
+  "$repo_dir" | "$repo_dir"/*)
+    echo "error: WORKDIR $workdir lies in this checkout, whose copy each launch replaces on the workers; pass a" \
+         "directory every worker mounts, such as /mnt/runs/pi_s" >&2
+    exit 2 ;;
   /*) ;;
   *) echo "error: WORKDIR $workdir must be an absolute path every worker mounts, such as /mnt/runs/pi_s" >&2; exit 2 ;;
 esac
 case "$config" in
+  "$repo_dir"/*) config=${config#"$repo_dir"/} ;;  # a file of this checkout (tab-completed, say): the copy's
   /*) ;;  # a path on the workers
   *) if [ ! -f "$repo_dir/$config" ]; then
        echo "error: CONFIG $config is not a file of this checkout ($repo_dir); pass a path such as configs/pi_s.py" >&2

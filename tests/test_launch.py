@@ -49,6 +49,8 @@ def test_tpu_pod_script_refuses_a_relative_workdir_or_a_missing_config():
   run = lambda *args: subprocess.run(["bash", SCRIPTS[0], "tpu", "zone", *args], capture_output=True, text=True)
   result = run("configs/tiny.py", "runs/x")  # would land in the copy of the checkout that relaunching deletes
   assert result.returncode == 2 and "error: WORKDIR runs/x must be an absolute path" in result.stderr
+  result = run("configs/tiny.py", os.path.join(ROOT, "runs", "x"))  # the same, where the workers' copy lies here too
+  assert result.returncode == 2 and f"error: WORKDIR {ROOT}/runs/x lies in this checkout" in result.stderr
   result = run("configs/tnyi.py", "/mnt/runs/x")
   assert result.returncode == 2 and "error: CONFIG configs/tnyi.py is not a file of this checkout" in result.stderr
 
@@ -69,6 +71,42 @@ def test_tpu_pod_script_copies_the_checkout_less_files_deleted_locally(tmp_path)
   names = subprocess.run(["tar", "-tzf", str(tmp_path / "copied.tar.gz")], capture_output=True, text=True,
                          check=True).stdout.split()
   assert "configs/tiny.py" in names and "diffmoe_jax/main.py" in names and "configs/ablation.py" not in names
+
+
+def test_tpu_pod_script_runs_a_config_of_the_checkout_from_the_workers_copy(tmp_path):
+  """A config given by its absolute path in this checkout (tab-completed, say) was passed on as that path, which
+  the workers do not have. A stand-in gcloud records the training command."""
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  (bin_dir / "gcloud").write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {tmp_path}/args\n')
+  (bin_dir / "gcloud").chmod(0o755)
+  subprocess.run(["bash", SCRIPTS[0], "tpu", "zone", os.path.join(ROOT, "configs", "tiny.py"), "/mnt/runs/x",
+                  "--config.train.log_every=5"], check=True, capture_output=True, cwd=tmp_path,
+                 env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"})
+  command = (tmp_path / "args").read_text().splitlines()[-1]
+  assert command == ("--command=cd diffmoe_jax && python3 -m diffmoe_jax.main --distributed=on "
+                     "--config=configs/tiny.py --workdir=/mnt/runs/x --config.train.log_every=5 ")
+
+
+def test_slurm_script_gives_each_task_the_jobs_cpus(tmp_path):
+  """srun stopped inheriting the job's --cpus-per-task (SLURM 22.05): each task ran on one core. A stand-in srun
+  records its arguments, one a line."""
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  (bin_dir / "srun").write_text(f'#!/bin/sh\npwd > {tmp_path}/args\nprintf "%s\\n" "$@" >> {tmp_path}/args\n')
+  (bin_dir / "srun").chmod(0o755)
+
+  def srun_args(**environ):
+    env = {k: v for k, v in os.environ.items() if k != "SLURM_CPUS_PER_TASK"}
+    env.update(PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_SUBMIT_DIR=ROOT, **environ)
+    subprocess.run(["bash", SCRIPTS[1], "configs/tiny.py", "/shared/runs/x", "--config.name=a b"], check=True,
+                   env=env, cwd=tmp_path)
+    return (tmp_path / "args").read_text().splitlines()
+
+  command = ["python", "-m", "diffmoe_jax.main", "--config=configs/tiny.py", "--workdir=/shared/runs/x",
+             "--config.name=a b"]
+  assert srun_args(SLURM_CPUS_PER_TASK="8") == [ROOT, "--kill-on-bad-exit=1", "--cpus-per-task=8", *command]
+  assert srun_args() == [ROOT, "--kill-on-bad-exit=1", *command]  # the job asked for no --cpus-per-task
 
 
 def test_gpu_checks_select_every_kernel_test_they_name():

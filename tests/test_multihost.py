@@ -22,6 +22,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from diffmoe_jax import distributed
 from diffmoe_jax import main as main_lib
 from diffmoe_jax.train import checkpoint
+from diffmoe_jax.train import workdir as workdir_lib
 from test_train import _abstract_state, load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -179,7 +180,13 @@ def test_a_signal_to_one_process_stops_both_and_killing_one_stops_the_other(one_
     (dict(num_processes=2, process_id=2, coordinator_address="h:1"), r"--process_id=2 must lie in 0 \.\. "),
     (dict(num_processes=2, process_id=0), "need --coordinator_address=HOST:PORT"),
     (dict(coordinator_address="h:1"), "--coordinator_address needs --num_processes"),
+    # JAX's own check said to give --coordinator_address, which the variable gives.
+    (dict(environ={"JAX_COORDINATOR_ADDRESS": "h:1"}), r"^JAX_COORDINATOR_ADDRESS needs --num_processes=N and "
+     r"--process_id=I \(0 \.\. N-1\) when no launcher"),
     (dict(coordinator_address="h:1", num_processes=2, process_id=0, timeout_s=0), "at least 1 second"),
+    # Open MPI 5, which JAX does not recognise: each process trained apart on the same workdir.
+    (dict(environ={"OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_RANK": "1"}), r"^mpirun started 4 processes, but "
+     r"JAX recognises Open MPI 4 only \(OMPI_MCA_orte_hnp_uri is unset\): give each process --coordinator_address="),
     (dict(coordinator_address="h:1", num_processes=0, process_id=0), r"--num_processes=0 must be at least 1\."),
     # JAX's runtime answers these with an IndexError traceback or a C++ abort after its timeout.
     (dict(coordinator_address="notanaddress", num_processes=2, process_id=1),
@@ -277,6 +284,45 @@ def test_processes_on_other_configs_or_workdirs_stop_with_one_line(tmp_path):
   assert not leftovers  # process 0's marker is removed
 
 
+def test_an_error_of_one_process_stops_the_others_with_its_line(tmp_path):
+  """A workdir that one process cannot create, one that another run holds (which process 0 alone locks), a bug in
+  one process: that process printed its line (or traceback), then every process waited for the others until JAX's
+  runtime ended them all with a fatal error and a stack dump (exit 134), the others never saying why. The three
+  runs go at once."""
+  (tmp_path / "file").write_text("")
+  uncreatable, locked = tmp_path / "file" / "run", tmp_path / "locked"
+  locked.mkdir()
+  # The bug: a stand-in check that raises, put in place by sitecustomize in process 1 alone.
+  (tmp_path / "bug").mkdir()
+  (tmp_path / "bug" / "sitecustomize.py").write_text(
+      "from diffmoe_jax import distributed\n"
+      "def check_same_run(config, workdir):\n  raise ValueError('a bug\\nits details')\n"
+      "distributed.check_same_run = check_same_run\n")
+  buggy = {"PYTHONPATH": f"{tmp_path / 'bug'}{os.pathsep}{ROOT}"}
+  ports = [_free_port() for _ in range(3)]
+  with workdir_lib.WorkdirLock(locked):  # another run on this workdir
+    procs = [_start(str(tmp_path / "run"), [], process_id=0, port=ports[0]),
+             _start(str(uncreatable), [], process_id=1, port=ports[0]),
+             *[_start(str(locked), [], process_id=i, port=ports[1]) for i in (0, 1)],
+             _start(str(tmp_path / "run_bug"), [], process_id=0, port=ports[2]),
+             _start(str(tmp_path / "run_bug"), [], process_id=1, port=ports[2], environ=buggy)]
+    try:
+      errors = [p.communicate(timeout=TIMEOUT_S)[1] for p in procs]
+    finally:
+      for p in procs:
+        p.kill()
+  assert [p.returncode for p in procs] == [main_lib.EXIT_ERROR] * 6, [e[-2000:] for e in errors]
+  assert "Traceback" not in "".join(errors[:5]), errors[:5]
+  lines = [e.strip().splitlines()[-1] for e in errors]
+  cause = f"Cannot create the workdir {uncreatable}: Not a directory; pass a --workdir in a directory you can write."
+  assert lines[:2] == [f"error: process 1 of 2 stopped the run: {cause}", f"error: {cause}"]
+  assert os.listdir(tmp_path / "run") == []  # process 0 wrote its workdir marker, which nobody removed
+  assert lines[2].startswith(f"error: The workdir {locked} is in use by another run (PID {os.getpid()} "), lines
+  assert lines[3] == lines[2].replace("error: ", "error: process 0 of 2 stopped the run: ", 1)
+  assert lines[4] == "error: process 1 of 2 stopped the run: ValueError: a bug (its log holds the traceback)"
+  assert "Traceback" in errors[5] and errors[5].strip().endswith("ValueError: a bug\nits details"), errors[5][-3000:]
+
+
 def test_processes_that_read_other_data_stop_with_one_line(tmp_path):
   """The same config on every process, but its `~` is another directory on each host, holding other files: the
   processes trained on different corpora unnoticed."""
@@ -302,6 +348,16 @@ def test_main_reports_distributed_flags_that_cannot_work_together(tmp_path):
   assert proc.stderr.strip().splitlines()[-1] == (
       "error: --num_processes and --process_id go together: give both (the same --num_processes on every "
       "process, --process_id 0 .. N-1), or neither."), proc.stderr[-3000:]
+
+
+def test_main_help_lists_the_distributed_flags():
+  """They are main's flags, but --help listed only --config and --workdir."""
+  proc = subprocess.run([sys.executable, "-m", "diffmoe_jax.main", "--help"], capture_output=True, text=True,
+                        env=_env(1), timeout=TIMEOUT_S)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  for name in ("distributed", "coordinator_address", "num_processes", "process_id", "distributed_timeout_s",
+               "distributed_init_timeout_s"):
+    assert f"\n  --{name}: " in proc.stdout, (name, proc.stdout)
 
 
 def test_a_single_process_stays_out_of_the_distributed_runtime():
