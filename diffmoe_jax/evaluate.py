@@ -169,7 +169,7 @@ def read_text_files(paths: list[str], tokenizer) -> dict[str, tuple]:
     if not os.path.isfile(path):
       raise DataError(f"there is no text file {path}" + ("" if os.path.isabs(path) else f" (relative to {os.getcwd()})")
                       + ".")
-    text = read_utf8(path, field="a file to evaluate")
+    text = read_utf8(path, field="a file to evaluate", omit="leave it off the command line")
     check_no_separator(tokenizer, text, path, field="a file to evaluate")
     tokens = np.asarray(tokenizer.encode(text), np.int32)
     if len(tokens) < 2:

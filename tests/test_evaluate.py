@@ -171,6 +171,15 @@ def test_a_tokenizer_past_the_models_vocabulary_is_refused(workdir, tmp_path):
     evaluate_lib.evaluate(config, params, files=[str(tmp_path / "add.py")], domains=False)
 
 
+def test_a_file_to_evaluate_that_is_not_utf8_says_to_leave_it_off_the_command_line(tmp_path):
+  """It said to leave the file out of "the source", the wording for a training domain's files."""
+  path = tmp_path / "latin1.txt"
+  path.write_bytes("café".encode("latin-1"))
+  with pytest.raises(DataError, match=r"^a file to evaluate: .*latin1\.txt is not valid UTF-8 \(byte offset 3: "
+                     r"unexpected end of data\); convert it to UTF-8 or leave it off the command line\.$"):
+    evaluate_lib.read_text_files([str(path)], make_tokenizer("bytes"))
+
+
 def test_a_separator_or_a_directory_is_refused(tmp_path):
   path = tmp_path / "zeros.bin"
   path.write_bytes(b"ab\0\0")

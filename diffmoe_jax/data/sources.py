@@ -84,19 +84,19 @@ def docstrings(text: str, path: str) -> str:
   return "\n\n".join(filter(None, map(ast.get_docstring, [tree, *_definitions(tree.body)])))
 
 
-def read_utf8(path: str, *, field: str) -> str:
-  """A text file's contents; not valid UTF-8 is a DataError naming the path and the byte offset."""
+def read_utf8(path: str, *, field: str, omit: str = "leave it out of the source") -> str:
+  """A text file's contents; not valid UTF-8 is a DataError naming the path and the byte offset, and saying
+  how to fix it or (`omit`) do without it."""
   try:
     with open(path, "rb") as f:
       data = f.read()
   except OSError as e:  # no permission, removed since it was listed, an I/O error
-    raise DataError(f"{field}: {path} cannot be read ({e.strerror or e}); fix its permissions or leave it out of "
-                    "the source.") from e
+    raise DataError(f"{field}: {path} cannot be read ({e.strerror or e}); fix its permissions or {omit}.") from e
   try:
     return data.decode("utf-8")
   except UnicodeDecodeError as e:
     raise DataError(f"{field}: {path} is not valid UTF-8 (byte offset {e.start}: {e.reason}); convert it to "
-                    "UTF-8 or leave it out of the source.") from e
+                    f"UTF-8 or {omit}.") from e
 
 
 def whole_text(text: str, path: str) -> str:
