@@ -355,20 +355,22 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, *, corpus: "d
 
   def finish_step(item):
     """Host side of a finished step: logging and metrics; True when the non-finite guard stops the run."""
-    step, settings, metrics = item
+    step, settings, metrics, timed = item
     metrics = jax.device_get(metrics)
     seconds = clock.lap()
     tokens = settings.phase.batch_size * settings.phase.seq_len
-    info = {"phase": settings.phase.name, "loss": f"{float(metrics['loss']):.4f}",
-            "tok/s": f"{tokens / seconds:,.0f}"}
+    info = {"phase": settings.phase.name, "loss": f"{float(metrics['loss']):.4f}"}
+    if timed:
+      info["tok/s"] = f"{tokens / seconds:,.0f}"
     progress.update(step, info)
     if (step + 1) % config.train.log_every == 0 or step + 1 == curriculum.total_steps:
       scalars = metrics_lib.step_scalars(metrics, config.model, expert_devices, settings.mod_mode != "off")
-      scalars.update({"train/tokens_per_second": tokens / seconds, "train/phase": settings.phase.index,
-                      "train/tokens_seen": curriculum.tokens_before(step + 1),
+      scalars.update({"train/phase": settings.phase.index, "train/tokens_seen": curriculum.tokens_before(step + 1),
                       "train/seq_len": settings.phase.seq_len, "train/batch_size": settings.phase.batch_size,
-                      "train/mod_capacity": settings.mod_capacity, "train/step_seconds": seconds})
-      if peak > 0:
+                      "train/mod_capacity": settings.mod_capacity})
+      if timed:
+        scalars.update({"train/tokens_per_second": tokens / seconds, "train/step_seconds": seconds})
+      if timed and peak > 0:
         flops = estimate.train_flops_per_token(config.model, param_counts, settings.phase.seq_len,
                                                mod_mode=settings.mod_mode, mod_capacity=settings.mod_capacity)
         scalars["train/mfu"] = flops * tokens / seconds / peak
@@ -389,15 +391,17 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, *, corpus: "d
         settings = curriculum.settings(step)
         batch = batch_for(settings)
         dyn = {k: jnp.float32(v) for k, v in step_lib.dynamic_settings(settings).items()}
-        if settings.shape_key in compiled:
-          fn = compiled[settings.shape_key]
+        # A program's first run also loads it (10-100x a step on XLA:CPU), so that step's speed is not logged,
+        # and its compile and dispatch are left out of the step before.
+        timed = settings.shape_key in compiled
+        if timed:
+          state, metrics = compiled[settings.shape_key](state, batch, dyn)
         else:
           with clock.pause(state):
-            fn = step_fn(settings, state, batch, dyn)
-        state, metrics = fn(state, batch, dyn)
+            state, metrics = step_fn(settings, state, batch, dyn)(state, batch, dyn)
         if pending is not None and finish_step(pending):
           diverged = True
-        pending = (step, settings, metrics)
+        pending = (step, settings, metrics, timed)
         step += 1
         ckpt.check()  # a failed background save stops the run now, not a save later
         if diverged:
