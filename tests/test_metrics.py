@@ -182,12 +182,12 @@ def test_a_file_where_the_event_directory_goes_is_a_workdir_error(tmp_path):
     MetricWriter(tmp_path / "tb")
 
 
-def _small_model(**changes):
+def _small_model(moe=(), **changes):
   from diffmoe_jax import config as config_lib
   m = config_lib.defaults().model
   m.update(vocab_size=32, d_model=16, num_layers=2, num_heads=2, head_dim=8, max_seq_len=8, dtype="float32",
            **changes)
-  m.moe.update(num_experts=3, expert_ffn_dim=8, top_k=2)
+  m.moe.update(num_experts=3, expert_ffn_dim=8, top_k=2, **dict(moe))
   m.mod.update(capacity=0.5, predictor_hidden=4)
   return m
 
@@ -215,23 +215,28 @@ def _reference_lambdas(attention_params, layer):
 
 @pytest.mark.parametrize("changes, lambda_tags, has_moe", [
     ({}, "expert", True),
+    ({"moe": {"dispatch": "dropless"}}, "expert", True),
     ({"expert_conditional_lambda": False}, "layer", True),
     ({"ffn": "dense", "expert_conditional_lambda": False}, "layer", False),
     ({"attention": "standard", "expert_conditional_lambda": False}, None, True),
     ({"attention": "differential_v2", "expert_conditional_lambda": False}, "token_mean", True),
 ])
 def test_step_scalars_name_what_the_model_has(changes, lambda_tags, has_moe):
-  """A dense FFN has no router (its loss, noise and expert load were logged as zeros), standard attention no
-  λ (logged as 0), and a layer's single λ or the mean per-token λ is no expert's (both were `expert0`)."""
+  """A dense FFN has no router (its loss, noise and expert load were logged as zeros), dropless dispatch drops
+  nothing (logged as 0), standard attention has no λ (logged as 0), and a layer's single λ or the mean per-token λ
+  is no expert's (both were `expert0`)."""
   from diffmoe_jax.train.metrics import step_scalars
   model_config = _small_model(**changes)
   metrics, params = _train_step_metrics(model_config)
   scalars = step_scalars(metrics, model_config)
   layer_params = [params["groups"]["layer_0"], params["groups"]["layer_1"]]  # one group of two layers
-  moe_tags = {f"moe/layer{l}/{name}" for l in range(2) for name in ("max_load", "dropped_fraction")}
-  router_tags = {"train/load_balance_loss", "train/router_z_loss", "train/router_noise"}
-  assert (moe_tags | router_tags <= scalars.keys()) == has_moe
-  assert has_moe or not (moe_tags | router_tags) & scalars.keys()
+  moe_tags = {f"moe/layer{l}/max_load" for l in range(2)} | {"train/load_balance_loss", "train/router_z_loss",
+                                                             "train/router_noise"}
+  dropped_tags = {f"moe/layer{l}/dropped_fraction" for l in range(2)}
+  assert (moe_tags <= scalars.keys()) == has_moe
+  assert has_moe or not moe_tags & scalars.keys()
+  capacity = has_moe and model_config.moe.dispatch == "capacity"
+  assert (dropped_tags <= scalars.keys()) == capacity and (capacity or not dropped_tags & scalars.keys())
   lambdas = {k: v for k, v in scalars.items() if k.startswith("lambda/")}
   if lambda_tags is None:
     assert lambdas == {}

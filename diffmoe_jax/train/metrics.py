@@ -158,7 +158,7 @@ def layer_scalars(layers: Mapping[str, Any], model_config, expert_devices: int =
                   mod_predicted: bool = True) -> dict[str, float]:
   """Per-layer statistics as TensorBoard scalars, named after what they are for `model_config`.
 
-  MoE: each layer's max load and dropped fraction (none with a dense FFN); with experts split over
+  MoE: each layer's max load and, in capacity dispatch, dropped fraction (none with a dense FFN); with experts split over
   `expert_devices` devices (device j holds the j-th contiguous run of experts), each device's share of the
   layer's assignments too, the load expert parallelism balances. λ: each expert's (expert-conditional λ),
   the layer's one λ (`model.expert_conditional_lambda=False`), the mean of the per-token λ
@@ -173,7 +173,8 @@ def layer_scalars(layers: Mapping[str, Any], model_config, expert_devices: int =
       if expert_devices > 1 and load.size % expert_devices == 0:
         for j, share in enumerate(load.reshape(expert_devices, -1).sum(axis=1)):
           out[f"moe/layer{l}/device{j}_load"] = float(share)
-      out[f"moe/layer{l}/dropped_fraction"] = float(layers["dropped_fraction"][l])
+      if model_config.moe.dispatch == "capacity":  # dropless dispatch drops nothing
+        out[f"moe/layer{l}/dropped_fraction"] = float(layers["dropped_fraction"][l])
     lambdas = np.asarray(layers["lambda"][l])
     if model_config.attention == "differential_v2":
       out[f"lambda/layer{l}/token_mean"] = float(lambdas[0])
