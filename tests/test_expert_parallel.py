@@ -270,15 +270,17 @@ def test_expert_parallel_benchmark_runs_on_the_trainers_mesh(capsys):
 
 
 def test_per_device_expert_load_sums_each_devices_experts():
-  from diffmoe_jax.train.loop import _layer_scalars
+  from diffmoe_jax.config import defaults
+  from diffmoe_jax.train.metrics import layer_scalars
+  model = defaults().model
   load = np.array([[0.1, 0.2, 0.3, 0.4], [0.25, 0.25, 0.25, 0.25]], np.float32)
   layers = {"expert_load": load, "dropped_fraction": np.zeros(2), "lambda": np.zeros((2, 1)),
             "mod_selected_fraction": np.zeros(0), "mod_predictor_accuracy": np.zeros(0)}
-  scalars = _layer_scalars(layers, expert_devices=2)
+  scalars = layer_scalars(layers, model, expert_devices=2)
   assert scalars["moe/layer0/device0_load"] == pytest.approx(0.3)
   assert scalars["moe/layer0/device1_load"] == pytest.approx(0.7)
   assert scalars["moe/layer1/device1_load"] == pytest.approx(0.5)
-  assert not any("device" in k for k in _layer_scalars(layers, expert_devices=1))
+  assert not any("device" in k for k in layer_scalars(layers, model, expert_devices=1))
 
 
 @pytest.mark.parametrize("platform, kernel_call", [("cuda", "__gpu$xla.gpu.triton"), ("tpu", "@tpu_custom_call")])

@@ -4,6 +4,7 @@ import os
 import re
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -179,3 +180,77 @@ def test_a_file_where_the_event_directory_goes_is_a_workdir_error(tmp_path):
   (tmp_path / "tb").write_text("not a directory")
   with pytest.raises(WorkdirError, match=r"The TensorBoard directory .*/tb is a file, not a directory; move it away"):
     MetricWriter(tmp_path / "tb")
+
+
+def _small_model(moe=(), **changes):
+  from diffmoe_jax import config as config_lib
+  m = config_lib.defaults().model
+  m.update(vocab_size=32, d_model=16, num_layers=2, num_heads=2, head_dim=8, max_seq_len=8, dtype="float32",
+           **changes)
+  m.moe.update(num_experts=3, expert_ffn_dim=8, top_k=2, **dict(moe))
+  m.mod.update(capacity=0.5, predictor_hidden=4)
+  return m
+
+
+def _train_step_metrics(model_config):
+  """A forward pass's metrics as the train step reports them, and the params."""
+  from diffmoe_jax.nn import model as model_lib
+  model = model_lib.build_model(model_config)
+  tokens = jnp.arange(16, dtype=jnp.int32).reshape(2, 8) % model_config.vocab_size
+  rngs = {"params": jax.random.PRNGKey(0), "noise": jax.random.PRNGKey(1)}
+  params = nn.meta.unbox(model.init(rngs, tokens)["params"])
+  _, aux = model.apply({"params": params}, tokens, train=True, mod_mode="topk", mod_capacity=0.5,
+                       router_noise_std=0.5, rngs={"noise": jax.random.PRNGKey(2)})
+  metrics = {"loss": 3.0, "cross_entropy": 2.9, "grad_norm": 1.0, "lr": 1e-3, "router_noise": 0.5,
+             **{f"{k}_loss": v for k, v in aux["losses"].items()}, "layers": aux["layers"]}
+  return jax.device_get(metrics), params
+
+
+def _reference_lambdas(attention_params, layer):
+  """Each row's λ = exp(λq1·λk1) − exp(λq2·λk2) + λ_init, λ_init = 0.8 − 0.6·exp(−0.3·l), in float64."""
+  p = {k: np.asarray(attention_params[k], np.float64) for k in ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2")}
+  return (np.exp((p["lambda_q1"] * p["lambda_k1"]).sum(-1)) - np.exp((p["lambda_q2"] * p["lambda_k2"]).sum(-1))
+          + 0.8 - 0.6 * np.exp(-0.3 * layer))
+
+
+@pytest.mark.parametrize("changes, lambda_tags, has_moe", [
+    ({}, "expert", True),
+    ({"moe": {"dispatch": "dropless"}}, "expert", True),
+    ({"expert_conditional_lambda": False}, "layer", True),
+    ({"ffn": "dense", "expert_conditional_lambda": False}, "layer", False),
+    ({"attention": "standard", "expert_conditional_lambda": False}, None, True),
+    ({"attention": "differential_v2", "expert_conditional_lambda": False}, "token_mean", True),
+])
+def test_step_scalars_name_what_the_model_has(changes, lambda_tags, has_moe):
+  """A dense FFN has no router (its loss, noise and expert load were logged as zeros), dropless dispatch drops
+  nothing (logged as 0), standard attention has no λ (logged as 0), and a layer's single λ or the mean per-token λ
+  is no expert's (both were `expert0`)."""
+  from diffmoe_jax.train.metrics import step_scalars
+  model_config = _small_model(**changes)
+  metrics, params = _train_step_metrics(model_config)
+  scalars = step_scalars(metrics, model_config)
+  layer_params = [params["groups"]["layer_0"], params["groups"]["layer_1"]]  # one group of two layers
+  moe_tags = {f"moe/layer{l}/max_load" for l in range(2)} | {"train/load_balance_loss", "train/router_z_loss",
+                                                             "train/router_noise"}
+  dropped_tags = {f"moe/layer{l}/dropped_fraction" for l in range(2)}
+  assert (moe_tags <= scalars.keys()) == has_moe
+  assert has_moe or not moe_tags & scalars.keys()
+  capacity = has_moe and model_config.moe.dispatch == "capacity"
+  assert (dropped_tags <= scalars.keys()) == capacity and (capacity or not dropped_tags & scalars.keys())
+  lambdas = {k: v for k, v in scalars.items() if k.startswith("lambda/")}
+  if lambda_tags is None:
+    assert lambdas == {}
+  elif lambda_tags == "token_mean":
+    assert lambdas.keys() == {"lambda/layer0/token_mean", "lambda/layer1/token_mean"}
+  else:
+    expected = {}
+    for l in range(2):
+      reference = _reference_lambdas(layer_params[l]["block"]["attention"], l)[0]  # the group axis
+      names = [f"lambda/layer{l}/expert{e}" for e in range(3)] if lambda_tags == "expert" else [f"lambda/layer{l}"]
+      assert len(reference) == len(names)
+      expected.update(zip(names, reference))
+    assert lambdas.keys() == expected.keys()
+    for tag, value in expected.items():
+      assert lambdas[tag] == pytest.approx(value, rel=1e-5), tag
+  assert scalars["mod/routed0/selected_fraction"] == 0.5 and "mod/routed0/predictor_accuracy" in scalars
+  assert "train/mod_predictor_loss" not in step_scalars(metrics, model_config, mod_predicted=False)

@@ -65,8 +65,8 @@ def _recording_batch_keys(make_step, kind):
 
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
-  """The whole curriculum; each compile, evaluation, checkpoint and stable-rank pass takes PAUSE_SECONDS more on
-  the step clock (steps must not count them)."""
+  """The whole curriculum; each compile, evaluation, checkpoint and stable-rank pass, and each step program's first
+  run (which loads it), takes PAUSE_SECONDS more on the step clock (steps must not count them)."""
   workdir = str(tmp_path_factory.mktemp("full"))
   paused = [0.0]
   clock = time.perf_counter
@@ -77,8 +77,17 @@ def full_run(tmp_path_factory):
       return fn(*args, **kwargs)
     return slow
 
+  run_before, run_compiled = set(), jax.stages.Compiled.__call__
+
+  def loading_at_first_run(program, *args, **kwargs):
+    if id(program) not in run_before:
+      run_before.add(id(program))
+      paused[0] += PAUSE_SECONDS
+    return run_compiled(program, *args, **kwargs)
+
   with pytest.MonkeyPatch.context() as patch:
     patch.setattr(time, "perf_counter", lambda: clock() + paused[0])
+    patch.setattr(jax.stages.Compiled, "__call__", loading_at_first_run)
     patch.setattr(metrics_lib, "stable_ranks", pausing(metrics_lib.stable_ranks))
     patch.setattr(loop, "eval_loss_sums", pausing(loop.eval_loss_sums))
     patch.setattr(loop, "_save_unless_skipping", pausing(loop._save_unless_skipping))  # pylint: disable=protected-access
@@ -134,13 +143,15 @@ def test_tensorboard_has_the_listed_tags(full_run):
 
 def test_step_time_leaves_out_compiles_evaluations_and_pauses(full_run):
   """Every step's time excludes the compile before it (four programs), the evaluation, checkpoint and
-  stable-rank pass at step 12: none comes near PAUSE_SECONDS."""
+  stable-rank pass at step 12: none comes near PAUSE_SECONDS. The first run of each program loads it (on
+  XLA:CPU 10-100 times a step's time): the speed of those steps (1, 2, 13, 19) is not logged."""
   acc = read_tb(full_run[0])
   seconds = scalar_series(acc, "train/step_seconds")
-  assert sorted(seconds) == list(range(1, 25))
+  assert sorted(seconds) == [s for s in range(1, 25) if s not in (1, 2, 13, 19)]
   assert max(seconds.values()) < PAUSE_SECONDS / 2, seconds
   tokens_per_second = scalar_series(acc, "train/tokens_per_second")
-  assert tokens_per_second[13] == pytest.approx(256 / seconds[13], rel=1e-4)  # the step after the pause
+  assert sorted(tokens_per_second) == sorted(seconds) == sorted(scalar_series(acc, "train/mfu"))
+  assert tokens_per_second[12] == pytest.approx(256 / seconds[12], rel=1e-4)  # the step the pauses came after
 
 
 def test_resume_continues_exactly(full_run, tmp_path):

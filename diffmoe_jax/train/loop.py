@@ -188,30 +188,6 @@ def _eval_sets(config, corpus, process_index: int, process_count: int) -> dict[s
     raise data.DataError(f"evaluation (seq_len {config.model.max_seq_len} from model.max_seq_len): {e}") from None
 
 
-def _layer_scalars(layers: dict, expert_devices: int = 1, mod_predicted: bool = True) -> dict:
-  """Per-layer statistics as TensorBoard scalars.
-
-  With experts split over `expert_devices` devices (device j holds the j-th contiguous run of experts),
-  each device's share of the layer's assignments is logged too: the load expert parallelism balances.
-  Without `mod_predicted` (MoD off: no top-k decision for the predictor to match) its accuracy is left out.
-  """
-  out = {}
-  for l, load in enumerate(np.asarray(layers["expert_load"])):
-    out[f"moe/layer{l}/max_load"] = float(load.max() * load.size)  # 1.0 is perfectly balanced
-    if expert_devices > 1 and load.size % expert_devices == 0:
-      for j, share in enumerate(load.reshape(expert_devices, -1).sum(axis=1)):
-        out[f"moe/layer{l}/device{j}_load"] = float(share)
-    out[f"moe/layer{l}/dropped_fraction"] = float(layers["dropped_fraction"][l])
-    for e, lam in enumerate(np.asarray(layers["lambda"][l])):
-      out[f"lambda/layer{l}/expert{e}"] = float(lam)
-  for i, (fraction, accuracy) in enumerate(zip(np.asarray(layers["mod_selected_fraction"]),
-                                               np.asarray(layers["mod_predictor_accuracy"]))):
-    out[f"mod/routed{i}/selected_fraction"] = float(fraction)
-    if mod_predicted:
-      out[f"mod/routed{i}/predictor_accuracy"] = float(accuracy)
-  return out
-
-
 class _Progress:
   """A progress bar on a terminal, plain log lines otherwise."""
 
@@ -379,30 +355,29 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, *, corpus: "d
 
   def finish_step(item):
     """Host side of a finished step: logging and metrics; True when the non-finite guard stops the run."""
-    step, settings, metrics = item
+    step, settings, metrics, timed = item
     metrics = jax.device_get(metrics)
     seconds = clock.lap()
     tokens = settings.phase.batch_size * settings.phase.seq_len
-    info = {"phase": settings.phase.name, "loss": f"{float(metrics['loss']):.4f}",
-            "tok/s": f"{tokens / seconds:,.0f}"}
+    info = {"phase": settings.phase.name, "loss": f"{float(metrics['loss']):.4f}"}
+    if timed:
+      info["tok/s"] = f"{tokens / seconds:,.0f}"
     progress.update(step, info)
     if (step + 1) % config.train.log_every == 0 or step + 1 == curriculum.total_steps:
-      # With MoD off the predictor has no decision to learn: its loss and accuracy are placeholders, not logged.
-      mod_predicted = settings.mod_mode != "off"
-      scalars = {f"train/{k}": float(v) for k, v in metrics.items()
-                 if k != "layers" and (mod_predicted or k != "mod_predictor_loss")}
-      scalars.update({"train/tokens_per_second": tokens / seconds, "train/phase": settings.phase.index,
-                      "train/tokens_seen": curriculum.tokens_before(step + 1),
+      scalars = metrics_lib.step_scalars(metrics, config.model, expert_devices, settings.mod_mode != "off")
+      scalars.update({"train/phase": settings.phase.index, "train/tokens_seen": curriculum.tokens_before(step + 1),
                       "train/seq_len": settings.phase.seq_len, "train/batch_size": settings.phase.batch_size,
-                      "train/mod_capacity": settings.mod_capacity, "train/step_seconds": seconds})
-      if peak > 0:
+                      "train/mod_capacity": settings.mod_capacity})
+      if timed:
+        scalars.update({"train/tokens_per_second": tokens / seconds, "train/step_seconds": seconds})
+      if timed and peak > 0:
         flops = estimate.train_flops_per_token(config.model, param_counts, settings.phase.seq_len,
                                                mod_mode=settings.mod_mode, mod_capacity=settings.mod_capacity)
         scalars["train/mfu"] = flops * tokens / seconds / peak
-      scalars.update(_layer_scalars(metrics["layers"], expert_devices, mod_predicted))
       writer.scalars(step + 1, scalars)
-      for l, load in enumerate(np.asarray(metrics["layers"]["expert_load"])):
-        writer.histogram(step + 1, f"moe/layer{l}/expert_load", load)
+      if config.model.ffn == "moe":  # a dense FFN has no experts to load
+        for l, load in enumerate(np.asarray(metrics["layers"]["expert_load"])):
+          writer.histogram(step + 1, f"moe/layer{l}/expert_load", load)
     if int(metrics["update_skipped"]) and not int(metrics.get("overflow_skipped", 0)):  # an overflow: in metrics
       progress.write(f"step {step + 1}: non-finite loss or gradient; update skipped "
                      f"({int(metrics['nonfinite_total'])} so far).")
@@ -416,15 +391,17 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, *, corpus: "d
         settings = curriculum.settings(step)
         batch = batch_for(settings)
         dyn = {k: jnp.float32(v) for k, v in step_lib.dynamic_settings(settings).items()}
-        if settings.shape_key in compiled:
-          fn = compiled[settings.shape_key]
+        # A program's first run also loads it (10-100x a step on XLA:CPU), so that step's speed is not logged,
+        # and its compile and dispatch are left out of the step before.
+        timed = settings.shape_key in compiled
+        if timed:
+          state, metrics = compiled[settings.shape_key](state, batch, dyn)
         else:
           with clock.pause(state):
-            fn = step_fn(settings, state, batch, dyn)
-        state, metrics = fn(state, batch, dyn)
+            state, metrics = step_fn(settings, state, batch, dyn)(state, batch, dyn)
         if pending is not None and finish_step(pending):
           diverged = True
-        pending = (step, settings, metrics)
+        pending = (step, settings, metrics, timed)
         step += 1
         ckpt.check()  # a failed background save stops the run now, not a save later
         if diverged:

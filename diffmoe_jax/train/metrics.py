@@ -133,6 +133,64 @@ def _scalar(tag: str, value: Any) -> float:
   return float(x)
 
 
+# What a train step reports that only a mixture-of-experts FFN has (with a dense FFN they are placeholder zeros).
+_MOE_ONLY = ("load_balance_loss", "router_z_loss", "router_noise")
+
+
+def step_scalars(metrics: Mapping[str, Any], model_config, expert_devices: int = 1,
+                 mod_predicted: bool = True) -> dict[str, float]:
+  """A train step's metrics (`step.make_train_step`'s, fetched) as TensorBoard scalars: "train/<name>" and
+  the per-layer tags of `layer_scalars`.
+
+  Placeholders the model computes where a figure means nothing are left out: the router's losses and noise
+  with a dense FFN (`model.ffn="dense"`), and without `mod_predicted` (MoD off: no top-k decision for the
+  predictor to match) the predictor's loss.
+  """
+  skip = set() if model_config.ffn == "moe" else set(_MOE_ONLY)
+  if not mod_predicted:
+    skip.add("mod_predictor_loss")
+  scalars = {f"train/{k}": float(v) for k, v in metrics.items() if k != "layers" and k not in skip}
+  scalars.update(layer_scalars(metrics["layers"], model_config, expert_devices, mod_predicted))
+  return scalars
+
+
+def layer_scalars(layers: Mapping[str, Any], model_config, expert_devices: int = 1,
+                  mod_predicted: bool = True) -> dict[str, float]:
+  """Per-layer statistics as TensorBoard scalars, named after what they are for `model_config`.
+
+  MoE: each layer's max load and, in capacity dispatch, dropped fraction (none with a dense FFN); with experts split over
+  `expert_devices` devices (device j holds the j-th contiguous run of experts), each device's share of the
+  layer's assignments too, the load expert parallelism balances. λ: each expert's (expert-conditional λ),
+  the layer's one λ (`model.expert_conditional_lambda=False`), the mean of the per-token λ
+  (`differential_v2`), none for standard attention. MoD: each routed layer's selected fraction and, with
+  `mod_predicted`, its predictor's accuracy.
+  """
+  out = {}
+  for l in range(len(layers["lambda"])):
+    if model_config.ffn == "moe":
+      load = np.asarray(layers["expert_load"][l])
+      out[f"moe/layer{l}/max_load"] = float(load.max() * load.size)  # 1.0 is perfectly balanced
+      if expert_devices > 1 and load.size % expert_devices == 0:
+        for j, share in enumerate(load.reshape(expert_devices, -1).sum(axis=1)):
+          out[f"moe/layer{l}/device{j}_load"] = float(share)
+      if model_config.moe.dispatch == "capacity":  # dropless dispatch drops nothing
+        out[f"moe/layer{l}/dropped_fraction"] = float(layers["dropped_fraction"][l])
+    lambdas = np.asarray(layers["lambda"][l])
+    if model_config.attention == "differential_v2":
+      out[f"lambda/layer{l}/token_mean"] = float(lambdas[0])
+    elif model_config.attention == "differential" and model_config.expert_conditional_lambda:
+      for e, lam in enumerate(lambdas):
+        out[f"lambda/layer{l}/expert{e}"] = float(lam)
+    elif model_config.attention == "differential":
+      out[f"lambda/layer{l}"] = float(lambdas[0])
+  for i, (fraction, accuracy) in enumerate(zip(np.asarray(layers["mod_selected_fraction"]),
+                                               np.asarray(layers["mod_predictor_accuracy"]))):
+    out[f"mod/routed{i}/selected_fraction"] = float(fraction)
+    if mod_predicted:
+      out[f"mod/routed{i}/predictor_accuracy"] = float(accuracy)
+  return out
+
+
 POWER_ITERATIONS = 128
 
 
