@@ -15,6 +15,7 @@ from diffmoe_jax.data import sources
 from diffmoe_jax.train import loop, workdir
 import test_data
 from test_data import data_config, documents, english, shingles, unit_hash
+from test_tokenizers import check_subword_corpus
 
 text_dir = test_data.text_dir  # the fixture: 8 files of English-like text
 
@@ -322,8 +323,8 @@ def test_llama3s_end_of_text_separates_documents(text_dir, tmp_path):
   tok, path = byte_level_bpe(tmp_path, "<|end_of_text|>")
   corpus = data.build_corpus(data_config({"text": f"files:{text_dir}/*.txt"}, f"hf:{path}", val_fraction=0.3),
                              cache_root=str(tmp_path / "cache"))
-  test_data.check_subword_corpus(corpus, text_dir, lambda s: tok.encode(s, add_special_tokens=False).ids,
-                                 tok.token_to_id("<|end_of_text|>"))
+  check_subword_corpus(corpus, text_dir, lambda s: tok.encode(s, add_special_tokens=False).ids,
+                       tok.token_to_id("<|end_of_text|>"))
   assert corpus.tokenizer.fingerprint == f"hf:{path}:{hashlib.sha256(path.read_bytes()).hexdigest()}:<|end_of_text|>"
 
 
