@@ -155,7 +155,8 @@ def validate_model(m: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     require(isinstance(mod.every, int) and mod.every >= 1, "model.mod.every",
             f"must be an integer >= 1 (one routed layer per group of `every` layers), got {mod.every!r}.")
     require(mod.every <= m.num_layers, "model.mod.every",
-            f"{mod.every} exceeds model.num_layers ({m.num_layers}); no layer would be routed.")
+            f"{mod.every} exceeds model.num_layers ({m.num_layers}), so no layer would be routed; set it to at "
+            f"most {m.num_layers}, or model.mod.enabled=False for no mixture-of-depths.")
     _check_capacity(mod.capacity, "model.mod.capacity")
     require(mod.predictor_hidden > 0, "model.mod.predictor_hidden",
             f"must be > 0, got {mod.predictor_hidden}.")
