@@ -97,7 +97,7 @@ def validate_model(m: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     unknown = [n for n in m.remat_save_names if n not in CHECKPOINT_NAMES]
     # On the command line "a,b" is one name; a tuple is written as a Python literal.
     as_tuple = (" (on the command line, several names as a tuple: --config.model.remat_save_names="
-                "\"('attn_out','ffn_out')\")" if any("," in n for n in unknown) else "")
+                "\"('attn_out','ffn_out')\")" if any("," in str(n) for n in unknown) else "")
     require(not unknown, "model.remat_save_names", f"{unknown} are not checkpoint names of the model; "
             f"choose from {CHECKPOINT_NAMES}{as_tuple}.")
   else:

@@ -60,6 +60,8 @@ def _bad(**fields):
     ({"model.lambda_init": "half"}, r"model\.lambda_init: 'half' is neither 'schedule' nor a number"),
     ({"model.remat_policy": "save_names", "model.remat_save_names": ("nope",)},
      r"model\.remat_save_names: \['nope'\] are not checkpoint names"),
+    ({"model.remat_policy": "save_names", "model.remat_save_names": ("attn_out", 3)},
+     r"model\.remat_save_names: \[3\] are not checkpoint names of the model; choose from"),
     ({"model.remat_policy": "save_names", "model.remat_save_names": ("attn_out,ffn_out",)},
      r"model\.remat_save_names: \['attn_out,ffn_out'\] are not checkpoint names .*on the command line, several "
      r"names as a tuple: --config\.model\.remat_save_names=\"\('attn_out','ffn_out'\)\""),
