@@ -65,7 +65,7 @@ def lambda_analysis(config, run_dir: str, corpus) -> dict | None:
     return None
   params, mesh, rules = _restored_params(config, run_dir)
   unrolled = cfg.copy_and_resolve_references()
-  unrolled.update(scan_layers=False, remat_policy="none")  # per-layer module paths for the captured gates
+  unrolled.update(scan_layers=False, remat_policy="none", remat_save_names=())  # per-layer paths for the gates
   size, groups, _ = model_lib.layer_layout(cfg)
   if cfg.scan_layers:
     params = model_lib.unstack_groups(params, groups)

@@ -69,7 +69,7 @@ def defaults() -> ml_collections.ConfigDict:
   m.lambda_init = "schedule"  # "schedule": 0.8 - 0.6 exp(-0.3 l); or a constant such as "0.5"
   m.expert_conditional_lambda = True
   m.ffn = "moe"  # or "dense" (ablation)
-  m.dense_ffn_dim = 0  # dense ablation width; 0 means top_k * moe.expert_ffn_dim (same active FLOPs)
+  m.dense_ffn_dim = 0  # with ffn="dense": its width; 0 means top_k * moe.expert_ffn_dim (same active FLOPs)
   m.norm_eps = 1e-5
   m.init_std = 0.02
   m.tie_embeddings = False

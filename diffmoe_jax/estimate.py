@@ -153,6 +153,7 @@ def estimate(config: ml_collections.ConfigDict) -> dict:
       "attention_params": counts.sum(None, {"attention", "lambda"}),
       "expert_params": counts.sum(None, {"experts"}),
       "expert_params_per_layer": counts.sum(None, {"experts"}) / cfg.num_layers,
+      "dense_ffn_params": counts.sum(None, {"dense_ffn"}),
       "active_params_no_mod": active_params(cfg, counts, with_mod=False),
       "active_params": active_params(cfg, counts, with_mod=True),
       "active_params_non_embedding": (active_params(cfg, counts, with_mod=True)
@@ -314,9 +315,11 @@ def report(config: ml_collections.ConfigDict, result: dict | None = None) -> str
   result = result or estimate(config)
   cfg = config.model
   claims = PAPER_CLAIMS.get(config.name, {})
+  ffn = (f"{cfg.moe.num_experts} experts x {cfg.moe.expert_ffn_dim} top-{cfg.moe.top_k}" if cfg.ffn == "moe"
+         else f"dense FFN {dense_ffn_dim(cfg)}")
   lines = [f"config {config.name or '(unnamed)'}: d_model {cfg.d_model}, {cfg.num_layers} layers, "
-           f"{cfg.num_heads} heads x {cfg.head_dim}, {cfg.moe.num_experts} experts x {cfg.moe.expert_ffn_dim} "
-           f"top-{cfg.moe.top_k} ({cfg.moe.activation}), vocab {cfg.vocab_size}, context {cfg.max_seq_len}, "
+           f"{cfg.num_heads} heads x {cfg.head_dim}, {ffn} ({cfg.moe.activation}), vocab {cfg.vocab_size}, "
+           f"context {cfg.max_seq_len}, "
            f"MoD {'every ' + str(cfg.mod.every) + ' at ' + str(cfg.mod.capacity) if cfg.mod.enabled else 'off'}",
            f"{'quantity':<40}{'computed':>16}{'paper':>12}  flag"]
   rows = [
@@ -325,6 +328,7 @@ def report(config: ml_collections.ConfigDict, result: dict | None = None) -> str
       ("attention_params", "  attention", human),
       ("expert_params", "  experts", human),
       ("expert_params_per_layer", "  experts per layer", human),
+      ("dense_ffn_params", "  dense FFN", human),
       ("active_params_no_mod", "active parameters / token (no MoD)", human),
       ("active_params", "active parameters / token (with MoD)", human),
       ("active_params_non_embedding", "  the same, without embedding and head", human),
@@ -342,6 +346,9 @@ def report(config: ml_collections.ConfigDict, result: dict | None = None) -> str
   ]
   if not claims:
     rows = [row for row in rows if row[0] != "paper_training_tokens"]
+  # One FFN kind per model: its rows alone.
+  absent = ("dense_ffn_params",) if cfg.ffn == "moe" else ("expert_params", "expert_params_per_layer")
+  rows = [row for row in rows if row[0] not in absent]
   flagged = 0
   for key, label, fmt in rows:
     claim = claims.get(key)

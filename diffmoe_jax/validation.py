@@ -97,9 +97,14 @@ def validate_model(m: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     unknown = [n for n in m.remat_save_names if n not in CHECKPOINT_NAMES]
     # On the command line "a,b" is one name; a tuple is written as a Python literal.
     as_tuple = (" (on the command line, several names as a tuple: --config.model.remat_save_names="
-                "\"('attn_out','ffn_out')\")" if any("," in n for n in unknown) else "")
+                "\"('attn_out','ffn_out')\")" if any("," in str(n) for n in unknown) else "")
     require(not unknown, "model.remat_save_names", f"{unknown} are not checkpoint names of the model; "
             f"choose from {CHECKPOINT_NAMES}{as_tuple}.")
+  else:
+    # Only "save_names" keeps named values: with any other policy the names would be ignored.
+    require(not m.remat_save_names, "model.remat_save_names",
+            f"{tuple(m.remat_save_names)} is kept only with remat_policy 'save_names', but it is "
+            f"{m.remat_policy!r}; set model.remat_policy='save_names', or remat_save_names to ().")
 
   moe = m.moe
   require(moe.activation in ACTIVATIONS, "model.moe.activation",
@@ -129,6 +134,9 @@ def validate_model(m: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             f"{moe.dropless_impl!r} is not one of {DROPLESS_IMPLS}.")
     require(moe.capacity_factor > 0, "model.moe.capacity_factor",
             f"must be > 0, got {moe.capacity_factor}.")
+    require(m.dense_ffn_dim == 0, "model.dense_ffn_dim",
+            f"{m.dense_ffn_dim} is the dense FFN's width, but model.ffn is 'moe' (experts of width "
+            "model.moe.expert_ffn_dim); set model.ffn='dense' for the dense ablation, or dense_ffn_dim to 0.")
   else:
     require(m.dense_ffn_dim >= 0, "model.dense_ffn_dim", f"must be >= 0, got {m.dense_ffn_dim}.")
     # 0 means top_k x expert_ffn_dim (nn.moe.dense_ffn_dim), which must then be a width too.
@@ -147,7 +155,8 @@ def validate_model(m: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     require(isinstance(mod.every, int) and mod.every >= 1, "model.mod.every",
             f"must be an integer >= 1 (one routed layer per group of `every` layers), got {mod.every!r}.")
     require(mod.every <= m.num_layers, "model.mod.every",
-            f"{mod.every} exceeds model.num_layers ({m.num_layers}); no layer would be routed.")
+            f"{mod.every} exceeds model.num_layers ({m.num_layers}), so no layer would be routed; set it to at "
+            f"most {m.num_layers}, or model.mod.enabled=False for no mixture-of-depths.")
     _check_capacity(mod.capacity, "model.mod.capacity")
     require(mod.predictor_hidden > 0, "model.mod.predictor_hidden",
             f"must be > 0, got {mod.predictor_hidden}.")

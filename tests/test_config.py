@@ -60,9 +60,19 @@ def _bad(**fields):
     ({"model.lambda_init": "half"}, r"model\.lambda_init: 'half' is neither 'schedule' nor a number"),
     ({"model.remat_policy": "save_names", "model.remat_save_names": ("nope",)},
      r"model\.remat_save_names: \['nope'\] are not checkpoint names"),
+    ({"model.remat_policy": "save_names", "model.remat_save_names": ("attn_out", 3)},
+     r"model\.remat_save_names: \[3\] are not checkpoint names of the model; choose from"),
     ({"model.remat_policy": "save_names", "model.remat_save_names": ("attn_out,ffn_out",)},
      r"model\.remat_save_names: \['attn_out,ffn_out'\] are not checkpoint names .*on the command line, several "
      r"names as a tuple: --config\.model\.remat_save_names=\"\('attn_out','ffn_out'\)\""),
+    # Fields the chosen model would ignore are refused, not dropped: with the default remat policy, without a
+    # dense FFN, with fewer layers than a mixture-of-depths group.
+    ({"model.remat_save_names": ("attn_out",)}, r"model\.remat_save_names: \('attn_out',\) is kept only with "
+     r"remat_policy 'save_names', but it is 'full'; set model\.remat_policy='save_names', or remat_save_names to"),
+    ({"model.dense_ffn_dim": 1024}, r"model\.dense_ffn_dim: 1024 is the dense FFN's width, but model\.ffn is "
+     r"'moe' .*; set model\.ffn='dense' for the dense ablation, or dense_ffn_dim to 0\."),
+    ({"model.num_layers": 1}, r"model\.mod\.every: 2 exceeds model\.num_layers \(1\), so no layer would be "
+     r"routed; set it to at most 1, or model\.mod\.enabled=False"),
     ({"model.ffn": "dense"}, r"model\.expert_conditional_lambda: needs model\.ffn='moe'"),
     ({"model.ffn": "dense", "model.expert_conditional_lambda": False, "model.moe.top_k": 0},
      r"model\.dense_ffn_dim: is 0, so the dense FFN width is model\.moe\.top_k \* model\.moe\.expert_ffn_dim = "

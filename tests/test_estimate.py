@@ -56,6 +56,18 @@ def test_a_router_at_each_layer_as_the_paper_describes():
     estimate.estimate(config)
 
 
+def test_a_dense_ffn_is_reported_as_one():
+  """The dense ablation's table describes a dense FFN of width top_k x expert_ffn_dim, not the unused experts."""
+  config = load("tiny")
+  config.model.update(ffn="dense", expert_conditional_lambda=False)
+  result = estimate.estimate(config)
+  assert result["dense_ffn_params"] == 4 * 2 * 288 * (2 * 768)  # 4 layers of w_in, w_out at width 2 x 768
+  table = estimate.report(config, result)
+  assert "dense FFN 1536 (gelu)" in table.splitlines()[0] and "experts" not in table
+  row = next(line for line in table.splitlines() if line.startswith("  dense FFN"))
+  assert row.split()[2] == estimate.human(result["dense_ffn_params"]) == "3.539M"
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_kv_cache_is_what_decoding_allocates(dtype):
   config = load("tiny")
