@@ -310,15 +310,20 @@ def _bytes(x: float) -> str:
   return f"{x:.0f} B"
 
 
+def ffn_description(cfg: ml_collections.ConfigDict) -> str:
+  """The model's feed-forward layer in a few words: its experts, or its one dense FFN."""
+  ffn = (f"{cfg.moe.num_experts} experts x {cfg.moe.expert_ffn_dim} top-{cfg.moe.top_k}" if cfg.ffn == "moe"
+         else f"dense FFN {dense_ffn_dim(cfg)}")
+  return f"{ffn} ({cfg.moe.activation})"
+
+
 def report(config: ml_collections.ConfigDict, result: dict | None = None) -> str:
   """The table `main` prints: computed figures, the paper's beside them, disagreements flagged."""
   result = result or estimate(config)
   cfg = config.model
   claims = PAPER_CLAIMS.get(config.name, {})
-  ffn = (f"{cfg.moe.num_experts} experts x {cfg.moe.expert_ffn_dim} top-{cfg.moe.top_k}" if cfg.ffn == "moe"
-         else f"dense FFN {dense_ffn_dim(cfg)}")
   lines = [f"config {config.name or '(unnamed)'}: d_model {cfg.d_model}, {cfg.num_layers} layers, "
-           f"{cfg.num_heads} heads x {cfg.head_dim}, {ffn} ({cfg.moe.activation}), vocab {cfg.vocab_size}, "
+           f"{cfg.num_heads} heads x {cfg.head_dim}, {ffn_description(cfg)}, vocab {cfg.vocab_size}, "
            f"context {cfg.max_seq_len}, "
            f"MoD {'every ' + str(cfg.mod.every) + ' at ' + str(cfg.mod.capacity) if cfg.mod.enabled else 'off'}",
            f"{'quantity':<40}{'computed':>16}{'paper':>12}  flag"]

@@ -66,6 +66,12 @@ def test_a_dense_ffn_is_reported_as_one():
   assert "dense FFN 1536 (gelu)" in table.splitlines()[0] and "experts" not in table
   row = next(line for line in table.splitlines() if line.startswith("  dense FFN"))
   assert row.split()[2] == estimate.human(result["dense_ffn_params"]) == "3.539M"
+  # main's start-up summary said "4 experts top-2 (dense)".
+  from diffmoe_jax import main as main_lib
+  from diffmoe_jax.train import curriculum as curriculum_lib
+  summary = main_lib.summary(config, "runs/dense", result, {"data": 1}, {"total": 2**30},
+                             curriculum_lib.Curriculum(config))
+  assert "heads x 72, dense FFN 1536 (gelu), MoD" in summary.splitlines()[1] and "experts" not in summary
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
