@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from tensorboard.backend.event_processing import event_accumulator, plugin_event_accumulator
 
+from diffmoe_jax.train import metrics as metrics_lib
 from diffmoe_jax.train.metrics import MetricWriter, stable_rank, stable_ranks
 from diffmoe_jax.train.workdir import WorkdirError
 
@@ -254,3 +255,12 @@ def test_step_scalars_name_what_the_model_has(changes, lambda_tags, has_moe):
       assert lambdas[tag] == pytest.approx(value, rel=1e-5), tag
   assert scalars["mod/routed0/selected_fraction"] == 0.5 and "mod/routed0/predictor_accuracy" in scalars
   assert "train/mod_predictor_loss" not in step_scalars(metrics, model_config, mod_predicted=False)
+
+
+@pytest.mark.parametrize("kind, peak", [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
+                                        ("NVIDIA H100 NVL", 835e12), ("NVIDIA H200", 989e12),
+                                        ("NVIDIA A100-SXM4-80GB", 312e12), ("TPU v5 lite", 197e12),
+                                        ("NVIDIA GeForce RTX 4090", 0.0)])
+def test_an_accelerators_peak_is_its_own_models(kind, peak):
+  """Every H100 was given the SXM part's 989 TFLOP/s: a PCIe card's MFU read 24% low."""
+  assert metrics_lib.peak_of_kind(kind) == peak

@@ -273,10 +273,11 @@ def _mean_stable_ranks(kernels: dict[str, jax.Array], layouts: tuple[tuple[str, 
   return means
 
 
-# Dense bf16 peak FLOP/s per device, by the start of `jax.Device.device_kind`.
+# Dense bf16 peak FLOP/s per device, by the start of `jax.Device.device_kind` (the longest that matches: an
+# "NVIDIA H100 PCIe" has a lower peak than the SXM part, "NVIDIA H100 80GB HBM3").
 _KNOWN_PEAKS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
-                "TPU v6 lite": 918e12, "TPU v6e": 918e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12,
-                "NVIDIA A100": 312e12}
+                "TPU v6 lite": 918e12, "TPU v6e": 918e12, "NVIDIA H100": 989e12, "NVIDIA H100 PCIe": 756e12,
+                "NVIDIA H100 NVL": 835e12, "NVIDIA H200": 989e12, "NVIDIA GH200": 989e12, "NVIDIA A100": 312e12}
 
 
 def measured_matmul_flops(n: int = 1024, repeats: int = 5) -> float:
@@ -310,5 +311,10 @@ def device_peak_flops() -> float:
   accelerator, else 0.0."""
   if jax.default_backend() == "cpu":
     return measured_matmul_flops()
-  kind = jax.devices()[0].device_kind
-  return next((peak for name, peak in _KNOWN_PEAKS.items() if kind.startswith(name)), 0.0)
+  return peak_of_kind(jax.devices()[0].device_kind)
+
+
+def peak_of_kind(kind: str) -> float:
+  """The dense 16-bit peak FLOP/s of an accelerator by its `device_kind`, else 0.0."""
+  names = [name for name in _KNOWN_PEAKS if kind.startswith(name)]
+  return _KNOWN_PEAKS[max(names, key=len)] if names else 0.0
