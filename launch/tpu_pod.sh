@@ -35,11 +35,23 @@ case "$workdir" in
   /*) ;;
   *) echo "error: WORKDIR $workdir must be an absolute path every worker mounts, such as /mnt/runs/pi_s" >&2; exit 2 ;;
 esac
+if ! git -C "$repo_dir" rev-parse --is-inside-work-tree > /dev/null 2>&1; then
+  echo "error: $repo_dir is not a git checkout, and the workers get the files git lists in it; run the script" \
+       "from a clone of the repository" >&2
+  exit 2
+fi
 case "$config" in
   "$repo_dir"/*) config=${config#"$repo_dir"/} ;;  # a file of this checkout (tab-completed, say): the copy's
+esac
+case "$config" in
   /*) ;;  # a path on the workers
   *) if [ ! -f "$repo_dir/$config" ]; then
        echo "error: CONFIG $config is not a file of this checkout ($repo_dir); pass a path such as configs/pi_s.py" >&2
+       exit 2
+     fi
+     if git -C "$repo_dir" check-ignore -q -- "$config"; then  # (a tracked file is never reported)
+       echo "error: CONFIG $config is ignored by git, so the workers' copy would not hold it; move it, or add it" \
+            "with git add -f" >&2
        exit 2
      fi ;;
 esac

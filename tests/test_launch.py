@@ -55,6 +55,31 @@ def test_tpu_pod_script_refuses_a_relative_workdir_or_a_missing_config():
   assert result.returncode == 2 and "error: CONFIG configs/tnyi.py is not a file of this checkout" in result.stderr
 
 
+def test_tpu_pod_script_refuses_a_config_it_would_not_copy(tmp_path):
+  """A config that git ignores, or a copy of the repository that is no git checkout, passed the local check; the
+  workers then lacked the config, or the script stopped with git's own "fatal: not a git repository"."""
+  clone = tmp_path / "clone"
+  subprocess.run(["git", "clone", "-q", ROOT, str(clone)], check=True)
+  shutil.copy(SCRIPTS[0], clone / "launch" / "tpu_pod.sh")  # this checkout's script, committed or not
+  (clone / "configs" / "mine.py").write_text("from configs.tiny import get_config\n")
+  with open(clone / ".git" / "info" / "exclude", "a") as f:
+    f.write("configs/mine.py\n")
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  (bin_dir / "gcloud").write_text("#!/bin/sh\necho 'gcloud ran' >&2\nexit 99\n")  # never reached
+  (bin_dir / "gcloud").chmod(0o755)
+  run = lambda *args: subprocess.run(["bash", str(clone / "launch" / "tpu_pod.sh"), "tpu", "zone", *args, "/mnt/x"],
+                                     capture_output=True, text=True,
+                                     env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"})
+  result = run("configs/mine.py")
+  assert result.returncode == 2 and "error: CONFIG configs/mine.py is ignored by git" in result.stderr, result.stderr
+  result = run(str(clone / "configs" / "mine.py"))
+  assert result.returncode == 2 and "error: CONFIG configs/mine.py is ignored by git" in result.stderr, result.stderr
+  shutil.rmtree(clone / ".git")
+  result = run("configs/tiny.py")
+  assert result.returncode == 2 and f"error: {clone} is not a git checkout" in result.stderr, result.stderr
+
+
 def test_tpu_pod_script_copies_the_checkout_less_files_deleted_locally(tmp_path):
   """A tracked file deleted in the checkout made tar fail; gcloud is a stand-in that keeps the copied archive."""
   clone = tmp_path / "clone"
