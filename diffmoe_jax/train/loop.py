@@ -450,7 +450,8 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, *, corpus: "d
       if stopped_by is None:
         # A rerun of a finished run evaluates again, but its evaluation is logged already; a run whose curriculum
         # was shortened to its checkpoint's step may not have evaluated there.
-        last_eval = evaluate(final_step, log=final_step > start_step or not resume.evaluated_before(final_step, saved_config))
+        logged = final_step == start_step and resume.evaluated_before(final_step, saved_config)
+        last_eval = evaluate(final_step, log=not logged)
       ckpt.save(final_step, state, config, force=True)
       ckpt.close()
   finally:
