@@ -134,7 +134,8 @@ def defaults() -> ml_collections.ConfigDict:
 
   c.curriculum = cur = ml_collections.ConfigDict()
   cur.total_steps = 1000
-  cur.tokens_per_batch = 0  # 0: each phase gives batch_size; else batch = tokens_per_batch // seq_len
+  # A phase whose batch_size is 0 takes tokens_per_batch // its seq_len sequences (a batch_size set wins)
+  cur.tokens_per_batch = 0
   cur.mod_anneal_levels = 4  # MoD capacity anneals in this many discrete levels (each compiles once)
   cur.order = PHASES
   # The six-phase default (README "The curriculum"): fractions sum to 1; seq_len comes from context_fraction.
