@@ -119,7 +119,9 @@ def defaults() -> ml_collections.ConfigDict:
   d.domains = ml_collections.ConfigDict({"code": "stdlib:code", "docs": "stdlib:docs"})
   d.tokenizer = "bytes"  # "bytes", "sentencepiece:<model file>", "hf:<tokenizer.json>"
   d.cache_dir = ""  # token cache; "" means $DIFFMOE_CACHE or ~/.cache/diffmoe_jax
-  d.val_fraction = 0.05  # of each domain's groups of near-duplicate files (data/split.py); at least one a side
+  # of the groups of near-duplicate files, formed over all domains' files together (data/split.py): the share
+  # that goes to validation; each domain gets at least one group a side
+  d.val_fraction = 0.05
   # Batches carry `segment_ids` int32 [B, T]: each position's document within its window (README "Data").
   d.segment_masking = True
 
