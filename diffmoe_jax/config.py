@@ -1,7 +1,8 @@
 """Every config field with its default and a comment; loading config files, and configs saved by earlier
 versions.
 
-Every config file in `configs/` starts from `defaults()` and overrides what differs.
+Every training config file in `configs/` starts from `defaults()` and overrides what differs (the search's,
+`ncas.py` and `ncas_smoke.py`, start from `ncas.search.defaults()`).
 `validation.validate(config)` turns a bad config into a `ConfigError` naming the field and the fix, before
 anything is traced.
 """
