@@ -1,7 +1,8 @@
 """Every config field with its default and a comment; loading config files, and configs saved by earlier
 versions.
 
-Every config file in `configs/` starts from `defaults()` and overrides what differs.
+Every training config file in `configs/` starts from `defaults()` and overrides what differs (the search's,
+`ncas.py` and `ncas_smoke.py`, start from `ncas.search.defaults()`).
 `validation.validate(config)` turns a bad config into a `ConfigError` naming the field and the fix, before
 anything is traced.
 """
@@ -119,7 +120,9 @@ def defaults() -> ml_collections.ConfigDict:
   d.domains = ml_collections.ConfigDict({"code": "stdlib:code", "docs": "stdlib:docs"})
   d.tokenizer = "bytes"  # "bytes", "sentencepiece:<model file>", "hf:<tokenizer.json>"
   d.cache_dir = ""  # token cache; "" means $DIFFMOE_CACHE or ~/.cache/diffmoe_jax
-  d.val_fraction = 0.05  # of each domain's groups of near-duplicate files (data/split.py); at least one a side
+  # of the groups of near-duplicate files, formed over all domains' files together (data/split.py): the share
+  # that goes to validation; each domain gets at least one group a side
+  d.val_fraction = 0.05
   # Batches carry `segment_ids` int32 [B, T]: each position's document within its window (README "Data").
   d.segment_masking = True
 
@@ -134,7 +137,8 @@ def defaults() -> ml_collections.ConfigDict:
 
   c.curriculum = cur = ml_collections.ConfigDict()
   cur.total_steps = 1000
-  cur.tokens_per_batch = 0  # 0: each phase gives batch_size; else batch = tokens_per_batch // seq_len
+  # A phase whose batch_size is 0 takes tokens_per_batch // its seq_len sequences (a batch_size set wins)
+  cur.tokens_per_batch = 0
   cur.mod_anneal_levels = 4  # MoD capacity anneals in this many discrete levels (each compiles once)
   cur.order = PHASES
   # The six-phase default (README "The curriculum"): fractions sum to 1; seq_len comes from context_fraction.
