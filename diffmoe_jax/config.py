@@ -27,6 +27,8 @@ GPU_BACKWARDS = ("two_pass", "one_pass")  # flash_attention.GPU_BACKWARDS (this 
 GPU_KERNELS = ("forward", "dq", "dkv")  # pallas_attention.default_launches' keys
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_names")
 DTYPES = ("float32", "bfloat16", "float16")
+# train.loss_scale_*'s defaults (float16's dynamic loss scaling), also those of train/state.py and train/step.py.
+LOSS_SCALE_INIT, LOSS_SCALE_GROWTH_INTERVAL, LOSS_SCALE_MIN = 2.0**15, 2000, 1.0
 LR_SHAPES = ("constant", "linear", "cosine")
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 # Names the model tags with `checkpoint_name`: what remat_policy="save_names" may keep.
@@ -168,9 +170,9 @@ def defaults() -> ml_collections.ConfigDict:
   # Dynamic loss scaling, with model.dtype "float16" only (README "Training"): the loss scale starts at
   # loss_scale_init (a resumed run continues with the saved one), doubles after loss_scale_growth_interval
   # finite steps in a row, and halves on a gradient overflow (the update skipped), down to loss_scale_min.
-  t.loss_scale_init = 2.0**15
-  t.loss_scale_growth_interval = 2000
-  t.loss_scale_min = 1.0
+  t.loss_scale_init = LOSS_SCALE_INIT
+  t.loss_scale_growth_interval = LOSS_SCALE_GROWTH_INTERVAL
+  t.loss_scale_min = LOSS_SCALE_MIN
   t.run_steps = 0  # stop (with a checkpoint) after this many steps of one invocation; 0: run to the end
   t.memory_headroom = 0.9  # refuse to start if the estimate exceeds this fraction of available memory
   t.peak_flops_per_device = 0.0  # for MFU; 0: known accelerator peaks, or a measured matmul peak on CPU

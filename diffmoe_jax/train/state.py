@@ -11,6 +11,7 @@ import ml_collections
 import optax
 
 from diffmoe_jax import parallel
+from diffmoe_jax.config import LOSS_SCALE_INIT
 
 # The weight matrices that carry the model's features (embedding, attention, FFN / experts, head) get
 # weight decay. Norms, λ vectors, biases and all routing parameters (the MoE router, the MoD score and
@@ -18,7 +19,6 @@ from diffmoe_jax import parallel
 # the top-k needs no prior on (MoD), and the predictor is fit by its own BCE loss. By name, not by rank,
 # because scanned parameters carry an extra leading layer axis (a stacked norm scale is 2-D).
 DECAYED = frozenset({"table", "lm_head", "wq", "wk", "wv", "wo", "w_in", "w_out", "w_gate"})
-LOSS_SCALE_INIT = 2.0**15  # config.train.loss_scale_init's default
 
 
 @flax.struct.dataclass

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from diffmoe_jax.config import LOSS_SCALE_GROWTH_INTERVAL, LOSS_SCALE_MIN
 from diffmoe_jax.train.state import LossScale, TrainState
 
 DYNAMIC_KEYS = ("lr", "router_noise", "load_balance_weight", "z_loss_weight", "mod_predictor_weight")
@@ -19,7 +20,8 @@ def dynamic_settings(settings) -> dict:
 
 
 def make_train_step(model, optimizer: optax.GradientTransformation, *, mod_mode: str, mod_capacity: float,
-                    grad_accum_steps: int = 1, loss_scale_growth_interval: int = 2000, loss_scale_min: float = 1.0):
+                    grad_accum_steps: int = 1, loss_scale_growth_interval: int = LOSS_SCALE_GROWTH_INTERVAL,
+                    loss_scale_min: float = LOSS_SCALE_MIN):
   """(state, batch, dynamic) -> (state, metrics). Static: the MoD mode and capacity, the accumulation, and
   how a state's LossScale (float16 compute) changes: doubled after `loss_scale_growth_interval` finite steps
   in a row, halved on an overflow down to `loss_scale_min`.
