@@ -395,6 +395,20 @@ def test_eval_batches_are_fixed_evenly_spaced_validation_windows(stdlib):
     np.testing.assert_array_equal(np.concatenate([h0["inputs"], h1["inputs"]]), b["inputs"])
 
 
+def test_a_byte_order_mark_is_no_text(tmp_path):
+  """Windows editors start UTF-8 files with a byte-order mark; it was trained on as three bytes of text at
+  the start of every such document, and counted in an evaluated file's bytes."""
+  from diffmoe_jax import evaluate as evaluate_lib
+  texts = {f"doc{i}.txt": english(i) for i in range(8)}
+  corpus = build_text(tmp_path, {name: b"\xef\xbb\xbf" + t.encode() for name, t in texts.items()})
+  stream = bytes(np.concatenate([corpus.tokens("text", s) for s in ("train", "val")]).astype(np.uint8))
+  assert b"\xef\xbb\xbf" not in stream
+  assert all(stream.count(t.encode()) == 1 for t in texts.values())
+  (tokens, bytes_per_token), = evaluate_lib.read_text_files([str(tmp_path / "src" / "doc0.txt")],
+                                                           data.make_tokenizer("bytes")).values()
+  assert bytes(tokens.astype(np.uint8)) == texts["doc0.txt"].encode() and bytes_per_token == 1.0
+
+
 # --- every bad input is a DataError naming what is wrong ----------------------------------------------
 
 def build_text(tmp_path, files, spec="files:{d}/*.txt", **kwargs):

@@ -9,6 +9,7 @@ have the same two (the code and its docstrings), so they split alike.
 from __future__ import annotations
 
 import ast
+import codecs
 import dataclasses
 import functools
 import glob
@@ -85,17 +86,18 @@ def docstrings(text: str, path: str) -> str:
 
 
 def read_utf8(path: str, *, field: str, omit: str = "leave it out of the source") -> str:
-  """A text file's contents; not valid UTF-8 is a DataError naming the path and the byte offset, and saying
-  how to fix it or (`omit`) do without it."""
+  """A text file's contents, less a leading byte-order mark; not valid UTF-8 is a DataError naming the path
+  and the byte offset, and saying how to fix it or (`omit`) do without it."""
   try:
     with open(path, "rb") as f:
       data = f.read()
   except OSError as e:  # no permission, removed since it was listed, an I/O error
     raise DataError(f"{field}: {path} cannot be read ({e.strerror or e}); fix its permissions or {omit}.") from e
+  bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0  # Windows editors write one; no text
   try:
-    return data.decode("utf-8")
+    return data[bom:].decode("utf-8")
   except UnicodeDecodeError as e:
-    raise DataError(f"{field}: {path} is not valid UTF-8 (byte offset {e.start}: {e.reason}); convert it to "
+    raise DataError(f"{field}: {path} is not valid UTF-8 (byte offset {bom + e.start}: {e.reason}); convert it to "
                     f"UTF-8 or {omit}.") from e
 
 
