@@ -158,6 +158,20 @@ def test_damaged_latest_falls_back_and_is_replaced_when_saved_again(tmp_path, st
   ckpt.close()
 
 
+def test_steps_before_a_damaged_newer_one_are_saved_after_falling_back(tmp_path, state):
+  """Fallen back from a damaged step 24 to step 12, a run saving every 5 steps (another interval than the damaged
+  run's) saves 15 and 20: Orbax skipped every step not newer than 24, silently, so a run killed before step 24
+  went back to 12 again."""
+  ckpt = Checkpointer(tmp_path, keep=5, async_save=False)
+  ckpt.save(12, state)
+  ckpt.save(24, state)
+  damage(tmp_path, 24)
+  assert ckpt.restore_latest(abstract(state))[1] == 12
+  assert ckpt.save(15, state) and ckpt.save(20, state)
+  assert ckpt.all_steps() == [12, 15, 20, 24]
+  ckpt.close()
+
+
 def test_all_damaged_raises(tmp_path, state):
   ckpt = Checkpointer(tmp_path, async_save=False)
   for step in (1, 2):

@@ -186,7 +186,8 @@ class Checkpointer:
     """Starts saving `state` (and `config` as JSON) at `step`; returns whether a save was started.
 
     A step that is already saved is skipped (unless it failed to restore in this process: then it is
-    replaced). Without `force`, a step older than the latest saved one is skipped too; `force` saves it.
+    replaced). Without `force`, a step older than the latest saved one is skipped too (unless only steps that
+    failed to restore are newer); `force` saves it.
     A state with a non-finite floating-point value is not saved (so rotation never drops a good
     checkpoint for it). Saves are asynchronous if the Checkpointer was made with `async_save`: call
     `wait()` for durability. Raises CheckpointSaveError if this or an earlier save failed.
@@ -203,6 +204,10 @@ class Checkpointer:
       log.warning("Replacing the unreadable checkpoint at step %d in %s.", step, self.directory)
       self._manager.delete(step)
       self._unreadable.discard(step)
+      force = True
+    if any(s > step for s in self._unreadable):
+      # Orbax skips a step older than its newest, but a newer unreadable one holds nothing: the run redoes those
+      # steps from an older checkpoint and must save them at its usual interval.
       force = True
     if step in self._manager.all_steps():
       log.info("Checkpoint at step %d already exists in %s; not saving it again.", step, self.directory)
