@@ -349,3 +349,24 @@ def test_a_failed_save_waits_for_a_writer_thread_that_has_not_started_yet(tmp_pa
   starter.join()
   assert ran == [True] and not writer.is_alive()
   assert str(error).startswith(f"Cannot save the checkpoint at step 3 in {tmp_path}: No space left on device.")
+
+
+def test_a_run_on_a_read_only_checkpoints_directory_is_refused_before_it_trains(tmp_path, monkeypatch):
+  """A resumed run whose checkpoints directory had become read-only built its data, compiled and trained up to its
+  first save (train.checkpoint_every steps, hours on a large config) before it failed and lost those steps."""
+  from diffmoe_jax import config as config_lib, data
+  from diffmoe_jax.train import loop
+  checkpoints = tmp_path / "checkpoints"
+  checkpoints.mkdir()
+  access = os.access
+  monkeypatch.setattr(os, "access", lambda path, mode: False if os.fspath(path) == str(checkpoints)
+                      else access(path, mode))  # read-only (chmod does not stop root)
+
+  def build_corpus(*args, **kwargs):
+    raise AssertionError("the data was built before the checkpoints directory was checked")
+
+  monkeypatch.setattr(data, "build_corpus", build_corpus)
+  config = config_lib.load_file(os.path.join(os.path.dirname(__file__), "train_config.py"))
+  with pytest.raises(CheckpointError, match=rf"Cannot save checkpoints in {checkpoints}: it is not writable "
+                                            r"\(read-only or immutable\)\. Make it a writable directory, then rerun"):
+    loop.train(config, str(tmp_path))
