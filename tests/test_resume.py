@@ -1,8 +1,12 @@
 """What may change when a run resumes (train/resume.py), checked on configs alone: no checkpoint needed."""
+import builtins
+import errno
+import os
+
 import pytest
 
 from diffmoe_jax.config import ConfigError
-from diffmoe_jax.train import resume
+from diffmoe_jax.train import resume, workdir as workdir_lib
 from test_config import load
 
 
@@ -21,3 +25,26 @@ def test_moving_the_token_cache_is_free_but_changing_the_data_is_not():
   with pytest.raises(ConfigError, match=r"saved with another config: data\.val_fraction 0\.05 -> 0\.1\. .*"
                                         r"--config\.train\.allow_config_change=data\.val_fraction,"):
     check(saved, config)
+
+
+def test_a_full_disk_is_one_error_when_the_run_takes_the_workdir_lock(tmp_path, monkeypatch):
+  """Rerun on a full disk to resume, the run's lock raised the OSError of writing its holder line, a traceback;
+  and the lock stays free for the next run."""
+  real_open = builtins.open
+
+  def open_on_a_full_disk(path, *args, **kwargs):
+    f = real_open(path, *args, **kwargs)
+
+    def flush():
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    f.flush = flush
+    return f
+
+  monkeypatch.setattr(workdir_lib, "open", open_on_a_full_disk, raising=False)
+  lock = workdir_lib.WorkdirLock(tmp_path)
+  with pytest.raises(workdir_lib.WorkdirError, match=rf"^Cannot write the lock file {tmp_path}/lock: No space left "
+                                                      r"on device; free space there or pass another --workdir\.$"):
+    lock.acquire()
+  monkeypatch.undo()
+  with workdir_lib.WorkdirLock(tmp_path):
+    pass

@@ -2,6 +2,7 @@
 finished runs' result files in it, written whole and checked when reused."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -152,10 +153,16 @@ class WorkdirLock:
       holder = f.read().strip()
       f.close()
       raise WorkdirError(self._held_message(holder)) from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"{socket.gethostname()} {os.getpid()} {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-    f.flush()
+    try:
+      f.seek(0)
+      f.truncate()
+      f.write(f"{socket.gethostname()} {os.getpid()} {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+      f.flush()
+    except OSError as e:  # a full disk, on which no checkpoint could be saved either
+      with contextlib.suppress(OSError):  # closing flushes again, and fails again, but closes (and unlocks)
+        f.close()
+      raise WorkdirError(f"Cannot write the lock file {self.path}: {e.strerror or e}; free space there or pass "
+                         "another --workdir.") from None
     self._file = f
     return self
 
