@@ -172,6 +172,21 @@ def test_steps_before_a_damaged_newer_one_are_saved_after_falling_back(tmp_path,
   ckpt.close()
 
 
+def test_an_unreadable_step_that_rotation_removed_is_saved_again(tmp_path, state):
+  """Keeping 2, the saves of 15 and 20 after falling back to 12 rotate out 12 and the unreadable 24; saving 24
+  again then asked Orbax to delete a step it no longer had (FileNotFoundError)."""
+  ckpt = Checkpointer(tmp_path, keep=2, async_save=False)
+  ckpt.save(12, state)
+  ckpt.save(24, state)
+  damage(tmp_path, 24)
+  assert ckpt.restore_latest(abstract(state))[1] == 12
+  for step in (15, 20, 24):
+    assert ckpt.save(step, state)
+  assert ckpt.all_steps() == [20, 24]
+  assert ckpt.restore_latest(abstract(state))[1] == 24
+  ckpt.close()
+
+
 def test_all_damaged_raises(tmp_path, state):
   ckpt = Checkpointer(tmp_path, async_save=False)
   for step in (1, 2):

@@ -217,6 +217,7 @@ class Checkpointer:
       log.error("Not saving step %d in %s: the state holds non-finite values (%s); the older checkpoints stay.",
                 step, self.directory, _first(nonfinite))
       return False
+    self._unreadable &= set(self._manager.all_steps())  # saves since may have rotated some out
     if step in self._unreadable:
       # The run redid this step from an older checkpoint, so its state replaces the unreadable copy.
       log.warning("Replacing the unreadable checkpoint at step %d in %s.", step, self.directory)
