@@ -5,8 +5,9 @@ import os
 
 import pytest
 
+from diffmoe_jax import config as config_lib, main as main_lib
 from diffmoe_jax.config import ConfigError
-from diffmoe_jax.train import resume, workdir as workdir_lib
+from diffmoe_jax.train import preflight, resume, workdir as workdir_lib
 from test_config import load
 
 
@@ -48,3 +49,27 @@ def test_a_full_disk_is_one_error_when_the_run_takes_the_workdir_lock(tmp_path, 
   monkeypatch.undo()
   with workdir_lib.WorkdirLock(tmp_path):
     pass
+
+
+def test_a_run_refused_by_the_lock_leaves_the_workdir_of_the_run_holding_it(tmp_path, monkeypatch):
+  """Two runs started at once on a new workdir: the one that created it lost the lock to the other, and on its way
+  out removed the workdir as unused, lock file and all, under the running one (a third run could then take a new
+  lock beside it)."""
+  workdir, held = tmp_path / "run", []
+  check_memory = preflight.check_memory
+
+  def the_other_run_locks_first(*args, **kwargs):  # between this run's creating the workdir and locking it
+    held.append(workdir_lib.WorkdirLock(workdir).acquire())
+    return check_memory(*args, **kwargs)
+
+  monkeypatch.setattr(preflight, "check_memory", the_other_run_locks_first)
+  config = config_lib.load_file(os.path.join(os.path.dirname(__file__), "train_config.py"))
+  try:
+    with pytest.raises(workdir_lib.WorkdirError, match=r"is in use by another run"):
+      main_lib.run(config, str(workdir))
+    assert os.listdir(workdir) == ["lock"]
+    with pytest.raises(workdir_lib.WorkdirError, match=r"is in use by another run"):
+      workdir_lib.WorkdirLock(workdir).acquire()  # the lock file is the one still held
+  finally:
+    for lock in held:
+      lock.release()
