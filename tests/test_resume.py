@@ -28,20 +28,20 @@ def test_moving_the_token_cache_is_free_but_changing_the_data_is_not():
     check(saved, config)
 
 
+def _open_on_a_full_disk(path, *args, **kwargs):
+  """`open` for workdir.py on a full disk: writes reach the buffer, flushing them fails."""
+  f = builtins.open(path, *args, **kwargs)
+
+  def flush():
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+  f.flush = flush
+  return f
+
+
 def test_a_full_disk_is_one_error_when_the_run_takes_the_workdir_lock(tmp_path, monkeypatch):
   """Rerun on a full disk to resume, the run's lock raised the OSError of writing its holder line, a traceback;
   and the lock stays free for the next run."""
-  real_open = builtins.open
-
-  def open_on_a_full_disk(path, *args, **kwargs):
-    f = real_open(path, *args, **kwargs)
-
-    def flush():
-      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    f.flush = flush
-    return f
-
-  monkeypatch.setattr(workdir_lib, "open", open_on_a_full_disk, raising=False)
+  monkeypatch.setattr(workdir_lib, "open", _open_on_a_full_disk, raising=False)
   lock = workdir_lib.WorkdirLock(tmp_path)
   with pytest.raises(workdir_lib.WorkdirError, match=rf"^Cannot write the lock file {tmp_path}/lock: No space left "
                                                       r"on device; free space there or pass another --workdir\.$"):
@@ -73,3 +73,15 @@ def test_a_run_refused_by_the_lock_leaves_the_workdir_of_the_run_holding_it(tmp_
   finally:
     for lock in held:
       lock.release()
+
+
+def test_a_full_disk_leaves_the_time_record_as_it_was_and_no_partial_file(tmp_path, monkeypatch, caplog):
+  """The run's time record could not be replaced on a full disk: the old one stays, and the empty temporary file
+  the write had made was left in the workdir."""
+  workdir_lib.add_seconds(str(tmp_path), 5.0)
+  monkeypatch.setattr(workdir_lib, "open", _open_on_a_full_disk, raising=False)
+  assert workdir_lib.add_seconds(str(tmp_path), 2.0) == 7.0
+  assert "Cannot record the run's training time" in caplog.text
+  assert os.listdir(tmp_path) == [workdir_lib.SECONDS_FILE]
+  monkeypatch.undo()
+  assert workdir_lib.add_seconds(str(tmp_path), 0.0, write=False) == 5.0

@@ -60,9 +60,14 @@ def run_holding(path: str) -> tuple[str | None, str]:
 def write_json(path: str, value) -> None:
   """Writes `value` as JSON to `path` whole or not at all (a temporary file renamed into place)."""
   tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(value, f, indent=2)
-  os.replace(tmp, path)
+  try:
+    with open(tmp, "w", encoding="utf-8") as f:
+      json.dump(value, f, indent=2)
+    os.replace(tmp, path)
+  except BaseException:  # a full disk, say: no partial file left beside the one kept
+    with contextlib.suppress(OSError):
+      os.remove(tmp)
+    raise
 
 
 SECONDS_FILE = "train_seconds.json"
