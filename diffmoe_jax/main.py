@@ -59,9 +59,11 @@ def summary(config, workdir: str, result: dict, mesh_shape: dict, need: dict, cu
 
 
 def _remove_if_unused(workdir: str) -> None:
-  """Removes `workdir` if it holds nothing but the lock file and time record of the run that created it."""
-  from diffmoe_jax.train.workdir import LOCK_NAME, SECONDS_FILE
-  with contextlib.suppress(OSError):  # holds more, or removed by another process of the run
+  """Removes `workdir` if it holds nothing but the lock file and time record of the run that created it, and no
+  other run holds its lock (one started on the same new workdir at the same moment may have taken it first)."""
+  from diffmoe_jax.train.workdir import LOCK_NAME, SECONDS_FILE, WorkdirError, WorkdirLock
+  # Holds more, is in use, or was removed by another process of the run.
+  with contextlib.suppress(OSError, WorkdirError), WorkdirLock(workdir):
     if set(os.listdir(workdir)) <= {LOCK_NAME, SECONDS_FILE}:
       for name in (SECONDS_FILE, LOCK_NAME):
         with contextlib.suppress(FileNotFoundError):

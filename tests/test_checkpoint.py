@@ -158,6 +158,35 @@ def test_damaged_latest_falls_back_and_is_replaced_when_saved_again(tmp_path, st
   ckpt.close()
 
 
+def test_steps_before_a_damaged_newer_one_are_saved_after_falling_back(tmp_path, state):
+  """Fallen back from a damaged step 24 to step 12, a run saving every 5 steps (another interval than the damaged
+  run's) saves 15 and 20: Orbax skipped every step not newer than 24, silently, so a run killed before step 24
+  went back to 12 again."""
+  ckpt = Checkpointer(tmp_path, keep=5, async_save=False)
+  ckpt.save(12, state)
+  ckpt.save(24, state)
+  damage(tmp_path, 24)
+  assert ckpt.restore_latest(abstract(state))[1] == 12
+  assert ckpt.save(15, state) and ckpt.save(20, state)
+  assert ckpt.all_steps() == [12, 15, 20, 24]
+  ckpt.close()
+
+
+def test_an_unreadable_step_that_rotation_removed_is_saved_again(tmp_path, state):
+  """Keeping 2, the saves of 15 and 20 after falling back to 12 rotate out 12 and the unreadable 24; saving 24
+  again then asked Orbax to delete a step it no longer had (FileNotFoundError)."""
+  ckpt = Checkpointer(tmp_path, keep=2, async_save=False)
+  ckpt.save(12, state)
+  ckpt.save(24, state)
+  damage(tmp_path, 24)
+  assert ckpt.restore_latest(abstract(state))[1] == 12
+  for step in (15, 20, 24):
+    assert ckpt.save(step, state)
+  assert ckpt.all_steps() == [20, 24]
+  assert ckpt.restore_latest(abstract(state))[1] == 24
+  ckpt.close()
+
+
 def test_all_damaged_raises(tmp_path, state):
   ckpt = Checkpointer(tmp_path, async_save=False)
   for step in (1, 2):
@@ -335,3 +364,24 @@ def test_a_failed_save_waits_for_a_writer_thread_that_has_not_started_yet(tmp_pa
   starter.join()
   assert ran == [True] and not writer.is_alive()
   assert str(error).startswith(f"Cannot save the checkpoint at step 3 in {tmp_path}: No space left on device.")
+
+
+def test_a_run_on_a_read_only_checkpoints_directory_is_refused_before_it_trains(tmp_path, monkeypatch):
+  """A resumed run whose checkpoints directory had become read-only built its data, compiled and trained up to its
+  first save (train.checkpoint_every steps, hours on a large config) before it failed and lost those steps."""
+  from diffmoe_jax import config as config_lib, data
+  from diffmoe_jax.train import loop
+  checkpoints = tmp_path / "checkpoints"
+  checkpoints.mkdir()
+  access = os.access
+  monkeypatch.setattr(os, "access", lambda path, mode: False if os.fspath(path) == str(checkpoints)
+                      else access(path, mode))  # read-only (chmod does not stop root)
+
+  def build_corpus(*args, **kwargs):
+    raise AssertionError("the data was built before the checkpoints directory was checked")
+
+  monkeypatch.setattr(data, "build_corpus", build_corpus)
+  config = config_lib.load_file(os.path.join(os.path.dirname(__file__), "train_config.py"))
+  with pytest.raises(CheckpointError, match=rf"Cannot save checkpoints in {checkpoints}: it is not writable "
+                                            r"\(read-only or immutable\)\. Make it a writable directory, then rerun"):
+    loop.train(config, str(tmp_path))

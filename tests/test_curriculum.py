@@ -9,6 +9,7 @@ import pytest
 from diffmoe_jax import config as config_lib, validation
 from diffmoe_jax.config import ConfigError
 from diffmoe_jax.ops import routing
+from diffmoe_jax.train import step as step_lib
 from diffmoe_jax.train.curriculum import Curriculum
 from test_config import load
 
@@ -181,3 +182,32 @@ def test_mod_capacity_reaches_the_target_in_a_phase_shorter_than_the_levels(tiny
   want = [0.25 ** (min(i * levels // steps, levels - 1) / (levels - 1)) for i in range(steps)]
   assert capacities == [math.ceil(c * 128) / 128 for c in want], capacities
   assert capacities[0] == 1.0 and capacities[-1] == 0.25
+
+
+def test_a_run_resumed_at_each_phase_boundary_gets_the_readme_table(tiny):
+  """What a run resumed at a phase's first step (or stopped at its last) trains with, against the README's curriculum
+  table written out by hand for tiny at 600 steps: context (of 256), batch (2,048 tokens), LR, router noise, MoD,
+  domain mix and the loss weights (load balance 10⁻² up to specialize, 10⁻³ from there; z 10⁻³; predictor 10⁻²
+  with MoD on)."""
+  peak, even = 3e-3, {"code": 0.5, "docs": 0.5}
+  # step: (phase, seq_len, batch, lr, router noise, MoD capacity or None for off, load balance, domain mix)
+  table = {
+      0: ("warmup", 64, 32, 0.0, 0.5, None, 1e-2, even),
+      29: ("warmup", 64, 32, peak, 0.5, None, 1e-2, even),
+      30: ("foundation", 128, 16, peak, 0.5, 1.0, 1e-2, even),
+      240: ("sparsify", 128, 16, peak, 0.5, 1.0, 1e-2, even),
+      359: ("sparsify", 128, 16, peak, 0.0, 0.25, 1e-2, even),
+      360: ("specialize", 128, 16, peak, 0.0, 0.25, 1e-3, {"code": 0.7, "docs": 0.3}),
+      450: ("long_context", 256, 8, peak, 0.0, 0.25, 1e-3, even),
+      540: ("anneal", 256, 8, peak, 0.0, 0.25, 1e-3, {"code": 1.0, "docs": 0.0}),
+      599: ("anneal", 256, 8, 0.0, 0.0, 0.25, 1e-3, {"code": 1.0, "docs": 0.0}),
+  }
+  for step, (name, seq_len, batch, lr, noise, capacity, load_balance, mix) in table.items():
+    s = Curriculum(tiny).settings(step)  # a fresh curriculum, as a resumed run builds
+    assert (s.phase.name, s.phase.seq_len, s.phase.batch_size) == (name, seq_len, batch), step
+    assert dict(s.phase.domain_weights) == pytest.approx(mix), step
+    assert (s.mod_mode, s.mod_capacity) == (("off", 1.0) if capacity is None else ("topk", capacity)), step
+    dyn = step_lib.dynamic_settings(s)
+    want = {"lr": lr, "router_noise": noise, "load_balance_weight": load_balance, "z_loss_weight": 1e-3,
+            "mod_predictor_weight": 0.0 if capacity is None else 1e-2}
+    assert dyn == pytest.approx(want, abs=1e-9), step

@@ -1,8 +1,13 @@
 """What may change when a run resumes (train/resume.py), checked on configs alone: no checkpoint needed."""
+import builtins
+import errno
+import os
+
 import pytest
 
+from diffmoe_jax import config as config_lib, main as main_lib
 from diffmoe_jax.config import ConfigError
-from diffmoe_jax.train import resume
+from diffmoe_jax.train import preflight, resume, workdir as workdir_lib
 from test_config import load
 
 
@@ -21,3 +26,62 @@ def test_moving_the_token_cache_is_free_but_changing_the_data_is_not():
   with pytest.raises(ConfigError, match=r"saved with another config: data\.val_fraction 0\.05 -> 0\.1\. .*"
                                         r"--config\.train\.allow_config_change=data\.val_fraction,"):
     check(saved, config)
+
+
+def _open_on_a_full_disk(path, *args, **kwargs):
+  """`open` for workdir.py on a full disk: writes reach the buffer, flushing them fails."""
+  f = builtins.open(path, *args, **kwargs)
+
+  def flush():
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+  f.flush = flush
+  return f
+
+
+def test_a_full_disk_is_one_error_when_the_run_takes_the_workdir_lock(tmp_path, monkeypatch):
+  """Rerun on a full disk to resume, the run's lock raised the OSError of writing its holder line, a traceback;
+  and the lock stays free for the next run."""
+  monkeypatch.setattr(workdir_lib, "open", _open_on_a_full_disk, raising=False)
+  lock = workdir_lib.WorkdirLock(tmp_path)
+  with pytest.raises(workdir_lib.WorkdirError, match=rf"^Cannot write the lock file {tmp_path}/lock: No space left "
+                                                      r"on device; free space there or pass another --workdir\.$"):
+    lock.acquire()
+  monkeypatch.undo()
+  with workdir_lib.WorkdirLock(tmp_path):
+    pass
+
+
+def test_a_run_refused_by_the_lock_leaves_the_workdir_of_the_run_holding_it(tmp_path, monkeypatch):
+  """Two runs started at once on a new workdir: the one that created it lost the lock to the other, and on its way
+  out removed the workdir as unused, lock file and all, under the running one (a third run could then take a new
+  lock beside it)."""
+  workdir, held = tmp_path / "run", []
+  check_memory = preflight.check_memory
+
+  def the_other_run_locks_first(*args, **kwargs):  # between this run's creating the workdir and locking it
+    held.append(workdir_lib.WorkdirLock(workdir).acquire())
+    return check_memory(*args, **kwargs)
+
+  monkeypatch.setattr(preflight, "check_memory", the_other_run_locks_first)
+  config = config_lib.load_file(os.path.join(os.path.dirname(__file__), "train_config.py"))
+  try:
+    with pytest.raises(workdir_lib.WorkdirError, match=r"is in use by another run"):
+      main_lib.run(config, str(workdir))
+    assert os.listdir(workdir) == ["lock"]
+    with pytest.raises(workdir_lib.WorkdirError, match=r"is in use by another run"):
+      workdir_lib.WorkdirLock(workdir).acquire()  # the lock file is the one still held
+  finally:
+    for lock in held:
+      lock.release()
+
+
+def test_a_full_disk_leaves_the_time_record_as_it_was_and_no_partial_file(tmp_path, monkeypatch, caplog):
+  """The run's time record could not be replaced on a full disk: the old one stays, and the empty temporary file
+  the write had made was left in the workdir."""
+  workdir_lib.add_seconds(str(tmp_path), 5.0)
+  monkeypatch.setattr(workdir_lib, "open", _open_on_a_full_disk, raising=False)
+  assert workdir_lib.add_seconds(str(tmp_path), 2.0) == 7.0
+  assert "Cannot record the run's training time" in caplog.text
+  assert os.listdir(tmp_path) == [workdir_lib.SECONDS_FILE]
+  monkeypatch.undo()
+  assert workdir_lib.add_seconds(str(tmp_path), 0.0, write=False) == 5.0

@@ -129,12 +129,30 @@ def _join_by(thread: threading.Thread, deadline: float) -> None:
       time.sleep(0.01)
 
 
-def check_directory(directory: str | os.PathLike) -> None:
-  """CheckpointError if the checkpoints directory is a file."""
+def check_directory(directory: str | os.PathLike, writable: bool = False) -> None:
+  """CheckpointError if the checkpoints directory is a file, or (with `writable`, for the run that saves there)
+  cannot be written: a run finds out before it trains, not at its first save."""
   directory = os.path.abspath(os.fspath(directory))
   if os.path.exists(directory) and not os.path.isdir(directory):
     raise CheckpointError(f"The checkpoints directory {directory} is a file, not a directory; move it away or use "
                           "another workdir.")
+  problem = _unwritable(directory) if writable else None
+  if problem:
+    raise CheckpointError(f"Cannot save checkpoints in {directory}: {problem}. Make it a writable directory, then "
+                          "rerun (the run resumes from the checkpoints it holds).")
+
+
+def _unwritable(d: str) -> str | None:
+  """Why no checkpoint can be saved in the directory `d`, or None."""
+  if not os.path.exists(d):
+    if os.path.isdir(os.path.dirname(d)) and os.access(os.path.dirname(d), os.W_OK):
+      return None  # Orbax creates it
+    return "it does not exist and cannot be created"
+  if not os.path.isdir(d):
+    return "it is a file, not a directory"
+  if not os.access(d, os.W_OK | os.X_OK):
+    return "it is not writable (read-only or immutable)"
+  return None
 
 
 class Checkpointer:
@@ -186,7 +204,8 @@ class Checkpointer:
     """Starts saving `state` (and `config` as JSON) at `step`; returns whether a save was started.
 
     A step that is already saved is skipped (unless it failed to restore in this process: then it is
-    replaced). Without `force`, a step older than the latest saved one is skipped too; `force` saves it.
+    replaced). Without `force`, a step older than the latest saved one is skipped too (unless only steps that
+    failed to restore are newer); `force` saves it.
     A state with a non-finite floating-point value is not saved (so rotation never drops a good
     checkpoint for it). Saves are asynchronous if the Checkpointer was made with `async_save`: call
     `wait()` for durability. Raises CheckpointSaveError if this or an earlier save failed.
@@ -198,11 +217,16 @@ class Checkpointer:
       log.error("Not saving step %d in %s: the state holds non-finite values (%s); the older checkpoints stay.",
                 step, self.directory, _first(nonfinite))
       return False
+    self._unreadable &= set(self._manager.all_steps())  # saves since may have rotated some out
     if step in self._unreadable:
       # The run redid this step from an older checkpoint, so its state replaces the unreadable copy.
       log.warning("Replacing the unreadable checkpoint at step %d in %s.", step, self.directory)
       self._manager.delete(step)
       self._unreadable.discard(step)
+      force = True
+    if any(s > step for s in self._unreadable):
+      # Orbax skips a step older than its newest, but a newer unreadable one holds nothing: the run redoes those
+      # steps from an older checkpoint and must save them at its usual interval.
       force = True
     if step in self._manager.all_steps():
       log.info("Checkpoint at step %d already exists in %s; not saving it again.", step, self.directory)
@@ -223,19 +247,10 @@ class Checkpointer:
 
   def _check_writable(self, step: int) -> None:
     """Fails before Orbax starts its writer threads, which wait forever if the directory cannot be made."""
-    d = self.directory
-    problem = None
-    if not os.path.exists(d):
-      if os.path.isdir(os.path.dirname(d)) and os.access(os.path.dirname(d), os.W_OK):
-        return  # Orbax creates it
-      problem = "it does not exist and cannot be created"
-    elif not os.path.isdir(d):
-      problem = "it is a file, not a directory"
-    elif not os.access(d, os.W_OK | os.X_OK):
-      problem = "it is not writable (read-only or immutable)"
+    problem = _unwritable(self.directory)
     if problem:
-      raise CheckpointSaveError(f"Cannot save the checkpoint at step {step} in {d}: {problem}. Make it a writable "
-                                "directory, then rerun to resume from the last checkpoint.")
+      raise CheckpointSaveError(f"Cannot save the checkpoint at step {step} in {self.directory}: {problem}. Make it "
+                                "a writable directory, then rerun to resume from the last checkpoint.")
 
   def _save_failed(self, step: int | None, e: BaseException) -> CheckpointSaveError:
     """The error for a failed save, after removing the save's partial step directory."""

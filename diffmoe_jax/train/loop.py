@@ -270,7 +270,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, corpus: "data.Corp
 
 def _train_locked(config: ml_collections.ConfigDict, workdir: str, *, corpus: "data.Corpus | None") -> RunResult:
   process_index, process_count = jax.process_index(), jax.process_count()
-  checkpoint.check_directory(os.path.join(workdir, "checkpoints"))  # before the data is built (minutes)
+  checkpoint.check_directory(os.path.join(workdir, "checkpoints"), writable=True)  # before the data is built
   corpus = corpus or data.build_corpus(config.data)
   data.check_separator(corpus.tokenizer, corpus.segment_masking)
   distributed.check_same_data(corpus)

@@ -2,6 +2,7 @@
 finished runs' result files in it, written whole and checked when reused."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -59,9 +60,14 @@ def run_holding(path: str) -> tuple[str | None, str]:
 def write_json(path: str, value) -> None:
   """Writes `value` as JSON to `path` whole or not at all (a temporary file renamed into place)."""
   tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(value, f, indent=2)
-  os.replace(tmp, path)
+  try:
+    with open(tmp, "w", encoding="utf-8") as f:
+      json.dump(value, f, indent=2)
+    os.replace(tmp, path)
+  except BaseException:  # a full disk, say: no partial file left beside the one kept
+    with contextlib.suppress(OSError):
+      os.remove(tmp)
+    raise
 
 
 SECONDS_FILE = "train_seconds.json"
@@ -152,10 +158,16 @@ class WorkdirLock:
       holder = f.read().strip()
       f.close()
       raise WorkdirError(self._held_message(holder)) from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"{socket.gethostname()} {os.getpid()} {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-    f.flush()
+    try:
+      f.seek(0)
+      f.truncate()
+      f.write(f"{socket.gethostname()} {os.getpid()} {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+      f.flush()
+    except OSError as e:  # a full disk, on which no checkpoint could be saved either
+      with contextlib.suppress(OSError):  # closing flushes again, and fails again, but closes (and unlocks)
+        f.close()
+      raise WorkdirError(f"Cannot write the lock file {self.path}: {e.strerror or e}; free space there or pass "
+                         "another --workdir.") from None
     self._file = f
     return self
 
