@@ -189,6 +189,22 @@ def test_a_run_finished_on_other_data_is_refused(tmp_path):
   assert ablate._finished(run_dir, config, {"code": "k1", "docs": "k2"})["eval"]["loss"] == 3.0
 
 
+def test_a_run_finished_over_several_invocations_is_reused_by_a_rerun_without_run_steps(tmp_path):
+  """An ablation stopped and resumed with train.run_steps, then rerun without it: the finished runs were
+  refused as finished with another config (train.run_steps: 4 there, 0 now)."""
+  config = ablate.arm_config(smoke_config(), "full", 0)[0]
+  saved = ml_collections.ConfigDict(config.to_dict())
+  saved.train.update(run_steps=4, checkpoint_every=2, compilation_cache_dir="")
+  saved.model.attention_impl = "blockwise"
+  run_dir = str(tmp_path / "full" / "seed0")
+  finished_run(run_dir, saved, {"data": {"code": "k1"}})
+  assert ablate._finished(run_dir, config, {"code": "k1"})["eval"]["loss"] == 3.0
+  # Fields that change what the table reports still count: other evaluation batches measure another loss.
+  config.train.eval_batches += 1
+  with pytest.raises(ablate.AblationError, match=re.escape("(config.train.eval_batches: 1 there, 2 now)")):
+    ablate._finished(run_dir, config, {"code": "k1"})
+
+
 def test_a_later_arm_finished_with_another_config_is_refused_before_training(tmp_path, monkeypatch):
   """The refusal comes before the first arm trains, not after it."""
   config = smoke_config()
