@@ -299,11 +299,12 @@ def corpus_text(domains) -> str:
 
 
 def write_report(config, names: list[str], labels: dict[str, str], models: dict, seed_list: list[int],
-                 records: list[dict], workdir: str, report_dir: str) -> dict:
+                 records: list[dict], workdir: str, report_dir: str, diverged: dict | None = None) -> dict:
   """README.md, results.json and the plots in report_dir (removing a plot of FIGURES an earlier report drew and
   this one does not); returns the JSON's content.
 
-  labels: arm -> table row; models: arm -> its model config; records: every run's result.json.
+  labels: arm -> table row; models: arm -> its model config; records: every run's result.json; diverged: arm ->
+  its runs that non-finite updates stopped (described), arms left out of `names` and named under the table.
   """
   domains = sorted(config.data.domains.keys())
   arms = summarize(names, records, domains)
@@ -315,6 +316,8 @@ def write_report(config, names: list[str], labels: dict[str, str], models: dict,
                                                "tokens_per_batch": config.curriculum.tokens_per_batch,
                                                "seeds": seed_list, "context": config.model.max_seq_len},
              "arms": arms, "train_wall_seconds": wall, "cpu_count": os.cpu_count()}
+  if diverged:
+    summary["diverged"] = diverged
   cur = config.curriculum
   sections = [
       TITLE,
@@ -328,6 +331,8 @@ def write_report(config, names: list[str], labels: dict[str, str], models: dict,
       "arm's programs included). These are proxy-scale numbers, not the paper's.",
       table(names, arms, domains, labels),
       "Changes: " + "; ".join(f"{arm}: {arms[arm]['change']}" for arm in names) + ".",
+      *(["Not in the table, stopped by non-finite updates: " + "; ".join(
+          f"{labels[arm]}, {', '.join(which)}" for arm, which in diverged.items()) + "."] if diverged else []),
       f"![loss curves]({FIGURES['loss']})",
   ]
   if "power_of_two" in names:

@@ -279,6 +279,44 @@ def test_a_signal_during_a_runs_last_step_stops_the_ablation_after_that_run(tmp_
   assert "SIGTERM received, so stopping here; rerun the same command to go on" in capsys.readouterr().out
 
 
+def test_a_run_stopped_by_non_finite_updates_lets_the_others_go_on_and_the_report_names_it(smoke, tmp_path,
+                                                                                          monkeypatch):
+  """One arm diverging under the shared settings stopped the whole ablation (TrainingStopped, with main's advice
+  to change the learning rate for that run alone), leaving the arms after it untrained and no report."""
+  import shutil
+  workdir, _, _ = smoke
+  config = smoke_config()
+  config.ablation.arms = "full,differential_v2,no_mod"
+  runs, report_dir = tmp_path / "runs", tmp_path / "report"
+  shutil.copytree(os.path.join(workdir, "full"), runs / "full")  # finished: reused
+  trained = []
+
+  def train(run_config, run_dir, corpus):
+    trained.append(os.path.relpath(run_dir, runs))
+    raise loop.TrainingStopped("10 non-finite updates in a row", 4)
+
+  monkeypatch.setattr(loop, "train", train)
+  with pytest.raises(ablate.AblationError, match=re.escape(
+      "non-finite updates stopped differential_v2 seed 0 at step 4 of 6; no_mod seed 0 at step 4 of 6. The report "
+      f"in {report_dir} lists the other arms. Under the shared settings that is the arm's result: drop it from "
+      "config.ablation.arms")):
+    ablate.run(config, str(runs), str(report_dir))
+  assert trained == ["differential_v2/seed0", "no_mod/seed0"]
+  with open(report_dir / "results.json") as f:
+    saved = json.load(f)
+  assert list(saved["arms"]) == ["full"] and saved["diverged"] == {"differential_v2": ["seed 0 at step 4 of 6"],
+                                                                  "no_mod": ["seed 0 at step 4 of 6"]}
+  readme = (report_dir / "README.md").read_text()
+  assert ("Not in the table, stopped by non-finite updates: Diff-Transformer V2 λ = sigmoid(W_λ x) per token, seed 0 "
+          "at step 4 of 6; No Mixture-of-Depths, seed 0 at step 4 of 6.") in readme
+  # Without the full arm there is no Δ column to report against.
+  with pytest.raises(ablate.AblationError, match=re.escape(
+      "stopped full seed 0 at step 4 of 6; differential_v2 seed 0 at step 4 of 6. No report without the full arm (the Δ "
+      "column's reference): change optimizer.peak_lr or optimizer.grad_clip for every arm with a new --workdir.")):
+    ablate.run(smoke_config(), str(tmp_path / "other"), str(tmp_path / "other_report"))
+  assert not os.path.exists(tmp_path / "other_report" / "README.md")
+
+
 def test_ctrl_c_outside_training_ends_the_command_in_one_line(tmp_path):
   """Ctrl-C (here raised while the corpus is built, before any run trains) ends the command with one line and
   exit 130, not a traceback."""
