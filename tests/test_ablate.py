@@ -384,6 +384,33 @@ def test_rewritten_report_names_the_corpus_and_drops_figures_it_no_longer_draws(
   assert "built-in" not in readme and "on the corpus code = 'files:src/*.py', docs = 'files:doc/*.md'," in readme
 
 
+def test_a_report_of_runs_that_logged_no_stable_rank_says_so(tmp_path):
+  """With the power-of-two arm and train.stable_rank_every past the curriculum's end (configs/ablation.py's 20
+  with --config.curriculum.total_steps=12), the report failed with an IndexError after all the training."""
+  from diffmoe_jax.train import metrics
+  config = smoke_config()
+  config.train.stable_rank_every = 100
+  names = ["full", "power_of_two"]
+  records = []
+  for arm in names:
+    writer = metrics.MetricWriter(tmp_path / arm / "seed0" / "tb")
+    for step in (3, 6):
+      writer.scalars(step, {"train/loss": 3.0, "eval/loss": 3.5})
+    writer.close()
+    records.append({"arm": arm, "seed": 0, "change": "none", "params": {"total": 10, "active": 5}, "final_step": 6,
+                    "wall_seconds": 1.0, "lambda": None,
+                    "eval": {"loss": 3.5, "code/bits_per_byte": 4.0, "docs/bits_per_byte": 4.5}})
+  ablation = config_lib.load_file(os.path.join(REPO, "configs", "ablation.py"))
+  report_dir = tmp_path / "report"
+  report_dir.mkdir()
+  summary = ablate_analysis.write_report(config, names, {arm: ablate.ARMS[arm].label for arm in names},
+                                         {arm: ablate.arm_config(ablation, arm, 0)[0].model for arm in names}, [0],
+                                         records, str(tmp_path), str(report_dir))
+  assert "stable_rank" not in summary and not (report_dir / "stable_rank.png").exists()
+  assert ("Not measured: the runs logged no stable rank (train.stable_rank_every=100, curriculum of 6 steps); set "
+          "train.stable_rank_every to at most 6 (with a new --workdir) to compare.") in (report_dir / "README.md").read_text()
+
+
 def test_stable_rank_text_gives_the_papers_claim_in_our_squared_measure():
   # Two matrices whose unsquared ||W||_F / ||W||_2 differ by the paper's 23%: their squared stable ranks
   # (what metrics.stable_rank computes) differ by the percentage the report quotes for the paper.
