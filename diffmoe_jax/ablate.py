@@ -13,9 +13,9 @@ report_dir whose README.md or results.json no ablation report wrote is refused b
 that non-finite updates stop is its arm's result under the shared settings: the other runs go on, the report
 leaves that arm out (naming it), and the command ends with an error line.
 
-Exit codes: 0 done; 1 error (a diverged run included), one line on stderr; 3 a run stopped early (signal or train.run_steps) and
-the command can be rerun to go on; 130 stopped at once by Ctrl-C outside a run's steps or by a second one
-(rerun to go on).
+Exit codes: 0 done; 1 error (a diverged run included), one line on stderr; 3 a run stopped early (signal or
+train.run_steps) and the command can be rerun to go on; 130 stopped at once by Ctrl-C outside a run's steps or
+by a second one (rerun to go on).
 """
 from __future__ import annotations
 

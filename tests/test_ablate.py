@@ -311,8 +311,9 @@ def test_a_run_stopped_by_non_finite_updates_lets_the_others_go_on_and_the_repor
           "at step 4 of 6; No Mixture-of-Depths, seed 0 at step 4 of 6.") in readme
   # Without the full arm there is no Δ column to report against.
   with pytest.raises(ablate.AblationError, match=re.escape(
-      "stopped full seed 0 at step 4 of 6; differential_v2 seed 0 at step 4 of 6. No report without the full arm (the Δ "
-      "column's reference): change optimizer.peak_lr or optimizer.grad_clip for every arm with a new --workdir.")):
+      "stopped full seed 0 at step 4 of 6; differential_v2 seed 0 at step 4 of 6. No report without the full "
+      "arm (the Δ column's reference): change optimizer.peak_lr or optimizer.grad_clip for every arm with a new "
+      "--workdir.")):
     ablate.run(smoke_config(), str(tmp_path / "other"), str(tmp_path / "other_report"))
   assert not os.path.exists(tmp_path / "other_report" / "README.md")
 
@@ -407,8 +408,9 @@ def test_a_report_of_runs_that_logged_no_stable_rank_says_so(tmp_path):
                                          {arm: ablate.arm_config(ablation, arm, 0)[0].model for arm in names}, [0],
                                          records, str(tmp_path), str(report_dir))
   assert "stable_rank" not in summary and not (report_dir / "stable_rank.png").exists()
+  readme = (report_dir / "README.md").read_text()
   assert ("Not measured: the runs logged no stable rank (train.stable_rank_every=100, curriculum of 6 steps); set "
-          "train.stable_rank_every to at most 6 (with a new --workdir) to compare.") in (report_dir / "README.md").read_text()
+          "train.stable_rank_every to at most 6 (with a new --workdir) to compare.") in readme
 
 
 def test_stable_rank_text_gives_the_papers_claim_in_our_squared_measure():
