@@ -9,11 +9,13 @@ there when it finishes; a rerun skips those (refusing one that finished with ano
 training data) and resumes an interrupted one from its checkpoint. Then the report (a markdown table in the
 paper's layout, loss-curve / stable-rank / λ plots and a JSON of every number) is written to --report_dir
 (default `<workdir>/report`), replacing a plot of an earlier report that this one does not draw; a
-report_dir whose README.md or results.json no ablation report wrote is refused before anything trains.
+report_dir whose README.md or results.json no ablation report wrote is refused before anything trains. A run
+that non-finite updates stop is its arm's result under the shared settings: the other runs go on, the report
+leaves that arm out (naming it), and the command ends with an error line.
 
-Exit codes: 0 done; 1 error, one line on stderr; 3 a run stopped early (signal or train.run_steps) and
-the command can be rerun to go on; 130 stopped at once by Ctrl-C outside a run's steps or by a second one
-(rerun to go on).
+Exit codes: 0 done; 1 error (a diverged run included), one line on stderr; 3 a run stopped early (signal or
+train.run_steps) and the command can be rerun to go on; 130 stopped at once by Ctrl-C outside a run's steps or
+by a second one (rerun to go on).
 """
 from __future__ import annotations
 
@@ -207,6 +209,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, report_dir: str = "") -
   # Seconds of the runs trained here, by whether they were their arm's first seed: a later seed reuses the
   # first one's compiled programs from the compilation cache, so it takes much less.
   trained_seconds: dict[bool, list[float]] = {True: [], False: []}
+  diverged: dict[str, list[str]] = {}  # arm -> its runs that non-finite updates stopped, described
   for i, (arm, seed, run_config, change) in enumerate(plan):
     run_dir = _run_dir(workdir, arm, seed)
     prefix = f"[{i + 1}/{len(plan)}] {arm} seed {seed}"
@@ -216,7 +219,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, report_dir: str = "") -
       records.append(record)
       continue
     print(f"{prefix}: training ({change})", flush=True)
-    outcome = loop.train(run_config, run_dir, corpus=corpus)
+    try:
+      outcome = loop.train(run_config, run_dir, corpus=corpus)
+    except loop.TrainingStopped as e:  # the arm's result under the shared settings: the other runs go on
+      diverged.setdefault(arm, []).append(f"seed {seed} at step {e.step} of {run_config.curriculum.total_steps}")
+      print(f"{prefix}: stopped by non-finite updates at step {e.step}; going on with the other runs", flush=True)
+      continue
     if outcome.stopped is not None:
       print(f"{prefix}: stopped early ({outcome.stopped}); rerun the same command to go on", flush=True)
       return {"stopped": outcome.stopped}
@@ -238,10 +246,22 @@ def run(config: ml_collections.ConfigDict, workdir: str, report_dir: str = "") -
     eta = _eta(plan[i + 1:], workdir, trained_seconds, seed_list[0])
     print(f"{prefix}: done in {_duration(record['wall_seconds'])}, validation loss {outcome.eval['loss']:.4f}; "
           f"{_duration(time.time() - start)} so far, about {_duration(eta)} to go", flush=True)
-  summary = ablate_analysis.write_report(
-      config, names, {arm: ARMS[arm].label for arm in names},
-      {arm: c.model for arm, seed, c, _ in plan if seed == seed_list[0]}, seed_list, records, workdir, report_dir)
-  print(f"report: {os.path.join(report_dir, 'README.md')}", flush=True)
+  reported = [arm for arm in names if arm not in diverged]
+  summary = {}
+  if "full" in reported:
+    summary = ablate_analysis.write_report(
+        config, reported, {arm: ARMS[arm].label for arm in names},
+        {arm: c.model for arm, seed, c, _ in plan if seed == seed_list[0]}, seed_list,
+        [r for r in records if r["arm"] in reported], workdir, report_dir, diverged)
+    print(f"report: {os.path.join(report_dir, 'README.md')}", flush=True)
+  if diverged:
+    runs = "; ".join(f"{arm} {', '.join(which)}" for arm, which in diverged.items())
+    every_arm = "change optimizer.peak_lr or optimizer.grad_clip for every arm with a new --workdir."
+    raise AblationError(
+        f"non-finite updates stopped {runs}. " + (
+            f"The report in {report_dir} lists the other arms. Under the shared settings that is the arm's result: "
+            f"drop it from config.ablation.arms to report without it, or {every_arm}" if summary else
+            f"No report without the full arm (the Δ column's reference): {every_arm}"))
   return summary
 
 
@@ -251,13 +271,11 @@ def main(argv, flag_values: dict):
   from diffmoe_jax.config import ConfigError
   from diffmoe_jax.data import DataError
   from diffmoe_jax.train.checkpoint import CheckpointError
-  from diffmoe_jax.train.loop import TrainingStopped
   from diffmoe_jax.train.preflight import InsufficientMemoryError
   from diffmoe_jax.train.workdir import WorkdirError
   try:
     summary = run(*(flag_values[name].value for name in ("config", "workdir", "report_dir")))
-  except (AblationError, CheckpointError, ConfigError, DataError, InsufficientMemoryError, TrainingStopped,
-          WorkdirError) as e:
+  except (AblationError, CheckpointError, ConfigError, DataError, InsufficientMemoryError, WorkdirError) as e:
     print(f"error: {e}", file=sys.stderr)
     cli.exit_now(EXIT_ERROR)
   except KeyboardInterrupt:  # before or between the runs' training, or a second Ctrl-C during one

@@ -299,11 +299,12 @@ def corpus_text(domains) -> str:
 
 
 def write_report(config, names: list[str], labels: dict[str, str], models: dict, seed_list: list[int],
-                 records: list[dict], workdir: str, report_dir: str) -> dict:
+                 records: list[dict], workdir: str, report_dir: str, diverged: dict | None = None) -> dict:
   """README.md, results.json and the plots in report_dir (removing a plot of FIGURES an earlier report drew and
   this one does not); returns the JSON's content.
 
-  labels: arm -> table row; models: arm -> its model config; records: every run's result.json.
+  labels: arm -> table row; models: arm -> its model config; records: every run's result.json; diverged: arm ->
+  its runs that non-finite updates stopped (described), arms left out of `names` and named under the table.
   """
   domains = sorted(config.data.domains.keys())
   arms = summarize(names, records, domains)
@@ -315,6 +316,8 @@ def write_report(config, names: list[str], labels: dict[str, str], models: dict,
                                                "tokens_per_batch": config.curriculum.tokens_per_batch,
                                                "seeds": seed_list, "context": config.model.max_seq_len},
              "arms": arms, "train_wall_seconds": wall, "cpu_count": os.cpu_count()}
+  if diverged:
+    summary["diverged"] = diverged
   cur = config.curriculum
   sections = [
       TITLE,
@@ -328,21 +331,27 @@ def write_report(config, names: list[str], labels: dict[str, str], models: dict,
       "arm's programs included). These are proxy-scale numbers, not the paper's.",
       table(names, arms, domains, labels),
       "Changes: " + "; ".join(f"{arm}: {arms[arm]['change']}" for arm in names) + ".",
+      *(["Not in the table, stopped by non-finite updates: " + "; ".join(
+          f"{labels[arm]}, {', '.join(which)}" for arm, which in diverged.items()) + "."] if diverged else []),
       f"![loss curves]({FIGURES['loss']})",
   ]
   if "power_of_two" in names:
-    curves = {}
-    for arm in ("full", "power_of_two"):
-      per_seed = [stable_rank_series(s, matrix_smaller_sides(models[arm])) for s in scalars[arm]]
-      curves[arm] = {"steps": per_seed[0]["steps"],
-                     "mean": np.mean([c["mean"] for c in per_seed], axis=0).tolist(),
-                     "relative": np.mean([c["relative"] for c in per_seed], axis=0).tolist()}
-    text, numbers = _stable_rank_text(curves, labels)
-    summary["stable_rank"] = {"curves": curves, **numbers}
-    plot_stable_rank(os.path.join(report_dir, FIGURES["stable_rank"]), curves, labels)
-    drawn.add(FIGURES["stable_rank"])
-    sections += ["## Stable rank: 3-smooth width vs power-of-two width", text,
-                 f"![stable rank]({FIGURES['stable_rank']})"]
+    sections.append("## Stable rank: 3-smooth width vs power-of-two width")
+    per_seed = {arm: [stable_rank_series(s, matrix_smaller_sides(models[arm])) for s in scalars[arm]]
+                for arm in ("full", "power_of_two")}
+    if not all(c["steps"] for runs in per_seed.values() for c in runs):
+      sections.append(f"Not measured: the runs logged no stable rank (train.stable_rank_every="
+                      f"{config.train.stable_rank_every}, curriculum of {cur.total_steps} steps); set "
+                      f"train.stable_rank_every to at most {cur.total_steps} (with a new --workdir) to compare.")
+    else:
+      curves = {arm: {"steps": runs[0]["steps"], "mean": np.mean([c["mean"] for c in runs], axis=0).tolist(),
+                      "relative": np.mean([c["relative"] for c in runs], axis=0).tolist()}
+                for arm, runs in per_seed.items()}
+      text, numbers = _stable_rank_text(curves, labels)
+      summary["stable_rank"] = {"curves": curves, **numbers}
+      plot_stable_rank(os.path.join(report_dir, FIGURES["stable_rank"]), curves, labels)
+      drawn.add(FIGURES["stable_rank"])
+      sections += [text, f"![stable rank]({FIGURES['stable_rank']})"]
   full_lambda = next(r["lambda"] for r in sorted(records, key=lambda r: r["seed"]) if r["arm"] == "full")
   if full_lambda and full_lambda["tokens"]:
     summary["lambda"] = {r["arm"] + f"/seed{r['seed']}": r["lambda"] for r in records if r["lambda"]}

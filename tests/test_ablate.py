@@ -189,6 +189,22 @@ def test_a_run_finished_on_other_data_is_refused(tmp_path):
   assert ablate._finished(run_dir, config, {"code": "k1", "docs": "k2"})["eval"]["loss"] == 3.0
 
 
+def test_a_run_finished_over_several_invocations_is_reused_by_a_rerun_without_run_steps(tmp_path):
+  """An ablation stopped and resumed with train.run_steps, then rerun without it: the finished runs were
+  refused as finished with another config (train.run_steps: 4 there, 0 now)."""
+  config = ablate.arm_config(smoke_config(), "full", 0)[0]
+  saved = ml_collections.ConfigDict(config.to_dict())
+  saved.train.update(run_steps=4, checkpoint_every=2, compilation_cache_dir="")
+  saved.model.attention_impl = "blockwise"
+  run_dir = str(tmp_path / "full" / "seed0")
+  finished_run(run_dir, saved, {"data": {"code": "k1"}})
+  assert ablate._finished(run_dir, config, {"code": "k1"})["eval"]["loss"] == 3.0
+  # Fields that change what the table reports still count: other evaluation batches measure another loss.
+  config.train.eval_batches += 1
+  with pytest.raises(ablate.AblationError, match=re.escape("(config.train.eval_batches: 1 there, 2 now)")):
+    ablate._finished(run_dir, config, {"code": "k1"})
+
+
 def test_a_later_arm_finished_with_another_config_is_refused_before_training(tmp_path, monkeypatch):
   """The refusal comes before the first arm trains, not after it."""
   config = smoke_config()
@@ -263,6 +279,45 @@ def test_a_signal_during_a_runs_last_step_stops_the_ablation_after_that_run(tmp_
   assert "SIGTERM received, so stopping here; rerun the same command to go on" in capsys.readouterr().out
 
 
+def test_a_run_stopped_by_non_finite_updates_lets_the_others_go_on_and_the_report_names_it(smoke, tmp_path,
+                                                                                          monkeypatch):
+  """One arm diverging under the shared settings stopped the whole ablation (TrainingStopped, with main's advice
+  to change the learning rate for that run alone), leaving the arms after it untrained and no report."""
+  import shutil
+  workdir, _, _ = smoke
+  config = smoke_config()
+  config.ablation.arms = "full,differential_v2,no_mod"
+  runs, report_dir = tmp_path / "runs", tmp_path / "report"
+  shutil.copytree(os.path.join(workdir, "full"), runs / "full")  # finished: reused
+  trained = []
+
+  def train(run_config, run_dir, corpus):
+    trained.append(os.path.relpath(run_dir, runs))
+    raise loop.TrainingStopped("10 non-finite updates in a row", 4)
+
+  monkeypatch.setattr(loop, "train", train)
+  with pytest.raises(ablate.AblationError, match=re.escape(
+      "non-finite updates stopped differential_v2 seed 0 at step 4 of 6; no_mod seed 0 at step 4 of 6. The report "
+      f"in {report_dir} lists the other arms. Under the shared settings that is the arm's result: drop it from "
+      "config.ablation.arms")):
+    ablate.run(config, str(runs), str(report_dir))
+  assert trained == ["differential_v2/seed0", "no_mod/seed0"]
+  with open(report_dir / "results.json") as f:
+    saved = json.load(f)
+  assert list(saved["arms"]) == ["full"] and saved["diverged"] == {"differential_v2": ["seed 0 at step 4 of 6"],
+                                                                  "no_mod": ["seed 0 at step 4 of 6"]}
+  readme = (report_dir / "README.md").read_text()
+  assert ("Not in the table, stopped by non-finite updates: Diff-Transformer V2 λ = sigmoid(W_λ x) per token, seed 0 "
+          "at step 4 of 6; No Mixture-of-Depths, seed 0 at step 4 of 6.") in readme
+  # Without the full arm there is no Δ column to report against.
+  with pytest.raises(ablate.AblationError, match=re.escape(
+      "stopped full seed 0 at step 4 of 6; differential_v2 seed 0 at step 4 of 6. No report without the full "
+      "arm (the Δ column's reference): change optimizer.peak_lr or optimizer.grad_clip for every arm with a new "
+      "--workdir.")):
+    ablate.run(smoke_config(), str(tmp_path / "other"), str(tmp_path / "other_report"))
+  assert not os.path.exists(tmp_path / "other_report" / "README.md")
+
+
 def test_ctrl_c_outside_training_ends_the_command_in_one_line(tmp_path):
   """Ctrl-C (here raised while the corpus is built, before any run trains) ends the command with one line and
   exit 130, not a traceback."""
@@ -328,6 +383,34 @@ def test_rewritten_report_names_the_corpus_and_drops_figures_it_no_longer_draws(
   assert sorted(os.listdir(tmp_path)) == ["README.md", "lambda.png", "loss_curves.png", "notes.txt", "results.json"]
   readme = (tmp_path / "README.md").read_text()
   assert "built-in" not in readme and "on the corpus code = 'files:src/*.py', docs = 'files:doc/*.md'," in readme
+
+
+def test_a_report_of_runs_that_logged_no_stable_rank_says_so(tmp_path):
+  """With the power-of-two arm and train.stable_rank_every past the curriculum's end (configs/ablation.py's 20
+  with --config.curriculum.total_steps=12), the report failed with an IndexError after all the training."""
+  from diffmoe_jax.train import metrics
+  config = smoke_config()
+  config.train.stable_rank_every = 100
+  names = ["full", "power_of_two"]
+  records = []
+  for arm in names:
+    writer = metrics.MetricWriter(tmp_path / arm / "seed0" / "tb")
+    for step in (3, 6):
+      writer.scalars(step, {"train/loss": 3.0, "eval/loss": 3.5})
+    writer.close()
+    records.append({"arm": arm, "seed": 0, "change": "none", "params": {"total": 10, "active": 5}, "final_step": 6,
+                    "wall_seconds": 1.0, "lambda": None,
+                    "eval": {"loss": 3.5, "code/bits_per_byte": 4.0, "docs/bits_per_byte": 4.5}})
+  ablation = config_lib.load_file(os.path.join(REPO, "configs", "ablation.py"))
+  report_dir = tmp_path / "report"
+  report_dir.mkdir()
+  summary = ablate_analysis.write_report(config, names, {arm: ablate.ARMS[arm].label for arm in names},
+                                         {arm: ablate.arm_config(ablation, arm, 0)[0].model for arm in names}, [0],
+                                         records, str(tmp_path), str(report_dir))
+  assert "stable_rank" not in summary and not (report_dir / "stable_rank.png").exists()
+  readme = (report_dir / "README.md").read_text()
+  assert ("Not measured: the runs logged no stable rank (train.stable_rank_every=100, curriculum of 6 steps); set "
+          "train.stable_rank_every to at most 6 (with a new --workdir) to compare.") in readme
 
 
 def test_stable_rank_text_gives_the_papers_claim_in_our_squared_measure():

@@ -30,7 +30,11 @@ from diffmoe_jax.train import resume, step as step_lib, workdir as workdir_lib
 
 
 class TrainingStopped(RuntimeError):
-  """Training stopped early (non-finite updates); the last good state was checkpointed."""
+  """Training stopped early (non-finite updates) at `step`; the last good state was checkpointed."""
+
+  def __init__(self, message: str, step: int):
+    super().__init__(message)
+    self.step = step
 
 
 @dataclasses.dataclass
@@ -446,7 +450,7 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, *, corpus: "d
             f"{config.train.max_nonfinite_in_a_row}): training stopped. Skipped updates never touch the weights, "
             f"so the checkpoint at step {final_step} in {ckpt.directory} holds the last good state. Change "
             f"{', '.join(fixes)} and rerun to resume, allowing the change with "
-            "--config.train.allow_config_change=<field>.")
+            "--config.train.allow_config_change=<field>.", final_step)
       if stopped_by is None:
         # A rerun of a finished run evaluates again, but its evaluation is logged already; a run whose curriculum
         # was shortened to its checkpoint's step may not have evaluated there.

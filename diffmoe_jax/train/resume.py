@@ -58,10 +58,19 @@ def differences(saved: Mapping, current: Any) -> list[tuple[str, Any, Any]]:
   return out
 
 
+# A finished run's result stays valid when only these differ: FREE_FIELDS, less the training section's fields
+# that shape what the run trained or reported (evaluation batches, logged steps, loss scaling).
+RESULT_FREE_FIELDS = tuple(f for f in FREE_FIELDS if f != "train") + (
+    "train.run_steps", "train.checkpoint_every", "train.keep_checkpoints", "train.memory_headroom",
+    "train.peak_flops_per_device", "train.compilation_cache_dir", "train.allow_config_change")
+
+
 def changed_fields(saved: Mapping, current: Any) -> list[tuple[str, Any, Any]]:
-  """`differences` in the fields both configs have: one only one side has was added or dropped by the code
-  since (for a finished run's result, which a rerun reuses rather than resumes)."""
-  return [d for d in differences(saved, current) if d[1] is not _MISSING and d[2] is not _MISSING]
+  """`differences` that make a finished run's result (which a rerun reuses rather than resumes) another
+  config's: in fields both configs have (one only one side has was added or dropped by the code since) and
+  not in RESULT_FREE_FIELDS."""
+  return [d for d in differences(saved, current)
+          if d[1] is not _MISSING and d[2] is not _MISSING and not _matches(d[0], list(RESULT_FREE_FIELDS))]
 
 
 def _show(value: Any) -> str:
