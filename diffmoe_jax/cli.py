@@ -86,8 +86,8 @@ def _closest(config, parent: str, name: str, *, section: bool, cutoff: float = 0
       continue
     ratio = difflib.SequenceMatcher(None, name, last).ratio()
     if ratio >= cutoff:
-      scored.append((ratio + (0.1 if head == parent else 0.0), field))
-  return [field for _, field in sorted(scored, reverse=True)[:3]]
+      scored.append((head == parent, ratio, field))
+  return [field for *_, field in sorted(scored, reverse=True)[:3]]
 
 
 def _unknown_field(config, path: str) -> str | None:

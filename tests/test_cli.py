@@ -58,6 +58,9 @@ def test_config_file_and_override_mistakes_are_one_line(tmp_path):
       "model.moe.num_experts, mesh.shape.expert, model.num_layers.")
   assert "config.model has no field 'nonexistent'; its fields: attention, " in check(
       f"--config={CONFIG_PATH}", "--config.model.nonexistent=1")
+  # The section's own close field comes before a closer one elsewhere (the top-level `seed` came first).
+  assert check("--config=configs/ablation.py", "--config.ablation.seed=3") == (
+      "--config.ablation.seed: config.ablation has no field 'seed'; closest: ablation.seeds, seed.")
   assert check("--config", CONFIG_PATH, "--config.optimizer.peak_rl", "1") == (
       "--config.optimizer.peak_rl: config.optimizer has no field 'peak_rl'; closest: optimizer.peak_lr.")
   # A value cannot go on a section, so `model` is no suggestion; with nothing close in its own section the
