@@ -178,7 +178,7 @@ def defaults() -> ml_collections.ConfigDict:
   t.peak_flops_per_device = 0.0  # for MFU; 0: known accelerator peaks, or a measured matmul peak on CPU
   t.compilation_cache_dir = "~/.cache/diffmoe_jax/xla"  # "" disables the persistent compilation cache
   # Resuming with a config that differs from the checkpoint's is refused, except in train/resume.py's
-  # FREE_FIELDS (name, train.*, mesh.*, data.cache_dir, how attention and remat run) and in the fields listed
+  # FREE_FIELDS (name, train.*, mesh.*, data.cache_dir, how attention, the MoE and remat run) and in the fields listed
   # here: comma-separated paths or patterns ("optimizer.peak_lr,data.*"). A change of the model's shapes is
   # always refused.
   t.allow_config_change = ""

@@ -280,6 +280,8 @@ def test_resuming_with_a_changed_setting_needs_it_allowed(stopped_run):
   config.model.update(attention_impl="blockwise", remat_policy="save_names", remat_save_names=("attn_out",))
   config.model.attention_gpu_launch.dkv = "64,32,4,2"
   check(config)  # how attention and remat run is free too
+  config.model.moe.update(expert_parallel="gather", dropless_impl="padded")
+  check(config)  # and how the MoE layer computes the same function
   # A field the code no longer has is ignored; one it added since the save is a change from <absent>.
   older = {**saved, "data": {**saved["data"], "eval_domain": ""},
            "model": {k: v for k, v in saved["model"].items() if k != "attention_gpu_launch"}}
