@@ -7,6 +7,7 @@ axis plays the role `jax.pmap` used to: each data-parallel slice of the batch on
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
 from typing import Mapping
@@ -95,7 +96,7 @@ def check_expert_parallel(config: ml_collections.ConfigDict, mesh_shape: dict[st
   that splits the experts) that this mesh's rules or this backend cannot run."""
   from diffmoe_jax.ops import expert_parallel
   moe, rules = config.model.moe, axis_rules(config.mesh)
-  mesh_axes = lambda name: mesh_axes_of(nn.logical_to_mesh_axes((name,), rules)[0])  # one name at a time, as nn/moe
+  mesh_axes = functools.partial(logical_mesh_axes, rules)
   ways = logical_axis_size(mesh_shape, rules, "expert")
   if config.model.ffn != "moe" or moe.expert_parallel == "off" or ways == 1:
     return
@@ -123,10 +124,16 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
+def logical_mesh_axes(rules, logical: str) -> tuple:
+  """The mesh axes the rules map one logical axis to (one name at a time: within one spec flax drops a mesh
+  axis an earlier dimension took)."""
+  return mesh_axes_of(nn.logical_to_mesh_axes((logical,), rules)[0])
+
+
 def logical_axis_size(mesh_shape: Mapping[str, int], rules, logical: str) -> int:
   """How many ways a mesh of `mesh_shape` (`Mesh.shape`, or `mesh_shape(...)`'s) splits a logical axis (1 when
   its rule maps it to no mesh axis)."""
-  return math.prod(mesh_shape.get(a, 1) for a in mesh_axes_of(nn.logical_to_mesh_axes((logical,), rules)[0]))
+  return math.prod(mesh_shape.get(a, 1) for a in logical_mesh_axes(rules, logical))
 
 
 def data_parallel_size(mesh: Mesh, rules) -> int:

@@ -117,3 +117,27 @@ def test_the_memory_preflight_splits_the_heads_by_their_rule(make_config):
   config.mesh.axis_rules = tuple((name, None if name in ("heads", "mlp", "vocab") else axes)
                                  for name, axes in config.mesh.axis_rules)
   assert estimate.training_memory_per_device(config, shape)["activations"] > split
+
+
+def test_the_head_and_expert_counts_are_checked_against_the_axes_the_rules_split_them_over(make_config):
+  """mesh.shape.tensor splits the heads only if the rules map them to it: 3 heads with 'heads' mapped to no mesh
+  axis train on tensor=2 (which splits the FFN width and vocabulary); experts mapped to fsdp must divide it."""
+  config = make_config(num_heads=3, head_dim=16)
+  config.curriculum.tokens_per_batch = 512
+  config.mesh.shape.update(data=4, tensor=2)
+  default_rules = config.mesh.axis_rules
+  config.mesh.axis_rules = tuple((name, None if name == "heads" else axes) for name, axes in default_rules)
+  validate(config)
+  estimate.training_memory_per_device(config, parallel.mesh_shape(config.mesh, 8))  # every split divides
+  config.mesh.axis_rules = default_rules
+  with pytest.raises(ConfigError, match=r"^config\.mesh\.shape\.tensor: 2 does not divide model\.num_heads \(3\); "
+                                        r"pick a divisor, or map 'heads' to other mesh axes"):
+    validate(config)
+
+  config = make_config(**{"moe.num_experts": 6})
+  config.curriculum.tokens_per_batch = 512
+  config.mesh.shape.update(data=2, fsdp=4)
+  config.mesh.axis_rules = tuple((name, "fsdp" if name == "expert" else axes) for name, axes in config.mesh.axis_rules)
+  with pytest.raises(ConfigError, match=r"^config\.mesh\.shape\.fsdp: 4 does not divide model\.moe\.num_experts "
+                                        r"\(6\)"):
+    validate(config)
