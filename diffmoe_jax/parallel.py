@@ -67,7 +67,8 @@ def shard_shapes(boxed_tree, mesh_shape: dict[str, int], rules) -> list[tuple[st
   """(path, one device's shard shape, dtype) of every array of a boxed tree on a mesh of `mesh_shape`.
 
   Needs no devices (so the estimator can size a pod from a laptop). Raises ConfigError, naming the array,
-  its logical axis, the dimension and the mesh axes, when the rules split a dimension unevenly.
+  its logical axis, the dimension and the mesh axes, when the rules split a dimension unevenly, or map two
+  of an array's logical axes to one mesh axis.
   """
   is_boxed = lambda x: isinstance(x, nn.LogicallyPartitioned)
   out = []
@@ -75,10 +76,16 @@ def shard_shapes(boxed_tree, mesh_shape: dict[str, int], rules) -> list[tuple[st
     value = leaf.unbox() if is_boxed(leaf) else leaf
     names = leaf.names if is_boxed(leaf) else (None,) * len(value.shape)
     name = "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
-    shard = []
+    shard, taken = [], {}
     for dim, logical in zip(value.shape, names):
-      spec = nn.logical_to_mesh_axes((logical,), rules)[0] if logical else None
-      axes = mesh_axes_of(spec)
+      axes = logical_mesh_axes(rules, logical) if logical else ()
+      for axis in (a for a in axes if mesh_shape.get(a, 1) > 1):
+        if axis in taken:  # flax would leave one of the two whole, silently
+          raise ConfigError(
+              f"config.mesh.axis_rules: {name} has logical axes {taken[axis]!r} and {logical!r}, both mapped to "
+              f"mesh axis {axis!r} ({mesh_shape[axis]} devices), which can split only one dimension of an array; "
+              f"map one of them to other mesh axes.")
+        taken[axis] = logical
       ways = math.prod(mesh_shape.get(a, 1) for a in axes)
       if dim % ways:
         split = " x ".join(f"{a}={mesh_shape.get(a, 1)}" for a in axes)
@@ -101,6 +108,11 @@ def check_expert_parallel(config: ml_collections.ConfigDict, mesh_shape: dict[st
   if config.model.ffn != "moe" or moe.expert_parallel == "off" or ways == 1:
     return
   where = f"the experts are split {ways} ways (config.mesh.axis_rules and mesh.shape)"
+  split_over = [a for a in mesh_axes("expert") if mesh_shape.get(a, 1) > 1]
+  if len(split_over) > 1:
+    raise ConfigError(f"config.mesh.axis_rules: 'expert' maps to {mesh_axes('expert')}, and expert parallelism "
+                      f"splits the experts over one mesh axis, but {split_over} all have more than one device; "
+                      "map 'expert' to one of them, or set model.moe.expert_parallel='off'.")
   if mesh_axes("length"):
     raise ConfigError(f"config.mesh.axis_rules: 'length' maps to {mesh_axes('length')}, but {where} and expert "
                       "parallelism routes whole sequences per device; map 'length' to no mesh axis, or set "

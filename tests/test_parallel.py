@@ -32,11 +32,36 @@ def test_a_mesh_that_cannot_split_a_dimension_is_named(make_config, model, mesh,
   assert len(jax.devices()) == 8
 
 
+@pytest.mark.parametrize("rules, mesh, message", [
+    # Scanned weights [layers, embed, heads, ...]: flax gave 'tensor' to the heads and left the layers whole.
+    ({"layers": "tensor"}, {"data": 4, "tensor": 2}, r"config\.mesh\.axis_rules: params/groups/layer_0/block/attention/"
+     r"wk has logical axes 'layers' and 'heads', both mapped to mesh axis 'tensor' \(2 devices\), which can split "
+     r"only one dimension of an array; map one of them to other mesh axes"),
+    ({"mlp": ("tensor", "expert")}, {"data": 2, "expert": 2, "tensor": 2}, r"moe/w_in has logical axes 'expert' "
+     r"and 'mlp', both mapped to mesh axis 'expert'"),
+])
+def test_rules_that_map_two_axes_of_an_array_to_one_mesh_axis_are_named(make_config, rules, mesh, message):
+  config = make_config()
+  config.curriculum.tokens_per_batch = 512
+  config.mesh.shape.update(mesh)
+  config.mesh.axis_rules = tuple((name, rules.get(name, axes)) for name, axes in config.mesh.axis_rules)
+  validate(config)
+  with pytest.raises(ConfigError, match=message):  # the memory preflight, before anything is built
+    estimate.training_memory_per_device(config, parallel.mesh_shape(config.mesh, 8))
+  net = model_lib.build_model(config.model)
+  with pytest.raises(ConfigError, match=message):  # and the trainer's state, before compiling
+    state_lib.create_state(net, state_lib.make_optimizer(config.optimizer), parallel.make_mesh(config.mesh),
+                           parallel.axis_rules(config.mesh), seed=0, seq_len=8)
+
+
 @pytest.mark.parametrize("change, message", [
     (dict(rules={"length": "data"}), r"config\.mesh\.axis_rules: 'length' maps to \('data',\), but the experts are "
      r"split 2 ways .* routes whole sequences per device"),
     (dict(rules={"batch": ("data", "fsdp")}), r"config\.mesh\.axis_rules: 'batch' maps to \('data', 'fsdp'\), but "
      r"the experts are split 2 ways .* needs the batch split over \('expert',\) too"),
+    (dict(rules={"expert": ("expert", "data")}), r"config\.mesh\.axis_rules: 'expert' maps to \('expert', 'data'\), "
+     r"and expert parallelism splits the experts over one mesh axis, but \['expert', 'data'\] all have more than "
+     r"one device; map 'expert' to one of them, or set model\.moe\.expert_parallel='off'"),
     (dict(moe={"expert_parallel": "ragged", "dispatch": "dropless"}),
      r"config\.model\.moe\.expert_parallel: 'ragged' needs jax\.lax\.ragged_all_to_all, which XLA:CPU does not "
      r"implement; use 'gather'"),
