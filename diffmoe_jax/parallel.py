@@ -121,6 +121,12 @@ def check_expert_parallel(config: ml_collections.ConfigDict, mesh_shape: dict[st
     raise ConfigError(f"config.mesh.axis_rules: 'batch' maps to {mesh_axes('batch')}, but {where} and expert "
                       f"parallelism needs the batch split over {mesh_axes('expert')} too; add them to the batch "
                       "rule, or set model.moe.expert_parallel='off'.")
+  shared = [a for a in mesh_axes("mlp") if a in mesh_axes("batch") and mesh_shape.get(a, 1) > 1]
+  if shared:
+    raise ConfigError(f"config.mesh.axis_rules: 'mlp' maps to {mesh_axes('mlp')}, but {where} and expert "
+                      f"parallelism sums the FFN's hidden-unit slices over mesh axes that hold the same tokens, "
+                      f"while the batch is split over {shared} too; map 'mlp' to mesh axes the batch rule does not "
+                      "use (tensor), or set model.moe.expert_parallel='off'.")
   for field in ("dispatch", "eval_dispatch"):
     if backend == "cpu" and expert_parallel.resolve_strategy(moe.expert_parallel, moe[field], backend) == "ragged":
       raise ConfigError("config.model.moe.expert_parallel: 'ragged' needs jax.lax.ragged_all_to_all, which XLA:CPU "

@@ -62,6 +62,9 @@ def test_rules_that_map_two_axes_of_an_array_to_one_mesh_axis_are_named(make_con
     (dict(rules={"expert": ("expert", "data")}), r"config\.mesh\.axis_rules: 'expert' maps to \('expert', 'data'\), "
      r"and expert parallelism splits the experts over one mesh axis, but \['expert', 'data'\] all have more than "
      r"one device; map 'expert' to one of them, or set model\.moe\.expert_parallel='off'"),
+    # The FFN's hidden slices were summed over devices holding other tokens: a wrong loss, without a word.
+    (dict(rules={"mlp": "data"}), r"config\.mesh\.axis_rules: 'mlp' maps to \('data',\), but the experts are split "
+     r"2 ways .* while the batch is split over \['data'\] too; map 'mlp' to mesh axes the batch rule does not use"),
     (dict(moe={"expert_parallel": "ragged", "dispatch": "dropless"}),
      r"config\.model\.moe\.expert_parallel: 'ragged' needs jax\.lax\.ragged_all_to_all, which XLA:CPU does not "
      r"implement; use 'gather'"),
