@@ -169,3 +169,21 @@ def test_the_head_and_expert_counts_are_checked_against_the_axes_the_rules_split
   with pytest.raises(ConfigError, match=r"^config\.mesh\.shape\.fsdp: 4 does not divide model\.moe\.num_experts "
                                         r"\(6\)"):
     validate(config)
+
+
+def test_every_trainer_refuses_expert_parallelism_the_mesh_cannot_run(make_config, tmp_path):
+  """The trainer itself (which the ablation and the architecture search call, not main) checks it before
+  compiling: it trained on with the FFN's hidden slices summed over devices holding other tokens."""
+  import os
+  from diffmoe_jax.train import loop
+  config = make_config(vocab_size=256)
+  repository = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  config.data.domains = {"code": f"files:{repository}/diffmoe_jax/**/*.py", "docs": f"files:{repository}/tests/*.py"}
+  config.data.cache_dir = str(tmp_path / "cache")
+  config.curriculum.tokens_per_batch = 512
+  config.train.run_steps = 1
+  config.mesh.shape.update(data=4, expert=2)
+  config.mesh.axis_rules = tuple((name, "data" if name == "mlp" else axes) for name, axes in config.mesh.axis_rules)
+  validate(config)
+  with pytest.raises(ConfigError, match=r"config\.mesh\.axis_rules: 'mlp' maps to \('data',\)"):
+    loop.train(config, str(tmp_path / "run"))
