@@ -7,6 +7,7 @@ axis plays the role `jax.pmap` used to: each data-parallel slice of the batch on
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
 from typing import Mapping
@@ -66,7 +67,8 @@ def shard_shapes(boxed_tree, mesh_shape: dict[str, int], rules) -> list[tuple[st
   """(path, one device's shard shape, dtype) of every array of a boxed tree on a mesh of `mesh_shape`.
 
   Needs no devices (so the estimator can size a pod from a laptop). Raises ConfigError, naming the array,
-  its logical axis, the dimension and the mesh axes, when the rules split a dimension unevenly.
+  its logical axis, the dimension and the mesh axes, when the rules split a dimension unevenly, or map two
+  of an array's logical axes to one mesh axis.
   """
   is_boxed = lambda x: isinstance(x, nn.LogicallyPartitioned)
   out = []
@@ -74,10 +76,16 @@ def shard_shapes(boxed_tree, mesh_shape: dict[str, int], rules) -> list[tuple[st
     value = leaf.unbox() if is_boxed(leaf) else leaf
     names = leaf.names if is_boxed(leaf) else (None,) * len(value.shape)
     name = "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
-    shard = []
+    shard, taken = [], {}
     for dim, logical in zip(value.shape, names):
-      spec = nn.logical_to_mesh_axes((logical,), rules)[0] if logical else None
-      axes = mesh_axes_of(spec)
+      axes = logical_mesh_axes(rules, logical) if logical else ()
+      for axis in (a for a in axes if mesh_shape.get(a, 1) > 1):
+        if axis in taken:  # flax would leave one of the two whole, silently
+          raise ConfigError(
+              f"config.mesh.axis_rules: {name} has logical axes {taken[axis]!r} and {logical!r}, both mapped to "
+              f"mesh axis {axis!r} ({mesh_shape[axis]} devices), which can split only one dimension of an array; "
+              f"map one of them to other mesh axes.")
+        taken[axis] = logical
       ways = math.prod(mesh_shape.get(a, 1) for a in axes)
       if dim % ways:
         split = " x ".join(f"{a}={mesh_shape.get(a, 1)}" for a in axes)
@@ -95,11 +103,16 @@ def check_expert_parallel(config: ml_collections.ConfigDict, mesh_shape: dict[st
   that splits the experts) that this mesh's rules or this backend cannot run."""
   from diffmoe_jax.ops import expert_parallel
   moe, rules = config.model.moe, axis_rules(config.mesh)
-  mesh_axes = lambda name: mesh_axes_of(nn.logical_to_mesh_axes((name,), rules)[0])  # one name at a time, as nn/moe
+  mesh_axes = functools.partial(logical_mesh_axes, rules)
   ways = logical_axis_size(mesh_shape, rules, "expert")
   if config.model.ffn != "moe" or moe.expert_parallel == "off" or ways == 1:
     return
   where = f"the experts are split {ways} ways (config.mesh.axis_rules and mesh.shape)"
+  split_over = [a for a in mesh_axes("expert") if mesh_shape.get(a, 1) > 1]
+  if len(split_over) > 1:
+    raise ConfigError(f"config.mesh.axis_rules: 'expert' maps to {mesh_axes('expert')}, and expert parallelism "
+                      f"splits the experts over one mesh axis, but {split_over} all have more than one device; "
+                      "map 'expert' to one of them, or set model.moe.expert_parallel='off'.")
   if mesh_axes("length"):
     raise ConfigError(f"config.mesh.axis_rules: 'length' maps to {mesh_axes('length')}, but {where} and expert "
                       "parallelism routes whole sequences per device; map 'length' to no mesh axis, or set "
@@ -108,6 +121,12 @@ def check_expert_parallel(config: ml_collections.ConfigDict, mesh_shape: dict[st
     raise ConfigError(f"config.mesh.axis_rules: 'batch' maps to {mesh_axes('batch')}, but {where} and expert "
                       f"parallelism needs the batch split over {mesh_axes('expert')} too; add them to the batch "
                       "rule, or set model.moe.expert_parallel='off'.")
+  shared = [a for a in mesh_axes("mlp") if a in mesh_axes("batch") and mesh_shape.get(a, 1) > 1]
+  if shared:
+    raise ConfigError(f"config.mesh.axis_rules: 'mlp' maps to {mesh_axes('mlp')}, but {where} and expert "
+                      f"parallelism sums the FFN's hidden-unit slices over mesh axes that hold the same tokens, "
+                      f"while the batch is split over {shared} too; map 'mlp' to mesh axes the batch rule does not "
+                      "use (tensor), or set model.moe.expert_parallel='off'.")
   for field in ("dispatch", "eval_dispatch"):
     if backend == "cpu" and expert_parallel.resolve_strategy(moe.expert_parallel, moe[field], backend) == "ragged":
       raise ConfigError("config.model.moe.expert_parallel: 'ragged' needs jax.lax.ragged_all_to_all, which XLA:CPU "
@@ -123,10 +142,16 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
+def logical_mesh_axes(rules, logical: str) -> tuple:
+  """The mesh axes the rules map one logical axis to (one name at a time: within one spec flax drops a mesh
+  axis an earlier dimension took)."""
+  return mesh_axes_of(nn.logical_to_mesh_axes((logical,), rules)[0])
+
+
 def logical_axis_size(mesh_shape: Mapping[str, int], rules, logical: str) -> int:
   """How many ways a mesh of `mesh_shape` (`Mesh.shape`, or `mesh_shape(...)`'s) splits a logical axis (1 when
   its rule maps it to no mesh axis)."""
-  return math.prod(mesh_shape.get(a, 1) for a in mesh_axes_of(nn.logical_to_mesh_axes((logical,), rules)[0]))
+  return math.prod(mesh_shape.get(a, 1) for a in logical_mesh_axes(rules, logical))
 
 
 def data_parallel_size(mesh: Mesh, rules) -> int:

@@ -10,6 +10,7 @@ import math
 
 import ml_collections
 
+from diffmoe_jax import parallel
 from diffmoe_jax.config import (ACTIVATIONS, ATTENTION_IMPLS, ATTENTIONS, CHECKPOINT_NAMES, DISPATCH_MODES,
                                 DROPLESS_IMPLS, DTYPES, EXPERT_PARALLEL, FFNS, GPU_BACKWARDS, LOGICAL_AXES,
                                 LR_SHAPES, MESH_AXES, OPEN_DICTS, REMAT_POLICIES, ROUTE_FROM, ConfigError, defaults,
@@ -33,14 +34,6 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     size = config.mesh.shape[axis]
     require(isinstance(size, int) and (size >= 1 or size == -1), f"mesh.shape.{axis}",
             f"must be a positive integer or -1 (all remaining devices), got {size!r}.")
-  tensor, expert = config.mesh.shape.get("tensor", 1), config.mesh.shape.get("expert", 1)
-  if tensor > 1:
-    # Heads are split over the tensor axis: an odd head count (PI-S has 27) needs an odd tensor size.
-    require(m.num_heads % tensor == 0, "mesh.shape.tensor",
-            f"{tensor} does not divide model.num_heads ({m.num_heads}); pick a divisor of the head count.")
-  if expert > 1 and m.ffn == "moe":
-    require(moe.num_experts % expert == 0, "mesh.shape.expert",
-            f"{expert} does not divide model.moe.num_experts ({moe.num_experts}); pick a divisor.")
   rule_names = [rule[0] for rule in config.mesh.axis_rules]
   for name in LOGICAL_AXES:
     require(name in rule_names, "mesh.axis_rules", f"has no rule for logical axis {name!r}.")
@@ -48,6 +41,17 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     for axis in (target,) if isinstance(target, str) or target is None else target:
       require(axis is None or axis in MESH_AXES, "mesh.axis_rules",
               f"maps {name!r} to {axis!r}, which is not a mesh axis; the axes are {MESH_AXES}.")
+  # The heads and experts split as the rules map them (an axis of -1 is sized, and checked, at the preflight).
+  fixed = {axis: size for axis, size in config.mesh.shape.items() if size != -1}
+  rules = parallel.axis_rules(config.mesh)
+  splits = [("heads", m.num_heads, "model.num_heads")]
+  splits += [("expert", moe.num_experts, "model.moe.num_experts")] if m.ffn == "moe" else []
+  for logical, count, field in splits:
+    ways = parallel.logical_axis_size(fixed, rules, logical)
+    axes = [a for a in parallel.logical_mesh_axes(rules, logical) if fixed.get(a, 1) > 1]
+    require(count % ways == 0, "mesh.shape." + (axes[0] if len(axes) == 1 else "{" + ",".join(axes) + "}"),
+            f"{ways} does not divide {field} ({count}); pick a divisor, or map {logical!r} to other mesh axes "
+            "in config.mesh.axis_rules.")
   _validate_training(config)
   return config
 

@@ -174,6 +174,9 @@ def test_bad_layouts_are_refused():
                                        r"mesh axes \('data', 'expert'\); use a batch size that is a multiple of 8"):
     expert_parallel.moe_ffn(x[:4], w[:4], experts[:4], *params, mesh=mesh, batch_axes=("data", "expert"),
                             expert_axis="expert", activation="gelu")
+  with pytest.raises(ValueError, match=r"the FFN width is split over \('data',\), whose devices must hold the same "
+                                       r"tokens, but the batch is split over \['data'\] too"):
+    call(batch_axes=("data", "expert"), tensor_axes="data")
   with pytest.raises(ValueError, match=r"mesh axes \['tensor'\] are not axes of the mesh"):
     call(batch_axes=("data", "expert"), tensor_axes="tensor")
   with pytest.raises(ValueError, match=r"top-k k=5 must be between 1 and the number of experts 4"):

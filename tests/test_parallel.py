@@ -32,11 +32,39 @@ def test_a_mesh_that_cannot_split_a_dimension_is_named(make_config, model, mesh,
   assert len(jax.devices()) == 8
 
 
+@pytest.mark.parametrize("rules, mesh, message", [
+    # Scanned weights [layers, embed, heads, ...]: flax gave 'tensor' to the heads and left the layers whole.
+    ({"layers": "tensor"}, {"data": 4, "tensor": 2}, r"config\.mesh\.axis_rules: params/groups/layer_0/block/attention/"
+     r"wk has logical axes 'layers' and 'heads', both mapped to mesh axis 'tensor' \(2 devices\), which can split "
+     r"only one dimension of an array; map one of them to other mesh axes"),
+    ({"mlp": ("tensor", "expert")}, {"data": 2, "expert": 2, "tensor": 2}, r"moe/w_in has logical axes 'expert' "
+     r"and 'mlp', both mapped to mesh axis 'expert'"),
+])
+def test_rules_that_map_two_axes_of_an_array_to_one_mesh_axis_are_named(make_config, rules, mesh, message):
+  config = make_config()
+  config.curriculum.tokens_per_batch = 512
+  config.mesh.shape.update(mesh)
+  config.mesh.axis_rules = tuple((name, rules.get(name, axes)) for name, axes in config.mesh.axis_rules)
+  validate(config)
+  with pytest.raises(ConfigError, match=message):  # the memory preflight, before anything is built
+    estimate.training_memory_per_device(config, parallel.mesh_shape(config.mesh, 8))
+  net = model_lib.build_model(config.model)
+  with pytest.raises(ConfigError, match=message):  # and the trainer's state, before compiling
+    state_lib.create_state(net, state_lib.make_optimizer(config.optimizer), parallel.make_mesh(config.mesh),
+                           parallel.axis_rules(config.mesh), seed=0, seq_len=8)
+
+
 @pytest.mark.parametrize("change, message", [
     (dict(rules={"length": "data"}), r"config\.mesh\.axis_rules: 'length' maps to \('data',\), but the experts are "
      r"split 2 ways .* routes whole sequences per device"),
     (dict(rules={"batch": ("data", "fsdp")}), r"config\.mesh\.axis_rules: 'batch' maps to \('data', 'fsdp'\), but "
      r"the experts are split 2 ways .* needs the batch split over \('expert',\) too"),
+    (dict(rules={"expert": ("expert", "data")}), r"config\.mesh\.axis_rules: 'expert' maps to \('expert', 'data'\), "
+     r"and expert parallelism splits the experts over one mesh axis, but \['expert', 'data'\] all have more than "
+     r"one device; map 'expert' to one of them, or set model\.moe\.expert_parallel='off'"),
+    # The FFN's hidden slices were summed over devices holding other tokens: a wrong loss, without a word.
+    (dict(rules={"mlp": "data"}), r"config\.mesh\.axis_rules: 'mlp' maps to \('data',\), but the experts are split "
+     r"2 ways .* while the batch is split over \['data'\] too; map 'mlp' to mesh axes the batch rule does not use"),
     (dict(moe={"expert_parallel": "ragged", "dispatch": "dropless"}),
      r"config\.model\.moe\.expert_parallel: 'ragged' needs jax\.lax\.ragged_all_to_all, which XLA:CPU does not "
      r"implement; use 'gather'"),
@@ -117,3 +145,45 @@ def test_the_memory_preflight_splits_the_heads_by_their_rule(make_config):
   config.mesh.axis_rules = tuple((name, None if name in ("heads", "mlp", "vocab") else axes)
                                  for name, axes in config.mesh.axis_rules)
   assert estimate.training_memory_per_device(config, shape)["activations"] > split
+
+
+def test_the_head_and_expert_counts_are_checked_against_the_axes_the_rules_split_them_over(make_config):
+  """mesh.shape.tensor splits the heads only if the rules map them to it: 3 heads with 'heads' mapped to no mesh
+  axis train on tensor=2 (which splits the FFN width and vocabulary); experts mapped to fsdp must divide it."""
+  config = make_config(num_heads=3, head_dim=16)
+  config.curriculum.tokens_per_batch = 512
+  config.mesh.shape.update(data=4, tensor=2)
+  default_rules = config.mesh.axis_rules
+  config.mesh.axis_rules = tuple((name, None if name == "heads" else axes) for name, axes in default_rules)
+  validate(config)
+  estimate.training_memory_per_device(config, parallel.mesh_shape(config.mesh, 8))  # every split divides
+  config.mesh.axis_rules = default_rules
+  with pytest.raises(ConfigError, match=r"^config\.mesh\.shape\.tensor: 2 does not divide model\.num_heads \(3\); "
+                                        r"pick a divisor, or map 'heads' to other mesh axes"):
+    validate(config)
+
+  config = make_config(**{"moe.num_experts": 6})
+  config.curriculum.tokens_per_batch = 512
+  config.mesh.shape.update(data=2, fsdp=4)
+  config.mesh.axis_rules = tuple((name, "fsdp" if name == "expert" else axes) for name, axes in config.mesh.axis_rules)
+  with pytest.raises(ConfigError, match=r"^config\.mesh\.shape\.fsdp: 4 does not divide model\.moe\.num_experts "
+                                        r"\(6\)"):
+    validate(config)
+
+
+def test_every_trainer_refuses_expert_parallelism_the_mesh_cannot_run(make_config, tmp_path):
+  """The trainer itself (which the ablation and the architecture search call, not main) checks it before
+  compiling: it trained on with the FFN's hidden slices summed over devices holding other tokens."""
+  import os
+  from diffmoe_jax.train import loop
+  config = make_config(vocab_size=256)
+  repository = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  config.data.domains = {"code": f"files:{repository}/diffmoe_jax/**/*.py", "docs": f"files:{repository}/tests/*.py"}
+  config.data.cache_dir = str(tmp_path / "cache")
+  config.curriculum.tokens_per_batch = 512
+  config.train.run_steps = 1
+  config.mesh.shape.update(data=4, expert=2)
+  config.mesh.axis_rules = tuple((name, "data" if name == "mlp" else axes) for name, axes in config.mesh.axis_rules)
+  validate(config)
+  with pytest.raises(ConfigError, match=r"config\.mesh\.axis_rules: 'mlp' maps to \('data',\)"):
+    loop.train(config, str(tmp_path / "run"))

@@ -73,7 +73,7 @@ def moe_ffn(x: jax.Array, weights: jax.Array, experts: jax.Array, w_in: jax.Arra
   """`dispatch.moe_ffn` with experts sharded over `expert_axis` of `mesh` (a Mesh or AbstractMesh).
 
   batch_axes: the mesh axes the batch is split over (must include expert_axis); tensor_axes: mesh axes
-  the FFN width is split over, or None. Returns y `[B, T, d]` and stats "dropped_fraction" and
+  the FFN width is split over (devices that hold the same tokens: none of the batch's), or None. Returns y `[B, T, d]` and stats "dropped_fraction" and
   "slot_fill" over the whole batch.
   """
   batch_axes, tensor_axes = _axes(batch_axes), _axes(tensor_axes)
@@ -83,6 +83,10 @@ def moe_ffn(x: jax.Array, weights: jax.Array, experts: jax.Array, w_in: jax.Arra
   if expert_axis not in batch_axes:
     raise ValueError(f"expert parallelism needs the batch split over the expert axis {expert_axis!r}; the "
                      f"batch is split over {batch_axes}.")
+  shared = [a for a in tensor_axes if a in batch_axes and mesh.shape[a] > 1]
+  if shared:
+    raise ValueError(f"the FFN width is split over {tensor_axes}, whose devices must hold the same tokens, but the "
+                     f"batch is split over {shared} too.")
   n = mesh.shape[expert_axis]
   num_experts = w_in.shape[0]
   if num_experts % n:

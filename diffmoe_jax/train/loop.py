@@ -285,6 +285,7 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, *, corpus: "d
   dp_size = parallel.data_parallel_size(mesh, rules)
   expert_devices = parallel.logical_axis_size(mesh.shape, rules, "expert") if config.model.ffn == "moe" else 1
   check_batch_divisibility(curriculum, config, dp_size, process_count)
+  parallel.check_expert_parallel(config, dict(mesh.shape), jax.default_backend())  # ablate and ncas come here too
   datasets = _phase_datasets(config, curriculum, corpus, process_index, process_count)
   eval_sets = _eval_sets(config, corpus, process_index, process_count)
 
