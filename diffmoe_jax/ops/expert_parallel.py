@@ -73,8 +73,8 @@ def moe_ffn(x: jax.Array, weights: jax.Array, experts: jax.Array, w_in: jax.Arra
   """`dispatch.moe_ffn` with experts sharded over `expert_axis` of `mesh` (a Mesh or AbstractMesh).
 
   batch_axes: the mesh axes the batch is split over (must include expert_axis); tensor_axes: mesh axes
-  the FFN width is split over (devices that hold the same tokens: none of the batch's), or None. Returns y `[B, T, d]` and stats "dropped_fraction" and
-  "slot_fill" over the whole batch.
+  the FFN width is split over (devices that hold the same tokens: none of the batch's), or None. Returns
+  y `[B, T, d]` and stats "dropped_fraction" and "slot_fill" over the whole batch.
   """
   batch_axes, tensor_axes = _axes(batch_axes), _axes(tensor_axes)
   unknown = [a for a in (expert_axis,) + batch_axes + tensor_axes if a not in mesh.shape]
