@@ -84,6 +84,13 @@ def test_bad_settings_name_their_field(path, value, field):
     search.validate(c)
 
 
+def test_reversed_space_bounds_are_named_as_such():
+  """They were "no multiple of step 3 lies in [8192, 2048]; widen the range or lower the step"."""
+  with pytest.raises(ConfigError, match=r"^config\.ncas\.space\.min_width: 8192 exceeds max_width 2048; swap them, "
+                     r"such as min_width=2048 and max_width=8192\.$"):
+    rules.candidate_widths(8192, 2048, 3)
+
+
 def test_a_config_that_is_no_search_config_names_the_missing_field():
   """A training config (configs/tiny.py) passed as --config raised AttributeError: 'ncas' with a traceback."""
   with pytest.raises(ConfigError, match=r"config\.ncas: the config has no such field, so it is no search config; "
