@@ -84,6 +84,28 @@ def test_bad_settings_name_their_field(path, value, field):
     search.validate(c)
 
 
+@pytest.mark.parametrize("section, field, message", [
+    ("ncas.proxy", "stpes", "config.ncas.proxy.stpes: no such field; did you mean ncas.proxy.steps?"),
+    ("ncas.hardware", "bakend", "config.ncas.hardware.bakend: no such field; did you mean ncas.hardware.backend?"),
+    ("data", "tokenzier", "config.data.tokenzier: no such field; did you mean data.tokenizer?"),
+    ("ncas", "xyz", "config.ncas.xyz: no such field; the fields there are baseline, complete, hardware, proxy, "
+     "rules, space."),
+])
+def test_a_misspelt_field_set_in_a_search_config_file_is_named(section, field, message):
+  """`c.ncas.proxy.update(stpes=6)` in a config file added a field nothing reads: the search ran 20 steps."""
+  c = search.defaults()
+  node = c
+  for part in section.split("."):
+    node = node[part]
+  node[field] = 6
+  with pytest.raises(ConfigError, match="^" + re.escape(message) + "$"):
+    search.validate(c)
+  c = search.defaults()
+  c.my_notes = {"run": 1}  # a top-level section of the user's own
+  c.data.domains = {"web": "files:/data/*.txt"}  # and domains other than the defaults'
+  search.validate(c)
+
+
 def test_reversed_space_bounds_are_named_as_such():
   """They were "no multiple of step 3 lies in [8192, 2048]; widen the range or lower the step"."""
   with pytest.raises(ConfigError, match=r"^config\.ncas\.space\.min_width: 8192 exceeds max_width 2048; swap them, "

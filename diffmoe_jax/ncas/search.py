@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import csv
 import dataclasses
+import difflib
 import fnmatch
 import json
 import math
@@ -93,12 +94,35 @@ def missing_field(config, reference: dict, prefix: str = "") -> str | None:
   return None
 
 
+def unknown_field(config, reference: dict, prefix: str = "") -> tuple[str, list[str]] | None:
+  """The first field `config` has inside a section of `reference` (the search defaults) that the section
+  lacks, with the section's fields, or None: a misspelt field set in Python would be ignored. Top-level
+  sections of the user's own and OPEN_DICTS are the user's."""
+  for key in config.keys():
+    path = prefix + key
+    if key not in reference:
+      if prefix:
+        return path, list(reference)
+    elif (isinstance(reference[key], dict) and hasattr(config[key], "keys")
+          and not any(fnmatch.fnmatchcase(path, d) for d in config_lib.OPEN_DICTS)):
+      unknown = unknown_field(config[key], reference[key], path + ".")
+      if unknown:
+        return unknown
+  return None
+
+
 def validate(config) -> None:
   """Raises ConfigError naming the field for a search config that cannot run."""
   missing = missing_field(config, defaults().to_dict())
   if missing:
     raise ConfigError(f"config.{missing}: the config has no such field, so it is no search config; pass "
                       "--config=configs/ncas.py, or build yours from search.defaults() as that file does.")
+  unknown = unknown_field(config, defaults().to_dict())
+  if unknown:
+    path, known = unknown
+    close = difflib.get_close_matches(path.rpartition(".")[2], known, n=1)
+    raise ConfigError(f"config.{path}: no such field; " + (f"did you mean {path.rpartition('.')[0]}.{close[0]}?"
+                      if close else f"the fields there are {', '.join(sorted(known))}."))
   n = config.ncas
   rules_lib.check_settings(n.rules.enabled, _rule_settings(n))
   widths = rules_lib.candidate_widths(n.space.min_width, n.space.max_width, n.space.step)
