@@ -72,6 +72,12 @@ def test_rules_can_be_switched_off():
     # Named as the search's field, not as the model field of the measured layer built from it.
     ("ncas.hardware.measure_seq_len", 0, "config.ncas.hardware.measure_seq_len: must be a positive integer, got 0"),
     ("ncas.hardware.measure_batch_size", -8, "config.ncas.hardware.measure_batch_size: must be a positive integer"),
+    # The proxy's fields, not the training config's optimizer.peak_lr, model.mod.capacity, model.mod.every.
+    ("ncas.proxy.peak_lr", -1.0, "config.ncas.proxy.peak_lr: must be a positive number, got -1.0"),
+    ("ncas.proxy.peak_lr", float("inf"), "config.ncas.proxy.peak_lr: must be a positive number, got inf"),
+    ("ncas.proxy.mod_capacity", 0.0, "config.ncas.proxy.mod_capacity: 0.0 must lie in"),
+    ("ncas.proxy.mod_capacity", 1.5, "config.ncas.proxy.mod_capacity: 1.5 must lie in"),
+    ("ncas.proxy.num_layers", 1, "config.ncas.proxy.num_layers: 1 is below 2; mixture of depths routes one layer in 2"),
 ])
 def test_bad_settings_name_their_field(path, value, field):
   c = search.defaults()
@@ -111,6 +117,15 @@ def test_reversed_space_bounds_are_named_as_such():
   with pytest.raises(ConfigError, match=r"^config\.ncas\.space\.min_width: 8192 exceeds max_width 2048; swap them, "
                      r"such as min_width=2048 and max_width=8192\.$"):
     rules.candidate_widths(8192, 2048, 3)
+
+
+def test_a_proxy_error_in_a_field_of_the_search_config_names_it_alone():
+  """config.seed=-1 was "config.ncas.proxy: the proxy of width 2304 is not a valid model (config.seed: ...)"."""
+  c = smoke_config()
+  c.seed = -1
+  arch = complete.complete(2304, search.completion_rules(c.ncas))
+  with pytest.raises(ConfigError, match=r"^config\.seed: must be an integer >= 0, got -1\.$"):
+    search.proxy_config(c, arch, "pi_2304")
 
 
 def test_a_config_that_is_no_search_config_names_the_missing_field():

@@ -136,6 +136,15 @@ def validate(config) -> None:
       raise ConfigError(f"config.ncas.proxy.{field}: must be a positive integer, got {p[field]!r}"
                         + (" (the proxy token budget is steps * tokens_per_batch)." if field in
                            ("steps", "tokens_per_batch") else "."))
+  every = config_lib.defaults().model.mod.every
+  if p.num_layers < every:
+    raise ConfigError(f"config.ncas.proxy.num_layers: {p.num_layers} is below {every}; mixture of depths routes one "
+                      f"layer in {every} (model.mod.every), so a proxy needs at least {every} layers.")
+  if not (validation._is_number(p.peak_lr) and math.isfinite(p.peak_lr) and p.peak_lr > 0):
+    raise ConfigError(f"config.ncas.proxy.peak_lr: must be a positive number, got {p.peak_lr!r}.")
+  if not (validation._is_number(p.mod_capacity) and 0 < p.mod_capacity <= 1):
+    raise ConfigError(f"config.ncas.proxy.mod_capacity: {p.mod_capacity!r} must lie in (0, 1]: the fraction of a "
+                      "sequence's tokens a routed layer of the proxy processes.")
   if p.tokens_per_batch < p.seq_len:
     raise ConfigError(f"config.ncas.proxy.tokens_per_batch: {p.tokens_per_batch} is below config.ncas.proxy.seq_len "
                       f"({p.seq_len}), so a batch holds no whole sequence; raise tokens_per_batch or lower seq_len.")
@@ -173,7 +182,10 @@ def proxy_config(config, arch: complete_lib.Architecture, name: str) -> ml_colle
   try:
     return validation.validate(c)
   except ConfigError as e:
-    raise ConfigError(f"config.ncas.proxy: the proxy of width {arch.d_model} is not a valid model ({e}).") from None
+    if str(e).startswith(("config.data.", "config.seed:")):  # fields of the search config itself
+      raise
+    raise ConfigError(f"config.ncas.proxy: the proxy of width {arch.d_model} is not a valid training config "
+                      f"({e}).") from None
 
 
 def phase_steps(total: int, fractions: list[float]) -> list[int]:
