@@ -303,6 +303,17 @@ def test_resume_skips_finished_proxies(smoke, monkeypatch):
   again = search.run(smoke_config(), workdir, log=lambda line: None)
   assert again["fronts"] == result["fronts"]
   assert [r.get("proxy_loss") for r in again["rows"]] == [r.get("proxy_loss") for r in result["rows"]]
+  # The report's time is the proxies' training, not the few seconds of this rerun ("Wall time 4 s." before).
+  trained = 0.0
+  for name in ("pi_2304", "pi_2592"):
+    with open(os.path.join(workdir, "proxies", name, "result.json")) as f:
+      trained += json.load(f)["seconds"]
+  with open(os.path.join(workdir, "report.md")) as f:
+    report = f.read()
+  assert (f"Wall time: the 2 proxies trained for {trained:.0f} s in all (each over all its invocations); this "
+          f"invocation reused 2 of them and took {again['seconds']:.0f} s.") in report
+  with open(os.path.join(workdir, "front.json")) as f:
+    assert json.load(f)["proxy_seconds"] == pytest.approx(trained)
 
 
 def test_emitted_configs_validate_and_build(smoke):
