@@ -1,4 +1,5 @@
 """The π-constrained architecture search: rules, completion, scores, Pareto front, the search end to end."""
+import copy
 import csv
 import dataclasses
 import json
@@ -395,6 +396,44 @@ def test_a_signal_during_a_proxys_last_step_stops_the_search_after_that_proxy(tm
     search.train_proxy(config, arch, "pi", str(tmp_path), corpus=types.SimpleNamespace(fingerprint={}),
                        log=lambda line: None)
   assert os.path.exists(tmp_path / "proxies" / "pi_2304" / "result.json")
+
+
+def test_a_diverged_proxy_is_a_result_on_no_front_and_the_search_goes_on(smoke, tmp_path, monkeypatch):
+  """A proxy stopped by non-finite updates ended the search with the training config's advice (optimizer.peak_lr,
+  --config.train.allow_config_change), which a search config has no field for; a rerun resumed it into the same
+  stop, so no search could pass that width."""
+  from diffmoe_jax.train import loop
+
+  def train(config, run_dir, corpus):
+    os.makedirs(run_dir)
+    with open(os.path.join(run_dir, "train_seconds.json"), "w") as f:
+      json.dump({"seconds": 12.5}, f)
+    raise loop.TrainingStopped("11 non-finite updates in a row up to step 12 (train.max_nonfinite_in_a_row is 10): "
+                               "training stopped. Skipped updates never touch the weights. Change optimizer.peak_lr.")
+
+  monkeypatch.setattr(loop, "train", train)
+  config = smoke_config()
+  arch = complete.complete(2304, search.completion_rules(config.ncas))
+  corpus = types.SimpleNamespace(fingerprint={"code": "k1"})
+  lines = []
+  result = search.train_proxy(config, arch, "pi", str(tmp_path), corpus, log=lines.append)
+  reason = "11 non-finite updates in a row up to step 12 (train.max_nonfinite_in_a_row is 10): training stopped"
+  assert np.isnan(result["loss"]) and result["diverged"] == reason and result["seconds"] == 12.5
+  assert lines == [f"  pi_2304: diverged ({reason}), so it has no proxy loss and is on no Pareto front; a lower "
+                   "config.ncas.proxy.peak_lr in a new --workdir trains every proxy again."]
+  lines.clear()
+  again = search.train_proxy(config, arch, "pi", str(tmp_path), corpus, log=lines.append)  # not trained again
+  assert np.isnan(again["loss"]) and lines == [f"  pi_2304: diverged before ({reason}), no proxy loss"]
+  # The report: the front leaves it out, report.md names it, the plot draws the rest.
+  _, smoke_result, _ = smoke
+  rows = copy.deepcopy(smoke_result["rows"])
+  rows[0].update(proxy=again, proxy_loss=again["loss"])
+  assert [rows[i]["width"] for i in scores.pareto_front(rows, smoke_result["objectives"])] == [2592]
+  fronts = {"pi": ["pi_2592"], "power_of_two": [], "joint": ["pi_2592"]}
+  search.write_report(config, str(tmp_path), {**smoke_result, "rows": rows, "fronts": fronts})
+  with open(tmp_path / "report.md") as f:
+    assert f"Diverged proxies (no proxy loss, so on no front): pi_2304 ({reason})." in f.read()
+  assert os.path.getsize(tmp_path / "front.png") > 1000
 
 
 def test_a_proxy_finished_with_another_config_is_not_reused(smoke):

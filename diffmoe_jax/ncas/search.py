@@ -228,18 +228,32 @@ def train_proxy(config, arch, family: str, workdir: str, corpus, log) -> dict:
       raise ConfigError(f"{run_dir} finished with another proxy config (config.{path}: {saved!r} there, {now!r} "
                         "now); pass a new --workdir, or delete that proxy to train it again.")
     workdir_lib.check_data(run_dir, result.get("data"), corpus.fingerprint, log)
-    log(f"  {name}: finished before, validation loss {result['loss']:.4f}")
+    log(f"  {name}: " + (f"diverged before ({result['diverged']}), no proxy loss" if "diverged" in result else
+                         f"finished before, validation loss {result['loss']:.4f}"))
     return {**result, "reused": True}
-  outcome = loop.train(cfg, run_dir, corpus=corpus)
-  if outcome.stopped is not None:
+  try:
+    outcome = loop.train(cfg, run_dir, corpus=corpus)
+  except loop.TrainingStopped as e:
+    # Non-finite updates: the proxy diverged at this width, a result of the search (it is on no front), which
+    # goes on; a rerun would resume it into the same stop.
+    outcome, diverged = None, str(e).split(". ")[0]
+  if outcome is not None and outcome.stopped is not None:
     raise SearchStopped(f"the proxy {name} stopped early ({outcome.stopped}); finished proxies are kept, rerun "
                         "the same command to resume.")
-  result = {"loss": outcome.eval["loss"], "seconds": outcome.seconds,  # a resumed proxy's invocations, all
-            "tokens": cfg.curriculum.total_steps * cfg.curriculum.tokens_per_batch,
-            "bits_per_byte": {k.split("/")[0]: v for k, v in outcome.eval.items() if k.endswith("/bits_per_byte")},
+  record = {"tokens": cfg.curriculum.total_steps * cfg.curriculum.tokens_per_batch,
             "proxy": dataclasses.asdict(complete_lib.proxy(arch, config.ncas.proxy.scale,
                                                            config.ncas.proxy.num_layers, config.ncas.proxy.seq_len)),
             "config": json.loads(cfg.to_json_best_effort()), "data": corpus.fingerprint}
+  if outcome is None:
+    result = {"loss": math.nan, "diverged": diverged, "seconds": workdir_lib.add_seconds(run_dir, 0.0, write=False),
+              "bits_per_byte": {}, **record}
+    workdir_lib.write_json(result_path, result)
+    log(f"  {name}: diverged ({diverged}), so it has no proxy loss and is on no Pareto front; a lower "
+        "config.ncas.proxy.peak_lr in a new --workdir trains every proxy again.")
+    return result
+  result = {"loss": outcome.eval["loss"], "seconds": outcome.seconds,  # a resumed proxy's invocations, all
+            "bits_per_byte": {k.split("/")[0]: v for k, v in outcome.eval.items() if k.endswith("/bits_per_byte")},
+            **record}
   workdir_lib.write_json(result_path, result)
   log(f"  {name}: validation loss {result['loss']:.4f} in {result['seconds']:.0f} s")
   if outcome.received_signal is not None:  # it arrived during the last step: the proxy finished, the search stops
@@ -360,7 +374,7 @@ def _plot(path: str, scored: list[dict], fronts: dict, backend: str) -> None:
   for ax, key, label in ((axes[0], "capacity_gbit", "capacity (Gbit, 2 bits/parameter)"),
                          (axes[1], "efficiency", f"tile efficiency ({backend})")):
     for family, color, marker in ((PI, "tab:blue", "o"), (BASELINE, "tab:orange", "s")):
-      rows = [r for r in scored if r["family"] == family]
+      rows = [r for r in scored if r["family"] == family and math.isfinite(r["proxy_loss"])]
       ax.scatter([r[key] for r in rows], [r["proxy_loss"] for r in rows], c=color, marker=marker,
                  label="π-constrained" if family == PI else "power of two")
       for r in rows:
@@ -426,6 +440,7 @@ def write_report(config, workdir: str, result: dict) -> None:
     with open(os.path.join(config_dir, name + ".py"), "w", encoding="utf-8") as f:
       f.write(complete_lib.config_file_text(row["arch"], name, summary))
   p = config.ncas.proxy
+  diverged = [r for r in scored if "diverged" in r["proxy"]]
   mismatches = "\n".join(f"- {m['row']}: {m['field']} is {m['paper']} in the paper, {m['rules']} by the rules"
                          for m in result["paper_mismatches"]) or "- none"
   report = [
@@ -441,6 +456,9 @@ def write_report(config, workdir: str, result: dict) -> None:
       f"its invocations); this invocation reused {sum(bool(r['proxy'].get('reused')) for r in scored)} of them "
       f"and took {result['seconds']:.0f} s.", "",
       f"Pareto front, π family: {fronts['pi']}; power-of-two family: {fronts['power_of_two']}; both pooled: "
-      f"{fronts['joint']}.", "", "Completion rules against the paper's rows:", mismatches, "", table_md]
+      f"{fronts['joint']}."] + ([
+      "Diverged proxies (no proxy loss, so on no front): "
+      + "; ".join(f"{row_key(r)} ({r['proxy']['diverged']})" for r in diverged) + "."] if diverged else []) + [
+      "", "Completion rules against the paper's rows:", mismatches, "", table_md]
   with open(os.path.join(workdir, "report.md"), "w", encoding="utf-8") as f:
     f.write("\n".join(report))
