@@ -69,6 +69,9 @@ def test_rules_can_be_switched_off():
     # The proxy's fields, not those of the training config generated from them (curriculum.*).
     ("ncas.proxy.seq_len", 100000, "config.ncas.proxy.tokens_per_batch: 256 is below config.ncas.proxy.seq_len"),
     ("ncas.proxy.eval_batch_size", 0, "config.ncas.proxy.eval_batch_size"),
+    # Not as curriculum.tokens_per_batch, with curriculum.warmup.batch_size (no search field) as the fix.
+    ("ncas.proxy.tokens_per_batch", 300, "config.ncas.proxy.tokens_per_batch: 300 is not a multiple of "
+     "config.ncas.proxy.seq_len"),
     ("ncas.space.min_width", 0, "config.ncas.space.min_width: must be a positive integer, got 0"),
     # Named as the search's field, not as the model field of the measured layer built from it.
     ("ncas.hardware.measure_seq_len", 0, "config.ncas.hardware.measure_seq_len: must be a positive integer, got 0"),

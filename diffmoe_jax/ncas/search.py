@@ -148,6 +148,12 @@ def validate(config) -> None:
   if p.tokens_per_batch < p.seq_len:
     raise ConfigError(f"config.ncas.proxy.tokens_per_batch: {p.tokens_per_batch} is below config.ncas.proxy.seq_len "
                       f"({p.seq_len}), so a batch holds no whole sequence; raise tokens_per_batch or lower seq_len.")
+  if p.tokens_per_batch % p.seq_len:
+    whole = p.tokens_per_batch // p.seq_len * p.seq_len
+    raise ConfigError(f"config.ncas.proxy.tokens_per_batch: {p.tokens_per_batch} is not a multiple of "
+                      f"config.ncas.proxy.seq_len ({p.seq_len}), so a batch would hold {whole} tokens and the proxy "
+                      f"token budget would not be steps * tokens_per_batch; use a multiple, such as {whole} or "
+                      f"{whole + p.seq_len}.")
   if n.hardware.backend not in scores.BACKEND_TILES:
     raise ConfigError(f"config.ncas.hardware.backend: {n.hardware.backend!r} is not one of "
                       f"{list(scores.BACKEND_TILES)}.")
