@@ -3,6 +3,7 @@ import copy
 import csv
 import dataclasses
 import json
+import math
 import os
 import re
 import subprocess
@@ -28,19 +29,35 @@ def test_paper_widths_pass_and_4096_fails_by_name():
   assert rules.rejecting_rule(4096, rules.DEFAULT_RULES, SETTINGS) == "not_power_of_two"
 
 
-def test_default_space_has_about_2000_candidates_and_fewer_than_50_survivors():
-  c = search.defaults()
-  rows = search.screen(c)
-  pi_rows = [r for r in rows if r["family"] == search.PI]
-  survivors = [r["width"] for r in pi_rows if r["rejected_by"] is None]
-  assert len(pi_rows) == 2048
-  assert len(survivors) < 50
-  # Independently: 3-smooth numbers 2^a 3^b with b >= 1 and a >= 5 in range, divisible by 128 or 144.
-  expected = sorted(2 ** a * 3 ** b for a in range(5, 14) for b in range(1, 9)
-                    if 2048 <= 2 ** a * 3 ** b <= 8192
-                    and ((2 ** a * 3 ** b) % 128 == 0 or (2 ** a * 3 ** b) % 144 == 0))
-  assert survivors == expected
-  assert [r["width"] for r in rows if r["family"] == search.BASELINE] == [2048, 4096, 8192]
+def smooth(n: int) -> bool:
+  """Whether n has no prime factor above 3, by dividing them out."""
+  while n % 2 == 0:
+    n //= 2
+  while n % 3 == 0:
+    n //= 3
+  return n == 1
+
+
+def readme_first_failed(d: int, low: int, high: int) -> str | None:
+  """The first of README's rules (its NCAS table, in order) the width d fails, checked in a plain loop."""
+  power = 1
+  while power < d:
+    power *= 2
+  checks = [("in_range", low <= d <= high), ("three_smooth", smooth(d)), ("not_power_of_two", power != d),
+            ("tile_aligned", d % 32 == 0), ("differential_heads", d % 128 == 0 or d % 144 == 0)]
+  return next((name for name, ok in checks if not ok), None)
+
+
+def test_the_readme_rules_in_a_naive_loop_keep_the_nine_widths_it_quotes():
+  """README: "The space is the 2,048 multiples of 3 in [2048, 8192] ... Nine widths pass: 2304, 2592, 3072,
+  3456, 4608, 5184, 6144, 6912 and 7776"; 2048, 4096 and 8192 are the baseline, rejected by not_power_of_two."""
+  expected = {d: readme_first_failed(d, 2048, 8192) for d in range(2048, 8193) if d % 3 == 0}
+  rows = search.screen(search.defaults())
+  assert {r["width"]: r["rejected_by"] for r in rows if r["family"] == search.PI} == expected
+  assert len(expected) == 2048
+  assert [d for d, rule in expected.items() if rule is None] == [2304, 2592, 3072, 3456, 4608, 5184, 6144, 6912, 7776]
+  assert [(r["width"], r["rejected_by"]) for r in rows if r["family"] == search.BASELINE] == [
+      (2048, "not_power_of_two"), (4096, "not_power_of_two"), (8192, "not_power_of_two")]
 
 
 @pytest.mark.parametrize("rule, passing, failing", [
@@ -187,17 +204,20 @@ def test_completion_reproduces_the_paper_rows_except_the_reported_ffn():
       ("pi", "expert_ffn_dim"), ("pi_s", "expert_ffn_dim")}
 
 
-def test_capacity_counts_the_parameters_of_the_completed_model():
-  """Against a count from the dimensions: per layer the q, k, v, o projections, the per-head norm, λ's four
-  vectors per expert, two norms, the router and the experts' two matrices; on each routed layer (every second
-  one) the MoD predictor; the embedding, output head and final norm once."""
-  arch = complete.complete(2592, complete.CompletionRules())
-  d, h, dv, e, f, depth = (arch.d_model, arch.num_heads, arch.head_dim, arch.num_experts, arch.expert_ffn_dim,
-                           arch.num_layers)
+def params_by_hand(d, depth, h, dv, e, f) -> int:
+  """A count from the dimensions: per layer the q, k, v, o projections, the per-head norm, λ's four vectors per
+  expert, two norms, the router and the experts' two matrices; on each routed layer (every second one) the MoD
+  predictor; the embedding, output head and final norm once."""
   vocab, hidden = 65536, 64
   layer = 4 * d * h * dv + dv + 4 * e * dv // 2 + 2 * d + d * e + 2 * e * d * f
   predictor = d * hidden + hidden + hidden + d
-  expected = depth * layer + depth // 2 * predictor + 2 * vocab * d + d
+  return depth * layer + depth // 2 * predictor + 2 * vocab * d + d
+
+
+def test_capacity_counts_the_parameters_of_the_completed_model():
+  arch = complete.complete(2592, complete.CompletionRules())
+  expected = params_by_hand(arch.d_model, arch.num_layers, arch.num_heads, arch.head_dim, arch.num_experts,
+                            arch.expert_ffn_dim)
   got = search.static_scores(search.defaults(), arch)
   assert got["total_params"] == expected
   assert got["capacity_gbit"] == pytest.approx(2 * expected / 1e9)
@@ -245,6 +265,67 @@ def test_pareto_front_matches_brute_force():
     if not beaten:
       expected.append(i)
   assert front == expected and expected
+
+
+def test_the_committed_report_is_what_the_readme_rules_and_formulas_give():
+  """results/ncas (README: the search over [2048, 4608] with the power-of-two baseline) against the README's
+  rules, completion rules and scores, computed here in plain loops, and its fronts by pairwise dominance."""
+  out = os.path.join(ROOT, "results", "ncas")
+  with open(os.path.join(out, "table.csv")) as f:
+    table = list(csv.DictReader(f))
+  first_failed = {d: readme_first_failed(d, 2048, 4608) for d in range(2048, 4609) if d % 3 == 0}
+  assert {int(r["width"]): r["rejected_by"] or None for r in table if r["family"] == "pi"} == first_failed
+  scored = [r for r in table if r["proxy_loss"]]
+  assert [r["family"] + "_" + r["width"] for r in scored] == [
+      "pi_2304", "pi_2592", "pi_3072", "pi_3456", "pi_4608", "power_of_two_2048", "power_of_two_4096"]
+  archs = {}
+  for r in scored:
+    d = int(r["width"])
+    head = 128 if d % 128 == 0 else 144
+    layers = 9
+    while d / layers > 96 or not smooth(layers):
+      layers += 9
+    experts = max(n for n in range(2, d // 512 + 1) if smooth(n))
+    ffn = round(d * 8 / 3 / 256) * 256
+    context = 1
+    while 2 * context <= d * d / 512:
+      context *= 2
+    arch = archs[d] = (layers, d // head, head, experts, 2, ffn, context)
+    assert tuple(int(r[k]) for k in ("num_layers", "num_heads", "head_dim", "num_experts", "top_k", "expert_ffn_dim",
+                                     "max_seq_len")) == arch, r["width"]
+    assert int(r["total_params"]) == params_by_hand(d, layers, d // head, head, experts, ffn)
+    assert float(r["capacity_gbit"]) == pytest.approx(2 * int(r["total_params"]) / 1e9, rel=1e-12)
+    keys = context / 2  # the average causal context
+    matmuls = [(d, d, 4), (d, experts, 1), (d, ffn, 2), (ffn, d, 2), (head / 2, keys, 2 * d // head),
+               (keys, head, d // head)]  # (rows, cols, count) per token
+    for backend, tile in (("tpu", 128), ("gpu", 64), ("mi300x", 32)):
+      useful = sum(a * b * n for a, b, n in matmuls)
+      padded = sum(math.ceil(a / tile) * tile * math.ceil(b / tile) * tile * n for a, b, n in matmuls)
+      assert float(r[f"efficiency_{backend}"]) == pytest.approx(useful / padded, rel=1e-12), (d, backend)
+
+  def front(rows):
+    points = [(float(r["capacity_gbit"]), float(r["efficiency_tpu"]), -float(r["proxy_loss"])) for r in rows]
+    return [r["family"] + "_" + r["width"] for r, p in zip(rows, points)
+            if not any(q != p and all(a >= b for a, b in zip(q, p)) for q in points)]
+
+  fronts = {"pi": front([r for r in scored if r["family"] == "pi"]),
+            "power_of_two": front([r for r in scored if r["family"] == "power_of_two"]), "joint": front(scored)}
+  for r in scored:
+    assert r["fronts"].split() == [name for name, keys in fronts.items() if r["family"] + "_" + r["width"] in keys]
+  with open(os.path.join(out, "front.json")) as f:
+    assert {name: [f"{x['family']}_{x['width']}" for x in rows] for name, rows in json.load(f)["fronts"].items()} == fronts
+  with open(os.path.join(out, "report.md")) as f:
+    report = f.read()
+  assert (f"Pareto front, π family: {fronts['pi']}; power-of-two family: {fronts['power_of_two']}; both pooled: "
+          f"{fronts['joint']}.") in report
+  for rule in set(first_failed.values()):
+    assert f"| {rule or '(passes)'} | {list(first_failed.values()).count(rule)} |" in report
+  points = {int(key.rpartition("_")[2]) for key in fronts["pi"] + fronts["joint"]}
+  assert sorted(os.listdir(os.path.join(out, "configs"))) == sorted(f"ncas_{d}.py" for d in points)
+  for d in points:
+    m = config_lib.load_file(os.path.join(out, "configs", f"ncas_{d}.py")).model
+    assert (m.num_layers, m.num_heads, m.head_dim, m.moe.num_experts, m.moe.top_k, m.moe.expert_ffn_dim,
+            m.max_seq_len) == archs[d] and m.d_model == d
 
 
 def test_measured_throughput_runs_the_real_layer():
