@@ -220,15 +220,28 @@ def test_cli_workdir_that_is_a_file_or_empty_is_one_line(tmp_path):
     assert proc.stderr.strip().splitlines()[-1].startswith(message), proc.stderr[-2000:]
 
 
-def finished_proxy(workdir, config, record: dict):
-  """Writes a result.json for the proxy pi_2304 of `config`, as a finished one has, plus `record`."""
-  arch = complete.complete(2304, search.completion_rules(config.ncas))
-  run_dir = os.path.join(workdir, "proxies", "pi_2304")
+def finished_proxy(workdir, config, record: dict, width: int = 2304):
+  """Writes a result.json for the proxy pi_<width> of `config`, as a finished one has, plus `record`."""
+  arch = complete.complete(width, search.completion_rules(config.ncas))
+  run_dir = os.path.join(workdir, "proxies", f"pi_{width}")
   os.makedirs(run_dir)
   with open(os.path.join(run_dir, "result.json"), "w") as f:
-    json.dump({"loss": 3.0, "config": json.loads(search.proxy_config(config, arch, "pi_2304").to_json_best_effort()),
+    json.dump({"loss": 3.0, "config": json.loads(search.proxy_config(config, arch, f"pi_{width}").to_json_best_effort()),
                **record}, f)
   return arch, run_dir
+
+
+def test_a_proxy_finished_with_other_settings_is_refused_before_any_proxy_trains(tmp_path, monkeypatch):
+  """It was refused when the search reached it: the proxies before it trained first, with the new settings, into
+  a workdir holding the earlier search's."""
+  from diffmoe_jax.train import loop
+  monkeypatch.setattr(loop, "train", lambda *args, **kwargs: pytest.fail("a proxy trained before the refusal"))
+  earlier = smoke_config()
+  earlier.ncas.proxy.peak_lr = 1e-3
+  _, run_dir = finished_proxy(str(tmp_path), earlier, {}, width=2592)
+  with pytest.raises(ConfigError, match=re.escape(f"{run_dir} finished with another proxy config "
+                                                  "(config.optimizer.peak_lr: 0.001 there, 0.003 now)")):
+    search.run(smoke_config(), str(tmp_path), log=lambda line: None)
 
 
 def test_a_proxy_finished_on_other_data_is_not_reused(tmp_path):

@@ -216,27 +216,40 @@ def proxy_name(family: str, arch: complete_lib.Architecture) -> str:
   return f"{family}_{arch.d_model}"
 
 
+def finished_result(config, arch, family: str, workdir: str, corpus, log) -> dict | None:
+  """The proxy's result.json if it finished before with the same config and data, None if it has none;
+  ConfigError or WorkdirError if it finished with another config or on other data."""
+  from diffmoe_jax.train import resume
+  name = proxy_name(family, arch)
+  run_dir = os.path.join(workdir, "proxies", name)
+  result_path = os.path.join(run_dir, "result.json")
+  if not os.path.exists(result_path):
+    return None
+  result = workdir_lib.read_result(result_path)
+  if "config" not in result:  # written before results recorded their config
+    log(f"note: {run_dir} has no record of its proxy config, so a change in it could not be checked.")
+  changed = resume.changed_fields(result.get("config", {}), proxy_config(config, arch, name))
+  if changed:
+    path, saved, now = changed[0]
+    raise ConfigError(f"{run_dir} finished with another proxy config (config.{path}: {saved!r} there, {now!r} "
+                      "now); pass a new --workdir, or delete that proxy to train it again.")
+  workdir_lib.check_data(run_dir, result.get("data"), corpus.fingerprint, log)
+  log(f"  {name}: " + (f"diverged before ({result['diverged']}), no proxy loss" if "diverged" in result else
+                       f"finished before, validation loss {result['loss']:.4f}"))
+  return {**result, "reused": True}
+
+
 def train_proxy(config, arch, family: str, workdir: str, corpus, log) -> dict:
   """The proxy's validation result, from its result.json if it finished before with the same config and data,
   else by training it."""
-  from diffmoe_jax.train import loop, resume
+  from diffmoe_jax.train import loop
+  finished = finished_result(config, arch, family, workdir, corpus, log)
+  if finished is not None:
+    return finished
   name = proxy_name(family, arch)
   run_dir = os.path.join(workdir, "proxies", name)
   result_path = os.path.join(run_dir, "result.json")
   cfg = proxy_config(config, arch, name)
-  if os.path.exists(result_path):
-    result = workdir_lib.read_result(result_path)
-    if "config" not in result:  # written before results recorded their config
-      log(f"note: {run_dir} has no record of its proxy config, so a change in it could not be checked.")
-    changed = resume.changed_fields(result.get("config", {}), cfg)
-    if changed:
-      path, saved, now = changed[0]
-      raise ConfigError(f"{run_dir} finished with another proxy config (config.{path}: {saved!r} there, {now!r} "
-                        "now); pass a new --workdir, or delete that proxy to train it again.")
-    workdir_lib.check_data(run_dir, result.get("data"), corpus.fingerprint, log)
-    log(f"  {name}: " + (f"diverged before ({result['diverged']}), no proxy loss" if "diverged" in result else
-                         f"finished before, validation loss {result['loss']:.4f}"))
-    return {**result, "reused": True}
   try:
     outcome = loop.train(cfg, run_dir, corpus=corpus)
   except loop.TrainingStopped as e:
@@ -327,6 +340,8 @@ def run(config, workdir: str, log=print, report_dir: str = "") -> dict:
                             for name, row in zip(names, survivors)},
                            advice="lower config.ncas.space.max_width, or raise config.ncas.proxy.scale (a smaller proxy)")
   corpus = data.build_corpus(config.data)
+  for row in survivors:  # a proxy finished with other settings is refused before any proxy trains
+    finished_result(config, row["arch"], row["family"], workdir, corpus, log=lambda line: None)
   for i, row in enumerate(survivors):
     log(f"[{i + 1}/{len(survivors)}] {row['family']} {row['width']}: {row['arch']}")
     row.update(static_scores(config, row["arch"]))
