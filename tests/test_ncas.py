@@ -156,6 +156,19 @@ def test_a_config_that_is_no_search_config_names_the_missing_field():
     search.validate(c)
 
 
+def test_head_widths_that_complete_no_baseline_width_name_the_baseline():
+  """It was "none of [144] divides the width 2048; add a head width that does, or enable the differential_heads
+  rule", which was enabled: the rules do not apply to the baseline."""
+  c = search.defaults()
+  c.ncas.complete.head_dims = c.ncas.rules.head_dims = (144,)
+  with pytest.raises(ConfigError, match=re.escape(
+      "config.ncas.complete.head_dims: none of [144] divides 2048, a width of the power-of-two baseline; add a head "
+      "width that does, such as 128, or leave the baseline out with config.ncas.baseline=False.")):
+    search.validate(c)
+  c.ncas.baseline = False
+  search.validate(c)
+
+
 def test_a_space_too_large_to_screen_is_refused_before_it_is_listed():
   """max_width=10**8 listed 33 million widths (minutes, gigabytes) before anything was printed."""
   with pytest.raises(ConfigError, match=r"config\.ncas\.space: \[min_width, max_width\] = \[2048, 100000000\] in "

@@ -163,7 +163,12 @@ def validate(config) -> None:
     value = n.hardware[field]
     if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
       raise ConfigError(f"config.ncas.hardware.{field}: must be a positive integer, got {value!r}.")
-  completion_rules(n)
+  head_dims = completion_rules(n).head_dims
+  for width in rules_lib.powers_of_two(n.space.min_width, n.space.max_width) if n.baseline else ():
+    if not any(width % head_dim == 0 for head_dim in head_dims):
+      raise ConfigError(f"config.ncas.complete.head_dims: none of {list(head_dims)} divides {width}, a width of the "
+                        "power-of-two baseline; add a head width that does, such as 128, or leave the baseline out "
+                        "with config.ncas.baseline=False.")
 
 
 def proxy_config(config, arch: complete_lib.Architecture, name: str) -> ml_collections.ConfigDict:
