@@ -94,6 +94,9 @@ def candidate_widths(min_width: int, max_width: int, step: int) -> list[int]:
   for field, value in (("min_width", min_width), ("max_width", max_width), ("step", step)):
     if not (isinstance(value, int) and value > 0):
       raise ConfigError(f"config.ncas.space.{field}: must be a positive integer, got {value!r}.")
+  if min_width > max_width:
+    raise ConfigError(f"config.ncas.space.min_width: {min_width} exceeds max_width {max_width}; swap them, such as "
+                      f"min_width={max_width} and max_width={min_width}.")
   first = -(-min_width // step) * step
   count = max(0, (max_width - first) // step + 1)
   if count > MAX_CANDIDATES:  # counted before listing: 10^8 widths took many minutes and gigabytes of rows

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import csv
 import dataclasses
+import difflib
 import fnmatch
 import json
 import math
@@ -93,12 +94,35 @@ def missing_field(config, reference: dict, prefix: str = "") -> str | None:
   return None
 
 
+def unknown_field(config, reference: dict, prefix: str = "") -> tuple[str, list[str]] | None:
+  """The first field `config` has inside a section of `reference` (the search defaults) that the section
+  lacks, with the section's fields, or None: a misspelt field set in Python would be ignored. Top-level
+  sections of the user's own and OPEN_DICTS are the user's."""
+  for key in config.keys():
+    path = prefix + key
+    if key not in reference:
+      if prefix:
+        return path, list(reference)
+    elif (isinstance(reference[key], dict) and hasattr(config[key], "keys")
+          and not any(fnmatch.fnmatchcase(path, d) for d in config_lib.OPEN_DICTS)):
+      unknown = unknown_field(config[key], reference[key], path + ".")
+      if unknown:
+        return unknown
+  return None
+
+
 def validate(config) -> None:
   """Raises ConfigError naming the field for a search config that cannot run."""
   missing = missing_field(config, defaults().to_dict())
   if missing:
     raise ConfigError(f"config.{missing}: the config has no such field, so it is no search config; pass "
                       "--config=configs/ncas.py, or build yours from search.defaults() as that file does.")
+  unknown = unknown_field(config, defaults().to_dict())
+  if unknown:
+    path, known = unknown
+    close = difflib.get_close_matches(path.rpartition(".")[2], known, n=1)
+    raise ConfigError(f"config.{path}: no such field; " + (f"did you mean {path.rpartition('.')[0]}.{close[0]}?"
+                      if close else f"the fields there are {', '.join(sorted(known))}."))
   n = config.ncas
   rules_lib.check_settings(n.rules.enabled, _rule_settings(n))
   widths = rules_lib.candidate_widths(n.space.min_width, n.space.max_width, n.space.step)
@@ -112,9 +136,24 @@ def validate(config) -> None:
       raise ConfigError(f"config.ncas.proxy.{field}: must be a positive integer, got {p[field]!r}"
                         + (" (the proxy token budget is steps * tokens_per_batch)." if field in
                            ("steps", "tokens_per_batch") else "."))
+  every = config_lib.defaults().model.mod.every
+  if p.num_layers < every:
+    raise ConfigError(f"config.ncas.proxy.num_layers: {p.num_layers} is below {every}; mixture of depths routes one "
+                      f"layer in {every} (model.mod.every), so a proxy needs at least {every} layers.")
+  if not (validation._is_number(p.peak_lr) and math.isfinite(p.peak_lr) and p.peak_lr > 0):
+    raise ConfigError(f"config.ncas.proxy.peak_lr: must be a positive number, got {p.peak_lr!r}.")
+  if not (validation._is_number(p.mod_capacity) and 0 < p.mod_capacity <= 1):
+    raise ConfigError(f"config.ncas.proxy.mod_capacity: {p.mod_capacity!r} must lie in (0, 1]: the fraction of a "
+                      "sequence's tokens a routed layer of the proxy processes.")
   if p.tokens_per_batch < p.seq_len:
     raise ConfigError(f"config.ncas.proxy.tokens_per_batch: {p.tokens_per_batch} is below config.ncas.proxy.seq_len "
                       f"({p.seq_len}), so a batch holds no whole sequence; raise tokens_per_batch or lower seq_len.")
+  if p.tokens_per_batch % p.seq_len:
+    whole = p.tokens_per_batch // p.seq_len * p.seq_len
+    raise ConfigError(f"config.ncas.proxy.tokens_per_batch: {p.tokens_per_batch} is not a multiple of "
+                      f"config.ncas.proxy.seq_len ({p.seq_len}), so a batch would hold {whole} tokens and the proxy "
+                      f"token budget would not be steps * tokens_per_batch; use a multiple, such as {whole} or "
+                      f"{whole + p.seq_len}.")
   if n.hardware.backend not in scores.BACKEND_TILES:
     raise ConfigError(f"config.ncas.hardware.backend: {n.hardware.backend!r} is not one of "
                       f"{list(scores.BACKEND_TILES)}.")
@@ -124,7 +163,12 @@ def validate(config) -> None:
     value = n.hardware[field]
     if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
       raise ConfigError(f"config.ncas.hardware.{field}: must be a positive integer, got {value!r}.")
-  completion_rules(n)
+  head_dims = completion_rules(n).head_dims
+  for width in rules_lib.powers_of_two(n.space.min_width, n.space.max_width) if n.baseline else ():
+    if not any(width % head_dim == 0 for head_dim in head_dims):
+      raise ConfigError(f"config.ncas.complete.head_dims: none of {list(head_dims)} divides {width}, a width of the "
+                        "power-of-two baseline; add a head width that does, such as 128, or leave the baseline out "
+                        "with config.ncas.baseline=False.")
 
 
 def proxy_config(config, arch: complete_lib.Architecture, name: str) -> ml_collections.ConfigDict:
@@ -149,7 +193,10 @@ def proxy_config(config, arch: complete_lib.Architecture, name: str) -> ml_colle
   try:
     return validation.validate(c)
   except ConfigError as e:
-    raise ConfigError(f"config.ncas.proxy: the proxy of width {arch.d_model} is not a valid model ({e}).") from None
+    if str(e).startswith(("config.data.", "config.seed:")):  # fields of the search config itself
+      raise
+    raise ConfigError(f"config.ncas.proxy: the proxy of width {arch.d_model} is not a valid training config "
+                      f"({e}).") from None
 
 
 def phase_steps(total: int, fractions: list[float]) -> list[int]:
@@ -174,36 +221,63 @@ def proxy_name(family: str, arch: complete_lib.Architecture) -> str:
   return f"{family}_{arch.d_model}"
 
 
+def finished_result(config, arch, family: str, workdir: str, corpus, log) -> dict | None:
+  """The proxy's result.json if it finished before with the same config and data, None if it has none;
+  ConfigError or WorkdirError if it finished with another config or on other data."""
+  from diffmoe_jax.train import resume
+  name = proxy_name(family, arch)
+  run_dir = os.path.join(workdir, "proxies", name)
+  result_path = os.path.join(run_dir, "result.json")
+  if not os.path.exists(result_path):
+    return None
+  result = workdir_lib.read_result(result_path)
+  if "config" not in result:  # written before results recorded their config
+    log(f"note: {run_dir} has no record of its proxy config, so a change in it could not be checked.")
+  changed = resume.changed_fields(result.get("config", {}), proxy_config(config, arch, name))
+  if changed:
+    path, saved, now = changed[0]
+    raise ConfigError(f"{run_dir} finished with another proxy config (config.{path}: {saved!r} there, {now!r} "
+                      "now); pass a new --workdir, or delete that proxy to train it again.")
+  workdir_lib.check_data(run_dir, result.get("data"), corpus.fingerprint, log)
+  log(f"  {name}: " + (f"diverged before ({result['diverged']}), no proxy loss" if "diverged" in result else
+                       f"finished before, validation loss {result['loss']:.4f}"))
+  return {**result, "reused": True}
+
+
 def train_proxy(config, arch, family: str, workdir: str, corpus, log) -> dict:
   """The proxy's validation result, from its result.json if it finished before with the same config and data,
   else by training it."""
-  from diffmoe_jax.train import loop, resume
+  from diffmoe_jax.train import loop
+  finished = finished_result(config, arch, family, workdir, corpus, log)
+  if finished is not None:
+    return finished
   name = proxy_name(family, arch)
   run_dir = os.path.join(workdir, "proxies", name)
   result_path = os.path.join(run_dir, "result.json")
   cfg = proxy_config(config, arch, name)
-  if os.path.exists(result_path):
-    result = workdir_lib.read_result(result_path)
-    if "config" not in result:  # written before results recorded their config
-      log(f"note: {run_dir} has no record of its proxy config, so a change in it could not be checked.")
-    changed = resume.changed_fields(result.get("config", {}), cfg)
-    if changed:
-      path, saved, now = changed[0]
-      raise ConfigError(f"{run_dir} finished with another proxy config (config.{path}: {saved!r} there, {now!r} "
-                        "now); pass a new --workdir, or delete that proxy to train it again.")
-    workdir_lib.check_data(run_dir, result.get("data"), corpus.fingerprint, log)
-    log(f"  {name}: finished before, validation loss {result['loss']:.4f}")
-    return result
-  outcome = loop.train(cfg, run_dir, corpus=corpus)
-  if outcome.stopped is not None:
+  try:
+    outcome = loop.train(cfg, run_dir, corpus=corpus)
+  except loop.TrainingStopped as e:
+    # Non-finite updates: the proxy diverged at this width, a result of the search (it is on no front), which
+    # goes on; a rerun would resume it into the same stop.
+    outcome, diverged = None, str(e).split(". ")[0]
+  if outcome is not None and outcome.stopped is not None:
     raise SearchStopped(f"the proxy {name} stopped early ({outcome.stopped}); finished proxies are kept, rerun "
                         "the same command to resume.")
-  result = {"loss": outcome.eval["loss"], "seconds": outcome.seconds,  # a resumed proxy's invocations, all
-            "tokens": cfg.curriculum.total_steps * cfg.curriculum.tokens_per_batch,
-            "bits_per_byte": {k.split("/")[0]: v for k, v in outcome.eval.items() if k.endswith("/bits_per_byte")},
+  record = {"tokens": cfg.curriculum.total_steps * cfg.curriculum.tokens_per_batch,
             "proxy": dataclasses.asdict(complete_lib.proxy(arch, config.ncas.proxy.scale,
                                                            config.ncas.proxy.num_layers, config.ncas.proxy.seq_len)),
             "config": json.loads(cfg.to_json_best_effort()), "data": corpus.fingerprint}
+  if outcome is None:
+    result = {"loss": math.nan, "diverged": diverged, "seconds": workdir_lib.add_seconds(run_dir, 0.0, write=False),
+              "bits_per_byte": {}, **record}
+    workdir_lib.write_json(result_path, result)
+    log(f"  {name}: diverged ({diverged}), so it has no proxy loss and is on no Pareto front; a lower "
+        "config.ncas.proxy.peak_lr in a new --workdir trains every proxy again.")
+    return result
+  result = {"loss": outcome.eval["loss"], "seconds": outcome.seconds,  # a resumed proxy's invocations, all
+            "bits_per_byte": {k.split("/")[0]: v for k, v in outcome.eval.items() if k.endswith("/bits_per_byte")},
+            **record}
   workdir_lib.write_json(result_path, result)
   log(f"  {name}: validation loss {result['loss']:.4f} in {result['seconds']:.0f} s")
   if outcome.received_signal is not None:  # it arrived during the last step: the proxy finished, the search stops
@@ -271,6 +345,8 @@ def run(config, workdir: str, log=print, report_dir: str = "") -> dict:
                             for name, row in zip(names, survivors)},
                            advice="lower config.ncas.space.max_width, or raise config.ncas.proxy.scale (a smaller proxy)")
   corpus = data.build_corpus(config.data)
+  for row in survivors:  # a proxy finished with other settings is refused before any proxy trains
+    finished_result(config, row["arch"], row["family"], workdir, corpus, log=lambda line: None)
   for i, row in enumerate(survivors):
     log(f"[{i + 1}/{len(survivors)}] {row['family']} {row['width']}: {row['arch']}")
     row.update(static_scores(config, row["arch"]))
@@ -324,7 +400,7 @@ def _plot(path: str, scored: list[dict], fronts: dict, backend: str) -> None:
   for ax, key, label in ((axes[0], "capacity_gbit", "capacity (Gbit, 2 bits/parameter)"),
                          (axes[1], "efficiency", f"tile efficiency ({backend})")):
     for family, color, marker in ((PI, "tab:blue", "o"), (BASELINE, "tab:orange", "s")):
-      rows = [r for r in scored if r["family"] == family]
+      rows = [r for r in scored if r["family"] == family and math.isfinite(r["proxy_loss"])]
       ax.scatter([r[key] for r in rows], [r["proxy_loss"] for r in rows], c=color, marker=marker,
                  label="π-constrained" if family == PI else "power of two")
       for r in rows:
@@ -373,7 +449,7 @@ def write_report(config, workdir: str, result: dict) -> None:
       "objectives": result["objectives"],
       "fronts": {name: [_flat(by_key[key], fronts) for key in keys] for name, keys in fronts.items()},
       "proxy": dict(config.ncas.proxy), "paper_mismatches": result["paper_mismatches"],
-      "seconds": result["seconds"]}
+      "seconds": result["seconds"], "proxy_seconds": sum(r["proxy"]["seconds"] for r in scored)}
   workdir_lib.write_json(os.path.join(workdir, "front.json"), front_json)
   _plot(os.path.join(workdir, "front.png"), scored, fronts, config.ncas.hardware.backend)
   config_dir = os.path.join(workdir, "configs")
@@ -390,6 +466,7 @@ def write_report(config, workdir: str, result: dict) -> None:
     with open(os.path.join(config_dir, name + ".py"), "w", encoding="utf-8") as f:
       f.write(complete_lib.config_file_text(row["arch"], name, summary))
   p = config.ncas.proxy
+  diverged = [r for r in scored if "diverged" in r["proxy"]]
   mismatches = "\n".join(f"- {m['row']}: {m['field']} is {m['paper']} in the paper, {m['rules']} by the rules"
                          for m in result["paper_mismatches"]) or "- none"
   report = [
@@ -400,8 +477,14 @@ def write_report(config, workdir: str, result: dict) -> None:
       f"survive.",
       f"Proxy: width / {p.scale}, {p.num_layers} layers, context {p.seq_len}, {p.steps} steps of "
       f"{p.tokens_per_batch} tokens ({p.steps * p.tokens_per_batch} tokens) on {dict(config.data.domains)}.",
-      f"Objectives: {OBJECTIVES_TEXT}. Wall time {result['seconds']:.0f} s.", "",
+      f"Objectives: {OBJECTIVES_TEXT}.",
+      f"Wall time: the {len(scored)} proxies trained for {front_json['proxy_seconds']:.0f} s in all (each over all "
+      f"its invocations); this invocation reused {sum(bool(r['proxy'].get('reused')) for r in scored)} of them "
+      f"and took {result['seconds']:.0f} s.", "",
       f"Pareto front, π family: {fronts['pi']}; power-of-two family: {fronts['power_of_two']}; both pooled: "
-      f"{fronts['joint']}.", "", "Completion rules against the paper's rows:", mismatches, "", table_md]
+      f"{fronts['joint']}."] + ([
+      "Diverged proxies (no proxy loss, so on no front): "
+      + "; ".join(f"{row_key(r)} ({r['proxy']['diverged']})" for r in diverged) + "."] if diverged else []) + [
+      "", "Completion rules against the paper's rows:", mismatches, "", table_md]
   with open(os.path.join(workdir, "report.md"), "w", encoding="utf-8") as f:
     f.write("\n".join(report))

@@ -1,0 +1,311 @@
+"""The π-constrained architecture search end to end: the smoke search and its report, proxies reused, refused,
+stopped and diverged, and the command line."""
+import copy
+import csv
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+
+from diffmoe_jax import config as config_lib, validation
+from diffmoe_jax import data, estimate
+from diffmoe_jax.config import ConfigError
+from diffmoe_jax.ncas import complete, scores, search
+from diffmoe_jax.train.workdir import WorkdirError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_cli_output_closed_early_ends_quietly(tmp_path):
+  """`python -m diffmoe_jax.ncas ... | head -1` ended with a BrokenPipeError traceback."""
+  proc = subprocess.Popen([sys.executable, "-m", "diffmoe_jax.ncas", "--config=configs/ncas_smoke.py",
+                           f"--workdir={tmp_path}"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+  proc.stdout.close()  # the reader is gone before the first line
+  stderr = proc.communicate(timeout=120)[1]
+  assert proc.returncode == 141 and "Traceback" not in stderr, stderr[-2000:]
+
+
+def test_a_scale_with_no_proxy_head_layout_names_the_field(tmp_path):
+  c = search.defaults()
+  c.ncas.proxy.scale = 16  # 2592 / 16 = 162 is not a multiple of 4
+  with pytest.raises(ConfigError, match=r"config\.ncas\.proxy\.scale.*2592"):
+    search.run(c, str(tmp_path), log=lambda line: None)
+
+
+def smoke_config():
+  c = search.defaults()
+  c.ncas.space.update(min_width=2304, max_width=2592, step=288)  # 2304 and 2592
+  c.ncas.baseline = False
+  c.ncas.proxy.update(scale=24, seq_len=16, tokens_per_batch=128, steps=6, eval_batches=1)
+  return c
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("ncas"))
+  lines = []
+  return workdir, search.run(smoke_config(), workdir, log=lines.append), lines
+
+
+def test_a_proxy_too_large_for_the_machine_is_refused_before_any_trains(tmp_path, monkeypatch):
+  """The search trains through loop.train, which has no memory preflight: a proxy too large (a wide search
+  space) ran out of memory when the search reached it, after the smaller ones had trained."""
+  from diffmoe_jax.train import loop, preflight
+  monkeypatch.setattr(data, "build_corpus", lambda *args: pytest.fail("the data was built before refusing"))
+  monkeypatch.setattr(loop, "train", lambda *args, **kwargs: pytest.fail("trained before refusing"))
+  monkeypatch.setattr(preflight, "available_bytes_per_device", lambda: 2**20)
+  with pytest.raises(preflight.InsufficientMemoryError, match=r"^the proxy pi_2304: This config needs about .*; lower "
+                     r"config\.ncas\.space\.max_width, or raise config\.ncas\.proxy\.scale \(a smaller proxy\)\.$"):
+    search.run(smoke_config(), str(tmp_path), log=lambda line: None)
+
+
+def test_smoke_search_writes_the_report(smoke):
+  workdir, result, lines = smoke
+  with open(os.path.join(workdir, "table.csv")) as f:
+    table = list(csv.DictReader(f))
+  assert [int(r["width"]) for r in table] == [2304, 2592]
+  assert all(float(r["proxy_loss"]) > 0 for r in table)
+  with open(os.path.join(workdir, "front.json")) as f:
+    front = json.load(f)
+  assert {r["width"] for r in front["fronts"]["pi"]} == {int(k.split("_")[1]) for k in result["fronts"]["pi"]}
+  assert os.path.getsize(os.path.join(workdir, "front.png")) > 1000
+  assert any(line.startswith("[2/2]") for line in lines)
+  assert lines[0].endswith("; 2 to score.")  # ncas.baseline is off
+  with open(os.path.join(workdir, "proxies", "pi_2304", "result.json")) as f:
+    assert json.load(f)["data"] == data.build_corpus(smoke_config().data).fingerprint
+
+
+def test_resume_skips_finished_proxies(smoke, monkeypatch):
+  workdir, result, _ = smoke
+  from diffmoe_jax.train import loop
+
+  def no_training(*args, **kwargs):
+    raise AssertionError("a finished proxy was trained again")
+
+  monkeypatch.setattr(loop, "train", no_training)
+  again = search.run(smoke_config(), workdir, log=lambda line: None)
+  assert again["fronts"] == result["fronts"]
+  assert [r.get("proxy_loss") for r in again["rows"]] == [r.get("proxy_loss") for r in result["rows"]]
+  # The report's time is the proxies' training, not the few seconds of this rerun ("Wall time 4 s." before).
+  trained = 0.0
+  for name in ("pi_2304", "pi_2592"):
+    with open(os.path.join(workdir, "proxies", name, "result.json")) as f:
+      trained += json.load(f)["seconds"]
+  with open(os.path.join(workdir, "report.md")) as f:
+    report = f.read()
+  assert (f"Wall time: the 2 proxies trained for {trained:.0f} s in all (each over all its invocations); this "
+          f"invocation reused 2 of them and took {again['seconds']:.0f} s.") in report
+  with open(os.path.join(workdir, "front.json")) as f:
+    assert json.load(f)["proxy_seconds"] == pytest.approx(trained)
+
+
+def test_emitted_configs_validate_and_build(smoke):
+  workdir, result, _ = smoke
+  paths = sorted(os.listdir(os.path.join(workdir, "configs")))
+  assert paths == sorted(f"ncas_{k.split('_')[1]}.py" for k in dict.fromkeys(result["fronts"]["pi"] + result["fronts"]["joint"]))
+  rows = {r["width"]: r for r in result["rows"]}
+  for path in paths:
+    c = validation.validate(config_lib.load_file(os.path.join(workdir, "configs", path)))
+    width = c.model.d_model
+    assert dataclasses.astuple(rows[width]["arch"]) == (width, c.model.num_layers, c.model.num_heads, c.model.head_dim,
+                                                         c.model.moe.num_experts, c.model.moe.top_k,
+                                                         c.model.moe.expert_ffn_dim, c.model.max_seq_len)
+    assert estimate.count_params(c.model).total == rows[width]["total_params"]  # builds the model (eval_shape)
+
+
+def test_cli_reports_an_unknown_rule_in_one_line():
+  proc = subprocess.run([sys.executable, "-m", "diffmoe_jax.ncas", "--config=configs/ncas.py",
+                         "--config.ncas.rules.enabled=('three_smooth','prime_width')", "--workdir=/nonexistent/x"],
+                        cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 1
+  assert proc.stderr.strip().splitlines()[-1].startswith("error: config.ncas.rules.enabled:")
+  assert "Traceback" not in proc.stderr
+
+
+def test_a_stopped_proxy_stops_the_search_resumably(tmp_path, monkeypatch):
+  """A first Ctrl-C or SIGTERM stops the proxy's training with a checkpoint and no evaluation: the search
+  stops too (it read the missing validation loss before) and writes no result for that proxy."""
+  from diffmoe_jax.train import loop
+  monkeypatch.setattr(loop, "train", lambda *args, **kwargs: loop.RunResult(final_step=3, stopped="SIGTERM",
+                                                                            eval={}))
+  config = smoke_config()
+  arch = complete.complete(2304, search.completion_rules(config.ncas))
+  with pytest.raises(search.SearchStopped, match="the proxy pi_2304 stopped early \\(SIGTERM\\); finished proxies "
+                     "are kept, rerun the same command to resume"):
+    search.train_proxy(config, arch, "pi", str(tmp_path), corpus=None, log=lambda line: None)
+  assert not os.path.exists(tmp_path / "proxies" / "pi_2304" / "result.json")
+
+
+def test_a_signal_during_a_proxys_last_step_stops_the_search_after_that_proxy(tmp_path, monkeypatch):
+  """The loop finishes a proxy whose last step received a SIGTERM: the search went on to the next proxy."""
+  from diffmoe_jax.train import loop
+
+  def train(config, run_dir, corpus):
+    os.makedirs(run_dir)
+    return loop.RunResult(final_step=6, stopped=None, eval={"loss": 3.0}, received_signal="SIGTERM")
+
+  monkeypatch.setattr(loop, "train", train)
+  config = smoke_config()
+  arch = complete.complete(2304, search.completion_rules(config.ncas))
+  with pytest.raises(search.SearchStopped, match="SIGTERM received as the proxy pi_2304 finished; finished proxies "
+                     "are kept, rerun the same command to resume"):
+    search.train_proxy(config, arch, "pi", str(tmp_path), corpus=types.SimpleNamespace(fingerprint={}),
+                       log=lambda line: None)
+  assert os.path.exists(tmp_path / "proxies" / "pi_2304" / "result.json")
+
+
+def test_a_diverged_proxy_is_a_result_on_no_front_and_the_search_goes_on(smoke, tmp_path, monkeypatch):
+  """A proxy stopped by non-finite updates ended the search with the training config's advice (optimizer.peak_lr,
+  --config.train.allow_config_change), which a search config has no field for; a rerun resumed it into the same
+  stop, so no search could pass that width."""
+  from diffmoe_jax.train import loop
+
+  def train(config, run_dir, corpus):
+    os.makedirs(run_dir)
+    with open(os.path.join(run_dir, "train_seconds.json"), "w") as f:
+      json.dump({"seconds": 12.5}, f)
+    raise loop.TrainingStopped("11 non-finite updates in a row up to step 12 (train.max_nonfinite_in_a_row is 10): "
+                               "training stopped. Skipped updates never touch the weights. Change optimizer.peak_lr.")
+
+  monkeypatch.setattr(loop, "train", train)
+  config = smoke_config()
+  arch = complete.complete(2304, search.completion_rules(config.ncas))
+  corpus = types.SimpleNamespace(fingerprint={"code": "k1"})
+  lines = []
+  result = search.train_proxy(config, arch, "pi", str(tmp_path), corpus, log=lines.append)
+  reason = "11 non-finite updates in a row up to step 12 (train.max_nonfinite_in_a_row is 10): training stopped"
+  assert np.isnan(result["loss"]) and result["diverged"] == reason and result["seconds"] == 12.5
+  assert lines == [f"  pi_2304: diverged ({reason}), so it has no proxy loss and is on no Pareto front; a lower "
+                   "config.ncas.proxy.peak_lr in a new --workdir trains every proxy again."]
+  lines.clear()
+  again = search.train_proxy(config, arch, "pi", str(tmp_path), corpus, log=lines.append)  # not trained again
+  assert np.isnan(again["loss"]) and lines == [f"  pi_2304: diverged before ({reason}), no proxy loss"]
+  # The report: the front leaves it out, report.md names it, the plot draws the rest.
+  _, smoke_result, _ = smoke
+  rows = copy.deepcopy(smoke_result["rows"])
+  rows[0].update(proxy=again, proxy_loss=again["loss"])
+  assert [rows[i]["width"] for i in scores.pareto_front(rows, smoke_result["objectives"])] == [2592]
+  fronts = {"pi": ["pi_2592"], "power_of_two": [], "joint": ["pi_2592"]}
+  search.write_report(config, str(tmp_path), {**smoke_result, "rows": rows, "fronts": fronts})
+  with open(tmp_path / "report.md") as f:
+    assert f"Diverged proxies (no proxy loss, so on no front): pi_2304 ({reason})." in f.read()
+  assert os.path.getsize(tmp_path / "front.png") > 1000
+
+
+def test_a_proxy_finished_with_another_config_is_not_reused(smoke):
+  workdir, _, _ = smoke
+  config = smoke_config()
+  config.ncas.proxy.steps = 7
+  arch = complete.complete(2304, search.completion_rules(config.ncas))
+  with pytest.raises(ConfigError, match=r"proxies/pi_2304 finished with another proxy config \(config\.curriculum\."
+                     r"\w+\.steps: \d+ there, \d+ now\); pass a new --workdir"):
+    search.train_proxy(config, arch, "pi", workdir, corpus=None, log=lambda line: None)
+
+
+def test_cli_workdir_that_is_a_file_or_empty_is_one_line(tmp_path):
+  a_file = tmp_path / "a_file"
+  a_file.write_text("")
+  for workdir, message in ((a_file, f"error: The workdir {a_file} is a file, not a directory"),
+                           ("", "error: The workdir is empty; pass the run's directory")):
+    proc = subprocess.run([sys.executable, "-m", "diffmoe_jax.ncas", "--config=configs/ncas.py",
+                           f"--workdir={workdir}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(message), proc.stderr[-2000:]
+
+
+def finished_proxy(workdir, config, record: dict, width: int = 2304):
+  """Writes a result.json for the proxy pi_<width> of `config`, as a finished one has, plus `record`."""
+  arch = complete.complete(width, search.completion_rules(config.ncas))
+  run_dir = os.path.join(workdir, "proxies", f"pi_{width}")
+  os.makedirs(run_dir)
+  with open(os.path.join(run_dir, "result.json"), "w") as f:
+    json.dump({"loss": 3.0, "config": json.loads(search.proxy_config(config, arch, f"pi_{width}").to_json_best_effort()),
+               **record}, f)
+  return arch, run_dir
+
+
+def test_a_proxy_finished_with_other_settings_is_refused_before_any_proxy_trains(tmp_path, monkeypatch):
+  """It was refused when the search reached it: the proxies before it trained first, with the new settings, into
+  a workdir holding the earlier search's."""
+  from diffmoe_jax.train import loop
+  monkeypatch.setattr(loop, "train", lambda *args, **kwargs: pytest.fail("a proxy trained before the refusal"))
+  earlier = smoke_config()
+  earlier.ncas.proxy.peak_lr = 1e-3
+  _, run_dir = finished_proxy(str(tmp_path), earlier, {}, width=2592)
+  with pytest.raises(ConfigError, match=re.escape(f"{run_dir} finished with another proxy config "
+                                                  "(config.optimizer.peak_lr: 0.001 there, 0.003 now)")):
+    search.run(smoke_config(), str(tmp_path), log=lambda line: None)
+
+
+def test_a_proxy_finished_on_other_data_is_not_reused(tmp_path):
+  config = smoke_config()
+  arch, run_dir = finished_proxy(str(tmp_path), config, {"data": {"code": "k1", "docs": "k2"}})
+  changed = types.SimpleNamespace(fingerprint={"code": "k1", "docs": "k3"})  # a file added to docs
+  with pytest.raises(WorkdirError, match=re.escape(
+      f"{run_dir} finished on other training data (config.data.domains.docs: its files changed since); pass a "
+      "new --workdir, or delete that run to train it again.")):
+    search.train_proxy(config, arch, "pi", str(tmp_path), changed, log=lambda line: None)
+  same = types.SimpleNamespace(fingerprint={"code": "k1", "docs": "k2"})
+  assert search.train_proxy(config, arch, "pi", str(tmp_path), same, log=lambda line: None)["loss"] == 3.0
+
+
+def test_a_proxy_result_from_before_data_fingerprints_is_reused_with_a_note(tmp_path):
+  config = smoke_config()
+  arch, run_dir = finished_proxy(str(tmp_path), config, {})
+  lines = []
+  corpus = types.SimpleNamespace(fingerprint={"code": "k1", "docs": "k2"})
+  assert search.train_proxy(config, arch, "pi", str(tmp_path), corpus, log=lines.append)["loss"] == 3.0
+  assert f"note: {run_dir} has no record of its training data, so a change in it could not be checked." in lines
+
+
+def test_a_proxy_result_from_before_config_records_is_reused_with_a_note(tmp_path):
+  """An earlier version's result.json has no config: it was reused without a word, whatever the proxy settings."""
+  config = smoke_config()
+  arch, run_dir = finished_proxy(str(tmp_path), config, {"data": {"code": "k1"}})
+  result_path = os.path.join(run_dir, "result.json")
+  with open(result_path) as f:
+    result = json.load(f)
+  del result["config"]
+  with open(result_path, "w") as f:
+    json.dump(result, f)
+  lines = []
+  corpus = types.SimpleNamespace(fingerprint={"code": "k1"})
+  assert search.train_proxy(config, arch, "pi", str(tmp_path), corpus, log=lines.append)["loss"] == 3.0
+  assert lines[0] == f"note: {run_dir} has no record of its proxy config, so a change in it could not be checked."
+
+
+def test_a_damaged_proxy_result_is_one_error_naming_it(tmp_path):
+  config = smoke_config()
+  arch, run_dir = finished_proxy(str(tmp_path), config, {})
+  path = os.path.join(run_dir, "result.json")
+  with open(path, "w") as f:
+    f.write('{"loss": 3.9')  # cut short
+  with pytest.raises(WorkdirError, match=re.escape(f"{path} is damaged (") + r".*\); delete it to train that run "
+                     r"again\.$"):
+    search.train_proxy(config, arch, "pi", str(tmp_path), corpus=None, log=lambda line: None)
+
+
+def test_a_report_dir_that_is_a_file_names_the_flag(tmp_path):
+  a_file = tmp_path / "a_file"
+  a_file.write_text("")
+  with pytest.raises(WorkdirError, match=re.escape(f"The report_dir {a_file} is a file, not a directory; pass "
+                                                   "another --report_dir.")):
+    search.run(smoke_config(), str(tmp_path / "runs"), log=lambda line: None, report_dir=str(a_file))
+
+
+def test_rewriting_the_report_removes_configs_of_points_no_longer_on_the_front(smoke, tmp_path):
+  _, result, _ = smoke
+  configs = tmp_path / "configs"
+  configs.mkdir()
+  (configs / "ncas_9216.py").write_text("# a Pareto point of an earlier search")
+  (configs / "mine.py").write_text("# the user's")
+  search.write_report(smoke_config(), str(tmp_path), result)
+  front = [f"ncas_{k.split('_')[1]}.py" for k in dict.fromkeys(result["fronts"]["pi"] + result["fronts"]["joint"])]
+  assert sorted(os.listdir(configs)) == sorted(front + ["mine.py"])
