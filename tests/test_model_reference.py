@@ -8,6 +8,7 @@ sequence, earlier tokens first), mixture-of-depths top-k per sequence with the s
 causal predictor, and the auxiliary losses (Switch load balance, router z-loss, the predictor's BCE), each a
 mean over the layers it applies to, the first two pooled over the batch.
 """
+import functools
 import math
 
 import flax.linen as nn
@@ -218,3 +219,40 @@ def test_the_model_equals_a_float64_numpy_forward_pass(make_config, variant):
     if m.ffn == "moe":
       assert (dropped > 0).any() == train, dropped  # capacity dispatch dropped in training, never at evaluation
       np.testing.assert_array_equal(np.asarray(aux["layers"]["dropped_fraction"]) > 0, dropped > 0)
+
+
+def test_training_gradients_equal_central_differences_of_the_numpy_forward_pass(make_config):
+  """jax.grad of the training loss (logits against a random cotangent plus weighted router losses) against
+  float64 central differences of the reference: λ vectors, routers (through the gate weights, the λ mix and
+  the losses), the mixture-of-depths score (through the sigmoid) and feature weights."""
+  cfg = make_config(num_layers=2, **{"moe.capacity_factor": 0.75})
+  m = cfg.model
+  model = model_lib.build_model(m)
+  tokens = np.random.default_rng(0).integers(0, m.vocab_size, (B, T)).astype(np.int32)
+  rngs = {"params": jax.random.PRNGKey(0), "noise": jax.random.PRNGKey(1)}
+  params = nn.unbox(jax.jit(lambda: model.init(rngs, jnp.asarray(tokens)))())["params"]
+  cotangent = np.random.default_rng(1).normal(size=(B, T, m.vocab_size))
+
+  def loss(p):
+    logits, aux = model.apply({"params": p}, jnp.asarray(tokens), train=True, mod_mode="topk", mod_capacity=0.5,
+                              router_noise_std=0.0, rngs={"noise": jax.random.PRNGKey(2)})
+    return jnp.sum(logits * cotangent) + 3.0 * aux["losses"]["load_balance"] + 2.0 * aux["losses"]["router_z"]
+
+  def reference_loss(p):
+    logits, losses, _ = reference_forward(m, p, tokens, train=True, mod_mode="topk", mod_capacity=0.5)
+    return np.sum(logits * cotangent) + 3.0 * losses["load_balance"] + 2.0 * losses["router_z"]
+
+  grads = jax.jit(jax.grad(loss))(params)
+  params64 = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+  for *path, index in (("layer_0", "block", "attention", "lambda_q1", (0, 1, 3)),
+                       ("layer_1", "block", "moe", "router", (0, 7, 3)),
+                       ("layer_1", "mod_router", "score", (0, 4)),
+                       ("layer_0", "block", "attention", "wq", (0, 3, 1, 17))):
+    at = lambda tree: functools.reduce(lambda node, key: node[key], ["groups", *path], tree)
+    sides = []
+    for step in (1e-5, -1e-5):
+      moved = jax.tree.map(np.copy, params64)
+      at(moved)[index] += step
+      sides.append(reference_loss(moved))
+    np.testing.assert_allclose(float(at(grads)[index]), (sides[0] - sides[1]) / 2e-5, rtol=1e-4, atol=1e-5,
+                               err_msg="/".join(path))
