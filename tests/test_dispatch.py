@@ -1,5 +1,7 @@
 """MoE dispatch/combine (capacity and dropless) against a per-token float64 loop over experts."""
 import functools
+import math
+from fractions import Fraction
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +33,11 @@ def make_inputs(seed, activation, expert_probs=None):
     params["w_gate"] = rng.normal(size=(E, D, F)) / np.sqrt(D)
   params = {name: p.astype(np.float32) for name, p in params.items()}
   return x, weights, experts.reshape(B, T, K).astype(np.int32), params
+
+
+def slots(t, k, e, capacity_factor):
+  """ceil(capacity_factor · T · k / E) in exact rational arithmetic, at least 1 and at most T."""
+  return min(t, max(1, math.ceil(Fraction(str(capacity_factor)) * t * k / e)))
 
 
 def expected_kept(experts, capacity, token_mask=None, num_experts=E):
@@ -73,7 +80,7 @@ def naive_jnp(x, weights, w_in, w_out, w_gate, *, experts, activation, kept):
   """The same formula densely in jnp (every expert on every token), for reference gradients."""
   h = jnp.einsum("btd,edf->btef", x, w_in)
   if activation == "gelu":
-    h = dispatch.gelu(h)
+    h = 0.5 * h * (1 + jnp.tanh(np.sqrt(2 / np.pi) * (h + 0.044715 * h**3)))
   else:
     h = jax.nn.silu(jnp.einsum("btd,edf->btef", x, w_gate)) * h
   out = jnp.einsum("btef,efd->bted", h, w_out)
@@ -135,7 +142,7 @@ def test_masked_tokens_take_no_slot_and_contribute_nothing(mode, impl, capacity_
   x, weights, experts, params = make_inputs(12, "gelu", expert_probs=[0.45, 0.35, 0.1, 0.1])
   token_mask = np.random.default_rng(13).uniform(size=(B, T)) < 0.5
   token_mask[:, 0] = False  # the earliest token, which would win any slot it asked for
-  capacity = dispatch.moe_capacity(T, K, E, capacity_factor) if mode == "capacity" else T
+  capacity = slots(T, K, E, capacity_factor) if mode == "capacity" else T
   kept = expected_kept(experts, capacity, token_mask)
   fn = jax.jit(functools.partial(dispatch.moe_ffn, activation="gelu", mode=mode,
                                  capacity_factor=capacity_factor, dropless_impl=impl))
@@ -161,7 +168,7 @@ def test_huge_capacity_equals_dropless():
 @pytest.mark.parametrize("mode,impl,capacity_factor", [("capacity", "padded", 0.5)] + IMPLS[1:])
 def test_gradients_match_naive_jnp(activation, mode, impl, capacity_factor):
   x, weights, experts, params = make_inputs(4, activation, expert_probs=[0.45, 0.35, 0.1, 0.1])
-  kept = expected_kept(experts, dispatch.moe_capacity(T, K, E, capacity_factor) if mode == "capacity" else T)
+  kept = expected_kept(experts, slots(T, K, E, capacity_factor) if mode == "capacity" else T)
   cot = jnp.asarray(np.random.default_rng(5).normal(size=(B, T, D)), jnp.float32)
   w_gate = params.get("w_gate")
   args = (jnp.asarray(x), jnp.asarray(weights), params["w_in"], params["w_out"], w_gate)
@@ -232,7 +239,7 @@ def test_bfloat16_follows_x():
   bf16 = {name: jnp.asarray(p, jnp.bfloat16) for name, p in params.items()}
   y, _ = run_moe(jnp.asarray(x, jnp.bfloat16), weights, experts, bf16, "swiglu", "capacity", "padded", 1.25)
   assert y.dtype == jnp.bfloat16
-  kept = expected_kept(experts, dispatch.moe_capacity(T, K, E, 1.25))
+  kept = expected_kept(experts, slots(T, K, E, 1.25))
   ref = reference_moe(x, weights, experts, params, "swiglu", kept)
   np.testing.assert_allclose(np.asarray(y, np.float32), ref, rtol=5e-2, atol=5e-2)
 
@@ -244,6 +251,11 @@ def test_moe_capacity():
   assert dispatch.moe_capacity(12, 2, 4, 100.0) == 12  # never more slots than tokens
   assert dispatch.moe_capacity(4, 1, 64, 1.0) == 1
   assert isinstance(dispatch.moe_capacity(512, 2, 9, 1.25), int)
+  # Decimal factors whose binary products land just above an integer (0.3 · 10 = 3.0000000000000004) round
+  # as the exact product does.
+  for cf in (0.3, 0.35, 0.7, 1.1, 1.15, 1.25, 3.3):
+    for t, k, e in ((7, 1, 3), (10, 2, 4), (20, 3, 9), (512, 2, 9), (8192, 2, 6)):
+      assert dispatch.moe_capacity(t, k, e, cf) == slots(t, k, e, cf), (t, k, e, cf)
 
 
 def test_resolve_dropless_impl():
@@ -324,7 +336,7 @@ def test_edge_cases_match_the_loop(edge):
   params = {"w_in": (rng.normal(size=(e, D, F)) / np.sqrt(D)).astype(np.float32),
             "w_out": (rng.normal(size=(e, F, D)) / np.sqrt(F)).astype(np.float32)}
   mode = "dropless" if capacity_factor is None else "capacity"
-  capacity = t if mode == "dropless" else dispatch.moe_capacity(t, k, e, capacity_factor)
+  capacity = t if mode == "dropless" else slots(t, k, e, capacity_factor)
   if edge.startswith("C = T·k/E"):
     assert capacity == t * k // e - (edge.endswith("- 1"))
   kept = expected_kept(experts, capacity, num_experts=e)
