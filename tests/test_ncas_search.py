@@ -66,6 +66,24 @@ def test_a_proxy_too_large_for_the_machine_is_refused_before_any_trains(tmp_path
     search.run(smoke_config(), str(tmp_path), log=lambda line: None)
 
 
+@pytest.mark.parametrize("min_width, baseline, first_line", [
+    (2304, True, "; 2 to score."),  # no power of two in the range: it said "(with the power-of-two baseline)"
+    (2048, True, "; 3 to score (1 of them the power-of-two baseline)."),
+    (2048, False, "; 2 to score."),
+])
+def test_the_first_line_counts_the_baseline_widths_it_scores(tmp_path, monkeypatch, min_width, baseline,
+                                                             first_line):
+  from diffmoe_jax.train import preflight
+  monkeypatch.setattr(preflight, "available_bytes_per_device", lambda: 2**20)  # stops the search after the line
+  config = smoke_config()
+  config.ncas.space.min_width, config.ncas.baseline = min_width, baseline
+  config.ncas.proxy.scale = 8  # a proxy layout for 2048 too
+  lines = []
+  with pytest.raises(preflight.InsufficientMemoryError):
+    search.run(config, str(tmp_path), log=lines.append)
+  assert lines[0].endswith(first_line), lines[0]
+
+
 def test_smoke_search_writes_the_report(smoke):
   workdir, result, lines = smoke
   with open(os.path.join(workdir, "table.csv")) as f:

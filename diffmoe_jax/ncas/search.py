@@ -334,9 +334,11 @@ def run(config, workdir: str, log=print, report_dir: str = "") -> dict:
   rows = screen(config)
   pi_rows = [r for r in rows if r["family"] == PI]
   survivors = [r for r in rows if evaluated(r)]
-  log(f"{len(pi_rows)} candidate widths, {sum(r['rejected_by'] is None for r in pi_rows)} pass the rules "
+  pi_rows_kept = [r for r in pi_rows if r["rejected_by"] is None]
+  log(f"{len(pi_rows)} candidate widths, {len(pi_rows_kept)} pass the rules "
       f"{list(config.ncas.rules.enabled)}; {len(survivors)} to score"
-      + (" (with the power-of-two baseline)." if config.ncas.baseline else "."))
+      + (f" ({len(survivors) - len(pi_rows_kept)} of them the power-of-two baseline)."
+         if len(survivors) > len(pi_rows_kept) else "."))
   rules = completion_rules(config.ncas)
   for row in survivors:  # completion and proxy layout first, so a bad setting fails before any training
     row["arch"] = complete_lib.complete(row["width"], rules)
