@@ -22,6 +22,11 @@ def test_a_mesh_that_cannot_split_a_dimension_is_named(make_config, model, mesh,
   config = make_config(**model)
   config.curriculum.tokens_per_batch = 512
   config.mesh.shape.update(mesh)
+  assert_refused_before_building(config, message)
+  assert len(jax.devices()) == 8
+
+
+def assert_refused_before_building(config, message):
   validate(config)
   with pytest.raises(ConfigError, match=message):  # the memory preflight, before anything is built
     estimate.training_memory_per_device(config, parallel.mesh_shape(config.mesh, 8))
@@ -29,7 +34,6 @@ def test_a_mesh_that_cannot_split_a_dimension_is_named(make_config, model, mesh,
   with pytest.raises(ConfigError, match=message):  # and the trainer's state, before compiling
     state_lib.create_state(net, state_lib.make_optimizer(config.optimizer), parallel.make_mesh(config.mesh),
                            parallel.axis_rules(config.mesh), seed=0, seq_len=8)
-  assert len(jax.devices()) == 8
 
 
 @pytest.mark.parametrize("rules, mesh, message", [
@@ -45,13 +49,7 @@ def test_rules_that_map_two_axes_of_an_array_to_one_mesh_axis_are_named(make_con
   config.curriculum.tokens_per_batch = 512
   config.mesh.shape.update(mesh)
   config.mesh.axis_rules = tuple((name, rules.get(name, axes)) for name, axes in config.mesh.axis_rules)
-  validate(config)
-  with pytest.raises(ConfigError, match=message):  # the memory preflight, before anything is built
-    estimate.training_memory_per_device(config, parallel.mesh_shape(config.mesh, 8))
-  net = model_lib.build_model(config.model)
-  with pytest.raises(ConfigError, match=message):  # and the trainer's state, before compiling
-    state_lib.create_state(net, state_lib.make_optimizer(config.optimizer), parallel.make_mesh(config.mesh),
-                           parallel.axis_rules(config.mesh), seed=0, seq_len=8)
+  assert_refused_before_building(config, message)
 
 
 @pytest.mark.parametrize("change, message", [
