@@ -203,11 +203,10 @@ def bench_train(args: argparse.Namespace) -> None:
   settings = curriculum.settings(phase.start)
   model = model_lib.build_model(config.model)
   optimizer = state_lib.make_optimizer(config.optimizer)
-  state = jax.jit(lambda r: nn.unbox(state_lib.init_fn(model, optimizer, phase.seq_len)(r)))(
-      jax.random.PRNGKey(0))
-  step = jax.jit(step_lib.make_train_step(model, optimizer, mod_mode=settings.mod_mode,
-                                          mod_capacity=settings.mod_capacity,
-                                          grad_accum_steps=config.optimizer.grad_accum_steps), donate_argnums=0)
+  init = state_lib.init_fn(model, optimizer, phase.seq_len, config.train.loss_scale_init)
+  state = jax.jit(lambda r: nn.unbox(init(r)))(jax.random.PRNGKey(config.seed))
+  step = jax.jit(step_lib.config_train_step(config, model, optimizer, mod_mode=settings.mod_mode,
+                                            mod_capacity=settings.mod_capacity), donate_argnums=0)
   corpus = data.build_corpus(config.data)
   dataset = data.train_dataset(corpus, seed=0, seq_len=phase.seq_len, batch_size=phase.batch_size,
                                domain_weights=dict(phase.domain_weights))
@@ -364,7 +363,7 @@ def main(argv: list[str] | None = None) -> None:
   args = parser.parse_args(argv)
   from diffmoe_jax.data import DataError
   try:
-    _check_and_run(args, parser)
+    _check_and_run(args, commands.choices[args.command])  # a mistake is shown with its subcommand's usage
   except (config_lib.ConfigError, DataError) as e:  # a config file or data mistake: one line, as the other commands
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
@@ -391,9 +390,14 @@ def _check_and_run(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     parser.error(f"argument --top-k: {args.top_k} exceeds --experts ({args.experts})")
   if args.command == "train":
     from diffmoe_jax.train.curriculum import Curriculum
-    phases = [p.name for p in Curriculum(config_lib.load_file(args.config)).phases]
+    config = config_lib.load_file(args.config)
+    phases = {p.name: p for p in Curriculum(config).phases}
     if args.phase not in phases:
-      parser.error(f"argument --phase: {args.phase!r} is not a phase of {args.config}; choose from {phases}")
+      parser.error(f"argument --phase: {args.phase!r} is not a phase of {args.config}; choose from {list(phases)}")
+    batch, accum = args.batch or phases[args.phase].batch_size, config.optimizer.grad_accum_steps
+    if batch % accum:
+      parser.error(f"argument --batch: {batch} sequences do not split into the {accum} micro-batches of "
+                   f"optimizer.grad_accum_steps in {args.config}; give a multiple of {accum}")
   if args.command in ("train", "compile") and args.seq_len:
     given = getattr(args, "max_seq_len", 0)  # (train has --max-seq-len, compile does not)
     context = given or config_lib.load_file(args.config).model.max_seq_len

@@ -72,3 +72,69 @@ def test_gpu_kernel_flags_are_refused_where_the_step_does_not_run_the_kernels(ar
   err = capsys.readouterr().err
   assert info.value.code == 2 and not ran
   assert f"argument {argv[0]}: sets the GPU attention kernels, which this step does not run (attention " in err, err
+
+
+CONFIG = f"""from diffmoe_jax import config as config_lib
+
+def get_config():
+  c = config_lib.load_file({os.path.join(ROOT, "configs", "tiny.py")!r})
+  c.model.num_layers = 2
+  c.optimizer.grad_accum_steps = 2
+  c.train.update(loss_scale_init=8.0, loss_scale_growth_interval=3, loss_scale_min=2.0)
+  return c
+"""
+
+
+@pytest.fixture(scope="module")
+def config_path(tmp_path_factory):
+  path = tmp_path_factory.mktemp("bench") / "config.py"
+  path.write_text(CONFIG)
+  return str(path)
+
+
+@pytest.fixture(scope="module")
+def train_run(config_path):
+  """`bench train` and `bench attention --train-lengths` of a config with gradient accumulation, its own
+  loss-scale settings: (bench train's output, {"step" / "init": the arguments of each train step and
+  state init they built})."""
+  import contextlib
+  import inspect
+  import io
+  from diffmoe_jax.train import state as state_lib, step as step_lib
+  built = {"step": [], "init": []}
+
+  def recorded(name, fn):
+    def wrapper(*args, **kwargs):
+      caller = os.path.basename(sys._getframe(1).f_code.co_filename)
+      if name == "step" or caller.startswith("bench"):  # (not estimate's abstract state)
+        built[name].append(inspect.signature(fn).bind(*args, **kwargs).arguments)
+      return fn(*args, **kwargs)
+    return wrapper
+  out = io.StringIO()
+  with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(out):
+    patch.setattr(step_lib, "make_train_step", recorded("step", step_lib.make_train_step))
+    patch.setattr(state_lib, "init_fn", recorded("init", state_lib.init_fn))
+    bench.main(["train", "--config", config_path, "--steps", "1", "--data-batches", "1", "--batch", "2", "--seq-len", "16"])
+    train_out = out.getvalue()
+    bench.main(["attention", "--config", config_path, "--no-layer-ratio", "--lengths", "--train-lengths", "16"])
+  return train_out, built
+
+
+def test_bench_train_and_attention_build_the_step_main_trains_with(train_run):
+  """The config's accumulation and float16 loss-scale settings, as the training loop passes them (the scale's
+  growth and floor were the defaults, its start too, and `attention --train-lengths` did not accumulate)."""
+  _, built = train_run
+  keys = ("grad_accum_steps", "loss_scale_growth_interval", "loss_scale_min")
+  steps = [{k: arguments.get(k) for k in keys} for arguments in built["step"]]
+  assert steps == 2 * [{"grad_accum_steps": 2, "loss_scale_growth_interval": 3, "loss_scale_min": 2.0}], steps
+  assert [arguments.get("loss_scale_init") for arguments in built["init"]] == [8.0, 8.0], built["init"]
+
+
+def test_bench_train_refuses_a_batch_the_accumulation_does_not_split(config_path, capsys):
+  """A traceback from a reshape inside the step before."""
+  with pytest.raises(SystemExit) as info:
+    bench.main(["train", "--config", config_path, "--batch", "3"])
+  err = capsys.readouterr().err
+  assert info.value.code == 2 and (
+      "python -m diffmoe_jax.bench train: error: argument --batch: 3 sequences do not split into the 2 micro-batches "
+      "of optimizer.grad_accum_steps") in err, err
