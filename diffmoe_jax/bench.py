@@ -223,7 +223,8 @@ def bench_train(args: argparse.Namespace) -> None:
   tokens = phase.batch_size * phase.seq_len
   flops = estimate.train_flops_per_token(config.model, estimate.count_params(config.model), phase.seq_len,
                                         mod_mode=settings.mod_mode, mod_capacity=settings.mod_capacity)
-  peak = metrics.device_peak_flops()  # the step runs on one device
+  # The step runs on one device: its peak, as main reads it (the config's, else the known or measured one).
+  peak = config.train.peak_flops_per_device or metrics.device_peak_flops()
 
   start = time.perf_counter()
   for i in range(args.data_batches):
@@ -238,10 +239,14 @@ def bench_train(args: argparse.Namespace) -> None:
         f"{' '.join((config.model.remat_policy,) + tuple(config.model.remat_save_names))}, {args.steps} steps")
   print(f"train step  {1e3 * step_seconds:8.1f} ms  {tokens_per_second:10,.0f} tokens/s  "
         f"{flops / 1e6:.2f} MFLOP/token (3x forward)")
-  where = ("this host's measured fp32 matmul rate" if jax.default_backend() == "cpu" else
+  where = ("config.train.peak_flops_per_device" if config.train.peak_flops_per_device else
+           "this host's measured fp32 matmul rate" if jax.default_backend() == "cpu" else
            f"{jax.devices()[0].device_kind}'s 16-bit peak")
-  mfu = f"{flops * tokens_per_second / peak:8.1%}" if peak else "     n/a"
-  print(f"MFU         {mfu}  of {where}, {peak / 1e9:,.1f} GFLOP/s")
+  if peak:
+    print(f"MFU         {flops * tokens_per_second / peak:8.1%}  of {where}, {peak / 1e9:,.1f} GFLOP/s")
+  else:
+    print(f"MFU              n/a  (no known peak of {jax.devices()[0].device_kind}: set train.peak_flops_per_device "
+          "in the config)")
   print(f"data        {data_tokens_per_second:10,.0f} tokens/s  = {data_tokens_per_second / tokens_per_second:,.0f}x "
         f"what the step consumes")
   if args.profile_top:

@@ -80,7 +80,7 @@ def get_config():
   c = config_lib.load_file({os.path.join(ROOT, "configs", "tiny.py")!r})
   c.model.num_layers = 2
   c.optimizer.grad_accum_steps = 2
-  c.train.update(loss_scale_init=8.0, loss_scale_growth_interval=3, loss_scale_min=2.0)
+  c.train.update(loss_scale_init=8.0, loss_scale_growth_interval=3, loss_scale_min=2.0, peak_flops_per_device=1e9)
   return c
 """
 
@@ -95,7 +95,7 @@ def config_path(tmp_path_factory):
 @pytest.fixture(scope="module")
 def train_run(config_path):
   """`bench train` and `bench attention --train-lengths` of a config with gradient accumulation, its own
-  loss-scale settings: (bench train's output, {"step" / "init": the arguments of each train step and
+  loss-scale settings and peak: (bench train's output, {"step" / "init": the arguments of each train step and
   state init they built})."""
   import contextlib
   import inspect
@@ -128,6 +128,18 @@ def test_bench_train_and_attention_build_the_step_main_trains_with(train_run):
   steps = [{k: arguments.get(k) for k in keys} for arguments in built["step"]]
   assert steps == 2 * [{"grad_accum_steps": 2, "loss_scale_growth_interval": 3, "loss_scale_min": 2.0}], steps
   assert [arguments.get("loss_scale_init") for arguments in built["init"]] == [8.0, 8.0], built["init"]
+
+
+def test_bench_train_mfu_is_against_the_configured_peak(train_run):
+  """MFU = FLOPs per token x tokens/s / config.train.peak_flops_per_device, as main logs it (the measured CPU
+  rate was used instead)."""
+  out, _ = train_run
+  tokens_per_s, mflop = re.search(rf"^train step +{NUMBER} ms +({NUMBER}) tokens/s +({NUMBER}) MFLOP/token", out,
+                                  re.MULTILINE).groups()
+  mfu = re.search(r"^MFU +([\d,.]+)% +of config.train.peak_flops_per_device, 1.0 GFLOP/s$", out, re.MULTILINE)
+  assert mfu, out
+  expected = 100 * float(mflop) * 1e6 * float(tokens_per_s.replace(",", "")) / 1e9
+  assert abs(float(mfu.group(1).replace(",", "")) - expected) <= 0.01 * expected, (expected, out)
 
 
 def test_bench_train_refuses_a_batch_the_accumulation_does_not_split(config_path, capsys):
