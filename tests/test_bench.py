@@ -150,3 +150,12 @@ def test_bench_train_refuses_a_batch_the_accumulation_does_not_split(config_path
   assert info.value.code == 2 and (
       "python -m diffmoe_jax.bench train: error: argument --batch: 3 sequences do not split into the 2 micro-batches "
       "of optimizer.grad_accum_steps") in err, err
+
+
+def test_attention_parity_leaves_out_the_standard_attention_baseline(capsys):
+  """standard_flash computes standard attention, not differential attention: its difference from the others
+  (about 3 here) was printed beside theirs as if it were an error."""
+  bench.main(["attention", "--no-layer-ratio", "--lengths", "32", "--block", "16", "--sweep-reps", "1", "--impls",
+              "explicit", "standard_flash", "four_flash_calls"])
+  out = capsys.readouterr().out
+  assert re.search(r"^ +32 .* max \|Δ\| vs explicit: four_flash_calls \d\.\de-0[5-9]$", out, re.MULTILINE), out
