@@ -390,7 +390,7 @@ def _check_gpu_kernels_run(args: argparse.Namespace, parser: argparse.ArgumentPa
 
 
 def _check_and_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-  from diffmoe_jax import bench_kernels
+  from diffmoe_jax import bench_expert_parallel, bench_kernels
   if args.command in ("moe", "expert_parallel") and args.top_k > args.experts:
     parser.error(f"argument --top-k: {args.top_k} exceeds --experts ({args.experts})")
   if args.command == "train":
@@ -412,6 +412,8 @@ def _check_and_run(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
       parser.error(f"argument --seq-len: {args.seq_len} exceeds the context of {context} ({source})")
   if args.command == "kernels":
     bench_kernels.check_args(args, parser)
+  if args.command == "expert_parallel":
+    bench_expert_parallel.check_args(args, parser)
   if args.command == "train" and (args.attention_gpu_backward or args.attention_gpu_launch):
     _check_gpu_kernels_run(args, parser)
   if args.command == "train" and (args.remat_policy == "save_names") != bool(args.remat_save_names):

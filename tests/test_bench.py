@@ -159,3 +159,12 @@ def test_attention_parity_leaves_out_the_standard_attention_baseline(capsys):
               "explicit", "standard_flash", "four_flash_calls"])
   out = capsys.readouterr().out
   assert re.search(r"^ +32 .* max \|Δ\| vs explicit: four_flash_calls \d\.\de-0[5-9]$", out, re.MULTILINE), out
+
+
+def test_expert_parallel_names_the_expert_count_that_does_not_split(capsys):
+  """--experts 6 over 4 devices (of the 8 the tests simulate) was told to simulate devices with XLA_FLAGS."""
+  with pytest.raises(SystemExit) as info:
+    bench.main(["expert_parallel", "--experts", "6"])
+  err = capsys.readouterr().err
+  assert info.value.code == 2 and "error: argument --experts: 6 is not a multiple of --expert-axis (4)" in err, err
+  assert "XLA_FLAGS" not in err, err
