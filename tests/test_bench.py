@@ -112,7 +112,8 @@ def train_run(config_path):
   with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(out):
     patch.setattr(step_lib, "make_train_step", recorded("step", step_lib.make_train_step))
     patch.setattr(state_lib, "init_fn", recorded("init", state_lib.init_fn))
-    bench.main(["train", "--config", config_path, "--steps", "1", "--data-batches", "1", "--batch", "2", "--seq-len", "16"])
+    bench.main(["train", "--config", config_path, "--steps", "1", "--data-batches", "1", "--batch", "2",
+                "--seq-len", "16"])
     train_out = out.getvalue()
     bench.main(["attention", "--config", config_path, "--no-layer-ratio", "--lengths", "--train-lengths", "16"])
   return train_out, built
@@ -206,6 +207,7 @@ def test_compile_times_each_depth_after_a_warm_up_compile(capsys, monkeypatch):
   monkeypatch.setattr(model_lib, "build_model", lambda cfg: built.append(cfg.num_layers) or build(cfg))
   bench.main(["compile", "--layers", "2", "4", "--batch", "1", "--seq-len", "16"])
   out = capsys.readouterr().out
-  for pattern in (rf"^ +2 layers: .* {NUMBER} s$", rf"^ +4 layers: .* {NUMBER} s$", rf"^ratio 4 / 2 layers: {NUMBER}x$"):
+  for pattern in (rf"^ +2 layers: .* {NUMBER} s$", rf"^ +4 layers: .* {NUMBER} s$",
+                  rf"^ratio 4 / 2 layers: {NUMBER}x$"):
     assert re.search(pattern, out, re.MULTILINE), (pattern, out)
   assert built == [2, 2, 4], built  # the untimed compile first
