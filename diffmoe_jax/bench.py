@@ -164,7 +164,7 @@ def bench_compile(args: argparse.Namespace) -> None:
     return time.perf_counter() - start
 
   print(f"config {args.config}, batch {args.batch}, seq_len {args.seq_len}; after an untimed compile of "
-        f"{args.layers[0]} layers (a process's first compile also pays one-time costs: 8% of tiny's)", flush=True)
+        f"{args.layers[0]} layers (a process's first compile also pays one-time costs)", flush=True)
   compile_seconds(args.layers[0])
   seconds = {}
   for layers in args.layers:
