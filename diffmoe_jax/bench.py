@@ -21,7 +21,6 @@ Subcommands:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import math
 import statistics
@@ -185,10 +184,8 @@ def _gpu_launch(text: str) -> tuple[str, str]:
   return kernel, launch
 
 
-def bench_train(args: argparse.Namespace) -> None:
-  from diffmoe_jax import data, estimate
-  from diffmoe_jax.nn import model as model_lib
-  from diffmoe_jax.train import metrics, state as state_lib, step as step_lib
+def _train_config(args: argparse.Namespace):
+  """The config `bench train` runs: the file's with the flags applied, validated; its curriculum and timed phase."""
   from diffmoe_jax.train.curriculum import Curriculum
   config = config_lib.load_file(args.config)
   if args.layers:
@@ -203,10 +200,24 @@ def bench_train(args: argparse.Namespace) -> None:
     config.model.attention_gpu_launch[kernel] = launch
   if args.max_seq_len:
     config.model.max_seq_len = args.max_seq_len
+  # --batch and --seq-len set the timed phase. The other phases are only built, never run: one sequence each
+  # where their own batch would come from curriculum.tokens_per_batch, which a longer context can leave short.
+  for name in config.curriculum.order:
+    p = config.curriculum[name]
+    if name == args.phase:
+      p.update(batch_size=args.batch or p.batch_size, seq_len=args.seq_len or p.seq_len)
+    elif not p.batch_size:
+      p.batch_size = 1
   validation.validate(config)
   curriculum = Curriculum(config)
-  phase = next(p for p in curriculum.phases if p.name == args.phase)
-  phase = dataclasses.replace(phase, batch_size=args.batch or phase.batch_size, seq_len=args.seq_len or phase.seq_len)
+  return config, curriculum, next(p for p in curriculum.phases if p.name == args.phase)
+
+
+def bench_train(args: argparse.Namespace) -> None:
+  from diffmoe_jax import data, estimate
+  from diffmoe_jax.nn import model as model_lib
+  from diffmoe_jax.train import metrics, state as state_lib, step as step_lib
+  config, curriculum, phase = _train_config(args)
   settings = curriculum.settings(phase.start)
   model = model_lib.build_model(config.model)
   optimizer = state_lib.make_optimizer(config.optimizer)
@@ -345,8 +356,10 @@ def main(argv: list[str] | None = None) -> None:
   train.add_argument("--data-batches", type=POSITIVE, default=200)
   train.add_argument("--layers", type=NON_NEGATIVE, default=0,
                      help="model.num_layers for the run (0: the config's), e.g. a PI-P-shaped 4-layer stack")
-  train.add_argument("--batch", type=NON_NEGATIVE, default=0, help="sequences per step (0: the phase's)")
-  train.add_argument("--seq-len", type=NON_NEGATIVE, default=0, help="tokens per sequence (0: the phase's)")
+  train.add_argument("--batch", type=NON_NEGATIVE, default=0, help="sequences per step, the phase's batch_size (0: "
+                     "the config's, or curriculum.tokens_per_batch // the seq_len)")
+  train.add_argument("--seq-len", type=NON_NEGATIVE, default=0, help="tokens per sequence, the phase's seq_len (0: "
+                     "the config's)")
   train.add_argument("--max-seq-len", type=NON_NEGATIVE, default=0,
                      help="model.max_seq_len for the run (0: the config's), to time a longer context")
   train.add_argument("--attention-impl", choices=config_lib.ATTENTION_IMPLS,
@@ -402,14 +415,9 @@ def _check_and_run(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     parser.error(f"argument --top-k: {args.top_k} exceeds --experts ({args.experts})")
   if args.command == "train":
     from diffmoe_jax.train.curriculum import Curriculum
-    config = config_lib.load_file(args.config)
-    phases = {p.name: p for p in Curriculum(config).phases}
+    phases = [p.name for p in Curriculum(config_lib.load_file(args.config)).phases]
     if args.phase not in phases:
-      parser.error(f"argument --phase: {args.phase!r} is not a phase of {args.config}; choose from {list(phases)}")
-    batch, accum = args.batch or phases[args.phase].batch_size, config.optimizer.grad_accum_steps
-    if batch % accum:
-      parser.error(f"argument --batch: {batch} sequences do not split into the {accum} micro-batches of "
-                   f"optimizer.grad_accum_steps in {args.config}; give a multiple of {accum}")
+      parser.error(f"argument --phase: {args.phase!r} is not a phase of {args.config}; choose from {phases}")
   if args.command in ("train", "compile") and args.seq_len:
     given = getattr(args, "max_seq_len", 0)  # (train has --max-seq-len, compile does not)
     context = given or config_lib.load_file(args.config).model.max_seq_len
@@ -425,6 +433,12 @@ def _check_and_run(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     _check_gpu_kernels_run(args, parser)
   if args.command == "train" and (args.remat_policy == "save_names") != bool(args.remat_save_names):
     parser.error("argument --remat-save-names: give it exactly when --remat-policy is save_names")
+  if args.command == "train":
+    config, _, phase = _train_config(args)
+    accum = config.optimizer.grad_accum_steps
+    if phase.batch_size % accum:
+      parser.error(f"argument --batch: {phase.batch_size} sequences do not split into the {accum} micro-batches of "
+                   f"optimizer.grad_accum_steps in {args.config}; give a multiple of {accum}")
   args.run(args)
 
 

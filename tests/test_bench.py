@@ -92,8 +92,8 @@ def config_path(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def train_run(config_path):
-  """`bench train` and `bench attention --train-lengths` of a config with gradient accumulation, its own
-  loss-scale settings and peak: (bench train's output, {"step" / "init": the arguments of each train step and
+  """`bench train` (at a context beyond tokens_per_batch) and `bench attention --train-lengths` of a config with
+  gradient accumulation, its own loss-scale settings and peak: (bench train's output, {"step" / "init": the arguments of each train step and
   state init they built})."""
   import contextlib
   import inspect
@@ -113,7 +113,7 @@ def train_run(config_path):
     patch.setattr(step_lib, "make_train_step", recorded("step", step_lib.make_train_step))
     patch.setattr(state_lib, "init_fn", recorded("init", state_lib.init_fn))
     bench.main(["train", "--config", config_path, "--steps", "1", "--data-batches", "1", "--batch", "2",
-                "--seq-len", "16"])
+                "--seq-len", "16", "--max-seq-len", "4096"])
     train_out = out.getvalue()
     bench.main(["attention", "--config", config_path, "--no-layer-ratio", "--lengths", "--train-lengths", "16"])
   return train_out, built
@@ -139,6 +139,14 @@ def test_bench_train_mfu_is_against_the_configured_peak(train_run):
   assert mfu, out
   expected = 100 * float(mflop) * 1e6 * float(tokens_per_s.replace(",", "")) / 1e9
   assert abs(float(mfu.group(1).replace(",", "")) - expected) <= 0.01 * expected, (expected, out)
+
+
+def test_bench_train_times_a_context_longer_than_tokens_per_batch(train_run):
+  """--max-seq-len 4096 beyond tiny's tokens_per_batch (2,048): the timed phase takes --batch and --seq-len, and
+  the phases not run no longer refuse the config ("long_context.batch_size: is 0 and curriculum.tokens_per_batch
+  (2048) is below the phase's seq_len (4096)", even with --batch given)."""
+  out, _ = train_run
+  assert re.search(r"^config .* phase long_context: seq_len 16, batch 2, MoD topk", out, re.MULTILINE), out
 
 
 def test_bench_train_refuses_a_batch_the_accumulation_does_not_split(config_path, capsys):
