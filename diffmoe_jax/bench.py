@@ -213,6 +213,22 @@ def _train_config(args: argparse.Namespace):
   return config, curriculum, next(p for p in curriculum.phases if p.name == args.phase)
 
 
+def _check_step_fits(compiled, config) -> None:
+  """A ConfigError, before anything is allocated, if the compiled step needs more memory than a device here has
+  (train.memory_headroom of it, as main's preflight reads it)."""
+  from diffmoe_jax.train import preflight
+  mem = compiled.memory_analysis()
+  if mem is None:  # a backend that does not report it
+    return
+  need = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
+  have = config.train.memory_headroom * preflight.available_bytes_per_device()
+  if need > have:
+    raise config_lib.ConfigError(
+        f"the train step needs {need / 2**30:,.2f} GiB (its compiled arguments, outputs and temporaries), more than "
+        f"the {have / 2**30:,.2f} GiB a device here has (train.memory_headroom = {config.train.memory_headroom}); "
+        "lower --batch, --seq-len or --layers")
+
+
 def bench_train(args: argparse.Namespace) -> None:
   from diffmoe_jax import data, estimate
   from diffmoe_jax.nn import model as model_lib
@@ -222,7 +238,7 @@ def bench_train(args: argparse.Namespace) -> None:
   model = model_lib.build_model(config.model)
   optimizer = state_lib.make_optimizer(config.optimizer)
   init = state_lib.init_fn(model, optimizer, phase.seq_len, config.train.loss_scale_init)
-  state = jax.jit(lambda r: nn.unbox(init(r)))(jax.random.PRNGKey(config.seed))
+  make_state, rng = jax.jit(lambda r: nn.unbox(init(r))), jax.random.PRNGKey(config.seed)
   step = jax.jit(step_lib.config_train_step(config, model, optimizer, mod_mode=settings.mod_mode,
                                             mod_capacity=settings.mod_capacity), donate_argnums=0)
   corpus = data.build_corpus(config.data)
@@ -230,7 +246,9 @@ def bench_train(args: argparse.Namespace) -> None:
                                domain_weights=dict(phase.domain_weights))
   dyn = {k: jnp.float32(v) for k, v in step_lib.dynamic_settings(settings).items()}
   batches = [{k: jnp.asarray(v) for k, v in dataset[i].items() if k != "domain"} for i in range(args.steps)]
-  step = step.lower(state, batches[0], dyn).compile()
+  step = step.lower(jax.eval_shape(make_state, rng), batches[0], dyn).compile()
+  _check_step_fits(step, config)
+  state = make_state(rng)
   state, _ = step(state, batches[0], dyn)  # warm up
   jax.block_until_ready(state)
   start = time.perf_counter()

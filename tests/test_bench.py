@@ -219,3 +219,17 @@ def test_compile_times_each_depth_after_a_warm_up_compile(capsys, monkeypatch):
                   rf"^ratio 4 / 2 layers: {NUMBER}x$"):
     assert re.search(pattern, out, re.MULTILINE), (pattern, out)
   assert built == [2, 2, 4], built  # the untimed compile first
+
+
+def test_bench_train_refuses_a_step_larger_than_the_device(capsys, monkeypatch):
+  """Read off the compiled step before the state is allocated (--batch 8192 of tiny: RESOURCE_EXHAUSTED
+  allocating 155 GB, a traceback, before); here the device is made to hold 1 MiB."""
+  from diffmoe_jax.train import preflight
+  monkeypatch.setattr(preflight, "available_bytes_per_device", lambda: 2.0**20)
+  with pytest.raises(SystemExit) as info:
+    bench.main(["train", "--steps", "1", "--data-batches", "1", "--layers", "2", "--batch", "2", "--seq-len", "16"])
+  captured = capsys.readouterr()
+  assert info.value.code == 1 and "train step" not in captured.out, captured.out
+  assert re.search(r"^error: the train step needs [\d.]+ GiB \(its compiled arguments, outputs and temporaries\), "
+                   r"more than the 0\.00 GiB a device here has \(train\.memory_headroom = 0\.9\); lower --batch, "
+                   r"--seq-len or --layers$", captured.err, re.MULTILINE), captured.err
