@@ -234,6 +234,9 @@ def bench_train(args: argparse.Namespace) -> None:
   from diffmoe_jax.nn import model as model_lib
   from diffmoe_jax.train import metrics, state as state_lib, step as step_lib
   config, curriculum, phase = _train_config(args)
+  corpus = data.build_corpus(config.data)
+  data.check_separator(corpus.tokenizer, corpus.segment_masking)  # what main refuses to train on
+  validation.check_tokenizer_vocab(config, corpus.tokenizer)
   settings = curriculum.settings(phase.start)
   model = model_lib.build_model(config.model)
   optimizer = state_lib.make_optimizer(config.optimizer)
@@ -241,7 +244,6 @@ def bench_train(args: argparse.Namespace) -> None:
   make_state, rng = jax.jit(lambda r: nn.unbox(init(r))), jax.random.PRNGKey(config.seed)
   step = jax.jit(step_lib.config_train_step(config, model, optimizer, mod_mode=settings.mod_mode,
                                             mod_capacity=settings.mod_capacity), donate_argnums=0)
-  corpus = data.build_corpus(config.data)
   dataset = data.train_dataset(corpus, seed=0, seq_len=phase.seq_len, batch_size=phase.batch_size,
                                domain_weights=dict(phase.domain_weights))
   dyn = {k: jnp.float32(v) for k, v in step_lib.dynamic_settings(settings).items()}

@@ -233,3 +233,14 @@ def test_bench_train_refuses_a_step_larger_than_the_device(capsys, monkeypatch):
   assert re.search(r"^error: the train step needs [\d.]+ GiB \(its compiled arguments, outputs and temporaries\), "
                    r"more than the 0\.00 GiB a device here has \(train\.memory_headroom = 0\.9\); lower --batch, "
                    r"--seq-len or --layers$", captured.err, re.MULTILINE), captured.err
+
+
+def test_bench_train_refuses_a_tokenizer_larger_than_the_model_vocabulary(tmp_path, capsys):
+  """As main does (bytes into a 128-token embedding: a loss of NaN); the step was timed before."""
+  path = tmp_path / "config.py"
+  path.write_text(CONFIG.replace("  return c", "  c.model.vocab_size = 128\n  return c"))
+  with pytest.raises(SystemExit) as info:
+    bench.main(["train", "--config", str(path), "--steps", "1", "--batch", "2", "--seq-len", "16"])
+  err = capsys.readouterr().err
+  assert info.value.code == 1 and "error: config.model.vocab_size (128) is smaller than the tokenizer's vocabulary " \
+      "(256, bytes)" in err, err
