@@ -21,7 +21,6 @@ Subcommands:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import math
 import statistics
@@ -148,20 +147,27 @@ def bench_compile(args: argparse.Namespace) -> None:
     config.model.num_layers = layers
     validation.validate(config)
   tokens = jnp.zeros((args.batch, args.seq_len), jnp.int32)
-  seconds = {}
-  for layers in args.layers:
+
+  def compile_seconds(layers: int) -> float:
     cfg = ml_collections.ConfigDict(config.model.to_dict())
     cfg.num_layers = layers
     model = model_lib.build_model(cfg)
     params = jax.eval_shape(lambda: nn.unbox(model.init({"params": jax.random.PRNGKey(0)}, tokens))["params"])
 
-    def loss(p, model=model):
+    def loss(p):
       logits, aux = model.apply({"params": p}, tokens, train=True, rngs={"noise": jax.random.PRNGKey(0)})
       return jnp.mean(logits) + sum(aux["losses"].values())
 
     start = time.perf_counter()
     jax.jit(jax.grad(loss)).lower(params).compile()
-    seconds[layers] = time.perf_counter() - start
+    return time.perf_counter() - start
+
+  print(f"config {args.config}, batch {args.batch}, seq_len {args.seq_len}; after an untimed compile of "
+        f"{args.layers[0]} layers (a process's first compile also pays one-time costs)", flush=True)
+  compile_seconds(args.layers[0])
+  seconds = {}
+  for layers in args.layers:
+    seconds[layers] = compile_seconds(layers)
     print(f"{layers:>4} layers: trace + lower + compile of the training gradient {seconds[layers]:6.1f} s",
           flush=True)
   first, last = args.layers[0], args.layers[-1]
@@ -178,10 +184,8 @@ def _gpu_launch(text: str) -> tuple[str, str]:
   return kernel, launch
 
 
-def bench_train(args: argparse.Namespace) -> None:
-  from diffmoe_jax import data, estimate
-  from diffmoe_jax.nn import model as model_lib
-  from diffmoe_jax.train import metrics, state as state_lib, step as step_lib
+def _train_config(args: argparse.Namespace):
+  """The config `bench train` runs: the file's with the flags applied, validated; its curriculum and timed phase."""
   from diffmoe_jax.train.curriculum import Curriculum
   config = config_lib.load_file(args.config)
   if args.layers:
@@ -196,24 +200,57 @@ def bench_train(args: argparse.Namespace) -> None:
     config.model.attention_gpu_launch[kernel] = launch
   if args.max_seq_len:
     config.model.max_seq_len = args.max_seq_len
+  # --batch and --seq-len set the timed phase. The other phases are only built, never run: one sequence each
+  # where their own batch would come from curriculum.tokens_per_batch, which a longer context can leave short.
+  for name in config.curriculum.order:
+    p = config.curriculum[name]
+    if name == args.phase:
+      p.update(batch_size=args.batch or p.batch_size, seq_len=args.seq_len or p.seq_len)
+    elif not p.batch_size:
+      p.batch_size = 1
   validation.validate(config)
   curriculum = Curriculum(config)
-  phase = next(p for p in curriculum.phases if p.name == args.phase)
-  phase = dataclasses.replace(phase, batch_size=args.batch or phase.batch_size, seq_len=args.seq_len or phase.seq_len)
+  return config, curriculum, next(p for p in curriculum.phases if p.name == args.phase)
+
+
+def _check_step_fits(compiled, config) -> None:
+  """A ConfigError, before anything is allocated, if the compiled step needs more memory than a device here has
+  (train.memory_headroom of it, as main's preflight reads it)."""
+  from diffmoe_jax.train import preflight
+  mem = compiled.memory_analysis()
+  if mem is None:  # a backend that does not report it
+    return
+  need = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
+  have = config.train.memory_headroom * preflight.available_bytes_per_device()
+  if need > have:
+    raise config_lib.ConfigError(
+        f"the train step needs {need / 2**30:,.2f} GiB (its compiled arguments, outputs and temporaries), more than "
+        f"the {have / 2**30:,.2f} GiB a device here has (train.memory_headroom = {config.train.memory_headroom}); "
+        "lower --batch, --seq-len or --layers")
+
+
+def bench_train(args: argparse.Namespace) -> None:
+  from diffmoe_jax import data, estimate
+  from diffmoe_jax.nn import model as model_lib
+  from diffmoe_jax.train import metrics, state as state_lib, step as step_lib
+  config, curriculum, phase = _train_config(args)
+  corpus = data.build_corpus(config.data)
+  data.check_separator(corpus.tokenizer, corpus.segment_masking)  # what main refuses to train on
+  validation.check_tokenizer_vocab(config, corpus.tokenizer)
   settings = curriculum.settings(phase.start)
   model = model_lib.build_model(config.model)
   optimizer = state_lib.make_optimizer(config.optimizer)
-  state = jax.jit(lambda r: nn.unbox(state_lib.init_fn(model, optimizer, phase.seq_len)(r)))(
-      jax.random.PRNGKey(0))
-  step = jax.jit(step_lib.make_train_step(model, optimizer, mod_mode=settings.mod_mode,
-                                          mod_capacity=settings.mod_capacity,
-                                          grad_accum_steps=config.optimizer.grad_accum_steps), donate_argnums=0)
-  corpus = data.build_corpus(config.data)
+  init = state_lib.init_fn(model, optimizer, phase.seq_len, config.train.loss_scale_init)
+  make_state, rng = jax.jit(lambda r: nn.unbox(init(r))), jax.random.PRNGKey(config.seed)
+  step = jax.jit(step_lib.config_train_step(config, model, optimizer, mod_mode=settings.mod_mode,
+                                            mod_capacity=settings.mod_capacity), donate_argnums=0)
   dataset = data.train_dataset(corpus, seed=0, seq_len=phase.seq_len, batch_size=phase.batch_size,
                                domain_weights=dict(phase.domain_weights))
   dyn = {k: jnp.float32(v) for k, v in step_lib.dynamic_settings(settings).items()}
   batches = [{k: jnp.asarray(v) for k, v in dataset[i].items() if k != "domain"} for i in range(args.steps)]
-  step = step.lower(state, batches[0], dyn).compile()
+  step = step.lower(jax.eval_shape(make_state, rng), batches[0], dyn).compile()
+  _check_step_fits(step, config)
+  state = make_state(rng)
   state, _ = step(state, batches[0], dyn)  # warm up
   jax.block_until_ready(state)
   start = time.perf_counter()
@@ -224,7 +261,8 @@ def bench_train(args: argparse.Namespace) -> None:
   tokens = phase.batch_size * phase.seq_len
   flops = estimate.train_flops_per_token(config.model, estimate.count_params(config.model), phase.seq_len,
                                         mod_mode=settings.mod_mode, mod_capacity=settings.mod_capacity)
-  peak = metrics.device_peak_flops()  # the step runs on one device
+  # The step runs on one device: its peak, as main reads it (the config's, else the known or measured one).
+  peak = config.train.peak_flops_per_device or metrics.device_peak_flops()
 
   start = time.perf_counter()
   for i in range(args.data_batches):
@@ -239,10 +277,14 @@ def bench_train(args: argparse.Namespace) -> None:
         f"{' '.join((config.model.remat_policy,) + tuple(config.model.remat_save_names))}, {args.steps} steps")
   print(f"train step  {1e3 * step_seconds:8.1f} ms  {tokens_per_second:10,.0f} tokens/s  "
         f"{flops / 1e6:.2f} MFLOP/token (3x forward)")
-  where = ("this host's measured fp32 matmul rate" if jax.default_backend() == "cpu" else
+  where = ("config.train.peak_flops_per_device" if config.train.peak_flops_per_device else
+           "this host's measured fp32 matmul rate" if jax.default_backend() == "cpu" else
            f"{jax.devices()[0].device_kind}'s 16-bit peak")
-  mfu = f"{flops * tokens_per_second / peak:8.1%}" if peak else "     n/a"
-  print(f"MFU         {mfu}  of {where}, {peak / 1e9:,.1f} GFLOP/s")
+  if peak:
+    print(f"MFU         {flops * tokens_per_second / peak:8.1%}  of {where}, {peak / 1e9:,.1f} GFLOP/s")
+  else:
+    print(f"MFU              n/a  (no known peak of {jax.devices()[0].device_kind}: set train.peak_flops_per_device "
+          "in the config)")
   print(f"data        {data_tokens_per_second:10,.0f} tokens/s  = {data_tokens_per_second / tokens_per_second:,.0f}x "
         f"what the step consumes")
   if args.profile_top:
@@ -334,8 +376,10 @@ def main(argv: list[str] | None = None) -> None:
   train.add_argument("--data-batches", type=POSITIVE, default=200)
   train.add_argument("--layers", type=NON_NEGATIVE, default=0,
                      help="model.num_layers for the run (0: the config's), e.g. a PI-P-shaped 4-layer stack")
-  train.add_argument("--batch", type=NON_NEGATIVE, default=0, help="sequences per step (0: the phase's)")
-  train.add_argument("--seq-len", type=NON_NEGATIVE, default=0, help="tokens per sequence (0: the phase's)")
+  train.add_argument("--batch", type=NON_NEGATIVE, default=0, help="sequences per step, the phase's batch_size (0: "
+                     "the config's, or curriculum.tokens_per_batch // the seq_len)")
+  train.add_argument("--seq-len", type=NON_NEGATIVE, default=0, help="tokens per sequence, the phase's seq_len (0: "
+                     "the config's)")
   train.add_argument("--max-seq-len", type=NON_NEGATIVE, default=0,
                      help="model.max_seq_len for the run (0: the config's), to time a longer context")
   train.add_argument("--attention-impl", choices=config_lib.ATTENTION_IMPLS,
@@ -364,7 +408,7 @@ def main(argv: list[str] | None = None) -> None:
   args = parser.parse_args(argv)
   from diffmoe_jax.data import DataError
   try:
-    _check_and_run(args, parser)
+    _check_and_run(args, commands.choices[args.command])  # a mistake is shown with its subcommand's usage
   except (config_lib.ConfigError, DataError) as e:  # a config file or data mistake: one line, as the other commands
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
@@ -386,7 +430,7 @@ def _check_gpu_kernels_run(args: argparse.Namespace, parser: argparse.ArgumentPa
 
 
 def _check_and_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-  from diffmoe_jax import bench_kernels
+  from diffmoe_jax import bench_expert_parallel, bench_kernels
   if args.command in ("moe", "expert_parallel") and args.top_k > args.experts:
     parser.error(f"argument --top-k: {args.top_k} exceeds --experts ({args.experts})")
   if args.command == "train":
@@ -403,10 +447,18 @@ def _check_and_run(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
       parser.error(f"argument --seq-len: {args.seq_len} exceeds the context of {context} ({source})")
   if args.command == "kernels":
     bench_kernels.check_args(args, parser)
+  if args.command == "expert_parallel":
+    bench_expert_parallel.check_args(args, parser)
   if args.command == "train" and (args.attention_gpu_backward or args.attention_gpu_launch):
     _check_gpu_kernels_run(args, parser)
   if args.command == "train" and (args.remat_policy == "save_names") != bool(args.remat_save_names):
     parser.error("argument --remat-save-names: give it exactly when --remat-policy is save_names")
+  if args.command == "train":
+    config, _, phase = _train_config(args)
+    accum = config.optimizer.grad_accum_steps
+    if phase.batch_size % accum:
+      parser.error(f"argument --batch: {phase.batch_size} sequences do not split into the {accum} micro-batches of "
+                   f"optimizer.grad_accum_steps in {args.config}; give a multiple of {accum}")
   args.run(args)
 
 

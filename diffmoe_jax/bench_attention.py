@@ -141,8 +141,10 @@ def _attention_length_sweep(args, config) -> None:
     for impl in args.impls:
       ms = lambda part: f"{1e3 * medians[(impl, part)]:.2f}" if (impl, part) in medians else "(not run)"
       row += f"{ms('fwd'):>{len(impl) + 10}}{ms('both'):>12}{_gib(temps[impl]):>5}"
-    outputs = {impl: fns[(impl, "fwd")]().astype(jnp.float32) for impl in args.impls if (impl, "fwd") in fns}
-    if len(outputs) > 1:  # parity: each output against the first that ran
+    # Parity: each output against the first that ran, of those computing differential attention (not standard_flash).
+    outputs = {impl: fns[(impl, "fwd")]().astype(jnp.float32) for impl in args.impls
+               if (impl, "fwd") in fns and impl != "standard_flash"}
+    if len(outputs) > 1:
       first, *others = outputs
       row += "   max |Δ| vs " + first + ": " + ", ".join(
           f"{impl} {float(jnp.max(jnp.abs(outputs[impl] - outputs[first]))):.1e}" for impl in others)
@@ -150,17 +152,19 @@ def _attention_length_sweep(args, config) -> None:
 
 
 def _longest_train_context(args, config) -> None:
-  """The config's train step (batch 1, MoD top-k at the config's capacity) at growing lengths: compiled
-  memory (arguments + outputs + temporaries; the temporaries beside the estimator's gradients +
-  activations) and one timed step while it fits in --memory-gib. Compiling allocates nothing, so any
-  config compiles here (PI-P at its 8,192-token context included)."""
+  """The config's train step as main builds it (batch 1 per micro-batch, MoD top-k at the config's capacity)
+  at growing lengths: compiled memory (arguments + outputs + temporaries; the temporaries beside the
+  estimator's gradients + activations) and one timed step while it fits in --memory-gib. Compiling allocates
+  nothing, so any config compiles here (PI-P at its 8,192-token context included)."""
   from diffmoe_jax import estimate
   from diffmoe_jax.nn import model as model_lib
   from diffmoe_jax.ops import attention as attention_ops
   from diffmoe_jax.train import state as state_lib, step as step_lib
   from diffmoe_jax.train.curriculum import Curriculum
-  print(f"\ntrain step of {args.config} at batch 1, attention_impl={config.model.attention_impl} "
-        f"(resolved per length), remat {config.model.remat_policy}; limit {args.memory_gib} GiB")
+  accum = config.optimizer.grad_accum_steps
+  print(f"\ntrain step of {args.config} at batch 1{f' per micro-batch ({accum} accumulated)' if accum > 1 else ''}, "
+        f"attention_impl={config.model.attention_impl} (resolved per length), remat {config.model.remat_policy}; "
+        f"limit {args.memory_gib} GiB")
   longest = None
   for t in args.train_lengths:
     cfg = ml_collections.ConfigDict(config.to_dict())
@@ -168,11 +172,13 @@ def _longest_train_context(args, config) -> None:
     settings = Curriculum(config).settings(0)
     model = model_lib.build_model(cfg.model)
     optimizer = state_lib.make_optimizer(cfg.optimizer)
-    step = jax.jit(step_lib.make_train_step(model, optimizer, mod_mode="topk", mod_capacity=cfg.model.mod.capacity),
-                   donate_argnums=0)
-    init = lambda r: nn.unbox(state_lib.init_fn(model, optimizer, 16)(r))
+    step = jax.jit(step_lib.config_train_step(cfg, model, optimizer, mod_mode="topk",
+                                              mod_capacity=cfg.model.mod.capacity), donate_argnums=0)
+    init_state = state_lib.init_fn(model, optimizer, 16, cfg.train.loss_scale_init)
+    init = lambda r, init_state=init_state: nn.unbox(init_state(r))
     abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
-    batch = {"inputs": jnp.zeros((1, t), jnp.int32), "targets": jnp.zeros((1, t), jnp.int32)}
+    rows = cfg.optimizer.grad_accum_steps  # one sequence per micro-batch
+    batch = {"inputs": jnp.zeros((rows, t), jnp.int32), "targets": jnp.zeros((rows, t), jnp.int32)}
     dyn = {key: jnp.float32(value) for key, value in step_lib.dynamic_settings(settings).items()}
     start = time.perf_counter()
     compiled = step.lower(abstract, batch, dyn).compile()

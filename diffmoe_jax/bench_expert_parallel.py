@@ -40,14 +40,19 @@ def add_parser(commands) -> None:
   p.set_defaults(run=run)
 
 
+def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+  devices, n = jax.device_count(), args.expert_axis
+  if devices % n:
+    parser.error(f"argument --expert-axis: {n} must divide the {devices} devices; on a CPU simulate devices with "
+                 "XLA_FLAGS=--xla_force_host_platform_device_count=8")
+  if args.experts % n:
+    parser.error(f"argument --experts: {args.experts} is not a multiple of --expert-axis ({n})")
+
+
 def run(args: argparse.Namespace) -> None:
   from diffmoe_jax.bench import _interleaved_medians  # the shared timing loop
   devices = jax.device_count()
   n = args.expert_axis
-  if devices < 2 or devices % n or args.experts % n:
-    raise SystemExit(f"error: --expert-axis {n} must divide the {devices} devices and --experts "
-                     f"{args.experts}; on a CPU simulate devices with "
-                     "XLA_FLAGS=--xla_force_host_platform_device_count=8.")
   # The trainer's mesh and rules (the default config's), with the experts split n ways.
   mesh_config = config_lib.defaults().mesh
   mesh_config.shape.update(data=-1, fsdp=1, expert=n, tensor=1)

@@ -321,11 +321,8 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, *, corpus: "d
       logging.info("Compiling the train step for seq_len %d, batch %d, MoD %s%s (program %d of %d).",
                    key[0], key[1], key[2], f" at capacity {key[3]:.4f}" if key[2] == "topk" else "",
                    len(compiled) + 1, total_keys)
-      fn = step_lib.make_train_step(model, optimizer, mod_mode=settings.mod_mode,
-                                    mod_capacity=settings.mod_capacity,
-                                    grad_accum_steps=config.optimizer.grad_accum_steps,
-                                    loss_scale_growth_interval=config.train.loss_scale_growth_interval,
-                                    loss_scale_min=config.train.loss_scale_min)
+      fn = step_lib.config_train_step(config, model, optimizer, mod_mode=settings.mod_mode,
+                                      mod_capacity=settings.mod_capacity)
       compiled[key] = jax.jit(fn, in_shardings=(state_shardings, batch_shardings, scalar),
                               out_shardings=(state_shardings, scalar), donate_argnums=0).lower(*args).compile()
       if mesh.size > 1:  # what each step moves between devices, read off the compiled program

@@ -105,6 +105,15 @@ def make_train_step(model, optimizer: optax.GradientTransformation, *, mod_mode:
   return train_step
 
 
+def config_train_step(config, model, optimizer: optax.GradientTransformation, *, mod_mode: str, mod_capacity: float):
+  """`make_train_step` with `config`'s gradient accumulation and float16 loss-scale settings: the step that
+  `python -m diffmoe_jax.main` trains with (the benchmarks time this one too)."""
+  return make_train_step(model, optimizer, mod_mode=mod_mode, mod_capacity=mod_capacity,
+                         grad_accum_steps=config.optimizer.grad_accum_steps,
+                         loss_scale_growth_interval=config.train.loss_scale_growth_interval,
+                         loss_scale_min=config.train.loss_scale_min)
+
+
 def next_loss_scale(loss_scale: LossScale, finite: jax.Array, overflow: jax.Array, growth_interval: int,
                     minimum: float) -> LossScale:
   """The LossScale after a step: halved (down to `minimum`) on an overflow, doubled after `growth_interval`
