@@ -5,7 +5,8 @@ at a config's heads, for every combination of rows per program, rows per loop st
 pipeline stages asked for. A setting the GPU cannot run (shared memory, registers) is reported with the
 first line of its error. Each output is compared with the default launch's (the config's
 `model.attention_gpu_launch`, else `default_launches`), so a setting that computes something else shows.
-The best setting of each kernel is printed as the `bench train` flag and the config override that run it.
+The best setting of each kernel among those that agree with the default (AGREEMENT) is printed as the
+`bench train` flag and the config override that run it.
 Off a GPU the kernels run interpreted: that checks the tool, and its times mean nothing.
 
     python -m diffmoe_jax.bench kernels --config=configs/pi_p.py --seq-len 8192 --kernels dq dkv
@@ -97,9 +98,16 @@ def _kernel_fn(kernel: str, launch, operands: dict, interpret: bool):
   return jax.jit(calls[kernel]).lower().compile()
 
 
-def _max_difference(a, b) -> float:
-  return max(float(jnp.max(jnp.abs(x.astype(jnp.float32) - y.astype(jnp.float32))))
-             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+# A launch changes only the order of the fp32 sums (and, in 16 bits, the roundings of the outputs): beyond
+# this share of the default's largest output value it computes something else and is not recommended.
+AGREEMENT = {"bfloat16": 2e-2, "float32": 1e-4}
+
+
+def _relative_difference(a, b) -> float:
+  """The largest |a - b| over the outputs, as a share of b's largest |value|."""
+  a, b = ([x.astype(jnp.float32) for x in jax.tree.leaves(t)] for t in (a, b))
+  scale = max(float(jnp.max(jnp.abs(y))) for y in b) or 1.0
+  return max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(a, b)) / scale
 
 
 def best_line(kernel: str, timings: dict, default) -> str:
@@ -128,7 +136,7 @@ def run(args: argparse.Namespace) -> None:
     default = defaults["dkv" if kernel == "dkv_dq" else kernel]
     reference = _kernel_fn(kernel, default, operands, interpret)
     expected = reference()
-    timings = {}
+    timings, agreeing = {}, {}  # agreeing: the settings whose output matches the default's
     settings = [default] + [pa.Launch(*s) for s in itertools.product(args.rows, args.steps, args.warps, args.stages)
                             if pa.Launch(*s) != default]
     for launch in settings:
@@ -139,12 +147,17 @@ def run(args: argparse.Namespace) -> None:
       label = f"{kernel:<7} {launch.rows:>4} {launch.step:>4} {launch.num_warps:>2} {launch.num_stages}"
       try:
         fn = reference if launch == default else _kernel_fn(kernel, launch, operands, interpret)
-        difference = _max_difference(fn(), expected)
+        difference = _relative_difference(fn(), expected)
         timings[launch] = _interleaved_medians({kernel: fn}, warmup=1, reps=args.reps)[kernel]
       except Exception as e:  # pylint: disable=broad-except  (a setting the compiler rejects is a result)
         print(f"{label}: not run: {type(e).__name__}: {str(e).strip().splitlines()[0][:160]}", flush=True)
         continue
-      mark = "  (default)" if launch == default else ""
-      print(f"{label}: {1e3 * timings[launch]:8.3f} ms  max |Δ| vs default {difference:.1e}{mark}", flush=True)
-    if timings:
-      print(best_line(kernel, timings, default), flush=True)
+      agrees = difference <= AGREEMENT[args.dtype]
+      if agrees:
+        agreeing[launch] = timings[launch]
+      mark = ("  (default)" if launch == default else "" if agrees else
+              f"  (differs from the default beyond {AGREEMENT[args.dtype]:.0e}: not recommended)")
+      print(f"{label}: {1e3 * timings[launch]:8.3f} ms  max |Δ| vs default {difference:.1e} of its largest value"
+            f"{mark}", flush=True)
+    if agreeing:
+      print(best_line(kernel, agreeing, default), flush=True)

@@ -100,6 +100,22 @@ def test_kernel_benchmark_runs_and_checks_its_settings(capsys):
   assert bench_lib._gpu_launch(flag) == ("dq", flag.split("=")[1])
 
 
+def test_kernel_benchmark_recommends_no_launch_that_computes_something_else(capsys, monkeypatch):
+  """A launch whose output differs from the default's (a race, say) was recommended when it was fastest."""
+  from diffmoe_jax import bench as bench_lib, bench_kernels
+  differences = iter([0.0, 0.5])  # the default against itself, then (16, 16) half its largest value off
+  monkeypatch.setattr(bench_kernels, "_relative_difference", lambda a, b: next(differences))
+  monkeypatch.setattr(bench_lib, "_interleaved_medians", lambda fns, **kwargs: dict.fromkeys(fns, float(
+      next(times))))
+  times = iter([2e-3, 1e-3])  # the wrong launch is the faster
+  bench_lib.main(["kernels", "--config", "configs/tiny.py", "--seq-len", "32", "--kernels", "dq", "--rows", "16",
+                  "--steps", "16", "--warps", "4", "--stages", "2", "--reps", "1"])
+  lines = capsys.readouterr().out.splitlines()
+  assert any(line.startswith("dq        16   16") and "not recommended" in line for line in lines), lines
+  best = [line for line in lines if line.startswith("dq      best")]
+  assert len(best) == 1 and best[0].startswith("dq      best (32, 32, 4, 2)"), lines
+
+
 def test_model_config_sets_each_gpu_kernels_launch(make_config):
   """`model.attention_gpu_launch` reaches the Triton calls of the model's gradient, lowered for `cuda`: the
   forward and dk/dv kernels run with the rows, warps and stages set, dq with its default launch."""
