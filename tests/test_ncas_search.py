@@ -190,7 +190,7 @@ def test_a_diverged_proxy_is_a_result_on_no_front_and_the_search_goes_on(smoke, 
     with open(os.path.join(run_dir, "train_seconds.json"), "w") as f:
       json.dump({"seconds": 12.5}, f)
     raise loop.TrainingStopped("11 non-finite updates in a row up to step 12 (train.max_nonfinite_in_a_row is 10): "
-                               "training stopped. Skipped updates never touch the weights. Change optimizer.peak_lr.")
+                               "training stopped. Skipped updates never touch the weights. Change optimizer.peak_lr.", 12)
 
   monkeypatch.setattr(loop, "train", train)
   config = smoke_config()
@@ -222,8 +222,9 @@ def test_a_proxy_finished_with_another_config_is_not_reused(smoke):
   config = smoke_config()
   config.ncas.proxy.steps = 7
   arch = complete.complete(2304, search.completion_rules(config.ncas))
-  with pytest.raises(ConfigError, match=r"proxies/pi_2304 finished with another proxy config \(config\.curriculum\."
-                     r"\w+\.steps: \d+ there, \d+ now\); pass a new --workdir"):
+  # Named as the search config sets it (it named the generated config.curriculum.<phase>.steps).
+  with pytest.raises(ConfigError, match=r"proxies/pi_2304 finished with another proxy config \(config\.ncas\.proxy\."
+                     r"steps: 6 there, 7 now\); pass a new --workdir"):
     search.train_proxy(config, arch, "pi", workdir, corpus=None, log=lambda line: None)
 
 

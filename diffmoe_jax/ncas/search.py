@@ -233,7 +233,11 @@ def finished_result(config, arch, family: str, workdir: str, corpus, log) -> dic
   result = workdir_lib.read_result(result_path)
   if "config" not in result:  # written before results recorded their config
     log(f"note: {run_dir} has no record of its proxy config, so a change in it could not be checked.")
-  changed = resume.changed_fields(result.get("config", {}), proxy_config(config, arch, name))
+  changed = []
+  if "proxy_settings" in result:  # the search's own settings first, named as the user sets them
+    changed = [(f"ncas.proxy.{path}", saved, now)
+               for path, saved, now in resume.changed_fields(result["proxy_settings"], config.ncas.proxy)]
+  changed = changed or resume.changed_fields(result.get("config", {}), proxy_config(config, arch, name))
   if changed:
     path, saved, now = changed[0]
     raise ConfigError(f"{run_dir} finished with another proxy config (config.{path}: {saved!r} there, {now!r} "
@@ -267,7 +271,8 @@ def train_proxy(config, arch, family: str, workdir: str, corpus, log) -> dict:
   record = {"tokens": cfg.curriculum.total_steps * cfg.curriculum.tokens_per_batch,
             "proxy": dataclasses.asdict(complete_lib.proxy(arch, config.ncas.proxy.scale,
                                                            config.ncas.proxy.num_layers, config.ncas.proxy.seq_len)),
-            "config": json.loads(cfg.to_json_best_effort()), "data": corpus.fingerprint}
+            "proxy_settings": config.ncas.proxy.to_dict(), "config": json.loads(cfg.to_json_best_effort()),
+            "data": corpus.fingerprint}
   if outcome is None:
     result = {"loss": math.nan, "diverged": diverged, "seconds": workdir_lib.add_seconds(run_dir, 0.0, write=False),
               "bits_per_byte": {}, **record}
