@@ -1,6 +1,8 @@
 """Ctrl-C in every command: one line and exit 130, never lost (a signal Python drops inside a gc or weakref callback,
 a __del__, or the import of JAX is sent again), and a second press stops a run at once."""
 import gc
+import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,8 +15,9 @@ from absl import logging as absl_logging
 
 from diffmoe_jax import cli
 from diffmoe_jax import main as main_lib
+from diffmoe_jax.train import checkpoint, loop
 from test_cli import ROOT, error_lines, train_command
-from test_train import SUBPROCESS_TIMEOUT_S
+from test_train import CONFIG_PATH, SUBPROCESS_TIMEOUT_S, _abstract_state, load_config
 
 
 def test_a_second_ctrl_c_stops_at_once_with_one_line(tmp_path):
@@ -187,3 +190,55 @@ def test_ctrl_c_while_a_command_imports_jax_is_one_line():
           "runpy.run_module('diffmoe_jax.estimate', run_name='__main__')\n")
   proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
   assert (proc.returncode, proc.stdout, proc.stderr.strip()) == (130, "", "error: interrupted."), proc.stderr[-2000:]
+
+
+def test_sigterm_mid_run_leaves_a_restorable_checkpoint(tmp_path):
+  workdir = str(tmp_path)
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}  # the same 8 devices and caches as this process
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "diffmoe_jax.main", f"--config={CONFIG_PATH}", "--config.curriculum.total_steps=2400",
+       "--config.train.log_every=1", f"--workdir={workdir}"],
+      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+  deadline, seen = time.time() + SUBPROCESS_TIMEOUT_S, 0
+  try:
+    while time.time() < deadline and seen < 3:
+      line = proc.stderr.readline()
+      if not line and proc.poll() is not None:
+        break
+      match = re.search(r"step (\d+)/2400", line)
+      seen = int(match.group(1)) if match else seen
+    assert seen >= 3, "the trainer never reported step 3"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=SUBPROCESS_TIMEOUT_S)
+  finally:
+    proc.kill()
+  assert proc.returncode == main_lib.EXIT_STOPPED_EARLY, err[-3000:]
+  assert "Stopped by SIGTERM" in err
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
+  step = ckpt.latest_step
+  assert step is not None and seen <= step < 2400
+  state, restored_step = ckpt.restore_latest(_abstract_state(load_config()))
+  assert restored_step == step and int(state.step) == step
+  assert ckpt.restore_config()["curriculum"]["total_steps"] == 2400
+
+
+def test_a_second_ctrl_c_that_python_swallows_still_interrupts(capsys):
+  """A signal handler runs inside whatever Python code is current: a second Ctrl-C landing in a garbage-collection
+  callback or a __del__ raised a KeyboardInterrupt there that Python printed as "Exception ignored" and dropped,
+  so the run went on to a graceful stop."""
+
+  class Finalized:
+    def __init__(self, flag):
+      self.flag = flag
+
+    def __del__(self):
+      self.flag._handle(signal.SIGINT, None)  # pylint: disable=protected-access
+
+  with loop._SignalFlag() as flag:  # pylint: disable=protected-access
+    flag._handle(signal.SIGINT, None)  # pylint: disable=protected-access
+    assert flag.check() == "SIGINT"
+    obj = Finalized(flag)
+    del obj  # the second SIGINT's KeyboardInterrupt is raised inside __del__, where Python cannot propagate it
+    with pytest.raises(KeyboardInterrupt):
+      flag.check()
+  assert "Exception ignored" not in capsys.readouterr().err

@@ -1,10 +1,7 @@
 """The training system end to end: six phases, TensorBoard, checkpoints, resume, fallback, signals, guards."""
 import os
-import re
 import shutil
 import signal
-import subprocess
-import sys
 import time
 
 import flax.linen as nn
@@ -292,58 +289,6 @@ def _abstract_state(config):
   return abstract
 
 
-def test_sigterm_mid_run_leaves_a_restorable_checkpoint(tmp_path):
-  workdir = str(tmp_path)
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}  # the same 8 devices and caches as this process
-  proc = subprocess.Popen(
-      [sys.executable, "-m", "diffmoe_jax.main", f"--config={CONFIG_PATH}", "--config.curriculum.total_steps=2400",
-       "--config.train.log_every=1", f"--workdir={workdir}"],
-      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-  deadline, seen = time.time() + SUBPROCESS_TIMEOUT_S, 0
-  try:
-    while time.time() < deadline and seen < 3:
-      line = proc.stderr.readline()
-      if not line and proc.poll() is not None:
-        break
-      match = re.search(r"step (\d+)/2400", line)
-      seen = int(match.group(1)) if match else seen
-    assert seen >= 3, "the trainer never reported step 3"
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=SUBPROCESS_TIMEOUT_S)
-  finally:
-    proc.kill()
-  assert proc.returncode == main_lib.EXIT_STOPPED_EARLY, err[-3000:]
-  assert "Stopped by SIGTERM" in err
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
-  step = ckpt.latest_step
-  assert step is not None and seen <= step < 2400
-  state, restored_step = ckpt.restore_latest(_abstract_state(load_config()))
-  assert restored_step == step and int(state.step) == step
-  assert ckpt.restore_config()["curriculum"]["total_steps"] == 2400
-
-
-def test_a_second_ctrl_c_that_python_swallows_still_interrupts(capsys):
-  """A signal handler runs inside whatever Python code is current: a second Ctrl-C landing in a garbage-collection
-  callback or a __del__ raised a KeyboardInterrupt there that Python printed as "Exception ignored" and dropped,
-  so the run went on to a graceful stop."""
-
-  class Finalized:
-    def __init__(self, flag):
-      self.flag = flag
-
-    def __del__(self):
-      self.flag._handle(signal.SIGINT, None)  # pylint: disable=protected-access
-
-  with loop._SignalFlag() as flag:  # pylint: disable=protected-access
-    flag._handle(signal.SIGINT, None)  # pylint: disable=protected-access
-    assert flag.check() == "SIGINT"
-    obj = Finalized(flag)
-    del obj  # the second SIGINT's KeyboardInterrupt is raised inside __del__, where Python cannot propagate it
-    with pytest.raises(KeyboardInterrupt):
-      flag.check()
-  assert "Exception ignored" not in capsys.readouterr().err
-
-
 def _fresh_state(config, *, seed: int, length: int):
   """(model, optimizer, initial state, a random batch of 4 sequences of `length` tokens)."""
   model = model_lib.build_model(config.model)
@@ -490,3 +435,69 @@ def test_bfloat16_compute_keeps_float32_master_weights():
   assert all(np.isfinite(losses)) and losses[-1] < losses[0], losses
   assert int(state.nonfinite_total) == 0
   assert {x.dtype for x in jax.tree.leaves(state.params)} == {jnp.dtype("float32")}
+
+
+def _series(workdir, prefixes):
+  acc = read_tb(workdir)
+  return {t: scalar_series(acc, t) for t in acc.Tags()["scalars"] if t.startswith(prefixes)}
+
+
+def test_a_signal_before_an_evaluation_saves_first_and_the_resumed_run_logs_it(full_run, tmp_path):
+  """A SIGTERM during step 12 (which evaluates and computes stable ranks) ran both before saving, past a
+  preemption's grace period on a large model; now the run saves step 12 and stops, and the resumed run logs them."""
+  dynamic_settings = step_lib.dynamic_settings
+
+  def sigterm_during_step_12(settings):
+    if settings.step == 11:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return dynamic_settings(settings)
+
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(step_lib, "dynamic_settings", sigterm_during_step_12)
+    first = loop.train(load_config(), str(tmp_path))
+  assert first.final_step == 12 and first.stopped == "SIGTERM"
+  assert _series(str(tmp_path), ("eval/", "stable_rank/")) == {}
+  second = loop.train(load_config(), str(tmp_path))
+  assert second.final_step == 24 and second.stopped is None
+  want = _series(full_run[0], ("eval/", "stable_rank/"))
+  got = _series(str(tmp_path), ("eval/", "stable_rank/"))
+  assert sorted(got) == sorted(want) and want
+  for tag, values in want.items():
+    assert sorted(got[tag]) == sorted(values) == [12, 24], tag
+    np.testing.assert_allclose([got[tag][s] for s in (12, 24)], [values[s] for s in (12, 24)], rtol=1e-6,
+                               err_msg=tag)
+
+
+def test_tokens_seen_counts_the_batches_trained_before_a_batch_size_change(full_run, tmp_path):
+  """Resumed at step 12 with twice the tokens per batch, step 13 had seen 13 x 512 tokens by the new curriculum's
+  count; the first run trained 12 x 256."""
+  workdir = str(tmp_path / "run")
+  shutil.copytree(full_run[0], workdir)
+  shutil.rmtree(os.path.join(workdir, "checkpoints", "24"))
+  config = load_config()
+  config.curriculum.tokens_per_batch = 512
+  config.train.update(allow_config_change="curriculum.tokens_per_batch", run_steps=2)
+  assert loop.train(config, workdir).final_step == 14
+  seen = scalar_series(read_tb(workdir), "train/tokens_seen")
+  assert [seen[s] for s in (12, 13, 14)] == [12 * 256, 12 * 256 + 512, 12 * 256 + 2 * 512]
+
+
+def test_a_run_the_nonfinite_guard_stops_at_its_last_step_logs_the_final_evaluation_on_rerun(full_run, tmp_path):
+  """Stopped at its last step by non-finite updates, the run logged no final evaluation, and the rerun (with the
+  learning rate lowered) found the run done and took it as logged."""
+  workdir = str(tmp_path / "run")
+  shutil.copytree(full_run[0], workdir)
+  shutil.rmtree(os.path.join(workdir, "checkpoints", "24"))
+  shutil.rmtree(os.path.join(workdir, "tb"))
+  config = load_config()
+  config.curriculum.total_steps = 14
+  config.optimizer.peak_lr = float("inf")
+  config.train.update(max_nonfinite_in_a_row=1, allow_config_change="curriculum.total_steps,optimizer.peak_lr")
+  with pytest.raises(loop.TrainingStopped) as stopped:
+    loop.train(config, workdir)
+  assert stopped.value.step == 14
+  assert "eval/loss" not in read_tb(workdir).Tags()["scalars"]
+  config.optimizer.peak_lr = 1e-2
+  result = loop.train(config, workdir)
+  assert result.final_step == 14 and result.stopped is None
+  assert sorted(scalar_series(read_tb(workdir), "eval/loss")) == [14]

@@ -175,7 +175,7 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                            cleanup_tmp_directories=remove_partial_saves)
     handlers = {"state": ocp.StandardCheckpointHandler(), "config": ocp.JsonCheckpointHandler(),
-                "checksums": ocp.JsonCheckpointHandler()}
+                "checksums": ocp.JsonCheckpointHandler(), "progress": ocp.JsonCheckpointHandler()}
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
     # Steps that failed to restore in this process: a save of the same step replaces them.
     self._unreadable: set[int] = set()
@@ -200,8 +200,9 @@ class Checkpointer:
   # --- Saving -------------------------------------------------------------------------------------------
 
   def save(self, step: int, state: Any, config: ml_collections.ConfigDict | Mapping | None = None,
-           force: bool = False) -> bool:
-    """Starts saving `state` (and `config` as JSON) at `step`; returns whether a save was started.
+           force: bool = False, progress: Mapping | None = None) -> bool:
+    """Starts saving `state` (and `config` and `progress`, the run's own record of the step, as JSON) at `step`;
+    returns whether a save was started.
 
     A step that is already saved is skipped (unless it failed to restore in this process: then it is
     replaced). Without `force`, a step older than the latest saved one is skipped too (unless only steps that
@@ -236,6 +237,8 @@ class Checkpointer:
              "checksums": ocp.args.JsonSave({"version": CHECKSUM_VERSION, "arrays": checksums})}
     if config is not None:
       items["config"] = ocp.args.JsonSave(_json_config(config))
+    if progress is not None:
+      items["progress"] = ocp.args.JsonSave(dict(progress))
     self._threads_before_save = set(threading.enumerate())
     try:
       started = self._manager.save(step, args=ocp.args.Composite(**items), force=force)
@@ -356,11 +359,21 @@ class Checkpointer:
       step = steps[-1]
     if step not in steps:
       raise FileNotFoundError(f"No checkpoint at step {step} in {self.directory}; saved steps: {steps}.")
-    item = os.path.join(self.directory, str(step), "config")
-    if not os.path.isdir(item):
+    if not os.path.isdir(os.path.join(self.directory, str(step), "config")):
       raise FileNotFoundError(f"Checkpoint at step {step} in {self.directory} has no config: it was saved with "
                               "config=None.")
+    return self._read_json(step, "config")
+
+  def restore_progress(self, step: int) -> dict | None:
+    """The `progress` saved with `step`; None if it was saved without one (or by an older version)."""
+    self.wait()
+    if not os.path.isdir(os.path.join(self.directory, str(step), "progress")):
+      return None
+    return self._read_json(step, "progress")
+
+  def _read_json(self, step: int, name: str) -> dict:
     # The item's own handler: a partial restore through the manager warns about the items it skips.
+    item = os.path.join(self.directory, str(step), name)
     return ocp.JsonCheckpointHandler().restore(epath.Path(item), args=ocp.args.JsonRestore())
 
   def close(self):

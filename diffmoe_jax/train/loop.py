@@ -247,13 +247,13 @@ def eval_results(sums: dict[str, tuple[float, float]], bytes_per_token: dict[str
   return results
 
 
-def _save_unless_skipping(ckpt: checkpoint.Checkpointer, step: int, state, config) -> None:
+def _save_unless_skipping(ckpt: checkpoint.Checkpointer, step: int, state, config, progress: dict) -> None:
   """A periodic save, except while updates are being skipped: rotation then keeps the older checkpoints."""
   streak = int(jax.device_get(state.nonfinite_streak))
   if streak:
     logging.warning("Not saving step %d: the last %d updates were skipped as non-finite.", step, streak)
     return
-  ckpt.save(step, state, config)
+  ckpt.save(step, state, config, progress=progress)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, corpus: "data.Corpus | None" = None) -> RunResult:
@@ -297,6 +297,13 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, *, corpus: "d
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints,
                                  remove_partial_saves=True)  # the workdir's lock makes this run its only writer
   state, start_step, saved_config = resume.restore_or_init(ckpt, config, abstract_state, make_state)
+  saved_progress = ckpt.restore_progress(start_step) if start_step else None
+  logged_before = resume.logged_at(start_step, saved_config, saved_progress)
+  # The tokens really trained: carried over from the checkpoint, as a resume may change the batch's shape.
+  tokens_at_start = (saved_progress or {}).get("tokens_seen", curriculum.tokens_before(start_step))
+
+  def tokens_seen(step: int) -> int:
+    return tokens_at_start + curriculum.tokens_before(step) - curriculum.tokens_before(start_step)
 
   writer = metrics_lib.MetricWriter(os.path.join(workdir, "tb"), enabled=process_index == 0)
   writer.mark_start(start_step)
@@ -338,6 +345,9 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, *, corpus: "d
   eval_fn = jax.jit(step_lib.make_eval_step(model), in_shardings=(state_shardings.params, batch_shardings),
                     out_shardings=(scalar, scalar))
 
+  # The steps whose evaluation and stable ranks are logged (by this run, or by the one that saved start_step).
+  logged = {kind: start_step if done else -1 for kind, done in logged_before.items()}
+
   def evaluate(step: int, log: bool = True) -> dict:
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       sums = eval_loss_sums(eval_fn, state.params, eval_sets, batch_sharding)
@@ -345,7 +355,25 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, *, corpus: "d
     results.update({f"{domain}/unigram_bits_per_byte": corpus.unigram_bits_per_byte(domain) for domain in sums})
     if log:
       writer.scalars(step, {f"eval/{k}": v for k, v in results.items()})
+      logged["eval"] = step
     return results
+
+  def periodic_logs(step: int) -> None:
+    """The stable ranks and evaluation due at `step` (and not logged yet), before its periodic save."""
+    nonlocal last_eval
+    if step % config.train.stable_rank_every == 0 and logged["stable_ranks"] != step:
+      with clock.pause(state):
+        writer.scalars(step, metrics_lib.stable_ranks(state.params))
+      logged["stable_ranks"] = step
+    if step % config.train.eval_every == 0 and step < curriculum.total_steps and logged["eval"] != step:
+      with clock.pause(state):
+        last_eval = evaluate(step)
+      progress.write(f"step {step} eval: loss {last_eval['loss']:.4f}, "
+                     + ", ".join(f"{d} {last_eval[d + '/bits_per_byte']:.3f} bpb" for d in corpus.domains))
+
+  def saved_progress_at(step: int) -> dict:
+    return {"tokens_seen": tokens_seen(step), "evaluated": logged["eval"] == step,
+            "stable_ranks": logged["stable_ranks"] == step}
 
   peak = metrics_lib.peak_flops(config.train.peak_flops_per_device)
   param_counts = estimate.count_params(config.model)  # for each logged step's FLOPs, hence MFU
@@ -367,7 +395,7 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, *, corpus: "d
     progress.update(step, info)
     if (step + 1) % config.train.log_every == 0 or step + 1 == curriculum.total_steps:
       scalars = metrics_lib.step_scalars(metrics, config.model, expert_devices, settings.mod_mode != "off")
-      scalars.update({"train/phase": settings.phase.index, "train/tokens_seen": curriculum.tokens_before(step + 1),
+      scalars.update({"train/phase": settings.phase.index, "train/tokens_seen": tokens_seen(step + 1),
                       "train/seq_len": settings.phase.seq_len, "train/batch_size": settings.phase.batch_size,
                       "train/mod_capacity": settings.mod_capacity})
       if timed:
@@ -389,6 +417,8 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, *, corpus: "d
   try:
     with _SignalFlag() as signals, jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       step = start_step
+      if start_step:  # the ones due at the checkpoint's step that its run stopped before logging
+        periodic_logs(start_step)
       while step < end_step:
         settings = curriculum.settings(step)
         batch = batch_for(settings)
@@ -408,20 +438,20 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, *, corpus: "d
         ckpt.check()  # a failed background save stops the run now, not a save later
         if diverged:
           break
-        if step % config.train.stable_rank_every == 0:
-          with clock.pause(state):
-            writer.scalars(step, metrics_lib.stable_ranks(state.params))
-        if step % config.train.eval_every == 0 and step < curriculum.total_steps:
-          with clock.pause(state):
-            last_eval = evaluate(step)
-          progress.write(f"step {step} eval: loss {last_eval['loss']:.4f}, "
-                         + ", ".join(f"{d} {last_eval[d + '/bits_per_byte']:.3f} bpb" for d in corpus.domains))
+        due = step % config.train.stable_rank_every == 0 or step % config.train.eval_every == 0
+        if due and step < curriculum.total_steps:
+          # A pending signal saves first (evaluating can outlast a preemption's grace period); the resumed run
+          # logs what is due here. The last step's are logged anyway: nothing is left to resume.
+          stopped_by = signals.check()
+          if stopped_by is not None:
+            break
+        periodic_logs(step)
         # The last step is saved after the final evaluation (below), as a periodic step is after its own: a run
         # killed during that evaluation resumes from its previous checkpoint and logs it, rather than finding the
         # run done with the evaluation never logged.
         if step % config.train.checkpoint_every == 0 and step < curriculum.total_steps:
           with clock.pause(state):
-            _save_unless_skipping(ckpt, step, state, config)
+            _save_unless_skipping(ckpt, step, state, config, saved_progress_at(step))
         stopped_by = signals.check()
         if stopped_by is not None:
           break
@@ -437,8 +467,8 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, *, corpus: "d
 
       # Still under the signal handlers: a signal now waits for the final evaluation and checkpoint.
       final_step = int(jax.device_get(state.step))
-      if diverged:
-        ckpt.save(final_step, state, config, force=True)
+      if diverged:  # saved with nothing logged at final_step: the rerun logs it
+        ckpt.save(final_step, state, config, force=True, progress=saved_progress_at(final_step))
         ckpt.wait()
         streak = int(jax.device_get(state.nonfinite_streak))
         fixes = ["optimizer.peak_lr (lower)", "optimizer.grad_clip"] + (
@@ -451,10 +481,9 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, *, corpus: "d
             "--config.train.allow_config_change=<field>.", final_step)
       if stopped_by is None:
         # A rerun of a finished run evaluates again, but its evaluation is logged already; a run whose curriculum
-        # was shortened to its checkpoint's step may not have evaluated there.
-        logged = final_step == start_step and resume.evaluated_before(final_step, saved_config)
-        last_eval = evaluate(final_step, log=not logged)
-      ckpt.save(final_step, state, config, force=True)
+        # was shortened to its checkpoint's step, or that the non-finite guard stopped there, may not have.
+        last_eval = evaluate(final_step, log=logged["eval"] != final_step)
+      ckpt.save(final_step, state, config, force=True, progress=saved_progress_at(final_step))
       ckpt.close()
   finally:
     progress.close()

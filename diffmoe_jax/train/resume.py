@@ -196,10 +196,15 @@ def restore_or_init(ckpt: checkpoint.Checkpointer, config, abstract_state, make_
   return state, step, saved_config if config_step == step else None
 
 
-def evaluated_before(step: int, saved_config) -> bool:
-  """Whether the run that saved `step` logged an evaluation there: its last step (the final evaluation), or
-  a periodic one. Unknown (no config saved with the step): False, so the evaluation is logged again."""
+def logged_at(step: int, saved_config, progress) -> dict[str, bool]:
+  """What the run that saved `step` logged there: {"eval": its evaluation (periodic or final), "stable_ranks":
+  its stable ranks}. Read from the progress saved with the step (a run stopped by a signal or the non-finite
+  guard saves before evaluating); without one (an older checkpoint), from its saved config's intervals, as such a
+  run logged every evaluation due before saving; unknown (no config either): False, so they are logged again."""
+  if progress is not None:
+    return {"eval": bool(progress.get("evaluated")), "stable_ranks": bool(progress.get("stable_ranks"))}
   if saved_config is None:
-    return False
-  return (step == saved_config["curriculum"]["total_steps"]
-          or step % saved_config["train"]["eval_every"] == 0)
+    return {"eval": False, "stable_ranks": False}
+  train = saved_config["train"]
+  return {"eval": step == saved_config["curriculum"]["total_steps"] or step % train["eval_every"] == 0,
+          "stable_ranks": step % train["stable_rank_every"] == 0}
