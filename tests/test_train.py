@@ -319,8 +319,10 @@ def test_a_run_of_nonfinite_updates_stops_with_the_last_good_state(tmp_path):
   config.optimizer.peak_lr = float("inf")  # every update non-finite
   config.train.max_nonfinite_in_a_row = 3
   config.train.checkpoint_every = 2
-  # The streak is read one step late (each step's metrics are fetched after the next is dispatched).
-  with pytest.raises(loop.TrainingStopped, match=r"^4 non-finite updates in a row up to step 4 \(train\."
+  # The streak is read one step late (each step's metrics are fetched after the next is dispatched), so the state
+  # saved is a step later; the message gives the streak and step read (it read the later state's streak, 0 when
+  # that step's update was finite).
+  with pytest.raises(loop.TrainingStopped, match=r"^3 non-finite updates in a row up to step 3 \(train\."
                      r"max_nonfinite_in_a_row is 3\).* Change optimizer\.peak_lr \(lower\), optimizer\.grad_clip "
                      r"and rerun to resume, allowing the change with --config\.train\.allow_config_change=<field>\.$"):
     loop.train(config, str(tmp_path))  # (not validated here: a config file's peak_lr of inf is refused)

@@ -411,9 +411,12 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, *, corpus: "d
     if int(metrics["update_skipped"]) and not int(metrics.get("overflow_skipped", 0)):  # an overflow: in metrics
       progress.write(f"step {step + 1}: non-finite loss or gradient; update skipped "
                      f"({int(metrics['nonfinite_total'])} so far).")
-    return int(metrics["nonfinite_streak"]) >= config.train.max_nonfinite_in_a_row
+    streak = int(metrics["nonfinite_streak"])
+    if streak >= config.train.max_nonfinite_in_a_row and not guard_stop:
+      guard_stop.update(step=step + 1, streak=streak)
+    return streak >= config.train.max_nonfinite_in_a_row
 
-  diverged = False
+  diverged, guard_stop = False, {}  # guard_stop: the step at which the non-finite guard stopped, and its streak
   try:
     with _SignalFlag() as signals, jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       step = start_step
@@ -470,12 +473,11 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, *, corpus: "d
       if diverged:  # saved with nothing logged at final_step: the rerun logs it
         ckpt.save(final_step, state, config, force=True, progress=saved_progress_at(final_step))
         ckpt.wait()
-        streak = int(jax.device_get(state.nonfinite_streak))
         fixes = ["optimizer.peak_lr (lower)", "optimizer.grad_clip"] + (
             ["model.dtype ('float32')"] if config.model.dtype != "float32" else [])
         raise TrainingStopped(
-            f"{streak} non-finite updates in a row up to step {final_step} (train.max_nonfinite_in_a_row is "
-            f"{config.train.max_nonfinite_in_a_row}): training stopped. Skipped updates never touch the weights, "
+            f"{guard_stop['streak']} non-finite updates in a row up to step {guard_stop['step']} "
+            f"(train.max_nonfinite_in_a_row is {config.train.max_nonfinite_in_a_row}): training stopped. Skipped updates never touch the weights, "
             f"so the checkpoint at step {final_step} in {ckpt.directory} holds the last good state. Change "
             f"{', '.join(fixes)} and rerun to resume, allowing the change with "
             "--config.train.allow_config_change=<field>.", final_step)
