@@ -1,4 +1,5 @@
 """The training system end to end: six phases, TensorBoard, checkpoints, resume, fallback, signals, guards."""
+import contextlib
 import os
 import shutil
 import signal
@@ -151,6 +152,21 @@ def test_step_time_leaves_out_compiles_evaluations_and_pauses(full_run):
   assert tokens_per_second[12] == pytest.approx(256 / seconds[12], rel=1e-4)  # the step the pauses came after
 
 
+@contextlib.contextmanager
+def sigterm_during_step(index: int):
+  """A SIGTERM to this process while the step of 0-based `index` is set up (its settings read)."""
+  dynamic_settings = step_lib.dynamic_settings
+
+  def with_sigterm(settings):
+    if settings.step == index:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return dynamic_settings(settings)
+
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(step_lib, "dynamic_settings", with_sigterm)
+    yield
+
+
 def test_resume_continues_exactly(full_run, tmp_path):
   """Resumed from the checkpoint at step 10 (the end of foundation) of a run that went on to step 12 and lost
   its later checkpoint, as a killed run does: the same 24 losses, bit for bit, each step logged once."""
@@ -161,15 +177,7 @@ def test_resume_continues_exactly(full_run, tmp_path):
   shutil.rmtree(os.path.join(tmp_path, "checkpoints", "12"))
   config.train.update(run_steps=0, checkpoint_every=12)
   # A SIGTERM during the last step: nothing is left to resume, so the run finishes (evaluated, exit 0).
-  dynamic_settings = step_lib.dynamic_settings
-
-  def sigterm_at_the_last_step(settings):
-    if settings.step == 23:
-      os.kill(os.getpid(), signal.SIGTERM)
-    return dynamic_settings(settings)
-
-  with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(step_lib, "dynamic_settings", sigterm_at_the_last_step)
+  with sigterm_during_step(23):
     began = time.perf_counter()
     second = main_lib.run(config, str(tmp_path))
     elapsed = time.perf_counter() - began
@@ -447,15 +455,7 @@ def _series(workdir, prefixes):
 def test_a_signal_before_an_evaluation_saves_first_and_the_resumed_run_logs_it(full_run, tmp_path):
   """A SIGTERM during step 12 (which evaluates and computes stable ranks) ran both before saving, past a
   preemption's grace period on a large model; now the run saves step 12 and stops, and the resumed run logs them."""
-  dynamic_settings = step_lib.dynamic_settings
-
-  def sigterm_during_step_12(settings):
-    if settings.step == 11:
-      os.kill(os.getpid(), signal.SIGTERM)
-    return dynamic_settings(settings)
-
-  with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(step_lib, "dynamic_settings", sigterm_during_step_12)
+  with sigterm_during_step(11):
     first = loop.train(load_config(), str(tmp_path))
   assert first.final_step == 12 and first.stopped == "SIGTERM"
   assert _series(str(tmp_path), ("eval/", "stable_rank/")) == {}
