@@ -8,7 +8,9 @@ def get_config():
   c.model.update(d_model=4608, num_layers=54, num_heads=36, head_dim=128, max_seq_len=32768)
   c.model.moe.update(num_experts=9, expert_ffn_dim=15360, top_k=2)
   c.curriculum.tokens_per_batch = 4 * 1024 * 1024
-  c.curriculum.total_steps = 100_000
+  # The paper's "total training compute ... approximately 3.2 × 10²² FLOPs": 66,700 steps of 4M tokens
+  # through the curriculum cost 3.20e22 (280B tokens; `python -m diffmoe_jax.estimate`).
+  c.curriculum.total_steps = 66_700
   c.optimizer.peak_lr = 3e-4
   # Weights, gradients and optimizer state shard over every device (FSDP); the batch splits the same way.
   c.mesh.shape.update(data=1, fsdp=-1)

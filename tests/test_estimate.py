@@ -86,6 +86,18 @@ def test_kv_cache_is_what_decoding_allocates(dtype):
   assert result["kv_cache_bytes_fp32" if dtype == "float32" else "kv_cache_bytes_bf16"] == allocated
 
 
+def forward_flops_by_hand(d, e, f, vocab, layers, t, capacity, selected, routers=1, hidden=64):
+  """Forward FLOPs per token of `layers` full/routed pairs (top-2 gelu experts): 2 per multiply-add of the
+  attention's four projections, the router(s) and two experts, plus the scores and value product over the
+  causal context; a routed layer runs for the `capacity` share of tokens (`selected` of a sequence among
+  themselves) while its MoD router and predictor run for every token; the output head once."""
+  matmuls = 4 * d * d + routers * d * e + 2 * 2 * d * f
+  full = 2 * matmuls + 2 * 2 * d * (t + 1) / 2
+  mod = d + d * hidden + hidden + hidden
+  routed = capacity * (2 * matmuls + 2 * 2 * d * (selected + 1) / 2) + 2 * mod
+  return 2 * d * vocab + layers * (full + routed)
+
+
 @pytest.mark.parametrize("route_from, routers, t, capacity, selected", [
     ("attention_input", 1, 128, 0.5, 64),  # one routing serves the MoE and the λ gate
     ("ffn_input", 2, 25, 0.28, 7),  # the λ gate routes again; 0.28 · 25 (7.000000000000001) selects 7 tokens
@@ -94,15 +106,35 @@ def test_tiny_forward_flops_by_hand(route_from, routers, t, capacity, selected):
   config = load("tiny")
   config.model.moe.route_from = route_from
   counts = estimate.count_params(config.model)
-  d, f, experts, vocab = 288, 768, 4, 256
-  matmuls = 4 * d * d + routers * d * experts + 2 * 2 * d * f  # attention, router, two experts
-  attention = 2 * 2 * d * (t + 1) / 2
-  full = 2 * matmuls + attention
-  mod = d + d * 64 + 64 + 64
-  routed = capacity * (2 * matmuls + 2 * 2 * d * (selected + 1) / 2) + 2 * mod
-  want = 2 * d * vocab + 2 * full + 2 * routed
+  want = forward_flops_by_hand(288, 4, 768, 256, 2, t, capacity, selected, routers=routers)
   got = estimate.forward_flops_per_token(config.model, counts, t, mod_capacity=capacity)
   assert got == pytest.approx(want, rel=1e-12)
+
+
+def test_pi_curriculum_costs_the_papers_training_compute():
+  """The paper ("Training"): "Total training compute is approximately 3.2 × 10²² FLOPs". configs/pi.py's
+  curriculum, phase by phase from the README's table (shares 5/35/20/15/15/10 %, contexts ¼ ½ ½ ½ 1 1 of
+  32,768 at 4M tokens a step, MoD off, at 1, annealed 1 → ½ → ¼ → ⅛ over sparsify's quarters, then at
+  ⅛), at 3 forward passes per token, costs that; the estimate's curriculum figures match the count."""
+  config = load("pi")
+  steps = config.curriculum.total_steps
+  tokens_per_step = 4 * 1024 * 1024
+  fwd = lambda t, capacity: forward_flops_by_hand(4608, 9, 15360, 65536, 27, t, capacity, math.ceil(capacity * t))
+  quarter = steps * 20 // 100 // 4
+  phases = [(steps * 5 // 100, 8192, 1.0), (steps * 35 // 100, 16384, 1.0)]
+  phases += [(quarter, 16384, c) for c in (1.0, 0.5, 0.25, 0.125)]
+  phases += [(steps * 15 // 100, 16384, 0.125), (steps * 15 // 100, 32768, 0.125), (steps * 10 // 100, 32768, 0.125)]
+  assert sum(n for n, _, _ in phases) == steps
+  flops = sum(n * tokens_per_step * 3 * fwd(t, c) for n, t, c in phases)
+  result = estimate.estimate(config)
+  assert result["curriculum_tokens"] == steps * tokens_per_step
+  assert result["curriculum_train_flops"] == pytest.approx(flops, rel=1e-9)
+  assert flops == pytest.approx(3.2e22, rel=0.01)
+  # The training tokens 3.2e22 FLOPs buy are counted through the curriculum (280B), not at full context
+  # and MoD ⅛ throughout (341B): the curriculum spends 40% of its steps at MoD capacity 1 or off.
+  assert result["paper_training_tokens"] == pytest.approx(3.2e22 * steps * tokens_per_step / flops, rel=1e-9)
+  table = estimate.report(config, result)
+  assert "training FLOPs of the curriculum                3.20e+22    3.20e+22  agrees (1.00x)" in table
 
 
 @pytest.mark.parametrize("name, flagged", [("pi", {"total_params", "active_params_non_embedding"}),

@@ -99,14 +99,29 @@ class Curriculum:
     phase = self.phase_at(step)
     progress = _progress(step, phase)
     noise = phase.router_noise_start + (phase.router_noise_end - phase.router_noise_start) * progress
-    mod_mode = "topk" if self.model_has_mod and phase.mod_enabled else "off"
-    capacity = 1.0
-    if mod_mode == "topk":
-      # Whole tokens, counted as the routed layer counts them, so capacities that select the same number
-      # of tokens share one compiled step.
-      capacity = routing.mod_capacity_tokens(self._mod_capacity(phase, step), phase.seq_len) / phase.seq_len
+    mod_mode, capacity = self._mod_setting(phase, step)
     return StepSettings(step=step, phase=phase, lr=float(self.lr(step)), router_noise=float(noise),
                         mod_mode=mod_mode, mod_capacity=capacity)
+
+  def _mod_setting(self, phase: Phase, step: int) -> tuple[str, float]:
+    """(MoD mode, capacity) of `step` in `phase`: "off" at 1.0, or "topk" at the annealed capacity in whole
+    tokens, counted as the routed layer counts them, so capacities that select the same number of tokens
+    share one compiled step."""
+    if not (self.model_has_mod and phase.mod_enabled):
+      return "off", 1.0
+    return "topk", routing.mod_capacity_tokens(self._mod_capacity(phase, step), phase.seq_len) / phase.seq_len
+
+  def tokens_by_setting(self) -> dict[tuple[int, str, float], int]:
+    """The tokens the whole curriculum trains at each (sequence length, MoD mode, MoD capacity): what its
+    training FLOPs are counted from (`estimate.curriculum_training_flops`)."""
+    tokens: dict = {}
+    for phase in self.phases:
+      annealed = phase.mod_capacity_start != phase.mod_capacity_end
+      for step in range(phase.start, phase.end if annealed else phase.start + 1):  # else one setting throughout
+        key = (phase.seq_len,) + self._mod_setting(phase, step)
+        steps = 1 if annealed else phase.steps
+        tokens[key] = tokens.get(key, 0) + steps * phase.batch_size * phase.seq_len
+    return tokens
 
   def _mod_capacity(self, phase: Phase, step: int) -> float:
     """Geometric steps from start to end in `mod_anneal_levels` equal segments (1 → 1/8 in 4: 1, ½, ¼, ⅛).
