@@ -9,6 +9,7 @@ def get_config():
   c.model.moe.update(num_experts=4, expert_ffn_dim=6144, top_k=2)
   c.curriculum.tokens_per_batch = 1048576
   c.curriculum.total_steps = 100_000
+  c.optimizer.peak_lr = 0.0006  # that of the PI config nearest in width
   # Weights, gradients and optimizer state shard over every device (FSDP), as in configs/pi.py.
   c.mesh.shape.update(data=1, fsdp=-1)
   return c
