@@ -232,8 +232,7 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 @pytest.mark.parametrize("name", ["pi", "pi_s", "pi_p"])
 def test_the_config_a_search_writes_for_a_paper_width_trains_as_its_pi_config(name, tmp_path):
   """The paper's table: the config file a search writes for a row's width (`configs/ncas_<width>.py`) is
-  configs/<row>.py but for its name, the expert FFN the completion rules miss (PI, PI-S) and PI's length
-  (set by the paper's training compute). It once kept the defaults' learning rate, 3e-3: 5-10 times the
+  configs/<row>.py but for its name and the expert FFN the completion rules miss (PI, PI-S). It once kept the defaults' learning rate, 3e-3: 5-10 times the
   PI configs' 3e-4, 4e-4 and 6e-4 at the same widths."""
   arch = complete.complete(complete.PAPER_ROWS[name].d_model, complete.CompletionRules())
   path = tmp_path / "generated.py"
@@ -243,7 +242,7 @@ def test_the_config_a_search_writes_for_a_paper_width_trains_as_its_pi_config(na
   written = _flat(config_lib.load_file(os.path.join(ROOT, "configs", f"{name}.py")).to_dict())
   differing = {key for key in generated if generated[key] != written[key]}
   expected = {"model.moe.expert_ffn_dim"} if name in ("pi", "pi_s") else set()
-  assert differing == expected | ({"curriculum.total_steps"} if name == "pi" else set())
+  assert differing == expected
   assert generated["optimizer.peak_lr"] == {"pi": 3e-4, "pi_s": 4e-4, "pi_p": 6e-4}[name]
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import NamedTuple
 
 import ml_collections
 
@@ -134,13 +135,19 @@ def proxy(arch: Architecture, scale: int, num_layers: int, seq_len: int) -> Arch
                       expert_ffn_dim=max(4, round(arch.expert_ffn_dim / scale / 4) * 4), max_seq_len=seq_len)
 
 
-# The peak learning rates of configs/pi.py, pi_s.py and pi_p.py by width (the paper gives none).
-PAPER_ROW_PEAK_LR = {4608: 3e-4, 3456: 4e-4, 2592: 6e-4}
+class Training(NamedTuple):
+  peak_lr: float
+  total_steps: int
 
 
-def peak_lr_for(width: int) -> float:
-  """The peak learning rate of the PI config nearest in width (the wider on a tie): PI-P's 6e-4 for 2304."""
-  return PAPER_ROW_PEAK_LR[min(PAPER_ROW_PEAK_LR, key=lambda w: (abs(w - width), -w))]
+# The training settings of configs/pi.py, pi_s.py and pi_p.py by width (the paper gives no learning rate;
+# PI's length is set by its training compute).
+PAPER_ROW_TRAINING = {4608: Training(3e-4, 66_700), 3456: Training(4e-4, 100_000), 2592: Training(6e-4, 100_000)}
+
+
+def training_for(width: int) -> Training:
+  """The training settings of the PI config nearest in width (the wider on a tie): PI-P's for 2304."""
+  return PAPER_ROW_TRAINING[min(PAPER_ROW_TRAINING, key=lambda w: (abs(w - width), -w))]
 
 
 def set_model(model: ml_collections.ConfigDict, arch: Architecture) -> None:
@@ -152,13 +159,13 @@ def set_model(model: ml_collections.ConfigDict, arch: Architecture) -> None:
 
 def training_config(arch: Architecture, name: str) -> ml_collections.ConfigDict:
   """The full-scale training config of an architecture, as the PI configs set theirs: 128 sequences a batch,
-  100,000 steps (PI-S's and PI-P's), the peak learning rate of the PI config nearest in width (`peak_lr_for`)."""
+  the steps and peak learning rate of the PI config nearest in width (`training_for`)."""
   c = config_lib.defaults()
   c.name = name
   set_model(c.model, arch)
   c.curriculum.tokens_per_batch = 128 * arch.max_seq_len
-  c.curriculum.total_steps = 100_000
-  c.optimizer.peak_lr = peak_lr_for(arch.d_model)
+  training = training_for(arch.d_model)
+  c.curriculum.total_steps, c.optimizer.peak_lr = training.total_steps, training.peak_lr
   c.mesh.shape.update(data=1, fsdp=-1)
   return c
 
@@ -175,8 +182,9 @@ def get_config():
   c.model.update(d_model={arch.d_model}, num_layers={arch.num_layers}, num_heads={arch.num_heads}, head_dim={arch.head_dim}, max_seq_len={arch.max_seq_len})
   c.model.moe.update(num_experts={arch.num_experts}, expert_ffn_dim={arch.expert_ffn_dim}, top_k={arch.top_k})
   c.curriculum.tokens_per_batch = {128 * arch.max_seq_len}
-  c.curriculum.total_steps = 100_000
-  c.optimizer.peak_lr = {peak_lr_for(arch.d_model)!r}  # that of the PI config nearest in width
+  # Steps and peak learning rate: those of the PI config nearest in width.
+  c.curriculum.total_steps = {training_for(arch.d_model).total_steps:_}
+  c.optimizer.peak_lr = {training_for(arch.d_model).peak_lr!r}
   # Weights, gradients and optimizer state shard over every device (FSDP), as in configs/pi.py.
   c.mesh.shape.update(data=1, fsdp=-1)
   return c
