@@ -8,8 +8,9 @@ def get_config():
   c.model.update(d_model=3072, num_layers=36, num_heads=24, head_dim=128, max_seq_len=16384)
   c.model.moe.update(num_experts=6, expert_ffn_dim=8192, top_k=2)
   c.curriculum.tokens_per_batch = 2097152
+  # Steps and peak learning rate: those of the PI config nearest in width.
   c.curriculum.total_steps = 100_000
-  c.optimizer.peak_lr = 0.0004  # that of the PI config nearest in width
+  c.optimizer.peak_lr = 0.0004
   # Weights, gradients and optimizer state shard over every device (FSDP), as in configs/pi.py.
   c.mesh.shape.update(data=1, fsdp=-1)
   return c

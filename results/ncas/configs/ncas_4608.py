@@ -8,8 +8,9 @@ def get_config():
   c.model.update(d_model=4608, num_layers=54, num_heads=36, head_dim=128, max_seq_len=32768)
   c.model.moe.update(num_experts=9, expert_ffn_dim=12288, top_k=2)
   c.curriculum.tokens_per_batch = 4194304
-  c.curriculum.total_steps = 100_000
-  c.optimizer.peak_lr = 0.0003  # that of the PI config nearest in width
+  # Steps and peak learning rate: those of the PI config nearest in width.
+  c.curriculum.total_steps = 66_700
+  c.optimizer.peak_lr = 0.0003
   # Weights, gradients and optimizer state shard over every device (FSDP), as in configs/pi.py.
   c.mesh.shape.update(data=1, fsdp=-1)
   return c
