@@ -275,6 +275,15 @@ def _check_types_of(values: dict, reference: dict, prefix: str) -> None:
                         f"({type(value).__name__}).")
 
 
+def no_such_field(path: str, known) -> ConfigError:
+  """The error for `config.<path>`, a field its section lacks: the closest of the `known` names there, or
+  all of them when none is close."""
+  section, _, name = path.rpartition(".")
+  close = difflib.get_close_matches(name, list(known), n=1)
+  return ConfigError(f"config.{path}: no such field; " + (f"did you mean {section + '.' if section else ''}{close[0]}?"
+                     if close else f"the fields there are {', '.join(sorted(known))}."))
+
+
 def _check_known_fields(config: ml_collections.ConfigDict) -> None:
   """A field inside a section `defaults()` has must be one of its fields: set in Python (a notebook's
   `config.model.update(d_modle=48)`), a misspelt one was ignored; the command line refuses it already."""
@@ -282,16 +291,16 @@ def _check_known_fields(config: ml_collections.ConfigDict) -> None:
   _, unknown = without_obsolete(values)  # takes a phase the user added as all known: checked here
   unknown = [path for path in unknown if not path.startswith("mesh.shape.")]  # named below as mesh axes
   phase_fields, standard_phases = phase_defaults().to_dict(), defaults().curriculum.to_dict()
+  # A top-level section of the user's own (configs/ablation.py's `ablation`) is a dict; a misspelt
+  # top-level value (`config.seedd = 3`) is not.
+  unknown += [key for key, value in values.items() if key not in defaults() and not isinstance(value, dict)]
   unknown += [f"curriculum.{name}.{key}" for name, phase in values.get("curriculum", {}).items()
               if isinstance(phase, dict) and name not in standard_phases for key in phase if key not in phase_fields]
   if unknown:
-    section, _, name = unknown[0].rpartition(".")
     known = defaults().to_dict()
-    for key in section.split("."):
+    for key in unknown[0].split(".")[:-1]:
       known = known.get(key, phase_fields)  # only a phase the user added is a section defaults() lacks
-    close = difflib.get_close_matches(name, list(known), n=1)
-    hint = f"; did you mean {section}.{close[0]}?" if close else "; config.defaults() lists the fields."
-    raise ConfigError(f"config.{unknown[0]}: no such field{hint}")
+    raise no_such_field(unknown[0], known)
 
 
 def _check_types(config: ml_collections.ConfigDict) -> None:

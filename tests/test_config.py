@@ -224,7 +224,8 @@ def test_a_phase_the_user_adds_is_type_checked_too():
     ({"model.d_modle": 48}, r"^config\.model\.d_modle: no such field; did you mean model\.d_model\?$"),
     ({"curriculum.warmup.lr_ends": 1.0},
      r"^config\.curriculum\.warmup\.lr_ends: no such field; did you mean curriculum\.warmup\.lr_end\?$"),
-    ({"train.zzz": 1}, r"^config\.train\.zzz: no such field; config\.defaults\(\) lists the fields\.$"),
+    ({"train.zzz": 1}, r"^config\.train\.zzz: no such field; the fields there are allow_config_change, checkpoint_every, \S+, "),
+    ({"seedd": 3}, r"^config\.seedd: no such field; did you mean seed\?$"),
 ])
 def test_a_misspelt_field_set_in_python_is_named(fields, message):
   """ConfigDict takes new fields in Python (a notebook's `config.model.update(d_modle=48)`), and validate

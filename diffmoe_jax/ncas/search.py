@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import csv
 import dataclasses
-import difflib
 import fnmatch
 import json
 import math
@@ -119,10 +118,7 @@ def validate(config) -> None:
                       "--config=configs/ncas.py, or build yours from search.defaults() as that file does.")
   unknown = unknown_field(config, defaults().to_dict())
   if unknown:
-    path, known = unknown
-    close = difflib.get_close_matches(path.rpartition(".")[2], known, n=1)
-    raise ConfigError(f"config.{path}: no such field; " + (f"did you mean {path.rpartition('.')[0]}.{close[0]}?"
-                      if close else f"the fields there are {', '.join(sorted(known))}."))
+    raise validation.no_such_field(*unknown)
   n = config.ncas
   rules_lib.check_settings(n.rules.enabled, _rule_settings(n))
   widths = rules_lib.candidate_widths(n.space.min_width, n.space.max_width, n.space.step)
