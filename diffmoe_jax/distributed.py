@@ -12,7 +12,8 @@ missing process or an id given twice stops every process with one line. Every pr
 program on its own rows of each batch. A process that dies, or a peer
 that stops answering for --distributed_timeout_s, makes the others exit non-zero within that bound
 instead of waiting forever in a collective. A process that stops on an error of its own (a workdir it cannot
-write, a locked workdir, data it cannot read: `stop_run`) tells the others, which stop at once with its line.
+write, a locked workdir, data it cannot read: `stop_run`), before joining too, tells the others, which stop at
+once with its line.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import socket
 import sys
 import threading
@@ -31,8 +33,8 @@ import traceback
 
 from absl import flags, logging
 
-from diffmoe_jax import cli
-from diffmoe_jax.config import ConfigError
+from diffmoe_jax import cli, gathering
+from diffmoe_jax.gathering import DistributedError
 
 _MODES = ("auto", "on", "off")
 _DISTRIBUTED = flags.DEFINE_enum(
@@ -54,10 +56,6 @@ _INIT_TIMEOUT = flags.DEFINE_integer(
 # Words in a runtime error that mean a collective or the coordination service lost a peer.
 _PEER_FAILURE_MARKERS = ("gloo", "nccl", "connection reset", "connection closed", "connection refused",
                          "socket closed", "heartbeat", "unavailable:", "deadline_exceeded", "barrier")
-
-
-class DistributedError(ConfigError):
-  """The distributed setup (flags or launcher environment) cannot start a run; the message says why."""
 
 
 def launcher_process_count(environ=os.environ) -> int:
@@ -131,9 +129,9 @@ def initialize(mode: str = "auto", coordinator_address: str | None = None, num_p
   address = coordinator_address or env_coordinator
   if address and process_id is not None:
     if process_id == 0:
-      _gather_processes(address, num_processes, init_timeout_s)
+      gathering.gather_processes(address, num_processes, init_timeout_s)
     else:
-      _join_process_0(address, num_processes, process_id, init_timeout_s)
+      gathering.join_process_0(address, num_processes, process_id, init_timeout_s)
   # CPU processes exchange collectives over TCP (gloo); GPU and TPU use their own interconnect.
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   try:
@@ -165,125 +163,6 @@ def _check_address(address: str, bind: bool, source: str = "--coordinator_addres
       except OSError as e:
         raise DistributedError(f"{source}={address!r}: port {port} cannot be opened on this host, "
                                f"process 0's ({e.strerror or e}); choose a free port.") from None
-
-
-# Before JAX's runtime starts, process 0 gathers the others on the coordinator port with a line each way: the
-# runtime ends a process with a C++ abort and a stack dump for a peer that never arrives, a process id given
-# twice, or a coordinator it cannot reach; this way each gets one line on every process.
-_JOIN_REPLY_MARGIN_S = 10  # a peer waits this much longer than process 0 for its answer
-
-
-def _gather_processes(address: str, num_processes: int, timeout_s: float) -> None:
-  """Process 0: returns once processes 1 .. N-1 have each joined once at `address`; DistributedError (on every
-  process that joined, too) when one is missing after `timeout_s`, or two processes share an id or disagree on
-  --num_processes."""
-  port = int(address.rpartition(":")[2])
-  deadline = time.monotonic() + timeout_s
-  joined: dict[int, socket.socket] = {}
-  error = None
-  dualstack = socket.has_dualstack_ipv6()
-  try:
-    server = socket.create_server(("", port), family=socket.AF_INET6 if dualstack else socket.AF_INET,
-                                  dualstack_ipv6=dualstack)
-  except OSError as e:
-    raise DistributedError(f"coordinator address {address!r}: port {port} cannot be opened on this host, process "
-                           f"0's ({e.strerror or e}); choose a free port.") from None
-  with server:
-    while error is None and len(joined) < num_processes - 1:
-      server.settimeout(max(0.01, deadline - time.monotonic()))
-      try:
-        conn, _ = server.accept()
-      except TimeoutError:
-        missing = sorted(set(range(1, num_processes)) - set(joined))
-        error = (f"process(es) {missing} of {num_processes} did not join process 0 at {address} within "
-                 f"--distributed_init_timeout_s={timeout_s:g} s: start every process 0 .. {num_processes - 1} with "
-                 "the same --coordinator_address and --num_processes, or raise the timeout.")
-        break
-      hello = _read_line(conn, 5.0)  # anything but a peer's hello (a port scanner, say) is dropped
-      try:
-        peer = json.loads(hello)
-        peer_id, peer_count = int(peer["process_id"]), int(peer["num_processes"])
-      except (ValueError, TypeError, KeyError):
-        conn.close()
-        continue
-      if peer_count != num_processes:
-        error = (f"process {peer_id} was started with --num_processes={peer_count}, process 0 with "
-                 f"{num_processes}; give every process the same --num_processes.")
-      elif peer_id in joined:
-        error = (f"two processes were started with --process_id={peer_id}; give each process its own "
-                 f"--process_id, 0 .. {num_processes - 1}.")
-      joined.setdefault(peer_id, conn)
-      if joined[peer_id] is not conn:
-        _reply(conn, f"error: {error}")
-  for conn in joined.values():
-    _reply(conn, f"error: {error}" if error else "ok")
-  if error:
-    raise DistributedError(error)
-
-
-def _join_process_0(address: str, num_processes: int, process_id: int, timeout_s: float) -> None:
-  """A process other than 0: joins process 0 at `address` and returns once every process has; DistributedError
-  with process 0's reason otherwise, or when process 0 is unreachable for `timeout_s`."""
-  host, _, port = address.rpartition(":")
-  deadline = time.monotonic() + timeout_s
-  while True:
-    try:
-      wait = max(0.1, min(5.0, deadline - time.monotonic()))
-      conn = socket.create_connection((host.strip("[]"), int(port)), timeout=wait)
-      break
-    except socket.gaierror as e:
-      if e.errno == socket.EAI_AGAIN and time.monotonic() < deadline:  # the resolver may recover
-        time.sleep(0.5)
-        continue
-      raise DistributedError(f"coordinator address {address!r}: cannot resolve host {host!r} ({e.strerror or e}); "
-                             "give process 0's host name or IP address.") from None
-    except OSError as e:
-      if time.monotonic() >= deadline:
-        raise DistributedError(
-            f"process {process_id} could not reach the coordinator at {address} within "
-            f"--distributed_init_timeout_s={timeout_s:g} s ({e.strerror or e}): start process 0 with the same "
-            "--coordinator_address (its host and a free port), check that this host can reach it, or raise "
-            "the timeout.") from None
-      time.sleep(0.5)
-  with conn:
-    try:
-      conn.sendall(json.dumps({"process_id": process_id, "num_processes": num_processes}).encode() + b"\n")
-    except OSError:
-      pass  # process 0 hung up at once: reported below as no answer
-    answer = _read_line(conn, timeout_s + _JOIN_REPLY_MARGIN_S)
-  if answer == "ok":
-    return
-  if answer.startswith("error: "):
-    raise DistributedError(answer[len("error: "):])
-  raise DistributedError(f"process {process_id}: the coordinator at {address} gave no answer as process 0 of this "
-                         "run (it stopped, or another program uses that port); see process 0's log.")
-
-
-def _read_line(conn: socket.socket, timeout_s: float) -> str:
-  """One line from `conn` within `timeout_s` ("" on timeout, a closed connection or an undecodable line)."""
-  deadline = time.monotonic() + timeout_s
-  data = b""
-  try:
-    while b"\n" not in data and len(data) < 4096:
-      conn.settimeout(max(0.01, deadline - time.monotonic()))
-      chunk = conn.recv(4096)
-      if not chunk:
-        break
-      data += chunk
-  except OSError:
-    pass
-  line, newline, _ = data.partition(b"\n")
-  return line.decode("utf-8", "replace").strip() if newline else ""
-
-
-def _reply(conn: socket.socket, line: str) -> None:
-  """Sends `line` and waits briefly for the peer to close first, so the port is free for JAX's service at once."""
-  with conn:
-    try:
-      conn.sendall(line.encode() + b"\n")
-      _read_line(conn, 2.0)
-    except OSError:
-      pass
 
 
 def check_same_run(config, workdir: str, wait_s: float = 10.0) -> None:
@@ -378,6 +257,33 @@ def initialize_from_flags() -> bool:
                     timeout_s=_TIMEOUT.value, init_timeout_s=_INIT_TIMEOUT.value)
 
 
+def tell_others_before_joining(line: str, argv: list[str] | None = None) -> None:
+  """A process that stops before joining (a command line that does not parse, an invalid config) passes `line`
+  to the others when its command line names a gathering (`gathering.tell_others_before_joining`). `argv`: the
+  command line when its flags could not be parsed (the flags' values otherwise)."""
+  if argv is None:
+    if not flags.FLAGS.is_parsed():  # not called by a command
+      return
+    values = {"coordinator_address": _COORDINATOR.value, "num_processes": _NUM_PROCESSES.value,
+              "process_id": _PROCESS_ID.value}
+  else:  # the flags' values are unknown: read the words
+    words = iter(argv)
+    values = {}
+    for word in words:
+      match = re.fullmatch(r"--?(coordinator_address|num_processes|process_id)(?:=(.*))?", word)
+      if match:
+        values[match.group(1)] = match.group(2) if match.group(2) is not None else next(words, None)
+  try:
+    address = values.get("coordinator_address") or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
+    count, index = int(values["num_processes"]), int(values["process_id"])
+  except (KeyError, TypeError, ValueError):
+    return
+  host, _, port = address.rpartition(":")
+  if host and port.isdigit() and 1 <= int(port) <= 65535 and 0 <= index < count and count > 1:
+    with contextlib.suppress(KeyboardInterrupt):  # a Ctrl-C while it waits for the others ends the wait
+      gathering.tell_others_before_joining(address, count, index, line)
+
+
 # A process that stops on an error of its own writes its line under _LEAVING + its index in JAX's key-value store
 # (hosted by process 0); one that stops for another's writes "". Each process looks there every _POLL_S while it
 # runs. Without this, the others waited for it in their next collective until JAX's runtime ended them with a
@@ -393,9 +299,11 @@ _remove_on_leaving: list[str] = []  # files this process removes when it stops s
 def stop_run(line: str, status: int, at_once: bool = False) -> None:
   """Prints `line` to stderr and exits with `status` (`at_once`: without Python's clean-up, `cli.exit_now`). In a
   multi-process run it exits at once, after telling the other processes, which stop with status 1 and `line` as
-  this process's: an error this process raised alone left the others waiting for it until JAX's runtime ended them."""
+  this process's: an error this process raised alone left the others waiting for it until JAX's runtime ended them.
+  Before joining, it tells those that gather (`tell_others_before_joining`)."""
   if _run() is None:
     print(line, file=sys.stderr)
+    tell_others_before_joining(line)
     if at_once:
       cli.exit_now(status)
     sys.exit(status)

@@ -112,6 +112,7 @@ def run(config, workdir: str):
 def main(argv):
   cli.refuse_arguments(argv)
   cli.quiet_library_output()
+  from diffmoe_jax import validation
   from diffmoe_jax.config import ConfigError
   from diffmoe_jax.data import DataError
   from diffmoe_jax.train.checkpoint import CheckpointError
@@ -119,6 +120,7 @@ def main(argv):
   from diffmoe_jax.train.preflight import InsufficientMemoryError
   from diffmoe_jax.train.workdir import WorkdirError
   try:
+    validation.validate(_CONFIG.value)  # before joining: an invalid config stops every process at once
     distributed.initialize_from_flags()  # before any other JAX use; a no-op for a single process
     outcome = run(_CONFIG.value, _WORKDIR.value)
   except distributed.DistributedError as e:  # every process of the run raises it alike
@@ -140,4 +142,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=cli.parse_flags(DEFAULT_CONFIG))
+  app.run(main, flags_parser=cli.parse_flags(DEFAULT_CONFIG, on_error=distributed.tell_others_before_joining))

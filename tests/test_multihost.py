@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from diffmoe_jax import distributed
+from diffmoe_jax import distributed, gathering
 from diffmoe_jax import main as main_lib
 from diffmoe_jax.train import checkpoint
 from diffmoe_jax.train import workdir as workdir_lib
@@ -218,7 +218,8 @@ def test_a_coordinator_that_cannot_be_reached_is_one_line_after_the_init_timeout
   """JAX's runtime aborted (exit 134, a stack dump) after its timeout for either."""
   start = time.monotonic()
   with pytest.raises(distributed.DistributedError, match=rf"process 1 could not reach the coordinator at "
-                     rf"127\.0\.0\.1:{(port := _free_port())} within --distributed_init_timeout_s=1 s \("):
+                     rf"127\.0\.0\.1:{(port := _free_port())} within --distributed_init_timeout_s=1 s \(.*; process 0 "
+                     r"not started, or stopped at start: see its log\): start process 0 with the same "):
     distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=1, init_timeout_s=1,
                            environ={})
   assert time.monotonic() - start < 30
@@ -232,13 +233,15 @@ def test_process_0_alone_stops_with_one_line_after_the_init_timeout(tmp_path):
   proc = _start(str(tmp_path / "run"), ["--distributed_init_timeout_s=2"], process_id=0, port=_free_port())
   line, = _refusals([proc])
   assert re.fullmatch(r"error: process\(es\) \[1\] of 2 did not join process 0 at 127\.0\.0\.1:\d+ within "
-                      r"--distributed_init_timeout_s=2 s: start every process 0 \.\. 1 with the same "
+                      r"--distributed_init_timeout_s=2 s \(not started, or stopped at start: see its log\): start "
+                      r"every process 0 \.\. 1 with the same "
                       r"--coordinator_address and --num_processes, or raise the timeout\.", line), line
   assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("peers, message", [
-    ([(1, 3)], r"process\(es\) \[2\] of 3 did not join process 0 at .* within --distributed_init_timeout_s=1 s: "),
+    ([(1, 3)], r"process\(es\) \[2\] of 3 did not join process 0 at .* within --distributed_init_timeout_s=1 s \(not "
+              r"started, or stopped at start: see its log\): "),
     ([(1, 3), (1, 3)], r"two processes were started with --process_id=1; give each process its own --process_id, "
                        r"0 \.\. 2\."),
     ([(1, 2)], r"process 1 was started with --num_processes=2, process 0 with 3; give every process the same "
@@ -252,7 +255,7 @@ def test_processes_that_cannot_make_one_run_get_process_0s_reason(peers, message
 
   def join(k, process_id, num_processes):
     try:
-      distributed._join_process_0(address, num_processes, process_id, timeout_s=5)
+      gathering.join_process_0(address, num_processes, process_id, timeout_s=5)
       errors[k] = None
     except distributed.DistributedError as e:
       errors[k] = str(e)
@@ -261,7 +264,7 @@ def test_processes_that_cannot_make_one_run_get_process_0s_reason(peers, message
   for t in threads:
     t.start()
   with pytest.raises(distributed.DistributedError, match=message) as process_0:
-    distributed._gather_processes(address, 3, timeout_s=1)
+    gathering.gather_processes(address, 3, timeout_s=1)
   for t in threads:
     t.join(timeout=30)
   assert errors == {k: str(process_0.value) for k in range(len(peers))}
@@ -321,6 +324,26 @@ def test_an_error_of_one_process_stops_the_others_with_its_line(tmp_path):
   assert lines[3] == lines[2].replace("error: ", "error: process 0 of 2 stopped the run: ", 1)
   assert lines[4] == "error: process 1 of 2 stopped the run: ValueError: a bug (its log holds the traceback)"
   assert "Traceback" in errors[5] and errors[5].strip().endswith("ValueError: a bug\nits details"), errors[5][-3000:]
+
+
+def test_a_process_that_fails_before_joining_stops_the_others_at_once(tmp_path):
+  """A command line that does not parse on process 1, an invalid config on process 0: that process stopped before
+  joining, and the other waited for it until --distributed_init_timeout_s ran out. Both runs at once."""
+  runs = [("", "--config.train.nosuch=1"), ("--config.model.d_model=-3", "")]
+  start = time.monotonic()
+  procs = []
+  for k, extras in enumerate(runs):
+    port = _free_port()
+    procs += [_start(str(tmp_path / f"run{k}"), [extra, "--distributed_init_timeout_s=120"] if extra else
+                     ["--distributed_init_timeout_s=120"], process_id=i, port=port) for i, extra in enumerate(extras)]
+  lines = _refusals(procs)
+  assert time.monotonic() - start < 90
+  unknown = lines[1].removeprefix("error: ")
+  assert unknown.startswith("--config.train.nosuch: config.train has no field 'nosuch'"), lines
+  invalid = "config.model.d_model: must be a positive integer, got -3."
+  assert lines == [f"error: process 1 of 2 stopped before joining the run: {unknown}", f"error: {unknown}",
+                   f"error: {invalid}", f"error: process 0 of 2 stopped before joining the run: {invalid}"]
+  assert not any(os.path.exists(tmp_path / f"run{k}") for k in range(2))
 
 
 def test_processes_that_read_other_data_stop_with_one_line(tmp_path):
