@@ -11,9 +11,9 @@ With the ids on the command line, process 0 first gathers the others on the coor
 missing process or an id given twice stops every process with one line. Every process then runs the same
 program on its own rows of each batch. A process that dies, or a peer
 that stops answering for --distributed_timeout_s, makes the others exit non-zero within that bound
-instead of waiting forever in a collective. A process that stops on an error of its own (a workdir it cannot
-write, a locked workdir, data it cannot read: `stop_run`), before joining too, tells the others, which stop at
-once with its line.
+instead of waiting forever in a collective, with one line (but for process 0's death: JAX's runtime aborts the
+others at once). A process that stops on an error of its own (a workdir it cannot write, a locked workdir, data
+it cannot read: `stop_run`), before joining too, tells the others, which stop at once with its line.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -137,12 +138,13 @@ def initialize(mode: str = "auto", coordinator_address: str | None = None, num_p
   try:
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                                process_id=process_id, initialization_timeout=init_timeout_s,
-                               heartbeat_timeout_seconds=timeout_s, shutdown_timeout_seconds=timeout_s)
+                               heartbeat_timeout_seconds=timeout_s + _HEARTBEAT_MARGIN_S,
+                               shutdown_timeout_seconds=timeout_s)
   except (ValueError, TypeError) as e:  # JAX's own check of missing or inconsistent arguments
     raise DistributedError(f"cannot start a multi-process run: {e} Give --coordinator_address, "
                            "--num_processes and --process_id, or start the processes under SLURM or Open "
                            "MPI.") from e
-  _exit_promptly_on_failure(jax.process_index(), jax.process_count())
+  _exit_promptly_on_failure(jax.process_index(), jax.process_count(), timeout_s)
   logging.info("Process %d of %d joined the run (%d local, %d global devices).", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
   return True
@@ -290,6 +292,13 @@ def tell_others_before_joining(line: str, argv: list[str] | None = None) -> None
 # fatal error and a stack dump after --distributed_timeout_s, never saying why, and the failing process itself
 # ended the same way in JAX's shutdown barrier after printing its line.
 _LEAVING = "diffmoe_jax/leaving/"
+# Each process also counts up its key under _ALIVE every _POLL_S. A process whose count stands still for
+# --distributed_timeout_s (process 0's, too, when its store does not answer) stopped answering: the others stop with
+# one line. JAX's own heartbeat timeout is _HEARTBEAT_MARGIN_S longer, since its runtime ends every process with a
+# fatal error and a stack dump (exit 134) when it finds a process silent; its handler for that
+# (`missed_heartbeat_callback`) cannot be replaced from Python in jax 0.10.2 (calling it ends in std::bad_cast).
+_ALIVE = "diffmoe_jax/alive/"
+_HEARTBEAT_MARGIN_S = 10
 _POLL_S = 1.0
 _LEAVE_WAIT_S = 10.0  # how long process 0, whose exit ends the store, waits for the others to read a line
 _leaving = threading.Lock()  # held by the one thread of this process that prints why it stops, then exits it
@@ -322,14 +331,17 @@ def _run():
   return (state.client, state.process_id, state.num_processes) if state.client and state.num_processes > 1 else None
 
 
-def _leave(line: str, status: int) -> None:
+def _leave(line: str, status: int, silent: tuple[int, ...] = ()) -> None:
   """Writes this process's `line` ("" when it stops for another's) to the store and exits at once; process 0 first
-  waits, up to _LEAVE_WAIT_S, until every other process has written its own."""
+  waits, up to _LEAVE_WAIT_S, until every other process but the `silent` ones has written its own. With process 0
+  silent, the store is not asked (it would not answer)."""
   client, index, count = _run()
   try:
-    client.key_value_set(f"{_LEAVING}{index}", line)
+    if 0 not in silent:
+      client.key_value_set(f"{_LEAVING}{index}", line)
     deadline = time.monotonic() + _LEAVE_WAIT_S
-    while index == 0 and len(client.key_value_dir_get(_LEAVING)) < count and time.monotonic() < deadline:
+    while (index == 0 and len(client.key_value_dir_get(_LEAVING)) < count - len(silent)
+           and time.monotonic() < deadline):
       time.sleep(0.1)
   except (Exception, KeyboardInterrupt):  # pylint: disable=broad-except
     pass  # the store went with process 0 (JAX ends the others then), or a Ctrl-C cut the wait short
@@ -358,9 +370,44 @@ def _stop_for_a_peer(blocking: bool) -> None:
   _leave("", 1)
 
 
-def _exit_promptly_on_failure(process_index: int, process_count: int) -> None:
-  """An uncaught error in a multi-process run exits this process at once, and another process's `stop_run` stops
-  this one (a thread watches for it until Python exits).
+def _beat(beat: int, counts: dict[int, str], heard: list[float]) -> None:
+  """Writes this process's `beat` under _ALIVE and notes in `heard` when each process's count (`counts`) last
+  changed; returns without noting anything when the store cannot be reached."""
+  if (run := _run()) is None:
+    return
+  client, index, _ = run
+  try:
+    client.key_value_set(f"{_ALIVE}{index}", str(beat), allow_overwrite=True)
+    entries = client.key_value_dir_get(_ALIVE)
+  except Exception:  # pylint: disable=broad-except  (the run is ending: JAX reports a lost coordinator itself)
+    return
+  now = time.monotonic()
+  for key, value in entries:
+    peer = int(key.rpartition("/")[2])
+    if counts.get(peer) != value:
+      counts[peer], heard[peer] = value, now
+
+
+def _stop_for_silence(heard: list[float], timeout_s: int) -> None:
+  """Stops this process (status 1) when another has not answered for `timeout_s` (the lowest such, process 0 when
+  the store it hosts does not answer either); returns if none, or this process is stopping already."""
+  if (run := _run()) is None:
+    return
+  _, index, count = run
+  now = time.monotonic()
+  silent = tuple(p for p in range(count) if p != index and now - heard[p] > timeout_s)
+  if not silent or not _leaving.acquire(blocking=False):
+    return
+  print(f"error: process {silent[0]} of {count} stopped answering for {timeout_s} s (--distributed_timeout_s): it "
+        "died or froze, or its host or the network failed. The newest complete checkpoint in the workdir is intact: "
+        "restart every process with the same command to resume.", file=sys.stderr)
+  _leave("", 1, silent)
+
+
+def _exit_promptly_on_failure(process_index: int, process_count: int, timeout_s: int) -> None:
+  """An uncaught error in a multi-process run exits this process at once, another process's `stop_run` stops
+  this one, and so does another process that stops answering for `timeout_s` (two threads watch until Python
+  exits: one asks the store, which may not answer; the other asks nothing).
 
   Without this, Python's exit waits in JAX's shutdown barrier for peers that will never arrive. A lost
   peer gets one line (the one it stopped with, if it stopped by `stop_run`); any other error keeps its traceback,
@@ -384,12 +431,23 @@ def _exit_promptly_on_failure(process_index: int, process_count: int) -> None:
 
   sys.excepthook = hook
   finished = threading.Event()
+  heard = [time.monotonic()] * process_count  # when each process's count last changed
 
-  def watch():
-    while not finished.wait(_POLL_S):
+  def ask_the_store():
+    counts: dict[int, str] = {}
+    for beat in itertools.count(1):
+      if finished.wait(_POLL_S):
+        return
+      _beat(beat, counts, heard)
       _stop_for_a_peer(blocking=False)
 
-  watcher = threading.Thread(target=watch, name="diffmoe_jax-peers", daemon=True)
-  watcher.start()
-  # Registered after JAX's own exit handler, so it runs first: the thread stops before JAX's client shuts down.
-  atexit.register(lambda: (finished.set(), watcher.join()))
+  def listen():
+    while not finished.wait(_POLL_S):
+      _stop_for_silence(heard, timeout_s)
+
+  watchers = [threading.Thread(target=target, name=f"diffmoe_jax-{target.__name__}", daemon=True)
+              for target in (ask_the_store, listen)]
+  for watcher in watchers:
+    watcher.start()
+  # Registered after JAX's own exit handler, so it runs first: the threads stop before JAX's client shuts down.
+  atexit.register(lambda: (finished.set(), *(watcher.join() for watcher in watchers)))

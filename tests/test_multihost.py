@@ -326,6 +326,50 @@ def test_an_error_of_one_process_stops_the_others_with_its_line(tmp_path):
   assert "Traceback" in errors[5] and errors[5].strip().endswith("ValueError: a bug\nits details"), errors[5][-3000:]
 
 
+# A process that joins the run and waits, as a trainer between its steps.
+_JOINED_PEER = """
+import sys, time
+from diffmoe_jax import distributed
+distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]), timeout_s=3,
+                       environ={})
+print("joined", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_process_that_stops_answering_stops_the_others_with_one_line():
+  """A process frozen (SIGSTOP; a hung host or a broken network alike): JAX's runtime ended the others with a fatal
+  error and a stack dump (exit 134) after its heartbeat timeout. Process 1 frozen in one run, process 0 (which hosts
+  JAX's store) in another, at once."""
+  runs = []
+  for frozen in (1, 0):
+    address = f"127.0.0.1:{_free_port()}"
+    runs.append((frozen, [subprocess.Popen([sys.executable, "-c", _JOINED_PEER, address, str(i)], env=_env(1),
+                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                          for i in (0, 1)]))
+  try:
+    for _, procs in runs:
+      for p in procs:
+        assert p.stdout.readline() == "joined\n", p.communicate(timeout=TIMEOUT_S)[1][-3000:]
+    for frozen, procs in runs:
+      procs[frozen].send_signal(signal.SIGSTOP)
+    frozen_at = time.monotonic()
+    outcomes = [(frozen, procs[1 - frozen].wait(timeout=120), procs[1 - frozen].stderr.read())
+                for frozen, procs in runs]
+    waited = time.monotonic() - frozen_at
+  finally:
+    for _, procs in runs:
+      for p in procs:
+        p.kill()
+  for frozen, status, err in outcomes:
+    assert status == 1 and "Traceback" not in err and "Fatal" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1] == (
+        f"error: process {frozen} of 2 stopped answering for 3 s (--distributed_timeout_s): it died or froze, or "
+        "its host or the network failed. The newest complete checkpoint in the workdir is intact: restart every "
+        "process with the same command to resume."), err[-3000:]
+  assert waited < 3 + distributed._HEARTBEAT_MARGIN_S  # before JAX's own heartbeat timeout
+
+
 def test_a_process_that_fails_before_joining_stops_the_others_at_once(tmp_path):
   """A command line that does not parse on process 1, an invalid config on process 0: that process stopped before
   joining, and the other waited for it until --distributed_init_timeout_s ran out. Both runs at once."""
