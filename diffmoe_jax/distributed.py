@@ -13,7 +13,7 @@ program on its own rows of each batch. A process that dies, or a peer
 that stops answering for --distributed_timeout_s, makes the others exit non-zero within that bound
 instead of waiting forever in a collective, with one line (but for process 0's death: JAX's runtime aborts the
 others at once). A process that stops on an error of its own (a workdir it cannot write, a locked workdir, data
-it cannot read: `stop_run`), before joining too, tells the others, which stop at once with its line.
+it cannot read, a Ctrl-C: `stop_run`), before joining too, tells the others, which stop at once with its line.
 """
 from __future__ import annotations
 

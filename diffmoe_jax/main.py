@@ -131,12 +131,12 @@ def main(argv):
     distributed.stop_run(f"error: {e}", EXIT_ERROR)
   except CheckpointError as e:
     distributed.stop_run(f"error: {e}", EXIT_ERROR, at_once=True)
-  except KeyboardInterrupt:
-    print(f"error: interrupted at once (a second Ctrl-C, or one before training began), so no checkpoint of the "
-          f"current step was saved; those saved earlier in "
-          f"{os.path.join(os.path.abspath(os.path.expanduser(_WORKDIR.value)), 'checkpoints')}, if any, are intact. "
-          "Rerun the same command to resume from the newest.", file=sys.stderr)
-    cli.exit_now(EXIT_INTERRUPTED)
+  except KeyboardInterrupt:  # the other processes of a run stop too, saying that this one was interrupted
+    distributed.stop_run(
+        f"error: interrupted at once (a second Ctrl-C, or one before training began), so no checkpoint of the "
+        f"current step was saved; those saved earlier in "
+        f"{os.path.join(os.path.abspath(os.path.expanduser(_WORKDIR.value)), 'checkpoints')}, if any, are intact. "
+        "Rerun the same command to resume from the newest.", EXIT_INTERRUPTED, at_once=True)
   if outcome.stopped is not None:
     sys.exit(EXIT_STOPPED_EARLY)
 

@@ -390,6 +390,24 @@ def test_a_process_that_fails_before_joining_stops_the_others_at_once(tmp_path):
   assert not any(os.path.exists(tmp_path / f"run{k}") for k in range(2))
 
 
+def test_a_ctrl_c_on_one_process_stops_the_others_saying_so(tmp_path):
+  """A Ctrl-C that interrupts one process at once (before training, or a second one): the others said they 'lost
+  another process of this run', not why."""
+  port = _free_port()
+  procs = [_start(str(tmp_path / "run"), [], process_id=i, port=port) for i in (0, 1)]
+  try:
+    _read_until(procs[1], r"joined the run")
+    procs[1].send_signal(signal.SIGINT)
+    errors = [p.communicate(timeout=TIMEOUT_S)[1] for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  assert [p.returncode for p in procs] == [main_lib.EXIT_ERROR, main_lib.EXIT_INTERRUPTED], errors[0][-3000:]
+  lines = [e.strip().splitlines()[-1] for e in errors]
+  assert lines[1].startswith("error: interrupted at once (a second Ctrl-C, or one before training began)"), errors[1]
+  assert lines[0] == lines[1].replace("error: ", "error: process 1 of 2 stopped the run: ", 1), errors[0][-3000:]
+
+
 def test_processes_that_read_other_data_stop_with_one_line(tmp_path):
   """The same config on every process, but its `~` is another directory on each host, holding other files: the
   processes trained on different corpora unnoticed."""
