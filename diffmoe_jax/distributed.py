@@ -31,6 +31,7 @@ import sys
 import threading
 import time
 import traceback
+from typing import Callable
 
 from absl import flags, logging
 
@@ -180,7 +181,10 @@ def check_same_run(config, workdir: str, wait_s: float = 10.0) -> None:
   marker_of = lambda t: os.path.join(workdir, f".process0_{np.asarray(t).tobytes().hex()}")
   if jax.process_index() == 0:  # before the others look: a lookup that finds no file may be cached (NFS)
     open(marker_of(token), "w", encoding="utf-8").close()
-    _remove_on_leaving.append(marker_of(token))  # if another process stops the run before the check ends
+    def remove_marker(path=marker_of(token)):
+      with contextlib.suppress(OSError):
+        os.remove(path)
+    keep_marker = clean_up_on_leaving(remove_marker)  # if another process stops the run before the check ends
   marker = marker_of(multihost_utils.broadcast_one_to_all(token))  # process 0's file, named by its token
   deadline = time.time() + wait_s  # a shared filesystem may show another host's file late
   while not (seen := os.path.exists(marker)) and time.time() < deadline:
@@ -190,7 +194,7 @@ def check_same_run(config, workdir: str, wait_s: float = 10.0) -> None:
   everyone = np.asarray(multihost_utils.process_allgather(np.append(_digest(values), np.uint32(seen))))
   if jax.process_index() == 0:
     os.remove(marker)
-    _remove_on_leaving.remove(marker)
+    keep_marker()
   other_config = [p for p in range(len(everyone)) if not np.array_equal(everyone[p, :4], everyone[0, :4])]
   blind = [p for p in range(len(everyone)) if not everyone[p, 4]]
   if other_config:
@@ -302,7 +306,14 @@ _HEARTBEAT_MARGIN_S = 10
 _POLL_S = 1.0
 _LEAVE_WAIT_S = 10.0  # how long process 0, whose exit ends the store, waits for the others to read a line
 _leaving = threading.Lock()  # held by the one thread of this process that prints why it stops, then exits it
-_remove_on_leaving: list[str] = []  # files this process removes when it stops so (check_same_run's marker)
+_on_leaving: list[Callable[[], None]] = []  # this process's clean-up when it stops so (`clean_up_on_leaving`)
+
+
+def clean_up_on_leaving(clean_up: Callable[[], None]) -> Callable[[], None]:
+  """Runs `clean_up` (which must not raise; the last registered first) if this process stops because of another
+  process or an error of its own in a multi-process run, which exits at once; returns a function that cancels it."""
+  _on_leaving.append(clean_up)
+  return lambda: _on_leaving.remove(clean_up)
 
 
 def stop_run(line: str, status: int, at_once: bool = False) -> None:
@@ -345,9 +356,8 @@ def _leave(line: str, status: int, silent: tuple[int, ...] = ()) -> None:
       time.sleep(0.1)
   except (Exception, KeyboardInterrupt):  # pylint: disable=broad-except
     pass  # the store went with process 0 (JAX ends the others then), or a Ctrl-C cut the wait short
-  for path in _remove_on_leaving:
-    with contextlib.suppress(OSError):
-      os.remove(path)
+  for clean_up in reversed(_on_leaving):
+    clean_up()
   cli.exit_now(status)
 
 

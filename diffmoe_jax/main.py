@@ -77,8 +77,13 @@ def run(config, workdir: str):
   from diffmoe_jax.train import curriculum as curriculum_lib
   from diffmoe_jax.train import loop, preflight, workdir as workdir_lib
   validation.validate(config)
-  created = not os.path.isdir(os.path.expanduser(workdir))
+  new = not os.path.isdir(os.path.expanduser(workdir))
   workdir = workdir_lib.prepare(workdir)  # before anything slow: a bad workdir fails at once
+  # Removed if the run saves nothing, by process 0 alone in a multi-process run (the others may still write there),
+  # also when another process stops this one (which then exits at once, after the others).
+  created = new and jax.process_index() == 0
+  if created:
+    distributed.clean_up_on_leaving(lambda: _remove_if_unused(workdir))
   try:
     distributed.check_same_run(config, workdir)
     cli.use_compilation_cache(config)
