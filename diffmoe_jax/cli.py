@@ -172,10 +172,11 @@ def quiet_library_output() -> None:
   sys.unraisablehook = drop_closed_loop_noise
 
 
-def parse_flags(default_config: str | None) -> Callable[[list[str]], list[str]]:
-  """An `app.run` flags_parser: the usual absl parsing, with each mistake printed as one line (exit 1). It
-  also starts the command (`start_command`): a Ctrl-C that came while it imported ends it, and one dropped in a
-  garbage-collection or weakref callback is sent again."""
+def parse_flags(default_config: str | None,
+                on_error: Callable[[str, list[str]], None] | None = None) -> Callable[[list[str]], list[str]]:
+  """An `app.run` flags_parser: the usual absl parsing, with each mistake printed as one line (exit 1), then
+  passed to `on_error` with the command line. It also starts the command (`start_command`): a Ctrl-C that came
+  while it imported ends it, and one dropped in a garbage-collection or weakref callback is sent again."""
   def parse(argv: list[str]) -> list[str]:
     start_command()
     try:  # loading the config file (here and in the flag parser) can take seconds, as a search config's does
@@ -195,6 +196,8 @@ def parse_flags(default_config: str | None) -> Callable[[list[str]], list[str]]:
       print("\nerror: interrupted.", file=sys.stderr)
       sys.exit(130)
     print(f"error: {problem}", file=sys.stderr)
+    if on_error is not None:
+      on_error(f"error: {problem}", argv[1:])
     sys.exit(1)
   return parse
 

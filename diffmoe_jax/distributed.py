@@ -11,8 +11,9 @@ With the ids on the command line, process 0 first gathers the others on the coor
 missing process or an id given twice stops every process with one line. Every process then runs the same
 program on its own rows of each batch. A process that dies, or a peer
 that stops answering for --distributed_timeout_s, makes the others exit non-zero within that bound
-instead of waiting forever in a collective. A process that stops on an error of its own (a workdir it cannot
-write, a locked workdir, data it cannot read: `stop_run`) tells the others, which stop at once with its line.
+instead of waiting forever in a collective, with one line (but for process 0's death: JAX's runtime aborts the
+others at once). A process that stops on an error of its own (a workdir it cannot write, a locked workdir, data
+it cannot read, a Ctrl-C: `stop_run`), before joining too, tells the others, which stop at once with its line.
 """
 from __future__ import annotations
 
@@ -21,18 +22,21 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
+import itertools
 import json
 import os
+import re
 import socket
 import sys
 import threading
 import time
 import traceback
+from typing import Callable
 
 from absl import flags, logging
 
-from diffmoe_jax import cli
-from diffmoe_jax.config import ConfigError
+from diffmoe_jax import cli, gathering
+from diffmoe_jax.gathering import DistributedError
 
 _MODES = ("auto", "on", "off")
 _DISTRIBUTED = flags.DEFINE_enum(
@@ -54,10 +58,6 @@ _INIT_TIMEOUT = flags.DEFINE_integer(
 # Words in a runtime error that mean a collective or the coordination service lost a peer.
 _PEER_FAILURE_MARKERS = ("gloo", "nccl", "connection reset", "connection closed", "connection refused",
                          "socket closed", "heartbeat", "unavailable:", "deadline_exceeded", "barrier")
-
-
-class DistributedError(ConfigError):
-  """The distributed setup (flags or launcher environment) cannot start a run; the message says why."""
 
 
 def launcher_process_count(environ=os.environ) -> int:
@@ -131,20 +131,21 @@ def initialize(mode: str = "auto", coordinator_address: str | None = None, num_p
   address = coordinator_address or env_coordinator
   if address and process_id is not None:
     if process_id == 0:
-      _gather_processes(address, num_processes, init_timeout_s)
+      gathering.gather_processes(address, num_processes, init_timeout_s)
     else:
-      _join_process_0(address, num_processes, process_id, init_timeout_s)
+      gathering.join_process_0(address, num_processes, process_id, init_timeout_s)
   # CPU processes exchange collectives over TCP (gloo); GPU and TPU use their own interconnect.
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   try:
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                                process_id=process_id, initialization_timeout=init_timeout_s,
-                               heartbeat_timeout_seconds=timeout_s, shutdown_timeout_seconds=timeout_s)
+                               heartbeat_timeout_seconds=timeout_s + _HEARTBEAT_MARGIN_S,
+                               shutdown_timeout_seconds=timeout_s)
   except (ValueError, TypeError) as e:  # JAX's own check of missing or inconsistent arguments
     raise DistributedError(f"cannot start a multi-process run: {e} Give --coordinator_address, "
                            "--num_processes and --process_id, or start the processes under SLURM or Open "
                            "MPI.") from e
-  _exit_promptly_on_failure(jax.process_index(), jax.process_count())
+  _exit_promptly_on_failure(jax.process_index(), jax.process_count(), timeout_s)
   logging.info("Process %d of %d joined the run (%d local, %d global devices).", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
   return True
@@ -167,125 +168,6 @@ def _check_address(address: str, bind: bool, source: str = "--coordinator_addres
                                f"process 0's ({e.strerror or e}); choose a free port.") from None
 
 
-# Before JAX's runtime starts, process 0 gathers the others on the coordinator port with a line each way: the
-# runtime ends a process with a C++ abort and a stack dump for a peer that never arrives, a process id given
-# twice, or a coordinator it cannot reach; this way each gets one line on every process.
-_JOIN_REPLY_MARGIN_S = 10  # a peer waits this much longer than process 0 for its answer
-
-
-def _gather_processes(address: str, num_processes: int, timeout_s: float) -> None:
-  """Process 0: returns once processes 1 .. N-1 have each joined once at `address`; DistributedError (on every
-  process that joined, too) when one is missing after `timeout_s`, or two processes share an id or disagree on
-  --num_processes."""
-  port = int(address.rpartition(":")[2])
-  deadline = time.monotonic() + timeout_s
-  joined: dict[int, socket.socket] = {}
-  error = None
-  dualstack = socket.has_dualstack_ipv6()
-  try:
-    server = socket.create_server(("", port), family=socket.AF_INET6 if dualstack else socket.AF_INET,
-                                  dualstack_ipv6=dualstack)
-  except OSError as e:
-    raise DistributedError(f"coordinator address {address!r}: port {port} cannot be opened on this host, process "
-                           f"0's ({e.strerror or e}); choose a free port.") from None
-  with server:
-    while error is None and len(joined) < num_processes - 1:
-      server.settimeout(max(0.01, deadline - time.monotonic()))
-      try:
-        conn, _ = server.accept()
-      except TimeoutError:
-        missing = sorted(set(range(1, num_processes)) - set(joined))
-        error = (f"process(es) {missing} of {num_processes} did not join process 0 at {address} within "
-                 f"--distributed_init_timeout_s={timeout_s:g} s: start every process 0 .. {num_processes - 1} with "
-                 "the same --coordinator_address and --num_processes, or raise the timeout.")
-        break
-      hello = _read_line(conn, 5.0)  # anything but a peer's hello (a port scanner, say) is dropped
-      try:
-        peer = json.loads(hello)
-        peer_id, peer_count = int(peer["process_id"]), int(peer["num_processes"])
-      except (ValueError, TypeError, KeyError):
-        conn.close()
-        continue
-      if peer_count != num_processes:
-        error = (f"process {peer_id} was started with --num_processes={peer_count}, process 0 with "
-                 f"{num_processes}; give every process the same --num_processes.")
-      elif peer_id in joined:
-        error = (f"two processes were started with --process_id={peer_id}; give each process its own "
-                 f"--process_id, 0 .. {num_processes - 1}.")
-      joined.setdefault(peer_id, conn)
-      if joined[peer_id] is not conn:
-        _reply(conn, f"error: {error}")
-  for conn in joined.values():
-    _reply(conn, f"error: {error}" if error else "ok")
-  if error:
-    raise DistributedError(error)
-
-
-def _join_process_0(address: str, num_processes: int, process_id: int, timeout_s: float) -> None:
-  """A process other than 0: joins process 0 at `address` and returns once every process has; DistributedError
-  with process 0's reason otherwise, or when process 0 is unreachable for `timeout_s`."""
-  host, _, port = address.rpartition(":")
-  deadline = time.monotonic() + timeout_s
-  while True:
-    try:
-      wait = max(0.1, min(5.0, deadline - time.monotonic()))
-      conn = socket.create_connection((host.strip("[]"), int(port)), timeout=wait)
-      break
-    except socket.gaierror as e:
-      if e.errno == socket.EAI_AGAIN and time.monotonic() < deadline:  # the resolver may recover
-        time.sleep(0.5)
-        continue
-      raise DistributedError(f"coordinator address {address!r}: cannot resolve host {host!r} ({e.strerror or e}); "
-                             "give process 0's host name or IP address.") from None
-    except OSError as e:
-      if time.monotonic() >= deadline:
-        raise DistributedError(
-            f"process {process_id} could not reach the coordinator at {address} within "
-            f"--distributed_init_timeout_s={timeout_s:g} s ({e.strerror or e}): start process 0 with the same "
-            "--coordinator_address (its host and a free port), check that this host can reach it, or raise "
-            "the timeout.") from None
-      time.sleep(0.5)
-  with conn:
-    try:
-      conn.sendall(json.dumps({"process_id": process_id, "num_processes": num_processes}).encode() + b"\n")
-    except OSError:
-      pass  # process 0 hung up at once: reported below as no answer
-    answer = _read_line(conn, timeout_s + _JOIN_REPLY_MARGIN_S)
-  if answer == "ok":
-    return
-  if answer.startswith("error: "):
-    raise DistributedError(answer[len("error: "):])
-  raise DistributedError(f"process {process_id}: the coordinator at {address} gave no answer as process 0 of this "
-                         "run (it stopped, or another program uses that port); see process 0's log.")
-
-
-def _read_line(conn: socket.socket, timeout_s: float) -> str:
-  """One line from `conn` within `timeout_s` ("" on timeout, a closed connection or an undecodable line)."""
-  deadline = time.monotonic() + timeout_s
-  data = b""
-  try:
-    while b"\n" not in data and len(data) < 4096:
-      conn.settimeout(max(0.01, deadline - time.monotonic()))
-      chunk = conn.recv(4096)
-      if not chunk:
-        break
-      data += chunk
-  except OSError:
-    pass
-  line, newline, _ = data.partition(b"\n")
-  return line.decode("utf-8", "replace").strip() if newline else ""
-
-
-def _reply(conn: socket.socket, line: str) -> None:
-  """Sends `line` and waits briefly for the peer to close first, so the port is free for JAX's service at once."""
-  with conn:
-    try:
-      conn.sendall(line.encode() + b"\n")
-      _read_line(conn, 2.0)
-    except OSError:
-      pass
-
-
 def check_same_run(config, workdir: str, wait_s: float = 10.0) -> None:
   """Every process of a multi-process run has process 0's config and sees its workdir; DistributedError on every
   process otherwise. Without this, processes on different configs fail in a collective (a C++ abort) or train
@@ -299,7 +181,10 @@ def check_same_run(config, workdir: str, wait_s: float = 10.0) -> None:
   marker_of = lambda t: os.path.join(workdir, f".process0_{np.asarray(t).tobytes().hex()}")
   if jax.process_index() == 0:  # before the others look: a lookup that finds no file may be cached (NFS)
     open(marker_of(token), "w", encoding="utf-8").close()
-    _remove_on_leaving.append(marker_of(token))  # if another process stops the run before the check ends
+    def remove_marker(path=marker_of(token)):
+      with contextlib.suppress(OSError):
+        os.remove(path)
+    keep_marker = clean_up_on_leaving(remove_marker)  # if another process stops the run before the check ends
   marker = marker_of(multihost_utils.broadcast_one_to_all(token))  # process 0's file, named by its token
   deadline = time.time() + wait_s  # a shared filesystem may show another host's file late
   while not (seen := os.path.exists(marker)) and time.time() < deadline:
@@ -309,7 +194,7 @@ def check_same_run(config, workdir: str, wait_s: float = 10.0) -> None:
   everyone = np.asarray(multihost_utils.process_allgather(np.append(_digest(values), np.uint32(seen))))
   if jax.process_index() == 0:
     os.remove(marker)
-    _remove_on_leaving.remove(marker)
+    keep_marker()
   other_config = [p for p in range(len(everyone)) if not np.array_equal(everyone[p, :4], everyone[0, :4])]
   blind = [p for p in range(len(everyone)) if not everyone[p, 4]]
   if other_config:
@@ -378,24 +263,67 @@ def initialize_from_flags() -> bool:
                     timeout_s=_TIMEOUT.value, init_timeout_s=_INIT_TIMEOUT.value)
 
 
+def tell_others_before_joining(line: str, argv: list[str] | None = None) -> None:
+  """A process that stops before joining (a command line that does not parse, an invalid config) passes `line`
+  to the others when its command line names a gathering (`gathering.tell_others_before_joining`). `argv`: the
+  command line when its flags could not be parsed (the flags' values otherwise)."""
+  if argv is None:
+    if not flags.FLAGS.is_parsed():  # not called by a command
+      return
+    values = {"coordinator_address": _COORDINATOR.value, "num_processes": _NUM_PROCESSES.value,
+              "process_id": _PROCESS_ID.value}
+  else:  # the flags' values are unknown: read the words
+    words = iter(argv)
+    values = {}
+    for word in words:
+      match = re.fullmatch(r"--?(coordinator_address|num_processes|process_id)(?:=(.*))?", word)
+      if match:
+        values[match.group(1)] = match.group(2) if match.group(2) is not None else next(words, None)
+  try:
+    address = values.get("coordinator_address") or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
+    count, index = int(values["num_processes"]), int(values["process_id"])
+  except (KeyError, TypeError, ValueError):
+    return
+  host, _, port = address.rpartition(":")
+  if host and port.isdigit() and 1 <= int(port) <= 65535 and 0 <= index < count and count > 1:
+    with contextlib.suppress(KeyboardInterrupt):  # a Ctrl-C while it waits for the others ends the wait
+      gathering.tell_others_before_joining(address, count, index, line)
+
+
 # A process that stops on an error of its own writes its line under _LEAVING + its index in JAX's key-value store
 # (hosted by process 0); one that stops for another's writes "". Each process looks there every _POLL_S while it
 # runs. Without this, the others waited for it in their next collective until JAX's runtime ended them with a
 # fatal error and a stack dump after --distributed_timeout_s, never saying why, and the failing process itself
 # ended the same way in JAX's shutdown barrier after printing its line.
 _LEAVING = "diffmoe_jax/leaving/"
+# Each process also counts up its key under _ALIVE every _POLL_S. A process whose count stands still for
+# --distributed_timeout_s (process 0's, too, when its store does not answer) stopped answering: the others stop with
+# one line. JAX's own heartbeat timeout is _HEARTBEAT_MARGIN_S longer, since its runtime ends every process with a
+# fatal error and a stack dump (exit 134) when it finds a process silent; its handler for that
+# (`missed_heartbeat_callback`) cannot be replaced from Python in jax 0.10.2 (calling it ends in std::bad_cast).
+_ALIVE = "diffmoe_jax/alive/"
+_HEARTBEAT_MARGIN_S = 10
 _POLL_S = 1.0
 _LEAVE_WAIT_S = 10.0  # how long process 0, whose exit ends the store, waits for the others to read a line
 _leaving = threading.Lock()  # held by the one thread of this process that prints why it stops, then exits it
-_remove_on_leaving: list[str] = []  # files this process removes when it stops so (check_same_run's marker)
+_on_leaving: list[Callable[[], None]] = []  # this process's clean-up when it stops so (`clean_up_on_leaving`)
+
+
+def clean_up_on_leaving(clean_up: Callable[[], None]) -> Callable[[], None]:
+  """Runs `clean_up` (which must not raise; the last registered first) if this process stops because of another
+  process or an error of its own in a multi-process run, which exits at once; returns a function that cancels it."""
+  _on_leaving.append(clean_up)
+  return lambda: _on_leaving.remove(clean_up)
 
 
 def stop_run(line: str, status: int, at_once: bool = False) -> None:
   """Prints `line` to stderr and exits with `status` (`at_once`: without Python's clean-up, `cli.exit_now`). In a
   multi-process run it exits at once, after telling the other processes, which stop with status 1 and `line` as
-  this process's: an error this process raised alone left the others waiting for it until JAX's runtime ended them."""
+  this process's: an error this process raised alone left the others waiting for it until JAX's runtime ended them.
+  Before joining, it tells those that gather (`tell_others_before_joining`)."""
   if _run() is None:
     print(line, file=sys.stderr)
+    tell_others_before_joining(line)
     if at_once:
       cli.exit_now(status)
     sys.exit(status)
@@ -414,20 +342,22 @@ def _run():
   return (state.client, state.process_id, state.num_processes) if state.client and state.num_processes > 1 else None
 
 
-def _leave(line: str, status: int) -> None:
+def _leave(line: str, status: int, silent: tuple[int, ...] = ()) -> None:
   """Writes this process's `line` ("" when it stops for another's) to the store and exits at once; process 0 first
-  waits, up to _LEAVE_WAIT_S, until every other process has written its own."""
+  waits, up to _LEAVE_WAIT_S, until every other process but the `silent` ones has written its own. With process 0
+  silent, the store is not asked (it would not answer)."""
   client, index, count = _run()
   try:
-    client.key_value_set(f"{_LEAVING}{index}", line)
+    if 0 not in silent:
+      client.key_value_set(f"{_LEAVING}{index}", line)
     deadline = time.monotonic() + _LEAVE_WAIT_S
-    while index == 0 and len(client.key_value_dir_get(_LEAVING)) < count and time.monotonic() < deadline:
+    while (index == 0 and len(client.key_value_dir_get(_LEAVING)) < count - len(silent)
+           and time.monotonic() < deadline):
       time.sleep(0.1)
   except (Exception, KeyboardInterrupt):  # pylint: disable=broad-except
     pass  # the store went with process 0 (JAX ends the others then), or a Ctrl-C cut the wait short
-  for path in _remove_on_leaving:
-    with contextlib.suppress(OSError):
-      os.remove(path)
+  for clean_up in reversed(_on_leaving):
+    clean_up()
   cli.exit_now(status)
 
 
@@ -450,9 +380,44 @@ def _stop_for_a_peer(blocking: bool) -> None:
   _leave("", 1)
 
 
-def _exit_promptly_on_failure(process_index: int, process_count: int) -> None:
-  """An uncaught error in a multi-process run exits this process at once, and another process's `stop_run` stops
-  this one (a thread watches for it until Python exits).
+def _beat(beat: int, counts: dict[int, str], heard: list[float]) -> None:
+  """Writes this process's `beat` under _ALIVE and notes in `heard` when each process's count (`counts`) last
+  changed; returns without noting anything when the store cannot be reached."""
+  if (run := _run()) is None:
+    return
+  client, index, _ = run
+  try:
+    client.key_value_set(f"{_ALIVE}{index}", str(beat), allow_overwrite=True)
+    entries = client.key_value_dir_get(_ALIVE)
+  except Exception:  # pylint: disable=broad-except  (the run is ending: JAX reports a lost coordinator itself)
+    return
+  now = time.monotonic()
+  for key, value in entries:
+    peer = int(key.rpartition("/")[2])
+    if counts.get(peer) != value:
+      counts[peer], heard[peer] = value, now
+
+
+def _stop_for_silence(heard: list[float], timeout_s: int) -> None:
+  """Stops this process (status 1) when another has not answered for `timeout_s` (the lowest such, process 0 when
+  the store it hosts does not answer either); returns if none, or this process is stopping already."""
+  if (run := _run()) is None:
+    return
+  _, index, count = run
+  now = time.monotonic()
+  silent = tuple(p for p in range(count) if p != index and now - heard[p] > timeout_s)
+  if not silent or not _leaving.acquire(blocking=False):
+    return
+  print(f"error: process {silent[0]} of {count} stopped answering for {timeout_s} s (--distributed_timeout_s): it "
+        "died or froze, or its host or the network failed. The newest complete checkpoint in the workdir is intact: "
+        "restart every process with the same command to resume.", file=sys.stderr)
+  _leave("", 1, silent)
+
+
+def _exit_promptly_on_failure(process_index: int, process_count: int, timeout_s: int) -> None:
+  """An uncaught error in a multi-process run exits this process at once, another process's `stop_run` stops
+  this one, and so does another process that stops answering for `timeout_s` (two threads watch until Python
+  exits: one asks the store, which may not answer; the other asks nothing).
 
   Without this, Python's exit waits in JAX's shutdown barrier for peers that will never arrive. A lost
   peer gets one line (the one it stopped with, if it stopped by `stop_run`); any other error keeps its traceback,
@@ -476,12 +441,23 @@ def _exit_promptly_on_failure(process_index: int, process_count: int) -> None:
 
   sys.excepthook = hook
   finished = threading.Event()
+  heard = [time.monotonic()] * process_count  # when each process's count last changed
 
-  def watch():
-    while not finished.wait(_POLL_S):
+  def ask_the_store():
+    counts: dict[int, str] = {}
+    for beat in itertools.count(1):
+      if finished.wait(_POLL_S):
+        return
+      _beat(beat, counts, heard)
       _stop_for_a_peer(blocking=False)
 
-  watcher = threading.Thread(target=watch, name="diffmoe_jax-peers", daemon=True)
-  watcher.start()
-  # Registered after JAX's own exit handler, so it runs first: the thread stops before JAX's client shuts down.
-  atexit.register(lambda: (finished.set(), watcher.join()))
+  def listen():
+    while not finished.wait(_POLL_S):
+      _stop_for_silence(heard, timeout_s)
+
+  watchers = [threading.Thread(target=target, name=f"diffmoe_jax-{target.__name__}", daemon=True)
+              for target in (ask_the_store, listen)]
+  for watcher in watchers:
+    watcher.start()
+  # Registered after JAX's own exit handler, so it runs first: the threads stop before JAX's client shuts down.
+  atexit.register(lambda: (finished.set(), *(watcher.join() for watcher in watchers)))

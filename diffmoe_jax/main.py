@@ -77,8 +77,13 @@ def run(config, workdir: str):
   from diffmoe_jax.train import curriculum as curriculum_lib
   from diffmoe_jax.train import loop, preflight, workdir as workdir_lib
   validation.validate(config)
-  created = not os.path.isdir(os.path.expanduser(workdir))
+  new = not os.path.isdir(os.path.expanduser(workdir))
   workdir = workdir_lib.prepare(workdir)  # before anything slow: a bad workdir fails at once
+  # Removed if the run saves nothing, by process 0 alone in a multi-process run (the others may still write there),
+  # also when another process stops this one (which then exits at once, after the others).
+  created = new and jax.process_index() == 0
+  if created:
+    distributed.clean_up_on_leaving(lambda: _remove_if_unused(workdir))
   try:
     distributed.check_same_run(config, workdir)
     cli.use_compilation_cache(config)
@@ -112,6 +117,7 @@ def run(config, workdir: str):
 def main(argv):
   cli.refuse_arguments(argv)
   cli.quiet_library_output()
+  from diffmoe_jax import validation
   from diffmoe_jax.config import ConfigError
   from diffmoe_jax.data import DataError
   from diffmoe_jax.train.checkpoint import CheckpointError
@@ -119,6 +125,7 @@ def main(argv):
   from diffmoe_jax.train.preflight import InsufficientMemoryError
   from diffmoe_jax.train.workdir import WorkdirError
   try:
+    validation.validate(_CONFIG.value)  # before joining: an invalid config stops every process at once
     distributed.initialize_from_flags()  # before any other JAX use; a no-op for a single process
     outcome = run(_CONFIG.value, _WORKDIR.value)
   except distributed.DistributedError as e:  # every process of the run raises it alike
@@ -129,15 +136,15 @@ def main(argv):
     distributed.stop_run(f"error: {e}", EXIT_ERROR)
   except CheckpointError as e:
     distributed.stop_run(f"error: {e}", EXIT_ERROR, at_once=True)
-  except KeyboardInterrupt:
-    print(f"error: interrupted at once (a second Ctrl-C, or one before training began), so no checkpoint of the "
-          f"current step was saved; those saved earlier in "
-          f"{os.path.join(os.path.abspath(os.path.expanduser(_WORKDIR.value)), 'checkpoints')}, if any, are intact. "
-          "Rerun the same command to resume from the newest.", file=sys.stderr)
-    cli.exit_now(EXIT_INTERRUPTED)
+  except KeyboardInterrupt:  # the other processes of a run stop too, saying that this one was interrupted
+    distributed.stop_run(
+        f"error: interrupted at once (a second Ctrl-C, or one before training began), so no checkpoint of the "
+        f"current step was saved; those saved earlier in "
+        f"{os.path.join(os.path.abspath(os.path.expanduser(_WORKDIR.value)), 'checkpoints')}, if any, are intact. "
+        "Rerun the same command to resume from the newest.", EXIT_INTERRUPTED, at_once=True)
   if outcome.stopped is not None:
     sys.exit(EXIT_STOPPED_EARLY)
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=cli.parse_flags(DEFAULT_CONFIG))
+  app.run(main, flags_parser=cli.parse_flags(DEFAULT_CONFIG, on_error=distributed.tell_others_before_joining))

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from diffmoe_jax import distributed
+from diffmoe_jax import distributed, gathering
 from diffmoe_jax import main as main_lib
 from diffmoe_jax.train import checkpoint
 from diffmoe_jax.train import workdir as workdir_lib
@@ -218,7 +218,8 @@ def test_a_coordinator_that_cannot_be_reached_is_one_line_after_the_init_timeout
   """JAX's runtime aborted (exit 134, a stack dump) after its timeout for either."""
   start = time.monotonic()
   with pytest.raises(distributed.DistributedError, match=rf"process 1 could not reach the coordinator at "
-                     rf"127\.0\.0\.1:{(port := _free_port())} within --distributed_init_timeout_s=1 s \("):
+                     rf"127\.0\.0\.1:{(port := _free_port())} within --distributed_init_timeout_s=1 s \(.*; process 0 "
+                     r"not started, or stopped at start: see its log\): start process 0 with the same "):
     distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=1, init_timeout_s=1,
                            environ={})
   assert time.monotonic() - start < 30
@@ -232,13 +233,15 @@ def test_process_0_alone_stops_with_one_line_after_the_init_timeout(tmp_path):
   proc = _start(str(tmp_path / "run"), ["--distributed_init_timeout_s=2"], process_id=0, port=_free_port())
   line, = _refusals([proc])
   assert re.fullmatch(r"error: process\(es\) \[1\] of 2 did not join process 0 at 127\.0\.0\.1:\d+ within "
-                      r"--distributed_init_timeout_s=2 s: start every process 0 \.\. 1 with the same "
+                      r"--distributed_init_timeout_s=2 s \(not started, or stopped at start: see its log\): start "
+                      r"every process 0 \.\. 1 with the same "
                       r"--coordinator_address and --num_processes, or raise the timeout\.", line), line
   assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("peers, message", [
-    ([(1, 3)], r"process\(es\) \[2\] of 3 did not join process 0 at .* within --distributed_init_timeout_s=1 s: "),
+    ([(1, 3)], r"process\(es\) \[2\] of 3 did not join process 0 at .* within --distributed_init_timeout_s=1 s \(not "
+              r"started, or stopped at start: see its log\): "),
     ([(1, 3), (1, 3)], r"two processes were started with --process_id=1; give each process its own --process_id, "
                        r"0 \.\. 2\."),
     ([(1, 2)], r"process 1 was started with --num_processes=2, process 0 with 3; give every process the same "
@@ -252,7 +255,7 @@ def test_processes_that_cannot_make_one_run_get_process_0s_reason(peers, message
 
   def join(k, process_id, num_processes):
     try:
-      distributed._join_process_0(address, num_processes, process_id, timeout_s=5)
+      gathering.join_process_0(address, num_processes, process_id, timeout_s=5)
       errors[k] = None
     except distributed.DistributedError as e:
       errors[k] = str(e)
@@ -261,7 +264,7 @@ def test_processes_that_cannot_make_one_run_get_process_0s_reason(peers, message
   for t in threads:
     t.start()
   with pytest.raises(distributed.DistributedError, match=message) as process_0:
-    distributed._gather_processes(address, 3, timeout_s=1)
+    gathering.gather_processes(address, 3, timeout_s=1)
   for t in threads:
     t.join(timeout=30)
   assert errors == {k: str(process_0.value) for k in range(len(peers))}
@@ -316,11 +319,93 @@ def test_an_error_of_one_process_stops_the_others_with_its_line(tmp_path):
   lines = [e.strip().splitlines()[-1] for e in errors]
   cause = f"Cannot create the workdir {uncreatable}: Not a directory; pass a --workdir in a directory you can write."
   assert lines[:2] == [f"error: process 1 of 2 stopped the run: {cause}", f"error: {cause}"]
-  assert os.listdir(tmp_path / "run") == []  # process 0 wrote its workdir marker, which nobody removed
+  assert not (tmp_path / "run").exists()  # the workdir process 0 created for the run, which saved nothing
   assert lines[2].startswith(f"error: The workdir {locked} is in use by another run (PID {os.getpid()} "), lines
   assert lines[3] == lines[2].replace("error: ", "error: process 0 of 2 stopped the run: ", 1)
   assert lines[4] == "error: process 1 of 2 stopped the run: ValueError: a bug (its log holds the traceback)"
   assert "Traceback" in errors[5] and errors[5].strip().endswith("ValueError: a bug\nits details"), errors[5][-3000:]
+
+
+# A process that joins the run and waits, as a trainer between its steps.
+_JOINED_PEER = """
+import sys, time
+from diffmoe_jax import distributed
+distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]), timeout_s=3,
+                       environ={})
+print("joined", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_process_that_stops_answering_stops_the_others_with_one_line():
+  """A process frozen (SIGSTOP; a hung host or a broken network alike): JAX's runtime ended the others with a fatal
+  error and a stack dump (exit 134) after its heartbeat timeout. Process 1 frozen in one run, process 0 (which hosts
+  JAX's store) in another, at once."""
+  runs = []
+  for frozen in (1, 0):
+    address = f"127.0.0.1:{_free_port()}"
+    runs.append((frozen, [subprocess.Popen([sys.executable, "-c", _JOINED_PEER, address, str(i)], env=_env(1),
+                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                          for i in (0, 1)]))
+  try:
+    for _, procs in runs:
+      for p in procs:
+        assert p.stdout.readline() == "joined\n", p.communicate(timeout=TIMEOUT_S)[1][-3000:]
+    for frozen, procs in runs:
+      procs[frozen].send_signal(signal.SIGSTOP)
+    frozen_at = time.monotonic()
+    outcomes = [(frozen, procs[1 - frozen].wait(timeout=120), procs[1 - frozen].stderr.read())
+                for frozen, procs in runs]
+    waited = time.monotonic() - frozen_at
+  finally:
+    for _, procs in runs:
+      for p in procs:
+        p.kill()
+  for frozen, status, err in outcomes:
+    assert status == 1 and "Traceback" not in err and "Fatal" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1] == (
+        f"error: process {frozen} of 2 stopped answering for 3 s (--distributed_timeout_s): it died or froze, or "
+        "its host or the network failed. The newest complete checkpoint in the workdir is intact: restart every "
+        "process with the same command to resume."), err[-3000:]
+  assert waited < 3 + distributed._HEARTBEAT_MARGIN_S  # before JAX's own heartbeat timeout
+
+
+def test_a_process_that_fails_before_joining_stops_the_others_at_once(tmp_path):
+  """A command line that does not parse on process 1, an invalid config on process 0: that process stopped before
+  joining, and the other waited for it until --distributed_init_timeout_s ran out. Both runs at once."""
+  runs = [("", "--config.train.nosuch=1"), ("--config.model.d_model=-3", "")]
+  start = time.monotonic()
+  procs = []
+  for k, extras in enumerate(runs):
+    port = _free_port()
+    procs += [_start(str(tmp_path / f"run{k}"), [extra, "--distributed_init_timeout_s=120"] if extra else
+                     ["--distributed_init_timeout_s=120"], process_id=i, port=port) for i, extra in enumerate(extras)]
+  lines = _refusals(procs)
+  assert time.monotonic() - start < 90
+  unknown = lines[1].removeprefix("error: ")
+  assert unknown.startswith("--config.train.nosuch: config.train has no field 'nosuch'"), lines
+  invalid = "config.model.d_model: must be a positive integer, got -3."
+  assert lines == [f"error: process 1 of 2 stopped before joining the run: {unknown}", f"error: {unknown}",
+                   f"error: {invalid}", f"error: process 0 of 2 stopped before joining the run: {invalid}"]
+  assert not any(os.path.exists(tmp_path / f"run{k}") for k in range(2))
+
+
+def test_a_ctrl_c_on_one_process_stops_the_others_saying_so(tmp_path):
+  """A Ctrl-C that interrupts one process at once (before training, or a second one): the others said they 'lost
+  another process of this run', not why."""
+  port = _free_port()
+  procs = [_start(str(tmp_path / "run"), [], process_id=i, port=port) for i in (0, 1)]
+  try:
+    _read_until(procs[1], r"joined the run")
+    procs[1].send_signal(signal.SIGINT)
+    errors = [p.communicate(timeout=TIMEOUT_S)[1] for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  assert [p.returncode for p in procs] == [main_lib.EXIT_ERROR, main_lib.EXIT_INTERRUPTED], errors[0][-3000:]
+  lines = [e.strip().splitlines()[-1] for e in errors]
+  assert lines[1].startswith("error: interrupted at once (a second Ctrl-C, or one before training began)"), errors[1]
+  assert lines[0] == lines[1].replace("error: ", "error: process 1 of 2 stopped the run: ", 1), errors[0][-3000:]
 
 
 def test_processes_that_read_other_data_stop_with_one_line(tmp_path):
