@@ -231,37 +231,46 @@ def activation_bytes(cfg: ml_collections.ConfigDict, batch: int, seq_len: int, *
 
   With full remat (and with remat_policy="save_names", plus the named values each layer keeps): the
   residual stream saved at each scanned group, one group's working set while it is
-  recomputed for its backward pass (per layer, attention: both maps' probabilities on the explicit path;
-  q, k, v, the output and one block pair per map on the blockwise and kernel paths; the expert slot
-  buffers; a routed layer at `mod_capacity` (None: the model's) counts only the tokens it selects) and the
-  fp32 logits with their gradient. `tensor`: how many ways the heads (and the FFN width) are split.
+  recomputed for its backward pass (per layer, attention: q, k, v and the output, token by model width,
+  and the attention maps' probabilities with their gradient on the explicit path (one map for standard
+  attention, two for differential), one block pair per map on the blockwise and kernel paths; the FFN's
+  hidden rows and the MoE's dispatched rows, in and out; a routed layer at `mod_capacity` (None: the
+  model's) counts only the tokens it selects) and the fp32 logits with their gradient. `tensor`: how many
+  ways the heads (and the FFN width) are split; the dispatched rows are model-wide, on every device.
   `tests/test_estimate.py` holds it against the compiled program.
   """
   b, t = batch, seq_len
   size, groups, tail = model_lib.layer_layout(cfg)
+  maps = 1 if cfg.attention == "standard" else 2
 
   def layer(tokens: int) -> float:
     impl = attention_ops.resolve_attention_impl(cfg.attention_impl, length=tokens)
     if impl in attention_ops.BLOCKWISE:
       block = math.prod(min(size or attention_ops.default_block_size(), tokens)  # as flash_attention.block_sizes
                         for size in (cfg.attention_block_q, cfg.attention_block_k))
-      attention = 5 * b * tokens * cfg.d_model * 4 + 2 * 2 * b * cfg.num_heads * block * 4
+      scores = 2 * maps * b * cfg.num_heads * block * 4
     else:
-      attention = 2 * 2 * b * cfg.num_heads * tokens * tokens * 4  # both maps' probabilities, their gradient
-    return attention + 3 * b * ffn_rows(tokens) * 4
+      scores = 2 * maps * b * cfg.num_heads * tokens * tokens * 4  # each map's probabilities, their gradient
+    rows, width = ffn_rows(tokens)
+    return (5 * b * tokens * cfg.d_model * 4 + scores + 3 * b * rows * width * 4) / tensor + dispatched(rows)
 
-  def ffn_rows(tokens: int) -> int:
-    """Hidden activations of the train step's FFN per sequence, as rows x width (`dispatch.moe_ffn`)."""
+  def ffn_rows(tokens: int) -> tuple[int, int]:
+    """Hidden activations of the train step's FFN per sequence, as (rows, width) (`dispatch.moe_ffn`)."""
     moe = cfg.moe
     if cfg.ffn == "dense":
-      return tokens * dense_ffn_dim(cfg)
+      return tokens, dense_ffn_dim(cfg)
     if moe.dispatch == "capacity":
       rows = moe.num_experts * dispatch.moe_capacity(tokens, moe.top_k, moe.num_experts, moe.capacity_factor)
     elif dispatch.resolve_dropless_impl(moe.dropless_impl) == "padded":
       rows = moe.num_experts * tokens  # room for every token in every expert
     else:
       rows = tokens * moe.top_k  # ragged: the assignments alone
-    return rows * moe.expert_ffn_dim
+    return rows, moe.expert_ffn_dim
+
+  def dispatched(rows: int) -> float:
+    """The MoE's rows gathered for the experts and their outputs before the combine, model-wide; a dense
+    FFN reads the normalised tokens in place."""
+    return 0 if cfg.ffn == "dense" else 2 * b * rows * cfg.d_model * 4
 
   residual = (groups + tail + 1) * b * t * cfg.d_model * 4
   routed_tokens = t
@@ -272,7 +281,7 @@ def activation_bytes(cfg: ml_collections.ConfigDict, batch: int, seq_len: int, *
   logits = 3 * b * t * cfg.vocab_size * 4
   kept = groups * per_group(lambda tokens: _kept_by_remat(cfg, b, tokens, tensor)) + tail * _kept_by_remat(
       cfg, b, t, tensor)
-  return residual + kept + (per_group(layer) + logits) / tensor
+  return residual + kept + per_group(layer) + logits / tensor
 
 
 # The remat policies whose activations `activation_bytes` models; the others keep more and are counted
