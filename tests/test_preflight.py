@@ -25,6 +25,12 @@ def test_too_large_config_stops_before_allocating(monkeypatch, tmp_path):
   shape, need = preflight.fitting_mesh(preflight.mesh_options(config, "gpu"), 8, budget)
   devices = math.prod(shape.values())
   assert str(devices) in str(e.value)
+  # The parts it names add up to the total it names (the gradients were left out of them).
+  parts = re.search(r"needs about ([\d,.]+) GiB .*\(state ([\d,.]+) GiB, gradients and update ([\d,.]+) GiB, "
+                    r"activations ([\d,.]+) GiB, by the estimator\)", str(e.value))
+  assert parts, str(e.value)
+  total, *summands = (float(x.replace(",", "")) for x in parts.groups())
+  assert sum(summands) == pytest.approx(total, abs=0.2)
   assert need == estimate.training_memory_per_device(config, shape)["total"] <= budget
   # Half the devices do not fit with the weights sharded over all of them.
   half = {"data": 1, "fsdp": devices // 2, "expert": 1, "tensor": 1}

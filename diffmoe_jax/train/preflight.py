@@ -43,7 +43,8 @@ def check_memory(config, mesh_shape: dict, backend: str, advice: str = "") -> di
   advice = advice or _mesh_advice(config, mesh_shape, backend, budget)
   raise InsufficientMemoryError(
       f"This config needs about {_gib(need['total'])} per device to train on mesh {mesh_shape} (state "
-      f"{_gib(need['state'])}, activations {_gib(need['activations'])}, by the estimator), but a device here "
+      f"{_gib(need['state'])}, gradients and update {_gib(need['gradients'])}, activations "
+      f"{_gib(need['activations'])}, by the estimator), but a device here "
       f"has {_gib(have)} available (train.memory_headroom = {config.train.memory_headroom}); {advice}.")
 
 
