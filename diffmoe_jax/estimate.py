@@ -198,9 +198,9 @@ def state_bytes_per_device(config: ml_collections.ConfigDict, mesh_shape: dict[s
 
 def training_memory_per_device(config: ml_collections.ConfigDict, mesh_shape: dict[str, int],
                                boxed=None) -> dict:
-  """Bytes one device needs to train: its shard of the state, the gradients (sharded like the weights)
-  and the activations of the largest phase (`activation_bytes`); `largest_phase` is that phase's (name,
-  sequences per device in one micro-batch, sequence length).
+  """Bytes one device needs to train: its shard of the state, the gradients and the update's temporaries
+  (`step_temporaries`) and the activations of the largest phase (`activation_bytes`); `largest_phase` is
+  that phase's (name, sequences per device in one micro-batch, sequence length).
 
   The state is summed from the shardings the trainer builds (`state_bytes_per_device`).
   `boxed`: `abstract_state(config)`, when the caller sizes several meshes.
@@ -209,8 +209,6 @@ def training_memory_per_device(config: ml_collections.ConfigDict, mesh_shape: di
   from diffmoe_jax.train.curriculum import Curriculum  # the phases give the largest batch and length
   boxed = abstract_state(config) if boxed is None else boxed
   state = state_bytes_per_device(config, mesh_shape, boxed)
-  # The gradient and the update's temporaries: twice the weights' shard in the compiled step.
-  gradients = 2 * state_bytes_per_device(config, mesh_shape, boxed.params)
   rules = parallel.axis_rules(config.mesh)
   batch_split = parallel.logical_axis_size(mesh_shape, rules, "batch")
   activations, largest = 0.0, None
@@ -221,8 +219,34 @@ def training_memory_per_device(config: ml_collections.ConfigDict, mesh_shape: di
                                    tensor=parallel.logical_axis_size(mesh_shape, rules, "heads"))
     if phase_bytes > activations:
       activations, largest = phase_bytes, (phase.name, b, phase.seq_len)
+  gradients = step_temporaries(config, mesh_shape, activations, boxed)
   return {"state": state, "gradients": gradients, "activations": activations,
           "total": state + gradients + activations, "largest_phase": largest}
+
+
+def step_temporaries(config: ml_collections.ConfigDict, mesh_shape: dict[str, int], activations: float,
+                     boxed=None) -> float:
+  """What the compiled train step holds beyond the state and `activations`, in bytes, at the larger of its
+  two peaks. During the backward: the gradient, sharded like the weights, and one layer group's weights
+  whole along "embed" (FSDP all-gathers them for each use; an expert or tensor split stays), with the
+  activations. After it, when the activations are gone: the new weights and both new Adam moments, three
+  times the weights' shard, all computed before the step knows they are finite."""
+  boxed = abstract_state(config) if boxed is None else boxed
+  weights = state_bytes_per_device(config, mesh_shape, boxed.params)
+  backward = weights + _group_weight_bytes(config, mesh_shape, boxed.params) + activations
+  return max(backward, 3 * weights) - activations
+
+
+def _group_weight_bytes(config: ml_collections.ConfigDict, mesh_shape: dict[str, int], params) -> float:
+  """The bytes of the largest layer group's weights on one device while it runs: its shard, gathered whole
+  along "embed"."""
+  from diffmoe_jax import parallel
+  rules = tuple((name, None if name == "embed" else axes) for name, axes in parallel.axis_rules(config.mesh))
+  _, groups, _ = model_lib.layer_layout(config.model)
+  sizes = [sum(math.prod(shape) * dtype.itemsize for _, shape, dtype in parallel.shard_shapes(tree, mesh_shape, rules))
+           / (groups if name == "groups" else 1)
+           for name, tree in params.items() if name == "groups" or name.startswith(("group_", "tail_"))]
+  return max(sizes, default=0.0)
 
 
 def activation_bytes(cfg: ml_collections.ConfigDict, batch: int, seq_len: int, *, mod_capacity: float | None = None,
