@@ -336,7 +336,7 @@ def human(x: float) -> str:
   return f"{x:.0f}"
 
 
-def _bytes(x: float) -> str:
+def human_bytes(x: float) -> str:
   for scale, suffix in ((2**40, "TiB"), (2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
     if x >= scale:
       return f"{x / scale:.2f} {suffix}"
@@ -374,12 +374,12 @@ def report(config: ml_collections.ConfigDict, result: dict | None = None) -> str
       ("forward_flops_per_token_no_mod", "forward FLOPs / token (no MoD)", human),
       ("train_flops_per_token", "training FLOPs / token (3x fwd)", human),
       ("train_flops_per_token_full_remat", "training FLOPs / token, full remat", human),
-      ("weights_bytes_bf16", "weights, bf16", _bytes),
-      ("weights_bytes_fp32", "weights, fp32", _bytes),
-      ("adam_state_bytes_fp32", "AdamW state (m, v), fp32", _bytes),
-      ("train_state_bytes", "training state (fp32 master + m + v)", _bytes),
-      ("kv_cache_bytes_bf16", "KV cache / sequence at context, bf16", _bytes),
-      ("kv_cache_bytes_fp32", "KV cache / sequence at context, fp32", _bytes),
+      ("weights_bytes_bf16", "weights, bf16", human_bytes),
+      ("weights_bytes_fp32", "weights, fp32", human_bytes),
+      ("adam_state_bytes_fp32", "AdamW state (m, v), fp32", human_bytes),
+      ("train_state_bytes", "training state (fp32 master + m + v)", human_bytes),
+      ("kv_cache_bytes_bf16", "KV cache / sequence at context, bf16", human_bytes),
+      ("kv_cache_bytes_fp32", "KV cache / sequence at context, fp32", human_bytes),
       ("paper_training_tokens", "tokens that 3.2e22 training FLOPs buy", human),
   ]
   if not claims:
