@@ -228,12 +228,16 @@ def step_temporaries(config: ml_collections.ConfigDict, mesh_shape: dict[str, in
                      boxed=None) -> float:
   """What the compiled train step holds beyond the state and `activations`, in bytes, at the larger of its
   two peaks. During the backward: the gradient, sharded like the weights, and one layer group's weights
-  whole along "embed" (FSDP all-gathers them for each use; an expert or tensor split stays), with the
-  activations. After it, when the activations are gone: the new weights and both new Adam moments, three
-  times the weights' shard, all computed before the step knows they are finite."""
+  whole along "embed", with the activations; where the mesh splits "embed" (FSDP) the group's weights are
+  all-gathered for its use and its gradient is whole until it is reduce-scattered, so that twice (an
+  expert or tensor split stays). After the backward, when the activations are gone: the new weights and
+  both new Adam moments, three times the weights' shard, all computed before the step knows they are
+  finite."""
+  from diffmoe_jax import parallel
   boxed = abstract_state(config) if boxed is None else boxed
   weights = state_bytes_per_device(config, mesh_shape, boxed.params)
-  backward = weights + _group_weight_bytes(config, mesh_shape, boxed.params) + activations
+  gathered = 2 if parallel.logical_axis_size(mesh_shape, parallel.axis_rules(config.mesh), "embed") > 1 else 1
+  backward = weights + gathered * _group_weight_bytes(config, mesh_shape, boxed.params) + activations
   return max(backward, 3 * weights) - activations
 
 

@@ -157,12 +157,14 @@ def test_state_memory_is_the_sum_of_the_trainers_shards(make_config, mesh):
   assert need["state"] == on_device
 
 
-@pytest.mark.parametrize("mesh", [{"data": 8}, {"fsdp": 4, "tensor": 2}])
+@pytest.mark.parametrize("mesh", [{"data": 8}, {"fsdp": 8}, {"fsdp": 4, "tensor": 2}])
 def test_step_temporaries_agree_with_the_compiled_step_when_weights_dominate(make_config, mesh):
   """Wide weights, one short sequence per device (8 simulated ones): what the step holds beyond its state is
-  the larger of the backward's peak (the gradient, one layer group's weights gathered over fsdp, the
-  activations) and the update's (the new weights and Adam moments, three times the weights' shard), within
-  25%. Counted as twice the weights' shard, it was 0.68x of it data-parallel and 0.73x over fsdp x tensor."""
+  the larger of the backward's peak (the gradient, one layer group's weights, gathered over fsdp with their
+  whole gradient, the activations) and the update's (the new weights and Adam moments, three times the
+  weights' shard), within 25%. Counted as twice the weights' shard, it was 0.68x of it data-parallel,
+  0.28x over fsdp and 0.47x over fsdp x tensor."""
+  import flax.linen
   import jax.numpy as jnp
   from diffmoe_jax.train import step as step_lib
   config = make_config(d_model=192, num_heads=4, head_dim=48, dtype="bfloat16", **{"moe.expert_ffn_dim": 512})
@@ -175,7 +177,7 @@ def test_step_temporaries_agree_with_the_compiled_step_when_weights_dominate(mak
   dyn = {k: jax.ShapeDtypeStruct((), jnp.float32) for k in step_lib.DYNAMIC_KEYS}
   step = step_lib.make_train_step(model, optimizer, mod_mode="topk", mod_capacity=config.model.mod.capacity)
   scalar = parallel.replicated(devices)
-  with jax.set_mesh(devices):
+  with jax.set_mesh(devices), flax.linen.logical_axis_rules(rules):  # as the trainer lowers it
     compiled = jax.jit(step, in_shardings=(shardings, {k: tokens for k in batch}, scalar),
                        out_shardings=(shardings, scalar), donate_argnums=0).lower(abstract, batch, dyn).compile()
   shape = parallel.mesh_shape(config.mesh, 8)
