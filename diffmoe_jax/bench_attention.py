@@ -185,8 +185,8 @@ def _longest_train_context(args, config) -> None:
     compile_s = time.perf_counter() - start
     mem = compiled.memory_analysis()
     total = mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
-    estimated = (2 * estimate.state_bytes_per_device(cfg, {}, estimate.abstract_state(cfg).params)
-                 + estimate.activation_bytes(cfg.model, 1, t))
+    activations = estimate.activation_bytes(cfg.model, 1, t)
+    estimated = estimate.step_temporaries(cfg, {}, activations) + activations
     attention = attention_ops.resolve_attention_impl(cfg.model.attention_impl, length=t)
     line = (f"T={t:>6}  {attention:<9}  compiled memory {_gib(total)} GiB (temp {_gib(mem.temp_size_in_bytes)}; "
             f"estimated {_gib(estimated)}, {estimated / mem.temp_size_in_bytes:.2f}x)  compile {compile_s:6.1f} s")

@@ -217,9 +217,9 @@ def state_bytes_per_device(config: ml_collections.ConfigDict, mesh_shape: dict[s
 
 def training_memory_per_device(config: ml_collections.ConfigDict, mesh_shape: dict[str, int],
                                boxed=None) -> dict:
-  """Bytes one device needs to train: its shard of the state, the gradients (sharded like the weights)
-  and the activations of the largest phase (`activation_bytes`); `largest_phase` is that phase's (name,
-  sequences per device in one micro-batch, sequence length).
+  """Bytes one device needs to train: its shard of the state, the gradients and the update's temporaries
+  (`step_temporaries`) and the activations of the largest phase (`activation_bytes`); `largest_phase` is
+  that phase's (name, sequences per device in one micro-batch, sequence length).
 
   The state is summed from the shardings the trainer builds (`state_bytes_per_device`).
   `boxed`: `abstract_state(config)`, when the caller sizes several meshes.
@@ -228,8 +228,6 @@ def training_memory_per_device(config: ml_collections.ConfigDict, mesh_shape: di
   from diffmoe_jax.train.curriculum import Curriculum  # the phases give the largest batch and length
   boxed = abstract_state(config) if boxed is None else boxed
   state = state_bytes_per_device(config, mesh_shape, boxed)
-  # The gradient and the update's temporaries: twice the weights' shard in the compiled step.
-  gradients = 2 * state_bytes_per_device(config, mesh_shape, boxed.params)
   rules = parallel.axis_rules(config.mesh)
   batch_split = parallel.logical_axis_size(mesh_shape, rules, "batch")
   activations, largest = 0.0, None
@@ -240,8 +238,38 @@ def training_memory_per_device(config: ml_collections.ConfigDict, mesh_shape: di
                                    tensor=parallel.logical_axis_size(mesh_shape, rules, "heads"))
     if phase_bytes > activations:
       activations, largest = phase_bytes, (phase.name, b, phase.seq_len)
+  gradients = step_temporaries(config, mesh_shape, activations, boxed)
   return {"state": state, "gradients": gradients, "activations": activations,
           "total": state + gradients + activations, "largest_phase": largest}
+
+
+def step_temporaries(config: ml_collections.ConfigDict, mesh_shape: dict[str, int], activations: float,
+                     boxed=None) -> float:
+  """What the compiled train step holds beyond the state and `activations`, in bytes, at the larger of its
+  two peaks. During the backward: the gradient, sharded like the weights, and one layer group's weights
+  whole along "embed", with the activations; where the mesh splits "embed" (FSDP) the group's weights are
+  all-gathered for its use and its gradient is whole until it is reduce-scattered, so that twice (an
+  expert or tensor split stays). After the backward, when the activations are gone: the new weights and
+  both new Adam moments, three times the weights' shard, all computed before the step knows they are
+  finite."""
+  from diffmoe_jax import parallel
+  boxed = abstract_state(config) if boxed is None else boxed
+  weights = state_bytes_per_device(config, mesh_shape, boxed.params)
+  gathered = 2 if parallel.logical_axis_size(mesh_shape, parallel.axis_rules(config.mesh), "embed") > 1 else 1
+  backward = weights + gathered * _group_weight_bytes(config, mesh_shape, boxed.params) + activations
+  return max(backward, 3 * weights) - activations
+
+
+def _group_weight_bytes(config: ml_collections.ConfigDict, mesh_shape: dict[str, int], params) -> float:
+  """The bytes of the largest layer group's weights on one device while it runs: its shard, gathered whole
+  along "embed"."""
+  from diffmoe_jax import parallel
+  rules = tuple((name, None if name == "embed" else axes) for name, axes in parallel.axis_rules(config.mesh))
+  _, groups, _ = model_lib.layer_layout(config.model)
+  sizes = [sum(math.prod(shape) * dtype.itemsize for _, shape, dtype in parallel.shard_shapes(tree, mesh_shape, rules))
+           / (groups if name == "groups" else 1)
+           for name, tree in params.items() if name == "groups" or name.startswith(("group_", "tail_"))]
+  return max(sizes, default=0.0)
 
 
 def activation_bytes(cfg: ml_collections.ConfigDict, batch: int, seq_len: int, *, mod_capacity: float | None = None,
@@ -250,37 +278,46 @@ def activation_bytes(cfg: ml_collections.ConfigDict, batch: int, seq_len: int, *
 
   With full remat (and with remat_policy="save_names", plus the named values each layer keeps): the
   residual stream saved at each scanned group, one group's working set while it is
-  recomputed for its backward pass (per layer, attention: both maps' probabilities on the explicit path;
-  q, k, v, the output and one block pair per map on the blockwise and kernel paths; the expert slot
-  buffers; a routed layer at `mod_capacity` (None: the model's) counts only the tokens it selects) and the
-  fp32 logits with their gradient. `tensor`: how many ways the heads (and the FFN width) are split.
+  recomputed for its backward pass (per layer, attention: q, k, v and the output, token by model width,
+  and the attention maps' probabilities with their gradient on the explicit path (one map for standard
+  attention, two for differential), one block pair per map on the blockwise and kernel paths; the FFN's
+  hidden rows and the MoE's dispatched rows, in and out; a routed layer at `mod_capacity` (None: the
+  model's) counts only the tokens it selects) and the fp32 logits with their gradient. `tensor`: how many
+  ways the heads (and the FFN width) are split; the dispatched rows are model-wide, on every device.
   `tests/test_estimate.py` holds it against the compiled program.
   """
   b, t = batch, seq_len
   size, groups, tail = model_lib.layer_layout(cfg)
+  maps = 1 if cfg.attention == "standard" else 2
 
   def layer(tokens: int) -> float:
     impl = attention_ops.resolve_attention_impl(cfg.attention_impl, length=tokens)
     if impl in attention_ops.BLOCKWISE:
       block = math.prod(min(size or attention_ops.default_block_size(), tokens)  # as flash_attention.block_sizes
                         for size in (cfg.attention_block_q, cfg.attention_block_k))
-      attention = 5 * b * tokens * cfg.d_model * 4 + 2 * 2 * b * cfg.num_heads * block * 4
+      scores = 2 * maps * b * cfg.num_heads * block * 4
     else:
-      attention = 2 * 2 * b * cfg.num_heads * tokens * tokens * 4  # both maps' probabilities, their gradient
-    return attention + 3 * b * ffn_rows(tokens) * 4
+      scores = 2 * maps * b * cfg.num_heads * tokens * tokens * 4  # each map's probabilities, their gradient
+    rows, width = ffn_rows(tokens)
+    return (5 * b * tokens * cfg.d_model * 4 + scores + 3 * b * rows * width * 4) / tensor + dispatched(rows)
 
-  def ffn_rows(tokens: int) -> int:
-    """Hidden activations of the train step's FFN per sequence, as rows x width (`dispatch.moe_ffn`)."""
+  def ffn_rows(tokens: int) -> tuple[int, int]:
+    """Hidden activations of the train step's FFN per sequence, as (rows, width) (`dispatch.moe_ffn`)."""
     moe = cfg.moe
     if cfg.ffn == "dense":
-      return tokens * dense_ffn_dim(cfg)
+      return tokens, dense_ffn_dim(cfg)
     if moe.dispatch == "capacity":
       rows = moe.num_experts * dispatch.moe_capacity(tokens, moe.top_k, moe.num_experts, moe.capacity_factor)
     elif dispatch.resolve_dropless_impl(moe.dropless_impl) == "padded":
       rows = moe.num_experts * tokens  # room for every token in every expert
     else:
       rows = tokens * moe.top_k  # ragged: the assignments alone
-    return rows * moe.expert_ffn_dim
+    return rows, moe.expert_ffn_dim
+
+  def dispatched(rows: int) -> float:
+    """The MoE's rows gathered for the experts and their outputs before the combine, model-wide; a dense
+    FFN reads the normalised tokens in place."""
+    return 0 if cfg.ffn == "dense" else 2 * b * rows * cfg.d_model * 4
 
   residual = (groups + tail + 1) * b * t * cfg.d_model * 4
   routed_tokens = t
@@ -291,7 +328,7 @@ def activation_bytes(cfg: ml_collections.ConfigDict, batch: int, seq_len: int, *
   logits = 3 * b * t * cfg.vocab_size * 4
   kept = groups * per_group(lambda tokens: _kept_by_remat(cfg, b, tokens, tensor)) + tail * _kept_by_remat(
       cfg, b, t, tensor)
-  return residual + kept + (per_group(layer) + logits) / tensor
+  return residual + kept + per_group(layer) + logits / tensor
 
 
 # The remat policies whose activations `activation_bytes` models; the others keep more and are counted
@@ -326,7 +363,7 @@ def _scientific(x: float) -> str:
   return f"{x:.2e}"
 
 
-def _bytes(x: float) -> str:
+def human_bytes(x: float) -> str:
   for scale, suffix in ((2**40, "TiB"), (2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
     if x >= scale:
       return f"{x / scale:.2f} {suffix}"
@@ -367,12 +404,12 @@ def report(config: ml_collections.ConfigDict, result: dict | None = None) -> str
       ("curriculum_train_flops_per_token", "training FLOPs / token, curriculum mean", human),
       ("curriculum_tokens", "tokens trained by the curriculum", human),
       ("curriculum_train_flops", "training FLOPs of the curriculum", _scientific),
-      ("weights_bytes_bf16", "weights, bf16", _bytes),
-      ("weights_bytes_fp32", "weights, fp32", _bytes),
-      ("adam_state_bytes_fp32", "AdamW state (m, v), fp32", _bytes),
-      ("train_state_bytes", "training state (fp32 master + m + v)", _bytes),
-      ("kv_cache_bytes_bf16", "KV cache / sequence at context, bf16", _bytes),
-      ("kv_cache_bytes_fp32", "KV cache / sequence at context, fp32", _bytes),
+      ("weights_bytes_bf16", "weights, bf16", human_bytes),
+      ("weights_bytes_fp32", "weights, fp32", human_bytes),
+      ("adam_state_bytes_fp32", "AdamW state (m, v), fp32", human_bytes),
+      ("train_state_bytes", "training state (fp32 master + m + v)", human_bytes),
+      ("kv_cache_bytes_bf16", "KV cache / sequence at context, bf16", human_bytes),
+      ("kv_cache_bytes_fp32", "KV cache / sequence at context, fp32", human_bytes),
       ("paper_training_tokens", "tokens that 3.2e22 training FLOPs buy", human),
   ]
   if not claims:

@@ -224,8 +224,8 @@ def test_an_arm_too_large_for_the_machine_is_refused_before_any_trains(tmp_path,
   monkeypatch.setattr(data, "build_corpus", lambda *args: types.SimpleNamespace(fingerprint={}))
   monkeypatch.setattr(loop, "train", lambda *args, **kwargs: pytest.fail("trained before refusing"))
   monkeypatch.setattr(preflight, "available_bytes_per_device", lambda: 2**20)
-  with pytest.raises(preflight.InsufficientMemoryError, match=r"^the full arm: This config needs about [\d.]+ GiB "
-                     r"per device .* but a device here has 0\.0 GiB available"):
+  with pytest.raises(preflight.InsufficientMemoryError, match=r"^the full arm: This config needs about [\d.]+ MiB "
+                     r"per device .* but a device here has 1\.00 MiB available"):
     ablate.run(smoke_config(), str(tmp_path), str(tmp_path / "report"))
 
 

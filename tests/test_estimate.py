@@ -11,6 +11,7 @@ from diffmoe_jax import estimate, parallel
 from diffmoe_jax.config import ConfigError
 from diffmoe_jax.nn import model as model_lib
 from diffmoe_jax.train import state as state_lib
+from diffmoe_jax.train.curriculum import Curriculum
 from test_config import load
 
 
@@ -188,24 +189,75 @@ def test_state_memory_is_the_sum_of_the_trainers_shards(make_config, mesh):
   assert need["state"] == on_device
 
 
-def _compiled_temp_bytes(t: int, **model_overrides) -> tuple[int, ml_collections.ConfigDict]:
-  """PI-P's shape at test width: the compiled train step's temporary memory on one sequence of t tokens."""
+@pytest.mark.parametrize("mesh", [{"data": 8}, {"fsdp": 8}, {"fsdp": 4, "tensor": 2}])
+def test_step_temporaries_agree_with_the_compiled_step_when_weights_dominate(make_config, mesh):
+  """Wide weights, one short sequence per device (8 simulated ones): what the step holds beyond its state is
+  the larger of the backward's peak (the gradient, one layer group's weights, gathered over fsdp with their
+  whole gradient, the activations) and the update's (the new weights and Adam moments, three times the
+  weights' shard), within 25%. Counted as twice the weights' shard, it was 0.68x of it data-parallel,
+  0.28x over fsdp and 0.47x over fsdp x tensor."""
+  import flax.linen
+  import jax.numpy as jnp
+  from diffmoe_jax.train import step as step_lib
+  config = make_config(d_model=192, num_heads=4, head_dim=48, dtype="bfloat16", **{"moe.expert_ffn_dim": 512})
+  config.mesh.shape.update(dict({"data": 1, "fsdp": 1, "expert": 1, "tensor": 1}, **mesh))
+  model, optimizer = model_lib.build_model(config.model), state_lib.make_optimizer(config.optimizer)
+  devices, rules = parallel.make_mesh(config.mesh), parallel.axis_rules(config.mesh)
+  abstract, shardings, _ = state_lib.create_state(model, optimizer, devices, rules, seed=0, seq_len=8)
+  tokens = parallel.batch_sharding(devices, rules)
+  batch = {k: jax.ShapeDtypeStruct((8, 16), jnp.int32, sharding=tokens) for k in ("inputs", "targets")}
+  dyn = {k: jax.ShapeDtypeStruct((), jnp.float32) for k in step_lib.DYNAMIC_KEYS}
+  step = step_lib.make_train_step(model, optimizer, mod_mode="topk", mod_capacity=config.model.mod.capacity)
+  scalar = parallel.replicated(devices)
+  with jax.set_mesh(devices), flax.linen.logical_axis_rules(rules):  # as the trainer lowers it
+    compiled = jax.jit(step, in_shardings=(shardings, {k: tokens for k in batch}, scalar),
+                       out_shardings=(shardings, scalar), donate_argnums=0).lower(abstract, batch, dyn).compile()
+  shape = parallel.mesh_shape(config.mesh, 8)
+  activations = estimate.activation_bytes(config.model, 1, 16, tensor=parallel.logical_axis_size(shape, rules, "heads"))
+  held = estimate.step_temporaries(config, shape, activations) + activations
+  assert held == pytest.approx(compiled.memory_analysis().temp_size_in_bytes, rel=0.25)
+
+
+def _compiled_step_temp_bytes(config: ml_collections.ConfigDict, batch: int, t: int, *, mod_mode: str = "topk",
+                              mod_capacity: float | None = None) -> int:
+  """The temporary memory of `config`'s compiled train step on `batch` sequences of t tokens (one device)."""
   import flax.linen as nn
   import jax.numpy as jnp
   from diffmoe_jax.train import step as step_lib
-  from diffmoe_jax.train.curriculum import Curriculum
+  model = model_lib.build_model(config.model)
+  optimizer = state_lib.make_optimizer(config.optimizer)
+  capacity = config.model.mod.capacity if mod_capacity is None else mod_capacity
+  step = jax.jit(step_lib.make_train_step(model, optimizer, mod_mode=mod_mode, mod_capacity=capacity),
+                 donate_argnums=0)
+  state = jax.eval_shape(lambda r: nn.unbox(state_lib.init_fn(model, optimizer, 16)(r)), jax.random.PRNGKey(0))
+  dyn = {k: jnp.float32(v) for k, v in step_lib.dynamic_settings(Curriculum(config).settings(0)).items()}
+  batch = {k: jax.ShapeDtypeStruct((batch, t), jnp.int32) for k in ("inputs", "targets")}
+  return step.lower(state, batch, dyn).compile().memory_analysis().temp_size_in_bytes
+
+
+def _small_pi_p(**model_overrides) -> ml_collections.ConfigDict:
+  """PI-P's shape at test width."""
   config = load("pi_p")
   config.model.update(d_model=96, num_heads=2, head_dim=48, num_layers=4, vocab_size=512, max_seq_len=4096,
                       **model_overrides)
   config.model.moe.expert_ffn_dim = 128
-  model = model_lib.build_model(config.model)
-  optimizer = state_lib.make_optimizer(config.optimizer)
-  step = jax.jit(step_lib.make_train_step(model, optimizer, mod_mode="topk", mod_capacity=config.model.mod.capacity),
-                 donate_argnums=0)
-  state = jax.eval_shape(lambda r: nn.unbox(state_lib.init_fn(model, optimizer, 16)(r)), jax.random.PRNGKey(0))
-  dyn = {k: jnp.float32(v) for k, v in step_lib.dynamic_settings(Curriculum(config).settings(0)).items()}
-  batch = {"inputs": jax.ShapeDtypeStruct((1, t), jnp.int32), "targets": jax.ShapeDtypeStruct((1, t), jnp.int32)}
-  return step.lower(state, batch, dyn).compile().memory_analysis().temp_size_in_bytes, config
+  return config
+
+
+def _compiled_temp_bytes(t: int, **model_overrides) -> tuple[int, ml_collections.ConfigDict]:
+  """PI-P's shape at test width: the compiled train step's temporary memory on one sequence of t tokens."""
+  config = _small_pi_p(**model_overrides)
+  return _compiled_step_temp_bytes(config, 1, t), config
+
+
+def test_standard_attention_is_counted_with_its_one_map():
+  """Standard attention (an ablation arm) on the explicit path keeps one map's probabilities, not the
+  differential two: the activations are the compiled step's temporaries less the gradients within 25%
+  (they were 1.30x)."""
+  config = _small_pi_p(attention="standard", expert_conditional_lambda=False, attention_impl="explicit")
+  temp = _compiled_step_temp_bytes(config, 2, 512)
+  activations = estimate.activation_bytes(config.model, 2, 512)
+  assert activations == pytest.approx(temp - estimate.step_temporaries(config, {}, activations), rel=0.25)
 
 
 def test_memory_estimate_agrees_with_the_compiled_train_step():
@@ -214,9 +266,8 @@ def test_memory_estimate_agrees_with_the_compiled_train_step():
   what keeping the flash residuals adds is what the estimator adds, within 25%."""
   temp_1k, _ = _compiled_temp_bytes(1024)
   temp, config = _compiled_temp_bytes(4096)
-  gradients = 2 * estimate.state_bytes_per_device(config, {}, estimate.abstract_state(config).params)
   activations = estimate.activation_bytes(config.model, 1, 4096)
-  assert gradients + activations == pytest.approx(temp, rel=0.25)
+  assert estimate.step_temporaries(config, {}, activations) + activations == pytest.approx(temp, rel=0.25)
   assert temp / temp_1k < 4.5  # four times the tokens: linear, not the explicit maps' 16x
 
   temp_kept, kept_config = _compiled_temp_bytes(4096, remat_policy="save_names", remat_save_names=("flash_residuals",))
@@ -225,9 +276,25 @@ def test_memory_estimate_agrees_with_the_compiled_train_step():
   assert temp_kept - temp == pytest.approx(kept, rel=0.25)
 
 
+def test_memory_estimate_agrees_with_tinys_warmup_step():
+  """tiny's warmup step (32 x 64 tokens, MoD off), on the explicit path: the activations are the compiled
+  step's temporaries less the step's other temporaries within 25%, and so is the sum. The estimate counted
+  the attention maps and the experts' hidden rows only, leaving out q, k, v, the attention output and the
+  MoE's dispatched rows: 0.64 of the compiled activations (as for the foundation's 16 x 128 tokens)."""
+  config = load("tiny")
+  settings = next(p for p in Curriculum(config).phases if p.name == "warmup")
+  temp = _compiled_step_temp_bytes(config, settings.batch_size, settings.seq_len, mod_mode="off", mod_capacity=1.0)
+  activations = estimate.activation_bytes(config.model, settings.batch_size, settings.seq_len, mod_capacity=1.0)
+  gradients = estimate.step_temporaries(config, {}, activations)
+  assert activations == pytest.approx(temp - gradients, rel=0.25)
+  assert gradients + activations == pytest.approx(temp, rel=0.25)
+
+
 def test_activation_memory_counts_the_ffn_rows_the_step_computes():
   """Dropless padded gives every expert room for every token (the capacity path at factor E/k = 2 for tiny);
-  ragged keeps the assignments alone (factor 1, E dividing T·k), as does a dense FFN of width k·f."""
+  ragged keeps the assignments alone (factor 1, E dividing T·k), as does a dense FFN of width k·f, which
+  has no dispatched rows: 2 sequences x 256 tokens x k = 2, in and out, 288 wide (one layer, the working set
+  the backward recomputes, with mixture-of-depths off)."""
   def with_moe(**moe):
     config = load("tiny")
     config.model.moe.update(moe)
@@ -236,7 +303,12 @@ def test_activation_memory_counts_the_ffn_rows_the_step_computes():
   assert with_moe(dispatch="dropless", dropless_impl="ragged") == with_moe(capacity_factor=1.0)
   dense = load("tiny")
   dense.model.update(ffn="dense", expert_conditional_lambda=False)
-  assert estimate.activation_bytes(dense.model, 2, 256) == with_moe(capacity_factor=1.0)
+  moe = load("tiny")
+  moe.model.moe.capacity_factor = 1.0
+  for config in (dense, moe):
+    config.model.mod.enabled = False
+  dispatched = 2 * (2 * 256 * 2) * 288 * 4
+  assert estimate.activation_bytes(dense.model, 2, 256) == estimate.activation_bytes(moe.model, 2, 256) - dispatched
 
 
 @pytest.mark.parametrize("layout", ["pallas_gpu", "pallas_tpu"])
