@@ -1,0 +1,44 @@
+"""What a new user trips on: commands run from another directory, config paths and flag values mistyped,
+evaluate pointed at a directory of runs, and a refused run's directories."""
+import os
+
+from diffmoe_jax import cli
+from test_cli import ROOT, assert_one_error, run_cli
+
+
+def test_a_config_path_that_names_no_file_names_the_file_meant(tmp_path, monkeypatch):
+  check = lambda path: cli.check_command_line([f"--config={path}"], None)
+  configs = os.path.join(ROOT, "configs")
+  # From another directory, the checkout's file of that relative path.
+  monkeypatch.chdir(tmp_path)
+  assert check("configs/tiny.py") == (
+      f"--config: there is no config file configs/tiny.py (relative to {tmp_path}); pass "
+      f"--config={configs}/tiny.py, or run from {ROOT}, as relative paths (--workdir's too) start from the current "
+      "directory.")
+  # A directory: its config files.
+  listed = check(configs)
+  assert listed.startswith(f"--config: {configs} is a directory, not a config file; its config files: ")
+  assert f"{configs}/tiny.py" in listed and f"{configs}/pi_s.py" in listed
+  # A typo: the closest file beside it.
+  monkeypatch.chdir(ROOT)
+  assert check("configs/tinny.py") == (
+      f"--config: there is no config file configs/tinny.py (relative to {ROOT}); did you mean configs/tiny.py?")
+  assert check("configs/pi_s") == (
+      f"--config: there is no config file configs/pi_s (relative to {ROOT}); did you mean configs/pi_s.py?")
+  # A script that exits as it loads (setup.py parses the command line itself) is no config file.
+  script = tmp_path / "script.py"
+  script.write_text("import sys\nsys.exit('usage: script.py cmd')\n")
+  assert check(script) == (f"--config: {script} exited while it was loaded, so it is no config file; pass one "
+                           "with get_config().")
+
+
+def test_a_flag_value_of_the_wrong_type_names_what_the_flag_takes():
+  assert_one_error(run_cli("diffmoe_jax.main", "--config=configs/tiny.py", "--config.model.num_layers=2.5"),
+                   "error: --config.model.num_layers=2.5: '2.5' is not an integer; model.num_layers takes a whole "
+                   "number (configs/tiny.py has 4).")
+  assert_one_error(run_cli("diffmoe_jax.main", "--config=configs/tiny.py", "--config.optimizer.peak_lr=1,5e-3"),
+                   "error: --config.optimizer.peak_lr=1,5e-3: '1,5e-3' is not a number; optimizer.peak_lr takes a "
+                   "number such as 0.5 (configs/tiny.py has 0.003).")
+  assert_one_error(run_cli("diffmoe_jax.evaluate", "--workdir=runs/tiny", "--step=last"),
+                   "error: --step=last: 'last' is not an integer; pass a whole number.")
+
