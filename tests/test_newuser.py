@@ -2,7 +2,10 @@
 evaluate pointed at a directory of runs, and a refused run's directories."""
 import os
 
-from diffmoe_jax import cli
+import pytest
+
+from diffmoe_jax import cli, evaluate
+from diffmoe_jax.train import checkpoint
 from test_cli import ROOT, assert_one_error, run_cli
 
 
@@ -41,4 +44,22 @@ def test_a_flag_value_of_the_wrong_type_names_what_the_flag_takes():
                    "number such as 0.5 (configs/tiny.py has 0.003).")
   assert_one_error(run_cli("diffmoe_jax.evaluate", "--workdir=runs/tiny", "--step=last"),
                    "error: --step=last: 'last' is not an integer; pass a whole number.")
+
+
+def test_evaluate_names_the_runs_of_a_directory_of_runs_and_a_missing_workdir(tmp_path, monkeypatch):
+  for run in ("ablation/full/seed0", "ablation/no_mod/seed0", "tiny"):
+    os.makedirs(tmp_path / "runs" / run / "checkpoints")
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(checkpoint.CheckpointError) as e:
+    evaluate.restore_params("runs")
+  assert str(e.value) == ("runs is not a run's directory but holds runs: runs/tiny, runs/ablation/full/seed0, "
+                          "runs/ablation/no_mod/seed0; pass one of them, such as --workdir=runs/tiny.")
+  with pytest.raises(checkpoint.CheckpointError) as e:
+    evaluate.restore_params("runs/tinny")
+  assert str(e.value) == (f"there is no directory runs/tinny (relative to {tmp_path}); pass the training run's "
+                          "--workdir.")
+  os.makedirs(tmp_path / "runs" / "empty")
+  with pytest.raises(checkpoint.CheckpointError, match=r"^runs/empty holds no checkpoints \(there is no "
+                     r".*/runs/empty/checkpoints\); train one with python -m diffmoe_jax\.main --workdir=runs/empty\.$"):
+    evaluate.restore_params("runs/empty")
 
