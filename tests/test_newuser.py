@@ -5,8 +5,11 @@ import os
 import pytest
 
 from diffmoe_jax import cli, evaluate
+from diffmoe_jax import main as main_lib
+from diffmoe_jax.config import ConfigError
 from diffmoe_jax.train import checkpoint
 from test_cli import ROOT, assert_one_error, run_cli
+from test_train import load_config
 
 
 def test_a_config_path_that_names_no_file_names_the_file_meant(tmp_path, monkeypatch):
@@ -63,3 +66,14 @@ def test_evaluate_names_the_runs_of_a_directory_of_runs_and_a_missing_workdir(tm
                      r".*/runs/empty/checkpoints\); train one with python -m diffmoe_jax\.main --workdir=runs/empty\.$"):
     evaluate.restore_params("runs/empty")
 
+
+def test_a_refused_run_removes_the_directories_it_created(tmp_path):
+  config = load_config()
+  config.curriculum.tokens_per_batch = 128  # long_context: 4 sequences over the tests' 8 devices: refused
+  with pytest.raises(ConfigError, match="is not a multiple of the mesh's data-parallel size"):
+    main_lib.run(config, str(tmp_path / "new" / "runs" / "a"))
+  assert os.listdir(tmp_path) == []
+  os.makedirs(tmp_path / "kept")
+  with pytest.raises(ConfigError, match="is not a multiple of the mesh's data-parallel size"):
+    main_lib.run(config, str(tmp_path / "kept" / "runs" / "a"))
+  assert os.listdir(tmp_path) == ["kept"] and os.listdir(tmp_path / "kept") == []
