@@ -85,7 +85,8 @@ def _missing_config(path: str) -> str:
             "relative paths (--workdir's too) start from the current directory.")
   folder, name = os.path.split(path)
   names = os.listdir(folder or ".") if os.path.isdir(folder or ".") else []
-  close = difflib.get_close_matches(name, [n for n in names if n.endswith(".py")], n=1)
+  close = difflib.get_close_matches(name.removesuffix(".py") + ".py", [n for n in names if n.endswith(".py")], n=1,
+                                    cutoff=0.75)
   example = os.path.join(REPO_ROOT, "configs", "tiny.py")
   example = example if os.path.isfile(example) else "configs/tiny.py"
   hint = (f"did you mean {os.path.join(folder, close[0])}?" if close else

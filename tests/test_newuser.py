@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from diffmoe_jax import cli, evaluate
+from diffmoe_jax import bench, cli, evaluate
 from diffmoe_jax import main as main_lib
 from diffmoe_jax.config import ConfigError
 from diffmoe_jax.train import checkpoint
@@ -31,6 +31,9 @@ def test_a_config_path_that_names_no_file_names_the_file_meant(tmp_path, monkeyp
       f"--config: there is no config file configs/tinny.py (relative to {ROOT}); did you mean configs/tiny.py?")
   assert check("configs/pi_s") == (
       f"--config: there is no config file configs/pi_s (relative to {ROOT}); did you mean configs/pi_s.py?")
+  assert check("configs/none.py") == (  # no far-fetched name (ncas_smoke.py was "closest")
+      f"--config: there is no config file configs/none.py (relative to {ROOT}); pass the path of a file with "
+      f"get_config(), such as {configs}/tiny.py.")
   # A script that exits as it loads (setup.py parses the command line itself) is no config file.
   script = tmp_path / "script.py"
   script.write_text("import sys\nsys.exit('usage: script.py cmd')\n")
@@ -77,3 +80,13 @@ def test_a_refused_run_removes_the_directories_it_created(tmp_path):
   with pytest.raises(ConfigError, match="is not a multiple of the mesh's data-parallel size"):
     main_lib.run(config, str(tmp_path / "kept" / "runs" / "a"))
   assert os.listdir(tmp_path) == ["kept"] and os.listdir(tmp_path / "kept") == []
+
+
+@pytest.mark.parametrize("argv", [["train", "--seq-len", "300"], ["tain"], []])
+def test_bench_reports_an_argument_mistake_in_one_line(argv, capsys):
+  """Not after the usage, a dozen lines for `train`."""
+  with pytest.raises(SystemExit) as info:
+    bench.main(argv)
+  err = capsys.readouterr().err
+  assert info.value.code == 2 and len(err.splitlines()) == 1 and " error: " in err, err
+  assert err.endswith(" --help lists the arguments)\n"), err
