@@ -4,7 +4,8 @@ import os
 
 import pytest
 
-from diffmoe_jax import bench, cli, evaluate
+from diffmoe_jax import bench, cli, data, evaluate
+from diffmoe_jax import config as config_lib
 from diffmoe_jax import main as main_lib
 from diffmoe_jax.config import ConfigError
 from diffmoe_jax.train import checkpoint
@@ -90,3 +91,12 @@ def test_bench_reports_an_argument_mistake_in_one_line(argv, capsys):
   err = capsys.readouterr().err
   assert info.value.code == 2 and len(err.splitlines()) == 1 and " error: " in err, err
   assert err.endswith(" --help lists the arguments)\n"), err
+
+
+def test_a_token_cache_that_is_a_file_says_so_without_advice_to_free_space(tmp_path):
+  a_file = tmp_path / "cache"
+  a_file.write_text("")
+  with pytest.raises(data.DataError) as e:
+    data.build_corpus(config_lib.defaults().data, cache_root=str(a_file))
+  assert str(e.value) == (f"the token cache {a_file} cannot be written (it is a file, not a directory); set "
+                          "config.data.cache_dir (or $DIFFMOE_CACHE) to a directory you can write.")
