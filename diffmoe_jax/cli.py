@@ -198,11 +198,14 @@ def _library_log_filter(record) -> bool:
   ERROR tracebacks from its threads, all of which the checkpointer reports itself, in one line each; JAX
   logs each backend it probes and does not find (libtpu on a machine without a TPU) at INFO. A failed
   restore's other tensorstore reads end as asyncio tasks whose errors nobody retrieves, and asyncio logs
-  each one with its traceback when the task is collected.
+  each one with its traceback when the task is collected. TensorBoard's event reader (the ablation report reads
+  the runs' logs) logs at INFO that each event file has no successor ("No path found after ...").
   """
   if "/orbax/" in record.pathname:
     return False
   if record.name == "asyncio" and "tensorstore_spec" in record.getMessage():
+    return False
+  if record.name.startswith("tensorboard") and record.levelno < logging.WARNING:
     return False
   if record.name == "jax._src.xla_bridge" and record.levelno < logging.WARNING:
     return not record.getMessage().startswith("Unable to initialize backend")

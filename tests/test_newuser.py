@@ -1,5 +1,6 @@
 """What a new user trips on: commands run from another directory, config paths and flag values mistyped,
-evaluate pointed at a directory of runs, and a refused run's directories."""
+evaluate pointed at a directory of runs, a refused run's directories, bench's argument mistakes, a token cache
+path that is a file, and library chatter on the terminal."""
 import os
 
 import pytest
@@ -100,3 +101,26 @@ def test_a_token_cache_that_is_a_file_says_so_without_advice_to_free_space(tmp_p
     data.build_corpus(config_lib.defaults().data, cache_root=str(a_file))
   assert str(e.value) == (f"the token cache {a_file} cannot be written (it is a file, not a directory); set "
                           "config.data.cache_dir (or $DIFFMOE_CACHE) to a directory you can write.")
+
+
+def test_tensorboards_routine_reading_notes_stay_off_the_terminal(tmp_path):
+  """The ablation report logged "No path found after <event file>" for every run it read."""
+  import logging
+  from tensorboard.backend.event_processing import event_accumulator
+  from diffmoe_jax.train import metrics
+  writer = metrics.MetricWriter(str(tmp_path))
+  writer.scalars(1, {"train/loss": 1.0})
+  writer.close()
+  records = []
+  handler = logging.Handler()
+  handler.emit = records.append
+  logging.getLogger().addHandler(handler)
+  level = logging.getLogger().level
+  logging.getLogger().setLevel(logging.INFO)
+  try:
+    event_accumulator.EventAccumulator(str(tmp_path)).Reload()
+  finally:
+    logging.getLogger().removeHandler(handler)
+    logging.getLogger().setLevel(level)
+  assert records and all(r.name.startswith("tensorboard") and r.levelno < logging.WARNING for r in records)
+  assert not any(cli._library_log_filter(r) for r in records)  # pylint: disable=protected-access
