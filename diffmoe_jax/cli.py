@@ -145,7 +145,10 @@ def _unknown_field(config, path: str) -> str | None:
 
 def check_command_line(argv: list[str], default_config: str | None) -> str | None:
   """A one-line description of the first config file or override mistake in `argv`, or None."""
-  value = _config_arg(argv) or default_config
+  value = _config_arg(argv)
+  if value is not None and not value.strip():  # such as --config=$CONFIG with the variable unset
+    return "--config is empty; pass a config file, such as --config=configs/tiny.py."
+  value = value or default_config
   if value is None:
     overrides = _override_paths(argv)
     if overrides:  # the flag parser knows --config.<field> flags only once a config file defines them

@@ -124,3 +124,11 @@ def test_tensorboards_routine_reading_notes_stay_off_the_terminal(tmp_path):
     logging.getLogger().setLevel(level)
   assert records and all(r.name.startswith("tensorboard") and r.levelno < logging.WARNING for r in records)
   assert not any(cli._library_log_filter(r) for r in records)  # pylint: disable=protected-access
+
+
+def test_an_empty_config_path_is_one_line_not_a_traceback():
+  """--config=$CONFIG with the variable unset: the check took the default file, and the flag parser's failure to
+  load "" surfaced later as a traceback from the config's first use."""
+  assert cli.check_command_line(["--config="], "configs/tiny.py") == (
+      "--config is empty; pass a config file, such as --config=configs/tiny.py.")
+  assert_one_error(run_cli("diffmoe_jax.main", "--config="), "error: --config is empty")
