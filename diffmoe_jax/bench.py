@@ -340,9 +340,17 @@ def _config_file(path: str) -> str:
 POSITIVE, NON_NEGATIVE = _int_at_least(1), _int_at_least(0)
 
 
+class _Parser(argparse.ArgumentParser):
+  """argparse's parser, with a mistake reported in one line: not after the usage, which runs to a dozen lines
+  for `train` and hid the error among them. Subcommands' parsers are of the same class."""
+
+  def error(self, message):
+    self.exit(2, f"{self.prog}: error: {message} ({self.prog} --help lists the arguments)\n")
+
+
 def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(prog="python -m diffmoe_jax.bench", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = _Parser(prog="python -m diffmoe_jax.bench", description=__doc__,
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
   commands = parser.add_subparsers(dest="command", required=True)
 
   moe = commands.add_parser("moe", help="MoE layer vs a dense FFN of equal active FLOPs")

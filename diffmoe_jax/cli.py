@@ -52,8 +52,7 @@ def _override_paths(argv: list[str]) -> list[str]:
 def load_config(path: str, arg: str | None = None):
   """The config `path`'s get_config() returns, or a one-line description of why it cannot be loaded."""
   if not os.path.isfile(path):
-    where = "" if os.path.isabs(path) else f" (relative to {os.getcwd()})"
-    return None, f"--config: there is no config file {path}{where}; pass a path such as configs/tiny.py."
+    return None, f"--config: {_missing_config(path)}"
   try:
     with open(path, encoding="utf-8") as f:
       compile(f.read(), path, "exec")
@@ -65,6 +64,34 @@ def load_config(path: str, arg: str | None = None):
     frames = [f for f in traceback.extract_tb(e.__traceback__) if os.path.abspath(f.filename) == os.path.abspath(path)]
     line = f" line {frames[-1].lineno}" if frames else ""
     return None, f"--config: {path}{line}: {type(e).__name__}: {e}"
+  except SystemExit:  # a script (such as setup.py) that parses the command line itself
+    return None, f"--config: {path} exited while it was loaded, so it is no config file; pass one with get_config()."
+
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # holds configs/ in a checkout
+
+
+def _missing_config(path: str) -> str:
+  """Why `path` is no config file, and the file meant: a directory's config files, the checkout's file of that
+  relative path when run from another directory, or the closest name beside it."""
+  if os.path.isdir(path):
+    names = sorted(n for n in os.listdir(path) if n.endswith(".py") and not n.startswith("_"))
+    listed = f"; its config files: {', '.join(os.path.join(path, n) for n in names[:8])}" if names else ""
+    return f"{path} is a directory, not a config file{listed}."
+  where = "" if os.path.isabs(path) else f" (relative to {os.getcwd()})"
+  in_checkout = os.path.join(REPO_ROOT, path)
+  if not os.path.isabs(path) and os.path.isfile(in_checkout):
+    return (f"there is no config file {path}{where}; pass --config={in_checkout}, or run from {REPO_ROOT}, as "
+            "relative paths (--workdir's too) start from the current directory.")
+  folder, name = os.path.split(path)
+  names = os.listdir(folder or ".") if os.path.isdir(folder or ".") else []
+  close = difflib.get_close_matches(name.removesuffix(".py") + ".py", [n for n in names if n.endswith(".py")], n=1,
+                                    cutoff=0.75)
+  example = os.path.join(REPO_ROOT, "configs", "tiny.py")
+  example = example if os.path.isfile(example) else "configs/tiny.py"
+  hint = (f"did you mean {os.path.join(folder, close[0])}?" if close else
+          f"pass the path of a file with get_config(), such as {example}.")
+  return f"there is no config file {path}{where}; {hint}"
 
 
 def _fields(node, prefix: str = "") -> list[str]:
@@ -118,7 +145,10 @@ def _unknown_field(config, path: str) -> str | None:
 
 def check_command_line(argv: list[str], default_config: str | None) -> str | None:
   """A one-line description of the first config file or override mistake in `argv`, or None."""
-  value = _config_arg(argv) or default_config
+  value = _config_arg(argv)
+  if value is not None and not value.strip():  # such as --config=$CONFIG with the variable unset
+    return "--config is empty; pass a config file, such as --config=configs/tiny.py."
+  value = value or default_config
   if value is None:
     overrides = _override_paths(argv)
     if overrides:  # the flag parser knows --config.<field> flags only once a config file defines them
@@ -136,6 +166,34 @@ def check_command_line(argv: list[str], default_config: str | None) -> str | Non
   return None
 
 
+_VALUE_KINDS = (("invalid literal for int()", "not an integer", "a whole number"),
+                ("could not convert string to float", "not a number", "a number such as 0.5"),
+                ("Non-boolean argument", "not a boolean", "true or false"))
+
+
+def _bad_value(problem: str, argv: list[str], default_config: str | None) -> str:
+  """absl's "flag --F=V: <Python's parse error>" as what F takes, with the config file's value of a config field."""
+  match = re.match(r"flag (--[^=]+)=(.*?): (.*)$", problem)
+  if not match:
+    return problem
+  flag, value, reason = match.groups()
+  for error, what, takes in _VALUE_KINDS:
+    if error in reason:
+      break
+  else:
+    return f"{flag}={value}: {reason}"
+  field = flag.removeprefix("--config.")
+  if field == flag:
+    return f"{flag}={value}: {value!r} is {what}; pass {takes}."
+  path = (_config_arg(argv) or default_config or "").partition(":")[0]
+  config, _ = load_config(path)
+  try:
+    current = f" ({path} has {config[field]!r})" if config is not None else ""
+  except (KeyError, AttributeError):
+    current = ""
+  return f"{flag}={value}: {value!r} is {what}; {field} takes {takes}{current}."
+
+
 def _library_log_filter(record) -> bool:
   """Whether the absl handler shows a library's log record.
 
@@ -143,11 +201,14 @@ def _library_log_filter(record) -> bool:
   ERROR tracebacks from its threads, all of which the checkpointer reports itself, in one line each; JAX
   logs each backend it probes and does not find (libtpu on a machine without a TPU) at INFO. A failed
   restore's other tensorstore reads end as asyncio tasks whose errors nobody retrieves, and asyncio logs
-  each one with its traceback when the task is collected.
+  each one with its traceback when the task is collected. TensorBoard's event reader (the ablation report reads
+  the runs' logs) logs at INFO that each event file has no successor ("No path found after ...").
   """
   if "/orbax/" in record.pathname:
     return False
   if record.name == "asyncio" and "tensorstore_spec" in record.getMessage():
+    return False
+  if record.name.startswith("tensorboard") and record.levelno < logging.WARNING:
     return False
   if record.name == "jax._src.xla_bridge" and record.levelno < logging.WARNING:
     return not record.getMessage().startswith("Unable to initialize backend")
@@ -190,6 +251,8 @@ def parse_flags(default_config: str | None,
           problem = " ".join(str(e).split())
           if "Flag --config must have a value other than None" in problem:  # a required --config left out
             problem = "--config is required: pass a config file, such as --config=configs/tiny.py"
+          elif isinstance(e, flags.IllegalFlagValueError):
+            problem = _bad_value(problem, argv[1:], default_config)
           elif isinstance(e, flags.Error):
             problem += " (--helpfull lists the flags)"
     except KeyboardInterrupt:

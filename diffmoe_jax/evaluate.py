@@ -57,7 +57,7 @@ def restore_params(workdir: str, config=None, step: int | None = None):
     if run is not None:
       raise checkpoint.CheckpointError(f"{workdir} lies in the {part} of the run in {run}; pass the run's own "
                                        f"directory, --workdir={run}.")
-    raise checkpoint.CheckpointError(f"{workdir} holds no checkpoints (there is no {directory}); {train_hint}.")
+    raise checkpoint.CheckpointError(_no_checkpoints(workdir, os.path.dirname(directory), train_hint))
   ckpt = checkpoint.Checkpointer(directory, async_save=False)
   for _ in range(_READ_ATTEMPTS):
     steps = ckpt.reload()
@@ -78,6 +78,26 @@ def restore_params(workdir: str, config=None, step: int | None = None):
       raise checkpoint.CheckpointError(f"{removed}; pass a newer --step, or none for the newest.")
   raise checkpoint.CheckpointError(f"{removed}, {_READ_ATTEMPTS} times in a row; rerun once that run has "
                                    "finished, or train it with a larger train.keep_checkpoints.")
+
+
+def _no_checkpoints(workdir: str, path: str, train_hint: str) -> str:
+  """Why the workdir `workdir` (absolute: `path`) has no checkpoints directory: it does not exist, or it holds
+  runs (an ablation's or a search's workdir, or a directory of runs) whose own directories to pass are named."""
+  if not os.path.isdir(path):
+    where = "" if os.path.isabs(os.path.expanduser(workdir)) else f" (relative to {os.getcwd()})"
+    return f"there is no directory {workdir}{where}; pass the training run's --workdir."
+  runs = []
+  for root, dirs, _ in os.walk(path):
+    if "checkpoints" in dirs:
+      runs.append(os.path.relpath(root, path))
+      dirs.clear()
+    dirs[:] = sorted(d for d in dirs if os.path.relpath(os.path.join(root, d), path).count(os.sep) < 3)
+  if not runs:
+    return f"{workdir} holds no checkpoints (there is no {os.path.join(path, 'checkpoints')}); {train_hint}."
+  runs.sort(key=lambda run: (run.count(os.sep), run))
+  named = ", ".join(os.path.join(workdir, r) for r in runs[:4]) + (f" and {len(runs) - 4} more" if len(runs) > 4 else "")
+  return (f"{workdir} is not a run's directory but holds runs: {named}; pass one of them, such as "
+          f"--workdir={os.path.join(workdir, runs[0])}.")
 
 
 def _restore_step(ckpt, step: int, steps: list[int], config):

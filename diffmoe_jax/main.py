@@ -58,9 +58,18 @@ def summary(config, workdir: str, result: dict, mesh_shape: dict, need: dict, cu
   return "\n".join(lines)
 
 
-def _remove_if_unused(workdir: str) -> None:
+def _first_missing(path: str) -> str | None:
+  """The outermost directory of the absolute `path` (itself included) that does not exist, or None."""
+  missing = None
+  while not os.path.exists(path):
+    missing, path = path, os.path.dirname(path)
+  return missing
+
+
+def _remove_if_unused(workdir: str, created: str) -> None:
   """Removes `workdir` if it holds nothing but the lock file and time record of the run that created it, and no
-  other run holds its lock (one started on the same new workdir at the same moment may have taken it first)."""
+  other run holds its lock (one started on the same new workdir at the same moment may have taken it first);
+  then the directories above it up to `created`, the outermost one the run created, that are left empty."""
   from diffmoe_jax.train.workdir import LOCK_NAME, SECONDS_FILE, WorkdirError, WorkdirLock
   # Holds more, is in use, or was removed by another process of the run.
   with contextlib.suppress(OSError, WorkdirError), WorkdirLock(workdir):
@@ -69,6 +78,9 @@ def _remove_if_unused(workdir: str) -> None:
         with contextlib.suppress(FileNotFoundError):
           os.remove(os.path.join(workdir, name))
       os.rmdir(workdir)
+      while workdir != created:
+        workdir = os.path.dirname(workdir)
+        os.rmdir(workdir)  # OSError, ending the removal, once one holds something else
 
 
 def run(config, workdir: str):
@@ -77,13 +89,13 @@ def run(config, workdir: str):
   from diffmoe_jax.train import curriculum as curriculum_lib
   from diffmoe_jax.train import loop, preflight, workdir as workdir_lib
   validation.validate(config)
-  new = not os.path.isdir(os.path.expanduser(workdir))
+  created = _first_missing(os.path.abspath(os.path.expanduser(workdir))) if workdir.strip() else None
   workdir = workdir_lib.prepare(workdir)  # before anything slow: a bad workdir fails at once
   # Removed if the run saves nothing, by process 0 alone in a multi-process run (the others may still write there),
   # also when another process stops this one (which then exits at once, after the others).
-  created = new and jax.process_index() == 0
+  created = created if jax.process_index() == 0 else None
   if created:
-    distributed.clean_up_on_leaving(lambda: _remove_if_unused(workdir))
+    distributed.clean_up_on_leaving(lambda: _remove_if_unused(workdir, created))
   try:
     distributed.check_same_run(config, workdir)
     cli.use_compilation_cache(config)
@@ -100,7 +112,7 @@ def run(config, workdir: str):
     outcome = loop.train(config, workdir)
   except Exception:
     if created:  # a run refused before it saved anything leaves no workdir behind
-      _remove_if_unused(workdir)
+      _remove_if_unused(workdir, created)
     raise
   if not lead:
     return outcome

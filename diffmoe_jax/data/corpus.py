@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import errno
 import fcntl
 import functools
 import hashlib
@@ -297,8 +298,10 @@ def _remove_killed_builds(root: str) -> None:
 
 
 def _cache_error(root: str, e: OSError) -> DataError:
-  return DataError(f"the token cache {root} cannot be written ({e.strerror or e}); free space there, or set "
-                   "config.data.cache_dir (or $DIFFMOE_CACHE) to a directory you can write.")
+  why = "it is a file, not a directory" if os.path.isfile(root) else e.strerror or e
+  free = "free space there, or " if e.errno == errno.ENOSPC else ""
+  return DataError(f"the token cache {root} cannot be written ({why}); {free}set config.data.cache_dir (or "
+                   "$DIFFMOE_CACHE) to a directory you can write.")
 
 
 @dataclasses.dataclass(frozen=True)
