@@ -110,8 +110,8 @@ def run(config, workdir: str):
     if lead:
       print(summary(config, workdir, result, mesh_shape, need, curriculum), flush=True)
     outcome = loop.train(config, workdir)
-  except Exception:
-    if created:  # a run refused before it saved anything leaves no workdir behind
+  except BaseException:  # an error or a Ctrl-C
+    if created:  # a run refused or interrupted before it saved anything leaves no workdir behind
       _remove_if_unused(workdir, created)
     raise
   if not lead:

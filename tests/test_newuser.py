@@ -84,6 +84,16 @@ def test_a_refused_run_removes_the_directories_it_created(tmp_path):
   assert os.listdir(tmp_path) == ["kept"] and os.listdir(tmp_path / "kept") == []
 
 
+def test_a_run_interrupted_before_training_removes_the_directories_it_created(tmp_path, monkeypatch):
+  """A Ctrl-C while the corpus builds left the new workdir holding only its lock and time record."""
+  def interrupted(*_):
+    raise KeyboardInterrupt
+  monkeypatch.setattr(main_lib.distributed, "check_same_run", interrupted)
+  with pytest.raises(KeyboardInterrupt):
+    main_lib.run(load_config(), str(tmp_path / "new" / "run"))
+  assert os.listdir(tmp_path) == []
+
+
 @pytest.mark.parametrize("argv", [["train", "--seq-len", "300"], ["tain"], []])
 def test_bench_reports_an_argument_mistake_in_one_line(argv, capsys):
   """Not after the usage, a dozen lines for `train`."""
