@@ -13,7 +13,7 @@ import numpy as np
 
 FIGURES = {"loss": "loss_curves.png", "stable_rank": "stable_rank.png", "lambda": "lambda.png"}
 TITLE = "# Ablations at proxy scale"  # README.md's first line, by which a rerun knows the file for its own
-# The paper's "23% higher stable rank", measured as ||W||_F / ||W||_2; ours is its square (metrics.stable_rank).
+# The paper's "23% higher stable rank", measured as ||W||_F / ||W||_2; ours is its square (metrics.stable_ranks).
 PAPER_STABLE_RANK_GAIN = 0.23
 
 
