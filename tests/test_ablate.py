@@ -415,7 +415,7 @@ def test_a_report_of_runs_that_logged_no_stable_rank_says_so(tmp_path):
 
 def test_stable_rank_text_gives_the_papers_claim_in_our_squared_measure():
   # Two matrices whose unsquared ||W||_F / ||W||_2 differ by the paper's 23%: their squared stable ranks
-  # (what metrics.stable_rank computes) differ by the percentage the report quotes for the paper.
+  # (what metrics.stable_ranks computes) differ by the percentage the report quotes for the paper.
   def squared_stable_rank(singular_values):
     w = np.diag(np.asarray(singular_values, np.float64))
     return np.linalg.norm(w, "fro") ** 2 / np.linalg.norm(w, 2) ** 2
