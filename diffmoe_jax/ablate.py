@@ -174,10 +174,6 @@ def _finished(run_dir: str, config: ml_collections.ConfigDict, fingerprint: dict
   return record
 
 
-def _duration(seconds: float) -> str:
-  return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
-
-
 def _eta(left: list, workdir: str, trained_seconds: dict[bool, list[float]], first_seed: int) -> float:
   """Seconds the unfinished runs of `left` should take, from the mean time of runs of the same kind."""
   every = trained_seconds[True] + trained_seconds[False]
@@ -244,8 +240,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, report_dir: str = "") -
             "stopping here; rerun the same command to go on", flush=True)
       return {"stopped": outcome.received_signal}
     eta = _eta(plan[i + 1:], workdir, trained_seconds, seed_list[0])
-    print(f"{prefix}: done in {_duration(record['wall_seconds'])}, validation loss {outcome.eval['loss']:.4f}; "
-          f"{_duration(time.time() - start)} so far, about {_duration(eta)} to go", flush=True)
+    took = workdir_lib.duration_text
+    print(f"{prefix}: done in {took(record['wall_seconds'])}, validation loss {outcome.eval['loss']:.4f}; "
+          f"{took(time.time() - start)} so far, about {took(eta)} to go", flush=True)
   reported = [arm for arm in names if arm not in diverged]
   summary = {}
   if "full" in reported:

@@ -11,9 +11,11 @@ import re
 
 import numpy as np
 
+from diffmoe_jax.train import workdir as workdir_lib
+
 FIGURES = {"loss": "loss_curves.png", "stable_rank": "stable_rank.png", "lambda": "lambda.png"}
 TITLE = "# Ablations at proxy scale"  # README.md's first line, by which a rerun knows the file for its own
-# The paper's "23% higher stable rank", measured as ||W||_F / ||W||_2; ours is its square (metrics.stable_rank).
+# The paper's "23% higher stable rank", measured as ||W||_F / ||W||_2; ours is its square (metrics.stable_ranks).
 PAPER_STABLE_RANK_GAIN = 0.23
 
 
@@ -369,8 +371,7 @@ def write_report(config, names: list[str], labels: dict[str, str], models: dict,
   for name in set(FIGURES.values()) - drawn:
     if os.path.exists(os.path.join(report_dir, name)):
       os.remove(os.path.join(report_dir, name))
-  with open(os.path.join(report_dir, "results.json"), "w", encoding="utf-8") as f:
-    json.dump(summary, f, indent=1)
+  workdir_lib.write_json(os.path.join(report_dir, "results.json"), summary)  # whole: a rerun reads it back
   with open(os.path.join(report_dir, "README.md"), "w", encoding="utf-8") as f:
     f.write("\n\n".join(sections) + "\n")
   return summary

@@ -213,14 +213,22 @@ def _train_config(args: argparse.Namespace):
   return config, curriculum, next(p for p in curriculum.phases if p.name == args.phase)
 
 
+def compiled_bytes(compiled) -> int | None:
+  """Device memory a compiled program needs: its arguments, outputs and temporaries, an output that reuses a
+  donated argument's buffer (the train step's state) counted once; None where the backend does not report it."""
+  mem = compiled.memory_analysis()
+  if mem is None:
+    return None
+  return mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
+
+
 def _check_step_fits(compiled, config) -> None:
   """A ConfigError, before anything is allocated, if the compiled step needs more memory than a device here has
   (train.memory_headroom of it, as main's preflight reads it)."""
   from diffmoe_jax.train import preflight
-  mem = compiled.memory_analysis()
-  if mem is None:  # a backend that does not report it
+  need = compiled_bytes(compiled)
+  if need is None:  # a backend that does not report it
     return
-  need = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
   have = config.train.memory_headroom * preflight.available_bytes_per_device()
   if need > have:
     raise config_lib.ConfigError(

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from diffmoe_jax import config as config_lib
-from diffmoe_jax.bench import _forward_and_backward, _interleaved_medians
+from diffmoe_jax.bench import _forward_and_backward, _interleaved_medians, compiled_bytes
 
 
 def add_parser(commands) -> None:
@@ -153,7 +153,7 @@ def _attention_length_sweep(args, config) -> None:
 
 def _longest_train_context(args, config) -> None:
   """The config's train step as main builds it (batch 1 per micro-batch, MoD top-k at the config's capacity)
-  at growing lengths: compiled memory (arguments + outputs + temporaries; the temporaries beside the
+  at growing lengths: compiled memory (`bench.compiled_bytes`: the state once; the temporaries beside the
   estimator's gradients + activations) and one timed step while it fits in --memory-gib. Compiling allocates
   nothing, so any config compiles here (PI-P at its 8,192-token context included)."""
   from diffmoe_jax import estimate
@@ -183,8 +183,7 @@ def _longest_train_context(args, config) -> None:
     start = time.perf_counter()
     compiled = step.lower(abstract, batch, dyn).compile()
     compile_s = time.perf_counter() - start
-    mem = compiled.memory_analysis()
-    total = mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
+    mem, total = compiled.memory_analysis(), compiled_bytes(compiled)
     activations = estimate.activation_bytes(cfg.model, 1, t)
     estimated = estimate.step_temporaries(cfg, {}, activations) + activations
     attention = attention_ops.resolve_attention_impl(cfg.model.attention_impl, length=t)

@@ -14,7 +14,6 @@ import argparse
 import functools
 import math
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -57,7 +56,7 @@ def run(args: argparse.Namespace) -> None:
   mesh_config = config_lib.defaults().mesh
   mesh_config.shape.update(data=-1, fsdp=1, expert=n, tensor=1)
   mesh, rules = parallel.make_mesh(mesh_config), parallel.axis_rules(mesh_config)
-  batch_axes, expert_axis = (nn.logical_to_mesh_axes((name,), rules)[0] for name in ("batch", "expert"))
+  batch_axes, [expert_axis] = (parallel.logical_mesh_axes(rules, name) for name in ("batch", "expert"))
   b, t, d, f, e, k = devices * args.batch_per_device, args.seq_len, args.d_model, args.ffn_dim, args.experts, args.top_k
   rng = np.random.default_rng(0)
   rows = NamedSharding(mesh, P(batch_axes))

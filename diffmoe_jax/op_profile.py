@@ -18,16 +18,18 @@ import glob
 import re
 import tempfile
 
+import jax
+from jax.profiler import ProfileData
+
+from diffmoe_jax.parallel import COLLECTIVES, hlo_computations
+
 # Flax module names of the model (nn/model.py) -> the part of the model they are reported under.
 _PARTS = {"attention": "attention", "moe": "moe", "ffn": "ffn", "mod_router": "mod router", "embed": "embedding",
           "attn_norm": "norms", "ffn_norm": "norms", "final_norm": "norms"}
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = .+? ([a-z][\w\-]*)\(")
-_COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _TARGET = re.compile(r'custom_call_target="([^"]*)"')
 _CALLS = re.compile(r"calls=%?([\w.\-]+)")
-_COLLECTIVES = ("all-to-all", "all-gather", "reduce-scatter", "all-reduce", "collective-permute",
-                "ragged-all-to-all")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,16 +42,10 @@ class Instruction:
 
 def instructions(hlo: str) -> dict[str, Instruction]:
   """{instruction name: Instruction} for every instruction of a compiled module's HLO text."""
-  bodies, lines = collections.defaultdict(list), []
-  current = None
-  for line in hlo.splitlines():
-    header = _COMPUTATION.match(line)
-    if header and not line.startswith(" "):
-      current = header.group(1)
-    elif current is not None and _INSTRUCTION.match(line):
-      bodies[current].append(line)
-      lines.append(line)
-  return {m.group(1): _describe(m.group(2), line, bodies) for line in lines for m in [_INSTRUCTION.match(line)]}
+  computations, _ = hlo_computations(hlo)
+  bodies = {name: [line for line in lines if _INSTRUCTION.match(line)] for name, lines in computations.items()}
+  return {m.group(1): _describe(m.group(2), line, bodies)
+          for lines in bodies.values() for line in lines for m in [_INSTRUCTION.match(line)]}
 
 
 def _describe(opcode: str, line: str, bodies: dict[str, list[str]]) -> Instruction:
@@ -66,7 +62,7 @@ def _first(pattern: re.Pattern, line: str) -> str:
 
 def _kind(opcode: str, line: str, bodies: dict[str, list[str]]) -> str:
   base = opcode.removesuffix("-start").removesuffix("-done")
-  if base in _COLLECTIVES:
+  if base in COLLECTIVES:
     return base
   if opcode in ("dot", "convolution"):
     return "matmul"
@@ -97,8 +93,6 @@ def _part(op_name: str) -> str:
 def trace_times(run, hlo: str, *, calls: int) -> dict[str, float]:
   """Calls `run()` `calls` times under the JAX profiler (it should run the program compiled to `hlo` once,
   already compiled, and block until it is done); {HLO instruction name: seconds} summed over the calls."""
-  import jax
-  from jax.profiler import ProfileData
   module = hlo.split(",", 1)[0].removeprefix("HloModule ").strip()
   with tempfile.TemporaryDirectory() as logdir:
     with jax.profiler.trace(logdir):

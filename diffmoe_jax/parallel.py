@@ -180,7 +180,7 @@ def collective_bytes(hlo: str, op: str) -> int:
   scans over layers and micro-batches), a conditional its largest branch, any other called computation
   once; an asynchronous collective counts by its `op-done` (its result; `op-start` also holds the operand).
   """
-  computations, entry = _computations(hlo)
+  computations, entry = hlo_computations(hlo)
   if entry is None:  # not a whole module: every instruction once
     return sum(_result_bytes(line, op) for line in hlo.splitlines())
   memo: dict[str, int] = {}
@@ -218,7 +218,7 @@ def _branches(line: str) -> list[str]:
   return named + ([_NAME.match(b.strip()).group(1) for b in listed.group(1).split(",")] if listed else [])
 
 
-def _computations(hlo: str) -> tuple[dict[str, list[str]], str | None]:
+def hlo_computations(hlo: str) -> tuple[dict[str, list[str]], str | None]:
   """{computation name: its instruction lines} of an HLO module's text, and the ENTRY computation's name."""
   computations, entry, current = {}, None, None
   for line in hlo.splitlines():

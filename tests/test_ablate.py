@@ -385,6 +385,36 @@ def test_rewritten_report_names_the_corpus_and_drops_figures_it_no_longer_draws(
   assert "built-in" not in readme and "on the corpus code = 'files:src/*.py', docs = 'files:doc/*.md'," in readme
 
 
+def test_a_report_that_fails_to_write_keeps_its_results_json_whole(tmp_path, monkeypatch):
+  """A full disk while results.json was written left it cut short, and every rerun then refused the report dir
+  as one no ablation report wrote."""
+  import errno
+  from diffmoe_jax.train import metrics
+  config = smoke_config()
+  names = ["full"]
+  writer = metrics.MetricWriter(tmp_path / "full" / "seed0" / "tb")
+  writer.scalars(3, {"train/loss": 3.0, "eval/loss": 3.5})
+  writer.close()
+  records = [{"arm": "full", "seed": 0, "change": "none", "params": {"total": 10, "active": 5}, "final_step": 3,
+              "wall_seconds": 1.0, "lambda": None, "eval": {"loss": 3.5, "code/bits_per_byte": 4.0,
+                                                           "docs/bits_per_byte": 4.5}}]
+  report_dir = tmp_path / "report"
+  report_dir.mkdir()
+  write = lambda: ablate_analysis.write_report(config, names, {"full": "Full"}, {"full": config.model}, [0], records,
+                                               str(tmp_path), str(report_dir))
+  first = write()
+
+  def disk_full(value, f, **kwargs):
+    f.write("{")
+    raise OSError(errno.ENOSPC, "No space left on device")
+  monkeypatch.setattr(json, "dump", disk_full)
+  with pytest.raises(OSError):
+    write()
+  monkeypatch.undo()
+  assert ablate_analysis.foreign_report_file(str(report_dir)) is None
+  assert json.loads((report_dir / "results.json").read_text()) == json.loads(json.dumps(first))
+
+
 def test_a_report_of_runs_that_logged_no_stable_rank_says_so(tmp_path):
   """With the power-of-two arm and train.stable_rank_every past the curriculum's end (configs/ablation.py's 20
   with --config.curriculum.total_steps=12), the report failed with an IndexError after all the training."""
@@ -415,7 +445,7 @@ def test_a_report_of_runs_that_logged_no_stable_rank_says_so(tmp_path):
 
 def test_stable_rank_text_gives_the_papers_claim_in_our_squared_measure():
   # Two matrices whose unsquared ||W||_F / ||W||_2 differ by the paper's 23%: their squared stable ranks
-  # (what metrics.stable_rank computes) differ by the percentage the report quotes for the paper.
+  # (what metrics.stable_ranks computes) differ by the percentage the report quotes for the paper.
   def squared_stable_rank(singular_values):
     w = np.diag(np.asarray(singular_values, np.float64))
     return np.linalg.norm(w, "fro") ** 2 / np.linalg.norm(w, 2) ** 2

@@ -149,6 +149,21 @@ def test_bench_train_times_a_context_longer_than_tokens_per_batch(train_run):
   assert re.search(r"^config .* phase long_context: seq_len 16, batch 2, MoD topk", out, re.MULTILINE), out
 
 
+def test_bench_attention_counts_the_donated_state_once(config_path, capsys, monkeypatch):
+  """The train step donates its state: the output state reuses the argument's buffers, which the compiled
+  memory counted twice (3 + 2 + 1 GiB here, where 2 GiB of the outputs are the donated arguments')."""
+  import types
+  import jax
+  gib = 2**30
+  stats = types.SimpleNamespace(argument_size_in_bytes=3 * gib, output_size_in_bytes=2 * gib,
+                                alias_size_in_bytes=2 * gib, temp_size_in_bytes=1 * gib)
+  monkeypatch.setattr(jax.stages.Compiled, "memory_analysis", lambda self: stats)
+  bench.main(["attention", "--config", config_path, "--no-layer-ratio", "--lengths", "--train-lengths", "16",
+              "--memory-gib", "3.5"])
+  out = capsys.readouterr().out
+  assert re.search(r"^T= +16 .* compiled memory 4\.00 GiB \(temp 1\.00; .* over the limit", out, re.MULTILINE), out
+
+
 def test_bench_train_refuses_a_batch_the_accumulation_does_not_split(config_path, capsys):
   """A traceback from a reshape inside the step before."""
   with pytest.raises(SystemExit) as info:

@@ -238,6 +238,18 @@ def test_train_step_on_a_mesh_equals_one_device(make_config, one_device, mesh):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-6), params, want_params)
 
 
+def test_expert_rule_naming_a_mesh_axis_of_one_device_too(make_config, one_device):
+  """An 'expert' rule of two mesh axes, one of them of size 1 (the experts still split over one axis), runs
+  expert parallelism over the other and equals one device."""
+  cfg = make_config(**{"moe.capacity_factor": 0.75})
+  cfg.mesh.shape.update({"data": 2, "expert": 4})
+  cfg.mesh.axis_rules = tuple((name, {"batch": ("data", "fsdp", "expert", "tensor"), "expert": ("expert", "tensor")}
+                               .get(name, rule)) for name, rule in cfg.mesh.axis_rules)
+  loss, _, params = _train_step_result(cfg, jax.devices())
+  assert loss == pytest.approx(one_device[0], rel=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-6), params, one_device[2])
+
+
 def test_all_to_all_bytes_match_the_analytic_count():
   """Forward+backward exchanges the [E, C, b_local, d] slot buffer four times per device."""
   from diffmoe_jax.parallel import collective_bytes

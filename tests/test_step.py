@@ -15,6 +15,7 @@ from diffmoe_jax.train import step as step_lib
 
 ROUTING = {"router", "score", "predictor_hidden", "predictor_hidden_bias", "predictor_out"}
 MATRICES = {"table", "lm_head", "wq", "wk", "wv", "wo", "w_in", "w_out", "w_gate"}
+DYNAMIC = ("lr", "router_noise", "load_balance_weight", "z_loss_weight", "mod_predictor_weight")  # dynamic_settings'
 
 
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
@@ -49,7 +50,7 @@ def test_gradient_accumulation_keeps_every_row_on_its_device(make_config):
   abstract, shardings, _ = state_lib.create_state(model, optimizer, mesh, rules, seed=0, seq_len=16)
   batch_sharding = parallel.batch_sharding(mesh, rules)
   tokens = jax.ShapeDtypeStruct((16, 16), jnp.int32, sharding=batch_sharding)
-  dyn = {k: jax.ShapeDtypeStruct((), jnp.float32) for k in step_lib.DYNAMIC_KEYS}
+  dyn = {k: jax.ShapeDtypeStruct((), jnp.float32) for k in DYNAMIC}
   counts = {}
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     for accum in (1, 2):
@@ -80,7 +81,7 @@ def test_train_and_eval_steps_keep_attention_inside_each_document(make_config):
   assert float(loss_sum / count) == pytest.approx(cross_entropy(segments, **evaluation), rel=1e-5)
   assert abs(cross_entropy(None, **evaluation) - cross_entropy(segments, **evaluation)) > 1e-3
   training = dict(train=True, mod_mode="topk", mod_capacity=0.5)
-  dyn = {k: jnp.float32(0.0) for k in step_lib.DYNAMIC_KEYS}  # no router noise: the rng does not matter
+  dyn = {k: jnp.float32(0.0) for k in DYNAMIC}  # no router noise: the rng does not matter
   _, metrics = jax.jit(step_lib.make_train_step(model, optimizer, mod_mode="topk", mod_capacity=0.5))(
       state, batch, dyn)
   assert float(metrics["cross_entropy"]) == pytest.approx(cross_entropy(segments, **training), rel=1e-5)

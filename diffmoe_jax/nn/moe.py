@@ -11,7 +11,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from diffmoe_jax.nn.layers import RESIDUAL, constrain, dtype_of, param
 from diffmoe_jax.ops import dispatch, expert_parallel, routing
-from diffmoe_jax.parallel import mesh_axes_of
+from diffmoe_jax.parallel import logical_mesh_axes
 
 
 class MoEFeedForward(nn.Module):
@@ -88,15 +88,16 @@ def expert_parallel_layout(setting: str, batch_size: int) -> dict | None:
   mesh = jax.sharding.get_abstract_mesh()
   if setting == "off" or mesh.empty:
     return None
-  # One name at a time: within one spec flax drops a mesh axis already taken (batch takes "expert").
-  batch, length, expert, mlp = (nn.logical_to_mesh_axes((name,))[0] for name in ("batch", "length", "expert", "mlp"))
-  batch_ways = math.prod(mesh.shape[a] for a in mesh_axes_of(batch))
-  if expert is None or mesh.shape[expert] == 1 or batch_size % batch_ways:
+  # The rules in context (nn.logical_axis_rules).
+  batch, length, expert, mlp = (logical_mesh_axes(None, name) for name in ("batch", "length", "expert", "mlp"))
+  # The experts split over one mesh axis (parallel.check_expert_parallel); others the rule names have size 1.
+  split = [a for a in expert if mesh.shape[a] > 1]
+  if not split or batch_size % math.prod(mesh.shape[a] for a in batch):
     return None
-  if length is not None:
+  if length:
     raise ValueError(f"expert parallelism routes whole sequences per device; the 'length' axis must not be "
-                     f"sharded (it maps to {length!r} in mesh.axis_rules).")
-  return dict(mesh=mesh, batch_axes=batch, expert_axis=expert, tensor_axes=mlp)
+                     f"sharded (it maps to {length} in mesh.axis_rules).")
+  return dict(mesh=mesh, batch_axes=batch, expert_axis=split[0], tensor_axes=mlp)
 
 
 class DenseFeedForward(nn.Module):

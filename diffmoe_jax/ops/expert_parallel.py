@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from diffmoe_jax.ops import dispatch
+from diffmoe_jax.parallel import mesh_axes_of
 
 STRATEGIES = ("all_to_all", "gather", "ragged")
 
@@ -57,10 +58,6 @@ def resolve_strategy(name: str, mode: str, backend: str | None = None) -> str:
   return name
 
 
-def _axes(spec) -> tuple:
-  return tuple(spec) if isinstance(spec, (tuple, list)) else (spec,) if spec else ()
-
-
 def _sum_over(x, axes):
   return jax.lax.psum(x, axes) if axes else x
 
@@ -76,7 +73,7 @@ def moe_ffn(x: jax.Array, weights: jax.Array, experts: jax.Array, w_in: jax.Arra
   the FFN width is split over (devices that hold the same tokens: none of the batch's), or None. Returns
   y `[B, T, d]` and stats "dropped_fraction" and "slot_fill" over the whole batch.
   """
-  batch_axes, tensor_axes = _axes(batch_axes), _axes(tensor_axes)
+  batch_axes, tensor_axes = mesh_axes_of(batch_axes), mesh_axes_of(tensor_axes)
   unknown = [a for a in (expert_axis,) + batch_axes + tensor_axes if a not in mesh.shape]
   if unknown:
     raise ValueError(f"mesh axes {unknown} are not axes of the mesh {dict(mesh.shape)}.")

@@ -210,8 +210,8 @@ class _Progress:
     elif (step + 1) % self.every == 0 or step + 1 == self.total:
       done = step + 1 - self.start_step
       eta = (time.time() - self.start_time) / max(done, 1) * (self.total - step - 1)
-      logging.info("step %d/%d %s eta %dm%02ds", step + 1, self.total,
-                   " ".join(f"{k} {v}" for k, v in info.items()), eta // 60, eta % 60)
+      logging.info("step %d/%d %s eta %s", step + 1, self.total,
+                   " ".join(f"{k} {v}" for k, v in info.items()), workdir_lib.duration_text(eta))
 
   def write(self, line: str) -> None:
     (self.bar.write if self.bar is not None else logging.info)(line)

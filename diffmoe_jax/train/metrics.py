@@ -215,22 +215,6 @@ def _stable_rank(m: jax.Array) -> jax.Array:
   return jnp.where(top2 > 0, frobenius2 / jnp.maximum(top2, 1e-30), 0.0)
 
 
-_stable_rank_jit = jax.jit(_stable_rank)
-
-
-def stable_rank(w: Any) -> float:
-  """Stable rank ||W||_F^2 / ||W||_2^2 of a 2-D matrix, with the spectral norm by power iteration in fp32.
-
-  Between 1 (rank one) and min(rows, cols) (all singular values equal); 0 for an all-zero matrix. The paper
-  writes ||W||_F / ||W||_2 (no squares); this is the standard definition, the square of that.
-  """
-  w = jnp.asarray(w)
-  if w.ndim != 2:
-    raise ValueError(f"stable_rank takes a 2-D matrix, got shape {w.shape}; use stable_ranks for stacked "
-                     "kernels.")
-  return float(_stable_rank_jit(w))
-
-
 # Weight matrices by parameter name: (how many trailing axes form the matrix, how many of those are its rows).
 # Attention wq/wk/wv are [embed, heads, head_dim] (rows embed), wo is [heads, head_dim, embed] (rows
 # heads*head_dim); expert and dense feed-forward w_in/w_gate/w_out are [in, out].

@@ -28,7 +28,7 @@ class LossScale:
   gradients are divided by it in float32. An overflow (non-finite gradients from a finite loss) skips the
   update and halves the scale; `train.loss_scale_growth_interval` finite steps in a row double it."""
   scale: jax.Array  # float32: S
-  good_steps: jax.Array  # int32: finite steps since the scale last changed
+  good_steps: jax.Array  # int32: finite steps in a row since the last skipped step or growth of the scale
   overflow_total: jax.Array  # int32: updates skipped for an overflow, which halved the scale
 
 

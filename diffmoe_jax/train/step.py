@@ -8,8 +8,6 @@ import optax
 from diffmoe_jax.config import LOSS_SCALE_GROWTH_INTERVAL, LOSS_SCALE_MIN
 from diffmoe_jax.train.state import LossScale, TrainState
 
-DYNAMIC_KEYS = ("lr", "router_noise", "load_balance_weight", "z_loss_weight", "mod_predictor_weight")
-
 
 def dynamic_settings(settings) -> dict:
   """The per-step scalars that vary inside one compiled step (no recompilation)."""

@@ -70,6 +70,11 @@ def write_json(path: str, value) -> None:
     raise
 
 
+def duration_text(seconds: float) -> str:
+  """"12m05s": whole minutes and seconds, as progress lines give a run's time."""
+  return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+
+
 SECONDS_FILE = "train_seconds.json"
 
 
