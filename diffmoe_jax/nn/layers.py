@@ -71,7 +71,8 @@ class Embed(nn.Module):
     return constrain(jnp.take(table, tokens, axis=0), RESIDUAL).astype(dtype_of(self.dtype))
 
   def attend(self, x: jax.Array) -> jax.Array:
-    return jnp.einsum("btd,vd->btv", x, self.table.astype(x.dtype))
+    """Tied output logits, float32: the product of `x` and the table in x's dtype, not rounded back to it."""
+    return jnp.einsum("btd,vd->btv", x, self.table.astype(x.dtype), preferred_element_type=jnp.float32)
 
 
 def per_shard(fn, arrays: dict[str, jax.Array | None], axes: dict[str, Sequence[str | None]],

@@ -244,8 +244,9 @@ class Transformer(nn.Module):
     else:
       w = param(self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), std=cfg.init_std,
                 dtype=dtype_of(cfg.param_dtype))
-      logits = jnp.einsum("btd,dv->btv", x, w.astype(x.dtype))
-    logits = constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+      logits = jnp.einsum("btd,dv->btv", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+    # Float32 logits even with bfloat16 compute: the product is kept, not rounded to 8 significant bits first.
+    logits = constrain(logits, ("batch", "length", "vocab"))
     return logits, _summarize(stats, routed_layer_indices(cfg))
 
 
