@@ -265,3 +265,38 @@ def test_accumulated_step_is_the_mean_over_its_micro_batches(make_config):
   grads = jax.tree.map(lambda p, q: np.asarray(p, np.float64) - np.asarray(q, np.float64), state.params, new.params)
   jax.tree.map(lambda got, a, b: np.testing.assert_allclose(got, mean(a, b), rtol=1e-4, atol=1e-6),
                grads, micro[0][1], micro[1][1])
+
+
+def test_clipping_scales_by_the_global_norm_over_every_shard(make_config):
+  """On fsdp 2 x expert 2 x tensor 2 the step clips by the norm over all parameters, not over each device's
+  shards: Adam's first moment after one step is (1 - b1) x the gradient (jax.grad of the loss written from
+  model.apply, on one device) times grad_clip / its global norm computed here."""
+  cfg = make_config(num_layers=2)
+  cfg.optimizer.grad_clip = 0.05
+  cfg.mesh.shape.update(data=1, fsdp=2, expert=2, tensor=2)
+  mesh, rules = parallel.make_mesh(cfg.mesh), parallel.axis_rules(cfg.mesh)
+  model = model_lib.build_model(cfg.model)
+  optimizer = state_lib.make_optimizer(cfg.optimizer)
+  _, _, make = state_lib.create_state(model, optimizer, mesh, rules, seed=0, seq_len=16)
+  tokens = np.random.default_rng(6).integers(0, cfg.model.vocab_size, (8, 17)).astype(np.int32)
+  batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+  dyn = {k: jnp.float32(0.0) for k in step_lib.DYNAMIC_KEYS}  # lr 0, no router noise, cross-entropy alone
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    state = make()
+    params = jax.device_get(state.params)
+    new, metrics = jax.jit(step_lib.make_train_step(model, optimizer, mod_mode="topk", mod_capacity=0.5))(
+        state, parallel.global_batch(batch, parallel.batch_sharding(mesh, rules)), dyn)
+  assert any(len(leaf.sharding.device_set) == 8 and not leaf.sharding.is_fully_replicated
+             for leaf in jax.tree.leaves(new.params))
+
+  def loss(params):
+    logits, _ = model.apply({"params": params}, batch["inputs"], train=True, mod_mode="topk", mod_capacity=0.5,
+                            rngs={"noise": jax.random.PRNGKey(1)})
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    return -jnp.mean(jnp.take_along_axis(log_probs, batch["targets"][..., None], axis=-1))
+  grads = jax.tree.map(lambda g: np.asarray(g, np.float64), jax.jit(jax.grad(loss))(params))
+  norm = np.sqrt(sum(np.sum(g * g) for g in jax.tree.leaves(grads)))
+  assert float(metrics["grad_norm"]) == pytest.approx(norm, rel=1e-5) and norm > 10 * cfg.optimizer.grad_clip
+  mu = jax.device_get(new.opt_state[1].mu)  # (clip state, Adam state, decay state)
+  jax.tree.map(lambda m, g: np.testing.assert_allclose(m / (1 - cfg.optimizer.b1), g * cfg.optimizer.grad_clip / norm,
+                                                       rtol=1e-4, atol=1e-8), mu, grads)
