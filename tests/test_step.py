@@ -1,5 +1,6 @@
-"""The train step's pieces: which parameters decay, how gradient accumulation splits the batch, the update
-against AdamW written out, and the master weights' dtype."""
+"""The train step's pieces: which parameters decay, how gradient accumulation splits the batch and what it
+averages, the update against AdamW written out, clipping by the global norm on a mesh, the logged metrics
+recomputed, and the master weights' dtype."""
 import math
 
 import flax.linen as nn
