@@ -1,4 +1,5 @@
 """The decoder: causality, gradients, scan == unrolled, layer layout, stats, axis names, remat names."""
+import re
 from unittest import mock
 
 import flax
@@ -200,6 +201,24 @@ def test_bfloat16_compute_gives_float32_logits_of_the_bfloat16_operands(make_con
   want = np.asarray(hidden, np.float64) @ (w.T if tie_embeddings else w)
   assert np.abs(want).max() > 8
   np.testing.assert_allclose(np.asarray(logits, np.float64), want, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("tie_embeddings", [False, True])
+def test_bfloat16_output_head_backward_multiplies_bfloat16_operands(make_config, tie_embeddings):
+  """The float32 logits cost no float32 matmul in the backward: every product with a vocabulary axis (96
+  here, a size nothing else has) in the lowered gradient multiplies bfloat16 operands."""
+  cfg = make_config(dtype="bfloat16", vocab_size=96, tie_embeddings=tie_embeddings)
+  model = model_lib.build_model(cfg.model)
+  tokens = _tokens(4)
+  params = nn.unbox(jax.eval_shape(lambda: model.init({"params": jax.random.PRNGKey(0),
+                                                       "noise": jax.random.PRNGKey(1)}, tokens)))["params"]
+  loss = lambda p: jnp.sum(model.apply({"params": p}, tokens, mod_mode="off")[0] ** 2)
+  text = jax.jit(jax.grad(loss)).lower(params).as_text()
+  products = [re.search(r": \((tensor<[^>]*>), (tensor<[^>]*>)\)", line).groups()
+              for line in text.splitlines() if "dot_general" in line and re.search(r"[<x]96x", line)]
+  assert len(products) == 3, products  # the forward and the two products of its backward
+  for operands in products:
+    assert all(t.endswith("xbf16>") for t in operands), operands
 
 
 def test_every_logical_axis_name_has_a_rule(base):
