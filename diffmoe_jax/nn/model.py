@@ -16,7 +16,7 @@ import optax
 
 from diffmoe_jax import validation
 from diffmoe_jax.nn.attention import Attention, is_decoding
-from diffmoe_jax.nn.layers import RESIDUAL, Embed, RMSNorm, constrain, dtype_of, param
+from diffmoe_jax.nn.layers import RESIDUAL, Embed, RMSNorm, constrain, dtype_of, logits_product, param
 from diffmoe_jax.nn.mod import MoDRouter
 from diffmoe_jax.nn.moe import DenseFeedForward, MoEFeedForward
 from diffmoe_jax.ops import attention as attention_ops
@@ -244,8 +244,8 @@ class Transformer(nn.Module):
     else:
       w = param(self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), std=cfg.init_std,
                 dtype=dtype_of(cfg.param_dtype))
-      logits = jnp.einsum("btd,dv->btv", x, w.astype(x.dtype))
-    logits = constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+      logits = logits_product("btd,dv->btv", x, w.astype(x.dtype))
+    logits = constrain(logits, ("batch", "length", "vocab"))  # float32, even under bfloat16 compute
     return logits, _summarize(stats, routed_layer_indices(cfg))
 
 
