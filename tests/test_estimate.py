@@ -206,7 +206,7 @@ def test_step_temporaries_agree_with_the_compiled_step_when_weights_dominate(mak
   abstract, shardings, _ = state_lib.create_state(model, optimizer, devices, rules, seed=0, seq_len=8)
   tokens = parallel.batch_sharding(devices, rules)
   batch = {k: jax.ShapeDtypeStruct((8, 16), jnp.int32, sharding=tokens) for k in ("inputs", "targets")}
-  dyn = {k: jax.ShapeDtypeStruct((), jnp.float32) for k in step_lib.DYNAMIC_KEYS}
+  dyn = {k: jax.ShapeDtypeStruct((), jnp.float32) for k in step_lib.dynamic_settings(Curriculum(config).settings(0))}
   step = step_lib.make_train_step(model, optimizer, mod_mode="topk", mod_capacity=config.model.mod.capacity)
   scalar = parallel.replicated(devices)
   with jax.set_mesh(devices), flax.linen.logical_axis_rules(rules):  # as the trainer lowers it

@@ -280,7 +280,7 @@ def test_clipping_scales_by_the_global_norm_over_every_shard(make_config):
   _, _, make = state_lib.create_state(model, optimizer, mesh, rules, seed=0, seq_len=16)
   tokens = np.random.default_rng(6).integers(0, cfg.model.vocab_size, (8, 17)).astype(np.int32)
   batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
-  dyn = {k: jnp.float32(0.0) for k in step_lib.DYNAMIC_KEYS}  # lr 0, no router noise, cross-entropy alone
+  dyn = {k: jnp.float32(0.0) for k in DYNAMIC}  # lr 0, no router noise, cross-entropy alone
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     state = make()
     params = jax.device_get(state.params)
