@@ -229,7 +229,7 @@ def test_a_seed_beyond_32_bits_is_refused(tmp_path):
   """PRNGKey keeps 32 bits of the seed: 2**32 drew what 0 draws, and 2**64 failed with a traceback."""
   for seed in (2**32, 2**64):
     assert_one_error(run_cli("diffmoe_jax.generate", f"--workdir={tmp_path}", "--prompt=x", f"--seed={seed}"),
-                     f"flag --seed={seed}: {seed} is not an integer in the range [0, 4294967295]")
+                     f"error: --seed={seed}: {seed} is not an integer in the range [0, 4294967295]")
 
 
 def test_a_reader_closing_the_output_ends_the_command_quietly():
