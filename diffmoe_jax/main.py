@@ -107,7 +107,8 @@ def run(config, workdir: str):
     result = estimate.estimate(config)
     need = preflight.check_memory(config, mesh_shape, jax.default_backend())
     lead = jax.process_index() == 0  # in a multi-process run, process 0 alone prints
-    if lead:
+    if lead:  # a workdir another run holds is refused before the summary, not after it (loop.train locks it)
+      workdir_lib.WorkdirLock(workdir).acquire().release()
       print(summary(config, workdir, result, mesh_shape, need, curriculum), flush=True)
     outcome = loop.train(config, workdir)
   except BaseException:  # an error or a Ctrl-C

@@ -9,7 +9,7 @@ from diffmoe_jax import bench, cli, data, evaluate
 from diffmoe_jax import config as config_lib
 from diffmoe_jax import main as main_lib
 from diffmoe_jax.config import ConfigError
-from diffmoe_jax.train import checkpoint
+from diffmoe_jax.train import checkpoint, workdir as workdir_lib
 from test_cli import ROOT, assert_one_error, run_cli
 from test_train import load_config
 
@@ -92,6 +92,14 @@ def test_a_run_interrupted_before_training_removes_the_directories_it_created(tm
   with pytest.raises(KeyboardInterrupt):
     main_lib.run(load_config(), str(tmp_path / "new" / "run"))
   assert os.listdir(tmp_path) == []
+
+
+def test_a_workdir_another_run_holds_is_refused_before_the_summary(tmp_path, capsys):
+  """The run's one-screen summary came first and the refusal after it, where it was easy to miss."""
+  with workdir_lib.WorkdirLock(tmp_path):
+    with pytest.raises(workdir_lib.WorkdirError, match="is in use by another run"):
+      main_lib.run(load_config(), str(tmp_path))
+  assert capsys.readouterr().out == ""
 
 
 @pytest.mark.parametrize("argv", [["train", "--seq-len", "300"], ["tain"], []])
