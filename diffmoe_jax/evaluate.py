@@ -95,7 +95,8 @@ def _no_checkpoints(workdir: str, path: str, train_hint: str) -> str:
   if not runs:
     return f"{workdir} holds no checkpoints (there is no {os.path.join(path, 'checkpoints')}); {train_hint}."
   runs.sort(key=lambda run: (run.count(os.sep), run))
-  named = ", ".join(os.path.join(workdir, r) for r in runs[:4]) + (f" and {len(runs) - 4} more" if len(runs) > 4 else "")
+  named = ", ".join(os.path.join(workdir, r) for r in runs[:4])
+  named += f" and {len(runs) - 4} more" if len(runs) > 4 else ""
   return (f"{workdir} is not a run's directory but holds runs: {named}; pass one of them, such as "
           f"--workdir={os.path.join(workdir, runs[0])}.")
 

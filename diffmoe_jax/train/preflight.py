@@ -11,6 +11,8 @@ from diffmoe_jax import estimate, parallel
 from diffmoe_jax.config import ConfigError
 from diffmoe_jax.train.curriculum import Curriculum
 
+_size = estimate.human_bytes  # the figures of the refusal, in the unit that shows them
+
 
 class InsufficientMemoryError(RuntimeError):
   """The config needs more memory per device than the machine has."""
@@ -42,10 +44,10 @@ def check_memory(config, mesh_shape: dict, backend: str, advice: str = "") -> di
     return need
   advice = advice or _mesh_advice(config, mesh_shape, backend, budget)
   raise InsufficientMemoryError(
-      f"This config needs about {estimate.human_bytes(need['total'])} per device to train on mesh {mesh_shape} (state "
-      f"{estimate.human_bytes(need['state'])}, gradients and update {estimate.human_bytes(need['gradients'])}, activations "
-      f"{estimate.human_bytes(need['activations'])}, by the estimator), but a device here "
-      f"has {estimate.human_bytes(have)} available (train.memory_headroom = {config.train.memory_headroom}); {advice}.")
+      f"This config needs about {_size(need['total'])} per device to train on mesh {mesh_shape} (state "
+      f"{_size(need['state'])}, gradients and update {_size(need['gradients'])}, activations "
+      f"{_size(need['activations'])}, by the estimator), but a device here has {_size(have)} available "
+      f"(train.memory_headroom = {config.train.memory_headroom}); {advice}.")
 
 
 def _mesh_advice(config, mesh_shape: dict, backend: str, budget: float) -> str:
@@ -57,10 +59,10 @@ def _mesh_advice(config, mesh_shape: dict, backend: str, budget: float) -> str:
   if fit is not None:
     shape, fit_need = fit
     where = "these" if math.prod(shape.values()) == devices else f"{math.prod(shape.values()):,}"
-    return f"a mesh that fits on {where} devices: {flags(shape)} (~{estimate.human_bytes(fit_need)} per device)"
+    return f"a mesh that fits on {where} devices: {flags(shape)} (~{_size(fit_need)} per device)"
   shape, least = min(options, key=lambda o: o[1]["total"])  # the one-device mesh is always an option
   phase, sequences, length = least["largest_phase"]
-  return (f"no mesh of up to {MAX_SUGGESTED_DEVICES:,} devices fits it; the least any needs is ~{estimate.human_bytes(least['total'])} "
+  return (f"no mesh of up to {MAX_SUGGESTED_DEVICES:,} devices fits it; the least any needs is ~{_size(least['total'])} "
           f"per device ({flags(shape)}, on {math.prod(shape.values()):,} devices; its largest activations are "
           f"the {phase} phase's, {sequences} sequence(s) of {length:,} tokens per device): "
           + (f"lower curriculum.{phase}.batch_size" if sequences > 1 else f"shorten curriculum.{phase}.seq_len")
