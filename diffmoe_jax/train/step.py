@@ -73,12 +73,16 @@ def make_train_step(model, optimizer: optax.GradientTransformation, *, mod_mode:
       grads = jax.tree.map(lambda g: g / scale, grads)
 
     grad_norm = optax.tree.norm(grads)
+    # A non-finite loss, gradient or learning rate leaves params and optimizer state as they were, and is
+    # counted: the state stays the last good one. Decided before the update, so XLA fuses the choice into
+    # the update's one pass over the weights and both moments (from finite gradients and learning rate,
+    # Adam's steps are bounded, so the updated weights are finite too). Checking the updated weights
+    # instead took a reduction over them and a select over all three trees after the update: the selects
+    # alone were 6.8 ms of a PI-P 4-layer step of 51 ms on an H200.
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm) & jnp.isfinite(dyn["lr"])
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
     new_params = jax.tree.map(lambda p, u: p - dyn["lr"] * u.astype(p.dtype), state.params, updates)
-    # A non-finite loss, gradient or updated weight leaves params and optimizer state as they were, and
-    # is counted: the state stays the last good one.
-    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(new_params))
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     counted = ~finite
     loss_scale, scale_metrics = state.loss_scale, {}
     if loss_scale is not None:
