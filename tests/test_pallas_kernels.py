@@ -145,3 +145,44 @@ def test_kernel_benchmark_starts_no_kernel_after_its_time_budget(capsys, monkeyp
                   "--rows", "16", "--steps", "16", "--budget-s", "1e-9"])
   lines = capsys.readouterr().out.splitlines()
   assert [line.split()[0] for line in lines if line.endswith("spent: not run")] == ["forward", "dq"], lines
+
+
+def test_gpu_kernels_leave_the_mask_out_only_where_every_pair_is_visible():
+  """The GPU kernels run the blocks `full_blocks` counts without the elementwise mask: a brute-force check over
+  every (query, key) pair that each of them is all visible, and that with sorted positions, one document and
+  every key valid they are all the pairs below the diagonal. Document boundaries, invalid keys and scattered
+  positions shrink the counts (never grow them)."""
+  from diffmoe_jax.ops.flash_attention import full_blocks
+  rng = np.random.default_rng(5)
+  b, t, block = 2, 96, 16
+  n = t // block
+  sorted_pos = np.broadcast_to(np.arange(t), (b, t))
+  scattered = np.sort(rng.choice(400, size=(b, t), replace=False), axis=1)[:, rng.permutation(t)]
+  one_document, documents = np.zeros((b, t)), np.broadcast_to(np.arange(t) // 40, (b, t))
+  cases = ((sorted_pos, one_document, False, True), (sorted_pos, documents, True, True),
+           (scattered, one_document, False, True), (sorted_pos, documents, True, False),
+           (sorted_pos, one_document, False, False))
+  for positions, segments, holes, causal in cases:
+    kv_valid = np.ones((b, t), bool)
+    if holes:
+      kv_valid[0, 3] = kv_valid[1, 70] = False
+    masks = [jnp.asarray(a, jnp.int32) for a in (positions, segments, positions, segments, kv_valid)]
+    visible = np.broadcast_to(positions[:, None, :] <= positions[:, :, None] if causal else True, (b, t, t))
+    visible = visible & kv_valid[:, None, :] & (segments[:, None, :] == segments[:, :, None])
+    all_visible = visible.reshape(b, n, block, n, block).all(axis=(2, 4))  # [B, nq, nk]
+    full_keys, full_queries = (np.asarray(a) for a in full_blocks(masks, block, block, causal))
+    for row in range(b):
+      for i in range(n):
+        assert all_visible[row, i, :full_keys[row, i]].all()
+      for j in range(n):
+        assert all_visible[row, full_queries[row, j]:, j].all()
+    if segments is one_document and not holes:
+      below = np.tril(np.ones((n, n), bool), -1)
+      if positions is sorted_pos and causal:
+        np.testing.assert_array_equal(full_keys, np.broadcast_to(np.arange(n), (b, n)))
+        np.testing.assert_array_equal(full_queries, np.broadcast_to(np.arange(n) + 1, (b, n)))
+        assert np.array_equal(all_visible[0], below)
+      elif not causal:
+        assert (full_keys == n).all() and (full_queries == 0).all()
+    elif holes:
+      assert full_keys[0, 1] == 0 and full_queries[1, 70 // block] == n  # a hidden key: that key block needs the mask

@@ -83,6 +83,27 @@ def block_bounds(masks, block_q: int, block_k: int, causal: bool) -> tuple:
   return tuple(a.astype(jnp.int32) for a in (latest_query, earliest_key, last_key, first_query))
 
 
+def full_blocks(masks, block_q: int, block_k: int, causal: bool) -> tuple:
+  """Which block pairs need no mask, every (query, key) pair of them visible, for the GPU kernels' unmasked
+  loops: per query block `[B, nq]` the number of leading key blocks that are all full, per key block
+  `[B, nk]` the first query block from which all later ones are full (nq where none is). A pair is full when
+  its key block's keys are all valid, both blocks hold one segment, the same, and (causal) its latest key is
+  no later than its earliest query: with sorted positions, every pair below the diagonal."""
+  q_pos, q_seg, kv_pos, kv_seg, kv_valid = masks
+  b, t, s = q_pos.shape[0], q_pos.shape[1], kv_pos.shape[1]
+  nq, nk = t // block_q, s // block_k
+  blocked = lambda a, n: a.reshape(b, n, -1)
+  q_seg_lo, q_seg_hi = jnp.min(blocked(q_seg, nq), -1), jnp.max(blocked(q_seg, nq), -1)
+  kv_seg_lo, kv_seg_hi = jnp.min(blocked(kv_seg, nk), -1), jnp.max(blocked(kv_seg, nk), -1)
+  key_side = (jnp.all(blocked(kv_valid, nk) != 0, -1) & (kv_seg_lo == kv_seg_hi))[:, None, :]
+  full = key_side & ((q_seg_lo == q_seg_hi)[:, :, None]) & (q_seg_lo[:, :, None] == kv_seg_lo[:, None, :])
+  if causal:
+    full = full & (jnp.max(blocked(kv_pos, nk), -1)[:, None, :] <= jnp.min(blocked(q_pos, nq), -1)[:, :, None])
+  leading = jnp.sum(jnp.cumprod(full.astype(jnp.int32), axis=2), axis=2)
+  trailing = jnp.sum(jnp.cumprod(full[:, ::-1].astype(jnp.int32), axis=1), axis=1)
+  return leading.astype(jnp.int32), (nq - trailing).astype(jnp.int32)
+
+
 def live_pairs(latest_query, earliest_key):
   """`[B, nq, nk]` bool from `block_bounds`' first two tables (the kernels test one pair at a time)."""
   return earliest_key[:, None, :] <= latest_query[:, :, None]
@@ -107,7 +128,12 @@ def _apply(p, b, transpose: bool = False):
 
 
 def _scores(q, k, visible):
-  return jnp.where(visible, _contract(q, k), MASK_VALUE)
+  return _contract(q, k) if visible is None else jnp.where(visible, _contract(q, k), MASK_VALUE)
+
+
+def _masked(x, visible):
+  """x where visible, else 0; visible None: a block with every pair visible (`full_blocks`), x as it is."""
+  return x if visible is None else jnp.where(visible, x, 0.0)
 
 
 def zeros_tile(rows: tuple, width):
@@ -129,7 +155,7 @@ def init_carry(rows: tuple, num_maps: int, dv):
 
 def forward_block(qs, ks, v, visible, carry):
   """One key block for every map. Per map j: tiles qs[j] `[..., bq, D]`, ks[j] `[..., bk, D]`; tile v
-  `[..., bk, Dv]`.
+  `[..., bk, Dv]`; visible `[..., bq, bk]` bool, or None for a block whose pairs are all visible.
 
   Maps come as sequences (not a stacked axis) so kernels load each map's tile straight from its ref.
   """
@@ -137,7 +163,7 @@ def forward_block(qs, ks, v, visible, carry):
   for qj, kj, (m, l, acc) in zip(qs, ks, carry):
     s = _scores(qj, kj, visible)
     m_new = jnp.maximum(m, jnp.max(s, axis=-1, keepdims=True))
-    p = jnp.where(visible, jnp.exp(s - m_new), 0.0)
+    p = _masked(jnp.exp(s - m_new), visible)
     alpha = jnp.exp(m - m_new)
     acc = jax.tree.map(lambda a, pv: alpha * a + pv, acc, _apply(p, v))
     new.append((m_new, alpha * l + jnp.sum(p, axis=-1, keepdims=True), acc))
@@ -166,7 +192,7 @@ def backward_block(qs, ks, v, g, ws, lses, deltas, visible, *, want_dq: bool = T
   dq, dk, combined_p = [], [], None
   for qj, kj, w, lse, delta in zip(qs, ks, ws, lses, deltas):
     s = _scores(qj, kj, visible)
-    weighted_p = jnp.where(visible, jnp.exp(s - lse), 0.0) * w
+    weighted_p = _masked(jnp.exp(s - lse), visible) * w
     ds = weighted_p * (d_combined - delta)
     if want_dq:
       dq.append(_apply(ds, kj))
