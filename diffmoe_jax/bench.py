@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import functools
 import math
+import os
 import statistics
 import sys
 import time
@@ -356,6 +357,12 @@ class _Parser(argparse.ArgumentParser):
     self.exit(2, f"{self.prog}: error: {message} ({self.prog} --help lists the arguments)\n")
 
 
+# XLA on GPU replays runs of a step's instructions as CUDA graphs ("command buffers"), which the profiler sees as
+# one unnamed event each (on an H200 a PI-P step's profile was four such events and nothing else): off while
+# profiling, so every instruction is timed on its own; the profiled run then also pays the launches they save.
+PROFILE_XLA_FLAGS = "--xla_gpu_enable_command_buffer="
+
+
 def main(argv: list[str] | None = None) -> None:
   parser = _Parser(prog="python -m diffmoe_jax.bench", description=__doc__,
                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -409,7 +416,8 @@ def main(argv: list[str] | None = None) -> None:
                      "the config's)")
   train.add_argument("--profile-top", type=NON_NEGATIVE, default=0, metavar="N",
                      help="also trace --steps steps with the JAX profiler and print where the time goes: per "
-                          "part of the model, per kind of instruction, and the N slowest instructions")
+                          "part of the model, per kind of instruction, and the N slowest instructions (XLA's GPU "
+                          "command buffers are then off, so each instruction shows)")
   train.add_argument("--remat-save-names", nargs="+", default=(), choices=config_lib.CHECKPOINT_NAMES,
                      help="model.remat_save_names, with --remat-policy save_names")
   train.set_defaults(run=bench_train)
@@ -422,6 +430,8 @@ def main(argv: list[str] | None = None) -> None:
   bench_kernels.add_parser(commands)
 
   args = parser.parse_args(argv)
+  if getattr(args, "profile_top", 0):  # before the first use of jax starts its backend, which reads the flags
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {PROFILE_XLA_FLAGS}".strip()
   from diffmoe_jax.data import DataError
   try:
     _check_and_run(args, commands.choices[args.command])  # a mistake is shown with its subcommand's usage

@@ -42,6 +42,19 @@ def test_bench_command_prints_its_figures(command, capsys):
     assert re.search(pattern, out, re.MULTILINE), (pattern, out)
 
 
+def test_profiling_turns_off_gpu_command_buffers_before_jax_starts(monkeypatch):
+  """With --profile-top, XLA's GPU command buffers are off (the profiler sees each one as one unnamed event), set
+  before the backend reads XLA_FLAGS; flags already given are kept. (A wrong --phase ends the command early.)"""
+  monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x")
+  with pytest.raises(SystemExit):
+    bench.main(["train", "--profile-top", "3", "--phase", "no_such_phase"])
+  assert os.environ["XLA_FLAGS"] == "--xla_dump_to=/tmp/x --xla_gpu_enable_command_buffer="
+  monkeypatch.setenv("XLA_FLAGS", "")
+  with pytest.raises(SystemExit):
+    bench.main(["train", "--phase", "no_such_phase"])
+  assert os.environ["XLA_FLAGS"] == ""
+
+
 def test_ctrl_c_ends_the_command_in_one_line():
   """Ctrl-C (here raised where `bench moe` starts its work) ends the command with one line and exit 130, not a
   traceback, nor a crash of XLA's compile threads at interpreter exit."""
