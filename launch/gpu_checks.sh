@@ -8,8 +8,8 @@
 set -u
 logs=${1:-gpu_checks}
 selected=("${@:2}")
-steps=(versions kernel_tests attention kernels train_pi_p train_pi_p_fast train_pi_p_tuned moe moe_9_experts
-       train_pi_p_8k)
+steps=(versions kernel_tests attention kernels train_pi_p train_pi_p_batch4 train_pi_p_profile train_pi_p_saved
+       train_pi_p_tuned moe moe_9_experts train_pi_p_8k)
 # A misspelt step is refused before any step runs, not after the others have taken their minutes.
 for name in "${selected[@]}"; do
   if [[ " ${steps[*]} " != *" $name "* ]]; then
@@ -48,24 +48,28 @@ step kernel_tests 120 env JAX_PLATFORMS=cuda python3 -m pytest -q -p no:cachepro
   -k "($kernel_tests and not pallas_tpu) or power_of_two_chunks"
 step attention 120 python3 -m diffmoe_jax.bench attention --config=configs/pi_p.py --no-layer-ratio \
   --dtype=bfloat16 --impls pallas pallas_one_pass fused four_flash_calls standard_flash --lengths 2048 4096 8192 16384
-# Each backward kernel alone over launch settings (rows per program, loop step, warps; two stages).
+# Each kernel of the two-pass backward and the forward alone over launch settings (rows per program, loop step,
+# warps; two stages). 32-row programs measured 3-10x slower than 64-row ones for every kernel.
 step kernels 150 python3 -m diffmoe_jax.bench kernels --config=configs/pi_p.py --seq-len 8192 \
-  --kernels dq dkv dkv_dq --rows 32 64 128 --steps 32 64 --warps 4 8 --stages 2 --budget-s 120
-step train_pi_p 90 python3 -m diffmoe_jax.bench train --config=configs/pi_p.py --layers 4 --seq-len 4096 \
-  --batch 1 --steps 5 --data-batches 20
-# The same stack keeping the flash residuals through remat, with the one-pass attention backward, and where
-# its time goes (a profiler trace: per part of the model and pass, per kind of instruction, the slowest).
-step train_pi_p_fast 100 python3 -m diffmoe_jax.bench train --config=configs/pi_p.py --layers 4 --seq-len 4096 \
-  --batch 1 --steps 5 --data-batches 20 --remat-policy save_names --remat-save-names flash_residuals \
-  --attention-gpu-backward one_pass --profile-top 30
-# And with the one-pass kernel's fastest launch from the sweep above, if it found one.
-tuned=$(sed -n 's/^dkv_dq .* --attention-gpu-launch \(dkv=[0-9,]*\) .*/\1/p' "$logs/kernels.log" 2>/dev/null)
+  --kernels forward dkv dq --rows 64 128 --steps 32 64 --warps 4 8 --stages 2 --budget-s 120
+train_pi_p="python3 -m diffmoe_jax.bench train --config=configs/pi_p.py --layers 4 --seq-len 4096 --steps 5"
+train_pi_p+=" --data-batches 20"
+step train_pi_p 90 $train_pi_p --batch 1
+# Four sequences a step: the optimizer's pass over the weights (memory-bound, a fixed cost per step) is shared
+# by 4x the tokens, as in a run with several sequences per device or gradient accumulation.
+step train_pi_p_batch4 120 $train_pi_p --batch 4
+# Where the step's time goes: a profiler trace, per part of the model and pass, per kind of instruction, the
+# slowest instructions.
+step train_pi_p_profile 100 $train_pi_p --batch 1 --profile-top 30
+# Keeping the flash residuals through remat, and then also the fastest launches of the sweep above, if it found them.
+step train_pi_p_saved 90 $train_pi_p --batch 1 --remat-policy save_names --remat-save-names flash_residuals
+tuned=$(sed -n 's/^\(forward\|dq\|dkv\) .* --attention-gpu-launch \([a-z]*=[0-9,]*\) .*/\2/p' "$logs/kernels.log" \
+  2>/dev/null | tr '\n' ' ')
 if [ -n "$tuned" ]; then
-  step train_pi_p_tuned 90 python3 -m diffmoe_jax.bench train --config=configs/pi_p.py --layers 4 --seq-len 4096 \
-    --batch 1 --steps 5 --data-batches 20 --remat-policy save_names --remat-save-names flash_residuals \
-    --attention-gpu-backward one_pass --attention-gpu-launch "$tuned"
+  step train_pi_p_tuned 90 $train_pi_p --batch 1 --remat-policy save_names --remat-save-names flash_residuals \
+    --attention-gpu-launch $tuned
 elif wanted train_pi_p_tuned; then
-  echo "=== train_pi_p_tuned: skipped: $logs/kernels.log names no fastest dkv_dq launch (run the kernels step)"
+  echo "=== train_pi_p_tuned: skipped: $logs/kernels.log names no fastest launch (run the kernels step)"
 fi
 step moe 45 python3 -m diffmoe_jax.bench moe --dtype bfloat16 --variants dropless-padded dropless-ragged \
   --batch 2 --seq-len 4096 --d-model 2592 --ffn-dim 6912 --experts 4 --top-k 2

@@ -153,18 +153,21 @@ def test_gpu_checks_select_every_kernel_test_they_name():
   assert not any("pallas_tpu" in line for line in collected)
 
 
-def test_gpu_checks_read_the_fastest_one_pass_launch_from_the_kernel_sweep():
-  """The script's sed picks `bench kernels`' fastest dk/dv launch for the tuned training step; a change of that
-  line's format would skip the step without an error."""
+def test_gpu_checks_read_the_fastest_launches_from_the_kernel_sweep():
+  """The script's sed picks `bench kernels`' fastest forward, dq and dk/dv launches for the tuned training step (not
+  the one-pass kernel's, whose backward the step does not run); a change of that line's format would skip the step
+  without an error."""
   from diffmoe_jax import bench, bench_kernels
   from diffmoe_jax.ops import pallas_attention as pa
   default, faster = pa.Launch(32, 32, 4, 2), pa.Launch(64, 16, 8, 3)
-  line = bench_kernels.best_line("dkv_dq", {default: 2e-3, faster: 1e-3}, default)
+  lines = [bench_kernels.best_line(kernel, {default: 2e-3, faster: 1e-3}, default)
+           for kernel in ("forward", "dkv_dq", "dq", "dkv")]
   expression = re.search(r"sed -n '([^']+)'", open(SCRIPTS[2]).read()).group(1)
-  flag = subprocess.run(["sed", "-n", expression], input=line + "\n", capture_output=True, text=True,
-                        check=True).stdout.strip()
-  assert flag == "dkv=64,16,8,3"
-  assert bench._gpu_launch(flag) == ("dkv", "64,16,8,3")  # pylint: disable=protected-access
+  flags = subprocess.run(["sed", "-n", expression], input="\n".join(lines) + "\n", capture_output=True, text=True,
+                         check=True).stdout.split()
+  assert flags == ["forward=64,16,8,3", "dq=64,16,8,3", "dkv=64,16,8,3"]
+  # pylint: disable-next=protected-access
+  assert [bench._gpu_launch(flag) for flag in flags] == [(k, "64,16,8,3") for k in ("forward", "dq", "dkv")]
 
 
 def test_gpu_checks_run_only_the_steps_named(tmp_path):
@@ -177,10 +180,10 @@ def test_gpu_checks_run_only_the_steps_named(tmp_path):
   env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
   run = lambda *steps: subprocess.run(["bash", SCRIPTS[2], str(tmp_path / "logs"), *steps], capture_output=True,
                                       text=True, cwd=ROOT, env=env)
-  result = run("versions", "train_pi_p_fast")
+  result = run("versions", "train_pi_p_profile")
   assert result.returncode == 0, result.stdout + result.stderr
-  assert re.findall(r"^=== (\w+): exit", result.stdout, re.M) == ["versions", "train_pi_p_fast"]
-  assert "--profile-top" in open(tmp_path / "logs" / "train_pi_p_fast.log").read()
+  assert re.findall(r"^=== (\w+): exit", result.stdout, re.M) == ["versions", "train_pi_p_profile"]
+  assert "--profile-top" in open(tmp_path / "logs" / "train_pi_p_profile.log").read()
   result = run("train_pi_p_tuned")  # no kernel sweep in the logs: said, not run
   assert result.returncode == 0 and "train_pi_p_tuned: skipped" in result.stdout, result.stdout
   result = run("versions", "atention")  # refused before any step runs
