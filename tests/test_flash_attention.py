@@ -420,20 +420,21 @@ def test_tpu_block_bounds_are_conservative_and_exact_on_the_diagonal():
           assert first_query[row, j] == np.flatnonzero(live[row, :, j]).min()
 
 
-@pytest.mark.parametrize("causal, t, s", [(True, 260, 260), (False, 20, 300)])
-def test_tpu_kernels_pad_blocks_mosaic_cannot_tile(causal, t, s):
+@pytest.mark.parametrize("causal, t, s, all_valid", [(True, 260, 260, False), (True, 260, 260, True),
+                                                     (False, 20, 300, False)])
+def test_tpu_kernels_pad_blocks_mosaic_cannot_tile(causal, t, s, all_valid):
   """Asked for 8-query and 32-key blocks, the TPU kernels use 16 and 128 (padding the sequences): 260
   tokens are 17 query blocks by 3 key blocks, accumulated across the key grid axis, against the float64
   reference (forward and gradients) with a kv mask and per-token λ. Non-causal, 20 queries see all 300
   keys but those of the middle key block, which the kv mask hides whole (a block pair that is skipped
-  between live ones)."""
+  between live ones). With every key valid, the pairs below the diagonal run without the mask."""
   rng = np.random.default_rng(11)
   b, h, d = 1, 2, 4
   q, g = (rng.normal(size=(b, t, h) + shape).astype(np.float32) for shape in ((2, d), (2 * d,)))
   k, v = (rng.normal(size=(b, s, h) + shape).astype(np.float32) for shape in ((2, d), (2 * d,)))
   lam = rng.uniform(0.1, 0.9, (b, t, h)).astype(np.float32)
   q_pos, kv_pos = (np.broadcast_to(np.arange(n), (b, n)).astype(np.int32) for n in (t, s))
-  kv_mask = rng.uniform(size=(b, s)) < 0.9
+  kv_mask = rng.uniform(size=(b, s)) < (1.0 if all_valid else 0.9)
   if not causal:
     kv_mask[:, 128:256] = False
   want, (dq, dk, dv, dw) = reference(q, k, v, np.stack([np.ones_like(lam), -lam], -1),

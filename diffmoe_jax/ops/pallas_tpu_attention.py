@@ -11,8 +11,9 @@ O(block), whatever the length. The block math is `flash_attention`'s; row statis
 vector. Which (query block, key block) pairs can have a visible pair follows from per-block bounds
 computed beforehand in XLA (`flash_attention.block_bounds`, O(T/block) int32 values in SMEM by scalar
 prefetch, the TPU idiom for block sparsity): the others skip their arithmetic, and their tiles past the
-last live one (in the inner loop's direction) repeat the previous block's index so Pallas fetches nothing new. Inside a
-live pair the mask is applied per element. Blocks are at least 16 queries (bf16 tiles are 16 rows) and
+last live one (in the inner loop's direction) repeat the previous block's index so Pallas fetches nothing new. A
+live pair whose (query, key) pairs are all visible (`flash_attention.full_blocks`; with sorted positions every
+pair below the diagonal) runs without the mask, the others apply it per element. Blocks are at least 16 queries (bf16 tiles are 16 rows) and
 128 keys or the whole key sequence (a key-side mask row is a lane vector); smaller requested blocks are
 raised and the sequences padded to match, which changes no result.
 """
@@ -30,6 +31,7 @@ from diffmoe_jax.ops.flash_attention import kernel_width, pad_last
 
 _SEQUENTIAL_LAST = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
 _MIN_BLOCK_Q, _LANES = 16, 128
+_TABLES = 6  # scalar-prefetched per-block tables (`_tables`) ahead of every kernel's refs
 
 
 def _specs(block_q: int, block_k: int, num_maps: int, d: int, dv: int, query_major: bool) -> dict:
@@ -38,9 +40,9 @@ def _specs(block_q: int, block_k: int, num_maps: int, d: int, dv: int, query_maj
   last live one; else query blocks before the key block's first live one) maps to that live block's
   tiles, which are already loaded."""
   if query_major:
-    blocks = lambda b, h, i, j, latest, earliest, last_key, first_query: (i, jnp.minimum(j, last_key[b, i]))
+    blocks = lambda b, h, i, j, latest, earliest, last_key, first_query, *_: (i, jnp.minimum(j, last_key[b, i]))
   else:
-    blocks = lambda b, h, j, i, latest, earliest, last_key, first_query: (jnp.maximum(i, first_query[b, j]), j)
+    blocks = lambda b, h, j, i, latest, earliest, last_key, first_query, *_: (jnp.maximum(i, first_query[b, j]), j)
   at = lambda f: lambda b, h, x, y, *tables: f(b, h, *blocks(b, h, x, y, *tables))
   return dict(
       q=pl.BlockSpec((None, None, num_maps, block_q, d), at(lambda b, h, i, j: (b, h, 0, i, 0))),
@@ -63,15 +65,32 @@ def _visible(q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, kv_valid_ref, causal)
   return fa.visibility(q_pos_ref[...], q_seg_ref[...], kv_pos_ref[...], kv_seg_ref[...], kv_valid_ref[...], causal)
 
 
-def _live(latest_ref, earliest_ref, query_major: bool):
+def _pair(query_major: bool):
+  """(b, i, j): the batch row, query block and key block of this grid step."""
   b, x, y = pl.program_id(0), pl.program_id(2), pl.program_id(3)
-  i, j = (x, y) if query_major else (y, x)
-  return earliest_ref[b, j] <= latest_ref[b, i]
+  return (b, x, y) if query_major else (b, y, x)
 
 
-def _forward_kernel(latest_ref, earliest_ref, _last_key, _first_query, q_ref, k_ref, v_ref, q_pos_ref, q_seg_ref,
-                    kv_pos_ref, kv_seg_ref, kv_valid_ref, out_ref, lse_ref, m_scratch, l_scratch, acc_scratch, *,
-                    causal: bool):
+def _each_live_block(tables, query_major: bool, step, visible):
+  """`step(None)` when this step's block pair is live and all visible, `step(visible())` when it is live and
+  not (tables: `block_bounds`' four and `full_blocks`' two, in SMEM)."""
+  latest, earliest, _, _, full_keys, full_queries = tables
+  b, i, j = _pair(query_major)
+  live = earliest[b, j] <= latest[b, i]
+  full = j < full_keys[b, i] if query_major else i >= full_queries[b, j]
+
+  @pl.when(live & full)
+  def _():
+    step(None)
+
+  @pl.when(live & jnp.logical_not(full))
+  def _():
+    step(visible())
+
+
+def _forward_kernel(*refs, causal: bool):
+  (q_ref, k_ref, v_ref, q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, kv_valid_ref, out_ref, lse_ref, m_scratch,
+   l_scratch, acc_scratch) = refs[_TABLES:]
   num_maps = q_ref.shape[0]
   key_block = pl.program_id(3)
   carry = lambda: tuple((m_scratch[j], l_scratch[j], acc_scratch[j]) for j in range(num_maps))
@@ -82,13 +101,14 @@ def _forward_kernel(latest_ref, earliest_ref, _last_key, _first_query, q_ref, k_
     l_scratch[...] = jnp.zeros(l_scratch.shape, jnp.float32)
     acc_scratch[...] = jnp.zeros(acc_scratch.shape, jnp.float32)
 
-  @pl.when(_live(latest_ref, earliest_ref, query_major=True))
-  def _():
-    visible = _visible(q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, kv_valid_ref, causal)
+  def step(visible):
     new = fa.forward_block([q_ref[j] for j in range(num_maps)], [k_ref[j] for j in range(num_maps)], v_ref[...],
                            visible, carry())
     for j, (m, l, acc) in enumerate(new):
       m_scratch[j], l_scratch[j], acc_scratch[j] = m, l, acc
+
+  _each_live_block(refs[:_TABLES], True, step,
+                   lambda: _visible(q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, kv_valid_ref, causal))
 
   @pl.when(key_block == pl.num_programs(3) - 1)
   def _():
@@ -97,9 +117,9 @@ def _forward_kernel(latest_ref, earliest_ref, _last_key, _first_query, q_ref, k_
       out_ref[j], lse_ref[j] = outs[j], lses[j]
 
 
-def _dq_kernel(latest_ref, earliest_ref, _last_key, _first_query, q_ref, k_ref, v_ref, g_ref, w_ref, lse_ref,
-               delta_ref, q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, kv_valid_ref, dq_ref, dq_scratch, *,
-               causal: bool):
+def _dq_kernel(*refs, causal: bool):
+  (q_ref, k_ref, v_ref, g_ref, w_ref, lse_ref, delta_ref, q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, kv_valid_ref,
+   dq_ref, dq_scratch) = refs[_TABLES:]
   num_maps = q_ref.shape[0]
   key_block = pl.program_id(3)
   per_map = lambda ref: [ref[j] for j in range(num_maps)]
@@ -108,22 +128,23 @@ def _dq_kernel(latest_ref, earliest_ref, _last_key, _first_query, q_ref, k_ref, 
   def _():
     dq_scratch[...] = jnp.zeros(dq_scratch.shape, jnp.float32)
 
-  @pl.when(_live(latest_ref, earliest_ref, query_major=True))
-  def _():
-    visible = _visible(q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, kv_valid_ref, causal)
+  def step(visible):
     dq, _, _ = fa.backward_block(per_map(q_ref), per_map(k_ref), v_ref[...], g_ref[...], per_map(w_ref),
                                  per_map(lse_ref), per_map(delta_ref), visible, want_dkv=False)
     for j in range(num_maps):
       dq_scratch[j] += dq[j]
+
+  _each_live_block(refs[:_TABLES], True, step,
+                   lambda: _visible(q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, kv_valid_ref, causal))
 
   @pl.when(key_block == pl.num_programs(3) - 1)
   def _():
     dq_ref[...] = dq_scratch[...]
 
 
-def _dkv_kernel(latest_ref, earliest_ref, _last_key, _first_query, q_ref, k_ref, v_ref, g_ref, w_ref, lse_ref,
-                delta_ref, q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, kv_valid_ref, dk_ref, dv_ref, dk_scratch,
-                dv_scratch, *, causal: bool):
+def _dkv_kernel(*refs, causal: bool):
+  (q_ref, k_ref, v_ref, g_ref, w_ref, lse_ref, delta_ref, q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, kv_valid_ref,
+   dk_ref, dv_ref, dk_scratch, dv_scratch) = refs[_TABLES:]
   num_maps = q_ref.shape[0]
   query_block = pl.program_id(3)
   per_map = lambda ref: [ref[j] for j in range(num_maps)]
@@ -133,14 +154,15 @@ def _dkv_kernel(latest_ref, earliest_ref, _last_key, _first_query, q_ref, k_ref,
     dk_scratch[...] = jnp.zeros(dk_scratch.shape, jnp.float32)
     dv_scratch[...] = jnp.zeros(dv_scratch.shape, jnp.float32)
 
-  @pl.when(_live(latest_ref, earliest_ref, query_major=False))
-  def _():
-    visible = _visible(q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, kv_valid_ref, causal)
+  def step(visible):
     _, dk, dv = fa.backward_block(per_map(q_ref), per_map(k_ref), v_ref[...], g_ref[...], per_map(w_ref),
                                   per_map(lse_ref), per_map(delta_ref), visible, want_dq=False)
     for j in range(num_maps):
       dk_scratch[j] += dk[j]
     dv_scratch[...] += dv
+
+  _each_live_block(refs[:_TABLES], False, step,
+                   lambda: _visible(q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, kv_valid_ref, causal))
 
   @pl.when(query_block == pl.num_programs(3) - 1)
   def _():
@@ -148,9 +170,14 @@ def _dkv_kernel(latest_ref, earliest_ref, _last_key, _first_query, q_ref, k_ref,
     dv_ref[...] = dv_scratch[...]
 
 
+def _tables(masks, block_q: int, block_k: int, causal: bool) -> tuple:
+  """The kernels' first operands, in SMEM: `block_bounds`' four tables and `full_blocks`' two."""
+  return fa.block_bounds(masks, block_q, block_k, causal) + fa.full_blocks(masks, block_q, block_k, causal)
+
+
 def _call(kernel, interpret: bool, *, grid, in_specs, out_specs, scratch_shapes, out_shape, name):
-  """The kernel over `grid` with the four `block_bounds` tables as its first operands, in SMEM."""
-  grid_spec = pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=4, grid=grid, in_specs=in_specs,
+  """The kernel over `grid` with the `_tables` as its first operands."""
+  grid_spec = pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=_TABLES, grid=grid, in_specs=in_specs,
                                            out_specs=out_specs, scratch_shapes=scratch_shapes)
   return pl.pallas_call(kernel, grid_spec=grid_spec, out_shape=out_shape, compiler_params=_SEQUENTIAL_LAST,
                         interpret=interpret, name=name)
@@ -189,8 +216,8 @@ def forward(q, k, v, masks, causal, block_q, block_k, *, interpret: bool):
       scratch_shapes=[pltpu.VMEM((num_maps, block_q, 1), jnp.float32), pltpu.VMEM((num_maps, block_q, 1), jnp.float32),
                       pltpu.VMEM((num_maps, block_q, dvp), jnp.float32)],
       name="flash_multi_map_forward_tpu",
-  )(*fa.block_bounds(masks, block_q, block_k, causal), pad_last(q, dp), pad_last(k, dp),
-    pad_last(v, dvp), *_mask_layout(masks))
+  )(*_tables(masks, block_q, block_k, causal), pad_last(q, dp), pad_last(k, dp), pad_last(v, dvp),
+    *_mask_layout(masks))
   return out[:, :, :, :t_in, :dv], lse[:, :, :, :t_in, 0]
 
 
@@ -202,7 +229,7 @@ def backward(q, k, v, w, g, lse, delta, masks, causal, block_q, block_k, *, inte
   b, h, num_maps, t, d = q.shape
   s, dv = k.shape[3], v.shape[-1]
   dp, dvp = kernel_width(d), kernel_width(dv)
-  args = (*fa.block_bounds(masks, block_q, block_k, causal), pad_last(q, dp), pad_last(k, dp),
+  args = (*_tables(masks, block_q, block_k, causal), pad_last(q, dp), pad_last(k, dp),
           pad_last(v, dvp), pad_last(g, dvp), w[..., None], lse[..., None], delta[..., None], *_mask_layout(masks))
   names = ("q", "k", "v", "g", "stats", "stats", "stats", "q_mask", "q_mask", "k_mask", "k_mask", "k_mask")
 
