@@ -85,7 +85,7 @@ def _remove_if_unused(workdir: str, created: str) -> None:
 
 def run(config, workdir: str):
   import jax
-  from diffmoe_jax import estimate, parallel, validation
+  from diffmoe_jax import data, estimate, parallel, validation
   from diffmoe_jax.train import curriculum as curriculum_lib
   from diffmoe_jax.train import loop, preflight, workdir as workdir_lib
   validation.validate(config)
@@ -104,6 +104,7 @@ def run(config, workdir: str):
     parallel.check_expert_parallel(config, mesh_shape, jax.default_backend())
     loop.check_batch_divisibility(curriculum, config, parallel.logical_axis_size(
         mesh_shape, parallel.axis_rules(config.mesh), "batch"), jax.process_count())
+    data.check_sources(config.data)  # a missing file or empty glob before the summary, not after it
     result = estimate.estimate(config)
     need = preflight.check_memory(config, mesh_shape, jax.default_backend())
     lead = jax.process_index() == 0  # in a multi-process run, process 0 alone prints

@@ -1,6 +1,6 @@
 """What a new user trips on: commands run from another directory, config paths and flag values mistyped,
-evaluate pointed at a directory of runs, a refused run's directories, bench's argument mistakes, a token cache
-path that is a file, and library chatter on the terminal."""
+evaluate pointed at a directory of runs, a refused run's directories, mistakes told before the run's summary,
+bench's argument mistakes, a token cache path that is a file, and library chatter on the terminal."""
 import os
 
 import pytest
@@ -100,6 +100,15 @@ def test_a_workdir_another_run_holds_is_refused_before_the_summary(tmp_path, cap
     with pytest.raises(workdir_lib.WorkdirError, match="is in use by another run"):
       main_lib.run(load_config(), str(tmp_path))
   assert capsys.readouterr().out == ""
+
+
+def test_a_data_source_that_matches_no_file_is_refused_before_the_summary(tmp_path, capsys):
+  """The summary came first, the data error after it; the new workdir is left out too."""
+  config = load_config()
+  config.data.domains.code = f"files:{tmp_path}/none/*.txt"
+  with pytest.raises(data.DataError, match=r"^config\.data\.domains\.code = .* matches no file; fix or remove it\.$"):
+    main_lib.run(config, str(tmp_path / "run"))
+  assert capsys.readouterr().out == "" and not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("argv", [["train", "--seq-len", "300"], ["tain"], []])

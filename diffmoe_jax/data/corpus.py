@@ -115,12 +115,9 @@ class Corpus:
       raise DataError(f"unknown split {split!r}; use one of {SPLITS}.")
 
 
-def build_corpus(data_config, cache_root: str | None = None) -> Corpus:
-  """Tokenizes each domain of `data_config` (a config's `data` section) once into the cache; memory-maps it.
-
-  The cache root is `cache_root`, else `data_config.cache_dir`, else $DIFFMOE_CACHE, else
-  ~/.cache/diffmoe_jax.
-  """
+def check_sources(data_config) -> dict:
+  """The domains' parsed sources {name: source}, or the DataError of the first mistake in them or in
+  val_fraction (a missing file, a glob that matches nothing): read no text, so `main` says it at once."""
   domains = dict(data_config.domains)
   if not domains:
     raise DataError("config.data.domains is empty; add a source such as 'stdlib:code'.")
@@ -128,6 +125,17 @@ def build_corpus(data_config, cache_root: str | None = None) -> Corpus:
   if not (isinstance(val_fraction, numbers.Real) and 0.0 < val_fraction < 1.0):
     raise DataError(f"config.data.val_fraction = {val_fraction!r} must lie in (0, 1), such as 0.05: every domain "
                     "is evaluated on its validation split.")
+  return {name: parse_source(name, domains[name]) for name in sorted(domains)}
+
+
+def build_corpus(data_config, cache_root: str | None = None) -> Corpus:
+  """Tokenizes each domain of `data_config` (a config's `data` section) once into the cache; memory-maps it.
+
+  The cache root is `cache_root`, else `data_config.cache_dir`, else $DIFFMOE_CACHE, else
+  ~/.cache/diffmoe_jax.
+  """
+  sources, domains = check_sources(data_config), dict(data_config.domains)
+  val_fraction = data_config.val_fraction
   tokenizer = make_tokenizer(data_config.tokenizer)
   root = os.path.expanduser(cache_root or data_config.cache_dir or os.environ.get("DIFFMOE_CACHE")
                             or "~/.cache/diffmoe_jax")
@@ -135,7 +143,6 @@ def build_corpus(data_config, cache_root: str | None = None) -> Corpus:
     os.makedirs(root, exist_ok=True)
   except OSError as e:
     raise _cache_error(root, e) from None
-  sources = {name: parse_source(name, domains[name]) for name in sorted(domains)}
   real_root = os.path.join(os.path.realpath(root), "")  # either may be reached through a symlink
   for source in sources.values():
     # The cache's own files would be read as text, and change the key (and so add an entry) on every build.
