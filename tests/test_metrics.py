@@ -1,7 +1,9 @@
 """MetricWriter read back with TensorBoard's own EventAccumulator; stable rank against NumPy float64."""
 import errno
+import itertools
 import os
 import re
+import types
 
 import flax.linen as nn
 import jax
@@ -57,10 +59,15 @@ def test_scalars_text_and_histogram_round_trip(tmp_path):
   assert value.bucket_limit[-1] == pytest.approx(0.5)
 
 
-def test_a_restarted_run_supersedes_the_points_logged_after_its_checkpoint(tmp_path):
+@pytest.mark.parametrize("file_number", [0, 9])
+def test_a_restarted_run_supersedes_the_points_logged_after_its_checkpoint(tmp_path, monkeypatch, file_number):
   """The first invocation logged steps 1-9 and eval at 8, then died; its checkpoint was at step 6. The resumed
   run logs 7-10 again: TensorBoard shows each step once, with the resumed run's values, and keeps 1-6. A run
-  that starts over at 0 (killed before its first checkpoint) keeps nothing of the earlier files."""
+  that starts over at 0 (killed before its first checkpoint) keeps nothing of the earlier files. Both open their
+  files in the same second, as runs one process restarts can: the files' numbers then order them, also from
+  the process's 10th file on (unpadded, "10" sorted before "9" and the first invocation's points won)."""
+  monkeypatch.setattr(metrics_lib, "_FILE_NUMBERS", itertools.count(file_number))
+  monkeypatch.setattr(metrics_lib, "time", types.SimpleNamespace(time=lambda: 1_800_000_000.0))
   def first_invocation(logdir):
     first = MetricWriter(logdir)
     first.mark_start(0)

@@ -21,7 +21,8 @@ from tensorboard.summary.writer.record_writer import RecordWriter
 
 from diffmoe_jax.train.workdir import WorkdirError
 
-_FILE_NUMBERS = itertools.count()  # tells apart the event files one process opens within a second
+# Tells apart and orders the event files one process opens within a second (zero-padded: names sort as text).
+_FILE_NUMBERS = itertools.count()
 
 
 class MetricWriter:
@@ -41,7 +42,7 @@ class MetricWriter:
                            "pass another --workdir.")
       # The name TensorBoard's own writer gives: readers take a directory's files in name order.
       name = (f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}."
-              f"{next(_FILE_NUMBERS)}")
+              f"{next(_FILE_NUMBERS):06d}")
       try:
         os.makedirs(self._path, exist_ok=True)
         self._records = RecordWriter(open(os.path.join(self._path, name), "wb"))
