@@ -84,11 +84,12 @@ def block_bounds(masks, block_q: int, block_k: int, causal: bool) -> tuple:
 
 
 def full_blocks(masks, block_q: int, block_k: int, causal: bool) -> tuple:
-  """Which block pairs need no mask, every (query, key) pair of them visible, for the GPU kernels' unmasked
-  loops: per query block `[B, nq]` the number of leading key blocks that are all full, per key block
-  `[B, nk]` the first query block from which all later ones are full (nq where none is). A pair is full when
-  its key block's keys are all valid, both blocks hold one segment, the same, and (causal) its latest key is
-  no later than its earliest query: with sorted positions, every pair below the diagonal."""
+  """Which block pairs need no mask, every (query, key) pair of them visible, for the Pallas kernels (the GPU
+  ones' unmasked loops, the TPU ones' unmasked steps): per query block `[B, nq]` the number of leading key
+  blocks that are all full, per key block `[B, nk]` the first query block from which all later ones are
+  full (nq where none is). A pair is full when its key block's keys are all valid, both blocks hold one
+  segment, the same, and (causal) its latest key is no later than its earliest query: with sorted
+  positions, every pair below the diagonal."""
   q_pos, q_seg, kv_pos, kv_seg, kv_valid = masks
   b, t, s = q_pos.shape[0], q_pos.shape[1], kv_pos.shape[1]
   nq, nk = t // block_q, s // block_k
