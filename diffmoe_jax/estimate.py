@@ -250,8 +250,9 @@ def step_temporaries(config: ml_collections.ConfigDict, mesh_shape: dict[str, in
   whole along "embed", with the activations; where the mesh splits "embed" (FSDP) the group's weights are
   all-gathered for its use and its gradient is whole until it is reduce-scattered, so that twice (an
   expert or tensor split stays). After the backward, when the activations are gone: the new weights and
-  both new Adam moments, three times the weights' shard, all computed before the step knows they are
-  finite."""
+  both new Adam moments, three times the weights' shard, before the old ones are freed. Against the compiled
+  step where weights dominate (8 simulated devices): 1.08x data-parallel, 1.10x over fsdp, 0.88x over
+  fsdp x tensor, 1.23x over expert x tensor."""
   from diffmoe_jax import parallel
   boxed = abstract_state(config) if boxed is None else boxed
   weights = state_bytes_per_device(config, mesh_shape, boxed.params)
