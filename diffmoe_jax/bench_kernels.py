@@ -14,6 +14,7 @@ Off a GPU the kernels run interpreted: that checks the tool, and its times mean 
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import time
 
@@ -83,19 +84,24 @@ def _operands(config, args):
   return dict(q=q, k=k, v=v, w=w, g=g, lse=lse, delta=delta, masks=masks), (num_maps, d, dv), defaults, interpret
 
 
+_OPERANDS = ("q", "k", "v", "w", "g", "lse", "delta", "masks")
+
+
 def _kernel_fn(kernel: str, launch, operands: dict, interpret: bool):
-  """A jitted zero-argument call of `kernel` with `launch`."""
+  """A zero-argument call of `kernel` with `launch`, compiled with the operands as its arguments (closed over,
+  they would be constants in the program, which XLA spends seconds folding)."""
   from diffmoe_jax.ops import pallas_attention as pa
-  o = operands
-  backward = (o["q"], o["k"], o["v"], o["w"], o["g"], o["lse"], o["delta"], o["masks"], True, launch)
-  calls = {
-      "forward": lambda: pa.forward(o["q"], o["k"], o["v"], o["masks"], True, 0, 0, interpret=interpret,
-                                    launches={"forward": launch}),
-      "dq": lambda: pa.dq(*backward, interpret=interpret),
-      "dkv": lambda: pa.dkv(*backward, interpret=interpret, one_pass=False)[1:],
-      "dkv_dq": lambda: pa.dkv(*backward, interpret=interpret, one_pass=True),
-  }
-  return jax.jit(calls[kernel]).lower().compile()
+
+  def call(q, k, v, w, g, lse, delta, masks):
+    backward = (q, k, v, w, g, lse, delta, masks, True, launch)
+    if kernel == "forward":
+      return pa.forward(q, k, v, masks, True, 0, 0, interpret=interpret, launches={"forward": launch})
+    if kernel == "dq":
+      return pa.dq(*backward, interpret=interpret)
+    return pa.dkv(*backward, interpret=interpret, one_pass=kernel == "dkv_dq")[0 if kernel == "dkv_dq" else 1:]
+
+  args = [operands[name] for name in _OPERANDS]
+  return functools.partial(jax.jit(call).lower(*args).compile(), *args)
 
 
 # A launch changes only the order of the fp32 sums (and, in 16 bits, the roundings of the outputs): beyond

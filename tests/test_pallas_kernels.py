@@ -1,6 +1,7 @@
 """The Pallas kernels as compiled programs: lowering for GPU (Triton) and TPU (Mosaic) from this host, the GPU
 kernels' blocks and per-kernel launches, and the kernel benchmark. Their numerics against the float64
 reference are in test_flash_attention.py."""
+import math
 import re
 
 import jax
@@ -98,6 +99,20 @@ def test_kernel_benchmark_runs_and_checks_its_settings(capsys):
   # The flag it prints is one `bench train` takes.
   flag = best[0].split("--attention-gpu-launch ")[1].split()[0]
   assert bench_lib._gpu_launch(flag) == ("dq", flag.split("=")[1])
+
+
+@pytest.mark.parametrize("kernel", ["forward", "dkv_dq"])
+def test_kernel_benchmark_passes_the_operands_as_arguments(kernel):
+  """Closed over, the operands were constants of each setting's program, which XLA spent seconds folding (on
+  an H200 at PI-P's heads and T = 8,192, 2 s a setting, with an error line of XLA's each time)."""
+  import argparse
+  from diffmoe_jax import bench_kernels, config as config_lib
+  args = argparse.Namespace(batch=1, seq_len=32, dtype="float32")
+  operands, _, defaults, _ = bench_kernels._operands(config_lib.load_file("configs/tiny.py"), args)
+  fn = bench_kernels._kernel_fn(kernel, defaults["dkv" if kernel == "dkv_dq" else kernel], operands, True)
+  text = getattr(fn, "func", fn).as_text()  # the compiled program
+  shapes = re.findall(r"= \w+\[([\d,]*)\](?:\{[^}]*\})? constant\(", text)
+  assert shapes and not [s for s in shapes if math.prod(int(n) for n in s.split(",") if n) >= 32], shapes
 
 
 def test_kernel_benchmark_recommends_no_launch_that_computes_something_else(capsys, monkeypatch):
