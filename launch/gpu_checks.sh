@@ -2,7 +2,7 @@
 # On one GPU: the attention kernels against the float64 reference and whole-model causality, run on the
 # accelerator, then the GPU benchmarks of the README's table. Each step runs under its own time limit, so
 # one that hangs or fails does not stop the rest; the script exits non-zero if any step failed. All steps
-# together take about ten minutes; naming steps runs only those (e.g. in two shorter runs).
+# together take about twelve minutes on an H200; naming steps runs only those (e.g. in two shorter runs).
 #
 #   bash launch/gpu_checks.sh [LOG_DIR [STEP ...]]      # each step's output also goes to LOG_DIR/<step>.log
 set -u
