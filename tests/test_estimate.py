@@ -189,13 +189,14 @@ def test_state_memory_is_the_sum_of_the_trainers_shards(make_config, mesh):
   assert need["state"] == on_device
 
 
-@pytest.mark.parametrize("mesh", [{"data": 8}, {"fsdp": 8}, {"fsdp": 4, "tensor": 2}])
+@pytest.mark.parametrize("mesh", [{"data": 8}, {"fsdp": 8}, {"fsdp": 4, "tensor": 2}, {"expert": 4, "tensor": 2}])
 def test_step_temporaries_agree_with_the_compiled_step_when_weights_dominate(make_config, mesh):
   """Wide weights, one short sequence per device (8 simulated ones): what the step holds beyond its state is
   the larger of the backward's peak (the gradient, one layer group's weights, gathered over fsdp with their
-  whole gradient, the activations) and the update's (the new weights and Adam moments, three times the
-  weights' shard), within 25%. Counted as twice the weights' shard, it was 0.68x of it data-parallel,
-  0.28x over fsdp and 0.47x over fsdp x tensor."""
+  whole gradient, the activations) and the update's (`estimate.UPDATE_WEIGHTS` times the weights' shard),
+  within 15%. Counted as twice the weights' shard, it was 0.68x of it data-parallel, 0.28x over fsdp and
+  0.47x over fsdp x tensor; as three times, 1.23x over expert x tensor once a skipped update was decided
+  before it (XLA then writes part of the new values in place)."""
   import flax.linen
   import jax.numpy as jnp
   from diffmoe_jax.train import step as step_lib
@@ -215,7 +216,7 @@ def test_step_temporaries_agree_with_the_compiled_step_when_weights_dominate(mak
   shape = parallel.mesh_shape(config.mesh, 8)
   activations = estimate.activation_bytes(config.model, 1, 16, tensor=parallel.logical_axis_size(shape, rules, "heads"))
   held = estimate.step_temporaries(config, shape, activations) + activations
-  assert held == pytest.approx(compiled.memory_analysis().temp_size_in_bytes, rel=0.25)
+  assert held == pytest.approx(compiled.memory_analysis().temp_size_in_bytes, rel=0.15)
 
 
 def _compiled_step_temp_bytes(config: ml_collections.ConfigDict, batch: int, t: int, *, mod_mode: str = "topk",
