@@ -138,23 +138,31 @@ def _loops(ranges, step, carry):
   return carry
 
 
-def _forward_kernel(key_blocks_ref, full_keys_ref, q_ref, k_ref, v_ref, q_pos_ref, q_seg_ref, kv_pos_ref,
-                    kv_seg_ref, kv_valid_ref, out_ref, lse_ref, *, causal: bool, block_k: int, d_chunks, v_chunks):
-  num_maps, block_q, _ = q_ref.shape
-  qs = [_load(q_ref, d_chunks, j, slice(None)) for j in range(num_maps)]
-  q_pos, q_seg = q_pos_ref[...], q_seg_ref[...]
-
+def _over_key_blocks(body, carry, key_blocks_ref, full_keys_ref, k_ref, v_ref, q_pos, q_seg, kv_pos_ref, kv_seg_ref,
+                     kv_valid_ref, *, causal: bool, block_k: int, d_chunks, v_chunks):
+  """`carry = body(ks, v, visible, carry)` over a query block's live key blocks: per map's key tiles, the
+  value tile and the mask (None in the blocks whose pairs are all visible, which come first)."""
   def key_step(masked):
     def step(j, carry):
       keys = pl.ds(j * block_k, block_k)
       visible = (fa.block_visibility(q_pos, q_seg, kv_pos_ref[keys], kv_seg_ref[keys], kv_valid_ref[keys], causal)
                  if masked else None)
-      ks = [_load(k_ref, d_chunks, m, keys) for m in range(num_maps)]
-      return fa.forward_block(qs, ks, _load(v_ref, v_chunks, keys), visible, carry)
+      ks = [_load(k_ref, d_chunks, m, keys) for m in range(k_ref.shape[0])]
+      return body(ks, _load(v_ref, v_chunks, keys), visible, carry)
     return step
 
   full, partial = _split_range(0, jnp.max(key_blocks_ref[...]), jnp.max(full_keys_ref[...]))
-  carry = _loops(((full, False), (partial, True)), key_step, fa.init_carry((block_q,), num_maps, _widths(v_chunks)))
+  return _loops(((full, False), (partial, True)), key_step, carry)
+
+
+def _forward_kernel(key_blocks_ref, full_keys_ref, q_ref, k_ref, v_ref, q_pos_ref, q_seg_ref, kv_pos_ref,
+                    kv_seg_ref, kv_valid_ref, out_ref, lse_ref, *, causal: bool, block_k: int, d_chunks, v_chunks):
+  num_maps, block_q, _ = q_ref.shape
+  qs = [_load(q_ref, d_chunks, j, slice(None)) for j in range(num_maps)]
+  carry = _over_key_blocks(lambda ks, v, visible, c: fa.forward_block(qs, ks, v, visible, c),
+                           fa.init_carry((block_q,), num_maps, _widths(v_chunks)), key_blocks_ref, full_keys_ref,
+                           k_ref, v_ref, q_pos_ref[...], q_seg_ref[...], kv_pos_ref, kv_seg_ref, kv_valid_ref,
+                           causal=causal, block_k=block_k, d_chunks=d_chunks, v_chunks=v_chunks)
   outs, lses = fa.finalize(carry)
   for j in range(num_maps):
     _store(out_ref, v_chunks, outs[j], j, slice(None))
@@ -168,22 +176,15 @@ def _dq_kernel(key_blocks_ref, full_keys_ref, q_ref, k_ref, v_ref, g_ref, w_ref,
   stats = lambda ref: [ref[m][:, None] for m in range(num_maps)]
   qs = [_load(q_ref, d_chunks, m, slice(None)) for m in range(num_maps)]
   ws, lses, deltas, g = stats(w_ref), stats(lse_ref), stats(delta_ref), _load(g_ref, v_chunks, slice(None))
-  q_pos, q_seg = q_pos_ref[...], q_seg_ref[...]
 
-  def key_step(masked):
-    def step(j, dq):
-      keys = pl.ds(j * block_k, block_k)
-      visible = (fa.block_visibility(q_pos, q_seg, kv_pos_ref[keys], kv_seg_ref[keys], kv_valid_ref[keys], causal)
-                 if masked else None)
-      ks = [_load(k_ref, d_chunks, m, keys) for m in range(num_maps)]
-      grads, _, _ = fa.backward_block(qs, ks, _load(v_ref, v_chunks, keys), g, ws, lses, deltas, visible,
-                                      want_dkv=False)
-      return jax.tree.map(jnp.add, dq, tuple(grads))
-    return step
+  def add_block(ks, v, visible, dq):
+    grads, _, _ = fa.backward_block(qs, ks, v, g, ws, lses, deltas, visible, want_dkv=False)
+    return jax.tree.map(jnp.add, dq, tuple(grads))
 
   zeros = tuple(fa.zeros_tile((block_q,), _widths(d_chunks)) for _ in range(num_maps))
-  full, partial = _split_range(0, jnp.max(key_blocks_ref[...]), jnp.max(full_keys_ref[...]))
-  dq = _loops(((full, False), (partial, True)), key_step, zeros)
+  dq = _over_key_blocks(add_block, zeros, key_blocks_ref, full_keys_ref, k_ref, v_ref, q_pos_ref[...], q_seg_ref[...],
+                        kv_pos_ref, kv_seg_ref, kv_valid_ref, causal=causal, block_k=block_k, d_chunks=d_chunks,
+                        v_chunks=v_chunks)
   for j in range(num_maps):
     _store(dq_ref, d_chunks, dq[j], j, slice(None))
 
