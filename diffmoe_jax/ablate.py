@@ -183,12 +183,20 @@ def _eta(left: list, workdir: str, trained_seconds: dict[bool, list[float]], fir
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, report_dir: str = "") -> dict:
-  """Trains every unfinished (arm, seed), then writes the report; returns its summary (the report's JSON)."""
-  from diffmoe_jax import ablate_analysis, data, estimate
-  from diffmoe_jax.train import loop, preflight, workdir as workdir_lib
+  """Trains every unfinished (arm, seed), then writes the report; returns its summary (the report's JSON). One
+  ablation at a time in a workdir: a second is refused at once, not when it reaches the run the first trains."""
+  from diffmoe_jax.train import workdir as workdir_lib
   names, seed_list = arm_names(config), seeds(config)
   plan = [(arm, seed, *arm_config(config, arm, seed)) for arm in names for seed in seed_list]
   workdir = workdir_lib.prepare(workdir)
+  with workdir_lib.WorkdirLock(workdir):
+    return _ablate(config, workdir, report_dir, names, seed_list, plan)
+
+
+def _ablate(config: ml_collections.ConfigDict, workdir: str, report_dir: str, names: list, seed_list: list,
+            plan: list) -> dict:
+  from diffmoe_jax import ablate_analysis, data, estimate
+  from diffmoe_jax.train import loop, preflight, workdir as workdir_lib
   report_dir = workdir_lib.prepare(report_dir or os.path.join(workdir, "report"), "report_dir")
   foreign = ablate_analysis.foreign_report_file(report_dir)
   if foreign:  # refused before anything trains, not after

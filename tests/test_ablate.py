@@ -136,6 +136,15 @@ def test_bad_arm_is_one_line_error(tmp_path):
   assert "Traceback" not in proc.stderr
 
 
+def test_a_second_ablation_in_a_workdir_is_refused_at_once(tmp_path, monkeypatch):
+  """It read the data and the finished runs, and ran until it reached the run the first ablation was training."""
+  from diffmoe_jax.train import workdir as workdir_lib
+  monkeypatch.setattr(data, "build_corpus", lambda *args: pytest.fail("the data was built before refusing"))
+  with workdir_lib.WorkdirLock(str(tmp_path)):
+    with pytest.raises(WorkdirError, match="is in use by another run"):
+      ablate.run(smoke_config(), str(tmp_path))
+
+
 def test_a_config_without_an_ablation_section_is_one_line_error(tmp_path):
   proc = subprocess.run([sys.executable, "-m", "diffmoe_jax.ablate", "--config=configs/tiny.py", f"--workdir={tmp_path}"],
                         cwd=REPO, capture_output=True, text=True, timeout=120)

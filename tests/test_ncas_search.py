@@ -66,6 +66,15 @@ def test_a_proxy_too_large_for_the_machine_is_refused_before_any_trains(tmp_path
     search.run(smoke_config(), str(tmp_path), log=lambda line: None)
 
 
+def test_a_second_search_in_a_workdir_is_refused_at_once(tmp_path, monkeypatch):
+  """It screened, read the data and ran until it reached the proxy the first search was training."""
+  from diffmoe_jax.train import workdir as workdir_lib
+  monkeypatch.setattr(data, "build_corpus", lambda *args: pytest.fail("the data was built before refusing"))
+  with workdir_lib.WorkdirLock(str(tmp_path)):
+    with pytest.raises(WorkdirError, match="is in use by another run"):
+      search.run(smoke_config(), str(tmp_path), log=lambda line: None)
+
+
 @pytest.mark.parametrize("min_width, baseline, first_line", [
     (2304, True, "; 2 to score."),  # no power of two in the range: it said "(with the power-of-two baseline)"
     (2048, True, "; 3 to score (1 of them the power-of-two baseline)."),

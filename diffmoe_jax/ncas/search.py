@@ -327,10 +327,16 @@ def static_scores(config, arch) -> dict:
 
 
 def run(config, workdir: str, log=print, report_dir: str = "") -> dict:
-  """The whole search; returns the report's data, also written to report_dir (default: the workdir)."""
+  """The whole search; returns the report's data, also written to report_dir (default: the workdir). One search
+  at a time in a workdir: a second is refused at once, not when it reaches the proxy the first is training."""
   validate(config)
   workdir = workdir_lib.prepare(workdir)
   report_dir = workdir_lib.prepare(report_dir, "report_dir") if report_dir else workdir
+  with workdir_lib.WorkdirLock(workdir):
+    return _search(config, workdir, log, report_dir)
+
+
+def _search(config, workdir: str, log, report_dir: str) -> dict:
   start = time.perf_counter()
   rows = screen(config)
   pi_rows = [r for r in rows if r["family"] == PI]
