@@ -11,11 +11,12 @@ O(block), whatever the length. The block math is `flash_attention`'s; row statis
 vector. Which (query block, key block) pairs can have a visible pair follows from per-block bounds
 computed beforehand in XLA (`flash_attention.block_bounds`, O(T/block) int32 values in SMEM by scalar
 prefetch, the TPU idiom for block sparsity): the others skip their arithmetic, and their tiles past the
-last live one (in the inner loop's direction) repeat the previous block's index so Pallas fetches nothing new. A
-live pair whose (query, key) pairs are all visible (`flash_attention.full_blocks`; with sorted positions every
-pair below the diagonal) runs without the mask, the others apply it per element. Blocks are at least 16 queries (bf16 tiles are 16 rows) and
-128 keys or the whole key sequence (a key-side mask row is a lane vector); smaller requested blocks are
-raised and the sequences padded to match, which changes no result.
+last live one (in the inner loop's direction) repeat the previous block's index so Pallas fetches nothing
+new. A live pair whose (query, key) pairs are all visible (`flash_attention.full_blocks`; with sorted
+positions every pair below the diagonal) runs without the mask, the others apply it per element. Blocks
+are at least 16 queries (bf16 tiles are 16 rows) and 128 keys or the whole key sequence (a key-side mask
+row is a lane vector); smaller requested blocks are raised and the sequences padded to match, which
+changes no result.
 """
 from __future__ import annotations
 
@@ -61,19 +62,16 @@ def _mask_layout(masks):
   return (q_pos[..., None], q_seg[..., None], kv_pos[:, None], kv_seg[:, None], kv_valid[:, None])
 
 
-def _visible(q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, kv_valid_ref, causal):
-  return fa.visibility(q_pos_ref[...], q_seg_ref[...], kv_pos_ref[...], kv_seg_ref[...], kv_valid_ref[...], causal)
-
-
 def _pair(query_major: bool):
   """(b, i, j): the batch row, query block and key block of this grid step."""
   b, x, y = pl.program_id(0), pl.program_id(2), pl.program_id(3)
   return (b, x, y) if query_major else (b, y, x)
 
 
-def _each_live_block(tables, query_major: bool, step, visible):
-  """`step(None)` when this step's block pair is live and all visible, `step(visible())` when it is live and
-  not (tables: `block_bounds`' four and `full_blocks`' two, in SMEM)."""
+def _each_live_block(tables, query_major: bool, step, mask_refs, causal: bool):
+  """`step(None)` when this step's block pair is live and all visible, `step(visible)` with its elementwise
+  mask when it is live and not (tables: `block_bounds`' four and `full_blocks`' two, in SMEM; mask_refs: the
+  query side's positions and segments, the key side's positions, segments and validity)."""
   latest, earliest, _, _, full_keys, full_queries = tables
   b, i, j = _pair(query_major)
   live = earliest[b, j] <= latest[b, i]
@@ -85,7 +83,7 @@ def _each_live_block(tables, query_major: bool, step, visible):
 
   @pl.when(live & jnp.logical_not(full))
   def _():
-    step(visible())
+    step(fa.visibility(*(ref[...] for ref in mask_refs), causal))
 
 
 def _forward_kernel(*refs, causal: bool):
@@ -107,8 +105,7 @@ def _forward_kernel(*refs, causal: bool):
     for j, (m, l, acc) in enumerate(new):
       m_scratch[j], l_scratch[j], acc_scratch[j] = m, l, acc
 
-  _each_live_block(refs[:_TABLES], True, step,
-                   lambda: _visible(q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, kv_valid_ref, causal))
+  _each_live_block(refs[:_TABLES], True, step, (q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, kv_valid_ref), causal)
 
   @pl.when(key_block == pl.num_programs(3) - 1)
   def _():
@@ -134,8 +131,7 @@ def _dq_kernel(*refs, causal: bool):
     for j in range(num_maps):
       dq_scratch[j] += dq[j]
 
-  _each_live_block(refs[:_TABLES], True, step,
-                   lambda: _visible(q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, kv_valid_ref, causal))
+  _each_live_block(refs[:_TABLES], True, step, (q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, kv_valid_ref), causal)
 
   @pl.when(key_block == pl.num_programs(3) - 1)
   def _():
@@ -161,8 +157,7 @@ def _dkv_kernel(*refs, causal: bool):
       dk_scratch[j] += dk[j]
     dv_scratch[...] += dv
 
-  _each_live_block(refs[:_TABLES], False, step,
-                   lambda: _visible(q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, kv_valid_ref, causal))
+  _each_live_block(refs[:_TABLES], False, step, (q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, kv_valid_ref), causal)
 
   @pl.when(query_block == pl.num_programs(3) - 1)
   def _():
