@@ -197,6 +197,8 @@ def _train_config(args: argparse.Namespace):
     config.model.attention_impl = args.attention_impl
   if args.attention_gpu_backward:
     config.model.attention_gpu_backward = args.attention_gpu_backward
+  if args.attention_gpu_forward:
+    config.model.attention_gpu_forward = args.attention_gpu_forward
   for kernel, launch in args.attention_gpu_launch:
     config.model.attention_gpu_launch[kernel] = launch
   if args.max_seq_len:
@@ -280,9 +282,9 @@ def bench_train(args: argparse.Namespace) -> None:
   tokens_per_second = tokens / step_seconds
   print(f"config {args.config} ({config.model.num_layers} layers, {config.model.dtype}), phase {phase.name}: "
         f"seq_len {phase.seq_len}, batch {phase.batch_size}, MoD "
-        f"{settings.mod_mode} {settings.mod_capacity:.3f}, attention {config.model.attention_impl} (GPU backward "
-        f"{config.model.attention_gpu_backward}, launches {dict(config_lib.gpu_launches(config.model)) or 'default'}), "
-        "remat "
+        f"{settings.mod_mode} {settings.mod_capacity:.3f}, attention {config.model.attention_impl} (GPU forward "
+        f"{config.model.attention_gpu_forward}, backward {config.model.attention_gpu_backward}, launches "
+        f"{dict(config_lib.gpu_launches(config.model)) or 'default'}), remat "
         f"{' '.join((config.model.remat_policy,) + tuple(config.model.remat_save_names))}, {args.steps} steps")
   print(f"train step  {1e3 * step_seconds:8.1f} ms  {tokens_per_second:10,.0f} tokens/s  "
         f"{flops / 1e6:.2f} MFLOP/token (3x forward)")
@@ -409,6 +411,8 @@ def main(argv: list[str] | None = None) -> None:
                      help="model.attention_impl (default: the config's)")
   train.add_argument("--attention-gpu-backward", choices=config_lib.GPU_BACKWARDS,
                      help="model.attention_gpu_backward (default: the config's)")
+  train.add_argument("--attention-gpu-forward", choices=config_lib.GPU_FORWARDS,
+                     help="model.attention_gpu_forward (default: the config's)")
   train.add_argument("--attention-gpu-launch", type=_gpu_launch, nargs="+", default=(),
                      metavar="KERNEL=ROWS,STEP,WARPS,STAGES",
                      help="model.attention_gpu_launch.KERNEL (forward, dq, dkv), e.g. dkv=64,32,4,2")
@@ -449,7 +453,8 @@ def _check_gpu_kernels_run(args: argparse.Namespace, parser: argparse.ArgumentPa
   resolved = attention_ops.resolve_attention_impl(impl, length=args.seq_len or args.max_seq_len or model.max_seq_len)
   backend = jax.default_backend()
   if not (resolved == "pallas_gpu" or (resolved == "pallas" and backend != "tpu")):
-    flag = "--attention-gpu-backward" if args.attention_gpu_backward else "--attention-gpu-launch"
+    flag = next(f"--attention-gpu-{name}" for name in ("backward", "forward", "launch")
+                if getattr(args, f"attention_gpu_{name}"))
     parser.error(f"argument {flag}: sets the GPU attention kernels, which this step does not run (attention {impl} "
                  f"on {backend} is {resolved}); run it on a GPU, or add --attention-impl pallas_gpu to run them "
                  "interpreted")
@@ -475,7 +480,8 @@ def _check_and_run(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     bench_kernels.check_args(args, parser)
   if args.command == "expert_parallel":
     bench_expert_parallel.check_args(args, parser)
-  if args.command == "train" and (args.attention_gpu_backward or args.attention_gpu_launch):
+  if args.command == "train" and (args.attention_gpu_backward or args.attention_gpu_forward
+                                  or args.attention_gpu_launch):
     _check_gpu_kernels_run(args, parser)
   if args.command == "train" and (args.remat_policy == "save_names") != bool(args.remat_save_names):
     parser.error("argument --remat-save-names: give it exactly when --remat-policy is save_names")

@@ -24,6 +24,7 @@ EXPERT_PARALLEL = ("auto", "off", "all_to_all", "gather", "ragged")
 DROPLESS_IMPLS = ("auto", "ragged", "padded")
 ATTENTION_IMPLS = ("auto", "explicit", "xla", "blockwise", "pallas", "pallas_gpu", "pallas_tpu", "fused")
 GPU_BACKWARDS = ("two_pass", "one_pass")  # flash_attention.GPU_BACKWARDS (this module imports no jax)
+GPU_FORWARDS = ("triton", "mosaic")  # flash_attention.GPU_FORWARDS
 GPU_KERNELS = ("forward", "dq", "dkv")  # pallas_attention.default_launches' keys
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_names")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -87,6 +88,9 @@ def defaults() -> ml_collections.ConfigDict:
   # How the GPU kernels' backward computes dq: "two_pass" (its own kernel, deterministic) or "one_pass"
   # (atomic adds in the dk/dv kernel: fewer FLOPs, nondeterministic); see README "Differential attention".
   m.attention_gpu_backward = "two_pass"
+  # The GPU forward kernel: "triton", or "mosaic" (Hopper: TMA and wgmma, bf16/f16 only; README
+  # "Differential attention"). The backward runs on Triton either way.
+  m.attention_gpu_forward = "triton"
   # Per GPU kernel (the one-pass backward runs "dkv"): "rows,step,warps,stages" instead of the default
   # launch (`pallas_attention.default_launches`), e.g. the best of `python -m diffmoe_jax.bench kernels`.
   m.attention_gpu_launch = ml_collections.ConfigDict({kernel: "" for kernel in GPU_KERNELS})

@@ -12,9 +12,9 @@ import ml_collections
 
 from diffmoe_jax import parallel
 from diffmoe_jax.config import (ACTIVATIONS, ATTENTION_IMPLS, ATTENTIONS, CHECKPOINT_NAMES, DISPATCH_MODES,
-                                DROPLESS_IMPLS, DTYPES, EXPERT_PARALLEL, FFNS, GPU_BACKWARDS, LOGICAL_AXES,
-                                LR_SHAPES, MESH_AXES, OPEN_DICTS, REMAT_POLICIES, ROUTE_FROM, ConfigError, defaults,
-                                gpu_launches, phase_defaults, require, without_obsolete)
+                                DROPLESS_IMPLS, DTYPES, EXPERT_PARALLEL, FFNS, GPU_BACKWARDS, GPU_FORWARDS,
+                                LOGICAL_AXES, LR_SHAPES, MESH_AXES, OPEN_DICTS, REMAT_POLICIES, ROUTE_FROM,
+                                ConfigError, defaults, gpu_launches, phase_defaults, require, without_obsolete)
 
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -87,8 +87,11 @@ def validate_model(m: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     require(0.0 <= constant < 1.0, "model.lambda_init", f"a constant λ_init must lie in [0, 1), got {constant}.")
   require(m.ffn in FFNS, "model.ffn", f"{m.ffn!r} is not one of {FFNS}.")
   for field, allowed in (("dtype", DTYPES), ("param_dtype", DTYPES), ("attention_impl", ATTENTION_IMPLS),
-                         ("attention_gpu_backward", GPU_BACKWARDS), ("remat_policy", REMAT_POLICIES)):
+                         ("attention_gpu_backward", GPU_BACKWARDS), ("attention_gpu_forward", GPU_FORWARDS),
+                         ("remat_policy", REMAT_POLICIES)):
     require(m[field] in allowed, f"model.{field}", f"{m[field]!r} is not one of {allowed}.")
+  require(m.attention_gpu_forward != "mosaic" or m.dtype in ("bfloat16", "float16"), "model.attention_gpu_forward",
+          f"'mosaic' needs 16-bit activations (model.dtype bfloat16 or float16), got model.dtype {m.dtype!r}.")
   gpu_launches(m)
   for field in ("attention_block_q", "attention_block_k"):
     require(isinstance(m[field], int) and m[field] >= 0 and m[field] & (m[field] - 1) == 0, f"model.{field}",

@@ -2,14 +2,14 @@
 # On one GPU: the attention kernels against the float64 reference and whole-model causality, run on the
 # accelerator, then the GPU benchmarks of the README's table. Each step runs under its own time limit, so
 # one that hangs or fails does not stop the rest; the script exits non-zero if any step failed. All steps
-# together take about twelve minutes on an H200; naming steps runs only those (e.g. in two shorter runs).
+# together take about fourteen minutes on an H200; naming steps runs only those (e.g. in two shorter runs).
 #
 #   bash launch/gpu_checks.sh [LOG_DIR [STEP ...]]      # each step's output also goes to LOG_DIR/<step>.log
 set -u
 logs=${1:-gpu_checks}
 selected=("${@:2}")
-steps=(versions kernel_tests attention kernels train_pi_p train_pi_p_batch4 train_pi_p_profile train_pi_p_saved
-       train_pi_p_tuned moe moe_9_experts train_pi_p_8k)
+steps=(versions kernel_tests attention_mosaic train_pi_p_mosaic attention kernels train_pi_p train_pi_p_batch4
+       train_pi_p_profile train_pi_p_saved train_pi_p_tuned moe moe_9_experts train_pi_p_8k)
 # A misspelt step is refused before any step runs, not after the others have taken their minutes.
 for name in "${selected[@]}"; do
   if [[ " ${steps[*]} " != *" $name "* ]]; then
@@ -41,19 +41,24 @@ step() {  # step NAME SECONDS COMMAND...
 
 step versions 30 python3 -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__,
 'optax', optax.__version__, jax.devices())"
-# The Pallas (Triton) kernel and the cuDNN path on the accelerator: every reference case, bf16, no queries,
-# and causality in predictor-routed MoD mode.
+# The Pallas kernels (Triton; the Mosaic GPU forward in the bf16 cases) and the cuDNN path on the accelerator:
+# every reference case, bf16, no queries, and causality in predictor-routed MoD mode.
 kernel_tests="(reference or bf16 or no_queries or causal_on_every_path or cudnn) and (pallas or fused)"
 step kernel_tests 120 env JAX_PLATFORMS=cuda python3 -m pytest -q -p no:cacheprovider tests/test_flash_attention.py \
   -k "($kernel_tests and not pallas_tpu) or power_of_two_chunks"
+train_pi_p="python3 -m diffmoe_jax.bench train --config=configs/pi_p.py --layers 4 --seq-len 4096 --steps 5"
+train_pi_p+=" --data-batches 20"
+# The Mosaic GPU forward (Hopper: TMA, wgmma) beside the Triton one and cuDNN, then in the PI-P stack; first,
+# so that a short device session measures it (kernel_tests has run its reference tests on the GPU).
+step attention_mosaic 90 python3 -m diffmoe_jax.bench attention --config=configs/pi_p.py --no-layer-ratio \
+  --dtype=bfloat16 --impls pallas pallas_mosaic standard_flash --lengths 4096 8192
+step train_pi_p_mosaic 90 $train_pi_p --batch 1 --attention-gpu-forward mosaic
 step attention 120 python3 -m diffmoe_jax.bench attention --config=configs/pi_p.py --no-layer-ratio \
   --dtype=bfloat16 --impls pallas pallas_one_pass fused four_flash_calls standard_flash --lengths 2048 4096 8192 16384
 # Each kernel of the two-pass backward and the forward alone over launch settings (rows per program, loop step,
 # warps; two stages). 32-row programs measured 3-10x slower than 64-row ones for every kernel.
 step kernels 150 python3 -m diffmoe_jax.bench kernels --config=configs/pi_p.py --seq-len 8192 \
   --kernels forward dkv dq --rows 64 128 --steps 32 64 --warps 4 8 --stages 2 --budget-s 120
-train_pi_p="python3 -m diffmoe_jax.bench train --config=configs/pi_p.py --layers 4 --seq-len 4096 --steps 5"
-train_pi_p+=" --data-batches 20"
 step train_pi_p 90 $train_pi_p --batch 1
 # Four sequences a step: the optimizer's pass over the weights (memory-bound, a fixed cost per step) is shared
 # by 4x the tokens, as in a run with several sequences per device or gradient accumulation.

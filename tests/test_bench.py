@@ -69,6 +69,7 @@ def test_ctrl_c_ends_the_command_in_one_line():
 @pytest.mark.parametrize("argv, accepted", [
     (["--attention-gpu-backward", "one_pass"], False),  # auto is explicit / blockwise on a CPU
     (["--attention-gpu-launch", "dkv=64,32,4,2", "--attention-impl", "blockwise"], False),
+    (["--attention-gpu-forward", "mosaic"], False),
     (["--attention-gpu-backward", "one_pass", "--attention-impl", "pallas_gpu"], True),  # interpreted on a CPU
 ])
 def test_gpu_kernel_flags_are_refused_where_the_step_does_not_run_the_kernels(argv, accepted, capsys, monkeypatch):

@@ -279,7 +279,9 @@ def test_resuming_with_a_changed_setting_needs_it_allowed(stopped_run):
   check(config)  # allowed, and layout / bookkeeping changes are free
   config.model.update(attention_impl="blockwise", remat_policy="save_names", remat_save_names=("attn_out",))
   config.model.attention_gpu_launch.dkv = "64,32,4,2"
+  config.model.attention_gpu_forward = "mosaic"
   check(config)  # how attention and remat run is free too
+  config.model.attention_gpu_forward = "triton"  # (validated below: "mosaic" needs a 16-bit model.dtype)
   config.model.moe.update(expert_parallel="gather", dropless_impl="padded")
   check(config)  # and how the MoE layer computes the same function
   # A field the code no longer has is ignored; one it added since the save is a change from <absent>.

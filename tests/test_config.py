@@ -137,6 +137,10 @@ def _bad(**fields):
     ({"model.attention_gpu_launch.forward": "64,64,3,2"},
      r"model\.attention_gpu_launch\.forward: warps = 3 in '64,64,3,2' must be a power of two of at least 1"),
     ({"model.attention_gpu_launch.dkv": "64,64,4,0"}, r"stages = 0 in '64,64,4,0' must be at least 1"),
+    ({"model.attention_gpu_forward": "cutlass"}, r"model\.attention_gpu_forward: 'cutlass' is not one of "
+     r"\('triton', 'mosaic'\)"),
+    ({"model.attention_gpu_forward": "mosaic", "model.dtype": "float32"}, r"model\.attention_gpu_forward: 'mosaic' "
+     r"needs 16-bit activations \(model\.dtype bfloat16 or float16\), got model\.dtype 'float32'\."),
 ])
 def test_bad_fields_name_the_field(fields, message):
   with pytest.raises(ConfigError, match=message):

@@ -21,6 +21,9 @@ PATHS = ("explicit", "blockwise", "pallas", "pallas_tpu", "fused")  # "pallas": 
 GPU_VARIANTS = {"pallas_one_pass": dict(implementation="pallas", gpu_backward="one_pass"),
                 "pallas_launches": dict(implementation="pallas", gpu_launches=(
                     ("dkv", (32, 16, 4, 2)), ("dq", (16, 32, 4, 2)), ("forward", (32, 16, 4, 2))))}
+# The Mosaic GPU forward (Hopper; 16-bit inputs only, so in the bf16 tests) with the Triton backward, the GPU
+# layout forced so that CPU runs interpret the Mosaic GPU kernel (`flash_attention._pallas_stage`).
+MOSAIC_VARIANTS = {"pallas_mosaic": dict(implementation="pallas_gpu", gpu_forward="mosaic")}
 BLOCK = 16  # small blocks, so every case spans several query and key blocks
 
 
@@ -124,7 +127,7 @@ def _run(path, q, k, v, lam, g, masks, dtype=jnp.float32):
   """Our output and gradients w.r.t. (q, k, v, lam) for cotangent g."""
   def f(q, k, v, lam):
     common = dict(implementation=path, block_q=BLOCK, block_k=BLOCK, **masks)
-    common.update(GPU_VARIANTS.get(path, {}))
+    common.update({**GPU_VARIANTS, **MOSAIC_VARIANTS}.get(path, {}))
     if lam is None:
       return attn.standard_attention(q[:, :, :, 0], k[:, :, :, 0], v, **common)
     return attn.differential_attention(q, k, v, lam, **common)
@@ -158,23 +161,29 @@ def test_path_matches_float64_reference(path, case):
   np.testing.assert_array_equal(np.asarray(got)[unseeing], 0.0)
 
 
-# bf16 on every path; non-causal on the kernels, whose non-causal block ranges the other paths do not have.
+# bf16 on every path; non-causal on the kernels, whose non-causal block ranges the other paths do not have;
+# every case on the Mosaic GPU forward.
 @pytest.mark.parametrize("path, case", [(path, "per_token_lam") for path in PATHS]
-                         + [(path, "non_causal") for path in ("pallas", "pallas_tpu")])
+                         + [(path, "non_causal") for path in ("pallas", "pallas_tpu")]
+                         + [("pallas_mosaic", case) for case in CASES])
 def test_bf16_inputs(path, case):
   q, k, v, lam, g, masks, visible = _case(case)
   b, t, h = q.shape[:3]
   round_bf16 = lambda a: np.asarray(jnp.asarray(a, jnp.bfloat16), np.float32)
   q, k, v = round_bf16(q), round_bf16(k), round_bf16(v)
-  w = np.stack([np.ones((b, t, h)), -lam], -1)
+  w = np.ones((b, t, h, 1)) if lam is None else np.stack([np.ones((b, t, h)), -np.broadcast_to(lam, (b, t, h))], -1)
   want, (dq, dk, dv, dw) = reference(q, k, v, w, visible, g)
   got, grads = _run(path, q, k, v, lam, g, masks, dtype=jnp.bfloat16)
   assert got.dtype == jnp.bfloat16
   scale = lambda ref: 0.03 * np.abs(ref).max()  # bf16 keeps 8 bits: 2⁻⁸ relative per rounding
   np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=0, atol=scale(want))
   np.testing.assert_array_equal(np.asarray(got, np.float32)[~visible.any(-1)], 0.0)  # no visible key
-  for name, ours, ref in zip(("dq", "dk", "dv", "dlam"), grads, (dq, dk, dv, -dw[..., 1])):
-    np.testing.assert_allclose(np.asarray(ours, np.float32), ref, rtol=0, atol=scale(ref), err_msg=name)
+  refs = {"dq": dq, "dk": dk, "dv": dv}
+  if lam is not None:  # a shared λ sums its rows' gradients
+    refs["dlam"] = {0: -dw[..., 1].sum(), 1: -dw[..., 1].sum((0, 1)), 3: -dw[..., 1]}[np.ndim(lam)]
+  for (name, ref), ours in zip(refs.items(), grads):
+    ours = np.asarray(ours, np.float32).reshape(np.shape(ref))
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=scale(ref), err_msg=name)
 
 
 @pytest.mark.parametrize("t, s", [(0, 40), (3, 0)])

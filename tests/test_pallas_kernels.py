@@ -37,7 +37,7 @@ def test_pallas_kernels_lower_for_gpu_through_triton_and_for_tpu_through_mosaic(
   calls = [line for line in text.splitlines() if "stablehlo.custom_call" in line]
   kernels = 2 if platform == "cuda" and gpu_backward == "one_pass" else 3
   assert sum(kernel_call in line for line in calls) == 2 * kernels, calls  # per attention: fwd, (dq,) dk/dv
-  assert not any("mosaic_gpu" in line for line in calls)
+  assert not any("@mosaic_gpu" in line for line in calls)  # the call target (kernels carry source paths too)
   if platform == "cuda":
     assert ("flash_multi_map_dkv_dq" in text) == (gpu_backward == "one_pass")
   if platform == "tpu":

@@ -94,6 +94,7 @@ class Attention(nn.Module):
     masking = dict(q_positions=positions, kv_positions=positions, kv_mask=kv_mask, q_segment_ids=segment_ids,
                    kv_segment_ids=segment_ids, block_q=cfg.attention_block_q, block_k=cfg.attention_block_k,
                    gpu_backward=cfg.attention_gpu_backward, gpu_launches=config_lib.gpu_launches(cfg),
+                   gpu_forward=cfg.attention_gpu_forward,
                    implementation=attention_ops.resolve_attention_impl(cfg.attention_impl, length=length))
 
     if cfg.attention == "standard":

@@ -194,7 +194,7 @@ def differential_attention(q: jax.Array, k: jax.Array, v: jax.Array, lam, *, cau
                            kv_mask: jax.Array | None = None, q_segment_ids: jax.Array | None = None,
                            kv_segment_ids: jax.Array | None = None, implementation: str = "explicit",
                            block_q: int = 0, block_k: int = 0, gpu_backward: str = "two_pass",
-                       gpu_launches: tuple = ()) -> jax.Array:
+                           gpu_launches: tuple = (), gpu_forward: str = "triton") -> jax.Array:
   """`softmax(q₀k₀ᵀ/√D + M) v − λ · softmax(q₁k₁ᵀ/√D + M) v` per head.
 
   q: `[B, T, H, 2, D]`, k: `[B, S, H, 2, D]`, v: `[B, S, H, Dv]` (floating point); lam: scalar, `[H]` or
@@ -205,7 +205,8 @@ def differential_attention(q: jax.Array, k: jax.Array, v: jax.Array, lam, *, cau
   "explicit": fp32 scores; a per-query λ scales rows, so the two maps combine as `(A₀ − λA₁) v`, one
   product with v. "blockwise" / "pallas": `flash_attention` with M = 2 maps and weights (1, −λ), blocks
   of `block_q` queries and `block_k` keys (0: `default_block_size()`), the GPU kernels' backward as
-  `gpu_backward` (`flash_attention.GPU_BACKWARDS`) and their launches as `gpu_launches` (`flash_attention`).
+  `gpu_backward` (`flash_attention.GPU_BACKWARDS`), their launches as `gpu_launches` (`flash_attention`)
+  and the GPU forward's kernel as `gpu_forward` (`flash_attention.GPU_FORWARDS`).
   "fused":
   `jax.nn.dot_product_attention`, which needs v as wide as k: heads become (head, map, half of v), 4H
   heads of width D sharing one mask.
@@ -224,8 +225,8 @@ def differential_attention(q: jax.Array, k: jax.Array, v: jax.Array, lam, *, cau
   q = q * jnp.asarray(d**-0.5, q.dtype)
   if implementation in BLOCKWISE:
     return _blockwise(implementation, q, k, v, jnp.stack([jnp.ones_like(lam), -lam], axis=-1), block_q, block_k,
-                      (gpu_backward, gpu_launches), q_positions=q_positions, kv_positions=kv_positions, causal=causal,
-                      kv_mask=kv_mask, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
+                      (gpu_backward, gpu_launches, gpu_forward), q_positions=q_positions, kv_positions=kv_positions,
+                      causal=causal, kv_mask=kv_mask, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
   mask = attention_mask(q_positions, kv_positions, causal=causal, kv_mask=kv_mask, q_segment_ids=q_segment_ids,
                         kv_segment_ids=kv_segment_ids)
   if implementation == "explicit":
@@ -247,7 +248,8 @@ def differential_v2_attention(q: jax.Array, k: jax.Array, v: jax.Array, lambda_l
                               kv_positions: jax.Array | None = None, kv_mask: jax.Array | None = None,
                               q_segment_ids: jax.Array | None = None, kv_segment_ids: jax.Array | None = None,
                               implementation: str = "explicit", block_q: int = 0, block_k: int = 0,
-                              gpu_backward: str = "two_pass", gpu_launches: tuple = ()) -> jax.Array:
+                              gpu_backward: str = "two_pass", gpu_launches: tuple = (),
+                              gpu_forward: str = "triton") -> jax.Array:
   """Differential Transformer V2: `softmax(q₀k₀ᵀ/√D + M) v − sigmoid(ℓ) · softmax(q₁k₁ᵀ/√D + M) v`.
 
   lambda_logits ℓ: `[B, T, H]` (V2's `W_λ x`, one λ per query token and head, in (0, 1)); the rest as in
@@ -257,7 +259,7 @@ def differential_v2_attention(q: jax.Array, k: jax.Array, v: jax.Array, lambda_l
                                 q_positions=q_positions, kv_positions=kv_positions, kv_mask=kv_mask,
                                 q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
                                 implementation=implementation, block_q=block_q, block_k=block_k,
-                                gpu_backward=gpu_backward, gpu_launches=gpu_launches)
+                                gpu_backward=gpu_backward, gpu_launches=gpu_launches, gpu_forward=gpu_forward)
 
 
 def standard_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
@@ -265,7 +267,7 @@ def standard_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool
                        kv_mask: jax.Array | None = None, q_segment_ids: jax.Array | None = None,
                        kv_segment_ids: jax.Array | None = None, implementation: str = "explicit",
                        block_q: int = 0, block_k: int = 0, gpu_backward: str = "two_pass",
-                       gpu_launches: tuple = ()) -> jax.Array:
+                       gpu_launches: tuple = (), gpu_forward: str = "triton") -> jax.Array:
   """Softmax attention, `[B, T, H, D] x [B, S, H, D] x [B, S, H, Dv] -> [B, T, H, Dv]` (the ablation);
   masks, segment ids and implementations as in `differential_attention` ("blockwise" / "pallas": M = 1;
   "fused" needs Dv = D)."""
@@ -281,7 +283,8 @@ def standard_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool
   q = q * jnp.asarray(d**-0.5, q.dtype)
   if implementation in BLOCKWISE:
     return _blockwise(implementation, q[:, :, :, None], k[:, :, :, None], v,
-                      jnp.ones((batch, t, heads, 1), jnp.float32), block_q, block_k, (gpu_backward, gpu_launches),
+                      jnp.ones((batch, t, heads, 1), jnp.float32), block_q, block_k,
+                      (gpu_backward, gpu_launches, gpu_forward),
                       q_positions=q_positions, kv_positions=kv_positions, causal=causal, kv_mask=kv_mask,
                       q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
   mask = attention_mask(q_positions, kv_positions, causal=causal, kv_mask=kv_mask, q_segment_ids=q_segment_ids,
@@ -303,12 +306,12 @@ def default_block_size() -> int:
 
 def _blockwise(implementation: str, q, k, v, weights, block_q: int, block_k: int, gpu: tuple, **masking):
   """`flash_attention` for "blockwise" (XLA loops) or "pallas" (kernels on GPU (Triton) and TPU (Mosaic);
-  interpreted elsewhere); gpu: (gpu_backward, gpu_launches)."""
-  gpu_backward, gpu_launches = gpu
+  interpreted elsewhere); gpu: (gpu_backward, gpu_launches, gpu_forward)."""
+  gpu_backward, gpu_launches, gpu_forward = gpu
   return flash_attention.flash_attention(
       q, k, v, weights, block_q=block_q or default_block_size(), block_k=block_k or default_block_size(),
       kernel="xla" if implementation == "blockwise" else implementation, gpu_backward=gpu_backward,
-      gpu_launches=gpu_launches, **masking)
+      gpu_launches=gpu_launches, gpu_forward=gpu_forward, **masking)
 
 
 # Sequence length from which "auto" uses the blockwise path on CPU: at batch 8 explicit scores were

@@ -34,6 +34,11 @@ KERNELS = ("xla", "pallas", "pallas_gpu", "pallas_tpu")
 # the scores (FlashAttention-2's Triton layout); "one_pass", in the dk/dv kernel, added into an fp32 dq
 # with atomic adds (its CUDA layout: 29% fewer backward FLOPs at PI-P's heads, nondeterministic summation order).
 GPU_BACKWARDS = ("two_pass", "one_pass")
+# Which kernel runs the GPU forward: "triton" (`pallas_attention.py`, any NVIDIA or AMD GPU) or "mosaic"
+# (`mosaic_gpu_attention.py`: Hopper's TMA and wgmma, 16-bit inputs). The backward is Triton's either way.
+GPU_FORWARDS = ("triton", "mosaic")
+# The Mosaic GPU forward's tiles: queries and keys are padded to multiples of them.
+MOSAIC_QUERY_TILE, MOSAIC_KEY_TILE = 128, 64
 # The checkpoint name of the custom VJP's residuals: per-map outputs and log-sum-exp.
 RESIDUALS_NAME = "flash_residuals"
 
@@ -296,22 +301,30 @@ def pad_last(x, width: int):
   return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, width - x.shape[-1])])
 
 
-def _pallas_stage(kernel: str, stage: str, gpu_backward: str, gpu_launches: tuple):
+def _pallas_stage(kernel: str, stage: str, gpu_backward: str, gpu_launches: tuple, gpu_forward: str):
   """The Pallas `stage` ("forward" / "backward"), lowered for the platform being compiled for
   (`lax.platform_dependent`, so lowering for another platform than the host's picks that platform's):
   "pallas" runs the GPU kernels through Triton on GPU, the TPU kernels through Mosaic on TPU and the GPU
   kernels interpreted elsewhere; "pallas_gpu" / "pallas_tpu" run one layout, interpreted off its
-  accelerator (how the tests check both on CPU). The TPU backward is always two passes (no atomics)."""
-  from diffmoe_jax.ops import pallas_attention, pallas_tpu_attention
+  accelerator (how the tests check both on CPU). The TPU backward is always two passes (no atomics).
+
+  gpu_forward "mosaic" puts the Mosaic GPU forward on CUDA GPUs (Triton's stays on ROCm). Its interpreter
+  carries ordered effects, which `lax.platform_dependent` cannot lower beside branches without them, so
+  off the GPU "pallas" interprets Triton's forward in its place, and "pallas_gpu" runs the Mosaic GPU
+  forward on a GPU host and interprets it on any other (chosen by the host, not the compile target)."""
+  from diffmoe_jax.ops import mosaic_gpu_attention, pallas_attention, pallas_tpu_attention
   gpu, tpu = getattr(pallas_attention, stage), getattr(pallas_tpu_attention, stage)
   gpu = functools.partial(gpu, launches={name: pallas_attention.Launch(*launch) for name, launch in gpu_launches})
   if stage == "backward":
     gpu = functools.partial(gpu, one_pass=gpu_backward == "one_pass")
+  cuda = mosaic_gpu_attention.forward if stage == "forward" and gpu_forward == "mosaic" else gpu
 
   def run(*args):
     arrays, static = args[:-3], args[-3:]  # (..., causal, block_q, block_k)
     bind = lambda fn, interpret: lambda *a: fn(*a, *static, interpret=interpret)
-    on_gpu = dict(cuda=bind(gpu, False), rocm=bind(gpu, False))
+    if kernel == "pallas_gpu" and cuda is not gpu:
+      return bind(cuda, jax.default_backend() != "gpu")(*arrays)
+    on_gpu = dict(cuda=bind(cuda, False), rocm=bind(gpu, False))
     choices = {"pallas": dict(on_gpu, tpu=bind(tpu, False), default=bind(gpu, True)),
                "pallas_gpu": dict(on_gpu, default=bind(gpu, True)),
                "pallas_tpu": dict(tpu=bind(tpu, False), default=bind(tpu, True))}[kernel]
@@ -327,7 +340,7 @@ def _drivers(kernel: str, gpu: tuple):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
 def _multi_map_attention(q, k, v, w, masks, causal, block_q, block_k, kernel, gpu):
-  """gpu: (gpu_backward, gpu_launches) of `flash_attention`."""
+  """gpu: (gpu_backward, gpu_launches, gpu_forward) of `flash_attention`."""
   return _multi_map_attention_fwd(q, k, v, w, masks, causal, block_q, block_k, kernel, gpu)[0]
 
 
@@ -387,14 +400,16 @@ def _launch_blocks(gpu_launches: tuple) -> tuple[list[int], list[int]]:
 
 def flash_attention(q, k, v, weights, *, q_positions, kv_positions, causal: bool = True, kv_mask=None,
                     q_segment_ids=None, kv_segment_ids=None, block_q: int = 512, block_k: int = 512,
-                    kernel: str = "xla", gpu_backward: str = "two_pass", gpu_launches: tuple = ()):
+                    kernel: str = "xla", gpu_backward: str = "two_pass", gpu_launches: tuple = (),
+                    gpu_forward: str = "triton"):
   """`Σ_m weights_m · softmax(q_m k_mᵀ + mask) v` with O(T·block) memory.
 
   q: `[B, T, H, M, D]` already scaled, k: `[B, S, H, M, D]`, v: `[B, S, H, Dv]`, weights: `[B, T, H, M]`;
   positions `[B, T]` / `[B, S]` integers; kv_mask `[B, S]` bool; segment ids `[B, T]` / `[B, S]`
   (a query sees only keys of its own segment). Returns `[B, T, H, Dv]` in v's dtype. kernel: "xla"
   (blockwise loops, any backend) or "pallas" (kernels on GPU and TPU, interpreted elsewhere; see
-  `_pallas_stage` for "pallas_gpu" / "pallas_tpu"). gpu_backward: one of GPU_BACKWARDS, for the GPU kernels.
+  `_pallas_stage` for "pallas_gpu" / "pallas_tpu"). gpu_backward / gpu_forward: one of GPU_BACKWARDS /
+  GPU_FORWARDS, for the GPU kernels.
   gpu_launches: `((kernel, (rows, step, warps, stages)), ...)` replacing the GPU kernels' default launches
   (`pallas_attention.default_launches`; `config.gpu_launches`); sequences are padded to their blocks too.
   """
@@ -402,6 +417,8 @@ def flash_attention(q, k, v, weights, *, q_positions, kv_positions, causal: bool
     raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}.")
   if gpu_backward not in GPU_BACKWARDS:
     raise ValueError(f"gpu_backward must be one of {GPU_BACKWARDS}, got {gpu_backward!r}.")
+  if gpu_forward not in GPU_FORWARDS:
+    raise ValueError(f"gpu_forward must be one of {GPU_FORWARDS}, got {gpu_forward!r}.")
   batch, t, heads, num_maps, _ = q.shape
   s = k.shape[1]
   if t == 0 or s == 0:  # no queries (a skipped MoD block's shape-only call) or no keys: every row is 0
@@ -409,6 +426,8 @@ def flash_attention(q, k, v, weights, *, q_positions, kv_positions, causal: bool
   bq, bk = block_sizes(t, s, block_q, block_k, kernel)
   gpu_launches = fit_launches(gpu_launches, t, s) if kernel != "xla" else ()
   q_blocks, k_blocks = _launch_blocks(gpu_launches)
+  if gpu_forward == "mosaic" and kernel in ("pallas", "pallas_gpu"):
+    q_blocks, k_blocks = [*q_blocks, MOSAIC_QUERY_TILE], [*k_blocks, MOSAIC_KEY_TILE]
   q_multiple, k_multiple = max([bq, *q_blocks]), max([bk, *k_blocks])  # powers of two: the largest tiles all
   zeros_t, zeros_s = jnp.zeros((batch, t), jnp.int32), jnp.zeros((batch, s), jnp.int32)
   q_seg = zeros_t if q_segment_ids is None else jnp.asarray(q_segment_ids, jnp.int32)
@@ -423,5 +442,5 @@ def flash_attention(q, k, v, weights, *, q_positions, kv_positions, causal: bool
   v_internal = pad_to(jnp.transpose(v, (0, 2, 1, 3)), k_multiple, 2)
   w_internal = pad_to(jnp.transpose(jnp.asarray(weights, jnp.float32), (0, 2, 3, 1)), q_multiple, 3)
   out = _multi_map_attention(q_internal, k_internal, v_internal, w_internal, masks, causal, bq, bk, kernel,
-                             (gpu_backward, gpu_launches))
+                             (gpu_backward, gpu_launches, gpu_forward))
   return jnp.transpose(out[:, :, :t], (0, 2, 1, 3))
