@@ -87,7 +87,8 @@ def _attention_layer_ratio(args, config) -> None:
 
 BASELINES = ("four_flash_calls", "standard_flash")
 VARIANTS = {"pallas_one_pass": dict(implementation="pallas", gpu_backward="one_pass"),
-            "pallas_mosaic": dict(implementation="pallas", gpu_forward="mosaic")}
+            "pallas_mosaic": dict(implementation="pallas", gpu_forward="mosaic", gpu_backward="mosaic"),
+            "pallas_mosaic_forward": dict(implementation="pallas", gpu_forward="mosaic")}
 
 
 def _flash_baseline(name: str, q, k, v, lam):

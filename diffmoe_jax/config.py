@@ -23,7 +23,7 @@ ROUTE_FROM = ("attention_input", "ffn_input")
 EXPERT_PARALLEL = ("auto", "off", "all_to_all", "gather", "ragged")
 DROPLESS_IMPLS = ("auto", "ragged", "padded")
 ATTENTION_IMPLS = ("auto", "explicit", "xla", "blockwise", "pallas", "pallas_gpu", "pallas_tpu", "fused")
-GPU_BACKWARDS = ("two_pass", "one_pass")  # flash_attention.GPU_BACKWARDS (this module imports no jax)
+GPU_BACKWARDS = ("two_pass", "one_pass", "mosaic")  # flash_attention.GPU_BACKWARDS (this module imports no jax)
 GPU_FORWARDS = ("triton", "mosaic")  # flash_attention.GPU_FORWARDS
 GPU_KERNELS = ("forward", "dq", "dkv")  # pallas_attention.default_launches' keys
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_names")
@@ -85,11 +85,11 @@ def defaults() -> ml_collections.ConfigDict:
   m.attention_impl = "auto"
   m.attention_block_q = 0  # query / key block of "blockwise" and "pallas"; 0: 128 on GPU/TPU, 512 on CPU
   m.attention_block_k = 0
-  # How the GPU kernels' backward computes dq: "two_pass" (its own kernel, deterministic) or "one_pass"
-  # (atomic adds in the dk/dv kernel: fewer FLOPs, nondeterministic); see README "Differential attention".
+  # The GPU backward kernels (README "Differential attention"): Triton's "two_pass" (dq in its own kernel,
+  # deterministic) or "one_pass" (atomic adds in the dk/dv kernel: fewer FLOPs, nondeterministic), or
+  # "mosaic" (two passes in Mosaic GPU for Hopper: TMA and wgmma, bf16/f16 only).
   m.attention_gpu_backward = "two_pass"
-  # The GPU forward kernel: "triton", or "mosaic" (Hopper: TMA and wgmma, bf16/f16 only; README
-  # "Differential attention"). The backward runs on Triton either way.
+  # The GPU forward kernel: "triton", or "mosaic" (Hopper: TMA and wgmma, bf16/f16 only).
   m.attention_gpu_forward = "triton"
   # Per GPU kernel (the one-pass backward runs "dkv"): "rows,step,warps,stages" instead of the default
   # launch (`pallas_attention.default_launches`), e.g. the best of `python -m diffmoe_jax.bench kernels`.

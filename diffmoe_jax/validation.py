@@ -90,8 +90,9 @@ def validate_model(m: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                          ("attention_gpu_backward", GPU_BACKWARDS), ("attention_gpu_forward", GPU_FORWARDS),
                          ("remat_policy", REMAT_POLICIES)):
     require(m[field] in allowed, f"model.{field}", f"{m[field]!r} is not one of {allowed}.")
-  require(m.attention_gpu_forward != "mosaic" or m.dtype in ("bfloat16", "float16"), "model.attention_gpu_forward",
-          f"'mosaic' needs 16-bit activations (model.dtype bfloat16 or float16), got model.dtype {m.dtype!r}.")
+  for field in ("attention_gpu_forward", "attention_gpu_backward"):
+    require(m[field] != "mosaic" or m.dtype in ("bfloat16", "float16"), f"model.{field}",
+            f"'mosaic' needs 16-bit activations (model.dtype bfloat16 or float16), got model.dtype {m.dtype!r}.")
   gpu_launches(m)
   for field in ("attention_block_q", "attention_block_k"):
     require(isinstance(m[field], int) and m[field] >= 0 and m[field] & (m[field] - 1) == 0, f"model.{field}",

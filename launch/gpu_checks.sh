@@ -41,18 +41,19 @@ step() {  # step NAME SECONDS COMMAND...
 
 step versions 30 python3 -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__,
 'optax', optax.__version__, jax.devices())"
-# The Pallas kernels (Triton; the Mosaic GPU forward in the bf16 cases) and the cuDNN path on the accelerator:
+# The Pallas kernels (Triton; Mosaic GPU's in the bf16 cases) and the cuDNN path on the accelerator:
 # every reference case, bf16, no queries, and causality in predictor-routed MoD mode.
 kernel_tests="(reference or bf16 or no_queries or causal_on_every_path or cudnn) and (pallas or fused)"
 step kernel_tests 120 env JAX_PLATFORMS=cuda python3 -m pytest -q -p no:cacheprovider tests/test_flash_attention.py \
   -k "($kernel_tests and not pallas_tpu) or power_of_two_chunks"
 train_pi_p="python3 -m diffmoe_jax.bench train --config=configs/pi_p.py --layers 4 --seq-len 4096 --steps 5"
 train_pi_p+=" --data-batches 20"
-# The Mosaic GPU forward (Hopper: TMA, wgmma) beside the Triton one and cuDNN, then in the PI-P stack; first,
-# so that a short device session measures it (kernel_tests has run its reference tests on the GPU).
+# The Mosaic GPU kernels (Hopper: TMA, wgmma; forward and backward, and the forward alone) beside Triton's and
+# cuDNN, then in the PI-P stack; first, so that a short device session measures them (kernel_tests has run
+# their reference tests on the GPU).
 step attention_mosaic 90 python3 -m diffmoe_jax.bench attention --config=configs/pi_p.py --no-layer-ratio \
-  --dtype=bfloat16 --impls pallas pallas_mosaic standard_flash --lengths 4096 8192
-step train_pi_p_mosaic 90 $train_pi_p --batch 1 --attention-gpu-forward mosaic
+  --dtype=bfloat16 --impls pallas pallas_mosaic pallas_mosaic_forward standard_flash --lengths 4096 8192
+step train_pi_p_mosaic 90 $train_pi_p --batch 1 --attention-gpu-forward mosaic --attention-gpu-backward mosaic
 step attention 120 python3 -m diffmoe_jax.bench attention --config=configs/pi_p.py --no-layer-ratio \
   --dtype=bfloat16 --impls pallas pallas_one_pass fused four_flash_calls standard_flash --lengths 2048 4096 8192 16384
 # Each kernel of the two-pass backward and the forward alone over launch settings (rows per program, loop step,

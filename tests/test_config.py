@@ -141,6 +141,8 @@ def _bad(**fields):
      r"\('triton', 'mosaic'\)"),
     ({"model.attention_gpu_forward": "mosaic", "model.dtype": "float32"}, r"model\.attention_gpu_forward: 'mosaic' "
      r"needs 16-bit activations \(model\.dtype bfloat16 or float16\), got model\.dtype 'float32'\."),
+    ({"model.attention_gpu_backward": "mosaic", "model.dtype": "float32"}, r"model\.attention_gpu_backward: "
+     r"'mosaic' needs 16-bit activations"),
 ])
 def test_bad_fields_name_the_field(fields, message):
   with pytest.raises(ConfigError, match=message):

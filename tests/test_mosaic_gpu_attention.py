@@ -1,8 +1,8 @@
-"""The Mosaic GPU forward kernel (`mosaic_gpu_attention.py`): interpreted on CPU against a float64 NumPy
-reference over several key blocks (online softmax across blocks, the unmasked and masked loops, a compute
-warpgroup that finishes before the other), its lowering for GPU from this host, and its refusals. Its runs
-through the model's attention functions (every mask case, gradients through the Triton backward) are in
-test_flash_attention.py's bf16 tests."""
+"""The Mosaic GPU kernels (`mosaic_gpu_attention.py`, `mosaic_gpu_attention_backward.py`): interpreted on
+CPU against a float64 NumPy reference over several blocks (online softmax across key blocks, the unmasked
+and masked loops, a compute warpgroup whose range is shorter than the other's), their lowering for GPU
+from this host, and their refusals. Their runs through the model's attention functions (every mask case,
+forward and gradients) are in test_flash_attention.py's bf16 tests."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,11 +10,13 @@ import pytest
 
 from diffmoe_jax.ops import attention as attn
 from diffmoe_jax.ops import mosaic_gpu_attention as mga
+from diffmoe_jax.ops import mosaic_gpu_attention_backward as mgb
 
 
-def _reference(q, k, v, visible):
-  """Float64 per-map normalised outputs `[B, H, M, T, Dv]` and natural log-sum-exp `[B, H, M, T]` (0 for a
-  row with no visible key, whose output is 0)."""
+def _reference(q, k, v, visible, w=None, g=None):
+  """Float64 per-map normalised outputs `[B, H, M, T, Dv]`, natural log-sum-exp `[B, H, M, T]` (0 for a
+  row with no visible key, whose output is 0), and with weights w `[B, H, M, T]` and cotangent g
+  `[B, H, T, Dv]` of `Σ_m w_m o_m` the textbook chain rule's (dq, dk, dv) and δ_m = g·o_m."""
   q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
   scores = np.einsum("bhmtd,bhmsd->bhmts", q, k)
   vis = visible[:, None, None]
@@ -22,9 +24,18 @@ def _reference(q, k, v, visible):
   e = np.exp(np.where(vis, scores - row_max, -np.inf))
   total = e.sum(-1, keepdims=True)
   seen = total > 0
-  out = np.einsum("bhmts,bhsv->bhmtv", e / np.where(seen, total, 1.0), v)
+  p = e / np.where(seen, total, 1.0)
+  out = np.einsum("bhmts,bhsv->bhmtv", p, v)
   lse = np.where(seen, row_max + np.log(np.where(seen, total, 1.0)), 0.0)[..., 0]
-  return out, lse
+  if w is None:
+    return out, lse
+  w, g = np.asarray(w, np.float64), np.asarray(g, np.float64)
+  delta = np.einsum("bhmtv,bhtv->bhmt", out, g)
+  dp = w[..., None] * np.einsum("bhtv,bhsv->bhts", g, v)[:, :, None]  # ∂/∂P_m
+  ds = p * (dp - np.sum(p * dp, axis=-1, keepdims=True))
+  grads = (np.einsum("bhmts,bhmsd->bhmtd", ds, k), np.einsum("bhmts,bhmtd->bhmsd", ds, q),
+           np.einsum("bhmts,bhtv->bhsv", w[..., None] * p, g))
+  return out, lse, delta, grads
 
 
 def _inputs(name):
@@ -57,6 +68,24 @@ def _inputs(name):
 
 
 @pytest.mark.parametrize("name", ["differential_packed", "standard_non_causal"])
+def test_backward_matches_float64_reference_over_several_blocks(name):
+  """dq, dk, dv from the saved log-sum-exp and δ (as the VJP passes them), against the float64 chain rule."""
+  (q, k, v), masks, causal, rounded, visible = _inputs(name)
+  rng = np.random.default_rng(3)
+  b, h, num_maps, t = q.shape[:4]
+  w = np.stack([np.ones((b, h, t)), -rng.uniform(0.1, 0.9, (b, h, t))], 2)[:, :, :num_maps]
+  g = rng.normal(size=(b, h, t, v.shape[-1]))
+  _, lse, delta, want = _reference(*rounded, visible, w, g)
+  f32 = lambda a: jnp.asarray(a, jnp.float32)
+  run = jax.jit(lambda *a: mgb.backward(*a, masks, causal, 128, 128, interpret=True))
+  got = run(q, k, v, f32(w), f32(g), f32(lse), f32(delta))
+  for name_, ours, ref in zip(("dq", "dk", "dv"), got, want):
+    assert ours.dtype == q.dtype
+    np.testing.assert_allclose(np.asarray(ours, np.float32), ref, rtol=0, atol=0.02 * np.abs(ref).max(),
+                               err_msg=name_)
+
+
+@pytest.mark.parametrize("name", ["differential_packed", "standard_non_causal"])
 def test_forward_matches_float64_reference_over_several_key_blocks(name):
   (q, k, v), masks, causal, rounded, visible = _inputs(name)
   out, lse = jax.jit(lambda q, k, v: mga.forward(q, k, v, masks, causal, 128, 128, interpret=True))(q, k, v)
@@ -69,13 +98,14 @@ def test_forward_matches_float64_reference_over_several_key_blocks(name):
   np.testing.assert_array_equal(np.asarray(out)[np.broadcast_to(unseeing, out.shape[:-1])], 0.0)
 
 
-def test_mosaic_forward_lowers_for_gpu_beside_the_triton_backward():
+@pytest.mark.parametrize("gpu_backward, mosaic_calls, triton_calls", [("two_pass", 2, 4), ("mosaic", 6, 0)])
+def test_mosaic_kernels_lower_for_gpu(gpu_backward, mosaic_calls, triton_calls):
   """Lowered for GPU from this host at a long context in bf16, PI-P's head widths: each attention's forward
-  is one Mosaic GPU kernel, its backward the Triton dq and dk/dv kernels."""
+  is one Mosaic GPU kernel, its backward the Triton dq and dk/dv kernels or the Mosaic GPU ones."""
   b, t, h, d = 1, 4096, 2, 72
 
   def loss(q, k, v, lam):
-    common = dict(implementation="pallas", gpu_forward="mosaic")
+    common = dict(implementation="pallas", gpu_forward="mosaic", gpu_backward=gpu_backward)
     differential = attn.differential_attention(q, k, v, lam, **common)
     standard = attn.standard_attention(q[:, :, :, 0], k[:, :, :, 0], v, **common)
     return jnp.sum(differential.astype(jnp.float32)) + jnp.sum(standard.astype(jnp.float32))
@@ -84,16 +114,21 @@ def test_mosaic_forward_lowers_for_gpu_beside_the_triton_backward():
           jax.ShapeDtypeStruct((b, t, h, 2 * d), jnp.bfloat16), jax.ShapeDtypeStruct((b, t, h), jnp.float32))
   text = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
   calls = [line for line in text.splitlines() if "stablehlo.custom_call" in line]
-  assert sum("@mosaic_gpu" in line for line in calls) == 2, calls
-  assert sum("__gpu$xla.gpu.triton" in line for line in calls) == 4, calls
+  assert sum("@mosaic_gpu" in line for line in calls) == mosaic_calls, calls
+  assert sum("__gpu$xla.gpu.triton" in line for line in calls) == triton_calls, calls
   assert "flash_multi_map_forward" not in text
 
 
 def test_refuses_32_bit_inputs_and_unknown_kernels():
   (q, k, v), masks, causal, _, _ = _inputs("standard_non_causal")
-  with pytest.raises(ValueError, match=r"needs bfloat16 or float16 q, k, v, got float32.*model\.dtype"):
+  with pytest.raises(ValueError, match=r"need bfloat16 or float16 q, k, v, got float32, float32, float32: set "
+                     r"model\.dtype"):
     mga.forward(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), masks, causal, 128, 128,
                 interpret=True)
+  with pytest.raises(ValueError, match=r"at most 256 columns wide; got head widths 72 and 288"):
+    mga.widths(72, 288)
+  with pytest.raises(ValueError, match=r"tile 128 queries and keys, got T=256, S=192"):
+    mga.check_inputs(256, 192, q)
   with pytest.raises(ValueError, match=r"gpu_forward must be one of \('triton', 'mosaic'\), got 'cuda'"):
     attn.standard_attention(jnp.zeros((1, 8, 1, 16)), jnp.zeros((1, 8, 1, 16)), jnp.zeros((1, 8, 1, 16)),
                             implementation="pallas", gpu_forward="cuda")

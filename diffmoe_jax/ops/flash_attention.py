@@ -30,15 +30,17 @@ from jax.ad_checkpoint import checkpoint_name
 # post-softmax mask) instead of NaN.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 KERNELS = ("xla", "pallas", "pallas_gpu", "pallas_tpu")
-# How the GPU kernels' backward computes dq: "two_pass", a second kernel over key blocks that recomputes
-# the scores (FlashAttention-2's Triton layout); "one_pass", in the dk/dv kernel, added into an fp32 dq
-# with atomic adds (its CUDA layout: 29% fewer backward FLOPs at PI-P's heads, nondeterministic summation order).
-GPU_BACKWARDS = ("two_pass", "one_pass")
-# Which kernel runs the GPU forward: "triton" (`pallas_attention.py`, any NVIDIA or AMD GPU) or "mosaic"
-# (`mosaic_gpu_attention.py`: Hopper's TMA and wgmma, 16-bit inputs). The backward is Triton's either way.
+# The GPU kernels' backward: in Triton, "two_pass", a second kernel over key blocks computes dq and
+# recomputes the scores (FlashAttention-2's Triton layout), or "one_pass", the dk/dv kernel adds each
+# block's dq share into an fp32 dq with atomic adds (its CUDA layout: 29% fewer backward FLOPs at PI-P's
+# heads, nondeterministic summation order); "mosaic", two passes in Mosaic GPU
+# (`mosaic_gpu_attention_backward.py`: Hopper's TMA and wgmma, 16-bit inputs).
+GPU_BACKWARDS = ("two_pass", "one_pass", "mosaic")
+# The GPU forward: "triton" (`pallas_attention.py`, any NVIDIA or AMD GPU) or "mosaic"
+# (`mosaic_gpu_attention.py`: Hopper's TMA and wgmma, 16-bit inputs).
 GPU_FORWARDS = ("triton", "mosaic")
-# The Mosaic GPU forward's tiles: queries and keys are padded to multiples of them.
-MOSAIC_QUERY_TILE, MOSAIC_KEY_TILE = 128, 64
+# The Mosaic GPU kernels' program tile (`mosaic_gpu_attention.TILE`): queries and keys are padded to it.
+MOSAIC_TILE = 128
 # The checkpoint name of the custom VJP's residuals: per-map outputs and log-sum-exp.
 RESIDUALS_NAME = "flash_residuals"
 
@@ -308,20 +310,31 @@ def _pallas_stage(kernel: str, stage: str, gpu_backward: str, gpu_launches: tupl
   kernels interpreted elsewhere; "pallas_gpu" / "pallas_tpu" run one layout, interpreted off its
   accelerator (how the tests check both on CPU). The TPU backward is always two passes (no atomics).
 
-  gpu_forward "mosaic" puts the Mosaic GPU forward on CUDA GPUs (Triton's stays on ROCm). Its interpreter
-  carries ordered effects, which `lax.platform_dependent` cannot lower beside branches without them, so
-  off the GPU "pallas" interprets Triton's forward in its place, and "pallas_gpu" runs the Mosaic GPU
-  forward on a GPU host and interprets it on any other (chosen by the host, not the compile target)."""
-  from diffmoe_jax.ops import mosaic_gpu_attention, pallas_attention, pallas_tpu_attention
+  A "mosaic" gpu_forward / gpu_backward puts that Mosaic GPU stage on CUDA GPUs (Triton's stays on ROCm).
+  Its interpreter carries ordered effects, which `lax.platform_dependent` cannot lower beside branches
+  without them, so off the GPU "pallas" interprets Triton's stage in its place, and "pallas_gpu" runs the
+  Mosaic GPU stage on a GPU host and interprets it on any other (chosen by the host, not the compile
+  target)."""
+  from diffmoe_jax.ops import (mosaic_gpu_attention, mosaic_gpu_attention_backward, pallas_attention,
+                               pallas_tpu_attention)
   gpu, tpu = getattr(pallas_attention, stage), getattr(pallas_tpu_attention, stage)
   gpu = functools.partial(gpu, launches={name: pallas_attention.Launch(*launch) for name, launch in gpu_launches})
   if stage == "backward":
     gpu = functools.partial(gpu, one_pass=gpu_backward == "one_pass")
-  cuda = mosaic_gpu_attention.forward if stage == "forward" and gpu_forward == "mosaic" else gpu
+  mosaic = {"forward": (gpu_forward, mosaic_gpu_attention.forward),
+            "backward": (gpu_backward, mosaic_gpu_attention_backward.backward)}[stage]
+  cuda = mosaic[1] if mosaic[0] == "mosaic" else gpu
 
   def run(*args):
     arrays, static = args[:-3], args[-3:]  # (..., causal, block_q, block_k)
-    bind = lambda fn, interpret: lambda *a: fn(*a, *static, interpret=interpret)
+
+    def bind(fn, interpret):
+      def call(*a):
+        outs = fn(*a, *static, interpret=interpret)
+        # dq, dk, dv in q, k, v's dtypes (the VJP's) from every branch: Triton's are fp32, Mosaic GPU's not.
+        return tuple(x.astype(r.dtype) for x, r in zip(outs, a[:3])) if stage == "backward" else outs
+      return call
+
     if kernel == "pallas_gpu" and cuda is not gpu:
       return bind(cuda, jax.default_backend() != "gpu")(*arrays)
     on_gpu = dict(cuda=bind(cuda, False), rocm=bind(gpu, False))
@@ -426,8 +439,8 @@ def flash_attention(q, k, v, weights, *, q_positions, kv_positions, causal: bool
   bq, bk = block_sizes(t, s, block_q, block_k, kernel)
   gpu_launches = fit_launches(gpu_launches, t, s) if kernel != "xla" else ()
   q_blocks, k_blocks = _launch_blocks(gpu_launches)
-  if gpu_forward == "mosaic" and kernel in ("pallas", "pallas_gpu"):
-    q_blocks, k_blocks = [*q_blocks, MOSAIC_QUERY_TILE], [*k_blocks, MOSAIC_KEY_TILE]
+  if "mosaic" in (gpu_forward, gpu_backward) and kernel in ("pallas", "pallas_gpu"):
+    q_blocks, k_blocks = [*q_blocks, MOSAIC_TILE], [*k_blocks, MOSAIC_TILE]
   q_multiple, k_multiple = max([bq, *q_blocks]), max([bk, *k_blocks])  # powers of two: the largest tiles all
   zeros_t, zeros_s = jnp.zeros((batch, t), jnp.int32), jnp.zeros((batch, s), jnp.int32)
   q_seg = zeros_t if q_segment_ids is None else jnp.asarray(q_segment_ids, jnp.int32)

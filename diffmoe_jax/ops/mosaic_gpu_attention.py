@@ -1,25 +1,30 @@
-"""Hopper forward kernel for `flash_attention` in Mosaic GPU: TMA loads, wgmma products, warp-specialised.
+"""Hopper kernels for `flash_attention` in Mosaic GPU: TMA loads, wgmma products, warp-specialised. This
+module holds the forward and the pieces the backward kernels (`mosaic_gpu_attention_backward.py`) share.
 
-The Triton forward (`pallas_attention.py`) reaches about a third of cuDNN's rate on an H200: Triton's
-Hopper path issues no wgmma from Pallas's dots and no TMA pipeline. This kernel is laid out the way
-FlashAttention-3 is. Each program (CUDA block) holds 128 queries of one (batch, head) as two compute
-warpgroups of 64 rows (wgmma's M) and one memory warpgroup. The memory warpgroup streams the key blocks
-both compute warpgroups need through `STAGES` shared-memory slots with TMA, a barrier per slot for "loaded"
-and one for "consumed"; each compute warpgroup runs, per key block and per map, `S = q kᵀ` (wgmma from
-shared memory), the online softmax in registers, and `acc += P v` (wgmma with P in registers). Every K/V
-block loaded serves all M maps, as in the other kernels. Key blocks come from the same tables as theirs
-(`flash_attention.block_bounds`, `full_blocks`): the leading all-visible blocks run without the
-elementwise mask, the rest with it, and a compute warpgroup whose range ends first releases the slots the
-other still uses.
+The Triton kernels (`pallas_attention.py`) reach about a third of cuDNN's rate on an H200: Triton's
+Hopper path issues no wgmma from Pallas's dots and no TMA pipeline. These kernels are laid out the way
+FlashAttention-3 is. Each program (CUDA block) holds 128 rows of one (batch, head), queries (forward,
+dq) or keys (dk/dv), as two compute warpgroups of 64 rows (wgmma's M), and one memory warpgroup that
+streams the other side's blocks of 64 through `STAGES` shared-memory slots with TMA, a barrier per slot
+for "loaded" and one for "consumed" (`stream_blocks`). Each compute warpgroup runs per block and per
+map the wgmma products from shared memory (`product`), the softmax arithmetic in registers, and the
+products that accumulate in registers (`add_product`, the left operand in registers). Every block loaded
+serves all M maps, as in the other kernels. Blocks come from the same tables as theirs
+(`flash_attention.block_bounds`, `full_blocks`): the all-visible blocks run without the elementwise
+mask, the rest with it, and a compute warpgroup whose range is shorter releases the slots the other
+still uses (`release`).
 
-Layouts: wgmma reads its shared-memory operands in (8, swizzle / itemsize) tiles with one swizzle for both;
-a head width is zero-padded to a multiple of 16 (PI-P's 72 to 80, 144 stays) and the swizzle is the widest
-of 128, 64, 32 bytes that divides a row (32 for 80 columns). Keys are passed transposed, `[D, S]`, so the
-`q kᵀ` operand is a plain TMA tile. Inputs must be 16-bit (wgmma takes P from registers only in 16 bits).
+Layouts: wgmma reads its shared-memory operands in (8, swizzle / itemsize) tiles, with one swizzle for
+both; a head width is zero-padded to a multiple of 16 (PI-P's 72 to 80, 144 stays) and every tile gets
+the widest of 128, 64, 32 bytes that divides its row (32 for 80 columns), so the two operands of a
+product share their row width and swizzle. `kᵀ` (and `vᵀ`, `qᵀ`, `gᵀ` in the backward) is the row-major
+tile read transposed by wgmma. Inputs must be 16-bit (wgmma takes an operand from registers in 16 bits).
 
-The kernel is tested on CPU in Mosaic GPU's interpret mode, which simulates the warpgroups, TMA copies
-and barriers but has no register layouts and no `pl.run_state`: `_in_layout`, `_load` and `_add_product`
-take the interpreter's form there, the rest is the code the GPU runs (its lowering is tested too).
+The kernels are tested on CPU in Mosaic GPU's interpret mode, which simulates the warpgroups, TMA copies
+and barriers (and checks that every thread observes every barrier phase) but has no register layouts,
+no `pl.run_state` and no wgmma on a transposed or register operand: `in_layout`, `load`, `product` and
+`add_product` take the interpreter's form there (the same arithmetic as `jnp` on the tiles); the rest is
+the code the GPU runs, and its lowering for the GPU is tested too.
 """
 from __future__ import annotations
 
@@ -35,15 +40,15 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from diffmoe_jax.ops import flash_attention as fa
 from diffmoe_jax.ops.flash_attention import pad_last
 
-ROWS = 64  # query rows per compute warpgroup: wgmma's M
+ROWS = 64  # rows per compute warpgroup (wgmma's M), and the other side's rows per block
 COMPUTE_WARPGROUPS = 2
-STAGES = 2  # shared-memory slots of K/V blocks in flight
-BLOCK_K = 64
-_LOG2E = math.log2(math.e)
-_ROW, _COLUMN = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
+TILE = ROWS * COMPUTE_WARPGROUPS  # a program's rows: queries and keys are padded to a multiple
+STAGES = 2  # shared-memory slots of streamed blocks in flight
+LOG2E = math.log2(math.e)
+ROW, COLUMN = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)  # per-row / per-column vectors
 
 
-def _interpreter():
+def interpreter():
   from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
   return InterpretGPUParams()
 
@@ -56,66 +61,149 @@ def swizzle(row_bytes: int) -> int:
   raise ValueError(f"a {row_bytes}-byte row fits no wgmma swizzle (a multiple of 32 bytes).")
 
 
-def _smem(shape, dtype, swizzle_bytes: int):
+def tile(shape, dtype):
+  """Shared memory for wgmma operands `[..., rows, width]`, swizzled by its row's width."""
   itemsize = jnp.dtype(dtype).itemsize
-  return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, swizzle_bytes // itemsize)),
-                                              plgpu.SwizzleTransform(swizzle_bytes)))
+  size = swizzle(shape[-1] * itemsize)
+  return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, size // itemsize)),
+                                              plgpu.SwizzleTransform(size)))
 
 
-def _in_layout(x, layout, interpret: bool):
+def widths(d: int, dv: int) -> tuple[int, int]:
+  """Head widths padded to a multiple of 16, checked against one wgmma's N (256)."""
+  dp, dvp = -(-d // 16) * 16, -(-dv // 16) * 16
+  if max(dp, dvp) > 256:
+    raise ValueError(f"the Mosaic GPU attention kernels' products are single wgmmas, at most 256 columns wide; "
+                     f"got head widths {d} and {dv}: set model.attention_gpu_forward / _backward to Triton's.")
+  return dp, dvp
+
+
+def check_inputs(t: int, s: int, *arrays):
+  if any(a.dtype not in (jnp.bfloat16, jnp.float16) or a.dtype != arrays[0].dtype for a in arrays):
+    raise ValueError(f"the Mosaic GPU attention kernels need bfloat16 or float16 q, k, v, got "
+                     f"{', '.join(str(a.dtype) for a in arrays)}: set model.dtype, or model.attention_gpu_forward / "
+                     "_backward to Triton's.")
+  if t % TILE or s % TILE:
+    raise ValueError(f"the Mosaic GPU attention kernels tile {TILE} queries and keys, got T={t}, S={s}.")
+
+
+def in_layout(x, layout, interpret: bool):
   return x if interpret else plgpu.layout_cast(x, layout)
 
 
-def _load(ref, index, layout, interpret: bool):
+def load(ref, index, layout, interpret: bool):
   """`ref[index]` into registers in `layout` (a scalar with layout None)."""
   return ref[index] if interpret else plgpu.load(ref, index, layout=layout, optimized=False)
 
 
-def _product(a_smem, b_smem, shape):
-  """`a b` (fp32) of two shared-memory tiles through one wgmma."""
-  def run(acc_ref):
-    plgpu.wgmma(acc_ref, a_smem, b_smem)
-    return acc_ref[...]
-  return pl.run_scoped(run, plgpu.ACC(shape, jnp.float32))
-
-
-def _add_product(acc, p, v_smem, interpret: bool):
-  """`acc + p v`: wgmma accumulating into acc's registers (the interpreter, whose wgmma takes no operand
-  from registers, adds a `jnp.dot`)."""
+def product(a_smem, b_smem, *, transpose_b: bool, interpret: bool):
+  """`a b` or `a bᵀ` (fp32) of two shared-memory tiles through one wgmma."""
   if interpret:
-    return acc + jnp.dot(p, v_smem[...], preferred_element_type=jnp.float32)
+    b = b_smem[...]
+    return jnp.dot(a_smem[...], b.T if transpose_b else b, preferred_element_type=jnp.float32)
+
+  def run(acc_ref):
+    plgpu.wgmma(acc_ref, a_smem, plgpu.transpose_ref(b_smem, (1, 0)) if transpose_b else b_smem)
+    return acc_ref[...]
+  return pl.run_scoped(run, plgpu.ACC((a_smem.shape[0], b_smem.shape[0 if transpose_b else 1]), jnp.float32))
+
+
+def add_product(acc, a, b_smem, interpret: bool):
+  """`acc + a b` for a in registers (16-bit) and a shared-memory tile b: wgmma accumulating in acc's
+  registers."""
+  if interpret:
+    return acc + jnp.dot(a, b_smem[...], preferred_element_type=jnp.float32)
 
   def accumulate(acc_ref):
-    plgpu.wgmma(acc_ref, p, v_smem)
+    plgpu.wgmma(acc_ref, a, b_smem)
   return pl.run_state(accumulate)(plgpu.ACC.init(acc))
 
 
-def _kernel(key_stop_ref, full_keys_ref, q_ref, kt_ref, v_ref, q_mask_ref, kv_mask_ref, out_ref, lse_ref,
-            q_smem, kt_smem, v_smem, out_smem, lse_smem, q_loaded, k_loaded, v_loaded, k_consumed, v_consumed,
-            *, heads: int, causal: bool, interpret: bool):
-  num_maps, dvp = kt_smem.shape[1], v_smem.shape[-1]
-  bh, program, wg = (lax.axis_index(name) for name in ("batch_heads", "q_seq", "wg"))
+def slot_of(j):
+  return lax.rem(j, STAGES)
+
+
+def stream_blocks(copy, start, stop, consumed):
+  """The memory warpgroup: block j of [start, stop) into slot j % STAGES by `copy(j, slot)`, once both
+  compute warpgroups have released the slot's previous block (every barrier of `consumed`); then it waits
+  for the last releases, so that it observes every phase."""
+  @pl.loop(start, jnp.minimum(stop, start + STAGES))
+  def _fill(j):
+    copy(j, slot_of(j))
+
+  @pl.loop(start + STAGES, stop)
+  def _stream(j):
+    for barrier in consumed:
+      plgpu.barrier_wait(barrier.at[slot_of(j)])
+    copy(j, slot_of(j))
+
+  @pl.loop(jnp.maximum(stop - STAGES, start), stop)
+  def _drain(j):
+    for barrier in consumed:
+      plgpu.barrier_wait(barrier.at[slot_of(j)])
+
+
+def release(start, stop, loaded, consumed):
+  """A compute warpgroup's blocks [start, stop) that only the other needs: seen loaded, released."""
+  @pl.loop(start, stop)
+  def _release(j):
+    for barrier in loaded:
+      plgpu.barrier_wait(barrier.at[slot_of(j)])
+    for barrier in consumed:
+      plgpu.barrier_arrive(barrier.at[slot_of(j)])
+
+
+def rows_broadcast(ref, index, interpret: bool, width: int = ROWS):
+  """A per-row vector `ref[index]` `[ROWS]`, broadcast along the columns: `[ROWS, width]`."""
+  return lax.broadcast_in_dim(load(ref, index, ROW, interpret), (ROWS, width), [0])
+
+
+def columns_broadcast(ref, index, interpret: bool):
+  """A per-column vector `ref[index]` `[ROWS]`, broadcast along the rows: `[ROWS, ROWS]`."""
+  return lax.broadcast_in_dim(load(ref, index, COLUMN, interpret), (ROWS, ROWS), [1])
+
+
+def compiler(interpret: bool) -> dict:
+  """plgpu.kernel's arguments for a program of two compute warpgroups and a memory one."""
+  return dict(num_threads=COMPUTE_WARPGROUPS + 1, thread_name="wg",
+              compiler_params=None if interpret else plgpu.CompilerParams(approx_math=True),
+              interpret=interpreter() if interpret else None)
+
+
+def set_registers(wg):
+  """Registers move to the compute warpgroups: 128 threads x (2 x 232 + 40) fit the SM's 64K. Two maps'
+  fp32 accumulators at PI-P's 144 value columns take 144 a thread."""
+  @pl.when(wg < COMPUTE_WARPGROUPS)
+  def _compute():
+    plgpu.set_max_registers(232, action="increase")
+
+  @pl.when(wg == COMPUTE_WARPGROUPS)
+  def _memory():
+    plgpu.set_max_registers(40, action="decrease")
+
+
+def _forward_kernel(key_stop_ref, full_keys_ref, q_ref, k_ref, v_ref, q_mask_ref, kv_mask_ref, out_ref, lse_ref,
+                    q_smem, k_smem, v_smem, out_smem, lse_smem, q_loaded, k_loaded, v_loaded, k_consumed,
+                    v_consumed, *, heads: int, causal: bool, interpret: bool):
+  num_maps, dvp = k_smem.shape[1], v_smem.shape[-1]
+  bh, program, wg = (lax.axis_index(name) for name in ("batch_heads", "blocks", "wg"))
   b = lax.div(bh, heads)
-  scalar = lambda ref, *index: _load(ref, index, None, interpret)
+  scalar = lambda ref, *index: load(ref, index, None, interpret)
   first_block = program * COMPUTE_WARPGROUPS
   steps = jnp.maximum(scalar(key_stop_ref, b, first_block), scalar(key_stop_ref, b, first_block + 1))
-  slot_of = lambda j: lax.rem(j, STAGES)
+  set_registers(wg)
 
   @pl.when(wg < COMPUTE_WARPGROUPS)
   def _compute():
-    # Registers move to the compute warpgroups: 128 threads x (2 x 232 + 40) fit the SM's 64K. Two maps'
-    # fp32 accumulators at PI-P's 144 columns take 144 a thread.
-    plgpu.set_max_registers(232, action="increase")
     block = first_block + wg
     rows = pl.ds(block * ROWS, ROWS)
     stop = scalar(key_stop_ref, b, block)
     full = jnp.minimum(scalar(full_keys_ref, b, block), stop)
     for m in range(num_maps):  # a map at a time: TMA strides over at most 5 dimensions, tiles included
       plgpu.copy_gmem_to_smem(q_ref.at[bh, m, rows], q_smem.at[wg, m], q_loaded.at[wg])
-    q_pos, q_seg = (lax.broadcast_in_dim(_load(q_mask_ref, (b, r, rows), _ROW, interpret), (ROWS, BLOCK_K), [0])
-                    for r in range(2))
-    init = lambda value, shape, layout: _in_layout(jnp.full(shape, value, jnp.float32), layout, interpret)
-    carry = tuple((init(fa.MASK_VALUE, (ROWS,), _ROW), init(0.0, (ROWS,), _ROW),
+    q_pos, q_seg = (rows_broadcast(q_mask_ref, (b, r, rows), interpret) for r in range(2))
+    init = lambda value, shape, layout: in_layout(jnp.full(shape, value, jnp.float32), layout, interpret)
+    carry = tuple((init(fa.MASK_VALUE, (ROWS,), ROW), init(0.0, (ROWS,), ROW),
                    init(0.0, (ROWS, dvp), plgpu.Layout.WGMMA)) for _ in range(num_maps))
     plgpu.barrier_wait(q_loaded.at[wg])
 
@@ -124,14 +212,12 @@ def _kernel(key_stop_ref, full_keys_ref, q_ref, kt_ref, v_ref, q_mask_ref, kv_ma
         slot = slot_of(j)
         visible = None
         if masked:
-          keys = pl.ds(j * BLOCK_K, BLOCK_K)
-          kv_pos, kv_seg, kv_valid = (
-              lax.broadcast_in_dim(_load(kv_mask_ref, (b, r, keys), _COLUMN, interpret), (ROWS, BLOCK_K), [1])
-              for r in range(3))
-          visible = fa.visibility(q_pos, q_seg, kv_pos, kv_seg, kv_valid, causal)
+          keys = pl.ds(j * ROWS, ROWS)
+          visible = fa.visibility(q_pos, q_seg, *(columns_broadcast(kv_mask_ref, (b, r, keys), interpret)
+                                                  for r in range(3)), causal)
         plgpu.barrier_wait(k_loaded.at[slot])
         # Scores in log2 units (exp2 is one instruction); MASK_VALUE stays finite after the max.
-        scores = [_product(q_smem.at[wg, m], kt_smem.at[slot, m], (ROWS, BLOCK_K)) * _LOG2E
+        scores = [product(q_smem.at[wg, m], k_smem.at[slot, m], transpose_b=True, interpret=interpret) * LOG2E
                   for m in range(num_maps)]
         plgpu.barrier_arrive(k_consumed.at[slot])
         plgpu.barrier_wait(v_loaded.at[slot])
@@ -144,8 +230,8 @@ def _kernel(key_stop_ref, full_keys_ref, q_ref, kt_ref, v_ref, q_mask_ref, kv_ma
           p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
           if masked:
             p = jnp.where(visible, p, 0.0)
-          acc = _add_product(acc * lax.broadcast_in_dim(alpha, acc.shape, [0]), p.astype(v_smem.dtype),
-                             v_smem.at[slot], interpret)
+          acc = add_product(acc * lax.broadcast_in_dim(alpha, acc.shape, [0]), p.astype(v_smem.dtype),
+                            v_smem.at[slot], interpret)
           new.append((m_new, l * alpha + p.sum(axis=1), acc))
         plgpu.barrier_arrive(v_consumed.at[slot])
         return tuple(new)
@@ -153,18 +239,12 @@ def _kernel(key_stop_ref, full_keys_ref, q_ref, kt_ref, v_ref, q_mask_ref, kv_ma
 
     carry = lax.fori_loop(0, full, key_step(False), carry)
     carry = lax.fori_loop(full, stop, key_step(True), carry)
-
-    @pl.loop(stop, steps)
-    def _release(j):  # the other warpgroup's remaining blocks: seen loaded (every phase is observed), released
-      for loaded, consumed in ((k_loaded, k_consumed), (v_loaded, v_consumed)):
-        plgpu.barrier_wait(loaded.at[slot_of(j)])
-        plgpu.barrier_arrive(consumed.at[slot_of(j)])
-
+    release(stop, steps, (k_loaded, v_loaded), (k_consumed, v_consumed))
     for m, (m_i, l, acc) in enumerate(carry):
       seen = l > 0.0
       scale = jnp.where(seen, 1.0 / jnp.where(seen, l, 1.0), 0.0)
       out_smem.at[wg][...] = acc * lax.broadcast_in_dim(scale, acc.shape, [0])
-      lse_smem.at[wg, m][...] = jnp.where(seen, (m_i + jnp.log2(jnp.where(seen, l, 1.0))) / _LOG2E, 0.0)
+      lse_smem.at[wg, m][...] = jnp.where(seen, (m_i + jnp.log2(jnp.where(seen, l, 1.0))) / LOG2E, 0.0)
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(out_smem.at[wg], out_ref.at[bh, m, rows])
       plgpu.wait_smem_to_gmem(0)  # out_smem is reused for the next map
@@ -173,67 +253,40 @@ def _kernel(key_stop_ref, full_keys_ref, q_ref, kt_ref, v_ref, q_mask_ref, kv_ma
 
   @pl.when(wg == COMPUTE_WARPGROUPS)
   def _memory():
-    plgpu.set_max_registers(40, action="decrease")
-
-    def load(j):
-      slot, keys = slot_of(j), pl.ds(j * BLOCK_K, BLOCK_K)
+    def copy(j, slot):
+      keys = pl.ds(j * ROWS, ROWS)
       for m in range(num_maps):
-        plgpu.copy_gmem_to_smem(kt_ref.at[bh, m, :, keys], kt_smem.at[slot, m], k_loaded.at[slot])
+        plgpu.copy_gmem_to_smem(k_ref.at[bh, m, keys], k_smem.at[slot, m], k_loaded.at[slot])
       plgpu.copy_gmem_to_smem(v_ref.at[bh, keys], v_smem.at[slot], v_loaded.at[slot])
+    stream_blocks(copy, 0, steps, (k_consumed, v_consumed))
 
-    @pl.loop(0, jnp.minimum(steps, STAGES))
-    def _fill(j):
-      load(j)
 
-    @pl.loop(STAGES, steps)
-    def _stream(j):
-      plgpu.barrier_wait(k_consumed.at[slot_of(j)])  # both warpgroups are done with block j - STAGES
-      plgpu.barrier_wait(v_consumed.at[slot_of(j)])
-      load(j)
-
-    @pl.loop(jnp.maximum(steps - STAGES, 0), steps)
-    def _drain(j):  # the last blocks' release: every phase is observed
-      plgpu.barrier_wait(k_consumed.at[slot_of(j)])
-      plgpu.barrier_wait(v_consumed.at[slot_of(j)])
+def flat(x):
+  """Batch and heads as one leading axis: with a map's index and a tile's four, the five TMA can stride."""
+  return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
 
 
 def forward(q, k, v, masks, causal, block_q, block_k, *, interpret: bool):
   """Per-map outputs `[B, H, M, T, Dv]` (fp32) and log-sum-exp `[B, H, M, T]`, as `fa.xla_forward`, for
-  T a multiple of 128 and S of 64 (`flash_attention` pads to them). block_q and block_k are the Triton
-  kernels' and are not used: this kernel's blocks are fixed by wgmma (64 rows a warpgroup, 64 keys a step)."""
+  T and S multiples of TILE (`flash_attention` pads to them). block_q and block_k are the Triton kernels'
+  and are not used: these blocks are fixed by wgmma (64 rows a warpgroup, 64 keys a step)."""
   del block_q, block_k
   b, h, num_maps, t, d = q.shape
   s, dv = k.shape[3], v.shape[-1]
-  if q.dtype not in (jnp.bfloat16, jnp.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
-    raise ValueError(f"the Mosaic GPU attention kernel needs bfloat16 or float16 q, k, v, got {q.dtype}, "
-                     f"{k.dtype}, {v.dtype}: set model.dtype, or model.attention_gpu_forward='triton'.")
-  if t % (ROWS * COMPUTE_WARPGROUPS) or s % BLOCK_K:
-    raise ValueError(f"the Mosaic GPU attention kernel tiles {ROWS * COMPUTE_WARPGROUPS} queries and {BLOCK_K} "
-                     f"keys, got T={t}, S={s}.")
-  dp, dvp = -(-d // 16) * 16, -(-dv // 16) * 16
-  if dvp > 256:
-    raise ValueError(f"the Mosaic GPU attention kernel's P·v product is one wgmma, at most 256 columns wide; got "
-                     f"value width {dv}: set model.attention_gpu_forward='triton'.")
-  itemsize = jnp.dtype(q.dtype).itemsize
-  qk_swizzle, v_swizzle = swizzle(dp * itemsize), swizzle(dvp * itemsize)
-  # The `q kᵀ` operands share one swizzle: q's rows are dp wide, kᵀ's BLOCK_K.
-  qk_swizzle = min(qk_swizzle, swizzle(BLOCK_K * itemsize))
-  nq = t // ROWS
-  _, _, last_key, _ = fa.block_bounds(masks, ROWS, BLOCK_K, causal)
-  full_keys, _ = fa.full_blocks(masks, ROWS, BLOCK_K, causal)
+  check_inputs(t, s, q, k, v)
+  dp, dvp = widths(d, dv)
+  _, _, last_key, _ = fa.block_bounds(masks, ROWS, ROWS, causal)
+  full_keys, _ = fa.full_blocks(masks, ROWS, ROWS, causal)
   q_pos, q_seg, kv_pos, kv_seg, kv_valid = masks
-  # Batch and heads as one leading axis: with a map's index and a tile's four, the five TMA can stride.
-  flat = lambda x: x.reshape(b * h, *x.shape[2:])
-  kt = jnp.swapaxes(flat(pad_last(k, dp)), -1, -2)  # [B·H, M, D, S]
   out, lse = plgpu.kernel(
-      functools.partial(_kernel, heads=h, causal=causal, interpret=interpret),
+      functools.partial(_forward_kernel, heads=h, causal=causal, interpret=interpret),
       out_type=[jax.ShapeDtypeStruct((b * h, num_maps, t, dvp), jnp.float32),
                 jax.ShapeDtypeStruct((b * h, num_maps, t), jnp.float32)],
       scratch_types=[
-          _smem((COMPUTE_WARPGROUPS, num_maps, ROWS, dp), q.dtype, qk_swizzle),
-          _smem((STAGES, num_maps, dp, BLOCK_K), q.dtype, qk_swizzle),
-          _smem((STAGES, BLOCK_K, dvp), q.dtype, v_swizzle),
-          _smem((COMPUTE_WARPGROUPS, ROWS, dvp), jnp.float32, swizzle(dvp * 4)),
+          tile((COMPUTE_WARPGROUPS, num_maps, ROWS, dp), q.dtype),
+          tile((STAGES, num_maps, ROWS, dp), q.dtype),
+          tile((STAGES, ROWS, dvp), q.dtype),
+          tile((COMPUTE_WARPGROUPS, ROWS, dvp), jnp.float32),
           plgpu.SMEM((COMPUTE_WARPGROUPS, num_maps, ROWS), jnp.float32),
           plgpu.Barrier(num_arrivals=num_maps, num_barriers=COMPUTE_WARPGROUPS),  # one copy per map
           plgpu.Barrier(num_arrivals=num_maps, num_barriers=STAGES),
@@ -241,12 +294,7 @@ def forward(q, k, v, masks, causal, block_q, block_k, *, interpret: bool):
           plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS, num_barriers=STAGES),
           plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS, num_barriers=STAGES),
       ],
-      grid=(nq // COMPUTE_WARPGROUPS, b * h),
-      grid_names=("q_seq", "batch_heads"),
-      num_threads=COMPUTE_WARPGROUPS + 1,
-      thread_name="wg",
-      compiler_params=None if interpret else plgpu.CompilerParams(approx_math=True),
-      interpret=_interpreter() if interpret else None,
-  )(last_key + 1, full_keys, flat(pad_last(q, dp)), kt, flat(pad_last(v, dvp)), jnp.stack([q_pos, q_seg], 1),
-    jnp.stack([kv_pos, kv_seg, kv_valid], 1))
+      grid=(b * h, t // TILE), grid_names=("batch_heads", "blocks"), **compiler(interpret),
+  )(last_key + 1, full_keys, flat(pad_last(q, dp)), flat(pad_last(k, dp)), flat(pad_last(v, dvp)),
+    jnp.stack([q_pos, q_seg], 1), jnp.stack([kv_pos, kv_seg, kv_valid], 1))
   return out.reshape(b, h, num_maps, t, dvp)[..., :dv], lse.reshape(b, h, num_maps, t)
