@@ -38,7 +38,8 @@ def add_parser(commands) -> None:
   attention.add_argument("--impls", nargs="+", default=("explicit", "blockwise"),
                          choices=attention_ops.IMPLEMENTATIONS + tuple(VARIANTS) + BASELINES,
                          help="implementations of differential attention (pallas_one_pass: the GPU kernels with "
-                         "the one-pass backward) and flash baselines to sweep")
+                         "the one-pass backward; pallas_mosaic: the Mosaic GPU kernels, pallas_mosaic_forward: its "
+                         "forward with Triton's backward) and flash baselines to sweep")
   attention.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                          help="q, k, v dtype of the sweep")
   attention.add_argument("--sweep-batch", type=POSITIVE, default=1)
@@ -87,8 +88,9 @@ def _attention_layer_ratio(args, config) -> None:
 
 BASELINES = ("four_flash_calls", "standard_flash")
 VARIANTS = {"pallas_one_pass": dict(implementation="pallas", gpu_backward="one_pass"),
-            "pallas_mosaic": dict(implementation="pallas", gpu_forward="mosaic", gpu_backward="mosaic"),
-            "pallas_mosaic_forward": dict(implementation="pallas", gpu_forward="mosaic")}
+            # The GPU layout forced, so that off a GPU the Mosaic GPU kernels run interpreted, not Triton's.
+            "pallas_mosaic": dict(implementation="pallas_gpu", gpu_forward="mosaic", gpu_backward="mosaic"),
+            "pallas_mosaic_forward": dict(implementation="pallas_gpu", gpu_forward="mosaic")}
 
 
 def _flash_baseline(name: str, q, k, v, lam):

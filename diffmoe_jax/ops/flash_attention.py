@@ -39,8 +39,6 @@ GPU_BACKWARDS = ("two_pass", "one_pass", "mosaic")
 # The GPU forward: "triton" (`pallas_attention.py`, any NVIDIA or AMD GPU) or "mosaic"
 # (`mosaic_gpu_attention.py`: Hopper's TMA and wgmma, 16-bit inputs).
 GPU_FORWARDS = ("triton", "mosaic")
-# The Mosaic GPU kernels' program tile (`mosaic_gpu_attention.TILE`): queries and keys are padded to it.
-MOSAIC_TILE = 128
 # The checkpoint name of the custom VJP's residuals: per-map outputs and log-sum-exp.
 RESIDUALS_NAME = "flash_residuals"
 
@@ -321,9 +319,9 @@ def _pallas_stage(kernel: str, stage: str, gpu_backward: str, gpu_launches: tupl
   gpu = functools.partial(gpu, launches={name: pallas_attention.Launch(*launch) for name, launch in gpu_launches})
   if stage == "backward":
     gpu = functools.partial(gpu, one_pass=gpu_backward == "one_pass")
-  mosaic = {"forward": (gpu_forward, mosaic_gpu_attention.forward),
-            "backward": (gpu_backward, mosaic_gpu_attention_backward.backward)}[stage]
-  cuda = mosaic[1] if mosaic[0] == "mosaic" else gpu
+  choice, mosaic_stage = {"forward": (gpu_forward, mosaic_gpu_attention.forward),
+                           "backward": (gpu_backward, mosaic_gpu_attention_backward.backward)}[stage]
+  cuda = mosaic_stage if choice == "mosaic" else gpu
 
   def run(*args):
     arrays, static = args[:-3], args[-3:]  # (..., causal, block_q, block_k)
@@ -440,7 +438,8 @@ def flash_attention(q, k, v, weights, *, q_positions, kv_positions, causal: bool
   gpu_launches = fit_launches(gpu_launches, t, s) if kernel != "xla" else ()
   q_blocks, k_blocks = _launch_blocks(gpu_launches)
   if "mosaic" in (gpu_forward, gpu_backward) and kernel in ("pallas", "pallas_gpu"):
-    q_blocks, k_blocks = [*q_blocks, MOSAIC_TILE], [*k_blocks, MOSAIC_TILE]
+    from diffmoe_jax.ops.mosaic_gpu_attention import TILE  # the Mosaic GPU kernels' program rows
+    q_blocks, k_blocks = [*q_blocks, TILE], [*k_blocks, TILE]
   q_multiple, k_multiple = max([bq, *q_blocks]), max([bk, *k_blocks])  # powers of two: the largest tiles all
   zeros_t, zeros_s = jnp.zeros((batch, t), jnp.int32), jnp.zeros((batch, s), jnp.int32)
   q_seg = zeros_t if q_segment_ids is None else jnp.asarray(q_segment_ids, jnp.int32)
