@@ -216,13 +216,11 @@ def _forward_kernel(key_stop_ref, full_keys_ref, q_ref, k_ref, v_ref, q_mask_ref
           visible = fa.visibility(q_pos, q_seg, *(columns_broadcast(kv_mask_ref, (b, r, keys), interpret)
                                                   for r in range(3)), causal)
         plgpu.barrier_wait(k_loaded.at[slot])
-        # Scores in log2 units (exp2 is one instruction); MASK_VALUE stays finite after the max.
-        scores = [product(q_smem.at[wg, m], k_smem.at[slot, m], transpose_b=True, interpret=interpret) * LOG2E
-                  for m in range(num_maps)]
-        plgpu.barrier_arrive(k_consumed.at[slot])
         plgpu.barrier_wait(v_loaded.at[slot])
         new = []
-        for s, (m_old, l, acc) in zip(scores, carry):
+        for m, (m_old, l, acc) in enumerate(carry):  # a map at a time: one map's scores live in registers
+          # Scores in log2 units (exp2 is one instruction); MASK_VALUE stays finite after the max.
+          s = product(q_smem.at[wg, m], k_smem.at[slot, m], transpose_b=True, interpret=interpret) * LOG2E
           if masked:
             s = jnp.where(visible, s, fa.MASK_VALUE)
           m_new = jnp.maximum(m_old, s.max(axis=1))
@@ -233,6 +231,7 @@ def _forward_kernel(key_stop_ref, full_keys_ref, q_ref, k_ref, v_ref, q_mask_ref
           acc = add_product(acc * lax.broadcast_in_dim(alpha, acc.shape, [0]), p.astype(v_smem.dtype),
                             v_smem.at[slot], interpret)
           new.append((m_new, l * alpha + p.sum(axis=1), acc))
+        plgpu.barrier_arrive(k_consumed.at[slot])
         plgpu.barrier_arrive(v_consumed.at[slot])
         return tuple(new)
       return step

@@ -11,6 +11,10 @@ orientation (rows are keys): `sᵀ = k qᵀ` per map, `dCᵀ = v gᵀ` once, `ds
 dq: a program holds 128 queries as the forward does; the memory warpgroup streams key blocks (k per map
 and v). Per block: `s = q kᵀ` per map, `dC = g vᵀ` once, `ds = w·p ⊙ (dC − δ)`, `dq += ds k` per map.
 
+Maps are taken one at a time, so one map's `[64, 64]` fp32 tiles are live at once (32 registers a thread
+each): beside the accumulators (at PI-P's widths, dk/dv's 2 × 40 + 72 = 152 registers a thread, dq's 80)
+that keeps a compute warpgroup near its 232.
+
 Both write their results in the inputs' dtype (the accumulators are fp32 to the end, and the VJP casts
 the Triton kernels' fp32 results to that dtype anyway), through the shared memory their inputs used.
 """
@@ -71,14 +75,13 @@ def _dkv_kernel(first_query_ref, full_queries_ref, q_ref, k_ref, v_ref, g_ref, s
           queries = pl.ds(j * ROWS, ROWS)
           q_pos, q_seg = (mga.columns_broadcast(q_mask_ref, (b, r, queries), interpret) for r in range(2))
           visible = fa.visibility(q_pos, q_seg, kv_pos, kv_seg, kv_valid, causal)
-        plgpu.barrier_wait(q_loaded.at[slot])
-        scores = [mga.product(k_smem.at[wg, m], q_smem.at[slot, m], transpose_b=True, interpret=interpret)
-                  for m in range(num_maps)]
         plgpu.barrier_wait(g_loaded.at[slot])
         d_combined = mga.product(v_smem.at[wg], g_smem.at[slot], transpose_b=True, interpret=interpret)
         stat = lambda r, m: mga.columns_broadcast(stats_smem, (slot, r, m), interpret)
+        plgpu.barrier_wait(q_loaded.at[slot])
         new_dk, combined_p = [], None
-        for m, s in enumerate(scores):
+        for m in range(num_maps):  # a map at a time: one map's scores live in registers
+          s = mga.product(k_smem.at[wg, m], q_smem.at[slot, m], transpose_b=True, interpret=interpret)
           p = jnp.exp2(s * mga.LOG2E - stat(0, m))
           if masked:
             p = jnp.where(visible, p, 0.0)
@@ -148,14 +151,13 @@ def _dq_kernel(key_stop_ref, full_keys_ref, q_ref, k_ref, v_ref, g_ref, stats_re
           keys = pl.ds(j * ROWS, ROWS)
           visible = fa.visibility(q_pos, q_seg, *(mga.columns_broadcast(kv_mask_ref, (b, r, keys), interpret)
                                                   for r in range(3)), causal)
-        plgpu.barrier_wait(k_loaded.at[slot])
-        scores = [mga.product(q_smem.at[wg, m], k_smem.at[slot, m], transpose_b=True, interpret=interpret)
-                  for m in range(num_maps)]
         plgpu.barrier_wait(v_loaded.at[slot])
         d_combined = mga.product(g_smem.at[wg], v_smem.at[slot], transpose_b=True, interpret=interpret)
         plgpu.barrier_arrive(v_consumed.at[slot])
+        plgpu.barrier_wait(k_loaded.at[slot])
         new = []
-        for m, s in enumerate(scores):
+        for m in range(num_maps):  # a map at a time: one map's scores live in registers
+          s = mga.product(q_smem.at[wg, m], k_smem.at[slot, m], transpose_b=True, interpret=interpret)
           lse, delta, w = stats[m]
           p = jnp.exp2(s * mga.LOG2E - lse)
           if masked:
