@@ -93,6 +93,11 @@ def validate_model(m: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   for field in ("attention_gpu_forward", "attention_gpu_backward"):
     require(m[field] != "mosaic" or m.dtype in ("bfloat16", "float16"), f"model.{field}",
             f"'mosaic' needs 16-bit activations (model.dtype bfloat16 or float16), got model.dtype {m.dtype!r}.")
+    if m[field] == "mosaic" and m.attention_impl == "pallas_gpu" and m.remat_policy != "none":
+      import jax
+      require(jax.default_backend() == "gpu", f"model.{field}",
+              "'mosaic' with attention_impl 'pallas_gpu' runs Mosaic GPU's interpreter off a GPU, which cannot run "
+              "under remat; set model.remat_policy 'none', or run on a GPU.")
   gpu_launches(m)
   for field in ("attention_block_q", "attention_block_k"):
     require(isinstance(m[field], int) and m[field] >= 0 and m[field] & (m[field] - 1) == 0, f"model.{field}",

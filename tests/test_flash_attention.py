@@ -275,11 +275,16 @@ def predictor_model(make_config):
   return cfg, params
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", PATHS + ("pallas_mosaic",))
 def test_predictor_mode_is_causal_on_every_path(predictor_model, path):
   cfg, params = predictor_model
   model_cfg = cfg.model.copy_and_resolve_references()
   model_cfg.attention_impl = path
+  if path == "pallas_mosaic":  # in bf16, the kernels' only dtype
+    if jax.default_backend() != "gpu":
+      pytest.skip("interpreted, the Mosaic GPU kernels take minutes here; launch/gpu_checks.sh runs this on a GPU")
+    model_cfg.update(attention_impl="pallas", attention_gpu_forward="mosaic", attention_gpu_backward="mosaic",
+                     dtype="bfloat16")
   model = model_lib.build_model(model_cfg)
   apply = jax.jit(lambda t: model.apply({"params": params}, t, mod_mode="predictor"))
   tokens = jnp.asarray(np.random.default_rng(3).integers(0, 64, (2, 16)), jnp.int32)

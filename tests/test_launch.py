@@ -148,7 +148,8 @@ def test_gpu_checks_select_every_kernel_test_they_name():
   for name in ("test_path_matches_float64_reference[pallas-", "test_path_matches_float64_reference[fused-",
                "test_bf16_inputs[pallas-", "test_bf16_inputs[pallas_mosaic-",
                "test_no_queries_or_no_keys_give_an_empty_or_zero_output[pallas-",
-               "test_predictor_mode_is_causal_on_every_path[pallas]", "test_fused_path_uses_cudnn_only",
+               "test_predictor_mode_is_causal_on_every_path[pallas]",
+               "test_predictor_mode_is_causal_on_every_path[pallas_mosaic]", "test_fused_path_uses_cudnn_only",
                "test_gpu_kernels_split_head_widths_into_power_of_two_chunks"):
     assert any(name in line for line in collected), (name, collected)
   assert not any("pallas_tpu" in line for line in collected)

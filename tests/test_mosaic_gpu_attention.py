@@ -138,3 +138,19 @@ def test_swizzle_is_the_widest_that_tiles_a_row():
   assert [mga.swizzle(n) for n in (128, 160, 288, 64, 576)] == [128, 32, 32, 64, 64]
   with pytest.raises(ValueError, match="a 48-byte row fits no wgmma swizzle"):
     mga.swizzle(48)
+
+
+def test_interpreting_the_kernels_under_remat_is_refused(make_config):
+  """Off a GPU, "pallas_gpu" interprets the Mosaic GPU kernels, whose interpreter's ordered effects remat
+  cannot partially evaluate (JAX raised NotImplementedError from inside the model); without remat they run."""
+  from diffmoe_jax import validation
+  from diffmoe_jax.config import ConfigError
+  if jax.default_backend() == "gpu":
+    pytest.skip("on a GPU the kernels run compiled, under remat too")
+  cfg = make_config(**{"attention_impl": "pallas_gpu", "attention_gpu_backward": "mosaic", "dtype": "bfloat16"})
+  with pytest.raises(ConfigError, match=r"config\.model\.attention_gpu_backward: 'mosaic' with attention_impl "
+                     r"'pallas_gpu' runs Mosaic GPU's interpreter off a GPU, which cannot run under remat; set "
+                     r"model\.remat_policy 'none', or run on a GPU\."):
+    validation.validate_model(cfg.model)
+  cfg.model.remat_policy = "none"
+  validation.validate_model(cfg.model)
