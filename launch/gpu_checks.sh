@@ -2,7 +2,7 @@
 # On one GPU: the attention kernels against the float64 reference and whole-model causality, run on the
 # accelerator, then the GPU benchmarks of the README's table. Each step runs under its own time limit, so
 # one that hangs or fails does not stop the rest; the script exits non-zero if any step failed. All steps
-# together take about fourteen minutes on an H200; naming steps runs only those (e.g. in two shorter runs).
+# together take about fifteen minutes on an H200; naming steps runs only those (e.g. in two shorter runs).
 #
 #   bash launch/gpu_checks.sh [LOG_DIR [STEP ...]]      # each step's output also goes to LOG_DIR/<step>.log
 set -u
@@ -44,7 +44,7 @@ step versions 30 python3 -c "import jax, flax, optax; print('jax', jax.__version
 # The Pallas kernels (Triton; Mosaic GPU's in the bf16 cases) and the cuDNN path on the accelerator:
 # every reference case, bf16, no queries, and causality in predictor-routed MoD mode.
 kernel_tests="(reference or bf16 or no_queries or causal_on_every_path or cudnn) and (pallas or fused)"
-step kernel_tests 120 env JAX_PLATFORMS=cuda python3 -m pytest -q -p no:cacheprovider tests/test_flash_attention.py \
+step kernel_tests 180 env JAX_PLATFORMS=cuda python3 -m pytest -q -p no:cacheprovider tests/test_flash_attention.py \
   -k "($kernel_tests and not pallas_tpu) or power_of_two_chunks"
 train_pi_p="python3 -m diffmoe_jax.bench train --config=configs/pi_p.py --layers 4 --seq-len 4096 --steps 5"
 train_pi_p+=" --data-batches 20"
