@@ -19,8 +19,9 @@ power-of-two column chunks (`column_chunks`: 72 as 64 + 16, 144 as 128 + 16): sc
 products and each output chunk accumulates alone. Padding to the next power of two instead (128 and
 256 for PI-P) costs 1.8x the FLOPs and measured 2.6-3x the time of power-of-two heads of 64 and 128.
 
-These are the GPU kernels (TPU's are in `pallas_tpu_attention.py`). They are lowered by Triton, never by
-Mosaic GPU (jax's default for a `pallas_call` without compiler parameters): Mosaic GPU
+These are the Triton GPU kernels (TPU's are in `pallas_tpu_attention.py`; Hopper's Mosaic GPU ones, which
+stream their blocks through shared memory themselves, in `mosaic_gpu_attention.py`). They are lowered by
+Triton, never by Mosaic GPU (jax's default for a `pallas_call` without compiler parameters): Mosaic GPU
 copies every block into shared memory, and the whole-sequence K/V blocks the query-blocked kernels read
 from overflow it at any useful length (437 KB at T = 512, D = 64). Triton loads only the `pl.ds` slices
 a loop step touches.
