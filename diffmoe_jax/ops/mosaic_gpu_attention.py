@@ -143,6 +143,17 @@ def stream_blocks(copy, start, stop, consumed):
       plgpu.barrier_wait(barrier.at[slot_of(j)])
 
 
+def stream_key_blocks(bh, k_ref, v_ref, k_smem, v_smem, loaded, consumed, stop):
+  """The memory warpgroup of the query-blocked kernels (forward, dq): key blocks [0, stop), k per map and v
+  (`loaded` = (k's barriers, v's))."""
+  def copy(j, slot):
+    keys = pl.ds(j * ROWS, ROWS)
+    for m in range(k_smem.shape[1]):
+      plgpu.copy_gmem_to_smem(k_ref.at[bh, m, keys], k_smem.at[slot, m], loaded[0].at[slot])
+    plgpu.copy_gmem_to_smem(v_ref.at[bh, keys], v_smem.at[slot], loaded[1].at[slot])
+  stream_blocks(copy, 0, stop, consumed)
+
+
 def release(start, stop, loaded, consumed):
   """A compute warpgroup's blocks [start, stop) that only the other needs: seen loaded, released."""
   @pl.loop(start, stop)
@@ -153,6 +164,22 @@ def release(start, stop, loaded, consumed):
       plgpu.barrier_arrive(barrier.at[slot_of(j)])
 
 
+def program_ids(heads: int):
+  """The program's batch·head index, batch index, warpgroup and first 64-row block."""
+  bh, program, wg = (lax.axis_index(name) for name in ("batch_heads", "blocks", "wg"))
+  return bh, lax.div(bh, heads), wg, program * COMPUTE_WARPGROUPS
+
+
+def table(ref, b, block, interpret: bool):
+  """A block table's `[B, blocks]` entry (a scalar)."""
+  return load(ref, (b, block), None, interpret)
+
+
+def both_warpgroups(reduce, ref, b, first_block, interpret: bool):
+  """`reduce` of the two compute warpgroups' table entries: the streamed range's end (max) or start (min)."""
+  return reduce(table(ref, b, first_block, interpret), table(ref, b, first_block + 1, interpret))
+
+
 def rows_broadcast(ref, index, interpret: bool, width: int = ROWS):
   """A per-row vector `ref[index]` `[ROWS]`, broadcast along the columns: `[ROWS, width]`."""
   return lax.broadcast_in_dim(load(ref, index, ROW, interpret), (ROWS, width), [0])
@@ -161,6 +188,14 @@ def rows_broadcast(ref, index, interpret: bool, width: int = ROWS):
 def columns_broadcast(ref, index, interpret: bool):
   """A per-column vector `ref[index]` `[ROWS]`, broadcast along the rows: `[ROWS, ROWS]`."""
   return lax.broadcast_in_dim(load(ref, index, COLUMN, interpret), (ROWS, ROWS), [1])
+
+
+def key_block_visibility(q_pos, q_seg, kv_mask_ref, b, j, causal: bool, interpret: bool):
+  """Which pairs of a warpgroup's queries (positions and segments broadcast `[ROWS, ROWS]`) and key block j
+  are visible: `[ROWS, ROWS]` bool."""
+  keys = pl.ds(j * ROWS, ROWS)
+  return fa.visibility(q_pos, q_seg, *(columns_broadcast(kv_mask_ref, (b, r, keys), interpret) for r in range(3)),
+                       causal)
 
 
 def compiler(interpret: bool) -> dict:
@@ -186,19 +221,16 @@ def _forward_kernel(key_stop_ref, full_keys_ref, q_ref, k_ref, v_ref, q_mask_ref
                     q_smem, k_smem, v_smem, out_smem, lse_smem, q_loaded, k_loaded, v_loaded, k_consumed,
                     v_consumed, *, heads: int, causal: bool, interpret: bool):
   num_maps, dvp = k_smem.shape[1], v_smem.shape[-1]
-  bh, program, wg = (lax.axis_index(name) for name in ("batch_heads", "blocks", "wg"))
-  b = lax.div(bh, heads)
-  scalar = lambda ref, *index: load(ref, index, None, interpret)
-  first_block = program * COMPUTE_WARPGROUPS
-  steps = jnp.maximum(scalar(key_stop_ref, b, first_block), scalar(key_stop_ref, b, first_block + 1))
+  bh, b, wg, first_block = program_ids(heads)
+  steps = both_warpgroups(jnp.maximum, key_stop_ref, b, first_block, interpret)
   set_registers(wg)
 
   @pl.when(wg < COMPUTE_WARPGROUPS)
   def _compute():
     block = first_block + wg
     rows = pl.ds(block * ROWS, ROWS)
-    stop = scalar(key_stop_ref, b, block)
-    full = jnp.minimum(scalar(full_keys_ref, b, block), stop)
+    stop = table(key_stop_ref, b, block, interpret)
+    full = jnp.minimum(table(full_keys_ref, b, block, interpret), stop)
     for m in range(num_maps):  # a map at a time: TMA strides over at most 5 dimensions, tiles included
       plgpu.copy_gmem_to_smem(q_ref.at[bh, m, rows], q_smem.at[wg, m], q_loaded.at[wg])
     q_pos, q_seg = (rows_broadcast(q_mask_ref, (b, r, rows), interpret) for r in range(2))
@@ -210,11 +242,7 @@ def _forward_kernel(key_stop_ref, full_keys_ref, q_ref, k_ref, v_ref, q_mask_ref
     def key_step(masked: bool):
       def step(j, carry):
         slot = slot_of(j)
-        visible = None
-        if masked:
-          keys = pl.ds(j * ROWS, ROWS)
-          visible = fa.visibility(q_pos, q_seg, *(columns_broadcast(kv_mask_ref, (b, r, keys), interpret)
-                                                  for r in range(3)), causal)
+        visible = key_block_visibility(q_pos, q_seg, kv_mask_ref, b, j, causal, interpret) if masked else None
         plgpu.barrier_wait(k_loaded.at[slot])
         plgpu.barrier_wait(v_loaded.at[slot])
         new = []
@@ -250,14 +278,8 @@ def _forward_kernel(key_stop_ref, full_keys_ref, q_ref, k_ref, v_ref, q_mask_ref
     plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[bh, :, rows])
     plgpu.wait_smem_to_gmem(0)
 
-  @pl.when(wg == COMPUTE_WARPGROUPS)
-  def _memory():
-    def copy(j, slot):
-      keys = pl.ds(j * ROWS, ROWS)
-      for m in range(num_maps):
-        plgpu.copy_gmem_to_smem(k_ref.at[bh, m, keys], k_smem.at[slot, m], k_loaded.at[slot])
-      plgpu.copy_gmem_to_smem(v_ref.at[bh, keys], v_smem.at[slot], v_loaded.at[slot])
-    stream_blocks(copy, 0, steps, (k_consumed, v_consumed))
+  pl.when(wg == COMPUTE_WARPGROUPS)(functools.partial(
+      stream_key_blocks, bh, k_ref, v_ref, k_smem, v_smem, (k_loaded, v_loaded), (k_consumed, v_consumed), steps))
 
 
 def flat(x):

@@ -45,19 +45,16 @@ def _dkv_kernel(first_query_ref, full_queries_ref, q_ref, k_ref, v_ref, g_ref, s
                 g_loaded, q_consumed, g_consumed, *, heads: int, causal: bool, interpret: bool):
   num_maps, dp, dvp = k_smem.shape[1], k_smem.shape[-1], v_smem.shape[-1]
   num_query_blocks = q_ref.shape[2] // ROWS
-  bh, program, wg = (lax.axis_index(name) for name in ("batch_heads", "blocks", "wg"))
-  b = lax.div(bh, heads)
-  scalar = lambda ref, *index: mga.load(ref, index, None, interpret)
-  first_block = program * COMPUTE_WARPGROUPS
-  start = jnp.minimum(scalar(first_query_ref, b, first_block), scalar(first_query_ref, b, first_block + 1))
+  bh, b, wg, first_block = mga.program_ids(heads)
+  start = mga.both_warpgroups(jnp.minimum, first_query_ref, b, first_block, interpret)
   mga.set_registers(wg)
 
   @pl.when(wg < COMPUTE_WARPGROUPS)
   def _compute():
     block = first_block + wg
     keys = pl.ds(block * ROWS, ROWS)
-    first = scalar(first_query_ref, b, block)
-    split = jnp.clip(scalar(full_queries_ref, b, block), first, num_query_blocks)
+    first = mga.table(first_query_ref, b, block, interpret)
+    split = jnp.clip(mga.table(full_queries_ref, b, block, interpret), first, num_query_blocks)
     for m in range(num_maps):
       plgpu.copy_gmem_to_smem(k_ref.at[bh, m, keys], k_smem.at[wg, m], kv_loaded.at[wg])
     plgpu.copy_gmem_to_smem(v_ref.at[bh, keys], v_smem.at[wg], kv_loaded.at[wg])
@@ -121,19 +118,16 @@ def _dq_kernel(key_stop_ref, full_keys_ref, q_ref, k_ref, v_ref, g_ref, stats_re
                dq_ref, q_smem, g_smem, k_smem, v_smem, q_loaded, k_loaded, v_loaded, k_consumed, v_consumed, *,
                heads: int, causal: bool, interpret: bool):
   num_maps, dp = q_smem.shape[1], q_smem.shape[-1]
-  bh, program, wg = (lax.axis_index(name) for name in ("batch_heads", "blocks", "wg"))
-  b = lax.div(bh, heads)
-  scalar = lambda ref, *index: mga.load(ref, index, None, interpret)
-  first_block = program * COMPUTE_WARPGROUPS
-  steps = jnp.maximum(scalar(key_stop_ref, b, first_block), scalar(key_stop_ref, b, first_block + 1))
+  bh, b, wg, first_block = mga.program_ids(heads)
+  steps = mga.both_warpgroups(jnp.maximum, key_stop_ref, b, first_block, interpret)
   mga.set_registers(wg)
 
   @pl.when(wg < COMPUTE_WARPGROUPS)
   def _compute():
     block = first_block + wg
     rows = pl.ds(block * ROWS, ROWS)
-    stop = scalar(key_stop_ref, b, block)
-    full = jnp.minimum(scalar(full_keys_ref, b, block), stop)
+    stop = mga.table(key_stop_ref, b, block, interpret)
+    full = jnp.minimum(mga.table(full_keys_ref, b, block, interpret), stop)
     for m in range(num_maps):
       plgpu.copy_gmem_to_smem(q_ref.at[bh, m, rows], q_smem.at[wg, m], q_loaded.at[wg])
     plgpu.copy_gmem_to_smem(g_ref.at[bh, rows], g_smem.at[wg], q_loaded.at[wg])
@@ -146,11 +140,7 @@ def _dq_kernel(key_stop_ref, full_keys_ref, q_ref, k_ref, v_ref, g_ref, stats_re
     def key_step(masked: bool):
       def step(j, dq):
         slot = slot_of(j)
-        visible = None
-        if masked:
-          keys = pl.ds(j * ROWS, ROWS)
-          visible = fa.visibility(q_pos, q_seg, *(mga.columns_broadcast(kv_mask_ref, (b, r, keys), interpret)
-                                                  for r in range(3)), causal)
+        visible = mga.key_block_visibility(q_pos, q_seg, kv_mask_ref, b, j, causal, interpret) if masked else None
         plgpu.barrier_wait(v_loaded.at[slot])
         d_combined = mga.product(g_smem.at[wg], v_smem.at[slot], transpose_b=True, interpret=interpret)
         plgpu.barrier_arrive(v_consumed.at[slot])
@@ -178,14 +168,8 @@ def _dq_kernel(key_stop_ref, full_keys_ref, q_ref, k_ref, v_ref, g_ref, stats_re
       plgpu.copy_smem_to_gmem(q_smem.at[wg, m], dq_ref.at[bh, m, rows])
     plgpu.wait_smem_to_gmem(0)
 
-  @pl.when(wg == COMPUTE_WARPGROUPS)
-  def _memory():
-    def copy(j, slot):
-      keys = pl.ds(j * ROWS, ROWS)
-      for m in range(num_maps):
-        plgpu.copy_gmem_to_smem(k_ref.at[bh, m, keys], k_smem.at[slot, m], k_loaded.at[slot])
-      plgpu.copy_gmem_to_smem(v_ref.at[bh, keys], v_smem.at[slot], v_loaded.at[slot])
-    mga.stream_blocks(copy, 0, steps, (k_consumed, v_consumed))
+  pl.when(wg == COMPUTE_WARPGROUPS)(functools.partial(
+      mga.stream_key_blocks, bh, k_ref, v_ref, k_smem, v_smem, (k_loaded, v_loaded), (k_consumed, v_consumed), steps))
 
 
 def backward(q, k, v, w, g, lse, delta, masks, causal, block_q, block_k, *, interpret: bool):
