@@ -178,7 +178,7 @@ def backward(q, k, v, w, g, lse, delta, masks, causal, block_q, block_k, *, inte
   del block_q, block_k
   b, h, num_maps, t, d = q.shape
   s, dv = k.shape[3], v.shape[-1]
-  mga.check_inputs(t, s, q, k, v, g.astype(q.dtype))
+  mga.check_inputs(t, s, q, k, v)
   dp, dvp = mga.widths(d, dv)
   _, _, last_key, first_query = fa.block_bounds(masks, ROWS, ROWS, causal)
   full_keys, full_queries = fa.full_blocks(masks, ROWS, ROWS, causal)
