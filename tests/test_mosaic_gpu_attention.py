@@ -142,7 +142,8 @@ def test_swizzle_is_the_widest_that_tiles_a_row():
 
 def test_interpreting_the_kernels_under_remat_is_refused(make_config):
   """Off a GPU, "pallas_gpu" interprets the Mosaic GPU kernels, whose interpreter's ordered effects remat
-  cannot partially evaluate (JAX raised NotImplementedError from inside the model); without remat they run."""
+  cannot partially evaluate (JAX refused them with a traceback from inside the model); without remat they
+  run."""
   from diffmoe_jax import validation
   from diffmoe_jax.config import ConfigError
   if jax.default_backend() == "gpu":

@@ -180,9 +180,9 @@ def both_warpgroups(reduce, ref, b, first_block, interpret: bool):
   return reduce(table(ref, b, first_block, interpret), table(ref, b, first_block + 1, interpret))
 
 
-def rows_broadcast(ref, index, interpret: bool, width: int = ROWS):
-  """A per-row vector `ref[index]` `[ROWS]`, broadcast along the columns: `[ROWS, width]`."""
-  return lax.broadcast_in_dim(load(ref, index, ROW, interpret), (ROWS, width), [0])
+def rows_broadcast(ref, index, interpret: bool):
+  """A per-row vector `ref[index]` `[ROWS]`, broadcast along the columns: `[ROWS, ROWS]`."""
+  return lax.broadcast_in_dim(load(ref, index, ROW, interpret), (ROWS, ROWS), [0])
 
 
 def columns_broadcast(ref, index, interpret: bool):
