@@ -120,7 +120,21 @@ def test_router_noise_and_mod_capacity_anneal(tiny):
     step = sparsify.start + i * sparsify.steps // 4
     assert cur.settings(step).mod_capacity == math.ceil(level * 128) / 128
   assert cur.settings(0).mod_mode == "off"  # warmup runs every token
-  assert cur.settings(sparsify.start).mod_mode == "topk"
+  assert cur.settings(sparsify.start + sparsify.steps // 4).mod_mode == "topk"
+
+
+def test_capacity_one_runs_mod_off_and_leaves_the_predictor_untrained(tiny):
+  """At capacity 1 top-k selects every token: "off" computes the same function without the sort and gathers,
+  and the predictor is not taught that every token runs (its target from then on is the sparse decision)."""
+  cur = Curriculum(tiny)
+  foundation, sparsify = cur.phases[1], cur.phases[2]
+  for step in (foundation.start, foundation.end - 1, sparsify.start):
+    settings = cur.settings(step)
+    assert (settings.mod_mode, settings.mod_capacity) == ("off", 1.0)
+    assert step_lib.dynamic_settings(settings)["mod_predictor_weight"] == 0.0
+  later = cur.settings(sparsify.start + sparsify.steps // 4)
+  assert later.mod_mode == "topk" and later.mod_capacity < 1.0
+  assert step_lib.dynamic_settings(later)["mod_predictor_weight"] == later.phase.mod_predictor_weight > 0.0
 
 
 def test_shape_keys_list_every_program(tiny):
@@ -188,14 +202,14 @@ def test_a_run_resumed_at_each_phase_boundary_gets_the_readme_table(tiny):
   """What a run resumed at a phase's first step (or stopped at its last) trains with, against the README's curriculum
   table written out by hand for tiny at 600 steps: context (of 256), batch (2,048 tokens), LR, router noise, MoD,
   domain mix and the loss weights (load balance 10⁻² up to specialize, 10⁻³ from there; z 10⁻³; predictor 10⁻²
-  with MoD on)."""
+  while MoD selects fewer than every token)."""
   peak, even = 3e-3, {"code": 0.5, "docs": 0.5}
-  # step: (phase, seq_len, batch, lr, router noise, MoD capacity or None for off, load balance, domain mix)
+  # step: (phase, seq_len, batch, lr, router noise, MoD capacity or None for off (so at capacity 1), load balance, domain mix)
   table = {
       0: ("warmup", 64, 32, 0.0, 0.5, None, 1e-2, even),
       29: ("warmup", 64, 32, peak, 0.5, None, 1e-2, even),
-      30: ("foundation", 128, 16, peak, 0.5, 1.0, 1e-2, even),
-      240: ("sparsify", 128, 16, peak, 0.5, 1.0, 1e-2, even),
+      30: ("foundation", 128, 16, peak, 0.5, None, 1e-2, even),
+      240: ("sparsify", 128, 16, peak, 0.5, None, 1e-2, even),
       359: ("sparsify", 128, 16, peak, 0.0, 0.25, 1e-2, even),
       360: ("specialize", 128, 16, peak, 0.0, 0.25, 1e-3, {"code": 0.7, "docs": 0.3}),
       450: ("long_context", 256, 8, peak, 0.0, 0.25, 1e-3, even),

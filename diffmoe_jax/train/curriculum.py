@@ -106,10 +106,15 @@ class Curriculum:
   def _mod_setting(self, phase: Phase, step: int) -> tuple[str, float]:
     """(MoD mode, capacity) of `step` in `phase`: "off" at 1.0, or "topk" at the annealed capacity in whole
     tokens, counted as the routed layer counts them, so capacities that select the same number of tokens
-    share one compiled step."""
+    share one compiled step.
+
+    A capacity that selects every token runs "off": the same function (updates scaled by the router's
+    sigmoid in both) without the sort and gathers, and no predictor loss, whose target would be all ones.
+    """
     if not (self.model_has_mod and phase.mod_enabled):
       return "off", 1.0
-    return "topk", routing.mod_capacity_tokens(self._mod_capacity(phase, step), phase.seq_len) / phase.seq_len
+    selected = routing.mod_capacity_tokens(self._mod_capacity(phase, step), phase.seq_len)
+    return ("off", 1.0) if selected == phase.seq_len else ("topk", selected / phase.seq_len)
 
   def tokens_by_setting(self) -> dict[tuple[int, str, float], int]:
     """The tokens the whole curriculum trains at each (sequence length, MoD mode, MoD capacity): what its
