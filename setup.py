@@ -26,6 +26,8 @@ setup(
     ],
     extras_require={
         "tokenizers": ["sentencepiece>=0.2", "tokenizers>=0.20"],
+        # `bench gpu_compile` on a host without a GPU: JAX's CUDA plugin (of the installed jaxlib) and ptxas.
+        "gpu-compile": ["jax[cuda12-local]", "nvidia-cuda-nvcc-cu12"],
         "test": ["pytest>=8", "pytest-xdist>=3.5", "sentencepiece>=0.2", "tokenizers>=0.20", "nbclient>=0.10", "nbformat>=5.10",
                  "ipykernel>=6.29"],
     },

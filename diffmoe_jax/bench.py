@@ -17,6 +17,8 @@ Subcommands:
              against masking rejected tokens (bench_generate.py).
   kernels    each GPU attention kernel alone over launch settings: rows, loop step, warps, pipeline
              stages (bench_kernels.py).
+  gpu_compile  the GPU attention kernels compiled for Hopper on any host: ptxas's registers and spills per
+             kernel (bench_gpu_compile.py).
 """
 from __future__ import annotations
 
@@ -429,9 +431,10 @@ def main(argv: list[str] | None = None) -> None:
   from diffmoe_jax import bench_attention, bench_expert_parallel  # bench_expert_parallel needs several devices
   bench_attention.add_parser(commands)
   bench_expert_parallel.add_parser(commands)
-  from diffmoe_jax import bench_generate, bench_kernels
+  from diffmoe_jax import bench_generate, bench_gpu_compile, bench_kernels
   bench_generate.add_parser(commands)
   bench_kernels.add_parser(commands)
+  bench_gpu_compile.add_parser(commands)
 
   args = parser.parse_args(argv)
   if getattr(args, "profile_top", 0):  # before the first use of jax starts its backend, which reads the flags

@@ -5,7 +5,7 @@ The Triton kernels (`pallas_attention.py`) reach about a third of cuDNN's rate o
 Hopper path issues no wgmma from Pallas's dots and no TMA pipeline. These kernels are laid out the way
 FlashAttention-3 is. Each program (CUDA block) holds 128 rows of one (batch, head), queries (forward,
 dq) or keys (dk/dv), as two compute warpgroups of 64 rows (wgmma's M), and one memory warpgroup that
-streams the other side's blocks of 64 through `STAGES` shared-memory slots with TMA, a barrier per slot
+streams the other side's blocks (64 rows; 32 queries in dk/dv) through `STAGES` shared-memory slots with TMA, a barrier per slot
 for "loaded" and one for "consumed" (`stream_blocks`). Each compute warpgroup runs per block and per
 map the wgmma products from shared memory (`product`), the softmax arithmetic in registers, and the
 products that accumulate in registers (`add_product`, the left operand in registers). Every block loaded
@@ -180,14 +180,15 @@ def both_warpgroups(reduce, ref, b, first_block, interpret: bool):
   return reduce(table(ref, b, first_block, interpret), table(ref, b, first_block + 1, interpret))
 
 
-def rows_broadcast(ref, index, interpret: bool):
-  """A per-row vector `ref[index]` `[ROWS]`, broadcast along the columns: `[ROWS, ROWS]`."""
-  return lax.broadcast_in_dim(load(ref, index, ROW, interpret), (ROWS, ROWS), [0])
+def rows_broadcast(ref, index, interpret: bool, columns: int = ROWS):
+  """A per-row vector `ref[index]` `[ROWS]`, broadcast along the columns: `[ROWS, columns]`."""
+  return lax.broadcast_in_dim(load(ref, index, ROW, interpret), (ROWS, columns), [0])
 
 
 def columns_broadcast(ref, index, interpret: bool):
-  """A per-column vector `ref[index]` `[ROWS]`, broadcast along the rows: `[ROWS, ROWS]`."""
-  return lax.broadcast_in_dim(load(ref, index, COLUMN, interpret), (ROWS, ROWS), [1])
+  """A per-column vector `ref[index]` `[N]`, broadcast along the rows: `[ROWS, N]`."""
+  columns = load(ref, index, COLUMN, interpret)
+  return lax.broadcast_in_dim(columns, (ROWS,) + columns.shape, [1])
 
 
 def key_block_visibility(q_pos, q_seg, kv_mask_ref, b, j, causal: bool, interpret: bool):
@@ -205,16 +206,21 @@ def compiler(interpret: bool) -> dict:
               interpret=interpreter() if interpret else None)
 
 
-def set_registers(wg):
-  """Registers move to the compute warpgroups: 128 threads x (2 x 232 + 40) fit the SM's 64K. Two maps'
-  fp32 accumulators at PI-P's 144 value columns take 144 a thread."""
+def warp_specialise(wg, compute, memory):
+  """`compute()` on the compute warpgroups, `memory()` on the memory one, each first moving registers to the
+  compute warpgroups: 128 threads x (2 x 240 + 24) fit the SM's 64K (two maps' fp32 accumulators at PI-P's
+  144 value columns take 144 a thread). ptxas honours the moves only as the first step of each branch: from
+  conditionals of their own, with a join after them, it ignored them (its note C7507), every warpgroup kept
+  168, and all three kernels spilled (0.6-2.4 KB a thread) and serialised their wgmmas (C7512)."""
   @pl.when(wg < COMPUTE_WARPGROUPS)
   def _compute():
-    plgpu.set_max_registers(232, action="increase")
+    plgpu.set_max_registers(240, action="increase")
+    compute()
 
   @pl.when(wg == COMPUTE_WARPGROUPS)
   def _memory():
-    plgpu.set_max_registers(40, action="decrease")
+    plgpu.set_max_registers(24, action="decrease")
+    memory()
 
 
 def _forward_kernel(key_stop_ref, full_keys_ref, q_ref, k_ref, v_ref, q_mask_ref, kv_mask_ref, out_ref, lse_ref,
@@ -223,10 +229,8 @@ def _forward_kernel(key_stop_ref, full_keys_ref, q_ref, k_ref, v_ref, q_mask_ref
   num_maps, dvp = k_smem.shape[1], v_smem.shape[-1]
   bh, b, wg, first_block = program_ids(heads)
   steps = both_warpgroups(jnp.maximum, key_stop_ref, b, first_block, interpret)
-  set_registers(wg)
 
-  @pl.when(wg < COMPUTE_WARPGROUPS)
-  def _compute():
+  def compute():
     block = first_block + wg
     rows = pl.ds(block * ROWS, ROWS)
     stop = table(key_stop_ref, b, block, interpret)
@@ -278,7 +282,7 @@ def _forward_kernel(key_stop_ref, full_keys_ref, q_ref, k_ref, v_ref, q_mask_ref
     plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[bh, :, rows])
     plgpu.wait_smem_to_gmem(0)
 
-  pl.when(wg == COMPUTE_WARPGROUPS)(functools.partial(
+  warp_specialise(wg, compute, functools.partial(
       stream_key_blocks, bh, k_ref, v_ref, k_smem, v_smem, (k_loaded, v_loaded), (k_consumed, v_consumed), steps))
 
 
@@ -315,7 +319,8 @@ def forward(q, k, v, masks, causal, block_q, block_k, *, interpret: bool):
           plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS, num_barriers=STAGES),
           plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS, num_barriers=STAGES),
       ],
-      grid=(b * h, t // TILE), grid_names=("batch_heads", "blocks"), **compiler(interpret),
+      grid=(b * h, t // TILE), grid_names=("batch_heads", "blocks"), kernel_name="mosaic_attention_forward",
+      **compiler(interpret),
   )(last_key + 1, full_keys, flat(pad_last(q, dp)), flat(pad_last(k, dp)), flat(pad_last(v, dvp)),
     jnp.stack([q_pos, q_seg], 1), jnp.stack([kv_pos, kv_seg, kv_valid], 1))
   return out.reshape(b, h, num_maps, t, dvp)[..., :dv], lse.reshape(b, h, num_maps, t)

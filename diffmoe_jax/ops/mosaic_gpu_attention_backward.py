@@ -3,7 +3,7 @@ the forward in `mosaic_gpu_attention.py` (whose docstring describes the program,
 interpreter's forms), with the block math of `flash_attention.backward_block`.
 
 dk/dv: a program holds 128 keys (64 per compute warpgroup, with their dk and dv accumulators in
-registers); the memory warpgroup streams query blocks of 64 (q per map, g, and their per-query
+registers); the memory warpgroup streams query blocks of 32 (q per map, g, and their per-query
 log-sum-exp, δ and weight) from the first one either warpgroup can see. Per block, in the transposed
 orientation (rows are keys): `sᵀ = k qᵀ` per map, `dCᵀ = v gᵀ` once, `dsᵀ = w·pᵀ ⊙ (dCᵀ − δ)`, then
 `dk += dsᵀ q` per map and `dv += (Σ_m w·pᵀ) g`, one product for both maps.
@@ -11,9 +11,9 @@ orientation (rows are keys): `sᵀ = k qᵀ` per map, `dCᵀ = v gᵀ` once, `ds
 dq: a program holds 128 queries as the forward does; the memory warpgroup streams key blocks (k per map
 and v). Per block: `s = q kᵀ` per map, `dC = g vᵀ` once, `ds = w·p ⊙ (dC − δ)`, `dq += ds k` per map.
 
-Maps are taken one at a time, so one map's `[64, 64]` fp32 tiles are live at once (32 registers a thread
-each): beside the accumulators (at PI-P's widths, dk/dv's 2 × 40 + 72 = 152 registers a thread, dq's 80)
-that keeps a compute warpgroup near its 232.
+Maps are taken one at a time, so one map's fp32 tiles are live at once: `[64, 64]` in dq (32 registers a
+thread each), `[64, 32]` in dk/dv (16 each), whose accumulators take 2 × 40 + 72 = 152 registers a thread
+at PI-P's widths (dq's 80), within a compute warpgroup's 240.
 
 Both write their results in the inputs' dtype (the accumulators are fp32 to the end, and the VJP casts
 the Triton kernels' fp32 results to that dtype anyway), through the shared memory their inputs used.
@@ -34,6 +34,10 @@ from diffmoe_jax.ops.flash_attention import pad_last
 from diffmoe_jax.ops.mosaic_gpu_attention import COMPUTE_WARPGROUPS, ROWS, STAGES, TILE, slot_of
 
 _STATS = 3  # per query and map: log-sum-exp (in log2 units), δ, weight
+# dk/dv streams query blocks of 32, not 64: its [64, 32] fp32 tiles take 16 registers a thread, not 32, which
+# with the 152 of its accumulators keeps a compute warpgroup within its 240 (at 64 ptxas spilled about 1 KB a
+# thread and serialised the wgmmas).
+DKV_QUERY_ROWS = 32
 
 
 def _zeros(shape, interpret: bool):
@@ -44,13 +48,11 @@ def _dkv_kernel(first_query_ref, full_queries_ref, q_ref, k_ref, v_ref, g_ref, s
                 kv_mask_ref, dk_ref, dv_ref, k_smem, v_smem, q_smem, g_smem, stats_smem, kv_loaded, q_loaded,
                 g_loaded, q_consumed, g_consumed, *, heads: int, causal: bool, interpret: bool):
   num_maps, dp, dvp = k_smem.shape[1], k_smem.shape[-1], v_smem.shape[-1]
-  num_query_blocks = q_ref.shape[2] // ROWS
+  num_query_blocks = q_ref.shape[2] // DKV_QUERY_ROWS
   bh, b, wg, first_block = mga.program_ids(heads)
   start = mga.both_warpgroups(jnp.minimum, first_query_ref, b, first_block, interpret)
-  mga.set_registers(wg)
 
-  @pl.when(wg < COMPUTE_WARPGROUPS)
-  def _compute():
+  def compute():
     block = first_block + wg
     keys = pl.ds(block * ROWS, ROWS)
     first = mga.table(first_query_ref, b, block, interpret)
@@ -58,7 +60,8 @@ def _dkv_kernel(first_query_ref, full_queries_ref, q_ref, k_ref, v_ref, g_ref, s
     for m in range(num_maps):
       plgpu.copy_gmem_to_smem(k_ref.at[bh, m, keys], k_smem.at[wg, m], kv_loaded.at[wg])
     plgpu.copy_gmem_to_smem(v_ref.at[bh, keys], v_smem.at[wg], kv_loaded.at[wg])
-    kv_pos, kv_seg, kv_valid = (mga.rows_broadcast(kv_mask_ref, (b, r, keys), interpret) for r in range(3))
+    kv_pos, kv_seg, kv_valid = (mga.rows_broadcast(kv_mask_ref, (b, r, keys), interpret, DKV_QUERY_ROWS)
+                                for r in range(3))
     carry = (tuple(_zeros((ROWS, dp), interpret) for _ in range(num_maps)), _zeros((ROWS, dvp), interpret))
     plgpu.barrier_wait(kv_loaded.at[wg])
     mga.release(start, first, (q_loaded, g_loaded), (q_consumed, g_consumed))
@@ -69,7 +72,7 @@ def _dkv_kernel(first_query_ref, full_queries_ref, q_ref, k_ref, v_ref, g_ref, s
         slot = slot_of(j)
         visible = None
         if masked:
-          queries = pl.ds(j * ROWS, ROWS)
+          queries = pl.ds(j * DKV_QUERY_ROWS, DKV_QUERY_ROWS)
           q_pos, q_seg = (mga.columns_broadcast(q_mask_ref, (b, r, queries), interpret) for r in range(2))
           visible = fa.visibility(q_pos, q_seg, kv_pos, kv_seg, kv_valid, causal)
         plgpu.barrier_wait(g_loaded.at[slot])
@@ -103,15 +106,16 @@ def _dkv_kernel(first_query_ref, full_queries_ref, q_ref, k_ref, v_ref, g_ref, s
     plgpu.copy_smem_to_gmem(v_smem.at[wg], dv_ref.at[bh, keys])
     plgpu.wait_smem_to_gmem(0)
 
-  @pl.when(wg == COMPUTE_WARPGROUPS)
-  def _memory():
+  def memory():
     def copy(j, slot):
-      queries = pl.ds(j * ROWS, ROWS)
+      queries = pl.ds(j * DKV_QUERY_ROWS, DKV_QUERY_ROWS)
       for m in range(num_maps):
         plgpu.copy_gmem_to_smem(q_ref.at[bh, m, queries], q_smem.at[slot, m], q_loaded.at[slot])
       plgpu.copy_gmem_to_smem(g_ref.at[bh, queries], g_smem.at[slot], g_loaded.at[slot])
       plgpu.copy_gmem_to_smem(stats_ref.at[bh, :, :, queries], stats_smem.at[slot], g_loaded.at[slot])
     mga.stream_blocks(copy, start, num_query_blocks, (q_consumed, g_consumed))
+
+  mga.warp_specialise(wg, compute, memory)
 
 
 def _dq_kernel(key_stop_ref, full_keys_ref, q_ref, k_ref, v_ref, g_ref, stats_ref, q_mask_ref, kv_mask_ref,
@@ -120,10 +124,8 @@ def _dq_kernel(key_stop_ref, full_keys_ref, q_ref, k_ref, v_ref, g_ref, stats_re
   num_maps, dp = q_smem.shape[1], q_smem.shape[-1]
   bh, b, wg, first_block = mga.program_ids(heads)
   steps = mga.both_warpgroups(jnp.maximum, key_stop_ref, b, first_block, interpret)
-  mga.set_registers(wg)
 
-  @pl.when(wg < COMPUTE_WARPGROUPS)
-  def _compute():
+  def compute():
     block = first_block + wg
     rows = pl.ds(block * ROWS, ROWS)
     stop = mga.table(key_stop_ref, b, block, interpret)
@@ -168,7 +170,7 @@ def _dq_kernel(key_stop_ref, full_keys_ref, q_ref, k_ref, v_ref, g_ref, stats_re
       plgpu.copy_smem_to_gmem(q_smem.at[wg, m], dq_ref.at[bh, m, rows])
     plgpu.wait_smem_to_gmem(0)
 
-  pl.when(wg == COMPUTE_WARPGROUPS)(functools.partial(
+  mga.warp_specialise(wg, compute, functools.partial(
       mga.stream_key_blocks, bh, k_ref, v_ref, k_smem, v_smem, (k_loaded, v_loaded), (k_consumed, v_consumed), steps))
 
 
@@ -180,8 +182,10 @@ def backward(q, k, v, w, g, lse, delta, masks, causal, block_q, block_k, *, inte
   s, dv = k.shape[3], v.shape[-1]
   mga.check_inputs(t, s, q, k, v)
   dp, dvp = mga.widths(d, dv)
-  _, _, last_key, first_query = fa.block_bounds(masks, ROWS, ROWS, causal)
-  full_keys, full_queries = fa.full_blocks(masks, ROWS, ROWS, causal)
+  last_key = fa.block_bounds(masks, ROWS, ROWS, causal)[2]
+  full_keys = fa.full_blocks(masks, ROWS, ROWS, causal)[0]
+  first_query = fa.block_bounds(masks, DKV_QUERY_ROWS, ROWS, causal)[3]
+  full_queries = fa.full_blocks(masks, DKV_QUERY_ROWS, ROWS, causal)[1]
   q_pos, q_seg, kv_pos, kv_seg, kv_valid = masks
   operands = (mga.flat(pad_last(q, dp)), mga.flat(pad_last(k, dp)), mga.flat(pad_last(v, dvp)),
               mga.flat(pad_last(g.astype(q.dtype), dvp)),
@@ -195,16 +199,16 @@ def backward(q, k, v, w, g, lse, delta, masks, causal, block_q, block_k, *, inte
       scratch_types=[
           mga.tile((COMPUTE_WARPGROUPS, num_maps, ROWS, dp), q.dtype),
           mga.tile((COMPUTE_WARPGROUPS, ROWS, dvp), q.dtype),
-          mga.tile((STAGES, num_maps, ROWS, dp), q.dtype),
-          mga.tile((STAGES, ROWS, dvp), q.dtype),
-          plgpu.SMEM((STAGES, _STATS, num_maps, ROWS), jnp.float32),
+          mga.tile((STAGES, num_maps, DKV_QUERY_ROWS, dp), q.dtype),
+          mga.tile((STAGES, DKV_QUERY_ROWS, dvp), q.dtype),
+          plgpu.SMEM((STAGES, _STATS, num_maps, DKV_QUERY_ROWS), jnp.float32),
           plgpu.Barrier(num_arrivals=num_maps + 1, num_barriers=COMPUTE_WARPGROUPS),  # k per map, v
           plgpu.Barrier(num_arrivals=num_maps, num_barriers=STAGES),
           plgpu.Barrier(num_arrivals=2, num_barriers=STAGES),  # g, statistics
           plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS, num_barriers=STAGES),
           plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS, num_barriers=STAGES),
       ],
-      grid=(b * h, s // TILE), **grid,
+      grid=(b * h, s // TILE), kernel_name="mosaic_attention_dkv", **grid,
   )(first_query, full_queries, *operands)
   dq_out = plgpu.kernel(
       functools.partial(_dq_kernel, heads=h, causal=causal, interpret=interpret),
@@ -220,7 +224,7 @@ def backward(q, k, v, w, g, lse, delta, masks, causal, block_q, block_k, *, inte
           plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS, num_barriers=STAGES),
           plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS, num_barriers=STAGES),
       ],
-      grid=(b * h, t // TILE), **grid,
+      grid=(b * h, t // TILE), kernel_name="mosaic_attention_dq", **grid,
   )(last_key + 1, full_keys, *operands)
   unflat = lambda x, width: x.reshape(b, h, *x.shape[1:])[..., :width]
   return unflat(dq_out, d), unflat(dk_out, d), unflat(dv_out, dv)

@@ -1,0 +1,198 @@
+"""`python -m diffmoe_jax.bench gpu_compile`: the GPU attention kernels compiled for a Hopper GPU on any host,
+with what ptxas reports of each: registers a thread, bytes spilled to local memory, and its notes on lost
+performance (a `setmaxnreg` it ignored, wgmmas it serialised).
+
+A kernel that spills in its loop, or whose wgmmas run one at a time, is slow before it is timed; this
+finds that on a CPU. Off a GPU, XLA compiles for a described device without one (a compile-only device of
+the CUDA plugin's topology, given `HOPPER`'s description); on a GPU host, for that GPU. The forward and
+backward (dq, dk/dv) of each kernel family are compiled at a config's heads, as the model calls them.
+Needs the CUDA plugin of the installed jaxlib and ptxas: `pip install -e '.[gpu-compile]'` (a CPU host
+needs no CUDA libraries beyond these: nothing runs).
+
+    python -m diffmoe_jax.bench gpu_compile --config=configs/pi_p.py --seq-len 4096
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import importlib.metadata
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from diffmoe_jax import config as config_lib
+
+# (forward, backward) of each kernel family: the Triton kernels (two passes or one), Hopper's Mosaic GPU ones.
+FAMILIES = {"triton": ("triton", "two_pass"), "triton_one_pass": ("triton", "one_pass"), "mosaic": ("mosaic", "mosaic")}
+# The device XLA compiles for off a GPU: an H100 SXM (ptxas sees only the architecture, sm_90a; XLA's fusion
+# and tiling decisions read the rest).
+HOPPER = """gpu_device_info {
+  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+  shared_memory_per_core: 233472 shared_memory_per_block_optin: 232448 threads_per_core_limit: 2048
+  core_count: 132 fpus_per_core: 128 block_dim_limit_x: 2147483647 block_dim_limit_y: 65535
+  block_dim_limit_z: 65535 memory_bandwidth: 3352320000000 l2_cache_size: 52428800 clock_rate_ghz: 1.98
+  device_memory_size: 84978434048 cuda_compute_capability { major: 9 minor: 0 }
+  registers_per_core_limit: 65536 registers_per_block_limit: 65536
+}
+platform_name: "CUDA"
+device_description_str: "NVIDIA H100 80GB HBM3"
+"""
+# ptxas's notes on performance it lost (Mosaic GPU's compile writes them beside the counts).
+NOTES = {"C7507": "setmaxnreg ignored", "C7512": "wgmma serialised", "C7515": "wgmma serialised",
+         "C7510": "wgmma serialised"}
+OUR_KERNELS = ("flash_multi_map", "mosaic_attention")
+
+
+def add_parser(commands) -> None:
+  from diffmoe_jax.bench import POSITIVE, _config_file, _gpu_launch
+  gpu = commands.add_parser("gpu_compile", help="the GPU attention kernels compiled for Hopper on any host: "
+                                                "registers and spills per kernel, from ptxas")
+  gpu.add_argument("--config", type=_config_file, default="configs/pi_p.py", help="whose heads")
+  gpu.add_argument("--seq-len", type=POSITIVE, default=4096)
+  gpu.add_argument("--batch", type=POSITIVE, default=1)
+  gpu.add_argument("--families", nargs="+", choices=tuple(FAMILIES), default=("triton", "mosaic"))
+  gpu.add_argument("--attention-gpu-launch", type=_gpu_launch, nargs="+", default=(),
+                   metavar="KERNEL=ROWS,STEP,WARPS,STAGES",
+                   help="the Triton kernels' model.attention_gpu_launch.KERNEL (forward, dq, dkv), e.g. dkv=64,32,4,2")
+  gpu.set_defaults(run=run)
+
+
+def cuda_plugin_installed() -> bool:
+  return importlib.util.find_spec("jax_plugins") is not None and (
+      importlib.util.find_spec("jax_plugins.xla_cuda12") is not None)
+
+
+def requirements() -> str:
+  """ptxas's path; SystemExit naming what to install when the CUDA plugin or ptxas is missing."""
+  jaxlib = importlib.metadata.version("jaxlib")
+  install = (f"pip install -e '.[gpu-compile]' (jax-cuda12-plugin=={jaxlib}, jax-cuda12-pjrt=={jaxlib} and "
+             "nvidia-cuda-nvcc-cu12: the plugin of the installed jaxlib and ptxas)")
+  if not cuda_plugin_installed():
+    raise SystemExit(f"error: bench gpu_compile needs JAX's CUDA plugin, which is not installed: {install}")
+  nvcc = importlib.util.find_spec("nvidia") and importlib.util.find_spec("nvidia.cuda_nvcc")
+  bundled = os.path.join(list(nvcc.submodule_search_locations)[0], "bin", "ptxas") if nvcc else ""
+  ptxas = bundled if os.path.exists(bundled) else shutil.which("ptxas")
+  if not ptxas:
+    raise SystemExit(f"error: bench gpu_compile needs ptxas, found neither in nvidia-cuda-nvcc-cu12 nor on PATH: "
+                     f"{install}")
+  return ptxas
+
+
+def target_device():
+  """A GPU of this host, else a compile-only Hopper device, and how to name it."""
+  try:
+    return jax.devices("cuda")[0], "this host's GPU"
+  except RuntimeError:
+    from jax.experimental import topologies
+    device = topologies.get_topology_desc("", "cuda", target_config=HOPPER, topology="1x1x1").devices[0]
+    return device, "a compile-only device: this host has no GPU"
+
+
+def parse_ptxas(text: str) -> dict[str, dict]:
+  """ptxas -v output -> {entry function: {"registers", "spill_stores", "spill_loads", "notes"}}. Notes printed
+  before a function's "Compiling entry function" line (Mosaic GPU's single-kernel files) are that function's."""
+  kernels, notes, current = {}, [], None
+  for line in text.splitlines():
+    code = re.search(r"\((C\d{4})\)", line)
+    if code and code.group(1) in NOTES:
+      target = kernels[current]["notes"] if current else notes
+      if NOTES[code.group(1)] not in target:
+        target.append(NOTES[code.group(1)])
+    entry = re.search(r"Compiling entry function '([^']+)'", line)
+    if entry:
+      current = entry.group(1)
+      kernels[current] = {"registers": None, "spill_stores": 0, "spill_loads": 0, "notes": notes}
+      notes = []
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
+    if spill and current:
+      kernels[current].update(spill_stores=int(spill.group(1)), spill_loads=int(spill.group(2)))
+    registers = re.search(r"Used (\d+) registers", line)
+    if registers and current:
+      kernels[current]["registers"] = int(registers.group(1))
+  return kernels
+
+
+def _attention_gradient(config, args, family: str, device):
+  """The config's attention (forward and all gradients) with `family`'s kernels, compiled for `device`, with
+  XLA's and Mosaic GPU's dumps in a fresh directory (returned)."""
+  from jax.sharding import SingleDeviceSharding
+  from diffmoe_jax.ops import attention as attention_ops
+  m = config.model
+  forward, backward = FAMILIES[family]
+  flags = ml_collections.ConfigDict({"attention_gpu_launch": dict(args.attention_gpu_launch)})
+  launches = tuple(sorted({**dict(config_lib.gpu_launches(m)), **dict(config_lib.gpu_launches(flags))}.items()))
+  # "pallas": lowered for a CUDA device, each stage takes its CUDA branch ("pallas_gpu" would pick Mosaic GPU's
+  # by the host's backend, interpreted on a CPU host).
+  common = dict(implementation="pallas", gpu_forward=forward, gpu_backward=backward, gpu_launches=launches)
+  b, t, h = args.batch, args.seq_len, m.num_heads
+  differential = m.attention != "standard"
+  d = m.head_dim // 2 if differential else m.head_dim
+  dtype = jnp.dtype(m.dtype if m.dtype != "float32" else "bfloat16")
+
+  def loss(q, k, v, lam):
+    if differential:
+      out = attention_ops.differential_attention(q, k, v, lam, **common)
+    else:
+      out = attention_ops.standard_attention(q[:, :, :, 0], k[:, :, :, 0], v, **common)
+    return jnp.sum(out.astype(jnp.float32))
+
+  sharding = SingleDeviceSharding(device)
+  shape = lambda s, dt: jax.ShapeDtypeStruct(s, dt, sharding=sharding)
+  operands = (shape((b, t, h, 2, d), dtype), shape((b, t, h, 2, d), dtype), shape((b, t, h, m.head_dim), dtype),
+              shape((b, t, h), jnp.float32))
+  dump = tempfile.mkdtemp(prefix=f"gpu_compile_{family}_")
+  os.environ["MOSAIC_GPU_DUMP_TO"] = os.path.join(dump, "mosaic")
+  os.makedirs(os.environ["MOSAIC_GPU_DUMP_TO"])
+  gradient = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
+  gradient.trace(*operands).lower().compile(compiler_options={"xla_dump_to": os.path.join(dump, "xla")})
+  return dump
+
+
+def kernel_reports(dump: str, ptxas: str) -> dict[str, dict]:
+  """ptxas's report of every kernel in a compile's dumps: XLA's PTX assembled here, Mosaic GPU's as it wrote it."""
+  reports = {}
+  for path in sorted(glob.glob(os.path.join(dump, "xla", "*.ptx"))):
+    with open(path) as f:
+      if ".entry" not in f.read():  # XLA also dumps a module's empty PTX (no kernel of its own)
+        continue
+    run = subprocess.run([ptxas, "-arch=sm_90a", "-v", path, "-o", os.devnull], capture_output=True, text=True)
+    if run.returncode:
+      raise SystemExit(f"error: ptxas failed on {path}: {(run.stderr or run.stdout).strip().splitlines()[-1]}")
+    reports.update(parse_ptxas(run.stdout + run.stderr))
+  for path in sorted(glob.glob(os.path.join(dump, "mosaic", "*.ptxas"))):
+    with open(path) as f:
+      reports.update(parse_ptxas(f.read()))
+  return reports
+
+
+def run(args: argparse.Namespace) -> None:
+  ptxas = requirements()
+  # Off a GPU the plugin's CUDA checks would refuse to load it; Mosaic GPU writes ptxas's report per kernel.
+  os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+  os.environ["MOSAIC_GPU_DUMP_PTXAS"] = "1"
+  config = config_lib.load_file(args.config)
+  device, where = target_device()
+  m = config.model
+  print(f"GPU attention kernels of {args.config} compiled for {device.device_kind} ({where}): B={args.batch} "
+        f"T={args.seq_len} H={m.num_heads} head_dim={m.head_dim} {m.attention}; forward and gradients")
+  print(f"{'family':<16}{'kernel':<40}{'registers':>10}{'spill stores':>14}{'spill loads':>13}  notes")
+  for family in args.families:
+    dump = _attention_gradient(config, args, family, device)
+    try:
+      reports = kernel_reports(dump, ptxas)
+    finally:
+      shutil.rmtree(dump, ignore_errors=True)
+    ours = {name: r for name, r in reports.items() if name.startswith(OUR_KERNELS)}
+    others = {name: r for name, r in reports.items() if name not in ours}
+    for name, r in sorted(ours.items()):
+      print(f"{family:<16}{name.removesuffix('_mosaic_gpu_kernel'):<40}{r['registers']:>10}{r['spill_stores']:>14}"
+            f"{r['spill_loads']:>13}  {', '.join(r['notes'])}")
+    spilling = sorted(name for name, r in others.items() if r["spill_stores"])
+    print(f"{family:<16}{len(others)} XLA kernels around them; spilling: {', '.join(spilling) or 'none'}", flush=True)
