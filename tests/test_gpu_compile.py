@@ -23,7 +23,7 @@ ptxas info    : Function properties for flash_multi_map_dkv
     560 bytes stack frame, 1276 bytes spill stores, 1104 bytes spill loads
 ptxas info    : Used 255 registers, used 1 barriers, 560 bytes cumulative stack size
 """
-MOSAIC_REPORT = """ptxas info    : (C7507) Potential Performance Loss: 'setmaxnreg' ignored to maintain minimum register requirements.
+MOSAIC_REPORT = """ptxas info    : (C7507) Potential Performance Loss: 'setmaxnreg' ignored to maintain minimum
 ptxas warning : Registers are spilled to local memory in function 'k', 1728 bytes spill stores, 1440 bytes spill loads
 ptxas info    : 0 bytes gmem
 ptxas info    : Compiling entry function 'mosaic_attention_forward_mosaic_gpu_kernel' for 'sm_90a'

@@ -5,8 +5,8 @@ The Triton kernels (`pallas_attention.py`) reach about a third of cuDNN's rate o
 Hopper path issues no wgmma from Pallas's dots and no TMA pipeline. These kernels are laid out the way
 FlashAttention-3 is. Each program (CUDA block) holds 128 rows of one (batch, head), queries (forward,
 dq) or keys (dk/dv), as two compute warpgroups of 64 rows (wgmma's M), and one memory warpgroup that
-streams the other side's blocks (64 rows; 32 queries in dk/dv) through `STAGES` shared-memory slots with TMA, a barrier per slot
-for "loaded" and one for "consumed" (`stream_blocks`). Each compute warpgroup runs per block and per
+streams the other side's blocks (64 rows; 32 queries in dk/dv) through `STAGES` shared-memory slots with
+TMA, a barrier per slot for "loaded" and one for "consumed" (`stream_blocks`). Each compute warpgroup runs per block and per
 map the wgmma products from shared memory (`product`), the softmax arithmetic in registers, and the
 products that accumulate in registers (`add_product`, the left operand in registers). Every block loaded
 serves all M maps, as in the other kernels. Blocks come from the same tables as theirs
