@@ -428,13 +428,9 @@ def main(argv: list[str] | None = None) -> None:
                      help="model.remat_save_names, with --remat-policy save_names")
   train.set_defaults(run=bench_train)
 
-  from diffmoe_jax import bench_attention, bench_expert_parallel  # bench_expert_parallel needs several devices
-  bench_attention.add_parser(commands)
-  bench_expert_parallel.add_parser(commands)
-  from diffmoe_jax import bench_generate, bench_gpu_compile, bench_kernels
-  bench_generate.add_parser(commands)
-  bench_kernels.add_parser(commands)
-  bench_gpu_compile.add_parser(commands)
+  from diffmoe_jax import bench_attention, bench_expert_parallel, bench_generate, bench_gpu_compile, bench_kernels
+  for module in (bench_attention, bench_expert_parallel, bench_generate, bench_kernels, bench_gpu_compile):
+    module.add_parser(commands)
 
   args = parser.parse_args(argv)
   if getattr(args, "profile_top", 0):  # before the first use of jax starts its backend, which reads the flags
@@ -464,7 +460,7 @@ def _check_gpu_kernels_run(args: argparse.Namespace, parser: argparse.ArgumentPa
 
 
 def _check_and_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-  from diffmoe_jax import bench_expert_parallel, bench_kernels
+  from diffmoe_jax import bench_expert_parallel, bench_gpu_compile, bench_kernels
   if args.command in ("moe", "expert_parallel") and args.top_k > args.experts:
     parser.error(f"argument --top-k: {args.top_k} exceeds --experts ({args.experts})")
   if args.command == "train":
@@ -481,6 +477,8 @@ def _check_and_run(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
       parser.error(f"argument --seq-len: {args.seq_len} exceeds the context of {context} ({source})")
   if args.command == "kernels":
     bench_kernels.check_args(args, parser)
+  if args.command == "gpu_compile":
+    bench_gpu_compile.check_args(args, parser)
   if args.command == "expert_parallel":
     bench_expert_parallel.check_args(args, parser)
   if args.command == "train" and (args.attention_gpu_backward or args.attention_gpu_forward

@@ -9,11 +9,18 @@ backward (dq, dk/dv) of each kernel family are compiled at a config's heads, as 
 Needs the CUDA plugin of the installed jaxlib and ptxas: `pip install -e '.[gpu-compile]'` (a CPU host
 needs no CUDA libraries beyond these: nothing runs).
 
+With --step it compiles the config's whole train step instead (as `bench train` builds it, the attention
+kernels as on a GPU) and estimates each instruction's time from its FLOPs and bytes at the device's peak
+and memory bandwidth (`op_profile.roofline_times`): a lower bound on the step's time, by part of the model,
+and the highest MFU it allows. The Pallas kernels (attention) count by their bytes alone there.
+
     python -m diffmoe_jax.bench gpu_compile --config=configs/pi_p.py --seq-len 4096
+    python -m diffmoe_jax.bench gpu_compile --step --config=configs/pi_p.py --layers 4 --seq-len 4096
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import importlib.metadata
 import importlib.util
@@ -51,7 +58,7 @@ OUR_KERNELS = ("flash_multi_map", "mosaic_attention")
 
 
 def add_parser(commands) -> None:
-  from diffmoe_jax.bench import POSITIVE, _config_file, _gpu_launch
+  from diffmoe_jax.bench import POSITIVE, _config_file, _gpu_launch, _positive_float
   gpu = commands.add_parser("gpu_compile", help="the GPU attention kernels compiled for Hopper on any host: "
                                                 "registers and spills per kernel, from ptxas")
   gpu.add_argument("--config", type=_config_file, default="configs/pi_p.py", help="whose heads")
@@ -61,7 +68,31 @@ def add_parser(commands) -> None:
   gpu.add_argument("--attention-gpu-launch", type=_gpu_launch, nargs="+", default=(),
                    metavar="KERNEL=ROWS,STEP,WARPS,STAGES",
                    help="the Triton kernels' model.attention_gpu_launch.KERNEL (forward, dq, dkv), e.g. dkv=64,32,4,2")
+  gpu.add_argument("--step", action="store_true", help="the config's train step, with a roofline estimate of "
+                   "where its time goes")
+  gpu.add_argument("--layers", type=POSITIVE, default=4, help="with --step: model.num_layers")
+  gpu.add_argument("--remat-policy", choices=config_lib.REMAT_POLICIES, help="with --step: model.remat_policy")
+  gpu.add_argument("--remat-save-names", nargs="+", default=(), choices=config_lib.CHECKPOINT_NAMES,
+                   help="with --step and --remat-policy save_names: model.remat_save_names")
+  gpu.add_argument("--phase", default="long_context", help="with --step: the curriculum phase whose step it is")
+  gpu.add_argument("--bandwidth-tbps", type=_positive_float, default=3.35,
+                   help="with --step: the device's memory bandwidth (an H100 SXM's 3.35; an H200's 4.8)")
+  gpu.add_argument("--top", type=POSITIVE, default=15, help="with --step: the instructions listed")
   gpu.set_defaults(run=run)
+
+
+STEP_ONLY = {"layers": 4, "remat_policy": None, "remat_save_names": (), "phase": "long_context", "bandwidth_tbps": 3.35,
+             "top": 15}
+
+
+def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+  """Flags of the other mode are refused rather than ignored."""
+  if not args.step:
+    for name, default in STEP_ONLY.items():
+      if getattr(args, name) != default:
+        parser.error(f"argument --{name.replace('_', '-')}: only with --step")
+  elif tuple(args.families) != ("triton", "mosaic"):
+    parser.error("argument --families: not with --step, which compiles the config's own kernels")
 
 
 def cuda_plugin_installed() -> bool:
@@ -172,6 +203,77 @@ def kernel_reports(dump: str, ptxas: str) -> dict[str, dict]:
   return reports
 
 
+@contextlib.contextmanager
+def _backend_of(device):
+  """The model picks some paths by `jax.default_backend()` (dispatch, attention blocks): while tracing for
+  `device`, it answers with that device's platform, so the program is the one that device would run."""
+  host = jax.default_backend
+  jax.default_backend = lambda: device.platform
+  try:
+    yield
+  finally:
+    jax.default_backend = host
+
+
+def _train_step(args, device):
+  """The config's train step (`bench train`'s, attention on the Pallas kernels) compiled for `device`, its
+  model FLOPs per step (3x forward, as MFU counts them) and its MoD setting."""
+  import flax.linen as nn
+  from jax.sharding import SingleDeviceSharding
+  from diffmoe_jax import bench, estimate
+  from diffmoe_jax.nn import model as model_lib
+  from diffmoe_jax.train import state as state_lib, step as step_lib
+  args = argparse.Namespace(**vars(args), attention_impl="pallas", attention_gpu_forward=None,
+                            attention_gpu_backward=None, max_seq_len=0)
+  config, curriculum, phase = bench._train_config(args)
+  settings = curriculum.settings(phase.start)
+  sharding = SingleDeviceSharding(device)
+  on_device = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+  with _backend_of(device):
+    model = model_lib.build_model(config.model)
+    optimizer = state_lib.make_optimizer(config.optimizer)
+    init = state_lib.init_fn(model, optimizer, phase.seq_len, config.train.loss_scale_init)
+    state = jax.tree.map(on_device, jax.eval_shape(lambda r: nn.unbox(init(r)), jax.random.PRNGKey(0)))
+    tokens = jax.ShapeDtypeStruct((phase.batch_size, phase.seq_len), jnp.int32)
+    batch = {k: on_device(tokens) for k in ("inputs", "targets", "segment_ids")}
+    dyn = {k: on_device(jax.ShapeDtypeStruct((), jnp.float32)) for k in step_lib.dynamic_settings(settings)}
+    step = step_lib.config_train_step(config, model, optimizer, mod_mode=settings.mod_mode,
+                                      mod_capacity=settings.mod_capacity)
+    compiled = jax.jit(step, donate_argnums=0).trace(state, batch, dyn).lower().compile()
+  flops = phase.batch_size * phase.seq_len * estimate.train_flops_per_token(
+      config.model, estimate.count_params(config.model), phase.seq_len, mod_mode=settings.mod_mode,
+      mod_capacity=settings.mod_capacity)
+  return compiled, flops, config, phase, settings
+
+
+def run_step(args, device, where: str) -> None:
+  from diffmoe_jax import op_profile
+  from diffmoe_jax.train import metrics
+  compiled, model_flops, config, phase, settings = _train_step(args, device)
+  hlo = compiled.as_text()
+  costs = op_profile.instruction_costs(hlo)
+  kernels = {name for name, i in op_profile.instructions(hlo).items() if i.kind.startswith("kernel")}
+  peak, bandwidth = metrics.peak_of_kind(device.device_kind), args.bandwidth_tbps * 1e12
+  times = op_profile.roofline_times(costs, peak, bandwidth)
+  bound = sum(t for name, t in times.items() if name not in kernels)
+  memory = compiled.memory_analysis()
+  m = config.model
+  print(f"train step of {args.config} compiled for {device.device_kind} ({where}): {m.num_layers} layers, "
+        f"{m.dtype}, seq_len {phase.seq_len}, batch {phase.batch_size}, MoD {settings.mod_mode} "
+        f"{settings.mod_capacity:.3f}, remat {' '.join((m.remat_policy,) + tuple(m.remat_save_names))}, attention "
+        f"kernels {m.attention_gpu_forward} / {m.attention_gpu_backward}")
+  print(f"memory      arguments {memory.argument_size_in_bytes / 2**30:.2f} GiB, temporaries "
+        f"{memory.temp_size_in_bytes / 2**30:.2f} GiB")
+  print(f"work        model {model_flops / 1e12:.2f} TFLOP (3x forward), matmuls compiled "
+        f"{sum(f for f, _ in costs.values()) / 1e12:.2f} TFLOP (with remat's recompute), "
+        f"{sum(b for _, b in costs.values()) / 1e9:.1f} GB moved")
+  print(f"roofline    {1e3 * bound:.2f} ms at {peak / 1e12:.0f} TFLOP/s and {args.bandwidth_tbps:g} TB/s, besides "
+        f"{len(kernels)} Pallas kernel calls (counted by bytes alone below): MFU at most "
+        f"{model_flops / (bound * peak):.1%}")
+  rows = op_profile.breakdown({n: t for n, t in times.items()}, hlo)
+  print("\n".join(op_profile.report(rows, calls=1, top=args.top, heading="roofline")))
+
+
 def run(args: argparse.Namespace) -> None:
   ptxas = requirements()
   # Off a GPU the plugin's CUDA checks would refuse to load it; Mosaic GPU writes ptxas's report per kernel.
@@ -179,6 +281,8 @@ def run(args: argparse.Namespace) -> None:
   os.environ["MOSAIC_GPU_DUMP_PTXAS"] = "1"
   config = config_lib.load_file(args.config)
   device, where = target_device()
+  if args.step:
+    return run_step(args, device, where)
   m = config.model
   print(f"GPU attention kernels of {args.config} compiled for {device.device_kind} ({where}): B={args.batch} "
         f"T={args.seq_len} H={m.num_heads} head_dim={m.head_dim} {m.attention}; forward and gradients")

@@ -6,6 +6,10 @@ fusion) and which part of the model it belongs to (from the name stack in its me
     times = trace_times(lambda: jax.block_until_ready(step(*args)), hlo, calls=3)  # {instruction: seconds}
     rows = breakdown(times, hlo)
 
+Without running it, `roofline_times` estimates each instruction's time from its FLOPs and bytes
+(`instruction_costs`) at a device's peak rate and memory bandwidth: a lower bound, for where a program
+compiled for a device that is not here would spend its time.
+
 Accelerator planes ("/device:GPU:0", "/device:TPU:0") are read when they carry HLO op events; on CPU the
 host threads that run the program carry them. Time is device-busy time summed over instructions, which
 exceeds the wall time where streams overlap.
@@ -15,13 +19,14 @@ from __future__ import annotations
 import collections
 import dataclasses
 import glob
+import math
 import re
 import tempfile
 
 import jax
 from jax.profiler import ProfileData
 
-from diffmoe_jax.parallel import COLLECTIVES, hlo_computations
+from diffmoe_jax.parallel import COLLECTIVES, hlo_computations, hlo_totals
 
 # Flax module names of the model (nn/model.py) -> the part of the model they are reported under.
 _PARTS = {"attention": "attention", "moe": "moe", "ffn": "ffn", "mod_router": "mod router", "embed": "embedding",
@@ -123,6 +128,84 @@ def _op_times(planes, module: str) -> dict[str, float]:
   return dict(times)
 
 
+_TYPED = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (.+?) ([a-z][\w\-]*)\((.*)$")  # name, result type, opcode, rest
+_ARRAY = re.compile(r"\b(pred|s8|u8|s16|u16|s32|u32|s64|u64|bf16|f16|f32|f64)\[([\d,]*)\]")
+_ITEM_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4,
+               "s64": 8, "u64": 8, "f64": 8}
+# Instructions that move no data of their own (views, tuples) or run nothing on the device.
+_FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all", "partition-id",
+         "replica-id", "opt-barrier", "while", "conditional", "call"}
+
+
+def _arrays(type_text: str) -> list[tuple[int, list[int]]]:
+  """(bytes per item, dims) of each array in an HLO type (`f32[2,3]{1,0}`, or a tuple of them)."""
+  return [(_ITEM_BYTES[t], [int(d) for d in dims.split(",") if d]) for t, dims in _ARRAY.findall(type_text)]
+
+
+def _nbytes(type_text: str) -> int:
+  return sum(item * math.prod(dims) for item, dims in _arrays(type_text))
+
+
+def _operands(rest: str) -> list[str]:
+  """The operand names of an instruction (the text after its opcode's parenthesis)."""
+  depth, end = 1, 0
+  for end, char in enumerate(rest):
+    depth += {"(": 1, ")": -1}.get(char, 0)
+    if depth == 0:
+      break
+  return [m.group(1) for m in re.finditer(r"%([\w.\-]+)", rest[:end])]
+
+
+def _dot_flops(line: str, types: dict[str, str]) -> int:
+  """2 · (output elements) · (contracted size) of a dot, or of a cuBLAS GEMM custom call."""
+  name, result, opcode, rest = _TYPED.match(line).groups()
+  lhs = _arrays(types.get(_operands(rest)[0], ""))
+  out = _arrays(result)
+  contracting = re.search(r'lhs_contracting_dim(?:s=\{|ensions":\[)([\d,"]*)', line)
+  if not (lhs and out and contracting):
+    return 0
+  k = math.prod(lhs[0][1][int(i)] for i in re.findall(r"\d+", contracting.group(1)))
+  return 2 * math.prod(out[0][1]) * k
+
+
+def instruction_costs(hlo: str) -> dict[str, tuple[float, float]]:
+  """{instruction: (FLOPs, bytes)} over one call of a compiled module: matmul FLOPs (dots, alone, fused or as
+  GEMM calls) and the bytes each kernel reads and writes (its operands and result; an in-place dynamic
+  update only its update, twice), times the instruction runs (`hlo_totals`: loop trip counts). Fusions are
+  costed at their instruction, not their parts; custom kernels (Pallas) are costed by bytes alone."""
+  computations, _ = hlo_computations(hlo)
+  types = {m.group(1): m.group(2) for lines in computations.values() for line in lines for m in [_TYPED.match(line)]
+           if m}
+  bodies = {name: [line for line in lines if _INSTRUCTION.match(line)] for name, lines in computations.items()}
+
+  def cost(line: str) -> collections.Counter:
+    m = _TYPED.match(line)
+    if not m or m.group(3) in _FREE:
+      return collections.Counter()
+    name, result, opcode, rest = m.groups()
+    operand_bytes = [_nbytes(types.get(o, "")) for o in _operands(rest)]
+    moved = _nbytes(result) + sum(operand_bytes)
+    if "dynamic_update_slice" in name or opcode == "dynamic-update-slice":  # in place: the update moves
+      moved = 2 * (sum(operand_bytes) - max(operand_bytes, default=0))
+    elif "dynamic_slice" in name or opcode == "dynamic-slice":
+      moved = 2 * _nbytes(result)
+    flops = 0
+    if opcode == "dot" or (opcode == "custom-call" and _kind(opcode, line, bodies) == "matmul"):
+      flops = _dot_flops(line, types)
+    elif opcode == "fusion":
+      called = _CALLS.search(line)
+      flops = sum(_dot_flops(inner, types) for inner in computations.get(called.group(1), ()) if " dot(" in inner)
+    return collections.Counter({(name, "flops"): flops, (name, "bytes"): moved})
+
+  totals = hlo_totals(hlo, cost)
+  return {name: (totals[(name, "flops")], totals[(name, "bytes")]) for name, kind in totals if kind == "bytes"}
+
+
+def roofline_times(costs: dict[str, tuple[float, float]], peak_flops: float, bandwidth: float) -> dict[str, float]:
+  """Each instruction's time if it ran at the device's peak FLOP/s or its memory bandwidth, whichever binds."""
+  return {name: max(flops / peak_flops, moved / bandwidth) for name, (flops, moved) in costs.items()}
+
+
 @dataclasses.dataclass(frozen=True)
 class Row:
   name: str
@@ -153,11 +236,11 @@ def by_kind(rows: list[Row]) -> dict[str, float]:
   return dict(totals.most_common())
 
 
-def report(rows: list[Row], *, calls: int, top: int) -> list[str]:
+def report(rows: list[Row], *, calls: int, top: int, heading: str = "device busy") -> list[str]:
   """Lines: per part and pass, per kind, and the `top` instructions, in ms per call and share of busy time."""
   busy = sum(r.seconds for r in rows) or 1.0
   ms = lambda s: f"{1e3 * s / calls:9.2f} ms {s / busy:6.1%}"
-  out = [f"device busy {1e3 * busy / calls:.2f} ms per step (summed over instructions), by part of the model:"]
+  out = [f"{heading} {1e3 * busy / calls:.2f} ms per step (summed over instructions), by part of the model:"]
   out += [f"  {part:<18} {pass_:<9} {ms(s)}" for (part, pass_), s in by_part(rows).items()]
   out.append("by kind of instruction:")
   out += [f"  {kind:<27} {ms(s)}" for kind, s in by_kind(rows).items()]

@@ -7,6 +7,7 @@ axis plays the role `jax.pmap` used to: each data-parallel slice of the batch on
 """
 from __future__ import annotations
 
+import collections
 import functools
 import math
 import re
@@ -174,30 +175,40 @@ COLLECTIVES = ("all-to-all", "ragged-all-to-all", "all-gather", "reduce-scatter"
 
 
 def collective_bytes(hlo: str, op: str) -> int:
-  """Bytes of the results of the `op` instructions one call of an HLO module runs (one device's program).
+  """Bytes of the results of the `op` instructions one call of an HLO module runs (one device's program),
+  counted as `hlo_totals` counts (an asynchronous collective by its `op-done`: its result; `op-start` also
+  holds the operand)."""
+  return hlo_totals(hlo, lambda line: collections.Counter({op: _result_bytes(line, op)}))[op]
+
+
+def hlo_totals(hlo: str, cost) -> collections.Counter:
+  """The sum of `cost(instruction line)` (a Counter) over the instructions one call of an HLO module runs.
 
   Counted from the ENTRY computation down: a while loop's body counts its known trip count times (the
-  scans over layers and micro-batches), a conditional its largest branch, any other called computation
-  once; an asynchronous collective counts by its `op-done` (its result; `op-start` also holds the operand).
+  scans over layers and micro-batches), a conditional its largest branch (by its total), any other called
+  computation once (an async pair's at its start), except a fusion's: its instruction is the kernel.
   """
   computations, entry = hlo_computations(hlo)
   if entry is None:  # not a whole module: every instruction once
-    return sum(_result_bytes(line, op) for line in hlo.splitlines())
-  memo: dict[str, int] = {}
+    return sum((cost(line) for line in hlo.splitlines()), collections.Counter())
+  memo: dict[str, collections.Counter] = {}
 
-  def total(name: str) -> int:
+  def total(name: str) -> collections.Counter:
     if name not in memo:
-      memo[name] = 0  # (no recursion in HLO; this only guards a malformed text)
-      count = 0
+      memo[name] = collections.Counter()  # (no recursion in HLO; this only guards a malformed text)
+      count = collections.Counter()
       for line in computations.get(name, ()):
-        count += _result_bytes(line, op)
+        count.update(cost(line))
         if " while(" in line:
           trips = _TRIP_COUNT.search(line)
-          count += (int(trips.group(1)) if trips else 1) * total(_BODY.search(line).group(1))
+          body = total(_BODY.search(line).group(1))
+          count.update({k: v * (int(trips.group(1)) if trips else 1) for k, v in body.items()})
         elif " conditional(" in line:
-          count += max((total(b) for b in _branches(line)), default=0)
-        elif "-done(" not in line:  # an async pair's computation is counted at its start
-          count += sum(total(c) for c in _CALLED.findall(line))
+          count.update(max((total(b) for b in _branches(line)), key=lambda c: sum(c.values()),
+                           default=collections.Counter()))
+        elif "-done(" not in line and " fusion(" not in line:
+          for called in _CALLED.findall(line):
+            count.update(total(called))
       memo[name] = count
     return memo[name]
 

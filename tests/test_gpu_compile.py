@@ -69,3 +69,25 @@ def test_mosaic_kernels_keep_their_registers_and_serialise_no_wgmma():
   assert set(rows) == {"mosaic_attention_forward", "mosaic_attention_dq", "mosaic_attention_dkv"}, run.stdout
   for name, (spill_stores, notes) in rows.items():
     assert notes == "" and spill_stores <= 256, (name, spill_stores, notes)
+
+
+@pytest.mark.skipif(not PLUGIN, reason="needs JAX's CUDA plugin and ptxas: pip install -e '.[gpu-compile]'")
+def test_the_train_step_compiled_for_a_gpu_has_a_roofline_below_the_peak():
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+  run = subprocess.run([sys.executable, "-m", "diffmoe_jax.bench", "gpu_compile", "--step", "--layers", "2",
+                        "--seq-len", "1024", "--top", "3"], capture_output=True, text=True, env=env, timeout=900)
+  assert run.returncode == 0, run.stderr[-3000:]
+  bound = re.search(r"^roofline\s+([\d.]+) ms at 989 TFLOP/s and 3.35 TB/s.*MFU at most ([\d.]+)%$", run.stdout, re.M)
+  assert bound and float(bound.group(1)) > 0 and 0 < float(bound.group(2)) < 100, run.stdout
+  assert re.search(r"^  moe\s+backward\s+[\d.]+ ms", run.stdout, re.M), run.stdout
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--layers", "2"], "argument --layers: only with --step"),
+    (["--remat-policy", "dots"], "argument --remat-policy: only with --step"),
+    (["--step", "--families", "mosaic"], "argument --families: not with --step"),
+])
+def test_flags_of_the_other_mode_are_refused(argv, message, capsys):
+  with pytest.raises(SystemExit):
+    bench.main(["gpu_compile", *argv])
+  assert message in capsys.readouterr().err

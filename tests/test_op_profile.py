@@ -85,3 +85,21 @@ def test_a_traced_program_is_split_where_its_time_goes():
 def test_a_trace_without_the_module_is_an_error():
   with pytest.raises(RuntimeError, match=r"no events of module 'jit_other' \(modules seen: none\)"):
     op_profile.trace_times(lambda: None, "HloModule jit_other, is_scheduled=true", calls=1)
+
+
+def test_costs_count_each_matmul_and_each_byte_as_often_as_a_loop_runs_them():
+  """A compiled scan of three steps of `tanh(x @ w)`: the matmul's FLOPs and each kernel's bytes (operands and
+  result) three times over, and the roofline time of each the larger of FLOPs / peak and bytes / bandwidth."""
+  def three_steps(x, w):
+    return jax.lax.scan(lambda x, _: (jnp.tanh(x @ w), None), x, None, length=3)[0]
+
+  x, w = jax.ShapeDtypeStruct((64, 128), jnp.float32), jax.ShapeDtypeStruct((128, 128), jnp.float32)
+  hlo = jax.jit(three_steps).lower(x, w).compile().as_text()
+  costs = op_profile.instruction_costs(hlo)
+  [matmul] = [name for name, (flops, _) in costs.items() if flops]
+  assert costs[matmul] == (3 * 2 * 64 * 128 * 128, 3 * 4 * (64 * 128 + 128 * 128 + 64 * 128))
+  [tanh] = [name for name in costs if "tanh" in name]
+  assert costs[tanh] == (0, 3 * 4 * 2 * 64 * 128)
+  times = op_profile.roofline_times(costs, peak_flops=1e12, bandwidth=1e9)
+  assert times[matmul] == pytest.approx(max(costs[matmul][0] / 1e12, costs[matmul][1] / 1e9))
+  assert times[tanh] == pytest.approx(costs[tanh][1] / 1e9)
