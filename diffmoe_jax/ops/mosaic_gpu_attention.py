@@ -1,15 +1,16 @@
 """Hopper kernels for `flash_attention` in Mosaic GPU: TMA loads, wgmma products, warp-specialised. This
 module holds the forward and the pieces the backward kernels (`mosaic_gpu_attention_backward.py`) share.
 
-The Triton kernels (`pallas_attention.py`) reach about a third of cuDNN's rate on an H200: Triton's
-Hopper path issues no wgmma from Pallas's dots and no TMA pipeline. These kernels are laid out the way
+The Triton kernels (`pallas_attention.py`) reach about a third of cuDNN's rate on an H200: compiled for
+Hopper they issue wgmmas but load with no TMA pipeline or warp specialisation, and at PI-P's widths they
+hold 255 registers a thread and spill (dk/dv 1.3 KB; `bench gpu_compile`). These kernels are laid out the way
 FlashAttention-3 is. Each program (CUDA block) holds 128 rows of one (batch, head), queries (forward,
 dq) or keys (dk/dv), as two compute warpgroups of 64 rows (wgmma's M), and one memory warpgroup that
 streams the other side's blocks (64 rows; 32 queries in dk/dv) through `STAGES` shared-memory slots with
-TMA, a barrier per slot for "loaded" and one for "consumed" (`stream_blocks`). Each compute warpgroup runs per block and per
-map the wgmma products from shared memory (`product`), the softmax arithmetic in registers, and the
-products that accumulate in registers (`add_product`, the left operand in registers). Every block loaded
-serves all M maps, as in the other kernels. Blocks come from the same tables as theirs
+TMA, a barrier per slot for "loaded" and one for "consumed" (`stream_blocks`). Each compute warpgroup
+runs per block and per map the wgmma products from shared memory (`product`), the softmax arithmetic in
+registers, and the products that accumulate in registers (`add_product`, the left operand in registers).
+Every block loaded serves all M maps, as in the other kernels. Blocks come from the same tables as theirs
 (`flash_attention.block_bounds`, `full_blocks`): the all-visible blocks run without the elementwise
 mask, the rest with it, and a compute warpgroup whose range is shorter releases the slots the other
 still uses (`release`).
