@@ -54,8 +54,8 @@ train_pi_p+=" --data-batches 20"
 step attention_mosaic 90 python3 -m diffmoe_jax.bench attention --config=configs/pi_p.py --no-layer-ratio \
   --dtype=bfloat16 --impls pallas pallas_mosaic pallas_mosaic_forward standard_flash --lengths 4096 8192
 step train_pi_p_mosaic 90 $train_pi_p --batch 1 --attention-gpu-forward mosaic --attention-gpu-backward mosaic
-# Where the MFU target can be met: at batch 1 the compiled step's roofline allows at most 35-37% MFU on an H200
-# (`bench gpu_compile --step`), at batch 4 with the matmul outputs kept through remat ("dots") 54%.
+# Where the MFU target can be met: at batch 1 the compiled step's roofline allows at most 36-38% MFU on an H200
+# (`bench gpu_compile --step`), at batch 4 with the matmul outputs kept through remat ("dots") 58%.
 step train_pi_p_batch4_dots 150 $train_pi_p --batch 4 --remat-policy dots --attention-gpu-forward mosaic \
   --attention-gpu-backward mosaic
 step attention 120 python3 -m diffmoe_jax.bench attention --config=configs/pi_p.py --no-layer-ratio \

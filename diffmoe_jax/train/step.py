@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import optax
 
 from diffmoe_jax.config import LOSS_SCALE_GROWTH_INTERVAL, LOSS_SCALE_MIN
+from diffmoe_jax.ops import loss as loss_lib
 from diffmoe_jax.train.state import LossScale, TrainState
 
 
@@ -32,7 +33,7 @@ def make_train_step(model, optimizer: optax.GradientTransformation, *, mod_mode:
     logits, aux = model.apply({"params": params}, batch["inputs"], train=True, mod_mode=mod_mode,
                               mod_capacity=mod_capacity, router_noise_std=dyn["router_noise"],
                               segment_ids=batch.get("segment_ids"), rngs={"noise": rng})
-    ce = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"]))
+    ce = jnp.mean(loss_lib.token_cross_entropy(logits, batch["targets"]))
     losses = aux["losses"]
     total = (ce + dyn["load_balance_weight"] * losses["load_balance"] + dyn["z_loss_weight"] * losses["router_z"]
              + dyn["mod_predictor_weight"] * losses["mod_predictor"])
@@ -139,7 +140,7 @@ def make_eval_step(model):
   def eval_step(params, batch):
     logits, _ = model.apply({"params": params}, batch["inputs"], train=False, mod_mode="predictor",
                             segment_ids=batch.get("segment_ids"))
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    ce = loss_lib.token_cross_entropy(logits, batch["targets"])
     if "weights" not in batch:
       return jnp.sum(ce), jnp.asarray(ce.size, jnp.float32)
     return jnp.sum(ce * batch["weights"]), jnp.sum(batch["weights"])
