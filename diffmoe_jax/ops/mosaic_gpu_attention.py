@@ -54,18 +54,20 @@ def interpreter():
   return InterpretGPUParams()
 
 
-def swizzle(row_bytes: int) -> int:
-  """The widest shared-memory swizzle (bytes) that tiles a row of `row_bytes`."""
+def swizzle(row_bytes: int, widest: int = 128) -> int:
+  """The widest shared-memory swizzle (bytes, at most `widest`) that tiles a row of `row_bytes`."""
   for size in (128, 64, 32):
-    if row_bytes % size == 0:
+    if size <= widest and row_bytes % size == 0:
       return size
   raise ValueError(f"a {row_bytes}-byte row fits no wgmma swizzle (a multiple of 32 bytes).")
 
 
-def tile(shape, dtype):
-  """Shared memory for wgmma operands `[..., rows, width]`, swizzled by its row's width."""
+def tile(shape, dtype, widest_swizzle: int = 128):
+  """Shared memory for wgmma operands `[..., rows, width]`, swizzled by its row's width. A wgmma whose
+  contraction runs along an operand's rows needs them a multiple of swizzle / itemsize: `widest_swizzle`
+  caps the swizzle for operands of fewer rows."""
   itemsize = jnp.dtype(dtype).itemsize
-  size = swizzle(shape[-1] * itemsize)
+  size = swizzle(shape[-1] * itemsize, widest_swizzle)
   return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, size // itemsize)),
                                               plgpu.SwizzleTransform(size)))
 

@@ -192,15 +192,18 @@ def backward(q, k, v, w, g, lse, delta, masks, causal, block_q, block_k, *, inte
               mga.flat(jnp.stack([lse * mga.LOG2E, delta, w], 2)),  # [B·H, 3, M, T]
               jnp.stack([q_pos, q_seg], 1), jnp.stack([kv_pos, kv_seg, kv_valid], 1))
   grid = dict(grid_names=("batch_heads", "blocks"), **mga.compiler(interpret))
+  # dk += dsᵀ q and dv += (Σ w·P)ᵀ g contract over a block's DKV_QUERY_ROWS queries, which the swizzle's
+  # width in elements must divide; the products sharing an operand with them share its swizzle.
+  dkv_tile = functools.partial(mga.tile, widest_swizzle=DKV_QUERY_ROWS * q.dtype.itemsize)
   dk_out, dv_out = plgpu.kernel(
       functools.partial(_dkv_kernel, heads=h, causal=causal, interpret=interpret),
       out_type=[jax.ShapeDtypeStruct((b * h, num_maps, s, dp), q.dtype),
                 jax.ShapeDtypeStruct((b * h, s, dvp), q.dtype)],
       scratch_types=[
-          mga.tile((COMPUTE_WARPGROUPS, num_maps, ROWS, dp), q.dtype),
-          mga.tile((COMPUTE_WARPGROUPS, ROWS, dvp), q.dtype),
-          mga.tile((STAGES, num_maps, DKV_QUERY_ROWS, dp), q.dtype),
-          mga.tile((STAGES, DKV_QUERY_ROWS, dvp), q.dtype),
+          dkv_tile((COMPUTE_WARPGROUPS, num_maps, ROWS, dp), q.dtype),
+          dkv_tile((COMPUTE_WARPGROUPS, ROWS, dvp), q.dtype),
+          dkv_tile((STAGES, num_maps, DKV_QUERY_ROWS, dp), q.dtype),
+          dkv_tile((STAGES, DKV_QUERY_ROWS, dvp), q.dtype),
           plgpu.SMEM((STAGES, _STATS, num_maps, DKV_QUERY_ROWS), jnp.float32),
           plgpu.Barrier(num_arrivals=num_maps + 1, num_barriers=COMPUTE_WARPGROUPS),  # k per map, v
           plgpu.Barrier(num_arrivals=num_maps, num_barriers=STAGES),

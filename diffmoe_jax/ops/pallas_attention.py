@@ -46,12 +46,17 @@ from diffmoe_jax.ops.flash_attention import pad_last
 # Dv = 144 as 80 and 144 columns) get 64 x 64 blocks and 4 warps. On an H200 (bf16, T = 8192, 64 and 128
 # columns) 64-row blocks ran 1.9x faster on 4 warps than on 8 (`launch/gpu_checks.sh`, README).
 _ACCUMULATOR_VALUES = 32768
+# Nor more than 64 rows: at PI-S's and PI's heads (64 and 128 columns) the budget allows 128, with which the
+# dk/dv kernel asks for 292 KB of shared memory, over Hopper's 227 KB, and the forward and dq spill registers
+# (`bench gpu_compile`); at PI-P's, 128-row forward programs measured slower on an H200 (3.39 vs 2.98 ms).
+_MAX_BLOCK = 64
 
 
 def register_blocks(block_q: int, block_k: int, num_maps: int, d: int, dv: int) -> tuple[int, int]:
-  """(bq, bk): the blocks asked for (powers of two), halved while their accumulators exceed the budget
-  and they are above 16."""
-  fit = lambda block, per_row: min(block, max(16, 1 << (_ACCUMULATOR_VALUES // per_row).bit_length() - 1))
+  """(bq, bk): the blocks asked for (powers of two), at most `_MAX_BLOCK`, halved while their accumulators
+  exceed the budget and they are above 16."""
+  fit = lambda block, per_row: min(block, _MAX_BLOCK,
+                                   max(16, 1 << (_ACCUMULATOR_VALUES // per_row).bit_length() - 1))
   return fit(block_q, num_maps * max(d, dv)), fit(block_k, num_maps * d + dv)
 
 
@@ -66,11 +71,10 @@ class Launch(NamedTuple):
 
 def default_launches(block_q: int, block_k: int, num_maps: int, d: int, dv: int) -> dict[str, Launch]:
   """Each kernel's launch ("forward", "dq", "dkv"; the one-pass backward uses "dkv") for the blocks asked
-  for, at padded widths d and dv: `register_blocks`, one warp per 16 rows of a program (4 to 8), two
+  for, at padded widths d and dv: `register_blocks`, 4 warps (one per 16 rows of a 64-row program), two
   stages. `python -m diffmoe_jax.bench kernels` times the alternatives on a GPU."""
   bq, bk = register_blocks(block_q, block_k, num_maps, d, dv)
-  warps = lambda rows: min(8, max(4, rows // 16))
-  return {"forward": Launch(bq, bk, warps(bq)), "dq": Launch(bq, bk, warps(bq)), "dkv": Launch(bk, bq, warps(bk))}
+  return {"forward": Launch(bq, bk, 4), "dq": Launch(bq, bk, 4), "dkv": Launch(bk, bq, 4)}
 
 
 def _pallas_call(kernel, interpret: bool, launch: Launch, **spec):
