@@ -261,8 +261,8 @@ def _forward_kernel(key_stop_ref, full_keys_ref, q_ref, k_ref, v_ref, q_mask_ref
           m_new = jnp.maximum(m_old, s.max(axis=1))
           alpha = jnp.exp2(m_old - m_new)
           p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
-          if masked:
-            p = jnp.where(visible, p, 0.0)
+          if masked:  # hidden keys give exp2(MASK_VALUE - max) = 0, unless the row has seen no visible key
+            p = jnp.where(lax.broadcast_in_dim(m_new > 0.5 * fa.MASK_VALUE, s.shape, [0]), p, 0.0)
           acc = add_product(acc * lax.broadcast_in_dim(alpha, acc.shape, [0]), p.astype(v_smem.dtype),
                             v_smem.at[slot], interpret)
           new.append((m_new, l * alpha + p.sum(axis=1), acc))
