@@ -6,6 +6,7 @@ line naming the file, or the full field path with the closest existing names.
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import fnmatch
 import logging
@@ -325,6 +326,20 @@ def use_compilation_cache(config) -> None:
   if config.train.compilation_cache_dir:
     import jax
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(config.train.compilation_cache_dir))
+
+
+@contextlib.contextmanager
+def cache_hits():
+  """A list that, after the block, is not empty if the block loaded a program from the persistent compilation
+  cache instead of compiling it (JAX's "/jax/compilation_cache/cache_hits" events, several for one program)."""
+  import jax
+  hits = []
+  listener = lambda event, **kwargs: hits.append(event) if event == "/jax/compilation_cache/cache_hits" else None
+  jax.monitoring.register_event_listener(listener)
+  try:
+    yield hits
+  finally:
+    jax.monitoring.unregister_event_listener(listener)
 
 
 def refuse_arguments(argv: list[str], hint: str = "settings are flags, such as --config.train.run_steps=10") -> None:

@@ -347,3 +347,26 @@ def test_a_full_disk_stops_the_run_with_one_line(tmp_path):
   assert_one_error(proc, f"Cannot save the checkpoint at step 1 in {tmp_path}/checkpoints",
                    "No space left on device")
   assert os.listdir(tmp_path / "checkpoints") == []
+
+
+def test_cache_hits_tells_a_loaded_program_from_a_compiled_one(tmp_path):
+  """The train loop logs whether each program was compiled or loaded from the persistent compilation cache:
+  the same program compiled twice (the in-memory caches cleared between) is a miss, then a hit."""
+  script = """
+import jax, jax.numpy as jnp
+from diffmoe_jax import cli
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+counts = []
+for _ in range(2):
+  jax.clear_caches()
+  with cli.cache_hits() as hits:
+    jax.jit(lambda x: jnp.sin(x) * 3).lower(jnp.ones(8)).compile()
+  counts.append(bool(hits))
+print(counts)
+"""
+  env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(tmp_path)}
+  run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                       timeout=SUBPROCESS_TIMEOUT_S)
+  assert run.returncode == 0, run.stderr[-2000:]
+  assert run.stdout.strip() == "[False, True]", run.stdout

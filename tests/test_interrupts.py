@@ -26,7 +26,7 @@ def test_a_second_ctrl_c_stops_at_once_with_one_line(tmp_path):
   lines = []
   try:
     deadline = time.time() + SUBPROCESS_TIMEOUT_S
-    for wanted in ("Compiling the train step", "Received SIGINT"):
+    for wanted in ("Building the train step", "Received SIGINT"):
       while time.time() < deadline:
         lines.append(proc.stderr.readline())
         if wanted in lines[-1]:

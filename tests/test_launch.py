@@ -27,7 +27,7 @@ def test_notebook_runs_top_to_bottom_in_smoke_mode(tmp_path, monkeypatch):
   assert "1 cpu device(s)" in text
   assert "RunResult(final_step=3" in text
   # Progress lines only: Orbax logged some 80 INFO lines of its own for these three steps, as the command line does not.
-  assert "Compiling the train step" in text and "orbax" not in text.lower() and "CheckpointManager" not in text
+  assert "Building the train step" in text and "orbax" not in text.lower() and "CheckpointManager" not in text
   assert checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")).all_steps() == [3]
   assert text.count("tokens that 3.2e22 training FLOPs buy") == 3  # PI, PI-S and PI-P
 

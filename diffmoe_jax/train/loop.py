@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from diffmoe_jax import data, distributed, estimate, parallel, validation
+from diffmoe_jax import cli, data, distributed, estimate, parallel, validation
 from diffmoe_jax.config import ConfigError
 from diffmoe_jax.nn import model as model_lib
 from diffmoe_jax.train import checkpoint, curriculum as curriculum_lib, metrics as metrics_lib, state as state_lib
@@ -316,22 +316,24 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, *, corpus: "d
   scalar = parallel.replicated(mesh)
 
   compiled: dict[tuple, Callable] = {}
-  end_step = curriculum.total_steps
-  if config.train.run_steps:
-    end_step = min(end_step, start_step + config.train.run_steps)
+  end_step = min(curriculum.total_steps, start_step + (config.train.run_steps or curriculum.total_steps))
   total_keys = len(curriculum.shape_keys(start_step, end_step))  # the programs this invocation compiles
 
   def step_fn(settings, *args):
     """The compiled step for `settings`, compiled ahead of time on `args` when first needed."""
     key = settings.shape_key
     if key not in compiled:
-      logging.info("Compiling the train step for seq_len %d, batch %d, MoD %s%s (program %d of %d).",
+      logging.info("Building the train step for seq_len %d, batch %d, MoD %s%s (program %d of %d).",
                    key[0], key[1], key[2], f" at capacity {key[3]:.4f}" if key[2] == "topk" else "",
                    len(compiled) + 1, total_keys)
       fn = step_lib.config_train_step(config, model, optimizer, mod_mode=settings.mod_mode,
                                       mod_capacity=settings.mod_capacity)
-      compiled[key] = jax.jit(fn, in_shardings=(state_shardings, batch_shardings, scalar),
-                              out_shardings=(state_shardings, scalar), donate_argnums=0).lower(*args).compile()
+      start = time.perf_counter()
+      with cli.cache_hits() as hits:
+        compiled[key] = jax.jit(fn, in_shardings=(state_shardings, batch_shardings, scalar),
+                                out_shardings=(state_shardings, scalar), donate_argnums=0).lower(*args).compile()
+      logging.info("Program %d of %d %s in %.1f s.", len(compiled), total_keys,
+                   "loaded from the compilation cache" if hits else "compiled", time.perf_counter() - start)
       if mesh.size > 1:  # what each step moves between devices, read off the compiled program
         moved = parallel.collective_summary(compiled[key].as_text())
         logging.info("Collectives per device per step of this program: %s.", moved or "none")
