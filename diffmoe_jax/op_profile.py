@@ -26,7 +26,7 @@ import tempfile
 import jax
 from jax.profiler import ProfileData
 
-from diffmoe_jax.parallel import COLLECTIVES, hlo_computations, hlo_totals
+from diffmoe_jax.parallel import COLLECTIVES, hlo_arrays, hlo_bytes, hlo_computations, hlo_totals
 
 # Flax module names of the model (nn/model.py) -> the part of the model they are reported under.
 _PARTS = {"attention": "attention", "moe": "moe", "ffn": "ffn", "mod_router": "mod router", "embed": "embedding",
@@ -129,21 +129,9 @@ def _op_times(planes, module: str) -> dict[str, float]:
 
 
 _TYPED = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (.+?) ([a-z][\w\-]*)\((.*)$")  # name, result type, opcode, rest
-_ARRAY = re.compile(r"\b(pred|s8|u8|s16|u16|s32|u32|s64|u64|bf16|f16|f32|f64)\[([\d,]*)\]")
-_ITEM_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4,
-               "s64": 8, "u64": 8, "f64": 8}
 # Instructions that move no data of their own (views, tuples) or run nothing on the device.
 _FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all", "partition-id",
          "replica-id", "opt-barrier", "while", "conditional", "call"}
-
-
-def _arrays(type_text: str) -> list[tuple[int, list[int]]]:
-  """(bytes per item, dims) of each array in an HLO type (`f32[2,3]{1,0}`, or a tuple of them)."""
-  return [(_ITEM_BYTES[t], [int(d) for d in dims.split(",") if d]) for t, dims in _ARRAY.findall(type_text)]
-
-
-def _nbytes(type_text: str) -> int:
-  return sum(item * math.prod(dims) for item, dims in _arrays(type_text))
 
 
 def _operands(rest: str) -> list[str]:
@@ -159,8 +147,8 @@ def _operands(rest: str) -> list[str]:
 def _dot_flops(line: str, types: dict[str, str]) -> int:
   """2 · (output elements) · (contracted size) of a dot, or of a cuBLAS GEMM custom call."""
   name, result, opcode, rest = _TYPED.match(line).groups()
-  lhs = _arrays(types.get(_operands(rest)[0], ""))
-  out = _arrays(result)
+  lhs = hlo_arrays(types.get(_operands(rest)[0], ""))
+  out = hlo_arrays(result)
   contracting = re.search(r'lhs_contracting_dim(?:s=\{|ensions":\[)([\d,"]*)', line)
   if not (lhs and out and contracting):
     return 0
@@ -183,12 +171,12 @@ def instruction_costs(hlo: str) -> dict[str, tuple[float, float]]:
     if not m or m.group(3) in _FREE:
       return collections.Counter()
     name, result, opcode, rest = m.groups()
-    operand_bytes = [_nbytes(types.get(o, "")) for o in _operands(rest)]
-    moved = _nbytes(result) + sum(operand_bytes)
+    operand_bytes = [hlo_bytes(types.get(o, "")) for o in _operands(rest)]
+    moved = hlo_bytes(result) + sum(operand_bytes)
     if "dynamic_update_slice" in name or opcode == "dynamic-update-slice":  # in place: the update moves
       moved = 2 * (sum(operand_bytes) - max(operand_bytes, default=0))
     elif "dynamic_slice" in name or opcode == "dynamic-slice":
-      moved = 2 * _nbytes(result)
+      moved = 2 * hlo_bytes(result)
     flops = 0
     if opcode == "dot" or (opcode == "custom-call" and _kind(opcode, line, bodies) == "matmul"):
       flops = _dot_flops(line, types)

@@ -245,13 +245,21 @@ def hlo_computations(hlo: str) -> tuple[dict[str, list[str]], str | None]:
   return computations, entry
 
 
+def hlo_arrays(type_text: str) -> list[tuple[int, list[int]]]:
+  """(bytes per item, dims) of each array in an HLO type (`f32[2,3]{1,0}`, or a tuple of them)."""
+  return [(_BYTES[dtype], [int(x) for x in dims.split(",") if x]) for dtype, dims in _SHAPE.findall(type_text)]
+
+
+def hlo_bytes(type_text: str) -> int:
+  """Bytes of the arrays in an HLO type."""
+  return sum(item * math.prod(dims) for item, dims in hlo_arrays(type_text))
+
+
 def _result_bytes(line: str, op: str) -> int:
   """Bytes of the result of `line` if it is an `op` (or `op-done`) instruction, else 0."""
   for form in (f" {op}(", f" {op}-done("):
     if form in line and "=" in line:
-      result = line.split("=", 1)[1].split(form, 1)[0]
-      return sum(_BYTES[dtype] * math.prod(int(x) for x in dims.split(",") if x)
-                 for dtype, dims in _SHAPE.findall(result))
+      return hlo_bytes(line.split("=", 1)[1].split(form, 1)[0])
   return 0
 
 
