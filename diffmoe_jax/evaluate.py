@@ -177,6 +177,16 @@ def file_batches(tokens, *, seq_len: int, batch_size: int) -> list[dict]:
            "weights": weights[i:i + batch_size]} for i in range(0, rows, batch_size)]
 
 
+def pad_rows(batch: dict, rows: int) -> dict:
+  """`batch` with `rows` more rows of zeros, weighted 0 so that they count no token (unchanged if 0)."""
+  if not rows:
+    return batch
+  import numpy as np
+  arrays = {k: batch[k] for k in ("inputs", "targets", "segment_ids") if k in batch}
+  arrays["weights"] = batch.get("weights", np.ones(batch["targets"].shape, np.float32))
+  return {k: np.concatenate([v, np.zeros((rows,) + v.shape[1:], v.dtype)]) for k, v in arrays.items()}
+
+
 def read_text_files(paths: list[str], tokenizer) -> dict[str, tuple]:
   """{path: (tokens, bytes per token)}; a missing, unreadable or too short file is a DataError."""
   import numpy as np
@@ -215,10 +225,15 @@ def evaluate(config, params, *, files: list[str] = (), domains: bool = True, eva
   batch_sharding = parallel.batch_sharding(mesh, rules)
   seq_len, batch_size = config.model.max_seq_len, config.train.eval_batch_size
   split = max(parallel.data_parallel_size(mesh, rules), jax.process_count())
-  if batch_size % split:
+  pad = -batch_size % split  # rows that count no token, so that every device gets as many (one process)
+  if pad and jax.process_count() > 1:
     raise config_lib.ConfigError(
         f"config.train.eval_batch_size ({batch_size}) is not a multiple of the {split} ways this machine's mesh "
         "splits a batch; pass --config=<the run's config> with --config.train.eval_batch_size=<a multiple>.")
+  if pad:
+    from absl import logging
+    logging.info("config.train.eval_batch_size (%d) does not split %d ways: each batch gets %d rows that count "
+                 "no token.", batch_size, split, pad)
   eval_step = step_lib.make_eval_step(model_lib.build_model(config.model))
   param_shardings = jax.tree.map(lambda x: x.sharding, params)
   jitted = {}
@@ -232,9 +247,9 @@ def evaluate(config, params, *, files: list[str] = (), domains: bool = True, eva
   results = {"domains": {}, "files": {}}
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     if domains:
-      sets = {domain: data.eval_batches(corpus, domain, seq_len=seq_len, batch_size=batch_size,
-                                        num_batches=eval_batches or config.train.eval_batches)
-              for domain in corpus.domains}
+      sets = {domain: [pad_rows(b, pad) for b in data.eval_batches(
+                  corpus, domain, seq_len=seq_len, batch_size=batch_size,
+                  num_batches=eval_batches or config.train.eval_batches)] for domain in corpus.domains}
       sums = loop.eval_loss_sums(eval_fn, params, sets, batch_sharding)
       summary = loop.eval_results(sums, {d: corpus.bytes_per_token(d, "val") for d in sums})
       results["loss"] = summary["loss"]
@@ -242,7 +257,8 @@ def evaluate(config, params, *, files: list[str] = (), domains: bool = True, eva
         results["domains"][domain] = _entry(summary, domain)
         results["domains"][domain]["unigram_bits_per_byte"] = corpus.unigram_bits_per_byte(domain)
     if texts:
-      sets = {path: file_batches(tokens, seq_len=seq_len, batch_size=batch_size) for path, (tokens, _) in texts.items()}
+      sets = {path: [pad_rows(b, pad) for b in file_batches(tokens, seq_len=seq_len, batch_size=batch_size)]
+              for path, (tokens, _) in texts.items()}
       sums = loop.eval_loss_sums(eval_fn, params, sets, batch_sharding)
       summary = loop.eval_results(sums, {path: bpt for path, (_, bpt) in texts.items()})
       results["files"] = {path: _entry(summary, path) for path in sums}

@@ -118,14 +118,25 @@ def test_cli_bad_input_is_one_line(workdir, tmp_path):
   assert_one_error(run_cli("diffmoe_jax.evaluate", f"--workdir={workdir}", f"--config={CONFIG_PATH}",
                            *SHORT_RUN, "--config.model.d_model=24", "--config.model.head_dim=12"),
                    "another shape", "model.d_model 48 -> 24", "Drop --config to use the saved config.")
-  assert_one_error(run_cli("diffmoe_jax.evaluate", f"--workdir={workdir}", f"--config={CONFIG_PATH}", *SHORT_RUN,
-                           "--config.train.eval_batch_size=12"),
-                   "config.train.eval_batch_size (12) is not a multiple of the 8 ways this machine's mesh splits")
   (tmp_path / "notes.txt").write_text("Files are evaluated whole.\n")
   assert_one_error(run_cli("diffmoe_jax.evaluate", f"--workdir={workdir}", "--nodomains", "--eval_batches=2",
                            str(tmp_path / "notes.txt")),  # was ignored
                    "--eval_batches sets the batches per validation domain, and --nodomains evaluates none")
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == checkpoints  # nothing lost
+
+
+def test_a_batch_the_mesh_does_not_split_gets_rows_that_count_no_token(workdir, tmp_path):
+  """eval_batch_size 12 on 8 devices (the run's mesh): each batch gets 4 rows weighted 0, so a file, evaluated
+  whole, has the loss it has at a batch of 8 (it was refused, asking for a config override)."""
+  path = tmp_path / "notes.txt"
+  path.write_text("Differential attention subtracts two softmax maps. " * 40)
+  results = []
+  for batch_size in (12, 8):
+    proc = run_cli("diffmoe_jax.evaluate", f"--workdir={workdir}", f"--config={CONFIG_PATH}", *SHORT_RUN,
+                   f"--config.train.eval_batch_size={batch_size}", "--json", "--nodomains", str(path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results.append(json.loads(proc.stdout)["files"][str(path)])
+  np.testing.assert_allclose(results[0]["loss"], results[1]["loss"], rtol=1e-5)
 
 
 @pytest.mark.parametrize("blank", [None, "", " ", "\t"])
