@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffmoe_jax.ops import dispatch
+from diffmoe_jax.ops import dispatch, routing
 
 B, T, D, F, E, K = 2, 12, 8, 16, 4, 2
 IMPLS = [("capacity", "padded", 100.0), ("dropless", "padded", 1.25), ("dropless", "ragged", 1.25)]
@@ -388,3 +388,43 @@ def test_bad_moe_inputs_are_named(change, message):
 def test_moe_capacity_refuses_k_outside_the_experts_and_infinite_factors(k, capacity_factor, message):
   with pytest.raises(ValueError, match=message):
     dispatch.moe_capacity(12, k, 4, capacity_factor)
+
+
+@pytest.mark.parametrize("group", [1, K])
+def test_move_rows_gradient_is_the_transposed_move(group):
+  """move_rows's gradient (a gather through the inverse) against a NumPy scatter-add of the cotangent: rows
+  named by no index get 0, a row's `group` sub-rows add up; out-of-range indices give zero rows."""
+  rng = np.random.default_rng(3)
+  rows, taken = 5, 7  # 5 rows of `group` sub-rows; 7 outputs, some naming none (the sentinel rows·group)
+  index = np.full((B, taken), rows * group, np.int32)
+  inverse = np.full((B, rows * group), taken, np.int32)
+  for b in range(B):
+    chosen = rng.choice(rows * group, size=taken - 2, replace=False)
+    at = rng.choice(taken, size=taken - 2, replace=False)
+    index[b, at], inverse[b, chosen] = chosen, at
+  x = rng.normal(size=(B, rows, D)).astype(np.float32)
+  g = rng.normal(size=(B, taken, D)).astype(np.float32)
+
+  out, vjp = jax.vjp(lambda a: routing.move_rows(a, jnp.asarray(index), jnp.asarray(inverse), group), x)
+  (dx,) = vjp(jnp.asarray(g))
+  expected_out, expected_dx = np.zeros((B, taken, D)), np.zeros((B, rows, D))
+  for b in range(B):
+    for i in range(taken):
+      if index[b, i] < rows * group:
+        expected_out[b, i] = x[b, index[b, i] // group]
+        expected_dx[b, index[b, i] // group] += g[b, i]
+  np.testing.assert_allclose(np.asarray(out), expected_out, rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(dx), expected_dx, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode,impl,capacity_factor", IMPLS)
+def test_the_layer_gradient_moves_rows_by_gathers_alone(mode, impl, capacity_factor):
+  """Dispatch and combine are transposed by gathers: no scatter-add into zero arrays of the tokens' or the
+  expert rows' shape (only the routing plan's small integer permutations are scatters)."""
+  x, weights, experts, params = make_inputs(0, "gelu")
+  loss = lambda x_, w_, w_in, w_out: jnp.sum(dispatch.moe_ffn(
+      x_, w_, jnp.asarray(experts), w_in, w_out, activation="gelu", mode=mode, dropless_impl=impl,
+      capacity_factor=capacity_factor)[0] ** 2)
+  lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).lower(x, weights, params["w_in"], params["w_out"])
+  scatters = [line for line in lowered.as_text(dialect="hlo").splitlines() if " scatter(" in line]
+  assert scatters and all(line.split(" = ")[1].startswith("s32[") for line in scatters), scatters

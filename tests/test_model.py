@@ -110,6 +110,25 @@ def test_gradients_reach_router_lambdas_and_mod_router(base):
     assert np.abs(np.asarray(mod[name])).max() > 0, name
 
 
+def test_token_rows_move_by_gathers_in_the_gradient(base):
+  """Mixture-of-depths and MoE rows travel by gathers both ways: the topk-mode gradient has no scatter of
+  activation rows (width d_model) into a zero array; only the plans' integer arrays, routing weights of
+  width E or 1, λ and the embedding table's rows are scattered."""
+  cfg, model, params, _ = base
+  tokens = _tokens(4)
+
+  def loss(p):
+    logits, aux = model.apply({"params": p}, tokens, train=True, mod_mode="topk", router_noise_std=0.0,
+                              rngs={"noise": jax.random.PRNGKey(3)})
+    return jnp.sum(logits ** 2) + sum(aux["losses"].values())
+
+  text = jax.jit(jax.grad(loss)).lower(params).as_text(dialect="hlo")
+  results = [line.split(" = ")[1].split("{")[0] for line in text.splitlines() if " scatter(" in line]
+  rows = [r for r in results if r.endswith(f",{cfg.model.d_model}]") and r != f"f32[{cfg.model.vocab_size},"
+          f"{cfg.model.d_model}]"]
+  assert results and not rows, rows
+
+
 def test_scanned_and_unrolled_give_the_same_logits(base, make_config):
   cfg, model, params, _ = base
   unrolled = model_lib.build_model(make_config(scan_layers=False).model)

@@ -205,6 +205,11 @@ def test_mod_select_sorted_top_k():
   expected = np.zeros((4, 16), bool)
   np.put_along_axis(expected, indices, True, axis=1)
   np.testing.assert_array_equal(mask, expected)
+  slots = np.asarray(routing.selected_slots(jnp.asarray(indices), 16))  # each position's place, k if none
+  expected_slots = np.full((4, 16), k)
+  for b in range(4):
+    expected_slots[b, indices[b]] = np.arange(k)
+  np.testing.assert_array_equal(slots, expected_slots)
 
 
 def test_mod_select_ties_go_to_the_earlier_position():
@@ -219,7 +224,7 @@ def test_gather_scatter_round_trip(trailing):
   b, t, k = 3, 10, 4
   x = rng.normal(size=(b, t) + trailing).astype(np.float32)
   indices = np.sort(np.stack([rng.permutation(t)[:k] for _ in range(b)]), axis=1).astype(np.int32)
-  gathered = routing.gather_tokens(jnp.asarray(x), jnp.asarray(indices))
+  gathered = routing.take_rows(jnp.asarray(x), jnp.asarray(indices))
   np.testing.assert_array_equal(gathered, np.stack([x[i, indices[i]] for i in range(b)]))
   np.testing.assert_array_equal(routing.scatter_tokens(jnp.asarray(x), gathered, jnp.asarray(indices)), x)
 
@@ -243,7 +248,7 @@ def test_scatter_tokens_gradients():
   dx, du = jax.grad(loss, argnums=(0, 1))(x, updates)
   selected = np.asarray(routing.mod_selected_mask(indices, 6))[..., None]
   np.testing.assert_allclose(dx, np.where(selected, 0.0, cot))
-  np.testing.assert_allclose(du, routing.gather_tokens(cot, indices))
+  np.testing.assert_allclose(du, routing.take_rows(cot, indices))
 
 
 def test_batch_sharded_routing_needs_no_all_gather():
@@ -256,7 +261,7 @@ def test_batch_sharded_routing_needs_no_all_gather():
   def route(logits, scores, x):
     weights, experts = routing.top_k_gating(logits, 2)
     indices = routing.mod_select(scores, 4)
-    updated = routing.scatter_tokens(x, 2.0 * routing.gather_tokens(x, indices), indices)
+    updated = routing.scatter_tokens(x, 2.0 * routing.take_rows(x, indices), indices)
     return weights, experts, updated, routing.mod_selected_mask(indices, 12)
 
   args = [jax.device_put(a, shard) for a in (logits, scores, x)]

@@ -107,14 +107,17 @@ class RoutedLayer(nn.Module):
       return x + weight * delta, {**stats, **_mod_stats(1.0, 0.0, 1.0)}
     num_selected = routing.mod_capacity_tokens(self.mod_capacity, x.shape[1])
     indices = routing.mod_select(score, num_selected)
-    target = routing.mod_selected_mask(indices, x.shape[1])
+    slots = routing.selected_slots(indices, x.shape[1])
+    target = slots < num_selected
     if self.mod_mode == "topk":
-      selected_x = routing.gather_tokens(x, indices)
-      selected_positions = routing.gather_tokens(positions, indices)
-      selected_segments = None if segment_ids is None else routing.gather_tokens(segment_ids, indices)
+      selected_x = routing.move_rows(x, indices, slots)
+      selected_positions = routing.take_rows(positions, indices)
+      selected_segments = None if segment_ids is None else routing.take_rows(segment_ids, indices)
       delta, stats = block(selected_x, selected_positions, layer_index, noise_std,
                            segment_ids=selected_segments)
-      x = routing.scatter_tokens(x, selected_x + routing.gather_tokens(weight, indices) * delta, indices)
+      # The updates go back to their tokens as a gather (zero rows elsewhere) added to x.
+      update = routing.move_rows(routing.take_rows(weight, indices) * delta, slots, indices)
+      x = (x + update).astype(x.dtype)
       selected = target
     else:
       selected = predictor_logit > 0.0

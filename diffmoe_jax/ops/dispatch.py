@@ -74,15 +74,6 @@ def resolve_dropless_impl(name: str) -> str:
   return name
 
 
-def take_rows(x: jax.Array, index: jax.Array) -> jax.Array:
-  """`x[b, index[b, i]]`: x `[B, R, ...]`, index `[B, N]` -> `[B, N, ...]`, zeros where `index >= R`.
-
-  Gathers stay within a sequence, so a batch sharded over devices needs no communication here.
-  """
-  index = index.reshape(index.shape + (1,) * (x.ndim - 2))
-  return jnp.take_along_axis(x, index, axis=1, mode="fill", fill_value=0)
-
-
 def _sort_by_expert(experts: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Stable sort of each row of `experts [..., n]`: (sorted experts, the assignment at each sorted slot)."""
   iota = jax.lax.broadcasted_iota(jnp.int32, experts.shape, experts.ndim - 1)
@@ -149,8 +140,8 @@ def combine(out: jax.Array, gates: jax.Array, src: jax.Array, dst: jax.Array, sh
   sequence, or the whole batch); gates `[G, n]` by assignment; src `[G, R]`: each row's assignment; dst
   `[G, n]`: each assignment's row (R or more when dropped: a zero row)."""
   b, t, k, d = shape
-  weighted = out.astype(jnp.float32) * take_rows(gates.astype(jnp.float32), src)[..., None]
-  return jnp.sum(take_rows(weighted, dst).reshape(b, t, k, d), axis=2)
+  per_assignment = routing.move_rows(out, dst, src).reshape(b, t, k, d).astype(jnp.float32)
+  return jnp.sum(per_assignment * gates.reshape(b, t, k, 1).astype(jnp.float32), axis=2)
 
 
 def ffn(rows: jax.Array, w_in: jax.Array, w_out: jax.Array, w_gate: jax.Array | None, activation: str,
@@ -215,7 +206,8 @@ def moe_ffn(x: jax.Array, weights: jax.Array, experts: jax.Array, w_in: jax.Arra
       w_out.shape != (num_experts, f, d)) or (w_gate is not None and w_gate.shape != w_in.shape):
     raise ValueError(f"moe_ffn expects x [B, T, d], weights and experts [B, T, k], w_in (and w_gate) [E, d, f], "
                      f"w_out [E, f, d]; got x {x.shape}, weights {weights.shape}, experts {experts.shape}, w_in "
-                     f"{w_in.shape}, w_out {w_out.shape}" + ("" if w_gate is None else f", w_gate {w_gate.shape}") + ".")
+                     f"{w_in.shape}, w_out {w_out.shape}"
+                     + ("" if w_gate is None else f", w_gate {w_gate.shape}") + ".")
   if not jnp.issubdtype(experts.dtype, jnp.integer):
     raise ValueError(f"moe_ffn: experts must hold integer expert ids, got {experts.dtype}.")
   if token_mask is not None and token_mask.shape != (b, t):
@@ -242,7 +234,7 @@ def moe_ffn(x: jax.Array, weights: jax.Array, experts: jax.Array, w_in: jax.Arra
   else:
     raise ValueError(f"dropless_impl must be 'padded' or 'ragged', got {dropless_impl!r}.")
 
-  rows = take_rows(tokens, src // k)  # the empty sentinel (assignment count) maps to the token count
+  rows = routing.move_rows(tokens, src, dst, k)  # an empty slot's sentinel (the assignment count) is out of range
   if padded:
     out = _expert_ffn(rows.reshape(b, num_experts, capacity, d), w_in, w_out, w_gate, activation,
                       per_expert=jax.default_backend() == "cpu" and b * capacity > 1).reshape(rows.shape)

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from diffmoe_jax.ops import dispatch
+from diffmoe_jax.ops import dispatch, routing
 from diffmoe_jax.parallel import mesh_axes_of
 
 STRATEGIES = ("all_to_all", "gather", "ragged")
@@ -131,7 +131,7 @@ def _all_to_all_body(x, weights, experts, token_mask, w_in, w_out, w_gate, *, ac
   b, t, d = x.shape
   k = experts.shape[-1]
   src, dst, kept = dispatch.capacity_plan(experts, num_experts, capacity)
-  slots = dispatch.take_rows(x, src // k)  # [b, E·C, d]; empty slots are zero rows
+  slots = routing.move_rows(x, src, dst, k)  # [b, E·C, d]; empty slots are zero rows
   # [b, n, E_l, C, d] -> [n, E_l, b, C, d]: chunk j (expert group j) goes to device j of the expert axis,
   # and what arrives is stacked by source device.
   slots = slots.reshape(b, n, local_experts, capacity, d).transpose(1, 2, 0, 3, 4)
@@ -203,7 +203,7 @@ def _ragged_body(x, weights, experts, token_mask, w_in, w_out, w_gate, *, activa
   b, t, d = x.shape
   k = experts.shape[-1]
   src, dst, sizes = dispatch.ragged_plan(experts, num_experts)  # masked assignments sort last, in no group
-  rows = dispatch.take_rows(x.reshape(1, b * t, d), src // k)[0]  # [N, d] by expert
+  rows = routing.move_rows(x.reshape(1, b * t, d), src, dst, k)[0]  # [N, d] by expert
   plan = ragged_exchange_plan(jax.lax.all_gather(sizes, expert_axis), jax.lax.axis_index(expert_axis),
                               local_experts)
   exchange = functools.partial(jax.lax.ragged_all_to_all, axis_name=expert_axis)

@@ -5,6 +5,7 @@ Router logits are `[..., E]` (any leading token axes) and are handled in fp32. M
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -165,9 +166,52 @@ def _expand(indices: jax.Array, ndim: int) -> jax.Array:
   return indices.reshape(indices.shape + (1,) * (ndim - 2))
 
 
-def gather_tokens(x: jax.Array, indices: jax.Array) -> jax.Array:
-  """`x [B, T, ...]`, indices `[B, K]` -> `[B, K, ...]` (the selected tokens, in index order)."""
-  return jnp.take_along_axis(x, _expand(indices, x.ndim), axis=1)
+def take_rows(x: jax.Array, index: jax.Array) -> jax.Array:
+  """`x[b, index[b, i]]`: x `[B, R, ...]`, index `[B, N]` -> `[B, N, ...]`, zeros where `index >= R`.
+
+  Gathers stay within a sequence, so a batch sharded over devices needs no communication here.
+  """
+  index = index.reshape(index.shape + (1,) * (x.ndim - 2))
+  return jnp.take_along_axis(x, index, axis=1, mode="fill", fill_value=0)
+
+
+def move_rows(x: jax.Array, index: jax.Array, inverse: jax.Array, group: int = 1) -> jax.Array:
+  """`x[b, index[b, i] // group]`: x `[B, R, ...]`, index `[B, N]` -> `[B, N, ...]`, zeros where the row is
+  out of range; for an `index` that names each of the R·group sub-rows `r·group + j` at most once, with
+  `inverse [B, R·group]` its inverse (`index[b, inverse[b, s]] == s`; N or more where s is not named).
+
+  A token goes to its k expert slots (`index` = the slots' assignments, group k), a slot's output to its
+  assignment (`index` = the assignments' slots, group 1), a mixture-of-depths layer's tokens to the block
+  and its updates back (`selected_slots`). The gradient is then a gather through `inverse`
+  (summed over a row's sub-rows), where autodiff of a gather scatter-adds into a zero array of x's shape.
+  """
+  # Inside shard_map, x first varies over the mesh axes its indices vary over, as it would on its way into
+  # a gather, so that its gradient has x's type.
+  varying = lambda a: jax.typeof(a).manual_axis_type.varying
+  missing = (varying(index) | varying(inverse)) - varying(x)
+  if missing:
+    x = jax.lax.pcast(x, tuple(sorted(missing)), to="varying")
+  return _move_rows(x, index, inverse, group)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _move_rows(x, index, inverse, group):
+  return take_rows(x, index // group)
+
+
+def _move_rows_fwd(x, index, inverse, group):
+  return _move_rows(x, index, inverse, group), (inverse, x.shape[1])
+
+
+def _move_rows_bwd(group, residuals, g):
+  inverse, rows = residuals
+  dx = take_rows(g, inverse)  # [B, R·group, ...]
+  if group > 1:  # a token's k shares, added in fp32
+    dx = jnp.sum(dx.reshape((dx.shape[0], rows, group) + dx.shape[2:]).astype(jnp.float32), axis=2)
+  return dx.astype(g.dtype), None, None
+
+
+_move_rows.defvjp(_move_rows_fwd, _move_rows_bwd)
 
 
 def scatter_tokens(x: jax.Array, updates: jax.Array, indices: jax.Array) -> jax.Array:
@@ -180,7 +224,14 @@ def scatter_tokens(x: jax.Array, updates: jax.Array, indices: jax.Array) -> jax.
       x, updates, indices)
 
 
+def selected_slots(indices: jax.Array, seq_len: int) -> jax.Array:
+  """Int32 `[B, T]`: each position's place among the selected `indices [B, K]`, K where it is not selected
+  (the inverse `move_rows` takes)."""
+  b, k = indices.shape
+  return scatter_tokens(jnp.full((b, seq_len), k, jnp.int32), jax.lax.broadcasted_iota(jnp.int32, (b, k), 1),
+                        indices)
+
+
 def mod_selected_mask(indices: jax.Array, seq_len: int) -> jax.Array:
   """Bool `[B, T]`, True at the selected positions `indices [B, K]` (e.g. the predictor's BCE target)."""
-  selected = jnp.ones(indices.shape, bool)
-  return scatter_tokens(jnp.zeros((indices.shape[0], seq_len), bool), selected, indices)
+  return selected_slots(indices, seq_len) < indices.shape[1]
