@@ -11,7 +11,7 @@ def _reference(logits, labels):
   z = np.asarray(logits, np.float64)
   shifted = z - z.max(-1, keepdims=True)
   log_softmax = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
-  one_hot = np.eye(z.shape[-1])[labels]
+  one_hot = (np.arange(z.shape[-1]) == np.asarray(labels)[..., None]).astype(np.float64)
   ce = -(log_softmax * one_hot).sum(-1)
   return ce, (np.exp(log_softmax) - one_hot) / ce.size
 
@@ -32,6 +32,18 @@ def test_matches_float64_cross_entropy_and_its_gradient():
   assert half.dtype == jnp.float32
   np.testing.assert_allclose(np.asarray(half), _reference(np.asarray(jnp.asarray(logits, jnp.bfloat16),
                                                                      np.float32), labels)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_a_large_vocabulary_and_equal_logits_match_float64():
+  """The one-pass reduction's rescaled partial sums over 65,536 classes (as XLA splits them), and rows of
+  equal logits (every partial maximum ties)."""
+  rng = np.random.default_rng(1)
+  logits = (rng.normal(size=(2, 3, 65536)) * 6).astype(np.float32)
+  logits[1, 2] = 3.0
+  labels = rng.integers(0, 65536, size=(2, 3))
+  ce = jax.jit(loss_lib.token_cross_entropy)(jnp.asarray(logits), jnp.asarray(labels, jnp.int32))
+  np.testing.assert_allclose(np.asarray(ce), _reference(logits, labels)[0], rtol=2e-6)
+  assert abs(float(ce[1, 2]) - np.log(65536)) < 1e-4
 
 
 def test_the_gradient_reads_the_logits_once_without_a_scatter():
