@@ -129,6 +129,33 @@ def test_token_rows_move_by_gathers_in_the_gradient(base):
   assert results and not rows, rows
 
 
+@pytest.mark.parametrize("overrides", [{}, {"attention": "differential_v2", "expert_conditional_lambda": False,
+                                            "ffn": "dense", "moe.activation": "swiglu", "remat_policy": "dots"}])
+def test_weights_cast_ahead_of_the_layers_give_the_same_logits_and_gradients(make_config, overrides):
+  """`cast_weights` (the train step's) against each layer casting its own weights, bf16 compute: bit-equal
+  logits and fp32 gradients, since every cast weight has one use, in the compute dtype."""
+  cfg = make_config(dtype="bfloat16", **overrides)
+  model, variables = _init(cfg)
+  params = nn.unbox(variables)["params"]
+  names = {path[-1].key for path, _ in jax.tree_util.tree_leaves_with_path(params)}
+  tokens = _tokens(5)
+
+  def loss(p, cast):
+    logits, aux = model.apply({"params": model_lib.cast_weights(p, cfg.model) if cast else p}, tokens, train=True,
+                              mod_mode="topk", router_noise_std=0.0, rngs={"noise": jax.random.PRNGKey(3)})
+    return jnp.mean(logits ** 2) + sum(aux["losses"].values()), logits
+
+  (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)(params, False)
+  (_, cast_logits), cast_grads = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)(params, True)
+  np.testing.assert_array_equal(np.asarray(cast_logits), np.asarray(logits))
+  for (path, g), c in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(cast_grads)):
+    assert c.dtype == jnp.float32, path
+    np.testing.assert_array_equal(np.asarray(c), np.asarray(g), err_msg=jax.tree_util.keystr(path))
+  expected = {"wq", "wk", "wv", "wo", "w_in", "w_out", "lm_head"} | (
+      {"w_lambda", "w_gate"} if overrides else set())
+  assert names & model_lib.COMPUTE_DTYPE_WEIGHTS == expected
+
+
 def test_scanned_and_unrolled_give_the_same_logits(base, make_config):
   cfg, model, params, _ = base
   unrolled = model_lib.build_model(make_config(scan_layers=False).model)

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import optax
 
 from diffmoe_jax.config import LOSS_SCALE_GROWTH_INTERVAL, LOSS_SCALE_MIN
+from diffmoe_jax.nn import model as model_lib
 from diffmoe_jax.ops import loss as loss_lib
 from diffmoe_jax.train.state import LossScale, TrainState
 
@@ -30,7 +31,8 @@ def make_train_step(model, optimizer: optax.GradientTransformation, *, mod_mode:
   """
 
   def loss_fn(params, batch, rng, dyn, scale):
-    logits, aux = model.apply({"params": params}, batch["inputs"], train=True, mod_mode=mod_mode,
+    variables = {"params": model_lib.cast_weights(params, model.config)}
+    logits, aux = model.apply(variables, batch["inputs"], train=True, mod_mode=mod_mode,
                               mod_capacity=mod_capacity, router_noise_std=dyn["router_noise"],
                               segment_ids=batch.get("segment_ids"), rngs={"noise": rng})
     ce = jnp.mean(loss_lib.token_cross_entropy(logits, batch["targets"]))
