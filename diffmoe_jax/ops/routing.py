@@ -162,10 +162,6 @@ def mod_select(scores: jax.Array, num_selected: int) -> jax.Array:
   return jnp.sort(by_score[:, :num_selected], axis=-1)
 
 
-def _expand(indices: jax.Array, ndim: int) -> jax.Array:
-  return indices.reshape(indices.shape + (1,) * (ndim - 2))
-
-
 def take_rows(x: jax.Array, index: jax.Array) -> jax.Array:
   """`x[b, index[b, i]]`: x `[B, R, ...]`, index `[B, N]` -> `[B, N, ...]`, zeros where `index >= R`.
 
