@@ -247,6 +247,8 @@ def training_memory_per_device(config: ml_collections.ConfigDict, mesh_shape: di
 # and 2.43 on data x expert x tensor and expert x tensor meshes (8 simulated devices), 2.41 for PI-P on one
 # device (at 3, as when the new values were all computed before the step knew they were finite: 1.08-1.25x).
 UPDATE_WEIGHTS = 2.75
+# The compute-dtype weight copies and their gradients the step holds, in copies' shards (measured 1.0-1.85).
+CAST_COPIES = 1.5
 
 
 def step_temporaries(config: ml_collections.ConfigDict, mesh_shape: dict[str, int], activations: float,
@@ -257,13 +259,26 @@ def step_temporaries(config: ml_collections.ConfigDict, mesh_shape: dict[str, in
   all-gathered for its use and its gradient is whole until it is reduce-scattered, so that twice (an
   expert or tensor split stays). After the backward, when the activations are gone: the gradient and the
   update's new weights and Adam moments, as many of them as XLA does not write into the donated old ones:
-  `UPDATE_WEIGHTS` times the weights' shard."""
+  `UPDATE_WEIGHTS` times the weights' shard. At either peak, the matmul weights' compute-dtype copies
+  (`model.cast_weights`) and their gradients before these are cast back: XLA keeps them for the update too
+  (compiled, 1.0-1.85 times the copies' shard on the meshes of tests/test_estimate.py: `CAST_COPIES`)."""
   from diffmoe_jax import parallel
   boxed = abstract_state(config) if boxed is None else boxed
   weights = state_bytes_per_device(config, mesh_shape, boxed.params)
   gathered = 2 if parallel.logical_axis_size(mesh_shape, parallel.axis_rules(config.mesh), "embed") > 1 else 1
   backward = weights + gathered * _group_weight_bytes(config, mesh_shape, boxed.params) + activations
-  return max(backward, UPDATE_WEIGHTS * weights) - activations
+  cast = CAST_COPIES * _cast_weight_bytes(config, mesh_shape, boxed.params)
+  return max(backward, UPDATE_WEIGHTS * weights) + cast - activations
+
+
+def _cast_weight_bytes(config: ml_collections.ConfigDict, mesh_shape: dict[str, int], params) -> float:
+  """The bytes of one device's shard of `model.cast_weights`'s compute-dtype copies (none when the compute
+  dtype is the weights')."""
+  from diffmoe_jax import parallel
+  compute = jnp.dtype(config.model.dtype)
+  return sum(math.prod(shape) * compute.itemsize
+             for path, shape, dtype in parallel.shard_shapes(params, mesh_shape, parallel.axis_rules(config.mesh))
+             if path.rpartition("/")[2] in model_lib.COMPUTE_DTYPE_WEIGHTS and jnp.dtype(dtype) != compute)
 
 
 def _group_weight_bytes(config: ml_collections.ConfigDict, mesh_shape: dict[str, int], params) -> float:
