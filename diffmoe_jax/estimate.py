@@ -273,8 +273,10 @@ def step_temporaries(config: ml_collections.ConfigDict, mesh_shape: dict[str, in
 
 def _cast_weight_bytes(config: ml_collections.ConfigDict, mesh_shape: dict[str, int], params) -> float:
   """The bytes of one device's shard of `model.cast_weights`'s compute-dtype copies (none when the compute
-  dtype is the weights')."""
+  dtype is the weights', or with `model.cast_weights_once` False)."""
   from diffmoe_jax import parallel
+  if not config.model.cast_weights_once:
+    return 0.0
   compute = jnp.dtype(config.model.dtype)
   return sum(math.prod(shape) * compute.itemsize
              for path, shape, dtype in parallel.shard_shapes(params, mesh_shape, parallel.axis_rules(config.mesh))

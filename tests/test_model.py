@@ -154,6 +154,11 @@ def test_weights_cast_ahead_of_the_layers_give_the_same_logits_and_gradients(mak
   expected = {"wq", "wk", "wv", "wo", "w_in", "w_out", "lm_head"} | (
       {"w_lambda", "w_gate"} if overrides else set())
   assert names & model_lib.COMPUTE_DTYPE_WEIGHTS == expected
+  cast = model_lib.cast_weights(params, cfg.model)
+  assert {jax.tree_util.keystr(p) for p, a in jax.tree_util.tree_leaves_with_path(cast) if a.dtype == jnp.bfloat16} == {
+      jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(params) if p[-1].key in expected}
+  cfg.model.cast_weights_once = False  # each layer casts its own
+  assert model_lib.cast_weights(params, cfg.model) is params
 
 
 def test_scanned_and_unrolled_give_the_same_logits(base, make_config):

@@ -294,14 +294,17 @@ COMPUTE_DTYPE_WEIGHTS = frozenset({"wq", "wk", "wv", "wo", "w_lambda", "w_in", "
 
 
 def cast_weights(params: dict, model_config) -> dict:
-  """`params` with the `COMPUTE_DTYPE_WEIGHTS` cast to the compute dtype, for `apply` inside a train step.
+  """`params` with the `COMPUTE_DTYPE_WEIGHTS` cast to the compute dtype, for `apply` inside a train step
+  (unchanged with `model.cast_weights_once` False).
 
   Cast once, ahead of the layers, rather than in each layer: a rematerialised layer casts its weights again
   in the backward pass (a fp32 read and a bf16 write of every weight: 1.8 ms of the 27.8 ms an H100 needs at
   least for a step of PI-P's 4-layer stack, `bench gpu_compile --step`). The values are the same either way
   and, each weight having one use, so are the gradients. The embedding table stays: its rows' gradients add
-  up in fp32.
+  up in fp32. The step then holds the copies and their gradients (`estimate.step_temporaries`).
   """
+  if not model_config.cast_weights_once:
+    return params
   dtype = dtype_of(model_config.dtype)
   cast = lambda path, a: a.astype(dtype) if path[-1].key in COMPUTE_DTYPE_WEIGHTS else a
   return jax.tree_util.tree_map_with_path(cast, params)
