@@ -425,7 +425,7 @@ def main(argv: list[str] | None = None) -> None:
                           "part of the model, per kind of instruction, and the N slowest instructions (XLA's GPU "
                           "command buffers are then off, so each instruction shows)")
   train.add_argument("--remat-save-names", nargs="+", default=(), choices=config_lib.CHECKPOINT_NAMES,
-                     help="model.remat_save_names, with --remat-policy save_names")
+                     help="model.remat_save_names, with --remat-policy save_names (or dots: kept besides)")
   train.set_defaults(run=bench_train)
 
   from diffmoe_jax import bench_attention, bench_expert_parallel, bench_generate, bench_gpu_compile, bench_kernels
@@ -484,8 +484,9 @@ def _check_and_run(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
   if args.command == "train" and (args.attention_gpu_backward or args.attention_gpu_forward
                                   or args.attention_gpu_launch):
     _check_gpu_kernels_run(args, parser)
-  if args.command == "train" and (args.remat_policy == "save_names") != bool(args.remat_save_names):
-    parser.error("argument --remat-save-names: give it exactly when --remat-policy is save_names")
+  if args.command == "train" and ((args.remat_policy == "save_names") > bool(args.remat_save_names) or (
+      args.remat_save_names and args.remat_policy not in ("save_names", "dots", "dots_no_batch"))):
+    parser.error("argument --remat-save-names: give it with --remat-policy save_names, or dots / dots_no_batch")
   if args.command == "train":
     config, _, phase = _train_config(args)
     accum = config.optimizer.grad_accum_steps

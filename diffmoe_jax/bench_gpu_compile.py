@@ -73,7 +73,7 @@ def add_parser(commands) -> None:
   gpu.add_argument("--layers", type=POSITIVE, default=4, help="with --step: model.num_layers")
   gpu.add_argument("--remat-policy", choices=config_lib.REMAT_POLICIES, help="with --step: model.remat_policy")
   gpu.add_argument("--remat-save-names", nargs="+", default=(), choices=config_lib.CHECKPOINT_NAMES,
-                   help="with --step and --remat-policy save_names: model.remat_save_names")
+                   help="with --step and --remat-policy save_names or dots: model.remat_save_names")
   gpu.add_argument("--phase", default="long_context", help="with --step: the curriculum phase whose step it is")
   gpu.add_argument("--bandwidth-tbps", type=_positive_float, default=3.35,
                    help="with --step: the device's memory bandwidth (an H100 SXM's 3.35; an H200's 4.8)")

@@ -107,6 +107,7 @@ def validate_model(m: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if m.remat_policy == "save_names":
     require(len(m.remat_save_names) > 0, "model.remat_save_names",
             "is empty but remat_policy is 'save_names'; list checkpoint names to keep, or pick another policy.")
+  if m.remat_policy in ("save_names", "dots", "dots_no_batch"):
     unknown = [n for n in m.remat_save_names if n not in CHECKPOINT_NAMES]
     # On the command line "a,b" is one name; a tuple is written as a Python literal.
     as_tuple = (" (on the command line, several names as a tuple: --config.model.remat_save_names="
@@ -114,10 +115,12 @@ def validate_model(m: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     require(not unknown, "model.remat_save_names", f"{unknown} are not checkpoint names of the model; "
             f"choose from {CHECKPOINT_NAMES}{as_tuple}.")
   else:
-    # Only "save_names" keeps named values: with any other policy the names would be ignored.
+    # "save_names" keeps the named values, a dots policy them besides the matmuls' outputs; "full" and "none"
+    # would ignore them.
     require(not m.remat_save_names, "model.remat_save_names",
-            f"{tuple(m.remat_save_names)} is kept only with remat_policy 'save_names', but it is "
-            f"{m.remat_policy!r}; set model.remat_policy='save_names', or remat_save_names to ().")
+            f"{tuple(m.remat_save_names)} is kept only with remat_policy 'save_names', 'dots' or "
+            f"'dots_no_batch', but it is {m.remat_policy!r}; set model.remat_policy='save_names', or "
+            "remat_save_names to ().")
 
   moe = m.moe
   require(moe.activation in ACTIVATIONS, "model.moe.activation",

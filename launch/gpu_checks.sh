@@ -2,14 +2,15 @@
 # On one GPU: the attention kernels against the float64 reference and whole-model causality, run on the
 # accelerator, then the GPU benchmarks of the README's table. Each step runs under its own time limit, so
 # one that hangs or fails does not stop the rest; the script exits non-zero if any step failed. All steps
-# together take about seventeen minutes on an H200; naming steps runs only those (e.g. in two shorter runs).
+# together take about nineteen minutes on an H200; naming steps runs only those (e.g. in two shorter runs).
 #
 #   bash launch/gpu_checks.sh [LOG_DIR [STEP ...]]      # each step's output also goes to LOG_DIR/<step>.log
 set -u
 logs=${1:-gpu_checks}
 selected=("${@:2}")
-steps=(versions kernel_tests attention_mosaic train_pi_p_mosaic train_pi_p_batch4_dots attention kernels train_pi_p
-       train_pi_p_batch4 train_pi_p_profile train_pi_p_saved train_pi_p_tuned moe moe_9_experts train_pi_p_8k)
+steps=(versions kernel_tests attention_mosaic train_pi_p_mosaic train_pi_p_batch4_dots train_pi_p_batch4_dots_saved
+       attention kernels train_pi_p train_pi_p_batch4 train_pi_p_profile train_pi_p_saved train_pi_p_tuned moe
+       moe_9_experts train_pi_p_8k)
 # A misspelt step is refused before any step runs, not after the others have taken their minutes.
 for name in "${selected[@]}"; do
   if [[ " ${steps[*]} " != *" $name "* ]]; then
@@ -54,10 +55,13 @@ train_pi_p+=" --data-batches 20"
 step attention_mosaic 90 python3 -m diffmoe_jax.bench attention --config=configs/pi_p.py --no-layer-ratio \
   --dtype=bfloat16 --impls pallas pallas_mosaic pallas_mosaic_forward standard_flash --lengths 4096 8192
 step train_pi_p_mosaic 90 $train_pi_p --batch 1 --attention-gpu-forward mosaic --attention-gpu-backward mosaic
-# Where the MFU target can be met: at batch 1 the compiled step's roofline allows at most 36-38% MFU on an H200
-# (`bench gpu_compile --step`), at batch 4 with the matmul outputs kept through remat ("dots") 58%.
+# Where the MFU target can be met: at batch 1 the compiled step's roofline allows at most 39.5% MFU on an H200
+# (42.2% with "dots"; `bench gpu_compile --step`), at batch 4 with the matmul outputs kept through remat
+# ("dots") 61.3%; then also keeping the attention kernels' outputs, so that the backward does not rerun them.
 step train_pi_p_batch4_dots 150 $train_pi_p --batch 4 --remat-policy dots --attention-gpu-forward mosaic \
   --attention-gpu-backward mosaic
+step train_pi_p_batch4_dots_saved 150 $train_pi_p --batch 4 --remat-policy dots --remat-save-names flash_residuals \
+  --attention-gpu-forward mosaic --attention-gpu-backward mosaic
 step attention 120 python3 -m diffmoe_jax.bench attention --config=configs/pi_p.py --no-layer-ratio \
   --dtype=bfloat16 --impls pallas pallas_one_pass fused four_flash_calls standard_flash --lengths 2048 4096 8192 16384
 # Each kernel of the two-pass backward and the forward alone over launch settings (rows per program, loop step,

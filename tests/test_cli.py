@@ -128,10 +128,10 @@ def test_estimate_reports_a_bad_config_in_one_line_and_takes_new_domains():
      "(--max-seq-len)"),
     (["kernels", "--rows", "24"], "argument --rows: 24 must be a power of two of at least 16 that divides "
      "--seq-len (8192)"),
-    (["train", "--remat-policy", "save_names"], "argument --remat-save-names: give it exactly when --remat-policy "
-     "is save_names"),
-    (["train", "--remat-save-names", "attn_out"], "argument --remat-save-names: give it exactly when "
-     "--remat-policy is save_names"),
+    (["train", "--remat-policy", "save_names"], "argument --remat-save-names: give it with --remat-policy "
+     "save_names, or dots / dots_no_batch"),
+    (["train", "--remat-save-names", "attn_out"], "argument --remat-save-names: give it with --remat-policy "
+     "save_names, or dots / dots_no_batch"),
     (["generate", "--capacity", "1.5"], "argument --capacity: 1.5 must lie in (0, 1]"),
     (["expert_parallel", "--expert-axis", "1"], "argument --expert-axis: 1 must be at least 2"),
     (["train", "--phase", "long-context"], "argument --phase: 'long-context' is not a phase of configs/tiny.py; "

@@ -68,7 +68,10 @@ def _bad(**fields):
     # Fields the chosen model would ignore are refused, not dropped: with the default remat policy, without a
     # dense FFN, with fewer layers than a mixture-of-depths group.
     ({"model.remat_save_names": ("attn_out",)}, r"model\.remat_save_names: \('attn_out',\) is kept only with "
-     r"remat_policy 'save_names', but it is 'full'; set model\.remat_policy='save_names', or remat_save_names to"),
+     r"remat_policy 'save_names', 'dots' or 'dots_no_batch', but it is 'full'; set model\.remat_policy='save_names', "
+     r"or remat_save_names to"),
+    ({"model.remat_policy": "dots", "model.remat_save_names": ("nope",)},
+     r"model\.remat_save_names: \['nope'\] are not checkpoint names"),
     ({"model.dense_ffn_dim": 1024}, r"model\.dense_ffn_dim: 1024 is the dense FFN's width, but model\.ffn is "
      r"'moe' .*; set model\.ffn='dense' for the dense ablation, or dense_ffn_dim to 0\."),
     ({"model.num_layers": 1}, r"model\.mod\.every: 2 exceeds model\.num_layers \(1\), so no layer would be "

@@ -333,15 +333,18 @@ def _count_pallas_calls(jaxpr, name: str) -> int:
 
 
 def test_saving_the_flash_residuals_skips_the_attention_forward_in_the_backward(make_config):
-  """Full remat reruns each attention forward kernel for the backward; keeping "flash_residuals" does not:
-  the kernel appears half as often in the gradient, on one device and on a data 4 x tensor 2 mesh (where
-  the kernel runs per shard inside shard_map)."""
+  """Full remat reruns each attention forward kernel for the backward, and so does "dots" (a kernel is no
+  matmul); keeping "flash_residuals" does not, alone or besides the matmuls' outputs: the kernel appears half
+  as often in the gradient, on one device and on a data 4 x tensor 2 mesh (where the kernel runs per shard
+  inside shard_map)."""
   from diffmoe_jax import parallel
   tokens = jnp.zeros((8, 8), jnp.int32)
   for mesh_shape in (None, dict(data=4, tensor=2)):
     counts, variables = {}, None
-    for policy, names in (("full", ()), ("save_names", ("flash_residuals",))):
-      cfg = make_config(attention_impl="pallas", remat_policy=policy, remat_save_names=names, num_layers=3)
+    for policy, names in (("full", ()), ("save_names", ("flash_residuals",)), ("dots", ()),
+                          ("dots+", ("flash_residuals",))):
+      cfg = make_config(attention_impl="pallas", remat_policy=policy.rstrip("+"), remat_save_names=names,
+                        num_layers=3)
       model = model_lib.build_model(cfg.model)
       variables = variables or nn.unbox(_init(cfg)[1])
       grad = jax.jit(jax.grad(lambda v, model=model: model.apply(v, tokens)[0].sum()))
@@ -352,7 +355,8 @@ def test_saving_the_flash_residuals_skips_the_attention_forward_in_the_backward(
         with jax.set_mesh(parallel.make_mesh(cfg.mesh)), nn.logical_axis_rules(parallel.axis_rules(cfg.mesh)):
           jaxpr = jax.make_jaxpr(grad)(variables)
       counts[policy] = _count_pallas_calls(jaxpr.jaxpr, "flash_multi_map_forward")
-    assert counts["save_names"] > 0 and counts["full"] == 2 * counts["save_names"], (mesh_shape, counts)
+    assert counts["save_names"] > 0 and counts["full"] == counts["dots"] == 2 * counts["save_names"] == (
+        2 * counts["dots+"]), (mesh_shape, counts)
 
 
 def test_mod_off_equals_top_k_at_full_capacity(base):

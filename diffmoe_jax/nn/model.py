@@ -182,8 +182,11 @@ def routed_layer_indices(cfg) -> list[int]:
 def _remat(cls, cfg, *, scanned: bool):
   if cfg.remat_policy == "none":
     return cls
+  names = jax.checkpoint_policies.save_only_these_names(*cfg.remat_save_names)
   if cfg.remat_policy == "save_names":
-    policy = jax.checkpoint_policies.save_only_these_names(*cfg.remat_save_names)
+    policy = names
+  elif cfg.remat_save_names:  # a dots policy, and the named values besides (validation allows no other)
+    policy = jax.checkpoint_policies.save_from_both_policies(_REMAT_POLICIES[cfg.remat_policy], names)
   else:
     policy = _REMAT_POLICIES[cfg.remat_policy]
   # Inside a scan the loop already stops XLA from merging the recomputation away.
