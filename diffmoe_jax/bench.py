@@ -484,8 +484,9 @@ def _check_and_run(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
   if args.command == "train" and (args.attention_gpu_backward or args.attention_gpu_forward
                                   or args.attention_gpu_launch):
     _check_gpu_kernels_run(args, parser)
-  if args.command == "train" and ((args.remat_policy == "save_names") > bool(args.remat_save_names) or (
-      args.remat_save_names and args.remat_policy not in ("save_names", "dots", "dots_no_batch"))):
+  keeps_names = ("save_names", "dots", "dots_no_batch")
+  if args.command == "train" and (args.remat_policy == "save_names" and not args.remat_save_names
+                                  or args.remat_save_names and args.remat_policy not in keeps_names):
     parser.error("argument --remat-save-names: give it with --remat-policy save_names, or dots / dots_no_batch")
   if args.command == "train":
     config, _, phase = _train_config(args)

@@ -201,7 +201,7 @@ def test_mod_select_sorted_top_k():
   assert (np.diff(indices, axis=1) > 0).all()
   for row, chosen in zip(scores, indices):
     assert set(chosen) == set(np.argsort(-row)[:k])
-  mask = np.asarray(routing.mod_selected_mask(jnp.asarray(indices), 16))
+  mask = np.asarray(routing.selected_slots(jnp.asarray(indices), 16) < k)
   expected = np.zeros((4, 16), bool)
   np.put_along_axis(expected, indices, True, axis=1)
   np.testing.assert_array_equal(mask, expected)
@@ -246,7 +246,7 @@ def test_scatter_tokens_gradients():
     return jnp.sum(routing.scatter_tokens(x_, u, indices) * cot)
 
   dx, du = jax.grad(loss, argnums=(0, 1))(x, updates)
-  selected = np.asarray(routing.mod_selected_mask(indices, 6))[..., None]
+  selected = np.asarray(routing.selected_slots(indices, 6) < 2)[..., None]
   np.testing.assert_allclose(dx, np.where(selected, 0.0, cot))
   np.testing.assert_allclose(du, routing.take_rows(cot, indices))
 
@@ -262,7 +262,7 @@ def test_batch_sharded_routing_needs_no_all_gather():
     weights, experts = routing.top_k_gating(logits, 2)
     indices = routing.mod_select(scores, 4)
     updated = routing.scatter_tokens(x, 2.0 * routing.take_rows(x, indices), indices)
-    return weights, experts, updated, routing.mod_selected_mask(indices, 12)
+    return weights, experts, updated, routing.selected_slots(indices, 12) < 4
 
   args = [jax.device_put(a, shard) for a in (logits, scores, x)]
   compiled = jax.jit(route).lower(*args).compile()
@@ -346,7 +346,7 @@ def test_mod_select_zero_one_and_all_tokens():
   none = routing.mod_select(jnp.asarray(scores), 0)
   assert none.shape == (2, 0)
   np.testing.assert_array_equal(routing.scatter_tokens(jnp.asarray(x), jnp.zeros((2, 0, 3)), none), x)
-  assert not np.asarray(routing.mod_selected_mask(none, 5)).any()
+  np.testing.assert_array_equal(routing.selected_slots(none, 5), 0)  # K = 0: no position selected
   # One token: the best score, the earlier of a tie.
   np.testing.assert_array_equal(routing.mod_select(jnp.asarray(scores), 1), [[1], [4]])
   # All T: every position in order, whatever the scores.

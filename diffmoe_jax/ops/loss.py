@@ -37,15 +37,14 @@ def _logsumexp_and_label_logit(logits: jax.Array, labels: jax.Array) -> tuple[ja
   return top + jnp.log(total), label_logit
 
 
-@jax.custom_vjp
-def _cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  lse, label_logit = _logsumexp_and_label_logit(logits, labels)
-  return lse - label_logit
-
-
 def _cross_entropy_fwd(logits, labels):
   lse, label_logit = _logsumexp_and_label_logit(logits, labels)
   return lse - label_logit, (logits, labels, lse)
+
+
+@jax.custom_vjp
+def _cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  return _cross_entropy_fwd(logits, labels)[0]
 
 
 def _cross_entropy_bwd(residuals, g):

@@ -222,12 +222,7 @@ def scatter_tokens(x: jax.Array, updates: jax.Array, indices: jax.Array) -> jax.
 
 def selected_slots(indices: jax.Array, seq_len: int) -> jax.Array:
   """Int32 `[B, T]`: each position's place among the selected `indices [B, K]`, K where it is not selected
-  (the inverse `move_rows` takes)."""
+  (the inverse `move_rows` takes; `< K`, the selection mask, is the predictor's BCE target)."""
   b, k = indices.shape
   return scatter_tokens(jnp.full((b, seq_len), k, jnp.int32), jax.lax.broadcasted_iota(jnp.int32, (b, k), 1),
                         indices)
-
-
-def mod_selected_mask(indices: jax.Array, seq_len: int) -> jax.Array:
-  """Bool `[B, T]`, True at the selected positions `indices [B, K]` (e.g. the predictor's BCE target)."""
-  return selected_slots(indices, seq_len) < indices.shape[1]
