@@ -378,9 +378,12 @@ def write_report(config, names: list[str], labels: dict[str, str], models: dict,
 
 
 def foreign_report_file(report_dir: str) -> str | None:
-  """The path of a README.md or results.json in report_dir that no ablation report wrote (write_report would
-  replace it), or None."""
+  """The path of a file in report_dir that no ablation report wrote and write_report would replace or remove,
+  or None: a README.md or results.json not a report's, or one of FIGURES where neither of those is."""
   readme, results = os.path.join(report_dir, "README.md"), os.path.join(report_dir, "results.json")
+  if not (os.path.exists(readme) or os.path.exists(results)):
+    return next((os.path.join(report_dir, name) for name in FIGURES.values()
+                 if os.path.exists(os.path.join(report_dir, name))), None)
   if os.path.exists(readme):
     with open(readme, encoding="utf-8", errors="replace") as f:
       if f.readline().rstrip("\n") != TITLE:

@@ -360,10 +360,11 @@ def test_a_report_dir_that_is_a_file_names_the_flag(tmp_path):
     ablate.run(smoke_config(), str(tmp_path / "runs"), str(a_file))
 
 
-@pytest.mark.parametrize("name, text", [("README.md", "# My project\n"), ("results.json", '{"loss": 2.5}')])
+@pytest.mark.parametrize("name, text", [("README.md", "# My project\n"), ("results.json", '{"loss": 2.5}'),
+                                        ("lambda.png", "a plot of the user's")])
 def test_a_report_dir_holding_files_of_something_else_is_refused_before_training(tmp_path, monkeypatch, name, text):
-  """--report_dir=. in a repository would have replaced its README.md (and another tool's results.json) after
-  all the training; the command refuses at once and leaves the file as it was."""
+  """--report_dir=. in a repository would have replaced its README.md (and another tool's results.json, or a
+  plot of the report's name) after all the training; the command refuses at once and leaves the file as it was."""
   (tmp_path / name).write_text(text)
   monkeypatch.setattr(loop, "train", lambda *args, **kwargs: pytest.fail("trained before refusing"))
   with pytest.raises(ablate.AblationError, match=re.escape(f"{tmp_path / name} is not from an ablation report")):

@@ -16,7 +16,7 @@ import pytest
 from diffmoe_jax import config as config_lib, validation
 from diffmoe_jax import data, estimate
 from diffmoe_jax.config import ConfigError
-from diffmoe_jax.ncas import complete, scores, search
+from diffmoe_jax.ncas import complete, report, scores, search
 from diffmoe_jax.train.workdir import WorkdirError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -126,9 +126,9 @@ def test_resume_skips_finished_proxies(smoke, monkeypatch):
     with open(os.path.join(workdir, "proxies", name, "result.json")) as f:
       trained += json.load(f)["seconds"]
   with open(os.path.join(workdir, "report.md")) as f:
-    report = f.read()
+    text = f.read()
   assert (f"Wall time: the 2 proxies trained for {trained:.0f} s in all (each over all its invocations); this "
-          f"invocation reused 2 of them and took {again['seconds']:.0f} s.") in report
+          f"invocation reused 2 of them and took {again['seconds']:.0f} s.") in text
   with open(os.path.join(workdir, "front.json")) as f:
     assert json.load(f)["proxy_seconds"] == pytest.approx(trained)
 
@@ -329,11 +329,39 @@ def test_a_report_dir_that_is_a_file_names_the_flag(tmp_path):
 
 
 def test_rewriting_the_report_removes_configs_of_points_no_longer_on_the_front(smoke, tmp_path):
+  """Only the config files a report wrote: it removed any ncas_<number>.py, the user's own too."""
   _, result, _ = smoke
   configs = tmp_path / "configs"
   configs.mkdir()
-  (configs / "ncas_9216.py").write_text("# a Pareto point of an earlier search")
+  (configs / "ncas_9216.py").write_text(f'"""NCAS Pareto point d_model 9216; {report.CONFIG_MARK}"""\n')
+  (configs / "ncas_7.py").write_text("# the user's, named as a report's")
   (configs / "mine.py").write_text("# the user's")
   search.write_report(smoke_config(), str(tmp_path), result)
   front = [f"ncas_{k.split('_')[1]}.py" for k in dict.fromkeys(result["fronts"]["pi"] + result["fronts"]["joint"])]
-  assert sorted(os.listdir(configs)) == sorted(front + ["mine.py"])
+  assert sorted(os.listdir(configs)) == sorted(front + ["mine.py", "ncas_7.py"])
+
+
+@pytest.mark.parametrize("path, text", [("report.md", "my notes"), ("table.csv", "a,b"), ("front.json", "[]"),
+                                        ("configs/ncas_9999.py", "x = 1"), ("configs", "a file")])
+def test_a_report_dir_holding_files_no_report_wrote_is_refused_before_any_proxy_trains(tmp_path, monkeypatch, path,
+                                                                                         text):
+  """The report replaced the user's report.md and table.csv and removed any configs/ncas_<number>.py."""
+  from diffmoe_jax.train import loop
+  monkeypatch.setattr(loop, "train", lambda *args, **kwargs: pytest.fail("trained before refusing"))
+  (tmp_path / "docs" / "configs").mkdir(parents=True)
+  if path == "configs":
+    (tmp_path / "docs" / "configs").rmdir()
+  (tmp_path / "docs" / path).write_text(text)
+  with pytest.raises(WorkdirError, match=re.escape(f"{tmp_path / 'docs' / path} is not from an NCAS report, and the "
+                                                   "report would replace or remove it; pass another --report_dir")):
+    search.run(smoke_config(), str(tmp_path / "runs"), log=lambda line: None, report_dir=str(tmp_path / "docs"))
+  assert (tmp_path / "docs" / path).read_text() == text
+
+
+def test_a_report_dir_a_report_was_written_to_is_accepted(smoke, tmp_path):
+  workdir, result, _ = smoke
+  assert report.foreign_report_file(workdir) is None  # the search's own, in its workdir
+  search.write_report(smoke_config(), str(tmp_path), result)
+  assert report.foreign_report_file(str(tmp_path)) is None
+  (tmp_path / "report.md").unlink()  # a report cut short after its front.json
+  assert report.foreign_report_file(str(tmp_path)) is None
