@@ -34,9 +34,18 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     size = config.mesh.shape[axis]
     require(isinstance(size, int) and (size >= 1 or size == -1), f"mesh.shape.{axis}",
             f"must be a positive integer or -1 (all remaining devices), got {size!r}.")
-  rule_names = [rule[0] for rule in config.mesh.axis_rules]
+  given = config.mesh.axis_rules
+  for i, rule in enumerate(given):
+    pair = isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)
+    target = rule[1] if pair else 0
+    require(pair and (target is None or isinstance(target, str) or isinstance(target, (tuple, list)) and all(
+        isinstance(axis, str) for axis in target)), "mesh.axis_rules", f"rule {i} is {rule!r}, not a (logical "
+        "axis, mesh axis or tuple of mesh axes or None) pair such as ('batch', ('data', 'fsdp')).")
+  rule_names = [rule[0] for rule in given]
   for name in LOGICAL_AXES:
     require(name in rule_names, "mesh.axis_rules", f"has no rule for logical axis {name!r}.")
+    require(rule_names.count(name) == 1, "mesh.axis_rules", f"has {rule_names.count(name)} rules for logical axis "
+            f"{name!r}; keep one.")
   for name, target in config.mesh.axis_rules:
     for axis in (target,) if isinstance(target, str) or target is None else target:
       require(axis is None or axis in MESH_AXES, "mesh.axis_rules",

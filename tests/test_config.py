@@ -131,6 +131,15 @@ def _bad(**fields):
                           ("head_dim", None), ("mlp", "tensor"), ("expert", "expert"), ("vocab", "tensor"),
                           ("layers", None))},
      r"config\.mesh\.axis_rules: maps 'embed' to 'bogus', which is not a mesh axis; the axes are"),
+    ({"mesh.axis_rules": (("batch", ("data", "fsdp")), ("length",))},  # each of these was a traceback
+     r"config\.mesh\.axis_rules: rule 1 is \('length',\), not a \(logical axis, mesh axis or tuple of mesh axes or "
+     r"None\) pair such as \('batch', \('data', 'fsdp'\)\)\.$"),
+    ({"mesh.axis_rules": (("batch", "data", "fsdp"),)}, r"config\.mesh\.axis_rules: rule 0 is \('batch', 'data', "),
+    ({"mesh.axis_rules": (("batch", 3),)}, r"config\.mesh\.axis_rules: rule 0 is \('batch', 3\), not a"),
+    ({"mesh.axis_rules": (3,)}, r"config\.mesh\.axis_rules: rule 0 is 3, not a"),
+    ({"mesh.axis_rules": ("batch",)}, r"config\.mesh\.axis_rules: rule 0 is 'batch', not a"),  # --...axis_rules=batch
+    ({"mesh.axis_rules": config_lib.defaults().mesh.axis_rules + (("batch", None),)},
+     r"config\.mesh\.axis_rules: has 2 rules for logical axis 'batch'; keep one\.$"),
     ({"optimizer.peak_lr": float("inf")}, r"config\.optimizer\.peak_lr: must be a finite number, got inf\."),
     ({"curriculum.warmup.lr_start": float("nan")}, r"config\.curriculum\.warmup\.lr_start: must be a finite number"),
     ({"model.attention_gpu_launch.dkv": "64,64,4"}, r"model\.attention_gpu_launch\.dkv: '64,64,4' is not "
