@@ -30,7 +30,7 @@ from typing import Callable
 import ml_collections
 from absl import app, flags
 
-from diffmoe_jax import cli
+from diffmoe_jax import cli, config as config_lib
 
 DEFAULT_CONFIG = "configs/ablation.py"
 EXIT_ERROR, EXIT_STOPPED_EARLY, EXIT_INTERRUPTED = 1, 3, 130
@@ -133,6 +133,9 @@ def seeds(config: ml_collections.ConfigDict) -> list[int]:
   count = config.ablation.seeds
   if not isinstance(count, int) or count < 1:
     raise AblationError(f"config.ablation.seeds={count!r}: must be a positive number of seeds.")
+  if isinstance(config.seed, int) and config.seed + count - 1 > config_lib.MAX_SEED:  # validation takes the rest
+    raise AblationError(f"config.seed={config.seed} with config.ablation.seeds={count}: the seeds run from "
+                        f"config.seed to {config.seed + count - 1}, past 2**32 - 1; lower config.seed.")
   return [config.seed + i for i in range(count)]
 
 

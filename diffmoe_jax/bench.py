@@ -313,7 +313,7 @@ def bench_train(args: argparse.Namespace) -> None:
     print("\n".join(op_profile.report(rows, calls=args.steps, top=args.profile_top)))
 
 
-def _int_at_least(minimum: int):
+def _int_in(minimum: int, maximum: int | None = None):
   def parse(text: str) -> int:
     try:
       value = int(text)
@@ -321,6 +321,8 @@ def _int_at_least(minimum: int):
       raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     if value < minimum:
       raise argparse.ArgumentTypeError(f"{value} must be at least {minimum}")
+    if maximum is not None and value > maximum:
+      raise argparse.ArgumentTypeError(f"{value} must be at most {maximum}")
     return value
   return parse
 
@@ -350,7 +352,7 @@ def _config_file(path: str) -> str:
   return path
 
 
-POSITIVE, NON_NEGATIVE = _int_at_least(1), _int_at_least(0)
+POSITIVE, NON_NEGATIVE, SEED = _int_in(1), _int_in(0), _int_in(0, config_lib.MAX_SEED)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -386,7 +388,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="MoE dispatch variants to time against the dense FFN")
   moe.add_argument("--warmup", type=NON_NEGATIVE, default=2)
   moe.add_argument("--reps", type=POSITIVE, default=7)
-  moe.add_argument("--seed", type=NON_NEGATIVE, default=0)
+  moe.add_argument("--seed", type=SEED, default=0)
   moe.set_defaults(run=bench_moe)
 
   compile_ = commands.add_parser("compile", help="compile time of the scanned model at two depths")

@@ -24,9 +24,9 @@ from diffmoe_jax import parallel
 from diffmoe_jax.ops import dispatch, expert_parallel, routing
 
 def add_parser(commands) -> None:
-  from diffmoe_jax.bench import NON_NEGATIVE, POSITIVE, _int_at_least, _positive_float
+  from diffmoe_jax.bench import NON_NEGATIVE, POSITIVE, _int_in, _positive_float
   p = commands.add_parser("expert_parallel", help="expert-parallel MoE vs replicated experts (multi-device)")
-  p.add_argument("--expert-axis", type=_int_at_least(2), default=4, help="devices the experts are split over")
+  p.add_argument("--expert-axis", type=_int_in(2), default=4, help="devices the experts are split over")
   p.add_argument("--batch-per-device", type=POSITIVE, default=2)
   p.add_argument("--seq-len", type=POSITIVE, default=512)
   p.add_argument("--d-model", type=POSITIVE, default=288)

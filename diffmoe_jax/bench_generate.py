@@ -20,7 +20,7 @@ import numpy as np
 
 
 def add_parser(commands) -> None:
-  from diffmoe_jax.bench import NON_NEGATIVE, POSITIVE, _config_file, _fraction
+  from diffmoe_jax.bench import POSITIVE, SEED, _config_file, _fraction
   p = commands.add_parser("generate", help="prefill / decode tokens/s; MoD skipping vs masking at decode")
   p.add_argument("--config", type=_config_file, default="configs/tiny.py")
   p.add_argument("--batch", type=POSITIVE, default=1)
@@ -29,7 +29,7 @@ def add_parser(commands) -> None:
   p.add_argument("--capacity", type=_fraction, default=0.25,
                  help="the fraction of tokens each routed layer's predictor selects")
   p.add_argument("--reps", type=POSITIVE, default=3)
-  p.add_argument("--seed", type=NON_NEGATIVE, default=0)
+  p.add_argument("--seed", type=SEED, default=0)
   p.set_defaults(run=run)
 
 
@@ -112,8 +112,8 @@ def run(args: argparse.Namespace) -> None:
     raise SystemExit(f"error: --prompt-len + --new-tokens ({length}) exceeds the context of {cfg.max_seq_len} "
                      "(model.max_seq_len).")
   model = model_lib.build_model(cfg)
-  params = nn.unbox(model.init({"params": jax.random.PRNGKey(args.seed), "noise": jax.random.PRNGKey(args.seed + 1)},
-                               jnp.zeros((1, 8), jnp.int32))["params"])
+  init_key, noise_key = jax.random.split(jax.random.PRNGKey(args.seed))
+  params = nn.unbox(model.init({"params": init_key, "noise": noise_key}, jnp.zeros((1, 8), jnp.int32))["params"])
   tokens = source_tokens(make_tokenizer(config.data.tokenizer), length)
   sequence = jnp.asarray(np.tile(tokens, (args.batch, 1)))
   params, fractions = calibrate(model, params, sequence, args.capacity)

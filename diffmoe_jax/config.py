@@ -32,6 +32,9 @@ DTYPES = ("float32", "bfloat16", "float16")
 LOSS_SCALE_INIT, LOSS_SCALE_GROWTH_INTERVAL, LOSS_SCALE_MIN = 2.0**15, 2000, 1.0
 LR_SHAPES = ("constant", "linear", "cosine")
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
+# jax.random.PRNGKey keeps a seed's low 32 bits (JAX's default 32-bit integers): 2**32 would give seed 0's
+# weights again, and a seed of 2**63 or more does not convert.
+MAX_SEED = 2**32 - 1
 # Names the model tags with `checkpoint_name`: what remat_policy="save_names" may keep.
 # "flash_residuals" (blockwise and kernel attention paths only): the per-map outputs and log-sum-exp that
 # the attention backward reads; kept, remat does not rerun the attention forward.
@@ -58,7 +61,7 @@ def defaults() -> ml_collections.ConfigDict:
   """The one place shared defaults live. Model shape fields are set by each config file."""
   c = ml_collections.ConfigDict()
   c.name = ""  # the model's name in the paper ("pi", "pi_s", "pi_p"), which selects its claims in `estimate`
-  c.seed = 0
+  c.seed = 0  # 0 to MAX_SEED: the weights, the model noise and the data order
 
   c.model = m = ml_collections.ConfigDict()
   m.vocab_size = 65536  # the paper does not give a vocabulary; see README "Choices the paper leaves open"

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffmoe_jax import config as config_lib
 from diffmoe_jax.nn import model as model_lib
 from diffmoe_jax.ops import sampling
 
@@ -191,9 +192,8 @@ def _define_flags() -> dict:
           "top_k": flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens (0: all)."),
           "top_p": flags.DEFINE_float("top_p", 1.0, "Sample among the most likely tokens whose probabilities "
                                       "sum to top_p, in (0, 1] (1: all)."),
-          # PRNGKey keeps a seed's low 32 bits (JAX's default 32-bit integers): wider seeds would repeat others.
           "seed": flags.DEFINE_integer("seed", 0, "The sampling seed, 0 to 2**32 - 1.", lower_bound=0,
-                                       upper_bound=2**32 - 1),
+                                       upper_bound=config_lib.MAX_SEED),
           "mod_skip": flags.DEFINE_bool("mod_skip", True, "Skip a routed layer's block for a token its "
                                         "predictor rejects (--nomod_skip: mask it, as the full forward pass does).")}
 

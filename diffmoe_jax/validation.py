@@ -13,7 +13,7 @@ import ml_collections
 from diffmoe_jax import parallel
 from diffmoe_jax.config import (ACTIVATIONS, ATTENTION_IMPLS, ATTENTIONS, CHECKPOINT_NAMES, DISPATCH_MODES,
                                 DROPLESS_IMPLS, DTYPES, EXPERT_PARALLEL, FFNS, GPU_BACKWARDS, GPU_FORWARDS,
-                                LOGICAL_AXES, LR_SHAPES, MESH_AXES, OPEN_DICTS, REMAT_POLICIES, ROUTE_FROM,
+                                LOGICAL_AXES, LR_SHAPES, MAX_SEED, MESH_AXES, OPEN_DICTS, REMAT_POLICIES, ROUTE_FROM,
                                 ConfigError, defaults, gpu_launches, phase_defaults, require, without_obsolete)
 
 
@@ -358,8 +358,8 @@ def _validate_training(config: ml_collections.ConfigDict) -> None:
   require(m.param_dtype == "float32", "model.param_dtype",
           f"{m.param_dtype!r}: training keeps float32 master weights, as 16-bit ones would round away small "
           "AdamW updates; set it to 'float32' (model.dtype sets the compute dtype, e.g. 'bfloat16').")
-  require(isinstance(config.seed, int) and not isinstance(config.seed, bool) and config.seed >= 0, "seed",
-          f"must be an integer >= 0, got {config.seed!r}.")
+  require(isinstance(config.seed, int) and not isinstance(config.seed, bool) and 0 <= config.seed <= MAX_SEED,
+          "seed", f"must be an integer from 0 to 2**32 - 1 (the random keys hold 32 bits), got {config.seed!r}.")
   require(_is_number(config.train.memory_headroom) and 0.0 < config.train.memory_headroom <= 1.0,
           "train.memory_headroom", f"the fraction of memory a run may plan to use must lie in (0, 1], got "
           f"{config.train.memory_headroom!r}.")

@@ -339,6 +339,20 @@ def test_ctrl_c_outside_training_ends_the_command_in_one_line(tmp_path):
   assert proc.stderr.strip().startswith("error: interrupted at once; finished runs"), proc.stderr[-2000:]
 
 
+def test_seeds_past_32_bits_are_refused_before_anything_trains(tmp_path, monkeypatch):
+  """The last seeds of config.seed + i crashed with an OverflowError traceback (from 2**63), or trained seed 0's
+  weights again (2**32), after the first had trained."""
+  monkeypatch.setattr(loop, "train", lambda *args, **kwargs: pytest.fail("trained before refusing"))
+  config = smoke_config()
+  config.seed, config.ablation.seeds = 2**32 - 2, 3
+  with pytest.raises(ablate.AblationError, match=re.escape(
+      "config.seed=4294967294 with config.ablation.seeds=3: the seeds run from config.seed to 4294967296, past "
+      "2**32 - 1; lower config.seed.")):
+    ablate.run(config, str(tmp_path / "runs"))
+  config.ablation.seeds = 2
+  assert ablate.seeds(config) == [2**32 - 2, 2**32 - 1]
+
+
 def test_a_damaged_result_is_one_line_error(tmp_path):
   run_dir = tmp_path / "full" / "seed0"
   run_dir.mkdir(parents=True)

@@ -206,6 +206,15 @@ def test_expert_parallel_names_the_expert_count_that_does_not_split(capsys):
   assert "XLA_FLAGS" not in err, err
 
 
+@pytest.mark.parametrize("command", [["moe"], ["generate"]])
+def test_a_seed_past_32_bits_is_refused(command, capsys):
+  """An OverflowError traceback from 2**63; 2**32 drew seed 0's weights again."""
+  with pytest.raises(SystemExit) as info:
+    bench.main([*command, "--seed", str(2**32)])
+  err = capsys.readouterr().err
+  assert info.value.code == 2 and "error: argument --seed: 4294967296 must be at most 4294967295" in err, err
+
+
 def test_generate_times_only_the_decoding_programs(monkeypatch):
   """Each timed call of `bench generate` runs the compiled prefill or decode step alone: the slicing of its
   tokens (a dispatch of its own, 0.05 ms against a decode step of about 2 on this CPU) was timed with it."""

@@ -110,7 +110,9 @@ def _bad(**fields):
      r"^config\.curriculum\.warmup\.mod_capacity_start: is 0\.5, but curriculum\.warmup\.mod_enabled is False, so "
      r"every token runs the routed layers in this phase; set curriculum\.warmup\.mod_enabled=True, or "
      r"mod_capacity_start to 0\.$"),
-    ({"seed": -1}, r"config\.seed: must be an integer >= 0, got -1\."),
+    ({"seed": -1}, r"config\.seed: must be an integer from 0 to 2\*\*32 - 1 \(the random keys hold 32 bits\), got -1\."),
+    ({"seed": 2**32}, r"config\.seed: must be an integer from 0 to 2\*\*32 - 1 .*got 4294967296\."),  # seed 0's weights
+    ({"seed": 2**64}, r"config\.seed: must be an integer from 0 to 2\*\*32 - 1"),  # an OverflowError traceback
     ({"optimizer.b2": 1.0}, r"optimizer\.b2: Adam's decay rate must lie in \[0, 1\), got 1\.0"),
     ({"optimizer.eps": 0.0}, r"optimizer\.eps: must be > 0"),
     ({"optimizer.weight_decay": -0.1}, r"optimizer\.weight_decay: must be >= 0, got -0\.1"),
