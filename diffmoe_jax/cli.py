@@ -20,6 +20,7 @@ from typing import Callable
 
 from absl import flags
 from absl import logging as absl_logging
+import ml_collections
 from ml_collections import config_flags
 
 from diffmoe_jax import config as config_lib
@@ -60,13 +61,18 @@ def load_config(path: str, arg: str | None = None):
   except SyntaxError as e:
     return None, f"--config: {path} line {e.lineno}: {e.msg}: {(e.text or '').strip()}"
   try:
-    return config_lib.load_file(path, arg), None
+    config = config_lib.load_file(path, arg)
   except Exception as e:  # pylint: disable=broad-except  (whatever the user's file raises)
     frames = [f for f in traceback.extract_tb(e.__traceback__) if os.path.abspath(f.filename) == os.path.abspath(path)]
     line = f" line {frames[-1].lineno}" if frames else ""
     return None, f"--config: {path}{line}: {type(e).__name__}: {e}"
   except SystemExit:  # a script (such as setup.py) that parses the command line itself
     return None, f"--config: {path} exited while it was loaded, so it is no config file; pass one with get_config()."
+  if not isinstance(config, ml_collections.ConfigDict):
+    return None, (f"--config: {path}: get_config() returned {type(config).__name__}, not an "
+                  "ml_collections.ConfigDict; return one, as configs/tiny.py does (diffmoe_jax.config.defaults(), "
+                  "updated).")
+  return config, None
 
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # holds configs/ in a checkout

@@ -53,6 +53,12 @@ def test_config_file_and_override_mistakes_are_one_line(tmp_path):
   assert check(f"--config={bad}") == f"--config: {bad} line 1: invalid syntax: def get_config(:"
   assert check(f"--config={failing}") == (f"--config: {failing} line 2: NameError: name 'undefined_name' is not "
                                           "defined")
+  for returned, kind in (("config_lib.defaults().to_dict()", "dict"), ("None", "NoneType")):  # tracebacks before
+    plain = tmp_path / f"returns_{kind}.py"
+    plain.write_text(f"from diffmoe_jax import config as config_lib\ndef get_config():\n  return {returned}\n")
+    assert check(f"--config={plain}") == (f"--config: {plain}: get_config() returned {kind}, not an "
+                                          "ml_collections.ConfigDict; return one, as configs/tiny.py does "
+                                          "(diffmoe_jax.config.defaults(), updated).")
   assert check(f"--config={CONFIG_PATH}", "--config.model.moe.num_expert=2") == (
       "--config.model.moe.num_expert: config.model.moe has no field 'num_expert'; closest: "
       "model.moe.num_experts, mesh.shape.expert, model.num_layers.")
