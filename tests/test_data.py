@@ -357,7 +357,7 @@ def test_segment_ids_number_the_documents_of_each_window(tmp_path):
   eos = corpus.tokenizer.eos_id
   train = data.train_dataset(corpus, seed=0, seq_len=128, batch_size=4)
   batches = [train[step] for step in range(6)]
-  batches += data.eval_batches(corpus, "text", seq_len=128, batch_size=2, num_batches=2)
+  batches += data.eval_batches(corpus, "text", seq_len=128, batch_size=4, num_batches=1)
   for batch in batches:
     assert batch["segment_ids"].dtype == np.int32 and batch["segment_ids"].shape == batch["inputs"].shape
     np.testing.assert_array_equal(batch["segment_ids"], naive_segment_ids(batch["inputs"], eos))
@@ -492,6 +492,11 @@ def test_bad_batch_requests(tmp_path):
   val = corpus.info("text", "val").num_tokens
   with pytest.raises(data.DataError, match=rf"domain 'text': its validation split has {val} tokens"):
     data.eval_batches(corpus, "text", seq_len=val, batch_size=1, num_batches=1)
+  n = (val - 1) // 8  # 10**9 batches ran out of memory building rows that repeat these windows
+  with pytest.raises(data.DataError, match=rf"has {n:,} windows of seq_len 8, which {-(-n // 3):,} batches of 3 rows "
+                     rf"hold; {n:,} batches would only repeat them\. Ask for at most {-(-n // 3):,} \(train\.eval_"):
+    data.eval_batches(corpus, "text", seq_len=8, batch_size=3, num_batches=n)
+  assert len(data.eval_batches(corpus, "text", seq_len=8, batch_size=3, num_batches=-(-n // 3))) == -(-n // 3)
   with pytest.raises(data.DataError, match=r"unknown domain 'prose'"):
     data.eval_batches(corpus, "prose", seq_len=8, batch_size=1, num_batches=1)
   with pytest.raises(data.DataError, match=r"unknown split 'test'"):

@@ -77,6 +77,11 @@ def eval_batches(corpus, domain: str, *, seq_len: int, batch_size: int, num_batc
                     f"of seq_len + 1 = {seq_len + 1}; use a shorter seq_len, a larger config.data.val_fraction, "
                     f"or more text in config.data.domains.{domain}.")
   count = batch_size * num_batches
+  covering = -(-n // batch_size)  # the batches that hold every window once
+  if num_batches > covering:  # the later batches would only repeat windows (10**9 of them ran out of memory)
+    raise DataError(f"domain {domain!r}: its validation split has {n:,} windows of seq_len {seq_len}, which "
+                    f"{covering:,} batches of {batch_size} rows hold; {num_batches:,} batches would only repeat "
+                    f"them. Ask for at most {covering:,} (train.eval_batches, or evaluate's --eval_batches).")
   if count > n:
     logging.warning("data: the validation split of %r has %d windows of seq_len %d; the %d evaluation rows "
                     "repeat some of them.", domain, n, seq_len, count)
