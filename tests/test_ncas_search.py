@@ -66,6 +66,24 @@ def test_a_proxy_too_large_for_the_machine_is_refused_before_any_trains(tmp_path
     search.run(smoke_config(), str(tmp_path), log=lambda line: None)
 
 
+def test_a_throughput_measurement_too_large_for_the_machine_is_refused_before_any_proxy_trains(tmp_path, monkeypatch):
+  """ncas.hardware.measure='on' ran out of memory (a traceback) when the first candidate was measured."""
+  from diffmoe_jax.train import loop, preflight
+  monkeypatch.setattr(data, "build_corpus", lambda *args: pytest.fail("the data was built before refusing"))
+  monkeypatch.setattr(loop, "train", lambda *args, **kwargs: pytest.fail("trained before refusing"))
+  c = smoke_config()
+  c.ncas.hardware.update(measure="on", measure_seq_len=8192, measure_batch_size=64)
+  arch = complete.complete(2592, search.completion_rules(c.ncas))
+  need = scores.measurement_bytes(arch, seq_len=8192, batch_size=64)
+  assert need > 40 * 2**30  # 2592 wide at 64 x 8,192 tokens
+  monkeypatch.setattr(preflight, "available_bytes_per_device", lambda: need / 2)
+  with pytest.raises(preflight.InsufficientMemoryError, match=r"^measuring the throughput of d_model 2592 \(64 "
+                     r"sequences of 8,192 tokens, config\.ncas\.hardware\.measure = 'on'\) needs about .*; lower "
+                     r"config\.ncas\.hardware\.measure_seq_len or measure_batch_size, or set config\.ncas\.hardware"
+                     r"\.measure='off'\.$"):
+    search.run(c, str(tmp_path), log=lambda line: None)
+
+
 def test_a_second_search_in_a_workdir_is_refused_at_once(tmp_path, monkeypatch):
   """It screened, read the data and ran until it reached the proxy the first search was training."""
   from diffmoe_jax.train import workdir as workdir_lib

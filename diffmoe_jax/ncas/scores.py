@@ -15,8 +15,9 @@ import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 
-from diffmoe_jax import config as config_lib
+from diffmoe_jax import config as config_lib, estimate
 from diffmoe_jax.ncas.complete import Architecture, set_model
 from diffmoe_jax.nn import model as model_lib
 from diffmoe_jax.ops import loss as loss_lib
@@ -49,12 +50,25 @@ def tile_efficiency(arch: Architecture, tile: int) -> float:
   return useful / padded
 
 
-def measured_tokens_per_second(arch: Architecture, *, seq_len: int, batch_size: int, repeats: int = 3) -> float:
-  """Training throughput of one layer group (a full and a routed layer) of the real width, bf16."""
+def measured_model(arch: Architecture, seq_len: int) -> ml_collections.ConfigDict:
+  """What `measured_tokens_per_second` times: one layer group (a full and a routed layer) of the real width, bf16."""
   cfg = config_lib.defaults().model
   cfg.vocab_size = 256
   set_model(cfg, arch)
   cfg.update(num_layers=cfg.mod.every, max_seq_len=seq_len, dtype="bfloat16", param_dtype="bfloat16")
+  return cfg
+
+
+def measurement_bytes(arch: Architecture, *, seq_len: int, batch_size: int) -> float:
+  """The memory `measured_tokens_per_second` needs: the bf16 weights and their gradients, the gradients in
+  float32 before their cast (as the compiled program holds them), and the activations."""
+  cfg = measured_model(arch, seq_len)
+  return (2 + 2 + 4) * estimate.count_params(cfg).total + estimate.activation_bytes(cfg, batch_size, seq_len)
+
+
+def measured_tokens_per_second(arch: Architecture, *, seq_len: int, batch_size: int, repeats: int = 3) -> float:
+  """Training throughput of `measured_model`."""
+  cfg = measured_model(arch, seq_len)
   model = model_lib.build_model(cfg)
   tokens = jax.random.randint(jax.random.PRNGKey(0), (batch_size, seq_len), 0, cfg.vocab_size)
   rngs = {"params": jax.random.PRNGKey(1), "noise": jax.random.PRNGKey(2)}

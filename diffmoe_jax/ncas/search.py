@@ -302,7 +302,6 @@ def evaluated(row: dict) -> bool:
 
 def static_scores(config, arch) -> dict:
   """Capacity and hardware scores of a full-scale architecture (no training)."""
-  import jax
   n = config.ncas
   model = complete_lib.training_config(arch, "candidate").model
   total = estimate.count_params(model).total
@@ -310,11 +309,30 @@ def static_scores(config, arch) -> dict:
   for backend, tile in scores.BACKEND_TILES.items():
     out[f"efficiency_{backend}"] = scores.tile_efficiency(arch, tile)
   out["efficiency"] = out[f"efficiency_{n.hardware.backend}"]
-  measure = n.hardware.measure == "on" or (n.hardware.measure == "auto" and jax.default_backend() != "cpu")
-  if measure:
+  if measures(n):
     out["measured_tokens_per_second"] = scores.measured_tokens_per_second(
         arch, seq_len=n.hardware.measure_seq_len, batch_size=n.hardware.measure_batch_size)
   return out
+
+
+def measures(n) -> bool:
+  """Whether the search measures each candidate's throughput (ncas.hardware.measure)."""
+  import jax
+  return n.hardware.measure == "on" or (n.hardware.measure == "auto" and jax.default_backend() != "cpu")
+
+
+def check_measurement_fits(n, archs: list) -> None:
+  """The throughput measurement of every candidate fits this machine's device (InsufficientMemoryError)."""
+  h = n.hardware
+  need, arch = max(((scores.measurement_bytes(a, seq_len=h.measure_seq_len, batch_size=h.measure_batch_size), a)
+                    for a in archs), key=lambda pair: pair[0])
+  have = preflight.available_bytes_per_device()
+  if need > config_lib.defaults().train.memory_headroom * have:
+    raise preflight.InsufficientMemoryError(
+        f"measuring the throughput of d_model {arch.d_model} ({h.measure_batch_size} sequences of "
+        f"{h.measure_seq_len:,} tokens, config.ncas.hardware.measure = {h.measure!r}) needs about "
+        f"{estimate.human_bytes(need)}, but a device here has {estimate.human_bytes(have)} available; lower "
+        "config.ncas.hardware.measure_seq_len or measure_batch_size, or set config.ncas.hardware.measure='off'.")
 
 
 def run(config, workdir: str, log=print, report_dir: str = "") -> dict:
@@ -348,6 +366,8 @@ def _search(config, workdir: str, log, report_dir: str) -> dict:
   preflight.check_runs_fit({f"the proxy {name}": proxy_config(config, row["arch"], name)
                             for name, row in zip(names, survivors)},
                            advice="lower config.ncas.space.max_width, or raise config.ncas.proxy.scale (a smaller proxy)")
+  if measures(config.ncas):
+    check_measurement_fits(config.ncas, [row["arch"] for row in survivors])
   corpus = data.build_corpus(config.data)
   for row in survivors:  # a proxy finished with other settings is refused before any proxy trains
     finished_result(config, row["arch"], row["family"], workdir, corpus, log=lambda line: None)
