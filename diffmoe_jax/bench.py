@@ -462,7 +462,7 @@ def _check_gpu_kernels_run(args: argparse.Namespace, parser: argparse.ArgumentPa
 
 
 def _check_and_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-  from diffmoe_jax import bench_expert_parallel, bench_gpu_compile, bench_kernels
+  from diffmoe_jax import bench_attention, bench_expert_parallel, bench_gpu_compile, bench_kernels
   if args.command in ("moe", "expert_parallel") and args.top_k > args.experts:
     parser.error(f"argument --top-k: {args.top_k} exceeds --experts ({args.experts})")
   if args.command == "train":
@@ -477,6 +477,8 @@ def _check_and_run(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
       source = ("--max-seq-len" if given else
                 f"model.max_seq_len of {args.config}; raise it with --max-seq-len")
       parser.error(f"argument --seq-len: {args.seq_len} exceeds the context of {context} ({source})")
+  if args.command == "attention":
+    bench_attention.check_args(args, parser)
   if args.command == "kernels":
     bench_kernels.check_args(args, parser)
   if args.command == "gpu_compile":

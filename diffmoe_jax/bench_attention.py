@@ -52,6 +52,13 @@ def add_parser(commands) -> None:
   attention.set_defaults(run=run)
 
 
+def check_args(args, parser) -> None:
+  mosaic = [impl for impl in args.impls if VARIANTS.get(impl, {}).get("gpu_forward") == "mosaic"]
+  if mosaic and args.dtype == "float32":
+    parser.error(f"argument --impls: {mosaic[0]} runs the Mosaic GPU kernels, which take 16-bit inputs; add "
+                 "--dtype bfloat16")
+
+
 def _gib(n: float) -> str:
   return f"{n / 2**30:.2f}"
 

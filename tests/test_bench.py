@@ -206,6 +206,16 @@ def test_expert_parallel_names_the_expert_count_that_does_not_split(capsys):
   assert "XLA_FLAGS" not in err, err
 
 
+@pytest.mark.parametrize("impl", ["pallas_mosaic", "pallas_mosaic_forward"])
+def test_the_mosaic_kernels_in_a_float32_attention_sweep_are_refused(impl, capsys):
+  """A traceback from the kernel's input check, telling the user to set model.dtype, which the sweep does not read."""
+  with pytest.raises(SystemExit) as info:
+    bench.main(["attention", "--no-layer-ratio", "--lengths", "64", "--impls", "explicit", impl])
+  err = capsys.readouterr().err
+  assert info.value.code == 2 and (f"error: argument --impls: {impl} runs the Mosaic GPU kernels, which take 16-bit "
+                                   "inputs; add --dtype bfloat16") in err, err
+
+
 @pytest.mark.parametrize("command", [["moe"], ["generate"]])
 def test_a_seed_past_32_bits_is_refused(command, capsys):
   """An OverflowError traceback from 2**63; 2**32 drew seed 0's weights again."""
