@@ -77,8 +77,14 @@ def check_request(prompts: list, *, max_seq_len: int, max_new_tokens: int, tempe
 
 def encode_prompts(tokenizer, texts: list[str]) -> list[np.ndarray]:
   """The prompts' tokens; ConfigError for text that encodes to none (a subword tokenizer without byte fallback
-  drops characters it has no piece for), which check_request would call an empty prompt."""
+  drops characters it has no piece for), which check_request would call an empty prompt, and for text holding
+  the tokenizer's document separator, as evaluate refuses in a file: the model never trained on it mid-text."""
   from diffmoe_jax.config import ConfigError
+  reserved = tokenizer.reserved_text
+  for i, text in enumerate(texts):
+    if reserved is not None and reserved in text:
+      raise ConfigError(f"--prompt number {i + 1} contains {reserved!r} at character {text.index(reserved)}, which "
+                        f"the tokenizer {tokenizer.name!r} reserves to separate documents; remove it.")
   prompts = [np.asarray(tokenizer.encode(text), np.int32) for text in texts]
   for i, (text, tokens) in enumerate(zip(texts, prompts)):
     if text and not len(tokens):

@@ -261,6 +261,18 @@ def test_a_prompt_the_tokenizer_cannot_encode_is_named(tmp_path):
   with pytest.raises(ConfigError, match=r"^--prompt number 2 \('日本'\) encodes to no tokens: the tokenizer "
                      r"'hf:.*tokenizer\.json' \(config\.data\.tokenizer\) has no piece for its characters"):
     generate_lib.encode_prompts(tokenizer, ["hello", "日本"])
+  with pytest.raises(ConfigError, match=r"^--prompt number 1 contains '<\|endoftext\|>' at character 5, which the "
+                     r"tokenizer 'hf:.*' reserves to separate documents; remove it\.$"):
+    generate_lib.encode_prompts(tokenizer, ["hello<|endoftext|>world"])
+
+
+def test_a_prompt_holding_the_document_separator_is_refused():
+  """The bytes tokenizer's NUL was decoded across, though the model never saw it mid-text (evaluate refuses it)."""
+  from diffmoe_jax.config import ConfigError
+  from diffmoe_jax.data import make_tokenizer
+  with pytest.raises(ConfigError, match=r"^--prompt number 2 contains '\\x00' at character 2, which the tokenizer "
+                     r"'bytes' reserves to separate documents; remove it\.$"):
+    generate_lib.encode_prompts(make_tokenizer("bytes"), ["abc", "ab\0cd"])
 
 
 def test_a_completion_keeps_the_space_its_first_piece_starts_with(tmp_path):
