@@ -328,10 +328,21 @@ def keep_dropped_interrupts() -> None:
 def use_compilation_cache(config) -> None:
   """JAX's persistent compilation cache in config.train.compilation_cache_dir ("" leaves it alone): a rerun, a
   resumed run, another seed of the same model, an evaluation or a generation loads its programs instead of
-  compiling them again."""
+  compiling them again. ConfigError if the directory cannot be made or written (JAX would only warn, and
+  compile every program again)."""
   if config.train.compilation_cache_dir:
     import jax
-    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(config.train.compilation_cache_dir))
+    path = os.path.abspath(os.path.expanduser(config.train.compilation_cache_dir))
+    try:
+      os.makedirs(path, exist_ok=True)
+      why = None if os.access(path, os.W_OK | os.X_OK) else "it is not writable by this user"
+    except OSError as e:
+      why = "it or a directory above it is a file" if isinstance(e, (FileExistsError, NotADirectoryError)) else (
+          e.strerror or str(e))
+    if why:
+      raise config_lib.ConfigError(f"config.train.compilation_cache_dir: {path} cannot hold the compiled programs "
+                                   f"({why}); set it to a directory you can write, or to '' to use none.")
+    jax.config.update("jax_compilation_cache_dir", path)
 
 
 @contextlib.contextmanager

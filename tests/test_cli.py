@@ -355,6 +355,20 @@ def test_a_full_disk_stops_the_run_with_one_line(tmp_path):
   assert os.listdir(tmp_path / "checkpoints") == []
 
 
+def test_a_compilation_cache_dir_that_cannot_hold_programs_is_one_line(tmp_path):
+  """JAX only warned, naming no field, and every run compiled every program again."""
+  a_file = tmp_path / "a_file"
+  a_file.write_text("")
+  proc = run_cli(*train_command(tmp_path / "run", f"--config.train.compilation_cache_dir={a_file}"))
+  assert_one_error(proc, f"config.train.compilation_cache_dir: {a_file} cannot hold the compiled programs (it or a "
+                   "directory above it is a file); set it to a directory you can write, or to '' to use none.")
+  config = load_config()
+  config.train.compilation_cache_dir = str(a_file / "cache")
+  with pytest.raises(ConfigError, match=re.escape(f"{a_file / 'cache'} cannot hold the compiled programs (it or a "
+                                                  "directory above it is a file)")):
+    cli.use_compilation_cache(config)
+
+
 def test_cache_hits_tells_a_loaded_program_from_a_compiled_one(tmp_path):
   """The train loop logs whether each program was compiled or loaded from the persistent compilation cache:
   the same program compiled twice (the in-memory caches cleared between) is a miss, then a hit."""
