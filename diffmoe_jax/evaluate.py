@@ -85,6 +85,8 @@ def _no_checkpoints(workdir: str, path: str, train_hint: str) -> str:
   runs (an ablation's or a search's workdir, or a directory of runs) whose own directories to pass are named."""
   if not os.path.isdir(path):
     where = "" if os.path.isabs(os.path.expanduser(workdir)) else f" (relative to {os.getcwd()})"
+    if os.path.exists(path):
+      return f"{workdir}{where} is a file, not a directory; pass the training run's --workdir."
     return f"there is no directory {workdir}{where}; pass the training run's --workdir."
   runs = []
   for root, dirs, _ in os.walk(path):
@@ -92,8 +94,11 @@ def _no_checkpoints(workdir: str, path: str, train_hint: str) -> str:
       runs.append(os.path.relpath(root, path))
       dirs.clear()
     dirs[:] = sorted(d for d in dirs if os.path.relpath(os.path.join(root, d), path).count(os.sep) < 3)
+  checkpoints = os.path.join(path, "checkpoints")
+  if not runs and os.path.exists(checkpoints):
+    return f"{checkpoints} is a file, not the run's checkpoints directory; pass the training run's --workdir."
   if not runs:
-    return f"{workdir} holds no checkpoints (there is no {os.path.join(path, 'checkpoints')}); {train_hint}."
+    return f"{workdir} holds no checkpoints (there is no {checkpoints}); {train_hint}."
   runs.sort(key=lambda run: (run.count(os.sep), run))
   named = ", ".join(os.path.join(workdir, r) for r in runs[:4])
   named += f" and {len(runs) - 4} more" if len(runs) > 4 else ""
@@ -197,6 +202,8 @@ def read_text_files(paths: list[str], tokenizer) -> dict[str, tuple]:
   for path in paths:
     if os.path.isdir(path):
       raise DataError(f"{path} is a directory; name the text files in it, such as {os.path.join(path, '*.txt')}.")
+    if os.path.exists(path) and not os.path.isfile(path):
+      raise DataError(f"{path} is not a regular file (a device or a pipe); name a text file.")
     if not os.path.isfile(path):
       raise DataError(f"there is no text file {path}" + ("" if os.path.isabs(path) else f" (relative to {os.getcwd()})")
                       + ".")

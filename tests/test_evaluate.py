@@ -111,6 +111,12 @@ def test_cli_json_and_step(workdir, tmp_path):
 def test_cli_bad_input_is_one_line(workdir, tmp_path):
   checkpoints = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
   assert_one_error(run_cli("diffmoe_jax.evaluate", f"--workdir={tmp_path}"), "holds no checkpoints", "diffmoe_jax.main")
+  (tmp_path / "checkpoints").write_text("")  # said "holds no checkpoints (there is no .../checkpoints)"
+  assert_one_error(run_cli("diffmoe_jax.evaluate", f"--workdir={tmp_path}"), f"error: {tmp_path}/checkpoints is a "
+                   "file, not the run's checkpoints directory; pass the training run's --workdir.")
+  assert_one_error(run_cli("diffmoe_jax.evaluate", f"--workdir={tmp_path / 'checkpoints'}"),  # "there is no directory"
+                   f"error: {tmp_path}/checkpoints is a file, not a directory; pass the training run's --workdir.")
+  (tmp_path / "checkpoints").unlink()
   assert_one_error(run_cli("diffmoe_jax.evaluate", f"--workdir={workdir}", "--step=3"),
                    "no checkpoint at step 3", "its steps are 4")
   assert_one_error(run_cli("diffmoe_jax.evaluate", f"--workdir={workdir}", str(tmp_path / "missing.txt")),
@@ -199,6 +205,10 @@ def test_a_separator_or_a_directory_is_refused(tmp_path):
     evaluate_lib.read_text_files([str(path)], make_tokenizer("bytes"))
   with pytest.raises(DataError, match=r"^.* is a directory; name the text files in it, such as .*/\*\.txt\.$"):
     evaluate_lib.read_text_files([str(tmp_path)], make_tokenizer("bytes"))
+  os.mkfifo(tmp_path / "pipe")  # read_text_files said "there is no text file" of an existing device or pipe
+  for path in ("/dev/null", str(tmp_path / "pipe")):
+    with pytest.raises(DataError, match=rf"^{path} is not a regular file \(a device or a pipe\); name a text file\.$"):
+      evaluate_lib.read_text_files([path], make_tokenizer("bytes"))
 
 
 def test_a_damaged_saved_config_is_one_line(workdir, tmp_path):
