@@ -206,6 +206,16 @@ def test_expert_parallel_names_the_expert_count_that_does_not_split(capsys):
   assert "XLA_FLAGS" not in err, err
 
 
+@pytest.mark.parametrize("command", [["train"], ["compile", "--layers", "4"]])
+def test_fewer_layers_than_a_layer_group_name_the_flag(command, capsys):
+  """The error named model.mod.every, which bench gives no way to set."""
+  with pytest.raises(SystemExit) as info:
+    bench.main([*command, "--layers", "1"])
+  err = capsys.readouterr().err
+  assert info.value.code == 2 and ("error: argument --layers: 1 is fewer than one layer group of configs/tiny.py (2 "
+                                   "layers, model.mod.every); give at least 2") in err, err
+
+
 @pytest.mark.parametrize("impl", ["pallas_mosaic", "pallas_mosaic_forward"])
 def test_the_mosaic_kernels_in_a_float32_attention_sweep_are_refused(impl, capsys):
   """A traceback from the kernel's input check, telling the user to set model.dtype, which the sweep does not read."""
