@@ -343,8 +343,9 @@ def run(config, workdir: str, log=print, report_dir: str = "") -> dict:
   report_dir = workdir_lib.prepare(report_dir, "report_dir") if report_dir else workdir
   foreign = foreign_report_file(report_dir)
   if foreign:  # refused before any proxy trains, not after
-    raise workdir_lib.WorkdirError(f"{foreign} is not from an NCAS report, and the report would replace or remove it; pass "
-                      "another --report_dir (a new directory, or one an earlier report was written to).")
+    raise workdir_lib.WorkdirError(f"{foreign} is not from an NCAS report, and the report would replace or remove "
+                                   "it; pass another --report_dir (a new directory, or one an earlier report was "
+                                   "written to).")
   with workdir_lib.WorkdirLock(workdir):
     return _search(config, workdir, log, report_dir)
 
