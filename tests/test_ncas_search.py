@@ -379,6 +379,7 @@ def test_a_report_dir_holding_files_no_report_wrote_is_refused_before_any_proxy_
 def test_a_report_dir_a_report_was_written_to_is_accepted(smoke, tmp_path):
   workdir, result, _ = smoke
   assert report.foreign_report_file(workdir) is None  # the search's own, in its workdir
+  assert report.foreign_report_file(os.path.join(ROOT, "results", "ncas")) is None  # the committed one
   search.write_report(smoke_config(), str(tmp_path), result)
   assert report.foreign_report_file(str(tmp_path)) is None
   (tmp_path / "report.md").unlink()  # a report cut short after its front.json
