@@ -5,7 +5,6 @@ and TensorBoard log into README.md, results.json and PNG plots.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 
@@ -380,20 +379,5 @@ def write_report(config, names: list[str], labels: dict[str, str], models: dict,
 def foreign_report_file(report_dir: str) -> str | None:
   """The path of a file in report_dir that no ablation report wrote and write_report would replace or remove,
   or None: a README.md or results.json not a report's, or one of FIGURES where neither of those is."""
-  readme, results = os.path.join(report_dir, "README.md"), os.path.join(report_dir, "results.json")
-  if not (os.path.exists(readme) or os.path.exists(results)):
-    return next((os.path.join(report_dir, name) for name in FIGURES.values()
-                 if os.path.exists(os.path.join(report_dir, name))), None)
-  if os.path.exists(readme):
-    with open(readme, encoding="utf-8", errors="replace") as f:
-      if f.readline().rstrip("\n") != TITLE:
-        return readme
-  if os.path.exists(results):
-    try:
-      with open(results, encoding="utf-8") as f:
-        saved = json.load(f)
-    except (OSError, ValueError):
-      return results
-    if not (isinstance(saved, dict) and {"arms", "budget"} <= saved.keys()):
-      return results
-  return None
+  return workdir_lib.foreign_report_file(report_dir, text_file="README.md", title=TITLE, json_file="results.json",
+                                         json_keys={"arms", "budget"}, outputs=tuple(FIGURES.values()))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import math
 import os
 import re
@@ -168,23 +167,13 @@ def _report_configs(config_dir: str) -> list[str]:
 def foreign_report_file(report_dir: str) -> str | None:
   """The path of a file in report_dir that `write_report` would replace or remove but no report wrote, or None.
 
-  The directory holds a report when its report.md opens with TITLE or its front.json has a report's keys; its
-  tables and plot are then the report's. A configs/ncas_<width>.py is a report's when it carries CONFIG_MARK."""
-  report, front = os.path.join(report_dir, "report.md"), os.path.join(report_dir, "front.json")
-  if os.path.exists(report) and _first_line(report) != TITLE:
-    return report
-  if os.path.exists(front):
-    try:
-      with open(front, encoding="utf-8") as f:
-        saved = json.load(f)
-    except (OSError, ValueError):
-      return front
-    if not (isinstance(saved, dict) and {"objectives", "fronts"} <= saved.keys()):
-      return front
-  elif not os.path.exists(report):
-    for name in ("table.csv", "table.md", "front.png"):
-      if os.path.exists(os.path.join(report_dir, name)):
-        return os.path.join(report_dir, name)
+  A report's report.md opens with TITLE and its front.json holds a report's keys; where neither is there, the
+  tables and the plot are no report's either. A configs/ncas_<width>.py is a report's when it carries CONFIG_MARK."""
+  foreign = workdir_lib.foreign_report_file(report_dir, text_file="report.md", title=TITLE, json_file="front.json",
+                                            json_keys={"objectives", "fronts"},
+                                            outputs=("table.csv", "table.md", "front.png"))
+  if foreign:
+    return foreign
   config_dir = os.path.join(report_dir, "configs")
   if os.path.exists(config_dir) and not os.path.isdir(config_dir):
     return config_dir

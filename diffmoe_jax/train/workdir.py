@@ -57,6 +57,30 @@ def run_holding(path: str) -> tuple[str | None, str]:
   return None, ""
 
 
+def foreign_report_file(report_dir: str, *, text_file: str, title: str, json_file: str, json_keys: set,
+                        outputs: tuple = ()) -> str | None:
+  """The path of a file in report_dir that a report would replace or remove but no such report wrote, or None:
+  `text_file` not opening with the line `title`, `json_file` not a JSON object with `json_keys`, or, where
+  neither of them is there, one of `outputs`."""
+  text, data = os.path.join(report_dir, text_file), os.path.join(report_dir, json_file)
+  if not (os.path.exists(text) or os.path.exists(data)):
+    return next((os.path.join(report_dir, name) for name in outputs if os.path.exists(os.path.join(report_dir, name))),
+                None)
+  if os.path.exists(text):
+    with open(text, encoding="utf-8", errors="replace") as f:
+      if f.readline().rstrip("\n") != title:
+        return text
+  if os.path.exists(data):
+    try:
+      with open(data, encoding="utf-8") as f:
+        saved = json.load(f)
+    except (OSError, ValueError):
+      return data
+    if not (isinstance(saved, dict) and json_keys <= saved.keys()):
+      return data
+  return None
+
+
 def write_json(path: str, value) -> None:
   """Writes `value` as JSON to `path` whole or not at all (a temporary file renamed into place)."""
   tmp = path + ".tmp"
