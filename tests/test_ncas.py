@@ -140,7 +140,8 @@ def test_a_proxy_error_in_a_field_of_the_search_config_names_it_alone():
   c = search.defaults()
   c.seed = -1
   arch = complete.complete(2304, search.completion_rules(c.ncas))
-  with pytest.raises(ConfigError, match=r"^config\.seed: must be an integer >= 0, got -1\.$"):
+  with pytest.raises(ConfigError, match=r"^config\.seed: must be an integer from 0 to 2\*\*32 - 1 \(the random keys "
+                                        r"hold 32 bits\), got -1\.$"):
     search.proxy_config(c, arch, "pi_2304")
 
 
