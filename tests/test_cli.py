@@ -306,6 +306,24 @@ def test_resuming_with_a_changed_setting_needs_it_allowed(stopped_run):
                  step=1, directory="ckpts")
 
 
+def test_resuming_after_the_training_files_changed_needs_it_allowed(tmp_path):
+  """The resume read the appended file silently: the rest of the run trained on other data."""
+  text = tmp_path / "text"
+  text.mkdir()
+  for i in range(40):
+    (text / f"{i:02d}.py").write_text("".join(f"def f{i}_{j}(x):\n  return x * {j} + {i}\n\n" for j in range(40)))
+  run = lambda *extra: run_cli(*train_command(tmp_path / "run", f"--config.data.domains.code=files:{text}/*.py",
+                                              f"--config.data.cache_dir={tmp_path / 'cache'}", *extra))
+  assert run("--config.train.run_steps=1").returncode == main_lib.EXIT_STOPPED_EARLY
+  with open(text / "07.py", "a") as f:
+    f.write("def appended():\n  return 1\n")
+  assert_one_error(run("--config.train.run_steps=2"), "The checkpoint at step 1 in", "trained on other data: "
+                   "config.data.domains.code: its files, or files it is split with, changed since",
+                   "--config.train.allow_config_change=data.files")
+  proc = run("--config.train.run_steps=2", "--config.train.allow_config_change=data.files")
+  assert proc.returncode == main_lib.EXIT_STOPPED_EARLY and "on other training data" in proc.stderr, proc.stderr[-3000:]
+
+
 def test_unreadable_checkpoints_are_one_line_each(stopped_run, tmp_path):
   workdir = str(tmp_path / "run")
   shutil.copytree(stopped_run[0], workdir)

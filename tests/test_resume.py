@@ -28,6 +28,25 @@ def test_moving_the_token_cache_is_free_but_changing_the_data_is_not():
     check(saved, config)
 
 
+def test_resuming_on_other_data_needs_it_allowed(caplog):
+  """A resume read the changed files silently (a file appended, one added: the rest of the run trained on other
+  data, and files moved between the splits). Domains added or removed are config changes, checked by `check`."""
+  config, saved = load("tiny"), {"data": {"code": "1f2e", "docs": "77aa"}}
+  resume.check_data(config, saved, {"code": "1f2e", "docs": "77aa", "web": "0000"}, step=7, directory="ckpts")
+  resume.check_data(config, None, {"code": "9999"}, step=7, directory="ckpts")  # saved before the record
+  with pytest.raises(ConfigError, match=r"^The checkpoint at step 7 in ckpts trained on other data: config\.data\."
+                                        r"domains\.code: its files, or files it is split with, changed since \(files "
+                                        r"added, removed or of other sizes\)\. Resume with the files as they were, "
+                                        r"allow the change with --config\.train\.allow_config_change=data\.files"):
+    resume.check_data(config, saved, {"code": "9999", "docs": "77aa"}, step=7, directory="ckpts")
+  with pytest.raises(ConfigError, match=r"other data: config\.data\.domains code, docs: their files"):
+    resume.check_data(config, saved, {"code": "9999", "docs": "8888"}, step=7, directory="ckpts")
+  for allowed in ("data.files", "data.*", "*"):
+    config.train.allow_config_change = allowed
+    resume.check_data(config, saved, {"code": "9999", "docs": "77aa"}, step=7, directory="ckpts")
+  assert "Resuming from step 7 on other training data (allowed by train.allow_config_change)" in caplog.text
+
+
 def _open_on_a_full_disk(path, *args, **kwargs):
   """`open` for workdir.py on a full disk: writes reach the buffer, flushing them fails."""
   f = builtins.open(path, *args, **kwargs)

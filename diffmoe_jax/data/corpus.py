@@ -85,6 +85,15 @@ class Corpus:
     mean the same tokens."""
     return {domain: os.path.basename(path) for domain, path in sorted(self.cache_dirs.items())}
 
+  @property
+  def content(self) -> dict[str, str]:
+    """{domain: digest of its splits' files (relative to the source's root), token and byte counts}: what a
+    resumed run checks it still trains on; equal on every host reading the same data (`fingerprint` also
+    covers modification times, which differ between hosts' copies)."""
+    return {domain: hashlib.sha256(json.dumps([dataclasses.astuple(self.info(domain, split))
+                                               for split in ("train", "val")]).encode()).hexdigest()[:16]
+            for domain in self.domains}
+
   def info(self, domain: str, split: str) -> SplitInfo:
     self._check(domain, split)
     return self._info[domain, split]

@@ -298,6 +298,7 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, *, corpus: "d
                                  remove_partial_saves=True)  # the workdir's lock makes this run its only writer
   state, start_step, saved_config = resume.restore_or_init(ckpt, config, abstract_state, make_state)
   saved_progress = ckpt.restore_progress(start_step) if start_step else None
+  resume.check_data(config, saved_progress, corpus.content, step=start_step, directory=ckpt.directory)
   logged_before = resume.logged_at(start_step, saved_config, saved_progress)
   # The tokens really trained: carried over from the checkpoint, as a resume may change the batch's shape.
   tokens_at_start = (saved_progress or {}).get("tokens_seen", curriculum.tokens_before(start_step))
@@ -375,7 +376,7 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, *, corpus: "d
 
   def saved_progress_at(step: int) -> dict:
     return {"tokens_seen": tokens_seen(step), "evaluated": logged["eval"] == step,
-            "stable_ranks": logged["stable_ranks"] == step}
+            "stable_ranks": logged["stable_ranks"] == step, "data": corpus.content}
 
   peak = metrics_lib.peak_flops(config.train.peak_flops_per_device)
   param_counts = estimate.count_params(config.model)  # for each logged step's FLOPs, hence MFU

@@ -105,6 +105,27 @@ def shape_differences(saved: Mapping[str, tuple], abstract_state: Any) -> list[s
   return out
 
 
+def check_data(config, progress: Mapping | None, content: dict[str, str], *, step: int, directory: str) -> None:
+  """ConfigError if the checkpoint at `step` trained on other data than `content` (`Corpus.content`), by the
+  record in its `progress` (none before checkpoints had one), unless train.allow_config_change lists
+  "data.files". Domains on one side only are config changes, checked by `check`."""
+  saved = (progress or {}).get("data") or {}
+  changed = sorted(d for d in set(saved) & set(content) if saved[d] != content[d])
+  if not changed:
+    return
+  # Domains split together (data/corpus.py) change together, whichever one's files changed.
+  what = (f"config.data.domains.{changed[0]}: its files, or files it is split with," if len(changed) == 1 else
+          f"config.data.domains {', '.join(changed)}: their files, or files they are split with,")
+  if _matches("data.files", allowed_patterns(config)):
+    logging.warning("Resuming from step %d on other training data (allowed by train.allow_config_change): %s "
+                    "changed since.", step, what)
+    return
+  raise ConfigError(f"The checkpoint at step {step} in {directory} trained on other data: {what} changed since "
+                    "(files added, removed or of other sizes). Resume with the files as they were, allow the change "
+                    "with --config.train.allow_config_change=data.files (the rest of the run, and its validation, "
+                    "then use the new data), or pass a new --workdir. The checkpoints are left as they are.")
+
+
 def check(config, *, saved_config: Mapping | None, saved_shapes: Mapping | None, abstract_state: Any,
           step: int, directory: str, training: bool = True) -> None:
   """Raises ConfigError if the checkpoint at `step` cannot, or may not, be resumed (or, with training=False,
