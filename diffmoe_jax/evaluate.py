@@ -113,6 +113,12 @@ def _restore_step(ckpt, step: int, steps: list[int], config):
   from diffmoe_jax.nn import model as model_lib
   from diffmoe_jax.train import checkpoint, resume, state as state_lib
   directory = ckpt.directory
+  if not os.path.isdir(os.path.join(directory, str(step), "state")):  # a save cut short where renames are not atomic
+    earlier = [s for s in steps if s < step]
+    raise checkpoint.CheckpointError(
+        f"The checkpoint at step {step} in {directory} is incomplete (it has no state: a save cut short); "
+        + (f"pass --step={earlier[-1]} for the one before it, or remove {os.path.join(directory, str(step))}."
+           if earlier else f"remove {os.path.join(directory, str(step))} and train the run again."))
   try:
     saved_config = ckpt.restore_config(step)
   except FileNotFoundError as e:

@@ -3,6 +3,7 @@ import functools
 import json
 import math
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -129,6 +130,12 @@ def test_cli_bad_input_is_one_line(workdir, tmp_path):
                            str(tmp_path / "notes.txt")),  # was ignored
                    "--eval_batches sets the batches per validation domain, and --nodomains evaluates none")
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == checkpoints  # nothing lost
+  incomplete = tmp_path / "incomplete"  # a save cut short where renames are not atomic (a gcsfuse workdir)
+  shutil.copytree(workdir, incomplete)
+  (incomplete / "checkpoints" / "9").mkdir()
+  assert_one_error(run_cli("diffmoe_jax.evaluate", f"--workdir={incomplete}"),  # said "saved with config=None"
+                   f"error: The checkpoint at step 9 in {incomplete}/checkpoints is incomplete (it has no state: a save "
+                   f"cut short); pass --step=4 for the one before it, or remove {incomplete}/checkpoints/9.")
 
 
 def test_a_batch_the_mesh_does_not_split_gets_rows_that_count_no_token(workdir, tmp_path):
