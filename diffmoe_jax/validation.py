@@ -393,6 +393,9 @@ def _validate_training(config: ml_collections.ConfigDict) -> None:
           f"must be an integer >= 1, got {cur.mod_anneal_levels!r}.")
   domains = set(config.data.domains.keys())
   require(len(domains) > 0, "data.domains", "is empty; add a source such as 'stdlib:code'.")
+  for name in domains:  # a domain names TensorBoard tags (eval/<domain>/loss) and evaluate's rows
+    require(bool(name.strip()) and name == name.strip(), f"data.domains.{name!r}", "a domain's name is not blank "
+            "and has no leading or trailing space; name it such as 'code' or 'web_en'.")
   require(isinstance(config.data.segment_masking, bool), "data.segment_masking",
           f"must be True or False, got {config.data.segment_masking!r}.")
   phases = [key for key, value in cur.items() if isinstance(value, ml_collections.ConfigDict)]

@@ -142,6 +142,8 @@ def _bad(**fields):
     ({"mesh.axis_rules": ("batch",)}, r"config\.mesh\.axis_rules: rule 0 is 'batch', not a"),  # --...axis_rules=batch
     ({"mesh.axis_rules": config_lib.defaults().mesh.axis_rules + (("batch", None),)},
      r"config\.mesh\.axis_rules: has 2 rules for logical axis 'batch'; keep one\.$"),
+    ({"data.domains": {"code": "stdlib:code", " ": "stdlib:docs"}},  # tags eval/ /loss before
+     r"config\.data\.domains\.' ': a domain's name is not blank and has no leading or trailing space"),
     ({"optimizer.peak_lr": float("inf")}, r"config\.optimizer\.peak_lr: must be a finite number, got inf\."),
     ({"curriculum.warmup.lr_start": float("nan")}, r"config\.curriculum\.warmup\.lr_start: must be a finite number"),
     ({"model.attention_gpu_launch.dkv": "64,64,4"}, r"model\.attention_gpu_launch\.dkv: '64,64,4' is not "

@@ -104,3 +104,6 @@ def test_a_full_disk_leaves_the_time_record_as_it_was_and_no_partial_file(tmp_pa
   assert os.listdir(tmp_path) == [workdir_lib.SECONDS_FILE]
   monkeypatch.undo()
   assert workdir_lib.add_seconds(str(tmp_path), 0.0, write=False) == 5.0
+  (tmp_path / workdir_lib.SECONDS_FILE).write_text('{"seconds": ')  # damaged: was reset without a word
+  assert workdir_lib.add_seconds(str(tmp_path), 3.0, write=False) == 3.0
+  assert "training time recorded in" in caplog.text and "cannot be read (JSONDecodeError)" in caplog.text

@@ -109,8 +109,11 @@ def add_seconds(workdir: str, seconds: float, *, write: bool = True) -> float:
   try:
     with open(path, encoding="utf-8") as f:
       seconds += float(json.load(f)["seconds"])
-  except (OSError, ValueError, KeyError, TypeError):
-    pass  # none recorded yet (or a damaged record, which this one replaces)
+  except FileNotFoundError:
+    pass  # none recorded yet
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    logging.warning("The run's training time recorded in %s cannot be read (%s); counting from this invocation.",
+                    path, type(e).__name__)
   if write:
     try:
       write_json(path, {"seconds": seconds})
