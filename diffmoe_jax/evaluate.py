@@ -233,7 +233,13 @@ def evaluate(config, params, *, files: list[str] = (), domains: bool = True, eva
   tokenizer = data.make_tokenizer(config.data.tokenizer)
   validation.check_tokenizer_vocab(config, tokenizer)
   texts = read_text_files(list(files), tokenizer)  # a bad file fails at once
-  corpus = data.build_corpus(config.data) if domains else None
+  try:
+    corpus = data.build_corpus(config.data) if domains else None
+  except data.DataError as e:  # the run's data, named by the config saved with it: no file the user can edit
+    raise data.DataError(f"{e.args[0].rstrip('.')}. The validation domains are the run's config.data.domains: "
+                         "put their files back, pass --nodomains to evaluate only the files named, or pass --config "
+                         "with the domains where they are now and --config.train.allow_config_change=data.domains."
+                         ) from None
   mesh, rules = parallel.make_mesh(config.mesh), parallel.axis_rules(config.mesh)
   batch_sharding = parallel.batch_sharding(mesh, rules)
   seq_len, batch_size = config.model.max_seq_len, config.train.eval_batch_size

@@ -130,6 +130,11 @@ def test_cli_bad_input_is_one_line(workdir, tmp_path):
                            str(tmp_path / "notes.txt")),  # was ignored
                    "--eval_batches sets the batches per validation domain, and --nodomains evaluates none")
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == checkpoints  # nothing lost
+  assert_one_error(run_cli("diffmoe_jax.evaluate", f"--workdir={workdir}", f"--config={CONFIG_PATH}", *SHORT_RUN,
+                           f"--config.data.domains.code=files:{tmp_path}/moved/*.py",
+                           "--config.train.allow_config_change=data.domains"),  # said "fix or remove it" alone
+                   "matches no file", "The validation domains are the run's config.data.domains: put their files "
+                   "back, pass --nodomains to evaluate only the files named, or pass --config")
   incomplete = tmp_path / "incomplete"  # a save cut short where renames are not atomic (a gcsfuse workdir)
   shutil.copytree(workdir, incomplete)
   (incomplete / "checkpoints" / "9").mkdir()
