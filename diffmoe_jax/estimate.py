@@ -299,7 +299,7 @@ def activation_bytes(cfg: ml_collections.ConfigDict, batch: int, seq_len: int, *
                      tensor: int = 1) -> float:
   """Activation memory of one device's train step on `batch` sequences of `seq_len` tokens, in bytes.
 
-  With full remat (and with remat_policy="save_names", plus the named values each layer keeps): the
+  With full remat (and with the other policies but "none", plus what each layer keeps: `_kept_by_remat`): the
   residual stream saved at each scanned group, one group's working set while it is
   recomputed for its backward pass (per layer, attention: q, k, v and the output, token by model width,
   and the attention maps' probabilities with their gradient on the explicit path (one map for standard
@@ -321,21 +321,8 @@ def activation_bytes(cfg: ml_collections.ConfigDict, batch: int, seq_len: int, *
       scores = 2 * maps * b * cfg.num_heads * block * 4
     else:
       scores = 2 * maps * b * cfg.num_heads * tokens * tokens * 4  # each map's probabilities, their gradient
-    rows, width = ffn_rows(tokens)
+    rows, width = _ffn_rows(cfg, tokens)
     return (5 * b * tokens * cfg.d_model * 4 + scores + 3 * b * rows * width * 4) / tensor + dispatched(rows)
-
-  def ffn_rows(tokens: int) -> tuple[int, int]:
-    """Hidden activations of the train step's FFN per sequence, as (rows, width) (`dispatch.moe_ffn`)."""
-    moe = cfg.moe
-    if cfg.ffn == "dense":
-      return tokens, dense_ffn_dim(cfg)
-    if moe.dispatch == "capacity":
-      rows = moe.num_experts * dispatch.moe_capacity(tokens, moe.top_k, moe.num_experts, moe.capacity_factor)
-    elif dispatch.resolve_dropless_impl(moe.dropless_impl) == "padded":
-      rows = moe.num_experts * tokens  # room for every token in every expert
-    else:
-      rows = tokens * moe.top_k  # ragged: the assignments alone
-    return rows, moe.expert_ffn_dim
 
   def dispatched(rows: int) -> float:
     """The MoE's rows gathered for the experts and their outputs before the combine, model-wide; a dense
@@ -354,17 +341,33 @@ def activation_bytes(cfg: ml_collections.ConfigDict, batch: int, seq_len: int, *
   return residual + kept + per_group(layer) + logits / tensor
 
 
-# The remat policies whose activations `activation_bytes` models; the others keep more and are counted
-# as full remat.
-MODELED_REMAT_POLICIES = ("full", "save_names")
+def _ffn_rows(cfg: ml_collections.ConfigDict, tokens: int) -> tuple[int, int]:
+  """Hidden activations of the train step's FFN per sequence, as (rows, width) (`dispatch.moe_ffn`)."""
+  moe = cfg.moe
+  if cfg.ffn == "dense":
+    return tokens, dense_ffn_dim(cfg)
+  if moe.dispatch == "capacity":
+    rows = moe.num_experts * dispatch.moe_capacity(tokens, moe.top_k, moe.num_experts, moe.capacity_factor)
+  elif dispatch.resolve_dropless_impl(moe.dropless_impl) == "padded":
+    rows = moe.num_experts * tokens  # room for every token in every expert
+  else:
+    rows = tokens * moe.top_k  # ragged: the assignments alone
+  return rows, moe.expert_ffn_dim
+
+
+# The remat policies whose activations `activation_bytes` models; "none" keeps every intermediate value of
+# every layer, more than is counted, and is counted as full remat.
+MODELED_REMAT_POLICIES = ("full", "save_names", "dots", "dots_no_batch")
+# Checkpoint names that tag a matmul's output: a "dots" policy keeps them already.
+_MATMUL_NAMES = ("query_proj", "key_proj", "value_proj", "attn_out")
 
 
 def _kept_by_remat(cfg: ml_collections.ConfigDict, b: int, tokens: int, tensor: int) -> float:
   """Bytes a layer keeps for its backward beyond the residual stream: the values named in
-  `remat_save_names` with remat_policy="save_names" (q, k, v split over heads by `tensor`; the flash
-  residuals, fp32 per-map outputs and log-sum-exp, only on the blockwise and kernel paths). Other
-  policies are counted as full remat."""
-  if cfg.remat_policy != "save_names":
+  `remat_save_names` (q, k, v split over heads by `tensor`; the flash residuals, fp32 per-map outputs and
+  log-sum-exp, only on the blockwise and kernel paths), and with remat_policy "dots" / "dots_no_batch" the
+  outputs of the layer's matmuls (`_matmul_outputs`). "full" keeps nothing; "none" is counted as "full"."""
+  if cfg.remat_policy in ("full", "none"):
     return 0.0
   width = b * tokens * cfg.d_model * jnp.dtype(cfg.dtype).itemsize
   maps = 1 if cfg.attention == "standard" else 2
@@ -372,7 +375,38 @@ def _kept_by_remat(cfg: ml_collections.ConfigDict, b: int, tokens: int, tensor: 
   sizes = {"query_proj": width / tensor, "key_proj": width / tensor, "value_proj": width / tensor,
            "attn_out": width, "ffn_out": width,
            "flash_residuals": maps * b * tokens * (cfg.d_model + cfg.num_heads) * 4 / tensor if flash else 0.0}
-  return sum(sizes[name] for name in cfg.remat_save_names)
+  if cfg.remat_policy == "save_names":
+    return sum(sizes[name] for name in cfg.remat_save_names)
+  named = sum(sizes[name] for name in cfg.remat_save_names if name not in _MATMUL_NAMES)
+  return named + _matmul_outputs(cfg, b, tokens, tensor, batched=cfg.remat_policy == "dots")
+
+
+def _matmul_outputs(cfg: ml_collections.ConfigDict, b: int, tokens: int, tensor: int, *, batched: bool) -> float:
+  """Bytes of a layer's matmul outputs that a "dots" remat policy keeps (`jax.checkpoint_policies`): the q,
+  k, v and output projections, the router's fp32 logits, the FFN's (or each expert's) hidden and output rows;
+  with `batched` ("dots", not "dots_no_batch") also the attention's own products, which have batch
+  dimensions: on the explicit path each map's fp32 scores and the weighted values, on the blockwise and
+  kernel paths the fp32 combination of the maps' outputs (the products inside their loops are not kept).
+  Left out: the mixture-of-depths router and predictor, a few values per token; ragged dropless experts
+  (`ragged_dot` is not a matmul to the policy). XLA:CPU computes 16-bit matmuls in float32 and keeps their
+  outputs so; an accelerator keeps them in the compute dtype."""
+  size = 4 if jax.default_backend() == "cpu" else jnp.dtype(cfg.dtype).itemsize
+  width = b * tokens * cfg.d_model * size
+  kept = 3 * width / tensor + width  # q, k, v, output projection
+  rows, hidden = _ffn_rows(cfg, tokens)
+  if cfg.ffn == "moe":
+    kept += b * tokens * cfg.moe.num_experts * 4  # router logits
+    if cfg.moe.dispatch == "dropless" and dispatch.resolve_dropless_impl(cfg.moe.dropless_impl) == "ragged":
+      rows = 0
+  ups = 2 if cfg.moe.activation == "swiglu" else 1
+  kept += b * rows * (ups * hidden / tensor + cfg.d_model) * size
+  if batched:
+    if attention_ops.resolve_attention_impl(cfg.attention_impl, length=tokens) in attention_ops.BLOCKWISE:
+      kept += b * tokens * cfg.d_model * 4 / tensor
+    else:
+      maps = 1 if cfg.attention == "standard" else 2
+      kept += (maps * b * cfg.num_heads * tokens * tokens * 4 + width) / tensor
+  return kept
 
 
 def human(x: float) -> str:
