@@ -369,7 +369,7 @@ def _kept_by_remat(cfg: ml_collections.ConfigDict, b: int, tokens: int, tensor: 
   outputs of the layer's matmuls (`_matmul_outputs`). "full" keeps nothing; "none" is counted as "full"."""
   if cfg.remat_policy in ("full", "none"):
     return 0.0
-  width = b * tokens * cfg.d_model * jnp.dtype(cfg.dtype).itemsize
+  width = b * tokens * cfg.d_model * _kept_itemsize(cfg)
   maps = 1 if cfg.attention == "standard" else 2
   flash = attention_ops.resolve_attention_impl(cfg.attention_impl, length=tokens) in attention_ops.BLOCKWISE
   sizes = {"query_proj": width / tensor, "key_proj": width / tensor, "value_proj": width / tensor,
@@ -381,6 +381,12 @@ def _kept_by_remat(cfg: ml_collections.ConfigDict, b: int, tokens: int, tensor: 
   return named + _matmul_outputs(cfg, b, tokens, tensor, batched=cfg.remat_policy == "dots")
 
 
+def _kept_itemsize(cfg: ml_collections.ConfigDict) -> int:
+  """Bytes per element of a compute-dtype value kept through remat: XLA:CPU keeps 16-bit ones in float32
+  (twice what the values take on an accelerator, measured on the compiled step)."""
+  return 4 if jax.default_backend() == "cpu" else jnp.dtype(cfg.dtype).itemsize
+
+
 def _matmul_outputs(cfg: ml_collections.ConfigDict, b: int, tokens: int, tensor: int, *, batched: bool) -> float:
   """Bytes of a layer's matmul outputs that a "dots" remat policy keeps (`jax.checkpoint_policies`): the q,
   k, v and output projections, the router's fp32 logits, the FFN's (or each expert's) hidden and output rows;
@@ -388,9 +394,8 @@ def _matmul_outputs(cfg: ml_collections.ConfigDict, b: int, tokens: int, tensor:
   dimensions: on the explicit path each map's fp32 scores and the weighted values, on the blockwise and
   kernel paths the fp32 combination of the maps' outputs (the products inside their loops are not kept).
   Left out: the mixture-of-depths router and predictor, a few values per token; ragged dropless experts
-  (`ragged_dot` is not a matmul to the policy). XLA:CPU computes 16-bit matmuls in float32 and keeps their
-  outputs so; an accelerator keeps them in the compute dtype."""
-  size = 4 if jax.default_backend() == "cpu" else jnp.dtype(cfg.dtype).itemsize
+  (`ragged_dot` is not a matmul to the policy)."""
+  size = _kept_itemsize(cfg)
   width = b * tokens * cfg.d_model * size
   kept = 3 * width / tensor + width  # q, k, v, output projection
   rows, hidden = _ffn_rows(cfg, tokens)

@@ -283,13 +283,16 @@ def test_memory_estimate_agrees_with_the_compiled_train_step():
   assert temp_kept - temp == pytest.approx(kept, rel=0.25)
 
 
-@pytest.mark.parametrize("policy", ["dots_no_batch", "dots"])
-def test_what_a_dots_policy_keeps_is_what_it_adds_to_the_compiled_step(policy):
+@pytest.mark.parametrize("policy, names", [("dots_no_batch", ()), ("dots", ()),
+                                           ("save_names", ("query_proj", "key_proj", "value_proj", "attn_out",
+                                                           "ffn_out"))])
+def test_what_a_remat_policy_keeps_is_what_it_adds_to_the_compiled_step(policy, names):
   """With remat_policy "dots" / "dots_no_batch" each layer keeps its matmuls' outputs (on the blockwise path
-  "dots" also the maps' combination): the compiled step's temporary memory grows by the estimator's count
-  within 15% (in bfloat16: XLA:CPU keeps them in float32). Counted as full remat, they were left out."""
+  "dots" also the maps' combination), with "save_names" the values named: the compiled step's temporary
+  memory grows by the estimator's count within 15%. The dots policies were counted as full remat; the
+  named bfloat16 values as half what XLA:CPU keeps (it keeps them in float32)."""
   full, config = _compiled_temp_bytes(4096)
-  temp, kept_config = _compiled_temp_bytes(4096, remat_policy=policy)
+  temp, kept_config = _compiled_temp_bytes(4096, remat_policy=policy, remat_save_names=names)
   kept = estimate.activation_bytes(kept_config.model, 1, 4096) - estimate.activation_bytes(config.model, 1, 4096)
   assert kept > 0
   assert temp - full == pytest.approx(kept, rel=0.15)
