@@ -268,7 +268,8 @@ def _fraction(text: str) -> float:
 
 
 def _config_file(path: str) -> str:
-  """A config file that loads (as `main --config` checks it); its path."""
+  """A config file that loads (as `main --config` checks it); its path, a leading ~ expanded (as `main`'s)."""
+  path = os.path.expanduser(path)
   _, problem = cli.load_config(path)
   if problem:
     raise argparse.ArgumentTypeError(problem.removeprefix("--config: "))

@@ -47,6 +47,12 @@ def _config_arg(argv: list[str]) -> str | None:
   return None
 
 
+def _expand_config_home(argv: list[str]) -> list[str]:
+  """`argv` with a leading ~ of --config=~/... expanded, as --workdir's is: the shell expands it only at the start
+  of a word (--config ~/...), and the flag parser reads the path as it is."""
+  return [re.sub(r"^(--?config=)(~.*)$", lambda m: m.group(1) + os.path.expanduser(m.group(2)), arg) for arg in argv]
+
+
 def _override_paths(argv: list[str]) -> list[str]:
   return [arg.split("=", 1)[0].split(".", 1)[1] for arg in argv if re.match(r"^--?(no)?config\.", arg)]
 
@@ -247,6 +253,7 @@ def parse_flags(default_config: str | None,
   while it imported ends it, and one dropped in a garbage-collection or weakref callback is sent again."""
   def parse(argv: list[str]) -> list[str]:
     start_command()
+    argv = argv[:1] + _expand_config_home(argv[1:])
     try:  # loading the config file (here and in the flag parser) can take seconds, as a search config's does
       problem = check_command_line(argv[1:], default_config)
       if problem is None:

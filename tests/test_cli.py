@@ -163,6 +163,19 @@ def test_bench_reports_a_bad_config_in_one_line(tmp_path, capsys):
   assert info.value.code == 1 and err.startswith("error: config.model.d_model: 7 must equal") and err.count("\n") == 1
 
 
+def test_a_config_path_under_home_is_read_through_its_tilde(tmp_path, monkeypatch, capsys):
+  # The shell leaves the ~ of --config=~/... as it is; it was "no config file ~/t.py (relative to <cwd>)".
+  shutil.copy(CONFIG_PATH, tmp_path / "t.py")
+  proc = run_cli("diffmoe_jax.estimate", "--config=~/t.py", env={**os.environ, "HOME": str(tmp_path)})
+  assert proc.returncode == 0 and "total parameters" in proc.stdout, proc.stderr[-3000:]
+  (tmp_path / "bad.py").write_text("from diffmoe_jax import config as config_lib\n\ndef get_config():\n"
+                                   f"  c = config_lib.load_file({CONFIG_PATH!r})\n  c.model.d_model = 7\n  return c\n")
+  monkeypatch.setenv("HOME", str(tmp_path))
+  with pytest.raises(SystemExit) as info:
+    bench.main(["train", "--config=~/bad.py"])
+  assert info.value.code == 1 and capsys.readouterr().err.startswith("error: config.model.d_model: 7 must equal")
+
+
 # --- The workdir --------------------------------------------------------------------------------------------
 
 def test_an_empty_workdir_is_refused_not_the_current_directory(tmp_path):
