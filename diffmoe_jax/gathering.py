@@ -162,7 +162,8 @@ def _hello(conn: socket.socket) -> tuple[int, int, str] | None:
 
 
 def _read_line(conn: socket.socket, timeout_s: float) -> str:
-  """One line from `conn` within `timeout_s` ("" on timeout, a closed connection or an undecodable line)."""
+  """One line from `conn` within `timeout_s`, bytes that are not UTF-8 replaced ("" on timeout, a closed connection
+  or 64 KiB without a line end)."""
   deadline = time.monotonic() + timeout_s
   data = b""
   try:
