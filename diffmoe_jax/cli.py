@@ -198,8 +198,8 @@ def _bad_value(problem: str, argv: list[str], default_config: str | None) -> str
   field = flag.removeprefix("--config.")
   if field == flag:
     return f"{flag}={value}: {value!r} is {what}; pass {takes}."
-  path = (_config_arg(argv) or default_config or "").partition(":")[0]
-  config, _ = load_config(path)
+  path, _, arg = (_config_arg(argv) or default_config or "").partition(":")
+  config, _ = load_config(path, arg or None)  # FILE:ARG: get_config(ARG), as the flag parser loads it
   try:
     current = f" ({path} has {config[field]!r})" if config is not None else ""
   except (KeyError, AttributeError):

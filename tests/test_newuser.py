@@ -54,6 +54,16 @@ def test_a_flag_value_of_the_wrong_type_names_what_the_flag_takes():
                    "error: --step=last: 'last' is not an integer; pass a whole number.")
 
 
+def test_a_flag_value_of_the_wrong_type_names_the_value_of_the_config_file_given_an_argument(tmp_path):
+  # --config=FILE:ARG: the value its get_config(ARG) sets (it named get_config()'s).
+  sized = tmp_path / "sized.py"
+  sized.write_text("from diffmoe_jax import config as config_lib\n\ndef get_config(size=None):\n"
+                   f"  c = config_lib.load_file({os.path.join(ROOT, 'configs', 'tiny.py')!r})\n"
+                   "  c.optimizer.peak_lr = 1e-4 if size == 'big' else 3e-3\n  return c\n")
+  assert_one_error(run_cli("diffmoe_jax.estimate", f"--config={sized}:big", "--config.optimizer.peak_lr=fast"),
+                   f"optimizer.peak_lr takes a number such as 0.5 ({sized} has 0.0001).")
+
+
 def test_evaluate_names_the_runs_of_a_directory_of_runs_and_a_missing_workdir(tmp_path, monkeypatch):
   for run in ("ablation/full/seed0", "ablation/no_mod/seed0", "tiny"):
     os.makedirs(tmp_path / "runs" / run / "checkpoints")
