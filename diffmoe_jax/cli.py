@@ -84,6 +84,12 @@ def load_config(path: str, arg: str | None = None):
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # holds configs/ in a checkout
 
 
+def relative_to_cwd(path: str) -> str:
+  """What a message naming a `path` that is not there adds: the current directory a relative one (as it is opened)
+  starts from, nothing for an absolute one."""
+  return "" if os.path.isabs(path) else f" (relative to {os.getcwd()})"
+
+
 def _missing_config(path: str) -> str:
   """Why `path` is no config file, and the file meant: a directory's config files, the checkout's file of that
   relative path when run from another directory, or the closest name beside it."""
@@ -91,7 +97,7 @@ def _missing_config(path: str) -> str:
     names = sorted(n for n in os.listdir(path) if n.endswith(".py") and not n.startswith("_"))
     listed = f"; its config files: {', '.join(os.path.join(path, n) for n in names[:8])}" if names else ""
     return f"{path} is a directory, not a config file{listed}."
-  where = "" if os.path.isabs(path) else f" (relative to {os.getcwd()})"
+  where = relative_to_cwd(path)
   in_checkout = os.path.join(REPO_ROOT, path)
   if not os.path.isabs(path) and os.path.isfile(in_checkout):
     return (f"there is no config file {path}{where}; pass --config={in_checkout}, or run from {REPO_ROOT}, as "

@@ -84,7 +84,7 @@ def _no_checkpoints(workdir: str, path: str, train_hint: str) -> str:
   """Why the workdir `workdir` (absolute: `path`) has no checkpoints directory: it does not exist, or it holds
   runs (an ablation's or a search's workdir, or a directory of runs) whose own directories to pass are named."""
   if not os.path.isdir(path):
-    where = "" if os.path.isabs(os.path.expanduser(workdir)) else f" (relative to {os.getcwd()})"
+    where = cli.relative_to_cwd(os.path.expanduser(workdir))
     if os.path.exists(path):
       return f"{workdir}{where} is a file, not a directory; pass the training run's --workdir."
     return f"there is no directory {workdir}{where}; pass the training run's --workdir."
@@ -211,8 +211,7 @@ def read_text_files(paths: list[str], tokenizer) -> dict[str, tuple]:
     if os.path.exists(path) and not os.path.isfile(path):
       raise DataError(f"{path} is not a regular file (a device or a pipe); name a text file.")
     if not os.path.isfile(path):
-      raise DataError(f"there is no text file {path}" + ("" if os.path.isabs(path) else f" (relative to {os.getcwd()})")
-                      + ".")
+      raise DataError(f"there is no text file {path}{cli.relative_to_cwd(path)}.")
     text = read_utf8(path, field="a file to evaluate", omit="leave it off the command line")
     check_no_separator(tokenizer, text, path, field="a file to evaluate")
     tokens = np.asarray(tokenizer.encode(text), np.int32)
