@@ -168,7 +168,10 @@ def _check_address(address: str, bind: bool, source: str = "--coordinator_addres
                                f"process 0's ({e.strerror or e}); choose a free port.") from None
 
 
-def check_same_run(config, workdir: str, wait_s: float = 10.0) -> None:
+_MARKER_WAIT_S = 10.0  # how long the other processes look for process 0's marker: a shared filesystem may show it late
+
+
+def check_same_run(config, workdir: str) -> None:
   """Every process of a multi-process run has process 0's config and sees its workdir; DistributedError on every
   process otherwise. Without this, processes on different configs fail in a collective (a C++ abort) or train
   apart unnoticed, and a workdir that is not shared hangs the first checkpoint."""
@@ -186,7 +189,7 @@ def check_same_run(config, workdir: str, wait_s: float = 10.0) -> None:
         os.remove(path)
     keep_marker = clean_up_on_leaving(remove_marker)  # if another process stops the run before the check ends
   marker = marker_of(multihost_utils.broadcast_one_to_all(token))  # process 0's file, named by its token
-  deadline = time.time() + wait_s  # a shared filesystem may show another host's file late
+  deadline = time.time() + _MARKER_WAIT_S
   while not (seen := os.path.exists(marker)) and time.time() < deadline:
     time.sleep(0.5)
   values = dict(config.to_dict())
