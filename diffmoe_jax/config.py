@@ -99,7 +99,9 @@ def defaults() -> ml_collections.ConfigDict:
   m.attention_gpu_launch = ml_collections.ConfigDict({kernel: "" for kernel in GPU_KERNELS})
   m.scan_layers = True
   m.remat_policy = "full"
-  m.remat_save_names = ()  # with remat_policy="save_names": checkpoint names kept, e.g. ("attn_out",)
+  # With remat_policy "save_names": the checkpoint names kept, e.g. ("attn_out",); with "dots" or "dots_no_batch":
+  # those kept besides the matmuls' outputs, e.g. ("flash_residuals",).
+  m.remat_save_names = ()
   # The train step casts the matmul weights to `dtype` once, ahead of the layers, instead of in each (which remat
   # repeats in the backward): faster, for a compute-dtype copy of them and its gradient (README "Training").
   m.cast_weights_once = True
