@@ -275,7 +275,7 @@ def _has_type(value, expected: type) -> bool:
   """`value` fits a field whose default is of type `expected`: a float field also takes an int, and a bool
   is no integer."""
   if expected is float:
-    return _is_number(value)
+    return is_number(value)
   if expected is int:
     return isinstance(value, int) and not isinstance(value, bool)
   return isinstance(value, expected)
@@ -335,7 +335,8 @@ def _check_types(config: ml_collections.ConfigDict) -> None:
   _check_types_of(values, reference, "")
 
 
-def _is_number(value) -> bool:
+def is_number(value) -> bool:
+  """An int or a float, not a bool (True is an int to Python, but no number a field takes)."""
   return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
@@ -346,12 +347,12 @@ def _check_capacity(value, field: str) -> None:
 
 def _validate_training(config: ml_collections.ConfigDict) -> None:
   o, cur, m = config.optimizer, config.curriculum, config.model
-  require(_is_number(o.peak_lr) and o.peak_lr > 0, "optimizer.peak_lr", f"must be > 0, got {o.peak_lr!r}.")
+  require(is_number(o.peak_lr) and o.peak_lr > 0, "optimizer.peak_lr", f"must be > 0, got {o.peak_lr!r}.")
   for field in ("b1", "b2"):
-    require(_is_number(o[field]) and 0.0 <= o[field] < 1.0, f"optimizer.{field}",
+    require(is_number(o[field]) and 0.0 <= o[field] < 1.0, f"optimizer.{field}",
             f"Adam's decay rate must lie in [0, 1), got {o[field]!r}.")
-  require(_is_number(o.eps) and o.eps > 0, "optimizer.eps", f"must be > 0, got {o.eps!r}.")
-  require(_is_number(o.weight_decay) and o.weight_decay >= 0, "optimizer.weight_decay",
+  require(is_number(o.eps) and o.eps > 0, "optimizer.eps", f"must be > 0, got {o.eps!r}.")
+  require(is_number(o.weight_decay) and o.weight_decay >= 0, "optimizer.weight_decay",
           f"must be >= 0, got {o.weight_decay!r}.")
   # The optimizer updates the parameters in their own dtype: in 16 bits, an update below half a step of
   # the weight (lr x weight decay always, most updates at small lr) would round away.
@@ -360,10 +361,10 @@ def _validate_training(config: ml_collections.ConfigDict) -> None:
           "AdamW updates; set it to 'float32' (model.dtype sets the compute dtype, e.g. 'bfloat16').")
   require(isinstance(config.seed, int) and not isinstance(config.seed, bool) and 0 <= config.seed <= MAX_SEED,
           "seed", f"must be an integer from 0 to 2**32 - 1 (the random keys hold 32 bits), got {config.seed!r}.")
-  require(_is_number(config.train.memory_headroom) and 0.0 < config.train.memory_headroom <= 1.0,
+  require(is_number(config.train.memory_headroom) and 0.0 < config.train.memory_headroom <= 1.0,
           "train.memory_headroom", f"the fraction of memory a run may plan to use must lie in (0, 1], got "
           f"{config.train.memory_headroom!r}.")
-  require(_is_number(config.train.peak_flops_per_device) and config.train.peak_flops_per_device >= 0,
+  require(is_number(config.train.peak_flops_per_device) and config.train.peak_flops_per_device >= 0,
           "train.peak_flops_per_device", f"must be >= 0 (0: the device's known peak), got "
           f"{config.train.peak_flops_per_device!r}.")
   require(config.train.run_steps >= 0, "train.run_steps", f"must be >= 0, got {config.train.run_steps}.")
@@ -374,7 +375,7 @@ def _validate_training(config: ml_collections.ConfigDict) -> None:
     require(config.train[field] >= 1, f"train.{field}", f"must be >= 1, got {config.train[field]}.")
   t = config.train
   for field in ("loss_scale_min", "loss_scale_init"):  # the scale is a float32
-    require(_is_number(t[field]) and 2.0**-126 <= t[field] <= 2.0**127, f"train.{field}",
+    require(is_number(t[field]) and 2.0**-126 <= t[field] <= 2.0**127, f"train.{field}",
             f"the float16 loss scale must lie in float32's normal range [2**-126, 2**127], got {t[field]!r}.")
   require(t.loss_scale_init >= t.loss_scale_min, "train.loss_scale_init",
           f"{t.loss_scale_init!r} is below train.loss_scale_min ({t.loss_scale_min!r}), the loss scale's floor; "
@@ -411,7 +412,7 @@ def _validate_training(config: ml_collections.ConfigDict) -> None:
     require(name not in cur.order[:i], "curriculum.order", f"names {name!r} twice; list each phase once.")
     p = cur[name]
     f = f"curriculum.{name}"
-    require(isinstance(p.steps, int) and p.steps >= 0 and _is_number(p.fraction) and 0 <= p.fraction <= 1, f,
+    require(isinstance(p.steps, int) and p.steps >= 0 and is_number(p.fraction) and 0 <= p.fraction <= 1, f,
             f"steps ({p.steps!r}) must be an integer >= 0 and fraction ({p.fraction!r}) in [0, 1].")
     require(isinstance(p.batch_size, int) and p.batch_size >= 0, f"{f}.batch_size",
             f"must be an integer >= 0 (0: curriculum.tokens_per_batch // seq_len), got {p.batch_size!r}.")
@@ -444,7 +445,7 @@ def _validate_training(config: ml_collections.ConfigDict) -> None:
     for domain in p.domain_weights.keys():
       require(domain in domains, f"{f}.domain_weights.{domain}",
               f"names no domain in data.domains ({sorted(domains)}).")
-      require(_is_number(p.domain_weights[domain]) and p.domain_weights[domain] >= 0,
+      require(is_number(p.domain_weights[domain]) and p.domain_weights[domain] >= 0,
               f"{f}.domain_weights.{domain}", f"must be a number >= 0 (such as 0.3), got "
               f"{p.domain_weights[domain]!r}.")
     total = sum(p.domain_weights.values())

@@ -132,9 +132,9 @@ def validate(config) -> None:
   if p.num_layers < every:
     raise ConfigError(f"config.ncas.proxy.num_layers: {p.num_layers} is below {every}; mixture of depths routes one "
                       f"layer in {every} (model.mod.every), so a proxy needs at least {every} layers.")
-  if not (validation._is_number(p.peak_lr) and math.isfinite(p.peak_lr) and p.peak_lr > 0):
+  if not (validation.is_number(p.peak_lr) and math.isfinite(p.peak_lr) and p.peak_lr > 0):
     raise ConfigError(f"config.ncas.proxy.peak_lr: must be a positive number, got {p.peak_lr!r}.")
-  if not (validation._is_number(p.mod_capacity) and 0 < p.mod_capacity <= 1):
+  if not (validation.is_number(p.mod_capacity) and 0 < p.mod_capacity <= 1):
     raise ConfigError(f"config.ncas.proxy.mod_capacity: {p.mod_capacity!r} must lie in (0, 1]: the fraction of a "
                       "sequence's tokens a routed layer of the proxy processes.")
   if p.tokens_per_batch < p.seq_len:
