@@ -23,6 +23,7 @@ from diffmoe_jax.ops import attention as attention_ops
 from diffmoe_jax.ops import dispatch
 from diffmoe_jax.ops import routing
 
+PAPER_TRAINING_FLOPS = 3.2e22  # the paper's training compute (through the curriculum: its training tokens)
 # The paper's own figures (its table and its per-layer FFN arithmetic), keyed by config.name. The paper
 # does not say whether "active" counts the embedding and output head; its PI-S figure matches the count
 # without them (3.84B computed vs ~3.8B), so claims are compared with that count.
@@ -30,11 +31,10 @@ PAPER_CLAIMS = {
     # "Total training compute is approximately 3.2 × 10²² FLOPs" (the flagship): configs/pi.py's steps
     # are set so that its curriculum costs that.
     "pi": {"total_params": 54e9, "active_params_non_embedding": 9.2e9, "expert_params_per_layer": 1.28e9,
-           "curriculum_train_flops": 3.2e22},
+           "curriculum_train_flops": PAPER_TRAINING_FLOPS},
     "pi_s": {"total_params": 18e9, "active_params_non_embedding": 3.8e9},
     "pi_p": {"total_params": 5e9, "active_params_non_embedding": 1.4e9},
 }
-PAPER_TRAINING_FLOPS = 3.2e22  # the paper's training compute (through the curriculum: its training tokens)
 CLAIM_TOLERANCE = 0.10  # a computed figure more than 10% off the paper's is flagged
 
 
@@ -439,6 +439,11 @@ def ffn_description(cfg: ml_collections.ConfigDict) -> str:
   return f"{ffn} ({cfg.moe.activation})"
 
 
+def mod_description(cfg: ml_collections.ConfigDict) -> str:
+  """The model's mixture-of-depths in a few words: which layers it routes, at what capacity, or "off"."""
+  return f"every {cfg.mod.every} at {cfg.mod.capacity}" if cfg.mod.enabled else "off"
+
+
 def report(config: ml_collections.ConfigDict, result: dict | None = None) -> str:
   """The table `main` prints: computed figures, the paper's beside them, disagreements flagged."""
   result = result or estimate(config)
@@ -447,7 +452,7 @@ def report(config: ml_collections.ConfigDict, result: dict | None = None) -> str
   lines = [f"config {config.name or '(unnamed)'}: d_model {cfg.d_model}, {cfg.num_layers} layers, "
            f"{cfg.num_heads} heads x {cfg.head_dim}, {ffn_description(cfg)}, vocab {cfg.vocab_size}, "
            f"context {cfg.max_seq_len}, "
-           f"MoD {'every ' + str(cfg.mod.every) + ' at ' + str(cfg.mod.capacity) if cfg.mod.enabled else 'off'}",
+           f"MoD {mod_description(cfg)}",
            f"{'quantity':<40}{'computed':>16}{'paper':>12}  flag"]
   rows = [
       ("total_params", "total parameters", human),

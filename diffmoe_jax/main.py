@@ -46,11 +46,11 @@ def summary(config, workdir: str, result: dict, mesh_shape: dict, need: dict, cu
       f"  model   {estimate.human(result['total_params'])} parameters, {estimate.human(result['active_params'])}"
       f" active per token with MoD; d_model {cfg.d_model}, {cfg.num_layers} layers, {cfg.num_heads} "
       f"{cfg.attention} heads x {cfg.head_dim}, {estimate.ffn_description(cfg)}, "
-      f"MoD {'every ' + str(cfg.mod.every) + ' at ' + str(cfg.mod.capacity) if cfg.mod.enabled else 'off'}",
+      f"MoD {estimate.mod_description(cfg)}",
       f"  compute {cfg.dtype} (weights {cfg.param_dtype}), {estimate.human(result['train_flops_per_token'])} "
       f"training FLOPs per token at context {cfg.max_seq_len}",
       f"  mesh    {mesh_shape} over {jax.device_count()} {jax.default_backend()} device(s), "
-      f"{jax.process_count()} process(es); ~{need['total'] / 2**30:.2f} GiB per device",
+      f"{jax.process_count()} process(es); ~{estimate.human_bytes(need['total'])} per device",
       f"  data    {dict(config.data.domains)}, tokenizer {config.data.tokenizer}",
       f"  curriculum {curriculum.total_steps} steps:",
       curriculum.describe(),
