@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from diffmoe_jax import config as config_lib, validation
+from diffmoe_jax import cli, config as config_lib, validation
 from diffmoe_jax.nn import model as model_lib
 from diffmoe_jax.nn.moe import dense_ffn_dim
 from diffmoe_jax.ops import attention as attention_ops
@@ -182,7 +183,6 @@ def estimate(config: ml_collections.ConfigDict) -> dict:
       "train_state_bytes": 12 * counts.total,  # fp32 master weights + Adam m and v
       "kv_cache_bytes_bf16": kv_bytes(2),
       "kv_cache_bytes_fp32": kv_bytes(4),
-      "counts": counts,
   }
   flops, tokens = curriculum_training_flops(config, counts)
   result["curriculum_tokens"], result["curriculum_train_flops"] = tokens, flops
@@ -201,8 +201,8 @@ def abstract_state(config: ml_collections.ConfigDict):
   return jax.eval_shape(init, jax.random.PRNGKey(0))
 
 
-def state_bytes_per_device(config: ml_collections.ConfigDict, mesh_shape: dict[str, int], boxed=None) -> int:
-  """One device's share of the train state (weights, Adam m and v, counters), in bytes.
+def state_bytes_per_device(config: ml_collections.ConfigDict, mesh_shape: dict[str, int], boxed) -> int:
+  """One device's share of `boxed` (`abstract_state(config)`, or a part of it such as its params), in bytes.
 
   Each array's shard is read off the sharding the trainer gives it: its logical axes mapped to mesh axes
   by `mesh.axis_rules`, each dimension split by the sizes of its mesh axes. So only what really shards
@@ -210,7 +210,6 @@ def state_bytes_per_device(config: ml_collections.ConfigDict, mesh_shape: dict[s
   a dimension is a ConfigError naming it.
   """
   from diffmoe_jax import parallel
-  boxed = abstract_state(config) if boxed is None else boxed
   shards = parallel.shard_shapes(boxed, mesh_shape, parallel.axis_rules(config.mesh))
   return sum(math.prod(shape) * dtype.itemsize for _, shape, dtype in shards)
 
@@ -445,7 +444,8 @@ def mod_description(cfg: ml_collections.ConfigDict) -> str:
 
 
 def report(config: ml_collections.ConfigDict, result: dict | None = None) -> str:
-  """The table `main` prints: computed figures, the paper's beside them, disagreements flagged."""
+  """The table `python -m diffmoe_jax.estimate` prints: computed figures, the paper's beside them, disagreements
+  flagged."""
   result = result or estimate(config)
   cfg = config.model
   claims = PAPER_CLAIMS.get(config.name, {})
@@ -503,8 +503,6 @@ def report(config: ml_collections.ConfigDict, result: dict | None = None) -> str
 
 
 def _main(argv) -> None:
-  import sys
-  from diffmoe_jax import cli
   cli.refuse_arguments(argv, "pass --config=<file> and --config.<field>=<value> only")
   cli.quiet_library_output()
   try:
@@ -517,7 +515,6 @@ def _main(argv) -> None:
 
 if __name__ == "__main__":
   from absl import app, flags
-  from diffmoe_jax import cli
   # Defined here, not at import, so that importing this module never claims the --config flag.
   _CONFIG = cli.define_config_flag(None, "Path to a config file, e.g. configs/pi.py.")
   flags.mark_flags_as_required(["config"])
