@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import fnmatch
 import logging
 import os
 import re
@@ -144,7 +143,7 @@ def _unknown_field(config, path: str) -> str | None:
     if "[" in part or not hasattr(node, "keys"):
       return None  # indexing and non-dict values are left to the flag parser
     if part not in node:
-      if any(fnmatch.fnmatchcase(parent, d) for d in config_lib.OPEN_DICTS) and i == len(parts) - 1:
+      if config_lib.is_open_dict(parent) and i == len(parts) - 1:
         return None
       siblings = sorted(node.keys())
       section = i < len(parts) - 1

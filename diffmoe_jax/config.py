@@ -49,6 +49,11 @@ class ConfigError(ValueError):
   """A config field holds a value the code cannot run with; the message names the field and the fix."""
 
 
+def is_open_dict(path: str) -> bool:
+  """Whether the dotted `path` names one of OPEN_DICTS, whose keys are the user's."""
+  return any(fnmatch.fnmatchcase(path, d) for d in OPEN_DICTS)
+
+
 def load_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
   """`get_config()` (or `get_config(arg)`) of the config file at `path`."""
   spec = importlib.util.spec_from_file_location("diffmoe_config_file", path)
@@ -226,7 +231,7 @@ def without_obsolete(saved: dict) -> tuple[dict, list[str]]:
           dropped.append(path)
           continue
       elif (isinstance(value, dict) and isinstance(default[key], dict)
-            and not any(fnmatch.fnmatchcase(path, d) for d in OPEN_DICTS)):
+            and not is_open_dict(path)):
         value = prune(default[key], value, path + ".")
       out[key] = value
     return out
@@ -254,7 +259,7 @@ def with_defaults(saved: dict) -> tuple[ml_collections.ConfigDict, list[str]]:
         added.append(path)
         out[key] = value
       elif (isinstance(value, dict) and isinstance(values[key], dict)
-            and not any(fnmatch.fnmatchcase(path, d) for d in OPEN_DICTS)):  # the user's keys stay as saved
+            and not is_open_dict(path)):  # the user's keys stay as saved
         out[key] = merge(value, values[key], path + ".")
     return out
 

@@ -5,7 +5,6 @@ field and the fix, before anything is traced (`validate_model` checks a model se
 from __future__ import annotations
 
 import difflib
-import fnmatch
 import math
 
 import ml_collections
@@ -13,8 +12,9 @@ import ml_collections
 from diffmoe_jax import parallel
 from diffmoe_jax.config import (ACTIVATIONS, ATTENTION_IMPLS, ATTENTIONS, CHECKPOINT_NAMES, DISPATCH_MODES,
                                 DROPLESS_IMPLS, DTYPES, EXPERT_PARALLEL, FFNS, GPU_BACKWARDS, GPU_FORWARDS,
-                                LOGICAL_AXES, LR_SHAPES, MAX_SEED, MESH_AXES, OPEN_DICTS, REMAT_POLICIES, ROUTE_FROM,
-                                ConfigError, defaults, gpu_launches, phase_defaults, require, without_obsolete)
+                                LOGICAL_AXES, LR_SHAPES, MAX_SEED, MESH_AXES, REMAT_POLICIES, ROUTE_FROM,
+                                ConfigError, defaults, gpu_launches, is_open_dict, phase_defaults, require,
+                                without_obsolete)
 
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -286,7 +286,7 @@ def _check_types_of(values: dict, reference: dict, prefix: str) -> None:
   user's."""
   for key, default in reference.items():
     path = prefix + key
-    if key not in values or any(fnmatch.fnmatchcase(path, d) for d in OPEN_DICTS):
+    if key not in values or is_open_dict(path):
       continue
     value = values[key]
     if isinstance(default, dict) and isinstance(value, dict):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import fnmatch
 import json
 import math
 import os
@@ -78,7 +77,7 @@ def missing_field(config, reference: dict, prefix: str = "") -> str | None:
   user's (a config may list other data domains)."""
   for key, default in reference.items():
     path = prefix + key
-    if any(fnmatch.fnmatchcase(path, d) for d in config_lib.OPEN_DICTS):
+    if config_lib.is_open_dict(path):
       continue
     if not hasattr(config, "keys") or key not in config:
       return path
@@ -99,7 +98,7 @@ def unknown_field(config, reference: dict, prefix: str = "") -> tuple[str, list[
       if prefix:
         return path, list(reference)
     elif (isinstance(reference[key], dict) and hasattr(config[key], "keys")
-          and not any(fnmatch.fnmatchcase(path, d) for d in config_lib.OPEN_DICTS)):
+          and not config_lib.is_open_dict(path)):
       unknown = unknown_field(config[key], reference[key], path + ".")
       if unknown:
         return unknown
