@@ -39,6 +39,7 @@ from diffmoe_jax import cli, gathering
 from diffmoe_jax.gathering import DistributedError
 
 _MODES = ("auto", "on", "off")
+_DEFAULT_TIMEOUT_S, _DEFAULT_INIT_TIMEOUT_S = 100, 300  # the flags' defaults, and `initialize`'s
 _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "auto", _MODES,
     "Join a multi-process run: 'auto' when a launcher, --coordinator_address (or JAX_COORDINATOR_ADDRESS) or "
@@ -49,11 +50,11 @@ _COORDINATOR = flags.DEFINE_string(
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "How many processes the run has.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0 .. num_processes-1.")
 _TIMEOUT = flags.DEFINE_integer(
-    "distributed_timeout_s", 100,
+    "distributed_timeout_s", _DEFAULT_TIMEOUT_S,
     "Seconds without a heartbeat after which a process counts as dead and the others exit (and how long a "
     "finishing process waits for the rest).")
 _INIT_TIMEOUT = flags.DEFINE_integer(
-    "distributed_init_timeout_s", 300, "Seconds to wait at start for every process to join.")
+    "distributed_init_timeout_s", _DEFAULT_INIT_TIMEOUT_S, "Seconds to wait at start for every process to join.")
 
 # Words in a runtime error that mean a collective or the coordination service lost a peer.
 _PEER_FAILURE_MARKERS = ("gloo", "nccl", "connection reset", "connection closed", "connection refused",
@@ -78,7 +79,8 @@ def launcher_process_count(environ=os.environ) -> int:
 
 
 def initialize(mode: str = "auto", coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, timeout_s: int = 100, init_timeout_s: int = 300,
+               process_id: int | None = None, timeout_s: int = _DEFAULT_TIMEOUT_S,
+               init_timeout_s: int = _DEFAULT_INIT_TIMEOUT_S,
                environ=os.environ) -> bool:
   """Joins the run when `mode` and the environment ask for it; returns whether it did.
 
