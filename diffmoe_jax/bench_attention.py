@@ -167,7 +167,7 @@ def _longest_train_context(args, config) -> None:
   at growing lengths: compiled memory (`bench.compiled_bytes`: the state once; the temporaries beside the
   estimator's gradients + activations) and one timed step while it fits in --memory-gib. Compiling allocates
   nothing, so any config compiles here (PI-P at its 8,192-token context included)."""
-  from diffmoe_jax import estimate
+  from diffmoe_jax import memory
   from diffmoe_jax.nn import model as model_lib
   from diffmoe_jax.ops import attention as attention_ops
   from diffmoe_jax.train import state as state_lib, step as step_lib
@@ -195,8 +195,8 @@ def _longest_train_context(args, config) -> None:
     compiled = step.lower(abstract, batch, dyn).compile()
     compile_s = time.perf_counter() - start
     mem, total = compiled.memory_analysis(), compiled_bytes(compiled)
-    activations = estimate.activation_bytes(cfg.model, 1, t)
-    estimated = estimate.step_temporaries(cfg, {}, activations) + activations
+    activations = memory.activation_bytes(cfg.model, 1, t)
+    estimated = memory.step_temporaries(cfg, {}, activations) + activations
     attention = attention_ops.resolve_attention_impl(cfg.model.attention_impl, length=t)
     line = (f"T={t:>6}  {attention:<9}  compiled memory {_gib(total)} GiB (temp {_gib(mem.temp_size_in_bytes)}; "
             f"estimated {_gib(estimated)}, {estimated / mem.temp_size_in_bytes:.2f}x)  compile {compile_s:6.1f} s")

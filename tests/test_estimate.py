@@ -8,7 +8,7 @@ import jax
 import ml_collections
 import pytest
 
-from diffmoe_jax import estimate, parallel
+from diffmoe_jax import estimate, memory, parallel
 from diffmoe_jax.config import ConfigError
 from diffmoe_jax.nn import model as model_lib
 from diffmoe_jax.train import state as state_lib
@@ -186,7 +186,7 @@ def test_state_memory_is_the_sum_of_the_trainers_shards(make_config, mesh):
                                           parallel.axis_rules(config.mesh), seed=0, seq_len=8)
   on_device = sum(math.prod(leaf.sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
                   for leaf in jax.tree.leaves(abstract))
-  need = estimate.training_memory_per_device(config, parallel.mesh_shape(config.mesh, 8))
+  need = memory.training_memory_per_device(config, parallel.mesh_shape(config.mesh, 8))
   assert need["state"] == on_device
 
 
@@ -194,7 +194,7 @@ def test_state_memory_is_the_sum_of_the_trainers_shards(make_config, mesh):
 def test_step_temporaries_agree_with_the_compiled_step_when_weights_dominate(make_config, mesh):
   """Wide weights, one short sequence per device (8 simulated ones): what the step holds beyond its state is
   the larger of the backward's peak (the gradient, one layer group's weights, gathered over fsdp with their
-  whole gradient, the activations) and the update's (`estimate.UPDATE_WEIGHTS` times the weights' shard),
+  whole gradient, the activations) and the update's (`memory.UPDATE_WEIGHTS` times the weights' shard),
   within 15%. Counted as twice the weights' shard, it was 0.68x of it data-parallel, 0.28x over fsdp and
   0.47x over fsdp x tensor; as three times, 1.23x over expert x tensor once a skipped update was decided
   before it (XLA then writes part of the new values in place)."""
@@ -215,13 +215,13 @@ def test_step_temporaries_agree_with_the_compiled_step_when_weights_dominate(mak
     compiled = jax.jit(step, in_shardings=(shardings, {k: tokens for k in batch}, scalar),
                        out_shardings=(shardings, scalar), donate_argnums=0).lower(abstract, batch, dyn).compile()
   shape = parallel.mesh_shape(config.mesh, 8)
-  activations = estimate.activation_bytes(config.model, 1, 16, tensor=parallel.logical_axis_size(shape, rules, "heads"))
-  held = estimate.step_temporaries(config, shape, activations) + activations
+  activations = memory.activation_bytes(config.model, 1, 16, tensor=parallel.logical_axis_size(shape, rules, "heads"))
+  held = memory.step_temporaries(config, shape, activations) + activations
   assert held == pytest.approx(compiled.memory_analysis().temp_size_in_bytes, rel=0.15)
   config.model.cast_weights_once = False  # the layers cast their own weights: no copies to hold
-  cast = estimate.CAST_COPIES * sum(math.prod(s) * 2 for p, s, _ in parallel.shard_shapes(
-      estimate.abstract_state(config).params, shape, rules) if p.rpartition("/")[2] in model_lib.COMPUTE_DTYPE_WEIGHTS)
-  assert estimate.step_temporaries(config, shape, activations) + activations == pytest.approx(held - cast)
+  cast = memory.CAST_COPIES * sum(math.prod(s) * 2 for p, s, _ in parallel.shard_shapes(
+      memory.abstract_state(config).params, shape, rules) if p.rpartition("/")[2] in model_lib.COMPUTE_DTYPE_WEIGHTS)
+  assert memory.step_temporaries(config, shape, activations) + activations == pytest.approx(held - cast)
 
 
 def _compiled_step_temp_bytes(config: ml_collections.ConfigDict, batch: int, t: int, *, mod_mode: str = "topk",
@@ -263,8 +263,8 @@ def test_standard_attention_is_counted_with_its_one_map():
   (they were 1.30x)."""
   config = _small_pi_p(attention="standard", expert_conditional_lambda=False, attention_impl="explicit")
   temp = _compiled_step_temp_bytes(config, 2, 512)
-  activations = estimate.activation_bytes(config.model, 2, 512)
-  assert activations == pytest.approx(temp - estimate.step_temporaries(config, {}, activations), rel=0.25)
+  activations = memory.activation_bytes(config.model, 2, 512)
+  assert activations == pytest.approx(temp - memory.step_temporaries(config, {}, activations), rel=0.25)
 
 
 def test_memory_estimate_agrees_with_the_compiled_train_step():
@@ -273,12 +273,12 @@ def test_memory_estimate_agrees_with_the_compiled_train_step():
   what keeping the flash residuals adds is what the estimator adds, within 25%."""
   temp_1k, _ = _compiled_temp_bytes(1024)
   temp, config = _compiled_temp_bytes(4096)
-  activations = estimate.activation_bytes(config.model, 1, 4096)
-  assert estimate.step_temporaries(config, {}, activations) + activations == pytest.approx(temp, rel=0.25)
+  activations = memory.activation_bytes(config.model, 1, 4096)
+  assert memory.step_temporaries(config, {}, activations) + activations == pytest.approx(temp, rel=0.25)
   assert temp / temp_1k < 4.5  # four times the tokens: linear, not the explicit maps' 16x
 
   temp_kept, kept_config = _compiled_temp_bytes(4096, remat_policy="save_names", remat_save_names=("flash_residuals",))
-  kept = estimate.activation_bytes(kept_config.model, 1, 4096) - activations
+  kept = memory.activation_bytes(kept_config.model, 1, 4096) - activations
   assert kept > 0
   assert temp_kept - temp == pytest.approx(kept, rel=0.25)
 
@@ -293,7 +293,7 @@ def test_what_a_remat_policy_keeps_is_what_it_adds_to_the_compiled_step(policy, 
   named bfloat16 values as half what XLA:CPU keeps (it keeps them in float32)."""
   full, config = _compiled_temp_bytes(4096)
   temp, kept_config = _compiled_temp_bytes(4096, remat_policy=policy, remat_save_names=names)
-  kept = estimate.activation_bytes(kept_config.model, 1, 4096) - estimate.activation_bytes(config.model, 1, 4096)
+  kept = memory.activation_bytes(kept_config.model, 1, 4096) - memory.activation_bytes(config.model, 1, 4096)
   assert kept > 0
   assert temp - full == pytest.approx(kept, rel=0.15)
 
@@ -303,7 +303,7 @@ def test_the_explicit_paths_scores_are_kept_by_the_dots_policy():
   what the compiled step adds, within 15%."""
   configs = {policy: _small_pi_p(attention_impl="explicit", remat_policy=policy) for policy in ("full", "dots")}
   temps = {policy: _compiled_step_temp_bytes(config, 2, 512) for policy, config in configs.items()}
-  activations = {policy: estimate.activation_bytes(config.model, 2, 512) for policy, config in configs.items()}
+  activations = {policy: memory.activation_bytes(config.model, 2, 512) for policy, config in configs.items()}
   kept = activations["dots"] - activations["full"]
   scores = 2 * 2 * configs["dots"].model.num_heads * 512 * 512 * 4  # two maps, two sequences
   assert kept > scores
@@ -318,8 +318,8 @@ def test_memory_estimate_agrees_with_tinys_warmup_step():
   config = load("tiny")
   settings = next(p for p in Curriculum(config).phases if p.name == "warmup")
   temp = _compiled_step_temp_bytes(config, settings.batch_size, settings.seq_len, mod_mode="off", mod_capacity=1.0)
-  activations = estimate.activation_bytes(config.model, settings.batch_size, settings.seq_len, mod_capacity=1.0)
-  gradients = estimate.step_temporaries(config, {}, activations)
+  activations = memory.activation_bytes(config.model, settings.batch_size, settings.seq_len, mod_capacity=1.0)
+  gradients = memory.step_temporaries(config, {}, activations)
   assert activations == pytest.approx(temp - gradients, rel=0.25)
   assert gradients + activations == pytest.approx(temp, rel=0.25)
 
@@ -332,7 +332,7 @@ def test_activation_memory_counts_the_ffn_rows_the_step_computes():
   def with_moe(**moe):
     config = load("tiny")
     config.model.moe.update(moe)
-    return estimate.activation_bytes(config.model, 2, 256)
+    return memory.activation_bytes(config.model, 2, 256)
   assert with_moe(dispatch="dropless", dropless_impl="padded") == with_moe(capacity_factor=2.0)
   assert with_moe(dispatch="dropless", dropless_impl="ragged") == with_moe(capacity_factor=1.0)
   dense = load("tiny")
@@ -342,7 +342,7 @@ def test_activation_memory_counts_the_ffn_rows_the_step_computes():
   for config in (dense, moe):
     config.model.mod.enabled = False
   dispatched = 2 * (2 * 256 * 2) * 288 * 4
-  assert estimate.activation_bytes(dense.model, 2, 256) == estimate.activation_bytes(moe.model, 2, 256) - dispatched
+  assert memory.activation_bytes(dense.model, 2, 256) == memory.activation_bytes(moe.model, 2, 256) - dispatched
 
 
 @pytest.mark.parametrize("layout", ["pallas_gpu", "pallas_tpu"])
@@ -352,5 +352,5 @@ def test_a_forced_kernel_layout_is_counted_as_the_kernel(layout):
     config = load("tiny")
     config.model.update(attention_impl=impl, attention_block_q=32, attention_block_k=32, remat_policy="save_names",
                         remat_save_names=("flash_residuals",))
-    return estimate.activation_bytes(config.model, 2, 256)
+    return memory.activation_bytes(config.model, 2, 256)
   assert activations(layout) == activations("pallas") < activations("explicit")

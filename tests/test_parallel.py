@@ -2,7 +2,7 @@
 import jax
 import pytest
 
-from diffmoe_jax import estimate, parallel
+from diffmoe_jax import memory, parallel
 from diffmoe_jax.config import ConfigError
 from diffmoe_jax.validation import validate
 from diffmoe_jax.nn import model as model_lib
@@ -29,7 +29,7 @@ def test_a_mesh_that_cannot_split_a_dimension_is_named(make_config, model, mesh,
 def assert_refused_before_building(config, message):
   validate(config)
   with pytest.raises(ConfigError, match=message):  # the memory preflight, before anything is built
-    estimate.training_memory_per_device(config, parallel.mesh_shape(config.mesh, 8))
+    memory.training_memory_per_device(config, parallel.mesh_shape(config.mesh, 8))
   net = model_lib.build_model(config.model)
   with pytest.raises(ConfigError, match=message):  # and the trainer's state, before compiling
     state_lib.create_state(net, state_lib.make_optimizer(config.optimizer), parallel.make_mesh(config.mesh),
@@ -126,10 +126,10 @@ def test_the_memory_preflight_splits_the_batch_by_its_rule(make_config):
   config.curriculum.tokens_per_batch = 512  # batches of 64 / 32 sequences: every split is whole
   config.mesh.shape.update(data=2, fsdp=4)
   shape = parallel.mesh_shape(config.mesh, 8)
-  default = estimate.training_memory_per_device(config, shape)["activations"]
+  default = memory.training_memory_per_device(config, shape)["activations"]
   config.mesh.axis_rules = tuple((name, ("data",) if name == "batch" else axes)
                                  for name, axes in config.mesh.axis_rules)
-  assert estimate.training_memory_per_device(config, shape)["activations"] == pytest.approx(4 * default)
+  assert memory.training_memory_per_device(config, shape)["activations"] == pytest.approx(4 * default)
 
 
 
@@ -139,10 +139,10 @@ def test_the_memory_preflight_splits_the_heads_by_their_rule(make_config):
   config.curriculum.tokens_per_batch = 512
   config.mesh.shape.update(data=4, tensor=2)
   shape = parallel.mesh_shape(config.mesh, 8)
-  split = estimate.training_memory_per_device(config, shape)["activations"]
+  split = memory.training_memory_per_device(config, shape)["activations"]
   config.mesh.axis_rules = tuple((name, None if name in ("heads", "mlp", "vocab") else axes)
                                  for name, axes in config.mesh.axis_rules)
-  assert estimate.training_memory_per_device(config, shape)["activations"] > split
+  assert memory.training_memory_per_device(config, shape)["activations"] > split
 
 
 def test_the_head_and_expert_counts_are_checked_against_the_axes_the_rules_split_them_over(make_config):
@@ -154,7 +154,7 @@ def test_the_head_and_expert_counts_are_checked_against_the_axes_the_rules_split
   default_rules = config.mesh.axis_rules
   config.mesh.axis_rules = tuple((name, None if name == "heads" else axes) for name, axes in default_rules)
   validate(config)
-  estimate.training_memory_per_device(config, parallel.mesh_shape(config.mesh, 8))  # every split divides
+  memory.training_memory_per_device(config, parallel.mesh_shape(config.mesh, 8))  # every split divides
   config.mesh.axis_rules = default_rules
   with pytest.raises(ConfigError, match=r"^config\.mesh\.shape\.tensor: 2 does not divide model\.num_heads \(3\); "
                                         r"pick a divisor, or map 'heads' to other mesh axes"):

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from diffmoe_jax import estimate
+from diffmoe_jax import memory
 from diffmoe_jax import main as main_lib
 from diffmoe_jax import parallel
 from diffmoe_jax.train import preflight
@@ -31,10 +31,10 @@ def test_too_large_config_stops_before_allocating(monkeypatch, tmp_path):
   assert parts, str(e.value)
   total, *summands = (float(x.replace(",", "")) for x in parts.groups())
   assert sum(summands) == pytest.approx(total, abs=0.02)
-  assert need == estimate.training_memory_per_device(config, shape)["total"] <= budget
+  assert need == memory.training_memory_per_device(config, shape)["total"] <= budget
   # Half the devices do not fit with the weights sharded over all of them.
   half = {"data": 1, "fsdp": devices // 2, "expert": 1, "tensor": 1}
-  assert estimate.training_memory_per_device(config, half)["total"] > budget
+  assert memory.training_memory_per_device(config, half)["total"] > budget
   # Memory no mesh can provide (24 GB cards): the message names the least any mesh needs and what takes it,
   # the warmup's 4 sequences of 4,096 tokens per device (512 / 128 devices). It advised a smaller
   # curriculum.tokens_per_batch or more accumulation, which leave the warmup's sequences per device as they are.
@@ -48,7 +48,7 @@ def test_too_large_config_stops_before_allocating(monkeypatch, tmp_path):
   shape = {f.split("=")[0].rsplit(".", 1)[1]: int(f.split("=")[1]) for f in flags.split()}
   # Splitting the experts halves the layer group each device gathers whole for its FSDP step.
   assert shape == {"data": 1, "fsdp": 64, "expert": 2, "tensor": 1}
-  assert float(least) == round(estimate.training_memory_per_device(config, shape)["total"] / 2**30, 2)
+  assert float(least) == round(memory.training_memory_per_device(config, shape)["total"] / 2**30, 2)
   assert float(least) * 2**30 > 0.9 * 24 * 10**9
   # The refused run leaves no empty workdir behind (one that existed stays).
   with pytest.raises(preflight.InsufficientMemoryError):
@@ -70,7 +70,7 @@ def test_the_suggested_mesh_is_one_the_run_accepts():
   config.mesh.axis_rules = (("batch", ("data", "expert")),) + tuple(config.mesh.axis_rules[1:])
   shape, need = preflight.fitting_mesh(preflight.mesh_options(config, "gpu"), 8, 0.9 * 80 * 2**30)
   parallel.check_expert_parallel(config, shape, "gpu")
-  assert need == estimate.training_memory_per_device(config, shape)["total"] <= 0.9 * 80 * 2**30
+  assert need == memory.training_memory_per_device(config, shape)["total"] <= 0.9 * 80 * 2**30
   assert shape["data"] * shape["expert"] > 1  # the batch split over the axes its rule names
 
 

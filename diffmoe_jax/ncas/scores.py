@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from diffmoe_jax import config as config_lib, estimate
+from diffmoe_jax import config as config_lib, estimate, memory
 from diffmoe_jax.ncas.complete import Architecture, set_model
 from diffmoe_jax.nn import model as model_lib
 from diffmoe_jax.ops import loss as loss_lib
@@ -63,7 +63,7 @@ def measurement_bytes(arch: Architecture, *, seq_len: int, batch_size: int) -> f
   """The memory `measured_tokens_per_second` needs: the bf16 weights and their gradients, the gradients in
   float32 before their cast (as the compiled program holds them), and the activations."""
   cfg = measured_model(arch, seq_len)
-  return (2 + 2 + 4) * estimate.count_params(cfg).total + estimate.activation_bytes(cfg, batch_size, seq_len)
+  return (2 + 2 + 4) * estimate.count_params(cfg).total + memory.activation_bytes(cfg, batch_size, seq_len)
 
 
 def measured_tokens_per_second(arch: Architecture, *, seq_len: int, batch_size: int, repeats: int = 3) -> float:

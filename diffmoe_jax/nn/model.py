@@ -304,7 +304,7 @@ def cast_weights(params: dict, model_config) -> dict:
   in the backward pass (a fp32 read and a bf16 write of every weight: 1.8 ms of the 27.8 ms an H100 needs at
   least for a step of PI-P's 4-layer stack, `bench gpu_compile --step`). The values are the same either way
   and, each weight having one use, so are the gradients. The embedding table stays: its rows' gradients add
-  up in fp32. The step then holds the copies and their gradients (`estimate.step_temporaries`).
+  up in fp32. The step then holds the copies and their gradients (`memory.step_temporaries`).
   """
   if not model_config.cast_weights_once:
     return params

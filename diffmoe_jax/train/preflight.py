@@ -7,7 +7,7 @@ import math
 import jax
 from absl import logging
 
-from diffmoe_jax import estimate, parallel
+from diffmoe_jax import estimate, memory, parallel
 from diffmoe_jax.config import ConfigError
 from diffmoe_jax.train.curriculum import Curriculum
 
@@ -30,14 +30,14 @@ def available_bytes_per_device() -> float:
 
 
 def check_memory(config, mesh_shape: dict, backend: str, advice: str = "") -> dict:
-  """The estimate of what `config` needs per device on `mesh_shape` (`estimate.training_memory_per_device`);
+  """The estimate of what `config` needs per device on `mesh_shape` (`memory.training_memory_per_device`);
   InsufficientMemoryError if that exceeds train.memory_headroom of a device, with `advice`, or by default a
   mesh that would fit."""
-  if config.model.remat_policy not in estimate.MODELED_REMAT_POLICIES:
+  if config.model.remat_policy not in memory.MODELED_REMAT_POLICIES:
     logging.warning("The memory check counts activations as under model.remat_policy='full'; with %r they are "
                     "larger and not modeled, so this run may still run out of device memory.",
                     config.model.remat_policy)
-  need = estimate.training_memory_per_device(config, mesh_shape)
+  need = memory.training_memory_per_device(config, mesh_shape)
   have = available_bytes_per_device()
   budget = config.train.memory_headroom * have
   if need["total"] <= budget:
@@ -75,7 +75,7 @@ _TENSOR_WAYS = (1, 2, 3, 4, 6, 8, 9, 12, 16)
 
 def mesh_options(config, backend: str) -> list[tuple[dict, dict]]:
   """Every mesh of up to MAX_SUGGESTED_DEVICES devices this run would accept, with its estimate per device
-  (`estimate.training_memory_per_device`).
+  (`memory.training_memory_per_device`).
 
   Experts split over an expert axis that divides model.moe.num_experts, heads and FFN width over tensor,
   and the rest of the batch's split over fsdp (weights sharded too) or data. `config.mesh.axis_rules` must
@@ -87,7 +87,7 @@ def mesh_options(config, backend: str) -> list[tuple[dict, dict]]:
   batch_gcd = math.gcd(*(b // accum for b in batches if b % accum == 0))
   experts = config.model.moe.num_experts if config.model.ffn == "moe" else 1
   rules = parallel.axis_rules(config.mesh)
-  boxed = estimate.abstract_state(config)
+  boxed = memory.abstract_state(config)
   options = []
   for split in (s for s in range(1, batch_gcd + 1) if batch_gcd % s == 0):
     for expert in (e for e in range(1, experts + 1) if experts % e == 0 and split % e == 0):
@@ -98,7 +98,7 @@ def mesh_options(config, backend: str) -> list[tuple[dict, dict]]:
             continue
           try:
             parallel.check_expert_parallel(config, shape, backend)
-            options.append((shape, estimate.training_memory_per_device(config, shape, boxed)))
+            options.append((shape, memory.training_memory_per_device(config, shape, boxed)))
           except ConfigError:  # the mesh does not divide some dimension, or the run would refuse it
             continue
   return options

@@ -1,0 +1,237 @@
+"""What training a config takes on one device: its shard of the train state, the step's temporaries and the
+activations under each remat policy, each held against the compiled train step in tests/test_estimate.py.
+The memory check before training (`train/preflight.py`) sums them per mesh.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from diffmoe_jax.nn import model as model_lib
+from diffmoe_jax.nn.moe import dense_ffn_dim
+from diffmoe_jax.ops import attention as attention_ops
+from diffmoe_jax.ops import dispatch
+from diffmoe_jax.ops import routing
+
+
+def abstract_state(config: ml_collections.ConfigDict):
+  """The train state's arrays as boxed shapes with their logical axes (`jax.eval_shape`: nothing allocated)."""
+  from diffmoe_jax.train import state as state_lib
+  model = model_lib.build_model(config.model)
+  init = state_lib.init_fn(model, state_lib.make_optimizer(config.optimizer), seq_len=config.model.max_seq_len)
+  return jax.eval_shape(init, jax.random.PRNGKey(0))
+
+
+def state_bytes_per_device(config: ml_collections.ConfigDict, mesh_shape: dict[str, int], boxed) -> int:
+  """One device's share of `boxed` (`abstract_state(config)`, or a part of it such as its params), in bytes.
+
+  Each array's shard is read off the sharding the trainer gives it: its logical axes mapped to mesh axes
+  by `mesh.axis_rules`, each dimension split by the sizes of its mesh axes. So only what really shards
+  over an axis is divided by it (on an expert axis, just the expert weights). A mesh that does not divide
+  a dimension is a ConfigError naming it.
+  """
+  from diffmoe_jax import parallel
+  shards = parallel.shard_shapes(boxed, mesh_shape, parallel.axis_rules(config.mesh))
+  return sum(math.prod(shape) * dtype.itemsize for _, shape, dtype in shards)
+
+
+def training_memory_per_device(config: ml_collections.ConfigDict, mesh_shape: dict[str, int],
+                               boxed=None) -> dict:
+  """Bytes one device needs to train: its shard of the state, the gradients and the update's temporaries
+  (`step_temporaries`) and the activations of the largest phase (`activation_bytes`); `largest_phase` is
+  that phase's (name, sequences per device in one micro-batch, sequence length).
+
+  The state is summed from the shardings the trainer builds (`state_bytes_per_device`).
+  `boxed`: `abstract_state(config)`, when the caller sizes several meshes.
+  """
+  from diffmoe_jax import parallel
+  from diffmoe_jax.train.curriculum import Curriculum  # the phases give the largest batch and length
+  boxed = abstract_state(config) if boxed is None else boxed
+  state = state_bytes_per_device(config, mesh_shape, boxed)
+  rules = parallel.axis_rules(config.mesh)
+  batch_split = parallel.logical_axis_size(mesh_shape, rules, "batch")
+  activations, largest = 0.0, None
+  for phase in Curriculum(config).phases:
+    b = max(phase.batch_size // (batch_split * config.optimizer.grad_accum_steps), 1)
+    capacity = max(phase.mod_capacity_start, phase.mod_capacity_end) if phase.mod_enabled else 1.0
+    phase_bytes = activation_bytes(config.model, b, phase.seq_len, mod_capacity=capacity,
+                                   tensor=parallel.logical_axis_size(mesh_shape, rules, "heads"))
+    if phase_bytes > activations:
+      activations, largest = phase_bytes, (phase.name, b, phase.seq_len)
+  gradients = step_temporaries(config, mesh_shape, activations, boxed)
+  return {"state": state, "gradients": gradients, "activations": activations,
+          "total": state + gradients + activations, "largest_phase": largest}
+
+
+# The update's peak in weights' shards: measured on the compiled step where it binds, 2.77 data-parallel, 2.44
+# and 2.43 on data x expert x tensor and expert x tensor meshes (8 simulated devices), 2.41 for PI-P on one
+# device (at 3, as when the new values were all computed before the step knew they were finite: 1.08-1.25x).
+UPDATE_WEIGHTS = 2.75
+# The compute-dtype weight copies and their gradients the step holds, in copies' shards (measured 1.0-1.85).
+CAST_COPIES = 1.5
+
+
+def step_temporaries(config: ml_collections.ConfigDict, mesh_shape: dict[str, int], activations: float,
+                     boxed=None) -> float:
+  """What the compiled train step holds beyond the state and `activations`, in bytes, at the larger of its
+  two peaks. During the backward: the gradient, sharded like the weights, and one layer group's weights
+  whole along "embed", with the activations; where the mesh splits "embed" (FSDP) the group's weights are
+  all-gathered for its use and its gradient is whole until it is reduce-scattered, so that twice (an
+  expert or tensor split stays). After the backward, when the activations are gone: the gradient and the
+  update's new weights and Adam moments, as many of them as XLA does not write into the donated old ones:
+  `UPDATE_WEIGHTS` times the weights' shard. At either peak, the matmul weights' compute-dtype copies
+  (`model.cast_weights`) and their gradients before these are cast back: XLA keeps them for the update too
+  (compiled, 1.0-1.85 times the copies' shard on the meshes of tests/test_estimate.py: `CAST_COPIES`)."""
+  from diffmoe_jax import parallel
+  boxed = abstract_state(config) if boxed is None else boxed
+  weights = state_bytes_per_device(config, mesh_shape, boxed.params)
+  gathered = 2 if parallel.logical_axis_size(mesh_shape, parallel.axis_rules(config.mesh), "embed") > 1 else 1
+  backward = weights + gathered * _group_weight_bytes(config, mesh_shape, boxed.params) + activations
+  cast = CAST_COPIES * _cast_weight_bytes(config, mesh_shape, boxed.params)
+  return max(backward, UPDATE_WEIGHTS * weights) + cast - activations
+
+
+def _cast_weight_bytes(config: ml_collections.ConfigDict, mesh_shape: dict[str, int], params) -> float:
+  """The bytes of one device's shard of `model.cast_weights`'s compute-dtype copies (none when the compute
+  dtype is the weights', or with `model.cast_weights_once` False)."""
+  from diffmoe_jax import parallel
+  if not config.model.cast_weights_once:
+    return 0.0
+  compute = jnp.dtype(config.model.dtype)
+  return sum(math.prod(shape) * compute.itemsize
+             for path, shape, dtype in parallel.shard_shapes(params, mesh_shape, parallel.axis_rules(config.mesh))
+             if path.rpartition("/")[2] in model_lib.COMPUTE_DTYPE_WEIGHTS and jnp.dtype(dtype) != compute)
+
+
+def _group_weight_bytes(config: ml_collections.ConfigDict, mesh_shape: dict[str, int], params) -> float:
+  """The bytes of the largest layer group's weights on one device while it runs: its shard, gathered whole
+  along "embed"."""
+  from diffmoe_jax import parallel
+  rules = tuple((name, None if name == "embed" else axes) for name, axes in parallel.axis_rules(config.mesh))
+  _, groups, _ = model_lib.layer_layout(config.model)
+  sizes = [sum(math.prod(shape) * dtype.itemsize for _, shape, dtype in parallel.shard_shapes(tree, mesh_shape, rules))
+           / (groups if name == "groups" else 1)
+           for name, tree in params.items() if name == "groups" or name.startswith(("group_", "tail_"))]
+  return max(sizes, default=0.0)
+
+
+def activation_bytes(cfg: ml_collections.ConfigDict, batch: int, seq_len: int, *, mod_capacity: float | None = None,
+                     tensor: int = 1) -> float:
+  """Activation memory of one device's train step on `batch` sequences of `seq_len` tokens, in bytes.
+
+  With full remat (and with the other policies but "none", plus what each layer keeps: `_kept_by_remat`): the
+  residual stream saved at each scanned group, one group's working set while it is
+  recomputed for its backward pass (per layer, attention: q, k, v and the output, token by model width,
+  and the attention maps' probabilities with their gradient on the explicit path (one map for standard
+  attention, two for differential), one block pair per map on the blockwise and kernel paths; the FFN's
+  hidden rows and the MoE's dispatched rows, in and out; a routed layer at `mod_capacity` (None: the
+  model's) counts only the tokens it selects) and the fp32 logits with their gradient. `tensor`: how many
+  ways the heads (and the FFN width) are split; the dispatched rows are model-wide, on every device.
+  `tests/test_estimate.py` holds it against the compiled program.
+  """
+  b, t = batch, seq_len
+  size, groups, tail = model_lib.layer_layout(cfg)
+  maps = 1 if cfg.attention == "standard" else 2
+
+  def layer(tokens: int) -> float:
+    impl = attention_ops.resolve_attention_impl(cfg.attention_impl, length=tokens)
+    if impl in attention_ops.BLOCKWISE:
+      block = math.prod(min(size or attention_ops.default_block_size(), tokens)  # as flash_attention.block_sizes
+                        for size in (cfg.attention_block_q, cfg.attention_block_k))
+      scores = 2 * maps * b * cfg.num_heads * block * 4
+    else:
+      scores = 2 * maps * b * cfg.num_heads * tokens * tokens * 4  # each map's probabilities, their gradient
+    rows, width = _ffn_rows(cfg, tokens)
+    return (5 * b * tokens * cfg.d_model * 4 + scores + 3 * b * rows * width * 4) / tensor + dispatched(rows)
+
+  def dispatched(rows: int) -> float:
+    """The MoE's rows gathered for the experts and their outputs before the combine, model-wide; a dense
+    FFN reads the normalised tokens in place."""
+    return 0 if cfg.ffn == "dense" else 2 * b * rows * cfg.d_model * 4
+
+  residual = (groups + tail + 1) * b * t * cfg.d_model * 4
+  routed_tokens = t
+  if cfg.mod.enabled:
+    capacity = cfg.mod.capacity if mod_capacity is None else mod_capacity
+    routed_tokens = routing.mod_capacity_tokens(capacity, t)
+  per_group = lambda f: (size - 1) * f(t) + f(routed_tokens) if cfg.mod.enabled else size * f(t)
+  logits = 3 * b * t * cfg.vocab_size * 4
+  kept = groups * per_group(lambda tokens: _kept_by_remat(cfg, b, tokens, tensor)) + tail * _kept_by_remat(
+      cfg, b, t, tensor)
+  return residual + kept + per_group(layer) + logits / tensor
+
+
+def _ffn_rows(cfg: ml_collections.ConfigDict, tokens: int) -> tuple[int, int]:
+  """Hidden activations of the train step's FFN per sequence, as (rows, width) (`dispatch.moe_ffn`)."""
+  moe = cfg.moe
+  if cfg.ffn == "dense":
+    return tokens, dense_ffn_dim(cfg)
+  if moe.dispatch == "capacity":
+    rows = moe.num_experts * dispatch.moe_capacity(tokens, moe.top_k, moe.num_experts, moe.capacity_factor)
+  elif dispatch.resolve_dropless_impl(moe.dropless_impl) == "padded":
+    rows = moe.num_experts * tokens  # room for every token in every expert
+  else:
+    rows = tokens * moe.top_k  # ragged: the assignments alone
+  return rows, moe.expert_ffn_dim
+
+
+# The remat policies whose activations `activation_bytes` models; "none" keeps every intermediate value of
+# every layer, more than is counted, and is counted as full remat.
+MODELED_REMAT_POLICIES = ("full", "save_names", "dots", "dots_no_batch")
+# Checkpoint names that tag a matmul's output: a "dots" policy keeps them already.
+_MATMUL_NAMES = ("query_proj", "key_proj", "value_proj", "attn_out")
+
+
+def _kept_by_remat(cfg: ml_collections.ConfigDict, b: int, tokens: int, tensor: int) -> float:
+  """Bytes a layer keeps for its backward beyond the residual stream: the values named in
+  `remat_save_names` (q, k, v split over heads by `tensor`; the flash residuals, fp32 per-map outputs and
+  log-sum-exp, only on the blockwise and kernel paths), and with remat_policy "dots" / "dots_no_batch" the
+  outputs of the layer's matmuls (`_matmul_outputs`). "full" keeps nothing; "none" is counted as "full"."""
+  if cfg.remat_policy in ("full", "none"):
+    return 0.0
+  width = b * tokens * cfg.d_model * _kept_itemsize(cfg)
+  maps = 1 if cfg.attention == "standard" else 2
+  flash = attention_ops.resolve_attention_impl(cfg.attention_impl, length=tokens) in attention_ops.BLOCKWISE
+  sizes = {"query_proj": width / tensor, "key_proj": width / tensor, "value_proj": width / tensor,
+           "attn_out": width, "ffn_out": width,
+           "flash_residuals": maps * b * tokens * (cfg.d_model + cfg.num_heads) * 4 / tensor if flash else 0.0}
+  if cfg.remat_policy == "save_names":
+    return sum(sizes[name] for name in cfg.remat_save_names)
+  named = sum(sizes[name] for name in cfg.remat_save_names if name not in _MATMUL_NAMES)
+  return named + _matmul_outputs(cfg, b, tokens, tensor, batched=cfg.remat_policy == "dots")
+
+
+def _kept_itemsize(cfg: ml_collections.ConfigDict) -> int:
+  """Bytes per element of a compute-dtype value kept through remat: XLA:CPU keeps 16-bit ones in float32
+  (twice what the values take on an accelerator, measured on the compiled step)."""
+  return 4 if jax.default_backend() == "cpu" else jnp.dtype(cfg.dtype).itemsize
+
+
+def _matmul_outputs(cfg: ml_collections.ConfigDict, b: int, tokens: int, tensor: int, *, batched: bool) -> float:
+  """Bytes of a layer's matmul outputs that a "dots" remat policy keeps (`jax.checkpoint_policies`): the q,
+  k, v and output projections, the router's fp32 logits, the FFN's (or each expert's) hidden and output rows;
+  with `batched` ("dots", not "dots_no_batch") also the attention's own products, which have batch
+  dimensions: on the explicit path each map's fp32 scores and the weighted values, on the blockwise and
+  kernel paths the fp32 combination of the maps' outputs (the products inside their loops are not kept).
+  Left out: the mixture-of-depths router and predictor, a few values per token; ragged dropless experts
+  (`ragged_dot` is not a matmul to the policy)."""
+  size = _kept_itemsize(cfg)
+  width = b * tokens * cfg.d_model * size
+  kept = 3 * width / tensor + width  # q, k, v, output projection
+  rows, hidden = _ffn_rows(cfg, tokens)
+  if cfg.ffn == "moe":
+    kept += b * tokens * cfg.moe.num_experts * 4  # router logits
+    if cfg.moe.dispatch == "dropless" and dispatch.resolve_dropless_impl(cfg.moe.dropless_impl) == "ragged":
+      rows = 0
+  ups = 2 if cfg.moe.activation == "swiglu" else 1
+  kept += b * rows * (ups * hidden / tensor + cfg.d_model) * size
+  if batched:
+    if attention_ops.resolve_attention_impl(cfg.attention_impl, length=tokens) in attention_ops.BLOCKWISE:
+      kept += b * tokens * cfg.d_model * 4 / tensor
+    else:
+      maps = 1 if cfg.attention == "standard" else 2
+      kept += (maps * b * cfg.num_heads * tokens * tokens * 4 + width) / tensor
+  return kept
