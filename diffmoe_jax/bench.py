@@ -12,6 +12,8 @@ Subcommands:
   compile    compile time of the scanned model's training gradient at two depths (default 32 vs 4 layers).
   train      a config's train step: tokens/s and MFU against this machine's measured matmul peak, and the
              data pipeline's tokens/s against what the step consumes.
+  data       the input pipeline alone: the token cache's build, then batches/s and tokens/s at each phase's
+             shape, per training process (bench_data.py).
   expert_parallel  the expert-parallel MoE layer against replicated experts on several devices, and its
              all-to-all bytes (bench_expert_parallel.py).
   generate   prefill and decode tokens/s with the KV cache, and decode with mixture-of-depths skipping
@@ -338,8 +340,9 @@ def main(argv: list[str] | None = None) -> None:
                      help="model.remat_save_names, with --remat-policy save_names (or dots: kept besides)")
   train.set_defaults(run=bench_train)
 
-  from diffmoe_jax import bench_attention, bench_expert_parallel, bench_generate, bench_gpu_compile, bench_kernels
-  for module in (bench_attention, bench_expert_parallel, bench_generate, bench_kernels, bench_gpu_compile):
+  from diffmoe_jax import (bench_attention, bench_data, bench_expert_parallel, bench_generate, bench_gpu_compile,
+                           bench_kernels)
+  for module in (bench_attention, bench_data, bench_expert_parallel, bench_generate, bench_kernels, bench_gpu_compile):
     module.add_parser(commands)
 
   args = parser.parse_args(argv)
@@ -370,7 +373,7 @@ def _check_gpu_kernels_run(args: argparse.Namespace, parser: argparse.ArgumentPa
 
 
 def _check_and_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-  from diffmoe_jax import bench_attention, bench_expert_parallel, bench_gpu_compile, bench_kernels
+  from diffmoe_jax import bench_attention, bench_data, bench_expert_parallel, bench_gpu_compile, bench_kernels
   if args.command in ("moe", "expert_parallel") and args.top_k > args.experts:
     parser.error(f"argument --top-k: {args.top_k} exceeds --experts ({args.experts})")
   if args.command == "train":
@@ -400,6 +403,8 @@ def _check_and_run(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     bench_gpu_compile.check_args(args, parser)
   if args.command == "expert_parallel":
     bench_expert_parallel.check_args(args, parser)
+  if args.command == "data":
+    bench_data.check_args(args, parser)
   if args.command == "train" and (args.attention_gpu_backward or args.attention_gpu_forward
                                   or args.attention_gpu_launch):
     _check_gpu_kernels_run(args, parser)

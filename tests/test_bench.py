@@ -30,6 +30,10 @@ CASES = {
                rf"^data +{NUMBER} tokens/s += {NUMBER}x what the step consumes$",
                rf"^  attention +backward +{NUMBER} ms +{NUMBER}%$", rf"^  moe +recompute +{NUMBER} ms",
                rf"^  matmul +{NUMBER} ms", r"^the 3 slowest instructions:$"]),
+    "data": (["--batches", "2", "--phase", "warmup", "anneal"],
+             [rf"^corpus +{NUMBER} s to build or reuse the token cache: code {NUMBER} tokens, docs {NUMBER} tokens$",
+              rf"^warmup +64 +32 +{NUMBER} batches/s +{NUMBER} tokens/s +{NUMBER} batches/s +{NUMBER} tokens/s$",
+              rf"^anneal +256 +8 +{NUMBER} batches/s +{NUMBER} tokens/s +{NUMBER} batches/s +{NUMBER} tokens/s$"]),
 }
 
 
@@ -302,3 +306,34 @@ def test_bench_train_refuses_a_tokenizer_larger_than_the_model_vocabulary(tmp_pa
   err = capsys.readouterr().err
   assert info.value.code == 1 and "error: config.model.vocab_size (128) is smaller than the tokenizer's vocabulary " \
       "(256, bytes)" in err, err
+
+
+def test_bench_data_reads_a_directory_of_text_files_per_process(tmp_path, capsys):
+  """--domain replaces the config's domains (the phases then mix them equally, so tiny's weights naming `code`
+  do not stand in the way); the cache holds every byte of the files and a separator after each; with
+  --process-count each batch's rows are one process's share, and tokens/s is batches/s x rows x seq_len."""
+  import numpy as np
+  rng = np.random.default_rng(0)
+  words = ["".join(rng.choice(list("abcdefghij"), 5)) for _ in range(2000)]
+  for i in range(20):
+    (tmp_path / f"doc{i}.txt").write_text(" ".join(rng.choice(words, 400)))
+  size = sum(f.stat().st_size for f in tmp_path.glob("*.txt")) + 20  # bytes, and one separator per file
+  bench.main(["data", "--batches", "3", "--phase", "anneal", "--process-count", "2", "--cache-dir",
+              str(tmp_path / "cache"), "--domain", f"text=files:{tmp_path}/*.txt"])
+  out = capsys.readouterr().out
+  corpus = rf"^corpus +{NUMBER} s to build or reuse the token cache: text {size:,} tokens$"
+  assert re.search(corpus, out, re.MULTILINE), out
+  line = re.search(r"^anneal +256 +4 +(.*)$", out, re.MULTILINE)
+  assert line, out
+  figures = [float(x.replace(",", "")) for x in re.findall(r"([\d,.]+) (?:batches|tokens)/s", line.group(1))]
+  assert len(figures) == 4 and all(f > 0 for f in figures), out
+  for batches, tokens in (figures[:2], figures[2:]):
+    assert tokens == pytest.approx(batches * 4 * 256, rel=2e-3), out
+
+
+def test_bench_data_refuses_a_phase_the_config_lacks(capsys):
+  with pytest.raises(SystemExit) as info:
+    bench.main(["data", "--phase", "warmup", "no_such_phase"])
+  assert info.value.code == 2
+  assert "argument --phase: 'no_such_phase' is not a phase of configs/tiny.py; choose from ['warmup', " in \
+      capsys.readouterr().err
