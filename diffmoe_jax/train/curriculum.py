@@ -7,6 +7,8 @@ right phase with the right settings. The README ("The curriculum") describes the
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 
 import jax.numpy as jnp
 import ml_collections
@@ -100,7 +102,7 @@ class Curriculum:
     progress = _progress(step, phase)
     noise = phase.router_noise_start + (phase.router_noise_end - phase.router_noise_start) * progress
     mod_mode, capacity = self._mod_setting(phase, step)
-    return StepSettings(step=step, phase=phase, lr=float(self.lr(step)), router_noise=float(noise),
+    return StepSettings(step=step, phase=phase, lr=self.lr(step), router_noise=float(noise),
                         mod_mode=mod_mode, mod_capacity=capacity)
 
   def _mod_setting(self, phase: Phase, step: int) -> tuple[str, float]:
@@ -141,18 +143,15 @@ class Curriculum:
     return start * (end / start) ** (level / (levels - 1))
 
   def lr(self, step):
-    """The learning rate at `step`; works on Python ints and traced int arrays (it is optax's schedule)."""
+    """The learning rate at `step`: a float for a Python int, computed on the host (the training loop asks every
+    step, and a device computation there waited for the steps in flight), or a traced array for a traced int."""
+    if isinstance(step, numbers.Integral):
+      phase = self.phase_at(step)
+      return _phase_lr(phase, _progress(step, phase), math.cos)
     step = jnp.asarray(step, jnp.int32)
     index = jnp.searchsorted(self._boundaries, step, side="right")
-    values = []
-    for phase in self.phases:
-      u = jnp.clip((step - phase.start) / max(phase.steps - 1, 1), 0.0, 1.0)
-      if phase.lr_shape == "cosine":
-        value = phase.lr_end + (phase.lr_start - phase.lr_end) * 0.5 * (1 + jnp.cos(jnp.pi * u))
-      else:
-        value = phase.lr_start + (phase.lr_end - phase.lr_start) * u
-      values.append(value)
-    return jnp.stack(values)[index]
+    return jnp.stack([_phase_lr(p, jnp.clip((step - p.start) / max(p.steps - 1, 1), 0.0, 1.0), jnp.cos)
+                      for p in self.phases])[index]
 
   def tokens_before(self, step: int) -> int:
     """Tokens trained on (batch x sequence length, summed) in the steps before `step`."""
@@ -181,6 +180,13 @@ class Curriculum:
                    f"{p.batch_size:<5} lr {p.lr_shape} {p.lr_start:.2e}->{p.lr_end:.2e}  noise "
                    f"{p.router_noise_start:g}->{p.router_noise_end:g}  {mod}  [{mix}]")
     return "\n".join(lines)
+
+
+def _phase_lr(phase: Phase, u, cos):
+  """The learning rate at fraction `u` of `phase` (a float or a traced array, with its `cos`)."""
+  if phase.lr_shape == "cosine":
+    return phase.lr_end + (phase.lr_start - phase.lr_end) * 0.5 * (1 + cos(math.pi * u))
+  return phase.lr_start + (phase.lr_end - phase.lr_start) * u
 
 
 def _progress(step: int, phase: Phase) -> float:
