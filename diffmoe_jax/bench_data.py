@@ -33,10 +33,15 @@ def _domain(text: str) -> tuple[str, str]:
 def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
   from diffmoe_jax import config as config_lib
   from diffmoe_jax.train.curriculum import Curriculum
-  phases = [p.name for p in Curriculum(config_lib.load_file(args.config)).phases]
-  unknown = [p for p in args.phase if p not in phases]
+  phases = Curriculum(config_lib.load_file(args.config)).phases
+  unknown = [name for name in args.phase if name not in [p.name for p in phases]]
   if unknown:
-    parser.error(f"argument --phase: {unknown[0]!r} is not a phase of {args.config}; choose from {phases}")
+    parser.error(f"argument --phase: {unknown[0]!r} is not a phase of {args.config}; choose from "
+                 f"{[p.name for p in phases]}")
+  for p in phases:
+    if (not args.phase or p.name in args.phase) and p.batch_size % args.process_count:
+      parser.error(f"argument --process-count: {args.process_count} processes cannot share phase {p.name}'s batch of "
+                   f"{p.batch_size} sequences; give a divisor of it")
 
 
 def _config(args: argparse.Namespace):

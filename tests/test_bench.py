@@ -331,9 +331,14 @@ def test_bench_data_reads_a_directory_of_text_files_per_process(tmp_path, capsys
     assert tokens == pytest.approx(batches * 4 * 256, rel=2e-3), out
 
 
-def test_bench_data_refuses_a_phase_the_config_lacks(capsys):
+@pytest.mark.parametrize("argv, message", [
+    (["--phase", "warmup", "no_such_phase"],
+     "argument --phase: 'no_such_phase' is not a phase of configs/tiny.py; choose from ['warmup', "),
+    (["--process-count", "3"],  # before any figure is printed (it was a DataError naming no flag, midway)
+     "argument --process-count: 3 processes cannot share phase warmup's batch of 32 sequences; give a divisor of it"),
+])
+def test_bench_data_refuses_a_phase_or_process_count_the_config_does_not_have(argv, message, capsys):
   with pytest.raises(SystemExit) as info:
-    bench.main(["data", "--phase", "warmup", "no_such_phase"])
-  assert info.value.code == 2
-  assert "argument --phase: 'no_such_phase' is not a phase of configs/tiny.py; choose from ['warmup', " in \
-      capsys.readouterr().err
+    bench.main(["data", *argv])
+  captured = capsys.readouterr()
+  assert info.value.code == 2 and message in captured.err and not captured.out, captured
