@@ -100,6 +100,22 @@ def test_learning_rate_shapes(tiny):
   np.testing.assert_allclose(traced, [cur.settings(s).lr for s in range(600)], rtol=1e-5, atol=1e-9)
 
 
+
+def test_each_phase_starts_at_its_own_learning_rate(tiny):
+  """Phases whose learning rates do not meet at the boundaries (the default's do, which hides an off-by-one there):
+  a phase's first step has its own lr_start and its last its lr_end, in the Python and the traced schedule."""
+  starts = [0, 30, 240, 360, 450, 540, 600]  # test_phases_tile_the_run
+  want = {}
+  for i, name in enumerate(config_lib.PHASES):
+    tiny.curriculum[name].update(lr_shape="linear", lr_start=0.1 * (i + 1), lr_end=0.1 * (i + 1) + 0.05)
+    want[starts[i]] = tiny.optimizer.peak_lr * 0.1 * (i + 1)
+    want[starts[i + 1] - 1] = tiny.optimizer.peak_lr * (0.1 * (i + 1) + 0.05)
+  cur = Curriculum(tiny)
+  steps = sorted(want)
+  assert [cur.settings(s).lr for s in steps] == pytest.approx([want[s] for s in steps], rel=1e-5)
+  traced = np.asarray(jax.jit(jax.vmap(cur.lr))(jnp.asarray(steps)))
+  np.testing.assert_allclose(traced, [want[s] for s in steps], rtol=1e-5)
+
 def test_cosine_shape(tiny):
   tiny.curriculum.anneal.lr_shape = "cosine"
   cur = Curriculum(tiny)
