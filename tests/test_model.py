@@ -110,6 +110,25 @@ def test_gradients_reach_router_lambdas_and_mod_router(base):
     assert np.abs(np.asarray(mod[name])).max() > 0, name
 
 
+
+def test_the_predictor_loss_trains_the_predictor_alone(base):
+  """The predictor reads a stop-gradient input (DESIGN, "Mixture-of-depths"): its BCE loss has a gradient for the
+  predictor's own weights and none for any other parameter (the embedding, the blocks, the MoD score)."""
+  _, model, params, _ = base
+  tokens = _tokens(4)
+
+  def predictor_loss(p):
+    _, aux = model.apply({"params": p}, tokens, train=True, mod_mode="topk", mod_capacity=0.5, router_noise_std=0.0,
+                         rngs={"noise": jax.random.PRNGKey(3)})
+    return aux["losses"]["mod_predictor"]
+
+  grads = jax.jit(jax.grad(predictor_loss))(params)
+  own = {"predictor_hidden", "predictor_hidden_bias", "predictor_out"}
+  for path, g in jax.tree_util.tree_leaves_with_path(grads):
+    name = path[-1].key
+    largest = float(np.abs(np.asarray(g)).max())
+    assert (largest > 0) == (name in own), (jax.tree_util.keystr(path), largest)
+
 def test_token_rows_move_by_gathers_in_the_gradient(base):
   """Mixture-of-depths and MoE rows travel by gathers both ways: the topk-mode gradient has no scatter of
   activation rows (width d_model) into a zero array; only the plans' integer arrays, routing weights of
