@@ -34,6 +34,22 @@ def test_matches_float64_cross_entropy_and_its_gradient():
                                                                      np.float32), labels)[0], rtol=1e-5, atol=1e-5)
 
 
+
+def test_the_gradient_takes_each_tokens_own_cotangent():
+  """A weighted sum of the per-token losses (weights of either sign, as padding weights or a difference of
+  losses give) has the gradient (softmax - one-hot) x each token's weight; a mean's equal weights cannot tell."""
+  rng = np.random.default_rng(1)
+  logits = rng.normal(size=(3, 5, 11)).astype(np.float32) * 3
+  labels = rng.integers(0, 11, size=(3, 5))
+  weights = rng.normal(size=(3, 5)).astype(np.float32)
+  z = np.asarray(logits, np.float64)
+  softmax = np.exp(z - z.max(-1, keepdims=True))
+  softmax /= softmax.sum(-1, keepdims=True)
+  one_hot = np.arange(11) == labels[..., None]
+  grad = jax.grad(lambda x: jnp.sum(loss_lib.token_cross_entropy(x, jnp.asarray(labels, jnp.int32)) * weights))(
+      jnp.asarray(logits))
+  np.testing.assert_allclose(np.asarray(grad), (softmax - one_hot) * weights[..., None], rtol=1e-5, atol=1e-6)
+
 def test_a_large_vocabulary_and_equal_logits_match_float64():
   """The one-pass reduction's rescaled partial sums over 65,536 classes (as XLA splits them), and rows of
   equal logits (every partial maximum ties)."""
