@@ -1,6 +1,7 @@
 """Sampling's settings: values that cannot mean what they say are errors, not read as no restriction."""
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from diffmoe_jax.ops import sampling
@@ -31,3 +32,21 @@ def test_top_k_keeps_every_token_tied_with_the_kth():
   logits = jnp.array([[3.0, 1.0, 2.0, 2.0, 0.0], [5.0, 5.0, 5.0, 1.0, 4.0]])
   kept = jnp.isfinite(sampling.restrict_logits(logits, top_k=2))
   assert kept.tolist() == [[True, False, True, True, False], [True, True, True, False, False]]
+
+
+def test_top_p_keeps_the_fewest_most_likely_tokens_reaching_p():
+  """Against a float64 loop: tokens in order of probability are kept until their sum reaches top_p, the one that
+  reaches it included. Each top_p lies midway between two partial sums, so rounding cannot move a boundary."""
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(4, 9)) * 2
+  for row in logits:
+    probs = np.exp(row - row.max())
+    probs /= probs.sum()
+    order = np.argsort(-probs)
+    sums = np.cumsum(probs[order])
+    for n in range(1, len(row)):  # top_p between the sums of the n and the n + 1 most likely tokens
+      top_p = (sums[n - 1] + sums[n]) / 2
+      kept = np.isfinite(np.asarray(sampling.restrict_logits(jnp.asarray(row[None], jnp.float32), top_p=top_p)))[0]
+      want = np.zeros(len(row), bool)
+      want[order[:n + 1]] = True
+      np.testing.assert_array_equal(kept, want, err_msg=f"top_p={top_p}")
