@@ -85,10 +85,11 @@ def _case(name):
     q_seg = kv_seg = np.cumsum(rng.uniform(size=(b, t)) < 0.15, axis=1)
     lam = rng.uniform(0.1, 0.9, h).astype(np.float32)
   elif name == "decode":
-    # One new query at position 29 over a 37-slot cache whose slots past 29 are empty.
+    # One new query at position 32 over a 37-slot cache whose slots past 32 are empty: its own key is the
+    # first of a key block, which only it sees (the block must not be skipped).
     t = 1
-    q_pos = np.full((b, 1), 29)
-    kv_mask = np.broadcast_to(np.arange(s) <= 29, (b, s))
+    q_pos = np.full((b, 1), 2 * BLOCK)
+    kv_mask = np.broadcast_to(np.arange(s) <= 2 * BLOCK, (b, s))
     lam = rng.uniform(0.1, 0.9, (b, t, h))
   elif name == "non_causal":
     # Queries see later keys too: 37 queries over 45 keys (neither a multiple of the block), packed
