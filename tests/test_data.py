@@ -225,6 +225,21 @@ def test_split_is_deterministic_and_both_splits_are_never_empty(text_dir, tmp_pa
   assert high.info("text", "train").files == (max(names, key=unit_hash),)
 
 
+
+def test_unigram_bits_per_byte_from_the_files_themselves(text_dir, tmp_path):
+  """The baseline next to each domain's bits per byte: the validation tokens' bits under the add-one-smoothed byte
+  counts of the training files (a separator after each document), per byte of the validation files' UTF-8 text,
+  which the separators are not (the texts hold non-ASCII words, so bytes are not characters either)."""
+  corpus = data.build_corpus(data_config({"text": f"files:{text_dir}/*.txt"}, val_fraction=0.3),
+                             cache_root=str(tmp_path / "cache"))
+  text = {s: [(text_dir / f).read_text(encoding="utf-8").encode("utf-8") for f in corpus.info("text", s).files]
+          for s in ("train", "val")}
+  counts = {s: np.bincount(np.frombuffer(b"\0".join(docs) + b"\0", np.uint8), minlength=256).astype(np.float64)
+            for s, docs in text.items()}
+  log2_p = np.log2((counts["train"] + 1) / (counts["train"].sum() + 256))
+  want = -(counts["val"] * log2_p).sum() / sum(len(doc) for doc in text["val"])
+  assert corpus.unigram_bits_per_byte("text") == pytest.approx(want, rel=1e-9)
+
 SHINGLE_WORDS = 8
 
 
