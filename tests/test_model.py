@@ -111,6 +111,23 @@ def test_gradients_reach_router_lambdas_and_mod_router(base):
 
 
 
+
+def test_initial_weights_have_their_scales(base):
+  """Normal(init_std) weights, but the projections that write into the residual stream (attention wo, expert
+  w_out) at init_std / sqrt(2 · num_layers) (GPT-2's scaled init), λ vectors at 0.1 (DESIGN), norm scales 1 and
+  biases 0: each array's root mean square within four standard errors of a normal sample's."""
+  cfg, _, params, _ = base
+  m = cfg.model
+  residual = m.init_std / np.sqrt(2 * m.num_layers)
+  want = {"wo": residual, "w_out": residual, "lambda_q1": 0.1, "lambda_k1": 0.1, "lambda_q2": 0.1, "lambda_k2": 0.1}
+  for path, a in jax.tree_util.tree_leaves_with_path(params):
+    name, a = path[-1].key, np.asarray(a, np.float64)
+    if name in ("scale", "predictor_hidden_bias"):
+      np.testing.assert_array_equal(a, 1.0 if name == "scale" else 0.0, err_msg=jax.tree_util.keystr(path))
+      continue
+    std = want.get(name, m.init_std)
+    assert np.sqrt(np.mean(a * a)) == pytest.approx(std, rel=4 / np.sqrt(2 * a.size)), jax.tree_util.keystr(path)
+
 def test_the_predictor_loss_trains_the_predictor_alone(base):
   """The predictor reads a stop-gradient input (DESIGN, "Mixture-of-depths"): its BCE loss has a gradient for the
   predictor's own weights and none for any other parameter (the embedding, the blocks, the MoD score)."""
