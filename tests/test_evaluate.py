@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffmoe_jax import evaluate as evaluate_lib
+from diffmoe_jax import data, evaluate as evaluate_lib
 from diffmoe_jax.data import DataError, make_tokenizer
 from diffmoe_jax.nn import model as model_lib
 from diffmoe_jax.train import loop, resume
@@ -93,9 +93,14 @@ def test_domains_match_the_trainers_evaluation(workdir):
   config, params, _ = evaluate_lib.restore_params(workdir)
   results = evaluate_lib.evaluate(config, params)
   assert sorted(results["domains"]) == ["code", "docs"]
-  for r in results["domains"].values():
+  corpus = data.build_corpus(config.data)
+  for domain, r in results["domains"].items():
     assert 0 < r["bits_per_byte"] < 20 and r["unigram_bits_per_byte"] > 0
     np.testing.assert_allclose(r["perplexity"], math.exp(r["loss"]), rtol=1e-6)
+    # Bits per token over bytes per token of the validation text: its separators are tokens but not bytes.
+    val = corpus.info(domain, "val")
+    assert val.num_bytes < val.num_tokens
+    np.testing.assert_allclose(r["bits_per_byte"], r["loss"] / math.log(2) * val.num_tokens / val.num_bytes, rtol=1e-6)
   losses = [r["loss"] for r in results["domains"].values()]
   assert min(losses) <= results["loss"] <= max(losses)
 
