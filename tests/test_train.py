@@ -20,6 +20,7 @@ from diffmoe_jax.config import ConfigError
 from diffmoe_jax.nn import model as model_lib
 from diffmoe_jax.train import checkpoint, loop, metrics as metrics_lib
 from diffmoe_jax.train import state as state_lib
+from diffmoe_jax.train.curriculum import Curriculum
 from diffmoe_jax.train import step as step_lib
 
 CONFIG_PATH = os.path.join(os.path.dirname(__file__), "train_config.py")
@@ -169,13 +170,15 @@ def sigterm_during_step(index: int):
 
 
 def test_resume_continues_exactly(full_run, tmp_path):
-  """Resumed from the checkpoint at step 10 (the end of foundation) of a run that went on to step 12 and lost
-  its later checkpoint, as a killed run does: the same 24 losses, bit for bit, each step logged once."""
+  """Resumed from the checkpoint at step 12 (inside sparsify, so the phase's batches must go on from its third, not
+  start over) of a run that went on to step 13 and lost its later checkpoint, as a killed run does: the same 24
+  losses, bit for bit, each step logged once."""
   config = load_config()
-  config.train.update(run_steps=12, checkpoint_every=10)
+  config.train.update(run_steps=13, checkpoint_every=12)
   first = main_lib.run(config, str(tmp_path))
-  assert first.final_step == 12 and first.stopped == "train.run_steps" and first.received_signal is None
-  shutil.rmtree(os.path.join(tmp_path, "checkpoints", "12"))
+  assert first.final_step == 13 and first.stopped == "train.run_steps" and first.received_signal is None
+  assert Curriculum(config).settings(12).phase.start < 12
+  shutil.rmtree(os.path.join(tmp_path, "checkpoints", "13"))
   config.train.update(run_steps=0, checkpoint_every=12)
   # A SIGTERM during the last step: nothing is left to resume, so the run finishes (evaluated, exit 0).
   with sigterm_during_step(23):
