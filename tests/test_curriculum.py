@@ -116,6 +116,7 @@ def test_each_phase_starts_at_its_own_learning_rate(tiny):
   traced = np.asarray(jax.jit(jax.vmap(cur.lr))(jnp.asarray(steps)))
   np.testing.assert_allclose(traced, [want[s] for s in steps], rtol=1e-5)
 
+
 def test_cosine_shape(tiny):
   tiny.curriculum.anneal.lr_shape = "cosine"
   cur = Curriculum(tiny)
