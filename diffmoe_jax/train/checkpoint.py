@@ -7,10 +7,13 @@ removes its partial step directory.
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import logging
 import os
 import shutil
+import sys
 import threading
 import time
 from typing import Any, Mapping
@@ -102,6 +105,38 @@ def _one_line(e: BaseException, limit: int = 300) -> str:
   root = _chain(e)[-1]
   text = " ".join(str(root).split())
   return f"{type(root).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
+
+
+class _AbandonedReadReports(logging.Filter):
+  """asyncio's reports of a read's failure nobody awaited ("Task exception was never retrieved")."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith(("Task exception was never retrieved",
+                                               "Future exception was never retrieved"))
+
+
+@contextlib.contextmanager
+def _abandoned_reads_quiet():
+  """When one array's read fails, Orbax abandons the reads of the others. Collected, each printed its
+  TensorStore spec ("Exception ignored in <coroutine ...>", or asyncio's "Task exception was never
+  retrieved"): thousands of lines for one missing file, after the one line that names the damage. Within
+  this block, and when it collects them on the way out, their reports are dropped; any other unraisable
+  exception is reported as before."""
+  report, asyncio_log, quiet = sys.unraisablehook, logging.getLogger("asyncio"), _AbandonedReadReports()
+
+  def hook(unraisable):
+    code = getattr(unraisable.object, "cr_code", None)
+    if code is None or f"{os.sep}orbax{os.sep}" not in code.co_filename:
+      report(unraisable)
+
+  sys.unraisablehook = hook
+  asyncio_log.addFilter(quiet)
+  try:
+    yield
+  finally:
+    gc.collect()
+    asyncio_log.removeFilter(quiet)
+    sys.unraisablehook = report
 
 
 def _likely_cause(e: BaseException) -> str:
@@ -301,14 +336,15 @@ class Checkpointer:
     if not steps:
       return None
     errors = []
-    for step in steps:
-      problem, restored = self.restore_verified(step, abstract_state)
-      if problem is None:
-        return restored, step
-      log.warning("Cannot restore the checkpoint at step %d in %s: %s; trying an older one.", step, self.directory,
-                  problem)
-      self._unreadable.add(step)
-      errors.append(f"step {step}: {problem}")
+    with _abandoned_reads_quiet():  # a damaged step's abandoned reads end while the next one is restored
+      for step in steps:
+        problem, restored = self.restore_verified(step, abstract_state)
+        if problem is None:
+          return restored, step
+        log.warning("Cannot restore the checkpoint at step %d in %s: %s; trying an older one.", step,
+                    self.directory, problem)
+        self._unreadable.add(step)
+        errors.append(f"step {step}: {problem}")
     raise CheckpointError(
         f"No checkpoint in {self.directory} could be restored (newest first: {'; '.join(errors)}). If the files "
         "are damaged, remove those step directories to start over from an older one, or use a new workdir.")
@@ -320,11 +356,12 @@ class Checkpointer:
     has_checksums = os.path.isdir(os.path.join(self.directory, str(step), "checksums"))
     if has_checksums:
       items["checksums"] = ocp.args.JsonRestore()
-    try:
-      restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-    # Damage shows up as many exception types (missing files, tensorstore errors, missing items).
-    except Exception as e:  # pylint: disable=broad-except
-      return f"its files cannot be read{_likely_cause(e)} ({_one_line(e)})", None
+    with _abandoned_reads_quiet():
+      try:
+        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+      # Damage shows up as many exception types (missing files, tensorstore errors, missing items).
+      except Exception as e:  # pylint: disable=broad-except
+        return f"its files cannot be read{_likely_cause(e)} ({_one_line(e)})", None
     checksums, nonfinite = fingerprint(restored["state"])
     if has_checksums:
       saved = restored["checksums"].get("arrays", {})
