@@ -100,7 +100,6 @@ def test_learning_rate_shapes(tiny):
   np.testing.assert_allclose(traced, [cur.settings(s).lr for s in range(600)], rtol=1e-5, atol=1e-9)
 
 
-
 def test_each_phase_starts_at_its_own_learning_rate(tiny):
   """Phases whose learning rates do not meet at the boundaries (the default's do, which hides an off-by-one there):
   a phase's first step has its own lr_start and its last its lr_end, in the Python and the traced schedule."""

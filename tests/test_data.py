@@ -225,7 +225,6 @@ def test_split_is_deterministic_and_both_splits_are_never_empty(text_dir, tmp_pa
   assert high.info("text", "train").files == (max(names, key=unit_hash),)
 
 
-
 def test_unigram_bits_per_byte_from_the_files_themselves(text_dir, tmp_path):
   """The baseline next to each domain's bits per byte: the validation tokens' bits under the add-one-smoothed byte
   counts of the training files (a separator after each document), per byte of the validation files' UTF-8 text,

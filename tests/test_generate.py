@@ -115,7 +115,6 @@ def test_generation_stops_at_the_context(model_and_params):
   assert [len(t) for t in result.tokens] == [4, 10]  # 28 + 4 fills the context of 32
 
 
-
 def test_a_row_ends_before_its_first_separator(model_and_params):
   """With eos_id, each row is the greedy continuation without it cut before the first eos_id, which is left out;
   a row without one runs to max_new_tokens."""
@@ -128,6 +127,7 @@ def test_a_row_ends_before_its_first_separator(model_and_params):
   for row in range(len(prompts)):
     at = list(free[row]).index(eos_id) if eos_id in free[row] else len(free[row])
     np.testing.assert_array_equal(cut[row], free[row][:at], err_msg=f"row {row}")
+
 
 def test_sampling_with_a_seed_is_reproducible(model_and_params):
   """The same seed draws the same tokens in a fresh generation (new programs, new cache); another seed others."""

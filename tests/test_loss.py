@@ -34,7 +34,6 @@ def test_matches_float64_cross_entropy_and_its_gradient():
                                                                      np.float32), labels)[0], rtol=1e-5, atol=1e-5)
 
 
-
 def test_the_gradient_takes_each_tokens_own_cotangent():
   """A weighted sum of the per-token losses (weights of either sign, as padding weights or a difference of
   losses give) has the gradient (softmax - one-hot) x each token's weight; a mean's equal weights cannot tell."""
@@ -49,6 +48,7 @@ def test_the_gradient_takes_each_tokens_own_cotangent():
   grad = jax.grad(lambda x: jnp.sum(loss_lib.token_cross_entropy(x, jnp.asarray(labels, jnp.int32)) * weights))(
       jnp.asarray(logits))
   np.testing.assert_allclose(np.asarray(grad), (softmax - one_hot) * weights[..., None], rtol=1e-5, atol=1e-6)
+
 
 def test_a_large_vocabulary_and_equal_logits_match_float64():
   """The one-pass reduction's rescaled partial sums over 65,536 classes (as XLA splits them), and rows of

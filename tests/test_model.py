@@ -110,8 +110,6 @@ def test_gradients_reach_router_lambdas_and_mod_router(base):
     assert np.abs(np.asarray(mod[name])).max() > 0, name
 
 
-
-
 def test_initial_weights_have_their_scales(base):
   """Normal(init_std) weights, but the projections that write into the residual stream (attention wo, expert
   w_out) at init_std / sqrt(2 · num_layers) (GPT-2's scaled init), λ vectors at 0.1 (DESIGN), norm scales 1 and
@@ -127,6 +125,7 @@ def test_initial_weights_have_their_scales(base):
       continue
     std = want.get(name, m.init_std)
     assert np.sqrt(np.mean(a * a)) == pytest.approx(std, rel=4 / np.sqrt(2 * a.size)), jax.tree_util.keystr(path)
+
 
 def test_the_predictor_loss_trains_the_predictor_alone(base):
   """The predictor reads a stop-gradient input (DESIGN, "Mixture-of-depths"): its BCE loss has a gradient for the
@@ -145,6 +144,7 @@ def test_the_predictor_loss_trains_the_predictor_alone(base):
     name = path[-1].key
     largest = float(np.abs(np.asarray(g)).max())
     assert (largest > 0) == (name in own), (jax.tree_util.keystr(path), largest)
+
 
 def test_token_rows_move_by_gathers_in_the_gradient(base):
   """Mixture-of-depths and MoE rows travel by gathers both ways: the topk-mode gradient has no scatter of

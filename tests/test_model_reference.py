@@ -198,13 +198,13 @@ VARIANTS = {
 }
 
 
-
 def with_trained_norm_scales(params):
   """`params` with every RMSNorm scale drawn from U(0.5, 1.5): at their initial 1 a norm that dropped its scale
   would go unnoticed."""
   rng = np.random.default_rng(7)
   rescale = lambda path, a: (jnp.asarray(rng.uniform(0.5, 1.5, a.shape), a.dtype) if path[-1].key == "scale" else a)
   return jax.tree_util.tree_map_with_path(rescale, params)
+
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_the_model_equals_a_float64_numpy_forward_pass(make_config, variant):

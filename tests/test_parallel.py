@@ -132,7 +132,6 @@ def test_the_memory_preflight_splits_the_batch_by_its_rule(make_config):
   assert memory.training_memory_per_device(config, shape)["activations"] == pytest.approx(4 * default)
 
 
-
 def test_the_memory_preflight_splits_the_heads_by_their_rule(make_config):
   """Heads mapped to no mesh axis are whole on every device, whatever mesh.shape.tensor is."""
   config = make_config()

@@ -26,7 +26,6 @@ from diffmoe_jax.ncas.report import BASELINE, PI, foreign_report_file, row_key, 
 from diffmoe_jax.train import preflight, workdir as workdir_lib
 
 
-
 def defaults() -> ml_collections.ConfigDict:
   """The search's settings; `data` is the training data section (the proxies train on it)."""
   c = ml_collections.ConfigDict()
