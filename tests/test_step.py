@@ -267,6 +267,42 @@ def test_accumulated_step_is_the_mean_over_its_micro_batches(make_config):
                grads, micro[0][1], micro[1][1])
 
 
+def test_each_micro_batch_draws_its_own_router_noise(make_config):
+  """With router noise on, micro-batch i routes under the step's key folded with i: on a batch whose two
+  micro-batches are the same rows, the accumulated gradient is the mean of that micro-batch's gradients
+  under keys 0 and 1, which differ, so one key shared by all micro-batches would show."""
+  cfg = make_config(num_layers=2)
+  model = model_lib.build_model(cfg.model)
+  optimizer = optax.identity()  # the update is the gradient itself: params - lr * g
+  state = jax.jit(lambda r: nn.unbox(state_lib.init_fn(model, optimizer, 16)(r)))(jax.random.PRNGKey(0))
+  rows = jax.random.randint(jax.random.PRNGKey(3), (2, 17), 0, cfg.model.vocab_size)
+  tokens = jnp.repeat(rows, 2, axis=0)  # rows 0, 2 (micro-batch 0) equal rows 1, 3 (micro-batch 1)
+  batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+  dyn = {"lr": 1.0, "router_noise": 1.0, "load_balance_weight": 0.0, "z_loss_weight": 0.0,
+         "mod_predictor_weight": 0.0}
+  new, _ = jax.jit(step_lib.make_train_step(model, optimizer, mod_mode="topk", mod_capacity=0.5,
+                                            grad_accum_steps=2))(
+      state, batch, {k: jnp.float32(v) for k, v in dyn.items()})
+
+  @jax.jit
+  def grad(params, key):
+    def cross_entropy(params):
+      logits, _ = model.apply({"params": params}, rows[:, :-1], train=True, mod_mode="topk", mod_capacity=0.5,
+                              router_noise_std=1.0, rngs={"noise": key})
+      log_probs = jax.nn.log_softmax(logits, axis=-1)
+      return -jnp.mean(jnp.take_along_axis(log_probs, rows[:, 1:, None], axis=-1))
+    return jax.grad(cross_entropy)(params)
+
+  step_key = jax.random.fold_in(state.rng, state.step)
+  micro = [grad(state.params, jax.random.fold_in(step_key, i)) for i in (0, 1)]
+  as_f64 = lambda tree: [np.asarray(x, np.float64) for x in jax.tree.leaves(tree)]
+  got = [p - q for p, q in zip(as_f64(state.params), as_f64(new.params))]
+  g0, g1 = as_f64(micro[0]), as_f64(micro[1])
+  assert max(np.abs(a - b).max() for a, b in zip(g0, g1)) > 1e-3  # the noise changes the routing
+  for got_leaf, a, b in zip(got, g0, g1):
+    np.testing.assert_allclose(got_leaf, (a + b) / 2, rtol=1e-4, atol=1e-6)
+
+
 def test_clipping_scales_by_the_global_norm_over_every_shard(make_config):
   """On fsdp 2 x expert 2 x tensor 2 the step clips by the norm over all parameters, not over each device's
   shards: Adam's first moment after one step is (1 - b1) x the gradient (jax.grad of the loss written from
