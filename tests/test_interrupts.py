@@ -15,7 +15,7 @@ from absl import logging as absl_logging
 
 from diffmoe_jax import cli
 from diffmoe_jax import main as main_lib
-from diffmoe_jax.train import checkpoint, loop
+from diffmoe_jax.train import checkpoint, signals as signals_lib
 from test_cli import ROOT, error_lines, train_command
 from test_train import CONFIG_PATH, SUBPROCESS_TIMEOUT_S, _abstract_state, load_config
 
@@ -234,7 +234,7 @@ def test_a_second_ctrl_c_that_python_swallows_still_interrupts(capsys):
     def __del__(self):
       self.flag._handle(signal.SIGINT, None)  # pylint: disable=protected-access
 
-  with loop._SignalFlag() as flag:  # pylint: disable=protected-access
+  with signals_lib.StopSignals() as flag:
     flag._handle(signal.SIGINT, None)  # pylint: disable=protected-access
     assert flag.check() == "SIGINT"
     obj = Finalized(flag)

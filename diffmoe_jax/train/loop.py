@@ -1,4 +1,4 @@
-"""The training loop: curriculum, compiled steps, evaluation, checkpoints, metrics and signals.
+"""The training loop: curriculum, compiled steps, evaluation, checkpoints and metrics (signals: `signals.py`).
 
 `train(config, workdir)` runs the whole curriculum, resuming from the newest readable checkpoint in
 `<workdir>/checkpoints`. Each distinct (sequence length, batch, MoD mode and capacity) compiles one step
@@ -10,7 +10,6 @@ import contextlib
 import dataclasses
 import math
 import os
-import signal
 import sys
 import time
 from typing import Callable
@@ -25,7 +24,7 @@ from diffmoe_jax import cli, data, distributed, estimate, parallel, validation
 from diffmoe_jax.config import ConfigError
 from diffmoe_jax.nn import model as model_lib
 from diffmoe_jax.train import checkpoint, curriculum as curriculum_lib, metrics as metrics_lib, state as state_lib
-from diffmoe_jax.train import resume, step as step_lib, workdir as workdir_lib
+from diffmoe_jax.train import resume, signals as signals_lib, step as step_lib, workdir as workdir_lib
 
 
 class TrainingStopped(RuntimeError):
@@ -75,71 +74,6 @@ class _StepClock:
     seconds = max(now - self._last - self._paused, 1e-9)
     self._last, self._paused = now, 0.0
     return seconds
-
-
-class _SignalFlag:
-  """SIGTERM / SIGINT set a flag the loop checks between steps; a second SIGINT interrupts at once.
-
-  A handler runs inside whatever Python code is current, so the second SIGINT's KeyboardInterrupt can land where
-  Python cannot propagate it (a garbage-collection callback, a __del__). It is then dropped quietly and `check`
-  raises it again at the loop's next check.
-  """
-
-  def __init__(self):
-    self.received: int | None = None
-    self.interrupted = False
-    self._gathered = None  # a multi-process run's comparison of signals started at the previous check
-    self._previous = {}
-    self._previous_unraisablehook = None
-
-  def __enter__(self):
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      try:
-        self._previous[sig] = signal.signal(sig, self._handle)
-      except ValueError:  # not the main thread: signals stay with whoever owns them
-        pass
-    self._previous_unraisablehook, sys.unraisablehook = sys.unraisablehook, self._unraisable
-    return self
-
-  def _handle(self, signum, frame):
-    if self.received is not None and signum == signal.SIGINT:
-      self.interrupted = True
-      raise KeyboardInterrupt
-    self.received = signum
-    logging.warning("Received %s: saving a checkpoint after this step, then stopping.",
-                    signal.Signals(signum).name)
-
-  def _unraisable(self, unraisable):
-    if not (self.interrupted and isinstance(unraisable.exc_value, KeyboardInterrupt)):
-      self._previous_unraisablehook(unraisable)
-
-  def check(self) -> str | None:
-    """The name of the signal that asked the run to stop, if any; raises KeyboardInterrupt after a second SIGINT.
-
-    In a multi-process run every process gets the same answer at the same step: a signal that reached any of them
-    stops them all there (one process leaving the loop alone left the others waiting in the next step's
-    collectives forever, and nothing was saved). The processes' signals are compared after each step and the
-    comparison read at the next check, one step later, so that reading it never waits for the step queued since.
-    """
-    if self.interrupted:
-      raise KeyboardInterrupt
-    if jax.process_count() == 1:
-      return self.received_name
-    agreed = 0 if self._gathered is None else int(np.asarray(self._gathered.addressable_data(0)))
-    self._gathered = distributed.max_over_processes(self.received or 0)
-    if not agreed:
-      return None
-    self.received = agreed
-    return self.received_name
-
-  @property
-  def received_name(self) -> str | None:
-    return None if self.received is None else signal.Signals(self.received).name
-
-  def __exit__(self, *exc):
-    sys.unraisablehook = self._previous_unraisablehook
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
 
 
 def check_batch_divisibility(curriculum, config, dp_size: int, process_count: int) -> None:
@@ -422,7 +356,7 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, *, corpus: "d
 
   diverged, guard_stop = False, {}  # guard_stop: the step at which the non-finite guard stopped, and its streak
   try:
-    with _SignalFlag() as signals, jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    with signals_lib.StopSignals() as signals, jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       step = start_step
       if start_step:  # the ones due at the checkpoint's step that its run stopped before logging
         periodic_logs(start_step)
@@ -482,7 +416,8 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, *, corpus: "d
             ["model.dtype ('float32')"] if config.model.dtype != "float32" else [])
         raise TrainingStopped(
             f"{guard_stop['streak']} non-finite updates in a row up to step {guard_stop['step']} "
-            f"(train.max_nonfinite_in_a_row is {config.train.max_nonfinite_in_a_row}): training stopped. Skipped updates never touch the weights, "
+            f"(train.max_nonfinite_in_a_row is {config.train.max_nonfinite_in_a_row}): training stopped. "
+            "Skipped updates never touch the weights, "
             f"so the checkpoint at step {final_step} in {ckpt.directory} holds the last good state. Change "
             f"{', '.join(fixes)} and rerun to resume, allowing the change with "
             "--config.train.allow_config_change=<field>.", final_step)
