@@ -179,7 +179,8 @@ from diffmoe_jax import config as config_lib
 def get_config():
   c = config_lib.defaults()
   c.name = "{name}"
-  c.model.update(d_model={arch.d_model}, num_layers={arch.num_layers}, num_heads={arch.num_heads}, head_dim={arch.head_dim}, max_seq_len={arch.max_seq_len})
+  c.model.update(d_model={arch.d_model}, num_layers={arch.num_layers}, num_heads={arch.num_heads},
+                 head_dim={arch.head_dim}, max_seq_len={arch.max_seq_len})
   c.model.moe.update(num_experts={arch.num_experts}, expert_ffn_dim={arch.expert_ffn_dim}, top_k={arch.top_k})
   c.curriculum.tokens_per_batch = {128 * arch.max_seq_len}
   # Steps and peak learning rate: those of the PI config nearest in width.

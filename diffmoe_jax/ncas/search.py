@@ -172,7 +172,8 @@ def proxy_config(config, arch: complete_lib.Architecture, name: str) -> ml_colle
   c.model.update(vocab_size=256, dtype="float32")
   c.model.mod.update(capacity=p.mod_capacity, predictor_hidden=16)
   c.curriculum.update(total_steps=p.steps, tokens_per_batch=p.tokens_per_batch, mod_anneal_levels=1)
-  for phase, steps in zip(config_lib.PHASES, phase_steps(p.steps, [c.curriculum[q].fraction for q in config_lib.PHASES])):
+  fractions = [c.curriculum[q].fraction for q in config_lib.PHASES]
+  for phase, steps in zip(config_lib.PHASES, phase_steps(p.steps, fractions)):
     c.curriculum[phase].update(seq_len=p.seq_len, steps=steps)  # one length: fewer compiled programs
   # MoD at capacity 1 computes what MoD off computes (README "Mixture of depths"); so the warmup shares
   # the foundation's compiled step, one compile fewer per proxy.
@@ -364,7 +365,8 @@ def _search(config, workdir: str, log, report_dir: str) -> dict:
   names = [proxy_name(row["family"], row["arch"]) for row in survivors]
   preflight.check_runs_fit({f"the proxy {name}": proxy_config(config, row["arch"], name)
                             for name, row in zip(names, survivors)},
-                           advice="lower config.ncas.space.max_width, or raise config.ncas.proxy.scale (a smaller proxy)")
+                           advice="lower config.ncas.space.max_width, or raise config.ncas.proxy.scale "
+                                  "(a smaller proxy)")
   if measures(config.ncas):
     check_measurement_fits(config.ncas, [row["arch"] for row in survivors])
   corpus = data.build_corpus(config.data)

@@ -159,8 +159,8 @@ def layer_scalars(layers: Mapping[str, Any], model_config, expert_devices: int =
                   mod_predicted: bool = True) -> dict[str, float]:
   """Per-layer statistics as TensorBoard scalars, named after what they are for `model_config`.
 
-  MoE: each layer's max load and, in capacity dispatch, dropped fraction (none with a dense FFN); with experts split over
-  `expert_devices` devices (device j holds the j-th contiguous run of experts), each device's share of the
+  MoE: each layer's max load and, in capacity dispatch, dropped fraction (none with a dense FFN); with experts
+  split over `expert_devices` devices (device j holds the j-th contiguous run of experts), each device's share of the
   layer's assignments too, the load expert parallelism balances. λ: each expert's (expert-conditional λ),
   the layer's one λ (`model.expert_conditional_lambda=False`), the mean of the per-token λ
   (`differential_v2`), none for standard attention. MoD: each routed layer's selected fraction and, with

@@ -62,7 +62,8 @@ def _mesh_advice(config, mesh_shape: dict, backend: str, budget: float) -> str:
     return f"a mesh that fits on {where} devices: {flags(shape)} (~{_size(fit_need)} per device)"
   shape, least = min(options, key=lambda o: o[1]["total"])  # the one-device mesh is always an option
   phase, sequences, length = least["largest_phase"]
-  return (f"no mesh of up to {MAX_SUGGESTED_DEVICES:,} devices fits it; the least any needs is ~{_size(least['total'])} "
+  return (f"no mesh of up to {MAX_SUGGESTED_DEVICES:,} devices fits it; the least any needs is "
+          f"~{_size(least['total'])} "
           f"per device ({flags(shape)}, on {math.prod(shape.values()):,} devices; its largest activations are "
           f"the {phase} phase's, {sequences} sequence(s) of {length:,} tokens per device): "
           + (f"lower curriculum.{phase}.batch_size" if sequences > 1 else f"shorten curriculum.{phase}.seq_len")

@@ -25,8 +25,8 @@ from diffmoe_jax.train import checkpoint, state as state_lib
 # where it lives.
 FREE_FIELDS = ("name", "train", "mesh", "data.cache_dir", "model.attention_impl", "model.attention_block_q",
                "model.attention_block_k", "model.attention_gpu_backward", "model.attention_gpu_launch",
-               "model.attention_gpu_forward", "model.moe.expert_parallel", "model.moe.dropless_impl", "model.remat_policy",
-               "model.remat_save_names")
+               "model.attention_gpu_forward", "model.moe.expert_parallel", "model.moe.dropless_impl",
+               "model.remat_policy", "model.remat_save_names")
 
 
 def _flatten(d: Mapping, prefix: str = "") -> dict[str, Any]:
