@@ -5,7 +5,8 @@ from diffmoe_jax import config as config_lib
 def get_config():
   c = config_lib.defaults()
   c.name = "ncas_2592"
-  c.model.update(d_model=2592, num_layers=27, num_heads=18, head_dim=144, max_seq_len=8192)
+  c.model.update(d_model=2592, num_layers=27, num_heads=18,
+                 head_dim=144, max_seq_len=8192)
   c.model.moe.update(num_experts=4, expert_ffn_dim=6912, top_k=2)
   c.curriculum.tokens_per_batch = 1048576
   # Steps and peak learning rate: those of the PI config nearest in width.
