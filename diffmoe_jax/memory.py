@@ -4,8 +4,10 @@ The memory check before training (`train/preflight.py`) sums them per mesh.
 """
 from __future__ import annotations
 
+import functools
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -122,8 +124,9 @@ def activation_bytes(cfg: ml_collections.ConfigDict, batch: int, seq_len: int, *
                      tensor: int = 1) -> float:
   """Activation memory of one device's train step on `batch` sequences of `seq_len` tokens, in bytes.
 
-  With full remat (and with the other policies but "none", plus what each layer keeps: `_kept_by_remat`): the
-  residual stream saved at each scanned group, one group's working set while it is
+  The residual stream saved at each scanned group, what each layer keeps under `model.remat_policy`
+  (`_kept_by_remat`; everything its backward needs without remat: `_kept_without_remat`), one group's working
+  set while it is
   recomputed for its backward pass (per layer, attention: q, k, v and the output, token by model width,
   and the attention maps' probabilities with their gradient on the explicit path (one map for standard
   attention, two for differential), one block pair per map on the blockwise and kernel paths; the FFN's
@@ -154,13 +157,22 @@ def activation_bytes(cfg: ml_collections.ConfigDict, batch: int, seq_len: int, *
 
   residual = (groups + tail + 1) * b * t * cfg.d_model * 4
   routed_tokens = t
+  routing_capacity = cfg.mod.capacity if mod_capacity is None else mod_capacity
   if cfg.mod.enabled:
-    capacity = cfg.mod.capacity if mod_capacity is None else mod_capacity
-    routed_tokens = routing.mod_capacity_tokens(capacity, t)
+    routed_tokens = routing.mod_capacity_tokens(routing_capacity, t)
   per_group = lambda f: (size - 1) * f(t) + f(routed_tokens) if cfg.mod.enabled else size * f(t)
   logits = 3 * b * t * cfg.vocab_size * 4
-  kept = groups * per_group(lambda tokens: _kept_by_remat(cfg, b, tokens, tensor)) + tail * _kept_by_remat(
-      cfg, b, t, tensor)
+  if cfg.remat_policy == "none":
+    # A scanned group's values go into buffers stacked over the groups; the last of the unrolled layers (or
+    # groups) runs its backward at once, holding what full remat's recompute of it would.
+    group, full_layer = _kept_without_remat(cfg, b, t, routing_capacity)
+    if tail:
+      kept = groups * group + (tail - 1) * full_layer
+    else:
+      kept = (groups - (0 if cfg.scan_layers else 1)) * group
+  else:
+    kept = groups * per_group(lambda tokens: _kept_by_remat(cfg, b, tokens, tensor)) + tail * _kept_by_remat(
+        cfg, b, t, tensor)
   return residual + kept + per_group(layer) + logits / tensor
 
 
@@ -178,9 +190,6 @@ def _ffn_rows(cfg: ml_collections.ConfigDict, tokens: int) -> tuple[int, int]:
   return rows, moe.expert_ffn_dim
 
 
-# The remat policies whose activations `activation_bytes` models; "none" keeps every intermediate value of
-# every layer, more than is counted, and is counted as full remat.
-MODELED_REMAT_POLICIES = ("full", "save_names", "dots", "dots_no_batch")
 # Checkpoint names that tag a matmul's output: a "dots" policy keeps them already.
 _MATMUL_NAMES = ("query_proj", "key_proj", "value_proj", "attn_out")
 
@@ -189,8 +198,8 @@ def _kept_by_remat(cfg: ml_collections.ConfigDict, b: int, tokens: int, tensor: 
   """Bytes a layer keeps for its backward beyond the residual stream: the values named in
   `remat_save_names` (q, k, v split over heads by `tensor`; the flash residuals, fp32 per-map outputs and
   log-sum-exp, only on the blockwise and kernel paths), and with remat_policy "dots" / "dots_no_batch" the
-  outputs of the layer's matmuls (`_matmul_outputs`). "full" keeps nothing; "none" is counted as "full"."""
-  if cfg.remat_policy in ("full", "none"):
+  outputs of the layer's matmuls (`_matmul_outputs`). "full" keeps nothing."""
+  if cfg.remat_policy == "full":
     return 0.0
   width = b * tokens * cfg.d_model * _kept_itemsize(cfg)
   maps = 1 if cfg.attention == "standard" else 2
@@ -202,6 +211,48 @@ def _kept_by_remat(cfg: ml_collections.ConfigDict, b: int, tokens: int, tensor: 
     return sum(sizes[name] for name in cfg.remat_save_names)
   named = sum(sizes[name] for name in cfg.remat_save_names if name not in _MATMUL_NAMES)
   return named + _matmul_outputs(cfg, b, tokens, tensor, batched=cfg.remat_policy == "dots")
+
+
+def _kept_without_remat(cfg: ml_collections.ConfigDict, b: int, t: int, mod_capacity: float) -> tuple[float, float]:
+  """Bytes a scanned layer group, and a trailing full layer, keep for their backward without remat: the
+  residuals of their vjp in training (traced by `jax.make_jaxpr`, nothing compiled or allocated) on one
+  sequence of `t` tokens, times `b` (each sequence's values are its own), less their inputs (the weights, as
+  the step casts them, and the residual stream, counted elsewhere). Counted whole: a tensor axis splits some
+  of them, so this overcounts on such a mesh. On the CPU 16-bit values count at 4 bytes, as XLA:CPU keeps
+  them in float32."""
+  group, full_layer = _kept_per_sequence(ml_collections.FrozenConfigDict(cfg), t, mod_capacity,
+                                         jax.default_backend())
+  return b * group, b * full_layer
+
+
+@functools.lru_cache(maxsize=64)  # the memory check sizes many meshes, each phase at the same lengths
+def _kept_per_sequence(cfg: ml_collections.FrozenConfigDict, t: int, mod_capacity: float,
+                       backend: str) -> tuple[float, float]:
+  size, groups, tail = model_lib.layer_layout(cfg)
+  key = jax.random.PRNGKey(0)
+  x = jax.ShapeDtypeStruct((1, t, cfg.d_model), jnp.float32)
+  positions = jax.ShapeDtypeStruct((1, t), jnp.int32)
+  scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype)
+  itemsize = lambda dtype: 4 if backend == "cpu" and dtype.itemsize == 2 else dtype.itemsize
+
+  def kept(layer, *args) -> float:
+    variables = jax.eval_shape(lambda x, *a: layer.init({"params": key, "noise": key}, x, *a), x, *args)
+    params = jax.eval_shape(lambda p: model_lib.cast_weights(p, cfg), nn.unbox(variables["params"]))
+    forward = lambda params, x, *a: layer.apply({"params": params}, x, *a, rngs={"noise": key})[0]
+    jaxpr = jax.make_jaxpr(lambda p, x, *a: jax.vjp(lambda p, x: forward(p, x, *a), p, x)[1])(
+        params, x, *args).jaxpr
+    inputs = set(jaxpr.invars)
+    residuals = {v for v in jaxpr.outvars if not isinstance(v, jax.extend.core.Literal) and v not in inputs}
+    return sum(math.prod(v.aval.shape) * itemsize(v.aval.dtype) for v in residuals)
+
+  group = full_layer = 0.0
+  if groups:
+    layer_group = model_lib.LayerGroup(cfg, size, routed_last=cfg.mod.enabled, train=True, mod_mode="topk",
+                                       mod_capacity=mod_capacity)
+    group = kept(layer_group, scalar(jnp.int32), positions, scalar(jnp.float32))
+  if tail:
+    full_layer = kept(model_lib.FullLayer(cfg, train=True), positions, scalar(jnp.int32), scalar(jnp.float32))
+  return group, full_layer
 
 
 def _kept_itemsize(cfg: ml_collections.ConfigDict) -> int:

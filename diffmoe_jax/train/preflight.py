@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import jax
-from absl import logging
 
 from diffmoe_jax import estimate, memory, parallel
 from diffmoe_jax.config import ConfigError
@@ -33,10 +32,6 @@ def check_memory(config, mesh_shape: dict, backend: str, advice: str = "") -> di
   """The estimate of what `config` needs per device on `mesh_shape` (`memory.training_memory_per_device`);
   InsufficientMemoryError if that exceeds train.memory_headroom of a device, with `advice`, or by default a
   mesh that would fit."""
-  if config.model.remat_policy not in memory.MODELED_REMAT_POLICIES:
-    logging.warning("The memory check counts activations as under model.remat_policy='full'; with %r they are "
-                    "larger and not modeled, so this run may still run out of device memory.",
-                    config.model.remat_policy)
   need = memory.training_memory_per_device(config, mesh_shape)
   have = available_bytes_per_device()
   budget = config.train.memory_headroom * have
