@@ -125,9 +125,8 @@ def activation_bytes(cfg: ml_collections.ConfigDict, batch: int, seq_len: int, *
   """Activation memory of one device's train step on `batch` sequences of `seq_len` tokens, in bytes.
 
   The residual stream saved at each scanned group, what each layer keeps under `model.remat_policy`
-  (`_kept_by_remat`; everything its backward needs without remat: `_kept_without_remat`), one group's working
-  set while it is
-  recomputed for its backward pass (per layer, attention: q, k, v and the output, token by model width,
+  (`_kept_by_remat`; without remat, everything its backward reads: `_kept_without_remat`), one group's
+  working set while it is recomputed for its backward pass (per layer, attention: q, k, v and the output, token by model width,
   and the attention maps' probabilities with their gradient on the explicit path (one map for standard
   attention, two for differential), one block pair per map on the blockwise and kernel paths; the FFN's
   hidden rows and the MoE's dispatched rows, in and out; a routed layer at `mod_capacity` (None: the
