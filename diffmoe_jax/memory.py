@@ -126,11 +126,11 @@ def activation_bytes(cfg: ml_collections.ConfigDict, batch: int, seq_len: int, *
 
   The residual stream saved at each scanned group, what each layer keeps under `model.remat_policy`
   (`_kept_by_remat`; without remat, everything its backward reads: `_kept_without_remat`), one group's
-  working set while it is recomputed for its backward pass (per layer, attention: q, k, v and the output, token by model width,
-  and the attention maps' probabilities with their gradient on the explicit path (one map for standard
-  attention, two for differential), one block pair per map on the blockwise and kernel paths; the FFN's
-  hidden rows and the MoE's dispatched rows, in and out; a routed layer at `mod_capacity` (None: the
-  model's) counts only the tokens it selects) and the fp32 logits with their gradient. `tensor`: how many
+  working set while it is recomputed for its backward pass (per layer, attention: q, k, v and the output,
+  token by model width, and the attention maps' probabilities with their gradient on the explicit path (one
+  map for standard attention, two for differential), one block pair per map on the blockwise and kernel
+  paths; the FFN's hidden rows and the MoE's dispatched rows, in and out; a routed layer at `mod_capacity`
+  (None: the model's) counts only the tokens it selects) and the fp32 logits with their gradient. `tensor`: how many
   ways the heads (and the FFN width) are split; the dispatched rows are model-wide, on every device.
   `tests/test_estimate.py` holds it against the compiled program.
   """
@@ -161,7 +161,9 @@ def activation_bytes(cfg: ml_collections.ConfigDict, batch: int, seq_len: int, *
     routed_tokens = routing.mod_capacity_tokens(routing_capacity, t)
   per_group = lambda f: (size - 1) * f(t) + f(routed_tokens) if cfg.mod.enabled else size * f(t)
   logits = 3 * b * t * cfg.vocab_size * 4
-  if cfg.remat_policy == "none":
+  # XLA:CPU runs an unrolled layer's recompute beside its forward pass, keeping what no remat keeps (tiny's
+  # step unrolled: 331.9 MiB of temporaries with full remat, 335.1 without; scanned, 200.4 with full remat).
+  if cfg.remat_policy == "none" or (not cfg.scan_layers and jax.default_backend() == "cpu"):
     # A scanned group's values go into buffers stacked over the groups; the last of the unrolled layers (or
     # groups) runs its backward at once, holding what full remat's recompute of it would.
     group, full_layer = _kept_without_remat(cfg, b, t, routing_capacity)
@@ -215,10 +217,10 @@ def _kept_by_remat(cfg: ml_collections.ConfigDict, b: int, tokens: int, tensor: 
 def _kept_without_remat(cfg: ml_collections.ConfigDict, b: int, t: int, mod_capacity: float) -> tuple[float, float]:
   """Bytes a scanned layer group, and a trailing full layer, keep for their backward without remat: the
   residuals of their vjp in training (traced by `jax.make_jaxpr`, nothing compiled or allocated) on one
-  sequence of `t` tokens, times `b` (each sequence's values are its own), less their inputs (the weights, as
-  the step casts them, and the residual stream, counted elsewhere). Counted whole: a tensor axis splits some
-  of them, so this overcounts on such a mesh. On the CPU 16-bit values count at 4 bytes, as XLA:CPU keeps
-  them in float32."""
+  sequence of `t` tokens, times `b` (each sequence's values are its own): the values computed from the
+  tokens, not their inputs (the residual stream is counted elsewhere) or values of the weights alone.
+  Counted whole: a tensor axis splits some of them, so this overcounts on such a mesh. On the CPU 16-bit
+  values count at 4 bytes, as XLA:CPU keeps them in float32."""
   group, full_layer = _kept_per_sequence(ml_collections.FrozenConfigDict(cfg), t, mod_capacity,
                                          jax.default_backend())
   return b * group, b * full_layer
@@ -240,8 +242,15 @@ def _kept_per_sequence(cfg: ml_collections.FrozenConfigDict, t: int, mod_capacit
     forward = lambda params, x, *a: layer.apply({"params": params}, x, *a, rngs={"noise": key})[0]
     jaxpr = jax.make_jaxpr(lambda p, x, *a: jax.vjp(lambda p, x: forward(p, x, *a), p, x)[1])(
         params, x, *args).jaxpr
-    inputs = set(jaxpr.invars)
-    residuals = {v for v in jaxpr.outvars if not isinstance(v, jax.extend.core.Literal) and v not in inputs}
+    # The values computed from the tokens (x, positions, ...), not those from the weights alone (an
+    # expert's slice of the stacked expert weights): the latter are no activations, and XLA reads the
+    # weights in place.
+    variables = lambda vs: [v for v in vs if not isinstance(v, jax.extend.core.Literal)]
+    per_token = set(jaxpr.invars[len(jax.tree.leaves(params)):])
+    for eqn in jaxpr.eqns:
+      if any(v in per_token for v in variables(eqn.invars)):
+        per_token.update(eqn.outvars)
+    residuals = per_token.intersection(variables(jaxpr.outvars)) - set(jaxpr.invars)
     return sum(math.prod(v.aval.shape) * itemsize(v.aval.dtype) for v in residuals)
 
   group = full_layer = 0.0
