@@ -245,12 +245,12 @@ def _kept_per_sequence(cfg: ml_collections.FrozenConfigDict, t: int, mod_capacit
     # The values computed from the tokens (x, positions, ...), not those from the weights alone (an
     # expert's slice of the stacked expert weights): the latter are no activations, and XLA reads the
     # weights in place.
-    variables = lambda vs: [v for v in vs if not isinstance(v, jax.extend.core.Literal)]
+    named = lambda values: [v for v in values if not isinstance(v, jax.extend.core.Literal)]
     per_token = set(jaxpr.invars[len(jax.tree.leaves(params)):])
     for eqn in jaxpr.eqns:
-      if any(v in per_token for v in variables(eqn.invars)):
+      if any(v in per_token for v in named(eqn.invars)):
         per_token.update(eqn.outvars)
-    residuals = per_token.intersection(variables(jaxpr.outvars)) - set(jaxpr.invars)
+    residuals = per_token.intersection(named(jaxpr.outvars)) - set(jaxpr.invars)
     return sum(math.prod(v.aval.shape) * itemsize(v.aval.dtype) for v in residuals)
 
   group = full_layer = 0.0
