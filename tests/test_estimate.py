@@ -285,13 +285,12 @@ def test_memory_estimate_agrees_with_the_compiled_train_step():
 
 @pytest.mark.parametrize("policy, names", [("dots_no_batch", ()), ("dots", ()),
                                            ("save_names", ("query_proj", "key_proj", "value_proj", "attn_out",
-                                                           "ffn_out")), ("none", ())])
+                                                           "ffn_out"))])
 def test_what_a_remat_policy_keeps_is_what_it_adds_to_the_compiled_step(policy, names):
   """With remat_policy "dots" / "dots_no_batch" each layer keeps its matmuls' outputs (on the blockwise path
-  "dots" also the maps' combination), with "save_names" the values named, with "none" every value its
-  backward reads: the compiled step's temporary memory grows by the estimator's count within 15%. The dots
-  policies and "none" were counted as full remat (the step's temporaries are 2.9 times full remat's without
-  it here); the named bfloat16 values as half what XLA:CPU keeps (it keeps them in float32)."""
+  "dots" also the maps' combination), with "save_names" the values named: the compiled step's temporary
+  memory grows by the estimator's count within 15%. The dots policies were counted as full remat; the
+  named bfloat16 values as half what XLA:CPU keeps (it keeps them in float32)."""
   full, config = _compiled_temp_bytes(4096)
   temp, kept_config = _compiled_temp_bytes(4096, remat_policy=policy, remat_save_names=names)
   kept = memory.activation_bytes(kept_config.model, 1, 4096) - memory.activation_bytes(config.model, 1, 4096)
@@ -300,9 +299,11 @@ def test_what_a_remat_policy_keeps_is_what_it_adds_to_the_compiled_step(policy, 
 
 
 def test_without_remat_the_last_unrolled_layer_keeps_what_its_recompute_would():
-  """Five layers: two scanned groups and a trailing layer, which runs its backward first, at once, so that full
-  remat's recompute of it holds its values as well. Without remat the step grows by the groups' values alone:
-  the estimator's count within 15% (counting the trailing layer's too, it was about 1.3 times what the step adds)."""
+  """Without remat each layer keeps every value its backward reads (it was counted as full remat). Five
+  layers: two scanned groups and a trailing layer, which runs its backward first, at once, so that full
+  remat's recompute of it holds its values as well. So dropping remat grows the step by the groups' values
+  alone: the estimator's count within 15% (counting the trailing layer's too, it was about 1.3 times what
+  the step adds)."""
   temps, activations = {}, {}
   for policy in ("full", "none"):
     config = _small_pi_p(remat_policy=policy)
