@@ -113,6 +113,31 @@ def test_tiny_forward_flops_by_hand(route_from, routers, t, capacity, selected):
   assert got == pytest.approx(want, rel=1e-12)
 
 
+def test_training_flops_are_three_forwards_or_four_with_full_remat_and_a_tied_head_counts():
+  """A train step is three forwards (the backward two), four with full remat's recompute; with MoD "off"
+  every token runs every layer, whatever the capacity; tied embeddings' output head is the same product as
+  an untied one's (each was a mutation every test passed: 3x for full remat, capacity used with "off", no
+  head FLOPs when tied)."""
+  config = load("tiny")
+  counts = estimate.count_params(config.model)
+  t, m = 128, config.model
+  at = lambda capacity: forward_flops_by_hand(288, 4, 768, 256, 2, t, capacity, math.ceil(capacity * t))
+  assert estimate.train_flops_per_token(m, counts, t, mod_mode="topk", mod_capacity=0.5) == pytest.approx(
+      3 * at(0.5), rel=1e-12)
+  assert estimate.train_flops_per_token(m, counts, t, mod_mode="off", mod_capacity=0.5) == pytest.approx(
+      3 * at(1.0), rel=1e-12)
+  m.max_seq_len = t
+  result = estimate.estimate(config)
+  fwd = at(m.mod.capacity)
+  assert result["forward_flops_per_token"] == pytest.approx(fwd, rel=1e-12)
+  assert result["train_flops_per_token"] == pytest.approx(3 * fwd, rel=1e-12)
+  assert result["train_flops_per_token_full_remat"] == pytest.approx(4 * fwd, rel=1e-12)
+  m.tie_embeddings = True
+  tied = estimate.count_params(m)
+  assert tied.sum({"global"}, {"lm_head"}) == 0 < counts.sum({"global"}, {"lm_head"})
+  assert estimate.forward_flops_per_token(m, tied, t) == pytest.approx(fwd, rel=1e-12)
+
+
 def test_pi_curriculum_costs_the_papers_training_compute():
   """The paper ("Training"): "Total training compute is approximately 3.2 × 10²² FLOPs". configs/pi.py's
   curriculum, phase by phase from the README's table (shares 5/35/20/15/15/10 %, contexts ¼ ½ ½ ½ 1 1 of
