@@ -283,6 +283,32 @@ def test_pareto_front_matches_brute_force():
   assert front == expected and expected
 
 
+def readme_architecture(d: int) -> tuple:
+  """(layers, heads, head width, experts, top-k, expert FFN, context) by README's completion rules, in plain loops:
+  head width 128, else 144; the fewest layers, a 3-smooth multiple of 9, with d / layers <= 96; the most 3-smooth
+  experts <= d / 512; FFN 8/3 d to a multiple of 256; context the largest power of two <= d² / 512."""
+  head = 128 if d % 128 == 0 else 144
+  layers = 9
+  while d / layers > 96 or not smooth(layers):
+    layers += 9
+  experts = max(n for n in range(2, d // 512 + 1) if smooth(n))
+  ffn = round(d * 8 / 3 / 256) * 256
+  context = 1
+  while 2 * context <= d * d / 512:
+    context *= 2
+  return layers, d // head, head, experts, 2, ffn, context
+
+
+def test_completion_follows_the_readme_rules_at_every_width():
+  """Every width with a head layout in [2048, 8192], not only the paper's rows: a depth rounded down (PI's 4608 and
+  PI-S's 3456 give the same either way) gave 2304 18 layers of width 128, past the 96 a layer may take."""
+  widths = [d for d in range(2048, 8193, 16) if d % 128 == 0 or d % 144 == 0]
+  for d in widths:
+    arch = complete.complete(d, complete.CompletionRules())
+    assert arch.d_model == d
+    assert dataclasses.astuple(arch)[1:] == readme_architecture(d), d
+
+
 def test_the_committed_report_is_what_the_readme_rules_and_formulas_give():
   """results/ncas (README: the search over [2048, 4608] with the power-of-two baseline) against the README's
   rules, completion rules and scores, computed here in plain loops, and its fronts by pairwise dominance."""
@@ -297,16 +323,8 @@ def test_the_committed_report_is_what_the_readme_rules_and_formulas_give():
   archs = {}
   for r in scored:
     d = int(r["width"])
-    head = 128 if d % 128 == 0 else 144
-    layers = 9
-    while d / layers > 96 or not smooth(layers):
-      layers += 9
-    experts = max(n for n in range(2, d // 512 + 1) if smooth(n))
-    ffn = round(d * 8 / 3 / 256) * 256
-    context = 1
-    while 2 * context <= d * d / 512:
-      context *= 2
-    arch = archs[d] = (layers, d // head, head, experts, 2, ffn, context)
+    arch = archs[d] = readme_architecture(d)
+    layers, _, head, experts, _, ffn, context = arch
     assert tuple(int(r[k]) for k in ("num_layers", "num_heads", "head_dim", "num_experts", "top_k", "expert_ffn_dim",
                                      "max_seq_len")) == arch, r["width"]
     assert int(r["total_params"]) == params_by_hand(d, layers, d // head, head, experts, ffn)
