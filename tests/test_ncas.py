@@ -309,6 +309,25 @@ def test_completion_follows_the_readme_rules_at_every_width():
     assert dataclasses.astuple(arch)[1:] == readme_architecture(d), d
 
 
+def test_proxy_head_width_and_training_settings_take_the_larger_on_a_tie():
+  """The docstrings' tie rules, against a plain loop: the proxy head width nearest head_dim / scale among the
+  multiples of 4 dividing width / scale, the larger on a tie (384 / 8 = 48 has heads of 12 and 16, both 2 from
+  112 / 8 = 14); the training settings of the PI config nearest in width, the wider on a tie (3024 lies midway
+  between PI-P's 2592 and PI-S's 3456, 4032 between PI-S and PI)."""
+  for width, head_dim, scale in [(384, 112, 8), (2592, 144, 8), (4608, 128, 8), (480, 72, 4), (960, 100, 4)]:
+    best = None
+    for h in range(4, width // scale + 1, 4):
+      distance = abs(h - head_dim / scale)
+      if (width // scale) % h == 0 and (best is None or distance <= best[0]):
+        best = (distance, h)
+    assert complete.proxy_head_dim(width, head_dim, scale) == best[1], (width, head_dim, scale)
+  assert complete.proxy_head_dim(384, 112, 8) == 16
+  rows = complete.PAPER_ROW_TRAINING
+  for width, row in [(3023, 2592), (3024, 3456), (3025, 3456), (4031, 3456), (4032, 4608), (2048, 2592),
+                     (8192, 4608)]:
+    assert complete.training_for(width) == rows[row], width
+
+
 def test_the_committed_report_is_what_the_readme_rules_and_formulas_give():
   """results/ncas (README: the search over [2048, 4608] with the power-of-two baseline) against the README's
   rules, completion rules and scores, computed here in plain loops, and its fronts by pairwise dominance."""
