@@ -206,6 +206,29 @@ def test_a_signal_during_a_proxys_last_step_stops_the_search_after_that_proxy(tm
   assert os.path.exists(tmp_path / "proxies" / "pi_2304" / "result.json")
 
 
+def test_the_front_keeps_the_most_capacity_and_efficiency_and_the_lowest_loss(tmp_path, monkeypatch):
+  """The fronts a search reports, against pairwise dominance in a plain loop (capacity and efficiency higher, proxy
+  loss lower is better), with proxy losses set so that 3456 dominates 2592 only by its lower loss: the proxy loss
+  maximised instead passed every test."""
+  config = smoke_config()
+  config.ncas.space.update(min_width=2304, max_width=3456)  # 2304, 2592 and 3456 pass the rules
+  losses = {2304: 3.0, 2592: 2.5, 3456: 2.0}
+  monkeypatch.setattr(search, "train_proxy", lambda config, arch, *args: {"loss": losses[arch.d_model], "seconds": 1.0})
+  result = search.run(config, str(tmp_path), log=lambda line: None)
+  scored = [r for r in result["rows"] if r.get("proxy_loss") is not None]
+  assert [r["width"] for r in scored] == [2304, 2592, 3456]
+
+  def beats(a, b):
+    at_least = (a["capacity_gbit"] >= b["capacity_gbit"] and a["efficiency"] >= b["efficiency"]
+                and a["proxy_loss"] <= b["proxy_loss"])
+    return at_least and (a["capacity_gbit"] > b["capacity_gbit"] or a["efficiency"] > b["efficiency"]
+                         or a["proxy_loss"] < b["proxy_loss"])
+
+  front = [f"pi_{r['width']}" for r in scored if not any(beats(q, r) for q in scored)]
+  assert result["fronts"]["pi"] == result["fronts"]["joint"] == front
+  assert "pi_2592" not in front  # a front of every row would not tell the directions apart
+
+
 def test_a_diverged_proxy_is_a_result_on_no_front_and_the_search_goes_on(smoke, tmp_path, monkeypatch):
   """A proxy stopped by non-finite updates ended the search with the training config's advice (optimizer.peak_lr,
   --config.train.allow_config_change), which a search config has no field for; a rerun resumed it into the same
