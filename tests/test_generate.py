@@ -191,6 +191,18 @@ def test_temperature_divides_the_logits(temperature):
   assert np.abs(want - probs).max() > 0.1  # the tolerance tells the two apart
 
 
+def test_top_p_restricts_the_tempered_distribution():
+  """Drawn from softmax(logits / T) restricted by top_p (the docstring's order): at T = 2 the fewest most likely
+  tokens reaching 0.7 are three (NumPy, float64); top_p on the untempered probabilities keeps two (0.5 + 0.3)."""
+  probs = np.array([0.05, 0.5, 0.15, 0.3])
+  tempered = probs ** 0.5 / np.sum(probs ** 0.5)
+  order = np.argsort(-tempered)
+  reach = np.searchsorted(np.cumsum(tempered[order]), 0.7) + 1  # tokens until the sum reaches 0.7
+  want = set(order[:reach].tolist())
+  assert want == {1, 2, 3}
+  assert set(draws(np.log(probs), temperature=2.0, top_p=0.7)) == want
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
   return short_run_workdir(tmp_path_factory)
