@@ -140,6 +140,15 @@ def test_sampling_with_a_seed_is_reproducible(model_and_params):
   assert any(not np.array_equal(a, b) for a, b in zip(first, other))
 
 
+def test_each_step_draws_with_its_own_key(model_and_params):
+  """At a temperature so high that the logits no longer matter, each draw is decided by its key's noise alone: one
+  key for every step drew the same token at every step of a row."""
+  model, params = model_and_params
+  tokens = generate_lib.generate(model, params, PROMPTS, max_new_tokens=8, temperature=1e6, seed=3).tokens
+  for row in tokens:
+    assert len(row) == 8 and len(set(row.tolist())) > 1, row
+
+
 def test_temperature_zero_is_greedy():
   logits = jnp.asarray([[0.1, 2.0, -1.0, 1.9], [3.0, 0.0, 0.0, 0.0]])
   for seed in range(3):
