@@ -318,3 +318,18 @@ def test_sharded_train_step_lowers_for_accelerators(make_config, platform, kerne
     text = step.trace(make(), batch, dyn).lower(lowering_platforms=(platform,)).as_text()
   assert text.count(kernel_call) >= 3 and "@ragged_all_to_all" in text
   assert "mosaic_gpu" not in text
+
+
+def test_per_device_expert_load_of_more_experts_than_devices():
+  """Device j holds experts [j·E/n, (j+1)·E/n): against a plain loop over 8 experts on 4 devices. With 4 experts on
+  2 devices, reading each device's experts as a stride (reshape(-1, n)) gives the same shares and passed."""
+  from diffmoe_jax.config import defaults
+  from diffmoe_jax.train.metrics import layer_scalars
+  load = np.random.default_rng(0).dirichlet(np.ones(8), size=1).astype(np.float32)
+  layers = {"expert_load": load, "dropped_fraction": np.zeros(1), "lambda": np.zeros((1, 1)),
+            "mod_selected_fraction": np.zeros(0), "mod_predictor_accuracy": np.zeros(0)}
+  scalars = layer_scalars(layers, defaults().model, expert_devices=4)
+  for device in range(4):
+    want = sum(float(load[0, e]) for e in range(8) if e // 2 == device)
+    assert scalars[f"moe/layer0/device{device}_load"] == pytest.approx(want, rel=1e-6)
+  assert not any(f"device{j}_load" in k for k in scalars for j in range(4, 8))
