@@ -180,6 +180,27 @@ def test_table_gives_the_seeds_sample_spread_and_none_for_one_seed():
       ["full", "no_mod"], one, ["code"], labels)
 
 
+def test_stable_rank_series_averages_each_step_raw_and_per_smaller_side():
+  """Per logged step, the mean stable rank over the matrices logged there and the mean of each divided by its
+  matrix's smaller side (plain loops): the mean of the ranks over the mean of the sides passed every test."""
+  scalars = {"stable_rank/groups/layer_0/attention/wq": [(3, 12.0), (6, 10.0)],
+             "stable_rank/groups/layer_0/moe/w_in": [(3, 6.0), (6, 4.0)],
+             "stable_rank/tail_0/ffn/w_out": [(6, 3.0)],
+             "train/loss": [(3, 2.0), (6, 1.5)]}
+  sides = {"wq": 48, "w_in": 16, "w_out": 8}
+  got = ablate_analysis.stable_rank_series(scalars, sides)
+  want = {"steps": [3, 6], "mean": [], "relative": []}
+  for step in (3, 6):
+    logged = [(value, sides[tag.rsplit("/", 1)[1]]) for tag, series in scalars.items()
+              if tag.startswith("stable_rank/") for s, value in series if s == step]
+    want["mean"].append(sum(v for v, _ in logged) / len(logged))
+    want["relative"].append(sum(v / side for v, side in logged) / len(logged))
+  assert got["steps"] == want["steps"]
+  np.testing.assert_allclose(got["mean"], want["mean"], rtol=1e-12)
+  np.testing.assert_allclose(got["relative"], want["relative"], rtol=1e-12)
+  assert want["relative"][1] == pytest.approx((10 / 48 + 4 / 16 + 3 / 8) / 3)
+
+
 def finished_run(run_dir, config, record: dict) -> None:
   """Writes a result.json for the run of `config` in run_dir, as a finished one has, plus `record`."""
   os.makedirs(run_dir)
