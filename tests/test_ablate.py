@@ -201,6 +201,30 @@ def test_stable_rank_series_averages_each_step_raw_and_per_smaller_side():
   assert want["relative"][1] == pytest.approx((10 / 48 + 4 / 16 + 3 / 8) / 3)
 
 
+@pytest.mark.parametrize("changes", [{}, {"moe": {"expert_ffn_dim": 32}},
+                                     {"ffn": "dense", "moe": {"expert_ffn_dim": 32}}])
+def test_matrix_sides_are_the_smaller_side_of_each_weight_the_model_has(changes):
+  """The side each stable rank is divided by, against the model's own parameter shapes laid out as
+  metrics.stable_ranks reads them (rows x columns): the larger side would pass the ranks off as fractions too."""
+  import jax
+  from diffmoe_jax.train import metrics
+  model = config_lib.load_file(os.path.join(REPO, "tests", "train_config.py")).model
+  model.moe.update(**changes.get("moe", {}))
+  if "ffn" in changes:
+    model.update(ffn=changes["ffn"], expert_conditional_lambda=False)
+  sides = ablate_analysis.matrix_smaller_sides(model)
+  seen = set()
+  for path, leaf in jax.tree_util.tree_flatten_with_path(estimate.abstract_params(model))[0]:
+    name = str(getattr(path[-1], "key", path[-1]))
+    if name not in metrics.WEIGHT_MATRICES:
+      continue
+    axes, rows = metrics.WEIGHT_MATRICES[name]
+    matrix = leaf.shape[len(leaf.shape) - axes:]
+    assert sides[name] == min(int(np.prod(matrix[:rows])), int(np.prod(matrix[rows:]))), (name, leaf.shape)
+    seen.add(name)
+  assert {"wq", "wk", "wv", "wo", "w_in", "w_out"} <= seen
+
+
 def finished_run(run_dir, config, record: dict) -> None:
   """Writes a result.json for the run of `config` in run_dir, as a finished one has, plus `record`."""
   os.makedirs(run_dir)
