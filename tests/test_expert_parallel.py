@@ -38,7 +38,7 @@ def _inputs(seed, activation):
 def _layer_and_grads(layer):
   def loss(x, w, params, experts, mask, cot):
     y, stats = layer(x, w, experts, *params, token_mask=mask)
-    return jnp.sum(y * cot), (y, stats["dropped_fraction"])
+    return jnp.sum(y * cot), (y, stats["dropped_fraction"], stats["slot_fill"])
   return jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))
 
 
@@ -49,7 +49,7 @@ CASES = [("capacity", "all_to_all", "gelu", (2, 4, 1)), ("capacity", "gather", "
 
 @pytest.mark.parametrize("mode,strategy,activation,mesh_shape", CASES)
 def test_expert_parallel_layer_equals_one_device(mode, strategy, activation, mesh_shape):
-  """Outputs, dropped fraction and gradients, with a token mask; mesh (data, expert, tensor)."""
+  """Outputs, dropped fraction, slot fill and gradients, with a token mask; mesh (data, expert, tensor)."""
   mesh = jax.make_mesh(mesh_shape, ("data", "expert", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
   (x, w, experts, mask), params = _inputs(0, activation)
   cot = np.random.default_rng(1).normal(size=(B, T, D)).astype(np.float32)
@@ -62,10 +62,12 @@ def test_expert_parallel_layer_equals_one_device(mode, strategy, activation, mes
   put = lambda a: jax.device_put(a, rows)
   weight_specs = [P("expert", None, "tensor"), P("expert", "tensor", None), P("expert", None, "tensor")]
   sharded_params = [jax.device_put(p, NamedSharding(mesh, s)) for p, s in zip(params, weight_specs)]
-  want_grads, (want_y, want_dropped) = single(x, w, params, experts, mask, cot)
-  got_grads, (got_y, got_dropped) = sharded(put(x), put(w), sharded_params, put(experts), put(mask), put(cot))
+  want_grads, (want_y, want_dropped, want_fill) = single(x, w, params, experts, mask, cot)
+  got_grads, (got_y, got_dropped, got_fill) = sharded(put(x), put(w), sharded_params, put(experts), put(mask),
+                                                      put(cot))
   np.testing.assert_allclose(got_y, want_y, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(got_dropped, want_dropped, rtol=1e-6)
+  np.testing.assert_allclose(got_fill, want_fill, rtol=1e-6)
   if mode == "capacity":
     assert float(want_dropped) > 0  # the case exercises dropping
   for got, want in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
@@ -101,7 +103,7 @@ def test_ragged_strategy_equals_one_device(activation, mesh_shape):
   (x, w, experts, mask), params = _inputs(5, activation)
   cot = np.random.default_rng(6).normal(size=(B, T, D)).astype(np.float32)
   common = dict(activation=activation, mode="dropless", dropless_impl="padded")
-  want_grads, (want_y, _) = _layer_and_grads(functools.partial(dispatch.moe_ffn, **common))(
+  want_grads, (want_y, _, _) = _layer_and_grads(functools.partial(dispatch.moe_ffn, **common))(
       x, w, params, experts, mask, cot)
   sharded = _layer_and_grads(functools.partial(
       expert_parallel.moe_ffn, mesh=mesh, batch_axes=("data", "expert"), expert_axis="expert",
@@ -111,7 +113,7 @@ def test_ragged_strategy_equals_one_device(activation, mesh_shape):
   weight_specs = [P("expert", None, "tensor"), P("expert", "tensor", None), P("expert", None, "tensor")]
   sharded_params = [jax.device_put(p, NamedSharding(mesh, s)) for p, s in zip(params, weight_specs)]
   with mock.patch.object(jax.lax, "ragged_all_to_all", emulated_ragged_all_to_all):
-    got_grads, (got_y, got_dropped) = sharded(put(x), put(w), sharded_params, put(experts), put(mask), put(cot))
+    got_grads, (got_y, got_dropped, _) = sharded(put(x), put(w), sharded_params, put(experts), put(mask), put(cot))
   np.testing.assert_allclose(got_y, want_y, rtol=1e-5, atol=1e-5)
   assert float(got_dropped) == 0.0
   for got, want in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
