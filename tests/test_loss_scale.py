@@ -125,6 +125,17 @@ def test_at_the_floor_an_overflow_counts_as_nonfinite(setup, steps):
   assert int(after.nonfinite_total) == int(after.nonfinite_streak) == 1
 
 
+def test_an_overflow_above_the_floor_halves_the_scale_no_lower_than_the_floor(setup, steps):
+  """1.5 x the floor halved would be 0.75 x it: the scale stops at the floor (halving past it passed every test, whose
+  scales were powers of two landing on the floor exactly)."""
+  _, batch, models = setup
+  state = with_scale(models["float16"][1], 1.5 * 2.0**120)
+  after, metrics = steps("float16", minimum=2.0**120)(state, batch, DYN)  # the step the floor test compiled
+  jax.tree.map(np.testing.assert_array_equal, after.params, state.params)
+  assert float(after.loss_scale.scale) == 2.0**120 and int(after.loss_scale.overflow_total) == 1
+  assert int(metrics["overflow_skipped"]) == int(metrics["update_skipped"]) == 1 and int(after.nonfinite_total) == 0
+
+
 def test_a_nonfinite_loss_is_counted_and_leaves_the_scale(setup, steps):
   """A forward that is not finite is no overflow of the scaled gradients: halving the scale would not help."""
   _, batch, models = setup
