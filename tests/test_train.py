@@ -13,7 +13,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from diffmoe_jax import config as config_lib
-from diffmoe_jax import data
+from diffmoe_jax import data, estimate
 from diffmoe_jax import main as main_lib
 from diffmoe_jax import parallel
 from diffmoe_jax.config import ConfigError
@@ -47,6 +47,8 @@ SUBPROCESS_TIMEOUT_S = 900
 # (time.perf_counter) on: far longer than any real step, so a step that counted one shows it on any machine (a
 # real 8 s pause did not: a busy machine's first step took 9 s).
 PAUSE_SECONDS = 1000.0
+# The host's matmul rate the full run's MFU is computed with (measured on CPU; fixed here to check MFU exactly).
+PEAK_FLOPS = 1e9
 # The keys of the batches the full run's train and eval steps were traced with.
 STEP_BATCH_KEYS = {"train": set(), "eval": set()}
 
@@ -86,6 +88,7 @@ def full_run(tmp_path_factory):
 
   with pytest.MonkeyPatch.context() as patch:
     patch.setattr(time, "perf_counter", lambda: clock() + paused[0])
+    patch.setattr(metrics_lib, "measured_matmul_flops", lambda: PEAK_FLOPS)
     patch.setattr(jax.stages.Compiled, "__call__", loading_at_first_run)
     patch.setattr(metrics_lib, "stable_ranks", pausing(metrics_lib.stable_ranks))
     patch.setattr(loop, "eval_loss_sums", pausing(loop.eval_loss_sums))
@@ -152,6 +155,14 @@ def test_step_time_leaves_out_compiles_evaluations_and_pauses(full_run):
   tokens_per_second = scalar_series(acc, "train/tokens_per_second")
   assert sorted(tokens_per_second) == sorted(seconds) == sorted(scalar_series(acc, "train/mfu"))
   assert tokens_per_second[12] == pytest.approx(256 / seconds[12], rel=1e-4)  # the step the pauses came after
+  # MFU: the FLOPs of each step's own sequence length and MoD setting, times its tokens per second, over the peak.
+  config, mfu = load_config(), scalar_series(acc, "train/mfu")
+  counts, curriculum = estimate.count_params(config.model), Curriculum(config)
+  for step, rate in tokens_per_second.items():
+    s = curriculum.settings(step - 1)
+    flops = estimate.train_flops_per_token(config.model, counts, s.phase.seq_len, mod_mode=s.mod_mode,
+                                           mod_capacity=s.mod_capacity)
+    assert mfu[step] == pytest.approx(flops * rate / PEAK_FLOPS, rel=1e-4), step
 
 
 @contextlib.contextmanager
