@@ -299,6 +299,23 @@ def test_batch_is_a_pure_function_of_seed_and_step(stdlib):
   assert not np.array_equal(other_seed[5]["inputs"], first["inputs"])
 
 
+def test_each_domain_is_shuffled_with_its_own_seed(text_dir, tmp_path):
+  """Two domains of the same files: the same windows, read in two orders (seeds from (seed, domain index)). One
+  shuffle seed for every domain passed every test: the built-in domains differ in length, so their orders did too."""
+  spec = f"files:{text_dir}/*.txt"
+  corpus = data.build_corpus(data_config({"a": spec, "b": spec}), cache_root=str(tmp_path / "cache"))
+  np.testing.assert_array_equal(corpus.tokens("a", "train"), corpus.tokens("b", "train"))
+  windows = windows_of(corpus.tokens("a", "train"), 16)
+  ds = data.train_dataset(corpus, seed=0, seq_len=16, batch_size=8)
+  order = {0: [], 1: []}
+  for step in range(6):
+    batch = ds[step]
+    for row, domain in zip(rows(batch), batch["domain"]):
+      order[int(domain)].append(int(window_index(windows, row)[0]))
+  n = min(len(order[0]), len(order[1]))
+  assert n >= 16 and order[0][:n] != order[1][:n], order
+
+
 def test_a_batch_of_one_is_the_mixed_stream_one_row_at_a_time(stdlib):
   """Batch 1 (a phase whose tokens_per_batch equals its seq_len) reads the same stream batch 2 cuts in pairs."""
   corpus, _ = stdlib
