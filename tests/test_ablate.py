@@ -74,6 +74,35 @@ def test_smoke_run_writes_table_plots_and_json(smoke):
   assert v2_lambda.shape == (2, 1) and ((v2_lambda > 0) & (v2_lambda < 1)).all()
 
 
+def test_the_token_lambda_spread_is_over_every_token_of_a_layer(smoke, monkeypatch):
+  """Per domain and layer, the mean and standard deviation of the λ every token got through the router, against the
+  tokens' λ recorded as they were mixed (each call's layer found by its λ per expert): the spread of the
+  per-batch means passed every test."""
+  workdir, _, _ = smoke
+  recorded, token_lambdas = [], ablate_analysis.token_lambdas
+
+  def recording(lambda_per_expert, weights, experts):
+    tokens = token_lambdas(lambda_per_expert, weights, experts)
+    recorded.append((np.asarray(lambda_per_expert), np.ravel(tokens)))
+    return tokens
+
+  monkeypatch.setattr(ablate_analysis, "token_lambdas", recording)
+  config = smoke_config()
+  corpus = data.build_corpus(config.data)
+  run_config = ablate.arm_config(config, "full", 0)[0]
+  lam = ablate_analysis.lambda_analysis(run_config, os.path.join(workdir, "full", "seed0"), corpus)
+  per_domain = len(recorded) // len(corpus.domains)
+  assert per_domain == run_config.train.eval_batches * run_config.model.num_layers
+  for d, domain in enumerate(corpus.domains):
+    calls = recorded[d * per_domain:(d + 1) * per_domain]
+    for layer, lambdas in enumerate(lam["per_layer"][domain]):
+      tokens = np.concatenate([t for per_expert, t in calls if np.allclose(per_expert, lambdas, rtol=1e-6)])
+      assert tokens.size == run_config.train.eval_batches * run_config.train.eval_batch_size * \
+          run_config.model.max_seq_len
+      assert lam["tokens"][domain][layer]["mean"] == pytest.approx(np.mean(tokens), rel=1e-6)
+      assert lam["tokens"][domain][layer]["std"] == pytest.approx(np.std(tokens), rel=1e-6)
+
+
 def test_rerun_skips_finished_arms(smoke, monkeypatch, capsys):
   workdir, report_dir, summary = smoke
 
