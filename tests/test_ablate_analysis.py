@@ -1,0 +1,102 @@
+"""The ablation report's arithmetic: token λ, mean ± spread and Δ, stable-rank series and the sides they are divided by,
+and the stable-rank comparison's text (tests/test_ablate.py runs the ablation)."""
+import os
+import re
+
+import numpy as np
+import pytest
+
+from diffmoe_jax import ablate_analysis, estimate
+from diffmoe_jax import config as config_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_token_lambdas_mix_experts_by_gate_weight():
+  lam = np.array([0.2, 0.5, 0.9])
+  weights = np.array([[0.75, 0.25], [0.5, 0.5]])
+  experts = np.array([[2, 0], [1, 2]])
+  np.testing.assert_allclose(ablate_analysis.token_lambdas(lam, weights, experts), [0.725, 0.7])
+
+
+def test_table_gives_the_seeds_sample_spread_and_none_for_one_seed():
+  def record(arm, seed, loss):
+    return {"arm": arm, "seed": seed, "change": "none", "params": {"total": 10, "active": 5}, "final_step": 6,
+            "wall_seconds": 1.0, "eval": {"loss": loss, "code/bits_per_byte": 2 * loss}}
+  labels = {"full": "Full", "no_mod": "No MoD"}
+  losses = {"full": [2.0, 2.5, 3.5], "no_mod": [3.0, 3.0, 3.3]}
+  records = [record(arm, seed, loss) for arm, values in losses.items() for seed, loss in enumerate(values)]
+  arms = ablate_analysis.summarize(["full", "no_mod"], records, ["code"])
+  assert arms["full"]["std"]["loss"] == pytest.approx(np.sqrt(((2 - 8 / 3) ** 2 + (2.5 - 8 / 3) ** 2
+                                                                + (3.5 - 8 / 3) ** 2) / 2))
+  assert "| No MoD | 10 (5) | 3.1000 ± 0.1732 | +0.4333 |" in ablate_analysis.table(["full", "no_mod"], arms, ["code"],
+                                                                                  labels)
+  # One seed has no spread: the table gives the mean alone, not "± 0.0000".
+  one = ablate_analysis.summarize(["full", "no_mod"], [r for r in records if r["seed"] == 0], ["code"])
+  assert one["full"]["std"]["loss"] is None
+  assert "| No MoD | 10 (5) | 3.0000 | +1.0000 | 6.0000 | +2.0000 |" in ablate_analysis.table(
+      ["full", "no_mod"], one, ["code"], labels)
+
+
+def test_stable_rank_series_averages_each_step_raw_and_per_smaller_side():
+  """Per logged step, the mean stable rank over the matrices logged there and the mean of each divided by its
+  matrix's smaller side (plain loops): the mean of the ranks over the mean of the sides passed every test."""
+  scalars = {"stable_rank/groups/layer_0/attention/wq": [(3, 12.0), (6, 10.0)],
+             "stable_rank/groups/layer_0/moe/w_in": [(3, 6.0), (6, 4.0)],
+             "stable_rank/tail_0/ffn/w_out": [(6, 3.0)],
+             "train/loss": [(3, 2.0), (6, 1.5)]}
+  sides = {"wq": 48, "w_in": 16, "w_out": 8}
+  got = ablate_analysis.stable_rank_series(scalars, sides)
+  want = {"steps": [3, 6], "mean": [], "relative": []}
+  for step in (3, 6):
+    logged = [(value, sides[tag.rsplit("/", 1)[1]]) for tag, series in scalars.items()
+              if tag.startswith("stable_rank/") for s, value in series if s == step]
+    want["mean"].append(sum(v for v, _ in logged) / len(logged))
+    want["relative"].append(sum(v / side for v, side in logged) / len(logged))
+  assert got["steps"] == want["steps"]
+  np.testing.assert_allclose(got["mean"], want["mean"], rtol=1e-12)
+  np.testing.assert_allclose(got["relative"], want["relative"], rtol=1e-12)
+  assert want["relative"][1] == pytest.approx((10 / 48 + 4 / 16 + 3 / 8) / 3)
+
+
+@pytest.mark.parametrize("changes", [{}, {"moe": {"expert_ffn_dim": 32}},
+                                     {"ffn": "dense", "moe": {"expert_ffn_dim": 32}}])
+def test_matrix_sides_are_the_smaller_side_of_each_weight_the_model_has(changes):
+  """The side each stable rank is divided by, against the model's own parameter shapes laid out as
+  metrics.stable_ranks reads them (rows x columns): the larger side would pass the ranks off as fractions too."""
+  import jax
+  from diffmoe_jax.train import metrics
+  model = config_lib.load_file(os.path.join(REPO, "tests", "train_config.py")).model
+  model.moe.update(**changes.get("moe", {}))
+  if "ffn" in changes:
+    model.update(ffn=changes["ffn"], expert_conditional_lambda=False)
+  sides = ablate_analysis.matrix_smaller_sides(model)
+  seen = set()
+  for path, leaf in jax.tree_util.tree_flatten_with_path(estimate.abstract_params(model))[0]:
+    name = str(getattr(path[-1], "key", path[-1]))
+    if name not in metrics.WEIGHT_MATRICES:
+      continue
+    axes, rows = metrics.WEIGHT_MATRICES[name]
+    matrix = leaf.shape[len(leaf.shape) - axes:]
+    assert sides[name] == min(int(np.prod(matrix[:rows])), int(np.prod(matrix[rows:]))), (name, leaf.shape)
+    seen.add(name)
+  assert {"wq", "wk", "wv", "wo", "w_in", "w_out"} <= seen
+
+
+def test_stable_rank_text_gives_the_papers_claim_in_our_squared_measure():
+  # Two matrices whose unsquared ||W||_F / ||W||_2 differ by the paper's 23%: their squared stable ranks
+  # (what metrics.stable_ranks computes) differ by the percentage the report quotes for the paper.
+  def squared_stable_rank(singular_values):
+    w = np.diag(np.asarray(singular_values, np.float64))
+    return np.linalg.norm(w, "fro") ** 2 / np.linalg.norm(w, 2) ** 2
+  base = [1.0, 0.5, 0.25]
+  unsquared = np.sqrt(squared_stable_rank(base))
+  second = np.sqrt(((1.23 * unsquared) ** 2 - 1.0 - 0.25) / 2)  # chosen so the unsquared ratio is 1.23
+  pi, p2 = squared_stable_rank([1.0, second, second, 0.5]), squared_stable_rank(base)
+  assert np.sqrt(pi / p2) == pytest.approx(1.23)
+  curves = {"full": {"steps": [10], "mean": [pi], "relative": [1.0]},
+            "power_of_two": {"steps": [10], "mean": [p2], "relative": [1.0]}}
+  text, _ = ablate_analysis._stable_rank_text(curves, {"full": "Full", "power_of_two": "Pow2"})
+  ours = re.search(r"full model's is ([+-][\d.]+)%", text).group(1)
+  paper = re.search(r"which is ([+-]\d+)% on this squared measure", text).group(1)
+  assert round(float(ours)) == int(paper) == 51
