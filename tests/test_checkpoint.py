@@ -201,7 +201,8 @@ def test_all_damaged_raises(tmp_path, state):
 def test_the_reads_a_damaged_step_abandons_print_nothing(tmp_path, state, caplog, monkeypatch):
   """Falling back from a step with a missing file: when one read failed, Orbax abandoned the other arrays'
   reads, and each printed its TensorStore spec when collected ("Exception ignored in <coroutine ...>",
-  asyncio's "Task exception was never retrieved"): 3,000 lines after the one warning naming the damage."""
+  asyncio's "Task exception was never retrieved"): 3,000 lines after the one warning naming the damage. Reads
+  that TensorStore completed after the restore's event loop had closed each printed "Event loop is closed"."""
   import gc
   ckpt = Checkpointer(tmp_path, async_save=False)
   ckpt.save(1, state)

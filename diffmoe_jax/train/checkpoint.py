@@ -16,6 +16,7 @@ import shutil
 import sys
 import threading
 import time
+import traceback
 from typing import Any, Mapping
 
 import jax
@@ -115,6 +116,15 @@ class _AbandonedReadReports(logging.Filter):
                                                "Future exception was never retrieved"))
 
 
+def _to_a_closed_loop(unraisable) -> bool:
+  """An abandoned read that TensorStore completes after the restore's event loop closed: its result is
+  handed to the closed loop (`call_soon_threadsafe`), which refuses it."""
+  frames = traceback.extract_tb(unraisable.exc_traceback)
+  return (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"
+          and bool(frames) and frames[0].name == "call_soon_threadsafe"
+          and f"{os.sep}asyncio{os.sep}" in frames[0].filename)
+
+
 @contextlib.contextmanager
 def _abandoned_reads_quiet():
   """When one array's read fails, Orbax abandons the reads of the others. Collected, each printed its
@@ -126,8 +136,11 @@ def _abandoned_reads_quiet():
 
   def hook(unraisable):
     code = getattr(unraisable.object, "cr_code", None)
-    if code is None or f"{os.sep}orbax{os.sep}" not in code.co_filename:
-      report(unraisable)
+    if code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename:
+      return
+    if _to_a_closed_loop(unraisable):
+      return
+    report(unraisable)
 
   sys.unraisablehook = hook
   asyncio_log.addFilter(quiet)
