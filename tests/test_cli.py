@@ -321,11 +321,15 @@ def test_resuming_with_a_changed_setting_needs_it_allowed(stopped_run):
 
 def test_resuming_after_the_training_files_changed_needs_it_allowed(tmp_path):
   """The resume read the appended file silently: the rest of the run trained on other data."""
-  text = tmp_path / "text"
+  text, docs = tmp_path / "text", tmp_path / "docs"
   text.mkdir()
+  docs.mkdir()
   for i in range(40):
     (text / f"{i:02d}.py").write_text("".join(f"def f{i}_{j}(x):\n  return x * {j} + {i}\n\n" for j in range(40)))
+    (docs / f"{i:02d}.md").write_text("".join(f"Note {i} gives the value {j}.\n" for j in range(40)))
+  # Domains are split together: with the built-in docs domain each run would split the stdlib again (15 s).
   run = lambda *extra: run_cli(*train_command(tmp_path / "run", f"--config.data.domains.code=files:{text}/*.py",
+                                              f"--config.data.domains.docs=files:{docs}/*.md",
                                               f"--config.data.cache_dir={tmp_path / 'cache'}", *extra))
   assert run("--config.train.run_steps=1").returncode == main_lib.EXIT_STOPPED_EARLY
   with open(text / "07.py", "a") as f:
