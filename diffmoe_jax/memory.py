@@ -124,15 +124,15 @@ def activation_bytes(cfg: ml_collections.ConfigDict, batch: int, seq_len: int, *
                      tensor: int = 1) -> float:
   """Activation memory of one device's train step on `batch` sequences of `seq_len` tokens, in bytes.
 
-  The residual stream saved at each scanned group, what each layer keeps under `model.remat_policy`
-  (`_kept_by_remat`; without remat, everything its backward reads: `_kept_without_remat`), one group's
-  working set while it is recomputed for its backward pass (per layer, attention: q, k, v and the output,
-  token by model width, and the attention maps' probabilities with their gradient on the explicit path (one
-  map for standard attention, two for differential), one block pair per map on the blockwise and kernel
-  paths; the FFN's hidden rows and the MoE's dispatched rows, in and out; a routed layer at `mod_capacity`
-  (None: the model's) counts only the tokens it selects) and the fp32 logits with their gradient. `tensor`: how many
-  ways the heads (and the FFN width) are split; the dispatched rows are model-wide, on every device.
-  `tests/test_estimate.py` holds it against the compiled program.
+  The residual stream saved at each scanned group, what each layer keeps for its backward under
+  `model.remat_policy` (`_kept_for_backward`), one group's working set while it is recomputed for its
+  backward pass (per layer, attention: q, k, v and the output, token by model width, and the attention
+  maps' probabilities with their gradient on the explicit path (one map for standard attention, two for
+  differential), one block pair per map on the blockwise and kernel paths; the FFN's hidden rows and the
+  MoE's dispatched rows, in and out; a routed layer at `mod_capacity` (None: the model's) counts only the
+  tokens it selects) and the fp32 logits with their gradient. `tensor`: how many ways the heads (and the FFN
+  width) are split; the dispatched rows are model-wide, on every device. `tests/test_estimate.py` holds it
+  against the compiled program.
   """
   b, t = batch, seq_len
   size, groups, tail = model_lib.layer_layout(cfg)
@@ -163,17 +163,16 @@ def activation_bytes(cfg: ml_collections.ConfigDict, batch: int, seq_len: int, *
   logits = 3 * b * t * cfg.vocab_size * 4
   # XLA:CPU runs an unrolled layer's recompute beside its forward pass, keeping what no remat keeps (tiny's
   # step unrolled: 331.9 MiB of temporaries with full remat, 335.1 without; scanned, 200.4 with full remat).
-  if cfg.remat_policy == "none" or (not cfg.scan_layers and jax.default_backend() == "cpu"):
-    # A scanned group's values go into buffers stacked over the groups; the last of the unrolled layers (or
-    # groups) runs its backward at once, holding what full remat's recompute of it would.
-    group, full_layer = _kept_without_remat(cfg, b, t, routing_capacity)
-    if tail:
-      kept = groups * group + (tail - 1) * full_layer
-    else:
-      kept = (groups - (0 if cfg.scan_layers else 1)) * group
+  rematted = cfg.remat_policy != "none" and (cfg.scan_layers or jax.default_backend() != "cpu")
+  group, full_layer = _kept_for_backward(cfg, b, t, routing_capacity, tensor, rematted=rematted)
+  if rematted:
+    kept = groups * group + tail * full_layer
+  # Without remat the last of the unrolled layers (or groups) runs its backward at once, holding what full
+  # remat's recompute of it would; a scanned group's values go into buffers stacked over the groups.
+  elif tail:
+    kept = groups * group + (tail - 1) * full_layer
   else:
-    kept = groups * per_group(lambda tokens: _kept_by_remat(cfg, b, tokens, tensor)) + tail * _kept_by_remat(
-        cfg, b, t, tensor)
+    kept = (groups - (0 if cfg.scan_layers else 1)) * group
   return residual + kept + per_group(layer) + logits / tensor
 
 
@@ -191,50 +190,43 @@ def _ffn_rows(cfg: ml_collections.ConfigDict, tokens: int) -> tuple[int, int]:
   return rows, moe.expert_ffn_dim
 
 
-# Checkpoint names that tag a matmul's output: a "dots" policy keeps them already.
-_MATMUL_NAMES = ("query_proj", "key_proj", "value_proj", "attn_out")
-
-
-def _kept_by_remat(cfg: ml_collections.ConfigDict, b: int, tokens: int, tensor: int) -> float:
-  """Bytes a layer keeps for its backward beyond the residual stream: the values named in
-  `remat_save_names` (q, k, v split over heads by `tensor`; the flash residuals, fp32 per-map outputs and
-  log-sum-exp, only on the blockwise and kernel paths), and with remat_policy "dots" / "dots_no_batch" the
-  outputs of the layer's matmuls (`_matmul_outputs`). "full" keeps nothing."""
-  if cfg.remat_policy == "full":
-    return 0.0
-  width = b * tokens * cfg.d_model * _kept_itemsize(cfg)
-  maps = 1 if cfg.attention == "standard" else 2
-  flash = attention_ops.resolve_attention_impl(cfg.attention_impl, length=tokens) in attention_ops.BLOCKWISE
-  sizes = {"query_proj": width / tensor, "key_proj": width / tensor, "value_proj": width / tensor,
-           "attn_out": width, "ffn_out": width,
-           "flash_residuals": maps * b * tokens * (cfg.d_model + cfg.num_heads) * 4 / tensor if flash else 0.0}
-  if cfg.remat_policy == "save_names":
-    return sum(sizes[name] for name in cfg.remat_save_names)
-  named = sum(sizes[name] for name in cfg.remat_save_names if name not in _MATMUL_NAMES)
-  return named + _matmul_outputs(cfg, b, tokens, tensor, batched=cfg.remat_policy == "dots")
-
-
-def _kept_without_remat(cfg: ml_collections.ConfigDict, b: int, t: int, mod_capacity: float) -> tuple[float, float]:
-  """Bytes a scanned layer group, and a trailing full layer, keep for their backward without remat: the
-  residuals of their vjp in training (traced by `jax.make_jaxpr`, nothing compiled or allocated) on one
-  sequence of `t` tokens, times `b` (each sequence's values are its own): the values computed from the
-  tokens, not their inputs (the residual stream is counted elsewhere) or values of the weights alone.
-  Counted whole: a tensor axis splits some of them, so this overcounts on such a mesh. On the CPU 16-bit
-  values count at 4 bytes, as XLA:CPU keeps them in float32."""
-  group, full_layer = _kept_per_sequence(ml_collections.FrozenConfigDict(cfg), t, mod_capacity,
-                                         jax.default_backend())
+def _kept_for_backward(cfg: ml_collections.ConfigDict, b: int, t: int, mod_capacity: float, tensor: int, *,
+                       rematted: bool) -> tuple[float, float]:
+  """Bytes one device's scanned layer group, and a trailing full layer, keep for their backward beyond
+  their input: the residuals of their vjp in training, under `model.remat_policy` if `rematted` (what the
+  policy saves: named values, matmul outputs), else all of them. Traced by `jax.make_jaxpr` on one sequence
+  of `t` tokens (nothing compiled or allocated), times `b` (each sequence's values are its own); only the
+  values computed from the tokens count, not the inputs (the residual stream is counted elsewhere) or
+  values of the weights alone. The layers are traced as one device's part of them: `tensor` splits the
+  heads and the FFN width. On the CPU 16-bit values count at 4 bytes, as XLA:CPU keeps them in float32."""
+  if rematted and cfg.remat_policy == "full":
+    return 0.0, 0.0  # the group's input alone
+  group, full_layer = _kept_per_sequence(ml_collections.FrozenConfigDict(_one_devices_part(cfg, tensor)), t,
+                                         mod_capacity, jax.default_backend(), rematted)
   return b * group, b * full_layer
 
 
+def _one_devices_part(cfg: ml_collections.ConfigDict, tensor: int) -> ml_collections.ConfigDict:
+  """The model section with the heads and the FFN width a `tensor`-way split leaves one device."""
+  if tensor == 1:
+    return cfg
+  part = ml_collections.ConfigDict(cfg.to_dict())
+  part.num_heads = -(-cfg.num_heads // tensor)
+  part.moe.expert_ffn_dim = -(-cfg.moe.expert_ffn_dim // tensor)
+  part.dense_ffn_dim = -(-dense_ffn_dim(cfg) // tensor) if cfg.ffn == "dense" else cfg.dense_ffn_dim
+  return part
+
+
 @functools.lru_cache(maxsize=64)  # the memory check sizes many meshes, each phase at the same lengths
-def _kept_per_sequence(cfg: ml_collections.FrozenConfigDict, t: int, mod_capacity: float,
-                       backend: str) -> tuple[float, float]:
+def _kept_per_sequence(cfg: ml_collections.FrozenConfigDict, t: int, mod_capacity: float, backend: str,
+                       rematted: bool) -> tuple[float, float]:
   size, groups, tail = model_lib.layer_layout(cfg)
   key = jax.random.PRNGKey(0)
   x = jax.ShapeDtypeStruct((1, t, cfg.d_model), jnp.float32)
   positions = jax.ShapeDtypeStruct((1, t), jnp.int32)
   scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype)
   itemsize = lambda dtype: 4 if backend == "cpu" and dtype.itemsize == 2 else dtype.itemsize
+  as_trained = lambda cls, scanned: model_lib.remat_layer(cls, cfg, scanned=scanned) if rematted else cls
 
   def kept(layer, *args) -> float:
     variables = jax.eval_shape(lambda x, *a: layer.init({"params": key, "noise": key}, x, *a), x, *args)
@@ -255,42 +247,10 @@ def _kept_per_sequence(cfg: ml_collections.FrozenConfigDict, t: int, mod_capacit
 
   group = full_layer = 0.0
   if groups:
-    layer_group = model_lib.LayerGroup(cfg, size, routed_last=cfg.mod.enabled, train=True, mod_mode="topk",
-                                       mod_capacity=mod_capacity)
+    layer_group = as_trained(model_lib.LayerGroup, cfg.scan_layers)(
+        cfg, size, routed_last=cfg.mod.enabled, train=True, mod_mode="topk", mod_capacity=mod_capacity)
     group = kept(layer_group, scalar(jnp.int32), positions, scalar(jnp.float32))
   if tail:
-    full_layer = kept(model_lib.FullLayer(cfg, train=True), positions, scalar(jnp.int32), scalar(jnp.float32))
+    full_layer = kept(as_trained(model_lib.FullLayer, False)(cfg, train=True), positions, scalar(jnp.int32),
+                      scalar(jnp.float32))
   return group, full_layer
-
-
-def _kept_itemsize(cfg: ml_collections.ConfigDict) -> int:
-  """Bytes per element of a compute-dtype value kept through remat: XLA:CPU keeps 16-bit ones in float32
-  (twice what the values take on an accelerator, measured on the compiled step)."""
-  return 4 if jax.default_backend() == "cpu" else jnp.dtype(cfg.dtype).itemsize
-
-
-def _matmul_outputs(cfg: ml_collections.ConfigDict, b: int, tokens: int, tensor: int, *, batched: bool) -> float:
-  """Bytes of a layer's matmul outputs that a "dots" remat policy keeps (`jax.checkpoint_policies`): the q,
-  k, v and output projections, the router's fp32 logits, the FFN's (or each expert's) hidden and output rows;
-  with `batched` ("dots", not "dots_no_batch") also the attention's own products, which have batch
-  dimensions: on the explicit path each map's fp32 scores and the weighted values, on the blockwise and
-  kernel paths the fp32 combination of the maps' outputs (the products inside their loops are not kept).
-  Left out: the mixture-of-depths router and predictor, a few values per token; ragged dropless experts
-  (`ragged_dot` is not a matmul to the policy)."""
-  size = _kept_itemsize(cfg)
-  width = b * tokens * cfg.d_model * size
-  kept = 3 * width / tensor + width  # q, k, v, output projection
-  rows, hidden = _ffn_rows(cfg, tokens)
-  if cfg.ffn == "moe":
-    kept += b * tokens * cfg.moe.num_experts * 4  # router logits
-    if cfg.moe.dispatch == "dropless" and dispatch.resolve_dropless_impl(cfg.moe.dropless_impl) == "ragged":
-      rows = 0
-  ups = 2 if cfg.moe.activation == "swiglu" else 1
-  kept += b * rows * (ups * hidden / tensor + cfg.d_model) * size
-  if batched:
-    if attention_ops.resolve_attention_impl(cfg.attention_impl, length=tokens) in attention_ops.BLOCKWISE:
-      kept += b * tokens * cfg.d_model * 4 / tensor
-    else:
-      maps = 1 if cfg.attention == "standard" else 2
-      kept += (maps * b * cfg.num_heads * tokens * tokens * 4 + width) / tensor
-  return kept

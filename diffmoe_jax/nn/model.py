@@ -179,7 +179,8 @@ def routed_layer_indices(cfg) -> list[int]:
   return [g * size + size - 1 for g in range(groups)] if cfg.mod.enabled else []
 
 
-def _remat(cls, cfg, *, scanned: bool):
+def remat_layer(cls, cfg, *, scanned: bool):
+  """`cls` under `model.remat_policy` (itself when "none")."""
   if cfg.remat_policy == "none":
     return cls
   names = jax.checkpoint_policies.save_only_these_names(*cfg.remat_save_names)
@@ -225,7 +226,7 @@ class Transformer(nn.Module):
     size, groups, tail = layer_layout(cfg)
     group_args = dict(config=cfg, size=size, routed_last=cfg.mod.enabled, train=train, mod_mode=mod_mode,
                       mod_capacity=cfg.mod.capacity if mod_capacity is None else mod_capacity, mod_skip=mod_skip)
-    group_cls = _remat(LayerGroup, cfg, scanned=cfg.scan_layers)
+    group_cls = remat_layer(LayerGroup, cfg, scanned=cfg.scan_layers)
     if cfg.scan_layers:
       scanned = nn.scan(group_cls, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True, "noise": True},
                         in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=groups,
@@ -238,7 +239,7 @@ class Transformer(nn.Module):
         x, stats = group_cls(**group_args, name=f"group_{g}")(x, jnp.asarray(g), positions, noise_std,
                                                               segment_ids)
         per_layer.append(stats)
-    tail_cls = _remat(FullLayer, cfg, scanned=False)  # the layers after the last whole group
+    tail_cls = remat_layer(FullLayer, cfg, scanned=False)  # the layers after the last whole group
     for i in range(tail):
       x, stats = tail_cls(cfg, train, name=f"tail_{i}")(x, positions, groups * size + i, noise_std, segment_ids)
       per_layer.append(jax.tree.map(lambda a: a[None], stats))
