@@ -129,9 +129,10 @@ def _to_a_closed_loop(unraisable) -> bool:
 def _abandoned_reads_quiet():
   """When one array's read fails, Orbax abandons the reads of the others. Collected, each printed its
   TensorStore spec ("Exception ignored in <coroutine ...>", or asyncio's "Task exception was never
-  retrieved"): thousands of lines for one missing file, after the one line that names the damage. Within
-  this block, and when it collects them on the way out, their reports are dropped; any other unraisable
-  exception is reported as before."""
+  retrieved"; one TensorStore completed after the restore's event loop closed, "Event loop is closed"):
+  thousands of lines for one missing file, after the one line that names the damage. Within this block, and
+  when it collects them on the way out, their reports are dropped; any other unraisable exception is
+  reported as before."""
   report, asyncio_log, quiet = sys.unraisablehook, logging.getLogger("asyncio"), _AbandonedReadReports()
 
   def hook(unraisable):
