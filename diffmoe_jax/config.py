@@ -192,6 +192,9 @@ def defaults() -> ml_collections.ConfigDict:
   t.loss_scale_min = LOSS_SCALE_MIN
   t.run_steps = 0  # stop (with a checkpoint) after this many steps of one invocation; 0: run to the end
   t.memory_headroom = 0.9  # refuse to start if the estimate exceeds this fraction of available memory
+  # False: a config the estimate says will not fit is trained anyway, with a warning (the estimate errs high on
+  # GPUs: README "Too large for the machine").
+  t.memory_check = True
   t.peak_flops_per_device = 0.0  # for MFU; 0: known accelerator peaks, or a measured matmul peak on CPU
   t.compilation_cache_dir = "~/.cache/diffmoe_jax/xla"  # "" disables the persistent compilation cache
   # Resuming with a config that differs from the checkpoint's is refused, except in train/resume.py's

@@ -56,6 +56,26 @@ def test_too_large_config_stops_before_allocating(monkeypatch, tmp_path):
   assert not os.path.exists(tmp_path / "new")
 
 
+def test_with_the_memory_check_off_a_config_too_large_trains_after_a_warning(monkeypatch, caplog):
+  """The estimate errs high on GPUs (an H100 compile's temporaries were 1.8-2.7x below it), and no headroom
+  above 1 was allowed: a config it refused could not be trained at all. config.train.memory_check=False
+  warns with the same figures and goes on; the refusal says so."""
+  config = load_named("pi_s")
+  mesh = {"data": 1, "fsdp": 8, "expert": 1, "tensor": 1}
+  monkeypatch.setattr(preflight, "available_bytes_per_device", lambda: 80 * 2**30)
+  advice = "lower the batch"
+  with pytest.raises(preflight.InsufficientMemoryError, match=r"lower the batch\. The estimate errs high on GPUs "
+                     r".*; config\.train\.memory_check=False trains anyway\.$"):
+    preflight.check_memory(config, mesh, "gpu", advice)
+  config.train.memory_check = False
+  with caplog.at_level("WARNING"):
+    need = preflight.check_memory(config, mesh, "gpu", advice)
+  assert need == memory.training_memory_per_device(config, mesh)
+  [record] = [r for r in caplog.records if r.levelname == "WARNING"]
+  assert record.getMessage().startswith("This config needs about ")
+  assert record.getMessage().endswith("lower the batch. Training anyway, as config.train.memory_check is False.")
+
+
 def test_the_suggested_mesh_is_one_the_run_accepts():
   """The mesh named for a config too large was built for the default axis rules and any backend: it could
   split the experts where expert parallelism cannot run, and missed every mesh when the batch rule left out fsdp."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import jax
+from absl import logging
 
 from diffmoe_jax import estimate, memory, parallel
 from diffmoe_jax.config import ConfigError
@@ -38,11 +39,15 @@ def check_memory(config, mesh_shape: dict, backend: str, advice: str = "") -> di
   if need["total"] <= budget:
     return need
   advice = advice or _mesh_advice(config, mesh_shape, backend, budget)
-  raise InsufficientMemoryError(
-      f"This config needs about {_size(need['total'])} per device to train on mesh {mesh_shape} (state "
-      f"{_size(need['state'])}, gradients and update {_size(need['gradients'])}, activations "
-      f"{_size(need['activations'])}, by the estimator), but a device here has {_size(have)} available "
-      f"(train.memory_headroom = {config.train.memory_headroom}); {advice}.")
+  message = (f"This config needs about {_size(need['total'])} per device to train on mesh {mesh_shape} (state "
+             f"{_size(need['state'])}, gradients and update {_size(need['gradients'])}, activations "
+             f"{_size(need['activations'])}, by the estimator), but a device here has {_size(have)} available "
+             f"(train.memory_headroom = {config.train.memory_headroom}); {advice}.")
+  if not config.train.memory_check:
+    logging.warning("%s Training anyway, as config.train.memory_check is False.", message)
+    return need
+  raise InsufficientMemoryError(f"{message} The estimate errs high on GPUs (README \"Too large for the "
+                                "machine\"); config.train.memory_check=False trains anyway.")
 
 
 def _mesh_advice(config, mesh_shape: dict, backend: str, budget: float) -> str:
