@@ -63,13 +63,16 @@ def test_with_the_memory_check_off_a_config_too_large_trains_after_a_warning(mon
   config = load_named("pi_s")
   mesh = {"data": 1, "fsdp": 8, "expert": 1, "tensor": 1}
   monkeypatch.setattr(preflight, "available_bytes_per_device", lambda: 80 * 2**30)
-  advice = "lower the batch"
+  monkeypatch.setattr(preflight, "_mesh_advice", lambda *args: "lower the batch")
   with pytest.raises(preflight.InsufficientMemoryError, match=r"lower the batch\. The estimate errs high on GPUs "
                      r".*; config\.train\.memory_check=False trains anyway\.$"):
-    preflight.check_memory(config, mesh, "gpu", advice)
+    preflight.check_memory(config, mesh, "gpu")
+  # A caller's own advice (the NCAS search's proxies, which it configures itself) comes without that way past.
+  with pytest.raises(preflight.InsufficientMemoryError, match=r"; raise the scale\.$"):
+    preflight.check_memory(config, mesh, "gpu", "raise the scale")
   config.train.memory_check = False
   with caplog.at_level("WARNING"):
-    need = preflight.check_memory(config, mesh, "gpu", advice)
+    need = preflight.check_memory(config, mesh, "gpu")
   assert need == memory.training_memory_per_device(config, mesh)
   [record] = [r for r in caplog.records if r.levelname == "WARNING"]
   assert record.getMessage().startswith("This config needs about ")
