@@ -130,6 +130,8 @@ def _train_config(args: argparse.Namespace):
     config.model.attention_gpu_launch[kernel] = launch
   if args.max_seq_len:
     config.model.max_seq_len = args.max_seq_len
+  if args.logits_chunk_len:
+    config.model.logits_chunk_len = args.logits_chunk_len
   # --batch and --seq-len set the timed phase. The other phases are only built, never run: one sequence each
   # where their own batch would come from curriculum.tokens_per_batch, which a longer context can leave short.
   for name in config.curriculum.order:
@@ -332,6 +334,8 @@ def main(argv: list[str] | None = None) -> None:
                      help="model.attention_gpu_launch.KERNEL (forward, dq, dkv), e.g. dkv=64,32,4,2")
   train.add_argument("--remat-policy", choices=config_lib.REMAT_POLICIES, help="model.remat_policy (default: "
                      "the config's)")
+  train.add_argument("--logits-chunk-len", type=NON_NEGATIVE, default=0,
+                     help="model.logits_chunk_len (0: the config's): the loss's logits this many positions at a time")
   train.add_argument("--profile-top", type=NON_NEGATIVE, default=0, metavar="N",
                      help="also trace --steps steps with the JAX profiler and print where the time goes: per "
                           "part of the model, per kind of instruction, and the N slowest instructions (XLA's GPU "

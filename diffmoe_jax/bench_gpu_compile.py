@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from diffmoe_jax import config as config_lib
+from diffmoe_jax import memory as memory_lib
 
 # (forward, backward) of each kernel family: the Triton kernels (two passes or one), Hopper's Mosaic GPU ones.
 FAMILIES = {"triton": ("triton", "two_pass"), "triton_one_pass": ("triton", "one_pass"), "mosaic": ("mosaic", "mosaic")}
@@ -58,7 +59,7 @@ ATTENTION_KERNELS = ("flash_multi_map", "mosaic_attention")  # the Triton and Mo
 
 
 def add_parser(commands) -> None:
-  from diffmoe_jax.bench import POSITIVE, _config_file, _gpu_launch, _positive_float
+  from diffmoe_jax.bench import NON_NEGATIVE, POSITIVE, _config_file, _gpu_launch, _positive_float
   gpu = commands.add_parser("gpu_compile", help="the GPU attention kernels compiled for Hopper on any host: "
                                                 "registers and spills per kernel, from ptxas")
   gpu.add_argument("--config", type=_config_file, default="configs/pi_p.py", help="whose heads")
@@ -74,6 +75,8 @@ def add_parser(commands) -> None:
   gpu.add_argument("--remat-policy", choices=config_lib.REMAT_POLICIES, help="with --step: model.remat_policy")
   gpu.add_argument("--remat-save-names", nargs="+", default=(), choices=config_lib.CHECKPOINT_NAMES,
                    help="with --step and --remat-policy save_names or dots: model.remat_save_names")
+  gpu.add_argument("--logits-chunk-len", type=NON_NEGATIVE, default=0,
+                   help="with --step: model.logits_chunk_len (0: the config's)")
   gpu.add_argument("--phase", default="long_context", help="with --step: the curriculum phase whose step it is")
   gpu.add_argument("--bandwidth-tbps", type=_positive_float, default=3.35,
                    help="with --step: the device's memory bandwidth (an H100 SXM's 3.35; an H200's 4.8)")
@@ -81,7 +84,7 @@ def add_parser(commands) -> None:
   gpu.set_defaults(run=run)
 
 
-STEP_ONLY = ("layers", "remat_policy", "remat_save_names", "phase", "bandwidth_tbps", "top")
+STEP_ONLY = ("layers", "remat_policy", "remat_save_names", "logits_chunk_len", "phase", "bandwidth_tbps", "top")
 
 
 def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
@@ -266,13 +269,18 @@ def run_step(args, device, where: str) -> None:
   times = op_profile.roofline_times(costs, peak, bandwidth)
   bound = sum(t for name, t in times.items() if name not in kernels)
   memory = compiled.memory_analysis()
+  with _backend_of(device):  # the estimate of what the train step holds beyond its state, as `main` checks it
+    activations = memory_lib.activation_bytes(config.model, phase.batch_size, phase.seq_len,
+                                              mod_capacity=settings.mod_capacity)
+    estimated = memory_lib.step_temporaries(config, {}, activations) + activations
   m = config.model
   print(f"train step of {args.config} compiled for {device.device_kind} ({where}): {m.num_layers} layers, "
         f"{m.dtype}, seq_len {phase.seq_len}, batch {phase.batch_size}, MoD {settings.mod_mode} "
         f"{settings.mod_capacity:.3f}, remat {' '.join((m.remat_policy,) + tuple(m.remat_save_names))}, attention "
         f"kernels {m.attention_gpu_forward} / {m.attention_gpu_backward}")
   print(f"memory      arguments {memory.argument_size_in_bytes / 2**30:.2f} GiB, temporaries "
-        f"{memory.temp_size_in_bytes / 2**30:.2f} GiB")
+        f"{memory.temp_size_in_bytes / 2**30:.2f} GiB: {memory.temp_size_in_bytes / estimated:.2f}x the memory "
+        f"check's estimate of them, {estimated / 2**30:.2f} GiB (activations {activations / 2**30:.2f} GiB)")
   print(f"work        model {model_flops / 1e12:.2f} TFLOP (3x forward), matmuls compiled "
         f"{sum(f for f, _ in costs.values()) / 1e12:.2f} TFLOP (with remat's recompute), "
         f"{sum(b for _, b in costs.values()) / 1e9:.1f} GB moved")

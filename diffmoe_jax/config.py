@@ -85,6 +85,9 @@ def defaults() -> ml_collections.ConfigDict:
   m.norm_eps = 1e-5
   m.init_std = 0.02
   m.tie_embeddings = False
+  # The loss computes the output logits this many positions of each sequence at a time, forward and backward,
+  # never all [B, T, vocab] at once (README "Training"); 0: the whole sequence.
+  m.logits_chunk_len = 0
   m.dtype = "bfloat16"  # compute dtype
   m.param_dtype = "float32"  # master weights: training needs float32
   # "auto" (per backend and length, README "Differential attention"), "explicit" (fp32 scores; "xla" is

@@ -125,14 +125,15 @@ def activation_bytes(cfg: ml_collections.ConfigDict, batch: int, seq_len: int, *
   """Activation memory of one device's train step on `batch` sequences of `seq_len` tokens, in bytes.
 
   The residual stream saved at each scanned group, what each layer keeps for its backward under
-  `model.remat_policy` (`_kept_for_backward`), one group's working set while it is recomputed for its
-  backward pass (per layer, attention: q, k, v and the output, token by model width, and the attention
-  maps' probabilities with their gradient on the explicit path (one map for standard attention, two for
-  differential), one block pair per map on the blockwise and kernel paths; the FFN's hidden rows and the
-  MoE's dispatched rows, in and out; a routed layer at `mod_capacity` (None: the model's) counts only the
-  tokens it selects) and the fp32 logits with their gradient. `tensor`: how many ways the heads (and the FFN
-  width) are split; the dispatched rows are model-wide, on every device. `tests/test_estimate.py` holds it
-  against the compiled program.
+  `model.remat_policy` (`_kept_for_backward`), and the larger of two working sets that are never live
+  together: one group's while it is recomputed for its backward pass (per layer, attention: q, k, v and the
+  output, token by model width, and the attention maps' probabilities with their gradient on the explicit
+  path (one map for standard attention, two for differential), one block pair per map on the blockwise and
+  kernel paths; the FFN's hidden rows and the MoE's dispatched rows, in and out; a routed layer at
+  `mod_capacity` (None: the model's) counts only the tokens it selects), and the loss's: the fp32 logits
+  with their gradient (`model.logits_chunk_len` positions of them at a time, when set). `tensor`: how many
+  ways the heads (and the FFN width) are split; the dispatched rows are model-wide, on every device.
+  `tests/test_estimate.py` holds it against the compiled program.
   """
   b, t = batch, seq_len
   size, groups, tail = model_lib.layer_layout(cfg)
@@ -160,7 +161,12 @@ def activation_bytes(cfg: ml_collections.ConfigDict, batch: int, seq_len: int, *
   if cfg.mod.enabled:
     routed_tokens = routing.mod_capacity_tokens(routing_capacity, t)
   per_group = lambda f: (size - 1) * f(t) + f(routed_tokens) if cfg.mod.enabled else size * f(t)
-  logits = 3 * b * t * cfg.vocab_size * 4
+  # The float32 logits, kept for the backward, with their gradient; in chunks (`model.logits_chunk_len`) one
+  # chunk's, recomputed in the backward, with its gradient, and the head's gradient summed in float32.
+  if 0 < cfg.logits_chunk_len < t:
+    logits = 2 * b * cfg.logits_chunk_len * cfg.vocab_size * 4 + cfg.d_model * cfg.vocab_size * 4
+  else:
+    logits = 3 * b * t * cfg.vocab_size * 4
   # XLA:CPU runs an unrolled layer's recompute beside its forward pass, keeping what no remat keeps (tiny's
   # step unrolled: 331.9 MiB of temporaries with full remat, 335.1 without; scanned, 200.4 with full remat).
   rematted = cfg.remat_policy != "none" and (cfg.scan_layers or jax.default_backend() != "cpu")
@@ -173,7 +179,7 @@ def activation_bytes(cfg: ml_collections.ConfigDict, batch: int, seq_len: int, *
     kept = groups * group + (tail - 1) * full_layer
   else:
     kept = (groups - (0 if cfg.scan_layers else 1)) * group
-  return residual + kept + per_group(layer) + logits / tensor
+  return residual + kept + max(per_group(layer), logits / tensor)
 
 
 def _ffn_rows(cfg: ml_collections.ConfigDict, tokens: int) -> tuple[int, int]:

@@ -111,6 +111,8 @@ def validate_model(m: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   for field in ("attention_block_q", "attention_block_k"):
     require(isinstance(m[field], int) and m[field] >= 0 and m[field] & (m[field] - 1) == 0, f"model.{field}",
             f"must be 0 (per backend) or a power of two, got {m[field]!r}.")
+  require(isinstance(m.logits_chunk_len, int) and m.logits_chunk_len >= 0, "model.logits_chunk_len",
+          f"must be 0 (the whole sequence) or a positive number of positions, got {m.logits_chunk_len!r}.")
   require(m.norm_eps > 0, "model.norm_eps", f"must be > 0, got {m.norm_eps}.")
   require(m.init_std > 0, "model.init_std", f"must be > 0, got {m.init_std}.")
   if m.remat_policy == "save_names":

@@ -159,6 +159,8 @@ def _bad(**fields):
      r"needs 16-bit activations \(model\.dtype bfloat16 or float16\), got model\.dtype 'float32'\."),
     ({"model.attention_gpu_backward": "mosaic", "model.dtype": "float32"}, r"model\.attention_gpu_backward: "
      r"'mosaic' needs 16-bit activations"),
+    ({"model.logits_chunk_len": -256}, r"^config\.model\.logits_chunk_len: must be 0 \(the whole sequence\) or a "
+     r"positive number of positions, got -256\.$"),
 ])
 def test_bad_fields_name_the_field(fields, message):
   with pytest.raises(ConfigError, match=message):

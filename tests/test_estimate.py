@@ -289,6 +289,20 @@ def _compiled_temp_bytes(t: int, **model_overrides) -> tuple[int, ml_collections
   return _compiled_step_temp_bytes(config, 1, t), config
 
 
+@pytest.mark.parametrize("chunk", [0, 256])
+def test_the_losss_logits_are_counted_whole_or_by_chunk(chunk):
+  """A vocabulary of 16,384 at test width, 2 x 2,048 tokens: the logits (128 MiB a sequence in float32) set the
+  step's activations, unless model.logits_chunk_len computes them 256 positions at a time (16 MiB); either
+  way the estimate is the compiled step's temporaries within 25%. The chunks' logits are not live with a
+  layer's working set: counting both (the sum) gave 2.1x the compiled chunked step."""
+  config = _small_pi_p(logits_chunk_len=chunk)
+  config.model.vocab_size = 16384
+  temp = _compiled_step_temp_bytes(config, 2, 2048)
+  activations = memory.activation_bytes(config.model, 2, 2048)
+  assert memory.step_temporaries(config, {}, activations) + activations == pytest.approx(temp, rel=0.25)
+  assert (temp < 128 * 2**20) == (chunk > 0)
+
+
 def test_standard_attention_is_counted_with_its_one_map():
   """Standard attention (an ablation arm) on the explicit path keeps one map's probabilities, not the
   differential two: the activations are the compiled step's temporaries less the gradients within 25%

@@ -240,6 +240,18 @@ def test_train_step_on_a_mesh_equals_one_device(make_config, one_device, mesh):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-6), params, want_params)
 
 
+def test_a_chunked_loss_on_a_mesh_equals_the_whole_logits_on_one_device(make_config, one_device):
+  """model.logits_chunk_len=5 over 16 positions (the last chunk ragged) on fsdp 2 x expert 2 x tensor 2, the
+  batch split over fsdp and expert and the vocabulary over tensor: the loss and the updated weights equal one
+  device's, whose loss takes the whole logits."""
+  cfg = make_config(logits_chunk_len=5, **{"moe.capacity_factor": 0.75})
+  cfg.mesh.shape.update(data=1, fsdp=2, expert=2, tensor=2)
+  loss, grad_norm, params = _train_step_result(cfg, jax.devices())
+  assert loss == pytest.approx(one_device[0], rel=1e-5)
+  assert grad_norm == pytest.approx(one_device[1], rel=1e-4)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-6), params, one_device[2])
+
+
 def test_expert_rule_naming_a_mesh_axis_of_one_device_too(make_config, one_device):
   """An 'expert' rule of two mesh axes, one of them of size 1 (the experts still split over one axis), runs
   expert parallelism over the other and equals one device."""

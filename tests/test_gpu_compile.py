@@ -87,11 +87,17 @@ def test_the_train_step_compiled_for_a_gpu_has_a_roofline_below_the_peak():
   bound = re.search(r"^roofline\s+([\d.]+) ms at 989 TFLOP/s and 3.35 TB/s.*MFU at most ([\d.]+)%$", run.stdout, re.M)
   assert bound and float(bound.group(1)) > 0 and 0 < float(bound.group(2)) < 100, run.stdout
   assert re.search(r"^  moe\s+backward\s+[\d.]+ ms", run.stdout, re.M), run.stdout
+  # the compiled temporaries beside the memory check's estimate for the GPU (it errs high there)
+  held = re.search(r"^memory .* temporaries ([\d.]+) GiB: ([\d.]+)x the memory check's estimate of them, ([\d.]+) GiB",
+                   run.stdout, re.M)
+  assert held and float(held.group(2)) == pytest.approx(float(held.group(1)) / float(held.group(3)), rel=0.05)
+  assert 0 < float(held.group(2)) < 1, run.stdout
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--layers", "2"], "argument --layers: only with --step"),
     (["--remat-policy", "dots"], "argument --remat-policy: only with --step"),
+    (["--logits-chunk-len", "512"], "argument --logits-chunk-len: only with --step"),
     (["--step", "--families", "mosaic"], "argument --families: not with --step"),
 ])
 def test_flags_of_the_other_mode_are_refused(argv, message, capsys):

@@ -28,6 +28,17 @@ def test_moving_the_token_cache_is_free_but_changing_the_data_is_not():
     check(saved, config)
 
 
+def test_how_the_loss_and_the_weights_casts_run_may_change():
+  """The logits in chunks and the weights cast in each layer compute the same function in less memory: a
+  run out of memory resumes with them, not refused as a config change; the vocabulary is the model's."""
+  saved, config = load("tiny"), load("tiny")
+  config.model.update(logits_chunk_len=64, cast_weights_once=False)
+  check(saved, config)
+  config.model.vocab_size = 512
+  with pytest.raises(ConfigError, match=r"saved with another config: model\.vocab_size 256 -> 512\."):
+    check(saved, config)
+
+
 def test_resuming_on_other_data_needs_it_allowed(caplog):
   """A resume read the changed files silently (a file appended, one added: the rest of the run trained on other
   data, and files moved between the splits). Domains added or removed are config changes, checked by `check`."""

@@ -106,11 +106,14 @@ def test_training_refuses_16_bit_master_weights(make_config, param_dtype):
   validation.validate(cfg)
 
 
-def test_step_is_adamw_on_the_gradient_of_the_documented_loss(make_config):
+@pytest.mark.parametrize("head", [{}, {"logits_chunk_len": 5, "tie_embeddings": True}, {"logits_chunk_len": 8}])
+def test_step_is_adamw_on_the_gradient_of_the_documented_loss(make_config, head):
   """Two steps against float64 AdamW written out here, on jax.grad of a loss written from model.apply:
   next-token cross entropy over every position plus each auxiliary loss times its weight, gradient clipped
-  to optimizer.grad_clip by global norm, Adam with bias correction, decay on the feature matrices only."""
-  cfg = make_config(num_layers=2)
+  to optimizer.grad_clip by global norm, Adam with bias correction, decay on the feature matrices only. The
+  same when the step's loss computes the logits in chunks of the 16 positions (the reference takes them
+  whole), one of them ragged, and through the tied embedding table."""
+  cfg = make_config(num_layers=2, **head)
   cfg.optimizer.grad_clip = 0.5  # below the gradient norms here, so the clipping is exercised
   o = cfg.optimizer
   model = model_lib.build_model(cfg.model)

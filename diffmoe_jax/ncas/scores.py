@@ -20,7 +20,6 @@ import ml_collections
 from diffmoe_jax import config as config_lib, estimate, memory
 from diffmoe_jax.ncas.complete import Architecture, set_model
 from diffmoe_jax.nn import model as model_lib
-from diffmoe_jax.ops import loss as loss_lib
 
 BITS_PER_PARAM = 2.0
 # Matrix tile edge per backend: TPU MXU 128x128; GPU 64 (the K step and smallest N tile of 16-bit
@@ -75,8 +74,8 @@ def measured_tokens_per_second(arch: Architecture, *, seq_len: int, batch_size: 
   params = jax.jit(lambda t: model.init(rngs, t)["params"])(tokens)
 
   def loss(p, t):
-    logits, _ = model.apply({"params": p}, t, train=True, rngs={"noise": jax.random.PRNGKey(3)})
-    return jnp.mean(loss_lib.token_cross_entropy(logits, t))
+    token_ce, _ = model.apply({"params": p}, t, train=True, targets=t, rngs={"noise": jax.random.PRNGKey(3)})
+    return jnp.mean(token_ce)
 
   grad = jax.jit(jax.grad(loss))
   jax.block_until_ready(grad(params, tokens))  # compile

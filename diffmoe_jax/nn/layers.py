@@ -54,7 +54,7 @@ class RMSNorm(nn.Module):
 
 
 class Embed(nn.Module):
-  """Token embedding table `[vocab, embed]`; `attend` gives tied output logits."""
+  """Token embedding table `[vocab, embed]` (with tied embeddings, its transpose is the output head)."""
   vocab_size: int
   features: int
   std: float
@@ -70,10 +70,6 @@ class Embed(nn.Module):
     # come out split by the batch like the tokens, not by features.
     table = constrain(self.table, ("vocab", None))
     return constrain(jnp.take(table, tokens, axis=0), RESIDUAL).astype(dtype_of(self.dtype))
-
-  def attend(self, x: jax.Array) -> jax.Array:
-    """Tied output logits `[B, T, vocab]`, float32 (see `logits_product`)."""
-    return logits_product("btd,vd->btv", x, self.table.astype(x.dtype))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

@@ -20,6 +20,7 @@ from diffmoe_jax.nn.layers import RESIDUAL, Embed, RMSNorm, constrain, dtype_of,
 from diffmoe_jax.nn.mod import MoDRouter
 from diffmoe_jax.nn.moe import DenseFeedForward, MoEFeedForward
 from diffmoe_jax.ops import attention as attention_ops
+from diffmoe_jax.ops import loss as loss_lib
 from diffmoe_jax.ops import routing
 
 MOD_MODES = ("topk", "predictor", "off")
@@ -196,8 +197,11 @@ def remat_layer(cls, cfg, *, scanned: bool):
 
 class Transformer(nn.Module):
   """Decoder-only LM. `__call__(tokens [B, T]) -> (logits [B, T, V] fp32, aux)`; optional `segment_ids`
-  `[B, T]` keep attention inside each packed document. Token ids must lie in [0, vocab_size): traced ids
-  cannot be checked, and the embedding lookup gives NaN for an id past the table (a negative one wraps).
+  `[B, T]` keep attention inside each packed document. With `targets` (token ids `[B, T]`) it returns each
+  token's cross-entropy `[B, T]` in nats instead of the logits, computed `model.logits_chunk_len` positions
+  at a time when that is shorter than T (`loss.chunked_token_cross_entropy`: the whole logits never exist).
+  Token ids must lie in [0, vocab_size): traced ids cannot be checked, and the embedding lookup gives NaN
+  for an id past the table (a negative one wraps).
 
   aux = {"losses": {"load_balance", "router_z", "mod_predictor"} (means over the layers they apply to),
          "layers": {"expert_load" [L, E], "dropped_fraction" [L], "lambda" [L, n],
@@ -212,7 +216,8 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, tokens, positions=None, *, train: bool = False, mod_mode: str = "topk",
-               mod_capacity: float | None = None, router_noise_std=0.0, segment_ids=None, mod_skip: bool = True):
+               mod_capacity: float | None = None, router_noise_std=0.0, segment_ids=None, mod_skip: bool = True,
+               targets=None):
     cfg = self.config
     if mod_mode not in MOD_MODES:
       raise ValueError(f"mod_mode must be one of {MOD_MODES}, got {mod_mode!r}.")
@@ -247,13 +252,17 @@ class Transformer(nn.Module):
 
     x = RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype, name="final_norm")(x)
     if cfg.tie_embeddings:
-      logits = embed.attend(x)
+      w = embed.table.T
     else:
       w = param(self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), std=cfg.init_std,
                 dtype=dtype_of(cfg.param_dtype))
-      logits = logits_product("btd,dv->btv", x, w.astype(x.dtype))
-    logits = constrain(logits, ("batch", "length", "vocab"))  # float32, even under bfloat16 compute
-    return logits, _summarize(stats, routed_layer_indices(cfg))
+    aux = _summarize(stats, routed_layer_indices(cfg))
+    as_logits = lambda logits: constrain(logits, ("batch", "length", "vocab"))  # float32 under 16-bit compute
+    if targets is not None and 0 < cfg.logits_chunk_len < length:
+      return loss_lib.chunked_token_cross_entropy(x, w.astype(x.dtype), targets, cfg.logits_chunk_len,
+                                                  as_logits), aux
+    logits = as_logits(logits_product("btd,dv->btv", x, w.astype(x.dtype)))
+    return (logits if targets is None else loss_lib.token_cross_entropy(logits, targets)), aux
 
 
 def _check_token_arrays(tokens, positions, segment_ids) -> None:

@@ -4,8 +4,8 @@ the restore of the newest checkpoint that passes that check.
 Checked before any array is restored. A different state layout (a changed model shape) is an error that
 names the fields and arrays that differ. Other config changes are errors too unless
 `train.allow_config_change` lists them; `name`, `train.*`, `mesh.*`, where the token cache lives and the
-fields of how attention, the MoE layer and remat run (FREE_FIELDS) change bookkeeping, the device layout or
-the speed, not what is trained, and may always change.
+fields of how attention, the MoE layer, remat, the weights' casts and the loss's logits run (FREE_FIELDS)
+change bookkeeping, the device layout, the speed or the memory, not what is trained, and may always change.
 """
 from __future__ import annotations
 
@@ -20,13 +20,13 @@ from diffmoe_jax import config as config_lib
 from diffmoe_jax.config import ConfigError
 from diffmoe_jax.train import checkpoint, state as state_lib
 
-# May change on resume: bookkeeping, the mesh, and how attention, the MoE layer and remat compute the same
-# function. The token cache's directory is bookkeeping too: the cache is keyed by the data it holds, not by
+# May change on resume: bookkeeping, the mesh, and how attention, the MoE layer, remat, the weights' casts and
+# the loss's logits compute the same function. The token cache's directory is bookkeeping too: the cache is keyed by the data it holds, not by
 # where it lives.
 FREE_FIELDS = ("name", "train", "mesh", "data.cache_dir", "model.attention_impl", "model.attention_block_q",
                "model.attention_block_k", "model.attention_gpu_backward", "model.attention_gpu_launch",
                "model.attention_gpu_forward", "model.moe.expert_parallel", "model.moe.dropless_impl",
-               "model.remat_policy", "model.remat_save_names")
+               "model.remat_policy", "model.remat_save_names", "model.cast_weights_once", "model.logits_chunk_len")
 
 
 def _flatten(d: Mapping, prefix: str = "") -> dict[str, Any]:

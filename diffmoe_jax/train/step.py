@@ -7,7 +7,6 @@ import optax
 
 from diffmoe_jax.config import LOSS_SCALE_GROWTH_INTERVAL, LOSS_SCALE_MIN
 from diffmoe_jax.nn import model as model_lib
-from diffmoe_jax.ops import loss as loss_lib
 from diffmoe_jax.train.state import LossScale, TrainState
 
 
@@ -32,10 +31,10 @@ def make_train_step(model, optimizer: optax.GradientTransformation, *, mod_mode:
 
   def loss_fn(params, batch, rng, dyn, scale):
     variables = {"params": model_lib.cast_weights(params, model.config)}
-    logits, aux = model.apply(variables, batch["inputs"], train=True, mod_mode=mod_mode,
-                              mod_capacity=mod_capacity, router_noise_std=dyn["router_noise"],
-                              segment_ids=batch.get("segment_ids"), rngs={"noise": rng})
-    ce = jnp.mean(loss_lib.token_cross_entropy(logits, batch["targets"]))
+    token_ce, aux = model.apply(variables, batch["inputs"], train=True, mod_mode=mod_mode,
+                                mod_capacity=mod_capacity, router_noise_std=dyn["router_noise"],
+                                segment_ids=batch.get("segment_ids"), targets=batch["targets"], rngs={"noise": rng})
+    ce = jnp.mean(token_ce)
     losses = aux["losses"]
     total = (ce + dyn["load_balance_weight"] * losses["load_balance"] + dyn["z_loss_weight"] * losses["router_z"]
              + dyn["mod_predictor_weight"] * losses["mod_predictor"])
@@ -140,9 +139,8 @@ def make_eval_step(model):
   one out (padding), and the count is their sum; optional batch["segment_ids"] as in `make_train_step`.
   """
   def eval_step(params, batch):
-    logits, _ = model.apply({"params": params}, batch["inputs"], train=False, mod_mode="predictor",
-                            segment_ids=batch.get("segment_ids"))
-    ce = loss_lib.token_cross_entropy(logits, batch["targets"])
+    ce, _ = model.apply({"params": params}, batch["inputs"], train=False, mod_mode="predictor",
+                        segment_ids=batch.get("segment_ids"), targets=batch["targets"])
     if "weights" not in batch:
       return jnp.sum(ce), jnp.asarray(ce.size, jnp.float32)
     return jnp.sum(ce * batch["weights"]), jnp.sum(batch["weights"])
