@@ -134,7 +134,8 @@ def _restore_step(ckpt, step: int, steps: list[int], config):
   if saved_config is not None:  # fields added to the code since the save take their defaults
     saved_config, added = config_lib.with_defaults(saved_config)
     if added:
-      logging.warning("The config saved at step %d predates %s; using their defaults.", step, ", ".join(added))
+      logging.warning("The config saved at step %d predates %s; using %s.", step, ", ".join(added),
+                      "its default" if len(added) == 1 else "their defaults")
   config = _fit_mesh(saved_config, step) if config is None else config
   validation.validate(config)
   cli.use_compilation_cache(config)
