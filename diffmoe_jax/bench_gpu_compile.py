@@ -24,6 +24,7 @@ import contextlib
 import glob
 import importlib.metadata
 import importlib.util
+import math
 import os
 import re
 import shutil
@@ -77,6 +78,9 @@ def add_parser(commands) -> None:
                    help="with --step and --remat-policy save_names or dots: model.remat_save_names")
   gpu.add_argument("--logits-chunk-len", type=NON_NEGATIVE, default=0,
                    help="with --step: model.logits_chunk_len (0: the config's)")
+  gpu.add_argument("--mesh", type=mesh_flag, default={}, metavar="AXIS=SIZE,...",
+                   help="with --step: the mesh (config.mesh.shape's axes, the rest 1; --batch is the global batch), "
+                        "compiled for as many GPUs of this host or compile-only ones; e.g. fsdp=4,tensor=2")
   gpu.add_argument("--phase", default="long_context", help="with --step: the curriculum phase whose step it is")
   gpu.add_argument("--bandwidth-tbps", type=_positive_float, default=3.35,
                    help="with --step: the device's memory bandwidth (an H100 SXM's 3.35; an H200's 4.8)")
@@ -84,7 +88,8 @@ def add_parser(commands) -> None:
   gpu.set_defaults(run=run)
 
 
-STEP_ONLY = ("layers", "remat_policy", "remat_save_names", "logits_chunk_len", "phase", "bandwidth_tbps", "top")
+STEP_ONLY = ("layers", "remat_policy", "remat_save_names", "logits_chunk_len", "mesh", "phase", "bandwidth_tbps",
+             "top")
 
 
 def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
@@ -118,14 +123,18 @@ def requirements() -> str:
   return ptxas
 
 
-def target_device():
-  """A GPU of this host, else a compile-only Hopper device, and how to name it."""
+def target_devices(count: int = 1):
+  """`count` GPUs of this host, else as many compile-only Hopper devices (one host's), and how to name them."""
   try:
-    return jax.devices("cuda")[0], "this host's GPU"
+    gpus = jax.devices("cuda")
   except RuntimeError:
-    from jax.experimental import topologies
-    device = topologies.get_topology_desc("", "cuda", target_config=HOPPER, topology="1x1x1").devices[0]
-    return device, "a compile-only device: this host has no GPU"
+    gpus = []
+  if len(gpus) >= count:
+    return gpus[:count], "this host's GPU" + ("s" if count > 1 else "")
+  from jax.experimental import topologies
+  devices = topologies.get_topology_desc("", "cuda", target_config=HOPPER, topology=f"1x1x{count}").devices
+  return devices, (f"{count} compile-only devices: this host has {len(gpus) or 'no'} GPU{'' if len(gpus) == 1 else 's'}"
+                   if count > 1 else "a compile-only device: this host has no GPU")
 
 
 def parse_ptxas(text: str) -> dict[str, dict]:
@@ -224,71 +233,111 @@ def _backend_of(device):
     jax.default_backend = host
 
 
-def _train_step(args, device):
-  """The config's train step (`bench train`'s, attention on the Pallas kernels) compiled for `device`, its
-  model FLOPs per step (3x forward, as MFU counts them) and its MoD setting."""
+def _train_step(args, devices):
+  """The config's train step (`bench train`'s, attention on the Pallas kernels) compiled for `devices` on the
+  mesh of --mesh (one device: all axes 1), sharded as the trainer shards it; its model FLOPs per step (3x
+  forward, as MFU counts them), config, phase and the phase's settings."""
   import flax.linen as nn
-  from jax.sharding import SingleDeviceSharding
-  from diffmoe_jax import bench, estimate
+  from diffmoe_jax import bench, estimate, parallel
+  from diffmoe_jax.config import ConfigError
   from diffmoe_jax.nn import model as model_lib
   from diffmoe_jax.train import state as state_lib, step as step_lib
   args = argparse.Namespace(**vars(args), attention_impl="pallas", attention_gpu_forward=None,
                             attention_gpu_backward=None, max_seq_len=0)
   config, curriculum, phase = bench._train_config(args)
+  config.mesh.shape.update({axis: args.mesh.get(axis, 1) for axis in config_lib.MESH_AXES})
   settings = curriculum.settings(phase.start)
-  sharding = SingleDeviceSharding(device)
-  on_device = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
-  with _backend_of(device):
+  rules = parallel.axis_rules(config.mesh)
+  split = parallel.logical_axis_size(dict(config.mesh.shape), rules, "batch")
+  if phase.batch_size % split:
+    raise ConfigError(f"its batch axes split the batch {split} ways, which --batch {phase.batch_size} is not a "
+                      "multiple of; --batch is the global batch")
+  with _backend_of(devices[0]):
+    mesh = parallel.make_mesh(config.mesh, devices=devices)
     model = model_lib.build_model(config.model)
     optimizer = state_lib.make_optimizer(config.optimizer)
-    init = state_lib.init_fn(model, optimizer, phase.seq_len, config.train.loss_scale_init)
-    state = jax.tree.map(on_device, jax.eval_shape(lambda r: nn.unbox(init(r)), jax.random.PRNGKey(0)))
-    tokens = jax.ShapeDtypeStruct((phase.batch_size, phase.seq_len), jnp.int32)
-    batch = {k: on_device(tokens) for k in ("inputs", "targets", "segment_ids")}
-    dyn = {k: on_device(jax.ShapeDtypeStruct((), jnp.float32)) for k in step_lib.dynamic_settings(settings)}
+    state, shardings, _ = state_lib.create_state(model, optimizer, mesh, rules, seed=0, seq_len=phase.seq_len,
+                                                 loss_scale_init=config.train.loss_scale_init)
+    tokens = parallel.batch_sharding(mesh, rules)
+    batch = {k: jax.ShapeDtypeStruct((phase.batch_size, phase.seq_len), jnp.int32, sharding=tokens)
+             for k in ("inputs", "targets", "segment_ids")}
+    scalar = parallel.replicated(mesh)
+    dyn = {k: jax.ShapeDtypeStruct((), jnp.float32, sharding=scalar) for k in step_lib.dynamic_settings(settings)}
     step = step_lib.config_train_step(config, model, optimizer, mod_mode=settings.mod_mode,
                                       mod_capacity=settings.mod_capacity)
-    compiled = jax.jit(step, donate_argnums=0).trace(state, batch, dyn).lower().compile()
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      compiled = jax.jit(step, in_shardings=(shardings, {k: tokens for k in batch}, scalar),
+                         out_shardings=(shardings, scalar), donate_argnums=0).trace(state, batch, dyn).lower().compile()
   flops = phase.batch_size * phase.seq_len * estimate.train_flops_per_token(
       config.model, estimate.count_params(config.model), phase.seq_len, mod_mode=settings.mod_mode,
       mod_capacity=settings.mod_capacity)
   return compiled, flops, config, phase, settings
 
 
-def run_step(args, device, where: str) -> None:
-  from diffmoe_jax import op_profile
+def run_step(args, devices, where: str) -> None:
+  from diffmoe_jax import op_profile, parallel
+  from diffmoe_jax.config import ConfigError
   from diffmoe_jax.train import metrics
+  kind = devices[0].device_kind
   try:
-    compiled, model_flops, config, phase, settings = _train_step(args, device)
+    compiled, model_flops, config, phase, settings = _train_step(args, devices)
+  except ConfigError as e:  # a mesh that does not divide a dimension (a ValueError: before NOT_COMPILED)
+    raise SystemExit(f"error: --mesh {_mesh_text(args.mesh)}: {e}") from None
   except NOT_COMPILED as e:
-    raise SystemExit(f"error: the train step does not compile for {device.device_kind}: {_first_line(e)}") from None
+    raise SystemExit(f"error: the train step does not compile for {kind}: {_first_line(e)}") from None
   hlo = compiled.as_text()
   costs = op_profile.instruction_costs(hlo)
   kernels = {name for name, i in op_profile.instructions(hlo).items() if i.kind.startswith("kernel")}
-  peak, bandwidth = metrics.peak_of_kind(device.device_kind), args.bandwidth_tbps * 1e12
+  peak, bandwidth = metrics.peak_of_kind(kind), args.bandwidth_tbps * 1e12
   times = op_profile.roofline_times(costs, peak, bandwidth)
   bound = sum(t for name, t in times.items() if name not in kernels)
   memory = compiled.memory_analysis()
-  with _backend_of(device):  # the estimate of what the train step holds beyond its state, as `main` checks it
-    activations = memory_lib.activation_bytes(config.model, phase.batch_size, phase.seq_len,
-                                              mod_capacity=settings.mod_capacity)
-    estimated = memory_lib.step_temporaries(config, {}, activations) + activations
+  shape, rules = dict(config.mesh.shape), parallel.axis_rules(config.mesh)
+  with _backend_of(devices[0]):  # the estimate of what the train step holds beyond its state, as `main` checks it
+    activations = memory_lib.activation_bytes(
+        config.model, phase.batch_size // parallel.logical_axis_size(shape, rules, "batch"), phase.seq_len,
+        mod_capacity=settings.mod_capacity, tensor=parallel.logical_axis_size(shape, rules, "heads"))
+    estimated = memory_lib.step_temporaries(config, shape, activations) + activations
   m = config.model
-  print(f"train step of {args.config} compiled for {device.device_kind} ({where}): {m.num_layers} layers, "
+  on = f" on mesh {_mesh_text(args.mesh)}" if len(devices) > 1 else ""
+  print(f"train step of {args.config} compiled for {kind} ({where}){on}: {m.num_layers} layers, "
         f"{m.dtype}, seq_len {phase.seq_len}, batch {phase.batch_size}, MoD {settings.mod_mode} "
         f"{settings.mod_capacity:.3f}, remat {' '.join((m.remat_policy,) + tuple(m.remat_save_names))}, attention "
         f"kernels {m.attention_gpu_forward} / {m.attention_gpu_backward}")
-  print(f"memory      arguments {memory.argument_size_in_bytes / 2**30:.2f} GiB, temporaries "
+  per = " per device" if len(devices) > 1 else ""
+  label = "memory per device " if per else "memory      "
+  print(f"{label}arguments {memory.argument_size_in_bytes / 2**30:.2f} GiB, temporaries "
         f"{memory.temp_size_in_bytes / 2**30:.2f} GiB: {memory.temp_size_in_bytes / estimated:.2f}x the memory "
         f"check's estimate of them, {estimated / 2**30:.2f} GiB (activations {activations / 2**30:.2f} GiB)")
-  print(f"work        model {model_flops / 1e12:.2f} TFLOP (3x forward), matmuls compiled "
-        f"{sum(f for f, _ in costs.values()) / 1e12:.2f} TFLOP (with remat's recompute), "
-        f"{sum(b for _, b in costs.values()) / 1e9:.1f} GB moved")
+  print(f"work        model {model_flops / 1e12:.2f} TFLOP (3x forward{', all devices' if per else ''}), matmuls "
+        f"compiled {sum(f for f, _ in costs.values()) / 1e12:.2f} TFLOP{per} (with remat's recompute), "
+        f"{sum(b for _, b in costs.values()) / 1e9:.1f} GB moved{per}")
+  # On a mesh each device runs its part; collectives are costed by their bytes at the memory's bandwidth, not
+  # the interconnect's.
+  collectives = ", collectives counted at memory bandwidth" if per else ""
   print(f"roofline    {1e3 * bound:.2f} ms at {peak / 1e12:.0f} TFLOP/s and {args.bandwidth_tbps:g} TB/s, besides "
-        f"{len(kernels)} Pallas kernel calls (counted by bytes alone below): MFU at most "
-        f"{model_flops / (bound * peak):.1%}")
+        f"{len(kernels)} Pallas kernel calls (counted by bytes alone below){collectives}: MFU at most "
+        f"{model_flops / (bound * peak * len(devices)):.1%}")
   rows = op_profile.breakdown(times, hlo)
   print("\n".join(op_profile.report(rows, calls=1, top=args.top, heading="roofline")))
+
+
+def _mesh_text(mesh: dict[str, int]) -> str:
+  return ",".join(f"{axis}={size}" for axis, size in mesh.items()) or "(one device)"
+
+
+def mesh_flag(text: str) -> dict[str, int]:
+  """--mesh "fsdp=4,tensor=2" -> {"fsdp": 4, "tensor": 2}: each of config.mesh's axes at most once, sizes >= 1."""
+  mesh = {}
+  for part in text.split(","):
+    axis, _, size = part.partition("=")
+    axis = axis.strip()
+    if axis not in config_lib.MESH_AXES or axis in mesh or not size.strip().isdigit() or int(size) < 1:
+      raise argparse.ArgumentTypeError(
+          f"{text!r} is not a mesh such as 'fsdp=4,tensor=2': each of {', '.join(config_lib.MESH_AXES)} at most "
+          "once, with a size of at least 1")
+    mesh[axis] = int(size)
+  return mesh
 
 
 def run(args: argparse.Namespace) -> None:
@@ -297,9 +346,10 @@ def run(args: argparse.Namespace) -> None:
   os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
   os.environ["MOSAIC_GPU_DUMP_PTXAS"] = "1"
   config = config_lib.load_file(args.config)
-  device, where = target_device()
   if args.step:
-    return run_step(args, device, where)
+    devices, where = target_devices(math.prod(args.mesh.values()))
+    return run_step(args, devices, where)
+  (device,), where = target_devices()
   m = config.model
   print(f"GPU attention kernels of {args.config} compiled for {device.device_kind} ({where}): B={args.batch} "
         f"T={args.seq_len} H={m.num_heads} head_dim={m.head_dim} {m.attention}; forward and gradients")

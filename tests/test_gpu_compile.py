@@ -94,10 +94,32 @@ def test_the_train_step_compiled_for_a_gpu_has_a_roofline_below_the_peak():
   assert 0 < float(held.group(2)) < 1, run.stdout
 
 
+@pytest.mark.skipif(not PLUGIN, reason="needs JAX's CUDA plugin and ptxas: pip install -e '.[gpu-compile]'")
+def test_the_train_step_compiles_for_a_mesh_of_gpus_sharded_as_the_trainer_shards_it():
+  """--mesh: the step on 4 GPUs (compile-only ones here) as fsdp 2 x tensor 2, the memory per device beside the
+  memory check's estimate for that mesh; a batch the mesh cannot split is refused before compiling."""
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+  command = [sys.executable, "-m", "diffmoe_jax.bench", "gpu_compile", "--step", "--layers", "2", "--seq-len", "1024",
+             "--top", "3", "--mesh", "fsdp=2,tensor=2"]
+  run = subprocess.run(command + ["--batch", "4"], capture_output=True, text=True, env=env, timeout=900)
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert re.search(r"^train step of .* on mesh fsdp=2,tensor=2: 2 layers, .* batch 4,", run.stdout, re.M), run.stdout
+  held = re.search(r"^memory per device arguments ([\d.]+) GiB, temporaries [\d.]+ GiB: ([\d.]+)x the memory "
+                   r"check's estimate", run.stdout, re.M)
+  assert held and 0 < float(held.group(2)) < 1, run.stdout
+  refused = subprocess.run(command + ["--batch", "3"], capture_output=True, text=True, env=env, timeout=900)
+  assert refused.returncode == 1 and refused.stderr.strip().splitlines()[-1] == (
+      "error: --mesh fsdp=2,tensor=2: its batch axes split the batch 2 ways, which --batch 3 is not a multiple of; "
+      "--batch is the global batch"), refused.stderr[-2000:]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--layers", "2"], "argument --layers: only with --step"),
     (["--remat-policy", "dots"], "argument --remat-policy: only with --step"),
     (["--logits-chunk-len", "512"], "argument --logits-chunk-len: only with --step"),
+    (["--mesh", "fsdp=2"], "argument --mesh: only with --step"),
+    (["--step", "--mesh", "fsdp=2,fsdp=2"], "argument --mesh: 'fsdp=2,fsdp=2' is not a mesh such as 'fsdp=4,tensor=2'"),
+    (["--step", "--mesh", "tensor=0"], "argument --mesh: 'tensor=0' is not a mesh"),
     (["--step", "--families", "mosaic"], "argument --families: not with --step"),
 ])
 def test_flags_of_the_other_mode_are_refused(argv, message, capsys):
