@@ -21,8 +21,8 @@ from diffmoe_jax.config import ConfigError
 from diffmoe_jax.train import checkpoint, state as state_lib
 
 # May change on resume: bookkeeping, the mesh, and how attention, the MoE layer, remat, the weights' casts and
-# the loss's logits compute the same function. The token cache's directory is bookkeeping too: the cache is keyed by the data it holds, not by
-# where it lives.
+# the loss's logits compute the same function. The token cache's directory is bookkeeping too: the cache is
+# keyed by the data it holds, not by where it lives.
 FREE_FIELDS = ("name", "train", "mesh", "data.cache_dir", "model.attention_impl", "model.attention_block_q",
                "model.attention_block_k", "model.attention_gpu_backward", "model.attention_gpu_launch",
                "model.attention_gpu_forward", "model.moe.expert_parallel", "model.moe.dropless_impl",
