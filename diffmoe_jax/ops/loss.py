@@ -105,7 +105,7 @@ def _chunked_cross_entropy_bwd(constrain_logits, residuals, g):
   def chunk(dw, xlg):
     x, label, lse, g = xlg
     logits = _chunk_logits(x, w, constrain_logits)
-    dlogits = ((jnp.exp(logits - lse[..., None]) - _label_mask(logits, label)) * g[..., None]).astype(x.dtype)
+    dlogits = _cross_entropy_bwd((logits, label, lse), g)[0].astype(x.dtype)  # the whole logits' softmax - one-hot
     dx = jnp.einsum("btv,dv->btd", dlogits, w, preferred_element_type=jnp.float32).astype(x.dtype)
     return dw + jnp.einsum("btd,btv->dv", x, dlogits, preferred_element_type=jnp.float32), dx
 
