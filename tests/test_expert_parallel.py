@@ -42,18 +42,19 @@ def _layer_and_grads(layer):
   return jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))
 
 
-CASES = [("capacity", "all_to_all", "gelu", (2, 4, 1)), ("capacity", "gather", "swiglu", (2, 4, 1)),
-         ("dropless", "gather", "gelu", (2, 4, 1)), ("capacity", "all_to_all", "swiglu", (2, 2, 2)),
-         ("dropless", "gather", "gelu", (2, 2, 2))]
+# capacity: slots per expert given explicitly (as a routed layer at inference does), else from the factor (3).
+CASES = [("capacity", "all_to_all", "gelu", (2, 4, 1), None), ("capacity", "gather", "swiglu", (2, 4, 1), 2),
+         ("dropless", "gather", "gelu", (2, 4, 1), None), ("capacity", "all_to_all", "swiglu", (2, 2, 2), 2),
+         ("dropless", "gather", "gelu", (2, 2, 2), None)]
 
 
-@pytest.mark.parametrize("mode,strategy,activation,mesh_shape", CASES)
-def test_expert_parallel_layer_equals_one_device(mode, strategy, activation, mesh_shape):
+@pytest.mark.parametrize("mode,strategy,activation,mesh_shape,capacity", CASES)
+def test_expert_parallel_layer_equals_one_device(mode, strategy, activation, mesh_shape, capacity):
   """Outputs, dropped fraction, slot fill and gradients, with a token mask; mesh (data, expert, tensor)."""
   mesh = jax.make_mesh(mesh_shape, ("data", "expert", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
   (x, w, experts, mask), params = _inputs(0, activation)
   cot = np.random.default_rng(1).normal(size=(B, T, D)).astype(np.float32)
-  common = dict(activation=activation, mode=mode, capacity_factor=0.75, dropless_impl="padded")
+  common = dict(activation=activation, mode=mode, capacity_factor=0.75, dropless_impl="padded", capacity=capacity)
   single = _layer_and_grads(functools.partial(dispatch.moe_ffn, **common))
   sharded = _layer_and_grads(functools.partial(
       expert_parallel.moe_ffn, mesh=mesh, batch_axes=("data", "expert"), expert_axis="expert",

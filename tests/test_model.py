@@ -394,6 +394,40 @@ def test_predictor_mode_runs_the_block_on_the_selected_tokens_alone(make_config)
     np.testing.assert_allclose(np.asarray(out[b]), want, rtol=1e-5, atol=1e-5)
 
 
+def test_predictor_mode_with_capacity_dispatch_gives_the_experts_the_slots_of_training(make_config):
+  """model.moe.eval_dispatch="capacity": a routed layer at inference gives each expert the slots training
+  gives it, from ceil(mod_capacity·T) tokens, not from all T (the skipped tokens take no slot but counted).
+  With the predictor choosing as many tokens as training would, the layer equals its block run on those tokens
+  alone, drops included."""
+  cfg = make_config(**{"moe.capacity_factor": 0.5, "moe.eval_dispatch": "capacity"})
+  rng = np.random.default_rng(11)
+  x = jnp.asarray(rng.normal(size=(B, T, cfg.model.d_model)), jnp.float32)
+  positions = jnp.broadcast_to(jnp.arange(T), (B, T))
+  _, params = _routed_layer_and_params(cfg, x, positions)
+  frozen = ml_collections.FrozenConfigDict(cfg.model)
+  score, predictor_logit = MoDRouter(frozen).apply({"params": params["mod_router"]}, x)
+  selected = np.asarray(predictor_logit > 0)
+  block = model_lib.Block(frozen, train=False)
+  dropped = []
+  for b in range(B):
+    idx = np.flatnonzero(selected[b])
+    assert 0 < len(idx) < T, "the test needs a mixed selection"
+    layer = model_lib.RoutedLayer(frozen, train=False, mod_mode="predictor", mod_capacity=len(idx) / T)
+    out, _ = layer.apply({"params": params}, x[b:b + 1], positions[b:b + 1], jnp.asarray(1), 0.0)
+    delta, stats = block.apply({"params": params["block"]}, x[b:b + 1, idx], positions[b:b + 1, idx],
+                               jnp.asarray(1), 0.0)
+    dropped.append(float(stats["dropped_fraction"]))
+    want = np.asarray(x[b]).copy()
+    want[idx] += np.asarray(jax.nn.sigmoid(score[b, idx])[:, None] * delta[0])
+    np.testing.assert_allclose(np.asarray(out[0]), want, rtol=1e-5, atol=1e-5)
+  assert max(dropped) > 0, "the test needs a capacity that drops assignments"
+  # The slots are a fixed number, taken by earlier tokens first: the layer stays causal.
+  layer = model_lib.RoutedLayer(frozen, train=False, mod_mode="predictor", mod_capacity=0.25)
+  run = jax.jit(lambda inputs: layer.apply({"params": params}, inputs, positions, jnp.asarray(1), 0.0)[0])
+  changed = x.at[:, -3:].set(jnp.asarray(rng.normal(size=(B, 3, cfg.model.d_model)), jnp.float32))
+  np.testing.assert_allclose(run(changed)[:, :-3], run(x)[:, :-3], rtol=1e-6, atol=1e-6)
+
+
 def test_topk_mode_runs_the_block_on_the_highest_scored_tokens_at_their_positions(make_config):
   """Training's routing: the ceil(capacity·T) best-scored tokens of a sequence (chosen here by NumPy) run
   the block among themselves at their own positions, scaled by sigmoid(score); the rest pass unchanged."""

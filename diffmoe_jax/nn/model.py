@@ -38,12 +38,14 @@ class Block(nn.Module):
   expert-conditional λ mixes over exactly those (noisy, in training) experts; with "ffn_input" the MoE
   routes from its own input and λ is gated by a noise-free top-k of the same router on the attention input.
   `token_mask` (bool `[B, T]`) marks the tokens that run the block: the others take no expert slot.
+  `capacity_tokens`: the tokens per sequence the experts' slots are figured from in capacity mode (default T).
   """
   config: ml_collections.FrozenConfigDict
   train: bool = False
 
   @nn.compact
-  def __call__(self, x, positions, layer_index, noise_std, kv_mask=None, token_mask=None, segment_ids=None):
+  def __call__(self, x, positions, layer_index, noise_std, kv_mask=None, token_mask=None, segment_ids=None,
+               capacity_tokens=None):
     cfg = self.config
     norm = dict(eps=cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
     h = RMSNorm(**norm, name="attn_norm")(x)
@@ -58,7 +60,7 @@ class Block(nn.Module):
                                                         kv_mask=kv_mask, segment_ids=segment_ids)
     attn = attn.astype(jnp.float32)
     out, ffn_stats = ffn(RMSNorm(**norm, name="ffn_norm")(x + attn), noise_std=noise_std, train=self.train,
-                         route=route, token_mask=token_mask)
+                         route=route, token_mask=token_mask, capacity_tokens=capacity_tokens)
     return attn + out.astype(jnp.float32), {**attn_stats, **ffn_stats}
 
 
@@ -86,7 +88,7 @@ class RoutedLayer(nn.Module):
   "topk" (training): the top ceil(capacity·T) tokens of each sequence by router score run the block among
   themselves at their original positions; the rest pass unchanged. "predictor" (causal inference): tokens
   whose predictor says yes run the block; the others are hidden from attention, take no expert slot and
-  pass unchanged. "off": every token runs the block.
+  pass unchanged; capacity dispatch gives each expert the slots of training's ceil(capacity·T) tokens. "off": every token runs the block.
 
   Decoding (a mutable "cache" collection) in "predictor" mode with `mod_skip`: when the predictor rejects
   every token of the call (a one-token step at batch 1: the token), the block does not run at all and
@@ -123,10 +125,12 @@ class RoutedLayer(nn.Module):
     else:
       selected = predictor_logit > 0.0
       args = (x, positions, layer_index, noise_std, selected, selected, segment_ids)
+      # Capacity dispatch gives each expert the slots of training, which runs the block on num_selected tokens.
+      run = lambda blk, *a: blk(*a, capacity_tokens=num_selected)
       if self.mod_skip and is_decoding(self) and self.has_variable("cache", "block"):  # not while creating it
-        delta, stats = nn.cond(jnp.any(selected), lambda blk, *a: blk(*a), _block_not_run, block, *args)
+        delta, stats = nn.cond(jnp.any(selected), run, _block_not_run, block, *args)
       else:
-        delta, stats = block(*args)
+        delta, stats = run(block, *args)
       x = x + jnp.where(selected[..., None], weight * delta, 0.0)
     target_f = target.astype(jnp.float32)
     predictor_loss = jnp.mean(optax.sigmoid_binary_cross_entropy(predictor_logit, target_f))

@@ -47,11 +47,14 @@ class MoEFeedForward(nn.Module):
                                             rng=rng)
     return logits, weights, experts
 
-  def __call__(self, x: jax.Array, *, noise_std=0.0, train: bool = False, route=None, token_mask=None):
+  def __call__(self, x: jax.Array, *, noise_std=0.0, train: bool = False, route=None, token_mask=None,
+               capacity_tokens: int | None = None):
     """x: `[B, T, d]` -> (`[B, T, d]`, stats: load_balance_loss, z_loss, expert_load [E], dropped_fraction).
 
     route: a `route(...)` result computed elsewhere (the attention input), else x is routed here.
     token_mask: bool `[B, T]`; False tokens take no expert slot, get 0 and are left out of the stats.
+    capacity_tokens: in capacity mode, the tokens per sequence each expert's slots are figured from (default
+    T; a routed layer at inference passes the count training runs it on).
     Training dispatches by `moe.dispatch`; inference by `moe.eval_dispatch` (dropless by default, so a
     token's output does not depend on the other tokens of the batch).
     """
@@ -60,9 +63,13 @@ class MoEFeedForward(nn.Module):
     logits, weights, experts = route if route is not None else self.route(x, noise_std=noise_std, train=train)
     w_gate = self.w_gate.astype(dtype) if moe.activation == "swiglu" else None
     args = (x.astype(dtype), weights, experts, self.w_in.astype(dtype), self.w_out.astype(dtype), w_gate)
-    kwargs = dict(activation=moe.activation, mode=moe.dispatch if train else moe.eval_dispatch,
-                  capacity_factor=moe.capacity_factor,
-                  dropless_impl=dispatch.resolve_dropless_impl(moe.dropless_impl), token_mask=token_mask)
+    mode = moe.dispatch if train else moe.eval_dispatch
+    capacity = None
+    if mode == "capacity" and capacity_tokens is not None:
+      capacity = dispatch.moe_capacity(capacity_tokens, moe.top_k, moe.num_experts, moe.capacity_factor)
+    kwargs = dict(activation=moe.activation, mode=mode, capacity_factor=moe.capacity_factor,
+                  dropless_impl=dispatch.resolve_dropless_impl(moe.dropless_impl), token_mask=token_mask,
+                  capacity=capacity)
     layout = expert_parallel_layout(moe.expert_parallel, x.shape[0])
     if layout is None:
       y, dispatch_stats = dispatch.moe_ffn(*args, **kwargs)
@@ -105,9 +112,10 @@ class DenseFeedForward(nn.Module):
   config: ml_collections.FrozenConfigDict  # the model section
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, noise_std=0.0, train: bool = False, route=None, token_mask=None):
+  def __call__(self, x: jax.Array, *, noise_std=0.0, train: bool = False, route=None, token_mask=None,
+               capacity_tokens=None):
     # The MoE layer's keyword arguments change nothing here: a dense FFN has no router to route or perturb
-    # (route, noise_std, train) and no expert slots to share (token_mask).
+    # (route, noise_std, train) and no expert slots to share or count (token_mask, capacity_tokens).
     cfg = self.config
     dtype, pdtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
     d, f = cfg.d_model, dense_ffn_dim(cfg)

@@ -66,13 +66,16 @@ def moe_ffn(x: jax.Array, weights: jax.Array, experts: jax.Array, w_in: jax.Arra
             w_gate: jax.Array | None = None, *, mesh, batch_axes, expert_axis: str, tensor_axes=None,
             activation: str, mode: str = "capacity", capacity_factor: float = 1.25,
             dropless_impl: str = "padded", strategy: str = "auto",
-            token_mask: jax.Array | None = None) -> tuple[jax.Array, dict]:
+            token_mask: jax.Array | None = None, capacity: int | None = None) -> tuple[jax.Array, dict]:
   """`dispatch.moe_ffn` with experts sharded over `expert_axis` of `mesh` (a Mesh or AbstractMesh).
 
   batch_axes: the mesh axes the batch is split over (must include expert_axis); tensor_axes: mesh axes
   the FFN width is split over (devices that hold the same tokens: none of the batch's), or None. Returns
-  y `[B, T, d]` and stats "dropped_fraction" and "slot_fill" over the whole batch.
+  y `[B, T, d]` and stats "dropped_fraction" and "slot_fill" over the whole batch. capacity: slots per expert
+  per sequence in capacity mode, as in `dispatch.moe_ffn`.
   """
+  if capacity is not None and capacity < 1:
+    raise ValueError(f"moe_ffn: capacity={capacity} slots per expert must be at least 1.")
   batch_axes, tensor_axes = mesh_axes_of(batch_axes), mesh_axes_of(tensor_axes)
   unknown = [a for a in (expert_axis,) + batch_axes + tensor_axes if a not in mesh.shape]
   if unknown:
@@ -96,7 +99,10 @@ def moe_ffn(x: jax.Array, weights: jax.Array, experts: jax.Array, w_in: jax.Arra
     raise ValueError(f"the batch of {b} sequences does not split evenly over the {batch_devices} devices of "
                      f"mesh axes {batch_axes}; use a batch size that is a multiple of {batch_devices}.")
   dispatch.check_top_k(k, num_experts)
-  capacity = dispatch.moe_capacity(t, k, num_experts, capacity_factor) if mode == "capacity" else t
+  if mode != "capacity":
+    capacity = t
+  elif capacity is None:
+    capacity = dispatch.moe_capacity(t, k, num_experts, capacity_factor)
   if token_mask is None:
     token_mask = jnp.ones((b, t), bool)
 
