@@ -11,6 +11,7 @@ from __future__ import annotations
 import fnmatch
 import importlib.util
 import math
+from collections.abc import Mapping
 
 import ml_collections
 
@@ -39,6 +40,9 @@ MAX_SEED = 2**32 - 1
 # "flash_residuals" (blockwise and kernel attention paths only): the per-map outputs and log-sum-exp that
 # the attention backward reads; kept, remat does not rerun the attention forward.
 CHECKPOINT_NAMES = ("query_proj", "key_proj", "value_proj", "attn_out", "ffn_out", "flash_residuals")
+# What train.allow_config_change calls the training data's files, which are no field: allowing it resumes a run
+# on files added, removed or changed since the save.
+DATA_FILES = "data.files"
 # Dicts whose keys are the user's to choose: a new key on the command line adds an entry.
 OPEN_DICTS = ("data.domains", "curriculum.*.domain_weights")
 # The logical axis names the model uses; `parallel.py` maps them to mesh axes through `mesh.axis_rules`.
@@ -52,6 +56,28 @@ class ConfigError(ValueError):
 def is_open_dict(path: str) -> bool:
   """Whether the dotted `path` names one of OPEN_DICTS, whose keys are the user's."""
   return any(fnmatch.fnmatchcase(path, d) for d in OPEN_DICTS)
+
+
+def path_matches(path: str, patterns) -> bool:
+  """Whether the dotted `path` matches one of `patterns` (fnmatch globs) or lies inside one (a section)."""
+  return any(fnmatch.fnmatchcase(path, p) or path.startswith(p + ".") for p in patterns)
+
+
+def allowed_changes(config) -> list[str]:
+  """The field paths and globs of `train.allow_config_change`."""
+  return [p.strip() for p in str(config.train.allow_config_change).split(",") if p.strip()]
+
+
+def flat_fields(d, prefix: str = "") -> dict:
+  """{dotted path: value} of every field of a (nested) mapping; an empty section is a field."""
+  out = {}
+  for key, value in d.items():
+    path = f"{prefix}{key}"
+    if isinstance(value, Mapping) and value:
+      out.update(flat_fields(value, path + "."))
+    else:
+      out[path] = value
+  return out
 
 
 def load_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:

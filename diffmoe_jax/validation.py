@@ -10,11 +10,11 @@ import math
 import ml_collections
 
 from diffmoe_jax import parallel
-from diffmoe_jax.config import (ACTIVATIONS, ATTENTION_IMPLS, ATTENTIONS, CHECKPOINT_NAMES, DISPATCH_MODES,
+from diffmoe_jax.config import (ACTIVATIONS, ATTENTION_IMPLS, ATTENTIONS, CHECKPOINT_NAMES, DATA_FILES, DISPATCH_MODES,
                                 DROPLESS_IMPLS, DTYPES, EXPERT_PARALLEL, FFNS, GPU_BACKWARDS, GPU_FORWARDS,
                                 LOGICAL_AXES, LR_SHAPES, MAX_SEED, MESH_AXES, REMAT_POLICIES, ROUTE_FROM,
-                                ConfigError, defaults, gpu_launches, is_open_dict, phase_defaults, require,
-                                without_obsolete)
+                                ConfigError, allowed_changes, defaults, flat_fields, gpu_launches, is_open_dict,
+                                path_matches, phase_defaults, require, without_obsolete)
 
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -326,6 +326,23 @@ def _check_known_fields(config: ml_collections.ConfigDict) -> None:
     raise no_such_field(unknown[0], known)
 
 
+def _check_allowed_changes(config: ml_collections.ConfigDict) -> None:
+  """Each entry of train.allow_config_change names a field or section of the config (a glob may), or a key of
+  one of the user's dicts (a domain the saved run had), or the data's files: a misspelt entry allowed nothing,
+  without a word."""
+  fields = list(flat_fields(config.to_dict()))
+  sections = {path.rsplit(".", i)[0] for path in fields for i in range(1, path.count(".") + 1)}
+  for pattern in allowed_changes(config):
+    parts = pattern.split(".")
+    in_users_dict = any(is_open_dict(".".join(parts[:i])) for i in range(1, len(parts)))
+    if in_users_dict or pattern == DATA_FILES or any(path_matches(f, [pattern]) for f in fields):
+      continue
+    close = difflib.get_close_matches(pattern, sorted(sections.union(fields)), n=1)
+    raise ConfigError(f"config.train.allow_config_change: {pattern!r} names no field of the config"
+                      + (f"; did you mean {close[0]}?" if close else "; list fields as dotted paths, e.g. "
+                         "optimizer.peak_lr, or sections such as curriculum."))
+
+
 def _check_types(config: ml_collections.ConfigDict) -> None:
   """Each field `defaults()` has (and each phase field) holds its default's type: a config built from a dict
   or set under `ignore_type()` could hold the string "false" in a boolean field, which would read as True."""
@@ -372,6 +389,7 @@ def _validate_training(config: ml_collections.ConfigDict) -> None:
   require(config.train.run_steps >= 0, "train.run_steps", f"must be >= 0, got {config.train.run_steps}.")
   require(isinstance(config.train.allow_config_change, str), "train.allow_config_change",
           f"must be a string of comma-separated field paths, got {config.train.allow_config_change!r}.")
+  _check_allowed_changes(config)
   for field in ("log_every", "eval_every", "checkpoint_every", "stable_rank_every", "eval_batches",
                 "eval_batch_size", "keep_checkpoints", "max_nonfinite_in_a_row"):
     require(config.train[field] >= 1, f"train.{field}", f"must be >= 1, got {config.train[field]}.")

@@ -276,3 +276,24 @@ def test_a_search_config_is_not_taken_for_a_training_config():
   with pytest.raises(ConfigError, match=r"config: has no curriculum, mesh, model, name, optimizer, train, which "
                                         r"every training config has"):
     validation.validate(load("ncas"))
+
+
+@pytest.mark.parametrize("patterns, message", [
+    ("bogus.field", r"^config\.train\.allow_config_change: 'bogus\.field' names no field of the config"),
+    ("optimizer.peak_lr,optimizer.peak_lrr",
+     r"^config\.train\.allow_config_change: 'optimizer\.peak_lrr' names no field of the config; did you mean "
+     r"optimizer\.peak_lr\?$"),
+    ("model.moee.*", r"'model\.moee\.\*' names no field of the config"),
+])
+def test_an_allowed_change_that_names_no_field_is_refused(patterns, message):
+  """A misspelt entry allowed nothing: the run resumed as if it were not there, or refused the change the user
+  meant to allow with a line that never named the misspelling."""
+  with pytest.raises(ConfigError, match=message):
+    validation.validate(_bad(**{"train.allow_config_change": patterns}))
+
+
+def test_allowed_changes_may_name_fields_sections_patterns_and_keys_of_the_users_dicts():
+  c = load("tiny")
+  # A field, a section, a glob, everything, a domain the saved run had that this config dropped, the data.
+  c.train.allow_config_change = "optimizer.peak_lr, curriculum,model.moe.*,*,data.domains.docs,data.files"
+  validation.validate(c)

@@ -88,7 +88,8 @@ class RoutedLayer(nn.Module):
   "topk" (training): the top ceil(capacity·T) tokens of each sequence by router score run the block among
   themselves at their original positions; the rest pass unchanged. "predictor" (causal inference): tokens
   whose predictor says yes run the block; the others are hidden from attention, take no expert slot and
-  pass unchanged; capacity dispatch gives each expert the slots of training's ceil(capacity·T) tokens. "off": every token runs the block.
+  pass unchanged; capacity dispatch gives each expert the slots of training's ceil(capacity·T) tokens.
+  "off": every token runs the block.
 
   Decoding (a mutable "cache" collection) in "predictor" mode with `mod_skip`: when the predictor rejects
   every token of the call (a one-token step at batch 1: the token), the block does not run at all and

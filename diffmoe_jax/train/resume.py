@@ -9,7 +9,6 @@ change bookkeeping, the device layout, the speed or the memory, not what is trai
 """
 from __future__ import annotations
 
-import fnmatch
 import json
 from typing import Any, Mapping
 
@@ -29,17 +28,6 @@ FREE_FIELDS = ("name", "train", "mesh", "data.cache_dir", "model.attention_impl"
                "model.remat_policy", "model.remat_save_names", "model.cast_weights_once", "model.logits_chunk_len")
 
 
-def _flatten(d: Mapping, prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for key, value in d.items():
-    path = f"{prefix}{key}"
-    if isinstance(value, Mapping) and value:
-      out.update(_flatten(value, path + "."))
-    else:
-      out[path] = value
-  return out
-
-
 def _normalised(config) -> dict:
   """Plain JSON values (tuples as lists, as the saved JSON has them)."""
   config = config.to_dict() if hasattr(config, "to_dict") else dict(config)
@@ -51,7 +39,7 @@ _MISSING = object()
 
 def differences(saved: Mapping, current: Any) -> list[tuple[str, Any, Any]]:
   """[(dotted field path, saved value, current value)] for every field that differs (missing: `<absent>`)."""
-  old, new = _flatten(_normalised(saved)), _flatten(_normalised(current))
+  old, new = config_lib.flat_fields(_normalised(saved)), config_lib.flat_fields(_normalised(current))
   out = []
   for path in sorted(set(old) | set(new)):
     a, b = old.get(path, _MISSING), new.get(path, _MISSING)
@@ -72,7 +60,7 @@ def changed_fields(saved: Mapping, current: Any) -> list[tuple[str, Any, Any]]:
   config's: in fields both configs have (one only one side has was added or dropped by the code since) and
   not in RESULT_FREE_FIELDS."""
   return [d for d in differences(saved, current)
-          if d[1] is not _MISSING and d[2] is not _MISSING and not _matches(d[0], list(RESULT_FREE_FIELDS))]
+          if d[1] is not _MISSING and d[2] is not _MISSING and not config_lib.path_matches(d[0], RESULT_FREE_FIELDS)]
 
 
 def _show(value: Any) -> str:
@@ -82,14 +70,6 @@ def _show(value: Any) -> str:
 
 def describe(diffs: list[tuple[str, Any, Any]]) -> str:
   return ", ".join(f"{path} {_show(a)} -> {_show(b)}" for path, a, b in diffs)
-
-
-def _matches(path: str, patterns: list[str]) -> bool:
-  return any(fnmatch.fnmatchcase(path, p) or path.startswith(p + ".") for p in patterns)
-
-
-def allowed_patterns(config) -> list[str]:
-  return [p.strip() for p in str(config.train.allow_config_change).split(",") if p.strip()]
 
 
 def shape_differences(saved: Mapping[str, tuple], abstract_state: Any) -> list[str]:
@@ -116,7 +96,7 @@ def check_data(config, progress: Mapping | None, content: dict[str, str], *, ste
   # Domains split together (data/corpus.py) change together, whichever one's files changed.
   what = (f"config.data.domains.{changed[0]}: its files, or files it is split with," if len(changed) == 1 else
           f"config.data.domains {', '.join(changed)}: their files, or files they are split with,")
-  if _matches("data.files", allowed_patterns(config)):
+  if config_lib.path_matches(config_lib.DATA_FILES, config_lib.allowed_changes(config)):
     logging.warning("Resuming from step %d on other training data (allowed by train.allow_config_change): %s "
                     "changed since.", step, what)
     return
@@ -152,9 +132,9 @@ def check(config, *, saved_config: Mapping | None, saved_shapes: Mapping | None,
     fix = ("Resume with the saved values, or pass a new --workdir to train this config from scratch" if training
            else "Drop --config to use the saved config")
     raise ConfigError(f"{where} holds a train state of another shape ({arrays}): {cause}. {fix}. {keep}")
-  free = [d for d in diffs if _matches(d[0], list(FREE_FIELDS))]
-  patterns = allowed_patterns(config)
-  allowed = [d for d in diffs if d not in free and _matches(d[0], patterns)]
+  free = [d for d in diffs if config_lib.path_matches(d[0], FREE_FIELDS)]
+  patterns = config_lib.allowed_changes(config)
+  allowed = [d for d in diffs if d not in free and config_lib.path_matches(d[0], patterns)]
   refused = [d for d in diffs if d not in free and d not in allowed]
   if refused:
     fields = ",".join(d[0] for d in refused)
@@ -195,7 +175,7 @@ def restore_or_init(ckpt: checkpoint.Checkpointer, config, abstract_state, make_
     if unreadable and saved_config is not None:
       logging.warning("The config saved with the checkpoint at step %d cannot be read (%s); this config is "
                       "checked against the one saved at step %d.", step, unreadable[0], config_step)
-    if saved_config is None and "*" not in allowed_patterns(config):
+    if saved_config is None and "*" not in config_lib.allowed_changes(config):
       raise ConfigError(f"No config saved in {ckpt.directory} up to step {step} can be read ({', '.join(unreadable)}), "
                         "so whether this run's config matches the saved run's cannot be checked; resume without "
                         "that check with --config.train.allow_config_change='*' (a change of the model's shapes is "
