@@ -188,6 +188,29 @@ def test_a_stopped_proxy_stops_the_search_resumably(tmp_path, monkeypatch):
   assert not os.path.exists(tmp_path / "proxies" / "pi_2304" / "result.json")
 
 
+def test_a_proxy_stopped_part_way_and_rerun_with_other_settings_names_the_searchs_fix(tmp_path, monkeypatch):
+  """The resume check's advice, --config.train.allow_config_change, is no field of a search config: the search
+  refused it when the user followed it."""
+  from diffmoe_jax.train import loop, resume
+  config = smoke_config()
+  arch = complete.complete(2304, search.completion_rules(config.ncas))
+
+  def train(cfg, run_dir, corpus):  # the checkpoint a proxy of one step fewer saved
+    saved = copy.deepcopy(cfg)
+    saved.curriculum.total_steps -= 1
+    resume.check(cfg, saved_config=saved.to_dict(), saved_shapes=None, abstract_state=None, step=3,
+                 directory=os.path.join(run_dir, "checkpoints"))
+
+  monkeypatch.setattr(loop, "train", train)
+  total = config.ncas.proxy.steps
+  with pytest.raises(ConfigError) as error:
+    search.train_proxy(config, arch, "pi", str(tmp_path), corpus=None, log=lambda line: None)
+  assert str(error.value) == (
+      f"{tmp_path / 'proxies' / 'pi_2304'} holds a proxy trained part way with another proxy config "
+      f"(curriculum.total_steps {total - 1} -> {total}); rerun with the config.ncas settings it was started with, "
+      "pass a new --workdir, or delete that proxy to train it again.")
+
+
 def test_a_signal_during_a_proxys_last_step_stops_the_search_after_that_proxy(tmp_path, monkeypatch):
   """The loop finishes a proxy whose last step received a SIGTERM: the search went on to the next proxy."""
   from diffmoe_jax.train import loop

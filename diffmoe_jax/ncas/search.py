@@ -242,7 +242,7 @@ def finished_result(config, arch, family: str, workdir: str, corpus, log) -> dic
 def train_proxy(config, arch, family: str, workdir: str, corpus, log) -> dict:
   """The proxy's validation result, from its result.json if it finished before with the same config and data,
   else by training it."""
-  from diffmoe_jax.train import loop
+  from diffmoe_jax.train import loop, resume
   finished = finished_result(config, arch, family, workdir, corpus, log)
   if finished is not None:
     return finished
@@ -252,6 +252,11 @@ def train_proxy(config, arch, family: str, workdir: str, corpus, log) -> dict:
   cfg = proxy_config(config, arch, name)
   try:
     outcome = loop.train(cfg, run_dir, corpus=corpus)
+  except resume.SavedWithAnotherConfig as e:  # its advice, train.allow_config_change, is no field of the search
+    changes = resume.describe(e.changes) or "a train state of another shape"
+    raise ConfigError(f"{run_dir} holds a proxy trained part way with another proxy config ({changes}); rerun "
+                      "with the config.ncas settings it was started with, pass a new --workdir, or delete that "
+                      "proxy to train it again.") from None
   except loop.TrainingStopped as e:
     # Non-finite updates: the proxy diverged at this width, a result of the search (it is on no front), which
     # goes on; a rerun would resume it into the same stop.

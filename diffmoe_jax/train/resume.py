@@ -106,6 +106,14 @@ def check_data(config, progress: Mapping | None, content: dict[str, str], *, ste
                     "then use the new data), or pass a new --workdir. The checkpoints are left as they are.")
 
 
+class SavedWithAnotherConfig(ConfigError):
+  """A checkpoint this config may not resume: `changes` are the fields that differ, [(path, saved, now)]."""
+
+  def __init__(self, message: str, changes: list[tuple[str, Any, Any]]):
+    super().__init__(message)
+    self.changes = changes
+
+
 def check(config, *, saved_config: Mapping | None, saved_shapes: Mapping | None, abstract_state: Any,
           step: int, directory: str, training: bool = True) -> None:
   """Raises ConfigError if the checkpoint at `step` cannot, or may not, be resumed (or, with training=False,
@@ -131,7 +139,8 @@ def check(config, *, saved_config: Mapping | None, saved_shapes: Mapping | None,
     arrays = "; ".join(shapes[:3]) + (f"; and {len(shapes) - 3} more arrays" if len(shapes) > 3 else "")
     fix = ("Resume with the saved values, or pass a new --workdir to train this config from scratch" if training
            else "Drop --config to use the saved config")
-    raise ConfigError(f"{where} holds a train state of another shape ({arrays}): {cause}. {fix}. {keep}")
+    raise SavedWithAnotherConfig(f"{where} holds a train state of another shape ({arrays}): {cause}. {fix}. {keep}",
+                                 model)
   free = [d for d in diffs if config_lib.path_matches(d[0], FREE_FIELDS)]
   patterns = config_lib.allowed_changes(config)
   allowed = [d for d in diffs if d not in free and config_lib.path_matches(d[0], patterns)]
@@ -142,7 +151,8 @@ def check(config, *, saved_config: Mapping | None, saved_shapes: Mapping | None,
            "pass a new --workdir" if training else
            f"Drop --config to use the saved config, or allow the change with "
            f"--config.train.allow_config_change={fields}")
-    raise ConfigError(f"{where} was saved with another config: {describe(refused)}. {fix}. {keep}")
+    raise SavedWithAnotherConfig(f"{where} was saved with another config: {describe(refused)}. {fix}. {keep}",
+                                 refused)
   using = "Resuming from" if training else "Reading"
   if allowed:
     logging.warning("%s step %d with config changes (allowed by train.allow_config_change): %s.", using, step,
