@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import sys
 
 from absl import app, flags
@@ -66,14 +67,27 @@ def _first_missing(path: str) -> str | None:
   return missing
 
 
+def _saved_nothing(workdir: str) -> bool:
+  """Whether `workdir` holds nothing a run saved: its lock file and time record, and empty checkpoints and
+  TensorBoard directories (the config's text alone), as a run stopped before its first step leaves them."""
+  from diffmoe_jax.train import metrics
+  from diffmoe_jax.train.workdir import LOCK_NAME, SECONDS_FILE
+  checkpoints, tb = os.path.join(workdir, "checkpoints"), os.path.join(workdir, "tb")
+  return (set(os.listdir(workdir)) <= {LOCK_NAME, SECONDS_FILE, "checkpoints", "tb"}
+          and (not os.path.exists(checkpoints) or os.path.isdir(checkpoints) and not os.listdir(checkpoints))
+          and (not os.path.exists(tb) or os.path.isdir(tb) and metrics.holds_no_step(tb)))
+
+
 def _remove_if_unused(workdir: str, created: str) -> None:
-  """Removes `workdir` if it holds nothing but the lock file and time record of the run that created it, and no
-  other run holds its lock (one started on the same new workdir at the same moment may have taken it first);
-  then the directories above it up to `created`, the outermost one the run created, that are left empty."""
+  """Removes `workdir` if it holds nothing the run that created it saved (`_saved_nothing`), and no other run
+  holds its lock (one started on the same new workdir at the same moment may have taken it first); then the
+  directories above it up to `created`, the outermost one the run created, that are left empty."""
   from diffmoe_jax.train.workdir import LOCK_NAME, SECONDS_FILE, WorkdirError, WorkdirLock
   # Holds more, is in use, or was removed by another process of the run.
   with contextlib.suppress(OSError, WorkdirError), WorkdirLock(workdir):
-    if set(os.listdir(workdir)) <= {LOCK_NAME, SECONDS_FILE}:
+    if _saved_nothing(workdir):
+      for name in ("checkpoints", "tb"):
+        shutil.rmtree(os.path.join(workdir, name), ignore_errors=True)
       for name in (SECONDS_FILE, LOCK_NAME):
         with contextlib.suppress(FileNotFoundError):
           os.remove(os.path.join(workdir, name))

@@ -99,3 +99,32 @@ def test_a_domain_too_small_for_a_later_phase_fails_before_training(tmp_path, va
   with pytest.raises(data.DataError, match=message):
     main_lib.run(config, str(tmp_path / "run"))
   assert not os.path.exists(tmp_path / "run")  # the workdir it created, and then locked, is removed
+
+
+def test_a_run_interrupted_before_its_first_step_leaves_no_workdir_behind(tmp_path, monkeypatch):
+  """A Ctrl-C while the first step compiles came after the TensorBoard file (holding the config's text) and the
+  checkpoints directory were made: the workdir the run created stayed behind, though it saved nothing."""
+  def interrupted(*args, **kwargs):
+    assert os.listdir(tmp_path / "new" / "run" / "tb") and os.path.isdir(tmp_path / "new" / "run" / "checkpoints")
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(step_lib, "config_train_step", interrupted)
+  with pytest.raises(KeyboardInterrupt):
+    main_lib.run(load_config(), str(tmp_path / "new" / "run"))
+  assert not os.path.exists(tmp_path / "new")  # nor the directory it created to hold it
+
+
+def test_a_workdir_holding_a_logged_step_or_a_checkpoint_is_not_taken_for_unused(tmp_path):
+  from diffmoe_jax.train import metrics
+  (tmp_path / "checkpoints").mkdir()
+  writer = metrics.MetricWriter(tmp_path / "tb")
+  writer.mark_start(0)
+  writer.text(0, "config", "{}")
+  assert main_lib._saved_nothing(str(tmp_path))
+  writer.scalars(1, {"train/loss": 3.0})  # a run that trained without saving a checkpoint
+  assert not main_lib._saved_nothing(str(tmp_path))
+  writer.close()
+  for name in os.listdir(tmp_path / "tb"):
+    os.remove(tmp_path / "tb" / name)
+  (tmp_path / "checkpoints" / "3").mkdir()
+  assert not main_lib._saved_nothing(str(tmp_path))

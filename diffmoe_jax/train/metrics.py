@@ -126,6 +126,19 @@ class MetricWriter:
     self._records = None
 
 
+def holds_no_step(logdir: str) -> bool:
+  """Whether the TensorBoard directory `logdir` holds nothing of any step: event files alone, holding no summary
+  but the config's text (what a run writes before its first step)."""
+  from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+  for name in os.listdir(logdir):
+    path = os.path.join(logdir, name)
+    if not (name.startswith("events.out.tfevents.") and os.path.isfile(path)):
+      return False
+    if any(value.tag != "config" for event in EventFileLoader(path).Load() for value in event.summary.value):
+      return False
+  return True
+
+
 def _scalar(tag: str, value: Any) -> float:
   x = np.asarray(value)
   if x.ndim != 0:
