@@ -191,8 +191,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, report_dir: str = "") -
   from diffmoe_jax.train import workdir as workdir_lib
   names, seed_list = arm_names(config), seeds(config)
   plan = [(arm, seed, *arm_config(config, arm, seed)) for arm in names for seed in seed_list]
+  created = workdir_lib.first_missing(workdir)
   workdir = workdir_lib.prepare(workdir)
-  with workdir_lib.WorkdirLock(workdir):
+  with workdir_lib.removed_unless_used(workdir, created), workdir_lib.WorkdirLock(workdir):
     return _ablate(config, workdir, report_dir, names, seed_list, plan)
 
 

@@ -21,9 +21,7 @@ Exit codes:
 """
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
 import sys
 
 from absl import app, flags
@@ -59,58 +57,21 @@ def summary(config, workdir: str, result: dict, mesh_shape: dict, need: dict, cu
   return "\n".join(lines)
 
 
-def _first_missing(path: str) -> str | None:
-  """The outermost directory of the absolute `path` (itself included) that does not exist, or None."""
-  missing = None
-  while not os.path.exists(path):
-    missing, path = path, os.path.dirname(path)
-  return missing
-
-
-def _saved_nothing(workdir: str) -> bool:
-  """Whether `workdir` holds nothing a run saved: its lock file and time record, and empty checkpoints and
-  TensorBoard directories (the config's text alone), as a run stopped before its first step leaves them."""
-  from diffmoe_jax.train import metrics
-  from diffmoe_jax.train.workdir import LOCK_NAME, SECONDS_FILE
-  checkpoints, tb = os.path.join(workdir, "checkpoints"), os.path.join(workdir, "tb")
-  return (set(os.listdir(workdir)) <= {LOCK_NAME, SECONDS_FILE, "checkpoints", "tb"}
-          and (not os.path.exists(checkpoints) or os.path.isdir(checkpoints) and not os.listdir(checkpoints))
-          and (not os.path.exists(tb) or os.path.isdir(tb) and metrics.holds_no_step(tb)))
-
-
-def _remove_if_unused(workdir: str, created: str) -> None:
-  """Removes `workdir` if it holds nothing the run that created it saved (`_saved_nothing`), and no other run
-  holds its lock (one started on the same new workdir at the same moment may have taken it first); then the
-  directories above it up to `created`, the outermost one the run created, that are left empty."""
-  from diffmoe_jax.train.workdir import LOCK_NAME, SECONDS_FILE, WorkdirError, WorkdirLock
-  # Holds more, is in use, or was removed by another process of the run.
-  with contextlib.suppress(OSError, WorkdirError), WorkdirLock(workdir):
-    if _saved_nothing(workdir):
-      for name in ("checkpoints", "tb"):
-        shutil.rmtree(os.path.join(workdir, name), ignore_errors=True)
-      for name in (SECONDS_FILE, LOCK_NAME):
-        with contextlib.suppress(FileNotFoundError):
-          os.remove(os.path.join(workdir, name))
-      os.rmdir(workdir)
-      while workdir != created:
-        workdir = os.path.dirname(workdir)
-        os.rmdir(workdir)  # OSError, ending the removal, once one holds something else
-
-
 def run(config, workdir: str):
   import jax
   from diffmoe_jax import data, estimate, parallel, validation
   from diffmoe_jax.train import curriculum as curriculum_lib
   from diffmoe_jax.train import loop, preflight, workdir as workdir_lib
   validation.validate(config)
-  created = _first_missing(os.path.abspath(os.path.expanduser(workdir))) if workdir.strip() else None
+  created = workdir_lib.first_missing(workdir)
   workdir = workdir_lib.prepare(workdir)  # before anything slow: a bad workdir fails at once
   # Removed if the run saves nothing, by process 0 alone in a multi-process run (the others may still write there),
   # also when another process stops this one (which then exits at once, after the others).
   created = created if jax.process_index() == 0 else None
   if created:
-    distributed.clean_up_on_leaving(lambda: _remove_if_unused(workdir, created))
-  try:
+    distributed.clean_up_on_leaving(lambda: workdir_lib.remove_if_unused(workdir, created))
+  # A run refused or interrupted before it saved anything leaves no workdir behind.
+  with workdir_lib.removed_unless_used(workdir, created):
     distributed.check_same_run(config, workdir)
     cli.use_compilation_cache(config)
     curriculum = curriculum_lib.Curriculum(config)
@@ -126,10 +87,6 @@ def run(config, workdir: str):
       workdir_lib.WorkdirLock(workdir).acquire().release()
       print(summary(config, workdir, result, mesh_shape, need, curriculum), flush=True)
     outcome = loop.train(config, workdir)
-  except BaseException:  # an error or a Ctrl-C
-    if created:  # a run refused or interrupted before it saved anything leaves no workdir behind
-      _remove_if_unused(workdir, created)
-    raise
   if not lead:
     return outcome
   if outcome.eval:

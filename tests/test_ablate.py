@@ -375,6 +375,7 @@ def test_a_report_dir_that_is_a_file_names_the_flag(tmp_path):
   with pytest.raises(WorkdirError, match=re.escape(f"The report_dir {a_file} is a file, not a directory; pass "
                                                    "another --report_dir.")):
     ablate.run(smoke_config(), str(tmp_path / "runs"), str(a_file))
+  assert not (tmp_path / "runs").exists()  # the workdir it created for the ablation (and locked) is removed
 
 
 @pytest.mark.parametrize("name, text", [("README.md", "# My project\n"), ("results.json", '{"loss": 2.5}'),
@@ -386,7 +387,7 @@ def test_a_report_dir_holding_files_of_something_else_is_refused_before_training
   monkeypatch.setattr(loop, "train", lambda *args, **kwargs: pytest.fail("trained before refusing"))
   with pytest.raises(ablate.AblationError, match=re.escape(f"{tmp_path / name} is not from an ablation report")):
     ablate.run(smoke_config(), str(tmp_path / "runs"), str(tmp_path))
-  assert (tmp_path / name).read_text() == text
+  assert (tmp_path / name).read_text() == text and not (tmp_path / "runs").exists()
   # The committed report is one the command may rewrite.
   assert ablate_analysis.foreign_report_file(os.path.join(REPO, "results", "ablation")) is None
 

@@ -390,6 +390,7 @@ def test_a_report_dir_that_is_a_file_names_the_flag(tmp_path):
   with pytest.raises(WorkdirError, match=re.escape(f"The report_dir {a_file} is a file, not a directory; pass "
                                                    "another --report_dir.")):
     search.run(smoke_config(), str(tmp_path / "runs"), log=lambda line: None, report_dir=str(a_file))
+  assert not (tmp_path / "runs").exists()
 
 
 def test_rewriting_the_report_removes_configs_of_points_no_longer_on_the_front(smoke, tmp_path):
@@ -420,6 +421,7 @@ def test_a_report_dir_holding_files_no_report_wrote_is_refused_before_any_proxy_
                                                    "report would replace or remove it; pass another --report_dir")):
     search.run(smoke_config(), str(tmp_path / "runs"), log=lambda line: None, report_dir=str(tmp_path / "docs"))
   assert (tmp_path / "docs" / path).read_text() == text
+  assert not (tmp_path / "runs").exists()  # the workdir it created for the search is removed
 
 
 def test_a_report_dir_a_report_was_written_to_is_accepted(smoke, tmp_path):

@@ -12,6 +12,7 @@ from diffmoe_jax import main as main_lib
 from diffmoe_jax.config import ConfigError
 from diffmoe_jax.train import checkpoint, loop
 from diffmoe_jax.train import step as step_lib
+from diffmoe_jax.train import workdir as workdir_lib
 from test_train import _abstract_state, _fresh_state, load_config, read_tb, scalar_series
 
 
@@ -120,11 +121,11 @@ def test_a_workdir_holding_a_logged_step_or_a_checkpoint_is_not_taken_for_unused
   writer = metrics.MetricWriter(tmp_path / "tb")
   writer.mark_start(0)
   writer.text(0, "config", "{}")
-  assert main_lib._saved_nothing(str(tmp_path))
+  assert workdir_lib.saved_nothing(str(tmp_path))
   writer.scalars(1, {"train/loss": 3.0})  # a run that trained without saving a checkpoint
-  assert not main_lib._saved_nothing(str(tmp_path))
+  assert not workdir_lib.saved_nothing(str(tmp_path))
   writer.close()
   for name in os.listdir(tmp_path / "tb"):
     os.remove(tmp_path / "tb" / name)
   (tmp_path / "checkpoints" / "3").mkdir()
-  assert not main_lib._saved_nothing(str(tmp_path))
+  assert not workdir_lib.saved_nothing(str(tmp_path))

@@ -343,15 +343,17 @@ def run(config, workdir: str, log=print, report_dir: str = "") -> dict:
   """The whole search; returns the report's data, also written to report_dir (default: the workdir). One search
   at a time in a workdir: a second is refused at once, not when it reaches the proxy the first is training."""
   validate(config)
+  created = workdir_lib.first_missing(workdir)
   workdir = workdir_lib.prepare(workdir)
-  report_dir = workdir_lib.prepare(report_dir, "report_dir") if report_dir else workdir
-  foreign = foreign_report_file(report_dir)
-  if foreign:  # refused before any proxy trains, not after
-    raise workdir_lib.WorkdirError(f"{foreign} is not from an NCAS report, and the report would replace or remove "
-                                   "it; pass another --report_dir (a new directory, or one an earlier report was "
-                                   "written to).")
-  with workdir_lib.WorkdirLock(workdir):
-    return _search(config, workdir, log, report_dir)
+  with workdir_lib.removed_unless_used(workdir, created):
+    report_dir = workdir_lib.prepare(report_dir, "report_dir") if report_dir else workdir
+    foreign = foreign_report_file(report_dir)
+    if foreign:  # refused before any proxy trains, not after
+      raise workdir_lib.WorkdirError(f"{foreign} is not from an NCAS report, and the report would replace or "
+                                     "remove it; pass another --report_dir (a new directory, or one an earlier "
+                                     "report was written to).")
+    with workdir_lib.WorkdirLock(workdir):
+      return _search(config, workdir, log, report_dir)
 
 
 def _search(config, workdir: str, log, report_dir: str) -> dict:

@@ -7,6 +7,7 @@ import errno
 import fcntl
 import json
 import os
+import shutil
 import socket
 import time
 
@@ -41,6 +42,58 @@ def prepare(workdir: str | os.PathLike, flag: str = "workdir") -> str:
     raise WorkdirError(f"The {flag} {path} is not writable by this user; pass another --{flag} or fix its "
                        "permissions.")
   return path
+
+
+def first_missing(workdir: str) -> str | None:
+  """The outermost directory of the path `workdir` (itself included) that does not exist, as an absolute path:
+  what `prepare` creates for it. None if it exists (or is empty)."""
+  if not os.fspath(workdir).strip():
+    return None
+  path, missing = os.path.abspath(os.path.expanduser(os.fspath(workdir))), None
+  while not os.path.exists(path):
+    missing, path = path, os.path.dirname(path)
+  return missing
+
+
+def saved_nothing(workdir: str) -> bool:
+  """Whether `workdir` holds nothing a run saved: its lock file and time record, and empty checkpoints and
+  TensorBoard directories (the config's text alone), as a run stopped before its first step leaves them."""
+  from diffmoe_jax.train import metrics  # which reads WorkdirError from here
+  checkpoints, tb = os.path.join(workdir, "checkpoints"), os.path.join(workdir, "tb")
+  return (set(os.listdir(workdir)) <= {LOCK_NAME, SECONDS_FILE, "checkpoints", "tb"}
+          and (not os.path.exists(checkpoints) or os.path.isdir(checkpoints) and not os.listdir(checkpoints))
+          and (not os.path.exists(tb) or os.path.isdir(tb) and metrics.holds_no_step(tb)))
+
+
+def remove_if_unused(workdir: str, created: str) -> None:
+  """Removes `workdir` if it holds nothing the run that created it saved (`saved_nothing`), and no other run
+  holds its lock (one started on the same new workdir at the same moment may have taken it first); then the
+  directories above it up to `created`, the outermost one the run created, that are left empty."""
+  # Holds more, is in use, or was removed by another process of the run.
+  with contextlib.suppress(OSError, WorkdirError), WorkdirLock(workdir):
+    if saved_nothing(workdir):
+      for name in ("checkpoints", "tb"):
+        shutil.rmtree(os.path.join(workdir, name), ignore_errors=True)
+      for name in (SECONDS_FILE, LOCK_NAME):
+        with contextlib.suppress(FileNotFoundError):
+          os.remove(os.path.join(workdir, name))
+      os.rmdir(workdir)
+      while workdir != created:
+        workdir = os.path.dirname(workdir)
+        os.rmdir(workdir)  # OSError, ending the removal, once one holds something else
+
+
+@contextlib.contextmanager
+def removed_unless_used(workdir: str, created: str | None):
+  """On an error or a Ctrl-C in the block, `remove_if_unused(workdir, created)` where this run created the
+  workdir (`created`, from `first_missing` before `prepare`; None: it did not): a command refused or interrupted
+  before it saved anything leaves no directory behind."""
+  try:
+    yield
+  except BaseException:
+    if created:
+      remove_if_unused(workdir, created)
+    raise
 
 
 def run_holding(path: str) -> tuple[str | None, str]:
