@@ -122,10 +122,12 @@ def arm_names(config: ml_collections.ConfigDict) -> list[str]:
                         "--config=configs/ablation.py, or add one to your config as that file does.")
   names = [n.strip() for n in str(config.ablation.arms).split(",") if n.strip()]
   unknown = [n for n in names if n not in ARMS]
-  if unknown or "full" not in names or len(set(names)) != len(names):
-    raise AblationError(f"config.ablation.arms={config.ablation.arms!r}: list distinct arms from "
-                        f"{','.join(ARMS)}, comma-separated, including full (the Δ column's reference)"
-                        + (f"; unknown: {','.join(unknown)}" if unknown else "") + ".")
+  repeated = sorted({n for n in names if names.count(n) > 1})
+  problem = (f"unknown: {','.join(unknown)}" if unknown else f"listed twice: {','.join(repeated)}" if repeated else
+             "full, the Δ column's reference, is missing" if "full" not in names else None)
+  if problem:
+    raise AblationError(f"config.ablation.arms={config.ablation.arms!r}: {problem}; list distinct arms from "
+                        f"{','.join(ARMS)}, comma-separated, including full.")
   return names
 
 

@@ -165,6 +165,17 @@ def test_bad_arm_is_one_line_error(tmp_path):
   assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("arms, problem", [("full,no_modd", "unknown: no_modd"), ("full,full", "listed twice: full"),
+                                           ("no_mod", "full, the Δ column's reference, is missing")])
+def test_a_bad_list_of_arms_names_what_is_wrong_with_it(arms, problem):
+  """A repeated arm and a missing full got only the line that lists the arms, which did not say which was wrong."""
+  config = smoke_config()
+  config.ablation.arms = arms
+  with pytest.raises(ablate.AblationError, match=re.escape(f"config.ablation.arms={arms!r}: {problem}; list "
+                                                           "distinct arms from full,")):
+    ablate.arm_names(config)
+
+
 def test_a_second_ablation_in_a_workdir_is_refused_at_once(tmp_path, monkeypatch):
   """It read the data and the finished runs, and ran until it reached the run the first ablation was training."""
   from diffmoe_jax.train import workdir as workdir_lib
