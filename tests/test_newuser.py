@@ -2,6 +2,7 @@
 evaluate pointed at a directory of runs, a refused run's directories, mistakes told before the run's summary,
 bench's argument mistakes, a token cache path that is a file, and library chatter on the terminal."""
 import os
+import shutil
 
 import pytest
 
@@ -80,6 +81,14 @@ def test_evaluate_names_the_runs_of_a_directory_of_runs_and_a_missing_workdir(tm
   with pytest.raises(checkpoint.CheckpointError, match=r"^runs/empty holds no checkpoints \(there is no "
                      r".*/runs/empty/checkpoints\); train one with python -m diffmoe_jax\.main --workdir=runs/empty\.$"):
     evaluate.restore_params("runs/empty")
+  # A report directory (where an ablation or a search writes its report): training into it is no fix.
+  for report, what, command in (("ablation", "an ablation's report", "ablation"), ("ncas", "an NCAS search's report",
+                                                                                    "search")):
+    shutil.copytree(os.path.join(ROOT, "results", report), tmp_path / report)
+    with pytest.raises(checkpoint.CheckpointError) as e:
+      evaluate.restore_params(report)
+    assert str(e.value) == (f"{report} holds {what}, not a training run; pass the --workdir of one of the "
+                            f"{command}'s runs, which evaluate names when given the {command}'s --workdir.")
 
 
 def test_a_refused_run_removes_the_directories_it_created(tmp_path):
