@@ -196,6 +196,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, report_dir: str = "") -
   created = workdir_lib.first_missing(workdir)
   workdir = workdir_lib.prepare(workdir)
   with workdir_lib.removed_unless_used(workdir, created), workdir_lib.WorkdirLock(workdir):
+    workdir_lib.check_contents(workdir, "an ablation")
     return _ablate(config, workdir, report_dir, names, seed_list, plan)
 
 

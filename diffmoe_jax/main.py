@@ -72,6 +72,7 @@ def run(config, workdir: str):
     distributed.clean_up_on_leaving(lambda: workdir_lib.remove_if_unused(workdir, created))
   # A run refused or interrupted before it saved anything leaves no workdir behind.
   with workdir_lib.removed_unless_used(workdir, created):
+    workdir_lib.check_contents(workdir, "a training run")
     distributed.check_same_run(config, workdir)
     cli.use_compilation_cache(config)
     curriculum = curriculum_lib.Curriculum(config)

@@ -176,6 +176,15 @@ def test_a_bad_list_of_arms_names_what_is_wrong_with_it(arms, problem):
     ablate.arm_names(config)
 
 
+@pytest.mark.parametrize("layout, holds", [("checkpoints", "a training run"), ("proxies", "an NCAS search")])
+def test_a_workdir_holding_another_commands_runs_is_refused(tmp_path, monkeypatch, layout, holds):
+  (tmp_path / layout).mkdir()
+  monkeypatch.setattr(loop, "train", lambda *args, **kwargs: pytest.fail("trained before refusing"))
+  with pytest.raises(WorkdirError, match=re.escape(f"The workdir {tmp_path} holds {holds}, not an ablation; pass "
+                                                   "another --workdir.")):
+    ablate.run(smoke_config(), str(tmp_path))
+
+
 def test_a_second_ablation_in_a_workdir_is_refused_at_once(tmp_path, monkeypatch):
   """It read the data and the finished runs, and ran until it reached the run the first ablation was training."""
   from diffmoe_jax.train import workdir as workdir_lib

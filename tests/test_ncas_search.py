@@ -384,6 +384,17 @@ def test_a_damaged_proxy_result_is_one_error_naming_it(tmp_path):
     search.train_proxy(config, arch, "pi", str(tmp_path), corpus=None, log=lambda line: None)
 
 
+@pytest.mark.parametrize("layout, holds", [("checkpoints", "a training run"), ("full/seed0", "an ablation")])
+def test_a_workdir_holding_another_commands_runs_is_refused(tmp_path, monkeypatch, layout, holds):
+  """A search in a training run's workdir trained its proxies beside the run's checkpoints."""
+  from diffmoe_jax.train import loop
+  os.makedirs(tmp_path / layout)
+  monkeypatch.setattr(loop, "train", lambda *args, **kwargs: pytest.fail("trained before refusing"))
+  with pytest.raises(WorkdirError, match=re.escape(f"The workdir {tmp_path} holds {holds}, not an NCAS search; "
+                                                   "pass another --workdir.")):
+    search.run(smoke_config(), str(tmp_path), log=lambda line: None)
+
+
 def test_a_report_dir_that_is_a_file_names_the_flag(tmp_path):
   a_file = tmp_path / "a_file"
   a_file.write_text("")

@@ -1,6 +1,7 @@
 """The trainer's guards: non-finite updates skipped, counted and stopped on; configs and data refused before
 training starts."""
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +14,7 @@ from diffmoe_jax.config import ConfigError
 from diffmoe_jax.train import checkpoint, loop
 from diffmoe_jax.train import step as step_lib
 from diffmoe_jax.train import workdir as workdir_lib
+from diffmoe_jax.train.workdir import WorkdirError
 from test_train import _abstract_state, _fresh_state, load_config, read_tb, scalar_series
 
 
@@ -129,3 +131,15 @@ def test_a_workdir_holding_a_logged_step_or_a_checkpoint_is_not_taken_for_unused
     os.remove(tmp_path / "tb" / name)
   (tmp_path / "checkpoints" / "3").mkdir()
   assert not workdir_lib.saved_nothing(str(tmp_path))
+
+
+@pytest.mark.parametrize("layout, holds", [("proxies/pi_2304/checkpoints", "an NCAS search"),
+                                           ("full/seed0/checkpoints", "an ablation")])
+def test_a_workdir_holding_another_commands_runs_is_refused(tmp_path, layout, holds):
+  """Trained into a search's or an ablation's workdir, a run wrote its checkpoints beside their runs, and evaluate
+  then read that run for the ablation's."""
+  os.makedirs(tmp_path / layout)
+  with pytest.raises(WorkdirError, match=re.escape(f"The workdir {tmp_path} holds {holds}, not a training run; "
+                                                   "pass another --workdir.")):
+    main_lib.run(load_config(), str(tmp_path))
+  assert sorted(os.listdir(tmp_path)) == [layout.split("/")[0]]

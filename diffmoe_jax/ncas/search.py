@@ -346,6 +346,7 @@ def run(config, workdir: str, log=print, report_dir: str = "") -> dict:
   created = workdir_lib.first_missing(workdir)
   workdir = workdir_lib.prepare(workdir)
   with workdir_lib.removed_unless_used(workdir, created):
+    workdir_lib.check_contents(workdir, "an NCAS search")
     report_dir = workdir_lib.prepare(report_dir, "report_dir") if report_dir else workdir
     foreign = foreign_report_file(report_dir)
     if foreign:  # refused before any proxy trains, not after

@@ -7,6 +7,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import shutil
 import socket
 import time
@@ -94,6 +95,32 @@ def removed_unless_used(workdir: str, created: str | None):
     if created:
       remove_if_unused(workdir, created)
     raise
+
+
+def contents_kind(path: str) -> str | None:
+  """What the directory `path` holds, by the layout each command writes there: "a training run" (checkpoints/ or
+  tb/), "an NCAS search" (proxies/), "an ablation" (<arm>/seed<k>/), or None (none of them)."""
+  if not os.path.isdir(path):
+    return None
+  names = os.listdir(path)
+  if "proxies" in names and os.path.isdir(os.path.join(path, "proxies")):
+    return "an NCAS search"
+  if any(name in names and os.path.isdir(os.path.join(path, name)) for name in ("checkpoints", "tb")):
+    return "a training run"
+  for name in names:
+    arm = os.path.join(path, name)
+    if os.path.isdir(arm) and any(re.fullmatch(r"seed\d+", run) and os.path.isdir(os.path.join(arm, run))
+                                  for run in os.listdir(arm)):
+      return "an ablation"
+  return None
+
+
+def check_contents(workdir: str, kind: str) -> None:
+  """WorkdirError if `workdir` holds the runs of another command than the one whose `kind` (as `contents_kind`
+  says it) is given: trained beside them, a run mixed its files with theirs (and evaluate then read it for theirs)."""
+  holds = contents_kind(workdir)
+  if holds is not None and holds != kind:
+    raise WorkdirError(f"The workdir {workdir} holds {holds}, not {kind}; pass another --workdir.")
 
 
 def run_holding(path: str) -> tuple[str | None, str]:
