@@ -205,6 +205,7 @@ def _ablate(config: ml_collections.ConfigDict, workdir: str, report_dir: str, na
   from diffmoe_jax import ablate_analysis, data, estimate
   from diffmoe_jax.train import loop, preflight, workdir as workdir_lib
   report_dir = workdir_lib.prepare(report_dir or os.path.join(workdir, "report"), "report_dir")
+  workdir_lib.check_no_other_report(report_dir, "ablation")
   foreign = ablate_analysis.foreign_report_file(report_dir)
   if foreign:  # refused before anything trains, not after
     raise AblationError(f"{foreign} is not from an ablation report, and the report would replace it; pass "

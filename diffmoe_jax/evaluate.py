@@ -11,7 +11,6 @@ split at `model.max_seq_len`, as the trainer does; each file on all of its token
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -84,6 +83,7 @@ def restore_params(workdir: str, config=None, step: int | None = None):
 def _no_checkpoints(workdir: str, path: str, train_hint: str) -> str:
   """Why the workdir `workdir` (absolute: `path`) has no checkpoints directory: it does not exist, or it holds
   runs (an ablation's or a search's workdir, or a directory of runs) whose own directories to pass are named."""
+  from diffmoe_jax.train import workdir as workdir_lib
   if not os.path.isdir(path):
     where = cli.relative_to_cwd(os.path.expanduser(workdir))
     if os.path.exists(path):
@@ -98,7 +98,7 @@ def _no_checkpoints(workdir: str, path: str, train_hint: str) -> str:
   checkpoints = os.path.join(path, "checkpoints")
   if not runs and os.path.exists(checkpoints):
     return f"{checkpoints} is a file, not the run's checkpoints directory; pass the training run's --workdir."
-  report = None if runs else _report_in(path)
+  report = None if runs else workdir_lib.report_in(path)
   if report:
     what, command = report
     return (f"{workdir} holds {what}, not a training run; pass the --workdir of one of the {command}'s runs, which "
@@ -110,18 +110,6 @@ def _no_checkpoints(workdir: str, path: str, train_hint: str) -> str:
   named += f" and {len(runs) - 4} more" if len(runs) > 4 else ""
   return (f"{workdir} is not a run's directory but holds runs: {named}; pass one of them, such as "
           f"--workdir={os.path.join(workdir, runs[0])}.")
-
-
-def _report_in(path: str) -> tuple[str, str] | None:
-  """(what, the command that wrote it) if the directory `path` holds an ablation's or an NCAS search's report."""
-  from diffmoe_jax import ablate_analysis
-  from diffmoe_jax.ncas import report
-  for name, title, what, command in (("README.md", ablate_analysis.TITLE, "an ablation's report", "ablation"),
-                                     ("report.md", report.TITLE, "an NCAS search's report", "search")):
-    with contextlib.suppress(OSError), open(os.path.join(path, name), encoding="utf-8", errors="replace") as f:
-      if f.readline().rstrip("\n") == title:
-        return what, command
-  return None
 
 
 def _restore_step(ckpt, step: int, steps: list[int], config):

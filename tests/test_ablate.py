@@ -185,6 +185,16 @@ def test_a_workdir_holding_another_commands_runs_is_refused(tmp_path, monkeypatc
     ablate.run(smoke_config(), str(tmp_path))
 
 
+def test_a_report_dir_holding_a_searchs_report_is_refused(tmp_path, monkeypatch):
+  """The ablation's report went in beside the search's, which has no file of the same name to protect."""
+  monkeypatch.setattr(loop, "train", lambda *args, **kwargs: pytest.fail("trained before refusing"))
+  (tmp_path / "docs").mkdir()
+  (tmp_path / "docs" / "report.md").write_text("# NCAS search report\n")
+  with pytest.raises(WorkdirError, match=re.escape(f"The report_dir {tmp_path / 'docs'} holds an NCAS search's "
+                                                   "report; pass another --report_dir")):
+    ablate.run(smoke_config(), str(tmp_path / "runs"), str(tmp_path / "docs"))
+
+
 def test_a_second_ablation_in_a_workdir_is_refused_at_once(tmp_path, monkeypatch):
   """It read the data and the finished runs, and ran until it reached the run the first ablation was training."""
   from diffmoe_jax.train import workdir as workdir_lib

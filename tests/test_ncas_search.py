@@ -395,6 +395,16 @@ def test_a_workdir_holding_another_commands_runs_is_refused(tmp_path, monkeypatc
     search.run(smoke_config(), str(tmp_path), log=lambda line: None)
 
 
+def test_a_report_dir_holding_an_ablations_report_is_refused(tmp_path, monkeypatch):
+  from diffmoe_jax.train import loop
+  monkeypatch.setattr(loop, "train", lambda *args, **kwargs: pytest.fail("trained before refusing"))
+  with pytest.raises(WorkdirError, match=re.escape(f"The report_dir {os.path.join(ROOT, 'results', 'ablation')} "
+                                                   "holds an ablation's report; pass another --report_dir")):
+    search.run(smoke_config(), str(tmp_path / "runs"), log=lambda line: None,
+               report_dir=os.path.join(ROOT, "results", "ablation"))
+  assert not (tmp_path / "runs").exists()
+
+
 def test_a_report_dir_that_is_a_file_names_the_flag(tmp_path):
   a_file = tmp_path / "a_file"
   a_file.write_text("")

@@ -348,6 +348,7 @@ def run(config, workdir: str, log=print, report_dir: str = "") -> dict:
   with workdir_lib.removed_unless_used(workdir, created):
     workdir_lib.check_contents(workdir, "an NCAS search")
     report_dir = workdir_lib.prepare(report_dir, "report_dir") if report_dir else workdir
+    workdir_lib.check_no_other_report(report_dir, "search")
     foreign = foreign_report_file(report_dir)
     if foreign:  # refused before any proxy trains, not after
       raise workdir_lib.WorkdirError(f"{foreign} is not from an NCAS report, and the report would replace or "

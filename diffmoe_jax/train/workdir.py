@@ -123,6 +123,27 @@ def check_contents(workdir: str, kind: str) -> None:
     raise WorkdirError(f"The workdir {workdir} holds {holds}, not {kind}; pass another --workdir.")
 
 
+def report_in(path: str) -> tuple[str, str] | None:
+  """(what, the command that wrote it) if the directory `path` holds an ablation's or an NCAS search's report."""
+  from diffmoe_jax import ablate_analysis
+  from diffmoe_jax.ncas import report
+  for name, title, what, command in (("README.md", ablate_analysis.TITLE, "an ablation's report", "ablation"),
+                                     ("report.md", report.TITLE, "an NCAS search's report", "search")):
+    with contextlib.suppress(OSError), open(os.path.join(path, name), encoding="utf-8", errors="replace") as f:
+      if f.readline().rstrip("\n") == title:
+        return what, command
+  return None
+
+
+def check_no_other_report(report_dir: str, command: str) -> None:
+  """WorkdirError if `report_dir` holds the report of another command than `command` ("ablation", "search"),
+  whose files the new report would lie among."""
+  report = report_in(report_dir)
+  if report is not None and report[1] != command:
+    raise WorkdirError(f"The report_dir {report_dir} holds {report[0]}; pass another --report_dir (a new "
+                       f"directory, or one an earlier {command} report was written to).")
+
+
 def run_holding(path: str) -> tuple[str | None, str]:
   """(the workdir of the run whose checkpoints or TensorBoard directory is or holds the absolute `path`, which of
   them), or (None, ""): a run's `checkpoints` (as the log names it) passed for its workdir would start another run
