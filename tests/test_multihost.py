@@ -4,6 +4,7 @@ Each trainer is a `python -m diffmoe_jax.main` subprocess, joined by its --coord
 --num_processes and --process_id flags. The one-process reference runs on two simulated devices, so both meshes are data=2 and reduce in
 the same order. The first four steps are all warmup (one compiled program per run).
 """
+import contextlib
 import os
 import re
 import shutil
@@ -41,9 +42,17 @@ def _env(devices: int) -> dict:
 
 
 def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
+  return _free_ports(1)[0]
+
+
+def _free_ports(count: int) -> list[int]:
+  """`count` distinct free ports: each socket stays bound until all are chosen (one bound and closed at a time,
+  the system may hand out the same port again, and two runs then joined one coordinator)."""
+  with contextlib.ExitStack() as stack:
+    sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+    for s in sockets:
+      s.bind(("127.0.0.1", 0))
+    return [s.getsockname()[1] for s in sockets]
 
 
 def _start(workdir: str, extra: list[str], *, process_id: int | None = None, port: int = 0, devices: int = 1,
@@ -302,7 +311,7 @@ def test_an_error_of_one_process_stops_the_others_with_its_line(tmp_path):
       "def check_same_run(config, workdir):\n  raise ValueError('a bug\\nits details')\n"
       "distributed.check_same_run = check_same_run\n")
   buggy = {"PYTHONPATH": f"{tmp_path / 'bug'}{os.pathsep}{ROOT}"}
-  ports = [_free_port() for _ in range(3)]
+  ports = _free_ports(3)
   with workdir_lib.WorkdirLock(locked):  # another run on this workdir
     procs = [_start(str(tmp_path / "run"), [], process_id=0, port=ports[0]),
              _start(str(uncreatable), [], process_id=1, port=ports[0]),
@@ -376,8 +385,7 @@ def test_a_process_that_fails_before_joining_stops_the_others_at_once(tmp_path):
   runs = [("", "--config.train.nosuch=1"), ("--config.model.d_model=-3", "")]
   start = time.monotonic()
   procs = []
-  for k, extras in enumerate(runs):
-    port = _free_port()
+  for (k, extras), port in zip(enumerate(runs), _free_ports(len(runs))):
     procs += [_start(str(tmp_path / f"run{k}"), [extra, "--distributed_init_timeout_s=120"] if extra else
                      ["--distributed_init_timeout_s=120"], process_id=i, port=port) for i, extra in enumerate(extras)]
   lines = _refusals(procs)
