@@ -330,13 +330,14 @@ def _check_allowed_changes(config: ml_collections.ConfigDict) -> None:
   """Each entry of train.allow_config_change names a field or section of the config (a glob may), or a key of
   one of the user's dicts (a domain the saved run had), or the data's files: a misspelt entry allowed nothing,
   without a word."""
-  fields = list(flat_fields(config.to_dict()))
-  sections = {path.rsplit(".", i)[0] for path in fields for i in range(1, path.count(".") + 1)}
-  for pattern in allowed_changes(config):
+  patterns = allowed_changes(config)
+  fields = list(flat_fields(config.to_dict())) if patterns else []
+  for pattern in patterns:
     parts = pattern.split(".")
     in_users_dict = any(is_open_dict(".".join(parts[:i])) for i in range(1, len(parts)))
     if in_users_dict or pattern == DATA_FILES or any(path_matches(f, [pattern]) for f in fields):
       continue
+    sections = {path.rsplit(".", i)[0] for path in fields for i in range(1, path.count(".") + 1)}
     close = difflib.get_close_matches(pattern, sorted(sections.union(fields)), n=1)
     raise ConfigError(f"config.train.allow_config_change: {pattern!r} names no field of the config"
                       + (f"; did you mean {close[0]}?" if close else "; list fields as dotted paths, e.g. "

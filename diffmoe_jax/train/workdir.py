@@ -129,9 +129,8 @@ def report_in(path: str) -> tuple[str, str] | None:
   from diffmoe_jax.ncas import report
   for name, title, what, command in (("README.md", ablate_analysis.TITLE, "an ablation's report", "ablation"),
                                      ("report.md", report.TITLE, "an NCAS search's report", "search")):
-    with contextlib.suppress(OSError), open(os.path.join(path, name), encoding="utf-8", errors="replace") as f:
-      if f.readline().rstrip("\n") == title:
-        return what, command
+    if _first_line(os.path.join(path, name)) == title:
+      return what, command
   return None
 
 
@@ -158,6 +157,15 @@ def run_holding(path: str) -> tuple[str | None, str]:
   return None, ""
 
 
+def _first_line(path: str) -> str | None:
+  """The first line of the text file at `path`, None if it cannot be read."""
+  try:
+    with open(path, encoding="utf-8", errors="replace") as f:
+      return f.readline().rstrip("\n")
+  except OSError:
+    return None
+
+
 def foreign_report_file(report_dir: str, *, text_file: str, title: str, json_file: str, json_keys: set,
                         outputs: tuple = ()) -> str | None:
   """The path of a file in report_dir that a report would replace or remove but no such report wrote, or None:
@@ -167,10 +175,8 @@ def foreign_report_file(report_dir: str, *, text_file: str, title: str, json_fil
   if not (os.path.exists(text) or os.path.exists(data)):
     return next((os.path.join(report_dir, name) for name in outputs if os.path.exists(os.path.join(report_dir, name))),
                 None)
-  if os.path.exists(text):
-    with open(text, encoding="utf-8", errors="replace") as f:
-      if f.readline().rstrip("\n") != title:
-        return text
+  if os.path.exists(text) and _first_line(text) != title:
+    return text
   if os.path.exists(data):
     try:
       with open(data, encoding="utf-8") as f:
