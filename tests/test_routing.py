@@ -50,6 +50,16 @@ def test_a_masked_expert_is_chosen_last_with_weight_zero():
   assert np.isfinite(noisy_weights).all()
   np.testing.assert_array_equal(np.sort(noisy_experts[1, 1:]), [0, 1])  # the masked ones, after expert 2
   np.testing.assert_array_equal(noisy_weights[1], [1.0, 0.0, 0.0])
+  # The finite logits get noise of the spread of the finite ones alone (a spread over every logit, NaN with a
+  # −inf among them and then read as 0, left such rows without noise).
+  rng = jax.random.PRNGKey(0)
+  finite = np.where(np.isfinite(logits), logits, np.nan)
+  noisy_logits = logits + 0.5 * np.nanstd(finite, axis=-1, keepdims=True) * np.asarray(
+      jax.random.normal(rng, logits.shape, jnp.float32))
+  ref_weights, ref_experts = reference_top_k(noisy_logits, 3)
+  noisy_weights, noisy_experts = routing.top_k_gating(jnp.asarray(logits), 3, noise_std=0.5, rng=rng)
+  np.testing.assert_array_equal(noisy_experts, ref_experts)
+  np.testing.assert_allclose(noisy_weights, ref_weights, rtol=1e-5, atol=1e-6)
 
 
 def test_top_k_gating_casts_to_fp32():
@@ -82,6 +92,25 @@ def test_noise_changes_selection_only_when_positive_and_is_reproducible():
   ref_weights, ref_experts = reference_top_k(noisy_logits, 2)
   np.testing.assert_array_equal(noisy[1], ref_experts)
   np.testing.assert_allclose(noisy[0], ref_weights, rtol=1e-5, atol=1e-6)
+
+
+def test_the_noise_scale_carries_no_gradient():
+  """The gradient through noisy top-k is that of the selected softmax with the noise a constant: the noise's
+  scale (noise_std times the token's logit spread) passes none back (with it, 16% of the gradient's norm at
+  noise_std 0.5 went to every expert of the token, the unselected ones too)."""
+  logits = np.random.default_rng(6).normal(size=(32, 8)).astype(np.float32)
+  cotangent = np.random.default_rng(7).normal(size=(32, 2)).astype(np.float32)
+  rng = jax.random.PRNGKey(8)
+  grad = jax.grad(lambda l: jnp.sum(routing.top_k_gating(l, 2, noise_std=0.5, rng=rng)[0] * cotangent))(
+      jnp.asarray(logits))
+  noisy = logits + 0.5 * logits.std(axis=-1, keepdims=True) * np.asarray(jax.random.normal(rng, logits.shape))
+  _, experts = reference_top_k(noisy, 2)
+  # d/dlogits of sum(c · softmax(selected noisy logits)), in float64: the softmax's Jacobian on the selected.
+  weights = _softmax(np.take_along_axis(noisy.astype(np.float64), experts, axis=-1))
+  d_selected = weights * (cotangent - np.sum(weights * cotangent, axis=-1, keepdims=True))
+  want = np.zeros(logits.shape)
+  np.put_along_axis(want, experts, d_selected, axis=-1)
+  np.testing.assert_allclose(grad, want, rtol=1e-5, atol=1e-6)
 
 
 def test_noise_is_relative_to_the_logit_spread():
@@ -216,6 +245,8 @@ def test_mod_select_ties_go_to_the_earlier_position():
   # Row 0: four tokens tie for the top score, two are chosen; row 1: all equal (a fresh router's scores).
   scores = np.array([[0.0, 2.0, 1.0, 2.0, 2.0, 3.0, 2.0, 0.0], np.full(8, 0.5)], np.float32)
   np.testing.assert_array_equal(routing.mod_select(jnp.asarray(scores), 3), [[1, 3, 5], [0, 1, 2]])
+  # At a length past the one up to which XLA:CPU's unstable sort happens to keep the order too.
+  np.testing.assert_array_equal(routing.mod_select(jnp.full((2, 64), 0.5), 16), np.tile(np.arange(16), (2, 1)))
 
 
 @pytest.mark.parametrize("trailing", [(5,), (2, 3)])

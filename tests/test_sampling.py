@@ -50,3 +50,13 @@ def test_top_p_keeps_the_fewest_most_likely_tokens_reaching_p():
       want = np.zeros(len(row), bool)
       want[order[:n + 1]] = True
       np.testing.assert_array_equal(kept, want, err_msg=f"top_p={top_p}")
+
+
+def test_top_k_and_top_p_together_keep_their_intersection():
+  """Each rule alone keeps more than both together: row 0's nucleus is wider than its top 2, row 1's top 4 wider
+  than its nucleus (top_p alone in place of the intersection passed every other test)."""
+  logits = np.log(np.array([[0.3, 0.25, 0.2, 0.15, 0.1], [0.6, 0.3, 0.05, 0.03, 0.02]]))
+  kept = np.isfinite(np.asarray(sampling.restrict_logits(jnp.asarray(logits, jnp.float32), top_k=2, top_p=0.8)))
+  np.testing.assert_array_equal(kept, [[True, True, False, False, False], [True, True, False, False, False]])
+  kept = np.isfinite(np.asarray(sampling.restrict_logits(jnp.asarray(logits, jnp.float32), top_k=4, top_p=0.8)))
+  np.testing.assert_array_equal(kept, [[True, True, True, True, False], [True, True, False, False, False]])
