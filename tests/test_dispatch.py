@@ -2,6 +2,7 @@
 import functools
 import math
 from fractions import Fraction
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -154,6 +155,26 @@ def test_masked_tokens_take_no_slot_and_contribute_nothing(mode, impl, capacity_
   # Dropped assignments are counted among the real tokens' assignments only.
   real = np.broadcast_to(token_mask[..., None], kept.shape)
   np.testing.assert_allclose(stats["dropped_fraction"], (real & ~kept).sum() / real.sum(), rtol=1e-6)
+
+
+def test_ragged_rows_past_the_last_group_are_never_read():
+  """ragged_dot leaves the rows past its last group undefined (XLA:CPU happens to write zeros there, TPU need
+  not): here they are NaN, and the masked tokens' assignments, which sort there, still contribute nothing."""
+  ragged_dot = jax.lax.ragged_dot
+
+  def undefined_past_the_groups(lhs, rhs, group_sizes, **kwargs):
+    out = ragged_dot(lhs, rhs, group_sizes, **kwargs)
+    return jnp.where((jnp.arange(out.shape[0]) < jnp.sum(group_sizes))[:, None], out, jnp.nan)
+
+  x, weights, experts, params = make_inputs(12, "gelu")
+  token_mask = np.random.default_rng(13).uniform(size=(B, T)) < 0.5
+  with mock.patch.object(jax.lax, "ragged_dot", undefined_past_the_groups):
+    y, _ = dispatch.moe_ffn(jnp.asarray(x), jnp.asarray(weights), jnp.asarray(experts), params["w_in"],
+                            params["w_out"], activation="gelu", mode="dropless", dropless_impl="ragged",
+                            token_mask=jnp.asarray(token_mask))
+  np.testing.assert_array_equal(np.asarray(y)[~token_mask], 0.0)
+  kept = np.broadcast_to(token_mask[..., None], experts.shape)
+  np.testing.assert_allclose(y, reference_moe(x, weights, experts, params, "gelu", kept), rtol=1e-5, atol=1e-5)
 
 
 def test_huge_capacity_equals_dropless():

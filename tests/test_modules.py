@@ -1,4 +1,6 @@
 """Flax modules against float64 NumPy references built from their own parameters."""
+from unittest import mock
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -10,6 +12,7 @@ from diffmoe_jax.nn import model as model_lib
 from diffmoe_jax.nn.attention import Attention
 from diffmoe_jax.nn.mod import MoDRouter
 from diffmoe_jax.nn.moe import MoEFeedForward
+from diffmoe_jax.ops import routing
 from test_attention import reference_differential
 
 B, T = 2, 6
@@ -113,3 +116,26 @@ def test_mixture_of_depths_over_packed_documents(make_config):
     delta = run_block(x[:, idx], jnp.asarray(positions[:, idx]))
     want[idx] += np.asarray(jax.nn.sigmoid(score[0, idx])[:, None] * delta[0])
   np.testing.assert_allclose(np.asarray(out[0]), want, rtol=1e-5, atol=1e-5)
+
+
+def test_every_layer_draws_its_own_router_noise(make_config):
+  """Each MoE layer's noisy top-k gets a key of its own, in every scanned layer group (the groups sharing one
+  key passed every other test: a layer drew the same noise as its counterpart in each other group)."""
+  cfg = make_config()
+  _, groups, _ = model_lib.layer_layout(cfg.model)
+  assert cfg.model.scan_layers and groups > 1
+  model = model_lib.build_model(cfg.model)
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.model.vocab_size, (B, T)), jnp.int32)
+  variables = model.init({"params": jax.random.PRNGKey(0), "noise": jax.random.PRNGKey(1)}, tokens)
+  keys, gating = [], routing.top_k_gating
+
+  def recording_keys(logits, k, *, noise_std=0.0, rng=None):
+    if rng is not None:
+      data = jax.random.key_data(rng) if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key) else rng
+      jax.debug.callback(lambda key: keys.append(np.asarray(key).tobytes()), data)
+    return gating(logits, k, noise_std=noise_std, rng=rng)
+
+  with mock.patch.object(routing, "top_k_gating", recording_keys):
+    jax.block_until_ready(model.apply(variables, tokens, train=True, router_noise_std=0.5,
+                                      rngs={"noise": jax.random.PRNGKey(2)}))
+  assert len(set(keys)) == len(keys) == cfg.model.num_layers, keys
