@@ -135,9 +135,10 @@ def forward_flops_per_token(cfg, counts: ParamCounts, seq_len: int, *, mod_capac
   head = counts.sum({"global"}, {"lm_head"}) or counts.sum({"global"}, {"embedding"})
   full = 2 * matmul_params("full") + layers_full * attention_core(seq_len)
   capacity = cfg.mod.capacity if mod_capacity is None else mod_capacity
-  selected = routing.mod_capacity_tokens(capacity, seq_len) if layers_routed else 0  # as the routed layer counts
+  # A routed layer's block runs on the ceil(capacity · T) tokens the layer selects, among themselves.
+  selected = routing.mod_capacity_tokens(capacity, seq_len) if layers_routed else 0
   mod_params = counts.sum({"routed"}, {"mod_router"})
-  routed = (capacity * (2 * (matmul_params("routed") - mod_params) + layers_routed * attention_core(selected))
+  routed = (selected / seq_len * (2 * (matmul_params("routed") - mod_params) + layers_routed * attention_core(selected))
             + 2 * mod_params)
   return 2 * head + full + routed
 

@@ -88,27 +88,29 @@ def test_kv_cache_is_what_decoding_allocates(dtype):
   assert result["kv_cache_bytes_fp32" if dtype == "float32" else "kv_cache_bytes_bf16"] == allocated
 
 
-def forward_flops_by_hand(d, e, f, vocab, layers, t, capacity, selected, routers=1, hidden=64):
+def forward_flops_by_hand(d, e, f, vocab, layers, t, selected, routers=1, hidden=64):
   """Forward FLOPs per token of `layers` full/routed pairs (top-2 gelu experts): 2 per multiply-add of the
   attention's four projections, the router(s) and two experts, plus the scores and value product over the
-  causal context; a routed layer runs for the `capacity` share of tokens (`selected` of a sequence among
-  themselves) while its MoD router and predictor run for every token; the output head once."""
+  causal context; a routed layer's block runs for the `selected` tokens of each `t` (among themselves) while
+  its MoD router and predictor run for every token; the output head once."""
   matmuls = 4 * d * d + routers * d * e + 2 * 2 * d * f
   full = 2 * matmuls + 2 * 2 * d * (t + 1) / 2
   mod = d + d * hidden + hidden + hidden
-  routed = capacity * (2 * matmuls + 2 * 2 * d * (selected + 1) / 2) + 2 * mod
+  routed = selected / t * (2 * matmuls + 2 * 2 * d * (selected + 1) / 2) + 2 * mod
   return 2 * d * vocab + layers * (full + routed)
 
 
 @pytest.mark.parametrize("route_from, routers, t, capacity, selected", [
     ("attention_input", 1, 128, 0.5, 64),  # one routing serves the MoE and the λ gate
     ("ffn_input", 2, 25, 0.28, 7),  # the λ gate routes again; 0.28 · 25 (7.000000000000001) selects 7 tokens
+    # 7.5 tokens' share rounds up: the block runs for 8 of 30 (counted as the capacity's 7.5 passed every test).
+    ("attention_input", 1, 30, 0.25, 8),
 ])
 def test_tiny_forward_flops_by_hand(route_from, routers, t, capacity, selected):
   config = load("tiny")
   config.model.moe.route_from = route_from
   counts = estimate.count_params(config.model)
-  want = forward_flops_by_hand(288, 4, 768, 256, 2, t, capacity, selected, routers=routers)
+  want = forward_flops_by_hand(288, 4, 768, 256, 2, t, selected, routers=routers)
   got = estimate.forward_flops_per_token(config.model, counts, t, mod_capacity=capacity)
   assert got == pytest.approx(want, rel=1e-12)
 
@@ -121,7 +123,7 @@ def test_training_flops_are_three_forwards_or_four_with_full_remat_and_a_tied_he
   config = load("tiny")
   counts = estimate.count_params(config.model)
   t, m = 128, config.model
-  at = lambda capacity: forward_flops_by_hand(288, 4, 768, 256, 2, t, capacity, math.ceil(capacity * t))
+  at = lambda capacity: forward_flops_by_hand(288, 4, 768, 256, 2, t, math.ceil(capacity * t))
   assert estimate.train_flops_per_token(m, counts, t, mod_mode="topk", mod_capacity=0.5) == pytest.approx(
       3 * at(0.5), rel=1e-12)
   assert estimate.train_flops_per_token(m, counts, t, mod_mode="off", mod_capacity=0.5) == pytest.approx(
@@ -146,7 +148,7 @@ def test_pi_curriculum_costs_the_papers_training_compute():
   config = load("pi")
   steps = config.curriculum.total_steps
   tokens_per_step = 4 * 1024 * 1024
-  fwd = lambda t, capacity: forward_flops_by_hand(4608, 9, 15360, 65536, 27, t, capacity, math.ceil(capacity * t))
+  fwd = lambda t, capacity: forward_flops_by_hand(4608, 9, 15360, 65536, 27, t, math.ceil(capacity * t))
   quarter = steps * 20 // 100 // 4
   phases = [(steps * 5 // 100, 8192, 1.0), (steps * 35 // 100, 16384, 1.0)]
   phases += [(quarter, 16384, c) for c in (1.0, 0.5, 0.25, 0.125)]

@@ -219,7 +219,8 @@ def _train_step_metrics(model_config):
 
 def _reference_lambdas(attention_params, layer):
   """Each row's λ = exp(λq1·λk1) − exp(λq2·λk2) + λ_init, λ_init = 0.8 − 0.6·exp(−0.3·l), in float64."""
-  p = {k: np.asarray(attention_params[k], np.float64) for k in ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2")}
+  p = {k: np.asarray(attention_params[k], np.float64)
+       for k in ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2")}
   return (np.exp((p["lambda_q1"] * p["lambda_k1"]).sum(-1)) - np.exp((p["lambda_q2"] * p["lambda_k2"]).sum(-1))
           + 0.8 - 0.6 * np.exp(-0.3 * layer))
 
@@ -274,3 +275,18 @@ def test_step_scalars_name_what_the_model_has(changes, lambda_tags, has_moe):
 def test_an_accelerators_peak_is_its_own_models(kind, peak):
   """Every H100 was given the SXM part's 989 TFLOP/s: a PCIe card's MFU read 24% low."""
   assert metrics_lib.peak_of_kind(kind) == peak
+
+
+def test_a_configured_peak_is_per_device():
+  """config.train.peak_flops_per_device is one device's: the run's peak is that times the devices (taken as
+  the run's, MFU read eight times too high here)."""
+  assert jax.device_count() == 8
+  assert metrics_lib.peak_flops(1e9) == 8e9
+
+
+def test_the_measured_matmul_rate_counts_a_multiply_add_as_two_flops(monkeypatch):
+  """An n x n matmul is 2n³ FLOPs: with each timed call taking one second on a clock that ticks a second a
+  read, the rate is 2n³ per second (n³ passed every test: MFU on CPU read twice too high)."""
+  clock = itertools.count()
+  monkeypatch.setattr(metrics_lib.time, "perf_counter", lambda: float(next(clock)))
+  assert metrics_lib.measured_matmul_flops(n=64, repeats=3) == 2 * 64**3
