@@ -39,6 +39,7 @@ def test_tiny_matches_the_hand_count():
   assert result["active_params_no_mod"] == pytest.approx(active_no_mod)
   assert result["active_params"] == pytest.approx(active)
   assert result["weights_bytes_fp32"] == 4 * total and result["train_state_bytes"] == 12 * total
+  assert result["weights_bytes_bf16"] == 2 * total and result["adam_state_bytes_fp32"] == 8 * total  # m and v
   # KV cache: per position and layer (routed ones too), K and V of width d in bf16 and a filled flag.
   assert result["kv_cache_bytes_bf16"] == 4 * 256 * (2 * 288 * 2 + 1)
 
@@ -409,6 +410,20 @@ def test_memory_estimate_agrees_with_tinys_warmup_step():
   gradients = memory.step_temporaries(config, {}, activations)
   assert activations == pytest.approx(temp - gradients, rel=0.25)
   assert gradients + activations == pytest.approx(temp, rel=0.25)
+
+
+def test_with_gradient_accumulation_a_step_keeps_one_micro_batchs_activations():
+  """Accumulating over 2 micro-batches keeps the activations of half the batch, as a batch half as large
+  would (the whole batch's counted passed every test, and the memory check refused configs that fit)."""
+  config = load("tiny")
+  whole = memory.training_memory_per_device(config, {})
+  config.optimizer.grad_accum_steps = 2
+  accumulated = memory.training_memory_per_device(config, {})
+  half = load("tiny")
+  half.curriculum.tokens_per_batch //= 2
+  want = memory.training_memory_per_device(half, {})
+  assert accumulated["activations"] == want["activations"] < whole["activations"]
+  assert accumulated["largest_phase"] == want["largest_phase"]
 
 
 def test_activation_memory_counts_the_ffn_rows_the_step_computes():
