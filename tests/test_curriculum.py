@@ -130,6 +130,10 @@ def test_router_noise_and_mod_capacity_anneal(tiny):
   sparsify = cur.phases[2]
   assert cur.settings(sparsify.start).router_noise == pytest.approx(0.5)
   assert cur.settings(sparsify.end - 1).router_noise == pytest.approx(0.0)
+  # Linear in between (a noise reaching 0 halfway passed the ends' checks).
+  for step in range(sparsify.start, sparsify.end):
+    want = 0.5 * (1 - (step - sparsify.start) / (sparsify.steps - 1))
+    assert cur.settings(step).router_noise == pytest.approx(want, abs=1e-12), step
   # Four geometric levels from 1.0 to 0.25, each held for a quarter of the phase, in whole tokens.
   levels = [1.0, 0.25 ** (1 / 3), 0.25 ** (2 / 3), 0.25]
   for i, level in enumerate(levels):
