@@ -118,3 +118,17 @@ def test_a_full_disk_leaves_the_time_record_as_it_was_and_no_partial_file(tmp_pa
   (tmp_path / workdir_lib.SECONDS_FILE).write_text('{"seconds": ')  # damaged: was reset without a word
   assert workdir_lib.add_seconds(str(tmp_path), 3.0, write=False) == 3.0
   assert "training time recorded in" in caplog.text and "cannot be read (JSONDecodeError)" in caplog.text
+
+
+def test_what_the_saving_run_logged_at_its_step():
+  """The progress saved with the step says; a checkpoint saved without it is read from its config's intervals,
+  the curriculum's last step always evaluated (read as not evaluated, a finished run's rerun logged its final
+  evaluation a second time); nothing to read from: logged again."""
+  saved = {"train": {"eval_every": 100, "stable_rank_every": 50}, "curriculum": {"total_steps": 260}}
+  assert resume.logged_at(260, saved, None) == {"eval": True, "stable_ranks": False}
+  assert resume.logged_at(200, saved, None) == {"eval": True, "stable_ranks": True}
+  assert resume.logged_at(150, saved, None) == {"eval": False, "stable_ranks": True}
+  assert resume.logged_at(120, saved, None) == {"eval": False, "stable_ranks": False}
+  assert resume.logged_at(200, None, None) == {"eval": False, "stable_ranks": False}
+  progress = {"evaluated": False, "stable_ranks": True}
+  assert resume.logged_at(200, saved, progress) == {"eval": False, "stable_ranks": True}
