@@ -1,4 +1,5 @@
 """Mesh and rules that cannot split a dimension fail before anything is compiled, naming what and why."""
+import flax.linen as nn
 import jax
 import pytest
 
@@ -50,6 +51,16 @@ def test_rules_that_map_two_axes_of_an_array_to_one_mesh_axis_are_named(make_con
   config.mesh.shape.update(mesh)
   config.mesh.axis_rules = tuple((name, rules.get(name, axes)) for name, axes in config.mesh.axis_rules)
   assert_refused_before_building(config, message)
+
+
+def test_two_axes_of_an_array_may_map_to_a_mesh_axis_of_one_device(make_config):
+  """The first case above on a mesh whose 'tensor' axis has one device: nothing is split, nothing refused."""
+  config = make_config()
+  config.mesh.shape.update(data=8, tensor=1)
+  config.mesh.axis_rules = tuple((name, "tensor" if name == "layers" else axes) for name, axes in config.mesh.axis_rules)
+  boxed = memory.abstract_state(config)
+  shapes = parallel.shard_shapes(boxed, parallel.mesh_shape(config.mesh, 8), parallel.axis_rules(config.mesh))
+  assert [shape for _, shape, _ in shapes] == [a.shape for a in jax.tree.leaves(nn.unbox(boxed))]
 
 
 @pytest.mark.parametrize("change, message", [
@@ -117,6 +128,28 @@ def test_collective_summary_names_the_ragged_exchange_apart_from_all_to_all():
   assert parallel.collective_bytes(hlo, "ragged-all-to-all") == 65536 * 4 * 4
   assert parallel.collective_bytes(hlo, "all-to-all") == 32768 * 4 * 4
   assert parallel.collective_summary(hlo) == "all-to-all 0.50 MiB, ragged-all-to-all 1.00 MiB"
+
+
+@pytest.mark.parametrize("branches", ["branch_computations={%small, %large}",
+                                      "true_computation=%large, false_computation=%small"])
+def test_collective_bytes_count_a_conditionals_largest_branch(branches):
+  """A conditional runs one branch: the bound counts the one with the most (the smallest undercounted)."""
+  hlo = f"""HloModule jit_step
+%small (a: f32[8]) -> f32[8] {{
+  %a = f32[8]{{0}} parameter(0)
+  ROOT %all-reduce.1 = f32[8]{{0}} all-reduce(%a), replica_groups={{{{0,1}}}}, to_apply=%sum
+}}
+%large (b: f32[8]) -> f32[64] {{
+  %b = f32[8]{{0}} parameter(0)
+  %all-gather.2 = f32[64]{{0}} all-gather(%b), replica_groups={{{{0,1}}}}, dimensions={{0}}
+  ROOT %all-reduce.3 = f32[64]{{0}} all-reduce(%all-gather.2), replica_groups={{{{0,1}}}}, to_apply=%sum
+}}
+ENTRY %main (i: s32[], x: f32[8]) -> f32[64] {{
+  %i = s32[] parameter(0)
+  %x = f32[8]{{0}} parameter(1)
+  ROOT %conditional.4 = f32[64]{{0}} conditional(%i, %x, %x), {branches}
+}}"""
+  assert parallel.collective_bytes(hlo, "all-reduce") == parallel.collective_bytes(hlo, "all-gather") == 64 * 4
 
 
 def test_the_memory_preflight_splits_the_batch_by_its_rule(make_config):
