@@ -63,10 +63,14 @@ def test_a_cache_key_holds_where_the_files_common_directory_is_the_root(text_dir
 
 
 def test_a_file_reached_through_symlinks_is_one_document(text_dir, tmp_path):
-  """A link to a file is that file; under `**`, a link back up the tree is followed once, not until the
-  path is too long (each file 41 times; two such links made the glob run without end)."""
+  """A link to a file is that file, named by its own path whatever the link's name (which decides its split); under
+  `**`, a link back up the tree is followed once, not until the path is too long (each file 41 times; two such
+  links made the glob run without end), and hidden directories are skipped, as glob's `**` skips them."""
   os.symlink("doc0.txt", text_dir / "latest.txt")
+  os.symlink("doc1.txt", text_dir / "a.txt")  # sorts before its file
   os.symlink(".", text_dir / "again")
+  (text_dir / ".hidden").mkdir()
+  (text_dir / ".hidden" / "doc9.txt").write_text(english(9), encoding="utf-8")
   corpus = data.build_corpus(data_config({"text": f"files:{text_dir}/**/*.txt"}, val_fraction=0.3),
                              cache_root=str(tmp_path / "cache"))
   assert sorted(sides(corpus, "text")) == [f"doc{i}.txt" for i in range(8)]

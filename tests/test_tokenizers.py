@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from diffmoe_jax import data
+from diffmoe_jax.data import tokenizer as tokenizer_lib
 import test_data
 from test_data import data_config, english, rows, window_index, windows_of
 
@@ -75,3 +76,33 @@ def test_hf_tokenizers_corpus(text_dir, tmp_path):
   (text_dir / "doc3.txt").write_text("café <|endoftext|>", encoding="utf-8")
   with pytest.raises(data.DataError, match=r"doc3\.txt contains '<\|endoftext\|>' at byte offset 6"):
     data.build_corpus(config, cache_root=str(tmp_path / "cache"))
+
+
+def test_a_sentencepiece_eos_at_id_0_separates_documents(tmp_path):
+  """Id 0 is a model's eos like any other (read as no eos, the documents ran together)."""
+  spm = pytest.importorskip("sentencepiece")
+  model = io.BytesIO()
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(english(0).splitlines()), model_writer=model, vocab_size=100, model_type="bpe",
+      eos_id=0, unk_id=1, bos_id=-1, pad_id=-1, hard_vocab_limit=False, minloglevel=2)
+  path = tmp_path / "eos0.model"
+  path.write_bytes(model.getvalue())
+  tok = tokenizer_lib.SentencePieceTokenizer(spm, f"sentencepiece:{path}", str(path))
+  assert tok.eos_id == 0
+
+
+def test_of_several_eos_tokens_the_first_listed_separates_documents(tmp_path):
+  """A vocabulary holding "</s>" (id 0) and "<|endoftext|>" (id 1): the separator's id and the text refused in
+  documents are both the first of HF_EOS_TOKENS's, "<|endoftext|>" (the last's id passed every test: documents
+  were split by one token and checked for another)."""
+  tokenizers = pytest.importorskip("tokenizers")
+  tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+  trainer = tokenizers.trainers.BpeTrainer(vocab_size=300, special_tokens=["</s>", "<|endoftext|>"],
+                                           show_progress=False)
+  tok.train_from_iterator([english(0)], trainer)
+  path = tmp_path / "tokenizer.json"
+  tok.save(str(path))
+  hf = tokenizer_lib.HFTokenizer(tokenizers, f"hf:{path}", str(path))
+  assert tokenizer_lib.HF_EOS_TOKENS[:2] == ("<|endoftext|>", "</s>")
+  assert (hf.reserved_text, hf.eos_id) == ("<|endoftext|>", tok.token_to_id("<|endoftext|>")) == ("<|endoftext|>", 1)
