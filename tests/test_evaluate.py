@@ -53,9 +53,11 @@ def workdir(tmp_path_factory):
 def test_file_loss_equals_a_direct_forward_pass(workdir, tmp_path):
   config, params, step = evaluate_lib.restore_params(workdir)
   assert step == 4 and not resume.differences(config, short_run_config())
-  text = "def add(a, b):\n    return a + b\n\n" * 3  # 99 bytes: 4 windows of 32, the last one padded
+  # 126 bytes, 120 characters (bits per byte over the characters passed every test where the two were equal):
+  # 4 windows of 32, the last one padded.
+  text = "def add(a, b):\n    return a + b  # ≥ a\n\n" * 3
   path = tmp_path / "snippet.py"
-  path.write_text(text)
+  path.write_text(text, encoding="utf-8")
   results = evaluate_lib.evaluate(config, params, files=[str(path)], domains=False)
   got = results["files"][str(path)]
 
