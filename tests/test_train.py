@@ -208,6 +208,20 @@ def test_resume_continues_exactly(full_run, tmp_path):
   assert second.eval["loss"] == pytest.approx(full_run[1].eval["loss"], abs=1e-6)
 
 
+def test_training_metrics_are_logged_every_log_every_steps_and_at_the_last(full_run, tmp_path):
+  """Resumed at step 12 with train.log_every=5: train/* at steps 15 and 20, and at 24, the curriculum's last, each
+  with its own step's values (after steps 16 and 21, off by one, passed every test: they all log every step)."""
+  workdir = str(tmp_path / "run")
+  shutil.copytree(full_run[0], workdir)
+  shutil.rmtree(os.path.join(workdir, "tb"))
+  shutil.rmtree(os.path.join(workdir, "checkpoints", "24"))
+  config = load_config()
+  config.train.log_every = 5
+  assert loop.train(config, workdir).final_step == 24
+  got, want = scalar_series(read_tb(workdir), "train/loss"), scalar_series(read_tb(full_run[0]), "train/loss")
+  assert sorted(got) == [15, 20, 24] and [got[s] for s in (15, 20, 24)] == [want[s] for s in (15, 20, 24)]
+
+
 def test_rerunning_a_finished_run_logs_nothing_twice(full_run, tmp_path):
   workdir = str(tmp_path / "run")
   shutil.copytree(full_run[0], workdir)
