@@ -79,6 +79,9 @@ def test_round_trip_with_config(tmp_path, state):
   assert_same(restored, state)
   assert restored.rng.dtype == jnp.uint32
   assert ckpt.restore_config() == config.to_dict() == ckpt.restore_config(7)
+  later = ml_collections.ConfigDict({"model": {"d_model": 8, "attention": "differential"}, "seed": 4})
+  assert ckpt.save(9, state, later)
+  assert ckpt.restore_config() == later.to_dict() and ckpt.restore_config(7) == config.to_dict()  # the latest's
   ckpt.close()
 
 
