@@ -253,6 +253,9 @@ def test_proxy_keeps_the_shape_and_relays_heads_when_needed():
   assert (p.d_model, p.num_heads, p.head_dim, p.num_experts) == (324, 27, 12, 4)
   pi = complete.proxy(complete.complete(4608, complete.CompletionRules()), 8, 2, 32)
   assert (pi.d_model, pi.num_heads, pi.head_dim, pi.expert_ffn_dim) == (576, 36, 16, 1536)
+  # The expert FFN width / scale to the nearest multiple of 4, at least 4 (rounded down, 15 became 12).
+  for ffn, want in ((120, 16), (100, 12), (8, 4)):
+    assert complete.proxy(dataclasses.replace(pi_p, expert_ffn_dim=ffn), 8, 2, 32).expert_ffn_dim == want
 
 
 def test_tile_efficiency_against_a_direct_count():
