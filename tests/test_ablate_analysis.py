@@ -100,3 +100,21 @@ def test_stable_rank_text_gives_the_papers_claim_in_our_squared_measure():
   ours = re.search(r"full model's is ([+-][\d.]+)%", text).group(1)
   paper = re.search(r"which is ([+-]\d+)% on this squared measure", text).group(1)
   assert round(float(ours)) == int(paper) == 51
+
+
+def test_two_seeds_have_a_sample_spread():
+  """Two values' sample standard deviation is their distance over √2 (two seeds showed none before)."""
+  mean, std = ablate_analysis.mean_spread([3.0, 3.5])
+  assert mean == 3.25 and std == pytest.approx(0.5 / np.sqrt(2), rel=1e-12)
+  assert ablate_analysis.mean_spread([3.0]) == (3.0, None)
+
+
+def test_a_step_logged_twice_reads_as_its_last_value(tmp_path):
+  """A step's later point replaces its earlier one (the first kept passed every test)."""
+  from diffmoe_jax.train import metrics
+  writer = metrics.MetricWriter(tmp_path / "tb")
+  writer.scalars(3, {"train/loss": 3.0})
+  writer.scalars(3, {"train/loss": 2.0})
+  writer.scalars(4, {"train/loss": 2.5})
+  writer.close()
+  assert ablate_analysis.read_scalars(str(tmp_path))["train/loss"] == [(3, 2.0), (4, 2.5)]

@@ -1,5 +1,6 @@
 """Checkpointer: round trip of a train-state-shaped pytree, retention, damaged checkpoints, re-sharding."""
 import errno
+import json
 import logging
 import os
 import shutil
@@ -412,3 +413,22 @@ def test_a_run_on_a_read_only_checkpoints_directory_is_refused_before_it_trains(
   with pytest.raises(CheckpointError, match=rf"Cannot save checkpoints in {checkpoints}: it is not writable "
                                             r"\(read-only or immutable\)\. Make it a writable directory, then rerun"):
     loop.train(config, str(tmp_path))
+
+
+def test_a_checksum_file_missing_an_array_fails_the_check_and_falls_back(tmp_path, state, caplog):
+  """Every restored array must have its saved checksum: one left out of the file (cut or edited) is not taken as
+  sound (an array without a checksum passed)."""
+  ckpt = Checkpointer(tmp_path, async_save=False)
+  ckpt.save(1, state)
+  ckpt.save(2, state)
+  path = tmp_path / "2" / "checksums" / "metadata"
+  saved = json.loads(path.read_text())
+  del saved["arrays"]["params/embed/table"]
+  path.write_text(json.dumps(saved))
+  with caplog.at_level(logging.WARNING, logger="diffmoe_jax.train.checkpoint"):
+    restored, step = ckpt.restore_latest(abstract(state))
+  assert step == 1
+  assert "do not match the checksum saved with them (params/embed/table)" in caplog.text
+  ckpt.close()
+  with pytest.raises(ValueError, match="keep=0: keep at least 1 checkpoint"):
+    Checkpointer(tmp_path, keep=0)

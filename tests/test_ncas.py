@@ -436,3 +436,11 @@ def test_completion_settings_that_fail_on_a_width_name_their_field(field, value,
   rules_ = dataclasses.replace(complete.CompletionRules(), **{field: value})
   with pytest.raises(ConfigError, match=r"config\.ncas\.complete\." + message):
     complete.complete(2304, rules_)
+
+
+def test_a_proxys_steps_split_by_the_phases_fractions_largest_remainders_first():
+  """10 steps at 25/35/40%: 2.5, 3.5 and 4 give 2 + 3 + 4 and the step left goes to the first of the two
+  halves (to the smallest remainder, 2 + 3 + 5, passed every test); each phase keeps at least one, taken
+  from the longest."""
+  assert search.phase_steps(10, [0.25, 0.35, 0.4]) == [3, 3, 4]
+  assert search.phase_steps(4, [0.9, 0.05, 0.05]) == [2, 1, 1]
