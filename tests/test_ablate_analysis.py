@@ -118,3 +118,27 @@ def test_a_step_logged_twice_reads_as_its_last_value(tmp_path):
   writer.scalars(4, {"train/loss": 2.5})
   writer.close()
   assert ablate_analysis.read_scalars(str(tmp_path))["train/loss"] == [(3, 2.0), (4, 2.5)]
+
+
+def test_stable_rank_text_quotes_the_last_common_step():
+  """At the last step both arms logged (the first step's figures passed every test), the ratio of the means and of
+  the per-side ranks, each the full model's over the baseline's, less 1."""
+  curves = {"full": {"steps": [10, 20, 30], "mean": [2.0, 3.0, 9.0], "relative": [0.5, 0.6, 0.9]},
+            "power_of_two": {"steps": [10, 20], "mean": [2.0, 2.5], "relative": [0.5, 0.5]}}
+  text, numbers = ablate_analysis._stable_rank_text(curves, {"full": "Full", "power_of_two": "Pow2"})
+  assert "step 10: +0.0%, step 20: +20.0%. At the last step 20 the full model's is +20.0%" in text
+  assert text.endswith("divided by each matrix's smaller side (the width differs between the arms) it is +20.0%.")
+  assert numbers == {"steps": [10, 20], "relative_difference": pytest.approx([0.0, 0.2]),
+                     "relative_difference_per_side": pytest.approx([0.0, 0.2])}
+
+
+def test_lambda_text_names_the_layer_with_the_largest_gap_between_domains():
+  """Layer 1's domains differ most (0.3 against 0.1): its gap and its within-domain std, the mean of the domains'
+  (the smallest gap's layer, or the largest std, passed every test)."""
+  lam = {"per_layer": {"code": [[0.2, 0.4], [0.1, 0.5]]},
+         "tokens": {"code": [{"mean": 0.5, "std": 0.02}, {"mean": 0.6, "std": 0.04}],
+                    "docs": [{"mean": 0.4, "std": 0.03}, {"mean": 0.3, "std": 0.08}]}}
+  text = ablate_analysis._lambda_text(lam, ["code", "docs"])
+  assert text.endswith("By expert, λ spans 0.200 to 0.400 across a layer's experts. By domain, the largest gap "
+                       "between domains' mean token λ is 0.3000 (layer 1), against a within-domain token spread "
+                       "(std) of 0.0600 there.")
