@@ -60,6 +60,7 @@ def test_stable_rank_series_averages_each_step_raw_and_per_smaller_side():
 
 
 @pytest.mark.parametrize("changes", [{}, {"moe": {"expert_ffn_dim": 32}},
+                                     {"moe": {"expert_ffn_dim": 32, "activation": "swiglu"}},
                                      {"ffn": "dense", "moe": {"expert_ffn_dim": 32}}])
 def test_matrix_sides_are_the_smaller_side_of_each_weight_the_model_has(changes):
   """The side each stable rank is divided by, against the model's own parameter shapes laid out as
@@ -80,7 +81,7 @@ def test_matrix_sides_are_the_smaller_side_of_each_weight_the_model_has(changes)
     matrix = leaf.shape[len(leaf.shape) - axes:]
     assert sides[name] == min(int(np.prod(matrix[:rows])), int(np.prod(matrix[rows:]))), (name, leaf.shape)
     seen.add(name)
-  assert {"wq", "wk", "wv", "wo", "w_in", "w_out"} <= seen
+  assert {"wq", "wk", "wv", "wo", "w_in", "w_out"} | ({"w_gate"} if model.moe.activation == "swiglu" else set()) <= seen
 
 
 def test_stable_rank_text_gives_the_papers_claim_in_our_squared_measure():
@@ -142,3 +143,37 @@ def test_lambda_text_names_the_layer_with_the_largest_gap_between_domains():
   assert text.endswith("By expert, λ spans 0.200 to 0.400 across a layer's experts. By domain, the largest gap "
                        "between domains' mean token λ is 0.3000 (layer 1), against a within-domain token spread "
                        "(std) of 0.0600 there.")
+
+
+def test_a_report_of_two_seeds_averages_each_arms_seeds(tmp_path):
+  """Per arm, the per-seed numbers in seed order, the stable-rank curves (raw and per side) averaged over both seeds,
+  and the wall time of every run summed (a curve from the first seed alone, seeds in reverse order, and the longest
+  run's time each passed every test, which wrote one seed's report)."""
+  from diffmoe_jax.train import metrics
+  from test_ablate import smoke_config
+  config = smoke_config()
+  names, records, ranks = ["full", "power_of_two"], [], {}
+  for i, (arm, seed) in enumerate([(a, s) for a in names for s in (1, 0)]):
+    ranks[arm, seed] = {"wq": 10.0 + i + seed, "w_in": 4.0 + 2 * seed}
+    writer = metrics.MetricWriter(tmp_path / arm / f"seed{seed}" / "tb")
+    ranked = {f"stable_rank/{name}": value for name, value in ranks[arm, seed].items()}
+    writer.scalars(6, {"train/loss": 3.0, "eval/loss": 3.5, **ranked})
+    writer.close()
+    records.append({"arm": arm, "seed": seed, "change": "none", "params": {"total": 10, "active": 5}, "final_step": 6,
+                    "wall_seconds": 1.0 + i, "lambda": None,
+                    "eval": {"loss": 3.0 + seed, "code/bits_per_byte": 4.0, "docs/bits_per_byte": 4.5}})
+  report_dir = tmp_path / "report"
+  report_dir.mkdir()
+  summary = ablate_analysis.write_report(config, names, {"full": "Full", "power_of_two": "Pow2"},
+                                         {arm: config.model for arm in names}, [0, 1], records, str(tmp_path),
+                                         str(report_dir))
+  assert summary["train_wall_seconds"] == 1.0 + 2.0 + 3.0 + 4.0
+  full = summary["arms"]["full"]
+  assert full["seeds"] == [0, 1] and [r["loss"] for r in full["per_seed"]] == [3.0, 4.0]
+  sides = ablate_analysis.matrix_smaller_sides(config.model)
+  for arm in names:
+    curve = summary["stable_rank"]["curves"][arm]
+    assert curve["steps"] == [6]
+    assert curve["mean"] == pytest.approx([np.mean([np.mean(list(ranks[arm, s].values())) for s in (0, 1)])])
+    assert curve["relative"] == pytest.approx([np.mean([np.mean([v / sides[n] for n, v in ranks[arm, s].items()])
+                                                        for s in (0, 1)])])
