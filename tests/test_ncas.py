@@ -444,3 +444,14 @@ def test_a_proxys_steps_split_by_the_phases_fractions_largest_remainders_first()
   from the longest."""
   assert search.phase_steps(10, [0.25, 0.35, 0.4]) == [3, 3, 4]
   assert search.phase_steps(4, [0.9, 0.05, 0.05]) == [2, 1, 1]
+
+
+@pytest.mark.parametrize("backend", sorted(scores.BACKEND_TILES))
+def test_the_front_uses_the_tile_efficiency_of_the_configured_backend(backend):
+  """ncas.hardware.backend picks the tile the front scores (TPU's passed every test: no test set another)."""
+  config = search.defaults()
+  config.ncas.hardware.update(backend=backend, measure="off")
+  arch = complete.complete(2592, complete.CompletionRules())
+  out = search.static_scores(config, arch)
+  assert out["efficiency"] == scores.tile_efficiency(arch, scores.BACKEND_TILES[backend])
+  assert len({out[f"efficiency_{b}"] for b in scores.BACKEND_TILES}) == 3  # PI-P's tiles differ on each
