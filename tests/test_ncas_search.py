@@ -252,6 +252,29 @@ def test_the_front_keeps_the_most_capacity_and_efficiency_and_the_lowest_loss(tm
   assert "pi_2592" not in front  # a front of every row would not tell the directions apart
 
 
+def test_the_joint_front_pools_both_families_and_each_of_its_points_gets_a_config(tmp_path, monkeypatch):
+  """With the baseline scored, the joint front is dominance over the π and power-of-two rows together, and every
+  point on it gets a config file, a baseline width's too (the π rows alone pooled, and configs for the π front
+  alone, passed every test: no other search scores the baseline)."""
+  config = smoke_config()
+  config.ncas.baseline = True
+  config.ncas.space.update(min_width=2048, max_width=2592, step=32)  # π: 2304 and 2592; power of two: 2048
+  config.ncas.proxy.scale = 8  # a common scale of both families must be a power of two
+  losses = {2048: 2.8, 2304: 3.0, 2592: 2.5}
+  monkeypatch.setattr(search, "train_proxy", lambda config, arch, *args: {"loss": losses[arch.d_model], "seconds": 1.0})
+  result = search.run(config, str(tmp_path), log=lambda line: None)
+  scored = [r for r in result["rows"] if r.get("proxy_loss") is not None]
+  assert sorted(report.row_key(r) for r in scored) == ["pi_2304", "pi_2592", "power_of_two_2048"]
+  objectives = ("capacity_gbit", "efficiency", "proxy_loss")
+  signs = {"capacity_gbit": 1, "efficiency": 1, "proxy_loss": -1}
+  beats = lambda a, b: (all(signs[o] * a[o] >= signs[o] * b[o] for o in objectives)
+                        and any(signs[o] * a[o] > signs[o] * b[o] for o in objectives))
+  joint = [report.row_key(r) for r in scored if not any(beats(q, r) for q in scored)]
+  assert sorted(result["fronts"]["joint"]) == sorted(joint) and "power_of_two_2048" in joint
+  widths = {int(key.rsplit("_", 1)[1]) for key in result["fronts"]["pi"] + joint}
+  assert sorted(os.listdir(tmp_path / "configs")) == sorted(f"ncas_{w}.py" for w in widths)
+
+
 def test_a_diverged_proxy_is_a_result_on_no_front_and_the_search_goes_on(smoke, tmp_path, monkeypatch):
   """A proxy stopped by non-finite updates ended the search with the training config's advice (optimizer.peak_lr,
   --config.train.allow_config_change), which a search config has no field for; a rerun resumed it into the same
