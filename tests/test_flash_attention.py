@@ -464,9 +464,11 @@ def test_tpu_kernels_pad_blocks_mosaic_cannot_tile(causal, t, s, all_valid):
     np.testing.assert_allclose(np.asarray(ours), ref, **tol, err_msg=name)
 
 
-def test_gpu_kernels_split_head_widths_into_power_of_two_chunks():
+@pytest.mark.parametrize("gpu_backward", ["two_pass", "one_pass"])
+def test_gpu_kernels_split_head_widths_into_power_of_two_chunks(gpu_backward):
   """Widths that are not powers of two (PI-P's 72 and 144) run as column chunks of at least 16: against
-  the float64 reference, forward and gradients, with two chunks for q/k (40 -> 32 + 16) and v (80 -> 64 + 16)."""
+  the float64 reference, forward and gradients, with two chunks for q/k (40 -> 32 + 16) and v (80 -> 64 + 16),
+  in either backward (the one-pass dq adding its first chunk alone passed every test)."""
   from diffmoe_jax.ops.pallas_attention import column_chunks
   assert column_chunks(72) == ((0, 64), (64, 16)) and column_chunks(144) == ((0, 128), (128, 16))
   assert column_chunks(4) == ((0, 16),) and column_chunks(112) == ((0, 64), (64, 32), (96, 16))
@@ -480,7 +482,7 @@ def test_gpu_kernels_split_head_widths_into_power_of_two_chunks():
                                          visibility(positions, positions), g)
   def f(q, k, v, lam):
     return attn.differential_attention(q, k, v, lam, q_positions=positions, kv_positions=positions,
-                                       implementation="pallas", block_q=16, block_k=16)
+                                       implementation="pallas", block_q=16, block_k=16, gpu_backward=gpu_backward)
   out, vjp = jax.vjp(jax.jit(f), *(jnp.asarray(a) for a in (q, k, v, lam)))
   tol = dict(rtol=2e-4, atol=2e-5)
   np.testing.assert_allclose(np.asarray(out), want, **tol)
