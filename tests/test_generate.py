@@ -113,6 +113,9 @@ def test_generation_stops_at_the_context(model_and_params):
   result = generate_lib.generate(model, params, [np.arange(1, 29, dtype=np.int32), np.array([3], np.int32)],
                                  max_new_tokens=10, temperature=0.0)
   assert [len(t) for t in result.tokens] == [4, 10]  # 28 + 4 fills the context of 32
+  # The prefill reads 29 tokens and gives each row's first; 9 decode steps then run both rows (a step more
+  # counted passed every test: the tokens/s it prints were too high).
+  assert (result.prompt_tokens, result.decode_tokens) == (29, 9 * 2)
 
 
 def test_a_row_ends_before_its_first_separator(model_and_params):
