@@ -1,6 +1,6 @@
-"""The attention kernels at their edges, against test_flash_attention's float64 reference: each batch row's own
-block bounds, a key that opens a TPU key block seen by the query at its position alone, and rows whose scores
-all lie far below zero."""
+"""The attention paths at their edges, against test_flash_attention's float64 reference: each batch row's own
+block bounds, a key that opens a TPU key block seen by the query at its position alone, rows whose scores all
+lie far below zero, and bfloat16 inputs whose scores bfloat16 cannot hold."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -64,3 +64,23 @@ def test_rows_whose_scores_all_lie_far_below_zero_keep_their_softmax(path):
   k = np.ones_like(k)
   q = np.full_like(q, -200.0 / np.sqrt(q.shape[-1]))  # q·k / √d = −200
   _check(path, q, k, v, lam, g, masks, visible, relative_to_largest=True)
+
+
+@pytest.mark.parametrize("path", ("explicit", "blockwise", "pallas", "pallas_tpu"))
+def test_bf16_scores_are_computed_in_float32(path):
+  """Standard attention on bfloat16 inputs whose scores reach ±50, where bfloat16 steps by 0.25: each path's
+  output is within 1% of the float64 reference's largest value on the same inputs (scores rounded to bfloat16
+  before the softmax, with the bf16 tests' scores of a few units, passed every test)."""
+  rng = np.random.default_rng(5)
+  b, t, h, d = 1, 40, 2, 8
+  round_bf16 = lambda a: np.asarray(jnp.asarray(a, jnp.bfloat16), np.float32)
+  q, k = (round_bf16(rng.normal(size=(b, t, h, 1, d)) * 5) for _ in range(2))
+  v = round_bf16(rng.normal(size=(b, t, h, d)))
+  positions = np.broadcast_to(np.arange(t), (b, t)).astype(np.int32)
+  visible = visibility(positions, positions)
+  want, _ = reference(q, k, v, np.ones((b, t, h, 1)), visible, np.zeros((b, t, h, d)))
+  assert np.abs(np.einsum("bthmd,bshmd->bhts", q, k)[:, :, visible[0]]).max() / np.sqrt(d) > 40
+  got = attn.standard_attention(*(jnp.asarray(a, jnp.bfloat16) for a in (q[:, :, :, 0], k[:, :, :, 0], v)),
+                                q_positions=positions, kv_positions=positions, implementation=path, block_q=16,
+                                block_k=16)
+  np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=0, atol=0.01 * np.abs(want).max())
