@@ -273,6 +273,15 @@ def test_the_joint_front_pools_both_families_and_each_of_its_points_gets_a_confi
   assert sorted(result["fronts"]["joint"]) == sorted(joint) and "power_of_two_2048" in joint
   widths = {int(key.rsplit("_", 1)[1]) for key in result["fronts"]["pi"] + joint}
   assert sorted(os.listdir(tmp_path / "configs")) == sorted(f"ncas_{w}.py" for w in widths)
+  # table.csv names each row's fronts; table.md's scored table holds the scored rows alone (each passed every
+  # test inverted).
+  with open(tmp_path / "table.csv", newline="") as f:
+    table = {f"{r['family']}_{r['width']}": r["fronts"].split() for r in csv.DictReader(f)}
+  assert table == {report.row_key(r): [name for name, keys in result["fronts"].items() if report.row_key(r) in keys]
+                   for r in result["rows"]}
+  scored_md = (tmp_path / "table.md").read_text().split("## π candidates")[0]
+  listed = [line.split(" | ")[:2] for line in scored_md.splitlines() if line.startswith(("| pi |", "| power_of_two |"))]
+  assert sorted(f"{family[2:]}_{width}" for family, width in listed) == sorted(report.row_key(r) for r in scored)
 
 
 def test_a_diverged_proxy_is_a_result_on_no_front_and_the_search_goes_on(smoke, tmp_path, monkeypatch):
