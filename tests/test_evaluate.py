@@ -159,6 +159,7 @@ def test_cli_bad_input_is_one_line(workdir, tmp_path):
   incomplete = tmp_path / "incomplete"  # a save cut short where renames are not atomic (a gcsfuse workdir)
   shutil.copytree(workdir, incomplete)
   (incomplete / "checkpoints" / "9").mkdir()
+  shutil.copytree(incomplete / "checkpoints" / "4", incomplete / "checkpoints" / "2")  # the one before 9 is 4
   assert_one_error(run_cli("diffmoe_jax.evaluate", f"--workdir={incomplete}"),  # said "saved with config=None"
                    f"error: The checkpoint at step 9 in {incomplete}/checkpoints is incomplete (it has no state: a save "
                    f"cut short); pass --step=4 for the one before it, or remove {incomplete}/checkpoints/9.")
