@@ -1,7 +1,6 @@
 """The attention paths at their edges, against test_flash_attention's float64 reference: each batch row's own
 block bounds, a key that opens a TPU key block seen by the query at its position alone, rows whose scores all
 lie far below zero, and bfloat16 inputs whose scores bfloat16 cannot hold."""
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
