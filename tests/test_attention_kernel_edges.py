@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from diffmoe_jax.ops import attention as attn
-from test_flash_attention import GPU_VARIANTS, _case, _run, reference, visibility
+from test_flash_attention import GPU_VARIANTS, _case, _run, lam_gradient, map_weights, reference, visibility
 
 KERNELS = ("pallas", "pallas_tpu") + tuple(GPU_VARIANTS)
 TOL = dict(rtol=2e-4, atol=2e-5)
@@ -15,14 +15,10 @@ TOL = dict(rtol=2e-4, atol=2e-5)
 def _check(path, q, k, v, lam, g, masks, visible, relative_to_largest=False):
   """Output and gradients against the reference; `relative_to_largest`: each array within 2e-5 of its largest
   magnitude, or of 1 (gradients that scale with large inputs carry float32's rounding of them)."""
-  b, t, h = q.shape[:3]
-  w = np.stack([np.ones((b, t, h)), -np.broadcast_to(lam, (b, t, h))], -1)
-  want, (dq, dk, dv, dw) = reference(q, k, v, w, visible, g)
+  want, (dq, dk, dv, dw) = reference(q, k, v, map_weights(lam, q.shape[:3]), visible, g)
   got, grads = _run(path, q, k, v, lam, g, masks)
   np.testing.assert_allclose(np.asarray(got), want, **TOL, err_msg="out")
-  dlam = -dw[..., 1]
-  dlam = dlam.sum() if np.ndim(lam) == 0 else dlam
-  for name, ours, ref in zip(("dq", "dk", "dv", "dlam"), grads, (dq, dk, dv, dlam)):
+  for name, ours, ref in zip(("dq", "dk", "dv", "dlam"), grads, (dq, dk, dv, lam_gradient(dw, lam))):
     tol = dict(rtol=0, atol=2e-5 * max(1.0, np.abs(ref).max())) if relative_to_largest else TOL
     np.testing.assert_allclose(np.asarray(ours).reshape(np.shape(ref)), ref, **tol, err_msg=name)
 
@@ -77,7 +73,7 @@ def test_bf16_scores_are_computed_in_float32(path):
   v = round_bf16(rng.normal(size=(b, t, h, d)))
   positions = np.broadcast_to(np.arange(t), (b, t)).astype(np.int32)
   visible = visibility(positions, positions)
-  want, _ = reference(q, k, v, np.ones((b, t, h, 1)), visible, np.zeros((b, t, h, d)))
+  want, _ = reference(q, k, v, map_weights(None, (b, t, h)), visible, np.zeros((b, t, h, d)))
   assert np.abs(np.einsum("bthmd,bshmd->bhts", q, k)[:, :, visible[0]]).max() / np.sqrt(d) > 40
   got = attn.standard_attention(*(jnp.asarray(a, jnp.bfloat16) for a in (q[:, :, :, 0], k[:, :, :, 0], v)),
                                 q_positions=positions, kv_positions=positions, implementation=path, block_q=16,

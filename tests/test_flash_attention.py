@@ -121,6 +121,17 @@ def _case(name):
   return q, k, v, lam, g, masks, visible
 
 
+def map_weights(lam, shape):
+  """Each map's weight per (batch, query, head) for `reference`: 1 for standard attention's one map, (1, −λ)."""
+  return np.ones(shape + (1,)) if lam is None else np.stack([np.ones(shape), -np.broadcast_to(lam, shape)], -1)
+
+
+def lam_gradient(dw, lam):
+  """λ's gradient from the map weights' gradient: λ enters with weight −λ on the second map, and a shared λ
+  (scalar, or one per head) sums its rows'."""
+  return {0: -dw[..., 1].sum(), 1: -dw[..., 1].sum((0, 1)), 3: -dw[..., 1]}[np.ndim(lam)]
+
+
 CASES = ("scalar_lam_kv_mask", "per_head_lam_segments_positions", "per_token_lam", "decode", "standard", "non_causal")
 
 
@@ -142,7 +153,7 @@ def _run(path, q, k, v, lam, g, masks, dtype=jnp.float32):
 def test_path_matches_float64_reference(path, case):
   q, k, v, lam, g, masks, visible = _case(case)
   b, t, h = q.shape[:3]
-  w = np.ones((b, t, h, 1)) if lam is None else np.stack([np.ones((b, t, h)), -np.broadcast_to(lam, (b, t, h))], -1)
+  w = map_weights(lam, (b, t, h))
   want, (dq, dk, dv, dw) = reference(q, k, v, w, visible, g)
   got, grads = _run(path, q, k, v, lam, g, masks)
   tol = dict(rtol=2e-4, atol=2e-5)
@@ -153,10 +164,7 @@ def test_path_matches_float64_reference(path, case):
   for name, ours, ref in zip(("dq", "dk", "dv"), grads, (dq, dk, dv)):
     np.testing.assert_allclose(np.asarray(ours).reshape(ref.shape), ref, **tol, err_msg=name)
   if lam is not None:
-    # λ enters with weight −λ on the second map; a shared λ sums its rows' gradients.
-    dlam = -dw[..., 1]
-    dlam = {0: dlam.sum(), 1: dlam.sum((0, 1)), 3: dlam}[np.ndim(lam)]
-    np.testing.assert_allclose(np.asarray(grads[3]), dlam, **tol, err_msg="dlam")
+    np.testing.assert_allclose(np.asarray(grads[3]), lam_gradient(dw, lam), **tol, err_msg="dlam")
   unseeing = ~visible.any(-1)  # queries with no visible key: exactly 0
   assert unseeing.any() == (case in ("scalar_lam_kv_mask", "non_causal"))
   np.testing.assert_array_equal(np.asarray(got)[unseeing], 0.0)
@@ -172,7 +180,7 @@ def test_bf16_inputs(path, case):
   b, t, h = q.shape[:3]
   round_bf16 = lambda a: np.asarray(jnp.asarray(a, jnp.bfloat16), np.float32)
   q, k, v = round_bf16(q), round_bf16(k), round_bf16(v)
-  w = np.ones((b, t, h, 1)) if lam is None else np.stack([np.ones((b, t, h)), -np.broadcast_to(lam, (b, t, h))], -1)
+  w = map_weights(lam, (b, t, h))
   want, (dq, dk, dv, dw) = reference(q, k, v, w, visible, g)
   got, grads = _run(path, q, k, v, lam, g, masks, dtype=jnp.bfloat16)
   assert got.dtype == jnp.bfloat16
@@ -180,8 +188,8 @@ def test_bf16_inputs(path, case):
   np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=0, atol=scale(want))
   np.testing.assert_array_equal(np.asarray(got, np.float32)[~visible.any(-1)], 0.0)  # no visible key
   refs = {"dq": dq, "dk": dk, "dv": dv}
-  if lam is not None:  # a shared λ sums its rows' gradients
-    refs["dlam"] = {0: -dw[..., 1].sum(), 1: -dw[..., 1].sum((0, 1)), 3: -dw[..., 1]}[np.ndim(lam)]
+  if lam is not None:
+    refs["dlam"] = lam_gradient(dw, lam)
   for (name, ref), ours in zip(refs.items(), grads):
     ours = np.asarray(ours, np.float32).reshape(np.shape(ref))
     np.testing.assert_allclose(ours, ref, rtol=0, atol=scale(ref), err_msg=name)
@@ -359,7 +367,7 @@ def test_pallas_kernel_runs_per_shard_under_a_mesh():
     fn = jax.jit(sharded)
     out = fn(*placed)
     hlo = fn.lower(*placed).compile().as_text()
-  w = np.stack([np.ones_like(lam), -lam], axis=-1)
+  w = map_weights(lam, lam.shape)
   want, _ = reference(q, k, v, w, visibility(positions, positions), np.zeros_like(v))
   np.testing.assert_allclose(np.asarray(out), want, rtol=2e-5, atol=2e-5)
   assert parallel.collective_bytes(hlo, "all-gather") == 0
@@ -396,11 +404,11 @@ def test_benchmark_baselines_compute_what_they_stand_for():
   from diffmoe_jax.bench_attention import _flash_baseline
   q, k, v, lam, g, masks, visible = _case("per_token_lam")
   b, t, h = q.shape[:3]
-  want, _ = reference(q, k, v, np.stack([np.ones((b, t, h)), -lam], -1), visible, g)
+  want, _ = reference(q, k, v, map_weights(lam, (b, t, h)), visible, g)
   got = _flash_baseline("four_flash_calls", *(jnp.asarray(a) for a in (q, k, v, lam)))
   np.testing.assert_allclose(np.asarray(got), want, rtol=2e-4, atol=2e-5)
   wide = lambda x: x.reshape(x.shape[:3] + (1, -1))
-  want, _ = reference(wide(q), wide(k), v, np.ones((b, t, h, 1)), visible, g)
+  want, _ = reference(wide(q), wide(k), v, map_weights(None, (b, t, h)), visible, g)
   got = _flash_baseline("standard_flash", *(jnp.asarray(a) for a in (q, k, v, lam)))
   np.testing.assert_allclose(np.asarray(got), want, rtol=2e-4, atol=2e-5)
 
@@ -452,7 +460,7 @@ def test_tpu_kernels_pad_blocks_mosaic_cannot_tile(causal, t, s, all_valid):
   kv_mask = rng.uniform(size=(b, s)) < (1.0 if all_valid else 0.9)
   if not causal:
     kv_mask[:, 128:256] = False
-  want, (dq, dk, dv, dw) = reference(q, k, v, np.stack([np.ones_like(lam), -lam], -1),
+  want, (dq, dk, dv, dw) = reference(q, k, v, map_weights(lam, lam.shape),
                                      visibility(q_pos, kv_pos, kv_mask, causal=causal), g)
   def f(q, k, v, lam):
     return attn.differential_attention(q, k, v, lam, causal=causal, q_positions=q_pos, kv_positions=kv_pos,
@@ -478,7 +486,7 @@ def test_gpu_kernels_split_head_widths_into_power_of_two_chunks(gpu_backward):
   v, g = (rng.normal(size=(b, t, h, dv)).astype(np.float32) for _ in range(2))
   lam = rng.uniform(0.1, 0.9, (b, t, h)).astype(np.float32)
   positions = np.broadcast_to(np.arange(t), (b, t)).astype(np.int32)
-  want, (dq, dk, dv_ref, dw) = reference(q, k, v, np.stack([np.ones_like(lam), -lam], -1),
+  want, (dq, dk, dv_ref, dw) = reference(q, k, v, map_weights(lam, lam.shape),
                                          visibility(positions, positions), g)
   def f(q, k, v, lam):
     return attn.differential_attention(q, k, v, lam, q_positions=positions, kv_positions=positions,
