@@ -130,7 +130,7 @@ def forward_flops_per_token(cfg, counts: ParamCounts, seq_len: int, *, mod_capac
   def attention_core(tokens):
     # Scores q·k over the query/key width (d) and one product with v (the two maps combine first).
     return 2 * 2 * cfg.d_model * (tokens + 1) / 2
-  layers_routed = len(model_lib.routed_layer_indices(cfg))
+  layers_routed = len(range(cfg.num_layers)[model_lib.routed_layers(cfg)])
   layers_full = cfg.num_layers - layers_routed
   head = counts.sum({"global"}, {"lm_head"}) or counts.sum({"global"}, {"embedding"})
   full = 2 * matmul_params("full") + layers_full * attention_core(seq_len)

@@ -15,6 +15,9 @@ from diffmoe_jax.config import (ACTIVATIONS, ATTENTION_IMPLS, ATTENTIONS, CHECKP
                                 LOGICAL_AXES, LR_SHAPES, MAX_SEED, MESH_AXES, REMAT_POLICIES, ROUTE_FROM,
                                 ConfigError, allowed_changes, defaults, flat_fields, gpu_launches, is_open_dict,
                                 path_matches, phase_defaults, require, without_obsolete)
+from diffmoe_jax.ops import dispatch
+
+INT32_MAX = 2**31 - 1  # sizes, steps and indices are int32 in JAX
 
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -161,6 +164,17 @@ def validate_model(m: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             f"{moe.dropless_impl!r} is not one of {DROPLESS_IMPLS}.")
     require(moe.capacity_factor > 0, "model.moe.capacity_factor",
             f"must be > 0, got {moe.capacity_factor}.")
+    for field in ("dispatch", "eval_dispatch"):  # a sequence's expert slots, and one past them, are int32 indices
+      if moe[field] == "capacity":
+        per_expert = dispatch.moe_capacity(m.max_seq_len, moe.top_k, moe.num_experts, moe.capacity_factor)
+      elif dispatch.resolve_dropless_impl(moe.dropless_impl) == "padded":
+        per_expert = m.max_seq_len
+      else:
+        continue
+      require(moe.num_experts * per_expert < INT32_MAX, "model.moe.num_experts",
+              f"{moe.num_experts:,} experts x {per_expert:,} slots per sequence (model.moe.{field} "
+              f"{moe[field]!r} at model.max_seq_len {m.max_seq_len:,}) = {moe.num_experts * per_expert:,} expert "
+              "slots, more than int32 indices address; use fewer experts or a shorter context.")
     require(m.dense_ffn_dim == 0, "model.dense_ffn_dim",
             f"{m.dense_ffn_dim} is the dense FFN's width, but model.ffn is 'moe' (experts of width "
             "model.moe.expert_ffn_dim); set model.ffn='dense' for the dense ablation, or dense_ffn_dim to 0.")
@@ -262,12 +276,17 @@ def phase_seq_len(config: ml_collections.ConfigDict, name: str) -> int:
 
 
 def _check_finite(values: dict, prefix: str = "") -> None:
-  """No field may be infinite or NaN (a learning rate of inf would pass `> 0` and then skip every update)."""
+  """No field may be infinite or NaN (a learning rate of inf would pass `> 0` and then skip every update), and
+  no integer but the seed (32 bits, checked with the others) may pass int32's range: each is a size, count or
+  step that JAX holds, or indexes with, as an int32 (10**12 experts overflowed deep in the MoE dispatch)."""
   for key, value in values.items():
     if isinstance(value, dict):
       _check_finite(value, f"{prefix}{key}.")
     elif isinstance(value, float) and not math.isfinite(value):
       raise ConfigError(f"config.{prefix}{key}: must be a finite number, got {value}.")
+    elif isinstance(value, int) and abs(value) > INT32_MAX and prefix + key != "seed":
+      raise ConfigError(f"config.{prefix}{key}: {value} is beyond int32 (at most 2**31 - 1 = {INT32_MAX:,}), "
+                        "which JAX holds sizes, steps and indices in; use a smaller value.")
 
 
 _TYPE_NAMES = {bool: "True or False", int: "an integer", float: "a number", str: "a string"}
@@ -288,11 +307,21 @@ def _check_types_of(values: dict, reference: dict, prefix: str) -> None:
   user's."""
   for key, default in reference.items():
     path = prefix + key
-    if key not in values or is_open_dict(path):
+    if key not in values:
       continue
     value = values[key]
-    if isinstance(default, dict) and isinstance(value, dict):
-      _check_types_of(value, default, path + ".")
+    if isinstance(default, dict):
+      if not isinstance(value, dict):
+        raise ConfigError(f"config.{path}: must be a section of fields (a dict such as {default!r}), got {value!r}.")
+      if not is_open_dict(path):
+        _check_types_of(value, default, path + ".")
+    elif isinstance(default, tuple):
+      if not isinstance(value, (tuple, list)):
+        raise ConfigError(f"config.{path}: must be a tuple (such as {default!r}), got {value!r}.")
+      names = default and all(isinstance(v, str) for v in default)  # a tuple of names (curriculum.order)
+      wrong = [v for v in value if not isinstance(v, str)] if names else []
+      if wrong:
+        raise ConfigError(f"config.{path}: holds {wrong[0]!r}; each entry is a name (a string), as in {default!r}.")
     elif type(default) in _TYPE_NAMES and not _has_type(value, type(default)):
       raise ConfigError(f"config.{path}: must be {_TYPE_NAMES[type(default)]}, got {value!r} "
                         f"({type(value).__name__}).")
@@ -454,8 +483,8 @@ def _validate_training(config: ml_collections.ConfigDict) -> None:
     require(p.lr_shape != "constant" or p.lr_end == p.lr_start, f"{f}.lr_end",
             f"{p.lr_end} differs from lr_start ({p.lr_start}), but lr_shape 'constant' holds lr_start throughout; set "
             f"{f}.lr_shape to 'linear' or 'cosine', or lr_end equal to lr_start.")
-    require(p.router_noise_start >= 0 and p.router_noise_end >= 0, f"{f}.router_noise_start",
-            "router noise std must be >= 0.")
+    for noise in ("router_noise_start", "router_noise_end"):
+      require(p[noise] >= 0, f"{f}.{noise}", f"a router noise std must be >= 0, got {p[noise]}.")
     for w in ("load_balance_weight", "z_loss_weight", "mod_predictor_weight"):
       require(p[w] >= 0, f"{f}.{w}", f"must be >= 0, got {p[w]}.")
     for cap in ("mod_capacity_start", "mod_capacity_end"):

@@ -161,6 +161,20 @@ def _bad(**fields):
      r"'mosaic' needs 16-bit activations"),
     ({"model.logits_chunk_len": -256}, r"^config\.model\.logits_chunk_len: must be 0 \(the whole sequence\) or a "
      r"positive number of positions, got -256\.$"),
+    # Named the start's field, which the user had not set.
+    ({"curriculum.warmup.router_noise_end": -1.0},
+     r"^config\.curriculum\.warmup\.router_noise_end: a router noise std must be >= 0, got -1\.0\.$"),
+    # Past int32: OverflowError tracebacks from JAX, a list of 10**12 layers, a mesh search over 2**40 splits.
+    ({"model.vocab_size": 10**12}, r"^config\.model\.vocab_size: 1000000000000 is beyond int32 \(at most 2\*\*31 - 1 "
+     r"= 2,147,483,647\)"),
+    ({"model.num_layers": 10**12}, r"^config\.model\.num_layers: 1000000000000 is beyond int32"),
+    ({"curriculum.tokens_per_batch": 2**40}, r"^config\.curriculum\.tokens_per_batch: 1099511627776 is beyond int32"),
+    # Within int32, but not its slots: tiny evaluates with the padded dropless dispatch, T slots per expert.
+    ({"model.moe.num_experts": 10**8}, r"^config\.model\.moe\.num_experts: 100,000,000 experts x 256 slots per "
+     r"sequence \(model\.moe\.eval_dispatch 'dropless' at model\.max_seq_len 256\) = 25,600,000,000 expert slots, "
+     r"more than int32 indices address"),
+    ({"model.moe.num_experts": 2**31 - 1, "model.moe.eval_dispatch": "capacity"}, r"^config\.model\.moe\.num_experts: "
+     r"2,147,483,647 experts x 1 slots per sequence \(model\.moe\.dispatch 'capacity'"),
 ])
 def test_bad_fields_name_the_field(fields, message):
   with pytest.raises(ConfigError, match=message):
@@ -219,6 +233,13 @@ def test_fields_the_code_dropped_are_left_out_of_a_saved_config():
     ("model.rope_theta", "1e4", r"config\.model\.rope_theta: must be a number, got '1e4' \(str\)\."),
     ("model.moe.capacity_factor", "1.25", r"config\.model\.moe\.capacity_factor: must be a number, got '1\.25'"),
     ("curriculum.warmup.mod_enabled", "False", r"config\.curriculum\.warmup\.mod_enabled: must be True or False"),
+    # Sequences and sections: each gave a TypeError or AttributeError traceback.
+    ("curriculum.order", None, r"^config\.curriculum\.order: must be a tuple \(such as \('warmup', 'foundation'"),
+    ("curriculum.order", ("warmup", 1), r"^config\.curriculum\.order: holds 1; each entry is a name \(a string\)"),
+    ("mesh.axis_rules", None, r"^config\.mesh\.axis_rules: must be a tuple \(such as \(\('batch', "),
+    ("model.remat_save_names", None, r"^config\.model\.remat_save_names: must be a tuple \(such as \(\)\), got None"),
+    ("curriculum.warmup.domain_weights", "code", r"^config\.curriculum\.warmup\.domain_weights: must be a section "
+     r"of fields \(a dict such as \{\}\), got 'code'\.$"),
 ])
 def test_a_value_of_the_wrong_type_names_the_field(field, value, message):
   """A config built from a dict, or set under ignore_type(), is not type-checked by ConfigDict: "false" in a

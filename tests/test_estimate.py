@@ -48,7 +48,7 @@ def test_a_router_at_each_layer_as_the_paper_describes():
   # The paper: "a learned binary router at each layer"; mod.every=1 makes every layer a routed one.
   config = load("tiny")
   config.model.mod.every = 1
-  assert model_lib.routed_layer_indices(config.model) == [0, 1, 2, 3]
+  assert list(range(config.model.num_layers)[model_lib.routed_layers(config.model)]) == [0, 1, 2, 3]
   result = estimate.estimate(config)
   total, active_no_mod, active = hand_count_tiny(routed_layers=4)
   assert result["total_params"] == total

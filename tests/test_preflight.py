@@ -11,6 +11,7 @@ from diffmoe_jax import main as main_lib
 from diffmoe_jax import parallel
 from diffmoe_jax.train import preflight
 from test_config import load as load_named
+from test_cli import assert_one_error, run_cli, train_command
 from test_train import load_config
 
 
@@ -109,3 +110,13 @@ def test_memory_check_counts_what_a_step_without_remat_keeps(caplog):
   assert needs["none"]["state"] == needs["full"]["state"]
   assert needs["none"]["activations"] > 1.5 * needs["full"]["activations"], needs
   assert not caplog.text
+
+
+@pytest.mark.parametrize("override", ["model.moe.num_experts=1000000", "model.num_layers=1000000000"])
+def test_a_size_far_beyond_any_device_is_refused_at_once(override, tmp_path):
+  """Within int32, but petabytes: the memory check's one line, in seconds. The CPU's expert matmuls were
+  traced as a chain per expert (a million of them) and the routed layers listed one by one: each ran for
+  minutes, or out of memory."""
+  proc = run_cli(*train_command(tmp_path / "run", f"--config.{override}"), timeout=120)
+  assert_one_error(proc, "This config needs about ", " per device to train on mesh ")
+  assert not os.path.exists(tmp_path / "run")

@@ -180,9 +180,11 @@ def layer_layout(cfg) -> tuple[int, int, int]:
   return size, groups, tail
 
 
-def routed_layer_indices(cfg) -> list[int]:
+def routed_layers(cfg) -> slice:
+  """The mixture-of-depths layers, the last of each group, as a slice of the layer axis (empty without MoD);
+  a slice, not a list, so a config of absurdly many layers costs nothing to describe."""
   size, groups, _ = layer_layout(cfg)
-  return [g * size + size - 1 for g in range(groups)] if cfg.mod.enabled else []
+  return slice(size - 1, groups * size, size) if cfg.mod.enabled else slice(0, 0)
 
 
 def remat_layer(cls, cfg, *, scanned: bool):
@@ -261,7 +263,7 @@ class Transformer(nn.Module):
     else:
       w = param(self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), std=cfg.init_std,
                 dtype=dtype_of(cfg.param_dtype))
-    aux = _summarize(stats, routed_layer_indices(cfg))
+    aux = _summarize(stats, routed_layers(cfg))
     as_logits = lambda logits: constrain(logits, ("batch", "length", "vocab"))  # float32 under 16-bit compute
     if targets is not None and 0 < cfg.logits_chunk_len < length:
       return loss_lib.chunked_token_cross_entropy(x, w.astype(x.dtype), targets, cfg.logits_chunk_len,
@@ -281,9 +283,8 @@ def _check_token_arrays(tokens, positions, segment_ids) -> None:
                        f"{array.shape}.")
 
 
-def _summarize(stats: dict, routed: list[int]) -> dict:
-  routed = jnp.asarray(routed, jnp.int32)
-  has_routed = routed.shape[0] > 0
+def _summarize(stats: dict, routed: slice) -> dict:
+  has_routed = len(range(stats["mod_predictor_loss"].shape[0])[routed]) > 0
   losses = {
       "load_balance": jnp.mean(stats["load_balance_loss"]),
       "router_z": jnp.mean(stats["z_loss"]),

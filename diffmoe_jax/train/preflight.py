@@ -93,8 +93,9 @@ def mesh_options(config, backend: str) -> list[tuple[dict, dict]]:
   rules = parallel.axis_rules(config.mesh)
   boxed = memory.abstract_state(config)
   options = []
-  for split in (s for s in range(1, batch_gcd + 1) if batch_gcd % s == 0):
-    for expert in (e for e in range(1, experts + 1) if experts % e == 0 and split % e == 0):
+  # Splits past MAX_SUGGESTED_DEVICES are never suggested, so the loops stop there, not at the batch's size.
+  for split in (s for s in range(1, min(batch_gcd, MAX_SUGGESTED_DEVICES) + 1) if batch_gcd % s == 0):
+    for expert in (e for e in range(1, min(experts, split) + 1) if experts % e == 0 and split % e == 0):
       for tensor in (t for t in _TENSOR_WAYS if split * t <= MAX_SUGGESTED_DEVICES):
         for rest_axis in ("fsdp", "data"):
           shape = {"data": 1, "fsdp": 1, "expert": expert, "tensor": tensor, rest_axis: split // expert}
