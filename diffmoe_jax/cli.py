@@ -186,7 +186,9 @@ def check_command_line(argv: list[str], default_config: str | None) -> str | Non
 
 _VALUE_KINDS = (("invalid literal for int()", "not an integer", "a whole number"),
                 ("could not convert string to float", "not a number", "a number such as 0.5"),
-                ("Non-boolean argument", "not a boolean", "true or false"))
+                ("Non-boolean argument", "not a boolean", "true or false"),
+                ("as a ConfigDict", "not a dict", "a dict such as \"{{'key': 'value'}}\", or one key at a time: "
+                 "--config.{field}.<key>=<value>"))
 
 
 def _bad_value(problem: str, argv: list[str], default_config: str | None) -> str:
@@ -206,10 +208,12 @@ def _bad_value(problem: str, argv: list[str], default_config: str | None) -> str
   path, _, arg = (_config_arg(argv) or default_config or "").partition(":")
   config, _ = load_config(path, arg or None)  # FILE:ARG: get_config(ARG), as the flag parser loads it
   try:
-    current = f" ({path} has {config[field]!r})" if config is not None else ""
+    there = config[field] if config is not None else None
+    there = there.to_dict() if isinstance(there, ml_collections.ConfigDict) else there  # one line, not YAML
+    current = f" ({path} has {there!r})" if config is not None else ""
   except (KeyError, AttributeError):
     current = ""
-  return f"{flag}={value}: {value!r} is {what}; {field} takes {takes}{current}."
+  return f"{flag}={value}: {value!r} is {what}; {field} takes {takes.format(field=field)}{current}."
 
 
 def _library_log_filter(record) -> bool:

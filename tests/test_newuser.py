@@ -51,6 +51,11 @@ def test_a_flag_value_of_the_wrong_type_names_what_the_flag_takes():
   assert_one_error(run_cli("diffmoe_jax.main", "--config=configs/tiny.py", "--config.optimizer.peak_lr=1,5e-3"),
                    "error: --config.optimizer.peak_lr=1,5e-3: '1,5e-3' is not a number; optimizer.peak_lr takes a "
                    "number such as 0.5 (configs/tiny.py has 0.003).")
+  # Python's parse error, with an object's address in it, was the message.
+  assert_one_error(run_cli("diffmoe_jax.main", "--config=configs/tiny.py", "--config.data.domains=code"),
+                   "error: --config.data.domains=code: 'code' is not a dict; data.domains takes a dict such as "
+                   "\"{'key': 'value'}\", or one key at a time: --config.data.domains.<key>=<value> (configs/tiny.py "
+                   "has {'code': 'stdlib:code', 'docs': 'stdlib:docs'}).")
   assert_one_error(run_cli("diffmoe_jax.evaluate", "--workdir=runs/tiny", "--step=last"),
                    "error: --step=last: 'last' is not an integer; pass a whole number.")
 
