@@ -80,7 +80,7 @@ def run(config, workdir: str):
     parallel.check_expert_parallel(config, mesh_shape, jax.default_backend())
     loop.check_batch_divisibility(curriculum, config, parallel.logical_axis_size(
         mesh_shape, parallel.axis_rules(config.mesh), "batch"), jax.process_count())
-    data.check_sources(config.data)  # a missing file or empty glob before the summary, not after it
+    data.check_sources(config.data)  # a missing file, a bad tokenizer or cache dir before the summary, not after
     result = estimate.estimate(config)
     need = preflight.check_memory(config, mesh_shape, jax.default_backend())
     lead = jax.process_index() == 0  # in a multi-process run, process 0 alone prints

@@ -135,6 +135,20 @@ def test_a_data_source_that_matches_no_file_is_refused_before_the_summary(tmp_pa
   assert capsys.readouterr().out == "" and not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("tokenizer", "bogus", r"^config\.data\.tokenizer = 'bogus' is not a tokenizer spec"),
+    ("cache_dir", "{tmp}/a_file", r"^the token cache \S+/a_file cannot be written \(it is a file, not a directory\)"),
+])
+def test_a_bad_tokenizer_or_cache_dir_is_refused_before_the_summary(tmp_path, capsys, field, value, message):
+  """They came after the run's summary (the data source's check, above, read neither)."""
+  (tmp_path / "a_file").write_text("")
+  config = load_config()
+  config.data[field] = value.format(tmp=tmp_path)
+  with pytest.raises(data.DataError, match=message):
+    main_lib.run(config, str(tmp_path / "run"))
+  assert capsys.readouterr().out == "" and not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("argv", [["train", "--seq-len", "300"], ["tain"], []])
 def test_bench_reports_an_argument_mistake_in_one_line(argv, capsys):
   """Not after the usage, a dozen lines for `train`."""

@@ -124,9 +124,18 @@ class Corpus:
       raise DataError(f"unknown split {split!r}; use one of {SPLITS}.")
 
 
-def check_sources(data_config) -> dict:
+def check_sources(data_config) -> None:
+  """The DataError of the first mistake in the data section, reading no text, so that `main` says it before
+  the run's summary: in the domains' sources (a missing file, a glob that matches nothing) or val_fraction,
+  the tokenizer spec, or the token cache's directory (made here if missing)."""
+  _parse_sources(data_config)
+  make_tokenizer(data_config.tokenizer)
+  _cache_root(data_config)
+
+
+def _parse_sources(data_config) -> dict:
   """The domains' parsed sources {name: source}, or the DataError of the first mistake in them or in
-  val_fraction (a missing file, a glob that matches nothing): read no text, so `main` says it at once."""
+  val_fraction."""
   domains = dict(data_config.domains)
   if not domains:
     raise DataError("config.data.domains is empty; add a source such as 'stdlib:code'.")
@@ -143,15 +152,10 @@ def build_corpus(data_config, cache_root: str | None = None) -> Corpus:
   The cache root is `cache_root`, else `data_config.cache_dir`, else $DIFFMOE_CACHE, else
   ~/.cache/diffmoe_jax.
   """
-  sources, domains = check_sources(data_config), dict(data_config.domains)
+  sources, domains = _parse_sources(data_config), dict(data_config.domains)
   val_fraction = data_config.val_fraction
   tokenizer = make_tokenizer(data_config.tokenizer)
-  root = os.path.expanduser(cache_root or data_config.cache_dir or os.environ.get("DIFFMOE_CACHE")
-                            or "~/.cache/diffmoe_jax")
-  try:
-    os.makedirs(root, exist_ok=True)
-  except OSError as e:
-    raise _cache_error(root, e) from None
+  root = _cache_root(data_config, cache_root)
   real_root = os.path.join(os.path.realpath(root), "")  # either may be reached through a symlink
   for source in sources.values():
     # The cache's own files would be read as text, and change the key (and so add an entry) on every build.
@@ -311,6 +315,17 @@ def _remove_killed_builds(root: str) -> None:
       pass
     finally:
       os.close(lock)
+
+
+def _cache_root(data_config, cache_root: str | None = None) -> str:
+  """The token cache's directory (see `build_corpus`), made if missing."""
+  root = os.path.expanduser(cache_root or data_config.cache_dir or os.environ.get("DIFFMOE_CACHE")
+                            or "~/.cache/diffmoe_jax")
+  try:
+    os.makedirs(root, exist_ok=True)
+  except OSError as e:
+    raise _cache_error(root, e) from None
+  return root
 
 
 def _cache_error(root: str, e: OSError) -> DataError:
