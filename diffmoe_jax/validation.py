@@ -289,7 +289,7 @@ def _check_finite(values: dict, prefix: str = "") -> None:
                         "which JAX holds sizes, steps and indices in; use a smaller value.")
 
 
-_TYPE_NAMES = {bool: "True or False", int: "an integer", float: "a number", str: "a string"}
+_TYPE_NAMES = {bool: "True or False", int: "an integer", float: "a number", str: "a string"}  # by default's type
 
 
 def _has_type(value, expected: type) -> bool:
@@ -318,10 +318,11 @@ def _check_types_of(values: dict, reference: dict, prefix: str) -> None:
     elif isinstance(default, tuple):
       if not isinstance(value, (tuple, list)):
         raise ConfigError(f"config.{path}: must be a tuple (such as {default!r}), got {value!r}.")
-      names = default and all(isinstance(v, str) for v in default)  # a tuple of names (curriculum.order)
-      wrong = [v for v in value if not isinstance(v, str)] if names else []
+      kinds = {type(v) for v in default}  # a tuple of names (curriculum.order) or numbers: its entries' type
+      kind = kinds.pop() if len(kinds) == 1 and default else None
+      wrong = [v for v in value if not _has_type(v, kind)] if kind in _TYPE_NAMES else []
       if wrong:
-        raise ConfigError(f"config.{path}: holds {wrong[0]!r}; each entry is a name (a string), as in {default!r}.")
+        raise ConfigError(f"config.{path}: holds {wrong[0]!r}; each entry is {_TYPE_NAMES[kind]}, as in {default!r}.")
     elif type(default) in _TYPE_NAMES and not _has_type(value, type(default)):
       raise ConfigError(f"config.{path}: must be {_TYPE_NAMES[type(default)]}, got {value!r} "
                         f"({type(value).__name__}).")
@@ -371,6 +372,13 @@ def _check_allowed_changes(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"config.train.allow_config_change: {pattern!r} names no field of the config"
                       + (f"; did you mean {close[0]}?" if close else "; list fields as dotted paths, e.g. "
                          "optimizer.peak_lr, or sections such as curriculum."))
+
+
+def check_values(values: dict, reference: dict) -> None:
+  """`_check_finite` and `_check_types_of` against `reference` (defaults) for a config of another command's
+  own (the NCAS search's)."""
+  _check_finite(values)
+  _check_types_of(values, reference, "")
 
 
 def _check_types(config: ml_collections.ConfigDict) -> None:

@@ -235,7 +235,7 @@ def test_fields_the_code_dropped_are_left_out_of_a_saved_config():
     ("curriculum.warmup.mod_enabled", "False", r"config\.curriculum\.warmup\.mod_enabled: must be True or False"),
     # Sequences and sections: each gave a TypeError or AttributeError traceback.
     ("curriculum.order", None, r"^config\.curriculum\.order: must be a tuple \(such as \('warmup', 'foundation'"),
-    ("curriculum.order", ("warmup", 1), r"^config\.curriculum\.order: holds 1; each entry is a name \(a string\)"),
+    ("curriculum.order", ("warmup", 1), r"^config\.curriculum\.order: holds 1; each entry is a string, as in \(.warmup."),
     ("mesh.axis_rules", None, r"^config\.mesh\.axis_rules: must be a tuple \(such as \(\('batch', "),
     ("model.remat_save_names", None, r"^config\.model\.remat_save_names: must be a tuple \(such as \(\)\), got None"),
     ("curriculum.warmup.domain_weights", "code", r"^config\.curriculum\.warmup\.domain_weights: must be a section "

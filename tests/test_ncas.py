@@ -90,7 +90,7 @@ def test_rules_can_be_switched_off():
     ("ncas.hardware.measure_batch_size", -8, "config.ncas.hardware.measure_batch_size: must be a positive integer"),
     # The proxy's fields, not the training config's optimizer.peak_lr, model.mod.capacity, model.mod.every.
     ("ncas.proxy.peak_lr", -1.0, "config.ncas.proxy.peak_lr: must be a positive number, got -1.0"),
-    ("ncas.proxy.peak_lr", float("inf"), "config.ncas.proxy.peak_lr: must be a positive number, got inf"),
+    ("ncas.proxy.peak_lr", float("inf"), "config.ncas.proxy.peak_lr: must be a finite number, got inf"),
     ("ncas.proxy.mod_capacity", 0.0, "config.ncas.proxy.mod_capacity: 0.0 must lie in"),
     ("ncas.proxy.mod_capacity", 1.5, "config.ncas.proxy.mod_capacity: 1.5 must lie in"),
     ("ncas.proxy.num_layers", 1, "config.ncas.proxy.num_layers: 1 is below 2; mixture of depths routes one layer in 2"),
@@ -103,6 +103,28 @@ def test_bad_settings_name_their_field(path, value, field):
     node = node[part]
   node[leaf] = value
   with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+    search.validate(c)
+
+
+@pytest.mark.parametrize("path, value, message", [
+    ("ncas.rules.head_dims", ("a",), r"^config\.ncas\.rules\.head_dims: holds 'a'; each entry is an integer, as in "
+     r"\(128, 144\)\.$"),
+    ("ncas.rules.enabled", None, r"^config\.ncas\.rules\.enabled: must be a tuple \(such as \('in_range', "),
+    ("ncas.complete.ffn_ratio", float("inf"), r"^config\.ncas\.complete\.ffn_ratio: must be a finite number, got inf\.$"),
+    ("ncas.proxy.num_layers", 10**12, r"^config\.ncas\.proxy\.num_layers: 1000000000000 is beyond int32"),
+    ("seed", -1, r"^config\.seed: must be an integer from 0 to 2\*\*32 - 1"),
+])
+def test_values_of_the_wrong_kind_name_their_field(path, value, message):
+  """Each was a TypeError or OverflowError traceback from the rules or the completion, a proxy of 10**12 layers
+  ran out of memory, and a bad seed was refused only after the screening's first line."""
+  c = search.defaults()
+  *parents, leaf = path.split(".")
+  node = c
+  for part in parents:
+    node = node[part]
+  with node.ignore_type():
+    node[leaf] = value
+  with pytest.raises(ConfigError, match=message):
     search.validate(c)
 
 

@@ -113,6 +113,9 @@ def validate(config) -> None:
   unknown = unknown_field(config, defaults().to_dict())
   if unknown:
     raise validation.no_such_field(*unknown)
+  validation.check_values(config.to_dict(), defaults().to_dict())  # types, finite numbers, int32
+  config_lib.require(0 <= config.seed <= config_lib.MAX_SEED, "seed", "must be an integer from 0 to 2**32 - 1 (the "
+                     f"random keys hold 32 bits), got {config.seed!r}.")
   n = config.ncas
   rules_lib.check_settings(n.rules.enabled, _rule_settings(n))
   widths = rules_lib.candidate_widths(n.space.min_width, n.space.max_width, n.space.step)
@@ -130,7 +133,7 @@ def validate(config) -> None:
   if p.num_layers < every:
     raise ConfigError(f"config.ncas.proxy.num_layers: {p.num_layers} is below {every}; mixture of depths routes one "
                       f"layer in {every} (model.mod.every), so a proxy needs at least {every} layers.")
-  if not (validation.is_number(p.peak_lr) and math.isfinite(p.peak_lr) and p.peak_lr > 0):
+  if not (validation.is_number(p.peak_lr) and p.peak_lr > 0):
     raise ConfigError(f"config.ncas.proxy.peak_lr: must be a positive number, got {p.peak_lr!r}.")
   if not (validation.is_number(p.mod_capacity) and 0 < p.mod_capacity <= 1):
     raise ConfigError(f"config.ncas.proxy.mod_capacity: {p.mod_capacity!r} must lie in (0, 1]: the fraction of a "
