@@ -43,8 +43,10 @@ def state_bytes_per_device(config: ml_collections.ConfigDict, mesh_shape: dict[s
 def training_memory_per_device(config: ml_collections.ConfigDict, mesh_shape: dict[str, int],
                                boxed=None) -> dict:
   """Bytes one device needs to train: its shard of the state, the gradients and the update's temporaries
-  (`step_temporaries`) and the activations of the largest phase (`activation_bytes`); `largest_phase` is
-  that phase's (name, sequences per device in one micro-batch, sequence length).
+  (`step_temporaries`) and the activations of the largest phase (`activation_bytes`), or, where it needs more,
+  the evaluation's activations (`eval_activation_bytes`, train.eval_batch_size sequences of model.max_seq_len
+  over the batch's split) beside the state alone; `largest_phase` is the larger one's (name, sequences per
+  device in one micro-batch, sequence length), its name "evaluation" for the evaluation.
 
   The state is summed from the shardings the trainer builds (`state_bytes_per_device`).
   `boxed`: `abstract_state(config)`, when the caller sizes several meshes.
@@ -64,8 +66,15 @@ def training_memory_per_device(config: ml_collections.ConfigDict, mesh_shape: di
     if phase_bytes > activations:
       activations, largest = phase_bytes, (phase.name, b, phase.seq_len)
   gradients = step_temporaries(config, mesh_shape, activations, boxed)
-  return {"state": state, "gradients": gradients, "activations": activations,
+  need = {"state": state, "gradients": gradients, "activations": activations, "evaluation": 0.0,
           "total": state + gradients + activations, "largest_phase": largest}
+  eval_batch, t = max(config.train.eval_batch_size // batch_split, 1), config.model.max_seq_len
+  evaluation = eval_activation_bytes(config.model, eval_batch, t,
+                                     tensor=parallel.logical_axis_size(mesh_shape, rules, "heads"))
+  if evaluation > gradients + activations:
+    need.update(gradients=0.0, activations=0.0, evaluation=evaluation, total=state + evaluation,
+                largest_phase=("evaluation", eval_batch, t))
+  return need
 
 
 # The update's peak in weights' shards: measured on the compiled step where it binds, 2.77 data-parallel, 2.44
@@ -140,13 +149,7 @@ def activation_bytes(cfg: ml_collections.ConfigDict, batch: int, seq_len: int, *
   maps = 1 if cfg.attention == "standard" else 2
 
   def layer(tokens: int) -> float:
-    impl = attention_ops.resolve_attention_impl(cfg.attention_impl, length=tokens)
-    if impl in attention_ops.BLOCKWISE:
-      block = math.prod(min(size or attention_ops.default_block_size(), tokens)  # as flash_attention.block_sizes
-                        for size in (cfg.attention_block_q, cfg.attention_block_k))
-      scores = 2 * maps * b * cfg.num_heads * block * 4
-    else:
-      scores = 2 * maps * b * cfg.num_heads * tokens * tokens * 4  # each map's probabilities, their gradient
+    scores = 2 * maps * _score_bytes(cfg, b, tokens)[0]  # each map's probabilities and their gradient
     rows, width = _ffn_rows(cfg, tokens)
     return (5 * b * tokens * cfg.d_model * 4 + scores + 3 * b * rows * width * 4) / tensor + dispatched(rows)
 
@@ -182,12 +185,43 @@ def activation_bytes(cfg: ml_collections.ConfigDict, batch: int, seq_len: int, *
   return residual + kept + max(per_group(layer), logits / tensor)
 
 
-def _ffn_rows(cfg: ml_collections.ConfigDict, tokens: int) -> tuple[int, int]:
-  """Hidden activations of the train step's FFN per sequence, as (rows, width) (`dispatch.moe_ffn`)."""
+def eval_activation_bytes(cfg: ml_collections.ConfigDict, batch: int, seq_len: int, *, tensor: int = 1) -> float:
+  """Activation memory of one device's evaluation step (`train/step.make_eval_step`: a forward alone, its
+  mixture-of-depths routed by the predictor, so a routed layer's block may see every token) on `batch`
+  sequences of `seq_len` tokens, in bytes: a layer's input and output, with the larger of the layer's working
+  sets (attention: q, k, v and the output, and each map's probabilities, or on the blockwise paths a block
+  pair's scores and probabilities per map; the FFN: its hidden rows under model.moe.eval_dispatch and the
+  dispatched rows) and the fp32 logits. `tests/test_estimate.py` holds it against the compiled step."""
+  b, t = batch, seq_len
+  maps = 1 if cfg.attention == "standard" else 2
+  pair_bytes, blockwise = _score_bytes(cfg, b, t)
+  attention = 4 * b * t * cfg.d_model * 4 / tensor + (2 if blockwise else 1) * maps * pair_bytes / tensor
+  rows, width = _ffn_rows(cfg, t, dispatch_mode=cfg.moe.eval_dispatch)
+  hidden = 2 if cfg.moe.activation == "swiglu" else 1  # the gate's rows too
+  ffn = hidden * b * rows * width * 4 / tensor + (0 if cfg.ffn == "dense" else b * rows * cfg.d_model * 4)
+  chunk = cfg.logits_chunk_len if 0 < cfg.logits_chunk_len < t else t
+  logits = b * chunk * cfg.vocab_size * 4 / tensor
+  return 2 * b * t * cfg.d_model * 4 + max(attention, ffn, logits)
+
+
+def _score_bytes(cfg: ml_collections.ConfigDict, b: int, tokens: int) -> tuple[float, bool]:
+  """The bytes of one map's fp32 scores over `tokens` positions, whole on the explicit path or one block pair's
+  on the blockwise and kernel paths, and whether the path is blockwise."""
+  impl = attention_ops.resolve_attention_impl(cfg.attention_impl, length=tokens)
+  if impl in attention_ops.BLOCKWISE:
+    block = math.prod(min(size or attention_ops.default_block_size(), tokens)  # as flash_attention.block_sizes
+                      for size in (cfg.attention_block_q, cfg.attention_block_k))
+    return b * cfg.num_heads * block * 4, True
+  return b * cfg.num_heads * tokens * tokens * 4, False
+
+
+def _ffn_rows(cfg: ml_collections.ConfigDict, tokens: int, dispatch_mode: str | None = None) -> tuple[int, int]:
+  """Hidden activations of the FFN per sequence, as (rows, width) (`dispatch.moe_ffn`), under `dispatch_mode`
+  (by default the train step's, model.moe.dispatch)."""
   moe = cfg.moe
   if cfg.ffn == "dense":
     return tokens, dense_ffn_dim(cfg)
-  if moe.dispatch == "capacity":
+  if (dispatch_mode or moe.dispatch) == "capacity":
     rows = moe.num_experts * dispatch.moe_capacity(tokens, moe.top_k, moe.num_experts, moe.capacity_factor)
   elif dispatch.resolve_dropless_impl(moe.dropless_impl) == "padded":
     rows = moe.num_experts * tokens  # room for every token in every expert

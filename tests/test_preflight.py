@@ -120,3 +120,51 @@ def test_a_size_far_beyond_any_device_is_refused_at_once(override, tmp_path):
   proc = run_cli(*train_command(tmp_path / "run", f"--config.{override}"), timeout=120)
   assert_one_error(proc, "This config needs about ", " per device to train on mesh ")
   assert not os.path.exists(tmp_path / "run")
+
+
+def _compiled_eval_temp_bytes(config, batch: int) -> int:
+  """The temporary memory of `config`'s compiled evaluation step on `batch` sequences of model.max_seq_len."""
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  from diffmoe_jax.nn import model as model_lib
+  from diffmoe_jax.train import step as step_lib
+  model = model_lib.build_model(config.model)
+  params = jax.eval_shape(lambda r: nn.unbox(model.init({"params": r, "noise": r}, jnp.zeros((1, 16), jnp.int32))),
+                          jax.random.PRNGKey(0))["params"]
+  batch = {k: jax.ShapeDtypeStruct((batch, config.model.max_seq_len), jnp.int32) for k in ("inputs", "targets")}
+  compiled = jax.jit(step_lib.make_eval_step(model)).lower(params, batch).compile()
+  return compiled.memory_analysis().temp_size_in_bytes
+
+
+@pytest.mark.parametrize("model_overrides", [{}, {"attention_impl": "blockwise"}, {"vocab_size": 8192}])
+def test_evaluation_memory_agrees_with_the_compiled_eval_step(model_overrides):
+  """Tiny's evaluation of 64 sequences, its largest working set the dropless MoE's rows, the blockwise
+  attention's blocks or the logits: the estimate is the compiled step's temporaries within 15%."""
+  config = load_named("tiny")
+  config.model.update(**model_overrides)
+  estimate = memory.eval_activation_bytes(config.model, 64, config.model.max_seq_len)
+  assert estimate == pytest.approx(_compiled_eval_temp_bytes(config, 64), rel=0.15)
+
+
+def test_an_evaluation_batch_too_large_is_refused_before_training(monkeypatch):
+  """6,144 evaluation sequences of tiny (~28 GB) on a device of 4 GiB, whose training fits: refused, naming
+  the evaluation; the check counted training alone, and the run crashed out of memory at its first evaluation."""
+  config = load_named("tiny")
+  config.train.eval_batch_size = 6144
+  monkeypatch.setattr(preflight, "available_bytes_per_device", lambda: 4 * 2**30)
+  one_device = {"data": 1, "fsdp": 1, "expert": 1, "tensor": 1}
+  with pytest.raises(preflight.InsufficientMemoryError, match=r"needs about ([\d.]+) GiB per device to train on mesh "
+                     r".*\(state ([\d.]+) MiB, evaluation's activations ([\d.]+) GiB, by the estimator\).*; a mesh that "
+                     r"fits on (\d+) devices: ") as e:
+    preflight.check_memory(config, one_device, "cpu")
+  parts = re.search(r"needs about ([\d.]+) GiB .*\(state ([\d.]+) MiB, evaluation's activations ([\d.]+) GiB, .* fits "
+                    r"on (\d+) devices", str(e.value))
+  total, state, evaluation, devices = (float(x) for x in parts.groups())
+  assert total == pytest.approx(state / 1024 + evaluation, abs=0.01) and evaluation > 20 and devices > 1
+  monkeypatch.setattr(preflight, "available_bytes_per_device", lambda: 4 * 2**20)  # no mesh fits
+  with pytest.raises(preflight.InsufficientMemoryError, match=r"its largest activations are the evaluation's, \d+ "
+                     r"sequence\(s\) of 256 tokens per device\): lower train\.eval_batch_size, or"):
+    preflight.check_memory(config, one_device, "cpu")
+  config.train.eval_batch_size = 8
+  assert memory.training_memory_per_device(config, one_device)["evaluation"] == 0.0  # training needs more

@@ -43,9 +43,10 @@ def check_memory(config, mesh_shape: dict, backend: str, advice: str = "") -> di
   bypass = "" if advice else (' The estimate errs high on GPUs (README "Too large for the machine"); '
                               "config.train.memory_check=False trains anyway.")
   advice = advice or _mesh_advice(config, mesh_shape, backend, budget)
+  parts = (f"evaluation's activations {_size(need['evaluation'])}" if need["evaluation"] else
+           f"gradients and update {_size(need['gradients'])}, activations {_size(need['activations'])}")
   message = (f"This config needs about {_size(need['total'])} per device to train on mesh {mesh_shape} (state "
-             f"{_size(need['state'])}, gradients and update {_size(need['gradients'])}, activations "
-             f"{_size(need['activations'])}, by the estimator), but a device here has {_size(have)} available "
+             f"{_size(need['state'])}, {parts}, by the estimator), but a device here has {_size(have)} available "
              f"(train.memory_headroom = {config.train.memory_headroom}); {advice}.")
   if not config.train.memory_check:
     logging.warning("%s Training anyway, as config.train.memory_check is False.", message)
@@ -65,12 +66,16 @@ def _mesh_advice(config, mesh_shape: dict, backend: str, budget: float) -> str:
     return f"a mesh that fits on {where} devices: {flags(shape)} (~{_size(fit_need)} per device)"
   shape, least = min(options, key=lambda o: o[1]["total"])  # the one-device mesh is always an option
   phase, sequences, length = least["largest_phase"]
+  if phase == "evaluation":
+    whose, fix = "the evaluation's", ("lower train.eval_batch_size" if sequences > 1 else "shorten model.max_seq_len")
+  else:
+    whose = f"the {phase} phase's"
+    fix = f"lower curriculum.{phase}.batch_size" if sequences > 1 else f"shorten curriculum.{phase}.seq_len"
   return (f"no mesh of up to {MAX_SUGGESTED_DEVICES:,} devices fits it; the least any needs is "
           f"~{_size(least['total'])} "
           f"per device ({flags(shape)}, on {math.prod(shape.values()):,} devices; its largest activations are "
-          f"the {phase} phase's, {sequences} sequence(s) of {length:,} tokens per device): "
-          + (f"lower curriculum.{phase}.batch_size" if sequences > 1 else f"shorten curriculum.{phase}.seq_len")
-          + ", or use devices with more memory or a smaller config")
+          f"{whose}, {sequences} sequence(s) of {length:,} tokens per device): {fix}, or use devices with more "
+          "memory or a smaller config")
 
 
 MAX_SUGGESTED_DEVICES = 16384
