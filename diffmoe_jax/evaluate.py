@@ -259,6 +259,7 @@ def evaluate(config, params, *, files: list[str] = (), domains: bool = True, eva
     from absl import logging
     logging.info("config.train.eval_batch_size (%d) does not split %d ways: each batch gets %d rows that count "
                  "no token.", batch_size, split, pad)
+  _check_memory(config, params, -(-batch_size // split), parallel.logical_axis_size(dict(mesh.shape), rules, "heads"))
   eval_step = step_lib.make_eval_step(model_lib.build_model(config.model))
   param_shardings = jax.tree.map(lambda x: x.sharding, params)
   jitted = {}
@@ -288,6 +289,25 @@ def evaluate(config, params, *, files: list[str] = (), domains: bool = True, eva
       summary = loop.eval_results(sums, {path: bpt for path, (_, bpt) in texts.items()})
       results["files"] = {path: _entry(summary, path) for path in sums}
   return results
+
+
+def _check_memory(config, params, rows_per_device: int, tensor: int) -> None:
+  """ConfigError naming train.eval_batch_size if a device cannot hold its part of an evaluation batch's
+  activations (`memory.eval_activation_bytes`) beside its shard of the weights (with train.memory_check on): a
+  batch far too large ran out of memory, or failed to allocate its windows on the host, with a traceback."""
+  import jax
+  from diffmoe_jax import estimate, memory
+  from diffmoe_jax.config import ConfigError
+  from diffmoe_jax.train import preflight
+  seq_len = config.model.max_seq_len
+  need = memory.eval_activation_bytes(config.model, rows_per_device, seq_len, tensor=tensor)
+  need += sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(params))
+  have = preflight.available_bytes_per_device()
+  if config.train.memory_check and need > config.train.memory_headroom * have:
+    raise ConfigError(f"config.train.eval_batch_size: {config.train.eval_batch_size:,} sequences of {seq_len:,} tokens "
+                      f"need about {estimate.human_bytes(need)} per device with the weights, but a device here has "
+                      f"{estimate.human_bytes(have)} available (train.memory_headroom = {config.train.memory_headroom})"
+                      "; pass --config.train.eval_batch_size=<fewer>.")
 
 
 def _entry(summary: dict, name: str) -> dict:

@@ -150,6 +150,11 @@ def test_cli_bad_input_is_one_line(workdir, tmp_path):
   assert_one_error(run_cli("diffmoe_jax.evaluate", f"--workdir={workdir}", "--nodomains", "--eval_batches=2",
                            str(tmp_path / "notes.txt")),  # was ignored
                    "--eval_batches sets the batches per validation domain, and --nodomains evaluates none")
+  # A batch no device holds: it failed to allocate its windows on the host, with a traceback.
+  assert_one_error(run_cli("diffmoe_jax.evaluate", f"--workdir={workdir}", f"--config={CONFIG_PATH}", *SHORT_RUN,
+                           "--config.train.eval_batch_size=1000000000"),
+                   "error: config.train.eval_batch_size: 1,000,000,000 sequences of ", " per device with the weights, "
+                   "but a device here has ", "; pass --config.train.eval_batch_size=<fewer>.")
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == checkpoints  # nothing lost
   assert_one_error(run_cli("diffmoe_jax.evaluate", f"--workdir={workdir}", f"--config={CONFIG_PATH}", *SHORT_RUN,
                            f"--config.data.domains.code=files:{tmp_path}/moved/*.py",
