@@ -1,4 +1,5 @@
 """Config files load and validate; every bad field fails with a message naming it."""
+import contextlib
 import os
 import subprocess
 import sys
@@ -34,14 +35,21 @@ def test_paper_table():
     assert m.rope_theta == pytest.approx(31415.926, abs=1e-3)
 
 
+def set_field(config, dotted: str, value, ignore_type: bool = False) -> None:
+  """config.<dotted> = value; with `ignore_type`, a value of another type than the field's (ConfigDict refuses
+  that on assignment, but not in a config built from a dict)."""
+  *path, leaf = dotted.split(".")
+  node = config
+  for part in path:
+    node = node[part]
+  with node.ignore_type() if ignore_type else contextlib.nullcontext():
+    node[leaf] = value
+
+
 def _bad(**fields):
   c = load("tiny")
   for key, value in fields.items():
-    node = c
-    *path, leaf = key.split(".")
-    for part in path:
-      node = node[part]
-    node[leaf] = value
+    set_field(c, key, value)
   return c
 
 
@@ -245,12 +253,7 @@ def test_a_value_of_the_wrong_type_names_the_field(field, value, message):
   """A config built from a dict, or set under ignore_type(), is not type-checked by ConfigDict: "false" in a
   boolean field would read as True, True in an integer field as 1."""
   c = load("tiny")
-  *path, leaf = field.split(".")
-  node = c
-  for part in path:
-    node = node[part]
-  with node.ignore_type():
-    node[leaf] = value
+  set_field(c, field, value, ignore_type=True)
   with pytest.raises(ConfigError, match=message):
     validation.validate(c)
 

@@ -13,6 +13,7 @@ import pytest
 from diffmoe_jax import config as config_lib
 from diffmoe_jax.config import ConfigError
 from diffmoe_jax.ncas import complete, rules, scores, search
+from test_config import set_field
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETTINGS = rules.RuleSettings(min_width=2048, max_width=8192, tile=32, head_dims=(128, 144))
@@ -97,11 +98,7 @@ def test_rules_can_be_switched_off():
 ])
 def test_bad_settings_name_their_field(path, value, field):
   c = search.defaults()
-  node = c
-  *parents, leaf = path.split(".")
-  for part in parents:
-    node = node[part]
-  node[leaf] = value
+  set_field(c, path, value)
   with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
     search.validate(c)
 
@@ -118,12 +115,7 @@ def test_values_of_the_wrong_kind_name_their_field(path, value, message):
   """Each was a TypeError or OverflowError traceback from the rules or the completion, a proxy of 10**12 layers
   ran out of memory, and a bad seed was refused only after the screening's first line."""
   c = search.defaults()
-  *parents, leaf = path.split(".")
-  node = c
-  for part in parents:
-    node = node[part]
-  with node.ignore_type():
-    node[leaf] = value
+  set_field(c, path, value, ignore_type=True)
   with pytest.raises(ConfigError, match=message):
     search.validate(c)
 
