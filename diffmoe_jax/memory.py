@@ -191,7 +191,7 @@ def eval_activation_bytes(cfg: ml_collections.ConfigDict, batch: int, seq_len: i
   sequences of `seq_len` tokens, in bytes: a layer's input and output, with the larger of the layer's working
   sets (attention: q, k, v and the output, and each map's probabilities, or on the blockwise paths a block
   pair's scores and probabilities per map; the FFN: its hidden rows under model.moe.eval_dispatch and the
-  dispatched rows) and the fp32 logits. `tests/test_estimate.py` holds it against the compiled step."""
+  dispatched rows) and the fp32 logits. `tests/test_preflight.py` holds it against the compiled step."""
   b, t = batch, seq_len
   maps = 1 if cfg.attention == "standard" else 2
   pair_bytes, blockwise = _score_bytes(cfg, b, t)

@@ -289,7 +289,7 @@ def _check_finite(values: dict, prefix: str = "") -> None:
                         "which JAX holds sizes, steps and indices in; use a smaller value.")
 
 
-_TYPE_NAMES = {bool: "True or False", int: "an integer", float: "a number", str: "a string"}  # by default's type
+_TYPE_NAMES = {bool: "True or False", int: "an integer", float: "a number", str: "a string"}
 
 
 def _has_type(value, expected: type) -> bool:
