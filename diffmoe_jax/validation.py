@@ -167,8 +167,8 @@ def validate_model(m: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     for field in ("dispatch", "eval_dispatch"):  # a sequence's expert slots, and one past them, are int32 indices
       if moe[field] == "capacity":
         per_expert = dispatch.moe_capacity(m.max_seq_len, moe.top_k, moe.num_experts, moe.capacity_factor)
-      elif dispatch.resolve_dropless_impl(moe.dropless_impl) == "padded":
-        per_expert = m.max_seq_len
+      elif moe.dropless_impl != "ragged":  # "auto" is padded off a TPU; asking which backend would start it, which
+        per_expert = m.max_seq_len  # a multi-process run must leave to jax.distributed.initialize
       else:
         continue
       require(moe.num_experts * per_expert < INT32_MAX, "model.moe.num_experts",
