@@ -375,10 +375,16 @@ def _check_allowed_changes(config: ml_collections.ConfigDict) -> None:
 
 
 def check_values(values: dict, reference: dict) -> None:
-  """`_check_finite` and `_check_types_of` against `reference` (defaults) for a config of another command's
-  own (the NCAS search's)."""
+  """`_check_finite`, `_check_types_of` against `reference` (defaults) and `check_seed` for a config of another
+  command's own (the NCAS search's)."""
   _check_finite(values)
   _check_types_of(values, reference, "")
+  check_seed(values["seed"])
+
+
+def check_seed(seed) -> None:
+  require(isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed <= MAX_SEED, "seed",
+          f"must be an integer from 0 to 2**32 - 1 (the random keys hold 32 bits), got {seed!r}.")
 
 
 def _check_types(config: ml_collections.ConfigDict) -> None:
@@ -416,8 +422,7 @@ def _validate_training(config: ml_collections.ConfigDict) -> None:
   require(m.param_dtype == "float32", "model.param_dtype",
           f"{m.param_dtype!r}: training keeps float32 master weights, as 16-bit ones would round away small "
           "AdamW updates; set it to 'float32' (model.dtype sets the compute dtype, e.g. 'bfloat16').")
-  require(isinstance(config.seed, int) and not isinstance(config.seed, bool) and 0 <= config.seed <= MAX_SEED,
-          "seed", f"must be an integer from 0 to 2**32 - 1 (the random keys hold 32 bits), got {config.seed!r}.")
+  check_seed(config.seed)
   require(is_number(config.train.memory_headroom) and 0.0 < config.train.memory_headroom <= 1.0,
           "train.memory_headroom", f"the fraction of memory a run may plan to use must lie in (0, 1], got "
           f"{config.train.memory_headroom!r}.")

@@ -113,9 +113,7 @@ def validate(config) -> None:
   unknown = unknown_field(config, defaults().to_dict())
   if unknown:
     raise validation.no_such_field(*unknown)
-  validation.check_values(config.to_dict(), defaults().to_dict())  # types, finite numbers, int32
-  config_lib.require(0 <= config.seed <= config_lib.MAX_SEED, "seed", "must be an integer from 0 to 2**32 - 1 (the "
-                     f"random keys hold 32 bits), got {config.seed!r}.")
+  validation.check_values(config.to_dict(), defaults().to_dict())  # types, finite numbers, int32, the seed
   n = config.ncas
   rules_lib.check_settings(n.rules.enabled, _rule_settings(n))
   widths = rules_lib.candidate_widths(n.space.min_width, n.space.max_width, n.space.step)
