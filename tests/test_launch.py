@@ -10,6 +10,7 @@ import pytest
 from nbclient import NotebookClient
 
 from diffmoe_jax.train import checkpoint
+from conftest import subprocess_xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = [os.path.join(ROOT, "launch", name) for name in ("tpu_pod.sh", "slurm.sbatch", "gpu_checks.sh")]
@@ -19,7 +20,7 @@ def test_notebook_runs_top_to_bottom_in_smoke_mode(tmp_path, monkeypatch):
   workdir = str(tmp_path / "run")
   monkeypatch.setenv("DIFFMOE_NOTEBOOK_SMOKE", "1")
   monkeypatch.setenv("DIFFMOE_NOTEBOOK_WORKDIR", workdir)
-  monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=0")  # one CPU device in the kernel
+  monkeypatch.setenv("XLA_FLAGS", subprocess_xla_flags(1))  # one CPU device in the kernel
   notebook = nbformat.read(os.path.join(ROOT, "launch", "colab_tpu.ipynb"), as_version=4)
   NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": ROOT}}).execute()
   text = "\n".join(out.get("text", "") for cell in notebook.cells if cell.cell_type == "code"

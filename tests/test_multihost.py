@@ -24,6 +24,7 @@ from diffmoe_jax import distributed, gathering
 from diffmoe_jax import main as main_lib
 from diffmoe_jax.train import checkpoint
 from diffmoe_jax.train import workdir as workdir_lib
+from conftest import subprocess_xla_flags
 from test_train import _abstract_state, load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,11 +34,8 @@ TIMEOUT_S = 600  # per trainer subprocess: compiling on a busy 2-core machine is
 
 
 def _env(devices: int) -> dict:
-  """This session's caches, without the 8 simulated devices conftest sets for in-process tests."""
-  flags = "--xla_backend_optimization_level=0"
-  if devices > 1:
-    flags += f" --xla_force_host_platform_device_count={devices}"
-  return {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT,
+  """This session's caches and compile flags, without the 8 simulated devices conftest sets for in-process tests."""
+  return {**os.environ, "XLA_FLAGS": subprocess_xla_flags(devices), "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT,
           "PYTHONUNBUFFERED": "1"}
 
 
