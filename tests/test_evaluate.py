@@ -1,5 +1,5 @@
 """Evaluating a checkpoint: per-domain and per-file loss / bits per byte, the CLI and its errors."""
-import functools
+import fcntl
 import json
 import math
 import os
@@ -33,21 +33,22 @@ def short_run_config():
   return config
 
 
-@functools.cache
-def _train_short_run(base: str) -> str:
-  workdir = os.path.join(base, "short_run")
-  loop.train(short_run_config(), workdir)
+def short_run_workdir() -> str:
+  """The workdir of a 4-step run of `short_run_config`, trained once per session (tests only read it): in the
+  session directory every pytest-xdist worker shares, so the workers running this file and test_generate.py
+  train it once between them. The first to take the lock trains; the other waits for it."""
+  workdir = os.path.join(os.environ["DIFFMOE_TEST_SESSION_DIR"], "short_run")
+  with open(workdir + ".lock", "a") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not os.path.exists(workdir + ".trained"):
+      loop.train(short_run_config(), workdir)
+      open(workdir + ".trained", "w").close()
   return workdir
 
 
-def short_run_workdir(tmp_path_factory) -> str:
-  """The workdir of a 4-step run of `short_run_config`, trained once per session (tests only read it)."""
-  return _train_short_run(str(tmp_path_factory.getbasetemp()))
-
-
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-  return short_run_workdir(tmp_path_factory)
+def workdir():
+  return short_run_workdir()
 
 
 def test_file_loss_equals_a_direct_forward_pass(workdir, tmp_path):

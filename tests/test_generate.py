@@ -216,8 +216,8 @@ def test_top_p_restricts_the_tempered_distribution():
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-  return short_run_workdir(tmp_path_factory)
+def workdir():
+  return short_run_workdir()
 
 
 def test_cli_generates_a_batch_and_streams_one_prompt(workdir):
